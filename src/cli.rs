@@ -1,0 +1,368 @@
+//! The command line (SPEC §2). Each command calls the library and prints human output or,
+//! with `--json`, the same result objects as the control queue. Exit codes: 0 ok, 1 failure,
+//! 2 usage error.
+
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use chrono::Utc;
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+
+use crate::config::Settings;
+use crate::ledger::{Ledger, LedgerError, LedgerPolicy, TxType};
+use crate::refill::Month;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "credit-worker",
+    version,
+    about = "Bills AI-workflow node executions in credits"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct Global {
+    /// Configuration file (overrides the built-in defaults; env CREDIT_WORKER_CONFIG).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Print machine-readable JSON.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the service: consumer, outbox relay, scheduler, control queue, HTTP.
+    Run,
+    /// Apply database migrations (creating the database if needed).
+    Migrate,
+    /// Run one refill sweep, then exit.
+    Sweep {
+        /// Month to refill (YYYY-MM); default: the current month (UTC).
+        #[arg(long)]
+        month: Option<String>,
+        /// Refill only this user.
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// Print a user's balance.
+    Balance { user: String },
+    /// Print a user's ledger rows, newest first.
+    History {
+        user: String,
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+    /// Add purchased credits (TOP_UP).
+    TopUp {
+        user: String,
+        #[arg(allow_negative_numbers = true)]
+        amount: i64,
+        /// Idempotency key: the same key again changes nothing.
+        #[arg(long)]
+        key: Option<String>,
+    },
+    /// Add granted credits (GRANT).
+    Grant {
+        user: String,
+        #[arg(allow_negative_numbers = true)]
+        amount: i64,
+        #[arg(long)]
+        key: Option<String>,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Reconcile ledger and balances; exit 1 on any mismatch.
+    Audit,
+    /// Publish NodeExecutionEntry JSON lines (a file, or - for stdin) to the input queue.
+    Publish { file: String },
+    /// End-to-end benchmark against the broker's own ceiling.
+    Bench(crate::bench::BenchArgs),
+    /// A short realistic run in a scratch namespace and database, then a summary.
+    Demo,
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(execute(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn ledger_error(e: LedgerError) -> anyhow::Error {
+    anyhow::anyhow!(e)
+}
+
+async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
+    let settings = Settings::load(cli.global.config.as_deref())?;
+    crate::telemetry::init_logging(settings.log.format);
+    let json = cli.global.json;
+    match cli.command {
+        Command::Run => {
+            crate::telemetry::metrics_handle();
+            let worker = crate::service::Worker::start(settings).await?;
+            let stop = worker.shutdown.clone();
+            tokio::spawn(async move {
+                wait_for_signal().await;
+                tracing::info!("signal received; shutting down");
+                stop.cancel();
+            });
+            worker.wait().await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Migrate => {
+            crate::db::connect_and_migrate(&settings.database).await?;
+            print_out(json, &json!({"migrated": true}), || {
+                "migrations applied".into()
+            });
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sweep { month, user } => {
+            let month: Month = match month {
+                Some(m) => m.parse()?,
+                None => Month::of(Utc::now()),
+            };
+            if !settings.refill.enabled {
+                anyhow::bail!("refill.enabled is false");
+            }
+            let pool = crate::db::connect_and_migrate(&settings.database).await?;
+            let policy = crate::ledger::RefillPolicy {
+                target: settings.refill.target,
+            };
+            let report = crate::refill::sweep(
+                &pool,
+                policy,
+                month,
+                user.as_deref(),
+                settings.refill.chunk_size,
+                |r| {
+                    if !json {
+                        eprintln!(
+                            "  … {} users evaluated, {} refilled, {} credits",
+                            r.users_evaluated, r.users_refilled, r.credits_granted
+                        );
+                    }
+                },
+            )
+            .await
+            .map_err(ledger_error)?;
+            print_out(json, &serde_json::to_value(&report)?, || {
+                format!(
+                    "month {}: {} users refilled, {} credits granted ({} users evaluated, {} ms)",
+                    report.month,
+                    report.users_refilled,
+                    report.credits_granted,
+                    report.users_evaluated,
+                    report.duration_ms
+                )
+            });
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Balance { user } => {
+            let ledger = open_ledger(&settings).await?;
+            let balance = ledger
+                .balance(&user, Utc::now())
+                .await
+                .map_err(ledger_error)?;
+            print_out(json, &json!({"user_id": user, "balance": balance}), || {
+                balance.to_string()
+            });
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::History { user, limit } => {
+            let ledger = open_ledger(&settings).await?;
+            let rows = ledger
+                .history(&user, limit, Utc::now())
+                .await
+                .map_err(ledger_error)?;
+            print_out(json, &json!({"transactions": rows}), || {
+                let mut out = format!(
+                    "{:>6}  {:<8} {:>10} {:>12}  {:<25} {}",
+                    "seq", "type", "amount", "balance", "created_at", "key"
+                );
+                for r in &rows {
+                    out.push_str(&format!(
+                        "\n{:>6}  {:<8} {:>10} {:>12}  {:<25} {}",
+                        r.seq,
+                        r.tx_type,
+                        r.amount,
+                        r.running_balance,
+                        r.created_at.format("%Y-%m-%d %H:%M:%S%.3f"),
+                        r.transaction_key
+                    ));
+                }
+                out
+            });
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::TopUp { user, amount, key } => {
+            credit(&settings, json, TxType::TopUp, &user, amount, key, None).await
+        }
+        Command::Grant {
+            user,
+            amount,
+            key,
+            reason,
+        } => credit(&settings, json, TxType::Grant, &user, amount, key, reason).await,
+        Command::Audit => {
+            let pool = crate::db::connect_and_migrate(&settings.database).await?;
+            let report = crate::ledger::audit::run(&pool).await?;
+            print_out(json, &serde_json::to_value(&report)?, || {
+                let mut out = format!(
+                    "{} users, {} ledger rows, {} decisions, {} events unpublished: {}",
+                    report.users,
+                    report.transactions,
+                    report.decisions,
+                    report.unpublished_events,
+                    if report.is_clean() {
+                        "clean".to_owned()
+                    } else {
+                        format!("{} MISMATCHES", report.mismatches.len())
+                    }
+                );
+                for m in &report.mismatches {
+                    out.push_str(&format!("\n  {}: {}", m.user_id, m.problem));
+                }
+                out
+            });
+            Ok(if report.is_clean() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Publish { file } => {
+            let lines: Vec<String> = if file == "-" {
+                std::io::stdin().lock().lines().collect::<Result<_, _>>()?
+            } else {
+                std::fs::read_to_string(&file)
+                    .map_err(|e| anyhow::anyhow!("{file}: {e}"))?
+                    .lines()
+                    .map(str::to_owned)
+                    .collect()
+            };
+            let bodies: Vec<Vec<u8>> = lines
+                .into_iter()
+                .filter(|l| !l.trim().is_empty())
+                .map(String::into_bytes)
+                .collect();
+            let n = crate::publish::publish_entries(&settings, &bodies).await?;
+            print_out(json, &json!({"published": n}), || {
+                format!("{n} messages published")
+            });
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(args) => crate::bench::run(settings, args, json).await,
+        Command::Demo => crate::demo::run(settings, json).await,
+    }
+}
+
+async fn open_ledger(settings: &Settings) -> anyhow::Result<Ledger> {
+    let pool = crate::db::connect_and_migrate(&settings.database).await?;
+    Ok(Ledger::new(pool, LedgerPolicy::from_settings(settings)))
+}
+
+async fn credit(
+    settings: &Settings,
+    json: bool,
+    tx_type: TxType,
+    user: &str,
+    amount: i64,
+    key: Option<String>,
+    reason: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    let ledger = open_ledger(settings).await?;
+    let p = ledger
+        .credit(
+            tx_type,
+            user,
+            amount,
+            key.as_deref(),
+            reason.as_deref(),
+            Utc::now(),
+        )
+        .await
+        .map_err(ledger_error)?;
+    print_out(json, &serde_json::to_value(&p)?, || {
+        if p.applied {
+            format!(
+                "{} {amount} credits to {user} ({}); balance {}",
+                tx_type.as_str(),
+                p.transaction_key,
+                p.balance
+            )
+        } else {
+            format!(
+                "key {} already applied; nothing changed; balance {}",
+                p.transaction_key, p.balance
+            )
+        }
+    });
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_out(json: bool, value: &serde_json::Value, human: impl FnOnce() -> String) {
+    if json {
+        println!("{value}");
+    } else {
+        println!("{}", human());
+    }
+}
+
+/// SIGTERM or SIGINT.
+pub async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

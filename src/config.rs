@@ -1,0 +1,351 @@
+//! Layered settings: built-in defaults → config file → `CREDIT_WORKER__SECTION__KEY` env →
+//! `DATABASE_URL` / `AMQP_URL`. Everything is validated here so the rest of the crate works
+//! with typed, checked values.
+
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Format, Toml};
+use figment::Figment;
+use serde::{Deserialize, Deserializer};
+
+/// The readable source of the defaults, compiled in so the binary runs from any directory.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config: {0}")]
+    Invalid(String),
+    #[error("config: cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub database: DatabaseSettings,
+    pub amqp: AmqpSettings,
+    pub pipeline: PipelineSettings,
+    pub refill: RefillSettings,
+    pub low_balance: LowBalanceSettings,
+    pub execution_fee: ExecutionFeeSettings,
+    pub control: ControlSettings,
+    pub cost: CostSettings,
+    pub http: HttpSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSettings {
+    pub url: String,
+    pub max_connections: u32,
+    pub statement_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    Quorum,
+    Classic,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpSettings {
+    pub url: String,
+    pub namespace: String,
+    pub prefetch: u16,
+    pub queue_type: QueueType,
+    pub delivery_limit: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineSettings {
+    pub max_batch: usize,
+    pub max_wait_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RefillSettings {
+    pub enabled: bool,
+    pub target: i64,
+    pub schedule: String,
+    pub lazy: bool,
+    pub chunk_size: i64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LowBalanceSettings {
+    pub threshold: i64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecutionFeeSettings {
+    pub every: i64,
+    pub amount: i64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlSettings {
+    #[serde(deserialize_with = "list_or_csv")]
+    pub allowed_users: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CostSettings {
+    pub table: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+}
+
+/// Environment lists arrive as one string ("guest,ops"); files give arrays.
+fn list_or_csv<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum ListOrCsv {
+        List(Vec<String>),
+        Csv(String),
+    }
+    Ok(match ListOrCsv::deserialize(d)? {
+        ListOrCsv::List(v) => v,
+        ListOrCsv::Csv(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    })
+}
+
+impl Settings {
+    /// Loads the layered configuration. `file` is `--config`; when absent,
+    /// `CREDIT_WORKER_CONFIG` names the file.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let env_file = std::env::var_os("CREDIT_WORKER_CONFIG").map(PathBuf::from);
+        let file = file.map(Path::to_path_buf).or(env_file);
+        let vars: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_from(file.as_deref(), &vars)
+    }
+
+    /// Like [`Settings::load`] with an explicit environment, so tests don't touch the process's.
+    pub fn load_from(file: Option<&Path>, env: &[(String, String)]) -> Result<Self, ConfigError> {
+        let mut fig = Figment::from(Toml::string(DEFAULT_TOML));
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            fig = fig.merge(Toml::string(&text));
+        }
+        let prefixed: Vec<(String, String)> = env
+            .iter()
+            .filter_map(|(k, v)| {
+                k.strip_prefix("CREDIT_WORKER__")
+                    .map(|rest| (rest.replace("__", ".").to_lowercase(), v.clone()))
+            })
+            .collect();
+        for (key, value) in &prefixed {
+            // Env values are typed by TOML rules ("5" is an integer, "true" a boolean); a bare
+            // word that is not valid TOML is taken as a string.
+            let parsed: figment::value::Value = parse_env_value(value);
+            fig = fig.merge((key.as_str(), parsed));
+        }
+        for (var, key) in [("DATABASE_URL", "database.url"), ("AMQP_URL", "amqp.url")] {
+            if let Some((_, v)) = env.iter().find(|(k, _)| k == var) {
+                if !v.is_empty() {
+                    fig = fig.merge((key, v.clone()));
+                }
+            }
+        }
+        let settings: Settings = fig
+            .extract()
+            .map_err(|e| ConfigError::Invalid(describe(&e)))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: &str| Err(ConfigError::Invalid(format!("{key}: {why}")));
+        if self.database.max_connections < 2 {
+            return bad("database.max_connections", "must be at least 2");
+        }
+        if self.amqp.prefetch == 0 {
+            return bad("amqp.prefetch", "must be at least 1");
+        }
+        if self.pipeline.max_batch == 0 || self.pipeline.max_batch > 10_000 {
+            return bad("pipeline.max_batch", "must be between 1 and 10000");
+        }
+        if self.refill.target < 0 {
+            return bad("refill.target", "must be >= 0");
+        }
+        if self.refill.chunk_size <= 0 {
+            return bad("refill.chunk_size", "must be > 0");
+        }
+        if let Err(e) = crate::refill::Schedule::parse(&self.refill.schedule) {
+            return bad("refill.schedule", &e.to_string());
+        }
+        if self.execution_fee.every < 0 {
+            return bad("execution_fee.every", "must be >= 0 (0 disables the fee)");
+        }
+        if self.execution_fee.amount < 0 {
+            return bad("execution_fee.amount", "must be >= 0");
+        }
+        if !self.http.listen.is_empty() && self.http.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return bad(
+                "http.listen",
+                "must be host:port (e.g. 127.0.0.1:9464) or empty",
+            );
+        }
+        if self.database.url.is_empty() {
+            return bad("database.url", "must not be empty");
+        }
+        if self.amqp.url.is_empty() {
+            return bad("amqp.url", "must not be empty");
+        }
+        Ok(())
+    }
+
+    /// The name of an exchange or queue in this worker's namespace.
+    pub fn name(&self, base: &str) -> String {
+        format!("{}{}", self.amqp.namespace, base)
+    }
+}
+
+fn parse_env_value(raw: &str) -> figment::value::Value {
+    use figment::value::Value;
+    let wrapped = format!("v = {raw}");
+    match toml::from_str::<toml::Table>(&wrapped) {
+        Ok(mut t) => match t.remove("v") {
+            Some(toml::Value::Integer(i)) => Value::from(i),
+            Some(toml::Value::Boolean(b)) => Value::from(b),
+            Some(toml::Value::Float(f)) => Value::from(f),
+            Some(toml::Value::String(s)) => Value::from(s),
+            _ => Value::from(raw.to_owned()),
+        },
+        Err(_) => Value::from(raw.to_owned()),
+    }
+}
+
+/// figment's errors carry the key path; render them as "key: problem".
+fn describe(e: &figment::Error) -> String {
+    e.clone()
+        .into_iter()
+        .map(|err| {
+            let path = err.path.join(".");
+            let kind = err.kind.to_string();
+            if path.is_empty() {
+                kind
+            } else {
+                format!("{path}: {kind}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let s = Settings::load_from(None, &[]).unwrap();
+        assert_eq!(s.database.url, "postgres://localhost/credit");
+        assert_eq!(s.amqp.url, "amqp://guest:guest@127.0.0.1:5672/%2f");
+        assert_eq!(s.amqp.queue_type, QueueType::Quorum);
+        assert_eq!(s.amqp.delivery_limit, 5);
+        assert_eq!(s.amqp.namespace, "");
+        assert!(s.refill.enabled && s.refill.lazy);
+        assert_eq!(s.refill.target, 1000);
+        assert_eq!(s.refill.schedule, "0 0 0 1 * *");
+        assert_eq!(s.low_balance.threshold, 500);
+        assert_eq!((s.execution_fee.every, s.execution_fee.amount), (100, 1));
+        assert_eq!(s.control.allowed_users, vec!["guest"]);
+        assert_eq!(s.http.listen, "127.0.0.1:9464");
+        assert_eq!(s.log.format, LogFormat::Text);
+    }
+
+    #[test]
+    fn env_overrides_and_urls_win() {
+        let s = Settings::load_from(
+            None,
+            &env(&[
+                ("CREDIT_WORKER__AMQP__PREFETCH", "77"),
+                ("CREDIT_WORKER__AMQP__NAMESPACE", "t1."),
+                ("CREDIT_WORKER__CONTROL__ALLOWED_USERS", "guest, ops"),
+                ("CREDIT_WORKER__DATABASE__URL", "postgres://x/y"),
+                ("DATABASE_URL", "postgres://127.0.0.1/z"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.amqp.prefetch, 77);
+        assert_eq!(s.name("node_execution"), "t1.node_execution");
+        assert_eq!(s.control.allowed_users, vec!["guest", "ops"]);
+        assert_eq!(s.database.url, "postgres://127.0.0.1/z");
+    }
+
+    #[test]
+    fn unknown_and_ill_typed_keys_are_named() {
+        let e = Settings::load_from(None, &env(&[("CREDIT_WORKER__AMQP__PREFECH", "1")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("prefech"), "{e}");
+        let e = Settings::load_from(None, &env(&[("CREDIT_WORKER__AMQP__PREFETCH", "lots")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("amqp.prefetch"), "{e}");
+        let e = Settings::load_from(None, &env(&[("CREDIT_WORKER__REFILL__SCHEDULE", "soon")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("refill.schedule"), "{e}");
+        let e = Settings::load_from(None, &env(&[("CREDIT_WORKER__AMQP__QUEUE_TYPE", "stream")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("amqp.queue_type"), "{e}");
+    }
+
+    #[test]
+    fn file_layer_overrides_defaults() {
+        let dir = std::env::temp_dir().join(format!("cw-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(&path, "[refill]\ntarget = 2500\n").unwrap();
+        let s = Settings::load_from(Some(&path), &[]).unwrap();
+        assert_eq!(s.refill.target, 2500);
+        assert!(s.refill.lazy);
+    }
+}

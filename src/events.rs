@@ -1,0 +1,117 @@
+//! The events of SPEC §7, built where the ledger decides them and stored in the outbox in the
+//! same transaction. `event_id` is derived from the fact itself, so republishing after a crash
+//! produces the same id and consumers can deduplicate.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde_json::{json, Value};
+
+pub const BALANCE_CHANGED: &str = "balance.changed";
+pub const CHARGE_REJECTED: &str = "charge.rejected";
+pub const BALANCE_LOW: &str = "balance.low";
+
+/// An event waiting in the outbox.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEvent {
+    pub event_id: String,
+    pub routing_key: &'static str,
+    pub payload: Value,
+}
+
+/// The node execution a ledger row or event belongs to, when there is one.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ExecutionRef<'a> {
+    pub node_exec_id: Option<&'a str>,
+    pub graph_exec_id: Option<&'a str>,
+}
+
+fn rfc3339(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+/// `balance.changed`: one per ledger row; (user, transaction_key) identifies the row.
+#[allow(clippy::too_many_arguments)]
+pub fn balance_changed(
+    user_id: &str,
+    seq: i64,
+    amount: i64,
+    balance: i64,
+    transaction_type: &str,
+    transaction_key: &str,
+    exec: ExecutionRef<'_>,
+    at: DateTime<Utc>,
+) -> NewEvent {
+    let event_id = format!("{BALANCE_CHANGED}:{user_id}:{transaction_key}");
+    let mut payload = json!({
+        "event_id": event_id,
+        "type": BALANCE_CHANGED,
+        "user_id": user_id,
+        "occurred_at": rfc3339(at),
+        "amount": amount,
+        "balance": balance,
+        "seq": seq,
+        "transaction_type": transaction_type,
+        "transaction_key": transaction_key,
+    });
+    if let Some(obj) = payload.as_object_mut() {
+        if let Some(id) = exec.node_exec_id {
+            obj.insert("node_exec_id".into(), id.into());
+        }
+        if let Some(id) = exec.graph_exec_id {
+            obj.insert("graph_exec_id".into(), id.into());
+        }
+    }
+    NewEvent {
+        event_id,
+        routing_key: BALANCE_CHANGED,
+        payload,
+    }
+}
+
+/// `charge.rejected`: the decision for a node execution, so one per `node_exec_id`.
+pub fn charge_rejected(
+    user_id: &str,
+    node_exec_id: &str,
+    graph_exec_id: &str,
+    cost: i64,
+    balance: i64,
+    at: DateTime<Utc>,
+) -> NewEvent {
+    let event_id = format!("{CHARGE_REJECTED}:{node_exec_id}");
+    NewEvent {
+        payload: json!({
+            "event_id": event_id,
+            "type": CHARGE_REJECTED,
+            "user_id": user_id,
+            "occurred_at": rfc3339(at),
+            "node_exec_id": node_exec_id,
+            "graph_exec_id": graph_exec_id,
+            "cost": cost,
+            "balance": balance,
+        }),
+        event_id,
+        routing_key: CHARGE_REJECTED,
+    }
+}
+
+/// `balance.low`: the debit whose ledger row has `seq` crossed the threshold.
+pub fn balance_low(
+    user_id: &str,
+    seq: i64,
+    balance: i64,
+    threshold: i64,
+    at: DateTime<Utc>,
+) -> NewEvent {
+    let event_id = format!("{BALANCE_LOW}:{user_id}:{seq}");
+    NewEvent {
+        payload: json!({
+            "event_id": event_id,
+            "type": BALANCE_LOW,
+            "user_id": user_id,
+            "occurred_at": rfc3339(at),
+            "balance": balance,
+            "threshold": threshold,
+        }),
+        event_id,
+        routing_key: BALANCE_LOW,
+    }
+}

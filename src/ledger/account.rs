@@ -1,0 +1,152 @@
+//! The arithmetic of one user's account, applied in memory while its balance row is locked.
+//! Every ledger write (single operations, batched decisions, the refill sweep) goes through
+//! [`Account::post`], so seq, running balance, overflow and the balance.changed event are
+//! computed in exactly one place.
+
+use chrono::{DateTime, NaiveDate, Utc};
+use serde_json::Value;
+
+use super::{LedgerError, TxType};
+use crate::events::{self, ExecutionRef, NewEvent};
+use crate::refill::Month;
+
+/// A locked balance row.
+#[derive(Debug, Clone)]
+pub struct Account {
+    pub user_id: String,
+    pub balance: i64,
+    pub last_seq: i64,
+    pub refill_month: Option<NaiveDate>,
+    pub fee_day: Option<NaiveDate>,
+    pub fee_count: i64,
+    pub(crate) dirty: bool,
+}
+
+/// A ledger row to insert.
+#[derive(Debug, Clone)]
+pub struct NewTransaction {
+    pub user_id: String,
+    pub seq: i64,
+    pub transaction_key: String,
+    pub tx_type: TxType,
+    pub amount: i64,
+    pub running_balance: i64,
+    pub metadata: Value,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Everything one database transaction will write besides the balance rows.
+#[derive(Debug, Default)]
+pub struct Changes {
+    pub transactions: Vec<NewTransaction>,
+    pub events: Vec<NewEvent>,
+}
+
+/// The monthly refill policy (SPEC §6).
+#[derive(Debug, Clone, Copy)]
+pub struct RefillPolicy {
+    pub target: i64,
+}
+
+impl Account {
+    pub fn new(user_id: String) -> Self {
+        Account {
+            user_id,
+            balance: 0,
+            last_seq: 0,
+            refill_month: None,
+            fee_day: None,
+            fee_count: 0,
+            dirty: false,
+        }
+    }
+
+    /// The balance after posting `amount`, or why it cannot be posted.
+    pub fn checked_balance(&self, amount: i64) -> Result<i64, LedgerError> {
+        let next = self
+            .balance
+            .checked_add(amount)
+            .ok_or_else(|| LedgerError::Overflow {
+                user_id: self.user_id.clone(),
+                balance: self.balance,
+                amount,
+            })?;
+        if next < 0 {
+            return Err(LedgerError::InsufficientBalance {
+                user_id: self.user_id.clone(),
+                balance: self.balance,
+                needed: amount.saturating_neg(),
+            });
+        }
+        Ok(next)
+    }
+
+    /// Appends one ledger row and its balance.changed event. Nothing changes on error.
+    #[allow(clippy::too_many_arguments)]
+    pub fn post(
+        &mut self,
+        changes: &mut Changes,
+        tx_type: TxType,
+        transaction_key: String,
+        amount: i64,
+        metadata: Value,
+        exec: ExecutionRef<'_>,
+        at: DateTime<Utc>,
+    ) -> Result<i64, LedgerError> {
+        let balance = self.checked_balance(amount)?;
+        let seq = self.last_seq + 1;
+        changes.events.push(events::balance_changed(
+            &self.user_id,
+            seq,
+            amount,
+            balance,
+            tx_type.as_str(),
+            &transaction_key,
+            exec,
+            at,
+        ));
+        changes.transactions.push(NewTransaction {
+            user_id: self.user_id.clone(),
+            seq,
+            transaction_key,
+            tx_type,
+            amount,
+            running_balance: balance,
+            metadata,
+            created_at: at,
+        });
+        self.balance = balance;
+        self.last_seq = seq;
+        self.dirty = true;
+        Ok(seq)
+    }
+
+    /// Applies the refill of `month` unless this account was already evaluated for it or a
+    /// later month. Returns the credits granted (0 when at or above target).
+    pub fn refill(
+        &mut self,
+        changes: &mut Changes,
+        policy: RefillPolicy,
+        month: Month,
+        at: DateTime<Utc>,
+    ) -> Result<i64, LedgerError> {
+        if self.refill_month.is_some_and(|m| m >= month.first_day()) {
+            return Ok(0);
+        }
+        let grant = policy.target.saturating_sub(self.balance).max(0);
+        if grant > 0 {
+            self.post(
+                changes,
+                TxType::Grant,
+                month.refill_key(),
+                grant,
+                serde_json::json!({"reason": "monthly refill", "month": month.to_string(), "target": policy.target}),
+                ExecutionRef::default(),
+                at,
+            )?;
+        }
+        self.refill_month = Some(month.first_day());
+        self.dirty = true;
+        Ok(grant)
+    }
+}

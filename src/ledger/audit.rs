@@ -1,0 +1,139 @@
+//! Reconciliation: for every user Σ amount = balance = the last row's running balance, seq is
+//! gap-free and each row's running balance follows from the previous one; every charged
+//! decision has its USAGE row; every ledger row has its balance.changed event in the outbox.
+
+use serde::Serialize;
+use sqlx::{PgPool, Row};
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Mismatch {
+    pub user_id: String,
+    pub problem: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditReport {
+    pub users: i64,
+    pub transactions: i64,
+    pub decisions: i64,
+    pub unpublished_events: i64,
+    pub mismatches: Vec<Mismatch>,
+}
+
+impl AuditReport {
+    pub fn is_clean(&self) -> bool {
+        self.mismatches.is_empty()
+    }
+}
+
+const BALANCES_VS_LEDGER: &str = "
+SELECT b.user_id, b.balance, b.last_seq,
+       coalesce(t.total, 0)::int8 AS total, coalesce(t.n, 0)::int8 AS n,
+       coalesce(t.max_seq, 0)::int8 AS max_seq, t.last_running
+  FROM credit.balances b
+  LEFT JOIN LATERAL (
+        SELECT sum(amount) AS total, count(*) AS n, max(seq) AS max_seq,
+               (array_agg(running_balance ORDER BY seq DESC))[1] AS last_running
+          FROM credit.transactions WHERE user_id = b.user_id) t ON true
+ WHERE b.balance <> coalesce(t.total, 0)
+    OR b.last_seq <> coalesce(t.n, 0)
+    OR coalesce(t.max_seq, 0) <> coalesce(t.n, 0)
+    OR (t.n > 0 AND t.last_running <> b.balance)
+ ORDER BY b.user_id LIMIT 1000";
+
+const RUNNING_CHAIN: &str = "
+SELECT user_id, seq, running_balance, expected FROM (
+  SELECT user_id, seq, running_balance,
+         coalesce(lag(running_balance) OVER w, 0) + amount AS expected
+    FROM credit.transactions WINDOW w AS (PARTITION BY user_id ORDER BY seq)) x
+ WHERE running_balance <> expected ORDER BY user_id, seq LIMIT 1000";
+
+const ORPHAN_ROWS: &str = "
+SELECT t.user_id, t.seq FROM credit.transactions t
+ WHERE NOT EXISTS (SELECT 1 FROM credit.balances b WHERE b.user_id = t.user_id)
+ LIMIT 1000";
+
+const CHARGED_WITHOUT_ROW: &str = "
+SELECT d.user_id, d.node_exec_id, d.transaction_key FROM credit.decisions d
+ WHERE (d.outcome = 'charged' AND NOT EXISTS (
+          SELECT 1 FROM credit.transactions t
+           WHERE t.user_id = d.user_id AND t.transaction_key = d.transaction_key
+             AND t.type = 'USAGE' AND t.amount = -d.cost))
+    OR (d.fee > 0 AND NOT EXISTS (
+          SELECT 1 FROM credit.transactions t
+           WHERE t.user_id = d.user_id AND t.transaction_key = d.fee_key
+             AND t.type = 'USAGE' AND t.amount = -d.fee))
+ LIMIT 1000";
+
+const ROW_WITHOUT_EVENT: &str = "
+SELECT t.user_id, t.seq FROM credit.transactions t
+ WHERE NOT EXISTS (SELECT 1 FROM credit.outbox o
+                    WHERE o.event_id = 'balance.changed:' || t.user_id || ':' || t.transaction_key)
+ LIMIT 1000";
+
+const COUNTS: &str = "SELECT (SELECT count(*) FROM credit.balances) AS users,
+       (SELECT count(*) FROM credit.transactions) AS transactions,
+       (SELECT count(*) FROM credit.decisions) AS decisions,
+       (SELECT count(*) FROM credit.outbox WHERE published_at IS NULL) AS unpublished";
+
+pub async fn run(pool: &PgPool) -> Result<AuditReport, sqlx::Error> {
+    let mut mismatches = Vec::new();
+    for r in sqlx::query(BALANCES_VS_LEDGER).fetch_all(pool).await? {
+        let last: Option<i64> = r.try_get("last_running")?;
+        mismatches.push(Mismatch {
+            user_id: r.try_get("user_id")?,
+            problem: format!(
+                "balance {} / last_seq {} vs ledger sum {} over {} rows (max seq {}, last running balance {})",
+                r.try_get::<i64, _>("balance")?,
+                r.try_get::<i64, _>("last_seq")?,
+                r.try_get::<i64, _>("total")?,
+                r.try_get::<i64, _>("n")?,
+                r.try_get::<i64, _>("max_seq")?,
+                last.map_or_else(|| "none".to_owned(), |v| v.to_string()),
+            ),
+        });
+    }
+    for r in sqlx::query(RUNNING_CHAIN).fetch_all(pool).await? {
+        mismatches.push(Mismatch {
+            user_id: r.try_get("user_id")?,
+            problem: format!(
+                "seq {}: running balance {} but previous + amount = {}",
+                r.try_get::<i64, _>("seq")?,
+                r.try_get::<i64, _>("running_balance")?,
+                r.try_get::<i64, _>("expected")?,
+            ),
+        });
+    }
+    for r in sqlx::query(ORPHAN_ROWS).fetch_all(pool).await? {
+        mismatches.push(Mismatch {
+            user_id: r.try_get("user_id")?,
+            problem: format!("seq {} has no balance row", r.try_get::<i64, _>("seq")?),
+        });
+    }
+    for r in sqlx::query(CHARGED_WITHOUT_ROW).fetch_all(pool).await? {
+        mismatches.push(Mismatch {
+            user_id: r.try_get("user_id")?,
+            problem: format!(
+                "decision {} has no matching USAGE row",
+                r.try_get::<String, _>("node_exec_id")?
+            ),
+        });
+    }
+    for r in sqlx::query(ROW_WITHOUT_EVENT).fetch_all(pool).await? {
+        mismatches.push(Mismatch {
+            user_id: r.try_get("user_id")?,
+            problem: format!(
+                "seq {} has no balance.changed event",
+                r.try_get::<i64, _>("seq")?
+            ),
+        });
+    }
+    let c = sqlx::query(COUNTS).fetch_one(pool).await?;
+    Ok(AuditReport {
+        users: c.try_get("users")?,
+        transactions: c.try_get("transactions")?,
+        decisions: c.try_get("decisions")?,
+        unpublished_events: c.try_get("unpublished")?,
+        mismatches,
+    })
+}

@@ -1,0 +1,405 @@
+//! The only writer of balances and ledger rows. Each operation is one database transaction
+//! that locks the user's balance row, applies the lazy monthly refill when due, posts the
+//! rows, and writes their outbox events. Keys make every write idempotent.
+
+pub mod account;
+pub mod audit;
+pub mod store;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::{json, Value};
+use sqlx::{PgPool, Row};
+
+pub use account::{Account, Changes, NewTransaction, RefillPolicy};
+
+use crate::events::ExecutionRef;
+use crate::refill::Month;
+
+pub const MAX_USER_ID_BYTES: usize = 255;
+pub const MAX_KEY_BYTES: usize = 512;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum TxType {
+    TopUp,
+    Usage,
+    Grant,
+    Refund,
+}
+
+impl TxType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TxType::TopUp => "TOP_UP",
+            TxType::Usage => "USAGE",
+            TxType::Grant => "GRANT",
+            TxType::Refund => "REFUND",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("amount: {0}")]
+    AmountOutOfRange(String),
+    #[error("amount: balance {balance} of user {user_id} + {amount} overflows a 64-bit integer")]
+    Overflow {
+        user_id: String,
+        balance: i64,
+        amount: i64,
+    },
+    #[error("insufficient balance: user {user_id} has {balance}, needs {needed}")]
+    InsufficientBalance {
+        user_id: String,
+        balance: i64,
+        needed: i64,
+    },
+    #[error("{field}: {reason}")]
+    InvalidArgument { field: &'static str, reason: String },
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
+impl LedgerError {
+    /// A fault that clears by itself (connection lost, deadlock): retry, don't report.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, LedgerError::Db(e) if crate::db::is_transient(e))
+    }
+}
+
+/// The result of a credit or debit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Posting {
+    pub user_id: String,
+    /// False when the key already existed: nothing changed.
+    pub applied: bool,
+    pub balance: i64,
+    pub transaction_key: String,
+}
+
+/// One ledger row as read back.
+#[derive(Debug, Clone, Serialize)]
+pub struct Transaction {
+    pub seq: i64,
+    pub transaction_key: String,
+    #[serde(rename = "type")]
+    pub tx_type: String,
+    pub amount: i64,
+    pub running_balance: i64,
+    pub created_at: DateTime<Utc>,
+    pub metadata: Value,
+}
+
+/// What the ledger needs from the configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct LedgerPolicy {
+    /// `Some` when refills are enabled.
+    pub refill: Option<RefillPolicy>,
+    /// Refill lazily on a user's first operation of a month.
+    pub lazy_refill: bool,
+    pub low_balance_threshold: i64,
+}
+
+impl LedgerPolicy {
+    pub fn from_settings(s: &crate::config::Settings) -> Self {
+        LedgerPolicy {
+            refill: s.refill.enabled.then_some(RefillPolicy {
+                target: s.refill.target,
+            }),
+            lazy_refill: s.refill.enabled && s.refill.lazy,
+            low_balance_threshold: s.low_balance.threshold,
+        }
+    }
+
+    /// The refill to apply before an operation at `at`, if any.
+    pub fn lazy(&self, at: DateTime<Utc>) -> Option<(RefillPolicy, Month)> {
+        match self.refill {
+            Some(p) if self.lazy_refill => Some((p, Month::of(at))),
+            _ => None,
+        }
+    }
+}
+
+/// Handle to the ledger.
+#[derive(Clone)]
+pub struct Ledger {
+    pool: PgPool,
+    policy: LedgerPolicy,
+}
+
+pub fn check_user_id(user_id: &str) -> Result<(), LedgerError> {
+    if user_id.is_empty() || user_id.len() > MAX_USER_ID_BYTES {
+        return Err(LedgerError::InvalidArgument {
+            field: "user_id",
+            reason: format!("must be 1 to {MAX_USER_ID_BYTES} bytes"),
+        });
+    }
+    Ok(())
+}
+
+fn check_key(key: &str) -> Result<(), LedgerError> {
+    if key.is_empty() || key.len() > MAX_KEY_BYTES {
+        return Err(LedgerError::InvalidArgument {
+            field: "key",
+            reason: format!("must be 1 to {MAX_KEY_BYTES} bytes"),
+        });
+    }
+    Ok(())
+}
+
+const FIND_KEY: &str =
+    "SELECT 1 FROM credit.transactions WHERE user_id = $1 AND transaction_key = $2";
+
+const HISTORY: &str = "SELECT seq, transaction_key, type::text AS type, amount, running_balance,
+            created_at, metadata
+       FROM credit.transactions WHERE user_id = $1 ORDER BY seq DESC LIMIT $2";
+
+const READ_BALANCE: &str = "SELECT balance FROM credit.balances WHERE user_id = $1";
+
+impl Ledger {
+    pub fn new(pool: PgPool, policy: LedgerPolicy) -> Self {
+        Ledger { pool, policy }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub fn policy(&self) -> &LedgerPolicy {
+        &self.policy
+    }
+
+    /// Runs `op` on the locked account of `user_id` (lazy refill applied first) and commits
+    /// whatever it posted. An error from `op` rolls everything back, the refill included.
+    async fn with_account<T>(
+        &self,
+        user_id: &str,
+        at: DateTime<Utc>,
+        op: impl FnOnce(&mut Account, &mut Changes) -> Result<T, LedgerError>,
+    ) -> Result<T, LedgerError> {
+        self.with_account_key(user_id, None, at, |a, c, _| op(a, c))
+            .await
+    }
+
+    /// [`Ledger::with_account`] that also tells `op` whether `key` already exists for the
+    /// user. The key is looked up under the balance-row lock, so two identical requests
+    /// cannot both see it missing.
+    async fn with_account_key<T>(
+        &self,
+        user_id: &str,
+        key: Option<&str>,
+        at: DateTime<Utc>,
+        op: impl FnOnce(&mut Account, &mut Changes, bool) -> Result<T, LedgerError>,
+    ) -> Result<T, LedgerError> {
+        check_user_id(user_id)?;
+        let mut tx = self.pool.begin().await?;
+        let users = [user_id.to_owned()];
+        let mut accounts = store::lock_accounts(&mut tx, &users).await?;
+        let account = accounts.get_mut(user_id).ok_or(sqlx::Error::RowNotFound)?;
+        let mut changes = Changes::default();
+        if let Some((policy, month)) = self.policy.lazy(at) {
+            account.refill(&mut changes, policy, month, at)?;
+        }
+        let found = match key {
+            Some(k) => sqlx::query(FIND_KEY)
+                .bind(user_id)
+                .bind(k)
+                .fetch_optional(&mut *tx)
+                .await?
+                .is_some(),
+            None => false,
+        };
+        let out = op(account, &mut changes, found)?;
+        store::flush(&mut tx, accounts.values(), &changes, at).await?;
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    /// Adds credits (`TOP_UP` or `GRANT`). The same key again changes nothing.
+    pub async fn credit(
+        &self,
+        tx_type: TxType,
+        user_id: &str,
+        amount: i64,
+        key: Option<&str>,
+        reason: Option<&str>,
+        at: DateTime<Utc>,
+    ) -> Result<Posting, LedgerError> {
+        if !matches!(tx_type, TxType::TopUp | TxType::Grant) {
+            return Err(LedgerError::InvalidArgument {
+                field: "type",
+                reason: "credits are TOP_UP or GRANT".into(),
+            });
+        }
+        if amount <= 0 {
+            return Err(LedgerError::AmountOutOfRange(format!(
+                "{amount} must be greater than 0"
+            )));
+        }
+        let key = match key {
+            Some(k) => k.to_owned(),
+            None => format!("{}-{}", tx_type.as_str().replace('_', "-"), random_suffix()),
+        };
+        check_key(&key)?;
+        let metadata = match reason {
+            Some(r) => json!({ "reason": r }),
+            None => json!({}),
+        };
+        self.post_keyed(user_id, tx_type, key, amount, metadata, at)
+            .await
+    }
+
+    /// Debits `amount` (> 0) as `USAGE` under `key`; refuses to go below 0.
+    pub async fn spend(
+        &self,
+        user_id: &str,
+        amount: i64,
+        key: &str,
+        metadata: Value,
+        at: DateTime<Utc>,
+    ) -> Result<Posting, LedgerError> {
+        if amount <= 0 {
+            return Err(LedgerError::AmountOutOfRange(format!(
+                "{amount} must be greater than 0"
+            )));
+        }
+        check_key(key)?;
+        self.post_keyed(
+            user_id,
+            TxType::Usage,
+            key.to_owned(),
+            -amount,
+            metadata,
+            at,
+        )
+        .await
+    }
+
+    async fn post_keyed(
+        &self,
+        user_id: &str,
+        tx_type: TxType,
+        key: String,
+        amount: i64,
+        metadata: Value,
+        at: DateTime<Utc>,
+    ) -> Result<Posting, LedgerError> {
+        let threshold = self.policy.low_balance_threshold;
+        let lookup = key.clone();
+        self.with_account_key(user_id, Some(&lookup), at, |account, changes, found| {
+            if !found {
+                let before = account.balance;
+                let seq = account.post(
+                    changes,
+                    tx_type,
+                    key.clone(),
+                    amount,
+                    metadata,
+                    ExecutionRef::default(),
+                    at,
+                )?;
+                if amount < 0 && before >= threshold && account.balance < threshold {
+                    changes.events.push(crate::events::balance_low(
+                        user_id,
+                        seq,
+                        account.balance,
+                        threshold,
+                        at,
+                    ));
+                }
+            }
+            Ok(Posting {
+                user_id: user_id.to_owned(),
+                applied: !found,
+                balance: account.balance,
+                transaction_key: key,
+            })
+        })
+        .await
+    }
+
+    /// The balance; with lazy refill on, this is the first operation of the month for a user
+    /// and may grant (a brand-new user starts at the target).
+    pub async fn balance(&self, user_id: &str, at: DateTime<Utc>) -> Result<i64, LedgerError> {
+        if self.policy.lazy(at).is_some() {
+            return self.with_account(user_id, at, |a, _| Ok(a.balance)).await;
+        }
+        check_user_id(user_id)?;
+        let row = sqlx::query(READ_BALANCE)
+            .bind(user_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match row {
+            Some(r) => r.try_get("balance")?,
+            None => 0,
+        })
+    }
+
+    /// Newest first.
+    pub async fn history(
+        &self,
+        user_id: &str,
+        limit: i64,
+        at: DateTime<Utc>,
+    ) -> Result<Vec<Transaction>, LedgerError> {
+        if !(1..=10_000).contains(&limit) {
+            return Err(LedgerError::InvalidArgument {
+                field: "limit",
+                reason: "must be between 1 and 10000".into(),
+            });
+        }
+        if self.policy.lazy(at).is_some() {
+            self.with_account(user_id, at, |_, _| Ok(())).await?;
+        } else {
+            check_user_id(user_id)?;
+        }
+        let rows = sqlx::query(HISTORY)
+            .bind(user_id)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Transaction {
+                    seq: r.try_get("seq")?,
+                    transaction_key: r.try_get("transaction_key")?,
+                    tx_type: r.try_get("type")?,
+                    amount: r.try_get("amount")?,
+                    running_balance: r.try_get("running_balance")?,
+                    created_at: r.try_get("created_at")?,
+                    metadata: r.try_get("metadata")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(LedgerError::from)
+    }
+
+    /// Refills one user for `month` (no-op when already evaluated for it or later).
+    pub async fn refill_user(
+        &self,
+        user_id: &str,
+        month: Month,
+        at: DateTime<Utc>,
+    ) -> Result<i64, LedgerError> {
+        let Some(policy) = self.policy.refill else {
+            return Ok(0);
+        };
+        self.with_account(user_id, at, |a, changes| {
+            a.refill(changes, policy, month, at)
+        })
+        .await
+    }
+}
+
+fn random_suffix() -> String {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    // Unique enough for an unkeyed request: nanoseconds plus a process-wide counter.
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{nanos:x}-{:x}-{n:x}", std::process::id())
+}

@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    credit_worker::cli::main()
+}

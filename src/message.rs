@@ -1,0 +1,889 @@
+//! Decoding of `NodeExecutionEntry` message bodies (AutoGPT's model; SPEC §4).
+//!
+//! [`decode`] turns a body into a fully checked [`NodeExecutionEntry`] or a [`DecodeError`]
+//! naming the offending field. One pass of serde over the body: no intermediate document,
+//! unknown fields are skipped without being built.
+
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::cost::Stats;
+
+/// Largest accepted body.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Longest accepted id, in UTF-8 bytes.
+pub const MAX_ID_BYTES: usize = 255;
+
+/// A decoded, checked node execution.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NodeExecutionEntry {
+    pub user_id: String,
+    pub graph_exec_id: String,
+    pub graph_id: String,
+    pub node_exec_id: String,
+    pub node_id: String,
+    pub block_id: String,
+    pub graph_version: Option<i64>,
+    pub inputs: Map<String, Value>,
+    pub execution_context: Option<Map<String, Value>>,
+    /// `walltime` and `input_size`; 0 where the message had none.
+    pub stats: Stats,
+}
+
+/// Why a body was rejected. [`DecodeError::field`] names the field ("body" for the body as a
+/// whole); the Display text starts with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The body is over [`MAX_BODY_BYTES`] (checked before parsing).
+    #[error("body: {size} bytes exceeds the 1 MiB limit ({MAX_BODY_BYTES} bytes)")]
+    TooLarge { size: usize },
+    /// The body is not UTF-8.
+    #[error("body: not UTF-8")]
+    NotUtf8,
+    /// The body is not JSON (the text is serde_json's, with line and column).
+    #[error("body: not valid JSON: {0}")]
+    NotJson(String),
+    /// The body is JSON but not an object.
+    #[error("body: expected a JSON object, got {got}")]
+    NotAnObject { got: &'static str },
+    /// A required field is absent.
+    #[error("{field}: missing")]
+    Missing { field: &'static str },
+    /// A known field appears twice; which value was meant is unknowable.
+    #[error("{field}: given more than once")]
+    Duplicate { field: &'static str },
+    /// A field has the wrong JSON type.
+    #[error("{field}: expected {expected}, got {got}")]
+    WrongType {
+        field: &'static str,
+        expected: &'static str,
+        got: &'static str,
+    },
+    /// An id is the empty string.
+    #[error("{field}: empty")]
+    Empty { field: &'static str },
+    /// An id is over [`MAX_ID_BYTES`] bytes.
+    #[error("{field}: longer than {MAX_ID_BYTES} bytes ({len} bytes)")]
+    TooLong { field: &'static str, len: usize },
+    /// NUL cannot be stored in PostgreSQL text, so such an id could never be recorded.
+    #[error("{field}: contains a NUL character")]
+    NulByte { field: &'static str },
+    /// `graph_version` does not fit an i64.
+    #[error("{field}: integer out of range")]
+    OutOfRange { field: &'static str },
+    /// A stat is negative.
+    #[error("{field}: must be a finite number ≥ 0")]
+    InvalidStat { field: &'static str },
+}
+
+impl DecodeError {
+    /// The field at fault: `"body"`, a top-level field name, or `"stats.walltime"` /
+    /// `"stats.input_size"`.
+    pub fn field(&self) -> &str {
+        match self {
+            DecodeError::TooLarge { .. }
+            | DecodeError::NotUtf8
+            | DecodeError::NotJson(_)
+            | DecodeError::NotAnObject { .. } => "body",
+            DecodeError::Missing { field }
+            | DecodeError::Duplicate { field }
+            | DecodeError::WrongType { field, .. }
+            | DecodeError::Empty { field }
+            | DecodeError::TooLong { field, .. }
+            | DecodeError::NulByte { field }
+            | DecodeError::OutOfRange { field }
+            | DecodeError::InvalidStat { field } => field,
+        }
+    }
+}
+
+/// Decodes and checks one message body. Never panics.
+pub fn decode(body: &[u8]) -> Result<NodeExecutionEntry, DecodeError> {
+    if body.len() > MAX_BODY_BYTES {
+        return Err(DecodeError::TooLarge { size: body.len() });
+    }
+    // Checked up front so the parser can work on &str and skip per-string UTF-8 checks.
+    let text = std::str::from_utf8(body).map_err(|_| DecodeError::NotUtf8)?;
+    let first = text
+        .trim_start_matches([' ', '\t', '\n', '\r'])
+        .bytes()
+        .next();
+    if first != Some(b'{') {
+        // Not an object: say what it is when it is valid JSON, else why it is not.
+        return Err(match serde_json::from_str::<IgnoredAny>(text) {
+            Err(e) => DecodeError::NotJson(e.to_string()),
+            Ok(_) => DecodeError::NotAnObject {
+                got: json_kind_from_first_byte(first),
+            },
+        });
+    }
+
+    let mut semantic: Option<DecodeError> = None;
+    let mut de = serde_json::Deserializer::from_str(text);
+    let parsed = EntrySeed {
+        error: &mut semantic,
+    }
+    .deserialize(&mut de)
+    .and_then(|raw| de.end().map(|()| raw));
+    match (parsed, semantic) {
+        // A field check failed: the visitor stopped the parse and left the reason here.
+        (_, Some(err)) => Err(err),
+        (Err(e), None) => Err(DecodeError::NotJson(e.to_string())),
+        (Ok(raw), None) => raw.finish(),
+    }
+}
+
+fn json_kind_from_first_byte(first: Option<u8>) -> &'static str {
+    match first {
+        Some(b'[') => "array",
+        Some(b'"') => "string",
+        Some(b't' | b'f') => "boolean",
+        Some(b'n') => "null",
+        _ => "number",
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+/// Top-level keys; anything else is skipped unparsed. Escaped keys are compared decoded.
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "snake_case")]
+enum Key {
+    UserId,
+    GraphExecId,
+    GraphId,
+    NodeExecId,
+    NodeId,
+    BlockId,
+    GraphVersion,
+    Inputs,
+    ExecutionContext,
+    Stats,
+    #[serde(other)]
+    Other,
+}
+
+/// Fields as they arrived, each checked as soon as it is read.
+#[derive(Default)]
+struct Raw {
+    ids: [Option<String>; 6],
+    graph_version: Option<Option<i64>>,
+    inputs: Option<Map<String, Value>>,
+    execution_context: Option<Option<Map<String, Value>>>,
+    stats: Option<Stats>,
+}
+
+const ID_FIELDS: [&str; 6] = [
+    "user_id",
+    "graph_exec_id",
+    "graph_id",
+    "node_exec_id",
+    "node_id",
+    "block_id",
+];
+
+impl Raw {
+    fn finish(self) -> Result<NodeExecutionEntry, DecodeError> {
+        let [user_id, graph_exec_id, graph_id, node_exec_id, node_id, block_id] = self.ids;
+        let id = |v: Option<String>, i: usize| {
+            v.ok_or(DecodeError::Missing {
+                field: ID_FIELDS[i],
+            })
+        };
+        Ok(NodeExecutionEntry {
+            user_id: id(user_id, 0)?,
+            graph_exec_id: id(graph_exec_id, 1)?,
+            graph_id: id(graph_id, 2)?,
+            node_exec_id: id(node_exec_id, 3)?,
+            node_id: id(node_id, 4)?,
+            block_id: id(block_id, 5)?,
+            graph_version: self.graph_version.flatten(),
+            inputs: self
+                .inputs
+                .ok_or(DecodeError::Missing { field: "inputs" })?,
+            execution_context: self.execution_context.flatten(),
+            stats: self.stats.unwrap_or_default(),
+        })
+    }
+}
+
+/// Drives the parse; a failed field check is stored in `error` and aborts the parse.
+struct EntrySeed<'e> {
+    error: &'e mut Option<DecodeError>,
+}
+
+impl<'de> DeserializeSeed<'de> for EntrySeed<'_> {
+    type Value = Raw;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Raw, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for EntrySeed<'_> {
+    type Value = Raw;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a NodeExecutionEntry JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Raw, A::Error> {
+        let mut raw = Raw::default();
+        while let Some(key) = map.next_key::<Key>()? {
+            let checked = match key {
+                Key::Other => {
+                    map.next_value::<IgnoredAny>()?;
+                    Ok(())
+                }
+                Key::UserId => read_id(&mut map, &mut raw, 0)?,
+                Key::GraphExecId => read_id(&mut map, &mut raw, 1)?,
+                Key::GraphId => read_id(&mut map, &mut raw, 2)?,
+                Key::NodeExecId => read_id(&mut map, &mut raw, 3)?,
+                Key::NodeId => read_id(&mut map, &mut raw, 4)?,
+                Key::BlockId => read_id(&mut map, &mut raw, 5)?,
+                Key::GraphVersion => {
+                    let v = map.next_value::<Value>()?;
+                    once(&mut raw.graph_version, "graph_version", || graph_version(v))
+                }
+                Key::Inputs => {
+                    let v = map.next_value::<Value>()?;
+                    once(&mut raw.inputs, "inputs", || match v {
+                        Value::Object(m) => Ok(m),
+                        other => Err(wrong("inputs", "an object", &other)),
+                    })
+                }
+                Key::ExecutionContext => {
+                    let v = map.next_value::<Value>()?;
+                    once(
+                        &mut raw.execution_context,
+                        "execution_context",
+                        || match v {
+                            Value::Object(m) => Ok(Some(m)),
+                            Value::Null => Ok(None),
+                            other => Err(wrong("execution_context", "an object or null", &other)),
+                        },
+                    )
+                }
+                Key::Stats => {
+                    let v = map.next_value::<Value>()?;
+                    once(&mut raw.stats, "stats", || stats(v))
+                }
+            };
+            if let Err(err) = checked {
+                *self.error = Some(err);
+                return Err(de::Error::custom("field check failed"));
+            }
+        }
+        Ok(raw)
+    }
+}
+
+/// Reads id field `i`: a non-empty string of at most [`MAX_ID_BYTES`] bytes without NUL.
+fn read_id<'de, A: MapAccess<'de>>(
+    map: &mut A,
+    raw: &mut Raw,
+    i: usize,
+) -> Result<Result<(), DecodeError>, A::Error> {
+    let field = ID_FIELDS[i];
+    let v = map.next_value::<Value>()?;
+    Ok(once(&mut raw.ids[i], field, || match v {
+        Value::String(s) if s.is_empty() => Err(DecodeError::Empty { field }),
+        Value::String(s) if s.len() > MAX_ID_BYTES => Err(DecodeError::TooLong {
+            field,
+            len: s.len(),
+        }),
+        Value::String(s) if s.contains('\0') => Err(DecodeError::NulByte { field }),
+        Value::String(s) => Ok(s),
+        other => Err(wrong(field, "a string", &other)),
+    }))
+}
+
+/// Stores a field's checked value, refusing a second occurrence of the key (which value a
+/// producer meant would be a guess, and this is billing).
+fn once<T>(
+    slot: &mut Option<T>,
+    field: &'static str,
+    check: impl FnOnce() -> Result<T, DecodeError>,
+) -> Result<(), DecodeError> {
+    if slot.is_some() {
+        return Err(DecodeError::Duplicate { field });
+    }
+    *slot = Some(check()?);
+    Ok(())
+}
+
+fn wrong(field: &'static str, expected: &'static str, got: &Value) -> DecodeError {
+    DecodeError::WrongType {
+        field,
+        expected,
+        got: kind(got),
+    }
+}
+
+fn graph_version(v: Value) -> Result<Option<i64>, DecodeError> {
+    match v {
+        Value::Null => Ok(None),
+        Value::Number(n) if n.is_i64() => Ok(n.as_i64()),
+        Value::Number(n) if n.is_u64() => Err(DecodeError::OutOfRange {
+            field: "graph_version",
+        }),
+        Value::Number(_) => Err(DecodeError::WrongType {
+            field: "graph_version",
+            expected: "an integer or null",
+            got: "non-integer number",
+        }),
+        other => Err(wrong("graph_version", "an integer or null", &other)),
+    }
+}
+
+fn stats(v: Value) -> Result<Stats, DecodeError> {
+    let map = match v {
+        Value::Null => return Ok(Stats::default()),
+        Value::Object(m) => m,
+        other => return Err(wrong("stats", "an object or null", &other)),
+    };
+    Ok(Stats {
+        walltime: stat(map.get("walltime"), "stats.walltime")?,
+        input_size: stat(map.get("input_size"), "stats.input_size")?,
+    })
+}
+
+fn stat(v: Option<&Value>, field: &'static str) -> Result<f64, DecodeError> {
+    match v {
+        None | Some(Value::Null) => Ok(0.0),
+        Some(Value::Number(n)) => match n.as_f64() {
+            // `+ 0.0` turns -0.0 into 0.0.
+            Some(f) if f.is_finite() && f >= 0.0 => Ok(f + 0.0),
+            _ => Err(DecodeError::InvalidStat { field }),
+        },
+        Some(other) => Err(wrong(field, "a number", other)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    /// The reference NodeExecutionEntry (AutoGPT shape) with the platform OpenAI credential.
+    const AUTOGPT_EXAMPLE: &str = r#"{"user_id":"u-123","graph_exec_id":"ge-1","graph_id":"g-1","graph_version":1,
+ "node_exec_id":"ne-1","node_id":"n-1","block_id":"1f292d4a-41a4-4977-9684-7c8d560b9f91",
+ "inputs":{"prompt":"hi","model":"gpt-4-turbo",
+   "credentials":{"id":"53c25cb8-e3ee-465c-a4d1-e75a4c899c2a","provider":"openai","type":"api_key","title":"Use Credits for OpenAI"}},
+ "execution_context":{"user_id":"u-123","graph_id":"g-1","graph_exec_id":"ge-1","graph_version":1,
+   "node_id":null,"node_exec_id":null,"human_in_the_loop_safe_mode":true,
+   "sensitive_action_safe_mode":false,"dry_run":false,"user_timezone":"UTC",
+   "root_execution_id":null,"parent_execution_id":null,"workspace_id":null,"session_id":null}}"#;
+
+    fn minimal() -> Value {
+        json!({"user_id": "u", "graph_exec_id": "ge", "graph_id": "g", "node_exec_id": "ne",
+               "node_id": "n", "block_id": "b", "inputs": {}})
+    }
+
+    fn with(field: &str, value: Value) -> Vec<u8> {
+        let mut v = minimal();
+        if let Value::Object(m) = &mut v {
+            m.insert(field.to_owned(), value);
+        }
+        v.to_string().into_bytes()
+    }
+
+    fn without(field: &str) -> Vec<u8> {
+        let mut v = minimal();
+        if let Value::Object(m) = &mut v {
+            m.remove(field);
+        }
+        v.to_string().into_bytes()
+    }
+
+    fn ok(body: &[u8]) -> NodeExecutionEntry {
+        match decode(body) {
+            Ok(e) => e,
+            Err(e) => panic!("{e}: {}", String::from_utf8_lossy(body)),
+        }
+    }
+
+    fn err(body: &[u8]) -> DecodeError {
+        match decode(body) {
+            Ok(e) => panic!("accepted {e:?}"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn minimal_message() {
+        let e = ok(&minimal().to_string().into_bytes());
+        assert_eq!(
+            (
+                e.user_id.as_str(),
+                e.graph_exec_id.as_str(),
+                e.graph_id.as_str()
+            ),
+            ("u", "ge", "g")
+        );
+        assert_eq!(
+            (
+                e.node_exec_id.as_str(),
+                e.node_id.as_str(),
+                e.block_id.as_str()
+            ),
+            ("ne", "n", "b")
+        );
+        assert_eq!(e.graph_version, None);
+        assert!(e.inputs.is_empty());
+        assert_eq!(e.execution_context, None);
+        assert_eq!(e.stats, Stats::default());
+    }
+
+    #[test]
+    fn autogpt_message_decodes_and_costs_10() {
+        let e = ok(AUTOGPT_EXAMPLE.as_bytes());
+        assert_eq!(e.user_id, "u-123");
+        assert_eq!(e.node_exec_id, "ne-1");
+        assert_eq!(e.block_id, "1f292d4a-41a4-4977-9684-7c8d560b9f91");
+        assert_eq!(e.graph_version, Some(1));
+        assert_eq!(e.inputs.get("model"), Some(&json!("gpt-4-turbo")));
+        let ctx = e.execution_context.clone().unwrap_or_default();
+        assert_eq!(ctx.get("user_timezone"), Some(&json!("UTC")));
+        let price = crate::cost::CostTable::builtin()
+            .and_then(|t| t.price(&e.block_id, &e.inputs, e.stats));
+        assert_eq!(price.ok().map(|p| p.cost), Some(10));
+    }
+
+    #[test]
+    fn optional_fields() {
+        let body = with(
+            "stats",
+            json!({"walltime": 2.5, "input_size": 1024, "cpu": "x", "node_count": 3}),
+        );
+        assert_eq!(
+            ok(&body).stats,
+            Stats {
+                walltime: 2.5,
+                input_size: 1024.0
+            }
+        );
+        assert_eq!(ok(&with("stats", json!(null))).stats, Stats::default());
+        assert_eq!(
+            ok(&with("stats", json!({"walltime": null}))).stats,
+            Stats::default()
+        );
+        assert_eq!(
+            ok(&with("stats", json!({"walltime": -0.0})))
+                .stats
+                .walltime
+                .to_bits(),
+            0
+        );
+        assert_eq!(ok(&with("graph_version", json!(null))).graph_version, None);
+        assert_eq!(
+            ok(&with("graph_version", json!(-7))).graph_version,
+            Some(-7)
+        );
+        assert_eq!(
+            ok(&with("execution_context", json!(null))).execution_context,
+            None
+        );
+        let ctx = ok(&with("execution_context", json!({"a": 1}))).execution_context;
+        assert_eq!(ctx.map(|c| c.len()), Some(1));
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored() {
+        let mut v = minimal();
+        if let Value::Object(m) = &mut v {
+            m.insert("data".into(), json!({"deep": [1, {"x": null}]}));
+            m.insert("user_context".into(), json!({"timezone": "UTC"}));
+            m.insert("pre_flight_charge".into(), json!(3));
+            m.insert("".into(), json!(""));
+        }
+        let e = ok(v.to_string().as_bytes());
+        assert_eq!(e.user_id, "u");
+    }
+
+    #[test]
+    fn escaped_strings_and_keys() {
+        let body =
+            br#"{"user\u005fid":"u\u002d1\n","graph_exec_id":"g\u00e9","graph_id":"\ud83d\ude00",
+            "node_exec_id":"a\"b","node_id":"\\","block_id":"b","inputs":{"k\u0065y":"v\tw"}}"#;
+        let e = ok(body);
+        assert_eq!(e.user_id, "u-1\n");
+        assert_eq!(e.graph_exec_id, "gé");
+        assert_eq!(e.graph_id, "😀");
+        assert_eq!(e.node_exec_id, "a\"b");
+        assert_eq!(e.node_id, "\\");
+        assert_eq!(e.inputs.get("key"), Some(&json!("v\tw")));
+    }
+
+    #[test]
+    fn body_size_limit() {
+        // Pad a valid message with spaces to exactly the limit, then one byte over.
+        let base = minimal().to_string();
+        let mut body = base.clone().into_bytes();
+        body.resize(MAX_BODY_BYTES, b' ');
+        assert_eq!(ok(&body).user_id, "u");
+        body.push(b' ');
+        let e = err(&body);
+        assert_eq!(
+            e,
+            DecodeError::TooLarge {
+                size: MAX_BODY_BYTES + 1
+            }
+        );
+        assert_eq!(e.field(), "body");
+        assert!(
+            e.to_string()
+                .starts_with("body: 1048577 bytes exceeds the 1 MiB limit"),
+            "{e}"
+        );
+        // The limit holds before parsing: an oversized non-JSON body is "too large".
+        assert_eq!(
+            err(&vec![0xff; MAX_BODY_BYTES + 1]),
+            DecodeError::TooLarge {
+                size: MAX_BODY_BYTES + 1
+            }
+        );
+    }
+
+    #[test]
+    fn body_errors() {
+        assert_eq!(err(b"{\"user_id\":\"\xff\"}"), DecodeError::NotUtf8);
+        assert_eq!(DecodeError::NotUtf8.to_string(), "body: not UTF-8");
+        for bad in [
+            &b""[..],
+            b"  ",
+            b"{",
+            b"{\"user_id\":}",
+            b"{\"a\":1,}",
+            b"nul",
+            b"[1,",
+        ] {
+            let e = err(bad);
+            assert!(
+                matches!(e, DecodeError::NotJson(_)),
+                "{:?} -> {e:?}",
+                String::from_utf8_lossy(bad)
+            );
+            assert!(e.to_string().starts_with("body: not valid JSON: "), "{e}");
+            assert_eq!(e.field(), "body");
+        }
+        let trailing = format!("{} x", minimal());
+        assert!(matches!(err(trailing.as_bytes()), DecodeError::NotJson(_)));
+        for (body, got) in [
+            ("[]", "array"),
+            ("\"s\"", "string"),
+            (" 12.5", "number"),
+            ("null", "null"),
+            ("true", "boolean"),
+        ] {
+            let e = err(body.as_bytes());
+            assert_eq!(e, DecodeError::NotAnObject { got });
+            assert_eq!(
+                e.to_string(),
+                format!("body: expected a JSON object, got {got}")
+            );
+        }
+    }
+
+    #[test]
+    fn deep_nesting_is_rejected_without_overflowing_the_stack() {
+        let deep = format!(
+            "{{\"inputs\":{}{}}}",
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        assert!(matches!(err(deep.as_bytes()), DecodeError::NotJson(_)));
+    }
+
+    #[test]
+    fn required_fields() {
+        for field in ID_FIELDS.iter().copied().chain(["inputs"]) {
+            let e = err(&without(field));
+            assert_eq!(e, DecodeError::Missing { field });
+            assert_eq!(e.field(), field);
+            assert_eq!(e.to_string(), format!("{field}: missing"));
+        }
+    }
+
+    #[test]
+    fn ids_must_be_strings() {
+        for field in ID_FIELDS {
+            for (value, got) in [
+                (json!(5), "number"),
+                (json!(null), "null"),
+                (json!(true), "boolean"),
+                (json!(["a"]), "array"),
+                (json!({}), "object"),
+            ] {
+                let e = err(&with(field, value));
+                assert_eq!(
+                    e,
+                    DecodeError::WrongType {
+                        field,
+                        expected: "a string",
+                        got
+                    }
+                );
+                assert_eq!(
+                    e.to_string(),
+                    format!("{field}: expected a string, got {got}")
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn ids_must_be_non_empty_short_and_nul_free() {
+        for field in ID_FIELDS {
+            assert_eq!(err(&with(field, json!(""))), DecodeError::Empty { field });
+            let e = err(&with(field, json!("x".repeat(256))));
+            assert_eq!(e, DecodeError::TooLong { field, len: 256 });
+            assert!(
+                e.to_string()
+                    .starts_with(&format!("{field}: longer than 255 bytes")),
+                "{e}"
+            );
+            assert_eq!(
+                err(&with(field, json!("a\u{0}b"))),
+                DecodeError::NulByte { field }
+            );
+        }
+        // The limit is in bytes: 85 three-byte characters fit, one more byte does not.
+        assert_eq!(
+            ok(&with("node_exec_id", json!("€".repeat(85))))
+                .node_exec_id
+                .len(),
+            255
+        );
+        assert_eq!(
+            err(&with("node_exec_id", json!(format!("{}a", "€".repeat(85))))),
+            DecodeError::TooLong {
+                field: "node_exec_id",
+                len: 256
+            }
+        );
+        assert_eq!(
+            ok(&with("user_id", json!("x".repeat(255)))).user_id.len(),
+            255
+        );
+    }
+
+    #[test]
+    fn inputs_must_be_an_object() {
+        for (value, got) in [
+            (json!("x"), "string"),
+            (json!(null), "null"),
+            (json!([]), "array"),
+            (json!(1), "number"),
+        ] {
+            let e = err(&with("inputs", value));
+            assert_eq!(
+                e,
+                DecodeError::WrongType {
+                    field: "inputs",
+                    expected: "an object",
+                    got
+                }
+            );
+        }
+        assert_eq!(
+            err(&with("inputs", json!("x"))).to_string(),
+            "inputs: expected an object, got string"
+        );
+    }
+
+    #[test]
+    fn optional_field_types() {
+        let e = err(&with("graph_version", json!(1.5)));
+        assert_eq!(e.field(), "graph_version");
+        assert!(matches!(e, DecodeError::WrongType { .. }));
+        assert_eq!(
+            err(&with("graph_version", json!("1"))).field(),
+            "graph_version"
+        );
+        assert_eq!(
+            err(&with("graph_version", json!(u64::MAX))),
+            DecodeError::OutOfRange {
+                field: "graph_version"
+            }
+        );
+        let e = err(&with("execution_context", json!([])));
+        assert_eq!(
+            e,
+            DecodeError::WrongType {
+                field: "execution_context",
+                expected: "an object or null",
+                got: "array"
+            }
+        );
+        assert_eq!(err(&with("stats", json!("fast"))).field(), "stats");
+    }
+
+    #[test]
+    fn stats_must_be_finite_and_non_negative() {
+        let e = err(&with("stats", json!({"walltime": -1})));
+        assert_eq!(
+            e,
+            DecodeError::InvalidStat {
+                field: "stats.walltime"
+            }
+        );
+        assert_eq!(e.field(), "stats.walltime");
+        assert_eq!(e.to_string(), "stats.walltime: must be a finite number ≥ 0");
+        assert_eq!(
+            err(&with("stats", json!({"input_size": -0.5}))).field(),
+            "stats.input_size"
+        );
+        let e = err(&with("stats", json!({"walltime": "1"})));
+        assert_eq!(
+            e,
+            DecodeError::WrongType {
+                field: "stats.walltime",
+                expected: "a number",
+                got: "string"
+            }
+        );
+        // Out-of-range literals are not representable: rejected by the parser.
+        let body = String::from_utf8_lossy(&minimal_with_raw("stats", "{\"walltime\":1e400}"))
+            .into_owned();
+        assert_eq!(err(body.as_bytes()).field(), "body");
+    }
+
+    fn minimal_with_raw(field: &str, raw: &str) -> Vec<u8> {
+        let base = minimal().to_string();
+        format!("{},\"{field}\":{raw}}}", &base[..base.len() - 1]).into_bytes()
+    }
+
+    #[test]
+    fn duplicate_keys_are_rejected() {
+        let body = minimal_with_raw("user_id", "\"other\"");
+        assert_eq!(err(&body), DecodeError::Duplicate { field: "user_id" });
+        assert_eq!(err(&body).to_string(), "user_id: given more than once");
+        assert_eq!(
+            err(&minimal_with_raw("inputs", "{}")),
+            DecodeError::Duplicate { field: "inputs" }
+        );
+        // Unknown keys may repeat: they are not read.
+        let body = minimal_with_raw("x", "1,\"x\":2");
+        assert_eq!(ok(&body).user_id, "u");
+    }
+
+    #[test]
+    fn entries_serialize() {
+        let e = ok(AUTOGPT_EXAMPLE.as_bytes());
+        let v = serde_json::to_value(&e).ok();
+        assert_eq!(
+            v.as_ref().and_then(|v| v.get("node_exec_id")),
+            Some(&json!("ne-1"))
+        );
+        assert_eq!(
+            v.as_ref().and_then(|v| v.get("stats")),
+            Some(&json!({"walltime": 0.0, "input_size": 0.0}))
+        );
+    }
+
+    fn any_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+            ".{0,8}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 32, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::btree_map(
+                    prop::sample::select(vec![
+                        "user_id",
+                        "graph_exec_id",
+                        "graph_id",
+                        "node_exec_id",
+                        "node_id",
+                        "block_id",
+                        "graph_version",
+                        "inputs",
+                        "execution_context",
+                        "stats",
+                        "walltime",
+                        "input_size",
+                        "other",
+                    ]),
+                    inner,
+                    0..6
+                )
+                .prop_map(|m| Value::Object(
+                    m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+                )),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics_on_bytes(body in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode(&body);
+            let mut braced = b"{".to_vec();
+            braced.extend_from_slice(&body);
+            let _ = decode(&braced);
+        }
+
+        #[test]
+        fn never_panics_on_json(v in any_json()) {
+            let _ = decode(v.to_string().as_bytes());
+        }
+
+        #[test]
+        fn never_panics_on_entries_with_random_field_values(field in prop::sample::select(vec![
+            "user_id", "graph_exec_id", "graph_id", "node_exec_id", "node_id", "block_id",
+            "graph_version", "inputs", "execution_context", "stats",
+        ]), value in any_json()) {
+            let body = with(field, value);
+            if let Err(e) = decode(&body) {
+                prop_assert!(e.field() == field || e.field().starts_with("stats."), "{} vs {}", e, field);
+            }
+        }
+
+        #[test]
+        fn valid_entries_round_trip(ids in prop::collection::vec("[^\u{0}]{1,40}", 6), inputs in any_json(), version in any::<Option<i64>>(),
+                                    walltime in 0.0f64..1e9, input_size in 0u32..u32::MAX) {
+            let mut v = json!({"graph_version": version, "stats": {"walltime": walltime, "input_size": input_size}});
+            let inputs = match inputs { Value::Object(m) => m, other => Map::from_iter([("v".to_owned(), other)]) };
+            if let Value::Object(m) = &mut v {
+                for (field, id) in ID_FIELDS.iter().zip(&ids) {
+                    m.insert((*field).to_owned(), json!(id));
+                }
+                m.insert("inputs".into(), Value::Object(inputs.clone()));
+            }
+            let e = decode(v.to_string().as_bytes());
+            prop_assert!(e.is_ok(), "{:?}", e.err());
+            if let Ok(e) = e {
+                prop_assert_eq!(&e.user_id, &ids[0]);
+                prop_assert_eq!(&e.block_id, &ids[5]);
+                prop_assert_eq!(e.graph_version, version);
+                // Compared with serde_json's own reading of the same text (its default float
+                // parser is not always correctly rounded, so the generated floats may differ).
+                let expected: Result<Map<String, Value>, _> = serde_json::from_str(&Value::Object(inputs).to_string());
+                prop_assert_eq!(Some(&e.inputs), expected.as_ref().ok());
+                prop_assert_eq!(e.stats.input_size, f64::from(input_size));
+                // serde_json's default float parser may be 1 ulp off the correctly rounded value.
+                prop_assert!((e.stats.walltime - walltime).abs() <= walltime * f64::EPSILON);
+            }
+        }
+    }
+}

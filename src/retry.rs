@@ -1,0 +1,29 @@
+//! Capped exponential backoff with jitter for reconnects and retried transactions, from
+//! `backon` (maintained; `backoff` is unmaintained, RUSTSEC-2025-0012).
+
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use tokio_util::sync::CancellationToken;
+
+/// 50 ms doubling up to 5 s, with jitter, forever.
+pub fn backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// Sleeps for the next delay of `delays`; false when `cancel` fired first.
+pub async fn pause(
+    delays: &mut impl Iterator<Item = Duration>,
+    cancel: &CancellationToken,
+) -> bool {
+    let d = delays.next().unwrap_or(Duration::from_secs(5));
+    tokio::select! {
+        _ = tokio::time::sleep(d) => true,
+        _ = cancel.cancelled() => false,
+    }
+}

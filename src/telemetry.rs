@@ -1,0 +1,135 @@
+//! Logs (`tracing`, text or JSON), Prometheus metrics and the HTTP endpoints `/metrics`,
+//! `/healthz` and `/readyz`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::Router;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+use crate::config::LogFormat;
+
+/// Installs the global subscriber; later calls are no-ops (tests start many workers).
+pub fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// The process-wide Prometheus recorder.
+pub fn metrics_handle() -> Option<PrometheusHandle> {
+    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let buckets = [
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ];
+            PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
+                .ok()?
+                .set_buckets_for_metric(
+                    Matcher::Full("credit_batch_size".into()),
+                    &[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0],
+                )
+                .ok()?
+                .install_recorder()
+                .ok()
+        })
+        .clone()
+}
+
+/// What `/readyz` reports: set by the consumer as it connects and consumes.
+#[derive(Debug, Default)]
+pub struct Health {
+    consuming: AtomicBool,
+}
+
+impl Health {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Health::default())
+    }
+    /// Topology declared and basic.consume accepted (true), or the session ended (false).
+    pub fn set_consuming(&self, on: bool) {
+        self.consuming.store(on, Ordering::SeqCst);
+        metrics::gauge!("credit_consuming").set(if on { 1.0 } else { 0.0 });
+    }
+    pub fn consuming(&self) -> bool {
+        self.consuming.load(Ordering::SeqCst)
+    }
+}
+
+#[derive(Clone)]
+struct HttpState {
+    health: Arc<Health>,
+    pool: PgPool,
+    metrics: Option<PrometheusHandle>,
+}
+
+/// Serves the endpoints on a bound listener until `cancel` fires.
+pub async fn serve_on(
+    listener: tokio::net::TcpListener,
+    health: Arc<Health>,
+    pool: PgPool,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    let state = HttpState {
+        health,
+        pool,
+        metrics: metrics_handle(),
+    };
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(state);
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "http endpoints up");
+    }
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { cancel.cancelled().await })
+        .await?;
+    Ok(())
+}
+
+async fn metrics(State(s): State<HttpState>) -> (StatusCode, String) {
+    match &s.metrics {
+        Some(h) => (StatusCode::OK, h.render()),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no metrics recorder\n".into(),
+        ),
+    }
+}
+
+async fn readyz(State(s): State<HttpState>) -> (StatusCode, String) {
+    let db = tokio::time::timeout(Duration::from_secs(2), crate::db::ping(&s.pool))
+        .await
+        .unwrap_or(false);
+    let consuming = s.health.consuming();
+    let body = format!("database: {}\nbroker: {}\n", up(db), up(consuming));
+    if db && consuming {
+        (StatusCode::OK, body)
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, body)
+    }
+}
+
+fn up(b: bool) -> &'static str {
+    if b {
+        "up"
+    } else {
+        "down"
+    }
+}

@@ -1,0 +1,138 @@
+//! RabbitMQ names and declarations (SPEC §4, §7, §8). Every exchange and queue name carries
+//! `amqp.namespace`; routing keys do not.
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+
+use crate::config::{AmqpSettings, QueueType};
+
+pub const INPUT: &str = "node_execution";
+pub const INPUT_ROUTING_KEY: &str = "node_execution";
+pub const DLX: &str = "node_execution.dlx";
+pub const DEAD: &str = "node_execution.dead";
+pub const EVENTS: &str = "credit.events";
+pub const CONTROL: &str = "credit.control";
+
+/// Names in one namespace.
+#[derive(Debug, Clone)]
+pub struct Names {
+    pub input_exchange: String,
+    pub input_queue: String,
+    pub dlx: String,
+    pub dead_queue: String,
+    pub events: String,
+    pub control: String,
+}
+
+impl Names {
+    pub fn new(namespace: &str) -> Self {
+        let n = |base: &str| format!("{namespace}{base}");
+        Names {
+            input_exchange: n(INPUT),
+            input_queue: n(INPUT),
+            dlx: n(DLX),
+            dead_queue: n(DEAD),
+            events: n(EVENTS),
+            control: n(CONTROL),
+        }
+    }
+}
+
+/// Opens a connection driven by the tokio runtime.
+pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> {
+    let mut props = ConnectionProperties::default()
+        .with_executor(tokio_executor_trait::Tokio::current())
+        .with_reactor(tokio_reactor_trait::Tokio);
+    props
+        .client_properties
+        .insert("connection_name".into(), AMQPValue::LongString(name.into()));
+    Connection::connect(url, props).await
+}
+
+fn durable() -> ExchangeDeclareOptions {
+    ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    }
+}
+
+fn durable_queue() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    }
+}
+
+fn queue_args(settings: &AmqpSettings) -> FieldTable {
+    let mut args = FieldTable::default();
+    if settings.queue_type == QueueType::Quorum {
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+    }
+    args
+}
+
+/// Declares the whole topology; idempotent.
+pub async fn declare(ch: &Channel, settings: &AmqpSettings) -> Result<Names, lapin::Error> {
+    let names = Names::new(&settings.namespace);
+    ch.exchange_declare(
+        &names.dlx,
+        ExchangeKind::Fanout,
+        durable(),
+        FieldTable::default(),
+    )
+    .await?;
+    ch.queue_declare(&names.dead_queue, durable_queue(), queue_args(settings))
+        .await?;
+    ch.queue_bind(
+        &names.dead_queue,
+        &names.dlx,
+        "",
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+
+    let mut input_args = queue_args(settings);
+    input_args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(names.dlx.as_str().into()),
+    );
+    if settings.queue_type == QueueType::Quorum {
+        input_args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(i64::from(settings.delivery_limit)),
+        );
+    }
+    ch.exchange_declare(
+        &names.input_exchange,
+        ExchangeKind::Direct,
+        durable(),
+        FieldTable::default(),
+    )
+    .await?;
+    ch.queue_declare(&names.input_queue, durable_queue(), input_args)
+        .await?;
+    ch.queue_bind(
+        &names.input_queue,
+        &names.input_exchange,
+        INPUT_ROUTING_KEY,
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+
+    ch.exchange_declare(
+        &names.events,
+        ExchangeKind::Topic,
+        durable(),
+        FieldTable::default(),
+    )
+    .await?;
+    ch.queue_declare(&names.control, durable_queue(), FieldTable::default())
+        .await?;
+    Ok(names)
+}

@@ -1,0 +1,504 @@
+//! Shared test harness: every test gets its own database and its own AMQP namespace on the
+//! real PostgreSQL and RabbitMQ (`DATABASE_URL` / `AMQP_URL`, default: the local services; with
+//! the `testcontainers` feature and a Docker engine, containers when those are unset).
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use credit_worker::config::Settings;
+use credit_worker::ledger::{Ledger, LedgerPolicy};
+use credit_worker::topology::{self, Names};
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use serde_json::{json, Value};
+use sqlx::PgPool;
+
+pub const TEXT_GEN: &str = "1f292d4a-41a4-4977-9684-7c8d560b9f91";
+pub const OPENAI_CRED: &str = "53c25cb8-e3ee-465c-a4d1-e75a4c899c2a";
+
+/// Base URLs of the services (without a database name for PostgreSQL).
+pub struct Services {
+    pub pg_base: String,
+    pub amqp: String,
+}
+
+#[cfg(feature = "testcontainers")]
+async fn containers() -> Option<Services> {
+    use testcontainers_modules::postgres::Postgres;
+    use testcontainers_modules::rabbitmq::RabbitMq;
+    use testcontainers_modules::testcontainers::runners::AsyncRunner;
+    use tokio::sync::OnceCell;
+    static CELL: OnceCell<Option<(String, String)>> = OnceCell::const_new();
+    let v = CELL
+        .get_or_init(|| async {
+            let pg = Postgres::default().start().await.ok()?;
+            let mq = RabbitMq::default().start().await.ok()?;
+            let pg_port = pg.get_host_port_ipv4(5432).await.ok()?;
+            let mq_port = mq.get_host_port_ipv4(5672).await.ok()?;
+            // The containers live for the whole test process.
+            std::mem::forget(pg);
+            std::mem::forget(mq);
+            Some((
+                format!("postgres://postgres:postgres@127.0.0.1:{pg_port}"),
+                format!("amqp://guest:guest@127.0.0.1:{mq_port}/%2f"),
+            ))
+        })
+        .await
+        .clone()?;
+    Some(Services {
+        pg_base: v.0,
+        amqp: v.1,
+    })
+}
+
+pub async fn services() -> Services {
+    let db = std::env::var("DATABASE_URL").ok().filter(|s| !s.is_empty());
+    let amqp = std::env::var("AMQP_URL").ok().filter(|s| !s.is_empty());
+    #[cfg(feature = "testcontainers")]
+    if db.is_none() && amqp.is_none() && std::path::Path::new("/var/run/docker.sock").exists() {
+        if let Some(s) = containers().await {
+            return s;
+        }
+    }
+    let pg_base = match db {
+        // Strip the database name: each test creates its own.
+        Some(url) => match url.rfind('/') {
+            Some(i) if url[..i].contains("://") && i > url.find("://").unwrap_or(0) + 2 => {
+                url[..i].to_owned()
+            }
+            _ => url,
+        },
+        None => "postgres://root@127.0.0.1:5432".to_owned(),
+    };
+    Services {
+        pg_base,
+        amqp: amqp.unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned()),
+    }
+}
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+pub fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!(
+        "{prefix}_{}_{:x}_{}",
+        std::process::id(),
+        nanos % 0xffff_ffff,
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// One test's world: a fresh database and namespace.
+pub struct TestEnv {
+    pub settings: Settings,
+    pub pool: PgPool,
+    pub names: Names,
+    pub db_name: String,
+    admin_url: String,
+}
+
+impl TestEnv {
+    pub async fn new() -> TestEnv {
+        Self::with(|_| {}).await
+    }
+
+    /// `tweak` adjusts the settings (e.g. refill off) before the database is created.
+    pub async fn with(tweak: impl FnOnce(&mut Settings)) -> TestEnv {
+        let svc = services().await;
+        let db_name = unique("cwt");
+        let env = vec![
+            (
+                "DATABASE_URL".to_owned(),
+                format!("{}/{}", svc.pg_base, db_name),
+            ),
+            ("AMQP_URL".to_owned(), svc.amqp.clone()),
+            (
+                "CREDIT_WORKER__AMQP__NAMESPACE".to_owned(),
+                format!("{}.", unique("t")),
+            ),
+            ("CREDIT_WORKER__HTTP__LISTEN".to_owned(), String::new()),
+        ];
+        let mut settings = Settings::load_from(None, &env).expect("test settings");
+        tweak(&mut settings);
+        let pool = credit_worker::db::connect_and_migrate(&settings.database)
+            .await
+            .expect("database");
+        let names = Names::new(&settings.amqp.namespace);
+        TestEnv {
+            settings,
+            pool,
+            names,
+            db_name,
+            admin_url: format!("{}/postgres", svc.pg_base),
+        }
+    }
+
+    pub fn ledger(&self) -> Ledger {
+        Ledger::new(
+            self.pool.clone(),
+            LedgerPolicy::from_settings(&self.settings),
+        )
+    }
+
+    /// Environment for a worker process using this test's database and namespace.
+    pub fn process_env(&self) -> Vec<(String, String)> {
+        vec![
+            ("DATABASE_URL".into(), self.settings.database.url.clone()),
+            ("AMQP_URL".into(), self.settings.amqp.url.clone()),
+            (
+                "CREDIT_WORKER__AMQP__NAMESPACE".into(),
+                self.settings.amqp.namespace.clone(),
+            ),
+            (
+                "CREDIT_WORKER__HTTP__LISTEN".into(),
+                self.settings.http.listen.clone(),
+            ),
+            (
+                "CREDIT_WORKER__PIPELINE__MAX_BATCH".into(),
+                self.settings.pipeline.max_batch.to_string(),
+            ),
+            ("RUST_LOG".into(), "warn".into()),
+        ]
+    }
+
+    /// Drops the database and the namespace's queues and exchanges.
+    pub async fn cleanup(self) {
+        self.pool.close().await;
+        if let Ok(admin) = PgPool::connect(&self.admin_url).await {
+            let _ = sqlx::query(&format!(
+                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+                self.db_name
+            ))
+            .execute(&admin)
+            .await;
+            admin.close().await;
+        }
+        if let Ok(conn) = topology::connect(&self.settings.amqp.url, "test cleanup").await {
+            if let Ok(ch) = conn.create_channel().await {
+                for q in [
+                    &self.names.input_queue,
+                    &self.names.dead_queue,
+                    &self.names.control,
+                ] {
+                    let _ = ch.queue_delete(q, QueueDeleteOptions::default()).await;
+                }
+                for x in [
+                    &self.names.input_exchange,
+                    &self.names.dlx,
+                    &self.names.events,
+                ] {
+                    let _ = ch
+                        .exchange_delete(x, ExchangeDeleteOptions::default())
+                        .await;
+                }
+            }
+            let _ = conn.close(200, "").await;
+        }
+    }
+
+    pub async fn amqp_channel(&self) -> (lapin::Connection, lapin::Channel) {
+        let conn = topology::connect(&self.settings.amqp.url, "test")
+            .await
+            .expect("amqp");
+        let ch = conn.create_channel().await.expect("channel");
+        topology::declare(&ch, &self.settings.amqp)
+            .await
+            .expect("declare");
+        (conn, ch)
+    }
+
+    /// Publishes raw bodies to the input queue with confirms.
+    pub async fn publish(&self, bodies: &[Vec<u8>]) {
+        credit_worker::publish::publish_entries(&self.settings, bodies)
+            .await
+            .expect("publish");
+    }
+
+    /// A queue bound to `credit.events` with `#`, declared before traffic starts.
+    pub async fn event_tap(&self) -> EventTap {
+        let (conn, ch) = self.amqp_channel().await;
+        let q = ch
+            .queue_declare(
+                "",
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("tap queue");
+        ch.queue_bind(
+            q.name().as_str(),
+            &self.names.events,
+            "#",
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind tap");
+        let consumer = ch
+            .basic_consume(
+                q.name().as_str(),
+                "tap",
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume tap");
+        EventTap {
+            _conn: conn,
+            consumer,
+        }
+    }
+
+    /// Reads the dead-letter queue: (body, x-credit-error) pairs.
+    pub async fn dead_letters(&self, expect: usize) -> Vec<(Vec<u8>, String)> {
+        let (_conn, ch) = self.amqp_channel().await;
+        let mut consumer = ch
+            .basic_consume(
+                &self.names.dead_queue,
+                "dead-reader",
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume dead");
+        let mut out = Vec::new();
+        while out.len() < expect {
+            let d = tokio::time::timeout(Duration::from_secs(20), consumer.next())
+                .await
+                .expect("dead letter in time")
+                .expect("stream")
+                .expect("delivery");
+            let reason = d
+                .properties
+                .headers()
+                .as_ref()
+                .and_then(|h| h.inner().get("x-credit-error").cloned())
+                .map(|v| match v {
+                    lapin::types::AMQPValue::LongString(s) => s.to_string(),
+                    other => format!("{other:?}"),
+                })
+                .unwrap_or_default();
+            d.ack(BasicAckOptions::default()).await.expect("ack");
+            out.push((d.data.clone(), reason));
+        }
+        out
+    }
+
+    pub async fn scalar_i64(&self, sql: &str) -> i64 {
+        sqlx::query_scalar::<_, i64>(sql)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    pub async fn outcome_of(&self, node_exec_id: &str) -> Option<String> {
+        sqlx::query_scalar("SELECT outcome FROM credit.decisions WHERE node_exec_id = $1")
+            .bind(node_exec_id)
+            .fetch_optional(&self.pool)
+            .await
+            .expect("outcome")
+    }
+
+    /// Waits until `n` decisions exist.
+    pub async fn wait_decisions(&self, n: i64, within: Duration) {
+        let pool = self.pool.clone();
+        wait_for(within, &format!("{n} decisions"), || {
+            let pool = pool.clone();
+            async move {
+                sqlx::query_scalar::<_, i64>("SELECT count(*) FROM credit.decisions")
+                    .fetch_one(&pool)
+                    .await
+                    .map(|c| c >= n)
+                    .unwrap_or(false)
+            }
+        })
+        .await;
+    }
+
+    pub async fn assert_audit_clean(&self) {
+        let report = credit_worker::ledger::audit::run(&self.pool)
+            .await
+            .expect("audit");
+        assert!(report.is_clean(), "audit: {:?}", report.mismatches);
+    }
+}
+
+pub struct EventTap {
+    _conn: lapin::Connection,
+    consumer: lapin::Consumer,
+}
+
+impl EventTap {
+    /// The next `n` events as (routing key, message_id, body).
+    pub async fn take(&mut self, n: usize, within: Duration) -> Vec<(String, String, Value)> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut out = Vec::new();
+        while out.len() < n {
+            let d = tokio::time::timeout_at(deadline, self.consumer.next())
+                .await
+                .unwrap_or_else(|_| panic!("only {} of {n} events arrived", out.len()))
+                .expect("stream")
+                .expect("delivery");
+            let body: Value = serde_json::from_slice(&d.data).expect("event json");
+            let mid = d
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.to_string())
+                .unwrap_or_default();
+            d.ack(BasicAckOptions::default()).await.expect("ack");
+            out.push((d.routing_key.to_string(), mid, body));
+        }
+        out
+    }
+
+    /// Asserts nothing more arrives within `quiet`.
+    pub async fn assert_quiet(&mut self, quiet: Duration) {
+        if let Ok(Some(Ok(d))) = tokio::time::timeout(quiet, self.consumer.next()).await {
+            panic!(
+                "unexpected event {}: {}",
+                d.routing_key,
+                String::from_utf8_lossy(&d.data)
+            );
+        }
+    }
+}
+
+/// Polls `cond` until true; panics after `within`.
+pub async fn wait_for<F, Fut>(within: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    let mut delay = Duration::from_millis(10);
+    while !cond().await {
+        assert!(start.elapsed() < within, "timed out waiting for {what}");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(200));
+    }
+}
+
+/// An AutoGPT-shaped NodeExecutionEntry for AITextGeneratorBlock.
+pub fn entry(user: &str, node_exec_id: &str, inputs: Value) -> Value {
+    json!({
+        "user_id": user,
+        "graph_exec_id": format!("ge-{node_exec_id}"),
+        "graph_id": "test_graph",
+        "graph_version": 1,
+        "node_exec_id": node_exec_id,
+        "node_id": "test_node",
+        "block_id": TEXT_GEN,
+        "inputs": inputs,
+        "execution_context": {"user_timezone": "UTC"},
+    })
+}
+
+/// gpt-4-turbo on the platform's OpenAI credential: costs 10.
+pub fn platform_gpt4(user: &str, node_exec_id: &str) -> Value {
+    entry(
+        user,
+        node_exec_id,
+        json!({"model": "gpt-4-turbo", "prompt": "hi",
+               "credentials": {"id": OPENAI_CRED, "provider": "openai", "type": "api_key",
+                               "title": "Use Credits for OpenAI"}}),
+    )
+}
+
+/// The user's own key: free.
+pub fn own_key(user: &str, node_exec_id: &str) -> Value {
+    entry(
+        user,
+        node_exec_id,
+        json!({"model": "gpt-4-turbo", "api_key": "owned_api_key"}),
+    )
+}
+
+pub fn body(v: &Value) -> Vec<u8> {
+    serde_json::to_vec(v).expect("json")
+}
+
+/// The worker binary as a child process.
+pub struct WorkerProcess {
+    pub child: Child,
+}
+
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_credit-worker"))
+}
+
+impl WorkerProcess {
+    pub fn spawn(env: &[(String, String)], args: &[&str]) -> WorkerProcess {
+        let mut cmd = Command::new(binary());
+        cmd.args(args)
+            .env_remove("CREDIT_WORKER_CONFIG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        WorkerProcess {
+            child: cmd.spawn().expect("spawn worker"),
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn sigterm(&self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+    }
+
+    /// Waits for exit; returns the exit code.
+    pub async fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            assert!(start.elapsed() < within, "worker did not exit in time");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the CLI binary to completion: (exit code, stdout, stderr).
+pub fn cli(env: &[(String, String)], args: &[&str]) -> (i32, String, String) {
+    let mut cmd = Command::new(binary());
+    cmd.args(args).env_remove("CREDIT_WORKER_CONFIG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run cli");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

@@ -1,0 +1,510 @@
+//! The ledger against the real PostgreSQL: AutoGPT's credit_test.py cases with their numbers,
+//! its concurrency cases adapted to our semantics, overflow, idempotency and the sweep.
+
+mod common;
+
+use chrono::{DateTime, TimeZone, Utc};
+use common::*;
+use credit_worker::cost::CostTable;
+use credit_worker::decide::{self, Outcome, Pricing, Verdict};
+use credit_worker::ledger::{LedgerError, TxType};
+use credit_worker::message;
+use credit_worker::refill::{self, Month};
+use serde_json::json;
+
+fn at(y: i32, m: u32, d: u32) -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(y, m, d, 12, 0, 0).unwrap()
+}
+
+fn no_refill(s: &mut credit_worker::config::Settings) {
+    s.refill.enabled = false;
+}
+
+async fn spend_entry(env: &TestEnv, v: serde_json::Value, now: DateTime<Utc>) -> Verdict {
+    let pricing = Pricing::from_settings(&env.settings, CostTable::builtin().unwrap());
+    let e = message::decode(&body(&v)).unwrap();
+    let mut out = decide::decide_batch(&env.pool, &pricing, &[e], now)
+        .await
+        .unwrap();
+    out.pop().unwrap()
+}
+
+#[tokio::test]
+async fn block_credit_usage_platform_key_costs_10_own_key_is_free() {
+    let env = TestEnv::new().await;
+    let ledger = env.ledger();
+    let now = Utc::now();
+    let u = "usage-user";
+    ledger
+        .credit(TxType::TopUp, u, 100, Some("TOPUP-1"), None, now)
+        .await
+        .unwrap();
+    let current = ledger.balance(u, now).await.unwrap();
+    assert_eq!(current, 1100, "refill 1000 on first use, then +100");
+
+    let v1 = spend_entry(&env, platform_gpt4(u, "test_node_exec"), now).await;
+    assert_eq!(
+        v1,
+        Verdict::Decided {
+            outcome: Outcome::Charged,
+            cost: 10,
+            fee: 0,
+            balance: 1090
+        }
+    );
+    // AutoGPT reuses the node_exec_id here; ours would be a duplicate, so it gets its own.
+    let v2 = spend_entry(&env, own_key(u, "test_node_exec_2"), now).await;
+    assert_eq!(
+        v2,
+        Verdict::Decided {
+            outcome: Outcome::Free,
+            cost: 0,
+            fee: 0,
+            balance: 1090
+        }
+    );
+    assert_eq!(ledger.balance(u, now).await.unwrap(), current - 10);
+    let usage = env
+        .scalar_i64("SELECT count(*) FROM credit.transactions WHERE type = 'USAGE'")
+        .await;
+    assert_eq!(usage, 1);
+    let meta: serde_json::Value = sqlx::query_scalar(
+        "SELECT metadata FROM credit.transactions WHERE transaction_key = 'USAGE-test_node_exec'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        meta["input"],
+        json!({"model": "gpt-4-turbo", "credentials": {"id": OPENAI_CRED, "provider": "openai", "type": "api_key"}})
+    );
+    assert_eq!(meta["block"], "AITextGeneratorBlock");
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn block_credit_top_up_adds_100() {
+    let env = TestEnv::new().await;
+    let ledger = env.ledger();
+    let now = Utc::now();
+    let before = ledger.balance("topup-user", now).await.unwrap();
+    let p = ledger
+        .credit(TxType::TopUp, "topup-user", 100, None, None, now)
+        .await
+        .unwrap();
+    assert!(p.applied);
+    assert_eq!(p.balance, before + 100);
+    assert_eq!(ledger.balance("topup-user", now).await.unwrap(), 1100);
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn block_credit_reset_across_three_months() {
+    let env = TestEnv::new().await;
+    let ledger = env.ledger();
+    let u = "reset-user";
+    let (m1, m2, m3) = (at(2026, 1, 1), at(2026, 2, 1), at(2026, 3, 1));
+
+    assert_eq!(ledger.balance(u, m1).await.unwrap(), 1000);
+    let p = ledger
+        .credit(TxType::TopUp, u, 100, Some("TOPUP-M1"), None, m1)
+        .await
+        .unwrap();
+    assert_eq!(p.balance, 1100);
+
+    let rows_before = env
+        .scalar_i64("SELECT count(*) FROM credit.transactions")
+        .await;
+    assert_eq!(ledger.balance(u, m2).await.unwrap(), 1100);
+    let rows_after = env
+        .scalar_i64("SELECT count(*) FROM credit.transactions")
+        .await;
+    assert_eq!(rows_before, rows_after, "no refill row at or above target");
+
+    // Forced to 400 through the ledger (AutoGPT writes rows by hand; we spend 700).
+    let p = ledger
+        .spend(u, 700, "FORCE-400", json!({"reason": "test"}), m2)
+        .await
+        .unwrap();
+    assert_eq!(p.balance, 400);
+
+    assert_eq!(ledger.balance(u, m3).await.unwrap(), 1000);
+    let grants: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT transaction_key, amount FROM credit.transactions
+          WHERE user_id = $1 AND type = 'GRANT' AND transaction_key LIKE 'MONTHLY-CREDIT-TOP-UP-%'
+          ORDER BY seq",
+    )
+    .bind(u)
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        grants,
+        vec![
+            ("MONTHLY-CREDIT-TOP-UP-2026-01".to_owned(), 1000),
+            ("MONTHLY-CREDIT-TOP-UP-2026-03".to_owned(), 600)
+        ]
+    );
+    // Once per month: more operations in March grant nothing more.
+    ledger
+        .spend(u, 500, "MAR-SPEND", json!({}), m3)
+        .await
+        .unwrap();
+    assert_eq!(ledger.balance(u, m3).await.unwrap(), 500);
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn credit_refill_new_user_starts_at_target() {
+    let env = TestEnv::new().await;
+    assert_eq!(
+        env.ledger().balance("brand-new", Utc::now()).await.unwrap(),
+        1000
+    );
+    let h = env
+        .ledger()
+        .history("brand-new", 10, Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(h.len(), 1);
+    assert_eq!(
+        (h[0].tx_type.as_str(), h[0].amount, h[0].seq),
+        ("GRANT", 1000, 1)
+    );
+    env.cleanup().await;
+}
+
+async fn funded(env: &TestEnv, user: &str, amount: i64) {
+    env.ledger()
+        .credit(TxType::Grant, user, amount, Some("FUND"), None, Utc::now())
+        .await
+        .unwrap();
+}
+
+async fn concurrent_spends(env: &TestEnv, user: &str, amounts: &[i64]) -> (usize, usize) {
+    let mut tasks = Vec::new();
+    for (i, &a) in amounts.iter().enumerate() {
+        let ledger = env.ledger();
+        let user = user.to_owned();
+        tasks.push(tokio::spawn(async move {
+            ledger
+                .spend(&user, a, &format!("SPEND-{i}"), json!({}), Utc::now())
+                .await
+        }));
+    }
+    let (mut ok, mut insufficient) = (0, 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(LedgerError::InsufficientBalance { .. }) => insufficient += 1,
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+    (ok, insufficient)
+}
+
+#[tokio::test]
+async fn concurrent_spends_never_overdraw() {
+    let env = TestEnv::with(no_refill).await;
+    funded(&env, "c500", 500).await;
+    assert_eq!(concurrent_spends(&env, "c500", &[100; 10]).await, (5, 5));
+    assert_eq!(env.ledger().balance("c500", Utc::now()).await.unwrap(), 0);
+
+    funded(&env, "c1000", 1000).await;
+    assert_eq!(concurrent_spends(&env, "c1000", &[100; 10]).await, (10, 0));
+    assert_eq!(env.ledger().balance("c1000", Utc::now()).await.unwrap(), 0);
+
+    funded(&env, "c100", 100).await;
+    assert_eq!(concurrent_spends(&env, "c100", &[100, 100]).await, (1, 1));
+
+    funded(&env, "c150", 150).await;
+    assert_eq!(concurrent_spends(&env, "c150", &[10, 20, 30]).await, (3, 0));
+    assert_eq!(env.ledger().balance("c150", Utc::now()).await.unwrap(), 90);
+    let running: Vec<i64> = sqlx::query_scalar(
+        "SELECT running_balance FROM credit.transactions WHERE user_id = 'c150' AND type = 'USAGE'",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert!(
+        running.iter().all(|r| (90..=140).contains(r)),
+        "{running:?}"
+    );
+    assert_eq!(running.iter().min(), Some(&90));
+
+    funded(&env, "c60", 60).await;
+    assert_eq!(concurrent_spends(&env, "c60", &[10, 20, 30]).await, (3, 0));
+    assert_eq!(env.ledger().balance("c60", Utc::now()).await.unwrap(), 0);
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn mixed_spends_top_ups_and_reads_end_exact() {
+    let env = TestEnv::with(no_refill).await;
+    funded(&env, "mixed", 1000).await;
+    let mut tasks = Vec::new();
+    for i in 0..5 {
+        let l = env.ledger();
+        tasks.push(tokio::spawn(async move {
+            l.spend("mixed", 100, &format!("S{i}"), json!({}), Utc::now())
+                .await
+                .map(|p| p.balance)
+        }));
+    }
+    for i in 0..3 {
+        let l = env.ledger();
+        tasks.push(tokio::spawn(async move {
+            l.credit(
+                TxType::TopUp,
+                "mixed",
+                200,
+                Some(&format!("T{i}")),
+                None,
+                Utc::now(),
+            )
+            .await
+            .map(|p| p.balance)
+        }));
+    }
+    for _ in 0..10 {
+        let l = env.ledger();
+        tasks.push(tokio::spawn(
+            async move { l.balance("mixed", Utc::now()).await },
+        ));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(
+        env.ledger().balance("mixed", Utc::now()).await.unwrap(),
+        1100
+    );
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn stress_random_spends_sum_exactly() {
+    let env = TestEnv::with(no_refill).await;
+    funded(&env, "stress", 10_000).await;
+    // Deterministic pseudo-random amounts 1..=50.
+    let amounts: Vec<i64> = (0..100u64)
+        .map(|i| ((i.wrapping_mul(2654435761) >> 7) % 50 + 1) as i64)
+        .collect();
+    let mut tasks = Vec::new();
+    for (i, &a) in amounts.iter().enumerate() {
+        let l = env.ledger();
+        tasks.push(tokio::spawn(async move {
+            if i % 3 == 0 {
+                l.balance("stress", Utc::now()).await.map(|_| 0)
+            } else {
+                l.spend("stress", a, &format!("R{i}"), json!({}), Utc::now())
+                    .await
+                    .map(|_| a)
+            }
+        }));
+    }
+    let mut spent = 0;
+    for t in tasks {
+        spent += t.await.unwrap().unwrap();
+    }
+    let final_balance = env.ledger().balance("stress", Utc::now()).await.unwrap();
+    assert_eq!(final_balance, 10_000 - spent);
+    assert!(final_balance >= 0);
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn concurrent_identical_grants_apply_once() {
+    let env = TestEnv::with(no_refill).await;
+    let mut tasks = Vec::new();
+    for _ in 0..5 {
+        let l = env.ledger();
+        tasks.push(tokio::spawn(async move {
+            l.credit(
+                TxType::Grant,
+                "reward",
+                500,
+                Some("REWARD-reward-WELCOME"),
+                None,
+                Utc::now(),
+            )
+            .await
+        }));
+    }
+    let mut applied = 0;
+    for t in tasks {
+        let p = t.await.unwrap().unwrap();
+        assert_eq!(p.balance, 500);
+        applied += usize::from(p.applied);
+    }
+    assert_eq!(applied, 1);
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM credit.transactions WHERE transaction_key = 'REWARD-reward-WELCOME'")
+            .await,
+        1
+    );
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn first_writes_of_a_new_user_do_not_race() {
+    // AutoGPT #11158: the first transaction of a new user lost its amount.
+    let env = TestEnv::with(no_refill).await;
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let l = env.ledger();
+        tasks.push(tokio::spawn(async move {
+            l.credit(
+                TxType::TopUp,
+                "fresh",
+                10,
+                Some(&format!("F{i}")),
+                None,
+                Utc::now(),
+            )
+            .await
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(
+        env.ledger().balance("fresh", Utc::now()).await.unwrap(),
+        100
+    );
+    assert_eq!(
+        env.scalar_i64("SELECT last_seq FROM credit.balances WHERE user_id = 'fresh'")
+            .await,
+        10
+    );
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn overflow_is_refused_and_changes_nothing() {
+    let env = TestEnv::with(no_refill).await;
+    let l = env.ledger();
+    l.credit(
+        TxType::TopUp,
+        "rich",
+        i64::MAX - 100,
+        Some("BIG"),
+        None,
+        Utc::now(),
+    )
+    .await
+    .unwrap();
+    let err = l
+        .credit(TxType::TopUp, "rich", 200, Some("MORE"), None, Utc::now())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, LedgerError::Overflow { .. }), "{err}");
+    assert!(err.to_string().starts_with("amount:"), "{err}");
+    assert_eq!(l.balance("rich", Utc::now()).await.unwrap(), i64::MAX - 100);
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM credit.transactions")
+            .await,
+        1
+    );
+    for bad in [0, -5] {
+        let e = l
+            .credit(TxType::Grant, "rich", bad, None, None, Utc::now())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, LedgerError::AmountOutOfRange(_)), "{e}");
+    }
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn same_key_again_is_not_applied() {
+    let env = TestEnv::new().await;
+    let l = env.ledger();
+    let now = Utc::now();
+    let a = l
+        .credit(TxType::TopUp, "idem", 250, Some("pi_123"), None, now)
+        .await
+        .unwrap();
+    let b = l
+        .credit(TxType::TopUp, "idem", 250, Some("pi_123"), None, now)
+        .await
+        .unwrap();
+    assert!(a.applied && !b.applied);
+    assert_eq!((a.balance, b.balance), (1250, 1250));
+    let e = l
+        .spend("idem", 5000, "too-much", json!({}), now)
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        e,
+        LedgerError::InsufficientBalance {
+            balance: 1250,
+            needed: 5000,
+            ..
+        }
+    ));
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn sweep_refills_each_user_once_even_when_run_twice_at_once() {
+    let env = TestEnv::with(|s| s.refill.lazy = false).await;
+    let l = env.ledger();
+    let now = Utc::now();
+    // Users below, at and above the target; lazy refill off so they keep these balances.
+    for (i, bal) in [0i64, 400, 999, 1000, 1100].iter().enumerate() {
+        let u = format!("sw{i}");
+        if *bal > 0 {
+            l.credit(TxType::TopUp, &u, *bal, Some("SEED"), None, now)
+                .await
+                .unwrap();
+        } else {
+            l.balance(&u, now).await.unwrap();
+            sqlx::query("INSERT INTO credit.balances (user_id) VALUES ($1) ON CONFLICT DO NOTHING")
+                .bind(&u)
+                .execute(&env.pool)
+                .await
+                .unwrap();
+        }
+    }
+    for i in 0..200 {
+        sqlx::query("INSERT INTO credit.balances (user_id) VALUES ($1)")
+            .bind(format!("bulk{i:04}"))
+            .execute(&env.pool)
+            .await
+            .unwrap();
+    }
+    let policy = credit_worker::ledger::RefillPolicy { target: 1000 };
+    let month: Month = "2026-12".parse().unwrap();
+    let (a, b) = tokio::join!(
+        refill::sweep(&env.pool, policy, month, None, 7, |_| {}),
+        refill::sweep(&env.pool, policy, month, None, 7, |_| {}),
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.users_refilled + b.users_refilled, 3 + 200);
+    assert_eq!(
+        a.credits_granted + b.credits_granted,
+        1000 + 600 + 1 + 200 * 1000
+    );
+    let again = refill::sweep(&env.pool, policy, month, None, 50, |_| {})
+        .await
+        .unwrap();
+    assert_eq!((again.users_refilled, again.credits_granted), (0, 0));
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM credit.transactions WHERE transaction_key = 'MONTHLY-CREDIT-TOP-UP-2026-12'").await,
+        203
+    );
+    assert_eq!(l.balance("sw4", now).await.unwrap(), 1100);
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
