@@ -1,0 +1,535 @@
+//! The running service through the real broker: charging, duplicates, rejections, dead
+//! letters, events, graceful stop and SIGKILL restarts.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chrono::Utc;
+use common::*;
+use credit_worker::ledger::TxType;
+use credit_worker::service::Worker;
+use serde_json::{json, Value};
+
+const T: Duration = Duration::from_secs(30);
+
+fn no_refill(s: &mut credit_worker::config::Settings) {
+    s.refill.enabled = false;
+}
+
+async fn seed(env: &TestEnv, user: &str, amount: i64) {
+    env.ledger()
+        .credit(TxType::Grant, user, amount, Some("SEED"), None, Utc::now())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn usage_through_the_queue_charges_10_and_own_key_is_free() {
+    let env = TestEnv::new().await;
+    let mut tap = env.event_tap().await;
+    let worker = Worker::start(env.settings.clone()).await.unwrap();
+    env.publish(&[
+        body(&platform_gpt4("u1", "ne-1")),
+        body(&own_key("u1", "ne-2")),
+    ])
+    .await;
+    env.wait_decisions(2, T).await;
+    let events = tap.take(2, T).await;
+    // The lazy refill of a new user, then the charge.
+    assert_eq!(events[0].0, "balance.changed");
+    assert_eq!(events[0].2["transaction_type"], "GRANT");
+    assert_eq!(events[0].2["balance"], 1000);
+    let charge = &events[1].2;
+    assert_eq!(events[1].0, "balance.changed");
+    assert_eq!(charge["amount"], -10);
+    assert_eq!(charge["balance"], 990);
+    assert_eq!(charge["seq"], 2);
+    assert_eq!(charge["transaction_type"], "USAGE");
+    assert_eq!(charge["transaction_key"], "USAGE-ne-1");
+    assert_eq!(charge["node_exec_id"], "ne-1");
+    assert_eq!(charge["graph_exec_id"], "ge-ne-1");
+    assert_eq!(charge["user_id"], "u1");
+    assert_eq!(events[1].1, charge["event_id"].as_str().unwrap());
+    assert!(chrono::DateTime::parse_from_rfc3339(charge["occurred_at"].as_str().unwrap()).is_ok());
+    tap.assert_quiet(Duration::from_millis(500)).await;
+    assert_eq!(env.outcome_of("ne-1").await.as_deref(), Some("charged"));
+    assert_eq!(env.outcome_of("ne-2").await.as_deref(), Some("free"));
+    assert_eq!(env.ledger().balance("u1", Utc::now()).await.unwrap(), 990);
+    worker.stop().await.unwrap();
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_same_node_exec_id_five_times_charges_once() {
+    let env = TestEnv::with(no_refill).await;
+    seed(&env, "dup", 100).await;
+    let mut tap = env.event_tap().await;
+    let worker = Worker::start(env.settings.clone()).await.unwrap();
+    let b = body(&platform_gpt4("dup", "ne-dup"));
+    // Two publishes now, three more once the first decision exists (across batches).
+    env.publish(&[b.clone(), b.clone()]).await;
+    env.wait_decisions(1, T).await;
+    env.publish(&[b.clone(), b.clone(), b.clone()]).await;
+    // A conflicting duplicate: same id, another user. The first decision stands.
+    env.publish(&[body(&platform_gpt4("someone-else", "ne-dup"))])
+        .await;
+    let events = tap.take(2, T).await;
+    assert_eq!(events[0].2["transaction_key"], "SEED");
+    assert_eq!(events[1].2["transaction_key"], "USAGE-ne-dup");
+    tap.assert_quiet(Duration::from_secs(1)).await;
+    wait_for(T, "queue drained", || async {
+        queue_depth(&env, &env.names.input_queue).await == 0
+    })
+    .await;
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM credit.transactions WHERE type = 'USAGE'")
+            .await,
+        1
+    );
+    assert_eq!(env.ledger().balance("dup", Utc::now()).await.unwrap(), 90);
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM credit.transactions WHERE user_id = 'someone-else'")
+            .await,
+        0
+    );
+    worker.stop().await.unwrap();
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
+async fn queue_depth(env: &TestEnv, queue: &str) -> u32 {
+    let (_c, ch) = env.amqp_channel().await;
+    let mut args = lapin::types::FieldTable::default();
+    if env.settings.amqp.queue_type == credit_worker::config::QueueType::Quorum
+        && queue == env.names.input_queue
+    {
+        args.insert(
+            "x-queue-type".into(),
+            lapin::types::AMQPValue::LongString("quorum".into()),
+        );
+    }
+    ch.queue_declare(
+        queue,
+        lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .map(|q| q.message_count())
+    .unwrap_or(u32::MAX)
+}
+
+#[tokio::test]
+async fn balance_15_and_three_charges_of_10() {
+    let env = TestEnv::with(no_refill).await;
+    seed(&env, "poor", 15).await;
+    let mut tap = env.event_tap().await;
+    let worker = Worker::start(env.settings.clone()).await.unwrap();
+    env.publish(&[
+        body(&platform_gpt4("poor", "p-1")),
+        body(&platform_gpt4("poor", "p-2")),
+        body(&platform_gpt4("poor", "p-3")),
+    ])
+    .await;
+    env.wait_decisions(3, T).await;
+    assert_eq!(env.outcome_of("p-1").await.as_deref(), Some("charged"));
+    assert_eq!(env.outcome_of("p-2").await.as_deref(), Some("rejected"));
+    assert_eq!(env.outcome_of("p-3").await.as_deref(), Some("rejected"));
+    let events = tap.take(4, T).await;
+    let kinds: Vec<&str> = events.iter().map(|e| e.0.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "balance.changed",
+            "balance.changed",
+            "charge.rejected",
+            "charge.rejected"
+        ]
+    );
+    assert_eq!(events[1].2["balance"], 5);
+    for (i, id) in [(2, "p-2"), (3, "p-3")] {
+        let e = &events[i].2;
+        assert_eq!(e["node_exec_id"], id);
+        assert_eq!(e["cost"], 10);
+        assert_eq!(e["balance"], 5);
+        assert_eq!(e["graph_exec_id"], format!("ge-{id}"));
+        assert_eq!(events[i].1, format!("charge.rejected:{id}"));
+    }
+    tap.assert_quiet(Duration::from_millis(500)).await;
+    assert_eq!(env.ledger().balance("poor", Utc::now()).await.unwrap(), 5);
+    worker.stop().await.unwrap();
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn invalid_messages_are_dead_lettered_with_a_reason_and_the_next_is_processed() {
+    let env = TestEnv::with(no_refill).await;
+    seed(&env, "v", 100).await;
+    let worker = Worker::start(env.settings.clone()).await.unwrap();
+    let mut missing = platform_gpt4("v", "bad-2");
+    missing.as_object_mut().unwrap().remove("user_id");
+    let mut wrong_type = platform_gpt4("v", "bad-3");
+    wrong_type["inputs"] = json!("a string");
+    let mut oversize = platform_gpt4("v", "bad-4");
+    oversize["inputs"]["prompt"] = json!("x".repeat(1024 * 1024 + 10));
+    let bodies = vec![
+        b"this is not json".to_vec(),
+        body(&missing),
+        body(&wrong_type),
+        body(&oversize),
+        body(&platform_gpt4("v", "good-1")),
+    ];
+    env.publish(&bodies).await;
+    env.wait_decisions(1, T).await;
+    let dead = env.dead_letters(4).await;
+    let reasons: Vec<&str> = dead.iter().map(|(_, r)| r.as_str()).collect();
+    assert!(
+        reasons[0].starts_with("body: not valid JSON"),
+        "{reasons:?}"
+    );
+    assert_eq!(reasons[1], "user_id: missing");
+    assert!(
+        reasons[2].starts_with("inputs: expected an object"),
+        "{reasons:?}"
+    );
+    assert!(reasons[3].starts_with("body: "), "{reasons:?}");
+    assert!(reasons[3].contains("1 MiB"), "{reasons:?}");
+    // Bodies are unchanged.
+    assert_eq!(dead[0].0, bodies[0]);
+    assert_eq!(dead[3].0.len(), bodies[3].len());
+    assert_eq!(env.outcome_of("good-1").await.as_deref(), Some("charged"));
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM credit.decisions")
+            .await,
+        1
+    );
+    worker.stop().await.unwrap();
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn events_carry_gap_free_seq_and_the_ledger_balance() {
+    let env = TestEnv::with(no_refill).await;
+    for u in ["e1", "e2", "e3"] {
+        seed(&env, u, 1000).await;
+    }
+    let mut tap = env.event_tap().await;
+    let worker = Worker::start(env.settings.clone()).await.unwrap();
+    let bodies: Vec<Vec<u8>> = (0..60)
+        .map(|i| {
+            body(&platform_gpt4(
+                &format!("e{}", i % 3 + 1),
+                &format!("ev-{i}"),
+            ))
+        })
+        .collect();
+    env.publish(&bodies).await;
+    env.wait_decisions(60, T).await;
+    // 3 seeds + 60 charges + balance.low for each user crossing 500? 1000 - 20*10 = 800: none.
+    let events = tap.take(63, T).await;
+    tap.assert_quiet(Duration::from_millis(500)).await;
+    let mut last_seq: HashMap<String, i64> = HashMap::new();
+    for (rk, mid, e) in &events {
+        assert_eq!(rk, "balance.changed");
+        assert_eq!(mid, e["event_id"].as_str().unwrap());
+        let user = e["user_id"].as_str().unwrap().to_owned();
+        let seq = e["seq"].as_i64().unwrap();
+        let prev = last_seq.insert(user.clone(), seq).unwrap_or(0);
+        assert_eq!(seq, prev + 1, "seq of {user}");
+        let running: i64 = sqlx::query_scalar(
+            "SELECT running_balance FROM credit.transactions WHERE user_id = $1 AND seq = $2",
+        )
+        .bind(&user)
+        .bind(seq)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+        assert_eq!(e["balance"].as_i64().unwrap(), running);
+    }
+    assert_eq!(last_seq.values().copied().collect::<Vec<_>>(), vec![21; 3]);
+    worker.stop().await.unwrap();
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn balance_low_fires_once_on_crossing() {
+    let env = TestEnv::with(no_refill).await;
+    seed(&env, "low", 510).await;
+    let mut tap = env.event_tap().await;
+    let worker = Worker::start(env.settings.clone()).await.unwrap();
+    env.publish(&[
+        body(&platform_gpt4("low", "l-1")), // 510 -> 500: still >= 500
+        body(&platform_gpt4("low", "l-2")), // 500 -> 490: crosses
+        body(&platform_gpt4("low", "l-3")), // 490 -> 480: already below
+    ])
+    .await;
+    env.wait_decisions(3, T).await;
+    let events = tap.take(5, T).await;
+    let kinds: Vec<&str> = events.iter().map(|e| e.0.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "balance.changed",
+            "balance.changed",
+            "balance.changed",
+            "balance.low",
+            "balance.changed"
+        ]
+    );
+    assert_eq!(events[3].2["balance"], 490);
+    assert_eq!(events[3].2["threshold"], 500);
+    tap.assert_quiet(Duration::from_millis(500)).await;
+    worker.stop().await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn execution_fee_every_3rd_execution_including_free_ones() {
+    let env = TestEnv::with(|s| {
+        s.refill.enabled = false;
+        s.execution_fee.every = 3;
+        s.execution_fee.amount = 2;
+    })
+    .await;
+    seed(&env, "fee", 100).await;
+    let worker = Worker::start(env.settings.clone()).await.unwrap();
+    env.publish(&[
+        body(&own_key("fee", "f-1")),
+        body(&platform_gpt4("fee", "f-2")),
+        body(&own_key("fee", "f-3")), // 3rd: fee 1
+        body(&platform_gpt4("fee", "f-4")),
+        body(&platform_gpt4("fee", "f-5")),
+        body(&platform_gpt4("fee", "f-6")), // 6th: fee 2
+    ])
+    .await;
+    env.wait_decisions(6, T).await;
+    let day = Utc::now().date_naive().format("%Y-%m-%d").to_string();
+    let keys: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT transaction_key, amount FROM credit.transactions WHERE user_id = 'fee' ORDER BY seq",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        keys,
+        vec![
+            ("SEED".into(), 100),
+            ("USAGE-f-2".into(), -10),
+            (format!("EXECUTION-FEE-fee-{day}-1"), -2),
+            ("USAGE-f-4".into(), -10),
+            ("USAGE-f-5".into(), -10),
+            ("USAGE-f-6".into(), -10),
+            (format!("EXECUTION-FEE-fee-{day}-2"), -2),
+        ]
+    );
+    assert_eq!(env.ledger().balance("fee", Utc::now()).await.unwrap(), 56);
+    worker.stop().await.unwrap();
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn sigterm_finishes_in_flight_work_and_exits_0() {
+    let env = TestEnv::with(no_refill).await;
+    seed(&env, "term", 1_000_000).await;
+    let mut env_vars = env.process_env();
+    env_vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
+    let bodies: Vec<Vec<u8>> = (0..3000)
+        .map(|i| body(&platform_gpt4("term", &format!("t-{i}"))))
+        .collect();
+    env.publish(&bodies).await;
+    let mut w = WorkerProcess::spawn(&env_vars, &["run"]);
+    env.wait_decisions(1, T).await;
+    w.sigterm();
+    assert_eq!(w.wait_exit(T).await, Some(0));
+    let decided = env
+        .scalar_i64("SELECT count(*) FROM credit.decisions")
+        .await;
+    // Whatever was decided was published before exit.
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM credit.outbox WHERE published_at IS NULL")
+            .await,
+        0
+    );
+    // The rest is still on the queue: restart and finish.
+    let mut w = WorkerProcess::spawn(&env_vars, &["run"]);
+    env.wait_decisions(3000, T).await;
+    w.sigterm();
+    assert_eq!(w.wait_exit(T).await, Some(0));
+    assert!(decided >= 1);
+    assert_eq!(
+        env.ledger().balance("term", Utc::now()).await.unwrap(),
+        1_000_000 - 3000 * 10 - 30
+    );
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn sigkill_while_in_flight_then_restart_decides_everything_once() {
+    let env = TestEnv::with(no_refill).await;
+    let users = 20;
+    for u in 0..users {
+        seed(&env, &format!("k{u}"), 1_000_000).await;
+    }
+    let mut env_vars = env.process_env();
+    env_vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
+    env_vars.push(("CREDIT_WORKER__PIPELINE__MAX_BATCH".into(), "50".into()));
+    let n = 4000;
+    let bodies: Vec<Vec<u8>> = (0..n)
+        .map(|i| {
+            body(&platform_gpt4(
+                &format!("k{}", i % users),
+                &format!("k-{i}"),
+            ))
+        })
+        .collect();
+    env.publish(&bodies).await;
+    let mut kills = 0;
+    for target in [300, 1200, 2500] {
+        let mut w = WorkerProcess::spawn(&env_vars, &["run"]);
+        env.wait_decisions(target, T).await;
+        w.kill9();
+        kills += 1;
+    }
+    let mut w = WorkerProcess::spawn(&env_vars, &["run"]);
+    env.wait_decisions(n, Duration::from_secs(60)).await;
+    // Every event out, including those of batches whose relay was killed.
+    wait_for(T, "outbox drained", || async {
+        env.scalar_i64("SELECT count(*) FROM credit.outbox WHERE published_at IS NULL")
+            .await
+            == 0
+    })
+    .await;
+    w.sigterm();
+    assert_eq!(w.wait_exit(T).await, Some(0));
+    assert_eq!(kills, 3);
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM credit.decisions")
+            .await,
+        n
+    );
+    assert_eq!(
+        env.scalar_i64(
+            "SELECT count(*) FROM credit.transactions WHERE transaction_key LIKE 'USAGE-%'"
+        )
+        .await,
+        n
+    );
+    // Fees: every user ran n/users = 200 executions today ⇒ 2 fees of 1.
+    let total: i64 = env
+        .scalar_i64("SELECT sum(balance)::int8 FROM credit.balances")
+        .await;
+    assert_eq!(total, users * 1_000_000 - n * 10 - users * 2);
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
+/// Batches give exactly the one-at-a-time outcomes: same verdicts, ledger rows and events.
+#[tokio::test]
+async fn a_batch_decides_exactly_like_one_at_a_time() {
+    use credit_worker::cost::CostTable;
+    use credit_worker::decide::{decide_batch, Pricing};
+    use credit_worker::message::decode;
+
+    let batch_env = TestEnv::with(|s| s.execution_fee.every = 4).await;
+    let single_env = TestEnv::with(|s| s.execution_fee.every = 4).await;
+    let now = Utc::now();
+    let mut entries: Vec<Value> = Vec::new();
+    // One hot user running out of funds midway: 1000 / 10 ⇒ 100 charges, then rejections.
+    for i in 0..120 {
+        entries.push(platform_gpt4("hot", &format!("h-{i}")));
+    }
+    entries.push(platform_gpt4("hot", "h-5")); // duplicate inside the batch
+    entries.push(platform_gpt4("other", "h-6")); // conflicting duplicate
+    entries.push(own_key("cold", "c-1"));
+    entries.push(platform_gpt4("cold", "c-2"));
+    let mut decoded: Vec<_> = entries.iter().map(|v| decode(&body(v)).unwrap()).collect();
+    // An entry that prices invalid (cost overflow through `byte` stats on a custom table).
+    let table = CostTable::from_toml_str(
+        &format!(
+            "{}\n[[block]]\nid = \"bytes\"\nname = \"Bytes\"\ncosts = [{{ cost_amount = {}, cost_type = \"byte\", cost_filter = {{}} }}]\n",
+            credit_worker::cost::BUILTIN_TABLE,
+            i64::MAX
+        ),
+        "test",
+    )
+    .unwrap();
+    let mut overflow = decode(&body(&platform_gpt4("cold", "c-3"))).unwrap();
+    overflow.block_id = "bytes".into();
+    overflow.stats.input_size = 1000.0;
+    decoded.insert(50, overflow);
+
+    let pricing_b = Pricing::from_settings(&batch_env.settings, table.clone());
+    let pricing_s = Pricing::from_settings(&single_env.settings, table);
+    let batch = decide_batch(&batch_env.pool, &pricing_b, &decoded, now)
+        .await
+        .unwrap();
+    let mut single = Vec::new();
+    for e in &decoded {
+        single.extend(
+            decide_batch(&single_env.pool, &pricing_s, std::slice::from_ref(e), now)
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(batch, single);
+    // A duplicate across batches changes nothing either.
+    let again = decide_batch(&batch_env.pool, &pricing_b, &decoded[..3], now)
+        .await
+        .unwrap();
+    assert!(again.iter().all(|v| matches!(
+        v,
+        credit_worker::decide::Verdict::Duplicate { conflicting: false }
+    )));
+
+    async fn snapshot(
+        env: &TestEnv,
+    ) -> (
+        Vec<(String, i64, String, i64, i64)>,
+        Vec<Value>,
+        Vec<(String, String, i64)>,
+    ) {
+        let rows = sqlx::query_as(
+            "SELECT user_id, seq, transaction_key, amount, running_balance FROM credit.transactions ORDER BY user_id, seq",
+        )
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+        let events: Vec<Value> =
+            sqlx::query_scalar("SELECT payload FROM credit.outbox ORDER BY id")
+                .fetch_all(&env.pool)
+                .await
+                .unwrap();
+        let decisions = sqlx::query_as(
+            "SELECT node_exec_id, outcome, cost FROM credit.decisions ORDER BY node_exec_id",
+        )
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+        (rows, events, decisions)
+    }
+    let (b, s) = (snapshot(&batch_env).await, snapshot(&single_env).await);
+    assert_eq!(b.0, s.0);
+    assert_eq!(b.1, s.1);
+    assert_eq!(b.2, s.2);
+    let rejected = b.2.iter().filter(|d| d.1 == "rejected").count();
+    // hot: refill 1000; 10 per charge and a fee of 1 every 4th execution ⇒ after 96
+    // executions 16 are left, the 97th leaves 6, and the remaining 23 are rejected.
+    assert_eq!(rejected, 23);
+    assert!(matches!(
+        batch[50],
+        credit_worker::decide::Verdict::Invalid { .. }
+    ));
+    batch_env.assert_audit_clean().await;
+    batch_env.cleanup().await;
+    single_env.cleanup().await;
+}
