@@ -54,26 +54,28 @@ pub async fn connect_and_migrate(settings: &DatabaseSettings) -> Result<PgPool, 
     Ok(pool)
 }
 
-/// True for faults that clear by themselves: lost or refused connections, pool exhaustion,
-/// deadlocks, serialization failures, server shutdown or overload. Anything else (a violated
-/// constraint, bad SQL) is a bug or bad data and retrying would not help.
+/// True unless the error says the statement itself or its data is wrong. Only data and
+/// program errors are permanent (SQLSTATE classes 22 data exception, 23 integrity violation,
+/// 42 syntax/undefined object, 2B/P0 raised by our triggers, and decode failures); lost or
+/// refused connections, a database not accepting connections, deadlocks, timeouts and
+/// shutdowns all clear by themselves, so the work is retried rather than given up.
 pub fn is_transient(e: &sqlx::Error) -> bool {
     match e {
-        sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed
-        | sqlx::Error::Protocol(_) => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|c| {
-            c.starts_with("08") // connection exception
-                || c.starts_with("53") // insufficient resources
-                || c.starts_with("57") // operator intervention (shutdown, terminated, cancel)
-                || c == "40001" // serialization failure
-                || c == "40P01" // deadlock detected
-                || c == "55P03" // lock not available
+        sqlx::Error::Database(db) => !db.code().is_some_and(|c| {
+            ["22", "23", "42", "2B", "P0"]
+                .iter()
+                .any(|class| c.starts_with(class))
         }),
-        _ => false,
+        sqlx::Error::Configuration(_)
+        | sqlx::Error::RowNotFound
+        | sqlx::Error::TypeNotFound { .. }
+        | sqlx::Error::ColumnIndexOutOfBounds { .. }
+        | sqlx::Error::ColumnNotFound(_)
+        | sqlx::Error::ColumnDecode { .. }
+        | sqlx::Error::Decode(_)
+        | sqlx::Error::Encode(_)
+        | sqlx::Error::Migrate(_) => false,
+        _ => true,
     }
 }
 

@@ -1,0 +1,423 @@
+//! Faults: a crash loop of SIGKILLs, broker connections cut by a proxy, database sessions
+//! terminated, and two replicas on one queue. Afterwards every node execution is decided
+//! exactly once, the ledger reconciles and every ledger row's event was published.
+//!
+//! `CREDIT_WORKER_FAULT_KILLS` / `CREDIT_WORKER_FAULT_MESSAGES` scale the crash loop up.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use common::*;
+use credit_worker::ledger::TxType;
+use credit_worker::service::Worker;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::broadcast;
+
+const T: Duration = Duration::from_secs(60);
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+async fn seed_users(env: &TestEnv, users: usize, balance: i64) {
+    for u in 0..users {
+        env.ledger()
+            .credit(
+                TxType::Grant,
+                &format!("u{u}"),
+                balance,
+                Some("SEED"),
+                None,
+                Utc::now(),
+            )
+            .await
+            .unwrap();
+    }
+}
+
+fn workload(users: usize, n: usize, prefix: &str) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| {
+            body(&platform_gpt4(
+                &format!("u{}", i % users),
+                &format!("{prefix}-{i}"),
+            ))
+        })
+        .collect()
+}
+
+/// Charged credits equal the balances' drop, including execution fees (every 100th
+/// execution of a user today costs 1).
+async fn assert_books_balance(env: &TestEnv, users: usize, balance: i64, per_user: &[i64]) {
+    let fees: i64 = per_user.iter().map(|n| n / 100).sum();
+    let charged: i64 = per_user.iter().sum::<i64>() * 10 + fees;
+    let total = env
+        .scalar_i64("SELECT sum(balance)::int8 FROM credit.balances")
+        .await;
+    assert_eq!(total, users as i64 * balance - charged);
+    env.assert_audit_clean().await;
+}
+
+fn fees(per_user: &[i64]) -> usize {
+    per_user.iter().map(|n| (n / 100) as usize).sum()
+}
+
+fn per_user_counts(users: usize, n: usize) -> Vec<i64> {
+    (0..users)
+        .map(|u| ((n + users - 1 - u) / users) as i64)
+        .collect()
+}
+
+/// Every ledger row's balance.changed event reached the events exchange at least once, and
+/// exactly once after deduplication by event_id.
+async fn assert_events_complete(env: &TestEnv, tap: &mut EventTap, expected: usize) {
+    let mut seen = std::collections::HashSet::new();
+    let mut received = 0usize;
+    while seen.len() < expected {
+        for (_, mid, _) in tap.take(1, T).await {
+            received += 1;
+            seen.insert(mid);
+        }
+    }
+    let rows = env
+        .scalar_i64("SELECT count(*) FROM credit.transactions")
+        .await as usize;
+    assert_eq!(seen.len(), rows);
+    assert!(received >= rows);
+}
+
+#[tokio::test]
+async fn crash_loop_of_sigkills_loses_and_doubles_nothing() {
+    let kills = env_usize("CREDIT_WORKER_FAULT_KILLS", 20);
+    let n = env_usize("CREDIT_WORKER_FAULT_MESSAGES", 20_000);
+    let users = 100;
+    let env = TestEnv::with(|s| s.refill.enabled = false).await;
+    seed_users(&env, users, 1_000_000).await;
+    let mut tap = env.event_tap().await;
+    let mut vars = env.process_env();
+    vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
+    env.publish(&workload(users, n, "crash")).await;
+
+    // Kill at moments spread over the run: each after a few more decisions than the last.
+    let mut killed = 0;
+    for k in 0..kills {
+        let mut w = WorkerProcess::spawn(&vars, &["run"]);
+        let target = ((k + 1) * n / (kills + 2)) as i64;
+        env.wait_decisions(target, T).await;
+        // A little jitter so kills land in different phases of a batch.
+        let ms = (k as u64 * 37) % 50;
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        w.kill9();
+        killed += 1;
+    }
+    let mut w = WorkerProcess::spawn(&vars, &["run"]);
+    env.wait_decisions(n as i64, T).await;
+    assert_events_complete(&env, &mut tap, users + n + fees(&per_user_counts(users, n))).await;
+    w.sigterm();
+    assert_eq!(w.wait_exit(T).await, Some(0));
+
+    assert_eq!(killed, kills);
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM credit.decisions")
+            .await,
+        n as i64
+    );
+    assert_eq!(
+        env.scalar_i64(
+            "SELECT count(*) FROM credit.transactions WHERE transaction_key LIKE 'USAGE-%'"
+        )
+        .await,
+        n as i64
+    );
+    assert_books_balance(&env, users, 1_000_000, &per_user_counts(users, n)).await;
+    eprintln!("crash loop: {n} messages, {killed} SIGKILLs survived, 0 lost, 0 doubled");
+    env.cleanup().await;
+}
+
+/// A TCP proxy in front of the broker that can cut every open connection.
+struct Proxy {
+    port: u16,
+    cut: broadcast::Sender<()>,
+    refuse: Arc<AtomicBool>,
+    connections: Arc<AtomicU64>,
+}
+
+impl Proxy {
+    async fn start(upstream: String) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (cut, _) = broadcast::channel(4);
+        let refuse = Arc::new(AtomicBool::new(false));
+        let connections = Arc::new(AtomicU64::new(0));
+        let (cut2, refuse2, conns2) = (cut.clone(), refuse.clone(), connections.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                if refuse2.load(Ordering::SeqCst) {
+                    let _ = inbound.shutdown().await;
+                    continue;
+                }
+                conns2.fetch_add(1, Ordering::SeqCst);
+                let mut cut_rx = cut2.subscribe();
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut_rx.recv() => {}
+                    }
+                });
+            }
+        });
+        Proxy {
+            port,
+            cut,
+            refuse,
+            connections,
+        }
+    }
+
+    fn cut_all(&self) {
+        let _ = self.cut.send(());
+    }
+}
+
+fn broker_host_port(amqp_url: &str) -> String {
+    let after_at = amqp_url.rsplit('@').next().unwrap_or(amqp_url);
+    let host = after_at.trim_start_matches("amqp://");
+    host.split('/')
+        .next()
+        .unwrap_or("127.0.0.1:5672")
+        .to_owned()
+}
+
+#[tokio::test]
+async fn broker_connections_cut_mid_stream_recover_without_loss() {
+    let env = TestEnv::with(|s| {
+        s.refill.enabled = false;
+        s.pipeline.max_batch = 50;
+    })
+    .await;
+    let users = 10;
+    seed_users(&env, users, 1_000_000).await;
+    let mut tap = env.event_tap().await;
+    let proxy = Proxy::start(broker_host_port(&env.settings.amqp.url)).await;
+    let mut settings = env.settings.clone();
+    settings.amqp.url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
+    let port = free_port();
+    settings.http.listen = format!("127.0.0.1:{port}");
+    let worker = Worker::start(settings).await.unwrap();
+    let n = 3000;
+    env.publish(&workload(users, n, "cut")).await;
+    for target in [500i64, 1500, 2500] {
+        env.wait_decisions(target, T).await;
+        proxy.cut_all();
+        // While the broker is unreachable the worker says so.
+        proxy.refuse.store(true, Ordering::SeqCst);
+        wait_for(T, "readyz 503", || async {
+            http_status(port, "/readyz").await == 503
+        })
+        .await;
+        proxy.refuse.store(false, Ordering::SeqCst);
+        wait_for(T, "readyz 200", || async {
+            http_status(port, "/readyz").await == 200
+        })
+        .await;
+    }
+    env.wait_decisions(n as i64, T).await;
+    assert_events_complete(&env, &mut tap, users + n + fees(&per_user_counts(users, n))).await;
+    worker.stop().await.unwrap();
+    assert!(proxy.connections.load(Ordering::SeqCst) >= 6, "reconnected");
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM credit.decisions")
+            .await,
+        n as i64
+    );
+    assert_books_balance(&env, users, 1_000_000, &per_user_counts(users, n)).await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn database_sessions_terminated_mid_stream_recover_without_loss() {
+    let env = TestEnv::with(|s| {
+        s.refill.enabled = false;
+        s.pipeline.max_batch = 50;
+    })
+    .await;
+    let users = 10;
+    seed_users(&env, users, 1_000_000).await;
+    let mut tap = env.event_tap().await;
+    let mut settings = env.settings.clone();
+    let port = free_port();
+    settings.http.listen = format!("127.0.0.1:{port}");
+    let worker = Worker::start(settings).await.unwrap();
+    let n = 3000;
+    env.publish(&workload(users, n, "pgkill")).await;
+    let admin = sqlx::PgPool::connect(&env.settings.database.url)
+        .await
+        .unwrap();
+    for target in [500i64, 1500, 2500] {
+        env.wait_decisions(target, T).await;
+        let killed: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+              WHERE datname = current_database() AND application_name = 'credit-worker'
+                AND pid <> pg_backend_pid()) x",
+        )
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+        assert!(killed >= 1);
+    }
+    // An outage long enough to see: refuse new connections to the database for a while.
+    let db = env.db_name.clone();
+    let server_admin = sqlx::PgPool::connect(&env.settings.database.url.replace(&db, "postgres"))
+        .await
+        .unwrap();
+    sqlx::query(&format!("ALTER DATABASE \"{db}\" ALLOW_CONNECTIONS false"))
+        .execute(&server_admin)
+        .await
+        .unwrap();
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+          WHERE datname = $1 AND application_name = 'credit-worker'",
+    )
+    .bind(&db)
+    .execute(&server_admin)
+    .await
+    .unwrap();
+    wait_for(T, "readyz 503", || async {
+        http_status(port, "/readyz").await == 503
+    })
+    .await;
+    sqlx::query(&format!("ALTER DATABASE \"{db}\" ALLOW_CONNECTIONS true"))
+        .execute(&server_admin)
+        .await
+        .unwrap();
+    wait_for(T, "readyz 200", || async {
+        http_status(port, "/readyz").await == 200
+    })
+    .await;
+    env.wait_decisions(n as i64, T).await;
+    assert_events_complete(&env, &mut tap, users + n + fees(&per_user_counts(users, n))).await;
+    worker.stop().await.unwrap();
+    admin.close().await;
+    server_admin.close().await;
+    assert_books_balance(&env, users, 1_000_000, &per_user_counts(users, n)).await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn two_replicas_share_the_queue_without_duplicate_decisions() {
+    let env = TestEnv::with(|s| s.refill.lazy = false).await;
+    let users = 50;
+    seed_users(&env, users, 1_000_000).await;
+    let mut tap = env.event_tap().await;
+    let (p1, p2) = (free_port(), free_port());
+    let mut vars1 = env.process_env();
+    vars1.push((
+        "CREDIT_WORKER__HTTP__LISTEN".into(),
+        format!("127.0.0.1:{p1}"),
+    ));
+    vars1.push(("CREDIT_WORKER__REFILL__LAZY".into(), "false".into()));
+    vars1.push(("CREDIT_WORKER__PIPELINE__MAX_BATCH".into(), "20".into()));
+    vars1.push(("CREDIT_WORKER__AMQP__PREFETCH".into(), "40".into()));
+    let mut vars2 = vars1.clone();
+    vars2.push((
+        "CREDIT_WORKER__HTTP__LISTEN".into(),
+        format!("127.0.0.1:{p2}"),
+    ));
+    // Both replicas run the catch-up sweep of this month at start: one refill per user.
+    let mut w1 = WorkerProcess::spawn(&vars1, &["run"]);
+    let mut w2 = WorkerProcess::spawn(&vars2, &["run"]);
+    for p in [p1, p2] {
+        wait_for(T, "replica ready", || async {
+            http_status(p, "/readyz").await == 200
+        })
+        .await;
+    }
+    let n = 4000;
+    // Duplicates published on purpose: every 10th message twice.
+    let mut bodies = workload(users, n, "rep");
+    let dups: Vec<Vec<u8>> = bodies.iter().step_by(10).cloned().collect();
+    bodies.extend(dups);
+    env.publish(&bodies).await;
+    env.wait_decisions(n as i64, T).await;
+    assert_events_complete(&env, &mut tap, users + n + fees(&per_user_counts(users, n))).await;
+    let (m1, m2) = (
+        metric(p1, "credit_messages_total{outcome=\"charged\"}").await,
+        metric(p2, "credit_messages_total{outcome=\"charged\"}").await,
+    );
+    w1.sigterm();
+    w2.sigterm();
+    assert_eq!(w1.wait_exit(T).await, Some(0));
+    assert_eq!(w2.wait_exit(T).await, Some(0));
+    assert!(
+        m1 > 0.0 && m2 > 0.0,
+        "both replicas made progress: {m1} / {m2}"
+    );
+    assert_eq!(m1 + m2, n as f64);
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM credit.decisions")
+            .await,
+        n as i64
+    );
+    // Seeded users are above target: the sweeps of both replicas granted nothing twice.
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM credit.transactions WHERE type = 'GRANT' AND transaction_key LIKE 'MONTHLY%'")
+            .await,
+        0
+    );
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM credit.balances WHERE refill_month IS NULL")
+            .await,
+        0
+    );
+    assert_books_balance(&env, users, 1_000_000, &per_user_counts(users, n)).await;
+    env.cleanup().await;
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap()
+}
+
+async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use tokio::io::AsyncReadExt;
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut buf = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    let status = buf.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, buf))
+}
+
+async fn http_status(port: u16, path: &str) -> u16 {
+    http_get(port, path).await.map(|r| r.0).unwrap_or(0)
+}
+
+async fn metric(port: u16, name: &str) -> f64 {
+    let (_, body) = http_get(port, "/metrics").await.unwrap_or_default();
+    body.lines()
+        .find_map(|l| l.strip_prefix(name).map(str::trim))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
