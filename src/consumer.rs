@@ -203,18 +203,22 @@ impl Consumer {
         let started = Instant::now();
         metrics::histogram!("credit_batch_size").record(batch.len() as f64);
         let mut invalid: Vec<(usize, String)> = Vec::new();
-        let mut valid: Vec<(usize, NodeExecutionEntry)> = Vec::with_capacity(batch.len());
+        // Positions in the batch of the decoded entries, in delivery order.
+        let mut positions: Vec<usize> = Vec::with_capacity(batch.len());
+        let mut entries: Vec<NodeExecutionEntry> = Vec::with_capacity(batch.len());
         for (i, d) in batch.iter().enumerate() {
             match message::decode(&d.data) {
-                Ok(e) => valid.push((i, e)),
+                Ok(e) => {
+                    positions.push(i);
+                    entries.push(e);
+                }
                 Err(e) => invalid.push((i, e.to_string())),
             }
         }
-        let entries: Vec<NodeExecutionEntry> = valid.iter().map(|(_, e)| e.clone()).collect();
         let Some(verdicts) = self.decide_with_retry(&entries, stop).await else {
             return Ok(false);
         };
-        for ((i, e), v) in valid.iter().zip(&verdicts) {
+        for ((i, e), v) in positions.iter().zip(&entries).zip(&verdicts) {
             record(e, v);
             if let Verdict::Invalid { reason } = v {
                 invalid.push((*i, reason.clone()));
