@@ -132,13 +132,20 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run => {
             crate::telemetry::metrics_handle();
-            let worker = crate::service::Worker::start(settings).await?;
-            let stop = worker.shutdown.clone();
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            let stop = shutdown.clone();
             tokio::spawn(async move {
                 wait_for_signal().await;
                 tracing::info!("signal received; shutting down");
                 stop.cancel();
             });
+            let worker = match crate::service::Worker::start_with(settings, shutdown.clone()).await
+            {
+                Ok(w) => w,
+                // Stopped by a signal while waiting for the database: a clean exit.
+                Err(_) if shutdown.is_cancelled() => return Ok(ExitCode::SUCCESS),
+                Err(e) => return Err(e),
+            };
             worker.wait().await?;
             Ok(ExitCode::SUCCESS)
         }

@@ -64,10 +64,18 @@ impl Worker {
     /// Starts every part of the service. Fails early on a bad cost table or an unreachable
     /// HTTP address; waits for the database, retrying.
     pub async fn start(settings: Settings) -> anyhow::Result<Worker> {
+        Self::start_with(settings, CancellationToken::new()).await
+    }
+
+    /// [`Worker::start`] under a caller's shutdown token, so a signal that arrives while the
+    /// database is still unreachable stops the start-up too.
+    pub async fn start_with(
+        settings: Settings,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Worker> {
         let settings = Arc::new(settings);
         let costs = load_costs(&settings)?;
         info!(blocks = costs.block_count(), "cost table loaded");
-        let shutdown = CancellationToken::new();
         let pool = connect_db(&settings, &shutdown).await?;
         let health = Health::new();
         let pricing = Arc::new(Pricing::from_settings(&settings, costs));
