@@ -73,6 +73,8 @@ impl Worker {
         settings: Settings,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Worker> {
+        // Install the recorder before any part records, so no early metric is lost.
+        crate::telemetry::metrics_handle();
         let settings = Arc::new(settings);
         let costs = load_costs(&settings)?;
         info!(blocks = costs.block_count(), "cost table loaded");

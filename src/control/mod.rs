@@ -1,13 +1,401 @@
 //! The control queue `credit.control` (SPEC §8).
+//!
+//! Commands are JSON objects named by their `command` field. Each is parsed into a typed
+//! request, authorised by the broker-verified AMQP `user_id`, run, answered on `reply_to` with
+//! the request's `correlation_id`, and only then acked. Requests are handled one at a time, in
+//! queue order. Nothing in a message can stop the loop: every failure becomes an error reply.
+
+pub mod balance;
+pub mod credit;
+mod error;
+pub mod fields;
+pub mod history;
+pub mod outcome;
+pub mod refill;
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use futures::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel};
+use serde::Serialize;
+use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
 
 use crate::config::Settings;
-use crate::ledger::Ledger;
+use crate::ledger::{Ledger, TxType};
+use crate::topology;
 
-/// Answers control commands until `stop` fires.
-pub async fn serve(_settings: Arc<Settings>, _ledger: Ledger, stop: CancellationToken) {
-    stop.cancelled().await;
+pub use error::ControlError;
+use fields::Fields;
+
+/// Larger bodies are refused unread: no command needs more.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// Attempts of a command that fails on a transient database fault before `internal`. Few:
+/// the operator is waiting for an answer and can resend (keyed commands are idempotent).
+const ATTEMPTS: usize = 3;
+
+/// Deliveries the broker may push ahead of the one being handled.
+const PREFETCH: u16 = 16;
+
+/// Every command name; anything else is counted as "unknown" so metrics labels stay bounded.
+pub const COMMANDS: [&str; 6] = ["refill", "top_up", "grant", "balance", "history", "outcome"];
+
+/// What the commands run against.
+#[derive(Clone)]
+pub struct Context {
+    pub settings: Arc<Settings>,
+    pub ledger: Ledger,
+}
+
+/// A parsed command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Refill(refill::Request),
+    /// `top_up` and `grant`; the request carries the transaction type.
+    Credit(credit::Request),
+    Balance(balance::Request),
+    History(history::Request),
+    Outcome(outcome::Request),
+}
+
+impl Command {
+    /// Parses a message body.
+    pub fn parse(body: &[u8]) -> Result<Command, ControlError> {
+        if body.len() > MAX_BODY_BYTES {
+            return Err(ControlError::bad_request(format!(
+                "body: larger than {MAX_BODY_BYTES} bytes"
+            )));
+        }
+        let value: Value = serde_json::from_slice(body)
+            .map_err(|e| ControlError::bad_request(format!("malformed JSON: {e}")))?;
+        let Value::Object(map) = value else {
+            return Err(ControlError::bad_request(
+                "body: expected a JSON object with a \"command\" field",
+            ));
+        };
+        let f = Fields::new(&map);
+        let name = f.string("command")?;
+        Ok(match name {
+            "refill" => Command::Refill(refill::parse(&f)?),
+            "top_up" => Command::Credit(credit::parse(TxType::TopUp, &f)?),
+            "grant" => Command::Credit(credit::parse(TxType::Grant, &f)?),
+            "balance" => Command::Balance(balance::parse(&f)?),
+            "history" => Command::History(history::parse(&f)?),
+            "outcome" => Command::Outcome(outcome::parse(&f)?),
+            other => {
+                return Err(ControlError::bad_request(format!(
+                    "command: unknown command {other:?} (expected one of {})",
+                    COMMANDS.join(", ")
+                )))
+            }
+        })
+    }
+
+    async fn run(&self, ctx: &Context) -> Result<Value, ControlError> {
+        match self {
+            Command::Refill(r) => refill::run(ctx, r).await,
+            Command::Credit(r) => credit::run(ctx, r).await,
+            Command::Balance(r) => balance::run(ctx, r).await,
+            Command::History(r) => history::run(ctx, r).await,
+            Command::Outcome(r) => outcome::run(ctx, r).await,
+        }
+    }
+}
+
+/// The metrics label of a body: its `command` when that is a known name.
+fn label(body: &[u8]) -> &'static str {
+    #[derive(serde::Deserialize)]
+    struct Named<'a> {
+        #[serde(borrow)]
+        command: Option<std::borrow::Cow<'a, str>>,
+    }
+    serde_json::from_slice::<Named<'_>>(body)
+        .ok()
+        .and_then(|n| n.command)
+        .and_then(|c| COMMANDS.iter().find(|k| **k == c).copied())
+        .unwrap_or("unknown")
+}
+
+/// Serialises a command's result object.
+pub(crate) fn to_result(v: &impl Serialize) -> Result<Value, ControlError> {
+    serde_json::to_value(v).map_err(|e| ControlError::internal(format!("result: {e}")))
+}
+
+/// The reply body: `{"ok": true, "result": …}` or `{"ok": false, "error": {code, message}}`.
+pub fn reply_body(result: &Result<Value, ControlError>) -> Value {
+    match result {
+        Ok(r) => json!({"ok": true, "result": r}),
+        Err(e) => json!({"ok": false, "error": {"code": e.code(), "message": e.to_string()}}),
+    }
+}
+
+/// Authorises, parses and runs one command. `sender` is the AMQP `user_id` property. None
+/// when `stop` fired while a transient fault was being retried: the caller leaves the message
+/// unacked so the broker hands it out again.
+pub async fn execute(
+    ctx: &Context,
+    sender: Option<&str>,
+    body: &[u8],
+    stop: &CancellationToken,
+) -> Option<Result<Value, ControlError>> {
+    let allowed = &ctx.settings.control.allowed_users;
+    match sender {
+        Some(u) if allowed.iter().any(|a| a == u) => {}
+        Some(u) => {
+            return Some(Err(ControlError::Forbidden(format!(
+                "user {u:?} is not in control.allowed_users"
+            ))))
+        }
+        None => {
+            return Some(Err(ControlError::Forbidden(
+                "the message has no user_id property; control.allowed_users cannot be checked"
+                    .into(),
+            )))
+        }
+    }
+    let command = match Command::parse(body) {
+        Ok(c) => c,
+        Err(e) => return Some(Err(e)),
+    };
+    let mut delays = crate::retry::backoff();
+    let mut attempt = 1;
+    loop {
+        match command.run(ctx).await {
+            Err(e) if e.is_transient() && attempt < ATTEMPTS => {
+                warn!(error = %e, attempt, "control command failed; retrying");
+                attempt += 1;
+                if !crate::retry::pause(&mut delays, stop).await {
+                    return None;
+                }
+            }
+            other => return Some(other),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("broker: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("broker: the consumer stream ended")]
+    StreamEnded,
+}
+
+/// Answers control commands until `stop` fires, reconnecting after broker faults.
+pub async fn serve(settings: Arc<Settings>, ledger: Ledger, stop: CancellationToken) {
+    let ctx = Context { settings, ledger };
+    let mut delays = crate::retry::backoff();
+    loop {
+        if stop.is_cancelled() {
+            return;
+        }
+        let started = Instant::now();
+        match session(&ctx, &stop).await {
+            Ok(()) => return,
+            Err(e) => {
+                warn!(error = %e, "control session ended; reconnecting");
+                // A session that lived a while was healthy: start the backoff afresh.
+                if started.elapsed() > Duration::from_secs(30) {
+                    delays = crate::retry::backoff();
+                }
+                if !crate::retry::pause(&mut delays, &stop).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn session(ctx: &Context, stop: &CancellationToken) -> Result<(), SessionError> {
+    let amqp = &ctx.settings.amqp;
+    let conn = topology::connect(&amqp.url, "credit-worker control").await?;
+    let ch = conn.create_channel().await?;
+    let names = topology::declare(&ch, amqp).await?;
+    ch.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
+    let mut deliveries = ch
+        .basic_consume(
+            &names.control,
+            "credit-worker-control",
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    info!(queue = %names.control, "control queue consuming");
+    let result = async {
+        loop {
+            let next = tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                d = deliveries.next() => d,
+            };
+            let delivery = match next {
+                Some(Ok(d)) => d,
+                Some(Err(e)) => return Err(e.into()),
+                None => return Err(SessionError::StreamEnded),
+            };
+            if !handle(ctx, &ch, &delivery, stop).await? {
+                // Abandoned on shutdown: closing the channel returns it to the queue.
+                return Ok(());
+            }
+        }
+    }
+    .await;
+    let _ = ch.close(200, "shutdown").await;
+    let _ = conn.close(200, "shutdown").await;
+    result
+}
+
+/// Runs, replies, acks. Ok(false) when abandoned unacked on shutdown.
+async fn handle(
+    ctx: &Context,
+    ch: &Channel,
+    d: &Delivery,
+    stop: &CancellationToken,
+) -> Result<bool, SessionError> {
+    let props = &d.properties;
+    let sender = props.user_id().as_ref().map(|u| u.as_str());
+    let correlation_id = props.correlation_id().as_ref().map(|c| c.as_str());
+    let reply_to = props
+        .reply_to()
+        .as_ref()
+        .map(|r| r.as_str())
+        .filter(|r| !r.is_empty());
+    let command = label(&d.data);
+    let started = Instant::now();
+    let Some(result) = execute(ctx, sender, &d.data, stop).await else {
+        return Ok(false);
+    };
+    let code = match &result {
+        Ok(_) => "ok",
+        Err(e) => e.code(),
+    };
+    metrics::counter!("credit_control_commands_total", "command" => command, "result" => code)
+        .increment(1);
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    match &result {
+        Err(e @ ControlError::Internal { .. }) => {
+            warn!(command, result = code, sender, correlation_id, reply_to, elapsed_ms, error = %e, "control command failed")
+        }
+        Err(e) => {
+            info!(command, result = code, sender, correlation_id, reply_to, elapsed_ms, error = %e, "control command refused")
+        }
+        Ok(_) => {
+            info!(
+                command,
+                result = code,
+                sender,
+                correlation_id,
+                reply_to,
+                elapsed_ms,
+                "control command done"
+            )
+        }
+    }
+    if let Some(reply_to) = reply_to {
+        let body = serde_json::to_vec(&reply_body(&result)).unwrap_or_default();
+        let mut reply_props =
+            BasicProperties::default().with_content_type("application/json".into());
+        if let Some(c) = correlation_id {
+            reply_props = reply_props.with_correlation_id(c.into());
+        }
+        // A reply to a queue that no longer exists is dropped by the broker, not an error.
+        ch.basic_publish(
+            "",
+            reply_to,
+            BasicPublishOptions::default(),
+            &body,
+            reply_props,
+        )
+        .await?;
+    }
+    ch.basic_ack(d.delivery_tag, BasicAckOptions::default())
+        .await?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(body: &str) -> (&'static str, String) {
+        let e = Command::parse(body.as_bytes()).unwrap_err();
+        (e.code(), e.to_string())
+    }
+
+    #[test]
+    fn bad_requests_name_the_problem() {
+        assert_eq!(code("{nope").0, "bad_request");
+        assert!(code("{nope").1.starts_with("malformed JSON"));
+        assert_eq!(code("[1]").0, "bad_request");
+        assert_eq!(code("{}").1, "command: missing");
+        assert_eq!(code(r#"{"command": 7}"#).1, "command: expected a string");
+        assert!(code(r#"{"command": "explode"}"#)
+            .1
+            .starts_with("command: unknown command \"explode\""));
+        assert_eq!(code(r#"{"command": "balance"}"#).1, "user_id: missing");
+        assert_eq!(
+            code(r#"{"command": "balance", "user_id": ""}"#).1,
+            "user_id: must be 1 to 255 bytes"
+        );
+        assert_eq!(
+            code(r#"{"command": "top_up", "user_id": "u", "amount": "5"}"#).1,
+            "amount: expected an integer"
+        );
+        assert_eq!(
+            code(r#"{"command": "grant", "user_id": "u", "amount": 0}"#).0,
+            "amount_out_of_range"
+        );
+        assert_eq!(
+            code(r#"{"command": "top_up", "user_id": "u", "amount": 99999999999999999999}"#).0,
+            "amount_out_of_range"
+        );
+        assert!(code(r#"{"command": "refill", "month": "2026-13"}"#)
+            .1
+            .starts_with("month:"));
+        assert_eq!(
+            code(r#"{"command": "outcome", "node_exec_id": ""}"#).1,
+            "node_exec_id: must be 1 to 255 bytes"
+        );
+    }
+
+    #[test]
+    fn extra_fields_are_ignored() {
+        let c = Command::parse(br#"{"command": "balance", "user_id": "u", "x": [1]}"#).unwrap();
+        assert_eq!(
+            c,
+            Command::Balance(balance::Request {
+                user_id: "u".into()
+            })
+        );
+        let c = Command::parse(br#"{"command": "top_up", "user_id": "u", "amount": 5}"#).unwrap();
+        let Command::Credit(r) = c else {
+            panic!("{c:?}")
+        };
+        assert!(r.key_generated && r.key.starts_with("TOP-UP-"));
+        assert_eq!((r.tx_type, r.amount), (TxType::TopUp, 5));
+    }
+
+    #[test]
+    fn labels_are_bounded() {
+        assert_eq!(label(br#"{"command": "grant"}"#), "grant");
+        assert_eq!(label(br#"{"command": "rm -rf"}"#), "unknown");
+        assert_eq!(label(b"\xff"), "unknown");
+    }
+
+    #[test]
+    fn replies_have_the_spec_shape() {
+        assert_eq!(
+            reply_body(&Ok(json!({"balance": 5}))),
+            json!({"ok": true, "result": {"balance": 5}})
+        );
+        assert_eq!(
+            reply_body(&Err(ControlError::NotFound("x".into()))),
+            json!({"ok": false, "error": {"code": "not_found", "message": "x"}})
+        );
+    }
 }

@@ -1,0 +1,78 @@
+//! The error half of a control reply: a stable `code` and a message naming what was wrong.
+
+use crate::ledger::LedgerError;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    /// Malformed JSON, unknown command, missing or ill-typed field.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The sender is not in `control.allowed_users`.
+    #[error("{0}")]
+    Forbidden(String),
+    /// An amount ≤ 0 or one that would overflow.
+    #[error("{0}")]
+    AmountOutOfRange(String),
+    #[error("{0}")]
+    NotFound(String),
+    /// A database or other failure; `transient` ones are worth a retry.
+    #[error("{message}")]
+    Internal { message: String, transient: bool },
+}
+
+impl ControlError {
+    /// The `error.code` of the reply (SPEC §8).
+    pub fn code(&self) -> &'static str {
+        match self {
+            ControlError::BadRequest(_) => "bad_request",
+            ControlError::Forbidden(_) => "forbidden",
+            ControlError::AmountOutOfRange(_) => "amount_out_of_range",
+            ControlError::NotFound(_) => "not_found",
+            ControlError::Internal { .. } => "internal",
+        }
+    }
+
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            ControlError::Internal {
+                transient: true,
+                ..
+            }
+        )
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        ControlError::BadRequest(message.into())
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        ControlError::Internal {
+            message: message.into(),
+            transient: false,
+        }
+    }
+}
+
+impl From<LedgerError> for ControlError {
+    fn from(e: LedgerError) -> Self {
+        match e {
+            LedgerError::AmountOutOfRange(_) | LedgerError::Overflow { .. } => {
+                ControlError::AmountOutOfRange(e.to_string())
+            }
+            LedgerError::InvalidArgument { .. } | LedgerError::InsufficientBalance { .. } => {
+                ControlError::BadRequest(e.to_string())
+            }
+            LedgerError::Db(db) => db.into(),
+        }
+    }
+}
+
+impl From<sqlx::Error> for ControlError {
+    fn from(e: sqlx::Error) -> Self {
+        ControlError::Internal {
+            transient: crate::db::is_transient(&e),
+            message: format!("database: {e}"),
+        }
+    }
+}

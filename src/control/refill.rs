@@ -1,0 +1,65 @@
+//! `refill` {month?, user_id?} ⇒ {month, users_refilled, credits_granted}: the monthly sweep on
+//! demand, for every user or one.
+
+use chrono::Utc;
+use serde::Serialize;
+use serde_json::Value;
+use tracing::info;
+
+use super::fields::Fields;
+use super::{to_result, Context, ControlError};
+use crate::ledger::RefillPolicy;
+use crate::refill::Month;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// Defaults to the current UTC month, fixed when the command is read.
+    pub month: Month,
+    pub user_id: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct Reply {
+    month: String,
+    users_refilled: i64,
+    credits_granted: i64,
+}
+
+pub fn parse(f: &Fields<'_>) -> Result<Request, ControlError> {
+    let month = match f.opt_string("month")? {
+        Some(m) => m
+            .parse::<Month>()
+            .map_err(|e| ControlError::bad_request(e.to_string()))?,
+        None => Month::of(Utc::now()),
+    };
+    let user_id = f.opt_string("user_id")?.map(str::to_owned);
+    if let Some(u) = &user_id {
+        crate::ledger::check_user_id(u)?;
+    }
+    Ok(Request { month, user_id })
+}
+
+pub async fn run(ctx: &Context, req: &Request) -> Result<Value, ControlError> {
+    let refill = &ctx.settings.refill;
+    if !refill.enabled {
+        return Err(ControlError::bad_request("refill is disabled"));
+    }
+    let policy = RefillPolicy {
+        target: refill.target,
+    };
+    let report = crate::refill::sweep(
+        ctx.ledger.pool(),
+        policy,
+        req.month,
+        req.user_id.as_deref(),
+        refill.chunk_size,
+        |_| {},
+    )
+    .await?;
+    info!(month = %report.month, users_refilled = report.users_refilled, credits_granted = report.credits_granted, users_evaluated = report.users_evaluated, duration_ms = report.duration_ms, "refill sweep done (control)");
+    to_result(&Reply {
+        month: report.month,
+        users_refilled: report.users_refilled,
+        credits_granted: report.credits_granted,
+    })
+}

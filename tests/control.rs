@@ -1,0 +1,789 @@
+//! The control queue end to end (SPEC §8): a worker started in-process, commands published to
+//! `credit.control` with a verified `user_id`, replies read from an exclusive reply queue.
+
+mod common;
+
+use std::time::Duration;
+
+use chrono::Utc;
+use common::*;
+use credit_worker::config::Settings;
+use credit_worker::refill::Month;
+use credit_worker::service::Worker;
+use futures::StreamExt;
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::BasicProperties;
+use serde_json::{json, Value};
+
+const REPLY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// No scheduled sweep during the test (the only tick is in 2099), so balances change only
+/// through the commands under test.
+fn quiet_scheduler(s: &mut Settings) {
+    s.refill.schedule = "0 0 0 1 1 * 2099".into();
+}
+
+/// A control-queue client: publishes commands and waits for the matching reply.
+struct Rpc {
+    _conn: lapin::Connection,
+    ch: lapin::Channel,
+    control: String,
+    reply_queue: String,
+    replies: lapin::Consumer,
+    next_id: u64,
+    /// Replies that matched no awaited request.
+    strays: usize,
+}
+
+impl Rpc {
+    async fn new(env: &TestEnv) -> Rpc {
+        // amqp_channel declares the topology, so the control queue exists before the worker
+        // has started consuming it.
+        let (conn, ch) = env.amqp_channel().await;
+        let q = ch
+            .queue_declare(
+                "",
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("reply queue");
+        let reply_queue = q.name().to_string();
+        let replies = ch
+            .basic_consume(
+                &reply_queue,
+                "replies",
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume replies");
+        Rpc {
+            _conn: conn,
+            ch,
+            control: env.names.control.clone(),
+            reply_queue,
+            replies,
+            next_id: 0,
+            strays: 0,
+        }
+    }
+
+    /// Publishes a raw body; returns its correlation id.
+    async fn send(&mut self, body: &[u8], user_id: Option<&str>, reply: bool) -> String {
+        self.next_id += 1;
+        let cid = format!("req-{}", self.next_id);
+        let mut props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_correlation_id(cid.clone().into());
+        if let Some(u) = user_id {
+            props = props.with_user_id(u.into());
+        }
+        if reply {
+            props = props.with_reply_to(self.reply_queue.clone().into());
+        }
+        self.ch
+            .basic_publish(
+                "",
+                &self.control,
+                BasicPublishOptions::default(),
+                body,
+                props,
+            )
+            .await
+            .expect("publish command");
+        cid
+    }
+
+    /// The reply with correlation id `cid`.
+    async fn reply(&mut self, cid: &str) -> Value {
+        let deadline = tokio::time::Instant::now() + REPLY_TIMEOUT;
+        loop {
+            let d = tokio::time::timeout_at(deadline, self.replies.next())
+                .await
+                .unwrap_or_else(|_| panic!("no reply to {cid} in time"))
+                .expect("reply stream")
+                .expect("reply delivery");
+            let got = d
+                .properties
+                .correlation_id()
+                .as_ref()
+                .map(|c| c.to_string());
+            if got.as_deref() != Some(cid) {
+                self.strays += 1;
+                continue;
+            }
+            assert_eq!(
+                d.properties.content_type().as_ref().map(|c| c.as_str()),
+                Some("application/json")
+            );
+            return serde_json::from_slice(&d.data).expect("reply is JSON");
+        }
+    }
+
+    async fn call_raw(&mut self, body: &[u8], user_id: Option<&str>) -> Value {
+        let cid = self.send(body, user_id, true).await;
+        self.reply(&cid).await
+    }
+
+    /// Sends `command` as the broker user `guest` and returns the reply.
+    async fn call(&mut self, command: Value) -> Value {
+        self.call_raw(&body(&command), Some("guest")).await
+    }
+
+    /// The `result` of a successful reply.
+    async fn ok(&mut self, command: Value) -> Value {
+        let r = self.call(command.clone()).await;
+        assert_eq!(r["ok"], json!(true), "{command} ⇒ {r}");
+        assert_eq!(r.as_object().map(|o| o.len()), Some(2), "{r}");
+        r["result"].clone()
+    }
+
+    /// (code, message) of a failed reply.
+    async fn err_raw(&mut self, body: &[u8], user_id: Option<&str>) -> (String, String) {
+        let r = self.call_raw(body, user_id).await;
+        assert_eq!(
+            r["ok"],
+            json!(false),
+            "{} ⇒ {r}",
+            String::from_utf8_lossy(body)
+        );
+        let code = r["error"]["code"].as_str().expect("code").to_owned();
+        let message = r["error"]["message"].as_str().expect("message").to_owned();
+        (code, message)
+    }
+
+    async fn err(&mut self, command: Value) -> (String, String) {
+        self.err_raw(&body(&command), Some("guest")).await
+    }
+}
+
+async fn start(env: &TestEnv) -> Worker {
+    Worker::start(env.settings.clone()).await.expect("worker")
+}
+
+async fn rows(env: &TestEnv, sql: &str, user: &str) -> Vec<(String, String, i64)> {
+    sqlx::query_as(sql)
+        .bind(user)
+        .fetch_all(&env.pool)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+async fn grants(env: &TestEnv, user: &str) -> Vec<(String, String, i64)> {
+    rows(
+        env,
+        "SELECT transaction_key, type::text, amount FROM credit.transactions
+          WHERE user_id = $1 AND type = 'GRANT' ORDER BY seq",
+        user,
+    )
+    .await
+}
+
+/// The value of `name{labels…}` in Prometheus text, 0 when absent.
+fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+            (n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
+            .then(|| value.parse::<f64>().ok())
+            .flatten()
+        })
+        .sum()
+}
+
+fn render_metrics() -> String {
+    credit_worker::telemetry::metrics_handle()
+        .map(|h| h.render())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn every_command_end_to_end() {
+    // Installed before any traffic so the counters below are recorded.
+    let before = render_metrics();
+    let env = TestEnv::with(quiet_scheduler).await;
+    let worker = start(&env).await;
+    let mut rpc = Rpc::new(&env).await;
+    let month = Month::of(Utc::now()).to_string();
+
+    // balance: lazy refill makes a brand-new user start at the target.
+    assert_eq!(
+        rpc.ok(json!({"command": "balance", "user_id": "alice"}))
+            .await,
+        json!({"user_id": "alice", "balance": 1000})
+    );
+    // top_up with a key.
+    assert_eq!(
+        rpc.ok(
+            json!({"command": "top_up", "user_id": "alice", "amount": 250, "key": "TU-alice-1"})
+        )
+        .await,
+        json!({"user_id": "alice", "balance": 1250, "transaction_key": "TU-alice-1", "applied": true})
+    );
+    // grant without a key, with a reason and an extra field that is ignored.
+    let g = rpc
+        .ok(json!({"command": "grant", "user_id": "alice", "amount": 100, "reason": "promo", "ticket": 7}))
+        .await;
+    assert_eq!(g["balance"], json!(1350));
+    assert_eq!(g["applied"], json!(true));
+    let grant_key = g["transaction_key"].as_str().expect("key").to_owned();
+    assert!(grant_key.starts_with("GRANT-"), "{grant_key}");
+
+    // history: newest first, limited.
+    let h = rpc
+        .ok(json!({"command": "history", "user_id": "alice", "limit": 2}))
+        .await;
+    let txs = h["transactions"].as_array().expect("transactions");
+    assert_eq!(h.as_object().map(|o| o.len()), Some(1));
+    assert_eq!(txs.len(), 2);
+    let pick = |t: &Value| {
+        (
+            t["seq"].as_i64(),
+            t["transaction_key"].as_str().map(str::to_owned),
+            t["type"].as_str().map(str::to_owned),
+            t["amount"].as_i64(),
+            t["running_balance"].as_i64(),
+            t["metadata"].clone(),
+        )
+    };
+    assert_eq!(
+        pick(&txs[0]),
+        (
+            Some(3),
+            Some(grant_key.clone()),
+            Some("GRANT".into()),
+            Some(100),
+            Some(1350),
+            json!({"reason": "promo"})
+        )
+    );
+    assert_eq!(
+        pick(&txs[1]),
+        (
+            Some(2),
+            Some("TU-alice-1".into()),
+            Some("TOP_UP".into()),
+            Some(250),
+            Some(1250),
+            json!({})
+        )
+    );
+    for t in txs {
+        let at = t["created_at"].as_str().expect("created_at");
+        chrono::DateTime::parse_from_rfc3339(at).expect("RFC 3339 created_at");
+        assert_eq!(t.as_object().map(|o| o.len()), Some(7), "{t}");
+    }
+    // history with the default limit: all three rows, the refill grant last.
+    let all = rpc
+        .ok(json!({"command": "history", "user_id": "alice"}))
+        .await;
+    let all = all["transactions"]
+        .as_array()
+        .expect("transactions")
+        .clone();
+    assert_eq!(all.len(), 3);
+    assert_eq!(
+        (
+            all[2]["seq"].as_i64(),
+            all[2]["transaction_key"].as_str(),
+            all[2]["amount"].as_i64()
+        ),
+        (
+            Some(1),
+            Some(format!("MONTHLY-CREDIT-TOP-UP-{month}").as_str()),
+            Some(1000)
+        )
+    );
+
+    // outcome: not_found before the decision, then the decision.
+    let (code, message) = rpc
+        .err(json!({"command": "outcome", "node_exec_id": "ne-charged"}))
+        .await;
+    assert_eq!(code, "not_found");
+    assert!(message.contains("ne-charged"), "{message}");
+    env.publish(&[
+        body(&platform_gpt4("bob", "ne-charged")),
+        body(&own_key("bob", "ne-free")),
+    ])
+    .await;
+    env.wait_decisions(2, Duration::from_secs(20)).await;
+    assert_eq!(
+        rpc.ok(json!({"command": "outcome", "node_exec_id": "ne-charged"}))
+            .await,
+        json!({"outcome": "charged", "cost": 10, "transaction_key": "USAGE-ne-charged"})
+    );
+    assert_eq!(
+        rpc.ok(json!({"command": "outcome", "node_exec_id": "ne-free"}))
+            .await,
+        json!({"outcome": "free", "cost": 0})
+    );
+    assert_eq!(
+        rpc.ok(json!({"command": "balance", "user_id": "bob"}))
+            .await,
+        json!({"user_id": "bob", "balance": 990})
+    );
+
+    // refill for the current month (the default): everyone was refilled lazily already.
+    assert_eq!(
+        rpc.ok(json!({"command": "refill"})).await,
+        json!({"month": month, "users_refilled": 0, "credits_granted": 0})
+    );
+
+    let after = render_metrics();
+    for (command, result, n) in [
+        ("balance", "ok", 2.0),
+        ("top_up", "ok", 1.0),
+        ("grant", "ok", 1.0),
+        ("history", "ok", 2.0),
+        ("outcome", "ok", 2.0),
+        ("outcome", "not_found", 1.0),
+        ("refill", "ok", 1.0),
+    ] {
+        let labels = [("command", command), ("result", result)];
+        let delta = metric_value(&after, "credit_control_commands_total", &labels)
+            - metric_value(&before, "credit_control_commands_total", &labels);
+        assert!(delta >= n, "{command}/{result}: +{delta}, expected ≥ {n}");
+    }
+
+    worker.stop().await.expect("stop");
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn refill_resets_users_below_target_once_per_month() {
+    let env = TestEnv::with(|s| {
+        quiet_scheduler(s);
+        // Balances stay where the top-ups put them until the sweep.
+        s.refill.lazy = false;
+    })
+    .await;
+    let worker = start(&env).await;
+    let mut rpc = Rpc::new(&env).await;
+
+    assert_eq!(
+        rpc.ok(json!({"command": "top_up", "user_id": "user-a", "amount": 400, "key": "SEED-A"}))
+            .await["balance"],
+        json!(400)
+    );
+    assert_eq!(
+        rpc.ok(json!({"command": "top_up", "user_id": "user-b", "amount": 1100, "key": "SEED-B"}))
+            .await["balance"],
+        json!(1100)
+    );
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM credit.balances").await,
+        2
+    );
+
+    assert_eq!(
+        rpc.ok(json!({"command": "refill", "month": "2031-05"}))
+            .await,
+        json!({"month": "2031-05", "users_refilled": 1, "credits_granted": 600})
+    );
+    assert_eq!(
+        grants(&env, "user-a").await,
+        vec![(
+            "MONTHLY-CREDIT-TOP-UP-2031-05".to_owned(),
+            "GRANT".to_owned(),
+            600
+        )]
+    );
+    assert_eq!(grants(&env, "user-b").await, vec![]);
+    assert_eq!(
+        rpc.ok(json!({"command": "balance", "user_id": "user-a"}))
+            .await,
+        json!({"user_id": "user-a", "balance": 1000})
+    );
+    assert_eq!(
+        rpc.ok(json!({"command": "balance", "user_id": "user-b"}))
+            .await,
+        json!({"user_id": "user-b", "balance": 1100})
+    );
+
+    // The same month again: nothing.
+    assert_eq!(
+        rpc.ok(json!({"command": "refill", "month": "2031-05"}))
+            .await,
+        json!({"month": "2031-05", "users_refilled": 0, "credits_granted": 0})
+    );
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM credit.transactions WHERE type = 'GRANT'")
+            .await,
+        1
+    );
+
+    // One user only: user-c at 300 gets 700; nobody else is touched.
+    rpc.ok(json!({"command": "top_up", "user_id": "user-c", "amount": 300, "key": "SEED-C"}))
+        .await;
+    assert_eq!(
+        rpc.ok(json!({"command": "refill", "month": "2031-06", "user_id": "user-c"}))
+            .await,
+        json!({"month": "2031-06", "users_refilled": 1, "credits_granted": 700})
+    );
+    assert_eq!(
+        grants(&env, "user-c").await,
+        vec![(
+            "MONTHLY-CREDIT-TOP-UP-2031-06".to_owned(),
+            "GRANT".to_owned(),
+            700
+        )]
+    );
+    assert_eq!(grants(&env, "user-a").await.len(), 1);
+
+    worker.stop().await.expect("stop");
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn refill_when_disabled_is_a_bad_request() {
+    let env = TestEnv::with(|s| s.refill.enabled = false).await;
+    let worker = start(&env).await;
+    let mut rpc = Rpc::new(&env).await;
+    assert_eq!(
+        rpc.err(json!({"command": "refill", "month": "2031-05"}))
+            .await,
+        ("bad_request".to_owned(), "refill is disabled".to_owned())
+    );
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM credit.transactions")
+            .await,
+        0
+    );
+    worker.stop().await.expect("stop");
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn senders_outside_allowed_users_are_forbidden_and_change_nothing() {
+    let env = TestEnv::with(|s| {
+        quiet_scheduler(s);
+        // The broker lets this connection claim only `guest`, which is now not allowed.
+        s.control.allowed_users = vec!["ops".into()];
+    })
+    .await;
+    let worker = start(&env).await;
+    let mut rpc = Rpc::new(&env).await;
+
+    let top_up = body(&json!({"command": "top_up", "user_id": "mallory", "amount": 500}));
+    let (code, message) = rpc.err_raw(&top_up, Some("guest")).await;
+    assert_eq!(code, "forbidden");
+    assert!(message.contains("guest"), "{message}");
+    let (code, _) = rpc.err_raw(&top_up, None).await;
+    assert_eq!(code, "forbidden");
+    let refill = body(&json!({"command": "refill", "month": "2031-05"}));
+    assert_eq!(rpc.err_raw(&refill, Some("guest")).await.0, "forbidden");
+    // Even a malformed body is refused as forbidden first, without being looked at.
+    assert_eq!(rpc.err_raw(b"{nope", None).await.0, "forbidden");
+
+    // Not even the balance row a lazy refill would create.
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM credit.balances").await,
+        0
+    );
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM credit.transactions")
+            .await,
+        0
+    );
+    worker.stop().await.expect("stop");
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn malformed_commands_get_bad_request_naming_the_field() {
+    let env = TestEnv::with(quiet_scheduler).await;
+    let worker = start(&env).await;
+    let mut rpc = Rpc::new(&env).await;
+
+    let (code, message) = rpc
+        .err_raw(b"{\"command\": \"balance\",", Some("guest"))
+        .await;
+    assert_eq!(code, "bad_request");
+    assert!(message.starts_with("malformed JSON"), "{message}");
+    let (code, _) = rpc.err_raw(b"\xff\xfe", Some("guest")).await;
+    assert_eq!(code, "bad_request");
+    let (code, message) = rpc.err_raw(b"[\"balance\"]", Some("guest")).await;
+    assert_eq!(code, "bad_request");
+    assert!(message.contains("object"), "{message}");
+
+    let cases = [
+        (json!({}), "command: missing"),
+        (json!({"command": 3}), "command: expected a string"),
+        (json!({"command": "balance"}), "user_id: missing"),
+        (
+            json!({"command": "balance", "user_id": null}),
+            "user_id: missing",
+        ),
+        (
+            json!({"command": "balance", "user_id": 42}),
+            "user_id: expected a string",
+        ),
+        (
+            json!({"command": "balance", "user_id": ""}),
+            "user_id: must be 1 to 255 bytes",
+        ),
+        (
+            json!({"command": "balance", "user_id": "u".repeat(256)}),
+            "user_id: must be 1 to 255 bytes",
+        ),
+        (
+            json!({"command": "top_up", "user_id": "u"}),
+            "amount: missing",
+        ),
+        (
+            json!({"command": "top_up", "user_id": "u", "amount": "100"}),
+            "amount: expected an integer",
+        ),
+        (
+            json!({"command": "grant", "user_id": "u", "amount": 1.5}),
+            "amount: expected an integer",
+        ),
+        (
+            json!({"command": "top_up", "user_id": "u", "amount": 5, "key": 9}),
+            "key: expected a string",
+        ),
+        (
+            json!({"command": "top_up", "user_id": "u", "amount": 5, "key": ""}),
+            "key: must be 1 to 512 bytes",
+        ),
+        (
+            json!({"command": "history", "user_id": "u", "limit": "ten"}),
+            "limit: expected an integer",
+        ),
+        (
+            json!({"command": "history", "user_id": "u", "limit": 0}),
+            "limit: must be between 1 and 10000",
+        ),
+        (json!({"command": "outcome"}), "node_exec_id: missing"),
+        (
+            json!({"command": "refill", "month": "2031-13"}),
+            "month: expected YYYY-MM (e.g. 2026-12), got \"2031-13\"",
+        ),
+        (
+            json!({"command": "refill", "month": 202105}),
+            "month: expected a string",
+        ),
+    ];
+    for (command, expected) in cases {
+        assert_eq!(
+            rpc.err(command.clone()).await,
+            ("bad_request".to_owned(), expected.to_owned()),
+            "{command}"
+        );
+    }
+    let (code, message) = rpc.err(json!({"command": "drop_tables"})).await;
+    assert_eq!(code, "bad_request");
+    assert!(
+        message.starts_with("command: unknown command \"drop_tables\""),
+        "{message}"
+    );
+
+    // The loop is still answering, and nothing was written (a `key: ""` top-up is refused
+    // before the transaction commits).
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM credit.transactions")
+            .await,
+        0
+    );
+    assert_eq!(
+        rpc.ok(json!({"command": "balance", "user_id": "still-here"}))
+            .await,
+        json!({"user_id": "still-here", "balance": 1000})
+    );
+    worker.stop().await.expect("stop");
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn amounts_out_of_range_are_refused() {
+    let env = TestEnv::with(quiet_scheduler).await;
+    let worker = start(&env).await;
+    let mut rpc = Rpc::new(&env).await;
+
+    for raw in [
+        r#"{"command": "top_up", "user_id": "u", "amount": 0}"#,
+        r#"{"command": "top_up", "user_id": "u", "amount": -5}"#,
+        r#"{"command": "grant", "user_id": "u", "amount": 1e30}"#,
+        r#"{"command": "grant", "user_id": "u", "amount": -1e30}"#,
+        r#"{"command": "top_up", "user_id": "u", "amount": 99999999999999999999}"#,
+        r#"{"command": "top_up", "user_id": "u", "amount": 9223372036854775808}"#,
+    ] {
+        let (code, message) = rpc.err_raw(raw.as_bytes(), Some("guest")).await;
+        assert_eq!(code, "amount_out_of_range", "{raw}: {message}");
+        assert!(message.starts_with("amount: "), "{raw}: {message}");
+    }
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM credit.transactions")
+            .await,
+        0
+    );
+
+    // i64::MAX itself parses, but on top of the 1000 the user starts with it overflows.
+    assert_eq!(
+        rpc.ok(json!({"command": "balance", "user_id": "u"})).await["balance"],
+        json!(1000)
+    );
+    let (code, message) = rpc
+        .err(json!({"command": "top_up", "user_id": "u", "amount": i64::MAX, "key": "HUGE"}))
+        .await;
+    assert_eq!(code, "amount_out_of_range");
+    assert!(message.contains("overflows"), "{message}");
+    assert_eq!(
+        rpc.ok(json!({"command": "balance", "user_id": "u"})).await["balance"],
+        json!(1000)
+    );
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM credit.transactions")
+            .await,
+        1,
+        "only the refill grant"
+    );
+    worker.stop().await.expect("stop");
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn top_up_with_the_same_key_applies_once() {
+    let env = TestEnv::with(quiet_scheduler).await;
+    let worker = start(&env).await;
+    let mut rpc = Rpc::new(&env).await;
+    let cmd = json!({"command": "top_up", "user_id": "carol", "amount": 300, "key": "ORDER-17"});
+    assert_eq!(
+        rpc.ok(cmd.clone()).await,
+        json!({"user_id": "carol", "balance": 1300, "transaction_key": "ORDER-17", "applied": true})
+    );
+    assert_eq!(
+        rpc.ok(cmd).await,
+        json!({"user_id": "carol", "balance": 1300, "transaction_key": "ORDER-17", "applied": false})
+    );
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM credit.transactions WHERE type = 'TOP_UP'")
+            .await,
+        1
+    );
+    worker.stop().await.expect("stop");
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn command_without_reply_to_is_still_executed() {
+    let env = TestEnv::with(quiet_scheduler).await;
+    let worker = start(&env).await;
+    let mut rpc = Rpc::new(&env).await;
+    rpc.send(
+        &body(&json!({"command": "grant", "user_id": "dave", "amount": 70, "key": "NO-REPLY-1"})),
+        Some("guest"),
+        false,
+    )
+    .await;
+    let pool = env.pool.clone();
+    wait_for(
+        Duration::from_secs(20),
+        "the grant without reply_to",
+        || {
+            let pool = pool.clone();
+            async move {
+                sqlx::query_scalar::<_, i64>(
+                    "SELECT count(*) FROM credit.transactions WHERE transaction_key = 'NO-REPLY-1'",
+                )
+                .fetch_one(&pool)
+                .await
+                .map(|n| n == 1)
+                .unwrap_or(false)
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        env.ledger()
+            .balance("dave", Utc::now())
+            .await
+            .expect("balance"),
+        1070
+    );
+    assert_eq!(
+        rpc.ok(json!({"command": "balance", "user_id": "dave"}))
+            .await,
+        json!({"user_id": "dave", "balance": 1070})
+    );
+    // Nothing was sent back for it: the first reply on the queue was the balance's.
+    assert_eq!(rpc.strays, 0);
+    worker.stop().await.expect("stop");
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn database_outage_gets_internal_and_the_loop_carries_on() {
+    let env = TestEnv::with(quiet_scheduler).await;
+    let worker = start(&env).await;
+    let mut rpc = Rpc::new(&env).await;
+    assert_eq!(
+        rpc.ok(json!({"command": "balance", "user_id": "erin"}))
+            .await["balance"],
+        json!(1000)
+    );
+
+    // Refuse new connections to the test database and end its sessions.
+    let admin_url = match env.settings.database.url.rsplit_once('/') {
+        Some((base, _)) => format!("{base}/postgres"),
+        None => panic!("database url without a name"),
+    };
+    let admin = sqlx::PgPool::connect(&admin_url).await.expect("admin");
+    let db = env.db_name.clone();
+    sqlx::query(&format!("ALTER DATABASE \"{db}\" ALLOW_CONNECTIONS false"))
+        .execute(&admin)
+        .await
+        .expect("refuse connections");
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+          WHERE datname = $1 AND pid <> pg_backend_pid()",
+    )
+    .bind(&db)
+    .execute(&admin)
+    .await
+    .expect("terminate sessions");
+
+    let top_up = json!({"command": "top_up", "user_id": "erin", "amount": 5, "key": "OUTAGE-1"});
+    let (code, message) = rpc.err(top_up.clone()).await;
+    assert_eq!(code, "internal");
+    assert!(message.starts_with("database: "), "{message}");
+
+    sqlx::query(&format!("ALTER DATABASE \"{db}\" ALLOW_CONNECTIONS true"))
+        .execute(&admin)
+        .await
+        .expect("allow connections");
+    admin.close().await;
+    // The failed request was acked (it is not redelivered behind our back) and the same
+    // keyed command now applies exactly once.
+    assert_eq!(
+        rpc.ok(top_up.clone()).await,
+        json!({"user_id": "erin", "balance": 1005, "transaction_key": "OUTAGE-1", "applied": true})
+    );
+    assert_eq!(rpc.ok(top_up).await["applied"], json!(false));
+    assert_eq!(rpc.strays, 0);
+    worker.stop().await.expect("stop");
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}

@@ -1,0 +1,437 @@
+//! Operations (SPEC §9): the HTTP endpoints, readiness through a database outage without
+//! losing a message, and the refill scheduler (its cron tick and the catch-up at start-up).
+//!
+//! The Prometheus recorder is process-wide. Workers here run without a scheduled sweep unless
+//! a test is about the scheduler, and those tests hold `SWEEPS`, so the refill-run counter
+//! moves only for the test reading it.
+
+mod common;
+
+use std::time::Duration;
+
+use chrono::{DateTime, Datelike, Timelike, Utc};
+use common::*;
+use credit_worker::config::Settings;
+use credit_worker::ledger::TxType;
+use credit_worker::refill::Month;
+use credit_worker::service::Worker;
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const T: Duration = Duration::from_secs(30);
+
+/// Held by the tests that run refill sweeps and count them.
+static SWEEPS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// No scheduled sweep (the only tick is in 2099).
+fn quiet_scheduler(s: &mut Settings) {
+    s.refill.schedule = "0 0 0 1 1 * 2099".into();
+}
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local addr").port()
+}
+
+/// GET over a fresh connection: (status, body).
+async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let exchange = async {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .ok()?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.ok()?;
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let status = text.split_whitespace().nth(1)?.parse().ok()?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        Some((status, body))
+    };
+    tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .ok()
+        .flatten()
+}
+
+async fn http_status(port: u16, path: &str) -> u16 {
+    http_get(port, path).await.map(|r| r.0).unwrap_or(0)
+}
+
+async fn wait_status(port: u16, path: &str, status: u16) {
+    wait_for(T, &format!("{path} {status}"), || async move {
+        http_status(port, path).await == status
+    })
+    .await;
+}
+
+type Labels<'a> = &'a [(&'a str, &'a str)];
+
+/// The value of `name{labels…}` in Prometheus text, 0 when absent.
+fn metric_value(text: &str, name: &str, labels: Labels) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+            (n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
+            .then(|| value.parse::<f64>().ok())
+            .flatten()
+        })
+        .sum()
+}
+
+/// The process's metrics, read directly (also installs the recorder).
+fn metrics_now() -> String {
+    credit_worker::telemetry::metrics_handle()
+        .map(|h| h.render())
+        .unwrap_or_default()
+}
+
+fn refill_runs() -> f64 {
+    metric_value(&metrics_now(), "credit_refill_runs_total", &[])
+}
+
+/// Ready (not yet delivered) messages in `queue`.
+async fn queue_depth(env: &TestEnv, queue: &str) -> u32 {
+    let (_conn, ch) = env.amqp_channel().await;
+    ch.queue_declare(
+        queue,
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .map(|q| q.message_count())
+    .unwrap_or_else(|e| panic!("{queue}: {e}"))
+}
+
+async fn monthly_grants(env: &TestEnv, user: &str, month: Month) -> Vec<(String, i64)> {
+    sqlx::query_as(
+        "SELECT transaction_key, amount FROM credit.transactions
+          WHERE user_id = $1 AND type = 'GRANT' AND transaction_key = $2 ORDER BY seq",
+    )
+    .bind(user)
+    .bind(month.refill_key())
+    .fetch_all(&env.pool)
+    .await
+    .expect("grants")
+}
+
+#[tokio::test]
+async fn http_endpoints_report_health_readiness_and_metrics() {
+    let port = free_port();
+    let env = TestEnv::with(|s| {
+        quiet_scheduler(s);
+        s.http.listen = format!("127.0.0.1:{port}");
+    })
+    .await;
+    // Installed before the worker starts, so nothing it records early (the consuming gauge)
+    // is lost; `credit-worker run` does the same.
+    let _ = metrics_now();
+    let worker = Worker::start(env.settings.clone()).await.expect("worker");
+    wait_status(port, "/healthz", 200).await;
+    wait_status(port, "/readyz", 200).await;
+    let (_, ready) = http_get(port, "/readyz").await.expect("readyz");
+    assert_eq!(ready, "database: up\nbroker: up\n");
+    assert_eq!(http_status(port, "/nope").await, 404);
+
+    let (status, before) = http_get(port, "/metrics").await.expect("metrics");
+    assert_eq!(status, 200);
+    env.publish(&[
+        body(&platform_gpt4("ops-user", "ops-1")),
+        body(&platform_gpt4("ops-user", "ops-2")),
+        body(&own_key("ops-user", "ops-3")),
+        b"nope".to_vec(),
+    ])
+    .await;
+    env.wait_decisions(3, T).await;
+    let dead = env.dead_letters(1).await;
+    assert_eq!(dead[0].0, b"nope");
+
+    // Counters are process-wide and other tests add to them: each must have grown by at
+    // least this test's traffic.
+    let expected: [(&str, Labels, f64); 5] = [
+        ("credit_messages_total", &[("outcome", "charged")], 2.0),
+        ("credit_messages_total", &[("outcome", "free")], 1.0),
+        ("credit_messages_total", &[("outcome", "invalid")], 1.0),
+        ("credit_credits_charged_total", &[], 20.0),
+        ("credit_dead_lettered_total", &[], 1.0),
+    ];
+    wait_for(T, "metrics to count the traffic", || {
+        let before = &before;
+        async move {
+            let now = http_get(port, "/metrics")
+                .await
+                .map(|r| r.1)
+                .unwrap_or_default();
+            expected.iter().all(|(name, labels, n)| {
+                metric_value(&now, name, labels) - metric_value(before, name, labels) >= *n
+            })
+        }
+    })
+    .await;
+    let (_, after) = http_get(port, "/metrics").await.expect("metrics");
+    for series in [
+        "credit_batch_size_count",
+        "credit_decide_seconds_bucket",
+        // A process-wide gauge: another test's outage may have set it to 0 meanwhile.
+        "\ncredit_consuming ",
+    ] {
+        assert!(after.contains(series), "{series} missing from:\n{after}");
+    }
+    // The ledger agrees: two charges of 10 on top of the 1000 refill.
+    assert_eq!(
+        env.ledger()
+            .balance("ops-user", Utc::now())
+            .await
+            .expect("balance"),
+        980
+    );
+
+    worker.stop().await.expect("stop");
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
+/// Refuses (true) or allows new connections to the test database, and ends its sessions.
+async fn database_reachable(env: &TestEnv, admin: &sqlx::PgPool, reachable: bool) {
+    let db = &env.db_name;
+    sqlx::query(&format!(
+        "ALTER DATABASE \"{db}\" ALLOW_CONNECTIONS {reachable}"
+    ))
+    .execute(admin)
+    .await
+    .expect("alter database");
+    if !reachable {
+        sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+              WHERE datname = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(db)
+        .execute(admin)
+        .await
+        .expect("terminate sessions");
+    }
+}
+
+#[tokio::test]
+async fn readyz_follows_the_database_and_no_message_is_lost_in_an_outage() {
+    let port = free_port();
+    let env = TestEnv::with(|s| {
+        quiet_scheduler(s);
+        s.http.listen = format!("127.0.0.1:{port}");
+    })
+    .await;
+    let admin_url = match env.settings.database.url.rsplit_once('/') {
+        Some((base, _)) => format!("{base}/postgres"),
+        None => panic!("database url without a name"),
+    };
+    let admin = sqlx::PgPool::connect(&admin_url).await.expect("admin");
+    let worker = Worker::start(env.settings.clone()).await.expect("worker");
+    wait_status(port, "/readyz", 200).await;
+    env.publish(&[body(&platform_gpt4("outage-user", "before"))])
+        .await;
+    env.wait_decisions(1, T).await;
+
+    let retries = || metric_value(&metrics_now(), "credit_decide_retries_total", &[]);
+    let retries_before = retries();
+    database_reachable(&env, &admin, false).await;
+    wait_status(port, "/readyz", 503).await;
+    let (_, body_503) = http_get(port, "/readyz").await.expect("readyz");
+    assert!(body_503.contains("database: down"), "{body_503}");
+
+    // Published while the database is refused: the worker must take it, fail to decide it,
+    // and keep it (unacked, not dead-lettered) until the database is back.
+    env.publish(&[body(&platform_gpt4("outage-user", "during"))])
+        .await;
+    let names = env.names.clone();
+    wait_for(T, "the worker to attempt the message during the outage", || {
+        let names = names.clone();
+        let env = &env;
+        async move {
+            retries() > retries_before || queue_depth(env, &names.dead_queue).await > 0
+        }
+    })
+    .await;
+    let dead = queue_depth(&env, &names.dead_queue).await;
+    if dead > 0 {
+        let letters = env.dead_letters(dead as usize).await;
+        let reasons: Vec<&str> = letters.iter().map(|(_, r)| r.as_str()).collect();
+        panic!("dead-lettered while the database was unreachable: {reasons:?}");
+    }
+
+    database_reachable(&env, &admin, true).await;
+    wait_status(port, "/readyz", 200).await;
+    env.wait_decisions(2, T).await;
+    env.publish(&[body(&platform_gpt4("outage-user", "after"))])
+        .await;
+    env.wait_decisions(3, T).await;
+
+    for id in ["before", "during", "after"] {
+        assert_eq!(env.outcome_of(id).await.as_deref(), Some("charged"), "{id}");
+    }
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM credit.decisions")
+            .await,
+        3
+    );
+    assert_eq!(
+        env.scalar_i64(
+            "SELECT count(*) FROM credit.transactions WHERE transaction_key LIKE 'USAGE-%'"
+        )
+        .await,
+        3
+    );
+    assert_eq!(
+        env.ledger()
+            .balance("outage-user", Utc::now())
+            .await
+            .expect("balance"),
+        970
+    );
+    assert_eq!(queue_depth(&env, &names.input_queue).await, 0);
+    assert_eq!(queue_depth(&env, &names.dead_queue).await, 0);
+
+    worker.stop().await.expect("stop");
+    admin.close().await;
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
+/// Seeds `sched-a` at 0 (a bare balance row) and `sched-b` at 250; lazy refill is off, so
+/// only a sweep tops them up: to 1000 with grants of 1000 and 750.
+async fn seed_below_target(env: &TestEnv) {
+    sqlx::query("INSERT INTO credit.balances (user_id) VALUES ('sched-a')")
+        .execute(&env.pool)
+        .await
+        .expect("seed sched-a");
+    env.ledger()
+        .credit(
+            TxType::TopUp,
+            "sched-b",
+            250,
+            Some("SEED"),
+            None,
+            Utc::now(),
+        )
+        .await
+        .expect("seed sched-b");
+}
+
+async fn assert_refilled_once(env: &TestEnv, month: Month) {
+    let key = month.refill_key();
+    assert_eq!(
+        monthly_grants(env, "sched-a", month).await,
+        vec![(key.clone(), 1000)]
+    );
+    assert_eq!(
+        monthly_grants(env, "sched-b", month).await,
+        vec![(key, 750)]
+    );
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM credit.transactions WHERE type = 'GRANT'")
+            .await,
+        2
+    );
+}
+
+async fn wait_refilled(env: &TestEnv, month: Month, within: Duration) {
+    let pool = env.pool.clone();
+    wait_for(within, &format!("the {month} refill"), || {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(DISTINCT user_id) FROM credit.transactions WHERE transaction_key = $1",
+            )
+            .bind(month.refill_key())
+            .fetch_one(&pool)
+            .await
+            .map(|n| n == 2)
+            .unwrap_or(false)
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn scheduled_sweep_runs_at_its_cron_tick() {
+    let _sweeps = SWEEPS.lock().await;
+    // One concrete second about 4 s ahead (date and year included, so no earlier tick this
+    // month triggers the start-up catch-up instead).
+    let now = Utc::now();
+    let tick: DateTime<Utc> = (now + chrono::Duration::seconds(4))
+        .with_nanosecond(0)
+        .expect("whole second");
+    let schedule = format!(
+        "{} {} {} {} {} * {}",
+        tick.second(),
+        tick.minute(),
+        tick.hour(),
+        tick.day(),
+        tick.month(),
+        tick.year()
+    );
+    let env = TestEnv::with(|s| {
+        s.refill.schedule = schedule;
+        s.refill.lazy = false;
+    })
+    .await;
+    seed_below_target(&env).await;
+    let runs_before = refill_runs();
+    let worker = Worker::start(env.settings.clone()).await.expect("worker");
+    let month = Month::of(tick);
+    let seen_before_tick = env
+        .scalar_i64("SELECT count(*) FROM credit.transactions WHERE type = 'GRANT'")
+        .await;
+    if Utc::now() < tick {
+        assert_eq!(seen_before_tick, 0, "refilled before the tick");
+    }
+    wait_refilled(&env, month, Duration::from_secs(15)).await;
+    worker.stop().await.expect("stop");
+
+    assert_refilled_once(&env, month).await;
+    let first: DateTime<Utc> =
+        sqlx::query_scalar("SELECT min(created_at) FROM credit.transactions WHERE type = 'GRANT'")
+            .fetch_one(&env.pool)
+            .await
+            .expect("grant time");
+    assert!(first >= tick, "granted at {first}, before the tick {tick}");
+    assert_eq!(refill_runs() - runs_before, 1.0);
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn missed_tick_is_caught_up_exactly_once_at_start() {
+    let _sweeps = SWEEPS.lock().await;
+    let env = TestEnv::with(|s| {
+        // The first of the month has passed (or is now): this month's sweep is due at start.
+        s.refill.schedule = "0 0 0 1 * *".into();
+        s.refill.lazy = false;
+    })
+    .await;
+    seed_below_target(&env).await;
+    let runs_before = refill_runs();
+    let month = Month::of(Utc::now());
+    let worker = Worker::start(env.settings.clone()).await.expect("worker");
+    wait_refilled(&env, month, T).await;
+    // Stopped before counting: no later sweep can slip in.
+    worker.stop().await.expect("stop");
+
+    assert_refilled_once(&env, month).await;
+    assert_eq!(refill_runs() - runs_before, 1.0);
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
