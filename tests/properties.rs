@@ -217,3 +217,90 @@ fn arbitrary_bodies_never_panic_and_always_get_a_verdict() {
         "the corpus reaches the pricing path: {decided}"
     );
 }
+
+/// 100,000 control command bodies: each parses into a command or a `bad_request` /
+/// `amount_out_of_range` error with a message; nothing panics.
+#[test]
+fn arbitrary_control_commands_never_panic() {
+    use credit_worker::control::Command;
+    let n: usize = std::env::var("CREDIT_WORKER_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let commands = [
+        "refill", "top_up", "grant", "balance", "history", "outcome", "nope", "",
+    ];
+    let fields = [
+        "user_id",
+        "amount",
+        "key",
+        "reason",
+        "month",
+        "limit",
+        "node_exec_id",
+        "command",
+    ];
+    let values = [
+        "null",
+        "0",
+        "-1",
+        "1",
+        "5.0",
+        "1.5",
+        "1e30",
+        "99999999999999999999",
+        "\"\"",
+        "\"u1\"",
+        "\"2026-13\"",
+        "\"2026-12\"",
+        "[]",
+        "{}",
+        "true",
+        "9223372036854775807",
+    ];
+    let mut state: u64 = 0xD1B5_4A32_D192_ED03;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let (mut parsed, mut refused) = (0usize, 0usize);
+    for i in 0..n {
+        let bytes: Vec<u8> = if i % 5 == 4 {
+            (0..(next() % 48)).map(|_| next() as u8).collect()
+        } else {
+            let mut obj = serde_json::Map::new();
+            obj.insert(
+                "command".into(),
+                commands[(next() as usize) % commands.len()].into(),
+            );
+            for _ in 0..(next() % 5) {
+                let f = fields[(next() as usize) % fields.len()];
+                let v = values[(next() as usize) % values.len()];
+                obj.insert(
+                    f.into(),
+                    serde_json::from_str(v).unwrap_or(serde_json::Value::Null),
+                );
+            }
+            serde_json::to_vec(&obj).unwrap()
+        };
+        match Command::parse(&bytes) {
+            Ok(_) => parsed += 1,
+            Err(e) => {
+                assert!(
+                    matches!(e.code(), "bad_request" | "amount_out_of_range"),
+                    "{}",
+                    e.code()
+                );
+                assert!(!e.to_string().is_empty());
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(parsed + refused, n);
+    assert!(
+        parsed > n / 50,
+        "the corpus reaches valid commands: {parsed}"
+    );
+}
