@@ -1,9 +1,760 @@
-//! `credit-worker demo`.
+//! `credit-worker demo`: a short, realistic run against the configured PostgreSQL server and
+//! RabbitMQ broker, isolated in a scratch database (`credit_demo_<tag>`) and a scratch AMQP
+//! namespace (`demo-<tag>.`), both removed afterwards.
+//!
+//! It starts the worker in-process, publishes a small stream of node executions the way the
+//! graph executor would (several users and blocks, a user's own API key, a user running out of
+//! credits, a duplicate delivery and one unparseable body), waits until everything is decided
+//! and every event is published, and prints balances, decisions, events, the dead letter and
+//! the audit.
 
+use std::collections::HashMap;
 use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use serde::Serialize;
+use serde_json::{json, Value};
+use sqlx::{PgPool, Row};
+use tokio::time::Instant;
 
 use crate::config::Settings;
+use crate::ledger::audit::AuditReport;
+use crate::topology::{self, Names};
 
-pub async fn run(_settings: Settings, _json: bool) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("demo: not available yet")
+/// The demo's monthly allowance: small, so one user runs out within a few executions.
+const DEMO_REFILL_TARGET: i64 = 100;
+/// The demo's low-balance threshold, below the allowance so a crossing is visible.
+const DEMO_LOW_BALANCE: i64 = 25;
+/// Longest wait for any one stage (connect, decide, publish events, dead letter).
+const STAGE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Consumer tag of the event tap.
+const TAP_TAG: &str = "demo-tap";
+
+const TEXT_GEN: &str = "1f292d4a-41a4-4977-9684-7c8d560b9f91";
+const WEB_SEARCH: &str = "87840993-2053-44b7-8da4-187ad4ee518c";
+const SHORT_VIDEO: &str = "361697fb-0c4f-4feb-aed3-8320c88c771b";
+
+/// One node execution of the scripted stream.
+struct Step {
+    node_exec_id: &'static str,
+    user: &'static str,
+    graph_exec_id: &'static str,
+    block_id: &'static str,
+    block: &'static str,
+    what: &'static str,
+    inputs: Value,
+}
+
+fn platform_openai() -> Value {
+    json!({"id": "53c25cb8-e3ee-465c-a4d1-e75a4c899c2a", "provider": "openai",
+           "type": "api_key", "title": "Use Credits for OpenAI"})
+}
+
+fn platform_anthropic() -> Value {
+    json!({"id": "24e5d942-d9e3-4798-8151-90143ee55629", "provider": "anthropic",
+           "type": "api_key", "title": "Use Credits for Anthropic"})
+}
+
+fn platform_jina() -> Value {
+    json!({"id": "7f26de70-ba0d-494e-ba76-238e65e7b45f", "provider": "jina",
+           "type": "api_key", "title": "Use Credits for Jina"})
+}
+
+fn platform_revid() -> Value {
+    json!({"id": "fdb7f412-f519-48d1-9b5f-d2f73d0e01fe", "provider": "revid",
+           "type": "api_key", "title": "Use Credits for Revid"})
+}
+
+/// The scripted executions, in publish order (before the duplicate and the invalid body).
+fn script() -> Vec<Step> {
+    let alice_ge = "5c0e2a1d-7b3f-4f7e-9a61-0d2c8e4b9f10";
+    let bob_ge = "a8f4c2e6-1d9b-4c3a-8e57-6b2f0c9d1e20";
+    let carol_ge = "e1b7d3a9-4c6f-4b2e-a0d8-9f5c3e7a2b30";
+    vec![
+        Step {
+            node_exec_id: "0f6c1a52-3d84-4e1b-9a7c-2b5e8d0f4a01",
+            user: "alice",
+            graph_exec_id: alice_ge,
+            block_id: TEXT_GEN,
+            block: "AITextGeneratorBlock",
+            what: "gpt-4-turbo, platform OpenAI key",
+            inputs: json!({"model": "gpt-4-turbo", "prompt": "Summarise this support ticket",
+                           "credentials": platform_openai()}),
+        },
+        Step {
+            node_exec_id: "0f6c1a52-3d84-4e1b-9a7c-2b5e8d0f4a02",
+            user: "alice",
+            graph_exec_id: alice_ge,
+            block_id: TEXT_GEN,
+            block: "AITextGeneratorBlock",
+            what: "gpt-4o, platform OpenAI key",
+            inputs: json!({"model": "gpt-4o", "prompt": "Draft a polite reply",
+                           "credentials": platform_openai()}),
+        },
+        Step {
+            node_exec_id: "7a2d9e4b-5c1f-4d3a-b8e6-1f0a3c5e7b01",
+            user: "bob",
+            graph_exec_id: bob_ge,
+            block_id: TEXT_GEN,
+            block: "AITextGeneratorBlock",
+            what: "gpt-4o, the user's own OpenAI key",
+            inputs: json!({"model": "gpt-4o", "prompt": "Translate to German",
+                           "credentials": {"id": "c3d1f0a8-6e2b-4b7c-9d54-8a1e2f3b4c5d",
+                                           "provider": "openai", "type": "api_key",
+                                           "title": "My OpenAI key"}}),
+        },
+        Step {
+            node_exec_id: "0f6c1a52-3d84-4e1b-9a7c-2b5e8d0f4a03",
+            user: "alice",
+            graph_exec_id: alice_ge,
+            block_id: TEXT_GEN,
+            block: "AITextGeneratorBlock",
+            what: "claude-3-5-sonnet, platform Anthropic key",
+            inputs: json!({"model": "claude-3-5-sonnet-latest", "prompt": "Check the tone",
+                           "credentials": platform_anthropic()}),
+        },
+        Step {
+            node_exec_id: "d4e8b1c7-2a6f-4e9d-8c3b-5a7f1e0d2c01",
+            user: "carol",
+            graph_exec_id: carol_ge,
+            block_id: SHORT_VIDEO,
+            block: "AIShortformVideoCreatorBlock",
+            what: "revid.ai video, platform key",
+            inputs: json!({"script": "Three tips for better sleep", "voice": "Lily",
+                           "credentials": platform_revid()}),
+        },
+        Step {
+            node_exec_id: "7a2d9e4b-5c1f-4d3a-b8e6-1f0a3c5e7b02",
+            user: "bob",
+            graph_exec_id: bob_ge,
+            block_id: WEB_SEARCH,
+            block: "SearchTheWebBlock",
+            what: "Jina search, platform key",
+            inputs: json!({"query": "rust amqp exactly once", "credentials": platform_jina()}),
+        },
+        Step {
+            node_exec_id: "d4e8b1c7-2a6f-4e9d-8c3b-5a7f1e0d2c02",
+            user: "carol",
+            graph_exec_id: carol_ge,
+            block_id: SHORT_VIDEO,
+            block: "AIShortformVideoCreatorBlock",
+            what: "revid.ai video, platform key",
+            inputs: json!({"script": "Five stretches for the office", "voice": "Lily",
+                           "credentials": platform_revid()}),
+        },
+        Step {
+            node_exec_id: "d4e8b1c7-2a6f-4e9d-8c3b-5a7f1e0d2c03",
+            user: "carol",
+            graph_exec_id: carol_ge,
+            block_id: SHORT_VIDEO,
+            block: "AIShortformVideoCreatorBlock",
+            what: "revid.ai video, platform key",
+            inputs: json!({"script": "Why hydration matters", "voice": "Lily",
+                           "credentials": platform_revid()}),
+        },
+        Step {
+            node_exec_id: "d4e8b1c7-2a6f-4e9d-8c3b-5a7f1e0d2c04",
+            user: "carol",
+            graph_exec_id: carol_ge,
+            block_id: TEXT_GEN,
+            block: "AITextGeneratorBlock",
+            what: "gpt-4o, platform OpenAI key",
+            inputs: json!({"model": "gpt-4o", "prompt": "Write the video description",
+                           "credentials": platform_openai()}),
+        },
+    ]
+}
+
+fn body(step: &Step) -> Vec<u8> {
+    json!({
+        "user_id": step.user,
+        "graph_exec_id": step.graph_exec_id,
+        "graph_id": format!("graph-{}", step.user),
+        "graph_version": 3,
+        "node_exec_id": step.node_exec_id,
+        "node_id": format!("node-{}", &step.node_exec_id[..8]),
+        "block_id": step.block_id,
+        "inputs": step.inputs,
+        "execution_context": {"user_timezone": "UTC"},
+        "stats": {"walltime": 1.5, "input_size": 240},
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// The body that is not JSON at all (a truncated write by a buggy producer).
+const INVALID_BODY: &[u8] = b"{\"user_id\": \"dave\", \"node_exec_id\": ";
+
+#[derive(Debug, Serialize)]
+struct Published {
+    messages: usize,
+    node_executions: usize,
+    duplicates: usize,
+    invalid: usize,
+}
+
+#[derive(Debug, Serialize)]
+struct BalanceRow {
+    user_id: String,
+    balance: i64,
+    ledger_rows: i64,
+}
+
+#[derive(Debug, Serialize)]
+struct DecisionRow {
+    node_exec_id: String,
+    user_id: String,
+    block: String,
+    block_id: String,
+    description: String,
+    outcome: String,
+    cost: i64,
+    fee: i64,
+    transaction_key: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct EventRow {
+    routing_key: String,
+    message_id: String,
+    body: Value,
+}
+
+#[derive(Debug, Serialize)]
+struct DeadLetter {
+    body: String,
+    #[serde(rename = "x-credit-error")]
+    reason: String,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    namespace: String,
+    database: String,
+    settings: Value,
+    published: Published,
+    balances: Vec<BalanceRow>,
+    decisions: Vec<DecisionRow>,
+    events: Vec<EventRow>,
+    dead_letters: Vec<DeadLetter>,
+    audit: AuditReport,
+}
+
+pub async fn run(settings: Settings, json: bool) -> anyhow::Result<ExitCode> {
+    let tag = random_tag();
+    let db_name = format!("credit_demo_{tag}");
+    let mut demo = settings.clone();
+    demo.amqp.namespace = format!("demo-{tag}.");
+    demo.http.listen = String::new();
+    demo.database.url = with_database(&settings.database.url, &db_name)?;
+    demo.refill.enabled = true;
+    demo.refill.lazy = true;
+    demo.refill.target = DEMO_REFILL_TARGET;
+    demo.low_balance.threshold = DEMO_LOW_BALANCE;
+    let admin_url = with_database(&settings.database.url, "postgres")?;
+    let names = Names::new(&demo.amqp.namespace);
+
+    if !json {
+        println!(
+            "credit-worker demo: namespace {}  database {db_name}",
+            demo.amqp.namespace
+        );
+        println!(
+            "monthly allowance (refill.target) {DEMO_REFILL_TARGET}, low_balance.threshold \
+             {DEMO_LOW_BALANCE}, execution fee every {}th execution, built-in cost table\n",
+            demo.execution_fee.every
+        );
+    }
+    let outcome = scenario(&demo, &names, &db_name).await;
+    // Clean up whatever the scenario got to create, success or not.
+    cleanup(&demo, &names, &admin_url, &db_name).await;
+    // lapin closes sockets on its own I/O thread; give it a moment before the runtime goes
+    // away, or it logs spurious I/O errors on exit.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let report = outcome?;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_human(&report);
+    }
+    Ok(if report.audit.is_clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn scenario(demo: &Settings, names: &Names, db_name: &str) -> anyhow::Result<Report> {
+    // Broker first: an unreachable broker fails here, before anything is created, instead of
+    // leaving the in-process worker retrying forever.
+    let conn = tokio::time::timeout(
+        STAGE_TIMEOUT,
+        topology::connect(&demo.amqp.url, "credit-worker demo"),
+    )
+    .await
+    .map_err(|_| anyhow!("amqp.url: the broker did not answer in time"))?
+    .context("amqp.url: cannot connect to the broker")?;
+    let ch = conn.create_channel().await?;
+    topology::declare(&ch, &demo.amqp).await?;
+    // The tap exists before anything is published, so it sees every event.
+    let tap = ch
+        .queue_declare(
+            "",
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    ch.queue_bind(
+        tap.name().as_str(),
+        &names.events,
+        "#",
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    let mut events_in = ch
+        .basic_consume(
+            tap.name().as_str(),
+            TAP_TAG,
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+
+    // Same reason: fail fast on an unreachable database rather than inside the worker.
+    let pool = tokio::time::timeout(
+        STAGE_TIMEOUT,
+        crate::db::connect_and_migrate(&demo.database),
+    )
+    .await
+    .map_err(|_| anyhow!("database.url: the server did not answer in time"))?
+    .context("database.url: cannot create the scratch database")?;
+
+    let worker = crate::service::Worker::start(demo.clone()).await?;
+    let result = drive(demo, names, &pool, &ch, &mut events_in, db_name).await;
+    let stopped = worker.stop().await;
+    pool.close().await;
+    // Cancel the tap before closing, so lapin does not deliver into a closing channel.
+    let _ = ch
+        .basic_cancel(TAP_TAG, lapin::options::BasicCancelOptions::default())
+        .await;
+    let _ = ch.close(200, "demo done").await;
+    let _ = conn.close(200, "demo done").await;
+    let report = result?;
+    stopped.context("the worker did not stop cleanly")?;
+    Ok(report)
+}
+
+async fn drive(
+    demo: &Settings,
+    names: &Names,
+    pool: &PgPool,
+    ch: &lapin::Channel,
+    events_in: &mut lapin::Consumer,
+    db_name: &str,
+) -> anyhow::Result<Report> {
+    let steps = script();
+    let mut bodies: Vec<Vec<u8>> = steps.iter().map(body).collect();
+    // A redelivery as the executor would cause it after a lost ack: alice's first execution.
+    bodies.insert(4, body(&steps[0]));
+    bodies.insert(7, INVALID_BODY.to_vec());
+    let published = crate::publish::publish_entries(demo, &bodies).await?;
+    let expected = i64::try_from(steps.len())?;
+
+    wait_until("every node execution is decided", || async {
+        scalar(pool, "SELECT count(*) FROM credit.decisions").await >= expected
+    })
+    .await?;
+    wait_until("the outbox is published", || async {
+        scalar(
+            pool,
+            "SELECT count(*) FROM credit.outbox WHERE published_at IS NULL",
+        )
+        .await
+            == 0
+    })
+    .await?;
+
+    let total_events = usize::try_from(scalar(pool, "SELECT count(*) FROM credit.outbox").await)?;
+    let mut events = Vec::with_capacity(total_events);
+    let deadline = Instant::now() + STAGE_TIMEOUT;
+    while events.len() < total_events {
+        let d = match tokio::time::timeout_at(deadline, events_in.next()).await {
+            Ok(Some(Ok(d))) => d,
+            Ok(Some(Err(e))) => return Err(e.into()),
+            Ok(None) | Err(_) => anyhow::bail!(
+                "only {} of {total_events} events arrived on {}",
+                events.len(),
+                names.events
+            ),
+        };
+        let body: Value = serde_json::from_slice(&d.data)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&d.data).into_owned()));
+        let message_id = d
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.to_string())
+            .unwrap_or_default();
+        d.ack(BasicAckOptions::default()).await?;
+        events.push(EventRow {
+            routing_key: d.routing_key.to_string(),
+            message_id,
+            body,
+        });
+    }
+
+    let dead_letters = read_dead_letters(ch, &names.dead_queue, 1).await?;
+
+    let order: HashMap<&str, (usize, &Step)> = steps
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.node_exec_id, (i, s)))
+        .collect();
+    let mut decisions = Vec::new();
+    for r in sqlx::query(
+        "SELECT node_exec_id, user_id, block_id, outcome, cost, fee, transaction_key
+           FROM credit.decisions",
+    )
+    .fetch_all(pool)
+    .await?
+    {
+        let node_exec_id: String = r.try_get("node_exec_id")?;
+        let step = order.get(node_exec_id.as_str()).map(|(_, s)| s);
+        decisions.push(DecisionRow {
+            block: step.map_or("?", |s| s.block).to_owned(),
+            description: step.map_or("", |s| s.what).to_owned(),
+            node_exec_id,
+            user_id: r.try_get("user_id")?,
+            block_id: r.try_get("block_id")?,
+            outcome: r.try_get("outcome")?,
+            cost: r.try_get("cost")?,
+            fee: r.try_get("fee")?,
+            transaction_key: r.try_get("transaction_key")?,
+        });
+    }
+    // Queue order, which is the order they were decided in.
+    decisions.sort_by_key(|d| {
+        order
+            .get(d.node_exec_id.as_str())
+            .map_or(usize::MAX, |(i, _)| *i)
+    });
+
+    let mut balances = Vec::new();
+    for r in sqlx::query("SELECT user_id, balance, last_seq FROM credit.balances ORDER BY user_id")
+        .fetch_all(pool)
+        .await?
+    {
+        balances.push(BalanceRow {
+            user_id: r.try_get("user_id")?,
+            balance: r.try_get("balance")?,
+            ledger_rows: r.try_get("last_seq")?,
+        });
+    }
+    let audit = crate::ledger::audit::run(pool).await?;
+
+    Ok(Report {
+        namespace: demo.amqp.namespace.clone(),
+        database: db_name.to_owned(),
+        settings: json!({
+            "refill.target": demo.refill.target,
+            "low_balance.threshold": demo.low_balance.threshold,
+            "execution_fee.every": demo.execution_fee.every,
+            "execution_fee.amount": demo.execution_fee.amount,
+        }),
+        published: Published {
+            messages: published,
+            node_executions: steps.len(),
+            duplicates: 1,
+            invalid: 1,
+        },
+        balances,
+        decisions,
+        events,
+        dead_letters,
+        audit,
+    })
+}
+
+/// Takes `expect` messages off the dead-letter queue, acking them.
+async fn read_dead_letters(
+    ch: &lapin::Channel,
+    queue: &str,
+    expect: usize,
+) -> anyhow::Result<Vec<DeadLetter>> {
+    let deadline = Instant::now() + STAGE_TIMEOUT;
+    let mut out = Vec::new();
+    while out.len() < expect {
+        match ch
+            .basic_get(queue, BasicGetOptions::default())
+            .await
+            .context("reading the dead-letter queue")?
+        {
+            Some(m) => {
+                let reason = m
+                    .delivery
+                    .properties
+                    .headers()
+                    .as_ref()
+                    .and_then(|h| h.inner().get(crate::consumer::ERROR_HEADER).cloned())
+                    .map(|v| match v {
+                        AMQPValue::LongString(s) => s.to_string(),
+                        other => format!("{other:?}"),
+                    })
+                    .unwrap_or_default();
+                m.delivery.ack(BasicAckOptions::default()).await?;
+                out.push(DeadLetter {
+                    body: String::from_utf8_lossy(&m.delivery.data).into_owned(),
+                    reason,
+                });
+            }
+            None if Instant::now() >= deadline => {
+                anyhow::bail!("no dead letter arrived on {queue}")
+            }
+            None => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    Ok(out)
+}
+
+async fn scalar(pool: &PgPool, sql: &str) -> i64 {
+    // A failed poll counts as "not yet"; the stage timeout reports a persistent failure.
+    sqlx::query_scalar::<_, i64>(sql)
+        .fetch_one(pool)
+        .await
+        .unwrap_or(-1)
+}
+
+async fn wait_until<F, Fut>(what: &str, mut cond: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + STAGE_TIMEOUT;
+    while !cond().await {
+        if Instant::now() >= deadline {
+            anyhow::bail!("timed out waiting until {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    Ok(())
+}
+
+/// Drops the scratch database and deletes the namespace's queues and exchanges. Best effort:
+/// every step is attempted, failures are reported on stderr.
+async fn cleanup(demo: &Settings, names: &Names, admin_url: &str, db_name: &str) {
+    match PgPool::connect(admin_url).await {
+        Ok(admin) => {
+            // The name is generated here from hex digits, so quoting it is enough.
+            let drop = format!("DROP DATABASE IF EXISTS \"{db_name}\" WITH (FORCE)");
+            if let Err(e) = sqlx::query(&drop).execute(&admin).await {
+                eprintln!("warning: cannot drop database {db_name}: {e}");
+            }
+            admin.close().await;
+        }
+        Err(e) => eprintln!("warning: cannot drop database {db_name}: {e}"),
+    }
+    match topology::connect(&demo.amqp.url, "credit-worker demo cleanup").await {
+        Ok(conn) => {
+            if let Ok(ch) = conn.create_channel().await {
+                for q in [&names.input_queue, &names.dead_queue, &names.control] {
+                    if let Err(e) = ch.queue_delete(q, QueueDeleteOptions::default()).await {
+                        eprintln!("warning: cannot delete queue {q}: {e}");
+                    }
+                }
+                for x in [&names.input_exchange, &names.dlx, &names.events] {
+                    if let Err(e) = ch
+                        .exchange_delete(x, ExchangeDeleteOptions::default())
+                        .await
+                    {
+                        eprintln!("warning: cannot delete exchange {x}: {e}");
+                    }
+                }
+                let _ = ch.close(200, "demo cleanup").await;
+            }
+            let _ = conn.close(200, "demo cleanup").await;
+        }
+        Err(e) => eprintln!(
+            "warning: cannot delete the {} queues and exchanges: {e}",
+            demo.amqp.namespace
+        ),
+    }
+}
+
+fn print_human(r: &Report) {
+    println!(
+        "published {} messages: {} node executions, {} duplicate delivery, {} invalid body\n",
+        r.published.messages,
+        r.published.node_executions,
+        r.published.duplicates,
+        r.published.invalid
+    );
+
+    println!("Balances");
+    println!("  {:<8} {:>8} {:>12}", "user", "balance", "ledger rows");
+    for b in &r.balances {
+        println!("  {:<8} {:>8} {:>12}", b.user_id, b.balance, b.ledger_rows);
+    }
+
+    println!("\nDecisions (queue order; the duplicate delivery made no second decision)");
+    println!(
+        "  {:<36}  {:<6} {:<29} {:<42} {:<9} {:>4}",
+        "node_exec_id", "user", "block", "what", "outcome", "cost"
+    );
+    for d in &r.decisions {
+        println!(
+            "  {:<36}  {:<6} {:<29} {:<42} {:<9} {:>4}",
+            d.node_exec_id, d.user_id, d.block, d.description, d.outcome, d.cost
+        );
+    }
+
+    println!("\nEvents on {}credit.events", r.namespace);
+    println!("  {:<16} {:<6} summary", "routing key", "user");
+    for e in &r.events {
+        let user = e.body.get("user_id").and_then(Value::as_str).unwrap_or("?");
+        println!(
+            "  {:<16} {:<6} {}",
+            e.routing_key,
+            user,
+            event_summary(&e.routing_key, &e.body)
+        );
+    }
+
+    println!("\nDead-lettered ({}node_execution.dead)", r.namespace);
+    for d in &r.dead_letters {
+        println!("  body:           {}", d.body);
+        println!("  x-credit-error: {}", d.reason);
+    }
+
+    let a = &r.audit;
+    println!(
+        "\nAudit: {} users, {} ledger rows, {} decisions, {} events unpublished: {}",
+        a.users,
+        a.transactions,
+        a.decisions,
+        a.unpublished_events,
+        if a.is_clean() {
+            "clean (Σ amount = balance = last running balance for every user)".to_owned()
+        } else {
+            format!("{} MISMATCHES", a.mismatches.len())
+        }
+    );
+    for m in &a.mismatches {
+        println!("  {}: {}", m.user_id, m.problem);
+    }
+    println!("\nscratch database and namespace removed");
+}
+
+fn event_summary(routing_key: &str, body: &Value) -> String {
+    let num = |k: &str| body.get(k).and_then(Value::as_i64).unwrap_or_default();
+    let text = |k: &str| body.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
+    match routing_key {
+        crate::events::BALANCE_CHANGED => format!(
+            "{} {:+} → balance {} (seq {}, {})",
+            text("transaction_type"),
+            num("amount"),
+            num("balance"),
+            num("seq"),
+            text("transaction_key")
+        ),
+        crate::events::CHARGE_REJECTED => format!(
+            "{} needs {}, balance {}",
+            text("node_exec_id"),
+            num("cost"),
+            num("balance")
+        ),
+        crate::events::BALANCE_LOW => format!(
+            "balance {} fell below threshold {}",
+            num("balance"),
+            num("threshold")
+        ),
+        _ => body.to_string(),
+    }
+}
+
+/// Eight hex digits, different on every run (no `rand` dependency needed for a name).
+fn random_tag() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    h.write_u128(nanos);
+    h.write_u32(std::process::id());
+    format!("{:08x}", h.finish() & 0xffff_ffff)
+}
+
+/// `url` with its database name replaced by `db` (query parameters kept).
+fn with_database(url: &str, db: &str) -> anyhow::Result<String> {
+    let (base, query) = match url.find('?') {
+        Some(i) => url.split_at(i),
+        None => (url, ""),
+    };
+    // Never echo the URL: it may carry a password.
+    let authority = base
+        .find("://")
+        .map(|i| i + 3)
+        .ok_or_else(|| anyhow!("database.url: not a postgres:// URL"))?;
+    let end = base[authority..]
+        .find('/')
+        .map_or(base.len(), |i| authority + i);
+    Ok(format!("{}/{db}{query}", &base[..end]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_name_is_replaced() {
+        let cases = [
+            ("postgres://localhost/credit", "postgres://localhost/x"),
+            ("postgres://u:p@h:5432/credit", "postgres://u:p@h:5432/x"),
+            ("postgres://h", "postgres://h/x"),
+            (
+                "postgresql://h/credit?sslmode=disable",
+                "postgresql://h/x?sslmode=disable",
+            ),
+            ("postgres:///credit?host=/run", "postgres:///x?host=/run"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(with_database(input, "x").unwrap(), want, "{input}");
+        }
+        assert!(with_database("localhost/credit", "x").is_err());
+    }
+
+    #[test]
+    fn the_script_is_well_formed() {
+        let steps = script();
+        let mut ids: Vec<_> = steps.iter().map(|s| s.node_exec_id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), steps.len());
+        for s in &steps {
+            crate::message::decode(&body(s)).unwrap();
+        }
+        assert!(crate::message::decode(INVALID_BODY).is_err());
+    }
+
+    #[test]
+    fn tags_are_lowercase_hex() {
+        let t = random_tag();
+        assert_eq!(t.len(), 8);
+        assert!(t
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_uppercase()));
+    }
 }

@@ -1,0 +1,28 @@
+# credit-worker container image.
+#   docker build -t credit-worker .
+#   docker run --rm -e DATABASE_URL=... -e AMQP_URL=... -p 9464:9464 credit-worker
+
+# ---- build -------------------------------------------------------------------------------
+FROM rust:1-bookworm AS build
+WORKDIR /src
+COPY . .
+# --locked: build exactly the dependency versions in Cargo.lock.
+RUN cargo build --release --locked \
+ && install -m 0755 target/release/credit-worker /usr/local/bin/credit-worker
+
+# ---- runtime -----------------------------------------------------------------------------
+FROM debian:bookworm-slim
+# ca-certificates for TLS connections (amqps://, sslmode=require).
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin credit
+COPY --from=build /usr/local/bin/credit-worker /usr/local/bin/credit-worker
+USER 10001:10001
+# Inside a container the metrics/health endpoint must listen on all interfaces.
+ENV CREDIT_WORKER__HTTP__LISTEN=0.0.0.0:9464
+EXPOSE 9464
+# The worker exits 0 after a graceful drain on SIGTERM.
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["credit-worker"]
+CMD ["run"]
