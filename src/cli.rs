@@ -127,7 +127,12 @@ fn ledger_error(e: LedgerError) -> anyhow::Error {
 
 async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     let settings = Settings::load(cli.global.config.as_deref())?;
-    crate::telemetry::init_logging(settings.log.format);
+    // Commands that print their own report keep the worker's progress logs out of the way.
+    let default_level = match cli.command {
+        Command::Demo | Command::Bench(_) => "warn",
+        _ => "info,sqlx=warn",
+    };
+    crate::telemetry::init_logging(settings.log.format, default_level);
     let json = cli.global.json;
     match cli.command {
         Command::Run => {
