@@ -1,0 +1,244 @@
+//! The broker-only ceiling: the worker's broker traffic with the database taken out. N
+//! messages wait on a queue declared like the worker's input queue; a consumer with the
+//! worker's prefetch batches deliveries the way the worker does (max_batch / max_wait),
+//! decodes them, hands one `balance.changed` per message to a relay on its own connection
+//! (where the worker would commit to the outbox) and multiple-acks the batch; the relay
+//! publishes up to 1000 events at a time with pipelined confirms, like the outbox relay.
+
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::publisher_confirm::Confirmation;
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, ExchangeKind};
+use tokio::sync::mpsc;
+
+use super::scratch::{Scratch, CEILING_EVENTS, CEILING_INPUT, CEILING_SINK};
+use super::traffic::{self, Sink, Traffic};
+use crate::config::{QueueType, Settings};
+use crate::events::{self, ExecutionRef, NewEvent};
+use crate::topology;
+
+#[derive(Debug)]
+pub struct CeilingResult {
+    pub msgs_per_s: f64,
+    pub seconds: f64,
+    pub publish_msgs_per_s: f64,
+}
+
+/// Events handed from the consumer to the relay in one go, like one outbox claim.
+const RELAY_BATCH: usize = 1000;
+
+pub async fn run(
+    settings: &Settings,
+    scratch: &Scratch,
+    t: &Traffic,
+) -> anyhow::Result<CeilingResult> {
+    let url = &settings.amqp.url;
+    let input = scratch.name(CEILING_INPUT);
+    let exchange = scratch.name(CEILING_EVENTS);
+    let sink_queue = scratch.name(CEILING_SINK);
+
+    let conn = topology::connect(url, "credit-worker bench ceiling").await?;
+    let ch = conn.create_channel().await?;
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    // The worker's input-queue arguments, minus dead-lettering (nothing is rejected here).
+    let mut args = FieldTable::default();
+    if settings.amqp.queue_type == QueueType::Quorum {
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(i64::from(settings.amqp.delivery_limit)),
+        );
+    }
+    ch.queue_declare(&input, durable, args).await?;
+    ch.exchange_declare(
+        &exchange,
+        ExchangeKind::Topic,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await?;
+    ch.queue_declare(&sink_queue, durable, FieldTable::default())
+        .await?;
+    ch.queue_bind(
+        &sink_queue,
+        &exchange,
+        "#",
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+
+    let n = t.messages as u64;
+    let bar = super::progress(n, "publish");
+    let (_, publish_rate) = traffic::publish_backlog(url, &input, t, &bar).await?;
+    bar.finish_and_clear();
+
+    let sink = Sink::start(url, &sink_queue, t).await?;
+    let (events_tx, events_rx) = mpsc::unbounded_channel::<Vec<NewEvent>>();
+    let relay = tokio::spawn(relay(url.clone(), exchange.clone(), events_rx));
+
+    let bar = super::progress(n, "ceiling");
+    let first = consume(settings, &input, t, events_tx).await?;
+    let stall = Duration::from_secs(60);
+    sink.wait_complete(t.messages, &bar, stall, || Ok(()))
+        .await?;
+    let last_confirm = relay.await??;
+    let seen = sink.finish().await?;
+    bar.finish_and_clear();
+    let end = match (seen.last, last_confirm) {
+        (Some(a), Some(b)) => a.max(b),
+        (a, b) => a.or(b).unwrap_or_else(Instant::now),
+    };
+    let seconds = end.saturating_duration_since(first).as_secs_f64().max(1e-9);
+
+    // Free the broker before the worker run.
+    let _ = ch
+        .queue_delete(&input, lapin::options::QueueDeleteOptions::default())
+        .await;
+    let _ = ch
+        .queue_delete(&sink_queue, lapin::options::QueueDeleteOptions::default())
+        .await;
+    let _ = ch
+        .exchange_delete(&exchange, lapin::options::ExchangeDeleteOptions::default())
+        .await;
+    let _ = conn.close(200, "done").await;
+    Ok(CeilingResult {
+        msgs_per_s: t.messages as f64 / seconds,
+        seconds,
+        publish_msgs_per_s: publish_rate,
+    })
+}
+
+/// Consumes all messages; returns the instant of the first delivery.
+async fn consume(
+    settings: &Settings,
+    queue: &str,
+    t: &Traffic,
+    events_tx: mpsc::UnboundedSender<Vec<NewEvent>>,
+) -> anyhow::Result<Instant> {
+    let conn = topology::connect(&settings.amqp.url, "credit-worker bench consumer").await?;
+    let ch = conn.create_channel().await?;
+    ch.basic_qos(settings.amqp.prefetch, BasicQosOptions::default())
+        .await?;
+    let mut deliveries = ch
+        .basic_consume(
+            queue,
+            "credit-worker-bench-ceiling",
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let max_batch = settings.pipeline.max_batch;
+    let max_wait = Duration::from_millis(settings.pipeline.max_wait_ms);
+    let mut first = None;
+    let mut consumed = 0;
+    let next = |d: Option<Result<lapin::message::Delivery, lapin::Error>>| match d {
+        Some(Ok(d)) => Ok(d),
+        Some(Err(e)) => Err(anyhow::Error::from(e)),
+        None => Err(anyhow::anyhow!("the broker ended the consumer")),
+    };
+    while consumed < t.messages {
+        let mut batch = vec![next(deliveries.next().await)?];
+        first.get_or_insert_with(Instant::now);
+        let deadline = tokio::time::Instant::now() + max_wait;
+        while batch.len() < max_batch && consumed + batch.len() < t.messages {
+            match tokio::time::timeout_at(deadline, deliveries.next()).await {
+                Ok(d) => batch.push(next(d)?),
+                Err(_) => break,
+            }
+        }
+        // The worker's CPU work minus the database: decode, build the event.
+        let now = Utc::now();
+        let mut out = Vec::with_capacity(batch.len());
+        for d in &batch {
+            let e = crate::message::decode(&d.data)?;
+            out.push(events::balance_changed(
+                &e.user_id,
+                1,
+                -10,
+                0,
+                "USAGE",
+                &format!("USAGE-{}", e.node_exec_id),
+                ExecutionRef {
+                    node_exec_id: Some(&e.node_exec_id),
+                    graph_exec_id: Some(&e.graph_exec_id),
+                },
+                now,
+            ));
+        }
+        events_tx
+            .send(out)
+            .map_err(|_| anyhow::anyhow!("the event relay stopped"))?;
+        if let Some(last) = batch.last() {
+            ch.basic_ack(last.delivery_tag, BasicAckOptions { multiple: true })
+                .await?;
+        }
+        consumed += batch.len();
+    }
+    let _ = conn.close(200, "done").await;
+    first.ok_or_else(|| anyhow::anyhow!("nothing was consumed"))
+}
+
+/// Publishes what the consumer hands over; returns the instant of the last confirm.
+async fn relay(
+    url: String,
+    exchange: String,
+    mut rx: mpsc::UnboundedReceiver<Vec<NewEvent>>,
+) -> anyhow::Result<Option<Instant>> {
+    let conn = topology::connect(&url, "credit-worker bench relay").await?;
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let mut last = None;
+    while let Some(mut batch) = rx.recv().await {
+        while batch.len() < RELAY_BATCH {
+            match rx.try_recv() {
+                Ok(more) => batch.extend(more),
+                Err(_) => break,
+            }
+        }
+        let now = Utc::now();
+        let mut pending = Vec::with_capacity(batch.len());
+        for ev in &batch {
+            let props = BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type("application/json".into())
+                .with_message_id(ev.event_id.as_str().into())
+                .with_timestamp(u64::try_from(now.timestamp()).unwrap_or(0));
+            let payload = ev.payload.to_string();
+            pending.push(
+                ch.basic_publish(
+                    &exchange,
+                    ev.routing_key,
+                    BasicPublishOptions::default(),
+                    payload.as_bytes(),
+                    props,
+                )
+                .await?,
+            );
+        }
+        for c in pending {
+            if let Confirmation::Nack(_) = c.await? {
+                anyhow::bail!("the broker refused an event (nack)");
+            }
+        }
+        last = Some(Instant::now());
+    }
+    let _ = conn.close(200, "done").await;
+    Ok(last)
+}

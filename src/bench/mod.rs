@@ -1,0 +1,260 @@
+//! `credit-worker bench` (SPEC §9): the worker's end-to-end throughput, latency and memory
+//! against the broker-only ceiling of the same traffic, and (`--sweep-users`) the refill sweep.
+//!
+//! Every run works in a namespace `bench-<tag>.` and a database `credit_bench_<tag>` of its
+//! own on the configured servers, and removes both at the end, so it never touches the
+//! deployment's queues or ledger.
+
+mod ceiling;
+mod scratch;
+mod sweep;
+mod traffic;
+mod worker;
+
+use std::process::ExitCode;
+
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+use crate::config::Settings;
+
+pub use traffic::Latency;
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Messages to publish.
+    #[arg(long, default_value_t = 100_000)]
+    pub messages: usize,
+    /// Distinct users.
+    #[arg(long, default_value_t = 1000)]
+    pub users: usize,
+    /// Override pipeline.max_batch for the worker under test.
+    #[arg(long)]
+    pub max_batch: Option<usize>,
+    /// Open-loop publish rate in msgs/s (latency runs); default: as fast as possible.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Instead of the message runs, time one refill sweep over this many fresh users.
+    #[arg(long, value_name = "M")]
+    pub sweep_users: Option<u64>,
+}
+
+/// Results of the message runs.
+#[derive(Debug)]
+struct Report {
+    messages: usize,
+    users: usize,
+    max_batch: usize,
+    prefetch: u16,
+    rate: Option<f64>,
+    ceiling: ceiling::CeilingResult,
+    worker: worker::WorkerResult,
+}
+
+pub async fn run(settings: Settings, args: BenchArgs, json: bool) -> anyhow::Result<ExitCode> {
+    if let Some(problem) = usage_problem(&args) {
+        eprintln!("error: {problem}");
+        return Ok(ExitCode::from(2));
+    }
+    let scratch = scratch::Scratch::new(&settings)?;
+    // Ctrl-C still removes the scratch database and queues.
+    let outcome = tokio::select! {
+        r = run_in(&settings, &args, &scratch, json) => r,
+        () = crate::cli::wait_for_signal() => Err(anyhow::anyhow!("interrupted")),
+    };
+    scratch.remove().await;
+    outcome
+}
+
+fn usage_problem(args: &BenchArgs) -> Option<String> {
+    if args.messages == 0 {
+        return Some("--messages must be at least 1".into());
+    }
+    if args.users == 0 {
+        return Some("--users must be at least 1".into());
+    }
+    if let Some(b) = args.max_batch {
+        if !(1..=10_000).contains(&b) {
+            return Some("--max-batch must be between 1 and 10000".into());
+        }
+    }
+    if let Some(r) = args.rate {
+        if !(r.is_finite() && r > 0.0) {
+            return Some("--rate must be a positive number of msgs/s".into());
+        }
+    }
+    if args.sweep_users == Some(0) {
+        return Some("--sweep-users must be at least 1".into());
+    }
+    None
+}
+
+async fn run_in(
+    settings: &Settings,
+    args: &BenchArgs,
+    scratch: &scratch::Scratch,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    if let Some(users) = args.sweep_users {
+        let r = sweep::run(settings, scratch, users).await?;
+        if json {
+            println!("{}", serde_json::to_value(&r)?);
+        } else {
+            r.print();
+        }
+        return Ok(exit_code(r.problems.is_empty()));
+    }
+
+    let traffic = traffic::Traffic::new(scratch.run_id, args.messages, args.users);
+    let cost = traffic.expected_cost(settings)?;
+    let max_batch = args.max_batch.unwrap_or(settings.pipeline.max_batch);
+    if !json {
+        eprintln!(
+            "bench: {} messages over {} users (cost {cost} each), prefetch {}, max_batch {max_batch}, {} queue; namespace {}, database {}",
+            args.messages,
+            args.users,
+            settings.amqp.prefetch,
+            match settings.amqp.queue_type {
+                crate::config::QueueType::Quorum => "quorum",
+                crate::config::QueueType::Classic => "classic",
+            },
+            scratch.namespace,
+            scratch.db_name,
+        );
+    }
+    let ceiling = ceiling::run(settings, scratch, &traffic).await?;
+    let worker = worker::run(settings, scratch, &traffic, cost, max_batch, args.rate).await?;
+    let report = Report {
+        messages: args.messages,
+        users: args.users,
+        max_batch,
+        prefetch: settings.amqp.prefetch,
+        rate: args.rate,
+        ceiling,
+        worker,
+    };
+    if json {
+        println!("{}", report.to_json());
+    } else {
+        report.print();
+    }
+    Ok(exit_code(report.worker.problems.is_empty()))
+}
+
+fn exit_code(ok: bool) -> ExitCode {
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// A progress bar on stderr (hidden by indicatif when stderr is not a terminal).
+fn progress(len: u64, prefix: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len).with_prefix(prefix.to_owned());
+    if let Ok(style) = ProgressStyle::with_template(
+        "{prefix:>9} [{bar:32}] {pos:>8}/{len:8} {per_sec:>14} {elapsed:>4} {msg}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
+}
+
+fn round(x: f64, digits: i32) -> f64 {
+    let p = 10f64.powi(digits);
+    (x * p).round() / p
+}
+
+impl Report {
+    fn ratio(&self) -> Option<f64> {
+        // Paced runs measure the offered rate, not capacity: no ratio.
+        (self.rate.is_none() && self.ceiling.msgs_per_s > 0.0)
+            .then(|| self.worker.msgs_per_s / self.ceiling.msgs_per_s)
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        let w = &self.worker;
+        json!({
+            "messages": self.messages,
+            "users": self.users,
+            "max_batch": self.max_batch,
+            "prefetch": self.prefetch,
+            "mode": if self.rate.is_some() { "open-loop" } else { "backlog" },
+            "rate": self.rate,
+            "ceiling_msgs_per_s": round(self.ceiling.msgs_per_s, 1),
+            "ceiling_seconds": round(self.ceiling.seconds, 3),
+            "worker_msgs_per_s": round(w.msgs_per_s, 1),
+            "worker_seconds": round(w.seconds, 3),
+            "worker_msgs_per_s_incl_startup": round(w.msgs_per_s_total, 1),
+            "worker_startup_ms": round(w.startup_ms, 1),
+            "ratio": self.ratio().map(|r| round(r, 3)),
+            "latency_ms": w.latency.as_ref().map(|l| json!({
+                "p50": round(l.p50_ms, 2),
+                "p99": round(l.p99_ms, 2),
+                "max": round(l.max_ms, 2),
+                "samples": l.samples,
+            })),
+            "worker_peak_rss_mib": round(w.peak_rss_mib, 1),
+            "events_received": w.events_received,
+            "fees": w.fees,
+            "worker_breakdown": w.breakdown,
+            "verified": w.problems.is_empty(),
+            "problems": w.problems,
+        })
+    }
+
+    fn print(&self) {
+        let w = &self.worker;
+        let c = &self.ceiling;
+        println!(
+            "broker-only ceiling  {:>9.0} msgs/s  ({} msgs in {:.2} s; publish {:.0} msgs/s)",
+            c.msgs_per_s, self.messages, c.seconds, c.publish_msgs_per_s
+        );
+        match self.rate {
+            None => println!(
+                "worker end-to-end    {:>9.0} msgs/s  ({:.2} s from first delivery to last event; {:.0} msgs/s incl. {:.0} ms start-up)",
+                w.msgs_per_s, w.seconds, w.msgs_per_s_total, w.startup_ms
+            ),
+            Some(r) => println!(
+                "worker end-to-end    {:>9.0} msgs/s  (open loop at {r:.0} msgs/s offered; {:.2} s from first publish to last event)",
+                w.msgs_per_s, w.seconds
+            ),
+        }
+        if let Some(ratio) = self.ratio() {
+            println!("ratio worker/ceiling {ratio:>9.3}");
+        }
+        match &w.latency {
+            Some(l) => println!(
+                "latency              p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms  (publish → balance.changed received{})",
+                l.p50_ms,
+                l.p99_ms,
+                l.max_ms,
+                if self.rate.is_none() {
+                    "; backlog mode: mostly time spent queued behind earlier messages"
+                } else {
+                    ""
+                }
+            ),
+            None => println!("latency              n/a"),
+        }
+        println!("worker peak RSS      {:>9.1} MiB (VmHWM)", w.peak_rss_mib);
+        if let Some(b) = &w.breakdown {
+            println!(
+                "worker breakdown     {:.0} batches of {:.1} msgs, {:.2} ms each (decide + commit + ack); {:.0} outbox rounds of {:.2} ms; {:.0} retries",
+                b.batches, b.mean_batch_size, b.mean_decide_ms, b.outbox_rounds, b.mean_outbox_round_ms, b.decide_retries
+            );
+        }
+        if w.problems.is_empty() {
+            println!(
+                "verification         ok: {} decisions, {} execution fees, {} events, audit clean",
+                self.messages, w.fees, w.events_received
+            );
+        } else {
+            println!("verification         FAILED");
+            for p in &w.problems {
+                println!("  - {p}");
+            }
+        }
+    }
+}

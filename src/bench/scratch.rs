@@ -1,0 +1,169 @@
+//! The bench's own namespace and database, and their removal.
+
+use std::hash::{BuildHasher, Hasher};
+
+use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{ConnectOptions, Connection};
+
+use crate::config::{AmqpSettings, DatabaseSettings, Settings};
+use crate::topology::{self, Names};
+
+/// Queues and exchanges the bench declares besides the worker's topology.
+pub const CEILING_INPUT: &str = "bench.ceiling.node_execution";
+pub const CEILING_EVENTS: &str = "bench.ceiling.events";
+pub const CEILING_SINK: &str = "bench.ceiling.events.all";
+pub const WORKER_SINK: &str = "bench.events.all";
+
+pub struct Scratch {
+    /// Random; also part of every node_exec_id, so runs never collide.
+    pub run_id: u32,
+    pub namespace: String,
+    pub db_name: String,
+    pub database: DatabaseSettings,
+    pub amqp: AmqpSettings,
+    admin_url: String,
+}
+
+impl Scratch {
+    pub fn new(settings: &Settings) -> anyhow::Result<Self> {
+        let tag = random_tag();
+        let run_id = (tag & 0xffff_ffff) as u32;
+        let namespace = format!("bench-{tag:012x}.");
+        let db_name = format!("credit_bench_{tag:012x}");
+        let mut database = settings.database.clone();
+        database.url = with_database(&settings.database.url, &db_name)?;
+        let mut amqp = settings.amqp.clone();
+        amqp.namespace = namespace.clone();
+        Ok(Scratch {
+            run_id,
+            admin_url: with_database(&settings.database.url, "postgres")?,
+            namespace,
+            db_name,
+            database,
+            amqp,
+        })
+    }
+
+    pub fn name(&self, base: &str) -> String {
+        format!("{}{base}", self.namespace)
+    }
+
+    /// Drops the database and deletes the namespace's queues and exchanges. Best effort: a
+    /// failure is reported, not fatal, since the measurements are already taken.
+    pub async fn remove(&self) {
+        if let Err(e) = self.drop_database().await {
+            eprintln!("warning: could not drop database {}: {e}", self.db_name);
+        }
+        if let Err(e) = self.delete_broker_objects().await {
+            eprintln!(
+                "warning: could not delete the queues of namespace {}: {e}",
+                self.namespace
+            );
+        }
+    }
+
+    async fn drop_database(&self) -> Result<(), sqlx::Error> {
+        // Dropping with FORCE can take seconds; that is not a slow statement worth a warning.
+        let mut conn = PgConnectOptions::from_str(&self.admin_url)?
+            .log_slow_statements(tracing::log::LevelFilter::Off, Duration::from_secs(60))
+            .connect()
+            .await?;
+        sqlx::query(&format!(
+            "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+            self.db_name
+        ))
+        .execute(&mut conn)
+        .await?;
+        conn.close().await
+    }
+
+    async fn delete_broker_objects(&self) -> Result<(), lapin::Error> {
+        let names = Names::new(&self.namespace);
+        let conn = topology::connect(&self.amqp.url, "credit-worker bench cleanup").await?;
+        let queues = [
+            names.input_queue.clone(),
+            names.dead_queue.clone(),
+            names.control.clone(),
+            self.name(CEILING_INPUT),
+            self.name(CEILING_SINK),
+            self.name(WORKER_SINK),
+        ];
+        let exchanges = [
+            names.input_exchange.clone(),
+            names.dlx.clone(),
+            names.events.clone(),
+            self.name(CEILING_EVENTS),
+        ];
+        // A failed delete closes its channel, so each one gets a fresh channel.
+        for q in &queues {
+            let ch = conn.create_channel().await?;
+            let _ = ch.queue_delete(q, QueueDeleteOptions::default()).await;
+            let _ = ch.close(200, "done").await;
+        }
+        for x in &exchanges {
+            let ch = conn.create_channel().await?;
+            let _ = ch
+                .exchange_delete(x, ExchangeDeleteOptions::default())
+                .await;
+            let _ = ch.close(200, "done").await;
+        }
+        conn.close(200, "done").await
+    }
+}
+
+/// 48 random bits from the std hasher's per-process random keys, mixed with the clock.
+fn random_tag() -> u64 {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    h.write_u128(nanos);
+    h.write_u32(std::process::id());
+    h.finish() & 0xffff_ffff_ffff
+}
+
+/// `url` with its database name replaced (query parameters kept).
+pub fn with_database(url: &str, db: &str) -> anyhow::Result<String> {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let authority_start = base
+        .find("://")
+        .map(|i| i + 3)
+        .ok_or_else(|| anyhow::anyhow!("database.url: expected postgres://…, got {url:?}"))?;
+    let server = match base[authority_start..].find('/') {
+        Some(i) => &base[..authority_start + i],
+        None => base,
+    };
+    Ok(match query {
+        Some(q) => format!("{server}/{db}?{q}"),
+        None => format!("{server}/{db}"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_database;
+
+    #[test]
+    fn database_name_is_replaced() {
+        let cases = [
+            ("postgres://localhost/credit", "postgres://localhost/x"),
+            ("postgres://localhost", "postgres://localhost/x"),
+            (
+                "postgres://u:p@127.0.0.1:5432/credit?sslmode=disable",
+                "postgres://u:p@127.0.0.1:5432/x?sslmode=disable",
+            ),
+        ];
+        for (url, want) in cases {
+            assert_eq!(with_database(url, "x").unwrap(), want);
+        }
+        assert!(with_database("localhost/credit", "x").is_err());
+    }
+}

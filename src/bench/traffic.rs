@@ -1,0 +1,442 @@
+//! What the bench sends and receives: AutoGPT-shaped NodeExecutionEntry bodies, backlog and
+//! paced publishing, and the event sink that times every `balance.changed`.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::publisher_confirm::Confirmation;
+use lapin::types::FieldTable;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+use crate::topology;
+
+/// AITextGeneratorBlock with gpt-4-turbo and the platform's OpenAI credential: a paid
+/// execution in the shipped cost table.
+pub const BLOCK_ID: &str = "1f292d4a-41a4-4977-9684-7c8d560b9f91";
+pub const PLATFORM_OPENAI_CREDENTIAL: &str = "53c25cb8-e3ee-465c-a4d1-e75a4c899c2a";
+
+/// Messages published per confirm window.
+pub const WINDOW: usize = 1000;
+
+/// N messages round-robin over U users, with ids that map back to the message index.
+#[derive(Debug, Clone)]
+pub struct Traffic {
+    pub run_id: u32,
+    pub messages: usize,
+    pub users: usize,
+}
+
+impl Traffic {
+    pub fn new(run_id: u32, messages: usize, users: usize) -> Self {
+        Traffic {
+            run_id,
+            messages,
+            users,
+        }
+    }
+
+    pub fn user_id(u: usize) -> String {
+        format!("00000000-0000-4000-8000-{u:012x}")
+    }
+
+    fn node_prefix(&self) -> String {
+        format!("{:08x}-0000-4000-9000-", self.run_id)
+    }
+
+    pub fn node_exec_id(&self, i: usize) -> String {
+        format!("{}{i:012x}", self.node_prefix())
+    }
+
+    /// The message index of one of this run's node_exec_ids.
+    pub fn index_of(&self, node_exec_id: &str) -> Option<usize> {
+        let hex = node_exec_id.strip_prefix(&self.node_prefix())?;
+        let i = usize::from_str_radix(hex, 16).ok()?;
+        (i < self.messages).then_some(i)
+    }
+
+    /// Message `i`: the shape and size (~600 bytes) of AutoGPT's executor messages.
+    pub fn body(&self, i: usize) -> Vec<u8> {
+        let user = Self::user_id(i % self.users);
+        json!({
+            "user_id": user,
+            "graph_exec_id": format!("{:08x}-0000-4000-a000-{:012x}", self.run_id, i / 10),
+            "graph_id": format!("00000000-0000-4000-b000-{:012x}", (i / 10) % 50 + 1),
+            "graph_version": 1,
+            "node_exec_id": self.node_exec_id(i),
+            "node_id": format!("00000000-0000-4000-c000-{:012x}", i % 7 + 1000),
+            "block_id": BLOCK_ID,
+            "inputs": {
+                "prompt": "Write a haiku about credits.",
+                "model": "gpt-4-turbo",
+                "credentials": {
+                    "id": PLATFORM_OPENAI_CREDENTIAL,
+                    "provider": "openai",
+                    "type": "api_key",
+                },
+            },
+            "execution_context": {
+                "user_id": user,
+                "dry_run": false,
+                "user_timezone": "UTC",
+            },
+        })
+        .to_string()
+        .into_bytes()
+    }
+
+    /// The block cost of every message under the configured cost table; the verification
+    /// needs it and a free message would measure nothing.
+    pub fn expected_cost(&self, settings: &Settings) -> anyhow::Result<i64> {
+        let costs = crate::service::load_costs(settings)?;
+        let entry = crate::message::decode(&self.body(0))?;
+        let price = costs.price(&entry.block_id, &entry.inputs, entry.stats)?;
+        if price.cost <= 0 {
+            anyhow::bail!(
+                "the cost table prices the bench's messages at {}; they must be charged",
+                price.cost
+            );
+        }
+        Ok(price.cost)
+    }
+}
+
+/// Publishes every message to `queue` in confirmed windows, as fast as the broker takes
+/// them. Returns each message's publish instant (its window's start: confirms are awaited
+/// per window) and the publish rate.
+pub async fn publish_backlog(
+    url: &str,
+    queue: &str,
+    traffic: &Traffic,
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<(Vec<Instant>, f64)> {
+    let conn = topology::connect(url, "credit-worker bench publisher").await?;
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let mut published = Vec::with_capacity(traffic.messages);
+    let started = Instant::now();
+    let mut start = 0;
+    while start < traffic.messages {
+        let end = (start + WINDOW).min(traffic.messages);
+        let bodies: Vec<Vec<u8>> = (start..end).map(|i| traffic.body(i)).collect();
+        let at = Instant::now();
+        crate::publish::publish_window(&ch, queue, bodies.iter().map(Vec::as_slice)).await?;
+        published.extend(std::iter::repeat_n(at, end - start));
+        bar.set_position(end as u64);
+        start = end;
+    }
+    let rate = traffic.messages as f64 / started.elapsed().as_secs_f64().max(1e-9);
+    let _ = conn.close(200, "done").await;
+    Ok((published, rate))
+}
+
+/// Publishes message i at `start + i / rate` (open loop: sends never wait for confirms or
+/// for the consumer; confirms are awaited per window in the background). Returns `start`,
+/// from which each message's intended send time follows, so a publisher that falls behind
+/// cannot hide queueing delay.
+pub async fn publish_paced(
+    url: &str,
+    queue: &str,
+    traffic: &Traffic,
+    rate: f64,
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<Instant> {
+    let conn = topology::connect(url, "credit-worker bench publisher").await?;
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let mut windows: Vec<JoinHandle<anyhow::Result<()>>> = Vec::new();
+    let mut pending = Vec::with_capacity(WINDOW);
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let start = Instant::now();
+    let mut sent = 0;
+    while sent < traffic.messages {
+        tick.tick().await;
+        let due = ((start.elapsed().as_secs_f64() * rate) as usize + 1).min(traffic.messages);
+        while sent < due {
+            let body = traffic.body(sent);
+            pending.push(
+                ch.basic_publish(
+                    "",
+                    queue,
+                    BasicPublishOptions::default(),
+                    &body,
+                    crate::publish::persistent(),
+                )
+                .await?,
+            );
+            sent += 1;
+            if pending.len() == WINDOW {
+                windows.push(tokio::spawn(await_confirms(std::mem::take(&mut pending))));
+            }
+        }
+        bar.set_position(sent as u64);
+    }
+    windows.push(tokio::spawn(await_confirms(pending)));
+    for w in windows {
+        w.await??;
+    }
+    let _ = conn.close(200, "done").await;
+    Ok(start)
+}
+
+async fn await_confirms(
+    pending: Vec<lapin::publisher_confirm::PublisherConfirm>,
+) -> anyhow::Result<()> {
+    for c in pending {
+        if let Confirmation::Nack(_) = c.await? {
+            anyhow::bail!("the broker refused a message (nack)");
+        }
+    }
+    Ok(())
+}
+
+/// Counts seen by the sink while it runs.
+#[derive(Default)]
+pub struct SinkProgress {
+    /// Distinct node executions whose USAGE `balance.changed` arrived.
+    pub charged: AtomicUsize,
+    /// Every event received.
+    pub events: AtomicUsize,
+    /// Signalled once `charged` reaches the number of messages.
+    pub complete: Notify,
+}
+
+/// What the sink saw.
+#[derive(Debug)]
+pub struct SinkResult {
+    /// Arrival of each message's USAGE `balance.changed`.
+    pub received: Vec<Option<Instant>>,
+    /// Arrival of the last new USAGE event.
+    pub last: Option<Instant>,
+    pub events: usize,
+    pub duplicates: usize,
+}
+
+pub struct Sink {
+    pub progress: Arc<SinkProgress>,
+    stop: CancellationToken,
+    task: JoinHandle<anyhow::Result<SinkResult>>,
+}
+
+/// Only the fields the sink needs; the rest of the body is skipped.
+#[derive(Deserialize)]
+struct EventFields {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    transaction_key: Option<String>,
+    node_exec_id: Option<String>,
+}
+
+impl Sink {
+    /// Consumes `queue` (auto-ack: the sink is measuring equipment, not a system under test).
+    pub async fn start(url: &str, queue: &str, traffic: &Traffic) -> anyhow::Result<Sink> {
+        let conn = topology::connect(url, "credit-worker bench sink").await?;
+        let ch = conn.create_channel().await?;
+        let mut deliveries = ch
+            .basic_consume(
+                queue,
+                "credit-worker-bench-sink",
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let progress = Arc::new(SinkProgress::default());
+        let stop = CancellationToken::new();
+        let traffic = traffic.clone();
+        let task = tokio::spawn({
+            let progress = progress.clone();
+            let stop = stop.clone();
+            async move {
+                let mut r = SinkResult {
+                    received: vec![None; traffic.messages],
+                    last: None,
+                    events: 0,
+                    duplicates: 0,
+                };
+                let mut charged = 0;
+                loop {
+                    let d = tokio::select! {
+                        _ = stop.cancelled() => break,
+                        d = deliveries.next() => d,
+                    };
+                    let d = match d {
+                        Some(Ok(d)) => d,
+                        Some(Err(e)) => return Err(e.into()),
+                        None => break,
+                    };
+                    let now = Instant::now();
+                    r.events += 1;
+                    progress.events.store(r.events, Ordering::Relaxed);
+                    let Ok(ev) = serde_json::from_slice::<EventFields>(&d.data) else {
+                        continue;
+                    };
+                    let usage = ev.kind.as_deref() == Some(crate::events::BALANCE_CHANGED)
+                        && ev
+                            .transaction_key
+                            .as_deref()
+                            .is_some_and(|k| k.starts_with("USAGE-"));
+                    let Some(i) = ev
+                        .node_exec_id
+                        .as_deref()
+                        .and_then(|id| traffic.index_of(id))
+                        .filter(|_| usage)
+                    else {
+                        continue;
+                    };
+                    if r.received[i].is_some() {
+                        r.duplicates += 1;
+                        continue;
+                    }
+                    r.received[i] = Some(now);
+                    r.last = Some(now);
+                    charged += 1;
+                    progress.charged.store(charged, Ordering::Relaxed);
+                    if charged == traffic.messages {
+                        progress.complete.notify_one();
+                    }
+                }
+                let _ = ch.close(200, "done").await;
+                let _ = conn.close(200, "done").await;
+                Ok(r)
+            }
+        });
+        Ok(Sink {
+            progress,
+            stop,
+            task,
+        })
+    }
+
+    pub fn charged(&self) -> usize {
+        self.progress.charged.load(Ordering::Relaxed)
+    }
+
+    pub fn events(&self) -> usize {
+        self.progress.events.load(Ordering::Relaxed)
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// Waits until every message's event arrived, updating `bar`. Fails when nothing new
+    /// arrives for `stall`, or when `alive` says the producer side died.
+    pub async fn wait_complete(
+        &self,
+        total: usize,
+        bar: &indicatif::ProgressBar,
+        stall: Duration,
+        mut alive: impl FnMut() -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let mut last_seen = 0;
+        let mut last_change = Instant::now();
+        loop {
+            let done = tokio::select! {
+                () = self.progress.complete.notified() => true,
+                () = tokio::time::sleep(Duration::from_millis(100)) => false,
+            };
+            let seen = self.charged();
+            bar.set_position(seen as u64);
+            if done || seen >= total {
+                return Ok(());
+            }
+            if self.is_finished() {
+                anyhow::bail!("the event consumer stopped after {seen} of {total} events");
+            }
+            alive()?;
+            if seen != last_seen {
+                last_seen = seen;
+                last_change = Instant::now();
+            } else if last_change.elapsed() > stall {
+                anyhow::bail!(
+                    "no progress for {} s: {seen} of {total} balance.changed events received",
+                    stall.as_secs()
+                );
+            }
+        }
+    }
+
+    pub async fn finish(self) -> anyhow::Result<SinkResult> {
+        self.stop.cancel();
+        self.task.await?
+    }
+}
+
+/// Publish → event latency percentiles.
+#[derive(Debug, Clone)]
+pub struct Latency {
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    pub samples: usize,
+}
+
+impl Latency {
+    /// Nearest-rank percentiles over the messages whose event arrived.
+    pub fn of(sent: impl Fn(usize) -> Instant, received: &[Option<Instant>]) -> Option<Latency> {
+        let mut ms: Vec<f64> = received
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| {
+                r.map(|r| r.saturating_duration_since(sent(i)).as_secs_f64() * 1e3)
+            })
+            .collect();
+        if ms.is_empty() {
+            return None;
+        }
+        ms.sort_unstable_by(f64::total_cmp);
+        let rank = |p: f64| ms[((p * ms.len() as f64).ceil() as usize).clamp(1, ms.len()) - 1];
+        Some(Latency {
+            p50_ms: rank(0.50),
+            p99_ms: rank(0.99),
+            max_ms: ms[ms.len() - 1],
+            samples: ms.len(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_ids_map_back_and_bodies_are_valid_entries() {
+        let t = Traffic::new(0xabcd, 2500, 7);
+        for i in [0, 1, 999, 2499] {
+            assert_eq!(t.index_of(&t.node_exec_id(i)), Some(i));
+            let e = crate::message::decode(&t.body(i)).unwrap();
+            assert_eq!(e.user_id, Traffic::user_id(i % 7));
+            assert_eq!(e.node_exec_id, t.node_exec_id(i));
+        }
+        assert_eq!(t.index_of(&t.node_exec_id(2500)), None);
+        assert_eq!(Traffic::new(1, 10, 1).index_of(&t.node_exec_id(0)), None);
+        let len = t.body(0).len();
+        assert!((550..700).contains(&len), "{len}");
+    }
+
+    #[test]
+    fn percentiles_use_nearest_rank() {
+        let base = Instant::now();
+        let received: Vec<Option<Instant>> = (1..=100)
+            .map(|ms| Some(base + Duration::from_millis(ms)))
+            .chain([None])
+            .collect();
+        let l = Latency::of(|_| base, &received).unwrap();
+        assert_eq!(l.samples, 100);
+        assert!((l.p50_ms - 50.0).abs() < 1e-6);
+        assert!((l.p99_ms - 99.0).abs() < 1e-6);
+        assert!((l.max_ms - 100.0).abs() < 1e-6);
+        assert!(Latency::of(|_| base, &[None]).is_none());
+    }
+}

@@ -1,0 +1,565 @@
+//! The worker end to end: seed users, start `credit-worker run` as a separate process on the
+//! bench's namespace and database, publish, wait for every `balance.changed`, stop it with
+//! SIGTERM, then verify the ledger.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use lapin::options::{QueueBindOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use sqlx::{PgPool, Row};
+use tokio::task::JoinHandle;
+
+use super::scratch::{Scratch, WORKER_SINK};
+use super::traffic::{self, Latency, Sink, Traffic};
+use crate::config::{LogFormat, QueueType, Settings};
+use crate::refill::Month;
+use crate::topology;
+
+/// Each user's starting balance: no run can exhaust it, so every message is charged.
+pub const SEED_BALANCE: i64 = 1_000_000_000_000;
+pub const SEED_KEY: &str = "BENCH-SEED";
+
+#[derive(Debug)]
+pub struct WorkerResult {
+    /// Messages / (worker's first delivery → last `balance.changed` received); in paced runs
+    /// from the first publish instead.
+    pub msgs_per_s: f64,
+    pub seconds: f64,
+    /// Messages / (process start → last event): includes connecting and migrating.
+    pub msgs_per_s_total: f64,
+    pub startup_ms: f64,
+    pub latency: Option<Latency>,
+    pub peak_rss_mib: f64,
+    pub events_received: usize,
+    pub fees: i64,
+    pub breakdown: Option<Breakdown>,
+    pub problems: Vec<String>,
+}
+
+pub async fn run(
+    settings: &Settings,
+    scratch: &Scratch,
+    t: &Traffic,
+    cost: i64,
+    max_batch: usize,
+    rate: Option<f64>,
+) -> anyhow::Result<WorkerResult> {
+    let url = &settings.amqp.url;
+    let pool = crate::db::connect_and_migrate(&scratch.database).await?;
+    seed(&pool, t.users).await?;
+
+    // The worker's topology, declared up front so the backlog can be published before the
+    // worker starts, plus a queue catching every event.
+    let conn = topology::connect(url, "credit-worker bench").await?;
+    let ch = conn.create_channel().await?;
+    let names = topology::declare(&ch, &scratch.amqp).await?;
+    let sink_queue = scratch.name(WORKER_SINK);
+    ch.queue_declare(
+        &sink_queue,
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await?;
+    ch.queue_bind(
+        &sink_queue,
+        &names.events,
+        "#",
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    let sink = Sink::start(url, &sink_queue, t).await?;
+    let n = t.messages;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+
+    let (mut proc, start_of_run, spawned, sent_at): (_, Instant, Instant, SentAt) = match rate {
+        None => {
+            let bar = super::progress(n as u64, "publish");
+            let (published, _) = traffic::publish_backlog(url, &names.input_queue, t, &bar).await?;
+            bar.finish_and_clear();
+            let mut proc = WorkerProcess::spawn(settings, scratch, max_batch)?;
+            let spawned = Instant::now();
+            // The first delivery shows as the ready count dropping below N (prefetch takes
+            // a whole window at once); polled so the start-up is not counted as work.
+            let first = loop {
+                let q = ch
+                    .queue_declare(&names.input_queue, passive, FieldTable::default())
+                    .await?;
+                if (q.message_count() as usize) < n {
+                    break Instant::now();
+                }
+                proc.check_alive()?;
+                if spawned.elapsed() > Duration::from_secs(60) {
+                    anyhow::bail!("the worker consumed nothing within 60 s");
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            };
+            (proc, first, spawned, SentAt::Each(published))
+        }
+        Some(rate) => {
+            let mut proc = WorkerProcess::spawn(settings, scratch, max_batch)?;
+            let spawned = Instant::now();
+            // Open loop against an idle, consuming worker.
+            loop {
+                let q = ch
+                    .queue_declare(&names.input_queue, passive, FieldTable::default())
+                    .await?;
+                if q.consumer_count() > 0 {
+                    break;
+                }
+                proc.check_alive()?;
+                if spawned.elapsed() > Duration::from_secs(60) {
+                    anyhow::bail!("the worker did not start consuming within 60 s");
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let bar = super::progress(n as u64, "publish");
+            let start = traffic::publish_paced(url, &names.input_queue, t, rate, &bar).await?;
+            bar.finish_and_clear();
+            (proc, start, spawned, SentAt::Paced { start, rate })
+        }
+    };
+
+    let bar = super::progress(n as u64, "worker");
+    let waited = sink
+        .wait_complete(n, &bar, Duration::from_secs(60), || proc.check_alive())
+        .await;
+    bar.finish_and_clear();
+    let peak_kib = proc.peak_kib();
+    // The worker's own timings, when its HTTP endpoint answers (diagnostic only).
+    let breakdown = scrape(proc.metrics_addr)
+        .await
+        .map(|t| Breakdown::parse(&t))
+        .ok();
+    let exit = proc.stop().await;
+    waited?;
+    let mut problems = Vec::new();
+    match exit {
+        Ok(status) if status.success() => {}
+        Ok(status) => problems.push(format!("the worker exited with {status} after SIGTERM")),
+        Err(e) => problems.push(format!("stopping the worker: {e}")),
+    }
+
+    // The relay flushed the outbox at shutdown; collect the stragglers (execution-fee events).
+    let ledger_rows: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM credit.transactions WHERE transaction_key <> $1")
+            .bind(SEED_KEY)
+            .fetch_one(&pool)
+            .await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (sink.events() as i64) < ledger_rows && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let seen = sink.finish().await?;
+    let last = seen.last.unwrap_or_else(Instant::now);
+    let seconds = last
+        .saturating_duration_since(start_of_run)
+        .as_secs_f64()
+        .max(1e-9);
+    let total_seconds = last
+        .saturating_duration_since(spawned)
+        .as_secs_f64()
+        .max(1e-9);
+    let latency = Latency::of(|i| sent_at.at(i), &seen.received);
+
+    let fees = verify(settings, &pool, t, cost, &mut problems).await?;
+    if (seen.events as i64) != ledger_rows {
+        problems.push(format!(
+            "{} events received for {ledger_rows} ledger rows",
+            seen.events
+        ));
+    }
+    for q in [&names.input_queue, &names.dead_queue] {
+        let left = ch
+            .queue_declare(q, passive, FieldTable::default())
+            .await?
+            .message_count();
+        if left != 0 {
+            problems.push(format!("{left} messages left on {q}"));
+        }
+    }
+    let _ = conn.close(200, "done").await;
+    pool.close().await;
+    if problems.is_empty() {
+        proc.remove_log();
+    } else {
+        problems.push(format!("worker log: {}", proc.log.display()));
+    }
+    Ok(WorkerResult {
+        msgs_per_s: n as f64 / seconds,
+        seconds,
+        msgs_per_s_total: n as f64 / total_seconds,
+        startup_ms: start_of_run
+            .saturating_duration_since(spawned)
+            .as_secs_f64()
+            * 1e3,
+        latency,
+        peak_rss_mib: peak_kib as f64 / 1024.0,
+        events_received: seen.events,
+        fees,
+        breakdown,
+        problems,
+    })
+}
+
+/// When message i was sent.
+enum SentAt {
+    Each(Vec<Instant>),
+    /// Intended send times of an open-loop run.
+    Paced {
+        start: Instant,
+        rate: f64,
+    },
+}
+
+impl SentAt {
+    fn at(&self, i: usize) -> Instant {
+        match self {
+            SentAt::Each(v) => v.get(i).copied().unwrap_or_else(Instant::now),
+            SentAt::Paced { start, rate } => *start + Duration::from_secs_f64(i as f64 / rate),
+        }
+    }
+}
+
+/// Users with one GRANT of [`SEED_BALANCE`] each (ledger row, balance and an already
+/// published outbox event, so the audit holds), evaluated for this month's refill.
+async fn seed(pool: &PgPool, users: usize) -> Result<(), sqlx::Error> {
+    let ids: Vec<String> = (0..users).map(Traffic::user_id).collect();
+    let month = Month::of(Utc::now()).first_day();
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "INSERT INTO credit.balances (user_id, balance, last_seq, refill_month)
+         SELECT u, $2, 1, $3 FROM unnest($1::text[]) AS u",
+    )
+    .bind(&ids)
+    .bind(SEED_BALANCE)
+    .bind(month)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO credit.transactions
+                (user_id, seq, transaction_key, type, amount, running_balance, metadata)
+         SELECT user_id, 1, $1, 'GRANT', balance, balance, '{\"reason\": \"bench seed\"}'
+           FROM credit.balances",
+    )
+    .bind(SEED_KEY)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO credit.outbox (event_id, routing_key, payload, published_at)
+         SELECT 'balance.changed:' || user_id || ':' || $1, 'balance.changed',
+                jsonb_build_object('user_id', user_id, 'amount', balance, 'balance', balance,
+                                   'seq', 1, 'transaction_type', 'GRANT',
+                                   'transaction_key', $1::text),
+                now()
+           FROM credit.balances",
+    )
+    .bind(SEED_KEY)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    sqlx::query("ANALYZE credit.balances").execute(pool).await?;
+    Ok(())
+}
+
+/// Checks the ledger after the run; returns the execution fees charged.
+async fn verify(
+    settings: &Settings,
+    pool: &PgPool,
+    t: &Traffic,
+    cost: i64,
+    problems: &mut Vec<String>,
+) -> anyhow::Result<i64> {
+    let n = t.messages as i64;
+    let d = sqlx::query(
+        "SELECT count(*) AS n, count(*) FILTER (WHERE outcome = 'charged') AS charged,
+                coalesce(sum(cost), 0)::int8 AS cost, coalesce(sum(fee), 0)::int8 AS fee
+           FROM credit.decisions",
+    )
+    .fetch_one(pool)
+    .await?;
+    let (decided, charged): (i64, i64) = (d.try_get("n")?, d.try_get("charged")?);
+    let (cost_sum, fee_sum): (i64, i64) = (d.try_get("cost")?, d.try_get("fee")?);
+    if decided != n || charged != n {
+        problems.push(format!(
+            "{decided} decisions ({charged} charged) for {n} messages"
+        ));
+    }
+    // Every `every`-th execution of a user within a UTC day owes the fee.
+    let fee = &settings.execution_fee;
+    let expected_fee = if fee.every > 0 {
+        let owed: i64 = sqlx::query_scalar(
+            "SELECT coalesce(sum(c / $1), 0)::int8 FROM (
+               SELECT count(*) AS c FROM credit.decisions
+                GROUP BY user_id, (decided_at AT TIME ZONE 'UTC')::date) x",
+        )
+        .bind(fee.every)
+        .fetch_one(pool)
+        .await?;
+        owed * fee.amount
+    } else {
+        0
+    };
+    if cost_sum != cost * n || fee_sum != expected_fee {
+        problems.push(format!(
+            "decisions record {cost_sum} cost + {fee_sum} fees; expected {} + {expected_fee}",
+            cost * n
+        ));
+    }
+    let debited: i64 = sqlx::query_scalar(
+        "SELECT ($1::numeric * count(*) - coalesce(sum(balance), 0))::int8 FROM credit.balances",
+    )
+    .bind(SEED_BALANCE)
+    .fetch_one(pool)
+    .await?;
+    if debited != cost * n + expected_fee {
+        problems.push(format!(
+            "balances debited by {debited}; expected {} ({cost} × {n} + {expected_fee} fees)",
+            cost * n + expected_fee
+        ));
+    }
+    let audit = crate::ledger::audit::run(pool).await?;
+    if audit.unpublished_events != 0 {
+        problems.push(format!(
+            "{} outbox events unpublished",
+            audit.unpublished_events
+        ));
+    }
+    for m in audit.mismatches.iter().take(5) {
+        problems.push(format!("audit: {}: {}", m.user_id, m.problem));
+    }
+    if audit.mismatches.len() > 5 {
+        problems.push(format!(
+            "audit: {} more mismatches",
+            audit.mismatches.len() - 5
+        ));
+    }
+    Ok(fee_sum)
+}
+
+/// `credit-worker run` in a child process, so its memory is its own.
+struct WorkerProcess {
+    child: tokio::process::Child,
+    pid: u32,
+    log: PathBuf,
+    metrics_addr: std::net::SocketAddr,
+    peak_kib: Arc<AtomicU64>,
+    sampler: JoinHandle<()>,
+}
+
+impl WorkerProcess {
+    fn spawn(settings: &Settings, scratch: &Scratch, max_batch: usize) -> anyhow::Result<Self> {
+        // A free port for the worker's /metrics, read once at the end of the run.
+        let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let exe = std::env::current_exe()?;
+        let log = std::env::temp_dir().join(format!("{}worker.log", scratch.namespace));
+        let out = std::fs::File::create(&log)?;
+        let mut cmd = tokio::process::Command::new(exe);
+        cmd.arg("run")
+            .stdin(std::process::Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .kill_on_drop(true);
+        for (k, v) in worker_env(settings, scratch, max_batch) {
+            cmd.env(k, v);
+        }
+        cmd.env("CREDIT_WORKER__HTTP__LISTEN", metrics_addr.to_string());
+        let child = cmd.spawn()?;
+        let pid = child
+            .id()
+            .ok_or_else(|| anyhow::anyhow!("the worker exited at once; see {}", log.display()))?;
+        let peak_kib = Arc::new(AtomicU64::new(0));
+        let sampler = tokio::spawn({
+            let peak = peak_kib.clone();
+            async move {
+                loop {
+                    if let Some(kib) = vm_hwm_kib(pid) {
+                        peak.fetch_max(kib, Ordering::Relaxed);
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        });
+        Ok(WorkerProcess {
+            child,
+            pid,
+            log,
+            metrics_addr,
+            peak_kib,
+            sampler,
+        })
+    }
+
+    fn check_alive(&mut self) -> anyhow::Result<()> {
+        match self.child.try_wait()? {
+            None => Ok(()),
+            Some(status) => anyhow::bail!(
+                "the worker exited early ({status}); see {}",
+                self.log.display()
+            ),
+        }
+    }
+
+    /// The high-water mark of the resident set so far.
+    fn peak_kib(&self) -> u64 {
+        if let Some(kib) = vm_hwm_kib(self.pid) {
+            self.peak_kib.fetch_max(kib, Ordering::Relaxed);
+        }
+        self.peak_kib.load(Ordering::Relaxed)
+    }
+
+    /// SIGTERM, then up to 30 s for the graceful shutdown (SIGKILL after that).
+    async fn stop(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        self.sampler.abort();
+        if self.child.try_wait()?.is_none() {
+            // No signal API in std; kill(1) is everywhere the worker runs.
+            let sent = tokio::process::Command::new("kill")
+                .args(["-TERM", &self.pid.to_string()])
+                .status()
+                .await?;
+            if !sent.success() {
+                anyhow::bail!("kill -TERM {} failed", self.pid);
+            }
+        }
+        match tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await {
+            Ok(status) => Ok(status?),
+            Err(_) => {
+                let _ = self.child.kill().await;
+                anyhow::bail!("the worker did not stop within 30 s of SIGTERM")
+            }
+        }
+    }
+
+    fn remove_log(&self) {
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// The bench's effective settings for the child, so a `--config` file given to the bench
+/// applies to the worker too; namespace, database and HTTP are the bench's own.
+fn worker_env(settings: &Settings, scratch: &Scratch, max_batch: usize) -> Vec<(String, String)> {
+    let s = settings;
+    let mut env = vec![
+        ("DATABASE_URL".to_owned(), scratch.database.url.clone()),
+        ("AMQP_URL".to_owned(), s.amqp.url.clone()),
+    ];
+    let keys: Vec<(&str, String)> = vec![
+        ("AMQP__NAMESPACE", scratch.namespace.clone()),
+        ("AMQP__PREFETCH", s.amqp.prefetch.to_string()),
+        (
+            "AMQP__QUEUE_TYPE",
+            match s.amqp.queue_type {
+                QueueType::Quorum => "quorum".into(),
+                QueueType::Classic => "classic".into(),
+            },
+        ),
+        ("AMQP__DELIVERY_LIMIT", s.amqp.delivery_limit.to_string()),
+        ("PIPELINE__MAX_BATCH", max_batch.to_string()),
+        ("PIPELINE__MAX_WAIT_MS", s.pipeline.max_wait_ms.to_string()),
+        (
+            "DATABASE__MAX_CONNECTIONS",
+            s.database.max_connections.to_string(),
+        ),
+        (
+            "DATABASE__STATEMENT_TIMEOUT_MS",
+            s.database.statement_timeout_ms.to_string(),
+        ),
+        ("REFILL__ENABLED", s.refill.enabled.to_string()),
+        ("REFILL__TARGET", s.refill.target.to_string()),
+        ("REFILL__SCHEDULE", s.refill.schedule.clone()),
+        ("REFILL__LAZY", s.refill.lazy.to_string()),
+        ("REFILL__CHUNK_SIZE", s.refill.chunk_size.to_string()),
+        (
+            "LOW_BALANCE__THRESHOLD",
+            s.low_balance.threshold.to_string(),
+        ),
+        ("EXECUTION_FEE__EVERY", s.execution_fee.every.to_string()),
+        ("EXECUTION_FEE__AMOUNT", s.execution_fee.amount.to_string()),
+        ("CONTROL__ALLOWED_USERS", s.control.allowed_users.join(",")),
+        ("COST__TABLE", s.cost.table.clone()),
+        (
+            "LOG__FORMAT",
+            match s.log.format {
+                LogFormat::Text => "text".into(),
+                LogFormat::Json => "json".into(),
+            },
+        ),
+    ];
+    env.extend(
+        keys.into_iter()
+            .map(|(k, v)| (format!("CREDIT_WORKER__{k}"), v)),
+    );
+    env
+}
+
+/// Means over the run from the worker's own metrics: where a message's time goes.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct Breakdown {
+    pub batches: f64,
+    pub mean_batch_size: f64,
+    /// Decode + decision transaction + ack, per batch.
+    pub mean_decide_ms: f64,
+    pub outbox_rounds: f64,
+    /// Publish + confirms + mark + commit, per outbox round.
+    pub mean_outbox_round_ms: f64,
+    pub decide_retries: f64,
+}
+
+impl Breakdown {
+    fn parse(text: &str) -> Breakdown {
+        let value = |name: &str| -> f64 {
+            text.lines()
+                .filter(|l| {
+                    l.strip_prefix(name)
+                        .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+                })
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                // An empty float sum is -0.0; start from +0.0.
+                .fold(0.0, |a, b| a + b)
+        };
+        let per = |sum: f64, count: f64| if count > 0.0 { sum / count } else { 0.0 };
+        let batches = value("credit_batch_size_count");
+        let rounds = value("credit_outbox_publish_seconds_count");
+        Breakdown {
+            batches,
+            mean_batch_size: per(value("credit_batch_size_sum"), batches),
+            mean_decide_ms: per(
+                value("credit_decide_seconds_sum"),
+                value("credit_decide_seconds_count"),
+            ) * 1e3,
+            outbox_rounds: rounds,
+            mean_outbox_round_ms: per(value("credit_outbox_publish_seconds_sum"), rounds) * 1e3,
+            decide_retries: value("credit_decide_retries_total"),
+        }
+    }
+}
+
+/// GET /metrics over a bare socket (one request; no HTTP client needed).
+async fn scrape(addr: std::net::SocketAddr) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await?;
+    let mut body = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut body)).await??;
+    Ok(body)
+}
+
+/// `VmHWM` (peak resident set) of a process, in KiB; None once it is gone.
+fn vm_hwm_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
