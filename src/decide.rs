@@ -102,14 +102,6 @@ impl DecideError {
 const EXISTING: &str = "SELECT node_exec_id, user_id, block_id FROM credit.decisions
       WHERE node_exec_id = ANY($1::text[])";
 
-const INSERT_DECISIONS: &str = "INSERT INTO credit.decisions
-        (node_exec_id, user_id, block_id, graph_exec_id, outcome, cost, fee, transaction_key,
-         fee_key, decided_at)
-     SELECT n, u, b, g, o, c, f, k, fk, $10
-       FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[],
-                   $7::int8[], $8::text[], $9::text[]) AS x(n, u, b, g, o, c, f, k, fk)
-     ON CONFLICT (node_exec_id) DO NOTHING";
-
 struct NewDecision<'a> {
     entry: &'a NodeExecutionEntry,
     outcome: Outcome,
@@ -326,50 +318,25 @@ pub async fn decide_batch(
         });
     }
 
-    if !decisions.is_empty() {
-        let d = &decisions;
-        let inserted = sqlx::query(INSERT_DECISIONS)
-            .bind(
-                d.iter()
-                    .map(|x| x.entry.node_exec_id.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                d.iter()
-                    .map(|x| x.entry.user_id.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                d.iter()
-                    .map(|x| x.entry.block_id.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                d.iter()
-                    .map(|x| x.entry.graph_exec_id.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(d.iter().map(|x| x.outcome.as_str()).collect::<Vec<_>>())
-            .bind(d.iter().map(|x| x.cost).collect::<Vec<_>>())
-            .bind(d.iter().map(|x| x.fee).collect::<Vec<_>>())
-            .bind(
-                d.iter()
-                    .map(|x| x.transaction_key.as_deref())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(d.iter().map(|x| x.fee_key.as_deref()).collect::<Vec<_>>())
-            .bind(now)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        if inserted != d.len() as u64 {
-            // A worker holding other users' locks decided one of these ids meanwhile (a
-            // conflicting duplicate). Roll back; the retry sees its decision.
-            tx.rollback().await?;
-            return Err(DecideError::Race);
-        }
+    let mut rows = store::DecisionRows::default();
+    for x in &decisions {
+        rows.node_exec_id.push(&x.entry.node_exec_id);
+        rows.user_id.push(&x.entry.user_id);
+        rows.block_id.push(&x.entry.block_id);
+        rows.graph_exec_id.push(&x.entry.graph_exec_id);
+        rows.outcome.push(x.outcome.as_str());
+        rows.cost.push(x.cost);
+        rows.fee.push(x.fee);
+        rows.transaction_key.push(x.transaction_key.as_deref());
+        rows.fee_key.push(x.fee_key.as_deref());
     }
-    store::flush(&mut tx, accounts.values(), &changes, now).await?;
+    let inserted = store::write(&mut tx, &rows, accounts.values(), &changes, now).await?;
+    if inserted != rows.len() as u64 {
+        // A worker holding other users' locks decided one of these ids meanwhile (a
+        // conflicting duplicate). Roll back; the retry sees its decision.
+        tx.rollback().await?;
+        return Err(DecideError::Race);
+    }
     tx.commit().await?;
     Ok(verdicts.into_iter().map(finish).collect())
 }
