@@ -16,7 +16,7 @@ CREATE TABLE credit.balances (
     fee_day      date,
     fee_count    bigint      NOT NULL DEFAULT 0 CHECK (fee_count >= 0),
     updated_at   timestamptz NOT NULL DEFAULT now()
-);
+) WITH (fillfactor = 50); -- room on each page, so balance updates are HOT (no index writes)
 
 -- Immutable ledger rows (a trigger below refuses UPDATE and DELETE).
 CREATE TABLE credit.transactions (
@@ -71,7 +71,8 @@ CREATE TABLE credit.outbox (
     id           bigserial   PRIMARY KEY,
     event_id     text        NOT NULL UNIQUE,
     routing_key  text        NOT NULL CHECK (routing_key IN ('balance.changed', 'charge.rejected', 'balance.low')),
-    payload      jsonb       NOT NULL,
+    -- json, not jsonb: stored and published as the exact text written, with no conversion
+    payload      json        NOT NULL,
     created_at   timestamptz NOT NULL DEFAULT now(),
     published_at timestamptz
 );

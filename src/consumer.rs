@@ -215,9 +215,12 @@ impl Consumer {
                 Err(e) => invalid.push((i, e.to_string())),
             }
         }
+        let decide_started = Instant::now();
         let Some(verdicts) = self.decide_with_retry(&entries, stop).await else {
             return Ok(false);
         };
+        metrics::histogram!("credit_decide_transaction_seconds")
+            .record(decide_started.elapsed().as_secs_f64());
         for ((i, e), v) in positions.iter().zip(&entries).zip(&verdicts) {
             record(e, v);
             if let Verdict::Invalid { reason } = v {
@@ -231,8 +234,10 @@ impl Consumer {
         // The batch holds every unacked delivery up to its last tag (deliveries are batched in
         // order and batches are handled in order), so one multiple-ack covers it.
         if let Some(last) = batch.last() {
+            let ack_started = Instant::now();
             ch.basic_ack(last.delivery_tag, BasicAckOptions { multiple: true })
                 .await?;
+            metrics::histogram!("credit_ack_seconds").record(ack_started.elapsed().as_secs_f64());
         }
         metrics::histogram!("credit_decide_seconds").record(started.elapsed().as_secs_f64());
         Ok(true)

@@ -258,7 +258,7 @@ async fn seed(pool: &PgPool, users: usize) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO credit.outbox (event_id, routing_key, payload, published_at)
          SELECT 'balance.changed:' || user_id || ':' || $1, 'balance.changed',
-                jsonb_build_object('user_id', user_id, 'amount', balance, 'balance', balance,
+                json_build_object('user_id', user_id, 'amount', balance, 'balance', balance,
                                    'seq', 1, 'transaction_type', 'GRANT',
                                    'transaction_key', $1::text),
                 now()

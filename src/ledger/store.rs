@@ -47,7 +47,7 @@ const WRITE: &str = "WITH
      WHERE b.user_id = x.user_id),
   o AS (
     INSERT INTO credit.outbox (event_id, routing_key, payload)
-    SELECT * FROM unnest($17::text[], $18::text[], $26::jsonb[]))
+    SELECT e, r, p::json FROM unnest($17::text[], $18::text[], $26::text[]) AS x(e, r, p))
 SELECT (SELECT count(*) FROM d)::int8 AS decided,
        CASE WHEN cardinality($17::text[]) > 0 THEN pg_notify('credit_outbox', '') END AS woke";
 
@@ -201,7 +201,7 @@ pub async fn write<'a>(
                 .collect::<Vec<Option<NaiveDate>>>(),
         )
         .bind(dirty.iter().map(|a| a.fee_count).collect::<Vec<_>>())
-        .bind(e.iter().map(|x| &x.payload).collect::<Vec<_>>())
+        .bind(e.iter().map(|x| x.payload.to_string()).collect::<Vec<_>>())
         .fetch_one(&mut *conn)
         .await?;
     let decided: i64 = row.try_get("decided")?;
