@@ -15,8 +15,7 @@ use std::time::Duration;
 use anyhow::{anyhow, Context};
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, ExchangeDeleteOptions, QueueBindOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use serde::Serialize;
@@ -26,6 +25,7 @@ use tokio::time::Instant;
 
 use crate::config::Settings;
 use crate::ledger::audit::AuditReport;
+use crate::scratch::Scratch;
 use crate::topology::{self, Names};
 
 /// The demo's monthly allowance: small, so one user runs out within a few executions.
@@ -249,17 +249,16 @@ struct Report {
 }
 
 pub async fn run(settings: Settings, json: bool) -> anyhow::Result<ExitCode> {
-    let tag = random_tag();
-    let db_name = format!("credit_demo_{tag}");
+    let scratch = Scratch::new(&settings, "demo")?;
+    let db_name = scratch.db_name.clone();
     let mut demo = settings.clone();
-    demo.amqp.namespace = format!("demo-{tag}.");
+    demo.amqp = scratch.amqp.clone();
+    demo.database = scratch.database.clone();
     demo.http.listen = String::new();
-    demo.database.url = with_database(&settings.database.url, &db_name)?;
     demo.refill.enabled = true;
     demo.refill.lazy = true;
     demo.refill.target = DEMO_REFILL_TARGET;
     demo.low_balance.threshold = DEMO_LOW_BALANCE;
-    let admin_url = with_database(&settings.database.url, "postgres")?;
     let names = Names::new(&demo.amqp.namespace);
 
     if !json {
@@ -275,7 +274,7 @@ pub async fn run(settings: Settings, json: bool) -> anyhow::Result<ExitCode> {
     }
     let outcome = scenario(&demo, &names, &db_name).await;
     // Clean up whatever the scenario got to create, success or not.
-    cleanup(&demo, &names, &admin_url, &db_name).await;
+    scratch.remove(&[], &[]).await;
     // lapin closes sockets on its own I/O thread; give it a moment before the runtime goes
     // away, or it logs spurious I/O errors on exit.
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -552,47 +551,6 @@ where
     Ok(())
 }
 
-/// Drops the scratch database and deletes the namespace's queues and exchanges. Best effort:
-/// every step is attempted, failures are reported on stderr.
-async fn cleanup(demo: &Settings, names: &Names, admin_url: &str, db_name: &str) {
-    match PgPool::connect(admin_url).await {
-        Ok(admin) => {
-            // The name is generated here from hex digits, so quoting it is enough.
-            let drop = format!("DROP DATABASE IF EXISTS \"{db_name}\" WITH (FORCE)");
-            if let Err(e) = sqlx::query(&drop).execute(&admin).await {
-                eprintln!("warning: cannot drop database {db_name}: {e}");
-            }
-            admin.close().await;
-        }
-        Err(e) => eprintln!("warning: cannot drop database {db_name}: {e}"),
-    }
-    match topology::connect(&demo.amqp.url, "credit-worker demo cleanup").await {
-        Ok(conn) => {
-            if let Ok(ch) = conn.create_channel().await {
-                for q in [&names.input_queue, &names.dead_queue, &names.control] {
-                    if let Err(e) = ch.queue_delete(q, QueueDeleteOptions::default()).await {
-                        eprintln!("warning: cannot delete queue {q}: {e}");
-                    }
-                }
-                for x in [&names.input_exchange, &names.dlx, &names.events] {
-                    if let Err(e) = ch
-                        .exchange_delete(x, ExchangeDeleteOptions::default())
-                        .await
-                    {
-                        eprintln!("warning: cannot delete exchange {x}: {e}");
-                    }
-                }
-                let _ = ch.close(200, "demo cleanup").await;
-            }
-            let _ = conn.close(200, "demo cleanup").await;
-        }
-        Err(e) => eprintln!(
-            "warning: cannot delete the {} queues and exchanges: {e}",
-            demo.amqp.namespace
-        ),
-    }
-}
-
 fn print_human(r: &Report) {
     println!(
         "published {} messages: {} node executions, {} duplicate delivery, {} invalid body\n",
@@ -684,57 +642,9 @@ fn event_summary(routing_key: &str, body: &Value) -> String {
     }
 }
 
-/// Eight hex digits, different on every run (no `rand` dependency needed for a name).
-fn random_tag() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    h.write_u128(nanos);
-    h.write_u32(std::process::id());
-    format!("{:08x}", h.finish() & 0xffff_ffff)
-}
-
-/// `url` with its database name replaced by `db` (query parameters kept).
-fn with_database(url: &str, db: &str) -> anyhow::Result<String> {
-    let (base, query) = match url.find('?') {
-        Some(i) => url.split_at(i),
-        None => (url, ""),
-    };
-    // Never echo the URL: it may carry a password.
-    let authority = base
-        .find("://")
-        .map(|i| i + 3)
-        .ok_or_else(|| anyhow!("database.url: not a postgres:// URL"))?;
-    let end = base[authority..]
-        .find('/')
-        .map_or(base.len(), |i| authority + i);
-    Ok(format!("{}/{db}{query}", &base[..end]))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn database_name_is_replaced() {
-        let cases = [
-            ("postgres://localhost/credit", "postgres://localhost/x"),
-            ("postgres://u:p@h:5432/credit", "postgres://u:p@h:5432/x"),
-            ("postgres://h", "postgres://h/x"),
-            (
-                "postgresql://h/credit?sslmode=disable",
-                "postgresql://h/x?sslmode=disable",
-            ),
-            ("postgres:///credit?host=/run", "postgres:///x?host=/run"),
-        ];
-        for (input, want) in cases {
-            assert_eq!(with_database(input, "x").unwrap(), want, "{input}");
-        }
-        assert!(with_database("localhost/credit", "x").is_err());
-    }
 
     #[test]
     fn the_script_is_well_formed() {
@@ -747,14 +657,5 @@ mod tests {
             crate::message::decode(&body(s)).unwrap();
         }
         assert!(crate::message::decode(INVALID_BODY).is_err());
-    }
-
-    #[test]
-    fn tags_are_lowercase_hex() {
-        let t = random_tag();
-        assert_eq!(t.len(), 8);
-        assert!(t
-            .chars()
-            .all(|c| c.is_ascii_hexdigit() && !c.is_uppercase()));
     }
 }

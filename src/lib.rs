@@ -20,6 +20,7 @@ pub mod outbox;
 pub mod publish;
 pub mod refill;
 pub mod retry;
+pub mod scratch;
 pub mod service;
 pub mod telemetry;
 pub mod topology;

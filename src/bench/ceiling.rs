@@ -18,10 +18,11 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, ExchangeKind};
 use tokio::sync::mpsc;
 
-use super::scratch::{Scratch, CEILING_EVENTS, CEILING_INPUT, CEILING_SINK};
 use super::traffic::{self, Sink, Traffic};
+use super::{CEILING_EVENTS, CEILING_INPUT, CEILING_SINK};
 use crate::config::{QueueType, Settings};
 use crate::events::{self, ExecutionRef, NewEvent};
+use crate::scratch::Scratch;
 use crate::topology;
 
 #[derive(Debug)]

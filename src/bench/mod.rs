@@ -6,7 +6,6 @@
 //! deployment's queues or ledger.
 
 mod ceiling;
-mod scratch;
 mod sweep;
 mod traffic;
 mod worker;
@@ -18,6 +17,13 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use crate::config::Settings;
+use crate::scratch::Scratch;
+
+/// Queues and exchanges the bench declares besides the worker's topology.
+pub const CEILING_INPUT: &str = "bench.ceiling.node_execution";
+pub const CEILING_EVENTS: &str = "bench.ceiling.events";
+pub const CEILING_SINK: &str = "bench.ceiling.events.all";
+pub const WORKER_SINK: &str = "bench.events.all";
 
 pub use traffic::Latency;
 
@@ -57,13 +63,18 @@ pub async fn run(settings: Settings, args: BenchArgs, json: bool) -> anyhow::Res
         eprintln!("error: {problem}");
         return Ok(ExitCode::from(2));
     }
-    let scratch = scratch::Scratch::new(&settings)?;
+    let scratch = Scratch::new(&settings, "bench")?;
     // Ctrl-C still removes the scratch database and queues.
     let outcome = tokio::select! {
         r = run_in(&settings, &args, &scratch, json) => r,
         () = crate::cli::wait_for_signal() => Err(anyhow::anyhow!("interrupted")),
     };
-    scratch.remove().await;
+    scratch
+        .remove(
+            &[CEILING_INPUT, CEILING_SINK, WORKER_SINK],
+            &[CEILING_EVENTS],
+        )
+        .await;
     outcome
 }
 
@@ -93,7 +104,7 @@ fn usage_problem(args: &BenchArgs) -> Option<String> {
 async fn run_in(
     settings: &Settings,
     args: &BenchArgs,
-    scratch: &scratch::Scratch,
+    scratch: &Scratch,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     if let Some(users) = args.sweep_users {

@@ -5,10 +5,10 @@ use std::time::Instant;
 use chrono::Utc;
 use serde::Serialize;
 
-use super::scratch::Scratch;
 use crate::config::Settings;
 use crate::ledger::RefillPolicy;
 use crate::refill::Month;
+use crate::scratch::Scratch;
 
 #[derive(Debug, Serialize)]
 pub struct SweepResult {

@@ -13,10 +13,11 @@ use lapin::types::FieldTable;
 use sqlx::{PgPool, Row};
 use tokio::task::JoinHandle;
 
-use super::scratch::{Scratch, WORKER_SINK};
 use super::traffic::{self, Latency, Sink, Traffic};
+use super::WORKER_SINK;
 use crate::config::{LogFormat, QueueType, Settings};
 use crate::refill::Month;
+use crate::scratch::Scratch;
 use crate::topology;
 
 /// Each user's starting balance: no run can exhaust it, so every message is charged.

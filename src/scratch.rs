@@ -1,4 +1,4 @@
-//! The bench's own namespace and database, and their removal.
+//! A scratch namespace and database for the bench and the demo, and their removal.
 
 use std::hash::{BuildHasher, Hasher};
 
@@ -12,12 +12,6 @@ use sqlx::{ConnectOptions, Connection};
 use crate::config::{AmqpSettings, DatabaseSettings, Settings};
 use crate::topology::{self, Names};
 
-/// Queues and exchanges the bench declares besides the worker's topology.
-pub const CEILING_INPUT: &str = "bench.ceiling.node_execution";
-pub const CEILING_EVENTS: &str = "bench.ceiling.events";
-pub const CEILING_SINK: &str = "bench.ceiling.events.all";
-pub const WORKER_SINK: &str = "bench.events.all";
-
 pub struct Scratch {
     /// Random; also part of every node_exec_id, so runs never collide.
     pub run_id: u32,
@@ -29,11 +23,12 @@ pub struct Scratch {
 }
 
 impl Scratch {
-    pub fn new(settings: &Settings) -> anyhow::Result<Self> {
+    /// `kind` names the user: namespace `{kind}-<tag>.`, database `credit_{kind}_<tag>`.
+    pub fn new(settings: &Settings, kind: &str) -> anyhow::Result<Self> {
         let tag = random_tag();
         let run_id = (tag & 0xffff_ffff) as u32;
-        let namespace = format!("bench-{tag:012x}.");
-        let db_name = format!("credit_bench_{tag:012x}");
+        let namespace = format!("{kind}-{tag:012x}.");
+        let db_name = format!("credit_{kind}_{tag:012x}");
         let mut database = settings.database.clone();
         database.url = with_database(&settings.database.url, &db_name)?;
         let mut amqp = settings.amqp.clone();
@@ -52,13 +47,17 @@ impl Scratch {
         format!("{}{base}", self.namespace)
     }
 
-    /// Drops the database and deletes the namespace's queues and exchanges. Best effort: a
-    /// failure is reported, not fatal, since the measurements are already taken.
-    pub async fn remove(&self) {
+    /// Drops the database and deletes the namespace's queues and exchanges, plus the extra
+    /// ones named (base names, namespaced here). Best effort: a failure is reported, not
+    /// fatal, since the results are already taken.
+    pub async fn remove(&self, extra_queues: &[&str], extra_exchanges: &[&str]) {
         if let Err(e) = self.drop_database().await {
             eprintln!("warning: could not drop database {}: {e}", self.db_name);
         }
-        if let Err(e) = self.delete_broker_objects().await {
+        if let Err(e) = self
+            .delete_broker_objects(extra_queues, extra_exchanges)
+            .await
+        {
             eprintln!(
                 "warning: could not delete the queues of namespace {}: {e}",
                 self.namespace
@@ -81,23 +80,17 @@ impl Scratch {
         conn.close().await
     }
 
-    async fn delete_broker_objects(&self) -> Result<(), lapin::Error> {
+    async fn delete_broker_objects(
+        &self,
+        extra_queues: &[&str],
+        extra_exchanges: &[&str],
+    ) -> Result<(), lapin::Error> {
         let names = Names::new(&self.namespace);
-        let conn = topology::connect(&self.amqp.url, "credit-worker bench cleanup").await?;
-        let queues = [
-            names.input_queue.clone(),
-            names.dead_queue.clone(),
-            names.control.clone(),
-            self.name(CEILING_INPUT),
-            self.name(CEILING_SINK),
-            self.name(WORKER_SINK),
-        ];
-        let exchanges = [
-            names.input_exchange.clone(),
-            names.dlx.clone(),
-            names.events.clone(),
-            self.name(CEILING_EVENTS),
-        ];
+        let conn = topology::connect(&self.amqp.url, "credit-worker scratch cleanup").await?;
+        let mut queues = vec![names.input_queue, names.dead_queue, names.control];
+        queues.extend(extra_queues.iter().map(|q| self.name(q)));
+        let mut exchanges = vec![names.input_exchange, names.dlx, names.events];
+        exchanges.extend(extra_exchanges.iter().map(|x| self.name(x)));
         // A failed delete closes its channel, so each one gets a fresh channel.
         for q in &queues {
             let ch = conn.create_channel().await?;
@@ -136,7 +129,8 @@ pub fn with_database(url: &str, db: &str) -> anyhow::Result<String> {
     let authority_start = base
         .find("://")
         .map(|i| i + 3)
-        .ok_or_else(|| anyhow::anyhow!("database.url: expected postgres://…, got {url:?}"))?;
+        // Never echo the URL: it may carry a password.
+        .ok_or_else(|| anyhow::anyhow!("database.url: not a postgres:// URL"))?;
     let server = match base[authority_start..].find('/') {
         Some(i) => &base[..authority_start + i],
         None => base,
@@ -160,6 +154,7 @@ mod tests {
                 "postgres://u:p@127.0.0.1:5432/credit?sslmode=disable",
                 "postgres://u:p@127.0.0.1:5432/x?sslmode=disable",
             ),
+            ("postgres:///credit?host=/run", "postgres:///x?host=/run"),
         ];
         for (url, want) in cases {
             assert_eq!(with_database(url, "x").unwrap(), want);
