@@ -300,6 +300,13 @@ impl Consumer {
 }
 
 fn record(e: &NodeExecutionEntry, v: &Verdict) {
+    // Every log line about a message carries its ids through this span.
+    let _span = tracing::info_span!(
+        "message",
+        node_exec_id = %e.node_exec_id,
+        user_id = %e.user_id
+    )
+    .entered();
     match v {
         Verdict::Decided {
             outcome,
@@ -316,18 +323,20 @@ fn record(e: &NodeExecutionEntry, v: &Verdict) {
                 } + fee;
                 metrics::counter!("credit_credits_charged_total").increment(charged as u64);
             }
-            debug!(node_exec_id = %e.node_exec_id, user_id = %e.user_id, outcome = outcome.as_str(), cost, fee, balance, "decided");
+            debug!(outcome = outcome.as_str(), cost, fee, balance, "decided");
         }
         Verdict::Duplicate { conflicting } => {
             metrics::counter!("credit_messages_total", "outcome" => "duplicate").increment(1);
             if *conflicting {
                 metrics::counter!("credit_conflicting_duplicates_total").increment(1);
-                warn!(node_exec_id = %e.node_exec_id, user_id = %e.user_id, block_id = %e.block_id, "conflicting duplicate: the first decision stands");
+                warn!(block_id = %e.block_id, "conflicting duplicate: the first decision stands");
             } else {
-                debug!(node_exec_id = %e.node_exec_id, user_id = %e.user_id, "duplicate delivery ignored");
+                debug!("duplicate delivery ignored");
             }
         }
-        Verdict::Invalid { .. } => {}
+        Verdict::Invalid { reason } => {
+            warn!(reason, "entry cannot be decided; dead-lettering");
+        }
     }
 }
 
