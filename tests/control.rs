@@ -188,33 +188,10 @@ async fn grants(env: &TestEnv, user: &str) -> Vec<(String, String, i64)> {
     .await
 }
 
-/// The value of `name{labels…}` in Prometheus text, 0 when absent.
-fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
-            (n == name
-                && labels
-                    .iter()
-                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
-            .then(|| value.parse::<f64>().ok())
-            .flatten()
-        })
-        .sum()
-}
-
-fn render_metrics() -> String {
-    credit_worker::telemetry::metrics_handle()
-        .map(|h| h.render())
-        .unwrap_or_default()
-}
-
 #[tokio::test]
 async fn every_command_end_to_end() {
     // Installed before any traffic so the counters below are recorded.
-    let before = render_metrics();
+    let before = metrics_now();
     let env = TestEnv::with(quiet_scheduler).await;
     let worker = start(&env).await;
     let mut rpc = Rpc::new(&env).await;
@@ -343,7 +320,7 @@ async fn every_command_end_to_end() {
         json!({"month": month, "users_refilled": 0, "credits_granted": 0})
     );
 
-    let after = render_metrics();
+    let after = metrics_now();
     for (command, result, n) in [
         ("balance", "ok", 2.0),
         ("top_up", "ok", 1.0),

@@ -355,10 +355,7 @@ async fn two_replicas_share_the_queue_without_duplicate_decisions() {
     env.publish(&bodies).await;
     env.wait_decisions(n as i64, T).await;
     assert_events_complete(&env, &mut tap, users + n + fees(&per_user_counts(users, n))).await;
-    let (m1, m2) = (
-        metric(p1, "credit_messages_total{outcome=\"charged\"}").await,
-        metric(p2, "credit_messages_total{outcome=\"charged\"}").await,
-    );
+    let (m1, m2) = (charged_by(p1).await, charged_by(p2).await);
     w1.sigterm();
     w2.sigterm();
     assert_eq!(w1.wait_exit(T).await, Some(0));
@@ -388,36 +385,7 @@ async fn two_replicas_share_the_queue_without_duplicate_decisions() {
     env.cleanup().await;
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap()
-}
-
-async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    use tokio::io::AsyncReadExt;
-    let mut s = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut buf = String::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut buf))
-        .await
-        .ok()?
-        .ok()?;
-    let status = buf.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, buf))
-}
-
-async fn http_status(port: u16, path: &str) -> u16 {
-    http_get(port, path).await.map(|r| r.0).unwrap_or(0)
-}
-
-async fn metric(port: u16, name: &str) -> f64 {
+async fn charged_by(port: u16) -> f64 {
     let (_, body) = http_get(port, "/metrics").await.unwrap_or_default();
-    body.lines()
-        .find_map(|l| l.strip_prefix(name).map(str::trim))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+    metric_value(&body, "credit_messages_total", &[("outcome", "charged")])
 }
