@@ -79,7 +79,7 @@ pub fn is_transient(e: &sqlx::Error) -> bool {
     }
 }
 
-/// Connects with `sqlx`'s own defaults only for a liveness probe.
+/// True when the database answers a trivial query (readiness).
 pub async fn ping(pool: &PgPool) -> bool {
     sqlx::query("SELECT 1").execute(pool).await.is_ok()
 }

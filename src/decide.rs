@@ -172,7 +172,7 @@ pub async fn decide_batch(
         if let Some(i) = first.remove(id.as_str()) {
             let e = &entries[i];
             verdicts[i] = Some(Verdict::Duplicate {
-                conflicting: e.user_id != user || e.block_id != block,
+                conflicting: is_conflict(e, &user, &block),
             });
         }
     }

@@ -14,9 +14,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use futures::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, QueueBindOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicGetOptions, QueueBindOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -304,19 +302,9 @@ async fn scenario(demo: &Settings, names: &Names, db_name: &str) -> anyhow::Resu
     let ch = conn.create_channel().await?;
     topology::declare(&ch, &demo.amqp).await?;
     // The tap exists before anything is published, so it sees every event.
-    let tap = ch
-        .queue_declare(
-            "",
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+    let tap = topology::declare_private_queue(&ch).await?;
     ch.queue_bind(
-        tap.name().as_str(),
+        &tap,
         &names.events,
         "#",
         QueueBindOptions::default(),
@@ -325,7 +313,7 @@ async fn scenario(demo: &Settings, names: &Names, db_name: &str) -> anyhow::Resu
     .await?;
     let mut events_in = ch
         .basic_consume(
-            tap.name().as_str(),
+            &tap,
             TAP_TAG,
             BasicConsumeOptions::default(),
             FieldTable::default(),

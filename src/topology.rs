@@ -136,3 +136,25 @@ pub async fn declare(ch: &Channel, settings: &AmqpSettings) -> Result<Names, lap
         .await?;
     Ok(names)
 }
+
+/// Declares a durable topic exchange for events (`credit.events`, or a bench's own).
+pub async fn declare_events_exchange(ch: &Channel, name: &str) -> Result<(), lapin::Error> {
+    ch.exchange_declare(name, ExchangeKind::Topic, durable(), FieldTable::default())
+        .await
+}
+
+/// A server-named, exclusive, auto-deleted queue (RPC replies, event taps); returns its name.
+pub async fn declare_private_queue(ch: &Channel) -> Result<String, lapin::Error> {
+    let q = ch
+        .queue_declare(
+            "",
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(q.name().to_string())
+}

@@ -11,7 +11,7 @@ use credit_worker::config::Settings;
 use credit_worker::refill::Month;
 use credit_worker::service::Worker;
 use futures::StreamExt;
-use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions};
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
 use lapin::types::FieldTable;
 use lapin::BasicProperties;
 use serde_json::{json, Value};
@@ -41,19 +41,9 @@ impl Rpc {
         // amqp_channel declares the topology, so the control queue exists before the worker
         // has started consuming it.
         let (conn, ch) = env.amqp_channel().await;
-        let q = ch
-            .queue_declare(
-                "",
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
+        let reply_queue = credit_worker::topology::declare_private_queue(&ch)
             .await
             .expect("reply queue");
-        let reply_queue = q.name().to_string();
         let replies = ch
             .basic_consume(
                 &reply_queue,

@@ -11,11 +11,11 @@ use chrono::Utc;
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::publisher_confirm::Confirmation;
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, ExchangeKind};
+use lapin::BasicProperties;
 use tokio::sync::mpsc;
 
 use super::traffic::{self, Sink, Traffic};
@@ -64,16 +64,7 @@ pub async fn run(
         );
     }
     ch.queue_declare(&input, durable, args).await?;
-    ch.exchange_declare(
-        &exchange,
-        ExchangeKind::Topic,
-        ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await?;
+    topology::declare_events_exchange(&ch, &exchange).await?;
     ch.queue_declare(&sink_queue, durable, FieldTable::default())
         .await?;
     ch.queue_bind(

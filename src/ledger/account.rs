@@ -32,7 +32,6 @@ pub struct NewTransaction {
     pub amount: i64,
     pub running_balance: i64,
     pub metadata: Value,
-    pub created_at: DateTime<Utc>,
 }
 
 /// Everything one database transaction will write besides the balance rows.
@@ -113,7 +112,6 @@ impl Account {
             amount,
             running_balance: balance,
             metadata,
-            created_at: at,
         });
         self.balance = balance;
         self.last_seq = seq;

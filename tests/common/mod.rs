@@ -15,7 +15,7 @@ use credit_worker::topology::{self, Names};
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, ExchangeDeleteOptions, QueueBindOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use serde_json::{json, Value};
@@ -228,20 +228,11 @@ impl TestEnv {
     /// A queue bound to `credit.events` with `#`, declared before traffic starts.
     pub async fn event_tap(&self) -> EventTap {
         let (conn, ch) = self.amqp_channel().await;
-        let q = ch
-            .queue_declare(
-                "",
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
+        let q = topology::declare_private_queue(&ch)
             .await
             .expect("tap queue");
         ch.queue_bind(
-            q.name().as_str(),
+            &q,
             &self.names.events,
             "#",
             QueueBindOptions::default(),
@@ -251,7 +242,7 @@ impl TestEnv {
         .expect("bind tap");
         let consumer = ch
             .basic_consume(
-                q.name().as_str(),
+                &q,
                 "tap",
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
