@@ -84,7 +84,7 @@ pub enum Command {
     /// Publish NodeExecutionEntry JSON lines (a file, or - for stdin) to the input queue.
     Publish { file: String },
     /// End-to-end benchmark against the broker's own ceiling.
-    Bench(crate::bench::BenchArgs),
+    Bench(crate::tools::bench::BenchArgs),
     /// A short realistic run in a scratch namespace and database, then a summary.
     Demo,
 }
@@ -140,7 +140,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             let shutdown = tokio_util::sync::CancellationToken::new();
             let stop = shutdown.clone();
             tokio::spawn(async move {
-                wait_for_signal().await;
+                crate::signal::wait_for_signal().await;
                 tracing::info!("signal received; shutting down");
                 stop.cancel();
             });
@@ -290,14 +290,14 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 .filter(|l| !l.trim().is_empty())
                 .map(String::into_bytes)
                 .collect();
-            let n = crate::publish::publish_entries(&settings, &bodies).await?;
+            let n = crate::tools::publish::publish_entries(&settings, &bodies).await?;
             print_out(json, &json!({"published": n}), || {
                 format!("{n} messages published")
             });
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench(args) => crate::bench::run(settings, args, json).await,
-        Command::Demo => crate::demo::run(settings, json).await,
+        Command::Bench(args) => crate::tools::bench::run(settings, args, json).await,
+        Command::Demo => crate::tools::demo::run(settings, json).await,
     }
 }
 
@@ -350,31 +350,5 @@ fn print_out(json: bool, value: &serde_json::Value, human: impl FnOnce() -> Stri
         println!("{value}");
     } else {
         println!("{}", human());
-    }
-}
-
-/// SIGTERM or SIGINT.
-pub async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
-            (Ok(mut term), Ok(mut int)) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
-                }
-            }
-            _ => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
     }
 }

@@ -3,8 +3,8 @@
 //! Data path: `consumer` (RabbitMQ deliveries) → `decide` (one PostgreSQL transaction per
 //! batch, through `ledger`) → ack; `outbox` publishes the committed events; `refill` tops users
 //! up monthly; `control` answers operator commands; `telemetry` exposes metrics and health.
+//! `tools` (bench, demo, publish) sit beside the core and use only its public API.
 
-pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod consumer;
@@ -12,15 +12,14 @@ pub mod control;
 pub mod cost;
 pub mod db;
 pub mod decide;
-pub mod demo;
 pub mod events;
 pub mod ledger;
 pub mod message;
 pub mod outbox;
-pub mod publish;
 pub mod refill;
 pub mod retry;
-pub mod scratch;
 pub mod service;
+pub mod signal;
 pub mod telemetry;
+pub mod tools;
 pub mod topology;

@@ -220,7 +220,7 @@ impl TestEnv {
 
     /// Publishes raw bodies to the input queue with confirms.
     pub async fn publish(&self, bodies: &[Vec<u8>]) {
-        credit_worker::publish::publish_entries(&self.settings, bodies)
+        credit_worker::tools::publish::publish_entries(&self.settings, bodies)
             .await
             .expect("publish");
     }

@@ -127,7 +127,7 @@ pub async fn publish_backlog(
         let end = (start + WINDOW).min(traffic.messages);
         let bodies: Vec<Vec<u8>> = (start..end).map(|i| traffic.body(i)).collect();
         let at = Instant::now();
-        crate::publish::publish_window(&ch, queue, bodies.iter().map(Vec::as_slice)).await?;
+        crate::tools::publish::publish_window(&ch, queue, bodies.iter().map(Vec::as_slice)).await?;
         published.extend(std::iter::repeat_n(at, end - start));
         bar.set_position(end as u64);
         start = end;
@@ -168,7 +168,7 @@ pub async fn publish_paced(
                     queue,
                     BasicPublishOptions::default(),
                     &body,
-                    crate::publish::persistent(),
+                    crate::tools::publish::persistent(),
                 )
                 .await?,
             );

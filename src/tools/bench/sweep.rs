@@ -8,7 +8,7 @@ use serde::Serialize;
 use crate::config::Settings;
 use crate::ledger::RefillPolicy;
 use crate::refill::Month;
-use crate::scratch::Scratch;
+use crate::tools::scratch::Scratch;
 
 #[derive(Debug, Serialize)]
 pub struct SweepResult {

@@ -17,7 +17,7 @@ use super::traffic::{self, Latency, Sink, Traffic};
 use super::WORKER_SINK;
 use crate::config::{LogFormat, QueueType, Settings};
 use crate::refill::Month;
-use crate::scratch::Scratch;
+use crate::tools::scratch::Scratch;
 use crate::topology;
 
 /// Each user's starting balance: no run can exhaust it, so every message is charged.

@@ -17,7 +17,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use crate::config::Settings;
-use crate::scratch::Scratch;
+use crate::tools::scratch::Scratch;
 
 /// Queues and exchanges the bench declares besides the worker's topology.
 pub const CEILING_INPUT: &str = "bench.ceiling.node_execution";
@@ -67,7 +67,7 @@ pub async fn run(settings: Settings, args: BenchArgs, json: bool) -> anyhow::Res
     // Ctrl-C still removes the scratch database and queues.
     let outcome = tokio::select! {
         r = run_in(&settings, &args, &scratch, json) => r,
-        () = crate::cli::wait_for_signal() => Err(anyhow::anyhow!("interrupted")),
+        () = crate::signal::wait_for_signal() => Err(anyhow::anyhow!("interrupted")),
     };
     scratch
         .remove(

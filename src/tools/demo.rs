@@ -23,7 +23,7 @@ use tokio::time::Instant;
 
 use crate::config::Settings;
 use crate::ledger::audit::AuditReport;
-use crate::scratch::Scratch;
+use crate::tools::scratch::Scratch;
 use crate::topology::{self, Names};
 
 /// The demo's monthly allowance: small, so one user runs out within a few executions.
@@ -357,7 +357,7 @@ async fn drive(
     // A redelivery as the executor would cause it after a lost ack: alice's first execution.
     bodies.insert(4, body(&steps[0]));
     bodies.insert(7, INVALID_BODY.to_vec());
-    let published = crate::publish::publish_entries(demo, &bodies).await?;
+    let published = crate::tools::publish::publish_entries(demo, &bodies).await?;
     let expected = i64::try_from(steps.len())?;
 
     wait_until("every node execution is decided", || async {

@@ -22,7 +22,7 @@ use super::traffic::{self, Sink, Traffic};
 use super::{CEILING_EVENTS, CEILING_INPUT, CEILING_SINK};
 use crate::config::{QueueType, Settings};
 use crate::events::{self, ExecutionRef, NewEvent};
-use crate::scratch::Scratch;
+use crate::tools::scratch::Scratch;
 use crate::topology;
 
 #[derive(Debug)]
