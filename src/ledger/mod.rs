@@ -4,6 +4,7 @@
 
 pub mod account;
 pub mod audit;
+pub mod seed;
 pub mod store;
 
 use chrono::{DateTime, Utc};

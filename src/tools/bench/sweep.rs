@@ -6,7 +6,7 @@ use chrono::Utc;
 use serde::Serialize;
 
 use crate::config::Settings;
-use crate::ledger::RefillPolicy;
+use crate::ledger::{seed, RefillPolicy};
 use crate::refill::Month;
 use crate::tools::scratch::Scratch;
 
@@ -34,16 +34,8 @@ pub async fn run(
     let users_i64 = i64::try_from(users)?;
     let pool = crate::db::connect_and_migrate(&scratch.database).await?;
     let seeding = Instant::now();
-    sqlx::query(
-        "INSERT INTO credit.balances (user_id) SELECT 'u' || g FROM generate_series(1, $1::int8) g",
-    )
-    .bind(users_i64)
-    .execute(&pool)
-    .await?;
-    // A long-lived table is vacuumed and analysed; a freshly bulk-loaded one is not yet.
-    sqlx::query("VACUUM ANALYZE credit.balances")
-        .execute(&pool)
-        .await?;
+    seed::seed_empty_users(&pool, users_i64).await?;
+    seed::analyze_balances(&pool).await?;
     let seed_seconds = seeding.elapsed().as_secs_f64();
 
     let policy = RefillPolicy {

@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 use super::traffic::{self, Latency, Sink, Traffic};
 use super::WORKER_SINK;
 use crate::config::{LogFormat, QueueType, Settings};
+use crate::ledger::seed;
 use crate::refill::Month;
 use crate::tools::scratch::Scratch;
 use crate::topology;
@@ -237,40 +238,8 @@ impl SentAt {
 async fn seed(pool: &PgPool, users: usize) -> Result<(), sqlx::Error> {
     let ids: Vec<String> = (0..users).map(Traffic::user_id).collect();
     let month = Month::of(Utc::now()).first_day();
-    let mut tx = pool.begin().await?;
-    sqlx::query(
-        "INSERT INTO credit.balances (user_id, balance, last_seq, refill_month)
-         SELECT u, $2, 1, $3 FROM unnest($1::text[]) AS u",
-    )
-    .bind(&ids)
-    .bind(SEED_BALANCE)
-    .bind(month)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(
-        "INSERT INTO credit.transactions
-                (user_id, seq, transaction_key, type, amount, running_balance, metadata)
-         SELECT user_id, 1, $1, 'GRANT', balance, balance, '{\"reason\": \"bench seed\"}'
-           FROM credit.balances",
-    )
-    .bind(SEED_KEY)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(
-        "INSERT INTO credit.outbox (event_id, routing_key, payload, published_at)
-         SELECT 'balance.changed:' || user_id || ':' || $1, 'balance.changed',
-                json_build_object('user_id', user_id, 'amount', balance, 'balance', balance,
-                                   'seq', 1, 'transaction_type', 'GRANT',
-                                   'transaction_key', $1::text),
-                now()
-           FROM credit.balances",
-    )
-    .bind(SEED_KEY)
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    sqlx::query("ANALYZE credit.balances").execute(pool).await?;
-    Ok(())
+    seed::seed_funded_users(pool, &ids, SEED_BALANCE, SEED_KEY, month).await?;
+    seed::analyze_balances(pool).await
 }
 
 /// Checks the ledger after the run; returns the execution fees charged.

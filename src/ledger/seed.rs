@@ -1,0 +1,75 @@
+//! Bulk loading for benchmarks and demos: many users at once, set-based, without going through
+//! [`Account::post`](super::Account). Not used by the service; kept here so that every write
+//! to `credit.*` lives in the ledger. The rows written keep the audit's invariants (Σ amount =
+//! balance = last running balance, gap-free seq, one outbox event per ledger row).
+
+use chrono::NaiveDate;
+use sqlx::PgPool;
+
+/// New users, each with one GRANT of `balance` under the ledger key `key` (ledger row, balance
+/// and an already published `balance.changed` outbox event, so the relay has nothing to do and
+/// the audit holds). `refill_month` (a first day of month) marks the month's refill as already
+/// evaluated, so no refill interferes with what is measured. The users must not exist yet.
+pub async fn seed_funded_users(
+    pool: &PgPool,
+    user_ids: &[String],
+    balance: i64,
+    key: &str,
+    refill_month: NaiveDate,
+) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "INSERT INTO credit.balances (user_id, balance, last_seq, refill_month)
+         SELECT u, $2, 1, $3 FROM unnest($1::text[]) AS u",
+    )
+    .bind(user_ids)
+    .bind(balance)
+    .bind(refill_month)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO credit.transactions
+                (user_id, seq, transaction_key, type, amount, running_balance, metadata)
+         SELECT user_id, 1, $2, 'GRANT', balance, balance, '{\"reason\": \"seed\"}'
+           FROM credit.balances WHERE user_id = ANY($1::text[])",
+    )
+    .bind(user_ids)
+    .bind(key)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO credit.outbox (event_id, routing_key, payload, published_at)
+         SELECT 'balance.changed:' || user_id || ':' || $2, 'balance.changed',
+                json_build_object('user_id', user_id, 'amount', balance, 'balance', balance,
+                                  'seq', 1, 'transaction_type', 'GRANT',
+                                  'transaction_key', $2::text),
+                now()
+           FROM credit.balances WHERE user_id = ANY($1::text[])",
+    )
+    .bind(user_ids)
+    .bind(key)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await
+}
+
+/// `count` new users `u1` … `u<count>` with balance 0 and no ledger rows, never refilled.
+pub async fn seed_empty_users(pool: &PgPool, count: i64) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO credit.balances (user_id) SELECT 'u' || g FROM generate_series(1, $1::int8) g",
+    )
+    .bind(count)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// `VACUUM ANALYZE` of the balances after a bulk load: a long-lived table is vacuumed and
+/// analysed, a freshly loaded one is not yet, and the planner would guess from empty
+/// statistics.
+pub async fn analyze_balances(pool: &PgPool) -> Result<(), sqlx::Error> {
+    sqlx::query("VACUUM ANALYZE credit.balances")
+        .execute(pool)
+        .await?;
+    Ok(())
+}
