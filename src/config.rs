@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use figment::providers::{Format, Toml};
 use figment::Figment;
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// The readable source of the defaults, compiled in so the binary runs from any directory.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
@@ -20,9 +20,11 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("config: cannot write the settings as TOML: {0}")]
+    Serialize(String),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     pub database: DatabaseSettings,
@@ -37,7 +39,7 @@ pub struct Settings {
     pub log: LogSettings,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseSettings {
     pub url: String,
@@ -45,14 +47,14 @@ pub struct DatabaseSettings {
     pub statement_timeout_ms: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum QueueType {
     Quorum,
     Classic,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AmqpSettings {
     pub url: String,
@@ -62,14 +64,14 @@ pub struct AmqpSettings {
     pub delivery_limit: u32,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PipelineSettings {
     pub max_batch: usize,
     pub max_wait_ms: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RefillSettings {
     pub enabled: bool,
@@ -79,46 +81,46 @@ pub struct RefillSettings {
     pub chunk_size: i64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LowBalanceSettings {
     pub threshold: i64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExecutionFeeSettings {
     pub every: i64,
     pub amount: i64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ControlSettings {
     #[serde(deserialize_with = "list_or_csv")]
     pub allowed_users: Vec<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CostSettings {
     pub table: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpSettings {
     pub listen: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Text,
     Json,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogSettings {
     pub format: LogFormat,
@@ -230,6 +232,12 @@ impl Settings {
             return bad("amqp.url", "must not be empty");
         }
         Ok(())
+    }
+
+    /// These settings as a configuration file: loading it (with no environment overrides)
+    /// gives the same settings, so a parent process can hand a child its exact configuration.
+    pub fn to_toml(&self) -> Result<String, ConfigError> {
+        toml::to_string(self).map_err(|e| ConfigError::Serialize(e.to_string()))
     }
 
     /// The name of an exchange or queue in this worker's namespace.
@@ -347,5 +355,31 @@ mod tests {
         let s = Settings::load_from(Some(&path), &[]).unwrap();
         assert_eq!(s.refill.target, 2500);
         assert!(s.refill.lazy);
+    }
+
+    #[test]
+    fn settings_round_trip_through_a_file() {
+        let dir = std::env::temp_dir().join(format!("cw-config-rt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        let s = Settings::load_from(
+            None,
+            &env(&[
+                ("CREDIT_WORKER__AMQP__NAMESPACE", "rt."),
+                ("CREDIT_WORKER__CONTROL__ALLOWED_USERS", "guest,ops"),
+                ("CREDIT_WORKER__HTTP__LISTEN", ""),
+                ("CREDIT_WORKER__REFILL__SCHEDULE", "0 0 0 1 1 * 2099"),
+                ("CREDIT_WORKER__LOG__FORMAT", "json"),
+            ]),
+        )
+        .unwrap();
+        let text = s.to_toml().unwrap();
+        std::fs::write(&path, &text).unwrap();
+        let back = Settings::load_from(Some(&path), &[]).unwrap();
+        assert_eq!(back.to_toml().unwrap(), text);
+        assert_eq!(back.amqp.namespace, "rt.");
+        assert_eq!(back.control.allowed_users, vec!["guest", "ops"]);
+        assert_eq!(back.log.format, LogFormat::Json);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

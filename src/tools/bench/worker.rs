@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 
 use super::traffic::{self, Latency, Sink, Traffic};
 use super::WORKER_SINK;
-use crate::config::{LogFormat, QueueType, Settings};
+use crate::config::Settings;
 use crate::ledger::seed;
 use crate::refill::Month;
 use crate::tools::scratch::Scratch;
@@ -325,6 +325,8 @@ struct WorkerProcess {
     metrics_addr: std::net::SocketAddr,
     peak_kib: Arc<AtomicU64>,
     sampler: JoinHandle<()>,
+    /// Kept until the process is gone; the file is removed with it.
+    _config: ConfigFile,
 }
 
 impl WorkerProcess {
@@ -335,15 +337,20 @@ impl WorkerProcess {
         let log = std::env::temp_dir().join(format!("{}worker.log", scratch.namespace));
         let out = std::fs::File::create(&log)?;
         let mut cmd = tokio::process::Command::new(exe);
+        let config = ConfigFile::write(settings, scratch, max_batch, metrics_addr)?;
         cmd.arg("run")
+            .arg("--config")
+            .arg(&config.0)
             .stdin(std::process::Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
             .kill_on_drop(true);
-        for (k, v) in worker_env(settings, scratch, max_batch) {
-            cmd.env(k, v);
+        // The file is the whole configuration: nothing inherited may override it.
+        for (var, _) in std::env::vars_os() {
+            if overrides_config(&var) {
+                cmd.env_remove(var);
+            }
         }
-        cmd.env("CREDIT_WORKER__HTTP__LISTEN", metrics_addr.to_string());
         let child = cmd.spawn()?;
         let pid = child
             .id()
@@ -367,6 +374,7 @@ impl WorkerProcess {
             metrics_addr,
             peak_kib,
             sampler,
+            _config: config,
         })
     }
 
@@ -415,61 +423,53 @@ impl WorkerProcess {
     }
 }
 
-/// The bench's effective settings for the child, so a `--config` file given to the bench
-/// applies to the worker too; namespace, database and HTTP are the bench's own.
-fn worker_env(settings: &Settings, scratch: &Scratch, max_batch: usize) -> Vec<(String, String)> {
-    let s = settings;
-    let mut env = vec![
-        ("DATABASE_URL".to_owned(), scratch.database.url.clone()),
-        ("AMQP_URL".to_owned(), s.amqp.url.clone()),
-    ];
-    let keys: Vec<(&str, String)> = vec![
-        ("AMQP__NAMESPACE", scratch.namespace.clone()),
-        ("AMQP__PREFETCH", s.amqp.prefetch.to_string()),
-        (
-            "AMQP__QUEUE_TYPE",
-            match s.amqp.queue_type {
-                QueueType::Quorum => "quorum".into(),
-                QueueType::Classic => "classic".into(),
-            },
-        ),
-        ("AMQP__DELIVERY_LIMIT", s.amqp.delivery_limit.to_string()),
-        ("PIPELINE__MAX_BATCH", max_batch.to_string()),
-        ("PIPELINE__MAX_WAIT_MS", s.pipeline.max_wait_ms.to_string()),
-        (
-            "DATABASE__MAX_CONNECTIONS",
-            s.database.max_connections.to_string(),
-        ),
-        (
-            "DATABASE__STATEMENT_TIMEOUT_MS",
-            s.database.statement_timeout_ms.to_string(),
-        ),
-        ("REFILL__ENABLED", s.refill.enabled.to_string()),
-        ("REFILL__TARGET", s.refill.target.to_string()),
-        ("REFILL__SCHEDULE", s.refill.schedule.clone()),
-        ("REFILL__LAZY", s.refill.lazy.to_string()),
-        ("REFILL__CHUNK_SIZE", s.refill.chunk_size.to_string()),
-        (
-            "LOW_BALANCE__THRESHOLD",
-            s.low_balance.threshold.to_string(),
-        ),
-        ("EXECUTION_FEE__EVERY", s.execution_fee.every.to_string()),
-        ("EXECUTION_FEE__AMOUNT", s.execution_fee.amount.to_string()),
-        ("CONTROL__ALLOWED_USERS", s.control.allowed_users.join(",")),
-        ("COST__TABLE", s.cost.table.clone()),
-        (
-            "LOG__FORMAT",
-            match s.log.format {
-                LogFormat::Text => "text".into(),
-                LogFormat::Json => "json".into(),
-            },
-        ),
-    ];
-    env.extend(
-        keys.into_iter()
-            .map(|(k, v)| (format!("CREDIT_WORKER__{k}"), v)),
-    );
-    env
+/// The worker's configuration file: the bench's effective settings (so a `--config` file or
+/// environment given to the bench applies to the worker too) with the bench's own namespace,
+/// database, HTTP address and batch size. Removed on drop: it may hold credentials.
+struct ConfigFile(PathBuf);
+
+impl ConfigFile {
+    fn write(
+        settings: &Settings,
+        scratch: &Scratch,
+        max_batch: usize,
+        metrics_addr: std::net::SocketAddr,
+    ) -> anyhow::Result<Self> {
+        let mut s = settings.clone();
+        s.amqp = scratch.amqp.clone();
+        s.database = scratch.database.clone();
+        s.pipeline.max_batch = max_batch;
+        s.http.listen = metrics_addr.to_string();
+        let text = s.to_toml()?;
+        let path = std::env::temp_dir().join(format!("{}worker.toml", scratch.namespace));
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o600);
+        }
+        let mut file = options
+            .open(&path)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let guard = ConfigFile(path);
+        std::io::Write::write_all(&mut file, text.as_bytes())?;
+        Ok(guard)
+    }
+}
+
+impl Drop for ConfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Whether the child would take `var` from the environment over its configuration file.
+fn overrides_config(var: &std::ffi::OsStr) -> bool {
+    var.to_str().is_some_and(|v| {
+        v.starts_with("CREDIT_WORKER__")
+            || matches!(v, "CREDIT_WORKER_CONFIG" | "DATABASE_URL" | "AMQP_URL")
+    })
 }
 
 /// Means over the run from the worker's own metrics: where a message's time goes.
