@@ -2,11 +2,13 @@
 //! `DATABASE_URL` / `AMQP_URL`. Everything is validated here so the rest of the crate works
 //! with typed, checked values.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 use figment::providers::{Format, Toml};
 use figment::Figment;
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// The readable source of the defaults, compiled in so the binary runs from any directory.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
@@ -76,7 +78,7 @@ pub struct PipelineSettings {
 pub struct RefillSettings {
     pub enabled: bool,
     pub target: i64,
-    pub schedule: String,
+    pub schedule: CronSchedule,
     pub lazy: bool,
     pub chunk_size: i64,
 }
@@ -104,13 +106,65 @@ pub struct ControlSettings {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CostSettings {
-    pub table: String,
+    /// A cost table file replacing the built-in one; `""` in a file or the environment: none.
+    #[serde(deserialize_with = "empty_or_path", serialize_with = "none_as_empty")]
+    pub table: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpSettings {
-    pub listen: String,
+    /// Where the HTTP endpoints listen; `""` in a file or the environment: no HTTP server.
+    #[serde(deserialize_with = "empty_or_addr", serialize_with = "none_as_empty")]
+    pub listen: Option<SocketAddr>,
+}
+
+/// `refill.schedule`: the cron expression as written, parsed once when the settings load.
+#[derive(Debug, Clone)]
+pub struct CronSchedule {
+    expr: String,
+    parsed: crate::refill::Schedule,
+}
+
+impl CronSchedule {
+    /// The expression as written (cron with seconds, UTC).
+    pub fn as_str(&self) -> &str {
+        &self.expr
+    }
+
+    /// The parsed schedule.
+    pub fn parsed(&self) -> &crate::refill::Schedule {
+        &self.parsed
+    }
+}
+
+impl FromStr for CronSchedule {
+    type Err = cron::error::Error;
+    fn from_str(expr: &str) -> Result<Self, Self::Err> {
+        Ok(CronSchedule {
+            expr: expr.to_owned(),
+            parsed: crate::refill::Schedule::parse(expr)?,
+        })
+    }
+}
+
+impl std::fmt::Display for CronSchedule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.expr)
+    }
+}
+
+impl Serialize for CronSchedule {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.expr)
+    }
+}
+
+impl<'de> Deserialize<'de> for CronSchedule {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let expr = String::deserialize(d)?;
+        expr.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -124,6 +178,30 @@ pub enum LogFormat {
 #[serde(deny_unknown_fields)]
 pub struct LogSettings {
     pub format: LogFormat,
+}
+
+/// `""` means none: existing files and `CREDIT_WORKER__HTTP__LISTEN=` keep working.
+fn empty_or_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let s = String::deserialize(d)?;
+    if s.is_empty() {
+        return Ok(None);
+    }
+    s.parse()
+        .map(Some)
+        .map_err(|_| serde::de::Error::custom("must be host:port (e.g. 127.0.0.1:9464) or empty"))
+}
+
+fn empty_or_path<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+    let s = String::deserialize(d)?;
+    Ok((!s.is_empty()).then(|| PathBuf::from(s)))
+}
+
+/// None is written as `""`, not left out: a missing key would take the default instead.
+fn none_as_empty<T: Serialize, S: Serializer>(v: &Option<T>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => v.serialize(s),
+        None => s.serialize_str(""),
+    }
 }
 
 /// Environment lists arrive as one string ("guest,ops"); files give arrays.
@@ -209,21 +287,11 @@ impl Settings {
         if self.refill.chunk_size <= 0 {
             return bad("refill.chunk_size", "must be > 0");
         }
-        if let Err(e) = crate::refill::Schedule::parse(&self.refill.schedule) {
-            return bad("refill.schedule", &e.to_string());
-        }
         if self.execution_fee.every < 0 {
             return bad("execution_fee.every", "must be >= 0 (0 disables the fee)");
         }
         if self.execution_fee.amount < 0 {
             return bad("execution_fee.amount", "must be >= 0");
-        }
-        if !self.http.listen.is_empty() && self.http.listen.parse::<std::net::SocketAddr>().is_err()
-        {
-            return bad(
-                "http.listen",
-                "must be host:port (e.g. 127.0.0.1:9464) or empty",
-            );
         }
         if self.database.url.is_empty() {
             return bad("database.url", "must not be empty");
@@ -299,11 +367,15 @@ mod tests {
         assert_eq!(s.amqp.namespace, "");
         assert!(s.refill.enabled && s.refill.lazy);
         assert_eq!(s.refill.target, 1000);
-        assert_eq!(s.refill.schedule, "0 0 0 1 * *");
+        assert_eq!(s.refill.schedule.as_str(), "0 0 0 1 * *");
         assert_eq!(s.low_balance.threshold, 500);
         assert_eq!((s.execution_fee.every, s.execution_fee.amount), (100, 1));
         assert_eq!(s.control.allowed_users, vec!["guest"]);
-        assert_eq!(s.http.listen, "127.0.0.1:9464");
+        assert_eq!(
+            s.http.listen,
+            Some(SocketAddr::from(([127, 0, 0, 1], 9464)))
+        );
+        assert_eq!(s.cost.table, None);
         assert_eq!(s.log.format, LogFormat::Text);
     }
 
@@ -344,6 +416,39 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("amqp.queue_type"), "{e}");
+    }
+
+    #[test]
+    fn empty_strings_mean_none_and_values_are_typed() {
+        let s = Settings::load_from(
+            None,
+            &env(&[
+                ("CREDIT_WORKER__HTTP__LISTEN", ""),
+                ("CREDIT_WORKER__COST__TABLE", "/etc/credit/costs.toml"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.http.listen, None);
+        assert_eq!(s.cost.table, Some(PathBuf::from("/etc/credit/costs.toml")));
+        let s = Settings::load_from(None, &env(&[("CREDIT_WORKER__HTTP__LISTEN", "[::1]:9000")]))
+            .unwrap();
+        assert_eq!(s.http.listen, Some("[::1]:9000".parse().unwrap()));
+        let e = Settings::load_from(None, &env(&[("CREDIT_WORKER__HTTP__LISTEN", "nowhere")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("http.listen") && e.contains("host:port"), "{e}");
+        let s = Settings::load_from(
+            None,
+            &env(&[("CREDIT_WORKER__REFILL__SCHEDULE", "0 0 0 1 1 * 2099")]),
+        )
+        .unwrap();
+        assert_eq!(s.refill.schedule.to_string(), "0 0 0 1 1 * 2099");
+        assert!(s
+            .refill
+            .schedule
+            .parsed()
+            .next_after(chrono::Utc::now())
+            .is_some());
     }
 
     #[test]

@@ -17,15 +17,14 @@ use crate::cost::CostTable;
 use crate::decide::Pricing;
 use crate::ledger::{Ledger, LedgerPolicy};
 use crate::outbox::Relay;
-use crate::refill::{self, Month, Schedule};
+use crate::refill::{self, Month};
 use crate::telemetry::Health;
 
 /// Loads the cost table named by `cost.table`, or the built-in one.
 pub fn load_costs(settings: &Settings) -> anyhow::Result<CostTable> {
-    let table = if settings.cost.table.is_empty() {
-        CostTable::builtin()?
-    } else {
-        CostTable::load(std::path::Path::new(&settings.cost.table))?
+    let table = match &settings.cost.table {
+        None => CostTable::builtin()?,
+        Some(path) => CostTable::load(path)?,
     };
     Ok(table)
 }
@@ -81,16 +80,13 @@ impl Worker {
         let pool = connect_db(&settings, &shutdown).await?;
         let health = Health::new();
         let pricing = Arc::new(Pricing::from_settings(&settings, costs));
-        let http_listener = if settings.http.listen.is_empty() {
-            None
-        } else {
-            Some(
-                tokio::net::TcpListener::bind(&settings.http.listen)
+        let http_listener = match settings.http.listen {
+            None => None,
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
                     .await
-                    .map_err(|e| {
-                        anyhow::anyhow!("http.listen: cannot bind {}: {e}", settings.http.listen)
-                    })?,
-            )
+                    .map_err(|e| anyhow::anyhow!("http.listen: cannot bind {addr}: {e}"))?,
+            ),
         };
         let task = tokio::spawn(supervise(
             settings,
@@ -190,13 +186,7 @@ async fn run_scheduler(settings: Arc<Settings>, pool: PgPool, stop: Cancellation
     if !settings.refill.enabled {
         return;
     }
-    let schedule = match Schedule::parse(&settings.refill.schedule) {
-        Ok(s) => s,
-        Err(e) => {
-            error!(error = %e, "refill.schedule invalid; scheduler off");
-            return;
-        }
-    };
+    let schedule = settings.refill.schedule.parsed();
     if let Some(tick) = schedule.due_this_month(Utc::now()) {
         info!(%tick, "catching up this month's refill sweep");
         scheduled_sweep(&settings, &pool, Month::of(tick), &stop).await;

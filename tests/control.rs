@@ -21,7 +21,7 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(20);
 /// No scheduled sweep during the test (the only tick is in 2099), so balances change only
 /// through the commands under test.
 fn quiet_scheduler(s: &mut Settings) {
-    s.refill.schedule = "0 0 0 1 1 * 2099".into();
+    s.refill.schedule = "0 0 0 1 1 * 2099".parse().expect("cron");
 }
 
 /// A control-queue client: publishes commands and waits for the matching reply.

@@ -217,7 +217,7 @@ async fn broker_connections_cut_mid_stream_recover_without_loss() {
     let mut settings = env.settings.clone();
     settings.amqp.url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
     let port = free_port();
-    settings.http.listen = format!("127.0.0.1:{port}");
+    settings.http.listen = Some(([127, 0, 0, 1], port).into());
     let worker = Worker::start(settings).await.unwrap();
     let n = 3000;
     env.publish(&workload(users, n, "cut")).await;
@@ -261,7 +261,7 @@ async fn database_sessions_terminated_mid_stream_recover_without_loss() {
     let mut tap = env.event_tap().await;
     let mut settings = env.settings.clone();
     let port = free_port();
-    settings.http.listen = format!("127.0.0.1:{port}");
+    settings.http.listen = Some(([127, 0, 0, 1], port).into());
     let worker = Worker::start(settings).await.unwrap();
     let n = 3000;
     env.publish(&workload(users, n, "pgkill")).await;

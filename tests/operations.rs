@@ -25,7 +25,7 @@ static SWEEPS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// No scheduled sweep (the only tick is in 2099).
 fn quiet_scheduler(s: &mut Settings) {
-    s.refill.schedule = "0 0 0 1 1 * 2099".into();
+    s.refill.schedule = "0 0 0 1 1 * 2099".parse().expect("cron");
 }
 
 async fn wait_status(port: u16, path: &str, status: u16) {
@@ -72,7 +72,7 @@ async fn http_endpoints_report_health_readiness_and_metrics() {
     let port = free_port();
     let env = TestEnv::with(|s| {
         quiet_scheduler(s);
-        s.http.listen = format!("127.0.0.1:{port}");
+        s.http.listen = Some(([127, 0, 0, 1], port).into());
     })
     .await;
     // Installed before the worker starts, so nothing it records early (the consuming gauge)
@@ -169,7 +169,7 @@ async fn readyz_follows_the_database_and_no_message_is_lost_in_an_outage() {
     let port = free_port();
     let env = TestEnv::with(|s| {
         quiet_scheduler(s);
-        s.http.listen = format!("127.0.0.1:{port}");
+        s.http.listen = Some(([127, 0, 0, 1], port).into());
     })
     .await;
     let admin_url = match env.settings.database.url.rsplit_once('/') {
@@ -322,7 +322,7 @@ async fn scheduled_sweep_runs_at_its_cron_tick() {
         tick.year()
     );
     let env = TestEnv::with(|s| {
-        s.refill.schedule = schedule;
+        s.refill.schedule = schedule.parse().expect("cron");
         s.refill.lazy = false;
     })
     .await;
@@ -356,7 +356,7 @@ async fn missed_tick_is_caught_up_exactly_once_at_start() {
     let _sweeps = SWEEPS.lock().await;
     let env = TestEnv::with(|s| {
         // The first of the month has passed (or is now): this month's sweep is due at start.
-        s.refill.schedule = "0 0 0 1 * *".into();
+        s.refill.schedule = "0 0 0 1 * *".parse().expect("cron");
         s.refill.lazy = false;
     })
     .await;

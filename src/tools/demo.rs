@@ -252,7 +252,7 @@ pub async fn run(settings: Settings, json: bool) -> anyhow::Result<ExitCode> {
     let mut demo = settings.clone();
     demo.amqp = scratch.amqp.clone();
     demo.database = scratch.database.clone();
-    demo.http.listen = String::new();
+    demo.http.listen = None;
     demo.refill.enabled = true;
     demo.refill.lazy = true;
     demo.refill.target = DEMO_REFILL_TARGET;

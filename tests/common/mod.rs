@@ -162,7 +162,11 @@ impl TestEnv {
             ),
             (
                 "CREDIT_WORKER__HTTP__LISTEN".into(),
-                self.settings.http.listen.clone(),
+                self.settings
+                    .http
+                    .listen
+                    .map(|a| a.to_string())
+                    .unwrap_or_default(),
             ),
             (
                 "CREDIT_WORKER__PIPELINE__MAX_BATCH".into(),

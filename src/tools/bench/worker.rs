@@ -439,7 +439,7 @@ impl ConfigFile {
         s.amqp = scratch.amqp.clone();
         s.database = scratch.database.clone();
         s.pipeline.max_batch = max_batch;
-        s.http.listen = metrics_addr.to_string();
+        s.http.listen = Some(metrics_addr);
         let text = s.to_toml()?;
         let path = std::env::temp_dir().join(format!("{}worker.toml", scratch.namespace));
         let mut options = std::fs::OpenOptions::new();
