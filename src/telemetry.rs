@@ -1,6 +1,7 @@
 //! Logs (`tracing`, text or JSON), Prometheus metrics and the HTTP endpoints `/metrics`,
 //! `/healthz` and `/readyz`.
 
+use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -20,8 +21,10 @@ use crate::config::LogFormat;
 /// `default` applies when RUST_LOG is unset.
 pub fn init_logging(format: LogFormat, default: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    // Colour only for a person: escape codes in a log file or a pipe are noise.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
