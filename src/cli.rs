@@ -127,9 +127,11 @@ fn ledger_error(e: LedgerError) -> anyhow::Error {
 
 async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     let settings = Settings::load(cli.global.config.as_deref())?;
-    // Commands that print their own report keep the worker's progress logs out of the way.
+    // Commands that print their own report keep the library's logs out of it: what the
+    // worker warns about there (the demo's invalid body, slow bulk loads) is scripted or
+    // reported anyway. RUST_LOG still applies.
     let default_level = match cli.command {
-        Command::Demo | Command::Bench(_) => "warn",
+        Command::Demo | Command::Bench(_) => "error",
         _ => "info,sqlx=warn",
     };
     crate::telemetry::init_logging(settings.log.format, default_level);

@@ -273,9 +273,6 @@ pub async fn run(settings: Settings, json: bool) -> anyhow::Result<ExitCode> {
     let outcome = scenario(&demo, &names, &db_name).await;
     // Clean up whatever the scenario got to create, success or not.
     scratch.remove(&[], &[]).await;
-    // lapin closes sockets on its own I/O thread; give it a moment before the runtime goes
-    // away, or it logs spurious I/O errors on exit.
-    tokio::time::sleep(Duration::from_millis(100)).await;
     let report = outcome?;
     if json {
         println!("{}", serde_json::to_string(&report)?);
@@ -338,7 +335,7 @@ async fn scenario(demo: &Settings, names: &Names, db_name: &str) -> anyhow::Resu
         .basic_cancel(TAP_TAG, lapin::options::BasicCancelOptions::default())
         .await;
     let _ = ch.close(200, "demo done").await;
-    let _ = conn.close(200, "demo done").await;
+    let _ = crate::tools::close_connection(conn, "demo done").await;
     let report = result?;
     stopped.context("the worker did not stop cleanly")?;
     Ok(report)

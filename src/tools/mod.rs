@@ -6,3 +6,20 @@ pub mod bench;
 pub mod demo;
 pub mod publish;
 pub mod scratch;
+
+use std::time::Duration;
+
+/// Closes `conn` and waits (up to 2 s) for lapin's I/O thread to end. A tool exits right after
+/// its last close; an I/O thread still finishing then would log "error doing IO" against the
+/// runtime being shut down, after the tool's report.
+pub async fn close_connection(conn: lapin::Connection, reason: &str) -> Result<(), lapin::Error> {
+    let closed = conn.close(200, reason).await;
+    let (done, ended) = tokio::sync::oneshot::channel();
+    // `run` joins the I/O thread; a plain thread, so a stuck one cannot hold up the runtime.
+    std::thread::spawn(move || {
+        let _ = conn.run();
+        let _ = done.send(());
+    });
+    let _ = tokio::time::timeout(Duration::from_secs(2), ended).await;
+    closed
+}

@@ -23,7 +23,7 @@ pub async fn publish_entries(settings: &Settings, bodies: &[Vec<u8>]) -> anyhow:
         confirmed +=
             publish_window(&ch, &names.input_queue, chunk.iter().map(Vec::as_slice)).await?;
     }
-    let _ = conn.close(200, "done").await;
+    let _ = crate::tools::close_connection(conn, "done").await;
     Ok(confirmed)
 }
 

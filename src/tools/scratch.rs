@@ -104,7 +104,7 @@ impl Scratch {
                 .await;
             let _ = ch.close(200, "done").await;
         }
-        conn.close(200, "done").await
+        crate::tools::close_connection(conn, "done").await
     }
 }
 

@@ -109,7 +109,7 @@ pub async fn run(
     let _ = ch
         .exchange_delete(&exchange, lapin::options::ExchangeDeleteOptions::default())
         .await;
-    let _ = conn.close(200, "done").await;
+    let _ = crate::tools::close_connection(conn, "done").await;
     Ok(CeilingResult {
         msgs_per_s: t.messages as f64 / seconds,
         seconds,
@@ -183,7 +183,7 @@ async fn consume(
         }
         consumed += batch.len();
     }
-    let _ = conn.close(200, "done").await;
+    let _ = crate::tools::close_connection(conn, "done").await;
     first.ok_or_else(|| anyhow::anyhow!("nothing was consumed"))
 }
 
@@ -231,6 +231,6 @@ async fn relay(
         }
         last = Some(Instant::now());
     }
-    let _ = conn.close(200, "done").await;
+    let _ = crate::tools::close_connection(conn, "done").await;
     Ok(last)
 }

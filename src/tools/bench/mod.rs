@@ -13,7 +13,7 @@ mod worker;
 use std::process::ExitCode;
 
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 
 use crate::config::Settings;
@@ -121,7 +121,7 @@ async fn run_in(
     let cost = traffic.expected_cost(settings)?;
     let max_batch = args.max_batch.unwrap_or(settings.pipeline.max_batch);
     if !json {
-        eprintln!(
+        println!(
             "bench: {} messages over {} users (cost {cost} each), prefetch {}, max_batch {max_batch}, {} queue; namespace {}, database {}",
             args.messages,
             args.users,
@@ -161,15 +161,32 @@ fn exit_code(ok: bool) -> ExitCode {
     }
 }
 
-/// A progress bar on stderr (hidden by indicatif when stderr is not a terminal).
-fn progress(len: u64, prefix: &str) -> ProgressBar {
-    let bar = ProgressBar::new(len).with_prefix(prefix.to_owned());
+/// A progress bar on stdout with the report (drawn only when stdout is a terminal), cleared
+/// when dropped, so neither a report nor an error is printed under a stale bar.
+struct Progress(ProgressBar);
+
+impl std::ops::Deref for Progress {
+    type Target = ProgressBar;
+    fn deref(&self) -> &ProgressBar {
+        &self.0
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        self.0.finish_and_clear();
+    }
+}
+
+fn progress(len: u64, prefix: &str) -> Progress {
+    let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stdout())
+        .with_prefix(prefix.to_owned());
     if let Ok(style) = ProgressStyle::with_template(
         "{prefix:>9} [{bar:32}] {pos:>8}/{len:8} {per_sec:>14} {elapsed:>4} {msg}",
     ) {
         bar.set_style(style.progress_chars("=> "));
     }
-    bar
+    Progress(bar)
 }
 
 fn round(x: f64, digits: i32) -> f64 {

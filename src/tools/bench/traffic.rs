@@ -133,7 +133,7 @@ pub async fn publish_backlog(
         start = end;
     }
     let rate = traffic.messages as f64 / started.elapsed().as_secs_f64().max(1e-9);
-    let _ = conn.close(200, "done").await;
+    let _ = crate::tools::close_connection(conn, "done").await;
     Ok((published, rate))
 }
 
@@ -183,7 +183,7 @@ pub async fn publish_paced(
     for w in windows {
         w.await??;
     }
-    let _ = conn.close(200, "done").await;
+    let _ = crate::tools::close_connection(conn, "done").await;
     Ok(start)
 }
 
@@ -307,7 +307,7 @@ impl Sink {
                     }
                 }
                 let _ = ch.close(200, "done").await;
-                let _ = conn.close(200, "done").await;
+                let _ = crate::tools::close_connection(conn, "done").await;
                 Ok(r)
             }
         });

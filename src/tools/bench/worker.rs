@@ -190,7 +190,7 @@ pub async fn run(
             problems.push(format!("{left} messages left on {q}"));
         }
     }
-    let _ = conn.close(200, "done").await;
+    let _ = crate::tools::close_connection(conn, "done").await;
     pool.close().await;
     if problems.is_empty() {
         proc.remove_log();
