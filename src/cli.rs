@@ -115,10 +115,28 @@ pub fn main() -> ExitCode {
     match runtime.block_on(execute(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_text(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes for a person, each cause once. Many error types (this crate's,
+/// sqlx's) put their source's text in their own message ("database: {0}") and also expose it
+/// as `source()`, so `{:#}` would print such a cause twice ("database: X: X").
+pub fn error_text(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let message = cause.to_string();
+        if message.is_empty() || text.contains(&message) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&message);
+    }
+    text
 }
 
 fn ledger_error(e: LedgerError) -> anyhow::Error {
@@ -352,5 +370,33 @@ fn print_out(json: bool, value: &serde_json::Value, human: impl FnOnce() -> Stri
         println!("{value}");
     } else {
         println!("{}", human());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_text;
+
+    fn io(msg: &str) -> std::io::Error {
+        std::io::Error::new(std::io::ErrorKind::NotFound, msg.to_owned())
+    }
+
+    #[test]
+    fn each_cause_is_printed_once() {
+        // Display already holds the source's text, and the source is exposed too.
+        let e = anyhow::Error::from(crate::config::ConfigError::Read {
+            path: "/etc/cw.toml".into(),
+            source: io("no such file"),
+        });
+        assert_eq!(
+            error_text(&e),
+            "config: cannot read /etc/cw.toml: no such file"
+        );
+        let e = anyhow::Error::from(crate::ledger::LedgerError::Db(sqlx::Error::Io(io("reset"))));
+        let text = error_text(&e);
+        assert_eq!(text.matches("reset").count(), 1, "{text}");
+        // A context whose message does not repeat its cause still shows the cause.
+        let e = anyhow::Error::from(io("no such file")).context("reading the entries");
+        assert_eq!(error_text(&e), "reading the entries: no such file");
     }
 }
