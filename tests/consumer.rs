@@ -437,7 +437,7 @@ async fn sigkill_while_in_flight_then_restart_decides_everything_once() {
 #[tokio::test]
 async fn a_batch_decides_exactly_like_one_at_a_time() {
     use credit_worker::cost::CostTable;
-    use credit_worker::decide::{decide_batch, Pricing};
+    use credit_worker::decide::decide_batch;
     use credit_worker::message::decode;
 
     let batch_env = TestEnv::with(|s| s.execution_fee.every = 4).await;
@@ -468,8 +468,8 @@ async fn a_batch_decides_exactly_like_one_at_a_time() {
     overflow.stats.input_size = 1000.0;
     decoded.insert(50, overflow);
 
-    let pricing_b = Pricing::from_settings(&batch_env.settings, table.clone());
-    let pricing_s = Pricing::from_settings(&single_env.settings, table);
+    let pricing_b = batch_env.settings.pricing(table.clone());
+    let pricing_s = single_env.settings.pricing(table);
     let batch = decide_batch(&batch_env.pool, &pricing_b, &decoded, now)
         .await
         .unwrap();

@@ -6,7 +6,7 @@ mod common;
 use chrono::{DateTime, TimeZone, Utc};
 use common::*;
 use credit_worker::cost::CostTable;
-use credit_worker::decide::{self, Outcome, Pricing, Verdict};
+use credit_worker::decide::{self, Outcome, Verdict};
 use credit_worker::ledger::{LedgerError, TxType};
 use credit_worker::message;
 use credit_worker::refill::{self, Month};
@@ -21,7 +21,7 @@ fn no_refill(s: &mut credit_worker::config::Settings) {
 }
 
 async fn spend_entry(env: &TestEnv, v: serde_json::Value, now: DateTime<Utc>) -> Verdict {
-    let pricing = Pricing::from_settings(&env.settings, CostTable::builtin().unwrap());
+    let pricing = env.settings.pricing(CostTable::builtin().unwrap());
     let e = message::decode(&body(&v)).unwrap();
     let mut out = decide::decide_batch(&env.pool, &pricing, &[e], now)
         .await

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use credit_worker::config::Settings;
-use credit_worker::ledger::{Ledger, LedgerPolicy};
+use credit_worker::ledger::Ledger;
 use credit_worker::topology::{self, Names};
 use futures::StreamExt;
 use lapin::options::{
@@ -145,10 +145,7 @@ impl TestEnv {
     }
 
     pub fn ledger(&self) -> Ledger {
-        Ledger::new(
-            self.pool.clone(),
-            LedgerPolicy::from_settings(&self.settings),
-        )
+        Ledger::new(self.pool.clone(), self.settings.ledger_policy())
     }
 
     /// Environment for a worker process using this test's database and namespace.
