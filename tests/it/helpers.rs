@@ -1,7 +1,6 @@
-//! Shared test harness: every test gets its own database and its own AMQP namespace on the
-//! real PostgreSQL and RabbitMQ (`DATABASE_URL` / `AMQP_URL`, default: the local services; with
-//! the `testcontainers` feature and a Docker engine, containers when those are unset).
-#![allow(dead_code)]
+//! The harness: every test gets its own database and its own AMQP namespace on the real
+//! PostgreSQL and RabbitMQ (`DATABASE_URL` / `AMQP_URL`, default: the local services; with the
+//! `testcontainers` feature and a Docker engine, containers when those are unset).
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -307,18 +306,9 @@ impl TestEnv {
 
     /// Waits until `n` decisions exist.
     pub async fn wait_decisions(&self, n: i64, within: Duration) {
-        let pool = self.pool.clone();
-        wait_for(within, &format!("{n} decisions"), || {
-            let pool = pool.clone();
-            async move {
-                sqlx::query_scalar::<_, i64>("SELECT count(*) FROM credit.decisions")
-                    .fetch_one(&pool)
-                    .await
-                    .map(|c| c >= n)
-                    .unwrap_or(false)
-            }
-        })
-        .await;
+        let what = format!("{n} decisions");
+        let sql = "SELECT count(*) FROM credit.decisions";
+        crate::fixtures::wait_count(self, within, &what, sql, &[], |c| c >= n).await;
     }
 
     pub async fn assert_audit_clean(&self) {
@@ -479,21 +469,6 @@ impl Drop for WorkerProcess {
     }
 }
 
-/// Runs the CLI binary to completion: (exit code, stdout, stderr).
-pub fn cli(env: &[(String, String)], args: &[&str]) -> (i32, String, String) {
-    let mut cmd = Command::new(binary());
-    cmd.args(args).env_remove("CREDIT_WORKER_CONFIG");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().expect("run cli");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// A free local port for a worker's HTTP endpoints.
 pub fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
@@ -559,3 +534,33 @@ pub fn metrics_now() -> String {
         .map(|h| h.render())
         .unwrap_or_default()
 }
+
+/// The Prometheus recorder is process-wide and every test of this binary shares it. A test
+/// that reads how much a counter moved holds its gate with `lock`, and the tests that move
+/// it as a side effect hold it with `share`: they run alongside each other, not alongside
+/// the reader.
+pub struct CounterGate(tokio::sync::RwLock<()>);
+
+impl CounterGate {
+    const fn new() -> Self {
+        CounterGate(tokio::sync::RwLock::const_new(()))
+    }
+
+    /// For the test that counts: no test that moves the counter runs meanwhile.
+    pub async fn lock(&self) -> tokio::sync::RwLockWriteGuard<'_, ()> {
+        self.0.write().await
+    }
+
+    /// For a test that moves the counter.
+    pub async fn share(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
+        self.0.read().await
+    }
+}
+
+/// `credit_refill_runs_total`: every refill sweep (scheduled, start-up catch-up, the control
+/// command or `refill::sweep` called directly).
+pub static SWEEPS: CounterGate = CounterGate::new();
+
+/// `credit_decide_retries_total`: decisions retried by an in-process worker whose database
+/// went away.
+pub static DECIDE_RETRIES: CounterGate = CounterGate::new();
