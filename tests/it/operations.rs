@@ -2,31 +2,21 @@
 //! losing a message, and the refill scheduler (its cron tick and the catch-up at start-up).
 //!
 //! The Prometheus recorder is process-wide. Workers here run without a scheduled sweep unless
-//! a test is about the scheduler, and those tests hold `SWEEPS`, so the refill-run counter
-//! moves only for the test reading it.
-
-mod common;
+//! a test is about the scheduler; those tests hold `SWEEPS` exclusively (every test of the
+//! binary that sweeps shares it), so the refill-run counter moves only for the test reading
+//! it. The outage test holds `DECIDE_RETRIES` the same way.
 
 use std::time::Duration;
 
 use chrono::{DateTime, Datelike, Timelike, Utc};
-use common::*;
-use credit_worker::config::Settings;
 use credit_worker::ledger::TxType;
 use credit_worker::refill::Month;
 use credit_worker::service::Worker;
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
+
+use crate::fixtures::*;
+use crate::helpers::*;
 
 const T: Duration = Duration::from_secs(30);
-
-/// Held by the tests that run refill sweeps and count them.
-static SWEEPS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// No scheduled sweep (the only tick is in 2099).
-fn quiet_scheduler(s: &mut Settings) {
-    s.refill.schedule = "0 0 0 1 1 * 2099".into();
-}
 
 async fn wait_status(port: u16, path: &str, status: u16) {
     wait_for(T, &format!("{path} {status}"), || async move {
@@ -37,22 +27,6 @@ async fn wait_status(port: u16, path: &str, status: u16) {
 
 fn refill_runs() -> f64 {
     metric_value(&metrics_now(), "credit_refill_runs_total", &[])
-}
-
-/// Ready (not yet delivered) messages in `queue`.
-async fn queue_depth(env: &TestEnv, queue: &str) -> u32 {
-    let (_conn, ch) = env.amqp_channel().await;
-    ch.queue_declare(
-        queue,
-        QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .map(|q| q.message_count())
-    .unwrap_or_else(|e| panic!("{queue}: {e}"))
 }
 
 async fn monthly_grants(env: &TestEnv, user: &str, month: Month) -> Vec<(String, i64)> {
@@ -166,6 +140,8 @@ async fn database_reachable(env: &TestEnv, admin: &sqlx::PgPool, reachable: bool
 
 #[tokio::test]
 async fn readyz_follows_the_database_and_no_message_is_lost_in_an_outage() {
+    // It waits for the retry counter to move to know its worker tried during the outage.
+    let _retries = DECIDE_RETRIES.lock().await;
     let port = free_port();
     let env = TestEnv::with(|s| {
         quiet_scheduler(s);
@@ -286,20 +262,14 @@ async fn assert_refilled_once(env: &TestEnv, month: Month) {
 }
 
 async fn wait_refilled(env: &TestEnv, month: Month, within: Duration) {
-    let pool = env.pool.clone();
-    wait_for(within, &format!("the {month} refill"), || {
-        let pool = pool.clone();
-        async move {
-            sqlx::query_scalar::<_, i64>(
-                "SELECT count(DISTINCT user_id) FROM credit.transactions WHERE transaction_key = $1",
-            )
-            .bind(month.refill_key())
-            .fetch_one(&pool)
-            .await
-            .map(|n| n == 2)
-            .unwrap_or(false)
-        }
-    })
+    wait_count(
+        env,
+        within,
+        &format!("the {month} refill"),
+        "SELECT count(DISTINCT user_id) FROM credit.transactions WHERE transaction_key = $1",
+        &[&month.refill_key()],
+        |n| n == 2,
+    )
     .await;
 }
 
