@@ -103,12 +103,15 @@ impl Scheduler {
     /// the current month whose tick has already passed. Replicas coordinate with an advisory
     /// lock; the ledger keys make a duplicate run harmless anyway.
     pub async fn run(self, stop: CancellationToken) {
-        if let Some(tick) = self.schedule.due_this_month(self.clock.now()) {
+        let mut after = self.clock.now();
+        if let Some(tick) = self.schedule.due_this_month(after) {
             info!(%tick, "catching up this month's refill sweep");
             self.sweep(Month::of(tick), &stop).await;
         }
         loop {
-            let Some(next) = self.schedule.next_after(self.clock.now()) else {
+            // From the last tick, not from now: a tick that passed while a sweep ran is run
+            // next rather than skipped.
+            let Some(next) = self.schedule.next_after(after) else {
                 // No tick ever again: idle until shutdown rather than look like a crash.
                 stop.cancelled().await;
                 return;
@@ -118,6 +121,7 @@ impl Scheduler {
                 _ = stop.cancelled() => return,
             }
             self.sweep(Month::of(next), &stop).await;
+            after = next;
         }
     }
 

@@ -322,3 +322,54 @@ fn cause(result: Result<(), JoinError>) -> String {
         Err(e) => e.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_first_task_to_end_is_named_with_its_cause() {
+        let health = Health::new();
+        health.set_consuming(true);
+        health.set_relaying(true);
+        let shutdown = CancellationToken::new();
+        let mut tasks = Tasks::default();
+        let stop = shutdown.clone();
+        tasks.spawn("consumer", async move { stop.cancelled().await });
+        tasks.spawn("outbox relay", async { panic!("boom") });
+        let failure = tasks
+            .first_exit(&shutdown, &health)
+            .await
+            .expect("a failure");
+        assert_eq!(failure.task, "outbox relay");
+        assert_eq!(failure.cause, "panicked: boom");
+        assert!(!health.relaying());
+        assert!(health.consuming());
+
+        shutdown.cancel();
+        tasks.join("consumer", &health).await;
+        assert!(!health.consuming());
+        assert!(tasks.0.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_task_returning_early_is_a_failure_and_shutdown_is_not() {
+        let health = Health::new();
+        let shutdown = CancellationToken::new();
+        let mut tasks = Tasks::default();
+        tasks.spawn("control", async {});
+        let failure = tasks
+            .first_exit(&shutdown, &health)
+            .await
+            .expect("a failure");
+        assert_eq!(
+            (failure.task, failure.cause.as_str()),
+            ("control", "returned without a shutdown request")
+        );
+
+        let stop = shutdown.clone();
+        tasks.spawn("control", async move { stop.cancelled().await });
+        shutdown.cancel();
+        assert!(tasks.first_exit(&shutdown, &health).await.is_none());
+    }
+}

@@ -8,10 +8,11 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, Datelike, Timelike, Utc};
+use chrono::{TimeZone, Utc};
 use credit_worker::ledger::TxType;
-use credit_worker::refill::Month;
+use credit_worker::refill::{ManualClock, Month};
 use credit_worker::service::Worker;
+use tokio_util::sync::CancellationToken;
 
 use crate::fixtures::*;
 use crate::helpers::*;
@@ -276,47 +277,55 @@ async fn wait_refilled(env: &TestEnv, month: Month, within: Duration) {
 #[tokio::test]
 async fn scheduled_sweep_runs_at_its_cron_tick() {
     let _sweeps = SWEEPS.lock().await;
-    // One concrete second about 4 s ahead (date and year included, so no earlier tick this
-    // month triggers the start-up catch-up instead).
-    let now = Utc::now();
-    let tick: DateTime<Utc> = (now + chrono::Duration::seconds(4))
-        .with_nanosecond(0)
-        .expect("whole second");
-    let schedule = format!(
-        "{} {} {} {} {} * {}",
-        tick.second(),
-        tick.minute(),
-        tick.hour(),
-        tick.day(),
-        tick.month(),
-        tick.year()
-    );
+    // On the 15th at noon; the clock starts on the 10th, so nothing is due at start-up.
+    let start = Utc.with_ymd_and_hms(2031, 3, 10, 8, 0, 0).unwrap();
+    let tick = Utc.with_ymd_and_hms(2031, 3, 15, 12, 0, 0).unwrap();
+    let next_tick = Utc.with_ymd_and_hms(2031, 4, 15, 12, 0, 0).unwrap();
     let env = TestEnv::with(|s| {
-        s.refill.schedule = schedule;
+        s.refill.schedule = "0 0 12 15 * *".into();
         s.refill.lazy = false;
     })
     .await;
     seed_below_target(&env).await;
     let runs_before = refill_runs();
-    let worker = Worker::start(env.settings.clone()).await.expect("worker");
+    let clock = ManualClock::new(start);
+    let worker = Worker::start_with_clock(
+        env.settings.clone(),
+        CancellationToken::new(),
+        clock.clone(),
+    )
+    .await
+    .expect("worker");
+    // A second before the tick: the scheduler is asleep; then the tick.
+    clock.set(tick - chrono::Duration::seconds(1));
+    clock.set(tick);
     let month = Month::of(tick);
-    let seen_before_tick = env
-        .scalar_i64("SELECT count(*) FROM credit.transactions WHERE type = 'GRANT'")
-        .await;
-    if Utc::now() < tick {
-        assert_eq!(seen_before_tick, 0, "refilled before the tick");
-    }
-    wait_refilled(&env, month, Duration::from_secs(15)).await;
-    worker.stop().await.expect("stop");
-
+    wait_refilled(&env, month, T).await;
     assert_refilled_once(&env, month).await;
-    let first: DateTime<Utc> =
-        sqlx::query_scalar("SELECT min(created_at) FROM credit.transactions WHERE type = 'GRANT'")
-            .fetch_one(&env.pool)
-            .await
-            .expect("grant time");
-    assert!(first >= tick, "granted at {first}, before the tick {tick}");
-    assert_eq!(refill_runs() - runs_before, 1.0);
+
+    // The next month's tick: only what was spent since is granted back.
+    env.ledger()
+        .spend("sched-a", 300, "SPEND-1", serde_json::json!({}), Utc::now())
+        .await
+        .expect("spend");
+    clock.set(next_tick);
+    let next_month = Month::of(next_tick);
+    wait_count(
+        &env,
+        T,
+        "the next month's refill",
+        "SELECT count(*) FROM credit.transactions WHERE transaction_key = $1",
+        &[&next_month.refill_key()],
+        |n| n == 1,
+    )
+    .await;
+    worker.stop().await.expect("stop");
+    assert_eq!(
+        monthly_grants(&env, "sched-a", next_month).await,
+        vec![(next_month.refill_key(), 300)]
+    );
+    assert!(monthly_grants(&env, "sched-b", next_month).await.is_empty());
+    assert_eq!(refill_runs() - runs_before, 2.0);
     env.assert_audit_clean().await;
     env.cleanup().await;
 }
