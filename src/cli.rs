@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
 use crate::config::Settings;
-use crate::ledger::{Ledger, LedgerError, LedgerPolicy, TxType};
+use crate::ledger::{Ledger, LedgerError, TxType};
 use crate::refill::Month;
 
 #[derive(Debug, Parser)]
@@ -323,7 +323,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
 
 async fn open_ledger(settings: &Settings) -> anyhow::Result<Ledger> {
     let pool = crate::db::connect_and_migrate(&settings.database).await?;
-    Ok(Ledger::new(pool, LedgerPolicy::from_settings(settings)))
+    Ok(Ledger::new(pool, settings.ledger_policy()))
 }
 
 async fn credit(

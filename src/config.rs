@@ -10,6 +10,10 @@ use figment::providers::{Format, Toml};
 use figment::Figment;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::cost::CostTable;
+use crate::decide::{FeePolicy, Pricing};
+use crate::ledger::{LedgerPolicy, RefillPolicy};
+
 /// The readable source of the defaults, compiled in so the binary runs from any directory.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
@@ -41,13 +45,7 @@ pub struct Settings {
     pub log: LogSettings,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct DatabaseSettings {
-    pub url: String,
-    pub max_connections: u32,
-    pub statement_timeout_ms: u64,
-}
+pub use crate::db::DatabaseSettings;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -224,6 +222,34 @@ fn list_or_csv<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error>
 }
 
 impl Settings {
+    /// The ledger's policy: refill and low-balance threshold.
+    pub fn ledger_policy(&self) -> LedgerPolicy {
+        LedgerPolicy {
+            refill: self.refill_policy(),
+            lazy_refill: self.refill.enabled && self.refill.lazy,
+            low_balance_threshold: self.low_balance.threshold,
+        }
+    }
+
+    /// `Some` when refills are enabled.
+    pub fn refill_policy(&self) -> Option<RefillPolicy> {
+        self.refill.enabled.then_some(RefillPolicy {
+            target: self.refill.target,
+        })
+    }
+
+    /// Everything a decision depends on besides the database.
+    pub fn pricing(&self, costs: CostTable) -> Pricing {
+        Pricing {
+            costs,
+            ledger: self.ledger_policy(),
+            fee: FeePolicy {
+                every: self.execution_fee.every,
+                amount: self.execution_fee.amount,
+            },
+        }
+    }
+
     /// Loads the layered configuration. `file` is `--config`; when absent,
     /// `CREDIT_WORKER_CONFIG` names the file.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {

@@ -1,57 +1,18 @@
-//! Monthly refill (SPEC §6): month arithmetic, the chunked sweep and its cron schedule.
+//! Monthly refill (contract §6): the cron schedule and the scheduler that runs the sweep at
+//! each tick. The sweep itself writes the ledger, so it lives in [`crate::ledger::sweep`].
 
-use std::fmt;
 use std::str::FromStr;
-use std::time::Instant;
+use std::sync::Arc;
 
-use chrono::{DateTime, Datelike, NaiveDate, Utc};
-use serde::Serialize;
+use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
 use sqlx::PgPool;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
 
-use crate::ledger::{store, Changes, LedgerError, RefillPolicy};
-
-/// A calendar month (UTC), written `YYYY-MM`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Month(NaiveDate);
-
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("month: expected YYYY-MM (e.g. 2026-12), got {0:?}")]
-pub struct MonthError(pub String);
-
-impl Month {
-    pub fn of(at: DateTime<Utc>) -> Self {
-        Month(NaiveDate::from_ymd_opt(at.year(), at.month(), 1).unwrap_or(NaiveDate::MIN))
-    }
-
-    pub fn first_day(self) -> NaiveDate {
-        self.0
-    }
-
-    /// The ledger key of this month's refill grant.
-    pub fn refill_key(self) -> String {
-        format!("MONTHLY-CREDIT-TOP-UP-{self}")
-    }
-}
-
-impl FromStr for Month {
-    type Err = MonthError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || MonthError(s.to_owned());
-        let (y, m) = s.split_once('-').ok_or_else(err)?;
-        if y.len() != 4 || m.len() != 2 {
-            return Err(err());
-        }
-        let y: i32 = y.parse().map_err(|_| err())?;
-        let m: u32 = m.parse().map_err(|_| err())?;
-        NaiveDate::from_ymd_opt(y, m, 1).map(Month).ok_or_else(err)
-    }
-}
-
-impl fmt::Display for Month {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:04}-{:02}", self.0.year(), self.0.month())
-    }
-}
+pub use crate::ledger::{sweep, Month, MonthError, SweepReport};
+use crate::ledger::{sweep_exclusive, RefillPolicy};
 
 /// The cron schedule of the sweep, evaluated in UTC.
 #[derive(Debug, Clone)]
@@ -73,115 +34,117 @@ impl Schedule {
         let month = Month::of(at);
         let start =
             month.first_day().and_hms_opt(0, 0, 0)?.and_utc() - chrono::Duration::seconds(1);
-        let mut last = None;
-        for t in self.0.after(&start) {
-            if t > at {
-                break;
-            }
-            last = Some(t);
-        }
-        last
+        self.0.after(&start).take_while(|t| *t <= at).last()
     }
 }
 
-/// Totals of one sweep.
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
-pub struct SweepReport {
-    pub month: String,
-    pub users_refilled: i64,
-    pub credits_granted: i64,
-    pub users_evaluated: i64,
-    pub duration_ms: u64,
+/// Wall-clock time for the scheduler, injectable so tests need not wait for a real tick.
+pub trait Clock: Send + Sync + 'static {
+    fn now(&self) -> DateTime<Utc>;
+    /// Resolves once [`Clock::now`] has reached `at`.
+    fn sleep_until(&self, at: DateTime<Utc>) -> BoxFuture<'_, ()>;
 }
 
-const PICK_CHUNK: &str = "SELECT user_id, balance, last_seq, refill_month, fee_day, fee_count
-       FROM credit.balances
-      WHERE user_id > $1 AND (refill_month IS NULL OR refill_month < $2)
-      ORDER BY user_id LIMIT $3 FOR UPDATE";
+/// The system clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
 
-const ANY_LEFT: &str = "SELECT 1 FROM credit.balances
-      WHERE user_id > $1 AND (refill_month IS NULL OR refill_month < $2) LIMIT 1";
+impl Clock for SystemClock {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
 
-/// Refills every user for `month` (or only `user_id`), `chunk` users per transaction. Safe to
-/// run concurrently: rows are locked in user_id order and re-checked after the lock, so a
-/// user another sweep just refilled is skipped. `progress` sees the running totals.
-pub async fn sweep(
-    pool: &PgPool,
-    policy: RefillPolicy,
-    month: Month,
-    user_id: Option<&str>,
-    chunk: i64,
-    mut progress: impl FnMut(&SweepReport),
-) -> Result<SweepReport, LedgerError> {
-    let started = Instant::now();
-    let mut report = SweepReport {
-        month: month.to_string(),
-        ..Default::default()
-    };
-    if let Some(user) = user_id {
-        crate::ledger::check_user_id(user)?;
-        let mut tx = pool.begin().await?;
-        let mut accounts = store::lock_accounts(&mut tx, &[user.to_owned()]).await?;
-        let mut changes = Changes::default();
-        let now = Utc::now();
-        for a in accounts.values_mut() {
-            tally(&mut report, a.refill(&mut changes, policy, month, now)?);
+    fn sleep_until(&self, at: DateTime<Utc>) -> BoxFuture<'_, ()> {
+        let wait = (at - Utc::now()).to_std().unwrap_or_default();
+        Box::pin(tokio::time::sleep(wait))
+    }
+}
+
+/// A clock that only moves when told to ([`ManualClock::set`]).
+#[derive(Debug)]
+pub struct ManualClock(watch::Sender<DateTime<Utc>>);
+
+impl ManualClock {
+    pub fn new(at: DateTime<Utc>) -> Arc<Self> {
+        Arc::new(ManualClock(watch::Sender::new(at)))
+    }
+
+    pub fn set(&self, at: DateTime<Utc>) {
+        self.0.send_replace(at);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> DateTime<Utc> {
+        *self.0.borrow()
+    }
+
+    fn sleep_until(&self, at: DateTime<Utc>) -> BoxFuture<'_, ()> {
+        let mut rx = self.0.subscribe();
+        Box::pin(async move {
+            // The sender lives as long as `self`; an error means it is gone, so is the wait.
+            let _ = rx.wait_for(|now| *now >= at).await;
+        })
+    }
+}
+
+/// What the scheduler needs: where, what, and how often.
+#[derive(Clone)]
+pub struct Scheduler {
+    pub pool: PgPool,
+    pub policy: RefillPolicy,
+    pub schedule: Schedule,
+    pub chunk: i64,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Scheduler {
+    /// Sleeps until each tick and sweeps that tick's month. At start it catches up a sweep of
+    /// the current month whose tick has already passed. Replicas coordinate with an advisory
+    /// lock; the ledger keys make a duplicate run harmless anyway.
+    pub async fn run(self, stop: CancellationToken) {
+        let mut after = self.clock.now();
+        if let Some(tick) = self.schedule.due_this_month(after) {
+            info!(%tick, "catching up this month's refill sweep");
+            self.sweep(Month::of(tick), &stop).await;
         }
-        store::flush(&mut tx, accounts.values(), &changes, now).await?;
-        tx.commit().await?;
-    } else {
-        let mut cursor = String::new();
         loop {
-            let now = Utc::now();
-            let mut tx = pool.begin().await?;
-            let rows = sqlx::query(PICK_CHUNK)
-                .bind(&cursor)
-                .bind(month.first_day())
-                .bind(chunk)
-                .fetch_all(&mut *tx)
-                .await?;
-            if rows.is_empty() {
-                tx.rollback().await?;
-                // Empty can also mean every picked row was refilled by a concurrent sweep
-                // while we waited for its lock; look again before calling it done.
-                let left = sqlx::query(ANY_LEFT)
-                    .bind(&cursor)
-                    .bind(month.first_day())
-                    .fetch_optional(pool)
-                    .await?;
-                if left.is_none() {
-                    break;
-                }
-                continue;
+            // From the last tick, not from now: a tick that passed while a sweep ran is run
+            // next rather than skipped.
+            let Some(next) = self.schedule.next_after(after) else {
+                // No tick ever again: idle until shutdown rather than look like a crash.
+                stop.cancelled().await;
+                return;
+            };
+            tokio::select! {
+                _ = self.clock.sleep_until(next) => {}
+                _ = stop.cancelled() => return,
             }
-            let mut accounts = rows
-                .iter()
-                .map(store::account_from_row)
-                .collect::<Result<Vec<_>, _>>()?;
-            let mut changes = Changes::default();
-            for a in &mut accounts {
-                tally(&mut report, a.refill(&mut changes, policy, month, now)?);
-            }
-            store::flush(&mut tx, accounts.iter(), &changes, now).await?;
-            tx.commit().await?;
-            if let Some(last) = accounts.last() {
-                cursor = last.user_id.clone();
-            }
-            progress(&report);
+            self.sweep(Month::of(next), &stop).await;
+            after = next;
         }
     }
-    report.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-    metrics::counter!("credit_refill_runs_total").increment(1);
-    metrics::counter!("credit_refill_users_total").increment(report.users_refilled as u64);
-    metrics::counter!("credit_refill_credits_total").increment(report.credits_granted as u64);
-    Ok(report)
-}
 
-fn tally(report: &mut SweepReport, granted: i64) {
-    report.users_evaluated += 1;
-    if granted > 0 {
-        report.users_refilled += 1;
-        report.credits_granted += granted;
+    async fn sweep(&self, month: Month, stop: &CancellationToken) {
+        let mut delays = crate::retry::backoff();
+        loop {
+            match sweep_exclusive(&self.pool, self.policy, month, self.chunk).await {
+                Ok(Some(r)) => {
+                    info!(month = %r.month, users_refilled = r.users_refilled, credits_granted = r.credits_granted, users_evaluated = r.users_evaluated, duration_ms = r.duration_ms, "refill sweep done");
+                    return;
+                }
+                Ok(None) => {
+                    info!(%month, "refill sweep running on another replica; skipped");
+                    return;
+                }
+                Err(e) => {
+                    warn!(error = %e, %month, "refill sweep failed; retrying");
+                    if !crate::retry::pause(&mut delays, stop).await {
+                        return;
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -189,22 +152,6 @@ fn tally(report: &mut SweepReport, granted: i64) {
 mod tests {
     use super::*;
     use chrono::TimeZone;
-
-    #[test]
-    fn months_parse_and_print() {
-        assert_eq!("2026-12".parse::<Month>().unwrap().to_string(), "2026-12");
-        assert_eq!(
-            "2026-01".parse::<Month>().unwrap().refill_key(),
-            "MONTHLY-CREDIT-TOP-UP-2026-01"
-        );
-        for bad in [
-            "2026-13", "2026-1", "26-01", "2026/01", "", "2026-00", "abcd-ef",
-        ] {
-            assert!(bad.parse::<Month>().is_err(), "{bad}");
-        }
-        let at = Utc.with_ymd_and_hms(2026, 11, 25, 13, 0, 0).unwrap();
-        assert_eq!(Month::of(at).to_string(), "2026-11");
-    }
 
     #[test]
     fn schedule_ticks_in_utc() {
@@ -221,5 +168,22 @@ mod tests {
         let late = Schedule::parse("0 0 0 28 * *").unwrap();
         assert_eq!(late.due_this_month(at), None);
         assert!(Schedule::parse("every day").is_err());
+    }
+
+    #[tokio::test]
+    async fn a_manual_clock_wakes_sleepers_when_set() {
+        let t0 = Utc.with_ymd_and_hms(2031, 1, 31, 23, 0, 0).unwrap();
+        let clock = ManualClock::new(t0);
+        let tick = t0 + chrono::Duration::hours(1);
+        let sleeper = {
+            let clock = clock.clone();
+            tokio::spawn(async move { clock.sleep_until(tick).await })
+        };
+        clock.set(tick);
+        tokio::time::timeout(std::time::Duration::from_secs(5), sleeper)
+            .await
+            .expect("woken")
+            .expect("joined");
+        assert_eq!(clock.now(), tick);
     }
 }

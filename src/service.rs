@@ -1,23 +1,26 @@
-//! `credit-worker run`: the consumer, outbox relay, refill scheduler, control queue and HTTP
-//! endpoints under one shutdown token. Shutdown order: stop consuming → finish and ack the
-//! batch in flight → flush the outbox → exit.
+//! `credit-worker run`: the composition root. It builds every part from the settings and
+//! supervises their tasks in one place: the consumer, the outbox relay, the control queue, the
+//! refill scheduler and the HTTP endpoints. Shutdown (SIGTERM, or the first task to end
+//! unexpectedly) drains in one order: stop consuming → finish and ack the batch in flight →
+//! flush the outbox → stop the rest. A task that ended unexpectedly makes the worker exit
+//! non-zero, so a process manager restarts it.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
 use sqlx::PgPool;
-use tokio::task::JoinHandle;
+use tokio::task::{JoinError, JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::Settings;
+use crate::consumer::process::DbDecider;
 use crate::consumer::Consumer;
 use crate::cost::CostTable;
-use crate::decide::Pricing;
-use crate::ledger::{Ledger, LedgerPolicy};
+use crate::ledger::Ledger;
 use crate::outbox::Relay;
-use crate::refill::{self, Month};
+use crate::refill::{Clock, Schedule, Scheduler, SystemClock};
 use crate::telemetry::Health;
 
 /// Loads the cost table named by `cost.table`, or the built-in one.
@@ -56,6 +59,7 @@ pub struct Worker {
     pub shutdown: CancellationToken,
     pub pool: PgPool,
     pub health: Arc<Health>,
+    http_addr: Option<SocketAddr>,
     task: JoinHandle<anyhow::Result<()>>,
 }
 
@@ -72,36 +76,38 @@ impl Worker {
         settings: Settings,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Worker> {
+        Self::start_with_clock(settings, shutdown, Arc::new(SystemClock)).await
+    }
+
+    /// [`Worker::start_with`] with the refill scheduler on `clock`.
+    pub async fn start_with_clock(
+        settings: Settings,
+        shutdown: CancellationToken,
+        clock: Arc<dyn Clock>,
+    ) -> anyhow::Result<Worker> {
         // Install the recorder before any part records, so no early metric is lost.
         crate::telemetry::metrics_handle();
-        let settings = Arc::new(settings);
         let costs = load_costs(&settings)?;
         info!(blocks = costs.block_count(), "cost table loaded");
+        let schedule = settings.refill.schedule.parsed().clone();
+        let http = bind_http(&settings).await?;
+        let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
         let pool = connect_db(&settings, &shutdown).await?;
         let health = Health::new();
-        let pricing = Arc::new(Pricing::from_settings(&settings, costs));
-        let http_listener = match settings.http.listen {
-            None => None,
-            Some(addr) => Some(
-                tokio::net::TcpListener::bind(addr)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("http.listen: cannot bind {addr}: {e}"))?,
-            ),
-        };
-        let task = tokio::spawn(supervise(
-            settings,
-            pool.clone(),
-            pricing,
-            health.clone(),
-            shutdown.clone(),
-            http_listener,
-        ));
+        let parts = Parts::build(settings, costs, schedule, clock, &pool, &health, http);
+        let task = tokio::spawn(parts.supervise(shutdown.clone()));
         Ok(Worker {
             shutdown,
             pool,
             health,
+            http_addr,
             task,
         })
+    }
+
+    /// The address the HTTP endpoints listen on (useful with port 0).
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
     }
 
     /// Requests a graceful stop and waits for it.
@@ -110,151 +116,258 @@ impl Worker {
         self.task.await?
     }
 
-    /// Waits until the worker stops by itself or on `shutdown`.
+    /// Waits until the worker stops by itself or on `shutdown`. An error when a task ended
+    /// unexpectedly.
     pub async fn wait(self) -> anyhow::Result<()> {
         self.task.await?
     }
 }
 
-async fn supervise(
-    settings: Arc<Settings>,
-    pool: PgPool,
-    pricing: Arc<Pricing>,
-    health: Arc<Health>,
-    shutdown: CancellationToken,
-    http_listener: Option<tokio::net::TcpListener>,
-) -> anyhow::Result<()> {
-    let consumer = Consumer {
-        settings: settings.clone(),
-        pool: pool.clone(),
-        pricing: pricing.clone(),
-        health: health.clone(),
+async fn bind_http(settings: &Settings) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    let Some(addr) = settings.http.listen else {
+        return Ok(None);
     };
-    let consumer_task = tokio::spawn({
-        let stop = shutdown.clone();
-        async move { consumer.run(stop).await }
-    });
-    let drain = CancellationToken::new();
-    let relay = Relay {
-        settings: settings.clone(),
-        pool: pool.clone(),
-    };
-    let relay_task = tokio::spawn({
-        let drain = drain.clone();
-        async move { relay.run(drain, Duration::from_secs(10)).await }
-    });
-    let ledger = Ledger::new(pool.clone(), LedgerPolicy::from_settings(&settings));
-    let control_task = tokio::spawn(crate::control::serve(
-        settings.clone(),
-        ledger.clone(),
-        shutdown.clone(),
-    ));
-    let scheduler_task = tokio::spawn(run_scheduler(
-        settings.clone(),
-        pool.clone(),
-        shutdown.clone(),
-    ));
-    let http_stop = CancellationToken::new();
-    let http_task = http_listener.map(|listener| {
-        let app_state = (health.clone(), pool.clone(), http_stop.clone());
-        tokio::spawn(async move {
-            crate::telemetry::serve_on(listener, app_state.0, app_state.1, app_state.2).await
-        })
-    });
-
-    let _ = consumer_task.await;
-    info!("consumer stopped; flushing the outbox");
-    drain.cancel();
-    let _ = relay_task.await;
-    let _ = control_task.await;
-    scheduler_task.abort();
-    http_stop.cancel();
-    if let Some(t) = http_task {
-        if let Ok(Err(e)) = t.await {
-            error!(error = %e, "http server failed");
-        }
-    }
-    pool.close().await;
-    info!("stopped");
-    Ok(())
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("http.listen: cannot bind {addr}: {e}"))?;
+    Ok(Some(listener))
 }
 
-/// Sleeps until each cron tick and runs the sweep for that tick's month. At start it catches
-/// up a sweep of the current month whose tick has already passed. Replicas coordinate with an
-/// advisory lock; the ledger keys make a duplicate run harmless anyway.
-async fn run_scheduler(settings: Arc<Settings>, pool: PgPool, stop: CancellationToken) {
-    if !settings.refill.enabled {
-        return;
+/// Every part of the service, built once from the settings.
+struct Parts {
+    pool: PgPool,
+    health: Arc<Health>,
+    consumer: Consumer,
+    relay: Relay,
+    control: (Arc<Settings>, Ledger),
+    scheduler: Option<Scheduler>,
+    http: Option<tokio::net::TcpListener>,
+}
+
+impl Parts {
+    fn build(
+        settings: Settings,
+        costs: CostTable,
+        schedule: Schedule,
+        clock: Arc<dyn Clock>,
+        pool: &PgPool,
+        health: &Arc<Health>,
+        http: Option<tokio::net::TcpListener>,
+    ) -> Parts {
+        let settings = Arc::new(settings);
+        let ledger = Ledger::new(pool.clone(), settings.ledger_policy());
+        let scheduler = settings.refill_policy().map(|policy| Scheduler {
+            pool: pool.clone(),
+            policy,
+            schedule,
+            chunk: settings.refill.chunk_size,
+            clock,
+        });
+        Parts {
+            pool: pool.clone(),
+            health: health.clone(),
+            consumer: Consumer {
+                settings: settings.clone(),
+                decider: DbDecider {
+                    pool: pool.clone(),
+                    pricing: Arc::new(settings.pricing(costs)),
+                },
+                health: health.clone(),
+            },
+            relay: Relay {
+                settings: settings.clone(),
+                pool: pool.clone(),
+            },
+            control: (settings, ledger),
+            scheduler,
+            http,
+        }
     }
-    let schedule = settings.refill.schedule.parsed();
-    if let Some(tick) = schedule.due_this_month(Utc::now()) {
-        info!(%tick, "catching up this month's refill sweep");
-        scheduled_sweep(&settings, &pool, Month::of(tick), &stop).await;
+
+    /// Runs every task until `shutdown` fires or one ends by itself, then drains in order.
+    async fn supervise(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let drain = CancellationToken::new();
+        let http_stop = CancellationToken::new();
+        let Parts {
+            pool,
+            health,
+            consumer,
+            relay,
+            control,
+            scheduler,
+            http,
+        } = self;
+        let mut tasks = Tasks::default();
+        let stop = shutdown.clone();
+        tasks.spawn("consumer", async move { consumer.run(stop).await });
+        health.set_relaying(true);
+        let d = drain.clone();
+        tasks.spawn("outbox relay", async move {
+            relay.run(d, Duration::from_secs(10)).await
+        });
+        let (settings, ledger) = control;
+        let stop = shutdown.clone();
+        tasks.spawn("control", crate::control::serve(settings, ledger, stop));
+        if let Some(s) = scheduler {
+            let stop = shutdown.clone();
+            tasks.spawn("refill scheduler", s.run(stop));
+        }
+        if let Some(listener) = http {
+            let (h, p, stop) = (health.clone(), pool.clone(), http_stop.clone());
+            tasks.spawn("http", async move {
+                if let Err(e) = crate::telemetry::serve_on(listener, h, p, stop).await {
+                    error!(error = %e, "http server failed");
+                }
+            });
+        }
+
+        let failure = tasks.first_exit(&shutdown, &health).await;
+        if let Some(f) = &failure {
+            error!(task = f.task, cause = %f.cause, "task ended unexpectedly; shutting down");
+            shutdown.cancel();
+        }
+        // The drain order: consumer (finishes and acks its batch) → relay (flushes) → the rest.
+        tasks.join("consumer", &health).await;
+        info!("consumer stopped; flushing the outbox");
+        drain.cancel();
+        tasks.join("outbox relay", &health).await;
+        tasks.join("control", &health).await;
+        tasks.join("refill scheduler", &health).await;
+        http_stop.cancel();
+        tasks.join("http", &health).await;
+        pool.close().await;
+        info!("stopped");
+        match failure {
+            Some(f) => Err(anyhow::anyhow!(
+                "{} ended unexpectedly: {}",
+                f.task,
+                f.cause
+            )),
+            None => Ok(()),
+        }
     }
-    loop {
-        let Some(next) = schedule.next_after(Utc::now()) else {
+}
+
+/// Which task ended on its own, and why.
+struct Failure {
+    task: &'static str,
+    cause: String,
+}
+
+/// The service's tasks by name.
+#[derive(Default)]
+struct Tasks(Vec<(&'static str, JoinHandle<()>)>);
+
+impl Tasks {
+    fn spawn(
+        &mut self,
+        name: &'static str,
+        f: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        self.0.push((name, tokio::spawn(f)));
+    }
+
+    /// Waits for `shutdown` or for the first task to end, whichever comes first.
+    async fn first_exit(
+        &mut self,
+        shutdown: &CancellationToken,
+        health: &Health,
+    ) -> Option<Failure> {
+        let ended = futures::future::select_all(self.0.iter_mut().map(|(_, h)| h));
+        tokio::select! {
+            _ = shutdown.cancelled() => None,
+            (result, i, _) = ended => {
+                let (task, _) = self.0.remove(i);
+                mark_down(task, health);
+                Some(Failure { task, cause: cause(result) })
+            }
+        }
+    }
+
+    /// Waits for the task named `name`, if it is still there; logs a panic.
+    async fn join(&mut self, name: &str, health: &Health) {
+        let Some(i) = self.0.iter().position(|(n, _)| *n == name) else {
             return;
         };
-        let wait = (next - Utc::now()).to_std().unwrap_or(Duration::ZERO);
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = stop.cancelled() => return,
+        let (task, handle) = self.0.remove(i);
+        if let Err(e) = handle.await {
+            error!(task, cause = %cause(Err(e)), "task failed while stopping");
         }
-        scheduled_sweep(&settings, &pool, Month::of(next), &stop).await;
+        mark_down(task, health);
     }
 }
 
-/// Key of the advisory lock that lets one replica sweep at a time.
-const SWEEP_LOCK: i64 = 0x6372_6564_6974; // "credit"
-
-async fn scheduled_sweep(
-    settings: &Settings,
-    pool: &PgPool,
-    month: Month,
-    stop: &CancellationToken,
-) {
-    let policy = crate::ledger::RefillPolicy {
-        target: settings.refill.target,
-    };
-    let mut delays = crate::retry::backoff();
-    loop {
-        match sweep_once(pool, policy, month, settings.refill.chunk_size).await {
-            Ok(Some(r)) => {
-                info!(month = %r.month, users_refilled = r.users_refilled, credits_granted = r.credits_granted, users_evaluated = r.users_evaluated, duration_ms = r.duration_ms, "refill sweep done");
-                return;
-            }
-            Ok(None) => {
-                info!(%month, "refill sweep running on another replica; skipped");
-                return;
-            }
-            Err(e) => {
-                warn!(error = %e, %month, "refill sweep failed; retrying");
-                if !crate::retry::pause(&mut delays, stop).await {
-                    return;
-                }
-            }
-        }
+fn mark_down(task: &str, health: &Health) {
+    match task {
+        "consumer" => health.set_consuming(false),
+        "outbox relay" => health.set_relaying(false),
+        _ => {}
     }
 }
 
-async fn sweep_once(
-    pool: &PgPool,
-    policy: crate::ledger::RefillPolicy,
-    month: Month,
-    chunk: i64,
-) -> Result<Option<refill::SweepReport>, crate::ledger::LedgerError> {
-    let mut lock_conn = pool.acquire().await?;
-    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-        .bind(SWEEP_LOCK)
-        .fetch_one(&mut *lock_conn)
-        .await?;
-    if !got {
-        return Ok(None);
+fn cause(result: Result<(), JoinError>) -> String {
+    match result {
+        Ok(()) => "returned without a shutdown request".into(),
+        Err(e) if e.is_panic() => {
+            let payload = e.into_panic();
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "(non-text payload)".into());
+            format!("panicked: {message}")
+        }
+        Err(e) => e.to_string(),
     }
-    let result = refill::sweep(pool, policy, month, None, chunk, |_| {}).await;
-    let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
-        .bind(SWEEP_LOCK)
-        .execute(&mut *lock_conn)
-        .await;
-    result.map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_first_task_to_end_is_named_with_its_cause() {
+        let health = Health::new();
+        health.set_consuming(true);
+        health.set_relaying(true);
+        let shutdown = CancellationToken::new();
+        let mut tasks = Tasks::default();
+        let stop = shutdown.clone();
+        tasks.spawn("consumer", async move { stop.cancelled().await });
+        tasks.spawn("outbox relay", async { panic!("boom") });
+        let failure = tasks
+            .first_exit(&shutdown, &health)
+            .await
+            .expect("a failure");
+        assert_eq!(failure.task, "outbox relay");
+        assert_eq!(failure.cause, "panicked: boom");
+        assert!(!health.relaying());
+        assert!(health.consuming());
+
+        shutdown.cancel();
+        tasks.join("consumer", &health).await;
+        assert!(!health.consuming());
+        assert!(tasks.0.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_task_returning_early_is_a_failure_and_shutdown_is_not() {
+        let health = Health::new();
+        let shutdown = CancellationToken::new();
+        let mut tasks = Tasks::default();
+        tasks.spawn("control", async {});
+        let failure = tasks
+            .first_exit(&shutdown, &health)
+            .await
+            .expect("a failure");
+        assert_eq!(
+            (failure.task, failure.cause.as_str()),
+            ("control", "returned without a shutdown request")
+        );
+
+        let stop = shutdown.clone();
+        tasks.spawn("control", async move { stop.cancelled().await });
+        shutdown.cancel();
+        assert!(tasks.first_exit(&shutdown, &health).await.is_none());
+    }
 }

@@ -54,10 +54,12 @@ pub fn metrics_handle() -> Option<PrometheusHandle> {
         .clone()
 }
 
-/// What `/readyz` reports: set by the consumer as it connects and consumes.
+/// What `/readyz` reports: set by the consumer as it connects and consumes, and by the
+/// supervisor while the outbox relay runs.
 #[derive(Debug, Default)]
 pub struct Health {
     consuming: AtomicBool,
+    relaying: AtomicBool,
 }
 
 impl Health {
@@ -71,6 +73,13 @@ impl Health {
     }
     pub fn consuming(&self) -> bool {
         self.consuming.load(Ordering::SeqCst)
+    }
+    /// The outbox relay task is running (true) or has ended (false).
+    pub fn set_relaying(&self, on: bool) {
+        self.relaying.store(on, Ordering::SeqCst);
+    }
+    pub fn relaying(&self) -> bool {
+        self.relaying.load(Ordering::SeqCst)
     }
 }
 
@@ -122,8 +131,13 @@ async fn readyz(State(s): State<HttpState>) -> (StatusCode, String) {
         .await
         .unwrap_or(false);
     let consuming = s.health.consuming();
-    let body = format!("database: {}\nbroker: {}\n", up(db), up(consuming));
-    if db && consuming {
+    let relaying = s.health.relaying();
+    let mut body = format!("database: {}\nbroker: {}\n", up(db), up(consuming));
+    if !relaying {
+        // Only said when it matters: the relay runs for the whole life of the process.
+        body.push_str("outbox relay: down\n");
+    }
+    if db && consuming && relaying {
         (StatusCode::OK, body)
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, body)

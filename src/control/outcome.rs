@@ -1,8 +1,6 @@
 //! `outcome` {node_exec_id} ⇒ {outcome, cost, transaction_key?}; `not_found` before a decision.
 
-use serde::Serialize;
 use serde_json::Value;
-use sqlx::Row;
 
 use super::fields::Fields;
 use super::{to_result, Context, ControlError};
@@ -10,20 +8,9 @@ use super::{to_result, Context, ControlError};
 /// Node execution ids are 1 to 255 bytes (SPEC §4).
 const MAX_ID_BYTES: usize = 255;
 
-const OUTCOME: &str =
-    "SELECT outcome, cost, transaction_key FROM credit.decisions WHERE node_exec_id = $1";
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
     pub node_exec_id: String,
-}
-
-#[derive(Debug, Serialize)]
-struct Reply {
-    outcome: String,
-    cost: i64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    transaction_key: Option<String>,
 }
 
 pub fn parse(f: &Fields<'_>) -> Result<Request, ControlError> {
@@ -37,9 +24,9 @@ pub fn parse(f: &Fields<'_>) -> Result<Request, ControlError> {
 }
 
 pub async fn run(ctx: &Context, req: &Request) -> Result<Value, ControlError> {
-    let row = sqlx::query(OUTCOME)
-        .bind(&req.node_exec_id)
-        .fetch_optional(ctx.ledger.pool())
+    let decision = ctx
+        .ledger
+        .decision(&req.node_exec_id)
         .await?
         .ok_or_else(|| {
             ControlError::NotFound(format!(
@@ -47,9 +34,5 @@ pub async fn run(ctx: &Context, req: &Request) -> Result<Value, ControlError> {
                 req.node_exec_id
             ))
         })?;
-    to_result(&Reply {
-        outcome: row.try_get("outcome")?,
-        cost: row.try_get("cost")?,
-        transaction_key: row.try_get("transaction_key")?,
-    })
+    to_result(&decision)
 }

@@ -6,12 +6,12 @@
 use chrono::{DateTime, NaiveDate, Utc};
 use serde_json::Value;
 
+use super::month::Month;
 use super::{LedgerError, TxType};
 use crate::events::{self, ExecutionRef, NewEvent};
-use crate::refill::Month;
 
 /// A locked balance row.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct Account {
     pub user_id: String,
     pub balance: i64,
@@ -19,11 +19,13 @@ pub struct Account {
     pub refill_month: Option<NaiveDate>,
     pub fee_day: Option<NaiveDate>,
     pub fee_count: i64,
+    /// Changed since it was read: written back with the batch.
+    #[sqlx(skip)]
     pub(crate) dirty: bool,
 }
 
 /// A ledger row to insert.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct NewTransaction {
     pub user_id: String,
     pub seq: i64,
@@ -35,7 +37,7 @@ pub struct NewTransaction {
 }
 
 /// Everything one database transaction will write besides the balance rows.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct Changes {
     pub transactions: Vec<NewTransaction>,
     pub events: Vec<NewEvent>,
@@ -117,6 +119,19 @@ impl Account {
         self.last_seq = seq;
         self.dirty = true;
         Ok(seq)
+    }
+
+    /// The `balance.low` event owed when the debits since the balance was `before` took it
+    /// from at or above `threshold` to below it; `seq` is the last of those debits' rows.
+    pub fn low_balance_crossing(
+        &self,
+        before: i64,
+        seq: i64,
+        threshold: i64,
+        at: DateTime<Utc>,
+    ) -> Option<NewEvent> {
+        (before >= threshold && self.balance < threshold)
+            .then(|| events::balance_low(&self.user_id, seq, self.balance, threshold, at))
     }
 
     /// Applies the refill of `month` unless this account was already evaluated for it or a

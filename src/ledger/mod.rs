@@ -4,18 +4,23 @@
 
 pub mod account;
 pub mod audit;
+pub mod decision;
+pub mod month;
 pub mod seed;
-pub mod store;
+pub(crate) mod store;
+pub mod sweep;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::{json, Value};
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 
 pub use account::{Account, Changes, NewTransaction, RefillPolicy};
+pub use decision::{DecisionRecord, EarlierDecision, NewDecision, Outcome};
+pub use month::{Month, MonthError};
+pub use sweep::{sweep, sweep_exclusive, SweepReport};
 
 use crate::events::ExecutionRef;
-use crate::refill::Month;
 
 pub const MAX_USER_ID_BYTES: usize = 255;
 pub const MAX_KEY_BYTES: usize = 512;
@@ -80,11 +85,12 @@ pub struct Posting {
 }
 
 /// One ledger row as read back.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct Transaction {
     pub seq: i64,
     pub transaction_key: String,
     #[serde(rename = "type")]
+    #[sqlx(rename = "type")]
     pub tx_type: String,
     pub amount: i64,
     pub running_balance: i64,
@@ -103,16 +109,6 @@ pub struct LedgerPolicy {
 }
 
 impl LedgerPolicy {
-    pub fn from_settings(s: &crate::config::Settings) -> Self {
-        LedgerPolicy {
-            refill: s.refill.enabled.then_some(RefillPolicy {
-                target: s.refill.target,
-            }),
-            lazy_refill: s.refill.enabled && s.refill.lazy,
-            low_balance_threshold: s.low_balance.threshold,
-        }
-    }
-
     /// The refill to apply before an operation at `at`, if any.
     pub fn lazy(&self, at: DateTime<Utc>) -> Option<(RefillPolicy, Month)> {
         match self.refill {
@@ -148,15 +144,6 @@ fn check_key(key: &str) -> Result<(), LedgerError> {
     }
     Ok(())
 }
-
-const FIND_KEY: &str =
-    "SELECT 1 FROM credit.transactions WHERE user_id = $1 AND transaction_key = $2";
-
-const HISTORY: &str = "SELECT seq, transaction_key, type::text AS type, amount, running_balance,
-            created_at, metadata
-       FROM credit.transactions WHERE user_id = $1 ORDER BY seq DESC LIMIT $2";
-
-const READ_BALANCE: &str = "SELECT balance FROM credit.balances WHERE user_id = $1";
 
 impl Ledger {
     pub fn new(pool: PgPool, policy: LedgerPolicy) -> Self {
@@ -203,12 +190,7 @@ impl Ledger {
             account.refill(&mut changes, policy, month, at)?;
         }
         let found = match key {
-            Some(k) => sqlx::query(FIND_KEY)
-                .bind(user_id)
-                .bind(k)
-                .fetch_optional(&mut *tx)
-                .await?
-                .is_some(),
+            Some(k) => store::key_exists(&mut tx, user_id, k).await?,
             None => false,
         };
         let out = op(account, &mut changes, found)?;
@@ -300,15 +282,9 @@ impl Ledger {
                     ExecutionRef::default(),
                     at,
                 )?;
-                if amount < 0 && before >= threshold && account.balance < threshold {
-                    changes.events.push(crate::events::balance_low(
-                        user_id,
-                        seq,
-                        account.balance,
-                        threshold,
-                        at,
-                    ));
-                }
+                changes
+                    .events
+                    .extend(account.low_balance_crossing(before, seq, threshold, at));
             }
             Ok(Posting {
                 user_id: user_id.to_owned(),
@@ -327,14 +303,7 @@ impl Ledger {
             return self.with_account(user_id, at, |a, _| Ok(a.balance)).await;
         }
         check_user_id(user_id)?;
-        let row = sqlx::query(READ_BALANCE)
-            .bind(user_id)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(match row {
-            Some(r) => r.try_get("balance")?,
-            None => 0,
-        })
+        Ok(store::read_balance(&self.pool, user_id).await?)
     }
 
     /// Newest first.
@@ -355,25 +324,15 @@ impl Ledger {
         } else {
             check_user_id(user_id)?;
         }
-        let rows = sqlx::query(HISTORY)
-            .bind(user_id)
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(Transaction {
-                    seq: r.try_get("seq")?,
-                    transaction_key: r.try_get("transaction_key")?,
-                    tx_type: r.try_get("type")?,
-                    amount: r.try_get("amount")?,
-                    running_balance: r.try_get("running_balance")?,
-                    created_at: r.try_get("created_at")?,
-                    metadata: r.try_get("metadata")?,
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(LedgerError::from)
+        Ok(store::history(&self.pool, user_id, limit).await?)
+    }
+
+    /// The decision stored for a node execution, if any.
+    pub async fn decision(
+        &self,
+        node_exec_id: &str,
+    ) -> Result<Option<DecisionRecord>, LedgerError> {
+        Ok(store::find_decision(&self.pool, node_exec_id).await?)
     }
 
     /// Refills one user for `month` (no-op when already evaluated for it or later).

@@ -1,12 +1,15 @@
-//! The SQL of the ledger: lock balance rows, write ledger rows, balances and outbox rows
-//! set-based (`UNNEST`), one round trip per table whatever the number of rows.
+//! The SQL of the ledger: every statement that writes `credit.*` tables (and the reads that
+//! belong with them), one named function per statement. Writes are set-based (`UNNEST`), so a
+//! transaction costs one round trip whatever the number of rows.
 
 use std::collections::HashMap;
 
 use chrono::{DateTime, NaiveDate, Utc};
-use sqlx::{PgConnection, Row};
+use sqlx::{PgConnection, PgPool};
 
 use super::account::{Account, Changes};
+use super::decision::{DecisionRecord, EarlierDecision, NewDecision};
+use super::Transaction;
 
 /// Locks balance rows. `users` must be sorted and deduplicated: every writer locks in
 /// user_id order, so replicas do not deadlock.
@@ -51,43 +54,36 @@ const WRITE: &str = "WITH
 SELECT (SELECT count(*) FROM d)::int8 AS decided,
        CASE WHEN cardinality($17::text[]) > 0 THEN pg_notify('credit_outbox', '') END AS woke";
 
-/// Decision rows to write with [`write`], column by column.
-#[derive(Debug, Default)]
-pub struct DecisionRows<'a> {
-    pub node_exec_id: Vec<&'a str>,
-    pub user_id: Vec<&'a str>,
-    pub block_id: Vec<&'a str>,
-    pub graph_exec_id: Vec<&'a str>,
-    pub outcome: Vec<&'static str>,
-    pub cost: Vec<i64>,
-    pub fee: Vec<i64>,
-    pub transaction_key: Vec<Option<&'a str>>,
-    pub fee_key: Vec<Option<&'a str>>,
-}
+const EARLIER_DECISIONS: &str = "SELECT node_exec_id, user_id, block_id FROM credit.decisions
+      WHERE node_exec_id = ANY($1::text[])";
 
-impl DecisionRows<'_> {
-    pub fn len(&self) -> usize {
-        self.node_exec_id.len()
-    }
-    pub fn is_empty(&self) -> bool {
-        self.node_exec_id.is_empty()
-    }
-}
+const FIND_DECISION: &str =
+    "SELECT outcome, cost, transaction_key FROM credit.decisions WHERE node_exec_id = $1";
 
-pub(crate) fn account_from_row(row: &sqlx::postgres::PgRow) -> Result<Account, sqlx::Error> {
-    Ok(Account {
-        user_id: row.try_get("user_id")?,
-        balance: row.try_get("balance")?,
-        last_seq: row.try_get("last_seq")?,
-        refill_month: row.try_get("refill_month")?,
-        fee_day: row.try_get("fee_day")?,
-        fee_count: row.try_get("fee_count")?,
-        dirty: false,
-    })
-}
+const KEY_EXISTS: &str =
+    "SELECT EXISTS (SELECT 1 FROM credit.transactions WHERE user_id = $1 AND transaction_key = $2)";
+
+const READ_BALANCE: &str = "SELECT balance FROM credit.balances WHERE user_id = $1";
+
+const HISTORY: &str = "SELECT seq, transaction_key, type::text AS type, amount, running_balance,
+            created_at, metadata
+       FROM credit.transactions WHERE user_id = $1 ORDER BY seq DESC LIMIT $2";
+
+/// The next chunk of users not yet evaluated for a month's refill, locked in user_id order.
+const LOCK_REFILL_CHUNK: &str =
+    "SELECT user_id, balance, last_seq, refill_month, fee_day, fee_count
+       FROM credit.balances
+      WHERE user_id > $1 AND (refill_month IS NULL OR refill_month < $2)
+      ORDER BY user_id LIMIT $3 FOR UPDATE";
+
+const REFILL_LEFT: &str = "SELECT EXISTS (SELECT 1 FROM credit.balances
+      WHERE user_id > $1 AND (refill_month IS NULL OR refill_month < $2))";
+
+/// Key of the advisory lock that lets one replica sweep at a time.
+const SWEEP_LOCK: i64 = 0x6372_6564_6974; // "credit"
 
 /// Locks (creating where missing) the accounts of `users`, which must be sorted and unique.
-pub async fn lock_accounts(
+pub(crate) async fn lock_accounts(
     conn: &mut PgConnection,
     users: &[String],
 ) -> Result<HashMap<String, Account>, sqlx::Error> {
@@ -95,23 +91,13 @@ pub async fn lock_accounts(
     let mut accounts = select_locked(conn, users).await?;
     if accounts.len() < users.len() {
         // Usually every user exists; only first-time users cost the extra round trips.
-        let missing: Vec<&str> = users
+        let missing: Vec<String> = users
             .iter()
             .filter(|u| !accounts.contains_key(u.as_str()))
-            .map(String::as_str)
+            .cloned()
             .collect();
-        sqlx::query(CREATE_ACCOUNTS)
-            .bind(&missing)
-            .execute(&mut *conn)
-            .await?;
-        let created = sqlx::query(LOCK_ACCOUNTS)
-            .bind(&missing)
-            .fetch_all(&mut *conn)
-            .await?;
-        for r in &created {
-            let a = account_from_row(r)?;
-            accounts.insert(a.user_id.clone(), a);
-        }
+        create_accounts(conn, &missing).await?;
+        accounts.extend(select_locked(conn, &missing).await?);
     }
     Ok(accounts)
 }
@@ -120,32 +106,138 @@ async fn select_locked(
     conn: &mut PgConnection,
     users: &[String],
 ) -> Result<HashMap<String, Account>, sqlx::Error> {
-    let rows = sqlx::query(LOCK_ACCOUNTS)
+    let rows: Vec<Account> = sqlx::query_as(LOCK_ACCOUNTS)
         .bind(users)
         .fetch_all(&mut *conn)
         .await?;
-    rows.iter()
-        .map(|r| account_from_row(r).map(|a| (a.user_id.clone(), a)))
-        .collect()
+    Ok(rows.into_iter().map(|a| (a.user_id.clone(), a)).collect())
+}
+
+async fn create_accounts(conn: &mut PgConnection, users: &[String]) -> Result<(), sqlx::Error> {
+    sqlx::query(CREATE_ACCOUNTS)
+        .bind(users)
+        .execute(&mut *conn)
+        .await
+        .map(|_| ())
+}
+
+/// Earlier decisions of any of `node_exec_ids`.
+pub(crate) async fn earlier_decisions(
+    conn: &mut PgConnection,
+    node_exec_ids: &[&str],
+) -> Result<Vec<EarlierDecision>, sqlx::Error> {
+    sqlx::query_as(EARLIER_DECISIONS)
+        .bind(node_exec_ids)
+        .fetch_all(&mut *conn)
+        .await
+}
+
+/// The stored decision of a node execution, if any.
+pub(crate) async fn find_decision(
+    pool: &PgPool,
+    node_exec_id: &str,
+) -> Result<Option<DecisionRecord>, sqlx::Error> {
+    sqlx::query_as(FIND_DECISION)
+        .bind(node_exec_id)
+        .fetch_optional(pool)
+        .await
+}
+
+/// Whether `user_id` has a ledger row under `key`.
+pub(crate) async fn key_exists(
+    conn: &mut PgConnection,
+    user_id: &str,
+    key: &str,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(KEY_EXISTS)
+        .bind(user_id)
+        .bind(key)
+        .fetch_one(&mut *conn)
+        .await
+}
+
+/// The stored balance, 0 for a user without a row.
+pub(crate) async fn read_balance(pool: &PgPool, user_id: &str) -> Result<i64, sqlx::Error> {
+    let balance: Option<i64> = sqlx::query_scalar(READ_BALANCE)
+        .bind(user_id)
+        .fetch_optional(pool)
+        .await?;
+    Ok(balance.unwrap_or(0))
+}
+
+/// A user's newest `limit` ledger rows, newest first.
+pub(crate) async fn history(
+    pool: &PgPool,
+    user_id: &str,
+    limit: i64,
+) -> Result<Vec<Transaction>, sqlx::Error> {
+    sqlx::query_as(HISTORY)
+        .bind(user_id)
+        .bind(limit)
+        .fetch_all(pool)
+        .await
+}
+
+/// Locks up to `limit` accounts after `cursor` not yet evaluated for the month starting on
+/// `month_start`.
+pub(crate) async fn lock_refill_chunk(
+    conn: &mut PgConnection,
+    cursor: &str,
+    month_start: NaiveDate,
+    limit: i64,
+) -> Result<Vec<Account>, sqlx::Error> {
+    sqlx::query_as(LOCK_REFILL_CHUNK)
+        .bind(cursor)
+        .bind(month_start)
+        .bind(limit)
+        .fetch_all(&mut *conn)
+        .await
+}
+
+/// Whether any account after `cursor` still waits for the month's refill.
+pub(crate) async fn refill_left(
+    pool: &PgPool,
+    cursor: &str,
+    month_start: NaiveDate,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(REFILL_LEFT)
+        .bind(cursor)
+        .bind(month_start)
+        .fetch_one(pool)
+        .await
+}
+
+/// Takes the sweep's session-level advisory lock on `conn`; false when another holds it.
+pub(crate) async fn try_sweep_lock(conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(SWEEP_LOCK)
+        .fetch_one(&mut *conn)
+        .await
+}
+
+pub(crate) async fn sweep_unlock(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(SWEEP_LOCK)
+        .execute(&mut *conn)
+        .await
+        .map(|_| ())
 }
 
 /// Writes the ledger rows, the changed balance rows and the outbox rows.
-pub async fn flush<'a>(
+pub(crate) async fn flush<'a>(
     conn: &mut PgConnection,
     accounts: impl IntoIterator<Item = &'a Account>,
     changes: &Changes,
     at: DateTime<Utc>,
 ) -> Result<(), sqlx::Error> {
-    write(conn, &DecisionRows::default(), accounts, changes, at)
-        .await
-        .map(|_| ())
+    write(conn, &[], accounts, changes, at).await.map(|_| ())
 }
 
 /// Writes decisions, ledger rows, changed balances and outbox rows in one statement; returns
 /// the number of decisions inserted (fewer than given when another worker decided some).
-pub async fn write<'a>(
+pub(crate) async fn write<'a>(
     conn: &mut PgConnection,
-    decisions: &DecisionRows<'_>,
+    decisions: &[NewDecision],
     accounts: impl IntoIterator<Item = &'a Account>,
     changes: &Changes,
     at: DateTime<Utc>,
@@ -161,16 +253,21 @@ pub async fn write<'a>(
     let d = decisions;
     let t = &changes.transactions;
     let e = &changes.events;
-    let row = sqlx::query(WRITE)
-        .bind(&d.node_exec_id)
-        .bind(&d.user_id)
-        .bind(&d.block_id)
-        .bind(&d.graph_exec_id)
-        .bind(&d.outcome)
-        .bind(&d.cost)
-        .bind(&d.fee)
-        .bind(&d.transaction_key)
-        .bind(&d.fee_key)
+    let col = |f: fn(&NewDecision) -> &str| d.iter().map(f).collect::<Vec<_>>();
+    let decided: i64 = sqlx::query_scalar(WRITE)
+        .bind(col(|x| &x.node_exec_id))
+        .bind(col(|x| &x.user_id))
+        .bind(col(|x| &x.block_id))
+        .bind(col(|x| &x.graph_exec_id))
+        .bind(col(|x| x.outcome.as_str()))
+        .bind(d.iter().map(|x| x.cost).collect::<Vec<_>>())
+        .bind(d.iter().map(|x| x.fee).collect::<Vec<_>>())
+        .bind(
+            d.iter()
+                .map(|x| x.transaction_key.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(d.iter().map(|x| x.fee_key.as_deref()).collect::<Vec<_>>())
         .bind(t.iter().map(|r| r.user_id.as_str()).collect::<Vec<_>>())
         .bind(t.iter().map(|r| r.seq).collect::<Vec<_>>())
         .bind(
@@ -188,22 +285,11 @@ pub async fn write<'a>(
         .bind(dirty.iter().map(|a| a.user_id.as_str()).collect::<Vec<_>>())
         .bind(dirty.iter().map(|a| a.balance).collect::<Vec<_>>())
         .bind(dirty.iter().map(|a| a.last_seq).collect::<Vec<_>>())
-        .bind(
-            dirty
-                .iter()
-                .map(|a| a.refill_month)
-                .collect::<Vec<Option<NaiveDate>>>(),
-        )
-        .bind(
-            dirty
-                .iter()
-                .map(|a| a.fee_day)
-                .collect::<Vec<Option<NaiveDate>>>(),
-        )
+        .bind(dirty.iter().map(|a| a.refill_month).collect::<Vec<_>>())
+        .bind(dirty.iter().map(|a| a.fee_day).collect::<Vec<_>>())
         .bind(dirty.iter().map(|a| a.fee_count).collect::<Vec<_>>())
         .bind(e.iter().map(|x| x.payload.to_string()).collect::<Vec<_>>())
         .fetch_one(&mut *conn)
         .await?;
-    let decided: i64 = row.try_get("decided")?;
     Ok(u64::try_from(decided).unwrap_or(0))
 }

@@ -1,16 +1,15 @@
 //! Property tests: random sequences of ledger operations against an in-memory model (real
 //! PostgreSQL), and a large corpus of arbitrary message bodies through decode + price.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 
 use chrono::{TimeZone, Utc};
-use common::*;
 use credit_worker::cost::CostTable;
 use credit_worker::ledger::{LedgerError, TxType};
 use proptest::prelude::*;
 use serde_json::json;
+
+use crate::helpers::*;
 
 #[derive(Debug, Clone)]
 enum Op {

@@ -1,15 +1,16 @@
-//! Deliveries from `node_execution` → batches → one decision transaction → ack.
+//! The AMQP side of the input: deliveries from `node_execution` → batches →
+//! [`process::process_batch`] → actions applied (dead-letter, then one multiple-ack).
 //!
 //! A collector task gathers deliveries into a batch (up to `pipeline.max_batch`, waiting at
 //! most `pipeline.max_wait_ms` after the first, and growing further while the previous batch
-//! is still being decided). The decider decodes, dead-letters what is invalid, decides the rest
-//! in one transaction, and only after the commit acks the batch with one multiple-ack.
-//! Transient faults are retried with backoff and never produce a decision or an ack.
+//! is still being decided). Acks come only after the decision transaction committed; a
+//! transient fault is retried with backoff and never produces a decision or an ack.
+
+pub mod process;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
 use futures::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
@@ -19,16 +20,14 @@ use lapin::options::{
 use lapin::publisher_confirm::Confirmation;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::Channel;
-use sqlx::PgPool;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{info, warn, Instrument};
 
 use crate::config::Settings;
-use crate::decide::{self, Outcome, Pricing, Verdict};
-use crate::message::{self, NodeExecutionEntry};
 use crate::telemetry::Health;
 use crate::topology::{self, Names};
+use process::{process_batch, Action, DbDecider};
 
 /// Header naming why a message was dead-lettered.
 pub const ERROR_HEADER: &str = "x-credit-error";
@@ -36,8 +35,7 @@ pub const ERROR_HEADER: &str = "x-credit-error";
 #[derive(Clone)]
 pub struct Consumer {
     pub settings: Arc<Settings>,
-    pub pool: PgPool,
-    pub pricing: Arc<Pricing>,
+    pub decider: DbDecider,
     pub health: Arc<Health>,
 }
 
@@ -202,34 +200,19 @@ impl Consumer {
     ) -> Result<bool, SessionError> {
         let started = Instant::now();
         metrics::histogram!("credit_batch_size").record(batch.len() as f64);
-        let mut invalid: Vec<(usize, String)> = Vec::new();
-        // Positions in the batch of the decoded entries, in delivery order.
-        let mut positions: Vec<usize> = Vec::with_capacity(batch.len());
-        let mut entries: Vec<NodeExecutionEntry> = Vec::with_capacity(batch.len());
-        for (i, d) in batch.iter().enumerate() {
-            match message::decode(&d.data) {
-                Ok(e) => {
-                    positions.push(i);
-                    entries.push(e);
-                }
-                Err(e) => invalid.push((i, e.to_string())),
-            }
-        }
-        let decide_started = Instant::now();
-        let Some(verdicts) = self.decide_with_retry(&entries, stop).await else {
+        let bodies: Vec<&[u8]> = batch.iter().map(|d| d.data.as_slice()).collect();
+        let Some(actions) = process_batch(&self.decider, &bodies, stop).await else {
             return Ok(false);
         };
         metrics::histogram!("credit_decide_transaction_seconds")
-            .record(decide_started.elapsed().as_secs_f64());
-        for ((i, e), v) in positions.iter().zip(&entries).zip(&verdicts) {
-            record(e, v);
-            if let Verdict::Invalid { reason } = v {
-                invalid.push((*i, reason.clone()));
+            .record(started.elapsed().as_secs_f64());
+        for (d, (action, ids)) in batch.iter().zip(&actions) {
+            if let Action::DeadLetter { reason } = action {
+                let span = ids.span();
+                dead_letter(dead_ch, names, d, reason)
+                    .instrument(span)
+                    .await?;
             }
-        }
-        invalid.sort_unstable_by_key(|(i, _)| *i);
-        for (i, reason) in &invalid {
-            dead_letter(dead_ch, names, &batch[*i], reason).await?;
         }
         // The batch holds every unacked delivery up to its last tag (deliveries are batched in
         // order and batches are handled in order), so one multiple-ack covers it.
@@ -241,102 +224,6 @@ impl Consumer {
         }
         metrics::histogram!("credit_decide_seconds").record(started.elapsed().as_secs_f64());
         Ok(true)
-    }
-
-    /// Decides with retries on transient faults; a batch that fails for another reason is
-    /// split so one bad entry cannot block the rest. None when `stop` fired during retries.
-    async fn decide_with_retry(
-        &self,
-        entries: &[NodeExecutionEntry],
-        stop: &CancellationToken,
-    ) -> Option<Vec<Verdict>> {
-        match self.decide_transient_retry(entries, stop).await? {
-            Ok(v) => Some(v),
-            Err(e) => {
-                warn!(error = %e, size = entries.len(), "batch failed; deciding its entries one by one");
-                let mut out = Vec::with_capacity(entries.len());
-                for entry in entries {
-                    match self
-                        .decide_transient_retry(std::slice::from_ref(entry), stop)
-                        .await?
-                    {
-                        Ok(mut v) => out.push(v.pop().unwrap_or(Verdict::Invalid {
-                            reason: "internal: no verdict".into(),
-                        })),
-                        Err(e) => {
-                            error!(node_exec_id = %entry.node_exec_id, user_id = %entry.user_id, error = %e, "entry cannot be decided; dead-lettering");
-                            out.push(Verdict::Invalid {
-                                reason: format!("internal: {e}"),
-                            });
-                        }
-                    }
-                }
-                Some(out)
-            }
-        }
-    }
-
-    /// Ok/Err(permanent error); None when stopped during a transient outage.
-    async fn decide_transient_retry(
-        &self,
-        entries: &[NodeExecutionEntry],
-        stop: &CancellationToken,
-    ) -> Option<Result<Vec<Verdict>, decide::DecideError>> {
-        let mut delays = crate::retry::backoff();
-        loop {
-            match decide::decide_batch(&self.pool, &self.pricing, entries, Utc::now()).await {
-                Ok(v) => return Some(Ok(v)),
-                Err(e) if e.is_transient() => {
-                    metrics::counter!("credit_decide_retries_total").increment(1);
-                    warn!(error = %e, "decision transaction failed; retrying");
-                    if !crate::retry::pause(&mut delays, stop).await {
-                        return None;
-                    }
-                }
-                Err(e) => return Some(Err(e)),
-            }
-        }
-    }
-}
-
-fn record(e: &NodeExecutionEntry, v: &Verdict) {
-    // Every log line about a message carries its ids through this span.
-    let _span = tracing::info_span!(
-        "message",
-        node_exec_id = %e.node_exec_id,
-        user_id = %e.user_id
-    )
-    .entered();
-    match v {
-        Verdict::Decided {
-            outcome,
-            cost,
-            fee,
-            balance,
-        } => {
-            metrics::counter!("credit_messages_total", "outcome" => outcome.as_str()).increment(1);
-            if *outcome == Outcome::Charged || *fee > 0 {
-                let charged = if *outcome == Outcome::Charged {
-                    *cost
-                } else {
-                    0
-                } + fee;
-                metrics::counter!("credit_credits_charged_total").increment(charged as u64);
-            }
-            debug!(outcome = outcome.as_str(), cost, fee, balance, "decided");
-        }
-        Verdict::Duplicate { conflicting } => {
-            metrics::counter!("credit_messages_total", "outcome" => "duplicate").increment(1);
-            if *conflicting {
-                metrics::counter!("credit_conflicting_duplicates_total").increment(1);
-                warn!(block_id = %e.block_id, "conflicting duplicate: the first decision stands");
-            } else {
-                debug!("duplicate delivery ignored");
-            }
-        }
-        Verdict::Invalid { reason } => {
-            warn!(reason, "entry cannot be decided; dead-lettering");
-        }
     }
 }
 

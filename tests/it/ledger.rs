@@ -1,27 +1,23 @@
 //! The ledger against the real PostgreSQL: AutoGPT's credit_test.py cases with their numbers,
 //! its concurrency cases adapted to our semantics, overflow, idempotency and the sweep.
 
-mod common;
-
 use chrono::{DateTime, TimeZone, Utc};
-use common::*;
 use credit_worker::cost::CostTable;
-use credit_worker::decide::{self, Outcome, Pricing, Verdict};
+use credit_worker::decide::{self, Outcome, Verdict};
 use credit_worker::ledger::{LedgerError, TxType};
 use credit_worker::message;
 use credit_worker::refill::{self, Month};
 use serde_json::json;
 
+use crate::fixtures::*;
+use crate::helpers::*;
+
 fn at(y: i32, m: u32, d: u32) -> DateTime<Utc> {
     Utc.with_ymd_and_hms(y, m, d, 12, 0, 0).unwrap()
 }
 
-fn no_refill(s: &mut credit_worker::config::Settings) {
-    s.refill.enabled = false;
-}
-
 async fn spend_entry(env: &TestEnv, v: serde_json::Value, now: DateTime<Utc>) -> Verdict {
-    let pricing = Pricing::from_settings(&env.settings, CostTable::builtin().unwrap());
+    let pricing = env.settings.pricing(CostTable::builtin().unwrap());
     let e = message::decode(&body(&v)).unwrap();
     let mut out = decide::decide_batch(&env.pool, &pricing, &[e], now)
         .await
@@ -177,13 +173,6 @@ async fn credit_refill_new_user_starts_at_target() {
     env.cleanup().await;
 }
 
-async fn funded(env: &TestEnv, user: &str, amount: i64) {
-    env.ledger()
-        .credit(TxType::Grant, user, amount, Some("FUND"), None, Utc::now())
-        .await
-        .unwrap();
-}
-
 async fn concurrent_spends(env: &TestEnv, user: &str, amounts: &[i64]) -> (usize, usize) {
     let mut tasks = Vec::new();
     for (i, &a) in amounts.iter().enumerate() {
@@ -209,18 +198,18 @@ async fn concurrent_spends(env: &TestEnv, user: &str, amounts: &[i64]) -> (usize
 #[tokio::test]
 async fn concurrent_spends_never_overdraw() {
     let env = TestEnv::with(no_refill).await;
-    funded(&env, "c500", 500).await;
+    seed(&env, ["c500"], 500).await;
     assert_eq!(concurrent_spends(&env, "c500", &[100; 10]).await, (5, 5));
     assert_eq!(env.ledger().balance("c500", Utc::now()).await.unwrap(), 0);
 
-    funded(&env, "c1000", 1000).await;
+    seed(&env, ["c1000"], 1000).await;
     assert_eq!(concurrent_spends(&env, "c1000", &[100; 10]).await, (10, 0));
     assert_eq!(env.ledger().balance("c1000", Utc::now()).await.unwrap(), 0);
 
-    funded(&env, "c100", 100).await;
+    seed(&env, ["c100"], 100).await;
     assert_eq!(concurrent_spends(&env, "c100", &[100, 100]).await, (1, 1));
 
-    funded(&env, "c150", 150).await;
+    seed(&env, ["c150"], 150).await;
     assert_eq!(concurrent_spends(&env, "c150", &[10, 20, 30]).await, (3, 0));
     assert_eq!(env.ledger().balance("c150", Utc::now()).await.unwrap(), 90);
     let running: Vec<i64> = sqlx::query_scalar(
@@ -235,7 +224,7 @@ async fn concurrent_spends_never_overdraw() {
     );
     assert_eq!(running.iter().min(), Some(&90));
 
-    funded(&env, "c60", 60).await;
+    seed(&env, ["c60"], 60).await;
     assert_eq!(concurrent_spends(&env, "c60", &[10, 20, 30]).await, (3, 0));
     assert_eq!(env.ledger().balance("c60", Utc::now()).await.unwrap(), 0);
     env.assert_audit_clean().await;
@@ -245,7 +234,7 @@ async fn concurrent_spends_never_overdraw() {
 #[tokio::test]
 async fn mixed_spends_top_ups_and_reads_end_exact() {
     let env = TestEnv::with(no_refill).await;
-    funded(&env, "mixed", 1000).await;
+    seed(&env, ["mixed"], 1000).await;
     let mut tasks = Vec::new();
     for i in 0..5 {
         let l = env.ledger();
@@ -290,7 +279,7 @@ async fn mixed_spends_top_ups_and_reads_end_exact() {
 #[tokio::test]
 async fn stress_random_spends_sum_exactly() {
     let env = TestEnv::with(no_refill).await;
-    funded(&env, "stress", 10_000).await;
+    seed(&env, ["stress"], 10_000).await;
     // Deterministic pseudo-random amounts 1..=50.
     let amounts: Vec<i64> = (0..100u64)
         .map(|i| ((i.wrapping_mul(2654435761) >> 7) % 50 + 1) as i64)
@@ -458,6 +447,7 @@ async fn same_key_again_is_not_applied() {
 
 #[tokio::test]
 async fn sweep_refills_each_user_once_even_when_run_twice_at_once() {
+    let _sweeps = SWEEPS.share().await;
     let env = TestEnv::with(|s| s.refill.lazy = false).await;
     let l = env.ledger();
     let now = Utc::now();

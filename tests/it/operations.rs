@@ -2,31 +2,22 @@
 //! losing a message, and the refill scheduler (its cron tick and the catch-up at start-up).
 //!
 //! The Prometheus recorder is process-wide. Workers here run without a scheduled sweep unless
-//! a test is about the scheduler, and those tests hold `SWEEPS`, so the refill-run counter
-//! moves only for the test reading it.
-
-mod common;
+//! a test is about the scheduler; those tests hold `SWEEPS` exclusively (every test of the
+//! binary that sweeps shares it), so the refill-run counter moves only for the test reading
+//! it. The outage test holds `DECIDE_RETRIES` the same way.
 
 use std::time::Duration;
 
-use chrono::{DateTime, Datelike, Timelike, Utc};
-use common::*;
-use credit_worker::config::Settings;
+use chrono::{TimeZone, Utc};
 use credit_worker::ledger::TxType;
-use credit_worker::refill::Month;
+use credit_worker::refill::{ManualClock, Month};
 use credit_worker::service::Worker;
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
+use tokio_util::sync::CancellationToken;
+
+use crate::fixtures::*;
+use crate::helpers::*;
 
 const T: Duration = Duration::from_secs(30);
-
-/// Held by the tests that run refill sweeps and count them.
-static SWEEPS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// No scheduled sweep (the only tick is in 2099).
-fn quiet_scheduler(s: &mut Settings) {
-    s.refill.schedule = "0 0 0 1 1 * 2099".parse().expect("cron");
-}
 
 async fn wait_status(port: u16, path: &str, status: u16) {
     wait_for(T, &format!("{path} {status}"), || async move {
@@ -37,22 +28,6 @@ async fn wait_status(port: u16, path: &str, status: u16) {
 
 fn refill_runs() -> f64 {
     metric_value(&metrics_now(), "credit_refill_runs_total", &[])
-}
-
-/// Ready (not yet delivered) messages in `queue`.
-async fn queue_depth(env: &TestEnv, queue: &str) -> u32 {
-    let (_conn, ch) = env.amqp_channel().await;
-    ch.queue_declare(
-        queue,
-        QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .map(|q| q.message_count())
-    .unwrap_or_else(|e| panic!("{queue}: {e}"))
 }
 
 async fn monthly_grants(env: &TestEnv, user: &str, month: Month) -> Vec<(String, i64)> {
@@ -166,6 +141,8 @@ async fn database_reachable(env: &TestEnv, admin: &sqlx::PgPool, reachable: bool
 
 #[tokio::test]
 async fn readyz_follows_the_database_and_no_message_is_lost_in_an_outage() {
+    // It waits for the retry counter to move to know its worker tried during the outage.
+    let _retries = DECIDE_RETRIES.lock().await;
     let port = free_port();
     let env = TestEnv::with(|s| {
         quiet_scheduler(s);
@@ -286,67 +263,69 @@ async fn assert_refilled_once(env: &TestEnv, month: Month) {
 }
 
 async fn wait_refilled(env: &TestEnv, month: Month, within: Duration) {
-    let pool = env.pool.clone();
-    wait_for(within, &format!("the {month} refill"), || {
-        let pool = pool.clone();
-        async move {
-            sqlx::query_scalar::<_, i64>(
-                "SELECT count(DISTINCT user_id) FROM credit.transactions WHERE transaction_key = $1",
-            )
-            .bind(month.refill_key())
-            .fetch_one(&pool)
-            .await
-            .map(|n| n == 2)
-            .unwrap_or(false)
-        }
-    })
+    wait_count(
+        env,
+        within,
+        &format!("the {month} refill"),
+        "SELECT count(DISTINCT user_id) FROM credit.transactions WHERE transaction_key = $1",
+        &[&month.refill_key()],
+        |n| n == 2,
+    )
     .await;
 }
 
 #[tokio::test]
 async fn scheduled_sweep_runs_at_its_cron_tick() {
     let _sweeps = SWEEPS.lock().await;
-    // One concrete second about 4 s ahead (date and year included, so no earlier tick this
-    // month triggers the start-up catch-up instead).
-    let now = Utc::now();
-    let tick: DateTime<Utc> = (now + chrono::Duration::seconds(4))
-        .with_nanosecond(0)
-        .expect("whole second");
-    let schedule = format!(
-        "{} {} {} {} {} * {}",
-        tick.second(),
-        tick.minute(),
-        tick.hour(),
-        tick.day(),
-        tick.month(),
-        tick.year()
-    );
+    // On the 15th at noon; the clock starts on the 10th, so nothing is due at start-up.
+    let start = Utc.with_ymd_and_hms(2031, 3, 10, 8, 0, 0).unwrap();
+    let tick = Utc.with_ymd_and_hms(2031, 3, 15, 12, 0, 0).unwrap();
+    let next_tick = Utc.with_ymd_and_hms(2031, 4, 15, 12, 0, 0).unwrap();
     let env = TestEnv::with(|s| {
-        s.refill.schedule = schedule.parse().expect("cron");
+        s.refill.schedule = "0 0 12 15 * *".parse().expect("cron");
         s.refill.lazy = false;
     })
     .await;
     seed_below_target(&env).await;
     let runs_before = refill_runs();
-    let worker = Worker::start(env.settings.clone()).await.expect("worker");
+    let clock = ManualClock::new(start);
+    let worker = Worker::start_with_clock(
+        env.settings.clone(),
+        CancellationToken::new(),
+        clock.clone(),
+    )
+    .await
+    .expect("worker");
+    // A second before the tick: the scheduler is asleep; then the tick.
+    clock.set(tick - chrono::Duration::seconds(1));
+    clock.set(tick);
     let month = Month::of(tick);
-    let seen_before_tick = env
-        .scalar_i64("SELECT count(*) FROM credit.transactions WHERE type = 'GRANT'")
-        .await;
-    if Utc::now() < tick {
-        assert_eq!(seen_before_tick, 0, "refilled before the tick");
-    }
-    wait_refilled(&env, month, Duration::from_secs(15)).await;
-    worker.stop().await.expect("stop");
-
+    wait_refilled(&env, month, T).await;
     assert_refilled_once(&env, month).await;
-    let first: DateTime<Utc> =
-        sqlx::query_scalar("SELECT min(created_at) FROM credit.transactions WHERE type = 'GRANT'")
-            .fetch_one(&env.pool)
-            .await
-            .expect("grant time");
-    assert!(first >= tick, "granted at {first}, before the tick {tick}");
-    assert_eq!(refill_runs() - runs_before, 1.0);
+
+    // The next month's tick: only what was spent since is granted back.
+    env.ledger()
+        .spend("sched-a", 300, "SPEND-1", serde_json::json!({}), Utc::now())
+        .await
+        .expect("spend");
+    clock.set(next_tick);
+    let next_month = Month::of(next_tick);
+    wait_count(
+        &env,
+        T,
+        "the next month's refill",
+        "SELECT count(*) FROM credit.transactions WHERE transaction_key = $1",
+        &[&next_month.refill_key()],
+        |n| n == 1,
+    )
+    .await;
+    worker.stop().await.expect("stop");
+    assert_eq!(
+        monthly_grants(&env, "sched-a", next_month).await,
+        vec![(next_month.refill_key(), 300)]
+    );
+    assert!(monthly_grants(&env, "sched-b", next_month).await.is_empty());
+    assert_eq!(refill_runs() - runs_before, 2.0);
     env.assert_audit_clean().await;
     env.cleanup().await;
 }

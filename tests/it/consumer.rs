@@ -1,32 +1,22 @@
 //! The running service through the real broker: charging, duplicates, rejections, dead
 //! letters, events, graceful stop and SIGKILL restarts.
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::Utc;
-use common::*;
-use credit_worker::ledger::TxType;
 use credit_worker::service::Worker;
 use serde_json::{json, Value};
 
+use crate::fixtures::*;
+use crate::helpers::*;
+
 const T: Duration = Duration::from_secs(30);
-
-fn no_refill(s: &mut credit_worker::config::Settings) {
-    s.refill.enabled = false;
-}
-
-async fn seed(env: &TestEnv, user: &str, amount: i64) {
-    env.ledger()
-        .credit(TxType::Grant, user, amount, Some("SEED"), None, Utc::now())
-        .await
-        .unwrap();
-}
 
 #[tokio::test]
 async fn usage_through_the_queue_charges_10_and_own_key_is_free() {
+    // Refill on with the default schedule: the worker's start-up catch-up sweeps.
+    let _sweeps = SWEEPS.share().await;
     let env = TestEnv::new().await;
     let mut tap = env.event_tap().await;
     let worker = Worker::start(env.settings.clone()).await.unwrap();
@@ -65,7 +55,7 @@ async fn usage_through_the_queue_charges_10_and_own_key_is_free() {
 #[tokio::test]
 async fn the_same_node_exec_id_five_times_charges_once() {
     let env = TestEnv::with(no_refill).await;
-    seed(&env, "dup", 100).await;
+    seed(&env, ["dup"], 100).await;
     let mut tap = env.event_tap().await;
     let worker = Worker::start(env.settings.clone()).await.unwrap();
     let b = body(&platform_gpt4("dup", "ne-dup"));
@@ -100,34 +90,10 @@ async fn the_same_node_exec_id_five_times_charges_once() {
     env.cleanup().await;
 }
 
-async fn queue_depth(env: &TestEnv, queue: &str) -> u32 {
-    let (_c, ch) = env.amqp_channel().await;
-    let mut args = lapin::types::FieldTable::default();
-    if env.settings.amqp.queue_type == credit_worker::config::QueueType::Quorum
-        && queue == env.names.input_queue
-    {
-        args.insert(
-            "x-queue-type".into(),
-            lapin::types::AMQPValue::LongString("quorum".into()),
-        );
-    }
-    ch.queue_declare(
-        queue,
-        lapin::options::QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        },
-        args,
-    )
-    .await
-    .map(|q| q.message_count())
-    .unwrap_or(u32::MAX)
-}
-
 #[tokio::test]
 async fn balance_15_and_three_charges_of_10() {
     let env = TestEnv::with(no_refill).await;
-    seed(&env, "poor", 15).await;
+    seed(&env, ["poor"], 15).await;
     let mut tap = env.event_tap().await;
     let worker = Worker::start(env.settings.clone()).await.unwrap();
     env.publish(&[
@@ -170,7 +136,7 @@ async fn balance_15_and_three_charges_of_10() {
 #[tokio::test]
 async fn invalid_messages_are_dead_lettered_with_a_reason_and_the_next_is_processed() {
     let env = TestEnv::with(no_refill).await;
-    seed(&env, "v", 100).await;
+    seed(&env, ["v"], 100).await;
     let worker = Worker::start(env.settings.clone()).await.unwrap();
     let mut missing = platform_gpt4("v", "bad-2");
     missing.as_object_mut().unwrap().remove("user_id");
@@ -217,9 +183,7 @@ async fn invalid_messages_are_dead_lettered_with_a_reason_and_the_next_is_proces
 #[tokio::test]
 async fn events_carry_gap_free_seq_and_the_ledger_balance() {
     let env = TestEnv::with(no_refill).await;
-    for u in ["e1", "e2", "e3"] {
-        seed(&env, u, 1000).await;
-    }
+    seed(&env, ["e1", "e2", "e3"], 1000).await;
     let mut tap = env.event_tap().await;
     let worker = Worker::start(env.settings.clone()).await.unwrap();
     let bodies: Vec<Vec<u8>> = (0..60)
@@ -262,7 +226,7 @@ async fn events_carry_gap_free_seq_and_the_ledger_balance() {
 #[tokio::test]
 async fn balance_low_fires_once_on_crossing() {
     let env = TestEnv::with(no_refill).await;
-    seed(&env, "low", 510).await;
+    seed(&env, ["low"], 510).await;
     let mut tap = env.event_tap().await;
     let worker = Worker::start(env.settings.clone()).await.unwrap();
     env.publish(&[
@@ -299,7 +263,7 @@ async fn execution_fee_every_3rd_execution_including_free_ones() {
         s.execution_fee.amount = 2;
     })
     .await;
-    seed(&env, "fee", 100).await;
+    seed(&env, ["fee"], 100).await;
     let worker = Worker::start(env.settings.clone()).await.unwrap();
     env.publish(&[
         body(&own_key("fee", "f-1")),
@@ -339,7 +303,7 @@ async fn execution_fee_every_3rd_execution_including_free_ones() {
 #[tokio::test]
 async fn sigterm_finishes_in_flight_work_and_exits_0() {
     let env = TestEnv::with(no_refill).await;
-    seed(&env, "term", 1_000_000).await;
+    seed(&env, ["term"], 1_000_000).await;
     let mut env_vars = env.process_env();
     env_vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
     let bodies: Vec<Vec<u8>> = (0..3000)
@@ -377,9 +341,7 @@ async fn sigterm_finishes_in_flight_work_and_exits_0() {
 async fn sigkill_while_in_flight_then_restart_decides_everything_once() {
     let env = TestEnv::with(no_refill).await;
     let users = 20;
-    for u in 0..users {
-        seed(&env, &format!("k{u}"), 1_000_000).await;
-    }
+    seed(&env, (0..users).map(|u| format!("k{u}")), 1_000_000).await;
     let mut env_vars = env.process_env();
     env_vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
     env_vars.push(("CREDIT_WORKER__PIPELINE__MAX_BATCH".into(), "50".into()));
@@ -403,12 +365,8 @@ async fn sigkill_while_in_flight_then_restart_decides_everything_once() {
     let mut w = WorkerProcess::spawn(&env_vars, &["run"]);
     env.wait_decisions(n, Duration::from_secs(60)).await;
     // Every event out, including those of batches whose relay was killed.
-    wait_for(T, "outbox drained", || async {
-        env.scalar_i64("SELECT count(*) FROM credit.outbox WHERE published_at IS NULL")
-            .await
-            == 0
-    })
-    .await;
+    let unpublished = "SELECT count(*) FROM credit.outbox WHERE published_at IS NULL";
+    wait_count(&env, T, "outbox drained", unpublished, &[], |n| n == 0).await;
     w.sigterm();
     assert_eq!(w.wait_exit(T).await, Some(0));
     assert_eq!(kills, 3);
@@ -437,7 +395,7 @@ async fn sigkill_while_in_flight_then_restart_decides_everything_once() {
 #[tokio::test]
 async fn a_batch_decides_exactly_like_one_at_a_time() {
     use credit_worker::cost::CostTable;
-    use credit_worker::decide::{decide_batch, Pricing};
+    use credit_worker::decide::decide_batch;
     use credit_worker::message::decode;
 
     let batch_env = TestEnv::with(|s| s.execution_fee.every = 4).await;
@@ -468,8 +426,8 @@ async fn a_batch_decides_exactly_like_one_at_a_time() {
     overflow.stats.input_size = 1000.0;
     decoded.insert(50, overflow);
 
-    let pricing_b = Pricing::from_settings(&batch_env.settings, table.clone());
-    let pricing_s = Pricing::from_settings(&single_env.settings, table);
+    let pricing_b = batch_env.settings.pricing(table.clone());
+    let pricing_s = single_env.settings.pricing(table);
     let batch = decide_batch(&batch_env.pool, &pricing_b, &decoded, now)
         .await
         .unwrap();

@@ -1,16 +1,18 @@
-//! Shared test harness: every test gets its own database and its own AMQP namespace on the
-//! real PostgreSQL and RabbitMQ (`DATABASE_URL` / `AMQP_URL`, default: the local services; with
-//! the `testcontainers` feature and a Docker engine, containers when those are unset).
-#![allow(dead_code)]
+//! The harness: every test gets its own database and its own AMQP namespace on the real
+//! PostgreSQL and RabbitMQ (`DATABASE_URL` / `AMQP_URL`, default: the local services; with the
+//! `testcontainers` feature and a Docker engine, containers when those are unset).
+//!
+//! A `TestEnv` removes its database and namespace when dropped, so a failing test cleans up
+//! too; the first `TestEnv` of a process also removes what killed runs left behind.
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use credit_worker::config::Settings;
-use credit_worker::ledger::{Ledger, LedgerPolicy};
+use credit_worker::ledger::Ledger;
 use credit_worker::topology::{self, Names};
 use futures::StreamExt;
 use lapin::options::{
@@ -99,13 +101,14 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
-/// One test's world: a fresh database and namespace.
+/// One test's world: a fresh database and namespace, removed when it is dropped.
 pub struct TestEnv {
     pub settings: Settings,
     pub pool: PgPool,
     pub names: Names,
     pub db_name: String,
-    admin_url: String,
+    /// Taken by `cleanup`; what `Drop` removes when the test ended without it (a panic).
+    scratch: Option<Scratch>,
 }
 
 impl TestEnv {
@@ -116,7 +119,9 @@ impl TestEnv {
     /// `tweak` adjusts the settings (e.g. refill off) before the database is created.
     pub async fn with(tweak: impl FnOnce(&mut Settings)) -> TestEnv {
         let svc = services().await;
-        let db_name = unique("cwt");
+        let admin_url = format!("{}/postgres", svc.pg_base);
+        remove_stale_scratch(&admin_url, &svc.amqp).await;
+        let db_name = unique(DB_PREFIX);
         let env = vec![
             (
                 "DATABASE_URL".to_owned(),
@@ -125,30 +130,38 @@ impl TestEnv {
             ("AMQP_URL".to_owned(), svc.amqp.clone()),
             (
                 "CREDIT_WORKER__AMQP__NAMESPACE".to_owned(),
-                format!("{}.", unique("t")),
+                format!("{}.", unique(NAMESPACE_PREFIX)),
             ),
             ("CREDIT_WORKER__HTTP__LISTEN".to_owned(), String::new()),
         ];
         let mut settings = Settings::load_from(None, &env).expect("test settings");
         tweak(&mut settings);
-        let pool = credit_worker::db::connect_and_migrate(&settings.database)
-            .await
-            .expect("database");
         let names = Names::new(&settings.amqp.namespace);
+        // Armed before the database exists, so a failed migration is cleaned up too.
+        let scratch = Scratch {
+            admin_url,
+            db_name: db_name.clone(),
+            amqp_url: settings.amqp.url.clone(),
+            names: names.clone(),
+        };
+        let pool = match credit_worker::db::connect_and_migrate(&settings.database).await {
+            Ok(pool) => pool,
+            Err(e) => {
+                scratch.remove().await;
+                panic!("database: {e}");
+            }
+        };
         TestEnv {
             settings,
             pool,
             names,
             db_name,
-            admin_url: format!("{}/postgres", svc.pg_base),
+            scratch: Some(scratch),
         }
     }
 
     pub fn ledger(&self) -> Ledger {
-        Ledger::new(
-            self.pool.clone(),
-            LedgerPolicy::from_settings(&self.settings),
-        )
+        Ledger::new(self.pool.clone(), self.settings.ledger_policy())
     }
 
     /// Environment for a worker process using this test's database and namespace.
@@ -176,38 +189,12 @@ impl TestEnv {
         ]
     }
 
-    /// Drops the database and the namespace's queues and exchanges.
-    pub async fn cleanup(self) {
+    /// Drops the database and the namespace's queues and exchanges now; dropping the
+    /// `TestEnv` without this does the same (for a test that panicked).
+    pub async fn cleanup(mut self) {
         self.pool.close().await;
-        if let Ok(admin) = PgPool::connect(&self.admin_url).await {
-            let _ = sqlx::query(&format!(
-                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-                self.db_name
-            ))
-            .execute(&admin)
-            .await;
-            admin.close().await;
-        }
-        if let Ok(conn) = topology::connect(&self.settings.amqp.url, "test cleanup").await {
-            if let Ok(ch) = conn.create_channel().await {
-                for q in [
-                    &self.names.input_queue,
-                    &self.names.dead_queue,
-                    &self.names.control,
-                ] {
-                    let _ = ch.queue_delete(q, QueueDeleteOptions::default()).await;
-                }
-                for x in [
-                    &self.names.input_exchange,
-                    &self.names.dlx,
-                    &self.names.events,
-                ] {
-                    let _ = ch
-                        .exchange_delete(x, ExchangeDeleteOptions::default())
-                        .await;
-                }
-            }
-            let _ = conn.close(200, "").await;
+        if let Some(scratch) = self.scratch.take() {
+            scratch.remove().await;
         }
     }
 
@@ -311,18 +298,9 @@ impl TestEnv {
 
     /// Waits until `n` decisions exist.
     pub async fn wait_decisions(&self, n: i64, within: Duration) {
-        let pool = self.pool.clone();
-        wait_for(within, &format!("{n} decisions"), || {
-            let pool = pool.clone();
-            async move {
-                sqlx::query_scalar::<_, i64>("SELECT count(*) FROM credit.decisions")
-                    .fetch_one(&pool)
-                    .await
-                    .map(|c| c >= n)
-                    .unwrap_or(false)
-            }
-        })
-        .await;
+        let what = format!("{n} decisions");
+        let sql = "SELECT count(*) FROM credit.decisions";
+        crate::fixtures::wait_count(self, within, &what, sql, &[], |c| c >= n).await;
     }
 
     pub async fn assert_audit_clean(&self) {
@@ -330,6 +308,266 @@ impl TestEnv {
             .await
             .expect("audit");
         assert!(report.is_clean(), "audit: {:?}", report.mismatches);
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        if let Some(scratch) = self.scratch.take() {
+            scratch.remove_blocking();
+        }
+    }
+}
+
+/// Prefix of the test databases' names: `cwt_<pid>_<hex>_<n>`.
+const DB_PREFIX: &str = "cwt";
+/// Prefix of the test namespaces: `t_<pid>_<hex>_<n>.`.
+const NAMESPACE_PREFIX: &str = "t";
+
+/// What a test leaves on the services: its database and its namespace's queues and exchanges.
+struct Scratch {
+    admin_url: String,
+    db_name: String,
+    amqp_url: String,
+    names: Names,
+}
+
+impl Scratch {
+    /// Best effort: a service that is unreachable now keeps the leftovers for the sweep of a
+    /// later run (`remove_stale_scratch`).
+    async fn remove(&self) {
+        drop_databases(&self.admin_url, std::slice::from_ref(&self.db_name)).await;
+        let n = &self.names;
+        delete_broker_objects(
+            &self.amqp_url,
+            &[&n.input_queue, &n.dead_queue, &n.control],
+            &[&n.input_exchange, &n.dlx, &n.events],
+        )
+        .await;
+    }
+
+    /// `remove` from synchronous code (`Drop`): on a thread of its own with its own runtime,
+    /// since the test's runtime may be gone, or be running this very thread. Waits for it.
+    fn remove_blocking(self) {
+        let _ = std::thread::spawn(move || {
+            block_on_own_runtime(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(60), self.remove()).await;
+            })
+        })
+        .join();
+    }
+}
+
+fn block_on_own_runtime(work: impl Future<Output = ()>) {
+    if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        rt.block_on(work);
+    }
+}
+
+/// `DROP DATABASE … WITH (FORCE)` for each name; failures are ignored.
+async fn drop_databases(admin_url: &str, names: &[String]) {
+    if names.is_empty() {
+        return;
+    }
+    if let Ok(admin) = PgPool::connect(admin_url).await {
+        for name in names {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                .execute(&admin)
+                .await;
+        }
+        admin.close().await;
+    }
+}
+
+/// Deletes the queues and exchanges; failures are ignored.
+async fn delete_broker_objects(amqp_url: &str, queues: &[&str], exchanges: &[&str]) {
+    let Ok(conn) = topology::connect(amqp_url, "test cleanup").await else {
+        return;
+    };
+    // A failed deletion closes its channel: each gets a fresh one.
+    for q in queues {
+        if let Ok(ch) = conn.create_channel().await {
+            let _ = ch.queue_delete(q, QueueDeleteOptions::default()).await;
+            let _ = ch.close(200, "").await;
+        }
+    }
+    for x in exchanges {
+        if let Ok(ch) = conn.create_channel().await {
+            let _ = ch
+                .exchange_delete(x, ExchangeDeleteOptions::default())
+                .await;
+            let _ = ch.close(200, "").await;
+        }
+    }
+    let _ = conn.close(200, "").await;
+}
+
+/// Once per process: drops the test databases, and deletes the test namespaces' queues and
+/// exchanges, that earlier runs left behind when they were killed — those whose name carries
+/// the id of a process that no longer runs. A database somebody is connected to is kept (its
+/// owner may run in another PID namespace). Broker objects are listed with `rabbitmqctl`, on a
+/// background thread, and only for a broker on this host; without it they stay, silently.
+async fn remove_stale_scratch(admin_url: &str, amqp_url: &str) {
+    static DONE: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    DONE.get_or_init(|| async {
+        if !Path::new("/proc/self").exists() {
+            return; // No way to tell a live process from a dead one here.
+        }
+        if let Ok(admin) = PgPool::connect(admin_url).await {
+            let idle: Vec<String> = sqlx::query_scalar(
+                "SELECT d.datname::text FROM pg_database d
+                  WHERE d.datname LIKE $1
+                    AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.datname = d.datname)",
+            )
+            .bind(format!("{DB_PREFIX}\\_%"))
+            .fetch_all(&admin)
+            .await
+            .unwrap_or_default();
+            admin.close().await;
+            let stale: Vec<String> = idle
+                .into_iter()
+                .filter(|name| left_by_a_dead_process(name, DB_PREFIX, false))
+                .collect();
+            drop_databases(admin_url, &stale).await;
+        }
+        if broker_is_local(amqp_url) {
+            let amqp_url = amqp_url.to_owned();
+            std::thread::spawn(move || remove_stale_broker_objects(&amqp_url));
+        }
+    })
+    .await;
+}
+
+fn remove_stale_broker_objects(amqp_url: &str) {
+    let vhost = vhost_of(amqp_url);
+    let list = |what: &str| -> Vec<String> {
+        let out = Command::new("rabbitmqctl")
+            .args(["-q", "-p", &vhost, "--timeout", "20", what, "name"])
+            .arg("--no-table-headers")
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output();
+        match out {
+            Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(str::trim)
+                .filter(|name| left_by_a_dead_process(name, NAMESPACE_PREFIX, true))
+                .map(str::to_owned)
+                .collect(),
+            _ => Vec::new(),
+        }
+    };
+    let (queues, exchanges) = (list("list_queues"), list("list_exchanges"));
+    if queues.is_empty() && exchanges.is_empty() {
+        return;
+    }
+    let queues: Vec<&str> = queues.iter().map(String::as_str).collect();
+    let exchanges: Vec<&str> = exchanges.iter().map(String::as_str).collect();
+    block_on_own_runtime(async {
+        let work = delete_broker_objects(amqp_url, &queues, &exchanges);
+        let _ = tokio::time::timeout(Duration::from_secs(60), work).await;
+    });
+}
+
+/// Whether `name` was made by `unique(prefix)` (followed by `.<base>` for a namespaced
+/// object) in a process that no longer runs.
+fn left_by_a_dead_process(name: &str, prefix: &str, namespaced: bool) -> bool {
+    let parsed = (|| {
+        let rest = name.strip_prefix(prefix)?.strip_prefix('_')?;
+        let mut parts = rest.splitn(3, '_');
+        let pid: u32 = parts.next()?.parse().ok()?;
+        let hex = parts.next()?;
+        let tail = parts.next()?;
+        let (counter, base) = match tail.split_once('.') {
+            Some((counter, base)) => (counter, Some(base)),
+            None => (tail, None),
+        };
+        let base_fits = match base {
+            Some(base) => namespaced && !base.is_empty(),
+            None => !namespaced,
+        };
+        let well_formed = base_fits
+            && !hex.is_empty()
+            && hex.chars().all(|c| c.is_ascii_hexdigit())
+            && !counter.is_empty()
+            && counter.chars().all(|c| c.is_ascii_digit());
+        well_formed.then_some(pid)
+    })();
+    parsed.is_some_and(|pid| {
+        pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()
+    })
+}
+
+#[test]
+fn leftovers_are_recognised_by_name_and_dead_process() {
+    // Far above any pid_max: never a live process.
+    let dead = u32::MAX;
+    let own = std::process::id();
+    assert!(left_by_a_dead_process(
+        &format!("cwt_{dead}_1f_0"),
+        "cwt",
+        false
+    ));
+    assert!(left_by_a_dead_process(
+        &format!("t_{dead}_ab_12.credit.events"),
+        "t",
+        true
+    ));
+    for (name, prefix, namespaced) in [
+        (format!("cwt_{own}_1f_0"), "cwt", false), // this process
+        ("cwt_1_1f_0".to_owned(), "cwt", false),   // init: alive
+        (format!("cwt_{dead}_1f_0x"), "cwt", false),
+        (format!("cwt_{dead}_xyz_0"), "cwt", false),
+        (format!("cwt_{dead}_1f_0.q"), "cwt", false),
+        (format!("t_{dead}_ab_12"), "t", true),
+        (format!("t_{dead}_ab_12."), "t", true),
+        (format!("tx_{dead}_ab_12.q"), "t", true),
+        ("probe4.dead".to_owned(), "t", true),
+        ("amq.gen-0h_ffsRrpz4exCV".to_owned(), "t", true),
+    ] {
+        assert!(!left_by_a_dead_process(&name, prefix, namespaced), "{name}");
+    }
+    assert!(broker_is_local("amqp://guest:guest@127.0.0.1:5672/%2f"));
+    assert!(broker_is_local("amqp://localhost"));
+    assert!(!broker_is_local(
+        "amqp://guest:guest@rabbit.internal:5672/%2f"
+    ));
+    assert_eq!(vhost_of("amqp://guest:guest@127.0.0.1:5672/%2f"), "/");
+    assert_eq!(vhost_of("amqp://127.0.0.1:5672"), "/");
+    assert_eq!(vhost_of("amqp://127.0.0.1/tests?heartbeat=10"), "tests");
+}
+
+/// Whether the AMQP URL names this host (where `rabbitmqctl` would list its queues).
+fn broker_is_local(amqp_url: &str) -> bool {
+    let authority = amqp_url
+        .split_once("://")
+        .map_or(amqp_url, |(_, rest)| rest)
+        .split('/')
+        .next()
+        .unwrap_or("");
+    let host_port = authority.rsplit('@').next().unwrap_or("");
+    let host = match host_port.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host_port.split(':').next().unwrap_or(""),
+    };
+    matches!(host, "localhost" | "::1") || host.starts_with("127.")
+}
+
+/// The virtual host of an AMQP URL (`/` when the URL names none).
+fn vhost_of(amqp_url: &str) -> String {
+    let path = amqp_url
+        .split_once("://")
+        .map_or(amqp_url, |(_, rest)| rest)
+        .split_once('/')
+        .map_or("", |(_, path)| path);
+    let path = path.split('?').next().unwrap_or("");
+    if path.is_empty() {
+        "/".to_owned()
+    } else {
+        path.replace("%2f", "/").replace("%2F", "/")
     }
 }
 
@@ -483,21 +721,6 @@ impl Drop for WorkerProcess {
     }
 }
 
-/// Runs the CLI binary to completion: (exit code, stdout, stderr).
-pub fn cli(env: &[(String, String)], args: &[&str]) -> (i32, String, String) {
-    let mut cmd = Command::new(binary());
-    cmd.args(args).env_remove("CREDIT_WORKER_CONFIG");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().expect("run cli");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// A free local port for a worker's HTTP endpoints.
 pub fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
@@ -563,3 +786,33 @@ pub fn metrics_now() -> String {
         .map(|h| h.render())
         .unwrap_or_default()
 }
+
+/// The Prometheus recorder is process-wide and every test of this binary shares it. A test
+/// that reads how much a counter moved holds its gate with `lock`, and the tests that move
+/// it as a side effect hold it with `share`: they run alongside each other, not alongside
+/// the reader.
+pub struct CounterGate(tokio::sync::RwLock<()>);
+
+impl CounterGate {
+    const fn new() -> Self {
+        CounterGate(tokio::sync::RwLock::const_new(()))
+    }
+
+    /// For the test that counts: no test that moves the counter runs meanwhile.
+    pub async fn lock(&self) -> tokio::sync::RwLockWriteGuard<'_, ()> {
+        self.0.write().await
+    }
+
+    /// For a test that moves the counter.
+    pub async fn share(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
+        self.0.read().await
+    }
+}
+
+/// `credit_refill_runs_total`: every refill sweep (scheduled, start-up catch-up, the control
+/// command or `refill::sweep` called directly).
+pub static SWEEPS: CounterGate = CounterGate::new();
+
+/// `credit_decide_retries_total`: decisions retried by an in-process worker whose database
+/// went away.
+pub static DECIDE_RETRIES: CounterGate = CounterGate::new();

@@ -4,19 +4,17 @@
 //!
 //! `CREDIT_WORKER_FAULT_KILLS` / `CREDIT_WORKER_FAULT_MESSAGES` scale the crash loop up.
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
-use common::*;
-use credit_worker::ledger::TxType;
 use credit_worker::service::Worker;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::broadcast;
+
+use crate::fixtures::*;
+use crate::helpers::*;
 
 const T: Duration = Duration::from_secs(60);
 
@@ -27,20 +25,9 @@ fn env_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-async fn seed_users(env: &TestEnv, users: usize, balance: i64) {
-    for u in 0..users {
-        env.ledger()
-            .credit(
-                TxType::Grant,
-                &format!("u{u}"),
-                balance,
-                Some("SEED"),
-                None,
-                Utc::now(),
-            )
-            .await
-            .unwrap();
-    }
+/// The `users` users of a test: `u0`, `u1`, …
+fn user_names(users: usize) -> impl Iterator<Item = String> {
+    (0..users).map(|u| format!("u{u}"))
 }
 
 fn workload(users: usize, n: usize, prefix: &str) -> Vec<Vec<u8>> {
@@ -100,7 +87,7 @@ async fn crash_loop_of_sigkills_loses_and_doubles_nothing() {
     let n = env_usize("CREDIT_WORKER_FAULT_MESSAGES", 20_000);
     let users = 100;
     let env = TestEnv::with(|s| s.refill.enabled = false).await;
-    seed_users(&env, users, 1_000_000).await;
+    seed(&env, user_names(users), 1_000_000).await;
     let mut tap = env.event_tap().await;
     let mut vars = env.process_env();
     vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
@@ -211,7 +198,7 @@ async fn broker_connections_cut_mid_stream_recover_without_loss() {
     })
     .await;
     let users = 10;
-    seed_users(&env, users, 1_000_000).await;
+    seed(&env, user_names(users), 1_000_000).await;
     let mut tap = env.event_tap().await;
     let proxy = Proxy::start(broker_host_port(&env.settings.amqp.url)).await;
     let mut settings = env.settings.clone();
@@ -251,13 +238,15 @@ async fn broker_connections_cut_mid_stream_recover_without_loss() {
 
 #[tokio::test]
 async fn database_sessions_terminated_mid_stream_recover_without_loss() {
+    // Its worker retries decisions while the database is away.
+    let _retries = DECIDE_RETRIES.share().await;
     let env = TestEnv::with(|s| {
         s.refill.enabled = false;
         s.pipeline.max_batch = 50;
     })
     .await;
     let users = 10;
-    seed_users(&env, users, 1_000_000).await;
+    seed(&env, user_names(users), 1_000_000).await;
     let mut tap = env.event_tap().await;
     let mut settings = env.settings.clone();
     let port = free_port();
@@ -322,7 +311,7 @@ async fn database_sessions_terminated_mid_stream_recover_without_loss() {
 async fn two_replicas_share_the_queue_without_duplicate_decisions() {
     let env = TestEnv::with(|s| s.refill.lazy = false).await;
     let users = 50;
-    seed_users(&env, users, 1_000_000).await;
+    seed(&env, user_names(users), 1_000_000).await;
     let mut tap = env.event_tap().await;
     let (p1, p2) = (free_port(), free_port());
     let mut vars1 = env.process_env();

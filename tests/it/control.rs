@@ -1,13 +1,9 @@
 //! The control queue end to end (SPEC §8): a worker started in-process, commands published to
 //! `credit.control` with a verified `user_id`, replies read from an exclusive reply queue.
 
-mod common;
-
 use std::time::Duration;
 
 use chrono::Utc;
-use common::*;
-use credit_worker::config::Settings;
 use credit_worker::refill::Month;
 use credit_worker::service::Worker;
 use futures::StreamExt;
@@ -16,13 +12,10 @@ use lapin::types::FieldTable;
 use lapin::BasicProperties;
 use serde_json::{json, Value};
 
-const REPLY_TIMEOUT: Duration = Duration::from_secs(20);
+use crate::fixtures::*;
+use crate::helpers::*;
 
-/// No scheduled sweep during the test (the only tick is in 2099), so balances change only
-/// through the commands under test.
-fn quiet_scheduler(s: &mut Settings) {
-    s.refill.schedule = "0 0 0 1 1 * 2099".parse().expect("cron");
-}
+const REPLY_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A control-queue client: publishes commands and waits for the matching reply.
 struct Rpc {
@@ -180,6 +173,8 @@ async fn grants(env: &TestEnv, user: &str) -> Vec<(String, String, i64)> {
 
 #[tokio::test]
 async fn every_command_end_to_end() {
+    // The `refill` command below is a sweep.
+    let _sweeps = SWEEPS.share().await;
     // Installed before any traffic so the counters below are recorded.
     let before = metrics_now();
     let env = TestEnv::with(quiet_scheduler).await;
@@ -333,6 +328,7 @@ async fn every_command_end_to_end() {
 
 #[tokio::test]
 async fn refill_resets_users_below_target_once_per_month() {
+    let _sweeps = SWEEPS.share().await;
     let env = TestEnv::with(|s| {
         quiet_scheduler(s);
         // Balances stay where the top-ups put them until the sweep.
@@ -664,22 +660,13 @@ async fn command_without_reply_to_is_still_executed() {
         false,
     )
     .await;
-    let pool = env.pool.clone();
-    wait_for(
+    wait_count(
+        &env,
         Duration::from_secs(20),
         "the grant without reply_to",
-        || {
-            let pool = pool.clone();
-            async move {
-                sqlx::query_scalar::<_, i64>(
-                    "SELECT count(*) FROM credit.transactions WHERE transaction_key = 'NO-REPLY-1'",
-                )
-                .fetch_one(&pool)
-                .await
-                .map(|n| n == 1)
-                .unwrap_or(false)
-            }
-        },
+        "SELECT count(*) FROM credit.transactions WHERE transaction_key = 'NO-REPLY-1'",
+        &[],
+        |n| n == 1,
     )
     .await;
     assert_eq!(

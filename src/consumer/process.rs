@@ -1,0 +1,373 @@
+//! One batch of message bodies → one action per message, with no broker types: decode, decide
+//! (retrying transient faults, splitting a batch that fails for another reason), and record.
+//! The AMQP layer in [`super`] applies the actions: dead-letter with the reason, then ack.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use chrono::Utc;
+use serde::Deserialize;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, warn, Span};
+
+use crate::decide::{self, DecideError, Outcome, Pricing, Verdict};
+use crate::message::{self, NodeExecutionEntry};
+
+/// What to do with one delivery once its batch is decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Decided (or a duplicate): ack.
+    Ack,
+    /// Cannot be decided: republish to the dead letters with `reason`, then ack.
+    DeadLetter { reason: String },
+}
+
+/// The ids a message's log lines carry, as far as the body tells them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct MessageIds {
+    #[serde(default, deserialize_with = "lenient")]
+    pub node_exec_id: Option<String>,
+    #[serde(default, deserialize_with = "lenient")]
+    pub user_id: Option<String>,
+}
+
+/// A string, or nothing for any other JSON value: ids of an invalid body are best-effort.
+fn lenient<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(match serde_json::Value::deserialize(d)? {
+        serde_json::Value::String(s) => Some(s),
+        _ => None,
+    })
+}
+
+impl MessageIds {
+    /// Reads the ids of a body that may not decode.
+    pub fn peek(body: &[u8]) -> MessageIds {
+        serde_json::from_slice(body).unwrap_or_default()
+    }
+
+    fn of(e: &NodeExecutionEntry) -> MessageIds {
+        MessageIds {
+            node_exec_id: Some(e.node_exec_id.clone()),
+            user_id: Some(e.user_id.clone()),
+        }
+    }
+
+    /// The span every log line about this message is written in.
+    pub fn span(&self) -> Span {
+        tracing::info_span!(
+            "message",
+            node_exec_id = self.node_exec_id.as_deref().unwrap_or("?"),
+            user_id = self.user_id.as_deref().unwrap_or("?"),
+        )
+    }
+}
+
+/// Decides entries in one transaction (the database in production, memory in tests).
+pub trait Decider: Send + Sync {
+    fn decide(
+        &self,
+        entries: &[NodeExecutionEntry],
+    ) -> impl Future<Output = Result<Vec<Verdict>, DecideError>> + Send;
+}
+
+/// The decider of the running service.
+#[derive(Clone)]
+pub struct DbDecider {
+    pub pool: PgPool,
+    pub pricing: Arc<Pricing>,
+}
+
+impl Decider for DbDecider {
+    async fn decide(&self, entries: &[NodeExecutionEntry]) -> Result<Vec<Verdict>, DecideError> {
+        decide::decide_batch(&self.pool, &self.pricing, entries, Utc::now()).await
+    }
+}
+
+/// Processes one batch: one action per body, in order, with the ids its log lines carry.
+/// `None` when `stop` fired while a transient fault was being retried: nothing was decided,
+/// and nothing may be acked.
+pub async fn process_batch(
+    decider: &impl Decider,
+    bodies: &[&[u8]],
+    stop: &CancellationToken,
+) -> Option<Vec<(Action, MessageIds)>> {
+    let mut out: Vec<Option<(Action, MessageIds)>> = vec![None; bodies.len()];
+    let mut positions = Vec::with_capacity(bodies.len());
+    let mut entries = Vec::with_capacity(bodies.len());
+    for (i, body) in bodies.iter().enumerate() {
+        match message::decode(body) {
+            Ok(e) => {
+                positions.push(i);
+                entries.push(e);
+            }
+            Err(e) => {
+                let reason = e.to_string();
+                out[i] = Some((Action::DeadLetter { reason }, MessageIds::peek(body)));
+            }
+        }
+    }
+    let verdicts = decide_with_retry(decider, &entries, stop).await?;
+    for ((i, e), v) in positions.into_iter().zip(&entries).zip(verdicts) {
+        let ids = MessageIds::of(e);
+        let action = ids.span().in_scope(|| record(e, &v));
+        out[i] = Some((action, ids));
+    }
+    Some(
+        out.into_iter()
+            .map(|a| a.unwrap_or((Action::Ack, MessageIds::default())))
+            .collect(),
+    )
+}
+
+/// Decides with retries on transient faults; a batch that fails for another reason is split
+/// so one bad entry cannot block the rest.
+async fn decide_with_retry(
+    decider: &impl Decider,
+    entries: &[NodeExecutionEntry],
+    stop: &CancellationToken,
+) -> Option<Vec<Verdict>> {
+    if entries.is_empty() {
+        return Some(Vec::new());
+    }
+    let e = match decide_transient_retry(decider, entries, stop).await? {
+        Ok(v) => return Some(v),
+        Err(e) => e,
+    };
+    warn!(error = %e, size = entries.len(), "batch failed; deciding its entries one by one");
+    let mut out = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let one = std::slice::from_ref(entry);
+        let verdict = match decide_transient_retry(decider, one, stop).await? {
+            Ok(mut v) if v.len() == 1 => v.remove(0),
+            Ok(v) => Verdict::Invalid {
+                reason: format!("internal: {} verdicts for one entry", v.len()),
+            },
+            Err(e) => {
+                MessageIds::of(entry).span().in_scope(|| {
+                    error!(error = %e, "entry cannot be decided; dead-lettering");
+                });
+                Verdict::Invalid {
+                    reason: format!("internal: {e}"),
+                }
+            }
+        };
+        out.push(verdict);
+    }
+    Some(out)
+}
+
+/// Ok/Err(permanent error); None when stopped during a transient outage.
+async fn decide_transient_retry(
+    decider: &impl Decider,
+    entries: &[NodeExecutionEntry],
+    stop: &CancellationToken,
+) -> Option<Result<Vec<Verdict>, DecideError>> {
+    let mut delays = crate::retry::backoff();
+    loop {
+        match decider.decide(entries).await {
+            Err(e) if e.is_transient() => {
+                metrics::counter!("credit_decide_retries_total").increment(1);
+                warn!(error = %e, size = entries.len(), "decision transaction failed; retrying");
+                if !crate::retry::pause(&mut delays, stop).await {
+                    return None;
+                }
+            }
+            other => return Some(other),
+        }
+    }
+}
+
+/// Counts and logs a verdict (inside the message's span); returns what to do with it.
+fn record(e: &NodeExecutionEntry, v: &Verdict) -> Action {
+    match v {
+        Verdict::Decided {
+            outcome,
+            cost,
+            fee,
+            balance,
+        } => {
+            metrics::counter!("credit_messages_total", "outcome" => outcome.as_str()).increment(1);
+            let charged = if *outcome == Outcome::Charged {
+                *cost
+            } else {
+                0
+            } + fee;
+            if charged > 0 {
+                metrics::counter!("credit_credits_charged_total").increment(charged as u64);
+            }
+            debug!(outcome = outcome.as_str(), cost, fee, balance, "decided");
+            Action::Ack
+        }
+        Verdict::Duplicate { conflicting } => {
+            metrics::counter!("credit_messages_total", "outcome" => "duplicate").increment(1);
+            if *conflicting {
+                metrics::counter!("credit_conflicting_duplicates_total").increment(1);
+                warn!(block_id = %e.block_id, "conflicting duplicate: the first decision stands");
+            } else {
+                debug!("duplicate delivery ignored");
+            }
+            Action::Ack
+        }
+        Verdict::Invalid { reason } => Action::DeadLetter {
+            reason: reason.clone(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    use chrono::TimeZone;
+    use serde_json::json;
+
+    use super::*;
+    use crate::cost::CostTable;
+    use crate::decide::{FeePolicy, MemoryLedger};
+    use crate::ledger::{LedgerError, LedgerPolicy, RefillPolicy};
+
+    /// Decides in memory; fails the first `transient` calls, and permanently any batch of
+    /// more than one entry that contains `poison`, or `poison` alone.
+    struct MemoryDecider {
+        ledger: Mutex<MemoryLedger>,
+        pricing: Pricing,
+        transient: AtomicUsize,
+        poison: Option<&'static str>,
+        calls: AtomicUsize,
+    }
+
+    impl MemoryDecider {
+        fn new(transient: usize, poison: Option<&'static str>) -> Self {
+            MemoryDecider {
+                ledger: Mutex::default(),
+                pricing: Pricing {
+                    costs: CostTable::builtin().unwrap(),
+                    ledger: LedgerPolicy {
+                        refill: Some(RefillPolicy { target: 1000 }),
+                        lazy_refill: true,
+                        low_balance_threshold: 0,
+                    },
+                    fee: FeePolicy {
+                        every: 0,
+                        amount: 0,
+                    },
+                },
+                transient: AtomicUsize::new(transient),
+                poison,
+                calls: AtomicUsize::new(0),
+            }
+        }
+
+        fn balance(&self, user: &str) -> i64 {
+            self.ledger.lock().unwrap().accounts[user].balance
+        }
+    }
+
+    impl Decider for MemoryDecider {
+        async fn decide(
+            &self,
+            entries: &[NodeExecutionEntry],
+        ) -> Result<Vec<Verdict>, DecideError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            if self.transient.load(Ordering::SeqCst) > 0 {
+                self.transient.fetch_sub(1, Ordering::SeqCst);
+                return Err(DecideError::Race);
+            }
+            if entries
+                .iter()
+                .any(|e| Some(e.node_exec_id.as_str()) == self.poison)
+            {
+                return Err(DecideError::Ledger(LedgerError::InvalidArgument {
+                    field: "node_exec_id",
+                    reason: "poisoned".into(),
+                }));
+            }
+            let now = Utc.with_ymd_and_hms(2026, 11, 25, 12, 0, 0).unwrap();
+            Ok(self
+                .ledger
+                .lock()
+                .unwrap()
+                .decide(&self.pricing, entries, now))
+        }
+    }
+
+    fn gpt4(user: &str, id: &str) -> Vec<u8> {
+        serde_json::to_vec(&json!({
+            "user_id": user, "graph_exec_id": "ge", "graph_id": "g", "node_exec_id": id,
+            "node_id": "n", "block_id": "1f292d4a-41a4-4977-9684-7c8d560b9f91",
+            "inputs": {"model": "gpt-4-turbo", "credentials": {
+                "id": "53c25cb8-e3ee-465c-a4d1-e75a4c899c2a", "provider": "openai", "type": "api_key"}},
+        }))
+        .unwrap()
+    }
+
+    async fn process(d: &MemoryDecider, bodies: &[Vec<u8>]) -> Option<Vec<(Action, MessageIds)>> {
+        let refs: Vec<&[u8]> = bodies.iter().map(Vec::as_slice).collect();
+        process_batch(d, &refs, &CancellationToken::new()).await
+    }
+
+    fn dead(reason: &str) -> Action {
+        Action::DeadLetter {
+            reason: reason.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn invalid_bodies_are_dead_lettered_with_the_field_named() {
+        let d = MemoryDecider::new(0, None);
+        let bodies = vec![
+            gpt4("u", "a"),
+            b"{nope".to_vec(),
+            br#"{"node_exec_id": "x", "user_id": 7}"#.to_vec(),
+            gpt4("u", "a"),
+        ];
+        let out = process(&d, &bodies).await.unwrap();
+        let actions: Vec<_> = out.iter().map(|(a, _)| a.clone()).collect();
+        assert_eq!(actions[0], Action::Ack);
+        assert!(
+            matches!(&actions[1], Action::DeadLetter { reason } if reason.starts_with("body: not valid JSON"))
+        );
+        assert_eq!(actions[2], dead("user_id: expected a string, got number"));
+        assert_eq!(actions[3], Action::Ack);
+        assert_eq!(out[2].1.node_exec_id.as_deref(), Some("x"));
+        assert_eq!(out[2].1.user_id, None);
+        assert_eq!(out[0].1.user_id.as_deref(), Some("u"));
+        assert_eq!(d.balance("u"), 990);
+    }
+
+    #[tokio::test]
+    async fn transient_faults_are_retried_without_deciding_twice() {
+        let d = MemoryDecider::new(2, None);
+        let out = process(&d, &[gpt4("u", "a"), gpt4("u", "b")])
+            .await
+            .unwrap();
+        assert!(out.iter().all(|(a, _)| *a == Action::Ack));
+        assert_eq!(d.calls.load(Ordering::SeqCst), 3);
+        assert_eq!(d.balance("u"), 980);
+    }
+
+    #[tokio::test]
+    async fn a_batch_that_fails_for_good_is_split_and_only_the_culprit_dead_lettered() {
+        let d = MemoryDecider::new(0, Some("bad"));
+        let bodies = [gpt4("u", "a"), gpt4("u", "bad"), gpt4("u", "c")];
+        let out = process(&d, &bodies).await.unwrap();
+        assert_eq!(out[0].0, Action::Ack);
+        assert_eq!(out[1].0, dead("internal: node_exec_id: poisoned"));
+        assert_eq!(out[2].0, Action::Ack);
+        // The whole batch once, then each entry alone.
+        assert_eq!(d.calls.load(Ordering::SeqCst), 4);
+        assert_eq!(d.balance("u"), 980);
+    }
+
+    #[tokio::test]
+    async fn a_stop_during_an_outage_decides_and_acks_nothing() {
+        let d = MemoryDecider::new(usize::MAX, None);
+        let stop = CancellationToken::new();
+        stop.cancel();
+        let body = gpt4("u", "a");
+        assert_eq!(process_batch(&d, &[body.as_slice()], &stop).await, None);
+        assert!(d.ledger.lock().unwrap().decisions.is_empty());
+    }
+}

@@ -1,0 +1,115 @@
+//! Decisions for a batch of node executions, in one database transaction, as a pipeline of
+//! named stages over one state per entry:
+//!
+//! 1. **price** (pure): every entry priced from the cost table; unpriceable ⇒ invalid.
+//! 2. **dedupe** (pure): a later delivery of a node_exec_id within the batch ⇒ duplicate.
+//! 3. **lock** (ledger): the users' balance rows locked in user_id order, earlier decisions of
+//!    the batch's node_exec_ids looked up ⇒ duplicate.
+//! 4. **apply** (pure, [`apply`]): each remaining entry applied to its account in delivery
+//!    order, exactly as if processed one at a time.
+//! 5. **write** (ledger): decisions, ledger rows, balances and outbox rows in one statement.
+
+mod apply;
+mod batch;
+mod memory;
+
+use sqlx::PgPool;
+
+use chrono::{DateTime, Utc};
+
+use crate::cost::CostTable;
+pub use crate::ledger::Outcome;
+use crate::ledger::{store, LedgerError, LedgerPolicy};
+use crate::message::NodeExecutionEntry;
+pub use apply::FeePolicy;
+use batch::Batch;
+pub use memory::MemoryLedger;
+
+/// What happened to one entry of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// A new decision was stored.
+    Decided {
+        outcome: Outcome,
+        cost: i64,
+        fee: i64,
+        balance: i64,
+    },
+    /// The node execution was decided before; nothing changed. `conflicting` when this
+    /// delivery names another user or block than the stored decision.
+    Duplicate { conflicting: bool },
+    /// The entry cannot be priced or charged (e.g. its cost overflows); it goes to the dead
+    /// letters.
+    Invalid { reason: String },
+}
+
+/// Everything a decision depends on besides the database.
+#[derive(Debug, Clone)]
+pub struct Pricing {
+    pub costs: CostTable,
+    pub ledger: LedgerPolicy,
+    pub fee: FeePolicy,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DecideError {
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    /// Another worker stored a decision for one of these node executions after we looked.
+    #[error("a concurrent decision for the same node_exec_id; retrying")]
+    Race,
+}
+
+impl DecideError {
+    pub fn is_transient(&self) -> bool {
+        match self {
+            DecideError::Db(e) => crate::db::is_transient(e),
+            DecideError::Ledger(e) => e.is_transient(),
+            DecideError::Race => true,
+        }
+    }
+}
+
+/// Decides `entries` (in delivery order) in one transaction. Returns one verdict per entry,
+/// in the same order. On error nothing was written.
+pub async fn decide_batch(
+    pool: &PgPool,
+    pricing: &Pricing,
+    entries: &[NodeExecutionEntry],
+    now: DateTime<Utc>,
+) -> Result<Vec<Verdict>, DecideError> {
+    let mut batch = Batch::price(&pricing.costs, entries);
+    batch.dedupe();
+    let users = batch.users();
+    if users.is_empty() {
+        return Ok(batch.verdicts());
+    }
+    let mut tx = pool.begin().await?;
+    // Lock first, then look for earlier decisions: once we hold the users' rows, any decision
+    // for these users committed by another worker is visible to the next statement.
+    let mut accounts = store::lock_accounts(&mut tx, &users).await?;
+    let earlier = store::earlier_decisions(&mut tx, &batch.pending_ids()).await?;
+    batch.mark_earlier(&earlier);
+    let writes = batch.apply(&mut accounts, pricing, now);
+    let inserted = store::write(
+        &mut tx,
+        &writes.decisions,
+        accounts.values(),
+        &writes.changes,
+        now,
+    )
+    .await?;
+    if inserted != writes.decisions.len() as u64 {
+        // A worker holding other users' locks decided one of these ids meanwhile (a
+        // conflicting duplicate). Roll back; the retry sees its decision.
+        tx.rollback().await?;
+        return Err(DecideError::Race);
+    }
+    tx.commit().await?;
+    Ok(batch.verdicts())
+}
+
+#[cfg(test)]
+mod tests;

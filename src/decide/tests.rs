@@ -1,0 +1,188 @@
+//! The decision rules without a database: a batch decides exactly like one entry at a time.
+
+use chrono::{TimeZone, Utc};
+use proptest::prelude::*;
+use serde_json::json;
+
+use super::*;
+use crate::ledger::{RefillPolicy, TxType};
+use crate::message::decode;
+
+const OPENAI_CRED: &str = "53c25cb8-e3ee-465c-a4d1-e75a4c899c2a";
+const TEXT_GEN: &str = "1f292d4a-41a4-4977-9684-7c8d560b9f91";
+
+fn pricing(fee_every: i64) -> Pricing {
+    let table = format!(
+        "{}\n[[block]]\nid = \"max\"\ncosts = [{{ cost_amount = {}, cost_type = \"run\", cost_filter = {{}} }}]\n",
+        crate::cost::BUILTIN_TABLE,
+        i64::MAX
+    );
+    Pricing {
+        costs: CostTable::from_toml_str(&table, "test").unwrap(),
+        ledger: LedgerPolicy {
+            refill: Some(RefillPolicy { target: 1000 }),
+            lazy_refill: true,
+            low_balance_threshold: 100,
+        },
+        fee: FeePolicy {
+            every: fee_every,
+            amount: 1,
+        },
+    }
+}
+
+/// gpt-4-turbo on the platform credential (10 credits), the user's own key (0), or `max`.
+fn entry(user: &str, id: &str, kind: u8) -> NodeExecutionEntry {
+    let (block, inputs) = match kind {
+        0 => (
+            TEXT_GEN,
+            json!({"model": "gpt-4-turbo", "credentials": {"id": OPENAI_CRED, "provider": "openai", "type": "api_key"}}),
+        ),
+        1 => (TEXT_GEN, json!({"model": "gpt-4-turbo", "api_key": "own"})),
+        _ => ("max", json!({})),
+    };
+    let body = json!({
+        "user_id": user, "graph_exec_id": format!("ge-{id}"), "graph_id": "g",
+        "node_exec_id": id, "node_id": "n", "block_id": block, "inputs": inputs,
+    });
+    decode(&serde_json::to_vec(&body).unwrap()).unwrap()
+}
+
+fn now() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 11, 25, 12, 0, 0).unwrap()
+}
+
+fn one_at_a_time(p: &Pricing, entries: &[NodeExecutionEntry]) -> (Vec<Verdict>, MemoryLedger) {
+    let mut ledger = MemoryLedger::default();
+    let verdicts = entries
+        .iter()
+        .flat_map(|e| ledger.decide(p, std::slice::from_ref(e), now()))
+        .collect();
+    (verdicts, ledger)
+}
+
+#[test]
+fn a_batch_decides_exactly_like_one_at_a_time() {
+    let p = pricing(4);
+    // One hot user running out of funds midway: 1000 / 10 ⇒ 100 charges (less the fees).
+    let mut entries: Vec<_> = (0..120)
+        .map(|i| entry("hot", &format!("h-{i}"), 0))
+        .collect();
+    entries.push(entry("hot", "h-5", 0)); // duplicate inside the batch
+    entries.push(entry("other", "h-6", 0)); // conflicting duplicate
+    entries.push(entry("cold", "c-1", 1));
+    entries.push(entry("cold", "c-2", 0));
+    entries.insert(50, entry("cold", "c-3", 2)); // costs i64::MAX: rejected
+    let mut batched = MemoryLedger::default();
+    let verdicts = batched.decide(&p, &entries, now());
+    let (single, single_ledger) = one_at_a_time(&p, &entries);
+    assert_eq!(verdicts, single);
+    assert_eq!(batched, single_ledger);
+
+    let count = |f: &dyn Fn(&Verdict) -> bool| verdicts.iter().filter(|v| f(v)).count();
+    let charged = |v: &Verdict| {
+        matches!(
+            v,
+            Verdict::Decided {
+                outcome: Outcome::Charged,
+                ..
+            }
+        )
+    };
+    let rejected = |v: &Verdict| {
+        matches!(
+            v,
+            Verdict::Decided {
+                outcome: Outcome::Rejected,
+                ..
+            }
+        )
+    };
+    // 1000 credits: every 4th execution also pays a fee of 1, so 97 charges of 10 + 24
+    // fees leave 6 < 10 (the 98th execution is the first rejection).
+    assert_eq!(count(&charged), 97 + 1);
+    assert_eq!(count(&rejected), 23 + 1);
+    assert_eq!(batched.accounts["hot"].balance, 6);
+    assert_eq!(batched.accounts["cold"].balance, 990);
+    assert_eq!(verdicts[121], Verdict::Duplicate { conflicting: false });
+    assert_eq!(verdicts[122], Verdict::Duplicate { conflicting: true });
+    assert!(rejected(&verdicts[50]), "{:?}", verdicts[50]);
+}
+
+#[test]
+fn an_overflowing_entry_changes_nothing_and_holds_nothing_up() {
+    let p = pricing(1);
+    let mut ledger = MemoryLedger::default();
+    let entries = [entry("u", "a", 0), entry("u", "b", 2), entry("u", "c", 0)];
+    let verdicts = ledger.decide(&p, &entries, now());
+    let Verdict::Invalid { reason } = &verdicts[1] else {
+        panic!("{verdicts:?}");
+    };
+    assert!(reason.contains("overflows"), "{reason}");
+    // Refill 1000, then two charges of 10 + fee 1 each.
+    assert_eq!(ledger.accounts["u"].balance, 1000 - 2 * 11);
+    assert_eq!(ledger.accounts["u"].fee_count, 2);
+    assert_eq!(ledger.transactions.len(), 1 + 4);
+    assert!(!ledger.decisions.contains_key("b"));
+}
+
+#[test]
+fn crossing_the_low_balance_threshold_is_reported_once() {
+    let p = pricing(0);
+    let mut ledger = MemoryLedger::default();
+    let entries: Vec<_> = (0..95).map(|i| entry("u", &format!("n{i}"), 0)).collect();
+    ledger.decide(&p, &entries, now());
+    let lows: Vec<_> = ledger
+        .events
+        .iter()
+        .filter(|e| e.routing_key == crate::events::BALANCE_LOW)
+        .collect();
+    assert_eq!(lows.len(), 1);
+    // 1000 → 100 after 90 charges; the 91st takes it to 90 < 100. Its row is seq 92 (the
+    // refill grant is seq 1).
+    assert_eq!(lows[0].payload["balance"], 90);
+    assert_eq!(lows[0].event_id, "balance.low:u:92");
+    assert_eq!(ledger.accounts["u"].balance, 1000 - 950);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// Any split into batches decides like one at a time, and the ledger stays consistent.
+    #[test]
+    fn batches_of_any_size_decide_like_one_at_a_time(
+        picks in prop::collection::vec((0u8..4, 0u8..40, 0u8..3), 1..150),
+        cuts in prop::collection::vec(1usize..40, 1..10),
+        fee_every in 0i64..4,
+    ) {
+        let p = pricing(fee_every);
+        let entries: Vec<_> = picks
+            .iter()
+            .map(|(u, n, k)| entry(&format!("u{u}"), &format!("n{n}"), *k))
+            .collect();
+        let mut batched = MemoryLedger::default();
+        let mut verdicts = Vec::new();
+        let mut rest = &entries[..];
+        for cut in cuts.iter().cycle() {
+            if rest.is_empty() {
+                break;
+            }
+            let (head, tail) = rest.split_at((*cut).min(rest.len()));
+            verdicts.extend(batched.decide(&p, head, now()));
+            rest = tail;
+        }
+        let (single, single_ledger) = one_at_a_time(&p, &entries);
+        prop_assert_eq!(&verdicts, &single);
+        prop_assert_eq!(&batched, &single_ledger);
+        for a in batched.accounts.values() {
+            let rows: Vec<_> = batched.transactions.iter().filter(|t| t.user_id == a.user_id).collect();
+            prop_assert!(a.balance >= 0);
+            prop_assert_eq!(rows.iter().map(|t| t.amount).sum::<i64>(), a.balance);
+            prop_assert_eq!(rows.len() as i64, a.last_seq);
+            for (i, t) in rows.iter().enumerate() {
+                prop_assert_eq!(t.seq, i as i64 + 1);
+                prop_assert!(t.tx_type != TxType::Usage || t.amount < 0);
+            }
+        }
+    }
+}

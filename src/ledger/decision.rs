@@ -1,0 +1,55 @@
+//! Decision records: one per node execution, stored in the transaction that charged it.
+
+use serde::Serialize;
+
+/// What was decided for a node execution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Charged,
+    Free,
+    Rejected,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Charged => "charged",
+            Outcome::Free => "free",
+            Outcome::Rejected => "rejected",
+        }
+    }
+}
+
+/// A decision to insert.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewDecision {
+    pub node_exec_id: String,
+    pub user_id: String,
+    pub block_id: String,
+    pub graph_exec_id: String,
+    pub outcome: Outcome,
+    /// Block cost without the execution fee.
+    pub cost: i64,
+    /// Execution fee posted with this execution (0 when none).
+    pub fee: i64,
+    pub transaction_key: Option<String>,
+    pub fee_key: Option<String>,
+}
+
+/// Who an earlier decision was for: enough to tell a redelivery from a conflicting one.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct EarlierDecision {
+    pub node_exec_id: String,
+    pub user_id: String,
+    pub block_id: String,
+}
+
+/// A stored decision as the `outcome` command reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct DecisionRecord {
+    pub outcome: String,
+    pub cost: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transaction_key: Option<String>,
+}

@@ -1,0 +1,71 @@
+//! Calendar months (UTC): the unit of the refill and of its ledger key.
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Datelike, NaiveDate, Utc};
+
+/// A calendar month (UTC), written `YYYY-MM`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Month(NaiveDate);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("month: expected YYYY-MM (e.g. 2026-12), got {0:?}")]
+pub struct MonthError(pub String);
+
+impl Month {
+    pub fn of(at: DateTime<Utc>) -> Self {
+        Month(NaiveDate::from_ymd_opt(at.year(), at.month(), 1).unwrap_or(NaiveDate::MIN))
+    }
+
+    pub fn first_day(self) -> NaiveDate {
+        self.0
+    }
+
+    /// The ledger key of this month's refill grant.
+    pub fn refill_key(self) -> String {
+        format!("MONTHLY-CREDIT-TOP-UP-{self}")
+    }
+}
+
+impl FromStr for Month {
+    type Err = MonthError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || MonthError(s.to_owned());
+        let (y, m) = s.split_once('-').ok_or_else(err)?;
+        if y.len() != 4 || m.len() != 2 {
+            return Err(err());
+        }
+        let y: i32 = y.parse().map_err(|_| err())?;
+        let m: u32 = m.parse().map_err(|_| err())?;
+        NaiveDate::from_ymd_opt(y, m, 1).map(Month).ok_or_else(err)
+    }
+}
+
+impl fmt::Display for Month {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:04}-{:02}", self.0.year(), self.0.month())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn months_parse_and_print() {
+        assert_eq!("2026-12".parse::<Month>().unwrap().to_string(), "2026-12");
+        assert_eq!(
+            "2026-01".parse::<Month>().unwrap().refill_key(),
+            "MONTHLY-CREDIT-TOP-UP-2026-01"
+        );
+        for bad in [
+            "2026-13", "2026-1", "26-01", "2026/01", "", "2026-00", "abcd-ef",
+        ] {
+            assert!(bad.parse::<Month>().is_err(), "{bad}");
+        }
+        let at = Utc.with_ymd_and_hms(2026, 11, 25, 13, 0, 0).unwrap();
+        assert_eq!(Month::of(at).to_string(), "2026-11");
+    }
+}

@@ -1,0 +1,73 @@
+//! What tests set up and wait on: settings tweaks, users given balances, queue depths, and
+//! waiting for a count in the test's database.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use credit_worker::config::Settings;
+use credit_worker::ledger::TxType;
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+
+use crate::helpers::{wait_for, TestEnv};
+
+/// Refill off: no lazy refill, no sweep; balances are what the test gives.
+pub fn no_refill(s: &mut Settings) {
+    s.refill.enabled = false;
+}
+
+/// No scheduled sweep (the only tick is in 2099), so balances change only through what the
+/// test does.
+pub fn quiet_scheduler(s: &mut Settings) {
+    s.refill.schedule = "0 0 0 1 1 * 2099".parse().expect("cron");
+}
+
+/// Gives each user `amount` credits: one GRANT keyed `SEED` per user, now.
+pub async fn seed<U: AsRef<str>>(env: &TestEnv, users: impl IntoIterator<Item = U>, amount: i64) {
+    let ledger = env.ledger();
+    for user in users {
+        let user = user.as_ref();
+        ledger
+            .credit(TxType::Grant, user, amount, Some("SEED"), None, Utc::now())
+            .await
+            .unwrap_or_else(|e| panic!("seed {user}: {e}"));
+    }
+}
+
+/// Ready (not yet delivered) messages in `queue`.
+pub async fn queue_depth(env: &TestEnv, queue: &str) -> u32 {
+    let (_conn, ch) = env.amqp_channel().await;
+    ch.queue_declare(
+        queue,
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .map(|q| q.message_count())
+    .unwrap_or_else(|e| panic!("{queue}: {e}"))
+}
+
+/// Polls the single count `sql` returns (with `binds` as $1, $2, …) in the test's database
+/// until `done` accepts it; panics "timed out waiting for {what}" after `within`. A query that
+/// fails (the database is away) counts as not done yet.
+pub async fn wait_count(
+    env: &TestEnv,
+    within: Duration,
+    what: &str,
+    sql: &str,
+    binds: &[&str],
+    done: impl Fn(i64) -> bool,
+) {
+    let done = &done;
+    wait_for(within, what, || async move {
+        let mut query = sqlx::query_scalar::<_, i64>(sql);
+        for b in binds {
+            query = query.bind(*b);
+        }
+        query.fetch_one(&env.pool).await.is_ok_and(done)
+    })
+    .await;
+}

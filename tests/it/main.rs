@@ -1,0 +1,14 @@
+//! The integration tests, one binary: the harness, shared fixtures, and a module per area.
+//! Run one area with `cargo test --test it consumer::`, one test by (part of) its name.
+
+mod helpers;
+
+mod fixtures;
+
+mod consumer;
+mod control;
+mod docs;
+mod faults;
+mod ledger;
+mod operations;
+mod properties;
