@@ -5,6 +5,7 @@
 //! up monthly; `control` answers operator commands; `telemetry` exposes metrics and health.
 //! `tools` (bench, demo, publish) sit beside the core and use only its public API.
 
+pub mod amqp;
 pub mod cli;
 pub mod config;
 pub mod consumer;

@@ -6,14 +6,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::publisher_confirm::Confirmation;
-use lapin::{BasicProperties, Channel};
+use chrono::{DateTime, Utc};
 use sqlx::postgres::PgListener;
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::amqp::{self, Outgoing, PublishError, Publisher};
 use crate::config::Settings;
 use crate::topology;
 
@@ -34,8 +33,21 @@ pub enum RelayError {
     Db(#[from] sqlx::Error),
     #[error("broker: {0}")]
     Amqp(#[from] lapin::Error),
-    #[error("broker: event {0} was not confirmed")]
-    Nacked(String),
+    #[error("event {event_id}: {source}")]
+    Publish {
+        event_id: String,
+        source: PublishError,
+    },
+}
+
+/// An unpublished event as claimed.
+#[derive(Debug, sqlx::FromRow)]
+struct Claimed {
+    id: i64,
+    event_id: String,
+    routing_key: String,
+    payload: String,
+    created_at: DateTime<Utc>,
 }
 
 pub struct Relay {
@@ -57,18 +69,12 @@ impl Relay {
                 hard_stop.cancel();
             })
         };
-        let mut delays = crate::retry::backoff();
-        loop {
-            match self.session(&drain, &hard_stop).await {
-                Ok(()) => break,
-                Err(e) => {
-                    warn!(error = %e, "outbox relay interrupted; retrying");
-                    if !crate::retry::pause(&mut delays, &hard_stop).await {
-                        warn!("outbox not fully flushed at shutdown; the next start publishes the rest");
-                        break;
-                    }
-                }
-            }
+        let flushed = amqp::reconnecting("outbox relay", &hard_stop, || {
+            self.session(&drain, &hard_stop)
+        })
+        .await;
+        if !flushed {
+            warn!("outbox not fully flushed at shutdown; the next start publishes the rest");
         }
         watchdog.abort();
     }
@@ -79,17 +85,16 @@ impl Relay {
         hard_stop: &CancellationToken,
     ) -> Result<(), RelayError> {
         let conn = topology::connect(&self.settings.amqp.url, "credit-worker outbox").await?;
-        let ch = conn.create_channel().await?;
-        ch.confirm_select(ConfirmSelectOptions::default()).await?;
+        let publisher = Publisher::open(&conn).await?;
         let exchange = self.settings.name(topology::EVENTS);
-        topology::declare_events_exchange(&ch, &exchange).await?;
+        topology::declare_events_exchange(publisher.channel(), &exchange).await?;
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen("credit_outbox").await?;
         loop {
             if hard_stop.is_cancelled() {
                 return Ok(());
             }
-            let n = publish_batch(&self.pool, &ch, &exchange, BATCH).await?;
+            let n = publish_batch(&self.pool, &publisher, &exchange, BATCH).await?;
             if n == BATCH as usize {
                 continue;
             }
@@ -105,7 +110,7 @@ impl Relay {
             tokio::select! {
                 r = listener.recv() => { r?; }
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {
-                    let backlog: i64 = sqlx::query(BACKLOG).fetch_one(&self.pool).await?.try_get("n")?;
+                    let backlog: i64 = sqlx::query_scalar(BACKLOG).fetch_one(&self.pool).await?;
                     metrics::gauge!("credit_outbox_backlog").set(backlog as f64);
                 }
                 _ = drain.cancelled() => {}
@@ -118,50 +123,48 @@ impl Relay {
 /// Publishes up to `limit` events in one transaction; returns how many.
 pub async fn publish_batch(
     pool: &PgPool,
-    ch: &Channel,
+    publisher: &Publisher,
     exchange: &str,
     limit: i64,
 ) -> Result<usize, RelayError> {
     let mut tx = pool.begin().await?;
-    let rows = sqlx::query(CLAIM).bind(limit).fetch_all(&mut *tx).await?;
+    let rows: Vec<Claimed> = sqlx::query_as(CLAIM)
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
     if rows.is_empty() {
         tx.rollback().await?;
         return Ok(0);
     }
     let started = Instant::now();
-    let mut ids = Vec::with_capacity(rows.len());
-    let mut pending = Vec::with_capacity(rows.len());
-    let now = chrono::Utc::now();
+    let now = Utc::now();
     for row in &rows {
-        let id: i64 = row.try_get("id")?;
-        let event_id: String = row.try_get("event_id")?;
-        let routing_key: String = row.try_get("routing_key")?;
-        let payload: String = row.try_get("payload")?;
-        let created: chrono::DateTime<chrono::Utc> = row.try_get("created_at")?;
-        let lag = (now - created).num_microseconds().unwrap_or(0) as f64 / 1e6;
+        let lag = (now - row.created_at).num_microseconds().unwrap_or(0) as f64 / 1e6;
         metrics::histogram!("credit_outbox_publish_lag_seconds").record(lag.max(0.0));
-        let props = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_content_type("application/json".into())
-            .with_message_id(event_id.as_str().into())
-            .with_timestamp(u64::try_from(now.timestamp()).unwrap_or(0));
-        let confirm = ch
-            .basic_publish(
-                exchange,
-                &routing_key,
-                BasicPublishOptions::default(),
-                payload.as_bytes(),
-                props,
-            )
-            .await?;
-        pending.push((event_id, confirm));
-        ids.push(id);
     }
-    for (event_id, confirm) in pending {
-        if let Confirmation::Nack(_) = confirm.await? {
-            return Err(RelayError::Nacked(event_id));
+    let messages: Vec<Outgoing<'_>> = rows
+        .iter()
+        .map(|row| Outgoing {
+            exchange,
+            routing_key: &row.routing_key,
+            body: row.payload.as_bytes(),
+            properties: amqp::event_properties(&row.event_id, now),
+        })
+        .collect();
+    publisher.publish_all(messages).await.map_err(|source| {
+        let index = match &source {
+            PublishError::Nacked { index } => *index,
+            _ => 0,
+        };
+        RelayError::Publish {
+            event_id: rows
+                .get(index)
+                .map(|r| r.event_id.clone())
+                .unwrap_or_default(),
+            source,
         }
-    }
+    })?;
+    let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
     sqlx::query(MARK).bind(&ids).execute(&mut *tx).await?;
     tx.commit().await?;
     metrics::counter!("credit_events_published_total").increment(ids.len() as u64);

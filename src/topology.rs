@@ -39,7 +39,8 @@ impl Names {
     }
 }
 
-/// Opens a connection driven by the tokio runtime.
+/// Opens a connection driven by the tokio runtime, giving up after
+/// [`crate::amqp::CONNECT_TIMEOUT`].
 pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> {
     let mut props = ConnectionProperties::default()
         .with_executor(tokio_executor_trait::Tokio::current())
@@ -47,7 +48,16 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> 
     props
         .client_properties
         .insert("connection_name".into(), AMQPValue::LongString(name.into()));
-    Connection::connect(url, props).await
+    let timeout = crate::amqp::CONNECT_TIMEOUT;
+    match tokio::time::timeout(timeout, Connection::connect(url, props)).await {
+        Ok(result) => result,
+        Err(_) => Err(lapin::Error::IOError(std::sync::Arc::new(
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("AMQP connect timed out after {timeout:?}"),
+            ),
+        ))),
+    }
 }
 
 fn durable() -> ExchangeDeclareOptions {

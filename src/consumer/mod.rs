@@ -1,10 +1,11 @@
 //! The AMQP side of the input: deliveries from `node_execution` → batches →
 //! [`process::process_batch`] → actions applied (dead-letter, then one multiple-ack).
 //!
-//! A collector task gathers deliveries into a batch (up to `pipeline.max_batch`, waiting at
-//! most `pipeline.max_wait_ms` after the first, and growing further while the previous batch
-//! is still being decided). Acks come only after the decision transaction committed; a
-//! transient fault is retried with backoff and never produces a decision or an ack.
+//! A collector gathers deliveries into a batch (up to `pipeline.max_batch`, waiting at most
+//! `pipeline.max_wait_ms` after the first, and growing further while the previous batch is
+//! still being decided); the decider task processes batches in order. Acks come only after the
+//! decision transaction committed; a transient fault is retried with backoff and never
+//! produces a decision or an ack.
 
 pub mod process;
 
@@ -13,17 +14,14 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions,
-};
-use lapin::publisher_confirm::Confirmation;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::Channel;
+use lapin::{Channel, Connection};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
+use crate::amqp::{self, Outgoing, PublishError, Publisher};
 use crate::config::Settings;
 use crate::telemetry::Health;
 use crate::topology::{self, Names};
@@ -31,6 +29,9 @@ use process::{process_batch, Action, DbDecider};
 
 /// Header naming why a message was dead-lettered.
 pub const ERROR_HEADER: &str = "x-credit-error";
+
+/// The consumer's tag on the input queue.
+const TAG: &str = "credit-worker";
 
 #[derive(Clone)]
 pub struct Consumer {
@@ -43,63 +44,58 @@ pub struct Consumer {
 enum SessionError {
     #[error("broker: {0}")]
     Amqp(#[from] lapin::Error),
+    #[error("dead letter: {0}")]
+    DeadLetter(#[from] PublishError),
     #[error("broker: the consumer stream ended")]
     StreamEnded,
-    #[error("broker: a dead-letter publish was not confirmed")]
-    Nacked,
     #[error("decider stopped")]
     DeciderGone,
+}
+
+/// One connection's worth of consuming.
+struct Session {
+    conn: Connection,
+    ch: Channel,
+    dead: Publisher,
+    names: Names,
 }
 
 impl Consumer {
     /// Consumes until `stop` fires, reconnecting after broker faults. Returns once the batch
     /// in flight is decided and acked.
     pub async fn run(&self, stop: CancellationToken) {
-        let mut delays = crate::retry::backoff();
-        loop {
-            if stop.is_cancelled() {
-                return;
-            }
-            let started = Instant::now();
-            match self.session(&stop).await {
-                Ok(()) => return,
-                Err(e) => {
-                    self.health.set_consuming(false);
-                    metrics::counter!("credit_broker_reconnects_total").increment(1);
-                    warn!(error = %e, "consumer session ended; reconnecting");
-                    if started.elapsed() > Duration::from_secs(30) {
-                        delays = crate::retry::backoff();
-                    }
-                    if !crate::retry::pause(&mut delays, &stop).await {
-                        return;
-                    }
-                }
-            }
-        }
+        amqp::reconnecting("consumer", &stop, || self.session(&stop)).await;
     }
 
-    async fn session(&self, stop: &CancellationToken) -> Result<(), SessionError> {
+    async fn open(&self) -> Result<Session, lapin::Error> {
         let amqp = &self.settings.amqp;
         let conn = topology::connect(&amqp.url, "credit-worker consumer").await?;
         let ch = conn.create_channel().await?;
         let names = topology::declare(&ch, amqp).await?;
+        // Applied on every (re)connect: prefetch is per channel.
         ch.basic_qos(amqp.prefetch, BasicQosOptions::default())
             .await?;
-        let dead_ch = conn.create_channel().await?;
-        dead_ch
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        let tag = "credit-worker";
-        let mut deliveries = ch
-            .basic_consume(
-                &names.input_queue,
-                tag,
+        let dead = Publisher::open(&conn).await?;
+        Ok(Session {
+            conn,
+            ch,
+            dead,
+            names,
+        })
+    }
+
+    async fn session(&self, stop: &CancellationToken) -> Result<(), SessionError> {
+        let s = self.open().await?;
+        let mut deliveries =
+            s.ch.basic_consume(
+                &s.names.input_queue,
+                TAG,
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
             .await?;
         self.health.set_consuming(true);
-        info!(queue = %names.input_queue, "consuming");
+        info!(queue = %s.names.input_queue, "consuming");
 
         let (tx, rx) = mpsc::channel::<Vec<Delivery>>(1);
         // Cancelled on shutdown too: the batch in flight is still decided when the database
@@ -108,57 +104,63 @@ impl Consumer {
         let decider = tokio::spawn(decide_loop(
             self.clone(),
             rx,
-            ch.clone(),
-            dead_ch,
-            names.clone(),
+            s.ch.clone(),
+            s.dead.clone(),
+            s.names.clone(),
             decider_stop.clone(),
         ));
-
-        let max_batch = self.settings.pipeline.max_batch;
-        let max_wait = Duration::from_millis(self.settings.pipeline.max_wait_ms);
-        let result: Result<(), SessionError> = async {
-            loop {
-                let first = tokio::select! {
-                    _ = stop.cancelled() => return Ok(()),
-                    d = deliveries.next() => d,
-                };
-                let mut batch = vec![next_delivery(first)?];
-                let deadline = tokio::time::Instant::now() + max_wait;
-                while batch.len() < max_batch {
-                    match tokio::time::timeout_at(deadline, deliveries.next()).await {
-                        Ok(d) => batch.push(next_delivery(d)?),
-                        Err(_) => break,
-                    }
-                }
-                // While the decider is still busy with the previous batch, keep filling this
-                // one: under load batches grow to max_batch, idle latency stays max_wait.
-                loop {
-                    tokio::select! {
-                        biased;
-                        permit = tx.reserve() => {
-                            permit.map_err(|_| SessionError::DeciderGone)?.send(batch);
-                            break;
-                        }
-                        d = deliveries.next(), if batch.len() < max_batch => {
-                            batch.push(next_delivery(d)?);
-                        }
-                    }
-                }
-            }
-        }
-        .await;
+        let result = self.collect(&mut deliveries, &tx, stop).await;
 
         // Stop deliveries, let the decider finish (or abandon, on a broker fault) its batch.
-        let _ = ch.basic_cancel(tag, BasicCancelOptions::default()).await;
+        let _ = s.ch.basic_cancel(TAG, BasicCancelOptions::default()).await;
         drop(tx);
         if result.is_err() {
             decider_stop.cancel();
         }
         let decided = decider.await.unwrap_or(Err(SessionError::DeciderGone));
         self.health.set_consuming(false);
-        let _ = ch.close(200, "shutdown").await;
-        let _ = conn.close(200, "shutdown").await;
+        let _ = s.ch.close(200, "shutdown").await;
+        let _ = s.conn.close(200, "shutdown").await;
         result.and(decided)
+    }
+
+    /// Gathers deliveries into batches and hands them to the decider, until `stop`.
+    async fn collect(
+        &self,
+        deliveries: &mut lapin::Consumer,
+        tx: &mpsc::Sender<Vec<Delivery>>,
+        stop: &CancellationToken,
+    ) -> Result<(), SessionError> {
+        let max_batch = self.settings.pipeline.max_batch;
+        let max_wait = Duration::from_millis(self.settings.pipeline.max_wait_ms);
+        loop {
+            let first = tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                d = deliveries.next() => d,
+            };
+            let mut batch = vec![next_delivery(first)?];
+            let deadline = tokio::time::Instant::now() + max_wait;
+            while batch.len() < max_batch {
+                match tokio::time::timeout_at(deadline, deliveries.next()).await {
+                    Ok(d) => batch.push(next_delivery(d)?),
+                    Err(_) => break,
+                }
+            }
+            // While the decider is still busy with the previous batch, keep filling this one:
+            // under load batches grow to max_batch, idle latency stays max_wait.
+            loop {
+                tokio::select! {
+                    biased;
+                    permit = tx.reserve() => {
+                        permit.map_err(|_| SessionError::DeciderGone)?.send(batch);
+                        break;
+                    }
+                    d = deliveries.next(), if batch.len() < max_batch => {
+                        batch.push(next_delivery(d)?);
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -174,12 +176,12 @@ async fn decide_loop(
     c: Consumer,
     mut rx: mpsc::Receiver<Vec<Delivery>>,
     ch: Channel,
-    dead_ch: Channel,
+    dead: Publisher,
     names: Names,
     stop: CancellationToken,
 ) -> Result<(), SessionError> {
     while let Some(batch) = rx.recv().await {
-        if !c.handle_batch(&batch, &ch, &dead_ch, &names, &stop).await? {
+        if !c.handle_batch(&batch, &ch, &dead, &names, &stop).await? {
             // Abandoned (shutdown during a database outage): nothing acked, the broker
             // redelivers these messages.
             return Ok(());
@@ -194,7 +196,7 @@ impl Consumer {
         &self,
         batch: &[Delivery],
         ch: &Channel,
-        dead_ch: &Channel,
+        dead: &Publisher,
         names: &Names,
         stop: &CancellationToken,
     ) -> Result<bool, SessionError> {
@@ -208,9 +210,8 @@ impl Consumer {
             .record(started.elapsed().as_secs_f64());
         for (d, (action, ids)) in batch.iter().zip(&actions) {
             if let Action::DeadLetter { reason } = action {
-                let span = ids.span();
-                dead_letter(dead_ch, names, d, reason)
-                    .instrument(span)
+                dead_letter(dead, names, d, reason)
+                    .instrument(ids.span())
                     .await?;
             }
         }
@@ -230,7 +231,7 @@ impl Consumer {
 /// Republishes the delivery unchanged to the dead-letter exchange with the reason added, and
 /// waits for the broker's confirm before the caller acks it.
 async fn dead_letter(
-    ch: &Channel,
+    dead: &Publisher,
     names: &Names,
     d: &Delivery,
     reason: &str,
@@ -247,19 +248,12 @@ async fn dead_letter(
         ERROR_HEADER.into(),
         AMQPValue::LongString(reason.to_owned().into()),
     );
-    let props = d.properties.clone().with_headers(headers);
-    let confirm = ch
-        .basic_publish(
-            &names.dlx,
-            d.routing_key.as_str(),
-            BasicPublishOptions::default(),
-            &d.data,
-            props,
-        )
-        .await?
-        .await?;
-    match confirm {
-        Confirmation::Nack(_) => Err(SessionError::Nacked),
-        _ => Ok(()),
-    }
+    let message = Outgoing {
+        exchange: &names.dlx,
+        routing_key: d.routing_key.as_str(),
+        body: &d.data,
+        properties: d.properties.clone().with_headers(headers),
+    };
+    dead.publish_all([message]).await?;
+    Ok(())
 }

@@ -14,7 +14,7 @@ pub mod outcome;
 pub mod refill;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use futures::StreamExt;
 use lapin::message::Delivery;
@@ -190,26 +190,7 @@ enum SessionError {
 /// Answers control commands until `stop` fires, reconnecting after broker faults.
 pub async fn serve(settings: Arc<Settings>, ledger: Ledger, stop: CancellationToken) {
     let ctx = Context { settings, ledger };
-    let mut delays = crate::retry::backoff();
-    loop {
-        if stop.is_cancelled() {
-            return;
-        }
-        let started = Instant::now();
-        match session(&ctx, &stop).await {
-            Ok(()) => return,
-            Err(e) => {
-                warn!(error = %e, "control session ended; reconnecting");
-                // A session that lived a while was healthy: start the backoff afresh.
-                if started.elapsed() > Duration::from_secs(30) {
-                    delays = crate::retry::backoff();
-                }
-                if !crate::retry::pause(&mut delays, &stop).await {
-                    return;
-                }
-            }
-        }
-    }
+    crate::amqp::reconnecting("control", &stop, || session(&ctx, &stop)).await;
 }
 
 async fn session(ctx: &Context, stop: &CancellationToken) -> Result<(), SessionError> {

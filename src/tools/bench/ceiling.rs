@@ -10,16 +10,14 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions,
 };
-use lapin::publisher_confirm::Confirmation;
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::BasicProperties;
 use tokio::sync::mpsc;
 
 use super::traffic::{self, Sink, Traffic};
 use super::{CEILING_EVENTS, CEILING_INPUT, CEILING_SINK};
+use crate::amqp::{self, Outgoing, Publisher};
 use crate::config::{QueueType, Settings};
 use crate::events::{self, ExecutionRef, NewEvent};
 use crate::tools::scratch::Scratch;
@@ -194,8 +192,7 @@ async fn relay(
     mut rx: mpsc::UnboundedReceiver<Vec<NewEvent>>,
 ) -> anyhow::Result<Option<Instant>> {
     let conn = topology::connect(&url, "credit-worker bench relay").await?;
-    let ch = conn.create_channel().await?;
-    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let publisher = Publisher::open(&conn).await?;
     let mut last = None;
     while let Some(mut batch) = rx.recv().await {
         while batch.len() < RELAY_BATCH {
@@ -204,31 +201,21 @@ async fn relay(
                 Err(_) => break,
             }
         }
+        // The worker's own relay work per event: serialise, set the event's properties,
+        // publish with confirms.
         let now = Utc::now();
-        let mut pending = Vec::with_capacity(batch.len());
-        for ev in &batch {
-            let props = BasicProperties::default()
-                .with_delivery_mode(2)
-                .with_content_type("application/json".into())
-                .with_message_id(ev.event_id.as_str().into())
-                .with_timestamp(u64::try_from(now.timestamp()).unwrap_or(0));
-            let payload = ev.payload.to_string();
-            pending.push(
-                ch.basic_publish(
-                    &exchange,
-                    ev.routing_key,
-                    BasicPublishOptions::default(),
-                    payload.as_bytes(),
-                    props,
-                )
-                .await?,
-            );
-        }
-        for c in pending {
-            if let Confirmation::Nack(_) = c.await? {
-                anyhow::bail!("the broker refused an event (nack)");
-            }
-        }
+        let payloads: Vec<String> = batch.iter().map(|ev| ev.payload.to_string()).collect();
+        let messages: Vec<Outgoing<'_>> = batch
+            .iter()
+            .zip(&payloads)
+            .map(|(ev, payload)| Outgoing {
+                exchange: &exchange,
+                routing_key: ev.routing_key,
+                body: payload.as_bytes(),
+                properties: amqp::event_properties(&ev.event_id, now),
+            })
+            .collect();
+        publisher.publish_all(messages).await?;
         last = Some(Instant::now());
     }
     let _ = crate::tools::close_connection(conn, "done").await;

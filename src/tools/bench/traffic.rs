@@ -6,8 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
-use lapin::publisher_confirm::Confirmation;
+use lapin::options::BasicConsumeOptions;
 use lapin::types::FieldTable;
 use serde::Deserialize;
 use serde_json::json;
@@ -15,6 +14,8 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::amqp::publisher::confirmed;
+use crate::amqp::{self, Outgoing, PublishError, Publisher};
 use crate::config::Settings;
 use crate::topology;
 
@@ -118,8 +119,7 @@ pub async fn publish_backlog(
     bar: &indicatif::ProgressBar,
 ) -> anyhow::Result<(Vec<Instant>, f64)> {
     let conn = topology::connect(url, "credit-worker bench publisher").await?;
-    let ch = conn.create_channel().await?;
-    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let publisher = Publisher::open(&conn).await?;
     let mut published = Vec::with_capacity(traffic.messages);
     let started = Instant::now();
     let mut start = 0;
@@ -127,7 +127,8 @@ pub async fn publish_backlog(
         let end = (start + WINDOW).min(traffic.messages);
         let bodies: Vec<Vec<u8>> = (start..end).map(|i| traffic.body(i)).collect();
         let at = Instant::now();
-        crate::tools::publish::publish_window(&ch, queue, bodies.iter().map(Vec::as_slice)).await?;
+        crate::tools::publish::publish_window(&publisher, queue, bodies.iter().map(Vec::as_slice))
+            .await?;
         published.extend(std::iter::repeat_n(at, end - start));
         bar.set_position(end as u64);
         start = end;
@@ -149,9 +150,8 @@ pub async fn publish_paced(
     bar: &indicatif::ProgressBar,
 ) -> anyhow::Result<Instant> {
     let conn = topology::connect(url, "credit-worker bench publisher").await?;
-    let ch = conn.create_channel().await?;
-    ch.confirm_select(ConfirmSelectOptions::default()).await?;
-    let mut windows: Vec<JoinHandle<anyhow::Result<()>>> = Vec::new();
+    let publisher = Publisher::open(&conn).await?;
+    let mut windows: Vec<JoinHandle<Result<usize, PublishError>>> = Vec::new();
     let mut pending = Vec::with_capacity(WINDOW);
     let mut tick = tokio::time::interval(Duration::from_millis(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -163,39 +163,28 @@ pub async fn publish_paced(
         while sent < due {
             let body = traffic.body(sent);
             pending.push(
-                ch.basic_publish(
-                    "",
-                    queue,
-                    BasicPublishOptions::default(),
-                    &body,
-                    crate::tools::publish::persistent(),
-                )
-                .await?,
+                publisher
+                    .send(Outgoing {
+                        exchange: "",
+                        routing_key: queue,
+                        body: &body,
+                        properties: amqp::persistent_json(),
+                    })
+                    .await?,
             );
             sent += 1;
             if pending.len() == WINDOW {
-                windows.push(tokio::spawn(await_confirms(std::mem::take(&mut pending))));
+                windows.push(tokio::spawn(confirmed(std::mem::take(&mut pending))));
             }
         }
         bar.set_position(sent as u64);
     }
-    windows.push(tokio::spawn(await_confirms(pending)));
+    windows.push(tokio::spawn(confirmed(pending)));
     for w in windows {
         w.await??;
     }
     let _ = crate::tools::close_connection(conn, "done").await;
     Ok(start)
-}
-
-async fn await_confirms(
-    pending: Vec<lapin::publisher_confirm::PublisherConfirm>,
-) -> anyhow::Result<()> {
-    for c in pending {
-        if let Confirmation::Nack(_) = c.await? {
-            anyhow::bail!("the broker refused a message (nack)");
-        }
-    }
-    Ok(())
 }
 
 /// Counts seen by the sink while it runs.

@@ -1,0 +1,31 @@
+//! The AMQP toolkit every part of credit-worker uses: one connect function (with a timeout),
+//! the reconnecting session loop, the confirmed publisher, and the properties messages carry.
+
+pub mod publisher;
+pub mod session;
+
+use std::time::Duration;
+
+use lapin::BasicProperties;
+
+pub use publisher::{Outgoing, PublishError, Publisher};
+pub use session::reconnecting;
+
+/// How long one connection attempt may take (TCP and the AMQP handshake): a peer that accepts
+/// TCP but never answers AMQP must not hang a session forever.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Persistent JSON: what the worker and its tools publish to the input queue.
+pub fn persistent_json() -> BasicProperties {
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+}
+
+/// The properties of an event: persistent JSON with the event's id as `message_id`, so
+/// consumers can deduplicate a republished event.
+pub fn event_properties(event_id: &str, at: chrono::DateTime<chrono::Utc>) -> BasicProperties {
+    persistent_json()
+        .with_message_id(event_id.into())
+        .with_timestamp(u64::try_from(at.timestamp()).unwrap_or(0))
+}

@@ -1,0 +1,90 @@
+//! The confirmed publisher: messages go out pipelined on a channel in confirm mode, and
+//! count as sent only once the broker confirmed every one of them (bounded by a timeout, so a
+//! broker that stops answering cannot hold a caller forever).
+
+use std::time::Duration;
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::publisher_confirm::{Confirmation, PublisherConfirm};
+use lapin::{BasicProperties, Channel, Connection};
+
+/// The longest wait for one confirm.
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("broker: {0}")]
+    Amqp(#[from] lapin::Error),
+    /// The broker refused the message at this index of the batch.
+    #[error("broker: message {index} of the batch was refused (nack)")]
+    Nacked { index: usize },
+    #[error("broker: no confirm within {CONFIRM_TIMEOUT:?}")]
+    Timeout,
+}
+
+/// One message to publish.
+#[derive(Debug, Clone)]
+pub struct Outgoing<'a> {
+    pub exchange: &'a str,
+    pub routing_key: &'a str,
+    pub body: &'a [u8],
+    pub properties: BasicProperties,
+}
+
+/// A channel in confirm mode.
+#[derive(Clone)]
+pub struct Publisher {
+    ch: Channel,
+}
+
+impl Publisher {
+    /// Opens a channel on `conn` and puts it in confirm mode.
+    pub async fn open(conn: &Connection) -> Result<Self, lapin::Error> {
+        let ch = conn.create_channel().await?;
+        ch.confirm_select(ConfirmSelectOptions::default()).await?;
+        Ok(Publisher { ch })
+    }
+
+    pub fn channel(&self) -> &Channel {
+        &self.ch
+    }
+
+    /// Sends one message without waiting; await the confirm with [`confirmed`].
+    pub async fn send(&self, m: Outgoing<'_>) -> Result<PublisherConfirm, lapin::Error> {
+        self.ch
+            .basic_publish(
+                m.exchange,
+                m.routing_key,
+                BasicPublishOptions::default(),
+                m.body,
+                m.properties,
+            )
+            .await
+    }
+
+    /// Sends every message, then waits for all their confirms. Returns how many were sent.
+    pub async fn publish_all<'a>(
+        &self,
+        messages: impl IntoIterator<Item = Outgoing<'a>>,
+    ) -> Result<usize, PublishError> {
+        let mut pending = Vec::new();
+        for m in messages {
+            pending.push(self.send(m).await?);
+        }
+        confirmed(pending).await
+    }
+}
+
+/// Waits for `pending` confirms in order; the first refusal or timeout is the error.
+pub async fn confirmed(pending: Vec<PublisherConfirm>) -> Result<usize, PublishError> {
+    let n = pending.len();
+    for (index, c) in pending.into_iter().enumerate() {
+        match tokio::time::timeout(CONFIRM_TIMEOUT, c).await {
+            Err(_) => return Err(PublishError::Timeout),
+            Ok(Err(e)) => return Err(e.into()),
+            Ok(Ok(Confirmation::Nack(_))) => return Err(PublishError::Nacked { index }),
+            Ok(Ok(_)) => {}
+        }
+    }
+    Ok(n)
+}
