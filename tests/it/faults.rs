@@ -203,9 +203,9 @@ async fn broker_connections_cut_mid_stream_recover_without_loss() {
     let proxy = Proxy::start(broker_host_port(&env.settings.amqp.url)).await;
     let mut settings = env.settings.clone();
     settings.amqp.url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
-    let port = free_port();
-    settings.http.listen = Some(([127, 0, 0, 1], port).into());
+    settings.http.listen = any_port();
     let worker = Worker::start(settings).await.unwrap();
+    let port = worker.http_addr().expect("http address").port();
     let n = 3000;
     env.publish(&workload(users, n, "cut")).await;
     for target in [500i64, 1500, 2500] {
@@ -249,9 +249,9 @@ async fn database_sessions_terminated_mid_stream_recover_without_loss() {
     seed(&env, user_names(users), 1_000_000).await;
     let mut tap = env.event_tap().await;
     let mut settings = env.settings.clone();
-    let port = free_port();
-    settings.http.listen = Some(([127, 0, 0, 1], port).into());
+    settings.http.listen = any_port();
     let worker = Worker::start(settings).await.unwrap();
+    let port = worker.http_addr().expect("http address").port();
     let n = 3000;
     env.publish(&workload(users, n, "pgkill")).await;
     let admin = sqlx::PgPool::connect(&env.settings.database.url)
@@ -313,23 +313,13 @@ async fn two_replicas_share_the_queue_without_duplicate_decisions() {
     let users = 50;
     seed(&env, user_names(users), 1_000_000).await;
     let mut tap = env.event_tap().await;
-    let (p1, p2) = (free_port(), free_port());
-    let mut vars1 = env.process_env();
-    vars1.push((
-        "CREDIT_WORKER__HTTP__LISTEN".into(),
-        format!("127.0.0.1:{p1}"),
-    ));
-    vars1.push(("CREDIT_WORKER__REFILL__LAZY".into(), "false".into()));
-    vars1.push(("CREDIT_WORKER__PIPELINE__MAX_BATCH".into(), "20".into()));
-    vars1.push(("CREDIT_WORKER__AMQP__PREFETCH".into(), "40".into()));
-    let mut vars2 = vars1.clone();
-    vars2.push((
-        "CREDIT_WORKER__HTTP__LISTEN".into(),
-        format!("127.0.0.1:{p2}"),
-    ));
+    let mut vars = env.process_env();
+    vars.push(("CREDIT_WORKER__REFILL__LAZY".into(), "false".into()));
+    vars.push(("CREDIT_WORKER__PIPELINE__MAX_BATCH".into(), "20".into()));
+    vars.push(("CREDIT_WORKER__AMQP__PREFETCH".into(), "40".into()));
     // Both replicas run the catch-up sweep of this month at start: one refill per user.
-    let mut w1 = WorkerProcess::spawn(&vars1, &["run"]);
-    let mut w2 = WorkerProcess::spawn(&vars2, &["run"]);
+    let (mut w1, p1) = WorkerProcess::spawn_with_http(&vars, &["run"]);
+    let (mut w2, p2) = WorkerProcess::spawn_with_http(&vars, &["run"]);
     for p in [p1, p2] {
         wait_for(T, "replica ready", || async {
             http_status(p, "/readyz").await == 200

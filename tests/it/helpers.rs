@@ -690,6 +690,39 @@ impl WorkerProcess {
         }
     }
 
+    /// Spawns a worker whose HTTP endpoints listen on a port the system picks (port 0), and
+    /// returns that port as the worker logs it.
+    pub fn spawn_with_http(env: &[(String, String)], args: &[&str]) -> (WorkerProcess, u16) {
+        let mut cmd = Command::new(binary());
+        cmd.args(args)
+            .env_remove("CREDIT_WORKER_CONFIG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.env("CREDIT_WORKER__HTTP__LISTEN", "127.0.0.1:0")
+            .env("CREDIT_WORKER__LOG__FORMAT", "json")
+            .env("RUST_LOG", "warn,credit_worker::telemetry=info");
+        let mut child = cmd.spawn().expect("spawn worker");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Echoes the worker's log to the test's, and hands over the bound port once logged.
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("{line}");
+                if let Some(port) = logged_http_port(&line) {
+                    let _ = tx.send(port);
+                }
+            }
+        });
+        let port = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the worker logs its HTTP address");
+        (WorkerProcess { child }, port)
+    }
+
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -721,10 +754,19 @@ impl Drop for WorkerProcess {
     }
 }
 
-/// A free local port for a worker's HTTP endpoints.
-pub fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("local addr").port()
+/// The port of a JSON log line `http endpoints up` (`addr` field).
+fn logged_http_port(line: &str) -> Option<u16> {
+    let v: Value = serde_json::from_str(line).ok()?;
+    if v.get("message")?.as_str()? != "http endpoints up" {
+        return None;
+    }
+    let addr: std::net::SocketAddr = v.get("addr")?.as_str()?.parse().ok()?;
+    Some(addr.port())
+}
+
+/// An HTTP address on a port the system picks; read the bound one back from the worker.
+pub fn any_port() -> Option<std::net::SocketAddr> {
+    Some(([127, 0, 0, 1], 0).into())
 }
 
 /// GET over a fresh connection: (status, body).

@@ -44,16 +44,16 @@ async fn monthly_grants(env: &TestEnv, user: &str, month: Month) -> Vec<(String,
 
 #[tokio::test]
 async fn http_endpoints_report_health_readiness_and_metrics() {
-    let port = free_port();
     let env = TestEnv::with(|s| {
         quiet_scheduler(s);
-        s.http.listen = Some(([127, 0, 0, 1], port).into());
+        s.http.listen = any_port();
     })
     .await;
     // Installed before the worker starts, so nothing it records early (the consuming gauge)
     // is lost; `credit-worker run` does the same.
     let _ = metrics_now();
     let worker = Worker::start(env.settings.clone()).await.expect("worker");
+    let port = worker.http_addr().expect("http address").port();
     wait_status(port, "/healthz", 200).await;
     wait_status(port, "/readyz", 200).await;
     let (_, ready) = http_get(port, "/readyz").await.expect("readyz");
@@ -143,10 +143,9 @@ async fn database_reachable(env: &TestEnv, admin: &sqlx::PgPool, reachable: bool
 async fn readyz_follows_the_database_and_no_message_is_lost_in_an_outage() {
     // It waits for the retry counter to move to know its worker tried during the outage.
     let _retries = DECIDE_RETRIES.lock().await;
-    let port = free_port();
     let env = TestEnv::with(|s| {
         quiet_scheduler(s);
-        s.http.listen = Some(([127, 0, 0, 1], port).into());
+        s.http.listen = any_port();
     })
     .await;
     let admin_url = match env.settings.database.url.rsplit_once('/') {
@@ -155,6 +154,7 @@ async fn readyz_follows_the_database_and_no_message_is_lost_in_an_outage() {
     };
     let admin = sqlx::PgPool::connect(&admin_url).await.expect("admin");
     let worker = Worker::start(env.settings.clone()).await.expect("worker");
+    let port = worker.http_addr().expect("http address").port();
     wait_status(port, "/readyz", 200).await;
     env.publish(&[body(&platform_gpt4("outage-user", "before"))])
         .await;
