@@ -279,11 +279,7 @@ pub async fn run(settings: Settings, json: bool) -> anyhow::Result<ExitCode> {
     } else {
         print_human(&report);
     }
-    Ok(if report.audit.is_clean() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(crate::tools::exit_code(report.audit.is_clean()))
 }
 
 async fn scenario(demo: &Settings, names: &Names, db_name: &str) -> anyhow::Result<Report> {
@@ -581,22 +577,13 @@ fn print_human(r: &Report) {
         println!("  x-credit-error: {}", d.reason);
     }
 
-    let a = &r.audit;
     println!(
-        "\nAudit: {} users, {} ledger rows, {} decisions, {} events unpublished: {}",
-        a.users,
-        a.transactions,
-        a.decisions,
-        a.unpublished_events,
-        if a.is_clean() {
-            "clean (Σ amount = balance = last running balance for every user)".to_owned()
-        } else {
-            format!("{} MISMATCHES", a.mismatches.len())
-        }
+        "\nAudit: {}",
+        crate::tools::audit_text(
+            &r.audit,
+            "clean (Σ amount = balance = last running balance for every user)"
+        )
     );
-    for m in &a.mismatches {
-        println!("  {}: {}", m.user_id, m.problem);
-    }
     println!("\nscratch database and namespace removed");
 }
 
