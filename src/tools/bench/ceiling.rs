@@ -175,27 +175,8 @@ async fn consume(
                 Err(_) => break,
             }
         }
-        // The worker's CPU work minus the database: decode, build the event.
-        let now = Utc::now();
-        let mut out = Vec::with_capacity(batch.len());
-        for d in &batch {
-            let e = crate::message::decode(&d.data)?;
-            out.push(events::balance_changed(
-                &e.user_id,
-                1,
-                -10,
-                0,
-                "USAGE",
-                &format!("USAGE-{}", e.node_exec_id),
-                ExecutionRef {
-                    node_exec_id: Some(&e.node_exec_id),
-                    graph_exec_id: Some(&e.graph_exec_id),
-                },
-                now,
-            ));
-        }
         events_tx
-            .send(out)
+            .send(usage_events(&batch)?)
             .map_err(|_| anyhow::anyhow!("the event relay stopped"))?;
         if let Some(last) = batch.last() {
             ch.basic_ack(last.delivery_tag, BasicAckOptions { multiple: true })
@@ -205,6 +186,29 @@ async fn consume(
     }
     let _ = crate::tools::close_connection(conn, "done").await;
     first.ok_or_else(|| anyhow::anyhow!("nothing was consumed"))
+}
+
+/// The worker's CPU work minus the database: decode, build the event.
+fn usage_events(batch: &[lapin::message::Delivery]) -> anyhow::Result<Vec<NewEvent>> {
+    let now = Utc::now();
+    let mut out = Vec::with_capacity(batch.len());
+    for d in batch {
+        let e = crate::message::decode(&d.data)?;
+        out.push(events::balance_changed(
+            &e.user_id,
+            1,
+            -10,
+            0,
+            "USAGE",
+            &format!("USAGE-{}", e.node_exec_id),
+            ExecutionRef {
+                node_exec_id: Some(&e.node_exec_id),
+                graph_exec_id: Some(&e.graph_exec_id),
+            },
+            now,
+        ));
+    }
+    Ok(out)
 }
 
 /// Publishes what the consumer hands over; returns the instant of the last confirm.

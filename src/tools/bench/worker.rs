@@ -394,21 +394,7 @@ async fn verify(
             "{decided} decisions ({charged} charged) for {n} messages"
         ));
     }
-    // Every `every`-th execution of a user within a UTC day owes the fee.
-    let fee = &settings.execution_fee;
-    let expected_fee = if fee.every > 0 {
-        let owed: i64 = sqlx::query_scalar(
-            "SELECT coalesce(sum(c / $1), 0)::int8 FROM (
-               SELECT count(*) AS c FROM credit.decisions
-                GROUP BY user_id, (decided_at AT TIME ZONE 'UTC')::date) x",
-        )
-        .bind(fee.every)
-        .fetch_one(pool)
-        .await?;
-        owed * fee.amount
-    } else {
-        0
-    };
+    let expected_fee = expected_fees(settings, pool).await?;
     if cost_sum != cost * n || fee_sum != expected_fee {
         problems.push(format!(
             "decisions record {cost_sum} cost + {fee_sum} fees; expected {} + {expected_fee}",
@@ -427,6 +413,30 @@ async fn verify(
             cost * n + expected_fee
         ));
     }
+    check_audit(pool, problems).await?;
+    Ok(fee_sum)
+}
+
+/// The execution fees the decisions owe: every `every`-th execution of a user within a UTC
+/// day.
+async fn expected_fees(settings: &Settings, pool: &PgPool) -> anyhow::Result<i64> {
+    let fee = &settings.execution_fee;
+    if fee.every <= 0 {
+        return Ok(0);
+    }
+    let owed: i64 = sqlx::query_scalar(
+        "SELECT coalesce(sum(c / $1), 0)::int8 FROM (
+           SELECT count(*) AS c FROM credit.decisions
+            GROUP BY user_id, (decided_at AT TIME ZONE 'UTC')::date) x",
+    )
+    .bind(fee.every)
+    .fetch_one(pool)
+    .await?;
+    Ok(owed * fee.amount)
+}
+
+/// Notes unpublished events and (the first five) audit mismatches.
+async fn check_audit(pool: &PgPool, problems: &mut Vec<String>) -> anyhow::Result<()> {
     let audit = crate::ledger::audit::run(pool).await?;
     if audit.unpublished_events != 0 {
         problems.push(format!(
@@ -443,7 +453,7 @@ async fn verify(
             audit.mismatches.len() - 5
         ));
     }
-    Ok(fee_sum)
+    Ok(())
 }
 
 /// `credit-worker run` in a child process, so its memory is its own.
