@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
 use crate::config::Settings;
-use crate::ledger::{Ledger, LedgerError, TxType};
+use crate::ledger::{Ledger, LedgerError, Transaction, TxType};
 use crate::refill::Month;
 
 #[derive(Debug, Parser)]
@@ -145,120 +145,14 @@ fn ledger_error(e: LedgerError) -> anyhow::Error {
 
 async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     let settings = Settings::load(cli.global.config.as_deref())?;
-    // Commands that print their own report keep the library's logs out of it: what the
-    // worker warns about there (the demo's invalid body, slow bulk loads) is scripted or
-    // reported anyway. RUST_LOG still applies.
-    let default_level = match cli.command {
-        Command::Demo | Command::Bench(_) => "error",
-        _ => "info,sqlx=warn",
-    };
-    crate::telemetry::init_logging(settings.log.format, default_level);
+    crate::telemetry::init_logging(settings.log.format, default_log_level(&cli.command));
     let json = cli.global.json;
     match cli.command {
-        Command::Run => {
-            crate::telemetry::metrics_handle();
-            let shutdown = tokio_util::sync::CancellationToken::new();
-            let stop = shutdown.clone();
-            tokio::spawn(async move {
-                crate::signal::wait_for_signal().await;
-                tracing::info!("signal received; shutting down");
-                stop.cancel();
-            });
-            let worker = match crate::service::Worker::start_with(settings, shutdown.clone()).await
-            {
-                Ok(w) => w,
-                // Stopped by a signal while waiting for the database: a clean exit.
-                Err(_) if shutdown.is_cancelled() => return Ok(ExitCode::SUCCESS),
-                Err(e) => return Err(e),
-            };
-            worker.wait().await?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Migrate => {
-            crate::db::connect_and_migrate(&settings.database).await?;
-            print_out(json, &json!({"migrated": true}), || {
-                "migrations applied".into()
-            });
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Sweep { month, user } => {
-            let month: Month = match month {
-                Some(m) => m.parse()?,
-                None => Month::of(Utc::now()),
-            };
-            if !settings.refill.enabled {
-                anyhow::bail!("refill.enabled is false");
-            }
-            let pool = crate::db::connect_and_migrate(&settings.database).await?;
-            let policy = crate::ledger::RefillPolicy {
-                target: settings.refill.target,
-            };
-            let report = crate::refill::sweep(
-                &pool,
-                policy,
-                month,
-                user.as_deref(),
-                settings.refill.chunk_size,
-                |r| {
-                    if !json {
-                        eprintln!(
-                            "  … {} users evaluated, {} refilled, {} credits",
-                            r.users_evaluated, r.users_refilled, r.credits_granted
-                        );
-                    }
-                },
-            )
-            .await
-            .map_err(ledger_error)?;
-            print_out(json, &serde_json::to_value(&report)?, || {
-                format!(
-                    "month {}: {} users refilled, {} credits granted ({} users evaluated, {} ms)",
-                    report.month,
-                    report.users_refilled,
-                    report.credits_granted,
-                    report.users_evaluated,
-                    report.duration_ms
-                )
-            });
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Balance { user } => {
-            let ledger = open_ledger(&settings).await?;
-            let balance = ledger
-                .balance(&user, Utc::now())
-                .await
-                .map_err(ledger_error)?;
-            print_out(json, &json!({"user_id": user, "balance": balance}), || {
-                balance.to_string()
-            });
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::History { user, limit } => {
-            let ledger = open_ledger(&settings).await?;
-            let rows = ledger
-                .history(&user, limit, Utc::now())
-                .await
-                .map_err(ledger_error)?;
-            print_out(json, &json!({"transactions": rows}), || {
-                let mut out = format!(
-                    "{:>6}  {:<8} {:>10} {:>12}  {:<25} {}",
-                    "seq", "type", "amount", "balance", "created_at", "key"
-                );
-                for r in &rows {
-                    out.push_str(&format!(
-                        "\n{:>6}  {:<8} {:>10} {:>12}  {:<25} {}",
-                        r.seq,
-                        r.tx_type,
-                        r.amount,
-                        r.running_balance,
-                        r.created_at.format("%Y-%m-%d %H:%M:%S%.3f"),
-                        r.transaction_key
-                    ));
-                }
-                out
-            });
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Run => run(settings).await,
+        Command::Migrate => migrate(&settings, json).await,
+        Command::Sweep { month, user } => sweep(&settings, json, month, user).await,
+        Command::Balance { user } => balance(&settings, json, &user).await,
+        Command::History { user, limit } => history(&settings, json, &user, limit).await,
         Command::TopUp { user, amount, key } => {
             credit(&settings, json, TxType::TopUp, &user, amount, key, None).await
         }
@@ -268,57 +162,179 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             key,
             reason,
         } => credit(&settings, json, TxType::Grant, &user, amount, key, reason).await,
-        Command::Audit => {
-            let pool = crate::db::connect_and_migrate(&settings.database).await?;
-            let report = crate::ledger::audit::run(&pool).await?;
-            print_out(json, &serde_json::to_value(&report)?, || {
-                let mut out = format!(
-                    "{} users, {} ledger rows, {} decisions, {} events unpublished: {}",
-                    report.users,
-                    report.transactions,
-                    report.decisions,
-                    report.unpublished_events,
-                    if report.is_clean() {
-                        "clean".to_owned()
-                    } else {
-                        format!("{} MISMATCHES", report.mismatches.len())
-                    }
-                );
-                for m in &report.mismatches {
-                    out.push_str(&format!("\n  {}: {}", m.user_id, m.problem));
-                }
-                out
-            });
-            Ok(if report.is_clean() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
-        }
-        Command::Publish { file } => {
-            let lines: Vec<String> = if file == "-" {
-                std::io::stdin().lock().lines().collect::<Result<_, _>>()?
-            } else {
-                std::fs::read_to_string(&file)
-                    .map_err(|e| anyhow::anyhow!("{file}: {e}"))?
-                    .lines()
-                    .map(str::to_owned)
-                    .collect()
-            };
-            let bodies: Vec<Vec<u8>> = lines
-                .into_iter()
-                .filter(|l| !l.trim().is_empty())
-                .map(String::into_bytes)
-                .collect();
-            let n = crate::tools::publish::publish_entries(&settings, &bodies).await?;
-            print_out(json, &json!({"published": n}), || {
-                format!("{n} messages published")
-            });
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Audit => audit(&settings, json).await,
+        Command::Publish { file } => publish(&settings, json, &file).await,
         Command::Bench(args) => crate::tools::bench::run(settings, args, json).await,
         Command::Demo => crate::tools::demo::run(settings, json).await,
     }
+}
+
+/// Commands that print their own report keep the library's logs out of it: what the worker
+/// warns about there (the demo's invalid body, slow bulk loads) is scripted or reported
+/// anyway. RUST_LOG still applies.
+fn default_log_level(command: &Command) -> &'static str {
+    match command {
+        Command::Demo | Command::Bench(_) => "error",
+        _ => "info,sqlx=warn",
+    }
+}
+
+async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
+    crate::telemetry::metrics_handle();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        crate::signal::wait_for_signal().await;
+        tracing::info!("signal received; shutting down");
+        stop.cancel();
+    });
+    let worker = match crate::service::Worker::start_with(settings, shutdown.clone()).await {
+        Ok(w) => w,
+        // Stopped by a signal while waiting for the database: a clean exit.
+        Err(_) if shutdown.is_cancelled() => return Ok(ExitCode::SUCCESS),
+        Err(e) => return Err(e),
+    };
+    worker.wait().await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn migrate(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
+    crate::db::connect_and_migrate(&settings.database).await?;
+    print_out(json, &json!({"migrated": true}), || {
+        "migrations applied".into()
+    });
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn sweep(
+    settings: &Settings,
+    json: bool,
+    month: Option<String>,
+    user: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    let month: Month = match month {
+        Some(m) => m.parse()?,
+        None => Month::of(Utc::now()),
+    };
+    if !settings.refill.enabled {
+        anyhow::bail!("refill.enabled is false");
+    }
+    let pool = crate::db::connect_and_migrate(&settings.database).await?;
+    let policy = crate::ledger::RefillPolicy {
+        target: settings.refill.target,
+    };
+    let report = crate::refill::sweep(
+        &pool,
+        policy,
+        month,
+        user.as_deref(),
+        settings.refill.chunk_size,
+        |r| {
+            if !json {
+                eprintln!(
+                    "  … {} users evaluated, {} refilled, {} credits",
+                    r.users_evaluated, r.users_refilled, r.credits_granted
+                );
+            }
+        },
+    )
+    .await
+    .map_err(ledger_error)?;
+    print_out(json, &serde_json::to_value(&report)?, || {
+        format!(
+            "month {}: {} users refilled, {} credits granted ({} users evaluated, {} ms)",
+            report.month,
+            report.users_refilled,
+            report.credits_granted,
+            report.users_evaluated,
+            report.duration_ms
+        )
+    });
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn balance(settings: &Settings, json: bool, user: &str) -> anyhow::Result<ExitCode> {
+    let ledger = open_ledger(settings).await?;
+    let balance = ledger
+        .balance(user, Utc::now())
+        .await
+        .map_err(ledger_error)?;
+    print_out(json, &json!({"user_id": user, "balance": balance}), || {
+        balance.to_string()
+    });
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn history(
+    settings: &Settings,
+    json: bool,
+    user: &str,
+    limit: i64,
+) -> anyhow::Result<ExitCode> {
+    let ledger = open_ledger(settings).await?;
+    let rows = ledger
+        .history(user, limit, Utc::now())
+        .await
+        .map_err(ledger_error)?;
+    print_out(json, &json!({"transactions": rows}), || {
+        history_table(&rows)
+    });
+    Ok(ExitCode::SUCCESS)
+}
+
+fn history_table(rows: &[Transaction]) -> String {
+    let mut out = format!(
+        "{:>6}  {:<8} {:>10} {:>12}  {:<25} {}",
+        "seq", "type", "amount", "balance", "created_at", "key"
+    );
+    for r in rows {
+        out.push_str(&format!(
+            "\n{:>6}  {:<8} {:>10} {:>12}  {:<25} {}",
+            r.seq,
+            r.tx_type,
+            r.amount,
+            r.running_balance,
+            r.created_at.format("%Y-%m-%d %H:%M:%S%.3f"),
+            r.transaction_key
+        ));
+    }
+    out
+}
+
+async fn audit(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
+    let pool = crate::db::connect_and_migrate(&settings.database).await?;
+    let report = crate::ledger::audit::run(&pool).await?;
+    print_out(json, &serde_json::to_value(&report)?, || {
+        crate::tools::audit_text(&report, "clean")
+    });
+    Ok(crate::tools::exit_code(report.is_clean()))
+}
+
+async fn publish(settings: &Settings, json: bool, file: &str) -> anyhow::Result<ExitCode> {
+    let bodies = read_bodies(file)?;
+    let n = crate::tools::publish::publish_entries(settings, &bodies).await?;
+    print_out(json, &json!({"published": n}), || {
+        format!("{n} messages published")
+    });
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The non-blank lines of `file` (`-`: standard input), one message body each.
+fn read_bodies(file: &str) -> anyhow::Result<Vec<Vec<u8>>> {
+    let lines: Vec<String> = if file == "-" {
+        std::io::stdin().lock().lines().collect::<Result<_, _>>()?
+    } else {
+        std::fs::read_to_string(file)
+            .map_err(|e| anyhow::anyhow!("{file}: {e}"))?
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    };
+    Ok(lines
+        .into_iter()
+        .filter(|l| !l.trim().is_empty())
+        .map(String::into_bytes)
+        .collect())
 }
 
 async fn open_ledger(settings: &Settings) -> anyhow::Result<Ledger> {

@@ -360,6 +360,9 @@ fn toml_type(v: &toml::Value) -> &'static str {
     }
 }
 
+/// The shared entry lists under `[lists]`, by name.
+type Lists = HashMap<String, Arc<[Entry]>>;
+
 fn parse_table(mut doc: toml::Table) -> Result<CostTable, Problem> {
     if let Some(key) = doc.keys().find(|k| *k != "block" && *k != "lists") {
         return Err((
@@ -367,108 +370,133 @@ fn parse_table(mut doc: toml::Table) -> Result<CostTable, Problem> {
             format!("unknown key `{key}` (expected {TOP_KEYS})"),
         ));
     }
-
-    let mut lists: HashMap<String, Arc<[Entry]>> = HashMap::new();
-    match doc.remove("lists") {
-        None => {}
-        Some(toml::Value::Table(table)) => {
-            for (name, value) in table {
-                let location = format!("list `{name}`");
-                let entries = parse_entries(value, &location)?;
-                lists.insert(name, entries.into());
-            }
+    let lists = parse_lists(doc.remove("lists"))?;
+    let blocks = block_array(doc.remove("block"))?;
+    let total = blocks.len();
+    let mut out: HashMap<String, Block> = HashMap::with_capacity(total);
+    let mut first_seen: HashMap<String, usize> = HashMap::with_capacity(total);
+    for (i, value) in blocks.into_iter().enumerate() {
+        let position = format!("block #{} of {total}", i + 1);
+        let (id, block) = parse_block(value, position, &lists)?;
+        if let Some(first) = first_seen.get(&id) {
+            return Err((
+                block_label(&id, block.name.as_deref()),
+                format!("duplicate block id (first defined by block #{first} of {total})"),
+            ));
         }
+        first_seen.insert(id.clone(), i + 1);
+        out.insert(id, block);
+    }
+    Ok(CostTable { blocks: out })
+}
+
+fn parse_lists(value: Option<toml::Value>) -> Result<Lists, Problem> {
+    let table = match value {
+        None => toml::Table::new(),
+        Some(toml::Value::Table(table)) => table,
         Some(other) => {
             return Err((
                 "lists".into(),
                 format!("expected a table, got {}", toml_type(&other)),
             ))
         }
-    }
-
-    let blocks = match doc.remove("block") {
-        None => Vec::new(),
-        Some(toml::Value::Array(blocks)) => blocks,
-        Some(other) => {
-            return Err((
-                "block".into(),
-                format!(
-                    "expected an array of tables ([[block]]), got {}",
-                    toml_type(&other)
-                ),
-            ))
-        }
     };
-    let total = blocks.len();
-    let mut out: HashMap<String, Block> = HashMap::with_capacity(total);
-    let mut first_seen: HashMap<String, usize> = HashMap::with_capacity(total);
-    for (i, value) in blocks.into_iter().enumerate() {
-        let position = format!("block #{} of {total}", i + 1);
-        let toml::Value::Table(mut block) = value else {
-            return Err((
-                position,
-                format!("expected a table, got {}", toml_type(&value)),
-            ));
-        };
-        let id = match block.remove("id") {
-            Some(toml::Value::String(id)) if !id.trim().is_empty() => id,
-            Some(toml::Value::String(_)) => return Err((position, "id: must not be empty".into())),
-            Some(other) => {
-                return Err((
-                    position,
-                    format!("id: expected a string, got {}", toml_type(&other)),
-                ))
-            }
-            None => return Err((position, "id: missing".into())),
-        };
-        let name = match block.remove("name") {
-            None => None,
-            Some(toml::Value::String(name)) => Some(name),
-            Some(other) => {
-                let label = block_label(&id, None);
-                return Err((
-                    label,
-                    format!("name: expected a string, got {}", toml_type(&other)),
-                ));
-            }
-        };
-        let label = block_label(&id, name.as_deref());
-        if let Some(key) = block.keys().find(|k| *k != "costs" && *k != "costs_from") {
-            return Err((
-                label,
-                format!("unknown key `{key}` (expected {BLOCK_KEYS})"),
-            ));
-        }
-        let entries: Arc<[Entry]> = match (block.remove("costs"), block.remove("costs_from")) {
-            (Some(costs), None) => parse_entries(costs, &label)?.into(),
-            (None, Some(toml::Value::String(list))) => match lists.get(&list) {
-                Some(entries) => Arc::clone(entries),
-                None => return Err((label, format!("costs_from: no list `{list}` under [lists]"))),
-            },
-            (None, Some(other)) => {
-                return Err((
-                    label,
-                    format!("costs_from: expected a string, got {}", toml_type(&other)),
-                ))
-            }
-            (Some(_), Some(_)) => {
-                return Err((
-                    label,
-                    "give either `costs` or `costs_from`, not both".into(),
-                ))
-            }
-            (None, None) => return Err((label, "missing `costs` (or `costs_from`)".into())),
-        };
-        if let Some(first) = first_seen.get(&id) {
-            return Err((
-                label,
-                format!("duplicate block id (first defined by block #{first} of {total})"),
-            ));
-        }
-        first_seen.insert(id.clone(), i + 1);
-        out.insert(id, Block { name, entries });
+    let mut lists = Lists::new();
+    for (name, value) in table {
+        let location = format!("list `{name}`");
+        let entries = parse_entries(value, &location)?;
+        lists.insert(name, entries.into());
     }
-    Ok(CostTable { blocks: out })
+    Ok(lists)
+}
+
+/// The `[[block]]` tables, not yet checked one by one.
+fn block_array(value: Option<toml::Value>) -> Result<Vec<toml::Value>, Problem> {
+    match value {
+        None => Ok(Vec::new()),
+        Some(toml::Value::Array(blocks)) => Ok(blocks),
+        Some(other) => Err((
+            "block".into(),
+            format!(
+                "expected an array of tables ([[block]]), got {}",
+                toml_type(&other)
+            ),
+        )),
+    }
+}
+
+/// One `[[block]]` table: its id and the block. `position` locates it until its id is known.
+fn parse_block(
+    value: toml::Value,
+    position: String,
+    lists: &Lists,
+) -> Result<(String, Block), Problem> {
+    let toml::Value::Table(mut block) = value else {
+        return Err((
+            position,
+            format!("expected a table, got {}", toml_type(&value)),
+        ));
+    };
+    let id = block_id(block.remove("id")).map_err(|message| (position, message))?;
+    let name =
+        block_name(block.remove("name")).map_err(|message| (block_label(&id, None), message))?;
+    let label = block_label(&id, name.as_deref());
+    if let Some(key) = block.keys().find(|k| *k != "costs" && *k != "costs_from") {
+        return Err((
+            label,
+            format!("unknown key `{key}` (expected {BLOCK_KEYS})"),
+        ));
+    }
+    let entries = block_entries(
+        block.remove("costs"),
+        block.remove("costs_from"),
+        &label,
+        lists,
+    )?;
+    Ok((id, Block { name, entries }))
+}
+
+fn block_id(value: Option<toml::Value>) -> Result<String, String> {
+    match value {
+        Some(toml::Value::String(id)) if !id.trim().is_empty() => Ok(id),
+        Some(toml::Value::String(_)) => Err("id: must not be empty".into()),
+        Some(other) => Err(format!("id: expected a string, got {}", toml_type(&other))),
+        None => Err("id: missing".into()),
+    }
+}
+
+fn block_name(value: Option<toml::Value>) -> Result<Option<String>, String> {
+    match value {
+        None => Ok(None),
+        Some(toml::Value::String(name)) => Ok(Some(name)),
+        Some(other) => Err(format!(
+            "name: expected a string, got {}",
+            toml_type(&other)
+        )),
+    }
+}
+
+/// A block's entries: its own `costs`, or the shared list its `costs_from` names.
+fn block_entries(
+    costs: Option<toml::Value>,
+    costs_from: Option<toml::Value>,
+    label: &str,
+    lists: &Lists,
+) -> Result<Arc<[Entry]>, Problem> {
+    let at = |message: String| (label.to_owned(), message);
+    match (costs, costs_from) {
+        (Some(costs), None) => Ok(parse_entries(costs, label)?.into()),
+        (None, Some(toml::Value::String(list))) => match lists.get(&list) {
+            Some(entries) => Ok(Arc::clone(entries)),
+            None => Err(at(format!("costs_from: no list `{list}` under [lists]"))),
+        },
+        (None, Some(other)) => Err(at(format!(
+            "costs_from: expected a string, got {}",
+            toml_type(&other)
+        ))),
+        (Some(_), Some(_)) => Err(at("give either `costs` or `costs_from`, not both".into())),
+        (None, None) => Err(at("missing `costs` (or `costs_from`)".into())),
+    }
 }
 
 fn parse_entries(value: toml::Value, owner: &str) -> Result<Vec<Entry>, Problem> {

@@ -51,24 +51,22 @@ struct Step {
     inputs: Value,
 }
 
-fn platform_openai() -> Value {
-    json!({"id": "53c25cb8-e3ee-465c-a4d1-e75a4c899c2a", "provider": "openai",
-           "type": "api_key", "title": "Use Credits for OpenAI"})
-}
+/// A platform credential (the user pays in credits): id, provider, name in its title.
+type PlatformKey = (&'static str, &'static str, &'static str);
 
-fn platform_anthropic() -> Value {
-    json!({"id": "24e5d942-d9e3-4798-8151-90143ee55629", "provider": "anthropic",
-           "type": "api_key", "title": "Use Credits for Anthropic"})
-}
+const OPENAI: PlatformKey = ("53c25cb8-e3ee-465c-a4d1-e75a4c899c2a", "openai", "OpenAI");
+const ANTHROPIC: PlatformKey = (
+    "24e5d942-d9e3-4798-8151-90143ee55629",
+    "anthropic",
+    "Anthropic",
+);
+const JINA: PlatformKey = ("7f26de70-ba0d-494e-ba76-238e65e7b45f", "jina", "Jina");
+const REVID: PlatformKey = ("fdb7f412-f519-48d1-9b5f-d2f73d0e01fe", "revid", "Revid");
 
-fn platform_jina() -> Value {
-    json!({"id": "7f26de70-ba0d-494e-ba76-238e65e7b45f", "provider": "jina",
-           "type": "api_key", "title": "Use Credits for Jina"})
-}
-
-fn platform_revid() -> Value {
-    json!({"id": "fdb7f412-f519-48d1-9b5f-d2f73d0e01fe", "provider": "revid",
-           "type": "api_key", "title": "Use Credits for Revid"})
+/// A platform credential as the executor passes it in a block's `credentials` input.
+fn platform_key((id, provider, name): PlatformKey) -> Value {
+    json!({"id": id, "provider": provider,
+           "type": "api_key", "title": format!("Use Credits for {name}")})
 }
 
 /// The scripted executions, in publish order (before the duplicate and the invalid body).
@@ -85,7 +83,7 @@ fn script() -> Vec<Step> {
             block: "AITextGeneratorBlock",
             what: "gpt-4-turbo, platform OpenAI key",
             inputs: json!({"model": "gpt-4-turbo", "prompt": "Summarise this support ticket",
-                           "credentials": platform_openai()}),
+                           "credentials": platform_key(OPENAI)}),
         },
         Step {
             node_exec_id: "0f6c1a52-3d84-4e1b-9a7c-2b5e8d0f4a02",
@@ -95,7 +93,7 @@ fn script() -> Vec<Step> {
             block: "AITextGeneratorBlock",
             what: "gpt-4o, platform OpenAI key",
             inputs: json!({"model": "gpt-4o", "prompt": "Draft a polite reply",
-                           "credentials": platform_openai()}),
+                           "credentials": platform_key(OPENAI)}),
         },
         Step {
             node_exec_id: "7a2d9e4b-5c1f-4d3a-b8e6-1f0a3c5e7b01",
@@ -117,7 +115,7 @@ fn script() -> Vec<Step> {
             block: "AITextGeneratorBlock",
             what: "claude-3-5-sonnet, platform Anthropic key",
             inputs: json!({"model": "claude-3-5-sonnet-latest", "prompt": "Check the tone",
-                           "credentials": platform_anthropic()}),
+                           "credentials": platform_key(ANTHROPIC)}),
         },
         Step {
             node_exec_id: "d4e8b1c7-2a6f-4e9d-8c3b-5a7f1e0d2c01",
@@ -127,7 +125,7 @@ fn script() -> Vec<Step> {
             block: "AIShortformVideoCreatorBlock",
             what: "revid.ai video, platform key",
             inputs: json!({"script": "Three tips for better sleep", "voice": "Lily",
-                           "credentials": platform_revid()}),
+                           "credentials": platform_key(REVID)}),
         },
         Step {
             node_exec_id: "7a2d9e4b-5c1f-4d3a-b8e6-1f0a3c5e7b02",
@@ -136,7 +134,7 @@ fn script() -> Vec<Step> {
             block_id: WEB_SEARCH,
             block: "SearchTheWebBlock",
             what: "Jina search, platform key",
-            inputs: json!({"query": "rust amqp exactly once", "credentials": platform_jina()}),
+            inputs: json!({"query": "rust amqp exactly once", "credentials": platform_key(JINA)}),
         },
         Step {
             node_exec_id: "d4e8b1c7-2a6f-4e9d-8c3b-5a7f1e0d2c02",
@@ -146,7 +144,7 @@ fn script() -> Vec<Step> {
             block: "AIShortformVideoCreatorBlock",
             what: "revid.ai video, platform key",
             inputs: json!({"script": "Five stretches for the office", "voice": "Lily",
-                           "credentials": platform_revid()}),
+                           "credentials": platform_key(REVID)}),
         },
         Step {
             node_exec_id: "d4e8b1c7-2a6f-4e9d-8c3b-5a7f1e0d2c03",
@@ -156,7 +154,7 @@ fn script() -> Vec<Step> {
             block: "AIShortformVideoCreatorBlock",
             what: "revid.ai video, platform key",
             inputs: json!({"script": "Why hydration matters", "voice": "Lily",
-                           "credentials": platform_revid()}),
+                           "credentials": platform_key(REVID)}),
         },
         Step {
             node_exec_id: "d4e8b1c7-2a6f-4e9d-8c3b-5a7f1e0d2c04",
@@ -166,7 +164,7 @@ fn script() -> Vec<Step> {
             block: "AITextGeneratorBlock",
             what: "gpt-4o, platform OpenAI key",
             inputs: json!({"model": "gpt-4o", "prompt": "Write the video description",
-                           "credentials": platform_openai()}),
+                           "credentials": platform_key(OPENAI)}),
         },
     ]
 }
@@ -279,11 +277,7 @@ pub async fn run(settings: Settings, json: bool) -> anyhow::Result<ExitCode> {
     } else {
         print_human(&report);
     }
-    Ok(if report.audit.is_clean() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(crate::tools::exit_code(report.audit.is_clean()))
 }
 
 async fn scenario(demo: &Settings, names: &Names, db_name: &str) -> anyhow::Result<Report> {
@@ -350,13 +344,50 @@ async fn drive(
     db_name: &str,
 ) -> anyhow::Result<Report> {
     let steps = script();
+    let published = publish_script(demo, &steps).await?;
+    wait_until_settled(pool, steps.len()).await?;
+    let events = receive_events(pool, names, events_in).await?;
+    let dead_letters = read_dead_letters(ch, &names.dead_queue, 1).await?;
+    let decisions = read_decisions(pool, &steps).await?;
+    let balances = read_balances(pool).await?;
+    let audit = crate::ledger::audit::run(pool).await?;
+
+    Ok(Report {
+        namespace: demo.amqp.namespace.clone(),
+        database: db_name.to_owned(),
+        settings: json!({
+            "refill.target": demo.refill.target,
+            "low_balance.threshold": demo.low_balance.threshold,
+            "execution_fee.every": demo.execution_fee.every,
+            "execution_fee.amount": demo.execution_fee.amount,
+        }),
+        published: Published {
+            messages: published,
+            node_executions: steps.len(),
+            duplicates: 1,
+            invalid: 1,
+        },
+        balances,
+        decisions,
+        events,
+        dead_letters,
+        audit,
+    })
+}
+
+/// Publishes the script the way the executor would, plus a duplicate delivery and an invalid
+/// body; returns the number of messages.
+async fn publish_script(demo: &Settings, steps: &[Step]) -> anyhow::Result<usize> {
     let mut bodies: Vec<Vec<u8>> = steps.iter().map(body).collect();
     // A redelivery as the executor would cause it after a lost ack: alice's first execution.
     bodies.insert(4, body(&steps[0]));
     bodies.insert(7, INVALID_BODY.to_vec());
-    let published = crate::tools::publish::publish_entries(demo, &bodies).await?;
-    let expected = i64::try_from(steps.len())?;
+    crate::tools::publish::publish_entries(demo, &bodies).await
+}
 
+/// Waits until all `node_executions` are decided and every event is published.
+async fn wait_until_settled(pool: &PgPool, node_executions: usize) -> anyhow::Result<()> {
+    let expected = i64::try_from(node_executions)?;
     wait_until("every node execution is decided", || async {
         scalar(pool, "SELECT count(*) FROM credit.decisions").await >= expected
     })
@@ -369,8 +400,15 @@ async fn drive(
         .await
             == 0
     })
-    .await?;
+    .await
+}
 
+/// Takes every event the outbox holds off the tap, acking each.
+async fn receive_events(
+    pool: &PgPool,
+    names: &Names,
+    events_in: &mut lapin::Consumer,
+) -> anyhow::Result<Vec<EventRow>> {
     let total_events = usize::try_from(scalar(pool, "SELECT count(*) FROM credit.outbox").await)?;
     let mut events = Vec::with_capacity(total_events);
     let deadline = Instant::now() + STAGE_TIMEOUT;
@@ -399,9 +437,12 @@ async fn drive(
             body,
         });
     }
+    Ok(events)
+}
 
-    let dead_letters = read_dead_letters(ch, &names.dead_queue, 1).await?;
-
+/// The decisions in queue order (the order they were decided in), each with its step's block
+/// and description.
+async fn read_decisions(pool: &PgPool, steps: &[Step]) -> anyhow::Result<Vec<DecisionRow>> {
     let order: HashMap<&str, (usize, &Step)> = steps
         .iter()
         .enumerate()
@@ -429,13 +470,15 @@ async fn drive(
             transaction_key: r.try_get("transaction_key")?,
         });
     }
-    // Queue order, which is the order they were decided in.
     decisions.sort_by_key(|d| {
         order
             .get(d.node_exec_id.as_str())
             .map_or(usize::MAX, |(i, _)| *i)
     });
+    Ok(decisions)
+}
 
+async fn read_balances(pool: &PgPool) -> anyhow::Result<Vec<BalanceRow>> {
     let mut balances = Vec::new();
     for r in sqlx::query("SELECT user_id, balance, last_seq FROM credit.balances ORDER BY user_id")
         .fetch_all(pool)
@@ -447,29 +490,7 @@ async fn drive(
             ledger_rows: r.try_get("last_seq")?,
         });
     }
-    let audit = crate::ledger::audit::run(pool).await?;
-
-    Ok(Report {
-        namespace: demo.amqp.namespace.clone(),
-        database: db_name.to_owned(),
-        settings: json!({
-            "refill.target": demo.refill.target,
-            "low_balance.threshold": demo.low_balance.threshold,
-            "execution_fee.every": demo.execution_fee.every,
-            "execution_fee.amount": demo.execution_fee.amount,
-        }),
-        published: Published {
-            messages: published,
-            node_executions: steps.len(),
-            duplicates: 1,
-            invalid: 1,
-        },
-        balances,
-        decisions,
-        events,
-        dead_letters,
-        audit,
-    })
+    Ok(balances)
 }
 
 /// Takes `expect` messages off the dead-letter queue, acking them.
@@ -581,22 +602,13 @@ fn print_human(r: &Report) {
         println!("  x-credit-error: {}", d.reason);
     }
 
-    let a = &r.audit;
     println!(
-        "\nAudit: {} users, {} ledger rows, {} decisions, {} events unpublished: {}",
-        a.users,
-        a.transactions,
-        a.decisions,
-        a.unpublished_events,
-        if a.is_clean() {
-            "clean (Σ amount = balance = last running balance for every user)".to_owned()
-        } else {
-            format!("{} MISMATCHES", a.mismatches.len())
-        }
+        "\nAudit: {}",
+        crate::tools::audit_text(
+            &r.audit,
+            "clean (Σ amount = balance = last running balance for every user)"
+        )
     );
-    for m in &a.mismatches {
-        println!("  {}: {}", m.user_id, m.problem);
-    }
     println!("\nscratch database and namespace removed");
 }
 

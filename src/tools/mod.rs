@@ -7,7 +7,10 @@ pub mod demo;
 pub mod publish;
 pub mod scratch;
 
+use std::process::ExitCode;
 use std::time::Duration;
+
+use crate::ledger::audit::AuditReport;
 
 /// Closes `conn` and waits (up to 2 s) for lapin's I/O thread to end. A tool exits right after
 /// its last close; an I/O thread still finishing then would log "error doing IO" against the
@@ -22,4 +25,34 @@ pub async fn close_connection(conn: lapin::Connection, reason: &str) -> Result<(
     });
     let _ = tokio::time::timeout(Duration::from_secs(2), ended).await;
     closed
+}
+
+/// Success when `ok`, failure otherwise.
+pub fn exit_code(ok: bool) -> ExitCode {
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// An audit for a person: the counts, `clean` or the number of mismatches, then one line per
+/// mismatch.
+pub fn audit_text(report: &AuditReport, clean: &str) -> String {
+    let mut out = format!(
+        "{} users, {} ledger rows, {} decisions, {} events unpublished: {}",
+        report.users,
+        report.transactions,
+        report.decisions,
+        report.unpublished_events,
+        if report.is_clean() {
+            clean.to_owned()
+        } else {
+            format!("{} MISMATCHES", report.mismatches.len())
+        }
+    );
+    for m in &report.mismatches {
+        out.push_str(&format!("\n  {}: {}", m.user_id, m.problem));
+    }
+    out
 }

@@ -49,18 +49,7 @@ pub async fn run(
         durable: true,
         ..Default::default()
     };
-    // The worker's input-queue arguments, minus dead-lettering (nothing is rejected here).
-    let mut args = FieldTable::default();
-    if settings.amqp.queue_type == QueueType::Quorum {
-        args.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString("quorum".into()),
-        );
-        args.insert(
-            "x-delivery-limit".into(),
-            AMQPValue::LongLongInt(i64::from(settings.amqp.delivery_limit)),
-        );
-    }
+    let args = input_queue_args(settings);
     ch.queue_declare(&input, durable, args).await?;
     topology::declare_events_exchange(&ch, &exchange).await?;
     ch.queue_declare(&sink_queue, durable, FieldTable::default())
@@ -79,23 +68,7 @@ pub async fn run(
     let (_, publish_rate) = traffic::publish_backlog(url, &input, t, &bar).await?;
     bar.finish_and_clear();
 
-    let sink = Sink::start(url, &sink_queue, t).await?;
-    let (events_tx, events_rx) = mpsc::unbounded_channel::<Vec<NewEvent>>();
-    let relay = tokio::spawn(relay(url.clone(), exchange.clone(), events_rx));
-
-    let bar = super::progress(n, "ceiling");
-    let first = consume(settings, &input, t, events_tx).await?;
-    let stall = Duration::from_secs(60);
-    sink.wait_complete(t.messages, &bar, stall, || Ok(()))
-        .await?;
-    let last_confirm = relay.await??;
-    let seen = sink.finish().await?;
-    bar.finish_and_clear();
-    let end = match (seen.last, last_confirm) {
-        (Some(a), Some(b)) => a.max(b),
-        (a, b) => a.or(b).unwrap_or_else(Instant::now),
-    };
-    let seconds = end.saturating_duration_since(first).as_secs_f64().max(1e-9);
+    let seconds = consume_and_relay(settings, t, &input, &exchange, &sink_queue).await?;
 
     // Free the broker before the worker run.
     let _ = ch
@@ -113,6 +86,53 @@ pub async fn run(
         seconds,
         publish_msgs_per_s: publish_rate,
     })
+}
+
+/// The worker's input-queue arguments, minus dead-lettering (nothing is rejected here).
+fn input_queue_args(settings: &Settings) -> FieldTable {
+    let mut args = FieldTable::default();
+    if settings.amqp.queue_type == QueueType::Quorum {
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(i64::from(settings.amqp.delivery_limit)),
+        );
+    }
+    args
+}
+
+/// Consumes the backlog on `input` and relays an event per message to `exchange` until the
+/// sink has them all; returns the seconds from the first delivery to the last event or
+/// confirm.
+async fn consume_and_relay(
+    settings: &Settings,
+    t: &Traffic,
+    input: &str,
+    exchange: &str,
+    sink_queue: &str,
+) -> anyhow::Result<f64> {
+    let url = &settings.amqp.url;
+    let n = t.messages as u64;
+    let sink = Sink::start(url, sink_queue, t).await?;
+    let (events_tx, events_rx) = mpsc::unbounded_channel::<Vec<NewEvent>>();
+    let relay = tokio::spawn(relay(url.clone(), exchange.to_owned(), events_rx));
+
+    let bar = super::progress(n, "ceiling");
+    let first = consume(settings, input, t, events_tx).await?;
+    let stall = Duration::from_secs(60);
+    sink.wait_complete(t.messages, &bar, stall, || Ok(()))
+        .await?;
+    let last_confirm = relay.await??;
+    let seen = sink.finish().await?;
+    bar.finish_and_clear();
+    let end = match (seen.last, last_confirm) {
+        (Some(a), Some(b)) => a.max(b),
+        (a, b) => a.or(b).unwrap_or_else(Instant::now),
+    };
+    Ok(end.saturating_duration_since(first).as_secs_f64().max(1e-9))
 }
 
 /// Consumes all messages; returns the instant of the first delivery.
@@ -153,27 +173,8 @@ async fn consume(
                 Err(_) => break,
             }
         }
-        // The worker's CPU work minus the database: decode, build the event.
-        let now = Utc::now();
-        let mut out = Vec::with_capacity(batch.len());
-        for d in &batch {
-            let e = crate::message::decode(&d.data)?;
-            out.push(events::balance_changed(
-                &e.user_id,
-                1,
-                -10,
-                0,
-                "USAGE",
-                &format!("USAGE-{}", e.node_exec_id),
-                ExecutionRef {
-                    node_exec_id: Some(&e.node_exec_id),
-                    graph_exec_id: Some(&e.graph_exec_id),
-                },
-                now,
-            ));
-        }
         events_tx
-            .send(out)
+            .send(usage_events(&batch)?)
             .map_err(|_| anyhow::anyhow!("the event relay stopped"))?;
         if let Some(last) = batch.last() {
             ch.basic_ack(last.delivery_tag, BasicAckOptions { multiple: true })
@@ -183,6 +184,29 @@ async fn consume(
     }
     let _ = crate::tools::close_connection(conn, "done").await;
     first.ok_or_else(|| anyhow::anyhow!("nothing was consumed"))
+}
+
+/// The worker's CPU work minus the database: decode, build the event.
+fn usage_events(batch: &[lapin::message::Delivery]) -> anyhow::Result<Vec<NewEvent>> {
+    let now = Utc::now();
+    let mut out = Vec::with_capacity(batch.len());
+    for d in batch {
+        let e = crate::message::decode(&d.data)?;
+        out.push(events::balance_changed(
+            &e.user_id,
+            1,
+            -10,
+            0,
+            "USAGE",
+            &format!("USAGE-{}", e.node_exec_id),
+            ExecutionRef {
+                node_exec_id: Some(&e.node_exec_id),
+                graph_exec_id: Some(&e.graph_exec_id),
+            },
+            now,
+        ));
+    }
+    Ok(out)
 }
 
 /// Publishes what the consumer hands over; returns the instant of the last confirm.

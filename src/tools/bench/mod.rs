@@ -17,6 +17,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 
 use crate::config::Settings;
+use crate::tools::exit_code;
 use crate::tools::scratch::Scratch;
 
 /// Queues and exchanges the bench declares besides the worker's topology.
@@ -151,14 +152,6 @@ async fn run_in(
         report.print();
     }
     Ok(exit_code(report.worker.problems.is_empty()))
-}
-
-fn exit_code(ok: bool) -> ExitCode {
-    if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
 }
 
 /// A progress bar on stdout with the report (drawn only when stdout is a terminal), cleared

@@ -13,13 +13,13 @@ use lapin::types::FieldTable;
 use sqlx::{PgPool, Row};
 use tokio::task::JoinHandle;
 
-use super::traffic::{self, Latency, Sink, Traffic};
+use super::traffic::{self, Latency, Sink, SinkResult, Traffic};
 use super::WORKER_SINK;
 use crate::config::Settings;
 use crate::ledger::seed;
 use crate::refill::Month;
 use crate::tools::scratch::Scratch;
-use crate::topology;
+use crate::topology::{self, Names};
 
 /// Each user's starting balance: no run can exhaust it, so every message is charged.
 pub const SEED_BALANCE: i64 = 1_000_000_000_000;
@@ -59,6 +59,46 @@ pub async fn run(
     let conn = topology::connect(url, "credit-worker bench").await?;
     let ch = conn.create_channel().await?;
     let names = topology::declare(&ch, &scratch.amqp).await?;
+    let sink = start_sink(url, scratch, t, &ch, &names).await?;
+
+    let mut started = match rate {
+        None => publish_then_start(settings, scratch, max_batch, t, &ch, &names).await?,
+        Some(rate) => {
+            start_then_publish(settings, scratch, max_batch, t, rate, &ch, &names).await?
+        }
+    };
+    let mut stopped = wait_then_stop(&sink, &mut started.proc, t.messages).await?;
+    let (seen, ledger_rows) = drain_sink(&pool, sink).await?;
+    let last = seen.last.unwrap_or_else(Instant::now);
+
+    let problems = &mut stopped.problems;
+    let fees = verify(settings, &pool, t, cost, problems).await?;
+    if (seen.events as i64) != ledger_rows {
+        problems.push(format!(
+            "{} events received for {ledger_rows} ledger rows",
+            seen.events
+        ));
+    }
+    check_queues_empty(&ch, &names, problems).await?;
+    let _ = crate::tools::close_connection(conn, "done").await;
+    pool.close().await;
+    if problems.is_empty() {
+        started.proc.remove_log();
+    } else {
+        problems.push(format!("worker log: {}", started.proc.log.display()));
+    }
+    Ok(measured(t.messages, &started, last, &seen, stopped, fees))
+}
+
+/// Declares the queue catching every event, binds it to the events exchange and starts
+/// consuming it.
+async fn start_sink(
+    url: &str,
+    scratch: &Scratch,
+    t: &Traffic,
+    ch: &lapin::Channel,
+    names: &Names,
+) -> anyhow::Result<Sink> {
     let sink_queue = scratch.name(WORKER_SINK);
     ch.queue_declare(
         &sink_queue,
@@ -77,61 +117,135 @@ pub async fn run(
         FieldTable::default(),
     )
     .await?;
-    let sink = Sink::start(url, &sink_queue, t).await?;
+    Sink::start(url, &sink_queue, t).await
+}
+
+/// The worker process, and the instants the run is measured from.
+struct Started {
+    proc: WorkerProcess,
+    spawned: Instant,
+    /// The worker's first delivery (backlog) or the first publish (open loop).
+    start_of_run: Instant,
+    sent_at: SentAt,
+}
+
+/// Backlog mode: publishes every message, then starts the worker.
+async fn publish_then_start(
+    settings: &Settings,
+    scratch: &Scratch,
+    max_batch: usize,
+    t: &Traffic,
+    ch: &lapin::Channel,
+    names: &Names,
+) -> anyhow::Result<Started> {
+    let url = &settings.amqp.url;
     let n = t.messages;
-    let passive = QueueDeclareOptions {
+    let bar = super::progress(n as u64, "publish");
+    let (published, _) = traffic::publish_backlog(url, &names.input_queue, t, &bar).await?;
+    bar.finish_and_clear();
+    let mut proc = WorkerProcess::spawn(settings, scratch, max_batch)?;
+    let spawned = Instant::now();
+    wait_for_worker(ch, names, &mut proc, spawned, Awaiting::FirstDelivery(n)).await?;
+    Ok(Started {
+        proc,
+        spawned,
+        start_of_run: Instant::now(),
+        sent_at: SentAt::Each(published),
+    })
+}
+
+/// Open-loop mode: starts the worker, then publishes at `rate` to the idle, consuming worker.
+async fn start_then_publish(
+    settings: &Settings,
+    scratch: &Scratch,
+    max_batch: usize,
+    t: &Traffic,
+    rate: f64,
+    ch: &lapin::Channel,
+    names: &Names,
+) -> anyhow::Result<Started> {
+    let url = &settings.amqp.url;
+    let n = t.messages;
+    let mut proc = WorkerProcess::spawn(settings, scratch, max_batch)?;
+    let spawned = Instant::now();
+    wait_for_worker(ch, names, &mut proc, spawned, Awaiting::Consumer).await?;
+    let bar = super::progress(n as u64, "publish");
+    let start = traffic::publish_paced(url, &names.input_queue, t, rate, &bar).await?;
+    bar.finish_and_clear();
+    Ok(Started {
+        proc,
+        spawned,
+        start_of_run: start,
+        sent_at: SentAt::Paced { start, rate },
+    })
+}
+
+/// What the bench waits for on the input queue after starting the worker.
+#[derive(Clone, Copy)]
+enum Awaiting {
+    /// Its first delivery, which shows as the ready count dropping below N (prefetch takes a
+    /// whole window at once); polled so the start-up is not counted as work.
+    FirstDelivery(usize),
+    /// Its consumer.
+    Consumer,
+}
+
+/// Polls the input queue until the worker got as far as `awaiting`; fails when the worker
+/// exits, or after 60 s.
+async fn wait_for_worker(
+    ch: &lapin::Channel,
+    names: &Names,
+    proc: &mut WorkerProcess,
+    spawned: Instant,
+    awaiting: Awaiting,
+) -> anyhow::Result<()> {
+    let (poll, too_slow) = match awaiting {
+        Awaiting::FirstDelivery(_) => (2, "the worker consumed nothing within 60 s"),
+        Awaiting::Consumer => (20, "the worker did not start consuming within 60 s"),
+    };
+    let passive = passive_declare();
+    loop {
+        let q = ch
+            .queue_declare(&names.input_queue, passive, FieldTable::default())
+            .await?;
+        let reached = match awaiting {
+            Awaiting::FirstDelivery(n) => (q.message_count() as usize) < n,
+            Awaiting::Consumer => q.consumer_count() > 0,
+        };
+        if reached {
+            return Ok(());
+        }
+        proc.check_alive()?;
+        if spawned.elapsed() > Duration::from_secs(60) {
+            anyhow::bail!("{too_slow}");
+        }
+        tokio::time::sleep(Duration::from_millis(poll)).await;
+    }
+}
+
+/// Options that only look a queue up (its counts), declaring nothing.
+fn passive_declare() -> QueueDeclareOptions {
+    QueueDeclareOptions {
         passive: true,
         ..Default::default()
-    };
+    }
+}
 
-    let (mut proc, start_of_run, spawned, sent_at): (_, Instant, Instant, SentAt) = match rate {
-        None => {
-            let bar = super::progress(n as u64, "publish");
-            let (published, _) = traffic::publish_backlog(url, &names.input_queue, t, &bar).await?;
-            bar.finish_and_clear();
-            let mut proc = WorkerProcess::spawn(settings, scratch, max_batch)?;
-            let spawned = Instant::now();
-            // The first delivery shows as the ready count dropping below N (prefetch takes
-            // a whole window at once); polled so the start-up is not counted as work.
-            let first = loop {
-                let q = ch
-                    .queue_declare(&names.input_queue, passive, FieldTable::default())
-                    .await?;
-                if (q.message_count() as usize) < n {
-                    break Instant::now();
-                }
-                proc.check_alive()?;
-                if spawned.elapsed() > Duration::from_secs(60) {
-                    anyhow::bail!("the worker consumed nothing within 60 s");
-                }
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            };
-            (proc, first, spawned, SentAt::Each(published))
-        }
-        Some(rate) => {
-            let mut proc = WorkerProcess::spawn(settings, scratch, max_batch)?;
-            let spawned = Instant::now();
-            // Open loop against an idle, consuming worker.
-            loop {
-                let q = ch
-                    .queue_declare(&names.input_queue, passive, FieldTable::default())
-                    .await?;
-                if q.consumer_count() > 0 {
-                    break;
-                }
-                proc.check_alive()?;
-                if spawned.elapsed() > Duration::from_secs(60) {
-                    anyhow::bail!("the worker did not start consuming within 60 s");
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            let bar = super::progress(n as u64, "publish");
-            let start = traffic::publish_paced(url, &names.input_queue, t, rate, &bar).await?;
-            bar.finish_and_clear();
-            (proc, start, spawned, SentAt::Paced { start, rate })
-        }
-    };
+/// The worker once stopped.
+struct Stopped {
+    peak_kib: u64,
+    breakdown: Option<Breakdown>,
+    /// How it exited, unless cleanly; the checks after the run add theirs.
+    problems: Vec<String>,
+}
 
+/// Waits until every message's event arrived, then stops the worker with SIGTERM; a failed
+/// wait is returned once the worker is stopped.
+async fn wait_then_stop(
+    sink: &Sink,
+    proc: &mut WorkerProcess,
+    n: usize,
+) -> anyhow::Result<Stopped> {
     let bar = super::progress(n as u64, "worker");
     let waited = sink
         .wait_complete(n, &bar, Duration::from_secs(60), || proc.check_alive())
@@ -151,36 +265,37 @@ pub async fn run(
         Ok(status) => problems.push(format!("the worker exited with {status} after SIGTERM")),
         Err(e) => problems.push(format!("stopping the worker: {e}")),
     }
+    Ok(Stopped {
+        peak_kib,
+        breakdown,
+        problems,
+    })
+}
 
+/// Ends the sink once it has an event for every ledger row but the seed's (10 s at most);
+/// returns what it saw and that number of ledger rows.
+async fn drain_sink(pool: &PgPool, sink: Sink) -> anyhow::Result<(SinkResult, i64)> {
     // The relay flushed the outbox at shutdown; collect the stragglers (execution-fee events).
     let ledger_rows: i64 =
         sqlx::query_scalar("SELECT count(*) FROM credit.transactions WHERE transaction_key <> $1")
             .bind(SEED_KEY)
-            .fetch_one(&pool)
+            .fetch_one(pool)
             .await?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while (sink.events() as i64) < ledger_rows && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let seen = sink.finish().await?;
-    let last = seen.last.unwrap_or_else(Instant::now);
-    let seconds = last
-        .saturating_duration_since(start_of_run)
-        .as_secs_f64()
-        .max(1e-9);
-    let total_seconds = last
-        .saturating_duration_since(spawned)
-        .as_secs_f64()
-        .max(1e-9);
-    let latency = Latency::of(|i| sent_at.at(i), &seen.received);
+    Ok((seen, ledger_rows))
+}
 
-    let fees = verify(settings, &pool, t, cost, &mut problems).await?;
-    if (seen.events as i64) != ledger_rows {
-        problems.push(format!(
-            "{} events received for {ledger_rows} ledger rows",
-            seen.events
-        ));
-    }
+/// Notes the messages left on the input and dead-letter queues.
+async fn check_queues_empty(
+    ch: &lapin::Channel,
+    names: &Names,
+    problems: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    let passive = passive_declare();
     for q in [&names.input_queue, &names.dead_queue] {
         let left = ch
             .queue_declare(q, passive, FieldTable::default())
@@ -190,28 +305,42 @@ pub async fn run(
             problems.push(format!("{left} messages left on {q}"));
         }
     }
-    let _ = crate::tools::close_connection(conn, "done").await;
-    pool.close().await;
-    if problems.is_empty() {
-        proc.remove_log();
-    } else {
-        problems.push(format!("worker log: {}", proc.log.display()));
-    }
-    Ok(WorkerResult {
+    Ok(())
+}
+
+/// The result of `n` messages whose last event arrived at `last`.
+fn measured(
+    n: usize,
+    started: &Started,
+    last: Instant,
+    seen: &SinkResult,
+    stopped: Stopped,
+    fees: i64,
+) -> WorkerResult {
+    let seconds = last
+        .saturating_duration_since(started.start_of_run)
+        .as_secs_f64()
+        .max(1e-9);
+    let total_seconds = last
+        .saturating_duration_since(started.spawned)
+        .as_secs_f64()
+        .max(1e-9);
+    WorkerResult {
         msgs_per_s: n as f64 / seconds,
         seconds,
         msgs_per_s_total: n as f64 / total_seconds,
-        startup_ms: start_of_run
-            .saturating_duration_since(spawned)
+        startup_ms: started
+            .start_of_run
+            .saturating_duration_since(started.spawned)
             .as_secs_f64()
             * 1e3,
-        latency,
-        peak_rss_mib: peak_kib as f64 / 1024.0,
+        latency: Latency::of(|i| started.sent_at.at(i), &seen.received),
+        peak_rss_mib: stopped.peak_kib as f64 / 1024.0,
         events_received: seen.events,
         fees,
-        breakdown,
-        problems,
-    })
+        breakdown: stopped.breakdown,
+        problems: stopped.problems,
+    }
 }
 
 /// When message i was sent.
@@ -265,21 +394,7 @@ async fn verify(
             "{decided} decisions ({charged} charged) for {n} messages"
         ));
     }
-    // Every `every`-th execution of a user within a UTC day owes the fee.
-    let fee = &settings.execution_fee;
-    let expected_fee = if fee.every > 0 {
-        let owed: i64 = sqlx::query_scalar(
-            "SELECT coalesce(sum(c / $1), 0)::int8 FROM (
-               SELECT count(*) AS c FROM credit.decisions
-                GROUP BY user_id, (decided_at AT TIME ZONE 'UTC')::date) x",
-        )
-        .bind(fee.every)
-        .fetch_one(pool)
-        .await?;
-        owed * fee.amount
-    } else {
-        0
-    };
+    let expected_fee = expected_fees(settings, pool).await?;
     if cost_sum != cost * n || fee_sum != expected_fee {
         problems.push(format!(
             "decisions record {cost_sum} cost + {fee_sum} fees; expected {} + {expected_fee}",
@@ -298,6 +413,30 @@ async fn verify(
             cost * n + expected_fee
         ));
     }
+    check_audit(pool, problems).await?;
+    Ok(fee_sum)
+}
+
+/// The execution fees the decisions owe: every `every`-th execution of a user within a UTC
+/// day.
+async fn expected_fees(settings: &Settings, pool: &PgPool) -> anyhow::Result<i64> {
+    let fee = &settings.execution_fee;
+    if fee.every <= 0 {
+        return Ok(0);
+    }
+    let owed: i64 = sqlx::query_scalar(
+        "SELECT coalesce(sum(c / $1), 0)::int8 FROM (
+           SELECT count(*) AS c FROM credit.decisions
+            GROUP BY user_id, (decided_at AT TIME ZONE 'UTC')::date) x",
+    )
+    .bind(fee.every)
+    .fetch_one(pool)
+    .await?;
+    Ok(owed * fee.amount)
+}
+
+/// Notes unpublished events and (the first five) audit mismatches.
+async fn check_audit(pool: &PgPool, problems: &mut Vec<String>) -> anyhow::Result<()> {
     let audit = crate::ledger::audit::run(pool).await?;
     if audit.unpublished_events != 0 {
         problems.push(format!(
@@ -314,7 +453,7 @@ async fn verify(
             audit.mismatches.len() - 5
         ));
     }
-    Ok(fee_sum)
+    Ok(())
 }
 
 /// `credit-worker run` in a child process, so its memory is its own.
