@@ -274,14 +274,21 @@ impl Tasks {
         health: &Health,
     ) -> Option<Failure> {
         let ended = futures::future::select_all(self.0.iter_mut().map(|(_, h)| h));
-        tokio::select! {
-            _ = shutdown.cancelled() => None,
-            (result, i, _) = ended => {
-                let (task, _) = self.0.remove(i);
-                mark_down(task, health);
-                Some(Failure { task, cause: cause(result) })
-            }
+        let (result, i, _) = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return None,
+            ended = ended => ended,
+        };
+        let (task, _) = self.0.remove(i);
+        mark_down(task, health);
+        // Tasks end on a shutdown request too; one that raced the request is no failure.
+        if shutdown.is_cancelled() && result.is_ok() {
+            return None;
         }
+        Some(Failure {
+            task,
+            cause: cause(result),
+        })
     }
 
     /// Waits for the task named `name`, if it is still there; logs a panic.

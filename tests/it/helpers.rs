@@ -710,7 +710,10 @@ impl WorkerProcess {
         // Echoes the worker's log to the test's, and hands over the bound port once logged.
         std::thread::spawn(move || {
             use std::io::BufRead;
-            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
                 eprintln!("{line}");
                 if let Some(port) = logged_http_port(&line) {
                     let _ = tx.send(port);
