@@ -100,7 +100,7 @@ impl Relay {
             }
             if drain.is_cancelled() && n == 0 {
                 info!("outbox flushed");
-                let _ = conn.close(200, "shutdown").await;
+                let _ = conn.close(200, "shutdown".into()).await;
                 return Ok(());
             }
             if n > 0 {

@@ -39,23 +39,17 @@ impl Names {
     }
 }
 
-/// Opens a connection driven by the tokio runtime, giving up after
-/// [`crate::amqp::CONNECT_TIMEOUT`].
+/// Opens a connection on the current tokio runtime, giving up after
+/// [`crate::amqp::CONNECT_TIMEOUT`]. lapin's own automatic recovery stays off: the session
+/// loops reconnect, re-declare and re-apply `basic_qos` themselves.
 pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> {
-    let mut props = ConnectionProperties::default()
-        .with_executor(tokio_executor_trait::Tokio::current())
-        .with_reactor(tokio_reactor_trait::Tokio);
-    props
-        .client_properties
-        .insert("connection_name".into(), AMQPValue::LongString(name.into()));
+    let props = ConnectionProperties::default().with_connection_name(name.into());
     let timeout = crate::amqp::CONNECT_TIMEOUT;
     match tokio::time::timeout(timeout, Connection::connect(url, props)).await {
         Ok(result) => result,
-        Err(_) => Err(lapin::Error::IOError(std::sync::Arc::new(
-            std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("AMQP connect timed out after {timeout:?}"),
-            ),
+        Err(_) => Err(lapin::Error::from(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("AMQP connect timed out after {timeout:?}"),
         ))),
     }
 }
@@ -89,18 +83,22 @@ fn queue_args(settings: &AmqpSettings) -> FieldTable {
 pub async fn declare(ch: &Channel, settings: &AmqpSettings) -> Result<Names, lapin::Error> {
     let names = Names::new(&settings.namespace);
     ch.exchange_declare(
-        &names.dlx,
+        names.dlx.as_str().into(),
         ExchangeKind::Fanout,
         durable(),
         FieldTable::default(),
     )
     .await?;
-    ch.queue_declare(&names.dead_queue, durable_queue(), queue_args(settings))
-        .await?;
+    ch.queue_declare(
+        names.dead_queue.as_str().into(),
+        durable_queue(),
+        queue_args(settings),
+    )
+    .await?;
     ch.queue_bind(
-        &names.dead_queue,
-        &names.dlx,
-        "",
+        names.dead_queue.as_str().into(),
+        names.dlx.as_str().into(),
+        "".into(),
         QueueBindOptions::default(),
         FieldTable::default(),
     )
@@ -118,46 +116,59 @@ pub async fn declare(ch: &Channel, settings: &AmqpSettings) -> Result<Names, lap
         );
     }
     ch.exchange_declare(
-        &names.input_exchange,
+        names.input_exchange.as_str().into(),
         ExchangeKind::Direct,
         durable(),
         FieldTable::default(),
     )
     .await?;
-    ch.queue_declare(&names.input_queue, durable_queue(), input_args)
-        .await?;
+    ch.queue_declare(
+        names.input_queue.as_str().into(),
+        durable_queue(),
+        input_args,
+    )
+    .await?;
     ch.queue_bind(
-        &names.input_queue,
-        &names.input_exchange,
-        INPUT_ROUTING_KEY,
+        names.input_queue.as_str().into(),
+        names.input_exchange.as_str().into(),
+        INPUT_ROUTING_KEY.into(),
         QueueBindOptions::default(),
         FieldTable::default(),
     )
     .await?;
 
     ch.exchange_declare(
-        &names.events,
+        names.events.as_str().into(),
         ExchangeKind::Topic,
         durable(),
         FieldTable::default(),
     )
     .await?;
-    ch.queue_declare(&names.control, durable_queue(), FieldTable::default())
-        .await?;
+    ch.queue_declare(
+        names.control.as_str().into(),
+        durable_queue(),
+        FieldTable::default(),
+    )
+    .await?;
     Ok(names)
 }
 
 /// Declares a durable topic exchange for events (`credit.events`, or a bench's own).
 pub async fn declare_events_exchange(ch: &Channel, name: &str) -> Result<(), lapin::Error> {
-    ch.exchange_declare(name, ExchangeKind::Topic, durable(), FieldTable::default())
-        .await
+    ch.exchange_declare(
+        name.into(),
+        ExchangeKind::Topic,
+        durable(),
+        FieldTable::default(),
+    )
+    .await
 }
 
 /// A server-named, exclusive, auto-deleted queue (RPC replies, event taps); returns its name.
 pub async fn declare_private_queue(ch: &Channel) -> Result<String, lapin::Error> {
     let q = ch
         .queue_declare(
-            "",
+            "".into(),
             QueueDeclareOptions {
                 exclusive: true,
                 auto_delete: true,

@@ -23,9 +23,12 @@ pub fn persistent_json() -> BasicProperties {
 }
 
 /// The properties of an event: persistent JSON with the event's id as `message_id`, so
-/// consumers can deduplicate a republished event.
+/// consumers can deduplicate a republished event. An id over AMQP's 255 bytes (long user ids
+/// and keys) is left out of the properties; the body always carries `event_id`.
 pub fn event_properties(event_id: &str, at: chrono::DateTime<chrono::Utc>) -> BasicProperties {
-    persistent_json()
-        .with_message_id(event_id.into())
-        .with_timestamp(u64::try_from(at.timestamp()).unwrap_or(0))
+    let props = persistent_json().with_timestamp(u64::try_from(at.timestamp()).unwrap_or(0));
+    match lapin::types::ShortString::try_new(event_id) {
+        Ok(id) => props.with_message_id(id),
+        Err(_) => props,
+    }
 }

@@ -5,8 +5,9 @@
 use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::publisher_confirm::{Confirmation, PublisherConfirm};
+use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Connection};
+use lapin::{Confirmation, PublisherConfirm};
 
 /// The longest wait for one confirm.
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
@@ -20,6 +21,9 @@ pub enum PublishError {
     Nacked { index: usize },
     #[error("broker: no confirm within {CONFIRM_TIMEOUT:?}")]
     Timeout,
+    /// AMQP names are at most 255 bytes.
+    #[error("{field}: longer than 255 bytes ({len} bytes)")]
+    NameTooLong { field: &'static str, len: usize },
 }
 
 /// One message to publish.
@@ -50,16 +54,18 @@ impl Publisher {
     }
 
     /// Sends one message without waiting; await the confirm with [`confirmed`].
-    pub async fn send(&self, m: Outgoing<'_>) -> Result<PublisherConfirm, lapin::Error> {
-        self.ch
+    pub async fn send(&self, m: Outgoing<'_>) -> Result<PublisherConfirm, PublishError> {
+        let confirm = self
+            .ch
             .basic_publish(
-                m.exchange,
-                m.routing_key,
+                short("exchange", m.exchange)?,
+                short("routing_key", m.routing_key)?,
                 BasicPublishOptions::default(),
                 m.body,
                 m.properties,
             )
-            .await
+            .await?;
+        Ok(confirm)
     }
 
     /// Sends every message, then waits for all their confirms. Returns how many were sent.
@@ -73,6 +79,14 @@ impl Publisher {
         }
         confirmed(pending).await
     }
+}
+
+/// An AMQP short string, or an error naming the field (lapin panics on a longer one).
+pub fn short(field: &'static str, s: &str) -> Result<ShortString, PublishError> {
+    ShortString::try_new(s).map_err(|_| PublishError::NameTooLong {
+        field,
+        len: s.len(),
+    })
 }
 
 /// Waits for `pending` confirms in order; the first refusal or timeout is the error.

@@ -50,6 +50,8 @@ enum SessionError {
     StreamEnded,
     #[error("decider stopped")]
     DeciderGone,
+    #[error("broker: the channel closed before the batch was acked")]
+    AckNotSent,
 }
 
 /// One connection's worth of consuming.
@@ -88,8 +90,8 @@ impl Consumer {
         let s = self.open().await?;
         let mut deliveries =
             s.ch.basic_consume(
-                &s.names.input_queue,
-                TAG,
+                s.names.input_queue.as_str().into(),
+                TAG.into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
@@ -104,7 +106,6 @@ impl Consumer {
         let decider = tokio::spawn(decide_loop(
             self.clone(),
             rx,
-            s.ch.clone(),
             s.dead.clone(),
             s.names.clone(),
             decider_stop.clone(),
@@ -112,15 +113,17 @@ impl Consumer {
         let result = self.collect(&mut deliveries, &tx, stop).await;
 
         // Stop deliveries, let the decider finish (or abandon, on a broker fault) its batch.
-        let _ = s.ch.basic_cancel(TAG, BasicCancelOptions::default()).await;
+        let _ =
+            s.ch.basic_cancel(TAG.into(), BasicCancelOptions::default())
+                .await;
         drop(tx);
         if result.is_err() {
             decider_stop.cancel();
         }
         let decided = decider.await.unwrap_or(Err(SessionError::DeciderGone));
         self.health.set_consuming(false);
-        let _ = s.ch.close(200, "shutdown").await;
-        let _ = s.conn.close(200, "shutdown").await;
+        let _ = s.ch.close(200, "shutdown".into()).await;
+        let _ = s.conn.close(200, "shutdown".into()).await;
         result.and(decided)
     }
 
@@ -175,13 +178,12 @@ fn next_delivery(d: Option<Result<Delivery, lapin::Error>>) -> Result<Delivery, 
 async fn decide_loop(
     c: Consumer,
     mut rx: mpsc::Receiver<Vec<Delivery>>,
-    ch: Channel,
     dead: Publisher,
     names: Names,
     stop: CancellationToken,
 ) -> Result<(), SessionError> {
     while let Some(batch) = rx.recv().await {
-        if !c.handle_batch(&batch, &ch, &dead, &names, &stop).await? {
+        if !c.handle_batch(&batch, &dead, &names, &stop).await? {
             // Abandoned (shutdown during a database outage): nothing acked, the broker
             // redelivers these messages.
             return Ok(());
@@ -195,7 +197,6 @@ impl Consumer {
     async fn handle_batch(
         &self,
         batch: &[Delivery],
-        ch: &Channel,
         dead: &Publisher,
         names: &Names,
         stop: &CancellationToken,
@@ -219,8 +220,11 @@ impl Consumer {
         // order and batches are handled in order), so one multiple-ack covers it.
         if let Some(last) = batch.last() {
             let ack_started = Instant::now();
-            ch.basic_ack(last.delivery_tag, BasicAckOptions { multiple: true })
-                .await?;
+            // false: the channel is gone and nothing was sent; the broker redelivers the batch
+            // (already decided: duplicates), so end the session rather than count it acked.
+            if !last.acker.ack(BasicAckOptions { multiple: true }).await? {
+                return Err(SessionError::AckNotSent);
+            }
             metrics::histogram!("credit_ack_seconds").record(ack_started.elapsed().as_secs_f64());
         }
         metrics::histogram!("credit_decide_seconds").record(started.elapsed().as_secs_f64());

@@ -185,6 +185,8 @@ enum SessionError {
     Amqp(#[from] lapin::Error),
     #[error("broker: the consumer stream ended")]
     StreamEnded,
+    #[error("broker: the channel closed before the command was acked")]
+    AckNotSent,
 }
 
 /// Answers control commands until `stop` fires, reconnecting after broker faults.
@@ -201,8 +203,8 @@ async fn session(ctx: &Context, stop: &CancellationToken) -> Result<(), SessionE
     ch.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
     let mut deliveries = ch
         .basic_consume(
-            &names.control,
-            "credit-worker-control",
+            names.control.as_str().into(),
+            "credit-worker-control".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
@@ -226,8 +228,8 @@ async fn session(ctx: &Context, stop: &CancellationToken) -> Result<(), SessionE
         }
     }
     .await;
-    let _ = ch.close(200, "shutdown").await;
-    let _ = conn.close(200, "shutdown").await;
+    let _ = ch.close(200, "shutdown".into()).await;
+    let _ = conn.close(200, "shutdown".into()).await;
     result
 }
 
@@ -286,16 +288,18 @@ async fn handle(
         }
         // A reply to a queue that no longer exists is dropped by the broker, not an error.
         ch.basic_publish(
-            "",
-            reply_to,
+            "".into(),
+            reply_to.into(),
             BasicPublishOptions::default(),
             &body,
             reply_props,
         )
         .await?;
     }
-    ch.basic_ack(d.delivery_tag, BasicAckOptions::default())
-        .await?;
+    // false: the channel is gone; the command comes again (keyed commands are idempotent).
+    if !d.ack(BasicAckOptions::default()).await? {
+        return Err(SessionError::AckNotSent);
+    }
     Ok(true)
 }
 

@@ -295,17 +295,17 @@ async fn scenario(demo: &Settings, names: &Names, db_name: &str) -> anyhow::Resu
     // The tap exists before anything is published, so it sees every event.
     let tap = topology::declare_private_queue(&ch).await?;
     ch.queue_bind(
-        &tap,
-        &names.events,
-        "#",
+        tap.as_str().into(),
+        names.events.as_str().into(),
+        "#".into(),
         QueueBindOptions::default(),
         FieldTable::default(),
     )
     .await?;
     let mut events_in = ch
         .basic_consume(
-            &tap,
-            TAP_TAG,
+            tap.as_str().into(),
+            TAP_TAG.into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
@@ -326,9 +326,12 @@ async fn scenario(demo: &Settings, names: &Names, db_name: &str) -> anyhow::Resu
     pool.close().await;
     // Cancel the tap before closing, so lapin does not deliver into a closing channel.
     let _ = ch
-        .basic_cancel(TAP_TAG, lapin::options::BasicCancelOptions::default())
+        .basic_cancel(
+            TAP_TAG.into(),
+            lapin::options::BasicCancelOptions::default(),
+        )
         .await;
-    let _ = ch.close(200, "demo done").await;
+    let _ = ch.close(200, "demo done".into()).await;
     let _ = crate::tools::close_connection(conn, "demo done").await;
     let report = result?;
     stopped.context("the worker did not stop cleanly")?;
@@ -430,7 +433,10 @@ async fn receive_events(
             .as_ref()
             .map(|s| s.to_string())
             .unwrap_or_default();
-        d.ack(BasicAckOptions::default()).await?;
+        anyhow::ensure!(
+            d.ack(BasicAckOptions::default()).await?,
+            "event tap channel closed"
+        );
         events.push(EventRow {
             routing_key: d.routing_key.to_string(),
             message_id,
@@ -503,7 +509,7 @@ async fn read_dead_letters(
     let mut out = Vec::new();
     while out.len() < expect {
         match ch
-            .basic_get(queue, BasicGetOptions::default())
+            .basic_get(queue.into(), BasicGetOptions::default())
             .await
             .context("reading the dead-letter queue")?
         {
@@ -519,7 +525,10 @@ async fn read_dead_letters(
                         other => format!("{other:?}"),
                     })
                     .unwrap_or_default();
-                m.delivery.ack(BasicAckOptions::default()).await?;
+                anyhow::ensure!(
+                    m.delivery.ack(BasicAckOptions::default()).await?,
+                    "dead-letter channel closed"
+                );
                 out.push(DeadLetter {
                     body: String::from_utf8_lossy(&m.delivery.data).into_owned(),
                     reason,

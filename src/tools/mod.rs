@@ -16,7 +16,7 @@ use crate::ledger::audit::AuditReport;
 /// its last close; an I/O thread still finishing then would log "error doing IO" against the
 /// runtime being shut down, after the tool's report.
 pub async fn close_connection(conn: lapin::Connection, reason: &str) -> Result<(), lapin::Error> {
-    let closed = conn.close(200, reason).await;
+    let closed = conn.close(200, reason.into()).await;
     let (done, ended) = tokio::sync::oneshot::channel();
     // `run` joins the I/O thread; a plain thread, so a stuck one cannot hold up the runtime.
     std::thread::spawn(move || {

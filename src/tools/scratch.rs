@@ -94,15 +94,17 @@ impl Scratch {
         // A failed delete closes its channel, so each one gets a fresh channel.
         for q in &queues {
             let ch = conn.create_channel().await?;
-            let _ = ch.queue_delete(q, QueueDeleteOptions::default()).await;
-            let _ = ch.close(200, "done").await;
+            let _ = ch
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+            let _ = ch.close(200, "done".into()).await;
         }
         for x in &exchanges {
             let ch = conn.create_channel().await?;
             let _ = ch
-                .exchange_delete(x, ExchangeDeleteOptions::default())
+                .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
                 .await;
-            let _ = ch.close(200, "done").await;
+            let _ = ch.close(200, "done".into()).await;
         }
         crate::tools::close_connection(conn, "done").await
     }

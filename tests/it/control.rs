@@ -39,8 +39,8 @@ impl Rpc {
             .expect("reply queue");
         let replies = ch
             .basic_consume(
-                &reply_queue,
-                "replies",
+                reply_queue.as_str().into(),
+                "replies".into(),
                 BasicConsumeOptions {
                     no_ack: true,
                     ..Default::default()
@@ -75,8 +75,8 @@ impl Rpc {
         }
         self.ch
             .basic_publish(
-                "",
-                &self.control,
+                "".into(),
+                self.control.as_str().into(),
                 BasicPublishOptions::default(),
                 body,
                 props,

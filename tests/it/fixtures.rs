@@ -38,7 +38,7 @@ pub async fn seed<U: AsRef<str>>(env: &TestEnv, users: impl IntoIterator<Item = 
 pub async fn queue_depth(env: &TestEnv, queue: &str) -> u32 {
     let (_conn, ch) = env.amqp_channel().await;
     ch.queue_declare(
-        queue,
+        queue.into(),
         QueueDeclareOptions {
             passive: true,
             ..Default::default()

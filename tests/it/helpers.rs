@@ -223,9 +223,9 @@ impl TestEnv {
             .await
             .expect("tap queue");
         ch.queue_bind(
-            &q,
-            &self.names.events,
-            "#",
+            q.as_str().into(),
+            self.names.events.as_str().into(),
+            "#".into(),
             QueueBindOptions::default(),
             FieldTable::default(),
         )
@@ -233,8 +233,8 @@ impl TestEnv {
         .expect("bind tap");
         let consumer = ch
             .basic_consume(
-                &q,
-                "tap",
+                q.as_str().into(),
+                "tap".into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
@@ -251,8 +251,8 @@ impl TestEnv {
         let (_conn, ch) = self.amqp_channel().await;
         let mut consumer = ch
             .basic_consume(
-                &self.names.dead_queue,
-                "dead-reader",
+                self.names.dead_queue.as_str().into(),
+                "dead-reader".into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
@@ -275,7 +275,10 @@ impl TestEnv {
                     other => format!("{other:?}"),
                 })
                 .unwrap_or_default();
-            d.ack(BasicAckOptions::default()).await.expect("ack");
+            assert!(
+                d.ack(BasicAckOptions::default()).await.expect("ack"),
+                "ack not sent"
+            );
             out.push((d.data.clone(), reason));
         }
         out
@@ -390,19 +393,21 @@ async fn delete_broker_objects(amqp_url: &str, queues: &[&str], exchanges: &[&st
     // A failed deletion closes its channel: each gets a fresh one.
     for q in queues {
         if let Ok(ch) = conn.create_channel().await {
-            let _ = ch.queue_delete(q, QueueDeleteOptions::default()).await;
-            let _ = ch.close(200, "").await;
+            let _ = ch
+                .queue_delete((*q).into(), QueueDeleteOptions::default())
+                .await;
+            let _ = ch.close(200, "".into()).await;
         }
     }
     for x in exchanges {
         if let Ok(ch) = conn.create_channel().await {
             let _ = ch
-                .exchange_delete(x, ExchangeDeleteOptions::default())
+                .exchange_delete((*x).into(), ExchangeDeleteOptions::default())
                 .await;
-            let _ = ch.close(200, "").await;
+            let _ = ch.close(200, "".into()).await;
         }
     }
-    let _ = conn.close(200, "").await;
+    let _ = conn.close(200, "".into()).await;
 }
 
 /// Once per process: drops the test databases, and deletes the test namespaces' queues and
@@ -594,7 +599,10 @@ impl EventTap {
                 .as_ref()
                 .map(|s| s.to_string())
                 .unwrap_or_default();
-            d.ack(BasicAckOptions::default()).await.expect("ack");
+            assert!(
+                d.ack(BasicAckOptions::default()).await.expect("ack"),
+                "ack not sent"
+            );
             out.push((d.routing_key.to_string(), mid, body));
         }
         out

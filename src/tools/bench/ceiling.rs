@@ -50,14 +50,15 @@ pub async fn run(
         ..Default::default()
     };
     let args = input_queue_args(settings);
-    ch.queue_declare(&input, durable, args).await?;
+    ch.queue_declare(input.as_str().into(), durable, args)
+        .await?;
     topology::declare_events_exchange(&ch, &exchange).await?;
-    ch.queue_declare(&sink_queue, durable, FieldTable::default())
+    ch.queue_declare(sink_queue.as_str().into(), durable, FieldTable::default())
         .await?;
     ch.queue_bind(
-        &sink_queue,
-        &exchange,
-        "#",
+        sink_queue.as_str().into(),
+        exchange.as_str().into(),
+        "#".into(),
         QueueBindOptions::default(),
         FieldTable::default(),
     )
@@ -72,13 +73,22 @@ pub async fn run(
 
     // Free the broker before the worker run.
     let _ = ch
-        .queue_delete(&input, lapin::options::QueueDeleteOptions::default())
+        .queue_delete(
+            input.as_str().into(),
+            lapin::options::QueueDeleteOptions::default(),
+        )
         .await;
     let _ = ch
-        .queue_delete(&sink_queue, lapin::options::QueueDeleteOptions::default())
+        .queue_delete(
+            sink_queue.as_str().into(),
+            lapin::options::QueueDeleteOptions::default(),
+        )
         .await;
     let _ = ch
-        .exchange_delete(&exchange, lapin::options::ExchangeDeleteOptions::default())
+        .exchange_delete(
+            exchange.as_str().into(),
+            lapin::options::ExchangeDeleteOptions::default(),
+        )
         .await;
     let _ = crate::tools::close_connection(conn, "done").await;
     Ok(CeilingResult {
@@ -148,8 +158,8 @@ async fn consume(
         .await?;
     let mut deliveries = ch
         .basic_consume(
-            queue,
-            "credit-worker-bench-ceiling",
+            queue.into(),
+            "credit-worker-bench-ceiling".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
@@ -177,8 +187,9 @@ async fn consume(
             .send(usage_events(&batch)?)
             .map_err(|_| anyhow::anyhow!("the event relay stopped"))?;
         if let Some(last) = batch.last() {
-            ch.basic_ack(last.delivery_tag, BasicAckOptions { multiple: true })
-                .await?;
+            if !last.acker.ack(BasicAckOptions { multiple: true }).await? {
+                anyhow::bail!("the bench channel closed before its batch was acked");
+            }
         }
         consumed += batch.len();
     }

@@ -231,8 +231,8 @@ impl Sink {
         let ch = conn.create_channel().await?;
         let mut deliveries = ch
             .basic_consume(
-                queue,
-                "credit-worker-bench-sink",
+                queue.into(),
+                "credit-worker-bench-sink".into(),
                 BasicConsumeOptions {
                     no_ack: true,
                     ..Default::default()
@@ -295,7 +295,7 @@ impl Sink {
                         progress.complete.notify_one();
                     }
                 }
-                let _ = ch.close(200, "done").await;
+                let _ = ch.close(200, "done".into()).await;
                 let _ = crate::tools::close_connection(conn, "done").await;
                 Ok(r)
             }

@@ -101,7 +101,7 @@ async fn start_sink(
 ) -> anyhow::Result<Sink> {
     let sink_queue = scratch.name(WORKER_SINK);
     ch.queue_declare(
-        &sink_queue,
+        sink_queue.as_str().into(),
         QueueDeclareOptions {
             durable: true,
             ..Default::default()
@@ -110,9 +110,9 @@ async fn start_sink(
     )
     .await?;
     ch.queue_bind(
-        &sink_queue,
-        &names.events,
-        "#",
+        sink_queue.as_str().into(),
+        names.events.as_str().into(),
+        "#".into(),
         QueueBindOptions::default(),
         FieldTable::default(),
     )
@@ -206,7 +206,11 @@ async fn wait_for_worker(
     let passive = passive_declare();
     loop {
         let q = ch
-            .queue_declare(&names.input_queue, passive, FieldTable::default())
+            .queue_declare(
+                names.input_queue.as_str().into(),
+                passive,
+                FieldTable::default(),
+            )
             .await?;
         let reached = match awaiting {
             Awaiting::FirstDelivery(n) => (q.message_count() as usize) < n,
@@ -298,7 +302,7 @@ async fn check_queues_empty(
     let passive = passive_declare();
     for q in [&names.input_queue, &names.dead_queue] {
         let left = ch
-            .queue_declare(q, passive, FieldTable::default())
+            .queue_declare(q.as_str().into(), passive, FieldTable::default())
             .await?
             .message_count();
         if left != 0 {
