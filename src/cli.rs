@@ -1,4 +1,4 @@
-//! The command line (SPEC §2). Each command calls the library and prints human output or,
+//! The command line (docs/contract.md §9). Each command calls the library and prints human output or,
 //! with `--json`, the same result objects as the control queue. Exit codes: 0 ok, 1 failure,
 //! 2 usage error.
 

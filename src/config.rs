@@ -17,6 +17,9 @@ use crate::ledger::{LedgerPolicy, RefillPolicy};
 /// The readable source of the defaults, compiled in so the binary runs from any directory.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
+/// Longest `amqp.namespace`: every name it prefixes must stay an AMQP short string.
+const MAX_NAMESPACE_BYTES: usize = 200;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("config: {0}")]
@@ -301,6 +304,11 @@ impl Settings {
         if self.database.max_connections < 2 {
             return bad("database.max_connections", "must be at least 2");
         }
+        // Queue and exchange names are AMQP short strings (≤ 255 bytes) with a suffix of up
+        // to 19 bytes (`node_execution.dead`).
+        if self.amqp.namespace.len() > MAX_NAMESPACE_BYTES {
+            return bad("amqp.namespace", "must be at most 200 bytes");
+        }
         if self.amqp.prefetch == 0 {
             return bad("amqp.prefetch", "must be at least 1");
         }
@@ -434,6 +442,11 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("amqp.prefetch"), "{e}");
+        let long = "n".repeat(201);
+        let e = Settings::load_from(None, &env(&[("CREDIT_WORKER__AMQP__NAMESPACE", &long)]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("amqp.namespace: must be at most 200 bytes"), "{e}");
         let e = Settings::load_from(None, &env(&[("CREDIT_WORKER__REFILL__SCHEDULE", "soon")]))
             .unwrap_err()
             .to_string();

@@ -1,4 +1,4 @@
-//! The events of SPEC §7, built where the ledger decides them and stored in the outbox in the
+//! The events of docs/contract.md §6, built where the ledger decides them and stored in the outbox in the
 //! same transaction. `event_id` is derived from the fact itself, so republishing after a crash
 //! produces the same id and consumers can deduplicate.
 

@@ -23,4 +23,3 @@ pub mod service;
 pub mod signal;
 pub mod telemetry;
 pub mod tools;
-pub mod topology;

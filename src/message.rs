@@ -1,4 +1,4 @@
-//! Decoding of `NodeExecutionEntry` message bodies (AutoGPT's model; SPEC §4).
+//! Decoding of `NodeExecutionEntry` message bodies (AutoGPT's model; docs/contract.md §2).
 //!
 //! [`decode`] turns a body into a fully checked [`NodeExecutionEntry`] or a [`DecodeError`]
 //! naming the offending field. One pass of serde over the body: no intermediate document,

@@ -12,9 +12,9 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::amqp::topology;
 use crate::amqp::{self, Outgoing, PublishError, Publisher};
 use crate::config::Settings;
-use crate::topology;
 
 const CLAIM: &str = "SELECT id, event_id, routing_key, payload::text AS payload, created_at
        FROM credit.outbox WHERE published_at IS NULL
@@ -84,7 +84,7 @@ impl Relay {
         drain: &CancellationToken,
         hard_stop: &CancellationToken,
     ) -> Result<(), RelayError> {
-        let conn = topology::connect(&self.settings.amqp.url, "credit-worker outbox").await?;
+        let conn = crate::amqp::connect(&self.settings.amqp.url, "credit-worker outbox").await?;
         let publisher = Publisher::open(&conn).await?;
         let exchange = self.settings.name(topology::EVENTS);
         topology::declare_events_exchange(publisher.channel(), &exchange).await?;

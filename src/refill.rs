@@ -1,4 +1,4 @@
-//! Monthly refill (contract §6): the cron schedule and the scheduler that runs the sweep at
+//! Monthly refill (docs/contract.md §5): the cron schedule and the scheduler that runs the sweep at
 //! each tick. The sweep itself writes the ledger, so it lives in [`crate::ledger::sweep`].
 
 use std::str::FromStr;

@@ -3,10 +3,11 @@
 
 pub mod publisher;
 pub mod session;
+pub mod topology;
 
 use std::time::Duration;
 
-use lapin::BasicProperties;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
 
 pub use publisher::{Outgoing, PublishError, Publisher};
 pub use session::reconnecting;
@@ -14,6 +15,21 @@ pub use session::reconnecting;
 /// How long one connection attempt may take (TCP and the AMQP handshake): a peer that accepts
 /// TCP but never answers AMQP must not hang a session forever.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Opens a connection on the current tokio runtime, giving up after
+/// [`CONNECT_TIMEOUT`]. lapin's own automatic recovery stays off: the session
+/// loops reconnect, re-declare and re-apply `basic_qos` themselves.
+pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> {
+    let props = ConnectionProperties::default().with_connection_name(name.into());
+    let timeout = CONNECT_TIMEOUT;
+    match tokio::time::timeout(timeout, Connection::connect(url, props)).await {
+        Ok(result) => result,
+        Err(_) => Err(lapin::Error::from(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("AMQP connect timed out after {timeout:?}"),
+        ))),
+    }
+}
 
 /// Persistent JSON: what the worker and its tools publish to the input queue.
 pub fn persistent_json() -> BasicProperties {

@@ -21,10 +21,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
+use crate::amqp::topology::{self, Names};
 use crate::amqp::{self, Outgoing, PublishError, Publisher};
 use crate::config::Settings;
 use crate::telemetry::Health;
-use crate::topology::{self, Names};
 use process::{process_batch, Action, DbDecider};
 
 /// Header naming why a message was dead-lettered.
@@ -71,7 +71,7 @@ impl Consumer {
 
     async fn open(&self) -> Result<Session, lapin::Error> {
         let amqp = &self.settings.amqp;
-        let conn = topology::connect(&amqp.url, "credit-worker consumer").await?;
+        let conn = crate::amqp::connect(&amqp.url, "credit-worker consumer").await?;
         let ch = conn.create_channel().await?;
         let names = topology::declare(&ch, amqp).await?;
         // Applied on every (re)connect: prefetch is per channel.

@@ -21,7 +21,7 @@ pub enum ControlError {
 }
 
 impl ControlError {
-    /// The `error.code` of the reply (SPEC §8).
+    /// The `error.code` of the reply (docs/contract.md §7).
     pub fn code(&self) -> &'static str {
         match self {
             ControlError::BadRequest(_) => "bad_request",

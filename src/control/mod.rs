@@ -1,4 +1,4 @@
-//! The control queue `credit.control` (SPEC §8).
+//! The control queue `credit.control` (docs/contract.md §7).
 //!
 //! Commands are JSON objects named by their `command` field. Each is parsed into a typed
 //! request, authorised by the broker-verified AMQP `user_id`, run, answered on `reply_to` with
@@ -26,9 +26,9 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::amqp::topology;
 use crate::config::Settings;
 use crate::ledger::{Ledger, TxType};
-use crate::topology;
 
 pub use error::ControlError;
 use fields::Fields;
@@ -197,7 +197,7 @@ pub async fn serve(settings: Arc<Settings>, ledger: Ledger, stop: CancellationTo
 
 async fn session(ctx: &Context, stop: &CancellationToken) -> Result<(), SessionError> {
     let amqp = &ctx.settings.amqp;
-    let conn = topology::connect(&amqp.url, "credit-worker control").await?;
+    let conn = crate::amqp::connect(&amqp.url, "credit-worker control").await?;
     let ch = conn.create_channel().await?;
     let names = topology::declare(&ch, amqp).await?;
     ch.basic_qos(PREFETCH, BasicQosOptions::default()).await?;

@@ -10,7 +10,7 @@ use crate::events::{self, ExecutionRef};
 use crate::ledger::{Account, Changes, LedgerError, NewDecision, Outcome, TxType};
 use crate::message::NodeExecutionEntry;
 
-/// The execution fee (contract §4): `amount` on every `every`-th execution of a user's day.
+/// The execution fee (docs/contract.md §3): `amount` on every `every`-th execution of a user's day.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FeePolicy {
     pub every: i64,

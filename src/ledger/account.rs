@@ -43,7 +43,7 @@ pub struct Changes {
     pub events: Vec<NewEvent>,
 }
 
-/// The monthly refill policy (SPEC §6).
+/// The monthly refill policy (docs/contract.md §5).
 #[derive(Debug, Clone, Copy)]
 pub struct RefillPolicy {
     pub target: i64,

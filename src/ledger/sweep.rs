@@ -1,4 +1,4 @@
-//! The monthly refill sweep (contract §6): every account not yet evaluated for a month gets
+//! The monthly refill sweep (docs/contract.md §5): every account not yet evaluated for a month gets
 //! topped up to the target, `chunk` users per transaction.
 
 use std::time::Instant;

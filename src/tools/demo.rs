@@ -21,10 +21,10 @@ use serde_json::{json, Value};
 use sqlx::{PgPool, Row};
 use tokio::time::Instant;
 
+use crate::amqp::topology::{self, Names};
 use crate::config::Settings;
 use crate::ledger::audit::AuditReport;
 use crate::tools::scratch::Scratch;
-use crate::topology::{self, Names};
 
 /// The demo's monthly allowance: small, so one user runs out within a few executions.
 const DEMO_REFILL_TARGET: i64 = 100;
@@ -285,7 +285,7 @@ async fn scenario(demo: &Settings, names: &Names, db_name: &str) -> anyhow::Resu
     // leaving the in-process worker retrying forever.
     let conn = tokio::time::timeout(
         STAGE_TIMEOUT,
-        topology::connect(&demo.amqp.url, "credit-worker demo"),
+        crate::amqp::connect(&demo.amqp.url, "credit-worker demo"),
     )
     .await
     .map_err(|_| anyhow!("amqp.url: the broker did not answer in time"))?

@@ -1,9 +1,9 @@
 //! Publishing NodeExecutionEntry bodies to the input queue, persistently and with publisher
 //! confirms: the `publish` command, the demo and the bench are small graph executors.
 
+use crate::amqp::topology;
 use crate::amqp::{self, Outgoing, Publisher};
 use crate::config::Settings;
-use crate::topology;
 
 /// Confirms awaited together; bounds memory while keeping the broker busy.
 const WINDOW: usize = 1000;
@@ -11,7 +11,7 @@ const WINDOW: usize = 1000;
 /// Publishes `bodies` to the default exchange with the input queue's name as routing key.
 /// Returns how many the broker confirmed.
 pub async fn publish_entries(settings: &Settings, bodies: &[Vec<u8>]) -> anyhow::Result<usize> {
-    let conn = topology::connect(&settings.amqp.url, "credit-worker publish").await?;
+    let conn = crate::amqp::connect(&settings.amqp.url, "credit-worker publish").await?;
     let publisher = Publisher::open(&conn).await?;
     let names = topology::declare(publisher.channel(), &settings.amqp).await?;
     let mut confirmed = 0;

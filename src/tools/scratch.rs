@@ -9,8 +9,8 @@ use std::time::Duration;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection};
 
+use crate::amqp::topology::Names;
 use crate::config::{AmqpSettings, DatabaseSettings, Settings};
-use crate::topology::{self, Names};
 
 pub struct Scratch {
     /// Random; also part of every node_exec_id, so runs never collide.
@@ -86,7 +86,7 @@ impl Scratch {
         extra_exchanges: &[&str],
     ) -> Result<(), lapin::Error> {
         let names = Names::new(&self.namespace);
-        let conn = topology::connect(&self.amqp.url, "credit-worker scratch cleanup").await?;
+        let conn = crate::amqp::connect(&self.amqp.url, "credit-worker scratch cleanup").await?;
         let mut queues = vec![names.input_queue, names.dead_queue, names.control];
         queues.extend(extra_queues.iter().map(|q| self.name(q)));
         let mut exchanges = vec![names.input_exchange, names.dlx, names.events];

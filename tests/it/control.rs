@@ -34,7 +34,7 @@ impl Rpc {
         // amqp_channel declares the topology, so the control queue exists before the worker
         // has started consuming it.
         let (conn, ch) = env.amqp_channel().await;
-        let reply_queue = credit_worker::topology::declare_private_queue(&ch)
+        let reply_queue = credit_worker::amqp::topology::declare_private_queue(&ch)
             .await
             .expect("reply queue");
         let replies = ch

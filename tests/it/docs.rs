@@ -162,7 +162,8 @@ fn quoted(text: &str) -> BTreeSet<String> {
 
 #[test]
 fn contract_names_every_interface_element() {
-    use credit_worker::{events, topology};
+    use credit_worker::amqp::topology;
+    use credit_worker::events;
     let contract = read("docs/contract.md");
     let names = quoted(&contract);
     let mut missing = Vec::new();

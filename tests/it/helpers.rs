@@ -11,9 +11,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use credit_worker::amqp::topology::{self, Names};
 use credit_worker::config::Settings;
 use credit_worker::ledger::Ledger;
-use credit_worker::topology::{self, Names};
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, ExchangeDeleteOptions, QueueBindOptions,
@@ -199,7 +199,7 @@ impl TestEnv {
     }
 
     pub async fn amqp_channel(&self) -> (lapin::Connection, lapin::Channel) {
-        let conn = topology::connect(&self.settings.amqp.url, "test")
+        let conn = credit_worker::amqp::connect(&self.settings.amqp.url, "test")
             .await
             .expect("amqp");
         let ch = conn.create_channel().await.expect("channel");
@@ -387,7 +387,7 @@ async fn drop_databases(admin_url: &str, names: &[String]) {
 
 /// Deletes the queues and exchanges; failures are ignored.
 async fn delete_broker_objects(amqp_url: &str, queues: &[&str], exchanges: &[&str]) {
-    let Ok(conn) = topology::connect(amqp_url, "test cleanup").await else {
+    let Ok(conn) = credit_worker::amqp::connect(amqp_url, "test cleanup").await else {
         return;
     };
     // A failed deletion closes its channel: each gets a fresh one.

@@ -17,11 +17,11 @@ use tokio::sync::mpsc;
 
 use super::traffic::{self, Sink, Traffic};
 use super::{CEILING_EVENTS, CEILING_INPUT, CEILING_SINK};
+use crate::amqp::topology;
 use crate::amqp::{self, Outgoing, Publisher};
 use crate::config::{QueueType, Settings};
 use crate::events::{self, ExecutionRef, NewEvent};
 use crate::tools::scratch::Scratch;
-use crate::topology;
 
 #[derive(Debug)]
 pub struct CeilingResult {
@@ -43,7 +43,7 @@ pub async fn run(
     let exchange = scratch.name(CEILING_EVENTS);
     let sink_queue = scratch.name(CEILING_SINK);
 
-    let conn = topology::connect(url, "credit-worker bench ceiling").await?;
+    let conn = crate::amqp::connect(url, "credit-worker bench ceiling").await?;
     let ch = conn.create_channel().await?;
     let durable = QueueDeclareOptions {
         durable: true,
@@ -152,7 +152,7 @@ async fn consume(
     t: &Traffic,
     events_tx: mpsc::UnboundedSender<Vec<NewEvent>>,
 ) -> anyhow::Result<Instant> {
-    let conn = topology::connect(&settings.amqp.url, "credit-worker bench consumer").await?;
+    let conn = crate::amqp::connect(&settings.amqp.url, "credit-worker bench consumer").await?;
     let ch = conn.create_channel().await?;
     ch.basic_qos(settings.amqp.prefetch, BasicQosOptions::default())
         .await?;
@@ -226,7 +226,7 @@ async fn relay(
     exchange: String,
     mut rx: mpsc::UnboundedReceiver<Vec<NewEvent>>,
 ) -> anyhow::Result<Option<Instant>> {
-    let conn = topology::connect(&url, "credit-worker bench relay").await?;
+    let conn = crate::amqp::connect(&url, "credit-worker bench relay").await?;
     let publisher = Publisher::open(&conn).await?;
     let mut last = None;
     while let Some(mut batch) = rx.recv().await {

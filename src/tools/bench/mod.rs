@@ -1,4 +1,4 @@
-//! `credit-worker bench` (SPEC §9): the worker's end-to-end throughput, latency and memory
+//! `credit-worker bench` (docs/contract.md §10, docs/benchmarks.md): the worker's end-to-end throughput, latency and memory
 //! against the broker-only ceiling of the same traffic, and (`--sweep-users`) the refill sweep.
 //!
 //! Every run works in a namespace `bench-<tag>.` and a database `credit_bench_<tag>` of its

@@ -17,7 +17,6 @@ use tokio_util::sync::CancellationToken;
 use crate::amqp::publisher::confirmed;
 use crate::amqp::{self, Outgoing, PublishError, Publisher};
 use crate::config::Settings;
-use crate::topology;
 
 /// AITextGeneratorBlock with gpt-4-turbo and the platform's OpenAI credential: a paid
 /// execution in the shipped cost table.
@@ -118,7 +117,7 @@ pub async fn publish_backlog(
     traffic: &Traffic,
     bar: &indicatif::ProgressBar,
 ) -> anyhow::Result<(Vec<Instant>, f64)> {
-    let conn = topology::connect(url, "credit-worker bench publisher").await?;
+    let conn = crate::amqp::connect(url, "credit-worker bench publisher").await?;
     let publisher = Publisher::open(&conn).await?;
     let mut published = Vec::with_capacity(traffic.messages);
     let started = Instant::now();
@@ -149,7 +148,7 @@ pub async fn publish_paced(
     rate: f64,
     bar: &indicatif::ProgressBar,
 ) -> anyhow::Result<Instant> {
-    let conn = topology::connect(url, "credit-worker bench publisher").await?;
+    let conn = crate::amqp::connect(url, "credit-worker bench publisher").await?;
     let publisher = Publisher::open(&conn).await?;
     let mut windows: Vec<JoinHandle<Result<usize, PublishError>>> = Vec::new();
     let mut pending = Vec::with_capacity(WINDOW);
@@ -227,7 +226,7 @@ struct EventFields {
 impl Sink {
     /// Consumes `queue` (auto-ack: the sink is measuring equipment, not a system under test).
     pub async fn start(url: &str, queue: &str, traffic: &Traffic) -> anyhow::Result<Sink> {
-        let conn = topology::connect(url, "credit-worker bench sink").await?;
+        let conn = crate::amqp::connect(url, "credit-worker bench sink").await?;
         let ch = conn.create_channel().await?;
         let mut deliveries = ch
             .basic_consume(

@@ -15,11 +15,11 @@ use tokio::task::JoinHandle;
 
 use super::traffic::{self, Latency, Sink, SinkResult, Traffic};
 use super::WORKER_SINK;
+use crate::amqp::topology::{self, Names};
 use crate::config::Settings;
 use crate::ledger::seed;
 use crate::refill::Month;
 use crate::tools::scratch::Scratch;
-use crate::topology::{self, Names};
 
 /// Each user's starting balance: no run can exhaust it, so every message is charged.
 pub const SEED_BALANCE: i64 = 1_000_000_000_000;
@@ -56,7 +56,7 @@ pub async fn run(
 
     // The worker's topology, declared up front so the backlog can be published before the
     // worker starts, plus a queue catching every event.
-    let conn = topology::connect(url, "credit-worker bench").await?;
+    let conn = crate::amqp::connect(url, "credit-worker bench").await?;
     let ch = conn.create_channel().await?;
     let names = topology::declare(&ch, &scratch.amqp).await?;
     let sink = start_sink(url, scratch, t, &ch, &names).await?;

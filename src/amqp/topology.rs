@@ -1,9 +1,9 @@
-//! RabbitMQ names and declarations (SPEC §4, §7, §8). Every exchange and queue name carries
+//! RabbitMQ names and declarations (docs/contract.md §1, §6, §7). Every exchange and queue name carries
 //! `amqp.namespace`; routing keys do not.
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{Channel, ExchangeKind};
 
 use crate::config::{AmqpSettings, QueueType};
 
@@ -36,21 +36,6 @@ impl Names {
             events: n(EVENTS),
             control: n(CONTROL),
         }
-    }
-}
-
-/// Opens a connection on the current tokio runtime, giving up after
-/// [`crate::amqp::CONNECT_TIMEOUT`]. lapin's own automatic recovery stays off: the session
-/// loops reconnect, re-declare and re-apply `basic_qos` themselves.
-pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> {
-    let props = ConnectionProperties::default().with_connection_name(name.into());
-    let timeout = crate::amqp::CONNECT_TIMEOUT;
-    match tokio::time::timeout(timeout, Connection::connect(url, props)).await {
-        Ok(result) => result,
-        Err(_) => Err(lapin::Error::from(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!("AMQP connect timed out after {timeout:?}"),
-        ))),
     }
 }
 
