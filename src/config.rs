@@ -446,7 +446,10 @@ mod tests {
         let e = Settings::load_from(None, &env(&[("CREDIT_WORKER__AMQP__NAMESPACE", &long)]))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("amqp.namespace: must be at most 200 bytes"), "{e}");
+        assert!(
+            e.contains("amqp.namespace: must be at most 200 bytes"),
+            "{e}"
+        );
         let e = Settings::load_from(None, &env(&[("CREDIT_WORKER__REFILL__SCHEDULE", "soon")]))
             .unwrap_err()
             .to_string();

@@ -3,7 +3,7 @@
 //! decision has its USAGE row; every ledger row has its balance.changed event in the outbox.
 
 use serde::Serialize;
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Mismatch {
@@ -76,64 +76,105 @@ const COUNTS: &str = "SELECT (SELECT count(*) FROM credit.balances) AS users,
        (SELECT count(*) FROM credit.decisions) AS decisions,
        (SELECT count(*) FROM credit.outbox WHERE published_at IS NULL) AS unpublished";
 
+#[derive(sqlx::FromRow)]
+struct BalanceMismatch {
+    user_id: String,
+    balance: i64,
+    last_seq: i64,
+    total: i64,
+    n: i64,
+    max_seq: i64,
+    last_running: Option<i64>,
+}
+
+#[derive(sqlx::FromRow)]
+struct ChainBreak {
+    user_id: String,
+    seq: i64,
+    running_balance: i64,
+    expected: i64,
+}
+
+/// A ledger row (`seq`) or a decision (`node_exec_id`) missing its counterpart.
+#[derive(sqlx::FromRow)]
+struct Orphan {
+    user_id: String,
+    #[sqlx(default)]
+    seq: i64,
+    #[sqlx(default)]
+    node_exec_id: String,
+}
+
+#[derive(sqlx::FromRow)]
+struct Counts {
+    users: i64,
+    transactions: i64,
+    decisions: i64,
+    unpublished: i64,
+}
+
+async fn orphans(
+    pool: &PgPool,
+    sql: &str,
+    problem: impl Fn(&Orphan) -> String,
+) -> Result<Vec<Mismatch>, sqlx::Error> {
+    let rows: Vec<Orphan> = sqlx::query_as(sql).fetch_all(pool).await?;
+    Ok(rows
+        .iter()
+        .map(|r| Mismatch {
+            user_id: r.user_id.clone(),
+            problem: problem(r),
+        })
+        .collect())
+}
+
 pub async fn run(pool: &PgPool) -> Result<AuditReport, sqlx::Error> {
     let mut mismatches = Vec::new();
-    for r in sqlx::query(BALANCES_VS_LEDGER).fetch_all(pool).await? {
-        let last: Option<i64> = r.try_get("last_running")?;
-        mismatches.push(Mismatch {
-            user_id: r.try_get("user_id")?,
-            problem: format!(
-                "balance {} / last_seq {} vs ledger sum {} over {} rows (max seq {}, last running balance {})",
-                r.try_get::<i64, _>("balance")?,
-                r.try_get::<i64, _>("last_seq")?,
-                r.try_get::<i64, _>("total")?,
-                r.try_get::<i64, _>("n")?,
-                r.try_get::<i64, _>("max_seq")?,
-                last.map_or_else(|| "none".to_owned(), |v| v.to_string()),
-            ),
-        });
-    }
-    for r in sqlx::query(RUNNING_CHAIN).fetch_all(pool).await? {
-        mismatches.push(Mismatch {
-            user_id: r.try_get("user_id")?,
-            problem: format!(
-                "seq {}: running balance {} but previous + amount = {}",
-                r.try_get::<i64, _>("seq")?,
-                r.try_get::<i64, _>("running_balance")?,
-                r.try_get::<i64, _>("expected")?,
-            ),
-        });
-    }
-    for r in sqlx::query(ORPHAN_ROWS).fetch_all(pool).await? {
-        mismatches.push(Mismatch {
-            user_id: r.try_get("user_id")?,
-            problem: format!("seq {} has no balance row", r.try_get::<i64, _>("seq")?),
-        });
-    }
-    for r in sqlx::query(CHARGED_WITHOUT_ROW).fetch_all(pool).await? {
-        mismatches.push(Mismatch {
-            user_id: r.try_get("user_id")?,
-            problem: format!(
-                "decision {} has no matching USAGE row",
-                r.try_get::<String, _>("node_exec_id")?
-            ),
-        });
-    }
-    for r in sqlx::query(ROW_WITHOUT_EVENT).fetch_all(pool).await? {
-        mismatches.push(Mismatch {
-            user_id: r.try_get("user_id")?,
-            problem: format!(
-                "seq {} has no balance.changed event",
-                r.try_get::<i64, _>("seq")?
-            ),
-        });
-    }
-    let c = sqlx::query(COUNTS).fetch_one(pool).await?;
+    let rows: Vec<BalanceMismatch> = sqlx::query_as(BALANCES_VS_LEDGER).fetch_all(pool).await?;
+    mismatches.extend(rows.into_iter().map(|r| Mismatch {
+        problem: format!(
+            "balance {} / last_seq {} vs ledger sum {} over {} rows (max seq {}, last running balance {})",
+            r.balance,
+            r.last_seq,
+            r.total,
+            r.n,
+            r.max_seq,
+            r.last_running.map_or_else(|| "none".to_owned(), |v| v.to_string()),
+        ),
+        user_id: r.user_id,
+    }));
+    let rows: Vec<ChainBreak> = sqlx::query_as(RUNNING_CHAIN).fetch_all(pool).await?;
+    mismatches.extend(rows.into_iter().map(|r| Mismatch {
+        problem: format!(
+            "seq {}: running balance {} but previous + amount = {}",
+            r.seq, r.running_balance, r.expected
+        ),
+        user_id: r.user_id,
+    }));
+    mismatches.extend(
+        orphans(pool, ORPHAN_ROWS, |r| {
+            format!("seq {} has no balance row", r.seq)
+        })
+        .await?,
+    );
+    mismatches.extend(
+        orphans(pool, CHARGED_WITHOUT_ROW, |r| {
+            format!("decision {} has no matching USAGE row", r.node_exec_id)
+        })
+        .await?,
+    );
+    mismatches.extend(
+        orphans(pool, ROW_WITHOUT_EVENT, |r| {
+            format!("seq {} has no balance.changed event", r.seq)
+        })
+        .await?,
+    );
+    let c: Counts = sqlx::query_as(COUNTS).fetch_one(pool).await?;
     Ok(AuditReport {
-        users: c.try_get("users")?,
-        transactions: c.try_get("transactions")?,
-        decisions: c.try_get("decisions")?,
-        unpublished_events: c.try_get("unpublished")?,
+        users: c.users,
+        transactions: c.transactions,
+        decisions: c.decisions,
+        unpublished_events: c.unpublished,
         mismatches,
     })
 }

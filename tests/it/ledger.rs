@@ -498,3 +498,56 @@ async fn sweep_refills_each_user_once_even_when_run_twice_at_once() {
     env.assert_audit_clean().await;
     env.cleanup().await;
 }
+
+/// The audit names each kind of damage: a balance off its ledger, a broken running-balance
+/// chain, a ledger row without its balance row, a charge without its row, a row without its
+/// event. (The schema refuses most of these, so the test switches its guards off first.)
+#[tokio::test]
+async fn audit_reports_every_kind_of_mismatch() {
+    let env = TestEnv::with(no_refill).await;
+    seed(&env, ["a", "b"], 100).await;
+    spend_entry(&env, platform_gpt4("a", "n-1"), Utc::now()).await;
+    env.assert_audit_clean().await;
+    for sql in [
+        "ALTER TABLE credit.transactions DISABLE TRIGGER transactions_append_only",
+        "ALTER TABLE credit.transactions DROP CONSTRAINT transactions_user_id_fkey",
+        "UPDATE credit.balances SET balance = balance + 5 WHERE user_id = 'b'",
+        "UPDATE credit.transactions SET running_balance = 91 WHERE user_id = 'a' AND seq = 2",
+        "INSERT INTO credit.transactions (user_id, seq, transaction_key, type, amount, running_balance)
+              VALUES ('ghost', 1, 'G', 'GRANT', 1, 1)",
+        "INSERT INTO credit.decisions (node_exec_id, user_id, block_id, graph_exec_id, outcome, cost, transaction_key)
+              VALUES ('n-2', 'a', 'x', 'g', 'charged', 10, 'USAGE-n-2')",
+        "DELETE FROM credit.outbox WHERE event_id = 'balance.changed:b:SEED'",
+    ] {
+        sqlx::query(sql).execute(&env.pool).await.expect(sql);
+    }
+    let report = credit_worker::ledger::audit::run(&env.pool)
+        .await
+        .expect("audit");
+    let mut found: Vec<(String, String)> = report
+        .mismatches
+        .into_iter()
+        .map(|m| (m.user_id, m.problem))
+        .collect();
+    found.sort();
+    let expect = |u: &str, p: &str| (u.to_owned(), p.to_owned());
+    assert_eq!(
+        found,
+        vec![
+            expect(
+                "a",
+                "balance 90 / last_seq 2 vs ledger sum 90 over 2 rows (max seq 2, last running balance 91)"
+            ),
+            expect("a", "decision n-2 has no matching USAGE row"),
+            expect("a", "seq 2: running balance 91 but previous + amount = 90"),
+            expect(
+                "b",
+                "balance 105 / last_seq 1 vs ledger sum 100 over 1 rows (max seq 1, last running balance 100)"
+            ),
+            expect("b", "seq 1 has no balance.changed event"),
+            expect("ghost", "seq 1 has no balance row"),
+            expect("ghost", "seq 1 has no balance.changed event"),
+        ]
+    );
+    env.cleanup().await;
+}
