@@ -20,7 +20,7 @@ use crate::refill::Month;
     version,
     about = "Bills AI-workflow node executions in credits"
 )]
-pub struct Cli {
+pub(crate) struct Cli {
     #[command(flatten)]
     pub global: Global,
     #[command(subcommand)]
@@ -28,7 +28,7 @@ pub struct Cli {
 }
 
 #[derive(Debug, Args)]
-pub struct Global {
+pub(crate) struct Global {
     /// Configuration file (overrides the built-in defaults; env CREDIT_WORKER_CONFIG).
     #[arg(long, global = true, value_name = "PATH")]
     pub config: Option<PathBuf>,
@@ -124,7 +124,7 @@ pub fn main() -> ExitCode {
 /// An error and its causes for a person, each cause once. Many error types (this crate's,
 /// sqlx's) put their source's text in their own message ("database: {0}") and also expose it
 /// as `source()`, so `{:#}` would print such a cause twice ("database: X: X").
-pub fn error_text(e: &anyhow::Error) -> String {
+pub(crate) fn error_text(e: &anyhow::Error) -> String {
     let mut text = String::new();
     for cause in e.chain() {
         let message = cause.to_string();

@@ -15,7 +15,7 @@ use crate::decide::{FeePolicy, Pricing};
 use crate::ledger::{LedgerPolicy, RefillPolicy};
 
 /// The readable source of the defaults, compiled in so the binary runs from any directory.
-pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+pub(crate) const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
 /// Longest `amqp.namespace`: every name it prefixes must stay an AMQP short string.
 const MAX_NAMESPACE_BYTES: usize = 200;
@@ -235,7 +235,7 @@ impl Settings {
     }
 
     /// `Some` when refills are enabled.
-    pub fn refill_policy(&self) -> Option<RefillPolicy> {
+    pub(crate) fn refill_policy(&self) -> Option<RefillPolicy> {
         self.refill.enabled.then_some(RefillPolicy {
             target: self.refill.target,
         })

@@ -185,7 +185,7 @@ impl CostTable {
     }
 
     /// Number of blocks with an entry list.
-    pub fn block_count(&self) -> usize {
+    pub(crate) fn block_count(&self) -> usize {
         self.blocks.len()
     }
 }
@@ -243,7 +243,7 @@ fn floor_mul(x: f64, n: i64) -> Option<i64> {
 /// If either side is not an object: Python `==` (see [`py_eq`]). If both are: every filter
 /// key k needs (input[k] falsy AND filter[k] falsy) OR (input[k] truthy AND input[k] matches
 /// filter[k]); input keys the filter does not name are ignored.
-pub fn filter_matches(filter: &Value, input: &Value) -> bool {
+pub(crate) fn filter_matches(filter: &Value, input: &Value) -> bool {
     match (filter, input) {
         (Value::Object(f), Value::Object(i)) => object_matches(f, i),
         _ => py_eq(filter, input),
@@ -263,7 +263,7 @@ fn object_matches(filter: &Map<String, Value>, input: &Map<String, Value>) -> bo
 }
 
 /// Python truthiness of an input value: missing, null, false, 0, 0.0, "", [] and {} are falsy.
-pub fn is_falsy(v: Option<&Value>) -> bool {
+pub(crate) fn is_falsy(v: Option<&Value>) -> bool {
     match v {
         None | Some(Value::Null) => true,
         Some(Value::Bool(b)) => !b,

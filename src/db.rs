@@ -16,10 +16,10 @@ pub struct DatabaseSettings {
     pub statement_timeout_ms: u64,
 }
 
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+pub(crate) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Creates the database if missing. Two processes racing to create it is fine.
-pub async fn ensure_database(url: &str) -> Result<(), sqlx::Error> {
+pub(crate) async fn ensure_database(url: &str) -> Result<(), sqlx::Error> {
     if Postgres::database_exists(url).await? {
         return Ok(());
     }
@@ -66,7 +66,7 @@ pub async fn connect_and_migrate(settings: &DatabaseSettings) -> Result<PgPool, 
 /// 42 syntax/undefined object, 2B/P0 raised by our triggers, and decode failures); lost or
 /// refused connections, a database not accepting connections, deadlocks, timeouts and
 /// shutdowns all clear by themselves, so the work is retried rather than given up.
-pub fn is_transient(e: &sqlx::Error) -> bool {
+pub(crate) fn is_transient(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Database(db) => !db.code().is_some_and(|c| {
             ["22", "23", "42", "2B", "P0"]
@@ -87,6 +87,6 @@ pub fn is_transient(e: &sqlx::Error) -> bool {
 }
 
 /// True when the database answers a trivial query (readiness).
-pub async fn ping(pool: &PgPool) -> bool {
+pub(crate) async fn ping(pool: &PgPool) -> bool {
     sqlx::query("SELECT 1").execute(pool).await.is_ok()
 }

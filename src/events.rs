@@ -68,7 +68,7 @@ pub fn balance_changed(
 }
 
 /// `charge.rejected`: the decision for a node execution, so one per `node_exec_id`.
-pub fn charge_rejected(
+pub(crate) fn charge_rejected(
     user_id: &str,
     node_exec_id: &str,
     graph_exec_id: &str,
@@ -94,7 +94,7 @@ pub fn charge_rejected(
 }
 
 /// `balance.low`: the debit whose ledger row has `seq` crossed the threshold.
-pub fn balance_low(
+pub(crate) fn balance_low(
     user_id: &str,
     seq: i64,
     balance: i64,

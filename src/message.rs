@@ -13,9 +13,9 @@ use serde_json::{Map, Value};
 use crate::cost::Stats;
 
 /// Largest accepted body.
-pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+pub(crate) const MAX_BODY_BYTES: usize = 1024 * 1024;
 /// Longest accepted id, in UTF-8 bytes.
-pub const MAX_ID_BYTES: usize = 255;
+pub(crate) const MAX_ID_BYTES: usize = 255;
 
 /// A decoded, checked node execution.
 #[derive(Debug, Clone, serde::Serialize)]

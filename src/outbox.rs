@@ -25,10 +25,10 @@ const MARK: &str = "UPDATE credit.outbox SET published_at = now() WHERE id = ANY
 const BACKLOG: &str = "SELECT count(*) AS n FROM credit.outbox WHERE published_at IS NULL";
 
 /// Events published per transaction.
-pub const BATCH: i64 = 1000;
+pub(crate) const BATCH: i64 = 1000;
 
 #[derive(Debug, thiserror::Error)]
-pub enum RelayError {
+pub(crate) enum RelayError {
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
     #[error("broker: {0}")]
@@ -50,7 +50,7 @@ struct Claimed {
     created_at: DateTime<Utc>,
 }
 
-pub struct Relay {
+pub(crate) struct Relay {
     pub settings: Arc<Settings>,
     pub pool: PgPool,
 }
@@ -121,7 +121,7 @@ impl Relay {
 }
 
 /// Publishes up to `limit` events in one transaction; returns how many.
-pub async fn publish_batch(
+pub(crate) async fn publish_batch(
     pool: &PgPool,
     publisher: &Publisher,
     exchange: &str,

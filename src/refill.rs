@@ -24,13 +24,13 @@ impl Schedule {
     }
 
     /// The first tick strictly after `at`.
-    pub fn next_after(&self, at: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    pub(crate) fn next_after(&self, at: DateTime<Utc>) -> Option<DateTime<Utc>> {
         self.0.after(&at).next()
     }
 
     /// The latest tick at or before `at` within the same month, if any: a sweep that should
     /// already have run this month.
-    pub fn due_this_month(&self, at: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    pub(crate) fn due_this_month(&self, at: DateTime<Utc>) -> Option<DateTime<Utc>> {
         let month = Month::of(at);
         let start =
             month.first_day().and_hms_opt(0, 0, 0)?.and_utc() - chrono::Duration::seconds(1);
@@ -47,7 +47,7 @@ pub trait Clock: Send + Sync + 'static {
 
 /// The system clock.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct SystemClock;
+pub(crate) struct SystemClock;
 
 impl Clock for SystemClock {
     fn now(&self) -> DateTime<Utc> {
@@ -90,7 +90,7 @@ impl Clock for ManualClock {
 
 /// What the scheduler needs: where, what, and how often.
 #[derive(Clone)]
-pub struct Scheduler {
+pub(crate) struct Scheduler {
     pub pool: PgPool,
     pub policy: RefillPolicy,
     pub schedule: Schedule,

@@ -7,7 +7,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio_util::sync::CancellationToken;
 
 /// 50 ms doubling up to 5 s, with jitter, forever.
-pub fn backoff() -> impl Iterator<Item = Duration> {
+pub(crate) fn backoff() -> impl Iterator<Item = Duration> {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(50))
         .with_max_delay(Duration::from_secs(5))
@@ -17,7 +17,7 @@ pub fn backoff() -> impl Iterator<Item = Duration> {
 }
 
 /// Sleeps for the next delay of `delays`; false when `cancel` fired first.
-pub async fn pause(
+pub(crate) async fn pause(
     delays: &mut impl Iterator<Item = Duration>,
     cancel: &CancellationToken,
 ) -> bool {

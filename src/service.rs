@@ -34,7 +34,10 @@ pub fn load_costs(settings: &Settings) -> anyhow::Result<CostTable> {
 
 /// Connects to PostgreSQL (creating and migrating the database), retrying transient failures
 /// until `stop` fires.
-pub async fn connect_db(settings: &Settings, stop: &CancellationToken) -> anyhow::Result<PgPool> {
+pub(crate) async fn connect_db(
+    settings: &Settings,
+    stop: &CancellationToken,
+) -> anyhow::Result<PgPool> {
     let mut delays = crate::retry::backoff();
     loop {
         match crate::db::connect_and_migrate(&settings.database).await {
@@ -72,7 +75,7 @@ impl Worker {
 
     /// [`Worker::start`] under a caller's shutdown token, so a signal that arrives while the
     /// database is still unreachable stops the start-up too.
-    pub async fn start_with(
+    pub(crate) async fn start_with(
         settings: Settings,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Worker> {

@@ -19,7 +19,7 @@ use crate::config::LogFormat;
 
 /// Installs the global subscriber; later calls are no-ops (tests start many workers).
 /// `default` applies when RUST_LOG is unset.
-pub fn init_logging(format: LogFormat, default: &str) {
+pub(crate) fn init_logging(format: LogFormat, default: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     // Colour only for a person: escape codes in a log file or a pipe are noise.
     let builder = tracing_subscriber::fmt()
@@ -67,7 +67,7 @@ impl Health {
         Arc::new(Health::default())
     }
     /// Topology declared and basic.consume accepted (true), or the session ended (false).
-    pub fn set_consuming(&self, on: bool) {
+    pub(crate) fn set_consuming(&self, on: bool) {
         self.consuming.store(on, Ordering::SeqCst);
         metrics::gauge!("credit_consuming").set(if on { 1.0 } else { 0.0 });
     }
@@ -75,10 +75,10 @@ impl Health {
         self.consuming.load(Ordering::SeqCst)
     }
     /// The outbox relay task is running (true) or has ended (false).
-    pub fn set_relaying(&self, on: bool) {
+    pub(crate) fn set_relaying(&self, on: bool) {
         self.relaying.store(on, Ordering::SeqCst);
     }
-    pub fn relaying(&self) -> bool {
+    pub(crate) fn relaying(&self) -> bool {
         self.relaying.load(Ordering::SeqCst)
     }
 }
@@ -91,7 +91,7 @@ struct HttpState {
 }
 
 /// Serves the endpoints on a bound listener until `cancel` fires.
-pub async fn serve_on(
+pub(crate) async fn serve_on(
     listener: tokio::net::TcpListener,
     health: Arc<Health>,
     pool: PgPool,

@@ -2,7 +2,7 @@
 //! the reconnecting session loop, the confirmed publisher, and the properties messages carry.
 
 pub mod publisher;
-pub mod session;
+pub(crate) mod session;
 pub mod topology;
 
 use std::time::Duration;
@@ -10,11 +10,11 @@ use std::time::Duration;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 
 pub use publisher::{Outgoing, PublishError, Publisher};
-pub use session::reconnecting;
+pub(crate) use session::reconnecting;
 
 /// How long one connection attempt may take (TCP and the AMQP handshake): a peer that accepts
 /// TCP but never answers AMQP must not hang a session forever.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Opens a connection on the current tokio runtime, giving up after
 /// [`CONNECT_TIMEOUT`]. lapin's own automatic recovery stays off: the session

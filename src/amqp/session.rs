@@ -14,7 +14,7 @@ const HEALTHY: Duration = Duration::from_secs(30);
 
 /// Runs `session` until it returns `Ok` or `stop` fires; `what` names it in logs and metrics.
 /// Returns whether it ended cleanly (false when stopped while waiting to reconnect).
-pub async fn reconnecting<F, Fut, E>(
+pub(crate) async fn reconnecting<F, Fut, E>(
     what: &'static str,
     stop: &CancellationToken,
     mut session: F,

@@ -16,7 +16,7 @@ use crate::message::{self, NodeExecutionEntry};
 
 /// What to do with one delivery once its batch is decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action {
+pub(crate) enum Action {
     /// Decided (or a duplicate): ack.
     Ack,
     /// Cannot be decided: republish to the dead letters with `reason`, then ack.
@@ -25,7 +25,7 @@ pub enum Action {
 
 /// The ids a message's log lines carry, as far as the body tells them.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-pub struct MessageIds {
+pub(crate) struct MessageIds {
     #[serde(default, deserialize_with = "lenient")]
     pub node_exec_id: Option<String>,
     #[serde(default, deserialize_with = "lenient")]
@@ -42,7 +42,7 @@ fn lenient<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::
 
 impl MessageIds {
     /// Reads the ids of a body that may not decode.
-    pub fn peek(body: &[u8]) -> MessageIds {
+    pub(crate) fn peek(body: &[u8]) -> MessageIds {
         serde_json::from_slice(body).unwrap_or_default()
     }
 
@@ -54,7 +54,7 @@ impl MessageIds {
     }
 
     /// The span every log line about this message is written in.
-    pub fn span(&self) -> Span {
+    pub(crate) fn span(&self) -> Span {
         tracing::info_span!(
             "message",
             node_exec_id = self.node_exec_id.as_deref().unwrap_or("?"),
@@ -64,7 +64,7 @@ impl MessageIds {
 }
 
 /// Decides entries in one transaction (the database in production, memory in tests).
-pub trait Decider: Send + Sync {
+pub(crate) trait Decider: Send + Sync {
     fn decide(
         &self,
         entries: &[NodeExecutionEntry],
@@ -87,7 +87,7 @@ impl Decider for DbDecider {
 /// Processes one batch: one action per body, in order, with the ids its log lines carry.
 /// `None` when `stop` fired while a transient fault was being retried: nothing was decided,
 /// and nothing may be acked.
-pub async fn process_batch(
+pub(crate) async fn process_batch(
     decider: &impl Decider,
     bodies: &[&[u8]],
     stop: &CancellationToken,

@@ -32,7 +32,7 @@ impl ControlError {
         }
     }
 
-    pub fn is_transient(&self) -> bool {
+    pub(crate) fn is_transient(&self) -> bool {
         matches!(
             self,
             ControlError::Internal {

@@ -62,7 +62,7 @@ impl<'a> Fields<'a> {
             .ok_or_else(|| ControlError::bad_request(format!("{name}: missing")))
     }
 
-    pub fn opt_string(&self, name: &str) -> Result<Option<&'a str>, ControlError> {
+    pub(crate) fn opt_string(&self, name: &str) -> Result<Option<&'a str>, ControlError> {
         match self.get(name) {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s)),
@@ -95,7 +95,7 @@ impl<'a> Fields<'a> {
     }
 
     /// An optional integer; anything beyond i64 is a bad request (it is not an amount).
-    pub fn opt_integer(&self, name: &str) -> Result<Option<i64>, ControlError> {
+    pub(crate) fn opt_integer(&self, name: &str) -> Result<Option<i64>, ControlError> {
         match self.get(name) {
             None => Ok(None),
             Some(Value::Number(n)) => match integer(n) {

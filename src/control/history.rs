@@ -8,7 +8,7 @@ use super::fields::Fields;
 use super::{to_result, Context, ControlError};
 use crate::ledger::Transaction;
 
-pub const DEFAULT_LIMIT: i64 = 50;
+pub(crate) const DEFAULT_LIMIT: i64 = 50;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {

@@ -34,7 +34,7 @@ pub use error::ControlError;
 use fields::Fields;
 
 /// Larger bodies are refused unread: no command needs more.
-pub const MAX_BODY_BYTES: usize = 1 << 20;
+pub(crate) const MAX_BODY_BYTES: usize = 1 << 20;
 
 /// Attempts of a command that fails on a transient database fault before `internal`. Few:
 /// the operator is waiting for an answer and can resend (keyed commands are idempotent).
@@ -44,7 +44,8 @@ const ATTEMPTS: usize = 3;
 const PREFETCH: u16 = 16;
 
 /// Every command name; anything else is counted as "unknown" so metrics labels stay bounded.
-pub const COMMANDS: [&str; 6] = ["refill", "top_up", "grant", "balance", "history", "outcome"];
+pub(crate) const COMMANDS: [&str; 6] =
+    ["refill", "top_up", "grant", "balance", "history", "outcome"];
 
 /// What the commands run against.
 #[derive(Clone)]
@@ -128,7 +129,7 @@ pub(crate) fn to_result(v: &impl Serialize) -> Result<Value, ControlError> {
 }
 
 /// The reply body: `{"ok": true, "result": …}` or `{"ok": false, "error": {code, message}}`.
-pub fn reply_body(result: &Result<Value, ControlError>) -> Value {
+pub(crate) fn reply_body(result: &Result<Value, ControlError>) -> Value {
     match result {
         Ok(r) => json!({"ok": true, "result": r}),
         Err(e) => json!({"ok": false, "error": {"code": e.code(), "message": e.to_string()}}),
@@ -190,7 +191,7 @@ enum SessionError {
 }
 
 /// Answers control commands until `stop` fires, reconnecting after broker faults.
-pub async fn serve(settings: Arc<Settings>, ledger: Ledger, stop: CancellationToken) {
+pub(crate) async fn serve(settings: Arc<Settings>, ledger: Ledger, stop: CancellationToken) {
     let ctx = Context { settings, ledger };
     crate::amqp::reconnecting("control", &stop, || session(&ctx, &stop)).await;
 }

@@ -59,7 +59,7 @@ impl<'a> Batch<'a> {
     }
 
     /// Stage 2: within the batch, the first delivery of a node_exec_id is the one that counts.
-    pub fn dedupe(&mut self) {
+    pub(crate) fn dedupe(&mut self) {
         let mut seen: HashSet<&str> = HashSet::with_capacity(self.entries.len());
         for (e, state) in self.entries.iter().zip(self.states.iter_mut()) {
             if let State::Pending(price) = state {
@@ -86,13 +86,13 @@ impl<'a> Batch<'a> {
         users
     }
 
-    pub fn pending_ids(&self) -> Vec<&'a str> {
+    pub(crate) fn pending_ids(&self) -> Vec<&'a str> {
         let set: HashSet<&str> = self.pending().map(|e| e.node_exec_id.as_str()).collect();
         set.into_iter().collect()
     }
 
     /// Stage 3 (after the lookup): entries decided before are duplicates.
-    pub fn mark_earlier(&mut self, earlier: &[EarlierDecision]) {
+    pub(crate) fn mark_earlier(&mut self, earlier: &[EarlierDecision]) {
         if earlier.is_empty() {
             return;
         }
@@ -110,7 +110,7 @@ impl<'a> Batch<'a> {
 
     /// Stage 4: applies the pending entries to their accounts in delivery order. An entry
     /// whose account is missing or whose charge cannot be computed becomes invalid alone.
-    pub fn apply(
+    pub(crate) fn apply(
         &mut self,
         accounts: &mut HashMap<String, Account>,
         pricing: &Pricing,

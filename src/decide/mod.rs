@@ -11,6 +11,7 @@
 
 mod apply;
 mod batch;
+#[cfg(test)]
 mod memory;
 
 use sqlx::PgPool;
@@ -23,7 +24,8 @@ use crate::ledger::{store, LedgerError, LedgerPolicy};
 use crate::message::NodeExecutionEntry;
 pub use apply::FeePolicy;
 use batch::Batch;
-pub use memory::MemoryLedger;
+#[cfg(test)]
+pub(crate) use memory::MemoryLedger;
 
 /// What happened to one entry of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,7 +65,7 @@ pub enum DecideError {
 }
 
 impl DecideError {
-    pub fn is_transient(&self) -> bool {
+    pub(crate) fn is_transient(&self) -> bool {
         match self {
             DecideError::Db(e) => crate::db::is_transient(e),
             DecideError::Ledger(e) => e.is_transient(),

@@ -12,7 +12,7 @@ use crate::events::{self, ExecutionRef, NewEvent};
 
 /// A locked balance row.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
-pub struct Account {
+pub(crate) struct Account {
     pub user_id: String,
     pub balance: i64,
     pub last_seq: i64,
@@ -26,7 +26,7 @@ pub struct Account {
 
 /// A ledger row to insert.
 #[derive(Debug, Clone, PartialEq)]
-pub struct NewTransaction {
+pub(crate) struct NewTransaction {
     pub user_id: String,
     pub seq: i64,
     pub transaction_key: String,
@@ -38,7 +38,7 @@ pub struct NewTransaction {
 
 /// Everything one database transaction will write besides the balance rows.
 #[derive(Debug, Default, Clone, PartialEq)]
-pub struct Changes {
+pub(crate) struct Changes {
     pub transactions: Vec<NewTransaction>,
     pub events: Vec<NewEvent>,
 }
@@ -50,7 +50,9 @@ pub struct RefillPolicy {
 }
 
 impl Account {
-    pub fn new(user_id: String) -> Self {
+    /// A user without a balance row yet (as the database creates it).
+    #[cfg(test)]
+    pub(crate) fn new(user_id: String) -> Self {
         Account {
             user_id,
             balance: 0,
@@ -63,7 +65,7 @@ impl Account {
     }
 
     /// The balance after posting `amount`, or why it cannot be posted.
-    pub fn checked_balance(&self, amount: i64) -> Result<i64, LedgerError> {
+    pub(crate) fn checked_balance(&self, amount: i64) -> Result<i64, LedgerError> {
         let next = self
             .balance
             .checked_add(amount)
@@ -84,7 +86,7 @@ impl Account {
 
     /// Appends one ledger row and its balance.changed event. Nothing changes on error.
     #[allow(clippy::too_many_arguments)]
-    pub fn post(
+    pub(crate) fn post(
         &mut self,
         changes: &mut Changes,
         tx_type: TxType,
@@ -123,7 +125,7 @@ impl Account {
 
     /// The `balance.low` event owed when the debits since the balance was `before` took it
     /// from at or above `threshold` to below it; `seq` is the last of those debits' rows.
-    pub fn low_balance_crossing(
+    pub(crate) fn low_balance_crossing(
         &self,
         before: i64,
         seq: i64,

@@ -23,7 +23,7 @@ impl Outcome {
 
 /// A decision to insert.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NewDecision {
+pub(crate) struct NewDecision {
     pub node_exec_id: String,
     pub user_id: String,
     pub block_id: String,
@@ -39,7 +39,7 @@ pub struct NewDecision {
 
 /// Who an earlier decision was for: enough to tell a redelivery from a conflicting one.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
-pub struct EarlierDecision {
+pub(crate) struct EarlierDecision {
     pub node_exec_id: String,
     pub user_id: String,
     pub block_id: String,

@@ -2,7 +2,7 @@
 //! that locks the user's balance row, applies the lazy monthly refill when due, posts the
 //! rows, and writes their outbox events. Keys make every write idempotent.
 
-pub mod account;
+pub(crate) mod account;
 pub mod audit;
 pub mod decision;
 pub mod month;
@@ -15,15 +15,20 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 
-pub use account::{Account, Changes, NewTransaction, RefillPolicy};
-pub use decision::{DecisionRecord, EarlierDecision, NewDecision, Outcome};
+#[cfg(test)]
+pub(crate) use account::NewTransaction;
+pub use account::RefillPolicy;
+pub(crate) use account::{Account, Changes};
+pub use decision::Outcome;
+pub(crate) use decision::{DecisionRecord, EarlierDecision, NewDecision};
 pub use month::{Month, MonthError};
-pub use sweep::{sweep, sweep_exclusive, SweepReport};
+pub(crate) use sweep::sweep_exclusive;
+pub use sweep::{sweep, SweepReport};
 
 use crate::events::ExecutionRef;
 
-pub const MAX_USER_ID_BYTES: usize = 255;
-pub const MAX_KEY_BYTES: usize = 512;
+pub(crate) const MAX_USER_ID_BYTES: usize = 255;
+pub(crate) const MAX_KEY_BYTES: usize = 512;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -69,7 +74,7 @@ pub enum LedgerError {
 
 impl LedgerError {
     /// A fault that clears by itself (connection lost, deadlock): retry, don't report.
-    pub fn is_transient(&self) -> bool {
+    pub(crate) fn is_transient(&self) -> bool {
         matches!(self, LedgerError::Db(e) if crate::db::is_transient(e))
     }
 }
@@ -125,7 +130,7 @@ pub struct Ledger {
     policy: LedgerPolicy,
 }
 
-pub fn check_user_id(user_id: &str) -> Result<(), LedgerError> {
+pub(crate) fn check_user_id(user_id: &str) -> Result<(), LedgerError> {
     if user_id.is_empty() || user_id.len() > MAX_USER_ID_BYTES {
         return Err(LedgerError::InvalidArgument {
             field: "user_id",
@@ -333,22 +338,6 @@ impl Ledger {
         node_exec_id: &str,
     ) -> Result<Option<DecisionRecord>, LedgerError> {
         Ok(store::find_decision(&self.pool, node_exec_id).await?)
-    }
-
-    /// Refills one user for `month` (no-op when already evaluated for it or later).
-    pub async fn refill_user(
-        &self,
-        user_id: &str,
-        month: Month,
-        at: DateTime<Utc>,
-    ) -> Result<i64, LedgerError> {
-        let Some(policy) = self.policy.refill else {
-            return Ok(0);
-        };
-        self.with_account(user_id, at, |a, changes| {
-            a.refill(changes, policy, month, at)
-        })
-        .await
     }
 }
 

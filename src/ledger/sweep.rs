@@ -59,7 +59,7 @@ pub async fn sweep(
 }
 
 /// [`sweep`] of everyone, unless another replica holds the sweep lock (then `None`).
-pub async fn sweep_exclusive(
+pub(crate) async fn sweep_exclusive(
     pool: &PgPool,
     policy: RefillPolicy,
     month: Month,

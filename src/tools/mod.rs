@@ -2,8 +2,8 @@
 //! namespace/database, and publishing entries. They are built only on the library's public
 //! API, so the service never depends on them.
 
-pub mod bench;
-pub mod demo;
+pub(crate) mod bench;
+pub(crate) mod demo;
 pub mod publish;
 pub mod scratch;
 
@@ -15,7 +15,10 @@ use crate::ledger::audit::AuditReport;
 /// Closes `conn` and waits (up to 2 s) for lapin's I/O thread to end. A tool exits right after
 /// its last close; an I/O thread still finishing then would log "error doing IO" against the
 /// runtime being shut down, after the tool's report.
-pub async fn close_connection(conn: lapin::Connection, reason: &str) -> Result<(), lapin::Error> {
+pub(crate) async fn close_connection(
+    conn: lapin::Connection,
+    reason: &str,
+) -> Result<(), lapin::Error> {
     let closed = conn.close(200, reason.into()).await;
     let (done, ended) = tokio::sync::oneshot::channel();
     // `run` joins the I/O thread; a plain thread, so a stuck one cannot hold up the runtime.
@@ -28,7 +31,7 @@ pub async fn close_connection(conn: lapin::Connection, reason: &str) -> Result<(
 }
 
 /// Success when `ok`, failure otherwise.
-pub fn exit_code(ok: bool) -> ExitCode {
+pub(crate) fn exit_code(ok: bool) -> ExitCode {
     if ok {
         ExitCode::SUCCESS
     } else {
@@ -38,7 +41,7 @@ pub fn exit_code(ok: bool) -> ExitCode {
 
 /// An audit for a person: the counts, `clean` or the number of mismatches, then one line per
 /// mismatch.
-pub fn audit_text(report: &AuditReport, clean: &str) -> String {
+pub(crate) fn audit_text(report: &AuditReport, clean: &str) -> String {
     let mut out = format!(
         "{} users, {} ledger rows, {} decisions, {} events unpublished: {}",
         report.users,

@@ -28,7 +28,7 @@ pub async fn publish_entries(settings: &Settings, bodies: &[Vec<u8>]) -> anyhow:
 }
 
 /// Publishes one window of bodies and waits for all their confirms.
-pub async fn publish_window<'a>(
+pub(crate) async fn publish_window<'a>(
     publisher: &Publisher,
     queue: &str,
     bodies: impl Iterator<Item = &'a [u8]>,

@@ -123,7 +123,7 @@ fn random_tag() -> u64 {
 }
 
 /// `url` with its database name replaced (query parameters kept).
-pub fn with_database(url: &str, db: &str) -> anyhow::Result<String> {
+pub(crate) fn with_database(url: &str, db: &str) -> anyhow::Result<String> {
     let (base, query) = match url.split_once('?') {
         Some((b, q)) => (b, Some(q)),
         None => (url, None),

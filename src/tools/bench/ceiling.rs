@@ -24,7 +24,7 @@ use crate::events::{self, ExecutionRef, NewEvent};
 use crate::tools::scratch::Scratch;
 
 #[derive(Debug)]
-pub struct CeilingResult {
+pub(crate) struct CeilingResult {
     pub msgs_per_s: f64,
     pub seconds: f64,
     pub publish_msgs_per_s: f64,

@@ -21,12 +21,10 @@ use crate::tools::exit_code;
 use crate::tools::scratch::Scratch;
 
 /// Queues and exchanges the bench declares besides the worker's topology.
-pub const CEILING_INPUT: &str = "bench.ceiling.node_execution";
-pub const CEILING_EVENTS: &str = "bench.ceiling.events";
-pub const CEILING_SINK: &str = "bench.ceiling.events.all";
-pub const WORKER_SINK: &str = "bench.events.all";
-
-pub use traffic::Latency;
+pub(crate) const CEILING_INPUT: &str = "bench.ceiling.node_execution";
+pub(crate) const CEILING_EVENTS: &str = "bench.ceiling.events";
+pub(crate) const CEILING_SINK: &str = "bench.ceiling.events.all";
+pub(crate) const WORKER_SINK: &str = "bench.events.all";
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {

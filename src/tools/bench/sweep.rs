@@ -11,7 +11,7 @@ use crate::refill::Month;
 use crate::tools::scratch::Scratch;
 
 #[derive(Debug, Serialize)]
-pub struct SweepResult {
+pub(crate) struct SweepResult {
     pub sweep_users: u64,
     pub chunk_size: i64,
     pub seconds: f64,
@@ -92,7 +92,7 @@ pub async fn run(
 }
 
 impl SweepResult {
-    pub fn print(&self) {
+    pub(crate) fn print(&self) {
         println!(
             "refill sweep         {:>9.0} users/s  ({} users in {:.2} s, chunk {}; seeding took {:.1} s)",
             self.users_per_s, self.sweep_users, self.seconds, self.chunk_size, self.seed_seconds

@@ -20,15 +20,15 @@ use crate::config::Settings;
 
 /// AITextGeneratorBlock with gpt-4-turbo and the platform's OpenAI credential: a paid
 /// execution in the shipped cost table.
-pub const BLOCK_ID: &str = "1f292d4a-41a4-4977-9684-7c8d560b9f91";
-pub const PLATFORM_OPENAI_CREDENTIAL: &str = "53c25cb8-e3ee-465c-a4d1-e75a4c899c2a";
+pub(crate) const BLOCK_ID: &str = "1f292d4a-41a4-4977-9684-7c8d560b9f91";
+pub(crate) const PLATFORM_OPENAI_CREDENTIAL: &str = "53c25cb8-e3ee-465c-a4d1-e75a4c899c2a";
 
 /// Messages published per confirm window.
-pub const WINDOW: usize = 1000;
+pub(crate) const WINDOW: usize = 1000;
 
 /// N messages round-robin over U users, with ids that map back to the message index.
 #[derive(Debug, Clone)]
-pub struct Traffic {
+pub(crate) struct Traffic {
     pub run_id: u32,
     pub messages: usize,
     pub users: usize,
@@ -56,7 +56,7 @@ impl Traffic {
     }
 
     /// The message index of one of this run's node_exec_ids.
-    pub fn index_of(&self, node_exec_id: &str) -> Option<usize> {
+    pub(crate) fn index_of(&self, node_exec_id: &str) -> Option<usize> {
         let hex = node_exec_id.strip_prefix(&self.node_prefix())?;
         let i = usize::from_str_radix(hex, 16).ok()?;
         (i < self.messages).then_some(i)
@@ -94,7 +94,7 @@ impl Traffic {
 
     /// The block cost of every message under the configured cost table; the verification
     /// needs it and a free message would measure nothing.
-    pub fn expected_cost(&self, settings: &Settings) -> anyhow::Result<i64> {
+    pub(crate) fn expected_cost(&self, settings: &Settings) -> anyhow::Result<i64> {
         let costs = crate::service::load_costs(settings)?;
         let entry = crate::message::decode(&self.body(0))?;
         let price = costs.price(&entry.block_id, &entry.inputs, entry.stats)?;
@@ -111,7 +111,7 @@ impl Traffic {
 /// Publishes every message to `queue` in confirmed windows, as fast as the broker takes
 /// them. Returns each message's publish instant (its window's start: confirms are awaited
 /// per window) and the publish rate.
-pub async fn publish_backlog(
+pub(crate) async fn publish_backlog(
     url: &str,
     queue: &str,
     traffic: &Traffic,
@@ -141,7 +141,7 @@ pub async fn publish_backlog(
 /// for the consumer; confirms are awaited per window in the background). Returns `start`,
 /// from which each message's intended send time follows, so a publisher that falls behind
 /// cannot hide queueing delay.
-pub async fn publish_paced(
+pub(crate) async fn publish_paced(
     url: &str,
     queue: &str,
     traffic: &Traffic,
@@ -188,7 +188,7 @@ pub async fn publish_paced(
 
 /// Counts seen by the sink while it runs.
 #[derive(Default)]
-pub struct SinkProgress {
+pub(crate) struct SinkProgress {
     /// Distinct node executions whose USAGE `balance.changed` arrived.
     pub charged: AtomicUsize,
     /// Every event received.
@@ -199,7 +199,7 @@ pub struct SinkProgress {
 
 /// What the sink saw.
 #[derive(Debug)]
-pub struct SinkResult {
+pub(crate) struct SinkResult {
     /// Arrival of each message's USAGE `balance.changed`.
     pub received: Vec<Option<Instant>>,
     /// Arrival of the last new USAGE event.
@@ -208,7 +208,7 @@ pub struct SinkResult {
     pub duplicates: usize,
 }
 
-pub struct Sink {
+pub(crate) struct Sink {
     pub progress: Arc<SinkProgress>,
     stop: CancellationToken,
     task: JoinHandle<anyhow::Result<SinkResult>>,
@@ -314,13 +314,13 @@ impl Sink {
         self.progress.events.load(Ordering::Relaxed)
     }
 
-    pub fn is_finished(&self) -> bool {
+    pub(crate) fn is_finished(&self) -> bool {
         self.task.is_finished()
     }
 
     /// Waits until every message's event arrived, updating `bar`. Fails when nothing new
     /// arrives for `stall`, or when `alive` says the producer side died.
-    pub async fn wait_complete(
+    pub(crate) async fn wait_complete(
         &self,
         total: usize,
         bar: &indicatif::ProgressBar,
@@ -363,7 +363,7 @@ impl Sink {
 
 /// Publish → event latency percentiles.
 #[derive(Debug, Clone)]
-pub struct Latency {
+pub(crate) struct Latency {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,

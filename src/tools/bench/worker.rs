@@ -22,11 +22,11 @@ use crate::refill::Month;
 use crate::tools::scratch::Scratch;
 
 /// Each user's starting balance: no run can exhaust it, so every message is charged.
-pub const SEED_BALANCE: i64 = 1_000_000_000_000;
-pub const SEED_KEY: &str = "BENCH-SEED";
+pub(crate) const SEED_BALANCE: i64 = 1_000_000_000_000;
+pub(crate) const SEED_KEY: &str = "BENCH-SEED";
 
 #[derive(Debug)]
-pub struct WorkerResult {
+pub(crate) struct WorkerResult {
     /// Messages / (worker's first delivery → last `balance.changed` received); in paced runs
     /// from the first publish instead.
     pub msgs_per_s: f64,
@@ -617,7 +617,7 @@ fn overrides_config(var: &std::ffi::OsStr) -> bool {
 
 /// Means over the run from the worker's own metrics: where a message's time goes.
 #[derive(Debug, Default, Clone, serde::Serialize)]
-pub struct Breakdown {
+pub(crate) struct Breakdown {
     pub batches: f64,
     pub mean_batch_size: f64,
     /// Decode + decision transaction + ack, per batch.
