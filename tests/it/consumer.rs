@@ -370,18 +370,7 @@ async fn sigkill_while_in_flight_then_restart_decides_everything_once() {
     w.sigterm();
     assert_eq!(w.wait_exit(T).await, Some(0));
     assert_eq!(kills, 3);
-    assert_eq!(
-        env.scalar_i64("SELECT count(*) FROM credit.decisions")
-            .await,
-        n
-    );
-    assert_eq!(
-        env.scalar_i64(
-            "SELECT count(*) FROM credit.transactions WHERE transaction_key LIKE 'USAGE-%'"
-        )
-        .await,
-        n
-    );
+    assert_decided_and_charged(&env, n).await;
     // Fees: every user ran n/users = 200 executions today ⇒ 2 fees of 1.
     let total: i64 = env
         .scalar_i64("SELECT sum(balance)::int8 FROM credit.balances")

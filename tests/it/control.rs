@@ -321,9 +321,7 @@ async fn every_command_end_to_end() {
         assert!(delta >= n, "{command}/{result}: +{delta}, expected ≥ {n}");
     }
 
-    worker.stop().await.expect("stop");
-    env.assert_audit_clean().await;
-    env.cleanup().await;
+    stop_audit_cleanup(env, worker).await;
 }
 
 #[tokio::test]
@@ -408,9 +406,7 @@ async fn refill_resets_users_below_target_once_per_month() {
     );
     assert_eq!(grants(&env, "user-a").await.len(), 1);
 
-    worker.stop().await.expect("stop");
-    env.assert_audit_clean().await;
-    env.cleanup().await;
+    stop_audit_cleanup(env, worker).await;
 }
 
 #[tokio::test]
@@ -428,9 +424,7 @@ async fn refill_when_disabled_is_a_bad_request() {
             .await,
         0
     );
-    worker.stop().await.expect("stop");
-    env.assert_audit_clean().await;
-    env.cleanup().await;
+    stop_audit_cleanup(env, worker).await;
 }
 
 #[tokio::test]
@@ -465,9 +459,7 @@ async fn senders_outside_allowed_users_are_forbidden_and_change_nothing() {
             .await,
         0
     );
-    worker.stop().await.expect("stop");
-    env.assert_audit_clean().await;
-    env.cleanup().await;
+    stop_audit_cleanup(env, worker).await;
 }
 
 #[tokio::test]
@@ -571,9 +563,7 @@ async fn malformed_commands_get_bad_request_naming_the_field() {
             .await,
         json!({"user_id": "still-here", "balance": 1000})
     );
-    worker.stop().await.expect("stop");
-    env.assert_audit_clean().await;
-    env.cleanup().await;
+    stop_audit_cleanup(env, worker).await;
 }
 
 #[tokio::test]
@@ -620,9 +610,7 @@ async fn amounts_out_of_range_are_refused() {
         1,
         "only the refill grant"
     );
-    worker.stop().await.expect("stop");
-    env.assert_audit_clean().await;
-    env.cleanup().await;
+    stop_audit_cleanup(env, worker).await;
 }
 
 #[tokio::test]
@@ -644,9 +632,7 @@ async fn top_up_with_the_same_key_applies_once() {
             .await,
         1
     );
-    worker.stop().await.expect("stop");
-    env.assert_audit_clean().await;
-    env.cleanup().await;
+    stop_audit_cleanup(env, worker).await;
 }
 
 #[tokio::test]
@@ -683,9 +669,7 @@ async fn command_without_reply_to_is_still_executed() {
     );
     // Nothing was sent back for it: the first reply on the queue was the balance's.
     assert_eq!(rpc.strays, 0);
-    worker.stop().await.expect("stop");
-    env.assert_audit_clean().await;
-    env.cleanup().await;
+    stop_audit_cleanup(env, worker).await;
 }
 
 #[tokio::test]
@@ -737,7 +721,5 @@ async fn database_outage_gets_internal_and_the_loop_carries_on() {
     );
     assert_eq!(rpc.ok(top_up).await["applied"], json!(false));
     assert_eq!(rpc.strays, 0);
-    worker.stop().await.expect("stop");
-    env.assert_audit_clean().await;
-    env.cleanup().await;
+    stop_audit_cleanup(env, worker).await;
 }

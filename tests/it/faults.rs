@@ -190,8 +190,8 @@ fn broker_host_port(amqp_url: &str) -> String {
         .to_owned()
 }
 
-#[tokio::test]
-async fn broker_connections_cut_mid_stream_recover_without_loss() {
+/// Ten users with 1,000,000 credits each, no refill, batches of 50, and a tap on the events.
+async fn ten_funded_users() -> (TestEnv, usize, EventTap) {
     let env = TestEnv::with(|s| {
         s.refill.enabled = false;
         s.pipeline.max_batch = 50;
@@ -199,7 +199,13 @@ async fn broker_connections_cut_mid_stream_recover_without_loss() {
     .await;
     let users = 10;
     seed(&env, user_names(users), 1_000_000).await;
-    let mut tap = env.event_tap().await;
+    let tap = env.event_tap().await;
+    (env, users, tap)
+}
+
+#[tokio::test]
+async fn broker_connections_cut_mid_stream_recover_without_loss() {
+    let (env, users, mut tap) = ten_funded_users().await;
     let proxy = Proxy::start(broker_host_port(&env.settings.amqp.url)).await;
     let mut settings = env.settings.clone();
     settings.amqp.url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
@@ -213,15 +219,9 @@ async fn broker_connections_cut_mid_stream_recover_without_loss() {
         proxy.cut_all();
         // While the broker is unreachable the worker says so.
         proxy.refuse.store(true, Ordering::SeqCst);
-        wait_for(T, "readyz 503", || async {
-            http_status(port, "/readyz").await == 503
-        })
-        .await;
+        wait_status(T, port, "/readyz", 503).await;
         proxy.refuse.store(false, Ordering::SeqCst);
-        wait_for(T, "readyz 200", || async {
-            http_status(port, "/readyz").await == 200
-        })
-        .await;
+        wait_status(T, port, "/readyz", 200).await;
     }
     env.wait_decisions(n as i64, T).await;
     assert_events_complete(&env, &mut tap, users + n + fees(&per_user_counts(users, n))).await;
@@ -240,14 +240,7 @@ async fn broker_connections_cut_mid_stream_recover_without_loss() {
 async fn database_sessions_terminated_mid_stream_recover_without_loss() {
     // Its worker retries decisions while the database is away.
     let _retries = DECIDE_RETRIES.share().await;
-    let env = TestEnv::with(|s| {
-        s.refill.enabled = false;
-        s.pipeline.max_batch = 50;
-    })
-    .await;
-    let users = 10;
-    seed(&env, user_names(users), 1_000_000).await;
-    let mut tap = env.event_tap().await;
+    let (env, users, mut tap) = ten_funded_users().await;
     let mut settings = env.settings.clone();
     settings.http.listen = any_port();
     let worker = Worker::start(settings).await.unwrap();
@@ -286,18 +279,12 @@ async fn database_sessions_terminated_mid_stream_recover_without_loss() {
     .execute(&server_admin)
     .await
     .unwrap();
-    wait_for(T, "readyz 503", || async {
-        http_status(port, "/readyz").await == 503
-    })
-    .await;
+    wait_status(T, port, "/readyz", 503).await;
     sqlx::query(&format!("ALTER DATABASE \"{db}\" ALLOW_CONNECTIONS true"))
         .execute(&server_admin)
         .await
         .unwrap();
-    wait_for(T, "readyz 200", || async {
-        http_status(port, "/readyz").await == 200
-    })
-    .await;
+    wait_status(T, port, "/readyz", 200).await;
     env.wait_decisions(n as i64, T).await;
     assert_events_complete(&env, &mut tap, users + n + fees(&per_user_counts(users, n))).await;
     worker.stop().await.unwrap();
@@ -321,10 +308,7 @@ async fn two_replicas_share_the_queue_without_duplicate_decisions() {
     let (mut w1, p1) = WorkerProcess::spawn_with_http(&vars, &["run"]);
     let (mut w2, p2) = WorkerProcess::spawn_with_http(&vars, &["run"]);
     for p in [p1, p2] {
-        wait_for(T, "replica ready", || async {
-            http_status(p, "/readyz").await == 200
-        })
-        .await;
+        wait_status(T, p, "/readyz", 200).await;
     }
     let n = 4000;
     // Duplicates published on purpose: every 10th message twice.

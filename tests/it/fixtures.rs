@@ -9,7 +9,7 @@ use credit_worker::ledger::TxType;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 
-use crate::helpers::{wait_for, TestEnv};
+use crate::helpers::{http_status, wait_for, TestEnv};
 
 /// Refill off: no lazy refill, no sweep; balances are what the test gives.
 pub fn no_refill(s: &mut Settings) {
@@ -68,6 +68,38 @@ pub async fn wait_count(
             query = query.bind(*b);
         }
         query.fetch_one(&env.pool).await.is_ok_and(done)
+    })
+    .await;
+}
+
+/// The end of a test with an in-process worker: stop it, check the books, drop the scratch
+/// database and namespace.
+pub async fn stop_audit_cleanup(env: TestEnv, worker: credit_worker::service::Worker) {
+    worker.stop().await.expect("stop");
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
+/// Exactly `n` decisions and `n` USAGE rows of blocks (execution fees aside).
+pub async fn assert_decided_and_charged(env: &TestEnv, n: i64) {
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM credit.decisions")
+            .await,
+        n
+    );
+    assert_eq!(
+        env.scalar_i64(
+            "SELECT count(*) FROM credit.transactions WHERE transaction_key LIKE 'USAGE-%'"
+        )
+        .await,
+        n
+    );
+}
+
+/// Waits until `GET path` answers `status`.
+pub async fn wait_status(within: std::time::Duration, port: u16, path: &str, status: u16) {
+    wait_for(within, &format!("{path} {status}"), || async move {
+        http_status(port, path).await == status
     })
     .await;
 }

@@ -19,13 +19,6 @@ use crate::helpers::*;
 
 const T: Duration = Duration::from_secs(30);
 
-async fn wait_status(port: u16, path: &str, status: u16) {
-    wait_for(T, &format!("{path} {status}"), || async move {
-        http_status(port, path).await == status
-    })
-    .await;
-}
-
 fn refill_runs() -> f64 {
     metric_value(&metrics_now(), "credit_refill_runs_total", &[])
 }
@@ -54,8 +47,8 @@ async fn http_endpoints_report_health_readiness_and_metrics() {
     let _ = metrics_now();
     let worker = Worker::start(env.settings.clone()).await.expect("worker");
     let port = worker.http_addr().expect("http address").port();
-    wait_status(port, "/healthz", 200).await;
-    wait_status(port, "/readyz", 200).await;
+    wait_status(T, port, "/healthz", 200).await;
+    wait_status(T, port, "/readyz", 200).await;
     let (_, ready) = http_get(port, "/readyz").await.expect("readyz");
     assert_eq!(ready, "database: up\nbroker: up\n");
     assert_eq!(http_status(port, "/nope").await, 404);
@@ -113,9 +106,7 @@ async fn http_endpoints_report_health_readiness_and_metrics() {
         980
     );
 
-    worker.stop().await.expect("stop");
-    env.assert_audit_clean().await;
-    env.cleanup().await;
+    stop_audit_cleanup(env, worker).await;
 }
 
 /// Refuses (true) or allows new connections to the test database, and ends its sessions.
@@ -155,7 +146,7 @@ async fn readyz_follows_the_database_and_no_message_is_lost_in_an_outage() {
     let admin = sqlx::PgPool::connect(&admin_url).await.expect("admin");
     let worker = Worker::start(env.settings.clone()).await.expect("worker");
     let port = worker.http_addr().expect("http address").port();
-    wait_status(port, "/readyz", 200).await;
+    wait_status(T, port, "/readyz", 200).await;
     env.publish(&[body(&platform_gpt4("outage-user", "before"))])
         .await;
     env.wait_decisions(1, T).await;
@@ -163,7 +154,7 @@ async fn readyz_follows_the_database_and_no_message_is_lost_in_an_outage() {
     let retries = || metric_value(&metrics_now(), "credit_decide_retries_total", &[]);
     let retries_before = retries();
     database_reachable(&env, &admin, false).await;
-    wait_status(port, "/readyz", 503).await;
+    wait_status(T, port, "/readyz", 503).await;
     let (_, body_503) = http_get(port, "/readyz").await.expect("readyz");
     assert!(body_503.contains("database: down"), "{body_503}");
 
@@ -188,7 +179,7 @@ async fn readyz_follows_the_database_and_no_message_is_lost_in_an_outage() {
     }
 
     database_reachable(&env, &admin, true).await;
-    wait_status(port, "/readyz", 200).await;
+    wait_status(T, port, "/readyz", 200).await;
     env.wait_decisions(2, T).await;
     env.publish(&[body(&platform_gpt4("outage-user", "after"))])
         .await;
@@ -197,18 +188,7 @@ async fn readyz_follows_the_database_and_no_message_is_lost_in_an_outage() {
     for id in ["before", "during", "after"] {
         assert_eq!(env.outcome_of(id).await.as_deref(), Some("charged"), "{id}");
     }
-    assert_eq!(
-        env.scalar_i64("SELECT count(*) FROM credit.decisions")
-            .await,
-        3
-    );
-    assert_eq!(
-        env.scalar_i64(
-            "SELECT count(*) FROM credit.transactions WHERE transaction_key LIKE 'USAGE-%'"
-        )
-        .await,
-        3
-    );
+    assert_decided_and_charged(&env, 3).await;
     assert_eq!(
         env.ledger()
             .balance("outage-user", Utc::now())
