@@ -103,7 +103,7 @@ impl Consumer {
         // Cancelled on shutdown too: the batch in flight is still decided when the database
         // answers, and abandoned (left unacked) rather than retried forever when it does not.
         let decider_stop = stop.child_token();
-        let decider = tokio::spawn(decide_loop(
+        let mut decider = tokio::spawn(decide_loop(
             self.clone(),
             rx,
             s.dead.clone(),
@@ -111,19 +111,29 @@ impl Consumer {
             decider_stop.clone(),
         ));
         let result = self.collect(&mut deliveries, &tx, stop).await;
+        if result.is_err() {
+            // Not consuming from this moment, whatever the cleanup below takes.
+            self.health.set_consuming(false);
+        }
 
         // Stop deliveries, let the decider finish (or abandon, on a broker fault) its batch.
-        let _ =
-            s.ch.basic_cancel(TAG.into(), BasicCancelOptions::default())
-                .await;
+        let _ = bounded(s.ch.basic_cancel(TAG.into(), BasicCancelOptions::default())).await;
         drop(tx);
         if result.is_err() {
             decider_stop.cancel();
         }
-        let decided = decider.await.unwrap_or(Err(SessionError::DeciderGone));
+        let decided = match tokio::time::timeout(CLEANUP, &mut decider).await {
+            Ok(joined) => joined.unwrap_or(Err(SessionError::DeciderGone)),
+            Err(_) => {
+                // Stuck on a dead connection: nothing of its batch was acked, so the broker
+                // redelivers it and the ledger's keys make the decisions idempotent.
+                decider.abort();
+                Err(SessionError::DeciderGone)
+            }
+        };
         self.health.set_consuming(false);
-        let _ = s.ch.close(200, "shutdown".into()).await;
-        let _ = s.conn.close(200, "shutdown".into()).await;
+        let _ = bounded(s.ch.close(200, "shutdown".into())).await;
+        let _ = bounded(s.conn.close(200, "shutdown".into())).await;
         result.and(decided)
     }
 
@@ -136,12 +146,17 @@ impl Consumer {
     ) -> Result<(), SessionError> {
         let max_batch = self.settings.pipeline.max_batch;
         let max_wait = Duration::from_millis(self.settings.pipeline.max_wait_ms);
+        // Deliveries that arrived while the previous batch was full: they start the next one.
+        let mut carried: Vec<Delivery> = Vec::new();
         loop {
-            let first = tokio::select! {
-                _ = stop.cancelled() => return Ok(()),
-                d = deliveries.next() => d,
-            };
-            let mut batch = vec![next_delivery(first)?];
+            let mut batch = std::mem::take(&mut carried);
+            if batch.is_empty() {
+                let first = tokio::select! {
+                    _ = stop.cancelled() => return Ok(()),
+                    d = deliveries.next() => d,
+                };
+                batch.push(next_delivery(first)?);
+            }
             let deadline = tokio::time::Instant::now() + max_wait;
             while batch.len() < max_batch {
                 match tokio::time::timeout_at(deadline, deliveries.next()).await {
@@ -149,8 +164,10 @@ impl Consumer {
                     Err(_) => break,
                 }
             }
-            // While the decider is still busy with the previous batch, keep filling this one:
-            // under load batches grow to max_batch, idle latency stays max_wait.
+            // While the decider is still busy with the previous batch, keep filling this one
+            // (under load batches grow to max_batch, idle latency stays max_wait), and keep
+            // reading the stream even when it is full, so a dead connection is noticed now
+            // rather than after the decider's next broker call.
             loop {
                 tokio::select! {
                     biased;
@@ -158,13 +175,25 @@ impl Consumer {
                         permit.map_err(|_| SessionError::DeciderGone)?.send(batch);
                         break;
                     }
-                    d = deliveries.next(), if batch.len() < max_batch => {
-                        batch.push(next_delivery(d)?);
+                    d = deliveries.next() => {
+                        let d = next_delivery(d)?;
+                        if batch.len() < max_batch {
+                            batch.push(d);
+                        } else {
+                            carried.push(d);
+                        }
                     }
                 }
             }
         }
     }
+}
+
+/// How long a session's cleanup may wait on a broker that may be gone.
+const CLEANUP: Duration = Duration::from_secs(10);
+
+async fn bounded<T>(f: impl std::future::Future<Output = T>) -> Option<T> {
+    tokio::time::timeout(CLEANUP, f).await.ok()
 }
 
 fn next_delivery(d: Option<Result<Delivery, lapin::Error>>) -> Result<Delivery, SessionError> {
@@ -222,7 +251,8 @@ impl Consumer {
             let ack_started = Instant::now();
             // false: the channel is gone and nothing was sent; the broker redelivers the batch
             // (already decided: duplicates), so end the session rather than count it acked.
-            if !last.acker.ack(BasicAckOptions { multiple: true }).await? {
+            let ack = bounded(last.acker.ack(BasicAckOptions { multiple: true })).await;
+            if ack.transpose()? != Some(true) {
                 return Err(SessionError::AckNotSent);
             }
             metrics::histogram!("credit_ack_seconds").record(ack_started.elapsed().as_secs_f64());
