@@ -110,6 +110,9 @@ pub struct CostSettings {
     /// A cost table file replacing the built-in one; `""` in a file or the environment: none.
     #[serde(deserialize_with = "empty_or_path", serialize_with = "none_as_empty")]
     pub table: Option<PathBuf>,
+    /// A pre-flight estimates file replacing the built-in one; `""`: none.
+    #[serde(deserialize_with = "empty_or_path", serialize_with = "none_as_empty")]
+    pub preflight_estimates: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

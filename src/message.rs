@@ -29,8 +29,8 @@ pub struct NodeExecutionEntry {
     pub graph_version: Option<i64>,
     pub inputs: Map<String, Value>,
     pub execution_context: Option<Map<String, Value>>,
-    /// `walltime` and `input_size`; 0 where the message had none.
-    pub stats: Stats,
+    /// The run's measurements; `None` (no `stats`, or `null`) prices the execution pre-flight.
+    pub stats: Option<Stats>,
 }
 
 /// Why a body was rejected. [`DecodeError::field`] names the field ("body" for the body as a
@@ -182,7 +182,7 @@ struct Raw {
     graph_version: Option<Option<i64>>,
     inputs: Option<Map<String, Value>>,
     execution_context: Option<Option<Map<String, Value>>>,
-    stats: Option<Stats>,
+    stats: Option<Option<Stats>>,
 }
 
 const ID_FIELDS: [&str; 6] = [
@@ -214,7 +214,7 @@ impl Raw {
                 .inputs
                 .ok_or(DecodeError::Missing { field: "inputs" })?,
             execution_context: self.execution_context.flatten(),
-            stats: self.stats.unwrap_or_default(),
+            stats: self.stats.flatten(),
         })
     }
 }
@@ -348,16 +348,52 @@ fn graph_version(v: Value) -> Result<Option<i64>, DecodeError> {
     }
 }
 
-fn stats(v: Value) -> Result<Stats, DecodeError> {
+fn stats(v: Value) -> Result<Option<Stats>, DecodeError> {
     let map = match v {
-        Value::Null => return Ok(Stats::default()),
+        Value::Null => return Ok(None),
         Value::Object(m) => m,
         other => return Err(wrong("stats", "an object or null", &other)),
     };
-    Ok(Stats {
+    let count = |key: &str, field: &'static str| token_count(map.get(key), field);
+    Ok(Some(Stats {
         walltime: stat(map.get("walltime"), "stats.walltime")?,
         input_size: stat(map.get("input_size"), "stats.input_size")?,
-    })
+        input_token_count: count("input_token_count", "stats.input_token_count")?,
+        output_token_count: count("output_token_count", "stats.output_token_count")?,
+        cache_read_token_count: count("cache_read_token_count", "stats.cache_read_token_count")?,
+        cache_creation_token_count: count(
+            "cache_creation_token_count",
+            "stats.cache_creation_token_count",
+        )?,
+        provider_cost: match map.get("provider_cost") {
+            None | Some(Value::Null) => None,
+            v => Some(stat(v, "stats.provider_cost")?),
+        },
+        provider_cost_type: match map.get("provider_cost_type") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(other) => {
+                return Err(wrong("stats.provider_cost_type", "a string or null", other))
+            }
+        },
+    }))
+}
+
+/// A token count: an integer ≥ 0 (absent or null ⇒ 0).
+fn token_count(v: Option<&Value>, field: &'static str) -> Result<u64, DecodeError> {
+    match v {
+        None | Some(Value::Null) => Ok(0),
+        Some(Value::Number(n)) => match (n.as_u64(), n.as_i64()) {
+            (Some(c), _) => Ok(c),
+            (None, Some(_)) => Err(DecodeError::InvalidStat { field }),
+            (None, None) => Err(DecodeError::WrongType {
+                field,
+                expected: "an integer ≥ 0",
+                got: "non-integer number",
+            }),
+        },
+        Some(other) => Err(wrong(field, "an integer ≥ 0", other)),
+    }
 }
 
 fn stat(v: Option<&Value>, field: &'static str) -> Result<f64, DecodeError> {
@@ -445,7 +481,7 @@ mod tests {
         assert_eq!(e.graph_version, None);
         assert!(e.inputs.is_empty());
         assert_eq!(e.execution_context, None);
-        assert_eq!(e.stats, Stats::default());
+        assert_eq!(e.stats, None);
     }
 
     #[test]
@@ -459,7 +495,7 @@ mod tests {
         let ctx = e.execution_context.clone().unwrap_or_default();
         assert_eq!(ctx.get("user_timezone"), Some(&json!("UTC")));
         let price = crate::cost::CostTable::builtin()
-            .and_then(|t| t.price(&e.block_id, &e.inputs, e.stats));
+            .and_then(|t| t.price(&e.block_id, &e.inputs, e.stats.as_ref()));
         assert_eq!(price.ok().map(|p| p.cost), Some(10));
     }
 
@@ -471,22 +507,40 @@ mod tests {
         );
         assert_eq!(
             ok(&body).stats,
-            Stats {
+            Some(Stats {
                 walltime: 2.5,
-                input_size: 1024.0
-            }
+                input_size: 1024.0,
+                ..Stats::default()
+            })
         );
-        assert_eq!(ok(&with("stats", json!(null))).stats, Stats::default());
+        assert_eq!(ok(&with("stats", json!(null))).stats, None);
         assert_eq!(
             ok(&with("stats", json!({"walltime": null}))).stats,
-            Stats::default()
+            Some(Stats::default())
         );
         assert_eq!(
             ok(&with("stats", json!({"walltime": -0.0})))
                 .stats
-                .walltime
-                .to_bits(),
-            0
+                .map(|s| s.walltime.to_bits()),
+            Some(0)
+        );
+        let full = json!({
+            "walltime": 1.5, "input_token_count": 500000, "output_token_count": 250000,
+            "cache_read_token_count": 3, "cache_creation_token_count": 4,
+            "provider_cost": 0.023, "provider_cost_type": "cost_usd", "llm_call_count": 2,
+        });
+        assert_eq!(
+            ok(&with("stats", full)).stats,
+            Some(Stats {
+                walltime: 1.5,
+                input_size: 0.0,
+                input_token_count: 500_000,
+                output_token_count: 250_000,
+                cache_read_token_count: 3,
+                cache_creation_token_count: 4,
+                provider_cost: Some(0.023),
+                provider_cost_type: Some("cost_usd".into()),
+            })
         );
         assert_eq!(ok(&with("graph_version", json!(null))).graph_version, None);
         assert_eq!(
@@ -789,10 +843,7 @@ mod tests {
             v.as_ref().and_then(|v| v.get("node_exec_id")),
             Some(&json!("ne-1"))
         );
-        assert_eq!(
-            v.as_ref().and_then(|v| v.get("stats")),
-            Some(&json!({"walltime": 0.0, "input_size": 0.0}))
-        );
+        assert_eq!(v.as_ref().and_then(|v| v.get("stats")), Some(&json!(null)));
     }
 
     fn any_json() -> impl Strategy<Value = Value> {
@@ -880,9 +931,10 @@ mod tests {
                 // parser is not always correctly rounded, so the generated floats may differ).
                 let expected: Result<Map<String, Value>, _> = serde_json::from_str(&Value::Object(inputs).to_string());
                 prop_assert_eq!(Some(&e.inputs), expected.as_ref().ok());
-                prop_assert_eq!(e.stats.input_size, f64::from(input_size));
+                let stats = e.stats.unwrap_or_default();
+                prop_assert_eq!(stats.input_size, f64::from(input_size));
                 // serde_json's default float parser may be 1 ulp off the correctly rounded value.
-                prop_assert!((e.stats.walltime - walltime).abs() <= walltime * f64::EPSILON);
+                prop_assert!((stats.walltime - walltime).abs() <= walltime * f64::EPSILON);
             }
         }
     }

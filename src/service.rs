@@ -17,7 +17,7 @@ use tracing::{error, info, warn};
 use crate::config::Settings;
 use crate::consumer::process::DbDecider;
 use crate::consumer::Consumer;
-use crate::cost::CostTable;
+use crate::cost::{CostTable, Estimates};
 use crate::ledger::Ledger;
 use crate::outbox::Relay;
 use crate::refill::{Clock, Schedule, Scheduler, SystemClock};
@@ -29,7 +29,11 @@ pub fn load_costs(settings: &Settings) -> anyhow::Result<CostTable> {
         None => CostTable::builtin()?,
         Some(path) => CostTable::load(path)?,
     };
-    Ok(table)
+    let estimates = match &settings.cost.preflight_estimates {
+        None => Estimates::builtin()?,
+        Some(path) => Estimates::load(path)?,
+    };
+    Ok(table.with_estimates(estimates))
 }
 
 /// Connects to PostgreSQL (creating and migrating the database), retrying transient failures

@@ -48,12 +48,14 @@ impl<'a> Batch<'a> {
     pub fn price(costs: &CostTable, entries: &'a [NodeExecutionEntry]) -> Self {
         let states = entries
             .iter()
-            .map(|e| match costs.price(&e.block_id, &e.inputs, e.stats) {
-                Ok(p) => State::Pending(p),
-                Err(err) => State::Done(Verdict::Invalid {
-                    reason: err.to_string(),
-                }),
-            })
+            .map(
+                |e| match costs.price(&e.block_id, &e.inputs, e.stats.as_ref()) {
+                    Ok(p) => State::Pending(p),
+                    Err(err) => State::Done(Verdict::Invalid {
+                        reason: err.to_string(),
+                    }),
+                },
+            )
             .collect();
         Batch { entries, states }
     }

@@ -412,7 +412,10 @@ async fn a_batch_decides_exactly_like_one_at_a_time() {
     .unwrap();
     let mut overflow = decode(&body(&platform_gpt4("cold", "c-3"))).unwrap();
     overflow.block_id = "bytes".into();
-    overflow.stats.input_size = 1000.0;
+    overflow.stats = Some(credit_worker::cost::Stats {
+        input_size: 1000.0,
+        ..Default::default()
+    });
     decoded.insert(50, overflow);
 
     let pricing_b = batch_env.settings.pricing(table.clone());

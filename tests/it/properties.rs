@@ -193,7 +193,7 @@ fn arbitrary_bodies_never_panic_and_always_get_a_verdict() {
             _ => (0..(next() % 64)).map(|_| next() as u8).collect(),
         };
         match credit_worker::message::decode(&bytes) {
-            Ok(e) => match table.price(&e.block_id, &e.inputs, e.stats) {
+            Ok(e) => match table.price(&e.block_id, &e.inputs, e.stats.as_ref()) {
                 Ok(p) => {
                     assert!(p.cost >= 0);
                     decided += 1;

@@ -97,7 +97,7 @@ impl Traffic {
     pub(crate) fn expected_cost(&self, settings: &Settings) -> anyhow::Result<i64> {
         let costs = crate::service::load_costs(settings)?;
         let entry = crate::message::decode(&self.body(0))?;
-        let price = costs.price(&entry.block_id, &entry.inputs, entry.stats)?;
+        let price = costs.price(&entry.block_id, &entry.inputs, entry.stats.as_ref())?;
         if price.cost <= 0 {
             anyhow::bail!(
                 "the cost table prices the bench's messages at {}; they must be charged",

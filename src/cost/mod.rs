@@ -11,8 +11,11 @@ use std::sync::Arc;
 
 use serde_json::{Map, Number, Value};
 
+mod estimates;
+pub use estimates::{Estimates, BUILTIN_ESTIMATES};
+
 /// The AutoGPT cost table shipped with the binary (readable source: `config/block_costs.toml`).
-pub const BUILTIN_TABLE: &str = include_str!("../config/block_costs.toml");
+pub const BUILTIN_TABLE: &str = include_str!("../../config/block_costs.toml");
 
 /// Origin named in messages about [`BUILTIN_TABLE`].
 const BUILTIN_ORIGIN: &str = "built-in config/block_costs.toml";
@@ -40,7 +43,7 @@ pub enum CostError {
     },
     /// The price does not fit an i64; never clamped, a bill must be exact or refused.
     #[error(
-        "{block} entry {entry}: cost overflow: floor({stat} {value} × cost_amount {amount}) \
+        "{block} entry {entry}: cost overflow: {stat} {value} at cost_amount {amount} \
          exceeds {max}",
         max = i64::MAX
     )]
@@ -56,13 +59,31 @@ pub enum CostError {
     InvalidStat { stat: &'static str, value: f64 },
 }
 
-/// Execution measurements used by `second` and `byte` costs.
-#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+/// A run's measurements (AutoGPT's `NodeExecutionStats`, the fields billing reads). Present
+/// only post-flight: pricing without stats is pre-flight.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct Stats {
-    /// Wall-clock run time in seconds.
+    /// Wall-clock run time in seconds (`second`).
     pub walltime: f64,
-    /// Size of the input in bytes.
+    /// Size of the input in bytes (`byte`).
     pub input_size: f64,
+    /// Token counts (`tokens`).
+    pub input_token_count: u64,
+    pub output_token_count: u64,
+    pub cache_read_token_count: u64,
+    pub cache_creation_token_count: u64,
+    /// What the provider reported (`items`, `cost_usd`), and in which unit.
+    pub provider_cost: Option<f64>,
+    pub provider_cost_type: Option<String>,
+}
+
+/// Credits per 10⁶ tokens of one model (AutoGPT's `TokenRate`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct TokenRate {
+    pub input: f64,
+    pub output: f64,
+    pub cache_read: f64,
+    pub cache_creation: f64,
 }
 
 /// The outcome of pricing one execution.
@@ -82,12 +103,17 @@ enum CostType {
     Run,
     Second,
     Byte,
+    Items,
+    CostUsd,
+    Tokens,
 }
 
 #[derive(Debug, Clone)]
 struct Entry {
     amount: i64,
     cost_type: CostType,
+    /// ≥ 1; `second` and `items` only.
+    divisor: i64,
     filter: Map<String, Value>,
 }
 
@@ -102,6 +128,10 @@ struct Block {
 #[derive(Debug, Clone)]
 pub struct CostTable {
     blocks: HashMap<String, Block>,
+    /// Per model name (the `model` of a `tokens` entry's filter).
+    token_rates: Arc<HashMap<String, TokenRate>>,
+    /// Pre-flight credits per block id for `second`, `items` and `cost_usd` entries.
+    estimates: Arc<HashMap<String, i64>>,
 }
 
 impl CostTable {
@@ -135,17 +165,19 @@ impl CostTable {
         Self::from_toml_str(&text, &origin)
     }
 
-    /// Prices one execution of `block_id` with these inputs. Unknown block or no matching
-    /// entry ⇒ cost 0 and no filter. Stats must be finite and ≥ 0 (checked even when the
-    /// matching entry does not use them, so bad data never passes silently).
+    /// Prices one execution of `block_id` with these inputs: post-flight with the run's
+    /// `stats`, pre-flight without (docs/contract.md §4). Unknown block or no matching entry
+    /// ⇒ cost 0 and no filter. Stats must be finite and ≥ 0 (checked even when the matching
+    /// entry does not use them, so bad data never passes silently).
     pub fn price(
         &self,
         block_id: &str,
         inputs: &Map<String, Value>,
-        stats: Stats,
+        stats: Option<&Stats>,
     ) -> Result<Price, CostError> {
-        check_stat("walltime", stats.walltime)?;
-        check_stat("input_size", stats.input_size)?;
+        if let Some(s) = stats {
+            check_stats(s)?;
+        }
         let Some(block) = self.blocks.get(block_id) else {
             return Ok(Price {
                 cost: 0,
@@ -157,20 +189,18 @@ impl CostTable {
             if !object_matches(&entry.filter, inputs) {
                 continue;
             }
-            let cost = match entry.cost_type {
-                CostType::Run => entry.amount,
-                CostType::Second => {
-                    scaled(block_id, block, i, "walltime", stats.walltime, entry.amount)?
-                }
-                CostType::Byte => scaled(
-                    block_id,
-                    block,
-                    i,
-                    "input_size",
-                    stats.input_size,
-                    entry.amount,
-                )?,
-            };
+            let at = || block_label(block_id, block.name.as_deref());
+            let cost = match stats {
+                None => self.preflight(block_id, entry),
+                Some(s) => self.postflight(entry, s),
+            }
+            .map_err(|(stat, value)| CostError::Overflow {
+                block: at(),
+                entry: i + 1,
+                stat,
+                value,
+                amount: entry.amount,
+            })?;
             return Ok(Price {
                 cost,
                 matched_filter: Some(Value::Object(entry.filter.clone())),
@@ -184,10 +214,95 @@ impl CostTable {
         })
     }
 
+    /// The price before the run: the flat amount, or the block's historical estimate for
+    /// the types whose real cost is only known afterwards.
+    fn preflight(&self, block_id: &str, e: &Entry) -> Result<i64, (&'static str, f64)> {
+        Ok(match e.cost_type {
+            CostType::Run | CostType::Tokens => e.amount,
+            CostType::Byte => 0,
+            CostType::Second | CostType::Items | CostType::CostUsd => {
+                self.estimates.get(block_id).copied().unwrap_or(0)
+            }
+        })
+    }
+
+    /// The price of a run with `s` (AutoGPT's newest `block_usage_cost`, in f64 like its
+    /// Python, so every figure matches to the credit). Err names the stat that overflowed.
+    fn postflight(&self, e: &Entry, s: &Stats) -> Result<i64, (&'static str, f64)> {
+        let per_unit = |stat: &'static str, x: f64| -> Result<i64, (&'static str, f64)> {
+            if x <= 0.0 {
+                return Ok(0);
+            }
+            ceil_i64(x / e.divisor as f64)
+                .and_then(|units| units.checked_mul(e.amount))
+                .ok_or((stat, x))
+        };
+        match e.cost_type {
+            CostType::Run => Ok(e.amount),
+            CostType::Byte => floor_mul(s.input_size, e.amount).ok_or(("input_size", s.input_size)),
+            CostType::Second => per_unit("walltime", s.walltime),
+            CostType::Items => {
+                let items = match s.provider_cost_type.as_deref() {
+                    Some("items") => s.provider_cost.unwrap_or(0.0).floor().max(0.0),
+                    _ => 0.0,
+                };
+                per_unit("provider_cost", items)
+            }
+            CostType::CostUsd => match s.provider_cost_type.as_deref() {
+                None | Some("") | Some("cost_usd") => {
+                    let usd = s.provider_cost.unwrap_or(0.0).max(0.0);
+                    ceil_i64(usd * e.amount as f64).ok_or(("provider_cost", usd))
+                }
+                Some(_) => Ok(0),
+            },
+            CostType::Tokens => self.token_credits(e, s),
+        }
+    }
+
+    /// ceil(Σ tokens × rate / 10⁶) with the rates of the entry's model; the flat amount when
+    /// the model has none.
+    fn token_credits(&self, e: &Entry, s: &Stats) -> Result<i64, (&'static str, f64)> {
+        let model = e.filter.get("model").and_then(Value::as_str);
+        let Some(r) = model.and_then(|m| self.token_rates.get(m)) else {
+            return Ok(e.amount);
+        };
+        let total = s.input_token_count as f64 * r.input
+            + s.output_token_count as f64 * r.output
+            + s.cache_read_token_count as f64 * r.cache_read
+            + s.cache_creation_token_count as f64 * r.cache_creation;
+        ceil_i64(total / 1e6).ok_or(("tokens", total))
+    }
+
+    /// Replaces the pre-flight estimates.
+    pub fn with_estimates(mut self, estimates: Estimates) -> Self {
+        self.estimates = Arc::new(estimates.0);
+        self
+    }
+
     /// Number of blocks with an entry list.
     pub(crate) fn block_count(&self) -> usize {
         self.blocks.len()
     }
+}
+
+fn check_stats(s: &Stats) -> Result<(), CostError> {
+    check_stat("walltime", s.walltime)?;
+    check_stat("input_size", s.input_size)?;
+    if let Some(c) = s.provider_cost {
+        check_stat("provider_cost", c)?;
+    }
+    Ok(())
+}
+
+/// ceil(x) as an i64 (0 for x ≤ 0), or `None` when it does not fit.
+fn ceil_i64(x: f64) -> Option<i64> {
+    // 2^63: the first f64 above i64::MAX; casts of f64 values below it are exact.
+    const LIMIT: f64 = 9_223_372_036_854_775_808.0;
+    if x.is_nan() {
+        return None;
+    }
+    let c = x.ceil().max(0.0);
+    (c < LIMIT).then_some(c as i64)
 }
 
 fn check_stat(stat: &'static str, value: f64) -> Result<(), CostError> {
@@ -196,24 +311,6 @@ fn check_stat(stat: &'static str, value: f64) -> Result<(), CostError> {
     } else {
         Err(CostError::InvalidStat { stat, value })
     }
-}
-
-/// floor(value × amount) for a `second`/`byte` entry, or an overflow error.
-fn scaled(
-    block_id: &str,
-    block: &Block,
-    index: usize,
-    stat: &'static str,
-    value: f64,
-    amount: i64,
-) -> Result<i64, CostError> {
-    floor_mul(value, amount).ok_or_else(|| CostError::Overflow {
-        block: block_label(block_id, block.name.as_deref()),
-        entry: index + 1,
-        stat,
-        value,
-        amount,
-    })
 }
 
 /// floor(x × n) for finite x ≥ 0 and n ≥ 0, or `None` when it exceeds `i64::MAX`.
@@ -337,9 +434,9 @@ fn float_eq_int(f: f64, i: i128) -> bool {
 /// (location, message) of a validation failure; the caller adds the origin.
 type Problem = (String, String);
 
-const TOP_KEYS: &str = "`block` or `lists`";
+const TOP_KEYS: &str = "`block`, `lists` or `token_rates`";
 const BLOCK_KEYS: &str = "id, name, costs, costs_from";
-const ENTRY_KEYS: &str = "cost_amount, cost_type, cost_filter";
+const ENTRY_KEYS: &str = "cost_amount, cost_type, cost_divisor, cost_filter";
 
 fn block_label(id: &str, name: Option<&str>) -> String {
     match name {
@@ -364,13 +461,17 @@ fn toml_type(v: &toml::Value) -> &'static str {
 type Lists = HashMap<String, Arc<[Entry]>>;
 
 fn parse_table(mut doc: toml::Table) -> Result<CostTable, Problem> {
-    if let Some(key) = doc.keys().find(|k| *k != "block" && *k != "lists") {
+    if let Some(key) = doc
+        .keys()
+        .find(|k| !matches!(k.as_str(), "block" | "lists" | "token_rates"))
+    {
         return Err((
             "top level".into(),
             format!("unknown key `{key}` (expected {TOP_KEYS})"),
         ));
     }
     let lists = parse_lists(doc.remove("lists"))?;
+    let token_rates = parse_token_rates(doc.remove("token_rates"))?;
     let blocks = block_array(doc.remove("block"))?;
     let total = blocks.len();
     let mut out: HashMap<String, Block> = HashMap::with_capacity(total);
@@ -387,7 +488,71 @@ fn parse_table(mut doc: toml::Table) -> Result<CostTable, Problem> {
         first_seen.insert(id.clone(), i + 1);
         out.insert(id, block);
     }
-    Ok(CostTable { blocks: out })
+    Ok(CostTable {
+        blocks: out,
+        token_rates: Arc::new(token_rates),
+        estimates: Arc::default(),
+    })
+}
+
+/// `[token_rates]`: model name → `{ input, output, cache_read?, cache_creation? }`, credits per
+/// 10⁶ tokens, each a number ≥ 0.
+fn parse_token_rates(value: Option<toml::Value>) -> Result<HashMap<String, TokenRate>, Problem> {
+    let table = match value {
+        None => return Ok(HashMap::new()),
+        Some(toml::Value::Table(t)) => t,
+        Some(other) => {
+            return Err((
+                "token_rates".into(),
+                format!("expected a table, got {}", toml_type(&other)),
+            ))
+        }
+    };
+    table
+        .into_iter()
+        .map(|(model, v)| {
+            let at = format!("token_rates.{model}");
+            token_rate(v).map(|r| (model, r)).map_err(|m| (at, m))
+        })
+        .collect()
+}
+
+fn token_rate(value: toml::Value) -> Result<TokenRate, String> {
+    let toml::Value::Table(mut t) = value else {
+        return Err(format!("expected a table, got {}", toml_type(&value)));
+    };
+    if let Some(key) = t.keys().find(|k| {
+        !matches!(
+            k.as_str(),
+            "input" | "output" | "cache_read" | "cache_creation"
+        )
+    }) {
+        return Err(format!(
+            "unknown key `{key}` (expected input, output, cache_read, cache_creation)"
+        ));
+    }
+    let mut rate = |key: &str, required: bool| -> Result<f64, String> {
+        match t.remove(key) {
+            None if required => Err(format!("{key}: missing")),
+            None => Ok(0.0),
+            Some(toml::Value::Integer(n)) if n >= 0 => Ok(n as f64),
+            Some(toml::Value::Float(f)) if f.is_finite() && f >= 0.0 => Ok(f),
+            Some(other) => Err(format!(
+                "{key}: expected a number ≥ 0, got {}",
+                match other {
+                    toml::Value::Integer(n) => n.to_string(),
+                    toml::Value::Float(f) => f.to_string(),
+                    v => toml_type(&v).to_owned(),
+                }
+            )),
+        }
+    };
+    Ok(TokenRate {
+        input: rate("input", true)?,
+        output: rate("output", true)?,
+        cache_read: rate("cache_read", false)?,
+        cache_creation: rate("cache_creation", false)?,
+    })
 }
 
 fn parse_lists(value: Option<toml::Value>) -> Result<Lists, Problem> {
@@ -524,10 +689,12 @@ fn parse_entry(value: toml::Value) -> Result<Entry, String> {
     let toml::Value::Table(mut table) = value else {
         return Err(format!("expected a table, got {}", toml_type(&value)));
     };
-    if let Some(key) = table
-        .keys()
-        .find(|k| !matches!(k.as_str(), "cost_amount" | "cost_type" | "cost_filter"))
-    {
+    if let Some(key) = table.keys().find(|k| {
+        !matches!(
+            k.as_str(),
+            "cost_amount" | "cost_type" | "cost_divisor" | "cost_filter"
+        )
+    }) {
         return Err(format!("unknown key `{key}` (expected {ENTRY_KEYS})"));
     }
     let amount = match table.remove("cost_amount") {
@@ -546,9 +713,13 @@ fn parse_entry(value: toml::Value) -> Result<Entry, String> {
             "run" => CostType::Run,
             "second" => CostType::Second,
             "byte" => CostType::Byte,
+            "items" => CostType::Items,
+            "cost_usd" => CostType::CostUsd,
+            "tokens" => CostType::Tokens,
             _ => {
                 return Err(format!(
-                    "cost_type: unknown variant `{s}`, expected one of `run`, `second`, `byte`"
+                    "cost_type: unknown variant `{s}`, expected one of `run`, `second`, \
+                     `byte`, `items`, `cost_usd`, `tokens`"
                 ))
             }
         },
@@ -574,11 +745,34 @@ fn parse_entry(value: toml::Value) -> Result<Entry, String> {
             )
         }
     };
+    let divisor = divisor(table.remove("cost_divisor"), cost_type)?;
+    if cost_type == CostType::Tokens && !filter.get("model").is_some_and(Value::is_string) {
+        return Err(
+            "cost_filter.model: a `tokens` entry needs the model its token rates are for".into(),
+        );
+    }
     Ok(Entry {
         amount,
         cost_type,
+        divisor,
         filter,
     })
+}
+
+/// `cost_divisor`: an integer ≥ 1, default 1, for `second` and `items` entries only.
+fn divisor(value: Option<toml::Value>, cost_type: CostType) -> Result<i64, String> {
+    match value {
+        None => Ok(1),
+        Some(_) if !matches!(cost_type, CostType::Second | CostType::Items) => {
+            Err("cost_divisor: only `second` and `items` entries take a divisor".into())
+        }
+        Some(toml::Value::Integer(n)) if n >= 1 => Ok(n),
+        Some(toml::Value::Integer(n)) => Err(format!("cost_divisor: must be ≥ 1, got {n}")),
+        Some(other) => Err(format!(
+            "cost_divisor: expected an integer, got {}",
+            toml_type(&other)
+        )),
+    }
 }
 
 /// Converts a filter to JSON, the form inputs arrive in. `path` locates errors.
@@ -662,7 +856,7 @@ mod tests {
     }
 
     fn cost(t: &CostTable, block: &str, inputs: Value, stats: Stats) -> i64 {
-        match t.price(block, &obj(inputs), stats) {
+        match t.price(block, &obj(inputs), Some(&stats)) {
             Ok(p) => p.cost,
             Err(e) => panic!("{e}"),
         }
@@ -688,9 +882,7 @@ mod tests {
         );
         assert_eq!(cost(&t, "b", json!({"model": "x"}), Stats::default()), 7);
         assert_eq!(cost(&t, "b", json!({"model": "y"}), Stats::default()), 3);
-        let p = t
-            .price("b", &obj(json!({"model": "y"})), Stats::default())
-            .ok();
+        let p = t.price("b", &obj(json!({"model": "y"})), None).ok();
         assert_eq!(p.and_then(|p| p.matched_filter), Some(json!({})));
     }
 
@@ -884,6 +1076,7 @@ mod tests {
         Stats {
             walltime,
             input_size,
+            ..Stats::default()
         }
     }
 
@@ -891,13 +1084,13 @@ mod tests {
     fn run_second_and_byte_costs() {
         let t = table(TYPES);
         assert_eq!(cost(&t, "run", json!({}), stats(99.0, 99.0)), 4);
-        assert_eq!(cost(&t, "sec", json!({}), stats(25.9, 0.0)), 25);
+        // `second` bills every started second (the newest AutoGPT rounds up).
+        assert_eq!(cost(&t, "sec", json!({}), stats(25.9, 0.0)), 26);
         assert_eq!(cost(&t, "sec", json!({}), Stats::default()), 0);
         assert_eq!(cost(&t, "byte", json!({}), stats(0.0, 10.6)), 21);
         assert_eq!(cost(&t, "byte", json!({}), stats(0.0, 4096.0)), 8192);
-        // Decimal stats give the decimal answer.
-        assert_eq!(cost(&t, "sec10", json!({}), stats(0.7, 0.0)), 7);
-        assert_eq!(cost(&t, "sec10", json!({}), stats(0.29, 0.0)), 2);
+        assert_eq!(cost(&t, "sec10", json!({}), stats(0.7, 0.0)), 10);
+        assert_eq!(cost(&t, "sec10", json!({}), stats(1.29, 0.0)), 20);
         // Whole numbers are exact up to i64::MAX.
         assert_eq!(cost(&t, "huge", json!({}), stats(1.0, 0.0)), i64::MAX);
         assert_eq!(cost(&t, "huge", json!({}), stats(0.0, 0.0)), 0);
@@ -912,7 +1105,7 @@ mod tests {
             ("sec", stats(1e300, 0.0)),
             ("byte", stats(0.0, 4.7e18)),
         ] {
-            match t.price(block, &Map::new(), s) {
+            match t.price(block, &Map::new(), Some(&s)) {
                 Err(e @ CostError::Overflow { .. }) => {
                     let msg = e.to_string();
                     assert!(msg.contains(&format!("block {block}")), "{msg}");
@@ -926,12 +1119,12 @@ mod tests {
             }
         }
         let e = t
-            .price("huge", &Map::new(), stats(2.0, 0.0))
+            .price("huge", &Map::new(), Some(&stats(2.0, 0.0)))
             .err()
             .map(|e| e.to_string());
         assert_eq!(
             e.as_deref(),
-            Some("block huge (Huge) entry 1: cost overflow: floor(walltime 2 × cost_amount 9223372036854775807) exceeds 9223372036854775807")
+            Some("block huge (Huge) entry 1: cost overflow: walltime 2 at cost_amount 9223372036854775807 exceeds 9223372036854775807")
         );
     }
 
@@ -944,7 +1137,7 @@ mod tests {
             (stats(0.0, f64::INFINITY), "input_size"),
             (stats(0.0, -0.5), "input_size"),
         ] {
-            match t.price("run", &Map::new(), s) {
+            match t.price("run", &Map::new(), Some(&s)) {
                 Err(CostError::InvalidStat { stat: got, .. }) => assert_eq!(got, stat),
                 other => panic!("{s:?}: {other:?}"),
             }
@@ -987,7 +1180,7 @@ mod tests {
         let t = builtin();
         let inputs =
             json!({"prompt": "hi", "model": "gpt-4-turbo", "credentials": platform_openai()});
-        let p = t.price(TEXT_GEN, &obj(inputs), Stats::default()).ok();
+        let p = t.price(TEXT_GEN, &obj(inputs), None).ok();
         let expected = Price {
             cost: 10,
             matched_filter: Some(json!({"model": "gpt-4-turbo",
@@ -1004,7 +1197,7 @@ mod tests {
             .price(
                 TEXT_GEN,
                 &obj(json!({"model": "gpt-4-turbo", "api_key": "owned_api_key"})),
-                Stats::default(),
+                None,
             )
             .ok();
         assert_eq!(
@@ -1045,7 +1238,7 @@ mod tests {
             .price(
                 "no-such-block",
                 &obj(json!({"model": "gpt-4-turbo", "credentials": platform_openai()})),
-                Stats::default(),
+                None,
             )
             .ok();
         assert_eq!(
@@ -1072,7 +1265,7 @@ mod tests {
                 if let Some(Value::Object(creds)) = inputs.get_mut("credentials") {
                     creds.insert("title".into(), json!("Use Credits"));
                 }
-                let p = t.price(id, &inputs, Stats::default()).ok();
+                let p = t.price(id, &inputs, None).ok();
                 assert_eq!(
                     p.map(|p| p.cost),
                     Some(entry.amount),
@@ -1191,7 +1384,7 @@ mod tests {
         assert_eq!(
             msg,
             "test.toml: block 1f292d4a (AITextGeneratorBlock) entry 2 of 2: cost_type: unknown variant `minute`, \
-             expected one of `run`, `second`, `byte`"
+             expected one of `run`, `second`, `byte`, `items`, `cost_usd`, `tokens`"
         );
     }
 
@@ -1225,9 +1418,29 @@ mod tests {
     #[test]
     fn unknown_and_missing_keys_are_rejected() {
         let msg = invalid(&one_block(
+            r#"{ cost_amount = 1, cost_type = "run", cost_filter = {}, cost_per = 2 }"#,
+        ));
+        assert!(msg.ends_with("entry 2 of 2: unknown key `cost_per` (expected cost_amount, cost_type, cost_divisor, cost_filter)"), "{msg}");
+        let msg = invalid(&one_block(
             r#"{ cost_amount = 1, cost_type = "run", cost_filter = {}, cost_divisor = 2 }"#,
         ));
-        assert!(msg.ends_with("entry 2 of 2: unknown key `cost_divisor` (expected cost_amount, cost_type, cost_filter)"), "{msg}");
+        assert!(
+            msg.ends_with(
+                "entry 2 of 2: cost_divisor: only `second` and `items` entries take a divisor"
+            ),
+            "{msg}"
+        );
+        let msg = invalid(&one_block(
+            r#"{ cost_amount = 1, cost_type = "items", cost_filter = {}, cost_divisor = 0 }"#,
+        ));
+        assert!(
+            msg.ends_with("entry 2 of 2: cost_divisor: must be ≥ 1, got 0"),
+            "{msg}"
+        );
+        let msg = invalid(&one_block(
+            r#"{ cost_amount = 1, cost_type = "tokens", cost_filter = {} }"#,
+        ));
+        assert!(msg.ends_with("entry 2 of 2: cost_filter.model: a `tokens` entry needs the model its token rates are for"), "{msg}");
         let msg = invalid(&one_block(r#"{ cost_amount = 1, cost_type = "run" }"#));
         assert!(msg.contains("entry 2 of 2: cost_filter: missing"), "{msg}");
         let msg = invalid(&one_block(
@@ -1245,7 +1458,7 @@ mod tests {
         let msg = invalid("[[blocks]]\nid = \"b\"\n");
         assert_eq!(
             msg,
-            "test.toml: top level: unknown key `blocks` (expected `block` or `lists`)"
+            "test.toml: top level: unknown key `blocks` (expected `block`, `lists` or `token_rates`)"
         );
         let msg = invalid("[[block]]\nid = \"b\"\n");
         assert!(
@@ -1460,5 +1673,213 @@ mod tests {
             let got = floor_mul(x, n);
             prop_assert_eq!(got, Some((x * n as f64).floor() as i64));
         }
+    }
+}
+
+/// Every cost type against the figures of AutoGPT's own tests (its newest
+/// `block_usage_cost_test.py` and `billing_reconciliation_test.py`), in the same f64
+/// arithmetic as its Python.
+#[cfg(test)]
+mod autogpt_figures {
+    use super::*;
+    use serde_json::json;
+
+    const TABLE: &str = r#"
+        [token_rates]
+        "gpt-4o-mini" = { input = 1000, output = 2000 }
+        "claude-sonnet-4-6" = { input = 450, output = 2250, cache_read = 45, cache_creation = 563 }
+        "gpt-5" = { input = 188, output = 1500 }
+
+        [[block]]
+        id = "e2b"
+        costs = [{ cost_amount = 1, cost_type = "second", cost_divisor = 10, cost_filter = {} }]
+        [[block]]
+        id = "sec3"
+        costs = [{ cost_amount = 1, cost_type = "second", cost_divisor = 3, cost_filter = {} }]
+        [[block]]
+        id = "fal"
+        costs = [{ cost_amount = 15, cost_type = "second", cost_filter = {} }]
+        [[block]]
+        id = "items10"
+        costs = [{ cost_amount = 1, cost_type = "items", cost_divisor = 10, cost_filter = {} }]
+        [[block]]
+        id = "items2"
+        costs = [{ cost_amount = 1, cost_type = "items", cost_divisor = 2, cost_filter = {} }]
+        [[block]]
+        id = "usd100"
+        costs = [{ cost_amount = 100, cost_type = "cost_usd", cost_filter = {} }]
+        [[block]]
+        id = "usd150"
+        costs = [{ cost_amount = 150, cost_type = "cost_usd", cost_filter = {} }]
+        [[block]]
+        id = "llm"
+        costs = [
+          { cost_amount = 1, cost_type = "tokens", cost_filter = { model = "gpt-4o-mini" } },
+          { cost_amount = 1, cost_type = "tokens", cost_filter = { model = "llama3.2" } },
+          { cost_amount = 9, cost_type = "tokens", cost_filter = { model = "claude-sonnet-4-6" } },
+          { cost_amount = 2, cost_type = "tokens", cost_filter = { model = "gpt-5" } },
+        ]
+        [[block]]
+        id = "run7"
+        costs = [{ cost_amount = 7, cost_type = "run", cost_filter = {} }]
+    "#;
+
+    fn table() -> CostTable {
+        let estimates = Estimates::from_json_str(
+            r#"{"estimates": {"e2b": {"mean_credits": 2.6}, "usd100": {"mean_credits": 4}}}"#,
+            "test",
+        )
+        .unwrap();
+        CostTable::from_toml_str(TABLE, "test")
+            .unwrap()
+            .with_estimates(estimates)
+    }
+
+    fn post(block: &str, inputs: serde_json::Value, stats: Stats) -> i64 {
+        let Value::Object(inputs) = inputs else {
+            panic!("inputs")
+        };
+        table().price(block, &inputs, Some(&stats)).unwrap().cost
+    }
+
+    fn pre(block: &str, inputs: serde_json::Value) -> i64 {
+        let Value::Object(inputs) = inputs else {
+            panic!("inputs")
+        };
+        table().price(block, &inputs, None).unwrap().cost
+    }
+
+    fn walltime(s: f64) -> Stats {
+        Stats {
+            walltime: s,
+            ..Stats::default()
+        }
+    }
+
+    fn provider(cost: f64, kind: Option<&str>) -> Stats {
+        Stats {
+            provider_cost: Some(cost),
+            provider_cost_type: kind.map(str::to_owned),
+            ..Stats::default()
+        }
+    }
+
+    fn tokens(input: u64, output: u64, cache_read: u64) -> Stats {
+        Stats {
+            input_token_count: input,
+            output_token_count: output,
+            cache_read_token_count: cache_read,
+            ..Stats::default()
+        }
+    }
+
+    #[test]
+    fn second_bills_each_started_divisor_unit() {
+        assert_eq!(post("e2b", json!({}), walltime(25.0)), 3);
+        assert_eq!(post("e2b", json!({}), walltime(45.0)), 5);
+        assert_eq!(post("sec3", json!({}), walltime(1.0)), 1);
+        assert_eq!(post("fal", json!({}), walltime(8.0)), 120);
+        assert_eq!(post("e2b", json!({}), walltime(0.0)), 0);
+        // Pre-flight: the block's estimate (2.6 ⇒ 3), or 0 without one.
+        assert_eq!(pre("e2b", json!({})), 3);
+        assert_eq!(pre("fal", json!({})), 0);
+    }
+
+    #[test]
+    fn items_count_only_items_reports() {
+        assert_eq!(post("items10", json!({}), provider(45.0, Some("items"))), 5);
+        assert_eq!(post("items2", json!({}), provider(1.0, Some("items"))), 1);
+        assert_eq!(post("items2", json!({}), provider(20.0, Some("items"))), 10);
+        assert_eq!(post("items2", json!({}), provider(20.9, Some("items"))), 10);
+        assert_eq!(post("items2", json!({}), provider(0.0, Some("items"))), 0);
+        assert_eq!(
+            post("items10", json!({}), provider(0.05, Some("cost_usd"))),
+            0
+        );
+        assert_eq!(pre("items10", json!({})), 0);
+    }
+
+    #[test]
+    fn cost_usd_rounds_up_in_f64_like_python() {
+        assert_eq!(
+            post("usd100", json!({}), provider(0.023, Some("cost_usd"))),
+            3
+        );
+        assert_eq!(
+            post("usd100", json!({}), provider(0.05, Some("cost_usd"))),
+            5
+        );
+        assert_eq!(post("usd100", json!({}), provider(0.207, None)), 21);
+        // 0.07 × 100 = 7.000000000000001 and 0.14 × 100 = 14.000000000000002 in IEEE doubles.
+        assert_eq!(
+            post("usd100", json!({}), provider(0.07, Some("cost_usd"))),
+            8
+        );
+        assert_eq!(
+            post("usd100", json!({}), provider(0.14, Some("cost_usd"))),
+            15
+        );
+        assert_eq!(
+            post("usd150", json!({}), provider(0.05, Some("cost_usd"))),
+            8
+        );
+        assert_eq!(
+            post("usd150", json!({}), provider(0.023, Some("cost_usd"))),
+            4
+        );
+        assert_eq!(post("usd100", json!({}), provider(45.0, Some("items"))), 0);
+        assert_eq!(post("usd100", json!({}), Stats::default()), 0);
+        assert_eq!(pre("usd100", json!({})), 4);
+        assert_eq!(pre("usd150", json!({})), 0);
+    }
+
+    #[test]
+    fn tokens_use_the_models_rates_per_million() {
+        let mini = json!({"model": "gpt-4o-mini"});
+        assert_eq!(post("llm", mini.clone(), tokens(500_000, 250_000, 0)), 1000);
+        assert_eq!(pre("llm", mini), 1);
+        let sonnet = json!({"model": "claude-sonnet-4-6"});
+        assert_eq!(
+            post("llm", sonnet.clone(), tokens(200_000, 50_000, 100_000)),
+            207
+        );
+        assert_eq!(pre("llm", sonnet), 9);
+        // No rates for the model: its flat amount, before and after.
+        let ollama = json!({"model": "llama3.2"});
+        assert_eq!(post("llm", ollama, tokens(10_000, 10_000, 0)), 1);
+        // One token in and out of GPT-5 costs 1 (pre-flight 2: a refund of 1 later).
+        let gpt5 = json!({"model": "gpt-5"});
+        assert_eq!(post("llm", gpt5.clone(), tokens(1, 1, 0)), 1);
+        assert_eq!(post("llm", gpt5.clone(), tokens(0, 0, 0)), 0);
+        assert_eq!(pre("llm", gpt5), 2);
+    }
+
+    #[test]
+    fn run_ignores_stats() {
+        let mut s = tokens(1_000_000, 1_000_000, 0);
+        s.walltime = 999.0;
+        assert_eq!(post("run7", json!({}), s), 7);
+        assert_eq!(pre("run7", json!({})), 7);
+    }
+
+    #[test]
+    fn token_rates_are_validated_with_the_model_named() {
+        let err = |t: &str| {
+            CostTable::from_toml_str(t, "t.toml")
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            err("[token_rates]\n\"m\" = { input = 1 }\n"),
+            "t.toml: token_rates.m: output: missing"
+        );
+        assert_eq!(
+            err("[token_rates]\n\"m\" = { input = 1, output = -2 }\n"),
+            "t.toml: token_rates.m: output: expected a number ≥ 0, got -2"
+        );
+        assert_eq!(
+            err("[token_rates]\n\"m\" = { input = 1, output = 2, cached = 3 }\n"),
+            "t.toml: token_rates.m: unknown key `cached` (expected input, output, cache_read, cache_creation)"
+        );
     }
 }
