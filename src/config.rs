@@ -42,6 +42,7 @@ pub struct Settings {
     pub refill: RefillSettings,
     pub low_balance: LowBalanceSettings,
     pub execution_fee: ExecutionFeeSettings,
+    pub settlement: SettlementSettings,
     pub control: ControlSettings,
     pub cost: CostSettings,
     pub http: HttpSettings,
@@ -95,6 +96,13 @@ pub struct LowBalanceSettings {
 pub struct ExecutionFeeSettings {
     pub every: i64,
     pub amount: i64,
+}
+
+/// `[settlement]`: post-flight settlement (docs/contract.md §3).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettlementSettings {
+    pub allow_debt: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -253,6 +261,7 @@ impl Settings {
                 every: self.execution_fee.every,
                 amount: self.execution_fee.amount,
             },
+            allow_debt: self.settlement.allow_debt,
         }
     }
 

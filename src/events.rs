@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 pub const BALANCE_CHANGED: &str = "balance.changed";
 pub const CHARGE_REJECTED: &str = "charge.rejected";
 pub const BALANCE_LOW: &str = "balance.low";
+pub const CHARGE_UNCOLLECTED: &str = "charge.uncollected";
 
 /// An event waiting in the outbox.
 #[derive(Debug, Clone, PartialEq)]
@@ -113,5 +114,32 @@ pub(crate) fn balance_low(
         }),
         event_id,
         routing_key: BALANCE_LOW,
+    }
+}
+
+/// `charge.uncollected`: the part of a settlement's extra charge not taken because debt is
+/// not allowed; one per node execution.
+pub(crate) fn charge_uncollected(
+    user_id: &str,
+    node_exec_id: &str,
+    graph_exec_id: &str,
+    amount: i64,
+    balance: i64,
+    at: DateTime<Utc>,
+) -> NewEvent {
+    let event_id = format!("{CHARGE_UNCOLLECTED}:{node_exec_id}");
+    NewEvent {
+        payload: json!({
+            "event_id": event_id,
+            "type": CHARGE_UNCOLLECTED,
+            "user_id": user_id,
+            "occurred_at": rfc3339(at),
+            "node_exec_id": node_exec_id,
+            "graph_exec_id": graph_exec_id,
+            "amount": amount,
+            "balance": balance,
+        }),
+        event_id,
+        routing_key: CHARGE_UNCOLLECTED,
     }
 }

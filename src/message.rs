@@ -31,6 +31,37 @@ pub struct NodeExecutionEntry {
     pub execution_context: Option<Map<String, Value>>,
     /// The run's measurements; `None` (no `stats`, or `null`) prices the execution pre-flight.
     pub stats: Option<Stats>,
+    /// `started` (the decision, before the block runs) or `completed` (the settlement).
+    pub phase: Phase,
+    /// How the run ended; completions only (`COMPLETED` when not given).
+    pub status: RunStatus,
+}
+
+/// Which message of an execution this is (docs/contract.md §2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    Started,
+    Completed,
+}
+
+/// How a run ended, as AutoGPT reports it; every status settles the same way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum RunStatus {
+    Completed,
+    Failed,
+    Terminated,
+}
+
+impl RunStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Completed => "COMPLETED",
+            RunStatus::Failed => "FAILED",
+            RunStatus::Terminated => "TERMINATED",
+        }
+    }
 }
 
 /// Why a body was rejected. [`DecodeError::field`] names the field ("body" for the body as a
@@ -77,6 +108,12 @@ pub enum DecodeError {
     /// A stat is negative.
     #[error("{field}: must be a finite number ≥ 0")]
     InvalidStat { field: &'static str },
+    /// Not one of the values the field takes.
+    #[error("{field}: expected {expected}")]
+    Unknown {
+        field: &'static str,
+        expected: &'static str,
+    },
 }
 
 impl DecodeError {
@@ -95,7 +132,8 @@ impl DecodeError {
             | DecodeError::TooLong { field, .. }
             | DecodeError::NulByte { field }
             | DecodeError::OutOfRange { field }
-            | DecodeError::InvalidStat { field } => field,
+            | DecodeError::InvalidStat { field }
+            | DecodeError::Unknown { field, .. } => field,
         }
     }
 }
@@ -171,6 +209,8 @@ enum Key {
     Inputs,
     ExecutionContext,
     Stats,
+    Phase,
+    Status,
     #[serde(other)]
     Other,
 }
@@ -183,6 +223,8 @@ struct Raw {
     inputs: Option<Map<String, Value>>,
     execution_context: Option<Option<Map<String, Value>>>,
     stats: Option<Option<Stats>>,
+    phase: Option<Phase>,
+    status: Option<RunStatus>,
 }
 
 const ID_FIELDS: [&str; 6] = [
@@ -215,6 +257,8 @@ impl Raw {
                 .ok_or(DecodeError::Missing { field: "inputs" })?,
             execution_context: self.execution_context.flatten(),
             stats: self.stats.flatten(),
+            phase: self.phase.unwrap_or(Phase::Started),
+            status: self.status.unwrap_or(RunStatus::Completed),
         })
     }
 }
@@ -279,6 +323,29 @@ impl<'de> Visitor<'de> for EntrySeed<'_> {
                 Key::Stats => {
                     let v = map.next_value::<Value>()?;
                     once(&mut raw.stats, "stats", || stats(v))
+                }
+                Key::Phase => {
+                    let v = map.next_value::<Value>()?;
+                    once(&mut raw.phase, "phase", || match v.as_str() {
+                        Some("started") => Ok(Phase::Started),
+                        Some("completed") => Ok(Phase::Completed),
+                        _ => Err(DecodeError::Unknown {
+                            field: "phase",
+                            expected: "\"started\" or \"completed\"",
+                        }),
+                    })
+                }
+                Key::Status => {
+                    let v = map.next_value::<Value>()?;
+                    once(&mut raw.status, "status", || match v.as_str() {
+                        Some("COMPLETED") => Ok(RunStatus::Completed),
+                        Some("FAILED") => Ok(RunStatus::Failed),
+                        Some("TERMINATED") => Ok(RunStatus::Terminated),
+                        _ => Err(DecodeError::Unknown {
+                            field: "status",
+                            expected: "\"COMPLETED\", \"FAILED\" or \"TERMINATED\"",
+                        }),
+                    })
                 }
             };
             if let Err(err) = checked {

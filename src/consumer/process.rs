@@ -209,6 +209,27 @@ fn record(e: &NodeExecutionEntry, v: &Verdict) -> Action {
             }
             Action::Ack
         }
+        Verdict::Settled {
+            pre,
+            post,
+            delta,
+            uncollected,
+            balance,
+        } => {
+            metrics::counter!("credit_messages_total", "outcome" => "settled").increment(1);
+            let moved = delta - uncollected;
+            if moved > 0 {
+                metrics::counter!("credit_credits_charged_total").increment(moved as u64);
+            } else if moved < 0 {
+                metrics::counter!("credit_credits_refunded_total").increment(moved.unsigned_abs());
+            }
+            if *uncollected > 0 {
+                metrics::counter!("credit_credits_uncollected_total")
+                    .increment(*uncollected as u64);
+            }
+            debug!(pre, post, delta, uncollected, balance, "settled");
+            Action::Ack
+        }
         Verdict::Invalid { reason } => Action::DeadLetter {
             reason: reason.clone(),
         },
@@ -253,6 +274,7 @@ mod tests {
                         every: 0,
                         amount: 0,
                     },
+                    allow_debt: true,
                 },
                 transient: AtomicUsize::new(transient),
                 poison,

@@ -7,7 +7,7 @@ use serde_json::json;
 use super::Pricing;
 use crate::cost::Price;
 use crate::events::{self, ExecutionRef};
-use crate::ledger::{Account, Changes, LedgerError, NewDecision, Outcome, TxType};
+use crate::ledger::{Account, Changes, LedgerError, NewDecision, NewSettlement, Outcome, TxType};
 use crate::message::NodeExecutionEntry;
 
 /// The execution fee (docs/contract.md §3): `amount` on every `every`-th execution of a user's day.
@@ -88,7 +88,8 @@ fn apply_unchecked(
         ))
     })?;
     let before = account.balance;
-    if total > before {
+    // A debt (only a post-flight charge makes one) rejects every paid execution.
+    if total > 0 && total > before {
         changes.events.push(events::charge_rejected(
             &e.user_id,
             &e.node_exec_id,
@@ -213,5 +214,264 @@ fn usage_metadata(e: &NodeExecutionEntry, price: &Price) -> serde_json::Value {
         "graph_id": e.graph_id,
         "graph_exec_id": e.graph_exec_id,
         "input": price.matched_filter,
+    })
+}
+
+/// Runs `rule` on the account; on error the account and `changes` are as before.
+fn atomically<T>(
+    account: &mut Account,
+    changes: &mut Changes,
+    rule: impl FnOnce(&mut Account, &mut Changes) -> Result<T, LedgerError>,
+) -> Result<T, LedgerError> {
+    let saved = (
+        account.clone(),
+        changes.transactions.len(),
+        changes.events.len(),
+    );
+    let result = rule(account, changes);
+    if result.is_err() {
+        *account = saved.0;
+        changes.transactions.truncate(saved.1);
+        changes.events.truncate(saved.2);
+    }
+    result
+}
+
+/// Settles a completion whose execution was decided with block cost `pre` (docs/contract.md
+/// §3): the difference to the post-flight price `post` moves once, as `SETTLE-{id}`.
+pub(crate) fn settle(
+    account: &mut Account,
+    changes: &mut Changes,
+    e: &NodeExecutionEntry,
+    post: &Price,
+    pre: i64,
+    rules: &Pricing,
+    now: DateTime<Utc>,
+) -> Result<NewSettlement, LedgerError> {
+    atomically(account, changes, |account, changes| {
+        if let Some((policy, month)) = rules.ledger.lazy(now) {
+            account.refill(changes, policy, month, now)?;
+        }
+        let delta = post
+            .cost
+            .checked_sub(pre)
+            .ok_or_else(|| overflow(e, post.cost))?;
+        let before = account.balance;
+        let (moved, uncollected) = collectable(delta, before, rules.allow_debt);
+        let mut key = None;
+        if moved != 0 {
+            let k = format!("SETTLE-{}", e.node_exec_id);
+            let metadata = settle_metadata(e, post, pre, delta);
+            account.post_debt(
+                changes,
+                TxType::Usage,
+                k.clone(),
+                -moved,
+                metadata,
+                exec(e),
+                now,
+            )?;
+            key = Some(k);
+            let threshold = rules.ledger.low_balance_threshold;
+            let seq = account.last_seq;
+            changes
+                .events
+                .extend(account.low_balance_crossing(before, seq, threshold, now));
+        }
+        if uncollected > 0 {
+            changes.events.push(events::charge_uncollected(
+                &e.user_id,
+                &e.node_exec_id,
+                &e.graph_exec_id,
+                uncollected,
+                account.balance,
+                now,
+            ));
+        }
+        Ok(settlement(e, pre, post.cost, uncollected, key))
+    })
+}
+
+/// What of a settlement's `delta` moves now, and what of an extra charge stays uncollected:
+/// everything moves when debt is allowed; otherwise an extra charge takes at most what the
+/// balance holds. A refund always moves whole.
+fn collectable(delta: i64, balance: i64, allow_debt: bool) -> (i64, i64) {
+    if delta <= 0 || allow_debt {
+        return (delta, 0);
+    }
+    let moved = delta.min(balance.max(0));
+    (moved, delta - moved)
+}
+
+/// A completion that overtook its start decides the execution itself: charged (or free) at
+/// its post-flight price plus the execution fee when due, with no funds check (the work was
+/// done; the debt rules apply), and a settlement of delta 0 (or the uncollected part).
+pub(crate) fn decide_from_completion(
+    account: &mut Account,
+    changes: &mut Changes,
+    e: &NodeExecutionEntry,
+    post: &Price,
+    rules: &Pricing,
+    now: DateTime<Utc>,
+) -> Result<(NewDecision, NewSettlement), LedgerError> {
+    atomically(account, changes, |account, changes| {
+        if let Some((policy, month)) = rules.ledger.lazy(now) {
+            account.refill(changes, policy, month, now)?;
+        }
+        let day = now.date_naive();
+        let count = if account.fee_day == Some(day) {
+            account.fee_count + 1
+        } else {
+            1
+        };
+        account.fee_day = Some(day);
+        account.fee_count = count;
+        account.dirty = true;
+        let before = account.balance;
+        let available = if rules.allow_debt {
+            i64::MAX
+        } else {
+            before.max(0)
+        };
+        let fee = rules
+            .fee
+            .due(count, &e.user_id, day)
+            .filter(|f| f.amount <= available);
+        let fee_amount = fee.as_ref().map_or(0, |f| f.amount);
+        let cost = post.cost.min(available - fee_amount);
+        let uncollected = post.cost - cost;
+        let charged = Price {
+            cost,
+            ..post.clone()
+        };
+        let (transaction_key, fee_key) =
+            post_completion_charges(account, changes, e, &charged, fee, count, now)?;
+        if transaction_key.is_some() || fee_key.is_some() {
+            let threshold = rules.ledger.low_balance_threshold;
+            let seq = account.last_seq;
+            changes
+                .events
+                .extend(account.low_balance_crossing(before, seq, threshold, now));
+        }
+        if uncollected > 0 {
+            changes.events.push(events::charge_uncollected(
+                &e.user_id,
+                &e.node_exec_id,
+                &e.graph_exec_id,
+                uncollected,
+                account.balance,
+                now,
+            ));
+        }
+        let outcome = if cost > 0 {
+            Outcome::Charged
+        } else {
+            Outcome::Free
+        };
+        let d = decision(e, outcome, cost, fee_amount, transaction_key, fee_key);
+        Ok((d, settlement(e, cost, post.cost, uncollected, None)))
+    })
+}
+
+/// The block cost and fee rows of a decision made from a completion: they may leave a debt,
+/// and say so in their metadata (`phase: completed`), which the schema requires of such rows.
+fn post_completion_charges(
+    account: &mut Account,
+    changes: &mut Changes,
+    e: &NodeExecutionEntry,
+    price: &Price,
+    fee: Option<FeeDue>,
+    count: i64,
+    now: DateTime<Utc>,
+) -> Result<(Option<String>, Option<String>), LedgerError> {
+    let mut transaction_key = None;
+    if price.cost > 0 {
+        let key = format!("USAGE-{}", e.node_exec_id);
+        let mut metadata = usage_metadata(e, price);
+        metadata["phase"] = "completed".into();
+        account.post_debt(
+            changes,
+            TxType::Usage,
+            key.clone(),
+            -price.cost,
+            metadata,
+            exec(e),
+            now,
+        )?;
+        transaction_key = Some(key);
+    }
+    let mut fee_key = None;
+    if let Some(f) = fee {
+        let mut metadata = fee_metadata(e, count);
+        metadata["phase"] = "completed".into();
+        account.post_debt(
+            changes,
+            TxType::Usage,
+            f.key.clone(),
+            -f.amount,
+            metadata,
+            exec(e),
+            now,
+        )?;
+        fee_key = Some(f.key);
+    }
+    Ok((transaction_key, fee_key))
+}
+
+fn exec(e: &NodeExecutionEntry) -> ExecutionRef<'_> {
+    ExecutionRef {
+        node_exec_id: Some(&e.node_exec_id),
+        graph_exec_id: Some(&e.graph_exec_id),
+    }
+}
+
+fn overflow(e: &NodeExecutionEntry, amount: i64) -> LedgerError {
+    LedgerError::AmountOutOfRange(format!(
+        "settlement of node execution {}: {amount} overflows a 64-bit integer",
+        e.node_exec_id
+    ))
+}
+
+fn settlement(
+    e: &NodeExecutionEntry,
+    pre: i64,
+    post: i64,
+    uncollected: i64,
+    transaction_key: Option<String>,
+) -> NewSettlement {
+    NewSettlement {
+        node_exec_id: e.node_exec_id.clone(),
+        user_id: e.user_id.clone(),
+        block_id: e.block_id.clone(),
+        status: e.status.as_str(),
+        pre,
+        post,
+        delta: post - pre,
+        uncollected,
+        transaction_key,
+    }
+}
+
+fn settle_metadata(
+    e: &NodeExecutionEntry,
+    post: &Price,
+    pre: i64,
+    delta: i64,
+) -> serde_json::Value {
+    let block = post.block_name.as_deref().unwrap_or(&e.block_id);
+    json!({
+        "reason": format!("Settled block {} {}: {} ⇒ {}", e.block_id, block, pre, post.cost),
+        "pre": pre,
+        "post": post.cost,
+        "delta": delta,
+        "status": e.status.as_str(),
+        "block_id": e.block_id,
+        "block": block,
+        "node_id": e.node_id,
+        "node_exec_id": e.node_exec_id,
+        "graph_id": e.graph_id,
+        "graph_exec_id": e.graph_exec_id,
+        "input": post.matched_filter,
+        "stats": e.stats,
     })
 }

@@ -1,74 +1,65 @@
 //! One batch on its way through the stages: an entry's state moves from priced to decided.
+//! Started and completed messages of an execution travel together; per node execution there
+//! is one decision and one settlement, whatever the order or the duplicates.
 
 use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 
-use super::apply::apply;
+use super::apply::{apply, decide_from_completion, settle};
 use super::{Pricing, Verdict};
 use crate::cost::{CostTable, Price};
-use crate::ledger::{Account, Changes, EarlierDecision, NewDecision};
-use crate::message::NodeExecutionEntry;
+use crate::ledger::store::Written;
+use crate::ledger::{Account, Changes, EarlierDecision, EarlierSettlement, Outcome};
+use crate::message::{NodeExecutionEntry, Phase};
 
 /// Where one entry stands.
 #[derive(Debug, Clone)]
 enum State {
-    /// Priced and the first delivery of its node_exec_id in the batch: waits for its account.
+    /// Priced: waits for its account.
     Pending(Price),
-    /// Priced, but a later delivery of a node_exec_id already in the batch: a duplicate,
-    /// unless the first cannot be charged (then this one is decided in its place).
-    Repeat(Price),
     /// Nothing more to do.
     Done(Verdict),
-}
-
-impl State {
-    fn price(&self) -> Option<&Price> {
-        match self {
-            State::Pending(p) | State::Repeat(p) => Some(p),
-            State::Done(_) => None,
-        }
-    }
 }
 
 /// What the write stage stores.
 #[derive(Debug, Default)]
 pub(crate) struct Writes {
-    pub decisions: Vec<NewDecision>,
+    pub written: Written,
     pub changes: Changes,
 }
 
 pub(crate) struct Batch<'a> {
     entries: &'a [NodeExecutionEntry],
     states: Vec<State>,
+    /// Decisions stored before this batch, for the settlements of their completions.
+    earlier: HashMap<String, EarlierDecision>,
 }
 
 impl<'a> Batch<'a> {
-    /// Stage 1: prices every entry. An unpriceable entry must not hold the others up.
+    /// Stage 1: prices every entry, post-flight when it carries stats (a completion always
+    /// does: absent stats count as zero). An unpriceable entry must not hold the others up.
     pub fn price(costs: &CostTable, entries: &'a [NodeExecutionEntry]) -> Self {
+        let zero = crate::cost::Stats::default();
         let states = entries
             .iter()
-            .map(
-                |e| match costs.price(&e.block_id, &e.inputs, e.stats.as_ref()) {
+            .map(|e| {
+                let stats = match e.phase {
+                    Phase::Started => e.stats.as_ref(),
+                    Phase::Completed => Some(e.stats.as_ref().unwrap_or(&zero)),
+                };
+                match costs.price(&e.block_id, &e.inputs, stats) {
                     Ok(p) => State::Pending(p),
                     Err(err) => State::Done(Verdict::Invalid {
                         reason: err.to_string(),
                     }),
-                },
-            )
-            .collect();
-        Batch { entries, states }
-    }
-
-    /// Stage 2: within the batch, the first delivery of a node_exec_id is the one that counts.
-    pub(crate) fn dedupe(&mut self) {
-        let mut seen: HashSet<&str> = HashSet::with_capacity(self.entries.len());
-        for (e, state) in self.entries.iter().zip(self.states.iter_mut()) {
-            if let State::Pending(price) = state {
-                if !seen.insert(&e.node_exec_id) {
-                    *state = State::Repeat(price.clone());
                 }
-            }
+            })
+            .collect();
+        Batch {
+            entries,
+            states,
+            earlier: HashMap::new(),
         }
     }
 
@@ -76,7 +67,7 @@ impl<'a> Batch<'a> {
         self.entries
             .iter()
             .zip(&self.states)
-            .filter(|(_, s)| s.price().is_some())
+            .filter(|(_, s)| matches!(s, State::Pending(_)))
             .map(|(e, _)| e)
     }
 
@@ -88,23 +79,33 @@ impl<'a> Batch<'a> {
         users
     }
 
-    pub(crate) fn pending_ids(&self) -> Vec<&'a str> {
+    pub fn pending_ids(&self) -> Vec<&'a str> {
         let set: HashSet<&str> = self.pending().map(|e| e.node_exec_id.as_str()).collect();
         set.into_iter().collect()
     }
 
-    /// Stage 3 (after the lookup): entries decided before are duplicates.
-    pub(crate) fn mark_earlier(&mut self, earlier: &[EarlierDecision]) {
-        if earlier.is_empty() {
-            return;
-        }
-        let by_id: HashMap<&str, &EarlierDecision> = earlier
+    /// Stage 3 (after the look-ups): a start decided before and a completion settled before
+    /// are duplicates; earlier decisions are kept for the settlements.
+    pub fn mark_earlier(&mut self, decided: Vec<EarlierDecision>, settled: &[EarlierSettlement]) {
+        let settled: HashMap<&str, &EarlierSettlement> = settled
             .iter()
-            .map(|d| (d.node_exec_id.as_str(), d))
+            .map(|s| (s.node_exec_id.as_str(), s))
+            .collect();
+        self.earlier = decided
+            .into_iter()
+            .map(|d| (d.node_exec_id.clone(), d))
             .collect();
         for (e, state) in self.entries.iter().zip(self.states.iter_mut()) {
-            if let (Some(_), Some(d)) = (state.price(), by_id.get(e.node_exec_id.as_str())) {
-                let conflicting = is_conflict(e, &d.user_id, &d.block_id);
+            if !matches!(state, State::Pending(_)) {
+                continue;
+            }
+            let id = e.node_exec_id.as_str();
+            let first = match e.phase {
+                Phase::Started => self.earlier.get(id).map(|d| (&d.user_id, &d.block_id)),
+                Phase::Completed => settled.get(id).map(|s| (&s.user_id, &s.block_id)),
+            };
+            if let Some((user, block)) = first {
+                let conflicting = e.user_id != *user || e.block_id != *block;
                 *state = State::Done(Verdict::Duplicate { conflicting });
             }
         }
@@ -112,33 +113,31 @@ impl<'a> Batch<'a> {
 
     /// Stage 4: applies the pending entries to their accounts in delivery order. An entry
     /// whose account is missing or whose charge cannot be computed becomes invalid alone.
-    pub(crate) fn apply(
+    pub fn apply(
         &mut self,
         accounts: &mut HashMap<String, Account>,
         pricing: &Pricing,
         now: DateTime<Utc>,
     ) -> Writes {
-        let mut writes = Writes::default();
-        // node_exec_id → the entry decided for it in this batch.
-        let mut decided: HashMap<&str, &NodeExecutionEntry> = HashMap::new();
+        let mut run = Run {
+            writes: Writes::default(),
+            decided: HashMap::new(),
+            settled: HashMap::new(),
+            earlier: &self.earlier,
+        };
         for (e, state) in self.entries.iter().zip(self.states.iter_mut()) {
-            let Some(price) = state.price() else {
+            let State::Pending(price) = state else {
                 continue;
             };
-            let verdict = if let Some(first) = decided.get(e.node_exec_id.as_str()) {
-                Verdict::Duplicate {
-                    conflicting: is_conflict(first, &e.user_id, &e.block_id),
-                }
-            } else {
-                let v = apply_one(accounts, &mut writes, e, price, pricing, now);
-                if matches!(v, Verdict::Decided { .. }) {
-                    decided.insert(&e.node_exec_id, e);
-                }
-                v
+            let verdict = match accounts.get_mut(&e.user_id) {
+                Some(account) => run.one(account, e, price, pricing, now),
+                None => Verdict::Invalid {
+                    reason: format!("internal: no account locked for user {}", e.user_id),
+                },
             };
             *state = State::Done(verdict);
         }
-        writes
+        run.writes
     }
 
     /// One verdict per entry, in delivery order.
@@ -147,7 +146,7 @@ impl<'a> Batch<'a> {
             .into_iter()
             .map(|s| match s {
                 State::Done(v) => v,
-                State::Pending(_) | State::Repeat(_) => Verdict::Invalid {
+                State::Pending(_) => Verdict::Invalid {
                     reason: "internal: entry left undecided".into(),
                 },
             })
@@ -155,36 +154,119 @@ impl<'a> Batch<'a> {
     }
 }
 
-fn is_conflict(first: &NodeExecutionEntry, user_id: &str, block_id: &str) -> bool {
-    first.user_id != user_id || first.block_id != block_id
+/// The apply stage's memory of what this batch decided and settled.
+struct Run<'b, 'a> {
+    writes: Writes,
+    /// node_exec_id → the entry decided for it here, and the block cost it charged.
+    decided: HashMap<&'a str, (&'a NodeExecutionEntry, i64)>,
+    settled: HashMap<&'a str, &'a NodeExecutionEntry>,
+    earlier: &'b HashMap<String, EarlierDecision>,
 }
 
-fn apply_one(
-    accounts: &mut HashMap<String, Account>,
-    writes: &mut Writes,
-    e: &NodeExecutionEntry,
-    price: &Price,
-    pricing: &Pricing,
-    now: DateTime<Utc>,
-) -> Verdict {
-    let Some(account) = accounts.get_mut(&e.user_id) else {
-        return Verdict::Invalid {
-            reason: format!("internal: no account locked for user {}", e.user_id),
+impl<'a> Run<'_, 'a> {
+    fn one(
+        &mut self,
+        account: &mut Account,
+        e: &'a NodeExecutionEntry,
+        price: &Price,
+        pricing: &Pricing,
+        now: DateTime<Utc>,
+    ) -> Verdict {
+        let id = e.node_exec_id.as_str();
+        let first = match e.phase {
+            Phase::Started => self.decided.get(id).map(|d| d.0),
+            Phase::Completed => self.settled.get(id).copied(),
         };
-    };
-    match apply(account, &mut writes.changes, e, price, pricing, now) {
-        Ok(d) => {
-            let v = Verdict::Decided {
-                outcome: d.outcome,
-                cost: d.cost,
-                fee: d.fee,
-                balance: account.balance,
-            };
-            writes.decisions.push(d);
-            v
+        if let Some(first) = first {
+            let conflicting = first.user_id != e.user_id || first.block_id != e.block_id;
+            return Verdict::Duplicate { conflicting };
         }
-        Err(err) => Verdict::Invalid {
-            reason: err.to_string(),
-        },
+        match e.phase {
+            Phase::Started => self.start(account, e, price, pricing, now),
+            Phase::Completed => self.complete(account, e, price, pricing, now),
+        }
+    }
+
+    fn start(
+        &mut self,
+        account: &mut Account,
+        e: &'a NodeExecutionEntry,
+        price: &Price,
+        pricing: &Pricing,
+        now: DateTime<Utc>,
+    ) -> Verdict {
+        match apply(account, &mut self.writes.changes, e, price, pricing, now) {
+            Ok(d) => {
+                let charged = if d.outcome == Outcome::Charged {
+                    d.cost
+                } else {
+                    0
+                };
+                self.decided.insert(&e.node_exec_id, (e, charged));
+                let v = decided(&d, account.balance);
+                self.writes.written.decisions.push(d);
+                v
+            }
+            Err(err) => invalid(err),
+        }
+    }
+
+    fn complete(
+        &mut self,
+        account: &mut Account,
+        e: &'a NodeExecutionEntry,
+        price: &Price,
+        pricing: &Pricing,
+        now: DateTime<Utc>,
+    ) -> Verdict {
+        let id = e.node_exec_id.as_str();
+        let pre = match self.decided.get(id) {
+            Some((_, charged)) => Some(*charged),
+            None => self.earlier.get(id).map(EarlierDecision::charged),
+        };
+        let changes = &mut self.writes.changes;
+        let result = match pre {
+            Some(pre) => settle(account, changes, e, price, pre, pricing, now).map(|s| (None, s)),
+            // It overtook its start: it decides the execution itself.
+            None => decide_from_completion(account, changes, e, price, pricing, now)
+                .map(|(d, s)| (Some(d), s)),
+        };
+        match result {
+            Ok((decision, s)) => {
+                let v = match &decision {
+                    Some(d) => decided(d, account.balance),
+                    None => Verdict::Settled {
+                        pre: s.pre,
+                        post: s.post,
+                        delta: s.delta,
+                        uncollected: s.uncollected,
+                        balance: account.balance,
+                    },
+                };
+                if let Some(d) = decision {
+                    self.decided.insert(&e.node_exec_id, (e, d.cost));
+                    self.writes.written.decisions.push(d);
+                }
+                self.settled.insert(&e.node_exec_id, e);
+                self.writes.written.settlements.push(s);
+                v
+            }
+            Err(err) => invalid(err),
+        }
+    }
+}
+
+fn decided(d: &crate::ledger::NewDecision, balance: i64) -> Verdict {
+    Verdict::Decided {
+        outcome: d.outcome,
+        cost: d.cost,
+        fee: d.fee,
+        balance,
+    }
+}
+
+fn invalid(err: crate::ledger::LedgerError) -> Verdict {
+    Verdict::Invalid {
+        reason: err.to_string(),
     }
 }

@@ -1,13 +1,17 @@
-//! Decisions for a batch of node executions, in one database transaction, as a pipeline of
-//! named stages over one state per entry:
+//! Decisions and settlements for a batch of node executions, in one database transaction,
+//! as a pipeline of named stages over one state per entry:
 //!
-//! 1. **price** (pure): every entry priced from the cost table; unpriceable ⇒ invalid.
-//! 2. **dedupe** (pure): a later delivery of a node_exec_id within the batch ⇒ duplicate.
-//! 3. **lock** (ledger): the users' balance rows locked in user_id order, earlier decisions of
-//!    the batch's node_exec_ids looked up ⇒ duplicate.
-//! 4. **apply** (pure, [`apply`]): each remaining entry applied to its account in delivery
-//!    order, exactly as if processed one at a time.
-//! 5. **write** (ledger): decisions, ledger rows, balances and outbox rows in one statement.
+//! 1. **price** (pure): every entry priced from the cost table, pre-flight or post-flight;
+//!    unpriceable ⇒ invalid.
+//! 2. **lock** (ledger): the users' balance rows locked in user_id order; earlier decisions
+//!    and settlements of the batch's node_exec_ids looked up ⇒ duplicates.
+//! 3. **apply** (pure, [`apply`]): each remaining entry applied to its account in delivery
+//!    order, exactly as if processed one at a time: a start decides (a later delivery of the
+//!    same node_exec_id in the batch is a duplicate once one was decided), a completion
+//!    settles the difference to its post-flight price, or decides itself when it overtook its
+//!    start.
+//! 4. **write** (ledger): decisions, settlements, ledger rows, balances and outbox rows in one
+//!    statement.
 
 mod apply;
 mod batch;
@@ -43,6 +47,15 @@ pub enum Verdict {
     /// The entry cannot be priced or charged (e.g. its cost overflows); it goes to the dead
     /// letters.
     Invalid { reason: String },
+    /// A completion settled its execution: `delta` = `post` − `pre` moved (less what was
+    /// `uncollected`).
+    Settled {
+        pre: i64,
+        post: i64,
+        delta: i64,
+        uncollected: i64,
+        balance: i64,
+    },
 }
 
 /// Everything a decision depends on besides the database.
@@ -51,6 +64,8 @@ pub struct Pricing {
     pub costs: CostTable,
     pub ledger: LedgerPolicy,
     pub fee: FeePolicy,
+    /// Whether a post-flight charge may take a balance below 0 (`settlement.allow_debt`).
+    pub allow_debt: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,7 +98,6 @@ pub async fn decide_batch(
     now: DateTime<Utc>,
 ) -> Result<Vec<Verdict>, DecideError> {
     let mut batch = Batch::price(&pricing.costs, entries);
-    batch.dedupe();
     let users = batch.users();
     if users.is_empty() {
         return Ok(batch.verdicts());
@@ -92,18 +106,20 @@ pub async fn decide_batch(
     // Lock first, then look for earlier decisions: once we hold the users' rows, any decision
     // for these users committed by another worker is visible to the next statement.
     let mut accounts = store::lock_accounts(&mut tx, &users).await?;
-    let earlier = store::earlier_decisions(&mut tx, &batch.pending_ids()).await?;
-    batch.mark_earlier(&earlier);
+    let ids = batch.pending_ids();
+    let decided = store::earlier_decisions(&mut tx, &ids).await?;
+    let settled = store::earlier_settlements(&mut tx, &ids).await?;
+    batch.mark_earlier(decided, &settled);
     let writes = batch.apply(&mut accounts, pricing, now);
     let inserted = store::write(
         &mut tx,
-        &writes.decisions,
+        &writes.written,
         accounts.values(),
         &writes.changes,
         now,
     )
     .await?;
-    if inserted != writes.decisions.len() as u64 {
+    if inserted != writes.written.len() {
         // A worker holding other users' locks decided one of these ids meanwhile (a
         // conflicting duplicate). Roll back; the retry sees its decision.
         tx.rollback().await?;

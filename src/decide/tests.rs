@@ -28,6 +28,7 @@ fn pricing(fee_every: i64) -> Pricing {
             every: fee_every,
             amount: 1,
         },
+        allow_debt: true,
     }
 }
 
@@ -184,5 +185,241 @@ proptest! {
                 prop_assert!(t.tx_type != TxType::Usage || t.amount < 0);
             }
         }
+    }
+}
+
+// ---- post-flight settlement ------------------------------------------------------------------
+
+/// A token-priced LLM (gpt-4-turbo: 10 pre-flight, 1500 / 4500 credits per 10⁶ tokens) and a
+/// dollar-priced search (100 credits per $, estimate 1).
+fn settle_pricing(allow_debt: bool) -> Pricing {
+    let table = r#"
+        [token_rates]
+        "gpt-4-turbo" = { input = 1500, output = 4500 }
+        [[block]]
+        id = "llm"
+        costs = [{ cost_amount = 10, cost_type = "tokens", cost_filter = { model = "gpt-4-turbo" } }]
+        [[block]]
+        id = "search"
+        costs = [{ cost_amount = 100, cost_type = "cost_usd", cost_filter = {} }]
+    "#;
+    let estimates = crate::cost::Estimates::from_json_str(
+        r#"{"estimates": {"search": {"mean_credits": 1}}}"#,
+        "test",
+    )
+    .unwrap();
+    Pricing {
+        costs: CostTable::from_toml_str(table, "test")
+            .unwrap()
+            .with_estimates(estimates),
+        ledger: LedgerPolicy {
+            refill: Some(RefillPolicy { target: 100 }),
+            lazy_refill: true,
+            low_balance_threshold: 20,
+        },
+        fee: FeePolicy {
+            every: 0,
+            amount: 0,
+        },
+        allow_debt,
+    }
+}
+
+/// A start (`stats` None) or completion of `id` for `user`.
+fn run(user: &str, id: &str, block: &str, stats: Option<serde_json::Value>) -> NodeExecutionEntry {
+    let mut body = json!({
+        "user_id": user, "graph_exec_id": "ge", "graph_id": "g", "node_exec_id": id,
+        "node_id": "n", "block_id": block, "inputs": {"model": "gpt-4-turbo"},
+    });
+    if let Some(s) = stats {
+        body["phase"] = "completed".into();
+        body["stats"] = s;
+    }
+    decode(&serde_json::to_vec(&body).unwrap()).unwrap()
+}
+
+fn tokens(input: u64, output: u64) -> Option<serde_json::Value> {
+    Some(json!({"input_token_count": input, "output_token_count": output}))
+}
+
+#[test]
+fn a_completion_settles_the_difference_once() {
+    let p = settle_pricing(true);
+    let mut l = MemoryLedger::default();
+    l.decide(&p, &[run("u", "a", "llm", None)], now());
+    assert_eq!(l.accounts["u"].balance, 90);
+    // 10,000 in + 2,000 out = 15 + 9 = 24 credits: 14 more.
+    let v = l.decide(&p, &[run("u", "a", "llm", tokens(10_000, 2_000))], now());
+    assert_eq!(
+        v,
+        vec![Verdict::Settled {
+            pre: 10,
+            post: 24,
+            delta: 14,
+            uncollected: 0,
+            balance: 76
+        }]
+    );
+    let row = l.transactions.last().unwrap();
+    assert_eq!(
+        (row.transaction_key.as_str(), row.amount),
+        ("SETTLE-a", -14)
+    );
+    assert_eq!(row.metadata["pre"], 10);
+    // The same completion again, or another one: nothing.
+    let again = l.decide(&p, &[run("u", "a", "llm", tokens(1, 1))], now());
+    assert_eq!(again, vec![Verdict::Duplicate { conflicting: false }]);
+    assert_eq!(l.accounts["u"].balance, 76);
+    // A cheaper run gives credit back.
+    l.decide(
+        &p,
+        &[
+            run("u", "b", "llm", None),
+            run("u", "b", "llm", tokens(1_000, 0)),
+        ],
+        now(),
+    );
+    assert_eq!(l.accounts["u"].balance, 76 - 10 + 8);
+    assert_eq!(l.settlements["b"].delta, -8);
+}
+
+#[test]
+fn a_completion_that_overtakes_its_start_decides_and_the_start_is_a_duplicate() {
+    let p = settle_pricing(true);
+    let mut l = MemoryLedger::default();
+    let v = l.decide(&p, &[run("u", "a", "llm", tokens(10_000, 2_000))], now());
+    assert!(
+        matches!(
+            v[0],
+            Verdict::Decided {
+                outcome: Outcome::Charged,
+                cost: 24,
+                ..
+            }
+        ),
+        "{v:?}"
+    );
+    assert_eq!(l.settlements["a"].delta, 0);
+    let v = l.decide(&p, &[run("u", "a", "llm", None)], now());
+    assert_eq!(v, vec![Verdict::Duplicate { conflicting: false }]);
+    assert_eq!(l.accounts["u"].balance, 100 - 24);
+}
+
+#[test]
+fn debt_is_taken_then_rejects_paid_runs_and_a_refill_clears_it() {
+    let p = settle_pricing(true);
+    let mut l = MemoryLedger::default();
+    // $1.50 of search at 100 credits per $: 150, on 100 credits less the estimate of 1.
+    l.decide(&p, &[run("u", "s", "search", None)], now());
+    let stats = Some(json!({"provider_cost": 1.5, "provider_cost_type": "cost_usd"}));
+    l.decide(&p, &[run("u", "s", "search", stats)], now());
+    assert_eq!(l.accounts["u"].balance, -50);
+    let v = l.decide(&p, &[run("u", "t", "llm", None)], now());
+    assert!(
+        matches!(
+            v[0],
+            Verdict::Decided {
+                outcome: Outcome::Rejected,
+                ..
+            }
+        ),
+        "{v:?}"
+    );
+    // Next month's refill tops the debt up to the target: a grant of 150.
+    let next = Utc.with_ymd_and_hms(2026, 12, 1, 0, 0, 1).unwrap();
+    l.decide(&p, &[run("u", "t2", "llm", None)], next);
+    let grant = l
+        .transactions
+        .iter()
+        .rev()
+        .find(|t| t.tx_type == TxType::Grant)
+        .unwrap();
+    assert_eq!(grant.amount, 150);
+    assert_eq!(l.accounts["u"].balance, 90);
+}
+
+#[test]
+fn without_debt_the_rest_is_reported_uncollected() {
+    let p = settle_pricing(false);
+    let mut l = MemoryLedger::default();
+    l.decide(&p, &[run("u", "s", "search", None)], now());
+    let stats = Some(json!({"provider_cost": 1.5, "provider_cost_type": "cost_usd"}));
+    let v = l.decide(&p, &[run("u", "s", "search", stats)], now());
+    assert_eq!(
+        v,
+        vec![Verdict::Settled {
+            pre: 1,
+            post: 150,
+            delta: 149,
+            uncollected: 50,
+            balance: 0
+        }]
+    );
+    let ev = l
+        .events
+        .iter()
+        .find(|e| e.routing_key == crate::events::CHARGE_UNCOLLECTED);
+    assert_eq!(ev.map(|e| e.payload["amount"].clone()), Some(json!(50)));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// Whatever the order, duplication and batching of starts and completions, each
+    /// execution's block cost in total is its post-flight price, charged once, and the
+    /// books balance.
+    #[test]
+    fn every_execution_costs_its_post_flight_price_once(
+        runs in prop::collection::vec((0u8..3, 0u64..20_000, 0u64..5_000), 1..12),
+        order in prop::collection::vec((0usize..100, any::<bool>(), 0u8..3), 1..60),
+        cuts in prop::collection::vec(1usize..8, 1..6),
+    ) {
+        let p = settle_pricing(true);
+        // Messages: each execution's start and completion, each possibly more than once,
+        // in an order picked by the strategy.
+        let mut msgs = Vec::new();
+        for (k, (pick, completed, _)) in order.iter().enumerate() {
+            let i = pick % runs.len();
+            let (user, input, output) = runs[i];
+            let user = format!("u{user}");
+            let id = format!("x{i}");
+            let stats = completed.then(|| tokens(input, output)).flatten();
+            msgs.push((k, run(&user, &id, "llm", stats)));
+        }
+        let entries: Vec<_> = msgs.into_iter().map(|(_, e)| e).collect();
+        let mut l = MemoryLedger::default();
+        let mut rest = &entries[..];
+        for cut in cuts.iter().cycle() {
+            if rest.is_empty() { break; }
+            let (head, tail) = rest.split_at((*cut).min(rest.len()));
+            l.decide(&p, head, now());
+            rest = tail;
+        }
+        // Each execution: its charge rows sum to the post-flight price once completed.
+        for (id, s) in &l.settlements {
+            let charged: i64 = l.transactions.iter()
+                .filter(|t| t.transaction_key == format!("USAGE-{id}") || t.transaction_key == format!("SETTLE-{id}"))
+                .map(|t| -t.amount)
+                .sum();
+            prop_assert_eq!(charged, s.post, "{}", id);
+        }
+        for a in l.accounts.values() {
+            let rows: Vec<_> = l.transactions.iter().filter(|t| t.user_id == a.user_id).collect();
+            prop_assert_eq!(rows.iter().map(|t| t.amount).sum::<i64>(), a.balance);
+            prop_assert_eq!(rows.len() as i64, a.last_seq);
+        }
+        // Batching never changes the outcome.
+        let (single, single_ledger) = one_at_a_time(&p, &entries);
+        let mut batched = MemoryLedger::default();
+        let mut all = Vec::new();
+        let mut rest = &entries[..];
+        for cut in cuts.iter().cycle() {
+            if rest.is_empty() { break; }
+            let (head, tail) = rest.split_at((*cut).min(rest.len()));
+            all.extend(batched.decide(&p, head, now()));
+            rest = tail;
+        }
+        prop_assert_eq!(all, single);
+        prop_assert_eq!(batched, single_ledger);
     }
 }

@@ -64,17 +64,11 @@ impl Account {
         }
     }
 
-    /// The balance after posting `amount`, or why it cannot be posted.
+    /// The balance after posting `amount`, or why it cannot be posted: a debit may not take
+    /// the balance below 0 (a credit may leave a smaller debt).
     pub(crate) fn checked_balance(&self, amount: i64) -> Result<i64, LedgerError> {
-        let next = self
-            .balance
-            .checked_add(amount)
-            .ok_or_else(|| LedgerError::Overflow {
-                user_id: self.user_id.clone(),
-                balance: self.balance,
-                amount,
-            })?;
-        if next < 0 {
+        let next = self.balance_after(amount)?;
+        if next < 0 && amount < 0 {
             return Err(LedgerError::InsufficientBalance {
                 user_id: self.user_id.clone(),
                 balance: self.balance,
@@ -82,6 +76,16 @@ impl Account {
             });
         }
         Ok(next)
+    }
+
+    fn balance_after(&self, amount: i64) -> Result<i64, LedgerError> {
+        self.balance
+            .checked_add(amount)
+            .ok_or_else(|| LedgerError::Overflow {
+                user_id: self.user_id.clone(),
+                balance: self.balance,
+                amount,
+            })
     }
 
     /// Appends one ledger row and its balance.changed event. Nothing changes on error.
@@ -97,6 +101,56 @@ impl Account {
         at: DateTime<Utc>,
     ) -> Result<i64, LedgerError> {
         let balance = self.checked_balance(amount)?;
+        Ok(self.append(
+            changes,
+            tx_type,
+            transaction_key,
+            amount,
+            balance,
+            metadata,
+            exec,
+            at,
+        ))
+    }
+
+    /// [`Account::post`] for a post-flight charge: the work was done, so it is taken even
+    /// when it leaves a debt (the schema allows that only for such rows).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn post_debt(
+        &mut self,
+        changes: &mut Changes,
+        tx_type: TxType,
+        transaction_key: String,
+        amount: i64,
+        metadata: Value,
+        exec: ExecutionRef<'_>,
+        at: DateTime<Utc>,
+    ) -> Result<i64, LedgerError> {
+        let balance = self.balance_after(amount)?;
+        Ok(self.append(
+            changes,
+            tx_type,
+            transaction_key,
+            amount,
+            balance,
+            metadata,
+            exec,
+            at,
+        ))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn append(
+        &mut self,
+        changes: &mut Changes,
+        tx_type: TxType,
+        transaction_key: String,
+        amount: i64,
+        balance: i64,
+        metadata: Value,
+        exec: ExecutionRef<'_>,
+        at: DateTime<Utc>,
+    ) -> i64 {
         let seq = self.last_seq + 1;
         changes.events.push(events::balance_changed(
             &self.user_id,
@@ -120,7 +174,7 @@ impl Account {
         self.balance = balance;
         self.last_seq = seq;
         self.dirty = true;
-        Ok(seq)
+        seq
     }
 
     /// The `balance.low` event owed when the debits since the balance was `before` took it

@@ -1,6 +1,7 @@
 //! Reconciliation: for every user Σ amount = balance = the last row's running balance, seq is
 //! gap-free and each row's running balance follows from the previous one; every charged
-//! decision has its USAGE row; every ledger row has its balance.changed event in the outbox.
+//! decision has its USAGE row, every settlement that moved credits its SETTLE row; every
+//! ledger row has its balance.changed event in the outbox.
 
 use serde::Serialize;
 use sqlx::PgPool;
@@ -63,6 +64,14 @@ SELECT d.user_id, d.node_exec_id, d.transaction_key FROM credit.decisions d
           SELECT 1 FROM credit.transactions t
            WHERE t.user_id = d.user_id AND t.transaction_key = d.fee_key
              AND t.type = 'USAGE' AND t.amount = -d.fee))
+ LIMIT 1000";
+
+const SETTLED_WITHOUT_ROW: &str = "
+SELECT s.user_id, s.node_exec_id FROM credit.settlements s
+ WHERE s.delta - s.uncollected <> 0 AND NOT EXISTS (
+          SELECT 1 FROM credit.transactions t
+           WHERE t.user_id = s.user_id AND t.transaction_key = s.transaction_key
+             AND t.type = 'USAGE' AND t.amount = -(s.delta - s.uncollected))
  LIMIT 1000";
 
 const ROW_WITHOUT_EVENT: &str = "
@@ -160,6 +169,12 @@ pub async fn run(pool: &PgPool) -> Result<AuditReport, sqlx::Error> {
     mismatches.extend(
         orphans(pool, CHARGED_WITHOUT_ROW, |r| {
             format!("decision {} has no matching USAGE row", r.node_exec_id)
+        })
+        .await?,
+    );
+    mismatches.extend(
+        orphans(pool, SETTLED_WITHOUT_ROW, |r| {
+            format!("settlement {} has no matching SETTLE row", r.node_exec_id)
         })
         .await?,
     );

@@ -37,19 +37,70 @@ pub(crate) struct NewDecision {
     pub fee_key: Option<String>,
 }
 
-/// Who an earlier decision was for: enough to tell a redelivery from a conflicting one.
+/// An earlier decision: who it was for (to tell a redelivery from a conflicting one) and
+/// what it charged (a settlement's `pre`).
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub(crate) struct EarlierDecision {
     pub node_exec_id: String,
     pub user_id: String,
     pub block_id: String,
+    pub outcome: String,
+    pub cost: i64,
 }
 
-/// A stored decision as the `outcome` command reports it.
+impl EarlierDecision {
+    /// The block cost it charged: its cost when charged, else 0.
+    pub fn charged(&self) -> i64 {
+        if self.outcome == Outcome::Charged.as_str() {
+            self.cost
+        } else {
+            0
+        }
+    }
+}
+
+/// Who an earlier settlement was for.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub(crate) struct EarlierSettlement {
+    pub node_exec_id: String,
+    pub user_id: String,
+    pub block_id: String,
+}
+
+/// A settlement to insert.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct NewSettlement {
+    pub node_exec_id: String,
+    pub user_id: String,
+    pub block_id: String,
+    pub status: &'static str,
+    pub pre: i64,
+    pub post: i64,
+    pub delta: i64,
+    pub uncollected: i64,
+    pub transaction_key: Option<String>,
+}
+
+/// A stored decision as the `outcome` command reports it, with its settlement (null until
+/// the completion arrived).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct DecisionRecord {
     pub outcome: String,
     pub cost: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transaction_key: Option<String>,
+    #[sqlx(skip)]
+    pub settlement: Option<SettlementRecord>,
+}
+
+/// A stored settlement as `outcome` reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct SettlementRecord {
+    pub status: String,
+    pub pre: i64,
+    pub post: i64,
+    pub delta: i64,
+    pub uncollected: i64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub transaction_key: Option<String>,
 }

@@ -20,7 +20,9 @@ pub(crate) use account::NewTransaction;
 pub use account::RefillPolicy;
 pub(crate) use account::{Account, Changes};
 pub use decision::Outcome;
-pub(crate) use decision::{DecisionRecord, EarlierDecision, NewDecision};
+pub(crate) use decision::{
+    DecisionRecord, EarlierDecision, EarlierSettlement, NewDecision, NewSettlement,
+};
 pub use month::{Month, MonthError};
 pub(crate) use sweep::sweep_exclusive;
 pub use sweep::{sweep, SweepReport};
@@ -337,7 +339,11 @@ impl Ledger {
         &self,
         node_exec_id: &str,
     ) -> Result<Option<DecisionRecord>, LedgerError> {
-        Ok(store::find_decision(&self.pool, node_exec_id).await?)
+        let Some(mut decision) = store::find_decision(&self.pool, node_exec_id).await? else {
+            return Ok(None);
+        };
+        decision.settlement = store::find_settlement(&self.pool, node_exec_id).await?;
+        Ok(Some(decision))
     }
 }
 

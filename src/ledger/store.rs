@@ -8,7 +8,10 @@ use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::{PgConnection, PgPool};
 
 use super::account::{Account, Changes};
-use super::decision::{DecisionRecord, EarlierDecision, NewDecision};
+use super::decision::{
+    DecisionRecord, EarlierDecision, EarlierSettlement, NewDecision, NewSettlement,
+    SettlementRecord,
+};
 use super::Transaction;
 
 /// Locks balance rows. `users` must be sorted and deduplicated: every writer locks in
@@ -50,12 +53,27 @@ const WRITE: &str = "WITH
      WHERE b.user_id = x.user_id),
   o AS (
     INSERT INTO credit.outbox (event_id, routing_key, payload)
-    SELECT e, r, p::json FROM unnest($17::text[], $18::text[], $26::text[]) AS x(e, r, p))
-SELECT (SELECT count(*) FROM d)::int8 AS decided,
+    SELECT e, r, p::json FROM unnest($17::text[], $18::text[], $26::text[]) AS x(e, r, p)),
+  s AS (
+    INSERT INTO credit.settlements
+        (node_exec_id, user_id, block_id, status, pre, post, delta, uncollected,
+         transaction_key, settled_at)
+    SELECT n, u, b, st, pr, po, de, un, k, $19
+      FROM unnest($27::text[], $28::text[], $29::text[], $30::text[], $31::int8[], $32::int8[],
+                  $33::int8[], $34::int8[], $35::text[]) AS x(n, u, b, st, pr, po, de, un, k)
+    ON CONFLICT (node_exec_id) DO NOTHING
+    RETURNING 1)
+SELECT ((SELECT count(*) FROM d) + (SELECT count(*) FROM s))::int8 AS decided,
        CASE WHEN cardinality($17::text[]) > 0 THEN pg_notify('credit_outbox', '') END AS woke";
 
-const EARLIER_DECISIONS: &str = "SELECT node_exec_id, user_id, block_id FROM credit.decisions
+const EARLIER_DECISIONS: &str = "SELECT node_exec_id, user_id, block_id, outcome, cost
+       FROM credit.decisions WHERE node_exec_id = ANY($1::text[])";
+
+const EARLIER_SETTLEMENTS: &str = "SELECT node_exec_id, user_id, block_id FROM credit.settlements
       WHERE node_exec_id = ANY($1::text[])";
+
+const FIND_SETTLEMENT: &str = "SELECT status, pre, post, delta, uncollected, transaction_key
+       FROM credit.settlements WHERE node_exec_id = $1";
 
 const FIND_DECISION: &str =
     "SELECT outcome, cost, transaction_key FROM credit.decisions WHERE node_exec_id = $1";
@@ -119,6 +137,28 @@ async fn create_accounts(conn: &mut PgConnection, users: &[String]) -> Result<()
         .execute(&mut *conn)
         .await
         .map(|_| ())
+}
+
+/// Earlier settlements of any of `node_exec_ids`.
+pub(crate) async fn earlier_settlements(
+    conn: &mut PgConnection,
+    node_exec_ids: &[&str],
+) -> Result<Vec<EarlierSettlement>, sqlx::Error> {
+    sqlx::query_as(EARLIER_SETTLEMENTS)
+        .bind(node_exec_ids)
+        .fetch_all(&mut *conn)
+        .await
+}
+
+/// The settlement of a node execution, if any.
+pub(crate) async fn find_settlement(
+    pool: &PgPool,
+    node_exec_id: &str,
+) -> Result<Option<SettlementRecord>, sqlx::Error> {
+    sqlx::query_as(FIND_SETTLEMENT)
+        .bind(node_exec_id)
+        .fetch_optional(pool)
+        .await
 }
 
 /// Earlier decisions of any of `node_exec_ids`.
@@ -230,20 +270,39 @@ pub(crate) async fn flush<'a>(
     changes: &Changes,
     at: DateTime<Utc>,
 ) -> Result<(), sqlx::Error> {
-    write(conn, &[], accounts, changes, at).await.map(|_| ())
+    write(conn, &Written::default(), accounts, changes, at)
+        .await
+        .map(|_| ())
 }
 
-/// Writes decisions, ledger rows, changed balances and outbox rows in one statement; returns
-/// the number of decisions inserted (fewer than given when another worker decided some).
+/// The decisions and settlements of a batch.
+#[derive(Debug, Default)]
+pub(crate) struct Written {
+    pub decisions: Vec<NewDecision>,
+    pub settlements: Vec<NewSettlement>,
+}
+
+impl Written {
+    /// How many rows [`write`] inserts when no other worker got there first.
+    pub fn len(&self) -> u64 {
+        (self.decisions.len() + self.settlements.len()) as u64
+    }
+}
+
+/// Writes decisions, settlements, ledger rows, changed balances and outbox rows in one
+/// statement; returns the number of decisions and settlements inserted (fewer than given when
+/// another worker decided or settled some).
 pub(crate) async fn write<'a>(
     conn: &mut PgConnection,
-    decisions: &[NewDecision],
+    written: &Written,
     accounts: impl IntoIterator<Item = &'a Account>,
     changes: &Changes,
     at: DateTime<Utc>,
 ) -> Result<u64, sqlx::Error> {
+    let decisions = &written.decisions;
+    let st = &written.settlements;
     let dirty: Vec<&Account> = accounts.into_iter().filter(|a| a.dirty).collect();
-    if decisions.is_empty()
+    if written.len() == 0
         && dirty.is_empty()
         && changes.transactions.is_empty()
         && changes.events.is_empty()
@@ -289,6 +348,23 @@ pub(crate) async fn write<'a>(
         .bind(dirty.iter().map(|a| a.fee_day).collect::<Vec<_>>())
         .bind(dirty.iter().map(|a| a.fee_count).collect::<Vec<_>>())
         .bind(e.iter().map(|x| x.payload.to_string()).collect::<Vec<_>>())
+        .bind(
+            st.iter()
+                .map(|x| x.node_exec_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(st.iter().map(|x| x.user_id.as_str()).collect::<Vec<_>>())
+        .bind(st.iter().map(|x| x.block_id.as_str()).collect::<Vec<_>>())
+        .bind(st.iter().map(|x| x.status).collect::<Vec<_>>())
+        .bind(st.iter().map(|x| x.pre).collect::<Vec<_>>())
+        .bind(st.iter().map(|x| x.post).collect::<Vec<_>>())
+        .bind(st.iter().map(|x| x.delta).collect::<Vec<_>>())
+        .bind(st.iter().map(|x| x.uncollected).collect::<Vec<_>>())
+        .bind(
+            st.iter()
+                .map(|x| x.transaction_key.as_deref())
+                .collect::<Vec<_>>(),
+        )
         .fetch_one(&mut *conn)
         .await?;
     Ok(u64::try_from(decided).unwrap_or(0))

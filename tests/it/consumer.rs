@@ -483,3 +483,80 @@ async fn a_batch_decides_exactly_like_one_at_a_time() {
     batch_env.cleanup().await;
     single_env.cleanup().await;
 }
+
+/// A start and its completion through the queue, with token prices: the completion settles
+/// the difference once, a repeated completion changes nothing, and a completion that
+/// overtakes its start decides the execution.
+#[tokio::test]
+async fn completions_through_the_queue_settle_once() {
+    let dir = std::env::temp_dir().join(unique("cw-costs"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let table = dir.join("costs.toml");
+    std::fs::write(
+        &table,
+        format!(
+            "[token_rates]\n\"gpt-4-turbo\" = {{ input = 1500, output = 4500 }}\n\
+             [[block]]\nid = \"{TEXT_GEN}\"\ncosts = [{{ cost_amount = 10, cost_type = \"tokens\", \
+             cost_filter = {{ model = \"gpt-4-turbo\" }} }}]\n"
+        ),
+    )
+    .unwrap();
+    let env = TestEnv::with(|s| {
+        no_refill(s);
+        s.cost.table = Some(table.clone());
+    })
+    .await;
+    seed(&env, ["tok"], 100).await;
+    let worker = Worker::start(env.settings.clone()).await.unwrap();
+    let completed = |id: &str, input: u64, output: u64| {
+        let mut v = platform_gpt4("tok", id);
+        v["phase"] = "completed".into();
+        v["stats"] = json!({"input_token_count": input, "output_token_count": output});
+        body(&v)
+    };
+    // 10 up front; 20,000 in + 1,000 out = 30 + 4.5 ⇒ 35 in all: 25 more.
+    env.publish(&[body(&platform_gpt4("tok", "t-1"))]).await;
+    env.wait_decisions(1, T).await;
+    env.publish(&[completed("t-1", 20_000, 1_000), completed("t-1", 1, 1)])
+        .await;
+    // Overtaking: the completion (3,000 in ⇒ 5) before its start.
+    env.publish(&[
+        completed("t-2", 3_000, 0),
+        body(&platform_gpt4("tok", "t-2")),
+    ])
+    .await;
+    wait_count(
+        &env,
+        T,
+        "two settlements",
+        "SELECT count(*) FROM credit.settlements WHERE node_exec_id <> $1",
+        &[""],
+        |n| n == 2,
+    )
+    .await;
+    wait_for(T, "queue drained", || async {
+        queue_depth(&env, &env.names.input_queue).await == 0
+    })
+    .await;
+    assert_eq!(
+        env.ledger().balance("tok", Utc::now()).await.unwrap(),
+        100 - 35 - 5
+    );
+    let keys: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT transaction_key, amount FROM credit.transactions WHERE user_id = 'tok' ORDER BY seq",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        keys,
+        vec![
+            ("SEED".to_owned(), 100),
+            ("USAGE-t-1".to_owned(), -10),
+            ("SETTLE-t-1".to_owned(), -25),
+            ("USAGE-t-2".to_owned(), -5),
+        ]
+    );
+    stop_audit_cleanup(env, worker).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

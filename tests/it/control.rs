@@ -286,12 +286,12 @@ async fn every_command_end_to_end() {
     assert_eq!(
         rpc.ok(json!({"command": "outcome", "node_exec_id": "ne-charged"}))
             .await,
-        json!({"outcome": "charged", "cost": 10, "transaction_key": "USAGE-ne-charged"})
+        json!({"outcome": "charged", "cost": 10, "transaction_key": "USAGE-ne-charged", "settlement": null})
     );
     assert_eq!(
         rpc.ok(json!({"command": "outcome", "node_exec_id": "ne-free"}))
             .await,
-        json!({"outcome": "free", "cost": 0})
+        json!({"outcome": "free", "cost": 0, "settlement": null})
     );
     assert_eq!(
         rpc.ok(json!({"command": "balance", "user_id": "bob"}))

@@ -551,3 +551,94 @@ async fn audit_reports_every_kind_of_mismatch() {
     );
     env.cleanup().await;
 }
+
+/// Settlement through the database: an extra charge that leaves a debt, the refund of a
+/// cheaper run, a completion that overtook its start, duplicates; the schema accepts the
+/// debt only from these rows and the audit stays clean.
+#[tokio::test]
+async fn settlements_are_stored_once_and_may_leave_a_debt() {
+    let env = TestEnv::with(no_refill).await;
+    seed(&env, ["s"], 30).await;
+    let table = CostTable::from_toml_str(
+        r#"
+        [token_rates]
+        "gpt-4-turbo" = { input = 1500, output = 4500 }
+        [[block]]
+        id = "llm"
+        costs = [{ cost_amount = 10, cost_type = "tokens", cost_filter = { model = "gpt-4-turbo" } }]
+        "#,
+        "test",
+    )
+    .unwrap();
+    let pricing = env.settings.pricing(table);
+    let entry = |id: &str, tokens: Option<(u64, u64)>| {
+        let mut v = json!({
+            "user_id": "s", "graph_exec_id": "ge", "graph_id": "g", "node_exec_id": id,
+            "node_id": "n", "block_id": "llm", "inputs": {"model": "gpt-4-turbo"},
+        });
+        if let Some((i, o)) = tokens {
+            v["phase"] = "completed".into();
+            v["stats"] = json!({"input_token_count": i, "output_token_count": o});
+        }
+        message::decode(&body(&v)).unwrap()
+    };
+    let now = Utc::now();
+    let decide = |entries: Vec<message::NodeExecutionEntry>| {
+        let (pool, pricing) = (env.pool.clone(), pricing.clone());
+        async move {
+            decide::decide_batch(&pool, &pricing, &entries, now)
+                .await
+                .unwrap()
+        }
+    };
+    // a: start (10) and a completion of 30,000 in / 2,000 out = 45 + 9 = 54 ⇒ 44 more on 20.
+    decide(vec![entry("a", None)]).await;
+    let v = decide(vec![
+        entry("a", Some((30_000, 2_000))),
+        entry("a", Some((1, 1))),
+    ])
+    .await;
+    assert_eq!(
+        v,
+        vec![
+            Verdict::Settled {
+                pre: 10,
+                post: 54,
+                delta: 44,
+                uncollected: 0,
+                balance: -24
+            },
+            Verdict::Duplicate { conflicting: false }
+        ]
+    );
+    // b: the completion first (decides at 3), then its start (a duplicate).
+    let v = decide(vec![entry("b", Some((2_000, 0))), entry("b", None)]).await;
+    assert!(
+        matches!(
+            v[0],
+            Verdict::Decided {
+                outcome: Outcome::Charged,
+                cost: 3,
+                ..
+            }
+        ),
+        "{v:?}"
+    );
+    assert_eq!(v[1], Verdict::Duplicate { conflicting: false });
+    assert_eq!(env.ledger().balance("s", now).await.unwrap(), -27);
+
+    let outcome = env.ledger().decision("a").await.unwrap().unwrap();
+    let s = outcome.settlement.expect("settled");
+    assert_eq!((s.pre, s.post, s.delta, s.uncollected), (10, 54, 44, 0));
+    assert_eq!(s.transaction_key.as_deref(), Some("SETTLE-a"));
+    // A pre-flight debit can never make a debt: the schema refuses it.
+    let refused = sqlx::query(
+        "INSERT INTO credit.transactions (user_id, seq, transaction_key, type, amount, running_balance)
+              VALUES ('s', 99, 'X', 'USAGE', -1, -28)",
+    )
+    .execute(&env.pool)
+    .await;
+    assert!(refused.is_err());
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
