@@ -489,18 +489,7 @@ async fn a_batch_decides_exactly_like_one_at_a_time() {
 /// overtakes its start decides the execution.
 #[tokio::test]
 async fn completions_through_the_queue_settle_once() {
-    let dir = std::env::temp_dir().join(unique("cw-costs"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let table = dir.join("costs.toml");
-    std::fs::write(
-        &table,
-        format!(
-            "[token_rates]\n\"gpt-4-turbo\" = {{ input = 1500, output = 4500 }}\n\
-             [[block]]\nid = \"{TEXT_GEN}\"\ncosts = [{{ cost_amount = 10, cost_type = \"tokens\", \
-             cost_filter = {{ model = \"gpt-4-turbo\" }} }}]\n"
-        ),
-    )
-    .unwrap();
+    let (dir, table) = token_table();
     let env = TestEnv::with(|s| {
         no_refill(s);
         s.cost.table = Some(table.clone());
@@ -508,12 +497,7 @@ async fn completions_through_the_queue_settle_once() {
     .await;
     seed(&env, ["tok"], 100).await;
     let worker = Worker::start(env.settings.clone()).await.unwrap();
-    let completed = |id: &str, input: u64, output: u64| {
-        let mut v = platform_gpt4("tok", id);
-        v["phase"] = "completed".into();
-        v["stats"] = json!({"input_token_count": input, "output_token_count": output});
-        body(&v)
-    };
+    let completed = |id: &str, input: u64, output: u64| completed("tok", id, input, output);
     // 10 up front; 20,000 in + 1,000 out = 30 + 4.5 ⇒ 35 in all: 25 more.
     env.publish(&[body(&platform_gpt4("tok", "t-1"))]).await;
     env.wait_decisions(1, T).await;
@@ -558,5 +542,106 @@ async fn completions_through_the_queue_settle_once() {
         ]
     );
     stop_audit_cleanup(env, worker).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A cost table where gpt-4-turbo (the test entries' model) costs 10 pre-flight and 1500 /
+/// 4500 credits per 10⁶ input / output tokens; (its folder, its path).
+fn token_table() -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(unique("cw-costs"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let table = dir.join("costs.toml");
+    std::fs::write(
+        &table,
+        format!(
+            "[token_rates]\n\"gpt-4-turbo\" = {{ input = 1500, output = 4500 }}\n\
+             [[block]]\nid = \"{TEXT_GEN}\"\ncosts = [{{ cost_amount = 10, cost_type = \"tokens\", \
+             cost_filter = {{ model = \"gpt-4-turbo\" }} }}]\n"
+        ),
+    )
+    .unwrap();
+    (dir, table)
+}
+
+/// The completion of `id`: the entry again with its run's token counts.
+fn completed(user: &str, id: &str, input: u64, output: u64) -> Vec<u8> {
+    let mut v = platform_gpt4(user, id);
+    v["phase"] = "completed".into();
+    v["stats"] = json!({"input_token_count": input, "output_token_count": output});
+    body(&v)
+}
+
+/// Starts and completions in flight while the worker is SIGKILLed three times: every
+/// execution ends up charged exactly its post-flight price, once.
+#[tokio::test]
+async fn sigkill_between_starts_and_completions_settles_everything_once() {
+    let (dir, table) = token_table();
+    let env = TestEnv::with(no_refill).await;
+    let users = 10;
+    seed(&env, (0..users).map(|u| format!("p{u}")), 1_000_000).await;
+    let mut env_vars = env.process_env();
+    env_vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
+    env_vars.push(("CREDIT_WORKER__PIPELINE__MAX_BATCH".into(), "50".into()));
+    env_vars.push(("CREDIT_WORKER__EXECUTION_FEE__EVERY".into(), "0".into()));
+    env_vars.push((
+        "CREDIT_WORKER__COST__TABLE".into(),
+        table.display().to_string(),
+    ));
+    let n: i64 = 1500;
+    // Execution i: 1000·(i % 7) input and 500·(i % 3) output tokens, so some cost more than
+    // the 10 charged up front and some less. Its completion follows the start of i + 5.
+    let post = |i: i64| ((i % 7) * 1000 * 1500 + (i % 3) * 500 * 4500 + 999_999) / 1_000_000;
+    let mut bodies = Vec::new();
+    for i in 0..n + 5 {
+        if i < n {
+            bodies.push(body(&platform_gpt4(
+                &format!("p{}", i % users),
+                &format!("p-{i}"),
+            )));
+        }
+        let j = i - 5;
+        if j >= 0 {
+            let (input, output) = ((j % 7) as u64 * 1000, (j % 3) as u64 * 500);
+            bodies.push(completed(
+                &format!("p{}", j % users),
+                &format!("p-{j}"),
+                input,
+                output,
+            ));
+        }
+    }
+    env.publish(&bodies).await;
+    let settled = "SELECT count(*) FROM credit.settlements WHERE node_exec_id <> $1";
+    for target in [200, 700, 1200] {
+        let mut w = WorkerProcess::spawn(&env_vars, &["run"]);
+        wait_count(&env, T, "settlements", settled, &[""], |c| c >= target).await;
+        w.kill9();
+    }
+    let mut w = WorkerProcess::spawn(&env_vars, &["run"]);
+    wait_count(
+        &env,
+        Duration::from_secs(60),
+        "all settled",
+        settled,
+        &[""],
+        |c| c == n,
+    )
+    .await;
+    let unpublished = "SELECT count(*) FROM credit.outbox WHERE published_at IS NULL";
+    wait_count(&env, T, "outbox drained", unpublished, &[], |c| c == 0).await;
+    w.sigterm();
+    assert_eq!(w.wait_exit(T).await, Some(0));
+    let expected: i64 = (0..n).map(post).sum();
+    let total: i64 = env
+        .scalar_i64("SELECT sum(balance)::int8 FROM credit.balances")
+        .await;
+    assert_eq!(users * 1_000_000 - total, expected);
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM credit.decisions")
+            .await,
+        n
+    );
+    env.assert_audit_clean().await;
+    env.cleanup().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
