@@ -220,10 +220,22 @@ impl<'a> Run<'_, 'a> {
         now: DateTime<Utc>,
     ) -> Verdict {
         let id = e.node_exec_id.as_str();
-        let pre = match self.decided.get(id) {
-            Some((_, charged)) => Some(*charged),
-            None => self.earlier.get(id).map(EarlierDecision::charged),
+        let decision = match self.decided.get(id) {
+            Some((first, charged)) => {
+                Some((first.user_id.as_str(), first.block_id.as_str(), *charged))
+            }
+            None => self
+                .earlier
+                .get(id)
+                .map(|d| (d.user_id.as_str(), d.block_id.as_str(), d.charged())),
         };
+        // A completion naming another user or block than its decision settles nothing.
+        if let Some((user, block, _)) = decision {
+            if user != e.user_id || block != e.block_id {
+                return Verdict::Duplicate { conflicting: true };
+            }
+        }
+        let pre = decision.map(|d| d.2);
         let changes = &mut self.writes.changes;
         let result = match pre {
             Some(pre) => settle(account, changes, e, price, pre, pricing, now).map(|s| (None, s)),

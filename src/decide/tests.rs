@@ -423,3 +423,16 @@ proptest! {
         prop_assert_eq!(batched, single_ledger);
     }
 }
+
+#[test]
+fn a_completion_for_another_user_settles_nothing() {
+    let p = settle_pricing(true);
+    let mut l = MemoryLedger::default();
+    l.decide(&p, &[run("u", "a", "llm", None)], now());
+    let v = l.decide(&p, &[run("v", "a", "llm", tokens(100_000, 0))], now());
+    assert_eq!(v, vec![Verdict::Duplicate { conflicting: true }]);
+    assert!(l.settlements.is_empty());
+    // The real completion still settles.
+    let v = l.decide(&p, &[run("u", "a", "llm", tokens(0, 0))], now());
+    assert!(matches!(v[0], Verdict::Settled { delta: -10, .. }), "{v:?}");
+}
