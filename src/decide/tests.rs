@@ -436,3 +436,47 @@ fn a_completion_for_another_user_settles_nothing() {
     let v = l.decide(&p, &[run("u", "a", "llm", tokens(0, 0))], now());
     assert!(matches!(v[0], Verdict::Settled { delta: -10, .. }), "{v:?}");
 }
+
+#[test]
+fn failed_runs_settle_like_completed_ones_and_an_extra_charge_can_cross_low_balance() {
+    let p = settle_pricing(true);
+    let mut l = MemoryLedger::default();
+    l.decide(&p, &[run("u", "a", "llm", None)], now());
+    let mut failed = run("u", "a", "llm", tokens(40_000, 0));
+    failed.status = crate::message::RunStatus::Failed;
+    // 90 before; 60 credits of input tokens, 50 more: 40, still above the threshold of 20.
+    let v = l.decide(&p, &[failed], now());
+    assert!(
+        matches!(
+            v[0],
+            Verdict::Settled {
+                delta: 50,
+                balance: 40,
+                ..
+            }
+        ),
+        "{v:?}"
+    );
+    assert_eq!(l.settlements["a"].status, "FAILED");
+    assert!(l
+        .events
+        .iter()
+        .all(|e| e.routing_key != crate::events::BALANCE_LOW));
+    // The next start leaves 30; its extra charge of 20 crosses the threshold, on the SETTLE row.
+    l.decide(
+        &p,
+        &[
+            run("u", "b", "llm", None),
+            run("u", "b", "llm", tokens(20_000, 0)),
+        ],
+        now(),
+    );
+    let low: Vec<_> = l
+        .events
+        .iter()
+        .filter(|e| e.routing_key == crate::events::BALANCE_LOW)
+        .collect();
+    assert_eq!(low.len(), 1);
+    assert_eq!(low[0].payload["balance"], 10);
+    assert_eq!(l.transactions.last().unwrap().transaction_key, "SETTLE-b");
+}
