@@ -79,6 +79,8 @@ pub enum Command {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// Print a node execution's decision and settlement; exit 1 when it has none yet.
+    Outcome { node_exec_id: String },
     /// Reconcile ledger and balances; exit 1 on any mismatch.
     Audit,
     /// Publish NodeExecutionEntry JSON lines (a file, or - for stdin) to the input queue.
@@ -162,6 +164,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             key,
             reason,
         } => credit(&settings, json, TxType::Grant, &user, amount, key, reason).await,
+        Command::Outcome { node_exec_id } => outcome(&settings, json, &node_exec_id).await,
         Command::Audit => audit(&settings, json).await,
         Command::Publish { file } => publish(&settings, json, &file).await,
         Command::Bench(args) => crate::tools::bench::run(settings, args, json).await,
@@ -299,6 +302,32 @@ fn history_table(rows: &[Transaction]) -> String {
         ));
     }
     out
+}
+
+async fn outcome(settings: &Settings, json: bool, node_exec_id: &str) -> anyhow::Result<ExitCode> {
+    let ledger = open_ledger(settings).await?;
+    let Some(d) = ledger.decision(node_exec_id).await.map_err(ledger_error)? else {
+        anyhow::bail!("node_exec_id: no decision for {node_exec_id:?} yet");
+    };
+    print_out(json, &serde_json::to_value(&d)?, || {
+        let settled = match &d.settlement {
+            Some(s) => format!(
+                "; settled {}: pre {} post {} delta {}{}",
+                s.status,
+                s.pre,
+                s.post,
+                s.delta,
+                if s.uncollected > 0 {
+                    format!(" ({} uncollected)", s.uncollected)
+                } else {
+                    String::new()
+                }
+            ),
+            None => "; not settled".into(),
+        };
+        format!("{} cost {}{settled}", d.outcome, d.cost)
+    });
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn audit(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
