@@ -819,7 +819,9 @@ mod tests {
 
     const OPENAI: &str = "53c25cb8-e3ee-465c-a4d1-e75a4c899c2a";
     const TEXT_GEN: &str = "1f292d4a-41a4-4977-9684-7c8d560b9f91";
-    const LLM_BLOCKS: [&str; 5] = [
+    const LLM_BLOCKS: [&str; 7] = [
+        "553ec5b8-6c45-4299-8d75-b394d05f72ff",
+        "3b191d9f-356f-482d-8238-ba04b6d18381",
         "32a87eab-381e-4dd4-bdb8-4c47151be35a",
         "1f292d4a-41a4-4977-9684-7c8d560b9f91",
         "ed55ac19-356e-4243-a6cb-bc599e9b716f",
@@ -1169,9 +1171,10 @@ mod tests {
     #[test]
     fn builtin_table_loads() {
         let t = builtin();
-        assert_eq!(t.block_count(), 14);
+        assert_eq!(t.block_count(), 28);
         for id in LLM_BLOCKS {
-            assert_eq!(t.blocks.get(id).map(|b| b.entries.len()), Some(37), "{id}");
+            // 108 models of AutoGPT's MODEL_COST less 5 Ollama and 3 v0 models.
+            assert_eq!(t.blocks.get(id).map(|b| b.entries.len()), Some(100), "{id}");
         }
     }
 
@@ -1265,34 +1268,102 @@ mod tests {
                 if let Some(Value::Object(creds)) = inputs.get_mut("credentials") {
                     creds.insert("title".into(), json!("Use Credits"));
                 }
-                let p = t.price(id, &inputs, None).ok();
-                assert_eq!(
-                    p.map(|p| p.cost),
-                    Some(entry.amount),
-                    "{id} {:?}",
-                    entry.filter
-                );
+                if entry.cost_type == CostType::Tokens {
+                    // Pre-flight is MODEL_COST.
+                    let p = t.price(id, &inputs, None).ok();
+                    assert_eq!(
+                        p.map(|p| p.cost),
+                        Some(entry.amount),
+                        "{id} {:?}",
+                        entry.filter
+                    );
+                } else {
+                    // OpenRouter: 150 credits per reported $; $0.01 => ceil(1.5) = 2.
+                    assert_eq!(entry.cost_type, CostType::CostUsd, "{:?}", entry.filter);
+                    assert_eq!(entry.amount, 150);
+                    let usd = Stats {
+                        provider_cost: Some(0.01),
+                        ..Stats::default()
+                    };
+                    let p = t.price(id, &inputs, Some(&usd)).ok();
+                    assert_eq!(p.map(|p| p.cost), Some(2), "{id} {:?}", entry.filter);
+                }
             }
         }
         let groq = json!({"id": "4ec22295-8f97-4dd1-b42b-2c6957a02545", "provider": "groq", "type": "api_key"});
+        let llama = json!({"model": "llama-3.3-70b-versatile", "credentials": groq});
+        assert_eq!(
+            t.price(LLM_BLOCKS[0], &obj(llama.clone()), None)
+                .ok()
+                .map(|p| p.cost),
+            Some(1)
+        );
+        // 10^6 in + 10^6 out at 89 / 119 per 10^6.
         assert_eq!(
             cost(
                 &t,
                 LLM_BLOCKS[0],
-                json!({"model": "llama-3.3-70b-versatile", "credentials": groq}),
-                Stats::default()
+                llama,
+                super::autogpt_figures::tokens(1_000_000, 1_000_000, 0)
             ),
-            1
+            208
         );
         let anthropic = json!({"id": "24e5d942-d9e3-4798-8151-90143ee55629", "provider": "anthropic", "type": "api_key"});
+        let sonnet = json!({"model": "claude-sonnet-4-6", "credentials": anthropic.clone()});
+        assert_eq!(
+            t.price(LLM_BLOCKS[4], &obj(sonnet.clone()), None)
+                .ok()
+                .map(|p| p.cost),
+            Some(9)
+        );
+        // AutoGPT's own example: 200k in, 50k out, 100k cache read => 90 + 112.5 + 4.5 = 207.
         assert_eq!(
             cost(
                 &t,
-                LLM_BLOCKS[2],
-                json!({"model": "claude-3-5-sonnet-latest", "credentials": anthropic}),
-                Stats::default()
+                LLM_BLOCKS[4],
+                sonnet,
+                super::autogpt_figures::tokens(200_000, 50_000, 100_000)
             ),
-            4
+            207
+        );
+        // Claude Opus 4.7 has no token rate: post-flight stays MODEL_COST.
+        let opus = json!({"model": "claude-opus-4-7", "credentials": anthropic});
+        assert_eq!(
+            cost(
+                &t,
+                LLM_BLOCKS[3],
+                opus,
+                super::autogpt_figures::tokens(5_000_000, 0, 0)
+            ),
+            14
+        );
+        // gpt-4-turbo: 10,000 in / 2,000 out => ceil(15 + 9) = 24; GPT-5: 1 in / 1 out => 1.
+        let turbo = json!({"model": "gpt-4-turbo", "credentials": platform_openai()});
+        assert_eq!(
+            cost(
+                &t,
+                TEXT_GEN,
+                turbo,
+                super::autogpt_figures::tokens(10_000, 2_000, 0)
+            ),
+            24
+        );
+        let gpt5 = json!({"model": "gpt-5-2025-08-07", "credentials": platform_openai()});
+        assert_eq!(
+            t.price(TEXT_GEN, &obj(gpt5.clone()), None)
+                .ok()
+                .map(|p| p.cost),
+            Some(2)
+        );
+        assert_eq!(
+            cost(&t, TEXT_GEN, gpt5, super::autogpt_figures::tokens(1, 1, 0)),
+            1
+        );
+        // Models that left LlmModel are no longer priced.
+        let old = json!({"model": "claude-3-5-sonnet-latest", "credentials": {"id": "24e5d942-d9e3-4798-8151-90143ee55629", "provider": "anthropic", "type": "api_key"}});
+        assert_eq!(
+            t.price(TEXT_GEN, &obj(old), None).ok().map(|p| p.cost),
+            Some(0)
         );
     }
 
@@ -1302,49 +1373,155 @@ mod tests {
         let cred = |id: &str, provider: &str| json!({"id": id, "provider": provider, "type": "api_key", "title": "t"});
         let jina = cred("7f26de70-ba0d-494e-ba76-238e65e7b45f", "jina");
         let replicate = cred("6b9fc200-4726-4973-86c9-cd526f5ce5db", "replicate");
+        let e2b = cred("78d19fd7-4d59-4a16-8277-3ce310acf2b7", "e2b");
+        let apollo = cred("544c62b5-1d0f-4156-8fb4-9525f11656eb", "apollo");
+        let usd = |dollars: f64| Stats {
+            provider_cost: Some(dollars),
+            provider_cost_type: Some("cost_usd".into()),
+            ..Stats::default()
+        };
+        let items = |n: f64| Stats {
+            provider_cost: Some(n),
+            provider_cost_type: Some("items".into()),
+            ..Stats::default()
+        };
+        let walltime = |secs: f64| Stats {
+            walltime: secs,
+            ..Stats::default()
+        };
+        // (block, credentials, post-flight stats, credits), per AutoGPT's BLOCK_COSTS.
         let cases = [
             (
                 "98c6f503-8c47-4b1c-a96d-351fc7c87dab",
                 cred("7f7b0654-c36b-4565-8fa7-9a52575dfae2", "d_id"),
-                15,
+                Stats::default(),
+                100,
             ),
-            ("87840993-2053-44b7-8da4-187ad4ee518c", jina.clone(), 1),
-            ("436c3984-57fd-4b85-8e9a-459b356883bd", jina.clone(), 1),
+            // Jina search: $0.01 at 150 per $ => ceil(1.5) = 2.
+            (
+                "87840993-2053-44b7-8da4-187ad4ee518c",
+                jina.clone(),
+                usd(0.01),
+                2,
+            ),
+            (
+                "436c3984-57fd-4b85-8e9a-459b356883bd",
+                jina.clone(),
+                Stats::default(),
+                1,
+            ),
             (
                 "6ab085e2-20b3-4055-bc3e-08036e01eca6",
                 cred("760f84fc-b270-42de-91f6-08efe1b512d0", "ideogram"),
-                16,
+                Stats::default(),
+                12,
             ),
             (
                 "361697fb-0c4f-4feb-aed3-8320c88c771b",
                 cred("fdb7f412-f519-48d1-9b5f-d2f73d0e01fe", "revid"),
-                50,
+                Stats::default(),
+                307,
             ),
             (
                 "90f8c45e-e983-4644-aa0b-b4ebe2f531bc",
                 replicate.clone(),
+                Stats::default(),
                 10,
             ),
-            ("44f6c8ad-d75c-4ae1-8209-aad1c0326928", replicate, 11),
-            ("7c56b3ab-62e7-43a2-a2dc-4ec4245660b6", jina.clone(), 12),
+            // Replicate: 0.05 x 150 = 7.5 => 8.
+            (
+                "c40d75a2-d0ea-44c9-a4f6-634bb3bdab1a",
+                replicate.clone(),
+                usd(0.05),
+                8,
+            ),
+            (
+                "44f6c8ad-d75c-4ae1-8209-aad1c0326928",
+                replicate,
+                Stats::default(),
+                11,
+            ),
+            (
+                "7c56b3ab-62e7-43a2-a2dc-4ec4245660b6",
+                jina.clone(),
+                Stats::default(),
+                12,
+            ),
             (
                 "4ff1ff6d-cc40-4caa-ae69-011daa20c378",
                 cred("66f20754-1b81-48e4-91d0-f4f0dd82145f", "unreal_speech"),
+                usd(0.2),
+                30,
+            ),
+            // E2B: 45 s at 1 per started 10 s => 5 (AutoGPT's test).
+            (
+                "0b02b072-abe7-11ef-8372-fb5d162dd712",
+                e2b.clone(),
+                walltime(45.0),
                 5,
             ),
+            (
+                "ff0861c9-1726-4aec-9e5b-bf53f3622112",
+                e2b.clone(),
+                walltime(1.0),
+                1,
+            ),
+            (
+                "82b59b8e-ea10-4d57-9161-8b169b0adba6",
+                e2b,
+                walltime(20.0),
+                2,
+            ),
+            // FAL video: 8 s at 15 per s => 120 (AutoGPT's test).
+            (
+                "530cf046-2ce0-4854-ae2c-659db17c7a46",
+                cred("6c0f5bd0-9008-4638-9d79-4b40b631803e", "fal"),
+                walltime(8.0),
+                120,
+            ),
+            // Apollo organisations: 45 records at 1 per 2 => 23.
+            (
+                "3d71270d-599e-4148-9b95-71b35d2f44f0",
+                apollo,
+                items(45.0),
+                23,
+            ),
+            (
+                "e3950439-fa0b-40e8-b19f-e0dca0bf5853",
+                cred("63a6e279-2dc2-448e-bf57-85776f7176dc", "zerobounce"),
+                usd(0.023),
+                4,
+            ),
         ];
-        for (id, creds, amount) in cases {
+        for (id, creds, stats, amount) in cases {
             assert_eq!(
-                cost(&t, id, json!({"credentials": creds}), Stats::default()),
+                cost(&t, id, json!({"credentials": creds}), stats.clone()),
                 amount,
                 "{id}"
             );
             assert_eq!(
-                cost(&t, id, json!({}), Stats::default()),
+                cost(&t, id, json!({}), stats),
                 0,
                 "{id} without credentials"
             );
         }
+        // Apollo people: 2 per person with e-mail enrichment, else 1.
+        let people = "c2adb3aa-5aae-488d-8a6e-4eb8c23e2ed6";
+        let apollo = cred("544c62b5-1d0f-4156-8fb4-9525f11656eb", "apollo");
+        let enriched = json!({"enrich_info": true, "credentials": apollo.clone()});
+        assert_eq!(cost(&t, people, enriched, items(10.0)), 20);
+        let plain = json!({"enrich_info": false, "credentials": apollo});
+        assert_eq!(cost(&t, people, plain, items(10.0)), 10);
+        // Pinecone insert runs on the user's own key and still pays 1 per item.
+        assert_eq!(
+            cost(
+                &t,
+                "477f2168-cd91-475a-8146-9499a5982434",
+                json!({}),
+                items(7.0)
+            ),
+            7
+        );
         // ExtractWebsiteContent: a raw scrape does not use Jina and is free.
         let extract = "436c3984-57fd-4b85-8e9a-459b356883bd";
         assert_eq!(
@@ -1570,7 +1747,7 @@ mod tests {
         assert!(written.is_ok());
         let t = CostTable::load(&path).map(|t| t.block_count());
         let _ = std::fs::remove_dir_all(&dir);
-        assert_eq!(t.ok(), Some(14));
+        assert_eq!(t.ok(), Some(28));
     }
 
     // ---- properties -------------------------------------------------------------------------
@@ -1764,7 +1941,7 @@ mod autogpt_figures {
         }
     }
 
-    fn tokens(input: u64, output: u64, cache_read: u64) -> Stats {
+    pub(super) fn tokens(input: u64, output: u64, cache_read: u64) -> Stats {
         Stats {
             input_token_count: input,
             output_token_count: output,

@@ -4,9 +4,10 @@
 //!
 //! It starts the worker in-process, publishes a small stream of node executions the way the
 //! graph executor would (several users and blocks, a user's own API key, a user running out of
-//! credits, a duplicate delivery and one unparseable body), waits until everything is decided
-//! and every event is published, and prints balances, decisions, events, the dead letter and
-//! the audit.
+//! credits, a duplicate delivery and one unparseable body), then the completions of three
+//! token-priced LLM calls (an extra charge, a refund, and one that leaves a balance in debt),
+//! waits until everything is decided, settled and published, runs next month's refill sweep,
+//! and prints balances, decisions, settlements, events, the dead letter and the audit.
 
 use std::collections::HashMap;
 use std::process::ExitCode;
@@ -23,13 +24,17 @@ use tokio::time::Instant;
 
 use crate::amqp::topology::{self, Names};
 use crate::config::Settings;
+use crate::ledger::account::RefillPolicy;
 use crate::ledger::audit::AuditReport;
+use crate::ledger::month::Month;
+use crate::ledger::sweep::SweepReport;
 use crate::tools::scratch::Scratch;
 
-/// The demo's monthly allowance: small, so one user runs out within a few executions.
-const DEMO_REFILL_TARGET: i64 = 100;
+/// The demo's monthly allowance: small, so one user runs out within a few executions (a revid
+/// video costs 307).
+const DEMO_REFILL_TARGET: i64 = 700;
 /// The demo's low-balance threshold, below the allowance so a crossing is visible.
-const DEMO_LOW_BALANCE: i64 = 25;
+const DEMO_LOW_BALANCE: i64 = 150;
 /// Longest wait for any one stage (connect, decide, publish events, dead letter).
 const STAGE_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -113,8 +118,8 @@ fn script() -> Vec<Step> {
             graph_exec_id: alice_ge,
             block_id: TEXT_GEN,
             block: "AITextGeneratorBlock",
-            what: "claude-3-5-sonnet, platform Anthropic key",
-            inputs: json!({"model": "claude-3-5-sonnet-latest", "prompt": "Check the tone",
+            what: "claude-sonnet-4-6, platform Anthropic key",
+            inputs: json!({"model": "claude-sonnet-4-6", "prompt": "Check the tone",
                            "credentials": platform_key(ANTHROPIC)}),
         },
         Step {
@@ -169,7 +174,63 @@ fn script() -> Vec<Step> {
     ]
 }
 
+/// The executor's report after a block ran: the same entry with `phase: "completed"` and the
+/// token counts the LLM call used.
+struct Completion {
+    node_exec_id: &'static str,
+    input_tokens: u64,
+    output_tokens: u64,
+    what: &'static str,
+}
+
+/// Completions, published after the whole script so each settles a decided execution.
+fn completions() -> Vec<Completion> {
+    vec![
+        Completion {
+            // gpt-4-turbo at 1500 / 4500 per 10^6: ceil(15 + 9) = 24 after 10 pre-flight.
+            node_exec_id: "0f6c1a52-3d84-4e1b-9a7c-2b5e8d0f4a01",
+            input_tokens: 10_000,
+            output_tokens: 2_000,
+            what: "long ticket: costs more than its pre-flight price",
+        },
+        Completion {
+            // claude-sonnet-4-6 at 450 / 2250: ceil(0.9 + 1.125) = 3 after 9 pre-flight.
+            node_exec_id: "0f6c1a52-3d84-4e1b-9a7c-2b5e8d0f4a03",
+            input_tokens: 2_000,
+            output_tokens: 500,
+            what: "short answer: part of the pre-flight price back",
+        },
+        Completion {
+            // gpt-4o at 375 / 1500: ceil(37.5 + 60) = 98 after 3, more than carol has left.
+            node_exec_id: "d4e8b1c7-2a6f-4e9d-8c3b-5a7f1e0d2c04",
+            input_tokens: 100_000,
+            output_tokens: 40_000,
+            what: "very long description: the balance goes into debt",
+        },
+    ]
+}
+
+/// A started entry carries no stats: it is priced pre-flight (a token-priced model at its flat
+/// MODEL_COST), as the executor does before the block runs.
 fn body(step: &Step) -> Vec<u8> {
+    entry(step).to_string().into_bytes()
+}
+
+fn completion_body(step: &Step, c: &Completion) -> Vec<u8> {
+    let mut e = entry(step);
+    if let Some(obj) = e.as_object_mut() {
+        obj.insert("phase".into(), json!("completed"));
+        obj.insert("status".into(), json!("COMPLETED"));
+        obj.insert(
+            "stats".into(),
+            json!({"walltime": 2.5, "input_size": 240,
+                   "input_token_count": c.input_tokens, "output_token_count": c.output_tokens}),
+        );
+    }
+    e.to_string().into_bytes()
+}
+
+fn entry(step: &Step) -> Value {
     json!({
         "user_id": step.user,
         "graph_exec_id": step.graph_exec_id,
@@ -180,10 +241,7 @@ fn body(step: &Step) -> Vec<u8> {
         "block_id": step.block_id,
         "inputs": step.inputs,
         "execution_context": {"user_timezone": "UTC"},
-        "stats": {"walltime": 1.5, "input_size": 240},
     })
-    .to_string()
-    .into_bytes()
 }
 
 /// The body that is not JSON at all (a truncated write by a buggy producer).
@@ -195,6 +253,7 @@ struct Published {
     node_executions: usize,
     duplicates: usize,
     invalid: usize,
+    completions: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -218,6 +277,18 @@ struct DecisionRow {
 }
 
 #[derive(Debug, Serialize)]
+struct SettlementRow {
+    node_exec_id: String,
+    user_id: String,
+    description: String,
+    status: String,
+    pre: i64,
+    post: i64,
+    delta: i64,
+    transaction_key: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
 struct EventRow {
     routing_key: String,
     message_id: String,
@@ -237,8 +308,13 @@ struct Report {
     database: String,
     settings: Value,
     published: Published,
+    /// After every decision and settlement, before the refill.
     balances: Vec<BalanceRow>,
     decisions: Vec<DecisionRow>,
+    settlements: Vec<SettlementRow>,
+    refill: SweepReport,
+    /// After next month's refill sweep.
+    balances_after_refill: Vec<BalanceRow>,
     events: Vec<EventRow>,
     dead_letters: Vec<DeadLetter>,
     audit: AuditReport,
@@ -347,12 +423,28 @@ async fn drive(
     db_name: &str,
 ) -> anyhow::Result<Report> {
     let steps = script();
-    let published = publish_script(demo, &steps).await?;
-    wait_until_settled(pool, steps.len()).await?;
+    let done = completions();
+    let published = publish_script(demo, &steps, &done).await?;
+    wait_until_settled(pool, steps.len(), done.len()).await?;
+    let decisions = read_decisions(pool, &steps).await?;
+    let settlements = read_settlements(pool, &done).await?;
+    let balances = read_balances(pool).await?;
+    // Next month's refill tops every account, carol's debt included, back up to the target.
+    let refill = crate::ledger::sweep::sweep(
+        pool,
+        RefillPolicy {
+            target: demo.refill.target,
+        },
+        next_month(),
+        None,
+        100,
+        |_| {},
+    )
+    .await?;
+    wait_until_settled(pool, steps.len(), done.len()).await?;
+    let balances_after_refill = read_balances(pool).await?;
     let events = receive_events(pool, names, events_in).await?;
     let dead_letters = read_dead_letters(ch, &names.dead_queue, 1).await?;
-    let decisions = read_decisions(pool, &steps).await?;
-    let balances = read_balances(pool).await?;
     let audit = crate::ledger::audit::run(pool).await?;
 
     Ok(Report {
@@ -369,9 +461,13 @@ async fn drive(
             node_executions: steps.len(),
             duplicates: 1,
             invalid: 1,
+            completions: done.len(),
         },
         balances,
         decisions,
+        settlements,
+        refill,
+        balances_after_refill,
         events,
         dead_letters,
         audit,
@@ -380,19 +476,48 @@ async fn drive(
 
 /// Publishes the script the way the executor would, plus a duplicate delivery and an invalid
 /// body; returns the number of messages.
-async fn publish_script(demo: &Settings, steps: &[Step]) -> anyhow::Result<usize> {
+async fn publish_script(
+    demo: &Settings,
+    steps: &[Step],
+    done: &[Completion],
+) -> anyhow::Result<usize> {
     let mut bodies: Vec<Vec<u8>> = steps.iter().map(body).collect();
     // A redelivery as the executor would cause it after a lost ack: alice's first execution.
     bodies.insert(4, body(&steps[0]));
     bodies.insert(7, INVALID_BODY.to_vec());
+    for c in done {
+        let step = steps
+            .iter()
+            .find(|s| s.node_exec_id == c.node_exec_id)
+            .ok_or_else(|| anyhow!("completion of an unknown step {}", c.node_exec_id))?;
+        bodies.push(completion_body(step, c));
+    }
     crate::tools::publish::publish_entries(demo, &bodies).await
 }
 
-/// Waits until all `node_executions` are decided and every event is published.
-async fn wait_until_settled(pool: &PgPool, node_executions: usize) -> anyhow::Result<()> {
+/// The month after the current one (UTC).
+fn next_month() -> Month {
+    let first = Month::of(chrono::Utc::now()).first_day();
+    // 32 days after the 1st is always in the next month.
+    let later = first + chrono::Duration::days(32);
+    Month::of(later.and_time(chrono::NaiveTime::MIN).and_utc())
+}
+
+/// Waits until all `node_executions` are decided, all `settled` completions settled and every
+/// event is published.
+async fn wait_until_settled(
+    pool: &PgPool,
+    node_executions: usize,
+    settled: usize,
+) -> anyhow::Result<()> {
     let expected = i64::try_from(node_executions)?;
     wait_until("every node execution is decided", || async {
         scalar(pool, "SELECT count(*) FROM credit.decisions").await >= expected
+    })
+    .await?;
+    let expected = i64::try_from(settled)?;
+    wait_until("every completion is settled", || async {
+        scalar(pool, "SELECT count(*) FROM credit.settlements").await >= expected
     })
     .await?;
     wait_until("the outbox is published", || async {
@@ -484,6 +609,44 @@ async fn read_decisions(pool: &PgPool, steps: &[Step]) -> anyhow::Result<Vec<Dec
     Ok(decisions)
 }
 
+/// The settlements, in the completions' order.
+async fn read_settlements(
+    pool: &PgPool,
+    done: &[Completion],
+) -> anyhow::Result<Vec<SettlementRow>> {
+    let mut rows = Vec::new();
+    for r in sqlx::query(
+        "SELECT node_exec_id, user_id, status, pre, post, delta, transaction_key
+           FROM credit.settlements",
+    )
+    .fetch_all(pool)
+    .await?
+    {
+        let node_exec_id: String = r.try_get("node_exec_id")?;
+        let description = done
+            .iter()
+            .find(|c| c.node_exec_id == node_exec_id)
+            .map_or("", |c| c.what)
+            .to_owned();
+        rows.push(SettlementRow {
+            node_exec_id,
+            user_id: r.try_get("user_id")?,
+            description,
+            status: r.try_get("status")?,
+            pre: r.try_get("pre")?,
+            post: r.try_get("post")?,
+            delta: r.try_get("delta")?,
+            transaction_key: r.try_get("transaction_key")?,
+        });
+    }
+    rows.sort_by_key(|s| {
+        done.iter()
+            .position(|c| c.node_exec_id == s.node_exec_id)
+            .unwrap_or(usize::MAX)
+    });
+    Ok(rows)
+}
+
 async fn read_balances(pool: &PgPool) -> anyhow::Result<Vec<BalanceRow>> {
     let mut balances = Vec::new();
     for r in sqlx::query("SELECT user_id, balance, last_seq FROM credit.balances ORDER BY user_id")
@@ -568,18 +731,17 @@ where
 
 fn print_human(r: &Report) {
     println!(
-        "published {} messages: {} node executions, {} duplicate delivery, {} invalid body\n",
+        "published {} messages: {} node executions, {} duplicate delivery, {} invalid body, \
+         {} completions\n",
         r.published.messages,
         r.published.node_executions,
         r.published.duplicates,
-        r.published.invalid
+        r.published.invalid,
+        r.published.completions
     );
 
-    println!("Balances");
-    println!("  {:<8} {:>8} {:>12}", "user", "balance", "ledger rows");
-    for b in &r.balances {
-        println!("  {:<8} {:>8} {:>12}", b.user_id, b.balance, b.ledger_rows);
-    }
+    println!("Balances after the run (a negative balance is debt from a post-flight charge)");
+    print_balances(&r.balances);
 
     println!("\nDecisions (queue order; the duplicate delivery made no second decision)");
     println!(
@@ -592,6 +754,31 @@ fn print_human(r: &Report) {
             d.node_exec_id, d.user_id, d.block, d.description, d.outcome, d.cost
         );
     }
+
+    println!("\nSettlements (completions: block cost settled to the post-flight price)");
+    println!(
+        "  {:<36}  {:<6} {:<50} {:>4} {:>4} {:>6}",
+        "node_exec_id", "user", "what", "pre", "post", "delta"
+    );
+    for s in &r.settlements {
+        println!(
+            "  {:<36}  {:<6} {:<50} {:>4} {:>4} {:>+6}",
+            s.node_exec_id, s.user_id, s.description, s.pre, s.post, s.delta
+        );
+    }
+
+    println!(
+        "\nRefill sweep for {}: {} users topped up to {}, {} credits granted",
+        r.refill.month,
+        r.refill.users_refilled,
+        r.settings
+            .get("refill.target")
+            .and_then(Value::as_i64)
+            .unwrap_or_default(),
+        r.refill.credits_granted
+    );
+    println!("Balances after the refill");
+    print_balances(&r.balances_after_refill);
 
     println!("\nEvents on {}credit.events", r.namespace);
     println!("  {:<16} {:<6} summary", "routing key", "user");
@@ -621,18 +808,33 @@ fn print_human(r: &Report) {
     println!("\nscratch database and namespace removed");
 }
 
+fn print_balances(rows: &[BalanceRow]) {
+    println!("  {:<8} {:>8} {:>12}", "user", "balance", "ledger rows");
+    for b in rows {
+        println!("  {:<8} {:>8} {:>12}", b.user_id, b.balance, b.ledger_rows);
+    }
+}
+
 fn event_summary(routing_key: &str, body: &Value) -> String {
     let num = |k: &str| body.get(k).and_then(Value::as_i64).unwrap_or_default();
     let text = |k: &str| body.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
     match routing_key {
-        crate::events::BALANCE_CHANGED => format!(
-            "{} {:+} → balance {} (seq {}, {})",
-            text("transaction_type"),
-            num("amount"),
-            num("balance"),
-            num("seq"),
-            text("transaction_key")
-        ),
+        crate::events::BALANCE_CHANGED => {
+            let key = text("transaction_key");
+            // A SETTLE row's sign says which way the post-flight price went.
+            let note = match (key.starts_with("SETTLE-"), num("amount") < 0) {
+                (true, true) => " settlement: extra charge",
+                (true, false) => " settlement: refund",
+                _ => "",
+            };
+            format!(
+                "{} {:+} → balance {} (seq {}, {key}){note}",
+                text("transaction_type"),
+                num("amount"),
+                num("balance"),
+                num("seq"),
+            )
+        }
         crate::events::CHARGE_REJECTED => format!(
             "{} needs {}, balance {}",
             text("node_exec_id"),
@@ -663,5 +865,19 @@ mod tests {
             crate::message::decode(&body(s)).unwrap();
         }
         assert!(crate::message::decode(INVALID_BODY).is_err());
+        for c in completions() {
+            let step = steps.iter().find(|s| s.node_exec_id == c.node_exec_id);
+            let step = step.expect("a completion of a scripted step");
+            let e = crate::message::decode(&completion_body(step, &c)).unwrap();
+            assert_eq!(e.phase, crate::message::Phase::Completed);
+        }
+    }
+
+    #[test]
+    fn next_month_follows_this_one() {
+        let now = Month::of(chrono::Utc::now()).first_day();
+        let next = next_month().first_day();
+        assert!(next > now);
+        assert!(next - now <= chrono::Duration::days(31));
     }
 }
