@@ -576,13 +576,15 @@ async fn compare_executions(
     problems: &mut Vec<String>,
 ) -> anyhow::Result<PairsResult> {
     let rows: Vec<(String, i64, i64, i64, Option<i64>)> = sqlx::query_as(
-        "SELECT s.node_exec_id, s.post,
-                -coalesce(sum(x.amount), 0)::int8,
-                count(x.transaction_key) FILTER (WHERE x.transaction_key LIKE 'SETTLE-%'),
-                (-sum(x.amount) FILTER (WHERE x.transaction_key LIKE 'SETTLE-%'))::int8
-           FROM credit.settlements s
-           LEFT JOIN credit.transactions x
-             ON x.transaction_key IN ('USAGE-' || s.node_exec_id, 'SETTLE-' || s.node_exec_id)
+        // The key's index leads with user_id: join on the id cut out of the key (a hash join).
+        "WITH x AS (
+           SELECT substr(transaction_key, strpos(transaction_key, '-') + 1) AS id, amount,
+                  transaction_key LIKE 'SETTLE-%' AS settle
+             FROM credit.transactions
+            WHERE transaction_key LIKE 'USAGE-%' OR transaction_key LIKE 'SETTLE-%')
+         SELECT s.node_exec_id, s.post, -coalesce(sum(x.amount), 0)::int8,
+                count(*) FILTER (WHERE x.settle), (-sum(x.amount) FILTER (WHERE x.settle))::int8
+           FROM credit.settlements s LEFT JOIN x ON x.id = s.node_exec_id
           GROUP BY s.node_exec_id, s.post",
     )
     .fetch_all(pool)
