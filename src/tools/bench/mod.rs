@@ -135,26 +135,7 @@ async fn run_in(
     let cost = traffic.expected_cost(settings)?;
     let max_batch = args.max_batch.unwrap_or(settings.pipeline.max_batch);
     if !json {
-        println!(
-            "bench: {} messages over {} users ({}), prefetch {}, max_batch {max_batch}, {} queue; namespace {}, database {}",
-            args.messages,
-            args.users,
-            if args.pairs {
-                format!(
-                    "{} start + completion pairs, pre-flight {cost}, token-priced post-flight",
-                    args.messages / 2
-                )
-            } else {
-                format!("cost {cost} each")
-            },
-            settings.amqp.prefetch,
-            match settings.amqp.queue_type {
-                crate::config::QueueType::Quorum => "quorum",
-                crate::config::QueueType::Classic => "classic",
-            },
-            scratch.namespace,
-            scratch.db_name,
-        );
+        print_header(settings, args, scratch, cost, max_batch);
     }
     let ceiling = ceiling::run(settings, scratch, &traffic).await?;
     let worker = worker::run(settings, scratch, &traffic, cost, max_batch, args.rate).await?;
@@ -174,6 +155,36 @@ async fn run_in(
         report.print();
     }
     Ok(exit_code(report.worker.problems.is_empty()))
+}
+
+/// The run's first line: what is sent, with which settings, where.
+fn print_header(
+    settings: &Settings,
+    args: &BenchArgs,
+    scratch: &Scratch,
+    cost: i64,
+    max_batch: usize,
+) {
+    println!(
+        "bench: {} messages over {} users ({}), prefetch {}, max_batch {max_batch}, {} queue; namespace {}, database {}",
+        args.messages,
+        args.users,
+        if args.pairs {
+            format!(
+                "{} start + completion pairs, pre-flight {cost}, token-priced post-flight",
+                args.messages / 2
+            )
+        } else {
+            format!("cost {cost} each")
+        },
+        settings.amqp.prefetch,
+        match settings.amqp.queue_type {
+            crate::config::QueueType::Quorum => "quorum",
+            crate::config::QueueType::Classic => "classic",
+        },
+        scratch.namespace,
+        scratch.db_name,
+    );
 }
 
 /// A progress bar on stdout with the report (drawn only when stdout is a terminal), cleared
@@ -250,6 +261,26 @@ impl Report {
         })
     }
 
+    fn print_verification(&self) {
+        let w = &self.worker;
+        if let (true, Some(p)) = (w.problems.is_empty(), &w.pairs) {
+            println!(
+                "verification         ok: {} executions settled once ({} extra charges, {} refunds, {} completions before their start); charged {} = Σ post-flight {}; {} execution fees, {} events, audit clean",
+                p.settled, p.extra_charges, p.refunds, p.overtaking, p.charged_credits, p.expected_credits, w.fees, w.events_received
+            );
+        } else if w.problems.is_empty() {
+            println!(
+                "verification         ok: {} decisions, {} execution fees, {} events, audit clean",
+                self.messages, w.fees, w.events_received
+            );
+        } else {
+            println!("verification         FAILED");
+            for p in &w.problems {
+                println!("  - {p}");
+            }
+        }
+    }
+
     fn print(&self) {
         let w = &self.worker;
         let c = &self.ceiling;
@@ -302,21 +333,6 @@ impl Report {
                 b.batches, b.mean_batch_size, b.mean_decide_ms, b.outbox_rounds, b.mean_outbox_round_ms, b.decide_retries
             );
         }
-        if let (true, Some(p)) = (w.problems.is_empty(), &w.pairs) {
-            println!(
-                "verification         ok: {} executions settled once ({} extra charges, {} refunds, {} completions before their start); charged {} = Σ post-flight {}; {} execution fees, {} events, audit clean",
-                p.settled, p.extra_charges, p.refunds, p.overtaking, p.charged_credits, p.expected_credits, w.fees, w.events_received
-            );
-        } else if w.problems.is_empty() {
-            println!(
-                "verification         ok: {} decisions, {} execution fees, {} events, audit clean",
-                self.messages, w.fees, w.events_received
-            );
-        } else {
-            println!("verification         FAILED");
-            for p in &w.problems {
-                println!("  - {p}");
-            }
-        }
+        self.print_verification();
     }
 }

@@ -575,20 +575,7 @@ async fn compare_executions(
     expected: &[i64],
     problems: &mut Vec<String>,
 ) -> anyhow::Result<PairsResult> {
-    let rows: Vec<(String, i64, i64, i64, Option<i64>)> = sqlx::query_as(
-        // The key's index leads with user_id: join on the id cut out of the key (a hash join).
-        "WITH x AS (
-           SELECT substr(transaction_key, strpos(transaction_key, '-') + 1) AS id, amount,
-                  transaction_key LIKE 'SETTLE-%' AS settle
-             FROM credit.transactions
-            WHERE transaction_key LIKE 'USAGE-%' OR transaction_key LIKE 'SETTLE-%')
-         SELECT s.node_exec_id, s.post, -coalesce(sum(x.amount), 0)::int8,
-                count(*) FILTER (WHERE x.settle), (-sum(x.amount) FILTER (WHERE x.settle))::int8
-           FROM credit.settlements s LEFT JOIN x ON x.id = s.node_exec_id
-          GROUP BY s.node_exec_id, s.post",
-    )
-    .fetch_all(pool)
-    .await?;
+    let rows = settled_rows(pool).await?;
     let mut r = PairsResult {
         expected_credits: expected.iter().sum(),
         ..PairsResult::default()
@@ -633,6 +620,27 @@ async fn compare_executions(
     }
     Ok(r)
 }
+
+/// Per settlement: node_exec_id, post, the debits of its USAGE and SETTLE rows, the number
+/// of SETTLE rows and their debit.
+async fn settled_rows(pool: &PgPool) -> Result<Vec<SettledRow>, sqlx::Error> {
+    sqlx::query_as(
+        // The key's index leads with user_id: join on the id cut out of the key (a hash join).
+        "WITH x AS (
+           SELECT substr(transaction_key, strpos(transaction_key, '-') + 1) AS id, amount,
+                  transaction_key LIKE 'SETTLE-%' AS settle
+             FROM credit.transactions
+            WHERE transaction_key LIKE 'USAGE-%' OR transaction_key LIKE 'SETTLE-%')
+         SELECT s.node_exec_id, s.post, -coalesce(sum(x.amount), 0)::int8,
+                count(*) FILTER (WHERE x.settle), (-sum(x.amount) FILTER (WHERE x.settle))::int8
+           FROM credit.settlements s LEFT JOIN x ON x.id = s.node_exec_id
+          GROUP BY s.node_exec_id, s.post",
+    )
+    .fetch_all(pool)
+    .await
+}
+
+type SettledRow = (String, i64, i64, i64, Option<i64>);
 
 /// The execution fees the decisions owe: every `every`-th execution of a user within a UTC
 /// day.
