@@ -64,7 +64,7 @@ pub async fn run(
     )
     .await?;
 
-    let n = t.messages as u64;
+    let n = t.published() as u64;
     let bar = super::progress(n, "publish");
     let (_, publish_rate) = traffic::publish_backlog(url, &input, t, &bar).await?;
     bar.finish_and_clear();
@@ -92,7 +92,7 @@ pub async fn run(
         .await;
     let _ = crate::tools::close_connection(conn, "done").await;
     Ok(CeilingResult {
-        msgs_per_s: t.messages as f64 / seconds,
+        msgs_per_s: t.published() as f64 / seconds,
         seconds,
         publish_msgs_per_s: publish_rate,
     })
@@ -173,11 +173,13 @@ async fn consume(
         Some(Err(e)) => Err(anyhow::Error::from(e)),
         None => Err(anyhow::anyhow!("the broker ended the consumer")),
     };
-    while consumed < t.messages {
+    // Pairs runs relay a USAGE event per message too: the sink counts executions.
+    let total = t.published();
+    while consumed < total {
         let mut batch = vec![next(deliveries.next().await)?];
         first.get_or_insert_with(Instant::now);
         let deadline = tokio::time::Instant::now() + max_wait;
-        while batch.len() < max_batch && consumed + batch.len() < t.messages {
+        while batch.len() < max_batch && consumed + batch.len() < total {
             match tokio::time::timeout_at(deadline, deliveries.next()).await {
                 Ok(d) => batch.push(next(d)?),
                 Err(_) => break,

@@ -28,9 +28,13 @@ pub(crate) const WORKER_SINK: &str = "bench.events.all";
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Messages to publish.
+    /// Messages to publish (with --pairs: two per execution, so messages / 2 executions).
     #[arg(long, default_value_t = 100_000)]
     pub messages: usize,
+    /// Every execution as a start and a completion message, token-priced by the bench's own
+    /// cost table, each settled once to its post-flight price.
+    #[arg(long)]
+    pub pairs: bool,
     /// Distinct users.
     #[arg(long, default_value_t = 1000)]
     pub users: usize,
@@ -49,6 +53,7 @@ pub struct BenchArgs {
 #[derive(Debug)]
 struct Report {
     messages: usize,
+    executions: usize,
     users: usize,
     max_batch: usize,
     prefetch: u16,
@@ -97,6 +102,12 @@ fn usage_problem(args: &BenchArgs) -> Option<String> {
     if args.sweep_users == Some(0) {
         return Some("--sweep-users must be at least 1".into());
     }
+    if args.pairs && (args.messages < 2 || !args.messages.is_multiple_of(2)) {
+        return Some("--pairs needs an even number of --messages (two per execution)".into());
+    }
+    if args.pairs && args.sweep_users.is_some() {
+        return Some("--pairs and --sweep-users are separate runs".into());
+    }
     None
 }
 
@@ -116,27 +127,21 @@ async fn run_in(
         return Ok(exit_code(r.problems.is_empty()));
     }
 
-    let traffic = traffic::Traffic::new(scratch.run_id, args.messages, args.users);
+    let traffic = if args.pairs {
+        traffic::Traffic::pairs(scratch.run_id, args.messages / 2, args.users)
+    } else {
+        traffic::Traffic::new(scratch.run_id, args.messages, args.users)
+    };
     let cost = traffic.expected_cost(settings)?;
     let max_batch = args.max_batch.unwrap_or(settings.pipeline.max_batch);
     if !json {
-        println!(
-            "bench: {} messages over {} users (cost {cost} each), prefetch {}, max_batch {max_batch}, {} queue; namespace {}, database {}",
-            args.messages,
-            args.users,
-            settings.amqp.prefetch,
-            match settings.amqp.queue_type {
-                crate::config::QueueType::Quorum => "quorum",
-                crate::config::QueueType::Classic => "classic",
-            },
-            scratch.namespace,
-            scratch.db_name,
-        );
+        print_header(settings, args, scratch, cost, max_batch);
     }
     let ceiling = ceiling::run(settings, scratch, &traffic).await?;
     let worker = worker::run(settings, scratch, &traffic, cost, max_batch, args.rate).await?;
     let report = Report {
         messages: args.messages,
+        executions: traffic.messages,
         users: args.users,
         max_batch,
         prefetch: settings.amqp.prefetch,
@@ -150,6 +155,36 @@ async fn run_in(
         report.print();
     }
     Ok(exit_code(report.worker.problems.is_empty()))
+}
+
+/// The run's first line: what is sent, with which settings, where.
+fn print_header(
+    settings: &Settings,
+    args: &BenchArgs,
+    scratch: &Scratch,
+    cost: i64,
+    max_batch: usize,
+) {
+    println!(
+        "bench: {} messages over {} users ({}), prefetch {}, max_batch {max_batch}, {} queue; namespace {}, database {}",
+        args.messages,
+        args.users,
+        if args.pairs {
+            format!(
+                "{} start + completion pairs, pre-flight {cost}, token-priced post-flight",
+                args.messages / 2
+            )
+        } else {
+            format!("cost {cost} each")
+        },
+        settings.amqp.prefetch,
+        match settings.amqp.queue_type {
+            crate::config::QueueType::Quorum => "quorum",
+            crate::config::QueueType::Classic => "classic",
+        },
+        scratch.namespace,
+        scratch.db_name,
+    );
 }
 
 /// A progress bar on stdout with the report (drawn only when stdout is a terminal), cleared
@@ -196,6 +231,8 @@ impl Report {
         let w = &self.worker;
         json!({
             "messages": self.messages,
+            "executions": self.executions,
+            "pairs": w.pairs,
             "users": self.users,
             "max_batch": self.max_batch,
             "prefetch": self.prefetch,
@@ -204,6 +241,7 @@ impl Report {
             "ceiling_msgs_per_s": round(self.ceiling.msgs_per_s, 1),
             "ceiling_seconds": round(self.ceiling.seconds, 3),
             "worker_msgs_per_s": round(w.msgs_per_s, 1),
+            "worker_execs_per_s": round(w.execs_per_s, 1),
             "worker_seconds": round(w.seconds, 3),
             "worker_msgs_per_s_incl_startup": round(w.msgs_per_s_total, 1),
             "worker_startup_ms": round(w.startup_ms, 1),
@@ -223,6 +261,26 @@ impl Report {
         })
     }
 
+    fn print_verification(&self) {
+        let w = &self.worker;
+        if let (true, Some(p)) = (w.problems.is_empty(), &w.pairs) {
+            println!(
+                "verification         ok: {} executions settled once ({} extra charges, {} refunds, {} completions before their start); charged {} = Σ post-flight {}; {} execution fees, {} events, audit clean",
+                p.settled, p.extra_charges, p.refunds, p.overtaking, p.charged_credits, p.expected_credits, w.fees, w.events_received
+            );
+        } else if w.problems.is_empty() {
+            println!(
+                "verification         ok: {} decisions, {} execution fees, {} events, audit clean",
+                self.messages, w.fees, w.events_received
+            );
+        } else {
+            println!("verification         FAILED");
+            for p in &w.problems {
+                println!("  - {p}");
+            }
+        }
+    }
+
     fn print(&self) {
         let w = &self.worker;
         let c = &self.ceiling;
@@ -240,15 +298,26 @@ impl Report {
                 w.msgs_per_s, w.seconds
             ),
         }
+        if w.pairs.is_some() {
+            println!(
+                "worker executions    {:>9.0} execs/s ({} executions, 2 messages each)",
+                w.execs_per_s, self.executions
+            );
+        }
         if let Some(ratio) = self.ratio() {
             println!("ratio worker/ceiling {ratio:>9.3}");
         }
         match &w.latency {
             Some(l) => println!(
-                "latency              p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms  (publish → balance.changed received{})",
+                "latency              p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms  ({}{})",
                 l.p50_ms,
                 l.p99_ms,
                 l.max_ms,
+                if w.pairs.is_some() {
+                    "an execution's later message published → its last balance.changed received"
+                } else {
+                    "publish → balance.changed received"
+                },
                 if self.rate.is_none() {
                     "; backlog mode: mostly time spent queued behind earlier messages"
                 } else {
@@ -264,16 +333,6 @@ impl Report {
                 b.batches, b.mean_batch_size, b.mean_decide_ms, b.outbox_rounds, b.mean_outbox_round_ms, b.decide_retries
             );
         }
-        if w.problems.is_empty() {
-            println!(
-                "verification         ok: {} decisions, {} execution fees, {} events, audit clean",
-                self.messages, w.fees, w.events_received
-            );
-        } else {
-            println!("verification         FAILED");
-            for p in &w.problems {
-                println!("  - {p}");
-            }
-        }
+        self.print_verification();
     }
 }

@@ -26,12 +26,98 @@ pub(crate) const PLATFORM_OPENAI_CREDENTIAL: &str = "53c25cb8-e3ee-465c-a4d1-e75
 /// Messages published per confirm window.
 pub(crate) const WINDOW: usize = 1000;
 
-/// N messages round-robin over U users, with ids that map back to the message index.
+/// gpt-4-turbo's rates in the pairs' cost table, credits per 10⁶ tokens.
+pub(crate) const INPUT_RATE: u64 = 1500;
+pub(crate) const OUTPUT_RATE: u64 = 4500;
+/// The pre-flight price of a pairs execution (the `tokens` entry's cost_amount).
+pub(crate) const PAIRS_PREFLIGHT: i64 = 10;
+/// A completion follows its start by this many starts.
+const PAIR_LAG: usize = 5;
+
+/// The cost table of `--pairs`: the bench's block as a `tokens` entry, so the run does not
+/// depend on what the built-in table says about it.
+pub(crate) fn pairs_cost_table() -> String {
+    format!(
+        "[[block]]\nid = \"{BLOCK_ID}\"\nname = \"AITextGeneratorBlock\"\n\
+         costs = [ {{ cost_amount = {PAIRS_PREFLIGHT}, cost_type = \"tokens\", cost_filter = {{ \
+         model = \"gpt-4-turbo\", credentials = {{ id = \"{PLATFORM_OPENAI_CREDENTIAL}\", \
+         provider = \"openai\", type = \"api_key\" }} }} }} ]\n\n\
+         [token_rates]\n\"gpt-4-turbo\" = {{ input = {INPUT_RATE}, output = {OUTPUT_RATE} }}\n"
+    )
+}
+
+/// One published message of a pairs run: execution i's start or completion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Slot {
+    Start(usize),
+    Completion(usize),
+}
+
+/// The publish order of a pairs run and, per execution, the slot of its later message.
+#[derive(Debug)]
+struct Schedule {
+    slots: Vec<Slot>,
+    last_slot: Vec<usize>,
+}
+
+impl Schedule {
+    /// Completion i after start i + PAIR_LAG, so a batch holds both orders of neighbouring
+    /// executions; every tenth completion (from PAIR_LAG on) PAIR_LAG starts before its own
+    /// start, so the worker also sees completions that overtake their start.
+    fn new(n: usize) -> Schedule {
+        let mut slots = Vec::with_capacity(2 * n);
+        for j in 0..n + PAIR_LAG {
+            if j + PAIR_LAG < n && overtakes(j + PAIR_LAG) {
+                slots.push(Slot::Completion(j + PAIR_LAG));
+            }
+            if j < n {
+                slots.push(Slot::Start(j));
+            }
+            if j >= PAIR_LAG && !overtakes(j - PAIR_LAG) {
+                slots.push(Slot::Completion(j - PAIR_LAG));
+            }
+        }
+        let mut last_slot = vec![0; n];
+        for (m, s) in slots.iter().enumerate() {
+            let (Slot::Start(i) | Slot::Completion(i)) = *s;
+            last_slot[i] = last_slot[i].max(m);
+        }
+        Schedule { slots, last_slot }
+    }
+}
+
+/// Whether execution i's completion is published before its start.
+pub(crate) fn overtakes(i: usize) -> bool {
+    i >= PAIR_LAG && i % 10 == 7
+}
+
+/// Execution i's token counts: deterministic, spread so that post-flight prices range over
+/// about 4..18 credits around the pre-flight 10, and never equal it (each execution started
+/// first then yields a SETTLE row: an extra charge or a refund).
+pub(crate) fn tokens(i: usize) -> (u64, u64) {
+    let input = 1000 + (i as u64 * 37) % 3000;
+    let mut output = 500 + (i as u64 * 91) % 2000;
+    if post_price(input, output) == PAIRS_PREFLIGHT {
+        output += 250;
+    }
+    (input, output)
+}
+
+/// ceil((in × 1500 + out × 4500) / 10⁶) in integers: the bench's own post-flight price.
+pub(crate) fn post_price(input: u64, output: u64) -> i64 {
+    let micro = input * INPUT_RATE + output * OUTPUT_RATE;
+    i64::try_from(micro.div_ceil(1_000_000)).unwrap_or(i64::MAX)
+}
+
+/// N executions round-robin over U users, with ids that map back to the execution index;
+/// with `pairs`, each is a start and a completion message.
 #[derive(Debug, Clone)]
 pub(crate) struct Traffic {
     pub run_id: u32,
+    /// Executions (node_exec_ids).
     pub messages: usize,
     pub users: usize,
+    schedule: Option<Arc<Schedule>>,
 }
 
 impl Traffic {
@@ -40,7 +126,44 @@ impl Traffic {
             run_id,
             messages,
             users,
+            schedule: None,
         }
+    }
+
+    /// `executions` start + completion pairs.
+    pub fn pairs(run_id: u32, executions: usize, users: usize) -> Self {
+        Traffic {
+            schedule: Some(Arc::new(Schedule::new(executions))),
+            ..Self::new(run_id, executions, users)
+        }
+    }
+
+    pub fn is_pairs(&self) -> bool {
+        self.schedule.is_some()
+    }
+
+    /// Messages to publish.
+    pub fn published(&self) -> usize {
+        self.schedule
+            .as_ref()
+            .map_or(self.messages, |s| s.slots.len())
+    }
+
+    /// The body published in slot m.
+    pub fn body_at(&self, m: usize) -> Vec<u8> {
+        match self.schedule.as_ref().and_then(|s| s.slots.get(m)) {
+            None => self.body(m),
+            Some(Slot::Start(i)) => self.body(*i),
+            Some(Slot::Completion(i)) => self.completion_body(*i),
+        }
+    }
+
+    /// The slot of execution i's last message: latency is timed from it.
+    pub fn last_slot(&self, i: usize) -> usize {
+        self.schedule
+            .as_ref()
+            .and_then(|s| s.last_slot.get(i).copied())
+            .unwrap_or(i)
     }
 
     pub fn user_id(u: usize) -> String {
@@ -64,6 +187,30 @@ impl Traffic {
 
     /// Message `i`: the shape and size (~600 bytes) of AutoGPT's executor messages.
     pub fn body(&self, i: usize) -> Vec<u8> {
+        self.entry(i).to_string().into_bytes()
+    }
+
+    /// Execution i's completion: its start entry with the phase, status and token counts.
+    pub fn completion_body(&self, i: usize) -> Vec<u8> {
+        let mut entry = self.entry(i);
+        let (input, output) = tokens(i);
+        if let Some(e) = entry.as_object_mut() {
+            e.insert("phase".into(), json!("completed"));
+            e.insert("status".into(), json!("COMPLETED"));
+            e.insert(
+                "stats".into(),
+                json!({
+                    "input_token_count": input,
+                    "output_token_count": output,
+                    "walltime": 1.25,
+                    "input_size": 240,
+                }),
+            );
+        }
+        entry.to_string().into_bytes()
+    }
+
+    fn entry(&self, i: usize) -> serde_json::Value {
         let user = Self::user_id(i % self.users);
         json!({
             "user_id": user,
@@ -88,14 +235,16 @@ impl Traffic {
                 "user_timezone": "UTC",
             },
         })
-        .to_string()
-        .into_bytes()
     }
 
     /// The block cost of every message under the configured cost table; the verification
     /// needs it and a free message would measure nothing.
     pub(crate) fn expected_cost(&self, settings: &Settings) -> anyhow::Result<i64> {
-        let costs = crate::service::load_costs(settings)?;
+        let costs = if self.is_pairs() {
+            crate::cost::CostTable::from_toml_str(&pairs_cost_table(), "the pairs cost table")?
+        } else {
+            crate::service::load_costs(settings)?
+        };
         let entry = crate::message::decode(&self.body(0))?;
         let price = costs.price(&entry.block_id, &entry.inputs, entry.stats.as_ref())?;
         if price.cost <= 0 {
@@ -119,12 +268,13 @@ pub(crate) async fn publish_backlog(
 ) -> anyhow::Result<(Vec<Instant>, f64)> {
     let conn = crate::amqp::connect(url, "credit-worker bench publisher").await?;
     let publisher = Publisher::open(&conn).await?;
-    let mut published = Vec::with_capacity(traffic.messages);
+    let total = traffic.published();
+    let mut published = Vec::with_capacity(total);
     let started = Instant::now();
     let mut start = 0;
-    while start < traffic.messages {
-        let end = (start + WINDOW).min(traffic.messages);
-        let bodies: Vec<Vec<u8>> = (start..end).map(|i| traffic.body(i)).collect();
+    while start < total {
+        let end = (start + WINDOW).min(total);
+        let bodies: Vec<Vec<u8>> = (start..end).map(|m| traffic.body_at(m)).collect();
         let at = Instant::now();
         crate::tools::publish::publish_window(&publisher, queue, bodies.iter().map(Vec::as_slice))
             .await?;
@@ -132,7 +282,7 @@ pub(crate) async fn publish_backlog(
         bar.set_position(end as u64);
         start = end;
     }
-    let rate = traffic.messages as f64 / started.elapsed().as_secs_f64().max(1e-9);
+    let rate = total as f64 / started.elapsed().as_secs_f64().max(1e-9);
     let _ = crate::tools::close_connection(conn, "done").await;
     Ok((published, rate))
 }
@@ -154,13 +304,14 @@ pub(crate) async fn publish_paced(
     let mut pending = Vec::with_capacity(WINDOW);
     let mut tick = tokio::time::interval(Duration::from_millis(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let total = traffic.published();
     let start = Instant::now();
     let mut sent = 0;
-    while sent < traffic.messages {
+    while sent < total {
         tick.tick().await;
-        let due = ((start.elapsed().as_secs_f64() * rate) as usize + 1).min(traffic.messages);
+        let due = ((start.elapsed().as_secs_f64() * rate) as usize + 1).min(total);
         while sent < due {
-            let body = traffic.body(sent);
+            let body = traffic.body_at(sent);
             pending.push(
                 publisher
                     .send(Outgoing {
@@ -204,6 +355,10 @@ pub(crate) struct SinkResult {
     pub received: Vec<Option<Instant>>,
     /// Arrival of the last new USAGE event.
     pub last: Option<Instant>,
+    /// Arrival of each execution's latest USAGE or SETTLE `balance.changed`.
+    pub settled: Vec<Option<Instant>>,
+    /// Arrival of the last USAGE or SETTLE `balance.changed` of any execution.
+    pub last_any: Option<Instant>,
     pub events: usize,
     pub duplicates: usize,
 }
@@ -221,6 +376,21 @@ struct EventFields {
     kind: Option<String>,
     transaction_key: Option<String>,
     node_exec_id: Option<String>,
+}
+
+/// The execution a USAGE or SETTLE `balance.changed` belongs to, and whether it is the
+/// USAGE one.
+fn execution_event(traffic: &Traffic, ev: &EventFields) -> Option<(usize, bool)> {
+    if ev.kind.as_deref() != Some(crate::events::BALANCE_CHANGED) {
+        return None;
+    }
+    let key = ev.transaction_key.as_deref()?;
+    let usage = key.starts_with("USAGE-");
+    if !usage && !key.starts_with("SETTLE-") {
+        return None;
+    }
+    let i = traffic.index_of(ev.node_exec_id.as_deref()?)?;
+    Some((i, usage))
 }
 
 impl Sink {
@@ -249,6 +419,8 @@ impl Sink {
                 let mut r = SinkResult {
                     received: vec![None; traffic.messages],
                     last: None,
+                    settled: vec![None; traffic.messages],
+                    last_any: None,
                     events: 0,
                     duplicates: 0,
                 };
@@ -269,19 +441,14 @@ impl Sink {
                     let Ok(ev) = serde_json::from_slice::<EventFields>(&d.data) else {
                         continue;
                     };
-                    let usage = ev.kind.as_deref() == Some(crate::events::BALANCE_CHANGED)
-                        && ev
-                            .transaction_key
-                            .as_deref()
-                            .is_some_and(|k| k.starts_with("USAGE-"));
-                    let Some(i) = ev
-                        .node_exec_id
-                        .as_deref()
-                        .and_then(|id| traffic.index_of(id))
-                        .filter(|_| usage)
-                    else {
+                    let Some((i, usage)) = execution_event(&traffic, &ev) else {
                         continue;
                     };
+                    r.settled[i] = Some(now);
+                    r.last_any = Some(now);
+                    if !usage {
+                        continue;
+                    }
                     if r.received[i].is_some() {
                         r.duplicates += 1;
                         continue;
@@ -411,6 +578,56 @@ mod tests {
         assert_eq!(Traffic::new(1, 10, 1).index_of(&t.node_exec_id(0)), None);
         let len = t.body(0).len();
         assert!((550..700).contains(&len), "{len}");
+    }
+
+    #[test]
+    fn pairs_publish_each_start_and_completion_once_in_both_orders() {
+        let t = Traffic::pairs(7, 1000, 10);
+        assert_eq!(t.published(), 2000);
+        let s = t.schedule.as_ref().unwrap();
+        let (mut starts, mut completions) = (vec![None; 1000], vec![None; 1000]);
+        for (m, slot) in s.slots.iter().enumerate() {
+            let seen = match *slot {
+                Slot::Start(i) => &mut starts[i],
+                Slot::Completion(i) => &mut completions[i],
+            };
+            assert!(seen.replace(m).is_none(), "{slot:?} twice");
+        }
+        for i in 0..1000 {
+            let (st, c) = (starts[i].unwrap(), completions[i].unwrap());
+            assert_eq!(overtakes(i), c < st, "{i}");
+            assert_eq!(t.last_slot(i), st.max(c));
+        }
+        assert_eq!((0..1000).filter(|&i| overtakes(i)).count(), 100);
+    }
+
+    #[test]
+    fn the_pairs_table_prices_like_the_bench() {
+        let table = crate::cost::CostTable::from_toml_str(&pairs_cost_table(), "t").unwrap();
+        let t = Traffic::pairs(7, 3000, 10);
+        let start = crate::message::decode(&t.body(0)).unwrap();
+        let pre = table.price(&start.block_id, &start.inputs, None).unwrap();
+        assert_eq!(pre.cost, PAIRS_PREFLIGHT);
+        let (mut more, mut less) = (0, 0);
+        for i in 0..3000 {
+            let e = crate::message::decode(&t.completion_body(i)).unwrap();
+            assert_eq!(e.phase, crate::message::Phase::Completed);
+            assert_eq!(e.node_exec_id, t.node_exec_id(i));
+            let price = table
+                .price(&e.block_id, &e.inputs, e.stats.as_ref())
+                .unwrap();
+            let (input, output) = tokens(i);
+            assert_eq!(price.cost, post_price(input, output), "{i}");
+            assert_ne!(price.cost, PAIRS_PREFLIGHT);
+            if price.cost > PAIRS_PREFLIGHT {
+                more += 1;
+            } else {
+                less += 1;
+            }
+        }
+        assert!(more > 500 && less > 500, "{more} {less}");
+        assert_eq!(post_price(1000, 0), 2);
+        assert_eq!(post_price(2000, 1000), 8);
     }
 
     #[test]

@@ -30,6 +30,8 @@ pub(crate) struct WorkerResult {
     /// Messages / (worker's first delivery → last `balance.changed` received); in paced runs
     /// from the first publish instead.
     pub msgs_per_s: f64,
+    /// Executions per second: msgs_per_s, or half of it with `--pairs`.
+    pub execs_per_s: f64,
     pub seconds: f64,
     /// Messages / (process start → last event): includes connecting and migrating.
     pub msgs_per_s_total: f64,
@@ -39,7 +41,24 @@ pub(crate) struct WorkerResult {
     pub events_received: usize,
     pub fees: i64,
     pub breakdown: Option<Breakdown>,
+    /// What `--pairs` verified.
+    pub pairs: Option<PairsResult>,
     pub problems: Vec<String>,
+}
+
+/// The settlements of a `--pairs` run.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub(crate) struct PairsResult {
+    pub settled: i64,
+    /// Σ of USAGE and SETTLE rows per execution, as debits.
+    pub charged_credits: i64,
+    /// Σ of the post-flight prices the bench computed.
+    pub expected_credits: i64,
+    /// SETTLE rows: extra charges (post > pre) and refunds (post < pre).
+    pub extra_charges: i64,
+    pub refunds: i64,
+    /// Executions whose completion was published before their start.
+    pub overtaking: usize,
 }
 
 pub async fn run(
@@ -67,12 +86,23 @@ pub async fn run(
             start_then_publish(settings, scratch, max_batch, t, rate, &ch, &names).await?
         }
     };
-    let mut stopped = wait_then_stop(&sink, &mut started.proc, t.messages).await?;
+    let mut stopped = wait_then_stop(&sink, &mut started.proc, t, &pool).await?;
     let (seen, ledger_rows) = drain_sink(&pool, sink).await?;
-    let last = seen.last.unwrap_or_else(Instant::now);
+    // A pairs run ends with its executions' last event, a USAGE or a SETTLE one.
+    let last = if t.is_pairs() {
+        seen.last_any
+    } else {
+        seen.last
+    };
+    let last = last.unwrap_or_else(Instant::now);
 
     let problems = &mut stopped.problems;
-    let fees = verify(settings, &pool, t, cost, problems).await?;
+    let (fees, pairs) = if t.is_pairs() {
+        let p = verify_pairs(settings, &pool, t, problems).await?;
+        (p.0, Some(p.1))
+    } else {
+        (verify(settings, &pool, t, cost, problems).await?, None)
+    };
     if (seen.events as i64) != ledger_rows {
         problems.push(format!(
             "{} events received for {ledger_rows} ledger rows",
@@ -87,7 +117,9 @@ pub async fn run(
     } else {
         problems.push(format!("worker log: {}", started.proc.log.display()));
     }
-    Ok(measured(t.messages, &started, last, &seen, stopped, fees))
+    let mut r = measured(t, &started, last, &seen, stopped, fees);
+    r.pairs = pairs;
+    Ok(r)
 }
 
 /// Declares the queue catching every event, binds it to the events exchange and starts
@@ -139,11 +171,11 @@ async fn publish_then_start(
     names: &Names,
 ) -> anyhow::Result<Started> {
     let url = &settings.amqp.url;
-    let n = t.messages;
+    let n = t.published();
     let bar = super::progress(n as u64, "publish");
     let (published, _) = traffic::publish_backlog(url, &names.input_queue, t, &bar).await?;
     bar.finish_and_clear();
-    let mut proc = WorkerProcess::spawn(settings, scratch, max_batch)?;
+    let mut proc = WorkerProcess::spawn(settings, scratch, max_batch, t.is_pairs())?;
     let spawned = Instant::now();
     wait_for_worker(ch, names, &mut proc, spawned, Awaiting::FirstDelivery(n)).await?;
     Ok(Started {
@@ -165,8 +197,8 @@ async fn start_then_publish(
     names: &Names,
 ) -> anyhow::Result<Started> {
     let url = &settings.amqp.url;
-    let n = t.messages;
-    let mut proc = WorkerProcess::spawn(settings, scratch, max_batch)?;
+    let n = t.published();
+    let mut proc = WorkerProcess::spawn(settings, scratch, max_batch, t.is_pairs())?;
     let spawned = Instant::now();
     wait_for_worker(ch, names, &mut proc, spawned, Awaiting::Consumer).await?;
     let bar = super::progress(n as u64, "publish");
@@ -243,17 +275,24 @@ struct Stopped {
     problems: Vec<String>,
 }
 
-/// Waits until every message's event arrived, then stops the worker with SIGTERM; a failed
-/// wait is returned once the worker is stopped.
+/// Waits until every message's event arrived (with `--pairs`: every execution settled and
+/// its events received), then stops the worker with SIGTERM; a failed wait is returned once
+/// the worker is stopped.
 async fn wait_then_stop(
     sink: &Sink,
     proc: &mut WorkerProcess,
-    n: usize,
+    t: &Traffic,
+    pool: &PgPool,
 ) -> anyhow::Result<Stopped> {
+    let n = t.messages;
     let bar = super::progress(n as u64, "worker");
-    let waited = sink
-        .wait_complete(n, &bar, Duration::from_secs(60), || proc.check_alive())
-        .await;
+    let stall = Duration::from_secs(60);
+    let waited = if t.is_pairs() {
+        wait_settled(pool, sink, n, &bar, stall, || proc.check_alive()).await
+    } else {
+        sink.wait_complete(n, &bar, stall, || proc.check_alive())
+            .await
+    };
     bar.finish_and_clear();
     let peak_kib = proc.peak_kib();
     // The worker's own timings, when its HTTP endpoint answers (diagnostic only).
@@ -274,6 +313,50 @@ async fn wait_then_stop(
         breakdown,
         problems,
     })
+}
+
+/// Polls the ledger until `n` executions are settled and the sink has an event for every
+/// ledger row but the seed's; fails when neither count moves for `stall`, or when `alive`
+/// says the worker died.
+async fn wait_settled(
+    pool: &PgPool,
+    sink: &Sink,
+    n: usize,
+    bar: &indicatif::ProgressBar,
+    stall: Duration,
+    mut alive: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let mut last_seen = (-1, 0);
+    let mut last_change = Instant::now();
+    loop {
+        let (settled, rows): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM credit.settlements),
+                    (SELECT count(*) FROM credit.transactions WHERE transaction_key <> $1)",
+        )
+        .bind(SEED_KEY)
+        .fetch_one(pool)
+        .await?;
+        let events = sink.events() as i64;
+        bar.set_position(settled.max(0) as u64);
+        if settled >= n as i64 && events >= rows {
+            return Ok(());
+        }
+        if sink.is_finished() {
+            anyhow::bail!("the event consumer stopped after {events} events");
+        }
+        alive()?;
+        if (settled, events) != last_seen {
+            last_seen = (settled, events);
+            last_change = Instant::now();
+        } else if last_change.elapsed() > stall {
+            anyhow::bail!(
+                "no progress for {} s: {settled} of {n} executions settled, {events} of {rows} events received",
+                stall.as_secs()
+            );
+        }
+        // Polling is load on the database under test: a tenth of a second is enough.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Ends the sink once it has an event for every ledger row but the seed's (10 s at most);
@@ -312,9 +395,9 @@ async fn check_queues_empty(
     Ok(())
 }
 
-/// The result of `n` messages whose last event arrived at `last`.
+/// The result of `t` whose last event arrived at `last`.
 fn measured(
-    n: usize,
+    t: &Traffic,
     started: &Started,
     last: Instant,
     seen: &SinkResult,
@@ -329,8 +412,16 @@ fn measured(
         .saturating_duration_since(started.spawned)
         .as_secs_f64()
         .max(1e-9);
+    let n = t.published();
+    // Pairs: from each execution's later message to its last event.
+    let latency = if t.is_pairs() {
+        Latency::of(|i| started.sent_at.at(t.last_slot(i)), &seen.settled)
+    } else {
+        Latency::of(|i| started.sent_at.at(i), &seen.received)
+    };
     WorkerResult {
         msgs_per_s: n as f64 / seconds,
+        execs_per_s: t.messages as f64 / seconds,
         seconds,
         msgs_per_s_total: n as f64 / total_seconds,
         startup_ms: started
@@ -338,16 +429,17 @@ fn measured(
             .saturating_duration_since(started.spawned)
             .as_secs_f64()
             * 1e3,
-        latency: Latency::of(|i| started.sent_at.at(i), &seen.received),
+        latency,
         peak_rss_mib: stopped.peak_kib as f64 / 1024.0,
         events_received: seen.events,
         fees,
         breakdown: stopped.breakdown,
+        pairs: None,
         problems: stopped.problems,
     }
 }
 
-/// When message i was sent.
+/// When the message in publish slot i was sent.
 enum SentAt {
     Each(Vec<Instant>),
     /// Intended send times of an open-loop run.
@@ -421,6 +513,135 @@ async fn verify(
     Ok(fee_sum)
 }
 
+/// Checks a `--pairs` run's ledger: one charged decision and one settlement per execution,
+/// each execution's USAGE + SETTLE rows and its settlement's `post` equal to the bench's own
+/// post-flight price, balances debited by their sum plus the fees, audit clean. Returns the
+/// fees charged and the totals.
+async fn verify_pairs(
+    settings: &Settings,
+    pool: &PgPool,
+    t: &Traffic,
+    problems: &mut Vec<String>,
+) -> anyhow::Result<(i64, PairsResult)> {
+    let n = t.messages as i64;
+    let d = sqlx::query(
+        "SELECT count(*) AS n, count(*) FILTER (WHERE outcome = 'charged') AS charged,
+                coalesce(sum(fee), 0)::int8 AS fee FROM credit.decisions",
+    )
+    .fetch_one(pool)
+    .await?;
+    let (decided, charged): (i64, i64) = (d.try_get("n")?, d.try_get("charged")?);
+    let fee_sum: i64 = d.try_get("fee")?;
+    if decided != n || charged != n {
+        problems.push(format!(
+            "{decided} decisions ({charged} charged) for {n} executions"
+        ));
+    }
+    let expected: Vec<i64> = (0..t.messages)
+        .map(|i| {
+            let (input, output) = traffic::tokens(i);
+            traffic::post_price(input, output)
+        })
+        .collect();
+    let mut r = compare_executions(pool, t, &expected, problems).await?;
+    r.overtaking = (0..t.messages).filter(|&i| traffic::overtakes(i)).count();
+    let expected_fee = expected_fees(settings, pool).await?;
+    if fee_sum != expected_fee {
+        problems.push(format!(
+            "decisions record {fee_sum} fees; expected {expected_fee}"
+        ));
+    }
+    let debited: i64 = sqlx::query_scalar(
+        "SELECT ($1::numeric * count(*) - coalesce(sum(balance), 0))::int8 FROM credit.balances",
+    )
+    .bind(SEED_BALANCE)
+    .fetch_one(pool)
+    .await?;
+    if debited != r.expected_credits + expected_fee {
+        problems.push(format!(
+            "balances debited by {debited}; expected {} post-flight + {expected_fee} fees",
+            r.expected_credits
+        ));
+    }
+    check_audit(pool, problems).await?;
+    Ok((fee_sum, r))
+}
+
+/// Per execution: the debits of its USAGE-{id} and SETTLE-{id} rows and its settlement's
+/// `post` against `expected`; notes the first five differences and the totals'.
+async fn compare_executions(
+    pool: &PgPool,
+    t: &Traffic,
+    expected: &[i64],
+    problems: &mut Vec<String>,
+) -> anyhow::Result<PairsResult> {
+    let rows = settled_rows(pool).await?;
+    let mut r = PairsResult {
+        expected_credits: expected.iter().sum(),
+        ..PairsResult::default()
+    };
+    let mut seen = vec![false; expected.len()];
+    let mut wrong = Vec::new();
+    for (id, post, charged, settle_rows, settle) in rows {
+        r.settled += 1;
+        r.charged_credits += charged;
+        match settle {
+            Some(s) if s > 0 => r.extra_charges += 1,
+            Some(s) if s < 0 => r.refunds += 1,
+            _ => {}
+        }
+        let Some(i) = t.index_of(&id) else {
+            wrong.push(format!("settlement of a foreign execution {id}"));
+            continue;
+        };
+        seen[i] = true;
+        if post != expected[i] || charged != expected[i] || settle_rows > 1 {
+            wrong.push(format!(
+                "execution {i}: post {post}, charged {charged} in {settle_rows} SETTLE rows; expected {}",
+                expected[i]
+            ));
+        }
+    }
+    // The totals first: the per-execution list below is cut at five.
+    if r.charged_credits != r.expected_credits {
+        problems.push(format!(
+            "executions charged {} in total; post-flight prices sum to {}",
+            r.charged_credits, r.expected_credits
+        ));
+    }
+    let unsettled = seen.iter().filter(|s| !**s).count();
+    if unsettled != 0 {
+        problems.push(format!("{unsettled} executions not settled"));
+    }
+    let more = wrong.len().saturating_sub(5);
+    problems.extend(wrong.into_iter().take(5));
+    if more > 0 {
+        problems.push(format!("{more} more mismatches"));
+    }
+    Ok(r)
+}
+
+/// Per settlement: node_exec_id, post, the debits of its USAGE and SETTLE rows, the number
+/// of SETTLE rows and their debit.
+async fn settled_rows(pool: &PgPool) -> Result<Vec<SettledRow>, sqlx::Error> {
+    sqlx::query_as(
+        // The key's index leads with user_id: join on the id cut out of the key (a hash join).
+        "WITH x AS (
+           SELECT substr(transaction_key, strpos(transaction_key, '-') + 1) AS id, amount,
+                  transaction_key LIKE 'SETTLE-%' AS settle
+             FROM credit.transactions
+            WHERE transaction_key LIKE 'USAGE-%' OR transaction_key LIKE 'SETTLE-%')
+         SELECT s.node_exec_id, s.post, -coalesce(sum(x.amount), 0)::int8,
+                count(*) FILTER (WHERE x.settle), (-sum(x.amount) FILTER (WHERE x.settle))::int8
+           FROM credit.settlements s LEFT JOIN x ON x.id = s.node_exec_id
+          GROUP BY s.node_exec_id, s.post",
+    )
+    .fetch_all(pool)
+    .await
+}
+
+type SettledRow = (String, i64, i64, i64, Option<i64>);
+
 /// The execution fees the decisions owe: every `every`-th execution of a user within a UTC
 /// day.
 async fn expected_fees(settings: &Settings, pool: &PgPool) -> anyhow::Result<i64> {
@@ -473,17 +694,22 @@ struct WorkerProcess {
 }
 
 impl WorkerProcess {
-    fn spawn(settings: &Settings, scratch: &Scratch, max_batch: usize) -> anyhow::Result<Self> {
+    fn spawn(
+        settings: &Settings,
+        scratch: &Scratch,
+        max_batch: usize,
+        pairs: bool,
+    ) -> anyhow::Result<Self> {
         // A free port for the worker's /metrics, read once at the end of the run.
         let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
         let exe = std::env::current_exe()?;
         let log = std::env::temp_dir().join(format!("{}worker.log", scratch.namespace));
         let out = std::fs::File::create(&log)?;
         let mut cmd = tokio::process::Command::new(exe);
-        let config = ConfigFile::write(settings, scratch, max_batch, metrics_addr)?;
+        let config = ConfigFile::write(settings, scratch, max_batch, metrics_addr, pairs)?;
         cmd.arg("run")
             .arg("--config")
-            .arg(&config.0)
+            .arg(&config.path)
             .stdin(std::process::Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
@@ -568,8 +794,12 @@ impl WorkerProcess {
 
 /// The worker's configuration file: the bench's effective settings (so a `--config` file or
 /// environment given to the bench applies to the worker too) with the bench's own namespace,
-/// database, HTTP address and batch size. Removed on drop: it may hold credentials.
-struct ConfigFile(PathBuf);
+/// database, HTTP address and batch size, and with `--pairs` the bench's own cost table (in a
+/// second file). Both removed on drop: the configuration may hold credentials.
+struct ConfigFile {
+    path: PathBuf,
+    cost_table: Option<PathBuf>,
+}
 
 impl ConfigFile {
     fn write(
@@ -577,33 +807,50 @@ impl ConfigFile {
         scratch: &Scratch,
         max_batch: usize,
         metrics_addr: std::net::SocketAddr,
+        pairs: bool,
     ) -> anyhow::Result<Self> {
+        let mut guard = ConfigFile {
+            path: std::env::temp_dir().join(format!("{}worker.toml", scratch.namespace)),
+            cost_table: None,
+        };
         let mut s = settings.clone();
         s.amqp = scratch.amqp.clone();
         s.database = scratch.database.clone();
         s.pipeline.max_batch = max_batch;
         s.http.listen = Some(metrics_addr);
-        let text = s.to_toml()?;
-        let path = std::env::temp_dir().join(format!("{}worker.toml", scratch.namespace));
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create_new(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            options.mode(0o600);
+        if pairs {
+            let table = std::env::temp_dir().join(format!("{}costs.toml", scratch.namespace));
+            write_new(&table, &traffic::pairs_cost_table())?;
+            guard.cost_table = Some(table.clone());
+            s.cost.table = Some(table);
         }
-        let mut file = options
-            .open(&path)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        let guard = ConfigFile(path);
-        std::io::Write::write_all(&mut file, text.as_bytes())?;
+        write_new(&guard.path, &s.to_toml()?)?;
         Ok(guard)
     }
 }
 
+/// Creates `path` (never over an existing file), readable by its owner only.
+fn write_new(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options
+        .open(path)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    std::io::Write::write_all(&mut file, text.as_bytes())?;
+    Ok(())
+}
+
 impl Drop for ConfigFile {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        let _ = std::fs::remove_file(&self.path);
+        if let Some(t) = &self.cost_table {
+            let _ = std::fs::remove_file(t);
+        }
     }
 }
 
