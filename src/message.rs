@@ -854,6 +854,42 @@ mod tests {
     }
 
     #[test]
+    fn completions_carry_phase_status_and_the_runs_counts() {
+        let e = ok(&with("phase", json!("completed")));
+        assert_eq!(
+            (e.phase, e.status),
+            (Phase::Completed, RunStatus::Completed)
+        );
+        let mut v: Value = serde_json::from_slice(&with("phase", json!("completed"))).unwrap();
+        v["status"] = json!("TERMINATED");
+        let e = ok(&serde_json::to_vec(&v).unwrap());
+        assert_eq!(e.status, RunStatus::Terminated);
+        assert_eq!(ok(AUTOGPT_EXAMPLE.as_bytes()).phase, Phase::Started);
+        let e = err(&with("phase", json!("finished")));
+        assert_eq!(
+            e.to_string(),
+            "phase: expected \"started\" or \"completed\""
+        );
+        let e = err(&with("status", json!("OK")));
+        assert_eq!(
+            e.to_string(),
+            "status: expected \"COMPLETED\", \"FAILED\" or \"TERMINATED\""
+        );
+        assert_eq!(err(&with("phase", json!(1))).field(), "phase");
+        let e = err(&with("stats", json!({"input_token_count": -3})));
+        assert_eq!(
+            e.to_string(),
+            "stats.input_token_count: must be a finite number ≥ 0"
+        );
+        let e = err(&with("stats", json!({"output_token_count": 1.5})));
+        assert_eq!(e.field(), "stats.output_token_count");
+        let e = err(&with("stats", json!({"provider_cost_type": 7})));
+        assert_eq!(e.field(), "stats.provider_cost_type");
+        let e = err(&with("stats", json!({"provider_cost": -0.01})));
+        assert_eq!(e.field(), "stats.provider_cost");
+    }
+
+    #[test]
     fn stats_must_be_finite_and_non_negative() {
         let e = err(&with("stats", json!({"walltime": -1})));
         assert_eq!(
