@@ -436,7 +436,21 @@ type Problem = (String, String);
 
 const TOP_KEYS: &str = "`block`, `lists` or `token_rates`";
 const BLOCK_KEYS: &str = "id, name, costs, costs_from";
-const ENTRY_KEYS: &str = "cost_amount, cost_type, cost_divisor, cost_filter";
+const ENTRY_KEYS: [&str; 4] = ["cost_amount", "cost_type", "cost_divisor", "cost_filter"];
+
+/// `value` as a table whose keys are all in `allowed`.
+fn table_of(value: toml::Value, allowed: &[&str]) -> Result<toml::Table, String> {
+    let toml::Value::Table(t) = value else {
+        return Err(format!("expected a table, got {}", toml_type(&value)));
+    };
+    match t.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(key) => Err(format!(
+            "unknown key `{key}` (expected {})",
+            allowed.join(", ")
+        )),
+        None => Ok(t),
+    }
+}
 
 fn block_label(id: &str, name: Option<&str>) -> String {
     match name {
@@ -518,19 +532,7 @@ fn parse_token_rates(value: Option<toml::Value>) -> Result<HashMap<String, Token
 }
 
 fn token_rate(value: toml::Value) -> Result<TokenRate, String> {
-    let toml::Value::Table(mut t) = value else {
-        return Err(format!("expected a table, got {}", toml_type(&value)));
-    };
-    if let Some(key) = t.keys().find(|k| {
-        !matches!(
-            k.as_str(),
-            "input" | "output" | "cache_read" | "cache_creation"
-        )
-    }) {
-        return Err(format!(
-            "unknown key `{key}` (expected input, output, cache_read, cache_creation)"
-        ));
-    }
+    let mut t = table_of(value, &["input", "output", "cache_read", "cache_creation"])?;
     let mut rate = |key: &str, required: bool| -> Result<f64, String> {
         match t.remove(key) {
             None if required => Err(format!("{key}: missing")),
@@ -686,17 +688,7 @@ fn parse_entries(value: toml::Value, owner: &str) -> Result<Vec<Entry>, Problem>
 }
 
 fn parse_entry(value: toml::Value) -> Result<Entry, String> {
-    let toml::Value::Table(mut table) = value else {
-        return Err(format!("expected a table, got {}", toml_type(&value)));
-    };
-    if let Some(key) = table.keys().find(|k| {
-        !matches!(
-            k.as_str(),
-            "cost_amount" | "cost_type" | "cost_divisor" | "cost_filter"
-        )
-    }) {
-        return Err(format!("unknown key `{key}` (expected {ENTRY_KEYS})"));
-    }
+    let mut table = table_of(value, &ENTRY_KEYS)?;
     let amount = match table.remove("cost_amount") {
         Some(toml::Value::Integer(n)) if n >= 0 => n,
         Some(toml::Value::Integer(n)) => return Err(format!("cost_amount: must be ≥ 0, got {n}")),

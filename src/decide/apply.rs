@@ -103,7 +103,8 @@ fn apply_unchecked(
     account.fee_day = Some(day);
     account.fee_count = count;
     account.dirty = true;
-    let (transaction_key, fee_key) = post_charges(account, changes, e, price, fee, count, now)?;
+    let (transaction_key, fee_key) =
+        post_charges(account, changes, e, price, fee, count, false, now)?;
     if transaction_key.is_some() || fee_key.is_some() {
         let threshold = rules.ledger.low_balance_threshold;
         let seq = account.last_seq;
@@ -126,7 +127,10 @@ fn apply_unchecked(
     ))
 }
 
-/// Posts the block's cost and the fee (each only when > 0); returns their keys.
+/// Posts the block's cost and the fee (each only when > 0); returns their keys. Rows of a
+/// decision made from a completion may leave a debt and say so in their metadata
+/// (`phase: completed`), which the schema requires of such rows.
+#[allow(clippy::too_many_arguments)]
 fn post_charges(
     account: &mut Account,
     changes: &mut Changes,
@@ -134,39 +138,26 @@ fn post_charges(
     price: &Price,
     fee: Option<FeeDue>,
     count: i64,
+    from_completion: bool,
     now: DateTime<Utc>,
 ) -> Result<(Option<String>, Option<String>), LedgerError> {
-    let exec = ExecutionRef {
-        node_exec_id: Some(&e.node_exec_id),
-        graph_exec_id: Some(&e.graph_exec_id),
+    let mut post = |key: String, amount: i64, mut metadata: serde_json::Value| {
+        if from_completion {
+            metadata["phase"] = "completed".into();
+            account.post_debt(changes, TxType::Usage, key, amount, metadata, exec(e), now)
+        } else {
+            account.post(changes, TxType::Usage, key, amount, metadata, exec(e), now)
+        }
     };
     let mut transaction_key = None;
     if price.cost > 0 {
         let key = format!("USAGE-{}", e.node_exec_id);
-        let metadata = usage_metadata(e, price);
-        account.post(
-            changes,
-            TxType::Usage,
-            key.clone(),
-            -price.cost,
-            metadata,
-            exec,
-            now,
-        )?;
+        post(key.clone(), -price.cost, usage_metadata(e, price))?;
         transaction_key = Some(key);
     }
     let mut fee_key = None;
     if let Some(f) = fee {
-        let metadata = fee_metadata(e, count);
-        account.post(
-            changes,
-            TxType::Usage,
-            f.key.clone(),
-            -f.amount,
-            metadata,
-            exec,
-            now,
-        )?;
+        post(f.key.clone(), -f.amount, fee_metadata(e, count))?;
         fee_key = Some(f.key);
     }
     Ok((transaction_key, fee_key))
@@ -272,22 +263,16 @@ pub(crate) fn settle(
                 now,
             )?;
             key = Some(k);
-            let threshold = rules.ledger.low_balance_threshold;
-            let seq = account.last_seq;
-            changes
-                .events
-                .extend(account.low_balance_crossing(before, seq, threshold, now));
         }
-        if uncollected > 0 {
-            changes.events.push(events::charge_uncollected(
-                &e.user_id,
-                &e.node_exec_id,
-                &e.graph_exec_id,
-                uncollected,
-                account.balance,
-                now,
-            ));
-        }
+        let debited = moved > 0;
+        debit_events(
+            account,
+            changes,
+            e,
+            rules,
+            (before, debited, uncollected),
+            now,
+        );
         Ok(settlement(e, pre, post.cost, uncollected, key))
     })
 }
@@ -345,24 +330,16 @@ pub(crate) fn decide_from_completion(
             ..post.clone()
         };
         let (transaction_key, fee_key) =
-            post_completion_charges(account, changes, e, &charged, fee, count, now)?;
-        if transaction_key.is_some() || fee_key.is_some() {
-            let threshold = rules.ledger.low_balance_threshold;
-            let seq = account.last_seq;
-            changes
-                .events
-                .extend(account.low_balance_crossing(before, seq, threshold, now));
-        }
-        if uncollected > 0 {
-            changes.events.push(events::charge_uncollected(
-                &e.user_id,
-                &e.node_exec_id,
-                &e.graph_exec_id,
-                uncollected,
-                account.balance,
-                now,
-            ));
-        }
+            post_charges(account, changes, e, &charged, fee, count, true, now)?;
+        let debited = transaction_key.is_some() || fee_key.is_some();
+        debit_events(
+            account,
+            changes,
+            e,
+            rules,
+            (before, debited, uncollected),
+            now,
+        );
         let outcome = if cost > 0 {
             Outcome::Charged
         } else {
@@ -373,49 +350,33 @@ pub(crate) fn decide_from_completion(
     })
 }
 
-/// The block cost and fee rows of a decision made from a completion: they may leave a debt,
-/// and say so in their metadata (`phase: completed`), which the schema requires of such rows.
-fn post_completion_charges(
-    account: &mut Account,
+/// The events a post-flight debit owes besides its rows: `balance.low` when it took the
+/// balance (`before` it) across the threshold, `charge.uncollected` for what it left.
+fn debit_events(
+    account: &Account,
     changes: &mut Changes,
     e: &NodeExecutionEntry,
-    price: &Price,
-    fee: Option<FeeDue>,
-    count: i64,
+    rules: &Pricing,
+    (before, debited, uncollected): (i64, bool, i64),
     now: DateTime<Utc>,
-) -> Result<(Option<String>, Option<String>), LedgerError> {
-    let mut transaction_key = None;
-    if price.cost > 0 {
-        let key = format!("USAGE-{}", e.node_exec_id);
-        let mut metadata = usage_metadata(e, price);
-        metadata["phase"] = "completed".into();
-        account.post_debt(
-            changes,
-            TxType::Usage,
-            key.clone(),
-            -price.cost,
-            metadata,
-            exec(e),
-            now,
-        )?;
-        transaction_key = Some(key);
+) {
+    if debited {
+        let threshold = rules.ledger.low_balance_threshold;
+        let seq = account.last_seq;
+        changes
+            .events
+            .extend(account.low_balance_crossing(before, seq, threshold, now));
     }
-    let mut fee_key = None;
-    if let Some(f) = fee {
-        let mut metadata = fee_metadata(e, count);
-        metadata["phase"] = "completed".into();
-        account.post_debt(
-            changes,
-            TxType::Usage,
-            f.key.clone(),
-            -f.amount,
-            metadata,
-            exec(e),
+    if uncollected > 0 {
+        changes.events.push(events::charge_uncollected(
+            &e.user_id,
+            &e.node_exec_id,
+            &e.graph_exec_id,
+            uncollected,
+            account.balance,
             now,
-        )?;
-        fee_key = Some(f.key);
+        ));
     }
-    Ok((transaction_key, fee_key))
 }
 
 fn exec(e: &NodeExecutionEntry) -> ExecutionRef<'_> {
