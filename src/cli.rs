@@ -79,6 +79,18 @@ pub enum Command {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// Set or remove a user's auto top-up (a `top_up.requested` when the balance falls below
+    /// the threshold).
+    #[command(group(clap::ArgGroup::new("config").required(true).args(["threshold", "off"])))]
+    AutoTopUp {
+        user: String,
+        #[arg(long, requires = "amount", allow_negative_numbers = true)]
+        threshold: Option<i64>,
+        #[arg(long, requires = "threshold", allow_negative_numbers = true)]
+        amount: Option<i64>,
+        #[arg(long, conflicts_with_all = ["threshold", "amount"])]
+        off: bool,
+    },
     /// Print a node execution's decision and settlement; exit 1 when it has none yet.
     Outcome { node_exec_id: String },
     /// Reconcile ledger and balances; exit 1 on any mismatch.
@@ -164,6 +176,12 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             key,
             reason,
         } => credit(&settings, json, TxType::Grant, &user, amount, key, reason).await,
+        Command::AutoTopUp {
+            user,
+            threshold,
+            amount,
+            off: _,
+        } => auto_top_up(&settings, json, &user, threshold.zip(amount)).await,
         Command::Outcome { node_exec_id } => outcome(&settings, json, &node_exec_id).await,
         Command::Audit => audit(&settings, json).await,
         Command::Publish { file } => publish(&settings, json, &file).await,
@@ -302,6 +320,29 @@ fn history_table(rows: &[Transaction]) -> String {
         ));
     }
     out
+}
+
+async fn auto_top_up(
+    settings: &Settings,
+    json: bool,
+    user: &str,
+    config: Option<(i64, i64)>,
+) -> anyhow::Result<ExitCode> {
+    let ledger = open_ledger(settings).await?;
+    let r = ledger
+        .set_auto_top_up(user, config, Utc::now())
+        .await
+        .map_err(ledger_error)?;
+    print_out(json, &serde_json::to_value(&r)?, || {
+        match (r.threshold, r.amount) {
+            (Some(t), Some(a)) => format!(
+                "{user}: top-up of {a} requested below {t}{}",
+                if r.requested { " (requested now)" } else { "" }
+            ),
+            _ => format!("{user}: auto top-up off"),
+        }
+    });
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn outcome(settings: &Settings, json: bool, node_exec_id: &str) -> anyhow::Result<ExitCode> {

@@ -43,6 +43,7 @@ pub struct Settings {
     pub low_balance: LowBalanceSettings,
     pub execution_fee: ExecutionFeeSettings,
     pub settlement: SettlementSettings,
+    pub auto_top_up: AutoTopUpSettings,
     pub control: ControlSettings,
     pub cost: CostSettings,
     pub http: HttpSettings,
@@ -89,6 +90,15 @@ pub struct RefillSettings {
 #[serde(deny_unknown_fields)]
 pub struct LowBalanceSettings {
     pub threshold: i64,
+}
+
+/// `[auto_top_up]` (docs/contract.md §5).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AutoTopUpSettings {
+    /// Seconds an outstanding request suppresses the next one (a failed payment must not
+    /// block a user for good).
+    pub request_ttl_s: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -242,6 +252,9 @@ impl Settings {
             refill: self.refill_policy(),
             lazy_refill: self.refill.enabled && self.refill.lazy,
             low_balance_threshold: self.low_balance.threshold,
+            auto_top_up_ttl: chrono::Duration::seconds(
+                i64::try_from(self.auto_top_up.request_ttl_s).unwrap_or(i64::MAX / 1000),
+            ),
         }
     }
 
@@ -320,6 +333,12 @@ impl Settings {
         // to 19 bytes (`node_execution.dead`).
         if self.amqp.namespace.len() > MAX_NAMESPACE_BYTES {
             return bad("amqp.namespace", "must be at most 200 bytes");
+        }
+        if !(1..=31_536_000).contains(&self.auto_top_up.request_ttl_s) {
+            return bad(
+                "auto_top_up.request_ttl_s",
+                "must be between 1 and 31536000",
+            );
         }
         if self.amqp.prefetch == 0 {
             return bad("amqp.prefetch", "must be at least 1");

@@ -9,6 +9,7 @@ pub const BALANCE_CHANGED: &str = "balance.changed";
 pub const CHARGE_REJECTED: &str = "charge.rejected";
 pub const BALANCE_LOW: &str = "balance.low";
 pub const CHARGE_UNCOLLECTED: &str = "charge.uncollected";
+pub const TOP_UP_REQUESTED: &str = "top_up.requested";
 
 /// An event waiting in the outbox.
 #[derive(Debug, Clone, PartialEq)]
@@ -141,5 +142,32 @@ pub(crate) fn charge_uncollected(
         }),
         event_id,
         routing_key: CHARGE_UNCOLLECTED,
+    }
+}
+
+/// `top_up.requested`: the payment side is asked to add `amount`; it answers with a `top_up`
+/// keyed by `request_id`, so the fulfilment is applied once.
+pub(crate) fn top_up_requested(
+    user_id: &str,
+    request_id: &str,
+    amount: i64,
+    balance: i64,
+    threshold: i64,
+    at: DateTime<Utc>,
+) -> NewEvent {
+    let event_id = format!("{TOP_UP_REQUESTED}:{request_id}");
+    NewEvent {
+        payload: json!({
+            "event_id": event_id,
+            "type": TOP_UP_REQUESTED,
+            "user_id": user_id,
+            "occurred_at": rfc3339(at),
+            "request_id": request_id,
+            "amount": amount,
+            "balance": balance,
+            "threshold": threshold,
+        }),
+        event_id,
+        routing_key: TOP_UP_REQUESTED,
     }
 }

@@ -269,6 +269,7 @@ mod tests {
                         refill: Some(RefillPolicy { target: 1000 }),
                         lazy_refill: true,
                         low_balance_threshold: 0,
+                        auto_top_up_ttl: chrono::Duration::hours(1),
                     },
                     fee: FeePolicy {
                         every: 0,

@@ -53,7 +53,7 @@ impl<'a> Fields<'a> {
     }
 
     /// A field that is absent or `null` counts as missing.
-    fn get(&self, name: &str) -> Option<&'a Value> {
+    pub(crate) fn get(&self, name: &str) -> Option<&'a Value> {
         self.0.get(name).filter(|v| !v.is_null())
     }
 

@@ -5,6 +5,7 @@
 //! the request's `correlation_id`, and only then acked. Requests are handled one at a time, in
 //! queue order. Nothing in a message can stop the loop: every failure becomes an error reply.
 
+pub mod auto_top_up;
 pub mod balance;
 pub mod credit;
 mod error;
@@ -44,8 +45,15 @@ const ATTEMPTS: usize = 3;
 const PREFETCH: u16 = 16;
 
 /// Every command name; anything else is counted as "unknown" so metrics labels stay bounded.
-pub(crate) const COMMANDS: [&str; 6] =
-    ["refill", "top_up", "grant", "balance", "history", "outcome"];
+pub(crate) const COMMANDS: [&str; 7] = [
+    "refill",
+    "top_up",
+    "grant",
+    "balance",
+    "history",
+    "outcome",
+    "auto_top_up",
+];
 
 /// What the commands run against.
 #[derive(Clone)]
@@ -61,6 +69,7 @@ pub enum Command {
     /// `top_up` and `grant`; the request carries the transaction type.
     Credit(credit::Request),
     Balance(balance::Request),
+    AutoTopUp(auto_top_up::Request),
     History(history::Request),
     Outcome(outcome::Request),
 }
@@ -87,6 +96,7 @@ impl Command {
             "top_up" => Command::Credit(credit::parse(TxType::TopUp, &f)?),
             "grant" => Command::Credit(credit::parse(TxType::Grant, &f)?),
             "balance" => Command::Balance(balance::parse(&f)?),
+            "auto_top_up" => Command::AutoTopUp(auto_top_up::parse(&f)?),
             "history" => Command::History(history::parse(&f)?),
             "outcome" => Command::Outcome(outcome::parse(&f)?),
             other => {
@@ -103,6 +113,7 @@ impl Command {
             Command::Refill(r) => refill::run(ctx, r).await,
             Command::Credit(r) => credit::run(ctx, r).await,
             Command::Balance(r) => balance::run(ctx, r).await,
+            Command::AutoTopUp(r) => auto_top_up::run(ctx, r).await,
             Command::History(r) => history::run(ctx, r).await,
             Command::Outcome(r) => outcome::run(ctx, r).await,
         }
@@ -346,6 +357,46 @@ mod tests {
         assert_eq!(
             code(r#"{"command": "outcome", "node_exec_id": ""}"#).1,
             "node_exec_id: must be 1 to 255 bytes"
+        );
+    }
+
+    #[test]
+    fn auto_top_up_configurations_are_checked() {
+        let c = Command::parse(
+            br#"{"command": "auto_top_up", "user_id": "u", "threshold": 100, "amount": 500}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c,
+            Command::AutoTopUp(auto_top_up::Request {
+                user_id: "u".into(),
+                config: Some((100, 500))
+            })
+        );
+        let off = Command::parse(br#"{"command": "auto_top_up", "user_id": "u", "off": true}"#);
+        assert!(matches!(
+            off,
+            Ok(Command::AutoTopUp(auto_top_up::Request {
+                config: None,
+                ..
+            }))
+        ));
+        assert_eq!(
+            code(r#"{"command": "auto_top_up", "user_id": "u", "threshold": 100}"#).1,
+            "amount: missing"
+        );
+        assert_eq!(
+            code(r#"{"command": "auto_top_up", "user_id": "u", "threshold": 0, "amount": 5}"#).0,
+            "amount_out_of_range"
+        );
+        assert_eq!(
+            code(r#"{"command": "auto_top_up", "user_id": "u", "off": "yes"}"#).1,
+            "off: expected true or false"
+        );
+        assert!(
+            code(r#"{"command": "auto_top_up", "user_id": "u", "off": true, "amount": 5}"#)
+                .1
+                .starts_with("off: give either")
         );
     }
 

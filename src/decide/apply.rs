@@ -111,6 +111,7 @@ fn apply_unchecked(
         changes
             .events
             .extend(account.low_balance_crossing(before, seq, threshold, now));
+        account.request_top_up(changes, rules.ledger.auto_top_up_ttl, now);
     }
     let outcome = if price.cost > 0 {
         Outcome::Charged
@@ -353,7 +354,7 @@ pub(crate) fn decide_from_completion(
 /// The events a post-flight debit owes besides its rows: `balance.low` when it took the
 /// balance (`before` it) across the threshold, `charge.uncollected` for what it left.
 fn debit_events(
-    account: &Account,
+    account: &mut Account,
     changes: &mut Changes,
     e: &NodeExecutionEntry,
     rules: &Pricing,
@@ -366,6 +367,7 @@ fn debit_events(
         changes
             .events
             .extend(account.low_balance_crossing(before, seq, threshold, now));
+        account.request_top_up(changes, rules.ledger.auto_top_up_ttl, now);
     }
     if uncollected > 0 {
         changes.events.push(events::charge_uncollected(

@@ -23,6 +23,7 @@ fn pricing(fee_every: i64) -> Pricing {
             refill: Some(RefillPolicy { target: 1000 }),
             lazy_refill: true,
             low_balance_threshold: 100,
+            auto_top_up_ttl: chrono::Duration::hours(1),
         },
         fee: FeePolicy {
             every: fee_every,
@@ -216,6 +217,7 @@ fn settle_pricing(allow_debt: bool) -> Pricing {
             refill: Some(RefillPolicy { target: 100 }),
             lazy_refill: true,
             low_balance_threshold: 20,
+            auto_top_up_ttl: chrono::Duration::hours(1),
         },
         fee: FeePolicy {
             every: 0,
@@ -479,4 +481,84 @@ fn failed_runs_settle_like_completed_ones_and_an_extra_charge_can_cross_low_bala
     assert_eq!(low.len(), 1);
     assert_eq!(low[0].payload["balance"], 10);
     assert_eq!(l.transactions.last().unwrap().transaction_key, "SETTLE-b");
+}
+
+// ---- auto top-up requests ---------------------------------------------------------------------
+
+fn requests(l: &MemoryLedger) -> Vec<(String, i64)> {
+    l.events
+        .iter()
+        .filter(|e| e.routing_key == crate::events::TOP_UP_REQUESTED)
+        .map(|e| {
+            let id = e.payload["request_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            (id, e.payload["balance"].as_i64().unwrap_or_default())
+        })
+        .collect()
+}
+
+#[test]
+fn a_debit_below_the_threshold_requests_one_top_up_until_credits_land() {
+    let p = pricing(0);
+    let mut l = MemoryLedger::default();
+    l.decide(&p, &[entry("u", "a", 0)], now());
+    let a = l.accounts.get_mut("u").unwrap();
+    a.auto_threshold = Some(975);
+    a.auto_amount = Some(500);
+    // 990 ⇒ 980 ⇒ 970 (crosses 975: request 1) ⇒ 960 (outstanding: none).
+    let es: Vec<_> = (0..3).map(|i| entry("u", &format!("b{i}"), 0)).collect();
+    l.decide(&p, &es, now());
+    assert_eq!(requests(&l), vec![("AUTO-TOP-UP-u-1".into(), 970)]);
+    // The payment side's top-up lands: the next debit below the threshold asks again.
+    let a = l.accounts.get_mut("u").unwrap();
+    let mut changes = crate::ledger::Changes::default();
+    a.post(
+        &mut changes,
+        TxType::TopUp,
+        "AUTO-TOP-UP-u-1".into(),
+        5,
+        json!({}),
+        crate::events::ExecutionRef::default(),
+        now(),
+    )
+    .unwrap();
+    assert_eq!(a.auto_requested_at, None);
+    l.decide(&p, &[entry("u", "c", 0)], now());
+    assert_eq!(
+        requests(&l),
+        vec![
+            ("AUTO-TOP-UP-u-1".into(), 970),
+            ("AUTO-TOP-UP-u-2".into(), 955)
+        ]
+    );
+}
+
+#[test]
+fn an_unanswered_request_is_made_again_after_its_ttl_not_before() {
+    let p = pricing(0);
+    let mut l = MemoryLedger::default();
+    l.decide(&p, &[entry("u", "a", 0)], now());
+    let a = l.accounts.get_mut("u").unwrap();
+    a.auto_threshold = Some(2000);
+    a.auto_amount = Some(500);
+    l.decide(&p, &[entry("u", "b", 0)], now());
+    let later = now() + chrono::Duration::minutes(59);
+    l.decide(&p, &[entry("u", "c", 0)], later);
+    assert_eq!(requests(&l).len(), 1);
+    // The payment failed and nothing landed: an hour on, the user is asked for again.
+    let hour = now() + chrono::Duration::hours(1);
+    l.decide(&p, &[entry("u", "d", 0)], hour);
+    assert_eq!(requests(&l).len(), 2);
+    assert_eq!(requests(&l)[1].0, "AUTO-TOP-UP-u-2");
+}
+
+#[test]
+fn without_auto_top_up_nothing_is_requested() {
+    let p = pricing(0);
+    let mut l = MemoryLedger::default();
+    let es: Vec<_> = (0..99).map(|i| entry("u", &format!("n{i}"), 0)).collect();
+    l.decide(&p, &es, now());
+    assert!(requests(&l).is_empty());
 }

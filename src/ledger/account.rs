@@ -19,6 +19,11 @@ pub(crate) struct Account {
     pub refill_month: Option<NaiveDate>,
     pub fee_day: Option<NaiveDate>,
     pub fee_count: i64,
+    /// Auto top-up: both set or both unset.
+    pub auto_threshold: Option<i64>,
+    pub auto_amount: Option<i64>,
+    pub auto_requests: i64,
+    pub auto_requested_at: Option<DateTime<Utc>>,
     /// Changed since it was read: written back with the batch.
     #[sqlx(skip)]
     pub(crate) dirty: bool,
@@ -60,6 +65,10 @@ impl Account {
             refill_month: None,
             fee_day: None,
             fee_count: 0,
+            auto_threshold: None,
+            auto_amount: None,
+            auto_requests: 0,
+            auto_requested_at: None,
             dirty: false,
         }
     }
@@ -171,6 +180,10 @@ impl Account {
             running_balance: balance,
             metadata,
         });
+        if matches!(tx_type, TxType::TopUp | TxType::Grant) {
+            // A credit landed: the outstanding auto top-up request (if any) is answered.
+            self.auto_requested_at = None;
+        }
         self.balance = balance;
         self.last_seq = seq;
         self.dirty = true;
@@ -188,6 +201,37 @@ impl Account {
     ) -> Option<NewEvent> {
         (before >= threshold && self.balance < threshold)
             .then(|| events::balance_low(&self.user_id, seq, self.balance, threshold, at))
+    }
+
+    /// Publishes a `top_up.requested` when the balance is below the user's auto top-up
+    /// threshold and no request is outstanding (or the outstanding one is older than `ttl`).
+    /// Returns whether it did.
+    pub(crate) fn request_top_up(
+        &mut self,
+        changes: &mut Changes,
+        ttl: chrono::Duration,
+        now: DateTime<Utc>,
+    ) -> bool {
+        let (Some(threshold), Some(amount)) = (self.auto_threshold, self.auto_amount) else {
+            return false;
+        };
+        let outstanding = self.auto_requested_at.is_some_and(|at| now - at < ttl);
+        if self.balance >= threshold || outstanding {
+            return false;
+        }
+        self.auto_requests += 1;
+        self.auto_requested_at = Some(now);
+        self.dirty = true;
+        let request_id = format!("AUTO-TOP-UP-{}-{}", self.user_id, self.auto_requests);
+        changes.events.push(events::top_up_requested(
+            &self.user_id,
+            &request_id,
+            amount,
+            self.balance,
+            threshold,
+            now,
+        ));
+        true
     }
 
     /// Applies the refill of `month` unless this account was already evaluated for it or a

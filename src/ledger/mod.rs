@@ -91,6 +91,16 @@ pub struct Posting {
     pub transaction_key: String,
 }
 
+/// A user's auto top-up after `auto_top_up`: `threshold` and `amount` null when off.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AutoTopUp {
+    pub user_id: String,
+    pub threshold: Option<i64>,
+    pub amount: Option<i64>,
+    /// A `top_up.requested` was published now.
+    pub requested: bool,
+}
+
 /// One ledger row as read back.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct Transaction {
@@ -113,6 +123,8 @@ pub struct LedgerPolicy {
     /// Refill lazily on a user's first operation of a month.
     pub lazy_refill: bool,
     pub low_balance_threshold: i64,
+    /// How long an auto top-up request stays outstanding before another may be made.
+    pub auto_top_up_ttl: chrono::Duration,
 }
 
 impl LedgerPolicy {
@@ -276,6 +288,7 @@ impl Ledger {
         at: DateTime<Utc>,
     ) -> Result<Posting, LedgerError> {
         let threshold = self.policy.low_balance_threshold;
+        let ttl = self.policy.auto_top_up_ttl;
         let lookup = key.clone();
         self.with_account_key(user_id, Some(&lookup), at, |account, changes, found| {
             if !found {
@@ -292,6 +305,9 @@ impl Ledger {
                 changes
                     .events
                     .extend(account.low_balance_crossing(before, seq, threshold, at));
+                if amount < 0 {
+                    account.request_top_up(changes, ttl, at);
+                }
             }
             Ok(Posting {
                 user_id: user_id.to_owned(),
@@ -332,6 +348,40 @@ impl Ledger {
             check_user_id(user_id)?;
         }
         Ok(store::history(&self.pool, user_id, limit).await?)
+    }
+
+    /// Sets (`Some((threshold, amount))`, both > 0) or removes (`None`) a user's auto top-up,
+    /// and requests a top-up at once when the balance is already below the threshold.
+    pub async fn set_auto_top_up(
+        &self,
+        user_id: &str,
+        config: Option<(i64, i64)>,
+        at: DateTime<Utc>,
+    ) -> Result<AutoTopUp, LedgerError> {
+        if let Some((threshold, amount)) = config {
+            for (field, v) in [("threshold", threshold), ("amount", amount)] {
+                if v <= 0 {
+                    return Err(LedgerError::InvalidArgument {
+                        field,
+                        reason: format!("must be greater than 0, got {v}"),
+                    });
+                }
+            }
+        }
+        let ttl = self.policy.auto_top_up_ttl;
+        self.with_account(user_id, at, |account, changes| {
+            account.auto_threshold = config.map(|c| c.0);
+            account.auto_amount = config.map(|c| c.1);
+            account.dirty = true;
+            let requested = account.request_top_up(changes, ttl, at);
+            Ok(AutoTopUp {
+                user_id: user_id.to_owned(),
+                threshold: account.auto_threshold,
+                amount: account.auto_amount,
+                requested,
+            })
+        })
+        .await
     }
 
     /// The decision stored for a node execution, if any.

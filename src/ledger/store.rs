@@ -16,7 +16,8 @@ use super::Transaction;
 
 /// Locks balance rows. `users` must be sorted and deduplicated: every writer locks in
 /// user_id order, so replicas do not deadlock.
-const LOCK_ACCOUNTS: &str = "SELECT user_id, balance, last_seq, refill_month, fee_day, fee_count
+const LOCK_ACCOUNTS: &str = "SELECT user_id, balance, last_seq, refill_month, fee_day, fee_count,
+            auto_threshold, auto_amount, auto_requests, auto_requested_at
        FROM credit.balances WHERE user_id = ANY($1::text[])
       ORDER BY user_id FOR UPDATE";
 
@@ -47,9 +48,12 @@ const WRITE: &str = "WITH
   b AS (
     UPDATE credit.balances b
        SET balance = x.balance, last_seq = x.last_seq, refill_month = x.refill_month,
-           fee_day = x.fee_day, fee_count = x.fee_count, updated_at = $19
-      FROM unnest($20::text[], $21::int8[], $22::int8[], $23::date[], $24::date[], $25::int8[])
-           AS x(user_id, balance, last_seq, refill_month, fee_day, fee_count)
+           fee_day = x.fee_day, fee_count = x.fee_count, auto_threshold = x.at,
+           auto_amount = x.aa, auto_requests = x.ar, auto_requested_at = x.ara,
+           updated_at = $19
+      FROM unnest($20::text[], $21::int8[], $22::int8[], $23::date[], $24::date[], $25::int8[],
+                  $36::int8[], $37::int8[], $38::int8[], $39::timestamptz[])
+           AS x(user_id, balance, last_seq, refill_month, fee_day, fee_count, at, aa, ar, ara)
      WHERE b.user_id = x.user_id),
   o AS (
     INSERT INTO credit.outbox (event_id, routing_key, payload)
@@ -89,7 +93,8 @@ const HISTORY: &str = "SELECT seq, transaction_key, type::text AS type, amount, 
 
 /// The next chunk of users not yet evaluated for a month's refill, locked in user_id order.
 const LOCK_REFILL_CHUNK: &str =
-    "SELECT user_id, balance, last_seq, refill_month, fee_day, fee_count
+    "SELECT user_id, balance, last_seq, refill_month, fee_day, fee_count,
+            auto_threshold, auto_amount, auto_requests, auto_requested_at
        FROM credit.balances
       WHERE user_id > $1 AND (refill_month IS NULL OR refill_month < $2)
       ORDER BY user_id LIMIT $3 FOR UPDATE";
@@ -363,6 +368,15 @@ pub(crate) async fn write<'a>(
         .bind(
             st.iter()
                 .map(|x| x.transaction_key.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(dirty.iter().map(|a| a.auto_threshold).collect::<Vec<_>>())
+        .bind(dirty.iter().map(|a| a.auto_amount).collect::<Vec<_>>())
+        .bind(dirty.iter().map(|a| a.auto_requests).collect::<Vec<_>>())
+        .bind(
+            dirty
+                .iter()
+                .map(|a| a.auto_requested_at)
                 .collect::<Vec<_>>(),
         )
         .fetch_one(&mut *conn)

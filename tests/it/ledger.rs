@@ -642,3 +642,80 @@ async fn settlements_are_stored_once_and_may_leave_a_debt() {
     env.assert_audit_clean().await;
     env.cleanup().await;
 }
+
+/// Auto top-up requests against the database: made in the debit's transaction, one at a time
+/// per user even when debits race, fulfilled once by a top-up keyed by the request id.
+#[tokio::test]
+async fn auto_top_up_requests_once_and_is_fulfilled_once() {
+    let env = TestEnv::with(no_refill).await;
+    seed(&env, ["a"], 1000).await;
+    let ledger = env.ledger();
+    let now = Utc::now();
+    let requests = || async {
+        sqlx::query_scalar::<_, String>(
+            "SELECT payload->>'request_id' FROM credit.outbox
+              WHERE routing_key = 'top_up.requested' ORDER BY id",
+        )
+        .fetch_all(&env.pool)
+        .await
+        .unwrap()
+    };
+    // Bad configurations are refused with the field named.
+    let e = ledger
+        .set_auto_top_up("a", Some((0, 5)), now)
+        .await
+        .unwrap_err();
+    assert_eq!(e.to_string(), "threshold: must be greater than 0, got 0");
+    let e = ledger
+        .set_auto_top_up("a", Some((5, -1)), now)
+        .await
+        .unwrap_err();
+    assert_eq!(e.to_string(), "amount: must be greater than 0, got -1");
+    // Above the threshold: nothing yet.
+    let r = ledger
+        .set_auto_top_up("a", Some((900, 500)), now)
+        .await
+        .unwrap();
+    assert!(!r.requested);
+    // Twenty debits of 10 at once, from as many tasks: the balance crosses 900 once.
+    let spends = (0..20).map(|i| {
+        let ledger = ledger.clone();
+        async move {
+            ledger
+                .spend("a", 10, &format!("S-{i}"), json!({}), now)
+                .await
+                .unwrap()
+        }
+    });
+    futures::future::join_all(spends).await;
+    assert_eq!(requests().await, vec!["AUTO-TOP-UP-a-1"]);
+    // The payment side fulfils it twice (a retry): applied once.
+    for _ in 0..2 {
+        ledger
+            .credit(TxType::TopUp, "a", 500, Some("AUTO-TOP-UP-a-1"), None, now)
+            .await
+            .unwrap();
+    }
+    assert_eq!(ledger.balance("a", now).await.unwrap(), 1000 - 200 + 500);
+    // Raised above the balance: requested at once; again while outstanding: not.
+    let r = ledger
+        .set_auto_top_up("a", Some((2000, 300)), now)
+        .await
+        .unwrap();
+    assert!(r.requested);
+    let r = ledger
+        .set_auto_top_up("a", Some((2000, 300)), now)
+        .await
+        .unwrap();
+    assert!(!r.requested);
+    assert_eq!(requests().await, vec!["AUTO-TOP-UP-a-1", "AUTO-TOP-UP-a-2"]);
+    let r = ledger.set_auto_top_up("a", None, now).await.unwrap();
+    assert_eq!((r.threshold, r.amount, r.requested), (None, None, false));
+    ledger
+        .spend("a", 10, "S-after-off", json!({}), now)
+        .await
+        .unwrap();
+    assert_eq!(requests().await.len(), 2);
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
