@@ -11,7 +11,10 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
 use crate::config::Settings;
-use crate::ledger::{Ledger, LedgerError, Transaction, TxType};
+use crate::ledger::{
+    HistoryQuery, Ledger, LedgerError, Transaction, TxType, DEFAULT_HISTORY_LIMIT,
+    MAX_HISTORY_LIMIT,
+};
 use crate::refill::Month;
 
 #[derive(Debug, Parser)]
@@ -37,6 +40,42 @@ pub(crate) struct Global {
     pub json: bool,
 }
 
+/// The page `history` prints (the control command's fields).
+#[derive(Debug, Args)]
+pub struct HistoryArgs {
+    /// Rows per page, 1 to 1000.
+    #[arg(long, default_value_t = DEFAULT_HISTORY_LIMIT,
+          value_parser = clap::value_parser!(i64).range(1..=MAX_HISTORY_LIMIT))]
+    limit: i64,
+    /// Only rows older than this seq: the previous page's "next" hint.
+    #[arg(long, value_parser = clap::value_parser!(i64).range(1..))]
+    before_seq: Option<i64>,
+    /// Only rows of this type.
+    #[arg(long = "type", value_name = "TYPE",
+          value_parser = ["TOP_UP", "USAGE", "GRANT", "REFUND"])]
+    tx_type: Option<String>,
+    /// Only rows of this graph execution (metadata.graph_exec_id).
+    #[arg(long)]
+    graph_exec_id: Option<String>,
+}
+
+impl HistoryArgs {
+    fn query(self) -> anyhow::Result<HistoryQuery> {
+        let tx_type = match self.tx_type {
+            Some(name) => Some(
+                TxType::parse(&name).ok_or_else(|| anyhow::anyhow!("type: unknown {name:?}"))?,
+            ),
+            None => None,
+        };
+        Ok(HistoryQuery {
+            limit: self.limit,
+            before_seq: self.before_seq,
+            tx_type,
+            graph_exec_id: self.graph_exec_id,
+        })
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the service: consumer, outbox relay, scheduler, control queue, HTTP.
@@ -54,11 +93,11 @@ pub enum Command {
     },
     /// Print a user's balance.
     Balance { user: String },
-    /// Print a user's ledger rows, newest first.
+    /// Print a page of a user's ledger rows, newest first.
     History {
         user: String,
-        #[arg(long, default_value_t = 50)]
-        limit: i64,
+        #[command(flatten)]
+        page: HistoryArgs,
     },
     /// Add purchased credits (TOP_UP).
     TopUp {
@@ -166,7 +205,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Migrate => migrate(&settings, json).await,
         Command::Sweep { month, user } => sweep(&settings, json, month, user).await,
         Command::Balance { user } => balance(&settings, json, &user).await,
-        Command::History { user, limit } => history(&settings, json, &user, limit).await,
+        Command::History { user, page } => history(&settings, json, &user, page.query()?).await,
         Command::TopUp { user, amount, key } => {
             credit(&settings, json, TxType::TopUp, &user, amount, key, None).await
         }
@@ -290,15 +329,19 @@ async fn history(
     settings: &Settings,
     json: bool,
     user: &str,
-    limit: i64,
+    query: HistoryQuery,
 ) -> anyhow::Result<ExitCode> {
     let ledger = open_ledger(settings).await?;
-    let rows = ledger
-        .history(user, limit, Utc::now())
+    let page = ledger
+        .history(user, &query, Utc::now())
         .await
         .map_err(ledger_error)?;
-    print_out(json, &json!({"transactions": rows}), || {
-        history_table(&rows)
+    print_out(json, &serde_json::to_value(&page)?, || {
+        let mut text = history_table(&page.transactions);
+        if let Some(seq) = page.next_before_seq {
+            text.push_str(&format!("\nnext: --before-seq {seq}"));
+        }
+        text
     });
     Ok(ExitCode::SUCCESS)
 }

@@ -42,6 +42,13 @@ pub enum TxType {
 }
 
 impl TxType {
+    pub const ALL: [TxType; 4] = [TxType::TopUp, TxType::Usage, TxType::Grant, TxType::Refund];
+
+    /// The type named `name` (`TOP_UP`, `USAGE`, `GRANT`, `REFUND`), if any.
+    pub fn parse(name: &str) -> Option<TxType> {
+        TxType::ALL.into_iter().find(|t| t.as_str() == name)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             TxType::TopUp => "TOP_UP",
@@ -113,6 +120,67 @@ pub struct Transaction {
     pub running_balance: i64,
     pub created_at: DateTime<Utc>,
     pub metadata: Value,
+}
+
+/// The most rows one history page returns.
+pub const MAX_HISTORY_LIMIT: i64 = 1000;
+pub const DEFAULT_HISTORY_LIMIT: i64 = 50;
+
+/// Which ledger rows of a user a history page holds: keyset paging on `seq`, newest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryQuery {
+    /// 1..=[`MAX_HISTORY_LIMIT`] rows.
+    pub limit: i64,
+    /// Only rows with `seq < before_seq` (≥ 1): the previous page's `next_before_seq`.
+    pub before_seq: Option<i64>,
+    pub tx_type: Option<TxType>,
+    /// Only rows whose `metadata.graph_exec_id` is this.
+    pub graph_exec_id: Option<String>,
+}
+
+impl Default for HistoryQuery {
+    fn default() -> Self {
+        HistoryQuery {
+            limit: DEFAULT_HISTORY_LIMIT,
+            before_seq: None,
+            tx_type: None,
+            graph_exec_id: None,
+        }
+    }
+}
+
+impl HistoryQuery {
+    /// The newest `limit` rows, unfiltered.
+    pub fn newest(limit: i64) -> Self {
+        HistoryQuery {
+            limit,
+            ..HistoryQuery::default()
+        }
+    }
+
+    /// Refuses a limit or cursor out of range, naming the field.
+    pub fn check(&self) -> Result<(), LedgerError> {
+        if !(1..=MAX_HISTORY_LIMIT).contains(&self.limit) {
+            return Err(LedgerError::InvalidArgument {
+                field: "limit",
+                reason: format!("must be between 1 and {MAX_HISTORY_LIMIT}"),
+            });
+        }
+        if self.before_seq.is_some_and(|s| s < 1) {
+            return Err(LedgerError::InvalidArgument {
+                field: "before_seq",
+                reason: "must be at least 1".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// One page of history: `next_before_seq` continues it, `None` on the last page.
+#[derive(Debug, Clone, Serialize)]
+pub struct HistoryPage {
+    pub transactions: Vec<Transaction>,
+    pub next_before_seq: Option<i64>,
 }
 
 /// What the ledger needs from the configuration.
@@ -329,25 +397,39 @@ impl Ledger {
         Ok(store::read_balance(&self.pool, user_id).await?)
     }
 
-    /// Newest first.
+    /// One page of a user's ledger rows, newest first (see [`HistoryQuery`]).
     pub async fn history(
         &self,
         user_id: &str,
-        limit: i64,
+        query: &HistoryQuery,
         at: DateTime<Utc>,
-    ) -> Result<Vec<Transaction>, LedgerError> {
-        if !(1..=10_000).contains(&limit) {
-            return Err(LedgerError::InvalidArgument {
-                field: "limit",
-                reason: "must be between 1 and 10000".into(),
-            });
-        }
+    ) -> Result<HistoryPage, LedgerError> {
+        query.check()?;
         if self.policy.lazy(at).is_some() {
             self.with_account(user_id, at, |_, _| Ok(())).await?;
         } else {
             check_user_id(user_id)?;
         }
-        Ok(store::history(&self.pool, user_id, limit).await?)
+        let transactions = store::history(&self.pool, user_id, query).await?;
+        // A full page may have more behind it; a short one is the last.
+        let full = i64::try_from(transactions.len()).is_ok_and(|n| n == query.limit);
+        let next_before_seq = transactions.last().filter(|_| full).map(|t| t.seq);
+        Ok(HistoryPage {
+            transactions,
+            next_before_seq,
+        })
+    }
+
+    /// The plan PostgreSQL picks for a history page (`EXPLAIN`), for checking that pages are
+    /// served by an index rather than a scan of the user's whole ledger.
+    pub async fn explain_history(
+        &self,
+        user_id: &str,
+        query: &HistoryQuery,
+    ) -> Result<Vec<String>, LedgerError> {
+        query.check()?;
+        check_user_id(user_id)?;
+        Ok(store::explain_history(&self.pool, user_id, query).await?)
     }
 
     /// Sets (`Some((threshold, amount))`, both > 0) or removes (`None`) a user's auto top-up,

@@ -12,7 +12,7 @@ use super::decision::{
     DecisionRecord, EarlierDecision, EarlierSettlement, NewDecision, NewSettlement,
     SettlementRecord,
 };
-use super::Transaction;
+use super::{HistoryQuery, Transaction, TxType};
 
 /// Locks balance rows. `users` must be sorted and deduplicated: every writer locks in
 /// user_id order, so replicas do not deadlock.
@@ -87,9 +87,30 @@ const KEY_EXISTS: &str =
 
 const READ_BALANCE: &str = "SELECT balance FROM credit.balances WHERE user_id = $1";
 
+/// A history page, newest first, by keyset on `seq` ($2 = before_seq, i64::MAX for the first
+/// page). Each filter has its own statement so that even a generic plan walks the index made
+/// for it backwards instead of filtering the user's whole ledger: the primary key
+/// (user_id, seq) here, and the indexes of migration 0003 below.
 const HISTORY: &str = "SELECT seq, transaction_key, type::text AS type, amount, running_balance,
             created_at, metadata
-       FROM credit.transactions WHERE user_id = $1 ORDER BY seq DESC LIMIT $2";
+       FROM credit.transactions WHERE user_id = $1 AND seq < $2
+      ORDER BY seq DESC LIMIT $3";
+
+/// Served by (user_id, type, seq).
+const HISTORY_BY_TYPE: &str = "SELECT seq, transaction_key, type::text AS type, amount,
+            running_balance, created_at, metadata
+       FROM credit.transactions
+      WHERE user_id = $1 AND seq < $2 AND type = $4::text::credit.transaction_type
+      ORDER BY seq DESC LIMIT $3";
+
+/// Served by (user_id, (metadata->>'graph_exec_id'), seq); a run's rows are few, so the
+/// optional type ($5) is a filter on them.
+const HISTORY_BY_GRAPH: &str = "SELECT seq, transaction_key, type::text AS type, amount,
+            running_balance, created_at, metadata
+       FROM credit.transactions
+      WHERE user_id = $1 AND seq < $2 AND (metadata->>'graph_exec_id') = $4
+        AND ($5::text IS NULL OR type = $5::text::credit.transaction_type)
+      ORDER BY seq DESC LIMIT $3";
 
 /// The next chunk of users not yet evaluated for a month's refill, locked in user_id order.
 const LOCK_REFILL_CHUNK: &str =
@@ -210,17 +231,55 @@ pub(crate) async fn read_balance(pool: &PgPool, user_id: &str) -> Result<i64, sq
     Ok(balance.unwrap_or(0))
 }
 
-/// A user's newest `limit` ledger rows, newest first.
+/// One page of a user's ledger rows, newest first.
 pub(crate) async fn history(
     pool: &PgPool,
     user_id: &str,
-    limit: i64,
+    q: &HistoryQuery,
 ) -> Result<Vec<Transaction>, sqlx::Error> {
-    sqlx::query_as(HISTORY)
-        .bind(user_id)
-        .bind(limit)
+    history_query(history_sql(q), user_id, q)
         .fetch_all(pool)
         .await
+}
+
+/// The plan of [`history`]'s statement for `q`, one line per row of `EXPLAIN`.
+pub(crate) async fn explain_history(
+    pool: &PgPool,
+    user_id: &str,
+    q: &HistoryQuery,
+) -> Result<Vec<String>, sqlx::Error> {
+    let sql = format!("EXPLAIN {}", history_sql(q));
+    let rows: Vec<(String,)> = history_query(&sql, user_id, q).fetch_all(pool).await?;
+    Ok(rows.into_iter().map(|(line,)| line).collect())
+}
+
+fn history_sql(q: &HistoryQuery) -> &'static str {
+    match (&q.graph_exec_id, q.tx_type) {
+        (Some(_), _) => HISTORY_BY_GRAPH,
+        (None, Some(_)) => HISTORY_BY_TYPE,
+        (None, None) => HISTORY,
+    }
+}
+
+/// `sql` (one of the HISTORY statements) with `q`'s parameters bound.
+fn history_query<'q, O>(
+    sql: &'q str,
+    user_id: &'q str,
+    q: &'q HistoryQuery,
+) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>
+where
+    O: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
+{
+    let page = sqlx::query_as(sql)
+        .bind(user_id)
+        .bind(q.before_seq.unwrap_or(i64::MAX))
+        .bind(q.limit);
+    let tx_type = q.tx_type.map(TxType::as_str);
+    match (q.graph_exec_id.as_deref(), tx_type) {
+        (Some(g), t) => page.bind(g).bind(t),
+        (None, Some(t)) => page.bind(t),
+        (None, None) => page,
+    }
 }
 
 /// Locks up to `limit` accounts after `cursor` not yet evaluated for the month starting on

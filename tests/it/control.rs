@@ -210,8 +210,10 @@ async fn every_command_end_to_end() {
         .ok(json!({"command": "history", "user_id": "alice", "limit": 2}))
         .await;
     let txs = h["transactions"].as_array().expect("transactions");
-    assert_eq!(h.as_object().map(|o| o.len()), Some(1));
+    assert_eq!(h.as_object().map(|o| o.len()), Some(2));
     assert_eq!(txs.len(), 2);
+    // A full page: the next one starts below its last row.
+    assert_eq!(h["next_before_seq"], json!(2));
     let pick = |t: &Value| {
         (
             t["seq"].as_i64(),
@@ -253,6 +255,11 @@ async fn every_command_end_to_end() {
     let all = rpc
         .ok(json!({"command": "history", "user_id": "alice"}))
         .await;
+    assert_eq!(
+        all["next_before_seq"],
+        Value::Null,
+        "a short page is the last"
+    );
     let all = all["transactions"]
         .as_array()
         .expect("transactions")
@@ -525,7 +532,7 @@ async fn malformed_commands_get_bad_request_naming_the_field() {
         ),
         (
             json!({"command": "history", "user_id": "u", "limit": 0}),
-            "limit: must be between 1 and 10000",
+            "limit: must be between 1 and 1000",
         ),
         (json!({"command": "outcome"}), "node_exec_id: missing"),
         (

@@ -283,3 +283,40 @@ fn readme_links_the_documents() {
     }
     assert!(readme.contains("RUSTSEC-2025-0012"));
 }
+
+#[test]
+fn history_flags_are_documented() {
+    // The flags as the binary knows them, so a new one cannot go undocumented.
+    let out = std::process::Command::new(crate::helpers::binary())
+        .args(["history", "--help"])
+        .output()
+        .expect("credit-worker history --help");
+    let help = String::from_utf8_lossy(&out.stdout);
+    let flags: BTreeSet<&str> = help
+        .split(|c: char| c.is_whitespace() || c == ',' || c == '[' || c == ']')
+        .filter(|w| w.starts_with("--") && w.len() > 2)
+        .filter(|w| !["--help", "--json", "--config"].contains(w))
+        .collect();
+    for flag in ["--limit", "--before-seq", "--type", "--graph-exec-id"] {
+        assert!(
+            flags.contains(flag),
+            "`history --help` lacks {flag}:\n{help}"
+        );
+    }
+    let readme = read("README.md");
+    let contract = read("docs/contract.md");
+    for flag in &flags {
+        assert!(readme.contains(flag), "README lacks `history {flag}`");
+        assert!(
+            contract.contains(flag),
+            "docs/contract.md lacks `history {flag}`"
+        );
+    }
+    for field in ["before_seq", "type", "graph_exec_id", "next_before_seq"] {
+        assert!(quoted(&readme).contains(field), "README lacks `{field}`");
+        assert!(
+            quoted(&contract).contains(field),
+            "docs/contract.md lacks `{field}`"
+        );
+    }
+}

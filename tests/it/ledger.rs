@@ -4,7 +4,7 @@
 use chrono::{DateTime, TimeZone, Utc};
 use credit_worker::cost::CostTable;
 use credit_worker::decide::{self, Outcome, Verdict};
-use credit_worker::ledger::{LedgerError, TxType};
+use credit_worker::ledger::{HistoryQuery, LedgerError, TxType};
 use credit_worker::message;
 use credit_worker::refill::{self, Month};
 use serde_json::json;
@@ -162,9 +162,10 @@ async fn credit_refill_new_user_starts_at_target() {
     );
     let h = env
         .ledger()
-        .history("brand-new", 10, Utc::now())
+        .history("brand-new", &HistoryQuery::newest(10), Utc::now())
         .await
-        .unwrap();
+        .unwrap()
+        .transactions;
     assert_eq!(h.len(), 1);
     assert_eq!(
         (h[0].tx_type.as_str(), h[0].amount, h[0].seq),
@@ -717,5 +718,175 @@ async fn auto_top_up_requests_once_and_is_fulfilled_once() {
         .unwrap();
     assert_eq!(requests().await.len(), 2);
     env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
+/// What a history row was posted as: seq, type, metadata.graph_exec_id.
+type Posted = (i64, &'static str, Option<String>);
+
+/// 400 rows for `user`: a seed top-up, then top-ups, grants and spends; spends carry one of
+/// three graph_exec_ids in their metadata.
+async fn long_ledger(ledger: &credit_worker::ledger::Ledger, user: &str) -> Vec<Posted> {
+    let now = Utc::now();
+    ledger
+        .credit(TxType::TopUp, user, 100_000, Some("TU-seed"), None, now)
+        .await
+        .unwrap();
+    let mut posted = vec![(1, "TOP_UP", None)];
+    for i in 2..=400_i64 {
+        let row = match i % 4 {
+            0 => {
+                let key = format!("TU-{i}");
+                ledger
+                    .credit(TxType::TopUp, user, 10, Some(&key), None, now)
+                    .await
+                    .unwrap();
+                (i, "TOP_UP", None)
+            }
+            1 => {
+                let key = format!("GR-{i}");
+                ledger
+                    .credit(TxType::Grant, user, 5, Some(&key), None, now)
+                    .await
+                    .unwrap();
+                (i, "GRANT", None)
+            }
+            _ => {
+                let graph = format!("g-{}", i % 3);
+                let meta = json!({ "graph_exec_id": graph });
+                ledger
+                    .spend(user, 3, &format!("US-{i}"), meta, now)
+                    .await
+                    .unwrap();
+                (i, "USAGE", Some(graph))
+            }
+        };
+        posted.push(row);
+    }
+    posted
+}
+
+/// Every page of `query` (its before_seq ignored), each checked for size and cursor.
+async fn all_pages(
+    ledger: &credit_worker::ledger::Ledger,
+    user: &str,
+    mut query: HistoryQuery,
+) -> Vec<credit_worker::ledger::Transaction> {
+    query.before_seq = None;
+    let mut rows = Vec::new();
+    loop {
+        let page = ledger.history(user, &query, Utc::now()).await.unwrap();
+        let n = page.transactions.len() as i64;
+        assert!(n <= query.limit, "page of {n} rows");
+        match page.next_before_seq {
+            Some(next) => {
+                assert_eq!(n, query.limit, "only a full page has a next one");
+                assert_eq!(Some(next), page.transactions.last().map(|t| t.seq));
+                query.before_seq = Some(next);
+                rows.extend(page.transactions);
+            }
+            None => {
+                rows.extend(page.transactions);
+                return rows;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn history_pages_by_seq_and_filters_exactly() {
+    let env = TestEnv::with(no_refill).await;
+    let ledger = env.ledger();
+    let u = "pager";
+    let posted = long_ledger(&ledger, u).await;
+    let filters: [(Option<TxType>, Option<&str>); 6] = [
+        (None, None),
+        (Some(TxType::Usage), None),
+        (Some(TxType::TopUp), None),
+        (None, Some("g-1")),
+        (Some(TxType::Usage), Some("g-2")),
+        (Some(TxType::Grant), Some("g-0")),
+    ];
+    for (tx_type, graph) in filters {
+        let query = HistoryQuery {
+            limit: 37,
+            before_seq: None,
+            tx_type,
+            graph_exec_id: graph.map(str::to_owned),
+        };
+        let rows = all_pages(&ledger, u, query).await;
+        let got: Vec<i64> = rows.iter().map(|t| t.seq).collect();
+        let expected: Vec<i64> = posted
+            .iter()
+            .rev()
+            .filter(|(_, t, _)| tx_type.is_none_or(|w| w.as_str() == *t))
+            .filter(|(_, _, g)| graph.is_none_or(|w| g.as_deref() == Some(w)))
+            .map(|(s, _, _)| *s)
+            .collect();
+        // Every matching row once, newest first.
+        assert_eq!(got, expected, "type {tx_type:?}, graph {graph:?}");
+        if let Some(w) = tx_type {
+            assert!(rows.iter().all(|t| t.tx_type == w.as_str()));
+        }
+    }
+    assert_eq!(posted.len(), 400);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn history_pages_are_served_by_indexes() {
+    let env = TestEnv::with(no_refill).await;
+    let ledger = env.ledger();
+    long_ledger(&ledger, "pager").await;
+    // Many rows besides: 50 000 other users' ledgers, two rows each, so the table is large
+    // and the planner sees what it would in production.
+    sqlx::query(
+        "INSERT INTO credit.balances (user_id, balance, last_seq)
+         SELECT 'bulk-' || g, 3, 2 FROM generate_series(1, 50000) g",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO credit.transactions
+             (user_id, seq, transaction_key, type, amount, running_balance, metadata)
+         SELECT 'bulk-' || g, s, 'K-' || s, 'TOP_UP', s, s * (s + 1) / 2,
+                jsonb_build_object('graph_exec_id', 'bulk-g-' || (g % 100))
+           FROM generate_series(1, 50000) g, generate_series(1, 2) s",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE credit.transactions")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let cases = [
+        (HistoryQuery::newest(37), "transactions_pkey"),
+        (
+            HistoryQuery {
+                before_seq: Some(200),
+                graph_exec_id: Some("g-1".into()),
+                ..HistoryQuery::newest(37)
+            },
+            "transactions_graph_exec_idx",
+        ),
+        (
+            HistoryQuery {
+                tx_type: Some(TxType::Grant),
+                ..HistoryQuery::newest(37)
+            },
+            "transactions_type_idx",
+        ),
+    ];
+    for (query, index) in cases {
+        let plan = ledger.explain_history("pager", &query).await.unwrap();
+        let text = plan.join("\n");
+        assert!(!text.contains("Seq Scan"), "{query:?}:\n{text}");
+        assert!(
+            text.contains("Index Scan") && text.contains(index),
+            "{query:?} should use {index}:\n{text}"
+        );
+    }
     env.cleanup().await;
 }
