@@ -134,12 +134,42 @@ pub enum Command {
     Outcome { node_exec_id: String },
     /// Reconcile ledger and balances; exit 1 on any mismatch.
     Audit,
+    /// Inspect or replay the dead-letter queue (`node_execution.dead`).
+    DeadLetters {
+        #[command(subcommand)]
+        action: DeadLettersCommand,
+    },
     /// Publish NodeExecutionEntry JSON lines (a file, or - for stdin) to the input queue.
     Publish { file: String },
     /// End-to-end benchmark against the broker's own ceiling.
     Bench(crate::tools::bench::BenchArgs),
     /// A short realistic run in a scratch namespace and database, then a summary.
     Demo,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeadLettersCommand {
+    /// Show dead messages (reason, node_exec_id, body excerpt) without removing them.
+    List {
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Publish dead messages back to the input queue, removing each once the broker confirmed it.
+    Replay(ReplayArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("which").required(true).args(["node_exec_id", "all"])))]
+pub struct ReplayArgs {
+    /// Replay the dead messages of this node execution.
+    #[arg(long)]
+    pub node_exec_id: Option<String>,
+    /// Replay every dead message.
+    #[arg(long)]
+    pub all: bool,
+    /// Print what would be replayed; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 /// Entry point of the binary.
@@ -223,6 +253,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         } => auto_top_up(&settings, json, &user, threshold.zip(amount)).await,
         Command::Outcome { node_exec_id } => outcome(&settings, json, &node_exec_id).await,
         Command::Audit => audit(&settings, json).await,
+        Command::DeadLetters { action } => dead_letters(&settings, json, action).await,
         Command::Publish { file } => publish(&settings, json, &file).await,
         Command::Bench(args) => crate::tools::bench::run(settings, args, json).await,
         Command::Demo => crate::tools::demo::run(settings, json).await,
@@ -430,6 +461,74 @@ async fn publish(settings: &Settings, json: bool, file: &str) -> anyhow::Result<
         format!("{n} messages published")
     });
     Ok(ExitCode::SUCCESS)
+}
+
+async fn dead_letters(
+    settings: &Settings,
+    json: bool,
+    action: DeadLettersCommand,
+) -> anyhow::Result<ExitCode> {
+    use crate::tools::dead_letters::{self as dl, Selection};
+    match action {
+        DeadLettersCommand::List { limit } => {
+            let report = dl::list(settings, limit).await?;
+            print_out(json, &serde_json::to_value(&report)?, || list_text(&report));
+        }
+        DeadLettersCommand::Replay(args) => {
+            // clap's group guarantees one of the two.
+            let selection = match args.node_exec_id {
+                Some(id) => Selection::NodeExecId(id),
+                None => Selection::All,
+            };
+            let report = dl::replay(settings, &selection, args.dry_run).await?;
+            print_replay(json, args.dry_run, &report);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn list_text(report: &crate::tools::dead_letters::ListReport) -> String {
+    let mut out = format!(
+        "{} dead messages, {} shown",
+        report.depth,
+        report.messages.len()
+    );
+    for m in &report.messages {
+        out.push_str(&format!(
+            "\n  {} | {} | {}",
+            m.node_exec_id.as_deref().unwrap_or("-"),
+            if m.reason.is_empty() { "-" } else { &m.reason },
+            m.excerpt
+        ));
+    }
+    out
+}
+
+fn print_replay(json: bool, dry_run: bool, report: &crate::tools::dead_letters::ReplayReport) {
+    if dry_run {
+        let value = json!({
+            "dry_run": true,
+            "would_replay": report.would_replay,
+            "skipped": report.skipped,
+        });
+        print_out(json, &value, || {
+            let mut out = format!(
+                "dry run: {} would be replayed, {} skipped",
+                report.would_replay.len(),
+                report.skipped
+            );
+            for m in &report.would_replay {
+                let id = m.node_exec_id.as_deref().unwrap_or("-");
+                out.push_str(&format!("\n  {id} | {}", m.excerpt));
+            }
+            out
+        });
+        return;
+    }
+    let value = json!({"replayed": report.replayed, "skipped": report.skipped});
+    print_out(json, &value, || {
+        format!("{} replayed, {} skipped", report.replayed, report.skipped)
+    });
 }
 
 /// The non-blank lines of `file` (`-`: standard input), one message body each.

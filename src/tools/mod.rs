@@ -1,8 +1,9 @@
 //! Operator tools beside the service core: the benchmark, the demo, their scratch
-//! namespace/database, and publishing entries. They are built only on the library's public
+//! namespace/database, publishing entries, and the dead-letter queue. They are built only on the library's public
 //! API, so the service never depends on them.
 
 pub(crate) mod bench;
+pub mod dead_letters;
 pub(crate) mod demo;
 pub mod publish;
 pub mod scratch;

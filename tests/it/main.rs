@@ -7,6 +7,7 @@ mod fixtures;
 
 mod consumer;
 mod control;
+mod dead_letters;
 mod docs;
 mod faults;
 mod ledger;

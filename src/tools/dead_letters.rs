@@ -1,0 +1,314 @@
+//! The dead-letter queue for operators (docs/contract.md §9): list its messages without removing
+//! them, and replay chosen ones to the input queue.
+//!
+//! Reading uses `basic.get` without ack and hands every message it keeps back with one
+//! `basic.nack` (requeue), so nothing is removed. On a quorum queue each such return counts as a
+//! delivery (`x-delivery-count` grows by one per read); the dead queue has no `x-delivery-limit`,
+//! so on RabbitMQ 3.x that only changes the header. A replay removes a dead copy only after the
+//! broker confirmed its copy in the input queue: an interruption leaves at worst a duplicate
+//! there, which the worker decides once per `node_exec_id`.
+
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, DeliveryTag, FieldTable};
+use lapin::{BasicProperties, Channel, Connection};
+use serde::Serialize;
+
+use crate::amqp::topology::{self, Names};
+use crate::amqp::{Outgoing, Publisher};
+use crate::config::Settings;
+
+/// The header naming why the worker dead-lettered a message.
+pub const REASON_HEADER: &str = "x-credit-error";
+/// Set by a quorum queue on delivery; a replayed copy starts its own count in the input queue.
+const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
+/// Characters of a body shown.
+const EXCERPT_CHARS: usize = 120;
+/// Messages replayed per batch of confirms.
+const WINDOW: usize = 100;
+
+/// One dead message, as shown to an operator.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetter {
+    /// The `x-credit-error` header; empty when absent (dead-lettered by the broker).
+    pub reason: String,
+    /// The body's `node_exec_id`, when the body is JSON with that field.
+    pub node_exec_id: Option<String>,
+    /// The body's first characters (lossy UTF-8).
+    pub excerpt: String,
+}
+
+/// What `list` found.
+#[derive(Debug, Clone, Serialize)]
+pub struct ListReport {
+    /// Messages ready in the dead queue when the listing started.
+    pub depth: u32,
+    pub messages: Vec<DeadLetter>,
+}
+
+/// Which dead messages a replay takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selection {
+    All,
+    NodeExecId(String),
+}
+
+/// What `replay` did (or, dry, would do).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReplayReport {
+    pub replayed: usize,
+    pub skipped: usize,
+    /// With `--dry-run`: the messages a replay would take.
+    pub would_replay: Vec<DeadLetter>,
+}
+
+/// An open connection with a confirmed publisher and a channel for reading the dead queue.
+struct Session {
+    conn: Connection,
+    publisher: Publisher,
+    reader: Channel,
+    names: Names,
+}
+
+impl Session {
+    async fn open(settings: &Settings) -> anyhow::Result<Session> {
+        let conn = crate::amqp::connect(&settings.amqp.url, "credit-worker dead-letters").await?;
+        let publisher = Publisher::open(&conn).await?;
+        let names = topology::declare(publisher.channel(), &settings.amqp).await?;
+        let reader = conn.create_channel().await?;
+        Ok(Session {
+            conn,
+            publisher,
+            reader,
+            names,
+        })
+    }
+
+    /// Messages ready in the dead queue now.
+    async fn depth(&self) -> anyhow::Result<u32> {
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let q = self
+            .reader
+            .queue_declare(
+                self.names.dead_queue.as_str().into(),
+                passive,
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(q.message_count())
+    }
+
+    /// Up to `max` dead messages, held unacknowledged on the reader channel.
+    async fn take(&self, max: usize) -> anyhow::Result<Vec<lapin::message::Delivery>> {
+        let mut out = Vec::new();
+        while out.len() < max {
+            let got = self
+                .reader
+                .basic_get(
+                    self.names.dead_queue.as_str().into(),
+                    BasicGetOptions { no_ack: false },
+                )
+                .await?;
+            match got {
+                Some(m) => out.push(m.delivery),
+                None => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// Returns every message still held (up to `last`) to the dead queue, then closes.
+    async fn finish(self, last: Option<DeliveryTag>) -> anyhow::Result<()> {
+        if let Some(tag) = last {
+            let requeue = BasicNackOptions {
+                multiple: true,
+                requeue: true,
+            };
+            self.reader.basic_nack(tag, requeue).await?;
+        }
+        let _ = self.reader.close(200, "done".into()).await;
+        let _ = crate::tools::close_connection(self.conn, "done").await;
+        Ok(())
+    }
+}
+
+/// Lists up to `limit` dead messages, leaving them all in the queue.
+pub async fn list(settings: &Settings, limit: usize) -> anyhow::Result<ListReport> {
+    let session = Session::open(settings).await?;
+    let depth = session.depth().await?;
+    let held = session.take(limit.min(depth as usize)).await?;
+    let messages = held.iter().map(describe).collect();
+    let last = held.last().map(|d| d.delivery_tag);
+    session.finish(last).await?;
+    Ok(ListReport { depth, messages })
+}
+
+/// Replays the chosen dead messages to the input queue (or, `dry_run`, only reports them).
+/// Reads at most the depth seen at the start, so a message that dies again during the replay
+/// is not taken twice.
+pub async fn replay(
+    settings: &Settings,
+    selection: &Selection,
+    dry_run: bool,
+) -> anyhow::Result<ReplayReport> {
+    let session = Session::open(settings).await?;
+    let mut left = session.depth().await? as usize;
+    let mut report = ReplayReport::default();
+    let mut last_held = None;
+    while left > 0 {
+        let batch = session.take(left.min(WINDOW)).await?;
+        if batch.is_empty() {
+            break;
+        }
+        left -= batch.len();
+        let (chosen, skipped): (Vec<_>, Vec<_>) =
+            batch.into_iter().partition(|d| selection.takes(d));
+        report.skipped += skipped.len();
+        last_held = max_tag(last_held, skipped.last());
+        if dry_run {
+            report.would_replay.extend(chosen.iter().map(describe));
+            last_held = max_tag(last_held, chosen.last());
+            continue;
+        }
+        report.replayed += move_batch(&session, &chosen).await?;
+    }
+    session.finish(last_held).await?;
+    Ok(report)
+}
+
+fn max_tag(a: Option<DeliveryTag>, d: Option<&lapin::message::Delivery>) -> Option<DeliveryTag> {
+    match (a, d.map(|d| d.delivery_tag)) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Publishes copies of `batch` to the input queue, waits for every confirm, then removes the
+/// dead copies.
+async fn move_batch(
+    session: &Session,
+    batch: &[lapin::message::Delivery],
+) -> anyhow::Result<usize> {
+    let queue = session.names.input_queue.as_str();
+    let messages = batch.iter().map(|d| Outgoing {
+        exchange: "",
+        routing_key: queue,
+        body: &d.data,
+        properties: replay_properties(&d.properties),
+    });
+    session.publisher.publish_all(messages).await?;
+    for d in batch {
+        d.ack(BasicAckOptions::default()).await?;
+    }
+    Ok(batch.len())
+}
+
+impl Selection {
+    fn takes(&self, d: &lapin::message::Delivery) -> bool {
+        match self {
+            Selection::All => true,
+            Selection::NodeExecId(id) => node_exec_id(&d.data).as_deref() == Some(id.as_str()),
+        }
+    }
+}
+
+/// The dead message's properties without the headers that describe its death or its
+/// deliveries.
+pub fn replay_properties(props: &BasicProperties) -> BasicProperties {
+    let Some(headers) = props.headers() else {
+        return props.clone();
+    };
+    let mut kept = FieldTable::default();
+    for (k, v) in headers.inner() {
+        if k.as_str() != REASON_HEADER && k.as_str() != DELIVERY_COUNT_HEADER {
+            kept.insert(k.clone(), v.clone());
+        }
+    }
+    props.clone().with_headers(kept)
+}
+
+fn describe(d: &lapin::message::Delivery) -> DeadLetter {
+    DeadLetter {
+        reason: reason(&d.properties),
+        node_exec_id: node_exec_id(&d.data),
+        excerpt: excerpt(&d.data),
+    }
+}
+
+/// The `x-credit-error` header as text; empty when absent.
+pub fn reason(props: &BasicProperties) -> String {
+    let value = props
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(REASON_HEADER));
+    match value {
+        None => String::new(),
+        Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        Some(AMQPValue::ShortString(s)) => s.to_string(),
+        Some(other) => format!("{other:?}"),
+    }
+}
+
+/// The body's `node_exec_id`, when the body is a JSON object with that string field.
+pub fn node_exec_id(body: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    v.get("node_exec_id")?.as_str().map(str::to_owned)
+}
+
+/// The first [`EXCERPT_CHARS`] characters of `body`, lossy UTF-8, with `…` when cut.
+pub fn excerpt(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let mut out: String = text.chars().take(EXCERPT_CHARS).collect();
+    if text.chars().nth(EXCERPT_CHARS).is_some() {
+        out.push('…');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_exec_id_only_from_json_with_the_field() {
+        assert_eq!(
+            node_exec_id(br#"{"node_exec_id":"n1","user_id":"u"}"#).as_deref(),
+            Some("n1")
+        );
+        assert_eq!(node_exec_id(br#"{"node_exec_id":7}"#), None);
+        assert_eq!(node_exec_id(b"not json"), None);
+        assert_eq!(node_exec_id(b"[1,2]"), None);
+    }
+
+    #[test]
+    fn excerpt_is_lossy_and_cut() {
+        assert_eq!(excerpt(b"short"), "short");
+        assert_eq!(excerpt(&[b'a', 0xff, b'b']), "a\u{fffd}b");
+        let long = "é".repeat(200);
+        let e = excerpt(long.as_bytes());
+        assert_eq!(e.chars().count(), EXCERPT_CHARS + 1);
+        assert!(e.ends_with('…'));
+    }
+
+    #[test]
+    fn replay_drops_only_the_death_headers() {
+        let mut h = FieldTable::default();
+        h.insert(REASON_HEADER.into(), AMQPValue::LongString("bad".into()));
+        h.insert(DELIVERY_COUNT_HEADER.into(), AMQPValue::LongLongInt(3));
+        h.insert("trace".into(), AMQPValue::LongString("t1".into()));
+        let props = crate::amqp::persistent_json().with_headers(h);
+        assert_eq!(reason(&props), "bad");
+        let out = replay_properties(&props);
+        let kept = out.headers().as_ref().map(|h| h.inner().clone());
+        let keys: Vec<String> = kept
+            .unwrap_or_default()
+            .keys()
+            .map(|k| k.to_string())
+            .collect();
+        assert_eq!(keys, ["trace"]);
+        assert_eq!(out.delivery_mode(), &Some(2));
+        assert_eq!(reason(&out), "");
+    }
+}

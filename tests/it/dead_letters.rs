@@ -1,0 +1,174 @@
+//! The `dead-letters` commands against the real broker: `list` leaves the queue as it was,
+//! `replay` gets an undecided message charged once, a decided one changes nothing, a second
+//! replay finds nothing, and `--dry-run` changes nothing.
+
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use chrono::Utc;
+use credit_worker::service::Worker;
+use credit_worker::tools::dead_letters;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use serde_json::Value;
+
+use crate::fixtures::*;
+use crate::helpers::*;
+
+const T: Duration = Duration::from_secs(30);
+
+/// Puts `body` straight into the dead queue with `reason`, as the worker would have.
+async fn dead_letter(env: &TestEnv, body: &[u8], reason: &str) {
+    let (_conn, ch) = env.amqp_channel().await;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm mode");
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-credit-error".into(),
+        AMQPValue::LongString(reason.into()),
+    );
+    let props = credit_worker::amqp::persistent_json().with_headers(headers);
+    let confirm = ch
+        .basic_publish(
+            "".into(),
+            env.names.dead_queue.as_str().into(),
+            BasicPublishOptions::default(),
+            body,
+            props,
+        )
+        .await
+        .expect("publish dead");
+    assert!(
+        confirm.await.expect("confirm").is_ack(),
+        "dead letter nacked"
+    );
+}
+
+/// Runs the CLI with this test's environment; returns its output.
+fn cli(env: &TestEnv, args: &[&str]) -> Output {
+    let mut cmd = Command::new(binary());
+    cmd.args(args)
+        .env_remove("CREDIT_WORKER_CONFIG")
+        .stdin(Stdio::null());
+    for (k, v) in env.process_env() {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run the CLI")
+}
+
+/// Runs the CLI with `--json`, expects success, and parses its output.
+fn cli_json(env: &TestEnv, args: &[&str]) -> Value {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let out = cli(env, &all);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{args:?} failed: {stderr}");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{args:?} output: {e}"))
+}
+
+/// Every body in the dead queue, sorted (consumes them).
+async fn drain_bodies(env: &TestEnv, n: usize) -> Vec<Vec<u8>> {
+    let mut bodies: Vec<Vec<u8>> = env
+        .dead_letters(n)
+        .await
+        .into_iter()
+        .map(|(b, _)| b)
+        .collect();
+    bodies.sort();
+    bodies
+}
+
+#[tokio::test]
+async fn list_twice_leaves_the_queue_as_it_was() {
+    let env = TestEnv::with(no_refill).await;
+    let mut bodies = vec![
+        body(&platform_gpt4("u1", "ne-list-1")),
+        body(&platform_gpt4("u1", "ne-list-2")),
+        b"not json \xff at all".to_vec(),
+    ];
+    for b in &bodies {
+        dead_letter(&env, b, "user_id: missing").await;
+    }
+    let report = dead_letters::list(&env.settings, 10).await.expect("list");
+    assert_eq!(report.depth, 3);
+    let mut ids: Vec<_> = report
+        .messages
+        .iter()
+        .map(|m| m.node_exec_id.clone())
+        .collect();
+    ids.sort();
+    assert_eq!(
+        ids,
+        [None, Some("ne-list-1".into()), Some("ne-list-2".into())]
+    );
+    assert!(report
+        .messages
+        .iter()
+        .all(|m| m.reason == "user_id: missing"));
+    let listed = cli_json(&env, &["dead-letters", "list", "--limit", "2"]);
+    assert_eq!(listed["depth"], 3);
+    assert_eq!(listed["messages"].as_array().map(Vec::len), Some(2));
+    assert_eq!(queue_depth(&env, &env.names.dead_queue).await, 3);
+    bodies.sort();
+    assert_eq!(drain_bodies(&env, 3).await, bodies);
+    assert_eq!(queue_depth(&env, &env.names.dead_queue).await, 0);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn replay_charges_the_undecided_once_and_changes_nothing_twice() {
+    let env = TestEnv::with(no_refill).await;
+    seed(&env, ["u1"], 100).await;
+    let worker = Worker::start(env.settings.clone()).await.expect("worker");
+    let decided = body(&platform_gpt4("u1", "ne-decided"));
+    env.publish(std::slice::from_ref(&decided)).await;
+    env.wait_decisions(1, T).await;
+    // As if dead-lettered during an outage: one already decided, one never seen.
+    dead_letter(&env, &decided, "database: unreachable").await;
+    let fresh = body(&platform_gpt4("u1", "ne-fresh"));
+    dead_letter(&env, &fresh, "database: unreachable").await;
+    let balance = || async {
+        env.ledger()
+            .balance("u1", Utc::now())
+            .await
+            .expect("balance")
+    };
+    let before = balance().await;
+
+    let dry = cli_json(&env, &["dead-letters", "replay", "--all", "--dry-run"]);
+    assert_eq!(dry["would_replay"].as_array().map(Vec::len), Some(2));
+    assert_eq!(queue_depth(&env, &env.names.dead_queue).await, 2);
+    assert_eq!(env.outcome_of("ne-fresh").await, None);
+
+    let one = ["dead-letters", "replay", "--node-exec-id", "ne-fresh"];
+    let replayed = cli_json(&env, &one);
+    assert_eq!(replayed, serde_json::json!({"replayed": 1, "skipped": 1}));
+    env.wait_decisions(2, T).await;
+    assert_eq!(env.outcome_of("ne-fresh").await.as_deref(), Some("charged"));
+    assert_eq!(balance().await, before - 10);
+    assert_eq!(queue_depth(&env, &env.names.dead_queue).await, 1);
+
+    let rest = cli_json(&env, &["dead-letters", "replay", "--all"]);
+    assert_eq!(rest, serde_json::json!({"replayed": 1, "skipped": 0}));
+    let again = cli_json(&env, &["dead-letters", "replay", "--all"]);
+    assert_eq!(again, serde_json::json!({"replayed": 0, "skipped": 0}));
+    // The duplicate is consumed and changes nothing.
+    wait_for(T, "the input queue to drain", || async {
+        queue_depth(&env, &env.names.input_queue).await == 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_decided_and_charged(&env, 2).await;
+    assert_eq!(balance().await, before - 10);
+    assert_eq!(queue_depth(&env, &env.names.dead_queue).await, 0);
+    stop_audit_cleanup(env, worker).await;
+}
+
+#[tokio::test]
+async fn replay_without_a_selection_is_a_usage_error() {
+    let env = TestEnv::with(no_refill).await;
+    let out = cli(&env, &["dead-letters", "replay"]);
+    assert_eq!(out.status.code(), Some(2));
+    env.cleanup().await;
+}
