@@ -353,6 +353,9 @@ impl Written {
     }
 }
 
+/// The write statement's query with its parameters bound so far.
+type Write<'q> = sqlx::query::QueryScalar<'q, sqlx::Postgres, i64, sqlx::postgres::PgArguments>;
+
 /// Writes decisions, settlements, ledger rows, changed balances and outbox rows in one
 /// statement; returns the number of decisions and settlements inserted (fewer than given when
 /// another worker decided or settled some).
@@ -363,8 +366,6 @@ pub(crate) async fn write<'a>(
     changes: &Changes,
     at: DateTime<Utc>,
 ) -> Result<u64, sqlx::Error> {
-    let decisions = &written.decisions;
-    let st = &written.settlements;
     let dirty: Vec<&Account> = accounts.into_iter().filter(|a| a.dirty).collect();
     if written.len() == 0
         && dirty.is_empty()
@@ -373,12 +374,26 @@ pub(crate) async fn write<'a>(
     {
         return Ok(0);
     }
-    let d = decisions;
-    let t = &changes.transactions;
-    let e = &changes.events;
+    // Parameters in the statement's numbering: $1–$9 decisions, $10–$16 ledger rows,
+    // $17–$18 events, $19 the time, $20–$25 balances, $26 payloads, $27–$35 settlements,
+    // $36–$39 auto top-up state.
+    let q = bind_decisions(sqlx::query_scalar(WRITE), &written.decisions);
+    let q = bind_rows_and_events(q, changes).bind(at);
+    let q = bind_balances(q, &dirty).bind(
+        changes
+            .events
+            .iter()
+            .map(|x| x.payload.to_string())
+            .collect::<Vec<_>>(),
+    );
+    let q = bind_settlements(q, &written.settlements);
+    let decided = bind_auto_top_up(q, &dirty).fetch_one(&mut *conn).await?;
+    Ok(u64::try_from(decided).unwrap_or(0))
+}
+
+fn bind_decisions<'q>(q: Write<'q>, d: &'q [NewDecision]) -> Write<'q> {
     let col = |f: fn(&NewDecision) -> &str| d.iter().map(f).collect::<Vec<_>>();
-    let decided: i64 = sqlx::query_scalar(WRITE)
-        .bind(col(|x| &x.node_exec_id))
+    q.bind(col(|x| &x.node_exec_id))
         .bind(col(|x| &x.user_id))
         .bind(col(|x| &x.block_id))
         .bind(col(|x| &x.graph_exec_id))
@@ -391,7 +406,12 @@ pub(crate) async fn write<'a>(
                 .collect::<Vec<_>>(),
         )
         .bind(d.iter().map(|x| x.fee_key.as_deref()).collect::<Vec<_>>())
-        .bind(t.iter().map(|r| r.user_id.as_str()).collect::<Vec<_>>())
+}
+
+fn bind_rows_and_events<'q>(q: Write<'q>, changes: &'q Changes) -> Write<'q> {
+    let t = &changes.transactions;
+    let e = &changes.events;
+    q.bind(t.iter().map(|r| r.user_id.as_str()).collect::<Vec<_>>())
         .bind(t.iter().map(|r| r.seq).collect::<Vec<_>>())
         .bind(
             t.iter()
@@ -404,32 +424,39 @@ pub(crate) async fn write<'a>(
         .bind(t.iter().map(|r| &r.metadata).collect::<Vec<_>>())
         .bind(e.iter().map(|x| x.event_id.as_str()).collect::<Vec<_>>())
         .bind(e.iter().map(|x| x.routing_key).collect::<Vec<_>>())
-        .bind(at)
-        .bind(dirty.iter().map(|a| a.user_id.as_str()).collect::<Vec<_>>())
+}
+
+fn bind_balances<'q>(q: Write<'q>, dirty: &[&'q Account]) -> Write<'q> {
+    q.bind(dirty.iter().map(|a| a.user_id.as_str()).collect::<Vec<_>>())
         .bind(dirty.iter().map(|a| a.balance).collect::<Vec<_>>())
         .bind(dirty.iter().map(|a| a.last_seq).collect::<Vec<_>>())
         .bind(dirty.iter().map(|a| a.refill_month).collect::<Vec<_>>())
         .bind(dirty.iter().map(|a| a.fee_day).collect::<Vec<_>>())
         .bind(dirty.iter().map(|a| a.fee_count).collect::<Vec<_>>())
-        .bind(e.iter().map(|x| x.payload.to_string()).collect::<Vec<_>>())
-        .bind(
-            st.iter()
-                .map(|x| x.node_exec_id.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(st.iter().map(|x| x.user_id.as_str()).collect::<Vec<_>>())
-        .bind(st.iter().map(|x| x.block_id.as_str()).collect::<Vec<_>>())
-        .bind(st.iter().map(|x| x.status).collect::<Vec<_>>())
-        .bind(st.iter().map(|x| x.pre).collect::<Vec<_>>())
-        .bind(st.iter().map(|x| x.post).collect::<Vec<_>>())
-        .bind(st.iter().map(|x| x.delta).collect::<Vec<_>>())
-        .bind(st.iter().map(|x| x.uncollected).collect::<Vec<_>>())
-        .bind(
-            st.iter()
-                .map(|x| x.transaction_key.as_deref())
-                .collect::<Vec<_>>(),
-        )
-        .bind(dirty.iter().map(|a| a.auto_threshold).collect::<Vec<_>>())
+}
+
+fn bind_settlements<'q>(q: Write<'q>, st: &'q [NewSettlement]) -> Write<'q> {
+    q.bind(
+        st.iter()
+            .map(|x| x.node_exec_id.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(st.iter().map(|x| x.user_id.as_str()).collect::<Vec<_>>())
+    .bind(st.iter().map(|x| x.block_id.as_str()).collect::<Vec<_>>())
+    .bind(st.iter().map(|x| x.status).collect::<Vec<_>>())
+    .bind(st.iter().map(|x| x.pre).collect::<Vec<_>>())
+    .bind(st.iter().map(|x| x.post).collect::<Vec<_>>())
+    .bind(st.iter().map(|x| x.delta).collect::<Vec<_>>())
+    .bind(st.iter().map(|x| x.uncollected).collect::<Vec<_>>())
+    .bind(
+        st.iter()
+            .map(|x| x.transaction_key.as_deref())
+            .collect::<Vec<_>>(),
+    )
+}
+
+fn bind_auto_top_up<'q>(q: Write<'q>, dirty: &[&'q Account]) -> Write<'q> {
+    q.bind(dirty.iter().map(|a| a.auto_threshold).collect::<Vec<_>>())
         .bind(dirty.iter().map(|a| a.auto_amount).collect::<Vec<_>>())
         .bind(dirty.iter().map(|a| a.auto_requests).collect::<Vec<_>>())
         .bind(
@@ -438,7 +465,4 @@ pub(crate) async fn write<'a>(
                 .map(|a| a.auto_requested_at)
                 .collect::<Vec<_>>(),
         )
-        .fetch_one(&mut *conn)
-        .await?;
-    Ok(u64::try_from(decided).unwrap_or(0))
 }
