@@ -28,6 +28,7 @@ use crate::ledger::account::RefillPolicy;
 use crate::ledger::audit::AuditReport;
 use crate::ledger::month::Month;
 use crate::ledger::sweep::SweepReport;
+use crate::ledger::TxType;
 use crate::tools::scratch::Scratch;
 
 /// The demo's monthly allowance: small, so one user runs out within a few executions (a revid
@@ -302,6 +303,18 @@ struct DeadLetter {
     reason: String,
 }
 
+/// An auto top-up request the demo's payment side fulfilled (twice: the retry changes nothing).
+#[derive(Debug, Serialize)]
+struct AutoTopUpRow {
+    request_id: String,
+    user_id: String,
+    amount: i64,
+    balance_at_request: i64,
+    applied: bool,
+    applied_again: bool,
+    balance: i64,
+}
+
 #[derive(Debug, Serialize)]
 struct Report {
     namespace: String,
@@ -312,6 +325,7 @@ struct Report {
     balances: Vec<BalanceRow>,
     decisions: Vec<DecisionRow>,
     settlements: Vec<SettlementRow>,
+    auto_top_ups: Vec<AutoTopUpRow>,
     refill: SweepReport,
     /// After next month's refill sweep.
     balances_after_refill: Vec<BalanceRow>,
@@ -424,10 +438,17 @@ async fn drive(
 ) -> anyhow::Result<Report> {
     let steps = script();
     let done = completions();
+    let ledger = crate::ledger::Ledger::new(pool.clone(), demo.ledger_policy());
+    // alice asks for 200 credits whenever her balance falls below 690.
+    ledger
+        .set_auto_top_up("alice", Some((690, 200)), chrono::Utc::now())
+        .await?;
     let published = publish_script(demo, &steps, &done).await?;
     wait_until_settled(pool, steps.len(), done.len()).await?;
     let decisions = read_decisions(pool, &steps).await?;
     let settlements = read_settlements(pool, &done).await?;
+    let auto_top_ups = fulfil_top_up_requests(&ledger, pool).await?;
+    wait_until_settled(pool, steps.len(), done.len()).await?;
     let balances = read_balances(pool).await?;
     // Next month's refill tops every account, carol's debt included, back up to the target.
     let refill = crate::ledger::sweep::sweep(
@@ -466,12 +487,49 @@ async fn drive(
         balances,
         decisions,
         settlements,
+        auto_top_ups,
         refill,
         balances_after_refill,
         events,
         dead_letters,
         audit,
     })
+}
+
+/// The payment side: every `top_up.requested` is answered with a `top_up` keyed by its
+/// `request_id`, twice (a retry), which the key makes harmless.
+async fn fulfil_top_up_requests(
+    ledger: &crate::ledger::Ledger,
+    pool: &PgPool,
+) -> anyhow::Result<Vec<AutoTopUpRow>> {
+    let requests: Vec<(String, String, i64, i64)> = sqlx::query_as(
+        "SELECT payload->>'request_id', payload->>'user_id', (payload->>'amount')::int8,
+                (payload->>'balance')::int8
+           FROM credit.outbox WHERE routing_key = 'top_up.requested' ORDER BY id",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut rows = Vec::with_capacity(requests.len());
+    for (request_id, user_id, amount, balance_at_request) in requests {
+        let now = chrono::Utc::now();
+        let key = Some(request_id.as_str());
+        let first = ledger
+            .credit(TxType::TopUp, &user_id, amount, key, None, now)
+            .await?;
+        let again = ledger
+            .credit(TxType::TopUp, &user_id, amount, key, None, now)
+            .await?;
+        rows.push(AutoTopUpRow {
+            request_id,
+            user_id,
+            amount,
+            balance_at_request,
+            applied: first.applied,
+            applied_again: again.applied,
+            balance: again.balance,
+        });
+    }
+    Ok(rows)
 }
 
 /// Publishes the script the way the executor would, plus a duplicate delivery and an invalid
@@ -767,6 +825,20 @@ fn print_human(r: &Report) {
         );
     }
 
+    println!("\nAuto top-up (alice: 200 credits when below 690; the payment side answers twice)");
+    for t in &r.auto_top_ups {
+        println!(
+            "  {}  {} requested {} at balance {}: applied {}, again {}, balance now {}",
+            t.request_id,
+            t.user_id,
+            t.amount,
+            t.balance_at_request,
+            t.applied,
+            t.applied_again,
+            t.balance
+        );
+    }
+
     println!(
         "\nRefill sweep for {}: {} users topped up to {}, {} credits granted",
         r.refill.month,
@@ -845,6 +917,19 @@ fn event_summary(routing_key: &str, body: &Value) -> String {
             "balance {} fell below threshold {}",
             num("balance"),
             num("threshold")
+        ),
+        crate::events::TOP_UP_REQUESTED => format!(
+            "{}: {} credits asked for, balance {} below {}",
+            text("request_id"),
+            num("amount"),
+            num("balance"),
+            num("threshold")
+        ),
+        crate::events::CHARGE_UNCOLLECTED => format!(
+            "{}: {} credits not collected, balance {}",
+            text("node_exec_id"),
+            num("amount"),
+            num("balance")
         ),
         _ => body.to_string(),
     }
