@@ -66,7 +66,7 @@ pub async fn connect_and_migrate(settings: &DatabaseSettings) -> Result<PgPool, 
 /// 42 syntax/undefined object, 2B/P0 raised by our triggers, and decode failures); lost or
 /// refused connections, a database not accepting connections, deadlocks, timeouts and
 /// shutdowns all clear by themselves, so the work is retried rather than given up.
-pub(crate) fn is_transient(e: &sqlx::Error) -> bool {
+pub fn is_transient(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Database(db) => !db.code().is_some_and(|c| {
             ["22", "23", "42", "2B", "P0"]
@@ -81,8 +81,23 @@ pub(crate) fn is_transient(e: &sqlx::Error) -> bool {
         | sqlx::Error::ColumnDecode { .. }
         | sqlx::Error::Decode(_)
         | sqlx::Error::Encode(_)
-        | sqlx::Error::Migrate(_) => false,
+        | sqlx::Error::Migrate(_)
+        | sqlx::Error::Tls(_) => false,
+        // A certificate that does not verify (rustls reports it as invalid data) will not
+        // verify on the next attempt either.
+        sqlx::Error::Io(io) => io.kind() != std::io::ErrorKind::InvalidData,
         _ => true,
+    }
+}
+
+/// True when the server's TLS certificate did not verify (`sslmode=verify-ca|verify-full`).
+pub(crate) fn is_certificate_error(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(io) => {
+            io.kind() == std::io::ErrorKind::InvalidData && io.to_string().contains("certificate")
+        }
+        sqlx::Error::Tls(t) => t.to_string().contains("certificate"),
+        _ => false,
     }
 }
 

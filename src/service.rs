@@ -52,6 +52,12 @@ pub(crate) async fn connect_db(
                     anyhow::bail!("stopped before the database was reachable");
                 }
             }
+            Err(e) if crate::db::is_certificate_error(&e) => {
+                return Err(anyhow::anyhow!(
+                    "database.url: the server's TLS certificate does not verify ({e}); with \
+                     sslmode=verify-ca or verify-full, sslrootcert must name the CA that signed it"
+                ))
+            }
             Err(e) => return Err(anyhow::anyhow!("database: {e}")),
         }
     }

@@ -13,3 +13,4 @@ mod faults;
 mod ledger;
 mod operations;
 mod properties;
+mod tls;
