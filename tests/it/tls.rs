@@ -54,3 +54,126 @@ async fn the_worker_refuses_to_start_on_an_unverifiable_certificate() {
     assert!(err.contains("sslrootcert"), "{err}");
     env.cleanup().await;
 }
+
+/// Where the test CA and the server certificate it signs live: beside the server's data, owned
+/// by the server's user, and kept (a server restarted after a killed test still finds them).
+const TLS_DIR: &str = "/var/lib/postgresql/credit-worker-test-tls";
+
+/// Puts the local server on a certificate signed by a CA made here, and back on drop.
+struct ServerCertificate {
+    admin_url: String,
+}
+
+impl ServerCertificate {
+    /// None when the server is not on this machine or the tools are missing.
+    async fn install(admin_url: &str) -> Option<ServerCertificate> {
+        let dir = std::path::Path::new(TLS_DIR);
+        std::fs::create_dir_all(dir).ok()?;
+        let sh = |script: &str| {
+            std::process::Command::new("sh")
+                .arg("-c")
+                .arg(script)
+                .current_dir(dir)
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false)
+        };
+        let made = sh(
+            "openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 \
+               -subj /CN=credit-worker-test-ca 2>/dev/null && \
+             openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr \
+               -subj /CN=localhost 2>/dev/null && \
+             printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\\n' > san.ext && \
+             openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
+               -out server.pem -days 2 -extfile san.ext 2>/dev/null && \
+             openssl req -x509 -newkey rsa:2048 -nodes -keyout other.key -out other.pem \
+               -days 2 -subj /CN=some-other-ca 2>/dev/null && \
+             chown postgres server.key server.pem && chmod 600 server.key",
+        );
+        if !made {
+            return None;
+        }
+        let admin = sqlx::PgPool::connect(admin_url).await.ok()?;
+        for sql in [
+            format!("ALTER SYSTEM SET ssl_cert_file = '{TLS_DIR}/server.pem'"),
+            format!("ALTER SYSTEM SET ssl_key_file = '{TLS_DIR}/server.key'"),
+            "SELECT pg_reload_conf()".to_owned(),
+        ] {
+            sqlx::query(&sql).execute(&admin).await.ok()?;
+        }
+        admin.close().await;
+        Some(ServerCertificate {
+            admin_url: admin_url.to_owned(),
+        })
+    }
+}
+
+impl Drop for ServerCertificate {
+    fn drop(&mut self) {
+        let url = self.admin_url.clone();
+        // Drop cannot await; the server must get its own certificate back even on a panic.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let admin = sqlx::PgPool::connect(&url).await?;
+                for sql in [
+                    "ALTER SYSTEM RESET ssl_cert_file",
+                    "ALTER SYSTEM RESET ssl_key_file",
+                    "SELECT pg_reload_conf()",
+                ] {
+                    sqlx::query(sql).execute(&admin).await?;
+                }
+                admin.close().await;
+                Ok::<_, sqlx::Error>(())
+            })
+            .map_err(std::io::Error::other)
+        })
+        .join();
+    }
+}
+
+/// verify-full against a certificate signed by a CA given in `sslrootcert` connects; the
+/// same with a CA that did not sign it is refused.
+#[tokio::test]
+async fn verify_full_with_the_signing_ca_connects_and_with_another_is_refused() {
+    let env = TestEnv::new().await;
+    let admin_url = match env.settings.database.url.rsplit_once('/') {
+        Some((base, _)) => format!("{base}/postgres"),
+        None => panic!("database url without a name"),
+    };
+    let local = admin_url.contains("@127.0.0.1") || admin_url.contains("@localhost");
+    let Some(_cert) = (if local {
+        ServerCertificate::install(&admin_url).await
+    } else {
+        None
+    }) else {
+        eprintln!("skipped: the server is not on this machine, or openssl is missing");
+        env.cleanup().await;
+        return;
+    };
+    let good = settings(
+        &env,
+        &format!("sslmode=verify-full&sslrootcert={TLS_DIR}/ca.pem"),
+    );
+    // The reload is asynchronous: new sessions get the new certificate shortly.
+    wait_for(
+        std::time::Duration::from_secs(20),
+        "the new certificate",
+        || {
+            let good = good.clone();
+            async move { credit_worker::db::connect_and_migrate(&good).await.is_ok() }
+        },
+    )
+    .await;
+    let other = settings(
+        &env,
+        &format!("sslmode=verify-full&sslrootcert={TLS_DIR}/other.pem"),
+    );
+    let err = credit_worker::db::connect_and_migrate(&other)
+        .await
+        .expect_err("a CA that did not sign the server's certificate");
+    assert!(err.to_string().contains("certificate"), "{err}");
+    env.cleanup().await;
+}
