@@ -332,3 +332,64 @@ async fn missed_tick_is_caught_up_exactly_once_at_start() {
     env.assert_audit_clean().await;
     env.cleanup().await;
 }
+
+/// Passwords in the URLs never reach the log, also when connecting fails over and over.
+#[tokio::test]
+async fn passwords_in_urls_stay_out_of_the_log() {
+    use std::io::BufRead;
+    let env = TestEnv::with(quiet_scheduler).await;
+    let db_url = env
+        .settings
+        .database
+        .url
+        .replacen("://root@", "://root:pg-s3cret@", 1);
+    assert!(db_url.contains("pg-s3cret"), "{db_url}");
+    let mut vars = env.process_env();
+    vars.push(("DATABASE_URL".into(), db_url));
+    // A broker that is not there: the consumer, relay and control sessions fail and retry.
+    vars.push((
+        "AMQP_URL".into(),
+        "amqp://guest:mq-s3cret@127.0.0.1:1/%2f".into(),
+    ));
+    vars.push(("RUST_LOG".into(), "info".into()));
+    let mut child = std::process::Command::new(binary())
+        .arg("run")
+        .env_remove("CREDIT_WORKER_CONFIG")
+        .envs(vars)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut lines = Vec::new();
+    let deadline = std::time::Instant::now() + T;
+    // Until every broker session has failed at least twice.
+    while ["consumer", "outbox relay", "control"].iter().any(|s| {
+        lines
+            .iter()
+            .filter(|l: &&String| l.contains("reconnecting") && l.contains(&format!("\"{s}\"")))
+            .count()
+            < 2
+    }) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => lines.push(line),
+            Err(_) => panic!("the sessions did not retry in time:\n{}", lines.join("\n")),
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    for line in &lines {
+        assert!(!line.contains("s3cret"), "a password in the log: {line}");
+    }
+    env.cleanup().await;
+}
