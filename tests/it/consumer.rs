@@ -617,7 +617,10 @@ async fn sigkill_between_starts_and_completions_settles_everything_once() {
         wait_count(&env, T, "settlements", settled, &[""], |c| c >= target).await;
         w.kill9();
     }
-    let mut w = WorkerProcess::spawn(&env_vars, &["run"]);
+    // This one may find everything settled already: it is sent SIGTERM only once it is
+    // ready, so the signal cannot arrive before the worker handles it.
+    let (mut w, port) = WorkerProcess::spawn_with_http(&env_vars, &["run"]);
+    wait_status(T, port, "/readyz", 200).await;
     wait_count(
         &env,
         Duration::from_secs(60),
