@@ -67,6 +67,10 @@ pub struct AmqpSettings {
     pub prefetch: u16,
     pub queue_type: QueueType,
     pub delivery_limit: u32,
+    /// AMQP users (the broker-verified `user_id` property) whose node executions are billed;
+    /// empty: any producer.
+    #[serde(deserialize_with = "list_or_csv")]
+    pub allowed_producers: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -25,7 +25,7 @@ use crate::amqp::topology::{self, Names};
 use crate::amqp::{self, Outgoing, PublishError, Publisher};
 use crate::config::Settings;
 use crate::telemetry::Health;
-use process::{process_batch, Action, DbDecider};
+use process::{process_batch, producer_refusal, Action, DbDecider, MessageIds};
 
 /// Header naming why a message was dead-lettered.
 pub const ERROR_HEADER: &str = "x-credit-error";
@@ -232,10 +232,18 @@ impl Consumer {
     ) -> Result<bool, SessionError> {
         let started = Instant::now();
         metrics::histogram!("credit_batch_size").record(batch.len() as f64);
-        let bodies: Vec<&[u8]> = batch.iter().map(|d| d.data.as_slice()).collect();
-        let Some(actions) = process_batch(&self.decider, &bodies, stop).await else {
+        // Messages of producers that may not bill are dead-lettered unread.
+        let refused = self.refusals(batch);
+        let bodies: Vec<&[u8]> = batch
+            .iter()
+            .zip(&refused)
+            .filter(|(_, r)| r.is_none())
+            .map(|(d, _)| d.data.as_slice())
+            .collect();
+        let Some(decided) = process_batch(&self.decider, &bodies, stop).await else {
             return Ok(false);
         };
+        let actions = merge_actions(batch, refused, decided)?;
         metrics::histogram!("credit_decide_transaction_seconds")
             .record(started.elapsed().as_secs_f64());
         for (d, (action, ids)) in batch.iter().zip(&actions) {
@@ -260,6 +268,41 @@ impl Consumer {
         metrics::histogram!("credit_decide_seconds").record(started.elapsed().as_secs_f64());
         Ok(true)
     }
+}
+
+impl Consumer {
+    /// Per delivery, why its producer may not bill (`amqp.allowed_producers`), if so.
+    fn refusals(&self, batch: &[Delivery]) -> Vec<Option<String>> {
+        let allowed = &self.settings.amqp.allowed_producers;
+        batch
+            .iter()
+            .map(|d| {
+                let producer = d.properties.user_id().as_ref().map(|u| u.as_str());
+                producer_refusal(allowed, producer)
+            })
+            .collect()
+    }
+}
+
+/// One action per delivery, in order: the refused ones dead-lettered, the rest as decided.
+fn merge_actions(
+    batch: &[Delivery],
+    refused: Vec<Option<String>>,
+    decided: Vec<(Action, MessageIds)>,
+) -> Result<Vec<(Action, MessageIds)>, SessionError> {
+    let mut decided = decided.into_iter();
+    batch
+        .iter()
+        .zip(refused)
+        .map(|(d, r)| match r {
+            Some(reason) => {
+                metrics::counter!("credit_producers_refused_total").increment(1);
+                Ok((Action::DeadLetter { reason }, MessageIds::peek(&d.data)))
+            }
+            // Processing returns one action per body; a missing one must not be acked.
+            None => decided.next().ok_or(SessionError::DeciderGone),
+        })
+        .collect()
 }
 
 /// Republishes the delivery unchanged to the dead-letter exchange with the reason added, and

@@ -63,6 +63,25 @@ impl MessageIds {
     }
 }
 
+/// Why a message from `producer` (its broker-verified AMQP `user_id`) is not billed: when
+/// `allowed` is not empty, only the producers it names are.
+pub fn producer_refusal(allowed: &[String], producer: Option<&str>) -> Option<String> {
+    if allowed.is_empty() {
+        return None;
+    }
+    match producer {
+        Some(p) if allowed.iter().any(|a| a == p) => None,
+        Some(p) => Some(format!(
+            "user_id: producer {p:?} is not in amqp.allowed_producers"
+        )),
+        None => Some(
+            "user_id: the message has no user_id property; amqp.allowed_producers cannot be \
+             checked"
+                .into(),
+        ),
+    }
+}
+
 /// Decides entries in one transaction (the database in production, memory in tests).
 pub(crate) trait Decider: Send + Sync {
     fn decide(
@@ -335,6 +354,19 @@ mod tests {
         Action::DeadLetter {
             reason: reason.into(),
         }
+    }
+
+    #[test]
+    fn only_allowed_producers_are_billed() {
+        let allowed = vec!["executor".to_owned()];
+        assert_eq!(producer_refusal(&[], Some("anyone")), None);
+        assert_eq!(producer_refusal(&[], None), None);
+        assert_eq!(producer_refusal(&allowed, Some("executor")), None);
+        assert_eq!(
+            producer_refusal(&allowed, Some("mallory")).as_deref(),
+            Some("user_id: producer \"mallory\" is not in amqp.allowed_producers")
+        );
+        assert!(producer_refusal(&allowed, None).is_some());
     }
 
     #[tokio::test]

@@ -825,32 +825,7 @@ fn print_human(r: &Report) {
         );
     }
 
-    println!("\nAuto top-up (alice: 200 credits when below 690; the payment side answers twice)");
-    for t in &r.auto_top_ups {
-        println!(
-            "  {}  {} requested {} at balance {}: applied {}, again {}, balance now {}",
-            t.request_id,
-            t.user_id,
-            t.amount,
-            t.balance_at_request,
-            t.applied,
-            t.applied_again,
-            t.balance
-        );
-    }
-
-    println!(
-        "\nRefill sweep for {}: {} users topped up to {}, {} credits granted",
-        r.refill.month,
-        r.refill.users_refilled,
-        r.settings
-            .get("refill.target")
-            .and_then(Value::as_i64)
-            .unwrap_or_default(),
-        r.refill.credits_granted
-    );
-    println!("Balances after the refill");
-    print_balances(&r.balances_after_refill);
+    print_top_ups_and_refill(r);
 
     println!("\nEvents on {}credit.events", r.namespace);
     println!("  {:<16} {:<6} summary", "routing key", "user");
@@ -878,6 +853,36 @@ fn print_human(r: &Report) {
         )
     );
     println!("\nscratch database and namespace removed");
+}
+
+/// The payment side's answers to auto top-up requests, then next month's refill.
+fn print_top_ups_and_refill(r: &Report) {
+    println!("\nAuto top-up (alice: 200 credits when below 690; the payment side answers twice)");
+    for t in &r.auto_top_ups {
+        println!(
+            "  {}  {} requested {} at balance {}: applied {}, again {}, balance now {}",
+            t.request_id,
+            t.user_id,
+            t.amount,
+            t.balance_at_request,
+            t.applied,
+            t.applied_again,
+            t.balance
+        );
+    }
+
+    println!(
+        "\nRefill sweep for {}: {} users topped up to {}, {} credits granted",
+        r.refill.month,
+        r.refill.users_refilled,
+        r.settings
+            .get("refill.target")
+            .and_then(Value::as_i64)
+            .unwrap_or_default(),
+        r.refill.credits_granted
+    );
+    println!("Balances after the refill");
+    print_balances(&r.balances_after_refill);
 }
 
 fn print_balances(rows: &[BalanceRow]) {

@@ -648,3 +648,61 @@ async fn sigkill_between_starts_and_completions_settles_everything_once() {
     env.cleanup().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// With `amqp.allowed_producers`, only messages whose broker-verified `user_id` is listed are
+/// billed; the others are dead-lettered with the producer named and change nothing.
+#[tokio::test]
+async fn only_allowed_producers_are_billed() {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    use lapin::BasicProperties;
+
+    let env = TestEnv::with(|s| {
+        no_refill(s);
+        s.amqp.allowed_producers = vec!["guest".into()];
+    })
+    .await;
+    seed(&env, ["prod"], 100).await;
+    let worker = Worker::start(env.settings.clone()).await.unwrap();
+    let (_conn, ch) = env.amqp_channel().await;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let publish = |id: &str, user_id: Option<&str>| {
+        let mut props = BasicProperties::default().with_delivery_mode(2);
+        if let Some(u) = user_id {
+            props = props.with_user_id(u.into());
+        }
+        let ch = ch.clone();
+        let queue = env.names.input_queue.clone();
+        let b = body(&platform_gpt4("prod", id));
+        async move {
+            ch.basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                BasicPublishOptions::default(),
+                &b,
+                props,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap()
+        }
+    };
+    // RabbitMQ checks the user_id property against the connection's user (guest here).
+    publish("from-guest", Some("guest")).await;
+    publish("anonymous", None).await;
+    let dead = env.dead_letters(1).await;
+    assert_eq!(
+        dead[0].1,
+        "user_id: the message has no user_id property; amqp.allowed_producers cannot be checked"
+    );
+    env.wait_decisions(1, T).await;
+    assert_eq!(
+        env.outcome_of("from-guest").await.as_deref(),
+        Some("charged")
+    );
+    assert_eq!(env.outcome_of("anonymous").await, None);
+    assert_eq!(env.ledger().balance("prod", Utc::now()).await.unwrap(), 90);
+    stop_audit_cleanup(env, worker).await;
+}
