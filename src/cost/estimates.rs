@@ -24,11 +24,7 @@ impl Estimates {
     }
 
     pub fn load(path: &Path) -> Result<Self, CostError> {
-        let origin = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| CostError::Read {
-            origin: origin.clone(),
-            source,
-        })?;
+        let (text, origin) = super::read_file(path)?;
         Self::from_json_str(&text, &origin)
     }
 

@@ -157,11 +157,7 @@ impl CostTable {
 
     /// Reads and validates the table at `path`.
     pub fn load(path: &Path) -> Result<Self, CostError> {
-        let origin = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| CostError::Read {
-            origin: origin.clone(),
-            source,
-        })?;
+        let (text, origin) = read_file(path)?;
         Self::from_toml_str(&text, &origin)
     }
 
@@ -282,6 +278,15 @@ impl CostTable {
     /// Number of blocks with an entry list.
     pub(crate) fn block_count(&self) -> usize {
         self.blocks.len()
+    }
+}
+
+/// A file's text and its path as named in errors.
+fn read_file(path: &Path) -> Result<(String, String), CostError> {
+    let origin = path.display().to_string();
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok((text, origin)),
+        Err(source) => Err(CostError::Read { origin, source }),
     }
 }
 

@@ -48,18 +48,9 @@ pub(crate) fn apply(
     rules: &Pricing,
     now: DateTime<Utc>,
 ) -> Result<NewDecision, LedgerError> {
-    let saved = (
-        account.clone(),
-        changes.transactions.len(),
-        changes.events.len(),
-    );
-    let result = apply_unchecked(account, changes, e, price, rules, now);
-    if result.is_err() {
-        *account = saved.0;
-        changes.transactions.truncate(saved.1);
-        changes.events.truncate(saved.2);
-    }
-    result
+    atomically(account, changes, |account, changes| {
+        apply_unchecked(account, changes, e, price, rules, now)
+    })
 }
 
 fn apply_unchecked(

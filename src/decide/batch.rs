@@ -84,6 +84,11 @@ impl<'a> Batch<'a> {
         set.into_iter().collect()
     }
 
+    /// Whether any pending entry is a completion (only those need earlier settlements).
+    pub fn has_completions(&self) -> bool {
+        self.pending().any(|e| e.phase == Phase::Completed)
+    }
+
     /// Stage 3 (after the look-ups): a start decided before and a completion settled before
     /// are duplicates; earlier decisions are kept for the settlements.
     pub fn mark_earlier(&mut self, decided: Vec<EarlierDecision>, settled: &[EarlierSettlement]) {

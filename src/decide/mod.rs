@@ -108,7 +108,12 @@ pub async fn decide_batch(
     let mut accounts = store::lock_accounts(&mut tx, &users).await?;
     let ids = batch.pending_ids();
     let decided = store::earlier_decisions(&mut tx, &ids).await?;
-    let settled = store::earlier_settlements(&mut tx, &ids).await?;
+    // A batch of starts only (the common case) needs no settlement look-up.
+    let settled = if batch.has_completions() {
+        store::earlier_settlements(&mut tx, &ids).await?
+    } else {
+        Vec::new()
+    };
     batch.mark_earlier(decided, &settled);
     let writes = batch.apply(&mut accounts, pricing, now);
     let inserted = store::write(
