@@ -71,6 +71,10 @@ pub struct AmqpSettings {
     /// empty: any producer.
     #[serde(deserialize_with = "list_or_csv")]
     pub allowed_producers: Vec<String>,
+    /// The CA that signs the broker's certificate (`amqps://`), besides the system's roots;
+    /// `""` in a file or the environment: none.
+    #[serde(deserialize_with = "empty_or_path", serialize_with = "none_as_empty")]
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -368,6 +372,10 @@ impl Settings {
         if self.amqp.url.is_empty() {
             return bad("amqp.url", "must not be empty");
         }
+        if let Some(path) = &self.amqp.tls_ca_file {
+            crate::amqp::read_ca_file(path)
+                .map_err(|why| ConfigError::Invalid(format!("amqp.tls_ca_file: {why}")))?;
+        }
         Ok(())
     }
 
@@ -493,6 +501,35 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("amqp.queue_type"), "{e}");
+    }
+
+    #[test]
+    fn a_broker_ca_file_must_hold_a_certificate() {
+        let load = |path: &str| {
+            Settings::load_from(None, &env(&[("CREDIT_WORKER__AMQP__TLS_CA_FILE", path)]))
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(load("").unwrap().amqp.tls_ca_file, None);
+        let e = load("/nonexistent/ca.pem").unwrap_err();
+        assert!(
+            e.starts_with("config: amqp.tls_ca_file: cannot read /nonexistent/ca.pem"),
+            "{e}"
+        );
+        let dir = std::env::temp_dir().join(format!("credit-worker-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "no certificate here\n").unwrap();
+        let e = load(empty.to_str().unwrap()).unwrap_err();
+        assert!(e.ends_with("empty.pem holds no PEM certificate"), "{e}");
+        let broken = dir.join("broken.pem");
+        std::fs::write(
+            &broken,
+            "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let e = load(broken.to_str().unwrap()).unwrap_err();
+        assert!(e.contains("broken.pem is not PEM"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

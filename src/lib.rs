@@ -17,6 +17,7 @@ pub mod events;
 pub mod ledger;
 pub mod message;
 pub mod outbox;
+pub(crate) mod redact;
 pub mod refill;
 pub mod retry;
 pub mod service;

@@ -63,6 +63,28 @@ pub(crate) async fn connect_db(
     }
 }
 
+/// An `amqps://` broker whose certificate does not verify stops the start, as the database's
+/// does: no retry will fix it. An unreachable broker does not; the sessions retry.
+async fn check_broker_certificate(amqp: &crate::config::AmqpSettings) -> anyhow::Result<()> {
+    if !amqp.url.to_ascii_lowercase().starts_with("amqps://") {
+        return Ok(());
+    }
+    match crate::amqp::connect(amqp, "credit-worker certificate check").await {
+        Ok(conn) => {
+            let _ = conn.close(200, "checked".into()).await;
+            Ok(())
+        }
+        Err(e) if crate::amqp::is_certificate_error(&e) => Err(anyhow::anyhow!(
+            "amqp.url: the broker's TLS certificate does not verify ({e}); amqp.tls_ca_file must \
+             name the CA that signed it, and the URL's host must be a name in the certificate"
+        )),
+        Err(e) => {
+            warn!(error = %e, "broker unreachable at start; retrying in the background");
+            Ok(())
+        }
+    }
+}
+
 fn is_migrate_io(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Migrate(m) if matches!(**m, sqlx::migrate::MigrateError::Execute(ref inner) if crate::db::is_transient(inner)))
 }
@@ -102,6 +124,12 @@ impl Worker {
         crate::telemetry::metrics_handle();
         let costs = load_costs(&settings)?;
         info!(blocks = costs.block_count(), "cost table loaded");
+        info!(
+            database = %crate::redact::url(&settings.database.url),
+            broker = %crate::redact::url(&settings.amqp.url),
+            "connecting"
+        );
+        check_broker_certificate(&settings.amqp).await?;
         let schedule = settings.refill.schedule.parsed().clone();
         let http = bind_http(&settings).await?;
         let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());

@@ -5,29 +5,74 @@ pub mod publisher;
 pub(crate) mod session;
 pub mod topology;
 
+use std::path::Path;
 use std::time::Duration;
 
+use lapin::tcp::OwnedTLSConfig;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
+
+use crate::config::AmqpSettings;
 
 pub use publisher::{Outgoing, PublishError, Publisher};
 pub(crate) use session::reconnecting;
 
-/// How long one connection attempt may take (TCP and the AMQP handshake): a peer that accepts
-/// TCP but never answers AMQP must not hang a session forever.
+/// How long one connection attempt may take (TCP, TLS and the AMQP handshake): a peer that
+/// accepts TCP but never answers AMQP must not hang a session forever.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// Opens a connection on the current tokio runtime, giving up after
-/// [`CONNECT_TIMEOUT`]. lapin's own automatic recovery stays off: the session
-/// loops reconnect, re-declare and re-apply `basic_qos` themselves.
-pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> {
+/// Opens a connection to `amqp.url` on the current tokio runtime, giving up after
+/// [`CONNECT_TIMEOUT`]. `amqps://` URLs verify the broker's certificate against the system's
+/// roots and `amqp.tls_ca_file`. lapin's own automatic recovery stays off: the session loops
+/// reconnect, re-declare and re-apply `basic_qos` themselves.
+pub async fn connect(amqp: &AmqpSettings, name: &str) -> Result<Connection, lapin::Error> {
+    let tls = OwnedTLSConfig {
+        identity: None,
+        cert_chain: match &amqp.tls_ca_file {
+            // Read on every connect, so a rotated CA file is picked up by the next reconnect.
+            Some(path) => Some(read_ca_file(path).map_err(|why| {
+                lapin::Error::from(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("amqp.tls_ca_file: {why}"),
+                ))
+            })?),
+            None => None,
+        },
+    };
     let props = ConnectionProperties::default().with_connection_name(name.into());
+    let runtime = lapin::runtime::default_runtime()?;
     let timeout = CONNECT_TIMEOUT;
-    match tokio::time::timeout(timeout, Connection::connect(url, props)).await {
+    let connecting = Connection::connect_with_config(&amqp.url, props, tls, runtime);
+    match tokio::time::timeout(timeout, connecting).await {
         Ok(result) => result,
         Err(_) => Err(lapin::Error::from(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
             format!("AMQP connect timed out after {timeout:?}"),
         ))),
+    }
+}
+
+/// The PEM text of a CA file, checked to hold at least one certificate that parses.
+pub(crate) fn read_ca_file(path: &Path) -> Result<String, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::CertificateDer;
+    let shown = path.display();
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
+    let certs = CertificateDer::pem_slice_iter(text.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{shown} is not PEM: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!("{shown} holds no PEM certificate"));
+    }
+    Ok(text)
+}
+
+/// True when the broker's TLS certificate did not verify: retrying will not help.
+pub(crate) fn is_certificate_error(e: &lapin::Error) -> bool {
+    match e.kind() {
+        lapin::ErrorKind::IOError(io) => {
+            io.kind() == std::io::ErrorKind::InvalidData && io.to_string().contains("certificate")
+        }
+        _ => false,
     }
 }
 

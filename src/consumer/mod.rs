@@ -71,7 +71,7 @@ impl Consumer {
 
     async fn open(&self) -> Result<Session, lapin::Error> {
         let amqp = &self.settings.amqp;
-        let conn = crate::amqp::connect(&amqp.url, "credit-worker consumer").await?;
+        let conn = crate::amqp::connect(amqp, "credit-worker consumer").await?;
         let ch = conn.create_channel().await?;
         let names = topology::declare(&ch, amqp).await?;
         // Applied on every (re)connect: prefetch is per channel.

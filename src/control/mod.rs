@@ -209,7 +209,7 @@ pub(crate) async fn serve(settings: Arc<Settings>, ledger: Ledger, stop: Cancell
 
 async fn session(ctx: &Context, stop: &CancellationToken) -> Result<(), SessionError> {
     let amqp = &ctx.settings.amqp;
-    let conn = crate::amqp::connect(&amqp.url, "credit-worker control").await?;
+    let conn = crate::amqp::connect(amqp, "credit-worker control").await?;
     let ch = conn.create_channel().await?;
     let names = topology::declare(&ch, amqp).await?;
     ch.basic_qos(PREFETCH, BasicQosOptions::default()).await?;

@@ -71,7 +71,7 @@ struct Session {
 
 impl Session {
     async fn open(settings: &Settings) -> anyhow::Result<Session> {
-        let conn = crate::amqp::connect(&settings.amqp.url, "credit-worker dead-letters").await?;
+        let conn = crate::amqp::connect(&settings.amqp, "credit-worker dead-letters").await?;
         let publisher = Publisher::open(&conn).await?;
         let names = topology::declare(publisher.channel(), &settings.amqp).await?;
         let reader = conn.create_channel().await?;

@@ -375,7 +375,7 @@ async fn scenario(demo: &Settings, names: &Names, db_name: &str) -> anyhow::Resu
     // leaving the in-process worker retrying forever.
     let conn = tokio::time::timeout(
         STAGE_TIMEOUT,
-        crate::amqp::connect(&demo.amqp.url, "credit-worker demo"),
+        crate::amqp::connect(&demo.amqp, "credit-worker demo"),
     )
     .await
     .map_err(|_| anyhow!("amqp.url: the broker did not answer in time"))?

@@ -199,7 +199,7 @@ impl TestEnv {
     }
 
     pub async fn amqp_channel(&self) -> (lapin::Connection, lapin::Channel) {
-        let conn = credit_worker::amqp::connect(&self.settings.amqp.url, "test")
+        let conn = credit_worker::amqp::connect(&self.settings.amqp, "test")
             .await
             .expect("amqp");
         let ch = conn.create_channel().await.expect("channel");
@@ -387,7 +387,10 @@ async fn drop_databases(admin_url: &str, names: &[String]) {
 
 /// Deletes the queues and exchanges; failures are ignored.
 async fn delete_broker_objects(amqp_url: &str, queues: &[&str], exchanges: &[&str]) {
-    let Ok(conn) = credit_worker::amqp::connect(amqp_url, "test cleanup").await else {
+    let Ok(settings) = Settings::load_from(None, &[("AMQP_URL".into(), amqp_url.into())]) else {
+        return;
+    };
+    let Ok(conn) = credit_worker::amqp::connect(&settings.amqp, "test cleanup").await else {
         return;
     };
     // A failed deletion closes its channel: each gets a fresh one.

@@ -5,6 +5,8 @@ mod helpers;
 
 mod fixtures;
 
+mod access;
+mod amqps;
 mod consumer;
 mod control;
 mod dead_letters;

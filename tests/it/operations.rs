@@ -391,5 +391,15 @@ async fn passwords_in_urls_stay_out_of_the_log() {
     for line in &lines {
         assert!(!line.contains("s3cret"), "a password in the log: {line}");
     }
+    // Where the worker says what it connects to, the passwords are masked.
+    let connecting = lines
+        .iter()
+        .find(|l| l.contains("connecting"))
+        .unwrap_or_else(|| panic!("no start-up line naming the URLs:\n{}", lines.join("\n")));
+    assert!(
+        connecting.contains("amqp://guest:****@127.0.0.1:1/%2f"),
+        "{connecting}"
+    );
+    assert!(connecting.contains("://root:****@"), "{connecting}");
     env.cleanup().await;
 }

@@ -19,7 +19,7 @@ use super::traffic::{self, Sink, Traffic};
 use super::{CEILING_EVENTS, CEILING_INPUT, CEILING_SINK};
 use crate::amqp::topology;
 use crate::amqp::{self, Outgoing, Publisher};
-use crate::config::{QueueType, Settings};
+use crate::config::{AmqpSettings, QueueType, Settings};
 use crate::events::{self, ExecutionRef, NewEvent};
 use crate::tools::scratch::Scratch;
 
@@ -38,12 +38,12 @@ pub async fn run(
     scratch: &Scratch,
     t: &Traffic,
 ) -> anyhow::Result<CeilingResult> {
-    let url = &settings.amqp.url;
+    let amqp = &settings.amqp;
     let input = scratch.name(CEILING_INPUT);
     let exchange = scratch.name(CEILING_EVENTS);
     let sink_queue = scratch.name(CEILING_SINK);
 
-    let conn = crate::amqp::connect(url, "credit-worker bench ceiling").await?;
+    let conn = crate::amqp::connect(amqp, "credit-worker bench ceiling").await?;
     let ch = conn.create_channel().await?;
     let durable = QueueDeclareOptions {
         durable: true,
@@ -66,7 +66,7 @@ pub async fn run(
 
     let n = t.published() as u64;
     let bar = super::progress(n, "publish");
-    let (_, publish_rate) = traffic::publish_backlog(url, &input, t, &bar).await?;
+    let (_, publish_rate) = traffic::publish_backlog(amqp, &input, t, &bar).await?;
     bar.finish_and_clear();
 
     let seconds = consume_and_relay(settings, t, &input, &exchange, &sink_queue).await?;
@@ -124,11 +124,11 @@ async fn consume_and_relay(
     exchange: &str,
     sink_queue: &str,
 ) -> anyhow::Result<f64> {
-    let url = &settings.amqp.url;
+    let amqp = &settings.amqp;
     let n = t.messages as u64;
-    let sink = Sink::start(url, sink_queue, t).await?;
+    let sink = Sink::start(amqp, sink_queue, t).await?;
     let (events_tx, events_rx) = mpsc::unbounded_channel::<Vec<NewEvent>>();
-    let relay = tokio::spawn(relay(url.clone(), exchange.to_owned(), events_rx));
+    let relay = tokio::spawn(relay(amqp.clone(), exchange.to_owned(), events_rx));
 
     let bar = super::progress(n, "ceiling");
     let first = consume(settings, input, t, events_tx).await?;
@@ -152,7 +152,7 @@ async fn consume(
     t: &Traffic,
     events_tx: mpsc::UnboundedSender<Vec<NewEvent>>,
 ) -> anyhow::Result<Instant> {
-    let conn = crate::amqp::connect(&settings.amqp.url, "credit-worker bench consumer").await?;
+    let conn = crate::amqp::connect(&settings.amqp, "credit-worker bench consumer").await?;
     let ch = conn.create_channel().await?;
     ch.basic_qos(settings.amqp.prefetch, BasicQosOptions::default())
         .await?;
@@ -224,11 +224,11 @@ fn usage_events(batch: &[lapin::message::Delivery]) -> anyhow::Result<Vec<NewEve
 
 /// Publishes what the consumer hands over; returns the instant of the last confirm.
 async fn relay(
-    url: String,
+    amqp: AmqpSettings,
     exchange: String,
     mut rx: mpsc::UnboundedReceiver<Vec<NewEvent>>,
 ) -> anyhow::Result<Option<Instant>> {
-    let conn = crate::amqp::connect(&url, "credit-worker bench relay").await?;
+    let conn = crate::amqp::connect(&amqp, "credit-worker bench relay").await?;
     let publisher = Publisher::open(&conn).await?;
     let mut last = None;
     while let Some(mut batch) = rx.recv().await {

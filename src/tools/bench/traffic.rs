@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::amqp::publisher::confirmed;
 use crate::amqp::{self, Outgoing, PublishError, Publisher};
-use crate::config::Settings;
+use crate::config::{AmqpSettings, Settings};
 
 /// AITextGeneratorBlock with gpt-4-turbo and the platform's OpenAI credential: a paid
 /// execution in the shipped cost table.
@@ -261,12 +261,12 @@ impl Traffic {
 /// them. Returns each message's publish instant (its window's start: confirms are awaited
 /// per window) and the publish rate.
 pub(crate) async fn publish_backlog(
-    url: &str,
+    amqp: &AmqpSettings,
     queue: &str,
     traffic: &Traffic,
     bar: &indicatif::ProgressBar,
 ) -> anyhow::Result<(Vec<Instant>, f64)> {
-    let conn = crate::amqp::connect(url, "credit-worker bench publisher").await?;
+    let conn = crate::amqp::connect(amqp, "credit-worker bench publisher").await?;
     let publisher = Publisher::open(&conn).await?;
     let total = traffic.published();
     let mut published = Vec::with_capacity(total);
@@ -292,13 +292,13 @@ pub(crate) async fn publish_backlog(
 /// from which each message's intended send time follows, so a publisher that falls behind
 /// cannot hide queueing delay.
 pub(crate) async fn publish_paced(
-    url: &str,
+    amqp: &AmqpSettings,
     queue: &str,
     traffic: &Traffic,
     rate: f64,
     bar: &indicatif::ProgressBar,
 ) -> anyhow::Result<Instant> {
-    let conn = crate::amqp::connect(url, "credit-worker bench publisher").await?;
+    let conn = crate::amqp::connect(amqp, "credit-worker bench publisher").await?;
     let publisher = Publisher::open(&conn).await?;
     let mut windows: Vec<JoinHandle<Result<usize, PublishError>>> = Vec::new();
     let mut pending = Vec::with_capacity(WINDOW);
@@ -395,8 +395,12 @@ fn execution_event(traffic: &Traffic, ev: &EventFields) -> Option<(usize, bool)>
 
 impl Sink {
     /// Consumes `queue` (auto-ack: the sink is measuring equipment, not a system under test).
-    pub async fn start(url: &str, queue: &str, traffic: &Traffic) -> anyhow::Result<Sink> {
-        let conn = crate::amqp::connect(url, "credit-worker bench sink").await?;
+    pub async fn start(
+        amqp: &AmqpSettings,
+        queue: &str,
+        traffic: &Traffic,
+    ) -> anyhow::Result<Sink> {
+        let conn = crate::amqp::connect(amqp, "credit-worker bench sink").await?;
         let ch = conn.create_channel().await?;
         let mut deliveries = ch
             .basic_consume(

@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 use super::traffic::{self, Latency, Sink, SinkResult, Traffic};
 use super::WORKER_SINK;
 use crate::amqp::topology::{self, Names};
-use crate::config::Settings;
+use crate::config::{AmqpSettings, Settings};
 use crate::ledger::seed;
 use crate::refill::Month;
 use crate::tools::scratch::Scratch;
@@ -69,16 +69,16 @@ pub async fn run(
     max_batch: usize,
     rate: Option<f64>,
 ) -> anyhow::Result<WorkerResult> {
-    let url = &settings.amqp.url;
+    let amqp = &settings.amqp;
     let pool = crate::db::connect_and_migrate(&scratch.database).await?;
     seed(&pool, t.users).await?;
 
     // The worker's topology, declared up front so the backlog can be published before the
     // worker starts, plus a queue catching every event.
-    let conn = crate::amqp::connect(url, "credit-worker bench").await?;
+    let conn = crate::amqp::connect(amqp, "credit-worker bench").await?;
     let ch = conn.create_channel().await?;
     let names = topology::declare(&ch, &scratch.amqp).await?;
-    let sink = start_sink(url, scratch, t, &ch, &names).await?;
+    let sink = start_sink(amqp, scratch, t, &ch, &names).await?;
 
     let mut started = match rate {
         None => publish_then_start(settings, scratch, max_batch, t, &ch, &names).await?,
@@ -125,7 +125,7 @@ pub async fn run(
 /// Declares the queue catching every event, binds it to the events exchange and starts
 /// consuming it.
 async fn start_sink(
-    url: &str,
+    amqp: &AmqpSettings,
     scratch: &Scratch,
     t: &Traffic,
     ch: &lapin::Channel,
@@ -149,7 +149,7 @@ async fn start_sink(
         FieldTable::default(),
     )
     .await?;
-    Sink::start(url, &sink_queue, t).await
+    Sink::start(amqp, &sink_queue, t).await
 }
 
 /// The worker process, and the instants the run is measured from.
@@ -170,10 +170,10 @@ async fn publish_then_start(
     ch: &lapin::Channel,
     names: &Names,
 ) -> anyhow::Result<Started> {
-    let url = &settings.amqp.url;
+    let amqp = &settings.amqp;
     let n = t.published();
     let bar = super::progress(n as u64, "publish");
-    let (published, _) = traffic::publish_backlog(url, &names.input_queue, t, &bar).await?;
+    let (published, _) = traffic::publish_backlog(amqp, &names.input_queue, t, &bar).await?;
     bar.finish_and_clear();
     let mut proc = WorkerProcess::spawn(settings, scratch, max_batch, t.is_pairs())?;
     let spawned = Instant::now();
@@ -196,13 +196,13 @@ async fn start_then_publish(
     ch: &lapin::Channel,
     names: &Names,
 ) -> anyhow::Result<Started> {
-    let url = &settings.amqp.url;
+    let amqp = &settings.amqp;
     let n = t.published();
     let mut proc = WorkerProcess::spawn(settings, scratch, max_batch, t.is_pairs())?;
     let spawned = Instant::now();
     wait_for_worker(ch, names, &mut proc, spawned, Awaiting::Consumer).await?;
     let bar = super::progress(n as u64, "publish");
-    let start = traffic::publish_paced(url, &names.input_queue, t, rate, &bar).await?;
+    let start = traffic::publish_paced(amqp, &names.input_queue, t, rate, &bar).await?;
     bar.finish_and_clear();
     Ok(Started {
         proc,

@@ -1,0 +1,57 @@
+//! Secrets kept out of what the worker prints: URLs are shown with their password masked.
+
+/// `url` with its password replaced by `****`; a string that is not a URL is not shown at all,
+/// since it could be a secret itself.
+pub(crate) fn url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut parsed) => {
+            if parsed.password().is_some() {
+                // Only fails for URLs that cannot have a password, which have none.
+                let _ = parsed.set_password(Some("****"));
+            }
+            // PostgreSQL also takes `password=` (and `sslpassword=`) as parameters.
+            if parsed.query_pairs().any(|(k, _)| is_secret(&k)) {
+                let pairs: Vec<(String, String)> = parsed
+                    .query_pairs()
+                    .map(|(k, v)| {
+                        let v = if is_secret(&k) { "****".into() } else { v };
+                        (k.into_owned(), v.into_owned())
+                    })
+                    .collect();
+                parsed.query_pairs_mut().clear().extend_pairs(pairs);
+            }
+            parsed.to_string()
+        }
+        Err(_) => "(not a URL)".to_owned(),
+    }
+}
+
+fn is_secret(key: &str) -> bool {
+    matches!(key, "password" | "sslpassword")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::url;
+
+    #[test]
+    fn passwords_are_masked_and_the_rest_is_kept() {
+        assert_eq!(
+            url("amqps://worker:s3cret@rabbit.internal:5671/%2f"),
+            "amqps://worker:****@rabbit.internal:5671/%2f"
+        );
+        assert_eq!(
+            url("postgres://root:pa%40ss@db:5432/credit?sslmode=verify-full"),
+            "postgres://root:****@db:5432/credit?sslmode=verify-full"
+        );
+        assert_eq!(
+            url("postgres://root@127.0.0.1/credit"),
+            "postgres://root@127.0.0.1/credit"
+        );
+        assert_eq!(
+            url("postgres://db/credit?user=root&password=s3cret&sslmode=require"),
+            "postgres://db/credit?user=root&password=****&sslmode=require"
+        );
+        assert_eq!(url("//guest:s3cret@host"), "(not a URL)");
+    }
+}

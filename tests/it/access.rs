@@ -1,0 +1,226 @@
+//! The RabbitMQ permissions recipe in README.md ("RabbitMQ permissions"), applied as written to
+//! users made for the test: the worker runs on its own rights, the executor's node executions
+//! are billed, the payment side reads events and gets command replies, and the broker refuses
+//! the executor what the recipe does not give it.
+
+use std::time::Duration;
+
+use credit_worker::service::Worker;
+use futures::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection};
+use serde_json::{json, Value};
+
+use crate::fixtures::*;
+use crate::helpers::*;
+
+const T: Duration = Duration::from_secs(30);
+
+/// The recipe: the README's shell block that sets the permissions.
+fn recipe() -> String {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let start = readme
+        .find("```sh\nworker=${WORKER")
+        .expect("README: the permissions recipe");
+    let body = &readme[start + "```sh\n".len()..];
+    body[..body.find("```").expect("the recipe's end")].to_owned()
+}
+
+/// Broker users made for one test, deleted when it ends (passed or failed).
+struct Users {
+    worker: String,
+    executor: String,
+    payments: String,
+}
+
+const PASSWORD: &str = "access-test-password";
+
+impl Users {
+    /// Applies the recipe with `namespace` (regex-escaped). None when `rabbitmqctl` is missing.
+    fn apply(namespace: &str) -> Option<Users> {
+        let tag = unique("cw").replace('_', "-");
+        let users = Users {
+            worker: format!("{tag}-worker"),
+            executor: format!("{tag}-executor"),
+            payments: format!("{tag}-payments"),
+        };
+        let status = std::process::Command::new("bash")
+            .arg("-euo")
+            .arg("pipefail")
+            .arg("-c")
+            .arg(recipe())
+            .env("WORKER", &users.worker)
+            .env("EXECUTOR", &users.executor)
+            .env("PAYMENTS", &users.payments)
+            .env("NS", namespace.replace('.', "\\."))
+            .env("WORKER_PASSWORD", PASSWORD)
+            .env("EXECUTOR_PASSWORD", PASSWORD)
+            .env("PAYMENTS_PASSWORD", PASSWORD)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .ok()?;
+        assert!(status.success(), "the recipe failed: {status}");
+        Some(users)
+    }
+
+    fn url(user: &str) -> String {
+        format!("amqp://{user}:{PASSWORD}@127.0.0.1:5672/%2f")
+    }
+}
+
+impl Drop for Users {
+    fn drop(&mut self) {
+        for user in [&self.worker, &self.executor, &self.payments] {
+            let _ = std::process::Command::new("rabbitmqctl")
+                .args(["delete_user", user])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+}
+
+async fn open(env: &TestEnv, user: &str) -> (Connection, Channel) {
+    let mut amqp = env.settings.amqp.clone();
+    amqp.url = Users::url(user);
+    let conn = credit_worker::amqp::connect(&amqp, "access test")
+        .await
+        .unwrap_or_else(|e| panic!("{user} connects: {e}"));
+    let ch = conn.create_channel().await.expect("channel");
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    (conn, ch)
+}
+
+/// Publishes with confirms as `user`; true when the broker acked.
+async fn publish(
+    ch: &Channel,
+    exchange: &str,
+    key: &str,
+    body: &[u8],
+    props: BasicProperties,
+) -> bool {
+    let Ok(confirm) = ch
+        .basic_publish(
+            exchange.into(),
+            key.into(),
+            BasicPublishOptions::default(),
+            body,
+            props,
+        )
+        .await
+    else {
+        return false;
+    };
+    matches!(confirm.await, Ok(c) if c.is_ack())
+}
+
+/// A server-named queue of `user`'s, consumed without acks.
+async fn private_consumer(ch: &Channel) -> (String, lapin::Consumer) {
+    let queue = credit_worker::amqp::topology::declare_private_queue(ch)
+        .await
+        .expect("a server-named queue");
+    let opts = BasicConsumeOptions {
+        no_ack: true,
+        ..Default::default()
+    };
+    let consumer = ch
+        .basic_consume(
+            queue.as_str().into(),
+            "".into(),
+            opts,
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    (queue, consumer)
+}
+
+async fn next_json(consumer: &mut lapin::Consumer) -> Value {
+    let d = tokio::time::timeout(T, consumer.next())
+        .await
+        .expect("a message in time")
+        .expect("stream")
+        .expect("delivery");
+    serde_json::from_slice(&d.data).expect("JSON")
+}
+
+#[tokio::test]
+async fn each_role_works_with_exactly_the_recipes_rights() {
+    let env = TestEnv::with(no_refill).await;
+    let local = env.settings.amqp.url.contains("@127.0.0.1");
+    let Some(users) = local
+        .then(|| Users::apply(&env.settings.amqp.namespace))
+        .flatten()
+    else {
+        eprintln!("skipped: the broker is not on this machine, or rabbitmqctl is missing");
+        return env.cleanup().await;
+    };
+    seed(&env, ["alice"], 100).await;
+    let mut settings = env.settings.clone();
+    settings.amqp.url = Users::url(&users.worker);
+    settings.amqp.allowed_producers = vec![users.executor.clone()];
+    settings.control.allowed_users = vec![users.payments.clone()];
+    let worker = Worker::start(settings).await.expect("the worker starts");
+    wait_for(T, "the worker consuming", || async {
+        worker.health.consuming()
+    })
+    .await;
+
+    // The payment side follows alice's balance on a queue of its own.
+    let (_pconn, pch) = open(&env, &users.payments).await;
+    let (events_queue, mut events) = private_consumer(&pch).await;
+    pch.queue_bind(
+        events_queue.as_str().into(),
+        env.names.events.as_str().into(),
+        "balance.changed".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("the payment side binds to credit.events");
+
+    // The executor publishes to the input exchange under its own name, and is billed.
+    let (_econn, ech) = open(&env, &users.executor).await;
+    let entry = body(&platform_gpt4("alice", "access-1"));
+    let as_executor =
+        credit_worker::amqp::persistent_json().with_user_id(users.executor.as_str().into());
+    let input = env.names.input_exchange.as_str();
+    assert!(publish(&ech, input, "node_execution", &entry, as_executor.clone()).await);
+    env.wait_decisions(1, T).await;
+    let event = next_json(&mut events).await;
+    assert_eq!(event["transaction_key"], "USAGE-access-1", "{event}");
+    assert_eq!(event["balance"], 90, "{event}");
+
+    // The payment side asks for alice's balance and gets the reply.
+    let (reply_queue, mut replies) = private_consumer(&pch).await;
+    let command =
+        serde_json::to_vec(&json!({"command": "balance", "user_id": "alice"})).expect("json");
+    let as_payments = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_user_id(users.payments.as_str().into())
+        .with_reply_to(reply_queue.as_str().into())
+        .with_correlation_id("access-balance".into());
+    assert!(publish(&pch, "", &env.names.control, &command, as_payments).await);
+    let reply = next_json(&mut replies).await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert_eq!(reply["result"]["balance"], 90, "{reply}");
+
+    // The executor has no right on the default exchange: it cannot reach the control queue
+    // (nor the input queue that way); the broker closes its channel.
+    assert!(!publish(&ech, "", &env.names.control, &command, as_executor).await);
+    assert!(
+        !ech.status().connected(),
+        "the executor's channel is closed"
+    );
+
+    worker.stop().await.expect("the worker stops cleanly");
+    env.assert_audit_clean().await;
+    drop(users);
+    env.cleanup().await;
+}
