@@ -16,14 +16,14 @@ const LISTENER_DIR: &str = "/var/lib/rabbitmq/credit-worker-test-tls";
 const LISTENER_PORT: u16 = 5671;
 
 /// The local broker's amqps listener and the CAs to check it with.
-struct Listener {
-    ca: PathBuf,
+pub(crate) struct Listener {
+    pub(crate) ca: PathBuf,
     other_ca: PathBuf,
 }
 
 /// Starts the listener once per test run. None when the broker is not on this machine (then
 /// `rabbitmqctl` cannot reach it); on this machine a failure to start it fails the test.
-fn listener(env: &TestEnv) -> Option<&'static Listener> {
+pub(crate) fn listener(env: &TestEnv) -> Option<&'static Listener> {
     static LISTENER: OnceLock<Option<Listener>> = OnceLock::new();
     let url = &env.settings.amqp.url;
     if !(url.contains("@127.0.0.1") || url.contains("@localhost")) {
@@ -57,7 +57,7 @@ fn listener(env: &TestEnv) -> Option<&'static Listener> {
 
 /// The test's settings on the amqps listener (`localhost`, the name in its certificate), with
 /// `ca` as `amqp.tls_ca_file`.
-fn over_tls(env: &TestEnv, ca: Option<&PathBuf>) -> Settings {
+pub(crate) fn over_tls(env: &TestEnv, ca: Option<&PathBuf>) -> Settings {
     let mut s = env.settings.clone();
     s.amqp.url = format!("amqps://guest:guest@localhost:{LISTENER_PORT}/%2f");
     s.amqp.tls_ca_file = ca.cloned();

@@ -167,6 +167,27 @@ async fn verify_full_with_the_signing_ca_connects_and_with_another_is_refused() 
         },
     )
     .await;
+    // The worker itself on verify-full, with its broker over amqps with a private CA.
+    if let Some(broker) = crate::amqps::listener(&env) {
+        let mut both = crate::amqps::over_tls(&env, Some(&broker.ca));
+        both.database = good.clone();
+        let worker = credit_worker::service::Worker::start(both.clone())
+            .await
+            .expect("the worker starts on verify-full and amqps");
+        let entry = body(&platform_gpt4("tls-user", "tls-both-1"));
+        credit_worker::tools::publish::publish_entries(&both, &[entry])
+            .await
+            .expect("publish over amqps");
+        env.wait_decisions(1, std::time::Duration::from_secs(30))
+            .await;
+        worker.stop().await.expect("stop");
+        let charged = env
+            .scalar_i64(
+                "SELECT count(*) FROM credit.transactions WHERE transaction_key = 'USAGE-tls-both-1'",
+            )
+            .await;
+        assert_eq!(charged, 1);
+    }
     let other = settings(
         &env,
         &format!("sslmode=verify-full&sslrootcert={TLS_DIR}/other.pem"),
