@@ -109,42 +109,59 @@ pub(crate) async fn run(
     let _ = crate::tools::close_connection(pub_conn, "done").await;
     let stopped = bench_worker::stop_worker(&mut p.proc).await;
     let (searched, half_rate) = measured?;
-    let mut problems = std::mem::take(&mut p.problems);
+    bench_worker::check_queues_empty(&ch, &names, &mut p.problems).await?;
+    let mut r = verify(settings, base, cost, &cursor, p, stopped).await?;
+    let _ = crate::tools::close_connection(conn, "done").await;
+    pool.close().await;
+    r.searched = searched;
+    r.half_rate = half_rate;
+    Ok(r)
+}
+
+/// Once the worker stopped: collects its last events and verifies the whole run's ledger
+/// (the first `cursor.next` executions of `base`) like the other modes.
+async fn verify(
+    settings: &Settings,
+    base: &Traffic,
+    cost: i64,
+    cursor: &Cursor,
+    p: WorkerPipeline,
+    stopped: bench_worker::Stopped,
+) -> anyhow::Result<WorkerSustained> {
+    let mut problems = p.problems;
     problems.extend(stopped.problems);
-    let (seen, ledger_rows) = bench_worker::drain_sink(&pool, p.sink).await?;
+    let (seen, ledger_rows) = bench_worker::drain_sink(&p.pool, p.sink).await?;
     let whole = if base.is_pairs() {
         Traffic::pairs(base.run_id, cursor.next, base.users)
     } else {
         Traffic::new(base.run_id, cursor.next, base.users)
     };
-    let verified = bench_worker::verify_run(
+    let events = seen.events;
+    let (fees, pairs) = bench_worker::verify_run(
         settings,
-        &pool,
+        &p.pool,
         &whole,
         cost,
-        seen.events,
+        events,
         ledger_rows,
         &mut problems,
     )
     .await?;
-    bench_worker::check_queues_empty(&ch, &names, &mut problems).await?;
-    let _ = crate::tools::close_connection(conn, "done").await;
-    pool.close().await;
     if problems.is_empty() {
         p.proc.remove_log();
     } else {
         problems.push(format!("worker log: {}", p.proc.log.display()));
     }
     Ok(WorkerSustained {
-        searched,
-        half_rate,
+        searched: Searched::default(),
+        half_rate: None,
         peak_rss_mib: stopped.peak_kib as f64 / 1024.0,
         breakdown: stopped.breakdown,
         executions: cursor.next,
-        events_received: seen.events,
-        fees: verified.0,
+        events_received: events,
+        fees,
         // Completions first are counted per step: each step has a schedule of its own.
-        pairs: verified.1.map(|r| PairsResult {
+        pairs: pairs.map(|r| PairsResult {
             overtaking: cursor.overtaking,
             ..r
         }),
