@@ -34,6 +34,9 @@ const MIN_RATE: f64 = 10.0;
 const MAX_STEPS: usize = 30;
 /// Idle time between steps, after the drain.
 const PAUSE: Duration = Duration::from_millis(500);
+/// Seconds of a pipeline's warm-up step (at most a step's), at the start rate, not judged: the
+/// first messages through fresh connections, consumers and queues are not its steady state.
+const WARM_UP_SECONDS: f64 = 1.0;
 /// The worker's p99 target at half its sustained rate.
 pub(crate) const HALF_RATE_TARGET_MS: f64 = 50.0;
 /// Executions the run-wide id space holds (ids are only made for published ones).
@@ -145,6 +148,13 @@ pub(crate) async fn search(
     label: &str,
 ) -> anyhow::Result<Searched> {
     let mut s = RateSearch::new(spec.plan);
+    if let Some(rate) = s.next_rate() {
+        let warm_up = StepConfig {
+            seconds: WARM_UP_SECONDS.min(spec.step.seconds),
+            ..spec.step
+        };
+        one_step(p, publisher, base, cursor, rate, warm_up, "warm-up").await?;
+    }
     let mut steps = Vec::new();
     while let Some(rate) = s.next_rate() {
         let step = one_step(p, publisher, base, cursor, rate, spec.step, label).await?;

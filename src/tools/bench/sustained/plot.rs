@@ -24,6 +24,8 @@ pub(crate) enum PlotError {
 pub(crate) struct Series {
     pub label: String,
     pub points: Vec<(f64, f64)>,
+    /// Per point: whether its step held the rate (drawn filled; failed steps hollow).
+    pub held: Vec<bool>,
     /// p99 lines are solid and bold; p50 lines thin.
     pub p99: bool,
     /// 0: worker, 1: broker.
@@ -50,19 +52,19 @@ impl PlotData {
             .enumerate()
         {
             for p99 in [true, false] {
-                let mut points: Vec<(f64, f64)> = steps
+                let mut measured: Vec<(f64, f64, bool)> = steps
                     .iter()
                     .filter_map(|s| {
                         let ms = if p99 { s.p99_ms } else { s.p50_ms };
                         ms.is_finite()
-                            .then_some((s.offered_msgs_per_s, ms.max(FLOOR_MS)))
+                            .then_some((s.offered_msgs_per_s, ms.max(FLOOR_MS), s.held))
                     })
                     .collect();
-                points.sort_by(|a, b| a.0.total_cmp(&b.0));
-                let label = format!("{name} {}", if p99 { "p99" } else { "p50" });
+                measured.sort_by(|a, b| a.0.total_cmp(&b.0));
                 series.push(Series {
-                    label,
-                    points,
+                    label: format!("{name} {}", if p99 { "p99" } else { "p50" }),
+                    points: measured.iter().map(|&(x, y, _)| (x, y)).collect(),
+                    held: measured.iter().map(|m| m.2).collect(),
                     p99,
                     pipeline,
                 });
@@ -119,7 +121,11 @@ impl PlotData {
             )?;
         chart
             .configure_mesh()
-            .x_desc("offered rate, msgs/s (open loop)")
+            .light_line_style(TRANSPARENT)
+            .x_labels(8)
+            .x_label_formatter(&|x| tick(*x))
+            .y_label_formatter(&|y| tick(*y))
+            .x_desc("offered rate, msgs/s (open loop); filled: step held, hollow: failed")
             .y_desc("latency, ms")
             .draw()?;
         for s in &self.series {
@@ -137,12 +143,11 @@ impl PlotData {
                 .draw_series(LineSeries::new(s.points.iter().copied(), style))?
                 .label(s.label.as_str())
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], style));
-            chart.draw_series(PointSeries::of_element(
-                s.points.iter().copied(),
-                if s.p99 { 4 } else { 3 },
-                style.filled(),
-                &|c, size, st| EmptyElement::at(c) + Circle::new((0, 0), size, st),
-            ))?;
+            let size = if s.p99 { 4 } else { 3 };
+            chart.draw_series(s.points.iter().zip(&s.held).map(|(&c, &held)| {
+                let st = if held { style.filled() } else { style };
+                EmptyElement::at(c) + Circle::new((0, 0), size, st)
+            }))?;
         }
         let bound = RED.stroke_width(1);
         chart
@@ -160,6 +165,11 @@ impl PlotData {
             .draw()?;
         Ok(())
     }
+}
+
+/// An axis label: at most two decimals, none when whole.
+fn tick(v: f64) -> String {
+    format!("{}", (v * 100.0).round() / 100.0)
 }
 
 /// A logarithmic axis' range around `values` (and `include`): a little below the smallest,
@@ -218,11 +228,20 @@ mod tests {
             d.series[0].points,
             vec![(500.0, 8.0), (1000.0, 30.0), (2000.0, 400.0)]
         );
+        assert_eq!(d.series[0].held, vec![true, true, false]);
         assert_eq!(d.series[1].points[0], (500.0, FLOOR_MS));
         // A step without a measurement is left out.
         assert_eq!(d.series[2].points, vec![(4000.0, 9.0)]);
         assert_eq!(d.x, (500.0 / 1.5, 4000.0 * 1.5));
         assert_eq!(d.y, (FLOOR_MS / 1.5, 400.0 * 1.5));
+    }
+
+    #[test]
+    fn ticks_are_short() {
+        assert_eq!(tick(100.0), "100");
+        assert_eq!(tick(2500.0), "2500");
+        assert_eq!(tick(0.30000000000000004), "0.3");
+        assert_eq!(tick(0.066666), "0.07");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
@@ -152,8 +153,10 @@ pub(crate) async fn run(
     // After an early stop, what completes the executions begun goes out at once.
     let rest = slice.completing_slots(sent);
     traffic::publish_slots(publisher, &queue, slice, &rest).await?;
-    let executions = slice.executions_begun(sent + rest.len());
-    drain(p, &plan, executions, &bar).await?;
+    let executions = slice.executions_begun(sent);
+    drain(p, &plan, executions, &bar)
+        .await
+        .with_context(|| format!("{label} step at {rate:.0} msgs/s"))?;
     let timings = plan.timings(p.sink(), executions, sent, stop_at);
     let figures = measure::figures(&timings, sent as f64 / rate, cfg.max_p99_ms / 1e3);
     let all_published = sent == slice.published();
