@@ -5,6 +5,7 @@ mod helpers;
 
 mod fixtures;
 
+mod bench;
 mod consumer;
 mod control;
 mod dead_letters;
