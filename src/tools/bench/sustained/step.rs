@@ -66,7 +66,7 @@ pub(crate) fn executions_for(rate: f64, seconds: f64, pairs: bool) -> usize {
 }
 
 /// A step's schedule: per execution the events it yields and when it is due.
-struct Schedule<'a> {
+struct StepPlan<'a> {
     slice: &'a Traffic,
     expected: Vec<u8>,
     /// Seconds from `start` at which execution i's last message is due.
@@ -74,7 +74,7 @@ struct Schedule<'a> {
     start: Instant,
 }
 
-impl Schedule<'_> {
+impl StepPlan<'_> {
     /// When execution i's last event arrived (once all its events have), seconds from the
     /// start.
     fn arrival(&self, r: &SinkResult, i: usize) -> Option<f64> {
@@ -122,7 +122,7 @@ pub(crate) async fn run(
     label: &str,
 ) -> anyhow::Result<Step> {
     let queue = p.input_queue().to_owned();
-    let plan = Schedule {
+    let plan = StepPlan {
         slice,
         expected: (0..slice.messages)
             .map(|i| p.events_per_execution(slice, i))
@@ -179,7 +179,7 @@ pub(crate) async fn run(
 /// Watches the events while the step publishes; true when it stopped the step early.
 async fn watch(
     p: &mut impl Pipeline,
-    plan: &Schedule<'_>,
+    plan: &StepPlan<'_>,
     cfg: StepConfig,
     published: &CancellationToken,
 ) -> anyhow::Result<bool> {
@@ -205,7 +205,7 @@ async fn watch(
 /// Waits until the first `executions` of the step have all their events.
 async fn drain(
     p: &mut impl Pipeline,
-    plan: &Schedule<'_>,
+    plan: &StepPlan<'_>,
     executions: usize,
     bar: &indicatif::ProgressBar,
 ) -> anyhow::Result<()> {
