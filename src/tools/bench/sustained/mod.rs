@@ -197,3 +197,50 @@ pub(crate) async fn open_publisher(url: &str) -> anyhow::Result<(lapin::Connecti
     let publisher = Publisher::open(&conn).await?;
     Ok((conn, publisher))
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: BenchArgs,
+    }
+
+    fn problem(args: &[&str]) -> Option<String> {
+        let cli = Cli::try_parse_from(std::iter::once("bench").chain(args.iter().copied()));
+        usage_problem(&cli.unwrap().args)
+    }
+
+    #[test]
+    fn sustained_options_are_checked() {
+        assert_eq!(problem(&["--sustained"]), None);
+        assert_eq!(
+            problem(&["--sustained", "--plot", "docs/latency.svg"]),
+            None
+        );
+        assert!(problem(&["--sustained", "--plot", "latency.png"]).is_some());
+        assert!(problem(&["--sustained", "--step-seconds", "0.1"]).is_some());
+        assert!(problem(&["--sustained", "--max-p99-ms=-1"]).is_some());
+        assert!(problem(&["--sustained", "--start-rate", "900", "--max-rate", "800"]).is_some());
+        assert!(problem(&["--sustained", "--precision", "0"]).is_some());
+    }
+
+    #[test]
+    fn the_search_plan_follows_the_options() {
+        let cli = Cli::try_parse_from(["bench", "--sustained", "--start-rate", "5"]).unwrap();
+        let spec = SearchSpec::of(&cli.args);
+        assert_eq!(spec.plan.start, 5.0);
+        assert_eq!(
+            spec.plan.min_rate, 5.0,
+            "the minimum never exceeds the start"
+        );
+        assert_eq!(spec.step.max_p99_ms, 100.0);
+        assert_eq!(spec.step.seconds, 5.0);
+        assert!(Cli::try_parse_from(["bench", "--step-seconds", "2"]).is_err());
+        assert!(Cli::try_parse_from(["bench", "--sustained", "--messages", "9"]).is_err());
+    }
+}
