@@ -127,15 +127,24 @@ pub(crate) async fn run(
     let broker = broker::run(settings, scratch, &base, &spec).await?;
     let worker = worker::run(settings, scratch, &base, cost, max_batch, &spec).await?;
     let report = SustainedReport::new(settings, args, max_batch, broker, worker);
-    if let Some(path) = &args.plot {
-        report.plot().write(path)?;
-    }
+    // A plot that cannot be written fails the run, after the report.
+    let plot = args
+        .plot
+        .as_deref()
+        .map(|path| (path, report.plot().write(path)));
+    let written = plot
+        .as_ref()
+        .and_then(|(path, r)| r.is_ok().then_some(*path));
     if json {
-        println!("{}", report.to_json(args.plot.as_deref()));
+        println!("{}", report.to_json(written));
     } else {
-        report.print(args.plot.as_deref());
+        report.print(written);
     }
-    Ok(crate::tools::exit_code(report.verified()))
+    if let Some((_, Err(e))) = &plot {
+        eprintln!("error: {e}");
+    }
+    let plotted = plot.is_none_or(|(_, r)| r.is_ok());
+    Ok(crate::tools::exit_code(report.verified() && plotted))
 }
 
 /// Searches `p`'s sustained rate.

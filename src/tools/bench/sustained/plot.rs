@@ -116,13 +116,16 @@ impl PlotData {
             .x_label_area_size(48)
             .y_label_area_size(64)
             .build_cartesian_2d(
-                (self.x.0..self.x.1).log_scale(),
-                (self.y.0..self.y.1).log_scale(),
+                (self.x.0..self.x.1)
+                    .log_scale()
+                    .with_key_points(log_ticks(self.x)),
+                (self.y.0..self.y.1)
+                    .log_scale()
+                    .with_key_points(log_ticks(self.y)),
             )?;
         chart
             .configure_mesh()
             .light_line_style(TRANSPARENT)
-            .x_labels(8)
             .x_label_formatter(&|x| tick(*x))
             .y_label_formatter(&|y| tick(*y))
             .x_desc("offered rate, msgs/s (open loop); filled: step held, hollow: failed")
@@ -165,6 +168,27 @@ impl PlotData {
             .draw()?;
         Ok(())
     }
+}
+
+/// Ticks at 1, 2, 3 and 5 × each power of ten within `range` (a range within one decade
+/// still gets labels).
+fn log_ticks(range: (f64, f64)) -> Vec<f64> {
+    let (lo, hi) = range;
+    if !(lo > 0.0 && hi > lo && hi.is_finite()) {
+        return Vec::new();
+    }
+    let mut ticks = Vec::new();
+    let mut decade = 10f64.powf(lo.log10().floor());
+    while decade <= hi {
+        for m in [1.0, 2.0, 3.0, 5.0] {
+            let t = m * decade;
+            if (lo..=hi).contains(&t) {
+                ticks.push(t);
+            }
+        }
+        decade *= 10.0;
+    }
+    ticks
 }
 
 /// An axis label: at most two decimals, none when whole.
@@ -234,6 +258,29 @@ mod tests {
         assert_eq!(d.series[2].points, vec![(4000.0, 9.0)]);
         assert_eq!(d.x, (500.0 / 1.5, 4000.0 * 1.5));
         assert_eq!(d.y, (FLOOR_MS / 1.5, 400.0 * 1.5));
+    }
+
+    #[test]
+    fn log_ticks_label_every_range() {
+        assert_eq!(log_ticks((167.0, 750.0)), vec![200.0, 300.0, 500.0]);
+        assert_eq!(
+            log_ticks((0.07, 40.0)),
+            vec![
+                0.1,
+                0.2,
+                0.30000000000000004,
+                0.5,
+                1.0,
+                2.0,
+                3.0,
+                5.0,
+                10.0,
+                20.0,
+                30.0
+            ]
+        );
+        assert!(log_ticks((0.0, 10.0)).is_empty());
+        assert!(log_ticks((5.0, 5.0)).is_empty());
     }
 
     #[test]
