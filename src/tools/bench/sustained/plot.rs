@@ -32,6 +32,22 @@ pub(crate) struct Series {
     pub pipeline: usize,
 }
 
+impl Series {
+    /// Worker blue, broker green; p99 bold, p50 thin and lighter.
+    fn style(&self) -> ShapeStyle {
+        let color = if self.pipeline == 0 {
+            BLUE
+        } else {
+            RGBColor(0, 150, 60)
+        };
+        if self.p99 {
+            color.stroke_width(2)
+        } else {
+            color.mix(0.6).stroke_width(1)
+        }
+    }
+}
+
 /// What the plot shows, with its axes' ranges (both logarithmic).
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct PlotData {
@@ -132,16 +148,7 @@ impl PlotData {
             .y_desc("latency, ms")
             .draw()?;
         for s in &self.series {
-            let color = if s.pipeline == 0 {
-                BLUE
-            } else {
-                RGBColor(0, 150, 60)
-            };
-            let style = if s.p99 {
-                color.stroke_width(2)
-            } else {
-                color.mix(0.6).stroke_width(1)
-            };
+            let style = s.style();
             chart
                 .draw_series(LineSeries::new(s.points.iter().copied(), style))?
                 .label(s.label.as_str())

@@ -8,7 +8,7 @@ use anyhow::Context;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use super::measure::{self, LateCounter, UnitTiming};
+use super::measure::{self, LateCounter, StepFigures, UnitTiming};
 use crate::amqp::Publisher;
 use crate::tools::bench::traffic::{self, Sink, SinkResult, Traffic};
 
@@ -164,16 +164,29 @@ pub(crate) async fn run(
         .as_ref()
         .is_some_and(|f| measure::held(f, rate, cfg.max_p99_ms, all_published));
     Ok(Step {
-        offered_msgs_per_s: rate,
         messages: sent + rest.len(),
         executions,
-        delivered_msgs_per_s: figures.as_ref().map_or(0.0, |f| f.delivered_msgs_per_s),
-        p50_ms: figures.as_ref().map_or(f64::NAN, |f| f.p50_ms),
-        p99_ms: figures.as_ref().map_or(f64::NAN, |f| f.p99_ms),
-        max_ms: figures.as_ref().map_or(f64::NAN, |f| f.max_ms),
         stopped_early,
         held,
+        ..Step::measured(rate, figures.as_ref())
     })
+}
+
+impl Step {
+    /// A step at `rate` with what it measured (NaN latencies when no event arrived).
+    fn measured(rate: f64, figures: Option<&StepFigures>) -> Step {
+        Step {
+            offered_msgs_per_s: rate,
+            messages: 0,
+            executions: 0,
+            delivered_msgs_per_s: figures.map_or(0.0, |f| f.delivered_msgs_per_s),
+            p50_ms: figures.map_or(f64::NAN, |f| f.p50_ms),
+            p99_ms: figures.map_or(f64::NAN, |f| f.p99_ms),
+            max_ms: figures.map_or(f64::NAN, |f| f.max_ms),
+            stopped_early: false,
+            held: false,
+        }
+    }
 }
 
 /// Watches the events while the step publishes; true when it stopped the step early.
