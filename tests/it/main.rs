@@ -7,6 +7,7 @@ mod fixtures;
 
 mod access;
 mod amqps;
+mod bench;
 mod consumer;
 mod control;
 mod dead_letters;

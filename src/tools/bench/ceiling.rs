@@ -14,6 +14,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use super::traffic::{self, Sink, Traffic};
 use super::{CEILING_EVENTS, CEILING_INPUT, CEILING_SINK};
@@ -39,63 +40,86 @@ pub async fn run(
     t: &Traffic,
 ) -> anyhow::Result<CeilingResult> {
     let amqp = &settings.amqp;
-    let input = scratch.name(CEILING_INPUT);
-    let exchange = scratch.name(CEILING_EVENTS);
-    let sink_queue = scratch.name(CEILING_SINK);
-
     let conn = crate::amqp::connect(amqp, "credit-worker bench ceiling").await?;
     let ch = conn.create_channel().await?;
-    let durable = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    let args = input_queue_args(settings);
-    ch.queue_declare(input.as_str().into(), durable, args)
-        .await?;
-    topology::declare_events_exchange(&ch, &exchange).await?;
-    ch.queue_declare(sink_queue.as_str().into(), durable, FieldTable::default())
-        .await?;
-    ch.queue_bind(
-        sink_queue.as_str().into(),
-        exchange.as_str().into(),
-        "#".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await?;
+    let queues = declare(&ch, settings, scratch).await?;
 
     let n = t.published() as u64;
     let bar = super::progress(n, "publish");
-    let (_, publish_rate) = traffic::publish_backlog(amqp, &input, t, &bar).await?;
+    let (_, publish_rate) = traffic::publish_backlog(amqp, &queues.input, t, &bar).await?;
     bar.finish_and_clear();
 
-    let seconds = consume_and_relay(settings, t, &input, &exchange, &sink_queue).await?;
+    let seconds = consume_and_relay(settings, t, &queues).await?;
 
     // Free the broker before the worker run.
-    let _ = ch
-        .queue_delete(
-            input.as_str().into(),
-            lapin::options::QueueDeleteOptions::default(),
-        )
-        .await;
-    let _ = ch
-        .queue_delete(
-            sink_queue.as_str().into(),
-            lapin::options::QueueDeleteOptions::default(),
-        )
-        .await;
-    let _ = ch
-        .exchange_delete(
-            exchange.as_str().into(),
-            lapin::options::ExchangeDeleteOptions::default(),
-        )
-        .await;
+    remove(&ch, &queues).await;
     let _ = crate::tools::close_connection(conn, "done").await;
     Ok(CeilingResult {
         msgs_per_s: t.published() as f64 / seconds,
         seconds,
         publish_msgs_per_s: publish_rate,
     })
+}
+
+/// The ceiling's queues and exchange, namespaced.
+#[derive(Debug)]
+pub(crate) struct CeilingQueues {
+    /// Declared like the worker's input queue.
+    pub input: String,
+    /// A topic exchange like the worker's events exchange.
+    pub exchange: String,
+    /// Bound to `exchange` with `#`, consumed by the sink.
+    pub sink: String,
+}
+
+/// Declares the ceiling's input queue, events exchange and sink queue.
+pub(crate) async fn declare(
+    ch: &lapin::Channel,
+    settings: &Settings,
+    scratch: &Scratch,
+) -> anyhow::Result<CeilingQueues> {
+    let q = CeilingQueues {
+        input: scratch.name(CEILING_INPUT),
+        exchange: scratch.name(CEILING_EVENTS),
+        sink: scratch.name(CEILING_SINK),
+    };
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let args = input_queue_args(settings);
+    ch.queue_declare(q.input.as_str().into(), durable, args)
+        .await?;
+    topology::declare_events_exchange(ch, &q.exchange).await?;
+    ch.queue_declare(q.sink.as_str().into(), durable, FieldTable::default())
+        .await?;
+    ch.queue_bind(
+        q.sink.as_str().into(),
+        q.exchange.as_str().into(),
+        "#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    Ok(q)
+}
+
+/// Deletes what [`declare`] declared (best effort: the scratch clean-up runs too).
+pub(crate) async fn remove(ch: &lapin::Channel, q: &CeilingQueues) {
+    for queue in [&q.input, &q.sink] {
+        let _ = ch
+            .queue_delete(
+                queue.as_str().into(),
+                lapin::options::QueueDeleteOptions::default(),
+            )
+            .await;
+    }
+    let _ = ch
+        .exchange_delete(
+            q.exchange.as_str().into(),
+            lapin::options::ExchangeDeleteOptions::default(),
+        )
+        .await;
 }
 
 /// The worker's input-queue arguments, minus dead-lettering (nothing is rejected here).
@@ -114,24 +138,26 @@ fn input_queue_args(settings: &Settings) -> FieldTable {
     args
 }
 
-/// Consumes the backlog on `input` and relays an event per message to `exchange` until the
-/// sink has them all; returns the seconds from the first delivery to the last event or
-/// confirm.
+/// Consumes the backlog on the input queue and relays an event per message to the exchange
+/// until the sink has them all; returns the seconds from the first delivery to the last event
+/// or confirm.
 async fn consume_and_relay(
     settings: &Settings,
     t: &Traffic,
-    input: &str,
-    exchange: &str,
-    sink_queue: &str,
+    q: &CeilingQueues,
 ) -> anyhow::Result<f64> {
     let amqp = &settings.amqp;
     let n = t.messages as u64;
-    let sink = Sink::start(amqp, sink_queue, t).await?;
+    let sink = Sink::start(amqp, &q.sink, t).await?;
     let (events_tx, events_rx) = mpsc::unbounded_channel::<Vec<NewEvent>>();
-    let relay = tokio::spawn(relay(amqp.clone(), exchange.to_owned(), events_rx));
+    let relay = tokio::spawn(relay(amqp.clone(), q.exchange.clone(), events_rx));
 
     let bar = super::progress(n, "ceiling");
-    let first = consume(settings, input, t, events_tx).await?;
+    // Pairs runs relay a USAGE event per message too: the sink counts executions.
+    let never = CancellationToken::new();
+    let first = consume(settings, &q.input, Some(t.published()), &never, events_tx)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("nothing was consumed"))?;
     let stall = Duration::from_secs(60);
     sink.wait_complete(t.messages, &bar, stall, || Ok(()))
         .await?;
@@ -145,13 +171,15 @@ async fn consume_and_relay(
     Ok(end.saturating_duration_since(first).as_secs_f64().max(1e-9))
 }
 
-/// Consumes all messages; returns the instant of the first delivery.
-async fn consume(
+/// Consumes `limit` messages (without a limit: until `stop`), handing an event per message
+/// to the relay; returns the instant of the first delivery.
+pub(crate) async fn consume(
     settings: &Settings,
     queue: &str,
-    t: &Traffic,
+    limit: Option<usize>,
+    stop: &CancellationToken,
     events_tx: mpsc::UnboundedSender<Vec<NewEvent>>,
-) -> anyhow::Result<Instant> {
+) -> anyhow::Result<Option<Instant>> {
     let conn = crate::amqp::connect(&settings.amqp, "credit-worker bench consumer").await?;
     let ch = conn.create_channel().await?;
     ch.basic_qos(settings.amqp.prefetch, BasicQosOptions::default())
@@ -173,10 +201,13 @@ async fn consume(
         Some(Err(e)) => Err(anyhow::Error::from(e)),
         None => Err(anyhow::anyhow!("the broker ended the consumer")),
     };
-    // Pairs runs relay a USAGE event per message too: the sink counts executions.
-    let total = t.published();
+    let total = limit.unwrap_or(usize::MAX);
     while consumed < total {
-        let mut batch = vec![next(deliveries.next().await)?];
+        let delivery = tokio::select! {
+            d = deliveries.next() => d,
+            () = stop.cancelled() => break,
+        };
+        let mut batch = vec![next(delivery)?];
         first.get_or_insert_with(Instant::now);
         let deadline = tokio::time::Instant::now() + max_wait;
         while batch.len() < max_batch && consumed + batch.len() < total {
@@ -196,7 +227,7 @@ async fn consume(
         consumed += batch.len();
     }
     let _ = crate::tools::close_connection(conn, "done").await;
-    first.ok_or_else(|| anyhow::anyhow!("nothing was consumed"))
+    Ok(first)
 }
 
 /// The worker's CPU work minus the database: decode, build the event.
@@ -223,7 +254,7 @@ fn usage_events(batch: &[lapin::message::Delivery]) -> anyhow::Result<Vec<NewEve
 }
 
 /// Publishes what the consumer hands over; returns the instant of the last confirm.
-async fn relay(
+pub(crate) async fn relay(
     amqp: AmqpSettings,
     exchange: String,
     mut rx: mpsc::UnboundedReceiver<Vec<NewEvent>>,

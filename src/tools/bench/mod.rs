@@ -6,10 +6,12 @@
 //! deployment's queues or ledger.
 
 mod ceiling;
+mod sustained;
 mod sweep;
 mod traffic;
 mod worker;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
@@ -47,6 +49,31 @@ pub struct BenchArgs {
     /// Instead of the message runs, time one refill sweep over this many fresh users.
     #[arg(long, value_name = "M")]
     pub sweep_users: Option<u64>,
+    /// Find the highest open-loop rate the worker and the broker-only pipeline each hold
+    /// with p99 latency within --max-p99-ms (ramp up, then bisect), then run the worker at
+    /// half its rate.
+    #[arg(long, conflicts_with_all = ["messages", "rate", "sweep_users"])]
+    pub sustained: bool,
+    /// Seconds each sustained step offers its rate.
+    #[arg(long, default_value_t = 5.0, requires = "sustained")]
+    pub step_seconds: f64,
+    /// The p99 publish → event latency a sustained step must hold, in ms.
+    #[arg(long, default_value_t = 100.0, requires = "sustained")]
+    pub max_p99_ms: f64,
+    /// The first rate a sustained search offers, msgs/s.
+    #[arg(long, default_value_t = 500.0, requires = "sustained")]
+    pub start_rate: f64,
+    /// The highest rate a sustained search offers, msgs/s.
+    #[arg(long, default_value_t = 100_000.0, requires = "sustained")]
+    pub max_rate: f64,
+    /// The search ends once the lowest rate failed is within this fraction above the
+    /// highest rate held.
+    #[arg(long, default_value_t = 0.05, requires = "sustained")]
+    pub precision: f64,
+    /// Write an SVG plot of p50 and p99 latency against the offered rate, worker and
+    /// broker-only, with the bound drawn.
+    #[arg(long, value_name = "FILE.svg", requires = "sustained")]
+    pub plot: Option<PathBuf>,
 }
 
 /// Results of the message runs.
@@ -108,6 +135,9 @@ fn usage_problem(args: &BenchArgs) -> Option<String> {
     if args.pairs && args.sweep_users.is_some() {
         return Some("--pairs and --sweep-users are separate runs".into());
     }
+    if args.sustained {
+        return sustained::usage_problem(args);
+    }
     None
 }
 
@@ -125,6 +155,9 @@ async fn run_in(
             r.print();
         }
         return Ok(exit_code(r.problems.is_empty()));
+    }
+    if args.sustained {
+        return sustained::run(settings, args, scratch, json).await;
     }
 
     let traffic = if args.pairs {

@@ -2,7 +2,7 @@
 //! paced publishing, and the event sink that times every `balance.changed`.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -117,6 +117,8 @@ pub(crate) struct Traffic {
     /// Executions (node_exec_ids).
     pub messages: usize,
     pub users: usize,
+    /// Execution 0's index in the id space this traffic is cut from (0 unless a slice).
+    first: usize,
     schedule: Option<Arc<Schedule>>,
 }
 
@@ -126,8 +128,66 @@ impl Traffic {
             run_id,
             messages,
             users,
+            first: 0,
             schedule: None,
         }
+    }
+
+    /// An id space of `capacity` executions that is only cut into slices
+    /// ([`Traffic::slice`]), never published whole.
+    pub(crate) fn id_space(run_id: u32, capacity: usize, users: usize, pairs: bool) -> Self {
+        Traffic {
+            schedule: pairs.then(|| Arc::new(Schedule::new(0))),
+            ..Self::new(run_id, capacity, users)
+        }
+    }
+
+    /// Executions `first..first + executions` as a traffic of their own: indices from 0;
+    /// ids, users and token counts those of the whole; with pairs, a schedule of their own.
+    pub(crate) fn slice(&self, first: usize, executions: usize) -> Self {
+        Traffic {
+            run_id: self.run_id,
+            messages: executions,
+            users: self.users,
+            first: self.first + first,
+            schedule: self
+                .schedule
+                .as_ref()
+                .map(|_| Arc::new(Schedule::new(executions))),
+        }
+    }
+
+    /// Execution i's index in the whole id space.
+    pub(crate) fn global_index(&self, i: usize) -> usize {
+        self.first + i
+    }
+
+    /// The executions the first `sent` slots begin, and all before the last one begun: the
+    /// executions published once [`Traffic::completing_slots`] are sent too.
+    pub(crate) fn executions_begun(&self, sent: usize) -> usize {
+        match &self.schedule {
+            None => sent.min(self.messages),
+            Some(s) => s
+                .slots
+                .iter()
+                .take(sent)
+                .map(|&(Slot::Start(i) | Slot::Completion(i))| i + 1)
+                .max()
+                .unwrap_or(0),
+        }
+    }
+
+    /// After publishing stopped at `sent` slots: the later slots, in publish order, that
+    /// complete the first [`Traffic::executions_begun`] executions, so that every execution
+    /// published is whole (a start without its completion would never settle).
+    pub(crate) fn completing_slots(&self, sent: usize) -> Vec<usize> {
+        let Some(s) = &self.schedule else {
+            return Vec::new();
+        };
+        let begun = self.executions_begun(sent);
+        (sent..s.slots.len())
+            .filter(|&m| matches!(s.slots[m], Slot::Start(i) | Slot::Completion(i) if i < begun))
+            .collect()
     }
 
     /// `executions` start + completion pairs.
@@ -175,13 +235,15 @@ impl Traffic {
     }
 
     pub fn node_exec_id(&self, i: usize) -> String {
-        format!("{}{i:012x}", self.node_prefix())
+        format!("{}{:012x}", self.node_prefix(), self.first + i)
     }
 
     /// The message index of one of this run's node_exec_ids.
     pub(crate) fn index_of(&self, node_exec_id: &str) -> Option<usize> {
         let hex = node_exec_id.strip_prefix(&self.node_prefix())?;
-        let i = usize::from_str_radix(hex, 16).ok()?;
+        let i = usize::from_str_radix(hex, 16)
+            .ok()?
+            .checked_sub(self.first)?;
         (i < self.messages).then_some(i)
     }
 
@@ -193,7 +255,7 @@ impl Traffic {
     /// Execution i's completion: its start entry with the phase, status and token counts.
     pub fn completion_body(&self, i: usize) -> Vec<u8> {
         let mut entry = self.entry(i);
-        let (input, output) = tokens(i);
+        let (input, output) = tokens(self.first + i);
         if let Some(e) = entry.as_object_mut() {
             e.insert("phase".into(), json!("completed"));
             e.insert("status".into(), json!("COMPLETED"));
@@ -211,14 +273,15 @@ impl Traffic {
     }
 
     fn entry(&self, i: usize) -> serde_json::Value {
-        let user = Self::user_id(i % self.users);
+        let g = self.first + i;
+        let user = Self::user_id(g % self.users);
         json!({
             "user_id": user,
-            "graph_exec_id": format!("{:08x}-0000-4000-a000-{:012x}", self.run_id, i / 10),
-            "graph_id": format!("00000000-0000-4000-b000-{:012x}", (i / 10) % 50 + 1),
+            "graph_exec_id": format!("{:08x}-0000-4000-a000-{:012x}", self.run_id, g / 10),
+            "graph_id": format!("00000000-0000-4000-b000-{:012x}", (g / 10) % 50 + 1),
             "graph_version": 1,
             "node_exec_id": self.node_exec_id(i),
-            "node_id": format!("00000000-0000-4000-c000-{:012x}", i % 7 + 1000),
+            "node_id": format!("00000000-0000-4000-c000-{:012x}", g % 7 + 1000),
             "block_id": BLOCK_ID,
             "inputs": {
                 "prompt": "Write a haiku about credits.",
@@ -287,10 +350,9 @@ pub(crate) async fn publish_backlog(
     Ok((published, rate))
 }
 
-/// Publishes message i at `start + i / rate` (open loop: sends never wait for confirms or
-/// for the consumer; confirms are awaited per window in the background). Returns `start`,
-/// from which each message's intended send time follows, so a publisher that falls behind
-/// cannot hide queueing delay.
+/// Publishes message i at `start + i / rate` on a connection of its own (see [`pace`]).
+/// Returns `start`, from which each message's intended send time follows, so a publisher that
+/// falls behind cannot hide queueing delay.
 pub(crate) async fn publish_paced(
     amqp: &AmqpSettings,
     queue: &str,
@@ -300,14 +362,32 @@ pub(crate) async fn publish_paced(
 ) -> anyhow::Result<Instant> {
     let conn = crate::amqp::connect(amqp, "credit-worker bench publisher").await?;
     let publisher = Publisher::open(&conn).await?;
+    let start = Instant::now();
+    let never = CancellationToken::new();
+    pace(&publisher, queue, traffic, rate, start, &never, bar).await?;
+    let _ = crate::tools::close_connection(conn, "done").await;
+    Ok(start)
+}
+
+/// Publishes slot m at `start + m / rate` until every slot is sent or `stop` is cancelled
+/// (open loop: sends never wait for confirms or for the consumer; confirms are awaited per
+/// window in the background). Returns the slots sent, all confirmed.
+pub(crate) async fn pace(
+    publisher: &Publisher,
+    queue: &str,
+    traffic: &Traffic,
+    rate: f64,
+    start: Instant,
+    stop: &CancellationToken,
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<usize> {
     let mut windows: Vec<JoinHandle<Result<usize, PublishError>>> = Vec::new();
     let mut pending = Vec::with_capacity(WINDOW);
     let mut tick = tokio::time::interval(Duration::from_millis(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let total = traffic.published();
-    let start = Instant::now();
     let mut sent = 0;
-    while sent < total {
+    while sent < total && !stop.is_cancelled() {
         tick.tick().await;
         let due = ((start.elapsed().as_secs_f64() * rate) as usize + 1).min(total);
         while sent < due {
@@ -333,8 +413,23 @@ pub(crate) async fn publish_paced(
     for w in windows {
         w.await??;
     }
-    let _ = crate::tools::close_connection(conn, "done").await;
-    Ok(start)
+    Ok(sent)
+}
+
+/// Publishes `slots` of `traffic` at once and awaits their confirms.
+pub(crate) async fn publish_slots(
+    publisher: &Publisher,
+    queue: &str,
+    traffic: &Traffic,
+    slots: &[usize],
+) -> anyhow::Result<()> {
+    if slots.is_empty() {
+        return Ok(());
+    }
+    let bodies: Vec<Vec<u8>> = slots.iter().map(|&m| traffic.body_at(m)).collect();
+    crate::tools::publish::publish_window(publisher, queue, bodies.iter().map(Vec::as_slice))
+        .await?;
+    Ok(())
 }
 
 /// Counts seen by the sink while it runs.
@@ -348,8 +443,9 @@ pub(crate) struct SinkProgress {
     pub complete: Notify,
 }
 
-/// What the sink saw.
-#[derive(Debug)]
+/// What the sink saw (per execution, indexed as the traffic's `index_of` says; the vectors
+/// grow as executions arrive).
+#[derive(Debug, Default)]
 pub(crate) struct SinkResult {
     /// Arrival of each message's USAGE `balance.changed`.
     pub received: Vec<Option<Instant>>,
@@ -359,14 +455,47 @@ pub(crate) struct SinkResult {
     pub settled: Vec<Option<Instant>>,
     /// Arrival of the last USAGE or SETTLE `balance.changed` of any execution.
     pub last_any: Option<Instant>,
+    /// USAGE and SETTLE `balance.changed` events received per execution.
+    pub counts: Vec<u8>,
     pub events: usize,
     pub duplicates: usize,
 }
 
+impl SinkResult {
+    /// Notes execution i's USAGE (or SETTLE) event arriving `now`; true when it is the
+    /// execution's first USAGE event.
+    fn record(&mut self, i: usize, usage: bool, now: Instant) -> bool {
+        if self.settled.len() <= i {
+            self.settled.resize(i + 1, None);
+            self.received.resize(i + 1, None);
+            self.counts.resize(i + 1, 0);
+        }
+        self.settled[i] = Some(now);
+        self.counts[i] = self.counts[i].saturating_add(1);
+        self.last_any = Some(now);
+        if !usage {
+            return false;
+        }
+        if self.received[i].is_some() {
+            self.duplicates += 1;
+            return false;
+        }
+        self.received[i] = Some(now);
+        self.last = Some(now);
+        true
+    }
+}
+
+fn lock(seen: &Mutex<SinkResult>) -> MutexGuard<'_, SinkResult> {
+    seen.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 pub(crate) struct Sink {
     pub progress: Arc<SinkProgress>,
+    /// What it saw so far, read while it runs with [`Sink::inspect`].
+    seen: Arc<Mutex<SinkResult>>,
     stop: CancellationToken,
-    task: JoinHandle<anyhow::Result<SinkResult>>,
+    task: JoinHandle<anyhow::Result<()>>,
 }
 
 /// Only the fields the sink needs; the rest of the body is skipped.
@@ -402,7 +531,7 @@ impl Sink {
     ) -> anyhow::Result<Sink> {
         let conn = crate::amqp::connect(amqp, "credit-worker bench sink").await?;
         let ch = conn.create_channel().await?;
-        let mut deliveries = ch
+        let deliveries = ch
             .basic_consume(
                 queue.into(),
                 "credit-worker-bench-sink".into(),
@@ -414,67 +543,32 @@ impl Sink {
             )
             .await?;
         let progress = Arc::new(SinkProgress::default());
+        let seen = Arc::new(Mutex::new(SinkResult::default()));
         let stop = CancellationToken::new();
-        let traffic = traffic.clone();
-        let task = tokio::spawn({
-            let progress = progress.clone();
-            let stop = stop.clone();
-            async move {
-                let mut r = SinkResult {
-                    received: vec![None; traffic.messages],
-                    last: None,
-                    settled: vec![None; traffic.messages],
-                    last_any: None,
-                    events: 0,
-                    duplicates: 0,
-                };
-                let mut charged = 0;
-                loop {
-                    let d = tokio::select! {
-                        _ = stop.cancelled() => break,
-                        d = deliveries.next() => d,
-                    };
-                    let d = match d {
-                        Some(Ok(d)) => d,
-                        Some(Err(e)) => return Err(e.into()),
-                        None => break,
-                    };
-                    let now = Instant::now();
-                    r.events += 1;
-                    progress.events.store(r.events, Ordering::Relaxed);
-                    let Ok(ev) = serde_json::from_slice::<EventFields>(&d.data) else {
-                        continue;
-                    };
-                    let Some((i, usage)) = execution_event(&traffic, &ev) else {
-                        continue;
-                    };
-                    r.settled[i] = Some(now);
-                    r.last_any = Some(now);
-                    if !usage {
-                        continue;
-                    }
-                    if r.received[i].is_some() {
-                        r.duplicates += 1;
-                        continue;
-                    }
-                    r.received[i] = Some(now);
-                    r.last = Some(now);
-                    charged += 1;
-                    progress.charged.store(charged, Ordering::Relaxed);
-                    if charged == traffic.messages {
-                        progress.complete.notify_one();
-                    }
-                }
-                let _ = ch.close(200, "done".into()).await;
-                let _ = crate::tools::close_connection(conn, "done").await;
-                Ok(r)
-            }
+        let task = tokio::spawn(consume_events(
+            deliveries,
+            traffic.clone(),
+            progress.clone(),
+            seen.clone(),
+            stop.clone(),
+        ));
+        let task = tokio::spawn(async move {
+            let consumed = task.await;
+            let _ = ch.close(200, "done".into()).await;
+            let _ = crate::tools::close_connection(conn, "done").await;
+            consumed?
         });
         Ok(Sink {
             progress,
+            seen,
             stop,
             task,
         })
+    }
+
+    /// Reads what the sink has seen so far (briefly holding it up: keep `f` short).
+    pub(crate) fn inspect<R>(&self, f: impl FnOnce(&SinkResult) -> R) -> R {
+        f(&lock(&self.seen))
     }
 
     pub fn charged(&self) -> usize {
@@ -528,7 +622,48 @@ impl Sink {
 
     pub async fn finish(self) -> anyhow::Result<SinkResult> {
         self.stop.cancel();
-        self.task.await?
+        self.task.await??;
+        Ok(std::mem::take(&mut *lock(&self.seen)))
+    }
+}
+
+/// The sink's consumer: times every execution's events into `seen` until `stop`.
+async fn consume_events(
+    mut deliveries: lapin::Consumer,
+    traffic: Traffic,
+    progress: Arc<SinkProgress>,
+    seen: Arc<Mutex<SinkResult>>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut charged = 0;
+    loop {
+        let d = tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            d = deliveries.next() => d,
+        };
+        let d = match d {
+            Some(Ok(d)) => d,
+            Some(Err(e)) => return Err(e.into()),
+            None => return Ok(()),
+        };
+        let now = Instant::now();
+        let execution = serde_json::from_slice::<EventFields>(&d.data)
+            .ok()
+            .and_then(|ev| execution_event(&traffic, &ev));
+        let (events, first_usage) = {
+            let mut r = lock(&seen);
+            r.events += 1;
+            let first = execution.is_some_and(|(i, usage)| r.record(i, usage, now));
+            (r.events, first)
+        };
+        progress.events.store(events, Ordering::Relaxed);
+        if first_usage {
+            charged += 1;
+            progress.charged.store(charged, Ordering::Relaxed);
+            if charged == traffic.messages {
+                progress.complete.notify_one();
+            }
+        }
     }
 }
 
@@ -551,6 +686,11 @@ impl Latency {
                 r.map(|r| r.saturating_duration_since(sent(i)).as_secs_f64() * 1e3)
             })
             .collect();
+        Self::of_ms(&mut ms)
+    }
+
+    /// Nearest-rank percentiles of latencies in milliseconds (sorted in place).
+    pub fn of_ms(ms: &mut [f64]) -> Option<Latency> {
         if ms.is_empty() {
             return None;
         }
@@ -632,6 +772,56 @@ mod tests {
         assert!(more > 500 && less > 500, "{more} {less}");
         assert_eq!(post_price(1000, 0), 2);
         assert_eq!(post_price(2000, 1000), 8);
+    }
+
+    #[test]
+    fn slices_cut_one_id_space_and_map_their_events_back() {
+        let whole = Traffic::new(9, 300, 7);
+        let space = Traffic::id_space(9, 1 << 40, 7, false);
+        let s = space.slice(120, 50);
+        assert_eq!(s.published(), 50);
+        assert_eq!(s.global_index(3), 123);
+        assert_eq!(s.node_exec_id(3), whole.node_exec_id(123));
+        assert_eq!(s.body(3), whole.body(123));
+        assert_eq!(s.index_of(&whole.node_exec_id(123)), Some(3));
+        assert_eq!(s.index_of(&whole.node_exec_id(119)), None);
+        assert_eq!(s.index_of(&whole.node_exec_id(170)), None);
+        assert_eq!(space.index_of(&whole.node_exec_id(170)), Some(170));
+        assert_eq!(s.slice(10, 5).global_index(0), 130);
+        assert!(s.completing_slots(20).is_empty());
+        assert_eq!(s.executions_begun(20), 20);
+    }
+
+    #[test]
+    fn pairs_slices_price_like_the_whole_run() {
+        let whole = Traffic::pairs(9, 300, 7);
+        let s = Traffic::id_space(9, 1 << 40, 7, true).slice(100, 40);
+        assert_eq!(s.published(), 80);
+        let e = crate::message::decode(&s.completion_body(5)).unwrap();
+        assert_eq!(e.node_exec_id, whole.node_exec_id(105));
+        assert_eq!(s.completion_body(5), whole.completion_body(105));
+    }
+
+    #[test]
+    fn an_early_stop_completes_every_execution_begun() {
+        let t = Traffic::pairs(3, 100, 4);
+        let slots = &t.schedule.as_ref().unwrap().slots;
+        for sent in [0, 1, 7, 23, 50, 101, 199, 200] {
+            let rest = t.completing_slots(sent);
+            let begun = t.executions_begun(sent);
+            assert!(rest.iter().all(|&m| m >= sent));
+            assert!(rest.windows(2).all(|w| w[0] < w[1]), "publish order");
+            let mut count = vec![0; 100];
+            for m in (0..sent).chain(rest.iter().copied()) {
+                let (Slot::Start(i) | Slot::Completion(i)) = slots[m];
+                count[i] += 1;
+            }
+            // The first `begun` executions whole, none after them.
+            assert!(count[..begun].iter().all(|&c| c == 2), "{sent}");
+            assert!(count[begun..].iter().all(|&c| c == 0), "{sent}");
+        }
+        assert_eq!(t.executions_begun(0), 0);
+        assert_eq!(t.executions_begun(200), 100);
     }
 
     #[test]

@@ -97,18 +97,8 @@ pub async fn run(
     let last = last.unwrap_or_else(Instant::now);
 
     let problems = &mut stopped.problems;
-    let (fees, pairs) = if t.is_pairs() {
-        let p = verify_pairs(settings, &pool, t, problems).await?;
-        (p.0, Some(p.1))
-    } else {
-        (verify(settings, &pool, t, cost, problems).await?, None)
-    };
-    if (seen.events as i64) != ledger_rows {
-        problems.push(format!(
-            "{} events received for {ledger_rows} ledger rows",
-            seen.events
-        ));
-    }
+    let (fees, pairs) =
+        verify_run(settings, &pool, t, cost, seen.events, ledger_rows, problems).await?;
     check_queues_empty(&ch, &names, problems).await?;
     let _ = crate::tools::close_connection(conn, "done").await;
     pool.close().await;
@@ -122,9 +112,34 @@ pub async fn run(
     Ok(r)
 }
 
+/// Checks the ledger after the run of `t` (see [`verify`] and [`verify_pairs`]) and that an
+/// event arrived for every ledger row; returns the execution fees and what pairs verified.
+pub(super) async fn verify_run(
+    settings: &Settings,
+    pool: &PgPool,
+    t: &Traffic,
+    cost: i64,
+    events: usize,
+    ledger_rows: i64,
+    problems: &mut Vec<String>,
+) -> anyhow::Result<(i64, Option<PairsResult>)> {
+    let (fees, pairs) = if t.is_pairs() {
+        let p = verify_pairs(settings, pool, t, problems).await?;
+        (p.0, Some(p.1))
+    } else {
+        (verify(settings, pool, t, cost, problems).await?, None)
+    };
+    if (events as i64) != ledger_rows {
+        problems.push(format!(
+            "{events} events received for {ledger_rows} ledger rows"
+        ));
+    }
+    Ok((fees, pairs))
+}
+
 /// Declares the queue catching every event, binds it to the events exchange and starts
 /// consuming it.
-async fn start_sink(
+pub(super) async fn start_sink(
     amqp: &AmqpSettings,
     scratch: &Scratch,
     t: &Traffic,
@@ -214,7 +229,7 @@ async fn start_then_publish(
 
 /// What the bench waits for on the input queue after starting the worker.
 #[derive(Clone, Copy)]
-enum Awaiting {
+pub(super) enum Awaiting {
     /// Its first delivery, which shows as the ready count dropping below N (prefetch takes a
     /// whole window at once); polled so the start-up is not counted as work.
     FirstDelivery(usize),
@@ -224,7 +239,7 @@ enum Awaiting {
 
 /// Polls the input queue until the worker got as far as `awaiting`; fails when the worker
 /// exits, or after 60 s.
-async fn wait_for_worker(
+pub(super) async fn wait_for_worker(
     ch: &lapin::Channel,
     names: &Names,
     proc: &mut WorkerProcess,
@@ -268,11 +283,11 @@ fn passive_declare() -> QueueDeclareOptions {
 }
 
 /// The worker once stopped.
-struct Stopped {
-    peak_kib: u64,
-    breakdown: Option<Breakdown>,
+pub(super) struct Stopped {
+    pub peak_kib: u64,
+    pub breakdown: Option<Breakdown>,
     /// How it exited, unless cleanly; the checks after the run add theirs.
-    problems: Vec<String>,
+    pub problems: Vec<String>,
 }
 
 /// Waits until every message's event arrived (with `--pairs`: every execution settled and
@@ -294,25 +309,30 @@ async fn wait_then_stop(
             .await
     };
     bar.finish_and_clear();
+    let stopped = stop_worker(proc).await;
+    waited?;
+    Ok(stopped)
+}
+
+/// Reads the worker's peak RSS and its own timings, then stops it with SIGTERM.
+pub(super) async fn stop_worker(proc: &mut WorkerProcess) -> Stopped {
     let peak_kib = proc.peak_kib();
     // The worker's own timings, when its HTTP endpoint answers (diagnostic only).
     let breakdown = scrape(proc.metrics_addr)
         .await
         .map(|t| Breakdown::parse(&t))
         .ok();
-    let exit = proc.stop().await;
-    waited?;
     let mut problems = Vec::new();
-    match exit {
+    match proc.stop().await {
         Ok(status) if status.success() => {}
         Ok(status) => problems.push(format!("the worker exited with {status} after SIGTERM")),
         Err(e) => problems.push(format!("stopping the worker: {e}")),
     }
-    Ok(Stopped {
+    Stopped {
         peak_kib,
         breakdown,
         problems,
-    })
+    }
 }
 
 /// Polls the ledger until `n` executions are settled and the sink has an event for every
@@ -361,7 +381,7 @@ async fn wait_settled(
 
 /// Ends the sink once it has an event for every ledger row but the seed's (10 s at most);
 /// returns what it saw and that number of ledger rows.
-async fn drain_sink(pool: &PgPool, sink: Sink) -> anyhow::Result<(SinkResult, i64)> {
+pub(super) async fn drain_sink(pool: &PgPool, sink: Sink) -> anyhow::Result<(SinkResult, i64)> {
     // The relay flushed the outbox at shutdown; collect the stragglers (execution-fee events).
     let ledger_rows: i64 =
         sqlx::query_scalar("SELECT count(*) FROM credit.transactions WHERE transaction_key <> $1")
@@ -377,7 +397,7 @@ async fn drain_sink(pool: &PgPool, sink: Sink) -> anyhow::Result<(SinkResult, i6
 }
 
 /// Notes the messages left on the input and dead-letter queues.
-async fn check_queues_empty(
+pub(super) async fn check_queues_empty(
     ch: &lapin::Channel,
     names: &Names,
     problems: &mut Vec<String>,
@@ -460,7 +480,7 @@ impl SentAt {
 
 /// Users with one GRANT of [`SEED_BALANCE`] each (ledger row, balance and an already
 /// published outbox event, so the audit holds), evaluated for this month's refill.
-async fn seed(pool: &PgPool, users: usize) -> Result<(), sqlx::Error> {
+pub(super) async fn seed(pool: &PgPool, users: usize) -> Result<(), sqlx::Error> {
     let ids: Vec<String> = (0..users).map(Traffic::user_id).collect();
     let month = Month::of(Utc::now()).first_day();
     seed::seed_funded_users(pool, &ids, SEED_BALANCE, SEED_KEY, month).await?;
@@ -682,10 +702,10 @@ async fn check_audit(pool: &PgPool, problems: &mut Vec<String>) -> anyhow::Resul
 }
 
 /// `credit-worker run` in a child process, so its memory is its own.
-struct WorkerProcess {
+pub(super) struct WorkerProcess {
     child: tokio::process::Child,
     pid: u32,
-    log: PathBuf,
+    pub log: PathBuf,
     metrics_addr: std::net::SocketAddr,
     peak_kib: Arc<AtomicU64>,
     sampler: JoinHandle<()>,
@@ -694,7 +714,7 @@ struct WorkerProcess {
 }
 
 impl WorkerProcess {
-    fn spawn(
+    pub(super) fn spawn(
         settings: &Settings,
         scratch: &Scratch,
         max_batch: usize,
@@ -747,7 +767,7 @@ impl WorkerProcess {
         })
     }
 
-    fn check_alive(&mut self) -> anyhow::Result<()> {
+    pub(super) fn check_alive(&mut self) -> anyhow::Result<()> {
         match self.child.try_wait()? {
             None => Ok(()),
             Some(status) => anyhow::bail!(
@@ -787,7 +807,7 @@ impl WorkerProcess {
         }
     }
 
-    fn remove_log(&self) {
+    pub(super) fn remove_log(&self) {
         let _ = std::fs::remove_file(&self.log);
     }
 }
