@@ -466,3 +466,68 @@ fn bind_auto_top_up<'q>(q: Write<'q>, dirty: &[&'q Account]) -> Write<'q> {
                 .collect::<Vec<_>>(),
         )
 }
+
+// The outbox relay's statements.
+
+/// The relays' watermark, locked for the caller's transaction; none while another relay holds
+/// it (replicas take turns).
+const LOCK_WATERMARK: &str =
+    "SELECT published_through FROM credit.outbox_relay FOR UPDATE SKIP LOCKED";
+
+/// The next events after the watermark, in id order (= commit order, migration 0005).
+const EVENTS_AFTER: &str = "SELECT id, event_id, routing_key, payload::text AS payload, created_at
+       FROM credit.outbox WHERE id > $1 ORDER BY id LIMIT $2";
+
+const ADVANCE_WATERMARK: &str = "UPDATE credit.outbox_relay
+        SET published_through = $1, updated_at = now() WHERE published_through < $1";
+
+const UNPUBLISHED: &str = "SELECT count(*) FROM credit.outbox
+      WHERE id > (SELECT published_through FROM credit.outbox_relay)";
+
+/// An event as stored in the outbox.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct StoredEvent {
+    pub id: i64,
+    pub event_id: String,
+    pub routing_key: String,
+    pub payload: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Locks the relays' watermark (every event up to it was published); `None` while another
+/// relay holds it.
+pub(crate) async fn lock_watermark(conn: &mut PgConnection) -> Result<Option<i64>, sqlx::Error> {
+    sqlx::query_scalar(LOCK_WATERMARK)
+        .fetch_optional(&mut *conn)
+        .await
+}
+
+/// Up to `limit` events after `watermark`, in id order.
+pub(crate) async fn events_after(
+    conn: &mut PgConnection,
+    watermark: i64,
+    limit: i64,
+) -> Result<Vec<StoredEvent>, sqlx::Error> {
+    sqlx::query_as(EVENTS_AFTER)
+        .bind(watermark)
+        .bind(limit)
+        .fetch_all(&mut *conn)
+        .await
+}
+
+/// Moves the watermark (locked by [`lock_watermark`]) to `through`.
+pub(crate) async fn advance_watermark(
+    conn: &mut PgConnection,
+    through: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(ADVANCE_WATERMARK)
+        .bind(through)
+        .execute(&mut *conn)
+        .await
+        .map(|_| ())
+}
+
+/// Events after the watermark: not published yet.
+pub(crate) async fn unpublished_events(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(UNPUBLISHED).fetch_one(pool).await
+}

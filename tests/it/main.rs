@@ -12,5 +12,6 @@ mod docs;
 mod faults;
 mod ledger;
 mod operations;
+mod outbox;
 mod properties;
 mod tls;
