@@ -29,7 +29,16 @@ const CREATE_ACCOUNTS: &str = "INSERT INTO credit.balances (user_id)
 /// Everything a transaction writes, in one statement (one round trip): decisions (when
 /// given), ledger rows, balances, outbox rows, and a wake-up for the outbox relays. Returns
 /// how many decisions were inserted, so the caller can detect a concurrent decision.
+///
+/// PostgreSQL runs the CTEs the final SELECT reads (d, s) first, then the others, the last
+/// declared first. The outbox insert is declared first so that it runs last: it takes the
+/// lock that orders event ids (migration 0005), held until commit, so a concurrent writer
+/// (another replica, a control command, a sweep chunk) waits for it only from here to the
+/// commit, not through the ledger writes.
 const WRITE: &str = "WITH
+  o AS (
+    INSERT INTO credit.outbox (event_id, routing_key, payload)
+    SELECT e, r, p::json FROM unnest($17::text[], $18::text[], $26::text[]) AS x(e, r, p)),
   d AS (
     INSERT INTO credit.decisions
         (node_exec_id, user_id, block_id, graph_exec_id, outcome, cost, fee, transaction_key,
@@ -55,9 +64,6 @@ const WRITE: &str = "WITH
                   $36::int8[], $37::int8[], $38::int8[], $39::timestamptz[])
            AS x(user_id, balance, last_seq, refill_month, fee_day, fee_count, at, aa, ar, ara)
      WHERE b.user_id = x.user_id),
-  o AS (
-    INSERT INTO credit.outbox (event_id, routing_key, payload)
-    SELECT e, r, p::json FROM unnest($17::text[], $18::text[], $26::text[]) AS x(e, r, p)),
   s AS (
     INSERT INTO credit.settlements
         (node_exec_id, user_id, block_id, status, pre, post, delta, uncollected,
