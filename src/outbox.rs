@@ -1,12 +1,16 @@
-//! The outbox relay: claims unpublished events (`FOR UPDATE SKIP LOCKED`, so replicas share
-//! the work), publishes them persistently with pipelined publisher confirms, and marks them
-//! published only after every confirm arrived. At-least-once: a crash between confirm and
-//! mark republishes the same `event_id`.
+//! The outbox relay: publishes committed events in id order from the relays' watermark
+//! (`credit.outbox_relay`, locked `FOR UPDATE SKIP LOCKED`, so replicas take turns and a
+//! user's events go out in order), persistently with pipelined publisher confirms, and moves
+//! the watermark past them only after every confirm arrived. At-least-once: a crash between
+//! confirm and the watermark's commit republishes the same `event_id`s.
+//!
+//! Ids are drawn in commit order (migration 0005), so an event never becomes visible below a
+//! watermark the relay already moved past.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -15,14 +19,7 @@ use tracing::{info, warn};
 use crate::amqp::topology;
 use crate::amqp::{self, Outgoing, PublishError, Publisher};
 use crate::config::Settings;
-
-const CLAIM: &str = "SELECT id, event_id, routing_key, payload::text AS payload, created_at
-       FROM credit.outbox WHERE published_at IS NULL
-      ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED";
-
-const MARK: &str = "UPDATE credit.outbox SET published_at = now() WHERE id = ANY($1::int8[])";
-
-const BACKLOG: &str = "SELECT count(*) AS n FROM credit.outbox WHERE published_at IS NULL";
+use crate::ledger::store::{self, StoredEvent};
 
 /// Events published per transaction.
 pub(crate) const BATCH: i64 = 1000;
@@ -38,16 +35,6 @@ pub(crate) enum RelayError {
         event_id: String,
         source: PublishError,
     },
-}
-
-/// An unpublished event as claimed.
-#[derive(Debug, sqlx::FromRow)]
-struct Claimed {
-    id: i64,
-    event_id: String,
-    routing_key: String,
-    payload: String,
-    created_at: DateTime<Utc>,
 }
 
 pub(crate) struct Relay {
@@ -110,7 +97,7 @@ impl Relay {
             tokio::select! {
                 r = listener.recv() => { r?; }
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {
-                    let backlog: i64 = sqlx::query_scalar(BACKLOG).fetch_one(&self.pool).await?;
+                    let backlog = store::unpublished_events(&self.pool).await?;
                     metrics::gauge!("credit_outbox_backlog").set(backlog as f64);
                 }
                 _ = drain.cancelled() => {}
@@ -120,7 +107,8 @@ impl Relay {
     }
 }
 
-/// Publishes up to `limit` events in one transaction; returns how many.
+/// Publishes up to `limit` events after the watermark in one transaction and moves the
+/// watermark past them; returns how many (0 also while another relay holds the watermark).
 pub(crate) async fn publish_batch(
     pool: &PgPool,
     publisher: &Publisher,
@@ -128,17 +116,32 @@ pub(crate) async fn publish_batch(
     limit: i64,
 ) -> Result<usize, RelayError> {
     let mut tx = pool.begin().await?;
-    let rows: Vec<Claimed> = sqlx::query_as(CLAIM)
-        .bind(limit)
-        .fetch_all(&mut *tx)
-        .await?;
-    if rows.is_empty() {
+    let Some(watermark) = store::lock_watermark(&mut tx).await? else {
         tx.rollback().await?;
         return Ok(0);
-    }
+    };
+    let rows = store::events_after(&mut tx, watermark, limit).await?;
+    let Some(through) = rows.last().map(|r| r.id) else {
+        tx.rollback().await?;
+        return Ok(0);
+    };
     let started = Instant::now();
+    publish(publisher, exchange, &rows).await?;
+    store::advance_watermark(&mut tx, through).await?;
+    tx.commit().await?;
+    metrics::counter!("credit_events_published_total").increment(rows.len() as u64);
+    metrics::histogram!("credit_outbox_publish_seconds").record(started.elapsed().as_secs_f64());
+    Ok(rows.len())
+}
+
+/// Publishes `rows` in order and waits for every confirm.
+async fn publish(
+    publisher: &Publisher,
+    exchange: &str,
+    rows: &[StoredEvent],
+) -> Result<(), RelayError> {
     let now = Utc::now();
-    for row in &rows {
+    for row in rows {
         let lag = (now - row.created_at).num_microseconds().unwrap_or(0) as f64 / 1e6;
         metrics::histogram!("credit_outbox_publish_lag_seconds").record(lag.max(0.0));
     }
@@ -164,10 +167,5 @@ pub(crate) async fn publish_batch(
             source,
         }
     })?;
-    let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-    sqlx::query(MARK).bind(&ids).execute(&mut *tx).await?;
-    tx.commit().await?;
-    metrics::counter!("credit_events_published_total").increment(ids.len() as u64);
-    metrics::histogram!("credit_outbox_publish_seconds").record(started.elapsed().as_secs_f64());
-    Ok(ids.len())
+    Ok(())
 }

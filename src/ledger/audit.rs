@@ -1,7 +1,8 @@
 //! Reconciliation: for every user Σ amount = balance = the last row's running balance, seq is
 //! gap-free and each row's running balance follows from the previous one; every charged
 //! decision has its USAGE row, every settlement that moved credits its SETTLE row; every
-//! ledger row has its balance.changed event in the outbox.
+//! ledger row has its balance.changed event in the outbox. Events after the relays' watermark
+//! are counted as unpublished.
 
 use serde::Serialize;
 use sqlx::PgPool;
@@ -83,7 +84,8 @@ SELECT t.user_id, t.seq FROM credit.transactions t
 const COUNTS: &str = "SELECT (SELECT count(*) FROM credit.balances) AS users,
        (SELECT count(*) FROM credit.transactions) AS transactions,
        (SELECT count(*) FROM credit.decisions) AS decisions,
-       (SELECT count(*) FROM credit.outbox WHERE published_at IS NULL) AS unpublished";
+       (SELECT count(*) FROM credit.outbox
+         WHERE id > (SELECT published_through FROM credit.outbox_relay)) AS unpublished";
 
 #[derive(sqlx::FromRow)]
 struct BalanceMismatch {

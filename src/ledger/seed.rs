@@ -37,14 +37,21 @@ pub async fn seed_funded_users(
     .bind(key)
     .execute(&mut *tx)
     .await?;
+    // The events count as published: the watermark moves past them, unless events written
+    // before are still waiting for the relay (then these go out again: at least once).
     sqlx::query(
-        "INSERT INTO credit.outbox (event_id, routing_key, payload, published_at)
-         SELECT 'balance.changed:' || user_id || ':' || $2, 'balance.changed',
-                json_build_object('user_id', user_id, 'amount', balance, 'balance', balance,
-                                  'seq', 1, 'transaction_type', 'GRANT',
-                                  'transaction_key', $2::text),
-                now()
-           FROM credit.balances WHERE user_id = ANY($1::text[])",
+        "WITH e AS (
+           INSERT INTO credit.outbox (event_id, routing_key, payload)
+           SELECT 'balance.changed:' || user_id || ':' || $2, 'balance.changed',
+                  json_build_object('user_id', user_id, 'amount', balance, 'balance', balance,
+                                    'seq', 1, 'transaction_type', 'GRANT',
+                                    'transaction_key', $2::text)
+             FROM credit.balances WHERE user_id = ANY($1::text[])
+           RETURNING id)
+         UPDATE credit.outbox_relay r
+            SET published_through = (SELECT max(id) FROM e), updated_at = now()
+          WHERE EXISTS (SELECT 1 FROM e)
+            AND NOT EXISTS (SELECT 1 FROM credit.outbox o WHERE o.id > r.published_through)",
     )
     .bind(user_ids)
     .bind(key)

@@ -29,7 +29,16 @@ const CREATE_ACCOUNTS: &str = "INSERT INTO credit.balances (user_id)
 /// Everything a transaction writes, in one statement (one round trip): decisions (when
 /// given), ledger rows, balances, outbox rows, and a wake-up for the outbox relays. Returns
 /// how many decisions were inserted, so the caller can detect a concurrent decision.
+///
+/// PostgreSQL runs the CTEs the final SELECT reads (d, s) first, then the others, the last
+/// declared first. The outbox insert is declared first so that it runs last: it takes the
+/// lock that orders event ids (migration 0005), held until commit, so a concurrent writer
+/// (another replica, a control command, a sweep chunk) waits for it only from here to the
+/// commit, not through the ledger writes.
 const WRITE: &str = "WITH
+  o AS (
+    INSERT INTO credit.outbox (event_id, routing_key, payload)
+    SELECT e, r, p::json FROM unnest($17::text[], $18::text[], $26::text[]) AS x(e, r, p)),
   d AS (
     INSERT INTO credit.decisions
         (node_exec_id, user_id, block_id, graph_exec_id, outcome, cost, fee, transaction_key,
@@ -55,9 +64,6 @@ const WRITE: &str = "WITH
                   $36::int8[], $37::int8[], $38::int8[], $39::timestamptz[])
            AS x(user_id, balance, last_seq, refill_month, fee_day, fee_count, at, aa, ar, ara)
      WHERE b.user_id = x.user_id),
-  o AS (
-    INSERT INTO credit.outbox (event_id, routing_key, payload)
-    SELECT e, r, p::json FROM unnest($17::text[], $18::text[], $26::text[]) AS x(e, r, p)),
   s AS (
     INSERT INTO credit.settlements
         (node_exec_id, user_id, block_id, status, pre, post, delta, uncollected,
@@ -465,4 +471,69 @@ fn bind_auto_top_up<'q>(q: Write<'q>, dirty: &[&'q Account]) -> Write<'q> {
                 .map(|a| a.auto_requested_at)
                 .collect::<Vec<_>>(),
         )
+}
+
+// The outbox relay's statements.
+
+/// The relays' watermark, locked for the caller's transaction; none while another relay holds
+/// it (replicas take turns).
+const LOCK_WATERMARK: &str =
+    "SELECT published_through FROM credit.outbox_relay FOR UPDATE SKIP LOCKED";
+
+/// The next events after the watermark, in id order (= commit order, migration 0005).
+const EVENTS_AFTER: &str = "SELECT id, event_id, routing_key, payload::text AS payload, created_at
+       FROM credit.outbox WHERE id > $1 ORDER BY id LIMIT $2";
+
+const ADVANCE_WATERMARK: &str = "UPDATE credit.outbox_relay
+        SET published_through = $1, updated_at = now() WHERE published_through < $1";
+
+const UNPUBLISHED: &str = "SELECT count(*) FROM credit.outbox
+      WHERE id > (SELECT published_through FROM credit.outbox_relay)";
+
+/// An event as stored in the outbox.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct StoredEvent {
+    pub id: i64,
+    pub event_id: String,
+    pub routing_key: String,
+    pub payload: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Locks the relays' watermark (every event up to it was published); `None` while another
+/// relay holds it.
+pub(crate) async fn lock_watermark(conn: &mut PgConnection) -> Result<Option<i64>, sqlx::Error> {
+    sqlx::query_scalar(LOCK_WATERMARK)
+        .fetch_optional(&mut *conn)
+        .await
+}
+
+/// Up to `limit` events after `watermark`, in id order.
+pub(crate) async fn events_after(
+    conn: &mut PgConnection,
+    watermark: i64,
+    limit: i64,
+) -> Result<Vec<StoredEvent>, sqlx::Error> {
+    sqlx::query_as(EVENTS_AFTER)
+        .bind(watermark)
+        .bind(limit)
+        .fetch_all(&mut *conn)
+        .await
+}
+
+/// Moves the watermark (locked by [`lock_watermark`]) to `through`.
+pub(crate) async fn advance_watermark(
+    conn: &mut PgConnection,
+    through: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(ADVANCE_WATERMARK)
+        .bind(through)
+        .execute(&mut *conn)
+        .await
+        .map(|_| ())
+}
+
+/// Events after the watermark: not published yet.
+pub(crate) async fn unpublished_events(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(UNPUBLISHED).fetch_one(pool).await
 }

@@ -581,7 +581,8 @@ async fn wait_until_settled(
     wait_until("the outbox is published", || async {
         scalar(
             pool,
-            "SELECT count(*) FROM credit.outbox WHERE published_at IS NULL",
+            "SELECT count(*) FROM credit.outbox
+              WHERE id > (SELECT published_through FROM credit.outbox_relay)",
         )
         .await
             == 0

@@ -318,11 +318,7 @@ async fn sigterm_finishes_in_flight_work_and_exits_0() {
         .scalar_i64("SELECT count(*) FROM credit.decisions")
         .await;
     // Whatever was decided was published before exit.
-    assert_eq!(
-        env.scalar_i64("SELECT count(*) FROM credit.outbox WHERE published_at IS NULL")
-            .await,
-        0
-    );
+    assert_eq!(env.scalar_i64(UNPUBLISHED).await, 0);
     // The rest is still on the queue: restart and finish.
     let mut w = WorkerProcess::spawn(&env_vars, &["run"]);
     env.wait_decisions(3000, T).await;
@@ -365,8 +361,7 @@ async fn sigkill_while_in_flight_then_restart_decides_everything_once() {
     let mut w = WorkerProcess::spawn(&env_vars, &["run"]);
     env.wait_decisions(n, Duration::from_secs(60)).await;
     // Every event out, including those of batches whose relay was killed.
-    let unpublished = "SELECT count(*) FROM credit.outbox WHERE published_at IS NULL";
-    wait_count(&env, T, "outbox drained", unpublished, &[], |n| n == 0).await;
+    wait_count(&env, T, "outbox drained", UNPUBLISHED, &[], |n| n == 0).await;
     w.sigterm();
     assert_eq!(w.wait_exit(T).await, Some(0));
     assert_eq!(kills, 3);
@@ -630,8 +625,7 @@ async fn sigkill_between_starts_and_completions_settles_everything_once() {
         |c| c == n,
     )
     .await;
-    let unpublished = "SELECT count(*) FROM credit.outbox WHERE published_at IS NULL";
-    wait_count(&env, T, "outbox drained", unpublished, &[], |c| c == 0).await;
+    wait_count(&env, T, "outbox drained", UNPUBLISHED, &[], |c| c == 0).await;
     w.sigterm();
     assert_eq!(w.wait_exit(T).await, Some(0));
     let expected: i64 = (0..n).map(post).sum();

@@ -34,6 +34,10 @@ pub async fn seed<U: AsRef<str>>(env: &TestEnv, users: impl IntoIterator<Item = 
     }
 }
 
+/// Events the relay has not published yet: those after its watermark.
+pub const UNPUBLISHED: &str = "SELECT count(*) FROM credit.outbox
+      WHERE id > (SELECT published_through FROM credit.outbox_relay)";
+
 /// Ready (not yet delivered) messages in `queue`.
 pub async fn queue_depth(env: &TestEnv, queue: &str) -> u32 {
     let (_conn, ch) = env.amqp_channel().await;

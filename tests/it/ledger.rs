@@ -525,6 +525,8 @@ async fn audit_reports_every_kind_of_mismatch() {
     let report = credit_worker::ledger::audit::run(&env.pool)
         .await
         .expect("audit");
+    // No relay ran: the events left (a's grant and charge) are after the watermark.
+    assert_eq!(report.unpublished_events, 2);
     let mut found: Vec<(String, String)> = report
         .mismatches
         .into_iter()
@@ -550,6 +552,17 @@ async fn audit_reports_every_kind_of_mismatch() {
             expect("ghost", "seq 1 has no balance.changed event"),
         ]
     );
+    // A watermark past them counts them published.
+    sqlx::query(
+        "UPDATE credit.outbox_relay SET published_through = (SELECT max(id) FROM credit.outbox)",
+    )
+    .execute(&env.pool)
+    .await
+    .expect("move the watermark");
+    let report = credit_worker::ledger::audit::run(&env.pool)
+        .await
+        .expect("audit");
+    assert_eq!(report.unpublished_events, 0);
     env.cleanup().await;
 }
 

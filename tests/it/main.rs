@@ -15,5 +15,6 @@ mod docs;
 mod faults;
 mod ledger;
 mod operations;
+mod outbox;
 mod properties;
 mod tls;

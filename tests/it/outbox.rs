@@ -1,0 +1,168 @@
+//! The outbox relay's watermark: event ids are drawn in commit order, so the relay can publish
+//! from a watermark without skipping an event that commits late; a relay that dies after its
+//! events were confirmed but before the watermark moved publishes them again.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use credit_worker::ledger::TxType;
+use sqlx::{Connection, PgConnection};
+
+use crate::fixtures::*;
+use crate::helpers::*;
+
+const T: Duration = Duration::from_secs(30);
+
+const INSERT_EVENT: &str = "INSERT INTO credit.outbox (event_id, routing_key, payload)
+     VALUES ($1, 'balance.changed', '{}') RETURNING id";
+
+async fn connect(env: &TestEnv) -> PgConnection {
+    PgConnection::connect(&env.settings.database.url)
+        .await
+        .expect("connect")
+}
+
+async fn insert_event(conn: &mut PgConnection, event_id: &str) -> i64 {
+    sqlx::query_scalar(INSERT_EVENT)
+        .bind(event_id)
+        .fetch_one(&mut *conn)
+        .await
+        .expect("insert event")
+}
+
+/// While a transaction holding outbox rows is open, no later transaction can draw an id: a
+/// row never becomes visible below one that is already visible. A rolled-back id stays a gap.
+#[tokio::test]
+async fn outbox_ids_are_drawn_in_commit_order() {
+    let env = TestEnv::with(no_refill).await;
+    let mut first = connect(&env).await;
+    sqlx::query("BEGIN").execute(&mut first).await.unwrap();
+    let first_id = insert_event(&mut first, "t:first").await;
+
+    let mut second = connect(&env).await;
+    let later = tokio::spawn(async move {
+        sqlx::query("BEGIN").execute(&mut second).await.unwrap();
+        let id = insert_event(&mut second, "t:second").await;
+        sqlx::query("COMMIT").execute(&mut second).await.unwrap();
+        id
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !later.is_finished(),
+        "a second writer drew an id while the first was open"
+    );
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM credit.outbox").await,
+        0
+    );
+    sqlx::query("COMMIT").execute(&mut first).await.unwrap();
+    let second_id = tokio::time::timeout(T, later).await.unwrap().unwrap();
+    assert!(second_id > first_id);
+
+    let mut rolled_back = connect(&env).await;
+    sqlx::query("BEGIN")
+        .execute(&mut rolled_back)
+        .await
+        .unwrap();
+    let gap = insert_event(&mut rolled_back, "t:rolled-back").await;
+    sqlx::query("ROLLBACK")
+        .execute(&mut rolled_back)
+        .await
+        .unwrap();
+    let mut last = connect(&env).await;
+    let last_id = insert_event(&mut last, "t:last").await;
+    assert!(gap > second_id && last_id > gap);
+    let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM credit.outbox ORDER BY id")
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(ids, vec![first_id, second_id, last_id]);
+    env.cleanup().await;
+}
+
+/// The first time the watermark is moved, the statement hangs: the relay has published and
+/// had every confirm, but its transaction never commits.
+const STALL_FIRST_ADVANCE: &str = "
+CREATE SEQUENCE public.advances;
+CREATE FUNCTION public.stall_first_advance() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF nextval('public.advances') = 1 THEN
+        PERFORM pg_sleep(600);
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER stall_first_advance BEFORE UPDATE ON credit.outbox_relay
+    FOR EACH ROW EXECUTE FUNCTION public.stall_first_advance();";
+
+/// Ends the stalled relay's database session, as the server does once its client is gone.
+async fn end_stalled_session(env: &TestEnv) {
+    let ended: i64 = sqlx::query_scalar(
+        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid))::int8 FROM pg_stat_activity
+          WHERE datname = current_database() AND wait_event = 'PgSleep'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        ended, 1,
+        "one relay session stalled in its watermark update"
+    );
+}
+
+/// A relay killed after its events were confirmed but before its watermark committed: the
+/// next relay publishes the same events again, in the same order, and then everything else.
+#[tokio::test]
+async fn a_relay_killed_between_publish_and_watermark_commit_republishes() {
+    let env = TestEnv::with(no_refill).await;
+    let ledger = env.ledger();
+    for i in 0..12 {
+        let user = format!("w{}", i % 3);
+        ledger
+            .credit(
+                TxType::TopUp,
+                &user,
+                100,
+                Some(&format!("T-{i}")),
+                None,
+                Utc::now(),
+            )
+            .await
+            .unwrap();
+    }
+    sqlx::raw_sql(STALL_FIRST_ADVANCE)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let mut tap = env.event_tap().await;
+    let mut env_vars = env.process_env();
+    env_vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
+
+    let mut w = WorkerProcess::spawn(&env_vars, &["run"]);
+    let first: Vec<String> = tap.take(12, T).await.into_iter().map(|e| e.1).collect();
+    wait_for(T, "the watermark update to stall", || async {
+        env.scalar_i64(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE datname = current_database() AND wait_event = 'PgSleep'",
+        )
+        .await
+            == 1
+    })
+    .await;
+    assert_eq!(env.scalar_i64(UNPUBLISHED).await, 12);
+    w.kill9();
+    end_stalled_session(&env).await;
+
+    let mut w = WorkerProcess::spawn(&env_vars, &["run"]);
+    let again: Vec<String> = tap.take(12, T).await.into_iter().map(|e| e.1).collect();
+    assert_eq!(again, first, "the same events again, in the same order");
+    // Then the relay goes on from its watermark: new events, each once.
+    env.publish(&[body(&platform_gpt4("w0", "after-1"))]).await;
+    let next = tap.take(1, T).await;
+    assert_eq!(next[0].2["transaction_key"], "USAGE-after-1");
+    wait_count(&env, T, "outbox drained", UNPUBLISHED, &[], |n| n == 0).await;
+    tap.assert_quiet(Duration::from_millis(500)).await;
+    w.sigterm();
+    assert_eq!(w.wait_exit(T).await, Some(0));
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
