@@ -164,7 +164,7 @@ const REFILL_CHUNK: &str = r#"WITH
      WHERE amount > 0),
   n AS (
     SELECT count(*)::int8 AS evaluated, count(*) FILTER (WHERE amount > 0)::int8 AS refilled,
-           coalesce(sum(amount), 0)::int8 AS granted
+           least(coalesce(sum(amount), 0), 9223372036854775807)::int8 AS granted
       FROM g)
 SELECT evaluated, refilled, granted,
        CASE WHEN refilled > 0 THEN pg_notify('credit_outbox', '') END IS NULL AS quiet

@@ -28,14 +28,14 @@ impl SweepReport {
         self.users_evaluated += 1;
         if granted > 0 {
             self.users_refilled += 1;
-            self.credits_granted += granted;
+            self.credits_granted = self.credits_granted.saturating_add(granted);
         }
     }
 
     fn add(&mut self, chunk: RefillTotals) {
         self.users_evaluated += chunk.evaluated;
         self.users_refilled += chunk.refilled;
-        self.credits_granted += chunk.granted;
+        self.credits_granted = self.credits_granted.saturating_add(chunk.granted);
     }
 }
 
