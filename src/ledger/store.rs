@@ -45,7 +45,7 @@ const WRITE: &str = "WITH
     SELECT u, s, k, t::credit.transaction_type, a, r, m, $19
       FROM unnest($10::text[], $11::int8[], $12::text[], $13::text[], $14::int8[],
                   $15::int8[], $16::jsonb[]) AS x(u, s, k, t, a, r, m)),
-  b AS (
+  u AS (
     UPDATE credit.balances b
        SET balance = x.balance, last_seq = x.last_seq, refill_month = x.refill_month,
            fee_day = x.fee_day, fee_count = x.fee_count, auto_threshold = x.at,
@@ -137,7 +137,7 @@ const REFILL_CHUNK: &str = r#"WITH
                 WHEN balance + 9223372036854775807 < $4 THEN 9223372036854775807
                 ELSE $4 - balance END AS amount
       FROM locked),
-  b AS (
+  u AS (
     UPDATE credit.balances b
        SET balance = g.balance + g.amount,
            last_seq = CASE WHEN g.amount > 0 THEN g.seq ELSE g.seq - 1 END,
@@ -167,7 +167,7 @@ const REFILL_CHUNK: &str = r#"WITH
            least(coalesce(sum(amount), 0), 9223372036854775807)::int8 AS granted
       FROM g)
 SELECT evaluated, refilled, granted,
-       CASE WHEN refilled > 0 THEN pg_notify('credit_outbox', '') END IS NULL AS quiet
+       CASE WHEN refilled > 0 THEN pg_notify('credit_outbox', '') END IS NULL AS woke
   FROM n"#;
 
 /// Key of the advisory lock that lets one replica sweep at a time.
