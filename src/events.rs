@@ -26,7 +26,8 @@ pub struct ExecutionRef<'a> {
     pub graph_exec_id: Option<&'a str>,
 }
 
-fn rfc3339(at: DateTime<Utc>) -> String {
+/// The `occurred_at` of every event: RFC 3339, UTC, microseconds.
+pub(crate) fn rfc3339(at: DateTime<Utc>) -> String {
     at.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 

@@ -54,6 +54,25 @@ pub struct RefillPolicy {
     pub target: i64,
 }
 
+impl RefillPolicy {
+    /// The refill rule: what an account holding `balance`, whose refill was last evaluated for
+    /// the month starting on `evaluated`, gets for `month`. `None` when that month (or a later
+    /// one) was already evaluated; otherwise the grant that tops the balance up to the target,
+    /// 0 when it is at or above the target. The sweep's SQL (`store::REFILL_CHUNK`) computes
+    /// the same; a test holds the two to the same cases.
+    pub fn grant(self, balance: i64, evaluated: Option<NaiveDate>, month: Month) -> Option<i64> {
+        if evaluated.is_some_and(|m| m >= month.first_day()) {
+            return None;
+        }
+        Some(self.target.saturating_sub(balance).max(0))
+    }
+
+    /// The metadata of the ledger row of `month`'s refill grant.
+    pub(crate) fn metadata(self, month: Month) -> Value {
+        serde_json::json!({"reason": "monthly refill", "month": month.to_string(), "target": self.target})
+    }
+}
+
 impl Account {
     /// A user without a balance row yet (as the database creates it).
     #[cfg(test)]
@@ -243,17 +262,16 @@ impl Account {
         month: Month,
         at: DateTime<Utc>,
     ) -> Result<i64, LedgerError> {
-        if self.refill_month.is_some_and(|m| m >= month.first_day()) {
+        let Some(grant) = policy.grant(self.balance, self.refill_month, month) else {
             return Ok(0);
-        }
-        let grant = policy.target.saturating_sub(self.balance).max(0);
+        };
         if grant > 0 {
             self.post(
                 changes,
                 TxType::Grant,
                 month.refill_key(),
                 grant,
-                serde_json::json!({"reason": "monthly refill", "month": month.to_string(), "target": policy.target}),
+                policy.metadata(month),
                 ExecutionRef::default(),
                 at,
             )?;
@@ -261,5 +279,76 @@ impl Account {
         self.refill_month = Some(month.first_day());
         self.dirty = true;
         Ok(grant)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn month(s: &str) -> Month {
+        s.parse().unwrap()
+    }
+
+    fn day(s: &str) -> Option<NaiveDate> {
+        Some(month(s).first_day())
+    }
+
+    #[test]
+    fn refill_tops_up_to_the_target_once_per_month() {
+        let p = RefillPolicy { target: 1000 };
+        let m = month("2026-12");
+        // Never evaluated, or last evaluated for an earlier month: topped up to the target.
+        assert_eq!(p.grant(0, None, m), Some(1000));
+        assert_eq!(p.grant(400, day("2026-11"), m), Some(600));
+        assert_eq!(p.grant(999, day("2025-12"), m), Some(1));
+        // A debt is topped up too.
+        assert_eq!(p.grant(-250, None, m), Some(1250));
+        // At or above the target: evaluated, nothing granted.
+        assert_eq!(p.grant(1000, None, m), Some(0));
+        assert_eq!(p.grant(1100, day("2026-11"), m), Some(0));
+        assert_eq!(p.grant(i64::MAX, None, m), Some(0));
+        // Already evaluated for this month or a later one: nothing to do.
+        assert_eq!(p.grant(0, day("2026-12"), m), None);
+        assert_eq!(p.grant(-5, day("2027-01"), m), None);
+        // A debt too deep to top up in one grant gets the largest one.
+        assert_eq!(p.grant(i64::MIN, None, m), Some(i64::MAX));
+        assert_eq!(p.grant(-i64::MAX + 999, None, m), Some(i64::MAX));
+        assert_eq!(p.grant(-i64::MAX + 1000, None, m), Some(i64::MAX));
+        assert_eq!(p.grant(-i64::MAX + 1001, None, m), Some(i64::MAX - 1));
+        // A zero target grants nothing to a positive balance.
+        assert_eq!(RefillPolicy { target: 0 }.grant(5, None, m), Some(0));
+    }
+
+    #[test]
+    fn refill_posts_one_grant_and_marks_the_month() {
+        let p = RefillPolicy { target: 1000 };
+        let m = month("2026-12");
+        let at = chrono::Utc::now();
+        let mut a = Account::new("u".into());
+        a.balance = 300;
+        a.last_seq = 4;
+        a.auto_requested_at = Some(at);
+        let mut changes = Changes::default();
+        assert_eq!(a.refill(&mut changes, p, m, at).unwrap(), 700);
+        assert_eq!(
+            (a.balance, a.last_seq, a.refill_month),
+            (1000, 5, day("2026-12"))
+        );
+        assert_eq!(a.auto_requested_at, None);
+        let row = &changes.transactions[0];
+        assert_eq!((row.seq, row.amount, row.running_balance), (5, 700, 1000));
+        assert_eq!(row.transaction_key, "MONTHLY-CREDIT-TOP-UP-2026-12");
+        assert_eq!(row.metadata, p.metadata(m));
+        assert_eq!(changes.events.len(), 1);
+        // The same month again changes nothing.
+        assert_eq!(a.refill(&mut changes, p, m, at).unwrap(), 0);
+        assert_eq!((changes.transactions.len(), a.balance), (1, 1000));
+        // At the target, the next month is evaluated without a row.
+        let mut b = Account::new("v".into());
+        b.balance = 1000;
+        assert_eq!(b.refill(&mut changes, p, month("2027-01"), at).unwrap(), 0);
+        assert_eq!((b.refill_month, b.dirty), (day("2027-01"), true));
+        assert_eq!(changes.transactions.len(), 1);
     }
 }

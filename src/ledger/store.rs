@@ -54,7 +54,7 @@ const WRITE: &str = "WITH
     SELECT u, s, k, t::credit.transaction_type, a, r, m, $19
       FROM unnest($10::text[], $11::int8[], $12::text[], $13::text[], $14::int8[],
                   $15::int8[], $16::jsonb[]) AS x(u, s, k, t, a, r, m)),
-  b AS (
+  u AS (
     UPDATE credit.balances b
        SET balance = x.balance, last_seq = x.last_seq, refill_month = x.refill_month,
            fee_day = x.fee_day, fee_count = x.fee_count, auto_threshold = x.at,
@@ -118,16 +118,63 @@ const HISTORY_BY_GRAPH: &str = "SELECT seq, transaction_key, type::text AS type,
         AND ($5::text IS NULL OR type = $5::text::credit.transaction_type)
       ORDER BY seq DESC LIMIT $3";
 
-/// The next chunk of users not yet evaluated for a month's refill, locked in user_id order.
-const LOCK_REFILL_CHUNK: &str =
-    "SELECT user_id, balance, last_seq, refill_month, fee_day, fee_count,
-            auto_threshold, auto_amount, auto_requests, auto_requested_at
-       FROM credit.balances
-      WHERE user_id > $1 AND (refill_month IS NULL OR refill_month < $2)
-      ORDER BY user_id LIMIT $3 FOR UPDATE";
+/// The upper end (inclusive) of the next sweep chunk: the `$2`-th user after `$1` in user_id
+/// order, or the last one when fewer are left; NULL when none is. Reads only the primary key.
+const REFILL_CHUNK_END: &str = "SELECT max(user_id) FROM (
+        SELECT user_id FROM credit.balances WHERE user_id > $1 ORDER BY user_id LIMIT $2) c";
 
-const REFILL_LEFT: &str = "SELECT EXISTS (SELECT 1 FROM credit.balances
-      WHERE user_id > $1 AND (refill_month IS NULL OR refill_month < $2))";
+/// One chunk of the refill sweep, in one statement: locks the accounts in ($1, $2] not yet
+/// evaluated for the month starting on $3 (user_id order; a row another transaction changed
+/// meanwhile is re-checked after the wait, so one refilled concurrently is skipped), computes
+/// each grant by the rule of `RefillPolicy::grant` (target $4), and writes what
+/// `Account::refill` would: per granted user a GRANT ledger row under key $5 with metadata $6
+/// and its `balance.changed` outbox event, whose payload is the text `events::balance_changed`
+/// serialises (keys in order, `occurred_at` = $8, the time $7 formatted); every evaluated
+/// account gets refill_month = $3. Wakes the outbox relays when it wrote events.
+const REFILL_CHUNK: &str = r#"WITH
+  locked AS (
+    SELECT user_id, balance, last_seq FROM credit.balances
+     WHERE user_id > $1 AND user_id <= $2 AND (refill_month IS NULL OR refill_month < $3)
+     ORDER BY user_id FOR UPDATE),
+  g AS (
+    SELECT user_id, last_seq + 1 AS seq, balance,
+           CASE WHEN balance >= $4 THEN 0
+                WHEN balance >= 0 THEN $4 - balance
+                WHEN balance + 9223372036854775807 < $4 THEN 9223372036854775807
+                ELSE $4 - balance END AS amount
+      FROM locked),
+  u AS (
+    UPDATE credit.balances b
+       SET balance = g.balance + g.amount,
+           last_seq = CASE WHEN g.amount > 0 THEN g.seq ELSE g.seq - 1 END,
+           refill_month = $3,
+           auto_requested_at = CASE WHEN g.amount > 0 THEN NULL ELSE b.auto_requested_at END,
+           updated_at = $7
+      FROM g
+     WHERE b.user_id = g.user_id AND b.user_id > $1 AND b.user_id <= $2),
+  t AS (
+    INSERT INTO credit.transactions
+        (user_id, seq, transaction_key, type, amount, running_balance, metadata, created_at)
+    SELECT user_id, seq, $5, 'GRANT', amount, balance + amount, $6, $7
+      FROM g WHERE amount > 0),
+  o AS (
+    INSERT INTO credit.outbox (event_id, routing_key, payload)
+    SELECT 'balance.changed:' || user_id || ':' || $5, 'balance.changed',
+           ('{"amount":' || amount || ',"balance":' || (balance + amount)
+            || ',"event_id":' || to_json('balance.changed:' || user_id || ':' || $5)::text
+            || ',"occurred_at":' || k.occurred_at || ',"seq":' || seq
+            || ',"transaction_key":' || k.key
+            || ',"transaction_type":"GRANT","type":"balance.changed","user_id":'
+            || to_json(user_id)::text || '}')::json
+      FROM g, (SELECT to_json($5::text)::text AS key, to_json($8::text)::text AS occurred_at) k
+     WHERE amount > 0),
+  n AS (
+    SELECT count(*)::int8 AS evaluated, count(*) FILTER (WHERE amount > 0)::int8 AS refilled,
+           least(coalesce(sum(amount), 0), 9223372036854775807)::int8 AS granted
+      FROM g)
+SELECT evaluated, refilled, granted,
+       CASE WHEN refilled > 0 THEN pg_notify('credit_outbox', '') END IS NULL AS woke
+  FROM n"#;
 
 /// Key of the advisory lock that lets one replica sweep at a time.
 const SWEEP_LOCK: i64 = 0x6372_6564_6974; // "credit"
@@ -288,32 +335,55 @@ where
     }
 }
 
-/// Locks up to `limit` accounts after `cursor` not yet evaluated for the month starting on
-/// `month_start`.
-pub(crate) async fn lock_refill_chunk(
-    conn: &mut PgConnection,
+/// The upper end of the sweep chunk of up to `chunk` users after `cursor`; `None` when no user
+/// comes after it.
+pub(crate) async fn refill_chunk_end(
+    pool: &PgPool,
     cursor: &str,
-    month_start: NaiveDate,
-    limit: i64,
-) -> Result<Vec<Account>, sqlx::Error> {
-    sqlx::query_as(LOCK_REFILL_CHUNK)
+    chunk: i64,
+) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar(REFILL_CHUNK_END)
         .bind(cursor)
-        .bind(month_start)
-        .bind(limit)
-        .fetch_all(&mut *conn)
+        .bind(chunk)
+        .fetch_one(pool)
         .await
 }
 
-/// Whether any account after `cursor` still waits for the month's refill.
-pub(crate) async fn refill_left(
-    pool: &PgPool,
-    cursor: &str,
-    month_start: NaiveDate,
-) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar(REFILL_LEFT)
-        .bind(cursor)
-        .bind(month_start)
-        .fetch_one(pool)
+/// What one sweep chunk did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, sqlx::FromRow)]
+pub(crate) struct RefillTotals {
+    pub evaluated: i64,
+    pub refilled: i64,
+    pub granted: i64,
+}
+
+/// The refill a sweep grants: the month, its ledger key and metadata, and the policy's target.
+pub(crate) struct RefillGrant<'a> {
+    pub month_start: NaiveDate,
+    pub key: &'a str,
+    pub metadata: &'a serde_json::Value,
+    pub target: i64,
+}
+
+/// Refills the accounts in (`after`, `through`] not yet evaluated for the month (see
+/// [`REFILL_CHUNK`]); `at` is the time of their rows and events.
+pub(crate) async fn refill_chunk(
+    conn: &mut PgConnection,
+    after: &str,
+    through: &str,
+    grant: &RefillGrant<'_>,
+    at: DateTime<Utc>,
+) -> Result<RefillTotals, sqlx::Error> {
+    sqlx::query_as(REFILL_CHUNK)
+        .bind(after)
+        .bind(through)
+        .bind(grant.month_start)
+        .bind(grant.target)
+        .bind(grant.key)
+        .bind(grant.metadata)
+        .bind(at)
+        .bind(crate::events::rfc3339(at))
+        .fetch_one(&mut *conn)
         .await
 }
 

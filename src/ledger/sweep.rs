@@ -4,11 +4,13 @@
 use std::time::Instant;
 
 use chrono::Utc;
+use futures::stream::{FuturesUnordered, StreamExt};
 use serde::Serialize;
 use sqlx::PgPool;
 
-use super::account::{Account, Changes, RefillPolicy};
+use super::account::{Changes, RefillPolicy};
 use super::month::Month;
+use super::store::{RefillGrant, RefillTotals};
 use super::{check_user_id, store, LedgerError};
 
 /// Totals of one sweep.
@@ -26,8 +28,14 @@ impl SweepReport {
         self.users_evaluated += 1;
         if granted > 0 {
             self.users_refilled += 1;
-            self.credits_granted += granted;
+            self.credits_granted = self.credits_granted.saturating_add(granted);
         }
+    }
+
+    fn add(&mut self, chunk: RefillTotals) {
+        self.users_evaluated += chunk.evaluated;
+        self.users_refilled += chunk.refilled;
+        self.credits_granted = self.credits_granted.saturating_add(chunk.granted);
     }
 }
 
@@ -95,6 +103,13 @@ async fn sweep_one(
     Ok(())
 }
 
+/// Sweep chunks committed at once, each on its own connection over its own range of users.
+const PARALLEL_CHUNKS: usize = 2;
+
+/// Every account in user_id order, in ranges of `chunk` users, [`PARALLEL_CHUNKS`] ranges at a
+/// time. A range is claimed from the shared cursor before its transaction starts, so ranges
+/// never overlap and each is one transaction; accounts created behind the cursor meanwhile are
+/// left to the lazy refill, as with any sweep that has passed them.
 async fn sweep_all(
     pool: &PgPool,
     policy: RefillPolicy,
@@ -103,28 +118,41 @@ async fn sweep_all(
     report: &mut SweepReport,
     mut progress: impl FnMut(&SweepReport),
 ) -> Result<(), LedgerError> {
-    let mut cursor = String::new();
+    let key = month.refill_key();
+    let metadata = policy.metadata(month);
+    let grant = RefillGrant {
+        month_start: month.first_day(),
+        key: &key,
+        metadata: &metadata,
+        target: policy.target,
+    };
+    let mut cursor = Some(String::new());
+    let mut running = FuturesUnordered::new();
     loop {
-        let now = Utc::now();
-        let mut tx = pool.begin().await?;
-        let mut accounts: Vec<Account> =
-            store::lock_refill_chunk(&mut tx, &cursor, month.first_day(), chunk).await?;
-        let Some(last) = accounts.last().map(|a| a.user_id.clone()) else {
-            tx.rollback().await?;
-            // Empty can also mean every picked row was refilled by a concurrent sweep while we
-            // waited for its lock; look again before calling it done.
-            if !store::refill_left(pool, &cursor, month.first_day()).await? {
-                return Ok(());
+        while running.len() < PARALLEL_CHUNKS {
+            let Some(after) = cursor.take() else { break };
+            if let Some(through) = store::refill_chunk_end(pool, &after, chunk).await? {
+                cursor = Some(through.clone());
+                running.push(sweep_chunk(pool, &grant, after, through));
             }
-            continue;
-        };
-        let mut changes = Changes::default();
-        for a in &mut accounts {
-            report.tally(a.refill(&mut changes, policy, month, now)?);
         }
-        store::flush(&mut tx, accounts.iter(), &changes, now).await?;
-        tx.commit().await?;
-        cursor = last;
+        let Some(done) = running.next().await else {
+            return Ok(());
+        };
+        report.add(done?);
         progress(report);
     }
+}
+
+/// One range (`after`, `through`] in one transaction.
+async fn sweep_chunk(
+    pool: &PgPool,
+    grant: &RefillGrant<'_>,
+    after: String,
+    through: String,
+) -> Result<RefillTotals, LedgerError> {
+    let mut tx = pool.begin().await?;
+    let totals = store::refill_chunk(&mut tx, &after, &through, grant, Utc::now()).await?;
+    tx.commit().await?;
+    Ok(totals)
 }

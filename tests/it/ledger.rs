@@ -500,6 +500,133 @@ async fn sweep_refills_each_user_once_even_when_run_twice_at_once() {
     env.cleanup().await;
 }
 
+/// The sweep's SQL applies the refill rule of `RefillPolicy::grant` and writes what the Rust
+/// path (`Account::refill`, used by a single-user refill) writes: for each case a twin swept
+/// by each path ends with the same balance row and ledger row, and both events are the text
+/// `events::balance_changed` makes, byte for byte (odd user ids included, for the escaping).
+#[tokio::test]
+async fn sweep_sql_and_the_rust_refill_rule_agree() {
+    let _sweeps = SWEEPS.share().await;
+    let env = TestEnv::with(|s| s.refill.lazy = false).await;
+    let policy = credit_worker::ledger::RefillPolicy { target: 1000 };
+    let month: Month = "2026-12".parse().unwrap();
+    let day = |m: &str| m.parse::<Month>().unwrap().first_day();
+    let cases: Vec<(&str, i64, Option<chrono::NaiveDate>)> = vec![
+        ("never", 0, None),
+        ("below", 400, Some(day("2026-11"))),
+        ("just-below", 999, Some(day("2025-12"))),
+        ("equal", 1000, None),
+        ("above", 1100, Some(day("2026-11"))),
+        ("debt", -250, None),
+        ("deep-debt", -i64::MAX + 999, None),
+        ("richest", i64::MAX, None),
+        ("this-month", 10, Some(day("2026-12"))),
+        ("later-month", -5, Some(day("2027-01"))),
+        ("quote\"back\\slash", 1, None),
+        ("ctl\t\n\u{1}\u{7f}", 2, None),
+        ("ünï€😀/", 3, None),
+    ];
+    let insert =
+        "INSERT INTO credit.balances (user_id, balance, last_seq, refill_month, auto_requested_at)
+                  VALUES ($1, $2, 7, $3, now())";
+    for (case, balance, evaluated) in &cases {
+        for twin in ["sql", "rust"] {
+            sqlx::query(insert)
+                .bind(format!("{twin}-{case}"))
+                .bind(balance)
+                .bind(evaluated)
+                .execute(&env.pool)
+                .await
+                .unwrap();
+        }
+    }
+    // The Rust path first, one user at a time; then the sweep of everyone, which finds the
+    // rust- twins evaluated already.
+    let mut expected = (0, 0i64);
+    for (case, balance, evaluated) in &cases {
+        let user = format!("rust-{case}");
+        let one = refill::sweep(&env.pool, policy, month, Some(&user), 1, |_| {});
+        let one = one.await.unwrap();
+        let grant = policy.grant(*balance, *evaluated, month);
+        assert_eq!(one.credits_granted, grant.unwrap_or(0), "{case}");
+        if grant.is_some_and(|g| g > 0) {
+            expected = (
+                expected.0 + 1,
+                expected.1.saturating_add(grant.unwrap_or(0)),
+            );
+        }
+    }
+    let all = refill::sweep(&env.pool, policy, month, None, 3, |_| {})
+        .await
+        .unwrap();
+    assert_eq!((all.users_refilled, all.credits_granted), expected);
+    assert_eq!(all.users_evaluated, 8 + 3);
+    for (case, _, _) in &cases {
+        let sql = swept_state(&env, &format!("sql-{case}")).await;
+        let rust = swept_state(&env, &format!("rust-{case}")).await;
+        assert_eq!(sql, rust, "{case}");
+    }
+}
+
+/// seq, key, type, amount, running balance, metadata, created_at.
+type LedgerRow = (
+    i64,
+    String,
+    String,
+    i64,
+    i64,
+    serde_json::Value,
+    DateTime<Utc>,
+);
+
+/// A swept user's balance row, ledger rows and events, with the user id taken out; each event
+/// checked against the text `events::balance_changed` makes for its ledger row.
+async fn swept_state(env: &TestEnv, user: &str) -> Vec<String> {
+    let (balance, last_seq, month, pending): (i64, i64, Option<chrono::NaiveDate>, bool) =
+        sqlx::query_as(
+            "SELECT balance, last_seq, refill_month, auto_requested_at IS NOT NULL
+               FROM credit.balances WHERE user_id = $1",
+        )
+        .bind(user)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    let mut state = vec![format!("{balance} {last_seq} {month:?} {pending}")];
+    let rows: Vec<LedgerRow> = sqlx::query_as(
+        "SELECT seq, transaction_key, type::text, amount, running_balance, metadata, created_at
+               FROM credit.transactions WHERE user_id = $1 ORDER BY seq",
+    )
+    .bind(user)
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    for (seq, key, tx_type, amount, running, metadata, created) in rows {
+        let event = credit_worker::events::balance_changed(
+            user,
+            seq,
+            amount,
+            running,
+            &tx_type,
+            &key,
+            credit_worker::events::ExecutionRef::default(),
+            created,
+        );
+        let (routing_key, payload): (String, String) = sqlx::query_as(
+            "SELECT routing_key, payload::text FROM credit.outbox WHERE event_id = $1",
+        )
+        .bind(&event.event_id)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+        assert_eq!(payload, event.payload.to_string(), "{user}");
+        assert_eq!(routing_key, event.routing_key);
+        state.push(format!(
+            "{seq} {key} {tx_type} {amount} {running} {metadata}"
+        ));
+    }
+    state
+}
+
 /// The audit names each kind of damage: a balance off its ledger, a broken running-balance
 /// chain, a ledger row without its balance row, a charge without its row, a row without its
 /// event. (The schema refuses most of these, so the test switches its guards off first.)
