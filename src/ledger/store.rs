@@ -143,6 +143,20 @@ const REFILL_CHUNK: &str = r#"WITH
                 WHEN balance + 9223372036854775807 < $4 THEN 9223372036854775807
                 ELSE $4 - balance END AS amount
       FROM locked),
+  -- Unreferenced data-modifying CTEs run last-declared first: declared before u and t, the
+  -- outbox insert runs after them, so its id-ordering lock (migration 0005) is held only
+  -- from there to the commit and parallel chunks overlap for the rest.
+  o AS (
+    INSERT INTO credit.outbox (event_id, routing_key, payload)
+    SELECT 'balance.changed:' || user_id || ':' || $5, 'balance.changed',
+           ('{"amount":' || amount || ',"balance":' || (balance + amount)
+            || ',"event_id":' || to_json('balance.changed:' || user_id || ':' || $5)::text
+            || ',"occurred_at":' || k.occurred_at || ',"seq":' || seq
+            || ',"transaction_key":' || k.key
+            || ',"transaction_type":"GRANT","type":"balance.changed","user_id":'
+            || to_json(user_id)::text || '}')::json
+      FROM g, (SELECT to_json($5::text)::text AS key, to_json($8::text)::text AS occurred_at) k
+     WHERE amount > 0),
   u AS (
     UPDATE credit.balances b
        SET balance = g.balance + g.amount,
@@ -157,17 +171,6 @@ const REFILL_CHUNK: &str = r#"WITH
         (user_id, seq, transaction_key, type, amount, running_balance, metadata, created_at)
     SELECT user_id, seq, $5, 'GRANT', amount, balance + amount, $6, $7
       FROM g WHERE amount > 0),
-  o AS (
-    INSERT INTO credit.outbox (event_id, routing_key, payload)
-    SELECT 'balance.changed:' || user_id || ':' || $5, 'balance.changed',
-           ('{"amount":' || amount || ',"balance":' || (balance + amount)
-            || ',"event_id":' || to_json('balance.changed:' || user_id || ':' || $5)::text
-            || ',"occurred_at":' || k.occurred_at || ',"seq":' || seq
-            || ',"transaction_key":' || k.key
-            || ',"transaction_type":"GRANT","type":"balance.changed","user_id":'
-            || to_json(user_id)::text || '}')::json
-      FROM g, (SELECT to_json($5::text)::text AS key, to_json($8::text)::text AS occurred_at) k
-     WHERE amount > 0),
   n AS (
     SELECT count(*)::int8 AS evaluated, count(*) FILTER (WHERE amount > 0)::int8 AS refilled,
            least(coalesce(sum(amount), 0), 9223372036854775807)::int8 AS granted
