@@ -77,6 +77,28 @@ pub struct AmqpSettings {
     pub tls_ca_file: Option<PathBuf>,
 }
 
+impl AmqpSettings {
+    /// The PEM text of `tls_ca_file` (None when unset), checked to hold a certificate.
+    pub(crate) fn tls_ca_pem(&self) -> Result<Option<String>, String> {
+        self.tls_ca_file.as_deref().map(read_ca_file).transpose()
+    }
+}
+
+/// The PEM text of a CA file, checked to hold at least one certificate that parses.
+fn read_ca_file(path: &Path) -> Result<String, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::CertificateDer;
+    let shown = path.display();
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
+    let certs = CertificateDer::pem_slice_iter(text.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{shown} is not PEM: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!("{shown} holds no PEM certificate"));
+    }
+    Ok(text)
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PipelineSettings {
@@ -373,7 +395,7 @@ impl Settings {
             return bad("amqp.url", "must not be empty");
         }
         if let Some(path) = &self.amqp.tls_ca_file {
-            crate::amqp::read_ca_file(path)
+            read_ca_file(path)
                 .map_err(|why| ConfigError::Invalid(format!("amqp.tls_ca_file: {why}")))?;
         }
         Ok(())

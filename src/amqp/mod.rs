@@ -5,7 +5,6 @@ pub mod publisher;
 pub(crate) mod session;
 pub mod topology;
 
-use std::path::Path;
 use std::time::Duration;
 
 use lapin::tcp::OwnedTLSConfig;
@@ -27,16 +26,13 @@ pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 pub async fn connect(amqp: &AmqpSettings, name: &str) -> Result<Connection, lapin::Error> {
     let tls = OwnedTLSConfig {
         identity: None,
-        cert_chain: match &amqp.tls_ca_file {
-            // Read on every connect, so a rotated CA file is picked up by the next reconnect.
-            Some(path) => Some(read_ca_file(path).map_err(|why| {
-                lapin::Error::from(std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    format!("amqp.tls_ca_file: {why}"),
-                ))
-            })?),
-            None => None,
-        },
+        // Read on every connect, so a rotated CA file is picked up by the next reconnect.
+        cert_chain: amqp.tls_ca_pem().map_err(|why| {
+            lapin::Error::from(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("amqp.tls_ca_file: {why}"),
+            ))
+        })?,
     };
     let props = ConnectionProperties::default().with_connection_name(name.into());
     let runtime = lapin::runtime::default_runtime()?;
@@ -49,21 +45,6 @@ pub async fn connect(amqp: &AmqpSettings, name: &str) -> Result<Connection, lapi
             format!("AMQP connect timed out after {timeout:?}"),
         ))),
     }
-}
-
-/// The PEM text of a CA file, checked to hold at least one certificate that parses.
-pub(crate) fn read_ca_file(path: &Path) -> Result<String, String> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::CertificateDer;
-    let shown = path.display();
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
-    let certs = CertificateDer::pem_slice_iter(text.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{shown} is not PEM: {e}"))?;
-    if certs.is_empty() {
-        return Err(format!("{shown} holds no PEM certificate"));
-    }
-    Ok(text)
 }
 
 /// True when the broker's TLS certificate did not verify: retrying will not help.

@@ -890,7 +890,7 @@ pub(crate) struct Breakdown {
     /// Decode + decision transaction + ack, per batch.
     pub mean_decide_ms: f64,
     pub outbox_rounds: f64,
-    /// Publish + confirms + mark + commit, per outbox round.
+    /// Publish + confirms + watermark update + commit, per outbox round.
     pub mean_outbox_round_ms: f64,
     pub decide_retries: f64,
 }
