@@ -889,6 +889,10 @@ pub(crate) struct Breakdown {
     pub mean_batch_size: f64,
     /// Decode + decision transaction + ack, per batch.
     pub mean_decide_ms: f64,
+    /// Of which decode + decision transaction (up to its commit).
+    pub mean_transaction_ms: f64,
+    /// Of which the multiple-ack.
+    pub mean_ack_ms: f64,
     pub outbox_rounds: f64,
     /// Publish + confirms + watermark update + commit, per outbox round.
     pub mean_outbox_round_ms: f64,
@@ -917,10 +921,36 @@ impl Breakdown {
                 value("credit_decide_seconds_sum"),
                 value("credit_decide_seconds_count"),
             ) * 1e3,
+            mean_transaction_ms: per(
+                value("credit_decide_transaction_seconds_sum"),
+                value("credit_decide_transaction_seconds_count"),
+            ) * 1e3,
+            mean_ack_ms: per(
+                value("credit_ack_seconds_sum"),
+                value("credit_ack_seconds_count"),
+            ) * 1e3,
             outbox_rounds: rounds,
             mean_outbox_round_ms: per(value("credit_outbox_publish_seconds_sum"), rounds) * 1e3,
             decide_retries: value("credit_decide_retries_total"),
         }
+    }
+}
+
+impl std::fmt::Display for Breakdown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.0} batches of {:.1} msgs, {:.2} ms each (decode + transaction {:.2} ms, ack \
+             {:.2} ms); {:.0} outbox rounds of {:.2} ms; {:.0} retries",
+            self.batches,
+            self.mean_batch_size,
+            self.mean_decide_ms,
+            self.mean_transaction_ms,
+            self.mean_ack_ms,
+            self.outbox_rounds,
+            self.mean_outbox_round_ms,
+            self.decide_retries
+        )
     }
 }
 
