@@ -208,6 +208,8 @@ async fn select_locked(
 ) -> Result<HashMap<String, Account>, sqlx::Error> {
     let rows: Vec<Account> = sqlx::query_as(LOCK_ACCOUNTS)
         .bind(users)
+        // Planned on every call (see `earlier_decisions`): accounts are added over time.
+        .persistent(false)
         .fetch_all(&mut *conn)
         .await?;
     Ok(rows.into_iter().map(|a| (a.user_id.clone(), a)).collect())
@@ -228,6 +230,8 @@ pub(crate) async fn earlier_settlements(
 ) -> Result<Vec<EarlierSettlement>, sqlx::Error> {
     sqlx::query_as(EARLIER_SETTLEMENTS)
         .bind(node_exec_ids)
+        // Planned on every call (see `earlier_decisions`).
+        .persistent(false)
         .fetch_all(&mut *conn)
         .await
 }
@@ -250,6 +254,9 @@ pub(crate) async fn earlier_decisions(
 ) -> Result<Vec<EarlierDecision>, sqlx::Error> {
     sqlx::query_as(EARLIER_DECISIONS)
         .bind(node_exec_ids)
+        // Planned on every call: a cached plan made while the table was small stays a
+        // sequential scan, which grows with every decision until autovacuum's next ANALYZE.
+        .persistent(false)
         .fetch_all(&mut *conn)
         .await
 }
