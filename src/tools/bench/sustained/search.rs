@@ -28,6 +28,8 @@ pub(crate) struct RateSearch {
     held: Option<f64>,
     /// The lowest rate failed (always above `held`).
     failed: Option<f64>,
+    /// Whether the start rate already had its second try.
+    start_retried: bool,
     steps: usize,
 }
 
@@ -37,6 +39,7 @@ impl RateSearch {
             plan,
             held: None,
             failed: None,
+            start_retried: false,
             steps: 0,
         }
     }
@@ -67,6 +70,12 @@ impl RateSearch {
     /// Records the outcome of a step at `rate`.
     pub(crate) fn record(&mut self, rate: f64, held: bool) {
         self.steps += 1;
+        // One stall in the first step would otherwise send the whole search downwards: the
+        // start rate gets a second try before its failure counts.
+        if !held && self.held.is_none() && self.failed.is_none() && !self.start_retried {
+            self.start_retried = true;
+            return;
+        }
         if held {
             self.held = Some(self.held.map_or(rate, |h| h.max(rate)));
             // A held rate at or above a failed one (a noisy machine): the failure no longer
@@ -112,6 +121,21 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_start_is_tried_again_before_the_search_goes_down() {
+        let mut s = RateSearch::new(plan());
+        assert_eq!(s.next_rate(), Some(500.0));
+        s.record(500.0, false);
+        assert_eq!(s.next_rate(), Some(500.0), "a second try of the start rate");
+        s.record(500.0, true);
+        assert_eq!(s.next_rate(), Some(1000.0));
+        // A start that fails twice sends the search down.
+        let mut s = RateSearch::new(plan());
+        s.record(500.0, false);
+        s.record(500.0, false);
+        assert_eq!(s.next_rate(), Some(250.0));
+    }
+
+    #[test]
     fn ramps_up_geometrically_then_bisects_to_the_precision() {
         let (held, tried) = search(plan(), 6_300.0);
         assert_eq!(
@@ -126,7 +150,7 @@ mod tests {
     #[test]
     fn ramps_down_when_the_start_rate_fails() {
         let (held, tried) = search(plan(), 90.0);
-        assert_eq!(&tried[..4], &[500.0, 250.0, 125.0, 63.0]);
+        assert_eq!(&tried[..5], &[500.0, 500.0, 250.0, 125.0, 63.0]);
         let held = held.unwrap();
         assert!((90.0 / 1.05..=90.0).contains(&held), "{held}");
     }
