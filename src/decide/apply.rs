@@ -65,11 +65,7 @@ fn apply_unchecked(
         account.refill(changes, policy, month, now)?;
     }
     let day = now.date_naive();
-    let count = if account.fee_day == Some(day) {
-        account.fee_count + 1
-    } else {
-        1
-    };
+    let count = account.next_execution(day);
     let fee = rules.fee.due(count, &e.user_id, day);
     let fee_amount = fee.as_ref().map_or(0, |f| f.amount);
     let total = price.cost.checked_add(fee_amount).ok_or_else(|| {
@@ -91,27 +87,14 @@ fn apply_unchecked(
         ));
         return Ok(decision(e, Outcome::Rejected, price.cost, 0, None, None));
     }
-    account.fee_day = Some(day);
-    account.fee_count = count;
-    account.dirty = true;
+    account.count_execution(day, count);
     let (transaction_key, fee_key) =
         post_charges(account, changes, e, price, fee, count, false, now)?;
-    if transaction_key.is_some() || fee_key.is_some() {
-        let threshold = rules.ledger.low_balance_threshold;
-        let seq = account.last_seq;
-        changes
-            .events
-            .extend(account.low_balance_crossing(before, seq, threshold, now));
-        account.request_top_up(changes, rules.ledger.auto_top_up_ttl, now);
-    }
-    let outcome = if price.cost > 0 {
-        Outcome::Charged
-    } else {
-        Outcome::Free
-    };
+    let debited = transaction_key.is_some() || fee_key.is_some();
+    debit_events(account, changes, e, rules, (before, debited, 0), now);
     Ok(decision(
         e,
-        outcome,
+        paid_or_free(price.cost),
         price.cost,
         fee_amount,
         transaction_key,
@@ -296,14 +279,8 @@ pub(crate) fn decide_from_completion(
             account.refill(changes, policy, month, now)?;
         }
         let day = now.date_naive();
-        let count = if account.fee_day == Some(day) {
-            account.fee_count + 1
-        } else {
-            1
-        };
-        account.fee_day = Some(day);
-        account.fee_count = count;
-        account.dirty = true;
+        let count = account.next_execution(day);
+        account.count_execution(day, count);
         let before = account.balance;
         let available = if rules.allow_debt {
             i64::MAX
@@ -332,18 +309,30 @@ pub(crate) fn decide_from_completion(
             (before, debited, uncollected),
             now,
         );
-        let outcome = if cost > 0 {
-            Outcome::Charged
-        } else {
-            Outcome::Free
-        };
-        let d = decision(e, outcome, cost, fee_amount, transaction_key, fee_key);
+        let d = decision(
+            e,
+            paid_or_free(cost),
+            cost,
+            fee_amount,
+            transaction_key,
+            fee_key,
+        );
         Ok((d, settlement(e, cost, post.cost, uncollected, None)))
     })
 }
 
-/// The events a post-flight debit owes besides its rows: `balance.low` when it took the
-/// balance (`before` it) across the threshold, `charge.uncollected` for what it left.
+/// The outcome of an accepted execution: charged when its block cost anything.
+fn paid_or_free(cost: i64) -> Outcome {
+    if cost > 0 {
+        Outcome::Charged
+    } else {
+        Outcome::Free
+    }
+}
+
+/// The events a debit owes besides its rows: `balance.low` when it took the balance (`before`
+/// it) across the threshold, an auto top-up request when due, `charge.uncollected` for what
+/// a post-flight charge left.
 fn debit_events(
     account: &mut Account,
     changes: &mut Changes,

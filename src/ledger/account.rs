@@ -209,6 +209,23 @@ impl Account {
         seq
     }
 
+    /// The number this account's next execution on `day` has (1 on a new UTC day): the
+    /// execution fee is due by it.
+    pub(crate) fn next_execution(&self, day: NaiveDate) -> i64 {
+        if self.fee_day == Some(day) {
+            self.fee_count + 1
+        } else {
+            1
+        }
+    }
+
+    /// Records that execution number `count` of `day` took place.
+    pub(crate) fn count_execution(&mut self, day: NaiveDate, count: i64) {
+        self.fee_day = Some(day);
+        self.fee_count = count;
+        self.dirty = true;
+    }
+
     /// The `balance.low` event owed when the debits since the balance was `before` took it
     /// from at or above `threshold` to below it; `seq` is the last of those debits' rows.
     pub(crate) fn low_balance_crossing(

@@ -106,13 +106,8 @@ async fn an_unverifiable_broker_certificate_stops_the_worker_at_start() {
         return env.cleanup().await;
     };
     for ca in [None, Some(&tls.other_ca)] {
-        let err = match Worker::start(over_tls(&env, ca)).await {
-            Ok(w) => {
-                let _ = w.stop().await;
-                panic!("started against an unverifiable certificate (CA {ca:?})")
-            }
-            Err(e) => format!("{e:#}"),
-        };
+        let why = format!("against an unverifiable certificate (CA {ca:?})");
+        let err = start_refused(over_tls(&env, ca), &why).await;
         assert!(
             err.starts_with("amqp.url: the broker's TLS certificate does not verify"),
             "{err}"
@@ -142,13 +137,7 @@ async fn a_host_the_certificate_does_not_name_is_refused() {
     };
     let mut settings = over_tls(&env, Some(&tls.ca));
     settings.amqp.url = settings.amqp.url.replace("@localhost:", "@127.0.0.1:");
-    let err = match Worker::start(settings).await {
-        Ok(w) => {
-            let _ = w.stop().await;
-            panic!("started against a certificate for another host")
-        }
-        Err(e) => format!("{e:#}"),
-    };
+    let err = start_refused(settings, "against a certificate for another host").await;
     assert!(
         err.starts_with("amqp.url: the broker's TLS certificate does not verify"),
         "{err}"

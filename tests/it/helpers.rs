@@ -682,6 +682,18 @@ pub struct WorkerProcess {
     pub child: Child,
 }
 
+/// The error an in-process worker on `settings` stops its start with (all causes, `{:#}`);
+/// panics, naming `why` it should not have started, when it starts.
+pub async fn start_refused(settings: Settings, why: &str) -> String {
+    match credit_worker::service::Worker::start(settings).await {
+        Ok(w) => {
+            let _ = w.stop().await;
+            panic!("started {why}")
+        }
+        Err(e) => format!("{e:#}"),
+    }
+}
+
 pub fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_credit-worker"))
 }

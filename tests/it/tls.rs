@@ -43,10 +43,7 @@ async fn the_worker_refuses_to_start_on_an_unverifiable_certificate() {
     let env = TestEnv::new().await;
     let mut settings = env.settings.clone();
     settings.database = self::settings(&env, "sslmode=verify-full");
-    let err = match credit_worker::service::Worker::start(settings).await {
-        Ok(_) => panic!("started against an unverifiable certificate"),
-        Err(e) => format!("{e:#}"),
-    };
+    let err = start_refused(settings, "against an unverifiable certificate").await;
     assert!(
         err.starts_with("database.url: the server's TLS certificate does not verify"),
         "{err}"
