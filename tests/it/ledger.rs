@@ -638,7 +638,7 @@ async fn audit_reports_every_kind_of_mismatch() {
     env.assert_audit_clean().await;
     for sql in [
         "ALTER TABLE credit.transactions DISABLE TRIGGER transactions_append_only",
-        "ALTER TABLE credit.transactions DROP CONSTRAINT transactions_user_id_fkey",
+        "ALTER TABLE credit.transactions DISABLE TRIGGER transactions_have_accounts",
         "UPDATE credit.balances SET balance = balance + 5 WHERE user_id = 'b'",
         "UPDATE credit.transactions SET running_balance = 91 WHERE user_id = 'a' AND seq = 2",
         "INSERT INTO credit.transactions (user_id, seq, transaction_key, type, amount, running_balance)
@@ -690,6 +690,48 @@ async fn audit_reports_every_kind_of_mismatch() {
         .await
         .expect("audit");
     assert_eq!(report.unpublished_events, 0);
+    env.cleanup().await;
+}
+
+/// Every ledger row has its account: a statement inserting rows for a user without a balance
+/// row is refused whole (naming the user), and no account is ever removed or renamed.
+#[tokio::test]
+async fn ledger_rows_need_an_account_that_stays() {
+    let env = TestEnv::with(no_refill).await;
+    seed(&env, ["a"], 100).await;
+    let orphan = "INSERT INTO credit.transactions (user_id, seq, transaction_key, type, amount, running_balance)
+         VALUES ('a', 2, 'K-a', 'GRANT', 1, 101), ('ghost', 1, 'K-g', 'GRANT', 1, 1)";
+    let err = sqlx::query(orphan).execute(&env.pool).await.unwrap_err();
+    let db = err.as_database_error().expect("a database error");
+    assert_eq!(db.code().as_deref(), Some("23503"));
+    assert_eq!(
+        db.message(),
+        "credit.transactions: user_id ghost has no row in credit.balances"
+    );
+    for sql in [
+        "DELETE FROM credit.balances WHERE user_id = 'a'",
+        "TRUNCATE credit.balances CASCADE",
+        "UPDATE credit.balances SET user_id = 'b' WHERE user_id = 'a'",
+    ] {
+        let err = sqlx::query(sql).execute(&env.pool).await.unwrap_err();
+        let db = err.as_database_error().expect("a database error");
+        assert_eq!(db.code().as_deref(), Some("23001"), "{sql}");
+    }
+    // Nothing of the refused statements stayed: a's one seeded row, its balance, no ghost.
+    let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT user_id, seq, running_balance FROM credit.transactions ORDER BY 1, 2",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .expect("rows");
+    assert_eq!(rows, vec![("a".to_owned(), 1, 100)]);
+    let balances: Vec<(String, i64)> =
+        sqlx::query_as("SELECT user_id, balance FROM credit.balances ORDER BY 1")
+            .fetch_all(&env.pool)
+            .await
+            .expect("balances");
+    assert_eq!(balances, vec![("a".to_owned(), 100)]);
+    env.assert_audit_clean().await;
     env.cleanup().await;
 }
 
