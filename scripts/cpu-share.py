@@ -15,7 +15,7 @@ import sys
 import time
 
 
-def snapshot():
+def snapshot(exe):
     procs = {}
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -29,18 +29,21 @@ def snapshot():
             continue
         comm = stat[stat.index("(") + 1 : stat.rindex(")")]
         fields = stat[stat.rindex(")") + 2 :].split()
-        procs[int(pid)] = (group(comm, cmd), int(fields[11]) + int(fields[12]))
+        procs[int(pid)] = (group(comm, cmd, exe), int(fields[11]) + int(fields[12]))
     return procs
 
 
-def group(comm, cmd):
+def group(comm, cmd, exe):
     if "beam" in comm:
         return "rabbitmq"
     if comm == "postgres":
         return "postgres"
-    if "credit-worker" in cmd and " run" in cmd:
+    args = cmd.split()
+    if not args or os.path.basename(args[0]) != exe:
+        return None
+    if "run" in args[1:2]:
         return "worker"
-    if "credit-worker" in cmd and "bench" in cmd:
+    if "bench" in args[1:]:
         return "bench"
     return None
 
@@ -49,10 +52,11 @@ def main():
     if len(sys.argv) < 2:
         sys.exit(__doc__)
     hz = os.sysconf("SC_CLK_TCK")
+    exe = os.path.basename(sys.argv[1])
     run = subprocess.Popen(sys.argv[1:])
     samples = []
     while run.poll() is None:
-        samples.append((time.monotonic(), snapshot()))
+        samples.append((time.monotonic(), snapshot(exe)))
         time.sleep(0.25)
     alive = [s for s in samples if any(g == "worker" for g, _ in s[1].values())]
     if not alive:

@@ -2,6 +2,7 @@
 //! count as sent only once the broker confirmed every one of them (bounded by a timeout, so a
 //! broker that stops answering cannot hold a caller forever).
 
+use std::task::Poll;
 use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
@@ -73,9 +74,24 @@ impl Publisher {
         &self,
         messages: impl IntoIterator<Item = Outgoing<'a>>,
     ) -> Result<usize, PublishError> {
-        let mut pending = Vec::new();
-        for m in messages {
-            pending.push(self.send(m).await?);
+        // A publish queues its frames when first polled, then waits until the connection has
+        // written them. Polling every publish once, in order, before waiting on any queues the
+        // batch in order and lets the connection write it in a few writes, instead of a round
+        // of two thread wake-ups per message.
+        let mut sends: Vec<_> = messages
+            .into_iter()
+            .map(|m| Box::pin(self.send(m)))
+            .collect();
+        let mut first = Vec::with_capacity(sends.len());
+        for s in &mut sends {
+            first.push(futures::poll!(s.as_mut()));
+        }
+        let mut pending = Vec::with_capacity(sends.len());
+        for (s, polled) in sends.into_iter().zip(first) {
+            pending.push(match polled {
+                Poll::Ready(sent) => sent?,
+                Poll::Pending => s.await?,
+            });
         }
         confirmed(pending).await
     }

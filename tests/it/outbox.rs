@@ -139,6 +139,12 @@ async fn a_relay_killed_between_publish_and_watermark_commit_republishes() {
 
     let mut w = WorkerProcess::spawn(&env_vars, &["run"]);
     let first: Vec<String> = tap.take(12, T).await.into_iter().map(|e| e.1).collect();
+    // Published in id order (the batch's publishes are pipelined, not reordered).
+    let stored: Vec<String> = sqlx::query_scalar("SELECT event_id FROM credit.outbox ORDER BY id")
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(first, stored, "events in outbox id order");
     wait_for(T, "the watermark update to stall", || async {
         env.scalar_i64(
             "SELECT count(*) FROM pg_stat_activity

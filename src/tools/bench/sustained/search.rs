@@ -150,7 +150,11 @@ mod tests {
         assert_eq!(s.next_rate(), Some(2000.0));
         s.record(2000.0, false);
         s.record(2000.0, false);
-        assert_eq!(s.next_rate(), Some(1414.0), "bisects once 2000 failed twice");
+        assert_eq!(
+            s.next_rate(),
+            Some(1414.0),
+            "bisects once 2000 failed twice"
+        );
     }
 
     #[test]
@@ -218,7 +222,10 @@ mod tests {
         // Only a failed rate is offered twice (its second try), and no rate more often.
         for r in &tried {
             let n = tried.iter().filter(|t| *t == r).count();
-            assert!(n == 1 || (n == 2 && *r > 13.5), "{r} offered {n} times: {tried:?}");
+            assert!(
+                n == 1 || (n == 2 && *r > 13.5),
+                "{r} offered {n} times: {tried:?}"
+            );
         }
     }
 
