@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use sqlx::migrate::MigrateDatabase;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions, PgPool, Postgres};
+use sqlx::{ConnectOptions, Connection, PgPool, Postgres};
 
 /// `[database]` of the configuration.
 #[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
@@ -37,6 +37,9 @@ pub(crate) async fn ensure_database(url: &str) -> Result<(), sqlx::Error> {
 
 /// A pool on `settings.url`. Connections are made lazily, so this succeeds while the database
 /// is down; callers see the outage as (transient) query errors.
+/// A pooled connection idle at least this long is pinged before it is handed out.
+const PING_AFTER_IDLE: Duration = Duration::from_millis(100);
+
 pub fn pool(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
     let mut opts = PgConnectOptions::from_str(&settings.url)?
         .application_name("credit-worker")
@@ -50,6 +53,18 @@ pub fn pool(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
     Ok(PgPoolOptions::new()
         .max_connections(settings.max_connections)
         .acquire_timeout(Duration::from_secs(5))
+        // A ping before every use was one more round trip per batch and per relay round:
+        // only a connection that sat idle (where a server restart or a network fault would
+        // go unnoticed) is pinged; one that fails is dropped and another one taken.
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= PING_AFTER_IDLE {
+                    conn.ping().await?;
+                }
+                Ok(true)
+            })
+        })
         .connect_lazy_with(opts))
 }
 
