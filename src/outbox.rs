@@ -85,15 +85,19 @@ impl Relay {
             if n == BATCH as usize {
                 continue;
             }
-            if drain.is_cancelled() && n == 0 {
-                info!("outbox flushed");
-                let _ = conn.close(200, "shutdown".into()).await;
-                return Ok(());
-            }
-            if n > 0 {
+            if drain.is_cancelled() {
+                // Draining: no notification is awaited; go on until the outbox is empty.
+                if n == 0 {
+                    info!("outbox flushed");
+                    let _ = conn.close(200, "shutdown".into()).await;
+                    return Ok(());
+                }
                 continue;
             }
-            // Woken by NOTIFY from any writer; the timeout covers a lost notification.
+            // Woken by NOTIFY from any writer. A writer that committed during this round has
+            // its notification waiting already, so a round that found fewer than a batch need
+            // not be followed by a look that usually finds nothing; the timeout covers a lost
+            // notification.
             tokio::select! {
                 r = listener.recv() => { r?; }
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {
