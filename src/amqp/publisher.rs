@@ -74,10 +74,19 @@ impl Publisher {
         &self,
         messages: impl IntoIterator<Item = Outgoing<'a>>,
     ) -> Result<usize, PublishError> {
-        // A publish queues its frames when first polled, then waits until the connection has
-        // written them. Polling every publish once, in order, before waiting on any queues the
-        // batch in order and lets the connection write it in a few writes, instead of a round
-        // of two thread wake-ups per message.
+        confirmed(self.send_all(messages).await?).await
+    }
+
+    /// Sends `messages` in order without waiting for their confirms.
+    ///
+    /// A publish queues its frames when first polled, then waits until the connection has
+    /// written them. Polling every publish once, in order, before waiting on any queues the
+    /// batch in order and lets the connection write it in a few writes, instead of a round
+    /// of two thread wake-ups per message.
+    pub async fn send_all<'a>(
+        &self,
+        messages: impl IntoIterator<Item = Outgoing<'a>>,
+    ) -> Result<Vec<PublisherConfirm>, PublishError> {
         let mut sends: Vec<_> = messages
             .into_iter()
             .map(|m| Box::pin(self.send(m)))
@@ -93,11 +102,10 @@ impl Publisher {
                 Poll::Pending => s.await?,
             });
         }
-        confirmed(pending).await
+        Ok(pending)
     }
 }
 
-/// An AMQP short string, or an error naming the field (lapin panics on a longer one).
 pub fn short(field: &'static str, s: &str) -> Result<ShortString, PublishError> {
     ShortString::try_new(s).map_err(|_| PublishError::NameTooLong {
         field,
