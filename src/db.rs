@@ -35,11 +35,11 @@ pub(crate) async fn ensure_database(url: &str) -> Result<(), sqlx::Error> {
     }
 }
 
-/// A pool on `settings.url`. Connections are made lazily, so this succeeds while the database
-/// is down; callers see the outage as (transient) query errors.
 /// A pooled connection idle at least this long is pinged before it is handed out.
 const PING_AFTER_IDLE: Duration = Duration::from_millis(100);
 
+/// A pool on `settings.url`. Connections are made lazily, so this succeeds while the database
+/// is down; callers see the outage as (transient) query errors.
 pub fn pool(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
     let mut opts = PgConnectOptions::from_str(&settings.url)?
         .application_name("credit-worker")
