@@ -106,6 +106,7 @@ impl Publisher {
     }
 }
 
+/// An AMQP short string, or an error naming the field (lapin panics on a longer one).
 pub fn short(field: &'static str, s: &str) -> Result<ShortString, PublishError> {
     ShortString::try_new(s).map_err(|_| PublishError::NameTooLong {
         field,

@@ -30,16 +30,21 @@ pub async fn publish_entries(settings: &Settings, bodies: &[Vec<u8>]) -> anyhow:
 /// Publishes one window of bodies and waits for all their confirms.
 pub(crate) async fn publish_window<'a>(
     publisher: &Publisher,
-    queue: &str,
+    queue: &'a str,
     bodies: impl Iterator<Item = &'a [u8]>,
 ) -> anyhow::Result<usize> {
-    let messages: Vec<Outgoing<'_>> = bodies
-        .map(|body| Outgoing {
-            exchange: "",
-            routing_key: queue,
-            body,
-            properties: amqp::persistent_json(),
-        })
-        .collect();
-    Ok(publisher.publish_all(messages).await?)
+    Ok(publisher.publish_all(to_queue(queue, bodies)).await?)
+}
+
+/// Entry bodies as persistent messages to `queue` through the default exchange.
+pub(crate) fn to_queue<'a>(
+    queue: &'a str,
+    bodies: impl Iterator<Item = &'a [u8]>,
+) -> impl Iterator<Item = Outgoing<'a>> {
+    bodies.map(move |body| Outgoing {
+        exchange: "",
+        routing_key: queue,
+        body,
+        properties: amqp::persistent_json(),
+    })
 }

@@ -15,8 +15,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp::publisher::confirmed;
-use crate::amqp::{self, Outgoing, PublishError, Publisher};
+use crate::amqp::{PublishError, Publisher};
 use crate::config::{AmqpSettings, Settings};
+use crate::tools::publish::to_queue;
 
 /// AITextGeneratorBlock with gpt-4-turbo and the platform's OpenAI credential: a paid
 /// execution in the shipped cost table.
@@ -396,16 +397,8 @@ pub(crate) async fn pace(
         while sent < due {
             let upto = due.min(sent + WINDOW - pending.len());
             let bodies: Vec<Vec<u8>> = (sent..upto).map(|m| traffic.body_at(m)).collect();
-            pending.extend(
-                publisher
-                    .send_all(bodies.iter().map(|body| Outgoing {
-                        exchange: "",
-                        routing_key: queue,
-                        body,
-                        properties: amqp::persistent_json(),
-                    }))
-                    .await?,
-            );
+            let messages = to_queue(queue, bodies.iter().map(Vec::as_slice));
+            pending.extend(publisher.send_all(messages).await?);
             sent = upto;
             if pending.len() == WINDOW {
                 windows.push(tokio::spawn(confirmed(std::mem::take(&mut pending))));
