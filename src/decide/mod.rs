@@ -116,19 +116,19 @@ pub async fn decide_batch(
     };
     batch.mark_earlier(decided, &settled);
     let writes = batch.apply(&mut accounts, pricing, now);
-    let inserted = store::write(
+    let written = store::write(
         &mut tx,
         &writes.written,
         accounts.values(),
         &writes.changes,
         now,
     )
-    .await?;
-    if inserted != writes.written.len() {
+    .await;
+    match written {
         // A worker holding other users' locks decided one of these ids meanwhile (a
-        // conflicting duplicate). Roll back; the retry sees its decision.
-        tx.rollback().await?;
-        return Err(DecideError::Race);
+        // conflicting duplicate). The transaction is rolled back; the retry sees its decision.
+        Err(e) if store::decided_elsewhere(&e) => return Err(DecideError::Race),
+        other => other?,
     }
     tx.commit().await?;
     Ok(batch.verdicts())

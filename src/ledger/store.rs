@@ -27,11 +27,15 @@ const CREATE_ACCOUNTS: &str = "INSERT INTO credit.balances (user_id)
      ON CONFLICT (user_id) DO NOTHING";
 
 /// Everything a transaction writes, in one statement (one round trip): decisions (when
-/// given), ledger rows, balances, outbox rows, and a wake-up for the outbox relays. Returns
-/// how many decisions were inserted, so the caller can detect a concurrent decision.
+/// given), ledger rows, balances, outbox rows, and a wake-up for the outbox relays.
 ///
-/// PostgreSQL runs the CTEs the final SELECT reads (d, s) first, then the others, the last
-/// declared first. The outbox insert is declared first so that it runs last: it takes the
+/// Decisions and settlements are plain inserts: the caller looked for earlier ones under the
+/// account locks, so a key taken meanwhile (a worker holding another user's lock decided the
+/// same node_exec_id) is rare and fails the statement with a unique violation
+/// ([`decided_elsewhere`]). `ON CONFLICT DO NOTHING` would cost every row a speculative
+/// insertion and its extra WAL record.
+///
+/// PostgreSQL runs the data-modifying CTEs the last declared first. The outbox insert is declared first so that it runs last: it takes the
 /// lock that orders event ids (migration 0005), held until commit, so a concurrent writer
 /// (another replica, a control command, a sweep chunk) waits for it only from here to the
 /// commit, not through the ledger writes.
@@ -45,9 +49,7 @@ const WRITE: &str = "WITH
          fee_key, decided_at)
     SELECT n, u, b, g, o, c, f, k, fk, $19
       FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[],
-                  $7::int8[], $8::text[], $9::text[]) AS x(n, u, b, g, o, c, f, k, fk)
-    ON CONFLICT (node_exec_id) DO NOTHING
-    RETURNING 1),
+                  $7::int8[], $8::text[], $9::text[]) AS x(n, u, b, g, o, c, f, k, fk)),
   t AS (
     INSERT INTO credit.transactions
         (user_id, seq, transaction_key, type, amount, running_balance, metadata, created_at)
@@ -70,11 +72,9 @@ const WRITE: &str = "WITH
          transaction_key, settled_at)
     SELECT n, u, b, st, pr, po, de, un, k, $19
       FROM unnest($27::text[], $28::text[], $29::text[], $30::text[], $31::int8[], $32::int8[],
-                  $33::int8[], $34::int8[], $35::text[]) AS x(n, u, b, st, pr, po, de, un, k)
-    ON CONFLICT (node_exec_id) DO NOTHING
-    RETURNING 1)
-SELECT ((SELECT count(*) FROM d) + (SELECT count(*) FROM s))::int8 AS decided,
-       CASE WHEN cardinality($17::text[]) > 0 THEN pg_notify('credit_outbox', '') END AS woke";
+                  $33::int8[], $34::int8[], $35::text[]) AS x(n, u, b, st, pr, po, de, un, k))
+SELECT CASE WHEN cardinality($17::text[]) > 0 THEN pg_notify('credit_outbox', '') END IS NULL
+       AS woke";
 
 const EARLIER_DECISIONS: &str = "SELECT node_exec_id, user_id, block_id, outcome, cost
        FROM credit.decisions WHERE node_exec_id = ANY($1::text[])";
@@ -420,9 +420,7 @@ pub(crate) async fn flush<'a>(
     changes: &Changes,
     at: DateTime<Utc>,
 ) -> Result<(), sqlx::Error> {
-    write(conn, &Written::default(), accounts, changes, at)
-        .await
-        .map(|_| ())
+    write(conn, &Written::default(), accounts, changes, at).await
 }
 
 /// The decisions and settlements of a batch.
@@ -432,33 +430,26 @@ pub(crate) struct Written {
     pub settlements: Vec<NewSettlement>,
 }
 
-impl Written {
-    /// How many rows [`write`] inserts when no other worker got there first.
-    pub fn len(&self) -> u64 {
-        (self.decisions.len() + self.settlements.len()) as u64
-    }
-}
-
 /// The write statement's query with its parameters bound so far.
-type Write<'q> = sqlx::query::QueryScalar<'q, sqlx::Postgres, i64, sqlx::postgres::PgArguments>;
+type Write<'q> = sqlx::query::QueryScalar<'q, sqlx::Postgres, bool, sqlx::postgres::PgArguments>;
 
 /// Writes decisions, settlements, ledger rows, changed balances and outbox rows in one
-/// statement; returns the number of decisions and settlements inserted (fewer than given when
-/// another worker decided or settled some).
+/// statement.
 pub(crate) async fn write<'a>(
     conn: &mut PgConnection,
     written: &Written,
     accounts: impl IntoIterator<Item = &'a Account>,
     changes: &Changes,
     at: DateTime<Utc>,
-) -> Result<u64, sqlx::Error> {
+) -> Result<(), sqlx::Error> {
     let dirty: Vec<&Account> = accounts.into_iter().filter(|a| a.dirty).collect();
-    if written.len() == 0
+    if written.decisions.is_empty()
+        && written.settlements.is_empty()
         && dirty.is_empty()
         && changes.transactions.is_empty()
         && changes.events.is_empty()
     {
-        return Ok(0);
+        return Ok(());
     }
     // Parameters in the statement's numbering: $1–$9 decisions, $10–$16 ledger rows,
     // $17–$18 events, $19 the time, $20–$25 balances, $26 payloads, $27–$35 settlements,
@@ -473,8 +464,17 @@ pub(crate) async fn write<'a>(
             .collect::<Vec<_>>(),
     );
     let q = bind_settlements(q, &written.settlements);
-    let decided = bind_auto_top_up(q, &dirty).fetch_one(&mut *conn).await?;
-    Ok(u64::try_from(decided).unwrap_or(0))
+    bind_auto_top_up(q, &dirty).fetch_one(&mut *conn).await?;
+    Ok(())
+}
+
+/// True when [`write`] failed because another transaction committed a decision or a
+/// settlement for one of the same node executions after the caller looked for them.
+pub(crate) fn decided_elsewhere(e: &sqlx::Error) -> bool {
+    e.as_database_error().is_some_and(|db| {
+        db.is_unique_violation()
+            && matches!(db.constraint(), Some("decisions_pkey" | "settlements_pkey"))
+    })
 }
 
 fn bind_decisions<'q>(q: Write<'q>, d: &'q [NewDecision]) -> Write<'q> {

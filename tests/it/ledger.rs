@@ -8,6 +8,7 @@ use credit_worker::ledger::{HistoryQuery, LedgerError, TxType};
 use credit_worker::message;
 use credit_worker::refill::{self, Month};
 use serde_json::json;
+use std::time::Duration;
 
 use crate::fixtures::*;
 use crate::helpers::*;
@@ -1070,5 +1071,49 @@ async fn history_pages_are_served_by_indexes() {
             "{query:?} should use {index}:\n{text}"
         );
     }
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_decision_committed_meanwhile_for_another_user_is_a_race_then_a_duplicate() {
+    // A producer sends one node_exec_id for two users: the workers lock different accounts,
+    // so neither sees the other's decision before it writes its own.
+    let env = TestEnv::new().await;
+    let pricing = env.settings.pricing(CostTable::builtin().unwrap());
+    let now = Utc::now();
+    let mut other = env.pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO credit.decisions (node_exec_id, user_id, block_id, graph_exec_id, outcome, cost)
+         VALUES ('race-1', 'u-a', 'b', 'ge', 'free', 0)",
+    )
+    .execute(&mut *other)
+    .await
+    .unwrap();
+    let e = message::decode(&body(&platform_gpt4("u-b", "race-1"))).unwrap();
+    let (pool, p, first) = (env.pool.clone(), pricing.clone(), e.clone());
+    let task = tokio::spawn(async move { decide::decide_batch(&pool, &p, &[first], now).await });
+    let waiting = "SELECT count(*) FROM pg_stat_activity
+                    WHERE datname = current_database() AND wait_event_type = 'Lock'";
+    wait_for(
+        Duration::from_secs(10),
+        "the write to wait for the other decision",
+        || async { env.scalar_i64(waiting).await == 1 },
+    )
+    .await;
+    other.commit().await.unwrap();
+    let err = task.await.unwrap().unwrap_err();
+    assert!(matches!(err, decide::DecideError::Race), "{err:?}");
+    let loser_rows = "SELECT count(*) FROM credit.transactions WHERE user_id = 'u-b'";
+    assert_eq!(env.scalar_i64(loser_rows).await, 0);
+    let again = decide::decide_batch(&env.pool, &pricing, &[e], now)
+        .await
+        .unwrap();
+    assert_eq!(again, vec![Verdict::Duplicate { conflicting: true }]);
+    assert_eq!(env.scalar_i64(loser_rows).await, 0);
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM credit.decisions")
+            .await,
+        1
+    );
     env.cleanup().await;
 }
