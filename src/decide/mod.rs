@@ -4,7 +4,8 @@
 //! 1. **price** (pure): every entry priced from the cost table, pre-flight or post-flight;
 //!    unpriceable ⇒ invalid.
 //! 2. **lock** (ledger): the users' balance rows locked in user_id order; earlier decisions
-//!    and settlements of the batch's node_exec_ids looked up ⇒ duplicates.
+//!    and settlements of the batch's node_exec_ids looked up ⇒ duplicates (for a batch of
+//!    starts only, after its write found one: see [`decide_batch`]).
 //! 3. **apply** (pure, [`apply`]): each remaining entry applied to its account in delivery
 //!    order, exactly as if processed one at a time: a start decides (a later delivery of the
 //!    same node_exec_id in the batch is a duplicate once one was decided), a completion
@@ -91,13 +92,45 @@ impl DecideError {
 
 /// Decides `entries` (in delivery order) in one transaction. Returns one verdict per entry,
 /// in the same order. On error nothing was written.
+///
+/// A batch of starts only (the common case) is first written without looking for earlier
+/// decisions: the decisions' primary key refuses a node execution decided before, and only
+/// then is the batch decided again with the look-up. Duplicates are rare (a redelivery after
+/// a crash, a producer's retry), so the look-up would cost every batch a statement to save
+/// an occasional one.
 pub async fn decide_batch(
     pool: &PgPool,
     pricing: &Pricing,
     entries: &[NodeExecutionEntry],
     now: DateTime<Utc>,
 ) -> Result<Vec<Verdict>, DecideError> {
-    let mut batch = Batch::price(&pricing.costs, entries);
+    let batch = Batch::price(&pricing.costs, entries);
+    if batch.has_completions() {
+        return decide_priced(pool, pricing, batch, Look::Earlier, now).await;
+    }
+    match decide_priced(pool, pricing, batch, Look::Skip, now).await {
+        Err(DecideError::Race) => {
+            let batch = Batch::price(&pricing.costs, entries);
+            decide_priced(pool, pricing, batch, Look::Earlier, now).await
+        }
+        decided => decided,
+    }
+}
+
+/// Whether a transaction looks for earlier decisions and settlements of its node executions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Look {
+    Earlier,
+    Skip,
+}
+
+async fn decide_priced(
+    pool: &PgPool,
+    pricing: &Pricing,
+    mut batch: Batch<'_>,
+    look: Look,
+    now: DateTime<Utc>,
+) -> Result<Vec<Verdict>, DecideError> {
     let users = batch.users();
     if users.is_empty() {
         return Ok(batch.verdicts());
@@ -106,15 +139,17 @@ pub async fn decide_batch(
     // Lock first, then look for earlier decisions: once we hold the users' rows, any decision
     // for these users committed by another worker is visible to the next statement.
     let mut accounts = store::lock_accounts(&mut tx, &users).await?;
-    let ids = batch.pending_ids();
-    let decided = store::earlier_decisions(&mut tx, &ids).await?;
-    // A batch of starts only (the common case) needs no settlement look-up.
-    let settled = if batch.has_completions() {
-        store::earlier_settlements(&mut tx, &ids).await?
-    } else {
-        Vec::new()
-    };
-    batch.mark_earlier(decided, &settled);
+    if look == Look::Earlier {
+        let ids = batch.pending_ids();
+        let decided = store::earlier_decisions(&mut tx, &ids).await?;
+        // A batch of starts only needs no settlement look-up.
+        let settled = if batch.has_completions() {
+            store::earlier_settlements(&mut tx, &ids).await?
+        } else {
+            Vec::new()
+        };
+        batch.mark_earlier(decided, &settled);
+    }
     let writes = batch.apply(&mut accounts, pricing, now);
     let written = store::write(
         &mut tx,
@@ -125,8 +160,9 @@ pub async fn decide_batch(
     )
     .await;
     match written {
-        // A worker holding other users' locks decided one of these ids meanwhile (a
-        // conflicting duplicate). The transaction is rolled back; the retry sees its decision.
+        // Without the look-up: a node execution decided before. With it: a worker holding
+        // other users' locks decided one of these ids meanwhile (a conflicting duplicate).
+        // The transaction is rolled back; the next attempt sees the decision.
         Err(e) if store::decided_elsewhere(&e) => return Err(DecideError::Race),
         other => other?,
     }

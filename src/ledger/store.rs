@@ -29,27 +29,20 @@ const CREATE_ACCOUNTS: &str = "INSERT INTO credit.balances (user_id)
 /// Everything a transaction writes, in one statement (one round trip): decisions (when
 /// given), ledger rows, balances, outbox rows, and a wake-up for the outbox relays.
 ///
-/// Decisions and settlements are plain inserts: the caller looked for earlier ones under the
-/// account locks, so a key taken meanwhile (a worker holding another user's lock decided the
-/// same node_exec_id) is rare and fails the statement with a unique violation
+/// Decisions and settlements are plain inserts, and run first: a node execution decided or
+/// settled before (when the caller did not look, or another worker holding other users'
+/// locks got there meanwhile) fails the statement at once with a unique violation
 /// ([`decided_elsewhere`]). `ON CONFLICT DO NOTHING` would cost every row a speculative
 /// insertion and its extra WAL record.
 ///
-/// PostgreSQL runs the data-modifying CTEs the last declared first. The outbox insert is declared first so that it runs last: it takes the
-/// lock that orders event ids (migration 0005), held until commit, so a concurrent writer
-/// (another replica, a control command, a sweep chunk) waits for it only from here to the
-/// commit, not through the ledger writes.
+/// PostgreSQL runs the data-modifying CTEs the last declared first. The outbox insert is
+/// declared first so that it runs last: it takes the lock that orders event ids (migration
+/// 0005), held until commit, so a concurrent writer (another replica, a control command, a
+/// sweep chunk) waits for it only from there to the commit, not through the ledger writes.
 const WRITE: &str = "WITH
   o AS (
     INSERT INTO credit.outbox (event_id, routing_key, payload)
     SELECT e, r, p::json FROM unnest($17::text[], $18::text[], $26::text[]) AS x(e, r, p)),
-  d AS (
-    INSERT INTO credit.decisions
-        (node_exec_id, user_id, block_id, graph_exec_id, outcome, cost, fee, transaction_key,
-         fee_key, decided_at)
-    SELECT n, u, b, g, o, c, f, k, fk, $19
-      FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[],
-                  $7::int8[], $8::text[], $9::text[]) AS x(n, u, b, g, o, c, f, k, fk)),
   t AS (
     INSERT INTO credit.transactions
         (user_id, seq, transaction_key, type, amount, running_balance, metadata, created_at)
@@ -72,7 +65,14 @@ const WRITE: &str = "WITH
          transaction_key, settled_at)
     SELECT n, u, b, st, pr, po, de, un, k, $19
       FROM unnest($27::text[], $28::text[], $29::text[], $30::text[], $31::int8[], $32::int8[],
-                  $33::int8[], $34::int8[], $35::text[]) AS x(n, u, b, st, pr, po, de, un, k))
+                  $33::int8[], $34::int8[], $35::text[]) AS x(n, u, b, st, pr, po, de, un, k)),
+  d AS (
+    INSERT INTO credit.decisions
+        (node_exec_id, user_id, block_id, graph_exec_id, outcome, cost, fee, transaction_key,
+         fee_key, decided_at)
+    SELECT n, u, b, g, o, c, f, k, fk, $19
+      FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[],
+                  $7::int8[], $8::text[], $9::text[]) AS x(n, u, b, g, o, c, f, k, fk))
 SELECT CASE WHEN cardinality($17::text[]) > 0 THEN pg_notify('credit_outbox', '') END IS NULL
        AS woke";
 

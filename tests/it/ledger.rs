@@ -1074,24 +1074,27 @@ async fn history_pages_are_served_by_indexes() {
     env.cleanup().await;
 }
 
-#[tokio::test]
-async fn a_decision_committed_meanwhile_for_another_user_is_a_race_then_a_duplicate() {
-    // A producer sends one node_exec_id for two users: the workers lock different accounts,
-    // so neither sees the other's decision before it writes its own.
-    let env = TestEnv::new().await;
+/// Holds an uncommitted decision for `id` (user `u-a`) while `entry` (user `u-b`) is decided,
+/// commits it once that decision waits on it, and returns what the decision returned.
+async fn decide_beside_uncommitted(
+    env: &TestEnv,
+    id: &str,
+    entry: serde_json::Value,
+) -> Result<Vec<Verdict>, decide::DecideError> {
     let pricing = env.settings.pricing(CostTable::builtin().unwrap());
-    let now = Utc::now();
     let mut other = env.pool.begin().await.unwrap();
     sqlx::query(
         "INSERT INTO credit.decisions (node_exec_id, user_id, block_id, graph_exec_id, outcome, cost)
-         VALUES ('race-1', 'u-a', 'b', 'ge', 'free', 0)",
+         VALUES ($1, 'u-a', 'b', 'ge', 'free', 0)",
     )
+    .bind(id)
     .execute(&mut *other)
     .await
     .unwrap();
-    let e = message::decode(&body(&platform_gpt4("u-b", "race-1"))).unwrap();
-    let (pool, p, first) = (env.pool.clone(), pricing.clone(), e.clone());
-    let task = tokio::spawn(async move { decide::decide_batch(&pool, &p, &[first], now).await });
+    let e = message::decode(&body(&entry)).unwrap();
+    let pool = env.pool.clone();
+    let task =
+        tokio::spawn(async move { decide::decide_batch(&pool, &pricing, &[e], Utc::now()).await });
     let waiting = "SELECT count(*) FROM pg_stat_activity
                     WHERE datname = current_database() AND wait_event_type = 'Lock'";
     wait_for(
@@ -1101,19 +1104,76 @@ async fn a_decision_committed_meanwhile_for_another_user_is_a_race_then_a_duplic
     )
     .await;
     other.commit().await.unwrap();
-    let err = task.await.unwrap().unwrap_err();
+    task.await.unwrap()
+}
+
+#[tokio::test]
+async fn a_decision_committed_meanwhile_for_another_user_is_a_duplicate() {
+    // A producer sends one node_exec_id for two users: the workers lock different accounts,
+    // so neither sees the other's decision before it writes its own.
+    let env = TestEnv::new().await;
+    let start = platform_gpt4("u-b", "race-1");
+    let v = decide_beside_uncommitted(&env, "race-1", start)
+        .await
+        .unwrap();
+    // A start is written without a look-up; the key refuses it, and the look-up finds why.
+    assert_eq!(v, vec![Verdict::Duplicate { conflicting: true }]);
+
+    let mut completion = platform_gpt4("u-b", "race-2");
+    completion["phase"] = json!("completed");
+    let err = decide_beside_uncommitted(&env, "race-2", completion.clone())
+        .await
+        .unwrap_err();
+    // A completion looked before it wrote: the other decision came after, a race to retry.
     assert!(matches!(err, decide::DecideError::Race), "{err:?}");
-    let loser_rows = "SELECT count(*) FROM credit.transactions WHERE user_id = 'u-b'";
-    assert_eq!(env.scalar_i64(loser_rows).await, 0);
-    let again = decide::decide_batch(&env.pool, &pricing, &[e], now)
+    let pricing = env.settings.pricing(CostTable::builtin().unwrap());
+    let e = message::decode(&body(&completion)).unwrap();
+    let again = decide::decide_batch(&env.pool, &pricing, &[e], Utc::now())
         .await
         .unwrap();
     assert_eq!(again, vec![Verdict::Duplicate { conflicting: true }]);
-    assert_eq!(env.scalar_i64(loser_rows).await, 0);
+
+    let loser = "SELECT count(*) FROM credit.transactions WHERE user_id = 'u-b'";
+    assert_eq!(env.scalar_i64(loser).await, 0);
+    let settled = "SELECT count(*) FROM credit.settlements";
+    assert_eq!(env.scalar_i64(settled).await, 0);
+    let decisions = "SELECT count(*) FROM credit.decisions WHERE user_id = 'u-a'";
+    assert_eq!(env.scalar_i64(decisions).await, 2);
     assert_eq!(
         env.scalar_i64("SELECT count(*) FROM credit.decisions")
             .await,
-        1
+        2
     );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn redelivered_starts_beside_new_ones_are_duplicates_and_the_new_ones_decided() {
+    let env = TestEnv::with(no_refill).await;
+    seed(&env, ["r"], 100).await;
+    let pricing = env.settings.pricing(CostTable::builtin().unwrap());
+    let decode = |id: &str| message::decode(&body(&platform_gpt4("r", id))).unwrap();
+    let now = Utc::now();
+    let first = [decode("a"), decode("b")];
+    decide::decide_batch(&env.pool, &pricing, &first, now)
+        .await
+        .unwrap();
+    // The first write of this batch fails on a's key; the second, with the look-up, decides c.
+    let mixed = [decode("a"), decode("c"), decode("b"), decode("c")];
+    let v = decide::decide_batch(&env.pool, &pricing, &mixed, now)
+        .await
+        .unwrap();
+    let dup = Verdict::Duplicate { conflicting: false };
+    let c = Verdict::Decided {
+        outcome: Outcome::Charged,
+        cost: 10,
+        fee: 0,
+        balance: 70,
+    };
+    assert_eq!(v, vec![dup.clone(), c, dup.clone(), dup]);
+    assert_eq!(env.ledger().balance("r", now).await.unwrap(), 70);
+    let rows = "SELECT count(*) FROM credit.transactions WHERE user_id = 'r' AND type = 'USAGE'";
+    assert_eq!(env.scalar_i64(rows).await, 3);
+    env.assert_audit_clean().await;
     env.cleanup().await;
 }
