@@ -1,8 +1,10 @@
 //! The outbox relay: publishes committed events in id order from the relays' watermark
-//! (`credit.outbox_relay`, locked `FOR UPDATE SKIP LOCKED`, so replicas take turns and a
-//! user's events go out in order), persistently with pipelined publisher confirms, and moves
-//! the watermark past them only after every confirm arrived. At-least-once: a crash between
-//! confirm and the watermark's commit republishes the same `event_id`s.
+//! (`credit.outbox_relay`), persistently with pipelined publisher confirms, and moves the
+//! watermark past them only after every confirm arrived. One relay leads at a time (a
+//! session-level advisory lock; the other replicas' relays wait to take over), so a user's
+//! events go out in order and a round costs one statement: the watermark's move and the read
+//! of the next events. At-least-once: a crash between confirm and the watermark's commit
+//! republishes the same `event_id`s.
 //!
 //! Ids are drawn in commit order (migration 0005), so an event never becomes visible below a
 //! watermark the relay already moved past.
@@ -12,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use sqlx::postgres::PgListener;
-use sqlx::PgPool;
+use sqlx::{Connection, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -77,65 +79,88 @@ impl Relay {
         topology::declare_events_exchange(publisher.channel(), &exchange).await?;
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen("credit_outbox").await?;
+        // The leader's lock lives as long as this connection, which never returns to the pool.
+        let mut db = self.pool.acquire().await?.detach();
+        let led = self
+            .lead(
+                &mut db,
+                &publisher,
+                &exchange,
+                &mut listener,
+                drain,
+                hard_stop,
+            )
+            .await;
+        let _ = db.close().await;
+        if led.is_ok() && drain.is_cancelled() {
+            let _ = conn.close(200, "shutdown".into()).await;
+        }
+        led
+    }
+
+    /// Waits to lead, then publishes until stopped; returns once drained (or on `hard_stop`).
+    async fn lead(
+        &self,
+        db: &mut PgConnection,
+        publisher: &Publisher,
+        exchange: &str,
+        listener: &mut PgListener,
+        drain: &CancellationToken,
+        hard_stop: &CancellationToken,
+    ) -> Result<(), RelayError> {
+        while !store::try_lead_relay(db).await? {
+            // Another replica's relay leads; it has the outbox in hand.
+            if drain.is_cancelled() || !self.wait(listener, drain, hard_stop).await? {
+                return Ok(());
+            }
+        }
+        let mut watermark = store::watermark(db).await?;
+        let mut rows = store::events_after(db, watermark, BATCH).await?;
         loop {
             if hard_stop.is_cancelled() {
                 return Ok(());
             }
-            let n = publish_batch(&self.pool, &publisher, &exchange, BATCH).await?;
-            if n == BATCH as usize {
+            if let Some(through) = rows.last().map(|r| r.id) {
+                let started = Instant::now();
+                publish(publisher, exchange, &rows).await?;
+                metrics::counter!("credit_events_published_total").increment(rows.len() as u64);
+                rows = store::advance_and_read(db, through, BATCH).await?;
+                watermark = through;
+                metrics::histogram!("credit_outbox_publish_seconds")
+                    .record(started.elapsed().as_secs_f64());
                 continue;
             }
             if drain.is_cancelled() {
-                // Draining: no notification is awaited; go on until the outbox is empty.
-                if n == 0 {
-                    info!("outbox flushed");
-                    let _ = conn.close(200, "shutdown".into()).await;
-                    return Ok(());
-                }
-                continue;
+                info!("outbox flushed");
+                return Ok(());
             }
-            // Woken by NOTIFY from any writer. A writer that committed during this round has
-            // its notification waiting already, so a round that found fewer than a batch need
-            // not be followed by a look that usually finds nothing; the timeout covers a lost
-            // notification.
-            tokio::select! {
-                r = listener.recv() => { r?; }
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {
-                    let backlog = store::unpublished_events(&self.pool).await?;
-                    metrics::gauge!("credit_outbox_backlog").set(backlog as f64);
-                }
-                _ = drain.cancelled() => {}
-                _ = hard_stop.cancelled() => {}
+            if !self.wait(listener, drain, hard_stop).await? {
+                return Ok(());
             }
+            rows = store::events_after(db, watermark, BATCH).await?;
         }
     }
-}
 
-/// Publishes up to `limit` events after the watermark in one transaction and moves the
-/// watermark past them; returns how many (0 also while another relay holds the watermark).
-pub(crate) async fn publish_batch(
-    pool: &PgPool,
-    publisher: &Publisher,
-    exchange: &str,
-    limit: i64,
-) -> Result<usize, RelayError> {
-    let mut tx = pool.begin().await?;
-    let Some(watermark) = store::lock_watermark(&mut tx).await? else {
-        tx.rollback().await?;
-        return Ok(0);
-    };
-    let rows = store::events_after(&mut tx, watermark, limit).await?;
-    let Some(through) = rows.last().map(|r| r.id) else {
-        tx.rollback().await?;
-        return Ok(0);
-    };
-    let started = Instant::now();
-    publish(publisher, exchange, &rows).await?;
-    store::advance_watermark(&mut tx, through).await?;
-    tx.commit().await?;
-    metrics::counter!("credit_events_published_total").increment(rows.len() as u64);
-    metrics::histogram!("credit_outbox_publish_seconds").record(started.elapsed().as_secs_f64());
-    Ok(rows.len())
+    /// Waits for a NOTIFY from any writer (a writer that committed during the last look has
+    /// its notification waiting already), for drain, or at most 500 ms, which covers a lost
+    /// notification and refreshes the backlog gauge. False on `hard_stop`.
+    async fn wait(
+        &self,
+        listener: &mut PgListener,
+        drain: &CancellationToken,
+        hard_stop: &CancellationToken,
+    ) -> Result<bool, RelayError> {
+        tokio::select! {
+            r = listener.recv() => { r?; }
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                let backlog = store::unpublished_events(&self.pool).await?;
+                metrics::gauge!("credit_outbox_backlog").set(backlog as f64);
+            }
+            _ = drain.cancelled() => {}
+            _ = hard_stop.cancelled() => return Ok(false),
+        }
+        Ok(true)
+    }
 }
 
 /// Publishes `rows` in order and waits for every confirm.

@@ -557,15 +557,23 @@ fn bind_auto_top_up<'q>(q: Write<'q>, dirty: &[&'q Account]) -> Write<'q> {
 
 /// The relays' watermark, locked for the caller's transaction; none while another relay holds
 /// it (replicas take turns).
-const LOCK_WATERMARK: &str =
-    "SELECT published_through FROM credit.outbox_relay FOR UPDATE SKIP LOCKED";
+/// The relay leader's lock, held by its session for as long as it leads ("cred", "rela"):
+/// one relay publishes at a time, so a user's events go out in order.
+const LEAD_RELAY: &str = "SELECT pg_try_advisory_lock(1668441444, 1919249505)";
+
+const WATERMARK: &str = "SELECT published_through FROM credit.outbox_relay";
 
 /// The next events after the watermark, in id order (= commit order, migration 0005).
 const EVENTS_AFTER: &str = "SELECT id, event_id, routing_key, payload::text AS payload, created_at
        FROM credit.outbox WHERE id > $1 ORDER BY id LIMIT $2";
 
-const ADVANCE_WATERMARK: &str = "UPDATE credit.outbox_relay
-        SET published_through = $1, updated_at = now() WHERE published_through < $1";
+/// Moves the watermark to $1 (never back) and reads the next events after it: one round trip
+/// and one commit per relay round.
+const ADVANCE_AND_READ: &str = "WITH a AS (
+    UPDATE credit.outbox_relay SET published_through = $1, updated_at = now()
+     WHERE published_through < $1)
+SELECT id, event_id, routing_key, payload::text AS payload, created_at
+  FROM credit.outbox WHERE id > $1 ORDER BY id LIMIT $2";
 
 const UNPUBLISHED: &str = "SELECT count(*) FROM credit.outbox
       WHERE id > (SELECT published_through FROM credit.outbox_relay)";
@@ -580,12 +588,15 @@ pub(crate) struct StoredEvent {
     pub created_at: DateTime<Utc>,
 }
 
-/// Locks the relays' watermark (every event up to it was published); `None` while another
-/// relay holds it.
-pub(crate) async fn lock_watermark(conn: &mut PgConnection) -> Result<Option<i64>, sqlx::Error> {
-    sqlx::query_scalar(LOCK_WATERMARK)
-        .fetch_optional(&mut *conn)
-        .await
+/// Takes the relay leader's lock for this session if no other session holds it. It is held
+/// until the session ends: `conn` must not go back to a pool.
+pub(crate) async fn try_lead_relay(conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(LEAD_RELAY).fetch_one(&mut *conn).await
+}
+
+/// The relays' watermark: every event up to it was published.
+pub(crate) async fn watermark(conn: &mut PgConnection) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(WATERMARK).fetch_one(&mut *conn).await
 }
 
 /// Up to `limit` events after `watermark`, in id order.
@@ -601,16 +612,18 @@ pub(crate) async fn events_after(
         .await
 }
 
-/// Moves the watermark (locked by [`lock_watermark`]) to `through`.
-pub(crate) async fn advance_watermark(
+/// Moves the watermark to `through` (committed on return: call it outside a transaction,
+/// as the relay leader) and returns up to `limit` events after it.
+pub(crate) async fn advance_and_read(
     conn: &mut PgConnection,
     through: i64,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(ADVANCE_WATERMARK)
+    limit: i64,
+) -> Result<Vec<StoredEvent>, sqlx::Error> {
+    sqlx::query_as(ADVANCE_AND_READ)
         .bind(through)
-        .execute(&mut *conn)
+        .bind(limit)
+        .fetch_all(&mut *conn)
         .await
-        .map(|_| ())
 }
 
 /// Events after the watermark: not published yet.

@@ -172,3 +172,75 @@ async fn a_relay_killed_between_publish_and_watermark_commit_republishes() {
     env.assert_audit_clean().await;
     env.cleanup().await;
 }
+
+const RELAY_LEADERS: &str = "SELECT count(*) FROM pg_locks
+      WHERE locktype = 'advisory' AND classid = 1668441444 AND objid = 1919249505 AND granted";
+
+async fn published_by(port: u16) -> f64 {
+    let (_, body) = http_get(port, "/metrics").await.unwrap_or_default();
+    metric_value(&body, "credit_events_published_total", &[])
+}
+
+/// Of two replicas one relay leads and publishes everything; when it dies the other takes
+/// over from the watermark: every event once, in outbox id order.
+#[tokio::test]
+async fn one_relay_leads_and_another_takes_over_when_it_dies() {
+    let env = TestEnv::with(no_refill).await;
+    seed(&env, ["l0", "l1"], 1_000_000).await;
+    // The seed's own events go out first.
+    let seeded = env.scalar_i64("SELECT count(*) FROM credit.outbox").await;
+    assert_eq!(seeded, 2);
+    let mut tap = env.event_tap().await;
+    let mut vars = env.process_env();
+    vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
+    let mut workers = [
+        WorkerProcess::spawn_with_http(&vars, &["run"]),
+        WorkerProcess::spawn_with_http(&vars, &["run"]),
+    ];
+    for (_, port) in &workers {
+        wait_status(T, *port, "/readyz", 200).await;
+    }
+    wait_for(T, "a relay to lead", || async {
+        env.scalar_i64(RELAY_LEADERS).await == 1
+    })
+    .await;
+    let batch = |from: usize| -> Vec<Vec<u8>> {
+        (from..from + 10)
+            .map(|i| body(&platform_gpt4(&format!("l{}", i % 2), &format!("lead-{i}"))))
+            .collect()
+    };
+    env.publish(&batch(0)).await;
+    let first: Vec<String> = tap.take(12, T).await.into_iter().map(|e| e.1).collect();
+    wait_count(&env, T, "outbox drained", UNPUBLISHED, &[], |n| n == 0).await;
+    let counts = [
+        published_by(workers[0].1).await,
+        published_by(workers[1].1).await,
+    ];
+    let leader = usize::from(counts[1] > 0.0);
+    assert_eq!(
+        (counts[leader], counts[1 - leader]),
+        (12.0, 0.0),
+        "{counts:?}"
+    );
+
+    workers[leader].0.kill9();
+    env.publish(&batch(10)).await;
+    let next: Vec<String> = tap.take(10, T).await.into_iter().map(|e| e.1).collect();
+    let survivor = workers[1 - leader].1;
+    wait_count(&env, T, "outbox drained", UNPUBLISHED, &[], |n| n == 0).await;
+    assert_eq!(published_by(survivor).await, 10.0);
+    tap.assert_quiet(Duration::from_millis(500)).await;
+    let stored: Vec<String> = sqlx::query_scalar("SELECT event_id FROM credit.outbox ORDER BY id")
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        [first, next].concat(),
+        stored,
+        "each event once, in outbox id order"
+    );
+    workers[1 - leader].0.sigterm();
+    assert_eq!(workers[1 - leader].0.wait_exit(T).await, Some(0));
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
