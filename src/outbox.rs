@@ -77,20 +77,15 @@ impl Relay {
         let publisher = Publisher::open(&conn).await?;
         let exchange = self.settings.name(topology::EVENTS);
         topology::declare_events_exchange(publisher.channel(), &exchange).await?;
-        let mut listener = PgListener::connect_with(&self.pool).await?;
-        listener.listen("credit_outbox").await?;
         // The leader's lock lives as long as this connection, which never returns to the pool.
         let mut db = self.pool.acquire().await?.detach();
-        let led = self
-            .lead(
-                &mut db,
-                &publisher,
-                &exchange,
-                &mut listener,
-                drain,
-                hard_stop,
-            )
-            .await;
+        let led = match self.await_lead(&mut db, drain, hard_stop).await {
+            Ok(true) => {
+                self.lead(&mut db, &publisher, &exchange, drain, hard_stop)
+                    .await
+            }
+            other => other.map(|_| ()),
+        };
         let _ = db.close().await;
         if led.is_ok() && drain.is_cancelled() {
             let _ = conn.close(200, "shutdown".into()).await;
@@ -98,22 +93,36 @@ impl Relay {
         led
     }
 
-    /// Waits to lead, then publishes until stopped; returns once drained (or on `hard_stop`).
+    /// Tries the leader's lock every 500 ms while another replica's relay leads (it has the
+    /// outbox in hand, so a standby neither listens nor reads). False when stopped first.
+    async fn await_lead(
+        &self,
+        db: &mut PgConnection,
+        drain: &CancellationToken,
+        hard_stop: &CancellationToken,
+    ) -> Result<bool, RelayError> {
+        while !store::try_lead_relay(db).await? {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(500)) => self.gauge_backlog().await?,
+                _ = drain.cancelled() => return Ok(false),
+                _ = hard_stop.cancelled() => return Ok(false),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Publishes as the leader until stopped; returns once drained (or on `hard_stop`).
     async fn lead(
         &self,
         db: &mut PgConnection,
         publisher: &Publisher,
         exchange: &str,
-        listener: &mut PgListener,
         drain: &CancellationToken,
         hard_stop: &CancellationToken,
     ) -> Result<(), RelayError> {
-        while !store::try_lead_relay(db).await? {
-            // Another replica's relay leads; it has the outbox in hand.
-            if drain.is_cancelled() || !self.wait(listener, drain, hard_stop).await? {
-                return Ok(());
-            }
-        }
+        // Listening before the first read: an event committed after it notifies.
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen("credit_outbox").await?;
         let mut watermark = store::watermark(db).await?;
         let mut rows = store::events_after(db, watermark, BATCH).await?;
         loop {
@@ -134,11 +143,17 @@ impl Relay {
                 info!("outbox flushed");
                 return Ok(());
             }
-            if !self.wait(listener, drain, hard_stop).await? {
+            if !self.wait(&mut listener, drain, hard_stop).await? {
                 return Ok(());
             }
             rows = store::events_after(db, watermark, BATCH).await?;
         }
+    }
+
+    async fn gauge_backlog(&self) -> Result<(), RelayError> {
+        let backlog = store::unpublished_events(&self.pool).await?;
+        metrics::gauge!("credit_outbox_backlog").set(backlog as f64);
+        Ok(())
     }
 
     /// Waits for a NOTIFY from any writer (a writer that committed during the last look has
@@ -152,10 +167,7 @@ impl Relay {
     ) -> Result<bool, RelayError> {
         tokio::select! {
             r = listener.recv() => { r?; }
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {
-                let backlog = store::unpublished_events(&self.pool).await?;
-                metrics::gauge!("credit_outbox_backlog").set(backlog as f64);
-            }
+            _ = tokio::time::sleep(Duration::from_millis(500)) => self.gauge_backlog().await?,
             _ = drain.cancelled() => {}
             _ = hard_stop.cancelled() => return Ok(false),
         }
