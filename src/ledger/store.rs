@@ -557,8 +557,6 @@ fn bind_auto_top_up<'q>(q: Write<'q>, dirty: &[&'q Account]) -> Write<'q> {
 
 // The outbox relay's statements.
 
-/// The relays' watermark, locked for the caller's transaction; none while another relay holds
-/// it (replicas take turns).
 /// The relay leader's lock, held by its session for as long as it leads ("cred", "rela"):
 /// one relay publishes at a time, so a user's events go out in order.
 const LEAD_RELAY: &str = "SELECT pg_try_advisory_lock(1668441444, 1919249505)";
