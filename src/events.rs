@@ -3,7 +3,8 @@
 //! produces the same id and consumers can deduplicate.
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::json;
 
 pub const BALANCE_CHANGED: &str = "balance.changed";
 pub const CHARGE_REJECTED: &str = "charge.rejected";
@@ -16,7 +17,16 @@ pub const TOP_UP_REQUESTED: &str = "top_up.requested";
 pub struct NewEvent {
     pub event_id: String,
     pub routing_key: &'static str,
-    pub payload: Value,
+    /// The JSON text stored and published, keys in order.
+    pub payload: String,
+}
+
+impl NewEvent {
+    /// The payload as a JSON value.
+    #[cfg(test)]
+    pub(crate) fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.payload).unwrap_or_default()
+    }
 }
 
 /// The node execution a ledger row or event belongs to, when there is one.
@@ -44,29 +54,51 @@ pub fn balance_changed(
     at: DateTime<Utc>,
 ) -> NewEvent {
     let event_id = format!("{BALANCE_CHANGED}:{user_id}:{transaction_key}");
-    let mut payload = json!({
-        "event_id": event_id,
-        "type": BALANCE_CHANGED,
-        "user_id": user_id,
-        "occurred_at": rfc3339(at),
-        "amount": amount,
-        "balance": balance,
-        "seq": seq,
-        "transaction_type": transaction_type,
-        "transaction_key": transaction_key,
-    });
-    if let Some(obj) = payload.as_object_mut() {
-        if let Some(id) = exec.node_exec_id {
-            obj.insert("node_exec_id".into(), id.into());
-        }
-        if let Some(id) = exec.graph_exec_id {
-            obj.insert("graph_exec_id".into(), id.into());
-        }
+    let payload = BalanceChanged {
+        amount,
+        balance,
+        event_id: &event_id,
+        graph_exec_id: exec.graph_exec_id,
+        node_exec_id: exec.node_exec_id,
+        occurred_at: &rfc3339(at),
+        seq,
+        transaction_key,
+        transaction_type,
+        kind: BALANCE_CHANGED,
+        user_id,
     }
+    .to_json();
     NewEvent {
         event_id,
         routing_key: BALANCE_CHANGED,
         payload,
+    }
+}
+
+/// The payload of `balance.changed`, one per ledger row, so written without building a JSON
+/// value first. Fields in key order, as `serde_json` writes an object (and the sweep's SQL).
+#[derive(Serialize)]
+struct BalanceChanged<'a> {
+    amount: i64,
+    balance: i64,
+    event_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    graph_exec_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node_exec_id: Option<&'a str>,
+    occurred_at: &'a str,
+    seq: i64,
+    transaction_key: &'a str,
+    transaction_type: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    user_id: &'a str,
+}
+
+impl BalanceChanged<'_> {
+    fn to_json(&self) -> String {
+        // Strings and integers only: serialising cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
     }
 }
 
@@ -90,7 +122,8 @@ pub(crate) fn charge_rejected(
             "graph_exec_id": graph_exec_id,
             "cost": cost,
             "balance": balance,
-        }),
+        })
+        .to_string(),
         event_id,
         routing_key: CHARGE_REJECTED,
     }
@@ -113,7 +146,8 @@ pub(crate) fn balance_low(
             "occurred_at": rfc3339(at),
             "balance": balance,
             "threshold": threshold,
-        }),
+        })
+        .to_string(),
         event_id,
         routing_key: BALANCE_LOW,
     }
@@ -140,7 +174,8 @@ pub(crate) fn charge_uncollected(
             "graph_exec_id": graph_exec_id,
             "amount": amount,
             "balance": balance,
-        }),
+        })
+        .to_string(),
         event_id,
         routing_key: CHARGE_UNCOLLECTED,
     }
@@ -167,8 +202,56 @@ pub(crate) fn top_up_requested(
             "amount": amount,
             "balance": balance,
             "threshold": threshold,
-        }),
+        })
+        .to_string(),
         event_id,
         routing_key: TOP_UP_REQUESTED,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+
+    use super::*;
+
+    /// What `balance_changed` wrote when it built a JSON value: the same text, byte for byte.
+    fn as_value(user: &str, key: &str, exec: ExecutionRef<'_>, at: DateTime<Utc>) -> String {
+        let mut v = json!({
+            "event_id": format!("{BALANCE_CHANGED}:{user}:{key}"),
+            "type": BALANCE_CHANGED, "user_id": user, "occurred_at": rfc3339(at),
+            "amount": -10, "balance": 90, "seq": 7,
+            "transaction_type": "USAGE", "transaction_key": key,
+        });
+        if let Some(id) = exec.node_exec_id {
+            v["node_exec_id"] = id.into();
+        }
+        if let Some(id) = exec.graph_exec_id {
+            v["graph_exec_id"] = id.into();
+        }
+        v.to_string()
+    }
+
+    #[test]
+    fn balance_changed_is_the_text_of_its_json_object() {
+        let at = Utc.with_ymd_and_hms(2026, 11, 25, 12, 0, 0).unwrap();
+        let user = "u \"quoted\" \\ é 🙂\n";
+        let key = "USAGE-n\u{1}";
+        let execs = [
+            ExecutionRef::default(),
+            ExecutionRef {
+                node_exec_id: Some("n\"1"),
+                graph_exec_id: Some("g/1"),
+            },
+            ExecutionRef {
+                node_exec_id: None,
+                graph_exec_id: Some("g"),
+            },
+        ];
+        for exec in execs {
+            let e = balance_changed(user, 7, -10, 90, "USAGE", key, exec, at);
+            assert_eq!(e.payload, as_value(user, key, exec, at));
+            assert_eq!(e.event_id, format!("balance.changed:{user}:{key}"));
+        }
     }
 }

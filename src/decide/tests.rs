@@ -142,7 +142,7 @@ fn crossing_the_low_balance_threshold_is_reported_once() {
     assert_eq!(lows.len(), 1);
     // 1000 → 100 after 90 charges; the 91st takes it to 90 < 100. Its row is seq 92 (the
     // refill grant is seq 1).
-    assert_eq!(lows[0].payload["balance"], 90);
+    assert_eq!(lows[0].json()["balance"], 90);
     assert_eq!(lows[0].event_id, "balance.low:u:92");
     assert_eq!(ledger.accounts["u"].balance, 1000 - 950);
 }
@@ -361,7 +361,7 @@ fn without_debt_the_rest_is_reported_uncollected() {
         .events
         .iter()
         .find(|e| e.routing_key == crate::events::CHARGE_UNCOLLECTED);
-    assert_eq!(ev.map(|e| e.payload["amount"].clone()), Some(json!(50)));
+    assert_eq!(ev.map(|e| e.json()["amount"].clone()), Some(json!(50)));
 }
 
 proptest! {
@@ -479,7 +479,7 @@ fn failed_runs_settle_like_completed_ones_and_an_extra_charge_can_cross_low_bala
         .filter(|e| e.routing_key == crate::events::BALANCE_LOW)
         .collect();
     assert_eq!(low.len(), 1);
-    assert_eq!(low[0].payload["balance"], 10);
+    assert_eq!(low[0].json()["balance"], 10);
     assert_eq!(l.transactions.last().unwrap().transaction_key, "SETTLE-b");
 }
 
@@ -490,11 +490,9 @@ fn requests(l: &MemoryLedger) -> Vec<(String, i64)> {
         .iter()
         .filter(|e| e.routing_key == crate::events::TOP_UP_REQUESTED)
         .map(|e| {
-            let id = e.payload["request_id"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned();
-            (id, e.payload["balance"].as_i64().unwrap_or_default())
+            let json = e.json();
+            let id = json["request_id"].as_str().unwrap_or_default().to_owned();
+            (id, json["balance"].as_i64().unwrap_or_default())
         })
         .collect()
 }

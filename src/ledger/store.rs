@@ -462,7 +462,7 @@ pub(crate) async fn write<'a>(
         changes
             .events
             .iter()
-            .map(|x| x.payload.to_string())
+            .map(|x| x.payload.as_str())
             .collect::<Vec<_>>(),
     );
     let q = bind_settlements(q, &written.settlements);

@@ -269,17 +269,15 @@ pub(crate) async fn relay(
                 Err(_) => break,
             }
         }
-        // The worker's own relay work per event: serialise, set the event's properties,
-        // publish with confirms.
+        // The worker's own relay work per event: set the event's properties, publish with
+        // confirms.
         let now = Utc::now();
-        let payloads: Vec<String> = batch.iter().map(|ev| ev.payload.to_string()).collect();
         let messages: Vec<Outgoing<'_>> = batch
             .iter()
-            .zip(&payloads)
-            .map(|(ev, payload)| Outgoing {
+            .map(|ev| Outgoing {
                 exchange: &exchange,
                 routing_key: ev.routing_key,
-                body: payload.as_bytes(),
+                body: ev.payload.as_bytes(),
                 properties: amqp::event_properties(&ev.event_id, now),
             })
             .collect();
