@@ -1,6 +1,7 @@
 //! The outbox relay's watermark: event ids are drawn in commit order, so the relay can publish
 //! from a watermark without skipping an event that commits late; a relay that dies after its
-//! events were confirmed but before the watermark moved publishes them again.
+//! events were confirmed but before the watermark moved publishes them again; of several
+//! replicas one relay leads, and another takes over when it dies.
 
 use std::time::Duration;
 
