@@ -86,7 +86,8 @@ impl Relay {
             }
             other => other.map(|_| ()),
         };
-        let _ = db.close().await;
+        // Ends the session, and with it the lead; bounded, as the database may be gone.
+        let _ = tokio::time::timeout(Duration::from_secs(1), db.close()).await;
         if led.is_ok() && drain.is_cancelled() {
             let _ = conn.close(200, "shutdown".into()).await;
         }
