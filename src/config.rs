@@ -104,6 +104,8 @@ fn read_ca_file(path: &Path) -> Result<String, String> {
 pub struct PipelineSettings {
     pub max_batch: usize,
     pub max_wait_ms: u64,
+    /// Batches whose decision transactions may run at once (docs/contract.md §8).
+    pub in_flight: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -375,6 +377,9 @@ impl Settings {
         }
         if self.pipeline.max_batch == 0 || self.pipeline.max_batch > 10_000 {
             return bad("pipeline.max_batch", "must be between 1 and 10000");
+        }
+        if !(1..=8).contains(&self.pipeline.in_flight) {
+            return bad("pipeline.in_flight", "must be between 1 and 8");
         }
         if self.refill.target < 0 {
             return bad("refill.target", "must be >= 0");

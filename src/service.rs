@@ -1,7 +1,7 @@
 //! `credit-worker run`: the composition root. It builds every part from the settings and
 //! supervises their tasks in one place: the consumer, the outbox relay, the control queue, the
 //! refill scheduler and the HTTP endpoints. Shutdown (SIGTERM, or the first task to end
-//! unexpectedly) drains in one order: stop consuming → finish and ack the batch in flight →
+//! unexpectedly) drains in one order: stop consuming → finish and ack the batches in flight →
 //! flush the outbox → stop the rest. A task that ended unexpectedly makes the worker exit
 //! non-zero, so a process manager restarts it.
 

@@ -2,13 +2,15 @@
 //! [`process::process_batch`] → actions applied (dead-letter, then one multiple-ack).
 //!
 //! A collector gathers deliveries into a batch (up to `pipeline.max_batch`, waiting at most
-//! `pipeline.max_wait_ms` after the first, and growing further while the previous batch is
-//! still being decided); the decider task processes batches in order. Acks come only after the
-//! decision transaction committed; a transient fault is retried with backoff and never
-//! produces a decision or an ack.
+//! `pipeline.max_wait_ms` after the first, and growing further while the decider is busy);
+//! the decider starts each batch's decision on a task of its own, up to
+//! `pipeline.in_flight` at once in their [`Turn`]s, and acks them in delivery order. Acks come
+//! only after the decision transaction committed; a transient fault is retried with backoff
+//! and never produces a decision or an ack.
 
 pub mod process;
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,14 +20,16 @@ use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, B
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
 use crate::amqp::topology::{self, Names};
 use crate::amqp::{self, Outgoing, PublishError, Publisher};
 use crate::config::Settings;
+use crate::decide::{Follow, Turn};
 use crate::telemetry::Health;
-use process::{process_batch, producer_refusal, Action, DbDecider, MessageIds};
+use process::{producer_refusal, Action, Attempt, DbDecider, MessageIds};
 
 /// Header naming why a message was dead-lettered.
 pub const ERROR_HEADER: &str = "x-credit-error";
@@ -100,7 +104,7 @@ impl Consumer {
         info!(queue = %s.names.input_queue, "consuming");
 
         let (tx, rx) = mpsc::channel::<Vec<Delivery>>(1);
-        // Cancelled on shutdown too: the batch in flight is still decided when the database
+        // Cancelled on shutdown too: the batches in flight are still decided when the database
         // answers, and abandoned (left unacked) rather than retried forever when it does not.
         let decider_stop = stop.child_token();
         let mut decider = tokio::spawn(decide_loop(
@@ -204,6 +208,22 @@ fn next_delivery(d: Option<Result<Delivery, lapin::Error>>) -> Result<Delivery, 
     }
 }
 
+/// A batch whose decision has begun, on a task of its own.
+struct InFlight {
+    follow: Follow,
+    task: JoinHandle<Tried>,
+}
+
+/// A batch after its first try.
+struct Tried {
+    batch: Vec<Delivery>,
+    refused: Vec<Option<String>>,
+    attempt: Attempt,
+    started: Instant,
+}
+
+/// Decides batches in delivery order, up to `pipeline.in_flight` at once, and acks each once
+/// it and every batch before it are decided (see [`crate::decide::Turn`]).
 async fn decide_loop(
     c: Consumer,
     mut rx: mpsc::Receiver<Vec<Delivery>>,
@@ -211,39 +231,120 @@ async fn decide_loop(
     names: Names,
     stop: CancellationToken,
 ) -> Result<(), SessionError> {
-    while let Some(batch) = rx.recv().await {
-        if !c.handle_batch(&batch, &dead, &names, &stop).await? {
-            // Abandoned (shutdown during a database outage): nothing acked, the broker
-            // redelivers these messages.
+    let depth = c.settings.pipeline.in_flight;
+    let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+    loop {
+        tokio::select! {
+            biased;
+            batch = rx.recv(), if in_flight.len() < depth => match batch {
+                Some(batch) => {
+                    let started = c.start(batch, &in_flight);
+                    in_flight.push_back(started);
+                }
+                None => break,
+            },
+            tried = oldest(&mut in_flight), if !in_flight.is_empty() => {
+                in_flight.pop_front();
+                if !c.complete(tried?, &mut in_flight, &dead, &names, &stop).await? {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    // Shutdown: what is in flight is still decided and acked, in order.
+    while let Some(oldest) = in_flight.pop_front() {
+        let tried = oldest.task.await.map_err(|_| SessionError::DeciderGone)?;
+        if !c
+            .complete(tried, &mut in_flight, &dead, &names, &stop)
+            .await?
+        {
             return Ok(());
         }
     }
     Ok(())
 }
 
+/// The first try of the oldest batch in flight (which must exist).
+async fn oldest(in_flight: &mut VecDeque<InFlight>) -> Result<Tried, SessionError> {
+    match in_flight.front_mut() {
+        Some(f) => (&mut f.task).await.map_err(|_| SessionError::DeciderGone),
+        None => Err(SessionError::DeciderGone),
+    }
+}
+
 impl Consumer {
-    /// Decides and acks one batch. Ok(false) when abandoned on `stop` before deciding.
-    async fn handle_batch(
+    /// Starts deciding `batch` after the batches `in_flight`.
+    fn start(&self, batch: Vec<Delivery>, in_flight: &VecDeque<InFlight>) -> InFlight {
+        let started = Instant::now();
+        metrics::histogram!("credit_batch_size").record(batch.len() as f64);
+        let (turn, follow) = Turn::after(in_flight.iter().map(|f| &f.follow));
+        let c = self.clone();
+        let task = tokio::spawn(async move {
+            // Messages of producers that may not bill are dead-lettered unread.
+            let refused = c.refusals(&batch);
+            let attempt = {
+                let bodies: Vec<&[u8]> = batch
+                    .iter()
+                    .zip(&refused)
+                    .filter(|(_, r)| r.is_none())
+                    .map(|(d, _)| d.data.as_slice())
+                    .collect();
+                process::attempt(&c.decider, &bodies, turn).await
+            };
+            Tried {
+                batch,
+                refused,
+                attempt,
+                started,
+            }
+        });
+        InFlight { follow, task }
+    }
+
+    /// Finishes and acks the oldest batch. When its first try failed, the later batches in
+    /// flight end theirs first (they may hold locks it needs, or wait for its end), then each
+    /// is finished in order. Ok(false) when abandoned on `stop` before deciding.
+    async fn complete(
         &self,
-        batch: &[Delivery],
+        oldest: Tried,
+        in_flight: &mut VecDeque<InFlight>,
         dead: &Publisher,
         names: &Names,
         stop: &CancellationToken,
     ) -> Result<bool, SessionError> {
-        let started = Instant::now();
-        metrics::histogram!("credit_batch_size").record(batch.len() as f64);
-        // Messages of producers that may not bill are dead-lettered unread.
-        let refused = self.refusals(batch);
-        let bodies: Vec<&[u8]> = batch
-            .iter()
-            .zip(&refused)
-            .filter(|(_, r)| r.is_none())
-            .map(|(d, _)| d.data.as_slice())
-            .collect();
-        let Some(decided) = process_batch(&self.decider, &bodies, stop).await else {
+        if !oldest.attempt.failed() {
+            return self.finish_and_ack(oldest, dead, names, stop).await;
+        }
+        let mut tried = vec![oldest];
+        for later in in_flight.drain(..) {
+            tried.push(later.task.await.map_err(|_| SessionError::DeciderGone)?);
+        }
+        for t in tried {
+            if !self.finish_and_ack(t, dead, names, stop).await? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Decides what a batch's first try left undecided, then dead-letters and acks it.
+    async fn finish_and_ack(
+        &self,
+        tried: Tried,
+        dead: &Publisher,
+        names: &Names,
+        stop: &CancellationToken,
+    ) -> Result<bool, SessionError> {
+        let Tried {
+            batch,
+            refused,
+            attempt,
+            started,
+        } = tried;
+        let Some(decided) = process::finish(&self.decider, attempt, stop).await else {
             return Ok(false);
         };
-        let actions = merge_actions(batch, refused, decided)?;
+        let actions = merge_actions(&batch, refused, decided)?;
         metrics::histogram!("credit_decide_transaction_seconds")
             .record(started.elapsed().as_secs_f64());
         for (d, (action, ids)) in batch.iter().zip(&actions) {
@@ -254,7 +355,7 @@ impl Consumer {
             }
         }
         // The batch holds every unacked delivery up to its last tag (deliveries are batched in
-        // order and batches are handled in order), so one multiple-ack covers it.
+        // order and batches are acked in order), so one multiple-ack covers it.
         if let Some(last) = batch.last() {
             let ack_started = Instant::now();
             // false: the channel is gone and nothing was sent; the broker redelivers the batch

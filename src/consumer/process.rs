@@ -11,7 +11,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn, Span};
 
-use crate::decide::{self, DecideError, Outcome, Pricing, Verdict};
+use crate::decide::{self, DecideError, Outcome, Pricing, Turn, Verdict};
 use crate::message::{self, NodeExecutionEntry};
 
 /// What to do with one delivery once its batch is decided.
@@ -82,11 +82,13 @@ pub fn producer_refusal(allowed: &[String], producer: Option<&str>) -> Option<St
     }
 }
 
-/// Decides entries in one transaction (the database in production, memory in tests).
+/// Decides entries in one transaction (the database in production, memory in tests), in
+/// its `turn` among the batches in flight.
 pub(crate) trait Decider: Send + Sync {
     fn decide(
         &self,
         entries: &[NodeExecutionEntry],
+        turn: Turn,
     ) -> impl Future<Output = Result<Vec<Verdict>, DecideError>> + Send;
 }
 
@@ -98,20 +100,35 @@ pub struct DbDecider {
 }
 
 impl Decider for DbDecider {
-    async fn decide(&self, entries: &[NodeExecutionEntry]) -> Result<Vec<Verdict>, DecideError> {
-        decide::decide_batch(&self.pool, &self.pricing, entries, Utc::now()).await
+    async fn decide(
+        &self,
+        entries: &[NodeExecutionEntry],
+        turn: Turn,
+    ) -> Result<Vec<Verdict>, DecideError> {
+        decide::decide_in_turn(&self.pool, &self.pricing, entries, Utc::now(), turn).await
     }
 }
 
-/// Processes one batch: one action per body, in order, with the ids its log lines carry.
-/// `None` when `stop` fired while a transient fault was being retried: nothing was decided,
-/// and nothing may be acked.
-pub(crate) async fn process_batch(
-    decider: &impl Decider,
-    bodies: &[&[u8]],
-    stop: &CancellationToken,
-) -> Option<Vec<(Action, MessageIds)>> {
-    let mut out: Vec<Option<(Action, MessageIds)>> = vec![None; bodies.len()];
+/// A batch's bodies after one try at deciding them.
+pub(crate) struct Attempt {
+    /// Per body, its action when it did not decode.
+    undecodable: Vec<Option<(Action, MessageIds)>>,
+    /// Where each decoded entry came from.
+    positions: Vec<usize>,
+    entries: Vec<NodeExecutionEntry>,
+    first: Result<Vec<Verdict>, DecideError>,
+}
+
+impl Attempt {
+    /// Whether the try failed: the batch is decided again by [`finish`], alone.
+    pub(crate) fn failed(&self) -> bool {
+        self.first.is_err()
+    }
+}
+
+/// Decodes the bodies and tries once to decide them in `turn`.
+pub(crate) async fn attempt(decider: &impl Decider, bodies: &[&[u8]], turn: Turn) -> Attempt {
+    let mut undecodable = vec![None; bodies.len()];
     let mut positions = Vec::with_capacity(bodies.len());
     let mut entries = Vec::with_capacity(bodies.len());
     for (i, body) in bodies.iter().enumerate() {
@@ -122,34 +139,74 @@ pub(crate) async fn process_batch(
             }
             Err(e) => {
                 let reason = e.to_string();
-                out[i] = Some((Action::DeadLetter { reason }, MessageIds::peek(body)));
+                undecodable[i] = Some((Action::DeadLetter { reason }, MessageIds::peek(body)));
             }
         }
     }
-    let verdicts = decide_with_retry(decider, &entries, stop).await?;
+    let first = if entries.is_empty() {
+        Ok(Vec::new())
+    } else {
+        decider.decide(&entries, turn).await
+    };
+    Attempt {
+        undecodable,
+        positions,
+        entries,
+        first,
+    }
+}
+
+/// One action per body of an attempted batch, in order, with the ids its log lines carry.
+/// A failed attempt is decided again alone (retrying transient faults, splitting a batch that
+/// fails for another reason): the caller lets every later batch in flight end first. `None`
+/// when `stop` fired while a transient fault was being retried: nothing was decided, and
+/// nothing may be acked.
+pub(crate) async fn finish(
+    decider: &impl Decider,
+    attempt: Attempt,
+    stop: &CancellationToken,
+) -> Option<Vec<(Action, MessageIds)>> {
+    let Attempt {
+        mut undecodable,
+        positions,
+        entries,
+        first,
+    } = attempt;
+    let verdicts = decide_with_retry(decider, &entries, first, stop).await?;
     for ((i, e), v) in positions.into_iter().zip(&entries).zip(verdicts) {
         let ids = MessageIds::of(e);
         let action = ids.span().in_scope(|| record(e, &v));
-        out[i] = Some((action, ids));
+        undecodable[i] = Some((action, ids));
     }
     Some(
-        out.into_iter()
+        undecodable
+            .into_iter()
             .map(|a| a.unwrap_or((Action::Ack, MessageIds::default())))
             .collect(),
     )
 }
 
-/// Decides with retries on transient faults; a batch that fails for another reason is split
-/// so one bad entry cannot block the rest.
+/// Processes one batch with nothing else in flight: [`attempt`], then [`finish`].
+#[cfg(test)]
+pub(crate) async fn process_batch(
+    decider: &impl Decider,
+    bodies: &[&[u8]],
+    stop: &CancellationToken,
+) -> Option<Vec<(Action, MessageIds)>> {
+    let tried = attempt(decider, bodies, Turn::alone()).await;
+    finish(decider, tried, stop).await
+}
+
+/// The verdicts of `entries` given the outcome of a `first` try: failed, it is retried on
+/// transient faults; a batch that fails for another reason is split so one bad entry cannot
+/// block the rest.
 async fn decide_with_retry(
     decider: &impl Decider,
     entries: &[NodeExecutionEntry],
+    first: Result<Vec<Verdict>, DecideError>,
     stop: &CancellationToken,
 ) -> Option<Vec<Verdict>> {
-    if entries.is_empty() {
-        return Some(Vec::new());
-    }
-    let e = match decide_transient_retry(decider, entries, stop).await? {
+    let e = match decide_transient_retry(decider, entries, Some(first), stop).await? {
         Ok(v) => return Some(v),
         Err(e) => e,
     };
@@ -157,7 +214,7 @@ async fn decide_with_retry(
     let mut out = Vec::with_capacity(entries.len());
     for entry in entries {
         let one = std::slice::from_ref(entry);
-        let verdict = match decide_transient_retry(decider, one, stop).await? {
+        let verdict = match decide_transient_retry(decider, one, None, stop).await? {
             Ok(mut v) if v.len() == 1 => v.remove(0),
             Ok(v) => Verdict::Invalid {
                 reason: format!("internal: {} verdicts for one entry", v.len()),
@@ -176,15 +233,35 @@ async fn decide_with_retry(
     Some(out)
 }
 
-/// Ok/Err(permanent error); None when stopped during a transient outage.
+/// Ok/Err(permanent error); None when stopped during a transient outage. `first` is the
+/// outcome of a try already made, if any.
 async fn decide_transient_retry(
     decider: &impl Decider,
     entries: &[NodeExecutionEntry],
+    first: Option<Result<Vec<Verdict>, DecideError>>,
     stop: &CancellationToken,
 ) -> Option<Result<Vec<Verdict>, DecideError>> {
     let mut delays = crate::retry::backoff();
+    let mut first_try = first.is_some();
+    let mut result = match first {
+        Some(r) => r,
+        None => decider.decide(entries, Turn::alone()).await,
+    };
     loop {
-        match decider.decide(entries).await {
+        match result {
+            // Rolled back for an earlier batch's sake: nothing is wrong with this one.
+            Err(DecideError::Reordered) => {
+                metrics::counter!("credit_decide_reordered_total").increment(1);
+                debug!(
+                    size = entries.len(),
+                    "batch decided again after an earlier one"
+                );
+            }
+            // A first try (in a pipeline) that found an earlier decision: alone, the batch looks
+            // for them (a redelivery, not a fault).
+            Err(DecideError::Race) if first_try => {
+                debug!(size = entries.len(), "batch holds decided node executions");
+            }
             Err(e) if e.is_transient() => {
                 metrics::counter!("credit_decide_retries_total").increment(1);
                 warn!(error = %e, size = entries.len(), "decision transaction failed; retrying");
@@ -194,6 +271,8 @@ async fn decide_transient_retry(
             }
             other => return Some(other),
         }
+        first_try = false;
+        result = decider.decide(entries, Turn::alone()).await;
     }
 }
 
@@ -311,6 +390,7 @@ mod tests {
         async fn decide(
             &self,
             entries: &[NodeExecutionEntry],
+            _turn: Turn,
         ) -> Result<Vec<Verdict>, DecideError> {
             self.calls.fetch_add(1, Ordering::SeqCst);
             if self.transient.load(Ordering::SeqCst) > 0 {

@@ -18,6 +18,7 @@ mod apply;
 mod batch;
 #[cfg(test)]
 mod memory;
+mod turn;
 
 use sqlx::PgPool;
 
@@ -31,6 +32,7 @@ pub use apply::FeePolicy;
 use batch::Batch;
 #[cfg(test)]
 pub(crate) use memory::MemoryLedger;
+pub use turn::{Follow, Turn};
 
 /// What happened to one entry of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +80,10 @@ pub enum DecideError {
     /// Another worker stored a decision for one of these node executions after we looked.
     #[error("a concurrent decision for the same node_exec_id; retrying")]
     Race,
+    /// An earlier batch in flight that shares a user with this one failed: this one rolled
+    /// back, to be decided again after it ([`Turn`]).
+    #[error("an earlier batch sharing a user failed; deciding again after it")]
+    Reordered,
 }
 
 impl DecideError {
@@ -85,7 +91,7 @@ impl DecideError {
         match self {
             DecideError::Db(e) => crate::db::is_transient(e),
             DecideError::Ledger(e) => e.is_transient(),
-            DecideError::Race => true,
+            DecideError::Race | DecideError::Reordered => true,
         }
     }
 }
@@ -104,14 +110,29 @@ pub async fn decide_batch(
     entries: &[NodeExecutionEntry],
     now: DateTime<Utc>,
 ) -> Result<Vec<Verdict>, DecideError> {
+    decide_in_turn(pool, pricing, entries, now, Turn::alone()).await
+}
+
+/// [`decide_batch`] while other batches may be in flight (see [`Turn`]). In a pipeline, a
+/// batch of starts that finds an earlier decision fails with [`DecideError::Race`] instead of
+/// being decided again within its turn: the caller decides it again alone, after the batches
+/// in flight with it.
+pub async fn decide_in_turn(
+    pool: &PgPool,
+    pricing: &Pricing,
+    entries: &[NodeExecutionEntry],
+    now: DateTime<Utc>,
+    turn: Turn,
+) -> Result<Vec<Verdict>, DecideError> {
     let batch = Batch::price(&pricing.costs, entries);
     if batch.has_completions() {
-        return decide_priced(pool, pricing, batch, Look::Earlier, now).await;
+        return decide_priced(pool, pricing, batch, Look::Earlier, now, turn).await;
     }
-    match decide_priced(pool, pricing, batch, Look::Skip, now).await {
-        Err(DecideError::Race) => {
+    let pipelined = turn.pipelined();
+    match decide_priced(pool, pricing, batch, Look::Skip, now, turn).await {
+        Err(DecideError::Race) if !pipelined => {
             let batch = Batch::price(&pricing.costs, entries);
-            decide_priced(pool, pricing, batch, Look::Earlier, now).await
+            decide_priced(pool, pricing, batch, Look::Earlier, now, Turn::alone()).await
         }
         decided => decided,
     }
@@ -130,15 +151,19 @@ async fn decide_priced(
     mut batch: Batch<'_>,
     look: Look,
     now: DateTime<Utc>,
+    turn: Turn,
 ) -> Result<Vec<Verdict>, DecideError> {
     let users = batch.users();
+    turn.wait_to_lock().await;
     if users.is_empty() {
+        turn.committed();
         return Ok(batch.verdicts());
     }
     let mut tx = pool.begin().await?;
     // Lock first, then look for earlier decisions: once we hold the users' rows, any decision
     // for these users committed by another worker is visible to the next statement.
     let mut accounts = store::lock_accounts(&mut tx, &users).await?;
+    turn.locked(&users);
     if look == Look::Earlier {
         let ids = batch.pending_ids();
         let decided = store::earlier_decisions(&mut tx, &ids).await?;
@@ -166,7 +191,12 @@ async fn decide_priced(
         Err(e) if store::decided_elsewhere(&e) => return Err(DecideError::Race),
         other => other?,
     }
+    if !turn.may_commit(&users).await {
+        tx.rollback().await?;
+        return Err(DecideError::Reordered);
+    }
     tx.commit().await?;
+    turn.committed();
     Ok(batch.verdicts())
 }
 

@@ -16,5 +16,6 @@ mod faults;
 mod ledger;
 mod operations;
 mod outbox;
+mod pipeline;
 mod properties;
 mod tls;
