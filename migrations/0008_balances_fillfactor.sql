@@ -1,0 +1,11 @@
+-- Room on every page of credit.balances for a new version of each row beside the old one.
+--
+-- Every decision batch and the monthly sweep update balance rows. An update that fits on the
+-- row's page is a heap-only tuple (HOT): no new primary-key entry and less WAL, and the old
+-- version is pruned on the page. On full pages (the default fillfactor of 100) every update
+-- moves the row to another page and adds an index entry. Half-full pages let a sweep, which
+-- updates every row of a page in one transaction, keep all of them on their pages.
+--
+-- Applies to pages written from now on (new accounts, and rows moved by updates); existing
+-- pages are not rewritten, so this takes no lock beyond a brief one on the table's settings.
+ALTER TABLE credit.balances SET (fillfactor = 50);
