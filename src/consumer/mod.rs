@@ -1,5 +1,6 @@
 //! The AMQP side of the input: deliveries from `node_execution` → batches →
-//! [`process::process_batch`] → actions applied (dead-letter, then one multiple-ack).
+//! `process::attempt` on a task per batch → `process::finish` → actions applied (dead-letter,
+//! then one multiple-ack).
 //!
 //! A collector gathers deliveries into a batch (up to `pipeline.max_batch`, waiting at most
 //! `pipeline.max_wait_ms` after the first, and growing further while the decider is busy);

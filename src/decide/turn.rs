@@ -27,7 +27,7 @@ struct Stage {
 }
 
 /// A batch's place among the batches in flight: whom it waits for, and what it tells the
-/// batches after it. Dropped without [`Turn::committed`], it tells them it failed.
+/// batches after it. Dropped without `committed`, it tells them it failed.
 #[derive(Debug)]
 pub struct Turn {
     /// The batches still in flight before this one, oldest first.
