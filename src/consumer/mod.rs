@@ -234,15 +234,17 @@ async fn decide_loop(
 ) -> Result<(), SessionError> {
     let depth = c.settings.pipeline.in_flight;
     let mut in_flight: VecDeque<InFlight> = VecDeque::new();
-    loop {
+    // Once the collector is gone (shutdown), what is in flight is still decided and acked.
+    let mut open = true;
+    while open || !in_flight.is_empty() {
         tokio::select! {
             biased;
-            batch = rx.recv(), if in_flight.len() < depth => match batch {
+            batch = rx.recv(), if open && in_flight.len() < depth => match batch {
                 Some(batch) => {
                     let started = c.start(batch, &in_flight);
                     in_flight.push_back(started);
                 }
-                None => break,
+                None => open = false,
             },
             tried = oldest(&mut in_flight), if !in_flight.is_empty() => {
                 in_flight.pop_front();
@@ -250,16 +252,6 @@ async fn decide_loop(
                     return Ok(());
                 }
             }
-        }
-    }
-    // Shutdown: what is in flight is still decided and acked, in order.
-    while let Some(oldest) = in_flight.pop_front() {
-        let tried = oldest.task.await.map_err(|_| SessionError::DeciderGone)?;
-        if !c
-            .complete(tried, &mut in_flight, &dead, &names, &stop)
-            .await?
-        {
-            return Ok(());
         }
     }
     Ok(())

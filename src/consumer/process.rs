@@ -143,11 +143,9 @@ pub(crate) async fn attempt(decider: &impl Decider, bodies: &[&[u8]], turn: Turn
             }
         }
     }
-    let first = if entries.is_empty() {
-        Ok(Vec::new())
-    } else {
-        decider.decide(&entries, turn).await
-    };
+    // Even with nothing to decide, the decider ends the turn (as committed, holding no
+    // accounts), so the batches after this one need not roll back for its sake.
+    let first = decider.decide(&entries, turn).await;
     Attempt {
         undecodable,
         positions,
