@@ -9,10 +9,13 @@
 //! Ids are drawn in commit order (migration 0005), so an event never becomes visible below a
 //! watermark the relay already moved past.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use sqlx::postgres::PgListener;
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
@@ -37,6 +40,10 @@ pub(crate) enum RelayError {
         event_id: String,
         source: PublishError,
     },
+    /// A row whose run of events cannot be read; the schema only lets arrays through, so this
+    /// is a writer's bug, and the relay stops at the row rather than skip its events.
+    #[error("outbox row {id}: {reason}")]
+    Malformed { id: i64, reason: String },
 }
 
 pub(crate) struct Relay {
@@ -132,8 +139,8 @@ impl Relay {
             }
             if let Some(through) = rows.last().map(|r| r.id) {
                 let started = Instant::now();
-                publish(publisher, exchange, &rows).await?;
-                metrics::counter!("credit_events_published_total").increment(rows.len() as u64);
+                let published = publish(publisher, exchange, &rows).await?;
+                metrics::counter!("credit_events_published_total").increment(published as u64);
                 rows = store::advance_and_read(db, through, BATCH).await?;
                 watermark = through;
                 metrics::histogram!("credit_outbox_publish_seconds")
@@ -176,24 +183,25 @@ impl Relay {
     }
 }
 
-/// Publishes `rows` in order and waits for every confirm.
+/// Publishes the events of `rows` in order and waits for every confirm; returns how many.
 async fn publish(
     publisher: &Publisher,
     exchange: &str,
     rows: &[StoredEvent],
-) -> Result<(), RelayError> {
+) -> Result<usize, RelayError> {
     let now = Utc::now();
     for row in rows {
         let lag = (now - row.created_at).num_microseconds().unwrap_or(0) as f64 / 1e6;
         metrics::histogram!("credit_outbox_publish_lag_seconds").record(lag.max(0.0));
     }
-    let messages: Vec<Outgoing<'_>> = rows
+    let events = events_of(rows)?;
+    let messages: Vec<Outgoing<'_>> = events
         .iter()
-        .map(|row| Outgoing {
+        .map(|e| Outgoing {
             exchange,
-            routing_key: &row.routing_key,
-            body: row.payload.as_bytes(),
-            properties: amqp::event_properties(&row.event_id, now),
+            routing_key: e.routing_key,
+            body: e.body.as_bytes(),
+            properties: amqp::event_properties(&e.event_id, now),
         })
         .collect();
     publisher.publish_all(messages).await.map_err(|source| {
@@ -202,12 +210,62 @@ async fn publish(
             _ => 0,
         };
         RelayError::Publish {
-            event_id: rows
+            event_id: events
                 .get(index)
-                .map(|r| r.event_id.clone())
+                .map(|e| e.event_id.to_string())
                 .unwrap_or_default(),
             source,
         }
     })?;
-    Ok(())
+    Ok(events.len())
+}
+
+/// One event to publish: a row's own, or one element of a row's run of events.
+#[derive(Debug, PartialEq)]
+struct Event<'a> {
+    routing_key: &'a str,
+    event_id: Cow<'a, str>,
+    body: &'a str,
+}
+
+/// The element of a run of events whose `event_id` the message carries.
+#[derive(Deserialize)]
+struct Identified<'a> {
+    #[serde(borrow)]
+    event_id: Cow<'a, str>,
+}
+
+/// The events of `rows` in publication order: row by row, a run's elements in array order.
+fn events_of(rows: &[StoredEvent]) -> Result<Vec<Event<'_>>, RelayError> {
+    let mut out = Vec::with_capacity(rows.iter().map(|r| r.events.max(1) as usize).sum());
+    for row in rows {
+        if row.events == 1 {
+            out.push(Event {
+                routing_key: &row.routing_key,
+                event_id: Cow::Borrowed(&row.event_id),
+                body: &row.payload,
+            });
+            continue;
+        }
+        let malformed = |reason: String| RelayError::Malformed { id: row.id, reason };
+        let run: Vec<&RawValue> =
+            serde_json::from_str(&row.payload).map_err(|e| malformed(e.to_string()))?;
+        if run.len() != row.events as usize {
+            return Err(malformed(format!(
+                "{} events, {} declared",
+                run.len(),
+                row.events
+            )));
+        }
+        for element in run {
+            let Identified { event_id } = serde_json::from_str(element.get())
+                .map_err(|e| malformed(format!("an element's event_id: {e}")))?;
+            out.push(Event {
+                routing_key: &row.routing_key,
+                event_id,
+                body: element.get(),
+            });
+        }
+    }
+    Ok(out)
 }

@@ -75,16 +75,21 @@ SELECT s.user_id, s.node_exec_id FROM credit.settlements s
              AND t.type = 'USAGE' AND t.amount = -(s.delta - s.uncollected))
  LIMIT 1000";
 
+/// A ledger row's event is a row of its own (found by event_id) or an element of a run of
+/// events (migration 0009), whose ids are read out of the runs' payloads.
 const ROW_WITHOUT_EVENT: &str = "
 SELECT t.user_id, t.seq FROM credit.transactions t
  WHERE NOT EXISTS (SELECT 1 FROM credit.outbox o
                     WHERE o.event_id = 'balance.changed:' || t.user_id || ':' || t.transaction_key)
+   AND NOT EXISTS (SELECT 1 FROM credit.outbox o, json_array_elements(o.payload) e
+                    WHERE o.events > 1 AND o.routing_key = 'balance.changed'
+                      AND e->>'event_id' = 'balance.changed:' || t.user_id || ':' || t.transaction_key)
  LIMIT 1000";
 
 const COUNTS: &str = "SELECT (SELECT count(*) FROM credit.balances) AS users,
        (SELECT count(*) FROM credit.transactions) AS transactions,
        (SELECT count(*) FROM credit.decisions) AS decisions,
-       (SELECT count(*) FROM credit.outbox
+       (SELECT coalesce(sum(events), 0)::int8 FROM credit.outbox
          WHERE id > (SELECT published_through FROM credit.outbox_relay)) AS unpublished";
 
 #[derive(sqlx::FromRow)]

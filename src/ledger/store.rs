@@ -128,9 +128,10 @@ const REFILL_CHUNK_END: &str = "SELECT max(user_id) FROM (
 /// meanwhile is re-checked after the wait, so one refilled concurrently is skipped), computes
 /// each grant by the rule of `RefillPolicy::grant` (target $4), and writes what
 /// `Account::refill` would: per granted user a GRANT ledger row under key $5 with metadata $6
-/// and its `balance.changed` outbox event, whose payload is the text `events::balance_changed`
+/// and its `balance.changed` event, whose payload is the text `events::balance_changed`
 /// serialises (keys in order, `occurred_at` = $8, the time $7 formatted); every evaluated
-/// account gets refill_month = $3. Wakes the outbox relays when it wrote events.
+/// account gets refill_month = $3. The events go into the outbox $9 to a row, in user_id order
+/// (migration 0009). Wakes the outbox relays when it wrote events.
 const REFILL_CHUNK: &str = r#"WITH
   locked AS (
     SELECT user_id, balance, last_seq FROM credit.balances
@@ -147,16 +148,21 @@ const REFILL_CHUNK: &str = r#"WITH
   -- outbox insert runs after them, so its id-ordering lock (migration 0005) is held only
   -- from there to the commit and parallel chunks overlap for the rest.
   o AS (
-    INSERT INTO credit.outbox (event_id, routing_key, payload)
-    SELECT 'balance.changed:' || user_id || ':' || $5, 'balance.changed',
-           ('{"amount":' || amount || ',"balance":' || (balance + amount)
-            || ',"event_id":' || to_json('balance.changed:' || user_id || ':' || $5)::text
-            || ',"occurred_at":' || k.occurred_at || ',"seq":' || seq
-            || ',"transaction_key":' || k.key
-            || ',"transaction_type":"GRANT","type":"balance.changed","user_id":'
-            || to_json(user_id)::text || '}')::json
-      FROM g, (SELECT to_json($5::text)::text AS key, to_json($8::text)::text AS occurred_at) k
-     WHERE amount > 0),
+    INSERT INTO credit.outbox (event_id, routing_key, events, payload)
+    SELECT 'balance.changed:' || min(user_id) || ':' || $5, 'balance.changed', count(*),
+           CASE WHEN count(*) = 1 THEN min(payload)
+                ELSE '[' || string_agg(payload, ',' ORDER BY user_id) || ']' END::json
+      FROM (SELECT user_id, (row_number() OVER (ORDER BY user_id) - 1) / $9 AS part,
+                   '{"amount":' || amount || ',"balance":' || (balance + amount)
+                   || ',"event_id":' || to_json('balance.changed:' || user_id || ':' || $5)::text
+                   || ',"occurred_at":' || k.occurred_at || ',"seq":' || seq
+                   || ',"transaction_key":' || k.key
+                   || ',"transaction_type":"GRANT","type":"balance.changed","user_id":'
+                   || to_json(user_id)::text || '}' AS payload
+              FROM g, (SELECT to_json($5::text)::text AS key,
+                              to_json($8::text)::text AS occurred_at) k
+             WHERE amount > 0) e
+     GROUP BY part),
   u AS (
     UPDATE credit.balances b
        SET balance = g.balance + g.amount,
@@ -178,6 +184,10 @@ const REFILL_CHUNK: &str = r#"WITH
 SELECT evaluated, refilled, granted,
        CASE WHEN refilled > 0 THEN pg_notify('credit_outbox', '') END IS NULL AS woke
   FROM n"#;
+
+/// Events per outbox row written by the sweep: a row per event would be a third of its work,
+/// and a row of this many stays well below a megabyte for the relay to read.
+pub(crate) const EVENTS_PER_ROW: i64 = 1000;
 
 /// Key of the advisory lock that lets one replica sweep at a time.
 const SWEEP_LOCK: i64 = 0x6372_6564_6974; // "credit"
@@ -395,6 +405,7 @@ pub(crate) async fn refill_chunk(
         .bind(grant.metadata)
         .bind(at)
         .bind(crate::events::rfc3339(at))
+        .bind(EVENTS_PER_ROW)
         .fetch_one(&mut *conn)
         .await
 }
@@ -563,27 +574,42 @@ const LEAD_RELAY: &str = "SELECT pg_try_advisory_lock(1668441444, 1919249505)";
 
 const WATERMARK: &str = "SELECT published_through FROM credit.outbox_relay";
 
-/// The next events after the watermark, in id order (= commit order, migration 0005).
-const EVENTS_AFTER: &str = "SELECT id, event_id, routing_key, payload::text AS payload, created_at
-       FROM credit.outbox WHERE id > $1 ORDER BY id LIMIT $2";
+/// The outbox rows after the watermark $1, in id order (= commit order, migration 0005), that
+/// start within the next $2 events: at most $2 rows, and fewer where rows carry several
+/// events (migration 0009), so a round holds less than $2 events plus one row's.
+macro_rules! rows_after {
+    () => {
+        "SELECT id, event_id, routing_key, events, payload::text AS payload, created_at
+  FROM (SELECT *, sum(events) OVER (ORDER BY id) - events AS before
+          FROM (SELECT id, event_id, routing_key, events, payload, created_at
+                  FROM credit.outbox WHERE id > $1 ORDER BY id LIMIT $2) o) r
+ WHERE before < $2 ORDER BY id"
+    };
+}
+
+const EVENTS_AFTER: &str = rows_after!();
 
 /// Moves the watermark to $1 (never back) and reads the next events after it: one round trip
 /// and one commit per relay round.
-const ADVANCE_AND_READ: &str = "WITH a AS (
+const ADVANCE_AND_READ: &str = concat!(
+    "WITH a AS (
     UPDATE credit.outbox_relay SET published_through = $1, updated_at = now()
      WHERE published_through < $1)
-SELECT id, event_id, routing_key, payload::text AS payload, created_at
-  FROM credit.outbox WHERE id > $1 ORDER BY id LIMIT $2";
+",
+    rows_after!()
+);
 
-const UNPUBLISHED: &str = "SELECT count(*) FROM credit.outbox
+const UNPUBLISHED: &str = "SELECT coalesce(sum(events), 0)::int8 FROM credit.outbox
       WHERE id > (SELECT published_through FROM credit.outbox_relay)";
 
-/// An event as stored in the outbox.
+/// An outbox row: one event, or a run of `events` with the same routing key (then `payload`
+/// is a JSON array of them).
 #[derive(Debug, sqlx::FromRow)]
 pub(crate) struct StoredEvent {
     pub id: i64,
     pub event_id: String,
     pub routing_key: String,
+    pub events: i32,
     pub payload: String,
     pub created_at: DateTime<Utc>,
 }
@@ -599,7 +625,7 @@ pub(crate) async fn watermark(conn: &mut PgConnection) -> Result<i64, sqlx::Erro
     sqlx::query_scalar(WATERMARK).fetch_one(&mut *conn).await
 }
 
-/// Up to `limit` events after `watermark`, in id order.
+/// The rows of the next `limit` events after `watermark`, in id order.
 pub(crate) async fn events_after(
     conn: &mut PgConnection,
     watermark: i64,
@@ -613,7 +639,7 @@ pub(crate) async fn events_after(
 }
 
 /// Moves the watermark to `through` (committed on return: call it outside a transaction,
-/// as the relay leader) and returns up to `limit` events after it.
+/// as the relay leader) and returns the rows of the next `limit` events after it.
 pub(crate) async fn advance_and_read(
     conn: &mut PgConnection,
     through: i64,
@@ -626,7 +652,7 @@ pub(crate) async fn advance_and_read(
         .await
 }
 
-/// Events after the watermark: not published yet.
+/// Events after the watermark (counting each event of a row): not published yet.
 pub(crate) async fn unpublished_events(pool: &PgPool) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(UNPUBLISHED).fetch_one(pool).await
 }

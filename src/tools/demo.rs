@@ -591,7 +591,13 @@ async fn receive_events(
     names: &Names,
     events_in: &mut lapin::Consumer,
 ) -> anyhow::Result<Vec<EventRow>> {
-    let total_events = usize::try_from(scalar(pool, "SELECT count(*) FROM credit.outbox").await)?;
+    let total_events = usize::try_from(
+        scalar(
+            pool,
+            "SELECT coalesce(sum(events), 0)::int8 FROM credit.outbox",
+        )
+        .await,
+    )?;
     let mut events = Vec::with_capacity(total_events);
     let deadline = Instant::now() + STAGE_TIMEOUT;
     while events.len() < total_events {

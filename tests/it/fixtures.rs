@@ -34,9 +34,27 @@ pub async fn seed<U: AsRef<str>>(env: &TestEnv, users: impl IntoIterator<Item = 
     }
 }
 
-/// Events the relay has not published yet: those after its watermark.
-pub const UNPUBLISHED: &str = "SELECT count(*) FROM credit.outbox
+/// Events the relay has not published yet: those after its watermark (each event of a row
+/// that carries a run of them counts).
+pub const UNPUBLISHED: &str = "SELECT coalesce(sum(events), 0)::int8 FROM credit.outbox
       WHERE id > (SELECT published_through FROM credit.outbox_relay)";
+
+/// Every event in the outbox as (event_id, routing key, payload text), in publication order:
+/// a row's own event, or each element of a row's run of events (migration 0009).
+pub const EVENTS: &str = "SELECT coalesce(e->>'event_id', o.event_id), o.routing_key,
+            coalesce(e::text, o.payload::text)
+       FROM credit.outbox o
+       LEFT JOIN LATERAL json_array_elements(CASE WHEN o.events > 1 THEN o.payload END)
+            WITH ORDINALITY AS x(e, n) ON true
+      ORDER BY o.id, x.n";
+
+/// [`EVENTS`], read.
+pub async fn stored_events(env: &TestEnv) -> Vec<(String, String, String)> {
+    sqlx::query_as(EVENTS)
+        .fetch_all(&env.pool)
+        .await
+        .expect("outbox events")
+}
 
 /// Ready (not yet delivered) messages in `queue`.
 pub async fn queue_depth(env: &TestEnv, queue: &str) -> u32 {

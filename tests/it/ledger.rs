@@ -497,6 +497,28 @@ async fn sweep_refills_each_user_once_even_when_run_twice_at_once() {
         203
     );
     assert_eq!(l.balance("sw4", now).await.unwrap(), 1100);
+    // One event per refilled user, each once; the sweep writes a chunk's events as one row.
+    let mut refill_events: Vec<String> = stored_events(&env)
+        .await
+        .into_iter()
+        .map(|e| e.0)
+        .filter(|id| id.ends_with(":MONTHLY-CREDIT-TOP-UP-2026-12"))
+        .collect();
+    refill_events.sort();
+    let mut expected: Vec<String> = ["sw0", "sw1", "sw2"]
+        .into_iter()
+        .map(String::from)
+        .chain((0..200).map(|i| format!("bulk{i:04}")))
+        .map(|u| format!("balance.changed:{u}:MONTHLY-CREDIT-TOP-UP-2026-12"))
+        .collect();
+    expected.sort();
+    assert_eq!(refill_events, expected);
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM credit.outbox WHERE events = 7")
+            .await,
+        29,
+        "205 users in chunks of 7: the first 29 chunks refill all of theirs, the last none"
+    );
     env.assert_audit_clean().await;
     env.cleanup().await;
 }
@@ -612,15 +634,12 @@ async fn swept_state(env: &TestEnv, user: &str) -> Vec<String> {
             credit_worker::events::ExecutionRef::default(),
             created,
         );
-        let (routing_key, payload): (String, String) = sqlx::query_as(
-            "SELECT routing_key, payload::text FROM credit.outbox WHERE event_id = $1",
-        )
-        .bind(&event.event_id)
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
-        assert_eq!(payload, event.payload.to_string(), "{user}");
-        assert_eq!(routing_key, event.routing_key);
+        let stored = stored_events(env).await;
+        let found: Vec<_> = stored.iter().filter(|e| e.0 == event.event_id).collect();
+        assert_eq!(found.len(), 1, "{user}: one event {}", event.event_id);
+        let (_, routing_key, payload) = found[0];
+        assert_eq!(*payload, event.payload.to_string(), "{user}");
+        assert_eq!(*routing_key, event.routing_key);
         state.push(format!(
             "{seq} {key} {tx_type} {amount} {running} {metadata}"
         ));

@@ -245,3 +245,97 @@ async fn one_relay_leads_and_another_takes_over_when_it_dies() {
     env.assert_audit_clean().await;
     env.cleanup().await;
 }
+
+/// A run of `n` events `{prefix}-0`, … as a row's payload.
+fn run_of(prefix: &str, n: usize) -> String {
+    let events: Vec<serde_json::Value> = (0..n)
+        .map(|i| serde_json::json!({"event_id": format!("{prefix}-{i}"), "type": "balance.changed", "i": i}))
+        .collect();
+    serde_json::Value::from(events).to_string()
+}
+
+/// A row holding a run of events goes out as one message per element, with the element's
+/// event_id as message_id, in order among the single events; a relay round reads the rows of
+/// about a thousand events, not a thousand rows. The schema refuses a run that is not an
+/// array, and a single event that is not an object.
+#[tokio::test]
+async fn a_run_of_events_goes_out_one_message_per_event() {
+    let env = TestEnv::with(no_refill).await;
+    let single =
+        |id: &str| serde_json::json!({"event_id": id, "type": "balance.changed"}).to_string();
+    let rows = [
+        ("single-a", 1, single("single-a")),
+        ("big-0", 1000, run_of("big", 1000)),
+        ("mid-0", 600, run_of("mid", 600)),
+        ("single-b", 1, single("single-b")),
+        ("single-c", 1, single("single-c")),
+    ];
+    let insert = "INSERT INTO credit.outbox (event_id, routing_key, events, payload)
+                  VALUES ($1, 'balance.changed', $2, $3::json)";
+    for (id, events, payload) in &rows {
+        sqlx::query(insert)
+            .bind(id)
+            .bind(events)
+            .bind(payload)
+            .execute(&env.pool)
+            .await
+            .unwrap();
+    }
+    for (events, payload) in [(2, single("x")), (1, run_of("y", 1)), (0, single("z"))] {
+        let refused = sqlx::query(insert)
+            .bind("refused")
+            .bind(events)
+            .bind(&payload)
+            .execute(&env.pool)
+            .await
+            .unwrap_err();
+        let constraint = refused.as_database_error().and_then(|d| d.constraint());
+        assert_eq!(
+            constraint,
+            Some("outbox_events_check"),
+            "{events} {payload}"
+        );
+    }
+    assert_eq!(env.scalar_i64(UNPUBLISHED).await, 1603);
+
+    let mut tap = env.event_tap().await;
+    let mut vars = env.process_env();
+    vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
+    let (mut w, port) = WorkerProcess::spawn_with_http(&vars, &["run"]);
+    let got = tap.take(1603, T).await;
+    let expected: Vec<String> = std::iter::once("single-a".to_owned())
+        .chain((0..1000).map(|i| format!("big-{i}")))
+        .chain((0..600).map(|i| format!("mid-{i}")))
+        .chain(["single-b".to_owned(), "single-c".to_owned()])
+        .collect();
+    let ids: Vec<&str> = got.iter().map(|e| e.1.as_str()).collect();
+    assert_eq!(ids, expected);
+    assert!(got
+        .iter()
+        .all(|e| e.0 == "balance.changed" && e.2["event_id"] == e.1));
+    assert_eq!(got[1001].2["i"], 0, "mid-0 is the body of its own element");
+    assert_eq!(
+        stored_events(&env)
+            .await
+            .into_iter()
+            .map(|e| e.0)
+            .collect::<Vec<_>>(),
+        expected
+    );
+    wait_count(&env, T, "outbox drained", UNPUBLISHED, &[], |n| n == 0).await;
+    let (_, metrics) = http_get(port, "/metrics").await.unwrap_or_default();
+    assert_eq!(
+        metric_value(&metrics, "credit_events_published_total", &[]),
+        1603.0
+    );
+    // Round one: single-a and the run of 1000 (the run of 600 would start at event 1001).
+    // Round two: the rest.
+    assert_eq!(
+        metric_value(&metrics, "credit_outbox_publish_seconds_count", &[]),
+        2.0
+    );
+    tap.assert_quiet(Duration::from_millis(500)).await;
+    w.sigterm();
+    assert_eq!(w.wait_exit(T).await, Some(0));
+    env.cleanup().await;
+}

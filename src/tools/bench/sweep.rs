@@ -60,15 +60,22 @@ pub async fn run(
             report.users_evaluated, report.users_refilled
         ));
     }
-    let (rows, total): (i64, i64) = sqlx::query_as(
+    let (rows, events, total): (i64, i64, i64) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM credit.transactions),
+                (SELECT coalesce(sum(events), 0)::int8 FROM credit.outbox
+                  WHERE routing_key = 'balance.changed'),
                 (SELECT coalesce(sum(balance), 0)::int8 FROM credit.balances)",
     )
     .fetch_one(&pool)
     .await?;
-    if rows != expect_refilled || total != target * users_i64 || report.credits_granted != total {
+    if rows != expect_refilled
+        || events != expect_refilled
+        || total != target * users_i64
+        || report.credits_granted != total
+    {
         problems.push(format!(
-            "{rows} ledger rows, Σ balance {total}, {} credits reported; expected {expect_refilled} rows and {}",
+            "{rows} ledger rows, {events} events, Σ balance {total}, {} credits reported; \
+             expected {expect_refilled} rows and events and {}",
             report.credits_granted,
             target * users_i64
         ));
