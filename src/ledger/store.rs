@@ -7,11 +7,12 @@ use std::collections::HashMap;
 use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::{PgConnection, PgPool};
 
-use super::account::{Account, Changes};
+use super::account::{Account, Changes, NewTransaction};
 use super::decision::{
     DecisionRecord, EarlierDecision, EarlierSettlement, NewDecision, NewSettlement,
     SettlementRecord,
 };
+use super::runs::{runs, Run, EVENTS_PER_ROW};
 use super::{HistoryQuery, Transaction, TxType};
 
 /// Locks balance rows. `users` must be sorted and deduplicated: every writer locks in
@@ -27,7 +28,8 @@ const CREATE_ACCOUNTS: &str = "INSERT INTO credit.balances (user_id)
      ON CONFLICT (user_id) DO NOTHING";
 
 /// Everything a transaction writes, in one statement (one round trip): decisions (when
-/// given), ledger rows, balances, outbox rows, and a wake-up for the outbox relays.
+/// given), ledger rows, balances, outbox rows (a row per run of events, [`runs`]), and a
+/// wake-up for the outbox relays.
 ///
 /// Decisions and settlements are plain inserts, and run first: a node execution decided or
 /// settled before (when the caller did not look, or another worker holding other users'
@@ -41,8 +43,9 @@ const CREATE_ACCOUNTS: &str = "INSERT INTO credit.balances (user_id)
 /// sweep chunk) waits for it only from there to the commit, not through the ledger writes.
 const WRITE: &str = "WITH
   o AS (
-    INSERT INTO credit.outbox (event_id, routing_key, payload)
-    SELECT e, r, p::json FROM unnest($17::text[], $18::text[], $26::text[]) AS x(e, r, p)),
+    INSERT INTO credit.outbox (event_id, routing_key, events, payload)
+    SELECT e, r, n, p::json
+      FROM unnest($17::text[], $18::text[], $40::int4[], $26::text[]) AS x(e, r, n, p)),
   t AS (
     INSERT INTO credit.transactions
         (user_id, seq, transaction_key, type, amount, running_balance, metadata, created_at)
@@ -184,10 +187,6 @@ const REFILL_CHUNK: &str = r#"WITH
 SELECT evaluated, refilled, granted,
        CASE WHEN refilled > 0 THEN pg_notify('credit_outbox', '') END IS NULL AS woke
   FROM n"#;
-
-/// Events per outbox row written by the sweep: a row per event would be a third of its work,
-/// and a row of this many stays well below a megabyte for the relay to read.
-pub(crate) const EVENTS_PER_ROW: i64 = 1000;
 
 /// Key of the advisory lock that lets one replica sweep at a time.
 const SWEEP_LOCK: i64 = 0x6372_6564_6974; // "credit"
@@ -405,7 +404,7 @@ pub(crate) async fn refill_chunk(
         .bind(grant.metadata)
         .bind(at)
         .bind(crate::events::rfc3339(at))
-        .bind(EVENTS_PER_ROW)
+        .bind(EVENTS_PER_ROW as i64)
         .fetch_one(&mut *conn)
         .await
 }
@@ -464,20 +463,20 @@ pub(crate) async fn write<'a>(
     {
         return Ok(());
     }
+    let rows = runs(&changes.events);
     // Parameters in the statement's numbering: $1–$9 decisions, $10–$16 ledger rows,
-    // $17–$18 events, $19 the time, $20–$25 balances, $26 payloads, $27–$35 settlements,
-    // $36–$39 auto top-up state.
+    // $17–$18 outbox rows, $19 the time, $20–$25 balances, $26 payloads, $27–$35 settlements,
+    // $36–$39 auto top-up state, $40 events per outbox row.
     let q = bind_decisions(sqlx::query_scalar(WRITE), &written.decisions);
-    let q = bind_rows_and_events(q, changes).bind(at);
-    let q = bind_balances(q, &dirty).bind(
-        changes
-            .events
-            .iter()
-            .map(|x| x.payload.as_str())
-            .collect::<Vec<_>>(),
-    );
+    let q = bind_rows(q, &changes.transactions);
+    let q = bind_runs(q, &rows).bind(at);
+    let q =
+        bind_balances(q, &dirty).bind(rows.iter().map(|r| r.payload.as_ref()).collect::<Vec<_>>());
     let q = bind_settlements(q, &written.settlements);
-    bind_auto_top_up(q, &dirty).fetch_one(&mut *conn).await?;
+    bind_auto_top_up(q, &dirty)
+        .bind(rows.iter().map(|r| r.events).collect::<Vec<_>>())
+        .fetch_one(&mut *conn)
+        .await?;
     Ok(())
 }
 
@@ -507,9 +506,7 @@ fn bind_decisions<'q>(q: Write<'q>, d: &'q [NewDecision]) -> Write<'q> {
         .bind(d.iter().map(|x| x.fee_key.as_deref()).collect::<Vec<_>>())
 }
 
-fn bind_rows_and_events<'q>(q: Write<'q>, changes: &'q Changes) -> Write<'q> {
-    let t = &changes.transactions;
-    let e = &changes.events;
+fn bind_rows<'q>(q: Write<'q>, t: &'q [NewTransaction]) -> Write<'q> {
     q.bind(t.iter().map(|r| r.user_id.as_str()).collect::<Vec<_>>())
         .bind(t.iter().map(|r| r.seq).collect::<Vec<_>>())
         .bind(
@@ -521,8 +518,11 @@ fn bind_rows_and_events<'q>(q: Write<'q>, changes: &'q Changes) -> Write<'q> {
         .bind(t.iter().map(|r| r.amount).collect::<Vec<_>>())
         .bind(t.iter().map(|r| r.running_balance).collect::<Vec<_>>())
         .bind(t.iter().map(|r| &r.metadata).collect::<Vec<_>>())
-        .bind(e.iter().map(|x| x.event_id.as_str()).collect::<Vec<_>>())
-        .bind(e.iter().map(|x| x.routing_key).collect::<Vec<_>>())
+}
+
+fn bind_runs<'q>(q: Write<'q>, rows: &[Run<'q>]) -> Write<'q> {
+    q.bind(rows.iter().map(|r| r.event_id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.routing_key).collect::<Vec<_>>())
 }
 
 fn bind_balances<'q>(q: Write<'q>, dirty: &[&'q Account]) -> Write<'q> {

@@ -449,11 +449,11 @@ async fn a_batch_decides_exactly_like_one_at_a_time() {
         .fetch_all(&env.pool)
         .await
         .unwrap();
-        let events: Vec<Value> =
-            sqlx::query_scalar("SELECT payload FROM credit.outbox ORDER BY id")
-                .fetch_all(&env.pool)
-                .await
-                .unwrap();
+        let events: Vec<Value> = stored_events(env)
+            .await
+            .into_iter()
+            .map(|e| serde_json::from_str(&e.2).unwrap())
+            .collect();
         let decisions = sqlx::query_as(
             "SELECT node_exec_id, outcome, cost FROM credit.decisions ORDER BY node_exec_id",
         )

@@ -141,10 +141,7 @@ async fn a_relay_killed_between_publish_and_watermark_commit_republishes() {
     let mut w = WorkerProcess::spawn(&env_vars, &["run"]);
     let first: Vec<String> = tap.take(12, T).await.into_iter().map(|e| e.1).collect();
     // Published in id order (the batch's publishes are pipelined, not reordered).
-    let stored: Vec<String> = sqlx::query_scalar("SELECT event_id FROM credit.outbox ORDER BY id")
-        .fetch_all(&env.pool)
-        .await
-        .unwrap();
+    let stored: Vec<String> = stored_events(&env).await.into_iter().map(|e| e.0).collect();
     assert_eq!(first, stored, "events in outbox id order");
     wait_for(T, "the watermark update to stall", || async {
         env.scalar_i64(
@@ -231,10 +228,7 @@ async fn one_relay_leads_and_another_takes_over_when_it_dies() {
     wait_count(&env, T, "outbox drained", UNPUBLISHED, &[], |n| n == 0).await;
     assert_eq!(published_by(survivor).await, 10.0);
     tap.assert_quiet(Duration::from_millis(500)).await;
-    let stored: Vec<String> = sqlx::query_scalar("SELECT event_id FROM credit.outbox ORDER BY id")
-        .fetch_all(&env.pool)
-        .await
-        .unwrap();
+    let stored: Vec<String> = stored_events(&env).await.into_iter().map(|e| e.0).collect();
     assert_eq!(
         [first, next].concat(),
         stored,
