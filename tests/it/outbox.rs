@@ -291,6 +291,21 @@ async fn a_run_of_events_goes_out_one_message_per_event() {
         );
     }
     assert_eq!(env.scalar_i64(UNPUBLISHED).await, 1603);
+    // Large runs are compressed, with lz4 (migration 0010) on a server built with it.
+    let compression: Option<String> = sqlx::query_scalar(
+        "SELECT pg_column_compression(payload) FROM credit.outbox WHERE event_id = 'big-0'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    let lz4_built: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_config() WHERE name = 'CONFIGURE' AND setting LIKE '%--with-lz4%')",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    let expected = if lz4_built { "lz4" } else { "pglz" };
+    assert_eq!(compression.as_deref(), Some(expected));
 
     let mut tap = env.event_tap().await;
     let mut vars = env.process_env();
