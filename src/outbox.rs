@@ -7,7 +7,8 @@
 //! republishes the same `event_id`s.
 //!
 //! Ids are drawn in commit order (migration 0005), so an event never becomes visible below a
-//! watermark the relay already moved past.
+//! watermark the relay already moved past. A row may hold a run of events (migration 0009):
+//! each goes out as a message of its own, and the watermark passes the row once all have.
 
 use std::borrow::Cow;
 use std::sync::Arc;
