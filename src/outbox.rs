@@ -27,7 +27,8 @@ use crate::amqp::{self, Outgoing, PublishError, Publisher};
 use crate::config::Settings;
 use crate::ledger::store::{self, StoredEvent};
 
-/// Events published per transaction.
+/// Events a relay round reads: the outbox rows that start within the next this many events
+/// (a round holds fewer than this plus one run).
 pub(crate) const BATCH: i64 = 1000;
 
 #[derive(Debug, thiserror::Error)]

@@ -81,7 +81,7 @@ const ROW_WITHOUT_EVENT: &str = "
 SELECT t.user_id, t.seq FROM credit.transactions t
  WHERE NOT EXISTS (SELECT 1 FROM credit.outbox o
                     WHERE o.event_id = 'balance.changed:' || t.user_id || ':' || t.transaction_key)
-   AND NOT EXISTS (SELECT 1 FROM credit.outbox o, json_array_elements(o.payload) e
+   AND NOT EXISTS (SELECT 1 FROM credit.outbox o, json_array_elements(o.run) e
                     WHERE o.events > 1 AND o.routing_key = 'balance.changed'
                       AND e->>'event_id' = 'balance.changed:' || t.user_id || ':' || t.transaction_key)
  LIMIT 1000";

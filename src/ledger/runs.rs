@@ -7,8 +7,8 @@ use std::borrow::Cow;
 
 use crate::events::NewEvent;
 
-/// Most events in one outbox row: a run of this many stays well below a megabyte for the
-/// relay to read.
+/// Most events in one outbox row: a run of this many is a few hundred KiB of JSON for the
+/// relay to read (about 2 MiB with the longest user ids and keys the ledger allows).
 pub(crate) const EVENTS_PER_ROW: usize = 1000;
 
 /// One outbox row: a single event (its object), or a run (a JSON array of the events).

@@ -43,8 +43,8 @@ const CREATE_ACCOUNTS: &str = "INSERT INTO credit.balances (user_id)
 /// sweep chunk) waits for it only from there to the commit, not through the ledger writes.
 const WRITE: &str = "WITH
   o AS (
-    INSERT INTO credit.outbox (event_id, routing_key, events, payload)
-    SELECT e, r, n, p::json
+    INSERT INTO credit.outbox (event_id, routing_key, events, payload, run)
+    SELECT e, r, n, CASE WHEN n = 1 THEN p::json END, CASE WHEN n > 1 THEN p::json END
       FROM unnest($17::text[], $18::text[], $40::int4[], $26::text[]) AS x(e, r, n, p)),
   t AS (
     INSERT INTO credit.transactions
@@ -151,10 +151,11 @@ const REFILL_CHUNK: &str = r#"WITH
   -- outbox insert runs after them, so its id-ordering lock (migration 0005) is held only
   -- from there to the commit and parallel chunks overlap for the rest.
   o AS (
-    INSERT INTO credit.outbox (event_id, routing_key, events, payload)
+    INSERT INTO credit.outbox (event_id, routing_key, events, payload, run)
     SELECT 'balance.changed:' || min(user_id) || ':' || $5, 'balance.changed', count(*),
-           CASE WHEN count(*) = 1 THEN min(payload)
-                ELSE '[' || string_agg(payload, ',' ORDER BY user_id) || ']' END::json
+           CASE WHEN count(*) = 1 THEN min(payload)::json END,
+           CASE WHEN count(*) > 1
+                THEN ('[' || string_agg(payload, ',' ORDER BY user_id) || ']')::json END
       FROM (SELECT user_id, (row_number() OVER (ORDER BY user_id) - 1) / $9 AS part,
                    '{"amount":' || amount || ',"balance":' || (balance + amount)
                    || ',"event_id":' || to_json('balance.changed:' || user_id || ':' || $5)::text
@@ -579,9 +580,10 @@ const WATERMARK: &str = "SELECT published_through FROM credit.outbox_relay";
 /// events (migration 0009), so a round holds less than $2 events plus one row's.
 macro_rules! rows_after {
     () => {
-        "SELECT id, event_id, routing_key, events, payload::text AS payload, created_at
+        "SELECT id, event_id, routing_key, events, coalesce(payload, run)::text AS payload,
+       created_at
   FROM (SELECT *, sum(events) OVER (ORDER BY id) - events AS before
-          FROM (SELECT id, event_id, routing_key, events, payload, created_at
+          FROM (SELECT id, event_id, routing_key, events, payload, run, created_at
                   FROM credit.outbox WHERE id > $1 ORDER BY id LIMIT $2) o) r
  WHERE before < $2 ORDER BY id"
     };
@@ -603,7 +605,7 @@ const UNPUBLISHED: &str = "SELECT coalesce(sum(events), 0)::int8 FROM credit.out
       WHERE id > (SELECT published_through FROM credit.outbox_relay)";
 
 /// An outbox row: one event, or a run of `events` with the same routing key (then `payload`
-/// is a JSON array of them).
+/// is a JSON array of them, read from the row's `run`).
 #[derive(Debug, sqlx::FromRow)]
 pub(crate) struct StoredEvent {
     pub id: i64,

@@ -41,11 +41,10 @@ pub const UNPUBLISHED: &str = "SELECT coalesce(sum(events), 0)::int8 FROM credit
 
 /// Every event in the outbox as (event_id, routing key, payload text), in publication order:
 /// a row's own event, or each element of a row's run of events (migration 0009).
-pub const EVENTS: &str = "SELECT coalesce(e->>'event_id', o.event_id), o.routing_key,
-            coalesce(e::text, o.payload::text)
+pub const EVENTS: &str = "SELECT CASE WHEN o.events > 1 THEN e->>'event_id' ELSE o.event_id END,
+            o.routing_key, CASE WHEN o.events > 1 THEN e::text ELSE o.payload::text END
        FROM credit.outbox o
-       LEFT JOIN LATERAL json_array_elements(CASE WHEN o.events > 1 THEN o.payload END)
-            WITH ORDINALITY AS x(e, n) ON true
+       LEFT JOIN LATERAL json_array_elements(o.run) WITH ORDINALITY AS x(e, n) ON true
       ORDER BY o.id, x.n";
 
 /// [`EVENTS`], read.

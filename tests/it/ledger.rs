@@ -1196,3 +1196,44 @@ async fn redelivered_starts_beside_new_ones_are_duplicates_and_the_new_ones_deci
     env.assert_audit_clean().await;
     env.cleanup().await;
 }
+
+/// A sweep chunk of 2,500 users writes its events 1,000 to an outbox row, in user_id order:
+/// rows of 1,000, 1,000 and 500 events, each named by its first event, every user's event
+/// once.
+#[tokio::test]
+async fn a_sweep_chunk_writes_its_events_a_thousand_to_a_row() {
+    let _sweeps = SWEEPS.share().await;
+    let env = TestEnv::with(|s| s.refill.lazy = false).await;
+    sqlx::query(
+        "INSERT INTO credit.balances (user_id)
+         SELECT 'k' || lpad(g::text, 4, '0') FROM generate_series(1, 2500) g",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let policy = credit_worker::ledger::RefillPolicy { target: 1000 };
+    let month: Month = "2026-12".parse().unwrap();
+    let report = refill::sweep(&env.pool, policy, month, None, 2500, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(
+        (report.users_refilled, report.credits_granted),
+        (2500, 2_500_000)
+    );
+    let rows: Vec<(String, i32, Option<String>)> = sqlx::query_as(
+        "SELECT event_id, events, run->0->>'event_id' FROM credit.outbox ORDER BY id",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    let event = |i: usize| format!("balance.changed:k{i:04}:MONTHLY-CREDIT-TOP-UP-2026-12");
+    let expected_rows: Vec<(String, i32, Option<String>)> = [(1, 1000), (1001, 1000), (2001, 500)]
+        .into_iter()
+        .map(|(first, n)| (event(first), n, Some(event(first))))
+        .collect();
+    assert_eq!(rows, expected_rows);
+    let ids: Vec<String> = stored_events(&env).await.into_iter().map(|e| e.0).collect();
+    assert_eq!(ids, (1..=2500).map(event).collect::<Vec<_>>());
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}

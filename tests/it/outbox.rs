@@ -264,22 +264,38 @@ async fn a_run_of_events_goes_out_one_message_per_event() {
         ("single-b", 1, single("single-b")),
         ("single-c", 1, single("single-c")),
     ];
-    let insert = "INSERT INTO credit.outbox (event_id, routing_key, events, payload)
-                  VALUES ($1, 'balance.changed', $2, $3::json)";
+    let insert = "INSERT INTO credit.outbox (event_id, routing_key, events, payload, run)
+                  VALUES ($1, 'balance.changed', $2, $3::json, $4::json)";
     for (id, events, payload) in &rows {
+        let (one, run) = if *events == 1 {
+            (Some(payload), None)
+        } else {
+            (None, Some(payload))
+        };
         sqlx::query(insert)
             .bind(id)
             .bind(events)
-            .bind(payload)
+            .bind(one)
+            .bind(run)
             .execute(&env.pool)
             .await
             .unwrap();
     }
-    for (events, payload) in [(2, single("x")), (1, run_of("y", 1)), (0, single("z"))] {
+    // A run lives in `run` and is an array; a single event lives in `payload` and is an object.
+    let refusals = [
+        (2, Some(run_of("a", 2)), None),
+        (2, None, Some(single("b"))),
+        (1, Some(run_of("c", 1)), None),
+        (1, Some(single("d")), Some(run_of("d", 2))),
+        (1, None, None),
+        (0, Some(single("e")), None),
+    ];
+    for (events, one, run) in refusals {
         let refused = sqlx::query(insert)
             .bind("refused")
             .bind(events)
-            .bind(&payload)
+            .bind(&one)
+            .bind(&run)
             .execute(&env.pool)
             .await
             .unwrap_err();
@@ -287,25 +303,32 @@ async fn a_run_of_events_goes_out_one_message_per_event() {
         assert_eq!(
             constraint,
             Some("outbox_events_check"),
-            "{events} {payload}"
+            "{events} {one:?} {run:?}"
         );
     }
     assert_eq!(env.scalar_i64(UNPUBLISHED).await, 1603);
     // Large runs are compressed, with lz4 (migration 0010) on a server built with it.
     let compression: Option<String> = sqlx::query_scalar(
-        "SELECT pg_column_compression(payload) FROM credit.outbox WHERE event_id = 'big-0'",
+        "SELECT pg_column_compression(run) FROM credit.outbox WHERE event_id = 'big-0'",
     )
     .fetch_one(&env.pool)
     .await
     .unwrap();
-    let lz4_built: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_config() WHERE name = 'CONFIGURE' AND setting LIKE '%--with-lz4%')",
-    )
-    .fetch_one(&env.pool)
-    .await
-    .unwrap();
+    let lz4_built = sqlx::query("CREATE TEMP TABLE lz4_probe (x text COMPRESSION lz4)")
+        .execute(&env.pool)
+        .await
+        .is_ok();
     let expected = if lz4_built { "lz4" } else { "pglz" };
     assert_eq!(compression.as_deref(), Some(expected));
+    // The column's own setting, not the server's default_toast_compression.
+    let setting: String = sqlx::query_scalar(
+        "SELECT attcompression::text FROM pg_attribute
+          WHERE attrelid = 'credit.outbox'::regclass AND attname = 'run'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(setting, if lz4_built { "l" } else { "" });
 
     let mut tap = env.event_tap().await;
     let mut vars = env.process_env();
