@@ -19,6 +19,8 @@ pub(crate) const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
 /// Longest `amqp.namespace`: every name it prefixes must stay an AMQP short string.
 const MAX_NAMESPACE_BYTES: usize = 200;
+/// Longest outbox retention: far beyond any audit period, and still a valid interval in SQL.
+const MAX_RETENTION_S: u64 = 3_153_600_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -44,6 +46,7 @@ pub struct Settings {
     pub execution_fee: ExecutionFeeSettings,
     pub settlement: SettlementSettings,
     pub auto_top_up: AutoTopUpSettings,
+    pub outbox: OutboxSettings,
     pub control: ControlSettings,
     pub cost: CostSettings,
     pub http: HttpSettings,
@@ -145,6 +148,21 @@ pub struct ExecutionFeeSettings {
 #[serde(deny_unknown_fields)]
 pub struct SettlementSettings {
     pub allow_debt: bool,
+}
+
+/// `[outbox]`: how long published events are kept (docs/contract.md §6).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxSettings {
+    /// Seconds a published event is kept; 0 keeps every event.
+    pub retention_s: u64,
+}
+
+impl OutboxSettings {
+    /// How long published events are kept, or `None` to keep them all.
+    pub(crate) fn retention(&self) -> Option<std::time::Duration> {
+        (self.retention_s > 0).then(|| std::time::Duration::from_secs(self.retention_s))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -372,6 +390,12 @@ impl Settings {
                 "must be between 1 and 31536000",
             );
         }
+        if self.outbox.retention_s > MAX_RETENTION_S {
+            return bad(
+                "outbox.retention_s",
+                "must be at most 3153600000 (100 years)",
+            );
+        }
         if self.amqp.prefetch == 0 {
             return bad("amqp.prefetch", "must be at least 1");
         }
@@ -481,6 +505,7 @@ mod tests {
         );
         assert_eq!(s.cost.table, None);
         assert_eq!(s.log.format, LogFormat::Text);
+        assert_eq!(s.outbox.retention_s, 259_200);
     }
 
     #[test]

@@ -25,6 +25,7 @@ use tracing::{info, warn};
 use crate::amqp::topology;
 use crate::amqp::{self, Outgoing, PublishError, Publisher};
 use crate::config::Settings;
+use crate::ledger;
 use crate::ledger::store::{self, StoredEvent};
 
 /// Events a relay round reads: the outbox rows that start within the next this many events
@@ -135,10 +136,12 @@ impl Relay {
         listener.listen("credit_outbox").await?;
         let mut watermark = store::watermark(db).await?;
         let mut rows = store::events_after(db, watermark, BATCH).await?;
+        let mut pruner = Pruner::new(self.settings.outbox.retention());
         loop {
             if hard_stop.is_cancelled() {
                 return Ok(());
             }
+            pruner.prune_if_due(db).await?;
             if let Some(through) = rows.last().map(|r| r.id) {
                 let started = Instant::now();
                 let published = publish(publisher, exchange, &rows).await?;
@@ -182,6 +185,48 @@ impl Relay {
             _ = hard_stop.cancelled() => return Ok(false),
         }
         Ok(true)
+    }
+}
+
+/// Deletes published events past the retention, at most every minute (more often when the
+/// retention is shorter), while this relay leads.
+struct Pruner {
+    retention: Option<Duration>,
+    every: Duration,
+    last: Option<Instant>,
+}
+
+/// Most rows one prune deletes: a backlog of old events goes over several prunes, between
+/// publishing rounds.
+const PRUNE_MAX_ROWS: i64 = 100_000;
+
+impl Pruner {
+    fn new(retention: Option<Duration>) -> Pruner {
+        let every = retention.map_or(Duration::MAX, |r| {
+            (r / 2).clamp(Duration::from_secs(1), Duration::from_secs(60))
+        });
+        Pruner {
+            retention,
+            every,
+            last: None,
+        }
+    }
+
+    async fn prune_if_due(&mut self, db: &mut PgConnection) -> Result<(), RelayError> {
+        let Some(retention) = self.retention else {
+            return Ok(());
+        };
+        if self.last.is_some_and(|t| t.elapsed() < self.every) {
+            return Ok(());
+        }
+        self.last = Some(Instant::now());
+        let keep = chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
+        let Some(before) = Utc::now().checked_sub_signed(keep) else {
+            return Ok(());
+        };
+        let deleted = ledger::retention::prune_published(db, before, PRUNE_MAX_ROWS).await?;
+        metrics::counter!("credit_outbox_pruned_total").increment(deleted as u64);
+        Ok(())
     }
 }
 
@@ -270,4 +315,18 @@ fn events_of(rows: &[StoredEvent]) -> Result<Vec<Event<'_>>, RelayError> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prunes_every_minute_or_every_half_retention_but_not_more_than_each_second() {
+        let every = |s: u64| Pruner::new(Some(Duration::from_secs(s))).every;
+        assert_eq!(every(259_200), Duration::from_secs(60));
+        assert_eq!(every(30), Duration::from_secs(15));
+        assert_eq!(every(1), Duration::from_secs(1));
+        assert_eq!(Pruner::new(None).every, Duration::MAX);
+    }
 }

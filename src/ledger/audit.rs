@@ -1,8 +1,9 @@
 //! Reconciliation: for every user Σ amount = balance = the last row's running balance, seq is
 //! gap-free and each row's running balance follows from the previous one; every charged
 //! decision has its USAGE row, every settlement that moved credits its SETTLE row; every
-//! ledger row has its balance.changed event in the outbox. Events after the relays' watermark
-//! are counted as unpublished.
+//! ledger row has its balance.changed event in the outbox (from the retention horizon on, before
+//! which published events may have been deleted). Events after the relays' watermark are
+//! counted as unpublished.
 
 use serde::Serialize;
 use sqlx::PgPool;
@@ -76,10 +77,14 @@ SELECT s.user_id, s.node_exec_id FROM credit.settlements s
  LIMIT 1000";
 
 /// A ledger row's event is a row of its own (found by event_id) or an element of a run of
-/// events (migration 0009), whose ids are read out of the runs' payloads.
+/// events (migration 0009), whose ids are read out of the runs. Rows stamped before the
+/// retention horizon (migration 0011) are not looked at: their events may have been deleted
+/// once published. Events are stamped with their row's time; the minute's margin covers rows
+/// written before that, whose events were stamped with their transaction's start.
 const ROW_WITHOUT_EVENT: &str = "
 SELECT t.user_id, t.seq FROM credit.transactions t
- WHERE NOT EXISTS (SELECT 1 FROM credit.outbox o
+ WHERE t.created_at >= (SELECT pruned_before FROM credit.outbox_relay) + interval '1 minute'
+   AND NOT EXISTS (SELECT 1 FROM credit.outbox o
                     WHERE o.event_id = 'balance.changed:' || t.user_id || ':' || t.transaction_key)
    AND NOT EXISTS (SELECT 1 FROM credit.outbox o, json_array_elements(o.run) e
                     WHERE o.events > 1 AND o.routing_key = 'balance.changed'

@@ -6,6 +6,7 @@ pub(crate) mod account;
 pub mod audit;
 pub mod decision;
 pub mod month;
+pub mod retention;
 pub(crate) mod runs;
 pub mod seed;
 pub(crate) mod store;

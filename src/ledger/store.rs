@@ -43,8 +43,8 @@ const CREATE_ACCOUNTS: &str = "INSERT INTO credit.balances (user_id)
 /// sweep chunk) waits for it only from there to the commit, not through the ledger writes.
 const WRITE: &str = "WITH
   o AS (
-    INSERT INTO credit.outbox (event_id, routing_key, events, payload, run)
-    SELECT e, r, n, CASE WHEN n = 1 THEN p::json END, CASE WHEN n > 1 THEN p::json END
+    INSERT INTO credit.outbox (event_id, routing_key, events, payload, run, created_at)
+    SELECT e, r, n, CASE WHEN n = 1 THEN p::json END, CASE WHEN n > 1 THEN p::json END, $19
       FROM unnest($17::text[], $18::text[], $40::int4[], $26::text[]) AS x(e, r, n, p)),
   t AS (
     INSERT INTO credit.transactions
@@ -151,11 +151,11 @@ const REFILL_CHUNK: &str = r#"WITH
   -- outbox insert runs after them, so its id-ordering lock (migration 0005) is held only
   -- from there to the commit and parallel chunks overlap for the rest.
   o AS (
-    INSERT INTO credit.outbox (event_id, routing_key, events, payload, run)
+    INSERT INTO credit.outbox (event_id, routing_key, events, payload, run, created_at)
     SELECT 'balance.changed:' || min(user_id) || ':' || $5, 'balance.changed', count(*),
            CASE WHEN count(*) = 1 THEN min(payload)::json END,
            CASE WHEN count(*) > 1
-                THEN ('[' || string_agg(payload, ',' ORDER BY user_id) || ']')::json END
+                THEN ('[' || string_agg(payload, ',' ORDER BY user_id) || ']')::json END, $7
       FROM (SELECT user_id, (row_number() OVER (ORDER BY user_id) - 1) / $9 AS part,
                    '{"amount":' || amount || ',"balance":' || (balance + amount)
                    || ',"event_id":' || to_json('balance.changed:' || user_id || ':' || $5)::text
@@ -601,6 +601,22 @@ const ADVANCE_AND_READ: &str = concat!(
     rows_after!()
 );
 
+/// Of the $2 oldest published rows (lowest ids up to the watermark), deletes those stamped
+/// before $1, and moves the audit's horizon to $1 (migration 0011). Returns how many went.
+/// Ids follow commit order and stamps the writers' clocks, so the oldest rows come first; a
+/// statement reads at most $2 rows, with no index on the stamp, even when none is due.
+const PRUNE_PUBLISHED: &str = "WITH d AS (
+    DELETE FROM credit.outbox WHERE id IN (
+        SELECT id FROM (
+            SELECT id, created_at FROM credit.outbox
+             WHERE id <= (SELECT published_through FROM credit.outbox_relay)
+             ORDER BY id LIMIT $2) oldest
+         WHERE created_at < $1)
+    RETURNING 1),
+  h AS (
+    UPDATE credit.outbox_relay SET pruned_before = $1 WHERE pruned_before < $1)
+SELECT count(*) FROM d";
+
 const UNPUBLISHED: &str = "SELECT coalesce(sum(events), 0)::int8 FROM credit.outbox
       WHERE id > (SELECT published_through FROM credit.outbox_relay)";
 
@@ -651,6 +667,20 @@ pub(crate) async fn advance_and_read(
         .bind(through)
         .bind(limit)
         .fetch_all(&mut *conn)
+        .await
+}
+
+/// Deletes those of the `limit` oldest published outbox rows stamped before `before` (see
+/// [`PRUNE_PUBLISHED`]); returns how many.
+pub(crate) async fn prune_published(
+    conn: &mut PgConnection,
+    before: DateTime<Utc>,
+    limit: i64,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(PRUNE_PUBLISHED)
+        .bind(before)
+        .bind(limit)
+        .fetch_one(&mut *conn)
         .await
 }
 

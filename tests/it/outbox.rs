@@ -92,7 +92,7 @@ BEGIN
     END IF;
     RETURN NEW;
 END $$;
-CREATE TRIGGER stall_first_advance BEFORE UPDATE ON credit.outbox_relay
+CREATE TRIGGER stall_first_advance BEFORE UPDATE OF published_through ON credit.outbox_relay
     FOR EACH ROW EXECUTE FUNCTION public.stall_first_advance();";
 
 /// Ends the stalled relay's database session, as the server does once its client is gone.
@@ -370,4 +370,123 @@ async fn a_run_of_events_goes_out_one_message_per_event() {
     w.sigterm();
     assert_eq!(w.wait_exit(T).await, Some(0));
     env.cleanup().await;
+}
+
+/// Credits `user` with a TOP_UP stamped `at` (its event is stamped the same).
+async fn top_up_at(env: &TestEnv, user: &str, key: &str, at: chrono::DateTime<Utc>) {
+    env.ledger()
+        .credit(TxType::TopUp, user, 100, Some(key), None, at)
+        .await
+        .unwrap();
+}
+
+/// Pruning deletes published events stamped before the cutoff, oldest first and no more than
+/// asked; an old event the relays have not published stays, as do newer ones. The audit looks
+/// for events only from the horizon on, and still finds every later one.
+#[tokio::test]
+async fn published_events_past_the_retention_are_deleted() {
+    let env = TestEnv::with(no_refill).await;
+    let now = Utc::now();
+    let old = now - chrono::Duration::days(2);
+    for (i, at) in [old, old, old, now, now].into_iter().enumerate() {
+        top_up_at(&env, &format!("p{i}"), "T", at).await;
+    }
+    let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM credit.outbox ORDER BY id")
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+    // The relays published the first two old events.
+    let mut conn = connect(&env).await;
+    sqlx::query("UPDATE credit.outbox_relay SET published_through = $1")
+        .bind(ids[1])
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let cutoff = now - chrono::Duration::days(1);
+    let prune = credit_worker::ledger::retention::prune_published;
+    assert_eq!(prune(&mut conn, cutoff, 1).await.unwrap(), 1);
+    assert_eq!(prune(&mut conn, cutoff, 100).await.unwrap(), 1);
+    let left = |ids: &[usize]| -> Vec<String> {
+        ids.iter()
+            .map(|i| format!("balance.changed:p{i}:T"))
+            .collect()
+    };
+    let events = || async {
+        stored_events(&env)
+            .await
+            .into_iter()
+            .map(|e| e.0)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        events().await,
+        left(&[2, 3, 4]),
+        "p2 is old but not published yet"
+    );
+    // Now p2 and p3 are published too: p2 goes, p3 is newer than the cutoff.
+    sqlx::query("UPDATE credit.outbox_relay SET published_through = $1")
+        .bind(ids[3])
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(prune(&mut conn, cutoff, 100).await.unwrap(), 1);
+    assert_eq!(events().await, left(&[3, 4]));
+    let horizon: chrono::DateTime<Utc> =
+        sqlx::query_scalar("SELECT pruned_before FROM credit.outbox_relay")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(horizon.timestamp_micros(), cutoff.timestamp_micros());
+    env.assert_audit_clean().await;
+    // After the horizon a missing event is still found missing.
+    sqlx::query("DELETE FROM credit.outbox WHERE event_id = 'balance.changed:p4:T'")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let report = credit_worker::ledger::audit::run(&env.pool).await.unwrap();
+    let users: Vec<&str> = report
+        .mismatches
+        .iter()
+        .map(|m| m.user_id.as_str())
+        .collect();
+    assert_eq!(users, ["p4"]);
+    env.cleanup().await;
+}
+
+/// With `outbox.retention_s`, the leading relay deletes what it published once it is older.
+#[tokio::test]
+async fn the_relay_prunes_what_it_published_after_the_retention() {
+    let env = TestEnv::with(|s| {
+        no_refill(s);
+        s.outbox.retention_s = 1;
+    })
+    .await;
+    let earlier = Utc::now() - chrono::Duration::seconds(10);
+    for i in 0..3 {
+        top_up_at(&env, &format!("r{i}"), "T", earlier).await;
+    }
+    let mut tap = env.event_tap().await;
+    let worker = credit_worker::service::Worker::start(env.settings.clone())
+        .await
+        .unwrap();
+    let ids: Vec<String> = tap.take(3, T).await.into_iter().map(|e| e.1).collect();
+    assert_eq!(
+        ids,
+        [
+            "balance.changed:r0:T",
+            "balance.changed:r1:T",
+            "balance.changed:r2:T"
+        ]
+    );
+    wait_count(
+        &env,
+        T,
+        "the published events pruned",
+        "SELECT count(*) FROM credit.outbox",
+        &[],
+        |n| n == 0,
+    )
+    .await;
+    tap.assert_quiet(Duration::from_millis(300)).await;
+    stop_audit_cleanup(env, worker).await;
 }
