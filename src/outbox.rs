@@ -141,7 +141,9 @@ impl Relay {
             if hard_stop.is_cancelled() {
                 return Ok(());
             }
-            pruner.prune_if_due(db).await?;
+            if !drain.is_cancelled() {
+                pruner.prune_if_due(db).await?;
+            }
             if let Some(through) = rows.last().map(|r| r.id) {
                 let started = Instant::now();
                 let published = publish(publisher, exchange, &rows).await?;
