@@ -142,7 +142,7 @@ impl Relay {
                 return Ok(());
             }
             if !drain.is_cancelled() {
-                pruner.prune_if_due(db).await?;
+                pruner.prune_if_due(db).await;
             }
             if let Some(through) = rows.last().map(|r| r.id) {
                 let started = Instant::now();
@@ -190,17 +190,18 @@ impl Relay {
     }
 }
 
-/// Deletes published events past the retention, at most every minute (more often when the
-/// retention is shorter), while this relay leads.
+/// Deletes published events past the retention while this relay leads: at least once a
+/// minute (more often when the retention is shorter), one statement between publishing
+/// rounds, and again at the next round while a statement found a full window of due rows.
 struct Pruner {
     retention: Option<Duration>,
     every: Duration,
     last: Option<Instant>,
+    more: bool,
 }
 
-/// Most rows one prune deletes: a backlog of old events goes over several prunes, between
-/// publishing rounds.
-const PRUNE_MAX_ROWS: i64 = 100_000;
+/// Rows one statement may delete: a short pause between publishing rounds.
+const PRUNE_ROWS: i64 = 10_000;
 
 impl Pruner {
     fn new(retention: Option<Duration>) -> Pruner {
@@ -211,24 +212,37 @@ impl Pruner {
             retention,
             every,
             last: None,
+            more: false,
         }
     }
 
-    async fn prune_if_due(&mut self, db: &mut PgConnection) -> Result<(), RelayError> {
-        let Some(retention) = self.retention else {
-            return Ok(());
+    fn due(&self) -> bool {
+        self.retention.is_some()
+            && (self.more || self.last.is_none_or(|t| t.elapsed() >= self.every))
+    }
+
+    /// A failed prune is logged and counted, and publishing goes on: events are never held
+    /// up by their own clean-up.
+    async fn prune_if_due(&mut self, db: &mut PgConnection) {
+        let Some(retention) = self.retention.filter(|_| self.due()) else {
+            return;
         };
-        if self.last.is_some_and(|t| t.elapsed() < self.every) {
-            return Ok(());
-        }
         self.last = Some(Instant::now());
+        self.more = false;
         let keep = chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
         let Some(before) = Utc::now().checked_sub_signed(keep) else {
-            return Ok(());
+            return;
         };
-        let deleted = ledger::retention::prune_published(db, before, PRUNE_MAX_ROWS).await?;
-        metrics::counter!("credit_outbox_pruned_total").increment(deleted as u64);
-        Ok(())
+        match ledger::retention::prune_published(db, before, PRUNE_ROWS).await {
+            Ok(deleted) => {
+                self.more = deleted == PRUNE_ROWS;
+                metrics::counter!("credit_outbox_pruned_total").increment(deleted as u64);
+            }
+            Err(e) => {
+                metrics::counter!("credit_outbox_prune_errors_total").increment(1);
+                warn!(error = %e, "deleting published events past the retention failed; retrying in {:?}", self.every);
+            }
+        }
     }
 }
 
@@ -330,5 +344,19 @@ mod tests {
         assert_eq!(every(30), Duration::from_secs(15));
         assert_eq!(every(1), Duration::from_secs(1));
         assert_eq!(Pruner::new(None).every, Duration::MAX);
+    }
+
+    #[test]
+    fn a_prune_is_due_at_first_then_after_its_interval_or_while_windows_come_back_full() {
+        let mut p = Pruner::new(Some(Duration::from_secs(259_200)));
+        assert!(p.due());
+        p.last = Some(Instant::now());
+        assert!(!p.due());
+        p.more = true;
+        assert!(p.due());
+        p.more = false;
+        p.last = Instant::now().checked_sub(Duration::from_secs(61));
+        assert!(p.due());
+        assert!(!Pruner::new(None).due());
     }
 }

@@ -603,8 +603,10 @@ const ADVANCE_AND_READ: &str = concat!(
 
 /// Of the $2 oldest published rows (lowest ids up to the watermark), deletes those stamped
 /// before $1, and moves the audit's horizon to $1 (migration 0011). Returns how many went.
-/// Ids follow commit order and stamps the writers' clocks, so the oldest rows come first; a
-/// statement reads at most $2 rows, with no index on the stamp, even when none is due.
+/// Ids follow commit order and stamps the writers' clocks, so the oldest rows come first
+/// (rows a little out of order wait for a later prune); a statement reads the $2 lowest live
+/// rows, with no index on the stamp, even when none is due (plus the index entries of rows
+/// deleted and not yet vacuumed).
 const PRUNE_PUBLISHED: &str = "WITH d AS (
     DELETE FROM credit.outbox WHERE id IN (
         SELECT id FROM (

@@ -490,3 +490,47 @@ async fn the_relay_prunes_what_it_published_after_the_retention() {
     tap.assert_quiet(Duration::from_millis(300)).await;
     stop_audit_cleanup(env, worker).await;
 }
+
+/// A prune goes over the published rows ten thousand at a time, up to the most it may delete,
+/// and stops at the first window with rows not yet due.
+#[tokio::test]
+async fn a_prune_deletes_in_windows_up_to_its_limit() {
+    let env = TestEnv::with(no_refill).await;
+    let old = Utc::now() - chrono::Duration::days(2);
+    sqlx::query(
+        "INSERT INTO credit.outbox (event_id, routing_key, payload, created_at)
+         SELECT 'e' || g, 'balance.changed', '{}', $1 FROM generate_series(1, 25000) g",
+    )
+    .bind(old)
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO credit.outbox (event_id, routing_key, payload) VALUES ('new', 'balance.changed', '{}')",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "UPDATE credit.outbox_relay SET published_through = (SELECT max(id) FROM credit.outbox)",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let mut conn = connect(&env).await;
+    let cutoff = Utc::now() - chrono::Duration::days(1);
+    let prune = credit_worker::ledger::retention::prune_published;
+    assert_eq!(prune(&mut conn, cutoff, 15_000).await.unwrap(), 15_000);
+    assert_eq!(prune(&mut conn, cutoff, 100_000).await.unwrap(), 10_000);
+    assert_eq!(prune(&mut conn, cutoff, 100_000).await.unwrap(), 0);
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM credit.outbox WHERE event_id = 'new'")
+            .await,
+        1
+    );
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM credit.outbox").await,
+        1
+    );
+    env.cleanup().await;
+}
