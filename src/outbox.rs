@@ -200,9 +200,6 @@ struct Pruner {
     more: bool,
 }
 
-/// Rows one statement may delete: a short pause between publishing rounds.
-const PRUNE_ROWS: i64 = 10_000;
-
 impl Pruner {
     fn new(retention: Option<Duration>) -> Pruner {
         let every = retention.map_or(Duration::MAX, |r| {
@@ -233,9 +230,11 @@ impl Pruner {
         let Some(before) = Utc::now().checked_sub_signed(keep) else {
             return;
         };
-        match ledger::retention::prune_published(db, before, PRUNE_ROWS).await {
+        // One statement's worth: a short pause between publishing rounds.
+        let rows = ledger::retention::ROWS_PER_STATEMENT;
+        match ledger::retention::prune_published(db, before, rows).await {
             Ok(deleted) => {
-                self.more = deleted == PRUNE_ROWS;
+                self.more = deleted == rows;
                 metrics::counter!("credit_outbox_pruned_total").increment(deleted as u64);
             }
             Err(e) => {

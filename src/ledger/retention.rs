@@ -6,7 +6,7 @@ use sqlx::PgConnection;
 use super::store;
 
 /// Rows deleted per statement: each is a short transaction that holds no writer up.
-const ROWS_PER_STATEMENT: i64 = 10_000;
+pub(crate) const ROWS_PER_STATEMENT: i64 = 10_000;
 
 /// Deletes up to `max_rows` outbox rows that the relays have published and that were stamped
 /// before `before`, oldest first, and moves the audit's horizon to `before`. Returns how many

@@ -372,6 +372,15 @@ async fn a_run_of_events_goes_out_one_message_per_event() {
     env.cleanup().await;
 }
 
+/// Moves the relays' watermark to `id`, as if they had published everything up to it.
+async fn published_through(conn: &mut PgConnection, id: i64) {
+    sqlx::query("UPDATE credit.outbox_relay SET published_through = $1")
+        .bind(id)
+        .execute(conn)
+        .await
+        .unwrap();
+}
+
 /// Credits `user` with a TOP_UP stamped `at` (its event is stamped the same).
 async fn top_up_at(env: &TestEnv, user: &str, key: &str, at: chrono::DateTime<Utc>) {
     env.ledger()
@@ -397,11 +406,7 @@ async fn published_events_past_the_retention_are_deleted() {
         .unwrap();
     // The relays published the first two old events.
     let mut conn = connect(&env).await;
-    sqlx::query("UPDATE credit.outbox_relay SET published_through = $1")
-        .bind(ids[1])
-        .execute(&mut conn)
-        .await
-        .unwrap();
+    published_through(&mut conn, ids[1]).await;
     let cutoff = now - chrono::Duration::days(1);
     let prune = credit_worker::ledger::retention::prune_published;
     assert_eq!(prune(&mut conn, cutoff, 1).await.unwrap(), 1);
@@ -424,11 +429,7 @@ async fn published_events_past_the_retention_are_deleted() {
         "p2 is old but not published yet"
     );
     // Now p2 and p3 are published too: p2 goes, p3 is newer than the cutoff.
-    sqlx::query("UPDATE credit.outbox_relay SET published_through = $1")
-        .bind(ids[3])
-        .execute(&mut conn)
-        .await
-        .unwrap();
+    published_through(&mut conn, ids[3]).await;
     assert_eq!(prune(&mut conn, cutoff, 100).await.unwrap(), 1);
     assert_eq!(events().await, left(&[3, 4]));
     let horizon: chrono::DateTime<Utc> =
