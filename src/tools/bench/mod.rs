@@ -8,12 +8,14 @@
 mod ceiling;
 mod sustained;
 mod sweep;
+mod timeline;
 mod traffic;
 mod worker;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
@@ -74,6 +76,10 @@ pub struct BenchArgs {
     /// broker-only, with the bound drawn.
     #[arg(long, value_name = "FILE.svg", requires = "sustained")]
     pub plot: Option<PathBuf>,
+    /// Write the worker's publish → event latency second by second as CSV (messages, p50,
+    /// p99, max per second sent, with its UTC time), to find when a stall happened.
+    #[arg(long, value_name = "FILE.csv", conflicts_with_all = ["sustained", "sweep_users"])]
+    pub timeline: Option<PathBuf>,
 }
 
 /// Results of the message runs.
@@ -186,6 +192,13 @@ async fn run_in(
         println!("{}", report.to_json());
     } else {
         report.print();
+    }
+    if let Some(path) = &args.timeline {
+        timeline::write_csv(path, &report.worker.timeline)
+            .with_context(|| format!("writing the timeline to {}", path.display()))?;
+        if !json {
+            println!("timeline             {}", path.display());
+        }
     }
     Ok(exit_code(report.worker.problems.is_empty()))
 }

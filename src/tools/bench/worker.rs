@@ -13,6 +13,7 @@ use lapin::types::FieldTable;
 use sqlx::{PgPool, Row};
 use tokio::task::JoinHandle;
 
+use super::timeline;
 use super::traffic::{self, Latency, Sink, SinkResult, Traffic};
 use super::WORKER_SINK;
 use crate::amqp::topology::{self, Names};
@@ -37,6 +38,8 @@ pub(crate) struct WorkerResult {
     pub msgs_per_s_total: f64,
     pub startup_ms: f64,
     pub latency: Option<Latency>,
+    /// The latency second by second (`--timeline`).
+    pub timeline: Vec<timeline::Second>,
     pub peak_rss_mib: f64,
     pub events_received: usize,
     pub fees: i64,
@@ -434,11 +437,18 @@ fn measured(
         .max(1e-9);
     let n = t.published();
     // Pairs: from each execution's later message to its last event.
-    let latency = if t.is_pairs() {
-        Latency::of(|i| started.sent_at.at(t.last_slot(i)), &seen.settled)
-    } else {
-        Latency::of(|i| started.sent_at.at(i), &seen.received)
+    let sent = |i: usize| {
+        started
+            .sent_at
+            .at(if t.is_pairs() { t.last_slot(i) } else { i })
     };
+    let arrived = if t.is_pairs() {
+        &seen.settled
+    } else {
+        &seen.received
+    };
+    let latency = Latency::of(sent, arrived);
+    let timeline = timeline::by_second(sent, arrived, (Instant::now(), Utc::now()));
     WorkerResult {
         msgs_per_s: n as f64 / seconds,
         execs_per_s: t.messages as f64 / seconds,
@@ -450,6 +460,7 @@ fn measured(
             .as_secs_f64()
             * 1e3,
         latency,
+        timeline,
         peak_rss_mib: stopped.peak_kib as f64 / 1024.0,
         events_received: seen.events,
         fees,
