@@ -16,6 +16,7 @@ use crate::ledger::{
     MAX_HISTORY_LIMIT,
 };
 use crate::refill::Month;
+use crate::signal::StopSignals;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -227,11 +228,16 @@ fn ledger_error(e: LedgerError) -> anyhow::Error {
 }
 
 async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
+    // `run` catches SIGTERM and SIGINT from its first moment, before the configuration is
+    // read: a stop during start-up is then a clean exit, not the signal's default action.
+    // The other commands keep the default: caught, a Ctrl-C would be ignored where nothing
+    // waits for it.
+    let signals = matches!(cli.command, Command::Run).then(StopSignals::install);
     let settings = Settings::load(cli.global.config.as_deref())?;
     crate::telemetry::init_logging(settings.log.format, default_log_level(&cli.command));
     let json = cli.global.json;
     match cli.command {
-        Command::Run => run(settings).await,
+        Command::Run => run(settings, signals.unwrap_or_else(StopSignals::install)).await,
         Command::Migrate => migrate(&settings, json).await,
         Command::Sweep { month, user } => sweep(&settings, json, month, user).await,
         Command::Balance { user } => balance(&settings, json, &user).await,
@@ -270,12 +276,12 @@ fn default_log_level(command: &Command) -> &'static str {
     }
 }
 
-async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
+async fn run(settings: Settings, signals: StopSignals) -> anyhow::Result<ExitCode> {
     crate::telemetry::metrics_handle();
     let shutdown = tokio_util::sync::CancellationToken::new();
     let stop = shutdown.clone();
     tokio::spawn(async move {
-        crate::signal::wait_for_signal().await;
+        signals.recv().await;
         tracing::info!("signal received; shutting down");
         stop.cancel();
     });

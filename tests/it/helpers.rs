@@ -754,7 +754,14 @@ impl WorkerProcess {
         let _ = self.child.wait();
     }
 
+    /// Sends SIGTERM once the worker catches it. `run` installs its handler first thing, but
+    /// a process spawned a moment ago may not have got there yet, and a SIGTERM before it
+    /// ends the process by the default action: the test would then see that, not the stop.
     pub fn sigterm(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !catches_sigterm(self.child.id()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
@@ -771,6 +778,26 @@ impl WorkerProcess {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// Whether process `pid` has a handler for SIGTERM (signal 15: bit 14 of `SigCgt`), or is
+/// gone (then there is nothing to wait for).
+fn catches_sigterm(pid: u32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return true;
+    };
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+    };
+    if field("State:").is_some_and(|s| s.starts_with('Z')) {
+        return true;
+    }
+    field("SigCgt:")
+        .and_then(|mask| u64::from_str_radix(mask, 16).ok())
+        .is_some_and(|mask| mask & (1 << 14) != 0)
 }
 
 impl Drop for WorkerProcess {
