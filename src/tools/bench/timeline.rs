@@ -20,7 +20,7 @@ pub(crate) struct Second {
     pub latency: Latency,
 }
 
-/// Groups each message by the second it was sent in, from the first message's send time.
+/// Groups each message by the second it was sent in, from the earliest send time.
 /// Messages without an event are left out (the run reports them as problems); seconds
 /// without any message are skipped. `now` pairs a monotonic instant with the wall clock at
 /// the same moment, to date the seconds.
@@ -29,10 +29,11 @@ pub(crate) fn by_second(
     received: &[Option<Instant>],
     now: (Instant, DateTime<Utc>),
 ) -> Vec<Second> {
-    if received.is_empty() {
+    // The earliest send, not message 0's: with pairs an execution counts at its later
+    // message, which for execution 0 is not the run's first.
+    let Some(first) = (0..received.len()).map(&sent).min() else {
         return Vec::new();
-    }
-    let first = sent(0);
+    };
     let mut buckets: Vec<Vec<f64>> = Vec::new();
     for (i, r) in received.iter().enumerate() {
         let Some(r) = r else { continue };
