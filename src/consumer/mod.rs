@@ -3,7 +3,8 @@
 //! then one multiple-ack).
 //!
 //! A collector gathers deliveries into a batch (up to `pipeline.max_batch`, waiting at most
-//! `pipeline.max_wait_ms` after the first, and growing further while the decider is busy);
+//! `pipeline.max_wait_ms` after the first, and filling up to that bound while the decider is
+//! busy; deliveries beyond it start the next batches);
 //! the decider starts each batch's decision on a task of its own, up to
 //! `pipeline.in_flight` at once in their [`Turn`]s, and acks them in delivery order. Acks come
 //! only after the decision transaction committed; a transient fault is retried with backoff
@@ -154,7 +155,7 @@ impl Consumer {
         // Deliveries that arrived while the previous batch was full: they start the next one.
         let mut carried: Vec<Delivery> = Vec::new();
         loop {
-            let mut batch = std::mem::take(&mut carried);
+            let mut batch = take_carried(&mut carried, max_batch);
             if batch.is_empty() {
                 let first = tokio::select! {
                     _ = stop.cancelled() => return Ok(()),
@@ -192,6 +193,14 @@ impl Consumer {
             }
         }
     }
+}
+
+/// The start of the next batch: at most `max` of the deliveries carried over, oldest first.
+/// The rest stay carried for the batches after it (while the decider is busy, up to the
+/// prefetch can pile up, and no batch may exceed `pipeline.max_batch`).
+fn take_carried<T>(carried: &mut Vec<T>, max: usize) -> Vec<T> {
+    let rest = carried.split_off(carried.len().min(max));
+    std::mem::replace(carried, rest)
 }
 
 /// How long a session's cleanup may wait on a broker that may be gone.
@@ -427,4 +436,20 @@ async fn dead_letter(
     };
     dead.publish_all([message]).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::take_carried;
+
+    #[test]
+    fn a_batch_takes_at_most_max_batch_of_the_carried_deliveries_oldest_first() {
+        let mut carried: Vec<u32> = (0..7).collect();
+        assert_eq!(take_carried(&mut carried, 3), [0, 1, 2]);
+        assert_eq!(carried, [3, 4, 5, 6]);
+        assert_eq!(take_carried(&mut carried, 3), [3, 4, 5]);
+        assert_eq!(take_carried(&mut carried, 3), [6]);
+        assert!(carried.is_empty());
+        assert!(take_carried(&mut carried, 3).is_empty());
+    }
 }

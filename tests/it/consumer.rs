@@ -351,20 +351,24 @@ async fn sigkill_while_in_flight_then_restart_decides_everything_once() {
         })
         .collect();
     env.publish(&bodies).await;
-    let mut kills = 0;
+    let mut decided_at_kill = Vec::new();
     for target in [300, 1200, 2500] {
         let mut w = WorkerProcess::spawn(&env_vars, &["run"]);
-        env.wait_decisions(target, T).await;
-        w.kill9();
-        kills += 1;
+        let decided = "SELECT count(*) FROM credit.decisions";
+        decided_at_kill.push(kill_once_counted(&env, &mut w, decided, target).await);
     }
+    // Each worker died with work left on the queue, so each kill hit a worker mid-backlog
+    // (not an idle one, which would test nothing).
+    assert!(
+        decided_at_kill.iter().all(|&d| d < n),
+        "a worker drained the backlog before its kill: {decided_at_kill:?} of {n}"
+    );
     let mut w = WorkerProcess::spawn(&env_vars, &["run"]);
     env.wait_decisions(n, Duration::from_secs(60)).await;
     // Every event out, including those of batches whose relay was killed.
     wait_count(&env, T, "outbox drained", UNPUBLISHED, &[], |n| n == 0).await;
     w.sigterm();
     assert_eq!(w.wait_exit(T).await, Some(0));
-    assert_eq!(kills, 3);
     assert_decided_and_charged(&env, n).await;
     // Fees: every user ran n/users = 200 executions today ⇒ 2 fees of 1.
     let total: i64 = env
@@ -373,6 +377,67 @@ async fn sigkill_while_in_flight_then_restart_decides_everything_once() {
     assert_eq!(total, users * 1_000_000 - n * 10 - users * 2);
     env.assert_audit_clean().await;
     env.cleanup().await;
+}
+
+/// No batch holds more than `pipeline.max_batch` deliveries, also when a backlog piles up
+/// while the batches before it are decided: deliveries beyond the bound start the next ones.
+#[tokio::test]
+async fn batches_hold_at_most_max_batch_deliveries() {
+    let env = TestEnv::with(no_refill).await;
+    let users = 20;
+    seed(&env, (0..users).map(|u| format!("b{u}")), 1_000_000).await;
+    let mut env_vars = env.process_env();
+    env_vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
+    env_vars.push(("CREDIT_WORKER__PIPELINE__MAX_BATCH".into(), "50".into()));
+    let n = 3000;
+    let bodies: Vec<Vec<u8>> = (0..n)
+        .map(|i| {
+            body(&platform_gpt4(
+                &format!("b{}", i % users),
+                &format!("b-{i}"),
+            ))
+        })
+        .collect();
+    env.publish(&bodies).await;
+    let (mut w, port) = WorkerProcess::spawn_with_http(&env_vars, &["run"]);
+    env.wait_decisions(n, Duration::from_secs(60)).await;
+    let (_, metrics) = http_get(port, "/metrics").await.expect("metrics");
+    let batches = metric_value(&metrics, "credit_batch_size_count", &[]);
+    let within = metric_value(&metrics, "credit_batch_size_bucket", &[("le", "50")]);
+    assert_eq!(
+        metric_value(&metrics, "credit_batch_size_sum", &[]),
+        n as f64
+    );
+    assert!(
+        batches >= (n / 50) as f64,
+        "{batches} batches for {n} deliveries"
+    );
+    assert_eq!(within, batches, "batches over 50 deliveries:\n{metrics}");
+    w.sigterm();
+    assert_eq!(w.wait_exit(T).await, Some(0));
+    assert_decided_and_charged(&env, n).await;
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
+/// Kills `w` with SIGKILL as soon as the count `sql` reaches `target`, and returns the count
+/// right after the kill. Polls every 5 ms rather than backing off, so that a fast worker gets
+/// little further than `target` before it dies.
+async fn kill_once_counted(env: &TestEnv, w: &mut WorkerProcess, sql: &str, target: i64) -> i64 {
+    let start = std::time::Instant::now();
+    while env.scalar_i64(sql).await < target {
+        assert!(start.elapsed() < T, "timed out waiting for {target}: {sql}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    w.kill9();
+    let sizes: Vec<(i64,)> = sqlx::query_as(
+        "SELECT count(*) FROM credit.decisions GROUP BY decided_at ORDER BY decided_at",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    eprintln!("KILLAT {target} {:?}", sizes);
+    env.scalar_i64(sql).await
 }
 
 /// Batches give exactly the one-at-a-time outcomes: same verdicts, ledger rows and events.
@@ -607,11 +672,17 @@ async fn sigkill_between_starts_and_completions_settles_everything_once() {
     }
     env.publish(&bodies).await;
     let settled = "SELECT count(*) FROM credit.settlements WHERE node_exec_id <> $1";
+    let mut settled_at_kill = Vec::new();
     for target in [200, 700, 1200] {
         let mut w = WorkerProcess::spawn(&env_vars, &["run"]);
-        wait_count(&env, T, "settlements", settled, &[""], |c| c >= target).await;
-        w.kill9();
+        let count = "SELECT count(*) FROM credit.settlements";
+        settled_at_kill.push(kill_once_counted(&env, &mut w, count, target).await);
     }
+    // Each kill hit a worker with settlements still to make.
+    assert!(
+        settled_at_kill.iter().all(|&s| s < n),
+        "a worker settled everything before its kill: {settled_at_kill:?} of {n}"
+    );
     // This one may find everything settled already: it is sent SIGTERM only once it is
     // ready, so the signal cannot arrive before the worker handles it.
     let (mut w, port) = WorkerProcess::spawn_with_http(&env_vars, &["run"]);
