@@ -155,6 +155,11 @@ impl Consumer {
         // Deliveries that arrived while the previous batch was full: they start the next one.
         let mut carried: Vec<Delivery> = Vec::new();
         loop {
+            // Checked here too: with a prefetch above (in_flight + 1) × max_batch, deliveries
+            // may stay carried all through a backlog. Unacked, they go back to the queue.
+            if stop.is_cancelled() {
+                return Ok(());
+            }
             let mut batch = take_carried(&mut carried, max_batch);
             if batch.is_empty() {
                 let first = tokio::select! {
