@@ -1,6 +1,8 @@
 //! The AMQP toolkit every part of credit-worker uses: one connect function (with a timeout),
 //! the reconnecting session loop, the confirmed publisher, and the properties messages carry.
 
+pub(crate) mod producer;
+pub use producer::PRODUCER_HEADER;
 pub mod publisher;
 pub(crate) mod session;
 pub mod topology;

@@ -356,7 +356,8 @@ impl Consumer {
             .record(started.elapsed().as_secs_f64());
         for (d, (action, ids)) in batch.iter().zip(&actions) {
             if let Action::DeadLetter { reason } = action {
-                dead_letter(dead, names, d, reason)
+                let me = amqp::producer::own_user(&self.settings.amqp.url);
+                dead_letter(dead, names, d, reason, me.as_deref())
                     .instrument(ids.span())
                     .await?;
             }
@@ -413,13 +414,16 @@ fn merge_actions(
         .collect()
 }
 
-/// Republishes the delivery unchanged to the dead-letter exchange with the reason added, and
-/// waits for the broker's confirm before the caller acks it.
+/// Republishes the delivery to the dead-letter exchange with the reason added, and waits for
+/// the broker's confirm before the caller acks it. Body and properties are kept, except that
+/// a producer's `user_id` other than the worker's own (`me`) moves into a header, which the
+/// broker would otherwise refuse ([`amqp::producer`]).
 async fn dead_letter(
     dead: &Publisher,
     names: &Names,
     d: &Delivery,
     reason: &str,
+    me: Option<&str>,
 ) -> Result<(), SessionError> {
     metrics::counter!("credit_messages_total", "outcome" => "invalid").increment(1);
     metrics::counter!("credit_dead_lettered_total").increment(1);
@@ -428,7 +432,8 @@ async fn dead_letter(
         delivery_tag = d.delivery_tag,
         "invalid message dead-lettered"
     );
-    let mut headers = d.properties.headers().clone().unwrap_or_default();
+    let properties = amqp::producer::publishable_by(&d.properties, me);
+    let mut headers = properties.headers().clone().unwrap_or_default();
     headers.insert(
         ERROR_HEADER.into(),
         AMQPValue::LongString(reason.to_owned().into()),
@@ -437,7 +442,7 @@ async fn dead_letter(
         exchange: &names.dlx,
         routing_key: d.routing_key.as_str(),
         body: &d.data,
-        properties: d.properties.clone().with_headers(headers),
+        properties: properties.with_headers(headers),
     };
     dead.publish_all([message]).await?;
     Ok(())

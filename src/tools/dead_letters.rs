@@ -14,7 +14,7 @@ use lapin::{BasicProperties, Channel, Connection};
 use serde::Serialize;
 
 use crate::amqp::topology::{self, Names};
-use crate::amqp::{Outgoing, Publisher};
+use crate::amqp::{producer, Outgoing, Publisher};
 use crate::config::Settings;
 
 /// The header naming why the worker dead-lettered a message.
@@ -67,6 +67,8 @@ struct Session {
     publisher: Publisher,
     reader: Channel,
     names: Names,
+    /// The broker user this session publishes as.
+    user: Option<String>,
 }
 
 impl Session {
@@ -80,6 +82,7 @@ impl Session {
             publisher,
             reader,
             names,
+            user: producer::own_user(&settings.amqp.url),
         })
     }
 
@@ -192,11 +195,12 @@ async fn move_batch(
     batch: &[lapin::message::Delivery],
 ) -> anyhow::Result<usize> {
     let queue = session.names.input_queue.as_str();
+    let me = session.user.as_deref();
     let messages = batch.iter().map(|d| Outgoing {
         exchange: "",
         routing_key: queue,
         body: &d.data,
-        properties: replay_properties(&d.properties),
+        properties: producer::publishable_by(&replay_properties(&d.properties), me),
     });
     session.publisher.publish_all(messages).await?;
     for d in batch {

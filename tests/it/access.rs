@@ -197,6 +197,32 @@ async fn each_role_works_with_exactly_the_recipes_rights() {
     assert_eq!(event["transaction_key"], "USAGE-access-1", "{event}");
     assert_eq!(event["balance"], 90, "{event}");
 
+    // What the executor sends that cannot be billed is dead-lettered by the worker, which may
+    // not publish the executor's user_id: it goes in a header, and the rest is as sent.
+    let with_trace = as_executor
+        .clone()
+        .with_message_id("bad-1".into())
+        .with_headers(FieldTable::from(std::collections::BTreeMap::from([(
+            "trace".into(),
+            lapin::types::AMQPValue::LongString("t-1".into()),
+        )])));
+    assert!(publish(&ech, input, "node_execution", b"{nope", with_trace).await);
+    let dead = env.dead_messages(1).await;
+    let (body, props) = &dead[0];
+    assert_eq!(body.as_slice(), b"{nope");
+    assert_eq!(props.user_id(), &None);
+    assert_eq!(
+        header_text(props, credit_worker::amqp::PRODUCER_HEADER),
+        Some(users.executor.clone())
+    );
+    assert_eq!(header_text(props, "trace").as_deref(), Some("t-1"));
+    assert!(header_text(props, "x-credit-error").is_some_and(|r| r.starts_with("body: ")));
+    assert_eq!(
+        props.message_id().as_ref().map(|m| m.as_str()),
+        Some("bad-1")
+    );
+    assert_eq!(props.delivery_mode(), &Some(2));
+
     // The payment side asks for alice's balance and gets the reply.
     let (reply_queue, mut replies) = private_consumer(&pch).await;
     let command =

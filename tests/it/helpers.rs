@@ -248,6 +248,18 @@ impl TestEnv {
 
     /// Reads the dead-letter queue: (body, x-credit-error) pairs.
     pub async fn dead_letters(&self, expect: usize) -> Vec<(Vec<u8>, String)> {
+        self.dead_messages(expect)
+            .await
+            .into_iter()
+            .map(|(body, props)| {
+                let reason = header_text(&props, "x-credit-error").unwrap_or_default();
+                (body, reason)
+            })
+            .collect()
+    }
+
+    /// Takes `expect` messages off the dead queue (acked): bodies and properties.
+    pub async fn dead_messages(&self, expect: usize) -> Vec<(Vec<u8>, lapin::BasicProperties)> {
         let (_conn, ch) = self.amqp_channel().await;
         let mut consumer = ch
             .basic_consume(
@@ -265,21 +277,11 @@ impl TestEnv {
                 .expect("dead letter in time")
                 .expect("stream")
                 .expect("delivery");
-            let reason = d
-                .properties
-                .headers()
-                .as_ref()
-                .and_then(|h| h.inner().get("x-credit-error").cloned())
-                .map(|v| match v {
-                    lapin::types::AMQPValue::LongString(s) => s.to_string(),
-                    other => format!("{other:?}"),
-                })
-                .unwrap_or_default();
             assert!(
                 d.ack(BasicAckOptions::default()).await.expect("ack"),
                 "ack not sent"
             );
-            out.push((d.data.clone(), reason));
+            out.push((d.data.clone(), d.properties.clone()));
         }
         out
     }
@@ -853,6 +855,15 @@ pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
 /// The status of a GET, 0 when nothing answers.
 pub async fn http_status(port: u16, path: &str) -> u16 {
     http_get(port, path).await.map(|r| r.0).unwrap_or(0)
+}
+
+/// A header of text (a long or short string), if `props` has it.
+pub fn header_text(props: &lapin::BasicProperties, name: &str) -> Option<String> {
+    match props.headers().as_ref()?.inner().get(name)? {
+        lapin::types::AMQPValue::LongString(s) => Some(s.to_string()),
+        lapin::types::AMQPValue::ShortString(s) => Some(s.to_string()),
+        other => Some(format!("{other:?}")),
+    }
 }
 
 /// Prometheus label pairs.
