@@ -105,6 +105,14 @@ pub fn is_transient(e: &sqlx::Error) -> bool {
     }
 }
 
+/// True when the database refused a statement for its schema or its grants (SQLSTATE class
+/// 42: a table or column missing, a privilege revoked). No message's content causes it (every
+/// value is a bound parameter), so a message that meets it stays on the queue, retried, until
+/// the database is fixed, instead of being dead-lettered with every message after it.
+pub(crate) fn is_setup_fault(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("42")))
+}
+
 /// True when the server's TLS certificate did not verify (`sslmode=verify-ca|verify-full`).
 pub(crate) fn is_certificate_error(e: &sqlx::Error) -> bool {
     match e {

@@ -89,7 +89,10 @@ pub enum DecideError {
 impl DecideError {
     pub(crate) fn is_transient(&self) -> bool {
         match self {
-            DecideError::Db(e) => crate::db::is_transient(e),
+            // A fault of the database's set-up is not the batch's: it waits for the fix.
+            DecideError::Db(e) | DecideError::Ledger(LedgerError::Db(e)) => {
+                crate::db::is_transient(e) || crate::db::is_setup_fault(e)
+            }
             DecideError::Ledger(e) => e.is_transient(),
             DecideError::Race | DecideError::Reordered => true,
         }

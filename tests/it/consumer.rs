@@ -426,6 +426,58 @@ async fn batches_hold_at_most_max_batch_deliveries() {
     env.cleanup().await;
 }
 
+/// A table missing (a migration half applied, a rename) is the database's fault, not the
+/// messages': they wait on the queue, retried, and are billed once it is back, instead of
+/// being dead-lettered one after another.
+#[tokio::test]
+async fn a_missing_table_holds_messages_on_the_queue_until_it_is_back() {
+    let env = TestEnv::with(no_refill).await;
+    seed(&env, ["gone"], 1_000).await;
+    let mut env_vars = env.process_env();
+    env_vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
+    let (mut w, port) = WorkerProcess::spawn_with_http(&env_vars, &["run"]);
+    wait_status(T, port, "/readyz", 200).await;
+    sqlx::query("ALTER TABLE credit.decisions RENAME TO decisions_away")
+        .execute(&env.pool)
+        .await
+        .expect("rename");
+    env.publish(&[body(&platform_gpt4("gone", "gone-1"))]).await;
+    wait_for(T, "the worker retrying", || async {
+        let metrics = http_get(port, "/metrics").await.unwrap_or_default().1;
+        metric_value(&metrics, "credit_decide_retries_total", &[]) >= 2.0
+    })
+    .await;
+    assert_eq!(dead_queue_depth(&env).await, 0);
+    sqlx::query("ALTER TABLE credit.decisions_away RENAME TO decisions")
+        .execute(&env.pool)
+        .await
+        .expect("rename back");
+    env.wait_decisions(1, T).await;
+    assert_eq!(env.outcome_of("gone-1").await.as_deref(), Some("charged"));
+    assert_eq!(dead_queue_depth(&env).await, 0);
+    w.sigterm();
+    assert_eq!(w.wait_exit(T).await, Some(0));
+    assert_eq!(env.ledger().balance("gone", Utc::now()).await.unwrap(), 990);
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
+async fn dead_queue_depth(env: &TestEnv) -> u32 {
+    let (_conn, ch) = env.amqp_channel().await;
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    ch.queue_declare(
+        env.names.dead_queue.as_str().into(),
+        passive,
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .expect("the dead queue")
+    .message_count()
+}
+
 /// Kills `w` with SIGKILL as soon as the count `sql` reaches `target`, and returns the count
 /// right after the kill. Polls every 5 ms rather than backing off, so that a fast worker gets
 /// little further than `target` before it dies.
