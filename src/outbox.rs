@@ -68,10 +68,12 @@ impl Relay {
                 hard_stop.cancel();
             })
         };
+        // A session cut off by the hard stop ends without error, but not flushed.
         let flushed = amqp::reconnecting("outbox relay", &hard_stop, || {
             self.session(&drain, &hard_stop)
         })
-        .await;
+        .await
+            && !hard_stop.is_cancelled();
         if !flushed {
             warn!("outbox not fully flushed at shutdown; the next start publishes the rest");
         }
