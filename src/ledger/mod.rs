@@ -234,6 +234,27 @@ fn check_key(key: &str) -> Result<(), LedgerError> {
     Ok(())
 }
 
+/// Prefixes of the keys the worker gives its own ledger rows (a charge, a settlement, an
+/// execution fee, a monthly refill). A credit under one of them would pass for that row: the
+/// row written later collides with it, or the credit is taken for an earlier attempt of itself.
+const RESERVED_KEY_PREFIXES: [&str; 4] = [
+    "USAGE-",
+    "SETTLE-",
+    "EXECUTION-FEE-",
+    "MONTHLY-CREDIT-TOP-UP-",
+];
+
+/// Refuses a caller's key for a credit that has the form of one of the worker's own keys.
+fn check_credit_key(key: &str) -> Result<(), LedgerError> {
+    match RESERVED_KEY_PREFIXES.iter().find(|p| key.starts_with(*p)) {
+        Some(prefix) => Err(LedgerError::InvalidArgument {
+            field: "key",
+            reason: format!("the prefix {prefix} is reserved for the worker's own ledger rows"),
+        }),
+        None => Ok(()),
+    }
+}
+
 impl Ledger {
     pub fn new(pool: PgPool, policy: LedgerPolicy) -> Self {
         Ledger { pool, policy }
@@ -314,6 +335,7 @@ impl Ledger {
             None => format!("{}-{}", tx_type.as_str().replace('_', "-"), random_suffix()),
         };
         check_key(&key)?;
+        check_credit_key(&key)?;
         let metadata = match reason {
             Some(r) => json!({ "reason": r }),
             None => json!({}),
@@ -491,4 +513,27 @@ fn random_suffix() -> String {
         .unwrap_or(0);
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     format!("{nanos:x}-{:x}-{n:x}", std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_credit_may_not_take_the_form_of_the_workers_own_keys() {
+        let refill = "2027-01".parse::<Month>().unwrap().refill_key();
+        for key in [
+            "USAGE-n1",
+            "SETTLE-n1",
+            "EXECUTION-FEE-alice-2026-12-05-1",
+            refill.as_str(),
+        ] {
+            let refused = check_credit_key(key).unwrap_err().to_string();
+            assert!(refused.starts_with("key: the prefix "), "{refused}");
+        }
+        // The payment side fulfils an auto top-up request with its id as the key.
+        for key in ["AUTO-TOP-UP-alice-3", "invoice-17", "usage-n1", "TOP-UP-1f"] {
+            assert!(check_credit_key(key).is_ok(), "{key}");
+        }
+    }
 }

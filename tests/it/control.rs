@@ -536,6 +536,15 @@ async fn malformed_commands_get_bad_request_naming_the_field() {
         ),
         (json!({"command": "outcome"}), "node_exec_id: missing"),
         (
+            json!({"command": "top_up", "user_id": "u", "amount": 5, "key": "USAGE-n1"}),
+            "key: the prefix USAGE- is reserved for the worker's own ledger rows",
+        ),
+        (
+            json!({"command": "grant", "user_id": "u", "amount": 5,
+                   "key": "MONTHLY-CREDIT-TOP-UP-2031-05"}),
+            "key: the prefix MONTHLY-CREDIT-TOP-UP- is reserved for the worker's own ledger rows",
+        ),
+        (
             json!({"command": "refill", "month": "2031-13"}),
             "month: expected YYYY-MM (e.g. 2026-12), got \"2031-13\"",
         ),
