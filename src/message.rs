@@ -8,6 +8,7 @@ use std::fmt;
 
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::cost::Stats;
@@ -321,8 +322,8 @@ impl<'de> Visitor<'de> for EntrySeed<'_> {
                     )
                 }
                 Key::Stats => {
-                    let v = map.next_value::<Value>()?;
-                    once(&mut raw.stats, "stats", || stats(v))
+                    let text = map.next_value::<&'de RawValue>()?;
+                    once(&mut raw.stats, "stats", || stats(text))
                 }
                 Key::Phase => {
                     let v = map.next_value::<Value>()?;
@@ -415,7 +416,29 @@ fn graph_version(v: Value) -> Result<Option<i64>, DecodeError> {
     }
 }
 
-fn stats(v: Value) -> Result<Option<Stats>, DecodeError> {
+/// The fields of `stats`, and how an error names each.
+const STAT_FIELDS: [(&str, &str); 8] = [
+    ("walltime", "stats.walltime"),
+    ("input_size", "stats.input_size"),
+    ("input_token_count", "stats.input_token_count"),
+    ("output_token_count", "stats.output_token_count"),
+    ("cache_read_token_count", "stats.cache_read_token_count"),
+    (
+        "cache_creation_token_count",
+        "stats.cache_creation_token_count",
+    ),
+    ("provider_cost", "stats.provider_cost"),
+    ("provider_cost_type", "stats.provider_cost_type"),
+];
+
+/// `stats` as sent (JSON text): a stat given twice is refused like a top-level field, since
+/// which value prices the run would be a guess.
+fn stats(text: &RawValue) -> Result<Option<Stats>, DecodeError> {
+    if let Some(field) = repeated_stat(text.get()) {
+        return Err(DecodeError::Duplicate { field });
+    }
+    let v: Value =
+        serde_json::from_str(text.get()).map_err(|e| DecodeError::NotJson(e.to_string()))?;
     let map = match v {
         Value::Null => return Ok(None),
         Value::Object(m) => m,
@@ -444,6 +467,40 @@ fn stats(v: Value) -> Result<Option<Stats>, DecodeError> {
             }
         },
     }))
+}
+
+/// The first of [`STAT_FIELDS`] that the object `text` gives more than once, if any (None for
+/// anything but an object: its type is checked after).
+fn repeated_stat(text: &str) -> Option<&'static str> {
+    struct Repeated(Option<&'static str>);
+    impl<'de> Deserialize<'de> for Repeated {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_any(Repeated(None))
+        }
+    }
+    impl<'de> Visitor<'de> for Repeated {
+        type Value = Repeated;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Repeated, A::Error> {
+            let mut seen = [false; STAT_FIELDS.len()];
+            let mut repeated = None;
+            while let Some(key) = map.next_key::<String>()? {
+                map.next_value::<IgnoredAny>()?;
+                if let Some(i) = STAT_FIELDS.iter().position(|(k, _)| *k == key) {
+                    if seen[i] {
+                        repeated = repeated.or(Some(STAT_FIELDS[i].1));
+                    }
+                    seen[i] = true;
+                }
+            }
+            Ok(Repeated(repeated))
+        }
+    }
+    serde_json::from_str::<Repeated>(text)
+        .ok()
+        .and_then(|r| r.0)
 }
 
 /// A token count: an integer ≥ 0 (absent or null ⇒ 0).
@@ -936,6 +993,35 @@ mod tests {
         // Unknown keys may repeat: they are not read.
         let body = minimal_with_raw("x", "1,\"x\":2");
         assert_eq!(ok(&body).user_id, "u");
+    }
+
+    #[test]
+    fn a_stat_given_twice_is_rejected_naming_it() {
+        let body = minimal_with_raw(
+            "stats",
+            r#"{"provider_cost": 0.01, "provider_cost_type": "cost_usd", "provider_cost": 100}"#,
+        );
+        assert_eq!(
+            err(&body),
+            DecodeError::Duplicate {
+                field: "stats.provider_cost"
+            }
+        );
+        assert_eq!(
+            err(&body).to_string(),
+            "stats.provider_cost: given more than once"
+        );
+        let body = minimal_with_raw("stats", r#"{"walltime": 1, "x": 1, "x": 2, "walltime": 2}"#);
+        assert_eq!(err(&body).field(), "stats.walltime");
+        // Unknown stats may repeat; known ones once each are fine.
+        let body = minimal_with_raw("stats", r#"{"x": 1, "x": 2, "walltime": 2.5}"#);
+        assert_eq!(ok(&body).stats.map(|s| s.walltime), Some(2.5));
+        // The type is still checked as before.
+        assert_eq!(
+            err(&minimal_with_raw("stats", "5")).to_string(),
+            "stats: expected an object or null, got number"
+        );
+        assert!(ok(&minimal_with_raw("stats", "null")).stats.is_none());
     }
 
     #[test]
