@@ -18,24 +18,36 @@ pub struct FeePolicy {
 }
 
 impl FeePolicy {
-    /// The fee the `count`-th execution of `user_id`'s `day` owes, if any: its key carries
-    /// the fee's ordinal for the day.
-    fn due(self, count: i64, user_id: &str, day: NaiveDate) -> Option<FeeDue> {
+    /// The fee the `count`-th execution of `user_id`'s `day` owes, if any, when `charged`
+    /// fees were charged that day before: its key carries the fee's ordinal for the day
+    /// (`charged` + 1, which stays right when `every` changed during the day).
+    fn due(self, count: i64, charged: i64, user_id: &str, day: NaiveDate) -> Option<FeeDue> {
         let owed = self.every > 0 && self.amount > 0 && count % self.every == 0;
+        let n = charged + 1;
         owed.then(|| FeeDue {
-            key: format!(
-                "EXECUTION-FEE-{user_id}-{}-{}",
-                day.format("%Y-%m-%d"),
-                count / self.every
-            ),
+            key: format!("EXECUTION-FEE-{user_id}-{}-{n}", day.format("%Y-%m-%d")),
             amount: self.amount,
+            n,
         })
+    }
+
+    /// The fee `account`'s `count`-th execution of `day` owes, if any.
+    fn due_from(
+        self,
+        account: &Account,
+        count: i64,
+        user_id: &str,
+        day: NaiveDate,
+    ) -> Option<FeeDue> {
+        self.due(count, account.fees_charged(day, self.every), user_id, day)
     }
 }
 
 struct FeeDue {
     key: String,
     amount: i64,
+    /// Its ordinal for the day.
+    n: i64,
 }
 
 /// Applies `e`, priced at `price`, to `account`. On error neither the account nor `changes`
@@ -66,7 +78,7 @@ fn apply_unchecked(
     }
     let day = now.date_naive();
     let count = account.next_execution(day);
-    let fee = rules.fee.due(count, &e.user_id, day);
+    let fee = rules.fee.due_from(account, count, &e.user_id, day);
     let fee_amount = fee.as_ref().map_or(0, |f| f.amount);
     let total = price.cost.checked_add(fee_amount).ok_or_else(|| {
         LedgerError::AmountOutOfRange(format!(
@@ -133,6 +145,7 @@ fn post_charges(
     let mut fee_key = None;
     if let Some(f) = fee {
         post(f.key.clone(), -f.amount, fee_metadata(e, count))?;
+        account.count_fee(f.n);
         fee_key = Some(f.key);
     }
     Ok((transaction_key, fee_key))
@@ -280,6 +293,7 @@ pub(crate) fn decide_from_completion(
         }
         let day = now.date_naive();
         let count = account.next_execution(day);
+        let due = rules.fee.due_from(account, count, &e.user_id, day);
         account.count_execution(day, count);
         let before = account.balance;
         let available = if rules.allow_debt {
@@ -287,10 +301,7 @@ pub(crate) fn decide_from_completion(
         } else {
             before.max(0)
         };
-        let fee = rules
-            .fee
-            .due(count, &e.user_id, day)
-            .filter(|f| f.amount <= available);
+        let fee = due.filter(|f| f.amount <= available);
         let fee_amount = fee.as_ref().map_or(0, |f| f.amount);
         let cost = post.cost.min(available - fee_amount);
         let uncollected = post.cost - cost;

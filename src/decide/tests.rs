@@ -560,3 +560,63 @@ fn without_auto_top_up_nothing_is_requested() {
     l.decide(&p, &es, now());
     assert!(requests(&l).is_empty());
 }
+
+/// A fee's key carries its ordinal of the day, also when `execution_fee.every` changes
+/// during the day (it was the execution count over `every`, which then repeated an ordinal).
+#[test]
+fn fee_keys_count_the_days_fees_when_every_changes() {
+    let mut ledger = MemoryLedger::default();
+    let ids: Vec<String> = (1..=8).map(|i| format!("x{i}")).collect();
+    let entries: Vec<_> = ids.iter().map(|id| entry("u", id, 0)).collect();
+    // Every 2nd execution pays a fee for the first four, every 4th after: fees at 2, 4, 8.
+    ledger.decide(&pricing(2), &entries[..4], now());
+    ledger.decide(&pricing(4), &entries[4..], now());
+    let fees: Vec<&str> = ledger
+        .transactions
+        .iter()
+        .map(|t| t.transaction_key.as_str())
+        .filter(|k| k.starts_with("EXECUTION-FEE-"))
+        .collect();
+    assert_eq!(
+        fees,
+        [
+            "EXECUTION-FEE-u-2026-11-25-1",
+            "EXECUTION-FEE-u-2026-11-25-2",
+            "EXECUTION-FEE-u-2026-11-25-3"
+        ]
+    );
+    assert_eq!(ledger.accounts["u"].fee_n, Some(3));
+    // A new day starts from 1 again.
+    let tomorrow = now() + chrono::Duration::days(1);
+    let more: Vec<_> = (9..=12).map(|i| entry("u", &format!("x{i}"), 0)).collect();
+    ledger.decide(&pricing(4), &more, tomorrow);
+    assert_eq!(
+        ledger
+            .transactions
+            .last()
+            .map(|t| t.transaction_key.as_str()),
+        Some("EXECUTION-FEE-u-2026-11-26-1")
+    );
+}
+
+/// A balance row from before fees were counted (`fee_n` NULL) continues from
+/// `fee_count / every`, the ordinals its fees took.
+#[test]
+fn a_row_without_a_fee_count_continues_from_its_executions() {
+    let mut ledger = MemoryLedger::default();
+    let mut account = crate::ledger::Account::new("u".into());
+    account.balance = 1000;
+    account.refill_month = Some(chrono::NaiveDate::from_ymd_opt(2026, 11, 1).unwrap());
+    account.fee_day = Some(now().date_naive());
+    account.fee_count = 5;
+    ledger.accounts.insert("u".into(), account);
+    ledger.decide(&pricing(3), &[entry("u", "y6", 0)], now());
+    assert_eq!(
+        ledger
+            .transactions
+            .last()
+            .map(|t| t.transaction_key.as_str()),
+        Some("EXECUTION-FEE-u-2026-11-25-2")
+    );
+    assert_eq!(ledger.accounts["u"].fee_n, Some(2));
+}

@@ -19,6 +19,9 @@ pub(crate) struct Account {
     pub refill_month: Option<NaiveDate>,
     pub fee_day: Option<NaiveDate>,
     pub fee_count: i64,
+    /// Execution fees charged on `fee_day`; None on rows from before it was kept (migration
+    /// 0012).
+    pub fee_n: Option<i64>,
     /// Auto top-up: both set or both unset.
     pub auto_threshold: Option<i64>,
     pub auto_amount: Option<i64>,
@@ -84,6 +87,7 @@ impl Account {
             refill_month: None,
             fee_day: None,
             fee_count: 0,
+            fee_n: None,
             auto_threshold: None,
             auto_amount: None,
             auto_requests: 0,
@@ -221,8 +225,28 @@ impl Account {
 
     /// Records that execution number `count` of `day` took place.
     pub(crate) fn count_execution(&mut self, day: NaiveDate, count: i64) {
+        if self.fee_day != Some(day) {
+            self.fee_n = Some(0);
+        }
         self.fee_day = Some(day);
         self.fee_count = count;
+        self.dirty = true;
+    }
+
+    /// The execution fees charged on `day` so far. A row from before they were counted took
+    /// one on every `every`-th execution, so it has charged `fee_count / every`.
+    pub(crate) fn fees_charged(&self, day: NaiveDate, every: i64) -> i64 {
+        match (self.fee_day == Some(day), self.fee_n) {
+            (false, _) => 0,
+            (true, Some(n)) => n,
+            (true, None) if every > 0 => self.fee_count / every,
+            (true, None) => 0,
+        }
+    }
+
+    /// Records that the `n`-th execution fee of the day was charged.
+    pub(crate) fn count_fee(&mut self, n: i64) {
+        self.fee_n = Some(n);
         self.dirty = true;
     }
 

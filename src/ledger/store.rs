@@ -18,7 +18,7 @@ use super::{HistoryQuery, Transaction, TxType};
 /// Locks balance rows. `users` must be sorted and deduplicated: every writer locks in
 /// user_id order, so replicas do not deadlock.
 const LOCK_ACCOUNTS: &str = "SELECT user_id, balance, last_seq, refill_month, fee_day, fee_count,
-            auto_threshold, auto_amount, auto_requests, auto_requested_at
+            fee_n, auto_threshold, auto_amount, auto_requests, auto_requested_at
        FROM credit.balances WHERE user_id = ANY($1::text[])
       ORDER BY user_id FOR UPDATE";
 
@@ -55,12 +55,13 @@ const WRITE: &str = "WITH
   u AS (
     UPDATE credit.balances b
        SET balance = x.balance, last_seq = x.last_seq, refill_month = x.refill_month,
-           fee_day = x.fee_day, fee_count = x.fee_count, auto_threshold = x.at,
-           auto_amount = x.aa, auto_requests = x.ar, auto_requested_at = x.ara,
-           updated_at = $19
+           fee_day = x.fee_day, fee_count = x.fee_count, fee_n = x.fee_n,
+           auto_threshold = x.at, auto_amount = x.aa, auto_requests = x.ar,
+           auto_requested_at = x.ara, updated_at = $19
       FROM unnest($20::text[], $21::int8[], $22::int8[], $23::date[], $24::date[], $25::int8[],
-                  $36::int8[], $37::int8[], $38::int8[], $39::timestamptz[])
-           AS x(user_id, balance, last_seq, refill_month, fee_day, fee_count, at, aa, ar, ara)
+                  $41::int8[], $36::int8[], $37::int8[], $38::int8[], $39::timestamptz[])
+           AS x(user_id, balance, last_seq, refill_month, fee_day, fee_count, fee_n, at, aa, ar,
+                ara)
      WHERE b.user_id = x.user_id),
   s AS (
     INSERT INTO credit.settlements
@@ -467,7 +468,7 @@ pub(crate) async fn write<'a>(
     let rows = runs(&changes.events);
     // Parameters in the statement's numbering: $1–$9 decisions, $10–$16 ledger rows,
     // $17–$18 outbox rows, $19 the time, $20–$25 balances, $26 payloads, $27–$35 settlements,
-    // $36–$39 auto top-up state, $40 events per outbox row.
+    // $36–$39 auto top-up state, $40 events per outbox row, $41 fees charged on fee_day.
     let q = bind_decisions(sqlx::query_scalar(WRITE), &written.decisions);
     let q = bind_rows(q, &changes.transactions);
     let q = bind_runs(q, &rows).bind(at);
@@ -476,6 +477,7 @@ pub(crate) async fn write<'a>(
     let q = bind_settlements(q, &written.settlements);
     bind_auto_top_up(q, &dirty)
         .bind(rows.iter().map(|r| r.events).collect::<Vec<_>>())
+        .bind(dirty.iter().map(|a| a.fee_n).collect::<Vec<_>>())
         .fetch_one(&mut *conn)
         .await?;
     Ok(())

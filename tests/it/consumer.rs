@@ -255,6 +255,55 @@ async fn balance_low_fires_once_on_crossing() {
     env.cleanup().await;
 }
 
+/// `execution_fee.every` changed during the day (a restart with a new configuration): the
+/// next fee takes the day's next ordinal, where it took one already used and every later
+/// execution of the user that day failed on the key.
+#[tokio::test]
+async fn execution_fee_ordinals_survive_a_change_of_every() {
+    let env = TestEnv::with(|s| {
+        s.refill.enabled = false;
+        s.execution_fee.every = 2;
+        s.execution_fee.amount = 1;
+    })
+    .await;
+    seed(&env, ["ord"], 1_000).await;
+    let run = |every: i64, from: usize, to: usize| {
+        let mut settings = env.settings.clone();
+        settings.execution_fee.every = every;
+        let bodies: Vec<Vec<u8>> = (from..=to)
+            .map(|i| body(&platform_gpt4("ord", &format!("o-{i}"))))
+            .collect();
+        let env = &env;
+        async move {
+            let worker = Worker::start(settings).await.unwrap();
+            env.publish(&bodies).await;
+            env.wait_decisions(to as i64, T).await;
+            worker.stop().await.unwrap();
+        }
+    };
+    run(2, 1, 4).await; // fees at executions 2 and 4
+    run(4, 5, 12).await; // fees at executions 8 and 12
+    let day = Utc::now().date_naive().format("%Y-%m-%d").to_string();
+    let fees: Vec<String> = sqlx::query_scalar(
+        "SELECT transaction_key FROM credit.transactions
+          WHERE user_id = 'ord' AND transaction_key LIKE 'EXECUTION-FEE-%' ORDER BY seq",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    let expected: Vec<String> = (1..=4)
+        .map(|n| format!("EXECUTION-FEE-ord-{day}-{n}"))
+        .collect();
+    assert_eq!(fees, expected);
+    assert_eq!(env.outcome_of("o-12").await.as_deref(), Some("charged"));
+    assert_eq!(
+        env.ledger().balance("ord", Utc::now()).await.unwrap(),
+        1_000 - 12 * 10 - 4
+    );
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn execution_fee_every_3rd_execution_including_free_ones() {
     let env = TestEnv::with(|s| {
