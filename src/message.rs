@@ -327,7 +327,9 @@ impl<'de> Visitor<'de> for EntrySeed<'_> {
                 }
                 Key::Phase => {
                     let v = map.next_value::<Value>()?;
+                    // null is the field left out, as for the other optional fields.
                     once(&mut raw.phase, "phase", || match v.as_str() {
+                        None if v.is_null() => Ok(Phase::Started),
                         Some("started") => Ok(Phase::Started),
                         Some("completed") => Ok(Phase::Completed),
                         _ => Err(DecodeError::Unknown {
@@ -339,6 +341,7 @@ impl<'de> Visitor<'de> for EntrySeed<'_> {
                 Key::Status => {
                     let v = map.next_value::<Value>()?;
                     once(&mut raw.status, "status", || match v.as_str() {
+                        None if v.is_null() => Ok(RunStatus::Completed),
                         Some("COMPLETED") => Ok(RunStatus::Completed),
                         Some("FAILED") => Ok(RunStatus::Failed),
                         Some("TERMINATED") => Ok(RunStatus::Terminated),
@@ -933,6 +936,15 @@ mod tests {
             "status: expected \"COMPLETED\", \"FAILED\" or \"TERMINATED\""
         );
         assert_eq!(err(&with("phase", json!(1))).field(), "phase");
+        // null is the default, as for the other optional fields.
+        let e = ok(&with("phase", Value::Null));
+        assert_eq!((e.phase, e.status), (Phase::Started, RunStatus::Completed));
+        let mut v: Value = serde_json::from_slice(&with("phase", json!("completed"))).unwrap();
+        v["status"] = Value::Null;
+        assert_eq!(
+            ok(&serde_json::to_vec(&v).unwrap()).status,
+            RunStatus::Completed
+        );
         let e = err(&with("stats", json!({"input_token_count": -3})));
         assert_eq!(
             e.to_string(),
