@@ -70,10 +70,17 @@ pub fn pool(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
 
 /// Creates the database if needed, connects and applies migrations.
 pub async fn connect_and_migrate(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
-    ensure_database(&settings.url).await?;
     let pool = pool(settings)?;
-    MIGRATOR.run(&pool).await?;
+    prepare(settings, &pool).await?;
     Ok(pool)
+}
+
+/// Creates the database if needed and applies migrations through `pool` (one of
+/// [`pool`]'s, on the same settings).
+pub(crate) async fn prepare(settings: &DatabaseSettings, pool: &PgPool) -> Result<(), sqlx::Error> {
+    ensure_database(&settings.url).await?;
+    MIGRATOR.run(pool).await?;
+    Ok(())
 }
 
 /// True unless the error says the statement itself or its data is wrong. Only data and

@@ -40,12 +40,13 @@ pub fn load_costs(settings: &Settings) -> anyhow::Result<CostTable> {
 /// until `stop` fires.
 pub(crate) async fn connect_db(
     settings: &Settings,
+    pool: &PgPool,
     stop: &CancellationToken,
-) -> anyhow::Result<PgPool> {
+) -> anyhow::Result<()> {
     let mut delays = crate::retry::backoff();
     loop {
-        match crate::db::connect_and_migrate(&settings.database).await {
-            Ok(pool) => return Ok(pool),
+        match crate::db::prepare(&settings.database, pool).await {
+            Ok(()) => return Ok(()),
             Err(e) if crate::db::is_transient(&e) || is_migrate_io(&e) => {
                 warn!(error = %e, "database unreachable; retrying");
                 if !crate::retry::pause(&mut delays, stop).await {
@@ -131,10 +132,19 @@ impl Worker {
         );
         check_broker_certificate(&settings.amqp).await?;
         let schedule = settings.refill.schedule.parsed().clone();
-        let http = bind_http(&settings).await?;
-        let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
-        let pool = connect_db(&settings, &shutdown).await?;
+        let pool = crate::db::pool(&settings.database)
+            .map_err(|e| anyhow::anyhow!("database.url: {e}"))?;
         let health = Health::new();
+        // Served from here on: while the database is still unreachable, /healthz answers and
+        // /readyz says 503, instead of a bound port that never replies.
+        let http = HttpServer::start(&settings, &health, &pool).await?;
+        let http_addr = http.as_ref().map(|h| h.addr);
+        if let Err(e) = connect_db(&settings, &pool, &shutdown).await {
+            if let Some(h) = http {
+                h.stop().await;
+            }
+            return Err(e);
+        }
         let parts = Parts::build(settings, costs, schedule, clock, &pool, &health, http);
         let task = tokio::spawn(parts.supervise(shutdown.clone()));
         Ok(Worker {
@@ -164,14 +174,41 @@ impl Worker {
     }
 }
 
-async fn bind_http(settings: &Settings) -> anyhow::Result<Option<tokio::net::TcpListener>> {
-    let Some(addr) = settings.http.listen else {
-        return Ok(None);
-    };
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("http.listen: cannot bind {addr}: {e}"))?;
-    Ok(Some(listener))
+/// The HTTP endpoints, served on a task of their own from the start on.
+struct HttpServer {
+    addr: SocketAddr,
+    task: JoinHandle<()>,
+    stop: CancellationToken,
+}
+
+impl HttpServer {
+    /// Binds `http.listen` (None when it is unset) and serves on it.
+    async fn start(
+        settings: &Settings,
+        health: &Arc<Health>,
+        pool: &PgPool,
+    ) -> anyhow::Result<Option<HttpServer>> {
+        let Some(addr) = settings.http.listen else {
+            return Ok(None);
+        };
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("http.listen: cannot bind {addr}: {e}"))?;
+        let addr = listener.local_addr()?;
+        let stop = CancellationToken::new();
+        let (h, p, s) = (health.clone(), pool.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            if let Err(e) = crate::telemetry::serve_on(listener, h, p, s).await {
+                error!(error = %e, "http server failed");
+            }
+        });
+        Ok(Some(HttpServer { addr, task, stop }))
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
 }
 
 /// Every part of the service, built once from the settings.
@@ -182,7 +219,7 @@ struct Parts {
     relay: Relay,
     control: (Arc<Settings>, Ledger),
     scheduler: Option<Scheduler>,
-    http: Option<tokio::net::TcpListener>,
+    http: Option<HttpServer>,
 }
 
 impl Parts {
@@ -193,7 +230,7 @@ impl Parts {
         clock: Arc<dyn Clock>,
         pool: &PgPool,
         health: &Arc<Health>,
-        http: Option<tokio::net::TcpListener>,
+        http: Option<HttpServer>,
     ) -> Parts {
         let settings = Arc::new(settings);
         let ledger = Ledger::new(pool.clone(), settings.ledger_policy());
@@ -228,7 +265,6 @@ impl Parts {
     /// Runs every task until `shutdown` fires or one ends by itself, then drains in order.
     async fn supervise(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let drain = CancellationToken::new();
-        let http_stop = CancellationToken::new();
         let Parts {
             pool,
             health,
@@ -253,13 +289,9 @@ impl Parts {
             let stop = shutdown.clone();
             tasks.spawn("refill scheduler", s.run(stop));
         }
-        if let Some(listener) = http {
-            let (h, p, stop) = (health.clone(), pool.clone(), http_stop.clone());
-            tasks.spawn("http", async move {
-                if let Err(e) = crate::telemetry::serve_on(listener, h, p, stop).await {
-                    error!(error = %e, "http server failed");
-                }
-            });
+        let http_stop = http.as_ref().map(|h| h.stop.clone()).unwrap_or_default();
+        if let Some(h) = http {
+            tasks.adopt("http", h.task);
         }
 
         let failure = tasks.first_exit(&shutdown, &health).await;
@@ -306,6 +338,11 @@ impl Tasks {
         f: impl std::future::Future<Output = ()> + Send + 'static,
     ) {
         self.0.push((name, tokio::spawn(f)));
+    }
+
+    /// Supervises a task spawned before the others.
+    fn adopt(&mut self, name: &'static str, task: JoinHandle<()>) {
+        self.0.push((name, task));
     }
 
     /// Waits for `shutdown` or for the first task to end, whichever comes first.

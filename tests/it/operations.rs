@@ -130,6 +130,33 @@ async fn database_reachable(env: &TestEnv, admin: &sqlx::PgPool, reachable: bool
     }
 }
 
+/// Started while the database refuses connections, the worker answers its probes at once
+/// (`/healthz` 200, `/readyz` 503) instead of holding a port that never replies, and becomes
+/// ready once the database is back.
+#[tokio::test]
+async fn probes_answer_while_the_database_is_down_at_start() {
+    let env = TestEnv::with(quiet_scheduler).await;
+    let admin_url = match env.settings.database.url.rsplit_once('/') {
+        Some((base, _)) => format!("{base}/postgres"),
+        None => panic!("database url without a name"),
+    };
+    let admin = sqlx::PgPool::connect(&admin_url).await.expect("admin");
+    database_reachable(&env, &admin, false).await;
+    let mut env_vars = env.process_env();
+    env_vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
+    // The port is read from the log line the endpoints write once they serve.
+    let (mut w, port) = WorkerProcess::spawn_with_http(&env_vars, &["run"]);
+    assert_eq!(http_status(port, "/healthz").await, 200);
+    let (status, body) = http_get(port, "/readyz").await.expect("readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("database: down"), "{body}");
+    database_reachable(&env, &admin, true).await;
+    wait_status(T, port, "/readyz", 200).await;
+    w.sigterm();
+    assert_eq!(w.wait_exit(T).await, Some(0));
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn readyz_follows_the_database_and_no_message_is_lost_in_an_outage() {
     // It waits for the retry counter to move to know its worker tried during the outage.
