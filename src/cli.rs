@@ -87,7 +87,7 @@ pub enum Command {
     Sweep {
         /// Month to refill (YYYY-MM); default: the current month (UTC).
         #[arg(long)]
-        month: Option<String>,
+        month: Option<Month>,
         /// Refill only this user.
         #[arg(long)]
         user: Option<String>,
@@ -306,13 +306,10 @@ async fn migrate(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
 async fn sweep(
     settings: &Settings,
     json: bool,
-    month: Option<String>,
+    month: Option<Month>,
     user: Option<String>,
 ) -> anyhow::Result<ExitCode> {
-    let month: Month = match month {
-        Some(m) => m.parse()?,
-        None => Month::of(Utc::now()),
-    };
+    let month = month.unwrap_or_else(|| Month::of(Utc::now()));
     if !settings.refill.enabled {
         anyhow::bail!("refill.enabled is false");
     }
@@ -632,5 +629,27 @@ mod tests {
         // A context whose message does not repeat its cause still shows the cause.
         let e = anyhow::Error::from(io("no such file")).context("reading the entries");
         assert_eq!(error_text(&e), "reading the entries: no such file");
+    }
+}
+
+#[cfg(test)]
+mod usage_tests {
+    use clap::Parser;
+
+    use super::{Cli, Command};
+
+    #[test]
+    fn a_malformed_month_is_a_usage_error() {
+        let e = Cli::try_parse_from(["credit-worker", "sweep", "--month", "2026-13"])
+            .err()
+            .map(|e| (e.exit_code(), e.to_string()));
+        let (code, text) = e.unwrap_or_default();
+        assert_eq!(code, 2);
+        assert!(text.contains("expected YYYY-MM"), "{text}");
+        let ok = Cli::try_parse_from(["credit-worker", "sweep", "--month", "2026-12"]);
+        assert!(matches!(
+            ok.map(|c| c.command),
+            Ok(Command::Sweep { month: Some(m), .. }) if m.to_string() == "2026-12"
+        ));
     }
 }
