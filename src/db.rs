@@ -35,6 +35,15 @@ pub(crate) async fn ensure_database(url: &str) -> Result<(), sqlx::Error> {
     }
 }
 
+/// The server's TCP keepalive for the worker's sessions: probes after 30 s of silence, every
+/// 10 s, 3 unanswered end the session; unacknowledged data ends it after 60 s.
+const KEEPALIVE: [(&str, &str); 4] = [
+    ("tcp_keepalives_idle", "30"),
+    ("tcp_keepalives_interval", "10"),
+    ("tcp_keepalives_count", "3"),
+    ("tcp_user_timeout", "60000"),
+];
+
 /// A pooled connection idle at least this long is pinged before it is handed out.
 const PING_AFTER_IDLE: Duration = Duration::from_millis(100);
 
@@ -43,7 +52,11 @@ const PING_AFTER_IDLE: Duration = Duration::from_millis(100);
 pub fn pool(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
     let mut opts = PgConnectOptions::from_str(&settings.url)?
         .application_name("credit-worker")
-        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1));
+        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1))
+        // The server ends a session whose client vanished (a host gone, a partition) within
+        // about a minute rather than the kernel's two hours, and with it the session's locks:
+        // the outbox relay's leader lock above all, which a standby waits to take over.
+        .options(KEEPALIVE);
     if settings.statement_timeout_ms > 0 {
         opts = opts.options([(
             "statement_timeout",

@@ -130,6 +130,38 @@ async fn database_reachable(env: &TestEnv, admin: &sqlx::PgPool, reachable: bool
     }
 }
 
+/// The worker's sessions ask the server for TCP keepalive, so a session whose client vanished
+/// ends (with its locks, the relay leader's among them) within about a minute.
+#[tokio::test]
+async fn database_sessions_use_tcp_keepalive() {
+    let env = TestEnv::new().await;
+    let pool = credit_worker::db::pool(&env.settings.database).expect("pool");
+    let tcp: bool = sqlx::query_scalar("SELECT inet_client_addr() IS NOT NULL")
+        .fetch_one(&pool)
+        .await
+        .expect("client address");
+    if !tcp {
+        // Over a Unix socket the server has no TCP settings to show.
+        eprintln!("skipped: the database is reached over a Unix socket");
+        pool.close().await;
+        return env.cleanup().await;
+    }
+    for (setting, value) in [
+        ("tcp_keepalives_idle", "30"),
+        ("tcp_keepalives_interval", "10"),
+        ("tcp_keepalives_count", "3"),
+        ("tcp_user_timeout", "60000"),
+    ] {
+        let shown: String = sqlx::query_scalar(&format!("SHOW {setting}"))
+            .fetch_one(&pool)
+            .await
+            .expect("show");
+        assert_eq!(shown, value, "{setting}");
+    }
+    pool.close().await;
+    env.cleanup().await;
+}
+
 /// Started while the database refuses connections, the worker answers its probes at once
 /// (`/healthz` 200, `/readyz` 503) instead of holding a port that never replies, and becomes
 /// ready once the database is back.
