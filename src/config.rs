@@ -354,10 +354,16 @@ impl Settings {
                     .map(|rest| (rest.replace("__", ".").to_lowercase(), v.clone()))
             })
             .collect();
+        let defaults: toml::Table = toml::from_str(DEFAULT_TOML).unwrap_or_default();
         for (key, value) in &prefixed {
-            // Env values are typed by TOML rules ("5" is an integer, "true" a boolean); a bare
-            // word that is not valid TOML is taken as a string.
-            let parsed: figment::value::Value = parse_env_value(value);
+            // Typed like the key's default: text keys take the value as written ("7" stays a
+            // namespace, "1001" a user name), the others by TOML rules ("5" is an integer,
+            // "true" a boolean; a bare word that is not valid TOML is taken as a string).
+            let parsed = if is_text_key(&defaults, key) {
+                figment::value::Value::from(value.clone())
+            } else {
+                parse_env_value(value)
+            };
             fig = fig.merge((key.as_str(), parsed));
         }
         for (var, key) in [("DATABASE_URL", "database.url"), ("AMQP_URL", "amqp.url")] {
@@ -440,6 +446,16 @@ impl Settings {
     pub fn name(&self, base: &str) -> String {
         format!("{}{}", self.amqp.namespace, base)
     }
+}
+
+/// True when `key` (dotted) is a string or a list of strings in `defaults`.
+fn is_text_key(defaults: &toml::Table, key: &str) -> bool {
+    let mut parts = key.split('.');
+    let mut node = parts.next().and_then(|p| defaults.get(p));
+    for part in parts {
+        node = node.and_then(|n| n.get(part));
+    }
+    matches!(node, Some(toml::Value::String(_) | toml::Value::Array(_)))
 }
 
 fn parse_env_value(raw: &str) -> figment::value::Value {
@@ -525,6 +541,31 @@ mod tests {
         assert_eq!(s.name("node_execution"), "t1.node_execution");
         assert_eq!(s.control.allowed_users, vec!["guest", "ops"]);
         assert_eq!(s.database.url, "postgres://127.0.0.1/z");
+    }
+
+    #[test]
+    fn env_values_of_text_keys_stay_text_even_when_they_look_like_numbers() {
+        let s = Settings::load_from(
+            None,
+            &env(&[
+                ("CREDIT_WORKER__AMQP__NAMESPACE", "7"),
+                ("CREDIT_WORKER__CONTROL__ALLOWED_USERS", "1001"),
+                ("CREDIT_WORKER__AMQP__ALLOWED_PRODUCERS", "true"),
+                ("CREDIT_WORKER__PIPELINE__MAX_BATCH", "50"),
+                ("CREDIT_WORKER__REFILL__ENABLED", "false"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.amqp.namespace, "7");
+        assert_eq!(s.control.allowed_users, vec!["1001"]);
+        assert_eq!(s.amqp.allowed_producers, vec!["true"]);
+        assert_eq!(s.pipeline.max_batch, 50);
+        assert!(!s.refill.enabled);
+        // A number key still refuses text, naming the key.
+        let e = Settings::load_from(None, &env(&[("CREDIT_WORKER__AMQP__PREFETCH", "many")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("amqp.prefetch"), "{e}");
     }
 
     #[test]
