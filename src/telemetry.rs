@@ -26,10 +26,27 @@ pub(crate) fn init_logging(format: LogFormat, default: &str) {
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    let _ = match format {
+    let installed = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
     };
+    if installed.is_ok() {
+        // A panic is logged like any other error, so it is a JSON line with `log.format =
+        // json` rather than free text in the middle of the log.
+        std::panic::set_hook(Box::new(|info| {
+            let location = info.location().map(|l| l.to_string()).unwrap_or_default();
+            tracing::error!(panic = %panic_text(info.payload()), %location, "panic");
+        }));
+    }
+}
+
+/// A panic's message, when it carries one.
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }
 
 /// The process-wide Prometheus recorder.
@@ -149,5 +166,21 @@ fn up(b: bool) -> &'static str {
         "up"
     } else {
         "down"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::panic_text;
+
+    #[test]
+    fn a_panics_message_is_read_from_either_payload() {
+        let caught = |f: fn()| std::panic::catch_unwind(f).unwrap_err();
+        let literal = caught(|| panic!("plain"));
+        assert_eq!(panic_text(literal.as_ref()), "plain");
+        let formatted = caught(|| panic!("batch {}", 7));
+        assert_eq!(panic_text(formatted.as_ref()), "batch 7");
+        let other = caught(|| std::panic::panic_any(42_u8));
+        assert_eq!(panic_text(other.as_ref()), "(no message)");
     }
 }
