@@ -382,8 +382,10 @@ impl Settings {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |key: &str, why: &str| Err(ConfigError::Invalid(format!("{key}: {why}")));
-        if self.database.max_connections < 2 {
-            return bad("database.max_connections", "must be at least 2");
+        // The outbox relay's listener holds one connection for good and a refill sweep's lock
+        // another while it runs: with fewer than 3 the rest of the work has none.
+        if self.database.max_connections < 3 {
+            return bad("database.max_connections", "must be at least 3");
         }
         // Queue and exchange names are AMQP short strings (≤ 255 bytes) with a suffix of up
         // to 19 bytes (`node_execution.dead`).
@@ -561,6 +563,17 @@ mod tests {
         assert_eq!(s.amqp.allowed_producers, vec!["true"]);
         assert_eq!(s.pipeline.max_batch, 50);
         assert!(!s.refill.enabled);
+        // Too small a pool to run: the relay's listener and a sweep's lock hold two.
+        let e = Settings::load_from(
+            None,
+            &env(&[("CREDIT_WORKER__DATABASE__MAX_CONNECTIONS", "2")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("database.max_connections: must be at least 3"),
+            "{e}"
+        );
         // A number key still refuses text, naming the key.
         let e = Settings::load_from(None, &env(&[("CREDIT_WORKER__AMQP__PREFETCH", "many")]))
             .unwrap_err()

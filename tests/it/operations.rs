@@ -392,6 +392,48 @@ async fn missed_tick_is_caught_up_exactly_once_at_start() {
     env.cleanup().await;
 }
 
+/// The scheduled sweep holds its lock's connection and runs two chunks at once; with the
+/// smallest pool allowed (3 connections, one of them the outbox relay's listener) it must
+/// still get through, reading each next range while a chunk is in flight, instead of waiting
+/// on the connection that chunk holds.
+#[tokio::test]
+async fn the_scheduled_sweep_gets_through_on_the_smallest_pool() {
+    let _sweeps = SWEEPS.lock().await;
+    let env = TestEnv::with(|s| {
+        s.refill.schedule = "0 0 0 1 * *".parse().expect("cron");
+        s.refill.lazy = false;
+        s.refill.chunk_size = 2;
+        s.database.max_connections = 3;
+    })
+    .await;
+    let users: Vec<String> = (0..12).map(|i| format!("small-pool-{i:02}")).collect();
+    sqlx::query("INSERT INTO credit.balances (user_id) SELECT unnest($1::text[])")
+        .bind(&users)
+        .execute(&env.pool)
+        .await
+        .expect("seed");
+    let month = Month::of(Utc::now());
+    let worker = Worker::start(env.settings.clone()).await.expect("worker");
+    wait_count(
+        &env,
+        T,
+        "every user refilled",
+        "SELECT count(DISTINCT user_id) FROM credit.transactions WHERE transaction_key = $1",
+        &[&month.refill_key()],
+        |n| n == 12,
+    )
+    .await;
+    worker.stop().await.expect("stop");
+    let granted = env
+        .scalar_i64(
+            "SELECT coalesce(sum(amount), 0)::int8 FROM credit.transactions WHERE type = 'GRANT'",
+        )
+        .await;
+    assert_eq!(granted, 12 * 1000);
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
 /// Passwords in the URLs never reach the log, also when connecting fails over and over.
 #[tokio::test]
 async fn passwords_in_urls_stay_out_of_the_log() {
