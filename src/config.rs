@@ -546,6 +546,21 @@ mod tests {
     }
 
     #[test]
+    fn a_pool_too_small_to_run_is_refused() {
+        // Too small a pool to run: the relay's listener and a sweep's lock hold two.
+        let e = Settings::load_from(
+            None,
+            &env(&[("CREDIT_WORKER__DATABASE__MAX_CONNECTIONS", "2")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("database.max_connections: must be at least 3"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn env_values_of_text_keys_stay_text_even_when_they_look_like_numbers() {
         let s = Settings::load_from(
             None,
@@ -563,17 +578,6 @@ mod tests {
         assert_eq!(s.amqp.allowed_producers, vec!["true"]);
         assert_eq!(s.pipeline.max_batch, 50);
         assert!(!s.refill.enabled);
-        // Too small a pool to run: the relay's listener and a sweep's lock hold two.
-        let e = Settings::load_from(
-            None,
-            &env(&[("CREDIT_WORKER__DATABASE__MAX_CONNECTIONS", "2")]),
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(
-            e.contains("database.max_connections: must be at least 3"),
-            "{e}"
-        );
         // A number key still refuses text, naming the key.
         let e = Settings::load_from(None, &env(&[("CREDIT_WORKER__AMQP__PREFETCH", "many")]))
             .unwrap_err()
