@@ -700,11 +700,7 @@ async fn database_outage_gets_internal_and_the_loop_carries_on() {
     );
 
     // Refuse new connections to the test database and end its sessions.
-    let admin_url = match env.settings.database.url.rsplit_once('/') {
-        Some((base, _)) => format!("{base}/postgres"),
-        None => panic!("database url without a name"),
-    };
-    let admin = sqlx::PgPool::connect(&admin_url).await.expect("admin");
+    let admin = env.admin_pool().await;
     let db = env.db_name.clone();
     sqlx::query(&format!("ALTER DATABASE \"{db}\" ALLOW_CONNECTIONS false"))
         .execute(&admin)

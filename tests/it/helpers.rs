@@ -286,6 +286,16 @@ impl TestEnv {
         out
     }
 
+    /// A pool on the server's `postgres` database, for what a test does to its own database
+    /// from outside (refusing connections, ending sessions).
+    pub async fn admin_pool(&self) -> sqlx::PgPool {
+        let admin_url = match self.settings.database.url.rsplit_once('/') {
+            Some((base, _)) => format!("{base}/postgres"),
+            None => panic!("database url without a name"),
+        };
+        sqlx::PgPool::connect(&admin_url).await.expect("admin")
+    }
+
     pub async fn scalar_i64(&self, sql: &str) -> i64 {
         sqlx::query_scalar::<_, i64>(sql)
             .fetch_one(&self.pool)

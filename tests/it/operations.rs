@@ -168,11 +168,7 @@ async fn database_sessions_use_tcp_keepalive() {
 #[tokio::test]
 async fn probes_answer_while_the_database_is_down_at_start() {
     let env = TestEnv::with(quiet_scheduler).await;
-    let admin_url = match env.settings.database.url.rsplit_once('/') {
-        Some((base, _)) => format!("{base}/postgres"),
-        None => panic!("database url without a name"),
-    };
-    let admin = sqlx::PgPool::connect(&admin_url).await.expect("admin");
+    let admin = env.admin_pool().await;
     database_reachable(&env, &admin, false).await;
     let mut env_vars = env.process_env();
     env_vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
@@ -198,11 +194,7 @@ async fn readyz_follows_the_database_and_no_message_is_lost_in_an_outage() {
         s.http.listen = any_port();
     })
     .await;
-    let admin_url = match env.settings.database.url.rsplit_once('/') {
-        Some((base, _)) => format!("{base}/postgres"),
-        None => panic!("database url without a name"),
-    };
-    let admin = sqlx::PgPool::connect(&admin_url).await.expect("admin");
+    let admin = env.admin_pool().await;
     let worker = Worker::start(env.settings.clone()).await.expect("worker");
     let port = worker.http_addr().expect("http address").port();
     wait_status(T, port, "/readyz", 200).await;
