@@ -395,12 +395,10 @@ fn cause(result: Result<(), JoinError>) -> String {
         Ok(()) => "returned without a shutdown request".into(),
         Err(e) if e.is_panic() => {
             let payload = e.into_panic();
-            let message = payload
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "(non-text payload)".into());
-            format!("panicked: {message}")
+            format!(
+                "panicked: {}",
+                crate::telemetry::panic_text(payload.as_ref())
+            )
         }
         Err(e) => e.to_string(),
     }

@@ -41,7 +41,7 @@ pub(crate) fn init_logging(format: LogFormat, default: &str) {
 }
 
 /// A panic's message, when it carries one.
-fn panic_text(payload: &(dyn std::any::Any + Send)) -> &str {
+pub(crate) fn panic_text(payload: &(dyn std::any::Any + Send)) -> &str {
     payload
         .downcast_ref::<&str>()
         .copied()
