@@ -73,6 +73,20 @@ pub(crate) fn is_certificate_error(e: &lapin::Error) -> bool {
     }
 }
 
+/// `props` without the headers named in `drop`; everything else kept.
+pub(crate) fn without_headers(props: &BasicProperties, drop: &[&str]) -> BasicProperties {
+    let Some(headers) = props.headers() else {
+        return props.clone();
+    };
+    let mut kept = lapin::types::FieldTable::default();
+    for (k, v) in headers.inner() {
+        if !drop.contains(&k.as_str()) {
+            kept.insert(k.clone(), v.clone());
+        }
+    }
+    props.clone().with_headers(kept)
+}
+
 /// Persistent JSON: what the worker and its tools publish to the input queue.
 pub fn persistent_json() -> BasicProperties {
     BasicProperties::default()

@@ -35,15 +35,7 @@ pub(crate) fn publishable_by(props: &BasicProperties, me: Option<&str>) -> Basic
         Some(_) => props.clone(),
         None => match (me, producer_header(&headers)) {
             (Some(me), Some(producer)) if producer == me => {
-                let kept = headers
-                    .inner()
-                    .iter()
-                    .filter(|(k, _)| k.as_str() != PRODUCER_HEADER)
-                    .fold(FieldTable::default(), |mut t, (k, v)| {
-                        t.insert(k.clone(), v.clone());
-                        t
-                    });
-                props.clone().with_user_id(me.into()).with_headers(kept)
+                super::without_headers(props, &[PRODUCER_HEADER]).with_user_id(me.into())
             }
             _ => props.clone(),
         },

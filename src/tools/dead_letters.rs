@@ -221,16 +221,7 @@ impl Selection {
 /// The dead message's properties without the headers that describe its death or its
 /// deliveries.
 pub fn replay_properties(props: &BasicProperties) -> BasicProperties {
-    let Some(headers) = props.headers() else {
-        return props.clone();
-    };
-    let mut kept = FieldTable::default();
-    for (k, v) in headers.inner() {
-        if k.as_str() != REASON_HEADER && k.as_str() != DELIVERY_COUNT_HEADER {
-            kept.insert(k.clone(), v.clone());
-        }
-    }
-    props.clone().with_headers(kept)
+    crate::amqp::without_headers(props, &[REASON_HEADER, DELIVERY_COUNT_HEADER])
 }
 
 fn describe(d: &lapin::message::Delivery) -> DeadLetter {
