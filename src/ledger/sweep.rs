@@ -129,36 +129,39 @@ async fn sweep_all(
     let mut cursor = Some(String::new());
     let mut running = FuturesUnordered::new();
     loop {
-        if running.len() < PARALLEL_CHUNKS {
-            if let Some(after) = cursor.take() {
-                // The chunks in flight keep going while the next range is read: one left
-                // unpolled would hold its connection and its row locks meanwhile, and with a
-                // small pool the read could wait for that very connection.
-                let through = {
-                    let end = store::refill_chunk_end(pool, &after, chunk);
-                    tokio::pin!(end);
-                    loop {
-                        tokio::select! {
-                            through = &mut end => break through?,
-                            Some(done) = running.next() => {
-                                report.add(done?);
-                                progress(report);
-                            }
-                        }
-                    }
-                };
-                if let Some(through) = through {
-                    cursor = Some(through.clone());
-                    running.push(sweep_chunk(pool, &grant, after, through));
-                }
-                continue;
-            }
-        }
-        let Some(done) = running.next().await else {
-            return Ok(());
+        let next = if running.len() < PARALLEL_CHUNKS {
+            cursor.take()
+        } else {
+            None
         };
-        report.add(done?);
-        progress(report);
+        let Some(after) = next else {
+            let Some(done) = running.next().await else {
+                return Ok(());
+            };
+            report.add(done?);
+            progress(report);
+            continue;
+        };
+        // The chunks in flight keep going while the next range is read: one left unpolled
+        // would hold its connection and its row locks meanwhile, and with a small pool the
+        // read could wait for that very connection.
+        let through = {
+            let end = store::refill_chunk_end(pool, &after, chunk);
+            tokio::pin!(end);
+            loop {
+                tokio::select! {
+                    through = &mut end => break through?,
+                    Some(done) = running.next() => {
+                        report.add(done?);
+                        progress(report);
+                    }
+                }
+            }
+        };
+        if let Some(through) = through {
+            cursor = Some(through.clone());
+            running.push(sweep_chunk(pool, &grant, after, through));
+        }
     }
 }
 
