@@ -353,11 +353,9 @@ async fn execution_fee_every_3rd_execution_including_free_ones() {
 async fn sigterm_finishes_in_flight_work_and_exits_0() {
     let env = TestEnv::with(no_refill).await;
     seed(&env, ["term"], 1_000_000).await;
-    let mut env_vars = env.process_env();
-    env_vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
     // The prefetch (1000) holds more than the batches in flight and the one filling (3 × 50),
     // so deliveries are carried over all through the backlog: the stop must still be seen.
-    env_vars.push(("CREDIT_WORKER__PIPELINE__MAX_BATCH".into(), "50".into()));
+    let env_vars = small_batches(&env);
     let n = 10_000;
     let bodies: Vec<Vec<u8>> = (0..n)
         .map(|i| body(&platform_gpt4("term", &format!("t-{i}"))))
@@ -391,21 +389,9 @@ async fn sigterm_finishes_in_flight_work_and_exits_0() {
 #[tokio::test]
 async fn sigkill_while_in_flight_then_restart_decides_everything_once() {
     let env = TestEnv::with(no_refill).await;
-    let users = 20;
-    seed(&env, (0..users).map(|u| format!("k{u}")), 1_000_000).await;
-    let mut env_vars = env.process_env();
-    env_vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
-    env_vars.push(("CREDIT_WORKER__PIPELINE__MAX_BATCH".into(), "50".into()));
-    let n = 4000;
-    let bodies: Vec<Vec<u8>> = (0..n)
-        .map(|i| {
-            body(&platform_gpt4(
-                &format!("k{}", i % users),
-                &format!("k-{i}"),
-            ))
-        })
-        .collect();
-    env.publish(&bodies).await;
+    let (users, n) = (20, 4000);
+    backlog(&env, "k", users, n).await;
+    let env_vars = small_batches(&env);
     let mut decided_at_kill = Vec::new();
     for target in [300, 1200, 2500] {
         let mut w = WorkerProcess::spawn(&env_vars, &["run"]);
@@ -439,21 +425,9 @@ async fn sigkill_while_in_flight_then_restart_decides_everything_once() {
 #[tokio::test]
 async fn batches_hold_at_most_max_batch_deliveries() {
     let env = TestEnv::with(no_refill).await;
-    let users = 20;
-    seed(&env, (0..users).map(|u| format!("b{u}")), 1_000_000).await;
-    let mut env_vars = env.process_env();
-    env_vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
-    env_vars.push(("CREDIT_WORKER__PIPELINE__MAX_BATCH".into(), "50".into()));
     let n = 3000;
-    let bodies: Vec<Vec<u8>> = (0..n)
-        .map(|i| {
-            body(&platform_gpt4(
-                &format!("b{}", i % users),
-                &format!("b-{i}"),
-            ))
-        })
-        .collect();
-    env.publish(&bodies).await;
+    backlog(&env, "b", 20, n).await;
+    let env_vars = small_batches(&env);
     let (mut w, port) = WorkerProcess::spawn_with_http(&env_vars, &["run"]);
     env.wait_decisions(n, Duration::from_secs(60)).await;
     let (_, metrics) = http_get(port, "/metrics").await.expect("metrics");
@@ -525,6 +499,27 @@ async fn dead_queue_depth(env: &TestEnv) -> u32 {
     .await
     .expect("the dead queue")
     .message_count()
+}
+
+/// A worker process's environment: no refills, at most 50 deliveries a batch.
+fn small_batches(env: &TestEnv) -> Vec<(String, String)> {
+    let mut vars = env.process_env();
+    vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
+    vars.push(("CREDIT_WORKER__PIPELINE__MAX_BATCH".into(), "50".into()));
+    vars
+}
+
+/// Seeds users `{prefix}0`… with 10^6 credits each and queues `n` paid executions
+/// (`{prefix}-{i}`) over them in turn.
+async fn backlog(env: &TestEnv, prefix: &str, users: i64, n: i64) {
+    seed(env, (0..users).map(|u| format!("{prefix}{u}")), 1_000_000).await;
+    let bodies: Vec<Vec<u8>> = (0..n)
+        .map(|i| {
+            let user = format!("{prefix}{}", i % users);
+            body(&platform_gpt4(&user, &format!("{prefix}-{i}")))
+        })
+        .collect();
+    env.publish(&bodies).await;
 }
 
 /// Kills `w` with SIGKILL as soon as the count `sql` reaches `target`, and returns the count
@@ -746,9 +741,7 @@ async fn sigkill_between_starts_and_completions_settles_everything_once() {
     let env = TestEnv::with(no_refill).await;
     let users = 10;
     seed(&env, (0..users).map(|u| format!("p{u}")), 1_000_000).await;
-    let mut env_vars = env.process_env();
-    env_vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
-    env_vars.push(("CREDIT_WORKER__PIPELINE__MAX_BATCH".into(), "50".into()));
+    let mut env_vars = small_batches(&env);
     env_vars.push(("CREDIT_WORKER__EXECUTION_FEE__EVERY".into(), "0".into()));
     env_vars.push((
         "CREDIT_WORKER__COST__TABLE".into(),
