@@ -4,6 +4,7 @@
 //! naming the offending field. One pass of serde over the body: no intermediate document,
 //! unknown fields are skipped without being built.
 
+use std::collections::HashMap;
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
@@ -440,17 +441,27 @@ fn stats(text: &RawValue) -> Result<Option<Stats>, DecodeError> {
     if let Some(field) = repeated_stat(text.get()) {
         return Err(DecodeError::Duplicate { field });
     }
-    let v: Value =
+    if !text.get().starts_with('{') {
+        let v: Value =
+            serde_json::from_str(text.get()).map_err(|e| DecodeError::NotJson(e.to_string()))?;
+        return match v {
+            Value::Null => Ok(None),
+            other => Err(wrong("stats", "an object or null", &other)),
+        };
+    }
+    // Each value parsed on its own, so a number no f64 holds (1e400) names its stat.
+    let raw: HashMap<String, &RawValue> =
         serde_json::from_str(text.get()).map_err(|e| DecodeError::NotJson(e.to_string()))?;
-    let map = match v {
-        Value::Null => return Ok(None),
-        Value::Object(m) => m,
-        other => return Err(wrong("stats", "an object or null", &other)),
+    let get = |key: &str, field: &'static str| -> Result<Option<Value>, DecodeError> {
+        raw.get(key)
+            .map(|v| serde_json::from_str(v.get()).map_err(|_| DecodeError::InvalidStat { field }))
+            .transpose()
     };
-    let count = |key: &str, field: &'static str| token_count(map.get(key), field);
+    let count = |key: &str, field: &'static str| token_count(get(key, field)?.as_ref(), field);
+    let number = |key: &str, field: &'static str| stat(get(key, field)?.as_ref(), field);
     Ok(Some(Stats {
-        walltime: stat(map.get("walltime"), "stats.walltime")?,
-        input_size: stat(map.get("input_size"), "stats.input_size")?,
+        walltime: number("walltime", "stats.walltime")?,
+        input_size: number("input_size", "stats.input_size")?,
         input_token_count: count("input_token_count", "stats.input_token_count")?,
         output_token_count: count("output_token_count", "stats.output_token_count")?,
         cache_read_token_count: count("cache_read_token_count", "stats.cache_read_token_count")?,
@@ -458,15 +469,19 @@ fn stats(text: &RawValue) -> Result<Option<Stats>, DecodeError> {
             "cache_creation_token_count",
             "stats.cache_creation_token_count",
         )?,
-        provider_cost: match map.get("provider_cost") {
+        provider_cost: match get("provider_cost", "stats.provider_cost")? {
             None | Some(Value::Null) => None,
-            v => Some(stat(v, "stats.provider_cost")?),
+            v => Some(stat(v.as_ref(), "stats.provider_cost")?),
         },
-        provider_cost_type: match map.get("provider_cost_type") {
+        provider_cost_type: match get("provider_cost_type", "stats.provider_cost_type")? {
             None | Some(Value::Null) => None,
-            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::String(s)) => Some(s),
             Some(other) => {
-                return Err(wrong("stats.provider_cost_type", "a string or null", other))
+                return Err(wrong(
+                    "stats.provider_cost_type",
+                    "a string or null",
+                    &other,
+                ))
             }
         },
     }))
@@ -982,10 +997,18 @@ mod tests {
                 got: "string"
             }
         );
-        // Out-of-range literals are not representable: rejected by the parser.
-        let body = String::from_utf8_lossy(&minimal_with_raw("stats", "{\"walltime\":1e400}"))
-            .into_owned();
-        assert_eq!(err(body.as_bytes()).field(), "body");
+        // A literal no f64 holds names its stat, whichever kind of stat it is.
+        for (raw, field) in [
+            ("{\"walltime\":1e400}", "stats.walltime"),
+            ("{\"provider_cost\": -1e400}", "stats.provider_cost"),
+            ("{\"input_token_count\":1e400}", "stats.input_token_count"),
+        ] {
+            let e = err(&minimal_with_raw("stats", raw));
+            assert_eq!(e, DecodeError::InvalidStat { field }, "{raw}");
+        }
+        // Unknown keys are not parsed, whatever they hold.
+        let body = minimal_with_raw("stats", "{\"x\":1e400,\"walltime\":2}");
+        assert_eq!(ok(&body).stats.map(|s| s.walltime), Some(2.0));
     }
 
     fn minimal_with_raw(field: &str, raw: &str) -> Vec<u8> {
