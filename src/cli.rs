@@ -121,7 +121,7 @@ pub enum Command {
     },
     /// Set or remove a user's auto top-up (a `top_up.requested` when the balance falls below
     /// the threshold).
-    #[command(group(clap::ArgGroup::new("config").required(true).args(["threshold", "off"])))]
+    #[command(group(clap::ArgGroup::new("setting").required(true).args(["threshold", "off"])))]
     AutoTopUp {
         user: String,
         #[arg(long, requires = "amount", allow_negative_numbers = true)]
@@ -637,6 +637,45 @@ mod usage_tests {
     use clap::Parser;
 
     use super::{Cli, Command};
+
+    #[test]
+    fn the_definition_is_consistent() {
+        // Catches, among others, an argument group sharing an id with a global flag.
+        <Cli as clap::CommandFactory>::command().debug_assert();
+    }
+
+    #[test]
+    fn auto_top_up_takes_a_setting_or_off() {
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(["credit-worker", "auto-top-up", "u5"].iter().chain(args))
+                .map(|c| c.command)
+                .map_err(|e| e.exit_code())
+        };
+        assert!(matches!(
+            parse(&["--threshold", "100", "--amount", "50"]),
+            Ok(Command::AutoTopUp {
+                threshold: Some(100),
+                amount: Some(50),
+                off: false,
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse(&["--off"]),
+            Ok(Command::AutoTopUp {
+                threshold: None,
+                amount: None,
+                off: true,
+                ..
+            })
+        ));
+        assert!(matches!(parse(&[]), Err(2)));
+        assert!(matches!(parse(&["--amount", "5"]), Err(2)));
+        assert!(matches!(
+            parse(&["--off", "--threshold", "1", "--amount", "2"]),
+            Err(2)
+        ));
+    }
 
     #[test]
     fn a_malformed_month_is_a_usage_error() {

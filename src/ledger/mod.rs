@@ -434,10 +434,12 @@ impl Ledger {
         } else {
             check_user_id(user_id)?;
         }
-        let transactions = store::history(&self.pool, user_id, query).await?;
-        // A full page may have more behind it; a short one is the last.
-        let full = i64::try_from(transactions.len()).is_ok_and(|n| n == query.limit);
-        let next_before_seq = transactions.last().filter(|_| full).map(|t| t.seq);
+        // The statement reads one row past the page when there is one.
+        let mut transactions = store::history(&self.pool, user_id, query).await?;
+        let page = usize::try_from(query.limit).unwrap_or(usize::MAX);
+        let more = transactions.len() > page;
+        transactions.truncate(page);
+        let next_before_seq = transactions.last().filter(|_| more).map(|t| t.seq);
         Ok(HistoryPage {
             transactions,
             next_before_seq,

@@ -346,10 +346,11 @@ fn history_query<'q, O>(
 where
     O: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
 {
+    // One row more than the page: whether it comes tells if another page follows.
     let page = sqlx::query_as(sql)
         .bind(user_id)
         .bind(q.before_seq.unwrap_or(i64::MAX))
-        .bind(q.limit);
+        .bind(q.limit.saturating_add(1));
     let tx_type = q.tx_type.map(TxType::as_str);
     match (q.graph_exec_id.as_deref(), tx_type) {
         (Some(g), t) => page.bind(g).bind(t),

@@ -735,3 +735,58 @@ async fn database_outage_gets_internal_and_the_loop_carries_on() {
     assert_eq!(rpc.strays, 0);
     stop_audit_cleanup(env, worker).await;
 }
+
+/// Each operator command of the CLI (SPEC §2) run as the binary, with the exit codes 0, 1, 2.
+#[tokio::test]
+async fn the_cli_runs_each_operator_command() {
+    let env = TestEnv::new().await;
+    // A new user's first credit brings the month's refill (1,000) with it.
+    let top_up = env.cli_json(&["top-up", "alice", "100", "--key", "k1"]);
+    assert_eq!(
+        top_up,
+        json!({"applied": true, "balance": 1100, "transaction_key": "k1", "user_id": "alice"})
+    );
+    let again = env.cli_json(&["top-up", "alice", "100", "--key", "k1"]);
+    assert_eq!(again["applied"], json!(false));
+    assert_eq!(again["balance"], json!(1100));
+    let grant = env.cli_json(&["grant", "alice", "5", "--reason", "promo"]);
+    assert_eq!(grant["balance"], json!(1105));
+    assert_eq!(
+        env.cli_json(&["balance", "alice"]),
+        json!({"balance": 1105, "user_id": "alice"})
+    );
+    assert_eq!(
+        env.cli_json(&[
+            "auto-top-up",
+            "alice",
+            "--threshold",
+            "50",
+            "--amount",
+            "20"
+        ]),
+        json!({"amount": 20, "requested": false, "threshold": 50, "user_id": "alice"})
+    );
+    assert_eq!(
+        env.cli_json(&["auto-top-up", "alice", "--off"]),
+        json!({"amount": null, "requested": false, "threshold": null, "user_id": "alice"})
+    );
+    let page = env.cli_json(&["history", "alice", "--limit", "2"]);
+    let seqs: Vec<&Value> = page["transactions"]
+        .as_array()
+        .map(|t| t.iter().map(|r| &r["seq"]).collect())
+        .unwrap_or_default();
+    assert_eq!(seqs, [&json!(3), &json!(2)]);
+    assert_eq!(page["next_before_seq"], json!(2));
+    // Exactly the rows there are: the last page, with no cursor to an empty one.
+    let page = env.cli_json(&["history", "alice", "--limit", "3"]);
+    assert_eq!(page["transactions"].as_array().map(Vec::len), Some(3));
+    assert_eq!(page["next_before_seq"], Value::Null);
+    let audit = env.cli_json(&["audit"]);
+    assert_eq!(audit["mismatches"], json!([]));
+    assert_eq!(audit["transactions"], json!(3));
+    let code = |args: &[&str]| env.cli(args).status.code();
+    assert_eq!(code(&["outcome", "never-decided"]), Some(1));
+    assert_eq!(code(&["auto-top-up", "alice", "--amount", "5"]), Some(2));
+    assert_eq!(code(&["top-up", "alice"]), Some(2));
+    env.cleanup().await;
+}

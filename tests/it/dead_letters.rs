@@ -2,7 +2,6 @@
 //! `replay` gets an undecided message charged once, a decided one changes nothing, a second
 //! replay finds nothing, and `--dry-run` changes nothing.
 
-use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -10,7 +9,6 @@ use credit_worker::service::Worker;
 use credit_worker::tools::dead_letters;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use serde_json::Value;
 
 use crate::fixtures::*;
 use crate::helpers::*;
@@ -43,28 +41,6 @@ async fn dead_letter(env: &TestEnv, body: &[u8], reason: &str) {
         confirm.await.expect("confirm").is_ack(),
         "dead letter nacked"
     );
-}
-
-/// Runs the CLI with this test's environment; returns its output.
-fn cli(env: &TestEnv, args: &[&str]) -> Output {
-    let mut cmd = Command::new(binary());
-    cmd.args(args)
-        .env_remove("CREDIT_WORKER_CONFIG")
-        .stdin(Stdio::null());
-    for (k, v) in env.process_env() {
-        cmd.env(k, v);
-    }
-    cmd.output().expect("run the CLI")
-}
-
-/// Runs the CLI with `--json`, expects success, and parses its output.
-fn cli_json(env: &TestEnv, args: &[&str]) -> Value {
-    let mut all = args.to_vec();
-    all.push("--json");
-    let out = cli(env, &all);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{args:?} failed: {stderr}");
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{args:?} output: {e}"))
 }
 
 /// Every body in the dead queue, sorted (consumes them).
@@ -106,7 +82,7 @@ async fn list_twice_leaves_the_queue_as_it_was() {
         .messages
         .iter()
         .all(|m| m.reason == "user_id: missing"));
-    let listed = cli_json(&env, &["dead-letters", "list", "--limit", "2"]);
+    let listed = env.cli_json(&["dead-letters", "list", "--limit", "2"]);
     assert_eq!(listed["depth"], 3);
     assert_eq!(listed["messages"].as_array().map(Vec::len), Some(2));
     assert_eq!(queue_depth(&env, &env.names.dead_queue).await, 3);
@@ -136,22 +112,22 @@ async fn replay_charges_the_undecided_once_and_changes_nothing_twice() {
     };
     let before = balance().await;
 
-    let dry = cli_json(&env, &["dead-letters", "replay", "--all", "--dry-run"]);
+    let dry = env.cli_json(&["dead-letters", "replay", "--all", "--dry-run"]);
     assert_eq!(dry["would_replay"].as_array().map(Vec::len), Some(2));
     assert_eq!(queue_depth(&env, &env.names.dead_queue).await, 2);
     assert_eq!(env.outcome_of("ne-fresh").await, None);
 
     let one = ["dead-letters", "replay", "--node-exec-id", "ne-fresh"];
-    let replayed = cli_json(&env, &one);
+    let replayed = env.cli_json(&one);
     assert_eq!(replayed, serde_json::json!({"replayed": 1, "skipped": 1}));
     env.wait_decisions(2, T).await;
     assert_eq!(env.outcome_of("ne-fresh").await.as_deref(), Some("charged"));
     assert_eq!(balance().await, before - 10);
     assert_eq!(queue_depth(&env, &env.names.dead_queue).await, 1);
 
-    let rest = cli_json(&env, &["dead-letters", "replay", "--all"]);
+    let rest = env.cli_json(&["dead-letters", "replay", "--all"]);
     assert_eq!(rest, serde_json::json!({"replayed": 1, "skipped": 0}));
-    let again = cli_json(&env, &["dead-letters", "replay", "--all"]);
+    let again = env.cli_json(&["dead-letters", "replay", "--all"]);
     assert_eq!(again, serde_json::json!({"replayed": 0, "skipped": 0}));
     // The duplicate is consumed and changes nothing.
     wait_for(T, "the input queue to drain", || async {
@@ -168,7 +144,7 @@ async fn replay_charges_the_undecided_once_and_changes_nothing_twice() {
 #[tokio::test]
 async fn replay_without_a_selection_is_a_usage_error() {
     let env = TestEnv::with(no_refill).await;
-    let out = cli(&env, &["dead-letters", "replay"]);
+    let out = env.cli(&["dead-letters", "replay"]);
     assert_eq!(out.status.code(), Some(2));
     env.cleanup().await;
 }

@@ -189,6 +189,28 @@ impl TestEnv {
         ]
     }
 
+    /// Runs the CLI with this test's environment; returns its output.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        let mut cmd = Command::new(binary());
+        cmd.args(args)
+            .env_remove("CREDIT_WORKER_CONFIG")
+            .stdin(Stdio::null());
+        for (k, v) in self.process_env() {
+            cmd.env(k, v);
+        }
+        cmd.output().expect("run the CLI")
+    }
+
+    /// Runs the CLI with `--json`, expects success, and parses its output.
+    pub fn cli_json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = self.cli(&all);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?} failed: {stderr}");
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{args:?} output: {e}"))
+    }
+
     /// Drops the database and the namespace's queues and exchanges now; dropping the
     /// `TestEnv` without this does the same (for a test that panicked).
     pub async fn cleanup(mut self) {

@@ -980,6 +980,11 @@ async fn all_pages(
         let page = ledger.history(user, &query, Utc::now()).await.unwrap();
         let n = page.transactions.len() as i64;
         assert!(n <= query.limit, "page of {n} rows");
+        // A cursor is given only when rows follow it (SPEC: null on the last page).
+        assert!(
+            n > 0 || query.before_seq.is_none(),
+            "an empty page after a cursor"
+        );
         match page.next_before_seq {
             Some(next) => {
                 assert_eq!(n, query.limit, "only a full page has a next one");
