@@ -475,6 +475,12 @@ fn stats(text: &RawValue) -> Result<Option<Stats>, DecodeError> {
         },
         provider_cost_type: match get("provider_cost_type", "stats.provider_cost_type")? {
             None | Some(Value::Null) => None,
+            // Kept in the settlement's metadata (jsonb), which cannot hold NUL.
+            Some(Value::String(s)) if s.contains('\0') => {
+                return Err(DecodeError::NulByte {
+                    field: "stats.provider_cost_type",
+                })
+            }
             Some(Value::String(s)) => Some(s),
             Some(other) => {
                 return Err(wrong(
@@ -967,6 +973,11 @@ mod tests {
         );
         let e = err(&with("stats", json!({"output_token_count": 1.5})));
         assert_eq!(e.field(), "stats.output_token_count");
+        let e = err(&with("stats", json!({"provider_cost_type": "a\u{0}b"})));
+        assert_eq!(
+            e.to_string(),
+            "stats.provider_cost_type: contains a NUL character"
+        );
         let e = err(&with("stats", json!({"provider_cost_type": 7})));
         assert_eq!(e.field(), "stats.provider_cost_type");
         let e = err(&with("stats", json!({"provider_cost": -0.01})));

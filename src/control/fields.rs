@@ -65,6 +65,10 @@ impl<'a> Fields<'a> {
     pub(crate) fn opt_string(&self, name: &str) -> Result<Option<&'a str>, ControlError> {
         match self.get(name) {
             None => Ok(None),
+            // PostgreSQL text cannot hold NUL: refused here rather than by the database.
+            Some(Value::String(s)) if s.contains('\0') => Err(ControlError::bad_request(format!(
+                "{name}: contains a NUL character"
+            ))),
             Some(Value::String(s)) => Ok(Some(s)),
             Some(_) => Err(ControlError::bad_request(format!(
                 "{name}: expected a string"

@@ -221,6 +221,12 @@ pub(crate) fn check_user_id(user_id: &str) -> Result<(), LedgerError> {
             reason: format!("must be 1 to {MAX_USER_ID_BYTES} bytes"),
         });
     }
+    if user_id.contains('\0') {
+        return Err(LedgerError::InvalidArgument {
+            field: "user_id",
+            reason: "contains a NUL character".into(),
+        });
+    }
     Ok(())
 }
 
@@ -229,6 +235,12 @@ fn check_key(key: &str) -> Result<(), LedgerError> {
         return Err(LedgerError::InvalidArgument {
             field: "key",
             reason: format!("must be 1 to {MAX_KEY_BYTES} bytes"),
+        });
+    }
+    if key.contains('\0') {
+        return Err(LedgerError::InvalidArgument {
+            field: "key",
+            reason: "contains a NUL character".into(),
         });
     }
     Ok(())
@@ -537,5 +549,13 @@ mod tests {
         for key in ["AUTO-TOP-UP-alice-3", "invoice-17", "usage-n1", "TOP-UP-1f"] {
             assert!(check_credit_key(key).is_ok(), "{key}");
         }
+    }
+
+    #[test]
+    fn ids_and_keys_with_nul_are_refused_naming_the_field() {
+        let user = check_user_id("a\0b").unwrap_err().to_string();
+        assert_eq!(user, "user_id: contains a NUL character");
+        let key = check_key("k\0").unwrap_err().to_string();
+        assert_eq!(key, "key: contains a NUL character");
     }
 }

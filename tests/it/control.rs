@@ -552,6 +552,23 @@ async fn malformed_commands_get_bad_request_naming_the_field() {
             json!({"command": "refill", "month": 202105}),
             "month: expected a string",
         ),
+        // PostgreSQL text cannot hold NUL, whichever field it is in.
+        (
+            json!({"command": "balance", "user_id": "a\u{0}b"}),
+            "user_id: contains a NUL character",
+        ),
+        (
+            json!({"command": "outcome", "node_exec_id": "n\u{0}"}),
+            "node_exec_id: contains a NUL character",
+        ),
+        (
+            json!({"command": "grant", "user_id": "u", "amount": 5, "reason": "\u{0}"}),
+            "reason: contains a NUL character",
+        ),
+        (
+            json!({"command": "history", "user_id": "u", "graph_exec_id": "g\u{0}"}),
+            "graph_exec_id: contains a NUL character",
+        ),
     ];
     for (command, expected) in cases {
         assert_eq!(
