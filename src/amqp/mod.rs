@@ -10,6 +10,7 @@ pub mod topology;
 use std::time::Duration;
 
 use lapin::tcp::OwnedTLSConfig;
+use lapin::types::ShortString;
 use lapin::uri::AMQPUri;
 use lapin::{BasicProperties, Connect, Connection, ConnectionProperties};
 
@@ -87,6 +88,53 @@ pub(crate) fn without_headers(props: &BasicProperties, drop: &[&str]) -> BasicPr
     props.clone().with_headers(kept)
 }
 
+/// A property [`without`] can leave out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Prop {
+    UserId,
+    Expiration,
+}
+
+/// A copy of `p` without the properties in `drop` (lapin has no way to unset one field).
+pub(crate) fn without(p: &BasicProperties, drop: &[Prop]) -> BasicProperties {
+    fn set<T: Clone>(
+        props: BasicProperties,
+        v: &Option<T>,
+        with: fn(BasicProperties, T) -> BasicProperties,
+    ) -> BasicProperties {
+        match v {
+            Some(v) => with(props, v.clone()),
+            None => props,
+        }
+    }
+    let none = |prop| drop.contains(&prop);
+    let q = BasicProperties::default();
+    let q = set(q, p.content_type(), BasicProperties::with_content_type);
+    let q = set(
+        q,
+        p.content_encoding(),
+        BasicProperties::with_content_encoding,
+    );
+    let q = set(q, p.headers(), BasicProperties::with_headers);
+    let q = set(q, p.delivery_mode(), BasicProperties::with_delivery_mode);
+    let q = set(q, p.priority(), BasicProperties::with_priority);
+    let q = set(q, p.correlation_id(), BasicProperties::with_correlation_id);
+    let q = set(q, p.reply_to(), BasicProperties::with_reply_to);
+    let q = match none(Prop::Expiration) {
+        true => q,
+        false => set(q, p.expiration(), BasicProperties::with_expiration),
+    };
+    let q = set(q, p.message_id(), BasicProperties::with_message_id);
+    let q = set(q, p.timestamp(), BasicProperties::with_timestamp);
+    let q = set(q, p.kind(), BasicProperties::with_type);
+    let q = match none(Prop::UserId) {
+        true => q,
+        false => set(q, p.user_id(), BasicProperties::with_user_id),
+    };
+    let q = set(q, p.app_id(), BasicProperties::with_app_id);
+    set::<ShortString>(q, p.cluster_id(), BasicProperties::with_cluster_id)
+}
+
 /// Persistent JSON: what the worker and its tools publish to the input queue.
 pub fn persistent_json() -> BasicProperties {
     BasicProperties::default()
@@ -102,5 +150,38 @@ pub fn event_properties(event_id: &str, at: chrono::DateTime<chrono::Utc>) -> Ba
     match lapin::types::ShortString::try_new(event_id) {
         Ok(id) => props.with_message_id(id),
         Err(_) => props,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lapin::types::{AMQPValue, FieldTable};
+
+    use super::*;
+
+    #[test]
+    fn without_leaves_out_only_the_properties_named() {
+        let mut h = FieldTable::default();
+        h.insert("trace".into(), AMQPValue::LongString("t1".into()));
+        let every = persistent_json()
+            .with_content_encoding("identity".into())
+            .with_headers(h)
+            .with_priority(3)
+            .with_correlation_id("c1".into())
+            .with_reply_to("r1".into())
+            .with_expiration("60000".into())
+            .with_message_id("m1".into())
+            .with_timestamp(1_700_000_000)
+            .with_type("t".into())
+            .with_user_id("executor".into())
+            .with_app_id("a1".into())
+            .with_cluster_id("k1".into());
+        assert_eq!(without(&every, &[]), every);
+        let dead = without(&every, &[Prop::Expiration]);
+        assert_eq!(dead.expiration(), &None);
+        assert_eq!(dead.clone().with_expiration("60000".into()), every);
+        let anonymous = without(&every, &[Prop::UserId]);
+        assert_eq!(anonymous.user_id(), &None);
+        assert_eq!(anonymous.with_user_id("executor".into()), every);
     }
 }

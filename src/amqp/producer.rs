@@ -4,7 +4,7 @@
 //! not theirs: it travels in [`PRODUCER_HEADER`] instead, and goes back into the property
 //! when the one republishing it is that producer.
 
-use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::uri::AMQPUri;
 use lapin::BasicProperties;
 
@@ -50,36 +50,8 @@ fn producer_header(headers: &FieldTable) -> Option<String> {
     }
 }
 
-/// A copy of `p` without its `user_id` (the properties have no way to unset one field).
 fn without_user_id(p: &BasicProperties) -> BasicProperties {
-    fn set<T: Clone>(
-        props: BasicProperties,
-        v: &Option<T>,
-        with: fn(BasicProperties, T) -> BasicProperties,
-    ) -> BasicProperties {
-        match v {
-            Some(v) => with(props, v.clone()),
-            None => props,
-        }
-    }
-    let q = BasicProperties::default();
-    let q = set(q, p.content_type(), BasicProperties::with_content_type);
-    let q = set(
-        q,
-        p.content_encoding(),
-        BasicProperties::with_content_encoding,
-    );
-    let q = set(q, p.headers(), BasicProperties::with_headers);
-    let q = set(q, p.delivery_mode(), BasicProperties::with_delivery_mode);
-    let q = set(q, p.priority(), BasicProperties::with_priority);
-    let q = set(q, p.correlation_id(), BasicProperties::with_correlation_id);
-    let q = set(q, p.reply_to(), BasicProperties::with_reply_to);
-    let q = set(q, p.expiration(), BasicProperties::with_expiration);
-    let q = set(q, p.message_id(), BasicProperties::with_message_id);
-    let q = set(q, p.timestamp(), BasicProperties::with_timestamp);
-    let q = set(q, p.kind(), BasicProperties::with_type);
-    let q = set(q, p.app_id(), BasicProperties::with_app_id);
-    set::<ShortString>(q, p.cluster_id(), BasicProperties::with_cluster_id)
+    super::without(p, &[super::Prop::UserId])
 }
 
 #[cfg(test)]

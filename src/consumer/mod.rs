@@ -432,7 +432,9 @@ async fn dead_letter(
         delivery_tag = d.delivery_tag,
         "invalid message dead-lettered"
     );
-    let properties = amqp::producer::publishable_by(&d.properties, me);
+    // Without its TTL, as RabbitMQ's own dead-lettering does: the dead queue keeps it.
+    let kept = amqp::without(&d.properties, &[amqp::Prop::Expiration]);
+    let properties = amqp::producer::publishable_by(&kept, me);
     let mut headers = properties.headers().clone().unwrap_or_default();
     headers.insert(
         ERROR_HEADER.into(),

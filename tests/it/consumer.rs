@@ -180,6 +180,43 @@ async fn invalid_messages_are_dead_lettered_with_a_reason_and_the_next_is_proces
     env.cleanup().await;
 }
 
+/// A dead letter loses the TTL it was sent with (as RabbitMQ's own dead-lettering does), so it
+/// stays in the dead queue; its other properties are kept.
+#[tokio::test]
+async fn a_dead_letter_does_not_expire_with_its_message_ttl() {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    let env = TestEnv::with(no_refill).await;
+    let worker = Worker::start(env.settings.clone()).await.unwrap();
+    let (_conn, ch) = env.amqp_channel().await;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm mode");
+    let props = credit_worker::amqp::persistent_json()
+        .with_expiration("60000".into())
+        .with_message_id("m-ttl".into());
+    let confirm = ch
+        .basic_publish(
+            "".into(),
+            env.names.input_queue.as_str().into(),
+            BasicPublishOptions::default(),
+            b"not json",
+            props,
+        )
+        .await
+        .expect("publish");
+    assert!(confirm.await.expect("confirm").is_ack());
+    let dead = env.dead_messages(1).await;
+    let (_, props) = &dead[0];
+    assert_eq!(props.expiration(), &None);
+    assert_eq!(
+        props.message_id().as_ref().map(|m| m.as_str()),
+        Some("m-ttl")
+    );
+    assert_eq!(props.delivery_mode(), &Some(2));
+    worker.stop().await.unwrap();
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn events_carry_gap_free_seq_and_the_ledger_balance() {
     let env = TestEnv::with(no_refill).await;
