@@ -140,7 +140,11 @@ impl Consumer {
         self.health.set_consuming(false);
         let _ = bounded(s.ch.close(200, "shutdown".into())).await;
         let _ = bounded(s.conn.close(200, "shutdown".into())).await;
-        result.and(decided)
+        match (result, decided) {
+            // The decider's own error says why it is gone.
+            (Err(SessionError::DeciderGone), Err(e)) => Err(e),
+            (result, decided) => result.and(decided),
+        }
     }
 
     /// Gathers deliveries into batches and hands them to the decider, until `stop`.
@@ -162,8 +166,11 @@ impl Consumer {
             }
             let mut batch = take_carried(&mut carried, max_batch);
             if batch.is_empty() {
+                // A decider that died is noticed now, not when the next delivery comes: its
+                // unacked batches go back to the queue only once this session ends.
                 let first = tokio::select! {
                     _ = stop.cancelled() => return Ok(()),
+                    _ = tx.closed() => return Err(SessionError::DeciderGone),
                     d = deliveries.next() => d,
                 };
                 batch.push(next_delivery(first)?);

@@ -217,6 +217,68 @@ async fn a_dead_letter_does_not_expire_with_its_message_ttl() {
     env.cleanup().await;
 }
 
+/// A decider that fails (here: its dead letter has nowhere to go) ends the session at once,
+/// idle queue or not: the new session declares the topology again and the held messages are
+/// redelivered, so the invalid one reaches the dead queue without any further traffic.
+#[tokio::test]
+async fn a_failed_decider_ends_the_session_without_waiting_for_traffic() {
+    let env = TestEnv::with(no_refill).await;
+    seed(&env, ["d"], 100).await;
+    let worker = Worker::start(env.settings.clone()).await.unwrap();
+    // The session is open (its topology declared) once a message is decided.
+    env.publish(&[body(&platform_gpt4("d", "dg-0"))]).await;
+    env.wait_decisions(1, T).await;
+    let (_conn, ch) = env.amqp_channel().await;
+    ch.exchange_delete(
+        env.names.dlx.as_str().into(),
+        lapin::options::ExchangeDeleteOptions::default(),
+    )
+    .await
+    .expect("delete the dead-letter exchange");
+    // Straight to the queue: the publish tool would declare the exchange again.
+    for b in [
+        body(&platform_gpt4("d", "dg-1")),
+        b"not json".to_vec(),
+        body(&platform_gpt4("d", "dg-2")),
+    ] {
+        ch.basic_publish(
+            "".into(),
+            env.names.input_queue.as_str().into(),
+            lapin::options::BasicPublishOptions::default(),
+            &b,
+            credit_worker::amqp::persistent_json(),
+        )
+        .await
+        .expect("publish");
+    }
+    // Read without declaring anything: only the worker's next session brings the exchange
+    // (and so the dead letter) back.
+    let deadline = std::time::Instant::now() + T;
+    let dead = loop {
+        let got = ch
+            .basic_get(
+                env.names.dead_queue.as_str().into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await
+            .expect("basic.get");
+        if let Some(m) = got {
+            break Some(m.delivery.data);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no dead letter in {T:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(dead.as_deref(), Some(&b"not json"[..]));
+    env.wait_decisions(3, T).await;
+    assert_eq!(env.ledger().balance("d", Utc::now()).await.unwrap(), 70);
+    worker.stop().await.unwrap();
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn events_carry_gap_free_seq_and_the_ledger_balance() {
     let env = TestEnv::with(no_refill).await;
