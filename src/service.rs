@@ -299,13 +299,16 @@ impl Parts {
             error!(task = f.task, cause = %f.cause, "task ended unexpectedly; shutting down");
             shutdown.cancel();
         }
-        // The drain order: consumer (finishes and acks its batch) → relay (flushes) → the rest.
+        // The drain order: every writer of the outbox (the consumer finishes and acks its
+        // batch, a command or a sweep under way commits) → the relay, which flushes what they
+        // wrote → HTTP.
         tasks.join("consumer", &health).await;
-        info!("consumer stopped; flushing the outbox");
-        drain.cancel();
-        tasks.join("outbox relay", &health).await;
+        info!("consumer stopped; waiting for control and the refill scheduler before flushing the outbox");
         tasks.join("control", &health).await;
         tasks.join("refill scheduler", &health).await;
+        info!("flushing the outbox");
+        drain.cancel();
+        tasks.join("outbox relay", &health).await;
         http_stop.cancel();
         tasks.join("http", &health).await;
         pool.close().await;

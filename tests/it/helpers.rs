@@ -750,6 +750,17 @@ impl WorkerProcess {
     /// Spawns a worker whose HTTP endpoints listen on a port the system picks (port 0), and
     /// returns that port as the worker logs it.
     pub fn spawn_with_http(env: &[(String, String)], args: &[&str]) -> (WorkerProcess, u16) {
+        let (w, port, _log) = Self::spawn_logged(env, args, "warn,credit_worker::telemetry=info");
+        (w, port)
+    }
+
+    /// [`Self::spawn_with_http`] logging at `filter` (JSON lines), each line also handed over
+    /// on the returned channel.
+    pub fn spawn_logged(
+        env: &[(String, String)],
+        args: &[&str],
+        filter: &str,
+    ) -> (WorkerProcess, u16, std::sync::mpsc::Receiver<String>) {
         let mut cmd = Command::new(binary());
         cmd.args(args)
             .env_remove("CREDIT_WORKER_CONFIG")
@@ -760,10 +771,11 @@ impl WorkerProcess {
         }
         cmd.env("CREDIT_WORKER__HTTP__LISTEN", "127.0.0.1:0")
             .env("CREDIT_WORKER__LOG__FORMAT", "json")
-            .env("RUST_LOG", "warn,credit_worker::telemetry=info");
+            .env("RUST_LOG", filter);
         let mut child = cmd.spawn().expect("spawn worker");
         let stderr = child.stderr.take().expect("piped stderr");
         let (tx, rx) = std::sync::mpsc::channel();
+        let (lines, log) = std::sync::mpsc::channel();
         // Echoes the worker's log to the test's, and hands over the bound port once logged.
         std::thread::spawn(move || {
             use std::io::BufRead;
@@ -775,12 +787,13 @@ impl WorkerProcess {
                 if let Some(port) = logged_http_port(&line) {
                     let _ = tx.send(port);
                 }
+                let _ = lines.send(line);
             }
         });
         let port = rx
             .recv_timeout(Duration::from_secs(30))
             .expect("the worker logs its HTTP address");
-        (WorkerProcess { child }, port)
+        (WorkerProcess { child }, port, log)
     }
 
     pub fn kill9(&mut self) {

@@ -496,3 +496,49 @@ async fn passwords_in_urls_stay_out_of_the_log() {
     assert!(connecting.contains("://root:****@"), "{connecting}");
     env.cleanup().await;
 }
+
+/// SIGTERM while the catch-up sweep waits on a row lock: the relay flushes only once the sweep
+/// has committed, so the worker exits with every event of the sweep published.
+#[tokio::test]
+async fn sigterm_during_a_sweep_publishes_the_sweeps_events_before_exit() {
+    let env = TestEnv::with(no_refill).await;
+    // Seeded with refill off: the start-up catch-up sweep refills every one of them.
+    let users: Vec<String> = (0..50).map(|i| format!("sw-{i:02}")).collect();
+    seed(&env, &users, 1).await;
+    let mut held = env.pool.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM credit.balances WHERE user_id = 'sw-25' FOR UPDATE")
+        .execute(&mut *held)
+        .await
+        .expect("lock a user");
+    let (mut w, _port, log) = WorkerProcess::spawn_logged(&env.process_env(), &["run"], "info");
+    let waiting = "SELECT count(*) FROM pg_stat_activity
+                    WHERE datname = current_database() AND wait_event_type = 'Lock'";
+    wait_count(
+        &env,
+        T,
+        "the sweep waiting on the lock",
+        waiting,
+        &[],
+        |n| n >= 1,
+    )
+    .await;
+    w.sigterm();
+    // Released once the worker has gone as far into its stop as the sweep lets it: the
+    // relay's flush (were it not waiting for the sweep) or the wait for the sweep.
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = log.recv_timeout(left).expect("the worker logs its stop");
+        if line.contains("outbox flushed") || line.contains("before flushing the outbox") {
+            break;
+        }
+    }
+    held.commit().await.expect("release the lock");
+    assert_eq!(w.wait_exit(T).await, Some(0));
+    let refilled = "SELECT count(*) FROM credit.transactions
+                     WHERE transaction_key LIKE 'MONTHLY-CREDIT-TOP-UP-%'";
+    assert_eq!(env.scalar_i64(refilled).await, 50);
+    assert_eq!(env.scalar_i64(UNPUBLISHED).await, 0);
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
