@@ -37,8 +37,10 @@ use fields::Fields;
 /// Larger bodies are refused unread: no command needs more.
 pub(crate) const MAX_BODY_BYTES: usize = 1 << 20;
 
-/// Attempts of a command that fails on a transient database fault before `internal`. Few:
-/// the operator is waiting for an answer and can resend (keyed commands are idempotent).
+/// Attempts of a command that fails on a transient database fault before `internal`, when a
+/// reply is awaited. Few: the requester is waiting for an answer and can resend (keyed
+/// commands are idempotent). A command without `reply_to` is retried until it is done: no one
+/// would learn that it failed.
 const ATTEMPTS: usize = 3;
 
 /// Deliveries the broker may push ahead of the one being handled.
@@ -147,13 +149,15 @@ pub(crate) fn reply_body(result: &Result<Value, ControlError>) -> Value {
     }
 }
 
-/// Authorises, parses and runs one command. `sender` is the AMQP `user_id` property. None
-/// when `stop` fired while a transient fault was being retried: the caller leaves the message
-/// unacked so the broker hands it out again.
+/// Authorises, parses and runs one command. `sender` is the AMQP `user_id` property;
+/// `answered` whether a reply goes back (see [`ATTEMPTS`]). None when `stop` fired while a
+/// transient fault was being retried: the caller leaves the message unacked so the broker
+/// hands it out again.
 pub async fn execute(
     ctx: &Context,
     sender: Option<&str>,
     body: &[u8],
+    answered: bool,
     stop: &CancellationToken,
 ) -> Option<Result<Value, ControlError>> {
     let allowed = &ctx.settings.control.allowed_users;
@@ -179,7 +183,7 @@ pub async fn execute(
     let mut attempt = 1;
     loop {
         match command.run(ctx).await {
-            Err(e) if e.is_transient() && attempt < ATTEMPTS => {
+            Err(e) if e.is_transient() && (attempt < ATTEMPTS || !answered) => {
                 warn!(error = %e, attempt, "control command failed; retrying");
                 attempt += 1;
                 if !crate::retry::pause(&mut delays, stop).await {
@@ -262,7 +266,7 @@ async fn handle(
         .filter(|r| !r.is_empty());
     let command = label(&d.data);
     let started = Instant::now();
-    let Some(result) = execute(ctx, sender, &d.data, stop).await else {
+    let Some(result) = execute(ctx, sender, &d.data, reply_to.is_some(), stop).await else {
         return Ok(false);
     };
     let code = match &result {

@@ -716,31 +716,15 @@ async fn database_outage_gets_internal_and_the_loop_carries_on() {
         json!(1000)
     );
 
-    // Refuse new connections to the test database and end its sessions.
     let admin = env.admin_pool().await;
-    let db = env.db_name.clone();
-    sqlx::query(&format!("ALTER DATABASE \"{db}\" ALLOW_CONNECTIONS false"))
-        .execute(&admin)
-        .await
-        .expect("refuse connections");
-    sqlx::query(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-          WHERE datname = $1 AND pid <> pg_backend_pid()",
-    )
-    .bind(&db)
-    .execute(&admin)
-    .await
-    .expect("terminate sessions");
+    set_reachable(&admin, &env.db_name, false).await;
 
     let top_up = json!({"command": "top_up", "user_id": "erin", "amount": 5, "key": "OUTAGE-1"});
     let (code, message) = rpc.err(top_up.clone()).await;
     assert_eq!(code, "internal");
     assert!(message.starts_with("database: "), "{message}");
 
-    sqlx::query(&format!("ALTER DATABASE \"{db}\" ALLOW_CONNECTIONS true"))
-        .execute(&admin)
-        .await
-        .expect("allow connections");
+    set_reachable(&admin, &env.db_name, true).await;
     admin.close().await;
     // The failed request was acked (it is not redelivered behind our back) and the same
     // keyed command now applies exactly once.
@@ -751,6 +735,82 @@ async fn database_outage_gets_internal_and_the_loop_carries_on() {
     assert_eq!(rpc.ok(top_up).await["applied"], json!(false));
     assert_eq!(rpc.strays, 0);
     stop_audit_cleanup(env, worker).await;
+}
+
+/// A command nobody awaits a reply to (no `reply_to`: a payment side's fire-and-forget
+/// `top_up`) is retried through a database outage, past the attempts a waiting requester gets,
+/// and lands once the database is back.
+#[tokio::test]
+async fn a_command_without_reply_to_waits_out_a_database_outage() {
+    let env = TestEnv::with(quiet_scheduler).await;
+    let (mut w, _port, log) = WorkerProcess::spawn_logged(
+        &env.process_env(),
+        &["run"],
+        "warn,credit_worker::telemetry=info",
+    );
+    let mut rpc = Rpc::new(&env).await;
+    assert_eq!(
+        rpc.ok(json!({"command": "balance", "user_id": "fay"}))
+            .await["balance"],
+        json!(1000)
+    );
+    let admin = env.admin_pool().await;
+    set_reachable(&admin, &env.db_name, false).await;
+    let top_up = json!({"command": "top_up", "user_id": "fay", "amount": 5, "key": "PAY-1"});
+    rpc.send(
+        &serde_json::to_vec(&top_up).expect("json"),
+        Some("guest"),
+        false,
+    )
+    .await;
+    // Past the attempts a requester waiting for a reply would get before `internal`.
+    let deadline = std::time::Instant::now() + REPLY_TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = log.recv_timeout(left).expect("the worker logs the retries");
+        let v: Value = serde_json::from_str(&line).unwrap_or_default();
+        let retry = v["message"] == json!("control command failed; retrying");
+        if retry && v["attempt"].as_i64() >= Some(3) {
+            break;
+        }
+        assert_ne!(
+            v["message"],
+            json!("control command failed"),
+            "given up: {line}"
+        );
+    }
+    set_reachable(&admin, &env.db_name, true).await;
+    admin.close().await;
+    assert_eq!(
+        rpc.ok(json!({"command": "balance", "user_id": "fay"}))
+            .await["balance"],
+        json!(1005)
+    );
+    assert_eq!(rpc.ok(top_up).await["applied"], json!(false));
+    w.sigterm();
+    assert_eq!(w.wait_exit(REPLY_TIMEOUT).await, Some(0));
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
+/// Refuses new connections to `db` and ends its sessions, or lets connections in again.
+async fn set_reachable(admin: &sqlx::PgPool, db: &str, reachable: bool) {
+    sqlx::query(&format!(
+        "ALTER DATABASE \"{db}\" ALLOW_CONNECTIONS {reachable}"
+    ))
+    .execute(admin)
+    .await
+    .expect("alter database");
+    if !reachable {
+        sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+              WHERE datname = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(db)
+        .execute(admin)
+        .await
+        .expect("terminate sessions");
+    }
 }
 
 /// Each operator command of the CLI (SPEC §2) run as the binary, with the exit codes 0, 1, 2.
