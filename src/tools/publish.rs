@@ -14,14 +14,21 @@ pub async fn publish_entries(settings: &Settings, bodies: &[Vec<u8>]) -> anyhow:
     let conn = crate::amqp::connect(&settings.amqp, "credit-worker publish").await?;
     let publisher = Publisher::open(&conn).await?;
     let names = topology::declare(publisher.channel(), &settings.amqp).await?;
+    // Signed with the broker user it connects as (RabbitMQ checks the property against it),
+    // so a worker with `amqp.allowed_producers` bills them when that user is listed.
+    let props = match crate::amqp::producer::own_user(&settings.amqp.url) {
+        Some(user) => amqp::persistent_json().with_user_id(user.into()),
+        None => amqp::persistent_json(),
+    };
     let mut confirmed = 0;
     for chunk in bodies.chunks(WINDOW) {
-        confirmed += publish_window(
-            &publisher,
-            &names.input_queue,
-            chunk.iter().map(Vec::as_slice),
-        )
-        .await?;
+        let messages = chunk.iter().map(|body| Outgoing {
+            exchange: "",
+            routing_key: &names.input_queue,
+            body,
+            properties: props.clone(),
+        });
+        confirmed += publisher.publish_all(messages).await?;
     }
     let _ = crate::tools::close_connection(conn, "done").await;
     Ok(confirmed)

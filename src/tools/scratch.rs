@@ -33,6 +33,8 @@ impl Scratch {
         database.url = with_database(&settings.database.url, &db_name)?;
         let mut amqp = settings.amqp.clone();
         amqp.namespace = namespace.clone();
+        // The tool itself is the only producer in its namespace.
+        amqp.allowed_producers.clear();
         Ok(Scratch {
             run_id,
             admin_url: with_database(&settings.database.url, "postgres")?,

@@ -180,6 +180,25 @@ async fn invalid_messages_are_dead_lettered_with_a_reason_and_the_next_is_proces
     env.cleanup().await;
 }
 
+/// The `publish` tool signs its messages with the broker user it connects as, so a worker
+/// that bills only listed producers bills them when that user is listed.
+#[tokio::test]
+async fn the_publish_tool_is_a_producer_like_any_other() {
+    let env = TestEnv::with(|s| {
+        no_refill(s);
+        let uri: lapin::uri::AMQPUri = s.amqp.url.parse().expect("AMQP URL");
+        s.amqp.allowed_producers = vec![uri.authority.userinfo.username];
+    })
+    .await;
+    seed(&env, ["p"], 100).await;
+    let worker = Worker::start(env.settings.clone()).await.unwrap();
+    env.publish(&[body(&platform_gpt4("p", "pt-1"))]).await;
+    env.wait_decisions(1, T).await;
+    assert_eq!(env.outcome_of("pt-1").await.as_deref(), Some("charged"));
+    worker.stop().await.unwrap();
+    env.cleanup().await;
+}
+
 /// A dead letter loses the TTL it was sent with (as RabbitMQ's own dead-lettering does), so it
 /// stays in the dead queue; its other properties are kept.
 #[tokio::test]
@@ -922,7 +941,8 @@ async fn only_allowed_producers_are_billed() {
 
     let env = TestEnv::with(|s| {
         no_refill(s);
-        s.amqp.allowed_producers = vec!["guest".into()];
+        let uri: lapin::uri::AMQPUri = s.amqp.url.parse().expect("AMQP URL");
+        s.amqp.allowed_producers = vec![uri.authority.userinfo.username];
     })
     .await;
     seed(&env, ["prod"], 100).await;
