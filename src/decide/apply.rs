@@ -80,12 +80,10 @@ fn apply_unchecked(
     let count = account.next_execution(day);
     let fee = rules.fee.due_from(account, count, &e.user_id, day);
     let fee_amount = fee.as_ref().map_or(0, |f| f.amount);
-    let total = price.cost.checked_add(fee_amount).ok_or_else(|| {
-        LedgerError::AmountOutOfRange(format!(
-            "cost {} + execution fee {fee_amount} of node execution {} overflows a 64-bit integer",
-            price.cost, e.node_exec_id
-        ))
-    })?;
+    let total = price
+        .cost
+        .checked_add(fee_amount)
+        .ok_or_else(|| fee_overflow(e, price.cost, fee_amount))?;
     let before = account.balance;
     // A debt (only a post-flight charge makes one) rejects every paid execution.
     if total > 0 && total > before {
@@ -296,6 +294,12 @@ pub(crate) fn decide_from_completion(
         let due = rules.fee.due_from(account, count, &e.user_id, day);
         account.count_execution(day, count);
         let before = account.balance;
+        if let Some(f) = &due {
+            // Refused like a start whose cost and fee overflow, not capped to what fits.
+            post.cost
+                .checked_add(f.amount)
+                .ok_or_else(|| fee_overflow(e, post.cost, f.amount))?;
+        }
         let available = if rules.allow_debt {
             i64::MAX
         } else {
@@ -377,6 +381,13 @@ fn exec(e: &NodeExecutionEntry) -> ExecutionRef<'_> {
         node_exec_id: Some(&e.node_exec_id),
         graph_exec_id: Some(&e.graph_exec_id),
     }
+}
+
+fn fee_overflow(e: &NodeExecutionEntry, cost: i64, fee: i64) -> LedgerError {
+    LedgerError::AmountOutOfRange(format!(
+        "cost {cost} + execution fee {fee} of node execution {} overflows a 64-bit integer",
+        e.node_exec_id
+    ))
 }
 
 fn overflow(e: &NodeExecutionEntry, amount: i64) -> LedgerError {

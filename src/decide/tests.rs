@@ -308,6 +308,34 @@ fn a_completion_that_overtakes_its_start_decides_and_the_start_is_a_duplicate() 
 }
 
 #[test]
+fn a_completion_first_whose_cost_and_fee_overflow_is_refused_not_capped() {
+    let table = format!(
+        r#"[[block]]
+        id = "big"
+        costs = [{{ cost_amount = {}, cost_type = "run", cost_filter = {{}} }}]"#,
+        i64::MAX
+    );
+    let p = Pricing {
+        costs: CostTable::from_toml_str(&table, "test").unwrap(),
+        fee: FeePolicy {
+            every: 1,
+            amount: 1,
+        },
+        ..settle_pricing(true)
+    };
+    let mut l = MemoryLedger::default();
+    let v = l.decide(&p, &[run("u", "a", "big", Some(json!({})))], now());
+    let Verdict::Invalid { reason } = &v[0] else {
+        panic!("{v:?}");
+    };
+    assert!(reason.contains("overflows"), "{reason}");
+    assert!(l.decisions.is_empty() && l.settlements.is_empty());
+    // The start is refused the same way.
+    let v = l.decide(&p, &[run("u", "a", "big", None)], now());
+    assert!(matches!(&v[0], Verdict::Invalid { reason } if reason.contains("overflows")));
+}
+
+#[test]
 fn debt_is_taken_then_rejects_paid_runs_and_a_refill_clears_it() {
     let p = settle_pricing(true);
     let mut l = MemoryLedger::default();
