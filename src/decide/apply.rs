@@ -76,7 +76,7 @@ fn apply_unchecked(
     if let Some((policy, month)) = rules.ledger.lazy(now) {
         account.refill(changes, policy, month, now)?;
     }
-    let day = now.date_naive();
+    let day = account.counting_day(now.date_naive());
     let count = account.next_execution(day);
     let fee = rules.fee.due_from(account, count, &e.user_id, day);
     let fee_amount = fee.as_ref().map_or(0, |f| f.amount);
@@ -289,7 +289,7 @@ pub(crate) fn decide_from_completion(
         if let Some((policy, month)) = rules.ledger.lazy(now) {
             account.refill(changes, policy, month, now)?;
         }
-        let day = now.date_naive();
+        let day = account.counting_day(now.date_naive());
         let count = account.next_execution(day);
         let due = rules.fee.due_from(account, count, &e.user_id, day);
         account.count_execution(day, count);

@@ -627,6 +627,41 @@ fn fee_keys_count_the_days_fees_when_every_changes() {
     );
 }
 
+/// A replica whose clock lags behind midnight counts on the day already begun: the day
+/// before is not counted again from 1, which would re-issue its fees' keys.
+#[test]
+fn an_execution_stamped_before_the_counted_day_counts_on_that_day() {
+    let mut ledger = MemoryLedger::default();
+    let tomorrow = now() + chrono::Duration::days(1);
+    let today: Vec<_> = (1..=2).map(|i| entry("u", &format!("t{i}"), 0)).collect();
+    let next: Vec<_> = (1..=2).map(|i| entry("u", &format!("n{i}"), 0)).collect();
+    ledger.decide(&pricing(1), &today, now());
+    ledger.decide(&pricing(1), &next[..1], tomorrow);
+    // Stamped a moment before midnight by a lagging clock, after the new day began.
+    let lagging = ledger.decide(&pricing(1), &next[1..], now());
+    assert!(
+        matches!(lagging[0], Verdict::Decided { fee: 1, .. }),
+        "{lagging:?}"
+    );
+    let fees: Vec<&str> = ledger
+        .transactions
+        .iter()
+        .map(|t| t.transaction_key.as_str())
+        .filter(|k| k.starts_with("EXECUTION-FEE-"))
+        .collect();
+    assert_eq!(
+        fees,
+        [
+            "EXECUTION-FEE-u-2026-11-25-1",
+            "EXECUTION-FEE-u-2026-11-25-2",
+            "EXECUTION-FEE-u-2026-11-26-1",
+            "EXECUTION-FEE-u-2026-11-26-2"
+        ]
+    );
+    let u = &ledger.accounts["u"];
+    assert_eq!((u.fee_day, u.fee_count), (Some(tomorrow.date_naive()), 2));
+}
+
 /// A balance row from before fees were counted (`fee_n` NULL) continues from
 /// `fee_count / every`, the ordinals its fees took.
 #[test]

@@ -213,6 +213,13 @@ impl Account {
         seq
     }
 
+    /// The day an execution at UTC date `today` counts on: `today`, or the account's counting
+    /// day when that is later (a replica whose clock lags across midnight). Counting on an
+    /// earlier day would restart a day already counted, re-issuing its fees' keys.
+    pub(crate) fn counting_day(&self, today: NaiveDate) -> NaiveDate {
+        self.fee_day.map_or(today, |d| d.max(today))
+    }
+
     /// The number this account's next execution on `day` has (1 on a new UTC day): the
     /// execution fee is due by it.
     pub(crate) fn next_execution(&self, day: NaiveDate) -> i64 {
