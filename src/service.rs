@@ -25,13 +25,14 @@ use crate::telemetry::Health;
 
 /// Loads the cost table named by `cost.table`, or the built-in one.
 pub fn load_costs(settings: &Settings) -> anyhow::Result<CostTable> {
+    use anyhow::Context as _;
     let table = match &settings.cost.table {
         None => CostTable::builtin()?,
-        Some(path) => CostTable::load(path)?,
+        Some(path) => CostTable::load(path).context("cost.table")?,
     };
     let estimates = match &settings.cost.preflight_estimates {
         None => Estimates::builtin()?,
-        Some(path) => Estimates::load(path)?,
+        Some(path) => Estimates::load(path).context("cost.preflight_estimates")?,
     };
     Ok(table.with_estimates(estimates))
 }
@@ -410,6 +411,24 @@ fn cause(result: Result<(), JoinError>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cost_file_that_cannot_be_read_is_named_by_its_key() {
+        for (key, var) in [
+            ("cost.table", "CREDIT_WORKER__COST__TABLE"),
+            (
+                "cost.preflight_estimates",
+                "CREDIT_WORKER__COST__PREFLIGHT_ESTIMATES",
+            ),
+        ] {
+            let env = [(var.to_owned(), "/nonexistent/costs".to_owned())];
+            let settings = Settings::load_from(None, &env).expect("settings");
+            let e = load_costs(&settings).expect_err("missing file");
+            let text = format!("{e:#}");
+            let expected = format!("{key}: /nonexistent/costs: cannot read: ");
+            assert!(text.starts_with(&expected), "{text}");
+        }
+    }
 
     #[tokio::test]
     async fn the_first_task_to_end_is_named_with_its_cause() {

@@ -24,7 +24,7 @@ const BUILTIN_ORIGIN: &str = "built-in config/block_costs.toml";
 #[derive(Debug, thiserror::Error)]
 pub enum CostError {
     /// The table file could not be read.
-    #[error("{origin}: cannot read the cost table: {source}")]
+    #[error("{origin}: cannot read: {source}")]
     Read {
         origin: String,
         #[source]
@@ -1730,7 +1730,7 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(
-            msg.starts_with("/nonexistent/block_costs.toml: cannot read the cost table: "),
+            msg.starts_with("/nonexistent/block_costs.toml: cannot read: "),
             "{msg}"
         );
     }
