@@ -41,6 +41,17 @@ pub(crate) fn rfc3339(at: DateTime<Utc>) -> String {
     at.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 
+/// The user part of a `balance.changed` event id: `%` and `:` percent-encoded, so that the id
+/// names one (user, key) pair even when both hold colons. Unchanged for a user without either
+/// (SQL: `credit.event_user`, migration 0013).
+pub(crate) fn event_user(user_id: &str) -> std::borrow::Cow<'_, str> {
+    if user_id.contains(['%', ':']) {
+        user_id.replace('%', "%25").replace(':', "%3A").into()
+    } else {
+        user_id.into()
+    }
+}
+
 /// `balance.changed`: one per ledger row; (user, transaction_key) identifies the row.
 #[allow(clippy::too_many_arguments)]
 pub fn balance_changed(
@@ -53,7 +64,10 @@ pub fn balance_changed(
     exec: ExecutionRef<'_>,
     at: DateTime<Utc>,
 ) -> NewEvent {
-    let event_id = format!("{BALANCE_CHANGED}:{user_id}:{transaction_key}");
+    let event_id = format!(
+        "{BALANCE_CHANGED}:{}:{transaction_key}",
+        event_user(user_id)
+    );
     let payload = BalanceChanged {
         amount,
         balance,
@@ -218,7 +232,7 @@ mod tests {
     /// What `balance_changed` wrote when it built a JSON value: the same text, byte for byte.
     fn as_value(user: &str, key: &str, exec: ExecutionRef<'_>, at: DateTime<Utc>) -> String {
         let mut v = json!({
-            "event_id": format!("{BALANCE_CHANGED}:{user}:{key}"),
+            "event_id": format!("{BALANCE_CHANGED}:{}:{key}", event_user(user)),
             "type": BALANCE_CHANGED, "user_id": user, "occurred_at": rfc3339(at),
             "amount": -10, "balance": 90, "seq": 7,
             "transaction_type": "USAGE", "transaction_key": key,
@@ -253,5 +267,17 @@ mod tests {
             assert_eq!(e.payload, as_value(user, key, exec, at));
             assert_eq!(e.event_id, format!("balance.changed:{user}:{key}"));
         }
+    }
+
+    #[test]
+    fn a_balance_changed_id_names_one_user_and_key() {
+        let at = Utc.with_ymd_and_hms(2026, 11, 25, 12, 0, 0).unwrap();
+        let id = |user, key| {
+            balance_changed(user, 1, 5, 5, "TOP_UP", key, Default::default(), at).event_id
+        };
+        assert_eq!(id("a", "x:y"), "balance.changed:a:x:y");
+        assert_eq!(id("a:x", "y"), "balance.changed:a%3Ax:y");
+        assert_eq!(id("a%3Ax", "y"), "balance.changed:a%253Ax:y");
+        assert_eq!(id("alice", "USAGE-n1"), "balance.changed:alice:USAGE-n1");
     }
 }

@@ -77,18 +77,28 @@ SELECT s.user_id, s.node_exec_id FROM credit.settlements s
  LIMIT 1000";
 
 /// A ledger row's event is a row of its own (found by event_id) or an element of a run of
-/// events (migration 0009), whose ids are read out of the runs. Rows stamped before the
-/// retention horizon (migration 0011) are not looked at: their events may have been deleted
-/// once published. Events are stamped with their row's time; the minute's margin covers rows
-/// written before that, whose events were stamped with their transaction's start.
+/// events (migration 0009), whose ids are read out of the runs. Its id is the one of migration
+/// 0013 (`id_now`) or, for a user whose id holds `%` or `:` and a row written before it, the
+/// one with the user id as it is (`id_before`); each is looked up by equality, so each lookup
+/// is one hashed anti-join. Rows stamped before the retention horizon (migration 0011) are
+/// not looked at: their events may have been deleted once published. Events are stamped with
+/// their row's time; the minute's margin covers rows written before that, whose events were
+/// stamped with their transaction's start.
 const ROW_WITHOUT_EVENT: &str = "
-SELECT t.user_id, t.seq FROM credit.transactions t
- WHERE t.created_at >= (SELECT pruned_before FROM credit.outbox_relay) + interval '1 minute'
-   AND NOT EXISTS (SELECT 1 FROM credit.outbox o
-                    WHERE o.event_id = 'balance.changed:' || t.user_id || ':' || t.transaction_key)
-   AND NOT EXISTS (SELECT 1 FROM credit.outbox o, json_array_elements(o.run) e
-                    WHERE o.events > 1 AND o.routing_key = 'balance.changed'
-                      AND e->>'event_id' = 'balance.changed:' || t.user_id || ':' || t.transaction_key)
+WITH ids AS (
+    SELECT event_id AS id FROM credit.outbox
+    UNION ALL
+    SELECT e->>'event_id' FROM credit.outbox o, json_array_elements(o.run) e
+     WHERE o.events > 1 AND o.routing_key = 'balance.changed')
+SELECT t.user_id, t.seq
+  FROM (SELECT user_id, seq,
+               'balance.changed:' || credit.event_user(user_id) || ':' || transaction_key AS id_now,
+               'balance.changed:' || user_id || ':' || transaction_key AS id_before
+          FROM credit.transactions
+         WHERE created_at >= (SELECT pruned_before FROM credit.outbox_relay) + interval '1 minute'
+       ) t
+ WHERE NOT EXISTS (SELECT 1 FROM ids WHERE ids.id = t.id_now)
+   AND NOT EXISTS (SELECT 1 FROM ids WHERE ids.id = t.id_before)
  LIMIT 1000";
 
 const COUNTS: &str = "SELECT (SELECT count(*) FROM credit.balances) AS users,

@@ -1242,3 +1242,58 @@ async fn a_sweep_chunk_writes_its_events_a_thousand_to_a_row() {
     env.assert_audit_clean().await;
     env.cleanup().await;
 }
+
+/// Two (user, key) pairs that read alike once joined with colons get distinct event ids, in the
+/// ledger's writes and in the sweep's, and the audit finds every row's event, also one stored
+/// under the id of a user with a colon as it was before ids encoded it.
+#[tokio::test]
+async fn event_ids_name_one_user_and_key_even_with_colons() {
+    let env = TestEnv::with(no_refill).await;
+    let l = env.ledger();
+    let now = Utc::now();
+    l.credit(TxType::TopUp, "a", 5, Some("x:y"), None, now)
+        .await
+        .unwrap();
+    let second = l
+        .credit(TxType::TopUp, "a:x", 5, Some("y"), None, now)
+        .await;
+    assert_eq!(second.map(|p| p.balance).ok(), Some(5));
+    l.credit(TxType::TopUp, "50%:off", 5, Some("k"), None, now)
+        .await
+        .unwrap();
+    let policy = credit_worker::ledger::RefillPolicy { target: 100 };
+    let month: Month = "2026-12".parse().unwrap();
+    refill::sweep(&env.pool, policy, month, None, 2, |_| {})
+        .await
+        .unwrap();
+    let mut ids: Vec<String> = stored_events(&env).await.into_iter().map(|e| e.0).collect();
+    ids.sort();
+    assert_eq!(
+        ids,
+        [
+            "balance.changed:50%25%3Aoff:MONTHLY-CREDIT-TOP-UP-2026-12",
+            "balance.changed:50%25%3Aoff:k",
+            "balance.changed:a%3Ax:MONTHLY-CREDIT-TOP-UP-2026-12",
+            "balance.changed:a%3Ax:y",
+            "balance.changed:a:MONTHLY-CREDIT-TOP-UP-2026-12",
+            "balance.changed:a:x:y",
+        ]
+    );
+    env.assert_audit_clean().await;
+    // A row written before ids encoded the user keeps the id it was published under.
+    let legacy = "UPDATE credit.outbox SET event_id = 'balance.changed:50%:off:k'
+                   WHERE event_id = 'balance.changed:50%25%3Aoff:k'";
+    sqlx::query(legacy).execute(&env.pool).await.unwrap();
+    env.assert_audit_clean().await;
+    // Under neither id, it is missing.
+    let gone = "DELETE FROM credit.outbox WHERE event_id = 'balance.changed:50%:off:k'";
+    sqlx::query(gone).execute(&env.pool).await.unwrap();
+    let report = credit_worker::ledger::audit::run(&env.pool).await.unwrap();
+    let missing: Vec<&str> = report
+        .mismatches
+        .iter()
+        .map(|m| m.user_id.as_str())
+        .collect();
+    assert_eq!(missing, ["50%:off"]);
+    env.cleanup().await;
+}
