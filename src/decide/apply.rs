@@ -305,10 +305,14 @@ pub(crate) fn decide_from_completion(
         } else {
             before.max(0)
         };
+        let due_amount = due.as_ref().map_or(0, |f| f.amount);
         let fee = due.filter(|f| f.amount <= available);
         let fee_amount = fee.as_ref().map_or(0, |f| f.amount);
         let cost = post.cost.min(available - fee_amount);
         let uncollected = post.cost - cost;
+        // A fee the balance could not hold is reported with the cost's rest (it fits: cost +
+        // fee was checked above).
+        let reported = uncollected + (due_amount - fee_amount);
         let charged = Price {
             cost,
             ..post.clone()
@@ -316,14 +320,7 @@ pub(crate) fn decide_from_completion(
         let (transaction_key, fee_key) =
             post_charges(account, changes, e, &charged, fee, count, true, now)?;
         let debited = transaction_key.is_some() || fee_key.is_some();
-        debit_events(
-            account,
-            changes,
-            e,
-            rules,
-            (before, debited, uncollected),
-            now,
-        );
+        debit_events(account, changes, e, rules, (before, debited, reported), now);
         let d = decision(
             e,
             paid_or_free(cost),

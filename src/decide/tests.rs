@@ -392,6 +392,49 @@ fn without_debt_the_rest_is_reported_uncollected() {
     assert_eq!(ev.map(|e| e.json()["amount"].clone()), Some(json!(50)));
 }
 
+/// Without debt, a completion that overtook its start takes its fee first, then what the
+/// balance still holds of its cost; a fee the balance cannot hold is not taken either, and is
+/// reported in `charge.uncollected` with the rest of the cost.
+#[test]
+fn without_debt_a_fee_not_taken_is_reported_uncollected_too() {
+    let p = Pricing {
+        fee: FeePolicy {
+            every: 1,
+            amount: 5,
+        },
+        ..settle_pricing(false)
+    };
+    let mut l = MemoryLedger::default();
+    let usd = |cost: f64| Some(json!({"provider_cost": cost, "provider_cost_type": "cost_usd"}));
+    // The refill's 100: a fee of 5, then 95 of 150.
+    l.decide(&p, &[run("u", "s1", "search", usd(1.5))], now());
+    // Nothing left: neither the fee of 5 nor the cost of 2.
+    let v = l.decide(&p, &[run("u", "s2", "search", usd(0.02))], now());
+    assert!(
+        matches!(
+            v[0],
+            Verdict::Decided {
+                cost: 0,
+                fee: 0,
+                balance: 0,
+                ..
+            }
+        ),
+        "{v:?}"
+    );
+    let amounts: Vec<serde_json::Value> = l
+        .events
+        .iter()
+        .filter(|e| e.routing_key == crate::events::CHARGE_UNCOLLECTED)
+        .map(|e| e.json()["amount"].clone())
+        .collect();
+    assert_eq!(amounts, [json!(55), json!(7)]);
+    assert_eq!(
+        (l.settlements["s2"].post, l.settlements["s2"].uncollected),
+        (2, 2)
+    );
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(200))]
 
