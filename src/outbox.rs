@@ -49,6 +49,8 @@ pub(crate) enum RelayError {
     Malformed { id: i64, reason: String },
 }
 
+impl crate::amqp::SessionFault for RelayError {}
+
 pub(crate) struct Relay {
     pub settings: Arc<Settings>,
     pub pool: PgPool,

@@ -17,7 +17,7 @@ use lapin::{BasicProperties, Connect, Connection, ConnectionProperties};
 use crate::config::AmqpSettings;
 
 pub use publisher::{Outgoing, PublishError, Publisher};
-pub(crate) use session::reconnecting;
+pub(crate) use session::{reconnecting, SessionFault};
 
 /// How long one connection attempt may take (TCP, TLS and the AMQP handshake): a peer that
 /// accepts TCP but never answers AMQP must not hang a session forever.

@@ -7,13 +7,23 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{error, warn};
 
 /// A session that lived this long was healthy: the next fault starts the backoff afresh.
 const HEALTHY: Duration = Duration::from_secs(30);
 
+/// Why a session ended, as far as reconnecting is concerned.
+pub(crate) trait SessionFault: Display {
+    /// Whether reconnecting cannot help: the broker refuses what the configuration asks for.
+    fn is_permanent(&self) -> bool {
+        false
+    }
+}
+
 /// Runs `session` until it returns `Ok` or `stop` fires; `what` names it in logs and metrics.
-/// Returns whether it ended cleanly (false when stopped while waiting to reconnect).
+/// Returns whether it ended cleanly (false when stopped while waiting to reconnect). A
+/// permanent fault is logged and ends it too: the caller's task then ends, which stops the
+/// process with the reason in the log rather than retrying forever.
 pub(crate) async fn reconnecting<F, Fut, E>(
     what: &'static str,
     stop: &CancellationToken,
@@ -22,7 +32,7 @@ pub(crate) async fn reconnecting<F, Fut, E>(
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<(), E>>,
-    E: Display,
+    E: SessionFault,
 {
     let mut delays = crate::retry::backoff();
     loop {
@@ -32,6 +42,10 @@ where
         let started = Instant::now();
         match session().await {
             Ok(()) => return true,
+            Err(e) if e.is_permanent() => {
+                error!(error = %e, session = what, "the broker refuses this configuration; not reconnecting");
+                return false;
+            }
             Err(e) => {
                 metrics::counter!("credit_broker_reconnects_total", "session" => what).increment(1);
                 warn!(error = %e, session = what, "broker session ended; reconnecting");

@@ -65,6 +65,20 @@ fn queue_args(settings: &AmqpSettings) -> FieldTable {
 }
 
 /// Declares the whole topology; idempotent.
+/// Whether the broker refused a declaration because the queue or exchange exists with other
+/// arguments (e.g. `amqp.delivery_limit` or `amqp.queue_type` changed): RabbitMQ cannot change
+/// them in place, so every reconnect would be refused the same way.
+pub(crate) fn refuses_arguments(e: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => {
+            *amqp.kind() == AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)
+                && amqp.get_message().as_str().contains("inequivalent arg")
+        }
+        _ => false,
+    }
+}
+
 pub async fn declare(ch: &Channel, settings: &AmqpSettings) -> Result<Names, lapin::Error> {
     let names = Names::new(&settings.namespace);
     ch.exchange_declare(

@@ -60,6 +60,12 @@ enum SessionError {
     AckNotSent,
 }
 
+impl crate::amqp::SessionFault for SessionError {
+    fn is_permanent(&self) -> bool {
+        matches!(self, SessionError::Amqp(e) if crate::amqp::topology::refuses_arguments(e))
+    }
+}
+
 /// One connection's worth of consuming.
 struct Session {
     conn: Connection,

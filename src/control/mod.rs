@@ -205,6 +205,12 @@ enum SessionError {
     AckNotSent,
 }
 
+impl crate::amqp::SessionFault for SessionError {
+    fn is_permanent(&self) -> bool {
+        matches!(self, SessionError::Amqp(e) if crate::amqp::topology::refuses_arguments(e))
+    }
+}
+
 /// Answers control commands until `stop` fires, reconnecting after broker faults.
 pub(crate) async fn serve(settings: Arc<Settings>, ledger: Ledger, stop: CancellationToken) {
     let ctx = Context { settings, ledger };

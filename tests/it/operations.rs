@@ -542,3 +542,28 @@ async fn sigterm_during_a_sweep_publishes_the_sweeps_events_before_exit() {
     env.assert_audit_clean().await;
     env.cleanup().await;
 }
+
+/// A queue that exists with other arguments than configured (here `amqp.delivery_limit`
+/// changed) is refused by the broker on every reconnect: the worker says so and exits non-zero
+/// rather than retry forever without consuming.
+#[tokio::test]
+async fn a_queue_declared_with_other_arguments_stops_the_worker_with_the_reason() {
+    let env = TestEnv::with(no_refill).await;
+    // Declares the topology as the test's settings have it (delivery limit 5).
+    let (_conn, _ch) = env.amqp_channel().await;
+    let mut vars = env.process_env();
+    vars.push(("CREDIT_WORKER__AMQP__DELIVERY_LIMIT".into(), "7".into()));
+    let (mut w, _port, log) =
+        WorkerProcess::spawn_logged(&vars, &["run"], "warn,credit_worker::telemetry=info");
+    let exit = w.wait_exit(T).await;
+    assert!(matches!(exit, Some(code) if code != 0), "exit {exit:?}");
+    // Every line: the sender goes once the exited process's stderr ends.
+    let lines: Vec<String> = log.iter().collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("refuses this configuration") && l.contains("x-delivery-limit")),
+        "{lines:#?}"
+    );
+    env.cleanup().await;
+}
