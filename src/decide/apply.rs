@@ -294,18 +294,16 @@ pub(crate) fn decide_from_completion(
         let due = rules.fee.due_from(account, count, &e.user_id, day);
         account.count_execution(day, count);
         let before = account.balance;
-        if let Some(f) = &due {
-            // Refused like a start whose cost and fee overflow, not capped to what fits.
-            post.cost
-                .checked_add(f.amount)
-                .ok_or_else(|| fee_overflow(e, post.cost, f.amount))?;
-        }
+        let due_amount = due.as_ref().map_or(0, |f| f.amount);
+        // Refused like a start whose cost and fee overflow, not capped to what fits.
+        post.cost
+            .checked_add(due_amount)
+            .ok_or_else(|| fee_overflow(e, post.cost, due_amount))?;
         let available = if rules.allow_debt {
             i64::MAX
         } else {
             before.max(0)
         };
-        let due_amount = due.as_ref().map_or(0, |f| f.amount);
         let fee = due.filter(|f| f.amount <= available);
         let fee_amount = fee.as_ref().map_or(0, |f| f.amount);
         let cost = post.cost.min(available - fee_amount);
