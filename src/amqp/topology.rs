@@ -64,7 +64,6 @@ fn queue_args(settings: &AmqpSettings) -> FieldTable {
     args
 }
 
-/// Declares the whole topology; idempotent.
 /// Whether the broker refused a declaration because the queue or exchange exists with other
 /// arguments (e.g. `amqp.delivery_limit` or `amqp.queue_type` changed): RabbitMQ cannot change
 /// them in place, so every reconnect would be refused the same way.
@@ -79,6 +78,7 @@ pub(crate) fn refuses_arguments(e: &lapin::Error) -> bool {
     }
 }
 
+/// Declares the whole topology; idempotent.
 pub async fn declare(ch: &Channel, settings: &AmqpSettings) -> Result<Names, lapin::Error> {
     let names = Names::new(&settings.namespace);
     ch.exchange_declare(

@@ -139,9 +139,15 @@ pub(crate) fn with_database(url: &str, db: &str) -> anyhow::Result<String> {
         Some(i) => &base[..authority_start + i],
         None => base,
     };
-    Ok(match query {
-        Some(q) => format!("{server}/{db}?{q}"),
-        None => format!("{server}/{db}"),
+    // A `dbname` parameter would win over the path and take the tool into that database.
+    let kept: Vec<&str> = query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .filter(|p| !p.is_empty() && p.split('=').next() != Some("dbname"))
+        .collect();
+    Ok(match kept.is_empty() {
+        false => format!("{server}/{db}?{}", kept.join("&")),
+        true => format!("{server}/{db}"),
     })
 }
 
@@ -159,6 +165,12 @@ mod tests {
                 "postgres://u:p@127.0.0.1:5432/x?sslmode=disable",
             ),
             ("postgres:///credit?host=/run", "postgres:///x?host=/run"),
+            // The path names the database only when no `dbname` parameter does.
+            (
+                "postgres://h/postgres?dbname=live&sslmode=require",
+                "postgres://h/x?sslmode=require",
+            ),
+            ("postgres://h/?dbname=live", "postgres://h/x"),
         ];
         for (url, want) in cases {
             assert_eq!(with_database(url, "x").unwrap(), want);
