@@ -1280,6 +1280,22 @@ async fn event_ids_name_one_user_and_key_even_with_colons() {
         ]
     );
     env.assert_audit_clean().await;
+    // An id in the form before the encoding, of user `a%3Ax` (the newer form of `a:x`'s),
+    // left in the outbox does not stop that user's ledger.
+    sqlx::query(
+        "INSERT INTO credit.outbox (event_id, routing_key, payload)
+         VALUES ('balance.changed:a%3Ax:z', 'balance.changed', '{}')",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    l.credit(TxType::TopUp, "a:x", 5, Some("z"), None, now)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM credit.outbox WHERE payload::text = '{}'")
+        .execute(&env.pool)
+        .await
+        .unwrap();
     // A row written before ids encoded the user keeps the id it was published under.
     let legacy = "UPDATE credit.outbox SET event_id = 'balance.changed:50%:off:k'
                    WHERE event_id = 'balance.changed:50%25%3Aoff:k'";
@@ -1295,5 +1311,36 @@ async fn event_ids_name_one_user_and_key_even_with_colons() {
         .map(|m| m.user_id.as_str())
         .collect();
     assert_eq!(missing, ["50%:off"]);
+    env.cleanup().await;
+}
+
+/// A range of users whose refill fails for good (here a ledger row already holding the
+/// month's key) is reported when the sweep ends, after every other range was refilled.
+#[tokio::test]
+async fn a_range_that_cannot_be_refilled_holds_up_no_other() {
+    let env = TestEnv::with(no_refill).await;
+    for i in 0..20 {
+        sqlx::query("INSERT INTO credit.balances (user_id) VALUES ($1)")
+            .bind(format!("r{i:02}"))
+            .execute(&env.pool)
+            .await
+            .unwrap();
+    }
+    sqlx::query(
+        "INSERT INTO credit.transactions (user_id, seq, transaction_key, type, amount, running_balance)
+         VALUES ('r03', 1, 'MONTHLY-CREDIT-TOP-UP-2026-12', 'GRANT', 1, 1)",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let policy = credit_worker::ledger::RefillPolicy { target: 100 };
+    let month: Month = "2026-12".parse().unwrap();
+    let swept = refill::sweep(&env.pool, policy, month, None, 2, |_| {}).await;
+    assert!(swept.is_err(), "{swept:?}");
+    // The range (r02, r03] failed as one transaction; the nine others were refilled.
+    let refilled = "SELECT count(*) FROM credit.balances WHERE refill_month = '2026-12-01'";
+    assert_eq!(env.scalar_i64(refilled).await, 18);
+    let r02 = "SELECT balance FROM credit.balances WHERE user_id = 'r02'";
+    assert_eq!(env.scalar_i64(r02).await, 0);
     env.cleanup().await;
 }
