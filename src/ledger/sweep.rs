@@ -7,6 +7,7 @@ use chrono::Utc;
 use futures::stream::{FuturesUnordered, StreamExt};
 use serde::Serialize;
 use sqlx::PgPool;
+use tracing::warn;
 
 use super::account::{Changes, RefillPolicy};
 use super::month::Month;
@@ -128,6 +129,16 @@ async fn sweep_all(
     };
     let mut cursor = Some(String::new());
     let mut running = FuturesUnordered::new();
+    // A range that fails is reported at the end, after the ranges behind it were swept: one
+    // account that cannot be refilled holds up no one else's refill.
+    let mut failed = None;
+    let mut finished = |done: Result<RefillTotals, LedgerError>, report: &mut SweepReport| {
+        match done {
+            Ok(totals) => report.add(totals),
+            Err(e) => failed = failed.take().or(Some(e)),
+        }
+        progress(report);
+    };
     loop {
         let next = if running.len() < PARALLEL_CHUNKS {
             cursor.take()
@@ -136,10 +147,9 @@ async fn sweep_all(
         };
         let Some(after) = next else {
             let Some(done) = running.next().await else {
-                return Ok(());
+                break;
             };
-            report.add(done?);
-            progress(report);
+            finished(done, report);
             continue;
         };
         // The chunks in flight keep going while the next range is read: one left unpolled
@@ -151,10 +161,7 @@ async fn sweep_all(
             loop {
                 tokio::select! {
                     through = &mut end => break through?,
-                    Some(done) = running.next() => {
-                        report.add(done?);
-                        progress(report);
-                    }
+                    Some(done) = running.next() => finished(done, report),
                 }
             }
         };
@@ -163,6 +170,7 @@ async fn sweep_all(
             running.push(sweep_chunk(pool, &grant, after, through));
         }
     }
+    failed.map_or(Ok(()), Err)
 }
 
 /// One range (`after`, `through`] in one transaction.
@@ -172,8 +180,13 @@ async fn sweep_chunk(
     after: String,
     through: String,
 ) -> Result<RefillTotals, LedgerError> {
-    let mut tx = pool.begin().await?;
-    let totals = store::refill_chunk(&mut tx, &after, &through, grant, Utc::now()).await?;
-    tx.commit().await?;
-    Ok(totals)
+    let chunk = async {
+        let mut tx = pool.begin().await?;
+        let totals = store::refill_chunk(&mut tx, &after, &through, grant, Utc::now()).await?;
+        tx.commit().await?;
+        Ok(totals)
+    };
+    chunk.await.inspect_err(|e: &LedgerError| {
+        warn!(error = %e, after = %after, through = %through, "refill of a range of users failed; sweeping on");
+    })
 }
