@@ -1,14 +1,18 @@
-//! Who a republished message came from. RabbitMQ refuses a publish whose `user_id` property
-//! is not the publishing connection's user (unless that user may impersonate), so a message
-//! the worker dead-letters, or an operator replays, cannot keep a producer's `user_id` that is
-//! not theirs: it travels in [`PRODUCER_HEADER`] instead, and goes back into the property
-//! when the one republishing it is that producer.
+//! Who produced a message. RabbitMQ refuses a publish whose `user_id` property is not the
+//! publishing connection's user (unless that user may impersonate), so a message the worker
+//! dead-letters, or an operator replays, cannot keep a producer's `user_id` that is not theirs.
+//! It is republished under the republisher's own `user_id`, with the producer in
+//! [`PRODUCER_HEADER`]. Only the worker's own broker user vouches for that header: a message
+//! whose verified `user_id` is the worker's counts as produced by the user the header names,
+//! any other message as produced by its `user_id`, whatever header it carries. So a dead
+//! letter replayed with the worker's credentials is billed as its producer's, and no other
+//! user can pass for a producer by writing the header.
 
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::uri::AMQPUri;
 use lapin::BasicProperties;
 
-/// Header holding the producer's `user_id` of a message republished by another broker user.
+/// Header holding the producer of a message republished by another broker user.
 pub const PRODUCER_HEADER: &str = "x-credit-producer";
 
 /// The broker user `url` connects as (AMQP's default, `guest`, when it names none). None when
@@ -19,26 +23,41 @@ pub(crate) fn own_user(url: &str) -> Option<String> {
         .map(|uri| uri.authority.userinfo.username)
 }
 
-/// `props` as broker user `me` may publish them: a `user_id` that is not `me` moves into
-/// [`PRODUCER_HEADER`], and one in that header that is `me` moves back into the property.
-/// Everything else is kept.
+/// The producer of a message with `props`, as the broker user `worker` sees it: the header's
+/// user when the verified `user_id` is `worker`'s own, else the `user_id` (None: anonymous).
+pub(crate) fn producer(props: &BasicProperties, worker: Option<&str>) -> Option<String> {
+    let user_id = props.user_id().as_ref().map(|u| u.as_str());
+    let vouched = user_id.is_some() && user_id == worker;
+    let header = props.headers().as_ref().and_then(producer_header);
+    match (vouched, header) {
+        (true, Some(h)) => Some(h),
+        _ => user_id.map(str::to_owned),
+    }
+}
+
+/// `props` as broker user `me` may publish them: `user_id` = `me`, with the message's
+/// [`producer`] (as `me` sees it) in [`PRODUCER_HEADER`] when that is another user. An
+/// anonymous message stays anonymous, without the header. Everything else is kept.
 pub(crate) fn publishable_by(props: &BasicProperties, me: Option<&str>) -> BasicProperties {
-    let mut headers = props.headers().clone().unwrap_or_default();
-    match props.user_id() {
-        Some(producer) if Some(producer.as_str()) != me => {
+    let producer = producer(props, me);
+    let kept = super::without_headers(props, &[PRODUCER_HEADER]);
+    let Some(producer) = producer else {
+        return super::without(&kept, &[super::Prop::UserId]);
+    };
+    match me {
+        Some(me) if me == producer => kept.with_user_id(me.into()),
+        _ => {
+            let mut headers = kept.headers().clone().unwrap_or_default();
             headers.insert(
                 PRODUCER_HEADER.into(),
                 AMQPValue::LongString(producer.as_str().into()),
             );
-            without_user_id(props).with_headers(headers)
-        }
-        Some(_) => props.clone(),
-        None => match (me, producer_header(&headers)) {
-            (Some(me), Some(producer)) if producer == me => {
-                super::without_headers(props, &[PRODUCER_HEADER]).with_user_id(me.into())
+            let kept = kept.with_headers(headers);
+            match me {
+                Some(me) => kept.with_user_id(me.into()),
+                None => super::without(&kept, &[super::Prop::UserId]),
             }
-            _ => props.clone(),
-        },
+        }
     }
 }
 
@@ -48,10 +67,6 @@ fn producer_header(headers: &FieldTable) -> Option<String> {
         AMQPValue::ShortString(s) => Some(s.to_string()),
         _ => None,
     }
-}
-
-fn without_user_id(p: &BasicProperties) -> BasicProperties {
-    super::without(p, &[super::Prop::UserId])
 }
 
 #[cfg(test)]
@@ -76,33 +91,65 @@ mod tests {
         h.inner().keys().map(|k| k.to_string()).collect()
     }
 
-    #[test]
-    fn another_producers_user_id_moves_into_the_header_and_back() {
-        let original = sent_by("executor");
-        let dead = publishable_by(&original, Some("worker"));
-        assert_eq!(dead.user_id(), &None);
-        assert_eq!(header_keys(&dead), ["trace", PRODUCER_HEADER]);
-        assert_eq!(
-            producer_header(&dead.headers().clone().unwrap_or_default()).as_deref(),
-            Some("executor")
-        );
-        // Every other property is kept.
-        assert_eq!(
-            without_user_id(&original).with_headers(dead.headers().clone().unwrap()),
-            dead
-        );
-        assert_eq!(dead.message_id().as_ref().map(|s| s.as_str()), Some("m1"));
-        assert_eq!(dead.priority(), &Some(3));
-        assert_eq!(dead.delivery_mode(), &Some(2));
-        // The producer itself replays it: the message is as it first sent it.
-        assert_eq!(publishable_by(&dead, Some("executor")), original);
-        // Anyone else replays it as it is.
-        assert_eq!(publishable_by(&dead, Some("operator")), dead);
-        assert_eq!(publishable_by(&dead, None), dead);
+    fn producer_in(p: &BasicProperties) -> Option<String> {
+        p.headers().as_ref().and_then(producer_header)
     }
 
     #[test]
-    fn the_publishers_own_user_id_and_its_absence_are_kept() {
+    fn a_dead_letter_goes_out_under_the_workers_user_id_with_its_producer() {
+        let original = sent_by("executor");
+        let dead = publishable_by(&original, Some("worker"));
+        assert_eq!(dead.user_id().as_ref().map(|u| u.as_str()), Some("worker"));
+        assert_eq!(header_keys(&dead), ["trace", PRODUCER_HEADER]);
+        assert_eq!(producer_in(&dead).as_deref(), Some("executor"));
+        // The worker's own user vouches for the header: the executor produced it.
+        assert_eq!(producer(&dead, Some("worker")).as_deref(), Some("executor"));
+        // Every other property is kept.
+        let plain = crate::amqp::without_headers(&dead, &[PRODUCER_HEADER]);
+        assert_eq!(plain.with_user_id("executor".into()), original);
+        // Replayed with the worker's credentials it goes out as it is; replayed by the
+        // executor, it is the executor's by its verified user_id.
+        assert_eq!(publishable_by(&dead, Some("worker")), dead);
+        let by_executor = publishable_by(&dead, Some("executor"));
+        assert_eq!(
+            producer(&by_executor, Some("worker")).as_deref(),
+            Some("executor")
+        );
+    }
+
+    #[test]
+    fn only_the_workers_own_user_vouches_for_the_header() {
+        // Anyone else's header is not believed: the producer is the verified user_id.
+        let mut forged = sent_by("mallory");
+        let mut h = forged.headers().clone().unwrap_or_default();
+        h.insert(
+            PRODUCER_HEADER.into(),
+            AMQPValue::LongString("executor".into()),
+        );
+        forged = forged.with_headers(h);
+        assert_eq!(
+            producer(&forged, Some("worker")).as_deref(),
+            Some("mallory")
+        );
+        let dead = publishable_by(&forged, Some("worker"));
+        assert_eq!(producer_in(&dead).as_deref(), Some("mallory"));
+        assert_eq!(producer(&dead, Some("worker")).as_deref(), Some("mallory"));
+        // An anonymous message stays anonymous and loses a header it carried.
+        let anonymous = crate::amqp::without(&forged, &[crate::amqp::Prop::UserId]);
+        assert_eq!(producer(&anonymous, Some("worker")), None);
+        let dead = publishable_by(&anonymous, Some("worker"));
+        assert_eq!((dead.user_id(), producer_in(&dead)), (&None, None));
+        // Another user replaying the worker's dead letter is who sent the copy.
+        let dead = publishable_by(&sent_by("executor"), Some("worker"));
+        let by_operator = publishable_by(&dead, Some("operator"));
+        assert_eq!(
+            producer(&by_operator, Some("worker")).as_deref(),
+            Some("operator")
+        );
+    }
+
+    #[test]
+    fn the_publishers_own_messages_are_kept() {
         let own = sent_by("worker");
         assert_eq!(publishable_by(&own, Some("worker")), own);
         let none = crate::amqp::persistent_json();

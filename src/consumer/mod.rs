@@ -396,11 +396,16 @@ impl Consumer {
     /// Per delivery, why its producer may not bill (`amqp.allowed_producers`), if so.
     fn refusals(&self, batch: &[Delivery]) -> Vec<Option<String>> {
         let allowed = &self.settings.amqp.allowed_producers;
+        if allowed.is_empty() {
+            return vec![None; batch.len()];
+        }
+        // A dead letter replayed with the worker's own credentials is its producer's.
+        let me = amqp::producer::own_user(&self.settings.amqp.url);
         batch
             .iter()
             .map(|d| {
-                let producer = d.properties.user_id().as_ref().map(|u| u.as_str());
-                producer_refusal(allowed, producer)
+                let producer = amqp::producer::producer(&d.properties, me.as_deref());
+                producer_refusal(allowed, producer.as_deref())
             })
             .collect()
     }

@@ -63,7 +63,8 @@ impl MessageIds {
     }
 }
 
-/// Why a message from `producer` (its broker-verified AMQP `user_id`) is not billed: when
+/// Why a message from `producer` ([`crate::amqp::producer::producer`]: its broker-verified
+/// AMQP `user_id`, or the producer the worker's own user vouches for) is not billed: when
 /// `allowed` is not empty, only the producers it names are.
 pub fn producer_refusal(allowed: &[String], producer: Option<&str>) -> Option<String> {
     if allowed.is_empty() {

@@ -8,7 +8,8 @@ use std::time::Duration;
 use credit_worker::service::Worker;
 use futures::StreamExt;
 use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions,
+    BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
+    ConfirmSelectOptions, QueueBindOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
@@ -198,7 +199,8 @@ async fn each_role_works_with_exactly_the_recipes_rights() {
     assert_eq!(event["balance"], 90, "{event}");
 
     // What the executor sends that cannot be billed is dead-lettered by the worker, which may
-    // not publish the executor's user_id: it goes in a header, and the rest is as sent.
+    // not publish the executor's user_id: the copy is the worker's, the executor named in a
+    // header, and the rest is as sent.
     let with_trace = as_executor
         .clone()
         .with_message_id("bad-1".into())
@@ -210,7 +212,10 @@ async fn each_role_works_with_exactly_the_recipes_rights() {
     let dead = env.dead_messages(1).await;
     let (body, props) = &dead[0];
     assert_eq!(body.as_slice(), b"{nope");
-    assert_eq!(props.user_id(), &None);
+    assert_eq!(
+        props.user_id().as_ref().map(|u| u.as_str()),
+        Some(users.worker.as_str())
+    );
     assert_eq!(
         header_text(props, credit_worker::amqp::PRODUCER_HEADER),
         Some(users.executor.clone())
@@ -246,7 +251,58 @@ async fn each_role_works_with_exactly_the_recipes_rights() {
     );
 
     worker.stop().await.expect("the worker stops cleanly");
+    replayed_dead_letters_are_billed_as_their_producers(&env, &users).await;
     env.assert_audit_clean().await;
     drop(users);
     env.cleanup().await;
+}
+
+/// A valid message of the executor's that the broker dead-letters (over the delivery limit,
+/// as after a long outage) keeps the executor's user_id. Replayed with the worker's
+/// credentials, as the runbook has it, the copy is the worker's with the executor named in
+/// the header, which the worker's own user vouches for: it is billed.
+async fn replayed_dead_letters_are_billed_as_their_producers(env: &TestEnv, users: &Users) {
+    let (_econn, ech) = open(env, &users.executor).await;
+    let late = body(&platform_gpt4("alice", "access-2"));
+    let as_executor =
+        credit_worker::amqp::persistent_json().with_user_id(users.executor.as_str().into());
+    let input = env.names.input_exchange.as_str();
+    assert!(publish(&ech, input, "node_execution", &late, as_executor).await);
+    // Returned until the broker gives up on it (amqp.delivery_limit = 5).
+    let (_conn, ch) = env.amqp_channel().await;
+    for _ in 0..20 {
+        let get = BasicGetOptions { no_ack: false };
+        let got = ch
+            .basic_get(env.names.input_queue.as_str().into(), get)
+            .await
+            .expect("basic.get");
+        let Some(m) = got else { break };
+        let requeue = BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        };
+        m.delivery.nack(requeue).await.expect("nack");
+    }
+    let mut replay = std::process::Command::new(binary());
+    replay
+        .args([
+            "dead-letters",
+            "replay",
+            "--node-exec-id",
+            "access-2",
+            "--json",
+        ])
+        .env_remove("CREDIT_WORKER_CONFIG")
+        .envs(env.process_env())
+        .env("AMQP_URL", Users::url(&users.worker));
+    let out = replay.output().expect("run the replay");
+    let report: Value = serde_json::from_slice(&out.stdout).expect("the replay's report");
+    assert_eq!(report["replayed"], 1, "{report}");
+    let mut settings = env.settings.clone();
+    settings.amqp.url = Users::url(&users.worker);
+    settings.amqp.allowed_producers = vec![users.executor.clone()];
+    let worker = Worker::start(settings).await.expect("the worker starts");
+    env.wait_decisions(2, T).await;
+    assert_eq!(env.outcome_of("access-2").await.as_deref(), Some("charged"));
+    worker.stop().await.expect("the worker stops cleanly");
 }
