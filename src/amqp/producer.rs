@@ -37,12 +37,19 @@ pub(crate) fn producer(props: &BasicProperties, worker: Option<&str>) -> Option<
 
 /// `props` as broker user `me` may publish them: `user_id` = `me`, with the message's
 /// [`producer`] (as `me` sees it) in [`PRODUCER_HEADER`] when that is another user. An
-/// anonymous message stays anonymous, without the header. Everything else is kept.
+/// anonymous message stays as it is. Everything else is kept.
 pub(crate) fn publishable_by(props: &BasicProperties, me: Option<&str>) -> BasicProperties {
     let producer = producer(props, me);
     let kept = super::without_headers(props, &[PRODUCER_HEADER]);
     let Some(producer) = producer else {
-        return super::without(&kept, &[super::Prop::UserId]);
+        // Anonymous, and kept so: a header on it is believed only by the producer it names,
+        // which may replay a dead letter written before dead letters carried the worker's
+        // user_id (none, with the producer in the header) as its own.
+        let header = props.headers().as_ref().and_then(producer_header);
+        return match (header, me) {
+            (Some(h), Some(me)) if h == me => kept.with_user_id(me.into()),
+            _ => props.clone(),
+        };
     };
     match me {
         Some(me) if me == producer => kept.with_user_id(me.into()),
@@ -134,11 +141,16 @@ mod tests {
         let dead = publishable_by(&forged, Some("worker"));
         assert_eq!(producer_in(&dead).as_deref(), Some("mallory"));
         assert_eq!(producer(&dead, Some("worker")).as_deref(), Some("mallory"));
-        // An anonymous message stays anonymous and loses a header it carried.
+        // An anonymous message stays as it is, its header not believed.
         let anonymous = crate::amqp::without(&forged, &[crate::amqp::Prop::UserId]);
         assert_eq!(producer(&anonymous, Some("worker")), None);
-        let dead = publishable_by(&anonymous, Some("worker"));
-        assert_eq!((dead.user_id(), producer_in(&dead)), (&None, None));
+        assert_eq!(publishable_by(&anonymous, Some("worker")), anonymous);
+        assert_eq!(producer(&anonymous, Some("worker")), None);
+        // A dead letter of the earlier form (no user_id, the producer in the header) is the
+        // producer's own when the producer replays it.
+        let by_executor = publishable_by(&anonymous, Some("executor"));
+        let plain = crate::amqp::without_headers(&forged, &[PRODUCER_HEADER]);
+        assert_eq!(by_executor, plain.with_user_id("executor".into()));
         // Another user replaying the worker's dead letter is who sent the copy.
         let dead = publishable_by(&sent_by("executor"), Some("worker"));
         let by_operator = publishable_by(&dead, Some("operator"));
