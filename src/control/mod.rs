@@ -15,11 +15,13 @@ pub mod outcome;
 pub mod refill;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel};
 use serde::Serialize;
@@ -39,9 +41,15 @@ pub(crate) const MAX_BODY_BYTES: usize = 1 << 20;
 
 /// Attempts of a command that fails on a transient database fault before `internal`, when a
 /// reply is awaited. Few: the requester is waiting for an answer and can resend (keyed
-/// commands are idempotent). A command without `reply_to` is retried until it is done: no one
-/// would learn that it failed.
+/// commands are idempotent). A command without `reply_to` is not given up, since no one
+/// would learn that it failed: it is retried for [`UNANSWERED_RETRY`], then returned to the
+/// queue to come again.
 const ATTEMPTS: usize = 3;
+
+/// How long a command without `reply_to` is retried before it goes back to the queue: well
+/// within RabbitMQ's `consumer_timeout` (30 minutes by default), after which the broker would
+/// hand it to another consumer while this one still retries it.
+const UNANSWERED_RETRY: Duration = Duration::from_secs(300);
 
 /// Deliveries the broker may push ahead of the one being handled.
 const PREFETCH: u16 = 16;
@@ -150,9 +158,9 @@ pub(crate) fn reply_body(result: &Result<Value, ControlError>) -> Value {
 }
 
 /// Authorises, parses and runs one command. `sender` is the AMQP `user_id` property;
-/// `answered` whether a reply goes back (see [`ATTEMPTS`]). None when `stop` fired while a
-/// transient fault was being retried: the caller leaves the message unacked so the broker
-/// hands it out again.
+/// `answered` whether a reply goes back (see [`ATTEMPTS`]). None when a transient fault was
+/// still being retried when `stop` fired or the retries of an unanswered command ran out: the
+/// caller returns the message to the queue, so the broker hands it out again.
 pub async fn execute(
     ctx: &Context,
     sender: Option<&str>,
@@ -181,8 +189,13 @@ pub async fn execute(
     };
     let mut delays = crate::retry::backoff();
     let mut attempt = 1;
+    let started = Instant::now();
     loop {
         match command.run(ctx).await {
+            Err(e) if e.is_transient() && !answered && started.elapsed() >= UNANSWERED_RETRY => {
+                warn!(error = %e, attempt, "control command still failing; returned to the queue");
+                return None;
+            }
             Err(e) if e.is_transient() && (attempt < ATTEMPTS || !answered) => {
                 warn!(error = %e, attempt, "control command failed; retrying");
                 attempt += 1;
@@ -273,7 +286,16 @@ async fn handle(
     let command = label(&d.data);
     let started = Instant::now();
     let Some(result) = execute(ctx, sender, &d.data, reply_to.is_some(), stop).await else {
-        return Ok(false);
+        if stop.is_cancelled() {
+            // Abandoned on shutdown: closing the channel returns it to the queue.
+            return Ok(false);
+        }
+        let requeue = BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        };
+        d.nack(requeue).await?;
+        return Ok(true);
     };
     let code = match &result {
         Ok(_) => "ok",
