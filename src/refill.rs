@@ -9,7 +9,7 @@ use futures::future::BoxFuture;
 use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 pub use crate::ledger::{sweep, Month, MonthError, SweepReport};
 use crate::ledger::{sweep_exclusive, RefillPolicy};
@@ -137,11 +137,17 @@ impl Scheduler {
                     info!(%month, "refill sweep running on another replica; skipped");
                     return;
                 }
-                Err(e) => {
+                Err(e) if e.may_clear() => {
                     warn!(error = %e, %month, "refill sweep failed; retrying");
                     if !crate::retry::pause(&mut delays, stop).await {
                         return;
                     }
+                }
+                // Every range that could be refilled was; retrying would only fail again (and
+                // read every account each time). The rest waits for the fix and the next tick.
+                Err(e) => {
+                    error!(error = %e, %month, "refill sweep left users unrefilled; not retrying until the next tick");
+                    return;
                 }
             }
         }

@@ -88,6 +88,13 @@ impl LedgerError {
     pub(crate) fn is_transient(&self) -> bool {
         matches!(self, LedgerError::Db(e) if crate::db::is_transient(e))
     }
+
+    /// Whether trying again later can succeed: a transient fault, or a fault of the
+    /// database's set-up (SQLSTATE class 42), which an operator fixes. Anything else fails
+    /// the same way however often it is tried.
+    pub(crate) fn may_clear(&self) -> bool {
+        self.is_transient() || matches!(self, LedgerError::Db(e) if crate::db::is_setup_fault(e))
+    }
 }
 
 /// The result of a credit or debit.

@@ -135,7 +135,7 @@ async fn sweep_all(
     let mut finished = |done: Result<RefillTotals, LedgerError>, report: &mut SweepReport| {
         match done {
             Ok(totals) => report.add(totals),
-            Err(e) => failed = failed.take().or(Some(e)),
+            Err(e) => failed = Some(graver(failed.take(), e)),
         }
         progress(report);
     };
@@ -173,6 +173,15 @@ async fn sweep_all(
     failed.map_or(Ok(()), Err)
 }
 
+/// Which of two failures a sweep reports: one that may clear, so that a retry of the sweep
+/// also retries the range it failed, over one that will not.
+fn graver(earlier: Option<LedgerError>, later: LedgerError) -> LedgerError {
+    match earlier {
+        Some(e) if e.may_clear() || !later.may_clear() => e,
+        _ => later,
+    }
+}
+
 /// One range (`after`, `through`] in one transaction.
 async fn sweep_chunk(
     pool: &PgPool,
@@ -189,4 +198,25 @@ async fn sweep_chunk(
     chunk.await.inspect_err(|e: &LedgerError| {
         warn!(error = %e, after = %after, through = %through, "refill of a range of users failed; sweeping on");
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lost() -> LedgerError {
+        LedgerError::Db(sqlx::Error::Io(std::io::ErrorKind::ConnectionReset.into()))
+    }
+
+    fn for_good() -> LedgerError {
+        LedgerError::Db(sqlx::Error::RowNotFound)
+    }
+
+    #[test]
+    fn a_sweep_reports_a_failure_that_may_clear_over_one_that_will_not() {
+        assert!(!graver(None, for_good()).may_clear());
+        assert!(graver(Some(for_good()), lost()).may_clear());
+        assert!(graver(Some(lost()), for_good()).may_clear());
+        assert!(!graver(Some(for_good()), for_good()).may_clear());
+    }
 }
