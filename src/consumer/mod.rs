@@ -175,6 +175,7 @@ impl Consumer {
                 // A decider that died is noticed now, not when the next delivery comes: its
                 // unacked batches go back to the queue only once this session ends.
                 let first = tokio::select! {
+                    biased;
                     _ = stop.cancelled() => return Ok(()),
                     _ = tx.closed() => return Err(SessionError::DeciderGone),
                     d = deliveries.next() => d,

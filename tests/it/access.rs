@@ -283,6 +283,13 @@ async fn replayed_dead_letters_are_billed_as_their_producers(env: &TestEnv, user
         };
         m.delivery.nack(requeue).await.expect("nack");
     }
+    // The broker moves it to the dead queue on its own time.
+    let dead = env.names.dead_queue.clone();
+    wait_for(T, "the dead letter", || {
+        let dead = dead.clone();
+        async move { queue_depth(env, &dead).await == 1 }
+    })
+    .await;
     let mut replay = std::process::Command::new(binary());
     replay
         .args([
