@@ -170,6 +170,9 @@ impl OutboxSettings {
 pub struct ControlSettings {
     #[serde(deserialize_with = "list_or_csv")]
     pub allowed_users: Vec<String>,
+    /// How long a command without `reply_to` is retried through a transient database fault
+    /// before it goes back to the queue; keep it below the broker's `consumer_timeout`.
+    pub unanswered_retry_s: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -387,6 +390,10 @@ impl Settings {
         if self.database.max_connections < 3 {
             return bad("database.max_connections", "must be at least 3");
         }
+        // 0 would hand a failing command back to the queue, and take it again, in a tight loop.
+        if self.control.unanswered_retry_s == 0 {
+            return bad("control.unanswered_retry_s", "must be at least 1");
+        }
         // Queue and exchange names are AMQP short strings (≤ 255 bytes) with a suffix of up
         // to 19 bytes (`node_execution.dead`).
         if self.amqp.namespace.len() > MAX_NAMESPACE_BYTES {
@@ -543,6 +550,20 @@ mod tests {
         assert_eq!(s.name("node_execution"), "t1.node_execution");
         assert_eq!(s.control.allowed_users, vec!["guest", "ops"]);
         assert_eq!(s.database.url, "postgres://127.0.0.1/z");
+    }
+
+    #[test]
+    fn a_command_retry_of_zero_is_refused() {
+        let e = Settings::load_from(
+            None,
+            &env(&[("CREDIT_WORKER__CONTROL__UNANSWERED_RETRY_S", "0")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("control.unanswered_retry_s: must be at least 1"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -42,14 +42,10 @@ pub(crate) const MAX_BODY_BYTES: usize = 1 << 20;
 /// Attempts of a command that fails on a transient database fault before `internal`, when a
 /// reply is awaited. Few: the requester is waiting for an answer and can resend (keyed
 /// commands are idempotent). A command without `reply_to` is not given up, since no one
-/// would learn that it failed: it is retried for [`UNANSWERED_RETRY`], then returned to the
-/// queue to come again.
+/// would learn that it failed: it is retried for `control.unanswered_retry_s`, then returned
+/// to the queue to come again. That stays within RabbitMQ's `consumer_timeout`, after which
+/// the broker would hand it to another consumer while this one still retried it.
 const ATTEMPTS: usize = 3;
-
-/// How long a command without `reply_to` is retried before it goes back to the queue: well
-/// within RabbitMQ's `consumer_timeout` (30 minutes by default), after which the broker would
-/// hand it to another consumer while this one still retries it.
-const UNANSWERED_RETRY: Duration = Duration::from_secs(300);
 
 /// Deliveries the broker may push ahead of the one being handled.
 const PREFETCH: u16 = 16;
@@ -190,9 +186,10 @@ pub async fn execute(
     let mut delays = crate::retry::backoff();
     let mut attempt = 1;
     let started = Instant::now();
+    let horizon = Duration::from_secs(ctx.settings.control.unanswered_retry_s);
     loop {
         match command.run(ctx).await {
-            Err(e) if e.is_transient() && !answered && started.elapsed() >= UNANSWERED_RETRY => {
+            Err(e) if e.is_transient() && !answered && started.elapsed() >= horizon => {
                 warn!(error = %e, attempt, "control command still failing; returned to the queue");
                 return None;
             }

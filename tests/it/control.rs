@@ -738,16 +738,19 @@ async fn database_outage_gets_internal_and_the_loop_carries_on() {
 }
 
 /// A command nobody awaits a reply to (no `reply_to`: a payment side's fire-and-forget
-/// `top_up`) is retried through a database outage, past the attempts a waiting requester gets,
-/// and lands once the database is back.
+/// `top_up`) is retried through a database outage, past the attempts a waiting requester gets;
+/// after `control.unanswered_retry_s` it goes back to the queue and comes again, and it lands
+/// once the database is back.
 #[tokio::test]
 async fn a_command_without_reply_to_waits_out_a_database_outage() {
     let env = TestEnv::with(quiet_scheduler).await;
-    let (mut w, _port, log) = WorkerProcess::spawn_logged(
-        &env.process_env(),
-        &["run"],
-        "warn,credit_worker::telemetry=info",
-    );
+    let mut vars = env.process_env();
+    vars.push((
+        "CREDIT_WORKER__CONTROL__UNANSWERED_RETRY_S".into(),
+        "1".into(),
+    ));
+    let (mut w, _port, log) =
+        WorkerProcess::spawn_logged(&vars, &["run"], "warn,credit_worker::telemetry=info");
     let mut rpc = Rpc::new(&env).await;
     assert_eq!(
         rpc.ok(json!({"command": "balance", "user_id": "fay"}))
@@ -763,15 +766,18 @@ async fn a_command_without_reply_to_waits_out_a_database_outage() {
         false,
     )
     .await;
-    // Past the attempts a requester waiting for a reply would get before `internal`.
+    // Past the attempts a requester waiting for a reply would get before `internal`, then
+    // back to the queue, and taken again.
     let deadline = std::time::Instant::now() + REPLY_TIMEOUT;
-    loop {
+    let (mut past_three, mut returned) = (false, 0);
+    while returned < 2 {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         let line = log.recv_timeout(left).expect("the worker logs the retries");
         let v: Value = serde_json::from_str(&line).unwrap_or_default();
         let retry = v["message"] == json!("control command failed; retrying");
-        if retry && v["attempt"].as_i64() >= Some(3) {
-            break;
+        past_three |= retry && v["attempt"].as_i64() >= Some(3);
+        if v["message"] == json!("control command still failing; returned to the queue") {
+            returned += 1;
         }
         assert_ne!(
             v["message"],
@@ -779,6 +785,7 @@ async fn a_command_without_reply_to_waits_out_a_database_outage() {
             "given up: {line}"
         );
     }
+    assert!(past_three);
     set_reachable(&admin, &env.db_name, true).await;
     admin.close().await;
     assert_eq!(
