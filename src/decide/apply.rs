@@ -85,8 +85,7 @@ fn apply_unchecked(
         .checked_add(fee_amount)
         .ok_or_else(|| fee_overflow(e, price.cost, fee_amount))?;
     let before = account.balance;
-    // A debt (only a post-flight charge makes one) rejects every paid execution.
-    if total > 0 && total > before {
+    if refused_for_funds(total, price.matched_filter.is_some(), before) {
         changes.events.push(events::charge_rejected(
             &e.user_id,
             &e.node_exec_id,
@@ -329,6 +328,18 @@ pub(crate) fn decide_from_completion(
         );
         Ok((d, settlement(e, cost, post.cost, uncollected, None)))
     })
+}
+
+/// Whether a start is refused for funds: its cost and fee exceed the balance (a debt, which
+/// only a post-flight charge makes, so rejects every paid execution), or, as in AutoGPT, a
+/// block billed only after its run (an entry matched but priced 0 before it: no estimate)
+/// meets a balance of 0 or less, which its run could only take further into debt.
+pub(super) fn refused_for_funds(total: i64, matched: bool, balance: i64) -> bool {
+    if total > 0 {
+        total > balance
+    } else {
+        matched && balance <= 0
+    }
 }
 
 /// The outcome of an accepted execution: charged when its block cost anything.

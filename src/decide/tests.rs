@@ -335,6 +335,72 @@ fn a_completion_first_whose_cost_and_fee_overflow_is_refused_not_capped() {
     assert!(matches!(&v[0], Verdict::Invalid { reason } if reason.contains("overflows")));
 }
 
+/// A block billed only after its run (a matching entry, no estimate: 0 before it) runs while
+/// the balance is positive and is rejected at 0 or below, as in AutoGPT: its run could only
+/// take the balance further into debt. One the user pays nothing for (no match) still runs.
+#[test]
+fn a_block_billed_after_its_run_is_refused_without_credit() {
+    let table = r#"
+        [[block]]
+        id = "sandbox"
+        costs = [{ cost_amount = 100, cost_type = "cost_usd", cost_filter = { key = "platform" } }]
+    "#;
+    let p = Pricing {
+        costs: CostTable::from_toml_str(table, "test").unwrap(),
+        ..settle_pricing(true)
+    };
+    let sandbox = |id: &str, key: &str, stats: Option<serde_json::Value>| {
+        let mut e = run("u", id, "sandbox", stats);
+        e.inputs = json!({"key": key}).as_object().cloned().unwrap_or_default();
+        e
+    };
+    let usd = |cost: f64| Some(json!({"provider_cost": cost, "provider_cost_type": "cost_usd"}));
+    let mut l = MemoryLedger::default();
+    // The refill's 100: runs (free before, 150 after), leaving a debt of 50.
+    let v = l.decide(&p, &[sandbox("a", "platform", None)], now());
+    assert!(
+        matches!(
+            v[0],
+            Verdict::Decided {
+                outcome: Outcome::Free,
+                ..
+            }
+        ),
+        "{v:?}"
+    );
+    l.decide(&p, &[sandbox("a", "platform", usd(1.5))], now());
+    assert_eq!(l.accounts["u"].balance, -50);
+    let v = l.decide(&p, &[sandbox("b", "platform", None)], now());
+    assert!(
+        matches!(
+            v[0],
+            Verdict::Decided {
+                outcome: Outcome::Rejected,
+                cost: 0,
+                ..
+            }
+        ),
+        "{v:?}"
+    );
+    let v = l.decide(&p, &[sandbox("c", "own", None)], now());
+    assert!(
+        matches!(
+            v[0],
+            Verdict::Decided {
+                outcome: Outcome::Free,
+                ..
+            }
+        ),
+        "{v:?}"
+    );
+    use super::apply::refused_for_funds;
+    assert!(refused_for_funds(0, true, 0));
+    assert!(!refused_for_funds(0, true, 1));
+    assert!(!refused_for_funds(0, false, -5));
+    assert!(refused_for_funds(11, false, 10));
+    assert!(!refused_for_funds(10, true, 10));
+}
+
 #[test]
 fn debt_is_taken_then_rejects_paid_runs_and_a_refill_clears_it() {
     let p = settle_pricing(true);
