@@ -170,9 +170,7 @@ impl Relay {
     }
 
     async fn gauge_backlog(&self) -> Result<(), RelayError> {
-        let backlog = store::unpublished_events(&self.pool).await?;
-        metrics::gauge!("credit_outbox_backlog").set(backlog as f64);
-        Ok(())
+        Ok(gauge_backlog(&self.pool).await?)
     }
 
     /// Waits for a NOTIFY from any writer (a writer that committed during the last look has
@@ -362,4 +360,13 @@ mod tests {
         assert!(p.due());
         assert!(!Pruner::new(None).due());
     }
+}
+
+/// Sets `credit_outbox_backlog` to the events not published yet. The relay refreshes it while
+/// it waits; `/metrics` reads it at each scrape too, since a relay cut off from the broker, or
+/// kept busy, does not.
+pub(crate) async fn gauge_backlog(pool: &PgPool) -> Result<(), sqlx::Error> {
+    let backlog = store::unpublished_events(pool).await?;
+    metrics::gauge!("credit_outbox_backlog").set(backlog as f64);
+    Ok(())
 }

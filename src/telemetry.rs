@@ -134,6 +134,12 @@ pub(crate) async fn serve_on(
 }
 
 async fn metrics(State(s): State<HttpState>) -> (StatusCode, String) {
+    // Read now: the relay cannot refresh it while the broker is out, when it matters most.
+    let _ = tokio::time::timeout(
+        Duration::from_secs(2),
+        crate::outbox::gauge_backlog(&s.pool),
+    )
+    .await;
     match &s.metrics {
         Some(h) => (StatusCode::OK, h.render()),
         None => (

@@ -567,3 +567,26 @@ async fn a_queue_declared_with_other_arguments_stops_the_worker_with_the_reason(
     );
     env.cleanup().await;
 }
+
+/// `/metrics` reads the outbox backlog at each scrape: with the broker out of reach, the relay
+/// cannot publish (nor refresh the gauge), and the backlog shows the events waiting.
+#[tokio::test]
+async fn the_outbox_backlog_is_read_at_each_scrape() {
+    let env = TestEnv::with(no_refill).await;
+    let mut vars = env.process_env();
+    // A port nothing listens on: every broker session fails and reconnects.
+    vars.push((
+        "AMQP_URL".into(),
+        "amqp://guest:guest@127.0.0.1:1/%2f".into(),
+    ));
+    let (mut w, port) = WorkerProcess::spawn_with_http(&vars, &["run"]);
+    seed(&env, ["m1", "m2", "m3"], 10).await;
+    wait_for(T, "a backlog of 3", || async {
+        let text = http_get(port, "/metrics").await.map(|(_, b)| b);
+        let backlog = text.map(|t| metric_value(&t, "credit_outbox_backlog", &[]));
+        backlog == Some(3.0)
+    })
+    .await;
+    w.kill9();
+    env.cleanup().await;
+}
