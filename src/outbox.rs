@@ -334,6 +334,15 @@ fn events_of(rows: &[StoredEvent]) -> Result<Vec<Event<'_>>, RelayError> {
     Ok(out)
 }
 
+/// Sets `credit_outbox_backlog` to the events not published yet. The relay refreshes it while
+/// it waits; `/metrics` reads it at each scrape too, since a relay cut off from the broker, or
+/// kept busy, does not.
+pub(crate) async fn gauge_backlog(pool: &PgPool) -> Result<(), sqlx::Error> {
+    let backlog = store::unpublished_events(pool).await?;
+    metrics::gauge!("credit_outbox_backlog").set(backlog as f64);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -360,13 +369,4 @@ mod tests {
         assert!(p.due());
         assert!(!Pruner::new(None).due());
     }
-}
-
-/// Sets `credit_outbox_backlog` to the events not published yet. The relay refreshes it while
-/// it waits; `/metrics` reads it at each scrape too, since a relay cut off from the broker, or
-/// kept busy, does not.
-pub(crate) async fn gauge_backlog(pool: &PgPool) -> Result<(), sqlx::Error> {
-    let backlog = store::unpublished_events(pool).await?;
-    metrics::gauge!("credit_outbox_backlog").set(backlog as f64);
-    Ok(())
 }
