@@ -200,6 +200,7 @@ async fn decide_priced(
     }
     tx.commit().await?;
     turn.committed();
+    writes.changes.count_refills();
     Ok(batch.verdicts())
 }
 

@@ -51,6 +51,25 @@ pub(crate) struct Changes {
     pub events: Vec<NewEvent>,
 }
 
+impl Changes {
+    /// Counts the monthly refills among these rows (a lazy refill, on a user's first operation
+    /// of the month) in the refill metrics the sweep also counts in. Called once committed.
+    pub(crate) fn count_refills(&self) {
+        let grants = self.transactions.iter().filter(|t| {
+            t.tx_type == TxType::Grant
+                && t.transaction_key
+                    .starts_with(super::month::REFILL_KEY_PREFIX)
+        });
+        let (users, credits) = grants.fold((0u64, 0u64), |(n, c), t| {
+            (n + 1, c.saturating_add(t.amount.unsigned_abs()))
+        });
+        if users > 0 {
+            metrics::counter!("credit_refill_users_total").increment(users);
+            metrics::counter!("credit_refill_credits_total").increment(credits);
+        }
+    }
+}
+
 /// The monthly refill policy (docs/contract.md §5).
 #[derive(Debug, Clone, Copy)]
 pub struct RefillPolicy {
@@ -340,6 +359,39 @@ mod tests {
 
     fn day(s: &str) -> Option<NaiveDate> {
         Some(month(s).first_day())
+    }
+
+    #[test]
+    fn committed_refills_are_counted_with_the_sweeps() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let at = chrono::Utc::now();
+        let mut changes = Changes::default();
+        let mut a = Account::new("u".into());
+        let granted = a.refill(
+            &mut changes,
+            RefillPolicy { target: 1000 },
+            month("2026-12"),
+            at,
+        );
+        assert_eq!(granted.ok(), Some(1000));
+        let grant = a.post(
+            &mut changes,
+            TxType::Grant,
+            "promo".into(),
+            5,
+            Value::Null,
+            ExecutionRef::default(),
+            at,
+        );
+        assert!(grant.is_ok());
+        metrics::with_local_recorder(&recorder, || changes.count_refills());
+        let text = handle.render();
+        assert!(text.contains("credit_refill_users_total 1\n"), "{text}");
+        assert!(
+            text.contains("credit_refill_credits_total 1000\n"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -325,6 +325,7 @@ impl Ledger {
         let out = op(account, &mut changes, found)?;
         store::flush(&mut tx, accounts.values(), &changes, at).await?;
         tx.commit().await?;
+        changes.count_refills();
         Ok(out)
     }
 

@@ -5,6 +5,9 @@ use std::str::FromStr;
 
 use chrono::{DateTime, Datelike, NaiveDate, Utc};
 
+/// The prefix of every monthly refill's ledger key.
+pub(crate) const REFILL_KEY_PREFIX: &str = "MONTHLY-CREDIT-TOP-UP-";
+
 /// A calendar month (UTC), written `YYYY-MM`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Month(NaiveDate);
@@ -24,7 +27,7 @@ impl Month {
 
     /// The ledger key of this month's refill grant.
     pub fn refill_key(self) -> String {
-        format!("MONTHLY-CREDIT-TOP-UP-{self}")
+        format!("{REFILL_KEY_PREFIX}{self}")
     }
 }
 
