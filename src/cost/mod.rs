@@ -1168,11 +1168,37 @@ mod tests {
     #[test]
     fn builtin_table_loads() {
         let t = builtin();
-        assert_eq!(t.block_count(), 28);
+        assert_eq!(t.block_count(), 115);
         for id in LLM_BLOCKS {
-            // 108 models of AutoGPT's MODEL_COST less 5 Ollama and 3 v0 models.
-            assert_eq!(t.blocks.get(id).map(|b| b.entries.len()), Some(100), "{id}");
+            // 108 models of AutoGPT's MODEL_COST less its 5 Ollama models.
+            assert_eq!(t.blocks.get(id).map(|b| b.entries.len()), Some(103), "{id}");
         }
+    }
+
+    /// Blocks AutoGPT prices outside BLOCK_COSTS: Exa by the SDK's base cost on the platform
+    /// credentials only, the Ayrshare posts by their decorator on any key.
+    #[test]
+    fn exa_and_ayrshare_are_priced_as_in_autogpt() {
+        let t = builtin();
+        let exa_search = "996cec64-ac40-4dde-982f-b0dc60a5824d";
+        let platform = json!({"credentials": {"id": "96153e04-9c6c-4486-895f-5bb683b1ecec",
+            "provider": "exa", "type": "api_key", "title": "Use Credits for Exa search"}});
+        let own = json!({"credentials": {"id": "my-own-exa-key", "provider": "exa"}});
+        let usd = Stats {
+            provider_cost: Some(0.05),
+            provider_cost_type: Some("cost_usd".into()),
+            ..Stats::default()
+        };
+        let cost = |block: &str, inputs: &Value, stats: Option<&Stats>| {
+            t.price(block, &obj(inputs.clone()), stats)
+                .map(|p| p.cost)
+                .ok()
+        };
+        assert_eq!(cost(exa_search, &platform, Some(&usd)), Some(5));
+        assert_eq!(cost(exa_search, &own, Some(&usd)), Some(0));
+        let post_to_x = "9e8f844e-b4a5-4b25-80f2-9e1dd7d67625";
+        assert_eq!(cost(post_to_x, &json!({"is_video": true}), None), Some(5));
+        assert_eq!(cost(post_to_x, &json!({"post": "hi"}), None), Some(2));
     }
 
     #[test]
@@ -1744,7 +1770,7 @@ mod tests {
         assert!(written.is_ok());
         let t = CostTable::load(&path).map(|t| t.block_count());
         let _ = std::fs::remove_dir_all(&dir);
-        assert_eq!(t.ok(), Some(28));
+        assert_eq!(t.ok(), Some(115));
     }
 
     // ---- properties -------------------------------------------------------------------------
