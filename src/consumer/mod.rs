@@ -444,13 +444,6 @@ async fn dead_letter(
     reason: &str,
     me: Option<&str>,
 ) -> Result<(), SessionError> {
-    metrics::counter!("credit_messages_total", "outcome" => "invalid").increment(1);
-    metrics::counter!("credit_dead_lettered_total").increment(1);
-    warn!(
-        reason,
-        delivery_tag = d.delivery_tag,
-        "invalid message dead-lettered"
-    );
     // Without its TTL, as RabbitMQ's own dead-lettering does: the dead queue keeps it.
     let kept = amqp::without(&d.properties, &[amqp::Prop::Expiration]);
     let properties = amqp::producer::publishable_by(&kept, me);
@@ -466,6 +459,14 @@ async fn dead_letter(
         properties: properties.with_headers(headers),
     };
     dead.publish_all([message]).await?;
+    // Counted once confirmed: a failed publish leaves the delivery to come again.
+    metrics::counter!("credit_messages_total", "outcome" => "invalid").increment(1);
+    metrics::counter!("credit_dead_lettered_total").increment(1);
+    warn!(
+        reason,
+        delivery_tag = d.delivery_tag,
+        "invalid message dead-lettered"
+    );
     Ok(())
 }
 

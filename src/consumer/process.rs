@@ -53,12 +53,13 @@ impl MessageIds {
         }
     }
 
-    /// The span every log line about this message is written in.
+    /// The span every log line about this message is written in. Ids are cut to their
+    /// longest valid length: an invalid body's may be as long as the body.
     pub(crate) fn span(&self) -> Span {
         tracing::info_span!(
             "message",
-            node_exec_id = self.node_exec_id.as_deref().unwrap_or("?"),
-            user_id = self.user_id.as_deref().unwrap_or("?"),
+            node_exec_id = shown(&self.node_exec_id),
+            user_id = shown(&self.user_id),
         )
     }
 }
@@ -186,6 +187,21 @@ pub(crate) async fn finish(
 }
 
 /// Processes one batch with nothing else in flight: [`attempt`], then [`finish`].
+/// An id as logged: `?` when absent, else at most [`message::MAX_ID_BYTES`] of it.
+fn shown(id: &Option<String>) -> &str {
+    id.as_deref()
+        .map_or("?", |s| head(s, message::MAX_ID_BYTES))
+}
+
+/// The first `max` bytes of `s`, cut back to a character boundary.
+fn head(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 #[cfg(test)]
 pub(crate) async fn process_batch(
     decider: &impl Decider,
@@ -342,6 +358,15 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn a_logged_id_is_cut_at_a_character_boundary() {
+        assert_eq!(head("abc", 2), "ab");
+        assert_eq!(head("abc", 9), "abc");
+        // "é" is two bytes: cut inside it, the cut goes back before it.
+        assert_eq!(head("aé", 2), "a");
+        assert_eq!(head(&"x".repeat(300), 255).len(), 255);
+    }
     use crate::cost::CostTable;
     use crate::decide::{FeePolicy, MemoryLedger};
     use crate::ledger::{LedgerError, LedgerPolicy, RefillPolicy};
