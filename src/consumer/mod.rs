@@ -123,10 +123,8 @@ impl Consumer {
             decider_stop.clone(),
         ));
         let result = self.collect(&mut deliveries, &tx, stop).await;
-        if result.is_err() {
-            // Not consuming from this moment, whatever the cleanup below takes.
-            self.health.set_consuming(false);
-        }
+        // Not consuming from this moment (a fault or a stop), whatever the cleanup below takes.
+        self.health.set_consuming(false);
 
         // Stop deliveries, let the decider finish (or abandon, on a broker fault) its batch.
         let _ = bounded(s.ch.basic_cancel(TAG.into(), BasicCancelOptions::default())).await;
