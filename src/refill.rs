@@ -133,9 +133,14 @@ impl Scheduler {
                     info!(month = %r.month, users_refilled = r.users_refilled, credits_granted = r.credits_granted, users_evaluated = r.users_evaluated, duration_ms = r.duration_ms, "refill sweep done");
                     return;
                 }
+                // Another replica sweeps (or a command does). Tried again until the lock is
+                // free: if its holder dies before the end, this month is still swept; if not,
+                // the sweep after it finds everyone refilled and changes nothing.
                 Ok(None) => {
-                    info!(%month, "refill sweep running on another replica; skipped");
-                    return;
+                    info!(%month, "refill sweep running elsewhere; trying again when it ends");
+                    if !crate::retry::pause(&mut delays, stop).await {
+                        return;
+                    }
                 }
                 Err(e) if e.may_clear() => {
                     warn!(error = %e, %month, "refill sweep failed; retrying");

@@ -590,3 +590,47 @@ async fn the_outbox_backlog_is_read_at_each_scrape() {
     w.kill9();
     env.cleanup().await;
 }
+
+/// A replica that finds the sweep lock held (another replica, or a command, sweeping) tries
+/// again until it is free, so the month is swept even if the holder never finishes.
+#[tokio::test]
+async fn a_sweep_waits_for_the_lock_rather_than_skip_the_month() {
+    let env = TestEnv::with(no_refill).await;
+    seed_below_target(&env).await;
+    let mut holder = env.pool.acquire().await.expect("a connection");
+    sqlx::query("SELECT pg_advisory_lock(x'637265646974'::int8)")
+        .execute(&mut *holder)
+        .await
+        .expect("hold the sweep lock");
+    let mut vars = env.process_env();
+    vars.push(("CREDIT_WORKER__REFILL__LAZY".into(), "false".into()));
+    let (mut w, _port, log) =
+        WorkerProcess::spawn_logged(&vars, &["run"], "warn,credit_worker=info");
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = log
+            .recv_timeout(left)
+            .expect("the worker logs the held lock");
+        if line.contains("refill sweep running elsewhere") {
+            break;
+        }
+    }
+    sqlx::query("SELECT pg_advisory_unlock(x'637265646974'::int8)")
+        .execute(&mut *holder)
+        .await
+        .expect("release the sweep lock");
+    let month = Month::of(Utc::now());
+    wait_count(
+        &env,
+        T,
+        "this month's refill",
+        "SELECT count(DISTINCT user_id) FROM credit.transactions WHERE transaction_key = $1",
+        &[&month.refill_key()],
+        |n| n == 2,
+    )
+    .await;
+    w.sigterm();
+    assert_eq!(w.wait_exit(T).await, Some(0));
+    env.cleanup().await;
+}
