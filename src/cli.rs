@@ -2,7 +2,6 @@
 //! with `--json`, the same result objects as the control queue. Exit codes: 0 ok, 1 failure,
 //! 2 usage error.
 
-use std::io::BufRead;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -536,20 +535,23 @@ fn print_replay(json: bool, dry_run: bool, report: &crate::tools::dead_letters::
 
 /// The non-blank lines of `file` (`-`: standard input), one message body each.
 fn read_bodies(file: &str) -> anyhow::Result<Vec<Vec<u8>>> {
-    let lines: Vec<String> = if file == "-" {
-        std::io::stdin().lock().lines().collect::<Result<_, _>>()?
+    let text = if file == "-" {
+        std::io::read_to_string(std::io::stdin().lock())?
     } else {
-        std::fs::read_to_string(file)
-            .map_err(|e| anyhow::anyhow!("{file}: {e}"))?
-            .lines()
-            .map(str::to_owned)
-            .collect()
+        std::fs::read_to_string(file).map_err(|e| anyhow::anyhow!("{file}: {e}"))?
     };
-    Ok(lines
-        .into_iter()
+    Ok(bodies_of(&text))
+}
+
+/// One body per non-blank line. A byte-order mark at the start (some editors write one) is
+/// not part of the first body.
+fn bodies_of(text: &str) -> Vec<Vec<u8>> {
+    text.strip_prefix('\u{feff}')
+        .unwrap_or(text)
+        .lines()
         .filter(|l| !l.trim().is_empty())
-        .map(String::into_bytes)
-        .collect())
+        .map(|l| l.as_bytes().to_vec())
+        .collect()
 }
 
 async fn open_ledger(settings: &Settings) -> anyhow::Result<Ledger> {
@@ -637,6 +639,12 @@ mod usage_tests {
     use clap::Parser;
 
     use super::{Cli, Command};
+
+    #[test]
+    fn published_lines_lose_a_byte_order_mark_and_blank_lines() {
+        let bodies = super::bodies_of("\u{feff}{\"a\":1}\r\n\n  \n{\"b\":2}\n");
+        assert_eq!(bodies, [b"{\"a\":1}".to_vec(), b"{\"b\":2}".to_vec()]);
+    }
 
     #[test]
     fn the_definition_is_consistent() {
