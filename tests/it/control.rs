@@ -717,14 +717,14 @@ async fn database_outage_gets_internal_and_the_loop_carries_on() {
     );
 
     let admin = env.admin_pool().await;
-    set_reachable(&admin, &env.db_name, false).await;
+    env.set_reachable(&admin, false).await;
 
     let top_up = json!({"command": "top_up", "user_id": "erin", "amount": 5, "key": "OUTAGE-1"});
     let (code, message) = rpc.err(top_up.clone()).await;
     assert_eq!(code, "internal");
     assert!(message.starts_with("database: "), "{message}");
 
-    set_reachable(&admin, &env.db_name, true).await;
+    env.set_reachable(&admin, true).await;
     admin.close().await;
     // The failed request was acked (it is not redelivered behind our back) and the same
     // keyed command now applies exactly once.
@@ -758,7 +758,7 @@ async fn a_command_without_reply_to_waits_out_a_database_outage() {
         json!(1000)
     );
     let admin = env.admin_pool().await;
-    set_reachable(&admin, &env.db_name, false).await;
+    env.set_reachable(&admin, false).await;
     let top_up = json!({"command": "top_up", "user_id": "fay", "amount": 5, "key": "PAY-1"});
     rpc.send(
         &serde_json::to_vec(&top_up).expect("json"),
@@ -786,7 +786,7 @@ async fn a_command_without_reply_to_waits_out_a_database_outage() {
         );
     }
     assert!(past_three);
-    set_reachable(&admin, &env.db_name, true).await;
+    env.set_reachable(&admin, true).await;
     admin.close().await;
     assert_eq!(
         rpc.ok(json!({"command": "balance", "user_id": "fay"}))
@@ -798,26 +798,6 @@ async fn a_command_without_reply_to_waits_out_a_database_outage() {
     assert_eq!(w.wait_exit(REPLY_TIMEOUT).await, Some(0));
     env.assert_audit_clean().await;
     env.cleanup().await;
-}
-
-/// Refuses new connections to `db` and ends its sessions, or lets connections in again.
-async fn set_reachable(admin: &sqlx::PgPool, db: &str, reachable: bool) {
-    sqlx::query(&format!(
-        "ALTER DATABASE \"{db}\" ALLOW_CONNECTIONS {reachable}"
-    ))
-    .execute(admin)
-    .await
-    .expect("alter database");
-    if !reachable {
-        sqlx::query(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-              WHERE datname = $1 AND pid <> pg_backend_pid()",
-        )
-        .bind(db)
-        .execute(admin)
-        .await
-        .expect("terminate sessions");
-    }
 }
 
 /// Each operator command of the CLI (SPEC §2) run as the binary, with the exit codes 0, 1, 2.

@@ -318,6 +318,28 @@ impl TestEnv {
         sqlx::PgPool::connect(&admin_url).await.expect("admin")
     }
 
+    /// Lets connections to this test's database in again, or refuses new ones and ends its
+    /// sessions (a database outage); `admin` is [`Self::admin_pool`]'s.
+    pub async fn set_reachable(&self, admin: &sqlx::PgPool, reachable: bool) {
+        let db = &self.db_name;
+        sqlx::query(&format!(
+            "ALTER DATABASE \"{db}\" ALLOW_CONNECTIONS {reachable}"
+        ))
+        .execute(admin)
+        .await
+        .expect("alter database");
+        if !reachable {
+            sqlx::query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                  WHERE datname = $1 AND pid <> pg_backend_pid()",
+            )
+            .bind(db)
+            .execute(admin)
+            .await
+            .expect("terminate sessions");
+        }
+    }
+
     pub async fn scalar_i64(&self, sql: &str) -> i64 {
         sqlx::query_scalar::<_, i64>(sql)
             .fetch_one(&self.pool)

@@ -109,27 +109,6 @@ async fn http_endpoints_report_health_readiness_and_metrics() {
     stop_audit_cleanup(env, worker).await;
 }
 
-/// Refuses (true) or allows new connections to the test database, and ends its sessions.
-async fn database_reachable(env: &TestEnv, admin: &sqlx::PgPool, reachable: bool) {
-    let db = &env.db_name;
-    sqlx::query(&format!(
-        "ALTER DATABASE \"{db}\" ALLOW_CONNECTIONS {reachable}"
-    ))
-    .execute(admin)
-    .await
-    .expect("alter database");
-    if !reachable {
-        sqlx::query(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-              WHERE datname = $1 AND pid <> pg_backend_pid()",
-        )
-        .bind(db)
-        .execute(admin)
-        .await
-        .expect("terminate sessions");
-    }
-}
-
 /// The worker's sessions ask the server for TCP keepalive, so a session whose client vanished
 /// ends (with its locks, the relay leader's among them) within about a minute.
 #[tokio::test]
@@ -169,7 +148,7 @@ async fn database_sessions_use_tcp_keepalive() {
 async fn probes_answer_while_the_database_is_down_at_start() {
     let env = TestEnv::with(quiet_scheduler).await;
     let admin = env.admin_pool().await;
-    database_reachable(&env, &admin, false).await;
+    env.set_reachable(&admin, false).await;
     let mut env_vars = env.process_env();
     env_vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
     // The port is read from the log line the endpoints write once they serve.
@@ -178,7 +157,7 @@ async fn probes_answer_while_the_database_is_down_at_start() {
     let (status, body) = http_get(port, "/readyz").await.expect("readyz");
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("database: down"), "{body}");
-    database_reachable(&env, &admin, true).await;
+    env.set_reachable(&admin, true).await;
     wait_status(T, port, "/readyz", 200).await;
     w.sigterm();
     assert_eq!(w.wait_exit(T).await, Some(0));
@@ -204,7 +183,7 @@ async fn readyz_follows_the_database_and_no_message_is_lost_in_an_outage() {
 
     let retries = || metric_value(&metrics_now(), "credit_decide_retries_total", &[]);
     let retries_before = retries();
-    database_reachable(&env, &admin, false).await;
+    env.set_reachable(&admin, false).await;
     wait_status(T, port, "/readyz", 503).await;
     let (_, body_503) = http_get(port, "/readyz").await.expect("readyz");
     assert!(body_503.contains("database: down"), "{body_503}");
@@ -229,7 +208,7 @@ async fn readyz_follows_the_database_and_no_message_is_lost_in_an_outage() {
         panic!("dead-lettered while the database was unreachable: {reasons:?}");
     }
 
-    database_reachable(&env, &admin, true).await;
+    env.set_reachable(&admin, true).await;
     wait_status(T, port, "/readyz", 200).await;
     env.wait_decisions(2, T).await;
     env.publish(&[body(&platform_gpt4("outage-user", "after"))])
