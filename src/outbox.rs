@@ -118,7 +118,7 @@ impl Relay {
     ) -> Result<bool, RelayError> {
         while !store::try_lead_relay(db).await? {
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(500)) => self.gauge_backlog().await?,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => gauge_backlog(&self.pool).await?,
                 _ = drain.cancelled() => return Ok(false),
                 _ = hard_stop.cancelled() => return Ok(false),
             }
@@ -169,10 +169,6 @@ impl Relay {
         }
     }
 
-    async fn gauge_backlog(&self) -> Result<(), RelayError> {
-        Ok(gauge_backlog(&self.pool).await?)
-    }
-
     /// Waits for a NOTIFY from any writer (a writer that committed during the last look has
     /// its notification waiting already), for drain, or at most 500 ms, which covers a lost
     /// notification and refreshes the backlog gauge. False on `hard_stop`.
@@ -184,7 +180,7 @@ impl Relay {
     ) -> Result<bool, RelayError> {
         tokio::select! {
             r = listener.recv() => { r?; }
-            _ = tokio::time::sleep(Duration::from_millis(500)) => self.gauge_backlog().await?,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => gauge_backlog(&self.pool).await?,
             _ = drain.cancelled() => {}
             _ = hard_stop.cancelled() => return Ok(false),
         }

@@ -252,6 +252,7 @@ impl Parts {
                     pricing: Arc::new(settings.pricing(costs)),
                 },
                 health: health.clone(),
+                own_user: crate::amqp::producer::own_user(&settings.amqp.url),
             },
             relay: Relay {
                 settings: settings.clone(),

@@ -120,16 +120,18 @@ pub(crate) fn without(p: &BasicProperties, drop: &[Prop]) -> BasicProperties {
     let q = set(q, p.priority(), BasicProperties::with_priority);
     let q = set(q, p.correlation_id(), BasicProperties::with_correlation_id);
     let q = set(q, p.reply_to(), BasicProperties::with_reply_to);
-    let q = match none(Prop::Expiration) {
-        true => q,
-        false => set(q, p.expiration(), BasicProperties::with_expiration),
+    let q = if none(Prop::Expiration) {
+        q
+    } else {
+        set(q, p.expiration(), BasicProperties::with_expiration)
     };
     let q = set(q, p.message_id(), BasicProperties::with_message_id);
     let q = set(q, p.timestamp(), BasicProperties::with_timestamp);
     let q = set(q, p.kind(), BasicProperties::with_type);
-    let q = match none(Prop::UserId) {
-        true => q,
-        false => set(q, p.user_id(), BasicProperties::with_user_id),
+    let q = if none(Prop::UserId) {
+        q
+    } else {
+        set(q, p.user_id(), BasicProperties::with_user_id)
     };
     let q = set(q, p.app_id(), BasicProperties::with_app_id);
     set::<ShortString>(q, p.cluster_id(), BasicProperties::with_cluster_id)

@@ -39,32 +39,29 @@ pub(crate) fn producer(props: &BasicProperties, worker: Option<&str>) -> Option<
 /// [`producer`] (as `me` sees it) in [`PRODUCER_HEADER`] when that is another user. An
 /// anonymous message stays as it is. Everything else is kept.
 pub(crate) fn publishable_by(props: &BasicProperties, me: Option<&str>) -> BasicProperties {
-    let producer = producer(props, me);
     let kept = super::without_headers(props, &[PRODUCER_HEADER]);
-    let Some(producer) = producer else {
+    let Some(producer) = producer(props, me) else {
         // Anonymous, and kept so: a header on it is believed only by the producer it names,
         // which may replay a dead letter written before dead letters carried the worker's
         // user_id (none, with the producer in the header) as its own.
         let header = props.headers().as_ref().and_then(producer_header);
-        return match (header, me) {
-            (Some(h), Some(me)) if h == me => kept.with_user_id(me.into()),
+        return match me {
+            Some(me) if header.as_deref() == Some(me) => kept.with_user_id(me.into()),
             _ => props.clone(),
         };
     };
+    if me == Some(producer.as_str()) {
+        return kept.with_user_id(producer.into());
+    }
+    let mut headers = kept.headers().clone().unwrap_or_default();
+    headers.insert(
+        PRODUCER_HEADER.into(),
+        AMQPValue::LongString(producer.into()),
+    );
+    let kept = kept.with_headers(headers);
     match me {
-        Some(me) if me == producer => kept.with_user_id(me.into()),
-        _ => {
-            let mut headers = kept.headers().clone().unwrap_or_default();
-            headers.insert(
-                PRODUCER_HEADER.into(),
-                AMQPValue::LongString(producer.as_str().into()),
-            );
-            let kept = kept.with_headers(headers);
-            match me {
-                Some(me) => kept.with_user_id(me.into()),
-                None => super::without(&kept, &[super::Prop::UserId]),
-            }
-        }
+        Some(me) => kept.with_user_id(me.into()),
+        None => super::without(&kept, &[super::Prop::UserId]),
     }
 }
 

@@ -44,6 +44,8 @@ pub struct Consumer {
     pub settings: Arc<Settings>,
     pub decider: DbDecider,
     pub health: Arc<Health>,
+    /// The broker user `amqp.url` connects as ([`amqp::producer::own_user`]).
+    pub own_user: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -368,8 +370,7 @@ impl Consumer {
             .record(started.elapsed().as_secs_f64());
         for (d, (action, ids)) in batch.iter().zip(&actions) {
             if let Action::DeadLetter { reason } = action {
-                let me = amqp::producer::own_user(&self.settings.amqp.url);
-                dead_letter(dead, names, d, reason, me.as_deref())
+                dead_letter(dead, names, d, reason, self.own_user.as_deref())
                     .instrument(ids.span())
                     .await?;
             }
@@ -399,11 +400,11 @@ impl Consumer {
             return vec![None; batch.len()];
         }
         // A dead letter replayed with the worker's own credentials is its producer's.
-        let me = amqp::producer::own_user(&self.settings.amqp.url);
+        let me = self.own_user.as_deref();
         batch
             .iter()
             .map(|d| {
-                let producer = amqp::producer::producer(&d.properties, me.as_deref());
+                let producer = amqp::producer::producer(&d.properties, me);
                 producer_refusal(allowed, producer.as_deref())
             })
             .collect()

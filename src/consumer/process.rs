@@ -64,6 +64,21 @@ impl MessageIds {
     }
 }
 
+/// An id as logged: `?` when absent, else at most [`message::MAX_ID_BYTES`] of it.
+fn shown(id: &Option<String>) -> &str {
+    id.as_deref()
+        .map_or("?", |s| head(s, message::MAX_ID_BYTES))
+}
+
+/// The first `max` bytes of `s`, cut back to a character boundary.
+fn head(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 /// Why a message from `producer` ([`crate::amqp::producer::producer`]: its broker-verified
 /// AMQP `user_id`, or the producer the worker's own user vouches for) is not billed: when
 /// `allowed` is not empty, only the producers it names are.
@@ -187,21 +202,6 @@ pub(crate) async fn finish(
 }
 
 /// Processes one batch with nothing else in flight: [`attempt`], then [`finish`].
-/// An id as logged: `?` when absent, else at most [`message::MAX_ID_BYTES`] of it.
-fn shown(id: &Option<String>) -> &str {
-    id.as_deref()
-        .map_or("?", |s| head(s, message::MAX_ID_BYTES))
-}
-
-/// The first `max` bytes of `s`, cut back to a character boundary.
-fn head(s: &str, max: usize) -> &str {
-    let mut end = s.len().min(max);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
-
 #[cfg(test)]
 pub(crate) async fn process_batch(
     decider: &impl Decider,
@@ -358,6 +358,9 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::cost::CostTable;
+    use crate::decide::{FeePolicy, MemoryLedger};
+    use crate::ledger::{LedgerError, LedgerPolicy, RefillPolicy};
 
     #[test]
     fn a_logged_id_is_cut_at_a_character_boundary() {
@@ -367,9 +370,6 @@ mod tests {
         assert_eq!(head("aé", 2), "a");
         assert_eq!(head(&"x".repeat(300), 255).len(), 255);
     }
-    use crate::cost::CostTable;
-    use crate::decide::{FeePolicy, MemoryLedger};
-    use crate::ledger::{LedgerError, LedgerPolicy, RefillPolicy};
 
     /// Decides in memory; fails the first `transient` calls, and permanently any batch of
     /// more than one entry that contains `poison`, or `poison` alone.

@@ -90,10 +90,8 @@ impl DecideError {
     pub(crate) fn is_transient(&self) -> bool {
         match self {
             // A fault of the database's set-up is not the batch's: it waits for the fix.
-            DecideError::Db(e) | DecideError::Ledger(LedgerError::Db(e)) => {
-                crate::db::is_transient(e) || crate::db::is_setup_fault(e)
-            }
-            DecideError::Ledger(e) => e.is_transient(),
+            DecideError::Db(e) => LedgerError::may_clear_db(e),
+            DecideError::Ledger(e) => e.may_clear(),
             DecideError::Race | DecideError::Reordered => true,
         }
     }

@@ -84,16 +84,16 @@ pub enum LedgerError {
 }
 
 impl LedgerError {
-    /// A fault that clears by itself (connection lost, deadlock): retry, don't report.
-    pub(crate) fn is_transient(&self) -> bool {
-        matches!(self, LedgerError::Db(e) if crate::db::is_transient(e))
+    /// Whether trying again later can succeed: a transient fault (connection lost, deadlock),
+    /// or a fault of the database's set-up (SQLSTATE class 42), which an operator fixes.
+    /// Anything else fails the same way however often it is tried.
+    pub(crate) fn may_clear(&self) -> bool {
+        matches!(self, LedgerError::Db(e) if Self::may_clear_db(e))
     }
 
-    /// Whether trying again later can succeed: a transient fault, or a fault of the
-    /// database's set-up (SQLSTATE class 42), which an operator fixes. Anything else fails
-    /// the same way however often it is tried.
-    pub(crate) fn may_clear(&self) -> bool {
-        self.is_transient() || matches!(self, LedgerError::Db(e) if crate::db::is_setup_fault(e))
+    /// [`Self::may_clear`] of a database error.
+    pub(crate) fn may_clear_db(e: &sqlx::Error) -> bool {
+        crate::db::is_transient(e) || crate::db::is_setup_fault(e)
     }
 }
 
@@ -260,7 +260,7 @@ const RESERVED_KEY_PREFIXES: [&str; 4] = [
     "USAGE-",
     "SETTLE-",
     "EXECUTION-FEE-",
-    "MONTHLY-CREDIT-TOP-UP-",
+    month::REFILL_KEY_PREFIX,
 ];
 
 /// Refuses a caller's key for a credit that has the form of one of the worker's own keys.
