@@ -22,7 +22,7 @@ use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, B
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection};
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
+use tokio::task::{JoinError, JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
@@ -135,7 +135,7 @@ impl Consumer {
             decider_stop.cancel();
         }
         let decided = match tokio::time::timeout(CLEANUP, &mut decider).await {
-            Ok(joined) => joined.unwrap_or(Err(SessionError::DeciderGone)),
+            Ok(ended) => joined(ended).and_then(|decided| decided),
             Err(_) => {
                 // Stuck on a dead connection: nothing of its batch was acked, so the broker
                 // redelivers it and the ledger's keys make the decisions idempotent.
@@ -237,6 +237,17 @@ fn next_delivery(d: Option<Result<Delivery, lapin::Error>>) -> Result<Delivery, 
     }
 }
 
+/// What a task of the session returned. A panic is a defect, which reconnecting would only
+/// repeat: it goes on up and ends the consumer's task, and with it the process (non-zero).
+/// The batches it left unacked go back to the queue.
+fn joined<T>(ended: Result<T, JoinError>) -> Result<T, SessionError> {
+    match ended {
+        Ok(t) => Ok(t),
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => Err(SessionError::DeciderGone),
+    }
+}
+
 /// A batch whose decision has begun, on a task of its own.
 struct InFlight {
     follow: Follow,
@@ -288,7 +299,7 @@ async fn decide_loop(
 /// The first try of the oldest batch in flight (which must exist).
 async fn oldest(in_flight: &mut VecDeque<InFlight>) -> Result<Tried, SessionError> {
     match in_flight.front_mut() {
-        Some(f) => (&mut f.task).await.map_err(|_| SessionError::DeciderGone),
+        Some(f) => joined((&mut f.task).await),
         None => Err(SessionError::DeciderGone),
     }
 }
@@ -338,7 +349,7 @@ impl Consumer {
         }
         let mut tried = vec![oldest];
         for later in in_flight.drain(..) {
-            tried.push(later.task.await.map_err(|_| SessionError::DeciderGone)?);
+            tried.push(joined(later.task.await)?);
         }
         for t in tried {
             if !self.finish_and_ack(t, dead, names, stop).await? {
@@ -471,7 +482,25 @@ async fn dead_letter(
 
 #[cfg(test)]
 mod tests {
-    use super::take_carried;
+    use super::{joined, take_carried, SessionError};
+    use futures::FutureExt;
+
+    #[tokio::test]
+    async fn a_batch_task_that_panics_takes_its_panic_up_rather_than_end_the_session() {
+        let task = tokio::spawn(async { panic!("a defect in a batch") });
+        let ended = task.await;
+        let caught = std::panic::AssertUnwindSafe(async move { joined::<()>(ended) })
+            .catch_unwind()
+            .await;
+        let payload = caught
+            .err()
+            .map(|p| crate::telemetry::panic_text(p.as_ref()).to_owned());
+        assert_eq!(payload.as_deref(), Some("a defect in a batch"));
+
+        let task = tokio::spawn(std::future::pending::<()>());
+        task.abort();
+        assert!(matches!(joined(task.await), Err(SessionError::DeciderGone)));
+    }
 
     #[test]
     fn a_batch_takes_at_most_max_batch_of_the_carried_deliveries_oldest_first() {
