@@ -94,6 +94,9 @@ fn apply_unchecked(
             before,
             now,
         ));
+        // A user who can no longer afford a run makes no debit: without this, a request
+        // whose payment failed would never be made again once its TTL passed.
+        account.request_top_up(changes, rules.ledger.auto_top_up_ttl, now);
         return Ok(decision(e, Outcome::Rejected, price.cost, 0, None, None));
     }
     account.count_execution(day, count);
@@ -330,15 +333,16 @@ pub(crate) fn decide_from_completion(
     })
 }
 
-/// Whether a start is refused for funds: its cost and fee exceed the balance (a debt, which
-/// only a post-flight charge makes, so rejects every paid execution), or, as in AutoGPT, a
-/// block billed only after its run (an entry matched but priced 0 before it: no estimate)
-/// meets a balance of 0 or less, which its run could only take further into debt.
+/// Whether a start is refused for funds: its cost and fee exceed the balance, or a block
+/// billed only after its run (an entry matched but priced 0 before it: no estimate) meets a
+/// debt, which "rejects every paid execution" (SPEC §4.2): its run could only deepen it. At a
+/// balance of exactly 0 it runs, as SPEC's outcome table has it (cost 0 ⇒ `free`); AutoGPT
+/// refuses it there too.
 pub(super) fn refused_for_funds(total: i64, matched: bool, balance: i64) -> bool {
     if total > 0 {
         total > balance
     } else {
-        matched && balance <= 0
+        matched && balance < 0
     }
 }
 

@@ -336,8 +336,8 @@ fn a_completion_first_whose_cost_and_fee_overflow_is_refused_not_capped() {
 }
 
 /// A block billed only after its run (a matching entry, no estimate: 0 before it) runs while
-/// the balance is positive and is rejected at 0 or below, as in AutoGPT: its run could only
-/// take the balance further into debt. One the user pays nothing for (no match) still runs.
+/// the balance is 0 or more and is rejected in debt: its run could only deepen it. One the
+/// user pays nothing for (no match) still runs.
 #[test]
 fn a_block_billed_after_its_run_is_refused_without_credit() {
     let table = r#"
@@ -371,7 +371,8 @@ fn a_block_billed_after_its_run_is_refused_without_credit() {
     let v = l.decide(&p, &[sandbox("c", "own", None)], now());
     assert_eq!(decided(&v), Some((Outcome::Free, 0)));
     use super::apply::refused_for_funds;
-    assert!(refused_for_funds(0, true, 0));
+    assert!(refused_for_funds(0, true, -1));
+    assert!(!refused_for_funds(0, true, 0));
     assert!(!refused_for_funds(0, true, 1));
     assert!(!refused_for_funds(0, false, -5));
     assert!(refused_for_funds(11, false, 10));
@@ -664,6 +665,50 @@ fn an_unanswered_request_is_made_again_after_its_ttl_not_before() {
     l.decide(&p, &[entry("u", "d", 0)], hour);
     assert_eq!(requests(&l).len(), 2);
     assert_eq!(requests(&l)[1].0, "AUTO-TOP-UP-u-2");
+}
+
+/// A user whose request's payment failed and who can afford no run makes no debit; a run
+/// refused for funds asks again once the request's TTL has passed.
+#[test]
+fn a_run_refused_for_funds_asks_again_after_the_ttl() {
+    let p = pricing(0);
+    let mut l = MemoryLedger::default();
+    l.decide(&p, &[entry("u", "a", 0)], now());
+    let a = l.accounts.get_mut("u").unwrap();
+    a.auto_threshold = Some(2000);
+    a.auto_amount = Some(500);
+    l.decide(&p, &[entry("u", "b", 0)], now());
+    assert_eq!(requests(&l), vec![("AUTO-TOP-UP-u-1".into(), 980)]);
+    let later = now() + chrono::Duration::minutes(59);
+    let v = l.decide(&p, &[entry("u", "c", 2)], later);
+    assert!(
+        matches!(
+            v[0],
+            Verdict::Decided {
+                outcome: Outcome::Rejected,
+                ..
+            }
+        ),
+        "{v:?}"
+    );
+    assert_eq!(requests(&l).len(), 1);
+    let hour = now() + chrono::Duration::hours(1);
+    l.decide(&p, &[entry("u", "d", 2)], hour);
+    assert_eq!(
+        requests(&l),
+        vec![
+            ("AUTO-TOP-UP-u-1".into(), 980),
+            ("AUTO-TOP-UP-u-2".into(), 980)
+        ]
+    );
+    // Above the threshold a refusal asks for nothing.
+    let mut l = MemoryLedger::default();
+    l.decide(&p, &[entry("u", "a", 0)], now());
+    let a = l.accounts.get_mut("u").unwrap();
+    a.auto_threshold = Some(500);
+    a.auto_amount = Some(500);
+    l.decide(&p, &[entry("u", "b", 2)], now());
+    assert!(requests(&l).is_empty());
 }
 
 #[test]
