@@ -435,8 +435,16 @@ impl Settings {
         if self.database.url.is_empty() {
             return bad("database.url", "must not be empty");
         }
+        if let Some(why) = crate::db::unreadable_tls_files(&self.database.url).first() {
+            return bad("database.url", why);
+        }
         if self.amqp.url.is_empty() {
             return bad("amqp.url", "must not be empty");
+        }
+        // Checked here, so a typo stops the worker at start instead of being retried as a
+        // broker fault for ever.
+        if let Err(why) = self.amqp.url.parse::<lapin::uri::AMQPUri>() {
+            return bad("amqp.url", &format!("not an AMQP URL ({why})"));
         }
         if let Some(path) = &self.amqp.tls_ca_file {
             read_ca_file(path)
@@ -564,6 +572,31 @@ mod tests {
             e.contains("control.unanswered_retry_s: must be at least 1"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn an_amqp_url_that_does_not_parse_is_refused_at_start() {
+        for url in ["rabbitmq:5672", "amqp://u:secret@host:notaport/%2f"] {
+            let e = Settings::load_from(None, &env(&[("AMQP_URL", url)]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("amqp.url: not an AMQP URL ("), "{e}");
+            assert!(!e.contains("secret"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_tls_file_the_database_url_names_must_be_readable_at_start() {
+        let url = "postgres://u@db/credit?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem";
+        let e = Settings::load_from(None, &env(&[("DATABASE_URL", url)]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("database.url: sslrootcert: /nonexistent/ca.pem: "),
+            "{e}"
+        );
+        let readable = "postgres://u@db/credit?sslmode=verify-full&sslrootcert=Cargo.toml";
+        assert!(Settings::load_from(None, &env(&[("DATABASE_URL", readable)])).is_ok());
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::migrate::MigrateDatabase;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use sqlx::{ConnectOptions, Connection, PgPool, Postgres};
 
 /// `[database]` of the configuration.
@@ -17,6 +17,11 @@ pub struct DatabaseSettings {
 }
 
 pub(crate) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// How many migrations this build applies.
+pub fn migrations() -> usize {
+    MIGRATOR.iter().count()
+}
 
 /// Creates the database if missing. Two processes racing to create it is fine.
 pub(crate) async fn ensure_database(url: &str) -> Result<(), sqlx::Error> {
@@ -47,9 +52,39 @@ const KEEPALIVE: [(&str, &str); 4] = [
 /// A pooled connection idle at least this long is pinged before it is handed out.
 const PING_AFTER_IDLE: Duration = Duration::from_millis(100);
 
-/// A pool on `settings.url`. Connections are made lazily, so this succeeds while the database
-/// is down; callers see the outage as (transient) query errors.
-pub fn pool(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
+/// The client files a `database.url` names for TLS, by parameter (sqlx's spellings too).
+const TLS_FILES: [&str; 6] = [
+    "sslrootcert",
+    "ssl-root-cert",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+];
+
+/// The TLS files `url` names that cannot be read, each as "param: path: why". Checked at
+/// start: the client reads them on every connect, and a missing one would otherwise be
+/// retried as an outage for ever.
+pub(crate) fn unreadable_tls_files(url: &str) -> Vec<String> {
+    let Ok(url) = url::Url::parse(url) else {
+        return Vec::new();
+    };
+    url.query_pairs()
+        .filter(|(k, _)| TLS_FILES.contains(&k.as_ref()))
+        .filter_map(|(k, path)| {
+            let path = path.strip_prefix("file://").unwrap_or(&path).to_owned();
+            std::fs::File::open(&path)
+                .err()
+                .map(|why| format!("{k}: {path}: {why}"))
+        })
+        .collect()
+}
+
+/// The options for `settings.url`; with `statement_timeout` only when `bounded`.
+fn connect_options(
+    settings: &DatabaseSettings,
+    bounded: bool,
+) -> Result<PgConnectOptions, sqlx::Error> {
     let mut opts = PgConnectOptions::from_str(&settings.url)?
         .application_name("credit-worker")
         .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1))
@@ -57,12 +92,31 @@ pub fn pool(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
         // about a minute rather than the kernel's two hours, and with it the session's locks:
         // the outbox relay's leader lock above all, which a standby waits to take over.
         .options(KEEPALIVE);
-    if settings.statement_timeout_ms > 0 {
+    // As libpq does: `sslmode=require` with a root certificate checks the server against it.
+    // sqlx would encrypt without checking anything.
+    if names_root_cert(&settings.url) && matches!(opts.get_ssl_mode(), PgSslMode::Require) {
+        opts = opts.ssl_mode(PgSslMode::VerifyCa);
+    }
+    if bounded && settings.statement_timeout_ms > 0 {
         opts = opts.options([(
             "statement_timeout",
             format!("{}ms", settings.statement_timeout_ms),
         )]);
     }
+    Ok(opts)
+}
+
+fn names_root_cert(url: &str) -> bool {
+    url::Url::parse(url).is_ok_and(|u| {
+        u.query_pairs()
+            .any(|(k, _)| k == "sslrootcert" || k == "ssl-root-cert")
+    })
+}
+
+/// A pool on `settings.url`. Connections are made lazily, so this succeeds while the database
+/// is down; callers see the outage as (transient) query errors.
+pub fn pool(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
+    let opts = connect_options(settings, true)?;
     Ok(PgPoolOptions::new()
         .max_connections(settings.max_connections)
         .acquire_timeout(Duration::from_secs(5))
@@ -83,17 +137,37 @@ pub fn pool(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
 
 /// Creates the database if needed, connects and applies migrations.
 pub async fn connect_and_migrate(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
-    let pool = pool(settings)?;
-    prepare(settings, &pool).await?;
-    Ok(pool)
+    prepare(settings).await?;
+    pool(settings)
 }
 
-/// Creates the database if needed and applies migrations through `pool` (one of
-/// [`pool`]'s, on the same settings).
-pub(crate) async fn prepare(settings: &DatabaseSettings, pool: &PgPool) -> Result<(), sqlx::Error> {
+/// The advisory lock one process at a time applies migrations under.
+const MIGRATING: i64 = 0x6372_6564_6974_6d67;
+
+/// How often a process waiting for another's migrations asks for the lock again.
+const MIGRATING_POLL: Duration = Duration::from_millis(250);
+
+/// Creates the database if needed and applies migrations, on a connection of their own
+/// without `statement_timeout`: building an index on a large table may take longer than any
+/// statement of the worker's, and a timeout would fail every start the same way.
+///
+/// Replicas starting together wait for the lock by asking again rather than blocking on it.
+/// A session blocked on a lock holds a snapshot, which a concurrent index build (0014) waits
+/// for: the two would wait on each other.
+pub(crate) async fn prepare(settings: &DatabaseSettings) -> Result<(), sqlx::Error> {
     ensure_database(&settings.url).await?;
-    MIGRATOR.run(pool).await?;
-    Ok(())
+    let mut conn = connect_options(settings, false)?.connect().await?;
+    while !sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
+        .bind(MIGRATING)
+        .fetch_one(&mut conn)
+        .await?
+    {
+        tokio::time::sleep(MIGRATING_POLL).await;
+    }
+    let migrated = MIGRATOR.run(&mut conn).await;
+    // Closing the session releases the lock as well.
+    let _ = conn.close().await;
+    Ok(migrated?)
 }
 
 /// True unless the error says the statement itself or its data is wrong. Only data and

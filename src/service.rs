@@ -41,12 +41,11 @@ pub fn load_costs(settings: &Settings) -> anyhow::Result<CostTable> {
 /// until `stop` fires.
 pub(crate) async fn connect_db(
     settings: &Settings,
-    pool: &PgPool,
     stop: &CancellationToken,
 ) -> anyhow::Result<()> {
     let mut delays = crate::retry::backoff();
     loop {
-        match crate::db::prepare(&settings.database, pool).await {
+        match crate::db::prepare(&settings.database).await {
             Ok(()) => return Ok(()),
             Err(e) if crate::db::is_transient(&e) || is_migrate_io(&e) => {
                 warn!(error = %e, "database unreachable; retrying");
@@ -140,7 +139,7 @@ impl Worker {
         // /readyz says 503, instead of a bound port that never replies.
         let http = HttpServer::start(&settings, &health, &pool).await?;
         let http_addr = http.as_ref().map(|h| h.addr);
-        if let Err(e) = connect_db(&settings, &pool, &shutdown).await {
+        if let Err(e) = connect_db(&settings, &shutdown).await {
             if let Some(h) = http {
                 h.stop().await;
             }

@@ -193,5 +193,37 @@ async fn verify_full_with_the_signing_ca_connects_and_with_another_is_refused() 
         .await
         .expect_err("a CA that did not sign the server's certificate");
     assert!(err.to_string().contains("certificate"), "{err}");
+    // As with libpq, `require` with a root certificate checks the server against it.
+    let require = settings(
+        &env,
+        &format!("sslmode=require&sslrootcert={TLS_DIR}/other.pem"),
+    );
+    let err = credit_worker::db::connect_and_migrate(&require)
+        .await
+        .expect_err("sslmode=require with a CA that did not sign the server's certificate");
+    assert!(err.to_string().contains("certificate"), "{err}");
+    let require = settings(
+        &env,
+        &format!("sslmode=require&sslrootcert={TLS_DIR}/ca.pem"),
+    );
+    let pool = credit_worker::db::connect_and_migrate(&require).await;
+    assert!(pool.is_ok(), "{:?}", pool.err());
+    env.cleanup().await;
+}
+
+/// Migrations run on a connection of their own, without the worker's statement timeout: an
+/// index built on a large table may take longer than any statement of the worker's.
+#[tokio::test]
+async fn migrations_are_not_cut_short_by_the_statement_timeout() {
+    let env = TestEnv::with(|s| s.database.statement_timeout_ms = 1).await;
+    let applied = env
+        .scalar_i64("SELECT count(*) FROM _sqlx_migrations WHERE success")
+        .await;
+    assert_eq!(applied, credit_worker::db::migrations() as i64);
+    let timeout: String = sqlx::query_scalar("SHOW statement_timeout")
+        .fetch_one(&env.pool)
+        .await
+        .expect("statement_timeout");
+    assert_eq!(timeout, "1ms");
     env.cleanup().await;
 }
