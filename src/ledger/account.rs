@@ -86,7 +86,30 @@ impl RefillPolicy {
         if evaluated.is_some_and(|m| m >= month.first_day()) {
             return None;
         }
-        Some(self.target.saturating_sub(balance).max(0))
+        Some(self.top_up(balance))
+    }
+
+    /// The rule for a month named explicitly (a sweep, a command, the CLI): [`Self::grant`],
+    /// and a back-fill too. For a month older than the one last evaluated, the account cannot
+    /// tell whether that month was evaluated, so its ledger row decides: none yet
+    /// (`granted` false) ⇒ topped up to the target under the month's key, which the ledger
+    /// holds once. The lazy refill never back-fills.
+    pub fn backfill(
+        self,
+        balance: i64,
+        evaluated: Option<NaiveDate>,
+        month: Month,
+        granted: bool,
+    ) -> Option<i64> {
+        match evaluated {
+            Some(m) if m > month.first_day() => (!granted).then(|| self.top_up(balance)),
+            _ => self.grant(balance, evaluated, month),
+        }
+    }
+
+    /// What tops `balance` up to the target; 0 at or above it.
+    fn top_up(self, balance: i64) -> i64 {
+        self.target.saturating_sub(balance).max(0)
     }
 
     /// The metadata of the ledger row of `month`'s refill grant.
@@ -329,7 +352,35 @@ impl Account {
         month: Month,
         at: DateTime<Utc>,
     ) -> Result<i64, LedgerError> {
-        let Some(grant) = policy.grant(self.balance, self.refill_month, month) else {
+        let grant = policy.grant(self.balance, self.refill_month, month);
+        self.apply_refill(changes, policy, month, grant, at)
+    }
+
+    /// [`Account::refill`] of a month named explicitly, which may back-fill one older than the
+    /// last evaluated ([`RefillPolicy::backfill`]; `granted`: its ledger row exists).
+    pub fn refill_named(
+        &mut self,
+        changes: &mut Changes,
+        policy: RefillPolicy,
+        month: Month,
+        granted: bool,
+        at: DateTime<Utc>,
+    ) -> Result<i64, LedgerError> {
+        let grant = policy.backfill(self.balance, self.refill_month, month, granted);
+        self.apply_refill(changes, policy, month, grant, at)
+    }
+
+    /// Posts `grant` (when > 0) under `month`'s key and marks the month evaluated; a back-fill
+    /// leaves the later month marked.
+    fn apply_refill(
+        &mut self,
+        changes: &mut Changes,
+        policy: RefillPolicy,
+        month: Month,
+        grant: Option<i64>,
+        at: DateTime<Utc>,
+    ) -> Result<i64, LedgerError> {
+        let Some(grant) = grant else {
             return Ok(0);
         };
         if grant > 0 {
@@ -343,7 +394,7 @@ impl Account {
                 at,
             )?;
         }
-        self.refill_month = Some(month.first_day());
+        self.refill_month = self.refill_month.max(Some(month.first_day()));
         self.dirty = true;
         Ok(grant)
     }
@@ -418,6 +469,35 @@ mod tests {
         assert_eq!(p.grant(-i64::MAX + 1001, None, m), Some(i64::MAX - 1));
         // A zero target grants nothing to a positive balance.
         assert_eq!(RefillPolicy { target: 0 }.grant(5, None, m), Some(0));
+    }
+
+    #[test]
+    fn a_month_named_before_the_last_evaluated_is_back_filled_once() {
+        let p = RefillPolicy { target: 1000 };
+        let m = month("2026-10");
+        // Evaluated for a later month: its row decides.
+        assert_eq!(p.backfill(400, day("2026-12"), m, false), Some(600));
+        assert_eq!(p.backfill(400, day("2026-12"), m, true), None);
+        assert_eq!(p.backfill(1200, day("2026-12"), m, false), Some(0));
+        // Otherwise the rule of `grant`.
+        assert_eq!(p.backfill(400, day("2026-10"), m, false), None);
+        assert_eq!(p.backfill(400, day("2026-09"), m, true), Some(600));
+        assert_eq!(p.backfill(400, None, m, false), Some(600));
+
+        let at = chrono::Utc::now();
+        let mut a = Account::new("u".into());
+        a.balance = 400;
+        a.refill_month = day("2026-12");
+        let mut changes = Changes::default();
+        assert_eq!(a.refill_named(&mut changes, p, m, false, at).unwrap(), 600);
+        assert_eq!((a.balance, a.refill_month), (1000, day("2026-12")));
+        assert_eq!(
+            changes.transactions[0].transaction_key,
+            "MONTHLY-CREDIT-TOP-UP-2026-10"
+        );
+        // The lazy rule never back-fills.
+        assert_eq!(a.refill(&mut changes, p, month("2026-11"), at).unwrap(), 0);
+        assert_eq!(changes.transactions.len(), 1);
     }
 
     #[test]

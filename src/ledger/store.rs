@@ -128,18 +128,24 @@ const REFILL_CHUNK_END: &str = "SELECT max(user_id) FROM (
         SELECT user_id FROM credit.balances WHERE user_id > $1 ORDER BY user_id LIMIT $2) c";
 
 /// One chunk of the refill sweep, in one statement: locks the accounts in ($1, $2] not yet
-/// evaluated for the month starting on $3 (user_id order; a row another transaction changed
-/// meanwhile is re-checked after the wait, so one refilled concurrently is skipped), computes
-/// each grant by the rule of `RefillPolicy::grant` (target $4), and writes what
-/// `Account::refill` would: per granted user a GRANT ledger row under key $5 with metadata $6
+/// evaluated for the month starting on $3, or evaluated for a later one but without that
+/// month's row (a back-fill) (user_id order; a row another transaction changed meanwhile is
+/// re-checked after the wait, so one refilled concurrently is skipped), computes each grant by
+/// the rule of `RefillPolicy::backfill` (target $4), and writes what `Account::refill_named`
+/// would: per granted user a GRANT ledger row under key $5 with metadata $6
 /// and its `balance.changed` event, whose payload is the text `events::balance_changed`
 /// serialises (keys in order, `occurred_at` = $8, the time $7 formatted); every evaluated
-/// account gets refill_month = $3. The events go into the outbox $9 to a row, in user_id order
-/// (migration 0009). Wakes the outbox relays when it wrote events.
+/// account gets refill_month = $3 unless it holds a later one. The events go into the outbox
+/// $9 to a row, in user_id order (migration 0009). Wakes the outbox relays when it wrote
+/// events.
 const REFILL_CHUNK: &str = r#"WITH
   locked AS (
-    SELECT user_id, balance, last_seq FROM credit.balances
-     WHERE user_id > $1 AND user_id <= $2 AND (refill_month IS NULL OR refill_month < $3)
+    SELECT user_id, balance, last_seq FROM credit.balances b
+     WHERE user_id > $1 AND user_id <= $2
+       AND (refill_month IS NULL OR refill_month < $3
+            OR (refill_month > $3 AND NOT EXISTS (
+                  SELECT 1 FROM credit.transactions t
+                   WHERE t.user_id = b.user_id AND t.transaction_key = $5)))
      ORDER BY user_id FOR UPDATE),
   g AS (
     SELECT user_id, last_seq + 1 AS seq, balance,
@@ -172,7 +178,7 @@ const REFILL_CHUNK: &str = r#"WITH
     UPDATE credit.balances b
        SET balance = g.balance + g.amount,
            last_seq = CASE WHEN g.amount > 0 THEN g.seq ELSE g.seq - 1 END,
-           refill_month = $3,
+           refill_month = greatest(b.refill_month, $3),
            auto_requested_at = CASE WHEN g.amount > 0 THEN NULL ELSE b.auto_requested_at END,
            updated_at = $7
       FROM g

@@ -94,10 +94,12 @@ async fn sweep_one(
     check_user_id(user)?;
     let mut tx = pool.begin().await?;
     let mut accounts = store::lock_accounts(&mut tx, &[user.to_owned()]).await?;
+    // Looked up under the lock, so a concurrent sweep cannot grant the month in between.
+    let granted = store::key_exists(&mut tx, user, &month.refill_key()).await?;
     let now = Utc::now();
     let mut changes = Changes::default();
     for a in accounts.values_mut() {
-        report.tally(a.refill(&mut changes, policy, month, now)?);
+        report.tally(a.refill_named(&mut changes, policy, month, granted, now)?);
     }
     store::flush(&mut tx, accounts.values(), &changes, now).await?;
     tx.commit().await?;

@@ -416,6 +416,68 @@ async fn refill_resets_users_below_target_once_per_month() {
     stop_audit_cleanup(env, worker).await;
 }
 
+/// SPEC §6: any month may be named, a back-fill too. With the lazy refill on, every user is
+/// evaluated for the current month by their first operation; a month before it is still
+/// back-filled once, under its own key, and the current month stays marked.
+#[tokio::test]
+async fn a_past_month_is_back_filled_once_after_the_lazy_refill() {
+    let _sweeps = SWEEPS.share().await;
+    let env = TestEnv::with(quiet_scheduler).await;
+    let worker = start(&env).await;
+    let mut rpc = Rpc::new(&env).await;
+    let ago = |months: u32| {
+        let day = Utc::now().date_naive() - chrono::Months::new(months);
+        day.format("%Y-%m").to_string()
+    };
+    let (current, back, further) = (ago(0), ago(2), ago(3));
+    // The first operation refills to 1000 for the current month; one execution costs 10.
+    env.publish(&[body(&platform_gpt4("user-a", "bf-1"))]).await;
+    env.wait_decisions(1, Duration::from_secs(30)).await;
+    assert_eq!(
+        rpc.ok(json!({"command": "refill", "month": back})).await,
+        json!({"month": back, "users_refilled": 1, "credits_granted": 10})
+    );
+    assert_eq!(
+        rpc.ok(json!({"command": "refill", "month": back})).await,
+        json!({"month": back, "users_refilled": 0, "credits_granted": 0})
+    );
+    // One user, through the single-user path.
+    env.publish(&[body(&platform_gpt4("user-a", "bf-2"))]).await;
+    env.wait_decisions(2, Duration::from_secs(30)).await;
+    let one = json!({"command": "refill", "month": further, "user_id": "user-a"});
+    assert_eq!(
+        rpc.ok(one.clone()).await,
+        json!({"month": further, "users_refilled": 1, "credits_granted": 10})
+    );
+    assert_eq!(
+        rpc.ok(one).await,
+        json!({"month": further, "users_refilled": 0, "credits_granted": 0})
+    );
+    let keys: Vec<String> = grants(&env, "user-a")
+        .await
+        .into_iter()
+        .map(|(key, _, _)| key)
+        .collect();
+    assert_eq!(
+        keys,
+        [current.as_str(), back.as_str(), further.as_str()]
+            .map(|m| format!("MONTHLY-CREDIT-TOP-UP-{m}"))
+    );
+    let marked = env
+        .scalar_i64(&format!(
+            "SELECT count(*) FROM credit.balances
+              WHERE user_id = 'user-a' AND refill_month = '{current}-01'"
+        ))
+        .await;
+    assert_eq!(marked, 1, "the current month stays evaluated");
+    assert_eq!(
+        rpc.ok(json!({"command": "balance", "user_id": "user-a"}))
+            .await,
+        json!({"user_id": "user-a", "balance": 1000})
+    );
+    stop_audit_cleanup(env, worker).await;
+}
+
 #[tokio::test]
 async fn refill_when_disabled_is_a_bad_request() {
     let env = TestEnv::with(|s| s.refill.enabled = false).await;

@@ -570,7 +570,8 @@ async fn sweep_sql_and_the_rust_refill_rule_agree() {
         let user = format!("rust-{case}");
         let one = refill::sweep(&env.pool, policy, month, Some(&user), 1, |_| {});
         let one = one.await.unwrap();
-        let grant = policy.grant(*balance, *evaluated, month);
+        // Named explicitly, before any row of the month exists.
+        let grant = policy.backfill(*balance, *evaluated, month, false);
         assert_eq!(one.credits_granted, grant.unwrap_or(0), "{case}");
         if grant.is_some_and(|g| g > 0) {
             expected = (
@@ -583,7 +584,9 @@ async fn sweep_sql_and_the_rust_refill_rule_agree() {
         .await
         .unwrap();
     assert_eq!((all.users_refilled, all.credits_granted), expected);
-    assert_eq!(all.users_evaluated, 8 + 3);
+    // Every sql- twin but "this-month"; no rust- twin (each evaluated, "later-month" by its
+    // back-filled row).
+    assert_eq!(all.users_evaluated, 9 + 3);
     for (case, _, _) in &cases {
         let sql = swept_state(&env, &format!("sql-{case}")).await;
         let rust = swept_state(&env, &format!("rust-{case}")).await;
