@@ -1,6 +1,7 @@
 //! Reconciliation: for every user Σ amount = balance = the last row's running balance, seq is
 //! gap-free and each row's running balance follows from the previous one; every charged
-//! decision has its USAGE row, every settlement that moved credits its SETTLE row; every
+//! decision has its USAGE row, every settlement that moved credits its SETTLE row, and each of
+//! those rows (by its key's form) a decision or settlement naming it; every
 //! ledger row has its balance.changed event in the outbox (from the retention horizon on, before
 //! which published events may have been deleted). Events after the relays' watermark are
 //! counted as unpublished.
@@ -74,6 +75,25 @@ SELECT s.user_id, s.node_exec_id FROM credit.settlements s
           SELECT 1 FROM credit.transactions t
            WHERE t.user_id = s.user_id AND t.transaction_key = s.transaction_key
              AND t.type = 'USAGE' AND t.amount = -(s.delta - s.uncollected))
+ LIMIT 1000";
+
+/// The other way round: a worker's row (by its key's form) with no decision or settlement
+/// naming it, such as a debit whose decision was lost. Each part is one hashed anti-join.
+const ROW_WITHOUT_DECISION: &str = "
+SELECT t.user_id, t.seq FROM credit.transactions t
+ WHERE t.transaction_key LIKE 'USAGE-%' AND NOT EXISTS (
+          SELECT 1 FROM credit.decisions d
+           WHERE d.user_id = t.user_id AND d.transaction_key = t.transaction_key)
+UNION ALL
+SELECT t.user_id, t.seq FROM credit.transactions t
+ WHERE t.transaction_key LIKE 'EXECUTION-FEE-%' AND NOT EXISTS (
+          SELECT 1 FROM credit.decisions d
+           WHERE d.user_id = t.user_id AND d.fee_key = t.transaction_key)
+UNION ALL
+SELECT t.user_id, t.seq FROM credit.transactions t
+ WHERE t.transaction_key LIKE 'SETTLE-%' AND NOT EXISTS (
+          SELECT 1 FROM credit.settlements s
+           WHERE s.user_id = t.user_id AND s.transaction_key = t.transaction_key)
  LIMIT 1000";
 
 /// A ledger row's event is a row of its own (found by event_id) or an element of a run of
@@ -197,6 +217,12 @@ pub async fn run(pool: &PgPool) -> Result<AuditReport, sqlx::Error> {
     mismatches.extend(
         orphans(pool, SETTLED_WITHOUT_ROW, |r| {
             format!("settlement {} has no matching SETTLE row", r.node_exec_id)
+        })
+        .await?,
+    );
+    mismatches.extend(
+        orphans(pool, ROW_WITHOUT_DECISION, |r| {
+            format!("seq {} has no decision or settlement naming it", r.seq)
         })
         .await?,
     );

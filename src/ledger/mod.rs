@@ -263,7 +263,8 @@ const RESERVED_KEY_PREFIXES: [&str; 4] = [
     month::REFILL_KEY_PREFIX,
 ];
 
-/// Refuses a caller's key for a credit that has the form of one of the worker's own keys.
+/// Refuses a caller's key for a credit (or a debit) that has the form of one of the worker's
+/// own keys.
 fn check_credit_key(key: &str) -> Result<(), LedgerError> {
     match RESERVED_KEY_PREFIXES.iter().find(|p| key.starts_with(*p)) {
         Some(prefix) => Err(LedgerError::InvalidArgument {
@@ -379,6 +380,7 @@ impl Ledger {
             )));
         }
         check_key(key)?;
+        check_credit_key(key)?;
         self.post_keyed(
             user_id,
             TxType::Usage,

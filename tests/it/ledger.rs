@@ -650,9 +650,35 @@ async fn swept_state(env: &TestEnv, user: &str) -> Vec<String> {
     state
 }
 
+/// The ledger, the decisions and the settlements are only ever added to: the schema refuses
+/// an UPDATE, a DELETE or a TRUNCATE of any of them.
+#[tokio::test]
+async fn ledger_rows_decisions_and_settlements_cannot_be_changed() {
+    let env = TestEnv::with(no_refill).await;
+    seed(&env, ["a"], 100).await;
+    spend_entry(&env, platform_gpt4("a", "n-1"), Utc::now()).await;
+    for table in ["transactions", "decisions", "settlements"] {
+        for sql in [
+            format!("UPDATE credit.{table} SET user_id = user_id"),
+            format!("DELETE FROM credit.{table}"),
+            format!("TRUNCATE credit.{table} CASCADE"),
+        ] {
+            let err = sqlx::query(&sql).execute(&env.pool).await.expect_err(&sql);
+            let code = err.as_database_error().and_then(|e| e.code());
+            assert_eq!(code.as_deref(), Some("23001"), "{sql}: {err}");
+        }
+    }
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM credit.decisions")
+            .await,
+        1
+    );
+    env.cleanup().await;
+}
+
 /// The audit names each kind of damage: a balance off its ledger, a broken running-balance
-/// chain, a ledger row without its balance row, a charge without its row, a row without its
-/// event. (The schema refuses most of these, so the test switches its guards off first.)
+/// chain, a ledger row without its balance row, a charge without its row, a debit without its
+/// decision, a row without its event. (The schema refuses most of these, so the test switches its guards off first.)
 #[tokio::test]
 async fn audit_reports_every_kind_of_mismatch() {
     let env = TestEnv::with(no_refill).await;
@@ -669,6 +695,8 @@ async fn audit_reports_every_kind_of_mismatch() {
         "INSERT INTO credit.decisions (node_exec_id, user_id, block_id, graph_exec_id, outcome, cost, transaction_key)
               VALUES ('n-2', 'a', 'x', 'g', 'charged', 10, 'USAGE-n-2')",
         "DELETE FROM credit.outbox WHERE event_id = 'balance.changed:b:SEED'",
+        "ALTER TABLE credit.decisions DISABLE TRIGGER decisions_append_only",
+        "DELETE FROM credit.decisions WHERE node_exec_id = 'n-1'",
     ] {
         sqlx::query(sql).execute(&env.pool).await.expect(sql);
     }
@@ -692,6 +720,7 @@ async fn audit_reports_every_kind_of_mismatch() {
                 "balance 90 / last_seq 2 vs ledger sum 90 over 2 rows (max seq 2, last running balance 91)"
             ),
             expect("a", "decision n-2 has no matching USAGE row"),
+            expect("a", "seq 2 has no decision or settlement naming it"),
             expect("a", "seq 2: running balance 91 but previous + amount = 90"),
             expect(
                 "b",
