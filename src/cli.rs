@@ -308,6 +308,8 @@ async fn sweep(
     month: Option<Month>,
     user: Option<String>,
 ) -> anyhow::Result<ExitCode> {
+    // Only a month named with --month may back-fill: the clock here may lag.
+    let named = month.is_some();
     let month = month.unwrap_or_else(|| Month::of(Utc::now()));
     if !settings.refill.enabled {
         anyhow::bail!("refill.enabled is false");
@@ -316,22 +318,20 @@ async fn sweep(
     let policy = crate::ledger::RefillPolicy {
         target: settings.refill.target,
     };
-    let report = crate::refill::sweep(
-        &pool,
-        policy,
-        month,
-        user.as_deref(),
-        settings.refill.chunk_size,
-        |r| {
-            if !json {
-                eprintln!(
-                    "  … {} users evaluated, {} refilled, {} credits",
-                    r.users_evaluated, r.users_refilled, r.credits_granted
-                );
-            }
-        },
-    )
-    .await
+    let progress = |r: &crate::refill::SweepReport| {
+        if !json {
+            eprintln!(
+                "  … {} users evaluated, {} refilled, {} credits",
+                r.users_evaluated, r.users_refilled, r.credits_granted
+            );
+        }
+    };
+    let (user, chunk) = (user.as_deref(), settings.refill.chunk_size);
+    let report = if named {
+        crate::refill::sweep_named(&pool, policy, month, user, chunk, progress).await
+    } else {
+        crate::refill::sweep(&pool, policy, month, user, chunk, progress).await
+    }
     .map_err(ledger_error)?;
     print_out(json, &serde_json::to_value(&report)?, || {
         format!(

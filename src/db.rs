@@ -4,7 +4,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::migrate::MigrateDatabase;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgPool, Postgres};
 
 /// `[database]` of the configuration.
@@ -25,6 +25,7 @@ pub fn migrations() -> usize {
 
 /// Creates the database if missing. Two processes racing to create it is fine.
 pub(crate) async fn ensure_database(url: &str) -> Result<(), sqlx::Error> {
+    let url = &effective_url(url);
     if Postgres::database_exists(url).await? {
         return Ok(());
     }
@@ -52,32 +53,56 @@ const KEEPALIVE: [(&str, &str); 4] = [
 /// A pooled connection idle at least this long is pinged before it is handed out.
 const PING_AFTER_IDLE: Duration = Duration::from_millis(100);
 
-/// The client files a `database.url` names for TLS, by parameter (sqlx's spellings too).
-const TLS_FILES: [&str; 6] = [
-    "sslrootcert",
-    "ssl-root-cert",
-    "sslcert",
-    "ssl-cert",
-    "sslkey",
-    "ssl-key",
-];
+/// The parameters of a `database.url` that name the server's CA (sqlx's spellings too).
+const ROOT_CERT: [&str; 3] = ["sslrootcert", "ssl-root-cert", "ssl-ca"];
+
+/// The client's own certificate and key.
+const CLIENT_FILES: [&str; 4] = ["sslcert", "ssl-cert", "sslkey", "ssl-key"];
 
 /// The TLS files `url` names that cannot be read, each as "param: path: why". Checked at
 /// start: the client reads them on every connect, and a missing one would otherwise be
-/// retried as an outage for ever.
+/// retried as an outage for ever. A value given inline (PEM) is not a file.
 pub(crate) fn unreadable_tls_files(url: &str) -> Vec<String> {
     let Ok(url) = url::Url::parse(url) else {
         return Vec::new();
     };
     url.query_pairs()
-        .filter(|(k, _)| TLS_FILES.contains(&k.as_ref()))
+        .filter(|(k, _)| ROOT_CERT.contains(&k.as_ref()) || CLIENT_FILES.contains(&k.as_ref()))
+        .filter(|(_, v)| !v.trim_start().starts_with("-----BEGIN"))
         .filter_map(|(k, path)| {
-            let path = path.strip_prefix("file://").unwrap_or(&path).to_owned();
-            std::fs::File::open(&path)
+            std::fs::File::open(path.as_ref())
                 .err()
                 .map(|why| format!("{k}: {path}: {why}"))
         })
         .collect()
+}
+
+/// `url` as the worker connects with it: as with libpq, `sslmode=require` with a root
+/// certificate checks the server against it (`verify-ca`); sqlx would encrypt without
+/// checking anything. Used for every connection, the first (does the database exist?) too.
+fn effective_url(url: &str) -> String {
+    let Ok(mut parsed) = url::Url::parse(url) else {
+        return url.to_owned();
+    };
+    let pairs: Vec<(String, String)> = parsed.query_pairs().into_owned().collect();
+    let names_ca = pairs.iter().any(|(k, _)| ROOT_CERT.contains(&k.as_str()));
+    let requires = |(k, v): &(String, String)| {
+        (k == "sslmode" || k == "ssl-mode") && v.eq_ignore_ascii_case("require")
+    };
+    if !names_ca || !pairs.iter().any(requires) {
+        return url.to_owned();
+    }
+    parsed
+        .query_pairs_mut()
+        .clear()
+        .extend_pairs(pairs.iter().map(|p| {
+            if requires(p) {
+                (p.0.as_str(), "verify-ca")
+            } else {
+                (p.0.as_str(), p.1.as_str())
+            }
+        }));
+    parsed.into()
 }
 
 /// The options for `settings.url`; with `statement_timeout` only when `bounded`.
@@ -85,18 +110,13 @@ fn connect_options(
     settings: &DatabaseSettings,
     bounded: bool,
 ) -> Result<PgConnectOptions, sqlx::Error> {
-    let mut opts = PgConnectOptions::from_str(&settings.url)?
+    let mut opts = PgConnectOptions::from_str(&effective_url(&settings.url))?
         .application_name("credit-worker")
         .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1))
         // The server ends a session whose client vanished (a host gone, a partition) within
         // about a minute rather than the kernel's two hours, and with it the session's locks:
         // the outbox relay's leader lock above all, which a standby waits to take over.
         .options(KEEPALIVE);
-    // As libpq does: `sslmode=require` with a root certificate checks the server against it.
-    // sqlx would encrypt without checking anything.
-    if names_root_cert(&settings.url) && matches!(opts.get_ssl_mode(), PgSslMode::Require) {
-        opts = opts.ssl_mode(PgSslMode::VerifyCa);
-    }
     if bounded && settings.statement_timeout_ms > 0 {
         opts = opts.options([(
             "statement_timeout",
@@ -104,13 +124,6 @@ fn connect_options(
         )]);
     }
     Ok(opts)
-}
-
-fn names_root_cert(url: &str) -> bool {
-    url::Url::parse(url).is_ok_and(|u| {
-        u.query_pairs()
-            .any(|(k, _)| k == "sslrootcert" || k == "ssl-root-cert")
-    })
 }
 
 /// A pool on `settings.url`. Connections are made lazily, so this succeeds while the database
@@ -221,4 +234,35 @@ pub(crate) fn is_certificate_error(e: &sqlx::Error) -> bool {
 /// True when the database answers a trivial query (readiness).
 pub(crate) async fn ping(pool: &PgPool) -> bool {
     sqlx::query("SELECT 1").execute(pool).await.is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn require_with_a_root_certificate_verifies_it_as_libpq_does() {
+        assert_eq!(
+            effective_url("postgres://u@h/db?sslmode=require&sslrootcert=%2Fca.pem&x=1"),
+            "postgres://u@h/db?sslmode=verify-ca&sslrootcert=%2Fca.pem&x=1"
+        );
+        for unchanged in [
+            "postgres://u@h/db?sslmode=require",
+            "postgres://u@h/db?sslmode=verify-full&sslrootcert=/ca.pem",
+            "postgres://u@h/db?sslrootcert=/ca.pem",
+        ] {
+            assert_eq!(effective_url(unchanged), unchanged);
+        }
+    }
+
+    #[test]
+    fn tls_files_are_checked_unless_given_inline() {
+        let url = "postgres://u@h/db?ssl-ca=/nonexistent/ca.pem&sslkey=-----BEGIN%20PRIVATE";
+        let bad = unreadable_tls_files(url);
+        assert_eq!(bad.len(), 1, "{bad:?}");
+        assert!(
+            bad[0].starts_with("ssl-ca: /nonexistent/ca.pem: "),
+            "{bad:?}"
+        );
+    }
 }

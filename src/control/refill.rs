@@ -15,6 +15,8 @@ use crate::refill::Month;
 pub struct Request {
     /// Defaults to the current UTC month, fixed when the command is read.
     pub month: Month,
+    /// Whether the command named the month (only then may it back-fill).
+    pub named: bool,
     pub user_id: Option<String>,
 }
 
@@ -26,17 +28,20 @@ struct Reply {
 }
 
 pub fn parse(f: &Fields<'_>) -> Result<Request, ControlError> {
-    let month = match f.opt_string("month")? {
-        Some(m) => m
-            .parse::<Month>()
-            .map_err(|e| ControlError::bad_request(e.to_string()))?,
-        None => Month::of(Utc::now()),
-    };
+    let named = f
+        .opt_string("month")?
+        .map(|m| m.parse::<Month>())
+        .transpose()
+        .map_err(|e| ControlError::bad_request(e.to_string()))?;
     let user_id = f.opt_string("user_id")?.map(str::to_owned);
     if let Some(u) = &user_id {
         crate::ledger::check_user_id(u)?;
     }
-    Ok(Request { month, user_id })
+    Ok(Request {
+        month: named.unwrap_or_else(|| Month::of(Utc::now())),
+        named: named.is_some(),
+        user_id,
+    })
 }
 
 pub async fn run(ctx: &Context, req: &Request) -> Result<Value, ControlError> {
@@ -47,15 +52,14 @@ pub async fn run(ctx: &Context, req: &Request) -> Result<Value, ControlError> {
     let policy = RefillPolicy {
         target: refill.target,
     };
-    let report = crate::refill::sweep(
-        ctx.ledger.pool(),
-        policy,
-        req.month,
-        req.user_id.as_deref(),
-        refill.chunk_size,
-        |_| {},
-    )
-    .await?;
+    let pool = ctx.ledger.pool();
+    let (user, chunk) = (req.user_id.as_deref(), refill.chunk_size);
+    // Only a month named in the command may back-fill; this replica's clock may lag.
+    let report = if req.named {
+        crate::refill::sweep_named(pool, policy, req.month, user, chunk, |_| {}).await
+    } else {
+        crate::refill::sweep(pool, policy, req.month, user, chunk, |_| {}).await
+    }?;
     info!(month = %report.month, users_refilled = report.users_refilled, credits_granted = report.credits_granted, users_evaluated = report.users_evaluated, duration_ms = report.duration_ms, "refill sweep done (control)");
     to_result(&Reply {
         month: report.month,

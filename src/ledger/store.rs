@@ -128,11 +128,11 @@ const REFILL_CHUNK_END: &str = "SELECT max(user_id) FROM (
         SELECT user_id FROM credit.balances WHERE user_id > $1 ORDER BY user_id LIMIT $2) c";
 
 /// One chunk of the refill sweep, in one statement: locks the accounts in ($1, $2] not yet
-/// evaluated for the month starting on $3, or evaluated for a later one but without that
-/// month's row (a back-fill) (user_id order; a row another transaction changed meanwhile is
-/// re-checked after the wait, so one refilled concurrently is skipped), computes each grant by
-/// the rule of `RefillPolicy::backfill` (target $4), and writes what `Account::refill_named`
-/// would: per granted user a GRANT ledger row under key $5 with metadata $6
+/// evaluated for the month starting on $3, or, with $10 (a back-fill), evaluated for a later
+/// one but without that month's row (user_id order; a row another transaction changed
+/// meanwhile is re-checked after the wait, so one refilled concurrently is skipped), computes
+/// each grant by the rule of `RefillPolicy::grant` (`backfill` with $10; target $4), and
+/// writes what `Account::refill` (`refill_named`) would: per granted user a GRANT ledger row under key $5 with metadata $6
 /// and its `balance.changed` event, whose payload is the text `events::balance_changed`
 /// serialises (keys in order, `occurred_at` = $8, the time $7 formatted); every evaluated
 /// account gets refill_month = $3 unless it holds a later one. The events go into the outbox
@@ -143,7 +143,7 @@ const REFILL_CHUNK: &str = r#"WITH
     SELECT user_id, balance, last_seq FROM credit.balances b
      WHERE user_id > $1 AND user_id <= $2
        AND (refill_month IS NULL OR refill_month < $3
-            OR (refill_month > $3 AND NOT EXISTS (
+            OR ($10 AND refill_month > $3 AND NOT EXISTS (
                   SELECT 1 FROM credit.transactions t
                    WHERE t.user_id = b.user_id AND t.transaction_key = $5)))
      ORDER BY user_id FOR UPDATE),
@@ -393,6 +393,8 @@ pub(crate) struct RefillGrant<'a> {
     pub key: &'a str,
     pub metadata: &'a serde_json::Value,
     pub target: i64,
+    /// Whether a user evaluated for a later month is back-filled (`RefillPolicy::backfill`).
+    pub backfill: bool,
 }
 
 /// Refills the accounts in (`after`, `through`] not yet evaluated for the month (see
@@ -414,6 +416,7 @@ pub(crate) async fn refill_chunk(
         .bind(at)
         .bind(crate::events::rfc3339(at))
         .bind(EVENTS_PER_ROW as i64)
+        .bind(grant.backfill)
         .fetch_one(&mut *conn)
         .await
 }

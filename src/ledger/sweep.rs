@@ -40,14 +40,51 @@ impl SweepReport {
     }
 }
 
-/// Refills every user for `month` (or only `user_id`), `chunk` users per transaction. Safe to
-/// run concurrently: rows are locked in user_id order and re-checked after the lock, so a
-/// user another sweep just refilled is skipped. `progress` sees the running totals.
+/// Refills every user for `month` (or only `user_id`), `chunk` users per transaction, by the
+/// rule of [`RefillPolicy::grant`]: users evaluated for that month or a later one are
+/// skipped. Safe to run concurrently: rows are locked in user_id order and re-checked after
+/// the lock, so a user another sweep just refilled is skipped. `progress` sees the running
+/// totals.
 pub async fn sweep(
     pool: &PgPool,
     policy: RefillPolicy,
     month: Month,
     user_id: Option<&str>,
+    chunk: i64,
+    progress: impl FnMut(&SweepReport),
+) -> Result<SweepReport, LedgerError> {
+    let target = Target { month, user_id };
+    sweep_with(pool, policy, target, false, chunk, progress).await
+}
+
+/// [`sweep`] of a month an operator named (a command's `month`, the CLI's `--month`), by the
+/// rule of [`RefillPolicy::backfill`]: a user evaluated for a later month is back-filled
+/// unless the ledger holds that month's grant. A scheduled sweep, or one of the month by the
+/// clock, never back-fills: a month whose sweep ran late would refill twice.
+pub async fn sweep_named(
+    pool: &PgPool,
+    policy: RefillPolicy,
+    month: Month,
+    user_id: Option<&str>,
+    chunk: i64,
+    progress: impl FnMut(&SweepReport),
+) -> Result<SweepReport, LedgerError> {
+    let target = Target { month, user_id };
+    sweep_with(pool, policy, target, true, chunk, progress).await
+}
+
+/// Whom a sweep refills, for which month.
+#[derive(Clone, Copy)]
+struct Target<'a> {
+    month: Month,
+    user_id: Option<&'a str>,
+}
+
+async fn sweep_with(
+    pool: &PgPool,
+    policy: RefillPolicy,
+    Target { month, user_id }: Target<'_>,
+    backfill: bool,
     chunk: i64,
     progress: impl FnMut(&SweepReport),
 ) -> Result<SweepReport, LedgerError> {
@@ -57,8 +94,8 @@ pub async fn sweep(
         ..Default::default()
     };
     match user_id {
-        Some(user) => sweep_one(pool, policy, month, user, &mut report).await?,
-        None => sweep_all(pool, policy, month, chunk, &mut report, progress).await?,
+        Some(user) => sweep_one(pool, policy, month, user, backfill, &mut report).await?,
+        None => sweep_all(pool, policy, month, backfill, chunk, &mut report, progress).await?,
     }
     report.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     metrics::counter!("credit_refill_runs_total").increment(1);
@@ -89,17 +126,23 @@ async fn sweep_one(
     policy: RefillPolicy,
     month: Month,
     user: &str,
+    backfill: bool,
     report: &mut SweepReport,
 ) -> Result<(), LedgerError> {
     check_user_id(user)?;
     let mut tx = pool.begin().await?;
     let mut accounts = store::lock_accounts(&mut tx, &[user.to_owned()]).await?;
-    // Looked up under the lock, so a concurrent sweep cannot grant the month in between.
-    let granted = store::key_exists(&mut tx, user, &month.refill_key()).await?;
     let now = Utc::now();
     let mut changes = Changes::default();
     for a in accounts.values_mut() {
-        report.tally(a.refill_named(&mut changes, policy, month, granted, now)?);
+        let granted = if backfill {
+            // Looked up under the lock, so a concurrent sweep cannot grant the month between.
+            let granted = store::key_exists(&mut tx, user, &month.refill_key()).await?;
+            a.refill_named(&mut changes, policy, month, granted, now)?
+        } else {
+            a.refill(&mut changes, policy, month, now)?
+        };
+        report.tally(granted);
     }
     store::flush(&mut tx, accounts.values(), &changes, now).await?;
     tx.commit().await?;
@@ -117,6 +160,7 @@ async fn sweep_all(
     pool: &PgPool,
     policy: RefillPolicy,
     month: Month,
+    backfill: bool,
     chunk: i64,
     report: &mut SweepReport,
     mut progress: impl FnMut(&SweepReport),
@@ -128,6 +172,7 @@ async fn sweep_all(
         key: &key,
         metadata: &metadata,
         target: policy.target,
+        backfill,
     };
     let mut cursor = Some(String::new());
     let mut running = FuturesUnordered::new();
@@ -184,6 +229,9 @@ fn graver(earlier: Option<LedgerError>, later: LedgerError) -> LedgerError {
     }
 }
 
+/// Tries of a range that met another sweep's grant of the same month.
+const RANGE_TRIES: usize = 3;
+
 /// One range (`after`, `through`] in one transaction.
 async fn sweep_chunk(
     pool: &PgPool,
@@ -191,15 +239,30 @@ async fn sweep_chunk(
     after: String,
     through: String,
 ) -> Result<RefillTotals, LedgerError> {
-    let chunk = async {
+    let chunk = || async {
         let mut tx = pool.begin().await?;
         let totals = store::refill_chunk(&mut tx, &after, &through, grant, Utc::now()).await?;
         tx.commit().await?;
-        Ok(totals)
+        Ok::<_, sqlx::Error>(totals)
     };
-    chunk.await.inspect_err(|e: &LedgerError| {
+    let mut tries = 0;
+    let done = loop {
+        tries += 1;
+        match chunk().await {
+            // A back-fill re-checks a row it waited for against its statement's snapshot,
+            // which cannot see the grant the sweep it waited for committed: the month's key
+            // refuses the second grant, and the next try sees the first.
+            Err(e) if tries < RANGE_TRIES && is_unique_violation(&e) => continue,
+            done => break done.map_err(LedgerError::from),
+        }
+    };
+    done.inspect_err(|e: &LedgerError| {
         warn!(error = %e, after = %after, through = %through, "refill of a range of users failed; sweeping on");
     })
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("23505"))
 }
 
 #[cfg(test)]

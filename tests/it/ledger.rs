@@ -568,7 +568,7 @@ async fn sweep_sql_and_the_rust_refill_rule_agree() {
     let mut expected = (0, 0i64);
     for (case, balance, evaluated) in &cases {
         let user = format!("rust-{case}");
-        let one = refill::sweep(&env.pool, policy, month, Some(&user), 1, |_| {});
+        let one = refill::sweep_named(&env.pool, policy, month, Some(&user), 1, |_| {});
         let one = one.await.unwrap();
         // Named explicitly, before any row of the month exists.
         let grant = policy.backfill(*balance, *evaluated, month, false);
@@ -580,7 +580,7 @@ async fn sweep_sql_and_the_rust_refill_rule_agree() {
             );
         }
     }
-    let all = refill::sweep(&env.pool, policy, month, None, 3, |_| {})
+    let all = refill::sweep_named(&env.pool, policy, month, None, 3, |_| {})
         .await
         .unwrap();
     assert_eq!((all.users_refilled, all.credits_granted), expected);
@@ -592,6 +592,33 @@ async fn sweep_sql_and_the_rust_refill_rule_agree() {
         let rust = swept_state(&env, &format!("rust-{case}")).await;
         assert_eq!(sql, rust, "{case}");
     }
+}
+
+/// A sweep of a month by the clock or the schedule never back-fills (a late sweep would
+/// refill twice); one an operator named does, once.
+#[tokio::test]
+async fn only_a_named_month_back_fills() {
+    let _sweeps = SWEEPS.share().await;
+    let env = TestEnv::with(|s| s.refill.lazy = false).await;
+    let policy = credit_worker::ledger::RefillPolicy { target: 1000 };
+    let november: Month = "2026-11".parse().unwrap();
+    sqlx::query(
+        "INSERT INTO credit.balances (user_id, balance, last_seq, refill_month)
+              VALUES ('u', 0, 0, '2026-12-01')",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    for user in [None, Some("u")] {
+        let late = refill::sweep(&env.pool, policy, november, user, 10, |_| {});
+        assert_eq!(late.await.unwrap().credits_granted, 0, "{user:?}");
+    }
+    let named = refill::sweep_named(&env.pool, policy, november, None, 10, |_| {});
+    assert_eq!(named.await.unwrap().credits_granted, 1000);
+    let again = refill::sweep_named(&env.pool, policy, november, Some("u"), 10, |_| {});
+    assert_eq!(again.await.unwrap().credits_granted, 0);
+    env.assert_audit_clean().await;
+    env.cleanup().await;
 }
 
 /// seq, key, type, amount, running balance, metadata, created_at.

@@ -215,15 +215,33 @@ async fn verify_full_with_the_signing_ca_connects_and_with_another_is_refused() 
 /// index built on a large table may take longer than any statement of the worker's.
 #[tokio::test]
 async fn migrations_are_not_cut_short_by_the_statement_timeout() {
+    use sqlx::Connection;
     let env = TestEnv::with(|s| s.database.statement_timeout_ms = 1).await;
-    let applied = env
-        .scalar_i64("SELECT count(*) FROM _sqlx_migrations WHERE success")
-        .await;
-    assert_eq!(applied, credit_worker::db::migrations() as i64);
-    let timeout: String = sqlx::query_scalar("SHOW statement_timeout")
-        .fetch_one(&env.pool)
+    // Read on a connection of the test's own: the pool's 1 ms may cut a query short.
+    let mut conn = sqlx::PgConnection::connect(&env.settings.database.url)
         .await
-        .expect("statement_timeout");
-    assert_eq!(timeout, "1ms");
+        .expect("a connection");
+    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
+        .fetch_one(&mut conn)
+        .await
+        .expect("the migrations applied");
+    assert_eq!(applied, credit_worker::db::migrations() as i64);
+    // The worker's own connections keep their timeout.
+    let pool = env.pool.clone();
+    wait_for(
+        std::time::Duration::from_secs(10),
+        "the pool's statement_timeout",
+        || {
+            let pool = pool.clone();
+            async move {
+                let shown: Result<String, _> = sqlx::query_scalar("SHOW statement_timeout")
+                    .fetch_one(&pool)
+                    .await;
+                shown.is_ok_and(|t| t == "1ms")
+            }
+        },
+    )
+    .await;
+    let _ = conn.close().await;
     env.cleanup().await;
 }
