@@ -118,7 +118,7 @@ impl Relay {
     ) -> Result<bool, RelayError> {
         while !store::try_lead_relay(db).await? {
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(500)) => gauge_backlog(&self.pool).await?,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 _ = drain.cancelled() => return Ok(false),
                 _ = hard_stop.cancelled() => return Ok(false),
             }
@@ -171,7 +171,7 @@ impl Relay {
 
     /// Waits for a NOTIFY from any writer (a writer that committed during the last look has
     /// its notification waiting already), for drain, or at most 500 ms, which covers a lost
-    /// notification and refreshes the backlog gauge. False on `hard_stop`.
+    /// notification. False on `hard_stop`.
     async fn wait(
         &self,
         listener: &mut PgListener,
@@ -180,7 +180,7 @@ impl Relay {
     ) -> Result<bool, RelayError> {
         tokio::select! {
             r = listener.recv() => { r?; }
-            _ = tokio::time::sleep(Duration::from_millis(500)) => gauge_backlog(&self.pool).await?,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             _ = drain.cancelled() => {}
             _ = hard_stop.cancelled() => return Ok(false),
         }
@@ -330,9 +330,9 @@ fn events_of(rows: &[StoredEvent]) -> Result<Vec<Event<'_>>, RelayError> {
     Ok(out)
 }
 
-/// Sets `credit_outbox_backlog` to the events not published yet. The relay refreshes it while
-/// it waits; `/metrics` reads it at each scrape too, since a relay cut off from the broker, or
-/// kept busy, does not.
+/// Sets `credit_outbox_backlog` to the events not published yet. Read at each `/metrics`
+/// scrape, not by the relays: the figure is wanted most when no relay can publish, and a
+/// standby summing the backlog every 500 ms only loaded the database.
 pub(crate) async fn gauge_backlog(pool: &PgPool) -> Result<(), sqlx::Error> {
     let backlog = store::unpublished_events(pool).await?;
     metrics::gauge!("credit_outbox_backlog").set(backlog as f64);

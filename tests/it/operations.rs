@@ -558,6 +558,8 @@ async fn the_outbox_backlog_is_read_at_each_scrape() {
         "AMQP_URL".into(),
         "amqp://guest:guest@127.0.0.1:1/%2f".into(),
     ));
+    // No refill of the seeded users by the worker: the backlog is their three events.
+    vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
     let (mut w, port) = WorkerProcess::spawn_with_http(&vars, &["run"]);
     seed(&env, ["m1", "m2", "m3"], 10).await;
     wait_for(T, "a backlog of 3", || async {
