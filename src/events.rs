@@ -52,6 +52,19 @@ pub(crate) fn event_user(user_id: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// An event id as AMQP can carry it in `message_id` (at most 255 bytes): `id` itself, or,
+/// when longer, `{routing_key}:sha256:{hex}` of it, as deterministic (SQL: `credit.event_id`,
+/// migration 0017).
+pub(crate) fn bounded_id(routing_key: &str, id: String) -> String {
+    if id.len() <= 255 {
+        return id;
+    }
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(id.as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{routing_key}:sha256:{hex}")
+}
+
 /// `balance.changed`: one per ledger row; (user, transaction_key) identifies the row.
 #[allow(clippy::too_many_arguments)]
 pub fn balance_changed(
@@ -64,9 +77,12 @@ pub fn balance_changed(
     exec: ExecutionRef<'_>,
     at: DateTime<Utc>,
 ) -> NewEvent {
-    let event_id = format!(
-        "{BALANCE_CHANGED}:{}:{transaction_key}",
-        event_user(user_id)
+    let event_id = bounded_id(
+        BALANCE_CHANGED,
+        format!(
+            "{BALANCE_CHANGED}:{}:{transaction_key}",
+            event_user(user_id)
+        ),
     );
     let payload = BalanceChanged {
         amount,
@@ -125,7 +141,7 @@ pub(crate) fn charge_rejected(
     balance: i64,
     at: DateTime<Utc>,
 ) -> NewEvent {
-    let event_id = format!("{CHARGE_REJECTED}:{node_exec_id}");
+    let event_id = bounded_id(CHARGE_REJECTED, format!("{CHARGE_REJECTED}:{node_exec_id}"));
     NewEvent {
         payload: json!({
             "event_id": event_id,
@@ -151,7 +167,7 @@ pub(crate) fn balance_low(
     threshold: i64,
     at: DateTime<Utc>,
 ) -> NewEvent {
-    let event_id = format!("{BALANCE_LOW}:{user_id}:{seq}");
+    let event_id = bounded_id(BALANCE_LOW, format!("{BALANCE_LOW}:{user_id}:{seq}"));
     NewEvent {
         payload: json!({
             "event_id": event_id,
@@ -177,7 +193,10 @@ pub(crate) fn charge_uncollected(
     balance: i64,
     at: DateTime<Utc>,
 ) -> NewEvent {
-    let event_id = format!("{CHARGE_UNCOLLECTED}:{node_exec_id}");
+    let event_id = bounded_id(
+        CHARGE_UNCOLLECTED,
+        format!("{CHARGE_UNCOLLECTED}:{node_exec_id}"),
+    );
     NewEvent {
         payload: json!({
             "event_id": event_id,
@@ -205,7 +224,7 @@ pub(crate) fn top_up_requested(
     threshold: i64,
     at: DateTime<Utc>,
 ) -> NewEvent {
-    let event_id = format!("{TOP_UP_REQUESTED}:{request_id}");
+    let event_id = bounded_id(TOP_UP_REQUESTED, format!("{TOP_UP_REQUESTED}:{request_id}"));
     NewEvent {
         payload: json!({
             "event_id": event_id,
@@ -228,6 +247,32 @@ mod tests {
     use chrono::TimeZone;
 
     use super::*;
+
+    #[test]
+    fn an_event_id_over_255_bytes_is_its_routing_key_and_digest() {
+        let at = Utc.with_ymd_and_hms(2026, 12, 5, 0, 0, 0).unwrap();
+        let changed = |user: &str| {
+            balance_changed(user, 1, 5, 5, "TOP_UP", "K", Default::default(), at).event_id
+        };
+        // 16 + 237 + 2 = 255 bytes: as it is.
+        let fits = "u".repeat(237);
+        assert_eq!(changed(&fits), format!("balance.changed:{fits}:K"));
+        let id = changed(&"u".repeat(238));
+        assert_eq!(id.len(), "balance.changed:sha256:".len() + 64);
+        assert!(id.starts_with("balance.changed:sha256:"), "{id}");
+        assert_eq!(id, changed(&"u".repeat(238)));
+        assert_ne!(id, changed(&"v".repeat(238)));
+        // The digest of the id it would have been (SHA-256 of "a" × 300, by Python's hashlib).
+        assert_eq!(
+            bounded_id("x", "a".repeat(300)),
+            "x:sha256:9835fa6bf4e20a9b9ea812506302e98982721a6cf8d2cae67af57129bf21ae90"
+        );
+        let rejected = charge_rejected("u", &"n".repeat(255), "g", 1, 0, at).event_id;
+        assert!(
+            rejected.starts_with("charge.rejected:sha256:"),
+            "{rejected}"
+        );
+    }
 
     /// What `balance_changed` wrote when it built a JSON value: the same text, byte for byte.
     fn as_value(user: &str, key: &str, exec: ExecutionRef<'_>, at: DateTime<Utc>) -> String {

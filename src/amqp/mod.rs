@@ -145,8 +145,9 @@ pub fn persistent_json() -> BasicProperties {
 }
 
 /// The properties of an event: persistent JSON with the event's id as `message_id`, so
-/// consumers can deduplicate a republished event. An id over AMQP's 255 bytes (long user ids
-/// and keys) is left out of the properties; the body always carries `event_id`.
+/// consumers can deduplicate a republished event. Ids are at most 255 bytes, as AMQP allows
+/// (`events::bounded_id`); one written to the outbox before that bound is left out of the
+/// properties, and the body always carries `event_id`.
 pub fn event_properties(event_id: &str, at: chrono::DateTime<chrono::Utc>) -> BasicProperties {
     let props = persistent_json().with_timestamp(u64::try_from(at.timestamp()).unwrap_or(0));
     match lapin::types::ShortString::try_new(event_id) {

@@ -97,10 +97,10 @@ SELECT t.user_id, t.seq FROM credit.transactions t
  LIMIT 1000";
 
 /// A ledger row's event is a row of its own (found by event_id) or an element of a run of
-/// events (migration 0009), whose ids are read out of the runs. Its id is the one of migration
-/// 0013 (`id_now`) or, for a user whose id holds `%` or `:` and a row written before it, the
-/// one with the user id as it is (`id_before`); each is looked up by equality, so each lookup
-/// is one hashed anti-join. Rows stamped before the retention horizon (migration 0011) are
+/// events (migration 0009), whose ids are read out of the runs. Its id is the one of
+/// migrations 0013 and 0017 (`id_now`) or, for a row written before them, the one with the
+/// user id as it is and no bound on its length (`id_before`); each is looked up by equality,
+/// so each lookup is one hashed anti-join. Rows stamped before the retention horizon (migration 0011) are
 /// not looked at: their events may have been deleted once published. Events are stamped with
 /// their row's time; the minute's margin covers rows written before that, whose events were
 /// stamped with their transaction's start.
@@ -112,7 +112,8 @@ WITH ids AS (
      WHERE o.events > 1 AND o.routing_key = 'balance.changed')
 SELECT t.user_id, t.seq
   FROM (SELECT user_id, seq,
-               'balance.changed:' || credit.event_user(user_id) || ':' || transaction_key AS id_now,
+               credit.event_id('balance.changed', 'balance.changed:'
+                   || credit.event_user(user_id) || ':' || transaction_key) AS id_now,
                'balance.changed:' || user_id || ':' || transaction_key AS id_before
           FROM credit.transactions
          WHERE created_at >= (SELECT pruned_before FROM credit.outbox_relay) + interval '1 minute'

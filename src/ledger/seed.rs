@@ -42,7 +42,9 @@ pub async fn seed_funded_users(
     sqlx::query(
         "WITH e AS (
            INSERT INTO credit.outbox (event_id, routing_key, payload)
-           SELECT 'balance.changed:' || credit.event_user(user_id) || ':' || $2, 'balance.changed',
+           SELECT credit.event_id('balance.changed',
+                                  'balance.changed:' || credit.event_user(user_id) || ':' || $2),
+                  'balance.changed',
                   json_build_object('user_id', user_id, 'amount', balance, 'balance', balance,
                                     'seq', 1, 'transaction_type', 'GRANT',
                                     'transaction_key', $2::text)

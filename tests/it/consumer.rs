@@ -52,6 +52,38 @@ async fn usage_through_the_queue_charges_10_and_own_key_is_free() {
     env.cleanup().await;
 }
 
+/// Ids of the longest a message may carry: the event id they would make is over AMQP's 255
+/// bytes for `message_id`, so it is the digest form, the same in the body, the properties,
+/// the outbox and the audit's reckoning.
+#[tokio::test]
+async fn the_longest_ids_make_an_event_id_that_fits_message_id() {
+    use sha2::Digest;
+    let env = TestEnv::with(no_refill).await;
+    let (user, id) = ("u".repeat(255), "n".repeat(255));
+    seed(&env, [user.as_str()], 100).await;
+    let mut tap = env.event_tap().await;
+    let worker = Worker::start(env.settings.clone()).await.unwrap();
+    let mut entry = platform_gpt4(&user, &id);
+    entry["graph_exec_id"] = "g".repeat(255).into();
+    env.publish(&[body(&entry)]).await;
+    let events = tap.take(2, T).await;
+    let long = format!("balance.changed:{user}:USAGE-{id}");
+    let digest: String = sha2::Sha256::digest(long.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let expected = format!("balance.changed:sha256:{digest}");
+    assert_eq!(events[1].2["transaction_key"], format!("USAGE-{id}"));
+    assert_eq!(events[1].2["event_id"], expected.as_str());
+    assert_eq!(events[1].1, expected);
+    assert!(events
+        .iter()
+        .all(|e| e.1.len() <= 255 && e.1 == e.2["event_id"]));
+    worker.stop().await.unwrap();
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn the_same_node_exec_id_five_times_charges_once() {
     let env = TestEnv::with(no_refill).await;

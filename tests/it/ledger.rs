@@ -523,6 +523,9 @@ async fn sweep_refills_each_user_once_even_when_run_twice_at_once() {
     env.cleanup().await;
 }
 
+/// A user id whose refill event id is over 255 bytes (with its `sql-`/`rust-` twin prefix).
+const LONG_USER: &str = "long-user-id-long-user-id-long-user-id-long-user-id-long-user-id-long-user-id-long-user-id-long-user-id-long-user-id-long-user-id-long-user-id-long-user-id-long-user-id-long-user-id-long-user-id-long-user-id-long-user-id-long-user-id-long-user-i";
+
 /// The sweep's SQL applies the refill rule of `RefillPolicy::grant` and writes what the Rust
 /// path (`Account::refill`, used by a single-user refill) writes: for each case a twin swept
 /// by each path ends with the same balance row and ledger row, and both events are the text
@@ -548,6 +551,8 @@ async fn sweep_sql_and_the_rust_refill_rule_agree() {
         ("quote\"back\\slash", 1, None),
         ("ctl\t\n\u{1}\u{7f}", 2, None),
         ("ünï€😀/", 3, None),
+        // An event id over 255 bytes: the digest form, in SQL as in Rust.
+        (LONG_USER, 4, None),
     ];
     let insert =
         "INSERT INTO credit.balances (user_id, balance, last_seq, refill_month, auto_requested_at)
@@ -586,7 +591,7 @@ async fn sweep_sql_and_the_rust_refill_rule_agree() {
     assert_eq!((all.users_refilled, all.credits_granted), expected);
     // Every sql- twin but "this-month"; no rust- twin (each evaluated, "later-month" by its
     // back-filled row).
-    assert_eq!(all.users_evaluated, 9 + 3);
+    assert_eq!(all.users_evaluated, 9 + 4);
     for (case, _, _) in &cases {
         let sql = swept_state(&env, &format!("sql-{case}")).await;
         let rust = swept_state(&env, &format!("rust-{case}")).await;
