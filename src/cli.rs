@@ -333,7 +333,20 @@ async fn sweep(
         crate::refill::sweep(&pool, policy, month, user, chunk, progress).await
     }
     .map_err(ledger_error)?;
-    print_out(json, &serde_json::to_value(&report)?, || {
+    // The `refill` command's result object (SPEC §8); the rest goes to the log.
+    let result = json!({
+        "month": report.month,
+        "users_refilled": report.users_refilled,
+        "credits_granted": report.credits_granted,
+    });
+    if json {
+        tracing::info!(
+            users_evaluated = report.users_evaluated,
+            duration_ms = report.duration_ms,
+            "refill sweep done"
+        );
+    }
+    print_out(json, &result, || {
         format!(
             "month {}: {} users refilled, {} credits granted ({} users evaluated, {} ms)",
             report.month,

@@ -907,6 +907,11 @@ async fn the_cli_runs_each_operator_command() {
     let page = env.cli_json(&["history", "alice", "--limit", "3"]);
     assert_eq!(page["transactions"].as_array().map(Vec::len), Some(3));
     assert_eq!(page["next_before_seq"], Value::Null);
+    // The `refill` command's result object: alice at 1,105 is above the target.
+    assert_eq!(
+        env.cli_json(&["sweep", "--month", "2031-07"]),
+        json!({"credits_granted": 0, "month": "2031-07", "users_refilled": 0})
+    );
     let audit = env.cli_json(&["audit"]);
     assert_eq!(audit["mismatches"], json!([]));
     assert_eq!(audit["transactions"], json!(3));
