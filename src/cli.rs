@@ -195,12 +195,33 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let json = cli.global.json;
     match runtime.block_on(execute(cli)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {}", error_text(&e));
+            if json {
+                let error = json!({"code": error_code(&e), "message": error_text(&e)});
+                println!("{}", json!({ "error": error }));
+            }
             ExitCode::FAILURE
         }
+    }
+}
+
+/// A lookup that found nothing (`outcome` before a decision).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct NotFound(String);
+
+/// A failed command's code as the control queue names it (SPEC §8), for `--json`.
+fn error_code(e: &anyhow::Error) -> &'static str {
+    if e.downcast_ref::<NotFound>().is_some() {
+        return "not_found";
+    }
+    match e.downcast_ref::<LedgerError>() {
+        Some(l) => crate::control::ControlError::code_of(l),
+        None => "internal",
     }
 }
 
@@ -437,7 +458,8 @@ async fn auto_top_up(
 async fn outcome(settings: &Settings, json: bool, node_exec_id: &str) -> anyhow::Result<ExitCode> {
     let ledger = open_ledger(settings).await?;
     let Some(d) = ledger.decision(node_exec_id).await.map_err(ledger_error)? else {
-        anyhow::bail!("node_exec_id: no decision for {node_exec_id:?} yet");
+        let why = format!("node_exec_id: no decision for {node_exec_id:?} yet");
+        return Err(NotFound(why).into());
     };
     print_out(json, &serde_json::to_value(&d)?, || {
         let settled = match &d.settlement {

@@ -54,6 +54,21 @@ impl ControlError {
     }
 }
 
+impl ControlError {
+    /// The code a command failing with `e` is answered with (as `From` below makes it).
+    pub(crate) fn code_of(e: &LedgerError) -> &'static str {
+        match e {
+            LedgerError::AmountOutOfRange(_) | LedgerError::Overflow { .. } => {
+                "amount_out_of_range"
+            }
+            LedgerError::InvalidArgument { .. } | LedgerError::InsufficientBalance { .. } => {
+                "bad_request"
+            }
+            LedgerError::Db(_) => "internal",
+        }
+    }
+}
+
 impl From<LedgerError> for ControlError {
     fn from(e: LedgerError) -> Self {
         match e {

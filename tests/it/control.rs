@@ -917,6 +917,24 @@ async fn the_cli_runs_each_operator_command() {
     assert_eq!(audit["transactions"], json!(3));
     let code = |args: &[&str]| env.cli(args).status.code();
     assert_eq!(code(&["outcome", "never-decided"]), Some(1));
+    // With --json a failure is the control queue's error object too, on stdout.
+    for (args, expected) in [
+        (
+            ["outcome", "never-decided", "--json"].as_slice(),
+            "not_found",
+        ),
+        (&["top-up", "alice", "0", "--json"], "amount_out_of_range"),
+        (
+            &["top-up", "alice", "5", "--key", "USAGE-x", "--json"],
+            "bad_request",
+        ),
+    ] {
+        let out = env.cli(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let printed: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        assert_eq!(printed["error"]["code"], expected, "{args:?}: {printed}");
+        assert!(printed["error"]["message"].is_string(), "{printed}");
+    }
     assert_eq!(code(&["auto-top-up", "alice", "--amount", "5"]), Some(2));
     assert_eq!(code(&["top-up", "alice"]), Some(2));
     env.cleanup().await;
