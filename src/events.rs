@@ -53,8 +53,8 @@ pub(crate) fn event_user(user_id: &str) -> std::borrow::Cow<'_, str> {
 }
 
 /// An event id as AMQP can carry it in `message_id` (at most 255 bytes): `id` itself, or,
-/// when longer, `{routing_key}:sha256:{hex}` of it, as deterministic (SQL: `credit.event_id`,
-/// migration 0017).
+/// when longer, `{routing_key}:sha256:{hex}` of it, as deterministic (SQL, for
+/// `balance.changed`: `credit.balance_changed_id`, migration 0017).
 pub(crate) fn bounded_id(routing_key: &str, id: String) -> String {
     if id.len() <= 255 {
         return id;

@@ -112,8 +112,7 @@ WITH ids AS (
      WHERE o.events > 1 AND o.routing_key = 'balance.changed')
 SELECT t.user_id, t.seq
   FROM (SELECT user_id, seq,
-               credit.event_id('balance.changed', 'balance.changed:'
-                   || credit.event_user(user_id) || ':' || transaction_key) AS id_now,
+               credit.balance_changed_id(user_id, transaction_key) AS id_now,
                'balance.changed:' || user_id || ':' || transaction_key AS id_before
           FROM credit.transactions
          WHERE created_at >= (SELECT pruned_before FROM credit.outbox_relay) + interval '1 minute'

@@ -42,9 +42,7 @@ pub async fn seed_funded_users(
     sqlx::query(
         "WITH e AS (
            INSERT INTO credit.outbox (event_id, routing_key, payload)
-           SELECT credit.event_id('balance.changed',
-                                  'balance.changed:' || credit.event_user(user_id) || ':' || $2),
-                  'balance.changed',
+           SELECT credit.balance_changed_id(user_id, $2), 'balance.changed',
                   json_build_object('user_id', user_id, 'amount', balance, 'balance', balance,
                                     'seq', 1, 'transaction_type', 'GRANT',
                                     'transaction_key', $2::text)
@@ -81,4 +79,10 @@ pub async fn analyze_balances(pool: &PgPool) -> Result<(), sqlx::Error> {
         .execute(pool)
         .await?;
     Ok(())
+}
+
+/// A `CHECKPOINT` after a bulk load, so that what the load wrote is flushed before a timed
+/// run rather than during it. Needs a superuser or `pg_checkpoint`; false when refused.
+pub async fn checkpoint(pool: &PgPool) -> bool {
+    sqlx::query("CHECKPOINT").execute(pool).await.is_ok()
 }

@@ -159,13 +159,13 @@ const REFILL_CHUNK: &str = r#"WITH
   -- from there to the commit and parallel chunks overlap for the rest.
   o AS (
     INSERT INTO credit.outbox (event_id, routing_key, events, payload, run, created_at)
-    SELECT credit.event_id('balance.changed', 'balance.changed:' || credit.event_user(min(user_id)) || ':' || $5), 'balance.changed', count(*),
+    SELECT credit.balance_changed_id(min(user_id), $5), 'balance.changed', count(*),
            CASE WHEN count(*) = 1 THEN min(payload)::json END,
            CASE WHEN count(*) > 1
                 THEN ('[' || string_agg(payload, ',' ORDER BY user_id) || ']')::json END, $7
       FROM (SELECT user_id, (row_number() OVER (ORDER BY user_id) - 1) / $9 AS part,
                    '{"amount":' || amount || ',"balance":' || (balance + amount)
-                   || ',"event_id":' || to_json(credit.event_id('balance.changed', 'balance.changed:' || credit.event_user(user_id) || ':' || $5))::text
+                   || ',"event_id":' || to_json(credit.balance_changed_id(user_id, $5))::text
                    || ',"occurred_at":' || k.occurred_at || ',"seq":' || seq
                    || ',"transaction_key":' || k.key
                    || ',"transaction_type":"GRANT","type":"balance.changed","user_id":'
