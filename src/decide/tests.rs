@@ -612,14 +612,21 @@ fn requests(l: &MemoryLedger) -> Vec<(String, i64)> {
         .collect()
 }
 
+/// A ledger whose user `u` made one run (990 left) and then set an auto top-up.
+fn with_auto_top_up(p: &Pricing, threshold: i64, amount: i64) -> MemoryLedger {
+    let mut l = MemoryLedger::default();
+    l.decide(p, &[entry("u", "a", 0)], now());
+    if let Some(a) = l.accounts.get_mut("u") {
+        a.auto_threshold = Some(threshold);
+        a.auto_amount = Some(amount);
+    }
+    l
+}
+
 #[test]
 fn a_debit_below_the_threshold_requests_one_top_up_until_credits_land() {
     let p = pricing(0);
-    let mut l = MemoryLedger::default();
-    l.decide(&p, &[entry("u", "a", 0)], now());
-    let a = l.accounts.get_mut("u").unwrap();
-    a.auto_threshold = Some(975);
-    a.auto_amount = Some(500);
+    let mut l = with_auto_top_up(&p, 975, 500);
     // 990 ⇒ 980 ⇒ 970 (crosses 975: request 1) ⇒ 960 (outstanding: none).
     let es: Vec<_> = (0..3).map(|i| entry("u", &format!("b{i}"), 0)).collect();
     l.decide(&p, &es, now());
@@ -651,11 +658,7 @@ fn a_debit_below_the_threshold_requests_one_top_up_until_credits_land() {
 #[test]
 fn an_unanswered_request_is_made_again_after_its_ttl_not_before() {
     let p = pricing(0);
-    let mut l = MemoryLedger::default();
-    l.decide(&p, &[entry("u", "a", 0)], now());
-    let a = l.accounts.get_mut("u").unwrap();
-    a.auto_threshold = Some(2000);
-    a.auto_amount = Some(500);
+    let mut l = with_auto_top_up(&p, 2000, 500);
     l.decide(&p, &[entry("u", "b", 0)], now());
     let later = now() + chrono::Duration::minutes(59);
     l.decide(&p, &[entry("u", "c", 0)], later);
@@ -672,11 +675,7 @@ fn an_unanswered_request_is_made_again_after_its_ttl_not_before() {
 #[test]
 fn a_run_refused_for_funds_asks_again_after_the_ttl() {
     let p = pricing(0);
-    let mut l = MemoryLedger::default();
-    l.decide(&p, &[entry("u", "a", 0)], now());
-    let a = l.accounts.get_mut("u").unwrap();
-    a.auto_threshold = Some(2000);
-    a.auto_amount = Some(500);
+    let mut l = with_auto_top_up(&p, 2000, 500);
     l.decide(&p, &[entry("u", "b", 0)], now());
     assert_eq!(requests(&l), vec![("AUTO-TOP-UP-u-1".into(), 980)]);
     let later = now() + chrono::Duration::minutes(59);
@@ -702,11 +701,7 @@ fn a_run_refused_for_funds_asks_again_after_the_ttl() {
         ]
     );
     // Above the threshold a refusal asks for nothing.
-    let mut l = MemoryLedger::default();
-    l.decide(&p, &[entry("u", "a", 0)], now());
-    let a = l.accounts.get_mut("u").unwrap();
-    a.auto_threshold = Some(500);
-    a.auto_amount = Some(500);
+    let mut l = with_auto_top_up(&p, 500, 500);
     l.decide(&p, &[entry("u", "b", 2)], now());
     assert!(requests(&l).is_empty());
 }
