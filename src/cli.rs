@@ -214,10 +214,18 @@ pub fn main() -> ExitCode {
 #[error("{0}")]
 struct NotFound(String);
 
+/// A request the control queue would answer with `bad_request`.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct BadRequest(String);
+
 /// A failed command's code as the control queue names it (SPEC §8), for `--json`.
 fn error_code(e: &anyhow::Error) -> &'static str {
     if e.downcast_ref::<NotFound>().is_some() {
         return "not_found";
+    }
+    if e.downcast_ref::<BadRequest>().is_some() {
+        return "bad_request";
     }
     match e.downcast_ref::<LedgerError>() {
         Some(l) => crate::control::ControlError::code_of(l),
@@ -333,7 +341,7 @@ async fn sweep(
     let named = month.is_some();
     let month = month.unwrap_or_else(|| Month::of(Utc::now()));
     if !settings.refill.enabled {
-        anyhow::bail!("refill.enabled is false");
+        return Err(BadRequest("refill is disabled (refill.enabled is false)".into()).into());
     }
     let pool = crate::db::connect_and_migrate(&settings.database).await?;
     let policy = crate::ledger::RefillPolicy {
@@ -456,6 +464,11 @@ async fn auto_top_up(
 }
 
 async fn outcome(settings: &Settings, json: bool, node_exec_id: &str) -> anyhow::Result<ExitCode> {
+    use crate::message::MAX_ID_BYTES;
+    if node_exec_id.is_empty() || node_exec_id.len() > MAX_ID_BYTES {
+        let why = format!("node_exec_id: must be 1 to {MAX_ID_BYTES} bytes");
+        return Err(BadRequest(why).into());
+    }
     let ledger = open_ledger(settings).await?;
     let Some(d) = ledger.decision(node_exec_id).await.map_err(ledger_error)? else {
         let why = format!("node_exec_id: no decision for {node_exec_id:?} yet");

@@ -53,8 +53,9 @@ pub(crate) fn event_user(user_id: &str) -> std::borrow::Cow<'_, str> {
 }
 
 /// An event id as AMQP can carry it in `message_id` (at most 255 bytes): `id` itself, or,
-/// when longer, `{routing_key}:sha256:{hex}` of it, as deterministic (SQL, for
-/// `balance.changed`: `credit.balance_changed_id`, migration 0017).
+/// when longer, `{routing_key}:%sha256:{hex}` of it, as deterministic. A user part never
+/// starts with a bare `%` ([`event_user`] encodes it), so no `balance.changed` id of a row
+/// takes that form. (SQL, for `balance.changed`: `credit.balance_changed_id`, migration 0017.)
 pub(crate) fn bounded_id(routing_key: &str, id: String) -> String {
     if id.len() <= 255 {
         return id;
@@ -62,7 +63,7 @@ pub(crate) fn bounded_id(routing_key: &str, id: String) -> String {
     use sha2::Digest;
     let digest = sha2::Sha256::digest(id.as_bytes());
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{routing_key}:sha256:{hex}")
+    format!("{routing_key}:%sha256:{hex}")
 }
 
 /// `balance.changed`: one per ledger row; (user, transaction_key) identifies the row.
@@ -258,18 +259,18 @@ mod tests {
         let fits = "u".repeat(237);
         assert_eq!(changed(&fits), format!("balance.changed:{fits}:K"));
         let id = changed(&"u".repeat(238));
-        assert_eq!(id.len(), "balance.changed:sha256:".len() + 64);
-        assert!(id.starts_with("balance.changed:sha256:"), "{id}");
+        assert_eq!(id.len(), "balance.changed:%sha256:".len() + 64);
+        assert!(id.starts_with("balance.changed:%sha256:"), "{id}");
         assert_eq!(id, changed(&"u".repeat(238)));
         assert_ne!(id, changed(&"v".repeat(238)));
         // The digest of the id it would have been (SHA-256 of "a" × 300, by Python's hashlib).
         assert_eq!(
             bounded_id("x", "a".repeat(300)),
-            "x:sha256:9835fa6bf4e20a9b9ea812506302e98982721a6cf8d2cae67af57129bf21ae90"
+            "x:%sha256:9835fa6bf4e20a9b9ea812506302e98982721a6cf8d2cae67af57129bf21ae90"
         );
         let rejected = charge_rejected("u", &"n".repeat(255), "g", 1, 0, at).event_id;
         assert!(
-            rejected.starts_with("charge.rejected:sha256:"),
+            rejected.starts_with("charge.rejected:%sha256:"),
             "{rejected}"
         );
     }

@@ -4,9 +4,7 @@ use serde_json::Value;
 
 use super::fields::Fields;
 use super::{to_result, Context, ControlError};
-
-/// Node execution ids are 1 to 255 bytes (docs/contract.md §2).
-const MAX_ID_BYTES: usize = 255;
+use crate::message::MAX_ID_BYTES;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {

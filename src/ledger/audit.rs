@@ -98,9 +98,10 @@ SELECT t.user_id, t.seq FROM credit.transactions t
 
 /// A ledger row's event is a row of its own (found by event_id) or an element of a run of
 /// events (migration 0009), whose ids are read out of the runs. Its id is the one of
-/// migrations 0013 and 0017 (`id_now`) or, for a row written before them, the one with the
-/// user id as it is and no bound on its length (`id_before`); each is looked up by equality,
-/// so each lookup is one hashed anti-join. Rows stamped before the retention horizon (migration 0011) are
+/// migrations 0013 and 0017 (`id_now`) or, for a row written before them, the one it had
+/// then (`id_before`): where 0017 bounded the id, the unbounded one of 0013; otherwise the
+/// one with the user id as it is, before 0013. Each is looked up by equality, so each lookup
+/// is one hashed anti-join. Rows stamped before the retention horizon (migration 0011) are
 /// not looked at: their events may have been deleted once published. Events are stamped with
 /// their row's time; the minute's margin covers rows written before that, whose events were
 /// stamped with their transaction's start.
@@ -113,7 +114,11 @@ WITH ids AS (
 SELECT t.user_id, t.seq
   FROM (SELECT user_id, seq,
                credit.balance_changed_id(user_id, transaction_key) AS id_now,
-               'balance.changed:' || user_id || ':' || transaction_key AS id_before
+               CASE WHEN octet_length(convert_to(credit.event_user(user_id) || transaction_key,
+                                                 'UTF8')) > 255 - 17
+                    THEN 'balance.changed:' || credit.event_user(user_id) || ':' || transaction_key
+                    ELSE 'balance.changed:' || user_id || ':' || transaction_key
+               END AS id_before
           FROM credit.transactions
          WHERE created_at >= (SELECT pruned_before FROM credit.outbox_relay) + interval '1 minute'
        ) t

@@ -72,7 +72,7 @@ async fn the_longest_ids_make_an_event_id_that_fits_message_id() {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    let expected = format!("balance.changed:sha256:{digest}");
+    let expected = format!("balance.changed:%sha256:{digest}");
     assert_eq!(events[1].2["transaction_key"], format!("USAGE-{id}"));
     assert_eq!(events[1].2["event_id"], expected.as_str());
     assert_eq!(events[1].1, expected);

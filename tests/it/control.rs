@@ -918,6 +918,7 @@ async fn the_cli_runs_each_operator_command() {
     let code = |args: &[&str]| env.cli(args).status.code();
     assert_eq!(code(&["outcome", "never-decided"]), Some(1));
     // With --json a failure is the control queue's error object too, on stdout.
+    let long_id = "n".repeat(256);
     for (args, expected) in [
         (
             ["outcome", "never-decided", "--json"].as_slice(),
@@ -928,6 +929,7 @@ async fn the_cli_runs_each_operator_command() {
             &["top-up", "alice", "5", "--key", "USAGE-x", "--json"],
             "bad_request",
         ),
+        (&["outcome", &long_id, "--json"], "bad_request"),
     ] {
         let out = env.cli(args);
         assert_eq!(out.status.code(), Some(1), "{args:?}");

@@ -1378,6 +1378,38 @@ async fn event_ids_name_one_user_and_key_even_with_colons() {
     env.cleanup().await;
 }
 
+/// A row whose event id is over 255 bytes is published under the bounded id; one written
+/// before the bound keeps the id it was published under, and the audit finds either.
+#[tokio::test]
+async fn the_audit_finds_a_long_rows_event_under_its_bounded_or_earlier_id() {
+    let env = TestEnv::with(no_refill).await;
+    let key = format!("k:{}", "x".repeat(250));
+    env.ledger()
+        .credit(TxType::TopUp, "a:b", 5, Some(&key), None, Utc::now())
+        .await
+        .unwrap();
+    let bounded: String = sqlx::query_scalar("SELECT event_id FROM credit.outbox")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert!(bounded.starts_with("balance.changed:%sha256:"), "{bounded}");
+    env.assert_audit_clean().await;
+    let earlier = format!("balance.changed:a%3Ab:{key}");
+    sqlx::query("UPDATE credit.outbox SET event_id = $1")
+        .bind(&earlier)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    env.assert_audit_clean().await;
+    sqlx::query("UPDATE credit.outbox SET event_id = 'balance.changed:a:b:k'")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let report = credit_worker::ledger::audit::run(&env.pool).await.unwrap();
+    assert_eq!(report.mismatches.len(), 1, "{:?}", report.mismatches);
+    env.cleanup().await;
+}
+
 /// A range of users whose refill fails for good (here a ledger row already holding the
 /// month's key) is reported when the sweep ends, after every other range was refilled.
 #[tokio::test]
