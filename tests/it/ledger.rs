@@ -626,6 +626,61 @@ async fn only_a_named_month_back_fills() {
     env.cleanup().await;
 }
 
+/// Two back-fills of one month meeting on a user: the one that waited re-checks the row
+/// against its statement's snapshot, which cannot see the other's grant, and the month's key
+/// refuses its own. The range is tried again, sees the grant, and the sweep succeeds.
+#[tokio::test]
+async fn a_back_fill_that_meets_anothers_grant_tries_the_range_again() {
+    let _sweeps = SWEEPS.share().await;
+    let env = TestEnv::with(|s| s.refill.lazy = false).await;
+    let policy = credit_worker::ledger::RefillPolicy { target: 1000 };
+    let november: Month = "2026-11".parse().unwrap();
+    sqlx::query(
+        "INSERT INTO credit.balances (user_id, balance, last_seq, refill_month)
+              VALUES ('x', 400, 0, '2026-12-01')",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    // The other back-fill, holding the row: its grant, then a debit below the target.
+    let mut other = env.pool.begin().await.unwrap();
+    for sql in [
+        "SELECT 1 FROM credit.balances WHERE user_id = 'x' FOR UPDATE",
+        "INSERT INTO credit.transactions (user_id, seq, transaction_key, type, amount, running_balance)
+              VALUES ('x', 1, 'MONTHLY-CREDIT-TOP-UP-2026-11', 'GRANT', 600, 1000),
+                     ('x', 2, 'SPENT', 'USAGE', -100, 900)",
+        "UPDATE credit.balances SET balance = 900, last_seq = 2 WHERE user_id = 'x'",
+    ] {
+        sqlx::query(sql).execute(&mut *other).await.expect(sql);
+    }
+    let pool = env.pool.clone();
+    let sweep = tokio::spawn(async move {
+        refill::sweep_named(&pool, policy, november, None, 10, |_| {}).await
+    });
+    wait_for(
+        Duration::from_secs(10),
+        "the sweep waiting for the row",
+        || async {
+            env.scalar_i64(
+                "SELECT count(*) FROM pg_stat_activity
+              WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .await
+                == 1
+        },
+    )
+    .await;
+    other.commit().await.unwrap();
+    let report = sweep.await.unwrap().expect("the range tried again");
+    assert_eq!((report.users_refilled, report.credits_granted), (0, 0));
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM credit.transactions WHERE type = 'GRANT'")
+            .await,
+        1
+    );
+    env.cleanup().await;
+}
+
 /// seq, key, type, amount, running balance, metadata, created_at.
 type LedgerRow = (
     i64,
