@@ -464,11 +464,6 @@ async fn auto_top_up(
 }
 
 async fn outcome(settings: &Settings, json: bool, node_exec_id: &str) -> anyhow::Result<ExitCode> {
-    use crate::message::MAX_ID_BYTES;
-    if node_exec_id.is_empty() || node_exec_id.len() > MAX_ID_BYTES {
-        let why = format!("node_exec_id: must be 1 to {MAX_ID_BYTES} bytes");
-        return Err(BadRequest(why).into());
-    }
     let ledger = open_ledger(settings).await?;
     let Some(d) = ledger.decision(node_exec_id).await.map_err(ledger_error)? else {
         let why = format!("node_exec_id: no decision for {node_exec_id:?} yet");

@@ -435,8 +435,8 @@ impl Settings {
         if self.database.url.is_empty() {
             return bad("database.url", "must not be empty");
         }
-        if let Some(why) = crate::db::unreadable_tls_files(&self.database.url).first() {
-            return bad("database.url", why);
+        if let Some(why) = crate::db::unreadable_tls_file(&self.database.url) {
+            return bad("database.url", &why);
         }
         if self.amqp.url.is_empty() {
             return bad("amqp.url", "must not be empty");

@@ -57,14 +57,16 @@ pub(crate) fn event_user(user_id: &str) -> std::borrow::Cow<'_, str> {
 /// starts with a bare `%` ([`event_user`] encodes it), so no `balance.changed` id of a row
 /// takes that form. (SQL, for `balance.changed`: `credit.balance_changed_id`, migration 0017.)
 pub(crate) fn bounded_id(routing_key: &str, id: String) -> String {
-    if id.len() <= 255 {
+    if id.len() <= MAX_EVENT_ID_BYTES {
         return id;
     }
     use sha2::Digest;
     let digest = sha2::Sha256::digest(id.as_bytes());
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{routing_key}:%sha256:{hex}")
+    format!("{routing_key}:%sha256:{digest:x}")
 }
+
+/// AMQP's bound on `message_id` (a short string).
+const MAX_EVENT_ID_BYTES: usize = 255;
 
 /// `balance.changed`: one per ledger row; (user, transaction_key) identifies the row.
 #[allow(clippy::too_many_arguments)]

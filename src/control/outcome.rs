@@ -4,7 +4,6 @@ use serde_json::Value;
 
 use super::fields::Fields;
 use super::{to_result, Context, ControlError};
-use crate::message::MAX_ID_BYTES;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
@@ -13,11 +12,7 @@ pub struct Request {
 
 pub fn parse(f: &Fields<'_>) -> Result<Request, ControlError> {
     let node_exec_id = f.string("node_exec_id")?.to_owned();
-    if node_exec_id.is_empty() || node_exec_id.len() > MAX_ID_BYTES {
-        return Err(ControlError::bad_request(format!(
-            "node_exec_id: must be 1 to {MAX_ID_BYTES} bytes"
-        )));
-    }
+    crate::ledger::check_node_exec_id(&node_exec_id)?;
     Ok(Request { node_exec_id })
 }
 

@@ -114,8 +114,8 @@ WITH ids AS (
 SELECT t.user_id, t.seq
   FROM (SELECT user_id, seq,
                credit.balance_changed_id(user_id, transaction_key) AS id_now,
-               CASE WHEN octet_length(convert_to(credit.event_user(user_id) || transaction_key,
-                                                 'UTF8')) > 255 - 17
+               CASE WHEN credit.balance_changed_id(user_id, transaction_key)
+                         <> 'balance.changed:' || credit.event_user(user_id) || ':' || transaction_key
                     THEN 'balance.changed:' || credit.event_user(user_id) || ':' || transaction_key
                     ELSE 'balance.changed:' || user_id || ':' || transaction_key
                END AS id_before

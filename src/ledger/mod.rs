@@ -31,6 +31,7 @@ pub use sweep::{sweep, sweep_named, SweepReport};
 
 use crate::events::ExecutionRef;
 
+/// User ids and node execution ids: at most this many bytes.
 pub(crate) const MAX_USER_ID_BYTES: usize = 255;
 pub(crate) const MAX_KEY_BYTES: usize = 512;
 
@@ -222,15 +223,24 @@ pub struct Ledger {
 }
 
 pub(crate) fn check_user_id(user_id: &str) -> Result<(), LedgerError> {
-    if user_id.is_empty() || user_id.len() > MAX_USER_ID_BYTES {
+    check_id("user_id", user_id)
+}
+
+pub(crate) fn check_node_exec_id(node_exec_id: &str) -> Result<(), LedgerError> {
+    check_id("node_exec_id", node_exec_id)
+}
+
+/// An id as the ledger keeps them: 1 to [`MAX_USER_ID_BYTES`] bytes, no NUL.
+fn check_id(field: &'static str, id: &str) -> Result<(), LedgerError> {
+    if id.is_empty() || id.len() > MAX_USER_ID_BYTES {
         return Err(LedgerError::InvalidArgument {
-            field: "user_id",
+            field,
             reason: format!("must be 1 to {MAX_USER_ID_BYTES} bytes"),
         });
     }
-    if user_id.contains('\0') {
+    if id.contains('\0') {
         return Err(LedgerError::InvalidArgument {
-            field: "user_id",
+            field,
             reason: "contains a NUL character".into(),
         });
     }
@@ -519,6 +529,7 @@ impl Ledger {
         &self,
         node_exec_id: &str,
     ) -> Result<Option<DecisionRecord>, LedgerError> {
+        check_node_exec_id(node_exec_id)?;
         let Some(mut decision) = store::find_decision(&self.pool, node_exec_id).await? else {
             return Ok(None);
         };

@@ -132,8 +132,9 @@ const REFILL_CHUNK_END: &str = "SELECT max(user_id) FROM (
 /// one but without that month's row (user_id order; a row another transaction changed
 /// meanwhile is re-checked after the wait, so one refilled concurrently is skipped), computes
 /// each grant by the rule of `RefillPolicy::grant` (`backfill` with $10; target $4), and
-/// writes what `Account::refill` (`refill_named`) would: per granted user a GRANT ledger row under key $5 with metadata $6
-/// and its `balance.changed` event, whose payload is the text `events::balance_changed`
+/// writes what `Account::refill` (`refill_named`) would: per granted user a GRANT ledger row
+/// under key $5 with metadata $6 and its `balance.changed` event, whose payload is the text
+/// `events::balance_changed`
 /// serialises (keys in order, `occurred_at` = $8, the time $7 formatted); every evaluated
 /// account gets refill_month = $3 unless it holds a later one. The events go into the outbox
 /// $9 to a row, in user_id order (migration 0009). Wakes the outbox relays when it wrote

@@ -4,9 +4,10 @@
 //! Reading uses `basic.get` without ack and hands every message it keeps back with one
 //! `basic.nack` (requeue), so nothing is removed. On a quorum queue each such return counts as a
 //! delivery (`x-delivery-count` grows by one per read); the dead queue has no `x-delivery-limit`,
-//! so on RabbitMQ 3.x that only changes the header (4.0–4.2 impose a default limit: README). A replay removes a dead copy only after the
-//! broker confirmed its copy in the input queue: an interruption leaves at worst a duplicate
-//! there, which the worker decides once per `node_exec_id`.
+//! so on RabbitMQ 3.x that only changes the header (4.0–4.2 impose a default limit: README). A
+//! replay removes a dead copy only after the broker confirmed its copy in the input queue: an
+//! interruption leaves at worst a duplicate there, which the worker decides once per
+//! `node_exec_id`.
 
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, DeliveryTag, FieldTable};

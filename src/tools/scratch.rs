@@ -145,9 +145,10 @@ pub(crate) fn with_database(url: &str, db: &str) -> anyhow::Result<String> {
         .flat_map(|q| q.split('&'))
         .filter(|p| !p.is_empty() && p.split('=').next() != Some("dbname"))
         .collect();
-    Ok(match kept.is_empty() {
-        false => format!("{server}/{db}?{}", kept.join("&")),
-        true => format!("{server}/{db}"),
+    Ok(if kept.is_empty() {
+        format!("{server}/{db}")
+    } else {
+        format!("{server}/{db}?{}", kept.join("&"))
     })
 }
 
