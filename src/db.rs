@@ -210,11 +210,18 @@ pub fn is_transient(e: &sqlx::Error) -> bool {
 }
 
 /// True when the database refused a statement for its schema or its grants (SQLSTATE class
-/// 42: a table or column missing, a privilege revoked). No message's content causes it (every
-/// value is a bound parameter), so a message that meets it stays on the queue, retried, until
-/// the database is fixed, instead of being dead-lettered with every message after it.
+/// 42: a table or column missing, a privilege revoked), or a connection could not be set up
+/// (a server certificate that expired or was rotated, a client key that no longer reads). No
+/// message's content causes either (every value is a bound parameter), so a message that
+/// meets one stays on the queue, retried, until the database or its certificates are fixed,
+/// instead of being dead-lettered with every message after it. At start the same errors stop
+/// the worker ([`is_transient`]): there they are the operator's to fix at once.
 pub(crate) fn is_setup_fault(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("42")))
+    match e {
+        sqlx::Error::Database(db) => db.code().is_some_and(|c| c.starts_with("42")),
+        sqlx::Error::Tls(_) | sqlx::Error::Io(_) | sqlx::Error::Configuration(_) => true,
+        _ => false,
+    }
 }
 
 /// True when the server's TLS certificate did not verify (`sslmode=verify-ca|verify-full`).
@@ -250,6 +257,22 @@ mod tests {
         ] {
             assert_eq!(effective_url(unchanged), unchanged);
         }
+    }
+
+    #[test]
+    fn a_connection_that_cannot_be_set_up_waits_for_the_fix() {
+        let expired = || {
+            sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "invalid peer certificate: Expired",
+            ))
+        };
+        // Fatal at start, where the operator is watching; awaited at run time.
+        assert!(!is_transient(&expired()));
+        assert!(is_setup_fault(&expired()));
+        assert!(is_setup_fault(&sqlx::Error::Tls("bad key".into())));
+        assert!(!is_setup_fault(&sqlx::Error::RowNotFound));
+        assert!(!is_setup_fault(&sqlx::Error::Decode("bad".into())));
     }
 
     #[test]

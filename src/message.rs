@@ -934,6 +934,34 @@ mod tests {
         assert_eq!(err(&with("stats", json!("fast"))).field(), "stats");
     }
 
+    /// Python writes a sum such as 0.01 + 0.2 with 17 significant digits; read as its nearest
+    /// double, as Python reads it back, it prices as AutoGPT does (SPEC §5: IEEE doubles).
+    #[test]
+    fn a_provider_cost_is_read_as_its_nearest_double() {
+        let exa_search = "996cec64-ac40-4dde-982f-b0dc60a5824d";
+        let body = |cost: &str| {
+            format!(
+                r#"{{"user_id":"u","graph_exec_id":"ge","graph_id":"g","node_exec_id":"ne",
+                "node_id":"n","block_id":"{exa_search}","phase":"completed",
+                "inputs":{{"credentials":{{"id":"96153e04-9c6c-4486-895f-5bb683b1ecec",
+                  "provider":"exa","type":"api_key"}}}},
+                "stats":{{"provider_cost":{cost},"provider_cost_type":"cost_usd"}}}}"#
+            )
+        };
+        let table = crate::cost::CostTable::builtin().unwrap();
+        for (text, credits) in [
+            ("0.21000000000000002", 22),
+            ("1.1099999999999999", 111),
+            ("0.05", 5),
+        ] {
+            let e = ok(body(text).as_bytes());
+            let stats = e.stats.as_ref().unwrap();
+            assert_eq!(stats.provider_cost, Some(text.parse::<f64>().unwrap()));
+            let price = table.price(exa_search, &e.inputs, Some(stats)).unwrap();
+            assert_eq!(price.cost, credits, "{text}");
+        }
+    }
+
     #[test]
     fn completions_carry_phase_status_and_the_runs_counts() {
         let e = ok(&with("phase", json!("completed")));

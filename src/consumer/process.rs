@@ -520,6 +520,31 @@ mod tests {
         assert_eq!(d.balance("u"), 980);
     }
 
+    /// Fails every batch as a pool does whose server certificate expired.
+    struct CertificateExpired;
+
+    impl Decider for CertificateExpired {
+        async fn decide(
+            &self,
+            _entries: &[NodeExecutionEntry],
+            _turn: Turn,
+        ) -> Result<Vec<Verdict>, DecideError> {
+            Err(DecideError::Db(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "invalid peer certificate: Expired",
+            ))))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_cannot_be_set_up_dead_letters_nothing() {
+        let stop = CancellationToken::new();
+        stop.cancel();
+        let body = gpt4("u", "a");
+        let out = process_batch(&CertificateExpired, &[body.as_slice()], &stop).await;
+        assert_eq!(out, None);
+    }
+
     #[tokio::test]
     async fn a_stop_during_an_outage_decides_and_acks_nothing() {
         let d = MemoryDecider::new(usize::MAX, None);
