@@ -2,6 +2,9 @@
 //! with `--json`, the same result objects as the control queue. Exit codes: 0 ok, 1 failure,
 //! 2 usage error.
 
+use std::io::Write;
+
+use anyhow::Context;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -199,10 +202,11 @@ pub fn main() -> ExitCode {
     match runtime.block_on(execute(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {}", error_text(&e));
+            // Best effort: the exit code says it failed even where nothing can be written.
+            let _ = writeln!(std::io::stderr(), "error: {}", error_text(&e));
             if json {
                 let error = json!({"code": error_code(&e), "message": error_text(&e)});
-                println!("{}", json!({ "error": error }));
+                let _ = writeln!(std::io::stdout(), "{}", json!({ "error": error }));
             }
             ExitCode::FAILURE
         }
@@ -327,7 +331,7 @@ async fn migrate(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
     crate::db::connect_and_migrate(&settings.database).await?;
     print_out(json, &json!({"migrated": true}), || {
         "migrations applied".into()
-    });
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -384,7 +388,7 @@ async fn sweep(
             report.users_evaluated,
             report.duration_ms
         )
-    });
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -396,7 +400,7 @@ async fn balance(settings: &Settings, json: bool, user: &str) -> anyhow::Result<
         .map_err(ledger_error)?;
     print_out(json, &json!({"user_id": user, "balance": balance}), || {
         balance.to_string()
-    });
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -417,7 +421,7 @@ async fn history(
             text.push_str(&format!("\nnext: --before-seq {seq}"));
         }
         text
-    });
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -459,7 +463,7 @@ async fn auto_top_up(
             ),
             _ => format!("{user}: auto top-up off"),
         }
-    });
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -486,7 +490,7 @@ async fn outcome(settings: &Settings, json: bool, node_exec_id: &str) -> anyhow:
             None => "; not settled".into(),
         };
         format!("{} cost {}{settled}", d.outcome, d.cost)
-    });
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -495,7 +499,7 @@ async fn audit(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
     let report = crate::ledger::audit::run(&pool).await?;
     print_out(json, &serde_json::to_value(&report)?, || {
         crate::tools::audit_text(&report, "clean")
-    });
+    })?;
     Ok(crate::tools::exit_code(report.is_clean()))
 }
 
@@ -504,7 +508,7 @@ async fn publish(settings: &Settings, json: bool, file: &str) -> anyhow::Result<
     let n = crate::tools::publish::publish_entries(settings, &bodies).await?;
     print_out(json, &json!({"published": n}), || {
         format!("{n} messages published")
-    });
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -517,7 +521,7 @@ async fn dead_letters(
     match action {
         DeadLettersCommand::List { limit } => {
             let report = dl::list(settings, limit).await?;
-            print_out(json, &serde_json::to_value(&report)?, || list_text(&report));
+            print_out(json, &serde_json::to_value(&report)?, || list_text(&report))?;
         }
         DeadLettersCommand::Replay(args) => {
             // clap's group guarantees one of the two.
@@ -526,7 +530,7 @@ async fn dead_letters(
                 None => Selection::All,
             };
             let report = dl::replay(settings, &selection, args.dry_run).await?;
-            print_replay(json, args.dry_run, &report);
+            print_replay(json, args.dry_run, &report)?;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -549,14 +553,18 @@ fn list_text(report: &crate::tools::dead_letters::ListReport) -> String {
     out
 }
 
-fn print_replay(json: bool, dry_run: bool, report: &crate::tools::dead_letters::ReplayReport) {
+fn print_replay(
+    json: bool,
+    dry_run: bool,
+    report: &crate::tools::dead_letters::ReplayReport,
+) -> anyhow::Result<()> {
     if dry_run {
         let value = json!({
             "dry_run": true,
             "would_replay": report.would_replay,
             "skipped": report.skipped,
         });
-        print_out(json, &value, || {
+        return print_out(json, &value, || {
             let mut out = format!(
                 "dry run: {} would be replayed, {} skipped",
                 report.would_replay.len(),
@@ -568,12 +576,11 @@ fn print_replay(json: bool, dry_run: bool, report: &crate::tools::dead_letters::
             }
             out
         });
-        return;
     }
     let value = json!({"replayed": report.replayed, "skipped": report.skipped});
     print_out(json, &value, || {
         format!("{} replayed, {} skipped", report.replayed, report.skipped)
-    });
+    })
 }
 
 /// The non-blank lines of `file` (`-`: standard input), one message body each.
@@ -637,16 +644,22 @@ async fn credit(
                 p.transaction_key, p.balance
             )
         }
-    });
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_out(json: bool, value: &serde_json::Value, human: impl FnOnce() -> String) {
-    if json {
-        println!("{value}");
-    } else {
-        println!("{}", human());
-    }
+/// Prints a command's result. A failed write (a closed pipe, a full disk) is the command's
+/// failure (exit 1), not a panic.
+fn print_out(
+    json: bool,
+    value: &serde_json::Value,
+    human: impl FnOnce() -> String,
+) -> anyhow::Result<()> {
+    let text = if json { value.to_string() } else { human() };
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{text}")
+        .and_then(|()| out.flush())
+        .context("cannot write the output")
 }
 
 #[cfg(test)]

@@ -390,6 +390,14 @@ impl Settings {
         if self.database.max_connections < 3 {
             return bad("database.max_connections", "must be at least 3");
         }
+        // PostgreSQL's limit: above it every connection of the pool is refused after the start
+        // (the migrations run without the timeout), which no retry can clear.
+        if self.database.statement_timeout_ms > i32::MAX as u64 {
+            return bad(
+                "database.statement_timeout_ms",
+                "must be at most 2147483647 (0 = none)",
+            );
+        }
         // 0 would hand a failing command back to the queue, and take it again, in a tight loop.
         if self.control.unanswered_retry_s == 0 {
             return bad("control.unanswered_retry_s", "must be at least 1");
@@ -597,6 +605,25 @@ mod tests {
         );
         let readable = "postgres://u@db/credit?sslmode=verify-full&sslrootcert=Cargo.toml";
         assert!(Settings::load_from(None, &env(&[("DATABASE_URL", readable)])).is_ok());
+    }
+
+    #[test]
+    fn a_statement_timeout_postgresql_refuses_is_refused_at_start() {
+        let load = |ms: &str| {
+            Settings::load_from(
+                None,
+                &env(&[("CREDIT_WORKER__DATABASE__STATEMENT_TIMEOUT_MS", ms)]),
+            )
+        };
+        let e = load("2147483648").unwrap_err().to_string();
+        assert!(
+            e.contains("database.statement_timeout_ms: must be at most 2147483647"),
+            "{e}"
+        );
+        assert_eq!(
+            load("2147483647").unwrap().database.statement_timeout_ms,
+            2_147_483_647
+        );
     }
 
     #[test]

@@ -395,14 +395,14 @@ fn exec(e: &NodeExecutionEntry) -> ExecutionRef<'_> {
 
 fn fee_overflow(e: &NodeExecutionEntry, cost: i64, fee: i64) -> LedgerError {
     LedgerError::AmountOutOfRange(format!(
-        "cost {cost} + execution fee {fee} of node execution {} overflows a 64-bit integer",
+        "amount: cost {cost} + execution fee {fee} of node execution {} overflows a 64-bit integer",
         e.node_exec_id
     ))
 }
 
 fn overflow(e: &NodeExecutionEntry, amount: i64) -> LedgerError {
     LedgerError::AmountOutOfRange(format!(
-        "settlement of node execution {}: {amount} overflows a 64-bit integer",
+        "amount: settlement of node execution {}: {amount} overflows a 64-bit integer",
         e.node_exec_id
     ))
 }

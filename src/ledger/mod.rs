@@ -64,7 +64,8 @@ impl TxType {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
-    #[error("amount: {0}")]
+    /// The message names the field (`amount`, `threshold`).
+    #[error("{0}")]
     AmountOutOfRange(String),
     #[error("amount: balance {balance} of user {user_id} + {amount} overflows a 64-bit integer")]
     Overflow {
@@ -358,7 +359,7 @@ impl Ledger {
         }
         if amount <= 0 {
             return Err(LedgerError::AmountOutOfRange(format!(
-                "{amount} must be greater than 0"
+                "amount: {amount} must be greater than 0"
             )));
         }
         let key = match key {
@@ -386,7 +387,7 @@ impl Ledger {
     ) -> Result<Posting, LedgerError> {
         if amount <= 0 {
             return Err(LedgerError::AmountOutOfRange(format!(
-                "{amount} must be greater than 0"
+                "amount: {amount} must be greater than 0"
             )));
         }
         check_key(key)?;
@@ -500,11 +501,11 @@ impl Ledger {
     ) -> Result<AutoTopUp, LedgerError> {
         if let Some((threshold, amount)) = config {
             for (field, v) in [("threshold", threshold), ("amount", amount)] {
+                // The control queue's code for it (`amount_out_of_range`), whoever asks.
                 if v <= 0 {
-                    return Err(LedgerError::InvalidArgument {
-                        field,
-                        reason: format!("must be greater than 0, got {v}"),
-                    });
+                    return Err(LedgerError::AmountOutOfRange(format!(
+                        "{field}: {v} must be greater than 0"
+                    )));
                 }
             }
         }

@@ -36,7 +36,10 @@ impl FromStr for Month {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let err = || MonthError(s.to_owned());
         let (y, m) = s.split_once('-').ok_or_else(err)?;
-        if y.len() != 4 || m.len() != 2 {
+        // Digits only: `i32`'s parse would also take a sign ("+999-01", "2026-+1").
+        let digits =
+            |part: &str, n: usize| part.len() == n && part.bytes().all(|b| b.is_ascii_digit());
+        if !digits(y, 4) || !digits(m, 2) {
             return Err(err());
         }
         let y: i32 = y.parse().map_err(|_| err())?;
@@ -64,7 +67,17 @@ mod tests {
             "MONTHLY-CREDIT-TOP-UP-2026-01"
         );
         for bad in [
-            "2026-13", "2026-1", "26-01", "2026/01", "", "2026-00", "abcd-ef",
+            "2026-13",
+            "2026-1",
+            "26-01",
+            "2026/01",
+            "",
+            "2026-00",
+            "abcd-ef",
+            "+999-01",
+            "2026-+1",
+            "-999-01",
+            "2026-01-01",
         ] {
             assert!(bad.parse::<Month>().is_err(), "{bad}");
         }

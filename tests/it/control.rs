@@ -930,6 +930,18 @@ async fn the_cli_runs_each_operator_command() {
             "bad_request",
         ),
         (&["outcome", &long_id, "--json"], "bad_request"),
+        (
+            &[
+                "auto-top-up",
+                "alice",
+                "--threshold",
+                "0",
+                "--amount",
+                "5",
+                "--json",
+            ],
+            "amount_out_of_range",
+        ),
     ] {
         let out = env.cli(args);
         assert_eq!(out.status.code(), Some(1), "{args:?}");
@@ -939,5 +951,18 @@ async fn the_cli_runs_each_operator_command() {
     }
     assert_eq!(code(&["auto-top-up", "alice", "--amount", "5"]), Some(2));
     assert_eq!(code(&["top-up", "alice"]), Some(2));
+    // Output that cannot be written is a failure (exit 1), not a panic (101).
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let out = env
+        .cli_command(&["balance", "alice", "--json"])
+        .stdout(full)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot write the output"), "{stderr}");
     env.cleanup().await;
 }

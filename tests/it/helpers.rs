@@ -191,6 +191,11 @@ impl TestEnv {
 
     /// Runs the CLI with this test's environment; returns its output.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        self.cli_command(args).output().expect("run the CLI")
+    }
+
+    /// The CLI with `args` in this test's database and namespace, not yet run.
+    pub fn cli_command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(binary());
         cmd.args(args)
             .env_remove("CREDIT_WORKER_CONFIG")
@@ -198,7 +203,7 @@ impl TestEnv {
         for (k, v) in self.process_env() {
             cmd.env(k, v);
         }
-        cmd.output().expect("run the CLI")
+        cmd
     }
 
     /// Runs the CLI with `--json`, expects success, and parses its output.

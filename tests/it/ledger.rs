@@ -987,12 +987,13 @@ async fn auto_top_up_requests_once_and_is_fulfilled_once() {
         .set_auto_top_up("a", Some((0, 5)), now)
         .await
         .unwrap_err();
-    assert_eq!(e.to_string(), "threshold: must be greater than 0, got 0");
+    assert!(matches!(e, LedgerError::AmountOutOfRange(_)), "{e:?}");
+    assert_eq!(e.to_string(), "threshold: 0 must be greater than 0");
     let e = ledger
         .set_auto_top_up("a", Some((5, -1)), now)
         .await
         .unwrap_err();
-    assert_eq!(e.to_string(), "amount: must be greater than 0, got -1");
+    assert_eq!(e.to_string(), "amount: -1 must be greater than 0");
     // Above the threshold: nothing yet.
     let r = ledger
         .set_auto_top_up("a", Some((900, 500)), now)
