@@ -70,12 +70,16 @@ impl Relay {
                 hard_stop.cancel();
             })
         };
-        // A session cut off by the hard stop ends without error, but not flushed.
-        let flushed = amqp::reconnecting("outbox relay", &hard_stop, || {
-            self.session(&drain, &hard_stop)
-        })
-        .await
-            && !hard_stop.is_cancelled();
+        // A session cut off by the hard stop ends without error, but not flushed. Whatever it
+        // awaits then (a broker that stopped answering, or blocks publishers for a resource
+        // alarm, holds a publish or its confirm), the hard stop ends it: the events it was
+        // sending stay behind the watermark, for the next relay.
+        let flushed = tokio::select! {
+            flushed = amqp::reconnecting("outbox relay", &hard_stop, || {
+                self.session(&drain, &hard_stop)
+            }) => flushed && !hard_stop.is_cancelled(),
+            _ = hard_stop.cancelled() => false,
+        };
         if !flushed {
             warn!("outbox not fully flushed at shutdown; the next start publishes the rest");
         }
@@ -139,6 +143,9 @@ impl Relay {
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen("credit_outbox").await?;
         let mut watermark = store::watermark(db).await?;
+        // Whether the last read started after drain: only such a read sees every event the
+        // stopped writers committed, so only its finding none means the outbox is flushed.
+        let mut read_in_drain = drain.is_cancelled();
         let mut rows = store::events_after(db, watermark, BATCH).await?;
         let mut pruner = Pruner::new(self.settings.outbox.retention());
         loop {
@@ -152,19 +159,22 @@ impl Relay {
                 let started = Instant::now();
                 let published = publish(publisher, exchange, &rows).await?;
                 metrics::counter!("credit_events_published_total").increment(published as u64);
+                read_in_drain = drain.is_cancelled();
                 rows = store::advance_and_read(db, through, BATCH).await?;
                 watermark = through;
                 metrics::histogram!("credit_outbox_publish_seconds")
                     .record(started.elapsed().as_secs_f64());
                 continue;
             }
-            if drain.is_cancelled() {
+            if read_in_drain {
                 info!("outbox flushed");
                 return Ok(());
             }
+            // Returns at once when draining.
             if !self.wait(&mut listener, drain, hard_stop).await? {
                 return Ok(());
             }
+            read_in_drain = drain.is_cancelled();
             rows = store::events_after(db, watermark, BATCH).await?;
         }
     }
@@ -262,6 +272,8 @@ async fn publish(
             routing_key: e.routing_key,
             body: e.body.as_bytes(),
             properties: amqp::event_properties(&e.event_id, now),
+            // An event nobody subscribed to is not an error.
+            mandatory: false,
         })
         .collect();
     publisher.publish_all(messages).await.map_err(|source| {

@@ -20,7 +20,11 @@ pub enum PublishError {
     /// The broker refused the message at this index of the batch.
     #[error("broker: message {index} of the batch was refused (nack)")]
     Nacked { index: usize },
-    #[error("broker: no confirm within {CONFIRM_TIMEOUT:?}")]
+    /// A mandatory message no queue took (its queue deleted or unbound): not delivered.
+    #[error("broker: message {index} of the batch was returned: no queue took it")]
+    Returned { index: usize },
+    /// Not written (a broker blocking publishers holds them), or not confirmed, in time.
+    #[error("broker: not sent and confirmed within {CONFIRM_TIMEOUT:?}")]
     Timeout,
     /// AMQP names are at most 255 bytes.
     #[error("{field}: longer than 255 bytes ({len} bytes)")]
@@ -34,6 +38,9 @@ pub struct Outgoing<'a> {
     pub routing_key: &'a str,
     pub body: &'a [u8],
     pub properties: BasicProperties,
+    /// Sent to a queue that must take it (a dead letter, a replay): the broker returns it
+    /// when none does, and [`confirmed`] counts that as a refusal.
+    pub mandatory: bool,
 }
 
 /// A channel in confirm mode.
@@ -61,7 +68,10 @@ impl Publisher {
             .basic_publish(
                 short("exchange", m.exchange)?,
                 short("routing_key", m.routing_key)?,
-                BasicPublishOptions::default(),
+                BasicPublishOptions {
+                    mandatory: m.mandatory,
+                    ..Default::default()
+                },
                 m.body,
                 m.properties,
             )
@@ -74,7 +84,10 @@ impl Publisher {
         &self,
         messages: impl IntoIterator<Item = Outgoing<'a>>,
     ) -> Result<usize, PublishError> {
-        confirmed(self.send_all(messages).await?).await
+        let sent = tokio::time::timeout(CONFIRM_TIMEOUT, self.send_all(messages))
+            .await
+            .map_err(|_| PublishError::Timeout)??;
+        confirmed(sent).await
     }
 
     /// Sends `messages` in order without waiting for their confirms.
@@ -122,6 +135,7 @@ pub async fn confirmed(pending: Vec<PublisherConfirm>) -> Result<usize, PublishE
             Err(_) => return Err(PublishError::Timeout),
             Ok(Err(e)) => return Err(e.into()),
             Ok(Ok(Confirmation::Nack(_))) => return Err(PublishError::Nacked { index }),
+            Ok(Ok(Confirmation::Ack(Some(_)))) => return Err(PublishError::Returned { index }),
             Ok(Ok(_)) => {}
         }
     }

@@ -467,6 +467,7 @@ async fn dead_letter(
         routing_key: d.routing_key.as_str(),
         body: &d.data,
         properties: properties.with_headers(headers),
+        mandatory: true,
     };
     dead.publish_all([message]).await?;
     // Counted once confirmed: a failed publish leaves the delivery to come again.

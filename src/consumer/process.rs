@@ -222,8 +222,10 @@ async fn decide_with_retry(
     stop: &CancellationToken,
 ) -> Option<Vec<Verdict>> {
     let e = match decide_transient_retry(decider, entries, Some(first), stop).await? {
-        Ok(v) => return Some(v),
-        Err(e) => e,
+        Ok(v) if v.len() == entries.len() => return Some(v),
+        // Never acked without a verdict: each entry is decided alone instead.
+        Ok(v) => format!("{} verdicts for {} entries", v.len(), entries.len()),
+        Err(e) => e.to_string(),
     };
     warn!(error = %e, size = entries.len(), "batch failed; deciding its entries one by one");
     let mut out = Vec::with_capacity(entries.len());
@@ -518,6 +520,38 @@ mod tests {
         // The whole batch once, then each entry alone.
         assert_eq!(d.calls.load(Ordering::SeqCst), 4);
         assert_eq!(d.balance("u"), 980);
+    }
+
+    /// Answers a batch of several entries with one verdict too few.
+    struct OneVerdictShort(MemoryDecider);
+
+    impl Decider for OneVerdictShort {
+        async fn decide(
+            &self,
+            entries: &[NodeExecutionEntry],
+            turn: Turn,
+        ) -> Result<Vec<Verdict>, DecideError> {
+            let mut verdicts = self.0.decide(entries, turn).await?;
+            if entries.len() > 1 {
+                verdicts.pop();
+            }
+            Ok(verdicts)
+        }
+    }
+
+    #[tokio::test]
+    async fn an_entry_left_without_a_verdict_is_decided_alone_not_acked() {
+        let d = OneVerdictShort(MemoryDecider::new(0, None));
+        let bodies = [gpt4("u", "a"), gpt4("u", "b")];
+        let refs: Vec<&[u8]> = bodies.iter().map(Vec::as_slice).collect();
+        let out = process_batch(&d, &refs, &CancellationToken::new())
+            .await
+            .unwrap();
+        assert_eq!(out.len(), 2);
+        assert!(out.iter().all(|(a, _)| *a == Action::Ack));
+        // The batch once, then each entry alone (found decided: charged once each).
+        assert_eq!(d.0.calls.load(Ordering::SeqCst), 3);
+        assert_eq!(d.0.balance("u"), 980);
     }
 
     /// Fails every batch as a pool does whose server certificate expired.

@@ -202,6 +202,7 @@ async fn move_batch(
         routing_key: queue,
         body: &d.data,
         properties: producer::publishable_by(&replay_properties(&d.properties), me),
+        mandatory: true,
     });
     session.publisher.publish_all(messages).await?;
     for d in batch {

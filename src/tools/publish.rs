@@ -27,6 +27,7 @@ pub async fn publish_entries(settings: &Settings, bodies: &[Vec<u8>]) -> anyhow:
             routing_key: &names.input_queue,
             body,
             properties: props.clone(),
+            mandatory: true,
         });
         confirmed += publisher.publish_all(messages).await?;
     }
@@ -53,5 +54,6 @@ pub(crate) fn to_queue<'a>(
         routing_key: queue,
         body,
         properties: amqp::persistent_json(),
+        mandatory: true,
     })
 }

@@ -268,6 +268,54 @@ async fn a_dead_letter_does_not_expire_with_its_message_ttl() {
     env.cleanup().await;
 }
 
+/// A dead letter no queue takes (the dead queue deleted while the worker runs) is returned by
+/// the broker, not confirmed as delivered: the message stays unacked, and the next session,
+/// which declares the dead queue again, dead-letters it.
+#[tokio::test]
+async fn a_dead_letter_whose_queue_is_gone_is_not_lost() {
+    let env = TestEnv::with(no_refill).await;
+    seed(&env, ["d"], 100).await;
+    let worker = Worker::start(env.settings.clone()).await.unwrap();
+    env.publish(&[body(&platform_gpt4("d", "dq-0"))]).await;
+    env.wait_decisions(1, T).await;
+    let (_conn, ch) = env.amqp_channel().await;
+    ch.queue_delete(
+        env.names.dead_queue.as_str().into(),
+        lapin::options::QueueDeleteOptions::default(),
+    )
+    .await
+    .expect("delete the dead queue");
+    ch.basic_publish(
+        "".into(),
+        env.names.input_queue.as_str().into(),
+        lapin::options::BasicPublishOptions::default(),
+        b"not json",
+        credit_worker::amqp::persistent_json(),
+    )
+    .await
+    .expect("publish");
+    // Polled without declaring it (a get from a missing queue closes the channel).
+    let deadline = std::time::Instant::now() + T;
+    let dead = loop {
+        let (_c, poll) = env.amqp_channel().await;
+        let options = lapin::options::BasicGetOptions { no_ack: true };
+        let got = poll
+            .basic_get(env.names.dead_queue.as_str().into(), options)
+            .await;
+        if let Ok(Some(m)) = got {
+            break m.delivery.data;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no dead letter in {T:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(dead, b"not json");
+    worker.stop().await.unwrap();
+    env.cleanup().await;
+}
+
 /// A decider that fails (here: its dead letter has nowhere to go) ends the session at once,
 /// idle queue or not: the new session declares the topology again and the held messages are
 /// redelivered, so the invalid one reaches the dead queue without any further traffic.

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use credit_worker::ledger::TxType;
 use credit_worker::service::Worker;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -351,4 +352,140 @@ async fn two_replicas_share_the_queue_without_duplicate_decisions() {
 async fn charged_by(port: u16) -> f64 {
     let (_, body) = http_get(port, "/metrics").await.unwrap_or_default();
     metric_value(&body, "credit_messages_total", &[("outcome", "charged")])
+}
+
+/// A TCP proxy in front of the broker that, once stalled, swallows what the outbox relay's
+/// connection sends and answers nothing: a broker that stopped answering it (or blocks its
+/// publishes for a resource alarm). Other connections pass.
+struct StallingProxy {
+    port: u16,
+    stalled: Arc<AtomicBool>,
+    /// Bytes of the relay's connection swallowed while stalled.
+    swallowed: Arc<AtomicU64>,
+}
+
+impl StallingProxy {
+    async fn start(upstream: String) -> StallingProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stalled = Arc::new(AtomicBool::new(false));
+        let swallowed = Arc::new(AtomicU64::new(0));
+        let (st, sw) = (stalled.clone(), swallowed.clone());
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let Ok(outbound) = TcpStream::connect(&upstream).await else {
+                    return;
+                };
+                let relay = Arc::new(AtomicBool::new(false));
+                let (in_r, in_w) = inbound.into_split();
+                let (out_r, out_w) = outbound.into_split();
+                let up = Pump::new(&st, &sw, &relay, true);
+                let down = Pump::new(&st, &sw, &relay, false);
+                tokio::spawn(up.run(in_r, out_w));
+                tokio::spawn(down.run(out_r, in_w));
+            }
+        });
+        StallingProxy {
+            port,
+            stalled,
+            swallowed,
+        }
+    }
+}
+
+/// One direction of a proxied connection.
+struct Pump {
+    stalled: Arc<AtomicBool>,
+    swallowed: Arc<AtomicU64>,
+    relay: Arc<AtomicBool>,
+    from_client: bool,
+}
+
+impl Pump {
+    fn new(
+        stalled: &Arc<AtomicBool>,
+        swallowed: &Arc<AtomicU64>,
+        relay: &Arc<AtomicBool>,
+        from_client: bool,
+    ) -> Pump {
+        Pump {
+            stalled: stalled.clone(),
+            swallowed: swallowed.clone(),
+            relay: relay.clone(),
+            from_client,
+        }
+    }
+
+    async fn run(
+        self,
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+    ) {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            // The connection's name, in the client's handshake.
+            let name = b"credit-worker outbox";
+            if self.from_client && buf[..n].windows(name.len()).any(|w| w == name) {
+                self.relay.store(true, Ordering::SeqCst);
+            }
+            if self.relay.load(Ordering::SeqCst) && self.stalled.load(Ordering::SeqCst) {
+                if self.from_client {
+                    self.swallowed.fetch_add(n as u64, Ordering::SeqCst);
+                }
+                continue;
+            }
+            if to.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_broker_that_stops_answering_the_relay_holds_shutdown_only_for_the_drain_timeout() {
+    let env = TestEnv::with(|s| s.refill.enabled = false).await;
+    let proxy = StallingProxy::start(broker_host_port(&env.settings.amqp.url)).await;
+    let mut settings = env.settings.clone();
+    settings.amqp.url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
+    let worker = Worker::start(settings).await.unwrap();
+    let mut tap = env.event_tap().await;
+    let ledger = env.ledger();
+    let top_up = |key: &'static str| {
+        let ledger = ledger.clone();
+        async move {
+            ledger
+                .credit(
+                    TxType::TopUp,
+                    "alice",
+                    5,
+                    Some(key),
+                    None,
+                    chrono::Utc::now(),
+                )
+                .await
+                .unwrap()
+        }
+    };
+    top_up("before").await;
+    assert_eq!(tap.take(1, T).await.len(), 1, "the relay publishes");
+    proxy.stalled.store(true, Ordering::SeqCst);
+    top_up("stalled").await;
+    let swallowed = || async { proxy.swallowed.load(Ordering::SeqCst) > 0 };
+    wait_for(T, "the relay's publish into the stall", swallowed).await;
+    // Its confirm never comes (the publish would wait 30 s for it); the drain gives 10 s.
+    let started = std::time::Instant::now();
+    worker.stop().await.unwrap();
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(20), "stop took {took:?}");
+    // The event stayed behind the watermark: the next worker publishes it.
+    let worker = Worker::start(env.settings.clone()).await.unwrap();
+    let events = tap.take(1, T).await;
+    assert_eq!(events[0].1, "balance.changed:alice:stalled");
+    worker.stop().await.unwrap();
+    env.cleanup().await;
 }

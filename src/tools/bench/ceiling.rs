@@ -279,6 +279,7 @@ pub(crate) async fn relay(
                 routing_key: ev.routing_key,
                 body: ev.payload.as_bytes(),
                 properties: amqp::event_properties(&ev.event_id, now),
+                mandatory: false,
             })
             .collect();
         publisher.publish_all(messages).await?;
