@@ -41,7 +41,8 @@ struct Users {
 const PASSWORD: &str = "access-test-password";
 
 impl Users {
-    /// Applies the recipe with `namespace` (regex-escaped). None when `rabbitmqctl` is missing.
+    /// Applies the recipe with `namespace` (regex-escaped). None when bash cannot be run; a
+    /// recipe that fails (no `rabbitmqctl` on this host, say) fails the test.
     fn apply(namespace: &str) -> Option<Users> {
         let tag = unique("cw").replace('_', "-");
         let users = Users {
