@@ -160,10 +160,9 @@ async fn decide_priced(
         turn.committed();
         return Ok(batch.verdicts());
     }
-    let mut tx = pool.begin().await?;
     // Lock first, then look for earlier decisions: once we hold the users' rows, any decision
     // for these users committed by another worker is visible to the next statement.
-    let mut accounts = store::lock_accounts(&mut tx, &users).await?;
+    let (mut tx, mut accounts) = store::begin_locked(pool, &users).await?;
     turn.locked(&users);
     if look == Look::Earlier {
         let ids = batch.pending_ids();

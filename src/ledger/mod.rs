@@ -322,9 +322,8 @@ impl Ledger {
         op: impl FnOnce(&mut Account, &mut Changes, bool) -> Result<T, LedgerError>,
     ) -> Result<T, LedgerError> {
         check_user_id(user_id)?;
-        let mut tx = self.pool.begin().await?;
         let users = [user_id.to_owned()];
-        let mut accounts = store::lock_accounts(&mut tx, &users).await?;
+        let (mut tx, mut accounts) = store::begin_locked(&self.pool, &users).await?;
         let account = accounts.get_mut(user_id).ok_or(sqlx::Error::RowNotFound)?;
         let mut changes = Changes::default();
         if let Some((policy, month)) = self.policy.lazy(at) {

@@ -22,7 +22,7 @@ const LOCK_ACCOUNTS: &str = "SELECT user_id, balance, last_seq, refill_month, fe
        FROM credit.balances WHERE user_id = ANY($1::text[])
       ORDER BY user_id FOR UPDATE";
 
-/// Creates the balance rows of first-time users (sorted), then they are locked like the rest.
+/// Creates the balance rows of first-time users, in a statement of its own ([`begin_locked`]).
 const CREATE_ACCOUNTS: &str = "INSERT INTO credit.balances (user_id)
      SELECT u FROM unnest($1::text[]) AS u
      ON CONFLICT (user_id) DO NOTHING";
@@ -200,24 +200,40 @@ SELECT evaluated, refilled, granted,
 /// Key of the advisory lock that lets one replica sweep at a time.
 const SWEEP_LOCK: i64 = 0x6372_6564_6974; // "credit"
 
-/// Locks (creating where missing) the accounts of `users`, which must be sorted and unique.
-pub(crate) async fn lock_accounts(
-    conn: &mut PgConnection,
+/// Begins a transaction holding the balance rows of `users` (sorted and unique), creating
+/// the missing ones. Every writer locks in user_id order, so writers cannot deadlock: a
+/// first-time user's row may sort before rows the first look locked, so those are let go
+/// (the transaction rolled back), the missing rows created on their own, holding nothing,
+/// and all locked again in order. Accounts are never removed, so the second look finds them.
+pub(crate) async fn begin_locked(
+    pool: &PgPool,
     users: &[String],
-) -> Result<HashMap<String, Account>, sqlx::Error> {
+) -> Result<
+    (
+        sqlx::Transaction<'static, sqlx::Postgres>,
+        HashMap<String, Account>,
+    ),
+    sqlx::Error,
+> {
     debug_assert!(users.windows(2).all(|w| w[0] < w[1]));
-    let mut accounts = select_locked(conn, users).await?;
-    if accounts.len() < users.len() {
-        // Usually every user exists; only first-time users cost the extra round trips.
-        let missing: Vec<String> = users
-            .iter()
-            .filter(|u| !accounts.contains_key(u.as_str()))
-            .cloned()
-            .collect();
-        create_accounts(conn, &missing).await?;
-        accounts.extend(select_locked(conn, &missing).await?);
+    let mut tx = pool.begin().await?;
+    let accounts = select_locked(&mut tx, users).await?;
+    if accounts.len() == users.len() {
+        return Ok((tx, accounts));
     }
-    Ok(accounts)
+    // Usually every user exists; only first-time users cost the extra round trips.
+    tx.rollback().await?;
+    let missing: Vec<&String> = users
+        .iter()
+        .filter(|u| !accounts.contains_key(u.as_str()))
+        .collect();
+    sqlx::query(CREATE_ACCOUNTS)
+        .bind(missing)
+        .execute(pool)
+        .await?;
+    let mut tx = pool.begin().await?;
+    let accounts = select_locked(&mut tx, users).await?;
+    Ok((tx, accounts))
 }
 
 async fn select_locked(
@@ -233,14 +249,6 @@ async fn select_locked(
         .fetch_all(&mut *conn)
         .await?;
     Ok(rows.into_iter().map(|a| (a.user_id.clone(), a)).collect())
-}
-
-async fn create_accounts(conn: &mut PgConnection, users: &[String]) -> Result<(), sqlx::Error> {
-    sqlx::query(CREATE_ACCOUNTS)
-        .bind(users)
-        .execute(&mut *conn)
-        .await
-        .map(|_| ())
 }
 
 /// Earlier settlements of any of `node_exec_ids`.

@@ -130,8 +130,7 @@ async fn sweep_one(
     report: &mut SweepReport,
 ) -> Result<(), LedgerError> {
     check_user_id(user)?;
-    let mut tx = pool.begin().await?;
-    let mut accounts = store::lock_accounts(&mut tx, &[user.to_owned()]).await?;
+    let (mut tx, mut accounts) = store::begin_locked(pool, &[user.to_owned()]).await?;
     let now = Utc::now();
     let mut changes = Changes::default();
     for a in accounts.values_mut() {

@@ -1496,3 +1496,58 @@ async fn a_range_that_cannot_be_refilled_holds_up_no_other() {
     assert_eq!(env.scalar_i64(r02).await, 0);
     env.cleanup().await;
 }
+
+/// Every writer locks balance rows in user_id order, first-time users included: a batch for
+/// {c, m} whose `c` is new lets go of `m` before it waits for `c`, so a transaction that
+/// creates `c` and then locks `m` (another replica's batch, a sweep) meets no deadlock.
+#[tokio::test]
+async fn a_first_time_user_is_locked_in_order_with_the_rest() {
+    let env = TestEnv::with(|s| s.refill.enabled = false).await;
+    seed(&env, ["m"], 100).await;
+    let pricing = env.settings.pricing(CostTable::builtin().unwrap());
+    let entries: Vec<_> = [("c", "first-c"), ("m", "first-m")]
+        .iter()
+        .map(|(u, id)| message::decode(&body(&platform_gpt4(u, id))).unwrap())
+        .collect();
+    // Another transaction creates `c` first, and commits only after it locked `m`.
+    let mut other = env.pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO credit.balances (user_id) VALUES ('c')")
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    let other_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *other)
+        .await
+        .unwrap();
+    let batch = {
+        let (pool, pricing) = (env.pool.clone(), pricing.clone());
+        tokio::spawn(
+            async move { decide::decide_batch(&pool, &pricing, &entries, Utc::now()).await },
+        )
+    };
+    // The batch waits for `c`'s row.
+    let waiting = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+            AND wait_event_type = 'Lock' AND pid <> {other_pid}"
+    );
+    wait_for(
+        Duration::from_secs(30),
+        "the batch waiting for c",
+        || async { env.scalar_i64(&waiting).await == 1 },
+    )
+    .await;
+    sqlx::query("SELECT 1 FROM credit.balances WHERE user_id = 'm' FOR UPDATE")
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    other.commit().await.unwrap();
+    let verdicts = batch.await.unwrap().expect("no deadlock");
+    assert_eq!(verdicts.len(), 2);
+    // m pays 10; c, created with nothing and no refill, is refused.
+    let balance = |u: &'static str| {
+        let ledger = env.ledger();
+        async move { ledger.balance(u, Utc::now()).await.unwrap() }
+    };
+    assert_eq!((balance("c").await, balance("m").await), (0, 90));
+    env.cleanup().await;
+}
