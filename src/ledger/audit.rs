@@ -1,7 +1,8 @@
 //! Reconciliation: for every user Σ amount = balance = the last row's running balance, seq is
 //! gap-free and each row's running balance follows from the previous one; every charged
-//! decision has its USAGE row, every settlement that moved credits its SETTLE row, and each of
-//! those rows (by its key's form) a decision or settlement naming it; every
+//! decision has its USAGE row, every settlement that moved credits its SETTLE row and stands
+//! on its execution's decision, and each of those rows (by its key's form) a decision or
+//! settlement naming it; every
 //! ledger row has its balance.changed event in the outbox (from the retention horizon on, before
 //! which published events may have been deleted). Events after the relays' watermark are
 //! counted as unpublished.
@@ -75,6 +76,15 @@ SELECT s.user_id, s.node_exec_id FROM credit.settlements s
           SELECT 1 FROM credit.transactions t
            WHERE t.user_id = s.user_id AND t.transaction_key = s.transaction_key
              AND t.type = 'USAGE' AND t.amount = -(s.delta - s.uncollected))
+ LIMIT 1000";
+
+/// A settlement stands on its execution's decision: the same user and block, and `pre` what
+/// the decision charged (its cost when charged, else 0).
+const SETTLEMENT_WITHOUT_DECISION: &str = "
+SELECT s.user_id, s.node_exec_id FROM credit.settlements s
+  LEFT JOIN credit.decisions d ON d.node_exec_id = s.node_exec_id
+ WHERE d.node_exec_id IS NULL OR d.user_id <> s.user_id OR d.block_id <> s.block_id
+    OR s.pre <> CASE WHEN d.outcome = 'charged' THEN d.cost ELSE 0 END
  LIMIT 1000";
 
 /// The other way round: a worker's row (by its key's form) with no decision or settlement
@@ -222,6 +232,13 @@ pub async fn run(pool: &PgPool) -> Result<AuditReport, sqlx::Error> {
     mismatches.extend(
         orphans(pool, SETTLED_WITHOUT_ROW, |r| {
             format!("settlement {} has no matching SETTLE row", r.node_exec_id)
+        })
+        .await?,
+    );
+    mismatches.extend(
+        orphans(pool, SETTLEMENT_WITHOUT_DECISION, |r| {
+            let id = &r.node_exec_id;
+            format!("settlement {id} does not match its decision (none, or another user, block or charge)")
         })
         .await?,
     );

@@ -765,7 +765,7 @@ async fn ledger_rows_decisions_and_settlements_cannot_be_changed() {
 
 /// The audit names each kind of damage: a balance off its ledger, a broken running-balance
 /// chain, a ledger row without its balance row, a charge without its row, a debit without its
-/// decision, a row without its event. (The schema refuses most of these, so the test switches its guards off first.)
+/// decision, a settlement without its decision or off it, a row without its event. (The schema refuses most of these, so the test switches its guards off first.)
 #[tokio::test]
 async fn audit_reports_every_kind_of_mismatch() {
     let env = TestEnv::with(no_refill).await;
@@ -782,6 +782,10 @@ async fn audit_reports_every_kind_of_mismatch() {
         "INSERT INTO credit.decisions (node_exec_id, user_id, block_id, graph_exec_id, outcome, cost, transaction_key)
               VALUES ('n-2', 'a', 'x', 'g', 'charged', 10, 'USAGE-n-2')",
         "DELETE FROM credit.outbox WHERE event_id = 'balance.changed:b:SEED'",
+        // n-2 charged 10, so its settlement's pre must be 10; n-3 was never decided.
+        "INSERT INTO credit.settlements (node_exec_id, user_id, block_id, status, pre, post, delta)
+              VALUES ('n-2', 'a', 'x', 'COMPLETED', 0, 0, 0),
+                     ('n-3', 'b', 'x', 'COMPLETED', 0, 0, 0)",
         "ALTER TABLE credit.decisions DISABLE TRIGGER decisions_append_only",
         "DELETE FROM credit.decisions WHERE node_exec_id = 'n-1'",
     ] {
@@ -810,10 +814,18 @@ async fn audit_reports_every_kind_of_mismatch() {
             expect("a", "seq 2 has no decision or settlement naming it"),
             expect("a", "seq 2: running balance 91 but previous + amount = 90"),
             expect(
+                "a",
+                "settlement n-2 does not match its decision (none, or another user, block or charge)"
+            ),
+            expect(
                 "b",
                 "balance 105 / last_seq 1 vs ledger sum 100 over 1 rows (max seq 1, last running balance 100)"
             ),
             expect("b", "seq 1 has no balance.changed event"),
+            expect(
+                "b",
+                "settlement n-3 does not match its decision (none, or another user, block or charge)"
+            ),
             expect("ghost", "seq 1 has no balance row"),
             expect("ghost", "seq 1 has no balance.changed event"),
         ]
