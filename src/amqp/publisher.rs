@@ -20,11 +20,12 @@ pub enum PublishError {
     /// The broker refused the message at this index of the batch.
     #[error("broker: message {index} of the batch was refused (nack)")]
     Nacked { index: usize },
-    /// A mandatory message no queue took (its queue deleted or unbound): not delivered.
-    #[error("broker: message {index} of the batch was returned: no queue took it")]
-    Returned { index: usize },
+    /// A mandatory message no queue took (its queue deleted or unbound): not delivered. (The
+    /// broker's return does not say which of a batch's messages it was.)
+    #[error("broker: a message of the batch was returned: no queue took it")]
+    Returned,
     /// Not written (a broker blocking publishers holds them), or not confirmed, in time.
-    #[error("broker: not sent and confirmed within {CONFIRM_TIMEOUT:?}")]
+    #[error("broker: not sent, or not confirmed, within {CONFIRM_TIMEOUT:?}")]
     Timeout,
     /// AMQP names are at most 255 bytes.
     #[error("{field}: longer than 255 bytes ({len} bytes)")]
@@ -135,7 +136,7 @@ pub async fn confirmed(pending: Vec<PublisherConfirm>) -> Result<usize, PublishE
             Err(_) => return Err(PublishError::Timeout),
             Ok(Err(e)) => return Err(e.into()),
             Ok(Ok(Confirmation::Nack(_))) => return Err(PublishError::Nacked { index }),
-            Ok(Ok(Confirmation::Ack(Some(_)))) => return Err(PublishError::Returned { index }),
+            Ok(Ok(Confirmation::Ack(Some(_)))) => return Err(PublishError::Returned),
             Ok(Ok(_)) => {}
         }
     }

@@ -86,8 +86,25 @@ impl From<LedgerError> for ControlError {
 impl From<sqlx::Error> for ControlError {
     fn from(e: sqlx::Error) -> Self {
         ControlError::Internal {
-            transient: crate::db::is_transient(&e),
+            // As for decisions: a fault of the database's set-up waits for its fix.
+            transient: LedgerError::may_clear_db(&e),
             message: format!("database: {e}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_command_meeting_a_fault_of_the_databases_set_up_waits_for_the_fix() {
+        let expired = sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "invalid peer certificate: Expired",
+        ));
+        assert!(ControlError::from(expired).is_transient());
+        assert!(ControlError::from(sqlx::Error::PoolTimedOut).is_transient());
+        assert!(!ControlError::from(sqlx::Error::RowNotFound).is_transient());
     }
 }

@@ -201,8 +201,10 @@ SELECT evaluated, refilled, granted,
 const SWEEP_LOCK: i64 = 0x6372_6564_6974; // "credit"
 
 /// Begins a transaction holding the balance rows of `users` (sorted and unique), creating
-/// the missing ones. Every writer locks in user_id order, so writers cannot deadlock: a
-/// first-time user's row may sort before rows the first look locked, so those are let go
+/// the missing ones. Every writer locks in user_id order, so writers cannot deadlock. Missing
+/// rows that all sort after the rows the first look locked (a single user's, say) are
+/// created and locked in the transaction, so a failed operation leaves no account behind.
+/// One that sorts before a locked row would be locked out of order: then those are let go
 /// (the transaction rolled back), the missing rows created on their own, holding nothing,
 /// and all locked again in order. Accounts are never removed, so the second look finds them.
 pub(crate) async fn begin_locked(
@@ -222,13 +224,24 @@ pub(crate) async fn begin_locked(
         return Ok((tx, accounts));
     }
     // Usually every user exists; only first-time users cost the extra round trips.
-    tx.rollback().await?;
-    let missing: Vec<&String> = users
+    let missing: Vec<String> = users
         .iter()
         .filter(|u| !accounts.contains_key(u.as_str()))
+        .cloned()
         .collect();
+    let last_locked = accounts.keys().max();
+    if last_locked.is_none_or(|last| missing.iter().all(|m| m > last)) {
+        let mut accounts = accounts;
+        sqlx::query(CREATE_ACCOUNTS)
+            .bind(&missing)
+            .execute(&mut *tx)
+            .await?;
+        accounts.extend(select_locked(&mut tx, &missing).await?);
+        return Ok((tx, accounts));
+    }
+    tx.rollback().await?;
     sqlx::query(CREATE_ACCOUNTS)
-        .bind(missing)
+        .bind(&missing)
         .execute(pool)
         .await?;
     let mut tx = pool.begin().await?;

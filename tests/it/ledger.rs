@@ -1509,6 +1509,25 @@ async fn a_range_that_cannot_be_refilled_holds_up_no_other() {
     env.cleanup().await;
 }
 
+/// A failed operation for a first-time user leaves no account behind (the sweep would grant
+/// it every month).
+#[tokio::test]
+async fn a_failed_first_operation_leaves_no_account() {
+    let env = TestEnv::with(|s| s.refill.enabled = false).await;
+    let e = env
+        .ledger()
+        .spend("nobody", 5, "BUY-1", json!({}), Utc::now())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, LedgerError::InsufficientBalance { .. }),
+        "{e:?}"
+    );
+    let accounts = "SELECT count(*) FROM credit.balances WHERE user_id = 'nobody'";
+    assert_eq!(env.scalar_i64(accounts).await, 0);
+    env.cleanup().await;
+}
+
 /// Every writer locks balance rows in user_id order, first-time users included: a batch for
 /// {c, m} whose `c` is new lets go of `m` before it waits for `c`, so a transaction that
 /// creates `c` and then locks `m` (another replica's batch, a sweep) meets no deadlock.
