@@ -84,6 +84,14 @@ impl<'a> Batch<'a> {
         set.into_iter().collect()
     }
 
+    /// The pending node executions, sorted and unique (what a batch in flight tells the
+    /// batches after it).
+    pub fn sorted_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.pending_ids().into_iter().map(str::to_owned).collect();
+        ids.sort_unstable();
+        ids
+    }
+
     /// Whether any pending entry is a completion (only those need earlier settlements).
     pub fn has_completions(&self) -> bool {
         self.pending().any(|e| e.phase == Phase::Completed)

@@ -163,7 +163,16 @@ async fn decide_priced(
     // Lock first, then look for earlier decisions: once we hold the users' rows, any decision
     // for these users committed by another worker is visible to the next statement.
     let (mut tx, mut accounts) = store::begin_locked(pool, &users).await?;
-    turn.locked(&users);
+    let ids = if turn.pipelined() {
+        batch.sorted_ids()
+    } else {
+        Vec::new()
+    };
+    turn.locked(&users, &ids);
+    if !turn.may_write(&ids) {
+        tx.rollback().await?;
+        return Err(DecideError::Reordered);
+    }
     if look == Look::Earlier {
         let ids = batch.pending_ids();
         let decided = store::earlier_decisions(&mut tx, &ids).await?;

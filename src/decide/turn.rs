@@ -12,6 +12,11 @@
 //!
 //! A batch never waits for a later one, and waits for an earlier one only where that one
 //! holds or held locks it needs, so the waits cannot form a cycle.
+//!
+//! Two batches may also name the same node execution for different users (a producer's
+//! conflicting duplicate): the decision's key orders them, not a row lock. A later batch
+//! that names one an earlier batch has not committed rolls back before writing, and is
+//! decided again after it, so the earlier message's decision stands.
 
 use std::sync::Arc;
 
@@ -22,6 +27,8 @@ use tokio::sync::watch;
 struct Stage {
     /// The users whose accounts it holds (sorted), once it holds them all.
     users: Option<Arc<[String]>>,
+    /// The node executions it decides or settles (sorted), from then on.
+    ids: Option<Arc<[String]>>,
     /// How it ended: true committed, false failed (nothing it wrote stays).
     end: Option<bool>,
 }
@@ -82,9 +89,22 @@ impl Turn {
         }
     }
 
-    /// This batch now holds the accounts of `users` (sorted).
-    pub(crate) fn locked(&self, users: &[String]) {
-        self.me.send_modify(|s| s.users = Some(users.into()));
+    /// This batch now holds the accounts of `users` (sorted) and decides `ids` (sorted).
+    pub(crate) fn locked(&self, users: &[String], ids: &[String]) {
+        self.me.send_modify(|s| {
+            s.users = Some(users.into());
+            s.ids = Some(ids.into());
+        });
+    }
+
+    /// Whether this batch may write decisions of `ids` (sorted): no earlier batch that has not
+    /// committed names one of them (one that ended before saying which counts as naming
+    /// them). Called once it holds its locks, when every earlier batch has said or ended.
+    pub(crate) fn may_write(&self, ids: &[String]) -> bool {
+        self.earlier.iter().all(|rx| {
+            let s = rx.borrow();
+            s.end == Some(true) || s.ids.as_deref().is_some_and(|e| disjoint(e, ids))
+        })
     }
 
     /// Whether this batch, holding the accounts of `users` (sorted), may commit: every
@@ -179,7 +199,7 @@ mod tests {
         let (second, _) = Turn::after([&f1]);
         assert!(second.pipelined());
         assert!(pending(second.wait_to_lock()).await);
-        first.locked(&users(&["a"]));
+        first.locked(&users(&["a"]), &[]);
         second.wait_to_lock().await;
     }
 
@@ -187,7 +207,7 @@ mod tests {
     async fn a_batch_sharing_no_user_commits_before_the_first() {
         let (first, f1) = Turn::after([]);
         let (second, _) = Turn::after([&f1]);
-        first.locked(&users(&["a", "c"]));
+        first.locked(&users(&["a", "c"]), &[]);
         assert!(second.may_commit(&users(&["b"])).await);
         drop(first);
     }
@@ -196,7 +216,7 @@ mod tests {
     async fn a_batch_sharing_a_user_commits_only_after_the_first_committed() {
         let (first, f1) = Turn::after([]);
         let (second, _) = Turn::after([&f1]);
-        first.locked(&users(&["a", "b"]));
+        first.locked(&users(&["a", "b"]), &[]);
         let mine = users(&["b"]);
         let gate = second.may_commit(&mine);
         tokio::pin!(gate);
@@ -209,7 +229,7 @@ mod tests {
     async fn a_batch_sharing_a_user_with_a_failed_one_may_not_commit() {
         let (first, f1) = Turn::after([]);
         let (second, _) = Turn::after([&f1]);
-        first.locked(&users(&["a", "b"]));
+        first.locked(&users(&["a", "b"]), &[]);
         drop(first);
         second.wait_to_lock().await;
         assert!(!second.may_commit(&users(&["b"])).await);
@@ -227,12 +247,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_node_execution_an_earlier_batch_has_not_committed_is_not_written() {
+        let (first, f1) = Turn::after([]);
+        let (second, _) = Turn::after([&f1]);
+        first.locked(&users(&["u"]), &users(&["x", "y"]));
+        second.wait_to_lock().await;
+        // Another user's batch naming "x": not before the first commits.
+        assert!(!second.may_write(&users(&["x"])));
+        assert!(second.may_write(&users(&["z"])));
+        first.committed();
+        assert!(second.may_write(&users(&["x"])));
+        // A failed earlier batch will be decided again after this one: it goes first.
+        let (third, f3) = Turn::after([]);
+        let (fourth, _) = Turn::after([&f3]);
+        third.locked(&users(&["u"]), &users(&["x"]));
+        drop(third);
+        assert!(!fourth.may_write(&users(&["x"])));
+        assert!(Turn::alone().may_write(&users(&["x"])));
+    }
+
+    #[tokio::test]
     async fn every_earlier_batch_in_flight_counts() {
         let (first, f1) = Turn::after([]);
         let (second, f2) = Turn::after([&f1]);
         let (third, _) = Turn::after([&f1, &f2]);
-        first.locked(&users(&["a"]));
-        second.locked(&users(&["b"]));
+        first.locked(&users(&["a"]), &[]);
+        second.locked(&users(&["b"]), &[]);
         third.wait_to_lock().await;
         // Shares "a" with the first, which fails: the third must not commit.
         drop(first);
