@@ -352,10 +352,14 @@ async fn sweep(
         target: settings.refill.target,
     };
     let progress = |r: &crate::refill::SweepReport| {
+        // Best effort: a closed stderr must not stop the sweep half-way.
         if !json {
-            eprintln!(
+            let _ = writeln!(
+                std::io::stderr(),
                 "  … {} users evaluated, {} refilled, {} credits",
-                r.users_evaluated, r.users_refilled, r.credits_granted
+                r.users_evaluated,
+                r.users_refilled,
+                r.credits_granted
             );
         }
     };
