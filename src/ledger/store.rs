@@ -200,13 +200,14 @@ SELECT evaluated, refilled, granted,
 /// Key of the advisory lock that lets one replica sweep at a time.
 const SWEEP_LOCK: i64 = 0x6372_6564_6974; // "credit"
 
-/// Begins a transaction holding the balance rows of `users` (sorted and unique), creating
-/// the missing ones. Every writer locks in user_id order, so writers cannot deadlock. Missing
-/// rows that all sort after the rows the first look locked (a single user's, say) are
-/// created and locked in the transaction, so a failed operation leaves no account behind.
-/// One that sorts before a locked row would be locked out of order: then those are let go
-/// (the transaction rolled back), the missing rows created on their own, holding nothing,
-/// and all locked again in order. Accounts are never removed, so the second look finds them.
+/// Begins a transaction holding the balance rows of `users` (sorted, unique), creating the
+/// missing ones. Every writer locks in user_id order (the database's, `ORDER BY user_id`),
+/// so writers cannot deadlock. When the first look locked nothing (a single user's
+/// operation, say), the missing rows are created and locked in the transaction, so a failed
+/// operation leaves no account behind. Otherwise a missing row may sort before a locked one
+/// and be locked out of order: the locks are let go (the transaction rolled back), the
+/// missing rows created on their own, holding nothing, and all locked again in order.
+/// Accounts are never removed, so the second look finds them.
 pub(crate) async fn begin_locked(
     pool: &PgPool,
     users: &[String],
@@ -229,8 +230,7 @@ pub(crate) async fn begin_locked(
         .filter(|u| !accounts.contains_key(u.as_str()))
         .cloned()
         .collect();
-    let last_locked = accounts.keys().max();
-    if last_locked.is_none_or(|last| missing.iter().all(|m| m > last)) {
+    if accounts.is_empty() {
         let mut accounts = accounts;
         sqlx::query(CREATE_ACCOUNTS)
             .bind(&missing)
