@@ -169,7 +169,7 @@ async fn decide_priced(
         Vec::new()
     };
     turn.locked(&users, &ids);
-    if !turn.may_write(&ids) {
+    if !turn.may_write(&users, &ids) {
         tx.rollback().await?;
         return Err(DecideError::Reordered);
     }

@@ -97,13 +97,18 @@ impl Turn {
         });
     }
 
-    /// Whether this batch may write decisions of `ids` (sorted): no earlier batch that has not
-    /// committed names one of them (one that ended before saying which counts as naming
-    /// them). Called once it holds its locks, when every earlier batch has said or ended.
-    pub(crate) fn may_write(&self, ids: &[String]) -> bool {
+    /// Whether this batch, holding the accounts of `users` (sorted), may write decisions of
+    /// `ids` (sorted): no earlier batch that has not committed names one of them (one that
+    /// ended before saying which counts as naming them). An earlier batch sharing a user has
+    /// ended its transaction already (this one holds the shared row): its decisions are
+    /// seen, or it failed and [`Turn::may_commit`] says so. Called once this batch holds its
+    /// locks, when every earlier batch has said or ended.
+    pub(crate) fn may_write(&self, users: &[String], ids: &[String]) -> bool {
         self.earlier.iter().all(|rx| {
             let s = rx.borrow();
-            s.end == Some(true) || s.ids.as_deref().is_some_and(|e| disjoint(e, ids))
+            s.end == Some(true)
+                || s.users.as_deref().is_some_and(|u| !disjoint(u, users))
+                || s.ids.as_deref().is_some_and(|e| disjoint(e, ids))
         })
     }
 
@@ -252,18 +257,22 @@ mod tests {
         let (second, _) = Turn::after([&f1]);
         first.locked(&users(&["u"]), &users(&["x", "y"]));
         second.wait_to_lock().await;
+        let (v, x) = (users(&["v"]), users(&["x"]));
         // Another user's batch naming "x": not before the first commits.
-        assert!(!second.may_write(&users(&["x"])));
-        assert!(second.may_write(&users(&["z"])));
+        assert!(!second.may_write(&v, &x));
+        assert!(second.may_write(&v, &users(&["z"])));
+        // Holding "u", the second holds a row the first's ended transaction let go: its
+        // decision of "x" is seen (a completion after its start, a redelivery).
+        assert!(second.may_write(&users(&["u"]), &x));
         first.committed();
-        assert!(second.may_write(&users(&["x"])));
+        assert!(second.may_write(&v, &x));
         // A failed earlier batch will be decided again after this one: it goes first.
         let (third, f3) = Turn::after([]);
         let (fourth, _) = Turn::after([&f3]);
-        third.locked(&users(&["u"]), &users(&["x"]));
+        third.locked(&users(&["u"]), &x);
         drop(third);
-        assert!(!fourth.may_write(&users(&["x"])));
-        assert!(Turn::alone().may_write(&users(&["x"])));
+        assert!(!fourth.may_write(&v, &x));
+        assert!(Turn::alone().may_write(&v, &x));
     }
 
     #[tokio::test]
