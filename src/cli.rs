@@ -3,11 +3,10 @@
 //! 2 usage error.
 
 use std::io::Write;
-
-use anyhow::Context;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use chrono::Utc;
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
@@ -364,12 +363,9 @@ async fn sweep(
         }
     };
     let (user, chunk) = (user.as_deref(), settings.refill.chunk_size);
-    let report = if named {
-        crate::refill::sweep_named(&pool, policy, month, user, chunk, progress).await
-    } else {
-        crate::refill::sweep(&pool, policy, month, user, chunk, progress).await
-    }
-    .map_err(ledger_error)?;
+    let report = crate::refill::sweep_asked(&pool, policy, month, named, user, chunk, progress)
+        .await
+        .map_err(ledger_error)?;
     // The `refill` command's result object (SPEC §8); the rest goes to the log.
     let result = json!({
         "month": report.month,

@@ -65,6 +65,11 @@ pub(crate) fn bounded_id(routing_key: &str, id: String) -> String {
     format!("{routing_key}:%sha256:{digest:x}")
 }
 
+/// The id of an event: `{routing_key}:{rest}`, bounded by [`bounded_id`].
+fn event_id(routing_key: &str, rest: std::fmt::Arguments<'_>) -> String {
+    bounded_id(routing_key, format!("{routing_key}:{rest}"))
+}
+
 /// AMQP's bound on `message_id` (a short string).
 const MAX_EVENT_ID_BYTES: usize = 255;
 
@@ -80,12 +85,9 @@ pub fn balance_changed(
     exec: ExecutionRef<'_>,
     at: DateTime<Utc>,
 ) -> NewEvent {
-    let event_id = bounded_id(
+    let event_id = event_id(
         BALANCE_CHANGED,
-        format!(
-            "{BALANCE_CHANGED}:{}:{transaction_key}",
-            event_user(user_id)
-        ),
+        format_args!("{}:{transaction_key}", event_user(user_id)),
     );
     let payload = BalanceChanged {
         amount,
@@ -144,7 +146,7 @@ pub(crate) fn charge_rejected(
     balance: i64,
     at: DateTime<Utc>,
 ) -> NewEvent {
-    let event_id = bounded_id(CHARGE_REJECTED, format!("{CHARGE_REJECTED}:{node_exec_id}"));
+    let event_id = event_id(CHARGE_REJECTED, format_args!("{node_exec_id}"));
     NewEvent {
         payload: json!({
             "event_id": event_id,
@@ -170,7 +172,7 @@ pub(crate) fn balance_low(
     threshold: i64,
     at: DateTime<Utc>,
 ) -> NewEvent {
-    let event_id = bounded_id(BALANCE_LOW, format!("{BALANCE_LOW}:{user_id}:{seq}"));
+    let event_id = event_id(BALANCE_LOW, format_args!("{user_id}:{seq}"));
     NewEvent {
         payload: json!({
             "event_id": event_id,
@@ -196,10 +198,7 @@ pub(crate) fn charge_uncollected(
     balance: i64,
     at: DateTime<Utc>,
 ) -> NewEvent {
-    let event_id = bounded_id(
-        CHARGE_UNCOLLECTED,
-        format!("{CHARGE_UNCOLLECTED}:{node_exec_id}"),
-    );
+    let event_id = event_id(CHARGE_UNCOLLECTED, format_args!("{node_exec_id}"));
     NewEvent {
         payload: json!({
             "event_id": event_id,
@@ -227,7 +226,7 @@ pub(crate) fn top_up_requested(
     threshold: i64,
     at: DateTime<Utc>,
 ) -> NewEvent {
-    let event_id = bounded_id(TOP_UP_REQUESTED, format!("{TOP_UP_REQUESTED}:{request_id}"));
+    let event_id = event_id(TOP_UP_REQUESTED, format_args!("{request_id}"));
     NewEvent {
         payload: json!({
             "event_id": event_id,

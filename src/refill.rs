@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-pub use crate::ledger::{sweep, sweep_named, Month, MonthError, SweepReport};
+pub use crate::ledger::{sweep, sweep_asked, Month, MonthError, SweepReport};
 use crate::ledger::{sweep_exclusive, RefillPolicy};
 
 /// The cron schedule of the sweep, evaluated in UTC.

@@ -52,9 +52,7 @@ impl ControlError {
             transient: false,
         }
     }
-}
 
-impl ControlError {
     /// The code a command failing with `e` is answered with (as `From` below makes it).
     pub(crate) fn code_of(e: &LedgerError) -> &'static str {
         match e {

@@ -54,12 +54,8 @@ pub async fn run(ctx: &Context, req: &Request) -> Result<Value, ControlError> {
     };
     let pool = ctx.ledger.pool();
     let (user, chunk) = (req.user_id.as_deref(), refill.chunk_size);
-    // Only a month named in the command may back-fill; this replica's clock may lag.
-    let report = if req.named {
-        crate::refill::sweep_named(pool, policy, req.month, user, chunk, |_| {}).await
-    } else {
-        crate::refill::sweep(pool, policy, req.month, user, chunk, |_| {}).await
-    }?;
+    let report =
+        crate::refill::sweep_asked(pool, policy, req.month, req.named, user, chunk, |_| {}).await?;
     info!(month = %report.month, users_refilled = report.users_refilled, credits_granted = report.credits_granted, users_evaluated = report.users_evaluated, duration_ms = report.duration_ms, "refill sweep done (control)");
     to_result(&Reply {
         month: report.month,

@@ -79,16 +79,11 @@ impl<'a> Batch<'a> {
         users
     }
 
+    /// The pending node executions: sorted, unique.
     pub fn pending_ids(&self) -> Vec<&'a str> {
-        let set: HashSet<&str> = self.pending().map(|e| e.node_exec_id.as_str()).collect();
-        set.into_iter().collect()
-    }
-
-    /// The pending node executions, sorted and unique (what a batch in flight tells the
-    /// batches after it).
-    pub fn sorted_ids(&self) -> Vec<String> {
-        let mut ids: Vec<String> = self.pending_ids().into_iter().map(str::to_owned).collect();
+        let mut ids: Vec<&str> = self.pending().map(|e| e.node_exec_id.as_str()).collect();
         ids.sort_unstable();
+        ids.dedup();
         ids
     }
 

@@ -163,8 +163,9 @@ async fn decide_priced(
     // Lock first, then look for earlier decisions: once we hold the users' rows, any decision
     // for these users committed by another worker is visible to the next statement.
     let (mut tx, mut accounts) = store::begin_locked(pool, &users).await?;
-    let ids = if turn.pipelined() {
-        batch.sorted_ids()
+    // The batch's node executions: told to the batches after it, and looked up.
+    let ids = if turn.pipelined() || look == Look::Earlier {
+        batch.pending_ids()
     } else {
         Vec::new()
     };
@@ -174,7 +175,6 @@ async fn decide_priced(
         return Err(DecideError::Reordered);
     }
     if look == Look::Earlier {
-        let ids = batch.pending_ids();
         let decided = store::earlier_decisions(&mut tx, &ids).await?;
         // A batch of starts only needs no settlement look-up.
         let settled = if batch.has_completions() {

@@ -54,6 +54,16 @@ fn now() -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2026, 11, 25, 12, 0, 0).unwrap()
 }
 
+fn is_rejected(v: &Verdict) -> bool {
+    matches!(
+        v,
+        Verdict::Decided {
+            outcome: Outcome::Rejected,
+            ..
+        }
+    )
+}
+
 fn one_at_a_time(p: &Pricing, entries: &[NodeExecutionEntry]) -> (Vec<Verdict>, MemoryLedger) {
     let mut ledger = MemoryLedger::default();
     let verdicts = entries
@@ -91,24 +101,15 @@ fn a_batch_decides_exactly_like_one_at_a_time() {
             }
         )
     };
-    let rejected = |v: &Verdict| {
-        matches!(
-            v,
-            Verdict::Decided {
-                outcome: Outcome::Rejected,
-                ..
-            }
-        )
-    };
     // 1000 credits: every 4th execution also pays a fee of 1, so 97 charges of 10 + 24
     // fees leave 6 < 10 (the 98th execution is the first rejection).
     assert_eq!(count(&charged), 97 + 1);
-    assert_eq!(count(&rejected), 23 + 1);
+    assert_eq!(count(&is_rejected), 23 + 1);
     assert_eq!(batched.accounts["hot"].balance, 6);
     assert_eq!(batched.accounts["cold"].balance, 990);
     assert_eq!(verdicts[121], Verdict::Duplicate { conflicting: false });
     assert_eq!(verdicts[122], Verdict::Duplicate { conflicting: true });
-    assert!(rejected(&verdicts[50]), "{:?}", verdicts[50]);
+    assert!(is_rejected(&verdicts[50]), "{:?}", verdicts[50]);
 }
 
 #[test]
@@ -389,16 +390,7 @@ fn debt_is_taken_then_rejects_paid_runs_and_a_refill_clears_it() {
     l.decide(&p, &[run("u", "s", "search", stats)], now());
     assert_eq!(l.accounts["u"].balance, -50);
     let v = l.decide(&p, &[run("u", "t", "llm", None)], now());
-    assert!(
-        matches!(
-            v[0],
-            Verdict::Decided {
-                outcome: Outcome::Rejected,
-                ..
-            }
-        ),
-        "{v:?}"
-    );
+    assert!(is_rejected(&v[0]), "{v:?}");
     // Next month's refill tops the debt up to the target: a grant of 150.
     let next = Utc.with_ymd_and_hms(2026, 12, 1, 0, 0, 1).unwrap();
     l.decide(&p, &[run("u", "t2", "llm", None)], next);
@@ -680,16 +672,7 @@ fn a_run_refused_for_funds_asks_again_after_the_ttl() {
     assert_eq!(requests(&l), vec![("AUTO-TOP-UP-u-1".into(), 980)]);
     let later = now() + chrono::Duration::minutes(59);
     let v = l.decide(&p, &[entry("u", "c", 2)], later);
-    assert!(
-        matches!(
-            v[0],
-            Verdict::Decided {
-                outcome: Outcome::Rejected,
-                ..
-            }
-        ),
-        "{v:?}"
-    );
+    assert!(is_rejected(&v[0]), "{v:?}");
     assert_eq!(requests(&l).len(), 1);
     let hour = now() + chrono::Duration::hours(1);
     l.decide(&p, &[entry("u", "d", 2)], hour);

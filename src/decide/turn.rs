@@ -90,10 +90,14 @@ impl Turn {
     }
 
     /// This batch now holds the accounts of `users` (sorted) and decides `ids` (sorted).
-    pub(crate) fn locked(&self, users: &[String], ids: &[String]) {
+    pub(crate) fn locked(&self, users: &[String], ids: &[&str]) {
+        // Only batches after it read its ids.
+        let ids = self
+            .pipelined
+            .then(|| ids.iter().map(|&id| id.to_owned()).collect());
         self.me.send_modify(|s| {
             s.users = Some(users.into());
-            s.ids = Some(ids.into());
+            s.ids = ids;
         });
     }
 
@@ -103,7 +107,7 @@ impl Turn {
     /// ended its transaction already (this one holds the shared row): its decisions are
     /// seen, or it failed and [`Turn::may_commit`] says so. Called once this batch holds its
     /// locks, when every earlier batch has said or ended.
-    pub(crate) fn may_write(&self, users: &[String], ids: &[String]) -> bool {
+    pub(crate) fn may_write(&self, users: &[String], ids: &[&str]) -> bool {
         self.earlier.iter().all(|rx| {
             let s = rx.borrow();
             s.end == Some(true)
@@ -154,10 +158,10 @@ impl Drop for Turn {
 }
 
 /// Whether two sorted lists have no element in common.
-fn disjoint(a: &[String], b: &[String]) -> bool {
+fn disjoint<A: AsRef<str>, B: AsRef<str>>(a: &[A], b: &[B]) -> bool {
     let (mut i, mut j) = (0, 0);
     while i < a.len() && j < b.len() {
-        match a[i].cmp(&b[j]) {
+        match a[i].as_ref().cmp(b[j].as_ref()) {
             std::cmp::Ordering::Less => i += 1,
             std::cmp::Ordering::Greater => j += 1,
             std::cmp::Ordering::Equal => return false,
@@ -187,7 +191,7 @@ mod tests {
     fn disjoint_compares_sorted_lists() {
         assert!(disjoint(&users(&["a", "c"]), &users(&["b", "d"])));
         assert!(!disjoint(&users(&["a", "c"]), &users(&["b", "c"])));
-        assert!(disjoint(&[], &users(&["a"])));
+        assert!(disjoint::<String, _>(&[], &users(&["a"])));
     }
 
     #[tokio::test]
@@ -255,12 +259,12 @@ mod tests {
     async fn a_node_execution_an_earlier_batch_has_not_committed_is_not_written() {
         let (first, f1) = Turn::after([]);
         let (second, _) = Turn::after([&f1]);
-        first.locked(&users(&["u"]), &users(&["x", "y"]));
+        first.locked(&users(&["u"]), &["x", "y"]);
         second.wait_to_lock().await;
-        let (v, x) = (users(&["v"]), users(&["x"]));
+        let (v, x) = (users(&["v"]), ["x"]);
         // Another user's batch naming "x": not before the first commits.
         assert!(!second.may_write(&v, &x));
-        assert!(second.may_write(&v, &users(&["z"])));
+        assert!(second.may_write(&v, &["z"]));
         // Holding "u", the second holds a row the first's ended transaction let go: its
         // decision of "x" is seen (a completion after its start, a redelivery).
         assert!(second.may_write(&users(&["u"]), &x));

@@ -122,15 +122,17 @@ WITH ids AS (
     SELECT e->>'event_id' FROM credit.outbox o, json_array_elements(o.run) e
      WHERE o.events > 1 AND o.routing_key = 'balance.changed')
 SELECT t.user_id, t.seq
-  FROM (SELECT user_id, seq,
-               credit.balance_changed_id(user_id, transaction_key) AS id_now,
-               CASE WHEN credit.balance_changed_id(user_id, transaction_key)
-                         <> 'balance.changed:' || credit.event_user(user_id) || ':' || transaction_key
-                    THEN 'balance.changed:' || credit.event_user(user_id) || ':' || transaction_key
+  FROM (SELECT user_id, seq, id_now,
+               CASE WHEN id_now <> id_0013 THEN id_0013
                     ELSE 'balance.changed:' || user_id || ':' || transaction_key
                END AS id_before
-          FROM credit.transactions
-         WHERE created_at >= (SELECT pruned_before FROM credit.outbox_relay) + interval '1 minute'
+          FROM (SELECT user_id, seq, transaction_key,
+                       credit.balance_changed_id(user_id, transaction_key) AS id_now,
+                       'balance.changed:' || credit.event_user(user_id) || ':' || transaction_key
+                           AS id_0013
+                  FROM credit.transactions
+                 WHERE created_at >= (SELECT pruned_before FROM credit.outbox_relay)
+                                     + interval '1 minute') r
        ) t
  WHERE NOT EXISTS (SELECT 1 FROM ids WHERE ids.id = t.id_now)
    AND NOT EXISTS (SELECT 1 FROM ids WHERE ids.id = t.id_before)

@@ -27,7 +27,7 @@ pub(crate) use decision::{
 };
 pub use month::{Month, MonthError};
 pub(crate) use sweep::sweep_exclusive;
-pub use sweep::{sweep, sweep_named, SweepReport};
+pub use sweep::{sweep, sweep_asked, SweepReport};
 
 use crate::events::ExecutionRef;
 

@@ -22,7 +22,7 @@ const LOCK_ACCOUNTS: &str = "SELECT user_id, balance, last_seq, refill_month, fe
        FROM credit.balances WHERE user_id = ANY($1::text[])
       ORDER BY user_id FOR UPDATE";
 
-/// Creates the balance rows of first-time users, in a statement of its own ([`begin_locked`]).
+/// Creates the balance rows of first-time users ([`begin_locked`]).
 const CREATE_ACCOUNTS: &str = "INSERT INTO credit.balances (user_id)
      SELECT u FROM unnest($1::text[]) AS u
      ON CONFLICT (user_id) DO NOTHING";
@@ -208,16 +208,7 @@ const SWEEP_LOCK: i64 = 0x6372_6564_6974; // "credit"
 /// and be locked out of order: the locks are let go (the transaction rolled back), the
 /// missing rows created on their own, holding nothing, and all locked again in order.
 /// Accounts are never removed, so the second look finds them.
-pub(crate) async fn begin_locked(
-    pool: &PgPool,
-    users: &[String],
-) -> Result<
-    (
-        sqlx::Transaction<'static, sqlx::Postgres>,
-        HashMap<String, Account>,
-    ),
-    sqlx::Error,
-> {
+pub(crate) async fn begin_locked(pool: &PgPool, users: &[String]) -> Result<Locked, sqlx::Error> {
     debug_assert!(users.windows(2).all(|w| w[0] < w[1]));
     let mut tx = pool.begin().await?;
     let accounts = select_locked(&mut tx, users).await?;
@@ -225,28 +216,38 @@ pub(crate) async fn begin_locked(
         return Ok((tx, accounts));
     }
     // Usually every user exists; only first-time users cost the extra round trips.
-    let missing: Vec<String> = users
-        .iter()
-        .filter(|u| !accounts.contains_key(u.as_str()))
-        .cloned()
-        .collect();
-    if accounts.is_empty() {
-        let mut accounts = accounts;
-        sqlx::query(CREATE_ACCOUNTS)
-            .bind(&missing)
-            .execute(&mut *tx)
-            .await?;
-        accounts.extend(select_locked(&mut tx, &missing).await?);
-        return Ok((tx, accounts));
-    }
-    tx.rollback().await?;
-    sqlx::query(CREATE_ACCOUNTS)
-        .bind(&missing)
-        .execute(pool)
-        .await?;
-    let mut tx = pool.begin().await?;
+    let mut tx = if accounts.is_empty() {
+        create_accounts(&mut *tx, users).await?;
+        tx
+    } else {
+        let missing: Vec<String> = users
+            .iter()
+            .filter(|u| !accounts.contains_key(u.as_str()))
+            .cloned()
+            .collect();
+        tx.rollback().await?;
+        create_accounts(pool, &missing).await?;
+        pool.begin().await?
+    };
     let accounts = select_locked(&mut tx, users).await?;
     Ok((tx, accounts))
+}
+
+/// A transaction and the accounts it holds ([`begin_locked`]).
+pub(crate) type Locked = (
+    sqlx::Transaction<'static, sqlx::Postgres>,
+    HashMap<String, Account>,
+);
+
+async fn create_accounts<'e>(
+    conn: impl sqlx::PgExecutor<'e>,
+    users: &[String],
+) -> Result<(), sqlx::Error> {
+    sqlx::query(CREATE_ACCOUNTS)
+        .bind(users)
+        .execute(conn)
+        .await
+        .map(|_| ())
 }
 
 async fn select_locked(

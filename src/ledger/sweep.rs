@@ -57,20 +57,22 @@ pub async fn sweep(
     sweep_with(pool, policy, target, false, chunk, progress).await
 }
 
-/// [`sweep`] of a month an operator named (a command's `month`, the CLI's `--month`), by the
-/// rule of [`RefillPolicy::backfill`]: a user evaluated for a later month is back-filled
-/// unless the ledger holds that month's grant. A scheduled sweep, or one of the month by the
-/// clock, never back-fills: a month whose sweep ran late would refill twice.
-pub async fn sweep_named(
+/// [`sweep`] as an operator asked for it (a command, the CLI): of `month`, which they named
+/// (`named`) or which defaulted to the clock's. Only a named month back-fills, by the rule
+/// of [`RefillPolicy::backfill`]: a user evaluated for a later month is back-filled unless
+/// the ledger holds that month's grant. A scheduled sweep, or one of the month by the clock,
+/// never does: the clock may lag, and a month whose sweep ran late would refill twice.
+pub async fn sweep_asked(
     pool: &PgPool,
     policy: RefillPolicy,
     month: Month,
+    named: bool,
     user_id: Option<&str>,
     chunk: i64,
     progress: impl FnMut(&SweepReport),
 ) -> Result<SweepReport, LedgerError> {
     let target = Target { month, user_id };
-    sweep_with(pool, policy, target, true, chunk, progress).await
+    sweep_with(pool, policy, target, named, chunk, progress).await
 }
 
 /// Whom a sweep refills, for which month.

@@ -88,6 +88,10 @@ pub async fn services() -> Services {
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
+/// The sessions of this test's database waiting for a lock.
+pub const LOCK_WAITERS: &str = "SELECT count(*) FROM pg_stat_activity
+    WHERE datname = current_database() AND wait_event_type = 'Lock'";
+
 pub fn unique(prefix: &str) -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -350,6 +354,14 @@ impl TestEnv {
             .fetch_one(&self.pool)
             .await
             .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    /// Waits until one session of this test's database waits for a lock (`what` it is).
+    pub async fn wait_for_one_lock_waiter(&self, within: Duration, what: &str) {
+        wait_for(within, what, || async {
+            self.scalar_i64(LOCK_WAITERS).await == 1
+        })
+        .await;
     }
 
     pub async fn outcome_of(&self, node_exec_id: &str) -> Option<String> {

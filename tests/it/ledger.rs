@@ -573,7 +573,7 @@ async fn sweep_sql_and_the_rust_refill_rule_agree() {
     let mut expected = (0, 0i64);
     for (case, balance, evaluated) in &cases {
         let user = format!("rust-{case}");
-        let one = refill::sweep_named(&env.pool, policy, month, Some(&user), 1, |_| {});
+        let one = refill::sweep_asked(&env.pool, policy, month, true, Some(&user), 1, |_| {});
         let one = one.await.unwrap();
         // Named explicitly, before any row of the month exists.
         let grant = policy.backfill(*balance, *evaluated, month, false);
@@ -585,7 +585,7 @@ async fn sweep_sql_and_the_rust_refill_rule_agree() {
             );
         }
     }
-    let all = refill::sweep_named(&env.pool, policy, month, None, 3, |_| {})
+    let all = refill::sweep_asked(&env.pool, policy, month, true, None, 3, |_| {})
         .await
         .unwrap();
     assert_eq!((all.users_refilled, all.credits_granted), expected);
@@ -599,28 +599,36 @@ async fn sweep_sql_and_the_rust_refill_rule_agree() {
     }
 }
 
+/// With no lazy refill, `user` at `balance`, evaluated for December 2026; and November, the
+/// month to back-fill.
+async fn evaluated_in_december(user: &str, balance: i64) -> (TestEnv, Month) {
+    let env = TestEnv::with(|s| s.refill.lazy = false).await;
+    sqlx::query(
+        "INSERT INTO credit.balances (user_id, balance, last_seq, refill_month)
+              VALUES ($1, $2, 0, '2026-12-01')",
+    )
+    .bind(user)
+    .bind(balance)
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    (env, "2026-11".parse().unwrap())
+}
+
 /// A sweep of a month by the clock or the schedule never back-fills (a late sweep would
 /// refill twice); one an operator named does, once.
 #[tokio::test]
 async fn only_a_named_month_back_fills() {
     let _sweeps = SWEEPS.share().await;
-    let env = TestEnv::with(|s| s.refill.lazy = false).await;
+    let (env, november) = evaluated_in_december("u", 0).await;
     let policy = credit_worker::ledger::RefillPolicy { target: 1000 };
-    let november: Month = "2026-11".parse().unwrap();
-    sqlx::query(
-        "INSERT INTO credit.balances (user_id, balance, last_seq, refill_month)
-              VALUES ('u', 0, 0, '2026-12-01')",
-    )
-    .execute(&env.pool)
-    .await
-    .unwrap();
     for user in [None, Some("u")] {
         let late = refill::sweep(&env.pool, policy, november, user, 10, |_| {});
         assert_eq!(late.await.unwrap().credits_granted, 0, "{user:?}");
     }
-    let named = refill::sweep_named(&env.pool, policy, november, None, 10, |_| {});
+    let named = refill::sweep_asked(&env.pool, policy, november, true, None, 10, |_| {});
     assert_eq!(named.await.unwrap().credits_granted, 1000);
-    let again = refill::sweep_named(&env.pool, policy, november, Some("u"), 10, |_| {});
+    let again = refill::sweep_asked(&env.pool, policy, november, true, Some("u"), 10, |_| {});
     assert_eq!(again.await.unwrap().credits_granted, 0);
     env.assert_audit_clean().await;
     env.cleanup().await;
@@ -632,16 +640,8 @@ async fn only_a_named_month_back_fills() {
 #[tokio::test]
 async fn a_back_fill_that_meets_anothers_grant_tries_the_range_again() {
     let _sweeps = SWEEPS.share().await;
-    let env = TestEnv::with(|s| s.refill.lazy = false).await;
+    let (env, november) = evaluated_in_december("x", 400).await;
     let policy = credit_worker::ledger::RefillPolicy { target: 1000 };
-    let november: Month = "2026-11".parse().unwrap();
-    sqlx::query(
-        "INSERT INTO credit.balances (user_id, balance, last_seq, refill_month)
-              VALUES ('x', 400, 0, '2026-12-01')",
-    )
-    .execute(&env.pool)
-    .await
-    .unwrap();
     // The other back-fill, holding the row: its grant, then a debit below the target.
     let mut other = env.pool.begin().await.unwrap();
     for sql in [
@@ -655,21 +655,10 @@ async fn a_back_fill_that_meets_anothers_grant_tries_the_range_again() {
     }
     let pool = env.pool.clone();
     let sweep = tokio::spawn(async move {
-        refill::sweep_named(&pool, policy, november, None, 10, |_| {}).await
+        refill::sweep_asked(&pool, policy, november, true, None, 10, |_| {}).await
     });
-    wait_for(
-        Duration::from_secs(10),
-        "the sweep waiting for the row",
-        || async {
-            env.scalar_i64(
-                "SELECT count(*) FROM pg_stat_activity
-              WHERE datname = current_database() AND wait_event_type = 'Lock'",
-            )
-            .await
-                == 1
-        },
-    )
-    .await;
+    env.wait_for_one_lock_waiter(Duration::from_secs(10), "the sweep waiting for the row")
+        .await;
     other.commit().await.unwrap();
     let report = sweep.await.unwrap().expect("the range tried again");
     assert_eq!((report.users_refilled, report.credits_granted), (0, 0));
@@ -1251,14 +1240,9 @@ async fn decide_beside_uncommitted(
     let pool = env.pool.clone();
     let task =
         tokio::spawn(async move { decide::decide_batch(&pool, &pricing, &[e], Utc::now()).await });
-    let waiting = "SELECT count(*) FROM pg_stat_activity
-                    WHERE datname = current_database() AND wait_event_type = 'Lock'";
-    wait_for(
-        Duration::from_secs(10),
-        "the write to wait for the other decision",
-        || async { env.scalar_i64(waiting).await == 1 },
-    )
-    .await;
+    let what = "the write to wait for the other decision";
+    env.wait_for_one_lock_waiter(Duration::from_secs(10), what)
+        .await;
     other.commit().await.unwrap();
     task.await.unwrap()
 }
@@ -1546,27 +1530,14 @@ async fn a_first_time_user_is_locked_in_order_with_the_rest() {
         .execute(&mut *other)
         .await
         .unwrap();
-    let other_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-        .fetch_one(&mut *other)
-        .await
-        .unwrap();
     let batch = {
         let (pool, pricing) = (env.pool.clone(), pricing.clone());
         tokio::spawn(
             async move { decide::decide_batch(&pool, &pricing, &entries, Utc::now()).await },
         )
     };
-    // The batch waits for `c`'s row.
-    let waiting = format!(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
-            AND wait_event_type = 'Lock' AND pid <> {other_pid}"
-    );
-    wait_for(
-        Duration::from_secs(30),
-        "the batch waiting for c",
-        || async { env.scalar_i64(&waiting).await == 1 },
-    )
-    .await;
+    env.wait_for_one_lock_waiter(Duration::from_secs(30), "the batch waiting for c")
+        .await;
     sqlx::query("SELECT 1 FROM credit.balances WHERE user_id = 'm' FOR UPDATE")
         .execute(&mut *other)
         .await

@@ -490,13 +490,11 @@ async fn sigterm_during_a_sweep_publishes_the_sweeps_events_before_exit() {
         .await
         .expect("lock a user");
     let (mut w, _port, log) = WorkerProcess::spawn_logged(&env.process_env(), &["run"], "info");
-    let waiting = "SELECT count(*) FROM pg_stat_activity
-                    WHERE datname = current_database() AND wait_event_type = 'Lock'";
     wait_count(
         &env,
         T,
         "the sweep waiting on the lock",
-        waiting,
+        LOCK_WAITERS,
         &[],
         |n| n >= 1,
     )
