@@ -348,11 +348,11 @@ pub async fn run(settings: Settings, json: bool) -> anyhow::Result<ExitCode> {
     let names = Names::new(&demo.amqp.namespace);
 
     if !json {
-        println!(
+        outln!(
             "credit-worker demo: namespace {}  database {db_name}",
             demo.amqp.namespace
         );
-        println!(
+        outln!(
             "monthly allowance (refill.target) {DEMO_REFILL_TARGET}, low_balance.threshold \
              {DEMO_LOW_BALANCE}, execution fee every {}th execution, built-in cost table\n",
             demo.execution_fee.every
@@ -363,9 +363,9 @@ pub async fn run(settings: Settings, json: bool) -> anyhow::Result<ExitCode> {
     scratch.remove(&[], &[]).await;
     let report = outcome?;
     if json {
-        println!("{}", serde_json::to_string(&report)?);
+        outln!("{}", serde_json::to_string(&report)?);
     } else {
-        print_human(&report);
+        print_human(&report)?;
     }
     Ok(crate::tools::exit_code(report.audit.is_clean()))
 }
@@ -789,8 +789,8 @@ where
     Ok(())
 }
 
-fn print_human(r: &Report) {
-    println!(
+fn print_human(r: &Report) -> std::io::Result<()> {
+    outln!(
         "published {} messages: {} node executions, {} duplicate delivery, {} invalid body, \
          {} completions\n",
         r.published.messages,
@@ -800,40 +800,60 @@ fn print_human(r: &Report) {
         r.published.completions
     );
 
-    println!("Balances after the run (a negative balance is debt from a post-flight charge)");
-    print_balances(&r.balances);
+    outln!("Balances after the run (a negative balance is debt from a post-flight charge)");
+    print_balances(&r.balances)?;
 
-    println!("\nDecisions (queue order; the duplicate delivery made no second decision)");
-    println!(
+    outln!("\nDecisions (queue order; the duplicate delivery made no second decision)");
+    outln!(
         "  {:<36}  {:<6} {:<29} {:<42} {:<9} {:>4}",
-        "node_exec_id", "user", "block", "what", "outcome", "cost"
+        "node_exec_id",
+        "user",
+        "block",
+        "what",
+        "outcome",
+        "cost"
     );
     for d in &r.decisions {
-        println!(
+        outln!(
             "  {:<36}  {:<6} {:<29} {:<42} {:<9} {:>4}",
-            d.node_exec_id, d.user_id, d.block, d.description, d.outcome, d.cost
+            d.node_exec_id,
+            d.user_id,
+            d.block,
+            d.description,
+            d.outcome,
+            d.cost
         );
     }
 
-    println!("\nSettlements (completions: block cost settled to the post-flight price)");
-    println!(
+    outln!("\nSettlements (completions: block cost settled to the post-flight price)");
+    outln!(
         "  {:<36}  {:<6} {:<50} {:>4} {:>4} {:>6}",
-        "node_exec_id", "user", "what", "pre", "post", "delta"
+        "node_exec_id",
+        "user",
+        "what",
+        "pre",
+        "post",
+        "delta"
     );
     for s in &r.settlements {
-        println!(
+        outln!(
             "  {:<36}  {:<6} {:<50} {:>4} {:>4} {:>+6}",
-            s.node_exec_id, s.user_id, s.description, s.pre, s.post, s.delta
+            s.node_exec_id,
+            s.user_id,
+            s.description,
+            s.pre,
+            s.post,
+            s.delta
         );
     }
 
-    print_top_ups_and_refill(r);
+    print_top_ups_and_refill(r)?;
 
-    println!("\nEvents on {}credit.events", r.namespace);
-    println!("  {:<16} {:<6} summary", "routing key", "user");
+    outln!("\nEvents on {}credit.events", r.namespace);
+    outln!("  {:<16} {:<6} summary", "routing key", "user");
     for e in &r.events {
         let user = e.body.get("user_id").and_then(Value::as_str).unwrap_or("?");
-        println!(
+        outln!(
             "  {:<16} {:<6} {}",
             e.routing_key,
             user,
@@ -841,27 +861,28 @@ fn print_human(r: &Report) {
         );
     }
 
-    println!("\nDead-lettered ({}node_execution.dead)", r.namespace);
+    outln!("\nDead-lettered ({}node_execution.dead)", r.namespace);
     for d in &r.dead_letters {
-        println!("  body:           {}", d.body);
-        println!("  x-credit-error: {}", d.reason);
+        outln!("  body:           {}", d.body);
+        outln!("  x-credit-error: {}", d.reason);
     }
 
-    println!(
+    outln!(
         "\nAudit: {}",
         crate::tools::audit_text(
             &r.audit,
             "clean (Σ amount = balance = last running balance for every user)"
         )
     );
-    println!("\nscratch database and namespace removed");
+    outln!("\nscratch database and namespace removed");
+    Ok(())
 }
 
 /// The payment side's answers to auto top-up requests, then next month's refill.
-fn print_top_ups_and_refill(r: &Report) {
-    println!("\nAuto top-up (alice: 200 credits when below 690; the payment side answers twice)");
+fn print_top_ups_and_refill(r: &Report) -> std::io::Result<()> {
+    outln!("\nAuto top-up (alice: 200 credits when below 690; the payment side answers twice)");
     for t in &r.auto_top_ups {
-        println!(
+        outln!(
             "  {}  {} requested {} at balance {}: applied {}, again {}, balance now {}",
             t.request_id,
             t.user_id,
@@ -873,7 +894,7 @@ fn print_top_ups_and_refill(r: &Report) {
         );
     }
 
-    println!(
+    outln!(
         "\nRefill sweep for {}: {} users topped up to {}, {} credits granted",
         r.refill.month,
         r.refill.users_refilled,
@@ -883,15 +904,17 @@ fn print_top_ups_and_refill(r: &Report) {
             .unwrap_or_default(),
         r.refill.credits_granted
     );
-    println!("Balances after the refill");
-    print_balances(&r.balances_after_refill);
+    outln!("Balances after the refill");
+    print_balances(&r.balances_after_refill)?;
+    Ok(())
 }
 
-fn print_balances(rows: &[BalanceRow]) {
-    println!("  {:<8} {:>8} {:>12}", "user", "balance", "ledger rows");
+fn print_balances(rows: &[BalanceRow]) -> std::io::Result<()> {
+    outln!("  {:<8} {:>8} {:>12}", "user", "balance", "ledger rows");
     for b in rows {
-        println!("  {:<8} {:>8} {:>12}", b.user_id, b.balance, b.ledger_rows);
+        outln!("  {:<8} {:>8} {:>12}", b.user_id, b.balance, b.ledger_rows);
     }
+    Ok(())
 }
 
 fn event_summary(routing_key: &str, body: &Value) -> String {

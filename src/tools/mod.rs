@@ -2,6 +2,15 @@
 //! namespace/database, publishing entries, and the dead-letter queue. They are built only on the library's public
 //! API, so the service never depends on them.
 
+/// `println!` that returns the write's error instead of panicking, so a report piped into a
+/// reader that closes early (`| head`) ends the tool with an error, not a panic.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)?
+    }};
+}
+
 pub(crate) mod bench;
 pub mod dead_letters;
 pub(crate) mod demo;

@@ -11,6 +11,7 @@ mod bench;
 mod consumer;
 mod control;
 mod dead_letters;
+mod demo;
 mod docs;
 mod faults;
 mod ledger;

@@ -156,9 +156,9 @@ async fn run_in(
     if let Some(users) = args.sweep_users {
         let r = sweep::run(settings, scratch, users).await?;
         if json {
-            println!("{}", serde_json::to_value(&r)?);
+            outln!("{}", serde_json::to_value(&r)?);
         } else {
-            r.print();
+            r.print()?;
         }
         return Ok(exit_code(r.problems.is_empty()));
     }
@@ -174,7 +174,7 @@ async fn run_in(
     let cost = traffic.expected_cost(settings)?;
     let max_batch = args.max_batch.unwrap_or(settings.pipeline.max_batch);
     if !json {
-        print_header(settings, args, scratch, cost, max_batch);
+        print_header(settings, args, scratch, cost, max_batch)?;
     }
     let ceiling = ceiling::run(settings, scratch, &traffic).await?;
     let worker = worker::run(settings, scratch, &traffic, cost, max_batch, args.rate).await?;
@@ -189,15 +189,15 @@ async fn run_in(
         worker,
     };
     if json {
-        println!("{}", report.to_json());
+        outln!("{}", report.to_json());
     } else {
-        report.print();
+        report.print()?;
     }
     if let Some(path) = &args.timeline {
         timeline::write_csv(path, &report.worker.timeline)
             .with_context(|| format!("writing the timeline to {}", path.display()))?;
         if !json {
-            println!("timeline             {}", path.display());
+            outln!("timeline             {}", path.display());
         }
     }
     Ok(exit_code(report.worker.problems.is_empty()))
@@ -210,8 +210,8 @@ fn print_header(
     scratch: &Scratch,
     cost: i64,
     max_batch: usize,
-) {
-    println!(
+) -> std::io::Result<()> {
+    outln!(
         "bench: {} messages over {} users ({}), prefetch {}, max_batch {max_batch}, {} queue; namespace {}, database {}",
         args.messages,
         args.users,
@@ -231,6 +231,7 @@ fn print_header(
         scratch.namespace,
         scratch.db_name,
     );
+    Ok(())
 }
 
 /// A progress bar on stdout with the report (drawn only when stdout is a terminal), cleared
@@ -307,54 +308,61 @@ impl Report {
         })
     }
 
-    fn print_verification(&self) {
+    fn print_verification(&self) -> std::io::Result<()> {
         let w = &self.worker;
         if let (true, Some(p)) = (w.problems.is_empty(), &w.pairs) {
-            println!(
+            outln!(
                 "verification         ok: {} executions settled once ({} extra charges, {} refunds, {} completions before their start); charged {} = Σ post-flight {}; {} execution fees, {} events, audit clean",
                 p.settled, p.extra_charges, p.refunds, p.overtaking, p.charged_credits, p.expected_credits, w.fees, w.events_received
             );
         } else if w.problems.is_empty() {
-            println!(
+            outln!(
                 "verification         ok: {} decisions, {} execution fees, {} events, audit clean",
-                self.messages, w.fees, w.events_received
+                self.messages,
+                w.fees,
+                w.events_received
             );
         } else {
-            println!("verification         FAILED");
+            outln!("verification         FAILED");
             for p in &w.problems {
-                println!("  - {p}");
+                outln!("  - {p}");
             }
         }
+        Ok(())
     }
 
-    fn print(&self) {
+    fn print(&self) -> std::io::Result<()> {
         let w = &self.worker;
         let c = &self.ceiling;
-        println!(
+        outln!(
             "broker-only ceiling  {:>9.0} msgs/s  ({} msgs in {:.2} s; publish {:.0} msgs/s)",
-            c.msgs_per_s, self.messages, c.seconds, c.publish_msgs_per_s
+            c.msgs_per_s,
+            self.messages,
+            c.seconds,
+            c.publish_msgs_per_s
         );
         match self.rate {
-            None => println!(
+            None => outln!(
                 "worker end-to-end    {:>9.0} msgs/s  ({:.2} s from first delivery to last event; {:.0} msgs/s incl. {:.0} ms start-up)",
                 w.msgs_per_s, w.seconds, w.msgs_per_s_total, w.startup_ms
             ),
-            Some(r) => println!(
+            Some(r) => outln!(
                 "worker end-to-end    {:>9.0} msgs/s  (open loop at {r:.0} msgs/s offered; {:.2} s from first publish to last event)",
                 w.msgs_per_s, w.seconds
             ),
         }
         if w.pairs.is_some() {
-            println!(
+            outln!(
                 "worker executions    {:>9.0} execs/s ({} executions, 2 messages each)",
-                w.execs_per_s, self.executions
+                w.execs_per_s,
+                self.executions
             );
         }
         if let Some(ratio) = self.ratio() {
-            println!("ratio worker/ceiling {ratio:>9.3}");
+            outln!("ratio worker/ceiling {ratio:>9.3}");
         }
         match &w.latency {
-            Some(l) => println!(
+            Some(l) => outln!(
                 "latency              p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms  ({}{})",
                 l.p50_ms,
                 l.p99_ms,
@@ -370,12 +378,13 @@ impl Report {
                     ""
                 }
             ),
-            None => println!("latency              n/a"),
+            None => outln!("latency              n/a"),
         }
-        println!("worker peak RSS      {:>9.1} MiB (VmHWM)", w.peak_rss_mib);
+        outln!("worker peak RSS      {:>9.1} MiB (VmHWM)", w.peak_rss_mib);
         if let Some(b) = &w.breakdown {
-            println!("worker breakdown     {b}");
+            outln!("worker breakdown     {b}");
         }
-        self.print_verification();
+        self.print_verification()?;
+        Ok(())
     }
 }

@@ -104,21 +104,23 @@ pub async fn run(
 }
 
 impl SweepResult {
-    pub(crate) fn print(&self) {
-        println!(
+    pub(crate) fn print(&self) -> std::io::Result<()> {
+        outln!(
             "refill sweep         {:>9.0} users/s  ({} users in {:.2} s, chunk {}; seeding took {:.1} s)",
             self.users_per_s, self.sweep_users, self.seconds, self.chunk_size, self.seed_seconds
         );
         if self.problems.is_empty() {
-            println!(
+            outln!(
                 "verification         ok: {} users refilled, {} credits granted, audit clean",
-                self.users_refilled, self.credits_granted
+                self.users_refilled,
+                self.credits_granted
             );
         } else {
-            println!("verification         FAILED");
+            outln!("verification         FAILED");
             for p in &self.problems {
-                println!("  - {p}");
+                outln!("  - {p}");
             }
         }
+        Ok(())
     }
 }

@@ -122,7 +122,7 @@ pub(crate) async fn run(
     let max_batch = args.max_batch.unwrap_or(settings.pipeline.max_batch);
     let spec = SearchSpec::of(args);
     if !json {
-        report::print_header(settings, args, scratch, cost, max_batch);
+        report::print_header(settings, args, scratch, cost, max_batch)?;
     }
     let broker = broker::run(settings, scratch, &base, &spec).await?;
     let worker = worker::run(settings, scratch, &base, cost, max_batch, &spec).await?;
@@ -136,9 +136,9 @@ pub(crate) async fn run(
         .as_ref()
         .and_then(|(path, r)| r.is_ok().then_some(*path));
     if json {
-        println!("{}", report.to_json(written));
+        outln!("{}", report.to_json(written));
     } else {
-        report.print(written);
+        report.print(written)?;
     }
     if let Some((_, Err(e))) = &plot {
         eprintln!("error: {e}");

@@ -32,8 +32,8 @@ pub(crate) fn print_header(
     scratch: &Scratch,
     cost: i64,
     max_batch: usize,
-) {
-    println!(
+) -> std::io::Result<()> {
+    outln!(
         "bench --sustained: open loop over {} users ({}), steps of {} s, p99 bound {} ms; prefetch {}, max_batch {max_batch}; namespace {}, database {}",
         args.users,
         if args.pairs {
@@ -47,6 +47,7 @@ pub(crate) fn print_header(
         scratch.namespace,
         scratch.db_name,
     );
+    Ok(())
 }
 
 impl SustainedReport {
@@ -139,18 +140,18 @@ impl SustainedReport {
         })
     }
 
-    pub(crate) fn print(&self, plot: Option<&Path>) {
+    pub(crate) fn print(&self, plot: Option<&Path>) -> std::io::Result<()> {
         let w = &self.worker;
-        print_steps("broker-only pipeline", &self.broker.steps);
-        print_steps("worker", &w.searched.steps);
-        self.print_rate("broker-only sustained", self.broker.sustained);
-        self.print_rate("worker sustained", w.searched.sustained);
+        print_steps("broker-only pipeline", &self.broker.steps)?;
+        print_steps("worker", &w.searched.steps)?;
+        self.print_rate("broker-only sustained", self.broker.sustained)?;
+        self.print_rate("worker sustained", w.searched.sustained)?;
         match self.ratio() {
-            Some(r) => println!("ratio worker/broker  {r:>9.3}"),
-            None => println!("ratio worker/broker        n/a"),
+            Some(r) => outln!("ratio worker/broker  {r:>9.3}"),
+            None => outln!("ratio worker/broker        n/a"),
         }
         match (&w.half_rate, self.half_rate_met()) {
-            (Some(h), Some(met)) => println!(
+            (Some(h), Some(met)) => outln!(
                 "worker at half rate  {:>9.0} msgs/s offered: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms (target p99 < {HALF_RATE_TARGET_MS} ms: {})",
                 h.offered_msgs_per_s,
                 h.p50_ms,
@@ -158,51 +159,56 @@ impl SustainedReport {
                 h.max_ms,
                 if met { "met" } else { "not met" }
             ),
-            _ => println!("worker at half rate        n/a (no rate held)"),
+            _ => outln!("worker at half rate        n/a (no rate held)"),
         }
-        println!("worker peak RSS      {:>9.1} MiB (VmHWM)", w.peak_rss_mib);
+        outln!("worker peak RSS      {:>9.1} MiB (VmHWM)", w.peak_rss_mib);
         if let Some(b) = &w.breakdown {
-            println!("worker breakdown     {b}");
+            outln!("worker breakdown     {b}");
         }
-        self.print_verification();
+        self.print_verification()?;
         if let Some(p) = plot {
-            println!("plot                 {}", p.display());
+            outln!("plot                 {}", p.display());
         }
+        Ok(())
     }
 
-    fn print_rate(&self, what: &str, rate: Option<f64>) {
+    fn print_rate(&self, what: &str, rate: Option<f64>) -> std::io::Result<()> {
         match rate {
-            Some(r) if self.pairs => println!(
+            Some(r) if self.pairs => outln!(
                 "{what:<21}{r:>8.0} msgs/s = {:.0} execs/s (p99 ≤ {} ms, delivered ≈ offered)",
                 self.execs(r),
                 self.max_p99_ms
             ),
-            Some(r) => println!(
+            Some(r) => outln!(
                 "{what:<21}{r:>8.0} msgs/s (p99 ≤ {} ms, delivered ≈ offered)",
                 self.max_p99_ms
             ),
-            None => println!("{what:<21}     none (no step held)"),
+            None => outln!("{what:<21}     none (no step held)"),
         }
+        Ok(())
     }
 
-    fn print_verification(&self) {
+    fn print_verification(&self) -> std::io::Result<()> {
         let w = &self.worker;
         if !w.problems.is_empty() {
-            println!("verification         FAILED");
+            outln!("verification         FAILED");
             for p in &w.problems {
-                println!("  - {p}");
+                outln!("  - {p}");
             }
         } else if let Some(p) = &w.pairs {
-            println!(
+            outln!(
                 "verification         ok: {} executions settled once ({} extra charges, {} refunds, {} completions before their start); charged {} = Σ post-flight {}; {} execution fees, {} events, audit clean",
                 p.settled, p.extra_charges, p.refunds, p.overtaking, p.charged_credits, p.expected_credits, w.fees, w.events_received
             );
         } else {
-            println!(
+            outln!(
                 "verification         ok: {} decisions, {} execution fees, {} events, audit clean",
-                w.executions, w.fees, w.events_received
+                w.executions,
+                w.fees,
+                w.events_received
             );
         }
+        Ok(())
     }
 }
 
@@ -222,11 +228,11 @@ fn step_json(s: &Step) -> serde_json::Value {
 }
 
 /// A pipeline's steps, in the order run.
-fn print_steps(what: &str, steps: &[Step]) {
-    println!("{what}");
-    println!("  step  offered msgs/s  delivered msgs/s   p50 ms    p99 ms    max ms  result");
+fn print_steps(what: &str, steps: &[Step]) -> std::io::Result<()> {
+    outln!("{what}");
+    outln!("  step  offered msgs/s  delivered msgs/s   p50 ms    p99 ms    max ms  result");
     for (i, s) in steps.iter().enumerate() {
-        println!(
+        outln!(
             "  {:>4}  {:>14.0}  {:>16.0}  {:>7.2}  {:>8.2}  {:>8.2}  {}",
             i + 1,
             s.offered_msgs_per_s,
@@ -241,4 +247,5 @@ fn print_steps(what: &str, steps: &[Step]) {
             }
         );
     }
+    Ok(())
 }
