@@ -72,6 +72,12 @@ impl ManualClock {
     pub fn set(&self, at: DateTime<Utc>) {
         self.0.send_replace(at);
     }
+
+    /// How many [`Clock::sleep_until`]s wait on it now: a test moves the clock once the
+    /// sleeper it means to wake is asleep.
+    pub fn sleepers(&self) -> usize {
+        self.0.receiver_count()
+    }
 }
 
 impl Clock for ManualClock {
@@ -190,6 +196,16 @@ mod tests {
             let clock = clock.clone();
             tokio::spawn(async move { clock.sleep_until(tick).await })
         };
+        while clock.sleepers() == 0 {
+            tokio::task::yield_now().await;
+        }
+        // Not yet: the sleeper wakes, looks, and sleeps on.
+        clock.set(tick - chrono::Duration::seconds(1));
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!sleeper.is_finished(), "woken a second early");
+        assert_eq!(clock.sleepers(), 1);
         clock.set(tick);
         tokio::time::timeout(std::time::Duration::from_secs(5), sleeper)
             .await

@@ -9,7 +9,7 @@ use credit_worker::ledger::TxType;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 
-use crate::helpers::{http_status, wait_for, TestEnv};
+use crate::helpers::{body, http_status, own_key, wait_for, TestEnv};
 
 /// Refill off: no lazy refill, no sweep; balances are what the test gives.
 pub fn no_refill(s: &mut Settings) {
@@ -99,6 +99,24 @@ pub async fn stop_audit_cleanup(env: TestEnv, worker: credit_worker::service::Wo
     worker.stop().await.expect("stop");
     env.assert_audit_clean().await;
     env.cleanup().await;
+}
+
+/// Publishes one free entry (`flush-<user>`) per user behind everything published so far, and
+/// waits for their decisions. A user's messages are decided in queue order, so from then on no
+/// earlier message of these users is in flight: what it did, or did not do, is in the
+/// database. (The input queue's depth says nothing of that: it counts only the messages not
+/// yet delivered.)
+pub async fn flush_users(env: &TestEnv, users: &[&str]) {
+    let bodies: Vec<Vec<u8>> = users
+        .iter()
+        .map(|u| body(&own_key(u, &format!("flush-{u}"))))
+        .collect();
+    env.publish(&bodies).await;
+    for u in users {
+        let id = format!("flush-{u}");
+        let sql = "SELECT count(*) FROM credit.decisions WHERE node_exec_id = $1";
+        wait_count(env, Duration::from_secs(30), &id, sql, &[&id], |c| c == 1).await;
+    }
 }
 
 /// Exactly `n` decisions and `n` USAGE rows of blocks (execution fees aside).

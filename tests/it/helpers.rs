@@ -379,6 +379,28 @@ impl TestEnv {
         crate::fixtures::wait_count(self, within, &what, sql, &[], |c| c >= n).await;
     }
 
+    /// Kills `w` with SIGKILL as soon as the count `sql` reaches `target`, and returns the
+    /// count right after the kill. Polls every 5 ms rather than backing off, so that a fast
+    /// worker gets little further than `target` before it dies.
+    pub async fn kill_when(
+        &self,
+        w: &mut WorkerProcess,
+        sql: &str,
+        target: i64,
+        within: Duration,
+    ) -> i64 {
+        let start = std::time::Instant::now();
+        while self.scalar_i64(sql).await < target {
+            assert!(
+                start.elapsed() < within,
+                "timed out waiting for {target}: {sql}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        w.kill9();
+        self.scalar_i64(sql).await
+    }
+
     pub async fn assert_audit_clean(&self) {
         let report = credit_worker::ledger::audit::run(&self.pool)
             .await
@@ -811,8 +833,11 @@ impl WorkerProcess {
         cmd.env("CREDIT_WORKER__HTTP__LISTEN", "127.0.0.1:0")
             .env("CREDIT_WORKER__LOG__FORMAT", "json")
             .env("RUST_LOG", filter);
-        let mut child = cmd.spawn().expect("spawn worker");
-        let stderr = child.stderr.take().expect("piped stderr");
+        // Owned by a `WorkerProcess` from here on, so a failed wait below kills it too.
+        let mut w = WorkerProcess {
+            child: cmd.spawn().expect("spawn worker"),
+        };
+        let stderr = w.child.stderr.take().expect("piped stderr");
         let (tx, rx) = std::sync::mpsc::channel();
         let (lines, log) = std::sync::mpsc::channel();
         // Echoes the worker's log to the test's, and hands over the bound port once logged.
@@ -832,7 +857,7 @@ impl WorkerProcess {
         let port = rx
             .recv_timeout(Duration::from_secs(30))
             .expect("the worker logs its HTTP address");
-        (WorkerProcess { child }, port, log)
+        (w, port, log)
     }
 
     pub fn kill9(&mut self) {

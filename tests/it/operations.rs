@@ -37,16 +37,14 @@ async fn monthly_grants(env: &TestEnv, user: &str, month: Month) -> Vec<(String,
 
 #[tokio::test]
 async fn http_endpoints_report_health_readiness_and_metrics() {
-    let env = TestEnv::with(|s| {
-        quiet_scheduler(s);
-        s.http.listen = any_port();
-    })
-    .await;
-    // Installed before the worker starts, so nothing it records early (the consuming gauge)
-    // is lost; `credit-worker run` does the same.
-    let _ = metrics_now();
-    let worker = Worker::start(env.settings.clone()).await.expect("worker");
-    let port = worker.http_addr().expect("http address").port();
+    let env = TestEnv::new().await;
+    let mut vars = env.process_env();
+    vars.push((
+        "CREDIT_WORKER__REFILL__SCHEDULE".into(),
+        "0 0 0 1 1 * 2099".into(),
+    ));
+    // A process of its own: its metrics count this test's traffic alone.
+    let (mut worker, port) = WorkerProcess::spawn_with_http(&vars, &["run"]);
     wait_status(T, port, "/healthz", 200).await;
     wait_status(T, port, "/readyz", 200).await;
     let (_, ready) = http_get(port, "/readyz").await.expect("readyz");
@@ -66,8 +64,6 @@ async fn http_endpoints_report_health_readiness_and_metrics() {
     let dead = env.dead_letters(1).await;
     assert_eq!(dead[0].0, b"nope");
 
-    // Counters are process-wide and other tests add to them: each must have grown by at
-    // least this test's traffic.
     let expected: [(&str, Labels, f64); 5] = [
         ("credit_messages_total", &[("outcome", "charged")], 2.0),
         ("credit_messages_total", &[("outcome", "free")], 1.0),
@@ -75,25 +71,28 @@ async fn http_endpoints_report_health_readiness_and_metrics() {
         ("credit_credits_charged_total", &[], 20.0),
         ("credit_dead_lettered_total", &[], 1.0),
     ];
-    wait_for(T, "metrics to count the traffic", || {
-        let before = &before;
-        async move {
-            let now = http_get(port, "/metrics")
-                .await
-                .map(|r| r.1)
-                .unwrap_or_default();
-            expected.iter().all(|(name, labels, n)| {
-                metric_value(&now, name, labels) - metric_value(before, name, labels) >= *n
-            })
-        }
+    let grown = |now: &str, name: &str, labels: Labels| {
+        metric_value(now, name, labels) - metric_value(&before, name, labels)
+    };
+    // Counted once the messages are acked, a moment after their commit.
+    wait_for(T, "metrics to count the traffic", || async {
+        let now = http_get(port, "/metrics")
+            .await
+            .map(|r| r.1)
+            .unwrap_or_default();
+        expected
+            .iter()
+            .all(|(name, labels, n)| grown(&now, name, labels) >= *n)
     })
     .await;
     let (_, after) = http_get(port, "/metrics").await.expect("metrics");
+    for (name, labels, n) in expected {
+        assert_eq!(grown(&after, name, labels), n, "{name} {labels:?}");
+    }
     for series in [
         "credit_batch_size_count",
         "credit_decide_seconds_bucket",
-        // A process-wide gauge: another test's outage may have set it to 0 meanwhile.
-        "\ncredit_consuming ",
+        "\ncredit_consuming 1\n",
     ] {
         assert!(after.contains(series), "{series} missing from:\n{after}");
     }
@@ -105,8 +104,10 @@ async fn http_endpoints_report_health_readiness_and_metrics() {
             .expect("balance"),
         980
     );
-
-    stop_audit_cleanup(env, worker).await;
+    worker.sigterm();
+    assert_eq!(worker.wait_exit(T).await, Some(0));
+    env.assert_audit_clean().await;
+    env.cleanup().await;
 }
 
 /// The worker's sessions ask the server for TCP keepalive, so a session whose client vanished
@@ -306,8 +307,17 @@ async fn scheduled_sweep_runs_at_its_cron_tick() {
     )
     .await
     .expect("worker");
-    // A second before the tick: the scheduler is asleep; then the tick.
-    clock.set(tick - chrono::Duration::seconds(1));
+    // Nothing was due at start: the scheduler sleeps until the tick (rather than sweeping as
+    // a catch-up, which a clock moved before it started would have it do).
+    wait_for(T, "the scheduler to sleep until its tick", || async {
+        clock.sleepers() == 1
+    })
+    .await;
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM credit.transactions WHERE type = 'GRANT'")
+            .await,
+        0
+    );
     clock.set(tick);
     let month = Month::of(tick);
     wait_refilled(&env, month, T).await;

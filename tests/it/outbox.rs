@@ -47,7 +47,8 @@ async fn outbox_ids_are_drawn_in_commit_order() {
         sqlx::query("COMMIT").execute(&mut second).await.unwrap();
         id
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    env.wait_for_one_lock_waiter(T, "the second writer to wait for the outbox's id lock")
+        .await;
     assert!(
         !later.is_finished(),
         "a second writer drew an id while the first was open"
