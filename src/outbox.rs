@@ -373,7 +373,8 @@ mod tests {
         p.more = true;
         assert!(p.due());
         p.more = false;
-        p.last = Instant::now().checked_sub(Duration::from_secs(61));
+        // Some: a `None` (never pruned) would be due for another reason.
+        p.last = Some(Instant::now() - Duration::from_secs(61));
         assert!(p.due());
         assert!(!Pruner::new(None).due());
     }

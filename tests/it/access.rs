@@ -69,8 +69,12 @@ impl Users {
         Some(users)
     }
 
-    fn url(user: &str) -> String {
-        format!("amqp://{user}:{PASSWORD}@127.0.0.1:5672/%2f")
+    /// The test broker's URL (its host, port and vhost) with `user` logging in.
+    fn url(base: &str, user: &str) -> String {
+        let mut url = url::Url::parse(base).expect("the test's AMQP URL");
+        url.set_username(user).expect("a URL with a host");
+        url.set_password(Some(PASSWORD)).expect("a URL with a host");
+        url.to_string()
     }
 }
 
@@ -88,7 +92,7 @@ impl Drop for Users {
 
 async fn open(env: &TestEnv, user: &str) -> (Connection, Channel) {
     let mut amqp = env.settings.amqp.clone();
-    amqp.url = Users::url(user);
+    amqp.url = Users::url(&env.settings.amqp.url, user);
     let conn = credit_worker::amqp::connect(&amqp, "access test")
         .await
         .unwrap_or_else(|e| panic!("{user} connects: {e}"));
@@ -165,7 +169,7 @@ async fn each_role_works_with_exactly_the_recipes_rights() {
     };
     seed(&env, ["alice"], 100).await;
     let mut settings = env.settings.clone();
-    settings.amqp.url = Users::url(&users.worker);
+    settings.amqp.url = Users::url(&env.settings.amqp.url, &users.worker);
     settings.amqp.allowed_producers = vec![users.executor.clone()];
     settings.control.allowed_users = vec![users.payments.clone()];
     let worker = Worker::start(settings).await.expect("the worker starts");
@@ -302,12 +306,15 @@ async fn replayed_dead_letters_are_billed_as_their_producers(env: &TestEnv, user
         ])
         .env_remove("CREDIT_WORKER_CONFIG")
         .envs(env.process_env())
-        .env("AMQP_URL", Users::url(&users.worker));
+        .env(
+            "AMQP_URL",
+            Users::url(&env.settings.amqp.url, &users.worker),
+        );
     let out = replay.output().expect("run the replay");
     let report: Value = serde_json::from_slice(&out.stdout).expect("the replay's report");
     assert_eq!(report["replayed"], 1, "{report}");
     let mut settings = env.settings.clone();
-    settings.amqp.url = Users::url(&users.worker);
+    settings.amqp.url = Users::url(&env.settings.amqp.url, &users.worker);
     settings.amqp.allowed_producers = vec![users.executor.clone()];
     let worker = Worker::start(settings).await.expect("the worker starts");
     env.wait_decisions(2, T).await;

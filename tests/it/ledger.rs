@@ -960,8 +960,13 @@ async fn settlements_are_stored_once_and_may_leave_a_debt() {
               VALUES ('s', 99, 'X', 'USAGE', -1, -28)",
     )
     .execute(&env.pool)
-    .await;
-    assert!(refused.is_err());
+    .await
+    .expect_err("a pre-flight debit into debt");
+    assert_eq!(
+        refused.as_database_error().and_then(|e| e.constraint()),
+        Some("transactions_running_balance_check"),
+        "{refused}"
+    );
     env.assert_audit_clean().await;
     env.cleanup().await;
 }
@@ -1458,7 +1463,12 @@ async fn the_audit_finds_a_long_rows_event_under_its_bounded_or_earlier_id() {
         .await
         .unwrap();
     let report = credit_worker::ledger::audit::run(&env.pool).await.unwrap();
-    assert_eq!(report.mismatches.len(), 1, "{:?}", report.mismatches);
+    let found: Vec<(&str, &str)> = report
+        .mismatches
+        .iter()
+        .map(|m| (m.user_id.as_str(), m.problem.as_str()))
+        .collect();
+    assert_eq!(found, [("a:b", "seq 1 has no balance.changed event")]);
     env.cleanup().await;
 }
 
@@ -1484,7 +1494,11 @@ async fn a_range_that_cannot_be_refilled_holds_up_no_other() {
     let policy = credit_worker::ledger::RefillPolicy { target: 100 };
     let month: Month = "2026-12".parse().unwrap();
     let swept = refill::sweep(&env.pool, policy, month, None, 2, |_| {}).await;
-    assert!(swept.is_err(), "{swept:?}");
+    let e = swept.expect_err("r03's range fails");
+    assert_eq!(
+        e.to_string(),
+        "database: error returned from database: duplicate key value violates unique constraint \"transactions_pkey\""
+    );
     // The range (r02, r03] failed as one transaction; the nine others were refilled.
     let refilled = "SELECT count(*) FROM credit.balances WHERE refill_month = '2026-12-01'";
     assert_eq!(env.scalar_i64(refilled).await, 18);
@@ -1544,7 +1558,19 @@ async fn a_first_time_user_is_locked_in_order_with_the_rest() {
         .unwrap();
     other.commit().await.unwrap();
     let verdicts = batch.await.unwrap().expect("no deadlock");
-    assert_eq!(verdicts.len(), 2);
+    let decided = |outcome, cost, balance| Verdict::Decided {
+        outcome,
+        cost,
+        fee: 0,
+        balance,
+    };
+    assert_eq!(
+        verdicts,
+        [
+            decided(Outcome::Rejected, 10, 0),
+            decided(Outcome::Charged, 10, 90)
+        ]
+    );
     // m pays 10; c, created with nothing and no refill, is refused.
     let balance = |u: &'static str| {
         let ledger = env.ledger();
