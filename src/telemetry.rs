@@ -2,7 +2,7 @@
 //! `/healthz` and `/readyz`.
 
 use std::io::IsTerminal;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -67,8 +67,30 @@ pub fn metrics_handle() -> Option<PrometheusHandle> {
                 .ok()?
                 .install_recorder()
                 .ok()
+                .inspect(spawn_upkeep)
         })
         .clone()
+}
+
+/// Upkeeps the recorder has run; see [`spawn_upkeep`].
+static UPKEEPS: AtomicU64 = AtomicU64::new(0);
+
+/// Drains the histograms' samples into their buckets every few seconds. The recorder keeps
+/// every sample until a scrape or an upkeep takes it, so without this a worker that nobody
+/// scrapes (`http.listen` empty, or no Prometheus) would grow by every batch it decides. A
+/// plain thread: it needs no runtime, and metrics may be installed before one exists.
+fn spawn_upkeep(handle: &PrometheusHandle) {
+    let handle = handle.clone();
+    let spawned = std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(move || loop {
+            handle.run_upkeep();
+            UPKEEPS.fetch_add(1, Ordering::Relaxed);
+            std::thread::sleep(Duration::from_secs(5));
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the metrics upkeep; histograms grow until scraped");
+    }
 }
 
 /// What `/readyz` reports: set by the consumer as it connects and consumes, and by the
@@ -178,6 +200,17 @@ fn up(b: bool) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::panic_text;
+
+    /// The recorder drains its histograms by itself, scraped or not.
+    #[test]
+    fn the_recorder_runs_its_upkeep_unscraped() {
+        assert!(super::metrics_handle().is_some());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while super::UPKEEPS.load(std::sync::atomic::Ordering::Relaxed) < 2 {
+            assert!(std::time::Instant::now() < deadline, "no upkeep ran");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
 
     #[test]
     fn a_panics_message_is_read_from_either_payload() {
