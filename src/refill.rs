@@ -55,9 +55,26 @@ impl Clock for SystemClock {
     }
 
     fn sleep_until(&self, at: DateTime<Utc>) -> BoxFuture<'_, ()> {
-        let wait = (at - Utc::now()).to_std().unwrap_or_default();
-        Box::pin(tokio::time::sleep(wait))
+        Box::pin(async move {
+            while let Some(nap) = nap_until(Utc::now(), at) {
+                tokio::time::sleep(nap).await;
+            }
+        })
     }
+}
+
+/// The longest a wait for the wall clock to reach `at` sleeps before it looks again: the
+/// runtime's timer is monotonic, so a wall clock stepped (NTP) or a machine suspended while a
+/// month-long wait sleeps would otherwise fire that much late or early.
+const NAP: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// How long to sleep at `now` on the way to `at`: none once there.
+fn nap_until(now: DateTime<Utc>, at: DateTime<Utc>) -> Option<std::time::Duration> {
+    (at - now)
+        .to_std()
+        .ok()
+        .filter(|left| !left.is_zero())
+        .map(|left| left.min(NAP))
 }
 
 /// A clock that only moves when told to ([`ManualClock::set`]).
@@ -185,6 +202,18 @@ mod tests {
         let late = Schedule::parse("0 0 0 28 * *").unwrap();
         assert_eq!(late.due_this_month(at), None);
         assert!(Schedule::parse("every day").is_err());
+    }
+
+    #[test]
+    fn the_system_clock_looks_again_at_least_every_minute() {
+        let at = Utc.with_ymd_and_hms(2031, 2, 1, 0, 0, 0).unwrap();
+        let secs = |s: i64| at - chrono::Duration::seconds(s);
+        assert_eq!(nap_until(secs(30 * 86_400), at), Some(NAP));
+        assert_eq!(nap_until(secs(61), at), Some(NAP));
+        assert_eq!(nap_until(secs(2), at), Some(std::time::Duration::from_secs(2)));
+        assert_eq!(nap_until(at, at), None);
+        // A clock stepped past the tick while asleep: due at once.
+        assert_eq!(nap_until(at + chrono::Duration::hours(3), at), None);
     }
 
     #[tokio::test]
