@@ -312,9 +312,15 @@ async fn run(settings: Settings, signals: StopSignals) -> anyhow::Result<ExitCod
     let shutdown = tokio_util::sync::CancellationToken::new();
     let stop = shutdown.clone();
     tokio::spawn(async move {
+        let mut signals = signals;
         signals.recv().await;
-        tracing::info!("signal received; shutting down");
+        tracing::info!("signal received; shutting down (a second one stops at once)");
         stop.cancel();
+        // Nothing is lost by stopping at once: what is not acked is delivered again, and
+        // the outbox keeps what is not published.
+        signals.recv().await;
+        tracing::error!("second signal: stopping at once, without draining");
+        std::process::exit(1);
     });
     let worker = match crate::service::Worker::start_with(settings, shutdown.clone()).await {
         Ok(w) => w,

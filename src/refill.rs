@@ -151,7 +151,15 @@ impl Scheduler {
     async fn sweep(&self, month: Month, stop: &CancellationToken) {
         let mut delays = crate::retry::backoff();
         loop {
-            match sweep_exclusive(&self.pool, self.policy, month, self.chunk).await {
+            let swept = tokio::select! {
+                swept = sweep_exclusive(&self.pool, self.policy, month, self.chunk) => swept,
+                // Ranges committed so far stay refilled; the next start catches up the rest.
+                _ = stop.cancelled() => {
+                    info!(%month, "refill sweep given up for shutdown; the next start completes it");
+                    return;
+                }
+            };
+            match swept {
                 Ok(Some(r)) => {
                     info!(month = %r.month, users_refilled = r.users_refilled, credits_granted = r.credits_granted, users_evaluated = r.users_evaluated, duration_ms = r.duration_ms, "refill sweep done");
                     return;
@@ -210,7 +218,10 @@ mod tests {
         let secs = |s: i64| at - chrono::Duration::seconds(s);
         assert_eq!(nap_until(secs(30 * 86_400), at), Some(NAP));
         assert_eq!(nap_until(secs(61), at), Some(NAP));
-        assert_eq!(nap_until(secs(2), at), Some(std::time::Duration::from_secs(2)));
+        assert_eq!(
+            nap_until(secs(2), at),
+            Some(std::time::Duration::from_secs(2))
+        );
         assert_eq!(nap_until(at, at), None);
         // A clock stepped past the tick while asleep: due at once.
         assert_eq!(nap_until(at + chrono::Duration::hours(3), at), None);

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use sqlx::PgPool;
 use tokio::task::{JoinError, JoinHandle};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -281,7 +282,7 @@ impl Parts {
         health.set_relaying(true);
         let d = drain.clone();
         tasks.spawn("outbox relay", async move {
-            relay.run(d, Duration::from_secs(10)).await
+            relay.run(d, RELAY_HARD_STOP).await
         });
         let (settings, ledger) = control;
         let stop = shutdown.clone();
@@ -295,24 +296,33 @@ impl Parts {
             tasks.adopt("http", h.task);
         }
 
-        let failure = tasks.first_exit(&shutdown, &health).await;
+        let mut failure = tasks.first_exit(&shutdown, &health).await;
         if let Some(f) = &failure {
             error!(task = f.task, cause = %f.cause, "task ended unexpectedly; shutting down");
             shutdown.cancel();
         }
         // The drain order: every writer of the outbox (the consumer finishes and acks its
-        // batch, a command or a sweep under way commits) → the relay, which flushes what they
-        // wrote → HTTP.
-        tasks.join("consumer", &health).await;
+        // batch, a command under way commits, a sweep gives up between ranges) → the relay,
+        // which flushes what they wrote → HTTP. Each step is bounded, so a stop ends within
+        // an orchestrator's usual 30 s grace whatever a task waits for.
+        let writers_by = Instant::now() + WRITERS_STOP;
+        failure = failure.or(tasks.join("consumer", &health, writers_by).await);
         info!("consumer stopped; waiting for control and the refill scheduler before flushing the outbox");
-        tasks.join("control", &health).await;
-        tasks.join("refill scheduler", &health).await;
+        failure = failure.or(tasks.join("control", &health, writers_by).await);
+        failure = failure.or(tasks.join("refill scheduler", &health, writers_by).await);
         info!("flushing the outbox");
         drain.cancel();
-        tasks.join("outbox relay", &health).await;
+        let relay_by = Instant::now() + RELAY_HARD_STOP + Duration::from_secs(2);
+        failure = failure.or(tasks.join("outbox relay", &health, relay_by).await);
         http_stop.cancel();
-        tasks.join("http", &health).await;
-        pool.close().await;
+        let http_by = Instant::now() + Duration::from_secs(2);
+        failure = failure.or(tasks.join("http", &health, http_by).await);
+        if tokio::time::timeout(Duration::from_secs(2), pool.close())
+            .await
+            .is_err()
+        {
+            warn!("database connections still closing after 2 s; leaving them");
+        }
         info!("stopped");
         match failure {
             Some(f) => Err(anyhow::anyhow!(
@@ -324,6 +334,13 @@ impl Parts {
         }
     }
 }
+
+/// How long the outbox's writers (the consumer, control, the refill scheduler) have to stop
+/// once asked.
+const WRITERS_STOP: Duration = Duration::from_secs(15);
+
+/// How long the relay flushes the outbox before it stops whatever is left.
+const RELAY_HARD_STOP: Duration = Duration::from_secs(10);
 
 /// Which task ended on its own, and why.
 struct Failure {
@@ -373,16 +390,23 @@ impl Tasks {
         })
     }
 
-    /// Waits for the task named `name`, if it is still there; logs a panic.
-    async fn join(&mut self, name: &str, health: &Health) {
-        let Some(i) = self.0.iter().position(|(n, _)| *n == name) else {
-            return;
-        };
-        let (task, handle) = self.0.remove(i);
-        if let Err(e) = handle.await {
-            error!(task, cause = %cause(Err(e)), "task failed while stopping");
-        }
+    /// Waits until `by` for the task named `name`, if it is still there, and aborts it then.
+    /// A panic or an abort is a failure: the process exits non-zero.
+    async fn join(&mut self, name: &str, health: &Health, by: Instant) -> Option<Failure> {
+        let i = self.0.iter().position(|(n, _)| *n == name)?;
+        let (task, mut handle) = self.0.remove(i);
+        let ended = tokio::time::timeout_at(by, &mut handle).await;
         mark_down(task, health);
+        let cause = match ended {
+            Ok(Ok(())) => return None,
+            Ok(Err(e)) => cause(Err(e)),
+            Err(_) => {
+                handle.abort();
+                "did not stop in time; abandoned".to_owned()
+            }
+        };
+        error!(task, %cause, "task failed while stopping");
+        Some(Failure { task, cause })
     }
 }
 
@@ -411,6 +435,31 @@ fn cause(result: Result<(), JoinError>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A task that panics or hangs while the service stops makes the stop a failure (the
+    /// process exits non-zero), and a hanging one is abandoned at its deadline.
+    #[tokio::test]
+    async fn a_task_that_fails_or_hangs_while_stopping_is_a_failure() {
+        let health = Health::new();
+        let mut tasks = Tasks::default();
+        tasks.spawn("clean", async {});
+        tasks.spawn("panics", async { panic!("boom") });
+        tasks.spawn("hangs", std::future::pending());
+        let soon = Instant::now() + Duration::from_millis(200);
+        assert!(tasks.join("clean", &health, soon).await.is_none());
+        let panicked = tasks.join("panics", &health, soon).await.map(|f| f.cause);
+        assert_eq!(panicked.as_deref(), Some("panicked: boom"));
+        let hung = tasks
+            .join("hangs", &health, soon)
+            .await
+            .map(|f| (f.task, f.cause));
+        assert_eq!(
+            hung,
+            Some(("hangs", "did not stop in time; abandoned".to_owned()))
+        );
+        assert!(Instant::now() >= soon);
+        assert!(tasks.join("gone", &health, soon).await.is_none());
+    }
 
     #[test]
     fn a_cost_file_that_cannot_be_read_is_named_by_its_key() {
@@ -450,7 +499,8 @@ mod tests {
         assert!(health.consuming());
 
         shutdown.cancel();
-        tasks.join("consumer", &health).await;
+        let by = Instant::now() + Duration::from_secs(5);
+        assert!(tasks.join("consumer", &health, by).await.is_none());
         assert!(!health.consuming());
         assert!(tasks.0.is_empty());
     }

@@ -29,10 +29,10 @@ impl StopSignals {
         }
     }
 
-    /// The first SIGTERM or SIGINT (Ctrl-C where the handlers could not be installed).
-    pub(crate) async fn recv(self) {
+    /// The next SIGTERM or SIGINT (Ctrl-C where the handlers could not be installed).
+    pub(crate) async fn recv(&mut self) {
         #[cfg(unix)]
-        if let Some((mut term, mut int)) = self.streams {
+        if let Some((term, int)) = &mut self.streams {
             tokio::select! {
                 _ = term.recv() => {}
                 _ = int.recv() => {}

@@ -452,14 +452,6 @@ pub(crate) async fn try_sweep_lock(conn: &mut PgConnection) -> Result<bool, sqlx
         .await
 }
 
-pub(crate) async fn sweep_unlock(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-    sqlx::query("SELECT pg_advisory_unlock($1)")
-        .bind(SWEEP_LOCK)
-        .execute(&mut *conn)
-        .await
-        .map(|_| ())
-}
-
 /// Writes the ledger rows, the changed balance rows and the outbox rows.
 pub(crate) async fn flush<'a>(
     conn: &mut PgConnection,

@@ -6,7 +6,7 @@ use std::time::Instant;
 use chrono::Utc;
 use futures::stream::{FuturesUnordered, StreamExt};
 use serde::Serialize;
-use sqlx::PgPool;
+use sqlx::{Connection as _, PgPool};
 use tracing::warn;
 
 use super::account::{Changes, RefillPolicy};
@@ -113,13 +113,16 @@ pub(crate) async fn sweep_exclusive(
     month: Month,
     chunk: i64,
 ) -> Result<Option<SweepReport>, LedgerError> {
-    let mut lock_conn = pool.acquire().await?;
+    // The lock is the session's, so the session is kept out of the pool: closed or dropped
+    // (a sweep given up at shutdown), it ends and the lock with it, rather than going back
+    // to the pool still holding it.
+    let mut lock_conn = pool.acquire().await?.detach();
     if !store::try_sweep_lock(&mut lock_conn).await? {
+        let _ = lock_conn.close().await;
         return Ok(None);
     }
     let result = sweep(pool, policy, month, None, chunk, |_| {}).await;
-    // Closing the session would release it too; unlocking keeps the pooled connection clean.
-    let _ = store::sweep_unlock(&mut lock_conn).await;
+    let _ = lock_conn.close().await;
     result.map(Some)
 }
 

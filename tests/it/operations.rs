@@ -623,3 +623,46 @@ async fn a_sweep_waits_for_the_lock_rather_than_skip_the_month() {
     assert_eq!(w.wait_exit(T).await, Some(0));
     env.cleanup().await;
 }
+
+/// A stop during a sweep gives the sweep up between ranges instead of waiting for every
+/// account (it could outlast an orchestrator's grace period); the next start completes the
+/// month, each user refilled once.
+#[tokio::test]
+async fn a_stop_during_a_sweep_gives_it_up_and_the_next_start_completes_it() {
+    let env = TestEnv::new().await;
+    let users = 300_000_i64;
+    sqlx::query(
+        "INSERT INTO credit.balances (user_id)
+         SELECT 'u' || lpad(i::text, 7, '0') FROM generate_series(1, $1) i",
+    )
+    .bind(users)
+    .execute(&env.pool)
+    .await
+    .expect("accounts");
+    let mut vars = env.process_env();
+    // The month's tick (the 1st, at midnight) has passed: a start catches its sweep up.
+    vars.push(("CREDIT_WORKER__REFILL__LAZY".into(), "false".into()));
+    let granted = format!(
+        "SELECT count(*) FROM credit.transactions WHERE transaction_key = '{}'",
+        Month::of(Utc::now()).refill_key()
+    );
+    let (mut w, _) = WorkerProcess::spawn_with_http(&vars, &["run"]);
+    let sql = granted.as_str();
+    wait_count(&env, T, "the sweep to begin", sql, &[], |n| n > 0).await;
+    w.sigterm();
+    assert_eq!(w.wait_exit(T).await, Some(0));
+    let at_exit = env.scalar_i64(sql).await;
+    assert!(at_exit < users, "the stop waited for the whole sweep");
+    let (mut w, _) = WorkerProcess::spawn_with_http(&vars, &["run"]);
+    wait_count(&env, Duration::from_secs(120), "the rest", sql, &[], |n| {
+        n >= users
+    })
+    .await;
+    w.sigterm();
+    assert_eq!(w.wait_exit(T).await, Some(0));
+    assert_eq!(env.scalar_i64(&granted).await, users);
+    let refilled = "SELECT count(*) FROM credit.balances WHERE balance = 1000";
+    assert_eq!(env.scalar_i64(refilled).await, users);
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
