@@ -407,6 +407,16 @@ impl Settings {
         if self.amqp.namespace.len() > MAX_NAMESPACE_BYTES {
             return bad("amqp.namespace", "must be at most 200 bytes");
         }
+        // The broker refuses to declare such names (ACCESS_REFUSED), which would otherwise be
+        // retried forever instead of named at start.
+        if self.amqp.namespace.starts_with("amq.") {
+            return bad("amqp.namespace", "must not start with `amq.` (reserved by AMQP)");
+        }
+        // 0 would dead-letter a message the first time it comes back (a broker restart, a
+        // lost connection), before it was ever decided.
+        if self.amqp.delivery_limit == 0 {
+            return bad("amqp.delivery_limit", "must be at least 1");
+        }
         if !(1..=31_536_000).contains(&self.auto_top_up.request_ttl_s) {
             return bad(
                 "auto_top_up.request_ttl_s",
@@ -684,6 +694,23 @@ mod tests {
             e.contains("amqp.namespace: must be at most 200 bytes"),
             "{e}"
         );
+        for (var, value, expected) in [
+            (
+                "CREDIT_WORKER__AMQP__NAMESPACE",
+                "amq.t1.",
+                "amqp.namespace: must not start with `amq.` (reserved by AMQP)",
+            ),
+            (
+                "CREDIT_WORKER__AMQP__DELIVERY_LIMIT",
+                "0",
+                "amqp.delivery_limit: must be at least 1",
+            ),
+        ] {
+            let e = Settings::load_from(None, &env(&[(var, value)]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(expected), "{e}");
+        }
         let e = Settings::load_from(None, &env(&[("CREDIT_WORKER__REFILL__SCHEDULE", "soon")]))
             .unwrap_err()
             .to_string();
