@@ -200,6 +200,9 @@ impl Consumer {
                         permit.map_err(|_| SessionError::DeciderGone)?.send(batch);
                         break;
                     }
+                    // A decider busy at the stop (waiting out a database outage, say) gives
+                    // up its batch; this one goes back to the queue unacked too.
+                    _ = stop.cancelled() => return Ok(()),
                     d = deliveries.next() => {
                         let d = next_delivery(d)?;
                         if batch.len() < max_batch {
