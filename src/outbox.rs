@@ -189,7 +189,12 @@ impl Relay {
         hard_stop: &CancellationToken,
     ) -> Result<bool, RelayError> {
         tokio::select! {
-            r = listener.recv() => { r?; }
+            r = listener.recv() => {
+                r?;
+                // Those that piled up while this relay published: one read answers them all,
+                // committed before they were sent.
+                while listener.next_buffered().is_some() {}
+            }
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             _ = drain.cancelled() => {}
             _ = hard_stop.cancelled() => return Ok(false),
