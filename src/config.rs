@@ -410,7 +410,10 @@ impl Settings {
         // The broker refuses to declare such names (ACCESS_REFUSED), which would otherwise be
         // retried forever instead of named at start.
         if self.amqp.namespace.starts_with("amq.") {
-            return bad("amqp.namespace", "must not start with `amq.` (reserved by AMQP)");
+            return bad(
+                "amqp.namespace",
+                "must not start with `amq.` (reserved by AMQP)",
+            );
         }
         // 0 would dead-letter a message the first time it comes back (a broker restart, a
         // lost connection), before it was ever decided.

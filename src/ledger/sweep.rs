@@ -101,8 +101,6 @@ async fn sweep_with(
     }
     report.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     metrics::counter!("credit_refill_runs_total").increment(1);
-    metrics::counter!("credit_refill_users_total").increment(report.users_refilled as u64);
-    metrics::counter!("credit_refill_credits_total").increment(report.credits_granted as u64);
     Ok(report)
 }
 
@@ -150,6 +148,7 @@ async fn sweep_one(
     }
     store::flush(&mut tx, accounts.values(), &changes, now).await?;
     tx.commit().await?;
+    changes.count_refills();
     Ok(())
 }
 
@@ -185,7 +184,12 @@ async fn sweep_all(
     let mut failed = None;
     let mut finished = |done: Result<RefillTotals, LedgerError>, report: &mut SweepReport| {
         match done {
-            Ok(totals) => report.add(totals),
+            // Counted as each range commits, so a sweep that fails later still counts them.
+            Ok(totals) => {
+                metrics::counter!("credit_refill_users_total").increment(totals.refilled as u64);
+                metrics::counter!("credit_refill_credits_total").increment(totals.granted as u64);
+                report.add(totals)
+            }
             Err(e) => failed = Some(graver(failed.take(), e)),
         }
         progress(report);
