@@ -196,12 +196,16 @@ impl Consumer {
             loop {
                 tokio::select! {
                     biased;
-                    permit = tx.reserve() => {
-                        permit.map_err(|_| SessionError::DeciderGone)?.send(batch);
-                        break;
-                    }
-                    // A decider busy at the stop (waiting out a database outage, say) gives
-                    // up its batch; this one goes back to the queue unacked too.
+                    permit = tx.reserve() => match permit {
+                        Ok(permit) => {
+                            permit.send(batch);
+                            break;
+                        }
+                        // A decider busy at the stop (waiting out a database outage, say)
+                        // gives up its batch and ends; this one goes back unacked too.
+                        Err(_) if stop.is_cancelled() => return Ok(()),
+                        Err(_) => return Err(SessionError::DeciderGone),
+                    },
                     _ = stop.cancelled() => return Ok(()),
                     d = deliveries.next() => {
                         let d = next_delivery(d)?;

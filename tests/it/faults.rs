@@ -489,3 +489,67 @@ async fn a_broker_that_stops_answering_the_relay_holds_shutdown_only_for_the_dra
     worker.stop().await.unwrap();
     env.cleanup().await;
 }
+
+/// A stop while the database is away is clean: exit 0, the batches held go back to the queue
+/// unacked, and no broker reconnect is logged for what is no fault of the broker's. The next
+/// worker decides them, once.
+#[tokio::test]
+async fn a_stop_during_a_database_outage_is_clean() {
+    let env = TestEnv::with(no_refill).await;
+    seed(&env, ["out"], 1_000).await;
+    let mut vars = env.process_env();
+    vars.push(("CREDIT_WORKER__PIPELINE__MAX_BATCH".into(), "2".into()));
+    let (mut w, _, log) = WorkerProcess::spawn_logged(&vars, &["run"], "info");
+    env.publish(&[body(&platform_gpt4("out", "o-0"))]).await;
+    env.wait_decisions(1, T).await;
+
+    // The outage: no new sessions, and the worker's cut.
+    let admin = sqlx::PgPool::connect(&format!("{}/postgres", services().await.pg_base))
+        .await
+        .expect("admin connection");
+    let allow = |on: bool| format!("ALTER DATABASE \"{}\" ALLOW_CONNECTIONS {on}", env.db_name);
+    sqlx::query(&allow(false))
+        .execute(&admin)
+        .await
+        .expect("outage");
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+        .bind(&env.db_name)
+        .execute(&admin)
+        .await
+        .expect("cut the sessions");
+    let more: Vec<Vec<u8>> = (1..=10)
+        .map(|i| body(&platform_gpt4("out", &format!("o-{i}"))))
+        .collect();
+    env.publish(&more).await;
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match log.recv_timeout(left) {
+            Ok(line) if line.contains("decision transaction failed; retrying") => break,
+            Ok(_) => {}
+            Err(e) => panic!("the decider never met the outage: {e}"),
+        }
+    }
+    w.sigterm();
+    let exit = w.wait_exit(T).await;
+    sqlx::query(&allow(true))
+        .execute(&admin)
+        .await
+        .expect("end the outage");
+    admin.close().await;
+    assert_eq!(exit, Some(0));
+    let reconnects: Vec<String> = log
+        .try_iter()
+        // The relay's session is the database's too: it reconnects, rightly.
+        .filter(|l| l.contains("broker session ended") && l.contains("\"session\":\"consumer\""))
+        .collect();
+    assert!(reconnects.is_empty(), "{reconnects:?}");
+
+    let mut w = WorkerProcess::spawn(&vars, &["run"]);
+    env.wait_decisions(11, T).await;
+    w.sigterm();
+    assert_eq!(w.wait_exit(T).await, Some(0));
+    assert_decided_and_charged(&env, 11).await;
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
