@@ -113,17 +113,38 @@ impl Relay {
     }
 
     /// Tries the leader's lock every 500 ms while another replica's relay leads (it has the
-    /// outbox in hand, so a standby neither listens nor reads). False when stopped first.
+    /// outbox in hand, so a standby neither listens nor reads). Once draining, a standby ends
+    /// when the leader has published every event up to the outbox's last when the drain
+    /// began (this worker's among them), and keeps trying for the lead until then: when all
+    /// replicas stop at once, the leader's last read may have come before this worker's last
+    /// commit. False when it need not or cannot lead.
     async fn await_lead(
         &self,
         db: &mut PgConnection,
         drain: &CancellationToken,
         hard_stop: &CancellationToken,
     ) -> Result<bool, RelayError> {
+        let mut ours_through = None;
         while !store::try_lead_relay(db).await? {
+            if drain.is_cancelled() {
+                let first = ours_through.is_none();
+                let through = match ours_through {
+                    Some(id) => id,
+                    None => *ours_through.insert(store::outbox_head(db).await?),
+                };
+                if store::watermark(db).await? >= through {
+                    return Ok(false);
+                }
+                if first {
+                    info!(
+                        through,
+                        "waiting for the leading relay to publish this worker's events"
+                    );
+                }
+            }
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                _ = drain.cancelled() => return Ok(false),
+                _ = drain.cancelled(), if !drain.is_cancelled() => {}
                 _ = hard_stop.cancelled() => return Ok(false),
             }
         }

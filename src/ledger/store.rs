@@ -667,6 +667,14 @@ pub(crate) async fn try_lead_relay(conn: &mut PgConnection) -> Result<bool, sqlx
     sqlx::query_scalar(LEAD_RELAY).fetch_one(&mut *conn).await
 }
 
+/// The id of the outbox's last row (0 when empty): every event committed so far is at or
+/// below it.
+pub(crate) async fn outbox_head(conn: &mut PgConnection) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM credit.outbox")
+        .fetch_one(&mut *conn)
+        .await
+}
+
 /// The relays' watermark: every event up to it was published.
 pub(crate) async fn watermark(conn: &mut PgConnection) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(WATERMARK).fetch_one(&mut *conn).await
