@@ -307,6 +307,9 @@ fn default_log_level(command: &Command) -> &'static str {
     }
 }
 
+/// How long after the first stop signal another one counts as a second request.
+const SECOND_SIGNAL_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
 async fn run(settings: Settings, signals: StopSignals) -> anyhow::Result<ExitCode> {
     crate::telemetry::metrics_handle();
     let shutdown = tokio_util::sync::CancellationToken::new();
@@ -316,9 +319,17 @@ async fn run(settings: Settings, signals: StopSignals) -> anyhow::Result<ExitCod
         signals.recv().await;
         tracing::info!("signal received; shutting down (a second one stops at once)");
         stop.cancel();
+        // One stop often arrives as two signals at once (Ctrl-C in a terminal and SIGTERM from
+        // a process manager): only a signal a moment later is a second request.
+        let first = std::time::Instant::now();
+        loop {
+            signals.recv().await;
+            if first.elapsed() >= SECOND_SIGNAL_AFTER {
+                break;
+            }
+        }
         // Nothing is lost by stopping at once: what is not acked is delivered again, and
         // the outbox keeps what is not published.
-        signals.recv().await;
         tracing::error!("second signal: stopping at once, without draining");
         std::process::exit(1);
     });

@@ -302,7 +302,7 @@ impl Parts {
             shutdown.cancel();
         }
         // The drain order: every writer of the outbox (the consumer finishes and acks its
-        // batch, a command under way commits, a sweep gives up between ranges) → the relay,
+        // batch, a command under way commits, a sweep is given up, its range in flight rolled back) → the relay,
         // which flushes what they wrote → HTTP. Each step is bounded, so a stop ends within
         // an orchestrator's usual 30 s grace whatever a task waits for.
         let writers_by = Instant::now() + WRITERS_STOP;
@@ -312,7 +312,7 @@ impl Parts {
         failure = failure.or(tasks.join("refill scheduler", &health, writers_by).await);
         info!("flushing the outbox");
         drain.cancel();
-        let relay_by = Instant::now() + RELAY_HARD_STOP + Duration::from_secs(2);
+        let relay_by = Instant::now() + RELAY_HARD_STOP + Duration::from_secs(1);
         failure = failure.or(tasks.join("outbox relay", &health, relay_by).await);
         http_stop.cancel();
         let http_by = Instant::now() + Duration::from_secs(2);
@@ -325,26 +325,25 @@ impl Parts {
         }
         info!("stopped");
         match failure {
-            Some(f) => Err(anyhow::anyhow!(
-                "{} ended unexpectedly: {}",
-                f.task,
-                f.cause
-            )),
+            Some(f) => Err(anyhow::anyhow!("{} {}: {}", f.task, f.when, f.cause)),
             None => Ok(()),
         }
     }
 }
 
 /// How long the outbox's writers (the consumer, control, the refill scheduler) have to stop
-/// once asked.
-const WRITERS_STOP: Duration = Duration::from_secs(15);
+/// once asked. With the relay's 11 s and HTTP's and the pool's 2 s each, a stop takes at most
+/// 27 s, within the 30 s grace process managers commonly give.
+const WRITERS_STOP: Duration = Duration::from_secs(12);
 
 /// How long the relay flushes the outbox before it stops whatever is left.
 const RELAY_HARD_STOP: Duration = Duration::from_secs(10);
 
-/// Which task ended on its own, and why.
+/// Which task ended on its own or failed to stop, and why.
 struct Failure {
     task: &'static str,
+    /// "ended unexpectedly" or "failed while stopping".
+    when: &'static str,
     cause: String,
 }
 
@@ -386,6 +385,7 @@ impl Tasks {
         }
         Some(Failure {
             task,
+            when: "ended unexpectedly",
             cause: cause(result),
         })
     }
@@ -406,7 +406,11 @@ impl Tasks {
             }
         };
         error!(task, %cause, "task failed while stopping");
-        Some(Failure { task, cause })
+        Some(Failure {
+            task,
+            when: "failed while stopping",
+            cause,
+        })
     }
 }
 

@@ -22,8 +22,9 @@ use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, B
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection};
 use tokio::sync::mpsc;
-use tokio::task::{JoinError, JoinHandle};
+use tokio::task::JoinError;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::{info, warn, Instrument};
 
 use crate::amqp::topology::{self, Names};
@@ -117,13 +118,15 @@ impl Consumer {
         // Cancelled on shutdown too: the batches in flight are still decided when the database
         // answers, and abandoned (left unacked) rather than retried forever when it does not.
         let decider_stop = stop.child_token();
-        let mut decider = tokio::spawn(decide_loop(
+        // Aborted with the session: a consumer abandoned at shutdown leaves no decider behind
+        // to commit after the outbox's last flush.
+        let mut decider = AbortOnDropHandle::new(tokio::spawn(decide_loop(
             self.clone(),
             rx,
             s.dead.clone(),
             s.names.clone(),
             decider_stop.clone(),
-        ));
+        )));
         let result = self.collect(&mut deliveries, &tx, stop).await;
         // Not consuming from this moment (a fault or a stop), whatever the cleanup below takes.
         self.health.set_consuming(false);
@@ -258,7 +261,8 @@ fn joined<T>(ended: Result<T, JoinError>) -> Result<T, SessionError> {
 /// A batch whose decision has begun, on a task of its own.
 struct InFlight {
     follow: Follow,
-    task: JoinHandle<Tried>,
+    /// Aborted when dropped, with the decider that holds it.
+    task: AbortOnDropHandle<Tried>,
 }
 
 /// A batch after its first try.
@@ -318,7 +322,7 @@ impl Consumer {
         metrics::histogram!("credit_batch_size").record(batch.len() as f64);
         let (turn, follow) = Turn::after(in_flight.iter().map(|f| &f.follow));
         let c = self.clone();
-        let task = tokio::spawn(async move {
+        let task = AbortOnDropHandle::new(tokio::spawn(async move {
             // Messages of producers that may not bill are dead-lettered unread.
             let refused = c.refusals(&batch);
             let attempt = {
@@ -336,7 +340,7 @@ impl Consumer {
                 attempt,
                 started,
             }
-        });
+        }));
         InFlight { follow, task }
     }
 

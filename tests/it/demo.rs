@@ -133,8 +133,8 @@ async fn the_demo_tells_its_story_with_exact_figures_and_leaves_nothing() {
 }
 
 /// A report that cannot be written (a full disk, a reader gone) is an error, exit 1, not a
-/// panic; the scratch database is removed all the same. The human report's first line fails,
-/// right after the scratch database is made.
+/// panic; the scratch database is removed all the same. The JSON report is written at the end,
+/// once the whole story ran in the scratch database.
 #[tokio::test]
 async fn a_demo_whose_report_cannot_be_written_fails_cleanly() {
     let _one = ONE_AT_A_TIME.lock().await;
@@ -144,7 +144,7 @@ async fn a_demo_whose_report_cannot_be_written_fails_cleanly() {
         .write(true)
         .open("/dev/full")
         .expect("open /dev/full");
-    let out = demo(&[], full.into(), &svc);
+    let out = demo(&["--json"], full.into(), &svc);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("No space left on device"), "{stderr}");
