@@ -302,9 +302,9 @@ impl Parts {
             shutdown.cancel();
         }
         // The drain order: every writer of the outbox (the consumer finishes and acks its
-        // batch, a command under way commits, a sweep is given up, its range in flight rolled back) → the relay,
-        // which flushes what they wrote → HTTP. Each step is bounded, so a stop ends within
-        // an orchestrator's usual 30 s grace whatever a task waits for.
+        // batch, a command under way commits, a sweep is given up with its range in flight)
+        // → the relay, which flushes what they wrote → HTTP. Each step is bounded, so a stop
+        // ends within an orchestrator's usual 30 s grace whatever a task waits for.
         let writers_by = Instant::now() + WRITERS_STOP;
         failure = failure.or(tasks.join("consumer", &health, writers_by).await);
         info!("consumer stopped; waiting for control and the refill scheduler before flushing the outbox");
