@@ -154,6 +154,9 @@ pub async fn connect_and_migrate(settings: &DatabaseSettings) -> Result<PgPool, 
 /// The advisory lock one process at a time applies migrations under.
 const MIGRATING: i64 = 0x6372_6564_6974_6d67;
 
+/// How long a migration waits for a lock before it fails (and the start retries it).
+const MIGRATION_LOCK_TIMEOUT: &str = "SET lock_timeout = '10s'";
+
 /// How often a process waiting for another's migrations asks for the lock again.
 const MIGRATING_POLL: Duration = Duration::from_millis(250);
 
@@ -174,6 +177,12 @@ pub(crate) async fn prepare(settings: &DatabaseSettings) -> Result<(), sqlx::Err
     {
         tokio::time::sleep(MIGRATING_POLL).await;
     }
+    // A migration's table lock queues every writer behind it: one that cannot have it at once
+    // (a long read holds the table) gives up after a while and is retried, rather than hold
+    // the ledger's writers for as long as that read lasts.
+    sqlx::query(MIGRATION_LOCK_TIMEOUT)
+        .execute(&mut conn)
+        .await?;
     let migrated = MIGRATOR.run(&mut conn).await;
     // Closing the session releases the lock as well.
     let _ = conn.close().await;
