@@ -543,7 +543,12 @@ async fn dead_letters(
         DeadLettersCommand::Replay(args) => {
             // clap's group guarantees one of the two.
             let selection = match args.node_exec_id {
-                Some(id) => Selection::NodeExecId(id),
+                // Checked as the ledger checks it: an id no decision can have would read the
+                // whole dead queue to match nothing.
+                Some(id) => {
+                    crate::ledger::check_node_exec_id(&id).map_err(ledger_error)?;
+                    Selection::NodeExecId(id)
+                }
                 None => Selection::All,
             };
             let report = dl::replay(settings, &selection, args.dry_run).await?;

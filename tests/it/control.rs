@@ -931,6 +931,20 @@ async fn the_cli_runs_each_operator_command() {
         ),
         (&["outcome", &long_id, "--json"], "bad_request"),
         (
+            &["dead-letters", "replay", "--node-exec-id", "", "--json"],
+            "bad_request",
+        ),
+        (
+            &[
+                "dead-letters",
+                "replay",
+                "--node-exec-id",
+                &long_id,
+                "--json",
+            ],
+            "bad_request",
+        ),
+        (
             &[
                 "auto-top-up",
                 "alice",
