@@ -542,6 +542,23 @@ async fn execution_fee_every_3rd_execution_including_free_ones() {
     env.cleanup().await;
 }
 
+/// Ctrl-C in a terminal and a process manager's SIGTERM often arrive together: one stop,
+/// drained and exit 0, not a second request to stop at once.
+#[tokio::test]
+async fn two_signals_at_once_are_one_stop() {
+    let env = TestEnv::with(no_refill).await;
+    seed(&env, ["both"], 100).await;
+    let (mut w, port) = WorkerProcess::spawn_with_http(&env.process_env(), &["run"]);
+    wait_status(T, port, "/readyz", 200).await;
+    env.publish(&[body(&platform_gpt4("both", "b-1"))]).await;
+    env.wait_decisions(1, T).await;
+    w.signal("INT");
+    w.signal("TERM");
+    assert_eq!(w.wait_exit(T).await, Some(0));
+    assert_eq!(env.scalar_i64(UNPUBLISHED).await, 0);
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn sigterm_finishes_in_flight_work_and_exits_0() {
     let env = TestEnv::with(no_refill).await;

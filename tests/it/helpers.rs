@@ -869,12 +869,17 @@ impl WorkerProcess {
     /// a process spawned a moment ago may not have got there yet, and a SIGTERM before it
     /// ends the process by the default action: the test would then see that, not the stop.
     pub fn sigterm(&self) {
+        self.signal("TERM");
+    }
+
+    /// [`Self::sigterm`] with another signal `run` catches (`INT`).
+    pub fn signal(&self, name: &str) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !catches_sigterm(self.child.id()) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(2));
         }
         let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .args([&format!("-{name}"), &self.child.id().to_string()])
             .status();
     }
 
