@@ -71,6 +71,13 @@ pub async fn sweep_asked(
     chunk: i64,
     progress: impl FnMut(&SweepReport),
 ) -> Result<SweepReport, LedgerError> {
+    let now = Month::of(Utc::now());
+    if named && month > now {
+        // Allowed (a test, or a month begun elsewhere already), but most likely a typo: the
+        // users it refills are evaluated through that month, so no sweep or lazy refill
+        // refills them again until then.
+        warn!(%month, current = %now, "refilling a month after the current one: its users get no refill before it");
+    }
     let target = Target { month, user_id };
     sweep_with(pool, policy, target, named, chunk, progress).await
 }
