@@ -378,6 +378,19 @@ pub(crate) async fn gauge_backlog(pool: &PgPool) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
+/// How old the oldest event not yet published may be before the outbox counts as stalled:
+/// while any relay works, events go out within moments.
+const STALLED_AFTER_S: f64 = 60.0;
+
+/// The age in seconds of the oldest event not published yet, when it is older than a working
+/// relay would let it get (`/readyz`). A relay that runs but publishes nothing (the events
+/// exchange refused, a row it cannot send, a leader on another replica that is stuck) shows
+/// only here.
+pub(crate) async fn stalled_for(pool: &PgPool) -> Result<Option<f64>, sqlx::Error> {
+    let oldest = store::oldest_unpublished_age(pool).await?;
+    Ok(oldest.filter(|age| *age > STALLED_AFTER_S))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -721,6 +721,18 @@ pub(crate) async fn prune_published(
         .await
 }
 
+/// How long ago (in seconds) the oldest event not yet published was written; None when every
+/// event was published.
+pub(crate) async fn oldest_unpublished_age(pool: &PgPool) -> Result<Option<f64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT extract(epoch FROM now() - o.created_at)::float8
+           FROM credit.outbox o, credit.outbox_relay r
+          WHERE o.id > r.published_through ORDER BY o.id LIMIT 1",
+    )
+    .fetch_optional(pool)
+    .await
+}
+
 /// Events after the watermark (counting each event of a row): not published yet.
 pub(crate) async fn unpublished_events(pool: &PgPool) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(UNPUBLISHED).fetch_one(pool).await

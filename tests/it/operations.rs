@@ -12,6 +12,7 @@ use chrono::{TimeZone, Utc};
 use credit_worker::ledger::TxType;
 use credit_worker::refill::{ManualClock, Month};
 use credit_worker::service::Worker;
+use sqlx::Connection as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::fixtures::*;
@@ -610,6 +611,47 @@ async fn a_sweep_waits_for_the_lock_rather_than_skip_the_month() {
         |n| n == 2,
     )
     .await;
+    w.sigterm();
+    assert_eq!(w.wait_exit(T).await, Some(0));
+    env.cleanup().await;
+}
+
+/// `/readyz` tells when events stop going out although every part runs: here the relay's lead
+/// is held by a session that publishes nothing (as a stuck leader on another replica would),
+/// and the oldest unpublished event is over a minute old. Once it lets go, the worker's relay
+/// leads, publishes, and the worker is ready again.
+#[tokio::test]
+async fn readyz_reports_a_stalled_outbox() {
+    let env = TestEnv::with(no_refill).await;
+    seed(&env, ["st"], 100).await;
+    let mut leader = sqlx::PgConnection::connect(&env.settings.database.url)
+        .await
+        .expect("connect");
+    let led: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(1668441444, 1919249505)")
+        .fetch_one(&mut leader)
+        .await
+        .expect("lead");
+    assert!(led);
+    let mut vars = env.process_env();
+    vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
+    let (mut w, port) = WorkerProcess::spawn_with_http(&vars, &["run"]);
+    wait_status(T, port, "/readyz", 200).await;
+    // The seed's event, written a minute and a half ago.
+    sqlx::query("UPDATE credit.outbox SET created_at = now() - interval '90 seconds'")
+        .execute(&env.pool)
+        .await
+        .expect("age the event");
+    let (status, body) = http_get(port, "/readyz").await.expect("readyz");
+    assert_eq!(status, 503, "{body}");
+    let age: Option<u32> = body
+        .strip_prefix("database: up\nbroker: up\noutbox: stalled (oldest unpublished event ")
+        .and_then(|rest| rest.strip_suffix(" s old)\n"))
+        .and_then(|n| n.parse().ok());
+    // 90 s, and as much as the moments between the update and the answer add.
+    assert!(age.is_some_and(|a| (90..95).contains(&a)), "{body}");
+    leader.close().await.expect("the leader goes");
+    wait_status(T, port, "/readyz", 200).await;
+    assert_eq!(env.scalar_i64(UNPUBLISHED).await, 0);
     w.sigterm();
     assert_eq!(w.wait_exit(T).await, Some(0));
     env.cleanup().await;
