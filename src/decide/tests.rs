@@ -404,6 +404,32 @@ fn debt_is_taken_then_rejects_paid_runs_and_a_refill_clears_it() {
     assert_eq!(l.accounts["u"].balance, 90);
 }
 
+/// The executor does not wait for the decision: a rejected start whose completion comes
+/// means the block ran, and its whole post-flight price is owed (SPEC §4.2, `pre` = 0).
+#[test]
+fn the_completion_of_a_rejected_start_charges_its_post_flight_price() {
+    let p = settle_pricing(true);
+    let mut l = MemoryLedger::default();
+    // 100 credits: the search's debt of 50 leaves -50, and the next run is rejected.
+    l.decide(&p, &[run("u", "s", "search", None)], now());
+    let stats = Some(json!({"provider_cost": 1.5, "provider_cost_type": "cost_usd"}));
+    l.decide(&p, &[run("u", "s", "search", stats)], now());
+    let v = l.decide(&p, &[run("u", "t", "llm", None)], now());
+    assert!(is_rejected(&v[0]), "{v:?}");
+    // 10,000 in + 2,000 out = 24 credits.
+    let v = l.decide(&p, &[run("u", "t", "llm", tokens(10_000, 2_000))], now());
+    assert_eq!(
+        v,
+        vec![Verdict::Settled {
+            pre: 0,
+            post: 24,
+            delta: 24,
+            uncollected: 0,
+            balance: -74
+        }]
+    );
+}
+
 #[test]
 fn without_debt_the_rest_is_reported_uncollected() {
     let p = settle_pricing(false);
