@@ -15,13 +15,14 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::clock::{Clock, SystemClock};
 use crate::config::Settings;
 use crate::consumer::process::DbDecider;
 use crate::consumer::Consumer;
 use crate::cost::{CostTable, Estimates};
 use crate::ledger::Ledger;
 use crate::outbox::Relay;
-use crate::refill::{Clock, Schedule, Scheduler, SystemClock};
+use crate::refill::{Schedule, Scheduler};
 use crate::telemetry::Health;
 
 /// Loads the cost table named by `cost.table`, or the built-in one.
@@ -116,7 +117,8 @@ impl Worker {
         Self::start_with_clock(settings, shutdown, Arc::new(SystemClock)).await
     }
 
-    /// [`Worker::start_with`] with the refill scheduler on `clock`.
+    /// [`Worker::start_with`] on `clock`: the decisions, the control commands and the refill
+    /// scheduler take the date from it.
     pub async fn start_with_clock(
         settings: Settings,
         shutdown: CancellationToken,
@@ -218,7 +220,7 @@ struct Parts {
     health: Arc<Health>,
     consumer: Consumer,
     relay: Relay,
-    control: (Arc<Settings>, Ledger),
+    control: crate::control::Context,
     scheduler: Option<Scheduler>,
     http: Option<HttpServer>,
 }
@@ -240,7 +242,7 @@ impl Parts {
             policy,
             schedule,
             chunk: settings.refill.chunk_size,
-            clock,
+            clock: clock.clone(),
         });
         Parts {
             pool: pool.clone(),
@@ -250,6 +252,7 @@ impl Parts {
                 decider: DbDecider {
                     pool: pool.clone(),
                     pricing: Arc::new(settings.pricing(costs)),
+                    clock: clock.clone(),
                 },
                 health: health.clone(),
                 own_user: crate::amqp::producer::own_user(&settings.amqp.url),
@@ -258,7 +261,11 @@ impl Parts {
                 settings: settings.clone(),
                 pool: pool.clone(),
             },
-            control: (settings, ledger),
+            control: crate::control::Context {
+                settings,
+                ledger,
+                clock,
+            },
             scheduler,
             http,
         }
@@ -284,9 +291,8 @@ impl Parts {
         tasks.spawn("outbox relay", async move {
             relay.run(d, RELAY_HARD_STOP).await
         });
-        let (settings, ledger) = control;
         let stop = shutdown.clone();
-        tasks.spawn("control", crate::control::serve(settings, ledger, stop));
+        tasks.spawn("control", crate::control::serve(control, stop));
         if let Some(s) = scheduler {
             let stop = shutdown.clone();
             tasks.spawn("refill scheduler", s.run(stop));

@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use chrono::Utc;
+use crate::clock::Clock;
 use serde::Deserialize;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -114,6 +114,8 @@ pub(crate) trait Decider: Send + Sync {
 pub struct DbDecider {
     pub pool: PgPool,
     pub pricing: Arc<Pricing>,
+    /// What "now" is for a decision (its fee day, the lazy refill's month, the rows' stamps).
+    pub clock: Arc<dyn Clock>,
 }
 
 impl Decider for DbDecider {
@@ -122,7 +124,7 @@ impl Decider for DbDecider {
         entries: &[NodeExecutionEntry],
         turn: Turn,
     ) -> Result<Vec<Verdict>, DecideError> {
-        decide::decide_in_turn(&self.pool, &self.pricing, entries, Utc::now(), turn).await
+        decide::decide_in_turn(&self.pool, &self.pricing, entries, self.clock.now(), turn).await
     }
 }
 
@@ -432,7 +434,9 @@ mod tests {
                     reason: "poisoned".into(),
                 }));
             }
-            let now = Utc.with_ymd_and_hms(2026, 11, 25, 12, 0, 0).unwrap();
+            let now = chrono::Utc
+                .with_ymd_and_hms(2026, 11, 25, 12, 0, 0)
+                .unwrap();
             Ok(self
                 .ledger
                 .lock()

@@ -2,7 +2,6 @@
 //! amount, requested}: a user's auto top-up (docs/contract.md §5); a request is published at
 //! once when the balance is already below the threshold.
 
-use chrono::Utc;
 use serde_json::Value;
 
 use super::fields::Fields;
@@ -39,7 +38,7 @@ pub fn parse(f: &Fields<'_>) -> Result<Request, ControlError> {
 pub async fn run(ctx: &Context, req: &Request) -> Result<Value, ControlError> {
     let result = ctx
         .ledger
-        .set_auto_top_up(&req.user_id, req.config, Utc::now())
+        .set_auto_top_up(&req.user_id, req.config, ctx.clock.now())
         .await?;
     to_result(&result)
 }

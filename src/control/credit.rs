@@ -4,7 +4,6 @@
 //! With a `key` the credit is exactly-once whatever happens; without one it is once per
 //! delivery (a request redelivered after a crash before its ack gets a fresh key).
 
-use chrono::Utc;
 use serde_json::Value;
 
 use super::fields::Fields;
@@ -52,7 +51,7 @@ pub async fn run(ctx: &Context, req: &Request) -> Result<Value, ControlError> {
             req.amount,
             Some(&req.key),
             req.reason.as_deref(),
-            Utc::now(),
+            ctx.clock.now(),
         )
         .await?;
     // A generated key is unique to this request: finding it means an earlier attempt of this

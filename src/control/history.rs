@@ -1,7 +1,6 @@
 //! `history` {user_id, limit?, before_seq?, type?, graph_exec_id?} ⇒ {transactions: [...],
 //! next_before_seq}: one page, newest first, keyset-paged on `seq`.
 
-use chrono::Utc;
 use serde_json::Value;
 
 use super::fields::Fields;
@@ -41,7 +40,7 @@ pub fn parse(f: &Fields<'_>) -> Result<Request, ControlError> {
 pub async fn run(ctx: &Context, req: &Request) -> Result<Value, ControlError> {
     let page = ctx
         .ledger
-        .history(&req.user_id, &req.query, Utc::now())
+        .history(&req.user_id, &req.query, ctx.clock.now())
         .await?;
     to_result(&page)
 }

@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::amqp::topology;
+use crate::clock::Clock;
 use crate::config::Settings;
 use crate::ledger::{Ledger, TxType};
 
@@ -66,6 +67,8 @@ pub(crate) const COMMANDS: [&str; 7] = [
 pub struct Context {
     pub settings: Arc<Settings>,
     pub ledger: Ledger,
+    /// What "now" is for the commands (the lazy refill, a default month).
+    pub clock: Arc<dyn Clock>,
 }
 
 /// A parsed command.
@@ -222,8 +225,7 @@ impl crate::amqp::SessionFault for SessionError {
 }
 
 /// Answers control commands until `stop` fires, reconnecting after broker faults.
-pub(crate) async fn serve(settings: Arc<Settings>, ledger: Ledger, stop: CancellationToken) {
-    let ctx = Context { settings, ledger };
+pub(crate) async fn serve(ctx: Context, stop: CancellationToken) {
     crate::amqp::reconnecting("control", &stop, || session(&ctx, &stop)).await;
 }
 

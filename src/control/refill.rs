@@ -1,7 +1,6 @@
 //! `refill` {month?, user_id?} ⇒ {month, users_refilled, credits_granted}: the monthly sweep on
 //! demand, for every user or one.
 
-use chrono::Utc;
 use serde::Serialize;
 use serde_json::Value;
 use tracing::info;
@@ -13,10 +12,9 @@ use crate::refill::Month;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
-    /// Defaults to the current UTC month, fixed when the command is read.
-    pub month: Month,
-    /// Whether the command named the month (only then may it back-fill).
-    pub named: bool,
+    /// The month the command named (only a named month may back-fill); none: the current
+    /// UTC month when it runs.
+    pub month: Option<Month>,
     pub user_id: Option<String>,
 }
 
@@ -38,8 +36,7 @@ pub fn parse(f: &Fields<'_>) -> Result<Request, ControlError> {
         crate::ledger::check_user_id(u)?;
     }
     Ok(Request {
-        month: named.unwrap_or_else(|| Month::of(Utc::now())),
-        named: named.is_some(),
+        month: named,
         user_id,
     })
 }
@@ -54,8 +51,12 @@ pub async fn run(ctx: &Context, req: &Request) -> Result<Value, ControlError> {
     };
     let pool = ctx.ledger.pool();
     let (user, chunk) = (req.user_id.as_deref(), refill.chunk_size);
+    let (month, named) = match req.month {
+        Some(m) => (m, true),
+        None => (Month::of(ctx.clock.now()), false),
+    };
     let report =
-        crate::refill::sweep_asked(pool, policy, req.month, req.named, user, chunk, |_| {}).await?;
+        crate::refill::sweep_asked(pool, policy, month, named, user, chunk, |_| {}).await?;
     info!(month = %report.month, users_refilled = report.users_refilled, credits_granted = report.credits_granted, users_evaluated = report.users_evaluated, duration_ms = report.duration_ms, "refill sweep done (control)");
     to_result(&Reply {
         month: report.month,

@@ -4,9 +4,11 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{TimeZone, Utc};
+use credit_worker::clock::ManualClock;
 use credit_worker::service::Worker;
 use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
 
 use crate::fixtures::*;
 use crate::helpers::*;
@@ -451,6 +453,11 @@ async fn balance_low_fires_once_on_crossing() {
 /// `execution_fee.every` changed during the day (a restart with a new configuration): the
 /// next fee takes the day's next ordinal, where it took one already used and every later
 /// execution of the user that day failed on the key.
+/// A clock that stays at noon on 2031-03-10: the fee day cannot change under a test.
+fn pinned() -> std::sync::Arc<ManualClock> {
+    ManualClock::new(Utc.with_ymd_and_hms(2031, 3, 10, 12, 0, 0).unwrap())
+}
+
 #[tokio::test]
 async fn execution_fee_ordinals_survive_a_change_of_every() {
     let env = TestEnv::with(|s| {
@@ -468,7 +475,9 @@ async fn execution_fee_ordinals_survive_a_change_of_every() {
             .collect();
         let env = &env;
         async move {
-            let worker = Worker::start(settings).await.unwrap();
+            let worker = Worker::start_with_clock(settings, CancellationToken::new(), pinned())
+                .await
+                .unwrap();
             env.publish(&bodies).await;
             env.wait_decisions(to as i64, T).await;
             worker.stop().await.unwrap();
@@ -476,7 +485,7 @@ async fn execution_fee_ordinals_survive_a_change_of_every() {
     };
     run(2, 1, 4).await; // fees at executions 2 and 4
     run(4, 5, 12).await; // fees at executions 8 and 12
-    let day = Utc::now().date_naive().format("%Y-%m-%d").to_string();
+    let day = "2031-03-10";
     let fees: Vec<String> = sqlx::query_scalar(
         "SELECT transaction_key FROM credit.transactions
           WHERE user_id = 'ord' AND transaction_key LIKE 'EXECUTION-FEE-%' ORDER BY seq",
@@ -506,7 +515,9 @@ async fn execution_fee_every_3rd_execution_including_free_ones() {
     })
     .await;
     seed(&env, ["fee"], 100).await;
-    let worker = Worker::start(env.settings.clone()).await.unwrap();
+    let worker = Worker::start_with_clock(env.settings.clone(), CancellationToken::new(), pinned())
+        .await
+        .unwrap();
     env.publish(&[
         body(&own_key("fee", "f-1")),
         body(&platform_gpt4("fee", "f-2")),
@@ -517,7 +528,7 @@ async fn execution_fee_every_3rd_execution_including_free_ones() {
     ])
     .await;
     env.wait_decisions(6, T).await;
-    let day = Utc::now().date_naive().format("%Y-%m-%d").to_string();
+    let day = "2031-03-10";
     let keys: Vec<(String, i64)> = sqlx::query_as(
         "SELECT transaction_key, amount FROM credit.transactions WHERE user_id = 'fee' ORDER BY seq",
     )

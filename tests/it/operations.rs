@@ -9,8 +9,9 @@
 use std::time::Duration;
 
 use chrono::{TimeZone, Utc};
+use credit_worker::clock::ManualClock;
 use credit_worker::ledger::TxType;
-use credit_worker::refill::{ManualClock, Month};
+use credit_worker::refill::Month;
 use credit_worker::service::Worker;
 use sqlx::Connection as _;
 use tokio_util::sync::CancellationToken;

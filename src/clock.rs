@@ -1,0 +1,130 @@
+//! The wall clock, injectable: the system's, or one a test sets.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
+use tokio::sync::watch;
+
+/// Wall-clock time for whatever depends on the date (decisions' fee days and refill months,
+/// control commands, the refill scheduler), injectable so that tests can pin it and need not
+/// wait for a real tick.
+pub trait Clock: Send + Sync + 'static {
+    fn now(&self) -> DateTime<Utc>;
+    /// Resolves once [`Clock::now`] has reached `at`.
+    fn sleep_until(&self, at: DateTime<Utc>) -> BoxFuture<'_, ()>;
+}
+
+/// The system clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+
+    fn sleep_until(&self, at: DateTime<Utc>) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            while let Some(nap) = nap_until(Utc::now(), at) {
+                tokio::time::sleep(nap).await;
+            }
+        })
+    }
+}
+
+/// The longest a wait for the wall clock to reach `at` sleeps before it looks again: the
+/// runtime's timer is monotonic, so a wall clock stepped (NTP) or a machine suspended while a
+/// month-long wait sleeps would otherwise fire that much late or early.
+const NAP: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// How long to sleep at `now` on the way to `at`: none once there.
+fn nap_until(now: DateTime<Utc>, at: DateTime<Utc>) -> Option<std::time::Duration> {
+    (at - now)
+        .to_std()
+        .ok()
+        .filter(|left| !left.is_zero())
+        .map(|left| left.min(NAP))
+}
+
+/// A clock that only moves when told to ([`ManualClock::set`]).
+#[derive(Debug)]
+pub struct ManualClock(watch::Sender<DateTime<Utc>>);
+
+impl ManualClock {
+    pub fn new(at: DateTime<Utc>) -> Arc<Self> {
+        Arc::new(ManualClock(watch::Sender::new(at)))
+    }
+
+    pub fn set(&self, at: DateTime<Utc>) {
+        self.0.send_replace(at);
+    }
+
+    /// How many [`Clock::sleep_until`]s wait on it now: a test moves the clock once the
+    /// sleeper it means to wake is asleep.
+    pub fn sleepers(&self) -> usize {
+        self.0.receiver_count()
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> DateTime<Utc> {
+        *self.0.borrow()
+    }
+
+    fn sleep_until(&self, at: DateTime<Utc>) -> BoxFuture<'_, ()> {
+        let mut rx = self.0.subscribe();
+        Box::pin(async move {
+            // The sender lives as long as `self`; an error means it is gone, so is the wait.
+            let _ = rx.wait_for(|now| *now >= at).await;
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn the_system_clock_looks_again_at_least_every_minute() {
+        let at = Utc.with_ymd_and_hms(2031, 2, 1, 0, 0, 0).unwrap();
+        let secs = |s: i64| at - chrono::Duration::seconds(s);
+        assert_eq!(nap_until(secs(30 * 86_400), at), Some(NAP));
+        assert_eq!(nap_until(secs(61), at), Some(NAP));
+        assert_eq!(
+            nap_until(secs(2), at),
+            Some(std::time::Duration::from_secs(2))
+        );
+        assert_eq!(nap_until(at, at), None);
+        // A clock stepped past the tick while asleep: due at once.
+        assert_eq!(nap_until(at + chrono::Duration::hours(3), at), None);
+    }
+
+    #[tokio::test]
+    async fn a_manual_clock_wakes_sleepers_when_set() {
+        let t0 = Utc.with_ymd_and_hms(2031, 1, 31, 23, 0, 0).unwrap();
+        let clock = ManualClock::new(t0);
+        let tick = t0 + chrono::Duration::hours(1);
+        let sleeper = {
+            let clock = clock.clone();
+            tokio::spawn(async move { clock.sleep_until(tick).await })
+        };
+        while clock.sleepers() == 0 {
+            tokio::task::yield_now().await;
+        }
+        // Not yet: the sleeper wakes, looks, and sleeps on.
+        clock.set(tick - chrono::Duration::seconds(1));
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!sleeper.is_finished(), "woken a second early");
+        assert_eq!(clock.sleepers(), 1);
+        clock.set(tick);
+        tokio::time::timeout(std::time::Duration::from_secs(5), sleeper)
+            .await
+            .expect("woken")
+            .expect("joined");
+        assert_eq!(clock.now(), tick);
+    }
+}
