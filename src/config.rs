@@ -17,6 +17,11 @@ use crate::ledger::{LedgerPolicy, RefillPolicy};
 /// The readable source of the defaults, compiled in so the binary runs from any directory.
 pub(crate) const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
+/// A configuration error naming `key`.
+fn bad(key: &str, why: &str) -> Result<(), ConfigError> {
+    Err(ConfigError::Invalid(format!("{key}: {why}")))
+}
+
 /// Longest `amqp.namespace`: every name it prefixes must stay an AMQP short string.
 const MAX_NAMESPACE_BYTES: usize = 200;
 /// Longest outbox retention: far beyond any audit period, and still a valid interval in SQL.
@@ -384,9 +389,14 @@ impl Settings {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |key: &str, why: &str| Err(ConfigError::Invalid(format!("{key}: {why}")));
-        // The outbox relay's listener holds one connection for good and a refill sweep's lock
-        // another while it runs: with fewer than 3 the rest of the work has none.
+        self.check_database()?;
+        self.check_amqp()?;
+        self.check_policies()
+    }
+
+    fn check_database(&self) -> Result<(), ConfigError> {
+        // The outbox relay's listener holds one connection for good, and a sweep's two ranges
+        // in flight take two more: with fewer than 3 the decisions would have none.
         if self.database.max_connections < 3 {
             return bad("database.max_connections", "must be at least 3");
         }
@@ -398,10 +408,16 @@ impl Settings {
                 "must be at most 2147483647 (0 = none)",
             );
         }
-        // 0 would hand a failing command back to the queue, and take it again, in a tight loop.
-        if self.control.unanswered_retry_s == 0 {
-            return bad("control.unanswered_retry_s", "must be at least 1");
+        if self.database.url.is_empty() {
+            return bad("database.url", "must not be empty");
         }
+        if let Some(why) = crate::db::unreadable_tls_file(&self.database.url) {
+            return bad("database.url", &why);
+        }
+        Ok(())
+    }
+
+    fn check_amqp(&self) -> Result<(), ConfigError> {
         // Queue and exchange names are AMQP short strings (≤ 255 bytes) with a suffix of up
         // to 19 bytes (`node_execution.dead`).
         if self.amqp.namespace.len() > MAX_NAMESPACE_BYTES {
@@ -420,6 +436,29 @@ impl Settings {
         if self.amqp.delivery_limit == 0 {
             return bad("amqp.delivery_limit", "must be at least 1");
         }
+        if self.amqp.prefetch == 0 {
+            return bad("amqp.prefetch", "must be at least 1");
+        }
+        if self.amqp.url.is_empty() {
+            return bad("amqp.url", "must not be empty");
+        }
+        // Checked here, so a typo stops the worker at start instead of being retried as a
+        // broker fault for ever.
+        if let Err(why) = self.amqp.url.parse::<lapin::uri::AMQPUri>() {
+            return bad("amqp.url", &format!("not an AMQP URL ({why})"));
+        }
+        if let Some(path) = &self.amqp.tls_ca_file {
+            read_ca_file(path)
+                .map_err(|why| ConfigError::Invalid(format!("amqp.tls_ca_file: {why}")))?;
+        }
+        Ok(())
+    }
+
+    fn check_policies(&self) -> Result<(), ConfigError> {
+        // 0 would hand a failing command back to the queue, and take it again, in a tight loop.
+        if self.control.unanswered_retry_s == 0 {
+            return bad("control.unanswered_retry_s", "must be at least 1");
+        }
         if !(1..=31_536_000).contains(&self.auto_top_up.request_ttl_s) {
             return bad(
                 "auto_top_up.request_ttl_s",
@@ -431,9 +470,6 @@ impl Settings {
                 "outbox.retention_s",
                 "must be at most 3153600000 (100 years)",
             );
-        }
-        if self.amqp.prefetch == 0 {
-            return bad("amqp.prefetch", "must be at least 1");
         }
         if self.pipeline.max_batch == 0 || self.pipeline.max_batch > 10_000 {
             return bad("pipeline.max_batch", "must be between 1 and 10000");
@@ -452,24 +488,6 @@ impl Settings {
         }
         if self.execution_fee.amount < 0 {
             return bad("execution_fee.amount", "must be >= 0");
-        }
-        if self.database.url.is_empty() {
-            return bad("database.url", "must not be empty");
-        }
-        if let Some(why) = crate::db::unreadable_tls_file(&self.database.url) {
-            return bad("database.url", &why);
-        }
-        if self.amqp.url.is_empty() {
-            return bad("amqp.url", "must not be empty");
-        }
-        // Checked here, so a typo stops the worker at start instead of being retried as a
-        // broker fault for ever.
-        if let Err(why) = self.amqp.url.parse::<lapin::uri::AMQPUri>() {
-            return bad("amqp.url", &format!("not an AMQP URL ({why})"));
-        }
-        if let Some(path) = &self.amqp.tls_ca_file {
-            read_ca_file(path)
-                .map_err(|why| ConfigError::Invalid(format!("amqp.tls_ca_file: {why}")))?;
         }
         Ok(())
     }

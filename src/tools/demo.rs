@@ -848,7 +848,11 @@ fn print_human(r: &Report) -> std::io::Result<()> {
     }
 
     print_top_ups_and_refill(r)?;
+    print_events_and_audit(r)
+}
 
+/// What was published, dead-lettered, and what the audit found.
+fn print_events_and_audit(r: &Report) -> std::io::Result<()> {
     outln!("\nEvents on {}credit.events", r.namespace);
     outln!("  {:<16} {:<6} summary", "routing key", "user");
     for e in &r.events {
