@@ -396,7 +396,8 @@ impl Settings {
 
     fn check_database(&self) -> Result<(), ConfigError> {
         // The outbox relay's listener holds one connection for good, and a sweep's two ranges
-        // in flight take two more: with fewer than 3 the decisions would have none.
+        // in flight take up to two more while it runs: with 3 the decisions wait for a range
+        // to commit, with fewer the listener alone could starve them.
         if self.database.max_connections < 3 {
             return bad("database.max_connections", "must be at least 3");
         }

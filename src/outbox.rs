@@ -369,26 +369,21 @@ fn events_of(rows: &[StoredEvent]) -> Result<Vec<Event<'_>>, RelayError> {
     Ok(out)
 }
 
-/// Sets `credit_outbox_backlog` to the events not published yet. Read at each `/metrics`
-/// scrape, not by the relays: the figure is wanted most when no relay can publish, and a
+/// Sets `credit_outbox_backlog` to the events not published yet, and
+/// `credit_outbox_oldest_unpublished_seconds` to how long the first of them has waited (by
+/// the database's clock, against its writer's stamp). Read at each `/metrics` scrape, not by
+/// the relays: the figure is wanted most when no relay can publish, and a
 /// standby summing the backlog every 500 ms only loaded the database.
 pub(crate) async fn gauge_backlog(pool: &PgPool) -> Result<(), sqlx::Error> {
     let backlog = store::unpublished_events(pool).await?;
     metrics::gauge!("credit_outbox_backlog").set(backlog as f64);
-    Ok(())
-}
-
-/// How old the oldest event not yet published may be before the outbox counts as stalled:
-/// while any relay works, events go out within moments.
-const STALLED_AFTER_S: f64 = 60.0;
-
-/// The age in seconds of the oldest event not published yet, when it is older than a working
-/// relay would let it get (`/readyz`). A relay that runs but publishes nothing (the events
-/// exchange refused, a row it cannot send, a leader on another replica that is stuck) shows
-/// only here.
-pub(crate) async fn stalled_for(pool: &PgPool) -> Result<Option<f64>, sqlx::Error> {
+    // How long the next event to publish has waited (0: none waits). A relay that runs but
+    // publishes nothing (the events exchange refused, a row it cannot send, a stuck leader
+    // on another replica) shows here as an age that only grows; a backlog being published
+    // keeps it at seconds.
     let oldest = store::oldest_unpublished_age(pool).await?;
-    Ok(oldest.filter(|age| *age > STALLED_AFTER_S))
+    metrics::gauge!("credit_outbox_oldest_unpublished_seconds").set(oldest.unwrap_or(0.0));
+    Ok(())
 }
 
 #[cfg(test)]

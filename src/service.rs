@@ -50,7 +50,7 @@ pub(crate) async fn connect_db(
         match crate::db::prepare(&settings.database).await {
             Ok(()) => return Ok(()),
             Err(e) if crate::db::is_transient(&e) || is_migrate_io(&e) => {
-                warn!(error = %e, "database unreachable; retrying");
+                warn!(error = %e, "database not ready (unreachable, or a migration waiting for a lock); retrying");
                 if !crate::retry::pause(&mut delays, stop).await {
                     anyhow::bail!("stopped before the database was reachable");
                 }
@@ -88,8 +88,19 @@ async fn check_broker_certificate(amqp: &crate::config::AmqpSettings) -> anyhow:
     }
 }
 
+/// A migration that failed for a reason that clears (a lost connection, its 10 s lock
+/// timeout behind a long read): the start tries again.
 fn is_migrate_io(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Migrate(m) if matches!(**m, sqlx::migrate::MigrateError::Execute(ref inner) if crate::db::is_transient(inner)))
+    use sqlx::migrate::MigrateError;
+    let sqlx::Error::Migrate(m) = e else {
+        return false;
+    };
+    match &**m {
+        MigrateError::Execute(inner) | MigrateError::ExecuteMigration(inner, _) => {
+            crate::db::is_transient(inner)
+        }
+        _ => false,
+    }
 }
 
 /// A running worker.
@@ -445,6 +456,23 @@ fn cause(result: Result<(), JoinError>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A migration stopped by something that clears is retried at start, whichever way sqlx
+    /// reports it; one whose SQL is wrong is not.
+    #[test]
+    fn a_migration_that_failed_for_a_passing_reason_is_retried() {
+        use sqlx::migrate::MigrateError;
+        let io = || sqlx::Error::Io(std::io::Error::other("connection reset"));
+        let migrate = |m: MigrateError| sqlx::Error::Migrate(Box::new(m));
+        assert!(is_migrate_io(&migrate(MigrateError::Execute(io()))));
+        assert!(is_migrate_io(&migrate(MigrateError::ExecuteMigration(
+            io(),
+            19
+        ))));
+        let bad = MigrateError::ExecuteMigration(sqlx::Error::RowNotFound, 19);
+        assert!(!is_migrate_io(&migrate(bad)));
+        assert!(!is_migrate_io(&migrate(MigrateError::VersionMissing(19))));
+    }
 
     /// A task that panics or hangs while the service stops makes the stop a failure (the
     /// process exits non-zero), and a hanging one is abandoned at its deadline.

@@ -725,9 +725,10 @@ pub(crate) async fn prune_published(
 /// event was published.
 pub(crate) async fn oldest_unpublished_age(pool: &PgPool) -> Result<Option<f64>, sqlx::Error> {
     sqlx::query_scalar(
-        "SELECT extract(epoch FROM now() - o.created_at)::float8
-           FROM credit.outbox o, credit.outbox_relay r
-          WHERE o.id > r.published_through ORDER BY o.id LIMIT 1",
+        // The watermark as a scalar subquery: the outbox's key is then searched from it, where
+        // a join would walk every row kept below it.
+        "SELECT greatest(extract(epoch FROM now() - created_at), 0)::float8 FROM credit.outbox
+          WHERE id > (SELECT published_through FROM credit.outbox_relay) ORDER BY id LIMIT 1",
     )
     .fetch_optional(pool)
     .await
