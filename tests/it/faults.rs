@@ -521,15 +521,8 @@ async fn a_stop_during_a_database_outage_is_clean() {
         .map(|i| body(&platform_gpt4("out", &format!("o-{i}"))))
         .collect();
     env.publish(&more).await;
-    let deadline = std::time::Instant::now() + T;
-    loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match log.recv_timeout(left) {
-            Ok(line) if line.contains("decision transaction failed; retrying") => break,
-            Ok(_) => {}
-            Err(e) => panic!("the decider never met the outage: {e}"),
-        }
-    }
+    let retrying = "decision transaction failed; retrying";
+    wait_for_line(&log, retrying, T, "the decider meeting the outage");
     w.sigterm();
     let exit = w.wait_exit(T).await;
     sqlx::query(&allow(true))

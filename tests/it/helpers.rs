@@ -379,6 +379,21 @@ impl TestEnv {
         crate::fixtures::wait_count(self, within, &what, sql, &[], |c| c >= n).await;
     }
 
+    /// A session of this test's database that holds the outbox relay's lead, as a leader on
+    /// another replica would, and publishes nothing; dropped or closed, it lets go.
+    pub async fn hold_relay_lead(&self) -> sqlx::PgConnection {
+        use sqlx::Connection as _;
+        let mut leader = sqlx::PgConnection::connect(&self.settings.database.url)
+            .await
+            .expect("connect");
+        let led: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(1668441444, 1919249505)")
+            .fetch_one(&mut leader)
+            .await
+            .expect("lead");
+        assert!(led, "another session leads the relay");
+        leader
+    }
+
     /// Kills `w` with SIGKILL as soon as the count `sql` reaches `target`, and returns the
     /// count right after the kill. Polls every 5 ms rather than backing off, so that a fast
     /// worker gets little further than `target` before it dies.
@@ -714,6 +729,25 @@ impl EventTap {
                 d.routing_key,
                 String::from_utf8_lossy(&d.data)
             );
+        }
+    }
+}
+
+/// Reads `log` (a worker's lines) until one contains `needle`; panics, naming `what`, when none
+/// does within `within` or the worker's log ends first.
+pub fn wait_for_line(
+    log: &std::sync::mpsc::Receiver<String>,
+    needle: &str,
+    within: Duration,
+    what: &str,
+) {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match log.recv_timeout(left) {
+            Ok(line) if line.contains(needle) => return,
+            Ok(_) => {}
+            Err(e) => panic!("{what}: no line with {needle:?} ({e})"),
         }
     }
 }

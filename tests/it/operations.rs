@@ -588,16 +588,13 @@ async fn a_sweep_waits_for_the_lock_rather_than_skip_the_month() {
     vars.push(("CREDIT_WORKER__REFILL__LAZY".into(), "false".into()));
     let (mut w, _port, log) =
         WorkerProcess::spawn_logged(&vars, &["run"], "warn,credit_worker=info");
-    let deadline = std::time::Instant::now() + T;
-    loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        let line = log
-            .recv_timeout(left)
-            .expect("the worker logs the held lock");
-        if line.contains("refill sweep running elsewhere") {
-            break;
-        }
-    }
+    let elsewhere = "refill sweep running elsewhere";
+    wait_for_line(
+        &log,
+        elsewhere,
+        T,
+        "the worker finding the sweep's lock held",
+    );
     sqlx::query("SELECT pg_advisory_unlock(x'637265646974'::int8)")
         .execute(&mut *holder)
         .await
@@ -625,14 +622,7 @@ async fn a_sweep_waits_for_the_lock_rather_than_skip_the_month() {
 async fn metrics_report_how_long_the_next_event_has_waited() {
     let env = TestEnv::with(no_refill).await;
     seed(&env, ["st"], 100).await;
-    let mut leader = sqlx::PgConnection::connect(&env.settings.database.url)
-        .await
-        .expect("connect");
-    let led: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(1668441444, 1919249505)")
-        .fetch_one(&mut leader)
-        .await
-        .expect("lead");
-    assert!(led);
+    let leader = env.hold_relay_lead().await;
     let mut vars = env.process_env();
     vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
     let (mut w, port) = WorkerProcess::spawn_with_http(&vars, &["run"]);

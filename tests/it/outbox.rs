@@ -544,12 +544,7 @@ async fn a_prune_deletes_in_windows_up_to_its_limit() {
 async fn a_stopping_standby_publishes_its_events_when_the_leader_is_gone() {
     let env = TestEnv::with(no_refill).await;
     seed(&env, ["sb"], 100).await;
-    let mut leader = connect(&env).await;
-    let led: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(1668441444, 1919249505)")
-        .fetch_one(&mut leader)
-        .await
-        .expect("lead");
-    assert!(led);
+    let leader = env.hold_relay_lead().await;
     let mut vars = env.process_env();
     vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
     let (mut w, _, log) = WorkerProcess::spawn_logged(&vars, &["run"], "info");
@@ -561,15 +556,8 @@ async fn a_stopping_standby_publishes_its_events_when_the_leader_is_gone() {
         "the seed's event and the charge's"
     );
     w.sigterm();
-    let deadline = std::time::Instant::now() + T;
-    loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match log.recv_timeout(left) {
-            Ok(line) if line.contains("waiting for the leading relay") => break,
-            Ok(_) => {}
-            Err(e) => panic!("the standby stopped without its events published: {e}"),
-        }
-    }
+    let waiting = "waiting for the leading relay";
+    wait_for_line(&log, waiting, T, "the standby waiting for its events");
     leader.close().await.expect("the leader goes");
     assert_eq!(w.wait_exit(T).await, Some(0));
     assert_eq!(env.scalar_i64(UNPUBLISHED).await, 0);
