@@ -402,12 +402,44 @@ pub(crate) async fn refill_chunk_end(
         .await
 }
 
+/// The account in the middle of the range ($1, $2] of user ids, when it holds more than one:
+/// the end of the range's first half.
+const RANGE_MIDDLE: &str = "SELECT user_id FROM (
+        SELECT user_id, row_number() OVER (ORDER BY user_id) AS n, count(*) OVER () AS total
+          FROM credit.balances WHERE user_id > $1 AND user_id <= $2) r
+     WHERE total > 1 AND n = total / 2";
+
+/// The end of the first half of the range (`after`, `through`] of accounts; None when it holds
+/// one account or none.
+pub(crate) async fn range_middle(
+    pool: &PgPool,
+    after: &str,
+    through: &str,
+) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar(RANGE_MIDDLE)
+        .bind(after)
+        .bind(through)
+        .fetch_optional(pool)
+        .await
+}
+
 /// What one sweep chunk did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, sqlx::FromRow)]
 pub(crate) struct RefillTotals {
     pub evaluated: i64,
     pub refilled: i64,
     pub granted: i64,
+}
+
+impl RefillTotals {
+    /// Both ranges' totals (credits saturate, as the sweep's report does).
+    pub(crate) fn plus(self, other: RefillTotals) -> RefillTotals {
+        RefillTotals {
+            evaluated: self.evaluated + other.evaluated,
+            refilled: self.refilled + other.refilled,
+            granted: self.granted.saturating_add(other.granted),
+        }
+    }
 }
 
 /// The refill a sweep grants: the month, its ledger key and metadata, and the policy's target.

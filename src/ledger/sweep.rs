@@ -4,6 +4,7 @@
 use std::time::Instant;
 
 use chrono::Utc;
+use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use serde::Serialize;
 use sqlx::{Connection as _, PgPool};
@@ -186,18 +187,18 @@ async fn sweep_all(
     };
     let mut cursor = Some(String::new());
     let mut running = FuturesUnordered::new();
-    // A range that fails is reported at the end, after the ranges behind it were swept: one
-    // account that cannot be refilled holds up no one else's refill.
+    // A range that fails is reported at the end, after the ranges behind it were swept (and
+    // its own accounts, in halves): one account that cannot be refilled holds up no one
+    // else's refill.
     let mut failed = None;
-    let mut finished = |done: Result<RefillTotals, LedgerError>, report: &mut SweepReport| {
-        match done {
-            // Counted as each range commits, so a sweep that fails later still counts them.
-            Ok(totals) => {
-                metrics::counter!("credit_refill_users_total").increment(totals.refilled as u64);
-                metrics::counter!("credit_refill_credits_total").increment(totals.granted as u64);
-                report.add(totals)
-            }
-            Err(e) => failed = Some(graver(failed.take(), e)),
+    let mut finished = |done: Swept, report: &mut SweepReport| {
+        // Counted as each range commits, so a sweep that fails later still counts them.
+        let totals = done.totals;
+        metrics::counter!("credit_refill_users_total").increment(totals.refilled as u64);
+        metrics::counter!("credit_refill_credits_total").increment(totals.granted as u64);
+        report.add(totals);
+        if let Some(e) = done.failed {
+            failed = Some(graver(failed.take(), e));
         }
         progress(report);
     };
@@ -229,7 +230,7 @@ async fn sweep_all(
         };
         if let Some(through) = through {
             cursor = Some(through.clone());
-            running.push(sweep_chunk(pool, &grant, after, through));
+            running.push(sweep_range(pool, &grant, after, through));
         }
     }
     failed.map_or(Ok(()), Err)
@@ -242,6 +243,60 @@ fn graver(earlier: Option<LedgerError>, later: LedgerError) -> LedgerError {
         Some(e) if e.may_clear() || !later.may_clear() => e,
         _ => later,
     }
+}
+
+/// What a range of the sweep did: what its committed parts granted, and why the rest failed.
+struct Swept {
+    totals: RefillTotals,
+    failed: Option<LedgerError>,
+}
+
+/// [`sweep_chunk`] of (`after`, `through`], and, when it fails for good (an account whose
+/// refill cannot be written), of its halves in turn, down to the account that fails: one
+/// such account holds up no other's refill. A failure that may clear fails the whole range,
+/// which the sweep's retry takes again.
+fn sweep_range<'a>(
+    pool: &'a PgPool,
+    grant: &'a RefillGrant<'a>,
+    after: String,
+    through: String,
+) -> BoxFuture<'a, Swept> {
+    Box::pin(async move {
+        let e = match sweep_chunk(pool, grant, after.clone(), through.clone()).await {
+            Ok(totals) => {
+                return Swept {
+                    totals,
+                    failed: None,
+                }
+            }
+            Err(e) => e,
+        };
+        let middle = if e.may_clear() {
+            None
+        } else {
+            store::range_middle(pool, &after, &through)
+                .await
+                .ok()
+                .flatten()
+        };
+        let Some(middle) = middle else {
+            let totals = RefillTotals::default();
+            return Swept {
+                totals,
+                failed: Some(e),
+            };
+        };
+        let first = sweep_range(pool, grant, after, middle.clone()).await;
+        let second = sweep_range(pool, grant, middle, through).await;
+        let failed = match (first.failed, second.failed) {
+            (Some(a), Some(b)) => Some(graver(Some(a), b)),
+            (a, b) => a.or(b),
+        };
+        Swept {
+            totals: first.totals.plus(second.totals),
+            failed,
+        }
+    })
 }
 
 /// Tries of a range that met another sweep's grant of the same month.

@@ -1484,8 +1484,9 @@ async fn the_audit_finds_a_long_rows_event_under_its_bounded_or_earlier_id() {
     env.cleanup().await;
 }
 
-/// A range of users whose refill fails for good (here a ledger row already holding the
-/// month's key) is reported when the sweep ends, after every other range was refilled.
+/// An account whose refill fails for good (here a ledger row already holding the month's key)
+/// is reported when the sweep ends, after every other account was refilled, those of its own
+/// range included.
 #[tokio::test]
 async fn a_range_that_cannot_be_refilled_holds_up_no_other() {
     let env = TestEnv::with(no_refill).await;
@@ -1511,11 +1512,13 @@ async fn a_range_that_cannot_be_refilled_holds_up_no_other() {
         e.to_string(),
         "database: error returned from database: duplicate key value violates unique constraint \"transactions_pkey\""
     );
-    // The range (r02, r03] failed as one transaction; the nine others were refilled.
+    // The range (r01, r03] failed as one transaction, then its halves were swept apart:
+    // r02 was refilled with the other 18, r03 alone was not.
     let refilled = "SELECT count(*) FROM credit.balances WHERE refill_month = '2026-12-01'";
-    assert_eq!(env.scalar_i64(refilled).await, 18);
-    let r02 = "SELECT balance FROM credit.balances WHERE user_id = 'r02'";
-    assert_eq!(env.scalar_i64(r02).await, 0);
+    assert_eq!(env.scalar_i64(refilled).await, 19);
+    let balance = |u: &str| format!("SELECT balance FROM credit.balances WHERE user_id = '{u}'");
+    assert_eq!(env.scalar_i64(&balance("r02")).await, 100);
+    assert_eq!(env.scalar_i64(&balance("r03")).await, 0);
     env.cleanup().await;
 }
 
