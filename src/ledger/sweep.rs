@@ -1,6 +1,7 @@
 //! The monthly refill sweep (docs/contract.md §5): every account not yet evaluated for a month gets
 //! topped up to the target, `chunk` users per transaction.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use chrono::Utc;
@@ -185,6 +186,7 @@ async fn sweep_all(
         target: policy.target,
         backfill,
     };
+    let splits = AtomicUsize::new(RANGE_SPLITS);
     let mut cursor = Some(String::new());
     let mut running = FuturesUnordered::new();
     // A range that fails is reported at the end, after the ranges behind it were swept (and
@@ -230,7 +232,7 @@ async fn sweep_all(
         };
         if let Some(through) = through {
             cursor = Some(through.clone());
-            running.push(sweep_range(pool, &grant, after, through));
+            running.push(sweep_range(pool, &grant, &splits, after, through));
         }
     }
     failed.map_or(Ok(()), Err)
@@ -245,6 +247,10 @@ fn graver(earlier: Option<LedgerError>, later: LedgerError) -> LedgerError {
     }
 }
 
+/// How many times a sweep may split a range that failed for good: enough to find a few
+/// accounts that cannot be refilled (about log2 of the chunk's size each).
+const RANGE_SPLITS: usize = 100;
+
 /// What a range of the sweep did: what its committed parts granted, and why the rest failed.
 struct Swept {
     totals: RefillTotals,
@@ -258,6 +264,7 @@ struct Swept {
 fn sweep_range<'a>(
     pool: &'a PgPool,
     grant: &'a RefillGrant<'a>,
+    splits: &'a AtomicUsize,
     after: String,
     through: String,
 ) -> BoxFuture<'a, Swept> {
@@ -271,13 +278,19 @@ fn sweep_range<'a>(
             }
             Err(e) => e,
         };
-        let middle = if e.may_clear() {
-            None
-        } else {
+        // A failure of every account alike (a defect, not one account's data) would otherwise
+        // cost each range twice its accounts in failed transactions.
+        let may_split = !e.may_clear()
+            && splits
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok();
+        let middle = if may_split {
             store::range_middle(pool, &after, &through)
                 .await
                 .ok()
                 .flatten()
+        } else {
+            None
         };
         let Some(middle) = middle else {
             let totals = RefillTotals::default();
@@ -286,8 +299,8 @@ fn sweep_range<'a>(
                 failed: Some(e),
             };
         };
-        let first = sweep_range(pool, grant, after, middle.clone()).await;
-        let second = sweep_range(pool, grant, middle, through).await;
+        let first = sweep_range(pool, grant, splits, after, middle.clone()).await;
+        let second = sweep_range(pool, grant, splits, middle, through).await;
         let failed = match (first.failed, second.failed) {
             (Some(a), Some(b)) => Some(graver(Some(a), b)),
             (a, b) => a.or(b),
