@@ -341,6 +341,11 @@ async fn scheduled_sweep_runs_at_its_cron_tick() {
         |n| n == 1,
     )
     .await;
+    // The sweep ends a moment after its last range commits: a stop before would give it up.
+    wait_for(T, "the second sweep to end", || async {
+        refill_runs() - runs_before >= 2.0
+    })
+    .await;
     worker.stop().await.expect("stop");
     assert_eq!(
         monthly_grants(&env, "sched-a", next_month).await,
@@ -366,6 +371,11 @@ async fn missed_tick_is_caught_up_exactly_once_at_start() {
     let month = Month::of(Utc::now());
     let worker = Worker::start(env.settings.clone()).await.expect("worker");
     wait_refilled(&env, month, T).await;
+    // The sweep ends a moment after its last range commits: a stop before would give it up.
+    wait_for(T, "the sweep to end", || async {
+        refill_runs() - runs_before >= 1.0
+    })
+    .await;
     // Stopped before counting: no later sweep can slip in.
     worker.stop().await.expect("stop");
 
@@ -375,8 +385,8 @@ async fn missed_tick_is_caught_up_exactly_once_at_start() {
     env.cleanup().await;
 }
 
-/// The scheduled sweep holds its lock's connection and runs two chunks at once; with the
-/// smallest pool allowed (3 connections, one of them the outbox relay's listener) it must
+/// The scheduled sweep runs two chunks at once; with the smallest pool allowed (3
+/// connections, one of them the outbox relay's listener) it must
 /// still get through, reading each next range while a chunk is in flight, instead of waiting
 /// on the connection that chunk holds.
 #[tokio::test]
