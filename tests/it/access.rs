@@ -164,7 +164,7 @@ async fn each_role_works_with_exactly_the_recipes_rights() {
         .then(|| Users::apply(&env.settings.amqp.namespace))
         .flatten()
     else {
-        eprintln!("skipped: the broker is not on this machine, or rabbitmqctl is missing");
+        skip("the broker is not on this machine, or rabbitmqctl is missing");
         return env.cleanup().await;
     };
     seed(&env, ["alice"], 100).await;

@@ -27,7 +27,7 @@ pub(crate) fn listener(env: &TestEnv) -> Option<&'static Listener> {
     static LISTENER: OnceLock<Option<Listener>> = OnceLock::new();
     let url = &env.settings.amqp.url;
     if !(url.contains("@127.0.0.1") || url.contains("@localhost")) {
-        eprintln!("skipped: the broker is not on this machine");
+        skip("the broker is not on this machine");
         return None;
     }
     LISTENER

@@ -124,7 +124,7 @@ async fn database_sessions_use_tcp_keepalive() {
         .expect("client address");
     if !tcp {
         // Over a Unix socket the server has no TCP settings to show.
-        eprintln!("skipped: the database is reached over a Unix socket");
+        skip("the database is reached over a Unix socket");
         pool.close().await;
         return env.cleanup().await;
     }
