@@ -189,6 +189,22 @@ pub(crate) async fn prepare(settings: &DatabaseSettings) -> Result<(), sqlx::Err
     Ok(migrated?)
 }
 
+/// True when a statement failed for a reason that clears by itself: the connection (I/O
+/// other than a certificate, a pool timeout, SQLSTATE class 08), a serialization failure or
+/// deadlock (40001, 40P01), a lock timeout (55P03), the server shutting down (class 57). A
+/// migration that fails otherwise (its SQL, an object in the way) would fail the same way
+/// again, so the start stops instead of retrying it.
+pub(crate) fn clears_by_itself(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(io) => io.kind() != std::io::ErrorKind::InvalidData,
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|c| {
+            c.starts_with("08") || c.starts_with("57") || ["40001", "40P01", "55P03"].contains(&&*c)
+        }),
+        _ => false,
+    }
+}
+
 /// True unless the error says the statement itself or its data is wrong. Only data and
 /// program errors are permanent (SQLSTATE classes 22 data exception, 23 integrity violation,
 /// 42 syntax/undefined object, 2B/P0 raised by our triggers, and decode failures); lost or

@@ -97,7 +97,7 @@ fn is_migrate_io(e: &sqlx::Error) -> bool {
     };
     match &**m {
         MigrateError::Execute(inner) | MigrateError::ExecuteMigration(inner, _) => {
-            crate::db::is_transient(inner)
+            crate::db::clears_by_itself(inner)
         }
         _ => false,
     }
@@ -471,6 +471,9 @@ mod tests {
         ))));
         let bad = MigrateError::ExecuteMigration(sqlx::Error::RowNotFound, 19);
         assert!(!is_migrate_io(&migrate(bad)));
+        let cannot_read = std::io::Error::new(std::io::ErrorKind::InvalidData, "certificate");
+        let tls = MigrateError::Execute(sqlx::Error::Io(cannot_read));
+        assert!(!is_migrate_io(&migrate(tls)));
         assert!(!is_migrate_io(&migrate(MigrateError::VersionMissing(19))));
     }
 

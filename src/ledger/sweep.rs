@@ -278,26 +278,29 @@ fn sweep_range<'a>(
             }
             Err(e) => e,
         };
+        let failed = |e| Swept {
+            totals: RefillTotals::default(),
+            failed: Some(e),
+        };
         // A failure of every account alike (a defect, not one account's data) would otherwise
-        // cost each range twice its accounts in failed transactions.
+        // cost each range as many failed transactions as it has accounts, several times over.
         let may_split = !e.may_clear()
             && splits
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
                 .is_ok();
-        let middle = if may_split {
-            store::range_middle(pool, &after, &through)
-                .await
-                .ok()
-                .flatten()
-        } else {
-            None
-        };
-        let Some(middle) = middle else {
-            let totals = RefillTotals::default();
-            return Swept {
-                totals,
-                failed: Some(e),
-            };
+        if !may_split {
+            return failed(e);
+        }
+        let middle = match store::range_middle(pool, &after, &through).await {
+            Ok(Some(middle)) => middle,
+            // One account: it is the one that fails.
+            Ok(None) => {
+                splits.fetch_add(1, Ordering::Relaxed);
+                return failed(e);
+            }
+            // Reported over the range's own failure when it may clear: the sweep's retry then
+            // takes the range again.
+            Err(m) => return failed(graver(Some(e), m.into())),
         };
         let first = sweep_range(pool, grant, splits, after, middle.clone()).await;
         let second = sweep_range(pool, grant, splits, middle, through).await;

@@ -659,7 +659,7 @@ fn leftovers_are_recognised_by_name_and_dead_process() {
 }
 
 /// Whether the AMQP URL names this host (where `rabbitmqctl` would list its queues).
-fn broker_is_local(amqp_url: &str) -> bool {
+pub fn broker_is_local(amqp_url: &str) -> bool {
     let authority = amqp_url
         .split_once("://")
         .map_or(amqp_url, |(_, rest)| rest)
