@@ -357,9 +357,6 @@ async fn sweep(
     month: Option<Month>,
     user: Option<String>,
 ) -> anyhow::Result<ExitCode> {
-    // Only a month named with --month may back-fill: the clock here may lag.
-    let named = month.is_some();
-    let month = month.unwrap_or_else(|| Month::of(Utc::now()));
     if !settings.refill.enabled {
         return Err(BadRequest("refill is disabled (refill.enabled is false)".into()).into());
     }
@@ -380,9 +377,11 @@ async fn sweep(
         }
     };
     let (user, chunk) = (user.as_deref(), settings.refill.chunk_size);
-    let report = crate::refill::sweep_asked(&pool, policy, month, named, user, chunk, progress)
-        .await
-        .map_err(ledger_error)?;
+    // Only a month named with --month may back-fill: the clock here may lag.
+    let report =
+        crate::refill::sweep_asked(&pool, policy, month, Utc::now(), user, chunk, progress)
+            .await
+            .map_err(ledger_error)?;
     // The `refill` command's result object (SPEC §8); the rest goes to the log.
     let result = json!({
         "month": report.month,

@@ -375,14 +375,12 @@ fn events_of(rows: &[StoredEvent]) -> Result<Vec<Event<'_>>, RelayError> {
 /// the relays: the figure is wanted most when no relay can publish, and a
 /// standby summing the backlog every 500 ms only loaded the database.
 pub(crate) async fn gauge_backlog(pool: &PgPool) -> Result<(), sqlx::Error> {
-    let backlog = store::unpublished_events(pool).await?;
-    metrics::gauge!("credit_outbox_backlog").set(backlog as f64);
-    // How long the next event to publish has waited (0: none waits). A relay that runs but
-    // publishes nothing (the events exchange refused, a row it cannot send, a stuck leader
-    // on another replica) shows here as an age that only grows; a backlog being published
-    // keeps it at seconds.
-    let oldest = store::oldest_unpublished_age(pool).await?;
-    metrics::gauge!("credit_outbox_oldest_unpublished_seconds").set(oldest.unwrap_or(0.0));
+    let backlog = store::backlog(pool).await?;
+    metrics::gauge!("credit_outbox_backlog").set(backlog.events as f64);
+    // A relay that runs but publishes nothing (the events exchange refused, a row it cannot
+    // send, a stuck leader on another replica) shows here as an age that only grows; a
+    // backlog being published keeps it at seconds.
+    metrics::gauge!("credit_outbox_oldest_unpublished_seconds").set(backlog.oldest_age_s);
     Ok(())
 }
 

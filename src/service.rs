@@ -49,7 +49,7 @@ pub(crate) async fn connect_db(
     loop {
         match crate::db::prepare(&settings.database).await {
             Ok(()) => return Ok(()),
-            Err(e) if crate::db::is_transient(&e) || is_migrate_io(&e) => {
+            Err(e) if crate::db::is_transient(&e) || is_passing_migration_fault(&e) => {
                 warn!(error = %e, "database not ready (unreachable, or a migration waiting for a lock); retrying");
                 if !crate::retry::pause(&mut delays, stop).await {
                     anyhow::bail!("stopped before the database was reachable");
@@ -90,7 +90,7 @@ async fn check_broker_certificate(amqp: &crate::config::AmqpSettings) -> anyhow:
 
 /// A migration that failed for a reason that clears (a lost connection, its 10 s lock
 /// timeout behind a long read): the start tries again.
-fn is_migrate_io(e: &sqlx::Error) -> bool {
+fn is_passing_migration_fault(e: &sqlx::Error) -> bool {
     use sqlx::migrate::MigrateError;
     let sqlx::Error::Migrate(m) = e else {
         return false;
@@ -464,17 +464,20 @@ mod tests {
         use sqlx::migrate::MigrateError;
         let io = || sqlx::Error::Io(std::io::Error::other("connection reset"));
         let migrate = |m: MigrateError| sqlx::Error::Migrate(Box::new(m));
-        assert!(is_migrate_io(&migrate(MigrateError::Execute(io()))));
-        assert!(is_migrate_io(&migrate(MigrateError::ExecuteMigration(
-            io(),
-            19
+        assert!(is_passing_migration_fault(&migrate(MigrateError::Execute(
+            io()
         ))));
+        assert!(is_passing_migration_fault(&migrate(
+            MigrateError::ExecuteMigration(io(), 19)
+        )));
         let bad = MigrateError::ExecuteMigration(sqlx::Error::RowNotFound, 19);
-        assert!(!is_migrate_io(&migrate(bad)));
+        assert!(!is_passing_migration_fault(&migrate(bad)));
         let cannot_read = std::io::Error::new(std::io::ErrorKind::InvalidData, "certificate");
         let tls = MigrateError::Execute(sqlx::Error::Io(cannot_read));
-        assert!(!is_migrate_io(&migrate(tls)));
-        assert!(!is_migrate_io(&migrate(MigrateError::VersionMissing(19))));
+        assert!(!is_passing_migration_fault(&migrate(tls)));
+        assert!(!is_passing_migration_fault(&migrate(
+            MigrateError::VersionMissing(19)
+        )));
     }
 
     /// A task that panics or hangs while the service stops makes the stop a failure (the

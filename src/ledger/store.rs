@@ -753,17 +753,26 @@ pub(crate) async fn prune_published(
         .await
 }
 
-/// How long ago (in seconds) the oldest event not yet published was written; None when every
-/// event was published.
-pub(crate) async fn oldest_unpublished_age(pool: &PgPool) -> Result<Option<f64>, sqlx::Error> {
-    sqlx::query_scalar(
-        // The watermark as a scalar subquery: the outbox's key is then searched from it, where
-        // a join would walk every row kept below it.
-        "SELECT greatest(extract(epoch FROM now() - created_at), 0)::float8 FROM credit.outbox
-          WHERE id > (SELECT published_through FROM credit.outbox_relay) ORDER BY id LIMIT 1",
-    )
-    .fetch_optional(pool)
-    .await
+/// What the relays have still to publish: the events after the watermark, and how long ago
+/// (in seconds) the first of them was written (0 when none waits).
+#[derive(Debug, Clone, Copy, sqlx::FromRow)]
+pub(crate) struct Backlog {
+    pub events: i64,
+    pub oldest_age_s: f64,
+}
+
+/// The watermark is read once, as a scalar: the outbox's key is then searched from it, where
+/// a join would walk every row kept below it.
+const BACKLOG: &str = "WITH w AS (SELECT published_through AS id FROM credit.outbox_relay)
+SELECT (SELECT coalesce(sum(events), 0)::int8 FROM credit.outbox
+         WHERE id > (SELECT id FROM w)) AS events,
+       coalesce((SELECT greatest(extract(epoch FROM now() - created_at), 0)::float8
+                   FROM credit.outbox WHERE id > (SELECT id FROM w) ORDER BY id LIMIT 1),
+                0) AS oldest_age_s";
+
+/// The outbox's [`Backlog`], in one statement.
+pub(crate) async fn backlog(pool: &PgPool) -> Result<Backlog, sqlx::Error> {
+    sqlx::query_as(BACKLOG).fetch_one(pool).await
 }
 
 /// Events after the watermark (counting each event of a row): not published yet.

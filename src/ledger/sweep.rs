@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use serde::Serialize;
@@ -59,29 +59,35 @@ pub async fn sweep(
     sweep_with(pool, policy, target, false, chunk, progress).await
 }
 
-/// [`sweep`] as an operator asked for it (a command, the CLI): of `month`, which they named
-/// (`named`) or which defaulted to the clock's. Only a named month back-fills, by the rule
-/// of [`RefillPolicy::backfill`]: a user evaluated for a later month is back-filled unless
-/// the ledger holds that month's grant. A scheduled sweep, or one of the month by the clock,
+/// [`sweep`] as an operator asked for it (a command, the CLI): of the month they `named`, or
+/// else of the month of `now`. Only a named month back-fills, by the rule of
+/// [`RefillPolicy::backfill`]: a user evaluated for a later month is back-filled unless the
+/// ledger holds that month's grant. A scheduled sweep, or one of the month by the clock,
 /// never does: the clock may lag, and a month whose sweep ran late would refill twice.
 pub async fn sweep_asked(
     pool: &PgPool,
     policy: RefillPolicy,
-    month: Month,
-    named: bool,
+    named: Option<Month>,
+    now: DateTime<Utc>,
     user_id: Option<&str>,
     chunk: i64,
     progress: impl FnMut(&SweepReport),
 ) -> Result<SweepReport, LedgerError> {
-    let now = Month::of(Utc::now());
-    if named && month > now {
-        // Allowed (a test, or a month begun elsewhere already), but most likely a typo: the
-        // users it refills are evaluated through that month, so no sweep or lazy refill
-        // refills them again until then.
-        warn!(%month, current = %now, "refilling a month after the current one: its users get no refill before it");
-    }
+    let current = Month::of(now);
+    let (month, backfill) = match named {
+        Some(month) => {
+            if month > current {
+                // Allowed (a test, or a month begun elsewhere already), but most likely a
+                // typo: the users it refills are evaluated through that month, so no sweep or
+                // lazy refill refills them again until then.
+                warn!(%month, %current, "refilling a month after the current one: its users get no refill before it");
+            }
+            (month, true)
+        }
+        None => (current, false),
+    };
     let target = Target { month, user_id };
-    sweep_with(pool, policy, target, named, chunk, progress).await
+    sweep_with(pool, policy, target, backfill, chunk, progress).await
 }
 
 /// Whom a sweep refills, for which month.
@@ -304,13 +310,12 @@ fn sweep_range<'a>(
         };
         let first = sweep_range(pool, grant, splits, after, middle.clone()).await;
         let second = sweep_range(pool, grant, splits, middle, through).await;
-        let failed = match (first.failed, second.failed) {
-            (Some(a), Some(b)) => Some(graver(Some(a), b)),
-            (a, b) => a.or(b),
-        };
         Swept {
             totals: first.totals.plus(second.totals),
-            failed,
+            failed: match second.failed {
+                Some(e) => Some(graver(first.failed, e)),
+                None => first.failed,
+            },
         }
     })
 }

@@ -573,7 +573,15 @@ async fn sweep_sql_and_the_rust_refill_rule_agree() {
     let mut expected = (0, 0i64);
     for (case, balance, evaluated) in &cases {
         let user = format!("rust-{case}");
-        let one = refill::sweep_asked(&env.pool, policy, month, true, Some(&user), 1, |_| {});
+        let one = refill::sweep_asked(
+            &env.pool,
+            policy,
+            Some(month),
+            Utc::now(),
+            Some(&user),
+            1,
+            |_| {},
+        );
         let one = one.await.unwrap();
         // Named explicitly, before any row of the month exists.
         let grant = policy.backfill(*balance, *evaluated, month, false);
@@ -585,7 +593,7 @@ async fn sweep_sql_and_the_rust_refill_rule_agree() {
             );
         }
     }
-    let all = refill::sweep_asked(&env.pool, policy, month, true, None, 3, |_| {})
+    let all = refill::sweep_asked(&env.pool, policy, Some(month), Utc::now(), None, 3, |_| {})
         .await
         .unwrap();
     assert_eq!((all.users_refilled, all.credits_granted), expected);
@@ -626,9 +634,25 @@ async fn only_a_named_month_back_fills() {
         let late = refill::sweep(&env.pool, policy, november, user, 10, |_| {});
         assert_eq!(late.await.unwrap().credits_granted, 0, "{user:?}");
     }
-    let named = refill::sweep_asked(&env.pool, policy, november, true, None, 10, |_| {});
+    let named = refill::sweep_asked(
+        &env.pool,
+        policy,
+        Some(november),
+        Utc::now(),
+        None,
+        10,
+        |_| {},
+    );
     assert_eq!(named.await.unwrap().credits_granted, 1000);
-    let again = refill::sweep_asked(&env.pool, policy, november, true, Some("u"), 10, |_| {});
+    let again = refill::sweep_asked(
+        &env.pool,
+        policy,
+        Some(november),
+        Utc::now(),
+        Some("u"),
+        10,
+        |_| {},
+    );
     assert_eq!(again.await.unwrap().credits_granted, 0);
     env.assert_audit_clean().await;
     env.cleanup().await;
@@ -655,7 +679,7 @@ async fn a_back_fill_that_meets_anothers_grant_tries_the_range_again() {
     }
     let pool = env.pool.clone();
     let sweep = tokio::spawn(async move {
-        refill::sweep_asked(&pool, policy, november, true, None, 10, |_| {}).await
+        refill::sweep_asked(&pool, policy, Some(november), Utc::now(), None, 10, |_| {}).await
     });
     env.wait_for_one_lock_waiter(Duration::from_secs(10), "the sweep waiting for the row")
         .await;
