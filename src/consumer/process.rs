@@ -3,7 +3,10 @@
 //! The AMQP layer in [`super`] applies the actions: dead-letter with the reason, then ack.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+
+use futures::FutureExt as _;
 
 use crate::clock::Clock;
 use serde::Deserialize;
@@ -164,7 +167,7 @@ pub(crate) async fn attempt(decider: &impl Decider, bodies: &[&[u8]], turn: Turn
     }
     // Even with nothing to decide, the decider ends the turn (as committed, holding no
     // accounts), so the batches after this one need not roll back for its sake.
-    let first = decider.decide(&entries, turn).await;
+    let first = decide_guarded(decider, &entries, turn).await;
     Attempt {
         undecodable,
         positions,
@@ -264,7 +267,7 @@ async fn decide_transient_retry(
     let mut first_try = first.is_some();
     let mut result = match first {
         Some(r) => r,
-        None => decider.decide(entries, Turn::alone()).await,
+        None => decide_guarded(decider, entries, Turn::alone()).await,
     };
     loop {
         match result {
@@ -291,7 +294,32 @@ async fn decide_transient_retry(
             other => return Some(other),
         }
         first_try = false;
-        result = decider.decide(entries, Turn::alone()).await;
+        result = decide_guarded(decider, entries, Turn::alone()).await;
+    }
+}
+
+/// `decider.decide`, with a panic turned into [`DecideError::Defect`]. A defect that one
+/// entry meets is then dead-lettered with that entry alone (a batch that fails for good is
+/// split), instead of ending the worker: every message it held would come back with the one
+/// that crashes it, until the delivery limit dead-letters them all. Unwinding drops the
+/// transaction (rolled back) and the turn (the batches after it decide again), so nothing
+/// the attempt did stays; one that panicked after its commit finds its entries decided.
+async fn decide_guarded(
+    decider: &impl Decider,
+    entries: &[NodeExecutionEntry],
+    turn: Turn,
+) -> Result<Vec<Verdict>, DecideError> {
+    match AssertUnwindSafe(decider.decide(entries, turn))
+        .catch_unwind()
+        .await
+    {
+        Ok(decided) => decided,
+        Err(panic) => {
+            metrics::counter!("credit_defects_total", "stage" => "decide").increment(1);
+            Err(DecideError::Defect(
+                crate::telemetry::panic_text(panic.as_ref()).to_owned(),
+            ))
+        }
     }
 }
 
@@ -556,6 +584,45 @@ mod tests {
         // The batch once, then each entry alone (found decided: charged once each).
         assert_eq!(d.0.calls.load(Ordering::SeqCst), 3);
         assert_eq!(d.0.balance("u"), 980);
+    }
+
+    /// Panics on any batch holding the node execution `boom`, before deciding anything.
+    struct Defective(MemoryDecider);
+
+    impl Decider for Defective {
+        async fn decide(
+            &self,
+            entries: &[NodeExecutionEntry],
+            turn: Turn,
+        ) -> Result<Vec<Verdict>, DecideError> {
+            if entries.iter().any(|e| e.node_exec_id == "boom") {
+                panic!("a defect met by {}", entries.len());
+            }
+            self.0.decide(entries, turn).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_defect_one_entry_meets_dead_letters_that_entry_alone() {
+        let d = Defective(MemoryDecider::new(0, None));
+        let bodies = [gpt4("u", "a"), gpt4("u", "boom"), gpt4("v", "c")];
+        let refs: Vec<&[u8]> = bodies.iter().map(Vec::as_slice).collect();
+        let out = process_batch(&d, &refs, &CancellationToken::new())
+            .await
+            .unwrap();
+        let actions: Vec<_> = out.iter().map(|(a, _)| a.clone()).collect();
+        assert_eq!(
+            actions,
+            [
+                Action::Ack,
+                dead("internal: a defect: a defect met by 1"),
+                Action::Ack
+            ]
+        );
+        // The batch panicked before it decided anything; alone, the others are charged once.
+        assert_eq!(d.0.calls.load(Ordering::SeqCst), 2);
+        assert_eq!((d.0.balance("u"), d.0.balance("v")), (990, 990));
+        assert_eq!(d.0.ledger.lock().unwrap().decisions.len(), 2);
     }
 
     /// Fails every batch as a pool does whose server certificate expired.

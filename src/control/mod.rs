@@ -14,10 +14,12 @@ pub mod history;
 pub mod outcome;
 pub mod refill;
 
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{FutureExt as _, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
@@ -191,7 +193,7 @@ pub async fn execute(
     let started = Instant::now();
     let horizon = Duration::from_secs(ctx.settings.control.unanswered_retry_s);
     loop {
-        match command.run(ctx).await {
+        match guarded(command.run(ctx)).await {
             Err(e) if e.is_transient() && !answered && started.elapsed() >= horizon => {
                 warn!(error = %e, attempt, "control command still failing; returned to the queue");
                 return None;
@@ -204,6 +206,25 @@ pub async fn execute(
                 }
             }
             other => return Some(other),
+        }
+    }
+}
+
+/// A command's run, a panic turned into an `internal` error. A defect one command meets is
+/// then answered and acked like any failure, instead of ending the worker: the command would
+/// come back at every start (the control queue has no delivery limit), and billing with it.
+/// Unwinding drops the command's transaction, so nothing it did stays.
+async fn guarded(
+    run: impl Future<Output = Result<Value, ControlError>>,
+) -> Result<Value, ControlError> {
+    match AssertUnwindSafe(run).catch_unwind().await {
+        Ok(ran) => ran,
+        Err(panic) => {
+            metrics::counter!("credit_defects_total", "stage" => "control").increment(1);
+            Err(ControlError::internal(format!(
+                "a defect: {}",
+                crate::telemetry::panic_text(panic.as_ref())
+            )))
         }
     }
 }
@@ -446,6 +467,20 @@ mod tests {
         };
         assert!(r.key_generated && r.key.starts_with("TOP-UP-"));
         assert_eq!((r.tx_type, r.amount), (TxType::TopUp, 5));
+    }
+
+    #[tokio::test]
+    async fn a_command_that_panics_is_answered_internal() {
+        let panics = async { panic!("a defect in a command") };
+        let answer = guarded(panics).await;
+        assert_eq!(
+            reply_body(&answer),
+            json!({"ok": false, "error": {"code": "internal",
+                "message": "a defect: a defect in a command"}})
+        );
+        assert!(!answer.unwrap_err().is_transient());
+        let fine = guarded(async { Ok(json!({"balance": 7})) }).await;
+        assert_eq!(fine.unwrap(), json!({"balance": 7}));
     }
 
     #[test]

@@ -84,6 +84,10 @@ pub enum DecideError {
     /// back, to be decided again after it ([`Turn`]).
     #[error("an earlier batch sharing a user failed; deciding again after it")]
     Reordered,
+    /// Deciding panicked: a defect, caught so that it costs only the entry that meets it
+    /// (see `consumer::process`). Nothing the attempt wrote stays.
+    #[error("a defect: {0}")]
+    Defect(String),
 }
 
 impl DecideError {
@@ -93,6 +97,7 @@ impl DecideError {
             DecideError::Db(e) => LedgerError::may_clear_db(e),
             DecideError::Ledger(e) => e.may_clear(),
             DecideError::Race | DecideError::Reordered => true,
+            DecideError::Defect(_) => false,
         }
     }
 }
