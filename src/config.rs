@@ -445,8 +445,17 @@ impl Settings {
         }
         // Checked here, so a typo stops the worker at start instead of being retried as a
         // broker fault for ever.
-        if let Err(why) = self.amqp.url.parse::<lapin::uri::AMQPUri>() {
-            return bad("amqp.url", &format!("not an AMQP URL ({why})"));
+        let uri = match self.amqp.url.parse::<lapin::uri::AMQPUri>() {
+            Ok(uri) => uri,
+            Err(why) => return bad("amqp.url", &format!("not an AMQP URL ({why})")),
+        };
+        // Both travel as AMQP short strings, which the client cannot send (it panics) beyond
+        // 255 bytes; no broker accepts such a name anyway.
+        if uri.vhost.len() > 255 {
+            return bad("amqp.url", "the virtual host is longer than 255 bytes");
+        }
+        if uri.authority.userinfo.username.len() > 255 {
+            return bad("amqp.url", "the user name is longer than 255 bytes");
         }
         if let Some(path) = &self.amqp.tls_ca_file {
             read_ca_file(path)
@@ -623,6 +632,26 @@ mod tests {
             assert!(e.contains("amqp.url: not an AMQP URL ("), "{e}");
             assert!(!e.contains("secret"), "{e}");
         }
+    }
+
+    #[test]
+    fn an_amqp_url_with_a_name_no_broker_takes_is_refused_at_start() {
+        let long = "v".repeat(256);
+        let cases = [
+            (format!("amqp://u:p@host:5672/{long}"), "the virtual host"),
+            (format!("amqp://{long}:p@host:5672/%2f"), "the user name"),
+        ];
+        for (url, what) in cases {
+            let e = Settings::load_from(None, &env(&[("AMQP_URL", &url)]))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(&format!("amqp.url: {what} is longer than 255 bytes")),
+                "{e}"
+            );
+        }
+        let longest = format!("amqp://u:p@host:5672/{}", "v".repeat(255));
+        assert!(Settings::load_from(None, &env(&[("AMQP_URL", &longest)])).is_ok());
     }
 
     #[test]

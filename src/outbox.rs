@@ -92,7 +92,8 @@ impl Relay {
         drain: &CancellationToken,
         hard_stop: &CancellationToken,
     ) -> Result<(), RelayError> {
-        let conn = crate::amqp::connect(&self.settings.amqp, "credit-worker outbox").await?;
+        let conn =
+            crate::amqp::connect_publisher(&self.settings.amqp, "credit-worker outbox").await?;
         let publisher = Publisher::open(&conn).await?;
         let exchange = self.settings.name(topology::EVENTS);
         topology::declare_events_exchange(publisher.channel(), &exchange).await?;

@@ -72,7 +72,7 @@ async fn check_broker_certificate(amqp: &crate::config::AmqpSettings) -> anyhow:
     if !amqp.url.to_ascii_lowercase().starts_with("amqps://") {
         return Ok(());
     }
-    match crate::amqp::connect(amqp, "credit-worker certificate check").await {
+    match crate::amqp::connect_publisher(amqp, "credit-worker certificate check").await {
         Ok(conn) => {
             let _ = conn.close(200, "checked".into()).await;
             Ok(())

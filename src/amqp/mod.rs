@@ -23,17 +23,39 @@ pub(crate) use session::{reconnecting, SessionFault};
 /// accepts TCP but never answers AMQP must not hang a session forever.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// The largest frame asked for when the URL does not say (`?frame_max=`). lapin keeps a read
-/// and a write buffer of 32 frames per connection, zeroed when it connects: at RabbitMQ's
-/// default of 128 KiB that is 8 MiB resident per connection for messages of a few hundred
-/// bytes; larger bodies are split into frames.
-const FRAME_MAX: u32 = 32 * 1024;
+/// The largest frame a connection that only publishes asks for when the URL does not say
+/// (`?frame_max=`). lapin keeps a read and a write buffer of 32 frames per connection: at
+/// RabbitMQ's default of 128 KiB that is 8 MiB resident per connection. Larger bodies are
+/// split into frames; a message's properties are not, so a connection that reads messages
+/// others published takes the broker's frame size instead (see [`connect`]).
+const SMALL_FRAME_MAX: u32 = 32 * 1024;
 
 /// Opens a connection to `amqp.url` on the current tokio runtime, giving up after
 /// [`CONNECT_TIMEOUT`]. `amqps://` URLs verify the broker's certificate against the system's
 /// roots and `amqp.tls_ca_file`. lapin's own automatic recovery stays off: the session loops
 /// reconnect, re-declare and re-apply `basic_qos` themselves.
+///
+/// The connection takes the broker's frame size (unless the URL sets one): it may be handed
+/// any message a producer could publish, and a delivery whose properties (headers) do not
+/// fit one frame ends the connection, which then takes the same message again, forever.
 pub async fn connect(amqp: &AmqpSettings, name: &str) -> Result<Connection, lapin::Error> {
+    open(amqp, name, None).await
+}
+
+/// [`connect`] for a connection that only publishes (what it reads are the broker's replies
+/// and confirms): frames of [`SMALL_FRAME_MAX`], which saves its buffers most of their size.
+pub(crate) async fn connect_publisher(
+    amqp: &AmqpSettings,
+    name: &str,
+) -> Result<Connection, lapin::Error> {
+    open(amqp, name, Some(SMALL_FRAME_MAX)).await
+}
+
+async fn open(
+    amqp: &AmqpSettings,
+    name: &str,
+    frame_max: Option<u32>,
+) -> Result<Connection, lapin::Error> {
     let tls = OwnedTLSConfig {
         identity: None,
         // Read on every connect, so a rotated CA file is picked up by the next reconnect.
@@ -50,7 +72,9 @@ pub async fn connect(amqp: &AmqpSettings, name: &str) -> Result<Connection, lapi
             format!("amqp.url: {why}"),
         ))
     })?;
-    uri.query.frame_max.get_or_insert(FRAME_MAX);
+    if uri.query.frame_max.is_none() {
+        uri.query.frame_max = frame_max;
+    }
     let props = ConnectionProperties::default().with_connection_name(name.into());
     let runtime = lapin::runtime::default_runtime()?;
     let timeout = CONNECT_TIMEOUT;

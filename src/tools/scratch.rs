@@ -88,7 +88,8 @@ impl Scratch {
         extra_exchanges: &[&str],
     ) -> Result<(), lapin::Error> {
         let names = Names::new(&self.namespace);
-        let conn = crate::amqp::connect(&self.amqp, "credit-worker scratch cleanup").await?;
+        let conn =
+            crate::amqp::connect_publisher(&self.amqp, "credit-worker scratch cleanup").await?;
         let mut queues = vec![names.input_queue, names.dead_queue, names.control];
         queues.extend(extra_queues.iter().map(|q| self.name(q)));
         let mut exchanges = vec![names.input_exchange, names.dlx, names.events];

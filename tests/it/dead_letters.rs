@@ -153,3 +153,80 @@ async fn replay_without_a_selection_is_a_usage_error() {
     assert_eq!(out.status.code(), Some(2));
     env.cleanup().await;
 }
+
+/// A delivery's properties travel in one frame, which a producer may fill up to the broker's
+/// frame size (128 KiB by default): a consumer that asked for smaller frames loses its
+/// connection on it, and takes the same message again at every reconnect.
+#[tokio::test]
+async fn messages_whose_headers_fill_a_large_frame_are_decided_and_dead_lettered() {
+    let env = TestEnv::with(no_refill).await;
+    seed(&env, ["u1"], 100).await;
+    let worker = Worker::start(env.settings.clone()).await.expect("worker");
+    // A producer with lapin's defaults: the broker's frame size.
+    let conn = lapin::Connection::connect(
+        &env.settings.amqp.url,
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .expect("amqp");
+    let ch = conn.create_channel().await.expect("channel");
+    // Declared before publishing: the worker may not have declared the queue yet.
+    credit_worker::amqp::topology::declare(&ch, &env.settings.amqp)
+        .await
+        .expect("declare");
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm mode");
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-trace".into(),
+        AMQPValue::LongString("t".repeat(60_000).into()),
+    );
+    let valid = body(&platform_gpt4("u1", "ne-big-headers"));
+    let invalid = br#"{"node_exec_id": "ne-big-invalid"}"#.to_vec();
+    for b in [&valid, &invalid] {
+        let props = credit_worker::amqp::persistent_json().with_headers(headers.clone());
+        let confirm = ch
+            .basic_publish(
+                "".into(),
+                env.names.input_queue.as_str().into(),
+                BasicPublishOptions::default(),
+                b,
+                props,
+            )
+            .await
+            .expect("publish");
+        assert!(confirm.await.expect("confirm").is_ack(), "nacked");
+    }
+    env.wait_decisions(1, T).await;
+    assert_eq!(
+        env.outcome_of("ne-big-headers").await.as_deref(),
+        Some("charged")
+    );
+    wait_for(T, "the invalid one dead-lettered", || async {
+        queue_depth(&env, &env.names.dead_queue).await == 1
+    })
+    .await;
+    let listed = dead_letters::list(&env.settings, 10).await.expect("list");
+    assert_eq!(listed.depth, 1);
+    assert_eq!(listed.messages[0].reason, "user_id: missing");
+    assert_eq!(
+        listed.messages[0].node_exec_id.as_deref(),
+        Some("ne-big-invalid")
+    );
+    let dead = env.dead_messages(1).await;
+    assert_eq!(dead[0].0, invalid);
+    assert_eq!(
+        header_text(&dead[0].1, "x-trace").map(|t| t.len()),
+        Some(60_000)
+    );
+    worker.stop().await.expect("stop");
+    assert_eq!(
+        env.ledger()
+            .balance("u1", Utc::now())
+            .await
+            .expect("balance"),
+        90
+    );
+    env.cleanup().await;
+}
