@@ -527,22 +527,40 @@ fn repeated_stat(text: &str) -> Option<&'static str> {
         .and_then(|r| r.0)
 }
 
-/// A token count: an integer ≥ 0 (absent or null ⇒ 0).
+/// A token count: an integer ≥ 0 (absent or null ⇒ 0). A number with no fractional part
+/// written as a float (`5.0`) is that integer, as the executor's own model (pydantic's
+/// default, lax mode) reads it; `5.5` is not a count.
 fn token_count(v: Option<&Value>, field: &'static str) -> Result<u64, DecodeError> {
-    match v {
-        None | Some(Value::Null) => Ok(0),
-        Some(Value::Number(n)) => match (n.as_u64(), n.as_i64()) {
-            (Some(c), _) => Ok(c),
-            (None, Some(_)) => Err(DecodeError::InvalidStat { field }),
-            (None, None) => Err(DecodeError::WrongType {
-                field,
-                expected: "an integer ≥ 0",
-                got: "non-integer number",
-            }),
-        },
-        Some(other) => Err(wrong(field, "an integer ≥ 0", other)),
+    let n = match v {
+        None | Some(Value::Null) => return Ok(0),
+        Some(Value::Number(n)) => n,
+        Some(other) => return Err(wrong(field, "an integer ≥ 0", other)),
+    };
+    if let Some(c) = n.as_u64() {
+        return Ok(c);
+    }
+    match n.as_f64() {
+        _ if n.is_i64() => Err(DecodeError::InvalidStat { field }),
+        Some(f) if f.is_finite() && f.fract() == 0.0 => {
+            if f < 0.0 {
+                Err(DecodeError::InvalidStat { field })
+            } else if f < U64_END {
+                // Exact: an integral f64 below 2^64 is a u64.
+                Ok(f as u64)
+            } else {
+                Err(DecodeError::OutOfRange { field })
+            }
+        }
+        _ => Err(DecodeError::WrongType {
+            field,
+            expected: "an integer ≥ 0",
+            got: "non-integer number",
+        }),
     }
 }
+
+/// 2^64, the first integer past `u64::MAX`.
+const U64_END: f64 = 18_446_744_073_709_551_616.0;
 
 fn stat(v: Option<&Value>, field: &'static str) -> Result<f64, DecodeError> {
     match v {
@@ -1000,7 +1018,33 @@ mod tests {
             "stats.input_token_count: must be a finite number ≥ 0"
         );
         let e = err(&with("stats", json!({"output_token_count": 1.5})));
-        assert_eq!(e.field(), "stats.output_token_count");
+        assert_eq!(
+            e.to_string(),
+            "stats.output_token_count: expected an integer ≥ 0, got non-integer number"
+        );
+        let whole = ok(&with(
+            "stats",
+            json!({"input_token_count": 5.0, "output_token_count": -0.0}),
+        ));
+        let stats = whole.stats.as_ref().unwrap();
+        assert_eq!((stats.input_token_count, stats.output_token_count), (5, 0));
+        let e = err(&with("stats", json!({"cache_read_token_count": -2.0})));
+        assert_eq!(
+            e.to_string(),
+            "stats.cache_read_token_count: must be a finite number ≥ 0"
+        );
+        let e = err(&with("stats", json!({"input_token_count": 1e20})));
+        assert_eq!(
+            e.to_string(),
+            "stats.input_token_count: integer out of range"
+        );
+        let body = String::from_utf8(with("stats", json!({"input_token_count": 7}))).unwrap();
+        let body = body.replace(":7", ":100000000000000000000");
+        let e = err(body.as_bytes());
+        assert_eq!(
+            e.to_string(),
+            "stats.input_token_count: integer out of range"
+        );
         let e = err(&with("stats", json!({"provider_cost_type": "a\u{0}b"})));
         assert_eq!(
             e.to_string(),
