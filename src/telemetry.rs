@@ -68,8 +68,98 @@ pub fn metrics_handle() -> Option<PrometheusHandle> {
                 .install_recorder()
                 .ok()
                 .inspect(spawn_upkeep)
+                .inspect(|_| describe())
         })
         .clone()
+}
+
+/// Describes every metric (its `# HELP` line) and sets the counters of known label values to
+/// 0, so a scrape shows them from the start: a dashboard or an alert on `rate()` sees 0
+/// instead of no data until the first message. docs/contract.md §10 lists them.
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    const COUNTERS: [(&str, &str); 17] = [
+        ("credit_dead_lettered_total", "Messages moved to the dead letters."),
+        ("credit_producers_refused_total", "Messages refused for their producer (amqp.allowed_producers)."),
+        ("credit_conflicting_duplicates_total", "Repeated node executions naming another user or block than the stored decision."),
+        ("credit_credits_charged_total", "Credits debited by decisions, fees and settlements."),
+        ("credit_credits_refunded_total", "Credits given back by settlements."),
+        ("credit_credits_uncollected_total", "Post-flight credits not collected (settlement.allow_debt = false)."),
+        ("credit_decide_retries_total", "Decision transactions retried after a fault that may clear."),
+        ("credit_decide_reordered_total", "Batches decided again after an earlier batch in flight failed."),
+        ("credit_events_published_total", "Events published by this worker's outbox relay."),
+        ("credit_outbox_pruned_total", "Published outbox rows deleted past outbox.retention_s."),
+        ("credit_outbox_prune_errors_total", "Outbox prunes that failed."),
+        ("credit_refill_runs_total", "Refill sweeps completed."),
+        ("credit_refill_users_total", "Monthly refill grants."),
+        ("credit_refill_credits_total", "Credits granted by monthly refills."),
+        ("credit_messages_total", "Messages by outcome."),
+        ("credit_defects_total", "Panics caught while deciding a message or running a command; each cost only that message or command."),
+        ("credit_broker_reconnects_total", "Broker sessions started again after a fault, by session."),
+    ];
+    for (name, help) in COUNTERS {
+        describe_counter!(name, help);
+    }
+    describe_counter!(
+        "credit_control_commands_total",
+        "Control commands by command and result."
+    );
+    for name in &COUNTERS[..14] {
+        metrics::counter!(name.0).absolute(0);
+    }
+    for outcome in [
+        "charged",
+        "free",
+        "rejected",
+        "duplicate",
+        "invalid",
+        "settled",
+    ] {
+        metrics::counter!("credit_messages_total", "outcome" => outcome).absolute(0);
+    }
+    for stage in ["decide", "control"] {
+        metrics::counter!("credit_defects_total", "stage" => stage).absolute(0);
+    }
+    describe_gauge!("credit_consuming", "1 while the input queue is consumed.");
+    describe_gauge!("credit_outbox_backlog", "Events not yet published.");
+    describe_gauge!(
+        "credit_outbox_oldest_unpublished_seconds",
+        Unit::Seconds,
+        "How long the next event to publish has waited; one that only grows means events stopped."
+    );
+    // Registered: the two outbox gauges are read afresh before every scrape's render.
+    for name in [
+        "credit_consuming",
+        "credit_outbox_backlog",
+        "credit_outbox_oldest_unpublished_seconds",
+    ] {
+        let _ = metrics::gauge!(name);
+    }
+    describe_histogram!("credit_batch_size", "Messages per decision batch.");
+    const TIMES: [(&str, &str); 5] = [
+        (
+            "credit_decide_transaction_seconds",
+            "A batch from the start of its decision to its commit.",
+        ),
+        (
+            "credit_decide_seconds",
+            "A batch from the start of its decision to its ack.",
+        ),
+        ("credit_ack_seconds", "A batch's acks."),
+        (
+            "credit_outbox_publish_lag_seconds",
+            "An event from its commit to its publish.",
+        ),
+        (
+            "credit_outbox_publish_seconds",
+            "One relay round's publish and confirms.",
+        ),
+    ];
+    for (name, help) in TIMES {
+        describe_histogram!(name, Unit::Seconds, help);
+        let _ = metrics::histogram!(name);
+    }
+    let _ = metrics::histogram!("credit_batch_size");
 }
 
 /// Upkeeps the recorder has run; see [`spawn_upkeep`].
@@ -209,6 +299,24 @@ mod tests {
         while super::UPKEEPS.load(std::sync::atomic::Ordering::Relaxed) < 2 {
             assert!(std::time::Instant::now() < deadline, "no upkeep ran");
             std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// Every counter of a known label value shows from the start, described.
+    #[test]
+    fn metrics_show_from_the_start() {
+        let text = super::metrics_handle().map(|h| h.render()).unwrap();
+        for series in [
+            "credit_messages_total{outcome=\"charged\"}",
+            "credit_messages_total{outcome=\"settled\"}",
+            "credit_credits_charged_total",
+            "credit_refill_users_total",
+            "credit_defects_total{stage=\"decide\"}",
+            "# HELP credit_decide_seconds A batch from the start of its decision to its ack.",
+            "# HELP credit_outbox_backlog Events not yet published.",
+            "credit_batch_size_bucket{le=\"1000\"}",
+        ] {
+            assert!(text.contains(series), "{series} missing from:\n{text}");
         }
     }
 
