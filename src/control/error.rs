@@ -56,9 +56,9 @@ impl ControlError {
     /// The code a command failing with `e` is answered with (as `From` below makes it).
     pub(crate) fn code_of(e: &LedgerError) -> &'static str {
         match e {
-            LedgerError::AmountOutOfRange(_) | LedgerError::Overflow { .. } => {
-                "amount_out_of_range"
-            }
+            LedgerError::AmountOutOfRange(_)
+            | LedgerError::Overflow { .. }
+            | LedgerError::RefillOverflow { .. } => "amount_out_of_range",
             LedgerError::InvalidArgument { .. } | LedgerError::InsufficientBalance { .. } => {
                 "bad_request"
             }
@@ -70,9 +70,9 @@ impl ControlError {
 impl From<LedgerError> for ControlError {
     fn from(e: LedgerError) -> Self {
         match e {
-            LedgerError::AmountOutOfRange(_) | LedgerError::Overflow { .. } => {
-                ControlError::AmountOutOfRange(e.to_string())
-            }
+            LedgerError::AmountOutOfRange(_)
+            | LedgerError::Overflow { .. }
+            | LedgerError::RefillOverflow { .. } => ControlError::AmountOutOfRange(e.to_string()),
             LedgerError::InvalidArgument { .. } | LedgerError::InsufficientBalance { .. } => {
                 ControlError::BadRequest(e.to_string())
             }

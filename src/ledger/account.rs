@@ -70,6 +70,10 @@ impl Changes {
     }
 }
 
+/// A refill whose grant (target − balance) would overflow an i64.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DebtTooDeep;
+
 /// The monthly refill policy (docs/contract.md §5).
 #[derive(Debug, Clone, Copy)]
 pub struct RefillPolicy {
@@ -82,11 +86,16 @@ impl RefillPolicy {
     /// one) was already evaluated; otherwise the grant that tops the balance up to the target,
     /// 0 when it is at or above the target. The sweep's SQL (`store::REFILL_CHUNK`) computes
     /// the same; a test holds the two to the same cases.
-    pub fn grant(self, balance: i64, evaluated: Option<NaiveDate>, month: Month) -> Option<i64> {
+    pub fn grant(
+        self,
+        balance: i64,
+        evaluated: Option<NaiveDate>,
+        month: Month,
+    ) -> Result<Option<i64>, DebtTooDeep> {
         if evaluated.is_some_and(|m| m >= month.first_day()) {
-            return None;
+            return Ok(None);
         }
-        Some(self.top_up(balance))
+        self.top_up(balance).map(Some)
     }
 
     /// The rule for a month named explicitly (a sweep, a command, the CLI): [`Self::grant`],
@@ -100,16 +109,24 @@ impl RefillPolicy {
         evaluated: Option<NaiveDate>,
         month: Month,
         granted: bool,
-    ) -> Option<i64> {
+    ) -> Result<Option<i64>, DebtTooDeep> {
         match evaluated {
-            Some(m) if m > month.first_day() => (!granted).then(|| self.top_up(balance)),
+            Some(m) if m > month.first_day() => match granted {
+                true => Ok(None),
+                false => self.top_up(balance).map(Some),
+            },
             _ => self.grant(balance, evaluated, month),
         }
     }
 
-    /// What tops `balance` up to the target; 0 at or above it.
-    fn top_up(self, balance: i64) -> i64 {
-        self.target.saturating_sub(balance).max(0)
+    /// What tops `balance` up to the target; 0 at or above it. A debt so deep that the grant
+    /// would not fit an i64 is refused: a smaller grant would leave the balance short of the
+    /// target without a word.
+    fn top_up(self, balance: i64) -> Result<i64, DebtTooDeep> {
+        self.target
+            .checked_sub(balance)
+            .map(|grant| grant.max(0))
+            .ok_or(DebtTooDeep)
     }
 
     /// The metadata of the ledger row of `month`'s refill grant.
@@ -377,10 +394,15 @@ impl Account {
         changes: &mut Changes,
         policy: RefillPolicy,
         month: Month,
-        grant: Option<i64>,
+        grant: Result<Option<i64>, DebtTooDeep>,
         at: DateTime<Utc>,
     ) -> Result<i64, LedgerError> {
-        let Some(grant) = grant else {
+        let Some(grant) = grant.map_err(|DebtTooDeep| LedgerError::RefillOverflow {
+            user_id: self.user_id.clone(),
+            balance: self.balance,
+            target: policy.target,
+        })?
+        else {
             return Ok(0);
         };
         if grant > 0 {
@@ -450,25 +472,25 @@ mod tests {
         let p = RefillPolicy { target: 1000 };
         let m = month("2026-12");
         // Never evaluated, or last evaluated for an earlier month: topped up to the target.
-        assert_eq!(p.grant(0, None, m), Some(1000));
-        assert_eq!(p.grant(400, day("2026-11"), m), Some(600));
-        assert_eq!(p.grant(999, day("2025-12"), m), Some(1));
+        assert_eq!(p.grant(0, None, m), Ok(Some(1000)));
+        assert_eq!(p.grant(400, day("2026-11"), m), Ok(Some(600)));
+        assert_eq!(p.grant(999, day("2025-12"), m), Ok(Some(1)));
         // A debt is topped up too.
-        assert_eq!(p.grant(-250, None, m), Some(1250));
+        assert_eq!(p.grant(-250, None, m), Ok(Some(1250)));
         // At or above the target: evaluated, nothing granted.
-        assert_eq!(p.grant(1000, None, m), Some(0));
-        assert_eq!(p.grant(1100, day("2026-11"), m), Some(0));
-        assert_eq!(p.grant(i64::MAX, None, m), Some(0));
+        assert_eq!(p.grant(1000, None, m), Ok(Some(0)));
+        assert_eq!(p.grant(1100, day("2026-11"), m), Ok(Some(0)));
+        assert_eq!(p.grant(i64::MAX, None, m), Ok(Some(0)));
         // Already evaluated for this month or a later one: nothing to do.
-        assert_eq!(p.grant(0, day("2026-12"), m), None);
-        assert_eq!(p.grant(-5, day("2027-01"), m), None);
-        // A debt too deep to top up in one grant gets the largest one.
-        assert_eq!(p.grant(i64::MIN, None, m), Some(i64::MAX));
-        assert_eq!(p.grant(-i64::MAX + 999, None, m), Some(i64::MAX));
-        assert_eq!(p.grant(-i64::MAX + 1000, None, m), Some(i64::MAX));
-        assert_eq!(p.grant(-i64::MAX + 1001, None, m), Some(i64::MAX - 1));
+        assert_eq!(p.grant(0, day("2026-12"), m), Ok(None));
+        assert_eq!(p.grant(-5, day("2027-01"), m), Ok(None));
+        // A debt too deep to top up in one grant is refused, not granted less.
+        assert_eq!(p.grant(i64::MIN, None, m), Err(DebtTooDeep));
+        assert_eq!(p.grant(-i64::MAX + 999, None, m), Err(DebtTooDeep));
+        assert_eq!(p.grant(-i64::MAX + 1000, None, m), Ok(Some(i64::MAX)));
+        assert_eq!(p.grant(-i64::MAX + 1001, None, m), Ok(Some(i64::MAX - 1)));
         // A zero target grants nothing to a positive balance.
-        assert_eq!(RefillPolicy { target: 0 }.grant(5, None, m), Some(0));
+        assert_eq!(RefillPolicy { target: 0 }.grant(5, None, m), Ok(Some(0)));
     }
 
     #[test]
@@ -476,13 +498,13 @@ mod tests {
         let p = RefillPolicy { target: 1000 };
         let m = month("2026-10");
         // Evaluated for a later month: its row decides.
-        assert_eq!(p.backfill(400, day("2026-12"), m, false), Some(600));
-        assert_eq!(p.backfill(400, day("2026-12"), m, true), None);
-        assert_eq!(p.backfill(1200, day("2026-12"), m, false), Some(0));
+        assert_eq!(p.backfill(400, day("2026-12"), m, false), Ok(Some(600)));
+        assert_eq!(p.backfill(400, day("2026-12"), m, true), Ok(None));
+        assert_eq!(p.backfill(1200, day("2026-12"), m, false), Ok(Some(0)));
         // Otherwise the rule of `grant`.
-        assert_eq!(p.backfill(400, day("2026-10"), m, false), None);
-        assert_eq!(p.backfill(400, day("2026-09"), m, true), Some(600));
-        assert_eq!(p.backfill(400, None, m, false), Some(600));
+        assert_eq!(p.backfill(400, day("2026-10"), m, false), Ok(None));
+        assert_eq!(p.backfill(400, day("2026-09"), m, true), Ok(Some(600)));
+        assert_eq!(p.backfill(400, None, m, false), Ok(Some(600)));
 
         let at = chrono::Utc::now();
         let mut a = Account::new("u".into());

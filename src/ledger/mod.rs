@@ -19,8 +19,8 @@ use sqlx::PgPool;
 
 #[cfg(test)]
 pub(crate) use account::NewTransaction;
-pub use account::RefillPolicy;
 pub(crate) use account::{Account, Changes};
+pub use account::{DebtTooDeep, RefillPolicy};
 pub use decision::Outcome;
 pub(crate) use decision::{
     DecisionRecord, EarlierDecision, EarlierSettlement, NewDecision, NewSettlement,
@@ -72,6 +72,15 @@ pub enum LedgerError {
         user_id: String,
         balance: i64,
         amount: i64,
+    },
+    #[error(
+        "refill: target {target} − balance {balance} of user {user_id} overflows a 64-bit \
+         integer; a top-up must reduce the debt first"
+    )]
+    RefillOverflow {
+        user_id: String,
+        balance: i64,
+        target: i64,
     },
     #[error("insufficient balance: user {user_id} has {balance}, needs {needed}")]
     InsufficientBalance {

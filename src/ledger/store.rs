@@ -150,10 +150,8 @@ const REFILL_CHUNK: &str = r#"WITH
      ORDER BY user_id FOR UPDATE),
   g AS (
     SELECT user_id, last_seq + 1 AS seq, balance,
-           CASE WHEN balance >= $4 THEN 0
-                WHEN balance >= 0 THEN $4 - balance
-                WHEN balance + 9223372036854775807 < $4 THEN 9223372036854775807
-                ELSE $4 - balance END AS amount
+           -- A grant that overflows fails the chunk (22003), as `RefillPolicy::grant` refuses it.
+           CASE WHEN balance >= $4 THEN 0 ELSE $4 - balance END AS amount
       FROM locked),
   -- Unreferenced data-modifying CTEs run last-declared first: declared before u and t, the
   -- outbox insert runs after them, so its id-ordering lock (migration 0005) is held only

@@ -544,7 +544,8 @@ async fn sweep_sql_and_the_rust_refill_rule_agree() {
         ("equal", 1000, None),
         ("above", 1100, Some(day("2026-11"))),
         ("debt", -250, None),
-        ("deep-debt", -i64::MAX + 999, None),
+        // The deepest debt one grant tops up (i64::MAX); a deeper one is refused (below).
+        ("deep-debt", -i64::MAX + 1000, None),
         ("richest", i64::MAX, None),
         ("this-month", 10, Some(day("2026-12"))),
         ("later-month", -5, Some(day("2027-01"))),
@@ -584,7 +585,9 @@ async fn sweep_sql_and_the_rust_refill_rule_agree() {
         );
         let one = one.await.unwrap();
         // Named explicitly, before any row of the month exists.
-        let grant = policy.backfill(*balance, *evaluated, month, false);
+        let grant = policy
+            .backfill(*balance, *evaluated, month, false)
+            .expect("representable");
         assert_eq!(one.credits_granted, grant.unwrap_or(0), "{case}");
         if grant.is_some_and(|g| g > 0) {
             expected = (
@@ -1545,6 +1548,51 @@ async fn a_range_that_cannot_be_refilled_holds_up_no_other() {
     let balance = |u: &str| format!("SELECT balance FROM credit.balances WHERE user_id = '{u}'");
     assert_eq!(env.scalar_i64(&balance("r02")).await, 100);
     assert_eq!(env.scalar_i64(&balance("r03")).await, 0);
+    env.cleanup().await;
+}
+
+/// A debt too deep for one grant to reach the target (target − balance past i64) is refused
+/// by the sweep and by a one-user refill alike, never granted less; the others are refilled.
+#[tokio::test]
+async fn a_debt_too_deep_to_refill_is_refused_not_granted_less() {
+    let env = TestEnv::with(no_refill).await;
+    for (user, balance) in [("d0", 0), ("d1", -i64::MAX + 999), ("d2", 5)] {
+        sqlx::query("INSERT INTO credit.balances (user_id, balance) VALUES ($1, $2)")
+            .bind(user)
+            .bind(balance)
+            .execute(&env.pool)
+            .await
+            .unwrap();
+    }
+    let policy = credit_worker::ledger::RefillPolicy { target: 1000 };
+    let month: Month = "2026-12".parse().unwrap();
+    let swept = refill::sweep(&env.pool, policy, month, None, 3, |_| {}).await;
+    let e = swept.expect_err("d1 is refused");
+    assert_eq!(
+        e.to_string(),
+        "database: error returned from database: bigint out of range"
+    );
+    let balance = |u: &str| format!("SELECT balance FROM credit.balances WHERE user_id = '{u}'");
+    assert_eq!(env.scalar_i64(&balance("d0")).await, 1000);
+    assert_eq!(env.scalar_i64(&balance("d2")).await, 1000);
+    assert_eq!(env.scalar_i64(&balance("d1")).await, -i64::MAX + 999);
+    let one = refill::sweep_asked(
+        &env.pool,
+        policy,
+        Some(month),
+        Utc::now(),
+        Some("d1"),
+        1,
+        |_| {},
+    );
+    let e = one.await.expect_err("d1 is refused alone too");
+    assert_eq!(
+        e.to_string(),
+        "refill: target 1000 − balance -9223372036854774808 of user d1 overflows a 64-bit \
+         integer; a top-up must reduce the debt first"
+    );
+    let rows = "SELECT count(*) FROM credit.transactions WHERE user_id = 'd1'";
+    assert_eq!(env.scalar_i64(rows).await, 0);
     env.cleanup().await;
 }
 
