@@ -115,12 +115,18 @@ pub async fn run(settings: Settings, args: BenchArgs, json: bool) -> anyhow::Res
     outcome
 }
 
+/// The most messages a run sends: 100 million, about ten times a long run's.
+const MAX_MESSAGES: usize = 100_000_000;
+/// The most users a run seeds: 100 million.
+const MAX_USERS: usize = 100_000_000;
+
 fn usage_problem(args: &BenchArgs) -> Option<String> {
-    if args.messages == 0 {
-        return Some("--messages must be at least 1".into());
+    // Upper bounds: every message's timing is kept in memory, and a run is minutes at most.
+    if !(1..=MAX_MESSAGES).contains(&args.messages) {
+        return Some(format!("--messages must be between 1 and {MAX_MESSAGES}"));
     }
-    if args.users == 0 {
-        return Some("--users must be at least 1".into());
+    if !(1..=MAX_USERS).contains(&args.users) {
+        return Some(format!("--users must be between 1 and {MAX_USERS}"));
     }
     if let Some(b) = args.max_batch {
         if !(1..=10_000).contains(&b) {
@@ -132,8 +138,11 @@ fn usage_problem(args: &BenchArgs) -> Option<String> {
             return Some("--rate must be a positive number of msgs/s".into());
         }
     }
-    if args.sweep_users == Some(0) {
-        return Some("--sweep-users must be at least 1".into());
+    if args
+        .sweep_users
+        .is_some_and(|u| !(1..=MAX_USERS as u64).contains(&u))
+    {
+        return Some(format!("--sweep-users must be between 1 and {MAX_USERS}"));
     }
     if args.pairs && (args.messages < 2 || !args.messages.is_multiple_of(2)) {
         return Some("--pairs needs an even number of --messages (two per execution)".into());
@@ -386,5 +395,40 @@ impl Report {
         }
         self.print_verification()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: BenchArgs,
+    }
+
+    fn problem(args: &[&str]) -> Option<String> {
+        let cli = Cli::try_parse_from(std::iter::once("bench").chain(args.iter().copied()));
+        usage_problem(&cli.unwrap().args)
+    }
+
+    #[test]
+    fn sizes_past_what_a_run_can_hold_are_usage_errors() {
+        assert_eq!(problem(&["--messages", "100000000", "--users", "7"]), None);
+        assert_eq!(
+            problem(&["--pairs", "--messages", "18446744073709551614"]).as_deref(),
+            Some("--messages must be between 1 and 100000000")
+        );
+        assert_eq!(
+            problem(&["--users", "0"]).as_deref(),
+            Some("--users must be between 1 and 100000000")
+        );
+        assert_eq!(
+            problem(&["--sweep-users", "100000001"]).as_deref(),
+            Some("--sweep-users must be between 1 and 100000000")
+        );
     }
 }

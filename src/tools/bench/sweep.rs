@@ -73,16 +73,17 @@ pub async fn run(
     )
     .fetch_one(&pool)
     .await?;
+    // None when the expected total does not fit an i64: then no total can match it.
+    let expect_total = target.checked_mul(users_i64);
     if rows != expect_refilled
         || events != expect_refilled
-        || total != target * users_i64
+        || Some(total) != expect_total
         || report.credits_granted != total
     {
         problems.push(format!(
             "{rows} ledger rows, {events} events, Σ balance {total}, {} credits reported; \
-             expected {expect_refilled} rows and events and {}",
+             expected {expect_refilled} rows and events and {expect_total:?}",
             report.credits_granted,
-            target * users_i64
         ));
     }
     let audit = crate::ledger::audit::run(&pool).await?;
