@@ -23,11 +23,16 @@ pub(crate) use session::{reconnecting, SessionFault};
 /// accepts TCP but never answers AMQP must not hang a session forever.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// The largest frame a connection that only publishes asks for when the URL does not say
-/// (`?frame_max=`). lapin keeps a read and a write buffer of 32 frames per connection: at
-/// RabbitMQ's default of 128 KiB that is 8 MiB resident per connection. Larger bodies are
-/// split into frames; a message's properties are not, so a connection that reads messages
-/// others published takes the broker's frame size instead (see [`connect`]).
+/// The largest frame a connection that reads messages others published asks for when the
+/// URL does not say (`?frame_max=`): RabbitMQ's default, so the largest a producer can send
+/// there. A message's body is split into frames, its properties (headers) are not. Not the
+/// broker's own value: a broker set to 0 (no limit) would have lapin allocate its buffers for
+/// 4 GiB frames. A broker that allows larger frames needs `?frame_max=` to match.
+const READ_FRAME_MAX: u32 = 128 * 1024;
+
+/// The largest frame a connection that only publishes asks for. lapin keeps a read and a
+/// write buffer of 32 frames per connection, resident from the connect: 8 MiB at 128 KiB,
+/// 2 MiB at this size.
 const SMALL_FRAME_MAX: u32 = 32 * 1024;
 
 /// Opens a connection to `amqp.url` on the current tokio runtime, giving up after
@@ -35,11 +40,11 @@ const SMALL_FRAME_MAX: u32 = 32 * 1024;
 /// roots and `amqp.tls_ca_file`. lapin's own automatic recovery stays off: the session loops
 /// reconnect, re-declare and re-apply `basic_qos` themselves.
 ///
-/// The connection takes the broker's frame size (unless the URL sets one): it may be handed
-/// any message a producer could publish, and a delivery whose properties (headers) do not
-/// fit one frame ends the connection, which then takes the same message again, forever.
+/// The connection asks for frames of [`READ_FRAME_MAX`] (unless the URL sets a size): it may
+/// be handed any message a producer could publish, and a delivery whose properties do not fit
+/// one frame ends the connection, which then takes the same message again, forever.
 pub async fn connect(amqp: &AmqpSettings, name: &str) -> Result<Connection, lapin::Error> {
-    open(amqp, name, None).await
+    open(amqp, name, READ_FRAME_MAX).await
 }
 
 /// [`connect`] for a connection that only publishes (what it reads are the broker's replies
@@ -48,14 +53,10 @@ pub(crate) async fn connect_publisher(
     amqp: &AmqpSettings,
     name: &str,
 ) -> Result<Connection, lapin::Error> {
-    open(amqp, name, Some(SMALL_FRAME_MAX)).await
+    open(amqp, name, SMALL_FRAME_MAX).await
 }
 
-async fn open(
-    amqp: &AmqpSettings,
-    name: &str,
-    frame_max: Option<u32>,
-) -> Result<Connection, lapin::Error> {
+async fn open(amqp: &AmqpSettings, name: &str, frame_max: u32) -> Result<Connection, lapin::Error> {
     let tls = OwnedTLSConfig {
         identity: None,
         // Read on every connect, so a rotated CA file is picked up by the next reconnect.
@@ -72,9 +73,7 @@ async fn open(
             format!("amqp.url: {why}"),
         ))
     })?;
-    if uri.query.frame_max.is_none() {
-        uri.query.frame_max = frame_max;
-    }
+    uri.query.frame_max.get_or_insert(frame_max);
     let props = ConnectionProperties::default().with_connection_name(name.into());
     let runtime = lapin::runtime::default_runtime()?;
     let timeout = CONNECT_TIMEOUT;
