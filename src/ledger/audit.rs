@@ -4,8 +4,8 @@
 //! on its execution's decision, and each of those rows (by its key's form) a decision or
 //! settlement naming it; every
 //! ledger row has its balance.changed event in the outbox (from the retention horizon on, before
-//! which published events may have been deleted). Events after the relays' watermark are
-//! counted as unpublished.
+//! which published events may have been deleted), and every such event still kept states a
+//! ledger row as it is. Events after the relays' watermark are counted as unpublished.
 
 use serde::Serialize;
 use sqlx::PgPool;
@@ -138,6 +138,24 @@ SELECT t.user_id, t.seq
    AND NOT EXISTS (SELECT 1 FROM ids WHERE ids.id = t.id_before)
  LIMIT 1000";
 
+/// The other way round: every `balance.changed` event still in the outbox (one in `payload`,
+/// or a run in `run`, migration 0009) states a ledger row as it is: its user, seq, amount,
+/// balance after it and key. Ledger rows are never deleted, so no horizon applies.
+const EVENT_WITHOUT_ROW: &str = "
+WITH events AS (
+    SELECT payload AS e FROM credit.outbox WHERE events = 1 AND routing_key = 'balance.changed'
+    UNION ALL
+    SELECT e FROM credit.outbox o, json_array_elements(o.run) e
+     WHERE o.events > 1 AND o.routing_key = 'balance.changed')
+SELECT coalesce(e->>'user_id', '?') AS user_id, coalesce(e->>'event_id', '?') AS event_id
+  FROM events
+ WHERE NOT EXISTS (
+       SELECT 1 FROM credit.transactions t
+        WHERE t.user_id = e->>'user_id' AND t.seq = (e->>'seq')::int8
+          AND t.amount = (e->>'amount')::int8 AND t.running_balance = (e->>'balance')::int8
+          AND t.transaction_key = e->>'transaction_key')
+ LIMIT 1000";
+
 const COUNTS: &str = "SELECT (SELECT count(*) FROM credit.balances) AS users,
        (SELECT count(*) FROM credit.transactions) AS transactions,
        (SELECT count(*) FROM credit.decisions) AS decisions,
@@ -171,6 +189,8 @@ struct Orphan {
     seq: i64,
     #[sqlx(default)]
     node_exec_id: String,
+    #[sqlx(default)]
+    event_id: String,
 }
 
 #[derive(sqlx::FromRow)]
@@ -253,6 +273,13 @@ pub async fn run(pool: &PgPool) -> Result<AuditReport, sqlx::Error> {
     mismatches.extend(
         orphans(pool, ROW_WITHOUT_EVENT, |r| {
             format!("seq {} has no balance.changed event", r.seq)
+        })
+        .await?,
+    );
+    mismatches.extend(
+        orphans(pool, EVENT_WITHOUT_ROW, |r| {
+            let id = &r.event_id;
+            format!("event {id} matches no ledger row (user, seq, amount, balance and key)")
         })
         .await?,
     );

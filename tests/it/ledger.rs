@@ -781,7 +781,9 @@ async fn ledger_rows_decisions_and_settlements_cannot_be_changed() {
 
 /// The audit names each kind of damage: a balance off its ledger, a broken running-balance
 /// chain, a ledger row without its balance row, a charge without its row, a debit without its
-/// decision, a settlement without its decision or off it, a row without its event. (The schema refuses most of these, so the test switches its guards off first.)
+/// decision, a settlement without its decision or off it, a row without its event, an event
+/// that no longer states its row. (The schema refuses most of these, so the test switches its
+/// guards off first.)
 #[tokio::test]
 async fn audit_reports_every_kind_of_mismatch() {
     let env = TestEnv::with(no_refill).await;
@@ -827,6 +829,11 @@ async fn audit_reports_every_kind_of_mismatch() {
                 "balance 90 / last_seq 2 vs ledger sum 90 over 2 rows (max seq 2, last running balance 91)"
             ),
             expect("a", "decision n-2 has no matching USAGE row"),
+            // Its row's running balance was changed after the event told it.
+            expect(
+                "a",
+                "event balance.changed:a:USAGE-n-1 matches no ledger row (user, seq, amount, balance and key)"
+            ),
             expect("a", "seq 2 has no decision or settlement naming it"),
             expect("a", "seq 2: running balance 91 but previous + amount = 90"),
             expect(
@@ -1510,6 +1517,60 @@ async fn the_audit_finds_a_long_rows_event_under_its_bounded_or_earlier_id() {
         .map(|m| (m.user_id.as_str(), m.problem.as_str()))
         .collect();
     assert_eq!(found, [("a:b", "seq 1 has no balance.changed event")]);
+    env.cleanup().await;
+}
+
+/// Every kept balance.changed event must state its ledger row as it is: an event for a row
+/// that does not exist, or one whose figures differ from the row's, is a mismatch.
+#[tokio::test]
+async fn the_audit_finds_an_event_that_states_no_ledger_row() {
+    let env = TestEnv::with(no_refill).await;
+    let now = Utc::now();
+    for key in ["k1", "k2"] {
+        env.ledger()
+            .credit(TxType::TopUp, "u", 5, Some(key), None, now)
+            .await
+            .unwrap();
+    }
+    env.assert_audit_clean().await;
+    // A run of two events, the second claiming a row the ledger does not hold.
+    let event = |seq: i64, balance: i64, key: &str| {
+        json!({"amount": 5, "balance": balance, "event_id": format!("balance.changed:u:{key}"),
+               "occurred_at": "2026-12-06T00:00:00Z", "seq": seq, "transaction_key": key,
+               "transaction_type": "TOP_UP", "type": "balance.changed", "user_id": "u"})
+    };
+    sqlx::query(
+        "INSERT INTO credit.outbox (event_id, routing_key, events, run)
+         VALUES ('balance.changed:u:k1', 'balance.changed', 2, $1)",
+    )
+    .bind(json!([event(1, 5, "k1"), event(3, 15, "k3")]))
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    // A single event whose balance is not the row's.
+    sqlx::query(
+        "INSERT INTO credit.outbox (event_id, routing_key, payload)
+         VALUES ('balance.changed:u:k2', 'balance.changed', $1)",
+    )
+    .bind(event(2, 11, "k2"))
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let report = credit_worker::ledger::audit::run(&env.pool).await.unwrap();
+    let mut found: Vec<(&str, &str)> = report
+        .mismatches
+        .iter()
+        .map(|m| (m.user_id.as_str(), m.problem.as_str()))
+        .collect();
+    found.sort();
+    let no_row = "matches no ledger row (user, seq, amount, balance and key)";
+    assert_eq!(
+        found,
+        [
+            ("u", format!("event balance.changed:u:k2 {no_row}").as_str()),
+            ("u", format!("event balance.changed:u:k3 {no_row}").as_str()),
+        ]
+    );
     env.cleanup().await;
 }
 
