@@ -120,6 +120,9 @@ fn describe() {
     for stage in ["decide", "control"] {
         metrics::counter!("credit_defects_total", "stage" => stage).absolute(0);
     }
+    for session in ["consumer", "control", "outbox relay"] {
+        metrics::counter!("credit_broker_reconnects_total", "session" => session).absolute(0);
+    }
     describe_gauge!("credit_consuming", "1 while the input queue is consumed.");
     describe_gauge!("credit_outbox_backlog", "Events not yet published.");
     describe_gauge!(
@@ -312,6 +315,7 @@ mod tests {
             "credit_credits_charged_total",
             "credit_refill_users_total",
             "credit_defects_total{stage=\"decide\"}",
+            "credit_broker_reconnects_total{session=\"outbox relay\"}",
             "# HELP credit_decide_seconds A batch from the start of its decision to its ack.",
             "# HELP credit_outbox_backlog Events not yet published.",
             "credit_batch_size_bucket{le=\"1000\"}",

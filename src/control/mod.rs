@@ -213,7 +213,8 @@ pub async fn execute(
 /// A command's run, a panic turned into an `internal` error. A defect one command meets is
 /// then answered and acked like any failure, instead of ending the worker: the command would
 /// come back at every start (the control queue has no delivery limit), and billing with it.
-/// Unwinding drops the command's transaction, so nothing it did stays.
+/// Unwinding drops the command's transaction in progress (rolled back); a refill sweep keeps
+/// the ranges it committed, which running it again skips.
 async fn guarded(
     run: impl Future<Output = Result<Value, ControlError>>,
 ) -> Result<Value, ControlError> {

@@ -73,9 +73,7 @@ fn apply_unchecked(
     rules: &Pricing,
     now: DateTime<Utc>,
 ) -> Result<NewDecision, LedgerError> {
-    if let Some((policy, month)) = rules.ledger.lazy(now) {
-        account.refill(changes, policy, month, now)?;
-    }
+    account.refill_lazily(changes, rules.ledger.lazy(now), now)?;
     let day = account.counting_day(now.date_naive());
     let count = account.next_execution(day);
     let fee = rules.fee.due_from(account, count, &e.user_id, day);
@@ -228,9 +226,7 @@ pub(crate) fn settle(
     now: DateTime<Utc>,
 ) -> Result<NewSettlement, LedgerError> {
     atomically(account, changes, |account, changes| {
-        if let Some((policy, month)) = rules.ledger.lazy(now) {
-            account.refill(changes, policy, month, now)?;
-        }
+        account.refill_lazily(changes, rules.ledger.lazy(now), now)?;
         let delta = post
             .cost
             .checked_sub(pre)
@@ -288,9 +284,7 @@ pub(crate) fn decide_from_completion(
     now: DateTime<Utc>,
 ) -> Result<(NewDecision, NewSettlement), LedgerError> {
     atomically(account, changes, |account, changes| {
-        if let Some((policy, month)) = rules.ledger.lazy(now) {
-            account.refill(changes, policy, month, now)?;
-        }
+        account.refill_lazily(changes, rules.ledger.lazy(now), now)?;
         let day = account.counting_day(now.date_naive());
         let count = account.next_execution(day);
         let due = rules.fee.due_from(account, count, &e.user_id, day);

@@ -373,6 +373,29 @@ impl Account {
         self.apply_refill(changes, policy, month, grant, at)
     }
 
+    /// The lazy refill before an operation ([`Account::refill`] of `lazy`, when on). A debt
+    /// too deep to refill does not stop the operation, which may be the top-up or refund that
+    /// reduces it: the refill is skipped with a warning and the month stays unevaluated, so
+    /// the sweep goes on reporting the account and the first operation once the debt allows
+    /// refills it.
+    pub(crate) fn refill_lazily(
+        &mut self,
+        changes: &mut Changes,
+        lazy: Option<(RefillPolicy, Month)>,
+        at: DateTime<Utc>,
+    ) -> Result<(), LedgerError> {
+        let Some((policy, month)) = lazy else {
+            return Ok(());
+        };
+        match self.refill(changes, policy, month, at) {
+            Err(e @ LedgerError::RefillOverflow { .. }) => {
+                tracing::warn!(error = %e, "lazy refill skipped");
+                Ok(())
+            }
+            other => other.map(|_| ()),
+        }
+    }
+
     /// [`Account::refill`] of a month named explicitly, which may back-fill one older than the
     /// last evaluated ([`RefillPolicy::backfill`]; `granted`: its ledger row exists).
     pub fn refill_named(
@@ -491,6 +514,28 @@ mod tests {
         assert_eq!(p.grant(-i64::MAX + 1001, None, m), Ok(Some(i64::MAX - 1)));
         // A zero target grants nothing to a positive balance.
         assert_eq!(RefillPolicy { target: 0 }.grant(5, None, m), Ok(Some(0)));
+    }
+
+    #[test]
+    fn a_lazy_refill_skips_a_debt_too_deep_and_lets_the_operation_go_on() {
+        let p = RefillPolicy { target: 1000 };
+        let m = month("2026-12");
+        let at = chrono::Utc::now();
+        let mut a = Account::new("u".into());
+        a.balance = -i64::MAX + 999;
+        let mut changes = Changes::default();
+        let refused = a.refill(&mut changes, p, m, at).unwrap_err();
+        assert!(
+            matches!(refused, LedgerError::RefillOverflow { .. }),
+            "{refused}"
+        );
+        a.refill_lazily(&mut changes, Some((p, m)), at).unwrap();
+        assert_eq!((a.balance, a.refill_month), (-i64::MAX + 999, None));
+        assert!(changes.transactions.is_empty());
+        // Once the debt allows, the next operation refills.
+        a.balance = -5;
+        a.refill_lazily(&mut changes, Some((p, m)), at).unwrap();
+        assert_eq!((a.balance, a.refill_month), (1000, day("2026-12")));
     }
 
     #[test]

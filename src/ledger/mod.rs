@@ -335,9 +335,7 @@ impl Ledger {
         let (mut tx, mut accounts) = store::begin_locked(&self.pool, &users).await?;
         let account = accounts.get_mut(user_id).ok_or(sqlx::Error::RowNotFound)?;
         let mut changes = Changes::default();
-        if let Some((policy, month)) = self.policy.lazy(at) {
-            account.refill(&mut changes, policy, month, at)?;
-        }
+        account.refill_lazily(&mut changes, self.policy.lazy(at), at)?;
         let found = match key {
             Some(k) => store::key_exists(&mut tx, user_id, k).await?,
             None => false,

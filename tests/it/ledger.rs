@@ -1655,6 +1655,25 @@ async fn a_debt_too_deep_to_refill_is_refused_not_granted_less() {
     let rows = "SELECT count(*) FROM credit.transactions WHERE user_id = 'd1'";
     assert_eq!(env.scalar_i64(rows).await, 0);
     env.cleanup().await;
+
+    // With the lazy refill on, an operation on such an account still goes through (the
+    // top-up that reduces the debt, say), the refill skipped and the month left unevaluated.
+    let env = TestEnv::with(|s| s.refill.target = 1000).await;
+    sqlx::query("INSERT INTO credit.balances (user_id, balance) VALUES ('d1', $1)")
+        .bind(-i64::MAX + 999)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let topped = env
+        .ledger()
+        .credit(TxType::TopUp, "d1", 5, Some("t1"), None, Utc::now())
+        .await
+        .expect("the top-up goes through");
+    assert_eq!(topped.balance, -i64::MAX + 1004);
+    let month =
+        "SELECT count(*) FROM credit.balances WHERE user_id = 'd1' AND refill_month IS NULL";
+    assert_eq!(env.scalar_i64(month).await, 1);
+    env.cleanup().await;
 }
 
 /// A failed operation for a first-time user leaves no account behind (the sweep would grant
