@@ -73,96 +73,85 @@ pub fn metrics_handle() -> Option<PrometheusHandle> {
         .clone()
 }
 
-/// Describes every metric (its `# HELP` line) and sets the counters of known label values to
-/// 0, so a scrape shows them from the start: a dashboard or an alert on `rate()` sees 0
-/// instead of no data until the first message. docs/contract.md §10 lists them.
+/// A counter's label and its known values: a series of each is shown from the start.
+type Known = Option<(&'static str, &'static [&'static str])>;
+
+/// Every counter: its name, its `# HELP` text, and its label with the known values.
+#[rustfmt::skip]
+const COUNTERS: [(&str, &str, Known); 18] = [
+    ("credit_messages_total", "Messages by outcome.",
+     Some(("outcome", &["charged", "free", "rejected", "duplicate", "invalid", "settled"]))),
+    ("credit_dead_lettered_total", "Messages moved to the dead letters.", None),
+    ("credit_producers_refused_total", "Messages refused for their producer (amqp.allowed_producers).", None),
+    ("credit_conflicting_duplicates_total", "Repeated node executions naming another user or block than the stored decision.", None),
+    ("credit_credits_charged_total", "Credits debited by decisions, fees and settlements.", None),
+    ("credit_credits_refunded_total", "Credits given back by settlements.", None),
+    ("credit_credits_uncollected_total", "Post-flight credits not collected (settlement.allow_debt = false).", None),
+    ("credit_decide_retries_total", "Decision transactions retried after a fault that may clear.", None),
+    ("credit_decide_reordered_total", "Batches decided again after an earlier batch in flight failed.", None),
+    ("credit_defects_total", "Panics caught while deciding a message or running a command; each cost only that message or command.",
+     Some(("stage", &["decide", "control"]))),
+    ("credit_events_published_total", "Events published by this worker's outbox relay.", None),
+    ("credit_outbox_pruned_total", "Published outbox rows deleted past outbox.retention_s.", None),
+    ("credit_outbox_prune_errors_total", "Outbox prunes that failed.", None),
+    ("credit_refill_runs_total", "Refill sweeps completed.", None),
+    ("credit_refill_users_total", "Monthly refill grants.", None),
+    ("credit_refill_credits_total", "Credits granted by monthly refills.", None),
+    ("credit_broker_reconnects_total", "Broker sessions started again after a fault, by session.",
+     Some(("session", &["consumer", "control", "outbox relay"]))),
+    // Its command and result labels make too many series to show before they occur.
+    ("credit_control_commands_total", "Control commands by command and result.",
+     Some(("command", &[]))),
+];
+
+/// Every gauge and histogram: its name and `# HELP` text (those named `_seconds` in seconds).
+#[rustfmt::skip]
+const GAUGES: [(&str, &str); 3] = [
+    ("credit_consuming", "1 while the input queue is consumed."),
+    // These two are read afresh before every scrape's render.
+    ("credit_outbox_backlog", "Events not yet published."),
+    ("credit_outbox_oldest_unpublished_seconds", "How long the next event to publish has waited; one that only grows means events stopped."),
+];
+#[rustfmt::skip]
+const HISTOGRAMS: [(&str, &str); 6] = [
+    ("credit_batch_size", "Messages per decision batch."),
+    ("credit_decide_transaction_seconds", "A batch from the start of its decision to its commit."),
+    ("credit_decide_seconds", "A batch from the start of its decision to its ack."),
+    ("credit_ack_seconds", "A batch's acks."),
+    ("credit_outbox_publish_lag_seconds", "An event from its commit to its publish."),
+    ("credit_outbox_publish_seconds", "One relay round's publish and confirms."),
+];
+
+/// Describes every metric (its `# HELP` line) and registers it, counters of known label
+/// values at 0, so a scrape shows them from the start: a dashboard or an alert on `rate()`
+/// sees 0 instead of no data until the first message. docs/contract.md §10 lists them.
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    const COUNTERS: [(&str, &str); 17] = [
-        ("credit_dead_lettered_total", "Messages moved to the dead letters."),
-        ("credit_producers_refused_total", "Messages refused for their producer (amqp.allowed_producers)."),
-        ("credit_conflicting_duplicates_total", "Repeated node executions naming another user or block than the stored decision."),
-        ("credit_credits_charged_total", "Credits debited by decisions, fees and settlements."),
-        ("credit_credits_refunded_total", "Credits given back by settlements."),
-        ("credit_credits_uncollected_total", "Post-flight credits not collected (settlement.allow_debt = false)."),
-        ("credit_decide_retries_total", "Decision transactions retried after a fault that may clear."),
-        ("credit_decide_reordered_total", "Batches decided again after an earlier batch in flight failed."),
-        ("credit_events_published_total", "Events published by this worker's outbox relay."),
-        ("credit_outbox_pruned_total", "Published outbox rows deleted past outbox.retention_s."),
-        ("credit_outbox_prune_errors_total", "Outbox prunes that failed."),
-        ("credit_refill_runs_total", "Refill sweeps completed."),
-        ("credit_refill_users_total", "Monthly refill grants."),
-        ("credit_refill_credits_total", "Credits granted by monthly refills."),
-        ("credit_messages_total", "Messages by outcome."),
-        ("credit_defects_total", "Panics caught while deciding a message or running a command; each cost only that message or command."),
-        ("credit_broker_reconnects_total", "Broker sessions started again after a fault, by session."),
-    ];
-    for (name, help) in COUNTERS {
+    for (name, help, known) in COUNTERS {
         describe_counter!(name, help);
+        match known {
+            None => metrics::counter!(name).absolute(0),
+            Some((label, values)) => {
+                for &value in values {
+                    metrics::counter!(name, label => value).absolute(0);
+                }
+            }
+        }
     }
-    describe_counter!(
-        "credit_control_commands_total",
-        "Control commands by command and result."
-    );
-    for name in &COUNTERS[..14] {
-        metrics::counter!(name.0).absolute(0);
-    }
-    for outcome in [
-        "charged",
-        "free",
-        "rejected",
-        "duplicate",
-        "invalid",
-        "settled",
-    ] {
-        metrics::counter!("credit_messages_total", "outcome" => outcome).absolute(0);
-    }
-    for stage in ["decide", "control"] {
-        metrics::counter!("credit_defects_total", "stage" => stage).absolute(0);
-    }
-    for session in ["consumer", "control", "outbox relay"] {
-        metrics::counter!("credit_broker_reconnects_total", "session" => session).absolute(0);
-    }
-    describe_gauge!("credit_consuming", "1 while the input queue is consumed.");
-    describe_gauge!("credit_outbox_backlog", "Events not yet published.");
-    describe_gauge!(
-        "credit_outbox_oldest_unpublished_seconds",
-        Unit::Seconds,
-        "How long the next event to publish has waited; one that only grows means events stopped."
-    );
-    // Registered: the two outbox gauges are read afresh before every scrape's render.
-    for name in [
-        "credit_consuming",
-        "credit_outbox_backlog",
-        "credit_outbox_oldest_unpublished_seconds",
-    ] {
+    for (name, help) in GAUGES {
+        match name.ends_with("_seconds") {
+            true => describe_gauge!(name, Unit::Seconds, help),
+            false => describe_gauge!(name, help),
+        }
         let _ = metrics::gauge!(name);
     }
-    describe_histogram!("credit_batch_size", "Messages per decision batch.");
-    const TIMES: [(&str, &str); 5] = [
-        (
-            "credit_decide_transaction_seconds",
-            "A batch from the start of its decision to its commit.",
-        ),
-        (
-            "credit_decide_seconds",
-            "A batch from the start of its decision to its ack.",
-        ),
-        ("credit_ack_seconds", "A batch's acks."),
-        (
-            "credit_outbox_publish_lag_seconds",
-            "An event from its commit to its publish.",
-        ),
-        (
-            "credit_outbox_publish_seconds",
-            "One relay round's publish and confirms.",
-        ),
-    ];
-    for (name, help) in TIMES {
-        describe_histogram!(name, Unit::Seconds, help);
+    for (name, help) in HISTOGRAMS {
+        match name.ends_with("_seconds") {
+            true => describe_histogram!(name, Unit::Seconds, help),
+            false => describe_histogram!(name, help),
+        }
         let _ = metrics::histogram!(name);
     }
-    let _ = metrics::histogram!("credit_batch_size");
 }
 
 /// Upkeeps the recorder has run; see [`spawn_upkeep`].
