@@ -62,6 +62,9 @@ pub struct ReplayReport {
     pub would_replay: Vec<DeadLetter>,
 }
 
+/// How long one read of the dead queue may take; the broker answers at once.
+const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// An open connection with a confirmed publisher and a channel for reading the dead queue.
 struct Session {
     conn: Connection,
@@ -108,13 +111,19 @@ impl Session {
     async fn take(&self, max: usize) -> anyhow::Result<Vec<lapin::message::Delivery>> {
         let mut out = Vec::new();
         while out.len() < max {
-            let got = self
-                .reader
-                .basic_get(
-                    self.names.dead_queue.as_str().into(),
-                    BasicGetOptions { no_ack: false },
-                )
-                .await?;
+            let get = self.reader.basic_get(
+                self.names.dead_queue.as_str().into(),
+                BasicGetOptions { no_ack: false },
+            );
+            // A delivery the connection cannot read (its properties past the frame size)
+            // ends the connection without an answer to the get: fail instead of waiting.
+            let Ok(got) = tokio::time::timeout(READ_TIMEOUT, get).await else {
+                anyhow::bail!(
+                    "dead queue: no message read within {READ_TIMEOUT:?}; one whose headers \
+                     exceed amqp.url's frame_max cannot be read"
+                );
+            };
+            let got = got?;
             match got {
                 Some(m) => out.push(m.delivery),
                 None => break,

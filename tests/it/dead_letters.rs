@@ -154,15 +154,9 @@ async fn replay_without_a_selection_is_a_usage_error() {
     env.cleanup().await;
 }
 
-/// A delivery's properties travel in one frame, which a producer may fill up to the broker's
-/// frame size (128 KiB by default): a consumer that asked for smaller frames loses its
-/// connection on it, and takes the same message again at every reconnect.
-#[tokio::test]
-async fn messages_whose_headers_fill_a_large_frame_are_decided_and_dead_lettered() {
-    let env = TestEnv::with(no_refill).await;
-    seed(&env, ["u1"], 100).await;
-    let worker = Worker::start(env.settings.clone()).await.expect("worker");
-    // A producer with lapin's defaults: the broker's frame size.
+/// Publishes `body` to `queue` with a header of `len` bytes, as a producer with lapin's
+/// defaults (the broker's frame size) may.
+async fn publish_with_headers(env: &TestEnv, queue: &str, body: &[u8], len: usize) {
     let conn = lapin::Connection::connect(
         &env.settings.amqp.url,
         lapin::ConnectionProperties::default(),
@@ -180,23 +174,62 @@ async fn messages_whose_headers_fill_a_large_frame_are_decided_and_dead_lettered
     let mut headers = FieldTable::default();
     headers.insert(
         "x-trace".into(),
-        AMQPValue::LongString("t".repeat(60_000).into()),
+        AMQPValue::LongString("t".repeat(len).into()),
     );
+    let props = credit_worker::amqp::persistent_json().with_headers(headers);
+    let confirm = ch
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions::default(),
+            body,
+            props,
+        )
+        .await
+        .expect("publish");
+    assert!(confirm.await.expect("confirm").is_ack(), "nacked");
+}
+
+/// A dead letter the reading connection cannot take (its headers past the URL's frame_max)
+/// fails the list, naming why, instead of leaving it waiting for ever.
+#[tokio::test]
+async fn a_dead_letter_past_the_frame_size_fails_the_list_instead_of_hanging() {
+    let env = TestEnv::with(no_refill).await;
+    publish_with_headers(&env, &env.names.dead_queue, b"{}", 60_000).await;
+    let mut small = env.settings.clone();
+    let sep = if small.amqp.url.contains('?') {
+        '&'
+    } else {
+        '?'
+    };
+    small.amqp.url = format!("{}{sep}frame_max=32768", small.amqp.url);
+    let listed = tokio::time::timeout(T, dead_letters::list(&small, 10)).await;
+    let e = listed
+        .expect("an answer, not a hang")
+        .expect_err("unreadable");
+    assert_eq!(
+        e.to_string(),
+        "dead queue: no message read within 10s; one whose headers exceed amqp.url's \
+         frame_max cannot be read"
+    );
+    // Read with the default frame size, it is there as it was.
+    let report = dead_letters::list(&env.settings, 10).await.expect("list");
+    assert_eq!(report.depth, 1);
+    env.cleanup().await;
+}
+
+/// A delivery's properties travel in one frame, which a producer may fill up to the broker's
+/// frame size (128 KiB by default): a consumer that asked for smaller frames loses its
+/// connection on it, and takes the same message again at every reconnect.
+#[tokio::test]
+async fn messages_whose_headers_fill_a_large_frame_are_decided_and_dead_lettered() {
+    let env = TestEnv::with(no_refill).await;
+    seed(&env, ["u1"], 100).await;
+    let worker = Worker::start(env.settings.clone()).await.expect("worker");
     let valid = body(&platform_gpt4("u1", "ne-big-headers"));
     let invalid = br#"{"node_exec_id": "ne-big-invalid"}"#.to_vec();
     for b in [&valid, &invalid] {
-        let props = credit_worker::amqp::persistent_json().with_headers(headers.clone());
-        let confirm = ch
-            .basic_publish(
-                "".into(),
-                env.names.input_queue.as_str().into(),
-                BasicPublishOptions::default(),
-                b,
-                props,
-            )
-            .await
-            .expect("publish");
-        assert!(confirm.await.expect("confirm").is_ack(), "nacked");
+        publish_with_headers(&env, &env.names.input_queue, b, 60_000).await;
     }
     env.wait_decisions(1, T).await;
     assert_eq!(
