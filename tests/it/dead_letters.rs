@@ -17,30 +17,53 @@ const T: Duration = Duration::from_secs(30);
 
 /// Puts `body` straight into the dead queue with `reason`, as the worker would have.
 async fn dead_letter(env: &TestEnv, body: &[u8], reason: &str) {
-    let (_conn, ch) = env.amqp_channel().await;
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .expect("confirm mode");
     let mut headers = FieldTable::default();
     headers.insert(
         "x-credit-error".into(),
         AMQPValue::LongString(reason.into()),
     );
+    publish_with(env, &env.names.dead_queue, body, headers).await;
+}
+
+/// Publishes `body` to `queue` with `headers` and confirms, as a producer with lapin's
+/// defaults (the broker's frame size) would.
+async fn publish_with(env: &TestEnv, queue: &str, body: &[u8], headers: FieldTable) {
+    let conn = lapin::Connection::connect(
+        &env.settings.amqp.url,
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .expect("amqp");
+    let ch = conn.create_channel().await.expect("channel");
+    // Declared before publishing: the worker may not have declared the queue yet.
+    credit_worker::amqp::topology::declare(&ch, &env.settings.amqp)
+        .await
+        .expect("declare");
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm mode");
     let props = credit_worker::amqp::persistent_json().with_headers(headers);
     let confirm = ch
         .basic_publish(
             "".into(),
-            env.names.dead_queue.as_str().into(),
+            queue.into(),
             BasicPublishOptions::default(),
             body,
             props,
         )
         .await
-        .expect("publish dead");
-    assert!(
-        confirm.await.expect("confirm").is_ack(),
-        "dead letter nacked"
+        .expect("publish");
+    assert!(confirm.await.expect("confirm").is_ack(), "nacked");
+}
+
+/// [`publish_with`] a header of `len` bytes.
+async fn publish_with_headers(env: &TestEnv, queue: &str, body: &[u8], len: usize) {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-trace".into(),
+        AMQPValue::LongString("t".repeat(len).into()),
     );
+    publish_with(env, queue, body, headers).await;
 }
 
 /// Every body in the dead queue, sorted (consumes them).
@@ -152,42 +175,6 @@ async fn replay_without_a_selection_is_a_usage_error() {
     let out = env.cli(&["dead-letters", "replay"]);
     assert_eq!(out.status.code(), Some(2));
     env.cleanup().await;
-}
-
-/// Publishes `body` to `queue` with a header of `len` bytes, as a producer with lapin's
-/// defaults (the broker's frame size) may.
-async fn publish_with_headers(env: &TestEnv, queue: &str, body: &[u8], len: usize) {
-    let conn = lapin::Connection::connect(
-        &env.settings.amqp.url,
-        lapin::ConnectionProperties::default(),
-    )
-    .await
-    .expect("amqp");
-    let ch = conn.create_channel().await.expect("channel");
-    // Declared before publishing: the worker may not have declared the queue yet.
-    credit_worker::amqp::topology::declare(&ch, &env.settings.amqp)
-        .await
-        .expect("declare");
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .expect("confirm mode");
-    let mut headers = FieldTable::default();
-    headers.insert(
-        "x-trace".into(),
-        AMQPValue::LongString("t".repeat(len).into()),
-    );
-    let props = credit_worker::amqp::persistent_json().with_headers(headers);
-    let confirm = ch
-        .basic_publish(
-            "".into(),
-            queue.into(),
-            BasicPublishOptions::default(),
-            body,
-            props,
-        )
-        .await
-        .expect("publish");
-    assert!(confirm.await.expect("confirm").is_ack(), "nacked");
 }
 
 /// A dead letter the reading connection cannot take (its headers past the URL's frame_max)

@@ -404,13 +404,15 @@ mod tests {
 
     use super::*;
 
+    /// `bench`'s options alone, as the CLI parses them.
     #[derive(Parser)]
-    struct Cli {
+    pub(in crate::tools::bench) struct Cli {
         #[command(flatten)]
-        args: BenchArgs,
+        pub args: BenchArgs,
     }
 
-    fn problem(args: &[&str]) -> Option<String> {
+    /// The usage problem of `bench` with `args`, if any.
+    pub(in crate::tools::bench) fn problem(args: &[&str]) -> Option<String> {
         let cli = Cli::try_parse_from(std::iter::once("bench").chain(args.iter().copied()));
         usage_problem(&cli.unwrap().args)
     }

@@ -214,17 +214,7 @@ mod tests {
     use clap::Parser;
 
     use super::*;
-
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: BenchArgs,
-    }
-
-    fn problem(args: &[&str]) -> Option<String> {
-        let cli = Cli::try_parse_from(std::iter::once("bench").chain(args.iter().copied()));
-        usage_problem(&cli.unwrap().args)
-    }
+    use crate::tools::bench::tests::{problem, Cli};
 
     #[test]
     fn sustained_options_are_checked() {
