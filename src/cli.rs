@@ -360,7 +360,7 @@ async fn sweep(
     if !settings.refill.enabled {
         return Err(BadRequest("refill is disabled (refill.enabled is false)".into()).into());
     }
-    let pool = crate::db::connect_and_migrate(&settings.database).await?;
+    let pool = crate::db::connect_existing(&settings.database).await?;
     let policy = crate::ledger::RefillPolicy {
         target: settings.refill.target,
     };
@@ -511,7 +511,7 @@ async fn outcome(settings: &Settings, json: bool, node_exec_id: &str) -> anyhow:
 }
 
 async fn audit(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
-    let pool = crate::db::connect_and_migrate(&settings.database).await?;
+    let pool = crate::db::connect_existing(&settings.database).await?;
     let report = crate::ledger::audit::run(&pool).await?;
     print_out(json, &serde_json::to_value(&report)?, || {
         crate::tools::audit_text(&report, "clean")
@@ -626,7 +626,7 @@ fn bodies_of(text: &str) -> Vec<Vec<u8>> {
 }
 
 async fn open_ledger(settings: &Settings) -> anyhow::Result<Ledger> {
-    let pool = crate::db::connect_and_migrate(&settings.database).await?;
+    let pool = crate::db::connect_existing(&settings.database).await?;
     Ok(Ledger::new(pool, settings.ledger_policy()))
 }
 

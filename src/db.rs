@@ -151,6 +151,94 @@ pub async fn connect_and_migrate(settings: &DatabaseSettings) -> Result<PgPool, 
     pool(settings)
 }
 
+/// Why an operator's command will not use the database `database.url` names.
+#[derive(Debug, thiserror::Error)]
+pub enum NotReady {
+    #[error("database {0:?} does not exist; only `credit-worker migrate` and `run` create it")]
+    Missing(String),
+    #[error(
+        "database {database:?} lacks {pending} of this build's {known} migrations \
+         (the first: {first}): run `credit-worker migrate`"
+    )]
+    Behind {
+        database: String,
+        pending: usize,
+        known: usize,
+        first: String,
+    },
+    #[error(
+        "database {database:?} holds migration {version}, which this build does not know: \
+         a newer build migrated it"
+    )]
+    Ahead { database: String, version: i64 },
+    #[error(
+        "database {database:?}: migration {version} failed part-way; fix it, then run \
+         `credit-worker migrate`"
+    )]
+    Failed { database: String, version: i64 },
+    #[error(transparent)]
+    Sql(#[from] sqlx::Error),
+}
+
+/// The migrations the database holds: version and whether it completed.
+const APPLIED: &str = "SELECT version, success FROM _sqlx_migrations ORDER BY version";
+
+/// A pool on an existing database whose schema is this build's, for the operator's commands.
+/// Unlike the worker's start, these neither create a database nor migrate one: a mistyped
+/// `database.url` would otherwise print a balance of 0 from a new, empty ledger, or take a
+/// top-up into a ledger no worker reads; and a schema change is the `migrate` command's.
+pub async fn connect_existing(settings: &DatabaseSettings) -> Result<PgPool, NotReady> {
+    let opts = connect_options(settings, false)?;
+    let database = opts
+        .get_database()
+        .unwrap_or(opts.get_username())
+        .to_owned();
+    let mut conn = match opts.connect().await {
+        Ok(conn) => conn,
+        // 3D000 invalid_catalog_name: no such database.
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("3D000") => {
+            return Err(NotReady::Missing(database))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let applied = match sqlx::query_as::<_, (i64, bool)>(APPLIED)
+        .fetch_all(&mut conn)
+        .await
+    {
+        Ok(rows) => rows,
+        // 42P01 undefined_table: never migrated.
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => Vec::new(),
+        Err(e) => return Err(e.into()),
+    };
+    let _ = conn.close().await;
+    schema_state(database, &applied)?;
+    Ok(pool(settings)?)
+}
+
+/// Whether `applied` (version, completed) is exactly this build's migrations, all completed.
+fn schema_state(database: String, applied: &[(i64, bool)]) -> Result<(), NotReady> {
+    if let Some(&(version, _)) = applied.iter().find(|(_, done)| !done) {
+        return Err(NotReady::Failed { database, version });
+    }
+    let known = |v: i64| MIGRATOR.iter().any(|m| m.version == v);
+    if let Some(&(version, _)) = applied.iter().find(|(v, _)| !known(*v)) {
+        return Err(NotReady::Ahead { database, version });
+    }
+    let pending: Vec<_> = MIGRATOR
+        .iter()
+        .filter(|m| !applied.iter().any(|(v, _)| *v == m.version))
+        .collect();
+    match pending.first() {
+        None => Ok(()),
+        Some(first) => Err(NotReady::Behind {
+            database,
+            pending: pending.len(),
+            known: migrations(),
+            first: format!("{} {}", first.version, first.description),
+        }),
+    }
+}
+
 /// The advisory lock one process at a time applies migrations under.
 const MIGRATING: i64 = 0x6372_6564_6974_6d67;
 
@@ -268,6 +356,56 @@ pub(crate) async fn ping(pool: &PgPool) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn all_applied() -> Vec<(i64, bool)> {
+        MIGRATOR.iter().map(|m| (m.version, true)).collect()
+    }
+
+    #[test]
+    fn a_schema_is_ready_only_with_exactly_this_builds_migrations_completed() {
+        let db = || "credit".to_owned();
+        assert!(schema_state(db(), &all_applied()).is_ok());
+
+        let mut behind = all_applied();
+        let last = behind.pop().map(|(v, _)| v);
+        let Err(NotReady::Behind {
+            pending,
+            known,
+            first,
+            ..
+        }) = schema_state(db(), &behind)
+        else {
+            panic!("a schema without the last migration is behind");
+        };
+        assert_eq!((pending, known), (1, migrations()));
+        assert!(
+            first.starts_with(&format!("{} ", last.unwrap_or_default())),
+            "{first}"
+        );
+
+        let Err(NotReady::Behind { pending, first, .. }) = schema_state(db(), &[]) else {
+            panic!("a database never migrated is behind");
+        };
+        assert_eq!(pending, migrations());
+        assert!(first.starts_with("1 "), "{first}");
+
+        let mut ahead = all_applied();
+        ahead.push((99_999_999, true));
+        assert!(matches!(
+            schema_state(db(), &ahead),
+            Err(NotReady::Ahead {
+                version: 99_999_999,
+                ..
+            })
+        ));
+
+        let mut failed = all_applied();
+        failed[3].1 = false;
+        assert!(matches!(
+            schema_state(db(), &failed),
+            Err(NotReady::Failed { version: 4, .. })
+        ));
+    }
 
     #[test]
     fn require_with_a_root_certificate_verifies_it_as_libpq_does() {

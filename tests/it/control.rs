@@ -980,3 +980,95 @@ async fn the_cli_runs_each_operator_command() {
     assert!(stderr.contains("cannot write the output"), "{stderr}");
     env.cleanup().await;
 }
+
+/// The operator's commands use the database `database.url` names only as the worker's start
+/// left it: they neither create one (a mistyped name would show a balance of 0, or take a
+/// top-up into a ledger no worker reads) nor migrate one.
+#[tokio::test]
+async fn the_cli_refuses_a_database_that_is_missing_or_not_migrated() {
+    let env = TestEnv::new().await;
+    let admin = env.admin_pool().await;
+    let (absent, empty) = (unique(DB_PREFIX), unique(DB_PREFIX));
+    sqlx::query(&format!("CREATE DATABASE {empty}"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let at = |name: &str| {
+        let base = env.settings.database.url.rsplit_once('/').map(|(b, _)| b);
+        format!("{}/{name}", base.unwrap_or_default())
+    };
+    let run = |name: &str, args: &[&str]| {
+        let out = env.cli_command(args).env("DATABASE_URL", at(name)).output();
+        let out = out.expect("run the CLI");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let exists = |name: String| {
+        let admin = admin.clone();
+        async move {
+            sqlx::query_scalar::<_, bool>(
+                "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)",
+            )
+            .bind(name)
+            .fetch_one(&admin)
+            .await
+            .unwrap()
+        }
+    };
+
+    for args in [
+        &["balance", "alice"][..],
+        &["top-up", "alice", "5"],
+        &["audit"],
+    ] {
+        let (code, stderr) = run(&absent, args);
+        assert_eq!(code, Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!("database \"{absent}\" does not exist")),
+            "{args:?}: {stderr}"
+        );
+        assert!(
+            !exists(absent.clone()).await,
+            "{args:?} created the database"
+        );
+    }
+
+    let known = credit_worker::db::migrations();
+    let (code, stderr) = run(&empty, &["top-up", "alice", "5"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    let expected = format!("lacks {known} of this build's {known} migrations");
+    assert!(stderr.contains(&expected), "{stderr}");
+    assert!(stderr.contains("run `credit-worker migrate`"), "{stderr}");
+    let pool = sqlx::PgPool::connect(&at(&empty)).await.unwrap();
+    let migrated: bool = sqlx::query_scalar(
+        "SELECT to_regnamespace('credit') IS NOT NULL
+             OR to_regclass('public._sqlx_migrations') IS NOT NULL",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(!migrated, "the top-up migrated the database");
+
+    // Once migrated, the same command goes through.
+    assert_eq!(run(&empty, &["migrate"]).0, Some(0));
+    let (code, stderr) = run(&empty, &["top-up", "alice", "5", "--key", "k"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let balance: i64 =
+        sqlx::query_scalar("SELECT balance FROM credit.balances WHERE user_id = 'alice'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(balance, 1005);
+
+    pool.close().await;
+    for name in [&absent, &empty] {
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .execute(&admin)
+            .await
+            .unwrap();
+    }
+    admin.close().await;
+    env.cleanup().await;
+}

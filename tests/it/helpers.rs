@@ -433,7 +433,7 @@ impl Drop for TestEnv {
 }
 
 /// Prefix of the test databases' names: `cwt_<pid>_<hex>_<n>`.
-const DB_PREFIX: &str = "cwt";
+pub const DB_PREFIX: &str = "cwt";
 /// Prefix of the test namespaces: `t_<pid>_<hex>_<n>.`.
 const NAMESPACE_PREFIX: &str = "t";
 
