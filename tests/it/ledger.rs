@@ -416,6 +416,49 @@ async fn overflow_is_refused_and_changes_nothing() {
     env.cleanup().await;
 }
 
+/// A date or time the worker could not read back (±infinity, a year past 9999), which only a
+/// write by hand can store, is refused at the write (migration 0020).
+#[tokio::test]
+async fn times_the_worker_cannot_read_back_are_refused_at_the_write() {
+    let env = TestEnv::with(no_refill).await;
+    let l = env.ledger();
+    l.credit(TxType::TopUp, "u", 10, Some("k"), None, Utc::now())
+        .await
+        .unwrap();
+    for (sql, constraint) in [
+        (
+            "UPDATE credit.balances SET refill_month = 'infinity'",
+            "balances_times_bounded",
+        ),
+        (
+            "UPDATE credit.balances SET fee_day = '10000-01-01'",
+            "balances_times_bounded",
+        ),
+        (
+            "UPDATE credit.balances SET auto_requested_at = '-infinity'",
+            "balances_times_bounded",
+        ),
+        (
+            "INSERT INTO credit.transactions
+                 (user_id, seq, transaction_key, type, amount, running_balance, created_at)
+             VALUES ('u', 2, 'k2', 'TOP_UP', 1, 11, 'infinity')",
+            "transactions_created_at_bounded",
+        ),
+        (
+            "INSERT INTO credit.outbox (event_id, routing_key, events, payload, created_at)
+             VALUES ('e', 'balance.changed', 1, '{}', '10000-01-01 00:00:00+00')",
+            "outbox_created_at_bounded",
+        ),
+    ] {
+        let err = sqlx::query(sql).execute(&env.pool).await.unwrap_err();
+        let refused_by = err.as_database_error().and_then(|e| e.constraint());
+        assert_eq!(refused_by, Some(constraint), "{sql}: {err}");
+    }
+    assert_eq!(l.balance("u", Utc::now()).await.unwrap(), 10);
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn same_key_again_is_not_applied() {
     let env = TestEnv::new().await;
