@@ -673,6 +673,40 @@ fn a_debit_below_the_threshold_requests_one_top_up_until_credits_land() {
     );
 }
 
+/// Only the outstanding request's own fulfilment answers it: the late fulfilment of a request
+/// its TTL superseded, the user's own purchase or a grant leave it outstanding, so the payment
+/// side never holds two of one user's requests at once.
+#[test]
+fn only_the_outstanding_requests_fulfilment_answers_it() {
+    let p = pricing(0);
+    let mut l = with_auto_top_up(&p, 2000, 500);
+    l.decide(&p, &[entry("u", "b", 0)], now());
+    let hour = now() + chrono::Duration::hours(1);
+    l.decide(&p, &[entry("u", "c", 0)], hour);
+    assert_eq!(requests(&l).len(), 2);
+    let credit = |l: &mut MemoryLedger, tx_type: TxType, key: &str| {
+        let a = l.accounts.get_mut("u").unwrap();
+        let mut changes = crate::ledger::Changes::default();
+        let exec = crate::events::ExecutionRef::default();
+        a.post(&mut changes, tx_type, key.into(), 5, json!({}), exec, hour)
+            .unwrap();
+    };
+    let others = [
+        (TxType::TopUp, "AUTO-TOP-UP-u-1"),
+        (TxType::TopUp, "invoice-9"),
+        (TxType::Grant, "MONTHLY-CREDIT-TOP-UP-2027-01"),
+    ];
+    for (tx_type, key) in others {
+        credit(&mut l, tx_type, key);
+        l.decide(&p, &[entry("u", &format!("after {key}"), 0)], hour);
+        assert_eq!(requests(&l).len(), 2, "{key} answered request 2");
+    }
+    credit(&mut l, TxType::TopUp, "AUTO-TOP-UP-u-2");
+    l.decide(&p, &[entry("u", "d", 0)], hour);
+    let last = requests(&l).last().map(|r| r.0.clone());
+    assert_eq!(last.as_deref(), Some("AUTO-TOP-UP-u-3"));
+}
+
 #[test]
 fn an_unanswered_request_is_made_again_after_its_ttl_not_before() {
     let p = pricing(0);

@@ -243,6 +243,11 @@ impl Account {
         at: DateTime<Utc>,
     ) -> i64 {
         let seq = self.last_seq + 1;
+        if matches!(tx_type, TxType::TopUp | TxType::Grant)
+            && self.fulfils_outstanding_request(&transaction_key)
+        {
+            self.auto_requested_at = None;
+        }
         changes.events.push(events::balance_changed(
             &self.user_id,
             seq,
@@ -262,10 +267,6 @@ impl Account {
             running_balance: balance,
             metadata,
         });
-        if matches!(tx_type, TxType::TopUp | TxType::Grant) {
-            // A credit landed: the outstanding auto top-up request (if any) is answered.
-            self.auto_requested_at = None;
-        }
         self.balance = balance;
         self.last_seq = seq;
         self.dirty = true;
@@ -329,6 +330,20 @@ impl Account {
             .then(|| events::balance_low(&self.user_id, seq, self.balance, threshold, at))
     }
 
+    /// The id of this account's `n`-th auto top-up request, the key its fulfilment carries.
+    fn request_id(&self, n: i64) -> String {
+        format!("AUTO-TOP-UP-{}-{n}", self.user_id)
+    }
+
+    /// Whether a credit under `key` answers the outstanding auto top-up request: only that
+    /// request's own fulfilment does. Any other credit (the user's own purchase, a grant, the
+    /// monthly refill, the late fulfilment of an earlier request its TTL superseded) leaves it
+    /// outstanding until its fulfilment lands or its TTL passes: taking it as answered would
+    /// let a second request go out while the first may still be paid, charging the user twice.
+    fn fulfils_outstanding_request(&self, key: &str) -> bool {
+        self.auto_requested_at.is_some() && key == self.request_id(self.auto_requests)
+    }
+
     /// Publishes a `top_up.requested` when the balance is below the user's auto top-up
     /// threshold and no request is outstanding (or the outstanding one is older than `ttl`).
     /// Returns whether it did.
@@ -348,7 +363,7 @@ impl Account {
         self.auto_requests += 1;
         self.auto_requested_at = Some(now);
         self.dirty = true;
-        let request_id = format!("AUTO-TOP-UP-{}-{}", self.user_id, self.auto_requests);
+        let request_id = self.request_id(self.auto_requests);
         changes.events.push(events::top_up_requested(
             &self.user_id,
             &request_id,

@@ -178,7 +178,6 @@ const REFILL_CHUNK: &str = r#"WITH
        SET balance = g.balance + g.amount,
            last_seq = CASE WHEN g.amount > 0 THEN g.seq ELSE g.seq - 1 END,
            refill_month = greatest(b.refill_month, $3),
-           auto_requested_at = CASE WHEN g.amount > 0 THEN NULL ELSE b.auto_requested_at END,
            updated_at = $7
       FROM g
      WHERE b.user_id = g.user_id AND b.user_id > $1 AND b.user_id <= $2),

@@ -1126,6 +1126,59 @@ async fn auto_top_up_requests_once_and_is_fulfilled_once() {
     env.cleanup().await;
 }
 
+/// Only an auto top-up request's own fulfilment answers it: neither the monthly refill (the
+/// sweep's SQL) nor another credit lets a second request go out while the first may still be
+/// paid.
+#[tokio::test]
+async fn only_its_fulfilment_answers_an_outstanding_top_up_request() {
+    let env = TestEnv::with(no_refill).await;
+    seed(&env, ["a"], 100).await;
+    let ledger = env.ledger();
+    let now = Utc::now();
+    let requests = || async {
+        sqlx::query_scalar::<_, String>(
+            "SELECT payload->>'request_id' FROM credit.outbox
+              WHERE routing_key = 'top_up.requested' ORDER BY id",
+        )
+        .fetch_all(&env.pool)
+        .await
+        .unwrap()
+    };
+    let r = ledger
+        .set_auto_top_up("a", Some((5000, 500)), now)
+        .await
+        .unwrap();
+    assert!(r.requested);
+    let policy = credit_worker::ledger::RefillPolicy { target: 1000 };
+    let month: Month = "2031-07".parse().unwrap();
+    let swept = refill::sweep(&env.pool, policy, month, None, 10, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(swept.credits_granted, 900);
+    ledger
+        .credit(TxType::TopUp, "a", 5, Some("invoice-1"), None, now)
+        .await
+        .unwrap();
+    ledger
+        .credit(TxType::Grant, "a", 5, Some("promo-1"), None, now)
+        .await
+        .unwrap();
+    ledger.spend("a", 10, "S-1", json!({}), now).await.unwrap();
+    assert_eq!(requests().await, vec!["AUTO-TOP-UP-a-1"]);
+    ledger
+        .credit(TxType::TopUp, "a", 500, Some("AUTO-TOP-UP-a-1"), None, now)
+        .await
+        .unwrap();
+    ledger.spend("a", 10, "S-2", json!({}), now).await.unwrap();
+    assert_eq!(requests().await, vec!["AUTO-TOP-UP-a-1", "AUTO-TOP-UP-a-2"]);
+    assert_eq!(
+        ledger.balance("a", now).await.unwrap(),
+        1000 + 5 + 5 - 10 + 500 - 10
+    );
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
 /// What a history row was posted as: seq, type, metadata.graph_exec_id.
 type Posted = (i64, &'static str, Option<String>);
 
