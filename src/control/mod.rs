@@ -158,6 +158,25 @@ pub(crate) fn reply_body(result: &Result<Value, ControlError>) -> Value {
     }
 }
 
+/// The most a reply carries: RabbitMQ 4's default `max_message_size`. The broker refuses a
+/// larger message by closing the channel, so the command, never acked, would come back for
+/// ever (the control queue has no delivery limit). History pages stay far below it
+/// ([`crate::ledger::HISTORY_PAGE_BYTES`]).
+const REPLY_MAX: usize = 16 << 20;
+
+/// The reply's bytes, or an `internal` error in their place when they are more than `max`.
+fn reply_bytes(result: &Result<Value, ControlError>, max: usize) -> Vec<u8> {
+    let body = serde_json::to_vec(&reply_body(result)).unwrap_or_default();
+    if body.len() <= max {
+        return body;
+    }
+    let too_large = Err(ControlError::internal(format!(
+        "a reply of {} bytes, more than the {max} a reply may carry",
+        body.len()
+    )));
+    serde_json::to_vec(&reply_body(&too_large)).unwrap_or_default()
+}
+
 /// Authorises, parses and runs one command. `sender` is the AMQP `user_id` property;
 /// `answered` whether a reply goes back (see [`ATTEMPTS`]). None when a transient fault was
 /// still being retried when `stop` fired or the retries of an unanswered command ran out: the
@@ -193,7 +212,19 @@ pub async fn execute(
     let started = Instant::now();
     let horizon = Duration::from_secs(ctx.settings.control.unanswered_retry_s);
     loop {
-        match guarded(command.run(ctx)).await {
+        let run = guarded(command.run(ctx));
+        let ran = if matches!(command, Command::Refill(_)) {
+            // A sweep may take minutes: given up at shutdown as the scheduled one is. The
+            // ranges it committed stay, and the command, not acked, comes back at the next
+            // start, which skips them. Other commands are too short to be worth cutting off.
+            tokio::select! {
+                ran = run => ran,
+                _ = stop.cancelled() => return None,
+            }
+        } else {
+            run.await
+        };
+        match ran {
             Err(e) if e.is_transient() && !answered && started.elapsed() >= horizon => {
                 warn!(error = %e, attempt, "control command still failing; returned to the queue");
                 return None;
@@ -345,7 +376,7 @@ async fn handle(
         }
     }
     if let Some(reply_to) = reply_to {
-        let body = serde_json::to_vec(&reply_body(&result)).unwrap_or_default();
+        let body = reply_bytes(&result, REPLY_MAX);
         let mut reply_props =
             BasicProperties::default().with_content_type("application/json".into());
         if let Some(c) = correlation_id {
@@ -375,6 +406,21 @@ mod tests {
     fn code(body: &str) -> (&'static str, String) {
         let e = Command::parse(body.as_bytes()).unwrap_err();
         (e.code(), e.to_string())
+    }
+
+    #[test]
+    fn a_reply_too_large_for_the_broker_is_an_internal_error_instead() {
+        let page: Result<Value, ControlError> = Ok(json!({"rows": "x".repeat(500)}));
+        let sent: Value = serde_json::from_slice(&reply_bytes(&page, 1000)).unwrap();
+        assert_eq!(sent["ok"], json!(true));
+        let sent: Value = serde_json::from_slice(&reply_bytes(&page, 400)).unwrap();
+        assert_eq!(sent["ok"], json!(false));
+        assert_eq!(sent["error"]["code"], json!("internal"));
+        let message = sent["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("more than the 400 a reply may carry"),
+            "{message}"
+        );
     }
 
     #[test]

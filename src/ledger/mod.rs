@@ -196,6 +196,35 @@ impl HistoryQuery {
     }
 }
 
+/// The most a history page holds, in bytes of its rows' JSON (a first row longer than that
+/// comes alone). Rows carry
+/// metadata of any length (a grant's reason, a settlement's stats), and a page of 1,000 long
+/// ones would make a control reply larger than the broker accepts (RabbitMQ 4's default
+/// `max_message_size` is 16 MiB): it refuses one by closing the channel, and the command, never
+/// acked, comes back for ever. A page cut short by it says where the next one starts.
+pub const HISTORY_PAGE_BYTES: usize = 4 << 20;
+
+/// The page of `rows` (newest first, with one past the page when there is one): at most
+/// `limit` rows, and no more than `budget` bytes of their JSON unless the first alone is more.
+fn page_of(mut rows: Vec<Transaction>, limit: usize, budget: usize) -> HistoryPage {
+    let mut bytes = 0usize;
+    let over = rows.iter().take(limit).position(|t| {
+        bytes = bytes.saturating_add(serde_json::to_vec(t).map_or(usize::MAX, |v| v.len()));
+        bytes > budget
+    });
+    let keep = match over {
+        Some(i) => i.max(1),
+        None => limit.min(rows.len()),
+    };
+    let more = rows.len() > keep;
+    rows.truncate(keep);
+    let next_before_seq = rows.last().filter(|_| more).map(|t| t.seq);
+    HistoryPage {
+        transactions: rows,
+        next_before_seq,
+    }
+}
+
 /// One page of history: `next_before_seq` continues it, `None` on the last page.
 #[derive(Debug, Clone, Serialize)]
 pub struct HistoryPage {
@@ -474,15 +503,9 @@ impl Ledger {
             check_user_id(user_id)?;
         }
         // The statement reads one row past the page when there is one.
-        let mut transactions = store::history(&self.pool, user_id, query).await?;
-        let page = usize::try_from(query.limit).unwrap_or(usize::MAX);
-        let more = transactions.len() > page;
-        transactions.truncate(page);
-        let next_before_seq = transactions.last().filter(|_| more).map(|t| t.seq);
-        Ok(HistoryPage {
-            transactions,
-            next_before_seq,
-        })
+        let rows = store::history(&self.pool, user_id, query).await?;
+        let limit = usize::try_from(query.limit).unwrap_or(usize::MAX);
+        Ok(page_of(rows, limit, HISTORY_PAGE_BYTES))
     }
 
     /// The plan PostgreSQL picks for a history page (`EXPLAIN`), for checking that pages are
@@ -560,6 +583,52 @@ fn random_suffix() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Rows newest first, seq `n` down to 1, each with a reason of `reason` bytes.
+    fn rows(n: i64, reason: usize) -> Vec<Transaction> {
+        (1..=n)
+            .rev()
+            .map(|seq| Transaction {
+                seq,
+                transaction_key: format!("k{seq}"),
+                tx_type: "GRANT".into(),
+                amount: 1,
+                running_balance: seq,
+                created_at: DateTime::UNIX_EPOCH,
+                metadata: serde_json::json!({"reason": "r".repeat(reason)}),
+            })
+            .collect()
+    }
+
+    fn seqs(page: &HistoryPage) -> (Vec<i64>, Option<i64>) {
+        let seqs = page.transactions.iter().map(|t| t.seq).collect();
+        (seqs, page.next_before_seq)
+    }
+
+    #[test]
+    fn a_page_ends_at_its_limit_or_its_byte_budget_and_says_where_the_next_starts() {
+        // Each row's JSON is a little over 1,000 bytes.
+        let row = serde_json::to_vec(&rows(1, 1000)[0]).unwrap().len();
+        assert!((1000..1200).contains(&row), "{row}");
+        // The limit: 3 of 6 rows (the statement read one past the page: 4).
+        let page = page_of(rows(6, 1000).into_iter().take(4).collect(), 3, 1 << 20);
+        assert_eq!(seqs(&page), (vec![6, 5, 4], Some(4)));
+        // The last page: fewer rows than the limit, nothing after it.
+        assert_eq!(
+            seqs(&page_of(rows(2, 1000), 3, 1 << 20)),
+            (vec![2, 1], None)
+        );
+        // The budget: as many rows as fit in it, in all.
+        let page = page_of(rows(6, 1000), 5, 3 * row + row / 2);
+        assert_eq!(seqs(&page), (vec![6, 5, 4], Some(4)));
+        assert_eq!(
+            seqs(&page_of(rows(3, 1000), 5, 3 * row)),
+            (vec![3, 2, 1], None)
+        );
+        // A first row longer than the budget comes alone.
+        let page = page_of(rows(3, 1000), 5, row / 2);
+        assert_eq!(seqs(&page), (vec![3], Some(3)));
+    }
 
     #[test]
     fn a_credit_may_not_take_the_form_of_the_workers_own_keys() {

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{Datelike, Utc};
 use credit_worker::refill::Month;
 use credit_worker::service::Worker;
 use futures::StreamExt;
@@ -797,6 +797,51 @@ async fn database_outage_gets_internal_and_the_loop_carries_on() {
     assert_eq!(rpc.ok(top_up).await["applied"], json!(false));
     assert_eq!(rpc.strays, 0);
     stop_audit_cleanup(env, worker).await;
+}
+
+/// A refill command still running at SIGTERM (here waiting on a user's row lock) is given up,
+/// as the scheduled sweep is: the worker stops at once, exit 0, and the command, not acked,
+/// comes back at the next start, which completes and answers it.
+#[tokio::test]
+async fn a_refill_command_running_at_sigterm_is_given_up_and_answered_after_the_restart() {
+    let env = TestEnv::with(no_refill).await;
+    let users: Vec<String> = (0..20).map(|i| format!("rf-{i:02}")).collect();
+    seed(&env, &users, 1).await;
+    let mut vars = env.process_env();
+    vars.push((
+        "CREDIT_WORKER__REFILL__SCHEDULE".into(),
+        "0 0 0 1 1 * 2099".into(),
+    ));
+    let mut held = env.pool.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM credit.balances WHERE user_id = 'rf-10' FOR UPDATE")
+        .execute(&mut *held)
+        .await
+        .expect("lock a user");
+    let mut w = WorkerProcess::spawn(&vars, &["run"]);
+    let mut rpc = Rpc::new(&env).await;
+    let now = Utc::now();
+    let next = match now.month() {
+        12 => format!("{}-01", now.year() + 1),
+        m => format!("{}-{:02}", now.year(), m + 1),
+    };
+    let refill = json!({"command": "refill", "month": next});
+    let cid = rpc.send(&body(&refill), Some("guest"), true).await;
+    env.wait_for_one_lock_waiter(REPLY_TIMEOUT, "the refill waiting on the lock")
+        .await;
+    w.sigterm();
+    assert_eq!(w.wait_exit(Duration::from_secs(8)).await, Some(0));
+    held.commit().await.expect("release the lock");
+
+    let mut w = WorkerProcess::spawn(&vars, &["run"]);
+    let reply = rpc.reply(&cid).await;
+    assert_eq!(
+        reply,
+        json!({"ok": true, "result": {"credits_granted": 20 * 999, "month": next, "users_refilled": 20}})
+    );
+    w.sigterm();
+    assert_eq!(w.wait_exit(REPLY_TIMEOUT).await, Some(0));
+    env.assert_audit_clean().await;
+    env.cleanup().await;
 }
 
 /// A command nobody awaits a reply to (no `reply_to`: a payment side's fire-and-forget

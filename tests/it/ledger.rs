@@ -1179,6 +1179,38 @@ async fn only_its_fulfilment_answers_an_outstanding_top_up_request() {
     env.cleanup().await;
 }
 
+/// A page stops short of its limit where its rows' JSON would pass
+/// `HISTORY_PAGE_BYTES` (4 MiB), so that no control reply outgrows what the broker accepts; its
+/// `next_before_seq` goes on from there and every row is paged once.
+#[tokio::test]
+async fn a_history_page_of_long_rows_is_cut_at_its_byte_budget() {
+    let env = TestEnv::with(no_refill).await;
+    let ledger = env.ledger();
+    let now = Utc::now();
+    let reason = "r".repeat(1_000_000);
+    for i in 1..=6 {
+        let key = format!("G-{i}");
+        ledger
+            .credit(TxType::Grant, "long", 1, Some(&key), Some(&reason), now)
+            .await
+            .unwrap();
+    }
+    let first = ledger
+        .history("long", &HistoryQuery::newest(50), now)
+        .await
+        .unwrap();
+    let seqs: Vec<i64> = first.transactions.iter().map(|t| t.seq).collect();
+    assert_eq!((seqs, first.next_before_seq), (vec![6, 5, 4, 3], Some(3)));
+    let query = HistoryQuery {
+        before_seq: first.next_before_seq,
+        ..HistoryQuery::newest(50)
+    };
+    let rest = ledger.history("long", &query, now).await.unwrap();
+    let seqs: Vec<i64> = rest.transactions.iter().map(|t| t.seq).collect();
+    assert_eq!((seqs, rest.next_before_seq), (vec![2, 1], None));
+    env.cleanup().await;
+}
+
 /// What a history row was posted as: seq, type, metadata.graph_exec_id.
 type Posted = (i64, &'static str, Option<String>);
 
