@@ -131,13 +131,17 @@ impl Consumer {
         // Not consuming from this moment (a fault or a stop), whatever the cleanup below takes.
         self.health.set_consuming(false);
 
-        // Stop deliveries, let the decider finish (or abandon, on a broker fault) its batch.
-        let _ = bounded(s.ch.basic_cancel(TAG.into(), BasicCancelOptions::default())).await;
+        // Stop deliveries, let the decider finish (or abandon, on a broker fault) its batch. One
+        // deadline for every step: each may wait on a broker that stopped answering, and the
+        // writers' stop allows them 12 s in all.
+        let deadline = tokio::time::Instant::now() + CLEANUP;
+        let cancel = s.ch.basic_cancel(TAG.into(), BasicCancelOptions::default());
+        let _ = tokio::time::timeout_at(deadline, cancel).await;
         drop(tx);
         if result.is_err() {
             decider_stop.cancel();
         }
-        let decided = match tokio::time::timeout(CLEANUP, &mut decider).await {
+        let decided = match tokio::time::timeout_at(deadline, &mut decider).await {
             Ok(ended) => joined(ended).and_then(|decided| decided),
             Err(_) => {
                 // Stuck on a dead connection: nothing of its batch was acked, so the broker
@@ -147,8 +151,8 @@ impl Consumer {
             }
         };
         self.health.set_consuming(false);
-        let _ = bounded(s.ch.close(200, "shutdown".into())).await;
-        let _ = bounded(s.conn.close(200, "shutdown".into())).await;
+        let _ = tokio::time::timeout_at(deadline, s.ch.close(200, "shutdown".into())).await;
+        let _ = tokio::time::timeout_at(deadline, s.conn.close(200, "shutdown".into())).await;
         match (result, decided) {
             // The decider's own error says why it is gone.
             (Err(SessionError::DeciderGone), Err(e)) => Err(e),
@@ -232,7 +236,8 @@ fn take_carried<T>(carried: &mut Vec<T>, max: usize) -> Vec<T> {
     std::mem::replace(carried, rest)
 }
 
-/// How long a session's cleanup may wait on a broker that may be gone.
+/// How long a session's cleanup may wait on a broker that may be gone, all steps together;
+/// and an ack.
 const CLEANUP: Duration = Duration::from_secs(10);
 
 async fn bounded<T>(f: impl std::future::Future<Output = T>) -> Option<T> {

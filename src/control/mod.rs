@@ -315,10 +315,16 @@ async fn session(ctx: &Context, stop: &CancellationToken) -> Result<(), SessionE
         }
     }
     .await;
-    let _ = ch.close(200, "shutdown".into()).await;
-    let _ = conn.close(200, "shutdown".into()).await;
+    // Bounded: a broker that stopped answering would hold the stop until its heartbeat
+    // timeout, past the 12 s the writers' stop allows.
+    let deadline = tokio::time::Instant::now() + CLOSE;
+    let _ = tokio::time::timeout_at(deadline, ch.close(200, "shutdown".into())).await;
+    let _ = tokio::time::timeout_at(deadline, conn.close(200, "shutdown".into())).await;
     result
 }
+
+/// How long closing a session may wait on the broker.
+const CLOSE: Duration = Duration::from_secs(5);
 
 /// Runs, replies, acks. Ok(false) when abandoned unacked on shutdown.
 async fn handle(

@@ -354,18 +354,19 @@ async fn charged_by(port: u16) -> f64 {
     metric_value(&body, "credit_messages_total", &[("outcome", "charged")])
 }
 
-/// A TCP proxy in front of the broker that, once stalled, swallows what the outbox relay's
-/// connection sends and answers nothing: a broker that stopped answering it (or blocks its
-/// publishes for a resource alarm). Other connections pass.
+/// A TCP proxy in front of the broker that, once stalled, swallows what the connections it was
+/// told of (by the names the worker gives them) send and answers nothing: a broker that
+/// stopped answering them (or blocks their publishes for a resource alarm). Other connections
+/// pass.
 struct StallingProxy {
     port: u16,
     stalled: Arc<AtomicBool>,
-    /// Bytes of the relay's connection swallowed while stalled.
+    /// Bytes of the stalled connections swallowed while stalled.
     swallowed: Arc<AtomicU64>,
 }
 
 impl StallingProxy {
-    async fn start(upstream: String) -> StallingProxy {
+    async fn start(upstream: String, stall: &'static [&'static str]) -> StallingProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let stalled = Arc::new(AtomicBool::new(false));
@@ -379,8 +380,8 @@ impl StallingProxy {
                 let relay = Arc::new(AtomicBool::new(false));
                 let (in_r, in_w) = inbound.into_split();
                 let (out_r, out_w) = outbound.into_split();
-                let up = Pump::new(&st, &sw, &relay, true);
-                let down = Pump::new(&st, &sw, &relay, false);
+                let up = Pump::new(&st, &sw, &relay, Some(stall));
+                let down = Pump::new(&st, &sw, &relay, None);
                 tokio::spawn(up.run(in_r, out_w));
                 tokio::spawn(down.run(out_r, in_w));
             }
@@ -397,8 +398,10 @@ impl StallingProxy {
 struct Pump {
     stalled: Arc<AtomicBool>,
     swallowed: Arc<AtomicU64>,
+    /// Whether this connection is one to stall.
     relay: Arc<AtomicBool>,
-    from_client: bool,
+    /// The names of the connections to stall, on the client's side.
+    from_client: Option<&'static [&'static str]>,
 }
 
 impl Pump {
@@ -406,7 +409,7 @@ impl Pump {
         stalled: &Arc<AtomicBool>,
         swallowed: &Arc<AtomicU64>,
         relay: &Arc<AtomicBool>,
-        from_client: bool,
+        from_client: Option<&'static [&'static str]>,
     ) -> Pump {
         Pump {
             stalled: stalled.clone(),
@@ -429,12 +432,15 @@ impl Pump {
                 Ok(n) => n,
             };
             // The connection's name, in the client's handshake.
-            let name = b"credit-worker outbox";
-            if self.from_client && buf[..n].windows(name.len()).any(|w| w == name) {
+            let named = |name: &&str| buf[..n].windows(name.len()).any(|w| w == name.as_bytes());
+            if self
+                .from_client
+                .is_some_and(|names| names.iter().any(named))
+            {
                 self.relay.store(true, Ordering::SeqCst);
             }
             if self.relay.load(Ordering::SeqCst) && self.stalled.load(Ordering::SeqCst) {
-                if self.from_client {
+                if self.from_client.is_some() {
                     self.swallowed.fetch_add(n as u64, Ordering::SeqCst);
                 }
                 continue;
@@ -449,7 +455,8 @@ impl Pump {
 #[tokio::test]
 async fn a_broker_that_stops_answering_the_relay_holds_shutdown_only_for_the_drain_timeout() {
     let env = TestEnv::with(|s| s.refill.enabled = false).await;
-    let proxy = StallingProxy::start(broker_host_port(&env.settings.amqp.url)).await;
+    let upstream = broker_host_port(&env.settings.amqp.url);
+    let proxy = StallingProxy::start(upstream, &["credit-worker outbox"]).await;
     let mut settings = env.settings.clone();
     settings.amqp.url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
     let worker = Worker::start(settings).await.unwrap();
@@ -487,6 +494,31 @@ async fn a_broker_that_stops_answering_the_relay_holds_shutdown_only_for_the_dra
     let events = tap.take(1, T).await;
     assert_eq!(events[0].1, "balance.changed:alice:stalled");
     worker.stop().await.unwrap();
+    env.cleanup().await;
+}
+
+/// A broker that stops answering the consumer's and control's connections holds a stop only
+/// for their cleanup's bound (10 s for the consumer's steps together, 5 s for control's
+/// close), not until a heartbeat times out: both end within the 12 s the writers have, and
+/// the stop is clean.
+#[tokio::test]
+async fn a_broker_that_stops_answering_the_consumer_and_control_holds_shutdown_only_briefly() {
+    let env = TestEnv::with(no_refill).await;
+    seed(&env, ["st"], 1_000).await;
+    let upstream = broker_host_port(&env.settings.amqp.url);
+    let stall = &["credit-worker consumer", "credit-worker control"];
+    let proxy = StallingProxy::start(upstream, stall).await;
+    let mut settings = env.settings.clone();
+    settings.amqp.url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
+    let worker = Worker::start(settings).await.unwrap();
+    env.publish(&[body(&platform_gpt4("st", "st-0"))]).await;
+    env.wait_decisions(1, T).await;
+    proxy.stalled.store(true, Ordering::SeqCst);
+    let started = std::time::Instant::now();
+    worker.stop().await.expect("a clean stop");
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(20), "stop took {took:?}");
+    env.assert_audit_clean().await;
     env.cleanup().await;
 }
 
