@@ -50,8 +50,11 @@ pub(crate) const MAX_BODY_BYTES: usize = 1 << 20;
 /// the broker would hand it to another consumer while this one still retried it.
 const ATTEMPTS: usize = 3;
 
-/// Deliveries the broker may push ahead of the one being handled.
-const PREFETCH: u16 = 16;
+/// Deliveries unacked at once: only the one being handled. Commands are handled one at a time,
+/// and one pushed ahead would wait unacked behind a command retried through an outage (up to
+/// `control.unanswered_retry_s` each): a few of those would pass `consumer_timeout`, and the
+/// broker close the channel.
+const PREFETCH: u16 = 1;
 
 /// Every command name; anything else is counted as "unknown" so metrics labels stay bounded.
 pub(crate) const COMMANDS: [&str; 7] = [

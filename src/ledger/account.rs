@@ -597,7 +597,8 @@ mod tests {
             (a.balance, a.last_seq, a.refill_month),
             (1000, 5, day("2026-12"))
         );
-        assert_eq!(a.auto_requested_at, None);
+        // A refill does not answer an outstanding auto top-up request: only its fulfilment does.
+        assert_eq!(a.auto_requested_at, Some(at));
         let row = &changes.transactions[0];
         assert_eq!((row.seq, row.amount, row.running_balance), (5, 700, 1000));
         assert_eq!(row.transaction_key, "MONTHLY-CREDIT-TOP-UP-2026-12");
