@@ -366,6 +366,10 @@ fn debit_events(
         changes
             .events
             .extend(account.low_balance_crossing(before, seq, threshold, now));
+    }
+    // A charge the balance could not hold asks for credits even when nothing was taken, as a
+    // run refused for funds does: the user owes more than the balance holds.
+    if debited || uncollected > 0 {
         account.request_top_up(changes, rules.ledger.auto_top_up_ttl, now);
     }
     if uncollected > 0 {

@@ -454,6 +454,47 @@ fn without_debt_the_rest_is_reported_uncollected() {
     assert_eq!(ev.map(|e| e.json()["amount"].clone()), Some(json!(50)));
 }
 
+/// Without debt, a charge left wholly uncollected (nothing left to take) asks for a top-up as
+/// a run refused for funds does: the user owes more than the balance holds.
+#[test]
+fn without_debt_a_charge_left_wholly_uncollected_asks_for_a_top_up() {
+    let p = settle_pricing(false);
+    let mut l = MemoryLedger::default();
+    let starts = [run("u", "a", "llm", None), run("u", "b", "llm", None)];
+    l.decide(&p, &starts, now());
+    // 100,000 in + 10,000 out = 150 + 45 = 195 credits: 185 more, 80 of them taken.
+    let v = l.decide(&p, &[run("u", "a", "llm", tokens(100_000, 10_000))], now());
+    assert!(
+        matches!(
+            v[0],
+            Verdict::Settled {
+                uncollected: 105,
+                balance: 0,
+                ..
+            }
+        ),
+        "{v:?}"
+    );
+    if let Some(a) = l.accounts.get_mut("u") {
+        a.auto_threshold = Some(50);
+        a.auto_amount = Some(500);
+    }
+    // 24 credits: 14 more, none of them taken.
+    let v = l.decide(&p, &[run("u", "b", "llm", tokens(10_000, 2_000))], now());
+    assert!(
+        matches!(
+            v[0],
+            Verdict::Settled {
+                uncollected: 14,
+                balance: 0,
+                ..
+            }
+        ),
+        "{v:?}"
+    );
+    assert_eq!(requests(&l), vec![("AUTO-TOP-UP-u-1".into(), 0)]);
+}
+
 /// Without debt, a completion that overtook its start takes its fee first, then what the
 /// balance still holds of its cost; a fee the balance cannot hold is not taken either, and is
 /// reported in `charge.uncollected` with the rest of the cost.
