@@ -176,12 +176,33 @@ pub enum NotReady {
          `credit-worker migrate`"
     )]
     Failed { database: String, version: i64 },
+    #[error(
+        "database {database:?}: migration {version} is not this build's (its checksum \
+         differs): edited since it ran, or from another build"
+    )]
+    Changed { database: String, version: i64 },
+    #[error(
+        "database {database:?}: this role cannot read which migrations it holds ({reason}); \
+         check the role's search_path and privileges"
+    )]
+    Unreadable { database: String, reason: String },
     #[error(transparent)]
     Sql(#[from] sqlx::Error),
 }
 
-/// The migrations the database holds: version and whether it completed.
-const APPLIED: &str = "SELECT version, success FROM _sqlx_migrations ORDER BY version";
+/// A migration the database holds.
+#[derive(Debug, Clone, sqlx::FromRow)]
+struct Applied {
+    version: i64,
+    success: bool,
+    checksum: Vec<u8>,
+}
+
+const APPLIED: &str = "SELECT version, success, checksum FROM _sqlx_migrations ORDER BY version";
+
+/// Whether the ledger's schema is there: tells a database never migrated from one whose
+/// migrations' table this role cannot see.
+const LEDGER_SCHEMA: &str = "SELECT to_regnamespace('credit') IS NOT NULL";
 
 /// A pool on an existing database whose schema is this build's, for the operator's commands.
 /// Unlike the worker's start, these neither create a database nor migrate one: a mistyped
@@ -195,38 +216,68 @@ pub async fn connect_existing(settings: &DatabaseSettings) -> Result<PgPool, Not
         .to_owned();
     let mut conn = match opts.connect().await {
         Ok(conn) => conn,
-        // 3D000 invalid_catalog_name: no such database.
-        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("3D000") => {
+        Err(e) if sqlstate(&e).as_deref() == Some("3D000") => {
             return Err(NotReady::Missing(database))
         }
         Err(e) => return Err(e.into()),
     };
-    let applied = match sqlx::query_as::<_, (i64, bool)>(APPLIED)
-        .fetch_all(&mut conn)
-        .await
-    {
-        Ok(rows) => rows,
-        // 42P01 undefined_table: never migrated.
-        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => Vec::new(),
-        Err(e) => return Err(e.into()),
-    };
+    let applied = applied_migrations(&mut conn, &database).await;
     let _ = conn.close().await;
-    schema_state(database, &applied)?;
+    schema_state(database, &applied?)?;
     Ok(pool(settings)?)
 }
 
-/// Whether `applied` (version, completed) is exactly this build's migrations, all completed.
-fn schema_state(database: String, applied: &[(i64, bool)]) -> Result<(), NotReady> {
-    if let Some(&(version, _)) = applied.iter().find(|(_, done)| !done) {
+fn sqlstate(e: &sqlx::Error) -> Option<String> {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .map(|c| c.into_owned())
+}
+
+async fn applied_migrations(
+    conn: &mut sqlx::PgConnection,
+    database: &str,
+) -> Result<Vec<Applied>, NotReady> {
+    let unreadable = |reason: String| NotReady::Unreadable {
+        database: database.to_owned(),
+        reason,
+    };
+    match sqlx::query_as(APPLIED).fetch_all(&mut *conn).await {
+        Ok(rows) => Ok(rows),
+        // undefined_table: never migrated, unless the ledger is there out of the table's sight.
+        Err(e) if sqlstate(&e).as_deref() == Some("42P01") => {
+            let ledger: bool = sqlx::query_scalar(LEDGER_SCHEMA)
+                .fetch_one(&mut *conn)
+                .await?;
+            match ledger {
+                true => Err(unreadable("no _sqlx_migrations in its search_path".into())),
+                false => Ok(Vec::new()),
+            }
+        }
+        // insufficient_privilege
+        Err(e) if sqlstate(&e).as_deref() == Some("42501") => Err(unreadable(e.to_string())),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Whether `applied` is exactly this build's migrations, each completed and unchanged.
+fn schema_state(database: String, applied: &[Applied]) -> Result<(), NotReady> {
+    if let Some(a) = applied.iter().find(|a| !a.success) {
+        let version = a.version;
         return Err(NotReady::Failed { database, version });
     }
-    let known = |v: i64| MIGRATOR.iter().any(|m| m.version == v);
-    if let Some(&(version, _)) = applied.iter().find(|(v, _)| !known(*v)) {
-        return Err(NotReady::Ahead { database, version });
+    for a in applied {
+        let version = a.version;
+        match MIGRATOR.iter().find(|m| m.version == version) {
+            None => return Err(NotReady::Ahead { database, version }),
+            Some(m) if *m.checksum != *a.checksum => {
+                return Err(NotReady::Changed { database, version })
+            }
+            Some(_) => {}
+        }
     }
     let pending: Vec<_> = MIGRATOR
         .iter()
-        .filter(|m| !applied.iter().any(|(v, _)| *v == m.version))
+        .filter(|m| !applied.iter().any(|a| a.version == m.version))
         .collect();
     match pending.first() {
         None => Ok(()),
@@ -357,8 +408,13 @@ pub(crate) async fn ping(pool: &PgPool) -> bool {
 mod tests {
     use super::*;
 
-    fn all_applied() -> Vec<(i64, bool)> {
-        MIGRATOR.iter().map(|m| (m.version, true)).collect()
+    fn all_applied() -> Vec<Applied> {
+        let applied = |m: &sqlx::migrate::Migration| Applied {
+            version: m.version,
+            success: true,
+            checksum: m.checksum.to_vec(),
+        };
+        MIGRATOR.iter().map(applied).collect()
     }
 
     #[test]
@@ -367,7 +423,7 @@ mod tests {
         assert!(schema_state(db(), &all_applied()).is_ok());
 
         let mut behind = all_applied();
-        let last = behind.pop().map(|(v, _)| v);
+        let last = behind.pop().map(|a| a.version);
         let Err(NotReady::Behind {
             pending,
             known,
@@ -390,7 +446,9 @@ mod tests {
         assert!(first.starts_with("1 "), "{first}");
 
         let mut ahead = all_applied();
-        ahead.push((99_999_999, true));
+        let mut newer = ahead[0].clone();
+        newer.version = 99_999_999;
+        ahead.push(newer);
         assert!(matches!(
             schema_state(db(), &ahead),
             Err(NotReady::Ahead {
@@ -400,10 +458,17 @@ mod tests {
         ));
 
         let mut failed = all_applied();
-        failed[3].1 = false;
+        failed[3].success = false;
         assert!(matches!(
             schema_state(db(), &failed),
             Err(NotReady::Failed { version: 4, .. })
+        ));
+
+        let mut edited = all_applied();
+        edited[5].checksum[0] ^= 1;
+        assert!(matches!(
+            schema_state(db(), &edited),
+            Err(NotReady::Changed { version: 6, .. })
         ));
     }
 

@@ -46,15 +46,19 @@ pub(crate) const MAX_BODY_BYTES: usize = 1 << 20;
 /// reply is awaited. Few: the requester is waiting for an answer and can resend (keyed
 /// commands are idempotent). A command without `reply_to` is not given up, since no one
 /// would learn that it failed: it is retried for `control.unanswered_retry_s`, then returned
-/// to the queue to come again. That stays within RabbitMQ's `consumer_timeout`, after which
-/// the broker would hand it to another consumer while this one still retried it.
+/// to the queue to come again: well within RabbitMQ's `consumer_timeout`, after which the
+/// broker would hand it to another consumer while this one still retried it (see
+/// [`PREFETCH`] for the commands waiting behind it).
 const ATTEMPTS: usize = 3;
 
-/// Deliveries unacked at once: only the one being handled. Commands are handled one at a time,
-/// and one pushed ahead would wait unacked behind a command retried through an outage (up to
-/// `control.unanswered_retry_s` each): a few of those would pass `consumer_timeout`, and the
-/// broker close the channel.
-const PREFETCH: u16 = 1;
+/// Deliveries the broker may push ahead of the one being handled. More than one: a command
+/// returned to the queue goes back to its head, and with one delivery at a time it would come
+/// straight back to the same consumer, holding every command behind it (answered ones
+/// included) for as long as a database outage lasts. The cost: in a long outage, a command
+/// waiting behind several unanswered ones, each retried for `control.unanswered_retry_s`, can
+/// pass RabbitMQ's `consumer_timeout`; the broker then closes the channel, and every command
+/// held comes again.
+const PREFETCH: u16 = 16;
 
 /// Every command name; anything else is counted as "unknown" so metrics labels stay bounded.
 pub(crate) const COMMANDS: [&str; 7] = [
@@ -221,6 +225,8 @@ pub async fn execute(
             // ranges it committed stay, and the command, not acked, comes back at the next
             // start, which skips them. Other commands are too short to be worth cutting off.
             tokio::select! {
+                // A sweep that finished as the stop came is answered, not run again.
+                biased;
                 ran = run => ran,
                 _ = stop.cancelled() => return None,
             }

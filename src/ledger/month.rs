@@ -43,6 +43,10 @@ impl FromStr for Month {
             return Err(err());
         }
         let y: i32 = y.parse().map_err(|_| err())?;
+        // Year 0 (1 BC) is a date, but not one the ledger's dates may hold (migration 0020).
+        if y == 0 {
+            return Err(err());
+        }
         let m: u32 = m.parse().map_err(|_| err())?;
         NaiveDate::from_ymd_opt(y, m, 1).map(Month).ok_or_else(err)
     }
@@ -62,6 +66,9 @@ mod tests {
     #[test]
     fn months_parse_and_print() {
         assert_eq!("2026-12".parse::<Month>().unwrap().to_string(), "2026-12");
+        for edge in ["0001-01", "9999-12"] {
+            assert_eq!(edge.parse::<Month>().unwrap().to_string(), edge);
+        }
         assert_eq!(
             "2026-01".parse::<Month>().unwrap().refill_key(),
             "MONTHLY-CREDIT-TOP-UP-2026-01"
@@ -78,6 +85,7 @@ mod tests {
             "2026-+1",
             "-999-01",
             "2026-01-01",
+            "0000-01",
         ] {
             assert!(bad.parse::<Month>().is_err(), "{bad}");
         }

@@ -1106,6 +1106,14 @@ async fn the_cli_refuses_a_database_that_is_missing_or_not_migrated() {
             .await
             .unwrap();
     assert_eq!(balance, 1005);
+    // A role that cannot see the migrations' table is told so, not sent to migrate again.
+    let hidden = format!("{empty}?options=-c%20search_path%3Dcredit");
+    let (code, stderr) = run(&hidden, &["balance", "alice"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot read which migrations it holds"),
+        "{stderr}"
+    );
 
     pool.close().await;
     for name in [&absent, &empty] {
