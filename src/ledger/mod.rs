@@ -204,12 +204,17 @@ impl HistoryQuery {
 /// acked, comes back for ever. A page cut short by it says where the next one starts.
 pub const HISTORY_PAGE_BYTES: usize = 4 << 20;
 
+/// The length of a ledger row's JSON as a reply carries it.
+pub(crate) fn json_len(t: &Transaction) -> usize {
+    serde_json::to_vec(t).map_or(usize::MAX, |v| v.len())
+}
+
 /// The page of `rows` (newest first, with one past the page when there is one): at most
 /// `limit` rows, and no more than `budget` bytes of their JSON unless the first alone is more.
 fn page_of(mut rows: Vec<Transaction>, limit: usize, budget: usize) -> HistoryPage {
     let mut bytes = 0usize;
     let over = rows.iter().take(limit).position(|t| {
-        bytes = bytes.saturating_add(serde_json::to_vec(t).map_or(usize::MAX, |v| v.len()));
+        bytes = bytes.saturating_add(json_len(t));
         bytes > budget
     });
     let keep = match over {
@@ -503,7 +508,7 @@ impl Ledger {
             check_user_id(user_id)?;
         }
         // The statement reads one row past the page when there is one.
-        let rows = store::history(&self.pool, user_id, query).await?;
+        let rows = store::history(&self.pool, user_id, query, HISTORY_PAGE_BYTES).await?;
         let limit = usize::try_from(query.limit).unwrap_or(usize::MAX);
         Ok(page_of(rows, limit, HISTORY_PAGE_BYTES))
     }

@@ -333,15 +333,25 @@ pub(crate) async fn read_balance(pool: &PgPool, user_id: &str) -> Result<i64, sq
     Ok(balance.unwrap_or(0))
 }
 
-/// One page of a user's ledger rows, newest first.
+/// One page of a user's ledger rows, newest first, read until their JSON passes `budget`
+/// bytes ([`super::json_len`]): the rows past it are not kept, however long they are.
 pub(crate) async fn history(
     pool: &PgPool,
     user_id: &str,
     q: &HistoryQuery,
+    budget: usize,
 ) -> Result<Vec<Transaction>, sqlx::Error> {
-    history_query(history_sql(q), user_id, q)
-        .fetch_all(pool)
-        .await
+    use futures::TryStreamExt as _;
+    let mut rows = history_query(history_sql(q), user_id, q).fetch(pool);
+    let (mut page, mut bytes) = (Vec::new(), 0usize);
+    while let Some(row) = rows.try_next().await? {
+        bytes = bytes.saturating_add(super::json_len(&row));
+        page.push(row);
+        if bytes > budget {
+            break;
+        }
+    }
+    Ok(page)
 }
 
 /// The plan of [`history`]'s statement for `q`, one line per row of `EXPLAIN`.
