@@ -102,7 +102,12 @@ impl Consumer {
     }
 
     async fn session(&self, stop: &CancellationToken) -> Result<(), SessionError> {
-        let s = self.open().await?;
+        // A stop while connecting ends the session at once: a broker that accepts TCP but
+        // never answers holds a connect for up to 15 s, past the 12 s the writers' stop allows.
+        let s = tokio::select! {
+            s = self.open() => s?,
+            _ = stop.cancelled() => return Ok(()),
+        };
         let mut deliveries =
             s.ch.basic_consume(
                 s.names.input_queue.as_str().into(),

@@ -292,20 +292,11 @@ pub(crate) async fn serve(ctx: Context, stop: CancellationToken) {
 }
 
 async fn session(ctx: &Context, stop: &CancellationToken) -> Result<(), SessionError> {
-    let amqp = &ctx.settings.amqp;
-    let conn = crate::amqp::connect(amqp, "credit-worker control").await?;
-    let ch = conn.create_channel().await?;
-    let names = topology::declare(&ch, amqp).await?;
-    ch.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
-    let mut deliveries = ch
-        .basic_consume(
-            names.control.as_str().into(),
-            "credit-worker-control".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    info!(queue = %names.control, "control queue consuming");
+    // A stop while connecting ends the session at once (see the consumer's).
+    let (conn, ch, mut deliveries) = tokio::select! {
+        opened = open(ctx) => opened?,
+        _ = stop.cancelled() => return Ok(()),
+    };
     let result = async {
         loop {
             let next = tokio::select! {
@@ -334,6 +325,27 @@ async fn session(ctx: &Context, stop: &CancellationToken) -> Result<(), SessionE
 
 /// How long closing a session may wait on the broker.
 const CLOSE: Duration = Duration::from_secs(5);
+
+/// Connects, declares the topology and starts consuming the control queue.
+async fn open(
+    ctx: &Context,
+) -> Result<(lapin::Connection, Channel, lapin::Consumer), SessionError> {
+    let amqp = &ctx.settings.amqp;
+    let conn = crate::amqp::connect(amqp, "credit-worker control").await?;
+    let ch = conn.create_channel().await?;
+    let names = topology::declare(&ch, amqp).await?;
+    ch.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
+    let deliveries = ch
+        .basic_consume(
+            names.control.as_str().into(),
+            "credit-worker-control".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    info!(queue = %names.control, "control queue consuming");
+    Ok((conn, ch, deliveries))
+}
 
 /// Runs, replies, acks. Ok(false) when abandoned unacked on shutdown.
 async fn handle(

@@ -522,6 +522,28 @@ async fn a_broker_that_stops_answering_the_consumer_and_control_holds_shutdown_o
     env.cleanup().await;
 }
 
+/// A stop while the consumer and control are still connecting to a broker that accepted TCP
+/// but never answers (a connect gives up only after 15 s) ends their sessions at once: the
+/// stop is clean, well within the 12 s the writers have.
+#[tokio::test]
+async fn a_stop_while_connecting_to_a_broker_that_never_answers_is_clean() {
+    let env = TestEnv::with(no_refill).await;
+    let upstream = broker_host_port(&env.settings.amqp.url);
+    let stall = &["credit-worker consumer", "credit-worker control"];
+    let proxy = StallingProxy::start(upstream, stall).await;
+    proxy.stalled.store(true, Ordering::SeqCst);
+    let mut settings = env.settings.clone();
+    settings.amqp.url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
+    let worker = Worker::start(settings).await.unwrap();
+    let swallowed = || async { proxy.swallowed.load(Ordering::SeqCst) > 0 };
+    wait_for(T, "a handshake into the stall", swallowed).await;
+    let started = std::time::Instant::now();
+    worker.stop().await.expect("a clean stop");
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(5), "stop took {took:?}");
+    env.cleanup().await;
+}
+
 /// A stop while the database is away is clean: exit 0, the batches held go back to the queue
 /// unacked, and no broker reconnect is logged for what is no fault of the broker's. The next
 /// worker decides them, once.
