@@ -241,8 +241,8 @@ fn take_carried<T>(carried: &mut Vec<T>, max: usize) -> Vec<T> {
     std::mem::replace(carried, rest)
 }
 
-/// How long a session's cleanup may wait on a broker that may be gone, all steps together;
-/// and an ack.
+/// How long a session's cleanup (all its steps together), or an ack, may wait on a broker
+/// that may be gone.
 const CLEANUP: Duration = Duration::from_secs(10);
 
 async fn bounded<T>(f: impl std::future::Future<Output = T>) -> Option<T> {

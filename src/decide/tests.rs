@@ -671,6 +671,15 @@ fn requests(l: &MemoryLedger) -> Vec<(String, i64)> {
         .collect()
 }
 
+/// A credit of 5 to user `u` under `key`, as the payment side's or an operator's lands.
+fn credit(l: &mut MemoryLedger, tx_type: TxType, key: &str, at: DateTime<Utc>) {
+    let a = l.accounts.get_mut("u").unwrap();
+    let mut changes = crate::ledger::Changes::default();
+    let exec = crate::events::ExecutionRef::default();
+    a.post(&mut changes, tx_type, key.into(), 5, json!({}), exec, at)
+        .unwrap();
+}
+
 /// A ledger whose user `u` made one run (990 left) and then set an auto top-up.
 fn with_auto_top_up(p: &Pricing, threshold: i64, amount: i64) -> MemoryLedger {
     let mut l = MemoryLedger::default();
@@ -691,19 +700,8 @@ fn a_debit_below_the_threshold_requests_one_top_up_until_credits_land() {
     l.decide(&p, &es, now());
     assert_eq!(requests(&l), vec![("AUTO-TOP-UP-u-1".into(), 970)]);
     // The payment side's top-up lands: the next debit below the threshold asks again.
-    let a = l.accounts.get_mut("u").unwrap();
-    let mut changes = crate::ledger::Changes::default();
-    a.post(
-        &mut changes,
-        TxType::TopUp,
-        "AUTO-TOP-UP-u-1".into(),
-        5,
-        json!({}),
-        crate::events::ExecutionRef::default(),
-        now(),
-    )
-    .unwrap();
-    assert_eq!(a.auto_requested_at, None);
+    credit(&mut l, TxType::TopUp, "AUTO-TOP-UP-u-1", now());
+    assert_eq!(l.accounts["u"].auto_requested_at, None);
     l.decide(&p, &[entry("u", "c", 0)], now());
     assert_eq!(
         requests(&l),
@@ -725,24 +723,17 @@ fn only_the_outstanding_requests_fulfilment_answers_it() {
     let hour = now() + chrono::Duration::hours(1);
     l.decide(&p, &[entry("u", "c", 0)], hour);
     assert_eq!(requests(&l).len(), 2);
-    let credit = |l: &mut MemoryLedger, tx_type: TxType, key: &str| {
-        let a = l.accounts.get_mut("u").unwrap();
-        let mut changes = crate::ledger::Changes::default();
-        let exec = crate::events::ExecutionRef::default();
-        a.post(&mut changes, tx_type, key.into(), 5, json!({}), exec, hour)
-            .unwrap();
-    };
     let others = [
         (TxType::TopUp, "AUTO-TOP-UP-u-1"),
         (TxType::TopUp, "invoice-9"),
         (TxType::Grant, "MONTHLY-CREDIT-TOP-UP-2027-01"),
     ];
     for (tx_type, key) in others {
-        credit(&mut l, tx_type, key);
+        credit(&mut l, tx_type, key, hour);
         l.decide(&p, &[entry("u", &format!("after {key}"), 0)], hour);
         assert_eq!(requests(&l).len(), 2, "{key} answered request 2");
     }
-    credit(&mut l, TxType::TopUp, "AUTO-TOP-UP-u-2");
+    credit(&mut l, TxType::TopUp, "AUTO-TOP-UP-u-2", hour);
     l.decide(&p, &[entry("u", "d", 0)], hour);
     let last = requests(&l).last().map(|r| r.0.clone());
     assert_eq!(last.as_deref(), Some("AUTO-TOP-UP-u-3"));

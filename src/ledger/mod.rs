@@ -204,29 +204,47 @@ impl HistoryQuery {
 /// acked, comes back for ever. A page cut short by it says where the next one starts.
 pub const HISTORY_PAGE_BYTES: usize = 4 << 20;
 
-/// The length of a ledger row's JSON as a reply carries it.
-pub(crate) fn json_len(t: &Transaction) -> usize {
-    serde_json::to_vec(t).map_or(usize::MAX, |v| v.len())
+/// A history page built from its rows as they are read, newest first: at most `limit` rows,
+/// and no more than `budget` bytes of their JSON unless the first alone is more. The row after
+/// the page tells that another page follows; none after it need be read.
+pub(crate) struct PageBuilder {
+    limit: usize,
+    budget: usize,
+    rows: Vec<Transaction>,
+    bytes: usize,
+    more: bool,
 }
 
-/// The page of `rows` (newest first, with one past the page when there is one): at most
-/// `limit` rows, and no more than `budget` bytes of their JSON unless the first alone is more.
-fn page_of(mut rows: Vec<Transaction>, limit: usize, budget: usize) -> HistoryPage {
-    let mut bytes = 0usize;
-    let over = rows.iter().take(limit).position(|t| {
-        bytes = bytes.saturating_add(json_len(t));
-        bytes > budget
-    });
-    let keep = match over {
-        Some(i) => i.max(1),
-        None => limit.min(rows.len()),
-    };
-    let more = rows.len() > keep;
-    rows.truncate(keep);
-    let next_before_seq = rows.last().filter(|_| more).map(|t| t.seq);
-    HistoryPage {
-        transactions: rows,
-        next_before_seq,
+impl PageBuilder {
+    pub(crate) fn new(limit: usize, budget: usize) -> Self {
+        PageBuilder {
+            limit,
+            budget,
+            rows: Vec::new(),
+            bytes: 0,
+            more: false,
+        }
+    }
+
+    /// Takes the next row; false once the page is complete.
+    pub(crate) fn push(&mut self, t: Transaction) -> bool {
+        let json = serde_json::to_vec(&t).map_or(usize::MAX, |v| v.len());
+        let bytes = self.bytes.saturating_add(json);
+        if self.rows.len() >= self.limit || (bytes > self.budget && !self.rows.is_empty()) {
+            self.more = true;
+            return false;
+        }
+        self.bytes = bytes;
+        self.rows.push(t);
+        true
+    }
+
+    pub(crate) fn finish(self) -> HistoryPage {
+        let next_before_seq = self.rows.last().filter(|_| self.more).map(|t| t.seq);
+        HistoryPage {
+            transactions: self.rows,
+            next_before_seq,
+        }
     }
 }
 
@@ -508,9 +526,9 @@ impl Ledger {
             check_user_id(user_id)?;
         }
         // The statement reads one row past the page when there is one.
-        let rows = store::history(&self.pool, user_id, query, HISTORY_PAGE_BYTES).await?;
         let limit = usize::try_from(query.limit).unwrap_or(usize::MAX);
-        Ok(page_of(rows, limit, HISTORY_PAGE_BYTES))
+        let page = PageBuilder::new(limit, HISTORY_PAGE_BYTES);
+        Ok(store::history(&self.pool, user_id, query, page).await?)
     }
 
     /// The plan PostgreSQL picks for a history page (`EXPLAIN`), for checking that pages are
@@ -603,6 +621,16 @@ mod tests {
                 metadata: serde_json::json!({"reason": "r".repeat(reason)}),
             })
             .collect()
+    }
+
+    fn page_of(rows: Vec<Transaction>, limit: usize, budget: usize) -> HistoryPage {
+        let mut page = PageBuilder::new(limit, budget);
+        for row in rows {
+            if !page.push(row) {
+                break;
+            }
+        }
+        page.finish()
     }
 
     fn seqs(page: &HistoryPage) -> (Vec<i64>, Option<i64>) {

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, NaiveDate, Utc};
+use futures::TryStreamExt as _;
 use sqlx::{PgConnection, PgPool};
 
 use super::account::{Account, Changes, NewTransaction};
@@ -13,7 +14,7 @@ use super::decision::{
     SettlementRecord,
 };
 use super::runs::{runs, Run, EVENTS_PER_ROW};
-use super::{HistoryQuery, Transaction, TxType};
+use super::{HistoryPage, HistoryQuery, PageBuilder, TxType};
 
 /// Locks balance rows. `users` must be sorted and deduplicated: every writer locks in
 /// user_id order, so replicas do not deadlock.
@@ -333,25 +334,21 @@ pub(crate) async fn read_balance(pool: &PgPool, user_id: &str) -> Result<i64, sq
     Ok(balance.unwrap_or(0))
 }
 
-/// One page of a user's ledger rows, newest first, read until their JSON passes `budget`
-/// bytes ([`super::json_len`]): the rows past it are not kept, however long they are.
+/// One page of a user's ledger rows, newest first: rows are read only until `page` is
+/// complete, so the rows past it are not kept, however long they are.
 pub(crate) async fn history(
     pool: &PgPool,
     user_id: &str,
     q: &HistoryQuery,
-    budget: usize,
-) -> Result<Vec<Transaction>, sqlx::Error> {
-    use futures::TryStreamExt as _;
+    mut page: PageBuilder,
+) -> Result<HistoryPage, sqlx::Error> {
     let mut rows = history_query(history_sql(q), user_id, q).fetch(pool);
-    let (mut page, mut bytes) = (Vec::new(), 0usize);
     while let Some(row) = rows.try_next().await? {
-        bytes = bytes.saturating_add(super::json_len(&row));
-        page.push(row);
-        if bytes > budget {
+        if !page.push(row) {
             break;
         }
     }
-    Ok(page)
+    Ok(page.finish())
 }
 
 /// The plan of [`history`]'s statement for `q`, one line per row of `EXPLAIN`.

@@ -1048,6 +1048,17 @@ async fn settlements_are_stored_once_and_may_leave_a_debt() {
     env.cleanup().await;
 }
 
+/// The `request_id`s of the `top_up.requested` events in the outbox, in order.
+async fn top_up_requests(env: &TestEnv) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT payload->>'request_id' FROM credit.outbox
+          WHERE routing_key = 'top_up.requested' ORDER BY id",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap()
+}
+
 /// Auto top-up requests against the database: made in the debit's transaction, one at a time
 /// per user even when debits race, fulfilled once by a top-up keyed by the request id.
 #[tokio::test]
@@ -1056,15 +1067,6 @@ async fn auto_top_up_requests_once_and_is_fulfilled_once() {
     seed(&env, ["a"], 1000).await;
     let ledger = env.ledger();
     let now = Utc::now();
-    let requests = || async {
-        sqlx::query_scalar::<_, String>(
-            "SELECT payload->>'request_id' FROM credit.outbox
-              WHERE routing_key = 'top_up.requested' ORDER BY id",
-        )
-        .fetch_all(&env.pool)
-        .await
-        .unwrap()
-    };
     // Bad configurations are refused with the field named.
     let e = ledger
         .set_auto_top_up("a", Some((0, 5)), now)
@@ -1094,7 +1096,7 @@ async fn auto_top_up_requests_once_and_is_fulfilled_once() {
         }
     });
     futures::future::join_all(spends).await;
-    assert_eq!(requests().await, vec!["AUTO-TOP-UP-a-1"]);
+    assert_eq!(top_up_requests(&env).await, vec!["AUTO-TOP-UP-a-1"]);
     // The payment side fulfils it twice (a retry): applied once.
     for _ in 0..2 {
         ledger
@@ -1114,14 +1116,17 @@ async fn auto_top_up_requests_once_and_is_fulfilled_once() {
         .await
         .unwrap();
     assert!(!r.requested);
-    assert_eq!(requests().await, vec!["AUTO-TOP-UP-a-1", "AUTO-TOP-UP-a-2"]);
+    assert_eq!(
+        top_up_requests(&env).await,
+        vec!["AUTO-TOP-UP-a-1", "AUTO-TOP-UP-a-2"]
+    );
     let r = ledger.set_auto_top_up("a", None, now).await.unwrap();
     assert_eq!((r.threshold, r.amount, r.requested), (None, None, false));
     ledger
         .spend("a", 10, "S-after-off", json!({}), now)
         .await
         .unwrap();
-    assert_eq!(requests().await.len(), 2);
+    assert_eq!(top_up_requests(&env).await.len(), 2);
     env.assert_audit_clean().await;
     env.cleanup().await;
 }
@@ -1135,15 +1140,6 @@ async fn only_its_fulfilment_answers_an_outstanding_top_up_request() {
     seed(&env, ["a"], 100).await;
     let ledger = env.ledger();
     let now = Utc::now();
-    let requests = || async {
-        sqlx::query_scalar::<_, String>(
-            "SELECT payload->>'request_id' FROM credit.outbox
-              WHERE routing_key = 'top_up.requested' ORDER BY id",
-        )
-        .fetch_all(&env.pool)
-        .await
-        .unwrap()
-    };
     let r = ledger
         .set_auto_top_up("a", Some((5000, 500)), now)
         .await
@@ -1164,13 +1160,16 @@ async fn only_its_fulfilment_answers_an_outstanding_top_up_request() {
         .await
         .unwrap();
     ledger.spend("a", 10, "S-1", json!({}), now).await.unwrap();
-    assert_eq!(requests().await, vec!["AUTO-TOP-UP-a-1"]);
+    assert_eq!(top_up_requests(&env).await, vec!["AUTO-TOP-UP-a-1"]);
     ledger
         .credit(TxType::TopUp, "a", 500, Some("AUTO-TOP-UP-a-1"), None, now)
         .await
         .unwrap();
     ledger.spend("a", 10, "S-2", json!({}), now).await.unwrap();
-    assert_eq!(requests().await, vec!["AUTO-TOP-UP-a-1", "AUTO-TOP-UP-a-2"]);
+    assert_eq!(
+        top_up_requests(&env).await,
+        vec!["AUTO-TOP-UP-a-1", "AUTO-TOP-UP-a-2"]
+    );
     assert_eq!(
         ledger.balance("a", now).await.unwrap(),
         1000 + 5 + 5 - 10 + 500 - 10
