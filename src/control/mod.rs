@@ -184,33 +184,27 @@ fn reply_bytes(result: &Result<Value, ControlError>, max: usize) -> Vec<u8> {
     serde_json::to_vec(&reply_body(&too_large)).unwrap_or_default()
 }
 
-/// Authorises, parses and runs one command. `sender` is the AMQP `user_id` property;
-/// `answered` whether a reply goes back (see [`ATTEMPTS`]). None when a transient fault was
-/// still being retried when `stop` fired or the retries of an unanswered command ran out: the
-/// caller returns the message to the queue, so the broker hands it out again.
+/// The AMQP properties of a command's message that its handling reads.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Origin<'a> {
+    /// `user_id`, verified by the broker against the connection's user.
+    pub sender: Option<&'a str>,
+    /// `message_id`: keys an unkeyed `top_up` or `grant` (see [`credit`]).
+    pub message_id: Option<&'a str>,
+}
+
+/// Authorises, parses and runs one command. `answered`: whether a reply goes back (see
+/// [`ATTEMPTS`]). None when a transient fault was still being retried when `stop` fired or
+/// the retries of an unanswered command ran out: the caller returns the message to the
+/// queue, so the broker hands it out again.
 pub async fn execute(
     ctx: &Context,
-    sender: Option<&str>,
+    origin: Origin<'_>,
     body: &[u8],
     answered: bool,
     stop: &CancellationToken,
 ) -> Option<Result<Value, ControlError>> {
-    let allowed = &ctx.settings.control.allowed_users;
-    match sender {
-        Some(u) if allowed.iter().any(|a| a == u) => {}
-        Some(u) => {
-            return Some(Err(ControlError::Forbidden(format!(
-                "user {u:?} is not in control.allowed_users"
-            ))))
-        }
-        None => {
-            return Some(Err(ControlError::Forbidden(
-                "the message has no user_id property; control.allowed_users cannot be checked"
-                    .into(),
-            )))
-        }
-    }
-    let command = match Command::parse(body) {
+    let command = match admit(ctx, origin, body) {
         Ok(c) => c,
         Err(e) => return Some(Err(e)),
     };
@@ -248,6 +242,31 @@ pub async fn execute(
             other => return Some(other),
         }
     }
+}
+
+/// The command a message carries, once its sender is authorised; an unkeyed credit is keyed
+/// by the message's id.
+fn admit(ctx: &Context, origin: Origin<'_>, body: &[u8]) -> Result<Command, ControlError> {
+    let allowed = &ctx.settings.control.allowed_users;
+    let sender = match origin.sender {
+        Some(u) if allowed.iter().any(|a| a == u) => u,
+        Some(u) => {
+            return Err(ControlError::Forbidden(format!(
+                "user {u:?} is not in control.allowed_users"
+            )))
+        }
+        None => {
+            return Err(ControlError::Forbidden(
+                "the message has no user_id property; control.allowed_users cannot be checked"
+                    .into(),
+            ))
+        }
+    };
+    let mut command = Command::parse(body)?;
+    if let (Command::Credit(r), Some(id)) = (&mut command, origin.message_id) {
+        r.key_by_message(sender, id)?;
+    }
+    Ok(command)
 }
 
 /// A command's run, a panic turned into an `internal` error. A defect one command meets is
@@ -355,7 +374,11 @@ async fn handle(
     stop: &CancellationToken,
 ) -> Result<bool, SessionError> {
     let props = &d.properties;
-    let sender = props.user_id().as_ref().map(|u| u.as_str());
+    let origin = Origin {
+        sender: props.user_id().as_ref().map(|u| u.as_str()),
+        message_id: props.message_id().as_ref().map(|m| m.as_str()),
+    };
+    let sender = origin.sender;
     let correlation_id = props.correlation_id().as_ref().map(|c| c.as_str());
     let reply_to = props
         .reply_to()
@@ -364,7 +387,7 @@ async fn handle(
         .filter(|r| !r.is_empty());
     let command = label(&d.data);
     let started = Instant::now();
-    let Some(result) = execute(ctx, sender, &d.data, reply_to.is_some(), stop).await else {
+    let Some(result) = execute(ctx, origin, &d.data, reply_to.is_some(), stop).await else {
         if stop.is_cancelled() {
             // Abandoned on shutdown: closing the channel returns it to the queue.
             return Ok(false);

@@ -62,9 +62,21 @@ impl Rpc {
 
     /// Publishes a raw body; returns its correlation id.
     async fn send(&mut self, body: &[u8], user_id: Option<&str>, reply: bool) -> String {
+        self.send_as(body, user_id, reply, BasicProperties::default())
+            .await
+    }
+
+    /// Publishes a raw body with `props` besides the request's own; returns its correlation id.
+    async fn send_as(
+        &mut self,
+        body: &[u8],
+        user_id: Option<&str>,
+        reply: bool,
+        props: BasicProperties,
+    ) -> String {
         self.next_id += 1;
         let cid = format!("req-{}", self.next_id);
-        let mut props = BasicProperties::default()
+        let mut props = props
             .with_content_type("application/json".into())
             .with_correlation_id(cid.clone().into());
         if let Some(u) = user_id {
@@ -115,6 +127,17 @@ impl Rpc {
     async fn call_raw(&mut self, body: &[u8], user_id: Option<&str>) -> Value {
         let cid = self.send(body, user_id, true).await;
         self.reply(&cid).await
+    }
+
+    /// Sends `command` as `guest` in a message with id `message_id`; returns the result.
+    async fn ok_with_id(&mut self, command: &Value, message_id: &str) -> Value {
+        let props = BasicProperties::default().with_message_id(message_id.into());
+        let cid = self
+            .send_as(&body(command), Some("guest"), true, props)
+            .await;
+        let r = self.reply(&cid).await;
+        assert_eq!(r["ok"], json!(true), "{command} ⇒ {r}");
+        r["result"].clone()
     }
 
     /// Sends `command` as the broker user `guest` and returns the reply.
@@ -726,6 +749,66 @@ async fn top_up_with_the_same_key_applies_once() {
         env.scalar_i64("SELECT count(*) FROM credit.transactions WHERE type = 'TOP_UP'")
             .await,
         1
+    );
+    stop_audit_cleanup(env, worker).await;
+}
+
+/// A message delivered twice (redelivered after a crash between commit and ack, or published
+/// again by a producer whose confirm was lost) carries the same `message_id`: an unkeyed
+/// credit is keyed by it, so it applies once.
+#[tokio::test]
+async fn an_unkeyed_credit_is_keyed_by_its_message_id() {
+    let env = TestEnv::with(quiet_scheduler).await;
+    let worker = start(&env).await;
+    let mut rpc = Rpc::new(&env).await;
+    let top_up = json!({"command": "top_up", "user_id": "erin", "amount": 250});
+    let result = |balance: i64, key: &str, applied: bool| json!({"user_id": "erin", "balance": balance, "transaction_key": key, "applied": applied});
+    assert_eq!(
+        rpc.ok_with_id(&top_up, "pay-7").await,
+        result(1250, "TOP-UP-MSG-guest-pay-7", true)
+    );
+    assert_eq!(
+        rpc.ok_with_id(&top_up, "pay-7").await,
+        result(1250, "TOP-UP-MSG-guest-pay-7", false)
+    );
+    // Another message is another credit; a grant's key is its own; an explicit key wins.
+    assert_eq!(
+        rpc.ok_with_id(&top_up, "pay-8").await,
+        result(1500, "TOP-UP-MSG-guest-pay-8", true)
+    );
+    let grant = json!({"command": "grant", "user_id": "erin", "amount": 5});
+    assert_eq!(
+        rpc.ok_with_id(&grant, "pay-7").await,
+        result(1505, "GRANT-MSG-guest-pay-7", true)
+    );
+    let keyed = json!({"command": "top_up", "user_id": "erin", "amount": 1, "key": "K-1"});
+    assert_eq!(
+        rpc.ok_with_id(&keyed, "pay-7").await,
+        result(1506, "K-1", true)
+    );
+    // Without a message_id each delivery is credited (the documented limit of unkeyed).
+    for balance in [1756, 2006] {
+        let r = rpc.ok(top_up.clone()).await;
+        assert_eq!(r["balance"], json!(balance), "{r}");
+        assert_eq!(r["applied"], json!(true), "{r}");
+    }
+    // A message_id that cannot make a key is refused, naming it, and changes nothing.
+    let props = BasicProperties::default().with_message_id("pay\u{0}9".into());
+    let cid = rpc
+        .send_as(&body(&top_up), Some("guest"), true, props)
+        .await;
+    let r = rpc.reply(&cid).await;
+    assert_eq!(r["error"]["code"], json!("bad_request"), "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("message_id:")),
+        "{r}"
+    );
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM credit.transactions WHERE type = 'TOP_UP'")
+            .await,
+        5
     );
     stop_audit_cleanup(env, worker).await;
 }
