@@ -26,6 +26,10 @@ fn bad(key: &str, why: &str) -> Result<(), ConfigError> {
 const MAX_NAMESPACE_BYTES: usize = 200;
 /// Longest outbox retention: far beyond any audit period, and still a valid interval in SQL.
 const MAX_RETENTION_S: u64 = 3_153_600_000;
+/// Largest `database.max_connections`.
+const MAX_CONNECTIONS: u32 = 10_000;
+/// Longest `pipeline.max_wait_ms`.
+const MAX_WAIT_MS: u64 = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -398,8 +402,10 @@ impl Settings {
         // The outbox relay's listener holds one connection for good, and a sweep's two ranges
         // in flight take up to two more while it runs: with 3 the decisions wait for a range
         // to commit, with fewer the listener alone could starve them.
-        if self.database.max_connections < 3 {
-            return bad("database.max_connections", "must be at least 3");
+        // The pool sets up a slot for every connection it may open: a huge size takes the
+        // process's memory at start. PostgreSQL itself serves a few hundred at most.
+        if !(3..=MAX_CONNECTIONS).contains(&self.database.max_connections) {
+            return bad("database.max_connections", "must be between 3 and 10000");
         }
         // PostgreSQL's limit: above it every connection of the pool is refused after the start
         // (the migrations run without the timeout), which no retry can clear.
@@ -411,6 +417,9 @@ impl Settings {
         }
         if self.database.url.is_empty() {
             return bad("database.url", "must not be empty");
+        }
+        if let Some(why) = crate::db::unusable_url(&self.database.url) {
+            return bad("database.url", &why);
         }
         if let Some(why) = crate::db::unreadable_tls_file(&self.database.url) {
             return bad("database.url", &why);
@@ -483,6 +492,10 @@ impl Settings {
         }
         if self.pipeline.max_batch == 0 || self.pipeline.max_batch > 10_000 {
             return bad("pipeline.max_batch", "must be between 1 and 10000");
+        }
+        // A batch's first delivery waits this long at most; beyond seconds it only adds latency.
+        if self.pipeline.max_wait_ms > MAX_WAIT_MS {
+            return bad("pipeline.max_wait_ms", "must be at most 10000");
         }
         if !(1..=8).contains(&self.pipeline.in_flight) {
             return bad("pipeline.in_flight", "must be between 1 and 8");
@@ -688,18 +701,63 @@ mod tests {
     }
 
     #[test]
-    fn a_pool_too_small_to_run_is_refused() {
-        // Too small a pool to run: the relay's listener and a sweep's lock hold two.
+    fn a_pool_too_small_to_run_or_too_large_to_hold_is_refused() {
+        // Too small a pool to run: the relay's listener and a sweep's lock hold two. Too large
+        // a one takes the memory of a slot per connection at start.
+        for n in ["2", "10001", "4294967295"] {
+            let e = Settings::load_from(
+                None,
+                &env(&[("CREDIT_WORKER__DATABASE__MAX_CONNECTIONS", n)]),
+            )
+            .unwrap_err()
+            .to_string();
+            assert_eq!(
+                e, "config: database.max_connections: must be between 3 and 10000",
+                "{n}"
+            );
+        }
+        let s = Settings::load_from(
+            None,
+            &env(&[("CREDIT_WORKER__DATABASE__MAX_CONNECTIONS", "10000")]),
+        )
+        .unwrap();
+        assert_eq!(s.database.max_connections, 10_000);
+    }
+
+    #[test]
+    fn a_database_url_that_is_no_postgres_url_is_refused() {
+        for (url, why) in [
+            (
+                "notaurl",
+                "config: database.url: not a URL (relative URL without a base)",
+            ),
+            (
+                "mysql://root@localhost/credit",
+                "config: database.url: the scheme must be postgres or postgresql, not mysql",
+            ),
+        ] {
+            let e = Settings::load_from(None, &env(&[("DATABASE_URL", url)]))
+                .unwrap_err()
+                .to_string();
+            assert_eq!(e, why);
+        }
+        for url in [
+            "postgresql://u@h:5433/d?sslmode=disable",
+            "postgres:///credit",
+        ] {
+            Settings::load_from(None, &env(&[("DATABASE_URL", url)])).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_batch_wait_beyond_ten_seconds_is_refused() {
         let e = Settings::load_from(
             None,
-            &env(&[("CREDIT_WORKER__DATABASE__MAX_CONNECTIONS", "2")]),
+            &env(&[("CREDIT_WORKER__PIPELINE__MAX_WAIT_MS", "10001")]),
         )
         .unwrap_err()
         .to_string();
-        assert!(
-            e.contains("database.max_connections: must be at least 3"),
-            "{e}"
-        );
+        assert_eq!(e, "config: pipeline.max_wait_ms: must be at most 10000");
     }
 
     #[test]

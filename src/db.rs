@@ -59,6 +59,23 @@ const ROOT_CERT: [&str; 3] = ["sslrootcert", "ssl-root-cert", "ssl-ca"];
 /// The client's own certificate and key.
 const CLIENT_FILES: [&str; 4] = ["sslcert", "ssl-cert", "sslkey", "ssl-key"];
 
+/// Why `url` is no PostgreSQL URL the pool could use, if it is not.
+pub(crate) fn unusable_url(url: &str) -> Option<String> {
+    let parsed = match url::Url::parse(url) {
+        Ok(u) => u,
+        Err(e) => return Some(format!("not a URL ({e})")),
+    };
+    if !matches!(parsed.scheme(), "postgres" | "postgresql") {
+        let scheme = parsed.scheme();
+        return Some(format!(
+            "the scheme must be postgres or postgresql, not {scheme}"
+        ));
+    }
+    url.parse::<PgConnectOptions>()
+        .err()
+        .map(|e| format!("not a PostgreSQL URL ({e})"))
+}
+
 /// A TLS file `url` names that cannot be read, as "param: path: why". Checked at start: the
 /// client reads them on every connect, and a missing one would otherwise be retried as an
 /// outage for ever. A value given inline (PEM) is not a file.

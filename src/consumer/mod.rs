@@ -194,11 +194,17 @@ impl Consumer {
                 };
                 batch.push(next_delivery(first)?);
             }
+            // A stop ends the wait at once: the batch is decided and acked like any in flight
+            // when the decider can take it (below), and goes back unacked when it cannot.
             let deadline = tokio::time::Instant::now() + max_wait;
             while batch.len() < max_batch {
-                match tokio::time::timeout_at(deadline, deliveries.next()).await {
-                    Ok(d) => batch.push(next_delivery(d)?),
-                    Err(_) => break,
+                tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => break,
+                    d = tokio::time::timeout_at(deadline, deliveries.next()) => match d {
+                        Ok(d) => batch.push(next_delivery(d)?),
+                        Err(_) => break,
+                    },
                 }
             }
             // While the decider is still busy with the previous batch, keep filling this one

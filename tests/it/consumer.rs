@@ -570,6 +570,65 @@ async fn two_signals_at_once_are_one_stop() {
     env.cleanup().await;
 }
 
+/// A stop while a batch is still filling (its first delivery waiting `max_wait_ms` for more)
+/// ends the wait: the batch is decided and acked at once, not after the writers' deadline.
+#[tokio::test]
+async fn sigterm_while_a_batch_fills_decides_it_at_once() {
+    let env = TestEnv::with(no_refill).await;
+    seed(&env, ["fill"], 1_000).await;
+    let mut vars = env.process_env();
+    vars.push((
+        "CREDIT_WORKER__PIPELINE__MAX_WAIT_MS".into(),
+        "10000".into(),
+    ));
+    let (mut w, port) = WorkerProcess::spawn_with_http(&vars, &["run"]);
+    wait_status(T, port, "/readyz", 200).await;
+    env.publish(&[body(&platform_gpt4("fill", "f-1"))]).await;
+    // Delivered (no longer ready on the queue) and waiting in its batch.
+    let (_conn, ch) = env.amqp_channel().await;
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let q = ch
+            .queue_declare(
+                env.names.input_queue.as_str().into(),
+                passive,
+                Default::default(),
+            )
+            .await
+            .expect("input queue");
+        if q.message_count() == 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never delivered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM credit.decisions")
+            .await,
+        0
+    );
+    let stopped = std::time::Instant::now();
+    w.sigterm();
+    assert_eq!(w.wait_exit(T).await, Some(0));
+    assert!(
+        stopped.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        stopped.elapsed()
+    );
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM credit.decisions")
+            .await,
+        1
+    );
+    assert_eq!(env.scalar_i64(UNPUBLISHED).await, 0);
+    assert_eq!(env.ledger().balance("fill", Utc::now()).await.unwrap(), 990);
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn sigterm_finishes_in_flight_work_and_exits_0() {
     let env = TestEnv::with(no_refill).await;
