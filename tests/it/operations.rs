@@ -287,6 +287,42 @@ async fn wait_refilled(env: &TestEnv, month: Month, within: Duration) {
     .await;
 }
 
+/// A schedule without a tick after the worker's start (a day no month has, a year gone by)
+/// stops the start naming the key, rather than leave every month's sweep undone.
+#[tokio::test]
+async fn a_refill_schedule_that_never_fires_again_is_refused_at_start() {
+    let now = Utc.with_ymd_and_hms(2031, 3, 10, 8, 0, 0).unwrap();
+    let env = TestEnv::new().await;
+    for (cron, refused) in [
+        ("0 0 0 30 2 *", true),
+        ("0 0 0 1 * * 2030", true),
+        ("0 0 0 1 * * 2031", false),
+    ] {
+        let mut settings = env.settings.clone();
+        settings.refill.schedule = cron.parse().expect("cron");
+        let started =
+            Worker::start_with_clock(settings, CancellationToken::new(), ManualClock::new(now))
+                .await;
+        match started {
+            Ok(w) if !refused => w.stop().await.expect("stop"),
+            Ok(w) => {
+                let _ = w.stop().await;
+                panic!("{cron}: started");
+            }
+            Err(e) => assert_eq!(
+                (refused, format!("{e:#}")),
+                (
+                    true,
+                    format!(
+                        "refill.schedule: {cron:?} never fires after 2031-03-10 08:00:00 (UTC)"
+                    )
+                ),
+            ),
+        }
+    }
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn scheduled_sweep_runs_at_its_cron_tick() {
     let _sweeps = SWEEPS.lock().await;
