@@ -201,8 +201,13 @@ pub fn main() -> ExitCode {
     match runtime.block_on(execute(cli)) {
         Ok(code) => code,
         Err(e) => {
-            // Best effort: the exit code says it failed even where nothing can be written.
-            let _ = writeln!(std::io::stderr(), "error: {}", error_text(&e));
+            // Best effort: the exit code says it failed even where nothing can be written. In
+            // a log of JSON lines, the last one is JSON too.
+            if crate::telemetry::logs_json() {
+                tracing::error!(error = %error_text(&e), "exiting");
+            } else {
+                let _ = writeln!(std::io::stderr(), "error: {}", error_text(&e));
+            }
             if json {
                 let error = json!({"code": error_code(&e), "message": error_text(&e)});
                 let _ = writeln!(std::io::stdout(), "{}", json!({ "error": error }));

@@ -17,6 +17,14 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 
+/// Whether the installed subscriber writes JSON lines.
+static JSON_LOGS: AtomicBool = AtomicBool::new(false);
+
+/// Whether logs are JSON lines, so that a last word of the process must be one too.
+pub(crate) fn logs_json() -> bool {
+    JSON_LOGS.load(Ordering::Relaxed)
+}
+
 /// Installs the global subscriber; later calls are no-ops (tests start many workers).
 /// `default` applies when RUST_LOG is unset.
 pub(crate) fn init_logging(format: LogFormat, default: &str) {
@@ -31,6 +39,7 @@ pub(crate) fn init_logging(format: LogFormat, default: &str) {
         LogFormat::Text => builder.try_init(),
     };
     if installed.is_ok() {
+        JSON_LOGS.store(matches!(format, LogFormat::Json), Ordering::Relaxed);
         // A panic is logged like any other error, so it is a JSON line with `log.format =
         // json` rather than free text in the middle of the log.
         std::panic::set_hook(Box::new(|info| {

@@ -22,7 +22,7 @@ pub struct Request {
 struct Reply {
     month: String,
     users_refilled: i64,
-    credits_granted: i64,
+    credits_granted: i128,
 }
 
 pub fn parse(f: &Fields<'_>) -> Result<Request, ControlError> {

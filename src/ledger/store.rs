@@ -189,7 +189,7 @@ const REFILL_CHUNK: &str = r#"WITH
       FROM g WHERE amount > 0),
   n AS (
     SELECT count(*)::int8 AS evaluated, count(*) FILTER (WHERE amount > 0)::int8 AS refilled,
-           least(coalesce(sum(amount), 0), 9223372036854775807)::int8 AS granted
+           coalesce(sum(amount), 0)::text AS granted
       FROM g)
 SELECT evaluated, refilled, granted,
        CASE WHEN refilled > 0 THEN pg_notify('credit_outbox', '') END IS NULL AS woke
@@ -428,20 +428,44 @@ pub(crate) async fn range_middle(
 }
 
 /// What one sweep chunk did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct RefillTotals {
     pub evaluated: i64,
     pub refilled: i64,
-    pub granted: i64,
+    /// Exact: many grants together may exceed what a balance holds.
+    pub granted: i128,
+}
+
+/// A chunk's totals as the statement returns them: the credits' sum (a `numeric`) as text.
+#[derive(sqlx::FromRow)]
+struct ChunkTotals {
+    evaluated: i64,
+    refilled: i64,
+    granted: String,
+}
+
+impl TryFrom<ChunkTotals> for RefillTotals {
+    type Error = sqlx::Error;
+    fn try_from(row: ChunkTotals) -> Result<Self, Self::Error> {
+        let granted = row
+            .granted
+            .parse()
+            .map_err(|e| sqlx::Error::Decode(format!("granted {:?}: {e}", row.granted).into()))?;
+        Ok(RefillTotals {
+            evaluated: row.evaluated,
+            refilled: row.refilled,
+            granted,
+        })
+    }
 }
 
 impl RefillTotals {
-    /// Both ranges' totals (credits saturate, as the sweep's report does).
+    /// Both ranges' totals.
     pub(crate) fn plus(self, other: RefillTotals) -> RefillTotals {
         RefillTotals {
             evaluated: self.evaluated + other.evaluated,
             refilled: self.refilled + other.refilled,
-            granted: self.granted.saturating_add(other.granted),
+            granted: self.granted + other.granted,
         }
     }
 }
@@ -478,6 +502,7 @@ pub(crate) async fn refill_chunk(
         .bind(grant.backfill)
         .fetch_one(&mut *conn)
         .await
+        .and_then(|row: ChunkTotals| row.try_into())
 }
 
 /// Takes the sweep's session-level advisory lock on `conn`; false when another holds it.

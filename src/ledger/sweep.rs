@@ -21,7 +21,8 @@ use super::{check_user_id, store, LedgerError};
 pub struct SweepReport {
     pub month: String,
     pub users_refilled: i64,
-    pub credits_granted: i64,
+    /// Wider than a balance: the sum of many refills may exceed what one balance can hold.
+    pub credits_granted: i128,
     pub users_evaluated: i64,
     pub duration_ms: u64,
 }
@@ -31,14 +32,14 @@ impl SweepReport {
         self.users_evaluated += 1;
         if granted > 0 {
             self.users_refilled += 1;
-            self.credits_granted = self.credits_granted.saturating_add(granted);
+            self.credits_granted += i128::from(granted);
         }
     }
 
     fn add(&mut self, chunk: RefillTotals) {
         self.users_evaluated += chunk.evaluated;
         self.users_refilled += chunk.refilled;
-        self.credits_granted = self.credits_granted.saturating_add(chunk.granted);
+        self.credits_granted += chunk.granted;
     }
 }
 
@@ -203,7 +204,9 @@ async fn sweep_all(
         // Counted as each range commits, so a sweep that fails later still counts them.
         let totals = done.totals;
         metrics::counter!("credit_refill_users_total").increment(totals.refilled as u64);
-        metrics::counter!("credit_refill_credits_total").increment(totals.granted as u64);
+        // A counter holds u64: a chunk's grants beyond it (absurd targets) count as its maximum.
+        let credits = u64::try_from(totals.granted).unwrap_or(u64::MAX);
+        metrics::counter!("credit_refill_credits_total").increment(credits);
         report.add(totals);
         if let Some(e) = done.failed {
             failed = Some(graver(failed.take(), e));
@@ -374,5 +377,23 @@ mod tests {
         assert!(graver(Some(for_good()), lost()).may_clear());
         assert!(graver(Some(lost()), for_good()).may_clear());
         assert!(!graver(Some(for_good()), for_good()).may_clear());
+    }
+
+    #[test]
+    fn a_sweeps_total_is_the_exact_sum_even_past_what_a_balance_holds() {
+        let mut r = SweepReport::default();
+        r.tally(i64::MAX);
+        r.tally(0);
+        r.add(RefillTotals {
+            evaluated: 3,
+            refilled: 2,
+            granted: i128::from(i64::MAX),
+        });
+        assert_eq!(
+            (r.users_evaluated, r.users_refilled, r.credits_granted),
+            (5, 3, 2 * i128::from(i64::MAX))
+        );
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["credits_granted"].to_string(), "18446744073709551614");
     }
 }

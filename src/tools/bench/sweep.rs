@@ -17,7 +17,7 @@ pub(crate) struct SweepResult {
     pub seconds: f64,
     pub users_per_s: f64,
     pub users_refilled: i64,
-    pub credits_granted: i64,
+    pub credits_granted: i128,
     pub seed_seconds: f64,
     pub verified: bool,
     pub problems: Vec<String>,
@@ -78,7 +78,7 @@ pub async fn run(
     if rows != expect_refilled
         || events != expect_refilled
         || Some(total) != expect_total
-        || report.credits_granted != total
+        || report.credits_granted != i128::from(total)
     {
         problems.push(format!(
             "{rows} ledger rows, {events} events, Σ balance {total}, {} credits reported; \
