@@ -270,9 +270,11 @@ fn empty_or_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, 
     if s.is_empty() {
         return Ok(None);
     }
-    s.parse()
-        .map(Some)
-        .map_err(|_| serde::de::Error::custom("must be host:port (e.g. 127.0.0.1:9464) or empty"))
+    s.parse().map(Some).map_err(|_| {
+        serde::de::Error::custom(
+            "must be an IP address and port (e.g. 127.0.0.1:9464, not a host name) or empty",
+        )
+    })
 }
 
 fn empty_or_path<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
@@ -343,7 +345,10 @@ impl Settings {
     /// Loads the layered configuration. `file` is `--config`; when absent,
     /// `CREDIT_WORKER_CONFIG` names the file.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
-        let env_file = std::env::var_os("CREDIT_WORKER_CONFIG").map(PathBuf::from);
+        // Set but empty is unset, as for DATABASE_URL and AMQP_URL.
+        let env_file = std::env::var_os("CREDIT_WORKER_CONFIG")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from);
         let file = file.map(Path::to_path_buf).or(env_file);
         let vars: Vec<(String, String)> = std::env::vars().collect();
         Self::load_from(file.as_deref(), &vars)
@@ -357,6 +362,15 @@ impl Settings {
                 path: path.to_path_buf(),
                 source,
             })?;
+            // Checked here so that a syntax error names the file (figment's would not).
+            if let Err(e) = text.parse::<toml::Table>() {
+                let why = e.to_string();
+                return Err(ConfigError::Invalid(format!(
+                    "{}: not valid TOML: {}",
+                    path.display(),
+                    why.trim_end()
+                )));
+            }
             fig = fig.merge(Toml::string(&text));
         }
         let prefixed: Vec<(String, String)> = env
@@ -877,7 +891,7 @@ mod tests {
         let e = Settings::load_from(None, &env(&[("CREDIT_WORKER__HTTP__LISTEN", "nowhere")]))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("http.listen") && e.contains("host:port"), "{e}");
+        assert!(e.contains("http.listen") && e.contains("IP address and port"), "{e}");
         let s = Settings::load_from(
             None,
             &env(&[("CREDIT_WORKER__REFILL__SCHEDULE", "0 0 0 1 1 * 2099")]),
@@ -901,6 +915,34 @@ mod tests {
         let s = Settings::load_from(Some(&path), &[]).unwrap();
         assert_eq!(s.refill.target, 2500);
         assert!(s.refill.lazy);
+    }
+
+    #[test]
+    fn a_file_that_is_not_toml_is_named_in_the_error() {
+        let dir = std::env::temp_dir().join(format!("cw-config-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(&path, "[refill\ntarget = 2500\n").unwrap();
+        let e = Settings::load_from(Some(&path), &[]).map(|_| ());
+        let _ = std::fs::remove_dir_all(&dir);
+        let e = e.unwrap_err().to_string();
+        let named = format!("config: {}: not valid TOML: ", path.display());
+        assert!(e.starts_with(&named), "{e}");
+        assert!(e.contains("line 1"), "{e}");
+    }
+
+    #[test]
+    fn an_http_address_must_be_an_ip_and_port() {
+        let e = Settings::load_from(
+            None,
+            &env(&[("CREDIT_WORKER__HTTP__LISTEN", "localhost:9464")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("config: http.listen: must be an IP address and port"),
+            "{e}"
+        );
     }
 
     #[test]

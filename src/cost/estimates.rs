@@ -39,6 +39,7 @@ impl Estimates {
         };
         let doc: Value = serde_json::from_str(text).map_err(|e| CostError::Syntax {
             origin: origin.to_owned(),
+            format: "JSON",
             message: e.to_string(),
         })?;
         let Value::Object(mut root) = doc else {
@@ -111,7 +112,9 @@ mod tests {
             parse("[1, 2, 3]").unwrap_err(),
             "t.json: top level: expected a JSON object"
         );
-        assert!(parse("{nope").unwrap_err().starts_with("t.json: not valid"));
+        assert!(parse("{nope")
+            .unwrap_err()
+            .starts_with("t.json: not valid JSON: "));
         assert_eq!(parse("{}").unwrap(), Estimates::default());
     }
 

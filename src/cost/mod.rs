@@ -30,9 +30,14 @@ pub enum CostError {
         #[source]
         source: std::io::Error,
     },
-    /// The file is not TOML; the message carries the line and column.
-    #[error("{origin}: not valid TOML: {message}")]
-    Syntax { origin: String, message: String },
+    /// The file is not valid in its format (TOML, or JSON for estimates); the message carries
+    /// the line and column.
+    #[error("{origin}: not valid {format}: {message}")]
+    Syntax {
+        origin: String,
+        format: &'static str,
+        message: String,
+    },
     /// A well-formed TOML file that is not a valid table. `location` names the block (id and
     /// name) or shared list, and the entry as "entry N of M" (1-based) where one is concerned.
     #[error("{origin}: {location}: {message}")]
@@ -146,6 +151,7 @@ impl CostTable {
             .parse()
             .map_err(|e: toml::de::Error| CostError::Syntax {
                 origin: origin.to_owned(),
+                format: "TOML",
                 message: e.to_string().trim_end().to_owned(),
             })?;
         parse_table(doc).map_err(|(location, message)| CostError::Invalid {
