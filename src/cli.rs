@@ -104,8 +104,10 @@ pub enum Command {
     /// Add purchased credits (TOP_UP).
     TopUp {
         user: String,
+        // Wider than a balance, so that one beyond it is `amount_out_of_range` as the control
+        // queue answers, not a usage error.
         #[arg(allow_negative_numbers = true)]
-        amount: i64,
+        amount: i128,
         /// Idempotency key: the same key again changes nothing.
         #[arg(long)]
         key: Option<String>,
@@ -114,7 +116,7 @@ pub enum Command {
     Grant {
         user: String,
         #[arg(allow_negative_numbers = true)]
-        amount: i64,
+        amount: i128,
         #[arg(long)]
         key: Option<String>,
         #[arg(long)]
@@ -126,9 +128,9 @@ pub enum Command {
     AutoTopUp {
         user: String,
         #[arg(long, requires = "amount", allow_negative_numbers = true)]
-        threshold: Option<i64>,
+        threshold: Option<i128>,
         #[arg(long, requires = "threshold", allow_negative_numbers = true)]
-        amount: Option<i64>,
+        amount: Option<i128>,
         #[arg(long, conflicts_with_all = ["threshold", "amount"])]
         off: bool,
     },
@@ -180,6 +182,10 @@ pub fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
+            // A script that asked for JSON reads its failure as JSON too.
+            if e.use_stderr() && std::env::args_os().any(|a| a == "--json") {
+                let _ = writeln!(std::io::stdout(), "{}", usage_error_json(&e));
+            }
             return if e.use_stderr() {
                 ExitCode::from(2)
             } else {
@@ -215,6 +221,20 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A usage error as `--json` prints a failure: `bad_request`, with clap's message up to its
+/// usage lines, on one line.
+fn usage_error_json(e: &clap::Error) -> serde_json::Value {
+    let text = e.to_string();
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.is_empty() && !l.starts_with("Usage:"))
+        .collect();
+    let joined = lines.join(" ");
+    let message = joined.strip_prefix("error: ").unwrap_or(&joined);
+    json!({"error": {"code": "bad_request", "message": message}})
 }
 
 /// A lookup that found nothing (`outcome` before a decision).
@@ -259,6 +279,16 @@ pub(crate) fn error_text(e: &anyhow::Error) -> String {
     text
 }
 
+/// An amount of credits given on the command line, refused as the control queue refuses it
+/// when no balance could hold it.
+fn credits(name: &'static str, amount: i128) -> anyhow::Result<i64> {
+    i64::try_from(amount).map_err(|_| {
+        ledger_error(LedgerError::AmountOutOfRange(format!(
+            "{name}: {amount} is beyond the 64-bit integer range"
+        )))
+    })
+}
+
 fn ledger_error(e: LedgerError) -> anyhow::Error {
     anyhow::anyhow!(e)
 }
@@ -279,6 +309,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Balance { user } => balance(&settings, json, &user).await,
         Command::History { user, page } => history(&settings, json, &user, page.query()?).await,
         Command::TopUp { user, amount, key } => {
+            let amount = credits("amount", amount)?;
             credit(&settings, json, TxType::TopUp, &user, amount, key, None).await
         }
         Command::Grant {
@@ -286,13 +317,22 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             amount,
             key,
             reason,
-        } => credit(&settings, json, TxType::Grant, &user, amount, key, reason).await,
+        } => {
+            let amount = credits("amount", amount)?;
+            credit(&settings, json, TxType::Grant, &user, amount, key, reason).await
+        }
         Command::AutoTopUp {
             user,
             threshold,
             amount,
             off: _,
-        } => auto_top_up(&settings, json, &user, threshold.zip(amount)).await,
+        } => {
+            let config = match threshold.zip(amount) {
+                Some((t, a)) => Some((credits("threshold", t)?, credits("amount", a)?)),
+                None => None,
+            };
+            auto_top_up(&settings, json, &user, config).await
+        }
         Command::Outcome { node_exec_id } => outcome(&settings, json, &node_exec_id).await,
         Command::Audit => audit(&settings, json).await,
         Command::DeadLetters { action } => dead_letters(&settings, json, action).await,
@@ -719,8 +759,9 @@ mod tests {
 #[cfg(test)]
 mod usage_tests {
     use clap::Parser;
+    use serde_json::json;
 
-    use super::{Cli, Command};
+    use super::{credits, error_code, error_text, usage_error_json, Cli, Command};
 
     #[test]
     fn published_lines_lose_a_byte_order_mark_and_blank_lines() {
@@ -732,6 +773,30 @@ mod usage_tests {
     fn the_definition_is_consistent() {
         // Catches, among others, an argument group sharing an id with a global flag.
         <Cli as clap::CommandFactory>::command().debug_assert();
+    }
+
+    #[test]
+    fn a_usage_error_in_json_is_a_bad_request_naming_what_is_wrong() {
+        let e = Cli::try_parse_from(["credit-worker", "top-up", "alice", "--json"]).unwrap_err();
+        assert_eq!(
+            usage_error_json(&e),
+            json!({"error": {"code": "bad_request", "message":
+                "the following required arguments were not provided: <AMOUNT>"}})
+        );
+        let e = Cli::try_parse_from(["credit-worker", "balance", "--nope"]).unwrap_err();
+        let m = usage_error_json(&e)["error"]["message"].to_string();
+        assert!(m.starts_with("\"unexpected argument '--nope' found"), "{m}");
+    }
+
+    #[test]
+    fn an_amount_no_balance_holds_is_out_of_range() {
+        assert_eq!(credits("amount", 5).unwrap(), 5);
+        let e = credits("amount", i128::from(i64::MAX) + 1).unwrap_err();
+        assert_eq!(error_code(&e), "amount_out_of_range");
+        assert_eq!(
+            error_text(&e),
+            "amount: 9223372036854775808 is beyond the 64-bit integer range"
+        );
     }
 
     #[test]

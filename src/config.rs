@@ -891,7 +891,10 @@ mod tests {
         let e = Settings::load_from(None, &env(&[("CREDIT_WORKER__HTTP__LISTEN", "nowhere")]))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("http.listen") && e.contains("IP address and port"), "{e}");
+        assert!(
+            e.contains("http.listen") && e.contains("IP address and port"),
+            "{e}"
+        );
         let s = Settings::load_from(
             None,
             &env(&[("CREDIT_WORKER__REFILL__SCHEDULE", "0 0 0 1 1 * 2099")]),

@@ -1053,6 +1053,11 @@ async fn the_cli_runs_each_operator_command() {
             "not_found",
         ),
         (&["top-up", "alice", "0", "--json"], "amount_out_of_range"),
+        // Beyond any balance, as the control queue answers it (not a usage error).
+        (
+            &["grant", "alice", "9223372036854775808", "--json"],
+            "amount_out_of_range",
+        ),
         (
             &["top-up", "alice", "5", "--key", "USAGE-x", "--json"],
             "bad_request",
@@ -1093,6 +1098,13 @@ async fn the_cli_runs_each_operator_command() {
     }
     assert_eq!(code(&["auto-top-up", "alice", "--amount", "5"]), Some(2));
     assert_eq!(code(&["top-up", "alice"]), Some(2));
+    // A usage error (exit 2) with --json prints a bad_request object too.
+    let out = env.cli(&["top-up", "alice", "--json"]);
+    assert_eq!(out.status.code(), Some(2));
+    let printed: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert_eq!(printed["error"]["code"], "bad_request", "{printed}");
+    let message = printed["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("<AMOUNT>"), "{message}");
     // Output that cannot be written is a failure (exit 1), not a panic (101).
     let full = std::fs::OpenOptions::new()
         .write(true)
