@@ -197,10 +197,13 @@ impl Consumer {
             // A stop ends the wait at once: the batch is decided and acked like any in flight
             // when the decider can take it (below), and goes back unacked when it cannot.
             let deadline = tokio::time::Instant::now() + max_wait;
+            // One waiter for the whole fill, not one per delivery.
+            let stopped = stop.cancelled();
+            tokio::pin!(stopped);
             while batch.len() < max_batch {
                 tokio::select! {
                     biased;
-                    _ = stop.cancelled() => break,
+                    _ = &mut stopped => break,
                     d = tokio::time::timeout_at(deadline, deliveries.next()) => match d {
                         Ok(d) => batch.push(next_delivery(d)?),
                         Err(_) => break,
