@@ -18,6 +18,9 @@ use crate::message::{NodeExecutionEntry, Phase};
 enum State {
     /// Priced: waits for its account.
     Pending(Price),
+    /// Cannot be priced (the reason): invalid, unless its execution was decided (a start) or
+    /// settled (a completion) before, which makes it a duplicate like any other repeat.
+    Unpriced(String),
     /// Nothing more to do.
     Done(Verdict),
 }
@@ -50,9 +53,7 @@ impl<'a> Batch<'a> {
                 };
                 match costs.price(&e.block_id, &e.inputs, stats) {
                     Ok(p) => State::Pending(p),
-                    Err(err) => State::Done(Verdict::Invalid {
-                        reason: err.to_string(),
-                    }),
+                    Err(err) => State::Unpriced(err.to_string()),
                 }
             })
             .collect();
@@ -63,33 +64,50 @@ impl<'a> Batch<'a> {
         }
     }
 
-    fn pending(&self) -> impl Iterator<Item = &'a NodeExecutionEntry> + '_ {
+    /// The entries whose states `keep` selects.
+    fn entries_where(
+        &self,
+        keep: fn(&State) -> bool,
+    ) -> impl Iterator<Item = &'a NodeExecutionEntry> + '_ {
         self.entries
             .iter()
             .zip(&self.states)
-            .filter(|(_, s)| matches!(s, State::Pending(_)))
+            .filter(move |(_, s)| keep(s))
             .map(|(e, _)| e)
     }
 
-    /// The users whose accounts the pending entries need: sorted, unique (the lock order).
+    /// The entries still to decide: the priced ones, and the unpriced ones (a repeat of an
+    /// earlier execution is a duplicate).
+    fn undecided(&self) -> impl Iterator<Item = &'a NodeExecutionEntry> + '_ {
+        self.entries_where(|s| matches!(s, State::Pending(_) | State::Unpriced(_)))
+    }
+
+    /// The users whose accounts the priced entries need: sorted, unique (the lock order).
     pub fn users(&self) -> Vec<String> {
-        let set: HashSet<&str> = self.pending().map(|e| e.user_id.as_str()).collect();
+        let priced = self.entries_where(|s| matches!(s, State::Pending(_)));
+        let set: HashSet<&str> = priced.map(|e| e.user_id.as_str()).collect();
         let mut users: Vec<String> = set.into_iter().map(str::to_owned).collect();
         users.sort_unstable();
         users
     }
 
-    /// The pending node executions: sorted, unique.
+    /// The node executions still to decide: sorted, unique.
     pub fn pending_ids(&self) -> Vec<&'a str> {
-        let mut ids: Vec<&str> = self.pending().map(|e| e.node_exec_id.as_str()).collect();
+        let mut ids: Vec<&str> = self.undecided().map(|e| e.node_exec_id.as_str()).collect();
         ids.sort_unstable();
         ids.dedup();
         ids
     }
 
-    /// Whether any pending entry is a completion (only those need earlier settlements).
+    /// Whether any entry still to decide is a completion (only those need earlier
+    /// settlements).
     pub fn has_completions(&self) -> bool {
-        self.pending().any(|e| e.phase == Phase::Completed)
+        self.undecided().any(|e| e.phase == Phase::Completed)
+    }
+
+    /// Whether an entry could not be priced: only a look-up tells whether it is a repeat.
+    pub fn has_unpriced(&self) -> bool {
+        self.states.iter().any(|s| matches!(s, State::Unpriced(_)))
     }
 
     /// Stage 3 (after the look-ups): a start decided before and a completion settled before
@@ -104,7 +122,7 @@ impl<'a> Batch<'a> {
             .map(|d| (d.node_exec_id.clone(), d))
             .collect();
         for (e, state) in self.entries.iter().zip(self.states.iter_mut()) {
-            if !matches!(state, State::Pending(_)) {
+            if !matches!(state, State::Pending(_) | State::Unpriced(_)) {
                 continue;
             }
             let id = e.node_exec_id.as_str();
@@ -134,14 +152,18 @@ impl<'a> Batch<'a> {
             earlier: &self.earlier,
         };
         for (e, state) in self.entries.iter().zip(self.states.iter_mut()) {
-            let State::Pending(price) = state else {
-                continue;
-            };
-            let verdict = match accounts.get_mut(&e.user_id) {
-                Some(account) => run.one(account, e, price, pricing, now),
-                None => Verdict::Invalid {
-                    reason: format!("internal: no account locked for user {}", e.user_id),
+            let verdict = match state {
+                State::Pending(price) => match accounts.get_mut(&e.user_id) {
+                    Some(account) => run.one(account, e, price, pricing, now),
+                    None => Verdict::Invalid {
+                        reason: format!("internal: no account locked for user {}", e.user_id),
+                    },
                 },
+                // A repeat of one decided or settled earlier in this batch is a duplicate.
+                State::Unpriced(reason) => run.repeat(e).unwrap_or_else(|| Verdict::Invalid {
+                    reason: std::mem::take(reason),
+                }),
+                State::Done(_) => continue,
             };
             *state = State::Done(verdict);
         }
@@ -154,6 +176,7 @@ impl<'a> Batch<'a> {
             .into_iter()
             .map(|s| match s {
                 State::Done(v) => v,
+                State::Unpriced(reason) => Verdict::Invalid { reason },
                 State::Pending(_) => Verdict::Invalid {
                     reason: "internal: entry left undecided".into(),
                 },
@@ -180,19 +203,25 @@ impl<'a> Run<'_, 'a> {
         pricing: &Pricing,
         now: DateTime<Utc>,
     ) -> Verdict {
-        let id = e.node_exec_id.as_str();
-        let first = match e.phase {
-            Phase::Started => self.decided.get(id).map(|d| d.0),
-            Phase::Completed => self.settled.get(id).copied(),
-        };
-        if let Some(first) = first {
-            let conflicting = first.user_id != e.user_id || first.block_id != e.block_id;
-            return Verdict::Duplicate { conflicting };
+        if let Some(duplicate) = self.repeat(e) {
+            return duplicate;
         }
         match e.phase {
             Phase::Started => self.start(account, e, price, pricing, now),
             Phase::Completed => self.complete(account, e, price, pricing, now),
         }
+    }
+
+    /// A duplicate when `e` repeats a start decided, or a completion settled, earlier in this
+    /// batch.
+    fn repeat(&self, e: &NodeExecutionEntry) -> Option<Verdict> {
+        let id = e.node_exec_id.as_str();
+        let first = match e.phase {
+            Phase::Started => self.decided.get(id).map(|d| d.0),
+            Phase::Completed => self.settled.get(id).copied(),
+        }?;
+        let conflicting = first.user_id != e.user_id || first.block_id != e.block_id;
+        Some(Verdict::Duplicate { conflicting })
     }
 
     fn start(

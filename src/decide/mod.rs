@@ -2,7 +2,7 @@
 //! as a pipeline of named stages over one state per entry:
 //!
 //! 1. **price** (pure): every entry priced from the cost table, pre-flight or post-flight;
-//!    unpriceable ⇒ invalid.
+//!    unpriceable ⇒ invalid, unless the look-up finds it a repeat (a duplicate).
 //! 2. **lock** (ledger): the users' balance rows locked in user_id order; earlier decisions
 //!    and settlements of the batch's node_exec_ids looked up ⇒ duplicates (for a batch of
 //!    starts only, after its write found one: see [`decide_batch`]).
@@ -131,7 +131,8 @@ pub async fn decide_in_turn(
     turn: Turn,
 ) -> Result<Vec<Verdict>, DecideError> {
     let batch = Batch::price(&pricing.costs, entries);
-    if batch.has_completions() {
+    // An unpriceable entry writes nothing that would find its earlier decision: look.
+    if batch.has_completions() || batch.has_unpriced() {
         return decide_priced(pool, pricing, batch, Look::Earlier, now, turn).await;
     }
     let pipelined = turn.pipelined();
@@ -161,7 +162,8 @@ async fn decide_priced(
 ) -> Result<Vec<Verdict>, DecideError> {
     let users = batch.users();
     turn.wait_to_lock().await;
-    if users.is_empty() {
+    // Nothing to lock and nothing to look up (no entry).
+    if users.is_empty() && !batch.has_unpriced() {
         turn.committed();
         return Ok(batch.verdicts());
     }

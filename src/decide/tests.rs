@@ -308,6 +308,64 @@ fn a_completion_that_overtakes_its_start_decides_and_the_start_is_a_duplicate() 
     assert_eq!(l.accounts["u"].balance, 100 - 24);
 }
 
+/// A start of `id` on `search` that carries stats (priced post-flight, like a completion).
+fn start_with(user: &str, id: &str, stats: serde_json::Value) -> NodeExecutionEntry {
+    let mut e = run(user, id, "search", Some(stats));
+    e.phase = crate::message::Phase::Started;
+    e
+}
+
+/// A provider cost whose price (100 credits per $) no i64 holds.
+fn unpriceable() -> serde_json::Value {
+    json!({"provider_cost": 1e300})
+}
+
+fn dollars(usd: f64) -> Option<serde_json::Value> {
+    Some(json!({ "provider_cost": usd }))
+}
+
+#[test]
+fn a_repeat_that_cannot_be_priced_is_still_a_duplicate() {
+    let p = settle_pricing(true);
+    let mut l = MemoryLedger::default();
+    // Alone, an unpriceable completion is invalid: it settles nothing.
+    l.decide(&p, &[run("u", "a", "search", None)], now());
+    let v = l.decide(&p, &[run("u", "a", "search", Some(unpriceable()))], now());
+    assert!(
+        matches!(&v[0], Verdict::Invalid { reason } if reason.contains("overflow")),
+        "{v:?}"
+    );
+    // Once settled, another completion is a duplicate whatever its stats, as is a start.
+    l.decide(&p, &[run("u", "a", "search", dollars(0.05))], now());
+    let before = l.clone();
+    let repeats = [
+        run("u", "a", "search", Some(unpriceable())),
+        start_with("u", "a", unpriceable()),
+        run("v", "a", "search", Some(unpriceable())),
+    ];
+    for (e, conflicting) in repeats.iter().zip([false, false, true]) {
+        let v = l.decide(&p, std::slice::from_ref(e), now());
+        assert_eq!(v, vec![Verdict::Duplicate { conflicting }], "{e:?}");
+    }
+    assert_eq!(l, before);
+    // In one batch with the completion that decides and settles it: the later one is the
+    // duplicate; an unpriceable start of another execution stays invalid.
+    let v = l.decide(
+        &p,
+        &[
+            run("u", "b", "search", dollars(0.02)),
+            run("u", "b", "search", Some(unpriceable())),
+            start_with("u", "c", unpriceable()),
+        ],
+        now(),
+    );
+    assert!(matches!(v[0], Verdict::Decided { cost: 2, .. }), "{v:?}");
+    assert_eq!(v[1], Verdict::Duplicate { conflicting: false });
+    assert!(matches!(&v[2], Verdict::Invalid { .. }), "{v:?}");
+    assert_eq!(l.accounts["u"].balance, before.accounts["u"].balance - 2);
+    assert!(!l.decisions.contains_key("c"));
+}
+
 #[test]
 fn a_completion_first_whose_cost_and_fee_overflow_is_refused_not_capped() {
     let table = format!(

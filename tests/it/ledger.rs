@@ -1457,6 +1457,60 @@ async fn a_decision_committed_meanwhile_for_another_user_is_a_duplicate() {
     env.cleanup().await;
 }
 
+/// A repeat of an execution decided and settled before is a duplicate even when its stats
+/// cannot be priced (acked, not dead-lettered); a first one is invalid.
+#[tokio::test]
+async fn a_repeat_that_cannot_be_priced_is_a_duplicate() {
+    let env = TestEnv::with(no_refill).await;
+    seed(&env, ["dup"], 1_000).await;
+    let table = r#"
+        [[block]]
+        id = "search"
+        costs = [{ cost_amount = 100, cost_type = "cost_usd", cost_filter = {} }]
+    "#;
+    let pricing = env
+        .settings
+        .pricing(CostTable::from_toml_str(table, "test").unwrap());
+    let entry = |id: &str, phase: &str, usd: f64| {
+        let v = json!({
+            "user_id": "dup", "graph_exec_id": "ge", "graph_id": "g", "node_exec_id": id,
+            "node_id": "n", "block_id": "search", "inputs": {}, "phase": phase,
+            "stats": {"provider_cost": usd},
+        });
+        message::decode(&body(&v)).unwrap()
+    };
+    let decide = |e: message::NodeExecutionEntry| {
+        let pricing = pricing.clone();
+        let pool = env.pool.clone();
+        async move {
+            decide::decide_batch(&pool, &pricing, &[e], Utc::now())
+                .await
+                .unwrap()
+        }
+    };
+    let v = decide(entry("x", "completed", 0.05)).await;
+    assert!(matches!(v[0], Verdict::Decided { cost: 5, .. }), "{v:?}");
+    let rows = "SELECT count(*) FROM credit.transactions";
+    let before = env.scalar_i64(rows).await;
+    for phase in ["completed", "started"] {
+        let v = decide(entry("x", phase, 1e300)).await;
+        assert_eq!(
+            v,
+            vec![Verdict::Duplicate { conflicting: false }],
+            "{phase}"
+        );
+    }
+    let v = decide(entry("y", "started", 1e300)).await;
+    assert!(
+        matches!(&v[0], Verdict::Invalid { reason } if reason.contains("cost overflow")),
+        "{v:?}"
+    );
+    assert_eq!(env.scalar_i64(rows).await, before);
+    assert_eq!(env.ledger().balance("dup", Utc::now()).await.unwrap(), 995);
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn redelivered_starts_beside_new_ones_are_duplicates_and_the_new_ones_decided() {
     let env = TestEnv::with(no_refill).await;
