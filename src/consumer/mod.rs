@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinError;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
-use tracing::{info, warn, Instrument};
+use tracing::{info, warn};
 
 use crate::amqp::topology::{self, Names};
 use crate::amqp::{self, Outgoing, PublishError, Publisher};
@@ -409,13 +409,15 @@ impl Consumer {
         let actions = merge_actions(&batch, refused, decided)?;
         metrics::histogram!("credit_decide_transaction_seconds")
             .record(started.elapsed().as_secs_f64());
-        for (d, (action, ids)) in batch.iter().zip(&actions) {
-            if let Action::DeadLetter { reason } = action {
-                dead_letter(dead, names, d, reason, self.own_user.as_deref())
-                    .instrument(ids.span())
-                    .await?;
-            }
-        }
+        let dead_letters: Vec<_> = batch
+            .iter()
+            .zip(&actions)
+            .filter_map(|(d, (action, ids))| match action {
+                Action::DeadLetter { reason } => Some((d, reason.as_str(), ids)),
+                _ => None,
+            })
+            .collect();
+        dead_letter(dead, names, &dead_letters, self.own_user.as_deref()).await?;
         // The batch holds every unacked delivery up to its last tag (deliveries are batched in
         // order and batches are acked in order), so one multiple-ack covers it.
         if let Some(last) = batch.last() {
@@ -473,41 +475,50 @@ fn merge_actions(
         .collect()
 }
 
-/// Republishes the delivery to the dead-letter exchange with the reason added, and waits for
-/// the broker's confirm before the caller acks it. Body and properties are kept, except that
-/// a producer's `user_id` other than the worker's own (`me`) moves into a header, which the
+/// Republishes the deliveries to the dead-letter exchange, each with its reason added, and
+/// waits for the broker's confirms (all at once: a flood of invalid messages costs one round
+/// trip a batch) before the caller acks them. Body and properties are kept, except that a
+/// producer's `user_id` other than the worker's own (`me`) moves into a header, which the
 /// broker would otherwise refuse ([`amqp::producer`]).
 async fn dead_letter(
     dead: &Publisher,
     names: &Names,
-    d: &Delivery,
-    reason: &str,
+    letters: &[(&Delivery, &str, &MessageIds)],
     me: Option<&str>,
 ) -> Result<(), SessionError> {
-    // Without its TTL, as RabbitMQ's own dead-lettering does: the dead queue keeps it.
-    let kept = amqp::without(&d.properties, &[amqp::Prop::Expiration]);
-    let properties = amqp::producer::publishable_by(&kept, me);
-    let mut headers = properties.headers().clone().unwrap_or_default();
-    headers.insert(
-        ERROR_HEADER.into(),
-        AMQPValue::LongString(reason.to_owned().into()),
-    );
-    let message = Outgoing {
-        exchange: &names.dlx,
-        routing_key: d.routing_key.as_str(),
-        body: &d.data,
-        properties: properties.with_headers(headers),
-        mandatory: true,
-    };
-    dead.publish_all([message]).await?;
-    // Counted once confirmed: a failed publish leaves the delivery to come again.
-    metrics::counter!("credit_messages_total", "outcome" => "invalid").increment(1);
-    metrics::counter!("credit_dead_lettered_total").increment(1);
-    warn!(
-        reason,
-        delivery_tag = d.delivery_tag,
-        "invalid message dead-lettered"
-    );
+    if letters.is_empty() {
+        return Ok(());
+    }
+    let messages = letters.iter().map(|(d, reason, _)| {
+        // Without its TTL, as RabbitMQ's own dead-lettering does: the dead queue keeps it.
+        let kept = amqp::without(&d.properties, &[amqp::Prop::Expiration]);
+        let properties = amqp::producer::publishable_by(&kept, me);
+        let mut headers = properties.headers().clone().unwrap_or_default();
+        headers.insert(
+            ERROR_HEADER.into(),
+            AMQPValue::LongString((*reason).to_owned().into()),
+        );
+        Outgoing {
+            exchange: &names.dlx,
+            routing_key: d.routing_key.as_str(),
+            body: &d.data,
+            properties: properties.with_headers(headers),
+            mandatory: true,
+        }
+    });
+    dead.publish_all(messages).await?;
+    // Counted once confirmed: a failed publish leaves the deliveries to come again.
+    for (d, reason, ids) in letters {
+        metrics::counter!("credit_messages_total", "outcome" => "invalid").increment(1);
+        metrics::counter!("credit_dead_lettered_total").increment(1);
+        ids.span().in_scope(|| {
+            warn!(
+                reason,
+                delivery_tag = d.delivery_tag,
+                "invalid message dead-lettered"
+            )
+        });
+    }
     Ok(())
 }
 
