@@ -172,8 +172,11 @@ async fn a_relay_killed_between_publish_and_watermark_commit_republishes() {
     env.cleanup().await;
 }
 
+/// The relays leading in this test's database: advisory locks are per database, and other
+/// tests' workers (or any on the server) hold the same key in theirs.
 const RELAY_LEADERS: &str = "SELECT count(*) FROM pg_locks
-      WHERE locktype = 'advisory' AND classid = 1668441444 AND objid = 1919249505 AND granted";
+      WHERE locktype = 'advisory' AND classid = 1668441444 AND objid = 1919249505 AND granted
+        AND database = (SELECT oid FROM pg_database WHERE datname = current_database())";
 
 async fn published_by(port: u16) -> f64 {
     let (_, body) = http_get(port, "/metrics").await.unwrap_or_default();
