@@ -186,18 +186,18 @@ fn reply_bytes(result: &Result<Value, ControlError>, max: usize) -> Vec<u8> {
 
 /// The AMQP properties of a command's message that its handling reads.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Origin<'a> {
+pub(crate) struct Origin<'a> {
     /// `user_id`, verified by the broker against the connection's user.
-    pub sender: Option<&'a str>,
+    pub(crate) sender: Option<&'a str>,
     /// `message_id`: keys an unkeyed `top_up` or `grant` (see [`credit`]).
-    pub message_id: Option<&'a str>,
+    pub(crate) message_id: Option<&'a str>,
 }
 
 /// Authorises, parses and runs one command. `answered`: whether a reply goes back (see
 /// [`ATTEMPTS`]). None when a transient fault was still being retried when `stop` fired or
 /// the retries of an unanswered command ran out: the caller returns the message to the
 /// queue, so the broker hands it out again.
-pub async fn execute(
+pub(crate) async fn execute(
     ctx: &Context,
     origin: Origin<'_>,
     body: &[u8],
