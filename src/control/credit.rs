@@ -18,9 +18,21 @@ pub struct Request {
     pub user_id: String,
     pub amount: i64,
     pub key: String,
-    /// True when the request named no key and `key` was made up for it.
-    pub key_generated: bool,
+    /// Where `key` comes from.
+    pub key_source: KeySource,
     pub reason: Option<String>,
+}
+
+/// Where a credit's key comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// The request's `key`.
+    Given,
+    /// Made up for a request without a key or message id.
+    Generated,
+    /// The `message_id` of the message that carried the request, sent by broker user
+    /// `sender` ([`Request::key_by_message`]).
+    Message { sender: String, id: String },
 }
 
 pub fn parse(tx_type: TxType, f: &Fields<'_>) -> Result<Request, ControlError> {
@@ -29,9 +41,9 @@ pub fn parse(tx_type: TxType, f: &Fields<'_>) -> Result<Request, ControlError> {
     let amount = f.amount("amount")?;
     // The key is fixed once per request, so a retry after an ambiguous commit cannot post
     // the credit twice.
-    let (key, key_generated) = match f.opt_string("key")? {
-        Some(k) => (k.to_owned(), false),
-        None => (generated_key(tx_type), true),
+    let (key, key_source) = match f.opt_string("key")? {
+        Some(k) => (k.to_owned(), KeySource::Given),
+        None => (generated_key(tx_type), KeySource::Generated),
     };
     let reason = f.opt_string("reason")?.map(str::to_owned);
     Ok(Request {
@@ -39,7 +51,7 @@ pub fn parse(tx_type: TxType, f: &Fields<'_>) -> Result<Request, ControlError> {
         user_id,
         amount,
         key,
-        key_generated,
+        key_source,
         reason,
     })
 }
@@ -53,10 +65,10 @@ impl Request {
         sender: &str,
         message_id: &str,
     ) -> Result<(), ControlError> {
-        if !self.key_generated || message_id.is_empty() {
+        if self.key_source != KeySource::Generated || message_id.is_empty() {
             return Ok(());
         }
-        let key = message_key(self.tx_type, sender, message_id);
+        let key = crate::ledger::message_key(self.tx_type, sender, message_id);
         if key.len() > crate::ledger::MAX_KEY_BYTES || key.contains('\0') {
             return Err(ControlError::bad_request(format!(
                 "message_id: cannot key the credit (a key is 1 to {} bytes without NUL); \
@@ -65,32 +77,33 @@ impl Request {
             )));
         }
         self.key = key;
-        self.key_generated = false;
+        self.key_source = KeySource::Message {
+            sender: sender.to_owned(),
+            id: message_id.to_owned(),
+        };
         Ok(())
     }
 }
 
-/// The key of an unkeyed credit carried by message `message_id` of `sender`.
-pub(crate) fn message_key(tx_type: TxType, sender: &str, message_id: &str) -> String {
-    let kind = tx_type.as_str().replace('_', "-");
-    format!("{kind}-MSG-{sender}-{message_id}")
-}
-
 pub async fn run(ctx: &Context, req: &Request) -> Result<Value, ControlError> {
-    let mut posting = ctx
-        .ledger
-        .credit(
-            req.tx_type,
-            &req.user_id,
-            req.amount,
-            Some(&req.key),
-            req.reason.as_deref(),
-            ctx.clock.now(),
-        )
-        .await?;
+    let (ledger, reason, now) = (&ctx.ledger, req.reason.as_deref(), ctx.clock.now());
+    let (tx, user, amount) = (req.tx_type, req.user_id.as_str(), req.amount);
+    let mut posting = match &req.key_source {
+        // The key has a form a caller's may not take: the ledger makes it.
+        KeySource::Message { sender, id } => {
+            ledger
+                .credit_of_message(tx, user, amount, (sender, id), reason, now)
+                .await?
+        }
+        KeySource::Given | KeySource::Generated => {
+            ledger
+                .credit(tx, user, amount, Some(&req.key), reason, now)
+                .await?
+        }
+    };
     // A generated key is unique to this request: finding it means an earlier attempt of this
     // same request committed.
-    posting.applied |= req.key_generated;
+    posting.applied |= req.key_source == KeySource::Generated;
     to_result(&posting)
 }
 
@@ -126,17 +139,23 @@ mod tests {
     fn an_unkeyed_credit_takes_its_message_id_as_key() {
         let mut r = request(json!({"user_id": "u", "amount": 5}));
         r.key_by_message("ops", "m-1").unwrap();
-        assert_eq!(
-            (r.key.as_str(), r.key_generated),
-            ("GRANT-MSG-ops-m-1", false)
-        );
+        assert_eq!(r.key, "GRANT-MSG-ops-m-1");
+        let source = KeySource::Message {
+            sender: "ops".into(),
+            id: "m-1".into(),
+        };
+        assert_eq!(r.key_source, source);
         // A key of its own wins; an empty id is no id.
         let mut keyed = request(json!({"user_id": "u", "amount": 5, "key": "K"}));
         keyed.key_by_message("ops", "m-1").unwrap();
-        assert_eq!((keyed.key.as_str(), keyed.key_generated), ("K", false));
+        assert_eq!(
+            (keyed.key.as_str(), keyed.key_source),
+            ("K", KeySource::Given)
+        );
         let mut empty = request(json!({"user_id": "u", "amount": 5}));
         empty.key_by_message("ops", "").unwrap();
-        assert!(empty.key_generated && empty.key.starts_with("GRANT-"));
+        assert_eq!(empty.key_source, KeySource::Generated);
+        assert!(empty.key.starts_with("GRANT-"), "{}", empty.key);
     }
 
     #[test]
@@ -148,7 +167,7 @@ mod tests {
             let e = r.key_by_message(sender, id).unwrap_err();
             assert_eq!(e.code(), "bad_request");
             assert!(e.to_string().starts_with("message_id: "), "{e}");
-            assert!(r.key_generated);
+            assert_eq!(r.key_source, KeySource::Generated);
         }
     }
 }

@@ -562,7 +562,8 @@ mod tests {
         let Command::Credit(r) = c else {
             panic!("{c:?}")
         };
-        assert!(r.key_generated && r.key.starts_with("TOP-UP-"));
+        assert_eq!(r.key_source, credit::KeySource::Generated);
+        assert!(r.key.starts_with("TOP-UP-"), "{}", r.key);
         assert_eq!((r.tx_type, r.amount), (TxType::TopUp, 5));
     }
 

@@ -325,15 +325,38 @@ fn check_key(key: &str) -> Result<(), LedgerError> {
     Ok(())
 }
 
+/// Prefixes of the keys of an unkeyed credit named by its message's id ([`message_key`]).
+const MESSAGE_KEY_PREFIXES: [&str; 2] = ["TOP-UP-MSG-", "GRANT-MSG-"];
+
 /// Prefixes of the keys the worker gives its own ledger rows (a charge, a settlement, an
-/// execution fee, a monthly refill). A credit under one of them would pass for that row: the
-/// row written later collides with it, or the credit is taken for an earlier attempt of itself.
-const RESERVED_KEY_PREFIXES: [&str; 4] = [
+/// execution fee, a monthly refill, a credit keyed by its message). A credit under one of them
+/// would pass for that row: the row written later collides with it, or the credit is taken
+/// for an earlier attempt of itself.
+const RESERVED_KEY_PREFIXES: [&str; 6] = [
     "USAGE-",
     "SETTLE-",
     "EXECUTION-FEE-",
     month::REFILL_KEY_PREFIX,
+    MESSAGE_KEY_PREFIXES[0],
+    MESSAGE_KEY_PREFIXES[1],
 ];
+
+/// A credit's key: a caller's, which may not take the form of the worker's own, or one the
+/// worker made.
+enum CreditKey {
+    Callers(String),
+    Own(String),
+}
+
+/// The key of a `TOP_UP` or `GRANT` that came without one, in message `message_id` of broker
+/// user `sender`: a redelivery of that message finds it.
+pub(crate) fn message_key(tx_type: TxType, sender: &str, message_id: &str) -> String {
+    let prefix = match tx_type {
+        TxType::Grant => MESSAGE_KEY_PREFIXES[1],
+        _ => MESSAGE_KEY_PREFIXES[0],
+    };
+    format!("{prefix}{sender}-{message_id}")
+}
 
 /// Refuses a caller's key for a credit (or a debit) that has the form of one of the worker's
 /// own keys.
@@ -409,6 +432,43 @@ impl Ledger {
         reason: Option<&str>,
         at: DateTime<Utc>,
     ) -> Result<Posting, LedgerError> {
+        let key = match key {
+            Some(k) => CreditKey::Callers(k.to_owned()),
+            None => CreditKey::Own(format!(
+                "{}-{}",
+                tx_type.as_str().replace('_', "-"),
+                random_suffix()
+            )),
+        };
+        self.credit_under(tx_type, user_id, amount, key, reason, at)
+            .await
+    }
+
+    /// [`Ledger::credit`] without a key, in message `message_id` of broker user `sender`:
+    /// keyed by [`message_key`], so that a redelivery of the message changes nothing.
+    pub(crate) async fn credit_of_message(
+        &self,
+        tx_type: TxType,
+        user_id: &str,
+        amount: i64,
+        (sender, message_id): (&str, &str),
+        reason: Option<&str>,
+        at: DateTime<Utc>,
+    ) -> Result<Posting, LedgerError> {
+        let key = CreditKey::Own(message_key(tx_type, sender, message_id));
+        self.credit_under(tx_type, user_id, amount, key, reason, at)
+            .await
+    }
+
+    async fn credit_under(
+        &self,
+        tx_type: TxType,
+        user_id: &str,
+        amount: i64,
+        key: CreditKey,
+        reason: Option<&str>,
+        at: DateTime<Utc>,
+    ) -> Result<Posting, LedgerError> {
         if !matches!(tx_type, TxType::TopUp | TxType::Grant) {
             return Err(LedgerError::InvalidArgument {
                 field: "type",
@@ -421,11 +481,16 @@ impl Ledger {
             )));
         }
         let key = match key {
-            Some(k) => k.to_owned(),
-            None => format!("{}-{}", tx_type.as_str().replace('_', "-"), random_suffix()),
+            CreditKey::Callers(k) => {
+                check_key(&k)?;
+                check_credit_key(&k)?;
+                k
+            }
+            CreditKey::Own(k) => {
+                check_key(&k)?;
+                k
+            }
         };
-        check_key(&key)?;
-        check_credit_key(&key)?;
         let metadata = match reason {
             Some(r) => json!({ "reason": r }),
             None => json!({}),

@@ -792,6 +792,17 @@ async fn an_unkeyed_credit_is_keyed_by_its_message_id() {
         assert_eq!(r["balance"], json!(balance), "{r}");
         assert_eq!(r["applied"], json!(true), "{r}");
     }
+    // A caller's key may not take that form: it would answer for a later message's credit.
+    for key in ["TOP-UP-MSG-guest-pay-9", "GRANT-MSG-guest-pay-9"] {
+        let (code, message) = rpc
+            .err(json!({"command": "top_up", "user_id": "erin", "amount": 4, "key": key}))
+            .await;
+        assert_eq!(code, "bad_request", "{key}: {message}");
+        assert!(
+            message.contains("key") && message.contains("reserved"),
+            "{message}"
+        );
+    }
     // A message_id that cannot make a key is refused, naming it, and changes nothing.
     let props = BasicProperties::default().with_message_id("pay\u{0}9".into());
     let cid = rpc
