@@ -107,6 +107,7 @@ impl Command {
                 "body: expected a JSON object with a \"command\" field",
             ));
         };
+        fields::check_fields_once(body)?;
         let f = Fields::new(&map);
         let name = f.string("command")?;
         Ok(match name {
@@ -547,6 +548,30 @@ mod tests {
                 .1
                 .starts_with("off: give either")
         );
+    }
+
+    #[test]
+    fn a_field_given_twice_is_a_bad_request_naming_it() {
+        for (body, field) in [
+            (
+                r#"{"command": "balance", "command": "top_up", "user_id": "u", "amount": 1}"#,
+                "command",
+            ),
+            (
+                r#"{"command": "top_up", "user_id": "u", "amount": 5, "amount": 7}"#,
+                "amount",
+            ),
+        ] {
+            let e = Command::parse(body.as_bytes()).unwrap_err();
+            assert_eq!(
+                e,
+                ControlError::bad_request(format!("{field}: given more than once"))
+            );
+        }
+        // The same name inside a value is another object's.
+        let ok =
+            br#"{"command": "grant", "user_id": "u", "amount": 5, "reason": "{\"amount\": 1}"}"#;
+        assert!(Command::parse(ok).is_ok());
     }
 
     #[test]

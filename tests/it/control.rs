@@ -570,6 +570,18 @@ async fn malformed_commands_get_bad_request_naming_the_field() {
     let (code, message) = rpc.err_raw(b"[\"balance\"]", Some("guest")).await;
     assert_eq!(code, "bad_request");
     assert!(message.contains("object"), "{message}");
+    // Two amounts: which was meant is unknowable, so neither is credited.
+    let twice = br#"{"command": "top_up", "user_id": "u2", "amount": 5, "amount": 7}"#;
+    let (code, message) = rpc.err_raw(twice, Some("guest")).await;
+    assert_eq!(
+        (code.as_str(), message.as_str()),
+        ("bad_request", "amount: given more than once")
+    );
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM credit.transactions WHERE user_id = 'u2'")
+            .await,
+        0
+    );
 
     let cases = [
         (json!({}), "command: missing"),
