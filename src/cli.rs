@@ -104,10 +104,8 @@ pub enum Command {
     /// Add purchased credits (TOP_UP).
     TopUp {
         user: String,
-        // Wider than a balance, so that one beyond it is `amount_out_of_range` as the control
-        // queue answers, not a usage error.
-        #[arg(allow_negative_numbers = true)]
-        amount: i128,
+        #[arg(allow_negative_numbers = true, value_parser = parse_credits)]
+        amount: Credits,
         /// Idempotency key: the same key again changes nothing.
         #[arg(long)]
         key: Option<String>,
@@ -115,8 +113,8 @@ pub enum Command {
     /// Add granted credits (GRANT).
     Grant {
         user: String,
-        #[arg(allow_negative_numbers = true)]
-        amount: i128,
+        #[arg(allow_negative_numbers = true, value_parser = parse_credits)]
+        amount: Credits,
         #[arg(long)]
         key: Option<String>,
         #[arg(long)]
@@ -127,10 +125,10 @@ pub enum Command {
     #[command(group(clap::ArgGroup::new("setting").required(true).args(["threshold", "off"])))]
     AutoTopUp {
         user: String,
-        #[arg(long, requires = "amount", allow_negative_numbers = true)]
-        threshold: Option<i128>,
-        #[arg(long, requires = "threshold", allow_negative_numbers = true)]
-        amount: Option<i128>,
+        #[arg(long, requires = "amount", allow_negative_numbers = true, value_parser = parse_credits)]
+        threshold: Option<Credits>,
+        #[arg(long, requires = "threshold", allow_negative_numbers = true, value_parser = parse_credits)]
+        amount: Option<Credits>,
         #[arg(long, conflicts_with_all = ["threshold", "amount"])]
         off: bool,
     },
@@ -210,7 +208,14 @@ pub fn main() -> ExitCode {
             // Best effort: the exit code says it failed even where nothing can be written. In
             // a log of JSON lines, the last one is JSON too.
             if crate::telemetry::logs_json() {
-                tracing::error!(error = %error_text(&e), "exiting");
+                if tracing::enabled!(tracing::Level::ERROR) {
+                    tracing::error!(error = %error_text(&e), "exiting");
+                } else {
+                    // Filtered out of the log (RUST_LOG): written all the same, as JSON.
+                    let line =
+                        json!({"level": "ERROR", "message": "exiting", "error": error_text(&e)});
+                    let _ = writeln!(std::io::stderr(), "{line}");
+                }
             } else {
                 let _ = writeln!(std::io::stderr(), "error: {}", error_text(&e));
             }
@@ -279,12 +284,27 @@ pub(crate) fn error_text(e: &anyhow::Error) -> String {
     text
 }
 
-/// An amount of credits given on the command line, refused as the control queue refuses it
-/// when no balance could hold it.
-fn credits(name: &'static str, amount: i128) -> anyhow::Result<i64> {
-    i64::try_from(amount).map_err(|_| {
+/// An integer amount of credits as given on the command line: its value, or its digits when
+/// no i64 holds it (refused then as the control queue refuses it, not as a usage error).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credits(Result<i64, String>);
+
+fn parse_credits(text: &str) -> Result<Credits, String> {
+    if let Ok(v) = text.parse::<i64>() {
+        return Ok(Credits(Ok(v)));
+    }
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Ok(Credits(Err(text.to_owned())));
+    }
+    Err(format!("{text:?} is not an integer"))
+}
+
+/// An amount given on the command line, or `amount_out_of_range` when no balance holds it.
+fn credits(name: &'static str, amount: Credits) -> anyhow::Result<i64> {
+    amount.0.map_err(|digits| {
         ledger_error(LedgerError::AmountOutOfRange(format!(
-            "{name}: {amount} is beyond the 64-bit integer range"
+            "{name}: {digits} is beyond the 64-bit integer range"
         )))
     })
 }
@@ -431,7 +451,10 @@ async fn sweep(
     let result = json!({
         "month": report.month,
         "users_refilled": report.users_refilled,
-        "credits_granted": report.credits_granted,
+        "credits_granted": crate::ledger::sweep::serialize_total(
+            &report.credits_granted,
+            serde_json::value::Serializer,
+        )?,
     });
     if json {
         tracing::info!(
@@ -761,7 +784,9 @@ mod usage_tests {
     use clap::Parser;
     use serde_json::json;
 
-    use super::{credits, error_code, error_text, usage_error_json, Cli, Command};
+    use super::{
+        credits, error_code, error_text, parse_credits, usage_error_json, Cli, Command, Credits,
+    };
 
     #[test]
     fn published_lines_lose_a_byte_order_mark_and_blank_lines() {
@@ -790,13 +815,27 @@ mod usage_tests {
 
     #[test]
     fn an_amount_no_balance_holds_is_out_of_range() {
-        assert_eq!(credits("amount", 5).unwrap(), 5);
-        let e = credits("amount", i128::from(i64::MAX) + 1).unwrap_err();
-        assert_eq!(error_code(&e), "amount_out_of_range");
-        assert_eq!(
-            error_text(&e),
-            "amount: 9223372036854775808 is beyond the 64-bit integer range"
-        );
+        let amount = |text: &str| {
+            parse_credits(text).and_then(|c| {
+                credits("amount", c).map_err(|e| format!("{}: {}", error_code(&e), error_text(&e)))
+            })
+        };
+        assert_eq!(amount("5"), Ok(5));
+        assert_eq!(amount("-5"), Ok(-5));
+        for big in [
+            "9223372036854775808",
+            "-1234567890123456789012345678901234567890",
+        ] {
+            assert_eq!(
+                amount(big),
+                Err(format!(
+                    "amount_out_of_range: amount: {big} is beyond the 64-bit integer range"
+                ))
+            );
+        }
+        for not in ["1.5", "", "-", "12a", "1e3"] {
+            assert!(parse_credits(not).is_err(), "{not:?}");
+        }
     }
 
     #[test]
@@ -809,8 +848,8 @@ mod usage_tests {
         assert!(matches!(
             parse(&["--threshold", "100", "--amount", "50"]),
             Ok(Command::AutoTopUp {
-                threshold: Some(100),
-                amount: Some(50),
+                threshold: Some(Credits(Ok(100))),
+                amount: Some(Credits(Ok(50))),
                 off: false,
                 ..
             })

@@ -476,19 +476,45 @@ fn merge_actions(
 }
 
 /// Republishes the deliveries to the dead-letter exchange, each with its reason added, and
-/// waits for the broker's confirms (all at once: a flood of invalid messages costs one round
-/// trip a batch) before the caller acks them. Body and properties are kept, except that a
-/// producer's `user_id` other than the worker's own (`me`) moves into a header, which the
-/// broker would otherwise refuse ([`amqp::producer`]).
+/// waits for the broker's confirms (a window at a time: a flood of invalid messages costs a
+/// round trip per hundred) before the caller acks them. Body and properties are kept, except
+/// that a producer's `user_id` other than the worker's own (`me`) moves into a header, which
+/// the broker would otherwise refuse ([`amqp::producer`]).
 async fn dead_letter(
     dead: &Publisher,
     names: &Names,
     letters: &[(&Delivery, &str, &MessageIds)],
     me: Option<&str>,
 ) -> Result<(), SessionError> {
-    if letters.is_empty() {
-        return Ok(());
+    // In windows, each with its own confirm deadline: a whole batch of large messages could
+    // outlast one on a slow link.
+    for window in letters.chunks(DEAD_LETTER_WINDOW) {
+        publish_dead(dead, names, window, me).await?;
     }
+    // Counted once confirmed: a failed publish leaves the deliveries to come again.
+    for (d, reason, ids) in letters {
+        metrics::counter!("credit_messages_total", "outcome" => "invalid").increment(1);
+        metrics::counter!("credit_dead_lettered_total").increment(1);
+        ids.span().in_scope(|| {
+            warn!(
+                reason,
+                delivery_tag = d.delivery_tag,
+                "invalid message dead-lettered"
+            )
+        });
+    }
+    Ok(())
+}
+
+/// Dead letters published together, one wait for their confirms.
+const DEAD_LETTER_WINDOW: usize = 100;
+
+async fn publish_dead(
+    dead: &Publisher,
+    names: &Names,
+    letters: &[(&Delivery, &str, &MessageIds)],
+    me: Option<&str>,
+) -> Result<(), SessionError> {
     let messages = letters.iter().map(|(d, reason, _)| {
         // Without its TTL, as RabbitMQ's own dead-lettering does: the dead queue keeps it.
         let kept = amqp::without(&d.properties, &[amqp::Prop::Expiration]);
@@ -507,18 +533,6 @@ async fn dead_letter(
         }
     });
     dead.publish_all(messages).await?;
-    // Counted once confirmed: a failed publish leaves the deliveries to come again.
-    for (d, reason, ids) in letters {
-        metrics::counter!("credit_messages_total", "outcome" => "invalid").increment(1);
-        metrics::counter!("credit_dead_lettered_total").increment(1);
-        ids.span().in_scope(|| {
-            warn!(
-                reason,
-                delivery_tag = d.delivery_tag,
-                "invalid message dead-lettered"
-            )
-        });
-    }
     Ok(())
 }
 

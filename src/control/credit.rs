@@ -139,7 +139,7 @@ mod tests {
     fn an_unkeyed_credit_takes_its_message_id_as_key() {
         let mut r = request(json!({"user_id": "u", "amount": 5}));
         r.key_by_message("ops", "m-1").unwrap();
-        assert_eq!(r.key, "GRANT-MSG-ops-m-1");
+        assert_eq!(r.key, "GRANT-MSG-3:ops-m-1");
         let source = KeySource::Message {
             sender: "ops".into(),
             id: "m-1".into(),
@@ -156,6 +156,13 @@ mod tests {
         empty.key_by_message("ops", "").unwrap();
         assert_eq!(empty.key_source, KeySource::Generated);
         assert!(empty.key.starts_with("GRANT-"), "{}", empty.key);
+    }
+
+    #[test]
+    fn senders_and_ids_that_read_alike_make_different_keys() {
+        let key = |sender: &str, id: &str| crate::ledger::message_key(TxType::TopUp, sender, id);
+        assert_ne!(key("ops", "x-1"), key("ops-x", "1"));
+        assert_eq!(key("ops-x", "1"), "TOP-UP-MSG-5:ops-x-1");
     }
 
     #[test]

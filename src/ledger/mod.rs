@@ -349,13 +349,14 @@ enum CreditKey {
 }
 
 /// The key of a `TOP_UP` or `GRANT` that came without one, in message `message_id` of broker
-/// user `sender`: a redelivery of that message finds it.
+/// user `sender`: a redelivery of that message finds it. The sender's length comes first, so
+/// that no two (sender, id) pairs make one key (`ops` + `x-1`, `ops-x` + `1`).
 pub(crate) fn message_key(tx_type: TxType, sender: &str, message_id: &str) -> String {
     let prefix = match tx_type {
         TxType::Grant => MESSAGE_KEY_PREFIXES[1],
         _ => MESSAGE_KEY_PREFIXES[0],
     };
-    format!("{prefix}{sender}-{message_id}")
+    format!("{prefix}{}:{sender}-{message_id}", sender.len())
 }
 
 /// Refuses a caller's key for a credit (or a debit) that has the form of one of the worker's

@@ -16,12 +16,23 @@ use super::month::Month;
 use super::store::{RefillGrant, RefillTotals};
 use super::{check_user_id, store, LedgerError};
 
+/// A total of credits as JSON: a number, or past 2^64 (only absurd refill targets get there,
+/// and JSON numbers here stop at 2^64) its exact digits as a string, never rounded or capped.
+pub fn serialize_total<S: serde::Serializer>(total: &i128, s: S) -> Result<S::Ok, S::Error> {
+    match (i64::try_from(*total), u64::try_from(*total)) {
+        (Ok(v), _) => s.serialize_i64(v),
+        (_, Ok(v)) => s.serialize_u64(v),
+        _ => s.serialize_str(&total.to_string()),
+    }
+}
+
 /// Totals of one sweep.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct SweepReport {
     pub month: String,
     pub users_refilled: i64,
     /// Wider than a balance: the sum of many refills may exceed what one balance can hold.
+    #[serde(serialize_with = "serialize_total")]
     pub credits_granted: i128,
     pub users_evaluated: i64,
     pub duration_ms: u64,
@@ -395,5 +406,9 @@ mod tests {
         );
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(json["credits_granted"].to_string(), "18446744073709551614");
+        // Past what a JSON number here holds: the exact digits, not an error or a cap.
+        r.tally(i64::MAX);
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["credits_granted"], "27670116110564327421");
     }
 }

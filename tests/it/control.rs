@@ -777,21 +777,21 @@ async fn an_unkeyed_credit_is_keyed_by_its_message_id() {
     let result = |balance: i64, key: &str, applied: bool| json!({"user_id": "erin", "balance": balance, "transaction_key": key, "applied": applied});
     assert_eq!(
         rpc.ok_with_id(&top_up, "pay-7").await,
-        result(1250, "TOP-UP-MSG-guest-pay-7", true)
+        result(1250, "TOP-UP-MSG-5:guest-pay-7", true)
     );
     assert_eq!(
         rpc.ok_with_id(&top_up, "pay-7").await,
-        result(1250, "TOP-UP-MSG-guest-pay-7", false)
+        result(1250, "TOP-UP-MSG-5:guest-pay-7", false)
     );
     // Another message is another credit; a grant's key is its own; an explicit key wins.
     assert_eq!(
         rpc.ok_with_id(&top_up, "pay-8").await,
-        result(1500, "TOP-UP-MSG-guest-pay-8", true)
+        result(1500, "TOP-UP-MSG-5:guest-pay-8", true)
     );
     let grant = json!({"command": "grant", "user_id": "erin", "amount": 5});
     assert_eq!(
         rpc.ok_with_id(&grant, "pay-7").await,
-        result(1505, "GRANT-MSG-guest-pay-7", true)
+        result(1505, "GRANT-MSG-5:guest-pay-7", true)
     );
     let keyed = json!({"command": "top_up", "user_id": "erin", "amount": 1, "key": "K-1"});
     assert_eq!(

@@ -328,28 +328,32 @@ async fn a_refill_schedule_that_never_fires_again_is_refused_at_start() {
 #[tokio::test]
 async fn a_fatal_error_ends_a_json_log_with_a_json_line() {
     let env = TestEnv::new().await;
-    let out = env
-        .cli_command(&["run"])
-        .env("CREDIT_WORKER__LOG__FORMAT", "json")
-        .env("CREDIT_WORKER__REFILL__SCHEDULE", "0 0 0 30 2 *")
-        .output()
-        .expect("run");
-    assert_eq!(out.status.code(), Some(1));
-    let log = String::from_utf8_lossy(&out.stderr);
-    let lines: Vec<serde_json::Value> = log
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
-        .collect();
-    let last = lines.last().expect("a log line");
-    assert_eq!(
-        (&last["level"], &last["message"]),
-        (&"ERROR".into(), &"exiting".into())
-    );
-    let error = last["error"].as_str().unwrap_or_default();
-    assert!(
-        error.starts_with("refill.schedule: \"0 0 0 30 2 *\" never fires"),
-        "{error}"
-    );
+    // With the log filtered out too (RUST_LOG=off), the last word is still written.
+    for filter in ["info", "off"] {
+        let out = env
+            .cli_command(&["run"])
+            .env("CREDIT_WORKER__LOG__FORMAT", "json")
+            .env("CREDIT_WORKER__REFILL__SCHEDULE", "0 0 0 30 2 *")
+            .env("RUST_LOG", filter)
+            .output()
+            .expect("run");
+        assert_eq!(out.status.code(), Some(1));
+        let log = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<serde_json::Value> = log
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+            .collect();
+        let last = lines.last().expect("a log line");
+        assert_eq!(
+            (&last["level"], &last["message"]),
+            (&"ERROR".into(), &"exiting".into())
+        );
+        let error = last["error"].as_str().unwrap_or_default();
+        assert!(
+            error.starts_with("refill.schedule: \"0 0 0 30 2 *\" never fires"),
+            "{error}"
+        );
+    }
     env.cleanup().await;
 }
 
