@@ -205,26 +205,27 @@ pub fn main() -> ExitCode {
     match runtime.block_on(execute(cli)) {
         Ok(code) => code,
         Err(e) => {
-            // Best effort: the exit code says it failed even where nothing can be written. In
-            // a log of JSON lines, the last one is JSON too.
-            if crate::telemetry::logs_json() {
-                if tracing::enabled!(tracing::Level::ERROR) {
-                    tracing::error!(error = %error_text(&e), "exiting");
-                } else {
-                    // Filtered out of the log (RUST_LOG): written all the same, as JSON.
-                    let line =
-                        json!({"level": "ERROR", "message": "exiting", "error": error_text(&e)});
-                    let _ = writeln!(std::io::stderr(), "{line}");
-                }
-            } else {
-                let _ = writeln!(std::io::stderr(), "error: {}", error_text(&e));
-            }
+            last_word(&error_text(&e));
             if json {
                 let error = json!({"code": error_code(&e), "message": error_text(&e)});
                 let _ = writeln!(std::io::stdout(), "{}", json!({ "error": error }));
             }
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The error the process exits with, on stderr. Best effort: the exit code says it failed
+/// even where nothing can be written. In a log of JSON lines, the last one is JSON too, and
+/// written even when `RUST_LOG` filters the log out.
+fn last_word(error: &str) {
+    if !crate::telemetry::logs_json() {
+        let _ = writeln!(std::io::stderr(), "error: {error}");
+    } else if tracing::enabled!(tracing::Level::ERROR) {
+        tracing::error!(error, "exiting");
+    } else {
+        let line = json!({"level": "ERROR", "message": "exiting", "error": error});
+        let _ = writeln!(std::io::stderr(), "{line}");
     }
 }
 

@@ -496,35 +496,46 @@ fn stats(text: &RawValue) -> Result<Option<Stats>, DecodeError> {
 /// The first of [`STAT_FIELDS`] that the object `text` gives more than once, if any (None for
 /// anything but an object: its type is checked after).
 fn repeated_stat(text: &str) -> Option<&'static str> {
-    struct Repeated(Option<&'static str>);
-    impl<'de> Deserialize<'de> for Repeated {
-        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            d.deserialize_any(Repeated(None))
-        }
-    }
-    impl<'de> Visitor<'de> for Repeated {
-        type Value = Repeated;
+    let key = repeated_key(text.as_bytes(), |k| {
+        STAT_FIELDS.iter().any(|(f, _)| *f == k)
+    })?;
+    STAT_FIELDS
+        .iter()
+        .find(|(f, _)| *f == key)
+        .map(|(_, field)| *field)
+}
+
+/// The first key among those `counts` picks that the JSON object `json` gives more than
+/// once, if any (None for anything but an object). Of two values, which was meant would be
+/// a guess, and JSON readers differ on which they keep.
+pub(crate) fn repeated_key(json: &[u8], counts: impl Fn(&str) -> bool) -> Option<String> {
+    struct Repeated<F>(F);
+    impl<'de, F: Fn(&str) -> bool> Visitor<'de> for Repeated<F> {
+        type Value = Option<String>;
         fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             f.write_str("an object")
         }
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Repeated, A::Error> {
-            let mut seen = [false; STAT_FIELDS.len()];
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<String>, A::Error> {
+            let mut seen: Vec<String> = Vec::new();
             let mut repeated = None;
             while let Some(key) = map.next_key::<String>()? {
                 map.next_value::<IgnoredAny>()?;
-                if let Some(i) = STAT_FIELDS.iter().position(|(k, _)| *k == key) {
-                    if seen[i] {
-                        repeated = repeated.or(Some(STAT_FIELDS[i].1));
-                    }
-                    seen[i] = true;
+                if !(self.0)(&key) {
+                    continue;
+                }
+                if seen.contains(&key) {
+                    repeated = repeated.or(Some(key));
+                } else {
+                    seen.push(key);
                 }
             }
-            Ok(Repeated(repeated))
+            Ok(repeated)
         }
     }
-    serde_json::from_str::<Repeated>(text)
+    serde_json::Deserializer::from_slice(json)
+        .deserialize_any(Repeated(counts))
         .ok()
-        .and_then(|r| r.0)
+        .flatten()
 }
 
 /// A token count: an integer ≥ 0 (absent or null ⇒ 0). A number with no fractional part

@@ -148,11 +148,12 @@ impl Worker {
         let schedule = settings.refill.schedule.parsed().clone();
         // A schedule with no tick left (30 February, a past year) would leave the month's
         // sweep silently undone.
-        if settings.refill.enabled && schedule.next_after(clock.now()).is_none() {
+        let now = clock.now();
+        if settings.refill.enabled && schedule.next_after(now).is_none() {
             anyhow::bail!(
                 "refill.schedule: {:?} never fires after {} (UTC)",
                 settings.refill.schedule.as_str(),
-                clock.now().format("%Y-%m-%d %H:%M:%S")
+                now.format("%Y-%m-%d %H:%M:%S")
             );
         }
         let pool = crate::db::pool(&settings.database)

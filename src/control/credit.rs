@@ -43,7 +43,7 @@ pub fn parse(tx_type: TxType, f: &Fields<'_>) -> Result<Request, ControlError> {
     // the credit twice.
     let (key, key_source) = match f.opt_string("key")? {
         Some(k) => (k.to_owned(), KeySource::Given),
-        None => (generated_key(tx_type), KeySource::Generated),
+        None => (crate::ledger::generated_key(tx_type), KeySource::Generated),
     };
     let reason = f.opt_string("reason")?.map(str::to_owned);
     Ok(Request {
@@ -105,22 +105,6 @@ pub async fn run(ctx: &Context, req: &Request) -> Result<Value, ControlError> {
     // same request committed.
     posting.applied |= req.key_source == KeySource::Generated;
     to_result(&posting)
-}
-
-fn generated_key(tx_type: TxType) -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::time::{SystemTime, UNIX_EPOCH};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!(
-        "{}-{nanos:x}-{:x}-{n:x}",
-        tx_type.as_str().replace('_', "-"),
-        std::process::id()
-    )
 }
 
 #[cfg(test)]

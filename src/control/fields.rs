@@ -1,47 +1,18 @@
 //! Typed access to the fields of a command object. Every error names its field
 //! (`"user_id: missing"`, `"amount: expected an integer"`); unknown fields are ignored.
 
-use std::collections::HashSet;
-use std::fmt;
-
-use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
-use serde::Deserialize;
 use serde_json::{Map, Number, Value};
 
 use super::ControlError;
 
 /// Refuses a command object that gives a field more than once: of two amounts (or two
-/// commands), which was meant is unknowable, and JSON readers differ on which they keep.
+/// commands), which was meant is unknowable.
 pub(crate) fn check_fields_once(body: &[u8]) -> Result<(), ControlError> {
-    struct Repeated(Option<String>);
-    impl<'de> Deserialize<'de> for Repeated {
-        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            d.deserialize_any(Repeated(None))
-        }
-    }
-    impl<'de> Visitor<'de> for Repeated {
-        type Value = Repeated;
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("an object")
-        }
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Repeated, A::Error> {
-            let mut seen = HashSet::new();
-            let mut repeated = None;
-            while let Some(key) = map.next_key::<String>()? {
-                map.next_value::<IgnoredAny>()?;
-                if !seen.insert(key.clone()) {
-                    repeated = repeated.or(Some(key));
-                }
-            }
-            Ok(Repeated(repeated))
-        }
-    }
-    match serde_json::from_slice::<Repeated>(body) {
-        Ok(Repeated(Some(field))) => Err(ControlError::bad_request(format!(
+    match crate::message::repeated_key(body, |_| true) {
+        Some(field) => Err(ControlError::bad_request(format!(
             "{field}: given more than once"
         ))),
-        // Anything else was read as an object already.
-        _ => Ok(()),
+        None => Ok(()),
     }
 }
 

@@ -427,27 +427,37 @@ async fn handle(
         }
     }
     if let Some(reply_to) = reply_to {
-        let body = reply_bytes(&result, REPLY_MAX);
-        let mut reply_props =
-            BasicProperties::default().with_content_type("application/json".into());
-        if let Some(c) = correlation_id {
-            reply_props = reply_props.with_correlation_id(c.into());
-        }
-        // A reply to a queue that no longer exists is dropped by the broker, not an error.
-        ch.basic_publish(
-            "".into(),
-            reply_to.into(),
-            BasicPublishOptions::default(),
-            &body,
-            reply_props,
-        )
-        .await?;
+        reply(ch, reply_to, correlation_id, &result).await?;
     }
     // false: the channel is gone; the command comes again (keyed commands are idempotent).
     if !d.ack(BasicAckOptions::default()).await? {
         return Err(SessionError::AckNotSent);
     }
     Ok(true)
+}
+
+/// Sends `result` to `reply_to` under the request's `correlation_id`.
+async fn reply(
+    ch: &Channel,
+    reply_to: &str,
+    correlation_id: Option<&str>,
+    result: &Result<Value, ControlError>,
+) -> Result<(), SessionError> {
+    let body = reply_bytes(result, REPLY_MAX);
+    let mut props = BasicProperties::default().with_content_type("application/json".into());
+    if let Some(c) = correlation_id {
+        props = props.with_correlation_id(c.into());
+    }
+    // A reply to a queue that no longer exists is dropped by the broker, not an error.
+    ch.basic_publish(
+        "".into(),
+        reply_to.into(),
+        BasicPublishOptions::default(),
+        &body,
+        props,
+    )
+    .await?;
+    Ok(())
 }
 
 #[cfg(test)]

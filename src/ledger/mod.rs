@@ -435,11 +435,7 @@ impl Ledger {
     ) -> Result<Posting, LedgerError> {
         let key = match key {
             Some(k) => CreditKey::Callers(k.to_owned()),
-            None => CreditKey::Own(format!(
-                "{}-{}",
-                tx_type.as_str().replace('_', "-"),
-                random_suffix()
-            )),
+            None => CreditKey::Own(generated_key(tx_type)),
         };
         self.credit_under(tx_type, user_id, amount, key, reason, at)
             .await
@@ -657,16 +653,18 @@ impl Ledger {
     }
 }
 
-fn random_suffix() -> String {
+/// A key for a credit given none: unique enough (nanoseconds, the process and a process-wide
+/// counter) that finding it again means an earlier attempt of the same request committed.
+pub(crate) fn generated_key(tx_type: TxType) -> String {
     use std::time::{SystemTime, UNIX_EPOCH};
-    // Unique enough for an unkeyed request: nanoseconds plus a process-wide counter.
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    format!("{nanos:x}-{:x}-{n:x}", std::process::id())
+    let kind = tx_type.as_str().replace('_', "-");
+    format!("{kind}-{nanos:x}-{:x}-{n:x}", std::process::id())
 }
 
 #[cfg(test)]
