@@ -443,7 +443,6 @@ async fn sweep(
         }
     };
     let (user, chunk) = (user.as_deref(), settings.refill.chunk_size);
-    // Only a month named with --month may back-fill: the clock here may lag.
     let report =
         crate::refill::sweep_asked(&pool, policy, month, Utc::now(), user, chunk, progress)
             .await

@@ -12,8 +12,7 @@ use crate::refill::Month;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
-    /// The month the command named (only a named month may back-fill); none: the current
-    /// UTC month when it runs.
+    /// The month the command named; none: the current UTC month when it runs.
     pub month: Option<Month>,
     pub user_id: Option<String>,
 }

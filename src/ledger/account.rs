@@ -98,27 +98,6 @@ impl RefillPolicy {
         self.top_up(balance).map(Some)
     }
 
-    /// The rule for a month named explicitly (a sweep, a command, the CLI): [`Self::grant`],
-    /// and a back-fill too. For a month older than the one last evaluated, the account cannot
-    /// tell whether that month was evaluated, so its ledger row decides: none yet
-    /// (`granted` false) ⇒ topped up to the target under the month's key, which the ledger
-    /// holds once. The lazy refill never back-fills.
-    pub fn backfill(
-        self,
-        balance: i64,
-        evaluated: Option<NaiveDate>,
-        month: Month,
-        granted: bool,
-    ) -> Result<Option<i64>, DebtTooDeep> {
-        match evaluated {
-            Some(m) if m > month.first_day() => match granted {
-                true => Ok(None),
-                false => self.top_up(balance).map(Some),
-            },
-            _ => self.grant(balance, evaluated, month),
-        }
-    }
-
     /// What tops `balance` up to the target; 0 at or above it. A debt so deep that the grant
     /// would not fit an i64 is refused: a smaller grant would leave the balance short of the
     /// target without a word.
@@ -411,22 +390,7 @@ impl Account {
         }
     }
 
-    /// [`Account::refill`] of a month named explicitly, which may back-fill one older than the
-    /// last evaluated ([`RefillPolicy::backfill`]; `granted`: its ledger row exists).
-    pub fn refill_named(
-        &mut self,
-        changes: &mut Changes,
-        policy: RefillPolicy,
-        month: Month,
-        granted: bool,
-        at: DateTime<Utc>,
-    ) -> Result<i64, LedgerError> {
-        let grant = policy.backfill(self.balance, self.refill_month, month, granted);
-        self.apply_refill(changes, policy, month, grant, at)
-    }
-
-    /// Posts `grant` (when > 0) under `month`'s key and marks the month evaluated; a back-fill
-    /// leaves the later month marked.
+    /// Posts `grant` (when > 0) under `month`'s key and marks the month evaluated.
     fn apply_refill(
         &mut self,
         changes: &mut Changes,
@@ -554,32 +518,28 @@ mod tests {
     }
 
     #[test]
-    fn a_month_named_before_the_last_evaluated_is_back_filled_once() {
+    fn a_month_before_the_last_evaluated_is_final() {
+        // Evaluated for December at 1,200 (nothing granted), then down to 400: naming an
+        // earlier month, or December again, grants nothing. Whether the account was evaluated
+        // for that month cannot be told, and "target − the balance now" would be a grant for
+        // no month's allowance (a user created later would get months before it existed).
         let p = RefillPolicy { target: 1000 };
-        let m = month("2026-10");
-        // Evaluated for a later month: its row decides.
-        assert_eq!(p.backfill(400, day("2026-12"), m, false), Ok(Some(600)));
-        assert_eq!(p.backfill(400, day("2026-12"), m, true), Ok(None));
-        assert_eq!(p.backfill(1200, day("2026-12"), m, false), Ok(Some(0)));
-        // Otherwise the rule of `grant`.
-        assert_eq!(p.backfill(400, day("2026-10"), m, false), Ok(None));
-        assert_eq!(p.backfill(400, day("2026-09"), m, true), Ok(Some(600)));
-        assert_eq!(p.backfill(400, None, m, false), Ok(Some(600)));
-
         let at = chrono::Utc::now();
         let mut a = Account::new("u".into());
-        a.balance = 400;
-        a.refill_month = day("2026-12");
+        a.balance = 1200;
         let mut changes = Changes::default();
-        assert_eq!(a.refill_named(&mut changes, p, m, false, at).unwrap(), 600);
-        assert_eq!((a.balance, a.refill_month), (1000, day("2026-12")));
+        assert_eq!(a.refill(&mut changes, p, month("2026-12"), at).unwrap(), 0);
+        a.balance = 400;
+        for m in ["2026-10", "2026-11", "2026-12"] {
+            assert_eq!(a.refill(&mut changes, p, month(m), at).unwrap(), 0, "{m}");
+        }
+        assert_eq!((a.balance, a.refill_month), (400, day("2026-12")));
+        assert!(changes.transactions.is_empty());
+        // The next month is refilled.
         assert_eq!(
-            changes.transactions[0].transaction_key,
-            "MONTHLY-CREDIT-TOP-UP-2026-10"
+            a.refill(&mut changes, p, month("2027-01"), at).unwrap(),
+            600
         );
-        // The lazy rule never back-fills.
-        assert_eq!(a.refill(&mut changes, p, month("2026-11"), at).unwrap(), 0);
-        assert_eq!(changes.transactions.len(), 1);
     }
 
     #[test]

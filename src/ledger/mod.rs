@@ -371,6 +371,29 @@ fn check_credit_key(key: &str) -> Result<(), LedgerError> {
     }
 }
 
+/// Refuses a key already used for a ledger row of another type or amount: a key names one
+/// posting, and a request that reuses it for a different one is a caller's mistake that
+/// answering "already applied" would hide. `amount` is signed as in the ledger.
+fn check_key_reuse(
+    key: &str,
+    (row_type, row_amount): (&str, i64),
+    (tx_type, amount): (TxType, i64),
+) -> Result<(), LedgerError> {
+    if row_type == tx_type.as_str() && row_amount == amount {
+        return Ok(());
+    }
+    Err(LedgerError::InvalidArgument {
+        field: "key",
+        reason: format!(
+            "{key} already names a {row_type} of {} credits; this request is a {} of {}: \
+             give it a key of its own",
+            row_amount.unsigned_abs(),
+            tx_type.as_str(),
+            amount.unsigned_abs()
+        ),
+    })
+}
+
 impl Ledger {
     pub fn new(pool: PgPool, policy: LedgerPolicy) -> Self {
         Ledger { pool, policy }
@@ -396,15 +419,15 @@ impl Ledger {
             .await
     }
 
-    /// [`Ledger::with_account`] that also tells `op` whether `key` already exists for the
-    /// user. The key is looked up under the balance-row lock, so two identical requests
-    /// cannot both see it missing.
+    /// [`Ledger::with_account`] that also gives `op` the type and amount of the user's row
+    /// under `key`, if there is one. The key is looked up under the balance-row lock, so two
+    /// identical requests cannot both see it missing.
     async fn with_account_key<T>(
         &self,
         user_id: &str,
         key: Option<&str>,
         at: DateTime<Utc>,
-        op: impl FnOnce(&mut Account, &mut Changes, bool) -> Result<T, LedgerError>,
+        op: impl FnOnce(&mut Account, &mut Changes, Option<(String, i64)>) -> Result<T, LedgerError>,
     ) -> Result<T, LedgerError> {
         check_user_id(user_id)?;
         let users = [user_id.to_owned()];
@@ -413,8 +436,8 @@ impl Ledger {
         let mut changes = Changes::default();
         account.refill_lazily(&mut changes, self.policy.lazy(at), at)?;
         let found = match key {
-            Some(k) => store::key_exists(&mut tx, user_id, k).await?,
-            None => false,
+            Some(k) => store::keyed_row(&mut tx, user_id, k).await?,
+            None => None,
         };
         let out = op(account, &mut changes, found)?;
         store::flush(&mut tx, accounts.values(), &changes, at).await?;
@@ -535,7 +558,14 @@ impl Ledger {
         let threshold = self.policy.low_balance_threshold;
         let ttl = self.policy.auto_top_up_ttl;
         let lookup = key.clone();
-        self.with_account_key(user_id, Some(&lookup), at, |account, changes, found| {
+        self.with_account_key(user_id, Some(&lookup), at, |account, changes, row| {
+            let found = match row {
+                Some((row_type, row_amount)) => {
+                    check_key_reuse(&lookup, (&row_type, row_amount), (tx_type, amount))?;
+                    true
+                }
+                None => false,
+            };
             if !found {
                 let before = account.balance;
                 let seq = account.post(
@@ -670,6 +700,24 @@ pub(crate) fn generated_key(tx_type: TxType) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_reused_for_another_posting_is_refused() {
+        assert!(check_key_reuse("k", ("TOP_UP", 5), (TxType::TopUp, 5)).is_ok());
+        assert!(check_key_reuse("k", ("USAGE", -5), (TxType::Usage, -5)).is_ok());
+        let err = |row, asked| check_key_reuse("k", row, asked).unwrap_err().to_string();
+        assert_eq!(
+            err(("TOP_UP", 5), (TxType::TopUp, 6)),
+            "key: k already names a TOP_UP of 5 credits; this request is a TOP_UP of 6: \
+             give it a key of its own"
+        );
+        assert_eq!(
+            err(("TOP_UP", 5), (TxType::Grant, 5)),
+            "key: k already names a TOP_UP of 5 credits; this request is a GRANT of 5: \
+             give it a key of its own"
+        );
+        assert!(check_key_reuse("k", ("USAGE", -5), (TxType::Usage, -6)).is_err());
+    }
 
     /// Rows newest first, seq `n` down to 1, each with a reason of `reason` bytes.
     fn rows(n: i64, reason: usize) -> Vec<Transaction> {

@@ -93,8 +93,8 @@ const FIND_SETTLEMENT: &str = "SELECT status, pre, post, delta, uncollected, tra
 const FIND_DECISION: &str =
     "SELECT outcome, cost, transaction_key FROM credit.decisions WHERE node_exec_id = $1";
 
-const KEY_EXISTS: &str =
-    "SELECT EXISTS (SELECT 1 FROM credit.transactions WHERE user_id = $1 AND transaction_key = $2)";
+const KEYED_ROW: &str = "SELECT type::text, amount FROM credit.transactions \
+     WHERE user_id = $1 AND transaction_key = $2";
 
 const READ_BALANCE: &str = "SELECT balance FROM credit.balances WHERE user_id = $1";
 
@@ -129,11 +129,10 @@ const REFILL_CHUNK_END: &str = "SELECT max(user_id) FROM (
         SELECT user_id FROM credit.balances WHERE user_id > $1 ORDER BY user_id LIMIT $2) c";
 
 /// One chunk of the refill sweep, in one statement: locks the accounts in ($1, $2] not yet
-/// evaluated for the month starting on $3, or, with $10 (a back-fill), evaluated for a later
-/// one but without that month's row (user_id order; a row another transaction changed
+/// evaluated for the month starting on $3 (user_id order; a row another transaction changed
 /// meanwhile is re-checked after the wait, so one refilled concurrently is skipped), computes
-/// each grant by the rule of `RefillPolicy::grant` (`backfill` with $10; target $4), and
-/// writes what `Account::refill` (`refill_named`) would: per granted user a GRANT ledger row
+/// each grant by the rule of `RefillPolicy::grant` (target $4), and writes what
+/// `Account::refill` would: per granted user a GRANT ledger row
 /// under key $5 with metadata $6 and its `balance.changed` event, whose payload is the text
 /// `events::balance_changed`
 /// serialises (keys in order, `occurred_at` = $8, the time $7 formatted); every evaluated
@@ -142,12 +141,9 @@ const REFILL_CHUNK_END: &str = "SELECT max(user_id) FROM (
 /// events.
 const REFILL_CHUNK: &str = r#"WITH
   locked AS (
-    SELECT user_id, balance, last_seq FROM credit.balances b
+    SELECT user_id, balance, last_seq FROM credit.balances
      WHERE user_id > $1 AND user_id <= $2
-       AND (refill_month IS NULL OR refill_month < $3
-            OR ($10 AND refill_month > $3 AND NOT EXISTS (
-                  SELECT 1 FROM credit.transactions t
-                   WHERE t.user_id = b.user_id AND t.transaction_key = $5)))
+       AND (refill_month IS NULL OR refill_month < $3)
      ORDER BY user_id FOR UPDATE),
   g AS (
     SELECT user_id, last_seq + 1 AS seq, balance,
@@ -312,16 +308,16 @@ pub(crate) async fn find_decision(
         .await
 }
 
-/// Whether `user_id` has a ledger row under `key`.
-pub(crate) async fn key_exists(
+/// The type and amount of the user's ledger row under `key`, if there is one.
+pub(crate) async fn keyed_row(
     conn: &mut PgConnection,
     user_id: &str,
     key: &str,
-) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar(KEY_EXISTS)
+) -> Result<Option<(String, i64)>, sqlx::Error> {
+    sqlx::query_as(KEYED_ROW)
         .bind(user_id)
         .bind(key)
-        .fetch_one(&mut *conn)
+        .fetch_optional(&mut *conn)
         .await
 }
 
@@ -476,8 +472,6 @@ pub(crate) struct RefillGrant<'a> {
     pub key: &'a str,
     pub metadata: &'a serde_json::Value,
     pub target: i64,
-    /// Whether a user evaluated for a later month is back-filled (`RefillPolicy::backfill`).
-    pub backfill: bool,
 }
 
 /// Refills the accounts in (`after`, `through`] not yet evaluated for the month (see
@@ -499,7 +493,6 @@ pub(crate) async fn refill_chunk(
         .bind(at)
         .bind(crate::events::rfc3339(at))
         .bind(EVENTS_PER_ROW as i64)
-        .bind(grant.backfill)
         .fetch_one(&mut *conn)
         .await
         .and_then(|row: ChunkTotals| row.try_into())

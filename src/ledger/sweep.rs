@@ -67,15 +67,24 @@ pub async fn sweep(
     chunk: i64,
     progress: impl FnMut(&SweepReport),
 ) -> Result<SweepReport, LedgerError> {
-    let target = Target { month, user_id };
-    sweep_with(pool, policy, target, false, chunk, progress).await
+    let started = Instant::now();
+    let mut report = SweepReport {
+        month: month.to_string(),
+        ..Default::default()
+    };
+    match user_id {
+        Some(user) => sweep_one(pool, policy, month, user, &mut report).await?,
+        None => sweep_all(pool, policy, month, chunk, &mut report, progress).await?,
+    }
+    report.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    metrics::counter!("credit_refill_runs_total").increment(1);
+    Ok(report)
 }
 
 /// [`sweep`] as an operator asked for it (a command, the CLI): of the month they `named`, or
-/// else of the month of `now`. Only a named month back-fills, by the rule of
-/// [`RefillPolicy::backfill`]: a user evaluated for a later month is back-filled unless the
-/// ledger holds that month's grant. A scheduled sweep, or one of the month by the clock,
-/// never does: the clock may lag, and a month whose sweep ran late would refill twice.
+/// else of the month of `now`. A named month is refilled by the same rule as any other: a
+/// user evaluated for it or a later one gets nothing, so naming a month again changes
+/// nothing.
 pub async fn sweep_asked(
     pool: &PgPool,
     policy: RefillPolicy,
@@ -86,49 +95,14 @@ pub async fn sweep_asked(
     progress: impl FnMut(&SweepReport),
 ) -> Result<SweepReport, LedgerError> {
     let current = Month::of(now);
-    let (month, backfill) = match named {
-        Some(month) => {
-            if month > current {
-                // Allowed (a test, or a month begun elsewhere already), but most likely a
-                // typo: the users it refills are evaluated through that month, so no sweep or
-                // lazy refill refills them again until then.
-                warn!(%month, %current, "refilling a month after the current one: its users get no refill before it");
-            }
-            (month, true)
-        }
-        None => (current, false),
-    };
-    let target = Target { month, user_id };
-    sweep_with(pool, policy, target, backfill, chunk, progress).await
-}
-
-/// Whom a sweep refills, for which month.
-#[derive(Clone, Copy)]
-struct Target<'a> {
-    month: Month,
-    user_id: Option<&'a str>,
-}
-
-async fn sweep_with(
-    pool: &PgPool,
-    policy: RefillPolicy,
-    Target { month, user_id }: Target<'_>,
-    backfill: bool,
-    chunk: i64,
-    progress: impl FnMut(&SweepReport),
-) -> Result<SweepReport, LedgerError> {
-    let started = Instant::now();
-    let mut report = SweepReport {
-        month: month.to_string(),
-        ..Default::default()
-    };
-    match user_id {
-        Some(user) => sweep_one(pool, policy, month, user, backfill, &mut report).await?,
-        None => sweep_all(pool, policy, month, backfill, chunk, &mut report, progress).await?,
+    let month = named.unwrap_or(current);
+    if month > current {
+        // Allowed (a test, or a month begun elsewhere already), but most likely a typo: the
+        // users it refills are evaluated through that month, so no sweep or lazy refill
+        // refills them again until then.
+        warn!(%month, %current, "refilling a month after the current one: its users get no refill before it");
     }
-    report.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-    metrics::counter!("credit_refill_runs_total").increment(1);
-    Ok(report)
+    sweep(pool, policy, month, user_id, chunk, progress).await
 }
 
 /// [`sweep`] of everyone, unless another replica holds the sweep lock (then `None`).
@@ -156,7 +130,6 @@ async fn sweep_one(
     policy: RefillPolicy,
     month: Month,
     user: &str,
-    backfill: bool,
     report: &mut SweepReport,
 ) -> Result<(), LedgerError> {
     check_user_id(user)?;
@@ -164,13 +137,7 @@ async fn sweep_one(
     let now = Utc::now();
     let mut changes = Changes::default();
     for a in accounts.values_mut() {
-        let granted = if backfill {
-            // Looked up under the lock, so a concurrent sweep cannot grant the month between.
-            let granted = store::key_exists(&mut tx, user, &month.refill_key()).await?;
-            a.refill_named(&mut changes, policy, month, granted, now)?
-        } else {
-            a.refill(&mut changes, policy, month, now)?
-        };
+        let granted = a.refill(&mut changes, policy, month, now)?;
         report.tally(granted);
     }
     store::flush(&mut tx, accounts.values(), &changes, now).await?;
@@ -190,7 +157,6 @@ async fn sweep_all(
     pool: &PgPool,
     policy: RefillPolicy,
     month: Month,
-    backfill: bool,
     chunk: i64,
     report: &mut SweepReport,
     mut progress: impl FnMut(&SweepReport),
@@ -202,7 +168,6 @@ async fn sweep_all(
         key: &key,
         metadata: &metadata,
         target: policy.target,
-        backfill,
     };
     let splits = AtomicUsize::new(RANGE_SPLITS);
     let mut cursor = Some(String::new());
@@ -334,9 +299,6 @@ fn sweep_range<'a>(
     })
 }
 
-/// Tries of a range that met another sweep's grant of the same month.
-const RANGE_TRIES: usize = 3;
-
 /// One range (`after`, `through`] in one transaction.
 async fn sweep_chunk(
     pool: &PgPool,
@@ -344,30 +306,15 @@ async fn sweep_chunk(
     after: String,
     through: String,
 ) -> Result<RefillTotals, LedgerError> {
-    let chunk = || async {
+    let chunk = async {
         let mut tx = pool.begin().await?;
         let totals = store::refill_chunk(&mut tx, &after, &through, grant, Utc::now()).await?;
         tx.commit().await?;
         Ok::<_, sqlx::Error>(totals)
     };
-    let mut tries = 0;
-    let done = loop {
-        tries += 1;
-        match chunk().await {
-            // A back-fill re-checks a row it waited for against its statement's snapshot,
-            // which cannot see the grant the sweep it waited for committed: the month's key
-            // refuses the second grant, and the next try sees the first.
-            Err(e) if tries < RANGE_TRIES && is_unique_violation(&e) => continue,
-            done => break done.map_err(LedgerError::from),
-        }
-    };
-    done.inspect_err(|e: &LedgerError| {
+    chunk.await.map_err(LedgerError::from).inspect_err(|e| {
         warn!(error = %e, after = %after, through = %through, "refill of a range of users failed; sweeping on");
     })
-}
-
-fn is_unique_violation(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("23505"))
 }
 
 #[cfg(test)]

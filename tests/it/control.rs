@@ -439,11 +439,12 @@ async fn refill_resets_users_below_target_once_per_month() {
     stop_audit_cleanup(env, worker).await;
 }
 
-/// SPEC §6: any month may be named, a back-fill too. With the lazy refill on, every user is
-/// evaluated for the current month by their first operation; a month before it is still
-/// back-filled once, under its own key, and the current month stays marked.
+/// SPEC §6: any month may be named. With the lazy refill on, a user is evaluated for the
+/// current month by their first operation; a month before it, named later, grants nothing,
+/// for everyone or for that user: the user did not exist then, and "target − the balance now"
+/// would be owed for no month.
 #[tokio::test]
-async fn a_past_month_is_back_filled_once_after_the_lazy_refill() {
+async fn a_past_month_named_after_the_lazy_refill_grants_nothing() {
     let _sweeps = SWEEPS.share().await;
     let env = TestEnv::with(quiet_scheduler).await;
     let worker = start(&env).await;
@@ -452,40 +453,27 @@ async fn a_past_month_is_back_filled_once_after_the_lazy_refill() {
         let day = Utc::now().date_naive() - chrono::Months::new(months);
         day.format("%Y-%m").to_string()
     };
-    let (current, back, further) = (ago(0), ago(2), ago(3));
+    let (current, back) = (ago(0), ago(2));
     // The first operation refills to 1000 for the current month; one execution costs 10.
     env.publish(&[body(&platform_gpt4("user-a", "bf-1"))]).await;
     env.wait_decisions(1, Duration::from_secs(30)).await;
-    assert_eq!(
-        rpc.ok(json!({"command": "refill", "month": back})).await,
-        json!({"month": back, "users_refilled": 1, "credits_granted": 10})
-    );
-    assert_eq!(
-        rpc.ok(json!({"command": "refill", "month": back})).await,
-        json!({"month": back, "users_refilled": 0, "credits_granted": 0})
-    );
-    // One user, through the single-user path.
-    env.publish(&[body(&platform_gpt4("user-a", "bf-2"))]).await;
-    env.wait_decisions(2, Duration::from_secs(30)).await;
-    let one = json!({"command": "refill", "month": further, "user_id": "user-a"});
-    assert_eq!(
-        rpc.ok(one.clone()).await,
-        json!({"month": further, "users_refilled": 1, "credits_granted": 10})
-    );
-    assert_eq!(
-        rpc.ok(one).await,
-        json!({"month": further, "users_refilled": 0, "credits_granted": 0})
-    );
+    for cmd in [
+        json!({"command": "refill", "month": back}),
+        json!({"command": "refill", "month": back, "user_id": "user-a"}),
+        json!({"command": "refill", "month": current}),
+    ] {
+        let month = cmd["month"].clone();
+        assert_eq!(
+            rpc.ok(cmd).await,
+            json!({"month": month, "users_refilled": 0, "credits_granted": 0})
+        );
+    }
     let keys: Vec<String> = grants(&env, "user-a")
         .await
         .into_iter()
         .map(|(key, _, _)| key)
         .collect();
-    assert_eq!(
-        keys,
-        [current.as_str(), back.as_str(), further.as_str()]
-            .map(|m| format!("MONTHLY-CREDIT-TOP-UP-{m}"))
-    );
+    assert_eq!(keys, [format!("MONTHLY-CREDIT-TOP-UP-{current}")]);
     let marked = env
         .scalar_i64(&format!(
             "SELECT count(*) FROM credit.balances
@@ -496,7 +484,7 @@ async fn a_past_month_is_back_filled_once_after_the_lazy_refill() {
     assert_eq!(
         rpc.ok(json!({"command": "balance", "user_id": "user-a"}))
             .await,
-        json!({"user_id": "user-a", "balance": 1000})
+        json!({"user_id": "user-a", "balance": 990})
     );
     stop_audit_cleanup(env, worker).await;
 }
@@ -756,6 +744,29 @@ async fn top_up_with_the_same_key_applies_once() {
     assert_eq!(
         rpc.ok(cmd).await,
         json!({"user_id": "carol", "balance": 1300, "transaction_key": "ORDER-17", "applied": false})
+    );
+    // The key names that top-up of 300: reused for another amount or type it is refused,
+    // not answered as already applied.
+    let reuse = "key: ORDER-17 already names a TOP_UP of 300 credits; this request is a";
+    for (command, amount, asked) in [
+        ("top_up", 301, "TOP_UP of 301"),
+        ("grant", 300, "GRANT of 300"),
+    ] {
+        let (code, message) = rpc
+            .err(json!({"command": command, "user_id": "carol", "amount": amount, "key": "ORDER-17"}))
+            .await;
+        assert_eq!(
+            (code.as_str(), message.as_str()),
+            (
+                "bad_request",
+                format!("{reuse} {asked}: give it a key of its own").as_str()
+            )
+        );
+    }
+    assert_eq!(
+        rpc.ok(json!({"command": "balance", "user_id": "carol"}))
+            .await["balance"],
+        json!(1300)
     );
     assert_eq!(
         env.scalar_i64("SELECT count(*) FROM credit.transactions WHERE type = 'TOP_UP'")
@@ -1083,6 +1094,11 @@ async fn the_cli_runs_each_operator_command() {
         ),
         (
             &["top-up", "alice", "5", "--key", "USAGE-x", "--json"],
+            "bad_request",
+        ),
+        // k1 names the top-up of 100 above.
+        (
+            &["top-up", "alice", "101", "--key", "k1", "--json"],
             "bad_request",
         ),
         (&["outcome", &long_id, "--json"], "bad_request"),

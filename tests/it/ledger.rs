@@ -474,6 +474,18 @@ async fn same_key_again_is_not_applied() {
         .unwrap();
     assert!(a.applied && !b.applied);
     assert_eq!((a.balance, b.balance), (1250, 1250));
+    // The key names that top-up: another amount or type under it is refused.
+    for (tx_type, amount) in [(TxType::TopUp, 251), (TxType::Grant, 250)] {
+        let e = l
+            .credit(tx_type, "idem", amount, Some("pi_123"), None, now)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, LedgerError::InvalidArgument { field: "key", .. }),
+            "{e}"
+        );
+    }
+    assert_eq!(l.balance("idem", now).await.unwrap(), 1250);
     let e = l
         .spend("idem", 5000, "too-much", json!({}), now)
         .await
@@ -627,9 +639,8 @@ async fn sweep_sql_and_the_rust_refill_rule_agree() {
             |_| {},
         );
         let one = one.await.unwrap();
-        // Named explicitly, before any row of the month exists.
         let grant = policy
-            .backfill(*balance, *evaluated, month, false)
+            .grant(*balance, *evaluated, month)
             .expect("representable");
         assert_eq!(
             one.credits_granted,
@@ -647,9 +658,8 @@ async fn sweep_sql_and_the_rust_refill_rule_agree() {
     // reported exactly.
     assert!(expected.1 > i128::from(i64::MAX), "{expected:?}");
     assert_eq!((all.users_refilled, all.credits_granted), expected);
-    // Every sql- twin but "this-month"; no rust- twin (each evaluated, "later-month" by its
-    // back-filled row).
-    assert_eq!(all.users_evaluated, 9 + 4);
+    // Every sql- twin but "this-month" and "later-month"; no rust- twin (each evaluated).
+    assert_eq!(all.users_evaluated, cases.len() as i64 - 2);
     for (case, _, _) in &cases {
         let sql = swept_state(&env, &format!("sql-{case}")).await;
         let rust = swept_state(&env, &format!("rust-{case}")).await;
@@ -657,90 +667,56 @@ async fn sweep_sql_and_the_rust_refill_rule_agree() {
     }
 }
 
-/// With no lazy refill, `user` at `balance`, evaluated for December 2026; and November, the
-/// month to back-fill.
-async fn evaluated_in_december(user: &str, balance: i64) -> (TestEnv, Month) {
+/// A month, once evaluated for a user, is final: naming it again, or an earlier one, grants
+/// nothing, whatever the balance has become since (a user at the target when evaluated, or
+/// one that did not exist then, would otherwise get "target − the balance now" for a month
+/// that was not owed). A user never evaluated for the month is refilled.
+#[tokio::test]
+async fn a_month_evaluated_for_a_user_is_final() {
+    let _sweeps = SWEEPS.share().await;
     let env = TestEnv::with(|s| s.refill.lazy = false).await;
-    sqlx::query(
-        "INSERT INTO credit.balances (user_id, balance, last_seq, refill_month)
-              VALUES ($1, $2, 0, '2026-12-01')",
-    )
-    .bind(user)
-    .bind(balance)
-    .execute(&env.pool)
-    .await
-    .unwrap();
-    (env, "2026-11".parse().unwrap())
-}
-
-/// A sweep of a month by the clock or the schedule never back-fills (a late sweep would
-/// refill twice); one an operator named does, once.
-#[tokio::test]
-async fn only_a_named_month_back_fills() {
-    let _sweeps = SWEEPS.share().await;
-    let (env, november) = evaluated_in_december("u", 0).await;
     let policy = credit_worker::ledger::RefillPolicy { target: 1000 };
-    for user in [None, Some("u")] {
-        let late = refill::sweep(&env.pool, policy, november, user, 10, |_| {});
-        assert_eq!(late.await.unwrap().credits_granted, 0, "{user:?}");
+    let (now, l) = (Utc::now(), env.ledger());
+    let month = |m: &str| Some(m.parse::<Month>().unwrap());
+    let sweep = |named: &str, user: Option<&'static str>| {
+        let pool = env.pool.clone();
+        let named = month(named);
+        async move {
+            let r = refill::sweep_asked(&pool, policy, named, now, user, 10, |_| {});
+            let r = r.await.unwrap();
+            (r.users_refilled, r.credits_granted)
+        }
+    };
+    // "rich" is evaluated for October and November at 1,500; "late" is evaluated for
+    // November at 0.
+    l.credit(TxType::TopUp, "rich", 1500, Some("pay-1"), None, now)
+        .await
+        .unwrap();
+    assert_eq!(sweep("2026-10", None).await, (0, 0));
+    sqlx::query("INSERT INTO credit.balances (user_id) VALUES ('late')")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(sweep("2026-11", None).await, (1, 1000));
+    // Both spend 600; October and November named again, for everyone and for each.
+    for user in ["rich", "late"] {
+        l.spend(user, 600, &format!("spent-{user}"), json!({}), now)
+            .await
+            .unwrap();
     }
-    let named = refill::sweep_asked(
-        &env.pool,
-        policy,
-        Some(november),
-        Utc::now(),
-        None,
-        10,
-        |_| {},
-    );
-    assert_eq!(named.await.unwrap().credits_granted, 1000);
-    let again = refill::sweep_asked(
-        &env.pool,
-        policy,
-        Some(november),
-        Utc::now(),
-        Some("u"),
-        10,
-        |_| {},
-    );
-    assert_eq!(again.await.unwrap().credits_granted, 0);
-    env.assert_audit_clean().await;
-    env.cleanup().await;
-}
-
-/// Two back-fills of one month meeting on a user: the one that waited re-checks the row
-/// against its statement's snapshot, which cannot see the other's grant, and the month's key
-/// refuses its own. The range is tried again, sees the grant, and the sweep succeeds.
-#[tokio::test]
-async fn a_back_fill_that_meets_anothers_grant_tries_the_range_again() {
-    let _sweeps = SWEEPS.share().await;
-    let (env, november) = evaluated_in_december("x", 400).await;
-    let policy = credit_worker::ledger::RefillPolicy { target: 1000 };
-    // The other back-fill, holding the row: its grant, then a debit below the target.
-    let mut other = env.pool.begin().await.unwrap();
-    for sql in [
-        "SELECT 1 FROM credit.balances WHERE user_id = 'x' FOR UPDATE",
-        "INSERT INTO credit.transactions (user_id, seq, transaction_key, type, amount, running_balance)
-              VALUES ('x', 1, 'MONTHLY-CREDIT-TOP-UP-2026-11', 'GRANT', 600, 1000),
-                     ('x', 2, 'SPENT', 'USAGE', -100, 900)",
-        "UPDATE credit.balances SET balance = 900, last_seq = 2 WHERE user_id = 'x'",
-    ] {
-        sqlx::query(sql).execute(&mut *other).await.expect(sql);
+    for named in ["2026-10", "2026-11"] {
+        assert_eq!(sweep(named, None).await, (0, 0), "{named}");
+        for user in ["rich", "late"] {
+            assert_eq!(sweep(named, Some(user)).await, (0, 0), "{named} {user}");
+        }
     }
-    let pool = env.pool.clone();
-    let sweep = tokio::spawn(async move {
-        refill::sweep_asked(&pool, policy, Some(november), Utc::now(), None, 10, |_| {}).await
-    });
-    env.wait_for_one_lock_waiter(Duration::from_secs(10), "the sweep waiting for the row")
+    // The next month refills both.
+    assert_eq!(sweep("2026-12", None).await, (2, 100 + 600));
+    let grants = env
+        .scalar_i64("SELECT count(*) FROM credit.transactions WHERE type = 'GRANT'")
         .await;
-    other.commit().await.unwrap();
-    let report = sweep.await.unwrap().expect("the range tried again");
-    assert_eq!((report.users_refilled, report.credits_granted), (0, 0));
-    assert_eq!(
-        env.scalar_i64("SELECT count(*) FROM credit.transactions WHERE type = 'GRANT'")
-            .await,
-        1
-    );
+    assert_eq!(grants, 3);
+    env.assert_audit_clean().await;
     env.cleanup().await;
 }
 
