@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
@@ -300,18 +300,18 @@ impl<'de> Visitor<'de> for EntrySeed<'_> {
                 Key::NodeId => read_id(&mut map, &mut raw, 4)?,
                 Key::BlockId => read_id(&mut map, &mut raw, 5)?,
                 Key::GraphVersion => {
-                    let v = map.next_value::<Value>()?;
+                    let v = map.next_value_seed(Bounded::MESSAGE)?;
                     once(&mut raw.graph_version, "graph_version", || graph_version(v))
                 }
                 Key::Inputs => {
-                    let v = map.next_value::<Value>()?;
+                    let v = map.next_value_seed(Bounded::MESSAGE)?;
                     once(&mut raw.inputs, "inputs", || match v {
                         Value::Object(m) => Ok(m),
                         other => Err(wrong("inputs", "an object", &other)),
                     })
                 }
                 Key::ExecutionContext => {
-                    let v = map.next_value::<Value>()?;
+                    let v = map.next_value_seed(Bounded::MESSAGE)?;
                     once(
                         &mut raw.execution_context,
                         "execution_context",
@@ -327,7 +327,7 @@ impl<'de> Visitor<'de> for EntrySeed<'_> {
                     once(&mut raw.stats, "stats", || stats(text))
                 }
                 Key::Phase => {
-                    let v = map.next_value::<Value>()?;
+                    let v = map.next_value_seed(Bounded::MESSAGE)?;
                     // null is the field left out, as for the other optional fields.
                     once(&mut raw.phase, "phase", || match v.as_str() {
                         None if v.is_null() => Ok(Phase::Started),
@@ -340,7 +340,7 @@ impl<'de> Visitor<'de> for EntrySeed<'_> {
                     })
                 }
                 Key::Status => {
-                    let v = map.next_value::<Value>()?;
+                    let v = map.next_value_seed(Bounded::MESSAGE)?;
                     once(&mut raw.status, "status", || match v.as_str() {
                         None if v.is_null() => Ok(RunStatus::Completed),
                         Some("COMPLETED") => Ok(RunStatus::Completed),
@@ -369,7 +369,7 @@ fn read_id<'de, A: MapAccess<'de>>(
     i: usize,
 ) -> Result<Result<(), DecodeError>, A::Error> {
     let field = ID_FIELDS[i];
-    let v = map.next_value::<Value>()?;
+    let v = map.next_value_seed(Bounded::MESSAGE)?;
     Ok(once(&mut raw.ids[i], field, || match v {
         Value::String(s) if s.is_empty() => Err(DecodeError::Empty { field }),
         Value::String(s) if s.len() > MAX_ID_BYTES => Err(DecodeError::TooLong {
@@ -380,6 +380,110 @@ fn read_id<'de, A: MapAccess<'de>>(
         Value::String(s) => Ok(s),
         other => Err(wrong(field, "a string", &other)),
     }))
+}
+
+/// Builds a field's JSON value, at most [`MAX_VALUE_DEPTH`] levels deep. Block inputs are
+/// user data, and JSON nested past the parser's own limit (128 levels) is still valid JSON:
+/// refused, it would dead-letter an execution that ran, and leave it unbilled. A non-empty
+/// array or object at that depth is skipped without being built and kept as the string
+/// [`TOO_DEEP`]: truthy, as what it stands for, and equal to no cost filter (a filter that
+/// deep would be absurd), so every filter matches as it would the whole value.
+#[derive(Clone, Copy)]
+struct Bounded {
+    /// Levels of arrays and objects still built below this value.
+    depth: usize,
+}
+
+/// Levels of arrays and objects built in a message field's value, the field's own object or
+/// array included (see [`Bounded`]).
+pub(crate) const MAX_VALUE_DEPTH: usize = 100;
+/// What stands for a non-empty array or object nested deeper than [`MAX_VALUE_DEPTH`].
+pub(crate) const TOO_DEEP: &str = "(nested too deeply)";
+
+impl Bounded {
+    const MESSAGE: Bounded = Bounded {
+        depth: MAX_VALUE_DEPTH,
+    };
+
+    /// The seed of a value inside this one's array or object; `None` past the depth.
+    fn inner(self) -> Option<Bounded> {
+        self.depth.checked_sub(1).map(|depth| Bounded { depth })
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for Bounded {
+    type Value = Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Bounded {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::Number(v.into()))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::Number(v.into()))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let Some(inner) = self.inner() else {
+            // Skipped without recursion (serde_json ignores a value with a loop).
+            if seq.next_element::<IgnoredAny>()?.is_none() {
+                return Ok(Value::Array(Vec::new()));
+            }
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            return Ok(Value::String(TOO_DEEP.into()));
+        };
+        let mut items = Vec::new();
+        while let Some(v) = seq.next_element_seed(inner)? {
+            items.push(v);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let Some(inner) = self.inner() else {
+            if map.next_entry::<IgnoredAny, IgnoredAny>()?.is_none() {
+                return Ok(Value::Object(Map::new()));
+            }
+            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            return Ok(Value::String(TOO_DEEP.into()));
+        };
+        let mut entries = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            entries.insert(key, map.next_value_seed(inner)?);
+        }
+        Ok(Value::Object(entries))
+    }
 }
 
 /// Stores a field's checked value, refusing a second occurrence of the key (which value a
@@ -830,13 +934,16 @@ mod tests {
     }
 
     #[test]
-    fn deep_nesting_is_rejected_without_overflowing_the_stack() {
+    fn deep_nesting_never_overflows_the_stack() {
         let deep = format!(
             "{{\"inputs\":{}{}}}",
             "[".repeat(100_000),
             "]".repeat(100_000)
         );
-        assert!(matches!(err(deep.as_bytes()), DecodeError::NotJson(_)));
+        assert_eq!(
+            err(deep.as_bytes()).to_string(),
+            "inputs: expected an object, got array"
+        );
     }
 
     #[test]
@@ -961,6 +1068,62 @@ mod tests {
             }
         );
         assert_eq!(err(&with("stats", json!("fast"))).field(), "stats");
+    }
+
+    /// `[[…["x"]…]]` nested `levels` deep.
+    fn nested(levels: usize) -> String {
+        format!("{}\"x\"{}", "[".repeat(levels), "]".repeat(levels))
+    }
+
+    /// Block inputs are user data: valid JSON nested past the parser's limit (128) is decoded
+    /// and priced like any other, never dead-lettered (which would leave a run unbilled).
+    #[test]
+    fn inputs_nested_past_the_parsers_limit_are_decoded_and_priced() {
+        let table = crate::cost::CostTable::builtin().unwrap();
+        let text_gen = "1f292d4a-41a4-4977-9684-7c8d560b9f91";
+        for levels in [1, 99, 100, 101, 126, 127, 128, 200, 100_000] {
+            let body = format!(
+                r#"{{"user_id":"u","graph_exec_id":"ge","graph_id":"g","node_exec_id":"ne",
+                "node_id":"n","block_id":"{text_gen}","inputs":{{"prompt":{deep},
+                "model":"gpt-4-turbo","credentials":{{"id":"53c25cb8-e3ee-465c-a4d1-e75a4c899c2a",
+                "provider":"openai","type":"api_key","extra":{deep}}}}},
+                "execution_context":{{"a":{deep}}}}}"#,
+                deep = nested(levels)
+            );
+            let e = ok(body.as_bytes());
+            let price = table.price(&e.block_id, &e.inputs, None).unwrap();
+            assert_eq!(price.cost, 10, "{levels}");
+        }
+        // Built down to the depth; below it a non-empty array or object stands as TOO_DEEP,
+        // an empty one as itself.
+        let depth_of = |v: &Value| {
+            let (mut d, mut v) = (0, v);
+            while let Some(inner) = v.as_array().and_then(|a| a.first()) {
+                (d, v) = (d + 1, inner);
+            }
+            (d, v.clone())
+        };
+        let inputs = |raw: &str| ok(&minimal_with_raw_inputs(raw)).inputs["p"].clone();
+        // `inputs` itself is the first level.
+        let under = MAX_VALUE_DEPTH - 1;
+        let kept = inputs(&nested(under));
+        assert_eq!(depth_of(&kept), (under, json!("x")));
+        let cut = inputs(&nested(under + 1));
+        assert_eq!(depth_of(&cut), (under, json!(TOO_DEEP)));
+        let empty = format!("{}{{}}{}", "[".repeat(under), "]".repeat(under));
+        assert_eq!(depth_of(&inputs(&empty)), (under, json!({})));
+        // Still JSON that must be valid, however deep.
+        let broken = format!("{}1{}", "[".repeat(500), "]".repeat(499));
+        assert_eq!(err(&minimal_with_raw_inputs(&broken)).field(), "body");
+    }
+
+    /// The minimal message with `inputs` = {"p": `raw`}.
+    fn minimal_with_raw_inputs(raw: &str) -> Vec<u8> {
+        format!(
+            r#"{{"user_id":"u","graph_exec_id":"ge","graph_id":"g","node_exec_id":"ne",
+            "node_id":"n","block_id":"b","inputs":{{"p":{raw}}}}}"#
+        )
+        .into_bytes()
     }
 
     /// Python writes a sum such as 0.01 + 0.2 with 17 significant digits; read as its nearest
