@@ -8,7 +8,7 @@
 //! ledger row as it is. Events after the relays' watermark are counted as unpublished.
 
 use serde::Serialize;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Mismatch {
@@ -33,7 +33,7 @@ impl AuditReport {
 
 const BALANCES_VS_LEDGER: &str = "
 SELECT b.user_id, b.balance, b.last_seq,
-       coalesce(t.total, 0)::int8 AS total, coalesce(t.n, 0)::int8 AS n,
+       coalesce(t.total, 0)::text AS total, coalesce(t.n, 0)::int8 AS n,
        coalesce(t.max_seq, 0)::int8 AS max_seq, t.last_running
   FROM credit.balances b
   LEFT JOIN LATERAL (
@@ -47,9 +47,9 @@ SELECT b.user_id, b.balance, b.last_seq,
  ORDER BY b.user_id LIMIT 1000";
 
 const RUNNING_CHAIN: &str = "
-SELECT user_id, seq, running_balance, expected FROM (
+SELECT user_id, seq, running_balance, expected::text AS expected FROM (
   SELECT user_id, seq, running_balance,
-         coalesce(lag(running_balance) OVER w, 0) + amount AS expected
+         coalesce(lag(running_balance) OVER w, 0)::numeric + amount AS expected
     FROM credit.transactions WINDOW w AS (PARTITION BY user_id ORDER BY seq)) x
  WHERE running_balance <> expected ORDER BY user_id, seq LIMIT 1000";
 
@@ -87,21 +87,23 @@ SELECT s.user_id, s.node_exec_id FROM credit.settlements s
     OR s.pre <> CASE WHEN d.outcome = 'charged' THEN d.cost ELSE 0 END
  LIMIT 1000";
 
-/// The other way round: a worker's row (by its key's form) with no decision or settlement
-/// naming it, such as a debit whose decision was lost. Each part is one hashed anti-join.
+/// The other way round: a worker's row (by its key's form, and USAGE, as every row the worker
+/// writes under these keys is: a credit under such a key, which callers could give before
+/// the prefixes were reserved, is not the worker's) with no decision or settlement naming it,
+/// such as a debit whose decision was lost. Each part is one hashed anti-join.
 const ROW_WITHOUT_DECISION: &str = "
 SELECT t.user_id, t.seq FROM credit.transactions t
- WHERE t.transaction_key LIKE 'USAGE-%' AND NOT EXISTS (
+ WHERE t.transaction_key LIKE 'USAGE-%' AND t.type = 'USAGE' AND NOT EXISTS (
           SELECT 1 FROM credit.decisions d
            WHERE d.user_id = t.user_id AND d.transaction_key = t.transaction_key)
 UNION ALL
 SELECT t.user_id, t.seq FROM credit.transactions t
- WHERE t.transaction_key LIKE 'EXECUTION-FEE-%' AND NOT EXISTS (
+ WHERE t.transaction_key LIKE 'EXECUTION-FEE-%' AND t.type = 'USAGE' AND NOT EXISTS (
           SELECT 1 FROM credit.decisions d
            WHERE d.user_id = t.user_id AND d.fee_key = t.transaction_key)
 UNION ALL
 SELECT t.user_id, t.seq FROM credit.transactions t
- WHERE t.transaction_key LIKE 'SETTLE-%' AND NOT EXISTS (
+ WHERE t.transaction_key LIKE 'SETTLE-%' AND t.type = 'USAGE' AND NOT EXISTS (
           SELECT 1 FROM credit.settlements s
            WHERE s.user_id = t.user_id AND s.transaction_key = t.transaction_key)
  LIMIT 1000";
@@ -167,7 +169,8 @@ struct BalanceMismatch {
     user_id: String,
     balance: i64,
     last_seq: i64,
-    total: i64,
+    /// Exact (text of a numeric): a corrupt ledger's sum may be past an i64.
+    total: String,
     n: i64,
     max_seq: i64,
     last_running: Option<i64>,
@@ -178,7 +181,8 @@ struct ChainBreak {
     user_id: String,
     seq: i64,
     running_balance: i64,
-    expected: i64,
+    /// Exact (text of a numeric), as `total` above.
+    expected: String,
 }
 
 /// A ledger row (`seq`) or a decision (`node_exec_id`) missing its counterpart.
@@ -202,11 +206,11 @@ struct Counts {
 }
 
 async fn orphans(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     sql: &str,
     problem: impl Fn(&Orphan) -> String,
 ) -> Result<Vec<Mismatch>, sqlx::Error> {
-    let rows: Vec<Orphan> = sqlx::query_as(sql).fetch_all(pool).await?;
+    let rows: Vec<Orphan> = sqlx::query_as(sql).fetch_all(&mut *conn).await?;
     Ok(rows
         .iter()
         .map(|r| Mismatch {
@@ -217,8 +221,25 @@ async fn orphans(
 }
 
 pub async fn run(pool: &PgPool) -> Result<AuditReport, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    // One snapshot for every check, and no statement timeout: on a large ledger a check runs
+    // longer than the worker's statements may, and a timeout would read as a failed audit.
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("SET LOCAL statement_timeout = 0")
+        .execute(&mut *tx)
+        .await?;
+    let report = checks(&mut tx).await?;
+    tx.rollback().await?;
+    Ok(report)
+}
+
+async fn checks(conn: &mut PgConnection) -> Result<AuditReport, sqlx::Error> {
     let mut mismatches = Vec::new();
-    let rows: Vec<BalanceMismatch> = sqlx::query_as(BALANCES_VS_LEDGER).fetch_all(pool).await?;
+    let rows: Vec<BalanceMismatch> = sqlx::query_as(BALANCES_VS_LEDGER)
+        .fetch_all(&mut *conn)
+        .await?;
     mismatches.extend(rows.into_iter().map(|r| Mismatch {
         problem: format!(
             "balance {} / last_seq {} vs ledger sum {} over {} rows (max seq {}, last running balance {})",
@@ -231,7 +252,7 @@ pub async fn run(pool: &PgPool) -> Result<AuditReport, sqlx::Error> {
         ),
         user_id: r.user_id,
     }));
-    let rows: Vec<ChainBreak> = sqlx::query_as(RUNNING_CHAIN).fetch_all(pool).await?;
+    let rows: Vec<ChainBreak> = sqlx::query_as(RUNNING_CHAIN).fetch_all(&mut *conn).await?;
     mismatches.extend(rows.into_iter().map(|r| Mismatch {
         problem: format!(
             "seq {}: running balance {} but previous + amount = {}",
@@ -240,50 +261,50 @@ pub async fn run(pool: &PgPool) -> Result<AuditReport, sqlx::Error> {
         user_id: r.user_id,
     }));
     mismatches.extend(
-        orphans(pool, ORPHAN_ROWS, |r| {
+        orphans(&mut *conn, ORPHAN_ROWS, |r| {
             format!("seq {} has no balance row", r.seq)
         })
         .await?,
     );
     mismatches.extend(
-        orphans(pool, CHARGED_WITHOUT_ROW, |r| {
+        orphans(&mut *conn, CHARGED_WITHOUT_ROW, |r| {
             format!("decision {} has no matching USAGE row", r.node_exec_id)
         })
         .await?,
     );
     mismatches.extend(
-        orphans(pool, SETTLED_WITHOUT_ROW, |r| {
+        orphans(&mut *conn, SETTLED_WITHOUT_ROW, |r| {
             format!("settlement {} has no matching SETTLE row", r.node_exec_id)
         })
         .await?,
     );
     mismatches.extend(
-        orphans(pool, SETTLEMENT_WITHOUT_DECISION, |r| {
+        orphans(&mut *conn, SETTLEMENT_WITHOUT_DECISION, |r| {
             let id = &r.node_exec_id;
             format!("settlement {id} does not match its decision (none, or another user, block or charge)")
         })
         .await?,
     );
     mismatches.extend(
-        orphans(pool, ROW_WITHOUT_DECISION, |r| {
+        orphans(&mut *conn, ROW_WITHOUT_DECISION, |r| {
             format!("seq {} has no decision or settlement naming it", r.seq)
         })
         .await?,
     );
     mismatches.extend(
-        orphans(pool, ROW_WITHOUT_EVENT, |r| {
+        orphans(&mut *conn, ROW_WITHOUT_EVENT, |r| {
             format!("seq {} has no balance.changed event", r.seq)
         })
         .await?,
     );
     mismatches.extend(
-        orphans(pool, EVENT_WITHOUT_ROW, |r| {
+        orphans(&mut *conn, EVENT_WITHOUT_ROW, |r| {
             let id = &r.event_id;
             format!("event {id} matches no ledger row (user, seq, amount, balance and key)")
         })
         .await?,
     );
-    let c: Counts = sqlx::query_as(COUNTS).fetch_one(pool).await?;
+    let c: Counts = sqlx::query_as(COUNTS).fetch_one(&mut *conn).await?;
     Ok(AuditReport {
         users: c.users,
         transactions: c.transactions,

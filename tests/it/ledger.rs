@@ -829,6 +829,16 @@ async fn audit_reports_every_kind_of_mismatch() {
                      ('n-3', 'b', 'x', 'COMPLETED', 0, 0, 0)",
         "ALTER TABLE credit.decisions DISABLE TRIGGER decisions_append_only",
         "DELETE FROM credit.decisions WHERE node_exec_id = 'n-1'",
+        // A credit under a key of the worker's form, as callers could give before the
+        // prefixes were reserved: not the worker's, so no decision is missing.
+        "INSERT INTO credit.balances (user_id, balance, last_seq) VALUES ('old', 5, 1)",
+        "INSERT INTO credit.transactions (user_id, seq, transaction_key, type, amount, running_balance)
+              VALUES ('old', 1, 'USAGE-from-an-old-caller', 'TOP_UP', 5, 5)",
+        // Rows whose sum and chain pass an i64: reported exactly, not an error.
+        "INSERT INTO credit.balances (user_id, balance, last_seq) VALUES ('huge', 5, 2)",
+        "INSERT INTO credit.transactions (user_id, seq, transaction_key, type, amount, running_balance)
+              VALUES ('huge', 1, 'H1', 'GRANT', 9223372036854775807, 9223372036854775807),
+                     ('huge', 2, 'H2', 'GRANT', 1, 5)",
     ] {
         sqlx::query(sql).execute(&env.pool).await.expect(sql);
     }
@@ -874,6 +884,17 @@ async fn audit_reports_every_kind_of_mismatch() {
             ),
             expect("ghost", "seq 1 has no balance row"),
             expect("ghost", "seq 1 has no balance.changed event"),
+            expect(
+                "huge",
+                "balance 5 / last_seq 2 vs ledger sum 9223372036854775808 over 2 rows (max seq 2, last running balance 5)"
+            ),
+            expect("huge", "seq 1 has no balance.changed event"),
+            expect("huge", "seq 2 has no balance.changed event"),
+            expect(
+                "huge",
+                "seq 2: running balance 5 but previous + amount = 9223372036854775808"
+            ),
+            expect("old", "seq 1 has no balance.changed event"),
         ]
     );
     // A watermark past them counts them published.
