@@ -26,8 +26,17 @@ pub fn migrations() -> usize {
 /// Creates the database if missing. Two processes racing to create it is fine.
 pub(crate) async fn ensure_database(url: &str) -> Result<(), sqlx::Error> {
     let url = &effective_url(url);
-    if Postgres::database_exists(url).await? {
-        return Ok(());
+    // The database itself first: the maintenance database that creating one needs may be
+    // out of reach (a connection pooler, a managed server that serves only the app's), and
+    // need not be reached when the database exists.
+    match sqlx::PgConnection::connect(url).await {
+        Ok(conn) => {
+            let _ = conn.close().await;
+            return Ok(());
+        }
+        // invalid_catalog_name: no such database.
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("3D000") => {}
+        Err(e) => return Err(e),
     }
     match Postgres::create_database(url).await {
         Ok(()) => Ok(()),
