@@ -111,12 +111,12 @@ SELECT t.user_id, t.seq FROM credit.transactions t
 /// A ledger row's event is a row of its own (found by event_id) or an element of a run of
 /// events (migration 0009), whose ids are read out of the runs. Its id is the one of
 /// migrations 0013 and 0017 (`id_now`) or, for a row written before them, the one it had
-/// then (`id_before`): where 0017 bounded the id, the unbounded one of 0013; otherwise the
-/// one with the user id as it is, before 0013. Each is looked up by equality, so each lookup
-/// is one hashed anti-join. Rows stamped before the retention horizon (migration 0011) are
-/// not looked at: their events may have been deleted once published. Events are stamped with
-/// their row's time; the minute's margin covers rows written before that, whose events were
-/// stamped with their transaction's start.
+/// then: the unbounded one of 0013 (`id_0013`), or the one with the user id as it is, from
+/// before 0013 (`id_raw`). Each is looked up by equality, so each lookup is one hashed
+/// anti-join. Rows stamped before the retention horizon (migration 0011) are not looked at:
+/// their events may have been deleted once published. Events are stamped with their row's
+/// time; the minute's margin covers rows written before that, whose events were stamped with
+/// their transaction's start.
 const ROW_WITHOUT_EVENT: &str = "
 WITH ids AS (
     SELECT event_id AS id FROM credit.outbox
@@ -124,20 +124,17 @@ WITH ids AS (
     SELECT e->>'event_id' FROM credit.outbox o, json_array_elements(o.run) e
      WHERE o.events > 1 AND o.routing_key = 'balance.changed')
 SELECT t.user_id, t.seq
-  FROM (SELECT user_id, seq, id_now,
-               CASE WHEN id_now <> id_0013 THEN id_0013
-                    ELSE 'balance.changed:' || user_id || ':' || transaction_key
-               END AS id_before
-          FROM (SELECT user_id, seq, transaction_key,
-                       credit.balance_changed_id(user_id, transaction_key) AS id_now,
-                       'balance.changed:' || credit.event_user(user_id) || ':' || transaction_key
-                           AS id_0013
-                  FROM credit.transactions
-                 WHERE created_at >= (SELECT pruned_before FROM credit.outbox_relay)
-                                     + interval '1 minute') r
-       ) t
+  FROM (SELECT user_id, seq, transaction_key,
+               credit.balance_changed_id(user_id, transaction_key) AS id_now,
+               'balance.changed:' || credit.event_user(user_id) || ':' || transaction_key
+                   AS id_0013,
+               'balance.changed:' || user_id || ':' || transaction_key AS id_raw
+          FROM credit.transactions
+         WHERE created_at >= (SELECT pruned_before FROM credit.outbox_relay)
+                             + interval '1 minute') t
  WHERE NOT EXISTS (SELECT 1 FROM ids WHERE ids.id = t.id_now)
-   AND NOT EXISTS (SELECT 1 FROM ids WHERE ids.id = t.id_before)
+   AND NOT EXISTS (SELECT 1 FROM ids WHERE ids.id = t.id_0013)
+   AND NOT EXISTS (SELECT 1 FROM ids WHERE ids.id = t.id_raw)
  LIMIT 1000";
 
 /// The other way round: every `balance.changed` event still in the outbox (one in `payload`,

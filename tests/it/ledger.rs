@@ -1654,7 +1654,8 @@ async fn event_ids_name_one_user_and_key_even_with_colons() {
 }
 
 /// A row whose event id is over 255 bytes is published under the bounded id; one written
-/// before the bound keeps the id it was published under, and the audit finds either.
+/// before the bound keeps the id it was published under (migration 0013's, or the one before
+/// it), and the audit finds any of them.
 #[tokio::test]
 async fn the_audit_finds_a_long_rows_event_under_its_bounded_or_earlier_id() {
     let env = TestEnv::with(no_refill).await;
@@ -1687,6 +1688,13 @@ async fn the_audit_finds_a_long_rows_event_under_its_bounded_or_earlier_id() {
         .await
         .unwrap();
     set_earlier().await.unwrap();
+    env.assert_audit_clean().await;
+    // And one written before migration 0013 has the user id as it is.
+    sqlx::query("UPDATE credit.outbox SET event_id = $1")
+        .bind(format!("balance.changed:a:b:{key}"))
+        .execute(&env.pool)
+        .await
+        .unwrap();
     env.assert_audit_clean().await;
     sqlx::query("UPDATE credit.outbox SET event_id = 'balance.changed:a:b:k'")
         .execute(&env.pool)
