@@ -1,7 +1,7 @@
 //! Property tests: random sequences of ledger operations against an in-memory model (real
 //! PostgreSQL), and a large corpus of arbitrary message bodies through decode + price.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use chrono::{TimeZone, Utc};
 use credit_worker::cost::CostTable;
@@ -35,7 +35,8 @@ fn op() -> impl Strategy<Value = Op> {
 struct Model {
     balance: i64,
     seq: i64,
-    keys: HashSet<String>,
+    /// Each key's posting: its type and signed amount.
+    keys: HashMap<String, (&'static str, i64)>,
     touched: bool,
 }
 
@@ -46,7 +47,8 @@ impl Model {
             self.touched = true;
             self.balance = 1000;
             self.seq = 1;
-            self.keys.insert("MONTHLY-CREDIT-TOP-UP-2026-11".into());
+            self.keys
+                .insert("MONTHLY-CREDIT-TOP-UP-2026-11".into(), ("GRANT", 1000));
         }
     }
 }
@@ -72,27 +74,45 @@ fn ledger_matches_an_in_memory_model() {
                     let m = model.entry(user).or_default();
                     m.touch();
                     let key = format!("K{key}");
-                    let p = rt.block_on(ledger.credit(TxType::TopUp, &name(user), amount, Some(&key), None, now)).unwrap();
-                    let fresh = m.keys.insert(key);
-                    if fresh {
-                        m.balance += amount;
-                        m.seq += 1;
+                    let r = rt.block_on(ledger.credit(TxType::TopUp, &name(user), amount, Some(&key), None, now));
+                    match m.keys.get(&key) {
+                        // A key names one posting: the same again is not applied, another refused.
+                        Some(&posting) if posting == ("TOP_UP", amount) => {
+                            let p = r.unwrap();
+                            prop_assert!(!p.applied);
+                            prop_assert_eq!(p.balance, m.balance);
+                        }
+                        Some(_) => {
+                            let refused = matches!(r, Err(LedgerError::InvalidArgument { field: "key", .. }));
+                            prop_assert!(refused);
+                        }
+                        None => {
+                            m.keys.insert(key, ("TOP_UP", amount));
+                            m.balance += amount;
+                            m.seq += 1;
+                            let p = r.unwrap();
+                            prop_assert!(p.applied);
+                            prop_assert_eq!(p.balance, m.balance);
+                        }
                     }
-                    prop_assert_eq!(p.applied, fresh);
-                    prop_assert_eq!(p.balance, m.balance);
                 }
                 Op::Spend { user, amount, key } => {
                     let m = model.entry(user).or_default();
                     m.touch();
                     let key = format!("K{key}");
                     let r = rt.block_on(ledger.spend(&name(user), amount, &key, json!({}), now));
-                    if m.keys.contains(&key) {
-                        prop_assert!(!r.unwrap().applied);
+                    if let Some(&posting) = m.keys.get(&key) {
+                        if posting == ("USAGE", -amount) {
+                            prop_assert!(!r.unwrap().applied);
+                        } else {
+                            let refused = matches!(r, Err(LedgerError::InvalidArgument { field: "key", .. }));
+                            prop_assert!(refused);
+                        }
                     } else if amount > m.balance {
                         let insufficient = matches!(r, Err(LedgerError::InsufficientBalance { .. }));
                         prop_assert!(insufficient);
                     } else {
-                        m.keys.insert(key);
+                        m.keys.insert(key, ("USAGE", -amount));
                         m.balance -= amount;
                         m.seq += 1;
                         let p = r.unwrap();
