@@ -37,18 +37,13 @@ pub(crate) fn producer(props: &BasicProperties, worker: Option<&str>) -> Option<
 
 /// `props` as broker user `me` may publish them: `user_id` = `me`, with the message's
 /// [`producer`] (as `me` sees it) in [`PRODUCER_HEADER`] when that is another user. An
-/// anonymous message stays as it is. Everything else is kept.
+/// anonymous message stays as it is, whatever header it carries: anyone may write the
+/// header, and a copy under `me`'s verified `user_id` would make it `me`'s (or, `me` being
+/// the worker's user, the header's). Everything else is kept.
 pub(crate) fn publishable_by(props: &BasicProperties, me: Option<&str>) -> BasicProperties {
     let kept = super::without_headers(props, &[PRODUCER_HEADER]);
     let Some(producer) = producer(props, me) else {
-        // Anonymous, and kept so: a header on it is believed only by the producer it names,
-        // which may replay a dead letter written before dead letters carried the worker's
-        // user_id (none, with the producer in the header) as its own.
-        let header = props.headers().as_ref().and_then(producer_header);
-        return match me {
-            Some(me) if header.as_deref() == Some(me) => kept.with_user_id(me.into()),
-            _ => props.clone(),
-        };
+        return props.clone();
     };
     if me == Some(producer.as_str()) {
         return kept.with_user_id(producer.into());
@@ -138,16 +133,22 @@ mod tests {
         let dead = publishable_by(&forged, Some("worker"));
         assert_eq!(producer_in(&dead).as_deref(), Some("mallory"));
         assert_eq!(producer(&dead, Some("worker")).as_deref(), Some("mallory"));
-        // An anonymous message stays as it is, its header not believed.
+        // An anonymous message stays as it is, its header not believed, whoever republishes
+        // it: the user the header names, or the worker's own user named by it.
         let anonymous = crate::amqp::without(&forged, &[crate::amqp::Prop::UserId]);
         assert_eq!(producer(&anonymous, Some("worker")), None);
-        assert_eq!(publishable_by(&anonymous, Some("worker")), anonymous);
-        assert_eq!(producer(&anonymous, Some("worker")), None);
-        // A dead letter of the earlier form (no user_id, the producer in the header) is the
-        // producer's own when the producer replays it.
-        let by_executor = publishable_by(&anonymous, Some("executor"));
-        let plain = crate::amqp::without_headers(&forged, &[PRODUCER_HEADER]);
-        assert_eq!(by_executor, plain.with_user_id("executor".into()));
+        for me in ["worker", "executor", "operator"] {
+            assert_eq!(publishable_by(&anonymous, Some(me)), anonymous, "{me}");
+        }
+        let mut h = anonymous.headers().clone().unwrap_or_default();
+        h.insert(
+            PRODUCER_HEADER.into(),
+            AMQPValue::LongString("worker".into()),
+        );
+        let naming_the_worker = anonymous.clone().with_headers(h);
+        let dead = publishable_by(&naming_the_worker, Some("worker"));
+        assert_eq!(dead, naming_the_worker);
+        assert_eq!(producer(&dead, Some("worker")), None);
         // Another user replaying the worker's dead letter is who sent the copy.
         let dead = publishable_by(&sent_by("executor"), Some("worker"));
         let by_operator = publishable_by(&dead, Some("operator"));

@@ -1093,8 +1093,19 @@ async fn only_allowed_producers_are_billed() {
         .unwrap();
     let publish = |id: &str, user_id: Option<&str>| {
         let mut props = BasicProperties::default().with_delivery_mode(2);
-        if let Some(u) = user_id {
-            props = props.with_user_id(u.into());
+        match user_id {
+            Some(u) => props = props.with_user_id(u.into()),
+            // An anonymous message naming the worker's own user as its producer: the header
+            // is anyone's to write, so it must not make the message the worker's.
+            None if id == "forged" => {
+                let mut h = lapin::types::FieldTable::default();
+                h.insert(
+                    "x-credit-producer".into(),
+                    lapin::types::AMQPValue::LongString("guest".into()),
+                );
+                props = props.with_headers(h);
+            }
+            None => {}
         }
         let ch = ch.clone();
         let queue = env.names.input_queue.clone();
@@ -1116,17 +1127,31 @@ async fn only_allowed_producers_are_billed() {
     // RabbitMQ checks the user_id property against the connection's user (guest here).
     publish("from-guest", Some("guest")).await;
     publish("anonymous", None).await;
-    let dead = env.dead_letters(1).await;
-    assert_eq!(
-        dead[0].1,
-        "user_id: the message has no user_id property; amqp.allowed_producers cannot be checked"
-    );
+    publish("forged", None).await;
+    let dead_queue = env.names.dead_queue.clone();
+    wait_for(T, "two dead letters", || async {
+        queue_depth(&env, &dead_queue).await == 2
+    })
+    .await;
+    // Replayed with the worker's credentials, both are still anonymous, and refused again.
+    let replayed = env.cli_json(&["dead-letters", "replay", "--all"]);
+    assert_eq!(replayed["replayed"], json!(2), "{replayed}");
+    let dead = env.dead_messages(2).await;
+    for (_, props) in &dead {
+        let reason = header_text(props, "x-credit-error").unwrap_or_default();
+        assert_eq!(
+            reason,
+            "user_id: the message has no user_id property; amqp.allowed_producers cannot be checked"
+        );
+        assert_eq!(props.user_id(), &None);
+    }
     env.wait_decisions(1, T).await;
     assert_eq!(
         env.outcome_of("from-guest").await.as_deref(),
         Some("charged")
     );
     assert_eq!(env.outcome_of("anonymous").await, None);
+    assert_eq!(env.outcome_of("forged").await, None);
     assert_eq!(env.ledger().balance("prod", Utc::now()).await.unwrap(), 90);
     stop_audit_cleanup(env, worker).await;
 }
