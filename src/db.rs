@@ -149,10 +149,45 @@ fn connect_options(
     Ok(opts)
 }
 
+/// How long the worker waits for the database to answer a transaction, a relay round or a
+/// ping before it gives the connection up: `statement_timeout` is the server's, so a server
+/// gone silent (its host lost after acknowledging a query, a NAT or load balancer that
+/// dropped the flow, a hung pooler) would otherwise be waited for for ever, the batch's
+/// deliveries held. Two statement timeouts and a second; none without a statement timeout.
+pub(crate) fn stall_bound(settings: &DatabaseSettings) -> Option<Duration> {
+    (settings.statement_timeout_ms > 0).then(|| {
+        Duration::from_millis(settings.statement_timeout_ms.saturating_mul(2))
+            + Duration::from_secs(1)
+    })
+}
+
+/// `work` given up after `bound` (see [`stall_bound`]) with a transient error: what it was
+/// doing on its connection is abandoned with the connection.
+pub(crate) async fn bounded<T, E: From<sqlx::Error>>(
+    bound: Option<Duration>,
+    work: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    match bound {
+        None => work.await,
+        Some(limit) => tokio::time::timeout(limit, work)
+            .await
+            .unwrap_or_else(|_| Err(E::from(stalled(limit)))),
+    }
+}
+
+/// The error of a connection that did not answer within `limit`.
+fn stalled(limit: Duration) -> sqlx::Error {
+    sqlx::Error::Io(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("no answer from the database within {limit:?}; the connection is given up"),
+    ))
+}
+
 /// A pool on `settings.url`. Connections are made lazily, so this succeeds while the database
 /// is down; callers see the outage as (transient) query errors.
 pub fn pool(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
     let opts = connect_options(settings, true)?;
+    let bound = stall_bound(settings);
     Ok(PgPoolOptions::new()
         .max_connections(settings.max_connections)
         .acquire_timeout(Duration::from_secs(5))
@@ -165,6 +200,15 @@ pub fn pool(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
                 if meta.idle_for >= PING_AFTER_IDLE {
                     conn.ping().await?;
                 }
+                Ok(true)
+            })
+        })
+        // A connection whose work was given up (see `bounded`) comes back with its answer
+        // still owed: the pool's own ping on release would wait for it without end, holding
+        // a slot of the pool. Bounded here, a silent one is closed instead.
+        .after_release(move |conn, _| {
+            Box::pin(async move {
+                bounded(bound, conn.ping()).await?;
                 Ok(true)
             })
         })

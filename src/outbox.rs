@@ -126,15 +126,17 @@ impl Relay {
         drain: &CancellationToken,
         hard_stop: &CancellationToken,
     ) -> Result<bool, RelayError> {
+        let bound = self.stall_bound();
         let mut ours_through = None;
-        while !store::try_lead_relay(db).await? {
+        while !crate::db::bounded(bound, store::try_lead_relay(db)).await? {
             if drain.is_cancelled() {
                 let first = ours_through.is_none();
                 let through = match ours_through {
                     Some(id) => id,
-                    None => *ours_through.insert(store::outbox_head(db).await?),
+                    None => *ours_through
+                        .insert(crate::db::bounded(bound, store::outbox_head(db)).await?),
                 };
-                if store::watermark(db).await? >= through {
+                if crate::db::bounded(bound, store::watermark(db)).await? >= through {
                     return Ok(false);
                 }
                 if first {
@@ -165,25 +167,31 @@ impl Relay {
         // Listening before the first read: an event committed after it notifies.
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen("credit_outbox").await?;
-        let mut watermark = store::watermark(db).await?;
+        let bound = self.stall_bound();
+        let mut watermark = crate::db::bounded(bound, store::watermark(db)).await?;
         // Whether the last read started after drain: only such a read sees every event the
         // stopped writers committed, so only its finding none means the outbox is flushed.
         let mut read_in_drain = drain.is_cancelled();
-        let mut rows = store::events_after(db, watermark, BATCH).await?;
+        let mut rows = crate::db::bounded(bound, store::events_after(db, watermark, BATCH)).await?;
         let mut pruner = Pruner::new(self.settings.outbox.retention());
         loop {
             if hard_stop.is_cancelled() {
                 return Ok(());
             }
             if !drain.is_cancelled() {
-                pruner.prune_if_due(db).await;
+                let pruned = async {
+                    pruner.prune_if_due(db).await;
+                    Ok::<_, RelayError>(())
+                };
+                crate::db::bounded(bound, pruned).await?;
             }
             if let Some(through) = rows.last().map(|r| r.id) {
                 let started = Instant::now();
                 let published = publish(publisher, exchange, &rows).await?;
                 metrics::counter!("credit_events_published_total").increment(published as u64);
                 read_in_drain = drain.is_cancelled();
-                rows = store::advance_and_read(db, through, BATCH).await?;
+                rows =
+                    crate::db::bounded(bound, store::advance_and_read(db, through, BATCH)).await?;
                 watermark = through;
                 metrics::histogram!("credit_outbox_publish_seconds")
                     .record(started.elapsed().as_secs_f64());
@@ -198,8 +206,14 @@ impl Relay {
                 return Ok(());
             }
             read_in_drain = drain.is_cancelled();
-            rows = store::events_after(db, watermark, BATCH).await?;
+            rows = crate::db::bounded(bound, store::events_after(db, watermark, BATCH)).await?;
         }
+    }
+
+    /// How long a round's statement may go unanswered before the session is given up and
+    /// begun again on a new connection (`db::stall_bound`).
+    fn stall_bound(&self) -> Option<Duration> {
+        crate::db::stall_bound(&self.settings.database)
     }
 
     /// Waits for a NOTIFY from any writer (a writer that committed during the last look has

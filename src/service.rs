@@ -274,6 +274,7 @@ impl Parts {
                     pool: pool.clone(),
                     pricing: Arc::new(settings.pricing(costs)),
                     clock: clock.clone(),
+                    stall: crate::db::stall_bound(&settings.database),
                 },
                 health: health.clone(),
                 own_user: crate::amqp::producer::own_user(&settings.amqp.url),

@@ -119,6 +119,9 @@ pub struct DbDecider {
     pub pricing: Arc<Pricing>,
     /// What "now" is for a decision (its fee day, the lazy refill's month, the rows' stamps).
     pub clock: Arc<dyn Clock>,
+    /// How long a batch may wait for the database before it is retried on another
+    /// connection (`db::stall_bound`).
+    pub stall: Option<std::time::Duration>,
 }
 
 impl Decider for DbDecider {
@@ -127,7 +130,9 @@ impl Decider for DbDecider {
         entries: &[NodeExecutionEntry],
         turn: Turn,
     ) -> Result<Vec<Verdict>, DecideError> {
-        decide::decide_in_turn(&self.pool, &self.pricing, entries, self.clock.now(), turn).await
+        let now = self.clock.now();
+        let decided = decide::decide_in_turn(&self.pool, &self.pricing, entries, now, turn);
+        crate::db::bounded(self.stall, decided).await
     }
 }
 

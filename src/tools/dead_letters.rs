@@ -132,8 +132,13 @@ impl Session {
         Ok(out)
     }
 
-    /// Returns every message still held (up to `last`) to the dead queue, then closes.
-    async fn finish(self, last: Option<DeliveryTag>) -> anyhow::Result<()> {
+    /// Returns every message still held (up to `last`, `held` of them) to the dead queue,
+    /// and closes once the queue has taken back the returns and the removals. A quorum queue
+    /// applies both after the channel has sent them: closed at once, the channel may lose
+    /// removals (the dead copy of a replayed message stays), and returns still under way are
+    /// not in the depth the next list or replay reads first (it would stop short of them).
+    async fn finish(self, last: Option<DeliveryTag>, held: usize) -> anyhow::Result<()> {
+        let before = self.depth().await?;
         if let Some(tag) = last {
             let requeue = BasicNackOptions {
                 multiple: true,
@@ -141,11 +146,54 @@ impl Session {
             };
             self.reader.basic_nack(tag, requeue).await?;
         }
+        self.settle().await?;
+        self.await_depth(before.saturating_add(u32::try_from(held).unwrap_or(u32::MAX)))
+            .await?;
         let _ = self.reader.close(200, "done".into()).await;
         let _ = crate::tools::close_connection(self.conn, "done").await;
         Ok(())
     }
+
+    /// A read of the dead queue, which its leader answers only after the removals and returns
+    /// this channel sent before it; a message it hands out goes straight back.
+    async fn settle(&self) -> anyhow::Result<()> {
+        let got = self.take(1).await?;
+        if let Some(d) = got.first() {
+            let requeue = BasicNackOptions {
+                multiple: false,
+                requeue: true,
+            };
+            self.reader.basic_nack(d.delivery_tag, requeue).await?;
+        }
+        Ok(())
+    }
+
+    /// Waits, up to [`SETTLE_TIMEOUT`], until the dead queue holds at least `ready` messages.
+    async fn await_depth(&self, ready: u32) -> anyhow::Result<()> {
+        let start = std::time::Instant::now();
+        loop {
+            let now = self.depth().await?;
+            if now >= ready {
+                return Ok(());
+            }
+            if start.elapsed() >= SETTLE_TIMEOUT {
+                tracing::warn!(
+                    ready = now,
+                    expected = ready,
+                    "the dead queue has not taken back every message yet; a list or replay \
+                     run now may not see them all"
+                );
+                return Ok(());
+            }
+            tokio::time::sleep(SETTLE_POLL).await;
+        }
+    }
 }
+
+/// How long a list or replay waits for the dead queue to take back what it returned.
+const SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How often it looks meanwhile.
+const SETTLE_POLL: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Lists up to `limit` dead messages, leaving them all in the queue.
 pub async fn list(settings: &Settings, limit: usize) -> anyhow::Result<ListReport> {
@@ -154,7 +202,7 @@ pub async fn list(settings: &Settings, limit: usize) -> anyhow::Result<ListRepor
     let held = session.take(limit.min(depth as usize)).await?;
     let messages = held.iter().map(describe).collect();
     let last = held.last().map(|d| d.delivery_tag);
-    session.finish(last).await?;
+    session.finish(last, held.len()).await?;
     Ok(ListReport { depth, messages })
 }
 
@@ -169,7 +217,7 @@ pub async fn replay(
     let session = Session::open(settings).await?;
     let mut left = session.depth().await? as usize;
     let mut report = ReplayReport::default();
-    let mut last_held = None;
+    let (mut last_held, mut held) = (None, 0);
     while left > 0 {
         let batch = session.take(left.min(WINDOW)).await?;
         if batch.is_empty() {
@@ -179,15 +227,15 @@ pub async fn replay(
         let (chosen, skipped): (Vec<_>, Vec<_>) =
             batch.into_iter().partition(|d| selection.takes(d));
         report.skipped += skipped.len();
-        last_held = max_tag(last_held, skipped.last());
+        (last_held, held) = (max_tag(last_held, skipped.last()), held + skipped.len());
         if dry_run {
             report.would_replay.extend(chosen.iter().map(describe));
-            last_held = max_tag(last_held, chosen.last());
+            (last_held, held) = (max_tag(last_held, chosen.last()), held + chosen.len());
             continue;
         }
         report.replayed += move_batch(&session, &chosen).await?;
     }
-    session.finish(last_held).await?;
+    session.finish(last_held, held).await?;
     Ok(report)
 }
 
@@ -257,10 +305,11 @@ pub fn reason(props: &BasicProperties) -> String {
     }
 }
 
-/// The body's `node_exec_id`, when the body is a JSON object with that string field.
+/// The body's `node_exec_id`, when the body is a JSON object with that string field. Only
+/// that field is built: the rest of a body the worker accepts may be nested past what a
+/// whole-document parse takes.
 pub fn node_exec_id(body: &[u8]) -> Option<String> {
-    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
-    v.get("node_exec_id")?.as_str().map(str::to_owned)
+    crate::consumer::process::MessageIds::peek(body).node_exec_id
 }
 
 /// The first [`EXCERPT_CHARS`] characters of `body`, lossy UTF-8, with `…` when cut.
@@ -284,6 +333,12 @@ mod tests {
             Some("n1")
         );
         assert_eq!(node_exec_id(br#"{"node_exec_id":7}"#), None);
+        let deep = format!(
+            r#"{{"inputs":{{"p":{}1{}}},"node_exec_id":"n2"}}"#,
+            "[".repeat(500),
+            "]".repeat(500)
+        );
+        assert_eq!(node_exec_id(deep.as_bytes()).as_deref(), Some("n2"));
         assert_eq!(node_exec_id(b"not json"), None);
         assert_eq!(node_exec_id(b"[1,2]"), None);
     }

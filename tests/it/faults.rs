@@ -600,3 +600,107 @@ async fn a_stop_during_a_database_outage_is_clean() {
     env.assert_audit_clean().await;
     env.cleanup().await;
 }
+
+/// A TCP proxy in front of PostgreSQL that, once told to freeze, passes nothing more on the
+/// connections open then, in either direction, and closes none of them: a server gone silent
+/// (its host lost after acknowledging a query, a NAT that dropped the flow). Connections made
+/// after that pass.
+struct FreezingProxy {
+    port: u16,
+    /// Connections numbered below this are frozen.
+    frozen_below: Arc<AtomicU64>,
+    next: Arc<AtomicU64>,
+}
+
+impl FreezingProxy {
+    async fn start(upstream: String) -> FreezingProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let frozen_below = Arc::new(AtomicU64::new(0));
+        let next = Arc::new(AtomicU64::new(0));
+        let (frozen, numbers) = (frozen_below.clone(), next.clone());
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let Ok(outbound) = TcpStream::connect(&upstream).await else {
+                    return;
+                };
+                let number = numbers.fetch_add(1, Ordering::SeqCst);
+                let (in_r, in_w) = inbound.into_split();
+                let (out_r, out_w) = outbound.into_split();
+                tokio::spawn(freezable(in_r, out_w, number, frozen.clone()));
+                tokio::spawn(freezable(out_r, in_w, number, frozen.clone()));
+            }
+        });
+        FreezingProxy {
+            port,
+            frozen_below,
+            next,
+        }
+    }
+
+    /// Every connection open now stops passing data, for good.
+    fn freeze(&self) {
+        let open = self.next.load(Ordering::SeqCst);
+        self.frozen_below.store(open, Ordering::SeqCst);
+    }
+}
+
+/// Copies `from` to `to` until connection `number` is frozen, then swallows what comes.
+async fn freezable(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    number: u64,
+    frozen_below: Arc<AtomicU64>,
+) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if number < frozen_below.load(Ordering::SeqCst) {
+            continue;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// `url` with its host and port replaced by the local proxy on `port`.
+fn through_proxy(url: &str, port: u16) -> String {
+    let mut u = url::Url::parse(url).expect("database URL");
+    u.set_host(Some("127.0.0.1")).expect("host");
+    u.set_port(Some(port)).expect("port");
+    u.to_string()
+}
+
+/// The database's server stops answering the worker's open connections mid-stream (they
+/// neither answer nor close): each batch and relay round waiting on one is given up after
+/// the stall bound (two statement timeouts and a second) and retried on a new connection,
+/// instead of holding the consumer and the relay for ever.
+#[tokio::test]
+async fn a_database_that_goes_silent_costs_a_retry_not_the_stream() {
+    let (env, users, mut tap) = ten_funded_users().await;
+    let url = url::Url::parse(&env.settings.database.url).expect("database URL");
+    let upstream = format!(
+        "{}:{}",
+        url.host_str().unwrap_or("127.0.0.1"),
+        url.port().unwrap_or(5432)
+    );
+    let proxy = FreezingProxy::start(upstream).await;
+    let mut settings = env.settings.clone();
+    settings.database.url = through_proxy(&env.settings.database.url, proxy.port);
+    settings.database.statement_timeout_ms = 500;
+    let worker = Worker::start(settings).await.unwrap();
+    env.publish(&workload(users, 200, "silent-a")).await;
+    env.wait_decisions(200, T).await;
+    proxy.freeze();
+    env.publish(&workload(users, 200, "silent-b")).await;
+    env.wait_decisions(400, T).await;
+    assert_events_complete(&env, &mut tap, users + 400).await;
+    worker.stop().await.unwrap();
+    assert_books_balance(&env, users, 1_000_000, &per_user_counts(users, 400)).await;
+    env.cleanup().await;
+}
