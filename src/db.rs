@@ -379,11 +379,15 @@ const MIGRATING_POLL: Duration = Duration::from_millis(250);
 pub(crate) async fn prepare(settings: &DatabaseSettings) -> Result<(), sqlx::Error> {
     ensure_database(&settings.url).await?;
     let mut conn = connect_options(settings, false)?.connect().await?;
+    let mut waited = false;
     while !sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
         .bind(MIGRATING)
         .fetch_one(&mut conn)
         .await?
     {
+        if !std::mem::replace(&mut waited, true) {
+            tracing::info!("waiting for another process to finish migrating the database");
+        }
         tokio::time::sleep(MIGRATING_POLL).await;
     }
     // A migration's table lock queues every writer behind it: one that cannot have it at once

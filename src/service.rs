@@ -47,7 +47,13 @@ pub(crate) async fn connect_db(
 ) -> anyhow::Result<()> {
     let mut delays = crate::retry::backoff();
     loop {
-        match crate::db::prepare(&settings.database).await {
+        // A stop ends the wait: a server that does not answer, or another process's migration
+        // holding the lock, may keep `prepare` waiting for longer than a stop may take.
+        let prepared = tokio::select! {
+            prepared = crate::db::prepare(&settings.database) => prepared,
+            _ = stop.cancelled() => anyhow::bail!("stopped before the database was reachable"),
+        };
+        match prepared {
             Ok(()) => return Ok(()),
             Err(e) if crate::db::is_transient(&e) || is_passing_migration_fault(&e) => {
                 warn!(error = %e, "database not ready (unreachable, or a migration waiting for a lock); retrying");

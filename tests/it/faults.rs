@@ -704,3 +704,33 @@ async fn a_database_that_goes_silent_costs_a_retry_not_the_stream() {
     assert_books_balance(&env, users, 1_000_000, &per_user_counts(users, 400)).await;
     env.cleanup().await;
 }
+
+/// A SIGTERM while the start waits for another process's migration (its advisory lock held)
+/// stops the worker at once, exit 0, instead of when that migration ends.
+#[tokio::test]
+async fn a_stop_while_another_process_migrates_is_clean() {
+    let env = TestEnv::with(no_refill).await;
+    use sqlx::Connection as _;
+    let mut holder = sqlx::PgConnection::connect(&env.settings.database.url)
+        .await
+        .expect("lock holder");
+    // The key of db::MIGRATING.
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(0x6372_6564_6974_6d67_i64)
+        .execute(&mut holder)
+        .await
+        .expect("hold the migration lock");
+    let (mut w, _, log) = WorkerProcess::spawn_logged(&env.process_env(), &["run"], "info");
+    let waiting = "waiting for another process to finish migrating the database";
+    wait_for_line(&log, waiting, T, "the start waiting for the migration lock");
+    let asked = std::time::Instant::now();
+    w.sigterm();
+    assert_eq!(w.wait_exit(T).await, Some(0));
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        asked.elapsed()
+    );
+    holder.close().await.expect("release the lock");
+    env.cleanup().await;
+}
