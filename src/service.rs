@@ -350,7 +350,9 @@ impl Parts {
         failure = failure.or(tasks.join("outbox relay", &health, relay_by).await);
         http_stop.cancel();
         let http_by = Instant::now() + Duration::from_secs(2);
-        failure = failure.or(tasks.join("http", &health, http_by).await);
+        // A scrape or probe still open loses nothing if cut.
+        let http = tasks.join_or("http", &health, http_by, Late::Drops).await;
+        failure = failure.or(http);
         if tokio::time::timeout(Duration::from_secs(2), pool.close())
             .await
             .is_err()
@@ -427,6 +429,18 @@ impl Tasks {
     /// Waits until `by` for the task named `name`, if it is still there, and aborts it then.
     /// A panic or an abort is a failure: the process exits non-zero.
     async fn join(&mut self, name: &str, health: &Health, by: Instant) -> Option<Failure> {
+        self.join_or(name, health, by, Late::Fails).await
+    }
+
+    /// [`Tasks::join`], where a task still at work at `by` is a failure or, `Late::Drops`,
+    /// only dropped: one whose unfinished work loses nothing (an HTTP request still open).
+    async fn join_or(
+        &mut self,
+        name: &str,
+        health: &Health,
+        by: Instant,
+        late: Late,
+    ) -> Option<Failure> {
         let i = self.0.iter().position(|(n, _)| *n == name)?;
         let (task, mut handle) = self.0.remove(i);
         let ended = tokio::time::timeout_at(by, &mut handle).await;
@@ -434,6 +448,11 @@ impl Tasks {
         let cause = match ended {
             Ok(Ok(())) => return None,
             Ok(Err(e)) => cause(Err(e)),
+            Err(_) if late == Late::Drops => {
+                handle.abort();
+                warn!(task, "still at work at the stop; dropped");
+                return None;
+            }
             Err(_) => {
                 handle.abort();
                 "did not stop in time; abandoned".to_owned()
@@ -446,6 +465,13 @@ impl Tasks {
             cause,
         })
     }
+}
+
+/// What a task still at work when its stop's time is up is ([`Tasks::join_or`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Late {
+    Fails,
+    Drops,
 }
 
 fn mark_down(task: &str, health: &Health) {

@@ -730,3 +730,24 @@ async fn metrics_report_how_long_the_next_event_has_waited() {
     assert_eq!(w.wait_exit(T).await, Some(0));
     env.cleanup().await;
 }
+
+/// An HTTP request left half sent (a scraper that stalled) when the worker is told to stop is
+/// dropped: the stop is clean, exit 0.
+#[tokio::test]
+async fn a_stop_with_an_unfinished_http_request_is_clean() {
+    use tokio::io::AsyncWriteExt;
+    let env = TestEnv::with(no_refill).await;
+    let (mut w, port, log) = WorkerProcess::spawn_logged(&env.process_env(), &["run"], "info");
+    wait_for_line(&log, "consuming", T, "the worker consuming");
+    let mut scraper = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect to the HTTP port");
+    scraper
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("half a request");
+    w.sigterm();
+    assert_eq!(w.wait_exit(T).await, Some(0));
+    drop(scraper);
+    env.cleanup().await;
+}
