@@ -468,9 +468,15 @@ impl Settings {
         }
         // Checked here, so a typo stops the worker at start instead of being retried as a
         // broker fault for ever.
+        // The parser's message quotes the URL, password and all: not repeated.
         let uri = match self.amqp.url.parse::<lapin::uri::AMQPUri>() {
             Ok(uri) => uri,
-            Err(why) => return bad("amqp.url", &format!("not an AMQP URL ({why})")),
+            Err(_) => {
+                return bad(
+                    "amqp.url",
+                    "not an AMQP URL (amqp://user:password@host:port/vhost, or amqps://)",
+                )
+            }
         };
         // Both travel as AMQP short strings, which the client cannot send (it panics) beyond
         // 255 bytes; no broker accepts such a name anyway.
@@ -652,7 +658,11 @@ mod tests {
 
     #[test]
     fn an_amqp_url_that_does_not_parse_is_refused_at_start() {
-        for url in ["rabbitmq:5672", "amqp://u:secret@host:notaport/%2f"] {
+        for url in [
+            "rabbitmq:5672",
+            "amqp://u:secret@host:notaport/%2f",
+            "amqp:u:secret@host:5672/%2f",
+        ] {
             let e = Settings::load_from(None, &env(&[("AMQP_URL", url)]))
                 .unwrap_err()
                 .to_string();
@@ -748,6 +758,11 @@ mod tests {
             (
                 "mysql://root@localhost/credit",
                 "config: database.url: the scheme must be postgres or postgresql, not mysql",
+            ),
+            // Without its `//`: no database on localhost named "root:s3cret@db/credit".
+            (
+                "postgres:root:s3cret@db/credit",
+                "config: database.url: postgres:// must begin it",
             ),
         ] {
             let e = Settings::load_from(None, &env(&[("DATABASE_URL", url)]))

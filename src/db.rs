@@ -80,6 +80,11 @@ pub(crate) fn unusable_url(url: &str) -> Option<String> {
             "the scheme must be postgres or postgresql, not {scheme}"
         ));
     }
+    // `postgres:user:password@host/db` parses as a path, which the client would take for
+    // the name of a database on localhost.
+    if parsed.cannot_be_a_base() {
+        return Some(format!("{}:// must begin it", parsed.scheme()));
+    }
     url.parse::<PgConnectOptions>()
         .err()
         .map(|e| format!("not a PostgreSQL URL ({e})"))

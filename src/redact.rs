@@ -4,6 +4,9 @@
 /// since it could be a secret itself.
 pub(crate) fn url(raw: &str) -> String {
     match url::Url::parse(raw) {
+        // `scheme:user:password@host…` (the `//` left out) parses, as a path, with the
+        // password in it: not shown.
+        Ok(parsed) if parsed.cannot_be_a_base() => "(not a URL)".to_owned(),
         Ok(mut parsed) => {
             if parsed.password().is_some() {
                 // Only fails for URLs that cannot have a password, which have none.
@@ -33,6 +36,12 @@ fn is_secret(key: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::url;
+
+    #[test]
+    fn a_url_without_its_slashes_is_not_shown() {
+        assert_eq!(url("postgres:root:s3cret@db/credit"), "(not a URL)");
+        assert_eq!(url("amqp:worker:s3cret@rabbit:5672/%2f"), "(not a URL)");
+    }
 
     #[test]
     fn passwords_are_masked_and_the_rest_is_kept() {
