@@ -227,6 +227,14 @@ pub async fn run(pool: &PgPool) -> Result<AuditReport, sqlx::Error> {
     sqlx::query("SET LOCAL statement_timeout = 0")
         .execute(&mut *tx)
         .await?;
+    // Without a time limit, an audit whose caller went away (Ctrl-C, a cron job killed) is
+    // ended by the server within seconds rather than at its end (PostgreSQL 14 and later).
+    sqlx::query(
+        "SELECT set_config('client_connection_check_interval', '5s', true)
+          WHERE current_setting('server_version_num')::int >= 140000",
+    )
+    .execute(&mut *tx)
+    .await?;
     let report = checks(&mut tx).await?;
     tx.rollback().await?;
     Ok(report)
