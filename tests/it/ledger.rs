@@ -720,6 +720,55 @@ async fn a_month_evaluated_for_a_user_is_final() {
     env.cleanup().await;
 }
 
+/// A sweep that meets a row another refill of the same month holds waits for it, and then
+/// re-checks it: the other's commit marked the month evaluated, so the sweep skips the user
+/// instead of granting twice (or failing on the month's key).
+#[tokio::test]
+async fn a_sweep_that_waits_for_another_refill_of_the_user_skips_it() {
+    let _sweeps = SWEEPS.share().await;
+    let env = TestEnv::with(|s| s.refill.lazy = false).await;
+    let policy = credit_worker::ledger::RefillPolicy { target: 1000 };
+    let november: Month = "2026-11".parse().unwrap();
+    sqlx::query("INSERT INTO credit.balances (user_id, balance, last_seq) VALUES ('x', 400, 0)")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    // The other refill, holding the row: its grant, and the month marked.
+    let mut other = env.pool.begin().await.unwrap();
+    for sql in [
+        "SELECT 1 FROM credit.balances WHERE user_id = 'x' FOR UPDATE",
+        "INSERT INTO credit.transactions (user_id, seq, transaction_key, type, amount, running_balance)
+              VALUES ('x', 1, 'MONTHLY-CREDIT-TOP-UP-2026-11', 'GRANT', 600, 1000)",
+        "UPDATE credit.balances SET balance = 1000, last_seq = 1, refill_month = '2026-11-01'
+          WHERE user_id = 'x'",
+    ] {
+        sqlx::query(sql).execute(&mut *other).await.expect(sql);
+    }
+    let mut other = Some(other);
+    // Everyone's sweep, which waits for the row; then the user's own, after the commit.
+    for user in [None, Some("x")] {
+        let pool = env.pool.clone();
+        let sweep =
+            tokio::spawn(
+                async move { refill::sweep(&pool, policy, november, user, 10, |_| {}).await },
+            );
+        if let Some(held) = other.take() {
+            env.wait_for_one_lock_waiter(Duration::from_secs(10), "the sweep waiting for the row")
+                .await;
+            held.commit().await.unwrap();
+        }
+        let report = sweep.await.unwrap().expect("the sweep");
+        let totals = (report.users_refilled, report.credits_granted);
+        assert_eq!(totals, (0, 0), "{user:?}");
+    }
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM credit.transactions WHERE type = 'GRANT'")
+            .await,
+        1
+    );
+    env.cleanup().await;
+}
+
 /// seq, key, type, amount, running balance, metadata, created_at.
 type LedgerRow = (
     i64,
