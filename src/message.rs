@@ -161,10 +161,24 @@ pub fn decode(body: &[u8]) -> Result<NodeExecutionEntry, DecodeError> {
         });
     }
 
+    match parse_entry(text, false) {
+        // Valid JSON this parser cannot hold (a number past f64, a lone UTF-16 surrogate):
+        // in user data (inputs), read around it rather than refuse a run that happened.
+        Err(DecodeError::NotJson(why)) if serde_json::from_str::<IgnoredAny>(text).is_ok() => {
+            parse_entry(text, true).map_err(|_| DecodeError::NotJson(why))
+        }
+        parsed => parsed,
+    }
+}
+
+/// One pass of serde over `text`; with `tolerant`, inputs and the execution context are read
+/// by [`tolerant_value`].
+fn parse_entry(text: &str, tolerant: bool) -> Result<NodeExecutionEntry, DecodeError> {
     let mut semantic: Option<DecodeError> = None;
     let mut de = serde_json::Deserializer::from_str(text);
     let parsed = EntrySeed {
         error: &mut semantic,
+        tolerant,
     }
     .deserialize(&mut de)
     .and_then(|raw| de.end().map(|()| raw));
@@ -268,6 +282,8 @@ impl Raw {
 /// Drives the parse; a failed field check is stored in `error` and aborts the parse.
 struct EntrySeed<'e> {
     error: &'e mut Option<DecodeError>,
+    /// Whether user data is read by [`tolerant_value`].
+    tolerant: bool,
 }
 
 impl<'de> DeserializeSeed<'de> for EntrySeed<'_> {
@@ -304,14 +320,14 @@ impl<'de> Visitor<'de> for EntrySeed<'_> {
                     once(&mut raw.graph_version, "graph_version", || graph_version(v))
                 }
                 Key::Inputs => {
-                    let v = map.next_value_seed(Bounded::MESSAGE)?;
+                    let v = user_data(&mut map, self.tolerant)?;
                     once(&mut raw.inputs, "inputs", || match v {
                         Value::Object(m) => Ok(m),
                         other => Err(wrong("inputs", "an object", &other)),
                     })
                 }
                 Key::ExecutionContext => {
-                    let v = map.next_value_seed(Bounded::MESSAGE)?;
+                    let v = user_data(&mut map, self.tolerant)?;
                     once(
                         &mut raw.execution_context,
                         "execution_context",
@@ -483,6 +499,44 @@ impl<'de> Visitor<'de> for Bounded {
             entries.insert(key, map.next_value_seed(inner)?);
         }
         Ok(Value::Object(entries))
+    }
+}
+
+/// A field of user data: built by [`Bounded`], or with `tolerant` by [`tolerant_value`].
+fn user_data<'de, A: MapAccess<'de>>(map: &mut A, tolerant: bool) -> Result<Value, A::Error> {
+    if !tolerant {
+        return map.next_value_seed(Bounded::MESSAGE);
+    }
+    let raw = map.next_value::<&'de RawValue>()?;
+    Ok(tolerant_value(raw.get(), Bounded::MESSAGE, TOLERANT_LEVELS))
+}
+
+/// Levels of arrays and objects [`tolerant_value`] opens to find what it cannot hold.
+const TOLERANT_LEVELS: usize = 8;
+/// What stands for a value this parser cannot hold ([`tolerant_value`]).
+pub(crate) const NOT_REPRESENTABLE: &str = "(not representable)";
+
+/// The valid JSON `text` as a value, where a part this parser cannot hold (a number past
+/// f64, a string with a lone UTF-16 surrogate), or the array or object holding it below
+/// [`TOLERANT_LEVELS`] levels, is the string [`NOT_REPRESENTABLE`]: truthy, as such a part
+/// is, and equal to no cost filter, which can hold neither. Each level opened is read again,
+/// so only the levels on the way to such a part are, and at most a few.
+fn tolerant_value(text: &str, bounded: Bounded, levels: usize) -> Value {
+    let mut de = serde_json::Deserializer::from_str(text);
+    if let Ok(v) = bounded.deserialize(&mut de) {
+        return v;
+    }
+    let (Some(inner), Some(levels)) = (bounded.inner(), levels.checked_sub(1)) else {
+        return Value::String(NOT_REPRESENTABLE.into());
+    };
+    let part = |raw: &RawValue| tolerant_value(raw.get(), inner, levels);
+    if let Ok(items) = serde_json::from_str::<Vec<&RawValue>>(text) {
+        return Value::Array(items.into_iter().map(part).collect());
+    }
+    match serde_json::from_str::<std::collections::BTreeMap<String, &RawValue>>(text) {
+        Ok(entries) => Value::Object(entries.into_iter().map(|(k, v)| (k, part(v))).collect()),
+        // A scalar, or an object with a key it cannot hold.
+        Err(_) => Value::String(NOT_REPRESENTABLE.into()),
     }
 }
 
@@ -1115,6 +1169,40 @@ mod tests {
         // Still JSON that must be valid, however deep.
         let broken = format!("{}1{}", "[".repeat(500), "]".repeat(499));
         assert_eq!(err(&minimal_with_raw_inputs(&broken)).field(), "body");
+    }
+
+    /// Valid JSON the parser cannot hold (a number past f64, a lone surrogate, which Python's
+    /// json module writes) in user data is read around, and the run priced, not refused; in
+    /// an id it still makes the message invalid.
+    #[test]
+    fn inputs_the_parser_cannot_hold_are_read_around_and_priced() {
+        let table = crate::cost::CostTable::builtin().unwrap();
+        let text_gen = "1f292d4a-41a4-4977-9684-7c8d560b9f91";
+        let huge = "9".repeat(401);
+        let body = format!(
+            r#"{{"user_id":"u","graph_exec_id":"ge","graph_id":"g","node_exec_id":"ne",
+            "node_id":"n","block_id":"{text_gen}","inputs":{{"prompt":{huge},
+            "model":"gpt-4-turbo","credentials":{{"id":"53c25cb8-e3ee-465c-a4d1-e75a4c899c2a",
+            "provider":"openai","type":"api_key","extra":["\ud800",1]}}}},
+            "execution_context":{{"n":1e400}}}}"#
+        );
+        let e = ok(body.as_bytes());
+        assert_eq!(table.price(&e.block_id, &e.inputs, None).unwrap().cost, 10);
+        assert_eq!(e.inputs["prompt"], json!(NOT_REPRESENTABLE));
+        assert_eq!(
+            e.inputs["credentials"]["extra"],
+            json!([NOT_REPRESENTABLE, 1])
+        );
+        assert_eq!(e.inputs["credentials"]["provider"], json!("openai"));
+        assert_eq!(
+            e.execution_context.unwrap_or_default()["n"],
+            json!(NOT_REPRESENTABLE)
+        );
+        // In an id, or as JSON that is not valid, the message is invalid as before.
+        let in_id = minimal().to_string().replace(r#""u""#, r#""\ud800""#);
+        assert!(matches!(err(in_id.as_bytes()), DecodeError::NotJson(_)));
+        let broken = minimal_with_raw_inputs("[1,}");
+        assert!(matches!(err(&broken), DecodeError::NotJson(_)));
     }
 
     /// The minimal message with `inputs` = {"p": `raw`}.
