@@ -74,7 +74,21 @@ pub async fn sweep(
     };
     match user_id {
         Some(user) => sweep_one(pool, policy, month, user, &mut report).await?,
-        None => sweep_all(pool, policy, month, chunk, &mut report, progress).await?,
+        None => {
+            let swept = sweep_all(pool, policy, month, chunk, &mut report, progress).await;
+            if let Err(e) = &swept {
+                // The error is what the caller reports; what the committed ranges granted
+                // stays, and is said here.
+                warn!(
+                    %month,
+                    error = %e,
+                    users_refilled = report.users_refilled,
+                    credits_granted = %report.credits_granted,
+                    "refill sweep failed after committing part of it; running it again refills the rest"
+                );
+            }
+            swept?
+        }
     }
     report.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     metrics::counter!("credit_refill_runs_total").increment(1);
