@@ -468,10 +468,12 @@ impl Settings {
         }
         // Checked here, so a typo stops the worker at start instead of being retried as a
         // broker fault for ever.
-        // The parser's message quotes the URL, password and all: not repeated.
+        // The parser's message quotes the URL, password and all: not repeated. Without its
+        // `//`, the rest would be read as a path: the host `localhost`, the credentials lost.
+        let has_authority = url::Url::parse(&self.amqp.url).is_ok_and(|u| u.has_authority());
         let uri = match self.amqp.url.parse::<lapin::uri::AMQPUri>() {
-            Ok(uri) => uri,
-            Err(_) => {
+            Ok(uri) if has_authority => uri,
+            _ => {
                 return bad(
                     "amqp.url",
                     "not an AMQP URL (amqp://user:password@host:port/vhost, or amqps://)",
@@ -662,6 +664,7 @@ mod tests {
             "rabbitmq:5672",
             "amqp://u:secret@host:notaport/%2f",
             "amqp:u:secret@host:5672/%2f",
+            "amqp:/u:secret@host:5672/%2f",
         ] {
             let e = Settings::load_from(None, &env(&[("AMQP_URL", url)]))
                 .unwrap_err()
@@ -762,6 +765,10 @@ mod tests {
             // Without its `//`: no database on localhost named "root:s3cret@db/credit".
             (
                 "postgres:root:s3cret@db/credit",
+                "config: database.url: postgres:// must begin it",
+            ),
+            (
+                "postgres:/root:s3cret@db/credit",
                 "config: database.url: postgres:// must begin it",
             ),
         ] {

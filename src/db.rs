@@ -80,9 +80,9 @@ pub(crate) fn unusable_url(url: &str) -> Option<String> {
             "the scheme must be postgres or postgresql, not {scheme}"
         ));
     }
-    // `postgres:user:password@host/db` parses as a path, which the client would take for
-    // the name of a database on localhost.
-    if parsed.cannot_be_a_base() {
+    // `postgres:user:password@host/db` (or with one `/`) parses as a path, which the client
+    // would take for the name of a database on localhost.
+    if !parsed.has_authority() {
         return Some(format!("{}:// must begin it", parsed.scheme()));
     }
     url.parse::<PgConnectOptions>()
@@ -150,6 +150,17 @@ fn connect_options(
             "statement_timeout",
             format!("{}ms", settings.statement_timeout_ms),
         )]);
+        // A transaction the worker gave up on a silent connection (`bounded`) may still be
+        // open on the server, holding its users' locks, where the connection is alive but
+        // lost to the worker (a hung pooler or proxy) and the keepalive never ends it. A
+        // transaction of the worker's is never idle for long: at most while an earlier batch
+        // commits, itself bounded by `stall_bound`.
+        if let Some(bound) = stall_bound(settings) {
+            opts = opts.options([(
+                "idle_in_transaction_session_timeout",
+                format!("{}ms", bound.as_millis().saturating_mul(2)),
+            )]);
+        }
     }
     Ok(opts)
 }

@@ -533,10 +533,38 @@ fn tolerant_value(text: &str, bounded: Bounded, levels: usize) -> Value {
     if let Ok(items) = serde_json::from_str::<Vec<&RawValue>>(text) {
         return Value::Array(items.into_iter().map(part).collect());
     }
-    match serde_json::from_str::<std::collections::BTreeMap<String, &RawValue>>(text) {
-        Ok(entries) => Value::Object(entries.into_iter().map(|(k, v)| (k, part(v))).collect()),
-        // A scalar, or an object with a key it cannot hold.
+    match serde_json::from_str::<std::collections::BTreeMap<LossyKey, &RawValue>>(text) {
+        Ok(entries) => Value::Object(entries.into_iter().map(|(k, v)| (k.0, part(v))).collect()),
+        // A scalar.
         Err(_) => Value::String(NOT_REPRESENTABLE.into()),
+    }
+}
+
+/// An object's key, where a lone surrogate escape (which no cost filter can name) is read as
+/// U+FFFD, so the key stays one key of its object instead of sinking the whole object.
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+struct LossyKey(String);
+
+impl<'de> Deserialize<'de> for LossyKey {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<LossyKey, D::Error> {
+        struct Key;
+        impl Visitor<'_> for Key {
+            type Value = LossyKey;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object key")
+            }
+
+            fn visit_str<E>(self, v: &str) -> Result<LossyKey, E> {
+                Ok(LossyKey(v.to_owned()))
+            }
+
+            // serde_json hands a string over as bytes unchecked: a lone surrogate as WTF-8.
+            fn visit_bytes<E>(self, v: &[u8]) -> Result<LossyKey, E> {
+                Ok(LossyKey(String::from_utf8_lossy(v).into_owned()))
+            }
+        }
+        deserializer.deserialize_bytes(Key)
     }
 }
 
@@ -1183,7 +1211,7 @@ mod tests {
             r#"{{"user_id":"u","graph_exec_id":"ge","graph_id":"g","node_exec_id":"ne",
             "node_id":"n","block_id":"{text_gen}","inputs":{{"prompt":{huge},
             "model":"gpt-4-turbo","credentials":{{"id":"53c25cb8-e3ee-465c-a4d1-e75a4c899c2a",
-            "provider":"openai","type":"api_key","extra":["\ud800",1]}}}},
+            "provider":"openai","type":"api_key","extra":["\ud800",1],"\udc00":2}}}},
             "execution_context":{{"n":1e400}}}}"#
         );
         let e = ok(body.as_bytes());
@@ -1194,6 +1222,16 @@ mod tests {
             json!([NOT_REPRESENTABLE, 1])
         );
         assert_eq!(e.inputs["credentials"]["provider"], json!("openai"));
+        // A key it cannot hold is one key of its object, not the whole object.
+        let credentials = e.inputs["credentials"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(credentials.len(), 5, "{credentials:?}");
+        assert!(
+            credentials.values().any(|v| v == &json!(2)),
+            "{credentials:?}"
+        );
         assert_eq!(
             e.execution_context.unwrap_or_default()["n"],
             json!(NOT_REPRESENTABLE)

@@ -165,9 +165,9 @@ impl Relay {
         hard_stop: &CancellationToken,
     ) -> Result<(), RelayError> {
         // Listening before the first read: an event committed after it notifies.
-        let mut listener = PgListener::connect_with(&self.pool).await?;
-        listener.listen("credit_outbox").await?;
         let bound = self.stall_bound();
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        crate::db::bounded(bound, listener.listen("credit_outbox")).await?;
         let mut watermark = crate::db::bounded(bound, store::watermark(db)).await?;
         // Whether the last read started after drain: only such a read sees every event the
         // stopped writers committed, so only its finding none means the outbox is flushed.

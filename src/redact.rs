@@ -4,9 +4,9 @@
 /// since it could be a secret itself.
 pub(crate) fn url(raw: &str) -> String {
     match url::Url::parse(raw) {
-        // `scheme:user:password@host…` (the `//` left out) parses, as a path, with the
-        // password in it: not shown.
-        Ok(parsed) if parsed.cannot_be_a_base() => "(not a URL)".to_owned(),
+        // `scheme:user:password@host…` (the `//` left out, or one `/`) parses, as a path,
+        // with the password in it: not shown.
+        Ok(parsed) if !parsed.has_authority() => "(not a URL)".to_owned(),
         Ok(mut parsed) => {
             if parsed.password().is_some() {
                 // Only fails for URLs that cannot have a password, which have none.
@@ -41,6 +41,8 @@ mod tests {
     fn a_url_without_its_slashes_is_not_shown() {
         assert_eq!(url("postgres:root:s3cret@db/credit"), "(not a URL)");
         assert_eq!(url("amqp:worker:s3cret@rabbit:5672/%2f"), "(not a URL)");
+        assert_eq!(url("postgres:/root:s3cret@db/credit"), "(not a URL)");
+        assert_eq!(url("postgres:///credit"), "postgres:///credit");
     }
 
     #[test]

@@ -44,8 +44,12 @@ fn lenient<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::
 }
 
 impl MessageIds {
-    /// Reads the ids of a body that may not decode.
+    /// Reads the ids of a body that may not decode: only an object's fields (serde would
+    /// also read an array's elements in order as the fields).
     pub(crate) fn peek(body: &[u8]) -> MessageIds {
+        if body.trim_ascii_start().first() != Some(&b'{') {
+            return MessageIds::default();
+        }
         serde_json::from_slice(body).unwrap_or_default()
     }
 

@@ -92,6 +92,11 @@ impl Session {
 
     /// Messages ready in the dead queue now.
     async fn depth(&self) -> anyhow::Result<u32> {
+        Ok(self.depth_and_consumers().await?.0)
+    }
+
+    /// Messages ready in the dead queue now, and its consumers.
+    async fn depth_and_consumers(&self) -> anyhow::Result<(u32, u32)> {
         let passive = QueueDeclareOptions {
             passive: true,
             ..Default::default()
@@ -104,7 +109,7 @@ impl Session {
                 FieldTable::default(),
             )
             .await?;
-        Ok(q.message_count())
+        Ok((q.message_count(), q.consumer_count()))
     }
 
     /// Up to `max` dead messages, held unacknowledged on the reader channel.
@@ -133,12 +138,26 @@ impl Session {
     }
 
     /// Returns every message still held (up to `last`, `held` of them) to the dead queue,
-    /// and closes once the queue has taken back the returns and the removals. A quorum queue
-    /// applies both after the channel has sent them: closed at once, the channel may lose
-    /// removals (the dead copy of a replayed message stays), and returns still under way are
-    /// not in the depth the next list or replay reads first (it would stop short of them).
-    async fn finish(self, last: Option<DeliveryTag>, held: usize) -> anyhow::Result<()> {
-        let before = self.depth().await?;
+    /// and closes once the queue has taken back the returns and, when this session `removed`
+    /// any, the removals. A quorum queue applies both after the channel has sent them: closed
+    /// at once, the channel may lose removals (the dead copy of a replayed message stays), and
+    /// returns still under way are not in the depth the next list or replay reads first (it
+    /// would stop short of them).
+    async fn finish(
+        self,
+        mut last: Option<DeliveryTag>,
+        mut held: usize,
+        removed: bool,
+    ) -> anyhow::Result<()> {
+        if removed {
+            // A read, which the queue answers only after the removals sent before it; made
+            // while the messages read are still held, it finds none of them (only one that
+            // came meanwhile, returned with them).
+            if let Some(d) = self.take(1).await?.first() {
+                (last, held) = (last.max(Some(d.delivery_tag)), held + 1);
+            }
+        }
+        let (before, consumers) = self.depth_and_consumers().await?;
         if let Some(tag) = last {
             let requeue = BasicNackOptions {
                 multiple: true,
@@ -146,25 +165,13 @@ impl Session {
             };
             self.reader.basic_nack(tag, requeue).await?;
         }
-        self.settle().await?;
-        self.await_depth(before.saturating_add(u32::try_from(held).unwrap_or(u32::MAX)))
-            .await?;
+        // Another consumer of the dead queue takes messages meanwhile: no count to wait for.
+        if consumers == 0 {
+            let returned = u32::try_from(held).unwrap_or(u32::MAX);
+            self.await_depth(before.saturating_add(returned)).await?;
+        }
         let _ = self.reader.close(200, "done".into()).await;
         let _ = crate::tools::close_connection(self.conn, "done").await;
-        Ok(())
-    }
-
-    /// A read of the dead queue, which its leader answers only after the removals and returns
-    /// this channel sent before it; a message it hands out goes straight back.
-    async fn settle(&self) -> anyhow::Result<()> {
-        let got = self.take(1).await?;
-        if let Some(d) = got.first() {
-            let requeue = BasicNackOptions {
-                multiple: false,
-                requeue: true,
-            };
-            self.reader.basic_nack(d.delivery_tag, requeue).await?;
-        }
         Ok(())
     }
 
@@ -202,7 +209,7 @@ pub async fn list(settings: &Settings, limit: usize) -> anyhow::Result<ListRepor
     let held = session.take(limit.min(depth as usize)).await?;
     let messages = held.iter().map(describe).collect();
     let last = held.last().map(|d| d.delivery_tag);
-    session.finish(last, held.len()).await?;
+    session.finish(last, held.len(), false).await?;
     Ok(ListReport { depth, messages })
 }
 
@@ -235,7 +242,9 @@ pub async fn replay(
         }
         report.replayed += move_batch(&session, &chosen).await?;
     }
-    session.finish(last_held, held).await?;
+    session
+        .finish(last_held, held, !dry_run && report.replayed > 0)
+        .await?;
     Ok(report)
 }
 
@@ -341,6 +350,7 @@ mod tests {
         assert_eq!(node_exec_id(deep.as_bytes()).as_deref(), Some("n2"));
         assert_eq!(node_exec_id(b"not json"), None);
         assert_eq!(node_exec_id(b"[1,2]"), None);
+        assert_eq!(node_exec_id(br#"["n1","u1"]"#), None);
     }
 
     #[test]

@@ -250,3 +250,56 @@ async fn messages_whose_headers_fill_a_large_frame_are_decided_and_dead_lettered
     );
     env.cleanup().await;
 }
+
+/// A list of the whole dead queue, then at once a replay of it all: the replay finds every
+/// message the list returned (a quorum queue takes returns back after the channel sent them),
+/// and leaves no dead copy of any (nor acks lost at its close).
+#[tokio::test]
+async fn a_replay_right_after_a_list_takes_every_message() {
+    let env = TestEnv::with(no_refill).await;
+    let n = 2000;
+    let conn = lapin::Connection::connect(
+        &env.settings.amqp.url,
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .expect("amqp");
+    let ch = conn.create_channel().await.expect("channel");
+    credit_worker::amqp::topology::declare(&ch, &env.settings.amqp)
+        .await
+        .expect("declare");
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm mode");
+    let mut confirms = Vec::new();
+    for i in 0..n {
+        let b = body(&platform_gpt4("u1", &format!("ne-bulk-{i}")));
+        let props = credit_worker::amqp::persistent_json();
+        let confirm = ch
+            .basic_publish(
+                "".into(),
+                env.names.dead_queue.as_str().into(),
+                BasicPublishOptions::default(),
+                &b,
+                props,
+            )
+            .await
+            .expect("publish");
+        confirms.push(confirm);
+    }
+    for c in confirms {
+        assert!(c.await.expect("confirm").is_ack(), "nacked");
+    }
+    conn.close(200, "published".into()).await.expect("close");
+    // In process, one right after the other: no process start between them.
+    let listed = dead_letters::list(&env.settings, n).await.expect("list");
+    assert_eq!(listed.messages.len(), n);
+    let all = dead_letters::Selection::All;
+    let replayed = dead_letters::replay(&env.settings, &all, false)
+        .await
+        .expect("replay");
+    assert_eq!((replayed.replayed, replayed.skipped), (n, 0));
+    assert_eq!(queue_depth(&env, &env.names.dead_queue).await, 0);
+    assert_eq!(queue_depth(&env, &env.names.input_queue).await, n as u32);
+    env.cleanup().await;
+}

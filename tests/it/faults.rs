@@ -627,8 +627,8 @@ impl FreezingProxy {
                 let number = numbers.fetch_add(1, Ordering::SeqCst);
                 let (in_r, in_w) = inbound.into_split();
                 let (out_r, out_w) = outbound.into_split();
-                tokio::spawn(freezable(in_r, out_w, number, frozen.clone()));
-                tokio::spawn(freezable(out_r, in_w, number, frozen.clone()));
+                tokio::spawn(freezable(in_r, out_w, number, frozen.clone(), true));
+                tokio::spawn(freezable(out_r, in_w, number, frozen.clone(), false));
             }
         });
         FreezingProxy {
@@ -645,23 +645,49 @@ impl FreezingProxy {
     }
 }
 
-/// Copies `from` to `to` until connection `number` is frozen, then swallows what comes.
+/// Copies `from` to `to` until connection `number` is frozen, then swallows what comes, as
+/// across a network that dropped the flow: the server's side (`to_server`) is ended, as its
+/// keepalive would end it, and the client's hears nothing, not even that end.
 async fn freezable(
     mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
+    to: tokio::net::tcp::OwnedWriteHalf,
     number: u64,
     frozen_below: Arc<AtomicU64>,
+    to_server: bool,
 ) {
     use tokio::io::AsyncReadExt;
+    let mut to = Some(to);
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let n = match from.read(&mut buf).await {
+        let frozen = || number < frozen_below.load(Ordering::SeqCst);
+        let read = from.read(&mut buf);
+        let n = tokio::select! {
+            r = read => r,
+            // Noticed without waiting for the client to send.
+            _ = tokio::time::sleep(Duration::from_millis(50)), if to_server && to.is_some() => {
+                if frozen() {
+                    to = None;
+                }
+                continue;
+            }
+        };
+        let n = match n {
+            Ok(0) | Err(_) if frozen() => {
+                // The client's side stays open and silent.
+                let _kept = to.take();
+                std::future::pending::<()>().await;
+                return;
+            }
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        if number < frozen_below.load(Ordering::SeqCst) {
+        if frozen() {
+            if to_server {
+                to = None;
+            }
             continue;
         }
+        let Some(to) = to.as_mut() else { continue };
         if to.write_all(&buf[..n]).await.is_err() {
             return;
         }
@@ -677,9 +703,11 @@ fn through_proxy(url: &str, port: u16) -> String {
 }
 
 /// The database's server stops answering the worker's open connections mid-stream (they
-/// neither answer nor close): each batch and relay round waiting on one is given up after
-/// the stall bound (two statement timeouts and a second) and retried on a new connection,
-/// instead of holding the consumer and the relay for ever.
+/// neither answer nor close), one of them in a decision transaction: each batch and relay
+/// round waiting on one is given up after the stall bound (two statement timeouts and a
+/// second) and retried on a new connection, and the server ends the abandoned transaction
+/// (idle past twice the bound) and its locks, instead of the consumer and the relay waiting
+/// for ever.
 #[tokio::test]
 async fn a_database_that_goes_silent_costs_a_retry_not_the_stream() {
     let (env, users, mut tap) = ten_funded_users().await;
@@ -696,8 +724,18 @@ async fn a_database_that_goes_silent_costs_a_retry_not_the_stream() {
     let worker = Worker::start(settings).await.unwrap();
     env.publish(&workload(users, 200, "silent-a")).await;
     env.wait_decisions(200, T).await;
-    proxy.freeze();
+    // The server goes silent while a decision transaction is open: a batch waits for u0's
+    // row, which the test holds on a connection of its own.
+    let mut holder = env.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM credit.balances WHERE user_id = 'u0' FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
     env.publish(&workload(users, 200, "silent-b")).await;
+    env.wait_for_one_lock_waiter(T, "a batch waiting for u0's row")
+        .await;
+    proxy.freeze();
+    holder.commit().await.unwrap();
     env.wait_decisions(400, T).await;
     assert_events_complete(&env, &mut tap, users + 400).await;
     worker.stop().await.unwrap();
