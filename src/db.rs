@@ -155,11 +155,8 @@ fn connect_options(
         // lost to the worker (a hung pooler or proxy) and the keepalive never ends it. A
         // transaction of the worker's is never idle for long: at most while an earlier batch
         // commits, itself bounded by `stall_bound`.
-        if let Some(bound) = stall_bound(settings) {
-            opts = opts.options([(
-                "idle_in_transaction_session_timeout",
-                format!("{}ms", bound.as_millis().saturating_mul(2)),
-            )]);
+        if let Some(idle) = idle_in_transaction_ms(settings) {
+            opts = opts.options([("idle_in_transaction_session_timeout", format!("{idle}ms"))]);
         }
     }
     Ok(opts)
@@ -175,6 +172,13 @@ pub(crate) fn stall_bound(settings: &DatabaseSettings) -> Option<Duration> {
         Duration::from_millis(settings.statement_timeout_ms.saturating_mul(2))
             + Duration::from_secs(1)
     })
+}
+
+/// How long a session of the worker's may sit idle in a transaction: twice [`stall_bound`],
+/// none past what PostgreSQL takes (2^31 − 1 ms), which a statement timeout of days reaches.
+fn idle_in_transaction_ms(settings: &DatabaseSettings) -> Option<u128> {
+    let idle = stall_bound(settings)?.as_millis().saturating_mul(2);
+    (idle <= i32::MAX as u128).then_some(idle)
 }
 
 /// `work` given up after `bound` (see [`stall_bound`]) with a transient error: what it was
@@ -497,6 +501,33 @@ pub(crate) async fn ping(pool: &PgPool) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sessions_are_ended_idle_in_a_transaction_only_within_what_postgresql_takes() {
+        let idle = |statement_timeout_ms: u64| {
+            let settings = DatabaseSettings {
+                url: "postgres://u@h/d".into(),
+                max_connections: 3,
+                statement_timeout_ms,
+            };
+            let opts = connect_options(&settings, true).unwrap();
+            let options = opts.get_options().unwrap_or_default().to_owned();
+            (idle_in_transaction_ms(&settings), options)
+        };
+        let (ms, options) = idle(30_000);
+        assert_eq!(ms, Some(122_000));
+        assert!(
+            options.contains("idle_in_transaction_session_timeout=122000ms"),
+            "{options}"
+        );
+        assert_eq!(idle(536_870_411).0, Some(2_147_483_644));
+        for past in [536_870_412, i32::MAX as u64] {
+            let (ms, options) = idle(past);
+            assert_eq!(ms, None);
+            assert!(!options.contains("idle_in_transaction"), "{options}");
+        }
+        assert_eq!(idle(0).0, None);
+    }
 
     fn all_applied() -> Vec<Applied> {
         let applied = |m: &sqlx::migrate::Migration| Applied {
