@@ -73,6 +73,8 @@ struct Session {
     names: Names,
     /// The broker user this session publishes as.
     user: Option<String>,
+    /// Whether the dead queue had consumers before this session read it.
+    others_consume: bool,
 }
 
 impl Session {
@@ -81,13 +83,16 @@ impl Session {
         let publisher = Publisher::open(&conn).await?;
         let names = topology::declare(publisher.channel(), &settings.amqp).await?;
         let reader = conn.create_channel().await?;
-        Ok(Session {
+        let mut session = Session {
             conn,
             publisher,
             reader,
             names,
             user: producer::own_user(&settings.amqp.url),
-        })
+            others_consume: false,
+        };
+        session.others_consume = session.depth_and_consumers().await?.1 > 0;
+        Ok(session)
     }
 
     /// Messages ready in the dead queue now.
@@ -112,9 +117,18 @@ impl Session {
         Ok((q.message_count(), q.consumer_count()))
     }
 
-    /// Up to `max` dead messages, held unacknowledged on the reader channel.
-    async fn take(&self, max: usize) -> anyhow::Result<Vec<lapin::message::Delivery>> {
+    /// Up to `max` dead messages, held unacknowledged on the reader channel. With `expected`
+    /// (the queue's depth said there were `max`), an empty read is tried again for up to
+    /// [`SHORTFALL_WAIT`]: a quorum queue counts a message returned just before (by the last
+    /// list or replay) a moment before a read can have it, and neither its count nor an empty
+    /// read is to be trusted at once.
+    async fn take(
+        &self,
+        max: usize,
+        expected: bool,
+    ) -> anyhow::Result<Vec<lapin::message::Delivery>> {
         let mut out = Vec::new();
+        let mut empty_since: Option<std::time::Instant> = None;
         while out.len() < max {
             let get = self.reader.basic_get(
                 self.names.dead_queue.as_str().into(),
@@ -130,7 +144,18 @@ impl Session {
             };
             let got = got?;
             match got {
-                Some(m) => out.push(m.delivery),
+                Some(m) => {
+                    out.push(m.delivery);
+                    empty_since = None;
+                }
+                None if expected
+                    && empty_since
+                        .get_or_insert_with(std::time::Instant::now)
+                        .elapsed()
+                        < SHORTFALL_WAIT =>
+                {
+                    tokio::time::sleep(SETTLE_POLL).await;
+                }
                 None => break,
             }
         }
@@ -153,11 +178,11 @@ impl Session {
             // A read, which the queue answers only after the removals sent before it; made
             // while the messages read are still held, it finds none of them (only one that
             // came meanwhile, returned with them).
-            if let Some(d) = self.take(1).await?.first() {
+            if let Some(d) = self.take(1, false).await?.first() {
                 (last, held) = (last.max(Some(d.delivery_tag)), held + 1);
             }
         }
-        let (before, consumers) = self.depth_and_consumers().await?;
+        let before = self.depth().await?;
         if let Some(tag) = last {
             let requeue = BasicNackOptions {
                 multiple: true,
@@ -166,7 +191,9 @@ impl Session {
             self.reader.basic_nack(tag, requeue).await?;
         }
         // Another consumer of the dead queue takes messages meanwhile: no count to wait for.
-        if consumers == 0 {
+        // (This session's own reads count as a consumer of a quorum queue: the count taken
+        // before it read is the one that tells.)
+        if !self.others_consume {
             let returned = u32::try_from(held).unwrap_or(u32::MAX);
             self.await_depth(before.saturating_add(returned)).await?;
         }
@@ -201,12 +228,14 @@ impl Session {
 const SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// How often it looks meanwhile.
 const SETTLE_POLL: std::time::Duration = std::time::Duration::from_millis(50);
+/// How long a read that finds fewer messages than the queue's depth promised keeps trying.
+const SHORTFALL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Lists up to `limit` dead messages, leaving them all in the queue.
 pub async fn list(settings: &Settings, limit: usize) -> anyhow::Result<ListReport> {
     let session = Session::open(settings).await?;
     let depth = session.depth().await?;
-    let held = session.take(limit.min(depth as usize)).await?;
+    let held = session.take(limit.min(depth as usize), true).await?;
     let messages = held.iter().map(describe).collect();
     let last = held.last().map(|d| d.delivery_tag);
     session.finish(last, held.len(), false).await?;
@@ -226,7 +255,7 @@ pub async fn replay(
     let mut report = ReplayReport::default();
     let (mut last_held, mut held) = (None, 0);
     while left > 0 {
-        let batch = session.take(left.min(WINDOW)).await?;
+        let batch = session.take(left.min(WINDOW), true).await?;
         if batch.is_empty() {
             break;
         }
