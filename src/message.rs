@@ -412,9 +412,9 @@ struct Bounded {
 
 /// Levels of arrays and objects built in a message field's value, the field's own object or
 /// array included (see [`Bounded`]).
-pub(crate) const MAX_VALUE_DEPTH: usize = 100;
+const MAX_VALUE_DEPTH: usize = 100;
 /// What stands for a non-empty array or object nested deeper than [`MAX_VALUE_DEPTH`].
-pub(crate) const TOO_DEEP: &str = "(nested too deeply)";
+const TOO_DEEP: &str = "(nested too deeply)";
 
 impl Bounded {
     const MESSAGE: Bounded = Bounded {
@@ -514,7 +514,7 @@ fn user_data<'de, A: MapAccess<'de>>(map: &mut A, tolerant: bool) -> Result<Valu
 /// Levels of arrays and objects [`tolerant_value`] opens to find what it cannot hold.
 const TOLERANT_LEVELS: usize = 8;
 /// What stands for a value this parser cannot hold ([`tolerant_value`]).
-pub(crate) const NOT_REPRESENTABLE: &str = "(not representable)";
+const NOT_REPRESENTABLE: &str = "(not representable)";
 
 /// The valid JSON `text` as a value, where a part this parser cannot hold (a number past
 /// f64, a string with a lone UTF-16 surrogate), or the array or object holding it below

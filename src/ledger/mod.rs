@@ -559,13 +559,10 @@ impl Ledger {
         let ttl = self.policy.auto_top_up_ttl;
         let lookup = key.clone();
         self.with_account_key(user_id, Some(&lookup), at, |account, changes, row| {
-            let found = match row {
-                Some((row_type, row_amount)) => {
-                    check_key_reuse(&lookup, (&row_type, row_amount), (tx_type, amount))?;
-                    true
-                }
-                None => false,
-            };
+            if let Some((row_type, row_amount)) = &row {
+                check_key_reuse(&lookup, (row_type, *row_amount), (tx_type, amount))?;
+            }
+            let found = row.is_some();
             if !found {
                 let before = account.balance;
                 let seq = account.post(

@@ -9,6 +9,8 @@
 //! interruption leaves at worst a duplicate there, which the worker decides once per
 //! `node_exec_id`.
 
+use std::time::{Duration, Instant};
+
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, DeliveryTag, FieldTable};
 use lapin::{BasicProperties, Channel, Connection};
@@ -63,7 +65,7 @@ pub struct ReplayReport {
 }
 
 /// How long one read of the dead queue may take; the broker answers at once.
-const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// An open connection with a confirmed publisher and a channel for reading the dead queue.
 struct Session {
@@ -128,7 +130,7 @@ impl Session {
         expected: bool,
     ) -> anyhow::Result<Vec<lapin::message::Delivery>> {
         let mut out = Vec::new();
-        let mut empty_since: Option<std::time::Instant> = None;
+        let mut empty_since: Option<Instant> = None;
         while out.len() < max {
             let get = self.reader.basic_get(
                 self.names.dead_queue.as_str().into(),
@@ -149,10 +151,7 @@ impl Session {
                     empty_since = None;
                 }
                 None if expected
-                    && empty_since
-                        .get_or_insert_with(std::time::Instant::now)
-                        .elapsed()
-                        < SHORTFALL_WAIT =>
+                    && empty_since.get_or_insert_with(Instant::now).elapsed() < SHORTFALL_WAIT =>
                 {
                     tokio::time::sleep(SETTLE_POLL).await;
                 }
@@ -204,7 +203,7 @@ impl Session {
 
     /// Waits, up to [`SETTLE_TIMEOUT`], until the dead queue holds at least `ready` messages.
     async fn await_depth(&self, ready: u32) -> anyhow::Result<()> {
-        let start = std::time::Instant::now();
+        let start = Instant::now();
         loop {
             let now = self.depth().await?;
             if now >= ready {
@@ -225,11 +224,11 @@ impl Session {
 }
 
 /// How long a list or replay waits for the dead queue to take back what it returned.
-const SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often it looks meanwhile.
-const SETTLE_POLL: std::time::Duration = std::time::Duration::from_millis(50);
+const SETTLE_POLL: Duration = Duration::from_millis(50);
 /// How long a read that finds fewer messages than the queue's depth promised keeps trying.
-const SHORTFALL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+const SHORTFALL_WAIT: Duration = Duration::from_secs(5);
 
 /// Lists up to `limit` dead messages, leaving them all in the queue.
 pub async fn list(settings: &Settings, limit: usize) -> anyhow::Result<ListReport> {
@@ -253,7 +252,7 @@ pub async fn replay(
     let session = Session::open(settings).await?;
     let mut left = session.depth().await? as usize;
     let mut report = ReplayReport::default();
-    let (mut last_held, mut held) = (None, 0);
+    let mut last_held = None;
     while left > 0 {
         let batch = session.take(left.min(WINDOW), true).await?;
         if batch.is_empty() {
@@ -263,14 +262,16 @@ pub async fn replay(
         let (chosen, skipped): (Vec<_>, Vec<_>) =
             batch.into_iter().partition(|d| selection.takes(d));
         report.skipped += skipped.len();
-        (last_held, held) = (max_tag(last_held, skipped.last()), held + skipped.len());
+        last_held = max_tag(last_held, skipped.last());
         if dry_run {
             report.would_replay.extend(chosen.iter().map(describe));
-            (last_held, held) = (max_tag(last_held, chosen.last()), held + chosen.len());
+            last_held = max_tag(last_held, chosen.last());
             continue;
         }
         report.replayed += move_batch(&session, &chosen).await?;
     }
+    // Held still: the skipped, and with --dry-run the chosen too.
+    let held = report.skipped + report.would_replay.len();
     session
         .finish(last_held, held, !dry_run && report.replayed > 0)
         .await?;

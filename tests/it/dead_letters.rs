@@ -28,6 +28,24 @@ async fn dead_letter(env: &TestEnv, body: &[u8], reason: &str) {
 /// Publishes `body` to `queue` with `headers` and confirms, as a producer with lapin's
 /// defaults (the broker's frame size) would.
 async fn publish_with(env: &TestEnv, queue: &str, body: &[u8], headers: FieldTable) {
+    let (_conn, ch) = confirming_channel(env).await;
+    let props = credit_worker::amqp::persistent_json().with_headers(headers);
+    let confirm = ch
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions::default(),
+            body,
+            props,
+        )
+        .await
+        .expect("publish");
+    assert!(confirm.await.expect("confirm").is_ack(), "nacked");
+}
+
+/// A channel in confirm mode on the topology, as a producer with lapin's defaults (the
+/// broker's frame size) would have.
+async fn confirming_channel(env: &TestEnv) -> (lapin::Connection, lapin::Channel) {
     let conn = lapin::Connection::connect(
         &env.settings.amqp.url,
         lapin::ConnectionProperties::default(),
@@ -42,18 +60,7 @@ async fn publish_with(env: &TestEnv, queue: &str, body: &[u8], headers: FieldTab
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .expect("confirm mode");
-    let props = credit_worker::amqp::persistent_json().with_headers(headers);
-    let confirm = ch
-        .basic_publish(
-            "".into(),
-            queue.into(),
-            BasicPublishOptions::default(),
-            body,
-            props,
-        )
-        .await
-        .expect("publish");
-    assert!(confirm.await.expect("confirm").is_ack(), "nacked");
+    (conn, ch)
 }
 
 /// [`publish_with`] a header of `len` bytes.
@@ -258,19 +265,7 @@ async fn messages_whose_headers_fill_a_large_frame_are_decided_and_dead_lettered
 async fn a_replay_right_after_a_list_takes_every_message() {
     let env = TestEnv::with(no_refill).await;
     let n = 2000;
-    let conn = lapin::Connection::connect(
-        &env.settings.amqp.url,
-        lapin::ConnectionProperties::default(),
-    )
-    .await
-    .expect("amqp");
-    let ch = conn.create_channel().await.expect("channel");
-    credit_worker::amqp::topology::declare(&ch, &env.settings.amqp)
-        .await
-        .expect("declare");
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .expect("confirm mode");
+    let (conn, ch) = confirming_channel(&env).await;
     let mut confirms = Vec::new();
     for i in 0..n {
         let b = body(&platform_gpt4("u1", &format!("ne-bulk-{i}")));

@@ -761,14 +761,8 @@ async fn a_stop_while_another_process_migrates_is_clean() {
     let (mut w, _, log) = WorkerProcess::spawn_logged(&env.process_env(), &["run"], "info");
     let waiting = "waiting for another process to finish migrating the database";
     wait_for_line(&log, waiting, T, "the start waiting for the migration lock");
-    let asked = std::time::Instant::now();
     w.sigterm();
-    assert_eq!(w.wait_exit(T).await, Some(0));
-    assert!(
-        asked.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        asked.elapsed()
-    );
+    assert_eq!(w.wait_exit(Duration::from_secs(5)).await, Some(0));
     holder.close().await.expect("release the lock");
     env.cleanup().await;
 }
