@@ -302,10 +302,6 @@ async fn publish(
     rows: &[StoredEvent],
 ) -> Result<usize, RelayError> {
     let now = Utc::now();
-    for row in rows {
-        let lag = (now - row.created_at).num_microseconds().unwrap_or(0) as f64 / 1e6;
-        metrics::histogram!("credit_outbox_publish_lag_seconds").record(lag.max(0.0));
-    }
     let events = events_of(rows)?;
     let messages: Vec<Outgoing<'_>> = events
         .iter()
@@ -331,6 +327,13 @@ async fn publish(
             source,
         }
     })?;
+    // Once each event is confirmed, and once only: a round that failed is published again.
+    let confirmed = Utc::now();
+    for row in rows {
+        let lag = (confirmed - row.created_at).num_microseconds().unwrap_or(0) as f64 / 1e6;
+        metrics::histogram!("credit_outbox_publish_lag_seconds")
+            .record_many(lag.max(0.0), row.events.max(1) as usize);
+    }
     Ok(events.len())
 }
 
@@ -389,14 +392,41 @@ fn events_of(rows: &[StoredEvent]) -> Result<Vec<Event<'_>>, RelayError> {
 /// the database's clock, against its writer's stamp). Read at each `/metrics` scrape, not by
 /// the relays: the figure is wanted most when no relay can publish, and a
 /// standby summing the backlog every 500 ms only loaded the database.
-pub(crate) async fn gauge_backlog(pool: &PgPool) -> Result<(), sqlx::Error> {
-    let backlog = store::backlog(pool).await?;
-    metrics::gauge!("credit_outbox_backlog").set(backlog.events as f64);
-    // A relay that runs but publishes nothing (the events exchange refused, a row it cannot
-    // send, a stuck leader on another replica) shows here as an age that only grows; a
-    // backlog being published keeps it at seconds.
-    metrics::gauge!("credit_outbox_oldest_unpublished_seconds").set(backlog.oldest_age_s);
-    Ok(())
+/// The outbox's gauges, read at each scrape.
+#[derive(Default)]
+pub(crate) struct BacklogGauges {
+    /// The last reading: when, and the oldest unpublished event's age then.
+    last: std::sync::Mutex<Option<(Instant, f64)>>,
+}
+
+impl BacklogGauges {
+    /// Reads the backlog within `within`. A relay that runs but publishes nothing (the events
+    /// exchange refused, a row it cannot send, a stuck leader on another replica) shows as an
+    /// age that only grows; a backlog being published keeps it at seconds. When the database
+    /// does not answer in time the age shown is its upper bound, the last reading's plus the
+    /// time since, so that a stall hiding the outbox still shows; the backlog keeps its last
+    /// value.
+    pub(crate) async fn refresh(&self, pool: &PgPool, within: Duration) {
+        let read = tokio::time::timeout(within, store::backlog(pool)).await;
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let age = match read {
+            Ok(Ok(backlog)) => {
+                metrics::gauge!("credit_outbox_backlog").set(backlog.events as f64);
+                *last = Some((Instant::now(), backlog.oldest_age_s));
+                backlog.oldest_age_s
+            }
+            failed => {
+                let error = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => format!("no answer within {within:?}"),
+                };
+                warn!(%error, "reading the outbox backlog failed; its age is shown as an upper bound");
+                let Some((at, age)) = *last else { return };
+                age + at.elapsed().as_secs_f64()
+            }
+        };
+        metrics::gauge!("credit_outbox_oldest_unpublished_seconds").set(age);
+    }
 }
 
 #[cfg(test)]

@@ -106,7 +106,7 @@ const COUNTERS: [(&str, &str, Known); 18] = [
     ("credit_refill_runs_total", "Refill sweeps completed.", None),
     ("credit_refill_users_total", "Monthly refill grants.", None),
     ("credit_refill_credits_total", "Credits granted by monthly refills.", None),
-    ("credit_broker_reconnects_total", "Broker sessions started again after a fault, by session.",
+    ("credit_broker_reconnects_total", "Broker sessions (a failed connect included) ended by a fault and retried, by session.",
      Some(("session", &["consumer", "control", "outbox relay"]))),
     // Its command and result labels make too many series to show before they occur.
     ("credit_control_commands_total", "Control commands by command and result.",
@@ -127,7 +127,7 @@ const HISTOGRAMS: [(&str, &str); 6] = [
     ("credit_decide_transaction_seconds", "A batch from the start of its decision to its commit."),
     ("credit_decide_seconds", "A batch from the start of its decision to its ack."),
     ("credit_ack_seconds", "A batch's acks."),
-    ("credit_outbox_publish_lag_seconds", "An event from its commit to its publish."),
+    ("credit_outbox_publish_lag_seconds", "An event from the ledger change that wrote it to the broker's confirm of its publish."),
     ("credit_outbox_publish_seconds", "One relay round's publish and confirms."),
 ];
 
@@ -218,6 +218,7 @@ struct HttpState {
     health: Arc<Health>,
     pool: PgPool,
     metrics: Option<PrometheusHandle>,
+    backlog: Arc<crate::outbox::BacklogGauges>,
 }
 
 /// Serves the endpoints on a bound listener until `cancel` fires.
@@ -231,6 +232,7 @@ pub(crate) async fn serve_on(
         health,
         pool,
         metrics: metrics_handle(),
+        backlog: Arc::default(),
     };
     let app = Router::new()
         .route("/metrics", get(metrics))
@@ -248,11 +250,7 @@ pub(crate) async fn serve_on(
 
 async fn metrics(State(s): State<HttpState>) -> (StatusCode, String) {
     // Read now: the relay cannot refresh it while the broker is out, when it matters most.
-    let _ = tokio::time::timeout(
-        Duration::from_secs(2),
-        crate::outbox::gauge_backlog(&s.pool),
-    )
-    .await;
+    s.backlog.refresh(&s.pool, Duration::from_secs(2)).await;
     match &s.metrics {
         Some(h) => (StatusCode::OK, h.render()),
         None => (

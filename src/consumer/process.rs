@@ -339,6 +339,7 @@ fn record(e: &NodeExecutionEntry, v: &Verdict) -> Action {
             outcome,
             cost,
             fee,
+            uncollected,
             balance,
         } => {
             metrics::counter!("credit_messages_total", "outcome" => outcome.as_str()).increment(1);
@@ -350,7 +351,11 @@ fn record(e: &NodeExecutionEntry, v: &Verdict) -> Action {
             if charged > 0 {
                 metrics::counter!("credit_credits_charged_total").increment(charged as u64);
             }
-            debug!(outcome = outcome.as_str(), cost, fee, balance, "decided");
+            count_uncollected(*uncollected);
+            debug!(
+                outcome = outcome.as_str(),
+                cost, fee, uncollected, balance, "decided"
+            );
             Action::Ack
         }
         Verdict::Duplicate { conflicting } => {
@@ -377,16 +382,20 @@ fn record(e: &NodeExecutionEntry, v: &Verdict) -> Action {
             } else if moved < 0 {
                 metrics::counter!("credit_credits_refunded_total").increment(moved.unsigned_abs());
             }
-            if *uncollected > 0 {
-                metrics::counter!("credit_credits_uncollected_total")
-                    .increment(*uncollected as u64);
-            }
+            count_uncollected(*uncollected);
             debug!(pre, post, delta, uncollected, balance, "settled");
             Action::Ack
         }
         Verdict::Invalid { reason } => Action::DeadLetter {
             reason: reason.clone(),
         },
+    }
+}
+
+/// Counts what a post-flight charge left uncollected, as its `charge.uncollected` event says.
+fn count_uncollected(credits: i64) {
+    if credits > 0 {
+        metrics::counter!("credit_credits_uncollected_total").increment(credits as u64);
     }
 }
 

@@ -282,7 +282,7 @@ pub(crate) fn decide_from_completion(
     post: &Price,
     rules: &Pricing,
     now: DateTime<Utc>,
-) -> Result<(NewDecision, NewSettlement), LedgerError> {
+) -> Result<(NewDecision, NewSettlement, i64), LedgerError> {
     atomically(account, changes, |account, changes| {
         account.refill_lazily(changes, rules.ledger.lazy(now), now)?;
         let day = account.counting_day(now.date_naive());
@@ -323,7 +323,8 @@ pub(crate) fn decide_from_completion(
             transaction_key,
             fee_key,
         );
-        Ok((d, settlement(e, cost, post.cost, uncollected, None)))
+        let s = settlement(e, cost, post.cost, uncollected, None);
+        Ok((d, s, reported))
     })
 }
 

@@ -240,7 +240,7 @@ impl<'a> Run<'_, 'a> {
                     0
                 };
                 self.decided.insert(&e.node_exec_id, (e, charged));
-                let v = decided(&d, account.balance);
+                let v = decided(&d, 0, account.balance);
                 self.writes.written.decisions.push(d);
                 v
             }
@@ -278,12 +278,12 @@ impl<'a> Run<'_, 'a> {
             Some(pre) => settle(account, changes, e, price, pre, pricing, now).map(|s| (None, s)),
             // It overtook its start: it decides the execution itself.
             None => decide_from_completion(account, changes, e, price, pricing, now)
-                .map(|(d, s)| (Some(d), s)),
+                .map(|(d, s, uncollected)| (Some((d, uncollected)), s)),
         };
         match result {
             Ok((decision, s)) => {
                 let v = match &decision {
-                    Some(d) => decided(d, account.balance),
+                    Some((d, uncollected)) => decided(d, *uncollected, account.balance),
                     None => Verdict::Settled {
                         pre: s.pre,
                         post: s.post,
@@ -292,7 +292,7 @@ impl<'a> Run<'_, 'a> {
                         balance: account.balance,
                     },
                 };
-                if let Some(d) = decision {
+                if let Some((d, _)) = decision {
                     self.decided.insert(&e.node_exec_id, (e, d.cost));
                     self.writes.written.decisions.push(d);
                 }
@@ -305,11 +305,12 @@ impl<'a> Run<'_, 'a> {
     }
 }
 
-fn decided(d: &crate::ledger::NewDecision, balance: i64) -> Verdict {
+fn decided(d: &crate::ledger::NewDecision, uncollected: i64, balance: i64) -> Verdict {
     Verdict::Decided {
         outcome: d.outcome,
         cost: d.cost,
         fee: d.fee,
+        uncollected,
         balance,
     }
 }

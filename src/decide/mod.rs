@@ -42,6 +42,9 @@ pub enum Verdict {
         outcome: Outcome,
         cost: i64,
         fee: i64,
+        /// Credits a completion that decided its execution could not collect
+        /// (`settlement.allow_debt` = false), its fee's included; 0 for a start.
+        uncollected: i64,
         balance: i64,
     },
     /// The node execution was decided before; nothing changed. `conflicting` when this

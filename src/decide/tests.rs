@@ -568,7 +568,20 @@ fn without_debt_a_fee_not_taken_is_reported_uncollected_too() {
     let mut l = MemoryLedger::default();
     let usd = |cost: f64| Some(json!({"provider_cost": cost, "provider_cost_type": "cost_usd"}));
     // The refill's 100: a fee of 5, then 95 of 150.
-    l.decide(&p, &[run("u", "s1", "search", usd(1.5))], now());
+    let v = l.decide(&p, &[run("u", "s1", "search", usd(1.5))], now());
+    assert!(
+        matches!(
+            v[0],
+            Verdict::Decided {
+                cost: 95,
+                fee: 5,
+                uncollected: 55,
+                balance: 0,
+                ..
+            }
+        ),
+        "{v:?}"
+    );
     // Nothing left: neither the fee of 5 nor the cost of 2.
     let v = l.decide(&p, &[run("u", "s2", "search", usd(0.02))], now());
     assert!(
@@ -577,6 +590,7 @@ fn without_debt_a_fee_not_taken_is_reported_uncollected_too() {
             Verdict::Decided {
                 cost: 0,
                 fee: 0,
+                uncollected: 7,
                 balance: 0,
                 ..
             }

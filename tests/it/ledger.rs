@@ -46,6 +46,7 @@ async fn block_credit_usage_platform_key_costs_10_own_key_is_free() {
             outcome: Outcome::Charged,
             cost: 10,
             fee: 0,
+            uncollected: 0,
             balance: 1090
         }
     );
@@ -57,6 +58,7 @@ async fn block_credit_usage_platform_key_costs_10_own_key_is_free() {
             outcome: Outcome::Free,
             cost: 0,
             fee: 0,
+            uncollected: 0,
             balance: 1090
         }
     );
@@ -1578,6 +1580,7 @@ async fn redelivered_starts_beside_new_ones_are_duplicates_and_the_new_ones_deci
         outcome: Outcome::Charged,
         cost: 10,
         fee: 0,
+        uncollected: 0,
         balance: 70,
     };
     assert_eq!(v, vec![dup.clone(), c, dup.clone(), dup]);
@@ -1970,6 +1973,7 @@ async fn a_first_time_user_is_locked_in_order_with_the_rest() {
         outcome,
         cost,
         fee: 0,
+        uncollected: 0,
         balance,
     };
     assert_eq!(

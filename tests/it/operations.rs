@@ -731,6 +731,37 @@ async fn metrics_report_how_long_the_next_event_has_waited() {
     env.cleanup().await;
 }
 
+/// A scrape that cannot read the outbox in time (its table locked here; a database that
+/// stalls alike) shows the next event's age as its upper bound, grown by the time since the
+/// last reading, rather than the last reading as if it were current.
+#[tokio::test]
+async fn an_unreadable_outbox_shows_its_age_growing() {
+    let env = TestEnv::with(no_refill).await;
+    seed(&env, ["st"], 100).await;
+    let leader = env.hold_relay_lead().await;
+    let mut vars = env.process_env();
+    vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
+    let (mut w, port) = WorkerProcess::spawn_with_http(&vars, &["run"]);
+    wait_status(T, port, "/readyz", 200).await;
+    let age = |text: &str| metric_value(text, "credit_outbox_oldest_unpublished_seconds", &[]);
+    let (_, text) = http_get(port, "/metrics").await.expect("metrics");
+    let read = age(&text);
+    let mut locker = env.pool.begin().await.expect("a transaction");
+    sqlx::query("LOCK TABLE credit.outbox IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *locker)
+        .await
+        .expect("lock the outbox");
+    let (_, text) = http_get(port, "/metrics").await.expect("metrics");
+    // The scrape waited 2 s for the database before giving up.
+    assert!(age(&text) >= read + 2.0, "{read} then {text}");
+    assert_eq!(metric_value(&text, "credit_outbox_backlog", &[]), 1.0);
+    locker.rollback().await.expect("unlock");
+    leader.close().await.expect("the leader goes");
+    w.sigterm();
+    assert_eq!(w.wait_exit(T).await, Some(0));
+    env.cleanup().await;
+}
+
 /// An HTTP request left half sent (a scraper that stalled) when the worker is told to stop is
 /// dropped: the stop is clean, exit 0.
 #[tokio::test]

@@ -23,6 +23,7 @@ fn charged(balance: i64) -> Verdict {
         outcome: Outcome::Charged,
         cost: 10,
         fee: 0,
+        uncollected: 0,
         balance,
     }
 }
@@ -73,6 +74,7 @@ async fn a_later_batch_sharing_a_user_waits_for_the_earlier_one() {
         outcome: Outcome::Rejected,
         cost: 10,
         fee: 0,
+        uncollected: 0,
         balance: 5,
     };
     assert_eq!(later.await.unwrap().unwrap(), vec![rejected, charged(90)]);
