@@ -375,8 +375,12 @@ async fn handle(
     stop: &CancellationToken,
 ) -> Result<bool, SessionError> {
     let props = &d.properties;
+    // A message the worker republished (a dead letter routed here) carries the worker's own
+    // user_id: its sender is the producer it names, as for billing, not the worker.
+    let own = crate::amqp::producer::own_user(&ctx.settings.amqp.url);
+    let sender = crate::amqp::producer::producer(props, own.as_deref());
     let origin = Origin {
-        sender: props.user_id().as_ref().map(|u| u.as_str()),
+        sender: sender.as_deref(),
         message_id: props.message_id().as_ref().map(|m| m.as_str()),
     };
     let sender = origin.sender;

@@ -507,6 +507,62 @@ async fn refill_when_disabled_is_a_bad_request() {
     stop_audit_cleanup(env, worker).await;
 }
 
+/// A dead letter is its producer's, not the worker's: a command sent to the input queue and
+/// dead-lettered by the worker into a control queue bound to the dead letters' exchange goes
+/// out under the worker's own user_id, allowed, but is refused as its producer's.
+#[tokio::test]
+async fn a_command_dead_lettered_into_control_is_its_producers() {
+    use lapin::options::QueueBindOptions;
+    use lapin::types::AMQPValue;
+
+    let env = TestEnv::with(quiet_scheduler).await;
+    let worker = start(&env).await;
+    let mut rpc = Rpc::new(&env).await;
+    rpc.ch
+        .queue_bind(
+            env.names.control.as_str().into(),
+            env.names.dlx.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind control to the dead letters");
+    // What a producer `mallory` publishes looks like this once the worker's own user (guest
+    // here) vouches for it: a dead letter copied by the worker carries the same.
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-credit-producer".into(),
+        AMQPValue::LongString("mallory".into()),
+    );
+    let props = BasicProperties::default()
+        .with_user_id("guest".into())
+        .with_headers(headers)
+        .with_correlation_id("laundered".into())
+        .with_reply_to(rpc.reply_queue.clone().into());
+    let grant = json!({"command": "grant", "user_id": "mallory", "amount": 1_000_000});
+    rpc.ch
+        .basic_publish(
+            "".into(),
+            env.names.input_queue.as_str().into(),
+            BasicPublishOptions::default(),
+            &body(&grant),
+            props,
+        )
+        .await
+        .expect("publish to the input queue");
+    let r = rpc.reply("laundered").await;
+    assert_eq!(r["error"]["code"], json!("forbidden"), "{r}");
+    let message = r["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("mallory"), "{r}");
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM credit.transactions")
+            .await,
+        0
+    );
+    stop_audit_cleanup(env, worker).await;
+}
+
 #[tokio::test]
 async fn senders_outside_allowed_users_are_forbidden_and_change_nothing() {
     let env = TestEnv::with(|s| {
