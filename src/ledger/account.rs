@@ -10,6 +10,9 @@ use super::month::Month;
 use super::{LedgerError, TxType};
 use crate::events::{self, ExecutionRef, NewEvent};
 
+/// The prefix of an auto top-up request's id (`AUTO-TOP-UP-{user}-{n}`).
+const AUTO_TOP_UP_PREFIX: &str = "AUTO-TOP-UP-";
+
 /// A locked balance row.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub(crate) struct Account {
@@ -311,7 +314,22 @@ impl Account {
 
     /// The id of this account's `n`-th auto top-up request, the key its fulfilment carries.
     fn request_id(&self, n: i64) -> String {
-        format!("AUTO-TOP-UP-{}-{n}", self.user_id)
+        format!("{AUTO_TOP_UP_PREFIX}{}-{n}", self.user_id)
+    }
+
+    /// Whether `key` may name a posting of `tx_type` on this account as far as auto top-up
+    /// goes: a key of a request's form must be the id of a request made for this account,
+    /// fulfilled by a credit. Otherwise a caller could take the key of a request not yet made,
+    /// and its fulfilment, the user's payment, would then be refused.
+    pub(crate) fn may_use_key(&self, key: &str, tx_type: TxType) -> bool {
+        if !key.starts_with(AUTO_TOP_UP_PREFIX) {
+            return true;
+        }
+        let issued = key
+            .rsplit_once('-')
+            .and_then(|(_, n)| n.parse::<i64>().ok())
+            .is_some_and(|n| (1..=self.auto_requests).contains(&n) && self.request_id(n) == key);
+        issued && matches!(tx_type, TxType::TopUp | TxType::Grant)
     }
 
     /// Whether a credit under `key` answers the outstanding auto top-up request: only that
@@ -467,6 +485,32 @@ mod tests {
             text.contains("credit_refill_credits_total 1000\n"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn an_auto_top_up_key_is_only_a_made_requests_fulfilment() {
+        let mut a = Account::new("d-a-v-e".into());
+        a.auto_requests = 2;
+        for key in ["AUTO-TOP-UP-d-a-v-e-1", "AUTO-TOP-UP-d-a-v-e-2"] {
+            assert!(a.may_use_key(key, TxType::TopUp), "{key}");
+            assert!(a.may_use_key(key, TxType::Grant), "{key}");
+            assert!(!a.may_use_key(key, TxType::Usage), "{key}");
+        }
+        // Not made yet, another user's, or not the id's own spelling.
+        for key in [
+            "AUTO-TOP-UP-d-a-v-e-3",
+            "AUTO-TOP-UP-d-a-v-e-0",
+            "AUTO-TOP-UP-d-a-v-e-01",
+            "AUTO-TOP-UP-d-a-v-e-+1",
+            "AUTO-TOP-UP-bob-1",
+            "AUTO-TOP-UP-e-1",
+            "AUTO-TOP-UP-",
+        ] {
+            assert!(!a.may_use_key(key, TxType::TopUp), "{key}");
+        }
+        for key in ["invoice-17", "auto-top-up-d-a-v-e-3"] {
+            assert!(a.may_use_key(key, TxType::TopUp), "{key}");
+        }
     }
 
     #[test]

@@ -562,6 +562,16 @@ impl Ledger {
             if let Some((row_type, row_amount)) = &row {
                 check_key_reuse(&lookup, (row_type, *row_amount), (tx_type, amount))?;
             }
+            if !account.may_use_key(&lookup, tx_type) {
+                return Err(LedgerError::InvalidArgument {
+                    field: "key",
+                    reason: format!(
+                        "{lookup} has the form of an auto top-up request's id, and no such \
+                         request was made for {user_id}: only its fulfilment (a top_up or \
+                         grant) may carry it"
+                    ),
+                });
+            }
             let found = row.is_some();
             if !found {
                 let before = account.balance;

@@ -1137,6 +1137,16 @@ async fn auto_top_up_requests_once_and_is_fulfilled_once() {
         .await
         .unwrap();
     assert!(!r.requested);
+    // The id of a request not made yet is no caller's key: its fulfilment would be refused.
+    let e = ledger
+        .credit(TxType::TopUp, "a", 50, Some("AUTO-TOP-UP-a-1"), None, now)
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("key: AUTO-TOP-UP-a-1 has the form"),
+        "{e}"
+    );
     // Twenty debits of 10 at once, from as many tasks: the balance crosses 900 once.
     let spends = (0..20).map(|i| {
         let ledger = ledger.clone();
