@@ -542,8 +542,12 @@ async fn auto_top_up(
     print_out(json, &serde_json::to_value(&r)?, || {
         match (r.threshold, r.amount) {
             (Some(t), Some(a)) => format!(
-                "{user}: top-up of {a} requested below {t}{}",
-                if r.requested { " (requested now)" } else { "" }
+                "{user}: auto top-up of {a} below {t}{}",
+                if r.requested {
+                    " (the balance is below it: requested now)"
+                } else {
+                    ""
+                }
             ),
             _ => format!("{user}: auto top-up off"),
         }

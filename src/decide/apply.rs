@@ -99,7 +99,7 @@ fn apply_unchecked(
     }
     account.count_execution(day, count);
     let (transaction_key, fee_key) =
-        post_charges(account, changes, e, price, fee, count, false, now)?;
+        post_charges(account, changes, e, price, fee, count, None, now)?;
     let debited = transaction_key.is_some() || fee_key.is_some();
     debit_events(account, changes, e, rules, (before, debited, 0), now);
     Ok(decision(
@@ -113,8 +113,9 @@ fn apply_unchecked(
 }
 
 /// Posts the block's cost and the fee (each only when > 0); returns their keys. Rows of a
-/// decision made from a completion may leave a debt and say so in their metadata
-/// (`phase: completed`), which the schema requires of such rows.
+/// decision made from a completion (`uncollected`: what of its price the balance could not
+/// hold) may leave a debt and say so in their metadata (`phase: completed`), which the
+/// schema requires of such rows.
 #[allow(clippy::too_many_arguments)]
 fn post_charges(
     account: &mut Account,
@@ -123,11 +124,11 @@ fn post_charges(
     price: &Price,
     fee: Option<FeeDue>,
     count: i64,
-    from_completion: bool,
+    uncollected: Option<i64>,
     now: DateTime<Utc>,
 ) -> Result<(Option<String>, Option<String>), LedgerError> {
     let mut post = |key: String, amount: i64, mut metadata: serde_json::Value| {
-        if from_completion {
+        if uncollected.is_some() {
             metadata["phase"] = "completed".into();
             account.post_debt(changes, TxType::Usage, key, amount, metadata, exec(e), now)
         } else {
@@ -137,7 +138,15 @@ fn post_charges(
     let mut transaction_key = None;
     if price.cost > 0 {
         let key = format!("USAGE-{}", e.node_exec_id);
-        post(key.clone(), -price.cost, usage_metadata(e, price))?;
+        let mut metadata = usage_metadata(e, price);
+        if uncollected.is_some() {
+            metadata["status"] = e.status.as_str().into();
+        }
+        if let Some(u) = uncollected.filter(|u| *u > 0) {
+            // The row's amount is what the balance held; the price was this much more.
+            metadata["uncollected"] = u.into();
+        }
+        post(key.clone(), -price.cost, metadata)?;
         transaction_key = Some(key);
     }
     let mut fee_key = None;
@@ -182,7 +191,7 @@ fn fee_metadata(e: &NodeExecutionEntry, count: i64) -> serde_json::Value {
 
 fn usage_metadata(e: &NodeExecutionEntry, price: &Price) -> serde_json::Value {
     let block = price.block_name.as_deref().unwrap_or(&e.block_id);
-    json!({
+    let mut metadata = json!({
         "reason": format!("Ran block {} {}", e.block_id, block),
         "block_id": e.block_id,
         "block": block,
@@ -191,7 +200,12 @@ fn usage_metadata(e: &NodeExecutionEntry, price: &Price) -> serde_json::Value {
         "graph_id": e.graph_id,
         "graph_exec_id": e.graph_exec_id,
         "input": price.matched_filter,
-    })
+    });
+    // Priced post-flight: the measurements that priced it, as a settlement row keeps them.
+    if let Some(stats) = &e.stats {
+        metadata["stats"] = json!(stats);
+    }
+    metadata
 }
 
 /// Runs `rule` on the account; on error the account and `changes` are as before.
@@ -236,7 +250,7 @@ pub(crate) fn settle(
         let mut key = None;
         if moved != 0 {
             let k = format!("SETTLE-{}", e.node_exec_id);
-            let metadata = settle_metadata(e, post, pre, delta);
+            let metadata = settle_metadata(e, post, (pre, delta, uncollected));
             account.post_debt(
                 changes,
                 TxType::Usage,
@@ -311,8 +325,16 @@ pub(crate) fn decide_from_completion(
             cost,
             ..post.clone()
         };
-        let (transaction_key, fee_key) =
-            post_charges(account, changes, e, &charged, fee, count, true, now)?;
+        let (transaction_key, fee_key) = post_charges(
+            account,
+            changes,
+            e,
+            &charged,
+            fee,
+            count,
+            Some(uncollected),
+            now,
+        )?;
         let debited = transaction_key.is_some() || fee_key.is_some();
         debit_events(account, changes, e, rules, (before, debited, reported), now);
         let d = decision(
@@ -429,11 +451,10 @@ fn settlement(
 fn settle_metadata(
     e: &NodeExecutionEntry,
     post: &Price,
-    pre: i64,
-    delta: i64,
+    (pre, delta, uncollected): (i64, i64, i64),
 ) -> serde_json::Value {
     let block = post.block_name.as_deref().unwrap_or(&e.block_id);
-    json!({
+    let mut metadata = json!({
         "reason": format!("Settled block {} {}: {} ⇒ {}", e.block_id, block, pre, post.cost),
         "pre": pre,
         "post": post.cost,
@@ -447,5 +468,10 @@ fn settle_metadata(
         "graph_exec_id": e.graph_exec_id,
         "input": post.matched_filter,
         "stats": e.stats,
-    })
+    });
+    if uncollected > 0 {
+        // The row moved delta less this: what the balance could not hold.
+        metadata["uncollected"] = uncollected.into();
+    }
+    metadata
 }

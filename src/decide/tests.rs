@@ -505,6 +505,16 @@ fn without_debt_the_rest_is_reported_uncollected() {
             balance: 0
         }]
     );
+    // The row moved 99 of the 149: its metadata says what stayed behind.
+    let row = l.transactions.last().unwrap();
+    assert_eq!(
+        (row.transaction_key.as_str(), row.amount),
+        ("SETTLE-s", -99)
+    );
+    assert_eq!(
+        (&row.metadata["delta"], &row.metadata["uncollected"]),
+        (&json!(149), &json!(50))
+    );
     let ev = l
         .events
         .iter()
@@ -581,6 +591,21 @@ fn without_debt_a_fee_not_taken_is_reported_uncollected_too() {
             }
         ),
         "{v:?}"
+    );
+    // Its charge keeps what priced it, and what of the price it could not take.
+    let usage = l
+        .transactions
+        .iter()
+        .find(|t| t.transaction_key == "USAGE-s1");
+    let metadata = usage.map(|t| t.metadata.clone()).unwrap_or_default();
+    assert_eq!(metadata["stats"]["provider_cost"], json!(1.5), "{metadata}");
+    assert_eq!(
+        (
+            &metadata["status"],
+            &metadata["uncollected"],
+            &metadata["phase"]
+        ),
+        (&json!("COMPLETED"), &json!(55), &json!("completed"))
     );
     // Nothing left: neither the fee of 5 nor the cost of 2.
     let v = l.decide(&p, &[run("u", "s2", "search", usd(0.02))], now());
