@@ -78,6 +78,13 @@ pub(crate) fn refuses_arguments(e: &lapin::Error) -> bool {
     }
 }
 
+/// Whether the broker refused a passive declaration because the queue does not exist.
+pub(crate) fn not_found(e: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp)
+        if *amqp.kind() == AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND))
+}
+
 /// Declares the whole topology; idempotent.
 pub async fn declare(ch: &Channel, settings: &AmqpSettings) -> Result<Names, lapin::Error> {
     let names = Names::new(&settings.namespace);

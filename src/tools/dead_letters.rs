@@ -83,7 +83,8 @@ impl Session {
     async fn open(settings: &Settings) -> anyhow::Result<Session> {
         let conn = crate::amqp::connect(&settings.amqp, "credit-worker dead-letters").await?;
         let publisher = Publisher::open(&conn).await?;
-        let names = topology::declare(publisher.channel(), &settings.amqp).await?;
+        // Not declared: a mistyped namespace would make an empty topology and report it empty.
+        let names = Names::new(&settings.amqp.namespace);
         let reader = conn.create_channel().await?;
         let mut session = Session {
             conn,
@@ -93,7 +94,16 @@ impl Session {
             user: producer::own_user(&settings.amqp.url),
             others_consume: false,
         };
-        session.others_consume = session.depth_and_consumers().await?.1 > 0;
+        session.others_consume = match session.depth_and_consumers().await {
+            Ok((_, consumers)) => consumers > 0,
+            Err(e) if e.downcast_ref().is_some_and(topology::not_found) => anyhow::bail!(
+                "there is no queue {} on this broker: no worker has run with amqp.namespace \
+                 {:?} here (is it the namespace meant?)",
+                session.names.dead_queue,
+                settings.amqp.namespace
+            ),
+            Err(e) => return Err(e),
+        };
         Ok(session)
     }
 

@@ -298,3 +298,37 @@ async fn a_replay_right_after_a_list_takes_every_message() {
     assert_eq!(queue_depth(&env, &env.names.input_queue).await, n as u32);
     env.cleanup().await;
 }
+
+/// A namespace no worker ran under (a typo) is said so, exit 1, and nothing is declared in it:
+/// an empty topology made there would answer "0 dead messages".
+#[tokio::test]
+async fn a_namespace_without_dead_letters_queue_is_refused_and_left_undeclared() {
+    let env = TestEnv::with(no_refill).await;
+    let namespace = format!("{}typo.", env.settings.amqp.namespace);
+    let list: &[&str] = &["dead-letters", "list"];
+    for args in [list, &["dead-letters", "replay", "--all"]] {
+        let out = env
+            .cli_command(args)
+            .env("CREDIT_WORKER__AMQP__NAMESPACE", &namespace)
+            .output()
+            .expect("run the CLI");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        let said = format!("there is no queue {namespace}node_execution.dead on this broker");
+        assert!(stderr.contains(&said), "{args:?}: {stderr}");
+    }
+    let (_conn, ch) = env.amqp_channel().await;
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let declared = ch
+        .queue_declare(
+            format!("{namespace}node_execution").as_str().into(),
+            passive,
+            FieldTable::default(),
+        )
+        .await;
+    assert!(declared.is_err(), "the input queue was declared");
+    env.cleanup().await;
+}
