@@ -14,6 +14,7 @@ pub async fn publish_entries(settings: &Settings, bodies: &[Vec<u8>]) -> anyhow:
     let conn = crate::amqp::connect_publisher(&settings.amqp, "credit-worker publish").await?;
     let publisher = Publisher::open(&conn).await?;
     let names = topology::declare(publisher.channel(), &settings.amqp).await?;
+    warn_if_unconsumed(&publisher, &names.input_queue).await?;
     // Signed with the broker user it connects as (RabbitMQ checks the property against it),
     // so a worker with `amqp.allowed_producers` bills them when that user is listed.
     let props = match crate::amqp::producer::own_user(&settings.amqp.url) {
@@ -33,6 +34,27 @@ pub async fn publish_entries(settings: &Settings, bodies: &[Vec<u8>]) -> anyhow:
     }
     let _ = crate::tools::close_connection(conn, "done").await;
     Ok(confirmed)
+}
+
+/// Says so when no worker consumes `queue`: the messages wait there, which is right before a
+/// worker starts and a sign of a mistyped `amqp.namespace` otherwise.
+async fn warn_if_unconsumed(publisher: &Publisher, queue: &str) -> anyhow::Result<()> {
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let q = publisher
+        .channel()
+        .queue_declare(queue.into(), passive, Default::default())
+        .await?;
+    if q.consumer_count() == 0 {
+        tracing::warn!(
+            queue,
+            "no worker consumes this queue now: the messages wait there until one does \
+             (is amqp.namespace the one meant?)"
+        );
+    }
+    Ok(())
 }
 
 /// Publishes one window of bodies and waits for all their confirms.

@@ -782,3 +782,30 @@ async fn a_stop_with_an_unfinished_http_request_is_clean() {
     drop(scraper);
     env.cleanup().await;
 }
+
+/// `publish` sends every line, confirmed, and says when no worker consumes the queue (before
+/// one starts, or under a mistyped namespace): the messages wait there.
+#[tokio::test]
+async fn publish_says_when_no_worker_consumes_the_queue() {
+    let env = TestEnv::with(no_refill).await;
+    let lines: Vec<String> = ["p1", "p2"]
+        .iter()
+        .map(|id| String::from_utf8(body(&platform_gpt4("u", id))).expect("UTF-8"))
+        .collect();
+    let file = std::env::temp_dir().join(format!("{}.jsonl", unique("publish")));
+    std::fs::write(&file, lines.join("\n")).expect("write the entries");
+    let out = env.cli(&["publish", file.to_str().expect("a UTF-8 path")]);
+    let _ = std::fs::remove_file(&file);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "2 messages published\n"
+    );
+    assert!(
+        stderr.contains("no worker consumes this queue now"),
+        "{stderr}"
+    );
+    assert_eq!(queue_depth(&env, &env.names.input_queue).await, 2);
+    env.cleanup().await;
+}
