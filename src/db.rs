@@ -23,13 +23,20 @@ pub fn migrations() -> usize {
     MIGRATOR.iter().count()
 }
 
+/// How long a connection of its own (to create the database, to migrate it, or for a
+/// command) may take to open, and each short statement on it to answer: a server that
+/// accepts the connection and then says nothing would otherwise hold a command, or a start,
+/// without end. The pool's connections are bounded by its acquire timeout.
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Creates the database if missing. Two processes racing to create it is fine.
 pub(crate) async fn ensure_database(url: &str) -> Result<(), sqlx::Error> {
     let url = &effective_url(url);
+    let within = Some(CONNECT_TIMEOUT);
     // The database itself first: the maintenance database that creating one needs may be
     // out of reach (a connection pooler, a managed server that serves only the app's), and
     // need not be reached when the database exists.
-    match sqlx::PgConnection::connect(url).await {
+    match bounded(within, sqlx::PgConnection::connect(url)).await {
         Ok(conn) => {
             let _ = conn.close().await;
             return Ok(());
@@ -38,7 +45,7 @@ pub(crate) async fn ensure_database(url: &str) -> Result<(), sqlx::Error> {
         Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("3D000") => {}
         Err(e) => return Err(e),
     }
-    match Postgres::create_database(url).await {
+    match bounded(within, Postgres::create_database(url)).await {
         Ok(()) => Ok(()),
         // 42P04 duplicate_database / 23505: another process created it first.
         Err(sqlx::Error::Database(e))
@@ -304,14 +311,15 @@ pub async fn connect_existing(settings: &DatabaseSettings) -> Result<PgPool, Not
         .get_database()
         .unwrap_or(opts.get_username())
         .to_owned();
-    let mut conn = match opts.connect().await {
+    let within = Some(CONNECT_TIMEOUT);
+    let mut conn = match bounded(within, opts.connect()).await {
         Ok(conn) => conn,
         Err(e) if sqlstate(&e).as_deref() == Some("3D000") => {
             return Err(NotReady::Missing(database))
         }
         Err(e) => return Err(e.into()),
     };
-    let applied = applied_migrations(&mut conn, &database).await;
+    let applied = bounded(within, applied_migrations(&mut conn, &database)).await;
     let _ = conn.close().await;
     schema_state(database, &applied?)?;
     Ok(pool(settings)?)
@@ -398,12 +406,17 @@ const MIGRATING_POLL: Duration = Duration::from_millis(250);
 /// for: the two would wait on each other.
 pub(crate) async fn prepare(settings: &DatabaseSettings) -> Result<(), sqlx::Error> {
     ensure_database(&settings.url).await?;
-    let mut conn = connect_options(settings, false)?.connect().await?;
+    let within = Some(CONNECT_TIMEOUT);
+    let mut conn = bounded(within, connect_options(settings, false)?.connect()).await?;
     let mut waited = false;
-    while !sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
-        .bind(MIGRATING)
-        .fetch_one(&mut conn)
-        .await?
+    let lock = "SELECT pg_try_advisory_lock($1)";
+    while !bounded(
+        within,
+        sqlx::query_scalar::<_, bool>(lock)
+            .bind(MIGRATING)
+            .fetch_one(&mut conn),
+    )
+    .await?
     {
         if !std::mem::replace(&mut waited, true) {
             tracing::info!("waiting for another process to finish migrating the database");
@@ -413,9 +426,11 @@ pub(crate) async fn prepare(settings: &DatabaseSettings) -> Result<(), sqlx::Err
     // A migration's table lock queues every writer behind it: one that cannot have it at once
     // (a long read holds the table) gives up after a while and is retried, rather than hold
     // the ledger's writers for as long as that read lasts.
-    sqlx::query(MIGRATION_LOCK_TIMEOUT)
-        .execute(&mut conn)
-        .await?;
+    bounded(
+        within,
+        sqlx::query(MIGRATION_LOCK_TIMEOUT).execute(&mut conn),
+    )
+    .await?;
     let migrated = MIGRATOR.run(&mut conn).await;
     // Closing the session releases the lock as well.
     let _ = conn.close().await;

@@ -69,10 +69,9 @@ impl Scratch {
 
     async fn drop_database(&self) -> Result<(), sqlx::Error> {
         // Dropping with FORCE can take seconds; that is not a slow statement worth a warning.
-        let mut conn = PgConnectOptions::from_str(&self.admin_url)?
-            .log_slow_statements(tracing::log::LevelFilter::Off, Duration::from_secs(60))
-            .connect()
-            .await?;
+        let opts = PgConnectOptions::from_str(&self.admin_url)?
+            .log_slow_statements(tracing::log::LevelFilter::Off, Duration::from_secs(60));
+        let mut conn = crate::db::bounded(Some(crate::db::CONNECT_TIMEOUT), opts.connect()).await?;
         sqlx::query(&format!(
             "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
             self.db_name

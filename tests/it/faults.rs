@@ -766,3 +766,35 @@ async fn a_stop_while_another_process_migrates_is_clean() {
     holder.close().await.expect("release the lock");
     env.cleanup().await;
 }
+
+/// A database server that accepts connections and then says nothing holds a command no
+/// longer than the connect bound: it fails, exit 1, saying so, rather than hang.
+#[tokio::test]
+async fn a_command_against_a_silent_database_fails_rather_than_hang() {
+    let env = TestEnv::with(no_refill).await;
+    let silent = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = silent.local_addr().expect("address").port();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((conn, _)) = silent.accept().await {
+            open.push(conn);
+        }
+    });
+    let url = format!("postgres://root@127.0.0.1:{port}/credit");
+    for args in [&["balance", "u"][..], &["migrate"]] {
+        let mut cmd = tokio::process::Command::from(env.cli_command(args));
+        cmd.env("DATABASE_URL", &url).kill_on_drop(true);
+        let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
+            .await
+            .unwrap_or_else(|_| panic!("{args:?} still waiting after 30 s"))
+            .expect("run the CLI");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("no answer from the database within 10s"),
+            "{args:?}: {stderr}"
+        );
+    }
+    held.abort();
+    env.cleanup().await;
+}
