@@ -232,6 +232,12 @@ fn last_word(error: &str) {
 /// A usage error as `--json` prints a failure: `bad_request`, with clap's message up to its
 /// usage lines, on one line.
 fn usage_error_json(e: &clap::Error) -> serde_json::Value {
+    // clap prints the command's help for a missing subcommand: its first lines describe the
+    // command, not what is wrong.
+    if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+        let message = "a subcommand is required (see --help)";
+        return json!({"error": {"code": "bad_request", "message": message}});
+    }
     let text = e.to_string();
     let lines: Vec<&str> = text
         .lines()
@@ -815,6 +821,12 @@ mod usage_tests {
         let e = Cli::try_parse_from(["credit-worker", "balance", "--nope"]).unwrap_err();
         let m = usage_error_json(&e)["error"]["message"].to_string();
         assert!(m.starts_with("\"unexpected argument '--nope' found"), "{m}");
+        // Without an argument after it, clap shows the command's help instead.
+        let e = Cli::try_parse_from(["credit-worker", "--json", "dead-letters"]).unwrap_err();
+        assert_eq!(
+            usage_error_json(&e)["error"]["message"],
+            json!("a subcommand is required (see --help)")
+        );
     }
 
     #[test]

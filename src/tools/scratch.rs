@@ -52,7 +52,19 @@ impl Scratch {
     /// Drops the database and deletes the namespace's queues and exchanges, plus the extra
     /// ones named (base names, namespaced here). Best effort: a failure is reported, not
     /// fatal, since the results are already taken.
+    /// A signal meanwhile (a second Ctrl-C, the first having ended the run) stops it at
+    /// once, saying what is left behind.
     pub async fn remove(&self, extra_queues: &[&str], extra_exchanges: &[&str]) {
+        tokio::select! {
+            () = self.remove_now(extra_queues, extra_exchanges) => {}
+            () = crate::signal::wait_for_signal() => eprintln!(
+                "interrupted: database {} and the queues of namespace {} may be left behind",
+                self.db_name, self.namespace
+            ),
+        }
+    }
+
+    async fn remove_now(&self, extra_queues: &[&str], extra_exchanges: &[&str]) {
         if let Err(e) = self.drop_database().await {
             eprintln!("warning: could not drop database {}: {e}", self.db_name);
         }

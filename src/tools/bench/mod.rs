@@ -42,7 +42,7 @@ pub struct BenchArgs {
     /// Distinct users.
     #[arg(long, default_value_t = 1000)]
     pub users: usize,
-    /// Override pipeline.max_batch for the worker under test.
+    /// Override pipeline.max_batch for the worker under test and the broker-only pipeline.
     #[arg(long)]
     pub max_batch: Option<usize>,
     /// Open-loop publish rate in msgs/s (latency runs); default: as fast as possible.
@@ -97,8 +97,19 @@ struct Report {
 
 pub async fn run(settings: Settings, args: BenchArgs, json: bool) -> anyhow::Result<ExitCode> {
     if let Some(problem) = usage_problem(&args) {
-        eprintln!("error: {problem}");
+        // As every command's usage error: `bad_request`, on stdout with `--json`.
+        if json {
+            let error = serde_json::json!({"error": {"code": "bad_request", "message": problem}});
+            println!("{error}");
+        } else {
+            eprintln!("error: {problem}");
+        }
         return Ok(ExitCode::from(2));
+    }
+    // Both pipelines batch alike: the broker-only ones read `pipeline.max_batch` too.
+    let mut settings = settings;
+    if let Some(b) = args.max_batch {
+        settings.pipeline.max_batch = b;
     }
     let scratch = Scratch::new(&settings, "bench")?;
     // Ctrl-C still removes the scratch database and queues.
