@@ -385,7 +385,11 @@ impl Settings {
             // Typed like the key's default: text keys take the value as written ("7" stays a
             // namespace, "1001" a user name), the others by TOML rules ("5" is an integer,
             // "true" a boolean; a bare word that is not valid TOML is taken as a string).
-            let parsed = if is_text_key(&defaults, key) {
+            let parsed = if is_list_key(&defaults, key) && value.trim_start().starts_with('[') {
+                // Written as an array, not the comma-separated list: read as one, so that
+                // `["guest"]` is not taken for a user of that name.
+                parse_env_list(key, value)?
+            } else if is_text_key(&defaults, key) {
                 figment::value::Value::from(value.clone())
             } else {
                 parse_env_value(value)
@@ -550,13 +554,40 @@ impl Settings {
 }
 
 /// True when `key` (dotted) is a string or a list of strings in `defaults`.
-fn is_text_key(defaults: &toml::Table, key: &str) -> bool {
+/// The default of a dotted `key`, if it has one.
+fn default_of<'a>(defaults: &'a toml::Table, key: &str) -> Option<&'a toml::Value> {
     let mut parts = key.split('.');
     let mut node = parts.next().and_then(|p| defaults.get(p));
     for part in parts {
         node = node.and_then(|n| n.get(part));
     }
-    matches!(node, Some(toml::Value::String(_) | toml::Value::Array(_)))
+    node
+}
+
+fn is_text_key(defaults: &toml::Table, key: &str) -> bool {
+    matches!(
+        default_of(defaults, key),
+        Some(toml::Value::String(_) | toml::Value::Array(_))
+    )
+}
+
+fn is_list_key(defaults: &toml::Table, key: &str) -> bool {
+    matches!(default_of(defaults, key), Some(toml::Value::Array(_)))
+}
+
+/// A list key's value written as a TOML (or JSON) array of strings.
+fn parse_env_list(key: &str, raw: &str) -> Result<figment::value::Value, ConfigError> {
+    #[derive(Deserialize)]
+    struct Wrapped {
+        v: Vec<String>,
+    }
+    match toml::from_str::<Wrapped>(&format!("v = {raw}")) {
+        Ok(w) => Ok(figment::value::Value::from(w.v)),
+        Err(_) => Err(ConfigError::Invalid(format!(
+            "{key}: an array must hold only strings, as [\"a\", \"b\"] (or write a \
+             comma-separated list: a,b)"
+        ))),
+    }
 }
 
 fn parse_env_value(raw: &str) -> figment::value::Value {
@@ -642,6 +673,32 @@ mod tests {
         assert_eq!(s.name("node_execution"), "t1.node_execution");
         assert_eq!(s.control.allowed_users, vec!["guest", "ops"]);
         assert_eq!(s.database.url, "postgres://127.0.0.1/z");
+    }
+
+    #[test]
+    fn a_list_in_the_environment_may_be_written_as_an_array_of_strings() {
+        let users = |raw: &str| {
+            Settings::load_from(
+                None,
+                &env(&[("CREDIT_WORKER__CONTROL__ALLOWED_USERS", raw)]),
+            )
+            .map(|s| s.control.allowed_users)
+            .map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            users(r#"["guest", "ops"]"#),
+            Ok(vec!["guest".into(), "ops".into()])
+        );
+        assert_eq!(users(" ['guest']"), Ok(vec!["guest".into()]));
+        assert_eq!(users("[]"), Ok(vec![]));
+        assert_eq!(users("guest,ops"), Ok(vec!["guest".into(), "ops".into()]));
+        for bad in ["[guest]", r#"["guest", 5]"#, r#"["guest""#] {
+            let e = users(bad).unwrap_err();
+            assert!(
+                e.starts_with("config: control.allowed_users: an array must hold only strings"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]
