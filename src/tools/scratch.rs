@@ -151,11 +151,17 @@ pub(crate) fn with_database(url: &str, db: &str) -> anyhow::Result<String> {
         Some(i) => &base[..authority_start + i],
         None => base,
     };
-    // A `dbname` parameter would win over the path and take the tool into that database.
+    // A `dbname` parameter would win over the path and take the tool into that database;
+    // its name is compared decoded (`db%6Eame`), as the driver reads it.
+    let names_database = |p: &str| {
+        url::form_urlencoded::parse(p.as_bytes())
+            .next()
+            .is_some_and(|(k, _)| k == "dbname")
+    };
     let kept: Vec<&str> = query
         .into_iter()
         .flat_map(|q| q.split('&'))
-        .filter(|p| !p.is_empty() && p.split('=').next() != Some("dbname"))
+        .filter(|p| !p.is_empty() && !names_database(p))
         .collect();
     Ok(if kept.is_empty() {
         format!("{server}/{db}")
@@ -182,6 +188,10 @@ mod tests {
             (
                 "postgres://h/postgres?dbname=live&sslmode=require",
                 "postgres://h/x?sslmode=require",
+            ),
+            (
+                "postgres://h/credit?db%6Eame=live&%64bname=other",
+                "postgres://h/x",
             ),
             ("postgres://h/?dbname=live", "postgres://h/x"),
         ];
