@@ -2,7 +2,7 @@
 //! confirms: the `publish` command, the demo and the bench are small graph executors.
 
 use crate::amqp::topology;
-use crate::amqp::{self, Outgoing, Publisher};
+use crate::amqp::{self, Outgoing, PublishError, Publisher};
 use crate::config::Settings;
 
 /// Confirms awaited together; bounds memory while keeping the broker busy.
@@ -30,10 +30,42 @@ pub async fn publish_entries(settings: &Settings, bodies: &[Vec<u8>]) -> anyhow:
             properties: props.clone(),
             mandatory: true,
         });
-        confirmed += publisher.publish_all(messages).await?;
+        let window = publisher.publish_all(messages).await;
+        confirmed +=
+            window.map_err(|e| partly_published(&e, confirmed, chunk.len(), bodies.len()))?;
     }
     let _ = crate::tools::close_connection(conn, "done").await;
     Ok(confirmed)
+}
+
+/// What a failed window leaves published, counted over the whole input: confirms are awaited
+/// in order, so a refusal says every message before it was published. Sending again from the
+/// first one not known to be published duplicates nothing a worker bills twice.
+fn partly_published(e: &PublishError, before: usize, window: usize, total: usize) -> anyhow::Error {
+    let last = before + window;
+    match e {
+        PublishError::Nacked { index } => {
+            let refused = before + index + 1;
+            let unknown = if refused < last {
+                format!(
+                    ", and whether messages {} to {last} were is not known",
+                    refused + 1
+                )
+            } else {
+                String::new()
+            };
+            anyhow::anyhow!(
+                "the first {} of {total} messages were published; message {refused} was refused \
+                 by the broker (nack){unknown}",
+                refused - 1
+            )
+        }
+        other => anyhow::anyhow!(
+            "the first {before} of {total} messages were published; of messages {} to {last} \
+             at least one was not ({other})",
+            before + 1
+        ),
+    }
 }
 
 /// Says so when no worker consumes `queue`: the messages wait there, which is right before a
@@ -78,4 +110,31 @@ pub(crate) fn to_queue<'a>(
         properties: amqp::persistent_json(),
         mandatory: true,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_window_says_what_was_published_over_the_whole_input() {
+        let text = |e: PublishError, before, window| {
+            partly_published(&e, before, window, 3000).to_string()
+        };
+        assert_eq!(
+            text(PublishError::Nacked { index: 799 }, 1000, 1000),
+            "the first 1799 of 3000 messages were published; message 1800 was refused by the \
+             broker (nack), and whether messages 1801 to 2000 were is not known"
+        );
+        assert_eq!(
+            text(PublishError::Nacked { index: 999 }, 2000, 1000),
+            "the first 2999 of 3000 messages were published; message 3000 was refused by the \
+             broker (nack)"
+        );
+        assert_eq!(
+            text(PublishError::Returned, 1000, 500),
+            "the first 1000 of 3000 messages were published; of messages 1001 to 1500 at least \
+             one was not (broker: a message of the batch was returned: no queue took it)"
+        );
+    }
 }
