@@ -18,6 +18,7 @@ use crate::ledger::{
 };
 use crate::refill::Month;
 use crate::signal::StopSignals;
+use crate::tools::NotFound;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -248,11 +249,6 @@ fn usage_error_json(e: &clap::Error) -> serde_json::Value {
     let message = joined.strip_prefix("error: ").unwrap_or(&joined);
     json!({"error": {"code": "bad_request", "message": message}})
 }
-
-/// A lookup that found nothing (`outcome` before a decision).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct NotFound(String);
 
 /// A request the control queue would answer with `bad_request`.
 #[derive(Debug, thiserror::Error)]

@@ -582,7 +582,14 @@ fn parse_env_list(key: &str, raw: &str) -> Result<figment::value::Value, ConfigE
         v: Vec<String>,
     }
     match toml::from_str::<Wrapped>(&format!("v = {raw}")) {
-        Ok(w) => Ok(figment::value::Value::from(w.v)),
+        // As the comma-separated form: names trimmed, empty ones dropped.
+        Ok(w) => Ok(figment::value::Value::from(
+            w.v.iter()
+                .map(|s| s.trim())
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect::<Vec<_>>(),
+        )),
         Err(_) => Err(ConfigError::Invalid(format!(
             "{key}: an array must hold only strings, as [\"a\", \"b\"] (or write a \
              comma-separated list: a,b)"
@@ -691,6 +698,7 @@ mod tests {
         );
         assert_eq!(users(" ['guest']"), Ok(vec!["guest".into()]));
         assert_eq!(users("[]"), Ok(vec![]));
+        assert_eq!(users(r#"[" guest", ""]"#), Ok(vec!["guest".into()]));
         assert_eq!(users("guest,ops"), Ok(vec!["guest".into(), "ops".into()]));
         for bad in ["[guest]", r#"["guest", 5]"#, r#"["guest""#] {
             let e = users(bad).unwrap_err();

@@ -45,7 +45,9 @@ pub(crate) async fn ensure_database(url: &str) -> Result<(), sqlx::Error> {
         Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("3D000") => {}
         Err(e) => return Err(e),
     }
-    match bounded(within, Postgres::create_database(url)).await {
+    // Not bounded: the server answered above, and creating a database may take a while on a
+    // busy one.
+    match Postgres::create_database(url).await {
         Ok(()) => Ok(()),
         // 42P04 duplicate_database / 23505: another process created it first.
         Err(sqlx::Error::Database(e))

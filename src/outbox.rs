@@ -403,9 +403,10 @@ impl BacklogGauges {
     /// Reads the backlog within `within`. A relay that runs but publishes nothing (the events
     /// exchange refused, a row it cannot send, a stuck leader on another replica) shows as an
     /// age that only grows; a backlog being published keeps it at seconds. When the database
-    /// does not answer in time the age shown is its upper bound, the last reading's plus the
-    /// time since, so that a stall hiding the outbox still shows; the backlog keeps its last
-    /// value.
+    /// does not answer in time the age shown is the last reading's plus the time since: what
+    /// it would be had nothing been published meanwhile, so that a stall hiding the outbox
+    /// still shows (and alerts) even where nothing turns out to have waited. The backlog keeps
+    /// its last value.
     pub(crate) async fn refresh(&self, pool: &PgPool, within: Duration) {
         let read = tokio::time::timeout(within, store::backlog(pool)).await;
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
@@ -420,7 +421,7 @@ impl BacklogGauges {
                     Ok(Err(e)) => e.to_string(),
                     _ => format!("no answer within {within:?}"),
                 };
-                warn!(%error, "reading the outbox backlog failed; its age is shown as an upper bound");
+                warn!(%error, "reading the outbox backlog failed; its age is shown grown by the time since the last reading");
                 let Some((at, age)) = *last else { return };
                 age + at.elapsed().as_secs_f64()
             }

@@ -562,7 +562,8 @@ impl Ledger {
             if let Some((row_type, row_amount)) = &row {
                 check_key_reuse(&lookup, (row_type, *row_amount), (tx_type, amount))?;
             }
-            if !account.may_use_key(&lookup, tx_type) {
+            // Only a new posting: the same request again answers as it always did.
+            if row.is_none() && !account.may_use_key(&lookup, tx_type) {
                 return Err(LedgerError::InvalidArgument {
                     field: "key",
                     reason: format!(

@@ -96,12 +96,14 @@ impl Session {
         };
         session.others_consume = match session.depth_and_consumers().await {
             Ok((_, consumers)) => consumers > 0,
-            Err(e) if e.downcast_ref().is_some_and(topology::not_found) => anyhow::bail!(
-                "there is no queue {} on this broker: no worker has run with amqp.namespace \
-                 {:?} here (is it the namespace meant?)",
-                session.names.dead_queue,
-                settings.amqp.namespace
-            ),
+            Err(e) if e.downcast_ref().is_some_and(topology::not_found) => {
+                return Err(super::NotFound(format!(
+                    "there is no queue {} on this broker: no worker has run with \
+                     amqp.namespace {:?} here (is it the namespace meant?)",
+                    session.names.dead_queue, settings.amqp.namespace
+                ))
+                .into())
+            }
             Err(e) => return Err(e),
         };
         Ok(session)

@@ -61,8 +61,8 @@ fn partly_published(e: &PublishError, before: usize, window: usize, total: usize
             )
         }
         other => anyhow::anyhow!(
-            "the first {before} of {total} messages were published; of messages {} to {last} \
-             at least one was not ({other})",
+            "the first {before} of {total} messages were published; whether messages {} to \
+             {last} were is not known ({other})",
             before + 1
         ),
     }
@@ -133,8 +133,8 @@ mod tests {
         );
         assert_eq!(
             text(PublishError::Returned, 1000, 500),
-            "the first 1000 of 3000 messages were published; of messages 1001 to 1500 at least \
-             one was not (broker: a message of the batch was returned: no queue took it)"
+            "the first 1000 of 3000 messages were published; whether messages 1001 to 1500 were \
+             is not known (broker: a message of the batch was returned: no queue took it)"
         );
     }
 }

@@ -317,6 +317,13 @@ async fn a_namespace_without_dead_letters_queue_is_refused_and_left_undeclared()
         let said = format!("there is no queue {namespace}node_execution.dead on this broker");
         assert!(stderr.contains(&said), "{args:?}: {stderr}");
     }
+    let out = env
+        .cli_command(&["dead-letters", "list", "--json"])
+        .env("CREDIT_WORKER__AMQP__NAMESPACE", &namespace)
+        .output()
+        .expect("run the CLI");
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON error");
+    assert_eq!(reply["error"]["code"], "not_found", "{reply}");
     let (_conn, ch) = env.amqp_channel().await;
     let passive = lapin::options::QueueDeclareOptions {
         passive: true,

@@ -1111,6 +1111,34 @@ async fn top_up_requests(env: &TestEnv) -> Vec<String> {
     .unwrap()
 }
 
+/// A credit posted before request ids were reserved, under one never issued, answers its
+/// retry as it always did: already applied.
+#[tokio::test]
+async fn an_earlier_credit_under_a_request_id_is_still_found_applied() {
+    let env = TestEnv::with(no_refill).await;
+    for sql in [
+        "INSERT INTO credit.balances (user_id, balance, last_seq) VALUES ('old', 50, 1)",
+        "INSERT INTO credit.transactions (user_id, seq, transaction_key, type, amount, running_balance)
+              VALUES ('old', 1, 'AUTO-TOP-UP-old-1', 'TOP_UP', 50, 50)",
+    ] {
+        sqlx::query(sql).execute(&env.pool).await.expect(sql);
+    }
+    let posting = env
+        .ledger()
+        .credit(
+            TxType::TopUp,
+            "old",
+            50,
+            Some("AUTO-TOP-UP-old-1"),
+            None,
+            Utc::now(),
+        )
+        .await
+        .expect("the same credit again");
+    assert_eq!((posting.applied, posting.balance), (false, 50));
+    env.cleanup().await;
+}
+
 /// Auto top-up requests against the database: made in the debit's transaction, one at a time
 /// per user even when debits race, fulfilled once by a top-up keyed by the request id.
 #[tokio::test]
