@@ -768,7 +768,8 @@ async fn a_stop_while_another_process_migrates_is_clean() {
 }
 
 /// A database server that accepts connections and then says nothing holds a command no
-/// longer than the connect bound: it fails, exit 1, saying so, rather than hang.
+/// longer than the connect bound: it fails, exit 1, saying so, rather than hang; the worker's
+/// start says so and retries.
 #[tokio::test]
 async fn a_command_against_a_silent_database_fails_rather_than_hang() {
     let env = TestEnv::with(no_refill).await;
@@ -795,6 +796,18 @@ async fn a_command_against_a_silent_database_fails_rather_than_hang() {
             "{args:?}: {stderr}"
         );
     }
+    // The worker's start says so and tries again, and a stop meanwhile is clean.
+    let mut vars: Vec<(String, String)> = env
+        .process_env()
+        .into_iter()
+        .filter(|(k, _)| k != "DATABASE_URL")
+        .collect();
+    vars.push(("DATABASE_URL".into(), url));
+    let (mut w, _, log) = WorkerProcess::spawn_logged(&vars, &["run"], "info");
+    let retrying = "no answer from the database within 10s; the connection is given up";
+    wait_for_line(&log, retrying, T, "the start retrying a silent database");
+    w.sigterm();
+    assert_eq!(w.wait_exit(Duration::from_secs(5)).await, Some(0));
     held.abort();
     env.cleanup().await;
 }
