@@ -109,6 +109,33 @@ impl Session {
         Ok(session)
     }
 
+    /// Refuses a replay into an input queue that is not there (deleted to change its
+    /// arguments, say): every message would come back unroutable.
+    async fn check_input_queue(&self) -> anyhow::Result<()> {
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        // A channel of its own: the broker closes the one a missing queue was asked on.
+        let ch = self.conn.create_channel().await?;
+        let queue = self.names.input_queue.as_str();
+        match ch
+            .queue_declare(queue.into(), passive, FieldTable::default())
+            .await
+        {
+            Ok(_) => {
+                let _ = ch.close(200, "checked".into()).await;
+                Ok(())
+            }
+            Err(e) if topology::not_found(&e) => Err(super::NotFound(format!(
+                "there is no queue {queue} to replay into: start a worker (it declares its \
+                 queues) first; the dead letters are kept"
+            ))
+            .into()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Messages ready in the dead queue now.
     async fn depth(&self) -> anyhow::Result<u32> {
         Ok(self.depth_and_consumers().await?.0)
@@ -262,6 +289,9 @@ pub async fn replay(
     dry_run: bool,
 ) -> anyhow::Result<ReplayReport> {
     let session = Session::open(settings).await?;
+    if !dry_run {
+        session.check_input_queue().await?;
+    }
     let mut left = session.depth().await? as usize;
     let mut report = ReplayReport::default();
     let mut last_held = None;

@@ -337,5 +337,28 @@ async fn a_namespace_without_dead_letters_queue_is_refused_and_left_undeclared()
         )
         .await;
     assert!(declared.is_err(), "the input queue was declared");
+    // A dead queue without its input queue (deleted to change its arguments): a replay is
+    // refused before it takes anything.
+    let (_conn, ch) = env.amqp_channel().await;
+    let durable = lapin::options::QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.queue_declare(
+        format!("{namespace}node_execution.dead").as_str().into(),
+        durable,
+        FieldTable::default(),
+    )
+    .await
+    .expect("declare the dead queue alone");
+    let out = env
+        .cli_command(&["dead-letters", "replay", "--all"])
+        .env("CREDIT_WORKER__AMQP__NAMESPACE", &namespace)
+        .output()
+        .expect("run the CLI");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let said = format!("there is no queue {namespace}node_execution to replay into");
+    assert!(stderr.contains(&said), "{stderr}");
     env.cleanup().await;
 }
