@@ -360,5 +360,12 @@ async fn a_namespace_without_dead_letters_queue_is_refused_and_left_undeclared()
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     let said = format!("there is no queue {namespace}node_execution to replay into");
     assert!(stderr.contains(&said), "{stderr}");
+    // Not the test namespace's own, so not among what its cleanup deletes.
+    ch.queue_delete(
+        format!("{namespace}node_execution.dead").as_str().into(),
+        lapin::options::QueueDeleteOptions::default(),
+    )
+    .await
+    .expect("delete the dead queue");
     env.cleanup().await;
 }
