@@ -18,6 +18,7 @@ use crate::ledger::{
 };
 use crate::refill::Month;
 use crate::signal::StopSignals;
+use crate::tools::dead_letters::printable;
 use crate::tools::NotFound;
 
 #[derive(Debug, Parser)]
@@ -116,20 +117,28 @@ pub enum Command {
         user: String,
         #[arg(allow_negative_numbers = true, value_parser = parse_credits)]
         amount: Credits,
+        /// Idempotency key: the same key again changes nothing.
         #[arg(long)]
         key: Option<String>,
+        /// Why, kept in the ledger row's metadata.
         #[arg(long)]
         reason: Option<String>,
     },
     /// Set or remove a user's auto top-up (a `top_up.requested` when the balance falls below
     /// the threshold).
     #[command(group(clap::ArgGroup::new("setting").required(true).args(["threshold", "off"])))]
+    #[command(
+        override_usage = "credit-worker auto-top-up <USER> (--threshold <N> --amount <M> | --off)"
+    )]
     AutoTopUp {
         user: String,
-        #[arg(long, requires = "amount", allow_negative_numbers = true, value_parser = parse_credits)]
+        /// Request a top-up when the balance falls below this many credits.
+        #[arg(long, value_name = "N", requires = "amount", allow_negative_numbers = true, value_parser = parse_credits)]
         threshold: Option<Credits>,
-        #[arg(long, requires = "threshold", allow_negative_numbers = true, value_parser = parse_credits)]
+        /// Credits each request asks the payment side to add.
+        #[arg(long, value_name = "M", requires = "threshold", allow_negative_numbers = true, value_parser = parse_credits)]
         amount: Option<Credits>,
+        /// Remove the user's auto top-up.
         #[arg(long, conflicts_with_all = ["threshold", "amount"])]
         off: bool,
     },
@@ -367,11 +376,14 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// Commands that print their own report keep the library's logs out of it: what the worker
 /// warns about there (the demo's invalid body, slow bulk loads) is scripted or reported
-/// anyway. RUST_LOG still applies.
+/// anyway. The other one-shot commands report a broker's refusal in their own error, so the
+/// AMQP client's log of it (a missing queue closes its channel) is left out. RUST_LOG still
+/// applies.
 fn default_log_level(command: &Command) -> &'static str {
     match command {
         Command::Demo | Command::Bench(_) => "error",
-        _ => "info,sqlx=warn",
+        Command::Run => "info,sqlx=warn",
+        _ => "info,sqlx=warn,lapin=off",
     }
 }
 
@@ -637,12 +649,18 @@ fn list_text(report: &crate::tools::dead_letters::ListReport) -> String {
         report.depth,
         report.messages.len()
     );
+    // A producer's bytes, printed for a person: escaped, so no escape sequence reaches the
+    // terminal.
     for m in &report.messages {
         out.push_str(&format!(
             "\n  {} | {} | {}",
-            m.node_exec_id.as_deref().unwrap_or("-"),
-            if m.reason.is_empty() { "-" } else { &m.reason },
-            m.excerpt
+            printable(m.node_exec_id.as_deref().unwrap_or("-")),
+            if m.reason.is_empty() {
+                "-".into()
+            } else {
+                printable(&m.reason)
+            },
+            printable(&m.excerpt)
         ));
     }
     out
@@ -667,7 +685,8 @@ fn print_replay(
             );
             for m in &report.would_replay {
                 let id = m.node_exec_id.as_deref().unwrap_or("-");
-                out.push_str(&format!("\n  {id} | {}", m.excerpt));
+                let (id, excerpt) = (printable(id), printable(&m.excerpt));
+                out.push_str(&format!("\n  {id} | {excerpt}"));
             }
             out
         });

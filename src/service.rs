@@ -484,7 +484,8 @@ fn mark_down(task: &str, health: &Health) {
 
 fn cause(result: Result<(), JoinError>) -> String {
     match result {
-        Ok(()) => "returned without a shutdown request".into(),
+        // Such as a session the broker refuses for good, whose reason is logged as it ends.
+        Ok(()) => "returned without a shutdown request (its reason is logged above)".into(),
         Err(e) if e.is_panic() => {
             let payload = e.into_panic();
             format!(
@@ -604,7 +605,10 @@ mod tests {
             .expect("a failure");
         assert_eq!(
             (failure.task, failure.cause.as_str()),
-            ("control", "returned without a shutdown request")
+            (
+                "control",
+                "returned without a shutdown request (its reason is logged above)"
+            )
         );
 
         let stop = shutdown.clone();

@@ -46,6 +46,12 @@ where
                 error!(error = %e, session = what, "the broker refuses this configuration; not reconnecting");
                 return false;
             }
+            // Cut short by the stop (work given up at its bound): not a fault to reconnect
+            // from; what it held unacknowledged goes back to the queue.
+            Err(e) if stop.is_cancelled() => {
+                warn!(error = %e, session = what, "session ended at the stop; what it held unacknowledged is delivered again");
+                return false;
+            }
             Err(e) => {
                 metrics::counter!("credit_broker_reconnects_total", "session" => what).increment(1);
                 warn!(error = %e, session = what, "broker session ended; reconnecting");

@@ -372,18 +372,43 @@ fn describe(d: &lapin::message::Delivery) -> DeadLetter {
     }
 }
 
-/// The `x-credit-error` header as text; empty when absent.
+/// Why the message is dead: the worker's `x-credit-error`, else the broker's own reason
+/// (`x-first-death-reason`: `delivery_limit` past the delivery limit, `rejected`,
+/// `expired`, …), marked as the broker's; empty when neither is there.
 pub fn reason(props: &BasicProperties) -> String {
-    let value = props
-        .headers()
-        .as_ref()
-        .and_then(|h| h.inner().get(REASON_HEADER));
-    match value {
-        None => String::new(),
-        Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
-        Some(AMQPValue::ShortString(s)) => s.to_string(),
-        Some(other) => format!("{other:?}"),
+    let headers = props.headers().as_ref();
+    let text = |name: &str| headers.and_then(|h| h.inner().get(name)).map(header_text);
+    match (text(REASON_HEADER), text("x-first-death-reason")) {
+        (Some(worker), _) => worker,
+        (None, Some(broker)) => format!("{broker} (broker)"),
+        (None, None) => String::new(),
     }
+}
+
+fn header_text(value: &AMQPValue) -> String {
+    match value {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// `text` safe to print on a terminal: control characters (a producer's body may carry
+/// escape sequences, NUL) are written as escapes.
+pub(crate) fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    let control = |c: char| c.is_control();
+    if !text.chars().any(control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if control(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// The body's `node_exec_id`, when the body is a JSON object with that string field. Only
@@ -406,6 +431,42 @@ pub fn excerpt(body: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn text_for_a_terminal_has_its_control_characters_escaped() {
+        assert_eq!(printable("plain é"), "plain é");
+        assert_eq!(
+            printable("\u{1b}]0;pwned\u{7}\u{1b}[2J x\u{0}\u{9b}"),
+            "\\u{1b}]0;pwned\\u{7}\\u{1b}[2J x\\u{0}\\u{9b}"
+        );
+    }
+
+    #[test]
+    fn the_reason_is_the_workers_else_the_brokers() {
+        let with = |pairs: &[(&str, &str)]| {
+            let mut h = FieldTable::default();
+            for (k, v) in pairs {
+                h.insert((*k).into(), AMQPValue::LongString((*v).into()));
+            }
+            reason(&BasicProperties::default().with_headers(h))
+        };
+        assert_eq!(
+            with(&[("x-credit-error", "inputs: missing")]),
+            "inputs: missing"
+        );
+        assert_eq!(
+            with(&[
+                ("x-credit-error", "inputs: missing"),
+                ("x-first-death-reason", "rejected")
+            ]),
+            "inputs: missing"
+        );
+        assert_eq!(
+            with(&[("x-first-death-reason", "delivery_limit")]),
+            "delivery_limit (broker)"
+        );
+        assert_eq!(with(&[]), "");
+    }
 
     #[test]
     fn node_exec_id_only_from_json_with_the_field() {
