@@ -3,9 +3,8 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::migrate::MigrateDatabase;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions, Connection, PgPool, Postgres};
+use sqlx::{ConnectOptions, Connection, PgPool};
 
 /// `[database]` of the configuration.
 #[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
@@ -45,9 +44,7 @@ pub(crate) async fn ensure_database(url: &str) -> Result<(), sqlx::Error> {
         Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("3D000") => {}
         Err(e) => return Err(e),
     }
-    // Not bounded: the server answered above, and creating a database may take a while on a
-    // busy one.
-    match Postgres::create_database(url).await {
+    match create_database(url).await {
         Ok(()) => Ok(()),
         // 42P04 duplicate_database / 23505: another process created it first.
         Err(sqlx::Error::Database(e))
@@ -57,6 +54,28 @@ pub(crate) async fn ensure_database(url: &str) -> Result<(), sqlx::Error> {
         }
         Err(e) => Err(e),
     }
+}
+
+/// `CREATE DATABASE` for `url`'s database, from the maintenance database (`postgres`, or
+/// `template1` to create `postgres`), as `createdb` does. The connect is bounded; the
+/// statement is not, as creating a database may take a while on a busy server.
+async fn create_database(url: &str) -> Result<(), sqlx::Error> {
+    let mut options = PgConnectOptions::from_str(url)?;
+    let database = options
+        .get_database()
+        .unwrap_or(options.get_username())
+        .to_owned();
+    let maintenance = if database == "postgres" {
+        "template1"
+    } else {
+        "postgres"
+    };
+    options = options.database(maintenance);
+    let mut conn = bounded(Some(CONNECT_TIMEOUT), options.connect()).await?;
+    let create = format!("CREATE DATABASE \"{}\"", database.replace('"', "\"\""));
+    let created = sqlx::query(&create).execute(&mut conn).await;
+    let _ = conn.close().await;
+    created.map(|_| ())
 }
 
 /// The server's TCP keepalive for the worker's sessions: probes after 30 s of silence, every

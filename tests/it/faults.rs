@@ -811,3 +811,54 @@ async fn a_command_against_a_silent_database_fails_rather_than_hang() {
     held.abort();
     env.cleanup().await;
 }
+
+/// Creating a missing database connects to the maintenance database: a server that answers
+/// the first connection and then says nothing to the next one fails the command at the
+/// connect bound too, rather than hold it.
+#[tokio::test]
+async fn creating_the_database_through_a_server_gone_silent_fails_rather_than_hang() {
+    let env = TestEnv::with(no_refill).await;
+    let server = url::Url::parse(&env.settings.database.url).expect("the test's database URL");
+    let upstream = format!(
+        "{}:{}",
+        server.host_str().unwrap_or("127.0.0.1"),
+        server.port().unwrap_or(5432)
+    );
+    let proxy = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = proxy.local_addr().expect("address").port();
+    // The first connection passes through; every later one is held open in silence.
+    let held = tokio::spawn(async move {
+        let mut silent = Vec::new();
+        let mut first = true;
+        while let Ok((mut conn, _)) = proxy.accept().await {
+            if std::mem::take(&mut first) {
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut up) = TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut conn, &mut up).await;
+                    }
+                });
+            } else {
+                silent.push(conn);
+            }
+        }
+    });
+    let mut url = server.clone();
+    url.set_port(Some(port)).expect("a URL with a host");
+    url.set_host(Some("127.0.0.1")).expect("a URL with a host");
+    url.set_path(&unique("cw_absent"));
+    let mut cmd = tokio::process::Command::from(env.cli_command(&["migrate"]));
+    cmd.env("DATABASE_URL", url.as_str()).kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(40), cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("migrate still waiting after 40 s"))
+        .expect("run the CLI");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("no answer from the database within 10s"),
+        "{stderr}"
+    );
+    held.abort();
+    env.cleanup().await;
+}
