@@ -300,12 +300,22 @@ fn list_or_csv<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error>
     }
     Ok(match ListOrCsv::deserialize(d)? {
         ListOrCsv::List(v) => v,
-        ListOrCsv::Csv(s) => s
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-            .collect(),
+        ListOrCsv::Csv(s) => {
+            let names: Vec<String> = s
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect();
+            // Commas and no name (`${A},${B}` with both unset) must not pass for the empty
+            // list, which for `amqp.allowed_producers` means anyone.
+            if names.is_empty() && !s.trim().is_empty() {
+                return Err(serde::de::Error::custom(
+                    "a comma-separated list with no name in it (leave it empty for none)",
+                ));
+            }
+            names
+        }
     })
 }
 
@@ -582,13 +592,13 @@ fn parse_env_list(key: &str, raw: &str) -> Result<figment::value::Value, ConfigE
         v: Vec<String>,
     }
     match toml::from_str::<Wrapped>(&format!("v = {raw}")) {
-        // As the comma-separated form: names trimmed, empty ones dropped.
+        // An empty name is no name: `[""]` (a template whose variable was unset) must not
+        // pass for `[]`, which for `amqp.allowed_producers` means anyone.
+        Ok(w) if w.v.iter().any(|s| s.trim().is_empty()) => Err(ConfigError::Invalid(format!(
+            "{key}: an empty name in the array (write [] for none)"
+        ))),
         Ok(w) => Ok(figment::value::Value::from(
-            w.v.iter()
-                .map(|s| s.trim())
-                .filter(|s| !s.is_empty())
-                .map(str::to_owned)
-                .collect::<Vec<_>>(),
+            w.v.iter().map(|s| s.trim().to_owned()).collect::<Vec<_>>(),
         )),
         Err(_) => Err(ConfigError::Invalid(format!(
             "{key}: an array must hold only strings, as [\"a\", \"b\"] (or write a \
@@ -698,7 +708,17 @@ mod tests {
         );
         assert_eq!(users(" ['guest']"), Ok(vec!["guest".into()]));
         assert_eq!(users("[]"), Ok(vec![]));
-        assert_eq!(users(r#"[" guest", ""]"#), Ok(vec!["guest".into()]));
+        assert_eq!(users(r#"[" guest"]"#), Ok(vec!["guest".into()]));
+        for blank in [r#"[""]"#, r#"[" "]"#, r#"["guest", ""]"#] {
+            let e = users(blank).unwrap_err();
+            assert!(e.contains("an empty name in the array"), "{blank}: {e}");
+        }
+        let e = users(" , ").unwrap_err();
+        assert!(
+            e.starts_with("config: control.allowed_users: a comma-separated list with no name"),
+            "{e}"
+        );
+        assert_eq!(users(""), Ok(vec![]));
         assert_eq!(users("guest,ops"), Ok(vec!["guest".into(), "ops".into()]));
         for bad in ["[guest]", r#"["guest", 5]"#, r#"["guest""#] {
             let e = users(bad).unwrap_err();
