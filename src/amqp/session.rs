@@ -47,9 +47,10 @@ where
                 return false;
             }
             // Cut short by the stop (work given up at its bound): not a fault to reconnect
-            // from; what it held unacknowledged goes back to the queue.
+            // from. What it had not finished is taken up again: a delivery it held comes
+            // again, an event it had not published stays behind the watermark.
             Err(e) if stop.is_cancelled() => {
-                warn!(error = %e, session = what, "session ended at the stop; what it held unacknowledged is delivered again");
+                warn!(error = %e, session = what, "session ended at the stop with its work unfinished; it is taken up again at the next start");
                 return false;
             }
             Err(e) => {

@@ -9,10 +9,11 @@
 //! interruption leaves at worst a duplicate there, which the worker decides once per
 //! `node_exec_id`.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, DeliveryTag, FieldTable};
+use lapin::types::{AMQPValue, DeliveryTag, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
 use serde::Serialize;
 
@@ -32,7 +33,8 @@ const WINDOW: usize = 100;
 /// One dead message, as shown to an operator.
 #[derive(Debug, Clone, Serialize)]
 pub struct DeadLetter {
-    /// The `x-credit-error` header; empty when absent (dead-lettered by the broker).
+    /// The `x-credit-error` header, else the broker's reason with ` (broker)`; empty when
+    /// neither is there.
     pub reason: String,
     /// The body's `node_exec_id`, when the body is JSON with that field.
     pub node_exec_id: Option<String>,
@@ -372,17 +374,31 @@ fn describe(d: &lapin::message::Delivery) -> DeadLetter {
     }
 }
 
-/// Why the message is dead: the worker's `x-credit-error`, else the broker's own reason
-/// (`x-first-death-reason`: `delivery_limit` past the delivery limit, `rejected`,
-/// `expired`, …), marked as the broker's; empty when neither is there.
+/// Why the message is dead: the worker's `x-credit-error`, else the broker's own reason for
+/// its latest death (`delivery_limit` past the delivery limit, `rejected`, `expired`, …),
+/// marked as the broker's; empty when neither is there.
 pub fn reason(props: &BasicProperties) -> String {
-    let headers = props.headers().as_ref();
-    let text = |name: &str| headers.and_then(|h| h.inner().get(name)).map(header_text);
-    match (text(REASON_HEADER), text("x-first-death-reason")) {
+    let headers = props.headers().as_ref().map(FieldTable::inner);
+    let worker = headers.and_then(|h| h.get(REASON_HEADER)).map(header_text);
+    match (worker, headers.and_then(latest_death_reason)) {
         (Some(worker), _) => worker,
         (None, Some(broker)) => format!("{broker} (broker)"),
         (None, None) => String::new(),
     }
+}
+
+/// The reason of the newest entry of RabbitMQ's `x-death` (newest first; a replayed message
+/// keeps its earlier deaths), else `x-first-death-reason`.
+fn latest_death_reason(headers: &BTreeMap<ShortString, AMQPValue>) -> Option<String> {
+    let newest = match headers.get("x-death") {
+        Some(AMQPValue::FieldArray(deaths)) => deaths.as_slice().first(),
+        _ => None,
+    };
+    let from_x_death = match newest {
+        Some(AMQPValue::FieldTable(death)) => death.inner().get("reason").map(header_text),
+        _ => None,
+    };
+    from_x_death.or_else(|| headers.get("x-first-death-reason").map(header_text))
 }
 
 fn header_text(value: &AMQPValue) -> String {
@@ -466,6 +482,25 @@ mod tests {
             "delivery_limit (broker)"
         );
         assert_eq!(with(&[]), "");
+        // Replayed once after a rejection, then dead past the delivery limit: the newest.
+        let death = |reason: &str| {
+            let mut t = FieldTable::default();
+            t.insert("reason".into(), AMQPValue::LongString(reason.into()));
+            AMQPValue::FieldTable(t)
+        };
+        let mut h = FieldTable::default();
+        h.insert(
+            "x-death".into(),
+            AMQPValue::FieldArray(vec![death("delivery_limit"), death("rejected")].into()),
+        );
+        h.insert(
+            "x-first-death-reason".into(),
+            AMQPValue::LongString("rejected".into()),
+        );
+        assert_eq!(
+            reason(&BasicProperties::default().with_headers(h)),
+            "delivery_limit (broker)"
+        );
     }
 
     #[test]
