@@ -78,6 +78,15 @@ pub(crate) fn refuses_arguments(e: &lapin::Error) -> bool {
     }
 }
 
+/// Options that only look a queue up (its counts), declaring nothing: a missing queue is a
+/// `NOT_FOUND` (see [`not_found`]) that closes the channel.
+pub(crate) fn passive() -> lapin::options::QueueDeclareOptions {
+    lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    }
+}
+
 /// Whether the broker refused a passive declaration because the queue does not exist.
 pub(crate) fn not_found(e: &lapin::Error) -> bool {
     use lapin::protocol::{AMQPErrorKind, AMQPSoftError};

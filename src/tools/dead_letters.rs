@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions};
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions};
 use lapin::types::{AMQPValue, DeliveryTag, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
 use serde::Serialize;
@@ -114,10 +114,7 @@ impl Session {
     /// Refuses a replay into an input queue that is not there (deleted to change its
     /// arguments, say): every message would come back unroutable.
     async fn check_input_queue(&self) -> anyhow::Result<()> {
-        let passive = QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        };
+        let passive = topology::passive();
         // A channel of its own: the broker closes the one a missing queue was asked on.
         let ch = self.conn.create_channel().await?;
         let queue = self.names.input_queue.as_str();
@@ -145,10 +142,7 @@ impl Session {
 
     /// Messages ready in the dead queue now, and its consumers.
     async fn depth_and_consumers(&self) -> anyhow::Result<(u32, u32)> {
-        let passive = QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        };
+        let passive = topology::passive();
         let q = self
             .reader
             .queue_declare(

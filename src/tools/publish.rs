@@ -71,13 +71,9 @@ fn partly_published(e: &PublishError, before: usize, window: usize, total: usize
 /// Says so when no worker consumes `queue`: the messages wait there, which is right before a
 /// worker starts and a sign of a mistyped `amqp.namespace` otherwise.
 async fn warn_if_unconsumed(publisher: &Publisher, queue: &str) -> anyhow::Result<()> {
-    let passive = lapin::options::QueueDeclareOptions {
-        passive: true,
-        ..Default::default()
-    };
     let q = publisher
         .channel()
-        .queue_declare(queue.into(), passive, Default::default())
+        .queue_declare(queue.into(), topology::passive(), Default::default())
         .await?;
     if q.consumer_count() == 0 {
         tracing::warn!(

@@ -253,7 +253,7 @@ pub(super) async fn wait_for_worker(
         Awaiting::FirstDelivery(_) => (2, "the worker consumed nothing within 60 s"),
         Awaiting::Consumer => (20, "the worker did not start consuming within 60 s"),
     };
-    let passive = passive_declare();
+    let passive = crate::amqp::topology::passive();
     loop {
         let q = ch
             .queue_declare(
@@ -274,14 +274,6 @@ pub(super) async fn wait_for_worker(
             anyhow::bail!("{too_slow}");
         }
         tokio::time::sleep(Duration::from_millis(poll)).await;
-    }
-}
-
-/// Options that only look a queue up (its counts), declaring nothing.
-fn passive_declare() -> QueueDeclareOptions {
-    QueueDeclareOptions {
-        passive: true,
-        ..Default::default()
     }
 }
 
@@ -405,7 +397,7 @@ pub(super) async fn check_queues_empty(
     names: &Names,
     problems: &mut Vec<String>,
 ) -> anyhow::Result<()> {
-    let passive = passive_declare();
+    let passive = crate::amqp::topology::passive();
     for q in [&names.input_queue, &names.dead_queue] {
         let left = ch
             .queue_declare(q.as_str().into(), passive, FieldTable::default())
