@@ -563,7 +563,6 @@ impl Settings {
     }
 }
 
-/// True when `key` (dotted) is a string or a list of strings in `defaults`.
 /// The default of a dotted `key`, if it has one.
 fn default_of<'a>(defaults: &'a toml::Table, key: &str) -> Option<&'a toml::Value> {
     let mut parts = key.split('.');
@@ -574,6 +573,7 @@ fn default_of<'a>(defaults: &'a toml::Table, key: &str) -> Option<&'a toml::Valu
     node
 }
 
+/// True when `key` (dotted) is a string or a list of strings in `defaults`.
 fn is_text_key(defaults: &toml::Table, key: &str) -> bool {
     matches!(
         default_of(defaults, key),
@@ -581,6 +581,7 @@ fn is_text_key(defaults: &toml::Table, key: &str) -> bool {
     )
 }
 
+/// True when `key` (dotted) is a list in `defaults`.
 fn is_list_key(defaults: &toml::Table, key: &str) -> bool {
     matches!(default_of(defaults, key), Some(toml::Value::Array(_)))
 }

@@ -271,6 +271,8 @@ impl Parts {
             chunk: settings.refill.chunk_size,
             clock: clock.clone(),
         });
+        // Whose copies (dead letters, replays) carry the producer in a header.
+        let own_user = crate::amqp::producer::own_user(&settings.amqp.url);
         Parts {
             pool: pool.clone(),
             health: health.clone(),
@@ -283,7 +285,7 @@ impl Parts {
                     stall: crate::db::stall_bound(&settings.database),
                 },
                 health: health.clone(),
-                own_user: crate::amqp::producer::own_user(&settings.amqp.url),
+                own_user: own_user.clone(),
             },
             relay: Relay {
                 settings: settings.clone(),
@@ -293,6 +295,7 @@ impl Parts {
                 settings,
                 ledger,
                 clock,
+                own_user,
             },
             scheduler,
             http,

@@ -78,6 +78,9 @@ pub struct Context {
     pub ledger: Ledger,
     /// What "now" is for the commands (the lazy refill, a default month).
     pub clock: Arc<dyn Clock>,
+    /// The broker user the worker connects as (`producer::own_user`): a message under it
+    /// with a producer header is that producer's.
+    pub own_user: Option<String>,
 }
 
 /// A parsed command.
@@ -377,8 +380,7 @@ async fn handle(
     let props = &d.properties;
     // A message the worker republished (a dead letter routed here) carries the worker's own
     // user_id: its sender is the producer it names, as for billing, not the worker.
-    let own = crate::amqp::producer::own_user(&ctx.settings.amqp.url);
-    let sender = crate::amqp::producer::producer(props, own.as_deref());
+    let sender = crate::amqp::producer::producer(props, ctx.own_user.as_deref());
     let origin = Origin {
         sender: sender.as_deref(),
         message_id: props.message_id().as_ref().map(|m| m.as_str()),

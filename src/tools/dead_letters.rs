@@ -114,12 +114,11 @@ impl Session {
     /// Refuses a replay into an input queue that is not there (deleted to change its
     /// arguments, say): every message would come back unroutable.
     async fn check_input_queue(&self) -> anyhow::Result<()> {
-        let passive = topology::passive();
         // A channel of its own: the broker closes the one a missing queue was asked on.
         let ch = self.conn.create_channel().await?;
         let queue = self.names.input_queue.as_str();
         match ch
-            .queue_declare(queue.into(), passive, FieldTable::default())
+            .queue_declare(queue.into(), topology::passive(), FieldTable::default())
             .await
         {
             Ok(_) => {
@@ -142,12 +141,11 @@ impl Session {
 
     /// Messages ready in the dead queue now, and its consumers.
     async fn depth_and_consumers(&self) -> anyhow::Result<(u32, u32)> {
-        let passive = topology::passive();
         let q = self
             .reader
             .queue_declare(
                 self.names.dead_queue.as_str().into(),
-                passive,
+                topology::passive(),
                 FieldTable::default(),
             )
             .await?;

@@ -40,13 +40,13 @@ pub(crate) async fn close_connection(
     closed
 }
 
-/// Success when `ok`, failure otherwise.
 /// A lookup that found nothing (`outcome` before a decision, a namespace without dead
 /// letters): `not_found` in a command's JSON.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub(crate) struct NotFound(pub(crate) String);
 
+/// Success when `ok`, failure otherwise.
 pub(crate) fn exit_code(ok: bool) -> ExitCode {
     if ok {
         ExitCode::SUCCESS

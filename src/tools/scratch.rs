@@ -52,6 +52,7 @@ impl Scratch {
     /// Drops the database and deletes the namespace's queues and exchanges, plus the extra
     /// ones named (base names, namespaced here). Best effort: a failure is reported, not
     /// fatal, since the results are already taken.
+    ///
     /// A signal meanwhile (a second Ctrl-C, the first having ended the run) stops it at
     /// once, saying what is left behind.
     pub async fn remove(&self, extra_queues: &[&str], extra_exchanges: &[&str]) {

@@ -305,23 +305,22 @@ async fn a_replay_right_after_a_list_takes_every_message() {
 async fn a_namespace_without_dead_letters_queue_is_refused_and_left_undeclared() {
     let env = TestEnv::with(no_refill).await;
     let namespace = format!("{}typo.", env.settings.amqp.namespace);
-    let list: &[&str] = &["dead-letters", "list"];
-    for args in [list, &["dead-letters", "replay", "--all"]] {
-        let out = env
-            .cli_command(args)
+    // The CLI in the mistyped namespace.
+    let run = |args: &[&str]| {
+        env.cli_command(args)
             .env("CREDIT_WORKER__AMQP__NAMESPACE", &namespace)
             .output()
-            .expect("run the CLI");
+            .expect("run the CLI")
+    };
+    let list: &[&str] = &["dead-letters", "list"];
+    for args in [list, &["dead-letters", "replay", "--all"]] {
+        let out = run(args);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
         let said = format!("there is no queue {namespace}node_execution.dead on this broker");
         assert!(stderr.contains(&said), "{args:?}: {stderr}");
     }
-    let out = env
-        .cli_command(&["dead-letters", "list", "--json"])
-        .env("CREDIT_WORKER__AMQP__NAMESPACE", &namespace)
-        .output()
-        .expect("run the CLI");
+    let out = run(&["dead-letters", "list", "--json"]);
     let reply: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON error");
     assert_eq!(reply["error"]["code"], "not_found", "{reply}");
     let (_conn, ch) = env.amqp_channel().await;
@@ -329,12 +328,9 @@ async fn a_namespace_without_dead_letters_queue_is_refused_and_left_undeclared()
         passive: true,
         ..Default::default()
     };
+    let input = format!("{namespace}node_execution");
     let declared = ch
-        .queue_declare(
-            format!("{namespace}node_execution").as_str().into(),
-            passive,
-            FieldTable::default(),
-        )
+        .queue_declare(input.as_str().into(), passive, FieldTable::default())
         .await;
     assert!(declared.is_err(), "the input queue was declared");
     // A dead queue without its input queue (deleted to change its arguments): a replay is
@@ -351,11 +347,7 @@ async fn a_namespace_without_dead_letters_queue_is_refused_and_left_undeclared()
     )
     .await
     .expect("declare the dead queue alone");
-    let out = env
-        .cli_command(&["dead-letters", "replay", "--all"])
-        .env("CREDIT_WORKER__AMQP__NAMESPACE", &namespace)
-        .output()
-        .expect("run the CLI");
+    let out = run(&["dead-letters", "replay", "--all"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     let said = format!("there is no queue {namespace}node_execution to replay into");

@@ -767,6 +767,23 @@ async fn a_stop_while_another_process_migrates_is_clean() {
     env.cleanup().await;
 }
 
+/// Runs the CLI with `args` against the database at `url` and expects it to fail, exit 1, at
+/// the connect bound, well within `within`.
+async fn fails_at_the_connect_bound(env: &TestEnv, args: &[&str], url: &str, within: Duration) {
+    let mut cmd = tokio::process::Command::from(env.cli_command(args));
+    cmd.env("DATABASE_URL", url).kill_on_drop(true);
+    let out = tokio::time::timeout(within, cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("{args:?} still waiting after {within:?}"))
+        .expect("run the CLI");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+    assert!(
+        stderr.contains("no answer from the database within 10s"),
+        "{args:?}: {stderr}"
+    );
+}
+
 /// A database server that accepts connections and then says nothing holds a command no
 /// longer than the connect bound: it fails, exit 1, saying so, rather than hang; the worker's
 /// start says so and retries.
@@ -783,18 +800,7 @@ async fn a_command_against_a_silent_database_fails_rather_than_hang() {
     });
     let url = format!("postgres://root@127.0.0.1:{port}/credit");
     for args in [&["balance", "u"][..], &["migrate"]] {
-        let mut cmd = tokio::process::Command::from(env.cli_command(args));
-        cmd.env("DATABASE_URL", &url).kill_on_drop(true);
-        let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
-            .await
-            .unwrap_or_else(|_| panic!("{args:?} still waiting after 30 s"))
-            .expect("run the CLI");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
-        assert!(
-            stderr.contains("no answer from the database within 10s"),
-            "{args:?}: {stderr}"
-        );
+        fails_at_the_connect_bound(&env, args, &url, Duration::from_secs(30)).await;
     }
     // The worker's start says so and tries again, and a stop meanwhile is clean.
     let mut vars: Vec<(String, String)> = env
@@ -847,18 +853,7 @@ async fn creating_the_database_through_a_server_gone_silent_fails_rather_than_ha
     url.set_port(Some(port)).expect("a URL with a host");
     url.set_host(Some("127.0.0.1")).expect("a URL with a host");
     url.set_path(&unique("cw_absent"));
-    let mut cmd = tokio::process::Command::from(env.cli_command(&["migrate"]));
-    cmd.env("DATABASE_URL", url.as_str()).kill_on_drop(true);
-    let out = tokio::time::timeout(Duration::from_secs(40), cmd.output())
-        .await
-        .unwrap_or_else(|_| panic!("migrate still waiting after 40 s"))
-        .expect("run the CLI");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(
-        stderr.contains("no answer from the database within 10s"),
-        "{stderr}"
-    );
+    fails_at_the_connect_bound(&env, &["migrate"], url.as_str(), Duration::from_secs(40)).await;
     held.abort();
     env.cleanup().await;
 }

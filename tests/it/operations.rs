@@ -694,27 +694,38 @@ async fn a_sweep_waits_for_the_lock_rather_than_skip_the_month() {
     env.cleanup().await;
 }
 
-/// `credit_outbox_oldest_unpublished_seconds` tells when events stop going out although every
-/// part runs: here the relay's lead is held by a session that publishes nothing (as a stuck
-/// leader on another replica would), and the event waiting was written a minute and a half
-/// ago. Once it lets go, the worker's relay leads and publishes, and the age falls to 0.
-#[tokio::test]
-async fn metrics_report_how_long_the_next_event_has_waited() {
-    let env = TestEnv::with(no_refill).await;
-    seed(&env, ["st"], 100).await;
+/// A worker (its HTTP port) ready, with one seeded user's event waiting and the relay's lead
+/// held by the connection returned, a session that publishes nothing (as a stuck leader on
+/// another replica would).
+async fn ready_behind_a_held_lead(env: &TestEnv) -> (WorkerProcess, u16, sqlx::PgConnection) {
+    seed(env, ["st"], 100).await;
     let leader = env.hold_relay_lead().await;
     let mut vars = env.process_env();
     vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
-    let (mut w, port) = WorkerProcess::spawn_with_http(&vars, &["run"]);
+    let (w, port) = WorkerProcess::spawn_with_http(&vars, &["run"]);
     wait_status(T, port, "/readyz", 200).await;
+    (w, port, leader)
+}
+
+fn oldest_age(metrics: &str) -> f64 {
+    metric_value(metrics, "credit_outbox_oldest_unpublished_seconds", &[])
+}
+
+/// `credit_outbox_oldest_unpublished_seconds` tells when events stop going out although every
+/// part runs: here the relay's lead is held by a session that publishes nothing, and the
+/// event waiting was written a minute and a half ago. Once it lets go, the worker's relay
+/// leads and publishes, and the age falls to 0.
+#[tokio::test]
+async fn metrics_report_how_long_the_next_event_has_waited() {
+    let env = TestEnv::with(no_refill).await;
+    let (mut w, port, leader) = ready_behind_a_held_lead(&env).await;
     sqlx::query("UPDATE credit.outbox SET created_at = now() - interval '90 seconds'")
         .execute(&env.pool)
         .await
         .expect("age the event");
-    let age = |text: &str| metric_value(text, "credit_outbox_oldest_unpublished_seconds", &[]);
     let (_, text) = http_get(port, "/metrics").await.expect("metrics");
     // 90 s, and the moments between the update and the scrape.
-    assert!((90.0..120.0).contains(&age(&text)), "{text}");
+    assert!((90.0..120.0).contains(&oldest_age(&text)), "{text}");
     assert_eq!(metric_value(&text, "credit_outbox_backlog", &[]), 1.0);
     leader.close().await.expect("the leader goes");
     wait_for(T, "the event published", || async {
@@ -722,7 +733,7 @@ async fn metrics_report_how_long_the_next_event_has_waited() {
             .await
             .map(|r| r.1)
             .unwrap_or_default();
-        age(&text) == 0.0 && metric_value(&text, "credit_outbox_backlog", &[]) == 0.0
+        oldest_age(&text) == 0.0 && metric_value(&text, "credit_outbox_backlog", &[]) == 0.0
     })
     .await;
     assert_eq!(env.scalar_i64(UNPUBLISHED).await, 0);
@@ -732,20 +743,14 @@ async fn metrics_report_how_long_the_next_event_has_waited() {
 }
 
 /// A scrape that cannot read the outbox in time (its table locked here; a database that
-/// stalls alike) shows the next event's age as its upper bound, grown by the time since the
-/// last reading, rather than the last reading as if it were current.
+/// stalls alike) shows the next event's age grown by the time since the last reading, rather
+/// than the last reading as if it were current.
 #[tokio::test]
 async fn an_unreadable_outbox_shows_its_age_growing() {
     let env = TestEnv::with(no_refill).await;
-    seed(&env, ["st"], 100).await;
-    let leader = env.hold_relay_lead().await;
-    let mut vars = env.process_env();
-    vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
-    let (mut w, port) = WorkerProcess::spawn_with_http(&vars, &["run"]);
-    wait_status(T, port, "/readyz", 200).await;
-    let age = |text: &str| metric_value(text, "credit_outbox_oldest_unpublished_seconds", &[]);
+    let (mut w, port, leader) = ready_behind_a_held_lead(&env).await;
     let (_, text) = http_get(port, "/metrics").await.expect("metrics");
-    let read = age(&text);
+    let read = oldest_age(&text);
     let mut locker = env.pool.begin().await.expect("a transaction");
     sqlx::query("LOCK TABLE credit.outbox IN ACCESS EXCLUSIVE MODE")
         .execute(&mut *locker)
@@ -753,7 +758,7 @@ async fn an_unreadable_outbox_shows_its_age_growing() {
         .expect("lock the outbox");
     let (_, text) = http_get(port, "/metrics").await.expect("metrics");
     // The scrape waited 2 s for the database before giving up.
-    assert!(age(&text) >= read + 2.0, "{read} then {text}");
+    assert!(oldest_age(&text) >= read + 2.0, "{read} then {text}");
     assert_eq!(metric_value(&text, "credit_outbox_backlog", &[]), 1.0);
     locker.rollback().await.expect("unlock");
     leader.close().await.expect("the leader goes");
