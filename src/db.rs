@@ -209,6 +209,24 @@ fn idle_in_transaction_ms(settings: &DatabaseSettings) -> Option<u128> {
     (idle <= i32::MAX as u128).then_some(idle)
 }
 
+/// How long the outbox relay's leader may leave its session idle before the server ends it,
+/// and the lead with it: [`stall_bound`], none past what PostgreSQL takes. The keepalive ends
+/// the session of a leader whose host vanished; this ends that of a leader whose process
+/// stopped making progress with its connection up (frozen, or its runtime stuck).
+pub(crate) fn lead_lease(settings: &DatabaseSettings) -> Option<Duration> {
+    stall_bound(settings).filter(|lease| lease.as_millis() <= i32::MAX as u128)
+}
+
+/// Has the server end this session once it has been idle, outside a transaction, for `lease`.
+pub(crate) async fn end_when_idle(
+    conn: &mut sqlx::PgConnection,
+    lease: Duration,
+) -> Result<(), sqlx::Error> {
+    let set = format!("SET idle_session_timeout = {}", lease.as_millis());
+    sqlx::query(&set).execute(conn).await?;
+    Ok(())
+}
+
 /// `work` given up after `bound` (see [`stall_bound`]) with a transient error: what it was
 /// doing on its connection is abandoned with the connection.
 pub(crate) async fn bounded<T, E: From<sqlx::Error>>(

@@ -3,7 +3,8 @@
 //! watermark past them only after every confirm arrived. One relay leads at a time (a
 //! session-level advisory lock; the other replicas' relays wait to take over), so a user's
 //! events go out in order and a round costs one statement: the watermark's move and the read
-//! of the next events. At-least-once: a crash between confirm and the watermark's commit
+//! of the next events. The lead is a lease: the server ends a leader's session left idle past
+//! `db::lead_lease` (a frozen process), and a standby takes over. At-least-once: a crash between confirm and the watermark's commit
 //! republishes the same `event_id`s.
 //!
 //! Ids are drawn in commit order (migration 0005), so an event never becomes visible below a
@@ -99,6 +100,10 @@ impl Relay {
         topology::declare_events_exchange(publisher.channel(), &exchange).await?;
         // The leader's lock lives as long as this connection, which never returns to the pool.
         let mut db = self.pool.acquire().await?.detach();
+        if let Some(lease) = self.lease() {
+            crate::db::bounded(self.stall_bound(), crate::db::end_when_idle(&mut db, lease))
+                .await?;
+        }
         let led = match self.await_lead(&mut db, drain, hard_stop).await {
             Ok(true) => {
                 self.lead(&mut db, &publisher, &exchange, drain, hard_stop)
@@ -173,6 +178,7 @@ impl Relay {
         // stopped writers committed, so only its finding none means the outbox is flushed.
         let mut read_in_drain = drain.is_cancelled();
         let mut rows = crate::db::bounded(bound, store::events_after(db, watermark, BATCH)).await?;
+        let mut read_at = Instant::now();
         let mut pruner = Pruner::new(self.settings.outbox.retention());
         loop {
             if hard_stop.is_cancelled() {
@@ -187,11 +193,14 @@ impl Relay {
             }
             if let Some(through) = rows.last().map(|r| r.id) {
                 let started = Instant::now();
-                let published = publish(publisher, exchange, &rows).await?;
+                let published = self
+                    .publish_holding_lead(db, publisher, exchange, &rows, read_at)
+                    .await?;
                 metrics::counter!("credit_events_published_total").increment(published as u64);
                 read_in_drain = drain.is_cancelled();
                 rows =
                     crate::db::bounded(bound, store::advance_and_read(db, through, BATCH)).await?;
+                read_at = Instant::now();
                 watermark = through;
                 metrics::histogram!("credit_outbox_publish_seconds")
                     .record(started.elapsed().as_secs_f64());
@@ -207,7 +216,45 @@ impl Relay {
             }
             read_in_drain = drain.is_cancelled();
             rows = crate::db::bounded(bound, store::events_after(db, watermark, BATCH)).await?;
+            read_at = Instant::now();
         }
+    }
+
+    /// Publishes a round and keeps the leader's session from going idle past its lease while
+    /// the confirms are awaited (a broker slow to confirm does not cost the lead). Rows read a
+    /// while ago (the process was frozen since) go out only once the lead is found still held:
+    /// a leader whose session the server ended meanwhile sends nothing its successor may have
+    /// sent already.
+    async fn publish_holding_lead(
+        &self,
+        db: &mut PgConnection,
+        publisher: &Publisher,
+        exchange: &str,
+        rows: &[StoredEvent],
+        read_at: Instant,
+    ) -> Result<usize, RelayError> {
+        let Some(lease) = self.lease() else {
+            return publish(publisher, exchange, rows).await;
+        };
+        let bound = self.stall_bound();
+        if read_at.elapsed() >= lease / 2 {
+            crate::db::bounded(bound, db.ping()).await?;
+        }
+        let round = publish(publisher, exchange, rows);
+        tokio::pin!(round);
+        loop {
+            tokio::select! {
+                published = &mut round => return published,
+                () = tokio::time::sleep(lease / 4) => {
+                    crate::db::bounded(bound, db.ping()).await?;
+                }
+            }
+        }
+    }
+
+    /// How long the leader's session may be idle before the server ends it (`db::lead_lease`).
+    fn lease(&self) -> Option<Duration> {
+        crate::db::lead_lease(&self.settings.database)
     }
 
     /// How long a round's statement may go unanswered before the session is given up and

@@ -1,7 +1,7 @@
 //! The outbox relay's watermark: event ids are drawn in commit order, so the relay can publish
 //! from a watermark without skipping an event that commits late; a relay that dies after its
 //! events were confirmed but before the watermark moved publishes them again; of several
-//! replicas one relay leads, and another takes over when it dies.
+//! replicas one relay leads, and another takes over when it dies or stops making progress.
 
 use std::time::Duration;
 
@@ -240,6 +240,81 @@ async fn one_relay_leads_and_another_takes_over_when_it_dies() {
     );
     workers[1 - leader].0.sigterm();
     assert_eq!(workers[1 - leader].0.wait_exit(T).await, Some(0));
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
+/// A leader frozen with its connection up (SIGSTOP: a paused VM, a stuck runtime) loses the
+/// lead once its session has been idle past the lease (twice the statement timeout and a
+/// second, 3 s here): the standby takes over and publishes while it stays frozen, and the
+/// leader, resumed, finds its session ended and publishes nothing more.
+#[tokio::test]
+async fn a_frozen_leader_loses_the_lead_to_the_standby() {
+    let env = TestEnv::with(no_refill).await;
+    seed(&env, ["f0", "f1"], 1_000_000).await;
+    let mut tap = env.event_tap().await;
+    let mut vars = env.process_env();
+    vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
+    vars.push((
+        "CREDIT_WORKER__DATABASE__STATEMENT_TIMEOUT_MS".into(),
+        "1000".into(),
+    ));
+    let mut workers = [
+        WorkerProcess::spawn_with_http(&vars, &["run"]),
+        WorkerProcess::spawn_with_http(&vars, &["run"]),
+    ];
+    for (_, port) in &workers {
+        wait_status(T, *port, "/readyz", 200).await;
+    }
+    tap.take(2, T).await;
+    wait_count(&env, T, "outbox drained", UNPUBLISHED, &[], |n| n == 0).await;
+    let counts = [
+        published_by(workers[0].1).await,
+        published_by(workers[1].1).await,
+    ];
+    let leader = usize::from(counts[1] > 0.0);
+    assert_eq!(
+        (counts[leader], counts[1 - leader]),
+        (2.0, 0.0),
+        "{counts:?}"
+    );
+    let holder = "SELECT pid FROM pg_locks
+      WHERE locktype = 'advisory' AND classid = 1668441444 AND objid = 1919249505 AND granted
+        AND database = (SELECT oid FROM pg_database WHERE datname = current_database())";
+    let frozen_pid = env
+        .scalar_i64(&format!("SELECT pid::bigint FROM ({holder}) l"))
+        .await;
+
+    // Still frozen should the test fail: dropping the process kills it.
+    workers[leader].0.signal("STOP");
+    wait_for(T, "the standby to take the lead", || async {
+        let now = env
+            .scalar_i64(&format!(
+                "SELECT coalesce(max(pid), 0)::bigint FROM ({holder}) l"
+            ))
+            .await;
+        now != 0 && now != frozen_pid
+    })
+    .await;
+    // Whichever worker decides it, only the new leader publishes its event.
+    env.publish(&[body(&platform_gpt4("f0", "frozen-0"))]).await;
+    workers[leader].0.signal("CONT");
+    let survivor = workers[1 - leader].1;
+    let ids: Vec<String> = tap.take(1, T).await.into_iter().map(|e| e.1).collect();
+    wait_count(&env, T, "outbox drained", UNPUBLISHED, &[], |n| n == 0).await;
+    assert_eq!(published_by(survivor).await, 1.0);
+    // Resumed, the old leader keeps serving (its HTTP answers) but leads no more.
+    wait_status(T, workers[leader].1, "/healthz", 200).await;
+    assert_eq!(published_by(workers[leader].1).await, 2.0);
+    tap.assert_quiet(Duration::from_millis(500)).await;
+    let stored: Vec<String> = stored_events(&env).await.into_iter().map(|e| e.0).collect();
+    assert_eq!(stored.last(), ids.last(), "the decision's event, once");
+    for (w, _) in &workers {
+        w.sigterm();
+    }
+    for (w, _) in &mut workers {
+        assert_eq!(w.wait_exit(T).await, Some(0));
+    }
     env.assert_audit_clean().await;
     env.cleanup().await;
 }
