@@ -165,7 +165,12 @@ pub fn decode(body: &[u8]) -> Result<NodeExecutionEntry, DecodeError> {
         // Valid JSON this parser cannot hold (a number past f64, a lone UTF-16 surrogate):
         // in user data (inputs), read around it rather than refuse a run that happened.
         Err(DecodeError::NotJson(why)) if serde_json::from_str::<IgnoredAny>(text).is_ok() => {
-            parse_entry(text, true).map_err(|_| DecodeError::NotJson(why))
+            // The tolerant pass's own finding (a field's check) names the fault; only were
+            // the body still unreadable would the first pass's reason be the one to give.
+            parse_entry(text, true).map_err(|e| match e {
+                DecodeError::NotJson(_) => DecodeError::NotJson(why),
+                found => found,
+            })
         }
         parsed => parsed,
     }
@@ -597,14 +602,27 @@ fn graph_version(v: Value) -> Result<Option<i64>, DecodeError> {
         Value::Number(n) if n.is_u64() => Err(DecodeError::OutOfRange {
             field: "graph_version",
         }),
-        Value::Number(_) => Err(DecodeError::WrongType {
-            field: "graph_version",
-            expected: "an integer or null",
-            got: "non-integer number",
-        }),
+        // `3.0` is 3, as the executor's own model (pydantic, lax mode) reads it.
+        Value::Number(n) => match n.as_f64() {
+            Some(f) if f.is_finite() && f.fract() == 0.0 && (-I64_END..I64_END).contains(&f) => {
+                // Exact: an integral f64 in [-2^63, 2^63) is an i64.
+                Ok(Some(f as i64))
+            }
+            Some(f) if f.is_finite() && f.fract() == 0.0 => Err(DecodeError::OutOfRange {
+                field: "graph_version",
+            }),
+            _ => Err(DecodeError::WrongType {
+                field: "graph_version",
+                expected: "an integer or null",
+                got: "non-integer number",
+            }),
+        },
         other => Err(wrong("graph_version", "an integer or null", &other)),
     }
 }
+
+/// 2^63, the first integer past `i64::MAX`.
+const I64_END: f64 = 9_223_372_036_854_775_808.0;
 
 /// The fields of `stats`, and how an error names each.
 const STAT_FIELDS: [(&str, &str); 8] = [
@@ -640,7 +658,7 @@ fn stats(text: &RawValue) -> Result<Option<Stats>, DecodeError> {
         serde_json::from_str(text.get()).map_err(|e| DecodeError::NotJson(e.to_string()))?;
     let get = |key: &str, field: &'static str| -> Result<Option<Value>, DecodeError> {
         raw.get(key)
-            .map(|v| serde_json::from_str(v.get()).map_err(|_| DecodeError::InvalidStat { field }))
+            .map(|v| serde_json::from_str(v.get()).map_err(|_| unreadable_stat(field, v.get())))
             .transpose()
     };
     let count = |key: &str, field: &'static str| token_count(get(key, field)?.as_ref(), field);
@@ -677,6 +695,23 @@ fn stats(text: &RawValue) -> Result<Option<Stats>, DecodeError> {
             }
         },
     }))
+}
+
+/// Why a stat's valid JSON `text` cannot be read: a number past f64 (`1e400`), or a string
+/// with a lone UTF-16 surrogate, which could not be kept in the ledger's metadata either.
+fn unreadable_stat(field: &'static str, text: &str) -> DecodeError {
+    if !text.starts_with('"') {
+        return DecodeError::InvalidStat { field };
+    }
+    DecodeError::WrongType {
+        field,
+        expected: match field {
+            "stats.provider_cost_type" => "a string or null",
+            "stats.walltime" | "stats.input_size" | "stats.provider_cost" => "a number",
+            _ => "an integer ≥ 0",
+        },
+        got: "string with a lone surrogate",
+    }
 }
 
 /// The first of [`STAT_FIELDS`] that the object `text` gives more than once, if any (None for
@@ -1130,6 +1165,25 @@ mod tests {
         let e = err(&with("graph_version", json!(1.5)));
         assert_eq!(e.field(), "graph_version");
         assert!(matches!(e, DecodeError::WrongType { .. }));
+        // An integral float is its integer, as pydantic reads it, within an i64.
+        assert_eq!(
+            ok(&with("graph_version", json!(3.0))).graph_version,
+            Some(3)
+        );
+        assert_eq!(
+            ok(&with("graph_version", json!(-2.0))).graph_version,
+            Some(-2)
+        );
+        assert_eq!(
+            ok(&with("graph_version", json!(-9.223372036854775808e18))).graph_version,
+            Some(i64::MIN)
+        );
+        assert_eq!(
+            err(&with("graph_version", json!(9.223372036854775808e18))),
+            DecodeError::OutOfRange {
+                field: "graph_version"
+            }
+        );
         assert_eq!(
             err(&with("graph_version", json!("1"))).field(),
             "graph_version"
@@ -1241,6 +1295,24 @@ mod tests {
         assert!(matches!(err(in_id.as_bytes()), DecodeError::NotJson(_)));
         let broken = minimal_with_raw_inputs("[1,}");
         assert!(matches!(err(&broken), DecodeError::NotJson(_)));
+        // A field's own fault, found by the pass that reads around such inputs, is named.
+        let and = |field: &str| {
+            let body = String::from_utf8(minimal_with_raw_inputs("1e400")).unwrap();
+            body.replacen('{', &format!("{{{field},"), 1).into_bytes()
+        };
+        assert_eq!(
+            err(&and(r#""graph_version":"7""#)).to_string(),
+            "graph_version: expected an integer or null, got string"
+        );
+        assert_eq!(
+            err(&and(r#""stats":{"walltime":-1}"#)).to_string(),
+            "stats.walltime: must be a finite number ≥ 0"
+        );
+        // A stat that is a string no jsonb can hold is named as one.
+        assert_eq!(
+            err(&and(r#""stats":{"provider_cost_type":"\ud800x"}"#)).to_string(),
+            "stats.provider_cost_type: expected a string or null, got string with a lone surrogate"
+        );
     }
 
     /// The minimal message with `inputs` = {"p": `raw`}.

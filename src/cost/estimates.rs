@@ -62,7 +62,7 @@ impl Estimates {
                     return Err(invalid(
                         &at,
                         format!(
-                            "expected a finite number ≥ 0, got {}",
+                            "expected a number from 0 to 9e18, got {}",
                             entry
                                 .get("mean_credits")
                                 .map_or("nothing".into(), |v| v.to_string())
@@ -102,11 +102,11 @@ mod tests {
     fn bad_entries_are_named() {
         assert_eq!(
             parse(r#"{"estimates": {"blk": {"mean_credits": -42}}}"#).unwrap_err(),
-            "t.json: estimates.blk.mean_credits: expected a finite number ≥ 0, got -42"
+            "t.json: estimates.blk.mean_credits: expected a number from 0 to 9e18, got -42"
         );
         assert_eq!(
             parse(r#"{"estimates": {"blk": {"mean_credits": "oops"}}}"#).unwrap_err(),
-            "t.json: estimates.blk.mean_credits: expected a finite number ≥ 0, got \"oops\""
+            "t.json: estimates.blk.mean_credits: expected a number from 0 to 9e18, got \"oops\""
         );
         assert_eq!(
             parse("[1, 2, 3]").unwrap_err(),
