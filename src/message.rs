@@ -1175,11 +1175,11 @@ mod tests {
             Some(-2)
         );
         assert_eq!(
-            ok(&with("graph_version", json!(-9.223372036854775808e18))).graph_version,
+            ok(&with("graph_version", json!(-I64_END))).graph_version,
             Some(i64::MIN)
         );
         assert_eq!(
-            err(&with("graph_version", json!(9.223372036854775808e18))),
+            err(&with("graph_version", json!(I64_END))),
             DecodeError::OutOfRange {
                 field: "graph_version"
             }
