@@ -90,7 +90,7 @@ SELECT s.user_id, s.node_exec_id FROM credit.settlements s
 /// The other way round: a worker's row (by its key's form, and USAGE, as every row the worker
 /// writes under these keys is: a credit under such a key, which callers could give before
 /// the prefixes were reserved, is not the worker's) with no decision or settlement naming it,
-/// such as a debit whose decision was lost. Each part is one hashed anti-join.
+/// such as a debit whose decision was lost. Each part is one hashed anti-join ([`hashed`]).
 const ROW_WITHOUT_DECISION: &str = "
 SELECT t.user_id, t.seq FROM credit.transactions t
  WHERE t.transaction_key LIKE 'USAGE-%' AND t.type = 'USAGE' AND NOT EXISTS (
@@ -116,7 +116,7 @@ SELECT t.user_id, t.seq FROM credit.transactions t
 /// anti-join. Rows stamped before the retention horizon (migration 0011) are not looked at:
 /// their events may have been deleted once published. Events are stamped with their row's
 /// time; the minute's margin covers rows written before that, whose events were stamped with
-/// their transaction's start.
+/// their transaction's start. Run [`hashed`].
 const ROW_WITHOUT_EVENT: &str = "
 WITH ids AS (
     SELECT event_id AS id FROM credit.outbox
@@ -217,6 +217,25 @@ async fn orphans(
         .collect())
 }
 
+/// [`orphans`] for a query whose anti-joins have no index to look up (`ROW_WITHOUT_DECISION`,
+/// `ROW_WITHOUT_EVENT`), planned without nested loops: on tables whose statistics are stale
+/// (a restored or bulk-loaded ledger that autovacuum has not analysed yet) the planner may
+/// otherwise rescan the inner table for each row, hours on millions of rows.
+async fn hashed(
+    conn: &mut PgConnection,
+    sql: &str,
+    problem: impl Fn(&Orphan) -> String,
+) -> Result<Vec<Mismatch>, sqlx::Error> {
+    sqlx::query("SET LOCAL enable_nestloop = off")
+        .execute(&mut *conn)
+        .await?;
+    let found = orphans(&mut *conn, sql, problem).await?;
+    sqlx::query("SET LOCAL enable_nestloop = on")
+        .execute(&mut *conn)
+        .await?;
+    Ok(found)
+}
+
 pub async fn run(pool: &PgPool) -> Result<AuditReport, sqlx::Error> {
     let mut tx = pool.begin().await?;
     // One snapshot for every check, and no statement timeout: on a large ledger a check runs
@@ -295,13 +314,13 @@ async fn checks(conn: &mut PgConnection) -> Result<AuditReport, sqlx::Error> {
         .await?,
     );
     mismatches.extend(
-        orphans(&mut *conn, ROW_WITHOUT_DECISION, |r| {
+        hashed(&mut *conn, ROW_WITHOUT_DECISION, |r| {
             format!("seq {} has no decision or settlement naming it", r.seq)
         })
         .await?,
     );
     mismatches.extend(
-        orphans(&mut *conn, ROW_WITHOUT_EVENT, |r| {
+        hashed(&mut *conn, ROW_WITHOUT_EVENT, |r| {
             format!("seq {} has no balance.changed event", r.seq)
         })
         .await?,
