@@ -54,8 +54,9 @@ pub(crate) fn event_user(user_id: &str) -> std::borrow::Cow<'_, str> {
 
 /// An event id as AMQP can carry it in `message_id` (at most 255 bytes): `id` itself, or,
 /// when longer, `{routing_key}:%sha256:{hex}` of it, as deterministic. A user part never
-/// starts with a bare `%` ([`event_user`] encodes it), so no `balance.changed` id of a row
-/// takes that form. (SQL, for `balance.changed`: `credit.balance_changed_id`, migration 0017.)
+/// starts with a bare `%` ([`event_user`] encodes it), nor does a `node_exec_id` part
+/// ([`execution_part`]), so no id of an event takes that form unhashed. (SQL, for
+/// `balance.changed`: `credit.balance_changed_id`, migration 0017.)
 pub(crate) fn bounded_id(routing_key: &str, id: String) -> String {
     if id.len() <= MAX_EVENT_ID_BYTES {
         return id;
@@ -63,6 +64,16 @@ pub(crate) fn bounded_id(routing_key: &str, id: String) -> String {
     use sha2::Digest;
     let digest = sha2::Sha256::digest(id.as_bytes());
     format!("{routing_key}:%sha256:{digest:x}")
+}
+
+/// A `node_exec_id` as the part of an event id: a leading `%` encoded (`%25`), so that a
+/// producer's id of the form `%sha256:{hex}` cannot take the hashed id of another execution's
+/// event. Every other id is as it is.
+fn execution_part(node_exec_id: &str) -> std::borrow::Cow<'_, str> {
+    match node_exec_id.strip_prefix('%') {
+        Some(rest) => format!("%25{rest}").into(),
+        None => node_exec_id.into(),
+    }
 }
 
 /// The id of an event: `{routing_key}:{rest}`, bounded by [`bounded_id`].
@@ -146,7 +157,10 @@ pub(crate) fn charge_rejected(
     balance: i64,
     at: DateTime<Utc>,
 ) -> NewEvent {
-    let event_id = event_id(CHARGE_REJECTED, format_args!("{node_exec_id}"));
+    let event_id = event_id(
+        CHARGE_REJECTED,
+        format_args!("{}", execution_part(node_exec_id)),
+    );
     NewEvent {
         payload: json!({
             "event_id": event_id,
@@ -198,7 +212,10 @@ pub(crate) fn charge_uncollected(
     balance: i64,
     at: DateTime<Utc>,
 ) -> NewEvent {
-    let event_id = event_id(CHARGE_UNCOLLECTED, format_args!("{node_exec_id}"));
+    let event_id = event_id(
+        CHARGE_UNCOLLECTED,
+        format_args!("{}", execution_part(node_exec_id)),
+    );
     NewEvent {
         payload: json!({
             "event_id": event_id,
@@ -326,5 +343,31 @@ mod tests {
         assert_eq!(id("a:x", "y"), "balance.changed:a%3Ax:y");
         assert_eq!(id("a%3Ax", "y"), "balance.changed:a%253Ax:y");
         assert_eq!(id("alice", "USAGE-n1"), "balance.changed:alice:USAGE-n1");
+    }
+
+    /// A producer's `node_exec_id` shaped like a hashed id does not take the id of the event
+    /// of the execution whose id hashes to it.
+    #[test]
+    fn an_execution_id_cannot_take_a_hashed_event_id() {
+        let at = Utc.with_ymd_and_hms(2026, 12, 6, 0, 0, 0).unwrap();
+        let long = "x".repeat(250);
+        let rejected = |n: &str| charge_rejected("u", n, "g", 1, 0, at).event_id;
+        let uncollected = |n: &str| charge_uncollected("u", n, "g", 1, 0, at).event_id;
+        for (id, key) in [
+            (rejected(&long), CHARGE_REJECTED),
+            (uncollected(&long), CHARGE_UNCOLLECTED),
+        ] {
+            let hashed = id.strip_prefix(&format!("{key}:")).unwrap_or_default();
+            assert!(hashed.starts_with("%sha256:"), "{id}");
+            let crafted = if key == CHARGE_REJECTED {
+                rejected(hashed)
+            } else {
+                uncollected(hashed)
+            };
+            assert_ne!(crafted, id);
+            assert_eq!(crafted, format!("{key}:%25{}", &hashed[1..]));
+        }
+        assert_eq!(rejected("n-1"), "charge.rejected:n-1");
+        assert_eq!(rejected("a%b"), "charge.rejected:a%b");
     }
 }
