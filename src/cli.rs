@@ -441,6 +441,7 @@ async fn sweep(
         return Err(BadRequest("refill is disabled (refill.enabled is false)".into()).into());
     }
     let pool = crate::db::connect_existing(&settings.database).await?;
+    crate::clock::check_against_database(&pool).await?;
     let policy = crate::ledger::RefillPolicy {
         target: settings.refill.target,
     };
@@ -720,6 +721,7 @@ fn bodies_of(text: &str) -> Vec<Vec<u8>> {
 
 async fn open_ledger(settings: &Settings) -> anyhow::Result<Ledger> {
     let pool = crate::db::connect_existing(&settings.database).await?;
+    crate::clock::check_against_database(&pool).await?;
     Ok(Ledger::new(pool, settings.ledger_policy()))
 }
 

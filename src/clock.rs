@@ -81,10 +81,99 @@ impl Clock for ManualClock {
     }
 }
 
+/// How far this host's clock may be from the database server's before a start or an
+/// operator's command that writes the ledger is refused: the worker takes refill months and
+/// fee days from its own clock, so a host minutes or months ahead would mark the accounts it
+/// touches as refilled for a month to come, and pin their fee day forward.
+pub(crate) const SKEW_REFUSED: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
+/// Past this the disagreement is logged as a warning (a month's first seconds may be decided
+/// in the month before).
+pub(crate) const SKEW_WARNED: chrono::TimeDelta = chrono::TimeDelta::seconds(2);
+
+/// What an offset of this host's clock from the database's calls for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Skew {
+    Agrees,
+    Warn,
+    Refuse,
+}
+
+/// `offset`: this host's clock minus the database server's (ahead when positive).
+pub(crate) fn judge_skew(offset: chrono::TimeDelta) -> Skew {
+    let size = offset.abs();
+    if size >= SKEW_REFUSED {
+        Skew::Refuse
+    } else if size >= SKEW_WARNED {
+        Skew::Warn
+    } else {
+        Skew::Agrees
+    }
+}
+
+/// The offset said in words: "3.2 s ahead of the database server's".
+pub(crate) fn describe_skew(offset: chrono::TimeDelta) -> String {
+    let secs = offset.num_milliseconds() as f64 / 1000.0;
+    let way = if secs >= 0.0 { "ahead of" } else { "behind" };
+    format!(
+        "this host's clock is {:.1} s {way} the database server's; refill months and \
+         execution-fee days are taken from it (set it right, e.g. with NTP)",
+        secs.abs()
+    )
+}
+
+/// Compares this host's clock with the database server's: an error past [`SKEW_REFUSED`], a
+/// warning past [`SKEW_WARNED`]. A failed reading is a warning only: the database's faults
+/// are for the caller's own statements to meet.
+pub(crate) async fn check_against_database(pool: &sqlx::PgPool) -> anyhow::Result<()> {
+    let within = std::time::Duration::from_secs(10);
+    let offset = match tokio::time::timeout(within, crate::db::clock_offset(pool)).await {
+        Ok(Ok(offset)) => offset,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "could not compare this host's clock with the database's");
+            return Ok(());
+        }
+        Err(_) => {
+            tracing::warn!("could not compare this host's clock with the database's: no answer within {within:?}");
+            return Ok(());
+        }
+    };
+    match judge_skew(offset) {
+        Skew::Agrees => Ok(()),
+        Skew::Warn => {
+            tracing::warn!("{}", describe_skew(offset));
+            Ok(())
+        }
+        Skew::Refuse => anyhow::bail!(
+            "{}; refused past {} s",
+            describe_skew(offset),
+            SKEW_REFUSED.num_seconds()
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use chrono::TimeZone;
+
+    #[test]
+    fn a_clock_far_from_the_databases_is_refused_and_a_near_one_warned_of() {
+        let ms = chrono::TimeDelta::milliseconds;
+        assert_eq!(judge_skew(ms(0)), Skew::Agrees);
+        assert_eq!(judge_skew(ms(1_999)), Skew::Agrees);
+        assert_eq!(judge_skew(ms(-1_999)), Skew::Agrees);
+        assert_eq!(judge_skew(ms(2_000)), Skew::Warn);
+        assert_eq!(judge_skew(ms(-59_999)), Skew::Warn);
+        assert_eq!(judge_skew(ms(60_000)), Skew::Refuse);
+        assert_eq!(judge_skew(ms(-60_000)), Skew::Refuse);
+        assert_eq!(judge_skew(chrono::TimeDelta::days(4 * 365)), Skew::Refuse);
+        assert_eq!(
+            describe_skew(ms(3_250)),
+            "this host's clock is 3.2 s ahead of the database server's; refill months and \
+             execution-fee days are taken from it (set it right, e.g. with NTP)"
+        );
+        assert!(describe_skew(ms(-90_000)).starts_with("this host's clock is 90.0 s behind"));
+    }
 
     #[test]
     fn the_system_clock_looks_again_at_least_every_minute() {

@@ -227,6 +227,17 @@ pub(crate) async fn end_when_idle(
     Ok(())
 }
 
+/// This host's clock minus the database server's (`clock_timestamp()`), taken at the middle
+/// of the round trip: positive when this host's is ahead.
+pub(crate) async fn clock_offset(pool: &PgPool) -> Result<chrono::TimeDelta, sqlx::Error> {
+    let before = chrono::Utc::now();
+    let server: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
+        .fetch_one(pool)
+        .await?;
+    let after = chrono::Utc::now();
+    Ok(before + (after - before) / 2 - server)
+}
+
 /// `work` given up after `bound` (see [`stall_bound`]) with a transient error: what it was
 /// doing on its connection is abandoned with the connection.
 pub(crate) async fn bounded<T, E: From<sqlx::Error>>(

@@ -169,7 +169,11 @@ impl Worker {
         // /readyz says 503, instead of a bound port that never replies.
         let http = HttpServer::start(&settings, &health, &pool).await?;
         let http_addr = http.as_ref().map(|h| h.addr);
-        if let Err(e) = connect_db(&settings, &shutdown).await {
+        let ready = match connect_db(&settings, &shutdown).await {
+            Ok(()) => crate::clock::check_against_database(&pool).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = ready {
             if let Some(h) = http {
                 h.stop().await;
             }

@@ -115,8 +115,10 @@ const COUNTERS: [(&str, &str, Known); 18] = [
 
 /// Every gauge and histogram: its name and `# HELP` text (those named `_seconds` in seconds).
 #[rustfmt::skip]
-const GAUGES: [(&str, &str); 3] = [
+const GAUGES: [(&str, &str); 4] = [
     ("credit_consuming", "1 while the input queue is consumed."),
+    // Read afresh before every scrape's render, as the two below.
+    ("credit_clock_offset_seconds", "This host's clock minus the database server's; refill months and fee days are taken from this host's."),
     // These two are read afresh before every scrape's render.
     ("credit_outbox_backlog", "Events not yet published."),
     ("credit_outbox_oldest_unpublished_seconds", "How long the next event to publish has waited; one that only grows means events stopped."),
@@ -251,12 +253,25 @@ pub(crate) async fn serve_on(
 async fn metrics(State(s): State<HttpState>) -> (StatusCode, String) {
     // Read now: the relay cannot refresh it while the broker is out, when it matters most.
     s.backlog.refresh(&s.pool, Duration::from_secs(2)).await;
+    clock_offset(&s.pool).await;
     match &s.metrics {
         Some(h) => (StatusCode::OK, h.render()),
         None => (
             StatusCode::SERVICE_UNAVAILABLE,
             "no metrics recorder\n".into(),
         ),
+    }
+}
+
+/// Sets `credit_clock_offset_seconds`, and warns past [`crate::clock::SKEW_WARNED`]: a clock
+/// that drifts or is stepped while the worker runs moves its refill months and fee days.
+async fn clock_offset(pool: &PgPool) {
+    let read = tokio::time::timeout(Duration::from_secs(2), crate::db::clock_offset(pool)).await;
+    if let Ok(Ok(offset)) = read {
+        metrics::gauge!("credit_clock_offset_seconds").set(offset.num_milliseconds() as f64 / 1e3);
+        if crate::clock::judge_skew(offset) != crate::clock::Skew::Agrees {
+            tracing::warn!("{}", crate::clock::describe_skew(offset));
+        }
     }
 }
 
