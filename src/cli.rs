@@ -269,8 +269,14 @@ fn error_code(e: &anyhow::Error) -> &'static str {
     if e.downcast_ref::<NotFound>().is_some() {
         return "not_found";
     }
-    if e.downcast_ref::<BadRequest>().is_some() {
+    // An operator's mistake, not a defect: a configuration refused, a database not there.
+    if e.downcast_ref::<BadRequest>().is_some()
+        || e.downcast_ref::<crate::config::ConfigError>().is_some()
+    {
         return "bad_request";
+    }
+    if let Some(crate::db::NotReady::Missing(_)) = e.downcast_ref::<crate::db::NotReady>() {
+        return "not_found";
     }
     match e.downcast_ref::<LedgerError>() {
         Some(l) => crate::control::ControlError::code_of(l),

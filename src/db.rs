@@ -444,6 +444,21 @@ const MIGRATING: i64 = 0x6372_6564_6974_6d67;
 /// How long a migration waits for a lock before it fails (and the start retries it).
 const MIGRATION_LOCK_TIMEOUT: &str = "SET lock_timeout = '10s'";
 
+/// The oldest PostgreSQL the schema and the worker's sessions need: 14 (lz4 compression in
+/// migration 0010, `idle_session_timeout` on the relay's lead).
+const OLDEST_SERVER: i32 = 140_000;
+
+/// Why a server of `server_version_num` cannot hold the ledger, if it cannot.
+fn too_old(version: i32) -> Option<String> {
+    // From 10 on the number is major × 10000 + minor; before, major.minor × 100 + patch.
+    let major = match version {
+        100_000.. => format!("{}", version / 10_000),
+        _ => format!("{}.{}", version / 10_000, version % 10_000 / 100),
+    };
+    (version < OLDEST_SERVER)
+        .then(|| format!("PostgreSQL {major} is older than 14, which the ledger's schema needs"))
+}
+
 /// How often a process waiting for another's migrations asks for the lock again.
 const MIGRATING_POLL: Duration = Duration::from_millis(250);
 
@@ -458,6 +473,16 @@ pub(crate) async fn prepare(settings: &DatabaseSettings) -> Result<(), sqlx::Err
     ensure_database(&settings.url).await?;
     let within = Some(CONNECT_TIMEOUT);
     let mut conn = bounded(within, connect_options(settings, false)?.connect()).await?;
+    let version: i32 = bounded(
+        within,
+        sqlx::query_scalar("SELECT current_setting('server_version_num')::int4")
+            .fetch_one(&mut conn),
+    )
+    .await?;
+    if let Some(refusal) = too_old(version) {
+        let _ = conn.close().await;
+        return Err(sqlx::Error::Configuration(refusal.into()));
+    }
     let mut waited = false;
     let lock = "SELECT pg_try_advisory_lock($1)";
     while !bounded(
@@ -687,6 +712,20 @@ mod tests {
         assert!(is_setup_fault(&sqlx::Error::Tls("bad key".into())));
         assert!(!is_setup_fault(&sqlx::Error::RowNotFound));
         assert!(!is_setup_fault(&sqlx::Error::Decode("bad".into())));
+    }
+
+    #[test]
+    fn a_server_older_than_14_is_refused_by_name() {
+        assert_eq!(
+            too_old(130_004).as_deref(),
+            Some("PostgreSQL 13 is older than 14, which the ledger's schema needs")
+        );
+        assert_eq!(
+            too_old(90_624).as_deref(),
+            Some("PostgreSQL 9.6 is older than 14, which the ledger's schema needs")
+        );
+        assert_eq!(too_old(140_000), None);
+        assert_eq!(too_old(150_020), None);
     }
 
     #[test]

@@ -37,12 +37,23 @@ async fn containers() -> Option<Services> {
     use testcontainers_modules::postgres::Postgres;
     use testcontainers_modules::rabbitmq::RabbitMq;
     use testcontainers_modules::testcontainers::runners::AsyncRunner;
+    use testcontainers_modules::testcontainers::ImageExt;
     use tokio::sync::OnceCell;
     static CELL: OnceCell<Option<(String, String)>> = OnceCell::const_new();
     let v = CELL
         .get_or_init(|| async {
-            let pg = Postgres::default().start().await.ok()?;
-            let mq = RabbitMq::default().start().await.ok()?;
+            // The modules' default images (PostgreSQL 11, RabbitMQ 3.8) are older than the
+            // schema needs; these are the versions of docker-compose.yml.
+            let pg = Postgres::default()
+                .with_tag("15-alpine")
+                .start()
+                .await
+                .ok()?;
+            let mq = RabbitMq::default()
+                .with_tag("3.13-management")
+                .start()
+                .await
+                .ok()?;
             let pg_port = pg.get_host_port_ipv4(5432).await.ok()?;
             let mq_port = mq.get_host_port_ipv4(5672).await.ok()?;
             // The containers live for the whole test process.
