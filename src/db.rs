@@ -230,9 +230,11 @@ pub(crate) async fn end_when_idle(
 /// This host's clock minus the database server's (`clock_timestamp()`), taken at the middle
 /// of the round trip: positive when this host's is ahead.
 pub(crate) async fn clock_offset(pool: &PgPool) -> Result<chrono::TimeDelta, sqlx::Error> {
+    // Connected first: only the query's round trip is timed, not a connection's setup.
+    let mut conn = pool.acquire().await?;
     let before = chrono::Utc::now();
     let server: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
-        .fetch_one(pool)
+        .fetch_one(&mut *conn)
         .await?;
     let after = chrono::Utc::now();
     Ok(before + (after - before) / 2 - server)

@@ -100,10 +100,6 @@ impl Relay {
         topology::declare_events_exchange(publisher.channel(), &exchange).await?;
         // The leader's lock lives as long as this connection, which never returns to the pool.
         let mut db = self.pool.acquire().await?.detach();
-        if let Some(lease) = self.lease() {
-            crate::db::bounded(self.stall_bound(), crate::db::end_when_idle(&mut db, lease))
-                .await?;
-        }
         let led = match self.await_lead(&mut db, drain, hard_stop).await {
             Ok(true) => {
                 self.lead(&mut db, &publisher, &exchange, drain, hard_stop)
@@ -173,12 +169,17 @@ impl Relay {
         let bound = self.stall_bound();
         let mut listener = PgListener::connect_with(&self.pool).await?;
         crate::db::bounded(bound, listener.listen("credit_outbox")).await?;
+        // The lease from here on: while the listener's connection was made (a wait for the
+        // pool, a slow server), the leader's session was rightly idle.
+        if let Some(lease) = self.lease() {
+            crate::db::bounded(bound, crate::db::end_when_idle(db, lease)).await?;
+        }
         let mut watermark = crate::db::bounded(bound, store::watermark(db)).await?;
         // Whether the last read started after drain: only such a read sees every event the
         // stopped writers committed, so only its finding none means the outbox is flushed.
         let mut read_in_drain = drain.is_cancelled();
+        let mut read_at = Asked::now();
         let mut rows = crate::db::bounded(bound, store::events_after(db, watermark, BATCH)).await?;
-        let mut read_at = Instant::now();
         let mut pruner = Pruner::new(self.settings.outbox.retention());
         loop {
             if hard_stop.is_cancelled() {
@@ -198,9 +199,9 @@ impl Relay {
                     .await?;
                 metrics::counter!("credit_events_published_total").increment(published as u64);
                 read_in_drain = drain.is_cancelled();
+                read_at = Asked::now();
                 rows =
                     crate::db::bounded(bound, store::advance_and_read(db, through, BATCH)).await?;
-                read_at = Instant::now();
                 watermark = through;
                 metrics::histogram!("credit_outbox_publish_seconds")
                     .record(started.elapsed().as_secs_f64());
@@ -215,8 +216,8 @@ impl Relay {
                 return Ok(());
             }
             read_in_drain = drain.is_cancelled();
+            read_at = Asked::now();
             rows = crate::db::bounded(bound, store::events_after(db, watermark, BATCH)).await?;
-            read_at = Instant::now();
         }
     }
 
@@ -231,13 +232,13 @@ impl Relay {
         publisher: &Publisher,
         exchange: &str,
         rows: &[StoredEvent],
-        read_at: Instant,
+        read_at: Asked,
     ) -> Result<usize, RelayError> {
         let Some(lease) = self.lease() else {
             return publish(publisher, exchange, rows).await;
         };
         let bound = self.stall_bound();
-        if read_at.elapsed() >= lease / 2 {
+        if read_at.longer_ago_than(lease / 2) {
             crate::db::bounded(bound, db.ping()).await?;
         }
         let round = publish(publisher, exchange, rows);
@@ -284,6 +285,30 @@ impl Relay {
             _ = hard_stop.cancelled() => return Ok(false),
         }
         Ok(true)
+    }
+}
+
+/// When a read was asked for (before it was sent, so that a freeze while its answer came
+/// counts): by the monotonic clock and by the wall clock, which, unlike the monotonic one,
+/// also moves while the machine is suspended.
+#[derive(Clone, Copy)]
+struct Asked {
+    at: Instant,
+    wall: chrono::DateTime<Utc>,
+}
+
+impl Asked {
+    fn now() -> Asked {
+        Asked {
+            at: Instant::now(),
+            wall: Utc::now(),
+        }
+    }
+
+    /// By either clock: a wall clock stepped forward costs only a ping.
+    fn longer_ago_than(&self, span: Duration) -> bool {
+        let wall = (Utc::now() - self.wall).to_std().unwrap_or_default();
+        self.at.elapsed() >= span || wall >= span
     }
 }
 

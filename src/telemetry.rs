@@ -252,8 +252,11 @@ pub(crate) async fn serve_on(
 
 async fn metrics(State(s): State<HttpState>) -> (StatusCode, String) {
     // Read now: the relay cannot refresh it while the broker is out, when it matters most.
-    s.backlog.refresh(&s.pool, Duration::from_secs(2)).await;
-    clock_offset(&s.pool).await;
+    // Together: a database that does not answer holds the scrape for one bound, not two.
+    tokio::join!(
+        s.backlog.refresh(&s.pool, Duration::from_secs(2)),
+        clock_offset(&s.pool)
+    );
     match &s.metrics {
         Some(h) => (StatusCode::OK, h.render()),
         None => (
@@ -264,7 +267,8 @@ async fn metrics(State(s): State<HttpState>) -> (StatusCode, String) {
 }
 
 /// Sets `credit_clock_offset_seconds`, and warns past [`crate::clock::SKEW_WARNED`]: a clock
-/// that drifts or is stepped while the worker runs moves its refill months and fee days.
+/// that drifts or is stepped while the worker runs moves its refill months and fee days. A
+/// reading that fails leaves the last one.
 async fn clock_offset(pool: &PgPool) {
     let read = tokio::time::timeout(Duration::from_secs(2), crate::db::clock_offset(pool)).await;
     if let Ok(Ok(offset)) = read {

@@ -319,6 +319,66 @@ async fn a_frozen_leader_loses_the_lead_to_the_standby() {
     env.cleanup().await;
 }
 
+/// A database whose new connections take longer to set up than the lead's lease (1.2 s here:
+/// a statement timeout of 100 ms) costs the new leader nothing: its session's lease starts
+/// once the listener's own connection is made, not while that connection is awaited.
+#[tokio::test]
+async fn a_slow_new_connection_does_not_cost_the_lead() {
+    let env = TestEnv::with(no_refill).await;
+    seed(&env, ["s0"], 1_000_000).await;
+    let mut tap = env.event_tap().await;
+    let mut db = url::Url::parse(&env.settings.database.url).expect("database url");
+    let upstream = format!(
+        "{}:{}",
+        db.host_str().unwrap_or("127.0.0.1"),
+        db.port().unwrap_or(5432)
+    );
+    let proxy = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = proxy.local_addr().expect("address").port();
+    let slow = tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = proxy.accept().await {
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(1_500)).await;
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(&upstream).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    db.set_host(Some("127.0.0.1")).expect("host");
+    db.set_port(Some(port)).expect("port");
+    let mut vars = env.process_env();
+    vars.retain(|(k, _)| k != "DATABASE_URL");
+    vars.push(("DATABASE_URL".into(), db.to_string()));
+    vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
+    vars.push((
+        "CREDIT_WORKER__DATABASE__STATEMENT_TIMEOUT_MS".into(),
+        "100".into(),
+    ));
+    let (mut worker, http) = WorkerProcess::spawn_with_http(&vars, &["run"]);
+    wait_status(T, http, "/readyz", 200).await;
+    env.publish(&[body(&platform_gpt4("s0", "slow-0"))]).await;
+    // The seed's event and the decision's.
+    assert_eq!(tap.take(2, T).await.len(), 2);
+    let reconnects = |text: &str| {
+        metric_value(
+            text,
+            "credit_broker_reconnects_total",
+            &[("session", "outbox relay")],
+        )
+    };
+    let (_, metrics) = http_get(http, "/metrics").await.unwrap_or_default();
+    assert_eq!(reconnects(&metrics), 0.0, "the relay kept its lead");
+    worker.sigterm();
+    assert_eq!(worker.wait_exit(T).await, Some(0));
+    slow.abort();
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
 /// A run of `n` events `{prefix}-0`, … as a row's payload.
 fn run_of(prefix: &str, n: usize) -> String {
     let events: Vec<serde_json::Value> = (0..n)
