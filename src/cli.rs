@@ -269,14 +269,18 @@ fn error_code(e: &anyhow::Error) -> &'static str {
     if e.downcast_ref::<NotFound>().is_some() {
         return "not_found";
     }
-    // An operator's mistake, not a defect: a configuration refused, a database not there.
+    // An operator's mistake, not a defect: a configuration refused, a database not there or
+    // not this build's, a server too old, a file that does not read.
     if e.downcast_ref::<BadRequest>().is_some()
         || e.downcast_ref::<crate::config::ConfigError>().is_some()
+        || e.chain().any(|c| c.is::<crate::db::ServerTooOld>())
     {
         return "bad_request";
     }
-    if let Some(crate::db::NotReady::Missing(_)) = e.downcast_ref::<crate::db::NotReady>() {
-        return "not_found";
+    match e.downcast_ref::<crate::db::NotReady>() {
+        Some(crate::db::NotReady::Missing(_)) => return "not_found",
+        Some(crate::db::NotReady::Sql(_)) | None => {}
+        Some(_) => return "bad_request",
     }
     match e.downcast_ref::<LedgerError>() {
         Some(l) => crate::control::ControlError::code_of(l),
@@ -709,7 +713,7 @@ fn read_bodies(file: &str) -> anyhow::Result<Vec<Vec<u8>>> {
     let text = if file == "-" {
         std::io::read_to_string(std::io::stdin().lock())?
     } else {
-        std::fs::read_to_string(file).map_err(|e| anyhow::anyhow!("{file}: {e}"))?
+        std::fs::read_to_string(file).map_err(|e| BadRequest(format!("{file}: {e}")))?
     };
     Ok(bodies_of(&text))
 }

@@ -72,6 +72,11 @@ async fn create_database(url: &str) -> Result<(), sqlx::Error> {
     };
     options = options.database(maintenance);
     let mut conn = bounded(Some(CONNECT_TIMEOUT), options.connect()).await?;
+    // Before creating anything: a server too old would be left with an empty database.
+    if let Err(e) = refuse_if_too_old(&mut conn).await {
+        let _ = conn.close().await;
+        return Err(e);
+    }
     let create = format!("CREATE DATABASE \"{}\"", database.replace('"', "\"\""));
     let created = sqlx::query(&create).execute(&mut conn).await;
     let _ = conn.close().await;
@@ -450,6 +455,24 @@ const MIGRATION_LOCK_TIMEOUT: &str = "SET lock_timeout = '10s'";
 /// migration 0010, `idle_session_timeout` on the relay's lead).
 const OLDEST_SERVER: i32 = 140_000;
 
+/// A server older than [`OLDEST_SERVER`], refused before anything is created or migrated.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct ServerTooOld(String);
+
+/// [`ServerTooOld`] (as a configuration error) for a server too old for the ledger.
+async fn refuse_if_too_old(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+    let version: i32 = bounded(
+        Some(CONNECT_TIMEOUT),
+        sqlx::query_scalar("SELECT current_setting('server_version_num')::int4").fetch_one(conn),
+    )
+    .await?;
+    match too_old(version) {
+        Some(refusal) => Err(sqlx::Error::Configuration(ServerTooOld(refusal).into())),
+        None => Ok(()),
+    }
+}
+
 /// Why a server of `server_version_num` cannot hold the ledger, if it cannot.
 fn too_old(version: i32) -> Option<String> {
     // From 10 on the number is major × 10000 + minor; before, major.minor × 100 + patch.
@@ -475,15 +498,9 @@ pub(crate) async fn prepare(settings: &DatabaseSettings) -> Result<(), sqlx::Err
     ensure_database(&settings.url).await?;
     let within = Some(CONNECT_TIMEOUT);
     let mut conn = bounded(within, connect_options(settings, false)?.connect()).await?;
-    let version: i32 = bounded(
-        within,
-        sqlx::query_scalar("SELECT current_setting('server_version_num')::int4")
-            .fetch_one(&mut conn),
-    )
-    .await?;
-    if let Some(refusal) = too_old(version) {
+    if let Err(e) = refuse_if_too_old(&mut conn).await {
         let _ = conn.close().await;
-        return Err(sqlx::Error::Configuration(refusal.into()));
+        return Err(e);
     }
     let mut waited = false;
     let lock = "SELECT pg_try_advisory_lock($1)";

@@ -3,6 +3,8 @@
 //! events were confirmed but before the watermark moved publishes them again; of several
 //! replicas one relay leads, and another takes over when it dies or stops making progress.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -319,9 +321,10 @@ async fn a_frozen_leader_loses_the_lead_to_the_standby() {
     env.cleanup().await;
 }
 
-/// A database whose new connections take longer to set up than the lead's lease (1.2 s here:
-/// a statement timeout of 100 ms) costs the new leader nothing: its session's lease starts
-/// once the listener's own connection is made, not while that connection is awaited.
+/// A database slow to set up new connections (3 s, longer than the lead's lease: 1.2 s with a
+/// statement timeout of 100 ms) costs a new leader nothing: its session's lease starts once
+/// the listener's own connection is made, not while that connection is awaited. The worker's
+/// sessions are ended while connections are slow, so the relay leads anew on new ones.
 #[tokio::test]
 async fn a_slow_new_connection_does_not_cost_the_lead() {
     let env = TestEnv::with(no_refill).await;
@@ -337,12 +340,24 @@ async fn a_slow_new_connection_does_not_cost_the_lead() {
         .await
         .expect("bind");
     let port = proxy.local_addr().expect("address").port();
-    let slow = tokio::spawn(async move {
+    let slow = Arc::new(AtomicBool::new(false));
+    let delaying = slow.clone();
+    // The client ports of the worker's sessions, as the server sees them.
+    let ports = Arc::new(std::sync::Mutex::new(Vec::<i64>::new()));
+    let seen = ports.clone();
+    let proxied = tokio::spawn(async move {
         while let Ok((mut inbound, _)) = proxy.accept().await {
             let upstream = upstream.clone();
+            let delay = delaying.load(Ordering::SeqCst);
+            let seen = seen.clone();
             tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(1_500)).await;
+                if delay {
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                }
                 if let Ok(mut outbound) = tokio::net::TcpStream::connect(&upstream).await {
+                    if let Ok(local) = outbound.local_addr() {
+                        seen.lock().unwrap().push(i64::from(local.port()));
+                    }
                     let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                 }
             });
@@ -360,9 +375,31 @@ async fn a_slow_new_connection_does_not_cost_the_lead() {
     ));
     let (mut worker, http) = WorkerProcess::spawn_with_http(&vars, &["run"]);
     wait_status(T, http, "/readyz", 200).await;
+    assert_eq!(tap.take(1, T).await.len(), 1, "the seed's event");
+
+    slow.store(true, Ordering::SeqCst);
+    let worker_ports = ports.lock().unwrap().clone();
+    let ended: i64 = sqlx::query_scalar(
+        "SELECT count(pg_terminate_backend(pid))::int8 FROM pg_stat_activity
+          WHERE datname = current_database() AND client_port = ANY($1)",
+    )
+    .bind(&worker_ports)
+    .fetch_one(&env.pool)
+    .await
+    .expect("end the worker's sessions");
+    assert!(ended >= 2, "the relay's sessions and the pool's: {ended}");
+    wait_for(T, "a relay to listen again", || async {
+        env.scalar_i64(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE datname = current_database() AND query = 'LISTEN \"credit_outbox\"'",
+        )
+        .await
+            == 1
+    })
+    .await;
+    slow.store(false, Ordering::SeqCst);
     env.publish(&[body(&platform_gpt4("s0", "slow-0"))]).await;
-    // The seed's event and the decision's.
-    assert_eq!(tap.take(2, T).await.len(), 2);
+    assert_eq!(tap.take(1, T).await.len(), 1, "the decision's event");
     let reconnects = |text: &str| {
         metric_value(
             text,
@@ -371,10 +408,14 @@ async fn a_slow_new_connection_does_not_cost_the_lead() {
         )
     };
     let (_, metrics) = http_get(http, "/metrics").await.unwrap_or_default();
-    assert_eq!(reconnects(&metrics), 0.0, "the relay kept its lead");
+    assert_eq!(
+        reconnects(&metrics),
+        1.0,
+        "one session ended by the test, none by its own lease"
+    );
     worker.sigterm();
     assert_eq!(worker.wait_exit(T).await, Some(0));
-    slow.abort();
+    proxied.abort();
     env.assert_audit_clean().await;
     env.cleanup().await;
 }
