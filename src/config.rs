@@ -496,6 +496,9 @@ impl Settings {
         };
         // Both travel as AMQP short strings, which the client cannot send (it panics) beyond
         // 255 bytes; no broker accepts such a name anyway.
+        if url::Url::parse(&self.amqp.url).is_ok_and(|u| crate::redact::stray_at(&u)) {
+            return bad("amqp.url", crate::db::STRAY_AT);
+        }
         if uri.vhost.len() > 255 {
             return bad("amqp.url", "the virtual host is longer than 255 bytes");
         }
@@ -758,6 +761,18 @@ mod tests {
             assert!(e.contains("amqp.url: not an AMQP URL ("), "{e}");
             assert!(!e.contains("secret"), "{e}");
         }
+    }
+
+    #[test]
+    fn an_amqp_password_not_percent_encoded_is_refused_unprinted() {
+        let e = Settings::load_from(
+            None,
+            &env(&[("AMQP_URL", "amqp://w:2024/S3CRET@rabbit/%2f")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("amqp.url: an `@` after the host"), "{e}");
+        assert!(!e.contains("S3CRET"), "{e}");
     }
 
     #[test]

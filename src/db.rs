@@ -118,16 +118,30 @@ pub(crate) fn unusable_url(url: &str) -> Option<String> {
     if !parsed.has_authority() {
         return Some(format!("{}:// must begin it", parsed.scheme()));
     }
+    if crate::redact::stray_at(&parsed) {
+        return Some(STRAY_AT.into());
+    }
     url.parse::<PgConnectOptions>()
         .err()
         .map(|e| format!("not a PostgreSQL URL ({e})"))
 }
 
+/// Why a URL with an `@` after its host is refused (see `redact::stray_at`).
+pub(crate) const STRAY_AT: &str = "an `@` after the host: a password holding `/`, `?` or `#` \
+     must be percent-encoded (%2F, %3F, %23)";
+
 /// A TLS file `url` names that cannot be read, as "param: path: why". Checked at start: the
 /// client reads them on every connect, and a missing one would otherwise be retried as an
-/// outage for ever. A value given inline (PEM) is not a file.
+/// outage for ever. A certificate given inline (PEM) is not a file; a key given inline is
+/// refused, as the client reads `sslkey` only as a file's path.
 pub(crate) fn unreadable_tls_file(url: &str) -> Option<String> {
     let url = url::Url::parse(url).ok()?;
+    let inline_key = url.query_pairs().any(|(k, v)| {
+        matches!(k.as_ref(), "sslkey" | "ssl-key") && v.trim_start().starts_with("-----BEGIN")
+    });
+    if inline_key {
+        return Some("sslkey: a key given inline is not supported; name its file".into());
+    }
     url.query_pairs()
         .filter(|(k, _)| ROOT_CERT.contains(&k.as_ref()) || CLIENT_FILES.contains(&k.as_ref()))
         .filter(|(_, v)| !v.trim_start().starts_with("-----BEGIN"))
@@ -142,27 +156,44 @@ pub(crate) fn unreadable_tls_file(url: &str) -> Option<String> {
 /// certificate checks the server against it (`verify-ca`); sqlx would encrypt without
 /// checking anything. Used for every connection, the first (does the database exist?) too.
 fn effective_url(url: &str) -> String {
+    let env = |name| std::env::var(name).ok().filter(|v: &String| !v.is_empty());
+    verify_when_rooted(
+        url,
+        env("PGSSLROOTCERT").is_some(),
+        env("PGSSLMODE").as_deref(),
+    )
+}
+
+/// [`effective_url`] with the client's environment given: a root certificate named by
+/// `PGSSLROOTCERT` (`env_root`), and `PGSSLMODE` where the URL sets no mode, count as the
+/// URL's own, as the client reads them too.
+fn verify_when_rooted(url: &str, env_root: bool, env_mode: Option<&str>) -> String {
     let Ok(mut parsed) = url::Url::parse(url) else {
         return url.to_owned();
     };
     let pairs: Vec<(String, String)> = parsed.query_pairs().into_owned().collect();
-    let names_ca = pairs.iter().any(|(k, _)| ROOT_CERT.contains(&k.as_str()));
-    let requires = |(k, v): &(String, String)| {
-        (k == "sslmode" || k == "ssl-mode") && v.eq_ignore_ascii_case("require")
+    let names_ca = env_root || pairs.iter().any(|(k, _)| ROOT_CERT.contains(&k.as_str()));
+    let is_mode = |k: &str| k == "sslmode" || k == "ssl-mode";
+    let requires = match pairs.iter().find(|(k, _)| is_mode(k)) {
+        Some((_, mode)) => mode.eq_ignore_ascii_case("require"),
+        None => env_mode.is_some_and(|m| m.eq_ignore_ascii_case("require")),
     };
-    if !names_ca || !pairs.iter().any(requires) {
+    if !names_ca || !requires {
         return url.to_owned();
     }
-    parsed
-        .query_pairs_mut()
-        .clear()
-        .extend_pairs(pairs.iter().map(|p| {
-            if requires(p) {
-                (p.0.as_str(), "verify-ca")
-            } else {
-                (p.0.as_str(), p.1.as_str())
-            }
-        }));
+    let moded = pairs.iter().any(|(k, _)| is_mode(k));
+    let mut query = parsed.query_pairs_mut();
+    query.clear().extend_pairs(pairs.iter().map(|(k, v)| {
+        if is_mode(k) {
+            (k.as_str(), "verify-ca")
+        } else {
+            (k.as_str(), v.as_str())
+        }
+    }));
+    if !moded {
+        query.append_pair("sslmode", "verify-ca");
+    }
+    drop(query);
     parsed.into()
 }
 
@@ -749,8 +780,51 @@ mod tests {
 
     #[test]
     fn tls_files_are_checked_unless_given_inline() {
-        let url = "postgres://u@h/db?ssl-ca=/nonexistent/ca.pem&sslkey=-----BEGIN%20PRIVATE";
+        let url = "postgres://u@h/db?ssl-ca=/nonexistent/ca.pem&sslcert=-----BEGIN%20CERT";
         let bad = unreadable_tls_file(url).unwrap_or_default();
         assert!(bad.starts_with("ssl-ca: /nonexistent/ca.pem: "), "{bad:?}");
+        // The client reads a key only from a file: one given inline is refused, unprinted.
+        let url = "postgres://u@h/db?sslkey=-----BEGIN%20PRIVATE%20KEY-----%0Asecret";
+        assert_eq!(
+            unreadable_tls_file(url).as_deref(),
+            Some("sslkey: a key given inline is not supported; name its file")
+        );
+    }
+
+    #[test]
+    fn a_root_certificate_from_the_environment_verifies_as_one_in_the_url() {
+        let url = "postgres://u@h/db?sslmode=require";
+        assert_eq!(
+            verify_when_rooted(url, true, None),
+            "postgres://u@h/db?sslmode=verify-ca"
+        );
+        assert_eq!(verify_when_rooted(url, false, None), url);
+        // PGSSLMODE=require counts where the URL sets no mode; the URL's own mode wins.
+        assert_eq!(
+            verify_when_rooted("postgres://u@h/db", true, Some("require")),
+            "postgres://u@h/db?sslmode=verify-ca"
+        );
+        assert_eq!(
+            verify_when_rooted("postgres://u@h/db?sslmode=disable", true, Some("require")),
+            "postgres://u@h/db?sslmode=disable"
+        );
+        assert_eq!(
+            verify_when_rooted("postgres://u@h/db", true, Some("prefer")),
+            "postgres://u@h/db"
+        );
+    }
+
+    #[test]
+    fn a_password_not_percent_encoded_is_refused_unprinted() {
+        for url in [
+            "postgres://root:2024/S3CRET@127.0.0.1/db",
+            "postgres://root:2024?S3CRET@127.0.0.1/db",
+        ] {
+            assert_eq!(unusable_url(url).as_deref(), Some(STRAY_AT), "{url}");
+        }
+        assert_eq!(
+            unusable_url("postgres://root:2024%2FS3CRET@127.0.0.1/db"),
+            None
+        );
     }
 }

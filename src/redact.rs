@@ -7,6 +7,9 @@ pub(crate) fn url(raw: &str) -> String {
         // `scheme:user:password@host…` (the `//` left out, or one `/`) parses, as a path,
         // with the password in it: not shown.
         Ok(parsed) if !parsed.has_authority() => "(not a URL)".to_owned(),
+        // `user:2024/s3cret@host` (a password holding `/`, `?` or `#`, not percent-encoded)
+        // parses as the host `user`, port 2024, with the password in the path or query.
+        Ok(parsed) if stray_at(&parsed) => "(not a URL)".to_owned(),
         Ok(mut parsed) => {
             if parsed.password().is_some() {
                 // Only fails for URLs that cannot have a password, which have none.
@@ -30,7 +33,16 @@ pub(crate) fn url(raw: &str) -> String {
 }
 
 fn is_secret(key: &str) -> bool {
-    matches!(key, "password" | "sslpassword")
+    // A client key's value is a path, or, given inline, the key itself.
+    matches!(key, "password" | "sslpassword" | "sslkey" | "ssl-key")
+}
+
+/// Whether an `@` follows the authority: what is left of credentials whose password holds a
+/// `/`, `?` or `#` that was not percent-encoded.
+pub(crate) fn stray_at(parsed: &url::Url) -> bool {
+    parsed.path().contains('@')
+        || parsed.query().is_some_and(|q| q.contains('@'))
+        || parsed.fragment().is_some_and(|f| f.contains('@'))
 }
 
 #[cfg(test)]
@@ -64,5 +76,20 @@ mod tests {
             "postgres://db/credit?user=root&password=****&sslmode=require"
         );
         assert_eq!(url("//guest:s3cret@host"), "(not a URL)");
+        assert_eq!(
+            url("postgres://db/credit?sslmode=require&sslcert=c.pem&sslkey=k.pem"),
+            "postgres://db/credit?sslmode=require&sslcert=c.pem&sslkey=****"
+        );
+    }
+
+    /// A password holding `/`, `?` or `#` not percent-encoded leaves it after the host.
+    #[test]
+    fn a_password_left_in_the_path_or_query_is_not_shown() {
+        assert_eq!(
+            url("postgres://root:2024/S3CRET@127.0.0.1/db"),
+            "(not a URL)"
+        );
+        assert_eq!(url("amqp://w:2024?S3CRET@rabbit/%2f"), "(not a URL)");
+        assert_eq!(url("amqp://w:2024#S3CRET@rabbit/%2f"), "(not a URL)");
     }
 }
