@@ -56,6 +56,8 @@ impl crate::amqp::SessionFault for RelayError {}
 pub(crate) struct Relay {
     pub settings: Arc<Settings>,
     pub pool: PgPool,
+    /// The broker user the worker connects as, in every event's `user_id`.
+    pub own_user: Option<String>,
 }
 
 impl Relay {
@@ -234,14 +236,15 @@ impl Relay {
         rows: &[StoredEvent],
         read_at: Asked,
     ) -> Result<usize, RelayError> {
+        let me = self.own_user.as_deref();
         let Some(lease) = self.lease() else {
-            return publish(publisher, exchange, rows).await;
+            return publish(publisher, exchange, rows, me).await;
         };
         let bound = self.stall_bound();
         if read_at.longer_ago_than(lease / 2) {
             crate::db::bounded(bound, db.ping()).await?;
         }
-        let round = publish(publisher, exchange, rows);
+        let round = publish(publisher, exchange, rows, me);
         tokio::pin!(round);
         loop {
             tokio::select! {
@@ -372,6 +375,7 @@ async fn publish(
     publisher: &Publisher,
     exchange: &str,
     rows: &[StoredEvent],
+    me: Option<&str>,
 ) -> Result<usize, RelayError> {
     let now = Utc::now();
     let events = events_of(rows)?;
@@ -381,7 +385,7 @@ async fn publish(
             exchange,
             routing_key: e.routing_key,
             body: e.body.as_bytes(),
-            properties: amqp::event_properties(&e.event_id, now),
+            properties: amqp::event_properties(&e.event_id, now, me),
             // An event nobody subscribed to is not an error.
             mandatory: false,
         })

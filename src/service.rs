@@ -294,6 +294,7 @@ impl Parts {
             relay: Relay {
                 settings: settings.clone(),
                 pool: pool.clone(),
+                own_user: own_user.clone(),
             },
             control: crate::control::Context {
                 settings,

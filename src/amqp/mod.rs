@@ -170,9 +170,18 @@ pub fn persistent_json() -> BasicProperties {
 /// The properties of an event: persistent JSON with the event's id as `message_id`, so
 /// consumers can deduplicate a republished event. Ids are at most 255 bytes, as AMQP allows
 /// (`events::bounded_id`); one written to the outbox before that bound is left out of the
-/// properties, and the body always carries `event_id`.
-pub fn event_properties(event_id: &str, at: chrono::DateTime<chrono::Utc>) -> BasicProperties {
-    let props = persistent_json().with_timestamp(u64::try_from(at.timestamp()).unwrap_or(0));
+/// properties, and the body always carries `event_id`. `user_id` is the worker's broker user
+/// (`producer::own_user`), which the broker verifies: subscribers can tell the worker's events
+/// from any other publisher's.
+pub fn event_properties(
+    event_id: &str,
+    at: chrono::DateTime<chrono::Utc>,
+    user_id: Option<&str>,
+) -> BasicProperties {
+    let mut props = persistent_json().with_timestamp(u64::try_from(at.timestamp()).unwrap_or(0));
+    if let Some(user) = user_id.and_then(|u| lapin::types::ShortString::try_new(u).ok()) {
+        props = props.with_user_id(user);
+    }
     match lapin::types::ShortString::try_new(event_id) {
         Ok(id) => props.with_message_id(id),
         Err(_) => props,

@@ -433,7 +433,8 @@ async fn handle(
         }
     }
     if let Some(reply_to) = reply_to {
-        reply(ch, reply_to, correlation_id, &result).await?;
+        let me = ctx.own_user.as_deref();
+        reply(ch, reply_to, correlation_id, me, &result).await?;
     }
     // false: the channel is gone; the command comes again (keyed commands are idempotent).
     if !d.ack(BasicAckOptions::default()).await? {
@@ -442,17 +443,23 @@ async fn handle(
     Ok(true)
 }
 
-/// Sends `result` to `reply_to` under the request's `correlation_id`.
+/// Sends `result` to `reply_to` under the request's `correlation_id`, as the worker's broker
+/// user `me` (the broker verifies it), so a requester can tell the worker's answer from one
+/// another sender put in its queue.
 async fn reply(
     ch: &Channel,
     reply_to: &str,
     correlation_id: Option<&str>,
+    me: Option<&str>,
     result: &Result<Value, ControlError>,
 ) -> Result<(), SessionError> {
     let body = reply_bytes(result, REPLY_MAX);
     let mut props = BasicProperties::default().with_content_type("application/json".into());
     if let Some(c) = correlation_id {
         props = props.with_correlation_id(c.into());
+    }
+    if let Some(user) = me.and_then(|u| lapin::types::ShortString::try_new(u).ok()) {
+        props = props.with_user_id(user);
     }
     // A reply to a queue that no longer exists is dropped by the broker, not an error.
     ch.basic_publish(

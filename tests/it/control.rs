@@ -120,6 +120,11 @@ impl Rpc {
                 d.properties.content_type().as_ref().map(|c| c.as_str()),
                 Some("application/json")
             );
+            // The worker's broker user, verified by the broker.
+            assert_eq!(
+                d.properties.user_id().as_ref().map(|u| u.as_str()),
+                Some("guest")
+            );
             return serde_json::from_slice(&d.data).expect("reply is JSON");
         }
     }

@@ -723,6 +723,8 @@ impl EventTap {
                 .as_ref()
                 .map(|s| s.to_string())
                 .unwrap_or_default();
+            // Every event is the worker's, as the broker verified.
+            assert!(d.properties.user_id().is_some(), "an event without user_id");
             assert!(
                 d.ack(BasicAckOptions::default()).await.expect("ack"),
                 "ack not sent"

@@ -261,6 +261,7 @@ pub(crate) async fn relay(
 ) -> anyhow::Result<Option<Instant>> {
     let conn = crate::amqp::connect(&amqp, "credit-worker bench relay").await?;
     let publisher = Publisher::open(&conn).await?;
+    let me = crate::amqp::producer::own_user(&amqp.url);
     let mut last = None;
     while let Some(mut batch) = rx.recv().await {
         while batch.len() < RELAY_BATCH {
@@ -278,7 +279,7 @@ pub(crate) async fn relay(
                 exchange: &exchange,
                 routing_key: ev.routing_key,
                 body: ev.payload.as_bytes(),
-                properties: amqp::event_properties(&ev.event_id, now),
+                properties: amqp::event_properties(&ev.event_id, now, me.as_deref()),
                 mandatory: false,
             })
             .collect();
