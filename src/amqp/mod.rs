@@ -10,7 +10,7 @@ pub mod topology;
 use std::time::Duration;
 
 use lapin::tcp::OwnedTLSConfig;
-use lapin::types::ShortString;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::uri::AMQPUri;
 use lapin::{BasicProperties, Connect, Connection, ConnectionProperties};
 
@@ -29,6 +29,32 @@ pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// broker's own value: a broker set to 0 (no limit) would have lapin allocate its buffers for
 /// 4 GiB frames. A broker that allows larger frames needs `?frame_max=` to match.
 const READ_FRAME_MAX: u32 = 128 * 1024;
+
+/// At least how many bytes `props`'s headers take on the wire (a field table): what a copy
+/// of the message carries besides the properties' other, short, fields.
+pub(crate) fn headers_len(props: &BasicProperties) -> usize {
+    props.headers().as_ref().map_or(0, table_len)
+}
+
+fn table_len(t: &FieldTable) -> usize {
+    4 + t
+        .inner()
+        .iter()
+        .map(|(k, v)| 1 + k.as_str().len() + value_len(v))
+        .sum::<usize>()
+}
+
+fn value_len(v: &AMQPValue) -> usize {
+    1 + match v {
+        AMQPValue::LongString(s) => 4 + s.as_bytes().len(),
+        AMQPValue::ShortString(s) => 1 + s.as_str().len(),
+        AMQPValue::ByteArray(b) => 4 + b.as_slice().len(),
+        AMQPValue::FieldTable(t) => table_len(t),
+        AMQPValue::FieldArray(a) => 4 + a.as_slice().iter().map(value_len).sum::<usize>(),
+        // Numbers, booleans, timestamps, decimals, void: at most eight bytes.
+        _ => 8,
+    }
+}
 
 /// The largest frame a connection that only publishes asks for. lapin keeps a read and a
 /// write buffer of 32 frames per connection, resident from the connect: 8 MiB at 128 KiB,
@@ -193,6 +219,21 @@ mod tests {
     use lapin::types::{AMQPValue, FieldTable};
 
     use super::*;
+
+    #[test]
+    fn headers_are_measured_as_they_travel() {
+        assert_eq!(headers_len(&BasicProperties::default()), 0);
+        let mut inner = FieldTable::default();
+        inner.insert("n".into(), AMQPValue::LongLongInt(7));
+        let mut t = FieldTable::default();
+        t.insert("k".into(), AMQPValue::LongString("x".repeat(100).into()));
+        t.insert("t".into(), AMQPValue::FieldTable(inner));
+        // 4 + (1 + 1 + 1 + 4 + 100) + (1 + 1 + 1 + (4 + 1 + 1 + 1 + 8)).
+        assert_eq!(
+            headers_len(&BasicProperties::default().with_headers(t)),
+            129
+        );
+    }
 
     #[test]
     fn without_leaves_out_only_the_properties_named() {

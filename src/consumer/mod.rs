@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection};
 use tokio::sync::mpsc;
@@ -486,10 +488,33 @@ async fn dead_letter(
     letters: &[(&Delivery, &str, &MessageIds)],
     me: Option<&str>,
 ) -> Result<(), SessionError> {
+    let (copied, too_large): (Vec<_>, Vec<_>) = letters
+        .iter()
+        .partition(|(d, _, _)| amqp::headers_len(&d.properties) <= COPIED_HEADERS_MAX);
     // In windows, each with its own confirm deadline: a whole batch of large messages could
     // outlast one on a slow link.
-    for window in letters.chunks(DEAD_LETTER_WINDOW) {
+    for window in copied.chunks(DEAD_LETTER_WINDOW) {
         publish_dead(dead, names, window, me).await?;
+    }
+    // A copy would not fit a frame with the worker's headers added: the broker would end the
+    // connection, and the message, come back with its delivery count added, could no longer
+    // be read, holding up every message behind it. The input queue's own dead-lettering
+    // moves it instead, without the reason header (`x-death` says `rejected`).
+    for (d, reason, _) in &too_large {
+        let sent = bounded(d.acker.nack(BasicNackOptions {
+            multiple: false,
+            requeue: false,
+        }))
+        .await
+        .transpose()?;
+        if sent != Some(true) {
+            return Err(SessionError::AckNotSent);
+        }
+        warn!(
+            reason,
+            delivery_tag = d.delivery_tag,
+            "headers too large to copy with a reason; dead-lettered by the broker"
+        );
     }
     // Counted once confirmed: a failed publish leaves the deliveries to come again.
     for (d, reason, ids) in letters {
@@ -508,6 +533,11 @@ async fn dead_letter(
 
 /// Dead letters published together, one wait for their confirms.
 const DEAD_LETTER_WINDOW: usize = 100;
+
+/// The most header bytes a dead letter's copy takes from its message: 8 KiB under the 128 KiB
+/// frames a reading connection asks for, room for the reason and producer headers (each at
+/// most a few hundred bytes) and the properties' other fields.
+const COPIED_HEADERS_MAX: usize = 120 * 1024;
 
 async fn publish_dead(
     dead: &Publisher,

@@ -231,6 +231,65 @@ async fn the_publish_tool_is_a_producer_like_any_other() {
     env.cleanup().await;
 }
 
+/// An invalid message whose headers fill a frame, leaving no room for the reason, is
+/// dead-lettered by the broker rather than copied: a copy would end the connection, and the
+/// message, redelivered with its count added, could no longer be read, holding up every
+/// message behind it until the delivery limit (tens of seconds).
+#[tokio::test]
+async fn a_dead_letter_too_large_to_copy_is_left_to_the_broker() {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+    use lapin::types::{AMQPValue, FieldTable};
+    let env = TestEnv::with(no_refill).await;
+    seed(&env, ["big"], 100).await;
+    let worker = Worker::start(env.settings.clone()).await.unwrap();
+    let (_conn, ch) = env.amqp_channel().await;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm mode");
+    // The properties fit RabbitMQ's 128 KiB frame with some 20 bytes to spare.
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-padding".into(),
+        AMQPValue::LongString("p".repeat(130_990).into()),
+    );
+    let props = credit_worker::amqp::persistent_json()
+        .with_headers(headers)
+        .with_message_id("m-big".into());
+    let confirm = ch
+        .basic_publish(
+            "".into(),
+            env.names.input_queue.as_str().into(),
+            BasicPublishOptions::default(),
+            b"not json",
+            props,
+        )
+        .await
+        .expect("publish");
+    assert!(confirm.await.expect("confirm").is_ack());
+    env.publish(&[body(&platform_gpt4("big", "after-big"))])
+        .await;
+    // Decided at once, not after the delivery limit's round of reconnections.
+    env.wait_decisions(1, Duration::from_secs(10)).await;
+    // Not read back: with the broker's `x-death` added, its properties no longer fit a frame.
+    wait_for(T, "the dead letter", || async {
+        let q = ch
+            .queue_declare(
+                env.names.dead_queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("dead queue");
+        q.message_count() == 1
+    })
+    .await;
+    worker.stop().await.unwrap();
+    env.cleanup().await;
+}
+
 /// A dead letter loses the TTL it was sent with (as RabbitMQ's own dead-lettering does), so it
 /// stays in the dead queue; its other properties are kept.
 #[tokio::test]
