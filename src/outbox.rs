@@ -82,12 +82,44 @@ impl Relay {
             flushed = amqp::reconnecting("outbox relay", &hard_stop, || {
                 self.session(&drain, &hard_stop)
             }) => flushed && !hard_stop.is_cancelled(),
+            () = self.published_through_drain(&drain) => true,
             _ = hard_stop.cancelled() => false,
         };
         if !flushed {
             warn!("outbox not fully flushed at shutdown; the next start publishes the rest");
         }
         watchdog.abort();
+    }
+
+    /// Resolves once, after `drain`, every event in the outbox when it fired has gone out, by
+    /// whichever replica's relay: a session that cannot reach the broker then has nothing left
+    /// to send, and waiting for it would only hold the stop and warn of events that went out.
+    /// The worker's own writers have stopped before the relay drains, so their events are in.
+    async fn published_through_drain(&self, drain: &CancellationToken) {
+        drain.cancelled().await;
+        // A session that can publish ends by itself before this (its connections closed in
+        // order, "outbox flushed" logged); this is for one that cannot reach the broker.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let within = Some(Duration::from_secs(2));
+        let mut through = None;
+        loop {
+            let looked = async {
+                let mut conn = self.pool.acquire().await?;
+                let head = match through {
+                    Some(head) => head,
+                    None => store::outbox_head(&mut conn).await?,
+                };
+                let watermark = store::watermark(&mut conn).await?;
+                Ok::<_, sqlx::Error>((head, watermark))
+            };
+            if let Ok((head, watermark)) = crate::db::bounded(within, looked).await {
+                if watermark >= head {
+                    return;
+                }
+                through = Some(head);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     }
 
     async fn session(

@@ -56,6 +56,12 @@ fn value_len(v: &AMQPValue) -> usize {
     }
 }
 
+/// The heartbeat a connection asks for when the URL does not say (`?heartbeat=`), in seconds:
+/// a broker that stops answering with the connection up (a host frozen, a flow dropped by a
+/// NAT) is noticed within two of them, and `/readyz` says 503, instead of after the broker's
+/// 60 s offer twice over.
+const HEARTBEAT_S: u16 = 10;
+
 /// The largest frame a connection that only publishes asks for. lapin keeps a read and a
 /// write buffer of 32 frames per connection, resident from the connect: 8 MiB at 128 KiB,
 /// 2 MiB at this size.
@@ -100,6 +106,7 @@ async fn open(amqp: &AmqpSettings, name: &str, frame_max: u32) -> Result<Connect
         ))
     })?;
     uri.query.frame_max.get_or_insert(frame_max);
+    uri.query.heartbeat.get_or_insert(HEARTBEAT_S);
     let props = ConnectionProperties::default().with_connection_name(name.into());
     let runtime = lapin::runtime::default_runtime()?;
     let timeout = CONNECT_TIMEOUT;

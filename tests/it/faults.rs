@@ -204,6 +204,39 @@ async fn ten_funded_users() -> (TestEnv, usize, EventTap) {
     (env, users, tap)
 }
 
+/// A stop while the broker is out, with nothing to publish, ends without waiting out the
+/// relay's drain bound (10 s) and without warning of events left behind: the relay finds the
+/// outbox published through instead of waiting to reach the broker.
+#[tokio::test]
+async fn a_stop_with_the_broker_out_and_nothing_to_publish_is_prompt() {
+    let env = TestEnv::with(no_refill).await;
+    let proxy = Proxy::start(broker_host_port(&env.settings.amqp.url)).await;
+    proxy.refuse.store(true, Ordering::SeqCst);
+    let mut vars = env.process_env();
+    vars.retain(|(k, _)| k != "AMQP_URL");
+    vars.push((
+        "AMQP_URL".into(),
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port),
+    ));
+    vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
+    let (mut worker, _, log) = WorkerProcess::spawn_logged(&vars, &["run"], "info");
+    // The relay is waiting to reach the broker again.
+    wait_for_line(
+        &log,
+        r#""session":"outbox relay""#,
+        T,
+        "the relay's failed connect",
+    );
+    worker.sigterm();
+    assert_eq!(worker.wait_exit(Duration::from_secs(5)).await, Some(0));
+    let lines: Vec<String> = log.try_iter().collect();
+    assert!(
+        !lines.iter().any(|l| l.contains("not fully flushed")),
+        "{lines:#?}"
+    );
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn broker_connections_cut_mid_stream_recover_without_loss() {
     let (env, users, mut tap) = ten_funded_users().await;
