@@ -37,12 +37,20 @@ fn is_secret(key: &str) -> bool {
     matches!(key, "password" | "sslpassword" | "sslkey" | "ssl-key")
 }
 
-/// Whether an `@` follows the authority: what is left of credentials whose password holds a
-/// `/`, `?` or `#` that was not percent-encoded.
+/// Whether an `@` follows an authority without credentials, in the path or before the first
+/// parameter's `=`: what is left of credentials whose password holds a `/`, `?` or `#` that
+/// was not percent-encoded. An `@` in a parameter's value (`?user=name@server`) is not.
 pub(crate) fn stray_at(parsed: &url::Url) -> bool {
-    parsed.path().contains('@')
-        || parsed.query().is_some_and(|q| q.contains('@'))
-        || parsed.fragment().is_some_and(|f| f.contains('@'))
+    let leading = |part: &str| {
+        part.split(['=', '&'])
+            .next()
+            .is_some_and(|first| first.contains('@'))
+    };
+    parsed.username().is_empty()
+        && parsed.password().is_none()
+        && (parsed.path().contains('@')
+            || parsed.query().is_some_and(leading)
+            || parsed.fragment().is_some_and(leading))
 }
 
 #[cfg(test)]
@@ -91,5 +99,14 @@ mod tests {
         );
         assert_eq!(url("amqp://w:2024?S3CRET@rabbit/%2f"), "(not a URL)");
         assert_eq!(url("amqp://w:2024#S3CRET@rabbit/%2f"), "(not a URL)");
+        // An `@` in a parameter's value, or after credentials, is the URL's own.
+        assert_eq!(
+            url("postgres://db/credit?user=root@server&application_name=cw@host1"),
+            "postgres://db/credit?user=root@server&application_name=cw@host1"
+        );
+        assert_eq!(
+            url("amqp://w:s3cret@rabbit/v@h"),
+            "amqp://w:****@rabbit/v@h"
+        );
     }
 }

@@ -419,10 +419,16 @@ impl Consumer {
                 _ => None,
             })
             .collect();
-        dead_letter(dead, names, &dead_letters, self.own_user.as_deref()).await?;
+        let rejected = dead_letter(dead, names, &dead_letters, self.own_user.as_deref()).await?;
         // The batch holds every unacked delivery up to its last tag (deliveries are batched in
-        // order and batches are acked in order), so one multiple-ack covers it.
-        if let Some(last) = batch.last() {
+        // order and batches are acked in order), so one multiple-ack covers it: on the last
+        // delivery not rejected already, whose acker is still unused (a rejected one's is
+        // spent, and a multiple-ack of an earlier tag leaves the settled later ones alone).
+        let last = batch
+            .iter()
+            .rev()
+            .find(|d| !rejected.contains(&d.delivery_tag));
+        if let Some(last) = last {
             let ack_started = Instant::now();
             // false: the channel is gone and nothing was sent; the broker redelivers the batch
             // (already decided: duplicates), so end the session rather than count it acked.
@@ -479,7 +485,8 @@ fn merge_actions(
 
 /// Republishes the deliveries to the dead-letter exchange, each with its reason added, and
 /// waits for the broker's confirms (a window at a time: a flood of invalid messages costs a
-/// round trip per hundred) before the caller acks them. Body and properties are kept, except
+/// round trip per hundred) before the caller acks them; returns the tags of those rejected to
+/// the broker's own dead-lettering instead, which are settled already. Body and properties are kept, except
 /// that a producer's `user_id` other than the worker's own (`me`) moves into a header, which
 /// the broker would otherwise refuse ([`amqp::producer`]).
 async fn dead_letter(
@@ -487,7 +494,7 @@ async fn dead_letter(
     names: &Names,
     letters: &[(&Delivery, &str, &MessageIds)],
     me: Option<&str>,
-) -> Result<(), SessionError> {
+) -> Result<Vec<u64>, SessionError> {
     let (copied, too_large): (Vec<_>, Vec<_>) = letters
         .iter()
         .partition(|(d, _, _)| amqp::headers_len(&d.properties) <= COPIED_HEADERS_MAX);
@@ -528,7 +535,7 @@ async fn dead_letter(
             )
         });
     }
-    Ok(())
+    Ok(too_large.iter().map(|(d, _, _)| d.delivery_tag).collect())
 }
 
 /// Dead letters published together, one wait for their confirms.

@@ -234,14 +234,18 @@ async fn the_publish_tool_is_a_producer_like_any_other() {
 /// An invalid message whose headers fill a frame, leaving no room for the reason, is
 /// dead-lettered by the broker rather than copied: a copy would end the connection, and the
 /// message, redelivered with its count added, could no longer be read, holding up every
-/// message behind it until the delivery limit (tens of seconds).
+/// message behind it until the delivery limit (tens of seconds). Last in its batch, it leaves
+/// the batch's ack to the delivery before it: no session ends, nothing is delivered twice.
 #[tokio::test]
 async fn a_dead_letter_too_large_to_copy_is_left_to_the_broker() {
     use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
     use lapin::types::{AMQPValue, FieldTable};
     let env = TestEnv::with(no_refill).await;
     seed(&env, ["big"], 100).await;
-    let worker = Worker::start(env.settings.clone()).await.unwrap();
+    let mut vars = env.process_env();
+    vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
+    let (mut worker, http) = WorkerProcess::spawn_with_http(&vars, &["run"]);
+    wait_status(T, http, "/readyz", 200).await;
     let (_conn, ch) = env.amqp_channel().await;
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
@@ -255,6 +259,8 @@ async fn a_dead_letter_too_large_to_copy_is_left_to_the_broker() {
     let props = credit_worker::amqp::persistent_json()
         .with_headers(headers)
         .with_message_id("m-big".into());
+    env.publish(&[body(&platform_gpt4("big", "before-big"))])
+        .await;
     let confirm = ch
         .basic_publish(
             "".into(),
@@ -269,7 +275,7 @@ async fn a_dead_letter_too_large_to_copy_is_left_to_the_broker() {
     env.publish(&[body(&platform_gpt4("big", "after-big"))])
         .await;
     // Decided at once, not after the delivery limit's round of reconnections.
-    env.wait_decisions(1, Duration::from_secs(10)).await;
+    env.wait_decisions(2, Duration::from_secs(10)).await;
     // Not read back: with the broker's `x-death` added, its properties no longer fit a frame.
     wait_for(T, "the dead letter", || async {
         let q = ch
@@ -286,7 +292,22 @@ async fn a_dead_letter_too_large_to_copy_is_left_to_the_broker() {
         q.message_count() == 1
     })
     .await;
-    worker.stop().await.unwrap();
+    let (_, metrics) = http_get(http, "/metrics").await.unwrap_or_default();
+    let value = |name, labels| metric_value(&metrics, name, labels);
+    assert_eq!(
+        value("credit_broker_reconnects_total", &[("session", "consumer")]),
+        0.0
+    );
+    assert_eq!(
+        value("credit_messages_total", &[("outcome", "duplicate")]),
+        0.0
+    );
+    assert_eq!(
+        value("credit_messages_total", &[("outcome", "invalid")]),
+        1.0
+    );
+    worker.sigterm();
+    assert_eq!(worker.wait_exit(T).await, Some(0));
     env.cleanup().await;
 }
 
