@@ -125,7 +125,7 @@ pub(crate) fn describe_skew(offset: chrono::TimeDelta) -> String {
 /// warning past [`SKEW_WARNED`]. A failed reading is a warning only: the database's faults
 /// are for the caller's own statements to meet.
 pub(crate) async fn check_against_database(pool: &sqlx::PgPool) -> anyhow::Result<()> {
-    let within = std::time::Duration::from_secs(10);
+    let within = crate::db::CONNECT_TIMEOUT;
     let offset = match tokio::time::timeout(within, crate::db::clock_offset(pool)).await {
         Ok(Ok(offset)) => offset,
         Ok(Err(e)) => {

@@ -4,8 +4,8 @@
 //! session-level advisory lock; the other replicas' relays wait to take over), so a user's
 //! events go out in order and a round costs one statement: the watermark's move and the read
 //! of the next events. The lead is a lease: the server ends a leader's session left idle past
-//! `db::lead_lease` (a frozen process), and a standby takes over. At-least-once: a crash between confirm and the watermark's commit
-//! republishes the same `event_id`s.
+//! `db::lead_lease` (a frozen process), and a standby takes over. At-least-once: a crash
+//! between confirm and the watermark's commit republishes the same `event_id`s.
 //!
 //! Ids are drawn in commit order (migration 0005), so an event never becomes visible below a
 //! watermark the relay already moved past. A row may hold a run of events (migration 0009):
@@ -105,18 +105,10 @@ impl Relay {
         loop {
             let looked = async {
                 let mut conn = self.pool.acquire().await?;
-                let head = match through {
-                    Some(head) => head,
-                    None => store::outbox_head(&mut conn).await?,
-                };
-                let watermark = store::watermark(&mut conn).await?;
-                Ok::<_, sqlx::Error>((head, watermark))
+                published_through(&mut conn, &mut through).await
             };
-            if let Ok((head, watermark)) = crate::db::bounded(within, looked).await {
-                if watermark >= head {
-                    return;
-                }
-                through = Some(head);
+            if let Ok(true) = crate::db::bounded(within, looked).await {
+                return;
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
@@ -166,15 +158,11 @@ impl Relay {
         while !crate::db::bounded(bound, store::try_lead_relay(db)).await? {
             if drain.is_cancelled() {
                 let first = ours_through.is_none();
-                let through = match ours_through {
-                    Some(id) => id,
-                    None => *ours_through
-                        .insert(crate::db::bounded(bound, store::outbox_head(db)).await?),
-                };
-                if crate::db::bounded(bound, store::watermark(db)).await? >= through {
+                let looked = published_through(db, &mut ours_through);
+                if crate::db::bounded(bound, looked).await? {
                     return Ok(false);
                 }
-                if first {
+                if let Some(through) = ours_through.filter(|_| first) {
                     info!(
                         through,
                         "waiting for the leading relay to publish this worker's events"
@@ -321,6 +309,19 @@ impl Relay {
         }
         Ok(true)
     }
+}
+
+/// Whether every event the outbox held at the first look (its last id, kept in `through`)
+/// has been published, by whichever replica's relay.
+async fn published_through(
+    conn: &mut PgConnection,
+    through: &mut Option<i64>,
+) -> Result<bool, sqlx::Error> {
+    let head = match *through {
+        Some(head) => head,
+        None => *through.insert(store::outbox_head(conn).await?),
+    };
+    Ok(store::watermark(conn).await? >= head)
 }
 
 /// When a read was asked for (before it was sent, so that a freeze while its answer came

@@ -117,9 +117,8 @@ const COUNTERS: [(&str, &str, Known); 18] = [
 #[rustfmt::skip]
 const GAUGES: [(&str, &str); 4] = [
     ("credit_consuming", "1 while the input queue is consumed."),
-    // Read afresh before every scrape's render, as the two below.
+    // These three are read afresh before every scrape's render.
     ("credit_clock_offset_seconds", "This host's clock minus the database server's; refill months and fee days are taken from this host's."),
-    // These two are read afresh before every scrape's render.
     ("credit_outbox_backlog", "Events not yet published."),
     ("credit_outbox_oldest_unpublished_seconds", "How long the next event to publish has waited; one that only grows means events stopped."),
 ];

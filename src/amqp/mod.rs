@@ -211,13 +211,20 @@ pub fn event_properties(
     at: chrono::DateTime<chrono::Utc>,
     user_id: Option<&str>,
 ) -> BasicProperties {
-    let mut props = persistent_json().with_timestamp(u64::try_from(at.timestamp()).unwrap_or(0));
-    if let Some(user) = user_id.and_then(|u| lapin::types::ShortString::try_new(u).ok()) {
-        props = props.with_user_id(user);
-    }
+    let props = persistent_json().with_timestamp(u64::try_from(at.timestamp()).unwrap_or(0));
+    let props = as_user(props, user_id);
     match lapin::types::ShortString::try_new(event_id) {
         Ok(id) => props.with_message_id(id),
         Err(_) => props,
+    }
+}
+
+/// `props` sent as broker user `user`: its `user_id`, which the broker checks against the
+/// connection's user, so a receiver can tell who sent it.
+pub(crate) fn as_user(props: BasicProperties, user: Option<&str>) -> BasicProperties {
+    match user.and_then(|u| ShortString::try_new(u).ok()) {
+        Some(user) => props.with_user_id(user),
+        None => props,
     }
 }
 

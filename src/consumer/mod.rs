@@ -486,9 +486,9 @@ fn merge_actions(
 /// Republishes the deliveries to the dead-letter exchange, each with its reason added, and
 /// waits for the broker's confirms (a window at a time: a flood of invalid messages costs a
 /// round trip per hundred) before the caller acks them; returns the tags of those rejected to
-/// the broker's own dead-lettering instead, which are settled already. Body and properties are kept, except
-/// that a producer's `user_id` other than the worker's own (`me`) moves into a header, which
-/// the broker would otherwise refuse ([`amqp::producer`]).
+/// the broker's own dead-lettering instead, which are settled already. Body and properties
+/// are kept, except that a producer's `user_id` other than the worker's own (`me`) moves into
+/// a header, which the broker would otherwise refuse ([`amqp::producer`]).
 async fn dead_letter(
     dead: &Publisher,
     names: &Names,

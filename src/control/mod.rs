@@ -458,9 +458,7 @@ async fn reply(
     if let Some(c) = correlation_id {
         props = props.with_correlation_id(c.into());
     }
-    if let Some(user) = me.and_then(|u| lapin::types::ShortString::try_new(u).ok()) {
-        props = props.with_user_id(user);
-    }
+    let props = crate::amqp::as_user(props, me);
     // A reply to a queue that no longer exists is dropped by the broker, not an error.
     ch.basic_publish(
         "".into(),
