@@ -608,7 +608,7 @@ async fn outcome(settings: &Settings, json: bool, node_exec_id: &str) -> anyhow:
 }
 
 async fn audit(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
-    let pool = crate::db::connect_existing(&settings.database).await?;
+    let pool = crate::db::connect_existing_for_audit(&settings.database).await?;
     let report = crate::ledger::audit::run(&pool).await?;
     print_out(json, &serde_json::to_value(&report)?, || {
         crate::tools::audit_text(&report, "clean")

@@ -301,9 +301,13 @@ fn stalled(limit: Duration) -> sqlx::Error {
 /// A pool on `settings.url`. Connections are made lazily, so this succeeds while the database
 /// is down; callers see the outage as (transient) query errors.
 pub fn pool(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
-    let opts = connect_options(settings, true)?;
+    Ok(pool_on(settings, connect_options(settings, true)?))
+}
+
+/// [`pool`] with `opts` for its connections.
+fn pool_on(settings: &DatabaseSettings, opts: PgConnectOptions) -> PgPool {
     let bound = stall_bound(settings);
-    Ok(PgPoolOptions::new()
+    PgPoolOptions::new()
         .max_connections(settings.max_connections)
         .acquire_timeout(Duration::from_secs(5))
         // A ping before every use was one more round trip per batch and per relay round:
@@ -327,7 +331,7 @@ pub fn pool(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
                 Ok(true)
             })
         })
-        .connect_lazy_with(opts))
+        .connect_lazy_with(opts)
 }
 
 /// Creates the database if needed, connects and applies migrations.
@@ -394,6 +398,22 @@ const LEDGER_SCHEMA: &str = "SELECT to_regnamespace('credit') IS NOT NULL";
 /// `database.url` would otherwise print a balance of 0 from a new, empty ledger, or take a
 /// top-up into a ledger no worker reads; and a schema change is the `migrate` command's.
 pub async fn connect_existing(settings: &DatabaseSettings) -> Result<PgPool, NotReady> {
+    existing(settings, connect_options(settings, true)?).await
+}
+
+/// [`connect_existing`] for `audit`, whose checks read the whole ledger: a statement past a
+/// second is their nature, not news, so none is logged (the worker's and the other commands'
+/// are, as warnings with their SQL).
+pub async fn connect_existing_for_audit(settings: &DatabaseSettings) -> Result<PgPool, NotReady> {
+    let opts = connect_options(settings, true)?
+        .log_slow_statements(tracing::log::LevelFilter::Off, Duration::from_secs(1));
+    existing(settings, opts).await
+}
+
+async fn existing(
+    settings: &DatabaseSettings,
+    pooled: PgConnectOptions,
+) -> Result<PgPool, NotReady> {
     let opts = connect_options(settings, false)?;
     let database = opts
         .get_database()
@@ -410,7 +430,7 @@ pub async fn connect_existing(settings: &DatabaseSettings) -> Result<PgPool, Not
     let applied = bounded(within, applied_migrations(&mut conn, &database)).await;
     let _ = conn.close().await;
     schema_state(database, &applied?)?;
-    Ok(pool(settings)?)
+    Ok(pool_on(settings, pooled))
 }
 
 fn sqlstate(e: &sqlx::Error) -> Option<String> {
@@ -620,6 +640,14 @@ pub(crate) fn is_setup_fault(e: &sqlx::Error) -> bool {
         sqlx::Error::Tls(_) | sqlx::Error::Io(_) | sqlx::Error::Configuration(_) => true,
         _ => false,
     }
+}
+
+/// True when the server refused the login (SQLSTATE class 28: an unknown role, a wrong
+/// password, no `pg_hba.conf` entry for this host, user and database). At start that is the
+/// URL's to fix; while running it may be a password being rotated, and is retried
+/// ([`is_transient`]).
+pub(crate) fn is_login_refused(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("28")))
 }
 
 /// True when the server's TLS certificate did not verify (`sslmode=verify-ca|verify-full`).

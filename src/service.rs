@@ -55,6 +55,14 @@ pub(crate) async fn connect_db(
         };
         match prepared {
             Ok(()) => return Ok(()),
+            // Before the retry: a refused login is transient to a running worker (a password
+            // being rotated), a mistake in the URL at start.
+            Err(e) if crate::db::is_login_refused(&e) => {
+                return Err(anyhow::anyhow!(
+                    "database.url: the server refused the login ({e}); check the user and \
+                     password in the URL and the server's pg_hba.conf"
+                ))
+            }
             Err(e) if crate::db::is_transient(&e) || is_passing_migration_fault(&e) => {
                 warn!(error = %e, "database not ready (unreachable, or a migration waiting for a lock); retrying");
                 if !crate::retry::pause(&mut delays, stop).await {
@@ -72,13 +80,19 @@ pub(crate) async fn connect_db(
     }
 }
 
-/// An `amqps://` broker whose certificate does not verify stops the start, as the database's
-/// does: no retry will fix it. An unreachable broker does not; the sessions retry.
-async fn check_broker_certificate(amqp: &crate::config::AmqpSettings) -> anyhow::Result<()> {
-    if !amqp.url.to_ascii_lowercase().starts_with("amqps://") {
-        return Ok(());
-    }
-    match crate::amqp::connect_publisher(amqp, "credit-worker certificate check").await {
+/// A broker that refuses the URL's login or virtual host, or (`amqps://`) whose certificate
+/// does not verify, stops the start, as the database's does: no retry will fix either. An
+/// unreachable broker does not; the sessions retry. Once running, a refused login is retried
+/// like any lost connection (credentials being rotated).
+async fn check_broker(
+    amqp: &crate::config::AmqpSettings,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
+    let connected = tokio::select! {
+        connected = crate::amqp::connect_publisher(amqp, "credit-worker start check") => connected,
+        _ = stop.cancelled() => anyhow::bail!("stopped before the broker answered"),
+    };
+    match connected {
         Ok(conn) => {
             let _ = conn.close(200, "checked".into()).await;
             Ok(())
@@ -86,6 +100,10 @@ async fn check_broker_certificate(amqp: &crate::config::AmqpSettings) -> anyhow:
         Err(e) if crate::amqp::is_certificate_error(&e) => Err(anyhow::anyhow!(
             "amqp.url: the broker's TLS certificate does not verify ({e}); amqp.tls_ca_file must \
              name the CA that signed it, and the URL's host must be a name in the certificate"
+        )),
+        Err(e) if crate::amqp::is_login_refused(&e) => Err(anyhow::anyhow!(
+            "amqp.url: the broker refused the login ({e}); check the user, password and \
+             virtual host in the URL, and the user's permissions on that virtual host"
         )),
         Err(e) => {
             warn!(error = %e, "broker unreachable at start; retrying in the background");
@@ -150,7 +168,6 @@ impl Worker {
             broker = %crate::redact::url(&settings.amqp.url),
             "connecting"
         );
-        check_broker_certificate(&settings.amqp).await?;
         let schedule = settings.refill.schedule.parsed().clone();
         // A schedule with no tick left (30 February, a past year) would leave the month's
         // sweep silently undone.
@@ -169,10 +186,14 @@ impl Worker {
         // /readyz says 503, instead of a bound port that never replies.
         let http = HttpServer::start(&settings, &health, &pool).await?;
         let http_addr = http.as_ref().map(|h| h.addr);
-        let ready = match connect_db(&settings, &shutdown).await {
-            Ok(()) => crate::clock::check_against_database(&pool).await,
-            Err(e) => Err(e),
+        // Side by side, and the first refusal ends the start: a broker that never answers
+        // holds its check for the connect bound, and a database that does not answer holds
+        // its connect until a stop.
+        let database = async {
+            connect_db(&settings, &shutdown).await?;
+            crate::clock::check_against_database(&pool).await
         };
+        let ready = tokio::try_join!(check_broker(&settings.amqp, &shutdown), database).map(|_| ());
         if let Err(e) = ready {
             if let Some(h) = http {
                 h.stop().await;

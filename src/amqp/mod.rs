@@ -120,6 +120,22 @@ async fn open(amqp: &AmqpSettings, name: &str, frame_max: u32) -> Result<Connect
     }
 }
 
+/// True when the broker refused the login (`ACCESS_REFUSED`: the URL's user or password) or
+/// its virtual host (`NOT_ALLOWED`: missing, or the user has no access to it) while a
+/// connection opened. Nothing on the broker's side clears either by itself.
+pub(crate) fn is_login_refused(e: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => matches!(
+            amqp.kind(),
+            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)
+                | AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED)
+        ),
+        lapin::ErrorKind::AuthProviderError(_) => true,
+        _ => false,
+    }
+}
+
 /// True when the broker's TLS certificate did not verify: retrying will not help.
 pub(crate) fn is_certificate_error(e: &lapin::Error) -> bool {
     match e.kind() {

@@ -814,3 +814,57 @@ async fn publish_says_when_no_worker_consumes_the_queue() {
     assert_eq!(queue_depth(&env, &env.names.input_queue).await, 2);
     env.cleanup().await;
 }
+
+/// A login the database refuses (here a role that does not exist) stops the start naming the
+/// key, rather than retrying what only the URL can fix.
+#[tokio::test]
+async fn a_login_the_database_refuses_stops_the_start() {
+    let env = TestEnv::new().await;
+    let mut settings = env.settings.clone();
+    let mut url = url::Url::parse(&settings.database.url).expect("database url");
+    url.set_username("credit_no_such_role").expect("a user");
+    url.set_password(None).expect("no password");
+    settings.database.url = url.to_string();
+    let refused = start_refused(settings, "with a role the server does not know");
+    let err = tokio::time::timeout(T, refused)
+        .await
+        .expect("refused at once, not retried");
+    assert!(
+        err.starts_with("database.url: the server refused the login"),
+        "{err}"
+    );
+    assert!(err.contains("credit_no_such_role"), "{err}");
+    env.cleanup().await;
+}
+
+/// A password or a virtual host the broker refuses stops the start naming the key, and the
+/// password is not in what it says.
+#[tokio::test]
+async fn a_login_or_vhost_the_broker_refuses_stops_the_start() {
+    let env = TestEnv::new().await;
+    let url = url::Url::parse(&env.settings.amqp.url).expect("amqp url");
+    let mut wrong_password = url.clone();
+    wrong_password
+        .set_password(Some("credit-not-the-password"))
+        .expect("a password");
+    let mut no_such_vhost = url.clone();
+    no_such_vhost.set_path("/credit-no-such-vhost");
+    for (bad, refused) in [
+        (wrong_password, "ACCESS_REFUSED"),
+        (no_such_vhost, "vhost credit-no-such-vhost not found"),
+    ] {
+        let mut settings = env.settings.clone();
+        settings.amqp.url = bad.to_string();
+        let why = format!("with {refused}");
+        let err = tokio::time::timeout(T, start_refused(settings, &why))
+            .await
+            .expect("refused at once, not retried");
+        assert!(
+            err.starts_with("amqp.url: the broker refused the login"),
+            "{err}"
+        );
+        assert!(err.contains(refused), "{err}");
+        assert!(!err.contains("credit-not-the-password"), "{err}");
+    }
+    env.cleanup().await;
+}
