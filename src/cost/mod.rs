@@ -2061,6 +2061,25 @@ mod autogpt_figures {
     }
 
     #[test]
+    fn cache_creation_tokens_have_their_own_rate() {
+        let sonnet = json!({"model": "claude-sonnet-4-6"});
+        let written = Stats {
+            cache_creation_token_count: 1_000_000,
+            ..Stats::default()
+        };
+        assert_eq!(post("llm", sonnet.clone(), written), 563);
+        // Beside the other three: 200k × 450 + 50k × 2250 + 100k × 45 + 40k × 563 per million.
+        let mut all = tokens(200_000, 50_000, 100_000);
+        all.cache_creation_token_count = 40_000;
+        assert_eq!(post("llm", sonnet, all), 230);
+    }
+
+    #[test]
+    fn an_empty_provider_cost_type_is_dollars() {
+        assert_eq!(post("usd100", json!({}), provider(0.05, Some(""))), 5);
+    }
+
+    #[test]
     fn run_ignores_stats() {
         let mut s = tokens(1_000_000, 1_000_000, 0);
         s.walltime = 999.0;

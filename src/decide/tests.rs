@@ -981,3 +981,156 @@ fn a_row_without_a_fee_count_continues_from_its_executions() {
     );
     assert_eq!(ledger.accounts["u"].fee_n, Some(2));
 }
+
+// ---- boundaries of funds, debt and thresholds -------------------------------------------------
+
+/// A user with `balance`, already refilled this month (so no refill tops it up first).
+fn holding(balance: i64) -> MemoryLedger {
+    let mut l = MemoryLedger::default();
+    let mut a = crate::ledger::Account::new("u".into());
+    a.balance = balance;
+    a.refill_month = chrono::NaiveDate::from_ymd_opt(2026, 11, 1);
+    l.accounts.insert("u".into(), a);
+    l
+}
+
+fn events_of<'a>(l: &'a MemoryLedger, routing_key: &str) -> Vec<&'a crate::events::NewEvent> {
+    l.events
+        .iter()
+        .filter(|e| e.routing_key == routing_key)
+        .collect()
+}
+
+#[test]
+fn a_rejected_starts_completion_in_the_same_batch_owes_its_whole_price() {
+    let p = settle_pricing(true);
+    let mut l = MemoryLedger::default();
+    // $1.50 of search on a 1-credit estimate: 150 owed, 99 more, a debt of 50.
+    l.decide(&p, &[run("u", "s", "search", None)], now());
+    let usd = Some(json!({"provider_cost": 1.5, "provider_cost_type": "cost_usd"}));
+    l.decide(&p, &[run("u", "s", "search", usd)], now());
+    assert_eq!(l.accounts["u"].balance, -50);
+    // The start is refused (nothing was taken), so its completion owes all 24.
+    let v = l.decide(
+        &p,
+        &[
+            run("u", "t", "llm", None),
+            run("u", "t", "llm", tokens(10_000, 2_000)),
+        ],
+        now(),
+    );
+    assert!(is_rejected(&v[0]), "{v:?}");
+    assert_eq!(
+        v[1],
+        Verdict::Settled {
+            pre: 0,
+            post: 24,
+            delta: 24,
+            uncollected: 0,
+            balance: -74
+        }
+    );
+}
+
+#[test]
+fn a_balance_that_covers_the_cost_but_not_the_fee_is_rejected() {
+    let p = pricing(1);
+    let mut l = holding(10);
+    let v = l.decide(&p, &[entry("u", "x", 0)], now());
+    assert!(is_rejected(&v[0]), "{v:?}");
+    assert_eq!(l.accounts["u"].balance, 10);
+    let rejected = events_of(&l, crate::events::CHARGE_REJECTED);
+    assert_eq!(rejected.len(), 1);
+    assert_eq!(rejected[0].json()["cost"], 11);
+}
+
+#[test]
+fn a_balance_exactly_at_the_auto_top_up_threshold_requests_nothing() {
+    let p = pricing(0);
+    let mut l = with_auto_top_up(&p, 980, 500);
+    // 990 ⇒ 980: at the threshold, not below it.
+    l.decide(&p, &[entry("u", "b", 0)], now());
+    assert_eq!(requests(&l), vec![]);
+    l.decide(&p, &[entry("u", "c", 0)], now());
+    assert_eq!(requests(&l), vec![("AUTO-TOP-UP-u-1".into(), 970)]);
+}
+
+#[test]
+fn without_debt_an_extra_charge_on_a_debt_already_there_moves_nothing() {
+    let p = settle_pricing(false);
+    let mut l = MemoryLedger::default();
+    l.decide(&p, &[run("u", "a", "llm", None)], now());
+    // A debt left from when debt was allowed.
+    l.accounts.get_mut("u").unwrap().balance = -50;
+    let v = l.decide(&p, &[run("u", "a", "llm", tokens(10_000, 2_000))], now());
+    assert_eq!(
+        v,
+        vec![Verdict::Settled {
+            pre: 10,
+            post: 24,
+            delta: 14,
+            uncollected: 14,
+            balance: -50
+        }]
+    );
+    assert!(!l
+        .transactions
+        .iter()
+        .any(|t| t.transaction_key == "SETTLE-a"));
+}
+
+#[test]
+fn without_debt_a_completion_first_on_a_debt_takes_nothing() {
+    let p = settle_pricing(false);
+    let mut l = MemoryLedger::default();
+    l.decide(&p, &[run("u", "z", "llm", None)], now());
+    l.accounts.get_mut("u").unwrap().balance = -50;
+    let v = l.decide(&p, &[run("u", "a", "llm", tokens(10_000, 2_000))], now());
+    assert!(
+        matches!(
+            v[0],
+            Verdict::Decided {
+                outcome: Outcome::Free,
+                cost: 0,
+                fee: 0,
+                uncollected: 24,
+                balance: -50
+            }
+        ),
+        "{v:?}"
+    );
+    let s = &l.settlements["a"];
+    assert_eq!((s.pre, s.uncollected), (0, 24));
+}
+
+#[test]
+fn a_completion_without_stats_counts_them_as_zero() {
+    let p = settle_pricing(true);
+    let mut l = MemoryLedger::default();
+    l.decide(&p, &[run("u", "a", "llm", None)], now());
+    let mut done = run("u", "a", "llm", None);
+    done.phase = crate::message::Phase::Completed;
+    let v = l.decide(&p, &[done], now());
+    assert_eq!(
+        v,
+        vec![Verdict::Settled {
+            pre: 10,
+            post: 0,
+            delta: -10,
+            uncollected: 0,
+            balance: 100
+        }]
+    );
+}
+
+#[test]
+fn a_fee_alone_that_crosses_the_low_balance_threshold_reports_it() {
+    let p = pricing(1);
+    let mut l = holding(100);
+    // The user's own key: the run is free, the fee of 1 takes 100 ⇒ 99.
+    l.decide(&p, &[entry("u", "f", 1)], now());
+    assert_eq!(l.accounts["u"].balance, 99);
+    let low = events_of(&l, crate::events::BALANCE_LOW);
+    assert_eq!(low.len(), 1);
+    assert_eq!(low[0].event_id, "balance.low:u:1");
+}
