@@ -461,6 +461,55 @@ async fn times_the_worker_cannot_read_back_are_refused_at_the_write() {
     env.cleanup().await;
 }
 
+/// An account a build before migration 0020 left with a year-0 refill month (its
+/// `sweep --month 0000-01`) could not be written once 0020's check applied; migration 0021
+/// moves such values to the nearest bound, after which the account takes credits and its
+/// refills as before.
+#[tokio::test]
+async fn an_account_left_out_of_bounds_by_an_old_build_is_written_again() {
+    let env = TestEnv::with(no_refill).await;
+    let l = env.ledger();
+    l.credit(TxType::TopUp, "old", 10, Some("k1"), None, Utc::now())
+        .await
+        .unwrap();
+    // The row as an old build wrote it, before 0020's check existed.
+    let old_row = [
+        "ALTER TABLE credit.balances DROP CONSTRAINT balances_times_bounded",
+        "UPDATE credit.balances SET refill_month = '0001-01-01 BC' WHERE user_id = 'old'",
+        "ALTER TABLE credit.balances ADD CONSTRAINT balances_times_bounded CHECK (
+                 refill_month BETWEEN '0001-01-01' AND '9999-12-01'
+             AND fee_day BETWEEN '0001-01-01' AND '9999-12-31'
+             AND auto_requested_at BETWEEN '0001-01-01 00:00:00+00' AND '9999-12-31 23:59:59+00')
+         NOT VALID",
+    ];
+    for sql in old_row {
+        sqlx::query(sql).execute(&env.pool).await.expect(sql);
+    }
+    let refused = l.credit(TxType::TopUp, "old", 5, Some("k2"), None, Utc::now());
+    assert!(refused.await.is_err(), "written before 0021");
+
+    let migration = include_str!("../../migrations/0021_account_times_in_bounds.sql");
+    let moved = sqlx::query(migration).execute(&env.pool).await.unwrap();
+    assert_eq!(moved.rows_affected(), 1);
+    let month: String =
+        sqlx::query_scalar("SELECT refill_month::text FROM credit.balances WHERE user_id = 'old'")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(month, "0001-01-01");
+    let credited = l
+        .credit(TxType::TopUp, "old", 5, Some("k2"), None, Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(credited.balance, 15);
+    sqlx::query("ALTER TABLE credit.balances VALIDATE CONSTRAINT balances_times_bounded")
+        .execute(&env.pool)
+        .await
+        .expect("every row within the bounds");
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn same_key_again_is_not_applied() {
     let env = TestEnv::new().await;
