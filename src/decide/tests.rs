@@ -1134,3 +1134,19 @@ fn a_fee_alone_that_crosses_the_low_balance_threshold_reports_it() {
     assert_eq!(low.len(), 1);
     assert_eq!(low[0].event_id, "balance.low:u:1");
 }
+
+#[test]
+fn a_fee_of_zero_posts_no_fee_row() {
+    let mut p = pricing(1);
+    p.fee.amount = 0;
+    let mut l = MemoryLedger::default();
+    let v = l.decide(&p, &[entry("u", "a", 0), entry("u", "b", 1)], now());
+    assert!(
+        v.iter()
+            .all(|v| matches!(v, Verdict::Decided { fee: 0, .. })),
+        "{v:?}"
+    );
+    assert_eq!(fee_keys(&l), Vec::<&str>::new());
+    // The refill to 1000, then gpt-4-turbo's 10: the own-key run costs nothing.
+    assert_eq!(l.accounts["u"].balance, 990);
+}
