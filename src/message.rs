@@ -1410,6 +1410,23 @@ mod tests {
             e.to_string(),
             "stats.input_token_count: integer out of range"
         );
+        // The largest double below 2^64 is a count; 2^64 itself is not.
+        let below = ok(&with(
+            "stats",
+            json!({"input_token_count": 18_446_744_073_709_549_568.0_f64}),
+        ));
+        assert_eq!(
+            below.stats.as_ref().unwrap().input_token_count,
+            18_446_744_073_709_549_568
+        );
+        let e = err(&with(
+            "stats",
+            json!({"input_token_count": 18_446_744_073_709_551_616.0_f64}),
+        ));
+        assert_eq!(
+            e.to_string(),
+            "stats.input_token_count: integer out of range"
+        );
         let body = String::from_utf8(with("stats", json!({"input_token_count": 7}))).unwrap();
         let body = body.replace(":7", ":100000000000000000000");
         let e = err(body.as_bytes());

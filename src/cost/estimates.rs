@@ -104,6 +104,11 @@ mod tests {
             parse(r#"{"estimates": {"blk": {"mean_credits": -42}}}"#).unwrap_err(),
             "t.json: estimates.blk.mean_credits: expected a number from 0 to 9e18, got -42"
         );
+        // The bound itself is out: every estimate fits an i64 with room for a fee.
+        assert_eq!(
+            parse(r#"{"estimates": {"blk": {"mean_credits": 9e18}}}"#).unwrap_err(),
+            "t.json: estimates.blk.mean_credits: expected a number from 0 to 9e18, got 9e+18"
+        );
         assert_eq!(
             parse(r#"{"estimates": {"blk": {"mean_credits": "oops"}}}"#).unwrap_err(),
             "t.json: estimates.blk.mean_credits: expected a number from 0 to 9e18, got \"oops\""

@@ -2061,6 +2061,19 @@ mod autogpt_figures {
     }
 
     #[test]
+    fn a_price_fits_an_i64_or_is_refused() {
+        // 2^63 − 1024, the largest double below 2^63, fits; 2^63 does not.
+        assert_eq!(
+            ceil_i64(9_223_372_036_854_774_784.0),
+            Some(9_223_372_036_854_774_784)
+        );
+        assert_eq!(ceil_i64(9_223_372_036_854_775_808.0), None);
+        assert_eq!(ceil_i64(f64::NAN), None);
+        assert_eq!(ceil_i64(-3.5), Some(0));
+        assert_eq!(ceil_i64(0.000_1), Some(1));
+    }
+
+    #[test]
     fn cache_creation_tokens_have_their_own_rate() {
         let sonnet = json!({"model": "claude-sonnet-4-6"});
         let written = Stats {
