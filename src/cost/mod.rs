@@ -1928,6 +1928,9 @@ mod autogpt_figures {
         [[block]]
         id = "run7"
         costs = [{ cost_amount = 7, cost_type = "run", cost_filter = {} }]
+        [[block]]
+        id = "byte3"
+        costs = [{ cost_amount = 3, cost_type = "byte", cost_filter = {} }]
     "#;
 
     fn table() -> CostTable {
@@ -2090,6 +2093,18 @@ mod autogpt_figures {
     #[test]
     fn an_empty_provider_cost_type_is_dollars() {
         assert_eq!(post("usd100", json!({}), provider(0.05, Some(""))), 5);
+    }
+
+    #[test]
+    fn byte_truncates_the_input_size_times_the_amount_and_costs_nothing_before() {
+        let size = |input_size: f64| Stats {
+            input_size,
+            ..Stats::default()
+        };
+        assert_eq!(post("byte3", json!({}), size(2.5)), 7);
+        assert_eq!(post("byte3", json!({}), size(100.0)), 300);
+        assert_eq!(post("byte3", json!({}), Stats::default()), 0);
+        assert_eq!(pre("byte3", json!({})), 0);
     }
 
     #[test]
