@@ -88,13 +88,20 @@ async fn check_broker(
     amqp: &crate::config::AmqpSettings,
     stop: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let connected = tokio::select! {
-        connected = crate::amqp::connect_publisher(amqp, "credit-worker start check") => connected,
+    tokio::select! {
+        checked = broker_accepts(amqp) => checked,
         _ = stop.cancelled() => anyhow::bail!("stopped before the broker answered"),
-    };
-    match connected {
+    }
+}
+
+/// How long the start check waits for the broker to close its connection: one that goes
+/// silent after the login would otherwise hold the start.
+const CHECK_CLOSE: Duration = Duration::from_secs(2);
+
+async fn broker_accepts(amqp: &crate::config::AmqpSettings) -> anyhow::Result<()> {
+    match crate::amqp::connect_publisher(amqp, "credit-worker start check").await {
         Ok(conn) => {
-            let _ = conn.close(200, "checked".into()).await;
+            let _ = tokio::time::timeout(CHECK_CLOSE, conn.close(200, "checked".into())).await;
             Ok(())
         }
         Err(e) if crate::amqp::is_certificate_error(&e) => Err(anyhow::anyhow!(

@@ -121,19 +121,29 @@ async fn open(amqp: &AmqpSettings, name: &str, frame_max: u32) -> Result<Connect
 }
 
 /// True when the broker refused the login (`ACCESS_REFUSED`: the URL's user or password) or
-/// its virtual host (`NOT_ALLOWED`: missing, or the user has no access to it) while a
-/// connection opened. Nothing on the broker's side clears either by itself.
+/// its virtual host (`NOT_ALLOWED`: missing, or not the user's) while a connection opened.
+/// A `NOT_ALLOWED` for a connection limit reached or a virtual host that is down is not one:
+/// those clear by themselves.
 pub(crate) fn is_login_refused(e: &lapin::Error) -> bool {
     use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
     match e.kind() {
-        lapin::ErrorKind::ProtocolError(amqp) => matches!(
-            amqp.kind(),
-            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)
-                | AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED)
-        ),
+        lapin::ErrorKind::ProtocolError(amqp) => match amqp.kind() {
+            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) => true,
+            AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED) => {
+                vhost_refused(amqp.get_message().as_str())
+            }
+            _ => false,
+        },
         lapin::ErrorKind::AuthProviderError(_) => true,
         _ => false,
     }
+}
+
+/// Whether RabbitMQ's `NOT_ALLOWED` text says the virtual host is missing or not the user's
+/// ("vhost x not found", "access to vhost 'x' refused for user 'u'"), rather than a limit
+/// reached ("…: connection limit (5) is reached") or a virtual host down ("vhost x is down").
+fn vhost_refused(text: &str) -> bool {
+    (text.contains("not found") || text.contains("refused for user")) && !text.contains("limit")
 }
 
 /// True when the broker's TLS certificate did not verify: retrying will not help.
@@ -249,6 +259,21 @@ mod tests {
     use lapin::types::{AMQPValue, FieldTable};
 
     use super::*;
+
+    #[test]
+    fn a_missing_or_forbidden_vhost_is_a_refusal_and_a_limit_is_not() {
+        assert!(vhost_refused("NOT_ALLOWED - vhost nosuch not found"));
+        assert!(vhost_refused(
+            "NOT_ALLOWED - access to vhost '/' refused for user 'u'"
+        ));
+        assert!(!vhost_refused(
+            "NOT_ALLOWED - connection refused for user 'u': user connection limit (0) is reached"
+        ));
+        assert!(!vhost_refused(
+            "NOT_ALLOWED - access to vhost '/' refused for user 'u': vhost connection limit (5) is reached"
+        ));
+        assert!(!vhost_refused("NOT_ALLOWED - vhost / is down"));
+    }
 
     #[test]
     fn headers_are_measured_as_they_travel() {

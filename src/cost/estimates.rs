@@ -62,7 +62,7 @@ impl Estimates {
                     return Err(invalid(
                         &at,
                         format!(
-                            "expected a number from 0 to 9e18, got {}",
+                            "expected a number ≥ 0 and below 9e18, got {}",
                             entry
                                 .get("mean_credits")
                                 .map_or("nothing".into(), |v| v.to_string())
@@ -102,16 +102,16 @@ mod tests {
     fn bad_entries_are_named() {
         assert_eq!(
             parse(r#"{"estimates": {"blk": {"mean_credits": -42}}}"#).unwrap_err(),
-            "t.json: estimates.blk.mean_credits: expected a number from 0 to 9e18, got -42"
+            "t.json: estimates.blk.mean_credits: expected a number ≥ 0 and below 9e18, got -42"
         );
         // The bound itself is out: every estimate fits an i64 with room for a fee.
         assert_eq!(
             parse(r#"{"estimates": {"blk": {"mean_credits": 9e18}}}"#).unwrap_err(),
-            "t.json: estimates.blk.mean_credits: expected a number from 0 to 9e18, got 9e+18"
+            "t.json: estimates.blk.mean_credits: expected a number ≥ 0 and below 9e18, got 9e+18"
         );
         assert_eq!(
             parse(r#"{"estimates": {"blk": {"mean_credits": "oops"}}}"#).unwrap_err(),
-            "t.json: estimates.blk.mean_credits: expected a number from 0 to 9e18, got \"oops\""
+            "t.json: estimates.blk.mean_credits: expected a number ≥ 0 and below 9e18, got \"oops\""
         );
         assert_eq!(
             parse("[1, 2, 3]").unwrap_err(),

@@ -1005,7 +1005,7 @@ fn events_of<'a>(l: &'a MemoryLedger, routing_key: &str) -> Vec<&'a crate::event
 fn a_rejected_starts_completion_in_the_same_batch_owes_its_whole_price() {
     let p = settle_pricing(true);
     let mut l = MemoryLedger::default();
-    // $1.50 of search on a 1-credit estimate: 150 owed, 99 more, a debt of 50.
+    // $1.50 of search on a 1-credit estimate: 150 owed, 149 more, a debt of 50.
     l.decide(&p, &[run("u", "s", "search", None)], now());
     let usd = Some(json!({"provider_cost": 1.5, "provider_cost_type": "cost_usd"}));
     l.decide(&p, &[run("u", "s", "search", usd)], now());

@@ -491,12 +491,15 @@ async fn an_account_left_out_of_bounds_by_an_old_build_is_written_again() {
     let migration = include_str!("../../migrations/0021_account_times_in_bounds.sql");
     let moved = sqlx::query(migration).execute(&env.pool).await.unwrap();
     assert_eq!(moved.rows_affected(), 1);
-    let month: String =
-        sqlx::query_scalar("SELECT refill_month::text FROM credit.balances WHERE user_id = 'old'")
-            .fetch_one(&env.pool)
-            .await
-            .unwrap();
-    assert_eq!(month, "0001-01-01");
+    // Only the value out of bounds moves; the nulls stay null.
+    let row: (String, Option<String>, Option<String>) = sqlx::query_as(
+        "SELECT refill_month::text, fee_day::text, auto_requested_at::text
+           FROM credit.balances WHERE user_id = 'old'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(row, ("0001-01-01".into(), None, None));
     let credited = l
         .credit(TxType::TopUp, "old", 5, Some("k2"), None, Utc::now())
         .await
