@@ -497,7 +497,7 @@ impl Settings {
         // Both travel as AMQP short strings, which the client cannot send (it panics) beyond
         // 255 bytes; no broker accepts such a name anyway.
         if url::Url::parse(&self.amqp.url).is_ok_and(|u| crate::redact::stray_at(&u)) {
-            return bad("amqp.url", crate::db::STRAY_AT);
+            return bad("amqp.url", crate::redact::STRAY_AT);
         }
         if uri.vhost.len() > 255 {
             return bad("amqp.url", "the virtual host is longer than 255 bytes");

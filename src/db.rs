@@ -119,16 +119,12 @@ pub(crate) fn unusable_url(url: &str) -> Option<String> {
         return Some(format!("{}:// must begin it", parsed.scheme()));
     }
     if crate::redact::stray_at(&parsed) {
-        return Some(STRAY_AT.into());
+        return Some(crate::redact::STRAY_AT.into());
     }
     url.parse::<PgConnectOptions>()
         .err()
         .map(|e| format!("not a PostgreSQL URL ({e})"))
 }
-
-/// Why a URL with an `@` after its host is refused (see `redact::stray_at`).
-pub(crate) const STRAY_AT: &str = "an `@` after the host: a password holding `/`, `?` or `#` \
-     must be percent-encoded (%2F, %3F, %23)";
 
 /// A TLS file `url` names that cannot be read, as "param: path: why". Checked at start: the
 /// client reads them on every connect, and a missing one would otherwise be retried as an
@@ -848,7 +844,11 @@ mod tests {
             "postgres://root:2024/S3CRET@127.0.0.1/db",
             "postgres://root:2024?S3CRET@127.0.0.1/db",
         ] {
-            assert_eq!(unusable_url(url).as_deref(), Some(STRAY_AT), "{url}");
+            assert_eq!(
+                unusable_url(url).as_deref(),
+                Some(crate::redact::STRAY_AT),
+                "{url}"
+            );
         }
         assert_eq!(
             unusable_url("postgres://root:2024%2FS3CRET@127.0.0.1/db"),

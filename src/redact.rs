@@ -37,6 +37,10 @@ fn is_secret(key: &str) -> bool {
     matches!(key, "password" | "sslpassword" | "sslkey" | "ssl-key")
 }
 
+/// Why a URL with an `@` after its host is refused ([`stray_at`]), for either service.
+pub(crate) const STRAY_AT: &str = "an `@` after the host: a password holding `/`, `?` or `#` \
+     must be percent-encoded (%2F, %3F, %23)";
+
 /// Whether an `@` follows an authority without credentials, in the path or before the first
 /// parameter's `=`: what is left of credentials whose password holds a `/`, `?` or `#` that
 /// was not percent-encoded. An `@` in a parameter's value (`?user=name@server`) is not.
