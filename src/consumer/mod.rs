@@ -13,6 +13,7 @@
 pub mod process;
 
 use std::collections::VecDeque;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -186,58 +187,97 @@ impl Consumer {
             }
             let mut batch = take_carried(&mut carried, max_batch);
             if batch.is_empty() {
-                // A decider that died is noticed now, not when the next delivery comes: its
-                // unacked batches go back to the queue only once this session ends.
-                let first = tokio::select! {
-                    biased;
-                    _ = stop.cancelled() => return Ok(()),
-                    _ = tx.closed() => return Err(SessionError::DeciderGone),
-                    d = deliveries.next() => d,
-                };
-                batch.push(next_delivery(first)?);
-            }
-            // A stop ends the wait at once: the batch is decided and acked like any in flight
-            // when the decider can take it (below), and goes back unacked when it cannot.
-            let deadline = tokio::time::Instant::now() + max_wait;
-            // One waiter for the whole fill, not one per delivery.
-            let stopped = stop.cancelled();
-            tokio::pin!(stopped);
-            while batch.len() < max_batch {
-                tokio::select! {
-                    biased;
-                    _ = &mut stopped => break,
-                    d = tokio::time::timeout_at(deadline, deliveries.next()) => match d {
-                        Ok(d) => batch.push(next_delivery(d)?),
-                        Err(_) => break,
-                    },
+                match first_delivery(deliveries, tx, stop).await? {
+                    Some(d) => batch.push(d),
+                    None => return Ok(()),
                 }
             }
-            // While the decider is still busy with the previous batch, keep filling this one
-            // (under load batches grow to max_batch, idle latency stays max_wait), and keep
-            // reading the stream even when it is full, so a dead connection is noticed now
-            // rather than after the decider's next broker call.
-            loop {
-                tokio::select! {
-                    biased;
-                    permit = tx.reserve() => match permit {
-                        Ok(permit) => {
-                            permit.send(batch);
-                            break;
-                        }
-                        // A decider busy at the stop (waiting out a database outage, say)
-                        // gives up its batch and ends; this one goes back unacked too.
-                        Err(_) if stop.is_cancelled() => return Ok(()),
-                        Err(_) => return Err(SessionError::DeciderGone),
-                    },
-                    _ = stop.cancelled() => return Ok(()),
-                    d = deliveries.next() => {
-                        let d = next_delivery(d)?;
-                        if batch.len() < max_batch {
-                            batch.push(d);
-                        } else {
-                            carried.push(d);
-                        }
-                    }
+            fill(deliveries, &mut batch, max_batch, max_wait, stop).await?;
+            let handed = hand_off(deliveries, tx, batch, &mut carried, max_batch, stop).await?;
+            if handed.is_break() {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// The first delivery of a batch; None on a stop. A decider that died is noticed now, not
+/// when the next delivery comes: its unacked batches go back to the queue only once this
+/// session ends.
+async fn first_delivery(
+    deliveries: &mut lapin::Consumer,
+    tx: &mpsc::Sender<Vec<Delivery>>,
+    stop: &CancellationToken,
+) -> Result<Option<Delivery>, SessionError> {
+    let first = tokio::select! {
+        biased;
+        _ = stop.cancelled() => return Ok(None),
+        _ = tx.closed() => return Err(SessionError::DeciderGone),
+        d = deliveries.next() => d,
+    };
+    next_delivery(first).map(Some)
+}
+
+/// Adds deliveries to `batch` until it holds `max_batch` or `max_wait` has passed. A stop
+/// ends the wait at once: the batch is decided and acked like any in flight when the decider
+/// can take it, and goes back unacked when it cannot.
+async fn fill(
+    deliveries: &mut lapin::Consumer,
+    batch: &mut Vec<Delivery>,
+    max_batch: usize,
+    max_wait: Duration,
+    stop: &CancellationToken,
+) -> Result<(), SessionError> {
+    let deadline = tokio::time::Instant::now() + max_wait;
+    // One waiter for the whole fill, not one per delivery.
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
+    while batch.len() < max_batch {
+        tokio::select! {
+            biased;
+            _ = &mut stopped => break,
+            d = tokio::time::timeout_at(deadline, deliveries.next()) => match d {
+                Ok(d) => batch.push(next_delivery(d)?),
+                Err(_) => break,
+            },
+        }
+    }
+    Ok(())
+}
+
+/// Hands `batch` to the decider; `Break` on a stop. While the decider is still busy with the
+/// previous batch, keeps filling this one (under load batches grow to `max_batch`, idle
+/// latency stays `max_wait`, and what does not fit is `carried` to the next), and keeps
+/// reading the stream even when it is full, so a dead connection is noticed now rather than
+/// after the decider's next broker call.
+async fn hand_off(
+    deliveries: &mut lapin::Consumer,
+    tx: &mpsc::Sender<Vec<Delivery>>,
+    mut batch: Vec<Delivery>,
+    carried: &mut Vec<Delivery>,
+    max_batch: usize,
+    stop: &CancellationToken,
+) -> Result<ControlFlow<()>, SessionError> {
+    loop {
+        tokio::select! {
+            biased;
+            permit = tx.reserve() => match permit {
+                Ok(permit) => {
+                    permit.send(batch);
+                    return Ok(ControlFlow::Continue(()));
+                }
+                // A decider busy at the stop (waiting out a database outage, say) gives up
+                // its batch and ends; this one goes back unacked too.
+                Err(_) if stop.is_cancelled() => return Ok(ControlFlow::Break(())),
+                Err(_) => return Err(SessionError::DeciderGone),
+            },
+            _ = stop.cancelled() => return Ok(ControlFlow::Break(())),
+            d = deliveries.next() => {
+                let d = next_delivery(d)?;
+                if batch.len() < max_batch {
+                    batch.push(d);
+                } else {
+                    carried.push(d);
                 }
             }
         }

@@ -7,7 +7,9 @@ use serde_json::json;
 use super::Pricing;
 use crate::cost::Price;
 use crate::events::{self, ExecutionRef};
-use crate::ledger::{Account, Changes, LedgerError, NewDecision, NewSettlement, Outcome, TxType};
+use crate::ledger::{
+    Account, Changes, Entry, LedgerError, NewDecision, NewSettlement, Outcome, TxType,
+};
 use crate::message::NodeExecutionEntry;
 
 /// The execution fee (docs/contract.md §3): `amount` on every `every`-th execution of a user's day.
@@ -28,6 +30,7 @@ impl FeePolicy {
             key: format!("EXECUTION-FEE-{user_id}-{}-{n}", day.format("%Y-%m-%d")),
             amount: self.amount,
             n,
+            count,
         })
     }
 
@@ -48,6 +51,8 @@ struct FeeDue {
     amount: i64,
     /// Its ordinal for the day.
     n: i64,
+    /// The execution of the day it is due on.
+    count: i64,
 }
 
 /// Applies `e`, priced at `price`, to `account`. On error neither the account nor `changes`
@@ -98,8 +103,7 @@ fn apply_unchecked(
         return Ok(decision(e, Outcome::Rejected, price.cost, 0, None, None));
     }
     account.count_execution(day, count);
-    let (transaction_key, fee_key) =
-        post_charges(account, changes, e, price, fee, count, None, now)?;
+    let (transaction_key, fee_key) = post_charges(account, changes, e, price, fee, None, now)?;
     let debited = transaction_key.is_some() || fee_key.is_some();
     debit_events(account, changes, e, rules, (before, debited, 0), now);
     Ok(decision(
@@ -116,23 +120,21 @@ fn apply_unchecked(
 /// decision made from a completion (`uncollected`: what of its price the balance could not
 /// hold) may leave a debt and say so in their metadata (`phase: completed`), which the
 /// schema requires of such rows.
-#[allow(clippy::too_many_arguments)]
 fn post_charges(
     account: &mut Account,
     changes: &mut Changes,
     e: &NodeExecutionEntry,
     price: &Price,
     fee: Option<FeeDue>,
-    count: i64,
     uncollected: Option<i64>,
     now: DateTime<Utc>,
 ) -> Result<(Option<String>, Option<String>), LedgerError> {
     let mut post = |key: String, amount: i64, mut metadata: serde_json::Value| {
         if uncollected.is_some() {
             metadata["phase"] = "completed".into();
-            account.post_debt(changes, TxType::Usage, key, amount, metadata, exec(e), now)
+            account.post_debt(changes, usage(e, key, amount, metadata, now))
         } else {
-            account.post(changes, TxType::Usage, key, amount, metadata, exec(e), now)
+            account.post(changes, usage(e, key, amount, metadata, now))
         }
     };
     let mut transaction_key = None;
@@ -151,7 +153,7 @@ fn post_charges(
     }
     let mut fee_key = None;
     if let Some(f) = fee {
-        post(f.key.clone(), -f.amount, fee_metadata(e, count))?;
+        post(f.key.clone(), -f.amount, fee_metadata(e, f.count))?;
         account.count_fee(f.n);
         fee_key = Some(f.key);
     }
@@ -251,15 +253,7 @@ pub(crate) fn settle(
         if moved != 0 {
             let k = format!("SETTLE-{}", e.node_exec_id);
             let metadata = settle_metadata(e, post, (pre, delta, uncollected));
-            account.post_debt(
-                changes,
-                TxType::Usage,
-                k.clone(),
-                -moved,
-                metadata,
-                exec(e),
-                now,
-            )?;
+            account.post_debt(changes, usage(e, k.clone(), -moved, metadata, now))?;
             key = Some(k);
         }
         let debited = moved > 0;
@@ -325,16 +319,8 @@ pub(crate) fn decide_from_completion(
             cost,
             ..post.clone()
         };
-        let (transaction_key, fee_key) = post_charges(
-            account,
-            changes,
-            e,
-            &charged,
-            fee,
-            count,
-            Some(uncollected),
-            now,
-        )?;
+        let (transaction_key, fee_key) =
+            post_charges(account, changes, e, &charged, fee, Some(uncollected), now)?;
         let debited = transaction_key.is_some() || fee_key.is_some();
         debit_events(account, changes, e, rules, (before, debited, reported), now);
         let d = decision(
@@ -411,6 +397,24 @@ fn exec(e: &NodeExecutionEntry) -> ExecutionRef<'_> {
     ExecutionRef {
         node_exec_id: Some(&e.node_exec_id),
         graph_exec_id: Some(&e.graph_exec_id),
+    }
+}
+
+/// A USAGE row of the execution `e` (a charge, a fee or a settlement).
+fn usage(
+    e: &NodeExecutionEntry,
+    key: String,
+    amount: i64,
+    metadata: serde_json::Value,
+    at: DateTime<Utc>,
+) -> Entry<'_> {
+    Entry {
+        tx_type: TxType::Usage,
+        key,
+        amount,
+        metadata,
+        exec: exec(e),
+        at,
     }
 }
 

@@ -773,8 +773,15 @@ fn credit(l: &mut MemoryLedger, tx_type: TxType, key: &str, at: DateTime<Utc>) {
     let a = l.accounts.get_mut("u").unwrap();
     let mut changes = crate::ledger::Changes::default();
     let exec = crate::events::ExecutionRef::default();
-    a.post(&mut changes, tx_type, key.into(), 5, json!({}), exec, at)
-        .unwrap();
+    let entry = crate::ledger::Entry {
+        tx_type,
+        key: key.into(),
+        amount: 5,
+        metadata: json!({}),
+        exec,
+        at,
+    };
+    a.post(&mut changes, entry).unwrap();
 }
 
 /// A ledger whose user `u` made one run (990 left) and then set an auto top-up.

@@ -47,6 +47,17 @@ pub(crate) struct NewTransaction {
     pub metadata: Value,
 }
 
+/// One ledger row to post to an account: its type, key and signed amount, and what it
+/// belongs to; the account gives it its seq and running balance.
+pub(crate) struct Entry<'a> {
+    pub tx_type: TxType,
+    pub key: String,
+    pub amount: i64,
+    pub metadata: Value,
+    pub exec: ExecutionRef<'a>,
+    pub at: DateTime<Utc>,
+}
+
 /// Everything one database transaction will write besides the balance rows.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub(crate) struct Changes {
@@ -162,68 +173,35 @@ impl Account {
     }
 
     /// Appends one ledger row and its balance.changed event. Nothing changes on error.
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn post(
         &mut self,
         changes: &mut Changes,
-        tx_type: TxType,
-        transaction_key: String,
-        amount: i64,
-        metadata: Value,
-        exec: ExecutionRef<'_>,
-        at: DateTime<Utc>,
+        entry: Entry<'_>,
     ) -> Result<i64, LedgerError> {
-        let balance = self.checked_balance(amount)?;
-        Ok(self.append(
-            changes,
-            tx_type,
-            transaction_key,
-            amount,
-            balance,
-            metadata,
-            exec,
-            at,
-        ))
+        let balance = self.checked_balance(entry.amount)?;
+        Ok(self.append(changes, entry, balance))
     }
 
     /// [`Account::post`] for a post-flight charge: the work was done, so it is taken even
     /// when it leaves a debt (the schema allows that only for such rows).
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn post_debt(
         &mut self,
         changes: &mut Changes,
-        tx_type: TxType,
-        transaction_key: String,
-        amount: i64,
-        metadata: Value,
-        exec: ExecutionRef<'_>,
-        at: DateTime<Utc>,
+        entry: Entry<'_>,
     ) -> Result<i64, LedgerError> {
-        let balance = self.balance_after(amount)?;
-        Ok(self.append(
-            changes,
+        let balance = self.balance_after(entry.amount)?;
+        Ok(self.append(changes, entry, balance))
+    }
+
+    fn append(&mut self, changes: &mut Changes, entry: Entry<'_>, balance: i64) -> i64 {
+        let Entry {
             tx_type,
-            transaction_key,
+            key: transaction_key,
             amount,
-            balance,
             metadata,
             exec,
             at,
-        ))
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn append(
-        &mut self,
-        changes: &mut Changes,
-        tx_type: TxType,
-        transaction_key: String,
-        amount: i64,
-        balance: i64,
-        metadata: Value,
-        exec: ExecutionRef<'_>,
-        at: DateTime<Utc>,
-    ) -> i64 {
+        } = entry;
         let seq = self.last_seq + 1;
         if matches!(tx_type, TxType::TopUp | TxType::Grant)
             && self.fulfils_outstanding_request(&transaction_key)
@@ -428,12 +406,14 @@ impl Account {
         if grant > 0 {
             self.post(
                 changes,
-                TxType::Grant,
-                month.refill_key(),
-                grant,
-                policy.metadata(month),
-                ExecutionRef::default(),
-                at,
+                Entry {
+                    tx_type: TxType::Grant,
+                    key: month.refill_key(),
+                    amount: grant,
+                    metadata: policy.metadata(month),
+                    exec: ExecutionRef::default(),
+                    at,
+                },
             )?;
         }
         self.refill_month = self.refill_month.max(Some(month.first_day()));
@@ -470,12 +450,14 @@ mod tests {
         assert_eq!(granted.ok(), Some(1000));
         let grant = a.post(
             &mut changes,
-            TxType::Grant,
-            "promo".into(),
-            5,
-            Value::Null,
-            ExecutionRef::default(),
-            at,
+            Entry {
+                tx_type: TxType::Grant,
+                key: "promo".into(),
+                amount: 5,
+                metadata: Value::Null,
+                exec: ExecutionRef::default(),
+                at,
+            },
         );
         assert!(grant.is_ok());
         metrics::with_local_recorder(&recorder, || changes.count_refills());

@@ -19,7 +19,7 @@ use sqlx::PgPool;
 
 #[cfg(test)]
 pub(crate) use account::NewTransaction;
-pub(crate) use account::{Account, Changes};
+pub(crate) use account::{Account, Changes, Entry};
 pub use account::{DebtTooDeep, RefillPolicy};
 pub use decision::Outcome;
 pub(crate) use decision::{
@@ -576,15 +576,15 @@ impl Ledger {
             let found = row.is_some();
             if !found {
                 let before = account.balance;
-                let seq = account.post(
-                    changes,
+                let entry = Entry {
                     tx_type,
-                    key.clone(),
+                    key: key.clone(),
                     amount,
                     metadata,
-                    ExecutionRef::default(),
+                    exec: ExecutionRef::default(),
                     at,
-                )?;
+                };
+                let seq = account.post(changes, entry)?;
                 changes
                     .events
                     .extend(account.low_balance_crossing(before, seq, threshold, at));
