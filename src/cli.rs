@@ -387,12 +387,14 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
 /// Commands that print their own report keep the library's logs out of it: what the worker
 /// warns about there (the demo's invalid body, slow bulk loads) is scripted or reported
 /// anyway. The other one-shot commands report a broker's refusal in their own error, so the
-/// AMQP client's log of it (a missing queue closes its channel) is left out. RUST_LOG still
+/// AMQP client's log of it (a missing queue closes its channel) is left out. The worker
+/// reports a returned message itself (the publish fails and says so); the client's own line
+/// would print the whole message, body and headers, a prompt included. RUST_LOG still
 /// applies.
 fn default_log_level(command: &Command) -> &'static str {
     match command {
         Command::Demo | Command::Bench(_) => "error",
-        Command::Run => "info,sqlx=warn",
+        Command::Run => "info,sqlx=warn,lapin::returned_messages=off",
         _ => "info,sqlx=warn,lapin=off",
     }
 }
@@ -537,7 +539,7 @@ async fn history(
 fn history_table(rows: &[Transaction]) -> String {
     let mut out = format!(
         "{:>6}  {:<8} {:>10} {:>12}  {:<25} {}",
-        "seq", "type", "amount", "balance", "created_at", "key"
+        "seq", "type", "amount", "balance", "created_at (UTC)", "key"
     );
     for r in rows {
         out.push_str(&format!(
@@ -602,7 +604,11 @@ async fn outcome(settings: &Settings, json: bool, node_exec_id: &str) -> anyhow:
             ),
             None => "; not settled".into(),
         };
-        format!("{} cost {}{settled}", d.outcome, d.cost)
+        let fee = match d.fee {
+            0 => String::new(),
+            fee => format!(" + execution fee {fee}"),
+        };
+        format!("{} cost {}{fee}{settled}", d.outcome, d.cost)
     })?;
     Ok(ExitCode::SUCCESS)
 }

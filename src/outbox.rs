@@ -496,33 +496,41 @@ fn events_of(rows: &[StoredEvent]) -> Result<Vec<Event<'_>>, RelayError> {
     Ok(out)
 }
 
-/// Sets `credit_outbox_backlog` to the events not published yet, and
-/// `credit_outbox_oldest_unpublished_seconds` to how long the first of them has waited (by
-/// the database's clock, against its writer's stamp). Read at each `/metrics` scrape, not by
-/// the relays: the figure is wanted most when no relay can publish, and a
-/// standby summing the backlog every 500 ms only loaded the database.
-/// The outbox's gauges, read at each scrape.
-#[derive(Default)]
+/// The outbox's gauges, read at each `/metrics` scrape, not by the relays: the figures are
+/// wanted most when no relay can publish, and a standby summing the backlog every 500 ms only
+/// loaded the database.
 pub(crate) struct BacklogGauges {
     /// The last reading: when, and the oldest unpublished event's age then.
-    last: std::sync::Mutex<Option<(Instant, f64)>>,
+    last: std::sync::Mutex<(Instant, f64)>,
+}
+
+impl Default for BacklogGauges {
+    /// Before the first reading the worker's start counts as one of 0, so a database that
+    /// hides the outbox from the start still shows an age that grows.
+    fn default() -> Self {
+        BacklogGauges {
+            last: std::sync::Mutex::new((Instant::now(), 0.0)),
+        }
+    }
 }
 
 impl BacklogGauges {
-    /// Reads the backlog within `within`. A relay that runs but publishes nothing (the events
-    /// exchange refused, a row it cannot send, a stuck leader on another replica) shows as an
-    /// age that only grows; a backlog being published keeps it at seconds. When the database
-    /// does not answer in time the age shown is the last reading's plus the time since: what
-    /// it would be had nothing been published meanwhile, so that a stall hiding the outbox
-    /// still shows (and alerts) even where nothing turns out to have waited. The backlog keeps
-    /// its last value.
+    /// Sets `credit_outbox_backlog` to the events not published yet, and
+    /// `credit_outbox_oldest_unpublished_seconds` to how long the first of them has waited (by
+    /// the database's clock, against its writer's stamp), read within `within`. A relay that
+    /// runs but publishes nothing (the events exchange refused, a row it cannot send, a stuck
+    /// leader on another replica) shows as an age that only grows; a backlog being published
+    /// keeps it at seconds. When the database does not answer in time the age shown is the
+    /// last reading's plus the time since: what it would be had nothing been published
+    /// meanwhile, so that a stall hiding the outbox still shows (and alerts) even where
+    /// nothing turns out to have waited. The backlog keeps its last value.
     pub(crate) async fn refresh(&self, pool: &PgPool, within: Duration) {
         let read = tokio::time::timeout(within, store::backlog(pool)).await;
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         let age = match read {
             Ok(Ok(backlog)) => {
                 metrics::gauge!("credit_outbox_backlog").set(backlog.events as f64);
-                *last = Some((Instant::now(), backlog.oldest_age_s));
+                *last = (Instant::now(), backlog.oldest_age_s);
                 backlog.oldest_age_s
             }
             failed => {
@@ -531,7 +539,7 @@ impl BacklogGauges {
                     _ => format!("no answer within {within:?}"),
                 };
                 warn!(%error, "reading the outbox backlog failed; its age is shown grown by the time since the last reading");
-                let Some((at, age)) = *last else { return };
+                let (at, age) = *last;
                 age + at.elapsed().as_secs_f64()
             }
         };

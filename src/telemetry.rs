@@ -97,7 +97,7 @@ const COUNTERS: [(&str, &str, Known); 18] = [
     ("credit_credits_refunded_total", "Credits given back by settlements.", None),
     ("credit_credits_uncollected_total", "Post-flight credits not collected (settlement.allow_debt = false).", None),
     ("credit_decide_retries_total", "Decision transactions retried after a fault that may clear.", None),
-    ("credit_decide_reordered_total", "Batches decided again after an earlier batch in flight failed.", None),
+    ("credit_decide_reordered_total", "Batches rolled back and decided again after an earlier batch in flight that failed, or that names the same node executions for other users.", None),
     ("credit_defects_total", "Panics caught while deciding a message or running a command; each cost only that message or command.",
      Some(("stage", &["decide", "control"]))),
     ("credit_events_published_total", "Events published by this worker's outbox relay.", None),
@@ -106,7 +106,7 @@ const COUNTERS: [(&str, &str, Known); 18] = [
     ("credit_refill_runs_total", "Refill sweeps completed.", None),
     ("credit_refill_users_total", "Monthly refill grants.", None),
     ("credit_refill_credits_total", "Credits granted by monthly refills.", None),
-    ("credit_broker_reconnects_total", "Broker sessions (a failed connect included) ended by a fault and retried, by session.",
+    ("credit_broker_reconnects_total", "Sessions (a failed connect included) ended by a fault of the broker or, for the outbox relay, the database, and retried, by session.",
      Some(("session", &["consumer", "control", "outbox relay"]))),
     // Its command and result labels make too many series to show before they occur.
     ("credit_control_commands_total", "Control commands by command and result.",

@@ -295,7 +295,9 @@ async fn decide_transient_retry(
             }
             Err(e) if e.is_transient() => {
                 metrics::counter!("credit_decide_retries_total").increment(1);
-                warn!(error = %e, size = entries.len(), "decision transaction failed; retrying");
+                // Which messages wait: the batch's first, and how many.
+                let first = entries.first().map(|e| e.node_exec_id.as_str());
+                warn!(error = %e, size = entries.len(), node_exec_id = first, "decision transaction failed; retrying");
                 if !crate::retry::pause(&mut delays, stop).await {
                     return None;
                 }

@@ -406,32 +406,14 @@ async fn handle(
         d.nack(requeue).await?;
         return Ok(true);
     };
-    let code = match &result {
-        Ok(_) => "ok",
-        Err(e) => e.code(),
+    let seen = Seen {
+        command,
+        sender,
+        correlation_id,
+        reply_to,
+        elapsed_ms: started.elapsed().as_millis() as u64,
     };
-    metrics::counter!("credit_control_commands_total", "command" => command, "result" => code)
-        .increment(1);
-    let elapsed_ms = started.elapsed().as_millis() as u64;
-    match &result {
-        Err(e @ ControlError::Internal { .. }) => {
-            warn!(command, result = code, sender, correlation_id, reply_to, elapsed_ms, error = %e, "control command failed")
-        }
-        Err(e) => {
-            info!(command, result = code, sender, correlation_id, reply_to, elapsed_ms, error = %e, "control command refused")
-        }
-        Ok(_) => {
-            info!(
-                command,
-                result = code,
-                sender,
-                correlation_id,
-                reply_to,
-                elapsed_ms,
-                "control command done"
-            )
-        }
-    }
+    seen.record(&d.data, &result);
     if let Some(reply_to) = reply_to {
         let me = ctx.own_user.as_deref();
         reply(ch, reply_to, correlation_id, me, &result).await?;
@@ -441,6 +423,89 @@ async fn handle(
         return Err(SessionError::AckNotSent);
     }
     Ok(true)
+}
+
+/// A command as the log and the metrics tell of it.
+struct Seen<'a> {
+    command: &'static str,
+    sender: Option<&'a str>,
+    correlation_id: Option<&'a str>,
+    reply_to: Option<&'a str>,
+    elapsed_ms: u64,
+}
+
+impl Seen<'_> {
+    /// Counts the command and logs it once: a failure of the worker's or a sender refused as
+    /// a warning, and a credit with whose account it was, how much, under which key and
+    /// whether it applied (false: the key was there before), so the log answers for money.
+    fn record(&self, body: &[u8], result: &Result<Value, ControlError>) {
+        let Seen {
+            command,
+            sender,
+            correlation_id,
+            reply_to,
+            elapsed_ms,
+        } = *self;
+        let code = match result {
+            Ok(_) => "ok",
+            Err(e) => e.code(),
+        };
+        metrics::counter!("credit_control_commands_total", "command" => command, "result" => code)
+            .increment(1);
+        match result {
+            Err(e @ ControlError::Internal { .. }) => {
+                warn!(command, result = code, sender, correlation_id, reply_to, elapsed_ms, error = %e, "control command failed")
+            }
+            // A sender the configuration does not allow: worth an operator's look.
+            Err(e @ ControlError::Forbidden(_)) => {
+                warn!(command, result = code, sender, correlation_id, reply_to, elapsed_ms, error = %e, "control command refused")
+            }
+            Err(e) => {
+                info!(command, result = code, sender, correlation_id, reply_to, elapsed_ms, error = %e, "control command refused")
+            }
+            Ok(done) => {
+                let credit = Credit::of(command, body, done);
+                info!(
+                    command,
+                    result = code,
+                    sender,
+                    correlation_id,
+                    reply_to,
+                    elapsed_ms,
+                    user_id = credit.user_id.as_deref(),
+                    amount = credit.amount,
+                    transaction_key = credit.transaction_key,
+                    applied = credit.applied,
+                    "control command done"
+                )
+            }
+        }
+    }
+}
+
+/// What a credit command did, for its log line; every field None for other commands.
+#[derive(Debug, Default, PartialEq)]
+struct Credit<'a> {
+    user_id: Option<String>,
+    amount: Option<i64>,
+    transaction_key: Option<&'a str>,
+    applied: Option<bool>,
+}
+
+impl<'a> Credit<'a> {
+    /// `body` is the command (it parsed before, so it reads), `done` its result.
+    fn of(command: &str, body: &[u8], done: &'a Value) -> Credit<'a> {
+        if !matches!(command, "top_up" | "grant") {
+            return Credit::default();
+        }
+        let asked = serde_json::from_slice::<Value>(body).unwrap_or_default();
+        Credit {
+            user_id: asked["user_id"].as_str().map(str::to_owned),
+            amount: asked["amount"].as_i64(),
+            transaction_key: done["transaction_key"].as_str(),
+            applied: done["applied"].as_bool(),
+        }
+    }
 }
 
 /// Sends `result` to `reply_to` under the request's `correlation_id`, as the worker's broker
@@ -625,6 +690,24 @@ mod tests {
         assert!(!answer.unwrap_err().is_transient());
         let fine = guarded(async { Ok(json!({"balance": 7})) }).await;
         assert_eq!(fine.unwrap(), json!({"balance": 7}));
+    }
+
+    #[test]
+    fn a_credit_is_logged_with_its_account_amount_key_and_whether_it_applied() {
+        let body = br#"{"command": "top_up", "user_id": "frank", "amount": 500, "key": "K"}"#;
+        let done = json!({"balance": 1500, "transaction_key": "K", "applied": false});
+        assert_eq!(
+            Credit::of("top_up", body, &done),
+            Credit {
+                user_id: Some("frank".into()),
+                amount: Some(500),
+                transaction_key: Some("K"),
+                applied: Some(false),
+            }
+        );
+        let balance = br#"{"command": "balance", "user_id": "frank"}"#;
+        let done = json!({"user_id": "frank", "balance": 1500});
+        assert_eq!(Credit::of("balance", balance, &done), Credit::default());
     }
 
     #[test]

@@ -628,6 +628,17 @@ async fn execution_fee_every_3rd_execution_including_free_ones() {
         ]
     );
     assert_eq!(env.ledger().balance("fee", Utc::now()).await.unwrap(), 56);
+    // `outcome` tells the fee apart from the block's cost, a free block's too.
+    assert_eq!(
+        env.cli_json(&["outcome", "f-3"]),
+        json!({"outcome": "free", "cost": 0, "fee": 2,
+               "fee_transaction_key": format!("EXECUTION-FEE-fee-{day}-1"), "settlement": null})
+    );
+    let text = env.cli(&["outcome", "f-6"]);
+    assert_eq!(
+        String::from_utf8_lossy(&text.stdout),
+        "charged cost 10 + execution fee 2; not settled\n"
+    );
     worker.stop().await.unwrap();
     env.assert_audit_clean().await;
     env.cleanup().await;

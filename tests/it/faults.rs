@@ -621,7 +621,9 @@ async fn a_stop_during_a_database_outage_is_clean() {
     let reconnects: Vec<String> = log
         .try_iter()
         // The relay's session is the database's too: it reconnects, rightly.
-        .filter(|l| l.contains("broker session ended") && l.contains("\"session\":\"consumer\""))
+        .filter(|l| {
+            l.contains("session ended by a fault") && l.contains("\"session\":\"consumer\"")
+        })
         .collect();
     assert!(reconnects.is_empty(), "{reconnects:?}");
 

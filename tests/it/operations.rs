@@ -767,6 +767,36 @@ async fn an_unreadable_outbox_shows_its_age_growing() {
     env.cleanup().await;
 }
 
+/// A worker that starts while its database refuses connections has no reading of the outbox
+/// to grow: its start counts as one of 0, so the age shown grows through the outage instead
+/// of reading 0 ("nothing waits") until the database answers.
+#[tokio::test]
+async fn an_outbox_never_read_shows_its_age_growing_from_the_start() {
+    let env = TestEnv::with(no_refill).await;
+    let admin = env.admin_pool().await;
+    env.set_reachable(&admin, false).await;
+    let (mut w, port) = WorkerProcess::spawn_with_http(&env.process_env(), &["run"]);
+    wait_status(T, port, "/readyz", 503).await;
+    let age_now = || async {
+        let text = http_get(port, "/metrics").await.map(|r| r.1);
+        text.map_or(0.0, |t| oldest_age(&t))
+    };
+    let first = age_now().await;
+    assert!(first > 0.0, "the age read 0 with the outbox never read");
+    wait_for(T, "the age to grow", || async {
+        age_now().await >= first + 1.0
+    })
+    .await;
+    env.set_reachable(&admin, true).await;
+    wait_for(T, "the outbox read: nothing waits", || async {
+        age_now().await == 0.0
+    })
+    .await;
+    w.sigterm();
+    assert_eq!(w.wait_exit(T).await, Some(0));
+    env.cleanup().await;
+}
+
 /// An HTTP request left half sent (a scraper that stalled) when the worker is told to stop is
 /// dropped: the stop is clean, exit 0.
 #[tokio::test]
