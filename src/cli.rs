@@ -596,10 +596,10 @@ async fn outcome(settings: &Settings, json: bool, node_exec_id: &str) -> anyhow:
                 s.pre,
                 s.post,
                 s.delta,
-                if s.uncollected > 0 {
-                    format!(" ({} uncollected)", s.uncollected)
-                } else {
-                    String::new()
+                match (s.uncollected, s.fee_uncollected) {
+                    (0, 0) => String::new(),
+                    (u, 0) => format!(" ({u} uncollected)"),
+                    (u, f) => format!(" ({u} uncollected, and an execution fee of {f})"),
                 }
             ),
             None => "; not settled".into(),

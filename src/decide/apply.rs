@@ -331,7 +331,10 @@ pub(crate) fn decide_from_completion(
             transaction_key,
             fee_key,
         );
-        let s = settlement(e, cost, post.cost, uncollected, None);
+        let s = NewSettlement {
+            fee_uncollected: due_amount - fee_amount,
+            ..settlement(e, cost, post.cost, uncollected, None)
+        };
         Ok((d, s, reported))
     })
 }
@@ -448,6 +451,7 @@ fn settlement(
         post,
         delta: post - pre,
         uncollected,
+        fee_uncollected: 0,
         transaction_key,
     }
 }

@@ -78,6 +78,10 @@ pub(crate) struct NewSettlement {
     pub post: i64,
     pub delta: i64,
     pub uncollected: i64,
+    /// An execution fee due that a completion-first decision could not take (the balance
+    /// could not hold it with `settlement.allow_debt` false): reported, with `uncollected`,
+    /// in `charge.uncollected`.
+    pub fee_uncollected: i64,
     pub transaction_key: Option<String>,
 }
 
@@ -105,6 +109,7 @@ pub struct SettlementRecord {
     pub post: i64,
     pub delta: i64,
     pub uncollected: i64,
+    pub fee_uncollected: i64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub transaction_key: Option<String>,
 }

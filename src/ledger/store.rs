@@ -67,10 +67,11 @@ const WRITE: &str = "WITH
   s AS (
     INSERT INTO credit.settlements
         (node_exec_id, user_id, block_id, status, pre, post, delta, uncollected,
-         transaction_key, settled_at)
-    SELECT n, u, b, st, pr, po, de, un, k, $19
+         transaction_key, fee_uncollected, settled_at)
+    SELECT n, u, b, st, pr, po, de, un, k, fu, $19
       FROM unnest($27::text[], $28::text[], $29::text[], $30::text[], $31::int8[], $32::int8[],
-                  $33::int8[], $34::int8[], $35::text[]) AS x(n, u, b, st, pr, po, de, un, k)),
+                  $33::int8[], $34::int8[], $35::text[], $42::int8[])
+           AS x(n, u, b, st, pr, po, de, un, k, fu)),
   d AS (
     INSERT INTO credit.decisions
         (node_exec_id, user_id, block_id, graph_exec_id, outcome, cost, fee, transaction_key,
@@ -87,8 +88,8 @@ const EARLIER_DECISIONS: &str = "SELECT node_exec_id, user_id, block_id, outcome
 const EARLIER_SETTLEMENTS: &str = "SELECT node_exec_id, user_id, block_id FROM credit.settlements
       WHERE node_exec_id = ANY($1::text[])";
 
-const FIND_SETTLEMENT: &str = "SELECT status, pre, post, delta, uncollected, transaction_key
-       FROM credit.settlements WHERE node_exec_id = $1";
+const FIND_SETTLEMENT: &str = "SELECT status, pre, post, delta, uncollected, fee_uncollected,
+       transaction_key FROM credit.settlements WHERE node_exec_id = $1";
 
 const FIND_DECISION: &str =
     "SELECT outcome, cost, transaction_key, fee, fee_key AS fee_transaction_key \
@@ -548,7 +549,8 @@ pub(crate) async fn write<'a>(
     let rows = runs(&changes.events);
     // Parameters in the statement's numbering: $1–$9 decisions, $10–$16 ledger rows,
     // $17–$18 outbox rows, $19 the time, $20–$25 balances, $26 payloads, $27–$35 settlements,
-    // $36–$39 auto top-up state, $40 events per outbox row, $41 fees charged on fee_day.
+    // $36–$39 auto top-up state, $40 events per outbox row, $41 fees charged on fee_day,
+    // $42 settlements' uncollected fees.
     let q = bind_decisions(sqlx::query_scalar(WRITE), &written.decisions);
     let q = bind_rows(q, &changes.transactions);
     let q = bind_runs(q, &rows).bind(at);
@@ -558,6 +560,11 @@ pub(crate) async fn write<'a>(
     bind_auto_top_up(q, &dirty)
         .bind(rows.iter().map(|r| r.events).collect::<Vec<_>>())
         .bind(dirty.iter().map(|a| a.fee_n).collect::<Vec<_>>())
+        .bind(
+            (written.settlements.iter())
+                .map(|s| s.fee_uncollected)
+                .collect::<Vec<_>>(),
+        )
         .fetch_one(&mut *conn)
         .await?;
     Ok(())

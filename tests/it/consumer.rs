@@ -1056,6 +1056,63 @@ async fn completions_through_the_queue_settle_once() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// With `settlement.allow_debt = false`, completions that overtake their starts take the fee
+/// first, then what the balance still holds; what they cannot take, a fee included, is in
+/// `charge.uncollected` and in their settlements, so the database accounts for every credit.
+#[tokio::test]
+async fn without_debt_what_completions_leave_is_recorded_fee_included() {
+    let (dir, table) = token_table();
+    let env = TestEnv::with(|s| {
+        no_refill(s);
+        s.cost.table = Some(table.clone());
+        s.settlement.allow_debt = false;
+        s.execution_fee.every = 1;
+        s.execution_fee.amount = 3;
+    })
+    .await;
+    seed(&env, ["nd"], 8).await;
+    let worker = Worker::start(env.settings.clone()).await.unwrap();
+    // 35: the fee of 3, then 5 of 35. Then 5 on a balance of 0: neither it nor the fee.
+    env.publish(&[completed("nd", "n-1", 20_000, 1_000)]).await;
+    env.wait_decisions(1, T).await;
+    env.publish(&[completed("nd", "n-2", 3_000, 0)]).await;
+    env.wait_decisions(2, T).await;
+    let settlements: Vec<(String, i64, i64, i64, i64, i64)> = sqlx::query_as(
+        "SELECT node_exec_id, pre, post, delta, uncollected, fee_uncollected
+           FROM credit.settlements ORDER BY node_exec_id",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        settlements,
+        vec![
+            ("n-1".to_owned(), 5, 35, 30, 30, 0),
+            ("n-2".to_owned(), 0, 5, 5, 5, 3),
+        ]
+    );
+    let uncollected: Vec<i64> = stored_events(&env)
+        .await
+        .iter()
+        .filter(|(_, key, _)| key == "charge.uncollected")
+        .map(|(_, _, payload)| {
+            serde_json::from_str::<Value>(payload).unwrap()["amount"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(uncollected, [30, 8]);
+    assert_eq!(
+        env.cli_json(&["outcome", "n-2"]),
+        json!({"outcome": "free", "cost": 0, "fee": 0, "settlement": {
+            "status": "COMPLETED", "pre": 0, "post": 5, "delta": 5, "uncollected": 5,
+            "fee_uncollected": 3}})
+    );
+    assert_eq!(env.ledger().balance("nd", Utc::now()).await.unwrap(), 0);
+    stop_audit_cleanup(env, worker).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A cost table where gpt-4-turbo (the test entries' model) costs 10 pre-flight and 1500 /
 /// 4500 credits per 10⁶ input / output tokens; (its folder, its path).
 fn token_table() -> (std::path::PathBuf, std::path::PathBuf) {
