@@ -599,7 +599,7 @@ async fn outcome(settings: &Settings, json: bool, node_exec_id: &str) -> anyhow:
                 match (s.uncollected, s.fee_uncollected) {
                     (0, 0) => String::new(),
                     (u, 0) => format!(" ({u} uncollected)"),
-                    (u, f) => format!(" ({u} uncollected, and an execution fee of {f})"),
+                    (u, f) => format!(" ({u} uncollected, and an execution fee of {f} not taken)"),
                 }
             ),
             None => "; not settled".into(),

@@ -501,7 +501,8 @@ impl<'a> Credit<'a> {
         let asked = serde_json::from_slice::<Value>(body).unwrap_or_default();
         Credit {
             user_id: asked["user_id"].as_str().map(str::to_owned),
-            amount: asked["amount"].as_i64(),
+            // As the command read it: a whole number written `1e2` or `2.0` counts too.
+            amount: (asked["amount"].as_number()).and_then(|n| fields::integer(n).ok()),
             transaction_key: done["transaction_key"].as_str(),
             applied: done["applied"].as_bool(),
         }
@@ -705,6 +706,10 @@ mod tests {
                 applied: Some(false),
             }
         );
+        // A whole amount written as a float is one the command takes, and logs.
+        let float = br#"{"command": "grant", "user_id": "frank", "amount": 1e2}"#;
+        let done = json!({"balance": 1600, "transaction_key": "G", "applied": true});
+        assert_eq!(Credit::of("grant", float, &done).amount, Some(100));
         let balance = br#"{"command": "balance", "user_id": "frank"}"#;
         let done = json!({"user_id": "frank", "balance": 1500});
         assert_eq!(Credit::of("balance", balance, &done), Credit::default());

@@ -93,7 +93,9 @@ pub struct DecisionRecord {
     pub cost: i64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub transaction_key: Option<String>,
-    /// The execution fee posted with it (0 when none was due): debited besides `cost`.
+    /// The execution fee posted with it (0 when none was posted: none due, or one a
+    /// completion-first decision could not take, which its settlement keeps): debited
+    /// besides `cost`.
     pub fee: i64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fee_transaction_key: Option<String>,
