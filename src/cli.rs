@@ -608,7 +608,10 @@ async fn outcome(settings: &Settings, json: bool, node_exec_id: &str) -> anyhow:
             0 => String::new(),
             fee => format!(" + execution fee {fee}"),
         };
-        format!("{} cost {}{fee}{settled}", d.outcome, d.cost)
+        format!(
+            "{} cost {}{fee} (user {}, block {}){settled}",
+            d.outcome, d.cost, d.user_id, d.block_id
+        )
     })?;
     Ok(ExitCode::SUCCESS)
 }

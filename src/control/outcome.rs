@@ -1,5 +1,5 @@
-//! `outcome` {node_exec_id} ⇒ {outcome, cost, transaction_key?, fee, fee_transaction_key?,
-//! settlement}; `not_found` before a decision.
+//! `outcome` {node_exec_id} ⇒ {user_id, block_id, outcome, cost, transaction_key?, fee,
+//! fee_transaction_key?, settlement}; `not_found` before a decision.
 
 use serde_json::Value;
 

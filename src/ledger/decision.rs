@@ -89,6 +89,10 @@ pub(crate) struct NewSettlement {
 /// the completion arrived).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct DecisionRecord {
+    /// Whose execution it was decided as, and its block: with a conflicting duplicate (the
+    /// same id for another user or block), the first decision's, which stands.
+    pub user_id: String,
+    pub block_id: String,
     pub outcome: String,
     pub cost: i64,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -91,9 +91,9 @@ const EARLIER_SETTLEMENTS: &str = "SELECT node_exec_id, user_id, block_id FROM c
 const FIND_SETTLEMENT: &str = "SELECT status, pre, post, delta, uncollected, fee_uncollected,
        transaction_key FROM credit.settlements WHERE node_exec_id = $1";
 
-const FIND_DECISION: &str =
-    "SELECT outcome, cost, transaction_key, fee, fee_key AS fee_transaction_key \
-     FROM credit.decisions WHERE node_exec_id = $1";
+const FIND_DECISION: &str = "SELECT user_id, block_id, outcome, cost, transaction_key, fee, \
+            fee_key AS fee_transaction_key \
+       FROM credit.decisions WHERE node_exec_id = $1";
 
 const KEYED_ROW: &str = "SELECT type::text, amount FROM credit.transactions \
      WHERE user_id = $1 AND transaction_key = $2";

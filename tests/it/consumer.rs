@@ -631,13 +631,13 @@ async fn execution_fee_every_3rd_execution_including_free_ones() {
     // `outcome` tells the fee apart from the block's cost, a free block's too.
     assert_eq!(
         env.cli_json(&["outcome", "f-3"]),
-        json!({"outcome": "free", "cost": 0, "fee": 2,
+        json!({"user_id": "fee", "block_id": TEXT_GEN, "outcome": "free", "cost": 0, "fee": 2,
                "fee_transaction_key": format!("EXECUTION-FEE-fee-{day}-1"), "settlement": null})
     );
     let text = env.cli(&["outcome", "f-6"]);
     assert_eq!(
         String::from_utf8_lossy(&text.stdout),
-        "charged cost 10 + execution fee 2; not settled\n"
+        format!("charged cost 10 + execution fee 2 (user fee, block {TEXT_GEN}); not settled\n")
     );
     worker.stop().await.unwrap();
     env.assert_audit_clean().await;
@@ -1104,7 +1104,8 @@ async fn without_debt_what_completions_leave_is_recorded_fee_included() {
     assert_eq!(uncollected, [30, 8]);
     assert_eq!(
         env.cli_json(&["outcome", "n-2"]),
-        json!({"outcome": "free", "cost": 0, "fee": 0, "settlement": {
+        json!({"user_id": "nd", "block_id": TEXT_GEN, "outcome": "free", "cost": 0, "fee": 0,
+               "settlement": {
             "status": "COMPLETED", "pre": 0, "post": 5, "delta": 5, "uncollected": 5,
             "fee_uncollected": 3}})
     );

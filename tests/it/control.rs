@@ -321,12 +321,14 @@ async fn every_command_end_to_end() {
     assert_eq!(
         rpc.ok(json!({"command": "outcome", "node_exec_id": "ne-charged"}))
             .await,
-        json!({"outcome": "charged", "cost": 10, "transaction_key": "USAGE-ne-charged", "fee": 0, "settlement": null})
+        json!({"user_id": "bob", "block_id": TEXT_GEN, "outcome": "charged", "cost": 10,
+               "transaction_key": "USAGE-ne-charged", "fee": 0, "settlement": null})
     );
     assert_eq!(
         rpc.ok(json!({"command": "outcome", "node_exec_id": "ne-free"}))
             .await,
-        json!({"outcome": "free", "cost": 0, "fee": 0, "settlement": null})
+        json!({"user_id": "bob", "block_id": TEXT_GEN, "outcome": "free", "cost": 0, "fee": 0,
+               "settlement": null})
     );
     assert_eq!(
         rpc.ok(json!({"command": "balance", "user_id": "bob"}))
