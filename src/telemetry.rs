@@ -155,6 +155,11 @@ fn describe() {
         }
         let _ = metrics::gauge!(name);
     }
+    // Unknown until the database is first read: 0 would say "nothing waits" or "in sync"
+    // through an outage that began before the worker did.
+    for name in ["credit_outbox_backlog", "credit_clock_offset_seconds"] {
+        metrics::gauge!(name).set(f64::NAN);
+    }
     for (name, help) in HISTOGRAMS {
         match name.ends_with("_seconds") {
             true => describe_histogram!(name, Unit::Seconds, help),
@@ -332,6 +337,8 @@ mod tests {
             "credit_broker_reconnects_total{session=\"outbox relay\"}",
             "# HELP credit_decide_seconds A batch from the start of its decision to its ack.",
             "# HELP credit_outbox_backlog Events not yet published.",
+            // No scrape here reads the database: unknown, not 0.
+            "credit_outbox_backlog NaN\n",
             "credit_batch_size_bucket{le=\"1000\"}",
         ] {
             assert!(text.contains(series), "{series} missing from:\n{text}");

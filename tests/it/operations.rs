@@ -783,13 +783,26 @@ async fn an_outbox_never_read_shows_its_age_growing_from_the_start() {
     };
     let first = age_now().await;
     assert!(first > 0.0, "the age read 0 with the outbox never read");
+    // The backlog and the clock's offset are unknown, not 0 ("nothing waits", "in sync").
+    let (_, text) = http_get(port, "/metrics").await.expect("metrics");
+    assert!(
+        metric_value(&text, "credit_outbox_backlog", &[]).is_nan(),
+        "{text}"
+    );
+    assert!(
+        metric_value(&text, "credit_clock_offset_seconds", &[]).is_nan(),
+        "{text}"
+    );
     wait_for(T, "the age to grow", || async {
         age_now().await >= first + 1.0
     })
     .await;
     env.set_reachable(&admin, true).await;
     wait_for(T, "the outbox read: nothing waits", || async {
-        age_now().await == 0.0
+        let text = http_get(port, "/metrics").await.map(|r| r.1);
+        text.is_some_and(|t| {
+            oldest_age(&t) == 0.0 && metric_value(&t, "credit_outbox_backlog", &[]) == 0.0
+        })
     })
     .await;
     w.sigterm();
