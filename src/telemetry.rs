@@ -113,14 +113,18 @@ const COUNTERS: [(&str, &str, Known); 18] = [
      Some(("command", &[]))),
 ];
 
-/// Every gauge and histogram: its name and `# HELP` text (those named `_seconds` in seconds).
+/// Every gauge and histogram: its name and `# HELP` text (those named `_seconds` in seconds);
+/// a gauge also with its value until first set.
 #[rustfmt::skip]
-const GAUGES: [(&str, &str); 4] = [
-    ("credit_consuming", "1 while the input queue is consumed."),
-    // These three are read afresh before every scrape's render.
-    ("credit_clock_offset_seconds", "This host's clock minus the database server's; refill months and fee days are taken from this host's."),
-    ("credit_outbox_backlog", "Events not yet published."),
-    ("credit_outbox_oldest_unpublished_seconds", "How long the next event to publish has waited; one that only grows means events stopped."),
+const GAUGES: [(&str, &str, f64); 4] = [
+    ("credit_consuming", "1 while the input queue is consumed.", 0.0),
+    // These three are read afresh before every scrape's render. The backlog and the offset
+    // are unknown until the database is first read: 0 would say "nothing waits" or "in sync"
+    // through an outage that began before the worker did. The age grows from the start
+    // (`outbox::BacklogGauges`).
+    ("credit_clock_offset_seconds", "This host's clock minus the database server's; refill months and fee days are taken from this host's.", f64::NAN),
+    ("credit_outbox_backlog", "Events not yet published.", f64::NAN),
+    ("credit_outbox_oldest_unpublished_seconds", "How long the next event to publish has waited; one that only grows means events stopped.", 0.0),
 ];
 #[rustfmt::skip]
 const HISTOGRAMS: [(&str, &str); 6] = [
@@ -148,17 +152,12 @@ fn describe() {
             }
         }
     }
-    for (name, help) in GAUGES {
+    for (name, help, initial) in GAUGES {
         match name.ends_with("_seconds") {
             true => describe_gauge!(name, Unit::Seconds, help),
             false => describe_gauge!(name, help),
         }
-        let _ = metrics::gauge!(name);
-    }
-    // Unknown until the database is first read: 0 would say "nothing waits" or "in sync"
-    // through an outage that began before the worker did.
-    for name in ["credit_outbox_backlog", "credit_clock_offset_seconds"] {
-        metrics::gauge!(name).set(f64::NAN);
+        metrics::gauge!(name).set(initial);
     }
     for (name, help) in HISTOGRAMS {
         match name.ends_with("_seconds") {

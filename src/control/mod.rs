@@ -472,7 +472,7 @@ impl Seen<'_> {
                     correlation_id,
                     reply_to,
                     elapsed_ms,
-                    user_id = credit.user_id.as_deref(),
+                    user_id = credit.user_id,
                     amount = credit.amount,
                     transaction_key = credit.transaction_key,
                     applied = credit.applied,
@@ -486,7 +486,7 @@ impl Seen<'_> {
 /// What a credit command did, for its log line; every field None for other commands.
 #[derive(Debug, Default, PartialEq)]
 struct Credit<'a> {
-    user_id: Option<String>,
+    user_id: Option<&'a str>,
     amount: Option<i64>,
     transaction_key: Option<&'a str>,
     applied: Option<bool>,
@@ -498,9 +498,10 @@ impl<'a> Credit<'a> {
         if !matches!(command, "top_up" | "grant") {
             return Credit::default();
         }
+        // The result has all but the amount.
         let asked = serde_json::from_slice::<Value>(body).unwrap_or_default();
         Credit {
-            user_id: asked["user_id"].as_str().map(str::to_owned),
+            user_id: done["user_id"].as_str(),
             // As the command read it: a whole number written `1e2` or `2.0` counts too.
             amount: (asked["amount"].as_number()).and_then(|n| fields::integer(n).ok()),
             transaction_key: done["transaction_key"].as_str(),
@@ -696,11 +697,12 @@ mod tests {
     #[test]
     fn a_credit_is_logged_with_its_account_amount_key_and_whether_it_applied() {
         let body = br#"{"command": "top_up", "user_id": "frank", "amount": 500, "key": "K"}"#;
-        let done = json!({"balance": 1500, "transaction_key": "K", "applied": false});
+        let done =
+            json!({"user_id": "frank", "balance": 1500, "transaction_key": "K", "applied": false});
         assert_eq!(
             Credit::of("top_up", body, &done),
             Credit {
-                user_id: Some("frank".into()),
+                user_id: Some("frank"),
                 amount: Some(500),
                 transaction_key: Some("K"),
                 applied: Some(false),

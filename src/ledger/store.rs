@@ -561,7 +561,9 @@ pub(crate) async fn write<'a>(
         .bind(rows.iter().map(|r| r.events).collect::<Vec<_>>())
         .bind(dirty.iter().map(|a| a.fee_n).collect::<Vec<_>>())
         .bind(
-            (written.settlements.iter())
+            written
+                .settlements
+                .iter()
                 .map(|s| s.fee_uncollected)
                 .collect::<Vec<_>>(),
         )
