@@ -178,15 +178,8 @@ impl Relay {
         Ok(true)
     }
 
-    /// Publishes as the leader until stopped; returns once drained (or on `hard_stop`).
-    async fn lead(
-        &self,
-        db: &mut PgConnection,
-        publisher: &Publisher,
-        exchange: &str,
-        drain: &CancellationToken,
-        hard_stop: &CancellationToken,
-    ) -> Result<(), RelayError> {
+    /// Listens for new events, then holds the leader's session to its lease.
+    async fn listen(&self, db: &mut PgConnection) -> Result<PgListener, RelayError> {
         // Listening before the first read: an event committed after it notifies.
         let bound = self.stall_bound();
         let mut listener = PgListener::connect_with(&self.pool).await?;
@@ -196,6 +189,20 @@ impl Relay {
         if let Some(lease) = self.lease() {
             crate::db::bounded(bound, crate::db::end_when_idle(db, lease)).await?;
         }
+        Ok(listener)
+    }
+
+    /// Publishes as the leader until stopped; returns once drained (or on `hard_stop`).
+    async fn lead(
+        &self,
+        db: &mut PgConnection,
+        publisher: &Publisher,
+        exchange: &str,
+        drain: &CancellationToken,
+        hard_stop: &CancellationToken,
+    ) -> Result<(), RelayError> {
+        let bound = self.stall_bound();
+        let mut listener = self.listen(db).await?;
         let mut watermark = crate::db::bounded(bound, store::watermark(db)).await?;
         // Whether the last read started after drain: only such a read sees every event the
         // stopped writers committed, so only its finding none means the outbox is flushed.

@@ -338,6 +338,22 @@ impl Parts {
     /// Runs every task until `shutdown` fires or one ends by itself, then drains in order.
     async fn supervise(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let drain = CancellationToken::new();
+        let (mut tasks, running) = self.spawn(&shutdown, &drain);
+        let failure = tasks.first_exit(&shutdown, &running.health).await;
+        if let Some(f) = &failure {
+            error!(task = f.task, cause = %f.cause, "task ended unexpectedly; shutting down");
+            shutdown.cancel();
+        }
+        let failure = failure.or(running.stop(tasks, drain).await);
+        info!("stopped");
+        match failure {
+            Some(f) => Err(anyhow::anyhow!("{} {}: {}", f.task, f.when, f.cause)),
+            None => Ok(()),
+        }
+    }
+
+    /// Starts every task: the writers stop on `shutdown`, the relay once `drain` fires.
+    fn spawn(self, shutdown: &CancellationToken, drain: &CancellationToken) -> (Tasks, Running) {
         let Parts {
             pool,
             health,
@@ -365,41 +381,50 @@ impl Parts {
         if let Some(h) = http {
             tasks.adopt("http", h.task);
         }
+        let running = Running {
+            pool,
+            health,
+            http_stop,
+        };
+        (tasks, running)
+    }
+}
 
-        let mut failure = tasks.first_exit(&shutdown, &health).await;
-        if let Some(f) = &failure {
-            error!(task = f.task, cause = %f.cause, "task ended unexpectedly; shutting down");
-            shutdown.cancel();
-        }
-        // The drain order: every writer of the outbox (the consumer finishes and acks its
-        // batch, a command under way commits, a sweep is given up with its range in flight)
-        // → the relay, which flushes what they wrote → HTTP. Each step is bounded, so a stop
-        // ends within an orchestrator's usual 30 s grace whatever a task waits for.
+/// What the drain needs besides the tasks.
+struct Running {
+    pool: PgPool,
+    health: Arc<Health>,
+    http_stop: CancellationToken,
+}
+
+impl Running {
+    /// The drain order: every writer of the outbox (the consumer finishes and acks its batch, a
+    /// command under way commits, a sweep is given up with its range in flight) → the relay,
+    /// which flushes what they wrote → HTTP. Each step is bounded, so a stop ends within an
+    /// orchestrator's usual 30 s grace whatever a task waits for. Returns the first failure.
+    async fn stop(self, mut tasks: Tasks, drain: CancellationToken) -> Option<Failure> {
+        let health = &self.health;
         let writers_by = Instant::now() + WRITERS_STOP;
-        failure = failure.or(tasks.join("consumer", &health, writers_by).await);
+        let mut failure = tasks.join("consumer", health, writers_by).await;
         info!("consumer stopped; waiting for control and the refill scheduler before flushing the outbox");
-        failure = failure.or(tasks.join("control", &health, writers_by).await);
-        failure = failure.or(tasks.join("refill scheduler", &health, writers_by).await);
+        failure = failure.or(tasks.join("control", health, writers_by).await);
+        failure = failure.or(tasks.join("refill scheduler", health, writers_by).await);
         info!("flushing the outbox");
         drain.cancel();
         let relay_by = Instant::now() + RELAY_HARD_STOP + Duration::from_secs(1);
-        failure = failure.or(tasks.join("outbox relay", &health, relay_by).await);
-        http_stop.cancel();
+        failure = failure.or(tasks.join("outbox relay", health, relay_by).await);
+        self.http_stop.cancel();
         let http_by = Instant::now() + Duration::from_secs(2);
         // A scrape or probe still open loses nothing if cut.
-        let http = tasks.join_or("http", &health, http_by, Late::Drops).await;
+        let http = tasks.join_or("http", health, http_by, Late::Drops).await;
         failure = failure.or(http);
-        if tokio::time::timeout(Duration::from_secs(2), pool.close())
+        if tokio::time::timeout(Duration::from_secs(2), self.pool.close())
             .await
             .is_err()
         {
             warn!("database connections still closing after 2 s; leaving them");
         }
-        info!("stopped");
-        match failure {
-            Some(f) => Err(anyhow::anyhow!("{} {}: {}", f.task, f.when, f.cause)),
-            None => Ok(()),
-        }
+        failure
     }
 }
 

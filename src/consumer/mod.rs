@@ -138,18 +138,30 @@ impl Consumer {
         let result = self.collect(&mut deliveries, &tx, stop).await;
         // Not consuming from this moment (a fault or a stop), whatever the cleanup below takes.
         self.health.set_consuming(false);
-
-        // Stop deliveries, let the decider finish (or abandon, on a broker fault) its batch. One
-        // deadline for every step: each may wait on a broker that stopped answering, and the
-        // writers' stop allows them 12 s in all.
-        let deadline = tokio::time::Instant::now() + CLEANUP;
-        let cancel = s.ch.basic_cancel(TAG.into(), BasicCancelOptions::default());
-        let _ = tokio::time::timeout_at(deadline, cancel).await;
         drop(tx);
         if result.is_err() {
             decider_stop.cancel();
         }
-        let decided = match tokio::time::timeout_at(deadline, &mut decider).await {
+        let decided = self.wind_down(s, &mut decider).await;
+        match (result, decided) {
+            // The decider's own error says why it is gone.
+            (Err(SessionError::DeciderGone), Err(e)) => Err(e),
+            (result, decided) => result.and(decided),
+        }
+    }
+
+    /// Stops deliveries, lets the decider finish (or abandon, on a broker fault) its batch and
+    /// closes the session. One deadline for every step: each may wait on a broker that stopped
+    /// answering, and the writers' stop allows them 12 s in all.
+    async fn wind_down(
+        &self,
+        s: Session,
+        decider: &mut AbortOnDropHandle<Result<(), SessionError>>,
+    ) -> Result<(), SessionError> {
+        let deadline = tokio::time::Instant::now() + CLEANUP;
+        let cancel = s.ch.basic_cancel(TAG.into(), BasicCancelOptions::default());
+        let _ = tokio::time::timeout_at(deadline, cancel).await;
+        let decided = match tokio::time::timeout_at(deadline, &mut *decider).await {
             Ok(ended) => joined(ended).and_then(|decided| decided),
             Err(_) => {
                 // Stuck on a dead connection: nothing of its batch was acked, so the broker
@@ -161,11 +173,7 @@ impl Consumer {
         self.health.set_consuming(false);
         let _ = tokio::time::timeout_at(deadline, s.ch.close(200, "shutdown".into())).await;
         let _ = tokio::time::timeout_at(deadline, s.conn.close(200, "shutdown".into())).await;
-        match (result, decided) {
-            // The decider's own error says why it is gone.
-            (Err(SessionError::DeciderGone), Err(e)) => Err(e),
-            (result, decided) => result.and(decided),
-        }
+        decided
     }
 
     /// Gathers deliveries into batches and hands them to the decider, until `stop`.

@@ -185,14 +185,7 @@ async fn decide_priced(
         return Err(DecideError::Reordered);
     }
     if look == Look::Earlier {
-        let decided = store::earlier_decisions(&mut tx, &ids).await?;
-        // A batch of starts only needs no settlement look-up.
-        let settled = if batch.has_completions() {
-            store::earlier_settlements(&mut tx, &ids).await?
-        } else {
-            Vec::new()
-        };
-        batch.mark_earlier(decided, &settled);
+        look_up_earlier(&mut tx, &mut batch, &ids).await?;
     }
     let writes = batch.apply(&mut accounts, pricing, now);
     let written = store::write(
@@ -203,13 +196,7 @@ async fn decide_priced(
         now,
     )
     .await;
-    match written {
-        // Without the look-up: a node execution decided before. With it: a worker holding
-        // other users' locks decided one of these ids meanwhile (a conflicting duplicate).
-        // The transaction is rolled back; the next attempt sees the decision.
-        Err(e) if store::decided_elsewhere(&e) => return Err(DecideError::Race),
-        other => other?,
-    }
+    race_or(written)?;
     if !turn.may_commit(&users).await {
         tx.rollback().await?;
         return Err(DecideError::Reordered);
@@ -218,6 +205,34 @@ async fn decide_priced(
     turn.committed();
     writes.changes.count_refills();
     Ok(batch.verdicts())
+}
+
+/// Marks the batch's entries that earlier transactions decided or settled.
+async fn look_up_earlier(
+    tx: &mut sqlx::PgConnection,
+    batch: &mut Batch<'_>,
+    ids: &[&str],
+) -> Result<(), DecideError> {
+    let decided = store::earlier_decisions(tx, ids).await?;
+    // A batch of starts only needs no settlement look-up.
+    let settled = if batch.has_completions() {
+        store::earlier_settlements(tx, ids).await?
+    } else {
+        Vec::new()
+    };
+    batch.mark_earlier(decided, &settled);
+    Ok(())
+}
+
+/// A write refused by a decision's key is a race, decided again; other errors stay errors.
+fn race_or(written: Result<(), sqlx::Error>) -> Result<(), DecideError> {
+    match written {
+        // Without the look-up: a node execution decided before. With it: a worker holding
+        // other users' locks decided one of these ids meanwhile (a conflicting duplicate).
+        // The transaction is rolled back; the next attempt sees the decision.
+        Err(e) if store::decided_elsewhere(&e) => Err(DecideError::Race),
+        other => Ok(other?),
+    }
 }
 
 #[cfg(test)]

@@ -191,14 +191,7 @@ async fn sweep_all(
     // else's refill.
     let mut failed = None;
     let mut finished = |done: Swept, report: &mut SweepReport| {
-        // Counted as each range commits, so a sweep that fails later still counts them.
-        let totals = done.totals;
-        metrics::counter!("credit_refill_users_total").increment(totals.refilled as u64);
-        // A counter holds u64: a chunk's grants beyond it (absurd targets) count as its maximum.
-        let credits = u64::try_from(totals.granted).unwrap_or(u64::MAX);
-        metrics::counter!("credit_refill_credits_total").increment(credits);
-        report.add(totals);
-        if let Some(e) = done.failed {
+        if let Some(e) = done.count(report) {
             failed = Some(graver(failed.take(), e));
         }
         progress(report);
@@ -254,6 +247,20 @@ const RANGE_SPLITS: usize = 100;
 struct Swept {
     totals: RefillTotals,
     failed: Option<LedgerError>,
+}
+
+impl Swept {
+    /// Adds the range's totals to the report and the metrics, as each range commits (so a
+    /// sweep that fails later still counts them); returns its failure, if any.
+    fn count(self, report: &mut SweepReport) -> Option<LedgerError> {
+        let totals = self.totals;
+        metrics::counter!("credit_refill_users_total").increment(totals.refilled as u64);
+        // A counter holds u64: a chunk's grants beyond it (absurd targets) count as its maximum.
+        let credits = u64::try_from(totals.granted).unwrap_or(u64::MAX);
+        metrics::counter!("credit_refill_credits_total").increment(credits);
+        report.add(totals);
+        self.failed
+    }
 }
 
 /// [`sweep_chunk`] of (`after`, `through`], and, when it fails for good (an account whose
