@@ -768,6 +768,15 @@ fn requests(l: &MemoryLedger) -> Vec<(String, i64)> {
         .collect()
 }
 
+/// What each `top_up.requested` in `l` supersedes, in order.
+fn superseded(l: &MemoryLedger) -> Vec<Option<String>> {
+    l.events
+        .iter()
+        .filter(|e| e.routing_key == crate::events::TOP_UP_REQUESTED)
+        .map(|e| e.json()["supersedes"].as_str().map(str::to_owned))
+        .collect()
+}
+
 /// A credit of 5 to user `u` under `key`, as the payment side's or an operator's lands.
 fn credit(l: &mut MemoryLedger, tx_type: TxType, key: &str, at: DateTime<Utc>) {
     let a = l.accounts.get_mut("u").unwrap();
@@ -814,33 +823,42 @@ fn a_debit_below_the_threshold_requests_one_top_up_until_credits_land() {
             ("AUTO-TOP-UP-u-2".into(), 955)
         ]
     );
+    // Request 1 was answered: request 2 supersedes nothing.
+    assert_eq!(superseded(&l), vec![None, None]);
 }
 
-/// Only the outstanding request's own fulfilment answers it: the late fulfilment of a request
-/// its TTL superseded, the user's own purchase or a grant leave it outstanding, so the payment
-/// side never holds two of one user's requests at once.
+/// A request is answered by the first fulfilment of any of the user's requests (a late
+/// payment of the one it superseded included), not by the user's own purchase or a grant, so
+/// the payment side never holds two of one user's requests at once.
 #[test]
-fn only_the_outstanding_requests_fulfilment_answers_it() {
+fn a_fulfilment_of_its_chain_answers_the_outstanding_request() {
     let p = pricing(0);
     let mut l = with_auto_top_up(&p, 2000, 500);
     l.decide(&p, &[entry("u", "b", 0)], now());
     let hour = now() + chrono::Duration::hours(1);
     l.decide(&p, &[entry("u", "c", 0)], hour);
     assert_eq!(requests(&l).len(), 2);
-    let others = [
-        (TxType::TopUp, "AUTO-TOP-UP-u-1"),
+    for (tx_type, key) in [
         (TxType::TopUp, "invoice-9"),
         (TxType::Grant, "MONTHLY-CREDIT-TOP-UP-2027-01"),
-    ];
-    for (tx_type, key) in others {
+    ] {
         credit(&mut l, tx_type, key, hour);
         l.decide(&p, &[entry("u", &format!("after {key}"), 0)], hour);
         assert_eq!(requests(&l).len(), 2, "{key} answered request 2");
     }
-    credit(&mut l, TxType::TopUp, "AUTO-TOP-UP-u-2", hour);
+    // Request 1, paid late, answers request 2, which named it: the next request starts anew.
+    credit(&mut l, TxType::TopUp, "AUTO-TOP-UP-u-1", hour);
+    assert_eq!(l.accounts["u"].auto_requested_at, None);
     l.decide(&p, &[entry("u", "d", 0)], hour);
     let last = requests(&l).last().map(|r| r.0.clone());
     assert_eq!(last.as_deref(), Some("AUTO-TOP-UP-u-3"));
+    assert_eq!(
+        superseded(&l),
+        vec![None, Some("AUTO-TOP-UP-u-1".into()), None]
+    );
+    // Request 2's own fulfilment still applies (its key is the user's), and answers request 3.
+    credit(&mut l, TxType::TopUp, "AUTO-TOP-UP-u-2", hour);
+    assert_eq!(l.accounts["u"].auto_requested_at, None);
 }
 
 #[test]
@@ -856,6 +874,8 @@ fn an_unanswered_request_is_made_again_after_its_ttl_not_before() {
     l.decide(&p, &[entry("u", "d", 0)], hour);
     assert_eq!(requests(&l).len(), 2);
     assert_eq!(requests(&l)[1].0, "AUTO-TOP-UP-u-2");
+    // The payment side learns that a payment of request 1 answers request 2 too.
+    assert_eq!(superseded(&l), vec![None, Some("AUTO-TOP-UP-u-1".into())]);
 }
 
 /// A user whose request's payment failed and who can afford no run makes no debit; a run

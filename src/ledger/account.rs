@@ -303,20 +303,26 @@ impl Account {
         if !key.starts_with(AUTO_TOP_UP_PREFIX) {
             return true;
         }
-        let issued = key
-            .rsplit_once('-')
-            .and_then(|(_, n)| n.parse::<i64>().ok())
-            .is_some_and(|n| (1..=self.auto_requests).contains(&n) && self.request_id(n) == key);
-        issued && matches!(tx_type, TxType::TopUp | TxType::Grant)
+        self.issued_request(key) && matches!(tx_type, TxType::TopUp | TxType::Grant)
     }
 
-    /// Whether a credit under `key` answers the outstanding auto top-up request: only that
-    /// request's own fulfilment does. Any other credit (the user's own purchase, a grant, the
-    /// monthly refill, the late fulfilment of an earlier request its TTL superseded) leaves it
-    /// outstanding until its fulfilment lands or its TTL passes: taking it as answered would
-    /// let a second request go out while the first may still be paid, charging the user twice.
+    /// Whether `key` is the id of a request made for this account.
+    fn issued_request(&self, key: &str) -> bool {
+        key.strip_prefix(AUTO_TOP_UP_PREFIX)
+            .and_then(|rest| rest.rsplit_once('-'))
+            .and_then(|(_, n)| n.parse::<i64>().ok())
+            .is_some_and(|n| (1..=self.auto_requests).contains(&n) && self.request_id(n) == key)
+    }
+
+    /// Whether a credit under `key` answers the outstanding auto top-up request: the first
+    /// fulfilment of any of the user's requests does. A request made after its predecessor's
+    /// TTL names it in `supersedes`, and the payment side pays one request of such a chain, so
+    /// a late payment of an earlier one answers the newest too; the next request then starts
+    /// a new chain. Any other credit (the user's own purchase, a grant, the monthly refill)
+    /// leaves it outstanding until a fulfilment lands or its TTL passes: taking it as answered
+    /// would let a second request go out while the first may still be paid.
     fn fulfils_outstanding_request(&self, key: &str) -> bool {
-        self.auto_requested_at.is_some() && key == self.request_id(self.auto_requests)
+        self.auto_requested_at.is_some() && self.issued_request(key)
     }
 
     /// Publishes a `top_up.requested` when the balance is below the user's auto top-up
@@ -335,6 +341,10 @@ impl Account {
         if self.balance >= threshold || outstanding {
             return false;
         }
+        // Still set here only for a request left unanswered past its TTL.
+        let supersedes = self
+            .auto_requested_at
+            .map(|_| self.request_id(self.auto_requests));
         self.auto_requests += 1;
         self.auto_requested_at = Some(now);
         self.dirty = true;
@@ -342,6 +352,7 @@ impl Account {
         changes.events.push(events::top_up_requested(
             &self.user_id,
             &request_id,
+            supersedes.as_deref(),
             amount,
             self.balance,
             threshold,

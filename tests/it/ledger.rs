@@ -1273,11 +1273,12 @@ async fn auto_top_up_requests_once_and_is_fulfilled_once() {
     env.cleanup().await;
 }
 
-/// Only an auto top-up request's own fulfilment answers it: neither the monthly refill (the
-/// sweep's SQL) nor another credit lets a second request go out while the first may still be
-/// paid.
+/// Only a request's fulfilment answers it: neither the monthly refill (the sweep's SQL) nor
+/// another credit lets a second request go out while the first may still be paid. A request
+/// made after its predecessor's TTL names it in `supersedes`, and that one's late payment
+/// answers it.
 #[tokio::test]
-async fn only_its_fulfilment_answers_an_outstanding_top_up_request() {
+async fn only_a_fulfilment_answers_an_outstanding_top_up_request() {
     let env = TestEnv::with(no_refill).await;
     seed(&env, ["a"], 100).await;
     let ledger = env.ledger();
@@ -1316,6 +1317,47 @@ async fn only_its_fulfilment_answers_an_outstanding_top_up_request() {
         ledger.balance("a", now).await.unwrap(),
         1000 + 5 + 5 - 10 + 500 - 10
     );
+    // Request 2 left unanswered past its TTL (an hour): request 3 says it supersedes it, so a
+    // payment side that paid request 2 late knows not to charge again.
+    let later = now + chrono::Duration::seconds(3601);
+    ledger
+        .spend("a", 10, "S-3", json!({}), later)
+        .await
+        .unwrap();
+    let supersedes: Vec<(String, Option<String>)> = sqlx::query_as(
+        "SELECT payload->>'request_id', payload->>'supersedes' FROM credit.outbox
+          WHERE routing_key = 'top_up.requested' ORDER BY id",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    let request = |n: i64| format!("AUTO-TOP-UP-a-{n}");
+    assert_eq!(
+        supersedes,
+        vec![
+            (request(1), None),
+            (request(2), None),
+            (request(3), Some(request(2)))
+        ]
+    );
+    // Request 2 paid late answers request 3: the next request supersedes nothing.
+    let late = ledger
+        .credit(TxType::TopUp, "a", 500, Some(&request(2)), None, later)
+        .await
+        .unwrap();
+    assert_eq!((late.applied, late.balance), (true, 1480 + 500));
+    ledger
+        .spend("a", 10, "S-4", json!({}), later)
+        .await
+        .unwrap();
+    let last: (String, Option<String>) = sqlx::query_as(
+        "SELECT payload->>'request_id', payload->>'supersedes' FROM credit.outbox
+          WHERE routing_key = 'top_up.requested' ORDER BY id DESC LIMIT 1",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(last, (request(4), None));
     env.assert_audit_clean().await;
     env.cleanup().await;
 }
