@@ -236,13 +236,18 @@ fn usage_events(batch: &[lapin::message::Delivery]) -> anyhow::Result<Vec<NewEve
     let mut out = Vec::with_capacity(batch.len());
     for d in batch {
         let e = crate::message::decode(&d.data)?;
+        // A completion's event has an id of its own, as the worker's SETTLE row has.
+        let key = match e.phase {
+            crate::message::Phase::Started => format!("USAGE-{}", e.node_exec_id),
+            crate::message::Phase::Completed => format!("USAGE-{}-completed", e.node_exec_id),
+        };
         out.push(events::balance_changed(
             &e.user_id,
             1,
             -10,
             0,
             "USAGE",
-            &format!("USAGE-{}", e.node_exec_id),
+            &key,
             ExecutionRef {
                 node_exec_id: Some(&e.node_exec_id),
                 graph_exec_id: Some(&e.graph_exec_id),

@@ -126,10 +126,20 @@ pub async fn run(settings: Settings, args: BenchArgs, json: bool) -> anyhow::Res
     outcome
 }
 
+/// Fails at once when `path` cannot be written, rather than after a run of minutes. The file
+/// is created empty and written when the run ends.
+pub(crate) fn writable(path: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::File::create(path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
 /// The most messages a run sends: 100 million, about ten times a long run's.
-const MAX_MESSAGES: usize = 100_000_000;
+pub(crate) const MAX_MESSAGES: usize = 100_000_000;
 /// The most users a run seeds: 100 million.
 const MAX_USERS: usize = 100_000_000;
+/// The highest offered rate, msgs/s: a hundred times what this broker takes, low enough that
+/// a schedule's slot numbers and a step's messages (rate × seconds) stay exact and in memory.
+pub(crate) const MAX_RATE: f64 = 1_000_000.0;
 
 fn usage_problem(args: &BenchArgs) -> Option<String> {
     // Upper bounds: every message's timing is kept in memory, and a run is minutes at most.
@@ -145,8 +155,10 @@ fn usage_problem(args: &BenchArgs) -> Option<String> {
         }
     }
     if let Some(r) = args.rate {
-        if !(r.is_finite() && r > 0.0) {
-            return Some("--rate must be a positive number of msgs/s".into());
+        if !(r.is_finite() && r > 0.0 && r <= MAX_RATE) {
+            return Some(format!(
+                "--rate must be a positive number of msgs/s, at most {MAX_RATE}"
+            ));
         }
     }
     if args
@@ -186,6 +198,9 @@ async fn run_in(
         return sustained::run(settings, args, scratch, json).await;
     }
 
+    if let Some(path) = &args.timeline {
+        writable(path)?;
+    }
     let traffic = if args.pairs {
         traffic::Traffic::pairs(scratch.run_id, args.messages / 2, args.users)
     } else {

@@ -1,6 +1,7 @@
 //! What the bench sends and receives: AutoGPT-shaped NodeExecutionEntry bodies, backlog and
 //! paced publishing, and the event sink that times every `balance.changed`.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -54,11 +55,13 @@ pub(crate) enum Slot {
     Completion(usize),
 }
 
-/// The publish order of a pairs run and, per execution, the slot of its later message.
+/// The publish order of a pairs run and, per execution, the slots of its later message and
+/// of its completion.
 #[derive(Debug)]
 struct Schedule {
     slots: Vec<Slot>,
     last_slot: Vec<usize>,
+    completion_slot: Vec<usize>,
 }
 
 impl Schedule {
@@ -79,11 +82,19 @@ impl Schedule {
             }
         }
         let mut last_slot = vec![0; n];
+        let mut completion_slot = vec![0; n];
         for (m, s) in slots.iter().enumerate() {
+            if let Slot::Completion(i) = *s {
+                completion_slot[i] = m;
+            }
             let (Slot::Start(i) | Slot::Completion(i)) = *s;
             last_slot[i] = last_slot[i].max(m);
         }
-        Schedule { slots, last_slot }
+        Schedule {
+            slots,
+            last_slot,
+            completion_slot,
+        }
     }
 }
 
@@ -219,11 +230,25 @@ impl Traffic {
         }
     }
 
-    /// The slot of execution i's last message: latency is timed from it.
+    /// The slot of execution i's last message: the broker-only pipeline's latency is timed
+    /// from it (each message yields an event).
     pub fn last_slot(&self, i: usize) -> usize {
         self.schedule
             .as_ref()
             .and_then(|s| s.last_slot.get(i).copied())
+            .unwrap_or(i)
+    }
+
+    /// The slot of the message that yields execution i's last event in the worker: its later
+    /// message, except for a completion that overtook its start (the start is then a
+    /// duplicate and yields none). The worker's latency is timed from it.
+    pub fn last_event_slot(&self, i: usize) -> usize {
+        if !self.is_pairs() || !overtakes(i) {
+            return self.last_slot(i);
+        }
+        self.schedule
+            .as_ref()
+            .and_then(|s| s.completion_slot.get(i).copied())
             .unwrap_or(i)
     }
 
@@ -454,8 +479,12 @@ pub(crate) struct SinkResult {
     pub last_any: Option<Instant>,
     /// USAGE and SETTLE `balance.changed` events received per execution.
     pub counts: Vec<u8>,
+    /// Distinct events received (by `message_id`): a redelivered one counts once, so a
+    /// duplicate cannot stand in for an event that never came.
     pub events: usize,
+    /// Deliveries of an event already received.
     pub duplicates: usize,
+    ids: HashSet<String>,
 }
 
 impl SinkResult {
@@ -474,7 +503,6 @@ impl SinkResult {
             return false;
         }
         if self.received[i].is_some() {
-            self.duplicates += 1;
             return false;
         }
         self.received[i] = Some(now);
@@ -644,11 +672,16 @@ async fn consume_events(
             None => return Ok(()),
         };
         let now = Instant::now();
+        let id = d.properties.message_id().as_ref().map(|id| id.to_string());
         let execution = serde_json::from_slice::<EventFields>(&d.data)
             .ok()
             .and_then(|ev| execution_event(&traffic, &ev));
         let (events, first_usage) = {
             let mut r = lock(&seen);
+            if id.is_some_and(|id| !r.ids.insert(id)) {
+                r.duplicates += 1;
+                continue;
+            }
             r.events += 1;
             let first = execution.is_some_and(|(i, usage)| r.record(i, usage, now));
             (r.events, first)
@@ -738,6 +771,8 @@ mod tests {
             let (st, c) = (starts[i].unwrap(), completions[i].unwrap());
             assert_eq!(overtakes(i), c < st, "{i}");
             assert_eq!(t.last_slot(i), st.max(c));
+            // The worker's last event comes from the completion when it overtook its start.
+            assert_eq!(t.last_event_slot(i), if c < st { c } else { st.max(c) });
         }
         assert_eq!((0..1000).filter(|&i| overtakes(i)).count(), 100);
     }

@@ -89,7 +89,14 @@ pub async fn run(
             start_then_publish(settings, scratch, max_batch, t, rate, &ch, &names).await?
         }
     };
-    let mut stopped = wait_then_stop(&sink, &mut started.proc, t, &pool).await?;
+    let mut stopped = match wait_then_stop(&sink, &mut started.proc, t, &pool).await {
+        Ok(stopped) => stopped,
+        // A run that stalls or fails keeps the worker's log for the diagnosis.
+        Err(e) => {
+            let log = started.proc.keep_log().display().to_string();
+            anyhow::bail!("{e:#}; worker log: {log}");
+        }
+    };
     let (seen, ledger_rows) = drain_sink(&pool, sink).await?;
     // A pairs run ends with its executions' last event, a USAGE or a SETTLE one.
     let last = if t.is_pairs() {
@@ -105,10 +112,8 @@ pub async fn run(
     check_queues_empty(&ch, &names, problems).await?;
     let _ = crate::tools::close_connection(conn, "done").await;
     pool.close().await;
-    if problems.is_empty() {
-        started.proc.remove_log();
-    } else {
-        problems.push(format!("worker log: {}", started.proc.log.display()));
+    if !problems.is_empty() {
+        problems.push(format!("worker log: {}", started.proc.keep_log().display()));
     }
     let mut r = measured(t, &started, last, &seen, stopped, fees);
     r.pairs = pairs;
@@ -428,11 +433,13 @@ fn measured(
         .as_secs_f64()
         .max(1e-9);
     let n = t.published();
-    // Pairs: from each execution's later message to its last event.
+    // Pairs: from the message that yields each execution's last event to that event.
     let sent = |i: usize| {
-        started
-            .sent_at
-            .at(if t.is_pairs() { t.last_slot(i) } else { i })
+        started.sent_at.at(if t.is_pairs() {
+            t.last_event_slot(i)
+        } else {
+            i
+        })
     };
     let arrived = if t.is_pairs() {
         &seen.settled
@@ -708,7 +715,10 @@ async fn check_audit(pool: &PgPool, problems: &mut Vec<String>) -> anyhow::Resul
 pub(super) struct WorkerProcess {
     child: tokio::process::Child,
     pid: u32,
-    pub log: PathBuf,
+    log: PathBuf,
+    /// Whether the log outlives the process: only when a message names it (a failed run).
+    /// Otherwise it goes with the process, an interrupted run's included.
+    keep_log: bool,
     metrics_addr: std::net::SocketAddr,
     peak_kib: Arc<AtomicU64>,
     sampler: JoinHandle<()>,
@@ -763,6 +773,7 @@ impl WorkerProcess {
             child,
             pid,
             log,
+            keep_log: false,
             metrics_addr,
             peak_kib,
             sampler,
@@ -775,7 +786,7 @@ impl WorkerProcess {
             None => Ok(()),
             Some(status) => anyhow::bail!(
                 "the worker exited early ({status}); see {}",
-                self.log.display()
+                self.keep_log().display()
             ),
         }
     }
@@ -810,8 +821,18 @@ impl WorkerProcess {
         }
     }
 
-    pub(super) fn remove_log(&self) {
-        let _ = std::fs::remove_file(&self.log);
+    /// The log's path, kept after the process.
+    pub(super) fn keep_log(&mut self) -> &std::path::Path {
+        self.keep_log = true;
+        &self.log
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        if !self.keep_log {
+            let _ = std::fs::remove_file(&self.log);
+        }
     }
 }
 

@@ -80,6 +80,16 @@ pub(crate) fn usage_problem(args: &BenchArgs) -> Option<String> {
     if !(positive(args.start_rate) && positive(args.max_rate) && args.start_rate <= args.max_rate) {
         return Some("--start-rate and --max-rate must be positive, start ≤ max".into());
     }
+    // A step holds rate × seconds messages' timings in memory.
+    if args.max_rate > super::MAX_RATE {
+        return Some(format!("--max-rate must be at most {}", super::MAX_RATE));
+    }
+    if args.max_rate * args.step_seconds > super::MAX_MESSAGES as f64 {
+        return Some(format!(
+            "--max-rate × --step-seconds must be at most {} messages a step",
+            super::MAX_MESSAGES
+        ));
+    }
     if !(args.precision > 0.0 && args.precision <= 1.0) {
         return Some("--precision must be in (0, 1]".into());
     }
@@ -117,6 +127,9 @@ pub(crate) async fn run(
     scratch: &Scratch,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
+    if let Some(path) = &args.plot {
+        super::writable(path)?;
+    }
     let base = id_space(scratch.run_id, args.users, args.pairs);
     let cost = Traffic::new(scratch.run_id, 1, args.users).expected_cost(settings)?;
     let max_batch = args.max_batch.unwrap_or(settings.pipeline.max_batch);

@@ -21,6 +21,8 @@ pub(crate) struct SustainedReport {
     prefetch: u16,
     step_seconds: f64,
     max_p99_ms: f64,
+    /// The search's cap: a pipeline that held it may hold more (its rate is a lower bound).
+    max_rate: f64,
     broker: Searched,
     worker: WorkerSustained,
 }
@@ -65,6 +67,7 @@ impl SustainedReport {
             prefetch: settings.amqp.prefetch,
             step_seconds: args.step_seconds,
             max_p99_ms: args.max_p99_ms,
+            max_rate: args.max_rate,
             broker,
             worker,
         }
@@ -78,6 +81,12 @@ impl SustainedReport {
     fn ratio(&self) -> Option<f64> {
         let (w, b) = (self.worker.searched.sustained?, self.broker.sustained?);
         (b > 0.0).then(|| w / b)
+    }
+
+    /// Whether `sustained` is the search's cap, so only a lower bound of the pipeline's rate
+    /// (and a ratio with it in the denominator an upper bound).
+    fn capped(&self, sustained: Option<f64>) -> bool {
+        sustained.is_some_and(|r| r >= self.max_rate)
     }
 
     /// Executions per second at `msgs_per_s`.
@@ -106,6 +115,7 @@ impl SustainedReport {
         json!({
             "sustained_msgs_per_s": s.sustained,
             "sustained_execs_per_s": s.sustained.map(|r| self.execs(r)),
+            "at_max_rate": self.capped(s.sustained),
             "steps": s.steps.iter().map(step_json).collect::<Vec<_>>(),
         })
     }
@@ -173,6 +183,13 @@ impl SustainedReport {
     }
 
     fn print_rate(&self, what: &str, rate: Option<f64>) -> std::io::Result<()> {
+        if self.capped(rate) {
+            outln!(
+                "{what:<21}{:>8.0} msgs/s held at --max-rate: the pipeline's rate is at least this",
+                self.max_rate
+            );
+            return Ok(());
+        }
         match rate {
             Some(r) if self.pairs => outln!(
                 "{what:<21}{r:>8.0} msgs/s = {:.0} execs/s (p99 ≤ {} ms, delivered ≈ offered)",

@@ -23,6 +23,11 @@ pub(crate) trait Pipeline {
     fn sink(&self) -> &Sink;
     /// The `balance.changed` events execution i of `slice` yields once decided.
     fn events_per_execution(&self, slice: &Traffic, i: usize) -> u8;
+    /// The slot of the message that yields execution i's last event: its latency is timed
+    /// from that message's due time.
+    fn timed_slot(&self, slice: &Traffic, i: usize) -> usize {
+        slice.last_slot(i)
+    }
     /// Fails when the pipeline under test died.
     fn check_alive(&mut self) -> anyhow::Result<()>;
     /// Checks made once a step has drained, `executions` published so far.
@@ -69,7 +74,9 @@ pub(crate) fn executions_for(rate: f64, seconds: f64, pairs: bool) -> usize {
 struct StepPlan<'a> {
     slice: &'a Traffic,
     expected: Vec<u8>,
-    /// Seconds from `start` at which execution i's last message is due.
+    /// The slot of the message execution i is timed from ([`Pipeline::timed_slot`]).
+    slots: Vec<usize>,
+    /// Seconds from `start` at which that message is due.
     due: Vec<f64>,
     start: Instant,
 }
@@ -99,7 +106,7 @@ impl StepPlan<'_> {
         sink.inspect(|r| {
             (0..executions)
                 .map(|i| UnitTiming {
-                    due: if self.slice.last_slot(i) < paced {
+                    due: if self.slots[i] < paced {
                         self.due[i]
                     } else {
                         stop_at
@@ -122,14 +129,16 @@ pub(crate) async fn run(
     label: &str,
 ) -> anyhow::Result<Step> {
     let queue = p.input_queue().to_owned();
+    let slots: Vec<usize> = (0..slice.messages)
+        .map(|i| p.timed_slot(slice, i))
+        .collect();
     let plan = StepPlan {
         slice,
         expected: (0..slice.messages)
             .map(|i| p.events_per_execution(slice, i))
             .collect(),
-        due: (0..slice.messages)
-            .map(|i| slice.last_slot(i) as f64 / rate)
-            .collect(),
+        due: slots.iter().map(|&m| m as f64 / rate).collect(),
+        slots,
         start: Instant::now(),
     };
     let bar = crate::tools::bench::progress(slice.published() as u64, label);

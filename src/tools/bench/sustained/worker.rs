@@ -60,6 +60,11 @@ impl Pipeline for WorkerPipeline {
         }
     }
 
+    /// A start that comes after its completion yields no event: the completion is timed.
+    fn timed_slot(&self, slice: &Traffic, i: usize) -> usize {
+        slice.last_event_slot(i)
+    }
+
     fn check_alive(&mut self) -> anyhow::Result<()> {
         self.proc.check_alive()
     }
@@ -125,7 +130,7 @@ async fn verify(
     base: &Traffic,
     cost: i64,
     cursor: &Cursor,
-    p: WorkerPipeline,
+    mut p: WorkerPipeline,
     stopped: bench_worker::Stopped,
 ) -> anyhow::Result<WorkerSustained> {
     let mut problems = p.problems;
@@ -147,10 +152,8 @@ async fn verify(
         &mut problems,
     )
     .await?;
-    if problems.is_empty() {
-        p.proc.remove_log();
-    } else {
-        problems.push(format!("worker log: {}", p.proc.log.display()));
+    if !problems.is_empty() {
+        problems.push(format!("worker log: {}", p.proc.keep_log().display()));
     }
     Ok(WorkerSustained {
         searched: Searched::default(),
