@@ -116,8 +116,10 @@ const HISTORY_BY_TYPE: &str = "SELECT seq, transaction_key, type::text AS type, 
       WHERE user_id = $1 AND seq < $2 AND type = $4::text::credit.transaction_type
       ORDER BY seq DESC LIMIT $3";
 
-/// Served by (user_id, (metadata->>'graph_exec_id'), seq); a run's rows are few, so the
-/// optional type ($5) is a filter on them.
+/// Served by (user_id, (metadata->>'graph_exec_id'), seq), walked backwards; the optional type
+/// ($5) is a filter on the run's rows. Planned anew for each page (not prepared): a generic
+/// plan estimates a run's rows from the average run and, for a long one, reads and sorts all
+/// of it for every page.
 const HISTORY_BY_GRAPH: &str = "SELECT seq, transaction_key, type::text AS type, amount,
             running_balance, created_at, metadata
        FROM credit.transactions
@@ -379,6 +381,7 @@ where
 {
     // One row more than the page: whether it comes tells if another page follows.
     let page = sqlx::query_as(sql)
+        .persistent(q.graph_exec_id.is_none())
         .bind(user_id)
         .bind(q.before_seq.unwrap_or(i64::MAX))
         .bind(q.limit.saturating_add(1));

@@ -1566,6 +1566,38 @@ async fn history_pages_are_served_by_indexes() {
             "{query:?} should use {index}:\n{text}"
         );
     }
+    // On one connection, page after page: a graph run's page is planned with its own values
+    // each time, never from a cached generic plan (which estimates a run's rows from the
+    // average run and, for a long run, reads and sorts all of it per page). The plain page's
+    // statement is cached, so the check sees the connection's statements.
+    let one = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&env.settings.database.url)
+        .await
+        .unwrap();
+    let paged = credit_worker::ledger::Ledger::new(one.clone(), env.settings.ledger_policy());
+    for before in 0..8 {
+        for graph in [Some("g-1".to_owned()), None] {
+            let query = HistoryQuery {
+                before_seq: Some(400 - before * 10),
+                graph_exec_id: graph,
+                ..HistoryQuery::newest(5)
+            };
+            paged.history("pager", &query, Utc::now()).await.unwrap();
+        }
+    }
+    let cached: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT statement, generic_plans + custom_plans FROM pg_prepared_statements
+          WHERE statement LIKE '%FROM credit.transactions%'
+            AND statement NOT LIKE '%pg_prepared_statements%'",
+    )
+    .fetch_all(&one)
+    .await
+    .unwrap();
+    assert_eq!(cached.len(), 1, "{cached:?}");
+    assert!(!cached[0].0.contains("graph_exec_id"), "{cached:?}");
+    assert_eq!(cached[0].1, 8, "{cached:?}");
+    one.close().await;
     env.cleanup().await;
 }
 
