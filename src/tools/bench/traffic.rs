@@ -298,9 +298,14 @@ impl Traffic {
         entry.to_string().into_bytes()
     }
 
+    /// The user execution `i` bills.
+    pub(crate) fn user_of(&self, i: usize) -> String {
+        Self::user_id((self.first + i) % self.users)
+    }
+
     fn entry(&self, i: usize) -> serde_json::Value {
         let g = self.first + i;
-        let user = Self::user_id(g % self.users);
+        let user = self.user_of(i);
         json!({
             "user_id": user,
             "graph_exec_id": format!("{:08x}-0000-4000-a000-{:012x}", self.run_id, g / 10),

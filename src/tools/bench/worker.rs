@@ -142,7 +142,35 @@ pub(super) async fn verify_run(
             "{events} events received for {ledger_rows} ledger rows"
         ));
     }
+    check_users(pool, t, problems).await?;
     Ok((fees, pairs))
+}
+
+/// Every decision bills the user its execution was published for, with one USAGE row on
+/// that user's ledger: totals alone would pass a charge to the wrong user.
+async fn check_users(pool: &PgPool, t: &Traffic, problems: &mut Vec<String>) -> anyhow::Result<()> {
+    let rows: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT d.node_exec_id, d.user_id,
+                (SELECT count(*) FROM credit.transactions x
+                  WHERE x.user_id = d.user_id AND x.transaction_key = 'USAGE-' || d.node_exec_id)
+           FROM credit.decisions d",
+    )
+    .fetch_all(pool)
+    .await?;
+    let wrong: Vec<&str> = rows
+        .iter()
+        .filter(|(id, user, usage)| {
+            *usage != 1 || t.index_of(id).is_none_or(|i| t.user_of(i) != *user)
+        })
+        .map(|(id, _, _)| id.as_str())
+        .collect();
+    if let Some(first) = wrong.first() {
+        problems.push(format!(
+            "{} decisions bill another user than their execution's, or lack its USAGE row (first: {first})",
+            wrong.len()
+        ));
+    }
+    Ok(())
 }
 
 /// Declares the queue catching every event, binds it to the events exchange and starts

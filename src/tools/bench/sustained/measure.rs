@@ -84,8 +84,16 @@ pub(crate) struct StepFigures {
     pub samples: usize,
 }
 
-/// The figures of a step that offered `rate` msgs/s for `seconds`; None when no unit arrived.
-pub(crate) fn figures(units: &[UnitTiming], seconds: f64, bound: f64) -> Option<StepFigures> {
+/// The figures of a step that paced `paced` messages over `seconds`; None when no unit
+/// arrived. Delivered counts at most the messages paced: after an early stop, the messages
+/// that complete the pairs begun go out at once, and their units count as delivered, but
+/// were never offered in the window.
+pub(crate) fn figures(
+    units: &[UnitTiming],
+    seconds: f64,
+    bound: f64,
+    paced: usize,
+) -> Option<StepFigures> {
     let mut ms: Vec<f64> = units
         .iter()
         .filter_map(|u| u.arrived.map(|a| (a - u.due).max(0.0) * 1e3))
@@ -96,7 +104,8 @@ pub(crate) fn figures(units: &[UnitTiming], seconds: f64, bound: f64) -> Option<
         .iter()
         .filter(|u| u.arrived.is_some_and(|a| a <= window))
         .map(|u| u.messages)
-        .sum();
+        .sum::<usize>()
+        .min(paced);
     Some(StepFigures {
         p50_ms: latency.p50_ms,
         p99_ms: latency.p99_ms,
@@ -180,7 +189,7 @@ mod tests {
                 messages: 2,
             })
             .collect();
-        let f = figures(&units, 1.0, 0.1).unwrap();
+        let f = figures(&units, 1.0, 0.1, 200).unwrap();
         assert_eq!(f.samples, 99);
         assert!((f.p50_ms - 9.9).abs() < 1e-6, "{}", f.p50_ms);
         assert!((f.max_ms - 14.8).abs() < 1e-6, "{}", f.max_ms);
@@ -189,7 +198,14 @@ mod tests {
         assert!(!held(&f, 200.0, 100.0, false));
         assert!(!held(&f, 200.0, 10.0, true));
         assert!(!held(&f, 300.0, 100.0, true));
-        assert!(figures(&[], 1.0, 0.1).is_none());
+        assert!(figures(&[], 1.0, 0.1, 0).is_none());
+        // An early stop: 150 messages paced, the pairs they began completed at once after.
+        let f = figures(&units, 0.75, 0.1, 150).unwrap();
+        assert!(
+            (f.delivered_msgs_per_s - 200.0).abs() < 1e-9,
+            "{}",
+            f.delivered_msgs_per_s
+        );
     }
 
     #[test]
@@ -206,7 +222,7 @@ mod tests {
                 messages: 1,
             },
         ];
-        let f = figures(&units, 1.0, 0.1).unwrap();
+        let f = figures(&units, 1.0, 0.1, 2).unwrap();
         assert!((f.delivered_msgs_per_s - 1.0).abs() < 1e-9);
         assert!((f.max_ms - 1500.0).abs() < 1e-6);
     }

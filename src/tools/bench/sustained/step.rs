@@ -167,7 +167,7 @@ pub(crate) async fn run(
         .await
         .with_context(|| format!("{label} step at {rate:.0} msgs/s"))?;
     let timings = plan.timings(p.sink(), executions, sent, stop_at);
-    let figures = measure::figures(&timings, sent as f64 / rate, cfg.max_p99_ms / 1e3);
+    let figures = measure::figures(&timings, sent as f64 / rate, cfg.max_p99_ms / 1e3, sent);
     let all_published = sent == slice.published();
     let held = figures
         .as_ref()
