@@ -827,28 +827,29 @@ fn a_debit_below_the_threshold_requests_one_top_up_until_credits_land() {
     assert_eq!(superseded(&l), vec![None, None]);
 }
 
-/// A request is answered by the first fulfilment of any of the user's requests (a late
-/// payment of the one it superseded included), not by the user's own purchase or a grant, so
-/// the payment side never holds two of one user's requests at once.
+/// Only the outstanding request's own fulfilment answers it: the late fulfilment of a request
+/// its TTL superseded, the user's own purchase or a grant leave it outstanding, so the payment
+/// side never holds two of one user's requests at once. The superseding request names the
+/// one it superseded.
 #[test]
-fn a_fulfilment_of_its_chain_answers_the_outstanding_request() {
+fn only_the_outstanding_requests_fulfilment_answers_it() {
     let p = pricing(0);
     let mut l = with_auto_top_up(&p, 2000, 500);
     l.decide(&p, &[entry("u", "b", 0)], now());
     let hour = now() + chrono::Duration::hours(1);
     l.decide(&p, &[entry("u", "c", 0)], hour);
     assert_eq!(requests(&l).len(), 2);
-    for (tx_type, key) in [
+    let others = [
+        (TxType::TopUp, "AUTO-TOP-UP-u-1"),
         (TxType::TopUp, "invoice-9"),
         (TxType::Grant, "MONTHLY-CREDIT-TOP-UP-2027-01"),
-    ] {
+    ];
+    for (tx_type, key) in others {
         credit(&mut l, tx_type, key, hour);
         l.decide(&p, &[entry("u", &format!("after {key}"), 0)], hour);
         assert_eq!(requests(&l).len(), 2, "{key} answered request 2");
     }
-    // Request 1, paid late, answers request 2, which named it: the next request starts anew.
-    credit(&mut l, TxType::TopUp, "AUTO-TOP-UP-u-1", hour);
-    assert_eq!(l.accounts["u"].auto_requested_at, None);
+    credit(&mut l, TxType::TopUp, "AUTO-TOP-UP-u-2", hour);
     l.decide(&p, &[entry("u", "d", 0)], hour);
     let last = requests(&l).last().map(|r| r.0.clone());
     assert_eq!(last.as_deref(), Some("AUTO-TOP-UP-u-3"));
@@ -856,9 +857,6 @@ fn a_fulfilment_of_its_chain_answers_the_outstanding_request() {
         superseded(&l),
         vec![None, Some("AUTO-TOP-UP-u-1".into()), None]
     );
-    // Request 2's own fulfilment still applies (its key is the user's), and answers request 3.
-    credit(&mut l, TxType::TopUp, "AUTO-TOP-UP-u-2", hour);
-    assert_eq!(l.accounts["u"].auto_requested_at, None);
 }
 
 #[test]

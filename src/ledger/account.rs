@@ -314,15 +314,13 @@ impl Account {
             .is_some_and(|n| (1..=self.auto_requests).contains(&n) && self.request_id(n) == key)
     }
 
-    /// Whether a credit under `key` answers the outstanding auto top-up request: the first
-    /// fulfilment of any of the user's requests does. A request made after its predecessor's
-    /// TTL names it in `supersedes`, and the payment side pays one request of such a chain, so
-    /// a late payment of an earlier one answers the newest too; the next request then starts
-    /// a new chain. Any other credit (the user's own purchase, a grant, the monthly refill)
-    /// leaves it outstanding until a fulfilment lands or its TTL passes: taking it as answered
-    /// would let a second request go out while the first may still be paid.
+    /// Whether a credit under `key` answers the outstanding auto top-up request: only that
+    /// request's own fulfilment does. Any other credit (the user's own purchase, a grant, the
+    /// monthly refill, the late fulfilment of an earlier request its TTL superseded) leaves it
+    /// outstanding until its fulfilment lands or its TTL passes: taking it as answered would
+    /// let a second request go out while the first may still be paid, charging the user twice.
     fn fulfils_outstanding_request(&self, key: &str) -> bool {
-        self.auto_requested_at.is_some() && self.issued_request(key)
+        self.auto_requested_at.is_some() && key == self.request_id(self.auto_requests)
     }
 
     /// Publishes a `top_up.requested` when the balance is below the user's auto top-up

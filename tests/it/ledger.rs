@@ -1273,12 +1273,12 @@ async fn auto_top_up_requests_once_and_is_fulfilled_once() {
     env.cleanup().await;
 }
 
-/// Only a request's fulfilment answers it: neither the monthly refill (the sweep's SQL) nor
-/// another credit lets a second request go out while the first may still be paid. A request
-/// made after its predecessor's TTL names it in `supersedes`, and that one's late payment
-/// answers it.
+/// Only an auto top-up request's own fulfilment answers it: neither the monthly refill (the
+/// sweep's SQL) nor another credit, nor the late payment of a request it superseded, lets a
+/// second request go out while the first may still be paid. A request made after its
+/// predecessor's TTL names it in `supersedes`.
 #[tokio::test]
-async fn only_a_fulfilment_answers_an_outstanding_top_up_request() {
+async fn only_its_fulfilment_answers_an_outstanding_top_up_request() {
     let env = TestEnv::with(no_refill).await;
     seed(&env, ["a"], 100).await;
     let ledger = env.ledger();
@@ -1340,7 +1340,8 @@ async fn only_a_fulfilment_answers_an_outstanding_top_up_request() {
             (request(3), Some(request(2)))
         ]
     );
-    // Request 2 paid late answers request 3: the next request supersedes nothing.
+    // Request 2 paid late does not answer request 3 (it may be being paid); request 3's own
+    // payment does, and the next request supersedes nothing.
     let late = ledger
         .credit(TxType::TopUp, "a", 500, Some(&request(2)), None, later)
         .await
@@ -1348,6 +1349,15 @@ async fn only_a_fulfilment_answers_an_outstanding_top_up_request() {
     assert_eq!((late.applied, late.balance), (true, 1480 + 500));
     ledger
         .spend("a", 10, "S-4", json!({}), later)
+        .await
+        .unwrap();
+    assert_eq!(top_up_requests(&env).await.len(), 3);
+    ledger
+        .credit(TxType::TopUp, "a", 500, Some(&request(3)), None, later)
+        .await
+        .unwrap();
+    ledger
+        .spend("a", 10, "S-5", json!({}), later)
         .await
         .unwrap();
     let last: (String, Option<String>) = sqlx::query_as(

@@ -156,8 +156,17 @@ impl SustainedReport {
         print_steps("worker", &w.searched.steps)?;
         self.print_rate("broker-only sustained", self.broker.sustained)?;
         self.print_rate("worker sustained", w.searched.sustained)?;
+        let bound = match (
+            self.capped(w.searched.sustained),
+            self.capped(self.broker.sustained),
+        ) {
+            (false, false) => "",
+            (true, false) => " (at least: the worker held --max-rate)",
+            (false, true) => " (at most: the broker-only pipeline held --max-rate)",
+            (true, true) => " (both held --max-rate: raise it to compare)",
+        };
         match self.ratio() {
-            Some(r) => outln!("ratio worker/broker  {r:>9.3}"),
+            Some(r) => outln!("ratio worker/broker  {r:>9.3}{bound}"),
             None => outln!("ratio worker/broker        n/a"),
         }
         match (&w.half_rate, self.half_rate_met()) {
