@@ -556,7 +556,7 @@ impl Settings {
 
     /// These settings as a configuration file: loading it (with no environment overrides)
     /// gives the same settings, so a parent process can hand a child its exact configuration.
-    pub fn to_toml(&self) -> Result<String, ConfigError> {
+    pub(crate) fn to_toml(&self) -> Result<String, ConfigError> {
         toml::to_string(self).map_err(|e| ConfigError::Serialize(e.to_string()))
     }
 

@@ -338,7 +338,7 @@ pub async fn connect_and_migrate(settings: &DatabaseSettings) -> Result<PgPool, 
 
 /// Why an operator's command will not use the database `database.url` names.
 #[derive(Debug, thiserror::Error)]
-pub enum NotReady {
+pub(crate) enum NotReady {
     #[error("database {0:?} does not exist; only `credit-worker migrate` and `run` create it")]
     Missing(String),
     #[error(
@@ -393,14 +393,16 @@ const LEDGER_SCHEMA: &str = "SELECT to_regnamespace('credit') IS NOT NULL";
 /// Unlike the worker's start, these neither create a database nor migrate one: a mistyped
 /// `database.url` would otherwise print a balance of 0 from a new, empty ledger, or take a
 /// top-up into a ledger no worker reads; and a schema change is the `migrate` command's.
-pub async fn connect_existing(settings: &DatabaseSettings) -> Result<PgPool, NotReady> {
+pub(crate) async fn connect_existing(settings: &DatabaseSettings) -> Result<PgPool, NotReady> {
     existing(settings, connect_options(settings, true)?).await
 }
 
 /// [`connect_existing`] for `audit`, whose checks read the whole ledger: a statement past a
 /// second is their nature, not news, so none is logged (the worker's and the other commands'
 /// are, as warnings with their SQL).
-pub async fn connect_existing_for_audit(settings: &DatabaseSettings) -> Result<PgPool, NotReady> {
+pub(crate) async fn connect_existing_for_audit(
+    settings: &DatabaseSettings,
+) -> Result<PgPool, NotReady> {
     let opts = connect_options(settings, true)?
         .log_slow_statements(tracing::log::LevelFilter::Off, Duration::from_secs(1));
     existing(settings, opts).await

@@ -9,8 +9,8 @@ use serde_json::json;
 pub const BALANCE_CHANGED: &str = "balance.changed";
 pub const CHARGE_REJECTED: &str = "charge.rejected";
 pub const BALANCE_LOW: &str = "balance.low";
-pub const CHARGE_UNCOLLECTED: &str = "charge.uncollected";
-pub const TOP_UP_REQUESTED: &str = "top_up.requested";
+pub(crate) const CHARGE_UNCOLLECTED: &str = "charge.uncollected";
+pub(crate) const TOP_UP_REQUESTED: &str = "top_up.requested";
 
 /// An event waiting in the outbox.
 #[derive(Debug, Clone, PartialEq)]

@@ -26,7 +26,7 @@ use crate::refill::{Schedule, Scheduler};
 use crate::telemetry::Health;
 
 /// Loads the cost table named by `cost.table`, or the built-in one.
-pub fn load_costs(settings: &Settings) -> anyhow::Result<CostTable> {
+pub(crate) fn load_costs(settings: &Settings) -> anyhow::Result<CostTable> {
     use anyhow::Context as _;
     let table = match &settings.cost.table {
         None => CostTable::builtin()?,

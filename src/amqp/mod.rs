@@ -232,7 +232,7 @@ pub fn persistent_json() -> BasicProperties {
 /// properties, and the body always carries `event_id`. `user_id` is the worker's broker user
 /// (`producer::own_user`), which the broker verifies: subscribers can tell the worker's events
 /// from any other publisher's.
-pub fn event_properties(
+pub(crate) fn event_properties(
     event_id: &str,
     at: chrono::DateTime<chrono::Utc>,
     user_id: Option<&str>,

@@ -81,7 +81,7 @@ impl Publisher {
     }
 
     /// Sends every message, then waits for all their confirms. Returns how many were sent.
-    pub async fn publish_all<'a>(
+    pub(crate) async fn publish_all<'a>(
         &self,
         messages: impl IntoIterator<Item = Outgoing<'a>>,
     ) -> Result<usize, PublishError> {
@@ -97,7 +97,7 @@ impl Publisher {
     /// written them. Polling every publish once, in order, before waiting on any queues the
     /// batch in order and lets the connection write it in a few writes, instead of a round
     /// of two thread wake-ups per message.
-    pub async fn send_all<'a>(
+    pub(crate) async fn send_all<'a>(
         &self,
         messages: impl IntoIterator<Item = Outgoing<'a>>,
     ) -> Result<Vec<PublisherConfirm>, PublishError> {

@@ -169,7 +169,7 @@ pub async fn declare(ch: &Channel, settings: &AmqpSettings) -> Result<Names, lap
 }
 
 /// Declares a durable topic exchange for events (`credit.events`, or a bench's own).
-pub async fn declare_events_exchange(ch: &Channel, name: &str) -> Result<(), lapin::Error> {
+pub(crate) async fn declare_events_exchange(ch: &Channel, name: &str) -> Result<(), lapin::Error> {
     ch.exchange_declare(
         name.into(),
         ExchangeKind::Topic,

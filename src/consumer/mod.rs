@@ -38,7 +38,7 @@ use crate::telemetry::Health;
 use process::{producer_refusal, Action, Attempt, DbDecider, MessageIds};
 
 /// Header naming why a message was dead-lettered.
-pub const ERROR_HEADER: &str = "x-credit-error";
+pub(crate) const ERROR_HEADER: &str = "x-credit-error";
 
 /// The consumer's tag on the input queue.
 const TAG: &str = "credit-worker";

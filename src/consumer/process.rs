@@ -89,7 +89,7 @@ fn head(s: &str, max: usize) -> &str {
 /// Why a message from `producer` ([`crate::amqp::producer::producer`]: its broker-verified
 /// AMQP `user_id`, or the producer the worker's own user vouches for) is not billed: when
 /// `allowed` is not empty, only the producers it names are.
-pub fn producer_refusal(allowed: &[String], producer: Option<&str>) -> Option<String> {
+pub(crate) fn producer_refusal(allowed: &[String], producer: Option<&str>) -> Option<String> {
     if allowed.is_empty() {
         return None;
     }

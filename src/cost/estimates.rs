@@ -31,7 +31,7 @@ impl Estimates {
     /// Parses the file: `{"estimates": {block_id: {"mean_credits": number ≥ 0, …}, …}, …}`.
     /// Other keys (`version`, `generated_at`, `block_name`, `samples`, …) are not used. Each
     /// mean is rounded half to even, as Python's `round`.
-    pub fn from_json_str(text: &str, origin: &str) -> Result<Self, CostError> {
+    pub(crate) fn from_json_str(text: &str, origin: &str) -> Result<Self, CostError> {
         let invalid = |location: &str, message: String| CostError::Invalid {
             origin: origin.to_owned(),
             location: location.to_owned(),

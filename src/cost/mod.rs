@@ -84,7 +84,7 @@ pub struct Stats {
 
 /// Credits per 10⁶ tokens of one model (AutoGPT's `TokenRate`).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct TokenRate {
+pub(crate) struct TokenRate {
     pub input: f64,
     pub output: f64,
     pub cache_read: f64,
@@ -276,7 +276,7 @@ impl CostTable {
     }
 
     /// Replaces the pre-flight estimates.
-    pub fn with_estimates(mut self, estimates: Estimates) -> Self {
+    pub(crate) fn with_estimates(mut self, estimates: Estimates) -> Self {
         self.estimates = Arc::new(estimates.0);
         self
     }

@@ -92,7 +92,7 @@ impl<'a> Batch<'a> {
     }
 
     /// The node executions still to decide: sorted, unique.
-    pub fn pending_ids(&self) -> Vec<&'a str> {
+    pub(crate) fn pending_ids(&self) -> Vec<&'a str> {
         let mut ids: Vec<&str> = self.undecided().map(|e| e.node_exec_id.as_str()).collect();
         ids.sort_unstable();
         ids.dedup();
@@ -101,18 +101,22 @@ impl<'a> Batch<'a> {
 
     /// Whether any entry still to decide is a completion (only those need earlier
     /// settlements).
-    pub fn has_completions(&self) -> bool {
+    pub(crate) fn has_completions(&self) -> bool {
         self.undecided().any(|e| e.phase == Phase::Completed)
     }
 
     /// Whether an entry could not be priced: only a look-up tells whether it is a repeat.
-    pub fn has_unpriced(&self) -> bool {
+    pub(crate) fn has_unpriced(&self) -> bool {
         self.states.iter().any(|s| matches!(s, State::Unpriced(_)))
     }
 
     /// Stage 3 (after the look-ups): a start decided before and a completion settled before
     /// are duplicates; earlier decisions are kept for the settlements.
-    pub fn mark_earlier(&mut self, decided: Vec<EarlierDecision>, settled: &[EarlierSettlement]) {
+    pub(crate) fn mark_earlier(
+        &mut self,
+        decided: Vec<EarlierDecision>,
+        settled: &[EarlierSettlement],
+    ) {
         let settled: HashMap<&str, &EarlierSettlement> = settled
             .iter()
             .map(|s| (s.node_exec_id.as_str(), s))

@@ -16,7 +16,7 @@ use crate::message::NodeExecutionEntry;
 
 /// A ledger in memory: what the database would hold after the same decisions.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct MemoryLedger {
+pub(crate) struct MemoryLedger {
     pub accounts: HashMap<String, Account>,
     pub decisions: HashMap<String, NewDecision>,
     pub settlements: HashMap<String, NewSettlement>,

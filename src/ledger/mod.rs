@@ -45,7 +45,8 @@ pub enum TxType {
 }
 
 impl TxType {
-    pub const ALL: [TxType; 4] = [TxType::TopUp, TxType::Usage, TxType::Grant, TxType::Refund];
+    pub(crate) const ALL: [TxType; 4] =
+        [TxType::TopUp, TxType::Usage, TxType::Grant, TxType::Refund];
 
     /// The type named `name` (`TOP_UP`, `USAGE`, `GRANT`, `REFUND`), if any.
     pub fn parse(name: &str) -> Option<TxType> {
@@ -143,8 +144,8 @@ pub struct Transaction {
 }
 
 /// The most rows one history page returns.
-pub const MAX_HISTORY_LIMIT: i64 = 1000;
-pub const DEFAULT_HISTORY_LIMIT: i64 = 50;
+pub(crate) const MAX_HISTORY_LIMIT: i64 = 1000;
+pub(crate) const DEFAULT_HISTORY_LIMIT: i64 = 50;
 
 /// Which ledger rows of a user a history page holds: keyset paging on `seq`, newest first.
 #[derive(Debug, Clone, PartialEq, Eq)]

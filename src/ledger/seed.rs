@@ -10,7 +10,7 @@ use sqlx::PgPool;
 /// and an already published `balance.changed` outbox event, so the relay has nothing to do and
 /// the audit holds). `refill_month` (a first day of month) marks the month's refill as already
 /// evaluated, so no refill interferes with what is measured. The users must not exist yet.
-pub async fn seed_funded_users(
+pub(crate) async fn seed_funded_users(
     pool: &PgPool,
     user_ids: &[String],
     balance: i64,
@@ -61,7 +61,7 @@ pub async fn seed_funded_users(
 }
 
 /// `count` new users `u1` … `u<count>` with balance 0 and no ledger rows, never refilled.
-pub async fn seed_empty_users(pool: &PgPool, count: i64) -> Result<(), sqlx::Error> {
+pub(crate) async fn seed_empty_users(pool: &PgPool, count: i64) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO credit.balances (user_id) SELECT 'u' || g FROM generate_series(1, $1::int8) g",
     )
@@ -74,7 +74,7 @@ pub async fn seed_empty_users(pool: &PgPool, count: i64) -> Result<(), sqlx::Err
 /// `VACUUM ANALYZE` of the balances after a bulk load: a long-lived table is vacuumed and
 /// analysed, a freshly loaded one is not yet, and the planner would guess from empty
 /// statistics.
-pub async fn analyze_balances(pool: &PgPool) -> Result<(), sqlx::Error> {
+pub(crate) async fn analyze_balances(pool: &PgPool) -> Result<(), sqlx::Error> {
     sqlx::query("VACUUM ANALYZE credit.balances")
         .execute(pool)
         .await?;
@@ -83,6 +83,6 @@ pub async fn analyze_balances(pool: &PgPool) -> Result<(), sqlx::Error> {
 
 /// A `CHECKPOINT` after a bulk load, so that what the load wrote is flushed before a timed
 /// run rather than during it. Needs a superuser or `pg_checkpoint`; false when refused.
-pub async fn checkpoint(pool: &PgPool) -> bool {
+pub(crate) async fn checkpoint(pool: &PgPool) -> bool {
     sqlx::query("CHECKPOINT").execute(pool).await.is_ok()
 }

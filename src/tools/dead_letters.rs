@@ -22,7 +22,7 @@ use crate::amqp::{producer, Outgoing, Publisher};
 use crate::config::Settings;
 
 /// The header naming why the worker dead-lettered a message.
-pub const REASON_HEADER: &str = "x-credit-error";
+pub(crate) const REASON_HEADER: &str = "x-credit-error";
 /// Set by a quorum queue on delivery; a replayed copy starts its own count in the input queue.
 const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
 /// Characters of a body shown.
@@ -354,7 +354,7 @@ impl Selection {
 
 /// The dead message's properties without the headers that describe its death or its
 /// deliveries.
-pub fn replay_properties(props: &BasicProperties) -> BasicProperties {
+pub(crate) fn replay_properties(props: &BasicProperties) -> BasicProperties {
     crate::amqp::without_headers(props, &[REASON_HEADER, DELIVERY_COUNT_HEADER])
 }
 
@@ -427,7 +427,7 @@ pub fn node_exec_id(body: &[u8]) -> Option<String> {
 }
 
 /// The first [`EXCERPT_CHARS`] characters of `body`, lossy UTF-8, with `…` when cut.
-pub fn excerpt(body: &[u8]) -> String {
+pub(crate) fn excerpt(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(body);
     let mut out: String = text.chars().take(EXCERPT_CHARS).collect();
     if text.chars().nth(EXCERPT_CHARS).is_some() {

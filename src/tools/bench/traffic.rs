@@ -210,7 +210,7 @@ impl Traffic {
         }
     }
 
-    pub fn is_pairs(&self) -> bool {
+    pub(crate) fn is_pairs(&self) -> bool {
         self.schedule.is_some()
     }
 
@@ -222,7 +222,7 @@ impl Traffic {
     }
 
     /// The body published in slot m.
-    pub fn body_at(&self, m: usize) -> Vec<u8> {
+    pub(crate) fn body_at(&self, m: usize) -> Vec<u8> {
         match self.schedule.as_ref().and_then(|s| s.slots.get(m)) {
             None => self.body(m),
             Some(Slot::Start(i)) => self.body(*i),
@@ -232,7 +232,7 @@ impl Traffic {
 
     /// The slot of execution i's last message: the broker-only pipeline's latency is timed
     /// from it (each message yields an event).
-    pub fn last_slot(&self, i: usize) -> usize {
+    pub(crate) fn last_slot(&self, i: usize) -> usize {
         self.schedule
             .as_ref()
             .and_then(|s| s.last_slot.get(i).copied())
@@ -242,7 +242,7 @@ impl Traffic {
     /// The slot of the message that yields execution i's last event in the worker: its later
     /// message, except for a completion that overtook its start (the start is then a
     /// duplicate and yields none). The worker's latency is timed from it.
-    pub fn last_event_slot(&self, i: usize) -> usize {
+    pub(crate) fn last_event_slot(&self, i: usize) -> usize {
         if !self.is_pairs() || !overtakes(i) {
             return self.last_slot(i);
         }
@@ -279,7 +279,7 @@ impl Traffic {
     }
 
     /// Execution i's completion: its start entry with the phase, status and token counts.
-    pub fn completion_body(&self, i: usize) -> Vec<u8> {
+    pub(crate) fn completion_body(&self, i: usize) -> Vec<u8> {
         let mut entry = self.entry(i);
         let (input, output) = tokens(self.first + i);
         if let Some(e) = entry.as_object_mut() {
@@ -725,7 +725,7 @@ impl Latency {
     }
 
     /// Nearest-rank percentiles of latencies in milliseconds (sorted in place).
-    pub fn of_ms(ms: &mut [f64]) -> Option<Latency> {
+    pub(crate) fn of_ms(ms: &mut [f64]) -> Option<Latency> {
         if ms.is_empty() {
             return None;
         }
