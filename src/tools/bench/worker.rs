@@ -346,10 +346,7 @@ async fn wait_then_stop(
 pub(super) async fn stop_worker(proc: &mut WorkerProcess) -> Stopped {
     let peak_kib = proc.peak_kib();
     // The worker's own timings, when its HTTP endpoint answers (diagnostic only).
-    let breakdown = scrape(proc.metrics_addr)
-        .await
-        .map(|t| Breakdown::parse(&t))
-        .ok();
+    let breakdown = settled_breakdown(proc.metrics_addr).await;
     let mut problems = Vec::new();
     match proc.stop().await {
         Ok(status) if status.success() => {}
@@ -1004,6 +1001,24 @@ impl std::fmt::Display for Breakdown {
             self.decide_retries
         )
     }
+}
+
+/// The worker's breakdown once its last batch and outbox round are recorded: the last event
+/// arrives before the worker times the ack and the round's commit, so it is read until two
+/// reads 50 ms apart agree (at most half a second).
+async fn settled_breakdown(addr: std::net::SocketAddr) -> Option<Breakdown> {
+    let mut last = Breakdown::parse(&scrape(addr).await.ok()?);
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let Ok(text) = scrape(addr).await else { break };
+        let now = Breakdown::parse(&text);
+        let settled = (now.batches, now.outbox_rounds) == (last.batches, last.outbox_rounds);
+        last = now;
+        if settled && last.outbox_rounds > 0.0 {
+            break;
+        }
+    }
+    Some(last)
 }
 
 /// GET /metrics over a bare socket (one request; no HTTP client needed).
