@@ -234,13 +234,12 @@ pub(crate) fn charge_uncollected(
 }
 
 /// `top_up.requested`: the payment side is asked to add `amount`; it answers with a `top_up`
-/// keyed by `request_id`, so the fulfilment is applied once. `supersedes` names the user's
-/// previous request when it was still unanswered (its TTL passed): paid already, that payment
-/// answers this request too.
+/// keyed by `request_id`, so the fulfilment is applied once. `seq` is the user's last ledger
+/// row when the request was made: a payment whose row comes after it was not seen by it.
 pub(crate) fn top_up_requested(
     user_id: &str,
     request_id: &str,
-    supersedes: Option<&str>,
+    seq: i64,
     amount: i64,
     balance: i64,
     threshold: i64,
@@ -254,7 +253,7 @@ pub(crate) fn top_up_requested(
             "user_id": user_id,
             "occurred_at": rfc3339(at),
             "request_id": request_id,
-            "supersedes": supersedes,
+            "seq": seq,
             "amount": amount,
             "balance": balance,
             "threshold": threshold,

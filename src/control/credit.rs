@@ -1,5 +1,5 @@
 //! `top_up` / `grant` {user_id, amount, key?, reason?} ⇒ {user_id, balance, transaction_key,
-//! applied}.
+//! applied, seq}.
 //!
 //! With a `key` the credit is exactly-once whatever happens. Without one, the AMQP
 //! `message_id` of the message that carried it keys it (scoped by the sender), so a

@@ -768,17 +768,24 @@ fn requests(l: &MemoryLedger) -> Vec<(String, i64)> {
         .collect()
 }
 
-/// What each `top_up.requested` in `l` supersedes, in order.
-fn superseded(l: &MemoryLedger) -> Vec<Option<String>> {
+/// The ledger `seq` each `top_up.requested` in `l` was made at, in order.
+fn request_seqs(l: &MemoryLedger) -> Vec<i64> {
     l.events
         .iter()
         .filter(|e| e.routing_key == crate::events::TOP_UP_REQUESTED)
-        .map(|e| e.json()["supersedes"].as_str().map(str::to_owned))
+        .map(|e| e.json()["seq"].as_i64().unwrap_or(-1))
         .collect()
 }
 
-/// A credit of 5 to user `u` under `key`, as the payment side's or an operator's lands.
-fn credit(l: &mut MemoryLedger, tx_type: TxType, key: &str, at: DateTime<Utc>) {
+/// The seq of the decided ledger row under `key`.
+fn seq_of(l: &MemoryLedger, key: &str) -> i64 {
+    let row = l.transactions.iter().find(|t| t.transaction_key == key);
+    row.map_or(-1, |t| t.seq)
+}
+
+/// A credit of 5 to user `u` under `key`, as the payment side's or an operator's lands; its
+/// row's seq.
+fn credit(l: &mut MemoryLedger, tx_type: TxType, key: &str, at: DateTime<Utc>) -> i64 {
     let a = l.accounts.get_mut("u").unwrap();
     let mut changes = crate::ledger::Changes::default();
     let exec = crate::events::ExecutionRef::default();
@@ -790,7 +797,7 @@ fn credit(l: &mut MemoryLedger, tx_type: TxType, key: &str, at: DateTime<Utc>) {
         exec,
         at,
     };
-    a.post(&mut changes, entry).unwrap();
+    a.post(&mut changes, entry).unwrap()
 }
 
 /// A ledger whose user `u` made one run (990 left) and then set an auto top-up.
@@ -813,7 +820,7 @@ fn a_debit_below_the_threshold_requests_one_top_up_until_credits_land() {
     l.decide(&p, &es, now());
     assert_eq!(requests(&l), vec![("AUTO-TOP-UP-u-1".into(), 970)]);
     // The payment side's top-up lands: the next debit below the threshold asks again.
-    credit(&mut l, TxType::TopUp, "AUTO-TOP-UP-u-1", now());
+    let paid = credit(&mut l, TxType::TopUp, "AUTO-TOP-UP-u-1", now());
     assert_eq!(l.accounts["u"].auto_requested_at, None);
     l.decide(&p, &[entry("u", "c", 0)], now());
     assert_eq!(
@@ -823,14 +830,17 @@ fn a_debit_below_the_threshold_requests_one_top_up_until_credits_land() {
             ("AUTO-TOP-UP-u-2".into(), 955)
         ]
     );
-    // Request 1 was answered: request 2 supersedes nothing.
-    assert_eq!(superseded(&l), vec![None, None]);
+    // Each request names the row it was made at, the debit that crossed: request 2 comes after
+    // the payment's row, so the payment side knows it is a need of its own.
+    let seqs = request_seqs(&l);
+    assert_eq!(seqs, vec![seq_of(&l, "USAGE-b1"), seq_of(&l, "USAGE-c")]);
+    assert!(seqs[0] < paid && paid < seqs[1], "{seqs:?} {paid}");
 }
 
 /// Only the outstanding request's own fulfilment answers it: the late fulfilment of a request
 /// its TTL superseded, the user's own purchase or a grant leave it outstanding, so the payment
-/// side never holds two of one user's requests at once. The superseding request names the
-/// one it superseded.
+/// side never holds two of one user's requests at once. The late payment's row comes after
+/// request 2's seq, so the payment side can tell that request 2 was made before it landed.
 #[test]
 fn only_the_outstanding_requests_fulfilment_answers_it() {
     let p = pricing(0);
@@ -844,19 +854,21 @@ fn only_the_outstanding_requests_fulfilment_answers_it() {
         (TxType::TopUp, "invoice-9"),
         (TxType::Grant, "MONTHLY-CREDIT-TOP-UP-2027-01"),
     ];
+    let mut late = None;
     for (tx_type, key) in others {
-        credit(&mut l, tx_type, key, hour);
+        let seq = credit(&mut l, tx_type, key, hour);
+        late = late.or(Some(seq));
         l.decide(&p, &[entry("u", &format!("after {key}"), 0)], hour);
         assert_eq!(requests(&l).len(), 2, "{key} answered request 2");
     }
+    let request_2 = request_seqs(&l)[1];
+    assert_eq!(request_2, seq_of(&l, "USAGE-c"));
+    assert!(late.is_some_and(|late| late > request_2), "{late:?}");
     credit(&mut l, TxType::TopUp, "AUTO-TOP-UP-u-2", hour);
     l.decide(&p, &[entry("u", "d", 0)], hour);
     let last = requests(&l).last().map(|r| r.0.clone());
     assert_eq!(last.as_deref(), Some("AUTO-TOP-UP-u-3"));
-    assert_eq!(
-        superseded(&l),
-        vec![None, Some("AUTO-TOP-UP-u-1".into()), None]
-    );
+    assert_eq!(request_seqs(&l)[2], seq_of(&l, "USAGE-d"));
 }
 
 #[test]
@@ -872,8 +884,9 @@ fn an_unanswered_request_is_made_again_after_its_ttl_not_before() {
     l.decide(&p, &[entry("u", "d", 0)], hour);
     assert_eq!(requests(&l).len(), 2);
     assert_eq!(requests(&l)[1].0, "AUTO-TOP-UP-u-2");
-    // The payment side learns that a payment of request 1 answers request 2 too.
-    assert_eq!(superseded(&l), vec![None, Some("AUTO-TOP-UP-u-1".into())]);
+    // Each request names the debit's row it was made at.
+    let made_at = vec![seq_of(&l, "USAGE-b"), seq_of(&l, "USAGE-d")];
+    assert_eq!(request_seqs(&l), made_at);
 }
 
 /// A user whose request's payment failed and who can afford no run makes no debit; a run

@@ -339,10 +339,6 @@ impl Account {
         if self.balance >= threshold || outstanding {
             return false;
         }
-        // Still set here only for a request left unanswered past its TTL.
-        let supersedes = self
-            .auto_requested_at
-            .map(|_| self.request_id(self.auto_requests));
         self.auto_requests += 1;
         self.auto_requested_at = Some(now);
         self.dirty = true;
@@ -350,7 +346,7 @@ impl Account {
         changes.events.push(events::top_up_requested(
             &self.user_id,
             &request_id,
-            supersedes.as_deref(),
+            self.last_seq,
             amount,
             self.balance,
             threshold,

@@ -109,6 +109,9 @@ impl LedgerError {
     }
 }
 
+/// A ledger row found under a key: its type, amount and seq.
+type KeyedRow = (String, i64, i64);
+
 /// The result of a credit or debit.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Posting {
@@ -117,6 +120,8 @@ pub struct Posting {
     pub applied: bool,
     pub balance: i64,
     pub transaction_key: String,
+    /// The ledger row's `seq` (the existing row's when nothing changed).
+    pub seq: i64,
 }
 
 /// A user's auto top-up after `auto_top_up`: `threshold` and `amount` null when off.
@@ -420,15 +425,15 @@ impl Ledger {
             .await
     }
 
-    /// [`Ledger::with_account`] that also gives `op` the type and amount of the user's row
-    /// under `key`, if there is one. The key is looked up under the balance-row lock, so two
+    /// [`Ledger::with_account`] that also gives `op` the type, amount and seq of the user's
+    /// row under `key`, if there is one. The key is looked up under the balance-row lock, so two
     /// identical requests cannot both see it missing.
     async fn with_account_key<T>(
         &self,
         user_id: &str,
         key: Option<&str>,
         at: DateTime<Utc>,
-        op: impl FnOnce(&mut Account, &mut Changes, Option<(String, i64)>) -> Result<T, LedgerError>,
+        op: impl FnOnce(&mut Account, &mut Changes, Option<KeyedRow>) -> Result<T, LedgerError>,
     ) -> Result<T, LedgerError> {
         check_user_id(user_id)?;
         let users = [user_id.to_owned()];
@@ -560,7 +565,7 @@ impl Ledger {
         let ttl = self.policy.auto_top_up_ttl;
         let lookup = key.clone();
         self.with_account_key(user_id, Some(&lookup), at, |account, changes, row| {
-            if let Some((row_type, row_amount)) = &row {
+            if let Some((row_type, row_amount, _)) = &row {
                 check_key_reuse(&lookup, (row_type, *row_amount), (tx_type, amount))?;
             }
             // Only a new posting: the same request again answers as it always did.
@@ -575,29 +580,34 @@ impl Ledger {
                 });
             }
             let found = row.is_some();
-            if !found {
-                let before = account.balance;
-                let entry = Entry {
-                    tx_type,
-                    key: key.clone(),
-                    amount,
-                    metadata,
-                    exec: ExecutionRef::default(),
-                    at,
-                };
-                let seq = account.post(changes, entry)?;
-                changes
-                    .events
-                    .extend(account.low_balance_crossing(before, seq, threshold, at));
-                if amount < 0 {
-                    account.request_top_up(changes, ttl, at);
+            let seq = match row {
+                Some((_, _, seq)) => seq,
+                None => {
+                    let before = account.balance;
+                    let entry = Entry {
+                        tx_type,
+                        key: key.clone(),
+                        amount,
+                        metadata,
+                        exec: ExecutionRef::default(),
+                        at,
+                    };
+                    let seq = account.post(changes, entry)?;
+                    changes
+                        .events
+                        .extend(account.low_balance_crossing(before, seq, threshold, at));
+                    if amount < 0 {
+                        account.request_top_up(changes, ttl, at);
+                    }
+                    seq
                 }
-            }
+            };
             Ok(Posting {
                 user_id: user_id.to_owned(),
                 applied: !found,
                 balance: account.balance,
                 transaction_key: key,
+                seq,
             })
         })
         .await

@@ -95,7 +95,7 @@ const FIND_DECISION: &str = "SELECT user_id, block_id, outcome, cost, transactio
             fee_key AS fee_transaction_key \
        FROM credit.decisions WHERE node_exec_id = $1";
 
-const KEYED_ROW: &str = "SELECT type::text, amount FROM credit.transactions \
+const KEYED_ROW: &str = "SELECT type::text, amount, seq FROM credit.transactions \
      WHERE user_id = $1 AND transaction_key = $2";
 
 const READ_BALANCE: &str = "SELECT balance FROM credit.balances WHERE user_id = $1";
@@ -312,12 +312,12 @@ pub(crate) async fn find_decision(
         .await
 }
 
-/// The type and amount of the user's ledger row under `key`, if there is one.
+/// The type, amount and seq of the user's ledger row under `key`, if there is one.
 pub(crate) async fn keyed_row(
     conn: &mut PgConnection,
     user_id: &str,
     key: &str,
-) -> Result<Option<(String, i64)>, sqlx::Error> {
+) -> Result<Option<(String, i64, i64)>, sqlx::Error> {
     sqlx::query_as(KEYED_ROW)
         .bind(user_id)
         .bind(key)

@@ -222,7 +222,7 @@ async fn every_command_end_to_end() {
             json!({"command": "top_up", "user_id": "alice", "amount": 250, "key": "TU-alice-1"})
         )
         .await,
-        json!({"user_id": "alice", "balance": 1250, "transaction_key": "TU-alice-1", "applied": true})
+        json!({"user_id": "alice", "balance": 1250, "transaction_key": "TU-alice-1", "applied": true, "seq": 2})
     );
     // grant without a key, with a reason and an extra field that is ignored.
     let g = rpc
@@ -802,11 +802,11 @@ async fn top_up_with_the_same_key_applies_once() {
     let cmd = json!({"command": "top_up", "user_id": "carol", "amount": 300, "key": "ORDER-17"});
     assert_eq!(
         rpc.ok(cmd.clone()).await,
-        json!({"user_id": "carol", "balance": 1300, "transaction_key": "ORDER-17", "applied": true})
+        json!({"user_id": "carol", "balance": 1300, "transaction_key": "ORDER-17", "applied": true, "seq": 2})
     );
     assert_eq!(
         rpc.ok(cmd).await,
-        json!({"user_id": "carol", "balance": 1300, "transaction_key": "ORDER-17", "applied": false})
+        json!({"user_id": "carol", "balance": 1300, "transaction_key": "ORDER-17", "applied": false, "seq": 2})
     );
     // The key names that top-up of 300: reused for another amount or type it is refused,
     // not answered as already applied.
@@ -848,29 +848,29 @@ async fn an_unkeyed_credit_is_keyed_by_its_message_id() {
     let worker = start(&env).await;
     let mut rpc = Rpc::new(&env).await;
     let top_up = json!({"command": "top_up", "user_id": "erin", "amount": 250});
-    let result = |balance: i64, key: &str, applied: bool| json!({"user_id": "erin", "balance": balance, "transaction_key": key, "applied": applied});
+    let result = |balance: i64, key: &str, applied: bool, seq: i64| json!({"user_id": "erin", "balance": balance, "transaction_key": key, "applied": applied, "seq": seq});
     assert_eq!(
         rpc.ok_with_id(&top_up, "pay-7").await,
-        result(1250, "TOP-UP-MSG-5:guest-pay-7", true)
+        result(1250, "TOP-UP-MSG-5:guest-pay-7", true, 2)
     );
     assert_eq!(
         rpc.ok_with_id(&top_up, "pay-7").await,
-        result(1250, "TOP-UP-MSG-5:guest-pay-7", false)
+        result(1250, "TOP-UP-MSG-5:guest-pay-7", false, 2)
     );
     // Another message is another credit; a grant's key is its own; an explicit key wins.
     assert_eq!(
         rpc.ok_with_id(&top_up, "pay-8").await,
-        result(1500, "TOP-UP-MSG-5:guest-pay-8", true)
+        result(1500, "TOP-UP-MSG-5:guest-pay-8", true, 3)
     );
     let grant = json!({"command": "grant", "user_id": "erin", "amount": 5});
     assert_eq!(
         rpc.ok_with_id(&grant, "pay-7").await,
-        result(1505, "GRANT-MSG-5:guest-pay-7", true)
+        result(1505, "GRANT-MSG-5:guest-pay-7", true, 4)
     );
     let keyed = json!({"command": "top_up", "user_id": "erin", "amount": 1, "key": "K-1"});
     assert_eq!(
         rpc.ok_with_id(&keyed, "pay-7").await,
-        result(1506, "K-1", true)
+        result(1506, "K-1", true, 5)
     );
     // Without a message_id each delivery is credited (the documented limit of unkeyed).
     for balance in [1756, 2006] {
@@ -972,7 +972,7 @@ async fn database_outage_gets_internal_and_the_loop_carries_on() {
     // keyed command now applies exactly once.
     assert_eq!(
         rpc.ok(top_up.clone()).await,
-        json!({"user_id": "erin", "balance": 1005, "transaction_key": "OUTAGE-1", "applied": true})
+        json!({"user_id": "erin", "balance": 1005, "transaction_key": "OUTAGE-1", "applied": true, "seq": 2})
     );
     assert_eq!(rpc.ok(top_up).await["applied"], json!(false));
     assert_eq!(rpc.strays, 0);
@@ -1095,7 +1095,7 @@ async fn the_cli_runs_each_operator_command() {
     let top_up = env.cli_json(&["top-up", "alice", "100", "--key", "k1"]);
     assert_eq!(
         top_up,
-        json!({"applied": true, "balance": 1100, "transaction_key": "k1", "user_id": "alice"})
+        json!({"applied": true, "balance": 1100, "seq": 2, "transaction_key": "k1", "user_id": "alice"})
     );
     let again = env.cli_json(&["top-up", "alice", "100", "--key", "k1"]);
     assert_eq!(again["applied"], json!(false));

@@ -1274,9 +1274,9 @@ async fn auto_top_up_requests_once_and_is_fulfilled_once() {
 }
 
 /// Only an auto top-up request's own fulfilment answers it: neither the monthly refill (the
-/// sweep's SQL) nor another credit, nor the late payment of a request it superseded, lets a
-/// second request go out while the first may still be paid. A request made after its
-/// predecessor's TTL names it in `supersedes`.
+/// sweep's SQL) nor another credit, nor the late payment of a request its TTL superseded, lets
+/// a second request go out while the first may still be paid. Each request carries the seq it
+/// was made at, and each credit's reply its row's seq.
 #[tokio::test]
 async fn only_its_fulfilment_answers_an_outstanding_top_up_request() {
     let env = TestEnv::with(no_refill).await;
@@ -1317,41 +1317,62 @@ async fn only_its_fulfilment_answers_an_outstanding_top_up_request() {
         ledger.balance("a", now).await.unwrap(),
         1000 + 5 + 5 - 10 + 500 - 10
     );
-    // Request 2 left unanswered past its TTL (an hour): request 3 says it supersedes it, so a
-    // payment side that paid request 2 late knows not to charge again.
+    // Request 2 left unanswered past its TTL (an hour): request 3 is made, at S-3's row. Each
+    // request carries the seq of the user's last row when it was made.
     let later = now + chrono::Duration::seconds(3601);
     ledger
         .spend("a", 10, "S-3", json!({}), later)
         .await
         .unwrap();
-    let supersedes: Vec<(String, Option<String>)> = sqlx::query_as(
-        "SELECT payload->>'request_id', payload->>'supersedes' FROM credit.outbox
-          WHERE routing_key = 'top_up.requested' ORDER BY id",
-    )
-    .fetch_all(&env.pool)
-    .await
-    .unwrap();
     let request = |n: i64| format!("AUTO-TOP-UP-a-{n}");
-    assert_eq!(
-        supersedes,
-        vec![
-            (request(1), None),
-            (request(2), None),
-            (request(3), Some(request(2)))
-        ]
-    );
-    // Request 2 paid late does not answer request 3 (it may be being paid); request 3's own
-    // payment does, and the next request supersedes nothing.
+    let made_at = |n: i64| {
+        let env = &env;
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT (payload->>'seq')::int8 FROM credit.outbox
+                  WHERE routing_key = 'top_up.requested' AND payload->>'request_id' = $1",
+            )
+            .bind(format!("AUTO-TOP-UP-a-{n}"))
+            .fetch_one(&env.pool)
+            .await
+            .unwrap()
+        }
+    };
+    let row_seq = |key: &'static str| {
+        let env = &env;
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT seq FROM credit.transactions WHERE user_id = 'a' AND transaction_key = $1",
+            )
+            .bind(key)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap()
+        }
+    };
+    assert!(made_at(1).await < row_seq("MONTHLY-CREDIT-TOP-UP-2031-07").await);
+    assert_eq!(made_at(2).await, row_seq("S-2").await);
+    assert_eq!(made_at(3).await, row_seq("S-3").await);
+    // Request 2 paid late does not answer request 3 (it may be being paid). Its row comes
+    // after request 3's seq, which is how a payment side holding request 3 knows not to
+    // charge again; the reply carries the row's seq, the same when the payment is repeated.
     let late = ledger
         .credit(TxType::TopUp, "a", 500, Some(&request(2)), None, later)
         .await
         .unwrap();
     assert_eq!((late.applied, late.balance), (true, 1480 + 500));
+    assert!(late.seq > made_at(3).await, "{late:?}");
+    let again = ledger
+        .credit(TxType::TopUp, "a", 500, Some(&request(2)), None, later)
+        .await
+        .unwrap();
+    assert_eq!((again.applied, again.seq), (false, late.seq));
     ledger
         .spend("a", 10, "S-4", json!({}), later)
         .await
         .unwrap();
     assert_eq!(top_up_requests(&env).await.len(), 3);
+    // Request 3's own payment answers it: the next debit below the threshold asks anew.
     ledger
         .credit(TxType::TopUp, "a", 500, Some(&request(3)), None, later)
         .await
@@ -1360,14 +1381,8 @@ async fn only_its_fulfilment_answers_an_outstanding_top_up_request() {
         .spend("a", 10, "S-5", json!({}), later)
         .await
         .unwrap();
-    let last: (String, Option<String>) = sqlx::query_as(
-        "SELECT payload->>'request_id', payload->>'supersedes' FROM credit.outbox
-          WHERE routing_key = 'top_up.requested' ORDER BY id DESC LIMIT 1",
-    )
-    .fetch_one(&env.pool)
-    .await
-    .unwrap();
-    assert_eq!(last, (request(4), None));
+    assert_eq!(top_up_requests(&env).await.len(), 4);
+    assert_eq!(made_at(4).await, row_seq("S-5").await);
     env.assert_audit_clean().await;
     env.cleanup().await;
 }
