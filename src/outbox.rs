@@ -58,6 +58,8 @@ pub(crate) struct Relay {
     pub pool: PgPool,
     /// The broker user the worker connects as, in every event's `user_id`.
     pub own_user: Option<String>,
+    /// Told whether a session is connected, for `/readyz`.
+    pub health: Arc<crate::telemetry::Health>,
 }
 
 impl Relay {
@@ -124,6 +126,7 @@ impl Relay {
         let publisher = Publisher::open(&conn).await?;
         let exchange = self.settings.name(topology::EVENTS);
         topology::declare_events_exchange(publisher.channel(), &exchange).await?;
+        let _connected = self.health.relay_connected();
         // The leader's lock lives as long as this connection, which never returns to the pool.
         let mut db = self.pool.acquire().await?.detach();
         let led = match self.await_lead(&mut db, drain, hard_stop).await {

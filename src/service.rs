@@ -323,6 +323,7 @@ impl Parts {
                 settings: settings.clone(),
                 pool: pool.clone(),
                 own_user: own_user.clone(),
+                health: health.clone(),
             },
             control: crate::control::Context {
                 settings,

@@ -195,6 +195,16 @@ fn spawn_upkeep(handle: &PrometheusHandle) {
 pub struct Health {
     consuming: AtomicBool,
     relaying: AtomicBool,
+    relay_connected: AtomicBool,
+}
+
+/// Marks the outbox relay's session connected to the broker while it lives.
+pub(crate) struct RelayConnected<'a>(&'a Health);
+
+impl Drop for RelayConnected<'_> {
+    fn drop(&mut self) {
+        self.0.relay_connected.store(false, Ordering::SeqCst);
+    }
 }
 
 impl Health {
@@ -215,6 +225,12 @@ impl Health {
     }
     pub(crate) fn relaying(&self) -> bool {
         self.relaying.load(Ordering::SeqCst)
+    }
+    /// The relay's session has its broker connection and the events exchange, until the
+    /// guard is dropped with the session.
+    pub(crate) fn relay_connected(&self) -> RelayConnected<'_> {
+        self.relay_connected.store(true, Ordering::SeqCst);
+        RelayConnected(self)
     }
 }
 
@@ -286,14 +302,30 @@ async fn readyz(State(s): State<HttpState>) -> (StatusCode, String) {
     let db = tokio::time::timeout(Duration::from_secs(2), crate::db::ping(&s.pool))
         .await
         .unwrap_or(false);
-    let consuming = s.health.consuming();
-    let relaying = s.health.relaying();
-    let mut body = format!("database: {}\nbroker: {}\n", up(db), up(consuming));
-    if !relaying {
-        // Only said when it matters: the relay runs for the whole life of the process.
-        body.push_str("outbox relay: down\n");
+    let h = &s.health;
+    let relay = h
+        .relaying()
+        .then(|| h.relay_connected.load(Ordering::SeqCst));
+    readiness(db, h.consuming(), relay)
+}
+
+/// `/readyz`'s answer: ready once the database answers, the consumer consumes and the outbox
+/// relay runs (`relay`: None when it has ended, else whether its session is connected).
+fn readiness(db: bool, consuming: bool, relay: Option<bool>) -> (StatusCode, String) {
+    let consumer = if consuming {
+        "consuming"
+    } else {
+        "not consuming"
+    };
+    let mut body = format!("database: {}\nconsumer: {consumer}\n", up(db));
+    // Only said when it matters: the relay runs for the whole life of the process, connected.
+    match relay {
+        None => body.push_str("outbox relay: down\n"),
+        // Still ready: decisions go on and their events wait in the outbox.
+        Some(false) => body.push_str("outbox relay: reconnecting to the broker\n"),
+        Some(true) => {}
     }
-    if db && consuming && relaying {
+    if db && consuming && relay.is_some() {
         (StatusCode::OK, body)
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, body)
@@ -311,6 +343,38 @@ fn up(b: bool) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::panic_text;
+
+    #[test]
+    fn readiness_names_what_is_missing_and_a_relay_reconnecting_stays_ready() {
+        use axum::http::StatusCode;
+        let ready = |db, consuming, relay| super::readiness(db, consuming, relay);
+        let ok = "database: up\nconsumer: consuming\n";
+        assert_eq!(ready(true, true, Some(true)), (StatusCode::OK, ok.into()));
+        let reconnecting = format!("{ok}outbox relay: reconnecting to the broker\n");
+        assert_eq!(
+            ready(true, true, Some(false)),
+            (StatusCode::OK, reconnecting)
+        );
+        let down = format!("{ok}outbox relay: down\n");
+        assert_eq!(
+            ready(true, true, None),
+            (StatusCode::SERVICE_UNAVAILABLE, down)
+        );
+        let waiting = "database: down\nconsumer: not consuming\n";
+        let unavailable = (StatusCode::SERVICE_UNAVAILABLE, waiting.to_owned());
+        assert_eq!(ready(false, false, Some(true)), unavailable);
+        // The guard marks the relay connected while its session holds it.
+        let health = super::Health::default();
+        let connected = || {
+            health
+                .relay_connected
+                .load(std::sync::atomic::Ordering::SeqCst)
+        };
+        let guard = health.relay_connected();
+        assert!(connected());
+        drop(guard);
+        assert!(!connected());
+    }
 
     /// The recorder drains its histograms by itself, scraped or not.
     #[test]

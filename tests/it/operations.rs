@@ -50,7 +50,7 @@ async fn http_endpoints_report_health_readiness_and_metrics() {
     wait_status(T, port, "/healthz", 200).await;
     wait_status(T, port, "/readyz", 200).await;
     let (_, ready) = http_get(port, "/readyz").await.expect("readyz");
-    assert_eq!(ready, "database: up\nbroker: up\n");
+    assert_eq!(ready, "database: up\nconsumer: consuming\n");
     assert_eq!(http_status(port, "/nope").await, 404);
 
     let (status, before) = http_get(port, "/metrics").await.expect("metrics");
