@@ -673,13 +673,14 @@ fn list_text(report: &crate::tools::dead_letters::ListReport) -> String {
     // terminal.
     for m in &report.messages {
         out.push_str(&format!(
-            "\n  {} | {} | {}",
+            "\n  {} | {} | {} | {}",
             printable(m.node_exec_id.as_deref().unwrap_or("-")),
             if m.reason.is_empty() {
                 "-".into()
             } else {
                 printable(&m.reason)
             },
+            printable(m.producer.as_deref().unwrap_or("-")),
             printable(&m.excerpt)
         ));
     }

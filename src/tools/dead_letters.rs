@@ -38,6 +38,10 @@ pub struct DeadLetter {
     pub reason: String,
     /// The body's `node_exec_id`, when the body is JSON with that field.
     pub node_exec_id: Option<String>,
+    /// The broker user that published it, judged as the worker does with the tool's own
+    /// broker user (the worker's, run with its configuration): its verified `user_id`, or the
+    /// producer a copy of the worker's names. None for an anonymous message.
+    pub producer: Option<String>,
     /// The body's first characters (lossy UTF-8).
     pub excerpt: String,
 }
@@ -268,7 +272,8 @@ pub async fn list(settings: &Settings, limit: usize) -> anyhow::Result<ListRepor
     let session = Session::open(settings).await?;
     let depth = session.depth().await?;
     let held = session.take(limit.min(depth as usize), true).await?;
-    let messages = held.iter().map(describe).collect();
+    let me = session.user.as_deref();
+    let messages = held.iter().map(|d| describe(d, me)).collect();
     let last = held.last().map(|d| d.delivery_tag);
     session.finish(last, held.len(), false).await?;
     Ok(ListReport { depth, messages })
@@ -300,7 +305,10 @@ pub async fn replay(
         report.skipped += skipped.len();
         last_held = max_tag(last_held, skipped.last());
         if dry_run {
-            report.would_replay.extend(chosen.iter().map(describe));
+            let me = session.user.as_deref();
+            report
+                .would_replay
+                .extend(chosen.iter().map(|d| describe(d, me)));
             last_held = max_tag(last_held, chosen.last());
             continue;
         }
@@ -358,10 +366,12 @@ pub(crate) fn replay_properties(props: &BasicProperties) -> BasicProperties {
     crate::amqp::without_headers(props, &[REASON_HEADER, DELIVERY_COUNT_HEADER])
 }
 
-fn describe(d: &lapin::message::Delivery) -> DeadLetter {
+/// A dead message as an operator sees it; `me` is the broker user the tool connects as.
+fn describe(d: &lapin::message::Delivery, me: Option<&str>) -> DeadLetter {
     DeadLetter {
         reason: reason(&d.properties),
         node_exec_id: node_exec_id(&d.data),
+        producer: crate::amqp::producer::producer(&d.properties, me),
         excerpt: excerpt(&d.data),
     }
 }

@@ -9,6 +9,7 @@ use credit_worker::service::Worker;
 use credit_worker::tools::dead_letters;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable};
+use serde_json::json;
 
 use crate::fixtures::*;
 use crate::helpers::*;
@@ -28,8 +29,13 @@ async fn dead_letter(env: &TestEnv, body: &[u8], reason: &str) {
 /// Publishes `body` to `queue` with `headers` and confirms, as a producer with lapin's
 /// defaults (the broker's frame size) would.
 async fn publish_with(env: &TestEnv, queue: &str, body: &[u8], headers: FieldTable) {
-    let (_conn, ch) = confirming_channel(env).await;
     let props = credit_worker::amqp::persistent_json().with_headers(headers);
+    publish_props(env, queue, body, props).await;
+}
+
+/// Publishes `body` to `queue` with `props` and confirms.
+async fn publish_props(env: &TestEnv, queue: &str, body: &[u8], props: lapin::BasicProperties) {
+    let (_conn, ch) = confirming_channel(env).await;
     let confirm = ch
         .basic_publish(
             "".into(),
@@ -111,13 +117,40 @@ async fn list_twice_leaves_the_queue_as_it_was() {
     assert!(report
         .messages
         .iter()
-        .all(|m| m.reason == "user_id: missing"));
+        .all(|m| m.reason == "user_id: missing" && m.producer.is_none()));
+    // A copy the worker's user made names its producer in a header, which the list believes
+    // from that user only.
+    let copied = body(&platform_gpt4("u1", "ne-list-3"));
+    let mut headers = FieldTable::default();
+    for (k, v) in [
+        ("x-credit-error", "block_id: missing"),
+        ("x-credit-producer", "billing"),
+    ] {
+        headers.insert(k.into(), AMQPValue::LongString(v.into()));
+    }
+    let props = credit_worker::amqp::persistent_json()
+        .with_user_id("guest".into())
+        .with_headers(headers);
+    publish_props(&env, &env.names.dead_queue, &copied, props).await;
+    bodies.push(copied);
+    let listed = env.cli_json(&["dead-letters", "list"]);
+    assert_eq!(listed["depth"], 4);
+    let producers: Vec<&serde_json::Value> = listed["messages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| &m["producer"])
+        .collect();
+    assert_eq!(
+        producers,
+        [&json!(null), &json!(null), &json!(null), &json!("billing")]
+    );
     let listed = env.cli_json(&["dead-letters", "list", "--limit", "2"]);
-    assert_eq!(listed["depth"], 3);
+    assert_eq!(listed["depth"], 4);
     assert_eq!(listed["messages"].as_array().map(Vec::len), Some(2));
-    assert_eq!(queue_depth(&env, &env.names.dead_queue).await, 3);
+    assert_eq!(queue_depth(&env, &env.names.dead_queue).await, 4);
     bodies.sort();
-    assert_eq!(drain_bodies(&env, 3).await, bodies);
+    assert_eq!(drain_bodies(&env, 4).await, bodies);
     assert_eq!(queue_depth(&env, &env.names.dead_queue).await, 0);
     env.cleanup().await;
 }
