@@ -127,6 +127,8 @@ impl Relay {
         let exchange = self.settings.name(topology::EVENTS);
         topology::declare_events_exchange(publisher.channel(), &exchange).await?;
         let _connected = self.health.relay_connected();
+        // As the consumer's and control's sessions say "consuming": a reconnect shows in the log.
+        info!(exchange = %exchange, "outbox relay connected");
         // The leader's lock lives as long as this connection, which never returns to the pool.
         let mut db = self.pool.acquire().await?.detach();
         let led = match self.await_lead(&mut db, drain, hard_stop).await {
