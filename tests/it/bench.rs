@@ -149,16 +149,19 @@ async fn a_pairs_backlog_settles_every_execution_once() {
     assert_eq!(r["latency_ms"]["samples"], 1000, "{r}");
 }
 
+/// `credit-worker bench ARGS`, as it ends.
+fn run_bench(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(binary())
+        .arg("bench")
+        .args(args)
+        .output()
+        .expect("run the bench")
+}
+
 /// Paths and rates are refused before anything runs (exit 2, or 1 for an unwritable path).
 #[test]
 fn bad_rates_and_paths_are_refused_before_the_run() {
-    let run = |args: &[&str]| {
-        std::process::Command::new(binary())
-            .arg("bench")
-            .args(args)
-            .output()
-            .expect("run the bench")
-    };
+    let run = run_bench;
     assert_eq!(
         run(&["--rate", "1e300", "--messages", "10"]).status.code(),
         Some(2)
@@ -176,15 +179,7 @@ fn bad_rates_and_paths_are_refused_before_the_run() {
 
 #[test]
 fn sustained_options_are_checked() {
-    let run = |args: &[&str]| {
-        std::process::Command::new(binary())
-            .arg("bench")
-            .args(args)
-            .output()
-            .expect("run the bench")
-            .status
-            .code()
-    };
+    let run = |args: &[&str]| run_bench(args).status.code();
     assert_eq!(run(&["--sustained", "--plot", "x.png"]), Some(2));
     assert_eq!(run(&["--sustained", "--step-seconds", "0"]), Some(2));
     assert_eq!(run(&["--sustained", "--rate", "100"]), Some(2));
