@@ -511,6 +511,10 @@ fn events_of(rows: &[StoredEvent]) -> Result<Vec<Event<'_>>, RelayError> {
 /// The outbox's gauges, read at each `/metrics` scrape, not by the relays: the figures are
 /// wanted most when no relay can publish, and a standby summing the backlog every 500 ms only
 /// loaded the database.
+/// A backlog that cannot be read is warned of at most once a minute: every scrape tries.
+static BACKLOG_WARNING: crate::telemetry::Throttle =
+    crate::telemetry::Throttle::new(Duration::from_secs(60));
+
 pub(crate) struct BacklogGauges {
     /// The last reading: when, and the oldest unpublished event's age then.
     last: std::sync::Mutex<(Instant, f64)>,
@@ -550,7 +554,9 @@ impl BacklogGauges {
                     Ok(Err(e)) => e.to_string(),
                     _ => format!("no answer within {within:?}"),
                 };
-                warn!(%error, "reading the outbox backlog failed; its age is shown grown by the time since the last reading");
+                if BACKLOG_WARNING.ready() {
+                    warn!(%error, "reading the outbox backlog failed; its age is shown grown by the time since the last reading");
+                }
                 let (at, age) = *last;
                 age + at.elapsed().as_secs_f64()
             }

@@ -285,6 +285,39 @@ async fn metrics(State(s): State<HttpState>) -> (StatusCode, String) {
     }
 }
 
+/// At most one log line per period for a condition that lasts: each scrape (every 15 s, say)
+/// would otherwise repeat it, while the metric shows it all along.
+pub(crate) struct Throttle {
+    every: Duration,
+    last: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl Throttle {
+    pub(crate) const fn new(every: Duration) -> Self {
+        Throttle {
+            every,
+            last: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Whether to log now: the first time, then once `every` has passed since the last.
+    pub(crate) fn ready(&self) -> bool {
+        let mut last = self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = std::time::Instant::now();
+        if last.is_some_and(|t| now.duration_since(t) < self.every) {
+            return false;
+        }
+        *last = Some(now);
+        true
+    }
+}
+
+/// A skewed clock's warning, at most every 5 minutes while it lasts.
+static SKEW_WARNING: Throttle = Throttle::new(Duration::from_secs(300));
+
 /// Sets `credit_clock_offset_seconds`, and warns past [`crate::clock::SKEW_WARNED`]: a clock
 /// that drifts or is stepped while the worker runs moves its refill months and fee days. A
 /// reading that fails leaves the last one.
@@ -292,7 +325,7 @@ async fn clock_offset(pool: &PgPool) {
     let read = tokio::time::timeout(Duration::from_secs(2), crate::db::clock_offset(pool)).await;
     if let Ok(Ok(offset)) = read {
         metrics::gauge!("credit_clock_offset_seconds").set(offset.num_milliseconds() as f64 / 1e3);
-        if crate::clock::judge_skew(offset) != crate::clock::Skew::Agrees {
+        if crate::clock::judge_skew(offset) != crate::clock::Skew::Agrees && SKEW_WARNING.ready() {
             tracing::warn!("{}", crate::clock::describe_skew(offset));
         }
     }
@@ -343,6 +376,15 @@ fn up(b: bool) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::panic_text;
+
+    #[test]
+    fn a_throttle_lets_one_line_through_per_period() {
+        let t = super::Throttle::new(std::time::Duration::from_secs(3600));
+        assert!(t.ready());
+        assert!(!t.ready());
+        let t = super::Throttle::new(std::time::Duration::ZERO);
+        assert!(t.ready() && t.ready());
+    }
 
     #[test]
     fn readiness_names_what_is_missing_and_a_relay_reconnecting_stays_ready() {
