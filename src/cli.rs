@@ -705,9 +705,10 @@ fn print_replay(
                 report.skipped
             );
             for m in &report.would_replay {
-                let id = m.node_exec_id.as_deref().unwrap_or("-");
-                let (id, excerpt) = (printable(id), printable(&m.excerpt));
-                out.push_str(&format!("\n  {id} | {excerpt}"));
+                let id = printable(m.node_exec_id.as_deref().unwrap_or("-"));
+                let producer = printable(m.producer.as_deref().unwrap_or("-"));
+                let excerpt = printable(&m.excerpt);
+                out.push_str(&format!("\n  {id} | {producer} | {excerpt}"));
             }
             out
         });
@@ -769,15 +770,16 @@ async fn credit(
     print_out(json, &serde_json::to_value(&p)?, || {
         if p.applied {
             format!(
-                "{} {amount} credits to {user} ({}); balance {}",
+                "{} {amount} credits to {user} ({}, row {}); balance {}",
                 tx_type.as_str(),
                 p.transaction_key,
+                p.seq,
                 p.balance
             )
         } else {
             format!(
-                "key {} already applied; nothing changed; balance {}",
-                p.transaction_key, p.balance
+                "key {} already applied (row {}); nothing changed; balance {}",
+                p.transaction_key, p.seq, p.balance
             )
         }
     })?;

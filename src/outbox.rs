@@ -45,6 +45,9 @@ pub(crate) enum RelayError {
         event_id: String,
         source: PublishError,
     },
+    /// The session's broker connection died while it had nothing to publish.
+    #[error("broker: the connection was lost")]
+    ConnectionLost,
     /// A row whose run of events cannot be read; the schema only lets arrays through, so this
     /// is a writer's bug, and the relay stops at the row rather than skip its events.
     #[error("outbox row {id}: {reason}")]
@@ -126,12 +129,12 @@ impl Relay {
         let publisher = Publisher::open(&conn).await?;
         let exchange = self.settings.name(topology::EVENTS);
         topology::declare_events_exchange(publisher.channel(), &exchange).await?;
-        let _connected = self.health.relay_connected();
+        let _session = self.health.relay_session(&conn);
         // As the consumer's and control's sessions say "consuming": a reconnect shows in the log.
         info!(exchange = %exchange, "outbox relay connected");
         // The leader's lock lives as long as this connection, which never returns to the pool.
         let mut db = self.pool.acquire().await?.detach();
-        let led = match self.await_lead(&mut db, drain, hard_stop).await {
+        let led = match self.await_lead(&mut db, &publisher, drain, hard_stop).await {
             Ok(true) => {
                 self.lead(&mut db, &publisher, &exchange, drain, hard_stop)
                     .await
@@ -155,12 +158,14 @@ impl Relay {
     async fn await_lead(
         &self,
         db: &mut PgConnection,
+        publisher: &Publisher,
         drain: &CancellationToken,
         hard_stop: &CancellationToken,
     ) -> Result<bool, RelayError> {
         let bound = self.stall_bound();
         let mut ours_through = None;
         while !crate::db::bounded(bound, store::try_lead_relay(db)).await? {
+            still_connected(publisher)?;
             if drain.is_cancelled() {
                 let first = ours_through.is_none();
                 let looked = published_through(db, &mut ours_through);
@@ -249,6 +254,7 @@ impl Relay {
             if !self.wait(&mut listener, drain, hard_stop).await? {
                 return Ok(());
             }
+            still_connected(publisher)?;
             read_in_drain = drain.is_cancelled();
             read_at = Asked::now();
             rows = crate::db::bounded(bound, store::events_after(db, watermark, BATCH)).await?;
@@ -320,6 +326,16 @@ impl Relay {
             _ = hard_stop.cancelled() => return Ok(false),
         }
         Ok(true)
+    }
+}
+
+/// Ends an idle session whose broker connection died, so it reconnects now rather than at
+/// the next event (and `/readyz` shows the relay connected only while it is).
+fn still_connected(publisher: &Publisher) -> Result<(), RelayError> {
+    if publisher.channel().status().connected() {
+        Ok(())
+    } else {
+        Err(RelayError::ConnectionLost)
     }
 }
 
@@ -508,13 +524,13 @@ fn events_of(rows: &[StoredEvent]) -> Result<Vec<Event<'_>>, RelayError> {
     Ok(out)
 }
 
-/// The outbox's gauges, read at each `/metrics` scrape, not by the relays: the figures are
-/// wanted most when no relay can publish, and a standby summing the backlog every 500 ms only
-/// loaded the database.
 /// A backlog that cannot be read is warned of at most once a minute: every scrape tries.
 static BACKLOG_WARNING: crate::telemetry::Throttle =
     crate::telemetry::Throttle::new(Duration::from_secs(60));
 
+/// The outbox's gauges, read at each `/metrics` scrape, not by the relays: the figures are
+/// wanted most when no relay can publish, and a standby summing the backlog every 500 ms only
+/// loaded the database.
 pub(crate) struct BacklogGauges {
     /// The last reading: when, and the oldest unpublished event's age then.
     last: std::sync::Mutex<(Instant, f64)>,

@@ -195,15 +195,17 @@ fn spawn_upkeep(handle: &PrometheusHandle) {
 pub struct Health {
     consuming: AtomicBool,
     relaying: AtomicBool,
-    relay_connected: AtomicBool,
+    /// The broker connection of the outbox relay's session, while it has one: read when asked,
+    /// so a connection that died while the relay was idle shows at once.
+    relay_connection: std::sync::Mutex<Option<lapin::ConnectionStatus>>,
 }
 
-/// Marks the outbox relay's session connected to the broker while it lives.
-pub(crate) struct RelayConnected<'a>(&'a Health);
+/// Holds the outbox relay's session's connection in [`Health`] while the session lives.
+pub(crate) struct RelaySession<'a>(&'a Health);
 
-impl Drop for RelayConnected<'_> {
+impl Drop for RelaySession<'_> {
     fn drop(&mut self) {
-        self.0.relay_connected.store(false, Ordering::SeqCst);
+        *self.0.relay_connection() = None;
     }
 }
 
@@ -226,11 +228,22 @@ impl Health {
     pub(crate) fn relaying(&self) -> bool {
         self.relaying.load(Ordering::SeqCst)
     }
-    /// The relay's session has its broker connection and the events exchange, until the
-    /// guard is dropped with the session.
-    pub(crate) fn relay_connected(&self) -> RelayConnected<'_> {
-        self.relay_connected.store(true, Ordering::SeqCst);
-        RelayConnected(self)
+    /// The relay's session has `conn` and the events exchange, until the guard is dropped
+    /// with the session.
+    pub(crate) fn relay_session(&self, conn: &lapin::Connection) -> RelaySession<'_> {
+        *self.relay_connection() = Some(conn.status().clone());
+        RelaySession(self)
+    }
+    /// Whether the relay's session holds a live broker connection.
+    pub(crate) fn relay_connected(&self) -> bool {
+        self.relay_connection()
+            .as_ref()
+            .is_some_and(lapin::ConnectionStatus::connected)
+    }
+    fn relay_connection(&self) -> std::sync::MutexGuard<'_, Option<lapin::ConnectionStatus>> {
+        self.relay_connection
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -336,9 +349,7 @@ async fn readyz(State(s): State<HttpState>) -> (StatusCode, String) {
         .await
         .unwrap_or(false);
     let h = &s.health;
-    let relay = h
-        .relaying()
-        .then(|| h.relay_connected.load(Ordering::SeqCst));
+    let relay = h.relaying().then(|| h.relay_connected());
     readiness(db, h.consuming(), relay)
 }
 
@@ -355,7 +366,7 @@ fn readiness(db: bool, consuming: bool, relay: Option<bool>) -> (StatusCode, Str
     match relay {
         None => body.push_str("outbox relay: down\n"),
         // Still ready: decisions go on and their events wait in the outbox.
-        Some(false) => body.push_str("outbox relay: reconnecting to the broker\n"),
+        Some(false) => body.push_str("outbox relay: reconnecting\n"),
         Some(true) => {}
     }
     if db && consuming && relay.is_some() {
@@ -392,7 +403,7 @@ mod tests {
         let ready = |db, consuming, relay| super::readiness(db, consuming, relay);
         let ok = "database: up\nconsumer: consuming\n";
         assert_eq!(ready(true, true, Some(true)), (StatusCode::OK, ok.into()));
-        let reconnecting = format!("{ok}outbox relay: reconnecting to the broker\n");
+        let reconnecting = format!("{ok}outbox relay: reconnecting\n");
         assert_eq!(
             ready(true, true, Some(false)),
             (StatusCode::OK, reconnecting)
@@ -405,17 +416,8 @@ mod tests {
         let waiting = "database: down\nconsumer: not consuming\n";
         let unavailable = (StatusCode::SERVICE_UNAVAILABLE, waiting.to_owned());
         assert_eq!(ready(false, false, Some(true)), unavailable);
-        // The guard marks the relay connected while its session holds it.
-        let health = super::Health::default();
-        let connected = || {
-            health
-                .relay_connected
-                .load(std::sync::atomic::Ordering::SeqCst)
-        };
-        let guard = health.relay_connected();
-        assert!(connected());
-        drop(guard);
-        assert!(!connected());
+        // No session, no connection.
+        assert!(!super::Health::default().relay_connected());
     }
 
     /// The recorder drains its histograms by itself, scraped or not.

@@ -270,6 +270,43 @@ async fn broker_connections_cut_mid_stream_recover_without_loss() {
     env.cleanup().await;
 }
 
+/// `/readyz` reads the relay's broker connection when asked: one that dies while the relay
+/// has nothing to publish (so its session has not noticed) shows at once, and clears once
+/// the relay is connected again.
+#[tokio::test]
+async fn an_idle_relays_lost_connection_shows_in_readyz() {
+    let env = TestEnv::with(no_refill).await;
+    let proxy = Proxy::start(broker_host_port(&env.settings.amqp.url)).await;
+    let mut settings = env.settings.clone();
+    settings.amqp.url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
+    settings.http.listen = any_port();
+    let worker = Worker::start(settings).await.unwrap();
+    let port = worker.http_addr().expect("http address").port();
+    let body = || async move { http_get(port, "/readyz").await.map(|(_, b)| b) };
+    let connected = "database: up\nconsumer: consuming\n";
+    wait_for(T, "ready", || async {
+        body().await.as_deref() == Some(connected)
+    })
+    .await;
+    proxy.refuse.store(true, Ordering::SeqCst);
+    proxy.cut_all();
+    let says =
+        |line: &'static str| move || async move { body().await.is_some_and(|b| b.contains(line)) };
+    wait_for(
+        T,
+        "the relay reconnecting",
+        says("outbox relay: reconnecting\n"),
+    )
+    .await;
+    proxy.refuse.store(false, Ordering::SeqCst);
+    wait_for(T, "connected again", || async {
+        body().await.as_deref() == Some(connected)
+    })
+    .await;
+    worker.stop().await.unwrap();
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn database_sessions_terminated_mid_stream_recover_without_loss() {
     // Its worker retries decisions while the database is away.
