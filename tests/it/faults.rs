@@ -237,15 +237,21 @@ async fn a_stop_with_the_broker_out_and_nothing_to_publish_is_prompt() {
     env.cleanup().await;
 }
 
-#[tokio::test]
-async fn broker_connections_cut_mid_stream_recover_without_loss() {
-    let (env, users, mut tap) = ten_funded_users().await;
+/// A worker reaching the broker through a [`Proxy`], with its HTTP endpoints on a free port.
+async fn worker_behind_proxy(env: &TestEnv) -> (Proxy, Worker, u16) {
     let proxy = Proxy::start(broker_host_port(&env.settings.amqp.url)).await;
     let mut settings = env.settings.clone();
     settings.amqp.url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
     settings.http.listen = any_port();
     let worker = Worker::start(settings).await.unwrap();
     let port = worker.http_addr().expect("http address").port();
+    (proxy, worker, port)
+}
+
+#[tokio::test]
+async fn broker_connections_cut_mid_stream_recover_without_loss() {
+    let (env, users, mut tap) = ten_funded_users().await;
+    let (proxy, worker, port) = worker_behind_proxy(&env).await;
     let n = 3000;
     env.publish(&workload(users, n, "cut")).await;
     for target in [500i64, 1500, 2500] {
@@ -276,12 +282,7 @@ async fn broker_connections_cut_mid_stream_recover_without_loss() {
 #[tokio::test]
 async fn an_idle_relays_lost_connection_shows_in_readyz() {
     let env = TestEnv::with(no_refill).await;
-    let proxy = Proxy::start(broker_host_port(&env.settings.amqp.url)).await;
-    let mut settings = env.settings.clone();
-    settings.amqp.url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
-    settings.http.listen = any_port();
-    let worker = Worker::start(settings).await.unwrap();
-    let port = worker.http_addr().expect("http address").port();
+    let (proxy, worker, port) = worker_behind_proxy(&env).await;
     let body = || async move { http_get(port, "/readyz").await.map(|(_, b)| b) };
     let connected = "database: up\nconsumer: consuming\n";
     wait_for(T, "ready", || async {
