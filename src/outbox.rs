@@ -62,7 +62,7 @@ pub(crate) struct Relay {
     /// The broker user the worker connects as, in every event's `user_id`.
     pub own_user: Option<String>,
     /// Told whether a session is connected, for `/readyz`.
-    pub health: Arc<crate::telemetry::Health>,
+    pub health: Arc<crate::health::Health>,
 }
 
 impl Relay {
@@ -525,8 +525,8 @@ fn events_of(rows: &[StoredEvent]) -> Result<Vec<Event<'_>>, RelayError> {
 }
 
 /// A backlog that cannot be read is warned of at most once a minute: every scrape tries.
-static BACKLOG_WARNING: crate::telemetry::Throttle =
-    crate::telemetry::Throttle::new(Duration::from_secs(60));
+static BACKLOG_WARNING: crate::throttle::Throttle =
+    crate::throttle::Throttle::new(Duration::from_secs(60));
 
 /// The outbox's gauges, read at each `/metrics` scrape, not by the relays: the figures are
 /// wanted most when no relay can publish, and a standby summing the backlog every 500 ms only

@@ -20,10 +20,10 @@ use crate::config::Settings;
 use crate::consumer::process::DbDecider;
 use crate::consumer::Consumer;
 use crate::cost::{CostTable, Estimates};
+use crate::health::Health;
 use crate::ledger::Ledger;
 use crate::outbox::Relay;
 use crate::refill::{Schedule, Scheduler};
-use crate::telemetry::Health;
 
 /// Loads the cost table named by `cost.table`, or the built-in one.
 pub(crate) fn load_costs(settings: &Settings) -> anyhow::Result<CostTable> {

@@ -16,6 +16,8 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
+use crate::health::Health;
+use crate::throttle::Throttle;
 
 /// Whether the installed subscriber writes JSON lines.
 static JSON_LOGS: AtomicBool = AtomicBool::new(false);
@@ -189,64 +191,6 @@ fn spawn_upkeep(handle: &PrometheusHandle) {
     }
 }
 
-/// What `/readyz` reports: set by the consumer as it connects and consumes, and by the
-/// supervisor while the outbox relay runs.
-#[derive(Debug, Default)]
-pub struct Health {
-    consuming: AtomicBool,
-    relaying: AtomicBool,
-    /// The broker connection of the outbox relay's session, while it has one: read when asked,
-    /// so a connection that died while the relay was idle shows at once.
-    relay_connection: std::sync::Mutex<Option<lapin::ConnectionStatus>>,
-}
-
-/// Holds the outbox relay's session's connection in [`Health`] while the session lives.
-pub(crate) struct RelaySession<'a>(&'a Health);
-
-impl Drop for RelaySession<'_> {
-    fn drop(&mut self) {
-        *self.0.relay_connection() = None;
-    }
-}
-
-impl Health {
-    pub fn new() -> Arc<Self> {
-        Arc::new(Health::default())
-    }
-    /// Topology declared and basic.consume accepted (true), or the session ended (false).
-    pub(crate) fn set_consuming(&self, on: bool) {
-        self.consuming.store(on, Ordering::SeqCst);
-        metrics::gauge!("credit_consuming").set(if on { 1.0 } else { 0.0 });
-    }
-    pub fn consuming(&self) -> bool {
-        self.consuming.load(Ordering::SeqCst)
-    }
-    /// The outbox relay task is running (true) or has ended (false).
-    pub(crate) fn set_relaying(&self, on: bool) {
-        self.relaying.store(on, Ordering::SeqCst);
-    }
-    pub(crate) fn relaying(&self) -> bool {
-        self.relaying.load(Ordering::SeqCst)
-    }
-    /// The relay's session has `conn` and the events exchange, until the guard is dropped
-    /// with the session.
-    pub(crate) fn relay_session(&self, conn: &lapin::Connection) -> RelaySession<'_> {
-        *self.relay_connection() = Some(conn.status().clone());
-        RelaySession(self)
-    }
-    /// Whether the relay's session holds a live broker connection.
-    pub(crate) fn relay_connected(&self) -> bool {
-        self.relay_connection()
-            .as_ref()
-            .is_some_and(lapin::ConnectionStatus::connected)
-    }
-    fn relay_connection(&self) -> std::sync::MutexGuard<'_, Option<lapin::ConnectionStatus>> {
-        self.relay_connection
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
-
 #[derive(Clone)]
 struct HttpState {
     health: Arc<Health>,
@@ -295,36 +239,6 @@ async fn metrics(State(s): State<HttpState>) -> (StatusCode, String) {
             StatusCode::SERVICE_UNAVAILABLE,
             "no metrics recorder\n".into(),
         ),
-    }
-}
-
-/// At most one log line per period for a condition that lasts: each scrape (every 15 s, say)
-/// would otherwise repeat it, while the metric shows it all along.
-pub(crate) struct Throttle {
-    every: Duration,
-    last: std::sync::Mutex<Option<std::time::Instant>>,
-}
-
-impl Throttle {
-    pub(crate) const fn new(every: Duration) -> Self {
-        Throttle {
-            every,
-            last: std::sync::Mutex::new(None),
-        }
-    }
-
-    /// Whether to log now: the first time, then once `every` has passed since the last.
-    pub(crate) fn ready(&self) -> bool {
-        let mut last = self
-            .last
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let now = std::time::Instant::now();
-        if last.is_some_and(|t| now.duration_since(t) < self.every) {
-            return false;
-        }
-        *last = Some(now);
-        true
     }
 }
 
@@ -389,15 +303,6 @@ mod tests {
     use super::panic_text;
 
     #[test]
-    fn a_throttle_lets_one_line_through_per_period() {
-        let t = super::Throttle::new(std::time::Duration::from_secs(3600));
-        assert!(t.ready());
-        assert!(!t.ready());
-        let t = super::Throttle::new(std::time::Duration::ZERO);
-        assert!(t.ready() && t.ready());
-    }
-
-    #[test]
     fn readiness_names_what_is_missing_and_a_relay_reconnecting_stays_ready() {
         use axum::http::StatusCode;
         let ready = |db, consuming, relay| super::readiness(db, consuming, relay);
@@ -417,7 +322,7 @@ mod tests {
         let unavailable = (StatusCode::SERVICE_UNAVAILABLE, waiting.to_owned());
         assert_eq!(ready(false, false, Some(true)), unavailable);
         // No session, no connection.
-        assert!(!super::Health::default().relay_connected());
+        assert!(!crate::health::Health::default().relay_connected());
     }
 
     /// The recorder drains its histograms by itself, scraped or not.

@@ -34,7 +34,7 @@ use crate::amqp::topology::{self, Names};
 use crate::amqp::{self, Outgoing, PublishError, Publisher};
 use crate::config::Settings;
 use crate::decide::{Follow, Turn};
-use crate::telemetry::Health;
+use crate::health::Health;
 use process::{producer_refusal, Action, Attempt, DbDecider, MessageIds};
 
 /// Header naming why a message was dead-lettered.

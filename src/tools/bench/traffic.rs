@@ -487,8 +487,7 @@ pub(crate) struct SinkResult {
     /// Distinct events received (by `message_id`): a redelivered one counts once, so a
     /// duplicate cannot stand in for an event that never came.
     pub events: usize,
-    /// Deliveries of an event already received.
-    pub duplicates: usize,
+    /// The `message_id`s received.
     ids: HashSet<String>,
 }
 
@@ -683,8 +682,8 @@ async fn consume_events(
             .and_then(|ev| execution_event(&traffic, &ev));
         let (events, first_usage) = {
             let mut r = lock(&seen);
+            // A redelivery of an event already received.
             if id.is_some_and(|id| !r.ids.insert(id)) {
-                r.duplicates += 1;
                 continue;
             }
             r.events += 1;

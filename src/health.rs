@@ -1,0 +1,62 @@
+//! What `/readyz` reports, as the tasks that know it set it.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+/// What `/readyz` reports: set by the consumer as it connects and consumes, and by the
+/// supervisor while the outbox relay runs.
+#[derive(Debug, Default)]
+pub struct Health {
+    consuming: AtomicBool,
+    relaying: AtomicBool,
+    /// The broker connection of the outbox relay's session, while it has one: read when asked,
+    /// so a connection that died while the relay was idle shows at once.
+    relay_connection: Mutex<Option<lapin::ConnectionStatus>>,
+}
+
+/// Holds the outbox relay's session's connection in [`Health`] while the session lives.
+pub(crate) struct RelaySession<'a>(&'a Health);
+
+impl Drop for RelaySession<'_> {
+    fn drop(&mut self) {
+        *self.0.relay_connection() = None;
+    }
+}
+
+impl Health {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Health::default())
+    }
+    /// Topology declared and basic.consume accepted (true), or the session ended (false).
+    pub(crate) fn set_consuming(&self, on: bool) {
+        self.consuming.store(on, Ordering::SeqCst);
+        metrics::gauge!("credit_consuming").set(if on { 1.0 } else { 0.0 });
+    }
+    pub fn consuming(&self) -> bool {
+        self.consuming.load(Ordering::SeqCst)
+    }
+    /// The outbox relay task is running (true) or has ended (false).
+    pub(crate) fn set_relaying(&self, on: bool) {
+        self.relaying.store(on, Ordering::SeqCst);
+    }
+    pub(crate) fn relaying(&self) -> bool {
+        self.relaying.load(Ordering::SeqCst)
+    }
+    /// The relay's session has `conn` and the events exchange, until the guard is dropped
+    /// with the session.
+    pub(crate) fn relay_session(&self, conn: &lapin::Connection) -> RelaySession<'_> {
+        *self.relay_connection() = Some(conn.status().clone());
+        RelaySession(self)
+    }
+    /// Whether the relay's session holds a live broker connection.
+    pub(crate) fn relay_connected(&self) -> bool {
+        self.relay_connection()
+            .as_ref()
+            .is_some_and(lapin::ConnectionStatus::connected)
+    }
+    fn relay_connection(&self) -> MutexGuard<'_, Option<lapin::ConnectionStatus>> {
+        self.relay_connection
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
