@@ -161,7 +161,8 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum DeadLettersCommand {
-    /// Show dead messages (reason, node_exec_id, body excerpt) without removing them.
+    /// Show dead messages (node_exec_id, reason, time of death, producer, body excerpt)
+    /// without removing them.
     List {
         #[arg(long, default_value_t = 50)]
         limit: usize,
@@ -673,18 +674,27 @@ fn list_text(report: &crate::tools::dead_letters::ListReport) -> String {
     // terminal.
     for m in &report.messages {
         out.push_str(&format!(
-            "\n  {} | {} | {} | {}",
+            "\n  {} | {} | {} | {} | {}",
             printable(m.node_exec_id.as_deref().unwrap_or("-")),
             if m.reason.is_empty() {
                 "-".into()
             } else {
                 printable(&m.reason)
             },
+            died_text(m),
             printable(m.producer.as_deref().unwrap_or("-")),
             printable(&m.excerpt)
         ));
     }
     out
+}
+
+/// When a dead letter died, to the second, or `-` when nothing says.
+fn died_text(m: &crate::tools::dead_letters::DeadLetter) -> String {
+    m.died_at.map_or_else(
+        || "-".to_owned(),
+        |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    )
 }
 
 fn print_replay(
@@ -708,7 +718,8 @@ fn print_replay(
                 let id = printable(m.node_exec_id.as_deref().unwrap_or("-"));
                 let producer = printable(m.producer.as_deref().unwrap_or("-"));
                 let excerpt = printable(&m.excerpt);
-                out.push_str(&format!("\n  {id} | {producer} | {excerpt}"));
+                let died = died_text(m);
+                out.push_str(&format!("\n  {id} | {died} | {producer} | {excerpt}"));
             }
             out
         });

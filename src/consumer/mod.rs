@@ -39,6 +39,8 @@ use process::{producer_refusal, Action, Attempt, DbDecider, MessageIds};
 
 /// Header naming why a message was dead-lettered.
 pub(crate) const ERROR_HEADER: &str = "x-credit-error";
+/// When the worker dead-lettered the message (an AMQP timestamp, as `x-death`'s `time`).
+pub(crate) const DEAD_AT_HEADER: &str = "x-credit-dead-at";
 
 /// The consumer's tag on the input queue.
 const TAG: &str = "credit-worker";
@@ -600,6 +602,7 @@ async fn publish_dead(
     letters: &[(&Delivery, &str, &MessageIds)],
     me: Option<&str>,
 ) -> Result<(), SessionError> {
+    let now = u64::try_from(chrono::Utc::now().timestamp()).unwrap_or_default();
     let messages = letters.iter().map(|(d, reason, _)| {
         // Without its TTL, as RabbitMQ's own dead-lettering does: the dead queue keeps it.
         let kept = amqp::without(&d.properties, &[amqp::Prop::Expiration]);
@@ -609,6 +612,7 @@ async fn publish_dead(
             ERROR_HEADER.into(),
             AMQPValue::LongString((*reason).to_owned().into()),
         );
+        headers.insert(DEAD_AT_HEADER.into(), AMQPValue::Timestamp(now));
         Outgoing {
             exchange: &names.dlx,
             routing_key: d.routing_key.as_str(),

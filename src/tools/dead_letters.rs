@@ -12,6 +12,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions};
 use lapin::types::{AMQPValue, DeliveryTag, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
@@ -20,6 +21,7 @@ use serde::Serialize;
 use crate::amqp::topology::{self, Names};
 use crate::amqp::{producer, Outgoing, Publisher};
 use crate::config::Settings;
+use crate::consumer::DEAD_AT_HEADER;
 
 /// The header naming why the worker dead-lettered a message.
 pub(crate) const REASON_HEADER: &str = "x-credit-error";
@@ -36,6 +38,9 @@ pub struct DeadLetter {
     /// The `x-credit-error` header, else the broker's reason with ` (broker)`; empty when
     /// neither is there.
     pub reason: String,
+    /// When it died: the worker's `x-credit-dead-at`, else the time of the broker's latest
+    /// death in `x-death` (seconds); None when neither is there.
+    pub died_at: Option<DateTime<Utc>>,
     /// The body's `node_exec_id`, when the body is JSON with that field.
     pub node_exec_id: Option<String>,
     /// The broker user that published it, judged as the worker does with the tool's own
@@ -363,13 +368,17 @@ impl Selection {
 /// The dead message's properties without the headers that describe its death or its
 /// deliveries.
 pub(crate) fn replay_properties(props: &BasicProperties) -> BasicProperties {
-    crate::amqp::without_headers(props, &[REASON_HEADER, DELIVERY_COUNT_HEADER])
+    crate::amqp::without_headers(
+        props,
+        &[REASON_HEADER, DEAD_AT_HEADER, DELIVERY_COUNT_HEADER],
+    )
 }
 
 /// A dead message as an operator sees it; `me` is the broker user the tool connects as.
 fn describe(d: &lapin::message::Delivery, me: Option<&str>) -> DeadLetter {
     DeadLetter {
         reason: reason(&d.properties),
+        died_at: died_at(&d.properties),
         node_exec_id: node_exec_id(&d.data),
         producer: crate::amqp::producer::producer(&d.properties, me),
         excerpt: excerpt(&d.data),
@@ -389,18 +398,36 @@ pub fn reason(props: &BasicProperties) -> String {
     }
 }
 
-/// The reason of the newest entry of RabbitMQ's `x-death` (newest first; a replayed message
-/// keeps its earlier deaths), else `x-first-death-reason`.
+/// When the message died: the worker's stamp, else its latest death's in `x-death`.
+pub fn died_at(props: &BasicProperties) -> Option<DateTime<Utc>> {
+    let headers = props.headers().as_ref().map(FieldTable::inner)?;
+    let stamp = headers
+        .get(DEAD_AT_HEADER)
+        .or_else(|| latest_death(headers).and_then(|death| death.get("time")));
+    match stamp {
+        Some(AMQPValue::Timestamp(secs)) => DateTime::from_timestamp(i64::try_from(*secs).ok()?, 0),
+        _ => None,
+    }
+}
+
+/// The reason of the newest entry of RabbitMQ's `x-death`, else `x-first-death-reason`.
 fn latest_death_reason(headers: &BTreeMap<ShortString, AMQPValue>) -> Option<String> {
-    let newest = match headers.get("x-death") {
-        Some(AMQPValue::FieldArray(deaths)) => deaths.as_slice().first(),
-        _ => None,
-    };
-    let from_x_death = match newest {
-        Some(AMQPValue::FieldTable(death)) => death.inner().get("reason").map(header_text),
-        _ => None,
-    };
+    let from_x_death = latest_death(headers).and_then(|death| death.get("reason").map(header_text));
     from_x_death.or_else(|| headers.get("x-first-death-reason").map(header_text))
+}
+
+/// The newest entry of RabbitMQ's `x-death` (newest first; a replayed message keeps its
+/// earlier deaths).
+fn latest_death(
+    headers: &BTreeMap<ShortString, AMQPValue>,
+) -> Option<&BTreeMap<ShortString, AMQPValue>> {
+    match headers.get("x-death") {
+        Some(AMQPValue::FieldArray(deaths)) => match deaths.as_slice().first() {
+            Some(AMQPValue::FieldTable(death)) => Some(death.inner()),
+            _ => None,
+        },
+        _ => None,
+    }
 }
 
 fn header_text(value: &AMQPValue) -> String {
@@ -537,6 +564,7 @@ mod tests {
     fn replay_drops_only_the_death_headers() {
         let mut h = FieldTable::default();
         h.insert(REASON_HEADER.into(), AMQPValue::LongString("bad".into()));
+        h.insert(DEAD_AT_HEADER.into(), AMQPValue::Timestamp(1_765_000_000));
         h.insert(DELIVERY_COUNT_HEADER.into(), AMQPValue::LongLongInt(3));
         h.insert("trace".into(), AMQPValue::LongString("t1".into()));
         let props = crate::amqp::persistent_json().with_headers(h);
@@ -551,5 +579,38 @@ mod tests {
         assert_eq!(keys, ["trace"]);
         assert_eq!(out.delivery_mode(), &Some(2));
         assert_eq!(reason(&out), "");
+        assert_eq!(died_at(&out), None);
+    }
+
+    #[test]
+    fn the_time_of_death_is_the_workers_else_the_brokers_latest() {
+        let at = |secs: i64| DateTime::from_timestamp(secs, 0);
+        let death = |secs: u64| {
+            let mut t = FieldTable::default();
+            t.insert("reason".into(), AMQPValue::LongString("rejected".into()));
+            t.insert("time".into(), AMQPValue::Timestamp(secs));
+            AMQPValue::FieldTable(t)
+        };
+        let mut h = FieldTable::default();
+        h.insert(
+            "x-death".into(),
+            AMQPValue::FieldArray(vec![death(1_765_000_300), death(1_765_000_100)].into()),
+        );
+        let broker = BasicProperties::default().with_headers(h.clone());
+        assert_eq!(died_at(&broker), at(1_765_000_300));
+        // Replayed after that death, then copied by the worker: the worker's stamp.
+        h.insert(DEAD_AT_HEADER.into(), AMQPValue::Timestamp(1_765_000_900));
+        let copied = BasicProperties::default().with_headers(h);
+        assert_eq!(died_at(&copied), at(1_765_000_900));
+        assert_eq!(died_at(&BasicProperties::default()), None);
+        let mut odd = FieldTable::default();
+        odd.insert(
+            DEAD_AT_HEADER.into(),
+            AMQPValue::LongString("yesterday".into()),
+        );
+        assert_eq!(died_at(&BasicProperties::default().with_headers(odd)), None);
+        let mut far = FieldTable::default();
+        far.insert(DEAD_AT_HEADER.into(), AMQPValue::Timestamp(u64::MAX));
+        assert_eq!(died_at(&BasicProperties::default().with_headers(far)), None);
     }
 }

@@ -269,6 +269,7 @@ async fn each_role_works_with_exactly_the_recipes_rights() {
 async fn replayed_dead_letters_are_billed_as_their_producers(env: &TestEnv, users: &Users) {
     let (_econn, ech) = open(env, &users.executor).await;
     let late = body(&platform_gpt4("alice", "access-2"));
+    let before = chrono::Utc::now();
     let as_executor =
         credit_worker::amqp::persistent_json().with_user_id(users.executor.as_str().into());
     let input = env.names.input_exchange.as_str();
@@ -295,6 +296,11 @@ async fn replayed_dead_letters_are_billed_as_their_producers(env: &TestEnv, user
         async move { queue_depth(env, &dead).await == 1 }
     })
     .await;
+    let listed = credit_worker::tools::dead_letters::list(&env.settings, 10)
+        .await
+        .expect("list");
+    assert_eq!(listed.messages[0].reason, "delivery_limit (broker)");
+    assert_died_within(listed.messages[0].died_at, before, chrono::Utc::now());
     let mut replay = std::process::Command::new(binary());
     replay
         .args([

@@ -117,7 +117,7 @@ async fn list_twice_leaves_the_queue_as_it_was() {
     assert!(report
         .messages
         .iter()
-        .all(|m| m.reason == "user_id: missing" && m.producer.is_none()));
+        .all(|m| m.reason == "user_id: missing" && m.producer.is_none() && m.died_at.is_none()));
     // A copy the worker's user made names its producer in a header, which the list believes
     // from that user only.
     let copied = body(&platform_gpt4("u1", "ne-list-3"));
@@ -253,6 +253,7 @@ async fn messages_whose_headers_fill_a_large_frame_are_decided_and_dead_lettered
     let env = TestEnv::with(no_refill).await;
     seed(&env, ["u1"], 100).await;
     let worker = Worker::start(env.settings.clone()).await.expect("worker");
+    let before = Utc::now();
     let valid = body(&platform_gpt4("u1", "ne-big-headers"));
     let invalid = br#"{"node_exec_id": "ne-big-invalid"}"#.to_vec();
     for b in [&valid, &invalid] {
@@ -274,6 +275,7 @@ async fn messages_whose_headers_fill_a_large_frame_are_decided_and_dead_lettered
         listed.messages[0].node_exec_id.as_deref(),
         Some("ne-big-invalid")
     );
+    assert_died_within(listed.messages[0].died_at, before, Utc::now());
     let dead = env.dead_messages(1).await;
     assert_eq!(dead[0].0, invalid);
     assert_eq!(

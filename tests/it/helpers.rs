@@ -1030,6 +1030,19 @@ pub async fn http_status(port: u16, path: &str) -> u16 {
 }
 
 /// A header of text (a long or short string), if `props` has it.
+/// Asserts a dead letter's time of death falls in `[from, to]`, to the second.
+pub fn assert_died_within(
+    died_at: Option<chrono::DateTime<chrono::Utc>>,
+    from: chrono::DateTime<chrono::Utc>,
+    to: chrono::DateTime<chrono::Utc>,
+) {
+    let secs = died_at.map(|t| t.timestamp());
+    assert!(
+        secs.is_some_and(|s| (from.timestamp()..=to.timestamp()).contains(&s)),
+        "died at {died_at:?}, not within {from} ..= {to}"
+    );
+}
+
 pub fn header_text(props: &lapin::BasicProperties, name: &str) -> Option<String> {
     match props.headers().as_ref()?.inner().get(name)? {
         lapin::types::AMQPValue::LongString(s) => Some(s.to_string()),
