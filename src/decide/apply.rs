@@ -30,7 +30,7 @@ impl FeePolicy {
             key: format!("EXECUTION-FEE-{user_id}-{}-{n}", day.format("%Y-%m-%d")),
             amount: self.amount,
             n,
-            count,
+            every: self.every,
         })
     }
 
@@ -51,8 +51,9 @@ struct FeeDue {
     amount: i64,
     /// Its ordinal for the day.
     n: i64,
-    /// The execution of the day it is due on.
-    count: i64,
+    /// The executions it is the fee for (AutoGPT's metadata names the threshold, not the
+    /// running count).
+    every: i64,
 }
 
 /// Applies `e`, priced at `price`, to `account`. On error neither the account nor `changes`
@@ -153,7 +154,7 @@ fn post_charges(
     }
     let mut fee_key = None;
     if let Some(f) = fee {
-        post(f.key.clone(), -f.amount, fee_metadata(e, f.count))?;
+        post(f.key.clone(), -f.amount, fee_metadata(e, f.every))?;
         account.count_fee(f.n);
         fee_key = Some(f.key);
     }
@@ -181,10 +182,10 @@ fn decision(
     }
 }
 
-fn fee_metadata(e: &NodeExecutionEntry, count: i64) -> serde_json::Value {
+fn fee_metadata(e: &NodeExecutionEntry, every: i64) -> serde_json::Value {
     json!({
-        "reason": format!("Execution Cost for {count} blocks of ex_id:{} g_id:{}", e.graph_exec_id, e.graph_id),
-        "input": {"execution_count": count, "charge": "Execution Cost"},
+        "reason": format!("Execution Cost for {every} blocks of ex_id:{} g_id:{}", e.graph_exec_id, e.graph_id),
+        "input": {"execution_count": every, "charge": "Execution Cost"},
         "node_exec_id": e.node_exec_id,
         "graph_exec_id": e.graph_exec_id,
         "graph_id": e.graph_id,

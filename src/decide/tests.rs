@@ -955,6 +955,26 @@ fn fee_keys_count_the_days_fees_when_every_changes() {
         ]
     );
     assert_eq!(ledger.accounts["u"].fee_n, Some(3));
+    // Each fee's metadata names the executions it is for, as AutoGPT's does: the threshold
+    // in force (2, 2, 4), not the day's running count (2, 4, 8).
+    let fee_rows: Vec<_> = ledger
+        .transactions
+        .iter()
+        .filter(|t| t.transaction_key.starts_with("EXECUTION-FEE-"))
+        .map(|t| {
+            (
+                t.metadata["input"]["execution_count"].clone(),
+                t.metadata["reason"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        fee_rows,
+        [(2, 2), (2, 4), (4, 8)].map(|(n, x)| (
+            serde_json::json!(n),
+            format!("Execution Cost for {n} blocks of ex_id:ge-x{x} g_id:g")
+        ))
+    );
     // A new day starts from 1 again.
     let tomorrow = now() + chrono::Duration::days(1);
     let more: Vec<_> = (9..=12).map(|i| entry("u", &format!("x{i}"), 0)).collect();
