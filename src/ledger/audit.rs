@@ -22,7 +22,10 @@ pub struct AuditReport {
     pub transactions: i64,
     pub decisions: i64,
     pub unpublished_events: i64,
+    /// `user_id` is empty for a problem of the outbox as a whole.
     pub mismatches: Vec<Mismatch>,
+    /// A check found more mismatches than it lists (each lists at most 1,000).
+    pub truncated: bool,
 }
 
 impl AuditReport {
@@ -90,22 +93,26 @@ SELECT s.user_id, s.node_exec_id FROM credit.settlements s
 /// The other way round: a worker's row (by its key's form, and USAGE, as every row the worker
 /// writes under these keys is: a credit under such a key, which callers could give before
 /// the prefixes were reserved, is not the worker's) with no decision or settlement naming it,
-/// such as a debit whose decision was lost. Each part is one hashed anti-join ([`hashed`]).
+/// such as a debit whose decision was lost; and any REFUND row, which nothing here writes.
+/// (A USAGE row under another key is the library's `Ledger::spend`, which has no decision.)
+/// Each part is one hashed anti-join ([`hashed`]).
 const ROW_WITHOUT_DECISION: &str = "
-SELECT t.user_id, t.seq FROM credit.transactions t
+SELECT t.user_id, t.seq, 'USAGE' AS kind FROM credit.transactions t
  WHERE t.transaction_key LIKE 'USAGE-%' AND t.type = 'USAGE' AND NOT EXISTS (
           SELECT 1 FROM credit.decisions d
            WHERE d.user_id = t.user_id AND d.transaction_key = t.transaction_key)
 UNION ALL
-SELECT t.user_id, t.seq FROM credit.transactions t
+SELECT t.user_id, t.seq, 'USAGE' FROM credit.transactions t
  WHERE t.transaction_key LIKE 'EXECUTION-FEE-%' AND t.type = 'USAGE' AND NOT EXISTS (
           SELECT 1 FROM credit.decisions d
            WHERE d.user_id = t.user_id AND d.fee_key = t.transaction_key)
 UNION ALL
-SELECT t.user_id, t.seq FROM credit.transactions t
+SELECT t.user_id, t.seq, 'USAGE' FROM credit.transactions t
  WHERE t.transaction_key LIKE 'SETTLE-%' AND t.type = 'USAGE' AND NOT EXISTS (
           SELECT 1 FROM credit.settlements s
            WHERE s.user_id = t.user_id AND s.transaction_key = t.transaction_key)
+UNION ALL
+SELECT t.user_id, t.seq, 'REFUND' FROM credit.transactions t WHERE t.type = 'REFUND'
  LIMIT 1000";
 
 /// A ledger row's event is a row of its own (found by event_id) or an element of a run of
@@ -119,7 +126,7 @@ SELECT t.user_id, t.seq FROM credit.transactions t
 /// their transaction's start. Run [`hashed`].
 const ROW_WITHOUT_EVENT: &str = "
 WITH ids AS (
-    SELECT event_id AS id FROM credit.outbox
+    SELECT event_id AS id FROM credit.outbox WHERE routing_key = 'balance.changed'
     UNION ALL
     SELECT e->>'event_id' FROM credit.outbox o, json_array_elements(o.run) e
      WHERE o.events > 1 AND o.routing_key = 'balance.changed')
@@ -139,7 +146,7 @@ SELECT t.user_id, t.seq
 
 /// The other way round: every `balance.changed` event still in the outbox (one in `payload`,
 /// or a run in `run`, migration 0009) states a ledger row as it is: its user, seq, amount,
-/// balance after it and key. Ledger rows are never deleted, so no horizon applies.
+/// balance after it, type and key. Ledger rows are never deleted, so no horizon applies.
 const EVENT_WITHOUT_ROW: &str = "
 WITH events AS (
     SELECT payload AS e FROM credit.outbox WHERE events = 1 AND routing_key = 'balance.changed'
@@ -152,8 +159,22 @@ SELECT coalesce(e->>'user_id', '?') AS user_id, coalesce(e->>'event_id', '?') AS
        SELECT 1 FROM credit.transactions t
         WHERE t.user_id = e->>'user_id' AND t.seq = (e->>'seq')::int8
           AND t.amount = (e->>'amount')::int8 AND t.running_balance = (e->>'balance')::int8
-          AND t.transaction_key = e->>'transaction_key')
+          AND t.type::text = e->>'transaction_type' AND t.transaction_key = e->>'transaction_key')
  LIMIT 1000";
+
+/// What the relays' state hides: a watermark past the last outbox id ever drawn (each event
+/// written after it would count as published and never go out), or a retention horizon
+/// further ahead of now than clock skew explains (no ledger row before it is checked for its
+/// event, and the pruner only ever moves it on).
+const RELAY_STATE: &str = "
+SELECT r.published_through,
+       CASE WHEN s.is_called THEN s.last_value ELSE 0 END AS last_id,
+       r.pruned_before > now() + interval '1 hour' AS horizon_ahead,
+       r.pruned_before::text AS pruned_before
+  FROM credit.outbox_relay r, credit.outbox_id_seq s";
+
+/// The most rows each check returns (its `LIMIT`).
+const CHECK_LIMIT: usize = 1000;
 
 const COUNTS: &str = "SELECT (SELECT count(*) FROM credit.balances) AS users,
        (SELECT count(*) FROM credit.transactions) AS transactions,
@@ -192,6 +213,43 @@ struct Orphan {
     node_exec_id: String,
     #[sqlx(default)]
     event_id: String,
+    #[sqlx(default)]
+    kind: String,
+}
+
+#[derive(sqlx::FromRow)]
+struct RelayState {
+    published_through: i64,
+    last_id: i64,
+    horizon_ahead: bool,
+    pruned_before: String,
+}
+
+impl RelayState {
+    /// The mismatches of the outbox as a whole (no user's: `user_id` is empty).
+    fn problems(&self) -> Vec<Mismatch> {
+        let mut out = Vec::new();
+        if self.published_through > self.last_id {
+            out.push(format!(
+                "the relays' watermark {} is past the last outbox id drawn, {}: events \
+                 written until the outbox's ids pass it are taken as published and never sent",
+                self.published_through, self.last_id
+            ));
+        }
+        if self.horizon_ahead {
+            out.push(format!(
+                "the outbox's retention horizon {} is in the future: no ledger row before it \
+                 is checked for its event",
+                self.pruned_before
+            ));
+        }
+        out.into_iter()
+            .map(|problem| Mismatch {
+                user_id: String::new(),
+                problem,
+            })
+            .collect()
+    }
 }
 
 #[derive(sqlx::FromRow)]
@@ -263,81 +321,115 @@ pub async fn run(pool: &PgPool) -> Result<AuditReport, sqlx::Error> {
     Ok(report)
 }
 
+/// Mismatches found so far, and whether a check found more than it returns.
+#[derive(Default)]
+struct Found {
+    mismatches: Vec<Mismatch>,
+    truncated: bool,
+}
+
+impl Found {
+    fn add(&mut self, found: Vec<Mismatch>) {
+        self.truncated |= found.len() >= CHECK_LIMIT;
+        self.mismatches.extend(found);
+    }
+}
+
 async fn checks(conn: &mut PgConnection) -> Result<AuditReport, sqlx::Error> {
-    let mut mismatches = Vec::new();
-    let rows: Vec<BalanceMismatch> = sqlx::query_as(BALANCES_VS_LEDGER)
-        .fetch_all(&mut *conn)
-        .await?;
-    mismatches.extend(rows.into_iter().map(|r| Mismatch {
-        problem: format!(
-            "balance {} / last_seq {} vs ledger sum {} over {} rows (max seq {}, last running balance {})",
-            r.balance,
-            r.last_seq,
-            r.total,
-            r.n,
-            r.max_seq,
-            r.last_running.map_or_else(|| "none".to_owned(), |v| v.to_string()),
-        ),
-        user_id: r.user_id,
-    }));
-    let rows: Vec<ChainBreak> = sqlx::query_as(RUNNING_CHAIN).fetch_all(&mut *conn).await?;
-    mismatches.extend(rows.into_iter().map(|r| Mismatch {
-        problem: format!(
-            "seq {}: running balance {} but previous + amount = {}",
-            r.seq, r.running_balance, r.expected
-        ),
-        user_id: r.user_id,
-    }));
-    mismatches.extend(
+    let mut found = Found::default();
+    found.add(balances_vs_ledger(&mut *conn).await?);
+    found.add(running_chain(&mut *conn).await?);
+    found.add(
         orphans(&mut *conn, ORPHAN_ROWS, |r| {
             format!("seq {} has no balance row", r.seq)
         })
         .await?,
     );
-    mismatches.extend(
+    found.add(
         orphans(&mut *conn, CHARGED_WITHOUT_ROW, |r| {
             format!("decision {} has no matching USAGE row", r.node_exec_id)
         })
         .await?,
     );
-    mismatches.extend(
+    found.add(
         orphans(&mut *conn, SETTLED_WITHOUT_ROW, |r| {
             format!("settlement {} has no matching SETTLE row", r.node_exec_id)
         })
         .await?,
     );
-    mismatches.extend(
+    found.add(
         orphans(&mut *conn, SETTLEMENT_WITHOUT_DECISION, |r| {
             let id = &r.node_exec_id;
             format!("settlement {id} does not match its decision (none, or another user, block or charge)")
         })
         .await?,
     );
-    mismatches.extend(
+    found.add(
         hashed(&mut *conn, ROW_WITHOUT_DECISION, |r| {
-            format!("seq {} has no decision or settlement naming it", r.seq)
+            format!(
+                "seq {} ({}) has no decision or settlement naming it",
+                r.seq, r.kind
+            )
         })
         .await?,
     );
-    mismatches.extend(
+    found.add(
         hashed(&mut *conn, ROW_WITHOUT_EVENT, |r| {
             format!("seq {} has no balance.changed event", r.seq)
         })
         .await?,
     );
-    mismatches.extend(
+    found.add(
         orphans(&mut *conn, EVENT_WITHOUT_ROW, |r| {
             let id = &r.event_id;
-            format!("event {id} matches no ledger row (user, seq, amount, balance and key)")
+            format!("event {id} matches no ledger row (user, seq, amount, balance, type and key)")
         })
         .await?,
     );
+    let relay: RelayState = sqlx::query_as(RELAY_STATE).fetch_one(&mut *conn).await?;
+    found.add(relay.problems());
     let c: Counts = sqlx::query_as(COUNTS).fetch_one(&mut *conn).await?;
     Ok(AuditReport {
         users: c.users,
         transactions: c.transactions,
         decisions: c.decisions,
         unpublished_events: c.unpublished,
-        mismatches,
+        mismatches: found.mismatches,
+        truncated: found.truncated,
     })
+}
+
+async fn balances_vs_ledger(conn: &mut PgConnection) -> Result<Vec<Mismatch>, sqlx::Error> {
+    let rows: Vec<BalanceMismatch> = sqlx::query_as(BALANCES_VS_LEDGER)
+        .fetch_all(&mut *conn)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| Mismatch {
+            problem: format!(
+                "balance {} / last_seq {} vs ledger sum {} over {} rows (max seq {}, last running balance {})",
+                r.balance,
+                r.last_seq,
+                r.total,
+                r.n,
+                r.max_seq,
+                r.last_running.map_or_else(|| "none".to_owned(), |v| v.to_string()),
+            ),
+            user_id: r.user_id,
+        })
+        .collect())
+}
+
+async fn running_chain(conn: &mut PgConnection) -> Result<Vec<Mismatch>, sqlx::Error> {
+    let rows: Vec<ChainBreak> = sqlx::query_as(RUNNING_CHAIN).fetch_all(&mut *conn).await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| Mismatch {
+            problem: format!(
+                "seq {}: running balance {} but previous + amount = {}",
+                r.seq, r.running_balance, r.expected
+            ),
+            user_id: r.user_id,
+        })
+        .collect())
 }

@@ -57,7 +57,7 @@ pub(crate) fn exit_code(ok: bool) -> ExitCode {
 
 /// An audit for a person: the counts, `clean` or the number of mismatches, then one line per
 /// mismatch.
-pub(crate) fn audit_text(report: &AuditReport, clean: &str) -> String {
+pub fn audit_text(report: &AuditReport, clean: &str) -> String {
     let mut out = format!(
         "{} users, {} ledger rows, {} decisions, {} events unpublished: {}",
         report.users,
@@ -70,8 +70,15 @@ pub(crate) fn audit_text(report: &AuditReport, clean: &str) -> String {
             format!("{} MISMATCHES", report.mismatches.len())
         }
     );
+    if report.truncated {
+        out.push_str(" (a check found more than the 1,000 it lists)");
+    }
     for m in &report.mismatches {
-        out.push_str(&format!("\n  {}: {}", m.user_id, m.problem));
+        if m.user_id.is_empty() {
+            out.push_str(&format!("\n  outbox: {}", m.problem));
+        } else {
+            out.push_str(&format!("\n  {}: {}", m.user_id, m.problem));
+        }
     }
     out
 }

@@ -968,9 +968,9 @@ async fn audit_reports_every_kind_of_mismatch() {
             // Its row's running balance was changed after the event told it.
             expect(
                 "a",
-                "event balance.changed:a:USAGE-n-1 matches no ledger row (user, seq, amount, balance and key)"
+                "event balance.changed:a:USAGE-n-1 matches no ledger row (user, seq, amount, balance, type and key)"
             ),
-            expect("a", "seq 2 has no decision or settlement naming it"),
+            expect("a", "seq 2 (USAGE) has no decision or settlement naming it"),
             expect("a", "seq 2: running balance 91 but previous + amount = 90"),
             expect(
                 "a",
@@ -1994,13 +1994,129 @@ async fn the_audit_finds_an_event_that_states_no_ledger_row() {
         .map(|m| (m.user_id.as_str(), m.problem.as_str()))
         .collect();
     found.sort();
-    let no_row = "matches no ledger row (user, seq, amount, balance and key)";
+    let no_row = "matches no ledger row (user, seq, amount, balance, type and key)";
     assert_eq!(
         found,
         [
             ("u", format!("event balance.changed:u:k2 {no_row}").as_str()),
             ("u", format!("event balance.changed:u:k3 {no_row}").as_str()),
         ]
+    );
+    env.cleanup().await;
+}
+
+/// The audit also sees what hides a credit's kind, a debit or events: a purchase relabelled
+/// a grant, a REFUND row (nothing here writes one), an event moved to another
+/// routing key, a relay watermark past every outbox id (events written after it would never
+/// go out) and a retention horizon in the future; and it says when a check lists only its
+/// first 1,000.
+#[tokio::test]
+async fn audit_sees_relabelled_credits_foreign_debits_and_hidden_events() {
+    let env = TestEnv::with(no_refill).await;
+    seed(&env, ["c", "d", "e"], 100).await;
+    env.assert_audit_clean().await;
+    for sql in [
+        "ALTER TABLE credit.transactions DISABLE TRIGGER transactions_append_only",
+        "UPDATE credit.transactions SET type = 'TOP_UP' WHERE user_id = 'c'",
+        "UPDATE credit.outbox SET routing_key = 'balance.low'
+          WHERE event_id = 'balance.changed:d:SEED'",
+        "INSERT INTO credit.transactions (user_id, seq, transaction_key, type, amount, running_balance)
+              VALUES ('e', 2, 'refund-1', 'REFUND', -10, 90)",
+        "UPDATE credit.balances SET balance = 90, last_seq = 2 WHERE user_id = 'e'",
+    ] {
+        sqlx::query(sql).execute(&env.pool).await.expect(sql);
+    }
+    let found = |report: &credit_worker::ledger::audit::AuditReport| {
+        let mut found: Vec<(String, String)> = report
+            .mismatches
+            .iter()
+            .map(|m| (m.user_id.clone(), m.problem.clone()))
+            .collect();
+        found.sort();
+        found
+    };
+    let expect = |u: &str, p: &str| (u.to_owned(), p.to_owned());
+    let report = credit_worker::ledger::audit::run(&env.pool)
+        .await
+        .expect("audit");
+    assert_eq!(
+        found(&report),
+        vec![
+            expect(
+                "c",
+                "event balance.changed:c:SEED matches no ledger row (user, seq, amount, balance, type and key)"
+            ),
+            expect("d", "seq 1 has no balance.changed event"),
+            expect("e", "seq 2 (REFUND) has no decision or settlement naming it"),
+            expect("e", "seq 2 has no balance.changed event"),
+        ]
+    );
+    assert!(!report.truncated);
+    let last_id = env
+        .scalar_i64("SELECT last_value FROM credit.outbox_id_seq")
+        .await;
+    sqlx::query(
+        "UPDATE credit.outbox_relay
+            SET published_through = $1 + 10, pruned_before = '9999-01-01'",
+    )
+    .bind(last_id)
+    .execute(&env.pool)
+    .await
+    .expect("move the watermark and the horizon");
+    let report = credit_worker::ledger::audit::run(&env.pool)
+        .await
+        .expect("audit");
+    let watermark = format!(
+        "the relays' watermark {} is past the last outbox id drawn, {last_id}: events \
+         written until the outbox's ids pass it are taken as published and never sent",
+        last_id + 10
+    );
+    assert_eq!(
+        found(&report),
+        vec![
+            expect(
+                "",
+                "the outbox's retention horizon 9999-01-01 00:00:00+00 is in the future: no \
+                 ledger row before it is checked for its event"
+            ),
+            expect("", &watermark),
+            expect(
+                "c",
+                "event balance.changed:c:SEED matches no ledger row (user, seq, amount, balance, type and key)"
+            ),
+            expect("e", "seq 2 (REFUND) has no decision or settlement naming it"),
+        ]
+    );
+    let text = credit_worker::tools::audit_text(&report, "clean");
+    assert!(text.contains(&format!("\n  outbox: {watermark}")), "{text}");
+    // A relay taking the lead on that watermark says what it does not send.
+    let (mut w, _, log) = WorkerProcess::spawn_logged(
+        &env.process_env(),
+        &["run"],
+        "error,credit_worker::telemetry=info",
+    );
+    let line = "the relays' watermark is past the last outbox id drawn";
+    let within = Duration::from_secs(30);
+    wait_for_line(&log, line, within, "the relay naming its watermark");
+    w.sigterm();
+    assert_eq!(w.wait_exit(within).await, Some(0));
+    // 1,001 balances with no ledger rows: the check lists 1,000 and says there are more.
+    sqlx::query(
+        "INSERT INTO credit.balances (user_id, balance, last_seq)
+         SELECT 'many-' || i, 1, 0 FROM generate_series(1, 1001) i",
+    )
+    .execute(&env.pool)
+    .await
+    .expect("balances without rows");
+    let report = credit_worker::ledger::audit::run(&env.pool)
+        .await
+        .expect("audit");
+    assert!(report.truncated);
+    assert_eq!(report.mismatches.len(), 1000 + 4);
+    let text = credit_worker::tools::audit_text(&report, "clean");
+    assert!(
+        text.contains("1004 MISMATCHES (a check found more than the 1,000 it lists)"),
+        "{text}"
     );
     env.cleanup().await;
 }
