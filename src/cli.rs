@@ -124,6 +124,22 @@ pub enum Command {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// Take back credits of a purchase that was refunded or lost in a dispute (REFUND); the
+    /// balance may fall below 0.
+    Refund {
+        user: String,
+        #[arg(allow_negative_numbers = true, value_parser = parse_credits)]
+        amount: Credits,
+        /// The refund's or dispute's id: the same key again changes nothing.
+        #[arg(long)]
+        key: String,
+        /// The key of the TOP_UP it refunds.
+        #[arg(long)]
+        top_up_key: String,
+        /// Why, kept in the ledger row's metadata.
+        #[arg(long)]
+        reason: Option<String>,
+    },
     /// Set or remove a user's auto top-up (a `top_up.requested` when the balance falls below
     /// the threshold).
     #[command(group(clap::ArgGroup::new("setting").required(true).args(["threshold", "off"])))]
@@ -363,6 +379,17 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let amount = credits("amount", amount)?;
             credit(&settings, json, TxType::Grant, &user, amount, key, reason).await
+        }
+        Command::Refund {
+            user,
+            amount,
+            key,
+            top_up_key,
+            reason,
+        } => {
+            let amount = credits("amount", amount)?;
+            let keys = (key.as_str(), top_up_key.as_str());
+            refund(&settings, json, &user, amount, keys, reason).await
         }
         Command::AutoTopUp {
             user,
@@ -786,6 +813,35 @@ async fn credit(
                 p.transaction_key,
                 p.seq,
                 p.balance
+            )
+        } else {
+            format!(
+                "key {} already applied (row {}); nothing changed; balance {}",
+                p.transaction_key, p.seq, p.balance
+            )
+        }
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn refund(
+    settings: &Settings,
+    json: bool,
+    user: &str,
+    amount: i64,
+    keys: (&str, &str),
+    reason: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    let ledger = open_ledger(settings).await?;
+    let p = ledger
+        .refund(user, amount, keys, reason.as_deref(), Utc::now())
+        .await
+        .map_err(ledger_error)?;
+    print_out(json, &serde_json::to_value(&p)?, || {
+        if p.applied {
+            format!(
+                "REFUND {amount} credits of {} from {user} ({}, row {}); balance {}",
+                keys.1, p.transaction_key, p.seq, p.balance
             )
         } else {
             format!(

@@ -214,17 +214,7 @@ impl Relay {
         let bound = self.stall_bound();
         let mut listener = self.listen(db).await?;
         let mut watermark = crate::db::bounded(bound, store::watermark(db)).await?;
-        let last_id = crate::db::bounded(bound, store::last_outbox_id(db)).await?;
-        if watermark > last_id {
-            error!(
-                watermark,
-                last_id,
-                "the relays' watermark is past the last outbox id drawn: events written until \
-                 the ids pass it count as published and are never sent (credit-worker audit \
-                 names it; set credit.outbox_relay.published_through back to the last id really \
-                 published)"
-            );
-        }
+        crate::db::bounded(bound, check_watermark(db, watermark)).await?;
         // Whether the last read started after drain: only such a read sees every event the
         // stopped writers committed, so only its finding none means the outbox is flushed.
         let mut read_in_drain = drain.is_cancelled();
@@ -342,6 +332,23 @@ impl Relay {
 
 /// Ends an idle session whose broker connection died, so it reconnects now rather than at
 /// the next event (and `/readyz` shows the relay connected only while it is).
+/// Logs a watermark past the last outbox id drawn (a hand edit, a restore that reset the
+/// outbox's sequence): every event written until the ids pass it would go unsent.
+async fn check_watermark(db: &mut PgConnection, watermark: i64) -> Result<(), RelayError> {
+    let last_id = store::last_outbox_id(db).await?;
+    if watermark > last_id {
+        error!(
+            watermark,
+            last_id,
+            "the relays' watermark is past the last outbox id drawn: events written until \
+             the ids pass it count as published and are never sent (credit-worker audit \
+             names it; set credit.outbox_relay.published_through back to the last id really \
+             published)"
+        );
+    }
+    Ok(())
+}
+
 fn still_connected(publisher: &Publisher) -> Result<(), RelayError> {
     if publisher.channel().status().connected() {
         Ok(())

@@ -62,6 +62,7 @@ impl ControlError {
             LedgerError::InvalidArgument { .. } | LedgerError::InsufficientBalance { .. } => {
                 "bad_request"
             }
+            LedgerError::NotFound(_) => "not_found",
             LedgerError::Db(_) => "internal",
         }
     }
@@ -76,6 +77,7 @@ impl From<LedgerError> for ControlError {
             LedgerError::InvalidArgument { .. } | LedgerError::InsufficientBalance { .. } => {
                 ControlError::BadRequest(e.to_string())
             }
+            LedgerError::NotFound(_) => ControlError::NotFound(e.to_string()),
             LedgerError::Db(db) => db.into(),
         }
     }

@@ -13,6 +13,7 @@ pub mod fields;
 pub mod history;
 pub mod outcome;
 pub mod refill;
+pub mod refund;
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -61,10 +62,11 @@ const ATTEMPTS: usize = 3;
 const PREFETCH: u16 = 16;
 
 /// Every command name; anything else is counted as "unknown" so metrics labels stay bounded.
-pub(crate) const COMMANDS: [&str; 7] = [
+pub(crate) const COMMANDS: [&str; 8] = [
     "refill",
     "top_up",
     "grant",
+    "refund",
     "balance",
     "history",
     "outcome",
@@ -89,6 +91,7 @@ pub enum Command {
     Refill(refill::Request),
     /// `top_up` and `grant`; the request carries the transaction type.
     Credit(credit::Request),
+    Refund(refund::Request),
     Balance(balance::Request),
     AutoTopUp(auto_top_up::Request),
     History(history::Request),
@@ -117,6 +120,7 @@ impl Command {
             "refill" => Command::Refill(refill::parse(&f)?),
             "top_up" => Command::Credit(credit::parse(TxType::TopUp, &f)?),
             "grant" => Command::Credit(credit::parse(TxType::Grant, &f)?),
+            "refund" => Command::Refund(refund::parse(&f)?),
             "balance" => Command::Balance(balance::parse(&f)?),
             "auto_top_up" => Command::AutoTopUp(auto_top_up::parse(&f)?),
             "history" => Command::History(history::parse(&f)?),
@@ -134,6 +138,7 @@ impl Command {
         match self {
             Command::Refill(r) => refill::run(ctx, r).await,
             Command::Credit(r) => credit::run(ctx, r).await,
+            Command::Refund(r) => refund::run(ctx, r).await,
             Command::Balance(r) => balance::run(ctx, r).await,
             Command::AutoTopUp(r) => auto_top_up::run(ctx, r).await,
             Command::History(r) => history::run(ctx, r).await,
@@ -495,7 +500,7 @@ struct Credit<'a> {
 impl<'a> Credit<'a> {
     /// `body` is the command (it parsed before, so it reads), `done` its result.
     fn of(command: &str, body: &[u8], done: &'a Value) -> Credit<'a> {
-        if !matches!(command, "top_up" | "grant") {
+        if !matches!(command, "top_up" | "grant" | "refund") {
             return Credit::default();
         }
         // The result has all but the amount.

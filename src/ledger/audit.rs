@@ -93,8 +93,8 @@ SELECT s.user_id, s.node_exec_id FROM credit.settlements s
 /// The other way round: a worker's row (by its key's form, and USAGE, as every row the worker
 /// writes under these keys is: a credit under such a key, which callers could give before
 /// the prefixes were reserved, is not the worker's) with no decision or settlement naming it,
-/// such as a debit whose decision was lost; and any REFUND row, which nothing here writes.
-/// (A USAGE row under another key is the library's `Ledger::spend`, which has no decision.)
+/// such as a debit whose decision was lost. (A USAGE row under another key is the library's
+/// `Ledger::spend`, which has no decision.)
 /// Each part is one hashed anti-join ([`hashed`]).
 const ROW_WITHOUT_DECISION: &str = "
 SELECT t.user_id, t.seq, 'USAGE' AS kind FROM credit.transactions t
@@ -111,8 +111,19 @@ SELECT t.user_id, t.seq, 'USAGE' FROM credit.transactions t
  WHERE t.transaction_key LIKE 'SETTLE-%' AND t.type = 'USAGE' AND NOT EXISTS (
           SELECT 1 FROM credit.settlements s
            WHERE s.user_id = t.user_id AND s.transaction_key = t.transaction_key)
-UNION ALL
-SELECT t.user_id, t.seq, 'REFUND' FROM credit.transactions t WHERE t.type = 'REFUND'
+ LIMIT 1000";
+
+/// A REFUND row names a TOP_UP of its user (`top_up_key` in its metadata), and the refunds of
+/// a purchase, up to each, never take back more than it bought.
+const REFUND_WITHOUT_PURCHASE: &str = "
+SELECT r.user_id, r.seq FROM (
+    SELECT user_id, seq, metadata->>'top_up_key' AS top_up_key,
+           sum(-amount) OVER (PARTITION BY user_id, metadata->>'top_up_key' ORDER BY seq)
+               AS refunded
+      FROM credit.transactions WHERE type = 'REFUND') r
+ WHERE NOT EXISTS (SELECT 1 FROM credit.transactions t
+                    WHERE t.user_id = r.user_id AND t.transaction_key = r.top_up_key
+                      AND t.type = 'TOP_UP' AND t.amount >= r.refunded)
  LIMIT 1000";
 
 /// A ledger row's event is a row of its own (found by event_id) or an element of a run of
@@ -345,6 +356,22 @@ async fn checks(conn: &mut PgConnection) -> Result<AuditReport, sqlx::Error> {
         })
         .await?,
     );
+    links(&mut *conn, &mut found).await?;
+    let relay: RelayState = sqlx::query_as(RELAY_STATE).fetch_one(&mut *conn).await?;
+    found.add(relay.problems());
+    let c: Counts = sqlx::query_as(COUNTS).fetch_one(&mut *conn).await?;
+    Ok(AuditReport {
+        users: c.users,
+        transactions: c.transactions,
+        decisions: c.decisions,
+        unpublished_events: c.unpublished,
+        mismatches: found.mismatches,
+        truncated: found.truncated,
+    })
+}
+
+/// What ties the ledger's rows to decisions, settlements, purchases and events.
+async fn links(conn: &mut PgConnection, found: &mut Found) -> Result<(), sqlx::Error> {
     found.add(
         orphans(&mut *conn, CHARGED_WITHOUT_ROW, |r| {
             format!("decision {} has no matching USAGE row", r.node_exec_id)
@@ -374,6 +401,13 @@ async fn checks(conn: &mut PgConnection) -> Result<AuditReport, sqlx::Error> {
         .await?,
     );
     found.add(
+        orphans(&mut *conn, REFUND_WITHOUT_PURCHASE, |r| {
+            let seq = r.seq;
+            format!("seq {seq} (REFUND) names no TOP_UP of the user with that much to refund")
+        })
+        .await?,
+    );
+    found.add(
         hashed(&mut *conn, ROW_WITHOUT_EVENT, |r| {
             format!("seq {} has no balance.changed event", r.seq)
         })
@@ -386,17 +420,7 @@ async fn checks(conn: &mut PgConnection) -> Result<AuditReport, sqlx::Error> {
         })
         .await?,
     );
-    let relay: RelayState = sqlx::query_as(RELAY_STATE).fetch_one(&mut *conn).await?;
-    found.add(relay.problems());
-    let c: Counts = sqlx::query_as(COUNTS).fetch_one(&mut *conn).await?;
-    Ok(AuditReport {
-        users: c.users,
-        transactions: c.transactions,
-        decisions: c.decisions,
-        unpublished_events: c.unpublished,
-        mismatches: found.mismatches,
-        truncated: found.truncated,
-    })
+    Ok(())
 }
 
 async fn balances_vs_ledger(conn: &mut PgConnection) -> Result<Vec<Mismatch>, sqlx::Error> {

@@ -6,6 +6,7 @@ pub(crate) mod account;
 pub mod audit;
 pub mod decision;
 pub mod month;
+pub(crate) mod refund;
 pub mod retention;
 pub(crate) mod runs;
 pub mod seed;
@@ -91,6 +92,9 @@ pub enum LedgerError {
     },
     #[error("{field}: {reason}")]
     InvalidArgument { field: &'static str, reason: String },
+    /// What the request names is not there (the message names the field).
+    #[error("{0}")]
+    NotFound(String),
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
 }
@@ -468,6 +472,69 @@ impl Ledger {
         };
         self.credit_under(tx_type, user_id, amount, key, reason, at)
             .await
+    }
+
+    /// Takes back `amount` (> 0) of the purchase under `top_up_key` as a REFUND row under
+    /// `key` (the payment side's refund or dispute id): the same key again changes nothing.
+    /// The balance may fall below 0 (the credits may have been spent); no auto top-up is
+    /// requested for it (that would charge the customer who was just refunded again).
+    pub async fn refund(
+        &self,
+        user_id: &str,
+        amount: i64,
+        (key, top_up_key): (&str, &str),
+        reason: Option<&str>,
+        at: DateTime<Utc>,
+    ) -> Result<Posting, LedgerError> {
+        refund::check_request(amount, key, top_up_key)?;
+        check_user_id(user_id)?;
+        let users = [user_id.to_owned()];
+        let (mut tx, mut accounts) = store::begin_locked(&self.pool, &users).await?;
+        let account = accounts.get_mut(user_id).ok_or(sqlx::Error::RowNotFound)?;
+        let mut changes = Changes::default();
+        account.refill_lazily(&mut changes, self.policy.lazy(at), at)?;
+        let seq = match store::keyed_row(&mut tx, user_id, key).await? {
+            Some((row_type, row_amount, seq)) => {
+                check_key_reuse(key, (&row_type, row_amount), (TxType::Refund, -amount))?;
+                Some(seq)
+            }
+            None => None,
+        };
+        let posting = |account: &Account, applied, seq| Posting {
+            user_id: user_id.to_owned(),
+            applied,
+            balance: account.balance,
+            transaction_key: key.to_owned(),
+            seq,
+        };
+        if let Some(seq) = seq {
+            return Ok(posting(account, false, seq));
+        }
+        let bought = store::keyed_row(&mut tx, user_id, top_up_key).await?;
+        let purchase = refund::Purchase {
+            key: top_up_key,
+            row: bought.as_ref().map(|(t, a, _)| (t.as_str(), *a)),
+            refunded: store::refunded_of(&mut tx, user_id, top_up_key).await?,
+        };
+        refund::check_refund(&purchase, amount)?;
+        let mut metadata = json!({ "top_up_key": top_up_key });
+        if let Some(r) = reason {
+            metadata["reason"] = r.into();
+        }
+        let entry = Entry {
+            tx_type: TxType::Refund,
+            key: key.to_owned(),
+            amount: -amount,
+            metadata,
+            exec: ExecutionRef::default(),
+            at,
+        };
+        let seq = account.post_debt(&mut changes, entry)?;
+        let out = posting(account, true, seq);
+        store::flush(&mut tx, accounts.values(), &changes, at).await?;
+        tx.commit().await?;
+        changes.count_refills();
+        Ok(out)
     }
 
     /// [`Ledger::credit`] without a key, in message `message_id` of broker user `sender`:

@@ -325,6 +325,22 @@ pub(crate) async fn keyed_row(
         .await
 }
 
+/// What the REFUND rows of `user_id` naming the purchase `top_up_key` took back.
+pub(crate) async fn refunded_of(
+    conn: &mut PgConnection,
+    user_id: &str,
+    top_up_key: &str,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT coalesce(sum(-amount), 0)::int8 FROM credit.transactions
+          WHERE user_id = $1 AND type = 'REFUND' AND metadata->>'top_up_key' = $2",
+    )
+    .bind(user_id)
+    .bind(top_up_key)
+    .fetch_one(&mut *conn)
+    .await
+}
+
 /// The stored balance, 0 for a user without a row.
 pub(crate) async fn read_balance(pool: &PgPool, user_id: &str) -> Result<i64, sqlx::Error> {
     let balance: Option<i64> = sqlx::query_scalar(READ_BALANCE)

@@ -839,6 +839,94 @@ async fn top_up_with_the_same_key_applies_once() {
     stop_audit_cleanup(env, worker).await;
 }
 
+/// A refund (of a purchase refunded or lost in a dispute) takes back at most what the purchase
+/// has left, once per key, even where the credits were spent (the balance falls below 0); it
+/// names a TOP_UP of the user, and requests no auto top-up however low the balance falls.
+#[tokio::test]
+async fn a_refund_takes_back_a_purchase_once_and_never_more_than_it() {
+    let env = TestEnv::with(quiet_scheduler).await;
+    let worker = start(&env).await;
+    let mut rpc = Rpc::new(&env).await;
+    let top_up = json!({"command": "top_up", "user_id": "dave", "amount": 300, "key": "pi_1"});
+    assert_eq!(rpc.ok(top_up).await["balance"], json!(1300));
+    let auto =
+        json!({"command": "auto_top_up", "user_id": "dave", "threshold": 1200, "amount": 500});
+    assert_eq!(rpc.ok(auto).await["requested"], json!(false));
+    let refund = |amount: i64, key: &str, top_up_key: &str| {
+        json!({"command": "refund", "user_id": "dave", "amount": amount, "key": key,
+               "top_up_key": top_up_key, "reason": "chargeback"})
+    };
+    let done = |balance: i64, key: &str, applied: bool, seq: i64| json!({"user_id": "dave", "balance": balance, "transaction_key": key, "applied": applied, "seq": seq});
+    assert_eq!(
+        rpc.ok(refund(200, "re_1", "pi_1")).await,
+        done(1100, "re_1", true, 3)
+    );
+    assert_eq!(
+        rpc.ok(refund(200, "re_1", "pi_1")).await,
+        done(1100, "re_1", false, 3)
+    );
+    let over = rpc.err(refund(101, "re_2", "pi_1")).await;
+    let left =
+        "amount: 101 is more than the 100 of TOP_UP pi_1 not yet refunded (200 of 300 refunded)";
+    assert_eq!(
+        (over.0.as_str(), over.1.as_str()),
+        ("amount_out_of_range", left)
+    );
+    let grant = json!({"command": "grant", "user_id": "dave", "amount": 5, "key": "g_1"});
+    rpc.ok(grant).await;
+    let not_bought = rpc.err(refund(1, "re_2", "g_1")).await;
+    assert_eq!(
+        (not_bought.0.as_str(), not_bought.1.as_str()),
+        (
+            "bad_request",
+            "top_up_key: g_1 names a GRANT; only a TOP_UP can be refunded"
+        )
+    );
+    let unknown = rpc.err(refund(1, "re_2", "pi_9")).await;
+    assert_eq!(
+        (unknown.0.as_str(), unknown.1.as_str()),
+        (
+            "not_found",
+            "top_up_key: the user has no ledger row under pi_9"
+        )
+    );
+    let (code, _) = rpc
+        .err(json!({"command": "refund", "user_id": "dave", "amount": 1, "top_up_key": "pi_1"}))
+        .await;
+    assert_eq!(code, "bad_request");
+    // Spent down to 5, then the last 100 of the purchase refunded: a debt of 95.
+    env.ledger()
+        .spend("dave", 1100, "S-1", json!({}), Utc::now())
+        .await
+        .expect("spend");
+    assert_eq!(
+        rpc.ok(refund(100, "re_3", "pi_1")).await,
+        done(-95, "re_3", true, 6)
+    );
+    let page = rpc
+        .ok(json!({"command": "history", "user_id": "dave", "type": "REFUND"}))
+        .await;
+    let refunds: Vec<(&Value, &Value)> = page["transactions"]
+        .as_array()
+        .map(|t| t.iter().map(|r| (&r["amount"], &r["metadata"])).collect())
+        .unwrap_or_default();
+    let metadata = json!({"top_up_key": "pi_1", "reason": "chargeback"});
+    assert_eq!(
+        refunds,
+        [(&json!(-100), &metadata), (&json!(-200), &metadata)]
+    );
+    // The spend's request only (made at its row, 5): neither refund asked for a top-up,
+    // though the first took the balance below the threshold.
+    let requests = env
+        .scalar_i64(
+            "SELECT coalesce(sum((payload->>'seq')::int8 * 100 + events), 0)::int8
+               FROM credit.outbox WHERE routing_key = 'top_up.requested'",
+        )
+        .await;
+    assert_eq!(requests, 5 * 100 + 1);
+    stop_audit_cleanup(env, worker).await;
+}
+
 /// A message delivered twice (redelivered after a crash between commit and ack, or published
 /// again by a producer whose confirm was lost) carries the same `message_id`: an unkeyed
 /// credit is keyed by it, so it applies once.
@@ -1140,6 +1228,26 @@ async fn the_cli_runs_each_operator_command() {
     let audit = env.cli_json(&["audit"]);
     assert_eq!(audit["mismatches"], json!([]));
     assert_eq!(audit["transactions"], json!(3));
+    // 40 of k1's 100 refunded, once.
+    let refund = [
+        "refund",
+        "alice",
+        "40",
+        "--key",
+        "re-1",
+        "--top-up-key",
+        "k1",
+        "--reason",
+        "chargeback",
+    ];
+    assert_eq!(
+        env.cli_json(&refund),
+        json!({"applied": true, "balance": 1065, "seq": 4, "transaction_key": "re-1", "user_id": "alice"})
+    );
+    assert_eq!(
+        env.cli_json(&refund),
+        json!({"applied": false, "balance": 1065, "seq": 4, "transaction_key": "re-1", "user_id": "alice"})
+    );
     let code = |args: &[&str]| env.cli(args).status.code();
     assert_eq!(code(&["outcome", "never-decided"]), Some(1));
     // With --json a failure is the control queue's error object too, on stdout.
@@ -1163,6 +1271,33 @@ async fn the_cli_runs_each_operator_command() {
         (
             &["top-up", "alice", "101", "--key", "k1", "--json"],
             "bad_request",
+        ),
+        // 60 of k1 are left to refund; no purchase is keyed pi-0.
+        (
+            &[
+                "refund",
+                "alice",
+                "61",
+                "--key",
+                "re-2",
+                "--top-up-key",
+                "k1",
+                "--json",
+            ],
+            "amount_out_of_range",
+        ),
+        (
+            &[
+                "refund",
+                "alice",
+                "1",
+                "--key",
+                "re-2",
+                "--top-up-key",
+                "pi-0",
+                "--json",
+            ],
+            "not_found",
         ),
         (&["outcome", &long_id, "--json"], "bad_request"),
         (

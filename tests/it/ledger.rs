@@ -2006,7 +2006,7 @@ async fn the_audit_finds_an_event_that_states_no_ledger_row() {
 }
 
 /// The audit also sees what hides a credit's kind, a debit or events: a purchase relabelled
-/// a grant, a REFUND row (nothing here writes one), an event moved to another
+/// a grant, a refund of no purchase, an event moved to another
 /// routing key, a relay watermark past every outbox id (events written after it would never
 /// go out) and a retention horizon in the future; and it says when a check lists only its
 /// first 1,000.
@@ -2047,7 +2047,10 @@ async fn audit_sees_relabelled_credits_foreign_debits_and_hidden_events() {
                 "event balance.changed:c:SEED matches no ledger row (user, seq, amount, balance, type and key)"
             ),
             expect("d", "seq 1 has no balance.changed event"),
-            expect("e", "seq 2 (REFUND) has no decision or settlement naming it"),
+            expect(
+                "e",
+                "seq 2 (REFUND) names no TOP_UP of the user with that much to refund"
+            ),
             expect("e", "seq 2 has no balance.changed event"),
         ]
     );
@@ -2084,7 +2087,10 @@ async fn audit_sees_relabelled_credits_foreign_debits_and_hidden_events() {
                 "c",
                 "event balance.changed:c:SEED matches no ledger row (user, seq, amount, balance, type and key)"
             ),
-            expect("e", "seq 2 (REFUND) has no decision or settlement naming it"),
+            expect(
+                "e",
+                "seq 2 (REFUND) names no TOP_UP of the user with that much to refund"
+            ),
         ]
     );
     let text = credit_worker::tools::audit_text(&report, "clean");
