@@ -487,6 +487,9 @@ impl Settings {
         let has_authority = url::Url::parse(&self.amqp.url).is_ok_and(|u| u.has_authority());
         let uri = match self.amqp.url.parse::<lapin::uri::AMQPUri>() {
             Ok(uri) if has_authority => uri,
+            _ if crate::redact::stray_at_text(&self.amqp.url) => {
+                return bad("amqp.url", crate::redact::STRAY_AT)
+            }
             _ => {
                 return bad(
                     "amqp.url",
@@ -765,14 +768,19 @@ mod tests {
 
     #[test]
     fn an_amqp_password_not_percent_encoded_is_refused_unprinted() {
-        let e = Settings::load_from(
-            None,
-            &env(&[("AMQP_URL", "amqp://w:2024/S3CRET@rabbit/%2f")]),
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(e.contains("amqp.url: an `@` after the host"), "{e}");
-        assert!(!e.contains("S3CRET"), "{e}");
+        // The first parses (the password's end taken for the path), the others do not (its
+        // start taken for a port): either way the hint.
+        for url in [
+            "amqp://w:2024/S3CRET@rabbit/%2f",
+            "amqp://w:S3/CRET@rabbit:5672/%2f",
+            "amqp://w:S3?CRET@rabbit/%2f",
+        ] {
+            let e = Settings::load_from(None, &env(&[("AMQP_URL", url)]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("amqp.url: an `@` after the host"), "{e}");
+            assert!(!e.contains("CRET"), "{e}");
+        }
     }
 
     #[test]
@@ -871,6 +879,12 @@ mod tests {
             (
                 "postgres:/root:s3cret@db/credit",
                 "config: database.url: postgres:// must begin it",
+            ),
+            // A password holding `/`, not percent-encoded: its start read as a port.
+            (
+                "postgres://root:s3/cret@db/credit",
+                "config: database.url: not a URL (invalid port number): an `@` after the host: \
+                 a password holding `/`, `?` or `#` must be percent-encoded (%2F, %3F, %23)",
             ),
         ] {
             let e = Settings::load_from(None, &env(&[("DATABASE_URL", url)]))

@@ -105,6 +105,9 @@ const CLIENT_FILES: [&str; 4] = ["sslcert", "ssl-cert", "sslkey", "ssl-key"];
 pub(crate) fn unusable_url(url: &str) -> Option<String> {
     let parsed = match url::Url::parse(url) {
         Ok(u) => u,
+        Err(e) if crate::redact::stray_at_text(url) => {
+            return Some(format!("not a URL ({e}): {}", crate::redact::STRAY_AT))
+        }
         Err(e) => return Some(format!("not a URL ({e})")),
     };
     if !matches!(parsed.scheme(), "postgres" | "postgresql") {

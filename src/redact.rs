@@ -41,6 +41,15 @@ fn is_secret(key: &str) -> bool {
 pub(crate) const STRAY_AT: &str = "an `@` after the host: a password holding `/`, `?` or `#` \
      must be percent-encoded (%2F, %3F, %23)";
 
+/// [`stray_at`] for text that does not parse at all: an `@` after the first `/`, `?` or `#`
+/// past the scheme's `//` (`postgres://root:pa/ss@host/db` reads `pa` as a port).
+pub(crate) fn stray_at_text(text: &str) -> bool {
+    text.split_once("://").is_some_and(|(_, rest)| {
+        rest.find(['/', '?', '#'])
+            .is_some_and(|cut| rest[cut..].contains('@'))
+    })
+}
+
 /// Whether an `@` follows an authority without credentials, in the path or before the first
 /// parameter's `=`: what is left of credentials whose password holds a `/`, `?` or `#` that
 /// was not percent-encoded. An `@` in a parameter's value (`?user=name@server`) is not.
