@@ -291,6 +291,7 @@ fn error_code(e: &anyhow::Error) -> &'static str {
     if e.downcast_ref::<BadRequest>().is_some()
         || e.downcast_ref::<crate::config::ConfigError>().is_some()
         || e.chain().any(|c| c.is::<crate::db::ServerTooOld>())
+        || e.downcast_ref::<crate::amqp::Refused>().is_some()
     {
         return "bad_request";
     }
@@ -464,7 +465,10 @@ async fn run(settings: Settings, signals: StopSignals) -> anyhow::Result<ExitCod
 }
 
 async fn migrate(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
-    crate::db::connect_and_migrate(&settings.database).await?;
+    let database = crate::db::database_name(&settings.database);
+    crate::db::connect_and_migrate(&settings.database)
+        .await
+        .map_err(|e| crate::db::NotReady::of(e, &database))?;
     print_out(json, &json!({"migrated": true}), || {
         "migrations applied".into()
     })?;

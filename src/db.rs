@@ -374,8 +374,53 @@ pub(crate) enum NotReady {
          check the role's search_path and privileges"
     )]
     Unreadable { database: String, reason: String },
+    #[error(
+        "database.url: the server refused the login ({0}); check the user and password in \
+         the URL and the server's pg_hba.conf"
+    )]
+    LoginRefused(String),
+    #[error(
+        "database.url: the server's TLS certificate does not verify ({0}); with \
+         sslmode=verify-ca or verify-full, sslrootcert must name the CA that signed it"
+    )]
+    Certificate(String),
     #[error(transparent)]
     Sql(#[from] sqlx::Error),
+}
+
+impl NotReady {
+    /// `e`, met connecting to or migrating `database`, as an operator's mistake where it is
+    /// one (no retry fixes it), else as it is ([`NotReady::Sql`]).
+    pub(crate) fn of(e: sqlx::Error, database: &str) -> NotReady {
+        use sqlx::migrate::MigrateError;
+        let database = database.to_owned();
+        if sqlstate(&e).as_deref() == Some("3D000") {
+            return NotReady::Missing(database);
+        }
+        if is_login_refused(&e) {
+            return NotReady::LoginRefused(e.to_string());
+        }
+        if is_certificate_error(&e) {
+            return NotReady::Certificate(e.to_string());
+        }
+        match &e {
+            sqlx::Error::Migrate(m) => match **m {
+                MigrateError::VersionMissing(version) => NotReady::Ahead { database, version },
+                MigrateError::VersionMismatch(version) => NotReady::Changed { database, version },
+                MigrateError::Dirty(version) => NotReady::Failed { database, version },
+                _ => NotReady::Sql(e),
+            },
+            _ => NotReady::Sql(e),
+        }
+    }
+}
+
+/// The database `settings` names (the user's name where the URL names none).
+pub(crate) fn database_name(settings: &DatabaseSettings) -> String {
+    connect_options(settings, false).map_or_else(
+        |_| String::new(),
+        |o| o.get_database().unwrap_or(o.get_username()).to_owned(),
+    )
 }
 
 /// A migration the database holds.
@@ -423,10 +468,7 @@ async fn existing(
     let within = Some(CONNECT_TIMEOUT);
     let mut conn = match bounded(within, opts.connect()).await {
         Ok(conn) => conn,
-        Err(e) if sqlstate(&e).as_deref() == Some("3D000") => {
-            return Err(NotReady::Missing(database))
-        }
-        Err(e) => return Err(e.into()),
+        Err(e) => return Err(NotReady::of(e, &database)),
     };
     let applied = bounded(within, applied_migrations(&mut conn, &database)).await;
     let _ = conn.close().await;

@@ -57,26 +57,24 @@ pub(crate) async fn connect_db(
             Ok(()) => return Ok(()),
             // Before the retry: a refused login is transient to a running worker (a password
             // being rotated), a mistake in the URL at start.
-            Err(e) if crate::db::is_login_refused(&e) => {
-                return Err(anyhow::anyhow!(
-                    "database.url: the server refused the login ({e}); check the user and \
-                     password in the URL and the server's pg_hba.conf"
-                ))
-            }
+            Err(e) if crate::db::is_login_refused(&e) => return Err(not_ready(e, settings)),
             Err(e) if crate::db::is_transient(&e) || is_passing_migration_fault(&e) => {
                 warn!(error = %e, "database not ready (unreachable, or a migration waiting for a lock); retrying");
                 if !crate::retry::pause(&mut delays, stop).await {
                     anyhow::bail!("stopped before the database was reachable");
                 }
             }
-            Err(e) if crate::db::is_certificate_error(&e) => {
-                return Err(anyhow::anyhow!(
-                    "database.url: the server's TLS certificate does not verify ({e}); with \
-                     sslmode=verify-ca or verify-full, sslrootcert must name the CA that signed it"
-                ))
-            }
-            Err(e) => return Err(anyhow::anyhow!("database: {e}")),
+            Err(e) => return Err(not_ready(e, settings)),
         }
+    }
+}
+
+/// A start's database error as an operator reads it: a refused login, a certificate, a
+/// database not this build's named as such, anything else as the database's.
+fn not_ready(e: sqlx::Error, settings: &Settings) -> anyhow::Error {
+    match crate::db::NotReady::of(e, &crate::db::database_name(&settings.database)) {
+        crate::db::NotReady::Sql(e) => anyhow::anyhow!("database: {e}"),
+        named => named.into(),
     }
 }
 
@@ -104,18 +102,13 @@ async fn broker_accepts(amqp: &crate::config::AmqpSettings) -> anyhow::Result<()
             let _ = tokio::time::timeout(CHECK_CLOSE, conn.close(200, "checked".into())).await;
             Ok(())
         }
-        Err(e) if crate::amqp::is_certificate_error(&e) => Err(anyhow::anyhow!(
-            "amqp.url: the broker's TLS certificate does not verify ({e}); amqp.tls_ca_file must \
-             name the CA that signed it, and the URL's host must be a name in the certificate"
-        )),
-        Err(e) if crate::amqp::is_login_refused(&e) => Err(anyhow::anyhow!(
-            "amqp.url: the broker refused the login ({e}); check the user, password and \
-             virtual host in the URL, and the user's permissions on that virtual host"
-        )),
-        Err(e) => {
-            warn!(error = %e, "broker unreachable at start; retrying in the background");
-            Ok(())
-        }
+        Err(e) => match crate::amqp::refused(e) {
+            Ok(named) => Err(named.into()),
+            Err(e) => {
+                warn!(error = %e, "broker unreachable at start; retrying in the background");
+                Ok(())
+            }
+        },
     }
 }
 

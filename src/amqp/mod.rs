@@ -120,6 +120,38 @@ async fn open(amqp: &AmqpSettings, name: &str, frame_max: u32) -> Result<Connect
     }
 }
 
+/// The broker refused the URL (its login, virtual host or certificate): a mistake in
+/// `amqp.url` or the broker's users, which no retry fixes.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct Refused(String);
+
+/// `e`, met opening a connection, as [`Refused`] where the broker refused the URL.
+pub(crate) fn refused(e: lapin::Error) -> Result<Refused, lapin::Error> {
+    if is_certificate_error(&e) {
+        return Ok(Refused(format!(
+            "amqp.url: the broker's TLS certificate does not verify ({e}); amqp.tls_ca_file must \
+             name the CA that signed it, and the URL's host must be a name in the certificate"
+        )));
+    }
+    if is_login_refused(&e) {
+        return Ok(Refused(format!(
+            "amqp.url: the broker refused the login ({e}); check the user, password and \
+             virtual host in the URL, and the user's permissions on that virtual host"
+        )));
+    }
+    Err(e)
+}
+
+/// A connection's error for an operator's command: [`Refused`] where the broker refused the
+/// URL, else as it is.
+pub(crate) fn for_command(e: lapin::Error) -> anyhow::Error {
+    match refused(e) {
+        Ok(named) => named.into(),
+        Err(e) => e.into(),
+    }
+}
+
 /// True when the broker refused the login (`ACCESS_REFUSED`: the URL's user or password) or
 /// its virtual host (`NOT_ALLOWED`: missing, or not the user's) while a connection opened.
 /// A `NOT_ALLOWED` for a connection limit reached or a virtual host that is down is not one:

@@ -92,7 +92,9 @@ struct Session {
 
 impl Session {
     async fn open(settings: &Settings) -> anyhow::Result<Session> {
-        let conn = crate::amqp::connect(&settings.amqp, "credit-worker dead-letters").await?;
+        let conn = crate::amqp::connect(&settings.amqp, "credit-worker dead-letters")
+            .await
+            .map_err(crate::amqp::for_command)?;
         let publisher = Publisher::open(&conn).await?;
         // Not declared: a mistyped namespace would make an empty topology and report it empty.
         let names = Names::new(&settings.amqp.namespace);

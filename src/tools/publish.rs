@@ -11,7 +11,9 @@ const WINDOW: usize = 1000;
 /// Publishes `bodies` to the default exchange with the input queue's name as routing key.
 /// Returns how many the broker confirmed.
 pub async fn publish_entries(settings: &Settings, bodies: &[Vec<u8>]) -> anyhow::Result<usize> {
-    let conn = crate::amqp::connect_publisher(&settings.amqp, "credit-worker publish").await?;
+    let conn = crate::amqp::connect_publisher(&settings.amqp, "credit-worker publish")
+        .await
+        .map_err(crate::amqp::for_command)?;
     let publisher = Publisher::open(&conn).await?;
     let names = topology::declare(publisher.channel(), &settings.amqp).await?;
     warn_if_unconsumed(&publisher, &names.input_queue).await?;

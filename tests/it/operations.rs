@@ -877,6 +877,54 @@ async fn a_login_the_database_refuses_stops_the_start() {
         "{err}"
     );
     assert!(err.contains("credit_no_such_role"), "{err}");
+    // The commands say the same, as an operator's mistake (not `internal`).
+    for args in [["migrate", "--json"], ["audit", "--json"]] {
+        let out = env
+            .cli_command(&args)
+            .env("DATABASE_URL", url.as_str())
+            .output()
+            .expect("run the CLI");
+        let printed: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("an error object");
+        assert_eq!(
+            printed["error"]["code"], "bad_request",
+            "{args:?}: {printed}"
+        );
+        let message = printed["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.starts_with("database.url: the server refused the login"),
+            "{args:?}: {message}"
+        );
+        assert_eq!(out.status.code(), Some(1));
+    }
+    env.cleanup().await;
+}
+
+/// `migrate` on a database another build migrated further, or whose migration was edited,
+/// says so as the other commands do (`bad_request`), not as a database fault.
+#[tokio::test]
+async fn migrate_names_a_database_that_is_not_this_builds() {
+    let env = TestEnv::new().await;
+    for (sql, expected) in [
+        (
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+             VALUES (9999, 'from a newer build', true, '\\x00', 0)",
+            "holds migration 9999, which this build does not know: a newer build migrated it",
+        ),
+        (
+            "DELETE FROM _sqlx_migrations WHERE version = 9999;
+             UPDATE _sqlx_migrations SET checksum = '\\x00' WHERE version = 1",
+            "migration 1 is not this build's (its checksum differs)",
+        ),
+    ] {
+        sqlx::raw_sql(sql).execute(&env.pool).await.expect(sql);
+        let out = env.cli(&["migrate", "--json"]);
+        let printed: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("an error object");
+        assert_eq!(printed["error"]["code"], "bad_request", "{printed}");
+        let message = printed["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(expected), "{message}");
+    }
     env.cleanup().await;
 }
 
@@ -908,6 +956,21 @@ async fn a_login_or_vhost_the_broker_refuses_stops_the_start() {
         );
         assert!(err.contains(refused), "{err}");
         assert!(!err.contains("credit-not-the-password"), "{err}");
+        // The commands that use the broker say the same, as an operator's mistake.
+        let out = env
+            .cli_command(&["dead-letters", "list", "--json"])
+            .env("AMQP_URL", bad.as_str())
+            .output()
+            .expect("run the CLI");
+        let printed: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("an error object");
+        assert_eq!(printed["error"]["code"], "bad_request", "{printed}");
+        let message = printed["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.starts_with("amqp.url: the broker refused the login"),
+            "{message}"
+        );
+        assert!(!message.contains("credit-not-the-password"), "{message}");
     }
     env.cleanup().await;
 }
