@@ -496,6 +496,8 @@ impl Ledger {
         let seq = match store::keyed_row(&mut tx, user_id, key).await? {
             Some((row_type, row_amount, seq)) => {
                 check_key_reuse(key, (&row_type, row_amount), (TxType::Refund, -amount))?;
+                let named = store::refunded_purchase(&mut tx, user_id, key).await?;
+                refund::check_same_purchase(key, named.as_deref(), top_up_key)?;
                 Some(seq)
             }
             None => None,

@@ -33,6 +33,26 @@ pub(crate) fn check_request(amount: i64, key: &str, top_up_key: &str) -> Result<
     })
 }
 
+/// A refund asked again under its key must name the purchase it named: a refund's id belongs
+/// to one payment, and answering "already applied" to another would hide that one's refund.
+pub(crate) fn check_same_purchase(
+    key: &str,
+    named: Option<&str>,
+    top_up_key: &str,
+) -> Result<(), LedgerError> {
+    match named {
+        Some(named) if named == top_up_key => Ok(()),
+        named => Err(LedgerError::InvalidArgument {
+            field: "top_up_key",
+            reason: format!(
+                "{key} already names a refund of {}; this request is one of {top_up_key}: \
+                 give it a key of its own",
+                named.unwrap_or("no purchase")
+            ),
+        }),
+    }
+}
+
 /// Whether `amount` may be refunded of `purchase`: it must be a TOP_UP of the user with at
 /// least `amount` not yet refunded. The credits may have been spent: the refund is taken
 /// anyway (the balance may fall below 0), since the money went back.
@@ -90,6 +110,21 @@ mod tests {
         );
         let spent = check_refund(&purchase(Some(("TOP_UP", 500)), 500), 1);
         assert!(matches!(spent, Err(LedgerError::AmountOutOfRange(_))));
+    }
+
+    #[test]
+    fn a_refund_asked_again_names_its_own_purchase() {
+        assert!(check_same_purchase("re_1", Some("pi_1"), "pi_1").is_ok());
+        let other = check_same_purchase("re_1", Some("pi_1"), "pi_2");
+        assert_eq!(
+            other.map_err(|e| e.to_string()),
+            Err(
+                "top_up_key: re_1 already names a refund of pi_1; this request is one of \
+                 pi_2: give it a key of its own"
+                    .into()
+            )
+        );
+        assert!(check_same_purchase("re_1", None, "pi_1").is_err());
     }
 
     #[test]

@@ -325,6 +325,22 @@ pub(crate) async fn keyed_row(
         .await
 }
 
+/// The purchase the REFUND row of `user_id` under `key` names (its `top_up_key`).
+pub(crate) async fn refunded_purchase(
+    conn: &mut PgConnection,
+    user_id: &str,
+    key: &str,
+) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT metadata->>'top_up_key' FROM credit.transactions
+          WHERE user_id = $1 AND transaction_key = $2",
+    )
+    .bind(user_id)
+    .bind(key)
+    .fetch_one(&mut *conn)
+    .await
+}
+
 /// What the REFUND rows of `user_id` naming the purchase `top_up_key` took back.
 pub(crate) async fn refunded_of(
     conn: &mut PgConnection,

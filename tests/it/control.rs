@@ -865,6 +865,16 @@ async fn a_refund_takes_back_a_purchase_once_and_never_more_than_it() {
         rpc.ok(refund(200, "re_1", "pi_1")).await,
         done(1100, "re_1", false, 3)
     );
+    // The same refund id for another purchase is a caller's mistake, not "already applied".
+    let elsewhere = rpc.err(refund(200, "re_1", "pi_2")).await;
+    assert_eq!(
+        (elsewhere.0.as_str(), elsewhere.1.as_str()),
+        (
+            "bad_request",
+            "top_up_key: re_1 already names a refund of pi_1; this request is one of pi_2: \
+             give it a key of its own"
+        )
+    );
     let over = rpc.err(refund(101, "re_2", "pi_1")).await;
     let left =
         "amount: 101 is more than the 100 of TOP_UP pi_1 not yet refunded (200 of 300 refunded)";
