@@ -96,7 +96,7 @@ const COUNTERS: [(&str, &str, Known); 18] = [
     ("credit_producers_refused_total", "Messages refused for their producer (amqp.allowed_producers).", None),
     ("credit_conflicting_duplicates_total", "Repeated node executions naming another user or block than the stored decision.", None),
     ("credit_credits_charged_total", "Credits debited by decisions, fees and settlements.", None),
-    ("credit_credits_refunded_total", "Credits given back by settlements.", None),
+    ("credit_credits_refunded_total", "Credits given back by settlements (runs that cost less than their pre-flight price); refunds of purchases are REFUND rows, not counted here.", None),
     ("credit_credits_uncollected_total", "Post-flight credits not collected (settlement.allow_debt = false).", None),
     ("credit_decide_retries_total", "Decision transactions retried after a fault that may clear.", None),
     ("credit_decide_reordered_total", "Batches rolled back and decided again after an earlier batch in flight that failed, or that names the same node executions for other users.", None),

@@ -11,7 +11,7 @@ use super::{LedgerError, TxType};
 use crate::events::{self, ExecutionRef, NewEvent};
 
 /// The prefix of an auto top-up request's id (`AUTO-TOP-UP-{user}-{n}`).
-const AUTO_TOP_UP_PREFIX: &str = "AUTO-TOP-UP-";
+pub(crate) const AUTO_TOP_UP_PREFIX: &str = "AUTO-TOP-UP-";
 
 /// A locked balance row.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]

@@ -24,6 +24,16 @@ pub(crate) fn check_request(amount: i64, key: &str, top_up_key: &str) -> Result<
     }
     super::check_key(key)?;
     super::check_credit_key(key)?;
+    // Taken by a refund, a request's id would have the payment that fulfils it refused.
+    if key.starts_with(super::account::AUTO_TOP_UP_PREFIX) {
+        return Err(LedgerError::InvalidArgument {
+            field: "key",
+            reason: format!(
+                "{key} has the form of an auto top-up request's id: only its fulfilment (a \
+                 top_up or grant) may carry it"
+            ),
+        });
+    }
     super::check_key(top_up_key).map_err(|e| match e {
         LedgerError::InvalidArgument { reason, .. } => LedgerError::InvalidArgument {
             field: "top_up_key",
@@ -110,6 +120,21 @@ mod tests {
         );
         let spent = check_refund(&purchase(Some(("TOP_UP", 500)), 500), 1);
         assert!(matches!(spent, Err(LedgerError::AmountOutOfRange(_))));
+    }
+
+    #[test]
+    fn a_refund_may_not_take_an_auto_top_up_requests_id() {
+        let taken = check_request(50, "AUTO-TOP-UP-ivan-1", "pi_1");
+        assert_eq!(
+            taken.map_err(|e| e.to_string()),
+            Err(
+                "key: AUTO-TOP-UP-ivan-1 has the form of an auto top-up request's id: only its \
+                 fulfilment (a top_up or grant) may carry it"
+                    .into()
+            )
+        );
+        // The purchase refunded may well be such a fulfilment.
+        assert!(check_request(50, "re_1", "AUTO-TOP-UP-ivan-1").is_ok());
     }
 
     #[test]

@@ -865,6 +865,13 @@ async fn a_refund_takes_back_a_purchase_once_and_never_more_than_it() {
         rpc.ok(refund(200, "re_1", "pi_1")).await,
         done(1100, "re_1", false, 3)
     );
+    // A request's id is its fulfilment's only, even before it is issued.
+    let (code, message) = rpc.err(refund(1, "AUTO-TOP-UP-dave-1", "pi_1")).await;
+    assert_eq!(code, "bad_request");
+    assert!(
+        message.starts_with("key: AUTO-TOP-UP-dave-1 has the form"),
+        "{message}"
+    );
     // The same refund id for another purchase is a caller's mistake, not "already applied".
     let elsewhere = rpc.err(refund(200, "re_1", "pi_2")).await;
     assert_eq!(
