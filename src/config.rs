@@ -781,6 +781,12 @@ mod tests {
             assert!(e.contains("amqp.url: an `@` after the host"), "{e}");
             assert!(!e.contains("CRET"), "{e}");
         }
+        // An `@` in a parameter's value is no password's: the URL's own fault is named.
+        let url = "amqp://guest:guest@127.0.0.1:99999/%2f?connection_name=a@b";
+        let e = Settings::load_from(None, &env(&[("AMQP_URL", url)]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("amqp.url: not an AMQP URL ("), "{e}");
     }
 
     #[test]
@@ -879,6 +885,10 @@ mod tests {
             (
                 "postgres:/root:s3cret@db/credit",
                 "config: database.url: postgres:// must begin it",
+            ),
+            (
+                "postgres://root@127.0.0.1:99999/db?application_name=ops@host",
+                "config: database.url: not a URL (invalid port number)",
             ),
             // A password holding `/`, not percent-encoded: its start read as a port.
             (

@@ -394,7 +394,11 @@ impl NotReady {
     pub(crate) fn of(e: sqlx::Error, database: &str) -> NotReady {
         use sqlx::migrate::MigrateError;
         let database = database.to_owned();
-        if sqlstate(&e).as_deref() == Some("3D000") {
+        // Only the database meant: `migrate` first connects to the server's own.
+        let names_it = e
+            .as_database_error()
+            .is_some_and(|d| d.message().contains(&format!("\"{database}\"")));
+        if sqlstate(&e).as_deref() == Some("3D000") && names_it {
             return NotReady::Missing(database);
         }
         if is_login_refused(&e) {

@@ -330,8 +330,6 @@ impl Relay {
     }
 }
 
-/// Ends an idle session whose broker connection died, so it reconnects now rather than at
-/// the next event (and `/readyz` shows the relay connected only while it is).
 /// Logs a watermark past the last outbox id drawn (a hand edit, a restore that reset the
 /// outbox's sequence): every event written until the ids pass it would go unsent.
 async fn check_watermark(db: &mut PgConnection, watermark: i64) -> Result<(), RelayError> {
@@ -342,13 +340,14 @@ async fn check_watermark(db: &mut PgConnection, watermark: i64) -> Result<(), Re
             last_id,
             "the relays' watermark is past the last outbox id drawn: events written until \
              the ids pass it count as published and are never sent (credit-worker audit \
-             names it; set credit.outbox_relay.published_through back to the last id really \
-             published)"
+             names it; README \"Audit\" says how to mend it)"
         );
     }
     Ok(())
 }
 
+/// Ends an idle session whose broker connection died, so it reconnects now rather than at
+/// the next event (and `/readyz` shows the relay connected only while it is).
 fn still_connected(publisher: &Publisher) -> Result<(), RelayError> {
     if publisher.channel().status().connected() {
         Ok(())

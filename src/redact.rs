@@ -45,8 +45,13 @@ pub(crate) const STRAY_AT: &str = "an `@` after the host: a password holding `/`
 /// past the scheme's `//` (`postgres://root:pa/ss@host/db` reads `pa` as a port).
 pub(crate) fn stray_at_text(text: &str) -> bool {
     text.split_once("://").is_some_and(|(_, rest)| {
-        rest.find(['/', '?', '#'])
-            .is_some_and(|cut| rest[cut..].contains('@'))
+        // As in [`stray_at`], an `@` in a parameter's value (`?name=ops@host`) is not one.
+        rest.find(['/', '?', '#']).is_some_and(|cut| {
+            rest[cut..]
+                .split(['=', '&'])
+                .next()
+                .is_some_and(|first| first.contains('@'))
+        })
     })
 }
 

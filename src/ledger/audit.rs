@@ -47,19 +47,19 @@ SELECT b.user_id, b.balance, b.last_seq,
     OR b.last_seq <> coalesce(t.n, 0)
     OR coalesce(t.max_seq, 0) <> coalesce(t.n, 0)
     OR (t.n > 0 AND t.last_running <> b.balance)
- ORDER BY b.user_id LIMIT 1000";
+ ORDER BY b.user_id LIMIT 1001";
 
 const RUNNING_CHAIN: &str = "
 SELECT user_id, seq, running_balance, expected::text AS expected FROM (
   SELECT user_id, seq, running_balance,
          coalesce(lag(running_balance) OVER w, 0)::numeric + amount AS expected
     FROM credit.transactions WINDOW w AS (PARTITION BY user_id ORDER BY seq)) x
- WHERE running_balance <> expected ORDER BY user_id, seq LIMIT 1000";
+ WHERE running_balance <> expected ORDER BY user_id, seq LIMIT 1001";
 
 const ORPHAN_ROWS: &str = "
 SELECT t.user_id, t.seq FROM credit.transactions t
  WHERE NOT EXISTS (SELECT 1 FROM credit.balances b WHERE b.user_id = t.user_id)
- LIMIT 1000";
+ LIMIT 1001";
 
 const CHARGED_WITHOUT_ROW: &str = "
 SELECT d.user_id, d.node_exec_id, d.transaction_key FROM credit.decisions d
@@ -71,7 +71,7 @@ SELECT d.user_id, d.node_exec_id, d.transaction_key FROM credit.decisions d
           SELECT 1 FROM credit.transactions t
            WHERE t.user_id = d.user_id AND t.transaction_key = d.fee_key
              AND t.type = 'USAGE' AND t.amount = -d.fee))
- LIMIT 1000";
+ LIMIT 1001";
 
 const SETTLED_WITHOUT_ROW: &str = "
 SELECT s.user_id, s.node_exec_id FROM credit.settlements s
@@ -79,7 +79,7 @@ SELECT s.user_id, s.node_exec_id FROM credit.settlements s
           SELECT 1 FROM credit.transactions t
            WHERE t.user_id = s.user_id AND t.transaction_key = s.transaction_key
              AND t.type = 'USAGE' AND t.amount = -(s.delta - s.uncollected))
- LIMIT 1000";
+ LIMIT 1001";
 
 /// A settlement stands on its execution's decision: the same user and block, and `pre` what
 /// the decision charged (its cost when charged, else 0).
@@ -88,7 +88,7 @@ SELECT s.user_id, s.node_exec_id FROM credit.settlements s
   LEFT JOIN credit.decisions d ON d.node_exec_id = s.node_exec_id
  WHERE d.node_exec_id IS NULL OR d.user_id <> s.user_id OR d.block_id <> s.block_id
     OR s.pre <> CASE WHEN d.outcome = 'charged' THEN d.cost ELSE 0 END
- LIMIT 1000";
+ LIMIT 1001";
 
 /// The other way round: a worker's row (by its key's form, and USAGE, as every row the worker
 /// writes under these keys is: a credit under such a key, which callers could give before
@@ -111,7 +111,7 @@ SELECT t.user_id, t.seq, 'USAGE' FROM credit.transactions t
  WHERE t.transaction_key LIKE 'SETTLE-%' AND t.type = 'USAGE' AND NOT EXISTS (
           SELECT 1 FROM credit.settlements s
            WHERE s.user_id = t.user_id AND s.transaction_key = t.transaction_key)
- LIMIT 1000";
+ LIMIT 1001";
 
 /// A REFUND row names a TOP_UP of its user (`top_up_key` in its metadata), and the refunds of
 /// a purchase, up to each, never take back more than it bought.
@@ -124,7 +124,7 @@ SELECT r.user_id, r.seq FROM (
  WHERE NOT EXISTS (SELECT 1 FROM credit.transactions t
                     WHERE t.user_id = r.user_id AND t.transaction_key = r.top_up_key
                       AND t.type = 'TOP_UP' AND t.amount >= r.refunded)
- LIMIT 1000";
+ LIMIT 1001";
 
 /// A ledger row's event is a row of its own (found by event_id) or an element of a run of
 /// events (migration 0009), whose ids are read out of the runs. Its id is the one of
@@ -153,7 +153,7 @@ SELECT t.user_id, t.seq
  WHERE NOT EXISTS (SELECT 1 FROM ids WHERE ids.id = t.id_now)
    AND NOT EXISTS (SELECT 1 FROM ids WHERE ids.id = t.id_0013)
    AND NOT EXISTS (SELECT 1 FROM ids WHERE ids.id = t.id_raw)
- LIMIT 1000";
+ LIMIT 1001";
 
 /// The other way round: every `balance.changed` event still in the outbox (one in `payload`,
 /// or a run in `run`, migration 0009) states a ledger row as it is: its user, seq, amount,
@@ -171,7 +171,7 @@ SELECT coalesce(e->>'user_id', '?') AS user_id, coalesce(e->>'event_id', '?') AS
         WHERE t.user_id = e->>'user_id' AND t.seq = (e->>'seq')::int8
           AND t.amount = (e->>'amount')::int8 AND t.running_balance = (e->>'balance')::int8
           AND t.type::text = e->>'transaction_type' AND t.transaction_key = e->>'transaction_key')
- LIMIT 1000";
+ LIMIT 1001";
 
 /// What the relays' state hides: a watermark past the last outbox id ever drawn (each event
 /// written after it would count as published and never go out), or a retention horizon
@@ -179,12 +179,13 @@ SELECT coalesce(e->>'user_id', '?') AS user_id, coalesce(e->>'event_id', '?') AS
 /// event, and the pruner only ever moves it on).
 const RELAY_STATE: &str = "
 SELECT r.published_through,
-       CASE WHEN s.is_called THEN s.last_value ELSE 0 END AS last_id,
+       CASE WHEN s.is_called THEN s.last_value ELSE s.last_value - 1 END AS last_id,
        r.pruned_before > now() + interval '1 hour' AS horizon_ahead,
        r.pruned_before::text AS pruned_before
   FROM credit.outbox_relay r, credit.outbox_id_seq s";
 
-/// The most rows each check returns (its `LIMIT`).
+/// The most mismatches each check lists; its query asks for one more, to tell when there
+/// are more.
 const CHECK_LIMIT: usize = 1000;
 
 const COUNTS: &str = "SELECT (SELECT count(*) FROM credit.balances) AS users,
@@ -340,8 +341,11 @@ struct Found {
 }
 
 impl Found {
-    fn add(&mut self, found: Vec<Mismatch>) {
-        self.truncated |= found.len() >= CHECK_LIMIT;
+    fn add(&mut self, mut found: Vec<Mismatch>) {
+        if found.len() > CHECK_LIMIT {
+            found.truncate(CHECK_LIMIT);
+            self.truncated = true;
+        }
         self.mismatches.extend(found);
     }
 }

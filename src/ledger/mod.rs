@@ -531,7 +531,11 @@ impl Ledger {
             exec: ExecutionRef::default(),
             at,
         };
+        let before = account.balance;
         let seq = account.post_debt(&mut changes, entry)?;
+        let threshold = self.policy.low_balance_threshold;
+        let low = account.low_balance_crossing(before, seq, threshold, at);
+        changes.events.extend(low);
         let out = posting(account, true, seq);
         store::flush(&mut tx, accounts.values(), &changes, at).await?;
         tx.commit().await?;

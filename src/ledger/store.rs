@@ -779,12 +779,13 @@ pub(crate) async fn watermark(conn: &mut PgConnection) -> Result<i64, sqlx::Erro
     sqlx::query_scalar(WATERMARK).fetch_one(&mut *conn).await
 }
 
-/// The last id the outbox's sequence has drawn (0 before the first): a watermark past it
+/// The last id the outbox's sequence has drawn (the one before its next, where it was never
+/// called or was restarted): a watermark past it
 /// (a hand edit, a restore that reset the sequence) would take every event written until
 /// the ids pass it as published.
 pub(crate) async fn last_outbox_id(conn: &mut PgConnection) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(
-        "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM credit.outbox_id_seq",
+        "SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM credit.outbox_id_seq",
     )
     .fetch_one(&mut *conn)
     .await

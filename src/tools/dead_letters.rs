@@ -400,13 +400,18 @@ pub fn reason(props: &BasicProperties) -> String {
     }
 }
 
-/// When the message died: the worker's stamp, else its latest death's in `x-death`.
+/// When the message died: the later of the worker's stamp and the time of the newest entry
+/// of `x-death` (RabbitMQ keeps the first time of each queue and reason, counting repeats),
+/// so a stamp that came with the message does not hide a death after it.
 pub fn died_at(props: &BasicProperties) -> Option<DateTime<Utc>> {
     let headers = props.headers().as_ref().map(FieldTable::inner)?;
-    let stamp = headers
-        .get(DEAD_AT_HEADER)
-        .or_else(|| latest_death(headers).and_then(|death| death.get("time")));
-    match stamp {
+    let stamped = timestamp(headers.get(DEAD_AT_HEADER));
+    let broker = timestamp(latest_death(headers).and_then(|death| death.get("time")));
+    stamped.max(broker)
+}
+
+fn timestamp(value: Option<&AMQPValue>) -> Option<DateTime<Utc>> {
+    match value {
         Some(AMQPValue::Timestamp(secs)) => DateTime::from_timestamp(i64::try_from(*secs).ok()?, 0),
         _ => None,
     }
@@ -602,8 +607,12 @@ mod tests {
         assert_eq!(died_at(&broker), at(1_765_000_300));
         // Replayed after that death, then copied by the worker: the worker's stamp.
         h.insert(DEAD_AT_HEADER.into(), AMQPValue::Timestamp(1_765_000_900));
-        let copied = BasicProperties::default().with_headers(h);
+        let copied = BasicProperties::default().with_headers(h.clone());
         assert_eq!(died_at(&copied), at(1_765_000_900));
+        // A stamp older than the broker's death (it came with the message): the death.
+        h.insert(DEAD_AT_HEADER.into(), AMQPValue::Timestamp(978_307_200));
+        let forged = BasicProperties::default().with_headers(h);
+        assert_eq!(died_at(&forged), at(1_765_000_300));
         assert_eq!(died_at(&BasicProperties::default()), None);
         let mut odd = FieldTable::default();
         odd.insert(

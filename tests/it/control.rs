@@ -932,6 +932,23 @@ async fn a_refund_takes_back_a_purchase_once_and_never_more_than_it() {
         refunds,
         [(&json!(-100), &metadata), (&json!(-200), &metadata)]
     );
+    // A refund that crosses the low-balance threshold (500) says so, as any debit does.
+    let top_up = json!({"command": "top_up", "user_id": "erin", "amount": 300, "key": "pi_e"});
+    rpc.ok(top_up).await;
+    env.ledger()
+        .spend("erin", 700, "S-1", json!({}), Utc::now())
+        .await
+        .expect("spend");
+    let erin = json!({"command": "refund", "user_id": "erin", "amount": 200, "key": "re_e",
+                      "top_up_key": "pi_e"});
+    assert_eq!(rpc.ok(erin).await["balance"], json!(400));
+    let low = env
+        .scalar_i64(
+            "SELECT count(*) FROM credit.outbox
+              WHERE routing_key = 'balance.low' AND event_id = 'balance.low:erin:4'",
+        )
+        .await;
+    assert_eq!(low, 1);
     // The spend's request only (made at its row, 5): neither refund asked for a top-up,
     // though the first took the balance below the threshold.
     let requests = env

@@ -1029,7 +1029,6 @@ pub async fn http_status(port: u16, path: &str) -> u16 {
     http_get(port, path).await.map(|r| r.0).unwrap_or(0)
 }
 
-/// A header of text (a long or short string), if `props` has it.
 /// Asserts a dead letter's time of death falls in `[from, to]`, to the second.
 pub fn assert_died_within(
     died_at: Option<chrono::DateTime<chrono::Utc>>,
@@ -1043,6 +1042,7 @@ pub fn assert_died_within(
     );
 }
 
+/// A header of text (a long or short string), if `props` has it.
 pub fn header_text(props: &lapin::BasicProperties, name: &str) -> Option<String> {
     match props.headers().as_ref()?.inner().get(name)? {
         lapin::types::AMQPValue::LongString(s) => Some(s.to_string()),
