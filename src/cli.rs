@@ -810,22 +810,23 @@ async fn credit(
         .await
         .map_err(ledger_error)?;
     print_out(json, &serde_json::to_value(&p)?, || {
-        if p.applied {
-            format!(
-                "{} {amount} credits to {user} ({}, row {}); balance {}",
-                tx_type.as_str(),
-                p.transaction_key,
-                p.seq,
-                p.balance
-            )
-        } else {
-            format!(
-                "key {} already applied (row {}); nothing changed; balance {}",
-                p.transaction_key, p.seq, p.balance
-            )
-        }
+        posting_text(&p, || {
+            let kind = tx_type.as_str();
+            format!("{kind} {amount} credits to {user}")
+        })
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// A credit's or refund's text: what it did (`done`, then its key, row and the balance), or
+/// that its key had done it before.
+fn posting_text(p: &crate::ledger::Posting, done: impl FnOnce() -> String) -> String {
+    let (key, seq, balance) = (&p.transaction_key, p.seq, p.balance);
+    if p.applied {
+        format!("{} ({key}, row {seq}); balance {balance}", done())
+    } else {
+        format!("key {key} already applied (row {seq}); nothing changed; balance {balance}")
+    }
 }
 
 async fn refund(
@@ -842,17 +843,9 @@ async fn refund(
         .await
         .map_err(ledger_error)?;
     print_out(json, &serde_json::to_value(&p)?, || {
-        if p.applied {
-            format!(
-                "REFUND {amount} credits of {} from {user} ({}, row {}); balance {}",
-                keys.1, p.transaction_key, p.seq, p.balance
-            )
-        } else {
-            format!(
-                "key {} already applied (row {}); nothing changed; balance {}",
-                p.transaction_key, p.seq, p.balance
-            )
-        }
+        posting_text(&p, || {
+            format!("REFUND {amount} credits of {} from {user}", keys.1)
+        })
     })?;
     Ok(ExitCode::SUCCESS)
 }

@@ -476,7 +476,8 @@ impl Ledger {
 
     /// Takes back `amount` (> 0) of the purchase under `top_up_key` as a REFUND row under
     /// `key` (the payment side's refund or dispute id): the same key again changes nothing.
-    /// The balance may fall below 0 (the credits may have been spent); no auto top-up is
+    /// The balance may fall below 0 (the credits may have been spent). A crossing of the
+    /// low-balance threshold sends `balance.low`, as any debit's does; no auto top-up is
     /// requested for it (that would charge the customer who was just refunded again).
     pub async fn refund(
         &self,
