@@ -494,32 +494,50 @@ impl Ledger {
         let account = accounts.get_mut(user_id).ok_or(sqlx::Error::RowNotFound)?;
         let mut changes = Changes::default();
         account.refill_lazily(&mut changes, self.policy.lazy(at), at)?;
-        let seq = match store::keyed_row(&mut tx, user_id, key).await? {
+        let (applied, seq) = match store::keyed_row(&mut tx, user_id, key).await? {
             Some((row_type, row_amount, seq)) => {
                 check_key_reuse(key, (&row_type, row_amount), (TxType::Refund, -amount))?;
                 let named = store::refunded_purchase(&mut tx, user_id, key).await?;
                 refund::check_same_purchase(key, named.as_deref(), top_up_key)?;
-                Some(seq)
+                (false, seq)
             }
-            None => None,
+            None => {
+                let bought = store::keyed_row(&mut tx, user_id, top_up_key).await?;
+                let purchase = refund::Purchase {
+                    key: top_up_key,
+                    row: bought.as_ref().map(|(t, a, _)| (t.as_str(), *a)),
+                    refunded: store::refunded_of(&mut tx, user_id, top_up_key).await?,
+                };
+                refund::check_refund(&purchase, amount)?;
+                let refund = (key, top_up_key, reason);
+                let seq = self.post_refund(account, &mut changes, amount, refund, at)?;
+                (true, seq)
+            }
         };
-        let posting = |account: &Account, applied, seq| Posting {
+        let out = Posting {
             user_id: user_id.to_owned(),
             applied,
             balance: account.balance,
             transaction_key: key.to_owned(),
             seq,
         };
-        if let Some(seq) = seq {
-            return Ok(posting(account, false, seq));
-        }
-        let bought = store::keyed_row(&mut tx, user_id, top_up_key).await?;
-        let purchase = refund::Purchase {
-            key: top_up_key,
-            row: bought.as_ref().map(|(t, a, _)| (t.as_str(), *a)),
-            refunded: store::refunded_of(&mut tx, user_id, top_up_key).await?,
-        };
-        refund::check_refund(&purchase, amount)?;
+        // Also when nothing was refunded: the month's lazy refill, if this brought it, stays.
+        store::flush(&mut tx, accounts.values(), &changes, at).await?;
+        tx.commit().await?;
+        changes.count_refills();
+        Ok(out)
+    }
+
+    /// Appends a checked refund's REFUND row (and a `balance.low` where it crosses the
+    /// threshold); returns its `seq`.
+    fn post_refund(
+        &self,
+        account: &mut Account,
+        changes: &mut Changes,
+        amount: i64,
+        (key, top_up_key, reason): (&str, &str, Option<&str>),
+        at: DateTime<Utc>,
+    ) -> Result<i64, LedgerError> {
         let mut metadata = json!({ "top_up_key": top_up_key });
         if let Some(r) = reason {
             metadata["reason"] = r.into();
@@ -533,15 +551,12 @@ impl Ledger {
             at,
         };
         let before = account.balance;
-        let seq = account.post_debt(&mut changes, entry)?;
+        let seq = account.post_debt(changes, entry)?;
         let threshold = self.policy.low_balance_threshold;
-        let low = account.low_balance_crossing(before, seq, threshold, at);
-        changes.events.extend(low);
-        let out = posting(account, true, seq);
-        store::flush(&mut tx, accounts.values(), &changes, at).await?;
-        tx.commit().await?;
-        changes.count_refills();
-        Ok(out)
+        changes
+            .events
+            .extend(account.low_balance_crossing(before, seq, threshold, at));
+        Ok(seq)
     }
 
     /// [`Ledger::credit`] without a key, in message `message_id` of broker user `sender`:

@@ -2332,3 +2332,36 @@ async fn a_first_time_user_is_locked_in_order_with_the_rest() {
     assert_eq!((balance("c").await, balance("m").await), (0, 90));
     env.cleanup().await;
 }
+
+/// A refund asked again in a new month brings that month's lazy refill with it, as any
+/// operation does, and answers the balance stored.
+#[tokio::test]
+async fn a_repeated_refund_in_a_new_month_keeps_the_refill_it_answers_with() {
+    let env = TestEnv::new().await;
+    let ledger = env.ledger();
+    let dec = Utc.with_ymd_and_hms(2031, 12, 10, 0, 0, 0).unwrap();
+    let jan = Utc.with_ymd_and_hms(2032, 1, 5, 0, 0, 0).unwrap();
+    let keys = ("re_1", "pi_1");
+    let top_up = ledger.credit(TxType::TopUp, "r", 300, Some("pi_1"), None, dec);
+    assert_eq!(top_up.await.expect("top-up").balance, 1300);
+    let first = ledger
+        .refund("r", 300, keys, None, dec)
+        .await
+        .expect("refund");
+    assert_eq!((first.applied, first.balance), (true, 1000));
+    ledger
+        .spend("r", 900, "S-1", json!({}), dec)
+        .await
+        .expect("spend");
+    let again = ledger
+        .refund("r", 300, keys, None, jan)
+        .await
+        .expect("again");
+    assert_eq!((again.applied, again.seq, again.balance), (false, 3, 1000));
+    let stored = env
+        .scalar_i64("SELECT balance FROM credit.balances WHERE user_id = 'r'")
+        .await;
+    assert_eq!(stored, 1000);
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
