@@ -93,9 +93,10 @@ SELECT s.user_id, s.node_exec_id FROM credit.settlements s
 /// The other way round: a worker's row (by its key's form, and USAGE, as every row the worker
 /// writes under these keys is: a credit under such a key, which callers could give before
 /// the prefixes were reserved, is not the worker's) with no decision or settlement naming it,
-/// such as a debit whose decision was lost. (A USAGE row under another key is the library's
-/// `Ledger::spend`, which has no decision.)
-/// Each part is one hashed anti-join ([`hashed`]).
+/// such as a debit whose decision was lost. A USAGE row under another key is the library's
+/// `Ledger::spend`, which has no decision, unless its metadata names a node execution, as
+/// the worker's debits do: then it is a debit of an execution under a key of no decision's
+/// (a second charge written by hand, say). Each part is one hashed anti-join ([`hashed`]).
 const ROW_WITHOUT_DECISION: &str = "
 SELECT t.user_id, t.seq, 'USAGE' AS kind FROM credit.transactions t
  WHERE t.transaction_key LIKE 'USAGE-%' AND t.type = 'USAGE' AND NOT EXISTS (
@@ -111,6 +112,11 @@ SELECT t.user_id, t.seq, 'USAGE' FROM credit.transactions t
  WHERE t.transaction_key LIKE 'SETTLE-%' AND t.type = 'USAGE' AND NOT EXISTS (
           SELECT 1 FROM credit.settlements s
            WHERE s.user_id = t.user_id AND s.transaction_key = t.transaction_key)
+UNION ALL
+SELECT t.user_id, t.seq, 'USAGE' FROM credit.transactions t
+ WHERE t.type = 'USAGE' AND t.transaction_key NOT LIKE 'USAGE-%'
+   AND t.transaction_key NOT LIKE 'EXECUTION-FEE-%' AND t.transaction_key NOT LIKE 'SETTLE-%'
+   AND t.metadata ? 'node_exec_id'
  LIMIT 1001";
 
 /// A REFUND row names a TOP_UP of its user (`top_up_key` in its metadata), and the refunds of

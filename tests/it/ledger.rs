@@ -2006,14 +2006,20 @@ async fn the_audit_finds_an_event_that_states_no_ledger_row() {
 }
 
 /// The audit also sees what hides a credit's kind, a debit or events: a purchase relabelled
-/// a grant, a refund of no purchase, an event moved to another
+/// a grant, a refund of no purchase, a second debit of an execution under a key of no
+/// decision's, an event moved to another
 /// routing key, a relay watermark past every outbox id (events written after it would never
 /// go out) and a retention horizon in the future; and it says when a check lists only its
 /// first 1,000.
 #[tokio::test]
 async fn audit_sees_relabelled_credits_foreign_debits_and_hidden_events() {
     let env = TestEnv::with(no_refill).await;
-    seed(&env, ["c", "d", "e"], 100).await;
+    seed(&env, ["c", "d", "e", "f"], 100).await;
+    // A library spend (no decision, no execution named) is no mismatch.
+    env.ledger()
+        .spend("f", 10, "S-1", json!({"reason": "test"}), Utc::now())
+        .await
+        .expect("spend");
     env.assert_audit_clean().await;
     for sql in [
         "ALTER TABLE credit.transactions DISABLE TRIGGER transactions_append_only",
@@ -2023,6 +2029,11 @@ async fn audit_sees_relabelled_credits_foreign_debits_and_hidden_events() {
         "INSERT INTO credit.transactions (user_id, seq, transaction_key, type, amount, running_balance)
               VALUES ('e', 2, 'refund-1', 'REFUND', -10, 90)",
         "UPDATE credit.balances SET balance = 90, last_seq = 2 WHERE user_id = 'e'",
+        // A second debit of an execution, under a key of no decision's.
+        "INSERT INTO credit.transactions
+              (user_id, seq, transaction_key, type, amount, running_balance, metadata)
+              VALUES ('f', 3, 'usage-n-9-retry', 'USAGE', -10, 80, '{\"node_exec_id\": \"n-9\"}')",
+        "UPDATE credit.balances SET balance = 80, last_seq = 3 WHERE user_id = 'f'",
     ] {
         sqlx::query(sql).execute(&env.pool).await.expect(sql);
     }
@@ -2052,6 +2063,8 @@ async fn audit_sees_relabelled_credits_foreign_debits_and_hidden_events() {
                 "seq 2 (REFUND) names no TOP_UP of the user with that much to refund"
             ),
             expect("e", "seq 2 has no balance.changed event"),
+            expect("f", "seq 3 (USAGE) has no decision or settlement naming it"),
+            expect("f", "seq 3 has no balance.changed event"),
         ]
     );
     assert!(!report.truncated);
@@ -2091,6 +2104,7 @@ async fn audit_sees_relabelled_credits_foreign_debits_and_hidden_events() {
                 "e",
                 "seq 2 (REFUND) names no TOP_UP of the user with that much to refund"
             ),
+            expect("f", "seq 3 (USAGE) has no decision or settlement naming it"),
         ]
     );
     let text = credit_worker::tools::audit_text(&report, "clean");
@@ -2139,7 +2153,7 @@ async fn audit_sees_relabelled_credits_foreign_debits_and_hidden_events() {
         .await
         .expect("audit");
     assert!(!report.truncated);
-    assert_eq!(report.mismatches.len(), 1000 + 3);
+    assert_eq!(report.mismatches.len(), 1000 + 4);
     sqlx::query("INSERT INTO credit.balances (user_id, balance, last_seq) VALUES ('many-x', 1, 0)")
         .execute(&env.pool)
         .await
@@ -2148,10 +2162,10 @@ async fn audit_sees_relabelled_credits_foreign_debits_and_hidden_events() {
         .await
         .expect("audit");
     assert!(report.truncated);
-    assert_eq!(report.mismatches.len(), 1000 + 3);
+    assert_eq!(report.mismatches.len(), 1000 + 4);
     let text = credit_worker::tools::audit_text(&report, "clean");
     assert!(
-        text.contains("1003 MISMATCHES (a check found more than the 1,000 it lists)"),
+        text.contains("1004 MISMATCHES (a check found more than the 1,000 it lists)"),
         "{text}"
     );
     env.cleanup().await;
