@@ -45,13 +45,8 @@ pub(crate) const STRAY_AT: &str = "an `@` after the host: a password holding `/`
 /// past the scheme's `//` (`postgres://root:pa/ss@host/db` reads `pa` as a port).
 pub(crate) fn stray_at_text(text: &str) -> bool {
     text.split_once("://").is_some_and(|(_, rest)| {
-        // As in [`stray_at`], an `@` in a parameter's value (`?name=ops@host`) is not one.
-        rest.find(['/', '?', '#']).is_some_and(|cut| {
-            rest[cut..]
-                .split(['=', '&'])
-                .next()
-                .is_some_and(|first| first.contains('@'))
-        })
+        rest.find(['/', '?', '#'])
+            .is_some_and(|cut| leading_at(&rest[cut..]))
     })
 }
 
@@ -59,16 +54,19 @@ pub(crate) fn stray_at_text(text: &str) -> bool {
 /// parameter's `=`: what is left of credentials whose password holds a `/`, `?` or `#` that
 /// was not percent-encoded. An `@` in a parameter's value (`?user=name@server`) is not.
 pub(crate) fn stray_at(parsed: &url::Url) -> bool {
-    let leading = |part: &str| {
-        part.split(['=', '&'])
-            .next()
-            .is_some_and(|first| first.contains('@'))
-    };
     parsed.username().is_empty()
         && parsed.password().is_none()
         && (parsed.path().contains('@')
-            || parsed.query().is_some_and(leading)
-            || parsed.fragment().is_some_and(leading))
+            || parsed.query().is_some_and(leading_at)
+            || parsed.fragment().is_some_and(leading_at))
+}
+
+/// Whether `part` holds an `@` before its first parameter's `=` (or `&`): one in a
+/// parameter's value (`?name=ops@host`) is not a stray one.
+fn leading_at(part: &str) -> bool {
+    part.split(['=', '&'])
+        .next()
+        .is_some_and(|first| first.contains('@'))
 }
 
 #[cfg(test)]

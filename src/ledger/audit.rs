@@ -98,22 +98,22 @@ SELECT s.user_id, s.node_exec_id FROM credit.settlements s
 /// the worker's debits do: then it is a debit of an execution under a key of no decision's
 /// (a second charge written by hand, say). Each part is one hashed anti-join ([`hashed`]).
 const ROW_WITHOUT_DECISION: &str = "
-SELECT t.user_id, t.seq, 'USAGE' AS kind FROM credit.transactions t
+SELECT t.user_id, t.seq FROM credit.transactions t
  WHERE t.transaction_key LIKE 'USAGE-%' AND t.type = 'USAGE' AND NOT EXISTS (
           SELECT 1 FROM credit.decisions d
            WHERE d.user_id = t.user_id AND d.transaction_key = t.transaction_key)
 UNION ALL
-SELECT t.user_id, t.seq, 'USAGE' FROM credit.transactions t
+SELECT t.user_id, t.seq FROM credit.transactions t
  WHERE t.transaction_key LIKE 'EXECUTION-FEE-%' AND t.type = 'USAGE' AND NOT EXISTS (
           SELECT 1 FROM credit.decisions d
            WHERE d.user_id = t.user_id AND d.fee_key = t.transaction_key)
 UNION ALL
-SELECT t.user_id, t.seq, 'USAGE' FROM credit.transactions t
+SELECT t.user_id, t.seq FROM credit.transactions t
  WHERE t.transaction_key LIKE 'SETTLE-%' AND t.type = 'USAGE' AND NOT EXISTS (
           SELECT 1 FROM credit.settlements s
            WHERE s.user_id = t.user_id AND s.transaction_key = t.transaction_key)
 UNION ALL
-SELECT t.user_id, t.seq, 'USAGE' FROM credit.transactions t
+SELECT t.user_id, t.seq FROM credit.transactions t
  WHERE t.type = 'USAGE' AND t.transaction_key NOT LIKE 'USAGE-%'
    AND t.transaction_key NOT LIKE 'EXECUTION-FEE-%' AND t.transaction_key NOT LIKE 'SETTLE-%'
    AND t.metadata ? 'node_exec_id'
@@ -184,11 +184,9 @@ SELECT coalesce(e->>'user_id', '?') AS user_id, coalesce(e->>'event_id', '?') AS
 /// further ahead of now than clock skew explains (no ledger row before it is checked for its
 /// event, and the pruner only ever moves it on).
 const RELAY_STATE: &str = "
-SELECT r.published_through,
-       CASE WHEN s.is_called THEN s.last_value ELSE s.last_value - 1 END AS last_id,
-       r.pruned_before > now() + interval '1 hour' AS horizon_ahead,
-       r.pruned_before::text AS pruned_before
-  FROM credit.outbox_relay r, credit.outbox_id_seq s";
+SELECT published_through, pruned_before > now() + interval '1 hour' AS horizon_ahead,
+       pruned_before::text AS pruned_before
+  FROM credit.outbox_relay";
 
 /// The most mismatches each check lists; its query asks for one more, to tell when there
 /// are more.
@@ -231,13 +229,13 @@ struct Orphan {
     node_exec_id: String,
     #[sqlx(default)]
     event_id: String,
-    #[sqlx(default)]
-    kind: String,
 }
 
 #[derive(sqlx::FromRow)]
 struct RelayState {
     published_through: i64,
+    /// [`super::store::last_outbox_id`].
+    #[sqlx(skip)]
     last_id: i64,
     horizon_ahead: bool,
     pruned_before: String,
@@ -367,7 +365,8 @@ async fn checks(conn: &mut PgConnection) -> Result<AuditReport, sqlx::Error> {
         .await?,
     );
     links(&mut *conn, &mut found).await?;
-    let relay: RelayState = sqlx::query_as(RELAY_STATE).fetch_one(&mut *conn).await?;
+    let mut relay: RelayState = sqlx::query_as(RELAY_STATE).fetch_one(&mut *conn).await?;
+    relay.last_id = super::store::last_outbox_id(&mut *conn).await?;
     found.add(relay.problems());
     let c: Counts = sqlx::query_as(COUNTS).fetch_one(&mut *conn).await?;
     Ok(AuditReport {
@@ -404,8 +403,8 @@ async fn links(conn: &mut PgConnection, found: &mut Found) -> Result<(), sqlx::E
     found.add(
         hashed(&mut *conn, ROW_WITHOUT_DECISION, |r| {
             format!(
-                "seq {} ({}) has no decision or settlement naming it",
-                r.seq, r.kind
+                "seq {} (USAGE) has no decision or settlement naming it",
+                r.seq
             )
         })
         .await?,

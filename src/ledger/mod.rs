@@ -116,6 +116,31 @@ impl LedgerError {
 /// A ledger row found under a key: its type, amount and seq.
 type KeyedRow = (String, i64, i64);
 
+/// One user's account locked in a transaction of its own ([`Ledger::lock_one`]), and what
+/// is to be posted on it.
+struct OneAccount {
+    tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    accounts: std::collections::HashMap<String, Account>,
+    changes: Changes,
+}
+
+impl OneAccount {
+    fn account(&mut self, user_id: &str) -> Result<&mut Account, LedgerError> {
+        Ok(self
+            .accounts
+            .get_mut(user_id)
+            .ok_or(sqlx::Error::RowNotFound)?)
+    }
+
+    /// Writes what was posted (the lazy refill too) and commits.
+    async fn commit(mut self, at: DateTime<Utc>) -> Result<(), LedgerError> {
+        store::flush(&mut self.tx, self.accounts.values(), &self.changes, at).await?;
+        self.tx.commit().await?;
+        self.changes.count_refills();
+        Ok(())
+    }
+}
+
 /// The result of a credit or debit.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Posting {
@@ -439,21 +464,38 @@ impl Ledger {
         at: DateTime<Utc>,
         op: impl FnOnce(&mut Account, &mut Changes, Option<KeyedRow>) -> Result<T, LedgerError>,
     ) -> Result<T, LedgerError> {
-        check_user_id(user_id)?;
-        let users = [user_id.to_owned()];
-        let (mut tx, mut accounts) = store::begin_locked(&self.pool, &users).await?;
-        let account = accounts.get_mut(user_id).ok_or(sqlx::Error::RowNotFound)?;
-        let mut changes = Changes::default();
-        account.refill_lazily(&mut changes, self.policy.lazy(at), at)?;
+        let mut one = self.lock_one(user_id, at).await?;
         let found = match key {
-            Some(k) => store::keyed_row(&mut tx, user_id, k).await?,
+            Some(k) => store::keyed_row(&mut one.tx, user_id, k).await?,
             None => None,
         };
-        let out = op(account, &mut changes, found)?;
-        store::flush(&mut tx, accounts.values(), &changes, at).await?;
-        tx.commit().await?;
-        changes.count_refills();
+        let account = one
+            .accounts
+            .get_mut(user_id)
+            .ok_or(sqlx::Error::RowNotFound)?;
+        let out = op(account, &mut one.changes, found)?;
+        one.commit(at).await?;
         Ok(out)
+    }
+
+    /// Locks `user_id`'s account in a transaction of its own and applies the month's lazy
+    /// refill; [`OneAccount::commit`] writes what is posted on it.
+    async fn lock_one(&self, user_id: &str, at: DateTime<Utc>) -> Result<OneAccount, LedgerError> {
+        check_user_id(user_id)?;
+        let users = [user_id.to_owned()];
+        let (tx, accounts) = store::begin_locked(&self.pool, &users).await?;
+        let mut one = OneAccount {
+            tx,
+            accounts,
+            changes: Changes::default(),
+        };
+        let lazy = self.policy.lazy(at);
+        let account = one
+            .accounts
+            .get_mut(user_id)
+            .ok_or(sqlx::Error::RowNotFound)?;
+        account.refill_lazily(&mut one.changes, lazy, at)?;
+        Ok(one)
     }
 
     /// Adds credits (`TOP_UP` or `GRANT`). The same key again changes nothing.
@@ -488,43 +530,39 @@ impl Ledger {
         at: DateTime<Utc>,
     ) -> Result<Posting, LedgerError> {
         refund::check_request(amount, key, top_up_key)?;
-        check_user_id(user_id)?;
-        let users = [user_id.to_owned()];
-        let (mut tx, mut accounts) = store::begin_locked(&self.pool, &users).await?;
-        let account = accounts.get_mut(user_id).ok_or(sqlx::Error::RowNotFound)?;
-        let mut changes = Changes::default();
-        account.refill_lazily(&mut changes, self.policy.lazy(at), at)?;
-        let (applied, seq) = match store::keyed_row(&mut tx, user_id, key).await? {
-            Some((row_type, row_amount, seq)) => {
+        let mut one = self.lock_one(user_id, at).await?;
+        let (applied, seq) = match store::refund_row(&mut one.tx, user_id, key).await? {
+            Some((row_type, row_amount, seq, named)) => {
                 check_key_reuse(key, (&row_type, row_amount), (TxType::Refund, -amount))?;
-                let named = store::refunded_purchase(&mut tx, user_id, key).await?;
                 refund::check_same_purchase(key, named.as_deref(), top_up_key)?;
                 (false, seq)
             }
             None => {
-                let bought = store::keyed_row(&mut tx, user_id, top_up_key).await?;
+                let bought = store::purchase(&mut one.tx, user_id, top_up_key).await?;
                 let purchase = refund::Purchase {
                     key: top_up_key,
                     row: bought.as_ref().map(|(t, a, _)| (t.as_str(), *a)),
-                    refunded: store::refunded_of(&mut tx, user_id, top_up_key).await?,
+                    refunded: bought.as_ref().map_or(0, |(_, _, refunded)| *refunded),
                 };
                 refund::check_refund(&purchase, amount)?;
                 let refund = (key, top_up_key, reason);
-                let seq = self.post_refund(account, &mut changes, amount, refund, at)?;
+                let account = one
+                    .accounts
+                    .get_mut(user_id)
+                    .ok_or(sqlx::Error::RowNotFound)?;
+                let seq = self.post_refund(account, &mut one.changes, amount, refund, at)?;
                 (true, seq)
             }
         };
         let out = Posting {
             user_id: user_id.to_owned(),
             applied,
-            balance: account.balance,
+            balance: one.account(user_id)?.balance,
             transaction_key: key.to_owned(),
             seq,
         };
         // Also when nothing was refunded: the month's lazy refill, if this brought it, stays.
-        store::flush(&mut tx, accounts.values(), &changes, at).await?;
-        tx.commit().await?;
-        changes.count_refills();
+        one.commit(at).await?;
         Ok(out)
     }
 

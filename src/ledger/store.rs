@@ -325,35 +325,39 @@ pub(crate) async fn keyed_row(
         .await
 }
 
-/// The purchase the REFUND row of `user_id` under `key` names (its `top_up_key`).
-pub(crate) async fn refunded_purchase(
+/// [`keyed_row`] and the purchase the row names as a refund's (its `top_up_key`, if any).
+pub(crate) async fn refund_row(
     conn: &mut PgConnection,
     user_id: &str,
     key: &str,
-) -> Result<Option<String>, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT metadata->>'top_up_key' FROM credit.transactions
+) -> Result<Option<(String, i64, i64, Option<String>)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT type::text, amount, seq, metadata->>'top_up_key' FROM credit.transactions
           WHERE user_id = $1 AND transaction_key = $2",
     )
     .bind(user_id)
     .bind(key)
-    .fetch_one(&mut *conn)
+    .fetch_optional(&mut *conn)
     .await
 }
 
-/// What the REFUND rows of `user_id` naming the purchase `top_up_key` took back.
-pub(crate) async fn refunded_of(
+/// The type and amount of `user_id`'s row under `top_up_key`, and what the REFUND rows
+/// naming it as their purchase took back.
+pub(crate) async fn purchase(
     conn: &mut PgConnection,
     user_id: &str,
     top_up_key: &str,
-) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT coalesce(sum(-amount), 0)::int8 FROM credit.transactions
-          WHERE user_id = $1 AND type = 'REFUND' AND metadata->>'top_up_key' = $2",
+) -> Result<Option<(String, i64, i64)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT t.type::text, t.amount,
+                (SELECT coalesce(sum(-r.amount), 0)::int8 FROM credit.transactions r
+                  WHERE r.user_id = t.user_id AND r.type = 'REFUND'
+                    AND r.metadata->>'top_up_key' = t.transaction_key)
+           FROM credit.transactions t WHERE t.user_id = $1 AND t.transaction_key = $2",
     )
     .bind(user_id)
     .bind(top_up_key)
-    .fetch_one(&mut *conn)
+    .fetch_optional(&mut *conn)
     .await
 }
 
@@ -780,9 +784,8 @@ pub(crate) async fn watermark(conn: &mut PgConnection) -> Result<i64, sqlx::Erro
 }
 
 /// The last id the outbox's sequence has drawn (the one before its next, where it was never
-/// called or was restarted): a watermark past it
-/// (a hand edit, a restore that reset the sequence) would take every event written until
-/// the ids pass it as published.
+/// called or was restarted): a watermark past it (a hand edit, a restore that reset the
+/// sequence) would take every event written until the ids pass it as published.
 pub(crate) async fn last_outbox_id(conn: &mut PgConnection) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(
         "SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM credit.outbox_id_seq",

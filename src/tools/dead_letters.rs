@@ -38,8 +38,8 @@ pub struct DeadLetter {
     /// The `x-credit-error` header, else the broker's reason with ` (broker)`; empty when
     /// neither is there.
     pub reason: String,
-    /// When it died: the worker's `x-credit-dead-at`, else the time of the broker's latest
-    /// death in `x-death` (seconds); None when neither is there.
+    /// When it died ([`died_at`]): the later of the worker's `x-credit-dead-at` and the time
+    /// of the newest `x-death` entry (seconds); None when neither is there.
     pub died_at: Option<DateTime<Utc>>,
     /// The body's `node_exec_id`, when the body is JSON with that field.
     pub node_exec_id: Option<String>,
