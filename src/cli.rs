@@ -162,6 +162,13 @@ pub enum Command {
     Outcome { node_exec_id: String },
     /// Reconcile ledger and balances; exit 1 on any mismatch.
     Audit,
+    /// A month's report for the books: credits in and out by type, and what the accounts held
+    /// and owed at its start and end.
+    Report {
+        /// Month (YYYY-MM, UTC); default: the current month, to date.
+        #[arg(long)]
+        month: Option<Month>,
+    },
     /// Inspect or replay the dead-letter queue (`node_execution.dead`).
     DeadLetters {
         #[command(subcommand)]
@@ -406,6 +413,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Outcome { node_exec_id } => outcome(&settings, json, &node_exec_id).await,
         Command::Audit => audit(&settings, json).await,
+        Command::Report { month } => report(&settings, json, month).await,
         Command::DeadLetters { action } => dead_letters(&settings, json, action).await,
         Command::Publish { file } => publish(&settings, json, &file).await,
         Command::Bench(args) => crate::tools::bench::run(settings, args, json).await,
@@ -655,6 +663,18 @@ async fn audit(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
         crate::tools::audit_text(&report, "clean")
     })?;
     Ok(crate::tools::exit_code(report.is_clean()))
+}
+
+async fn report(settings: &Settings, json: bool, month: Option<Month>) -> anyhow::Result<ExitCode> {
+    let now = Utc::now();
+    let month = month.unwrap_or_else(|| Month::of(now));
+    // Reads the ledger up to the month's end, as the audit reads all of it.
+    let pool = crate::db::connect_existing_for_audit(&settings.database).await?;
+    let report = crate::ledger::report::month(&pool, month, now)
+        .await
+        .map_err(ledger_error)?;
+    print_out(json, &serde_json::to_value(&report)?, || report.to_string())?;
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn publish(settings: &Settings, json: bool, file: &str) -> anyhow::Result<ExitCode> {

@@ -311,27 +311,8 @@ async fn hashed(
 }
 
 pub async fn run(pool: &PgPool) -> Result<AuditReport, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    // One snapshot for every check, and no statement timeout: on a large ledger a check runs
-    // longer than the worker's statements may, and a timeout would read as a failed audit.
-    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("SET LOCAL statement_timeout = 0")
-        .execute(&mut *tx)
-        .await?;
-    // Without a time limit, an audit whose caller went away (Ctrl-C, a cron job killed) is
-    // ended by the server within seconds rather than at its end (PostgreSQL 14 and later).
-    // Where the server lacks the setting (before 14) or refuses it (a platform without the
-    // check), the audit runs without it.
-    sqlx::query(
-        "DO $$ BEGIN
-             PERFORM set_config('client_connection_check_interval', '5s', true);
-         EXCEPTION WHEN OTHERS THEN NULL;
-         END $$",
-    )
-    .execute(&mut *tx)
-    .await?;
+    // One snapshot for every check.
+    let mut tx = super::store::long_read(pool).await?;
     let report = checks(&mut tx).await?;
     tx.rollback().await?;
     Ok(report)

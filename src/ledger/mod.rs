@@ -7,6 +7,7 @@ pub mod audit;
 pub mod decision;
 pub mod month;
 pub(crate) mod refund;
+pub mod report;
 pub mod retention;
 pub(crate) mod runs;
 pub mod seed;

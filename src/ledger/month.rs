@@ -25,6 +25,15 @@ impl Month {
         self.0
     }
 
+    /// The month after this one.
+    pub fn next(self) -> Self {
+        Month(
+            self.0
+                .checked_add_months(chrono::Months::new(1))
+                .unwrap_or(NaiveDate::MAX),
+        )
+    }
+
     /// The ledger key of this month's refill grant.
     pub fn refill_key(self) -> String {
         format!("{REFILL_KEY_PREFIX}{self}")

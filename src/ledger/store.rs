@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use futures::TryStreamExt as _;
-use sqlx::{PgConnection, PgPool};
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 
 use super::account::{Account, Changes, NewTransaction};
 use super::decision::{
@@ -860,4 +860,32 @@ pub(crate) async fn backlog(pool: &PgPool) -> Result<Backlog, sqlx::Error> {
 /// Events after the watermark (counting each event of a row): not published yet.
 pub(crate) async fn unpublished_events(pool: &PgPool) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(UNPUBLISHED).fetch_one(pool).await
+}
+
+/// A read-only transaction in one snapshot (REPEATABLE READ) for a read of the whole ledger
+/// (`audit`, `report`), with no statement timeout: on a large ledger such a read runs longer
+/// than the worker's statements may, and a timeout would read as a failure.
+pub(crate) async fn long_read(
+    pool: &PgPool,
+) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("SET LOCAL statement_timeout = 0")
+        .execute(&mut *tx)
+        .await?;
+    // Without a time limit, a read whose caller went away (Ctrl-C, a cron job killed) is
+    // ended by the server within seconds rather than at its end (PostgreSQL 14 and later).
+    // Where the server lacks the setting (before 14) or refuses it (a platform without the
+    // check), the read runs without it.
+    sqlx::query(
+        "DO $$ BEGIN
+             PERFORM set_config('client_connection_check_interval', '5s', true);
+         EXCEPTION WHEN OTHERS THEN NULL;
+         END $$",
+    )
+    .execute(&mut *tx)
+    .await?;
+    Ok(tx)
 }

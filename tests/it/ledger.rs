@@ -1,7 +1,7 @@
 //! The ledger against the real PostgreSQL: AutoGPT's credit_test.py cases with their numbers,
 //! its concurrency cases adapted to our semantics, overflow, idempotency and the sweep.
 
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{DateTime, Datelike, TimeZone, Utc};
 use credit_worker::cost::CostTable;
 use credit_worker::decide::{self, Outcome, Verdict};
 use credit_worker::ledger::{HistoryQuery, LedgerError, TxType};
@@ -2376,6 +2376,120 @@ async fn a_repeated_refund_in_a_new_month_keeps_the_refill_it_answers_with() {
         .scalar_i64("SELECT balance FROM credit.balances WHERE user_id = 'r'")
         .await;
     assert_eq!(stored, 1000);
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
+/// A month's report: the movements by type and direction, and the positions at its start and
+/// end, exactly, with the rows of the months around it left out; the CLI prints the same.
+#[tokio::test]
+async fn a_month_report_adds_up_what_came_in_and_went_out() {
+    use credit_worker::ledger::report;
+    let env = TestEnv::new().await;
+    let ledger = env.ledger();
+    let day = |m: u32, d: u32| Utc.with_ymd_and_hms(2025, m, d, 9, 0, 0).unwrap();
+    // October: a 1000 (refill) + 300; d 1000 (refill) − 900.
+    let a_top_up = ledger.credit(TxType::TopUp, "a", 300, Some("pi_a"), None, day(10, 10));
+    assert_eq!(a_top_up.await.expect("a's top-up").balance, 1300);
+    ledger
+        .spend("d", 900, "S-d1", json!({}), day(10, 12))
+        .await
+        .expect("d's spend");
+    // November: a − 200 (no refill at 1300); d 900 (refill) + 400 − 1300 − 400 (refund):
+    // −300; n 1000 (refill) + 25.
+    ledger
+        .spend("a", 200, "S-a1", json!({}), day(11, 3))
+        .await
+        .expect("a's spend");
+    let d_top_up = ledger.credit(TxType::TopUp, "d", 400, Some("pi_d"), None, day(11, 4));
+    assert_eq!(d_top_up.await.expect("d's top-up").balance, 1400);
+    ledger
+        .spend("d", 1300, "S-d2", json!({}), day(11, 5))
+        .await
+        .expect("d's spend");
+    let refund = ledger.refund("d", 400, ("re_d", "pi_d"), None, day(11, 6));
+    assert_eq!(refund.await.expect("d's refund").balance, -300);
+    let grant = ledger.credit(
+        TxType::Grant,
+        "n",
+        25,
+        Some("G-n"),
+        Some("promo"),
+        day(11, 30),
+    );
+    assert_eq!(grant.await.expect("n's grant").balance, 1025);
+    // December, after the month: not in it.
+    ledger
+        .spend("a", 100, "S-a2", json!({}), day(12, 1))
+        .await
+        .expect("a's spend");
+
+    let november: Month = "2025-11".parse().unwrap();
+    let r = report::month(&env.pool, november, Utc::now())
+        .await
+        .expect("report");
+    let moved: Vec<(&str, &str, i64, i128)> = r
+        .movements
+        .iter()
+        .map(|m| (m.tx_type.as_str(), m.direction, m.rows, m.credits))
+        .collect();
+    assert_eq!(
+        moved,
+        vec![
+            ("TOP_UP", "in", 1, 400),
+            ("GRANT", "in", 3, 1925),
+            ("USAGE", "out", 2, -1500),
+            ("REFUND", "out", 1, -400),
+        ]
+    );
+    assert_eq!(r.net, 425);
+    let held_owed = |p: &report::Position| {
+        (
+            p.held,
+            p.owed,
+            p.net,
+            p.accounts_in_credit,
+            p.accounts_in_debt,
+        )
+    };
+    assert_eq!(held_owed(&r.opening), (1400, 0, 1400, 2, 0));
+    assert_eq!(held_owed(&r.closing), (2125, 300, 1825, 2, 1));
+    assert_eq!(r.active_accounts, 3);
+    assert_eq!(r.from.to_rfc3339(), "2025-11-01T00:00:00+00:00");
+    assert_eq!(r.until.to_rfc3339(), "2025-12-01T00:00:00+00:00");
+
+    // The CLI: the same figures, and its text; a month not begun is refused.
+    let json = env.cli_json(&["report", "--month", "2025-11"]);
+    assert_eq!(json["net"], 425);
+    assert_eq!(json["closing"]["owed"], 300);
+    assert_eq!(
+        json["movements"][1],
+        json!({"type": "GRANT", "direction": "in", "rows": 3, "credits": 1925})
+    );
+    let out = env.cli(&["report", "--month", "2025-10"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.starts_with("2025-10 (2025-10-01 to 2025-11-01 UTC), read at "),
+        "{text}"
+    );
+    assert!(
+        text.contains("\n  GRANT    in            2                 2000\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\n  opening: 0 held by 0 accounts, 0 owed by 0 accounts (net 0)\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\n  closing: 1400 held by 2 accounts, 0 owed by 0 accounts (net 1400)\n"),
+        "{text}"
+    );
+    let next_year = (Utc::now().year() + 1).to_string() + "-01";
+    let out = env.cli(&["report", "--month", &next_year, "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let refused: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON error");
+    assert_eq!(refused["error"]["code"], "bad_request");
     env.assert_audit_clean().await;
     env.cleanup().await;
 }
