@@ -30,6 +30,8 @@ const MAX_RETENTION_S: u64 = 3_153_600_000;
 const MAX_CONNECTIONS: u32 = 10_000;
 /// Longest `pipeline.max_wait_ms`.
 const MAX_WAIT_MS: u64 = 10_000;
+/// A day: a batch held longer than that is a stall by any measure.
+const MAX_STALL_S: u64 = 86_400;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -201,6 +203,16 @@ pub struct HttpSettings {
     /// Where the HTTP endpoints listen; `""` in a file or the environment: no HTTP server.
     #[serde(deserialize_with = "empty_or_addr", serialize_with = "none_as_empty")]
     pub listen: Option<SocketAddr>,
+    /// Seconds the oldest batch in flight may wait for its decision before `/readyz` calls
+    /// the consumer stalled; 0: never.
+    pub stall_s: u64,
+}
+
+impl HttpSettings {
+    /// How long a batch may wait before the consumer counts as stalled, if ever.
+    pub(crate) fn stall_after(&self) -> Option<std::time::Duration> {
+        (self.stall_s > 0).then(|| std::time::Duration::from_secs(self.stall_s))
+    }
 }
 
 /// `refill.schedule`: the cron expression as written, parsed once when the settings load.
@@ -531,6 +543,9 @@ impl Settings {
                 "outbox.retention_s",
                 "must be at most 3153600000 (100 years)",
             );
+        }
+        if self.http.stall_s > MAX_STALL_S {
+            return bad("http.stall_s", "must be at most 86400 (0 = never)");
         }
         if self.pipeline.max_batch == 0 || self.pipeline.max_batch > 10_000 {
             return bad("pipeline.max_batch", "must be between 1 and 10000");

@@ -2,6 +2,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 /// What `/readyz` reports: set by the consumer as it connects and consumes, and by the
 /// supervisor while the outbox relay runs.
@@ -12,6 +13,9 @@ pub struct Health {
     /// The broker connection of the outbox relay's session, while it has one: read when asked,
     /// so a connection that died while the relay was idle shows at once.
     relay_connection: Mutex<Option<lapin::ConnectionStatus>>,
+    /// When the oldest batch in flight began, while one is: a batch that neither commits nor
+    /// fails (a lock held elsewhere, a retry that never clears) holds every one behind it.
+    oldest_batch: Mutex<Option<Instant>>,
 }
 
 /// Holds the outbox relay's session's connection in [`Health`] while the session lives.
@@ -35,6 +39,14 @@ impl Health {
     pub fn consuming(&self) -> bool {
         self.consuming.load(Ordering::SeqCst)
     }
+    /// The oldest batch in flight began at `since`, or none is in flight.
+    pub(crate) fn set_oldest_batch(&self, since: Option<Instant>) {
+        *lock(&self.oldest_batch) = since;
+    }
+    /// How long the oldest batch in flight has waited for its decision and ack.
+    pub(crate) fn oldest_batch_age(&self) -> Option<Duration> {
+        lock(&self.oldest_batch).map(|since| since.elapsed())
+    }
     /// The outbox relay task is running (true) or has ended (false).
     pub(crate) fn set_relaying(&self, on: bool) {
         self.relaying.store(on, Ordering::SeqCst);
@@ -55,8 +67,12 @@ impl Health {
             .is_some_and(lapin::ConnectionStatus::connected)
     }
     fn relay_connection(&self) -> MutexGuard<'_, Option<lapin::ConnectionStatus>> {
-        self.relay_connection
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        lock(&self.relay_connection)
     }
+}
+
+/// A lock on what a task sets and the HTTP endpoints read: a value, valid whichever writer
+/// panicked.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }

@@ -252,8 +252,9 @@ impl HttpServer {
         let addr = listener.local_addr()?;
         let stop = CancellationToken::new();
         let (h, p, s) = (health.clone(), pool.clone(), stop.clone());
+        let stall = settings.http.stall_after();
         let task = tokio::spawn(async move {
-            if let Err(e) = crate::telemetry::serve_on(listener, h, p, s).await {
+            if let Err(e) = crate::telemetry::serve_on(listener, (h, stall), p, s).await {
                 error!(error = %e, "http server failed");
             }
         });

@@ -118,9 +118,11 @@ const COUNTERS: [(&str, &str, Known); 18] = [
 /// Every gauge and histogram: its name and `# HELP` text (those named `_seconds` in seconds);
 /// a gauge also with its value until first set.
 #[rustfmt::skip]
-const GAUGES: [(&str, &str, f64); 4] = [
+const GAUGES: [(&str, &str, f64); 5] = [
     ("credit_consuming", "1 while the input queue is consumed.", 0.0),
-    // These three are read afresh before every scrape's render. The backlog and the offset
+    ("credit_oldest_batch_seconds", "How long the oldest batch in flight has waited for its decision and ack; 0 when none is. One that only grows means decisions stopped.", 0.0),
+    // These four are read afresh before every scrape's render (the oldest batch's age from
+    // `Health`, as 0 when none is in flight). The backlog and the offset
     // are unknown until the database is first read: 0 would say "nothing waits" or "in sync"
     // through an outage that began before the worker did. The age grows from the start
     // (`outbox::BacklogGauges`).
@@ -194,6 +196,8 @@ fn spawn_upkeep(handle: &PrometheusHandle) {
 #[derive(Clone)]
 struct HttpState {
     health: Arc<Health>,
+    /// `http.stall_s`: when the oldest batch in flight makes the consumer stalled.
+    stall_after: Option<Duration>,
     pool: PgPool,
     metrics: Option<PrometheusHandle>,
     backlog: Arc<crate::outbox::BacklogGauges>,
@@ -202,12 +206,13 @@ struct HttpState {
 /// Serves the endpoints on a bound listener until `cancel` fires.
 pub(crate) async fn serve_on(
     listener: tokio::net::TcpListener,
-    health: Arc<Health>,
+    (health, stall_after): (Arc<Health>, Option<Duration>),
     pool: PgPool,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     let state = HttpState {
         health,
+        stall_after,
         pool,
         metrics: metrics_handle(),
         backlog: Arc::default(),
@@ -233,6 +238,8 @@ async fn metrics(State(s): State<HttpState>) -> (StatusCode, String) {
         s.backlog.refresh(&s.pool, Duration::from_secs(2)),
         clock_offset(&s.pool)
     );
+    let age = s.health.oldest_batch_age().unwrap_or_default();
+    metrics::gauge!("credit_oldest_batch_seconds").set(age.as_secs_f64());
     match &s.metrics {
         Some(h) => (StatusCode::OK, h.render()),
         None => (
@@ -264,16 +271,30 @@ async fn readyz(State(s): State<HttpState>) -> (StatusCode, String) {
         .unwrap_or(false);
     let h = &s.health;
     let relay = h.relaying().then(|| h.relay_connected());
-    readiness(db, h.consuming(), relay)
+    let stalled = stalled(h.oldest_batch_age(), s.stall_after);
+    readiness(db, (h.consuming(), stalled), relay)
 }
 
-/// `/readyz`'s answer: ready once the database answers, the consumer consumes and the outbox
+/// How long the oldest batch in flight has waited, when that is `stall_after` or longer.
+fn stalled(age: Option<Duration>, stall_after: Option<Duration>) -> Option<Duration> {
+    age.filter(|age| stall_after.is_some_and(|limit| *age >= limit))
+}
+
+/// `/readyz`'s answer: ready once the database answers, the consumer consumes with no batch
+/// stalled (`stalled`: how long the oldest has waited, past `http.stall_s`) and the outbox
 /// relay runs (`relay`: None when it has ended, else whether its session is connected).
-fn readiness(db: bool, consuming: bool, relay: Option<bool>) -> (StatusCode, String) {
-    let consumer = if consuming {
-        "consuming"
-    } else {
-        "not consuming"
+fn readiness(
+    db: bool,
+    (consuming, stalled): (bool, Option<Duration>),
+    relay: Option<bool>,
+) -> (StatusCode, String) {
+    let consumer = match (consuming, stalled) {
+        (true, None) => "consuming".to_owned(),
+        (_, Some(age)) => format!(
+            "stalled (the oldest batch has waited {} s for its decision)",
+            age.as_secs()
+        ),
+        (false, None) => "not consuming".to_owned(),
     };
     let mut body = format!("database: {}\nconsumer: {consumer}\n", up(db));
     // Only said when it matters: the relay runs for the whole life of the process, connected.
@@ -283,7 +304,7 @@ fn readiness(db: bool, consuming: bool, relay: Option<bool>) -> (StatusCode, Str
         Some(false) => body.push_str("outbox relay: reconnecting\n"),
         Some(true) => {}
     }
-    if db && consuming && relay.is_some() {
+    if db && consuming && stalled.is_none() && relay.is_some() {
         (StatusCode::OK, body)
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, body)
@@ -305,7 +326,7 @@ mod tests {
     #[test]
     fn readiness_names_what_is_missing_and_a_relay_reconnecting_stays_ready() {
         use axum::http::StatusCode;
-        let ready = |db, consuming, relay| super::readiness(db, consuming, relay);
+        let ready = |db, consuming, relay| super::readiness(db, (consuming, None), relay);
         let ok = "database: up\nconsumer: consuming\n";
         assert_eq!(ready(true, true, Some(true)), (StatusCode::OK, ok.into()));
         let reconnecting = format!("{ok}outbox relay: reconnecting\n");
@@ -323,6 +344,28 @@ mod tests {
         assert_eq!(ready(false, false, Some(true)), unavailable);
         // No session, no connection.
         assert!(!crate::health::Health::default().relay_connected());
+    }
+
+    #[test]
+    fn a_batch_held_past_http_stall_s_makes_the_worker_unready() {
+        use axum::http::StatusCode;
+        use std::time::Duration;
+        let secs = Duration::from_secs;
+        let limit = Some(secs(120));
+        assert_eq!(super::stalled(None, limit), None);
+        assert_eq!(super::stalled(Some(secs(119)), limit), None);
+        assert_eq!(super::stalled(Some(secs(120)), limit), Some(secs(120)));
+        assert_eq!(super::stalled(Some(secs(999_999)), None), None, "0 = never");
+        let (status, body) = super::readiness(true, (true, Some(secs(130))), Some(true));
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            body,
+            "database: up\nconsumer: stalled (the oldest batch has waited 130 s for its decision)\n"
+        );
+        let health = crate::health::Health::default();
+        assert_eq!(health.oldest_batch_age(), None);
+        health.set_oldest_batch(Some(std::time::Instant::now() - secs(5)));
+        assert!(health.oldest_batch_age().is_some_and(|a| a >= secs(5)));
     }
 
     /// The recorder drains its histograms by itself, scraped or not.

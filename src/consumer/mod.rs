@@ -145,6 +145,7 @@ impl Consumer {
             decider_stop.cancel();
         }
         let decided = self.wind_down(s, &mut decider).await;
+        self.health.set_oldest_batch(None);
         match (result, decided) {
             // The decider's own error says why it is gone.
             (Err(SessionError::DeciderGone), Err(e)) => Err(e),
@@ -331,6 +332,7 @@ fn joined<T>(ended: Result<T, JoinError>) -> Result<T, SessionError> {
 
 /// A batch whose decision has begun, on a task of its own.
 struct InFlight {
+    started: Instant,
     follow: Follow,
     /// Aborted when dropped, with the decider that holds it.
     task: AbortOnDropHandle<Tried>,
@@ -358,6 +360,8 @@ async fn decide_loop(
     // Once the collector is gone (shutdown), what is in flight is still decided and acked.
     let mut open = true;
     while open || !in_flight.is_empty() {
+        c.health
+            .set_oldest_batch(in_flight.front().map(|f| f.started));
         tokio::select! {
             biased;
             batch = rx.recv(), if open && in_flight.len() < depth => match batch {
@@ -412,7 +416,11 @@ impl Consumer {
                 started,
             }
         }));
-        InFlight { follow, task }
+        InFlight {
+            started,
+            follow,
+            task,
+        }
     }
 
     /// Finishes and acks the oldest batch. When its first try failed, the later batches in

@@ -974,3 +974,64 @@ async fn a_login_or_vhost_the_broker_refuses_stops_the_start() {
     }
     env.cleanup().await;
 }
+
+/// A batch that waits on a row lock held elsewhere (with no statement timeout, nothing retries
+/// it) makes `/readyz` say `consumer: stalled` once it has waited `http.stall_s`, and shows in
+/// `credit_oldest_batch_seconds`; once the lock goes, it is decided once and the worker is
+/// ready again.
+#[tokio::test]
+async fn a_batch_held_by_a_lock_elsewhere_shows_as_a_stall() {
+    let env = TestEnv::with(|s| {
+        quiet_scheduler(s);
+        s.http.listen = any_port();
+        s.http.stall_s = 1;
+        s.database.statement_timeout_ms = 0;
+    })
+    .await;
+    let worker = Worker::start(env.settings.clone()).await.expect("worker");
+    let port = worker.http_addr().expect("http address").port();
+    wait_status(T, port, "/readyz", 200).await;
+    env.publish(&[body(&platform_gpt4("held-user", "first"))])
+        .await;
+    env.wait_decisions(1, T).await;
+
+    let mut holder = env.pool.begin().await.expect("holder");
+    sqlx::query("SELECT 1 FROM credit.balances WHERE user_id = 'held-user' FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .expect("hold the account");
+    env.publish(&[body(&platform_gpt4("held-user", "second"))])
+        .await;
+    env.wait_for_one_lock_waiter(T, "the batch waiting for the account")
+        .await;
+    let stalled = "consumer: stalled (the oldest batch has waited ";
+    wait_for(T, "/readyz to say stalled", || async {
+        http_get(port, "/readyz")
+            .await
+            .is_some_and(|(status, b)| status == 503 && b.contains(stalled))
+    })
+    .await;
+    let (_, metrics) = http_get(port, "/metrics").await.expect("metrics");
+    let age = metric_value(&metrics, "credit_oldest_batch_seconds", &[]);
+    assert!(age >= 1.0, "credit_oldest_batch_seconds {age}");
+    assert_eq!(
+        env.outcome_of("second").await,
+        None,
+        "decided under the lock"
+    );
+
+    holder.rollback().await.expect("release");
+    wait_status(T, port, "/readyz", 200).await;
+    env.wait_decisions(2, T).await;
+    assert_eq!(env.outcome_of("second").await.as_deref(), Some("charged"));
+    let (_, metrics) = http_get(port, "/metrics").await.expect("metrics");
+    assert_eq!(
+        metric_value(&metrics, "credit_oldest_batch_seconds", &[]),
+        0.0
+    );
+    let balance = env.ledger().balance("held-user", Utc::now()).await;
+    assert_eq!(balance.expect("balance"), 980);
+    worker.stop().await.expect("stop");
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
