@@ -16,24 +16,23 @@ pub(crate) fn check_fields_once(body: &[u8]) -> Result<(), ControlError> {
     }
 }
 
-/// Integral floats are exact only up to 2^53.
-const MAX_EXACT_FLOAT: f64 = 9_007_199_254_740_992.0;
 /// 2^63: the first float beyond i64.
 const I64_BOUND: f64 = 9_223_372_036_854_775_808.0;
 
 /// Why a number is not a usable i64.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IntError {
-    /// Not a number, or a number with a fraction.
+    /// Not a number, or one written with a fraction or an exponent.
     NotInteger,
-    /// An integral float between 2^53 and 2^63: it may already have been rounded.
-    Inexact,
-    /// Integral but beyond the 64-bit range.
+    /// Beyond the 64-bit range.
     OutOfRange,
 }
 
-/// `n` as an i64. serde_json reads integer literals beyond u64 (and anything written with a
-/// fraction or exponent) as f64, so those are judged by value.
+/// `n` as an i64: an integer literal only. serde_json reads anything written with a fraction
+/// or exponent as f64, whose value no longer tells what was written (`99.999999999999999` and
+/// `9007199254740993.0` read as whole numbers they are not), so a credit amount in that form
+/// is refused rather than rounded; one too large for any i64 is out of range whatever its
+/// form (integer literals beyond u64 read as f64 too).
 pub fn integer(n: &Number) -> Result<i64, IntError> {
     if let Some(i) = n.as_i64() {
         return Ok(i);
@@ -42,16 +41,7 @@ pub fn integer(n: &Number) -> Result<i64, IntError> {
         return Err(IntError::OutOfRange);
     }
     match n.as_f64() {
-        Some(f) if f.is_finite() && f.fract() == 0.0 => {
-            if f.abs() >= I64_BOUND {
-                Err(IntError::OutOfRange)
-            } else if f.abs() > MAX_EXACT_FLOAT {
-                Err(IntError::Inexact)
-            } else {
-                // Exact: |f| ≤ 2^53.
-                Ok(f as i64)
-            }
-        }
+        Some(f) if f.is_finite() && f.abs() >= I64_BOUND => Err(IntError::OutOfRange),
         _ => Err(IntError::NotInteger),
     }
 }
@@ -102,10 +92,10 @@ impl<'a> Fields<'a> {
                 "{name}: {a} must be greater than 0"
             ))),
             Err(IntError::OutOfRange) => Err(ControlError::AmountOutOfRange(format!(
-                "{name}: {n} is beyond the 64-bit integer range"
+                "{name}: {} is beyond the 64-bit integer range",
+                shown(n)
             ))),
-            Err(IntError::Inexact) => Err(inexact(name)),
-            Err(IntError::NotInteger) => Err(not_integer(name)),
+            Err(IntError::NotInteger) => Err(float_form(name)),
         }
     }
 
@@ -116,10 +106,10 @@ impl<'a> Fields<'a> {
             Some(Value::Number(n)) => match integer(n) {
                 Ok(i) => Ok(Some(i)),
                 Err(IntError::OutOfRange) => Err(ControlError::bad_request(format!(
-                    "{name}: {n} is beyond the 64-bit integer range"
+                    "{name}: {} is beyond the 64-bit integer range",
+                    shown(n)
                 ))),
-                Err(IntError::Inexact) => Err(inexact(name)),
-                Err(IntError::NotInteger) => Err(not_integer(name)),
+                Err(IntError::NotInteger) => Err(float_form(name)),
             },
             Some(_) => Err(not_integer(name)),
         }
@@ -130,10 +120,20 @@ fn not_integer(name: &str) -> ControlError {
     ControlError::bad_request(format!("{name}: expected an integer"))
 }
 
-fn inexact(name: &str) -> ControlError {
+fn float_form(name: &str) -> ControlError {
     ControlError::bad_request(format!(
-        "{name}: expected an integer (a float this large may be rounded; write the digits)"
+        "{name}: expected an integer (digits, without a fraction or exponent)"
     ))
+}
+
+/// A number as an error quotes it: one read as a float (an integer literal beyond u64 too)
+/// has lost the digits sent, so it is not quoted.
+fn shown(n: &Number) -> String {
+    if n.is_f64() {
+        "the number given".to_owned()
+    } else {
+        n.to_string()
+    }
 }
 
 #[cfg(test)]
@@ -148,7 +148,17 @@ mod tests {
     fn integers_are_judged_by_value() {
         assert_eq!(integer(&num("42")), Ok(42));
         assert_eq!(integer(&num("-5")), Ok(-5));
-        assert_eq!(integer(&num("5.0")), Ok(5));
+        // Written as a float: its value no longer tells what was sent.
+        for float in [
+            "5.0",
+            "1e2",
+            "99.999999999999999",
+            "9007199254740993.0",
+            "1e18",
+            "1.5",
+        ] {
+            assert_eq!(integer(&num(float)), Err(IntError::NotInteger), "{float}");
+        }
         assert_eq!(integer(&num("9223372036854775807")), Ok(i64::MAX));
         assert_eq!(
             integer(&num("9223372036854775808")),
@@ -160,8 +170,7 @@ mod tests {
         );
         assert_eq!(integer(&num("1e30")), Err(IntError::OutOfRange));
         assert_eq!(integer(&num("-1e30")), Err(IntError::OutOfRange));
-        assert_eq!(integer(&num("1e18")), Err(IntError::Inexact));
-        assert_eq!(integer(&num("1.5")), Err(IntError::NotInteger));
+        assert_eq!(integer(&num("9.3e18")), Err(IntError::OutOfRange));
     }
 
     #[test]
@@ -181,10 +190,15 @@ mod tests {
             "amount: expected an integer"
         );
         assert_eq!(f.amount("zero").unwrap_err().code(), "amount_out_of_range");
-        assert_eq!(f.amount("big").unwrap_err().code(), "amount_out_of_range");
+        let big = f.amount("big").unwrap_err();
+        assert_eq!(big.code(), "amount_out_of_range");
+        assert_eq!(
+            big.to_string(),
+            "big: the number given is beyond the 64-bit integer range"
+        );
         assert_eq!(
             f.opt_integer("limit").unwrap_err().to_string(),
-            "limit: expected an integer"
+            "limit: expected an integer (digits, without a fraction or exponent)"
         );
         assert_eq!(f.opt_integer("absent"), Ok(None));
     }

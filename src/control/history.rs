@@ -108,7 +108,7 @@ mod tests {
             ),
             (
                 json!({"user_id": "u", "before_seq": 2.5}),
-                "before_seq: expected an integer",
+                "before_seq: expected an integer (digits, without a fraction or exponent)",
             ),
             (
                 json!({"user_id": "u", "type": 3}),

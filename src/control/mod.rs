@@ -507,7 +507,6 @@ impl<'a> Credit<'a> {
         let asked = serde_json::from_slice::<Value>(body).unwrap_or_default();
         Credit {
             user_id: done["user_id"].as_str(),
-            // As the command read it: a whole number written `1e2` or `2.0` counts too.
             amount: (asked["amount"].as_number()).and_then(|n| fields::integer(n).ok()),
             transaction_key: done["transaction_key"].as_str(),
             applied: done["applied"].as_bool(),
@@ -591,9 +590,29 @@ mod tests {
             "amount_out_of_range"
         );
         assert_eq!(
-            code(r#"{"command": "top_up", "user_id": "u", "amount": 99999999999999999999}"#).0,
-            "amount_out_of_range"
+            code(r#"{"command": "top_up", "user_id": "u", "amount": 99999999999999999999}"#),
+            (
+                "amount_out_of_range",
+                "amount: the number given is beyond the 64-bit integer range".into()
+            )
         );
+        assert_eq!(
+            code(r#"{"command": "top_up", "user_id": "u", "amount": 18446744073709551615}"#).1,
+            "amount: 18446744073709551615 is beyond the 64-bit integer range"
+        );
+        // Money written as a float is refused, never rounded: its value no longer tells
+        // what was sent (this one reads as 9007199254740992).
+        for amount in ["100.0", "1e2", "99.999999999999999", "9007199254740993.0"] {
+            let body = format!(r#"{{"command": "top_up", "user_id": "u", "amount": {amount}}}"#);
+            assert_eq!(
+                code(&body),
+                (
+                    "bad_request",
+                    "amount: expected an integer (digits, without a fraction or exponent)".into()
+                ),
+                "{amount}"
+            );
+        }
         assert!(code(r#"{"command": "refill", "month": "2026-13"}"#)
             .1
             .starts_with("month:"));
@@ -713,10 +732,6 @@ mod tests {
                 applied: Some(false),
             }
         );
-        // A whole amount written as a float is one the command takes, and logs.
-        let float = br#"{"command": "grant", "user_id": "frank", "amount": 1e2}"#;
-        let done = json!({"balance": 1600, "transaction_key": "G", "applied": true});
-        assert_eq!(Credit::of("grant", float, &done).amount, Some(100));
         let balance = br#"{"command": "balance", "user_id": "frank"}"#;
         let done = json!({"user_id": "frank", "balance": 1500});
         assert_eq!(Credit::of("balance", balance, &done), Credit::default());

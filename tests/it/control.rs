@@ -664,7 +664,11 @@ async fn malformed_commands_get_bad_request_naming_the_field() {
         ),
         (
             json!({"command": "grant", "user_id": "u", "amount": 1.5}),
-            "amount: expected an integer",
+            "amount: expected an integer (digits, without a fraction or exponent)",
+        ),
+        (
+            json!({"command": "grant", "user_id": "u", "amount": 100.0}),
+            "amount: expected an integer (digits, without a fraction or exponent)",
         ),
         (
             json!({"command": "top_up", "user_id": "u", "amount": 5, "key": 9}),
