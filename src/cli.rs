@@ -97,6 +97,9 @@ pub enum Command {
     },
     /// Print a user's balance.
     Balance { user: String },
+    /// Print a user's account as it stands (balance, refill month, auto top-up and its
+    /// outstanding request) without creating or refilling it; exit 1 when there is none.
+    Account { user: String },
     /// Print a page of a user's ledger rows, newest first.
     History {
         user: String,
@@ -374,6 +377,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Migrate => migrate(&settings, json).await,
         Command::Sweep { month, user } => sweep(&settings, json, month, user).await,
         Command::Balance { user } => balance(&settings, json, &user).await,
+        Command::Account { user } => account(&settings, json, &user).await,
         Command::History { user, page } => history(&settings, json, &user, page.query()?).await,
         Command::TopUp { user, amount, key } => {
             let amount = credits("amount", amount)?;
@@ -553,6 +557,45 @@ async fn balance(settings: &Settings, json: bool, user: &str) -> anyhow::Result<
         balance.to_string()
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+async fn account(settings: &Settings, json: bool, user: &str) -> anyhow::Result<ExitCode> {
+    let ledger = open_ledger(settings).await?;
+    let view = ledger
+        .account(user, Utc::now())
+        .await
+        .map_err(ledger_error)?;
+    print_out(json, &serde_json::to_value(&view)?, || account_text(&view))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// An account for a person: its balance line, then its auto top-up and request, if any.
+fn account_text(a: &crate::ledger::AccountView) -> String {
+    let time = |t: &chrono::DateTime<Utc>| t.format("%Y-%m-%d %H:%M:%S UTC").to_string();
+    let refill = match &a.refill_month {
+        Some(m) => format!(", refill evaluated for {m}"),
+        None => String::new(),
+    };
+    let mut out = format!(
+        "{}: balance {} at row {}{refill}",
+        a.user_id, a.balance, a.seq
+    );
+    match &a.auto_top_up {
+        Some(t) => out.push_str(&format!(
+            "\nauto top-up: below {} asks for {} ({} requests made)",
+            t.threshold, t.amount, a.requests_made
+        )),
+        None => out.push_str("\nauto top-up: off"),
+    }
+    if let Some(r) = &a.outstanding_request {
+        out.push_str(&format!(
+            "\noutstanding request: {} since {}, until {}",
+            r.request_id,
+            time(&r.requested_at),
+            time(&r.expires_at)
+        ));
+    }
+    out
 }
 
 async fn history(

@@ -5,6 +5,7 @@
 //! the request's `correlation_id`, and only then acked. Requests are handled one at a time, in
 //! queue order. Nothing in a message can stop the loop: every failure becomes an error reply.
 
+pub mod account;
 pub mod auto_top_up;
 pub mod balance;
 pub mod credit;
@@ -62,12 +63,13 @@ const ATTEMPTS: usize = 3;
 const PREFETCH: u16 = 16;
 
 /// Every command name; anything else is counted as "unknown" so metrics labels stay bounded.
-pub(crate) const COMMANDS: [&str; 8] = [
+pub(crate) const COMMANDS: [&str; 9] = [
     "refill",
     "top_up",
     "grant",
     "refund",
     "balance",
+    "account",
     "history",
     "outcome",
     "auto_top_up",
@@ -93,6 +95,7 @@ pub enum Command {
     Credit(credit::Request),
     Refund(refund::Request),
     Balance(balance::Request),
+    Account(account::Request),
     AutoTopUp(auto_top_up::Request),
     History(history::Request),
     Outcome(outcome::Request),
@@ -122,6 +125,7 @@ impl Command {
             "grant" => Command::Credit(credit::parse(TxType::Grant, &f)?),
             "refund" => Command::Refund(refund::parse(&f)?),
             "balance" => Command::Balance(balance::parse(&f)?),
+            "account" => Command::Account(account::parse(&f)?),
             "auto_top_up" => Command::AutoTopUp(auto_top_up::parse(&f)?),
             "history" => Command::History(history::parse(&f)?),
             "outcome" => Command::Outcome(outcome::parse(&f)?),
@@ -140,6 +144,7 @@ impl Command {
             Command::Credit(r) => credit::run(ctx, r).await,
             Command::Refund(r) => refund::run(ctx, r).await,
             Command::Balance(r) => balance::run(ctx, r).await,
+            Command::Account(r) => account::run(ctx, r).await,
             Command::AutoTopUp(r) => auto_top_up::run(ctx, r).await,
             Command::History(r) => history::run(ctx, r).await,
             Command::Outcome(r) => outcome::run(ctx, r).await,

@@ -35,6 +35,38 @@ pub(crate) struct Account {
     pub(crate) dirty: bool,
 }
 
+/// An account as it stands, for a person or the payment side (`account`): read, never
+/// locked, created or refilled.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AccountView {
+    pub user_id: String,
+    pub balance: i64,
+    /// The last ledger row's seq.
+    pub seq: i64,
+    /// The last month whose refill was evaluated for the account (`YYYY-MM`).
+    pub refill_month: Option<String>,
+    /// The auto top-up configuration; null when off.
+    pub auto_top_up: Option<AutoTopUpView>,
+    /// Auto top-up requests made so far.
+    pub requests_made: i64,
+    /// The request that holds back the next one, until it is fulfilled or expires.
+    pub outstanding_request: Option<RequestView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AutoTopUpView {
+    pub threshold: i64,
+    pub amount: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RequestView {
+    pub request_id: String,
+    pub requested_at: DateTime<Utc>,
+    /// When another request may be made if this one is not fulfilled.
+    pub expires_at: DateTime<Utc>,
+}
+
 /// A ledger row to insert.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct NewTransaction {
@@ -291,6 +323,31 @@ impl Account {
     }
 
     /// The id of this account's `n`-th auto top-up request, the key its fulfilment carries.
+    /// The account as it stands at `now`, with requests outstanding for `ttl`.
+    pub(crate) fn view(&self, ttl: chrono::Duration, now: DateTime<Utc>) -> AccountView {
+        let auto_top_up = self
+            .auto_threshold
+            .zip(self.auto_amount)
+            .map(|(threshold, amount)| AutoTopUpView { threshold, amount });
+        let outstanding_request = self
+            .auto_requested_at
+            .filter(|at| now - *at < ttl)
+            .map(|at| RequestView {
+                request_id: self.request_id(self.auto_requests),
+                requested_at: at,
+                expires_at: at + ttl,
+            });
+        AccountView {
+            user_id: self.user_id.clone(),
+            balance: self.balance,
+            seq: self.last_seq,
+            refill_month: self.refill_month.map(|d| Month::of_day(d).to_string()),
+            auto_top_up,
+            requests_made: self.auto_requests,
+            outstanding_request,
+        }
+    }
+
     fn request_id(&self, n: i64) -> String {
         format!("{AUTO_TOP_UP_PREFIX}{}-{n}", self.user_id)
     }
@@ -437,6 +494,52 @@ mod tests {
 
     fn day(s: &str) -> Option<NaiveDate> {
         Some(month(s).first_day())
+    }
+
+    #[test]
+    fn an_account_shows_its_request_outstanding_until_its_ttl_passes() {
+        use chrono::TimeZone;
+        let at = Utc.with_ymd_and_hms(2026, 12, 7, 2, 0, 0).unwrap();
+        let ttl = chrono::Duration::seconds(3600);
+        let mut a = Account::new("u".into());
+        a.balance = 40;
+        a.last_seq = 7;
+        a.refill_month = NaiveDate::from_ymd_opt(2026, 11, 1);
+        let off = a.view(ttl, at);
+        assert_eq!(
+            (
+                off.auto_top_up,
+                off.outstanding_request,
+                off.refill_month.as_deref()
+            ),
+            (None, None, Some("2026-11"))
+        );
+        (a.auto_threshold, a.auto_amount) = (Some(50), Some(500));
+        a.auto_requests = 3;
+        a.auto_requested_at = Some(at);
+        let request = RequestView {
+            request_id: "AUTO-TOP-UP-u-3".into(),
+            requested_at: at,
+            expires_at: at + ttl,
+        };
+        let before_expiry = at + ttl - chrono::Duration::milliseconds(1);
+        assert_eq!(
+            a.view(ttl, before_expiry),
+            AccountView {
+                user_id: "u".into(),
+                balance: 40,
+                seq: 7,
+                refill_month: Some("2026-11".into()),
+                auto_top_up: Some(AutoTopUpView {
+                    threshold: 50,
+                    amount: 500
+                }),
+                requests_made: 3,
+                outstanding_request: Some(request),
+            }
+        );
+        // Expired: the next debit below the threshold may ask again.
+        assert_eq!(a.view(ttl, at + ttl).outstanding_request, None);
     }
 
     #[test]

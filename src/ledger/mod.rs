@@ -22,7 +22,7 @@ use sqlx::PgPool;
 #[cfg(test)]
 pub(crate) use account::NewTransaction;
 pub(crate) use account::{Account, Changes, Entry};
-pub use account::{DebtTooDeep, RefillPolicy};
+pub use account::{AccountView, AutoTopUpView, DebtTooDeep, RefillPolicy, RequestView};
 pub use decision::Outcome;
 pub(crate) use decision::{
     DecisionRecord, EarlierDecision, EarlierSettlement, NewDecision, NewSettlement,
@@ -749,6 +749,21 @@ impl Ledger {
         }
         check_user_id(user_id)?;
         Ok(store::read_balance(&self.pool, user_id).await?)
+    }
+
+    /// The account as it stands: read only, so neither created nor refilled (an account not
+    /// yet used this month shows its balance before the month's refill). `not_found` for a
+    /// user with no account.
+    pub async fn account(
+        &self,
+        user_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<AccountView, LedgerError> {
+        check_user_id(user_id)?;
+        let account = store::read_account(&self.pool, user_id).await?;
+        let account = account
+            .ok_or_else(|| LedgerError::NotFound(format!("user_id: no account for {user_id:?}")))?;
+        Ok(account.view(self.policy.auto_top_up_ttl, now))
     }
 
     /// One page of a user's ledger rows, newest first (see [`HistoryQuery`]).

@@ -21,6 +21,11 @@ impl Month {
         Month(NaiveDate::from_ymd_opt(at.year(), at.month(), 1).unwrap_or(NaiveDate::MIN))
     }
 
+    /// The month a day is in.
+    pub(crate) fn of_day(day: NaiveDate) -> Self {
+        Month(day.with_day(1).unwrap_or(day))
+    }
+
     pub fn first_day(self) -> NaiveDate {
         self.0
     }

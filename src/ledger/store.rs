@@ -23,6 +23,11 @@ const LOCK_ACCOUNTS: &str = "SELECT user_id, balance, last_seq, refill_month, fe
        FROM credit.balances WHERE user_id = ANY($1::text[])
       ORDER BY user_id FOR UPDATE";
 
+/// One balance row as it stands, unlocked (`account`).
+const READ_ACCOUNT: &str = "SELECT user_id, balance, last_seq, refill_month, fee_day, fee_count,
+            fee_n, auto_threshold, auto_amount, auto_requests, auto_requested_at
+       FROM credit.balances WHERE user_id = $1";
+
 /// Creates the balance rows of first-time users ([`begin_locked`]).
 const CREATE_ACCOUNTS: &str = "INSERT INTO credit.balances (user_id)
      SELECT u FROM unnest($1::text[]) AS u
@@ -362,6 +367,16 @@ pub(crate) async fn purchase(
 }
 
 /// The stored balance, 0 for a user without a row.
+pub(crate) async fn read_account(
+    pool: &PgPool,
+    user_id: &str,
+) -> Result<Option<Account>, sqlx::Error> {
+    sqlx::query_as(READ_ACCOUNT)
+        .bind(user_id)
+        .fetch_optional(pool)
+        .await
+}
+
 pub(crate) async fn read_balance(pool: &PgPool, user_id: &str) -> Result<i64, sqlx::Error> {
     let balance: Option<i64> = sqlx::query_scalar(READ_BALANCE)
         .bind(user_id)

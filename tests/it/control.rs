@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use chrono::{Datelike, Utc};
+use chrono::{Datelike, TimeZone, Utc};
+use credit_worker::ledger::TxType;
 use credit_worker::refill::Month;
 use credit_worker::service::Worker;
 use futures::StreamExt;
@@ -1493,5 +1494,65 @@ async fn the_cli_refuses_a_database_that_is_missing_or_not_migrated() {
             .unwrap();
     }
     admin.close().await;
+    env.cleanup().await;
+}
+
+/// `account` reads an account as it stands: it neither creates one (`not_found`) nor applies
+/// the month's refill, and shows the auto top-up and its outstanding request; the CLI prints
+/// the same object.
+#[tokio::test]
+async fn the_account_command_reads_without_creating_or_refilling() {
+    let env = TestEnv::with(quiet_scheduler).await;
+    let worker = start(&env).await;
+    let mut rpc = Rpc::new(&env).await;
+    let (code, message) = rpc
+        .err(json!({"command": "account", "user_id": "ghost"}))
+        .await;
+    assert_eq!(
+        (code.as_str(), message.as_str()),
+        ("not_found", "user_id: no account for \"ghost\"")
+    );
+    let ghosts = "SELECT count(*) FROM credit.balances WHERE user_id = 'ghost'";
+    assert_eq!(env.scalar_i64(ghosts).await, 0);
+
+    let november = chrono::Utc.with_ymd_and_hms(2025, 11, 20, 9, 0, 0).unwrap();
+    let ledger = env.ledger();
+    let top_up = ledger.credit(TxType::TopUp, "ann", 300, Some("pi_1"), None, november);
+    assert_eq!(top_up.await.expect("top-up").balance, 1300);
+    let account = json!({"command": "account", "user_id": "ann"});
+    let as_it_was = json!({"user_id": "ann", "balance": 1300, "seq": 2,
+        "refill_month": "2025-11", "auto_top_up": null, "requests_made": 0,
+        "outstanding_request": null});
+    assert_eq!(rpc.ok(account.clone()).await, as_it_was);
+    let refilled = "SELECT refill_month::text FROM credit.balances WHERE user_id = 'ann'";
+    let month: String = sqlx::query_scalar(refilled)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(month, "2025-11-01", "read, not refilled");
+
+    let auto =
+        json!({"command": "auto_top_up", "user_id": "ann", "threshold": 2000, "amount": 500});
+    assert_eq!(rpc.ok(auto).await["requested"], json!(true));
+    let now = rpc.ok(account).await;
+    assert_eq!(
+        now["auto_top_up"],
+        json!({"threshold": 2000, "amount": 500})
+    );
+    assert_eq!(now["requests_made"], json!(1));
+    let request = &now["outstanding_request"];
+    assert_eq!(request["request_id"], json!("AUTO-TOP-UP-ann-1"));
+    let time = |v: &serde_json::Value| {
+        chrono::DateTime::parse_from_rfc3339(v.as_str().expect("a time")).expect("RFC 3339")
+    };
+    let ttl = (time(&request["expires_at"]) - time(&request["requested_at"])).num_seconds();
+    assert_eq!(ttl, env.settings.auto_top_up.request_ttl_s as i64);
+    assert_eq!(env.cli_json(&["account", "ann"]), now);
+    let out = env.cli(&["account", "ghost", "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let printed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(printed["error"]["code"], "not_found");
+    worker.stop().await.expect("stop");
+    env.assert_audit_clean().await;
     env.cleanup().await;
 }
