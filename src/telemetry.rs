@@ -121,10 +121,10 @@ const COUNTERS: [(&str, &str, Known); 18] = [
 const GAUGES: [(&str, &str, f64); 5] = [
     ("credit_consuming", "1 while the input queue is consumed.", 0.0),
     // These four are read afresh before every scrape's render (the oldest batch's age from
-    // `Health`, 0 when none is in flight). The backlog and the offset
-    // are unknown until the database is first read: 0 would say "nothing waits" or "in sync"
-    // through an outage that began before the worker did. The outbox's age grows from the
-    // start (`outbox::BacklogGauges`).
+    // `Health`, 0 when none is in flight). The backlog and the offset are unknown until the
+    // database is first read: 0 would say "nothing waits" or "in sync" through an outage that
+    // began before the worker did. The outbox's age grows from the start
+    // (`outbox::BacklogGauges`).
     ("credit_oldest_batch_seconds", "How long the oldest batch in flight has waited for its decision and ack; 0 when none is. One that only grows means decisions stopped.", 0.0),
     ("credit_clock_offset_seconds", "This host's clock minus the database server's; refill months and fee days are taken from this host's.", f64::NAN),
     ("credit_outbox_backlog", "Events not yet published.", f64::NAN),

@@ -31,7 +31,7 @@ impl Month {
     }
 
     /// The month after this one.
-    pub fn next(self) -> Self {
+    pub(crate) fn next(self) -> Self {
         Month(
             self.0
                 .checked_add_months(chrono::Months::new(1))

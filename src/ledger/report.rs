@@ -49,7 +49,10 @@ pub struct MonthReport {
     pub from: DateTime<Utc>,
     /// The next month's first instant; rows before it belong to the month.
     pub until: DateTime<Utc>,
-    /// The database's time of the snapshot read: before `until`, the month is not over.
+    /// The database's time of the snapshot read: before `until`, the month is not over. A
+    /// row's `created_at` is when its decision began on the worker's host, so rows of the
+    /// month's last moments may still commit a little after `until` (a batch waiting on a
+    /// lock or retrying).
     pub as_of: DateTime<Utc>,
     /// Ledger rows by type and direction, in the order TOP_UP, GRANT, USAGE, REFUND.
     pub movements: Vec<Movement>,
@@ -94,7 +97,7 @@ pub struct Position {
 /// For a person: the movements as a table, then the positions.
 impl fmt::Display for MonthReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let day = |t: &DateTime<Utc>| t.format("%Y-%m-%d").to_string();
+        let day = |t: &DateTime<Utc>| t.format("%Y-%m-%d %H:%M").to_string();
         let read = self.as_of.format("%Y-%m-%d %H:%M:%S");
         let to_date = if self.as_of < self.until {
             ", to date"
@@ -103,7 +106,7 @@ impl fmt::Display for MonthReport {
         };
         writeln!(
             f,
-            "{} ({} to {} UTC{to_date}), read at {read} UTC",
+            "{} (rows from {} to before {} UTC{to_date}), read at {read} UTC",
             self.month,
             day(&self.from),
             day(&self.until)
@@ -123,7 +126,11 @@ impl fmt::Display for MonthReport {
         writeln!(f, "  {:<8} {:<4} {:>10} {:>20}", "net", "", "", self.net)?;
         writeln!(f, "  opening: {}", self.opening)?;
         writeln!(f, "  closing: {}", self.closing)?;
-        write!(f, "  {} accounts active in the month", self.active_accounts)
+        write!(
+            f,
+            "  {} active in the month",
+            accounts(self.active_accounts)
+        )
     }
 }
 
@@ -131,9 +138,20 @@ impl fmt::Display for Position {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} held by {} accounts, {} owed by {} accounts (net {})",
-            self.held, self.accounts_in_credit, self.owed, self.accounts_in_debt, self.net
+            "{} held by {}, {} owed by {} (net {})",
+            self.held,
+            accounts(self.accounts_in_credit),
+            self.owed,
+            accounts(self.accounts_in_debt),
+            self.net
         )
+    }
+}
+
+fn accounts(n: i64) -> String {
+    match n {
+        1 => "1 account".to_owned(),
+        n => format!("{n} accounts"),
     }
 }
 

@@ -2470,7 +2470,9 @@ async fn a_month_report_adds_up_what_came_in_and_went_out() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(
-        text.starts_with("2025-10 (2025-10-01 to 2025-11-01 UTC), read at "),
+        text.starts_with(
+            "2025-10 (rows from 2025-10-01 00:00 to before 2025-11-01 00:00 UTC), read at "
+        ),
         "{text}"
     );
     assert!(
@@ -2491,5 +2493,39 @@ async fn a_month_report_adds_up_what_came_in_and_went_out() {
     let refused: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON error");
     assert_eq!(refused["error"]["code"], "bad_request");
     env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
+/// A month's report holds the rows of its first instant and of its last microsecond, and
+/// none of the instants either side.
+#[tokio::test]
+async fn a_month_report_counts_the_rows_of_its_first_and_last_instants() {
+    use credit_worker::ledger::report;
+    let env = TestEnv::with(no_refill).await;
+    let ledger = env.ledger();
+    let instant = |text: &str| -> DateTime<Utc> { text.parse().expect("a time") };
+    for (at, amount, key) in [
+        ("2025-10-31T23:59:59.999999Z", 1, "before"),
+        ("2025-11-01T00:00:00Z", 10, "first"),
+        ("2025-11-30T23:59:59.999999Z", 100, "last"),
+        ("2025-12-01T00:00:00Z", 1000, "after"),
+    ] {
+        let grant = ledger.credit(TxType::Grant, "edge", amount, Some(key), None, instant(at));
+        grant.await.expect(key);
+    }
+    let november: Month = "2025-11".parse().unwrap();
+    let r = report::month(&env.pool, november, Utc::now())
+        .await
+        .expect("report");
+    let moved: Vec<(&str, i64, i128)> = r
+        .movements
+        .iter()
+        .map(|m| (m.tx_type.as_str(), m.rows, m.credits))
+        .collect();
+    assert_eq!(moved, vec![("GRANT", 2, 110)]);
+    assert_eq!(
+        (r.opening.held, r.closing.held, r.active_accounts),
+        (1, 111, 1)
+    );
     env.cleanup().await;
 }
