@@ -408,13 +408,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             threshold,
             amount,
             off: _,
-        } => {
-            let config = match threshold.zip(amount) {
-                Some((t, a)) => Some((credits("threshold", t)?, credits("amount", a)?)),
-                None => None,
-            };
-            auto_top_up(&settings, json, &user, config).await
-        }
+        } => auto_top_up(&settings, json, &user, threshold.zip(amount)).await,
         Command::Outcome { node_exec_id } => outcome(&settings, json, &node_exec_id).await,
         Command::Audit => audit(&settings, json).await,
         Command::Report { month } => report(&settings, json, month).await,
@@ -642,8 +636,12 @@ async fn auto_top_up(
     settings: &Settings,
     json: bool,
     user: &str,
-    config: Option<(i64, i64)>,
+    config: Option<(Credits, Credits)>,
 ) -> anyhow::Result<ExitCode> {
+    let config = match config {
+        Some((t, a)) => Some((credits("threshold", t)?, credits("amount", a)?)),
+        None => None,
+    };
     let ledger = open_ledger(settings).await?;
     let r = ledger
         .set_auto_top_up(user, config, Utc::now())
