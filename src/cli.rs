@@ -179,6 +179,12 @@ pub enum Command {
     },
     /// Publish NodeExecutionEntry JSON lines (a file, or - for stdin) to the input queue.
     Publish { file: String },
+    /// Send again events the outbox keeps (`outbox.retention_s`), for a subscriber that lost
+    /// them.
+    Events {
+        #[command(subcommand)]
+        action: EventsCommand,
+    },
     /// End-to-end benchmark against the broker's own ceiling.
     Bench(crate::tools::bench::BenchArgs),
     /// A short realistic run in a scratch namespace and database, then a summary.
@@ -195,6 +201,23 @@ pub enum DeadLettersCommand {
     },
     /// Publish dead messages back to the input queue, removing each once the broker confirmed it.
     Replay(ReplayArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EventsCommand {
+    /// Publish again the events already published and stamped at TIME or later, to every
+    /// subscriber (the events exchange) or to one queue; each keeps its event_id.
+    Republish {
+        /// RFC 3339, e.g. 2026-12-07T00:00:00Z.
+        #[arg(long, value_name = "TIME")]
+        since: chrono::DateTime<Utc>,
+        /// Send to this queue only (through the default exchange), not to every subscriber.
+        #[arg(long, value_name = "QUEUE")]
+        to_queue: Option<String>,
+        /// Count what would be sent; send nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -414,6 +437,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Report { month } => report(&settings, json, month).await,
         Command::DeadLetters { action } => dead_letters(&settings, json, action).await,
         Command::Publish { file } => publish(&settings, json, &file).await,
+        Command::Events { action } => events(&settings, json, action).await,
         Command::Bench(args) => crate::tools::bench::run(settings, args, json).await,
         Command::Demo => crate::tools::demo::run(settings, json).await,
     }
@@ -723,6 +747,39 @@ async fn publish(settings: &Settings, json: bool, file: &str) -> anyhow::Result<
     let n = crate::tools::publish::publish_entries(settings, &bodies).await?;
     print_out(json, &json!({"published": n}), || {
         format!("{n} messages published")
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn events(
+    settings: &Settings,
+    json: bool,
+    action: EventsCommand,
+) -> anyhow::Result<ExitCode> {
+    let EventsCommand::Republish {
+        since,
+        to_queue,
+        dry_run,
+    } = action;
+    let r = crate::tools::republish::run(settings, since, to_queue.as_deref(), dry_run).await?;
+    print_out(json, &serde_json::to_value(&r)?, || {
+        let verb = if r.dry_run {
+            "would be republished"
+        } else {
+            "republished"
+        };
+        let ids = match (r.first_id, r.last_id) {
+            (Some(a), Some(b)) => format!(" (outbox rows {a} to {b})"),
+            _ => String::new(),
+        };
+        let kept = match r.kept_since {
+            Some(t) => format!(
+                "; events stamped before {} are no longer kept",
+                t.format("%Y-%m-%d %H:%M:%S UTC")
+            ),
+            None => String::new(),
+        };
+        format!("{} events {verb} to {}{ids}{kept}", r.events, r.to)
     })?;
     Ok(ExitCode::SUCCESS)
 }

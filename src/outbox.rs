@@ -491,6 +491,43 @@ async fn publish(
     Ok(events.len())
 }
 
+/// Where a republish sends events: to the events exchange under their routing keys (every
+/// subscriber), or to one queue through the default exchange.
+pub(crate) enum Route<'a> {
+    Exchange(&'a str),
+    Queue(&'a str),
+}
+
+/// Publishes the events of `rows` again, in order, and waits for every confirm; returns how
+/// many. Each keeps its `event_id` (`message_id`), so a subscriber that has it already drops it.
+pub(crate) async fn republish(
+    publisher: &Publisher,
+    route: &Route<'_>,
+    rows: &[StoredEvent],
+    me: Option<&str>,
+) -> anyhow::Result<usize> {
+    let now = Utc::now();
+    let events = events_of(rows)?;
+    let messages: Vec<Outgoing<'_>> = events
+        .iter()
+        .map(|e| {
+            let (exchange, routing_key) = match route {
+                Route::Exchange(x) => (*x, e.routing_key),
+                Route::Queue(q) => ("", *q),
+            };
+            Outgoing {
+                exchange,
+                routing_key,
+                body: e.body.as_bytes(),
+                properties: amqp::event_properties(&e.event_id, now, me),
+                mandatory: false,
+            }
+        })
+        .collect();
+    publisher.publish_all(messages).await?;
+    Ok(events.len())
+}
+
 /// One event to publish: a row's own, or one element of a row's run of events.
 #[derive(Debug, PartialEq)]
 struct Event<'a> {

@@ -736,6 +736,15 @@ macro_rules! rows_after {
 
 const EVENTS_AFTER: &str = rows_after!();
 
+/// What a republish starts from: the first outbox row stamped at $1 or later (ids follow
+/// commit order, stamps the writers' clocks), the relays' watermark (rows past it are the
+/// relay's to send), and the retention horizon (rows stamped before it may be deleted).
+const REPUBLISH_RANGE: &str =
+    "SELECT (SELECT min(id) FROM credit.outbox WHERE created_at >= $1) AS first,
+       published_through,
+       CASE WHEN isfinite(pruned_before) THEN pruned_before END AS pruned_before
+  FROM credit.outbox_relay";
+
 /// Moves the watermark to $1 (never back) and reads the next events after it: one round trip
 /// and one commit per relay round.
 const ADVANCE_AND_READ: &str = concat!(
@@ -819,6 +828,18 @@ pub(crate) async fn events_after(
         .bind(watermark)
         .bind(limit)
         .fetch_all(&mut *conn)
+        .await
+}
+
+/// The first outbox id stamped at `since` or later (None when none is), the watermark, and
+/// the retention horizon (None before the first prune).
+pub(crate) async fn republish_range(
+    conn: &mut PgConnection,
+    since: DateTime<Utc>,
+) -> Result<(Option<i64>, i64, Option<DateTime<Utc>>), sqlx::Error> {
+    sqlx::query_as(REPUBLISH_RANGE)
+        .bind(since)
+        .fetch_one(&mut *conn)
         .await
 }
 

@@ -742,3 +742,94 @@ async fn a_stopping_standby_publishes_its_events_when_the_leader_is_gone() {
     assert_eq!(env.scalar_i64(UNPUBLISHED).await, 0);
     env.cleanup().await;
 }
+
+/// `events republish` sends again the published events stamped from a time on, in order with
+/// their event ids, to every subscriber or to one queue; not the older ones, nor those the
+/// relay has yet to send. A queue that is not there is `not_found`.
+#[tokio::test]
+async fn kept_events_are_republished_for_a_subscriber_that_lost_them() {
+    let env = TestEnv::with(no_refill).await;
+    let mut tap = env.event_tap().await;
+    let now = Utc::now();
+    top_up_at(&env, "a", "old", now - chrono::Duration::hours(5)).await;
+    top_up_at(&env, "a", "k1", now - chrono::Duration::minutes(5)).await;
+    top_up_at(&env, "a", "k2", now - chrono::Duration::minutes(4)).await;
+    let watermark = env.scalar_i64("SELECT max(id) FROM credit.outbox").await;
+    top_up_at(&env, "a", "unsent", now).await;
+    let mut conn = connect(&env).await;
+    published_through(&mut conn, watermark).await;
+    // The two before the watermark: k1's and k2's.
+    let kept: Vec<(i64, String, String)> = sqlx::query_as(
+        "SELECT * FROM (SELECT id, event_id, payload::text FROM credit.outbox
+          WHERE id <= $1 ORDER BY id DESC LIMIT 2) k ORDER BY id",
+    )
+    .bind(watermark)
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    let since = (now - chrono::Duration::minutes(6)).to_rfc3339();
+
+    let report = env.cli_json(&["events", "republish", "--since", &since]);
+    assert_eq!(report["events"], 2);
+    assert_eq!(report["to"], env.names.events.as_str());
+    assert_eq!(
+        (report["first_id"].as_i64(), report["last_id"].as_i64()),
+        (Some(kept[0].0), Some(watermark))
+    );
+    assert_eq!(report["kept_since"], serde_json::Value::Null);
+    let got = tap.take(2, T).await;
+    for ((routing_key, message_id, body), (_, event_id, payload)) in got.iter().zip(&kept) {
+        assert_eq!(
+            (routing_key.as_str(), message_id),
+            ("balance.changed", event_id)
+        );
+        let stored: serde_json::Value = serde_json::from_str(payload).unwrap();
+        assert_eq!(body, &stored);
+    }
+    tap.assert_quiet(Duration::from_millis(500)).await;
+
+    let queue = format!("{}lost-subscriber", env.settings.amqp.namespace);
+    let (_amqp, ch) = env.amqp_channel().await;
+    ch.queue_declare(
+        queue.as_str().into(),
+        Default::default(),
+        Default::default(),
+    )
+    .await
+    .expect("declare the subscriber's queue");
+    let to_queue = [
+        "events",
+        "republish",
+        "--since",
+        &since,
+        "--to-queue",
+        &queue,
+    ];
+    let dry = env.cli_json(&[&to_queue[..], &["--dry-run"]].concat());
+    assert_eq!(
+        (dry["events"].as_i64(), dry["dry_run"].as_bool()),
+        (Some(2), Some(true))
+    );
+    assert_eq!(queue_depth(&env, &queue).await, 0);
+    assert_eq!(env.cli_json(&to_queue)["events"], 2);
+    wait_for(T, "two events in the queue", || async {
+        queue_depth(&env, &queue).await == 2
+    })
+    .await;
+    tap.assert_quiet(Duration::from_millis(200)).await;
+
+    let missing = [
+        "events",
+        "republish",
+        "--since",
+        &since,
+        "--to-queue",
+        "no-such-queue",
+        "--json",
+    ];
+    let out = env.cli(&missing);
+    assert_eq!(out.status.code(), Some(1));
+    let error: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON error");
+    assert_eq!(error["error"]["code"], "not_found");
+    env.cleanup().await;
+}

@@ -1,0 +1,105 @@
+//! `events republish`: sends the events the outbox still keeps (published ones, stamped from a
+//! time on) again, for a subscriber that lost them: a queue deleted, purged or bound late.
+//! Events keep their `event_id`, so subscribers that have them drop the copies.
+
+use chrono::{DateTime, Utc};
+use lapin::types::FieldTable;
+use serde::Serialize;
+
+use crate::amqp::topology::{self, Names};
+use crate::amqp::{producer, Publisher};
+use crate::config::Settings;
+use crate::ledger::store;
+use crate::outbox::Route;
+
+/// Outbox rows read per round (a round's events are published, then confirmed, together).
+const ROWS: i64 = 500;
+
+#[derive(Debug, Serialize)]
+pub struct RepublishReport {
+    /// How many events were (or, with `--dry-run`, would be) published.
+    pub events: usize,
+    /// Where to: the events exchange or a queue's name.
+    pub to: String,
+    /// The outbox ids sent, first and last; null when none.
+    pub first_id: Option<i64>,
+    pub last_id: Option<i64>,
+    /// Events stamped before this may have been deleted past `outbox.retention_s` and cannot
+    /// be sent; null while none has been.
+    pub kept_since: Option<DateTime<Utc>>,
+    pub dry_run: bool,
+}
+
+/// Publishes again the published events stamped at `since` or later, to `queue` or else to the
+/// events exchange. Events not yet published are left to the relay.
+pub async fn run(
+    settings: &Settings,
+    since: DateTime<Utc>,
+    queue: Option<&str>,
+    dry_run: bool,
+) -> anyhow::Result<RepublishReport> {
+    let pool = crate::db::connect_existing(&settings.database).await?;
+    let mut conn = pool.acquire().await?;
+    let (first, watermark, kept_since) = store::republish_range(&mut conn, since).await?;
+    let names = Names::new(&settings.amqp.namespace);
+    let to = queue.map_or_else(|| names.events.clone(), str::to_owned);
+    let conn_amqp = crate::amqp::connect(&settings.amqp, "credit-worker events")
+        .await
+        .map_err(crate::amqp::for_command)?;
+    if let Some(q) = queue {
+        check_queue(&conn_amqp, q).await?;
+    }
+    let publisher = Publisher::open(&conn_amqp).await?;
+    let route = match queue {
+        Some(q) => Route::Queue(q),
+        None => Route::Exchange(&names.events),
+    };
+    let me = producer::own_user(&settings.amqp.url);
+    let mut report = RepublishReport {
+        events: 0,
+        to,
+        first_id: None,
+        last_id: None,
+        kept_since,
+        dry_run,
+    };
+    let mut after = first.map_or(watermark, |f| f - 1);
+    while after < watermark {
+        let mut rows = store::events_after(&mut conn, after, ROWS).await?;
+        rows.retain(|r| r.id <= watermark);
+        let Some(last) = rows.last().map(|r| r.id) else {
+            break;
+        };
+        report.events += if dry_run {
+            rows.iter().map(|r| r.events.max(1) as usize).sum()
+        } else {
+            crate::outbox::republish(&publisher, &route, &rows, me.as_deref()).await?
+        };
+        report.first_id = report.first_id.or(rows.first().map(|r| r.id));
+        report.last_id = Some(last);
+        after = last;
+    }
+    super::close_connection(conn_amqp, "republished").await?;
+    Ok(report)
+}
+
+/// Refuses a queue that is not there: through the default exchange its events would be
+/// dropped unseen.
+async fn check_queue(conn: &lapin::Connection, queue: &str) -> anyhow::Result<()> {
+    // A channel of its own: the broker closes the one a missing queue was asked on.
+    let ch = conn.create_channel().await?;
+    match ch
+        .queue_declare(queue.into(), topology::passive(), FieldTable::default())
+        .await
+    {
+        Ok(_) => {
+            let _ = ch.close(200, "checked".into()).await;
+            Ok(())
+        }
+        Err(e) if topology::not_found(&e) => Err(super::NotFound(format!(
+            "to-queue: there is no queue {queue:?} on this broker"
+        ))
+        .into()),
+        Err(e) => Err(e.into()),
+    }
+}
