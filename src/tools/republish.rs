@@ -3,6 +3,7 @@
 //! Events keep their `event_id`, so subscribers that have them drop the copies.
 
 use chrono::{DateTime, Utc};
+use lapin::options::ExchangeDeclareOptions;
 use lapin::types::FieldTable;
 use serde::Serialize;
 
@@ -46,14 +47,12 @@ pub async fn run(
     let conn_amqp = crate::amqp::connect(&settings.amqp, "credit-worker events")
         .await
         .map_err(crate::amqp::for_command)?;
-    if let Some(q) = queue {
-        check_queue(&conn_amqp, q).await?;
-    }
-    let publisher = Publisher::open(&conn_amqp).await?;
     let route = match queue {
         Some(q) => Route::Queue(q),
         None => Route::Exchange(&names.events),
     };
+    check_target(&conn_amqp, &route, &settings.amqp.namespace).await?;
+    let publisher = Publisher::open(&conn_amqp).await?;
     let me = producer::own_user(&settings.amqp.url);
     let mut report = RepublishReport {
         events: 0,
@@ -83,23 +82,45 @@ pub async fn run(
     Ok(report)
 }
 
-/// Refuses a queue that is not there: through the default exchange its events would be
-/// dropped unseen.
-async fn check_queue(conn: &lapin::Connection, queue: &str) -> anyhow::Result<()> {
-    // A channel of its own: the broker closes the one a missing queue was asked on.
+/// Refuses a target that is not there, naming it: a queue's events would be dropped unseen
+/// by the default exchange, and a publish to a missing exchange only closes the channel.
+async fn check_target(
+    conn: &lapin::Connection,
+    route: &Route<'_>,
+    namespace: &str,
+) -> anyhow::Result<()> {
+    // A channel of its own: the broker closes the one a missing target was asked on.
     let ch = conn.create_channel().await?;
-    match ch
-        .queue_declare(queue.into(), topology::passive(), FieldTable::default())
-        .await
-    {
-        Ok(_) => {
+    let (checked, missing) = match route {
+        Route::Queue(q) => (
+            ch.queue_declare((*q).into(), topology::passive(), FieldTable::default())
+                .await
+                .map(drop),
+            format!("to-queue: there is no queue {q:?} on this broker"),
+        ),
+        Route::Exchange(x) => (
+            ch.exchange_declare(
+                (*x).into(),
+                lapin::ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await,
+            format!(
+                "there is no exchange {x:?} on this broker: no worker has run with \
+                 amqp.namespace {namespace:?} here (is it the namespace meant?)"
+            ),
+        ),
+    };
+    match checked {
+        Ok(()) => {
             let _ = ch.close(200, "checked".into()).await;
             Ok(())
         }
-        Err(e) if topology::not_found(&e) => Err(super::NotFound(format!(
-            "to-queue: there is no queue {queue:?} on this broker"
-        ))
-        .into()),
+        Err(e) if topology::not_found(&e) => Err(super::NotFound(missing).into()),
         Err(e) => Err(e.into()),
     }
 }

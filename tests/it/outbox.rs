@@ -831,5 +831,16 @@ async fn kept_events_are_republished_for_a_subscriber_that_lost_them() {
     assert_eq!(out.status.code(), Some(1));
     let error: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON error");
     assert_eq!(error["error"]["code"], "not_found");
+    // A namespace no worker ran in has no events exchange: named, not a closed channel.
+    let elsewhere = format!("{}none.", env.settings.amqp.namespace);
+    let out = env
+        .cli_command(&["events", "republish", "--since", &since, "--json"])
+        .env("CREDIT_WORKER__AMQP__NAMESPACE", &elsewhere)
+        .output()
+        .expect("run the CLI");
+    let error: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON error");
+    assert_eq!(error["error"]["code"], "not_found");
+    let message = error["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.starts_with("there is no exchange"), "{message}");
     env.cleanup().await;
 }
