@@ -600,8 +600,13 @@ fn account_text(a: &crate::ledger::AccountView) -> String {
     );
     match &a.auto_top_up {
         Some(t) => out.push_str(&format!(
-            "\nauto top-up: below {} asks for {} ({} requests made)",
-            t.threshold, t.amount, a.requests_made
+            "\nauto top-up: below {} asks for {} ({} made)",
+            t.threshold,
+            t.amount,
+            match a.requests_made {
+                1 => "1 request".to_owned(),
+                n => format!("{n} requests"),
+            }
         )),
         None => out.push_str("\nauto top-up: off"),
     }

@@ -468,19 +468,10 @@ async fn publish(
             mandatory: false,
         })
         .collect();
-    publisher.publish_all(messages).await.map_err(|source| {
-        let index = match &source {
-            PublishError::Nacked { index } => *index,
-            _ => 0,
-        };
-        RelayError::Publish {
-            event_id: events
-                .get(index)
-                .map(|e| e.event_id.to_string())
-                .unwrap_or_default(),
-            source,
-        }
-    })?;
+    publisher
+        .publish_all(messages)
+        .await
+        .map_err(|source| refused(&events, source))?;
     // Once each event is confirmed, and once only: a round that failed is published again.
     let confirmed = Utc::now();
     for row in rows {
@@ -524,8 +515,26 @@ pub(crate) async fn republish(
             }
         })
         .collect();
-    publisher.publish_all(messages).await?;
+    publisher
+        .publish_all(messages)
+        .await
+        .map_err(|source| refused(&events, source))?;
     Ok(events.len())
+}
+
+/// A failed publish of `events`, naming the event the broker refused (else the first).
+fn refused(events: &[Event<'_>], source: PublishError) -> RelayError {
+    let index = match &source {
+        PublishError::Nacked { index } => *index,
+        _ => 0,
+    };
+    RelayError::Publish {
+        event_id: events
+            .get(index)
+            .map(|e| e.event_id.to_string())
+            .unwrap_or_default(),
+        source,
+    }
 }
 
 /// One event to publish: a row's own, or one element of a row's run of events.

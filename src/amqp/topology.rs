@@ -94,6 +94,14 @@ pub(crate) fn not_found(e: &lapin::Error) -> bool {
         if *amqp.kind() == AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND))
 }
 
+/// Whether the broker refused a passive declaration because another connection holds the
+/// queue exclusively: it is there, and a publish to it is delivered.
+pub(crate) fn locked(e: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp)
+        if *amqp.kind() == AMQPErrorKind::Soft(AMQPSoftError::RESOURCELOCKED))
+}
+
 /// Declares the whole topology; idempotent.
 pub async fn declare(ch: &Channel, settings: &AmqpSettings) -> Result<Names, lapin::Error> {
     let names = Names::new(&settings.namespace);

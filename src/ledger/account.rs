@@ -322,7 +322,6 @@ impl Account {
             .then(|| events::balance_low(&self.user_id, seq, self.balance, threshold, at))
     }
 
-    /// The id of this account's `n`-th auto top-up request, the key its fulfilment carries.
     /// The account as it stands at `now`, with requests outstanding for `ttl`.
     pub(crate) fn view(&self, ttl: chrono::Duration, now: DateTime<Utc>) -> AccountView {
         let auto_top_up = self
@@ -348,6 +347,7 @@ impl Account {
         }
     }
 
+    /// The id of this account's `n`-th auto top-up request, the key its fulfilment carries.
     fn request_id(&self, n: i64) -> String {
         format!("{AUTO_TOP_UP_PREFIX}{}-{n}", self.user_id)
     }

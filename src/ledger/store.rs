@@ -366,7 +366,7 @@ pub(crate) async fn purchase(
     .await
 }
 
-/// The stored balance, 0 for a user without a row.
+/// A user's balance row as it stands, None for a user without one.
 pub(crate) async fn read_account(
     pool: &PgPool,
     user_id: &str,
@@ -377,6 +377,7 @@ pub(crate) async fn read_account(
         .await
 }
 
+/// The stored balance, 0 for a user without a row.
 pub(crate) async fn read_balance(pool: &PgPool, user_id: &str) -> Result<i64, sqlx::Error> {
     let balance: Option<i64> = sqlx::query_scalar(READ_BALANCE)
         .bind(user_id)

@@ -2,6 +2,7 @@
 //! time on) again, for a subscriber that lost them: a queue deleted, purged or bound late.
 //! Events keep their `event_id`, so subscribers that have them drop the copies.
 
+use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use lapin::options::ExchangeDeclareOptions;
 use lapin::types::FieldTable;
@@ -72,7 +73,18 @@ pub async fn run(
         report.events += if dry_run {
             rows.iter().map(|r| r.events.max(1) as usize).sum()
         } else {
-            crate::outbox::republish(&publisher, &route, &rows, me.as_deref()).await?
+            let sent = match report.last_id {
+                Some(id) => format!("{} events (outbox rows through {id})", report.events),
+                None => "no event".to_owned(),
+            };
+            crate::outbox::republish(&publisher, &route, &rows, me.as_deref())
+                .await
+                .with_context(|| {
+                    format!(
+                        "{sent} republished before the round that failed, and some of that \
+                         round may have been"
+                    )
+                })?
         };
         report.first_id = report.first_id.or(rows.first().map(|r| r.id));
         report.last_id = Some(last);
@@ -120,6 +132,8 @@ async fn check_target(
             let _ = ch.close(200, "checked".into()).await;
             Ok(())
         }
+        // A subscriber's exclusive queue: there, and the default exchange delivers to it.
+        Err(e) if topology::locked(&e) => Ok(()),
         Err(e) if topology::not_found(&e) => Err(super::NotFound(missing).into()),
         Err(e) => Err(e.into()),
     }

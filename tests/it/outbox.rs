@@ -788,15 +788,25 @@ async fn kept_events_are_republished_for_a_subscriber_that_lost_them() {
     }
     tap.assert_quiet(Duration::from_millis(500)).await;
 
+    // A subscriber's exclusive queue (gone with its connection, whatever the test's end): the
+    // broker refuses other connections a look at it, but delivers to it.
     let queue = format!("{}lost-subscriber", env.settings.amqp.namespace);
     let (_amqp, ch) = env.amqp_channel().await;
-    ch.queue_declare(
-        queue.as_str().into(),
-        Default::default(),
-        Default::default(),
-    )
-    .await
-    .expect("declare the subscriber's queue");
+    let exclusive = lapin::options::QueueDeclareOptions {
+        exclusive: true,
+        ..Default::default()
+    };
+    ch.queue_declare(queue.as_str().into(), exclusive, Default::default())
+        .await
+        .expect("declare the subscriber's queue");
+    let depth = || async {
+        let passive = lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..exclusive
+        };
+        let q = ch.queue_declare(queue.as_str().into(), passive, Default::default());
+        q.await.expect("the queue's depth").message_count()
+    };
     let to_queue = [
         "events",
         "republish",
@@ -810,13 +820,45 @@ async fn kept_events_are_republished_for_a_subscriber_that_lost_them() {
         (dry["events"].as_i64(), dry["dry_run"].as_bool()),
         (Some(2), Some(true))
     );
-    assert_eq!(queue_depth(&env, &queue).await, 0);
+    assert_eq!(depth().await, 0);
     assert_eq!(env.cli_json(&to_queue)["events"], 2);
     wait_for(T, "two events in the queue", || async {
-        queue_depth(&env, &queue).await == 2
+        depth().await == 2
     })
     .await;
     tap.assert_quiet(Duration::from_millis(200)).await;
+
+    // A queue that refuses the second event: the error names it, and what went before.
+    let small = format!("{}small-subscriber", env.settings.amqp.namespace);
+    let mut limits = lapin::types::FieldTable::default();
+    limits.insert("x-max-length".into(), lapin::types::AMQPValue::LongInt(1));
+    limits.insert(
+        "x-overflow".into(),
+        lapin::types::AMQPValue::LongString("reject-publish".into()),
+    );
+    ch.queue_declare(small.as_str().into(), exclusive, limits)
+        .await
+        .expect("declare the small queue");
+    let to_small = [
+        "events",
+        "republish",
+        "--since",
+        &since,
+        "--to-queue",
+        &small,
+        "--json",
+    ];
+    let out = env.cli(&to_small);
+    assert_eq!(out.status.code(), Some(1));
+    let error: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON error");
+    assert_eq!(
+        error["error"]["message"],
+        format!(
+            "no event republished before the round that failed, and some of that round may \
+             have been: event {}: broker: message 1 of the batch was refused (nack)",
+            kept[1].1
+        )
+    );
 
     let missing = [
         "events",
