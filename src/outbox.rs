@@ -455,23 +455,7 @@ async fn publish(
     rows: &[StoredEvent],
     me: Option<&str>,
 ) -> Result<usize, RelayError> {
-    let now = Utc::now();
-    let events = events_of(rows)?;
-    let messages: Vec<Outgoing<'_>> = events
-        .iter()
-        .map(|e| Outgoing {
-            exchange,
-            routing_key: e.routing_key,
-            body: e.body.as_bytes(),
-            properties: amqp::event_properties(&e.event_id, now, me),
-            // An event nobody subscribed to is not an error.
-            mandatory: false,
-        })
-        .collect();
-    publisher
-        .publish_all(messages)
-        .await
-        .map_err(|source| refused(&events, source))?;
+    let sent = send(publisher, &Route::Exchange(exchange), rows, me).await?;
     // Once each event is confirmed, and once only: a round that failed is published again.
     let confirmed = Utc::now();
     for row in rows {
@@ -479,11 +463,11 @@ async fn publish(
         metrics::histogram!("credit_outbox_publish_lag_seconds")
             .record_many(lag.max(0.0), row.events.max(1) as usize);
     }
-    Ok(events.len())
+    Ok(sent)
 }
 
-/// Where a republish sends events: to the events exchange under their routing keys (every
-/// subscriber), or to one queue through the default exchange.
+/// Where events go: to the events exchange under their routing keys (every subscriber), or,
+/// republished, to one queue through the default exchange.
 pub(crate) enum Route<'a> {
     Exchange(&'a str),
     Queue(&'a str),
@@ -497,6 +481,17 @@ pub(crate) async fn republish(
     rows: &[StoredEvent],
     me: Option<&str>,
 ) -> anyhow::Result<usize> {
+    Ok(send(publisher, route, rows, me).await?)
+}
+
+/// Publishes the events of `rows` along `route`, in order, and waits for every confirm;
+/// returns how many.
+async fn send(
+    publisher: &Publisher,
+    route: &Route<'_>,
+    rows: &[StoredEvent],
+    me: Option<&str>,
+) -> Result<usize, RelayError> {
     let now = Utc::now();
     let events = events_of(rows)?;
     let messages: Vec<Outgoing<'_>> = events
@@ -511,6 +506,7 @@ pub(crate) async fn republish(
                 routing_key,
                 body: e.body.as_bytes(),
                 properties: amqp::event_properties(&e.event_id, now, me),
+                // An event nobody subscribed to is not an error.
                 mandatory: false,
             }
         })
