@@ -473,20 +473,19 @@ pub(crate) enum Route<'a> {
     Queue(&'a str),
 }
 
-/// Publishes the events of `rows` again, in order, and waits for every confirm; returns how
-/// many. Each keeps its `event_id` (`message_id`), so a subscriber that has it already drops it.
-pub(crate) async fn republish(
-    publisher: &Publisher,
-    route: &Route<'_>,
-    rows: &[StoredEvent],
-    me: Option<&str>,
-) -> anyhow::Result<usize> {
-    Ok(send(publisher, route, rows, me).await?)
+impl Route<'_> {
+    /// The exchange's or the queue's name.
+    pub(crate) fn name(&self) -> &str {
+        match self {
+            Route::Exchange(name) | Route::Queue(name) => name,
+        }
+    }
 }
 
 /// Publishes the events of `rows` along `route`, in order, and waits for every confirm;
-/// returns how many.
-async fn send(
+/// returns how many. Each carries its `event_id` as `message_id`, so a subscriber that has an
+/// event (a republish sends it again) drops the copy.
+pub(crate) async fn send(
     publisher: &Publisher,
     route: &Route<'_>,
     rows: &[StoredEvent],

@@ -126,11 +126,13 @@ struct OneAccount {
 }
 
 impl OneAccount {
-    fn account(&mut self, user_id: &str) -> Result<&mut Account, LedgerError> {
-        Ok(self
+    /// The locked account of `user_id`, and the changes posted so far.
+    fn parts(&mut self, user_id: &str) -> Result<(&mut Account, &mut Changes), LedgerError> {
+        let account = self
             .accounts
             .get_mut(user_id)
-            .ok_or(sqlx::Error::RowNotFound)?)
+            .ok_or(sqlx::Error::RowNotFound)?;
+        Ok((account, &mut self.changes))
     }
 
     /// Writes what was posted (the lazy refill too) and commits.
@@ -470,11 +472,8 @@ impl Ledger {
             Some(k) => store::keyed_row(&mut one.tx, user_id, k).await?,
             None => None,
         };
-        let account = one
-            .accounts
-            .get_mut(user_id)
-            .ok_or(sqlx::Error::RowNotFound)?;
-        let out = op(account, &mut one.changes, found)?;
+        let (account, changes) = one.parts(user_id)?;
+        let out = op(account, changes, found)?;
         one.commit(at).await?;
         Ok(out)
     }
@@ -490,12 +489,8 @@ impl Ledger {
             accounts,
             changes: Changes::default(),
         };
-        let lazy = self.policy.lazy(at);
-        let account = one
-            .accounts
-            .get_mut(user_id)
-            .ok_or(sqlx::Error::RowNotFound)?;
-        account.refill_lazily(&mut one.changes, lazy, at)?;
+        let (account, changes) = one.parts(user_id)?;
+        account.refill_lazily(changes, self.policy.lazy(at), at)?;
         Ok(one)
     }
 
@@ -547,18 +542,15 @@ impl Ledger {
                 };
                 refund::check_refund(&purchase, amount)?;
                 let refund = (key, top_up_key, reason);
-                let account = one
-                    .accounts
-                    .get_mut(user_id)
-                    .ok_or(sqlx::Error::RowNotFound)?;
-                let seq = self.post_refund(account, &mut one.changes, amount, refund, at)?;
+                let (account, changes) = one.parts(user_id)?;
+                let seq = self.post_refund(account, changes, amount, refund, at)?;
                 (true, seq)
             }
         };
         let out = Posting {
             user_id: user_id.to_owned(),
             applied,
-            balance: one.account(user_id)?.balance,
+            balance: one.parts(user_id)?.0.balance,
             transaction_key: key.to_owned(),
             seq,
         };

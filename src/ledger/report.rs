@@ -12,13 +12,14 @@ use sqlx::{PgConnection, PgPool};
 use super::sweep::serialize_total;
 use super::{LedgerError, Month};
 
-/// The month's ledger rows by type and direction (`in`: credits added, `out`: taken).
+/// The month's ledger rows by type and direction (`in`: credits added, `out`: taken), in no
+/// order: [`movements`] sorts them.
 const MOVEMENTS: &str = "
 SELECT type::text AS type, amount > 0 AS incoming, count(*)::int8 AS rows,
        sum(amount)::text AS credits
   FROM credit.transactions
  WHERE created_at >= $1 AND created_at < $2
- GROUP BY 1, 2 ORDER BY 1, 2 DESC";
+ GROUP BY 1, 2";
 
 /// Each account's position at the month's start and end (the sum of its rows before each), and
 /// whether it moved in the month.

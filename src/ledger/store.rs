@@ -16,17 +16,24 @@ use super::decision::{
 use super::runs::{runs, Run, EVENTS_PER_ROW};
 use super::{HistoryPage, HistoryQuery, PageBuilder, TxType};
 
+/// The balance row's columns, as [`Account`] reads them.
+macro_rules! select_account {
+    () => {
+        "SELECT user_id, balance, last_seq, refill_month, fee_day, fee_count,
+            fee_n, auto_threshold, auto_amount, auto_requests, auto_requested_at
+       FROM credit.balances "
+    };
+}
+
 /// Locks balance rows. `users` must be sorted and deduplicated: every writer locks in
 /// user_id order, so replicas do not deadlock.
-const LOCK_ACCOUNTS: &str = "SELECT user_id, balance, last_seq, refill_month, fee_day, fee_count,
-            fee_n, auto_threshold, auto_amount, auto_requests, auto_requested_at
-       FROM credit.balances WHERE user_id = ANY($1::text[])
-      ORDER BY user_id FOR UPDATE";
+const LOCK_ACCOUNTS: &str = concat!(
+    select_account!(),
+    "WHERE user_id = ANY($1::text[]) ORDER BY user_id FOR UPDATE"
+);
 
 /// One balance row as it stands, unlocked (`account`).
-const READ_ACCOUNT: &str = "SELECT user_id, balance, last_seq, refill_month, fee_day, fee_count,
-            fee_n, auto_threshold, auto_amount, auto_requests, auto_requested_at
-       FROM credit.balances WHERE user_id = $1";
+const READ_ACCOUNT: &str = concat!(select_account!(), "WHERE user_id = $1");
 
 /// Creates the balance rows of first-time users ([`begin_locked`]).
 const CREATE_ACCOUNTS: &str = "INSERT INTO credit.balances (user_id)

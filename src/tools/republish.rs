@@ -44,7 +44,6 @@ pub async fn run(
     let mut conn = pool.acquire().await?;
     let (first, watermark, kept_since) = store::republish_range(&mut conn, since).await?;
     let names = Names::new(&settings.amqp.namespace);
-    let to = queue.map_or_else(|| names.events.clone(), str::to_owned);
     let conn_amqp = crate::amqp::connect(&settings.amqp, "credit-worker events")
         .await
         .map_err(crate::amqp::for_command)?;
@@ -57,7 +56,7 @@ pub async fn run(
     let me = producer::own_user(&settings.amqp.url);
     let mut report = RepublishReport {
         events: 0,
-        to,
+        to: route.name().to_owned(),
         first_id: None,
         last_id: None,
         kept_since,
@@ -70,22 +69,23 @@ pub async fn run(
         let Some(last) = rows.last().map(|r| r.id) else {
             break;
         };
-        report.events += if dry_run {
+        let sent = if dry_run {
             rows.iter().map(|r| r.events.max(1) as usize).sum()
         } else {
-            let sent = match report.last_id {
-                Some(id) => format!("{} events (outbox rows through {id})", report.events),
-                None => "no event".to_owned(),
-            };
-            crate::outbox::republish(&publisher, &route, &rows, me.as_deref())
+            crate::outbox::send(&publisher, &route, &rows, me.as_deref())
                 .await
                 .with_context(|| {
+                    let before = match report.last_id {
+                        Some(id) => format!("{} events (outbox rows through {id})", report.events),
+                        None => "no event".to_owned(),
+                    };
                     format!(
-                        "{sent} republished before the round that failed, and some of that \
+                        "{before} republished before the round that failed, and some of that \
                          round may have been"
                     )
                 })?
         };
+        report.events += sent;
         report.first_id = report.first_id.or(rows.first().map(|r| r.id));
         report.last_id = Some(last);
         after = last;
