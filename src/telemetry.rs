@@ -100,7 +100,7 @@ const COUNTERS: [(&str, &str, Known); 18] = [
     ("credit_credits_uncollected_total", "Post-flight credits not collected (settlement.allow_debt = false).", None),
     ("credit_decide_retries_total", "Decision transactions retried after a fault that may clear.", None),
     ("credit_decide_reordered_total", "Batches rolled back and decided again after an earlier batch in flight that failed, or that names the same node executions for other users.", None),
-    ("credit_defects_total", "Panics caught while deciding a message or running a command; each cost only that message or command.",
+    ("credit_defects_total", "Messages (dead-lettered) and commands (answered internal) lost to a caught panic, one each.",
      Some(("stage", &["decide", "control"]))),
     ("credit_events_published_total", "Events published by this worker's outbox relay.", None),
     ("credit_outbox_pruned_total", "Published outbox rows deleted past outbox.retention_s.", None),

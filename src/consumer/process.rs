@@ -251,6 +251,9 @@ async fn decide_with_retry(
                 reason: format!("internal: {} verdicts for one entry", v.len()),
             },
             Err(e) => {
+                if matches!(e, DecideError::Defect(_)) {
+                    metrics::counter!("credit_defects_total", "stage" => "decide").increment(1);
+                }
                 MessageIds::of(entry).span().in_scope(|| {
                     error!(error = %e, "entry cannot be decided; dead-lettering");
                 });
@@ -326,7 +329,8 @@ async fn decide_guarded(
     {
         Ok(decided) => decided,
         Err(panic) => {
-            metrics::counter!("credit_defects_total", "stage" => "decide").increment(1);
+            // Counted where it costs its entry (`decide_with_retry`), not per attempt: a batch's
+            // panic is met again by the entry decided alone.
             Err(DecideError::Defect(
                 crate::telemetry::panic_text(panic.as_ref()).to_owned(),
             ))
@@ -627,9 +631,21 @@ mod tests {
         let d = Defective(MemoryDecider::new(0, None));
         let bodies = [gpt4("u", "a"), gpt4("u", "boom"), gpt4("v", "c")];
         let refs: Vec<&[u8]> = bodies.iter().map(Vec::as_slice).collect();
+        // This thread's own recorder (the test runtime has one thread): other tests' counts
+        // stay out of it.
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let guard = metrics::set_default_local_recorder(&recorder);
         let out = process_batch(&d, &refs, &CancellationToken::new())
             .await
             .unwrap();
+        drop(guard);
+        // Two panics (the batch's, then the entry's alone), one message lost: counted once.
+        let text = handle.render();
+        assert!(
+            text.contains("credit_defects_total{stage=\"decide\"} 1\n"),
+            "{text}"
+        );
         let actions: Vec<_> = out.iter().map(|(a, _)| a.clone()).collect();
         assert_eq!(
             actions,
