@@ -99,6 +99,9 @@ pub struct Price {
     /// The filter of the entry that matched (AutoGPT records it as the ledger's `input`);
     /// `None` when nothing matched.
     pub matched_filter: Option<Value>,
+    /// The matched entry prices the run by what it used (every type but `run`): an execution
+    /// priced 0 before its run is still a paid one. False when nothing matched.
+    pub metered: bool,
     /// The block's name from the table, when the block is listed and named.
     pub block_name: Option<String>,
 }
@@ -184,6 +187,7 @@ impl CostTable {
             return Ok(Price {
                 cost: 0,
                 matched_filter: None,
+                metered: false,
                 block_name: None,
             });
         };
@@ -206,12 +210,14 @@ impl CostTable {
             return Ok(Price {
                 cost,
                 matched_filter: Some(Value::Object(entry.filter.clone())),
+                metered: entry.cost_type != CostType::Run,
                 block_name: block.name.clone(),
             });
         }
         Ok(Price {
             cost: 0,
             matched_filter: None,
+            metered: false,
             block_name: block.name.clone(),
         })
     }
@@ -1217,6 +1223,7 @@ mod tests {
             cost: 10,
             matched_filter: Some(json!({"model": "gpt-4-turbo",
                 "credentials": {"id": OPENAI, "provider": "openai", "type": "api_key"}})),
+            metered: true,
             block_name: Some("AITextGeneratorBlock".into()),
         };
         assert_eq!(p, Some(expected));
@@ -1237,6 +1244,7 @@ mod tests {
             Some(Price {
                 cost: 0,
                 matched_filter: None,
+                metered: false,
                 block_name: Some("AITextGeneratorBlock".into())
             })
         );
@@ -1278,9 +1286,42 @@ mod tests {
             Some(Price {
                 cost: 0,
                 matched_filter: None,
+                metered: false,
                 block_name: None
             })
         );
+    }
+
+    /// Every type but `run` prices the run by what it used, so a start priced 0 on it is
+    /// still paid; a `run` entry's price is final, 0 included.
+    #[test]
+    fn a_price_is_metered_for_every_type_but_run() {
+        let table = r#"
+            [token_rates]
+            "m" = { input = 1, output = 1 }
+            [[block]]
+            id = "b"
+            costs = [
+                { cost_amount = 0, cost_type = "run", cost_filter = { t = "run" } },
+                { cost_amount = 1, cost_type = "byte", cost_filter = { t = "byte" } },
+                { cost_amount = 1, cost_type = "second", cost_filter = { t = "second" } },
+                { cost_amount = 1, cost_type = "items", cost_filter = { t = "items" } },
+                { cost_amount = 1, cost_type = "cost_usd", cost_filter = { t = "cost_usd" } },
+                { cost_amount = 0, cost_type = "tokens", cost_filter = { t = "tokens", model = "m" } },
+            ]
+        "#;
+        let t = CostTable::from_toml_str(table, "test").unwrap();
+        let metered = |ty: &str| {
+            let p = t
+                .price("b", &obj(json!({ "t": ty, "model": "m" })), None)
+                .unwrap();
+            (p.cost, p.metered)
+        };
+        assert_eq!(metered("run"), (0, false));
+        for ty in ["byte", "second", "items", "cost_usd", "tokens"] {
+            assert_eq!(metered(ty), (0, true), "{ty}");
+        }
+        assert_eq!(metered("none"), (0, false));
     }
 
     #[test]

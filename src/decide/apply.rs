@@ -89,7 +89,7 @@ fn apply_unchecked(
         .checked_add(fee_amount)
         .ok_or_else(|| fee_overflow(e, price.cost, fee_amount))?;
     let before = account.balance;
-    if refused_for_funds(total, price.matched_filter.is_some(), before) {
+    if refused_for_funds(total, price.metered, before) {
         changes.events.push(events::charge_rejected(
             &e.user_id,
             &e.node_exec_id,
@@ -341,15 +341,15 @@ pub(crate) fn decide_from_completion(
 }
 
 /// Whether a start is refused for funds: its cost and fee exceed the balance, or a block
-/// billed only after its run (an entry matched but priced 0 before it: no estimate) meets a
-/// debt, which "rejects every paid execution" (SPEC §4.2): its run could only deepen it. At a
-/// balance of exactly 0 it runs, as SPEC's outcome table has it (cost 0 ⇒ `free`); AutoGPT
-/// refuses it there too.
-pub(super) fn refused_for_funds(total: i64, matched: bool, balance: i64) -> bool {
+/// billed by what its run uses (a `metered` entry, priced 0 before the run: no estimate)
+/// meets a debt, which "rejects every paid execution" (SPEC §4.2): its run could only deepen
+/// it. A `run` entry of 0 credits is free, debt or not. At a balance of exactly 0 a metered
+/// block runs, as SPEC's outcome table has it (cost 0 ⇒ `free`); AutoGPT refuses it there too.
+pub(super) fn refused_for_funds(total: i64, metered: bool, balance: i64) -> bool {
     if total > 0 {
         total > balance
     } else {
-        matched && balance < 0
+        metered && balance < 0
     }
 }
 

@@ -402,7 +402,10 @@ fn a_block_billed_after_its_run_is_refused_without_credit() {
     let table = r#"
         [[block]]
         id = "sandbox"
-        costs = [{ cost_amount = 100, cost_type = "cost_usd", cost_filter = { key = "platform" } }]
+        costs = [
+            { cost_amount = 100, cost_type = "cost_usd", cost_filter = { key = "platform" } },
+            { cost_amount = 0, cost_type = "run", cost_filter = { key = "free" } },
+        ]
     "#;
     let p = Pricing {
         costs: CostTable::from_toml_str(table, "test").unwrap(),
@@ -429,6 +432,10 @@ fn a_block_billed_after_its_run_is_refused_without_credit() {
     // The user's own key matches no entry: free, debt or not.
     let v = l.decide(&p, &[sandbox("c", "own", None)], now());
     assert_eq!(decided(&v), Some((Outcome::Free, 0)));
+    // An entry of 0 credits a run: free, debt or not (not a paid execution).
+    let v = l.decide(&p, &[sandbox("d", "free", None)], now());
+    assert_eq!(decided(&v), Some((Outcome::Free, 0)));
+    assert_eq!(l.accounts["u"].balance, -50);
     use super::apply::refused_for_funds;
     assert!(refused_for_funds(0, true, -1));
     assert!(!refused_for_funds(0, true, 0));
