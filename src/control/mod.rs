@@ -63,7 +63,8 @@ const ATTEMPTS: usize = 3;
 const PREFETCH: u16 = 16;
 
 /// Every command name; anything else is counted as "unknown" so metrics labels stay bounded.
-pub(crate) const COMMANDS: [&str; 9] = [
+/// [`Command::parse`] knows no other: a command left out of this list is unknown.
+pub const COMMANDS: [&str; 9] = [
     "refill",
     "top_up",
     "grant",
@@ -119,6 +120,9 @@ impl Command {
         fields::check_fields_once(body)?;
         let f = Fields::new(&map);
         let name = f.string("command")?;
+        if !COMMANDS.contains(&name) {
+            return Err(unknown_command(name));
+        }
         Ok(match name {
             "refill" => Command::Refill(refill::parse(&f)?),
             "top_up" => Command::Credit(credit::parse(TxType::TopUp, &f)?),
@@ -129,12 +133,7 @@ impl Command {
             "auto_top_up" => Command::AutoTopUp(auto_top_up::parse(&f)?),
             "history" => Command::History(history::parse(&f)?),
             "outcome" => Command::Outcome(outcome::parse(&f)?),
-            other => {
-                return Err(ControlError::bad_request(format!(
-                    "command: unknown command {other:?} (expected one of {})",
-                    COMMANDS.join(", ")
-                )))
-            }
+            other => return Err(unknown_command(other)),
         })
     }
 
@@ -150,6 +149,13 @@ impl Command {
             Command::Outcome(r) => outcome::run(ctx, r).await,
         }
     }
+}
+
+fn unknown_command(name: &str) -> ControlError {
+    ControlError::bad_request(format!(
+        "command: unknown command {name:?} (expected one of {})",
+        COMMANDS.join(", ")
+    ))
 }
 
 /// The metrics label of a body: its `command` when that is a known name.
@@ -569,6 +575,20 @@ mod tests {
             message.contains("more than the 400 a reply may carry"),
             "{message}"
         );
+    }
+
+    /// Each listed name parses as a command of its own (or asks for its fields), so a
+    /// command missing from the list or from `parse` is caught here.
+    #[test]
+    fn every_listed_command_is_known_to_parse() {
+        for name in COMMANDS {
+            let body = json!({ "command": name }).to_string();
+            if let Err(e) = Command::parse(body.as_bytes()) {
+                assert!(!e.to_string().contains("unknown command"), "{name}: {e}");
+            }
+        }
+        let message = code(r#"{"command": "usage"}"#).1;
+        assert!(message.ends_with(&format!("(expected one of {})", COMMANDS.join(", "))));
     }
 
     #[test]

@@ -189,7 +189,7 @@ fn contract_names_every_interface_element() {
     ] {
         require("routing key", rk);
     }
-    for c in ["refill", "top_up", "grant", "balance", "history", "outcome"] {
+    for c in credit_worker::control::COMMANDS {
         require("control command", c);
     }
     for code in [
