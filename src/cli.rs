@@ -540,7 +540,7 @@ async fn sweep(
     let result = json!({
         "month": report.month,
         "users_refilled": report.users_refilled,
-        "credits_granted": crate::ledger::sweep::serialize_total(
+        "credits_granted": crate::ledger::total::serialize_total(
             &report.credits_granted,
             serde_json::value::Serializer,
         )?,

@@ -21,7 +21,7 @@ pub struct Request {
 struct Reply {
     month: String,
     users_refilled: i64,
-    #[serde(serialize_with = "crate::ledger::sweep::serialize_total")]
+    #[serde(serialize_with = "crate::ledger::total::serialize_total")]
     credits_granted: i128,
 }
 

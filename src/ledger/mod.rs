@@ -13,6 +13,7 @@ pub(crate) mod runs;
 pub mod seed;
 pub(crate) mod store;
 pub mod sweep;
+pub(crate) mod total;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;

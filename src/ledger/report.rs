@@ -9,7 +9,7 @@ use chrono::{DateTime, NaiveTime, Utc};
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
 
-use super::sweep::serialize_total;
+use super::total::{parse_sum, serialize_total, too_large};
 use super::{LedgerError, Month};
 
 /// The month's ledger rows by type and direction (`in`: credits added, `out`: taken), in no
@@ -220,7 +220,7 @@ async fn movements(
         .into_iter()
         .map(|(tx_type, incoming, rows, credits)| {
             Ok(Movement {
-                credits: fits(&credits, &format!("{tx_type} credits"))?,
+                credits: parse_sum(&credits, &format!("{tx_type} credits"))?,
                 direction: if incoming { "in" } else { "out" },
                 tx_type,
                 rows,
@@ -261,8 +261,8 @@ fn position(
     accounts_in_credit: i64,
     accounts_in_debt: i64,
 ) -> Result<Position, LedgerError> {
-    let held = fits(held, &format!("the credits held at the {at}"))?;
-    let owed = fits(owed, &format!("the debt at the {at}"))?;
+    let held = parse_sum(held, &format!("the credits held at the {at}"))?;
+    let owed = parse_sum(owed, &format!("the debt at the {at}"))?;
     let net = held
         .checked_sub(owed)
         .ok_or_else(|| too_large(&format!("the net position at the {at}")))?;
@@ -273,16 +273,6 @@ fn position(
         accounts_in_credit,
         accounts_in_debt,
     })
-}
-
-/// A sum the database computed exactly (numeric), or an error saying which sum outgrew an
-/// i128 (more rows than a ledger can hold): never clamped.
-fn fits(sum: &str, what: &str) -> Result<i128, LedgerError> {
-    sum.parse().map_err(|_| too_large(what))
-}
-
-fn too_large(what: &str) -> LedgerError {
-    LedgerError::AmountOutOfRange(format!("{what} is beyond the 128-bit integer range"))
 }
 
 #[cfg(test)]
@@ -310,13 +300,13 @@ mod tests {
     #[test]
     fn sums_wider_than_a_balance_are_kept_whole() {
         let many = "92233720368547758070"; // ten balances of i64::MAX
-        assert_eq!(fits(many, "x").unwrap(), 10 * i128::from(i64::MAX));
+        assert_eq!(parse_sum(many, "x").unwrap(), 10 * i128::from(i64::MAX));
         let p = position(("closing", many, "1"), 10, 1).unwrap();
         assert_eq!(p.net, 10 * i128::from(i64::MAX) - 1);
         let json = serde_json::to_value(&p).unwrap();
         assert_eq!(json["held"], "92233720368547758070");
         assert_eq!(json["owed"], 1);
-        let err = fits("1e40", "the debt at the opening").unwrap_err();
+        let err = parse_sum("1e40", "the debt at the opening").unwrap_err();
         assert!(matches!(err, LedgerError::AmountOutOfRange(_)));
         assert_eq!(
             err.to_string(),

@@ -14,17 +14,8 @@ use tracing::warn;
 use super::account::{Changes, RefillPolicy};
 use super::month::Month;
 use super::store::{RefillGrant, RefillTotals};
+use super::total::serialize_total;
 use super::{check_user_id, store, LedgerError};
-
-/// A total of credits as JSON: a number, or past 2^64 (only absurd refill targets get there,
-/// and JSON numbers here stop at 2^64) its exact digits as a string, never rounded or capped.
-pub(crate) fn serialize_total<S: serde::Serializer>(total: &i128, s: S) -> Result<S::Ok, S::Error> {
-    match (i64::try_from(*total), u64::try_from(*total)) {
-        (Ok(v), _) => s.serialize_i64(v),
-        (_, Ok(v)) => s.serialize_u64(v),
-        _ => s.serialize_str(&total.to_string()),
-    }
-}
 
 /// Totals of one sweep.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]

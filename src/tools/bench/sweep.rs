@@ -17,7 +17,7 @@ pub(crate) struct SweepResult {
     pub seconds: f64,
     pub users_per_s: f64,
     pub users_refilled: i64,
-    #[serde(serialize_with = "crate::ledger::sweep::serialize_total")]
+    #[serde(serialize_with = "crate::ledger::total::serialize_total")]
     pub credits_granted: i128,
     pub seed_seconds: f64,
     pub verified: bool,
