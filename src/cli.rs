@@ -67,7 +67,8 @@ impl HistoryArgs {
     fn query(self) -> anyhow::Result<HistoryQuery> {
         let tx_type = match self.tx_type {
             Some(name) => Some(
-                TxType::parse(&name).ok_or_else(|| anyhow::anyhow!("type: unknown {name:?}"))?,
+                name.parse::<TxType>()
+                    .map_err(|e| anyhow::anyhow!("type: {e}"))?,
             ),
             None => None,
         };

@@ -18,13 +18,10 @@ pub fn parse(f: &Fields<'_>) -> Result<Request, ControlError> {
     crate::ledger::check_user_id(&user_id)?;
     let tx_type = match f.opt_string("type")? {
         None => None,
-        Some(name) => Some(TxType::parse(name).ok_or_else(|| {
-            let names: Vec<&str> = TxType::ALL.iter().map(|t| t.as_str()).collect();
-            ControlError::bad_request(format!(
-                "type: expected one of {}, got {name:?}",
-                names.join(", ")
-            ))
-        })?),
+        Some(name) => Some(
+            name.parse::<TxType>()
+                .map_err(|e| ControlError::bad_request(format!("type: {e}")))?,
+        ),
     };
     let query = HistoryQuery {
         limit: f.opt_integer("limit")?.unwrap_or(DEFAULT_HISTORY_LIMIT),

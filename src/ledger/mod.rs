@@ -41,20 +41,20 @@ pub(crate) const MAX_KEY_BYTES: usize = 512;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum TxType {
+    /// A purchase (`top_up`, an auto top-up's fulfilment): credit in.
     TopUp,
+    /// A block's run: its pre-flight debit, a completion-first charge, the execution fee, and
+    /// a settlement (`SETTLE-…`), which is credit back (amount > 0) when the run cost less.
     Usage,
+    /// Credits given: the monthly refill, `grant`.
     Grant,
+    /// A purchase given back (`refund`): credit out.
     Refund,
 }
 
 impl TxType {
     pub(crate) const ALL: [TxType; 4] =
         [TxType::TopUp, TxType::Usage, TxType::Grant, TxType::Refund];
-
-    /// The type named `name` (`TOP_UP`, `USAGE`, `GRANT`, `REFUND`), if any.
-    pub fn parse(name: &str) -> Option<TxType> {
-        TxType::ALL.into_iter().find(|t| t.as_str() == name)
-    }
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -63,6 +63,21 @@ impl TxType {
             TxType::Grant => "GRANT",
             TxType::Refund => "REFUND",
         }
+    }
+}
+
+/// The type named `name` (`TOP_UP`, `USAGE`, `GRANT`, `REFUND`); the error lists them.
+impl std::str::FromStr for TxType {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<TxType, String> {
+        TxType::ALL
+            .into_iter()
+            .find(|t| t.as_str() == name)
+            .ok_or_else(|| {
+                let names: Vec<&str> = TxType::ALL.iter().map(|t| t.as_str()).collect();
+                format!("expected one of {}, got {name:?}", names.join(", "))
+            })
     }
 }
 
