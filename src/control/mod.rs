@@ -185,12 +185,13 @@ pub(crate) async fn execute(
     let mut attempt = 1;
     let started = Instant::now();
     let horizon = Duration::from_secs(ctx.settings.control.unanswered_retry_s);
+    let stall = crate::db::stall_bound(&ctx.settings.database);
     loop {
         let run = guarded(command.run(ctx));
         let ran = if matches!(command, Command::Refill(_)) {
             // A sweep may take minutes: given up at shutdown as the scheduled one is. The
             // ranges it committed stay, and the command, not acked, comes back at the next
-            // start, which skips them. Other commands are too short to be worth cutting off.
+            // start, which skips them.
             tokio::select! {
                 // A sweep that finished as the stop came is answered, not run again.
                 biased;
@@ -198,7 +199,10 @@ pub(crate) async fn execute(
                 _ = stop.cancelled() => return None,
             }
         } else {
-            run.await
+            // Other commands are short. One whose connection went silent (a peer or path that
+            // drops packets without a reset) would hold it, and every command behind it, for
+            // ever: it is given up at the bound a decision has, and tried again on a new one.
+            crate::db::bounded(stall, run).await
         };
         match ran {
             Err(e) if e.is_transient() && !answered && started.elapsed() >= horizon => {

@@ -1556,3 +1556,46 @@ async fn the_account_command_reads_without_creating_or_refilling() {
     env.assert_audit_clean().await;
     env.cleanup().await;
 }
+
+/// A command whose connection goes silent mid-statement (a peer or a path that drops packets
+/// without a reset) is given up at the stall bound (two statement timeouts and a second) and
+/// run again on a new connection: answered, applied once, and the command behind it answered
+/// too, instead of the control queue waiting for ever.
+#[tokio::test]
+async fn a_command_whose_database_goes_silent_is_answered_from_a_new_connection() {
+    use crate::faults::{through_proxy, FreezingProxy};
+    let env = TestEnv::with(|s| s.refill.enabled = false).await;
+    let proxy = FreezingProxy::before_database(&env.settings.database.url).await;
+    let mut settings = env.settings.clone();
+    settings.database.url = through_proxy(&env.settings.database.url, proxy.port);
+    settings.database.statement_timeout_ms = 500;
+    let worker = Worker::start(settings).await.expect("start");
+    let mut rpc = Rpc::new(&env).await;
+    let top_up = |amount: i64, key: &str| json!({"command": "top_up", "user_id": "dave", "amount": amount, "key": key});
+    assert_eq!(rpc.ok(top_up(100, "pi_1")).await["balance"], 100);
+    // The server goes silent while the command waits for dave's row, held here.
+    let mut holder = env.pool.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM credit.balances WHERE user_id = 'dave' FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .expect("hold dave's row");
+    let body = serde_json::to_vec(&top_up(50, "pi_2")).expect("json");
+    let cid = rpc.send(&body, Some("guest"), true).await;
+    env.wait_for_one_lock_waiter(Duration::from_secs(30), "the top-up waiting for dave's row")
+        .await;
+    proxy.freeze();
+    holder.commit().await.expect("release dave's row");
+    let reply = rpc.reply(&cid).await;
+    assert_eq!(reply["ok"], json!(true), "{reply}");
+    assert_eq!(reply["result"]["balance"], 150, "{reply}");
+    assert_eq!(reply["result"]["applied"], true, "{reply}");
+    let behind = rpc
+        .ok(json!({"command": "balance", "user_id": "dave"}))
+        .await;
+    assert_eq!(behind["balance"], 150);
+    let rows = "SELECT count(*) FROM credit.transactions WHERE transaction_key = 'pi_2'";
+    assert_eq!(env.scalar_i64(rows).await, 1);
+    worker.stop().await.expect("stop");
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}

@@ -678,14 +678,25 @@ async fn a_stop_during_a_database_outage_is_clean() {
 /// connections open then, in either direction, and closes none of them: a server gone silent
 /// (its host lost after acknowledging a query, a NAT that dropped the flow). Connections made
 /// after that pass.
-struct FreezingProxy {
-    port: u16,
+pub(crate) struct FreezingProxy {
+    pub(crate) port: u16,
     /// Connections numbered below this are frozen.
     frozen_below: Arc<AtomicU64>,
     next: Arc<AtomicU64>,
 }
 
 impl FreezingProxy {
+    /// In front of the database of `url`.
+    pub(crate) async fn before_database(url: &str) -> FreezingProxy {
+        let u = url::Url::parse(url).expect("database URL");
+        let upstream = format!(
+            "{}:{}",
+            u.host_str().unwrap_or("127.0.0.1"),
+            u.port().unwrap_or(5432)
+        );
+        FreezingProxy::start(upstream).await
+    }
+
     async fn start(upstream: String) -> FreezingProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -712,7 +723,7 @@ impl FreezingProxy {
     }
 
     /// Every connection open now stops passing data, for good.
-    fn freeze(&self) {
+    pub(crate) fn freeze(&self) {
         let open = self.next.load(Ordering::SeqCst);
         self.frozen_below.store(open, Ordering::SeqCst);
     }
@@ -768,7 +779,7 @@ async fn freezable(
 }
 
 /// `url` with its host and port replaced by the local proxy on `port`.
-fn through_proxy(url: &str, port: u16) -> String {
+pub(crate) fn through_proxy(url: &str, port: u16) -> String {
     let mut u = url::Url::parse(url).expect("database URL");
     u.set_host(Some("127.0.0.1")).expect("host");
     u.set_port(Some(port)).expect("port");
@@ -784,13 +795,7 @@ fn through_proxy(url: &str, port: u16) -> String {
 #[tokio::test]
 async fn a_database_that_goes_silent_costs_a_retry_not_the_stream() {
     let (env, users, mut tap) = ten_funded_users().await;
-    let url = url::Url::parse(&env.settings.database.url).expect("database URL");
-    let upstream = format!(
-        "{}:{}",
-        url.host_str().unwrap_or("127.0.0.1"),
-        url.port().unwrap_or(5432)
-    );
-    let proxy = FreezingProxy::start(upstream).await;
+    let proxy = FreezingProxy::before_database(&env.settings.database.url).await;
     let mut settings = env.settings.clone();
     settings.database.url = through_proxy(&env.settings.database.url, proxy.port);
     settings.database.statement_timeout_ms = 500;
