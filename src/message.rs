@@ -217,8 +217,6 @@ fn kind(v: &Value) -> &'static str {
 }
 
 /// Top-level keys; anything else is skipped unparsed. Escaped keys are compared decoded.
-#[derive(Deserialize)]
-#[serde(field_identifier, rename_all = "snake_case")]
 enum Key {
     UserId,
     GraphExecId,
@@ -232,8 +230,62 @@ enum Key {
     Stats,
     Phase,
     Status,
-    #[serde(other)]
     Other,
+}
+
+impl Key {
+    fn named(name: &[u8]) -> Key {
+        match name {
+            b"user_id" => Key::UserId,
+            b"graph_exec_id" => Key::GraphExecId,
+            b"graph_id" => Key::GraphId,
+            b"node_exec_id" => Key::NodeExecId,
+            b"node_id" => Key::NodeId,
+            b"block_id" => Key::BlockId,
+            b"graph_version" => Key::GraphVersion,
+            b"inputs" => Key::Inputs,
+            b"execution_context" => Key::ExecutionContext,
+            b"stats" => Key::Stats,
+            b"phase" => Key::Phase,
+            b"status" => Key::Status,
+            _ => Key::Other,
+        }
+    }
+}
+
+/// Reads a top-level key. `lossy` (the tolerant pass, once the body is known to be valid
+/// JSON): as bytes, unchecked, so a key holding a lone surrogate escape (WTF-8 here) is one
+/// no field has, skipped; otherwise as a string, checked, as the rest of the body is.
+struct KeySeed {
+    lossy: bool,
+}
+
+impl<'de> DeserializeSeed<'de> for KeySeed {
+    type Value = Key;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Key, D::Error> {
+        struct Name;
+        impl Visitor<'_> for Name {
+            type Value = Key;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a field name")
+            }
+
+            fn visit_str<E>(self, v: &str) -> Result<Key, E> {
+                Ok(Key::named(v.as_bytes()))
+            }
+
+            fn visit_bytes<E>(self, v: &[u8]) -> Result<Key, E> {
+                Ok(Key::named(v))
+            }
+        }
+        if self.lossy {
+            deserializer.deserialize_bytes(Name)
+        } else {
+            deserializer.deserialize_str(Name)
+        }
+    }
 }
 
 /// Fields as they arrived, each checked as soon as it is read.
@@ -308,21 +360,29 @@ impl<'de> Visitor<'de> for EntrySeed<'_> {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Raw, A::Error> {
         let mut raw = Raw::default();
-        while let Some(key) = map.next_key::<Key>()? {
+        let lossy = self.tolerant;
+        while let Some(key) = map.next_key_seed(KeySeed { lossy })? {
             let checked = match key {
                 Key::Other => {
                     map.next_value::<IgnoredAny>()?;
                     Ok(())
                 }
-                Key::UserId => read_id(&mut map, &mut raw, 0)?,
-                Key::GraphExecId => read_id(&mut map, &mut raw, 1)?,
-                Key::GraphId => read_id(&mut map, &mut raw, 2)?,
-                Key::NodeExecId => read_id(&mut map, &mut raw, 3)?,
-                Key::NodeId => read_id(&mut map, &mut raw, 4)?,
-                Key::BlockId => read_id(&mut map, &mut raw, 5)?,
+                Key::UserId => read_id(&mut map, &mut raw, 0, self.tolerant)?,
+                Key::GraphExecId => read_id(&mut map, &mut raw, 1, self.tolerant)?,
+                Key::GraphId => read_id(&mut map, &mut raw, 2, self.tolerant)?,
+                Key::NodeExecId => read_id(&mut map, &mut raw, 3, self.tolerant)?,
+                Key::NodeId => read_id(&mut map, &mut raw, 4, self.tolerant)?,
+                Key::BlockId => read_id(&mut map, &mut raw, 5, self.tolerant)?,
                 Key::GraphVersion => {
-                    let v = map.next_value_seed(Bounded::MESSAGE)?;
-                    once(&mut raw.graph_version, "graph_version", || graph_version(v))
+                    let v = field_value(
+                        &mut map,
+                        self.tolerant,
+                        "graph_version",
+                        "an integer or null",
+                    )?;
+                    once(&mut raw.graph_version, "graph_version", || {
+                        graph_version(v?)
+                    })
                 }
                 Key::Inputs => {
                     let v = user_data(&mut map, self.tolerant)?;
@@ -348,28 +408,30 @@ impl<'de> Visitor<'de> for EntrySeed<'_> {
                     once(&mut raw.stats, "stats", || stats(text))
                 }
                 Key::Phase => {
-                    let v = map.next_value_seed(Bounded::MESSAGE)?;
+                    let expected = "\"started\" or \"completed\"";
+                    let v = field_value(&mut map, self.tolerant, "phase", expected)?;
                     // null is the field left out, as for the other optional fields.
-                    once(&mut raw.phase, "phase", || match v.as_str() {
-                        None if v.is_null() => Ok(Phase::Started),
-                        Some("started") => Ok(Phase::Started),
-                        Some("completed") => Ok(Phase::Completed),
+                    once(&mut raw.phase, "phase", || match v? {
+                        Value::Null => Ok(Phase::Started),
+                        Value::String(s) if s == "started" => Ok(Phase::Started),
+                        Value::String(s) if s == "completed" => Ok(Phase::Completed),
                         _ => Err(DecodeError::Unknown {
                             field: "phase",
-                            expected: "\"started\" or \"completed\"",
+                            expected,
                         }),
                     })
                 }
                 Key::Status => {
-                    let v = map.next_value_seed(Bounded::MESSAGE)?;
-                    once(&mut raw.status, "status", || match v.as_str() {
-                        None if v.is_null() => Ok(RunStatus::Completed),
-                        Some("COMPLETED") => Ok(RunStatus::Completed),
-                        Some("FAILED") => Ok(RunStatus::Failed),
-                        Some("TERMINATED") => Ok(RunStatus::Terminated),
+                    let expected = "\"COMPLETED\", \"FAILED\" or \"TERMINATED\"";
+                    let v = field_value(&mut map, self.tolerant, "status", expected)?;
+                    once(&mut raw.status, "status", || match v? {
+                        Value::Null => Ok(RunStatus::Completed),
+                        Value::String(s) if s == "COMPLETED" => Ok(RunStatus::Completed),
+                        Value::String(s) if s == "FAILED" => Ok(RunStatus::Failed),
+                        Value::String(s) if s == "TERMINATED" => Ok(RunStatus::Terminated),
                         _ => Err(DecodeError::Unknown {
                             field: "status",
-                            expected: "\"COMPLETED\", \"FAILED\" or \"TERMINATED\"",
+                            expected,
                         }),
                     })
                 }
@@ -388,10 +450,11 @@ fn read_id<'de, A: MapAccess<'de>>(
     map: &mut A,
     raw: &mut Raw,
     i: usize,
+    tolerant: bool,
 ) -> Result<Result<(), DecodeError>, A::Error> {
     let field = ID_FIELDS[i];
-    let v = map.next_value_seed(Bounded::MESSAGE)?;
-    Ok(once(&mut raw.ids[i], field, || match v {
+    let v = field_value(map, tolerant, field, "a string")?;
+    Ok(once(&mut raw.ids[i], field, || match v? {
         Value::String(s) if s.is_empty() => Err(DecodeError::Empty { field }),
         Value::String(s) if s.len() > MAX_ID_BYTES => Err(DecodeError::TooLong {
             field,
@@ -516,6 +579,43 @@ fn user_data<'de, A: MapAccess<'de>>(map: &mut A, tolerant: bool) -> Result<Valu
     Ok(tolerant_value(raw.get(), Bounded::MESSAGE, TOLERANT_LEVELS))
 }
 
+/// A checked field's value. In the tolerant pass (the body is valid JSON that the first
+/// could not read), a value this parser cannot hold is that field's fault, named, rather
+/// than the body's.
+fn field_value<'de, A: MapAccess<'de>>(
+    map: &mut A,
+    tolerant: bool,
+    field: &'static str,
+    expected: &'static str,
+) -> Result<Result<Value, DecodeError>, A::Error> {
+    if !tolerant {
+        return map.next_value_seed(Bounded::MESSAGE).map(Ok);
+    }
+    let raw = map.next_value::<&'de RawValue>()?;
+    let mut de = serde_json::Deserializer::from_str(raw.get());
+    Ok(Bounded::MESSAGE
+        .deserialize(&mut de)
+        .map_err(|_| unreadable(field, expected, raw.get())))
+}
+
+/// Why a field's valid JSON `text` cannot be read: a string with a lone UTF-16 surrogate
+/// (which PostgreSQL text cannot hold either), a number past f64, or an array or object
+/// holding one.
+fn unreadable(field: &'static str, expected: &'static str, text: &str) -> DecodeError {
+    let got = match text.as_bytes().first() {
+        Some(b'"') => "string with a lone surrogate",
+        Some(b'[') => "array",
+        Some(b'{') => "object",
+        _ if field == "graph_version" => return DecodeError::OutOfRange { field },
+        _ => "number",
+    };
+    DecodeError::WrongType {
+        field,
+        expected,
+        got,
+    }
+}
+
 /// Levels of arrays and objects [`tolerant_value`] opens to find what it cannot hold.
 const TOLERANT_LEVELS: usize = 8;
 /// What stands for a value this parser cannot hold ([`tolerant_value`]).
@@ -547,8 +647,14 @@ fn tolerant_value(text: &str, bounded: Bounded, levels: usize) -> Value {
 
 /// An object's key, where a lone surrogate escape (which no cost filter can name) is read as
 /// U+FFFD, so the key stays one key of its object instead of sinking the whole object.
-#[derive(PartialEq, Eq, PartialOrd, Ord)]
+#[derive(PartialEq, Eq, PartialOrd, Ord, Hash)]
 struct LossyKey(String);
+
+impl std::borrow::Borrow<str> for LossyKey {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
 
 impl<'de> Deserialize<'de> for LossyKey {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<LossyKey, D::Error> {
@@ -646,15 +752,17 @@ fn stats(text: &RawValue) -> Result<Option<Stats>, DecodeError> {
         return Err(DecodeError::Duplicate { field });
     }
     if !text.get().starts_with('{') {
-        let v: Value =
-            serde_json::from_str(text.get()).map_err(|e| DecodeError::NotJson(e.to_string()))?;
+        let v: Value = serde_json::from_str(text.get())
+            .map_err(|_| unreadable("stats", "an object or null", text.get()))?;
         return match v {
             Value::Null => Ok(None),
             other => Err(wrong("stats", "an object or null", &other)),
         };
     }
     // Each value parsed on its own, so a number no f64 holds (1e400) names its stat.
-    let raw: HashMap<String, &RawValue> =
+    // Keys read as `tolerant_value` reads them: an unknown one with a lone surrogate escape
+    // is skipped, not a fault of the body.
+    let raw: HashMap<LossyKey, &RawValue> =
         serde_json::from_str(text.get()).map_err(|e| DecodeError::NotJson(e.to_string()))?;
     let get = |key: &str, field: &'static str| -> Result<Option<Value>, DecodeError> {
         raw.get(key)
@@ -1290,9 +1398,32 @@ mod tests {
             e.execution_context.unwrap_or_default()["n"],
             json!(NOT_REPRESENTABLE)
         );
-        // In an id, or as JSON that is not valid, the message is invalid as before.
+        // In an id or another checked field, the message is invalid, the field named; as JSON
+        // that is not valid, the body.
         let in_id = minimal().to_string().replace(r#""u""#, r#""\ud800""#);
-        assert!(matches!(err(in_id.as_bytes()), DecodeError::NotJson(_)));
+        assert_eq!(
+            err(in_id.as_bytes()).to_string(),
+            "user_id: expected a string, got string with a lone surrogate"
+        );
+        let with = |field: &str| {
+            let body = minimal().to_string();
+            body.replacen('{', &format!("{{{field},"), 1).into_bytes()
+        };
+        assert_eq!(
+            err(&with(r#""graph_version":1e400"#)).to_string(),
+            "graph_version: integer out of range"
+        );
+        assert_eq!(
+            err(&with(r#""phase":"\udc00""#)).to_string(),
+            "phase: expected \"started\" or \"completed\", got string with a lone surrogate"
+        );
+        // A key no field has, or a stat no one prices, is skipped whatever it holds.
+        let e = ok(&with(r#""x\ud800":1,"stats":{"y\udc00":2,"walltime":3}"#));
+        assert_eq!(e.stats.map(|s| s.walltime), Some(3.0));
+        assert_eq!(
+            err(&with(r#""stats":"\ud800""#)).to_string(),
+            "stats: expected an object or null, got string with a lone surrogate"
+        );
         let broken = minimal_with_raw_inputs("[1,}");
         assert!(matches!(err(&broken), DecodeError::NotJson(_)));
         // A field's own fault, found by the pass that reads around such inputs, is named.

@@ -9,6 +9,12 @@ use super::ControlError;
 /// commands), which was meant is unknowable.
 pub(crate) fn check_fields_once(body: &[u8]) -> Result<(), ControlError> {
     match crate::message::repeated_key(body, |_| true) {
+        // A name no field has (empty, spaced) is quoted, so the message still reads.
+        Some(f) if f.is_empty() || !f.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') => {
+            Err(ControlError::bad_request(format!(
+                "{f:?}: given more than once"
+            )))
+        }
         Some(field) => Err(ControlError::bad_request(format!(
             "{field}: given more than once"
         ))),

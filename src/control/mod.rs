@@ -403,6 +403,8 @@ mod tests {
                 ControlError::bad_request(format!("{field}: given more than once"))
             );
         }
+        let e = Command::parse(br#"{"command": "top_up", "": 1, "": 2}"#).unwrap_err();
+        assert_eq!(e.to_string(), r#""": given more than once"#);
         // The same name inside a value is another object's.
         let ok =
             br#"{"command": "grant", "user_id": "u", "amount": 5, "reason": "{\"amount\": 1}"}"#;
