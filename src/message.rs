@@ -847,7 +847,9 @@ pub(crate) fn repeated_key(json: &[u8], counts: impl Fn(&str) -> bool) -> Option
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<String>, A::Error> {
             let mut seen: Vec<String> = Vec::new();
             let mut repeated = None;
-            while let Some(key) = map.next_key::<String>()? {
+            // Read as `LossyKey`: a key with a lone surrogate escape, which the object's own
+            // reading skips, must not end the search for a repeat among the others.
+            while let Some(LossyKey(key)) = map.next_key::<LossyKey>()? {
                 map.next_value::<IgnoredAny>()?;
                 if !(self.0)(&key) {
                     continue;
@@ -1420,6 +1422,18 @@ mod tests {
         // A key no field has, or a stat no one prices, is skipped whatever it holds.
         let e = ok(&with(r#""x\ud800":1,"stats":{"y\udc00":2,"walltime":3}"#));
         assert_eq!(e.stats.map(|s| s.walltime), Some(3.0));
+        // Which of two values prices the run would still be a guess.
+        for stats in [
+            r#""stats":{"x\ud800":0,"walltime":10,"walltime":1000}"#,
+            r#""stats":{"walltime":10,"walltime":1000,"y\udc00":0}"#,
+            r#""stats":{"wall\u0074ime":10,"walltime":1000,"q\ud800":1}"#,
+        ] {
+            assert_eq!(
+                err(&with(stats)).to_string(),
+                "stats.walltime: given more than once",
+                "{stats}"
+            );
+        }
         assert_eq!(
             err(&with(r#""stats":"\ud800""#)).to_string(),
             "stats: expected an object or null, got string with a lone surrogate"
