@@ -185,31 +185,26 @@ pub(crate) async fn execute(
     let mut attempt = 1;
     let started = Instant::now();
     let horizon = Duration::from_secs(ctx.settings.control.unanswered_retry_s);
-    let stall = crate::db::stall_bound(&ctx.settings.database);
+    let db = &ctx.settings.database;
+    let stall = crate::db::stall_bound(db);
+    // Until when an answered command is retried past ATTEMPTS: after a stall, the attempt
+    // given up may hold its row locks on the server until the server ends it as idle in its
+    // transaction (twice the bound), and each try meanwhile waits a statement timeout for
+    // them. Retried only ATTEMPTS times, the command would fail for its own earlier try.
+    let mut recovering_until = None;
     loop {
-        let run = guarded(command.run(ctx));
-        let ran = if matches!(command, Command::Refill(_)) {
-            // A sweep may take minutes: given up at shutdown as the scheduled one is. The
-            // ranges it committed stay, and the command, not acked, comes back at the next
-            // start, which skips them.
-            tokio::select! {
-                // A sweep that finished as the stop came is answered, not run again.
-                biased;
-                ran = run => ran,
-                _ = stop.cancelled() => return None,
-            }
-        } else {
-            // Other commands are short. One whose connection went silent (a peer or path that
-            // drops packets without a reset) would hold it, and every command behind it, for
-            // ever: it is given up at the bound a decision has, and tried again on a new one.
-            crate::db::bounded(stall, run).await
-        };
+        let (ran, stalled) = run_once(ctx, &command, stall, stop).await?;
+        if let (true, Some(bound)) = (stalled, stall) {
+            let statement = Duration::from_millis(db.statement_timeout_ms);
+            recovering_until = Some(Instant::now() + bound * 2 + statement);
+        }
+        let recovering = recovering_until.is_some_and(|t| Instant::now() < t);
         match ran {
             Err(e) if e.is_transient() && !answered && started.elapsed() >= horizon => {
                 warn!(error = %e, attempt, "control command still failing; returned to the queue");
                 return None;
             }
-            Err(e) if e.is_transient() && (attempt < ATTEMPTS || !answered) => {
+            Err(e) if e.is_transient() && (attempt < ATTEMPTS || !answered || recovering) => {
                 warn!(error = %e, attempt, "control command failed; retrying");
                 attempt += 1;
                 if !crate::retry::pause(&mut delays, stop).await {
@@ -219,6 +214,38 @@ pub(crate) async fn execute(
             other => return Some(other),
         }
     }
+}
+
+/// One run of `command`, and whether it was given up for a silent connection; None when
+/// `stop` ended a sweep.
+async fn run_once(
+    ctx: &Context,
+    command: &Command,
+    stall: Option<Duration>,
+    stop: &CancellationToken,
+) -> Option<(Result<Value, ControlError>, bool)> {
+    let run = guarded(command.run(ctx));
+    if matches!(command, Command::Refill(_)) {
+        // A sweep may take minutes: given up at shutdown as the scheduled one is. The ranges
+        // it committed stay, and the command, not acked, comes back at the next start, which
+        // skips them.
+        return tokio::select! {
+            // A sweep that finished as the stop came is answered, not run again.
+            biased;
+            ran = run => Some((ran, false)),
+            _ = stop.cancelled() => None,
+        };
+    }
+    // Other commands are short. One whose connection went silent (a peer or path that drops
+    // packets without a reset) would hold it, and every command behind it, for ever: it is
+    // given up at the bound a decision has, and tried again on a new one.
+    let Some(limit) = stall else {
+        return Some((run.await, false));
+    };
+    Some(match tokio::time::timeout(limit, run).await {
+        Ok(ran) => (ran, false),
+        Err(_) => (Err(crate::db::stalled(limit).into()), true),
+    })
 }
 
 /// The command a message carries, once its sender is authorised; an unkeyed credit is keyed

@@ -1560,12 +1560,16 @@ async fn the_account_command_reads_without_creating_or_refilling() {
 /// A command whose connection goes silent mid-statement (a peer or a path that drops packets
 /// without a reset) is given up at the stall bound (two statement timeouts and a second) and
 /// run again on a new connection: answered, applied once, and the command behind it answered
-/// too, instead of the control queue waiting for ever.
+/// too, instead of the control queue waiting for ever. The server's side of the silent
+/// connection stays up, so its transaction keeps the user's row locked until the server ends
+/// it as idle (twice the bound): the command is retried until then, not failed after three
+/// tries for its own earlier one's lock.
 #[tokio::test]
 async fn a_command_whose_database_goes_silent_is_answered_from_a_new_connection() {
     use crate::faults::{through_proxy, FreezingProxy};
     let env = TestEnv::with(|s| s.refill.enabled = false).await;
     let proxy = FreezingProxy::before_database(&env.settings.database.url).await;
+    proxy.keep_the_server_side();
     let mut settings = env.settings.clone();
     settings.database.url = through_proxy(&env.settings.database.url, proxy.port);
     settings.database.statement_timeout_ms = 500;

@@ -683,6 +683,9 @@ pub(crate) struct FreezingProxy {
     /// Connections numbered below this are frozen.
     frozen_below: Arc<AtomicU64>,
     next: Arc<AtomicU64>,
+    /// Frozen connections stay open to the server too, whose session then waits in its
+    /// transaction until `idle_in_transaction_session_timeout` ends it.
+    server_kept: Arc<AtomicBool>,
 }
 
 impl FreezingProxy {
@@ -702,7 +705,8 @@ impl FreezingProxy {
         let port = listener.local_addr().unwrap().port();
         let frozen_below = Arc::new(AtomicU64::new(0));
         let next = Arc::new(AtomicU64::new(0));
-        let (frozen, numbers) = (frozen_below.clone(), next.clone());
+        let server_kept = Arc::new(AtomicBool::new(false));
+        let (frozen, numbers, kept) = (frozen_below.clone(), next.clone(), server_kept.clone());
         tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
                 let Ok(outbound) = TcpStream::connect(&upstream).await else {
@@ -711,7 +715,8 @@ impl FreezingProxy {
                 let number = numbers.fetch_add(1, Ordering::SeqCst);
                 let (in_r, in_w) = inbound.into_split();
                 let (out_r, out_w) = outbound.into_split();
-                tokio::spawn(freezable(in_r, out_w, number, frozen.clone(), true));
+                let ends = !kept.load(Ordering::SeqCst);
+                tokio::spawn(freezable(in_r, out_w, number, frozen.clone(), ends));
                 tokio::spawn(freezable(out_r, in_w, number, frozen.clone(), false));
             }
         });
@@ -719,7 +724,13 @@ impl FreezingProxy {
             port,
             frozen_below,
             next,
+            server_kept,
         }
+    }
+
+    /// Frozen connections made from now on are left open to the server (see `server_kept`).
+    pub(crate) fn keep_the_server_side(&self) {
+        self.server_kept.store(true, Ordering::SeqCst);
     }
 
     /// Every connection open now stops passing data, for good.
@@ -730,14 +741,15 @@ impl FreezingProxy {
 }
 
 /// Copies `from` to `to` until connection `number` is frozen, then swallows what comes, as
-/// across a network that dropped the flow: the server's side (`to_server`) is ended, as its
-/// keepalive would end it, and the client's hears nothing, not even that end.
+/// across a network that dropped the flow: the server's side is ended (`ends_server`, set on
+/// the copy towards the server), as its keepalive would end it, or left waiting; the
+/// client's hears nothing, not even that end.
 async fn freezable(
     mut from: tokio::net::tcp::OwnedReadHalf,
     to: tokio::net::tcp::OwnedWriteHalf,
     number: u64,
     frozen_below: Arc<AtomicU64>,
-    to_server: bool,
+    ends_server: bool,
 ) {
     use tokio::io::AsyncReadExt;
     let mut to = Some(to);
@@ -748,7 +760,7 @@ async fn freezable(
         let n = tokio::select! {
             r = read => r,
             // Noticed without waiting for the client to send.
-            _ = tokio::time::sleep(Duration::from_millis(50)), if to_server && to.is_some() => {
+            _ = tokio::time::sleep(Duration::from_millis(50)), if ends_server && to.is_some() => {
                 if frozen() {
                     to = None;
                 }
@@ -766,7 +778,7 @@ async fn freezable(
             Ok(n) => n,
         };
         if frozen() {
-            if to_server {
+            if ends_server {
                 to = None;
             }
             continue;
