@@ -533,10 +533,18 @@ async fn sweep(
         }
     };
     let (user, chunk) = (user.as_deref(), settings.refill.chunk_size);
-    let report =
-        crate::refill::sweep_asked(&pool, policy, month, Utc::now(), user, chunk, progress)
-            .await
-            .map_err(ledger_error)?;
+    let stall = crate::db::stall_bound(&settings.database);
+    let report = crate::refill::sweep_asked(
+        crate::refill::Sweeper { pool: &pool, stall },
+        policy,
+        month,
+        Utc::now(),
+        user,
+        chunk,
+        progress,
+    )
+    .await
+    .map_err(ledger_error)?;
     // The `refill` command's result object (SPEC §8); the rest goes to the log.
     let result = json!({
         "month": report.month,

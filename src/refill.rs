@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::clock::Clock;
-pub use crate::ledger::{sweep, sweep_asked, Month, MonthError, SweepReport};
+pub use crate::ledger::{sweep, sweep_asked, Month, MonthError, SweepReport, Sweeper};
 use crate::ledger::{sweep_exclusive, RefillPolicy};
 
 /// The cron schedule of the sweep, evaluated in UTC.
@@ -45,6 +45,8 @@ pub(crate) struct Scheduler {
     pub schedule: Schedule,
     pub chunk: i64,
     pub clock: Arc<dyn Clock>,
+    /// The bound of a sweep statement's wait (`db::stall_bound`).
+    pub stall: Option<std::time::Duration>,
 }
 
 impl Scheduler {
@@ -78,7 +80,7 @@ impl Scheduler {
         let mut delays = crate::retry::backoff();
         loop {
             let swept = tokio::select! {
-                swept = sweep_exclusive(&self.pool, self.policy, month, self.chunk) => swept,
+                swept = sweep_exclusive(crate::ledger::Sweeper { pool: &self.pool, stall: self.stall }, self.policy, month, self.chunk) => swept,
                 // Ranges committed so far stay refilled; the next start catches up the rest.
                 _ = stop.cancelled() => {
                     info!(%month, "refill sweep given up for shutdown; the next start completes it");

@@ -296,6 +296,7 @@ impl Parts {
             schedule,
             chunk: settings.refill.chunk_size,
             clock: clock.clone(),
+            stall: crate::db::stall_bound(&settings.database),
         });
         // Whose copies (dead letters, replays) carry the producer in a header.
         let own_user = crate::amqp::producer::own_user(&settings.amqp.url);

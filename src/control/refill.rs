@@ -52,8 +52,17 @@ pub async fn run(ctx: &Context, req: &Request) -> Result<Value, ControlError> {
     let pool = ctx.ledger.pool();
     let (user, chunk) = (req.user_id.as_deref(), refill.chunk_size);
     let now = ctx.clock.now();
-    let report =
-        crate::refill::sweep_asked(pool, policy, req.month, now, user, chunk, |_| {}).await?;
+    let stall = crate::db::stall_bound(&ctx.settings.database);
+    let report = crate::refill::sweep_asked(
+        crate::refill::Sweeper { pool, stall },
+        policy,
+        req.month,
+        now,
+        user,
+        chunk,
+        |_| {},
+    )
+    .await?;
     info!(month = %report.month, users_refilled = report.users_refilled, credits_granted = report.credits_granted, users_evaluated = report.users_evaluated, duration_ms = report.duration_ms, "refill sweep done (control)");
     to_result(&Reply {
         month: report.month,

@@ -30,7 +30,7 @@ pub(crate) use decision::{
 };
 pub use month::{Month, MonthError};
 pub(crate) use sweep::sweep_exclusive;
-pub use sweep::{sweep, sweep_asked, SweepReport};
+pub use sweep::{sweep, sweep_asked, SweepReport, Sweeper};
 
 use crate::events::ExecutionRef;
 

@@ -2,7 +2,7 @@
 //! topped up to the target, `chunk` users per transaction.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
@@ -45,13 +45,22 @@ impl SweepReport {
     }
 }
 
+/// Where a sweep writes: the pool, and the bound of each statement's wait (`db::stall_bound`):
+/// a range whose connection went silent fails, as one that may clear, instead of holding the
+/// sweep for ever.
+#[derive(Clone, Copy)]
+pub struct Sweeper<'a> {
+    pub pool: &'a PgPool,
+    pub stall: Option<Duration>,
+}
+
 /// Refills every user for `month` (or only `user_id`), `chunk` users per transaction, by the
 /// rule of [`RefillPolicy::grant`]: users evaluated for that month or a later one are
 /// skipped. Safe to run concurrently: rows are locked in user_id order and re-checked after
 /// the lock, so a user another sweep just refilled is skipped. `progress` sees the running
 /// totals.
 pub async fn sweep(
-    pool: &PgPool,
+    sweeper: Sweeper<'_>,
     policy: RefillPolicy,
     month: Month,
     user_id: Option<&str>,
@@ -64,9 +73,12 @@ pub async fn sweep(
         ..Default::default()
     };
     match user_id {
-        Some(user) => sweep_one(pool, policy, month, user, &mut report).await?,
+        Some(user) => {
+            let one = sweep_one(sweeper.pool, policy, month, user, &mut report);
+            crate::db::bounded(sweeper.stall, one).await?
+        }
         None => {
-            let swept = sweep_all(pool, policy, month, chunk, &mut report, progress).await;
+            let swept = sweep_all(sweeper, policy, month, chunk, &mut report, progress).await;
             if let Err(e) = &swept {
                 // The error is what the caller reports; what the committed ranges granted
                 // stays, and is said here.
@@ -91,7 +103,7 @@ pub async fn sweep(
 /// user evaluated for it or a later one gets nothing, so naming a month again changes
 /// nothing.
 pub async fn sweep_asked(
-    pool: &PgPool,
+    sweeper: Sweeper<'_>,
     policy: RefillPolicy,
     named: Option<Month>,
     now: DateTime<Utc>,
@@ -107,12 +119,12 @@ pub async fn sweep_asked(
         // refills them again until then.
         warn!(%month, %current, "refilling a month after the current one: its users get no refill before it");
     }
-    sweep(pool, policy, month, user_id, chunk, progress).await
+    sweep(sweeper, policy, month, user_id, chunk, progress).await
 }
 
 /// [`sweep`] of everyone, unless another replica holds the sweep lock (then `None`).
 pub(crate) async fn sweep_exclusive(
-    pool: &PgPool,
+    sweeper: Sweeper<'_>,
     policy: RefillPolicy,
     month: Month,
     chunk: i64,
@@ -120,12 +132,15 @@ pub(crate) async fn sweep_exclusive(
     // The lock is the session's, so the session is kept out of the pool: closed or dropped
     // (a sweep given up at shutdown), it ends and the lock with it, rather than going back
     // to the pool still holding it.
-    let mut lock_conn = pool.acquire().await?.detach();
-    if !store::try_sweep_lock(&mut lock_conn).await? {
+    let stall = sweeper.stall;
+    let mut lock_conn = crate::db::bounded(stall, sweeper.pool.acquire())
+        .await?
+        .detach();
+    if !crate::db::bounded(stall, store::try_sweep_lock(&mut lock_conn)).await? {
         let _ = lock_conn.close().await;
         return Ok(None);
     }
-    let result = sweep(pool, policy, month, None, chunk, |_| {}).await;
+    let result = sweep(sweeper, policy, month, None, chunk, |_| {}).await;
     let _ = lock_conn.close().await;
     result.map(Some)
 }
@@ -159,7 +174,7 @@ const PARALLEL_CHUNKS: usize = 2;
 /// never overlap and each is one transaction; accounts created behind the cursor meanwhile are
 /// left to the lazy refill, as with any sweep that has passed them.
 async fn sweep_all(
-    pool: &PgPool,
+    sweeper: Sweeper<'_>,
     policy: RefillPolicy,
     month: Month,
     chunk: i64,
@@ -204,7 +219,8 @@ async fn sweep_all(
         // would hold its connection and its row locks meanwhile, and with a small pool the
         // read could wait for that very connection.
         let through = {
-            let end = store::refill_chunk_end(pool, &after, chunk);
+            let end = store::refill_chunk_end(sweeper.pool, &after, chunk);
+            let end = crate::db::bounded(sweeper.stall, end);
             tokio::pin!(end);
             loop {
                 tokio::select! {
@@ -215,7 +231,7 @@ async fn sweep_all(
         };
         if let Some(through) = through {
             cursor = Some(through.clone());
-            running.push(sweep_range(pool, &grant, &splits, after, through));
+            running.push(sweep_range(sweeper, &grant, &splits, after, through));
         }
     }
     failed.map_or(Ok(()), Err)
@@ -259,14 +275,14 @@ impl Swept {
 /// such account holds up no other's refill. A failure that may clear fails the whole range,
 /// which the sweep's retry takes again.
 fn sweep_range<'a>(
-    pool: &'a PgPool,
+    sweeper: Sweeper<'a>,
     grant: &'a RefillGrant<'a>,
     splits: &'a AtomicUsize,
     after: String,
     through: String,
 ) -> BoxFuture<'a, Swept> {
     Box::pin(async move {
-        let e = match sweep_chunk(pool, grant, after.clone(), through.clone()).await {
+        let e = match sweep_chunk(sweeper, grant, after.clone(), through.clone()).await {
             Ok(totals) => {
                 return Swept {
                     totals,
@@ -288,7 +304,8 @@ fn sweep_range<'a>(
         if !may_split {
             return failed(e);
         }
-        let middle = match store::range_middle(pool, &after, &through).await {
+        let middle = store::range_middle(sweeper.pool, &after, &through);
+        let middle = match crate::db::bounded(sweeper.stall, middle).await {
             Ok(Some(middle)) => middle,
             // One account: it is the one that fails.
             Ok(None) => {
@@ -299,8 +316,8 @@ fn sweep_range<'a>(
             // takes the range again.
             Err(m) => return failed(graver(Some(e), m.into())),
         };
-        let first = sweep_range(pool, grant, splits, after, middle.clone()).await;
-        let second = sweep_range(pool, grant, splits, middle, through).await;
+        let first = sweep_range(sweeper, grant, splits, after, middle.clone()).await;
+        let second = sweep_range(sweeper, grant, splits, middle, through).await;
         Swept {
             totals: first.totals.plus(second.totals),
             failed: match second.failed {
@@ -313,17 +330,18 @@ fn sweep_range<'a>(
 
 /// One range (`after`, `through`] in one transaction.
 async fn sweep_chunk(
-    pool: &PgPool,
+    sweeper: Sweeper<'_>,
     grant: &RefillGrant<'_>,
     after: String,
     through: String,
 ) -> Result<RefillTotals, LedgerError> {
     let chunk = async {
-        let mut tx = pool.begin().await?;
+        let mut tx = sweeper.pool.begin().await?;
         let totals = store::refill_chunk(&mut tx, &after, &through, grant, Utc::now()).await?;
         tx.commit().await?;
         Ok::<_, sqlx::Error>(totals)
     };
+    let chunk = crate::db::bounded(sweeper.stall, chunk);
     chunk.await.map_err(LedgerError::from).inspect_err(|e| {
         warn!(error = %e, after = %after, through = %through, "refill of a range of users failed; sweeping on");
     })

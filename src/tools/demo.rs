@@ -452,7 +452,10 @@ async fn drive(
     let balances = read_balances(pool).await?;
     // Next month's refill tops every account, carol's debt included, back up to the target.
     let refill = crate::ledger::sweep::sweep(
-        pool,
+        crate::ledger::sweep::Sweeper {
+            pool,
+            stall: crate::db::stall_bound(&demo.database),
+        },
         RefillPolicy {
             target: demo.refill.target,
         },

@@ -947,3 +947,51 @@ async fn creating_the_database_through_a_server_gone_silent_fails_rather_than_ha
     held.abort();
     env.cleanup().await;
 }
+
+/// A sweep whose database connection goes silent while a range waits for a row fails at the
+/// stall bound (two statement timeouts and a second), saying so, instead of waiting for ever;
+/// run again, it refills every account once.
+#[tokio::test]
+async fn a_sweep_whose_database_goes_silent_fails_rather_than_hang() {
+    let env = TestEnv::with(no_refill).await;
+    seed(&env, user_names(10), 100).await;
+    let proxy = FreezingProxy::before_database(&env.settings.database.url).await;
+    let mut holder = env.pool.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM credit.balances WHERE user_id = 'u0' FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .expect("hold u0's row");
+    let mut cmd = tokio::process::Command::from(env.cli_command(&["sweep"]));
+    cmd.env(
+        "DATABASE_URL",
+        through_proxy(&env.settings.database.url, proxy.port),
+    )
+    .env("CREDIT_WORKER__DATABASE__STATEMENT_TIMEOUT_MS", "500")
+    .kill_on_drop(true);
+    let sweep = cmd.output();
+    tokio::pin!(sweep);
+    tokio::select! {
+        _ = env.wait_for_one_lock_waiter(T, "the sweep waiting for u0's row") => {}
+        out = &mut sweep => panic!("the sweep ended before it waited: {out:?}"),
+    }
+    proxy.freeze();
+    let out = tokio::time::timeout(Duration::from_secs(30), sweep)
+        .await
+        .expect("the sweep still waiting after 30 s")
+        .expect("run the CLI");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("no answer from the database within 2s"),
+        "{stderr}"
+    );
+    holder.commit().await.expect("release u0's row");
+    let report = env.cli_json(&["sweep"]);
+    assert_eq!(
+        (&report["users_refilled"], &report["credits_granted"]),
+        (&serde_json::json!(10), &serde_json::json!(9000)),
+        "{report}"
+    );
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}

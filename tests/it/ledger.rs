@@ -588,8 +588,8 @@ async fn sweep_refills_each_user_once_even_when_run_twice_at_once() {
     let policy = credit_worker::ledger::RefillPolicy { target: 1000 };
     let month: Month = "2026-12".parse().unwrap();
     let (a, b) = tokio::join!(
-        refill::sweep(&env.pool, policy, month, None, 7, |_| {}),
-        refill::sweep(&env.pool, policy, month, None, 7, |_| {}),
+        refill::sweep(on(&env.pool), policy, month, None, 7, |_| {}),
+        refill::sweep(on(&env.pool), policy, month, None, 7, |_| {}),
     );
     let (a, b) = (a.unwrap(), b.unwrap());
     assert_eq!(a.users_refilled + b.users_refilled, 3 + 200);
@@ -597,7 +597,7 @@ async fn sweep_refills_each_user_once_even_when_run_twice_at_once() {
         a.credits_granted + b.credits_granted,
         1000 + 600 + 1 + 200 * 1000
     );
-    let again = refill::sweep(&env.pool, policy, month, None, 50, |_| {})
+    let again = refill::sweep(on(&env.pool), policy, month, None, 50, |_| {})
         .await
         .unwrap();
     assert_eq!((again.users_refilled, again.credits_granted), (0, 0));
@@ -684,7 +684,7 @@ async fn sweep_sql_and_the_rust_refill_rule_agree() {
     for (case, balance, evaluated) in &cases {
         let user = format!("rust-{case}");
         let one = refill::sweep_asked(
-            &env.pool,
+            on(&env.pool),
             policy,
             Some(month),
             Utc::now(),
@@ -705,9 +705,17 @@ async fn sweep_sql_and_the_rust_refill_rule_agree() {
             expected = (expected.0 + 1, expected.1 + i128::from(grant.unwrap_or(0)));
         }
     }
-    let all = refill::sweep_asked(&env.pool, policy, Some(month), Utc::now(), None, 3, |_| {})
-        .await
-        .unwrap();
+    let all = refill::sweep_asked(
+        on(&env.pool),
+        policy,
+        Some(month),
+        Utc::now(),
+        None,
+        3,
+        |_| {},
+    )
+    .await
+    .unwrap();
     // The deep debt's grant and the others' together: past what one balance holds, and
     // reported exactly.
     assert!(expected.1 > i128::from(i64::MAX), "{expected:?}");
@@ -736,7 +744,7 @@ async fn a_month_evaluated_for_a_user_is_final() {
         let pool = env.pool.clone();
         let named = month(named);
         async move {
-            let r = refill::sweep_asked(&pool, policy, named, now, user, 10, |_| {});
+            let r = refill::sweep_asked(on(&pool), policy, named, now, user, 10, |_| {});
             let r = r.await.unwrap();
             (r.users_refilled, r.credits_granted)
         }
@@ -802,10 +810,9 @@ async fn a_sweep_that_waits_for_another_refill_of_the_user_skips_it() {
     // Everyone's sweep, which waits for the row; then the user's own, after the commit.
     for user in [None, Some("x")] {
         let pool = env.pool.clone();
-        let sweep =
-            tokio::spawn(
-                async move { refill::sweep(&pool, policy, november, user, 10, |_| {}).await },
-            );
+        let sweep = tokio::spawn(async move {
+            refill::sweep(on(&pool), policy, november, user, 10, |_| {}).await
+        });
         if let Some(held) = other.take() {
             env.wait_for_one_lock_waiter(Duration::from_secs(10), "the sweep waiting for the row")
                 .await;
@@ -1290,7 +1297,7 @@ async fn only_its_fulfilment_answers_an_outstanding_top_up_request() {
     assert!(r.requested);
     let policy = credit_worker::ledger::RefillPolicy { target: 1000 };
     let month: Month = "2031-07".parse().unwrap();
-    let swept = refill::sweep(&env.pool, policy, month, None, 10, |_| {})
+    let swept = refill::sweep(on(&env.pool), policy, month, None, 10, |_| {})
         .await
         .unwrap();
     assert_eq!(swept.credits_granted, 900);
@@ -1796,7 +1803,7 @@ async fn a_sweep_chunk_writes_its_events_a_thousand_to_a_row() {
     .unwrap();
     let policy = credit_worker::ledger::RefillPolicy { target: 1000 };
     let month: Month = "2026-12".parse().unwrap();
-    let report = refill::sweep(&env.pool, policy, month, None, 2500, |_| {})
+    let report = refill::sweep(on(&env.pool), policy, month, None, 2500, |_| {})
         .await
         .unwrap();
     assert_eq!(
@@ -1843,7 +1850,7 @@ async fn event_ids_name_one_user_and_key_even_with_colons() {
         .unwrap();
     let policy = credit_worker::ledger::RefillPolicy { target: 100 };
     let month: Month = "2026-12".parse().unwrap();
-    refill::sweep(&env.pool, policy, month, None, 2, |_| {})
+    refill::sweep(on(&env.pool), policy, month, None, 2, |_| {})
         .await
         .unwrap();
     let mut ids: Vec<String> = stored_events(&env).await.into_iter().map(|e| e.0).collect();
@@ -2193,7 +2200,7 @@ async fn a_range_that_cannot_be_refilled_holds_up_no_other() {
     .unwrap();
     let policy = credit_worker::ledger::RefillPolicy { target: 100 };
     let month: Month = "2026-12".parse().unwrap();
-    let swept = refill::sweep(&env.pool, policy, month, None, 2, |_| {}).await;
+    let swept = refill::sweep(on(&env.pool), policy, month, None, 2, |_| {}).await;
     let e = swept.expect_err("r03's range fails");
     assert_eq!(
         e.to_string(),
@@ -2224,7 +2231,7 @@ async fn a_debt_too_deep_to_refill_is_refused_not_granted_less() {
     }
     let policy = credit_worker::ledger::RefillPolicy { target: 1000 };
     let month: Month = "2026-12".parse().unwrap();
-    let swept = refill::sweep(&env.pool, policy, month, None, 3, |_| {}).await;
+    let swept = refill::sweep(on(&env.pool), policy, month, None, 3, |_| {}).await;
     let e = swept.expect_err("d1 is refused");
     assert_eq!(
         e.to_string(),
@@ -2235,7 +2242,7 @@ async fn a_debt_too_deep_to_refill_is_refused_not_granted_less() {
     assert_eq!(env.scalar_i64(&balance("d2")).await, 1000);
     assert_eq!(env.scalar_i64(&balance("d1")).await, -i64::MAX + 999);
     let one = refill::sweep_asked(
-        &env.pool,
+        on(&env.pool),
         policy,
         Some(month),
         Utc::now(),
@@ -2528,4 +2535,9 @@ async fn a_month_report_counts_the_rows_of_its_first_and_last_instants() {
         (1, 111, 1)
     );
     env.cleanup().await;
+}
+
+/// A sweep on `pool` with no bound on its statements' wait.
+fn on(pool: &sqlx::PgPool) -> refill::Sweeper<'_> {
+    refill::Sweeper { pool, stall: None }
 }

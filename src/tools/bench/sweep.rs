@@ -50,9 +50,18 @@ pub async fn run(
     let chunk = settings.refill.chunk_size;
     let bar = super::progress(users, "sweep");
     let started = Instant::now();
-    let report = crate::refill::sweep(&pool, policy, Month::of(Utc::now()), None, chunk, |r| {
-        bar.set_position(u64::try_from(r.users_evaluated).unwrap_or(0));
-    })
+    let stall = crate::db::stall_bound(&settings.database);
+    let month = Month::of(Utc::now());
+    let report = crate::refill::sweep(
+        crate::refill::Sweeper { pool: &pool, stall },
+        policy,
+        month,
+        None,
+        chunk,
+        |r| {
+            bar.set_position(u64::try_from(r.users_evaluated).unwrap_or(0));
+        },
+    )
     .await?;
     let seconds = started.elapsed().as_secs_f64().max(1e-9);
     bar.finish_and_clear();
