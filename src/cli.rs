@@ -520,18 +520,6 @@ async fn sweep(
     let policy = crate::ledger::RefillPolicy {
         target: settings.refill.target,
     };
-    let progress = |r: &crate::refill::SweepReport| {
-        // Best effort: a closed stderr must not stop the sweep half-way.
-        if !json {
-            let _ = writeln!(
-                std::io::stderr(),
-                "  … {} users evaluated, {} refilled, {} credits",
-                r.users_evaluated,
-                r.users_refilled,
-                r.credits_granted
-            );
-        }
-    };
     let (user, chunk) = (user.as_deref(), settings.refill.chunk_size);
     let stall = crate::db::stall_bound(&settings.database);
     let report = crate::refill::sweep_asked(
@@ -541,7 +529,7 @@ async fn sweep(
         Utc::now(),
         user,
         chunk,
-        progress,
+        |r| sweep_progress(json, r),
     )
     .await
     .map_err(ledger_error)?;
@@ -572,6 +560,20 @@ async fn sweep(
         )
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// A sweep's running totals on stderr, for a person watching (not with `--json`).
+fn sweep_progress(json: bool, r: &crate::refill::SweepReport) {
+    // Best effort: a closed stderr must not stop the sweep half-way.
+    if !json {
+        let _ = writeln!(
+            std::io::stderr(),
+            "  … {} users evaluated, {} refilled, {} credits",
+            r.users_evaluated,
+            r.users_refilled,
+            r.credits_granted
+        );
+    }
 }
 
 async fn balance(settings: &Settings, json: bool, user: &str) -> anyhow::Result<ExitCode> {

@@ -408,32 +408,12 @@ impl<'de> Visitor<'de> for EntrySeed<'_> {
                     once(&mut raw.stats, "stats", || stats(text))
                 }
                 Key::Phase => {
-                    let expected = "\"started\" or \"completed\"";
-                    let v = field_value(&mut map, self.tolerant, "phase", expected)?;
-                    // null is the field left out, as for the other optional fields.
-                    once(&mut raw.phase, "phase", || match v? {
-                        Value::Null => Ok(Phase::Started),
-                        Value::String(s) if s == "started" => Ok(Phase::Started),
-                        Value::String(s) if s == "completed" => Ok(Phase::Completed),
-                        _ => Err(DecodeError::Unknown {
-                            field: "phase",
-                            expected,
-                        }),
-                    })
+                    let v = field_value(&mut map, self.tolerant, "phase", PHASES)?;
+                    once(&mut raw.phase, "phase", || phase(v?))
                 }
                 Key::Status => {
-                    let expected = "\"COMPLETED\", \"FAILED\" or \"TERMINATED\"";
-                    let v = field_value(&mut map, self.tolerant, "status", expected)?;
-                    once(&mut raw.status, "status", || match v? {
-                        Value::Null => Ok(RunStatus::Completed),
-                        Value::String(s) if s == "COMPLETED" => Ok(RunStatus::Completed),
-                        Value::String(s) if s == "FAILED" => Ok(RunStatus::Failed),
-                        Value::String(s) if s == "TERMINATED" => Ok(RunStatus::Terminated),
-                        _ => Err(DecodeError::Unknown {
-                            field: "status",
-                            expected,
-                        }),
-                    })
+                    let v = field_value(&mut map, self.tolerant, "status", STATUSES)?;
+                    once(&mut raw.status, "status", || status(v?))
                 }
             };
             if let Err(err) = checked {
@@ -442,6 +422,35 @@ impl<'de> Visitor<'de> for EntrySeed<'_> {
             }
         }
         Ok(raw)
+    }
+}
+
+const PHASES: &str = "\"started\" or \"completed\"";
+const STATUSES: &str = "\"COMPLETED\", \"FAILED\" or \"TERMINATED\"";
+
+/// `phase`; null is the field left out, as for the other optional fields.
+fn phase(v: Value) -> Result<Phase, DecodeError> {
+    match v {
+        Value::Null => Ok(Phase::Started),
+        Value::String(s) if s == "started" => Ok(Phase::Started),
+        Value::String(s) if s == "completed" => Ok(Phase::Completed),
+        _ => Err(DecodeError::Unknown {
+            field: "phase",
+            expected: PHASES,
+        }),
+    }
+}
+
+fn status(v: Value) -> Result<RunStatus, DecodeError> {
+    match v {
+        Value::Null => Ok(RunStatus::Completed),
+        Value::String(s) if s == "COMPLETED" => Ok(RunStatus::Completed),
+        Value::String(s) if s == "FAILED" => Ok(RunStatus::Failed),
+        Value::String(s) if s == "TERMINATED" => Ok(RunStatus::Terminated),
+        _ => Err(DecodeError::Unknown {
+            field: "status",
+            expected: STATUSES,
+        }),
     }
 }
 
