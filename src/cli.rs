@@ -521,9 +521,8 @@ async fn sweep(
         target: settings.refill.target,
     };
     let (user, chunk) = (user.as_deref(), settings.refill.chunk_size);
-    let stall = crate::db::stall_bound(&settings.database);
     let report = crate::refill::sweep_asked(
-        crate::refill::Sweeper { pool: &pool, stall },
+        crate::refill::Sweeper::new(&pool, &settings.database),
         policy,
         month,
         Utc::now(),

@@ -290,7 +290,7 @@ pub(crate) async fn bounded<T, E: From<sqlx::Error>>(
 }
 
 /// The error of a connection that did not answer within `limit`.
-pub(crate) fn stalled(limit: Duration) -> sqlx::Error {
+fn stalled(limit: Duration) -> sqlx::Error {
     sqlx::Error::Io(std::io::Error::new(
         std::io::ErrorKind::TimedOut,
         format!("no answer from the database within {limit:?}; the connection is given up"),

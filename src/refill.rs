@@ -79,8 +79,12 @@ impl Scheduler {
     async fn sweep(&self, month: Month, stop: &CancellationToken) {
         let mut delays = crate::retry::backoff();
         loop {
+            let sweeper = crate::ledger::Sweeper {
+                pool: &self.pool,
+                stall: self.stall,
+            };
             let swept = tokio::select! {
-                swept = sweep_exclusive(crate::ledger::Sweeper { pool: &self.pool, stall: self.stall }, self.policy, month, self.chunk) => swept,
+                swept = sweep_exclusive(sweeper, self.policy, month, self.chunk) => swept,
                 // Ranges committed so far stay refilled; the next start catches up the rest.
                 _ = stop.cancelled() => {
                     info!(%month, "refill sweep given up for shutdown; the next start completes it");

@@ -8,18 +8,18 @@ use super::ControlError;
 /// Refuses a command object that gives a field more than once: of two amounts (or two
 /// commands), which was meant is unknowable.
 pub(crate) fn check_fields_once(body: &[u8]) -> Result<(), ControlError> {
-    match crate::message::repeated_key(body, |_| true) {
-        // A name no field has (empty, spaced) is quoted, so the message still reads.
-        Some(f) if f.is_empty() || !f.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') => {
-            Err(ControlError::bad_request(format!(
-                "{f:?}: given more than once"
-            )))
-        }
-        Some(field) => Err(ControlError::bad_request(format!(
-            "{field}: given more than once"
-        ))),
-        None => Ok(()),
-    }
+    let Some(field) = crate::message::repeated_key(body, |_| true) else {
+        return Ok(());
+    };
+    // A name no field has (empty, spaced) is quoted, so the message still reads.
+    let plain = !field.is_empty()
+        && field
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    let name = if plain { field } else { format!("{field:?}") };
+    Err(ControlError::bad_request(format!(
+        "{name}: given more than once"
+    )))
 }
 
 /// 2^63: the first float beyond i64.

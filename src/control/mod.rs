@@ -187,16 +187,20 @@ pub(crate) async fn execute(
     let horizon = Duration::from_secs(ctx.settings.control.unanswered_retry_s);
     let db = &ctx.settings.database;
     let stall = crate::db::stall_bound(db);
-    // Until when an answered command is retried past ATTEMPTS: after a stall, the attempt
-    // given up may hold its row locks on the server until the server ends it as idle in its
-    // transaction (twice the bound), and each try meanwhile waits a statement timeout for
-    // them. Retried only ATTEMPTS times, the command would fail for its own earlier try.
+    // Until when an answered command is retried past ATTEMPTS: a try that failed after the
+    // stall bound was given up on a silent connection (or waited as long), and may hold its
+    // row locks on the server until the server ends it as idle in its transaction (twice the
+    // bound); each try meanwhile waits a statement timeout for them. Retried only ATTEMPTS
+    // times, the command would fail for its own earlier try.
     let mut recovering_until = None;
     loop {
-        let (ran, stalled) = run_once(ctx, &command, stall, stop).await?;
-        if let (true, Some(bound)) = (stalled, stall) {
-            let statement = Duration::from_millis(db.statement_timeout_ms);
-            recovering_until = Some(Instant::now() + bound * 2 + statement);
+        let began = Instant::now();
+        let ran = run_once(ctx, &command, stall, stop).await?;
+        if let (Err(_), Some(bound)) = (&ran, stall) {
+            if began.elapsed() >= bound {
+                let statement = Duration::from_millis(db.statement_timeout_ms);
+                recovering_until = Some(Instant::now() + bound * 2 + statement);
+            }
         }
         let recovering = recovering_until.is_some_and(|t| Instant::now() < t);
         match ran {
@@ -216,36 +220,29 @@ pub(crate) async fn execute(
     }
 }
 
-/// One run of `command`, and whether it was given up for a silent connection; None when
-/// `stop` ended a sweep.
+/// One run of `command`; None when `stop` ended a sweep.
 async fn run_once(
     ctx: &Context,
     command: &Command,
     stall: Option<Duration>,
     stop: &CancellationToken,
-) -> Option<(Result<Value, ControlError>, bool)> {
+) -> Option<Result<Value, ControlError>> {
     let run = guarded(command.run(ctx));
     if matches!(command, Command::Refill(_)) {
-        // A sweep may take minutes: given up at shutdown as the scheduled one is. The ranges
-        // it committed stay, and the command, not acked, comes back at the next start, which
-        // skips them.
+        // A sweep may take minutes: its statements are bounded each, and the sweep is given
+        // up at shutdown as the scheduled one is. The ranges it committed stay, and the
+        // command, not acked, comes back at the next start, which skips them.
         return tokio::select! {
             // A sweep that finished as the stop came is answered, not run again.
             biased;
-            ran = run => Some((ran, false)),
+            ran = run => Some(ran),
             _ = stop.cancelled() => None,
         };
     }
     // Other commands are short. One whose connection went silent (a peer or path that drops
     // packets without a reset) would hold it, and every command behind it, for ever: it is
     // given up at the bound a decision has, and tried again on a new one.
-    let Some(limit) = stall else {
-        return Some((run.await, false));
-    };
-    Some(match tokio::time::timeout(limit, run).await {
-        Ok(ran) => (ran, false),
-        Err(_) => (Err(crate::db::stalled(limit).into()), true),
-    })
+    Some(crate::db::bounded(stall, run).await)
 }
 
 /// The command a message carries, once its sender is authorised; an unkeyed credit is keyed

@@ -52,9 +52,8 @@ pub async fn run(ctx: &Context, req: &Request) -> Result<Value, ControlError> {
     let pool = ctx.ledger.pool();
     let (user, chunk) = (req.user_id.as_deref(), refill.chunk_size);
     let now = ctx.clock.now();
-    let stall = crate::db::stall_bound(&ctx.settings.database);
     let report = crate::refill::sweep_asked(
-        crate::refill::Sweeper { pool, stall },
+        crate::refill::Sweeper::new(pool, &ctx.settings.database),
         policy,
         req.month,
         now,

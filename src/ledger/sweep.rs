@@ -54,6 +54,16 @@ pub struct Sweeper<'a> {
     pub stall: Option<Duration>,
 }
 
+impl<'a> Sweeper<'a> {
+    /// On `pool`, with the stall bound of the database `settings`.
+    pub fn new(pool: &'a PgPool, settings: &crate::db::DatabaseSettings) -> Self {
+        Sweeper {
+            pool,
+            stall: crate::db::stall_bound(settings),
+        }
+    }
+}
+
 /// Refills every user for `month` (or only `user_id`), `chunk` users per transaction, by the
 /// rule of [`RefillPolicy::grant`]: users evaluated for that month or a later one are
 /// skipped. Safe to run concurrently: rows are locked in user_id order and re-checked after

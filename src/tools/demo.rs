@@ -452,10 +452,7 @@ async fn drive(
     let balances = read_balances(pool).await?;
     // Next month's refill tops every account, carol's debt included, back up to the target.
     let refill = crate::ledger::sweep::sweep(
-        crate::ledger::sweep::Sweeper {
-            pool,
-            stall: crate::db::stall_bound(&demo.database),
-        },
+        crate::ledger::sweep::Sweeper::new(pool, &demo.database),
         RefillPolicy {
             target: demo.refill.target,
         },

@@ -50,10 +50,9 @@ pub async fn run(
     let chunk = settings.refill.chunk_size;
     let bar = super::progress(users, "sweep");
     let started = Instant::now();
-    let stall = crate::db::stall_bound(&settings.database);
     let month = Month::of(Utc::now());
     let report = crate::refill::sweep(
-        crate::refill::Sweeper { pool: &pool, stall },
+        crate::refill::Sweeper::new(&pool, &settings.database),
         policy,
         month,
         None,
