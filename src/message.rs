@@ -386,22 +386,13 @@ impl<'de> Visitor<'de> for EntrySeed<'_> {
                 }
                 Key::Inputs => {
                     let v = user_data(&mut map, self.tolerant)?;
-                    once(&mut raw.inputs, "inputs", || match v {
-                        Value::Object(m) => Ok(m),
-                        other => Err(wrong("inputs", "an object", &other)),
-                    })
+                    once(&mut raw.inputs, "inputs", || inputs(v))
                 }
                 Key::ExecutionContext => {
                     let v = user_data(&mut map, self.tolerant)?;
-                    once(
-                        &mut raw.execution_context,
-                        "execution_context",
-                        || match v {
-                            Value::Object(m) => Ok(Some(m)),
-                            Value::Null => Ok(None),
-                            other => Err(wrong("execution_context", "an object or null", &other)),
-                        },
-                    )
+                    once(&mut raw.execution_context, "execution_context", || {
+                        execution_context(v)
+                    })
                 }
                 Key::Stats => {
                     let text = map.next_value::<&'de RawValue>()?;
@@ -429,6 +420,21 @@ const PHASES: &str = "\"started\" or \"completed\"";
 const STATUSES: &str = "\"COMPLETED\", \"FAILED\" or \"TERMINATED\"";
 
 /// `phase`; null is the field left out, as for the other optional fields.
+fn inputs(v: Value) -> Result<Map<String, Value>, DecodeError> {
+    match v {
+        Value::Object(m) => Ok(m),
+        other => Err(wrong("inputs", "an object", &other)),
+    }
+}
+
+fn execution_context(v: Value) -> Result<Option<Map<String, Value>>, DecodeError> {
+    match v {
+        Value::Object(m) => Ok(Some(m)),
+        Value::Null => Ok(None),
+        other => Err(wrong("execution_context", "an object or null", &other)),
+    }
+}
+
 fn phase(v: Value) -> Result<Phase, DecodeError> {
     match v {
         Value::Null => Ok(Phase::Started),

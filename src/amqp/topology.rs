@@ -105,86 +105,67 @@ pub(crate) fn locked(e: &lapin::Error) -> bool {
 /// Declares the whole topology; idempotent.
 pub async fn declare(ch: &Channel, settings: &AmqpSettings) -> Result<Names, lapin::Error> {
     let names = Names::new(&settings.namespace);
-    ch.exchange_declare(
-        names.dlx.as_str().into(),
-        ExchangeKind::Fanout,
-        durable(),
-        FieldTable::default(),
-    )
-    .await?;
-    ch.queue_declare(
-        names.dead_queue.as_str().into(),
-        durable_queue(),
-        queue_args(settings),
-    )
-    .await?;
-    ch.queue_bind(
-        names.dead_queue.as_str().into(),
-        names.dlx.as_str().into(),
-        "".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
+    exchange(ch, &names.dlx, ExchangeKind::Fanout).await?;
+    queue(ch, &names.dead_queue, queue_args(settings)).await?;
+    bind(ch, &names.dead_queue, &names.dlx, "").await?;
+
+    exchange(ch, &names.input_exchange, ExchangeKind::Direct).await?;
+    queue(ch, &names.input_queue, input_args(settings, &names)).await?;
+    bind(
+        ch,
+        &names.input_queue,
+        &names.input_exchange,
+        INPUT_ROUTING_KEY,
     )
     .await?;
 
-    let mut input_args = queue_args(settings);
-    input_args.insert(
+    exchange(ch, &names.events, ExchangeKind::Topic).await?;
+    queue(ch, &names.control, FieldTable::default()).await?;
+    Ok(names)
+}
+
+/// The input queue's arguments: its dead letters go to the DLX, and a quorum queue gives up a
+/// message redelivered `amqp.delivery_limit` times.
+fn input_args(settings: &AmqpSettings, names: &Names) -> FieldTable {
+    let mut args = queue_args(settings);
+    args.insert(
         "x-dead-letter-exchange".into(),
         AMQPValue::LongString(names.dlx.as_str().into()),
     );
     if settings.queue_type == QueueType::Quorum {
-        input_args.insert(
+        args.insert(
             "x-delivery-limit".into(),
             AMQPValue::LongLongInt(i64::from(settings.delivery_limit)),
         );
     }
-    ch.exchange_declare(
-        names.input_exchange.as_str().into(),
-        ExchangeKind::Direct,
-        durable(),
-        FieldTable::default(),
-    )
-    .await?;
-    ch.queue_declare(
-        names.input_queue.as_str().into(),
-        durable_queue(),
-        input_args,
-    )
-    .await?;
+    args
+}
+
+async fn exchange(ch: &Channel, name: &str, kind: ExchangeKind) -> Result<(), lapin::Error> {
+    ch.exchange_declare(name.into(), kind, durable(), FieldTable::default())
+        .await
+}
+
+async fn queue(ch: &Channel, name: &str, args: FieldTable) -> Result<(), lapin::Error> {
+    ch.queue_declare(name.into(), durable_queue(), args)
+        .await
+        .map(|_| ())
+}
+
+async fn bind(ch: &Channel, queue: &str, exchange: &str, key: &str) -> Result<(), lapin::Error> {
     ch.queue_bind(
-        names.input_queue.as_str().into(),
-        names.input_exchange.as_str().into(),
-        INPUT_ROUTING_KEY.into(),
+        queue.into(),
+        exchange.into(),
+        key.into(),
         QueueBindOptions::default(),
         FieldTable::default(),
     )
-    .await?;
-
-    ch.exchange_declare(
-        names.events.as_str().into(),
-        ExchangeKind::Topic,
-        durable(),
-        FieldTable::default(),
-    )
-    .await?;
-    ch.queue_declare(
-        names.control.as_str().into(),
-        durable_queue(),
-        FieldTable::default(),
-    )
-    .await?;
-    Ok(names)
+    .await
 }
 
 /// Declares a durable topic exchange for events (`credit.events`, or a bench's own).
 pub(crate) async fn declare_events_exchange(ch: &Channel, name: &str) -> Result<(), lapin::Error> {
-    ch.exchange_declare(
-        name.into(),
-        ExchangeKind::Topic,
-        durable(),
-        FieldTable::default(),
-    )
-    .await
+    exchange(ch, name, ExchangeKind::Topic).await
 }
 
 /// A server-named, exclusive, auto-deleted queue (RPC replies, event taps); returns its name.

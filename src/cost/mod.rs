@@ -120,6 +120,25 @@ enum CostType {
     Tokens,
 }
 
+impl CostType {
+    /// Every type by its name in a cost table (`cost_type`).
+    const NAMED: [(&'static str, CostType); 6] = [
+        ("run", CostType::Run),
+        ("second", CostType::Second),
+        ("byte", CostType::Byte),
+        ("items", CostType::Items),
+        ("cost_usd", CostType::CostUsd),
+        ("tokens", CostType::Tokens),
+    ];
+
+    fn named(name: &str) -> Option<CostType> {
+        Self::NAMED
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, t)| *t)
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Entry {
     amount: i64,

@@ -266,54 +266,9 @@ fn parse_entries(value: toml::Value, owner: &str) -> Result<Vec<Entry>, Problem>
 
 fn parse_entry(value: toml::Value) -> Result<Entry, String> {
     let mut table = table_of(value, &ENTRY_KEYS)?;
-    let amount = match table.remove("cost_amount") {
-        Some(toml::Value::Integer(n)) if n >= 0 => n,
-        Some(toml::Value::Integer(n)) => return Err(format!("cost_amount: must be ≥ 0, got {n}")),
-        Some(other) => {
-            return Err(format!(
-                "cost_amount: expected an integer, got {}",
-                toml_type(&other)
-            ))
-        }
-        None => return Err("cost_amount: missing".into()),
-    };
-    let cost_type = match table.remove("cost_type") {
-        Some(toml::Value::String(s)) => match s.as_str() {
-            "run" => CostType::Run,
-            "second" => CostType::Second,
-            "byte" => CostType::Byte,
-            "items" => CostType::Items,
-            "cost_usd" => CostType::CostUsd,
-            "tokens" => CostType::Tokens,
-            _ => {
-                return Err(format!(
-                    "cost_type: unknown variant `{s}`, expected one of `run`, `second`, \
-                     `byte`, `items`, `cost_usd`, `tokens`"
-                ))
-            }
-        },
-        Some(other) => {
-            return Err(format!(
-                "cost_type: expected a string, got {}",
-                toml_type(&other)
-            ))
-        }
-        None => return Err("cost_type: missing".into()),
-    };
-    let filter = match table.remove("cost_filter") {
-        Some(toml::Value::Table(t)) => table_to_json(t, "cost_filter")?,
-        Some(other) => {
-            return Err(format!(
-                "cost_filter: expected a table, got {}",
-                toml_type(&other)
-            ))
-        }
-        None => {
-            return Err(
-                "cost_filter: missing (use `cost_filter = {}` to match every execution)".into(),
-            )
-        }
-    };
+    let amount = cost_amount(table.remove("cost_amount"))?;
+    let cost_type = cost_type(table.remove("cost_type"))?;
+    let filter = cost_filter(table.remove("cost_filter"))?;
     let divisor = divisor(table.remove("cost_divisor"), cost_type)?;
     if cost_type == CostType::Tokens && !filter.get("model").is_some_and(Value::is_string) {
         return Err(
@@ -326,6 +281,54 @@ fn parse_entry(value: toml::Value) -> Result<Entry, String> {
         divisor,
         filter,
     })
+}
+
+/// `cost_amount`: an integer ≥ 0.
+fn cost_amount(value: Option<toml::Value>) -> Result<i64, String> {
+    match value {
+        Some(toml::Value::Integer(n)) if n >= 0 => Ok(n),
+        Some(toml::Value::Integer(n)) => Err(format!("cost_amount: must be ≥ 0, got {n}")),
+        Some(other) => Err(format!(
+            "cost_amount: expected an integer, got {}",
+            toml_type(&other)
+        )),
+        None => Err("cost_amount: missing".into()),
+    }
+}
+
+/// `cost_type`: one of [`CostType::NAMED`].
+fn cost_type(value: Option<toml::Value>) -> Result<CostType, String> {
+    match value {
+        Some(toml::Value::String(s)) => CostType::named(&s).ok_or_else(|| {
+            let names: Vec<String> = CostType::NAMED
+                .iter()
+                .map(|(name, _)| format!("`{name}`"))
+                .collect();
+            format!(
+                "cost_type: unknown variant `{s}`, expected one of {}",
+                names.join(", ")
+            )
+        }),
+        Some(other) => Err(format!(
+            "cost_type: expected a string, got {}",
+            toml_type(&other)
+        )),
+        None => Err("cost_type: missing".into()),
+    }
+}
+
+/// `cost_filter`: a table, `{}` matching every execution.
+fn cost_filter(value: Option<toml::Value>) -> Result<Map<String, Value>, String> {
+    match value {
+        Some(toml::Value::Table(t)) => table_to_json(t, "cost_filter"),
+        Some(other) => Err(format!(
+            "cost_filter: expected a table, got {}",
+            toml_type(&other)
+        )),
+        None => {
+            Err("cost_filter: missing (use `cost_filter = {}` to match every execution)".into())
+        }
+    }
 }
 
 /// `cost_divisor`: an integer ≥ 1, default 1, for `second` and `items` entries only.

@@ -1099,3 +1099,23 @@ proptest! {
         prop_assert_eq!(got, Some((x * n as f64).floor() as i64));
     }
 }
+
+#[test]
+fn every_cost_type_is_named_once() {
+    // A match, so that a new type does not compile here until it has a name.
+    let index = |t: CostType| match t {
+        CostType::Run => 0,
+        CostType::Second => 1,
+        CostType::Byte => 2,
+        CostType::Items => 3,
+        CostType::CostUsd => 4,
+        CostType::Tokens => 5,
+    };
+    let mut named = [0; 6];
+    for (name, t) in CostType::NAMED {
+        assert_eq!(CostType::named(name), Some(t), "{name}");
+        named[index(t)] += 1;
+    }
+    assert_eq!(named, [1; 6]);
+    assert_eq!(CostType::named("Run"), None);
+}

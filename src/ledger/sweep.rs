@@ -225,26 +225,39 @@ async fn sweep_all(
             finished(done, report);
             continue;
         };
-        // The chunks in flight keep going while the next range is read: one left unpolled
-        // would hold its connection and its row locks meanwhile, and with a small pool the
-        // read could wait for that very connection.
-        let through = {
-            let end = store::refill_chunk_end(sweeper.pool, &after, chunk);
-            let end = crate::db::bounded(sweeper.stall, end);
-            tokio::pin!(end);
-            loop {
-                tokio::select! {
-                    through = &mut end => break through?,
-                    Some(done) = running.next() => finished(done, report),
-                }
-            }
-        };
+        let through = range_end(sweeper, &after, chunk, &mut running, |done| {
+            finished(done, report)
+        })
+        .await?;
         if let Some(through) = through {
             cursor = Some(through.clone());
             running.push(sweep_range(sweeper, &grant, &splits, after, through));
         }
     }
     failed.map_or(Ok(()), Err)
+}
+
+/// Where the range after `after` ends (`None` past the last account). The ranges in flight
+/// keep going while it is read: one left unpolled would hold its connection and its row locks
+/// meanwhile, and with a small pool the read could wait for that very connection.
+async fn range_end(
+    sweeper: Sweeper<'_>,
+    after: &str,
+    chunk: i64,
+    running: &mut (impl futures::Stream<Item = Swept> + Unpin),
+    mut finished: impl FnMut(Swept),
+) -> Result<Option<String>, LedgerError> {
+    let end = crate::db::bounded(
+        sweeper.stall,
+        store::refill_chunk_end(sweeper.pool, after, chunk),
+    );
+    tokio::pin!(end);
+    loop {
+        tokio::select! {
+            through = &mut end => return Ok(through?),
+            Some(done) = running.next() => finished(done),
+        }
+    }
 }
 
 /// Which of two failures a sweep reports: one that may clear, so that a retry of the sweep

@@ -450,18 +450,7 @@ async fn drive(
     let auto_top_ups = fulfil_top_up_requests(&ledger, pool).await?;
     wait_until_settled(pool, steps.len(), done.len()).await?;
     let balances = read_balances(pool).await?;
-    // Next month's refill tops every account, carol's debt included, back up to the target.
-    let refill = crate::ledger::sweep::sweep(
-        crate::ledger::sweep::Sweeper::new(pool, &demo.database),
-        RefillPolicy {
-            target: demo.refill.target,
-        },
-        next_month(),
-        None,
-        100,
-        |_| {},
-    )
-    .await?;
+    let refill = refill_next_month(demo, pool).await?;
     wait_until_settled(pool, steps.len(), done.len()).await?;
     let balances_after_refill = read_balances(pool).await?;
     let events = receive_events(pool, names, events_in).await?;
@@ -494,6 +483,24 @@ async fn drive(
         dead_letters,
         audit,
     })
+}
+
+/// Next month's refill: it tops every account, carol's debt included, back up to the target.
+async fn refill_next_month(
+    demo: &Settings,
+    pool: &PgPool,
+) -> Result<crate::ledger::SweepReport, crate::ledger::LedgerError> {
+    crate::ledger::sweep::sweep(
+        crate::ledger::sweep::Sweeper::new(pool, &demo.database),
+        RefillPolicy {
+            target: demo.refill.target,
+        },
+        next_month(),
+        None,
+        100,
+        |_| {},
+    )
+    .await
 }
 
 /// The payment side: every `top_up.requested` is answered with a `top_up` keyed by its
@@ -803,6 +810,13 @@ fn print_human(r: &Report) -> std::io::Result<()> {
     outln!("Balances after the run (a negative balance is debt from a post-flight charge)");
     print_balances(&r.balances)?;
 
+    print_decisions(r)?;
+    print_settlements(r)?;
+    print_top_ups_and_refill(r)?;
+    print_events_and_audit(r)
+}
+
+fn print_decisions(r: &Report) -> std::io::Result<()> {
     outln!("\nDecisions (queue order; the duplicate delivery made no second decision)");
     outln!(
         "  {:<36}  {:<6} {:<29} {:<42} {:<9} {:>4}",
@@ -825,6 +839,10 @@ fn print_human(r: &Report) -> std::io::Result<()> {
         );
     }
 
+    Ok(())
+}
+
+fn print_settlements(r: &Report) -> std::io::Result<()> {
     outln!("\nSettlements (completions: block cost settled to the post-flight price)");
     outln!(
         "  {:<36}  {:<6} {:<50} {:>4} {:>4} {:>6}",
@@ -847,8 +865,7 @@ fn print_human(r: &Report) -> std::io::Result<()> {
         );
     }
 
-    print_top_ups_and_refill(r)?;
-    print_events_and_audit(r)
+    Ok(())
 }
 
 /// What was published, dead-lettered, and what the audit found.

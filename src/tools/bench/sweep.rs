@@ -7,8 +7,9 @@ use serde::Serialize;
 
 use crate::config::Settings;
 use crate::ledger::{seed, RefillPolicy};
-use crate::refill::Month;
+use crate::refill::{Month, SweepReport};
 use crate::tools::scratch::Scratch;
+use sqlx::PgPool;
 
 #[derive(Debug, Serialize)]
 pub(crate) struct SweepResult {
@@ -34,15 +35,7 @@ pub async fn run(
     }
     let users_i64 = i64::try_from(users)?;
     let pool = crate::db::connect_and_migrate(&scratch.database).await?;
-    let seeding = Instant::now();
-    seed::seed_empty_users(&pool, users_i64).await?;
-    seed::analyze_balances(&pool).await?;
-    // The seeding's writes are not the sweep's: a checkpoint they trigger would otherwise
-    // land in the timed sweep, in some runs and not others.
-    if !seed::checkpoint(&pool).await {
-        tracing::warn!("CHECKPOINT refused (not a superuser or pg_checkpoint): the sweep may pay for the seeding's writes");
-    }
-    let seed_seconds = seeding.elapsed().as_secs_f64();
+    let seed_seconds = seed_users(&pool, users_i64).await?;
 
     let policy = RefillPolicy {
         target: settings.refill.target,
@@ -65,40 +58,7 @@ pub async fn run(
     let seconds = started.elapsed().as_secs_f64().max(1e-9);
     bar.finish_and_clear();
 
-    let mut problems = Vec::new();
-    let target = settings.refill.target;
-    let expect_refilled = if target > 0 { users_i64 } else { 0 };
-    if report.users_evaluated != users_i64 || report.users_refilled != expect_refilled {
-        problems.push(format!(
-            "{} users evaluated, {} refilled; expected {users} and {expect_refilled}",
-            report.users_evaluated, report.users_refilled
-        ));
-    }
-    let (rows, events, total): (i64, i64, i64) = sqlx::query_as(
-        "SELECT (SELECT count(*) FROM credit.transactions),
-                (SELECT coalesce(sum(events), 0)::int8 FROM credit.outbox
-                  WHERE routing_key = 'balance.changed'),
-                (SELECT coalesce(sum(balance), 0)::int8 FROM credit.balances)",
-    )
-    .fetch_one(&pool)
-    .await?;
-    // None when the expected total does not fit an i64: then no total can match it.
-    let expect_total = target.checked_mul(users_i64);
-    if rows != expect_refilled
-        || events != expect_refilled
-        || Some(total) != expect_total
-        || report.credits_granted != i128::from(total)
-    {
-        problems.push(format!(
-            "{rows} ledger rows, {events} events, Σ balance {total}, {} credits reported; \
-             expected {expect_refilled} rows and events and {expect_total:?}",
-            report.credits_granted,
-        ));
-    }
-    let audit = crate::ledger::audit::run(&pool).await?;
-    for m in audit.mismatches.iter().take(5) {
-        problems.push(format!("audit: {}: {}", m.user_id, m.problem));
-    }
+    let problems = verify(&pool, settings.refill.target, users_i64, &report).await?;
     pool.close().await;
     Ok(SweepResult {
         sweep_users: users,
@@ -111,6 +71,63 @@ pub async fn run(
         verified: problems.is_empty(),
         problems,
     })
+}
+
+/// Creates `users` accounts never refilled; returns how long it took in seconds.
+async fn seed_users(pool: &PgPool, users: i64) -> anyhow::Result<f64> {
+    let seeding = Instant::now();
+    seed::seed_empty_users(pool, users).await?;
+    seed::analyze_balances(pool).await?;
+    // The seeding's writes are not the sweep's: a checkpoint they trigger would otherwise
+    // land in the timed sweep, in some runs and not others.
+    if !seed::checkpoint(pool).await {
+        tracing::warn!("CHECKPOINT refused (not a superuser or pg_checkpoint): the sweep may pay for the seeding's writes");
+    }
+    Ok(seeding.elapsed().as_secs_f64())
+}
+
+/// What differs from a sweep that refilled every one of `users` to `target`: the report, the
+/// ledger rows, the events, the balances' sum and the audit.
+async fn verify(
+    pool: &PgPool,
+    target: i64,
+    users: i64,
+    report: &SweepReport,
+) -> anyhow::Result<Vec<String>> {
+    let mut problems = Vec::new();
+    let expect_refilled = if target > 0 { users } else { 0 };
+    if report.users_evaluated != users || report.users_refilled != expect_refilled {
+        problems.push(format!(
+            "{} users evaluated, {} refilled; expected {users} and {expect_refilled}",
+            report.users_evaluated, report.users_refilled
+        ));
+    }
+    let (rows, events, total): (i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM credit.transactions),
+                (SELECT coalesce(sum(events), 0)::int8 FROM credit.outbox
+                  WHERE routing_key = 'balance.changed'),
+                (SELECT coalesce(sum(balance), 0)::int8 FROM credit.balances)",
+    )
+    .fetch_one(pool)
+    .await?;
+    // None when the expected total does not fit an i64: then no total can match it.
+    let expect_total = target.checked_mul(users);
+    if rows != expect_refilled
+        || events != expect_refilled
+        || Some(total) != expect_total
+        || report.credits_granted != i128::from(total)
+    {
+        problems.push(format!(
+            "{rows} ledger rows, {events} events, Σ balance {total}, {} credits reported; \
+             expected {expect_refilled} rows and events and {expect_total:?}",
+            report.credits_granted,
+        ));
+    }
+    let audit = crate::ledger::audit::run(pool).await?;
+    for m in audit.mismatches.iter().take(5) {
+        problems.push(format!("audit: {}: {}", m.user_id, m.problem));
+    }
+    Ok(problems)
 }
 
 impl SweepResult {
