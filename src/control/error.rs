@@ -53,32 +53,32 @@ impl ControlError {
         }
     }
 
-    /// The code a command failing with `e` is answered with (as `From` below makes it).
+    /// The code a command failing with `e` is answered with.
     pub(crate) fn code_of(e: &LedgerError) -> &'static str {
-        match e {
-            LedgerError::AmountOutOfRange(_)
-            | LedgerError::Overflow { .. }
-            | LedgerError::RefillOverflow { .. } => "amount_out_of_range",
-            LedgerError::InvalidArgument { .. } | LedgerError::InsufficientBalance { .. } => {
-                "bad_request"
-            }
-            LedgerError::NotFound(_) => "not_found",
-            LedgerError::Db(_) => "internal",
+        answer_for(e)(String::new()).code()
+    }
+}
+
+/// The kind of reply a command failing with `e` gets: one list for its code and its answer.
+fn answer_for(e: &LedgerError) -> fn(String) -> ControlError {
+    match e {
+        LedgerError::AmountOutOfRange(_)
+        | LedgerError::Overflow { .. }
+        | LedgerError::RefillOverflow { .. } => ControlError::AmountOutOfRange,
+        LedgerError::InvalidArgument { .. } | LedgerError::InsufficientBalance { .. } => {
+            ControlError::BadRequest
         }
+        LedgerError::NotFound(_) => ControlError::NotFound,
+        LedgerError::Db(_) => |m| ControlError::internal(m),
     }
 }
 
 impl From<LedgerError> for ControlError {
     fn from(e: LedgerError) -> Self {
         match e {
-            LedgerError::AmountOutOfRange(_)
-            | LedgerError::Overflow { .. }
-            | LedgerError::RefillOverflow { .. } => ControlError::AmountOutOfRange(e.to_string()),
-            LedgerError::InvalidArgument { .. } | LedgerError::InsufficientBalance { .. } => {
-                ControlError::BadRequest(e.to_string())
-            }
-            LedgerError::NotFound(_) => ControlError::NotFound(e.to_string()),
+            // Whether it may clear is the database error's to say.
             LedgerError::Db(db) => db.into(),
+            e => answer_for(&e)(e.to_string()),
         }
     }
 }
@@ -96,6 +96,39 @@ impl From<sqlx::Error> for ControlError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_ledger_failure_is_answered_with_the_code_the_cli_reports() {
+        let cases = [
+            (
+                LedgerError::AmountOutOfRange("amount: 0".into()),
+                "amount_out_of_range",
+            ),
+            (
+                LedgerError::Overflow {
+                    user_id: "u".into(),
+                    balance: i64::MAX,
+                    amount: 1,
+                },
+                "amount_out_of_range",
+            ),
+            (
+                LedgerError::InvalidArgument {
+                    field: "key",
+                    reason: "empty".into(),
+                },
+                "bad_request",
+            ),
+            (LedgerError::NotFound("user_id: u".into()), "not_found"),
+            (LedgerError::Db(sqlx::Error::RowNotFound), "internal"),
+        ];
+        for (e, code) in cases {
+            let text = e.to_string();
+            assert_eq!(ControlError::code_of(&e), code, "{text}");
+            let answer = ControlError::from(e);
+            assert_eq!((answer.code(), answer.to_string()), (code, text));
+        }
+    }
 
     #[test]
     fn a_command_meeting_a_fault_of_the_databases_set_up_waits_for_the_fix() {
