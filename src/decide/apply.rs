@@ -207,6 +207,9 @@ fn usage_metadata(e: &NodeExecutionEntry, price: &Price) -> serde_json::Value {
     // Priced post-flight: the measurements that priced it, as a settlement row keeps them.
     if let Some(stats) = &e.stats {
         metadata["stats"] = json!(stats);
+    } else if price.metered {
+        // Priced before a run whose use decides its price: the completion settles the rest.
+        metadata["estimate"] = json!(true);
     }
     metadata
 }

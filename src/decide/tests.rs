@@ -269,6 +269,22 @@ fn a_completion_settles_the_difference_once() {
         ("SETTLE-a", -14)
     );
     assert_eq!(row.metadata["pre"], 10);
+    // The start's row says it was an estimate; the settlement's and the run's own do not.
+    let marks: Vec<_> = l
+        .transactions
+        .iter()
+        .map(|t| (t.transaction_key.as_str(), t.metadata.get("estimate")))
+        .collect();
+    assert_eq!(
+        marks,
+        [
+            ("MONTHLY-CREDIT-TOP-UP-2026-11", None),
+            ("USAGE-a", Some(&json!(true))),
+            ("SETTLE-a", None)
+        ],
+        "{:?}",
+        l.transactions
+    );
     // The same completion again, or another one: nothing.
     let again = l.decide(&p, &[run("u", "a", "llm", tokens(1, 1))], now());
     assert_eq!(again, vec![Verdict::Duplicate { conflicting: false }]);
