@@ -208,19 +208,24 @@ fn connect_options(
         // about a minute rather than the kernel's two hours, and with it the session's locks:
         // the outbox relay's leader lock above all, which a standby waits to take over.
         .options(KEEPALIVE);
-    if bounded && settings.statement_timeout_ms > 0 {
-        opts = opts.options([(
-            "statement_timeout",
-            format!("{}ms", settings.statement_timeout_ms),
-        )]);
+    if bounded {
+        // Each set, 0 (none) included: a database's or role's own setting would apply instead.
         // A transaction the worker gave up on a silent connection (`bounded`) may still be
         // open on the server, holding its users' locks, where the connection is alive but
         // lost to the worker (a hung pooler or proxy) and the keepalive never ends it. A
         // transaction of the worker's is never idle for long: at most while an earlier batch
         // commits, itself bounded by `stall_bound`.
-        if let Some(idle) = idle_in_transaction_ms(settings) {
-            opts = opts.options([("idle_in_transaction_session_timeout", format!("{idle}ms"))]);
-        }
+        let idle = idle_in_transaction_ms(settings).unwrap_or(0);
+        opts = opts.options([
+            (
+                "statement_timeout",
+                format!("{}ms", settings.statement_timeout_ms),
+            ),
+            ("idle_in_transaction_session_timeout", format!("{idle}ms")),
+            // The pool ends its idle connections itself, and the relay's listener is idle
+            // between notifications by design; the leader sets its own lease (`end_when_idle`).
+            ("idle_session_timeout", "0".to_owned()),
+        ]);
     }
     Ok(opts)
 }
@@ -300,14 +305,26 @@ fn stalled(limit: Duration) -> sqlx::Error {
 /// A pool on `settings.url`. Connections are made lazily, so this succeeds while the database
 /// is down; callers see the outage as (transient) query errors.
 pub fn pool(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
-    Ok(pool_on(settings, connect_options(settings, true)?))
+    Ok(pool_on(
+        settings,
+        connect_options(settings, true)?,
+        settings.max_connections,
+    ))
 }
 
-/// [`pool`] with `opts` for its connections.
-fn pool_on(settings: &DatabaseSettings, opts: PgConnectOptions) -> PgPool {
+/// A pool of one connection, like [`pool`]'s, for a session that must stay out of the shared
+/// pool: the outbox relay's LISTEN. A listener's connection lost and made again while its wait
+/// is given up (every 500 ms) can go back to its pool still listening; in the shared pool a
+/// decision transaction would then meet the notifications and fail.
+pub(crate) fn pool_of_one(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
+    Ok(pool_on(settings, connect_options(settings, true)?, 1))
+}
+
+/// [`pool`] with `opts` for its `size` connections.
+fn pool_on(settings: &DatabaseSettings, opts: PgConnectOptions, size: u32) -> PgPool {
     let bound = stall_bound(settings);
     PgPoolOptions::new()
-        .max_connections(settings.max_connections)
+        .max_connections(size)
         .acquire_timeout(Duration::from_secs(5))
         // A ping before every use was one more round trip per batch and per relay round:
         // only a connection that sat idle (where a server restart or a network fault would
@@ -477,7 +494,7 @@ async fn existing(
     let applied = bounded(within, applied_migrations(&mut conn, &database)).await;
     let _ = conn.close().await;
     schema_state(database, &applied?)?;
-    Ok(pool_on(settings, pooled))
+    Ok(pool_on(settings, pooled, settings.max_connections))
 }
 
 fn sqlstate(e: &sqlx::Error) -> Option<String> {
@@ -631,18 +648,26 @@ pub(crate) async fn prepare(settings: &DatabaseSettings) -> Result<(), sqlx::Err
 
 /// True when a statement failed for a reason that clears by itself: the connection (I/O
 /// other than a certificate, a pool timeout, SQLSTATE class 08), a serialization failure or
-/// deadlock (40001, 40P01), a lock timeout (55P03), the server shutting down (class 57). A
-/// migration that fails otherwise (its SQL, an object in the way) would fail the same way
-/// again, so the start stops instead of retrying it.
+/// deadlock (40001, 40P01), a lock timeout (55P03), the server shutting down (class 57) or
+/// short of resources (class 53: disk full, out of memory, no connection slots), a server
+/// read-only for now (25006: a standby not yet promoted after a failover). A migration that
+/// fails otherwise (its SQL, an object in the way) would fail the same way again, so the
+/// start stops instead of retrying it.
 pub(crate) fn clears_by_itself(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Io(io) => io.kind() != std::io::ErrorKind::InvalidData,
         sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|c| {
-            c.starts_with("08") || c.starts_with("57") || ["40001", "40P01", "55P03"].contains(&&*c)
-        }),
+        sqlx::Error::Database(db) => db.code().is_some_and(|c| code_clears_by_itself(&c)),
         _ => false,
     }
+}
+
+/// [`clears_by_itself`] for a SQLSTATE.
+fn code_clears_by_itself(code: &str) -> bool {
+    ["08", "53", "57"]
+        .iter()
+        .any(|class| code.starts_with(class))
+        || ["25006", "40001", "40P01", "55P03"].contains(&code)
 }
 
 /// True unless the error says the statement itself or its data is wrong. Only data and
@@ -736,12 +761,36 @@ mod tests {
             "{options}"
         );
         assert_eq!(idle(536_870_411).0, Some(2_147_483_644));
+        // None is said as 0, so that a database's or role's own setting does not apply.
         for past in [536_870_412, i32::MAX as u64] {
             let (ms, options) = idle(past);
             assert_eq!(ms, None);
-            assert!(!options.contains("idle_in_transaction"), "{options}");
+            assert!(
+                options.contains("idle_in_transaction_session_timeout=0ms"),
+                "{options}"
+            );
         }
-        assert_eq!(idle(0).0, None);
+        let (ms, options) = idle(0);
+        assert_eq!(ms, None);
+        for none in [
+            "statement_timeout=0ms",
+            "idle_in_transaction_session_timeout=0ms",
+            "idle_session_timeout=0",
+        ] {
+            assert!(options.contains(none), "{none} in {options}");
+        }
+    }
+
+    #[test]
+    fn a_failover_or_a_server_short_of_resources_is_waited_out_at_start() {
+        for passing in [
+            "08006", "53100", "53200", "53300", "57P01", "25006", "40P01", "55P03",
+        ] {
+            assert!(code_clears_by_itself(passing), "{passing}");
+        }
+        for lasting in ["25001", "42P07", "42501", "23505", "XX000", "P0001"] {
+            assert!(!code_clears_by_itself(lasting), "{lasting}");
+        }
     }
 
     fn all_applied() -> Vec<Applied> {

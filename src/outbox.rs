@@ -192,7 +192,8 @@ impl Relay {
     async fn listen(&self, db: &mut PgConnection) -> Result<PgListener, RelayError> {
         // Listening before the first read: an event committed after it notifies.
         let bound = self.stall_bound();
-        let mut listener = PgListener::connect_with(&self.pool).await?;
+        let own = crate::db::pool_of_one(&self.settings.database)?;
+        let mut listener = PgListener::connect_with(&own).await?;
         crate::db::bounded(bound, listener.listen("credit_outbox")).await?;
         // The lease from here on: while the listener's connection was made (a wait for the
         // pool, a slow server), the leader's session was rightly idle.

@@ -59,7 +59,7 @@ pub(crate) async fn connect_db(
             // being rotated), a mistake in the URL at start.
             Err(e) if crate::db::is_login_refused(&e) => return Err(not_ready(e, settings)),
             Err(e) if crate::db::is_transient(&e) || is_passing_migration_fault(&e) => {
-                warn!(error = %e, "database not ready (unreachable, or a migration waiting for a lock); retrying");
+                warn!(error = %e, "database not ready (unreachable, read-only, short of resources, or a migration waiting for a lock); retrying");
                 if !crate::retry::pause(&mut delays, stop).await {
                     anyhow::bail!("stopped before the database was reachable");
                 }

@@ -995,3 +995,128 @@ async fn a_sweep_whose_database_goes_silent_fails_rather_than_hang() {
     env.assert_audit_clean().await;
     env.cleanup().await;
 }
+
+/// The relay's listener, by its last statement: its process id.
+async fn listener_pid(admin: &sqlx::PgPool, db: &str) -> Option<i32> {
+    sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity
+          WHERE datname = $1 AND application_name = 'credit-worker' AND query LIKE 'LISTEN %'",
+    )
+    .bind(db)
+    .fetch_optional(admin)
+    .await
+    .unwrap()
+}
+
+async fn alter_database(admin: &sqlx::PgPool, db: &str, setting: &str) {
+    sqlx::query(&format!("ALTER DATABASE \"{db}\" {setting}"))
+        .execute(admin)
+        .await
+        .unwrap();
+}
+
+/// A database whose administrator ends idle sessions after a second and cancels statements
+/// after a millisecond, and a relay's listener whose session is ended again and again: the
+/// worker's own settings (no statement timeout here) hold on its sessions, the listener is
+/// made again on a connection of its own, and no decision fails for either.
+#[tokio::test]
+async fn a_databases_own_timeouts_and_a_lost_listener_cost_no_decision() {
+    let _retries = DECIDE_RETRIES.lock().await;
+    let (env, users, mut tap) = ten_funded_users().await;
+    let admin = env.admin_pool().await;
+    let db = env.db_name.clone();
+    alter_database(&admin, &db, "SET idle_session_timeout = '1s'").await;
+    alter_database(&admin, &db, "SET statement_timeout = '1ms'").await;
+    let mut settings = env.settings.clone();
+    settings.database.statement_timeout_ms = 0;
+    let worker = Worker::start(settings).await.unwrap();
+    let retries = || metric_value(&metrics_now(), "credit_decide_retries_total", &[]);
+    let before = retries();
+    wait_for(T, "the relay's listener", || async {
+        listener_pid(&admin, &db).await.is_some()
+    })
+    .await;
+    let first = listener_pid(&admin, &db).await;
+
+    // A session on the database's settings is ended once idle for a second; the listener,
+    // idle as long, is not.
+    let probe_options = std::str::FromStr::from_str(&env.settings.database.url)
+        .map(|o: sqlx::postgres::PgConnectOptions| o.application_name("idle-probe"))
+        .unwrap();
+    let _probe = sqlx::ConnectOptions::connect(&probe_options).await.unwrap();
+    let probes = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE datname = $1 AND application_name = 'idle-probe'",
+        )
+        .bind(&db)
+        .fetch_one(&admin)
+        .await
+        .unwrap()
+    };
+    wait_for(T, "the idle probe to be ended", || async {
+        probes().await == 0
+    })
+    .await;
+    assert_eq!(listener_pid(&admin, &db).await, first);
+
+    // The listener ended while events flow, so that it is made again between notifications.
+    let (waves, per_wave) = (6, 1000);
+    for wave in 0..waves {
+        let prefix = format!("listen{wave}");
+        env.publish(&workload(users, per_wave, &prefix)).await;
+        env.wait_decisions((wave * per_wave + per_wave / 4) as i64, T)
+            .await;
+        let old = listener_pid(&admin, &db).await;
+        sqlx::query("SELECT pg_terminate_backend($1)")
+            .bind(old)
+            .execute(&admin)
+            .await
+            .unwrap();
+        wait_for(T, "a new listener", || async {
+            matches!(listener_pid(&admin, &db).await, Some(pid) if Some(pid) != old)
+        })
+        .await;
+        env.wait_decisions(((wave + 1) * per_wave) as i64, T).await;
+    }
+    let n = waves * per_wave;
+    assert_events_complete(&env, &mut tap, users + n + fees(&per_user_counts(users, n))).await;
+    assert_eq!(retries(), before, "decisions retried");
+    worker.stop().await.unwrap();
+    alter_database(&admin, &db, "RESET ALL").await;
+    admin.close().await;
+    assert_books_balance(&env, users, 1_000_000, &per_user_counts(users, n)).await;
+    env.cleanup().await;
+}
+
+/// A worker started while its database is read-only (a standby not yet promoted after a
+/// failover) waits, not ready, rather than exit, and starts once the server takes writes.
+#[tokio::test]
+async fn a_start_against_a_read_only_database_waits_for_it_to_take_writes() {
+    let env = TestEnv::with(no_refill).await;
+    let admin = env.admin_pool().await;
+    let db = env.db_name.clone();
+    alter_database(&admin, &db, "SET default_transaction_read_only = on").await;
+    let (mut worker, port, log) = WorkerProcess::spawn_logged(
+        &env.process_env(),
+        &["run"],
+        "warn,credit_worker::telemetry=info",
+    );
+    wait_for_line(
+        &log,
+        "read-only transaction",
+        T,
+        "the start to meet the read-only database",
+    );
+    wait_for_line(&log, "retrying", T, "the start to wait");
+    assert_eq!(http_status(port, "/readyz").await, 503);
+    alter_database(&admin, &db, "RESET default_transaction_read_only").await;
+    wait_status(T, port, "/readyz", 200).await;
+    env.publish(&[body(&platform_gpt4("reader", "after-failover"))])
+        .await;
+    env.wait_decisions(1, T).await;
+    worker.sigterm();
+    assert_eq!(worker.wait_exit(T).await, Some(0));
+    admin.close().await;
+    env.cleanup().await;
+}
