@@ -132,20 +132,51 @@ impl Relay {
         let _session = self.health.relay_session(&conn);
         // As the consumer's and control's sessions say "consuming": a reconnect shows in the log.
         info!(exchange = %exchange, "outbox relay connected");
+        // A fault of the database ends its session only: the broker connection stays, and the
+        // lead is sought again on a new session as soon as the database answers, rather than
+        // after a new broker connection at every try and the broker's backoff.
+        let mut delays = crate::retry::backoff_up_to(Duration::from_secs(1));
+        let led = loop {
+            match self
+                .lead_on_new_session(&publisher, &exchange, drain, hard_stop)
+                .await
+            {
+                Err(RelayError::Db(e)) if crate::db::is_transient(&e) => {
+                    metrics::counter!("credit_broker_reconnects_total", "session" => "outbox relay")
+                        .increment(1);
+                    warn!(error = %e, "outbox relay: its database session ended by a fault; beginning another");
+                    if !crate::retry::pause(&mut delays, hard_stop).await {
+                        break Err(RelayError::Db(e));
+                    }
+                }
+                other => break other,
+            }
+        };
+        if led.is_ok() && drain.is_cancelled() {
+            let _ = conn.close(200, "shutdown".into()).await;
+        }
+        led
+    }
+
+    /// Waits for the lead on a database session of its own, then publishes as the leader.
+    async fn lead_on_new_session(
+        &self,
+        publisher: &Publisher,
+        exchange: &str,
+        drain: &CancellationToken,
+        hard_stop: &CancellationToken,
+    ) -> Result<(), RelayError> {
         // The leader's lock lives as long as this connection, which never returns to the pool.
         let mut db = self.pool.acquire().await?.detach();
-        let led = match self.await_lead(&mut db, &publisher, drain, hard_stop).await {
+        let led = match self.await_lead(&mut db, publisher, drain, hard_stop).await {
             Ok(true) => {
-                self.lead(&mut db, &publisher, &exchange, drain, hard_stop)
+                self.lead(&mut db, publisher, exchange, drain, hard_stop)
                     .await
             }
             other => other.map(|_| ()),
         };
         // Ends the session, and with it the lead; bounded, as the database may be gone.
         let _ = tokio::time::timeout(Duration::from_secs(1), db.close()).await;
-        if led.is_ok() && drain.is_cancelled() {
-            let _ = conn.close(200, "shutdown".into()).await;
-        }
         led
     }
 

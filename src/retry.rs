@@ -8,9 +8,14 @@ use tokio_util::sync::CancellationToken;
 
 /// 50 ms doubling up to 5 s, with jitter, forever.
 pub(crate) fn backoff() -> impl Iterator<Item = Duration> {
+    backoff_up_to(Duration::from_secs(5))
+}
+
+/// 50 ms doubling up to `max`, with jitter, forever.
+pub(crate) fn backoff_up_to(max: Duration) -> impl Iterator<Item = Duration> {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(50))
-        .with_max_delay(Duration::from_secs(5))
+        .with_max_delay(max)
         .with_jitter()
         .without_max_times()
         .build()

@@ -886,3 +886,55 @@ async fn kept_events_are_republished_for_a_subscriber_that_lost_them() {
     assert!(message.starts_with("there is no exchange"), "{message}");
     env.cleanup().await;
 }
+
+/// The leading relay's database sessions ended (a server restarting, an administrator): the
+/// relay begins another database session on the broker connection it has, and the next
+/// event goes out, without a broker reconnect.
+#[tokio::test]
+async fn a_relay_whose_database_session_ends_keeps_its_broker_connection() {
+    let env = TestEnv::with(no_refill).await;
+    seed(&env, ["s0"], 1_000_000).await;
+    let mut tap = env.event_tap().await;
+    let mut vars = env.process_env();
+    vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
+    let (mut worker, http, log) =
+        WorkerProcess::spawn_logged(&vars, &["run"], "warn,credit_worker=info");
+    wait_status(T, http, "/readyz", 200).await;
+    assert_eq!(tap.take(1, T).await.len(), 1, "the seed's event");
+    // The leader's session (it holds the lead's advisory lock) and the listener's.
+    let relay_sessions = "SELECT count(pg_terminate_backend(pid))::int8 FROM pg_stat_activity
+          WHERE datname = current_database() AND pid <> pg_backend_pid()
+            AND (query LIKE 'LISTEN %' OR pid IN (SELECT pid FROM pg_locks
+                  WHERE locktype = 'advisory' AND granted AND database =
+                        (SELECT oid FROM pg_database WHERE datname = current_database())))";
+    for round in 0..3 {
+        let ended = env.scalar_i64(relay_sessions).await;
+        assert_eq!(ended, 2, "the relay's sessions");
+        let id = format!("relay-db-{round}");
+        env.publish(&[body(&platform_gpt4("s0", &id))]).await;
+        assert_eq!(tap.take(1, T).await.len(), 1, "{id}'s event");
+    }
+    wait_for(
+        T,
+        "three of the relay's sessions counted as ended",
+        || async {
+            let (_, metrics) = http_get(http, "/metrics").await.unwrap_or_default();
+            let ended = metric_value(
+                &metrics,
+                "credit_broker_reconnects_total",
+                &[("session", "outbox relay")],
+            );
+            ended >= 3.0
+        },
+    )
+    .await;
+    worker.sigterm();
+    assert_eq!(worker.wait_exit(T).await, Some(0));
+    let connected = log
+        .try_iter()
+        .filter(|l| l.contains("outbox relay connected"))
+        .count();
+    assert_eq!(connected, 1, "broker connections of the relay");
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
