@@ -13,6 +13,9 @@ pub struct Health {
     /// The broker connection of the outbox relay's session, while it has one: read when asked,
     /// so a connection that died while the relay was idle shows at once.
     relay_connection: Mutex<Option<lapin::ConnectionStatus>>,
+    /// The relay's database session ended by a fault, and no new one has yet done its part
+    /// (looked for the lead, or, leading, locked the watermark): its events wait meanwhile.
+    relay_database_lost: AtomicBool,
     /// When the oldest batch in flight began, while one is: a batch that neither commits nor
     /// fails (a lock held elsewhere, a retry that never clears) holds every one behind it.
     oldest_batch: Mutex<Option<Instant>>,
@@ -58,13 +61,21 @@ impl Health {
     /// with the session.
     pub(crate) fn relay_session(&self, conn: &lapin::Connection) -> RelaySession<'_> {
         *self.relay_connection() = Some(conn.status().clone());
+        self.set_relay_database(true);
         RelaySession(self)
     }
-    /// Whether the relay's session holds a live broker connection.
+    /// The relay's database session works (true), or ended by a fault (false).
+    pub(crate) fn set_relay_database(&self, working: bool) {
+        self.relay_database_lost.store(!working, Ordering::SeqCst);
+    }
+    /// Whether the relay's session holds a live broker connection and a working database
+    /// session.
     pub(crate) fn relay_connected(&self) -> bool {
-        self.relay_connection()
-            .as_ref()
-            .is_some_and(lapin::ConnectionStatus::connected)
+        !self.relay_database_lost.load(Ordering::SeqCst)
+            && self
+                .relay_connection()
+                .as_ref()
+                .is_some_and(lapin::ConnectionStatus::connected)
     }
     fn relay_connection(&self) -> MutexGuard<'_, Option<lapin::ConnectionStatus>> {
         lock(&self.relay_connection)

@@ -419,7 +419,7 @@ impl<'de> Visitor<'de> for EntrySeed<'_> {
 const PHASES: &str = "\"started\" or \"completed\"";
 const STATUSES: &str = "\"COMPLETED\", \"FAILED\" or \"TERMINATED\"";
 
-/// `phase`; null is the field left out, as for the other optional fields.
+/// `inputs`: an object.
 fn inputs(v: Value) -> Result<Map<String, Value>, DecodeError> {
     match v {
         Value::Object(m) => Ok(m),
@@ -427,6 +427,7 @@ fn inputs(v: Value) -> Result<Map<String, Value>, DecodeError> {
     }
 }
 
+/// `execution_context`: an object, or null for none.
 fn execution_context(v: Value) -> Result<Option<Map<String, Value>>, DecodeError> {
     match v {
         Value::Object(m) => Ok(Some(m)),
@@ -435,6 +436,7 @@ fn execution_context(v: Value) -> Result<Option<Map<String, Value>>, DecodeError
     }
 }
 
+/// `phase`; null is the field left out, as for the other optional fields.
 fn phase(v: Value) -> Result<Phase, DecodeError> {
     match v {
         Value::Null => Ok(Phase::Started),

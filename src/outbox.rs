@@ -142,6 +142,7 @@ impl Relay {
                 .await
             {
                 Err(RelayError::Db(e)) if crate::db::is_transient(&e) => {
+                    self.health.set_relay_database(false);
                     metrics::counter!("credit_broker_reconnects_total", "session" => "outbox relay")
                         .increment(1);
                     warn!(error = %e, "outbox relay: its database session ended by a fault; beginning another");
@@ -196,6 +197,8 @@ impl Relay {
         let bound = self.stall_bound();
         let mut ours_through = None;
         while !crate::db::bounded(bound, store::try_lead_relay(db)).await? {
+            // A standby's part is done: it has nothing to write.
+            self.health.set_relay_database(true);
             still_connected(publisher)?;
             if drain.is_cancelled() {
                 let first = ours_through.is_none();
@@ -244,8 +247,12 @@ impl Relay {
         hard_stop: &CancellationToken,
     ) -> Result<(), RelayError> {
         let bound = self.stall_bound();
+        // First, with the watermark's row locked for the statement: a session that cannot
+        // move the watermark (a database read-only after a failover) fails here, before it
+        // publishes a round that it would publish again at every try.
+        let mut watermark = crate::db::bounded(bound, store::lead_watermark(db)).await?;
+        self.health.set_relay_database(true);
         let mut listener = self.listen(db).await?;
-        let mut watermark = crate::db::bounded(bound, store::watermark(db)).await?;
         crate::db::bounded(bound, check_watermark(db, watermark)).await?;
         // Whether the last read started after drain: only such a read sees every event the
         // stopped writers committed, so only its finding none means the outbox is flushed.

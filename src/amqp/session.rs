@@ -55,7 +55,8 @@ where
             }
             Err(e) => {
                 metrics::counter!("credit_broker_reconnects_total", "session" => what).increment(1);
-                // The relay's sessions end on its database's faults too; the error says which.
+                // The relay's sessions end on its database's lasting faults too (a passing
+                // one begins another database session only); the error says which.
                 warn!(error = %e, session = what, "session ended by a fault; reconnecting");
                 if started.elapsed() > HEALTHY {
                     delays = crate::retry::backoff();

@@ -905,7 +905,8 @@ async fn a_relay_whose_database_session_ends_keeps_its_broker_connection() {
     let relay_sessions = "SELECT count(pg_terminate_backend(pid))::int8 FROM pg_stat_activity
           WHERE datname = current_database() AND pid <> pg_backend_pid()
             AND (query LIKE 'LISTEN %' OR pid IN (SELECT pid FROM pg_locks
-                  WHERE locktype = 'advisory' AND granted AND database =
+                  WHERE locktype = 'advisory' AND granted
+                    AND classid = 1668441444 AND objid = 1919249505 AND database =
                         (SELECT oid FROM pg_database WHERE datname = current_database())))";
     for round in 0..3 {
         let ended = env.scalar_i64(relay_sessions).await;
@@ -935,6 +936,106 @@ async fn a_relay_whose_database_session_ends_keeps_its_broker_connection() {
         .filter(|l| l.contains("outbox relay connected"))
         .count();
     assert_eq!(connected, 1, "broker connections of the relay");
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
+/// A database gone read-only (a failover to a standby not yet promoted) under a relay with
+/// events to publish: the relay's new sessions fail before they publish, rather than send the
+/// same round again at every try, `/readyz` names the relay as reconnecting, and once the
+/// database takes writes every event goes out.
+#[tokio::test]
+async fn a_relay_on_a_read_only_database_publishes_nothing_twice() {
+    let env = TestEnv::with(no_refill).await;
+    seed(&env, ["r0", "r1"], 1_000_000).await;
+    let mut tap = env.event_tap().await;
+    let mut vars = env.process_env();
+    vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
+    let (mut worker, http) = WorkerProcess::spawn_with_http(&vars, &["run"]);
+    wait_status(T, http, "/readyz", 200).await;
+    assert_eq!(tap.take(2, T).await.len(), 2, "the seed's events");
+
+    // The watermark held, so that the relay publishes a round it cannot record.
+    let mut holder = connect(&env).await;
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query("SELECT 1 FROM credit.outbox_relay FOR UPDATE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let n = 20;
+    let bodies: Vec<Vec<u8>> = (0..n)
+        .map(|i| body(&platform_gpt4(&format!("r{}", i % 2), &format!("ro-{i}"))))
+        .collect();
+    env.publish(&bodies).await;
+    env.wait_decisions(n as i64, T).await;
+    assert_eq!(
+        tap.take(n, T).await.len(),
+        n,
+        "the round sent before the watermark"
+    );
+    let admin = env.admin_pool().await;
+    let db = env.db_name.clone();
+    let alter = |setting: &'static str| {
+        let (admin, db) = (admin.clone(), db.clone());
+        async move {
+            sqlx::query(&format!("ALTER DATABASE \"{db}\" {setting}"))
+                .execute(&admin)
+                .await
+                .unwrap();
+        }
+    };
+    alter("SET default_transaction_read_only = on").await;
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+          WHERE datname = $1 AND application_name = 'credit-worker'",
+    )
+    .bind(&db)
+    .execute(&admin)
+    .await
+    .unwrap();
+    sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+
+    let metric = |name: &'static str, labels: &'static [(&'static str, &'static str)]| async move {
+        let (_, text) = http_get(http, "/metrics").await.unwrap_or_default();
+        metric_value(&text, name, labels)
+    };
+    let relay = &[("session", "outbox relay")];
+    wait_for(T, "the relay to find the database read-only", || async {
+        http_get(http, "/readyz")
+            .await
+            .is_some_and(|(_, body)| body.contains("outbox relay: reconnecting"))
+    })
+    .await;
+    let published = metric("credit_events_published_total", &[]).await;
+    let tries = metric("credit_broker_reconnects_total", relay).await;
+    wait_for(T, "three more tries of the relay", || async {
+        metric("credit_broker_reconnects_total", relay).await >= tries + 3.0
+    })
+    .await;
+    assert_eq!(
+        metric("credit_events_published_total", &[]).await,
+        published,
+        "events published again while the watermark cannot move"
+    );
+
+    alter("RESET default_transaction_read_only").await;
+    wait_for(T, "the relay to lead again", || async {
+        http_get(http, "/readyz")
+            .await
+            .is_some_and(|(status, body)| status == 200 && !body.contains("outbox relay"))
+    })
+    .await;
+    env.publish(&[body(&platform_gpt4("r0", "after-failover"))])
+        .await;
+    let mut ids = std::collections::HashSet::new();
+    while !ids.iter().any(|id: &String| id.contains("after-failover")) {
+        for (_, id, _) in tap.take(1, T).await {
+            ids.insert(id);
+        }
+    }
+    worker.sigterm();
+    assert_eq!(worker.wait_exit(T).await, Some(0));
+    admin.close().await;
     env.assert_audit_clean().await;
     env.cleanup().await;
 }

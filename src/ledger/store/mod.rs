@@ -21,8 +21,8 @@ mod outbox;
 mod refill;
 pub(crate) use history::{explain_history, history};
 pub(crate) use outbox::{
-    advance_and_read, backlog, events_after, last_outbox_id, outbox_head, prune_published,
-    republish_range, try_lead_relay, unpublished_events, watermark, StoredEvent,
+    advance_and_read, backlog, events_after, last_outbox_id, lead_watermark, outbox_head,
+    prune_published, republish_range, try_lead_relay, unpublished_events, watermark, StoredEvent,
 };
 pub(crate) use refill::{
     range_middle, refill_chunk, refill_chunk_end, try_sweep_lock, RefillGrant, RefillTotals,

@@ -97,6 +97,16 @@ pub(crate) async fn watermark(conn: &mut PgConnection) -> Result<i64, sqlx::Erro
     sqlx::query_scalar(WATERMARK).fetch_one(&mut *conn).await
 }
 
+/// [`watermark`], read with its row locked for the statement, which fails where the session
+/// cannot write (`SELECT … FOR UPDATE` in a read-only transaction): the leader's first look.
+pub(crate) async fn lead_watermark(conn: &mut PgConnection) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(LEAD_WATERMARK)
+        .fetch_one(&mut *conn)
+        .await
+}
+
+const LEAD_WATERMARK: &str = "SELECT published_through FROM credit.outbox_relay FOR UPDATE";
+
 /// The last id the outbox's sequence has drawn (the one before its next, where it was never
 /// called or was restarted): a watermark past it (a hand edit, a restore that reset the
 /// sequence) would take every event written until the ids pass it as published.
