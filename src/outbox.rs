@@ -237,6 +237,19 @@ impl Relay {
         Ok(listener)
     }
 
+    /// The watermark a new leader starts from, and its listener. The watermark is read first,
+    /// with its row locked for the statement: a session that cannot move the watermark (a
+    /// database read-only after a failover) fails here, before it publishes a round that it
+    /// would publish again at every try.
+    async fn take_up_lead(&self, db: &mut PgConnection) -> Result<(i64, PgListener), RelayError> {
+        let bound = self.stall_bound();
+        let watermark = crate::db::bounded(bound, store::lead_watermark(db)).await?;
+        self.health.set_relay_database(true);
+        let listener = self.listen(db).await?;
+        crate::db::bounded(bound, check_watermark(db, watermark)).await?;
+        Ok((watermark, listener))
+    }
+
     /// Publishes as the leader until stopped; returns once drained (or on `hard_stop`).
     async fn lead(
         &self,
@@ -247,13 +260,7 @@ impl Relay {
         hard_stop: &CancellationToken,
     ) -> Result<(), RelayError> {
         let bound = self.stall_bound();
-        // First, with the watermark's row locked for the statement: a session that cannot
-        // move the watermark (a database read-only after a failover) fails here, before it
-        // publishes a round that it would publish again at every try.
-        let mut watermark = crate::db::bounded(bound, store::lead_watermark(db)).await?;
-        self.health.set_relay_database(true);
-        let mut listener = self.listen(db).await?;
-        crate::db::bounded(bound, check_watermark(db, watermark)).await?;
+        let (mut watermark, mut listener) = self.take_up_lead(db).await?;
         // Whether the last read started after drain: only such a read sees every event the
         // stopped writers committed, so only its finding none means the outbox is flushed.
         let mut read_in_drain = drain.is_cancelled();
