@@ -92,7 +92,11 @@ const KEEPALIVE: [(&str, &str); 4] = [
     ("tcp_user_timeout", "60000"),
 ];
 
-/// A pooled connection idle at least this long is pinged before it is handed out.
+/// Whether a session can write: the check of a pooled connection that sat idle.
+const WRITABLE: &str = "SELECT current_setting('transaction_read_only') = 'off'";
+
+/// A pooled connection idle at least this long is checked ([`WRITABLE`]) before it is
+/// handed out.
 const PING_AFTER_IDLE: Duration = Duration::from_millis(100);
 
 /// The parameters of a `database.url` that name the server's CA (sqlx's spellings too).
@@ -328,14 +332,19 @@ fn pool_on(settings: &DatabaseSettings, opts: PgConnectOptions, size: u32) -> Pg
         .acquire_timeout(Duration::from_secs(5))
         // A ping before every use was one more round trip per batch and per relay round:
         // only a connection that sat idle (where a server restart or a network fault would
-        // go unnoticed) is pinged; one that fails is dropped and another one taken.
+        // go unnoticed) is checked; one that fails is dropped and another one taken. So is
+        // one made while the database was read-only (`default_transaction_read_only` keeps
+        // a session's value from its start; a server demoted in a failover): every write on
+        // it would fail until it is replaced. A write that failed so leaves it idle for the
+        // retry's backoff, so the check finds it.
         .test_before_acquire(false)
         .before_acquire(|conn, meta| {
             Box::pin(async move {
-                if meta.idle_for >= PING_AFTER_IDLE {
-                    conn.ping().await?;
+                if meta.idle_for < PING_AFTER_IDLE {
+                    return Ok(true);
                 }
-                Ok(true)
+                let writable: bool = sqlx::query_scalar(WRITABLE).fetch_one(&mut *conn).await?;
+                Ok(writable)
             })
         })
         // A connection whose work was given up (see `bounded`) comes back with its answer

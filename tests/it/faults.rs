@@ -1109,7 +1109,11 @@ async fn a_start_against_a_read_only_database_waits_for_it_to_take_writes() {
         "the start to meet the read-only database",
     );
     wait_for_line(&log, "retrying", T, "the start to wait");
-    assert_eq!(http_status(port, "/readyz").await, 503);
+    // Probes at once, as many as the pool holds: each makes a connection while the database
+    // is read-only, which keeps it so. Each must be replaced before a write uses it.
+    let probes = (0..8).map(|_| http_status(port, "/readyz"));
+    let statuses = futures::future::join_all(probes).await;
+    assert_eq!(statuses, [503; 8]);
     alter_database(&admin, &db, "RESET default_transaction_read_only").await;
     wait_status(T, port, "/readyz", 200).await;
     env.publish(&[body(&platform_gpt4("reader", "after-failover"))])
