@@ -97,7 +97,7 @@ const WRITABLE: &str = "SELECT current_setting('transaction_read_only') = 'off'"
 
 /// A pooled connection idle at least this long is checked ([`WRITABLE`]) before it is
 /// handed out.
-const PING_AFTER_IDLE: Duration = Duration::from_millis(100);
+const CHECK_AFTER_IDLE: Duration = Duration::from_millis(100);
 
 /// The parameters of a `database.url` that name the server's CA (sqlx's spellings too).
 const ROOT_CERT: [&str; 3] = ["sslrootcert", "ssl-root-cert", "ssl-ca"];
@@ -340,7 +340,7 @@ fn pool_on(settings: &DatabaseSettings, opts: PgConnectOptions, size: u32) -> Pg
         .test_before_acquire(false)
         .before_acquire(|conn, meta| {
             Box::pin(async move {
-                if meta.idle_for < PING_AFTER_IDLE {
+                if meta.idle_for < CHECK_AFTER_IDLE {
                     return Ok(true);
                 }
                 let writable: bool = sqlx::query_scalar(WRITABLE).fetch_one(&mut *conn).await?;

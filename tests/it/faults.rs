@@ -339,18 +339,9 @@ async fn database_sessions_terminated_mid_stream_recover_without_loss() {
     let server_admin = sqlx::PgPool::connect(&env.settings.database.url.replace(&db, "postgres"))
         .await
         .unwrap();
-    sqlx::query(&format!("ALTER DATABASE \"{db}\" ALLOW_CONNECTIONS false"))
-        .execute(&server_admin)
-        .await
-        .unwrap();
-    sqlx::query(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-          WHERE datname = $1 AND application_name = 'credit-worker'",
-    )
-    .bind(&db)
-    .execute(&server_admin)
-    .await
-    .unwrap();
+    env.alter_database(&server_admin, "ALLOW_CONNECTIONS false")
+        .await;
+    env.end_worker_sessions(&server_admin).await;
     wait_status(T, port, "/readyz", 503).await;
     sqlx::query(&format!("ALTER DATABASE \"{db}\" ALLOW_CONNECTIONS true"))
         .execute(&server_admin)
@@ -1008,13 +999,6 @@ async fn listener_pid(admin: &sqlx::PgPool, db: &str) -> Option<i32> {
     .unwrap()
 }
 
-async fn alter_database(admin: &sqlx::PgPool, db: &str, setting: &str) {
-    sqlx::query(&format!("ALTER DATABASE \"{db}\" {setting}"))
-        .execute(admin)
-        .await
-        .unwrap();
-}
-
 /// A database whose administrator ends idle sessions after a second and cancels statements
 /// after a millisecond, and a relay's listener whose session is ended again and again: the
 /// worker's own settings (no statement timeout here) hold on its sessions, the listener is
@@ -1025,8 +1009,10 @@ async fn a_databases_own_timeouts_and_a_lost_listener_cost_no_decision() {
     let (env, users, mut tap) = ten_funded_users().await;
     let admin = env.admin_pool().await;
     let db = env.db_name.clone();
-    alter_database(&admin, &db, "SET idle_session_timeout = '1s'").await;
-    alter_database(&admin, &db, "SET statement_timeout = '1ms'").await;
+    env.alter_database(&admin, "SET idle_session_timeout = '1s'")
+        .await;
+    env.alter_database(&admin, "SET statement_timeout = '1ms'")
+        .await;
     let mut settings = env.settings.clone();
     settings.database.statement_timeout_ms = 0;
     let worker = Worker::start(settings).await.unwrap();
@@ -1083,7 +1069,7 @@ async fn a_databases_own_timeouts_and_a_lost_listener_cost_no_decision() {
     assert_events_complete(&env, &mut tap, users + n + fees(&per_user_counts(users, n))).await;
     assert_eq!(retries(), before, "decisions retried");
     worker.stop().await.unwrap();
-    alter_database(&admin, &db, "RESET ALL").await;
+    env.alter_database(&admin, "RESET ALL").await;
     admin.close().await;
     assert_books_balance(&env, users, 1_000_000, &per_user_counts(users, n)).await;
     env.cleanup().await;
@@ -1095,8 +1081,8 @@ async fn a_databases_own_timeouts_and_a_lost_listener_cost_no_decision() {
 async fn a_start_against_a_read_only_database_waits_for_it_to_take_writes() {
     let env = TestEnv::with(no_refill).await;
     let admin = env.admin_pool().await;
-    let db = env.db_name.clone();
-    alter_database(&admin, &db, "SET default_transaction_read_only = on").await;
+    env.alter_database(&admin, "SET default_transaction_read_only = on")
+        .await;
     let (mut worker, port, log) = WorkerProcess::spawn_logged(
         &env.process_env(),
         &["run"],
@@ -1114,7 +1100,8 @@ async fn a_start_against_a_read_only_database_waits_for_it_to_take_writes() {
     let probes = (0..8).map(|_| http_status(port, "/readyz"));
     let statuses = futures::future::join_all(probes).await;
     assert_eq!(statuses, [503; 8]);
-    alter_database(&admin, &db, "RESET default_transaction_read_only").await;
+    env.alter_database(&admin, "RESET default_transaction_read_only")
+        .await;
     wait_status(T, port, "/readyz", 200).await;
     env.publish(&[body(&platform_gpt4("reader", "after-failover"))])
         .await;

@@ -342,12 +342,8 @@ impl TestEnv {
     /// sessions (a database outage); `admin` is [`Self::admin_pool`]'s.
     pub async fn set_reachable(&self, admin: &sqlx::PgPool, reachable: bool) {
         let db = &self.db_name;
-        sqlx::query(&format!(
-            "ALTER DATABASE \"{db}\" ALLOW_CONNECTIONS {reachable}"
-        ))
-        .execute(admin)
-        .await
-        .expect("alter database");
+        self.alter_database(admin, &format!("ALLOW_CONNECTIONS {reachable}"))
+            .await;
         if !reachable {
             sqlx::query(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
@@ -358,6 +354,29 @@ impl TestEnv {
             .await
             .expect("terminate sessions");
         }
+    }
+
+    /// `ALTER DATABASE` of this test's database with `setting` (`SET x = y`, `RESET ALL`, …);
+    /// `admin` is [`Self::admin_pool`]'s. A `SET` reaches sessions begun after it.
+    pub async fn alter_database(&self, admin: &sqlx::PgPool, setting: &str) {
+        let db = &self.db_name;
+        sqlx::query(&format!("ALTER DATABASE \"{db}\" {setting}"))
+            .execute(admin)
+            .await
+            .expect("alter database");
+    }
+
+    /// Ends every session of a worker (`application_name` credit-worker) on this test's
+    /// database; `admin` is [`Self::admin_pool`]'s.
+    pub async fn end_worker_sessions(&self, admin: &sqlx::PgPool) {
+        sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+              WHERE datname = $1 AND application_name = 'credit-worker'",
+        )
+        .bind(&self.db_name)
+        .execute(admin)
+        .await
+        .expect("terminate sessions");
     }
 
     pub async fn scalar_i64(&self, sql: &str) -> i64 {

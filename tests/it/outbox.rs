@@ -974,25 +974,9 @@ async fn a_relay_on_a_read_only_database_publishes_nothing_twice() {
         "the round sent before the watermark"
     );
     let admin = env.admin_pool().await;
-    let db = env.db_name.clone();
-    let alter = |setting: &'static str| {
-        let (admin, db) = (admin.clone(), db.clone());
-        async move {
-            sqlx::query(&format!("ALTER DATABASE \"{db}\" {setting}"))
-                .execute(&admin)
-                .await
-                .unwrap();
-        }
-    };
-    alter("SET default_transaction_read_only = on").await;
-    sqlx::query(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-          WHERE datname = $1 AND application_name = 'credit-worker'",
-    )
-    .bind(&db)
-    .execute(&admin)
-    .await
-    .unwrap();
+    env.alter_database(&admin, "SET default_transaction_read_only = on")
+        .await;
+    env.end_worker_sessions(&admin).await;
     sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
 
     let metric = |name: &'static str, labels: &'static [(&'static str, &'static str)]| async move {
@@ -1018,7 +1002,8 @@ async fn a_relay_on_a_read_only_database_publishes_nothing_twice() {
         "events published again while the watermark cannot move"
     );
 
-    alter("RESET default_transaction_read_only").await;
+    env.alter_database(&admin, "RESET default_transaction_read_only")
+        .await;
     wait_for(T, "the relay to lead again", || async {
         http_get(http, "/readyz")
             .await
