@@ -231,11 +231,16 @@ pub(crate) async fn serve_on(
     Ok(())
 }
 
+/// How long `/readyz` and `/metrics` wait for the database: under a second, Kubernetes' default
+/// probe timeout, so a database that does not answer is reported (`database: down`, the
+/// metrics read before) rather than the probe timing out with nothing said.
+const DATABASE_PROBE: Duration = Duration::from_millis(700);
+
 async fn metrics(State(s): State<HttpState>) -> (StatusCode, String) {
     // Read now: the relay cannot refresh it while the broker is out, when it matters most.
     // Together: a database that does not answer holds the scrape for one bound, not two.
     tokio::join!(
-        s.backlog.refresh(&s.pool, Duration::from_secs(2)),
+        s.backlog.refresh(&s.pool, DATABASE_PROBE),
         clock_offset(&s.pool)
     );
     let age = s.health.oldest_batch_age().unwrap_or_default();
@@ -256,7 +261,7 @@ static SKEW_WARNING: Throttle = Throttle::new(Duration::from_secs(300));
 /// that drifts or is stepped while the worker runs moves its refill months and fee days. A
 /// reading that fails leaves the last one.
 async fn clock_offset(pool: &PgPool) {
-    let read = tokio::time::timeout(Duration::from_secs(2), crate::db::clock_offset(pool)).await;
+    let read = tokio::time::timeout(DATABASE_PROBE, crate::db::clock_offset(pool)).await;
     if let Ok(Ok(offset)) = read {
         metrics::gauge!("credit_clock_offset_seconds").set(offset.num_milliseconds() as f64 / 1e3);
         if crate::clock::judge_skew(offset) != crate::clock::Skew::Agrees && SKEW_WARNING.ready() {
@@ -266,7 +271,7 @@ async fn clock_offset(pool: &PgPool) {
 }
 
 async fn readyz(State(s): State<HttpState>) -> (StatusCode, String) {
-    let db = tokio::time::timeout(Duration::from_secs(2), crate::db::ping(&s.pool))
+    let db = tokio::time::timeout(DATABASE_PROBE, crate::db::ping(&s.pool))
         .await
         .unwrap_or(false);
     let h = &s.health;

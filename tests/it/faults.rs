@@ -729,6 +729,12 @@ impl FreezingProxy {
         let open = self.next.load(Ordering::SeqCst);
         self.frozen_below.store(open, Ordering::SeqCst);
     }
+
+    /// Every connection, open now or made later, stops passing data: a server gone silent
+    /// for good, or a network that drops every packet to it.
+    pub(crate) fn silence_all(&self) {
+        self.frozen_below.store(u64::MAX, Ordering::SeqCst);
+    }
 }
 
 /// Copies `from` to `to` until connection `number` is frozen, then swallows what comes, as
@@ -821,6 +827,40 @@ async fn a_database_that_goes_silent_costs_a_retry_not_the_stream() {
     assert_events_complete(&env, &mut tap, users + 400).await;
     worker.stop().await.unwrap();
     assert_books_balance(&env, users, 1_000_000, &per_user_counts(users, 400)).await;
+    env.cleanup().await;
+}
+
+/// While the database's server is silent, `/readyz` and `/metrics` still answer within a
+/// second, Kubernetes' default probe timeout: `/readyz` 503 naming the database, instead of a
+/// probe that times out with nothing said.
+#[tokio::test]
+async fn probes_answer_within_a_second_while_the_database_is_silent() {
+    let env = TestEnv::with(|s| {
+        quiet_scheduler(s);
+        s.http.listen = any_port();
+    })
+    .await;
+    let proxy = FreezingProxy::before_database(&env.settings.database.url).await;
+    let mut settings = env.settings.clone();
+    settings.database.url = through_proxy(&env.settings.database.url, proxy.port);
+    settings.database.statement_timeout_ms = 500;
+    let worker = Worker::start(settings).await.unwrap();
+    let port = worker.http_addr().expect("http address").port();
+    wait_status(T, port, "/readyz", 200).await;
+    proxy.silence_all();
+    for path in ["/readyz", "/metrics", "/readyz"] {
+        let asked = std::time::Instant::now();
+        let (status, body) = http_get(port, path).await.expect(path);
+        let took = asked.elapsed();
+        assert!(took < Duration::from_secs(1), "{path} took {took:?}");
+        if path == "/readyz" {
+            assert_eq!(status, 503, "{body}");
+            assert!(body.contains("database: down"), "{body}");
+        } else {
+            assert_eq!(status, 200);
+        }
+    }
+    worker.stop().await.unwrap();
     env.cleanup().await;
 }
 
