@@ -267,6 +267,7 @@ impl Relay {
         let mut read_at = Asked::now();
         let mut rows = crate::db::bounded(bound, store::events_after(db, watermark, BATCH)).await?;
         let mut pruner = Pruner::new(self.settings.outbox.retention());
+        let mut pace = Pace::default();
         loop {
             if hard_stop.is_cancelled() {
                 return Ok(());
@@ -278,19 +279,20 @@ impl Relay {
                 };
                 crate::db::bounded(bound, pruned).await?;
             }
-            if let Some(through) = rows.last().map(|r| r.id) {
+            if !rows.is_empty() {
                 let started = Instant::now();
-                let published = self
-                    .publish_holding_lead(db, publisher, exchange, &rows, read_at)
+                let through = self
+                    .publish_round(db, (publisher, exchange), &rows, &mut pace, read_at)
                     .await?;
-                metrics::counter!("credit_events_published_total").increment(published as u64);
                 read_in_drain = drain.is_cancelled();
                 read_at = Asked::now();
-                rows =
-                    crate::db::bounded(bound, store::advance_and_read(db, through, BATCH)).await?;
-                watermark = through;
+                rows = self.rows_after(db, through, &mut watermark).await?;
                 metrics::histogram!("credit_outbox_publish_seconds")
                     .record(started.elapsed().as_secs_f64());
+                // After the watermark moved past what went out.
+                if pace.refused && !crate::retry::pause(&mut pace.delays, hard_stop).await {
+                    return Ok(());
+                }
                 continue;
             }
             if read_in_drain {
@@ -308,6 +310,74 @@ impl Relay {
         }
     }
 
+    /// The rows after a round: past `through`, the last row that went out whole, moving the
+    /// watermark there; with none, the same rows again.
+    async fn rows_after(
+        &self,
+        db: &mut PgConnection,
+        through: Option<i64>,
+        watermark: &mut i64,
+    ) -> Result<Vec<StoredEvent>, RelayError> {
+        let bound = self.stall_bound();
+        let Some(through) = through else {
+            return Ok(
+                crate::db::bounded(bound, store::events_after(db, *watermark, BATCH)).await?,
+            );
+        };
+        let rows = crate::db::bounded(bound, store::advance_and_read(db, through, BATCH)).await?;
+        *watermark = through;
+        Ok(rows)
+    }
+
+    /// Publishes the next events of `rows` (from where `pace` resumes, at most its window) and
+    /// returns the last row whose events are all confirmed now, for the watermark. A message
+    /// the broker refuses (a nack: a queue bound to the events exchange that is full and set to
+    /// `x-overflow: reject-publish`, say) ends the round there, not the session: the events
+    /// confirmed before it count, and it and those after go out again after a pause, in a
+    /// window of a little more than was taken, so a queue that drains slowly still gets every
+    /// event and the other subscribers only a few copies (with the same `event_id`) each time.
+    /// Until it takes events again, none goes past it to any subscriber: at least once for
+    /// every subscriber means waiting for the one that refuses, as `reject-publish` asks.
+    async fn publish_round(
+        &self,
+        db: &mut PgConnection,
+        (publisher, exchange): (&Publisher, &str),
+        rows: &[StoredEvent],
+        pace: &mut Pace,
+        read_at: Asked,
+    ) -> Result<Option<i64>, RelayError> {
+        let events = events_of(rows)?;
+        let round = pace.round_of(rows, &events);
+        let sent = self
+            .publish_holding_lead(db, publisher, exchange, round, read_at)
+            .await;
+        let (confirmed, refused) = match sent {
+            Ok(n) => (n, None),
+            Err(RelayError::Publish {
+                event_id,
+                source: PublishError::Nacked { index },
+            }) => (index, Some(event_id)),
+            Err(e) => return Err(e),
+        };
+        metrics::counter!("credit_events_published_total").increment(confirmed as u64);
+        let through = pace.confirmed(rows, confirmed, refused.is_some());
+        record_lag(rows, through);
+        if let Some(event_id) = refused {
+            metrics::counter!("credit_events_refused_total").increment(1);
+            if REFUSED_WARNING.ready() {
+                warn!(
+                    event_id,
+                    confirmed,
+                    "the broker refused an event (nack): a queue bound to the events exchange \
+                     is likely full and refusing publishes (x-overflow reject-publish); it and \
+                     the events after it are published again after a pause, those before it \
+                     are confirmed"
+                );
+            }
+        }
+        Ok(through)
+    }
+
     /// Publishes a round and keeps the leader's session from going idle past its lease while
     /// the confirms are awaited (a broker slow to confirm does not cost the lead). Rows read a
     /// while ago (the process was frozen since) go out only once the lead is found still held:
@@ -318,18 +388,19 @@ impl Relay {
         db: &mut PgConnection,
         publisher: &Publisher,
         exchange: &str,
-        rows: &[StoredEvent],
+        events: &[Event<'_>],
         read_at: Asked,
     ) -> Result<usize, RelayError> {
         let me = self.own_user.as_deref();
+        let route = Route::Exchange(exchange);
         let Some(lease) = self.lease() else {
-            return publish(publisher, exchange, rows, me).await;
+            return send_events(publisher, &route, events, me).await;
         };
         let bound = self.stall_bound();
         if read_at.longer_ago_than(lease / 2) {
             crate::db::bounded(bound, db.ping()).await?;
         }
-        let round = publish(publisher, exchange, rows, me);
+        let round = send_events(publisher, &route, events, me);
         tokio::pin!(round);
         loop {
             tokio::select! {
@@ -494,22 +565,99 @@ impl Pruner {
     }
 }
 
-/// Publishes the events of `rows` in order and waits for every confirm; returns how many.
-async fn publish(
-    publisher: &Publisher,
-    exchange: &str,
-    rows: &[StoredEvent],
-    me: Option<&str>,
-) -> Result<usize, RelayError> {
-    let sent = send(publisher, &Route::Exchange(exchange), rows, me).await?;
-    // Once each event is confirmed, and once only: a round that failed is published again.
+/// Records the publish lag of the events of `rows` up to `through`, now all confirmed: once
+/// each, as their row is passed (a round refused in part publishes some of them again).
+fn record_lag(rows: &[StoredEvent], through: Option<i64>) {
+    let Some(through) = through else { return };
     let confirmed = Utc::now();
-    for row in rows {
+    for row in rows.iter().take_while(|r| r.id <= through) {
         let lag = (confirmed - row.created_at).num_microseconds().unwrap_or(0) as f64 / 1e6;
         metrics::histogram!("credit_outbox_publish_lag_seconds")
             .record_many(lag.max(0.0), row.events.max(1) as usize);
     }
-    Ok(sent)
+}
+
+/// A refused event is warned of at most every 10 s; `credit_events_refused_total` counts each.
+static REFUSED_WARNING: crate::throttle::Throttle =
+    crate::throttle::Throttle::new(Duration::from_secs(10));
+
+/// The leader's pace through the outbox: where it resumes inside the row after its watermark,
+/// how many events a round sends, and the pauses between rounds the broker refused.
+struct Pace {
+    /// The row after the watermark whose first `.1` events are confirmed.
+    resume: Option<(i64, usize)>,
+    /// Events per round: all that a read returns while the broker takes them (None), a
+    /// little more than it took after a refusal (one event when it took none), doubling with
+    /// each round taken whole until that is [`BATCH`].
+    window: Option<usize>,
+    /// Whether the last round was refused in part.
+    refused: bool,
+    delays: Box<dyn Iterator<Item = Duration> + Send>,
+}
+
+impl Default for Pace {
+    fn default() -> Self {
+        Pace {
+            resume: None,
+            window: None,
+            refused: false,
+            delays: Box::new(crate::retry::backoff()),
+        }
+    }
+}
+
+impl Pace {
+    /// How many of `row`'s events went out already.
+    fn done_in(&self, row: &StoredEvent) -> usize {
+        match self.resume {
+            Some((id, done)) if id == row.id => done,
+            _ => 0,
+        }
+    }
+
+    /// The events of the next round: `events` (those of `rows`) after the ones confirmed, at
+    /// most a window of them.
+    fn round_of<'e, 'a>(&self, rows: &[StoredEvent], events: &'e [Event<'a>]) -> &'e [Event<'a>] {
+        let from = rows
+            .first()
+            .map_or(0, |r| self.done_in(r))
+            .min(events.len());
+        let to = self
+            .window
+            .map_or(events.len(), |w| events.len().min(from + w));
+        &events[from..to]
+    }
+
+    /// Takes note that the first `confirmed` events of the round went out, and whether the
+    /// broker refused the next; returns the last row whose events all went out.
+    fn confirmed(&mut self, rows: &[StoredEvent], confirmed: usize, refused: bool) -> Option<i64> {
+        let mut left = confirmed;
+        let mut through = None;
+        let mut resume = None;
+        for row in rows {
+            let done = self.done_in(row);
+            let remaining = (row.events.max(1) as usize).saturating_sub(done);
+            if left < remaining {
+                resume = Some((row.id, done + left)).filter(|_| done + left > 0);
+                break;
+            }
+            left -= remaining;
+            through = Some(row.id);
+        }
+        self.resume = resume;
+        self.window = match (refused, self.window) {
+            // A little more than was taken: a queue drained meanwhile takes more.
+            (true, _) => Some(confirmed + confirmed / 2 + 1),
+            (false, Some(w)) => Some(w * 2).filter(|w| *w < BATCH as usize),
+            (false, None) => None,
+        };
+        // The pauses grow only while nothing goes out.
+        if confirmed > 0 || !refused {
+            self.delays = Box::new(crate::retry::backoff());
+        }
+        self.refused = refused;
+        through
+    }
 }
 
 /// Where events go: to the events exchange under their routing keys (every subscriber), or,
@@ -537,8 +685,17 @@ pub(crate) async fn send(
     rows: &[StoredEvent],
     me: Option<&str>,
 ) -> Result<usize, RelayError> {
+    send_events(publisher, route, &events_of(rows)?, me).await
+}
+
+/// Publishes `events` along `route`, in order, and waits for every confirm; returns how many.
+async fn send_events(
+    publisher: &Publisher,
+    route: &Route<'_>,
+    events: &[Event<'_>],
+    me: Option<&str>,
+) -> Result<usize, RelayError> {
     let now = Utc::now();
-    let events = events_of(rows)?;
     let messages: Vec<Outgoing<'_>> = events
         .iter()
         .map(|e| {
@@ -559,7 +716,7 @@ pub(crate) async fn send(
     publisher
         .publish_all(messages)
         .await
-        .map_err(|source| refused(&events, source))?;
+        .map_err(|source| refused(events, source))?;
     Ok(events.len())
 }
 
@@ -711,5 +868,92 @@ mod tests {
         p.every = Duration::ZERO;
         assert!(p.due());
         assert!(!Pruner::new(None).due());
+    }
+
+    /// Row `id` holding `events` events (a run when more than one).
+    fn row(id: i64, events: i32) -> StoredEvent {
+        let one = |n: i32| format!(r#"{{"event_id":"e{id}.{n}"}}"#);
+        let payload = match events {
+            1 => one(0),
+            _ => format!("[{}]", (0..events).map(one).collect::<Vec<_>>().join(",")),
+        };
+        StoredEvent {
+            id,
+            event_id: format!("e{id}.0"),
+            routing_key: "balance.changed".into(),
+            events,
+            payload,
+            created_at: Utc::now(),
+        }
+    }
+
+    fn ids(events: &[Event<'_>]) -> Vec<String> {
+        events.iter().map(|e| e.event_id.to_string()).collect()
+    }
+
+    #[test]
+    fn a_refused_round_resumes_at_the_refused_event_inside_a_run() {
+        let mut pace = Pace::default();
+        let rows = [row(1, 1), row(2, 3), row(3, 1)];
+        let events = events_of(&rows).unwrap();
+        assert_eq!(pace.round_of(&rows, &events).len(), 5, "a whole read");
+        // The broker took the first two, refused the third (the run's second element).
+        assert_eq!(pace.confirmed(&rows, 2, true), Some(1));
+        assert_eq!(
+            (pace.resume, pace.window, pace.refused),
+            (Some((2, 1)), Some(4), true)
+        );
+        // The next read starts after the watermark, at the run.
+        let rows = [row(2, 3), row(3, 1)];
+        let events = events_of(&rows).unwrap();
+        assert_eq!(ids(pace.round_of(&rows, &events)), ["e2.1", "e2.2", "e3.0"]);
+        assert_eq!(
+            pace.confirmed(&rows, 1, true),
+            None,
+            "the run is not whole yet"
+        );
+        assert_eq!(pace.resume, Some((2, 2)));
+        assert_eq!(ids(pace.round_of(&rows, &events)), ["e2.2", "e3.0"]);
+        assert_eq!(pace.confirmed(&rows, 2, false), Some(3));
+        assert_eq!(
+            (pace.resume, pace.window, pace.refused),
+            (None, Some(4), false)
+        );
+    }
+
+    #[test]
+    fn a_round_refused_at_its_first_event_passes_nothing() {
+        let mut pace = Pace::default();
+        let rows = [row(7, 2), row(8, 1)];
+        assert_eq!(pace.confirmed(&rows, 0, true), None);
+        assert_eq!(pace.resume, None);
+        let events = events_of(&rows).unwrap();
+        assert_eq!(
+            ids(pace.round_of(&rows, &events)),
+            ["e7.0"],
+            "one, until taken"
+        );
+        assert_eq!(pace.confirmed(&rows, 1, false), None);
+        assert_eq!(ids(pace.round_of(&rows, &events)), ["e7.1", "e8.0"]);
+    }
+
+    #[test]
+    fn after_a_refusal_rounds_send_a_little_more_than_was_taken_then_double_back() {
+        let mut pace = Pace::default();
+        let rows: Vec<StoredEvent> = (1..=100).map(|id| row(id, 1)).collect();
+        assert_eq!(pace.confirmed(&rows, 20, true), Some(20));
+        assert_eq!(pace.window, Some(31));
+        let rest = &rows[20..];
+        let events = events_of(rest).unwrap();
+        let round = pace.round_of(rest, &events);
+        assert_eq!((round.len(), ids(round)[0].as_str()), (31, "e21.0"));
+        assert_eq!(pace.confirmed(rest, 31, false), Some(51));
+        assert_eq!(pace.window, Some(62));
+        for _ in 0..4 {
+            pace.confirmed(&rows[60..61], 1, false);
+        }
+        assert_eq!(pace.window, Some(992));
+        pace.confirmed(&rows[60..61], 1, false);
+        assert_eq!(pace.window, None, "back to whole rounds");
     }
 }

@@ -89,7 +89,7 @@ type Known = Option<(&'static str, &'static [&'static str])>;
 
 /// Every counter: its name, its `# HELP` text, and its label with the known values.
 #[rustfmt::skip]
-const COUNTERS: [(&str, &str, Known); 18] = [
+const COUNTERS: [(&str, &str, Known); 19] = [
     ("credit_messages_total", "Messages by outcome.",
      Some(("outcome", &["charged", "free", "rejected", "duplicate", "invalid", "settled"]))),
     ("credit_dead_lettered_total", "Messages moved to the dead letters.", None),
@@ -103,6 +103,7 @@ const COUNTERS: [(&str, &str, Known); 18] = [
     ("credit_defects_total", "Messages (dead-lettered) and commands (answered internal) lost to a caught panic, one each.",
      Some(("stage", &["decide", "control"]))),
     ("credit_events_published_total", "Events published by this worker's outbox relay.", None),
+    ("credit_events_refused_total", "Events the broker refused (nack) to this worker's outbox relay, each published again after a pause: a queue bound to the events exchange full and refusing publishes, say.", None),
     ("credit_outbox_pruned_total", "Published outbox rows deleted past outbox.retention_s.", None),
     ("credit_outbox_prune_errors_total", "Outbox prunes that failed.", None),
     ("credit_refill_runs_total", "Refill sweeps completed.", None),
