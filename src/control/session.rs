@@ -183,7 +183,14 @@ async fn handle(
     seen.record(&d.data, &result);
     if let Some(reply_to) = reply_to {
         let me = ctx.own_user.as_deref();
-        reply(ch, reply_to, correlation_id, me, &result).await?;
+        // A broker that blocks publishers (a resource alarm) holds the reply: a stop does not
+        // wait for it. Unacked, the command comes again; a keyed one is answered `applied:
+        // false`.
+        tokio::select! {
+            biased;
+            sent = reply(ch, reply_to, correlation_id, me, &result) => sent?,
+            _ = stop.cancelled() => return Ok(false),
+        }
     }
     // false: the channel is gone; the command comes again (keyed commands are idempotent).
     if !d.ack(BasicAckOptions::default()).await? {
