@@ -77,6 +77,13 @@ impl Health {
                 .as_ref()
                 .is_some_and(lapin::ConnectionStatus::connected)
     }
+    /// Whether the broker blocks the relay's connection from publishing (`connection.blocked`:
+    /// a memory or disk alarm), so that events wait in the outbox until it lifts the block.
+    pub(crate) fn relay_blocked(&self) -> bool {
+        self.relay_connection()
+            .as_ref()
+            .is_some_and(lapin::ConnectionStatus::blocked)
+    }
     fn relay_connection(&self) -> MutexGuard<'_, Option<lapin::ConnectionStatus>> {
         lock(&self.relay_connection)
     }

@@ -276,7 +276,12 @@ async fn readyz(State(s): State<HttpState>) -> (StatusCode, String) {
         .await
         .unwrap_or(false);
     let h = &s.health;
-    let relay = h.relaying().then(|| h.relay_connected());
+    let relay = match (h.relaying(), h.relay_connected(), h.relay_blocked()) {
+        (false, ..) => Relay::Down,
+        (true, false, _) => Relay::Reconnecting,
+        (true, true, true) => Relay::Blocked,
+        (true, true, false) => Relay::Publishing,
+    };
     let stalled = stalled(h.oldest_batch_age(), s.stall_after);
     readiness(db, (h.consuming(), stalled), relay)
 }
@@ -286,13 +291,25 @@ fn stalled(age: Option<Duration>, stall_after: Option<Duration>) -> Option<Durat
     age.filter(|age| stall_after.is_some_and(|limit| *age >= limit))
 }
 
+/// The outbox relay as `/readyz` tells of it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Relay {
+    /// Its task has ended.
+    Down,
+    /// Its session has no live broker connection or no working database session.
+    Reconnecting,
+    /// Connected, but the broker blocks its publishes (a resource alarm).
+    Blocked,
+    Publishing,
+}
+
 /// `/readyz`'s answer: ready once the database answers, the consumer consumes with no batch
 /// stalled (`stalled`: how long the oldest has waited, past `http.stall_s`) and the outbox
-/// relay runs (`relay`: None when it has ended, else whether its session is connected).
+/// relay runs.
 fn readiness(
     db: bool,
     (consuming, stalled): (bool, Option<Duration>),
-    relay: Option<bool>,
+    relay: Relay,
 ) -> (StatusCode, String) {
     let consumer = match (consuming, stalled) {
         (true, None) => "consuming".to_owned(),
@@ -305,12 +322,15 @@ fn readiness(
     let mut body = format!("database: {}\nconsumer: {consumer}\n", up(db));
     // Only said when it matters: the relay runs for the whole life of the process, connected.
     match relay {
-        None => body.push_str("outbox relay: down\n"),
+        Relay::Down => body.push_str("outbox relay: down\n"),
         // Still ready: decisions go on and their events wait in the outbox.
-        Some(false) => body.push_str("outbox relay: reconnecting\n"),
-        Some(true) => {}
+        Relay::Reconnecting => body.push_str("outbox relay: reconnecting\n"),
+        Relay::Blocked => body.push_str(
+            "outbox relay: blocked by the broker (a memory or disk alarm); events wait in the outbox\n",
+        ),
+        Relay::Publishing => {}
     }
-    if db && consuming && stalled.is_none() && relay.is_some() {
+    if db && consuming && stalled.is_none() && relay != Relay::Down {
         (StatusCode::OK, body)
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, body)
@@ -331,25 +351,34 @@ mod tests {
 
     #[test]
     fn readiness_names_what_is_missing_and_a_relay_reconnecting_stays_ready() {
+        use super::Relay;
         use axum::http::StatusCode;
         let ready = |db, consuming, relay| super::readiness(db, (consuming, None), relay);
         let ok = "database: up\nconsumer: consuming\n";
-        assert_eq!(ready(true, true, Some(true)), (StatusCode::OK, ok.into()));
+        assert_eq!(
+            ready(true, true, Relay::Publishing),
+            (StatusCode::OK, ok.into())
+        );
         let reconnecting = format!("{ok}outbox relay: reconnecting\n");
         assert_eq!(
-            ready(true, true, Some(false)),
+            ready(true, true, Relay::Reconnecting),
             (StatusCode::OK, reconnecting)
         );
+        let blocked = format!(
+            "{ok}outbox relay: blocked by the broker (a memory or disk alarm); events wait in the outbox\n"
+        );
+        assert_eq!(ready(true, true, Relay::Blocked), (StatusCode::OK, blocked));
         let down = format!("{ok}outbox relay: down\n");
         assert_eq!(
-            ready(true, true, None),
+            ready(true, true, Relay::Down),
             (StatusCode::SERVICE_UNAVAILABLE, down)
         );
         let waiting = "database: down\nconsumer: not consuming\n";
         let unavailable = (StatusCode::SERVICE_UNAVAILABLE, waiting.to_owned());
-        assert_eq!(ready(false, false, Some(true)), unavailable);
+        assert_eq!(ready(false, false, Relay::Publishing), unavailable);
         // No session, no connection.
         assert!(!crate::health::Health::default().relay_connected());
+        assert!(!crate::health::Health::default().relay_blocked());
     }
 
     #[test]
@@ -362,7 +391,8 @@ mod tests {
         assert_eq!(super::stalled(Some(secs(119)), limit), None);
         assert_eq!(super::stalled(Some(secs(120)), limit), Some(secs(120)));
         assert_eq!(super::stalled(Some(secs(999_999)), None), None, "0 = never");
-        let (status, body) = super::readiness(true, (true, Some(secs(130))), Some(true));
+        let (status, body) =
+            super::readiness(true, (true, Some(secs(130))), super::Relay::Publishing);
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(
             body,
