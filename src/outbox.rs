@@ -126,7 +126,7 @@ impl Relay {
     ) -> Result<(), RelayError> {
         let conn =
             crate::amqp::connect_publisher(&self.settings.amqp, "credit-worker outbox").await?;
-        let publisher = Publisher::open(&conn).await?;
+        let publisher = Publisher::open_patient(&conn).await?;
         let exchange = self.settings.name(topology::EVENTS);
         topology::declare_events_exchange(publisher.channel(), &exchange).await?;
         let _session = self.health.relay_session(&conn);

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::ShortString;
-use lapin::{BasicProperties, Channel, Connection};
+use lapin::{BasicProperties, Channel, Connection, ConnectionStatus};
 use lapin::{Confirmation, PublisherConfirm};
 
 /// The longest wait for one confirm.
@@ -48,14 +48,38 @@ pub struct Outgoing<'a> {
 #[derive(Clone)]
 pub struct Publisher {
     ch: Channel,
+    /// Its connection's, when a block by the broker is waited out (see [`Self::open_patient`]).
+    patient_on: Option<ConnectionStatus>,
 }
 
 impl Publisher {
-    /// Opens a channel on `conn` and puts it in confirm mode.
+    /// Opens a channel on `conn` and puts it in confirm mode. A publish that is not confirmed
+    /// within [`CONFIRM_TIMEOUT`] fails.
     pub async fn open(conn: &Connection) -> Result<Self, lapin::Error> {
         let ch = conn.create_channel().await?;
         ch.confirm_select(ConfirmSelectOptions::default()).await?;
-        Ok(Publisher { ch })
+        Ok(Publisher {
+            ch,
+            patient_on: None,
+        })
+    }
+
+    /// [`Self::open`], for the worker's own sessions: while the broker blocks the connection
+    /// (`connection.blocked`: a memory or disk alarm), a publish waits past the timeout for as
+    /// long as the block lasts. The broker holds publishes back on purpose then, and a new
+    /// connection would only be blocked again at its first publish, leaving this one behind
+    /// with its unacked deliveries (they would come back with their delivery count raised).
+    pub(crate) async fn open_patient(conn: &Connection) -> Result<Self, lapin::Error> {
+        let mut publisher = Self::open(conn).await?;
+        publisher.patient_on = Some(conn.status().clone());
+        Ok(publisher)
+    }
+
+    /// Whether the broker holds this publisher's messages back on purpose, now.
+    fn held(&self) -> bool {
+        self.patient_on
+            .as_ref()
+            .is_some_and(|s| s.connected() && s.blocked())
     }
 
     pub fn channel(&self) -> &Channel {
@@ -85,10 +109,9 @@ impl Publisher {
         &self,
         messages: impl IntoIterator<Item = Outgoing<'a>>,
     ) -> Result<usize, PublishError> {
-        let sent = tokio::time::timeout(CONFIRM_TIMEOUT, self.send_all(messages))
-            .await
-            .map_err(|_| PublishError::Timeout)??;
-        confirmed(sent).await
+        let held = || self.held();
+        let sent = patiently(self.send_all(messages), held).await??;
+        confirmed_while(sent, held).await
     }
 
     /// Sends `messages` in order without waiting for their confirms.
@@ -130,15 +153,70 @@ pub fn short(field: &'static str, s: &str) -> Result<ShortString, PublishError> 
 
 /// Waits for `pending` confirms in order; the first refusal or timeout is the error.
 pub async fn confirmed(pending: Vec<PublisherConfirm>) -> Result<usize, PublishError> {
+    confirmed_while(pending, || false).await
+}
+
+/// [`confirmed`], each confirm awaited [`patiently`] while `held`.
+async fn confirmed_while(
+    pending: Vec<PublisherConfirm>,
+    held: impl Fn() -> bool,
+) -> Result<usize, PublishError> {
     let n = pending.len();
     for (index, c) in pending.into_iter().enumerate() {
-        match tokio::time::timeout(CONFIRM_TIMEOUT, c).await {
-            Err(_) => return Err(PublishError::Timeout),
-            Ok(Err(e)) => return Err(e.into()),
-            Ok(Ok(Confirmation::Nack(_))) => return Err(PublishError::Nacked { index }),
-            Ok(Ok(Confirmation::Ack(Some(_)))) => return Err(PublishError::Returned),
-            Ok(Ok(_)) => {}
+        match patiently(c, &held).await? {
+            Err(e) => return Err(e.into()),
+            Ok(Confirmation::Nack(_)) => return Err(PublishError::Nacked { index }),
+            Ok(Confirmation::Ack(Some(_))) => return Err(PublishError::Returned),
+            Ok(_) => {}
         }
     }
     Ok(n)
+}
+
+/// A block waited out is warned of at most once a minute.
+static HELD_WARNING: crate::throttle::Throttle =
+    crate::throttle::Throttle::new(Duration::from_secs(60));
+
+/// Awaits `fut` for [`CONFIRM_TIMEOUT`], and on for as long as `held` says the broker holds
+/// publishes back on purpose; a timeout otherwise.
+async fn patiently<F: std::future::Future>(
+    fut: F,
+    held: impl Fn() -> bool,
+) -> Result<F::Output, PublishError> {
+    tokio::pin!(fut);
+    loop {
+        match tokio::time::timeout(CONFIRM_TIMEOUT, &mut fut).await {
+            Ok(out) => return Ok(out),
+            Err(_) if held() => {
+                if HELD_WARNING.ready() {
+                    tracing::warn!(
+                        "the broker blocks publishing on this connection (a memory or disk \
+                         alarm): waiting for it to lift the block"
+                    );
+                }
+            }
+            Err(_) => return Err(PublishError::Timeout),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    #[tokio::test(start_paused = true)]
+    async fn a_publish_the_broker_holds_back_waits_as_long_as_the_block_lasts() {
+        let blocked = AtomicBool::new(true);
+        let held = || blocked.load(Ordering::SeqCst);
+        let confirm_at = |secs| tokio::time::sleep(Duration::from_secs(secs));
+        let started = tokio::time::Instant::now();
+        assert!(patiently(confirm_at(75), held).await.is_ok());
+        assert_eq!(started.elapsed(), Duration::from_secs(75));
+        blocked.store(false, Ordering::SeqCst);
+        let started = tokio::time::Instant::now();
+        let late = patiently(confirm_at(75), held).await;
+        assert!(matches!(late, Err(PublishError::Timeout)), "{late:?}");
+        assert_eq!(started.elapsed(), CONFIRM_TIMEOUT);
+    }
 }

@@ -97,7 +97,7 @@ impl Consumer {
         // Applied on every (re)connect: prefetch is per channel.
         ch.basic_qos(amqp.prefetch, BasicQosOptions::default())
             .await?;
-        let dead = Publisher::open(&conn).await?;
+        let dead = Publisher::open_patient(&conn).await?;
         Ok(Session {
             conn,
             ch,
