@@ -651,8 +651,9 @@ impl Pace {
             (false, Some(w)) => Some(w * 2).filter(|w| *w < BATCH as usize),
             (false, None) => None,
         };
-        // The pauses grow only while nothing goes out.
-        if confirmed > 0 || !refused {
+        // The pauses grow only while nothing goes out; they are taken only after a refusal,
+        // so only then can they have grown.
+        if self.refused && (confirmed > 0 || !refused) {
             self.delays = Box::new(crate::retry::backoff());
         }
         self.refused = refused;
