@@ -368,7 +368,10 @@ impl Parts {
             relay.run(d, RELAY_HARD_STOP).await
         });
         let stop = shutdown.clone();
-        tasks.spawn("control", crate::control::serve(control, stop));
+        tasks.spawn(
+            "control",
+            crate::control::serve(control, health.clone(), stop),
+        );
         if let Some(s) = scheduler {
             let stop = shutdown.clone();
             tasks.spawn("refill scheduler", s.run(stop));

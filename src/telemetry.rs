@@ -89,10 +89,11 @@ type Known = Option<(&'static str, &'static [&'static str])>;
 
 /// Every counter: its name, its `# HELP` text, and its label with the known values.
 #[rustfmt::skip]
-const COUNTERS: [(&str, &str, Known); 19] = [
+const COUNTERS: [(&str, &str, Known); 20] = [
     ("credit_messages_total", "Messages by outcome.",
      Some(("outcome", &["charged", "free", "rejected", "duplicate", "invalid", "settled"]))),
     ("credit_dead_lettered_total", "Messages moved to the dead letters.", None),
+    ("credit_dead_letters_refused_total", "Dead letters the broker refused (nack), each published again after a pause while billing waits: the dead-letter queue full and refusing publishes, say.", None),
     ("credit_producers_refused_total", "Messages refused for their producer (amqp.allowed_producers).", None),
     ("credit_conflicting_duplicates_total", "Repeated node executions naming another user or block than the stored decision.", None),
     ("credit_credits_charged_total", "Credits debited by decisions, fees and settlements.", None),
@@ -275,134 +276,15 @@ async fn readyz(State(s): State<HttpState>) -> (StatusCode, String) {
     let db = tokio::time::timeout(DATABASE_PROBE, crate::db::ping(&s.pool))
         .await
         .unwrap_or(false);
-    let h = &s.health;
-    let relay = match (h.relaying(), h.relay_connected(), h.relay_blocked()) {
-        (false, ..) => Relay::Down,
-        (true, false, _) => Relay::Reconnecting,
-        (true, true, true) => Relay::Blocked,
-        (true, true, false) => Relay::Publishing,
-    };
-    let stalled = stalled(h.oldest_batch_age(), s.stall_after);
-    readiness(db, (h.consuming(), stalled), relay)
-}
-
-/// How long the oldest batch in flight has waited, when that is `stall_after` or longer.
-fn stalled(age: Option<Duration>, stall_after: Option<Duration>) -> Option<Duration> {
-    age.filter(|age| stall_after.is_some_and(|limit| *age >= limit))
-}
-
-/// The outbox relay as `/readyz` tells of it.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Relay {
-    /// Its task has ended.
-    Down,
-    /// Its session has no live broker connection or no working database session.
-    Reconnecting,
-    /// Connected, but the broker blocks its publishes (a resource alarm).
-    Blocked,
-    Publishing,
-}
-
-/// `/readyz`'s answer: ready once the database answers, the consumer consumes with no batch
-/// stalled (`stalled`: how long the oldest has waited, past `http.stall_s`) and the outbox
-/// relay runs.
-fn readiness(
-    db: bool,
-    (consuming, stalled): (bool, Option<Duration>),
-    relay: Relay,
-) -> (StatusCode, String) {
-    let consumer = match (consuming, stalled) {
-        (true, None) => "consuming".to_owned(),
-        (_, Some(age)) => format!(
-            "stalled (the oldest batch has waited {} s for its decision)",
-            age.as_secs()
-        ),
-        (false, None) => "not consuming".to_owned(),
-    };
-    let mut body = format!("database: {}\nconsumer: {consumer}\n", up(db));
-    // Only said when it matters: the relay runs for the whole life of the process, connected.
-    match relay {
-        Relay::Down => body.push_str("outbox relay: down\n"),
-        // Still ready: decisions go on and their events wait in the outbox.
-        Relay::Reconnecting => body.push_str("outbox relay: reconnecting\n"),
-        Relay::Blocked => body.push_str(
-            "outbox relay: blocked by the broker (a memory or disk alarm); events wait in the outbox\n",
-        ),
-        Relay::Publishing => {}
-    }
-    if db && consuming && stalled.is_none() && relay != Relay::Down {
-        (StatusCode::OK, body)
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, body)
-    }
-}
-
-fn up(b: bool) -> &'static str {
-    if b {
-        "up"
-    } else {
-        "down"
+    match s.health.readiness(db, s.stall_after) {
+        (true, body) => (StatusCode::OK, body),
+        (false, body) => (StatusCode::SERVICE_UNAVAILABLE, body),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::panic_text;
-
-    #[test]
-    fn readiness_names_what_is_missing_and_a_relay_reconnecting_stays_ready() {
-        use super::Relay;
-        use axum::http::StatusCode;
-        let ready = |db, consuming, relay| super::readiness(db, (consuming, None), relay);
-        let ok = "database: up\nconsumer: consuming\n";
-        assert_eq!(
-            ready(true, true, Relay::Publishing),
-            (StatusCode::OK, ok.into())
-        );
-        let reconnecting = format!("{ok}outbox relay: reconnecting\n");
-        assert_eq!(
-            ready(true, true, Relay::Reconnecting),
-            (StatusCode::OK, reconnecting)
-        );
-        let blocked = format!(
-            "{ok}outbox relay: blocked by the broker (a memory or disk alarm); events wait in the outbox\n"
-        );
-        assert_eq!(ready(true, true, Relay::Blocked), (StatusCode::OK, blocked));
-        let down = format!("{ok}outbox relay: down\n");
-        assert_eq!(
-            ready(true, true, Relay::Down),
-            (StatusCode::SERVICE_UNAVAILABLE, down)
-        );
-        let waiting = "database: down\nconsumer: not consuming\n";
-        let unavailable = (StatusCode::SERVICE_UNAVAILABLE, waiting.to_owned());
-        assert_eq!(ready(false, false, Relay::Publishing), unavailable);
-        // No session, no connection.
-        assert!(!crate::health::Health::default().relay_connected());
-        assert!(!crate::health::Health::default().relay_blocked());
-    }
-
-    #[test]
-    fn a_batch_held_past_http_stall_s_makes_the_worker_unready() {
-        use axum::http::StatusCode;
-        use std::time::Duration;
-        let secs = Duration::from_secs;
-        let limit = Some(secs(120));
-        assert_eq!(super::stalled(None, limit), None);
-        assert_eq!(super::stalled(Some(secs(119)), limit), None);
-        assert_eq!(super::stalled(Some(secs(120)), limit), Some(secs(120)));
-        assert_eq!(super::stalled(Some(secs(999_999)), None), None, "0 = never");
-        let (status, body) =
-            super::readiness(true, (true, Some(secs(130))), super::Relay::Publishing);
-        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(
-            body,
-            "database: up\nconsumer: stalled (the oldest batch has waited 130 s for its decision)\n"
-        );
-        let health = crate::health::Health::default();
-        assert_eq!(health.oldest_batch_age(), None);
-        health.set_oldest_batch(Some(std::time::Instant::now() - secs(5)));
-        assert!(health.oldest_batch_age().is_some_and(|a| a >= secs(5)));
-    }
 
     /// The recorder drains its histograms by itself, scraped or not.
     #[test]

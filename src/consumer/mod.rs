@@ -10,6 +10,7 @@
 //! only after the decision transaction committed; a transient fault is retried with backoff
 //! and never produces a decision or an ack.
 
+mod dead_letter;
 pub mod process;
 
 use std::collections::VecDeque;
@@ -19,22 +20,21 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use tokio::sync::mpsc;
 use tokio::task::JoinError;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::amqp::topology::{self, Names};
-use crate::amqp::{self, Outgoing, PublishError, Publisher};
+use crate::amqp::{self, PublishError, Publisher};
 use crate::config::Settings;
 use crate::decide::{Follow, Turn};
 use crate::health::Health;
+use dead_letter::dead_letter;
 use process::{producer_refusal, Action, Attempt, DbDecider, MessageIds};
 
 /// Header naming why a message was dead-lettered.
@@ -80,6 +80,8 @@ struct Session {
     ch: Channel,
     dead: Publisher,
     names: Names,
+    /// Declares the topology again from time to time ([`keep_declared`]).
+    topology: Channel,
 }
 
 impl Consumer {
@@ -98,11 +100,13 @@ impl Consumer {
         ch.basic_qos(amqp.prefetch, BasicQosOptions::default())
             .await?;
         let dead = Publisher::open_patient(&conn).await?;
+        let topology = conn.create_channel().await?;
         Ok(Session {
             conn,
             ch,
             dead,
             names,
+            topology,
         })
     }
 
@@ -113,6 +117,7 @@ impl Consumer {
             s = self.open() => s?,
             _ = stop.cancelled() => return Ok(()),
         };
+        let _connection = self.health.consumer_session(&s.conn);
         let mut deliveries =
             s.ch.basic_consume(
                 s.names.input_queue.as_str().into(),
@@ -137,7 +142,10 @@ impl Consumer {
             s.names.clone(),
             decider_stop.clone(),
         )));
-        let result = self.collect(&mut deliveries, &tx, stop).await;
+        let result = tokio::select! {
+            collected = self.collect(&mut deliveries, &tx, stop) => collected,
+            e = keep_declared(&s.topology, &self.settings.amqp) => Err(e),
+        };
         // Not consuming from this moment (a fault or a stop), whatever the cleanup below takes.
         self.health.set_consuming(false);
         drop(tx);
@@ -211,6 +219,25 @@ impl Consumer {
         }
     }
 }
+
+/// Declares the topology again every [`REDECLARE`], for as long as the session lasts; returns
+/// the broker's refusal. An exchange deleted while the worker runs (by hand, or by a tool
+/// that cleans up) is back within that, bound as before, rather than turning producers'
+/// publishes away until the next session: the consumer alone would not notice, as its queue
+/// stays. (Subscribers' own bindings to a deleted events exchange are theirs to make again.)
+async fn keep_declared(ch: &Channel, amqp: &crate::config::AmqpSettings) -> SessionError {
+    let mut every = tokio::time::interval_at(tokio::time::Instant::now() + REDECLARE, REDECLARE);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        if let Err(e) = topology::declare(ch, amqp).await {
+            return e.into();
+        }
+    }
+}
+
+/// How often a session declares the topology again (a few round trips each time).
+const REDECLARE: Duration = Duration::from_secs(10);
 
 /// The first delivery of a batch; None on a stop. A decider that died is noticed now, not
 /// when the next delivery comes: its unacked batches go back to the queue only once this
@@ -469,7 +496,7 @@ impl Consumer {
         let actions = merge_actions(&batch, refused, decided)?;
         metrics::histogram!("credit_decide_transaction_seconds")
             .record(started.elapsed().as_secs_f64());
-        let dead_letters: Vec<_> = batch
+        let letters: Vec<_> = batch
             .iter()
             .zip(&actions)
             .filter_map(|(d, (action, ids))| match action {
@@ -477,7 +504,11 @@ impl Consumer {
                 _ => None,
             })
             .collect();
-        let rejected = dead_letter(dead, names, &dead_letters, self.own_user.as_deref()).await?;
+        let me = self.own_user.as_deref();
+        let waiting = (&*self.health, stop);
+        let Some(rejected) = dead_letter(dead, names, &letters, me, waiting).await? else {
+            return Ok(false);
+        };
         // The batch holds every unacked delivery up to its last tag (deliveries are batched in
         // order and batches are acked in order), so one multiple-ack covers it: on the last
         // delivery not rejected already, whose acker is still unused (a rejected one's is
@@ -539,98 +570,6 @@ fn merge_actions(
             None => decided.next().ok_or(SessionError::DeciderGone),
         })
         .collect()
-}
-
-/// Republishes the deliveries to the dead-letter exchange, each with its reason added, and
-/// waits for the broker's confirms (a window at a time: a flood of invalid messages costs a
-/// round trip per hundred) before the caller acks them; returns the tags of those rejected to
-/// the broker's own dead-lettering instead, which are settled already. Body and properties
-/// are kept, except that a producer's `user_id` other than the worker's own (`me`) moves into
-/// a header, which the broker would otherwise refuse ([`amqp::producer`]).
-async fn dead_letter(
-    dead: &Publisher,
-    names: &Names,
-    letters: &[(&Delivery, &str, &MessageIds)],
-    me: Option<&str>,
-) -> Result<Vec<u64>, SessionError> {
-    let (copied, too_large): (Vec<_>, Vec<_>) = letters
-        .iter()
-        .partition(|(d, _, _)| amqp::headers_len(&d.properties) <= COPIED_HEADERS_MAX);
-    // In windows, each with its own confirm deadline: a whole batch of large messages could
-    // outlast one on a slow link.
-    for window in copied.chunks(DEAD_LETTER_WINDOW) {
-        publish_dead(dead, names, window, me).await?;
-    }
-    // A copy would not fit a frame with the worker's headers added: the broker would end the
-    // connection, and the message, come back with its delivery count added, could no longer
-    // be read, holding up every message behind it. The input queue's own dead-lettering
-    // moves it instead, without the reason header (`x-death` says `rejected`).
-    for (d, reason, _) in &too_large {
-        let sent = bounded(d.acker.nack(BasicNackOptions {
-            multiple: false,
-            requeue: false,
-        }))
-        .await
-        .transpose()?;
-        if sent != Some(true) {
-            return Err(SessionError::AckNotSent);
-        }
-        warn!(
-            reason,
-            delivery_tag = d.delivery_tag,
-            "headers too large to copy with a reason; dead-lettered by the broker"
-        );
-    }
-    // Counted once confirmed: a failed publish leaves the deliveries to come again.
-    for (d, reason, ids) in letters {
-        metrics::counter!("credit_messages_total", "outcome" => "invalid").increment(1);
-        metrics::counter!("credit_dead_lettered_total").increment(1);
-        ids.span().in_scope(|| {
-            warn!(
-                reason,
-                delivery_tag = d.delivery_tag,
-                "invalid message dead-lettered"
-            )
-        });
-    }
-    Ok(too_large.iter().map(|(d, _, _)| d.delivery_tag).collect())
-}
-
-/// Dead letters published together, one wait for their confirms.
-const DEAD_LETTER_WINDOW: usize = 100;
-
-/// The most header bytes a dead letter's copy takes from its message: 8 KiB under the 128 KiB
-/// frames a reading connection asks for, room for the reason and producer headers (each at
-/// most a few hundred bytes) and the properties' other fields.
-const COPIED_HEADERS_MAX: usize = 120 * 1024;
-
-async fn publish_dead(
-    dead: &Publisher,
-    names: &Names,
-    letters: &[(&Delivery, &str, &MessageIds)],
-    me: Option<&str>,
-) -> Result<(), SessionError> {
-    let now = u64::try_from(chrono::Utc::now().timestamp()).unwrap_or_default();
-    let messages = letters.iter().map(|(d, reason, _)| {
-        // Without its TTL, as RabbitMQ's own dead-lettering does: the dead queue keeps it.
-        let kept = amqp::without(&d.properties, &[amqp::Prop::Expiration]);
-        let properties = amqp::producer::publishable_by(&kept, me);
-        let mut headers = properties.headers().clone().unwrap_or_default();
-        headers.insert(
-            ERROR_HEADER.into(),
-            AMQPValue::LongString((*reason).to_owned().into()),
-        );
-        headers.insert(DEAD_AT_HEADER.into(), AMQPValue::Timestamp(now));
-        Outgoing {
-            exchange: &names.dlx,
-            routing_key: d.routing_key.as_str(),
-            body: &d.data,
-            properties: properties.with_headers(headers),
-            mandatory: true,
-        }
-    });
-    dead.publish_all(messages).await?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! answered to its `reply_to`, logged and counted, then acked; reconnecting after broker
 //! faults.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -17,6 +18,7 @@ use tracing::{info, warn};
 
 use super::{execute, fields, reply_body, Context, ControlError, Origin, COMMANDS};
 use crate::amqp::topology;
+use crate::health::Health;
 
 /// Deliveries the broker may push ahead of the one being handled. More than one: a command
 /// returned to the queue goes back to its head, and with one delivery at a time it would come
@@ -76,17 +78,23 @@ impl crate::amqp::SessionFault for SessionError {
     }
 }
 
-/// Answers control commands until `stop` fires, reconnecting after broker faults.
-pub(crate) async fn serve(ctx: Context, stop: CancellationToken) {
-    crate::amqp::reconnecting("control", &stop, || session(&ctx, &stop)).await;
+/// Answers control commands until `stop` fires, reconnecting after broker faults; `health`
+/// knows whether it has a connection.
+pub(crate) async fn serve(ctx: Context, health: Arc<Health>, stop: CancellationToken) {
+    crate::amqp::reconnecting("control", &stop, || session(&ctx, &health, &stop)).await;
 }
 
-async fn session(ctx: &Context, stop: &CancellationToken) -> Result<(), SessionError> {
+async fn session(
+    ctx: &Context,
+    health: &Health,
+    stop: &CancellationToken,
+) -> Result<(), SessionError> {
     // A stop while connecting ends the session at once (see the consumer's).
     let (conn, ch, mut deliveries) = tokio::select! {
         opened = open(ctx) => opened?,
         _ = stop.cancelled() => return Ok(()),
     };
+    let _connection = health.control_session(&conn);
     let result = async {
         loop {
             let next = tokio::select! {

@@ -348,6 +348,85 @@ async fn a_dead_letter_does_not_expire_with_its_message_ttl() {
     env.cleanup().await;
 }
 
+/// A dead-letter queue that refuses publishes when full (a policy: `max-length` 1 with
+/// `overflow: reject-publish`) is waited for: the consumer keeps its session, `/readyz` names
+/// the wait, each refusal is counted, and as the queue is given room every letter goes in
+/// once and the valid message behind them is charged once. Ending the session at the
+/// refusal, as before, brought the batch back with its delivery count raised, until the
+/// delivery limit dead-lettered valid messages too.
+#[tokio::test]
+async fn a_full_dead_letter_queue_that_refuses_is_waited_for() {
+    let env = TestEnv::with(no_refill).await;
+    let limit = r#"{"max-length":1,"overflow":"reject-publish"}"#;
+    let url = &env.settings.amqp.url;
+    let Some(_policy) = Policy::on_queue(url, &env.names.dead_queue, limit) else {
+        skip("the broker is not on this machine");
+        return env.cleanup().await;
+    };
+    seed(&env, ["full"], 100).await;
+    let mut vars = env.process_env();
+    vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
+    let (mut worker, http) = WorkerProcess::spawn_with_http(&vars, &["run"]);
+    wait_status(T, http, "/readyz", 200).await;
+    let metric = |name: &'static str, labels: Labels<'static>| async move {
+        let (_, metrics) = http_get(http, "/metrics").await.unwrap_or_default();
+        metric_value(&metrics, name, labels)
+    };
+    let waiting = "waiting for the dead-letter queue, which refuses an invalid message";
+    let refusing = || async {
+        let (_, ready) = http_get(http, "/readyz").await.unwrap_or_default();
+        ready.contains(waiting)
+    };
+    // Invalid messages one at a time until the dead queue refuses one: a quorum queue takes
+    // one past its limit before it refuses, a classic queue none.
+    let mut sent = 0;
+    while !refusing().await {
+        assert!(
+            sent < 5,
+            "the dead queue took {sent} letters over a limit of one"
+        );
+        env.publish(&[format!("dead-{sent}").into_bytes()]).await;
+        sent += 1;
+        wait_for(T, "the letter, or its refusal", || async {
+            metric("credit_dead_lettered_total", &[]).await == f64::from(sent) || refusing().await
+        })
+        .await;
+    }
+    env.publish(&[body(&platform_gpt4("full", "behind"))]).await;
+    assert!(metric("credit_dead_letters_refused_total", &[]).await >= 1.0);
+    // Room in the dead queue, again and again: the refused letters go in at the next tries.
+    let (_conn, ch) = env.amqp_channel().await;
+    let queue = env.names.dead_queue.as_str();
+    let purged = std::cell::Cell::new(0);
+    wait_for(T, "every dead letter", || async {
+        let emptied = ch.queue_purge(queue.into(), Default::default()).await;
+        purged.set(purged.get() + emptied.expect("purge"));
+        metric("credit_dead_lettered_total", &[]).await == f64::from(sent)
+    })
+    .await;
+    env.wait_decisions(1, T).await;
+    assert_eq!(env.outcome_of("behind").await.as_deref(), Some("charged"));
+    // Each letter went in once: none was published twice by a session that ended.
+    let left = sent - purged.get();
+    env.dead_letters(usize::try_from(left).unwrap()).await;
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let dead = ch.queue_declare(queue.into(), passive, Default::default());
+    assert_eq!(dead.await.expect("the dead queue").message_count(), 0);
+    assert!(!refusing().await);
+    let consumer = &[("session", "consumer")];
+    assert_eq!(
+        metric("credit_broker_reconnects_total", consumer).await,
+        0.0
+    );
+    worker.sigterm();
+    assert_eq!(worker.wait_exit(T).await, Some(0));
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
 /// A dead letter no queue takes (the dead queue deleted while the worker runs) is returned by
 /// the broker, not confirmed as delivered: the message stays unacked, and the next session,
 /// which declares the dead queue again, dead-letters it.
@@ -452,6 +531,68 @@ async fn a_failed_decider_ends_the_session_without_waiting_for_traffic() {
     assert_eq!(env.ledger().balance("d", Utc::now()).await.unwrap(), 80);
     worker.stop().await.unwrap();
     env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
+/// An input exchange deleted while the worker runs (by hand, or a tool cleaning up) is
+/// declared again by the session, bound to the input queue, within its redeclare period
+/// (10 s): a producer's publish through it is routed and billed again, with no restart.
+#[tokio::test]
+async fn an_input_exchange_deleted_while_running_is_declared_again() {
+    let env = TestEnv::with(no_refill).await;
+    seed(&env, ["x"], 100).await;
+    let worker = Worker::start(env.settings.clone()).await.unwrap();
+    env.publish(&[body(&platform_gpt4("x", "xd-0"))]).await;
+    env.wait_decisions(1, T).await;
+    let (conn, ch) = env.amqp_channel().await;
+    let exchange = env.names.input_exchange.as_str();
+    ch.exchange_delete(exchange.into(), Default::default())
+        .await
+        .expect("delete the input exchange");
+    // Looked up without declaring it: a passive declaration of a missing exchange closes its
+    // channel, so each look gets a channel of its own.
+    let passive = lapin::options::ExchangeDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let declared = || async {
+        let Ok(look) = conn.create_channel().await else {
+            return false;
+        };
+        let kind = lapin::ExchangeKind::Direct;
+        let found = look.exchange_declare(exchange.into(), kind, passive, Default::default());
+        found.await.is_ok()
+    };
+    assert!(!declared().await, "the exchange was deleted");
+    wait_for(T, "the input exchange to be declared again", declared).await;
+    // Through the exchange, as the executor publishes, mandatory: returned were it unbound.
+    let publisher = conn.create_channel().await.expect("channel");
+    publisher
+        .confirm_select(Default::default())
+        .await
+        .expect("confirms");
+    let confirm = publisher
+        .basic_publish(
+            exchange.into(),
+            credit_worker::amqp::topology::INPUT_ROUTING_KEY.into(),
+            lapin::options::BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            &body(&platform_gpt4("x", "xd-1")),
+            credit_worker::amqp::persistent_json(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert!(
+        matches!(confirm, lapin::Confirmation::Ack(None)),
+        "{confirm:?}"
+    );
+    env.wait_decisions(2, T).await;
+    assert_eq!(env.outcome_of("xd-1").await.as_deref(), Some("charged"));
+    worker.stop().await.unwrap();
     env.cleanup().await;
 }
 

@@ -719,6 +719,52 @@ fn vhost_of(amqp_url: &str) -> String {
     }
 }
 
+/// A broker policy on one of this test's queues, set with `rabbitmqctl` and cleared when
+/// dropped (a failed test too). None where the broker is not on this machine.
+pub struct Policy {
+    name: String,
+    vhost: String,
+}
+
+impl Policy {
+    /// Applies `definition` (JSON) to the queue named `queue` alone.
+    pub fn on_queue(amqp_url: &str, queue: &str, definition: &str) -> Option<Policy> {
+        if !broker_is_local(amqp_url) {
+            return None;
+        }
+        let policy = Policy {
+            name: unique("cw-policy"),
+            vhost: vhost_of(amqp_url),
+        };
+        let pattern = format!("^{}$", queue.replace('.', "\\."));
+        let status = Command::new("rabbitmqctl")
+            .args([
+                "-q",
+                "-p",
+                &policy.vhost,
+                "set_policy",
+                "--apply-to",
+                "queues",
+            ])
+            .args(["--priority", "100", &policy.name, &pattern, definition])
+            .stdout(Stdio::null())
+            .status();
+        let set = status.as_ref().is_ok_and(|s| s.success());
+        assert!(set, "rabbitmqctl set_policy failed: {status:?}");
+        Some(policy)
+    }
+}
+
+impl Drop for Policy {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["-q", "-p", &self.vhost, "clear_policy", &self.name])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
 pub struct EventTap {
     _conn: lapin::Connection,
     consumer: lapin::Consumer,
