@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 /// What `/readyz` reports: set by the consumer as it connects and consumes, by the
 /// supervisor while the outbox relay runs, and by each session while it has a connection.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Health {
     consuming: AtomicBool,
     relaying: AtomicBool,
@@ -17,9 +17,10 @@ pub struct Health {
     consumer_connection: Mutex<Option<lapin::ConnectionStatus>>,
     /// The consumer waits for the dead-letter queue to take a dead letter it refuses.
     dead_letters_refused: AtomicBool,
-    /// The control session's connection, while it has one, and since when it has had none.
+    /// The control session's connection, while it has one, and since when control has had
+    /// none (from its start, or its last session's end); None before it starts.
     control_connection: Mutex<Option<lapin::ConnectionStatus>>,
-    control_lost: Mutex<Instant>,
+    control_lost: Mutex<Option<Instant>>,
     /// The relay's database session ended by a fault, and no new one has yet done its part
     /// (looked for the lead, or, leading, locked the watermark): its events wait meanwhile.
     relay_database_lost: AtomicBool,
@@ -28,37 +29,23 @@ pub struct Health {
     oldest_batch: Mutex<Option<Instant>>,
 }
 
-impl Default for Health {
-    fn default() -> Self {
-        Health {
-            consuming: AtomicBool::default(),
-            relaying: AtomicBool::default(),
-            relay_connection: Mutex::default(),
-            consumer_connection: Mutex::default(),
-            dead_letters_refused: AtomicBool::default(),
-            control_connection: Mutex::default(),
-            // Without one from the start: its first session is still to connect.
-            control_lost: Mutex::new(Instant::now()),
-            relay_database_lost: AtomicBool::default(),
-            oldest_batch: Mutex::default(),
-        }
-    }
-}
-
 /// Holds a session's broker connection in [`Health`] while the session lives.
 pub(crate) struct SessionConnection<'a> {
     slot: &'a Mutex<Option<lapin::ConnectionStatus>>,
-    /// Told when the connection is given up.
-    lost: Option<&'a Mutex<Instant>>,
+    /// Since when the part has been without a connection: cleared while held, set at the end.
+    lost: Option<&'a Mutex<Option<Instant>>>,
 }
 
 impl<'a> SessionConnection<'a> {
     fn hold(
         slot: &'a Mutex<Option<lapin::ConnectionStatus>>,
         conn: &lapin::Connection,
-        lost: Option<&'a Mutex<Instant>>,
+        lost: Option<&'a Mutex<Option<Instant>>>,
     ) -> Self {
         *lock(slot) = Some(conn.status().clone());
+        if let Some(lost) = lost {
+            *lock(lost) = None;
+        }
         SessionConnection { slot, lost }
     }
 }
@@ -67,7 +54,7 @@ impl Drop for SessionConnection<'_> {
     fn drop(&mut self) {
         *lock(self.slot) = None;
         if let Some(lost) = self.lost {
-            *lock(lost) = Instant::now();
+            *lock(lost) = Some(Instant::now());
         }
     }
 }
@@ -157,16 +144,22 @@ impl Health {
     pub(crate) fn dead_letters_waiting(&self) -> bool {
         self.dead_letters_refused.load(Ordering::SeqCst)
     }
+    /// Control begins: without a connection until its first session holds one.
+    pub(crate) fn control_starting(&self) {
+        *lock(&self.control_lost) = Some(Instant::now());
+    }
     /// The control session has `conn`, until the guard is dropped with the session.
     pub(crate) fn control_session(&self, conn: &lapin::Connection) -> SessionConnection<'_> {
         SessionConnection::hold(&self.control_connection, conn, Some(&self.control_lost))
     }
-    /// How long control has been without a live connection; None while it has one.
+    /// How long control has been without a connection, since it began or its last session
+    /// ended; None while a session holds one (a connection found dead counts from the
+    /// session's end, a moment later) and before control begins.
     pub(crate) fn control_down_for(&self) -> Option<Duration> {
-        let live = lock(&self.control_connection)
-            .as_ref()
-            .is_some_and(lapin::ConnectionStatus::connected);
-        (!live).then(|| lock(&self.control_lost).elapsed())
+        if lock(&self.control_connection).is_some() {
+            return None;
+        }
+        lock(&self.control_lost).map(|since| since.elapsed())
     }
 }
 
@@ -414,6 +407,8 @@ mod tests {
     #[test]
     fn health_tracks_control_and_the_dead_letter_wait() {
         let health = super::Health::default();
+        assert_eq!(health.control_down_for(), None, "control not begun");
+        health.control_starting();
         assert!(health.control_down_for().is_some());
         assert!(!health.dead_letters_waiting());
         let refused = health.dead_letters_refused();
@@ -422,7 +417,8 @@ mod tests {
         assert!(!health.dead_letters_waiting());
         assert!(!health.consumer_blocked());
         // Past the grace, a worker whose control never connected says so.
-        *super::lock(&health.control_lost) -= Duration::from_secs(6);
+        *super::lock(&health.control_lost) =
+            Some(std::time::Instant::now() - Duration::from_secs(6));
         let (ready, body) = health.readiness(true, None);
         assert!(
             body.contains("control: no broker connection for 6 s"),

@@ -114,6 +114,18 @@ impl Publisher {
         confirmed_while(sent, held).await
     }
 
+    /// Sends every message, then waits for all their confirms; returns the indexes of those
+    /// the broker refused (nack), in order. A message returned, or a confirm not had in time,
+    /// is the error.
+    pub(crate) async fn publish_all_but_refused<'a>(
+        &self,
+        messages: impl IntoIterator<Item = Outgoing<'a>>,
+    ) -> Result<Vec<usize>, PublishError> {
+        let held = || self.held();
+        let sent = patiently(self.send_all(messages), held).await??;
+        refused_while(sent, held).await
+    }
+
     /// Sends `messages` in order without waiting for their confirms.
     ///
     /// A publish queues its frames when first polled, then waits until the connection has
@@ -162,15 +174,29 @@ async fn confirmed_while(
     held: impl Fn() -> bool,
 ) -> Result<usize, PublishError> {
     let n = pending.len();
+    match refused_while(pending, held).await?.first() {
+        Some(&index) => Err(PublishError::Nacked { index }),
+        None => Ok(n),
+    }
+}
+
+/// Awaits every one of `pending`'s confirms, each [`patiently`] while `held`: the indexes of
+/// those refused (nack). A refusal does not end the wait, so no confirm is left behind
+/// unawaited (the client would keep it until the channel closes).
+async fn refused_while(
+    pending: Vec<PublisherConfirm>,
+    held: impl Fn() -> bool,
+) -> Result<Vec<usize>, PublishError> {
+    let mut refused = Vec::new();
     for (index, c) in pending.into_iter().enumerate() {
         match patiently(c, &held).await? {
             Err(e) => return Err(e.into()),
-            Ok(Confirmation::Nack(_)) => return Err(PublishError::Nacked { index }),
+            Ok(Confirmation::Nack(_)) => refused.push(index),
             Ok(Confirmation::Ack(Some(_))) => return Err(PublishError::Returned),
             Ok(_) => {}
         }
     }
-    Ok(n)
+    Ok(refused)
 }
 
 /// A block waited out is warned of at most once a minute.

@@ -89,43 +89,43 @@ pub(super) async fn dead_letter(
     ))
 }
 
-/// Publishes `window`, and while the broker refuses a letter (a nack) publishes it and those
-/// after it again after a pause (50 ms doubling to 5 s); false when `stop` fires first.
+/// Publishes `window`, and while the broker refuses letters (a nack) publishes those again
+/// after a pause (50 ms doubling to 5 s); false when `stop` fires first.
 async fn until_taken(
     dead: &Publisher,
     names: &Names,
-    mut window: &[Letter<'_>],
+    window: &[Letter<'_>],
     me: Option<&str>,
     (health, stop): Waiting<'_>,
 ) -> Result<bool, SessionError> {
     let mut delays = crate::retry::backoff();
+    let mut pending = window.to_vec();
     // Set while refused; cleared however the wait ends.
-    let mut _refused = None;
+    let mut waiting = None;
     loop {
-        let index = match publish_dead(dead, names, window, me).await {
-            Ok(()) => return Ok(true),
-            Err(PublishError::Nacked { index }) => index,
-            Err(e) => return Err(e.into()),
+        let refused = publish_dead(dead, names, &pending, me).await?;
+        // The others are confirmed: only the refused go again.
+        pending = refused
+            .iter()
+            .filter_map(|&i| pending.get(i).copied())
+            .collect();
+        let Some(&(d, reason, ids)) = pending.first() else {
+            return Ok(true);
         };
-        // Those before it are confirmed; it and those after go again.
-        window = window
-            .get(index..)
-            .filter(|w| !w.is_empty())
-            .unwrap_or(window);
-        metrics::counter!("credit_dead_letters_refused_total").increment(1);
+        metrics::counter!("credit_dead_letters_refused_total").increment(pending.len() as u64);
         if REFUSED_WARNING.ready() {
-            let (d, reason, ids) = window[0];
             ids.span().in_scope(|| {
                 warn!(
                     reason,
                     delivery_tag = d.delivery_tag,
+                    refused = pending.len(),
                     "the broker refused a dead letter (nack): the dead-letter queue is likely \
                      full and refusing publishes (x-overflow reject-publish); billing waits, \
                      the batch unacked, until it takes it"
                 )
             });
         }
-        _refused.get_or_insert_with(|| health.dead_letters_refused());
+        waiting.get_or_insert_with(|| health.dead_letters_refused());
         if !crate::retry::pause(&mut delays, stop).await {
             return Ok(false);
         }
@@ -133,7 +133,7 @@ async fn until_taken(
 }
 
 /// A refused dead letter is warned of at most every 10 s; `credit_dead_letters_refused_total`
-/// counts each refusal.
+/// counts each refusal of each letter.
 static REFUSED_WARNING: crate::throttle::Throttle =
     crate::throttle::Throttle::new(Duration::from_secs(10));
 
@@ -145,12 +145,13 @@ const DEAD_LETTER_WINDOW: usize = 100;
 /// most a few hundred bytes) and the properties' other fields.
 const COPIED_HEADERS_MAX: usize = 120 * 1024;
 
+/// Publishes `letters`; the indexes of those the broker refused.
 async fn publish_dead(
     dead: &Publisher,
     names: &Names,
     letters: &[Letter<'_>],
     me: Option<&str>,
-) -> Result<(), PublishError> {
+) -> Result<Vec<usize>, PublishError> {
     let now = u64::try_from(chrono::Utc::now().timestamp()).unwrap_or_default();
     let messages = letters.iter().map(|(d, reason, _)| {
         // Without its TTL, as RabbitMQ's own dead-lettering does: the dead queue keeps it.
@@ -170,6 +171,5 @@ async fn publish_dead(
             mandatory: true,
         }
     });
-    dead.publish_all(messages).await?;
-    Ok(())
+    dead.publish_all_but_refused(messages).await
 }

@@ -80,8 +80,6 @@ struct Session {
     ch: Channel,
     dead: Publisher,
     names: Names,
-    /// Declares the topology again from time to time ([`keep_declared`]).
-    topology: Channel,
 }
 
 impl Consumer {
@@ -100,13 +98,11 @@ impl Consumer {
         ch.basic_qos(amqp.prefetch, BasicQosOptions::default())
             .await?;
         let dead = Publisher::open_patient(&conn).await?;
-        let topology = conn.create_channel().await?;
         Ok(Session {
             conn,
             ch,
             dead,
             names,
-            topology,
         })
     }
 
@@ -144,7 +140,7 @@ impl Consumer {
         )));
         let result = tokio::select! {
             collected = self.collect(&mut deliveries, &tx, stop) => collected,
-            e = keep_declared(&s.topology, &self.settings.amqp) => Err(e),
+            e = keep_declared(&s.conn, &self.settings.amqp) => Err(e),
         };
         // Not consuming from this moment (a fault or a stop), whatever the cleanup below takes.
         self.health.set_consuming(false);
@@ -225,12 +221,21 @@ impl Consumer {
 /// that cleans up) is back within that, bound as before, rather than turning producers'
 /// publishes away until the next session: the consumer alone would not notice, as its queue
 /// stays. (Subscribers' own bindings to a deleted events exchange are theirs to make again.)
-async fn keep_declared(ch: &Channel, amqp: &crate::config::AmqpSettings) -> SessionError {
+/// A declaration refused for other arguments ends the session, and so the worker, as at its
+/// start.
+async fn keep_declared(conn: &Connection, amqp: &crate::config::AmqpSettings) -> SessionError {
     let mut every = tokio::time::interval_at(tokio::time::Instant::now() + REDECLARE, REDECLARE);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
-        if let Err(e) = topology::declare(ch, amqp).await {
+        // A channel a round: the client keeps every binding a channel made (to make them
+        // again on its own recovery), so one channel kept would grow by a round's each time.
+        let declared = async {
+            let ch = conn.create_channel().await?;
+            topology::declare(&ch, amqp).await?;
+            ch.close(200, "declared".into()).await
+        };
+        if let Err(e) = declared.await {
             return e.into();
         }
     }

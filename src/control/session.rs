@@ -81,6 +81,7 @@ impl crate::amqp::SessionFault for SessionError {
 /// Answers control commands until `stop` fires, reconnecting after broker faults; `health`
 /// knows whether it has a connection.
 pub(crate) async fn serve(ctx: Context, health: Arc<Health>, stop: CancellationToken) {
+    health.control_starting();
     crate::amqp::reconnecting("control", &stop, || session(&ctx, &health, &stop)).await;
 }
 

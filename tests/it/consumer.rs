@@ -506,8 +506,9 @@ async fn a_failed_decider_ends_the_session_without_waiting_for_traffic() {
         .await
         .expect("publish");
     }
-    // Read without declaring anything: only the worker's next session brings the exchange
-    // (and so the dead letter) back.
+    // Read without declaring anything. Only the worker's next session brings the dead letter,
+    // with the invalid message's redelivery; the exchange is back by then (declared at the
+    // session's start, or by the periodic declaration).
     let deadline = std::time::Instant::now() + T;
     let dead = loop {
         let got = ch
@@ -565,31 +566,33 @@ async fn an_input_exchange_deleted_while_running_is_declared_again() {
     };
     assert!(!declared().await, "the exchange was deleted");
     wait_for(T, "the input exchange to be declared again", declared).await;
-    // Through the exchange, as the executor publishes, mandatory: returned were it unbound.
+    // Through the exchange, as the executor publishes, mandatory: returned while the exchange
+    // is not yet bound again (its binding follows its declaration), routed once it is.
     let publisher = conn.create_channel().await.expect("channel");
     publisher
         .confirm_select(Default::default())
         .await
         .expect("confirms");
-    let confirm = publisher
-        .basic_publish(
-            exchange.into(),
-            credit_worker::amqp::topology::INPUT_ROUTING_KEY.into(),
-            lapin::options::BasicPublishOptions {
-                mandatory: true,
-                ..Default::default()
-            },
-            &body(&platform_gpt4("x", "xd-1")),
-            credit_worker::amqp::persistent_json(),
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("confirm");
-    assert!(
-        matches!(confirm, lapin::Confirmation::Ack(None)),
-        "{confirm:?}"
-    );
+    let message = body(&platform_gpt4("x", "xd-1"));
+    wait_for(T, "a publish through the exchange to be routed", || async {
+        let confirm = publisher
+            .basic_publish(
+                exchange.into(),
+                credit_worker::amqp::topology::INPUT_ROUTING_KEY.into(),
+                lapin::options::BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &message,
+                credit_worker::amqp::persistent_json(),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        matches!(confirm, lapin::Confirmation::Ack(None))
+    })
+    .await;
     env.wait_decisions(2, T).await;
     assert_eq!(env.outcome_of("xd-1").await.as_deref(), Some("charged"));
     worker.stop().await.unwrap();

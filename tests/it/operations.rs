@@ -49,8 +49,13 @@ async fn http_endpoints_report_health_readiness_and_metrics() {
     let (mut worker, port) = WorkerProcess::spawn_with_http(&vars, &["run"]);
     wait_status(T, port, "/healthz", 200).await;
     wait_status(T, port, "/readyz", 200).await;
-    let (_, ready) = http_get(port, "/readyz").await.expect("readyz");
-    assert_eq!(ready, "database: up\nconsumer: consuming\n");
+    // Every part named, none missing (control, connecting beside the consumer, is named only
+    // after 5 s without a connection).
+    wait_for(T, "/readyz to say all is up", || async {
+        let ready = http_get(port, "/readyz").await.map(|(_, body)| body);
+        ready.as_deref() == Some("database: up\nconsumer: consuming\n")
+    })
+    .await;
     assert_eq!(http_status(port, "/nope").await, 404);
 
     let (status, before) = http_get(port, "/metrics").await.expect("metrics");
