@@ -35,7 +35,10 @@ pub(crate) fn init_logging(format: LogFormat, default: &str) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_writer(|| LogWriter)
+        // Its report of a failed write goes to the same stderr, and panics when that fails
+        // too: inside the panic hook, which logs, the process aborts.
+        .log_internal_errors(false);
     let installed = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
@@ -48,6 +51,28 @@ pub(crate) fn init_logging(format: LogFormat, default: &str) {
             let location = info.location().map(|l| l.to_string()).unwrap_or_default();
             tracing::error!(panic = %panic_text(info.payload()), %location, "panic");
         }));
+    }
+}
+
+/// The log's writer: stderr, counting the lines it cannot take. A log that can no longer be
+/// written (its reader gone: a log shipper that died, a pipe closed) costs the lines, not the
+/// process, and `credit_log_lines_lost_total` shows it.
+struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        std::io::stderr().write(buf)
+    }
+    /// One line per call (the subscriber writes each whole), so each failure is a line lost.
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        let written = std::io::stderr().write_all(buf);
+        if written.is_err() {
+            metrics::counter!("credit_log_lines_lost_total").increment(1);
+        }
+        written
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
     }
 }
 
@@ -89,7 +114,7 @@ type Known = Option<(&'static str, &'static [&'static str])>;
 
 /// Every counter: its name, its `# HELP` text, and its label with the known values.
 #[rustfmt::skip]
-const COUNTERS: [(&str, &str, Known); 20] = [
+const COUNTERS: [(&str, &str, Known); 21] = [
     ("credit_messages_total", "Messages by outcome.",
      Some(("outcome", &["charged", "free", "rejected", "duplicate", "invalid", "settled"]))),
     ("credit_dead_lettered_total", "Messages moved to the dead letters.", None),
@@ -112,6 +137,7 @@ const COUNTERS: [(&str, &str, Known); 20] = [
     ("credit_refill_credits_total", "Credits granted by monthly refills.", None),
     ("credit_broker_reconnects_total", "Sessions (a failed connect included) ended by a fault of the broker or, for the outbox relay, the database, and retried, by session.",
      Some(("session", &["consumer", "control", "outbox relay"]))),
+    ("credit_log_lines_lost_total", "Log lines that could not be written (stderr closed or failing): the worker goes on without them.", None),
     // Its command and result labels make too many series to show before they occur.
     ("credit_control_commands_total", "Control commands by command and result.",
      Some(("command", &[]))),

@@ -983,6 +983,30 @@ impl WorkerProcess {
         (w, port, log)
     }
 
+    /// A worker logging at `info` to a pipe whose reader is gone from the start (a log
+    /// shipper that died), its HTTP endpoints on a port picked here.
+    pub fn spawn_log_closed(env: &[(String, String)], args: &[&str]) -> (WorkerProcess, u16) {
+        // Free when looked up: nothing else here takes ports it did not ask the system for.
+        let free = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        let addr = free.local_addr().expect("its address");
+        drop(free);
+        let mut cmd = Command::new(binary());
+        cmd.args(args)
+            .env_remove("CREDIT_WORKER_CONFIG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.env("CREDIT_WORKER__HTTP__LISTEN", addr.to_string())
+            .env("RUST_LOG", "info");
+        let mut w = WorkerProcess {
+            child: cmd.spawn().expect("spawn worker"),
+        };
+        drop(w.child.stderr.take());
+        (w, addr.port())
+    }
+
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

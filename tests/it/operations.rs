@@ -37,6 +37,38 @@ async fn monthly_grants(env: &TestEnv, user: &str, month: Month) -> Vec<(String,
     .expect("grants")
 }
 
+/// A log that can no longer be written (its reader gone: a log shipper that died, a pipe
+/// closed) costs its lines, counted, and nothing else: the worker bills and stops as ever.
+/// Before, the first line written to the closed pipe aborted the process (the log's own
+/// report of the failed write panicked on the same stderr, inside the panic hook).
+#[tokio::test]
+async fn a_closed_log_pipe_costs_lines_not_the_worker() {
+    let env = TestEnv::with(no_refill).await;
+    seed(&env, ["piped"], 100).await;
+    let mut vars = env.process_env();
+    vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
+    let (mut worker, port) = WorkerProcess::spawn_log_closed(&vars, &["run"]);
+    wait_status(T, port, "/readyz", 200).await;
+    // An invalid message is logged (a warning), the valid one after it billed.
+    env.publish(&[b"not json".to_vec(), body(&platform_gpt4("piped", "lp-1"))])
+        .await;
+    env.wait_decisions(1, T).await;
+    assert_eq!(env.outcome_of("lp-1").await.as_deref(), Some("charged"));
+    let lost = || async {
+        let (_, metrics) = http_get(port, "/metrics").await.unwrap_or_default();
+        metric_value(&metrics, "credit_log_lines_lost_total", &[])
+    };
+    wait_for(T, "the lost lines counted", || async {
+        lost().await >= 1.0
+    })
+    .await;
+    assert_eq!(http_status(port, "/readyz").await, 200);
+    worker.sigterm();
+    assert_eq!(worker.wait_exit(T).await, Some(0));
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn http_endpoints_report_health_readiness_and_metrics() {
     let env = TestEnv::new().await;
