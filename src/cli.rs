@@ -263,7 +263,7 @@ pub fn main() -> ExitCode {
         }
     };
     let json = cli.global.json;
-    match runtime.block_on(execute(cli)) {
+    let code = match runtime.block_on(execute(cli)) {
         Ok(code) => code,
         Err(e) => {
             last_word(&error_text(&e));
@@ -273,17 +273,23 @@ pub fn main() -> ExitCode {
             }
             ExitCode::FAILURE
         }
-    }
+    };
+    crate::telemetry::flush_logs();
+    code
 }
 
 /// The error the process exits with, on stderr. Best effort: the exit code says it failed
 /// even where nothing can be written. In a log of JSON lines, the last one is JSON too, and
 /// written even when `RUST_LOG` filters the log out.
 fn last_word(error: &str) {
+    if crate::telemetry::logs_json() && tracing::enabled!(tracing::Level::ERROR) {
+        tracing::error!(error, "exiting");
+        return;
+    }
+    // After every line the log holds, written straight to stderr.
+    crate::telemetry::flush_logs();
     if !crate::telemetry::logs_json() {
         let _ = writeln!(std::io::stderr(), "error: {error}");
-    } else if tracing::enabled!(tracing::Level::ERROR) {
-        tracing::error!(error, "exiting");
     } else {
         let line = json!({"level": "ERROR", "message": "exiting", "error": error});
         let _ = writeln!(std::io::stderr(), "{line}");
@@ -483,6 +489,7 @@ async fn run(settings: Settings, signals: StopSignals) -> anyhow::Result<ExitCod
         // Nothing is lost by stopping at once: what is not acked is delivered again, and
         // the outbox keeps what is not published.
         tracing::error!("second signal: stopping at once, without draining");
+        crate::telemetry::flush_logs();
         std::process::exit(1);
     });
     let worker = match crate::service::Worker::start_with(settings, shutdown.clone()).await {

@@ -29,21 +29,33 @@ pub(crate) fn logs_json() -> bool {
 
 /// Installs the global subscriber; later calls are no-ops (tests start many workers).
 /// `default` applies when RUST_LOG is unset.
+///
+/// Lines go to stderr through a thread of their own ([`tracing_appender::non_blocking`]):
+/// a log reader that stalls (a slow pipe, a log shipper that stopped reading) would otherwise
+/// block every task that logs, billing and the stop included. Up to [`LOG_BUFFER_LINES`] wait
+/// for it; past that, lines are dropped and counted. [`flush_logs`] writes what waits.
 pub(crate) fn init_logging(format: LogFormat, default: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_BUFFER_LINES)
+        .thread_name("log-writer")
+        .finish(LogWriter);
+    let dropped = writer.error_counter();
     // Colour only for a person: escape codes in a log file or a pipe are noise.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(|| LogWriter)
-        // Its report of a failed write goes to the same stderr, and panics when that fails
-        // too: inside the panic hook, which logs, the process aborts.
+        .with_writer(writer)
+        // Its report of a failed write goes to stderr, and panics when that fails too.
         .log_internal_errors(false);
     let installed = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
     };
     if installed.is_ok() {
+        *lock_guard() = Some(guard);
+        let _ = LOG_DROPPED.set(dropped);
         JSON_LOGS.store(matches!(format, LogFormat::Json), Ordering::Relaxed);
         // A panic is logged like any other error, so it is a JSON line with `log.format =
         // json` rather than free text in the middle of the log.
@@ -54,9 +66,39 @@ pub(crate) fn init_logging(format: LogFormat, default: &str) {
     }
 }
 
-/// The log's writer: stderr, counting the lines it cannot take. A log that can no longer be
-/// written (its reader gone: a log shipper that died, a pipe closed) costs the lines, not the
-/// process, and `credit_log_lines_lost_total` shows it.
+/// Log lines that may wait for a stalled stderr: about 2 MiB of lines of a few hundred bytes.
+const LOG_BUFFER_LINES: usize = 8_192;
+
+/// The log's writing thread, until [`flush_logs`].
+static LOG_GUARD: std::sync::Mutex<Option<tracing_appender::non_blocking::WorkerGuard>> =
+    std::sync::Mutex::new(None);
+/// Lines dropped because [`LOG_BUFFER_LINES`] were waiting.
+static LOG_DROPPED: OnceLock<tracing_appender::non_blocking::ErrorCounter> = OnceLock::new();
+/// Lines stderr refused.
+static LOG_UNWRITTEN: AtomicU64 = AtomicU64::new(0);
+
+fn lock_guard(
+) -> std::sync::MutexGuard<'static, Option<tracing_appender::non_blocking::WorkerGuard>> {
+    LOG_GUARD
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Writes the log lines still waiting (for at most about a second, should stderr not take
+/// them) and ends the log's thread: the process's last step, as later lines are lost.
+pub(crate) fn flush_logs() {
+    drop(lock_guard().take());
+}
+
+/// Log lines lost so far: dropped while stderr stalled, or refused by it.
+fn log_lines_lost() -> u64 {
+    let dropped = LOG_DROPPED.get().map_or(0, |d| d.dropped_lines());
+    LOG_UNWRITTEN.load(Ordering::Relaxed) + u64::try_from(dropped).unwrap_or(u64::MAX)
+}
+
+/// The log's writer, on its own thread: stderr, counting the lines it refuses. A log that can
+/// no longer be written (its reader gone: a log shipper that died, a pipe closed) costs the
+/// lines, not the process, and `credit_log_lines_lost_total` shows it.
 struct LogWriter;
 
 impl std::io::Write for LogWriter {
@@ -67,7 +109,7 @@ impl std::io::Write for LogWriter {
     fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
         let written = std::io::stderr().write_all(buf);
         if written.is_err() {
-            metrics::counter!("credit_log_lines_lost_total").increment(1);
+            LOG_UNWRITTEN.fetch_add(1, Ordering::Relaxed);
         }
         written
     }
@@ -273,6 +315,7 @@ async fn metrics(State(s): State<HttpState>) -> (StatusCode, String) {
     );
     let age = s.health.oldest_batch_age().unwrap_or_default();
     metrics::gauge!("credit_oldest_batch_seconds").set(age.as_secs_f64());
+    metrics::counter!("credit_log_lines_lost_total").absolute(log_lines_lost());
     match &s.metrics {
         Some(h) => (StatusCode::OK, h.render()),
         None => (

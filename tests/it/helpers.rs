@@ -984,8 +984,13 @@ impl WorkerProcess {
     }
 
     /// A worker logging at `info` to a pipe whose reader is gone from the start (a log
-    /// shipper that died), its HTTP endpoints on a port picked here.
-    pub fn spawn_log_closed(env: &[(String, String)], args: &[&str]) -> (WorkerProcess, u16) {
+    /// shipper that died, `closed`) or never reads (one that stalled), its HTTP endpoints on
+    /// a port picked here.
+    pub fn spawn_log_stuck(
+        env: &[(String, String)],
+        args: &[&str],
+        closed: bool,
+    ) -> (WorkerProcess, u16) {
         // Free when looked up: nothing else here takes ports it did not ask the system for.
         let free = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
         let addr = free.local_addr().expect("its address");
@@ -1003,7 +1008,10 @@ impl WorkerProcess {
         let mut w = WorkerProcess {
             child: cmd.spawn().expect("spawn worker"),
         };
-        drop(w.child.stderr.take());
+        // Unread, the pipe is held open with the child until the worker ends.
+        if closed {
+            drop(w.child.stderr.take());
+        }
         (w, addr.port())
     }
 

@@ -47,7 +47,7 @@ async fn a_closed_log_pipe_costs_lines_not_the_worker() {
     seed(&env, ["piped"], 100).await;
     let mut vars = env.process_env();
     vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
-    let (mut worker, port) = WorkerProcess::spawn_log_closed(&vars, &["run"]);
+    let (mut worker, port) = WorkerProcess::spawn_log_stuck(&vars, &["run"], true);
     wait_status(T, port, "/readyz", 200).await;
     // An invalid message is logged (a warning), the valid one after it billed.
     env.publish(&[b"not json".to_vec(), body(&platform_gpt4("piped", "lp-1"))])
@@ -63,6 +63,35 @@ async fn a_closed_log_pipe_costs_lines_not_the_worker() {
     })
     .await;
     assert_eq!(http_status(port, "/readyz").await, 200);
+    worker.sigterm();
+    assert_eq!(worker.wait_exit(T).await, Some(0));
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
+/// A log reader that stalls (a pipe nobody reads: a log shipper that stopped reading) holds
+/// up nothing: 1,500 invalid messages, each logged, all go to the dead letters (the pipe
+/// takes about 250 of their lines), the valid one behind them is billed, and a SIGTERM stops
+/// the worker with exit 0. Before, billing stopped at the line the pipe did not take, and
+/// the stop with it.
+#[tokio::test]
+async fn a_stalled_log_reader_holds_up_nothing() {
+    let env = TestEnv::with(no_refill).await;
+    seed(&env, ["stalled"], 100).await;
+    let mut vars = env.process_env();
+    vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
+    let (mut worker, port) = WorkerProcess::spawn_log_stuck(&vars, &["run"], false);
+    wait_status(T, port, "/readyz", 200).await;
+    let mut bodies: Vec<Vec<u8>> = (0..1500).map(|i| format!("bad-{i}").into_bytes()).collect();
+    bodies.push(body(&platform_gpt4("stalled", "ls-1")));
+    env.publish(&bodies).await;
+    env.wait_decisions(1, T).await;
+    assert_eq!(env.outcome_of("ls-1").await.as_deref(), Some("charged"));
+    wait_for(T, "every invalid message dead-lettered", || async {
+        let (_, metrics) = http_get(port, "/metrics").await.unwrap_or_default();
+        metric_value(&metrics, "credit_dead_lettered_total", &[]) == 1500.0
+    })
+    .await;
     worker.sigterm();
     assert_eq!(worker.wait_exit(T).await, Some(0));
     env.assert_audit_clean().await;
