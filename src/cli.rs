@@ -235,8 +235,19 @@ pub struct ReplayArgs {
     pub dry_run: bool,
 }
 
+/// Writes the log lines still queued when `main` ends, by a return or a panic (after the
+/// runtime, declared later, is dropped).
+struct FlushLogs;
+
+impl Drop for FlushLogs {
+    fn drop(&mut self) {
+        crate::logs::flush();
+    }
+}
+
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
+    let _logs = FlushLogs;
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -263,7 +274,7 @@ pub fn main() -> ExitCode {
         }
     };
     let json = cli.global.json;
-    let code = match runtime.block_on(execute(cli)) {
+    match runtime.block_on(execute(cli)) {
         Ok(code) => code,
         Err(e) => {
             last_word(&error_text(&e));
@@ -273,26 +284,22 @@ pub fn main() -> ExitCode {
             }
             ExitCode::FAILURE
         }
-    };
-    crate::telemetry::flush_logs();
-    code
+    }
 }
 
 /// The error the process exits with, on stderr. Best effort: the exit code says it failed
 /// even where nothing can be written. In a log of JSON lines, the last one is JSON too, and
 /// written even when `RUST_LOG` filters the log out.
 fn last_word(error: &str) {
-    if crate::telemetry::logs_json() && tracing::enabled!(tracing::Level::ERROR) {
-        tracing::error!(error, "exiting");
-        return;
-    }
-    // After every line the log holds, written straight to stderr.
-    crate::telemetry::flush_logs();
+    // Queued after every line the log holds (and, but through the log, never dropped for
+    // want of room); written before the process ends (`FlushLogs`).
     if !crate::telemetry::logs_json() {
-        let _ = writeln!(std::io::stderr(), "error: {error}");
+        crate::logs::last_line(format!("error: {error}\n"));
+    } else if tracing::enabled!(tracing::Level::ERROR) {
+        tracing::error!(error, "exiting");
     } else {
         let line = json!({"level": "ERROR", "message": "exiting", "error": error});
-        let _ = writeln!(std::io::stderr(), "{line}");
+        crate::logs::last_line(format!("{line}\n"));
     }
 }
 
@@ -489,7 +496,7 @@ async fn run(settings: Settings, signals: StopSignals) -> anyhow::Result<ExitCod
         // Nothing is lost by stopping at once: what is not acked is delivered again, and
         // the outbox keeps what is not published.
         tracing::error!("second signal: stopping at once, without draining");
-        crate::telemetry::flush_logs();
+        crate::logs::flush();
         std::process::exit(1);
     });
     let worker = match crate::service::Worker::start_with(settings, shutdown.clone()).await {

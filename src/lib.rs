@@ -17,6 +17,7 @@ pub mod decide;
 pub mod events;
 pub(crate) mod health;
 pub mod ledger;
+pub(crate) mod logs;
 pub mod message;
 pub(crate) mod outbox;
 pub(crate) mod redact;

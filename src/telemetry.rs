@@ -30,23 +30,15 @@ pub(crate) fn logs_json() -> bool {
 /// Installs the global subscriber; later calls are no-ops (tests start many workers).
 /// `default` applies when RUST_LOG is unset.
 ///
-/// Lines go to stderr through a thread of their own ([`tracing_appender::non_blocking`]):
-/// a log reader that stalls (a slow pipe, a log shipper that stopped reading) would otherwise
-/// block every task that logs, billing and the stop included. Up to [`LOG_BUFFER_LINES`] wait
-/// for it; past that, lines are dropped and counted. [`flush_logs`] writes what waits.
+/// Lines go to stderr through a thread of their own ([`crate::logs`]): a log reader that
+/// stalls would otherwise block every task that logs, billing and the stop included.
 pub(crate) fn init_logging(format: LogFormat, default: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(LOG_BUFFER_LINES)
-        .thread_name("log-writer")
-        .finish(LogWriter);
-    let dropped = writer.error_counter();
     // Colour only for a person: escape codes in a log file or a pipe are noise.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(writer)
+        .with_writer(|| crate::logs::Line)
         // Its report of a failed write goes to stderr, and panics when that fails too.
         .log_internal_errors(false);
     let installed = match format {
@@ -54,8 +46,6 @@ pub(crate) fn init_logging(format: LogFormat, default: &str) {
         LogFormat::Text => builder.try_init(),
     };
     if installed.is_ok() {
-        *lock_guard() = Some(guard);
-        let _ = LOG_DROPPED.set(dropped);
         JSON_LOGS.store(matches!(format, LogFormat::Json), Ordering::Relaxed);
         // A panic is logged like any other error, so it is a JSON line with `log.format =
         // json` rather than free text in the middle of the log.
@@ -63,58 +53,6 @@ pub(crate) fn init_logging(format: LogFormat, default: &str) {
             let location = info.location().map(|l| l.to_string()).unwrap_or_default();
             tracing::error!(panic = %panic_text(info.payload()), %location, "panic");
         }));
-    }
-}
-
-/// Log lines that may wait for a stalled stderr: about 2 MiB of lines of a few hundred bytes.
-const LOG_BUFFER_LINES: usize = 8_192;
-
-/// The log's writing thread, until [`flush_logs`].
-static LOG_GUARD: std::sync::Mutex<Option<tracing_appender::non_blocking::WorkerGuard>> =
-    std::sync::Mutex::new(None);
-/// Lines dropped because [`LOG_BUFFER_LINES`] were waiting.
-static LOG_DROPPED: OnceLock<tracing_appender::non_blocking::ErrorCounter> = OnceLock::new();
-/// Lines stderr refused.
-static LOG_UNWRITTEN: AtomicU64 = AtomicU64::new(0);
-
-fn lock_guard(
-) -> std::sync::MutexGuard<'static, Option<tracing_appender::non_blocking::WorkerGuard>> {
-    LOG_GUARD
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// Writes the log lines still waiting (for at most about a second, should stderr not take
-/// them) and ends the log's thread: the process's last step, as later lines are lost.
-pub(crate) fn flush_logs() {
-    drop(lock_guard().take());
-}
-
-/// Log lines lost so far: dropped while stderr stalled, or refused by it.
-fn log_lines_lost() -> u64 {
-    let dropped = LOG_DROPPED.get().map_or(0, |d| d.dropped_lines());
-    LOG_UNWRITTEN.load(Ordering::Relaxed) + u64::try_from(dropped).unwrap_or(u64::MAX)
-}
-
-/// The log's writer, on its own thread: stderr, counting the lines it refuses. A log that can
-/// no longer be written (its reader gone: a log shipper that died, a pipe closed) costs the
-/// lines, not the process, and `credit_log_lines_lost_total` shows it.
-struct LogWriter;
-
-impl std::io::Write for LogWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        std::io::stderr().write(buf)
-    }
-    /// One line per call (the subscriber writes each whole), so each failure is a line lost.
-    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
-        let written = std::io::stderr().write_all(buf);
-        if written.is_err() {
-            LOG_UNWRITTEN.fetch_add(1, Ordering::Relaxed);
-        }
-        written
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        std::io::stderr().flush()
     }
 }
 
@@ -179,7 +117,7 @@ const COUNTERS: [(&str, &str, Known); 21] = [
     ("credit_refill_credits_total", "Credits granted by monthly refills.", None),
     ("credit_broker_reconnects_total", "Sessions (a failed connect included) ended by a fault of the broker or, for the outbox relay, the database, and retried, by session.",
      Some(("session", &["consumer", "control", "outbox relay"]))),
-    ("credit_log_lines_lost_total", "Log lines that could not be written (stderr closed or failing): the worker goes on without them.", None),
+    ("credit_log_lines_lost_total", "Log lines lost: dropped while stderr stalled (8,192 waiting) or refused by it (closed); the worker goes on without them.", None),
     // Its command and result labels make too many series to show before they occur.
     ("credit_control_commands_total", "Control commands by command and result.",
      Some(("command", &[]))),
@@ -315,7 +253,7 @@ async fn metrics(State(s): State<HttpState>) -> (StatusCode, String) {
     );
     let age = s.health.oldest_batch_age().unwrap_or_default();
     metrics::gauge!("credit_oldest_batch_seconds").set(age.as_secs_f64());
-    metrics::counter!("credit_log_lines_lost_total").absolute(log_lines_lost());
+    metrics::counter!("credit_log_lines_lost_total").absolute(crate::logs::lines_lost());
     match &s.metrics {
         Some(h) => (StatusCode::OK, h.render()),
         None => (

@@ -70,10 +70,11 @@ async fn a_closed_log_pipe_costs_lines_not_the_worker() {
 }
 
 /// A log reader that stalls (a pipe nobody reads: a log shipper that stopped reading) holds
-/// up nothing: 1,500 invalid messages, each logged, all go to the dead letters (the pipe
-/// takes about 250 of their lines), the valid one behind them is billed, and a SIGTERM stops
-/// the worker with exit 0. Before, billing stopped at the line the pipe did not take, and
-/// the stop with it.
+/// up nothing: 9,000 invalid messages, each logged, all go to the dead letters (the pipe
+/// takes about 250 of their lines, 8,192 wait, the rest are dropped and counted), the valid
+/// one behind them is billed, and a SIGTERM stops the worker with exit 0, its last lines
+/// given a second. Before, billing stopped at the line the pipe did not take, and the stop
+/// with it.
 #[tokio::test]
 async fn a_stalled_log_reader_holds_up_nothing() {
     let env = TestEnv::with(no_refill).await;
@@ -82,16 +83,18 @@ async fn a_stalled_log_reader_holds_up_nothing() {
     vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
     let (mut worker, port) = WorkerProcess::spawn_log_stuck(&vars, &["run"], false);
     wait_status(T, port, "/readyz", 200).await;
-    let mut bodies: Vec<Vec<u8>> = (0..1500).map(|i| format!("bad-{i}").into_bytes()).collect();
+    let mut bodies: Vec<Vec<u8>> = (0..9000).map(|i| format!("bad-{i}").into_bytes()).collect();
     bodies.push(body(&platform_gpt4("stalled", "ls-1")));
     env.publish(&bodies).await;
     env.wait_decisions(1, T).await;
     assert_eq!(env.outcome_of("ls-1").await.as_deref(), Some("charged"));
     wait_for(T, "every invalid message dead-lettered", || async {
         let (_, metrics) = http_get(port, "/metrics").await.unwrap_or_default();
-        metric_value(&metrics, "credit_dead_lettered_total", &[]) == 1500.0
+        metric_value(&metrics, "credit_dead_lettered_total", &[]) == 9000.0
     })
     .await;
+    let (_, metrics) = http_get(port, "/metrics").await.unwrap_or_default();
+    assert!(metric_value(&metrics, "credit_log_lines_lost_total", &[]) > 0.0);
     worker.sigterm();
     assert_eq!(worker.wait_exit(T).await, Some(0));
     env.assert_audit_clean().await;
