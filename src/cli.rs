@@ -577,15 +577,12 @@ async fn sweep(
 
 /// A sweep's running totals on stderr, for a person watching (not with `--json`).
 fn sweep_progress(json: bool, r: &crate::refill::SweepReport) {
-    // Best effort: a closed stderr must not stop the sweep half-way.
+    // Through the log's queue: a stalled or closed stderr must not stop the sweep half-way.
     if !json {
-        let _ = writeln!(
-            std::io::stderr(),
-            "  … {} users evaluated, {} refilled, {} credits",
-            r.users_evaluated,
-            r.users_refilled,
-            r.credits_granted
-        );
+        crate::logs::line(format!(
+            "  … {} users evaluated, {} refilled, {} credits\n",
+            r.users_evaluated, r.users_refilled, r.credits_granted
+        ));
     }
 }
 

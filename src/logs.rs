@@ -87,6 +87,12 @@ impl Write for Line {
     }
 }
 
+/// A line for a person watching (a command's progress), in order with the log's: dropped, as
+/// a log line is, when the queue is full.
+pub(crate) fn line(text: String) {
+    let _ = Line.write(text.as_bytes());
+}
+
 /// The process's last line (its exit's reason), after every line queued before it: waits up
 /// to [`FLUSH_WAIT`] for room rather than dropping it.
 pub(crate) fn last_line(line: String) {
