@@ -117,9 +117,7 @@ impl Health {
     /// Whether the broker blocks the relay's connection from publishing (`connection.blocked`:
     /// a memory or disk alarm), so that events wait in the outbox until it lifts the block.
     pub(crate) fn relay_blocked(&self) -> bool {
-        self.relay_connection()
-            .as_ref()
-            .is_some_and(lapin::ConnectionStatus::blocked)
+        blocked(&self.relay_connection)
     }
     fn relay_connection(&self) -> MutexGuard<'_, Option<lapin::ConnectionStatus>> {
         lock(&self.relay_connection)
@@ -131,9 +129,7 @@ impl Health {
     /// Whether the broker blocks the consumer's connection (a memory or disk alarm met by a
     /// dead letter's publish): the broker then reads nothing from it, acks included.
     pub(crate) fn consumer_blocked(&self) -> bool {
-        lock(&self.consumer_connection)
-            .as_ref()
-            .is_some_and(|s| s.connected() && s.blocked())
+        blocked(&self.consumer_connection)
     }
     /// The consumer waits for the dead-letter queue, which refuses a letter, until the guard
     /// is dropped.
@@ -161,6 +157,13 @@ impl Health {
         }
         lock(&self.control_lost).map(|since| since.elapsed())
     }
+}
+
+/// Whether a session holds a live connection the broker blocks.
+fn blocked(slot: &Mutex<Option<lapin::ConnectionStatus>>) -> bool {
+    lock(slot)
+        .as_ref()
+        .is_some_and(|s| s.connected() && s.blocked())
 }
 
 /// A lock on what a task sets and the HTTP endpoints read: a value, valid whichever writer

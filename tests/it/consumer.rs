@@ -368,10 +368,7 @@ async fn a_full_dead_letter_queue_that_refuses_is_waited_for() {
     vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
     let (mut worker, http) = WorkerProcess::spawn_with_http(&vars, &["run"]);
     wait_status(T, http, "/readyz", 200).await;
-    let metric = |name: &'static str, labels: Labels<'static>| async move {
-        let (_, metrics) = http_get(http, "/metrics").await.unwrap_or_default();
-        metric_value(&metrics, name, labels)
-    };
+    let metric = |name, labels| scraped(http, name, labels);
     let waiting = "waiting for the dead-letter queue, which refuses an invalid message";
     let refusing = || async {
         let (_, ready) = http_get(http, "/readyz").await.unwrap_or_default();

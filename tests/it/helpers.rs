@@ -916,16 +916,23 @@ pub fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_credit-worker"))
 }
 
+/// The binary with `args` and this test's `env` (no config file), stdout discarded and
+/// stderr as `stderr` says.
+fn worker_command(env: &[(String, String)], args: &[&str], stderr: Stdio) -> Command {
+    let mut cmd = Command::new(binary());
+    cmd.args(args)
+        .env_remove("CREDIT_WORKER_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(stderr);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
 impl WorkerProcess {
     pub fn spawn(env: &[(String, String)], args: &[&str]) -> WorkerProcess {
-        let mut cmd = Command::new(binary());
-        cmd.args(args)
-            .env_remove("CREDIT_WORKER_CONFIG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
+        let mut cmd = worker_command(env, args, Stdio::inherit());
         WorkerProcess {
             child: cmd.spawn().expect("spawn worker"),
         }
@@ -945,14 +952,7 @@ impl WorkerProcess {
         args: &[&str],
         filter: &str,
     ) -> (WorkerProcess, u16, std::sync::mpsc::Receiver<String>) {
-        let mut cmd = Command::new(binary());
-        cmd.args(args)
-            .env_remove("CREDIT_WORKER_CONFIG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
+        let mut cmd = worker_command(env, args, Stdio::piped());
         cmd.env("CREDIT_WORKER__HTTP__LISTEN", "127.0.0.1:0")
             .env("CREDIT_WORKER__LOG__FORMAT", "json")
             .env("RUST_LOG", filter);
@@ -995,14 +995,7 @@ impl WorkerProcess {
         let free = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
         let addr = free.local_addr().expect("its address");
         drop(free);
-        let mut cmd = Command::new(binary());
-        cmd.args(args)
-            .env_remove("CREDIT_WORKER_CONFIG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
+        let mut cmd = worker_command(env, args, Stdio::piped());
         cmd.env("CREDIT_WORKER__HTTP__LISTEN", addr.to_string())
             .env("RUST_LOG", "info");
         let mut w = WorkerProcess {
@@ -1166,6 +1159,13 @@ pub fn metric_value(text: &str, name: &str, labels: Labels) -> f64 {
             .flatten()
         })
         .sum()
+}
+
+/// A counter's or gauge's value in the `/metrics` of the worker process on `port` (0 when it
+/// does not answer or shows no such series).
+pub async fn scraped(port: u16, name: &str, labels: Labels<'_>) -> f64 {
+    let (_, metrics) = http_get(port, "/metrics").await.unwrap_or_default();
+    metric_value(&metrics, name, labels)
 }
 
 /// This process's metrics, read directly (also installs the recorder).

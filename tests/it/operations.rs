@@ -37,6 +37,17 @@ async fn monthly_grants(env: &TestEnv, user: &str, month: Month) -> Vec<(String,
     .expect("grants")
 }
 
+/// A worker of its own for `user` (100 credits), refill off, whose log pipe is `closed` or
+/// never read (see [`WorkerProcess::spawn_log_stuck`]); ready.
+async fn worker_with_stuck_log(env: &TestEnv, user: &str, closed: bool) -> (WorkerProcess, u16) {
+    seed(env, [user], 100).await;
+    let mut vars = env.process_env();
+    vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
+    let (worker, port) = WorkerProcess::spawn_log_stuck(&vars, &["run"], closed);
+    wait_status(T, port, "/readyz", 200).await;
+    (worker, port)
+}
+
 /// A log that can no longer be written (its reader gone: a log shipper that died, a pipe
 /// closed) costs its lines, counted, and nothing else: the worker bills and stops as ever.
 /// Before, the first line written to the closed pipe aborted the process (the log's own
@@ -44,22 +55,14 @@ async fn monthly_grants(env: &TestEnv, user: &str, month: Month) -> Vec<(String,
 #[tokio::test]
 async fn a_closed_log_pipe_costs_lines_not_the_worker() {
     let env = TestEnv::with(no_refill).await;
-    seed(&env, ["piped"], 100).await;
-    let mut vars = env.process_env();
-    vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
-    let (mut worker, port) = WorkerProcess::spawn_log_stuck(&vars, &["run"], true);
-    wait_status(T, port, "/readyz", 200).await;
+    let (mut worker, port) = worker_with_stuck_log(&env, "piped", true).await;
     // An invalid message is logged (a warning), the valid one after it billed.
     env.publish(&[b"not json".to_vec(), body(&platform_gpt4("piped", "lp-1"))])
         .await;
     env.wait_decisions(1, T).await;
     assert_eq!(env.outcome_of("lp-1").await.as_deref(), Some("charged"));
-    let lost = || async {
-        let (_, metrics) = http_get(port, "/metrics").await.unwrap_or_default();
-        metric_value(&metrics, "credit_log_lines_lost_total", &[])
-    };
     wait_for(T, "the lost lines counted", || async {
-        lost().await >= 1.0
+        scraped(port, "credit_log_lines_lost_total", &[]).await >= 1.0
     })
     .await;
     assert_eq!(http_status(port, "/readyz").await, 200);
@@ -78,23 +81,17 @@ async fn a_closed_log_pipe_costs_lines_not_the_worker() {
 #[tokio::test]
 async fn a_stalled_log_reader_holds_up_nothing() {
     let env = TestEnv::with(no_refill).await;
-    seed(&env, ["stalled"], 100).await;
-    let mut vars = env.process_env();
-    vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
-    let (mut worker, port) = WorkerProcess::spawn_log_stuck(&vars, &["run"], false);
-    wait_status(T, port, "/readyz", 200).await;
+    let (mut worker, port) = worker_with_stuck_log(&env, "stalled", false).await;
     let mut bodies: Vec<Vec<u8>> = (0..9000).map(|i| format!("bad-{i}").into_bytes()).collect();
     bodies.push(body(&platform_gpt4("stalled", "ls-1")));
     env.publish(&bodies).await;
     env.wait_decisions(1, T).await;
     assert_eq!(env.outcome_of("ls-1").await.as_deref(), Some("charged"));
     wait_for(T, "every invalid message dead-lettered", || async {
-        let (_, metrics) = http_get(port, "/metrics").await.unwrap_or_default();
-        metric_value(&metrics, "credit_dead_lettered_total", &[]) == 9000.0
+        scraped(port, "credit_dead_lettered_total", &[]).await == 9000.0
     })
     .await;
-    let (_, metrics) = http_get(port, "/metrics").await.unwrap_or_default();
-    assert!(metric_value(&metrics, "credit_log_lines_lost_total", &[]) > 0.0);
+    assert!(scraped(port, "credit_log_lines_lost_total", &[]).await > 0.0);
     worker.sigterm();
     assert_eq!(worker.wait_exit(T).await, Some(0));
     env.assert_audit_clean().await;
