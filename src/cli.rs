@@ -86,7 +86,13 @@ pub enum Command {
     /// Run the service: consumer, outbox relay, scheduler, control queue, HTTP.
     Run,
     /// Apply database migrations (creating the database if needed).
-    Migrate,
+    Migrate {
+        /// Also make this database the ledger of the configured amqp.namespace, moving it
+        /// from the namespace it served, and mark the namespace on the broker as its. Stop
+        /// every worker of the old namespace first.
+        #[arg(long)]
+        rebind_namespace: bool,
+    },
     /// Run one refill sweep, then exit.
     Sweep {
         /// Month to refill (YYYY-MM); default: the current month (UTC).
@@ -411,7 +417,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     let json = cli.global.json;
     match cli.command {
         Command::Run => run(settings, signals.unwrap_or_else(StopSignals::install)).await,
-        Command::Migrate => migrate(&settings, json).await,
+        Command::Migrate { rebind_namespace } => migrate(&settings, json, rebind_namespace).await,
         Command::Sweep { month, user } => sweep(&settings, json, month, user).await,
         Command::Balance { user } => balance(&settings, json, &user).await,
         Command::Account { user } => account(&settings, json, &user).await,
@@ -509,13 +515,29 @@ async fn run(settings: Settings, signals: StopSignals) -> anyhow::Result<ExitCod
     Ok(ExitCode::SUCCESS)
 }
 
-async fn migrate(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
+async fn migrate(settings: &Settings, json: bool, rebind: bool) -> anyhow::Result<ExitCode> {
     let database = crate::db::database_name(&settings.database);
-    crate::db::connect_and_migrate(&settings.database)
+    let pool = crate::db::connect_and_migrate(&settings.database)
         .await
         .map_err(|e| crate::db::NotReady::of(e, &database))?;
-    print_out(json, &json!({"migrated": true}), || {
-        "migrations applied".into()
+    if !rebind {
+        print_out(json, &json!({"migrated": true}), || {
+            "migrations applied".into()
+        })?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let r = crate::tools::rebind::run(settings, &pool).await?;
+    let out = json!({"migrated": true, "ledger_id": r.ledger_id, "namespace": r.namespace, "before": r.before});
+    print_out(json, &out, || {
+        let before = match &r.before {
+            Some(b) if *b == r.namespace => format!("already {b:?}"),
+            Some(b) => format!("was {b:?}"),
+            None => "none before".to_owned(),
+        };
+        format!(
+            "migrations applied; ledger {} now serves namespace {:?} ({before}), marked so on the broker",
+            r.ledger_id, r.namespace
+        )
     })?;
     Ok(ExitCode::SUCCESS)
 }

@@ -52,9 +52,20 @@ pub(crate) enum RelayError {
     /// is a writer's bug, and the relay stops at the row rather than skip its events.
     #[error("outbox row {id}: {reason}")]
     Malformed { id: i64, reason: String },
+    /// The ledger serves another namespace: its events are not this worker's to publish.
+    #[error("{0}")]
+    Binding(#[from] crate::ledger::identity::BindingError),
 }
 
-impl crate::amqp::SessionFault for RelayError {}
+impl crate::amqp::SessionFault for RelayError {
+    fn is_permanent(&self) -> bool {
+        match self {
+            RelayError::Binding(_) => true,
+            RelayError::Amqp(e) => topology::refuses_arguments(e),
+            _ => false,
+        }
+    }
+}
 
 pub(crate) struct Relay {
     pub settings: Arc<Settings>,
@@ -63,6 +74,8 @@ pub(crate) struct Relay {
     pub own_user: Option<String>,
     /// Told whether a session is connected, for `/readyz`.
     pub health: Arc<crate::health::Health>,
+    /// The database's ledger id, marked on the namespace ([`topology::declare_ledger_mark`]).
+    pub ledger_id: Arc<str>,
 }
 
 impl Relay {
@@ -129,6 +142,8 @@ impl Relay {
         let publisher = Publisher::open_patient(&conn).await?;
         let exchange = self.settings.name(topology::EVENTS);
         topology::declare_events_exchange(publisher.channel(), &exchange).await?;
+        let names = topology::Names::new(&self.settings.amqp.namespace);
+        topology::declare_ledger_mark(publisher.channel(), &names, &self.ledger_id).await?;
         let _session = self.health.relay_session(&conn);
         // As the consumer's and control's sessions say "consuming": a reconnect shows in the log.
         info!(exchange = %exchange, "outbox relay connected");
@@ -170,10 +185,13 @@ impl Relay {
         // The leader's lock lives as long as this connection, which never returns to the pool.
         let mut db = self.pool.acquire().await?.detach();
         let led = match self.await_lead(&mut db, publisher, drain, hard_stop).await {
-            Ok(true) => {
-                self.lead(&mut db, publisher, exchange, drain, hard_stop)
-                    .await
-            }
+            Ok(true) => match self.still_bound(&mut db).await {
+                Ok(()) => {
+                    self.lead(&mut db, publisher, exchange, drain, hard_stop)
+                        .await
+                }
+                Err(e) => Err(e),
+            },
             other => other.map(|_| ()),
         };
         // Ends the session, and with it the lead; bounded, as the database may be gone.
@@ -419,6 +437,14 @@ impl Relay {
 
     /// How long a round's statement may go unanswered before the session is given up and
     /// begun again on a new connection (`db::stall_bound`).
+    /// Whether the ledger still serves this worker's namespace, as the lead is taken: the
+    /// leader publishes every event of the ledger, and `migrate --rebind-namespace` may have
+    /// moved it since this worker started.
+    async fn still_bound(&self, db: &mut PgConnection) -> Result<(), RelayError> {
+        let identity = crate::db::bounded(self.stall_bound(), store::read_identity(db)).await?;
+        Ok(identity.serves(&self.settings.amqp.namespace)?)
+    }
+
     fn stall_bound(&self) -> Option<Duration> {
         crate::db::stall_bound(&self.settings.database)
     }

@@ -21,7 +21,7 @@ use crate::consumer::process::DbDecider;
 use crate::consumer::Consumer;
 use crate::cost::{CostTable, Estimates};
 use crate::health::Health;
-use crate::ledger::Ledger;
+use crate::ledger::{identity, Ledger};
 use crate::outbox::Relay;
 use crate::refill::{Schedule, Scheduler};
 
@@ -191,16 +191,29 @@ impl Worker {
         // its connect until a stop.
         let database = async {
             connect_db(&settings, &shutdown).await?;
-            crate::clock::check_against_database(&pool).await
+            crate::clock::check_against_database(&pool).await?;
+            // The first start binds the ledger to this namespace; a later one of another
+            // namespace is refused here, before it consumes or publishes anything.
+            let identity = identity::bind(&pool, &settings.amqp.namespace).await?;
+            anyhow::Ok(Arc::<str>::from(identity.ledger_id))
         };
-        let ready = tokio::try_join!(check_broker(&settings.amqp, &shutdown), database).map(|_| ());
-        if let Err(e) = ready {
-            if let Some(h) = http {
-                h.stop().await;
+        let ready = tokio::try_join!(check_broker(&settings.amqp, &shutdown), database);
+        let ledger_id = match ready {
+            Ok(((), ledger_id)) => ledger_id,
+            Err(e) => {
+                if let Some(h) = http {
+                    h.stop().await;
+                }
+                return Err(e);
             }
-            return Err(e);
-        }
-        let parts = Parts::build(settings, costs, schedule, clock, &pool, &health, http);
+        };
+        let started = Started {
+            pool: pool.clone(),
+            health: health.clone(),
+            http,
+            ledger_id,
+        };
+        let parts = Parts::build(settings, costs, schedule, clock, started);
         let task = tokio::spawn(parts.supervise(shutdown.clone()));
         Ok(Worker {
             shutdown,
@@ -267,6 +280,15 @@ impl HttpServer {
     }
 }
 
+/// What the start made ready for the parts.
+struct Started {
+    pool: PgPool,
+    health: Arc<Health>,
+    http: Option<HttpServer>,
+    /// The database's ledger, bound to the configured namespace.
+    ledger_id: Arc<str>,
+}
+
 /// Every part of the service, built once from the settings.
 struct Parts {
     pool: PgPool,
@@ -284,10 +306,15 @@ impl Parts {
         costs: CostTable,
         schedule: Schedule,
         clock: Arc<dyn Clock>,
-        pool: &PgPool,
-        health: &Arc<Health>,
-        http: Option<HttpServer>,
+        started: Started,
     ) -> Parts {
+        let Started {
+            pool,
+            health,
+            http,
+            ledger_id,
+        } = started;
+        let (pool, health) = (&pool, &health);
         let settings = Arc::new(settings);
         let ledger = Ledger::new(pool.clone(), settings.ledger_policy());
         let scheduler = settings.refill_policy().map(|policy| Scheduler {
@@ -313,18 +340,21 @@ impl Parts {
                 },
                 health: health.clone(),
                 own_user: own_user.clone(),
+                ledger_id: ledger_id.clone(),
             },
             relay: Relay {
                 settings: settings.clone(),
                 pool: pool.clone(),
                 own_user: own_user.clone(),
                 health: health.clone(),
+                ledger_id: ledger_id.clone(),
             },
             control: crate::control::Context {
                 settings,
                 ledger,
                 clock,
                 own_user,
+                ledger_id,
             },
             scheduler,
             http,
@@ -367,10 +397,17 @@ impl Parts {
         tasks.spawn("outbox relay", async move {
             relay.run(d, RELAY_HARD_STOP).await
         });
+        let namespace = control.settings.amqp.namespace.clone();
         let stop = shutdown.clone();
         tasks.spawn(
             "control",
             crate::control::serve(control, health.clone(), stop),
+        );
+        // Ends the worker once the ledger has been moved to another namespace.
+        let stop = shutdown.clone();
+        tasks.spawn(
+            "ledger binding",
+            identity::watch(pool.clone(), namespace, stop),
         );
         if let Some(s) = scheduler {
             let stop = shutdown.clone();

@@ -13,6 +13,8 @@ pub const DLX: &str = "node_execution.dlx";
 pub const DEAD: &str = "node_execution.dead";
 pub const EVENTS: &str = "credit.events";
 pub const CONTROL: &str = "credit.control";
+/// The namespace's mark: which ledger (database) it belongs to ([`declare_ledger_mark`]).
+pub const LEDGER: &str = "credit.ledger";
 
 /// Names in one namespace.
 #[derive(Debug, Clone)]
@@ -23,6 +25,7 @@ pub struct Names {
     pub dead_queue: String,
     pub events: String,
     pub control: String,
+    pub ledger: String,
 }
 
 impl Names {
@@ -35,6 +38,7 @@ impl Names {
             dead_queue: n(DEAD),
             events: n(EVENTS),
             control: n(CONTROL),
+            ledger: n(LEDGER),
         }
     }
 }
@@ -161,6 +165,51 @@ async fn bind(ch: &Channel, queue: &str, exchange: &str, key: &str) -> Result<()
         FieldTable::default(),
     )
     .await
+}
+
+/// Declares the namespace's mark of `ledger_id`, the database's ledger id
+/// ([`crate::ledger::identity`]): an internal exchange (nothing can publish to it) whose
+/// `alternate-exchange` argument names the ledger. RabbitMQ compares that argument at every
+/// declaration of the exchange and refuses another value (`PRECONDITION_FAILED`), so of two
+/// databases on one namespace the second is refused, whichever starts first and however
+/// close together, and the mark outlives every worker. The exchange it names does not exist;
+/// nothing is ever routed to it.
+pub(crate) async fn declare_ledger_mark(
+    ch: &Channel,
+    names: &Names,
+    ledger_id: &str,
+) -> Result<(), lapin::Error> {
+    let mut args = FieldTable::default();
+    args.insert(
+        "alternate-exchange".into(),
+        AMQPValue::LongString(ledger_mark(ledger_id).into()),
+    );
+    let options = ExchangeDeclareOptions {
+        durable: true,
+        internal: true,
+        ..Default::default()
+    };
+    let declared = ch
+        .exchange_declare(
+            names.ledger.as_str().into(),
+            ExchangeKind::Fanout,
+            options,
+            args,
+        )
+        .await;
+    if let Err(e) = &declared {
+        if refuses_arguments(e) {
+            let namespace = names.ledger.strip_suffix(LEDGER).unwrap_or_default();
+            let why = crate::ledger::identity::other_ledger(namespace, ledger_id, &e.to_string());
+            tracing::error!("{why}");
+        }
+    }
+    declared
+}
+
+/// The value of the mark's argument for `ledger_id`.
+pub(crate) fn ledger_mark(ledger_id: &str) -> String {
+    format!("{LEDGER}.{ledger_id}")
 }
 
 /// Declares a durable topic exchange for events (`credit.events`, or a bench's own).

@@ -52,6 +52,8 @@ pub struct Consumer {
     pub health: Arc<Health>,
     /// The broker user `amqp.url` connects as ([`amqp::producer::own_user`]).
     pub own_user: Option<String>,
+    /// The database's ledger id, marked on the namespace ([`topology::declare_ledger_mark`]).
+    pub ledger_id: Arc<str>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +96,7 @@ impl Consumer {
         let conn = crate::amqp::connect(amqp, "credit-worker consumer").await?;
         let ch = conn.create_channel().await?;
         let names = topology::declare(&ch, amqp).await?;
+        topology::declare_ledger_mark(&ch, &names, &self.ledger_id).await?;
         // Applied on every (re)connect: prefetch is per channel.
         ch.basic_qos(amqp.prefetch, BasicQosOptions::default())
             .await?;
@@ -140,7 +143,7 @@ impl Consumer {
         )));
         let result = tokio::select! {
             collected = self.collect(&mut deliveries, &tx, stop) => collected,
-            e = keep_declared(&s.conn, &self.settings.amqp) => Err(e),
+            e = keep_declared(&s.conn, &self.settings.amqp, &self.ledger_id) => Err(e),
         };
         // Not consuming from this moment (a fault or a stop), whatever the cleanup below takes.
         self.health.set_consuming(false);
@@ -222,8 +225,13 @@ impl Consumer {
 /// publishes away until the next session: the consumer alone would not notice, as its queue
 /// stays. (Subscribers' own bindings to a deleted events exchange are theirs to make again.)
 /// A declaration refused for other arguments ends the session, and so the worker, as at its
-/// start.
-async fn keep_declared(conn: &Connection, amqp: &crate::config::AmqpSettings) -> SessionError {
+/// start: the namespace's mark among them, which another database's `migrate
+/// --rebind-namespace` has taken over.
+async fn keep_declared(
+    conn: &Connection,
+    amqp: &crate::config::AmqpSettings,
+    ledger_id: &str,
+) -> SessionError {
     let mut every = tokio::time::interval_at(tokio::time::Instant::now() + REDECLARE, REDECLARE);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -232,7 +240,8 @@ async fn keep_declared(conn: &Connection, amqp: &crate::config::AmqpSettings) ->
         // again on its own recovery), so one channel kept would grow by a round's each time.
         let declared = async {
             let ch = conn.create_channel().await?;
-            topology::declare(&ch, amqp).await?;
+            let names = topology::declare(&ch, amqp).await?;
+            topology::declare_ledger_mark(&ch, &names, ledger_id).await?;
             ch.close(200, "declared".into()).await
         };
         if let Err(e) = declared.await {

@@ -72,6 +72,9 @@ pub struct Context {
     /// The broker user the worker connects as (`producer::own_user`): a message under it
     /// with a producer header is that producer's.
     pub own_user: Option<String>,
+    /// The database's ledger id, marked on the namespace
+    /// ([`crate::amqp::topology::declare_ledger_mark`]).
+    pub ledger_id: std::sync::Arc<str>,
 }
 
 /// A parsed command.

@@ -5,6 +5,7 @@
 pub(crate) mod account;
 pub mod audit;
 pub mod decision;
+pub mod identity;
 pub mod month;
 pub(crate) mod refund;
 pub mod report;

@@ -52,6 +52,13 @@ pub async fn run(
         None => Route::Exchange(&names.events),
     };
     check_target(&conn_amqp, &route, &settings.amqp.namespace).await?;
+    // This ledger's events go to the namespace it serves only, marked as its on the broker.
+    let identity = crate::ledger::identity::read(&pool).await?;
+    identity.serves(&settings.amqp.namespace)?;
+    if let Route::Exchange(_) = route {
+        let ch = conn_amqp.create_channel().await?;
+        topology::declare_ledger_mark(&ch, &names, &identity.ledger_id).await?;
+    }
     let publisher = Publisher::open(&conn_amqp).await?;
     let me = producer::own_user(&settings.amqp.url);
     let mut report = RepublishReport {

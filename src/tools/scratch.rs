@@ -104,7 +104,7 @@ impl Scratch {
             crate::amqp::connect_publisher(&self.amqp, "credit-worker scratch cleanup").await?;
         let mut queues = vec![names.input_queue, names.dead_queue, names.control];
         queues.extend(extra_queues.iter().map(|q| self.name(q)));
-        let mut exchanges = vec![names.input_exchange, names.dlx, names.events];
+        let mut exchanges = vec![names.input_exchange, names.dlx, names.events, names.ledger];
         exchanges.extend(extra_exchanges.iter().map(|x| self.name(x)));
         // A failed delete closes its channel, so each one gets a fresh channel.
         for q in &queues {

@@ -179,6 +179,7 @@ fn contract_names_every_interface_element() {
         topology::DEAD,
         topology::EVENTS,
         topology::CONTROL,
+        topology::LEDGER,
     ] {
         require("queue/exchange", q);
     }

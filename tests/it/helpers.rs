@@ -484,7 +484,7 @@ impl Scratch {
         delete_broker_objects(
             &self.amqp_url,
             &[&n.input_queue, &n.dead_queue, &n.control],
-            &[&n.input_exchange, &n.dlx, &n.events],
+            &[&n.input_exchange, &n.dlx, &n.events, &n.ledger],
         )
         .await;
     }

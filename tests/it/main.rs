@@ -12,6 +12,7 @@ mod consumer;
 mod control;
 mod dead_letters;
 mod demo;
+mod deployment;
 mod docs;
 mod faults;
 mod ledger;

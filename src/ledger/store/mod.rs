@@ -17,9 +17,11 @@ use super::decision::{
 use super::runs::{runs, Run};
 
 mod history;
+mod identity;
 mod outbox;
 mod refill;
 pub(crate) use history::{explain_history, history};
+pub(crate) use identity::{bind_namespace, read_identity, rebind_namespace};
 pub(crate) use outbox::{
     advance_and_read, backlog, events_after, last_outbox_id, lead_watermark, outbox_head,
     prune_published, republish_range, try_lead_relay, unpublished_events, watermark, StoredEvent,

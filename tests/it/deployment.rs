@@ -1,0 +1,185 @@
+//! Deployments that share a database or a broker (docs/contract.md §1): one database serves
+//! one namespace, and one namespace one database. A worker of a second namespace on a
+//! database, or of a second database on a namespace, stops with the reason and bills
+//! nothing; `migrate --rebind-namespace` moves a ledger, and stops the workers it displaces.
+
+use std::time::Duration;
+
+use credit_worker::config::Settings;
+use credit_worker::ledger::identity;
+use credit_worker::service::Worker;
+
+use crate::fixtures::*;
+use crate::helpers::*;
+
+const T: Duration = Duration::from_secs(30);
+
+/// `env`'s settings with `other`'s database or namespace.
+fn crossed(env: &TestEnv, database_of: &TestEnv, namespace_of: &TestEnv) -> Settings {
+    let mut s = env.settings.clone();
+    s.database = database_of.settings.database.clone();
+    s.amqp.namespace = namespace_of.settings.amqp.namespace.clone();
+    s
+}
+
+/// Runs `migrate --rebind-namespace --json` on `env`'s database under `namespace`.
+fn rebind(env: &TestEnv, namespace: &str) -> serde_json::Value {
+    let out = env
+        .cli_command(&["migrate", "--rebind-namespace", "--json"])
+        .env("CREDIT_WORKER__AMQP__NAMESPACE", namespace)
+        .output()
+        .expect("run the CLI");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "rebind failed: {stderr}");
+    serde_json::from_slice(&out.stdout).expect("JSON")
+}
+
+/// The failure a worker on `settings` stops with by itself: its start passes, and the
+/// broker refuses its sessions.
+async fn stops_by_itself(settings: Settings) -> String {
+    let worker = Worker::start(settings).await.expect("the start passes");
+    let ended = tokio::time::timeout(T, worker.wait())
+        .await
+        .expect("it stops");
+    format!("{:#}", ended.expect_err("a failure"))
+}
+
+/// Whether `queue` exists on the broker.
+async fn queue_exists(env: &TestEnv, queue: &str) -> bool {
+    let (conn, ch) = env.amqp_channel().await;
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let found = ch
+        .queue_declare(queue.into(), passive, Default::default())
+        .await
+        .is_ok();
+    let _ = conn.close(200, "".into()).await;
+    found
+}
+
+/// A staging worker pointed at the production database: refused at start, naming the ledger,
+/// both namespaces and the way out, before it declares or consumes anything. Moved with
+/// `migrate --rebind-namespace`, the ledger serves the new namespace, and a running worker
+/// of the old one stops within its watch.
+#[tokio::test]
+async fn a_second_namespace_on_a_database_is_refused_and_a_move_stops_the_old_workers() {
+    let prod = TestEnv::with(no_refill).await;
+    let staging = TestEnv::with(no_refill).await;
+    let (p, s) = (
+        &prod.settings.amqp.namespace,
+        &staging.settings.amqp.namespace,
+    );
+    let worker = Worker::start(prod.settings.clone()).await.expect("starts");
+    worker.stop().await.expect("stops");
+    let bound = identity::read(&prod.pool).await.expect("identity");
+    assert_eq!(bound.namespace.as_deref(), Some(p.as_str()));
+
+    let err = start_refused(crossed(&prod, &prod, &staging), "on another's database").await;
+    let since = bound
+        .bound_at
+        .expect("bound")
+        .format("%Y-%m-%d %H:%M:%S UTC");
+    let expected = format!(
+        "amqp.namespace: this database's ledger ({}) serves namespace {p:?} (since {since}), \
+         and this worker is configured with {s:?}.",
+        bound.ledger_id
+    );
+    assert!(err.starts_with(&expected), "{err}");
+    assert!(
+        err.contains("`credit-worker migrate --rebind-namespace`"),
+        "{err}"
+    );
+    assert!(!queue_exists(&prod, &staging.names.input_queue).await);
+
+    // A worker of prod runs while the ledger moves to staging's namespace: it stops.
+    let mut vars = prod.process_env();
+    vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
+    let (mut old, _http, log) = WorkerProcess::spawn_logged(
+        &vars,
+        &["run"],
+        "warn,credit_worker::consumer=info,credit_worker::telemetry=info",
+    );
+    wait_for_line(&log, "consuming", T, "the old namespace's worker");
+    let moved = rebind(&prod, s);
+    assert_eq!(moved["before"], p.as_str());
+    assert_eq!(moved["namespace"], s.as_str());
+    assert_eq!(moved["ledger_id"], bound.ledger_id.as_str());
+    wait_for_line(
+        &log,
+        "the ledger was moved to another namespace",
+        T,
+        "the watch",
+    );
+    assert_eq!(old.wait_exit(T).await, Some(1));
+
+    // The new namespace's workers start; the old one's are refused.
+    let worker = Worker::start(crossed(&prod, &prod, &staging))
+        .await
+        .expect("starts");
+    worker.stop().await.expect("stops");
+    let err = start_refused(prod.settings.clone(), "after the move").await;
+    assert!(err.contains(&format!("serves namespace {s:?}")), "{err}");
+    staging.cleanup().await;
+    prod.cleanup().await;
+}
+
+/// A worker pointed at a second database (a new, empty one) on a namespace another ledger
+/// serves: it stops before it takes a message, and the first ledger's worker bills them all.
+/// `migrate --rebind-namespace` gives the namespace to the second database, and the first's
+/// running worker stops once its next declaration is refused.
+#[tokio::test]
+async fn a_second_database_on_a_namespace_bills_nothing_and_a_takeover_stops_the_first() {
+    let first = TestEnv::with(no_refill).await;
+    let second = TestEnv::with(no_refill).await;
+    seed(&first, ["u1"], 1_000).await;
+    let worker = Worker::start(first.settings.clone()).await.expect("starts");
+    worker.stop().await.expect("stops");
+    let bodies: Vec<Vec<u8>> = (0..5)
+        .map(|i| body(&platform_gpt4("u1", &format!("ne-{i}"))))
+        .collect();
+    first.publish(&bodies).await;
+
+    let why = stops_by_itself(crossed(&first, &second, &first)).await;
+    assert!(why.contains("ended unexpectedly"), "{why}");
+    assert_eq!(
+        second
+            .scalar_i64("SELECT count(*) FROM credit.decisions")
+            .await,
+        0
+    );
+    assert_eq!(
+        second
+            .scalar_i64("SELECT count(*) FROM credit.outbox")
+            .await,
+        0
+    );
+
+    let mut vars = first.process_env();
+    vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
+    let (mut owner, _http, log) =
+        WorkerProcess::spawn_logged(&vars, &["run"], "warn,credit_worker::telemetry=info");
+    first.wait_decisions(5, T).await;
+    assert_eq!(first.outcome_of("ne-4").await.as_deref(), Some("charged"));
+
+    let ns = &first.settings.amqp.namespace;
+    let taken = rebind(&second, ns);
+    let ledger = identity::read(&second.pool)
+        .await
+        .expect("identity")
+        .ledger_id;
+    assert_eq!(taken["ledger_id"], ledger.as_str());
+    wait_for_line(
+        &log,
+        "is another database's ledger",
+        T,
+        "the first's worker",
+    );
+    assert_eq!(owner.wait_exit(T).await, Some(1));
+    let why = stops_by_itself(first.settings.clone()).await;
+    assert!(why.contains("ended unexpectedly"), "{why}");
+    first.assert_audit_clean().await;
+    second.cleanup().await;
+    first.cleanup().await;
+}
