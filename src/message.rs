@@ -39,6 +39,19 @@ pub struct NodeExecutionEntry {
     pub status: RunStatus,
 }
 
+impl NodeExecutionEntry {
+    /// Drops what billing does not read: the inputs for which `reads(block_id, key)` is
+    /// false, and the execution context. A decoded entry waits for its batch's commit, and
+    /// inputs are user data (a prompt, a document, an array of numbers) up to the body's
+    /// limit, several times that size decoded (a value tree: an array of small integers
+    /// takes about 15 times its text), so a batch of such entries would hold gigabytes.
+    pub(crate) fn keep_inputs(&mut self, reads: impl Fn(&str, &str) -> bool) {
+        let block = &self.block_id;
+        self.inputs.retain(|key, _| reads(block, key));
+        self.execution_context = None;
+    }
+}
+
 /// Which message of an execution this is (docs/contract.md §2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]

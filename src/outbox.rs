@@ -143,7 +143,7 @@ impl Relay {
         let exchange = self.settings.name(topology::EVENTS);
         topology::declare_events_exchange(publisher.channel(), &exchange).await?;
         let names = topology::Names::new(&self.settings.amqp.namespace);
-        topology::declare_ledger_mark(publisher.channel(), &names, &self.ledger_id).await?;
+        topology::declare_ledger_mark(&conn, &names, &self.ledger_id).await?;
         let _session = self.health.relay_session(&conn);
         // As the consumer's and control's sessions say "consuming": a reconnect shows in the log.
         info!(exchange = %exchange, "outbox relay connected");
@@ -187,6 +187,9 @@ impl Relay {
         let led = match self.await_lead(&mut db, publisher, drain, hard_stop).await {
             Ok(true) => match self.still_bound(&mut db).await {
                 Ok(()) => {
+                    // Which worker publishes the ledger's events, and where, after a restart
+                    // or a failover: the replicas' logs say.
+                    info!(exchange = %exchange, "outbox relay leading");
                     self.lead(&mut db, publisher, exchange, drain, hard_stop)
                         .await
                 }

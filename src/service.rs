@@ -112,6 +112,42 @@ async fn broker_accepts(amqp: &crate::config::AmqpSettings) -> anyhow::Result<()
     }
 }
 
+/// Raises the soft limit of open files to the hard one, as a server should (a shell's default
+/// soft limit can be as low as 256, and each connection, pooled session and HTTP client takes
+/// one); refuses a start where even the hard limit leaves too few. Short of descriptors the
+/// worker would not fail: its broker connections would fail to open one after another (the
+/// AMQP client's I/O threads panic), it would report the database down, and stall.
+fn open_files(settings: &Settings) -> anyhow::Result<()> {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => {
+            enough_files(limit, settings.database.max_connections).map_err(|e| anyhow::anyhow!(e))
+        }
+        // Not raised, not known: the start goes on as before.
+        Err(e) => {
+            warn!(error = %e, "the open files limit could not be raised");
+            Ok(())
+        }
+    }
+}
+
+/// Descriptors the worker needs besides its pooled database sessions: the relay's and a
+/// sweep's sessions, four broker connections and their I/O threads, the HTTP listener and
+/// its clients, the log, and room.
+const FILES_BESIDES_POOL: u64 = 64;
+
+/// Whether `limit` open files leave enough for `max_connections` pooled sessions.
+fn enough_files(limit: u64, max_connections: u32) -> Result<(), String> {
+    let needed = u64::from(max_connections) + FILES_BESIDES_POOL;
+    if limit >= needed {
+        return Ok(());
+    }
+    Err(format!(
+        "open files: the limit is {limit} (its hard limit included), and the worker needs at \
+         least {needed} (database.max_connections {max_connections} + {FILES_BESIDES_POOL}): \
+         raise it (`ulimit -n`, LimitNOFILE= in a systemd unit, --ulimit nofile= for Docker)"
+    ))
+}
+
 /// A migration that failed for a reason that clears (a lost connection, its 10 s lock
 /// timeout behind a long read): the start tries again.
 fn is_passing_migration_fault(e: &sqlx::Error) -> bool {
@@ -161,6 +197,7 @@ impl Worker {
     ) -> anyhow::Result<Worker> {
         // Install the recorder before any part records, so no early metric is lost.
         crate::telemetry::metrics_handle();
+        open_files(&settings)?;
         let costs = load_costs(&settings)?;
         info!(blocks = costs.block_count(), "cost table loaded");
         info!(
@@ -619,6 +656,23 @@ mod tests {
         assert!(!is_passing_migration_fault(&migrate(
             MigrateError::VersionMissing(19)
         )));
+    }
+
+    /// A limit of open files below the pool's sessions and the rest is refused, naming the
+    /// numbers and how to raise it; one at the bound is enough.
+    #[test]
+    fn too_few_open_files_are_refused_with_the_way_to_raise_them() {
+        assert_eq!(enough_files(72, 8), Ok(()));
+        assert_eq!(enough_files(1 << 20, 10_000), Ok(()));
+        assert_eq!(
+            enough_files(71, 8),
+            Err(
+                "open files: the limit is 71 (its hard limit included), and the worker needs \
+                 at least 72 (database.max_connections 8 + 64): raise it (`ulimit -n`, \
+                 LimitNOFILE= in a systemd unit, --ulimit nofile= for Docker)"
+                    .into()
+            )
+        );
     }
 
     /// A task that panics or hangs while the service stops makes the stop a failure (the

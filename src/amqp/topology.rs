@@ -173,16 +173,22 @@ async fn bind(ch: &Channel, queue: &str, exchange: &str, key: &str) -> Result<()
 /// declaration of the exchange and refuses another value (`PRECONDITION_FAILED`), so of two
 /// databases on one namespace the second is refused, whichever starts first and however
 /// close together, and the mark outlives every worker. The exchange it names does not exist;
-/// nothing is ever routed to it.
+/// nothing is ever routed to it. Its name is in the namespace, as RabbitMQ asks for the right
+/// to write to it (and to read the mark) of whoever declares the mark.
+///
+/// On a channel of its own, as a refusal closes it. A broker user without the rights (one
+/// set up for a build before the mark) is warned of, once, and the worker runs unguarded,
+/// rather than stop billing at an upgrade.
 pub(crate) async fn declare_ledger_mark(
-    ch: &Channel,
+    conn: &lapin::Connection,
     names: &Names,
     ledger_id: &str,
 ) -> Result<(), lapin::Error> {
+    let ch = conn.create_channel().await?;
     let mut args = FieldTable::default();
     args.insert(
         "alternate-exchange".into(),
-        AMQPValue::LongString(ledger_mark(ledger_id).into()),
+        AMQPValue::LongString(format!("{}.{ledger_id}", names.ledger).into()),
     );
     let options = ExchangeDeclareOptions {
         durable: true,
@@ -197,19 +203,30 @@ pub(crate) async fn declare_ledger_mark(
             args,
         )
         .await;
-    if let Err(e) = &declared {
-        if refuses_arguments(e) {
+    match declared {
+        Ok(()) => ch.close(200, "marked".into()).await,
+        Err(e) if refuses_arguments(&e) => {
             let namespace = names.ledger.strip_suffix(LEDGER).unwrap_or_default();
             let why = crate::ledger::identity::other_ledger(namespace, ledger_id, &e.to_string());
             tracing::error!("{why}");
+            Err(e)
         }
+        Err(e) if access_refused(&e) => {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!(error = %e, mark = %names.ledger, "the broker user may not declare the namespace's mark, so a second database on this namespace would not be refused: give it the rights the README's recipe lists");
+            });
+            Ok(())
+        }
+        Err(e) => Err(e),
     }
-    declared
 }
 
-/// The value of the mark's argument for `ledger_id`.
-pub(crate) fn ledger_mark(ledger_id: &str) -> String {
-    format!("{LEDGER}.{ledger_id}")
+/// Whether the broker refused an operation for the user's rights (`ACCESS_REFUSED`).
+fn access_refused(e: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp)
+        if *amqp.kind() == AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED))
 }
 
 /// Declares a durable topic exchange for events (`credit.events`, or a bench's own).

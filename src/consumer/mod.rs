@@ -96,7 +96,7 @@ impl Consumer {
         let conn = crate::amqp::connect(amqp, "credit-worker consumer").await?;
         let ch = conn.create_channel().await?;
         let names = topology::declare(&ch, amqp).await?;
-        topology::declare_ledger_mark(&ch, &names, &self.ledger_id).await?;
+        topology::declare_ledger_mark(&conn, &names, &self.ledger_id).await?;
         // Applied on every (re)connect: prefetch is per channel.
         ch.basic_qos(amqp.prefetch, BasicQosOptions::default())
             .await?;
@@ -241,7 +241,7 @@ async fn keep_declared(
         let declared = async {
             let ch = conn.create_channel().await?;
             let names = topology::declare(&ch, amqp).await?;
-            topology::declare_ledger_mark(&ch, &names, ledger_id).await?;
+            topology::declare_ledger_mark(conn, &names, ledger_id).await?;
             ch.close(200, "declared".into()).await
         };
         if let Err(e) = declared.await {

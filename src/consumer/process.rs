@@ -109,6 +109,9 @@ pub(crate) fn producer_refusal(allowed: &[String], producer: Option<&str>) -> Op
 /// Decides entries in one transaction (the database in production, memory in tests), in
 /// its `turn` among the batches in flight.
 pub(crate) trait Decider: Send + Sync {
+    /// Trims a decoded entry to what deciding reads, before it waits for its batch.
+    fn trim(&self, _entry: &mut NodeExecutionEntry) {}
+
     fn decide(
         &self,
         entries: &[NodeExecutionEntry],
@@ -129,6 +132,10 @@ pub struct DbDecider {
 }
 
 impl Decider for DbDecider {
+    fn trim(&self, entry: &mut NodeExecutionEntry) {
+        entry.keep_inputs(|block, key| self.pricing.costs.reads_input(block, key));
+    }
+
     async fn decide(
         &self,
         entries: &[NodeExecutionEntry],
@@ -164,7 +171,8 @@ pub(crate) async fn attempt(decider: &impl Decider, bodies: &[&[u8]], turn: Turn
     let mut entries = Vec::with_capacity(bodies.len());
     for (i, body) in bodies.iter().enumerate() {
         match message::decode(body) {
-            Ok(e) => {
+            Ok(mut e) => {
+                decider.trim(&mut e);
                 positions.push(i);
                 entries.push(e);
             }

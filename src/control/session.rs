@@ -133,7 +133,7 @@ async fn open(
     let conn = crate::amqp::connect(amqp, "credit-worker control").await?;
     let ch = conn.create_channel().await?;
     let names = topology::declare(&ch, amqp).await?;
-    topology::declare_ledger_mark(&ch, &names, &ctx.ledger_id).await?;
+    topology::declare_ledger_mark(&conn, &names, &ctx.ledger_id).await?;
     ch.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
     let deliveries = ch
         .basic_consume(

@@ -193,6 +193,14 @@ impl CostTable {
         Self::from_toml_str(&text, &origin)
     }
 
+    /// Whether input `key` of `block_id` can change its price: a cost filter of the block
+    /// names it. [`Self::price`] reads no other input.
+    pub fn reads_input(&self, block_id: &str, key: &str) -> bool {
+        self.blocks
+            .get(block_id)
+            .is_some_and(|b| b.entries.iter().any(|e| e.filter.contains_key(key)))
+    }
+
     /// Prices one execution of `block_id` with these inputs: post-flight with the run's
     /// `stats`, pre-flight without (docs/contract.md §4). Unknown block or no matching entry
     /// ⇒ cost 0 and no filter. Stats must be finite and ≥ 0 (checked even when the matching

@@ -1119,3 +1119,43 @@ fn every_cost_type_is_named_once() {
     assert_eq!(named, [1; 6]);
     assert_eq!(CostType::named("Run"), None);
 }
+
+/// Only the inputs a block's filters name can change its price: an entry trimmed to them
+/// (as the consumer trims what waits for a batch) prices as the whole one, for every entry
+/// of the built-in table, with and without stats, among inputs no filter names.
+#[test]
+fn inputs_no_filter_names_never_change_a_price() {
+    let t = builtin();
+    let stats = Stats {
+        walltime: 3.5,
+        input_token_count: 1200,
+        output_token_count: 300,
+        ..Stats::default()
+    };
+    let mut checked = 0;
+    for (block_id, block) in &t.blocks {
+        for entry in block.entries.iter() {
+            let mut inputs = entry.filter.clone();
+            inputs.insert("prompt".into(), json!("x".repeat(100)));
+            inputs.insert("values".into(), json!((0..1000).collect::<Vec<_>>()));
+            inputs.insert("nested".into(), json!({"model": "gpt-4o", "deep": [{}]}));
+            let mut trimmed = inputs.clone();
+            trimmed.retain(|k, _| t.reads_input(block_id, k));
+            assert!(!trimmed.contains_key("prompt") || t.reads_input(block_id, "prompt"));
+            for s in [None, Some(&stats)] {
+                let whole = t.price(block_id, &inputs, s).expect("priced");
+                let kept = t.price(block_id, &trimmed, s).expect("priced");
+                assert_eq!(
+                    (whole.cost, &whole.matched_filter),
+                    (kept.cost, &kept.matched_filter),
+                    "{block_id}"
+                );
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked > 100, "{checked} entries");
+    assert!(t.reads_input(TEXT_GEN, "model"));
+    assert!(!t.reads_input(TEXT_GEN, "prompt"));
+    assert!(!t.reads_input("no-such-block", "model"));
+}

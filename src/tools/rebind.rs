@@ -52,8 +52,7 @@ async fn mark(settings: &Settings, ledger_id: &str) -> anyhow::Result<()> {
         ExchangeDeleteOptions::default(),
     )
     .await?;
-    let ch = conn.create_channel().await?;
-    if let Err(e) = topology::declare_ledger_mark(&ch, &names, ledger_id).await {
+    if let Err(e) = topology::declare_ledger_mark(&conn, &names, ledger_id).await {
         if topology::refuses_arguments(&e) {
             anyhow::bail!(
                 "another database's workers still run on namespace {:?} and marked it again: \

@@ -56,8 +56,7 @@ pub async fn run(
     let identity = crate::ledger::identity::read(&pool).await?;
     identity.serves(&settings.amqp.namespace)?;
     if let Route::Exchange(_) = route {
-        let ch = conn_amqp.create_channel().await?;
-        topology::declare_ledger_mark(&ch, &names, &identity.ledger_id).await?;
+        topology::declare_ledger_mark(&conn_amqp, &names, &identity.ledger_id).await?;
     }
     let publisher = Publisher::open(&conn_amqp).await?;
     let me = producer::own_user(&settings.amqp.url);

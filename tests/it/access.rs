@@ -327,3 +327,51 @@ async fn replayed_dead_letters_are_billed_as_their_producers(env: &TestEnv, user
     assert_eq!(env.outcome_of("access-2").await.as_deref(), Some("charged"));
     worker.stop().await.expect("the worker stops cleanly");
 }
+
+/// A broker user set up for a build before the namespace's mark (the recipe's rights
+/// without `credit.ledger`): the worker warns and bills on, unguarded, rather than stop
+/// billing at the upgrade.
+#[tokio::test]
+async fn a_worker_without_rights_on_the_mark_bills_on() {
+    let env = TestEnv::with(no_refill).await;
+    let local = broker_is_local(&env.settings.amqp.url);
+    let Some(users) = local
+        .then(|| Users::apply(&env.settings.amqp.namespace))
+        .flatten()
+    else {
+        skip("the broker is not on this machine");
+        return env.cleanup().await;
+    };
+    let ns = env.settings.amqp.namespace.replace('.', "\\.");
+    let vhost = vhost_of(&env.settings.amqp.url);
+    let status = std::process::Command::new("rabbitmqctl")
+        .args(["set_permissions", "-p", &vhost, &users.worker])
+        .arg(format!(
+            "^{ns}(node_execution(\\.dlx|\\.dead)?|credit\\.(events|control))$"
+        ))
+        .arg(format!(
+            "^(amq\\.default|{ns}(node_execution(\\.dlx|\\.dead)?|credit\\.events))$"
+        ))
+        .arg(format!(
+            "^{ns}(node_execution(\\.dlx|\\.dead)?|credit\\.control)$"
+        ))
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("rabbitmqctl");
+    assert!(status.success());
+    seed(&env, ["bob"], 100).await;
+    let mut settings = env.settings.clone();
+    settings.amqp.url = Users::url(&env.settings.amqp.url, &users.worker);
+    let worker = Worker::start(settings).await.expect("the worker starts");
+    env.publish(&[body(&platform_gpt4("bob", "unmarked-1"))])
+        .await;
+    env.wait_decisions(1, T).await;
+    assert_eq!(
+        env.outcome_of("unmarked-1").await.as_deref(),
+        Some("charged")
+    );
+    assert!(worker.health.consuming());
+    worker.stop().await.expect("stops cleanly");
+    drop(users);
+    env.cleanup().await;
+}

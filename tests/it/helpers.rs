@@ -705,7 +705,7 @@ pub fn broker_is_local(amqp_url: &str) -> bool {
 }
 
 /// The virtual host of an AMQP URL (`/` when the URL names none).
-fn vhost_of(amqp_url: &str) -> String {
+pub fn vhost_of(amqp_url: &str) -> String {
     let path = amqp_url
         .split_once("://")
         .map_or(amqp_url, |(_, rest)| rest)

@@ -1101,3 +1101,42 @@ async fn a_batch_held_by_a_lock_elsewhere_shows_as_a_stall() {
     env.assert_audit_clean().await;
     env.cleanup().await;
 }
+
+/// The worker under `ulimit LIMIT` (set by bash, which then becomes the worker), with this
+/// test's environment.
+fn under_ulimit(env: &TestEnv, limit: &str) -> std::process::Command {
+    let mut cmd = std::process::Command::new("bash");
+    cmd.arg("-c")
+        .arg(format!("ulimit {limit} && exec \"$0\" run"))
+        .arg(binary())
+        .env_remove("CREDIT_WORKER_CONFIG")
+        .envs(env.process_env())
+        .env("CREDIT_WORKER__REFILL__ENABLED", "false")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null());
+    cmd
+}
+
+/// A soft limit of open files as low as a shell's gives way to the hard one, and the worker
+/// bills as usual (at 16 its broker connections failed one after another and it stalled); a
+/// hard limit too low for the pool and the rest is refused at start, naming both numbers.
+#[tokio::test]
+async fn a_low_open_files_limit_is_raised_or_refused_at_start() {
+    let env = TestEnv::with(no_refill).await;
+    seed(&env, ["nf"], 1_000).await;
+    let out = under_ulimit(&env, "-n 40").output().expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let said = "open files: the limit is 40 (its hard limit included), and the worker needs at \
+                least 72 (database.max_connections 8 + 64)";
+    assert!(stderr.contains(said), "{stderr}");
+
+    let child = under_ulimit(&env, "-Sn 16").spawn().expect("spawn");
+    let mut worker = WorkerProcess { child };
+    env.publish(&[body(&platform_gpt4("nf", "nf-1"))]).await;
+    env.wait_decisions(1, T).await;
+    assert_eq!(env.outcome_of("nf-1").await.as_deref(), Some("charged"));
+    worker.sigterm();
+    assert_eq!(worker.wait_exit(T).await, Some(0));
+    env.cleanup().await;
+}
