@@ -76,13 +76,16 @@ pub(crate) struct Relay {
     pub health: Arc<crate::health::Health>,
     /// The database's ledger id, marked on the namespace ([`topology::declare_ledger_mark`]).
     pub ledger_id: Arc<str>,
+    /// Cancelled once the ledger is no longer this worker's ([`crate::ledger::identity::watch`]):
+    /// the relay stops at once, without the drain's flush.
+    pub halt: CancellationToken,
 }
 
 impl Relay {
     /// Publishes until `drain` fires, then until the outbox is empty (bounded by
     /// `drain_timeout` so a dead broker cannot hold shutdown forever).
     pub async fn run(&self, drain: CancellationToken, drain_timeout: Duration) {
-        let hard_stop = CancellationToken::new();
+        let hard_stop = self.halt.child_token();
         let watchdog = {
             let hard_stop = hard_stop.clone();
             let drain = drain.clone();
@@ -438,16 +441,16 @@ impl Relay {
         crate::db::lead_lease(&self.settings.database)
     }
 
-    /// How long a round's statement may go unanswered before the session is given up and
-    /// begun again on a new connection (`db::stall_bound`).
-    /// Whether the ledger still serves this worker's namespace, as the lead is taken: the
-    /// leader publishes every event of the ledger, and `migrate --rebind-namespace` may have
-    /// moved it since this worker started.
+    /// Whether the database is still the ledger this worker bound, serving its namespace, as
+    /// the lead is taken: the leader publishes every event of the ledger, and `migrate
+    /// --rebind-namespace` may have moved it since this worker started.
     async fn still_bound(&self, db: &mut PgConnection) -> Result<(), RelayError> {
         let identity = crate::db::bounded(self.stall_bound(), store::read_identity(db)).await?;
-        Ok(identity.serves(&self.settings.amqp.namespace)?)
+        Ok(identity.still(&self.ledger_id, &self.settings.amqp.namespace)?)
     }
 
+    /// How long a round's statement may go unanswered before the session is given up and
+    /// begun again on a new connection (`db::stall_bound`).
     fn stall_bound(&self) -> Option<Duration> {
         crate::db::stall_bound(&self.settings.database)
     }

@@ -78,6 +78,33 @@ fn not_ready(e: sqlx::Error, settings: &Settings) -> anyhow::Error {
     }
 }
 
+/// The database made ready for the parts: reachable and migrated, its clock checked, and its
+/// ledger bound to this worker's namespace (the first start binds it; one of another
+/// namespace is refused here, before it consumes or publishes anything). Returns the ledger's
+/// id.
+async fn ready_database(
+    settings: &Settings,
+    pool: &PgPool,
+    stop: &CancellationToken,
+) -> anyhow::Result<Arc<str>> {
+    connect_db(settings, stop).await?;
+    crate::clock::check_against_database(pool).await?;
+    let mut delays = crate::retry::backoff();
+    loop {
+        match identity::bind(pool, &settings.amqp.namespace).await {
+            Ok(identity) => return Ok(identity.ledger_id.into()),
+            // A standby not yet promoted, a lost connection: waited out, as at the connect.
+            Err(e) if e.is_transient() => {
+                warn!(error = %e, "binding the ledger to the namespace failed; retrying");
+                if !crate::retry::pause(&mut delays, stop).await {
+                    anyhow::bail!("stopped before the database was reachable");
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// A broker that refuses the URL's login or virtual host, or (`amqps://`) whose certificate
 /// does not verify, stops the start, as the database's does: no retry will fix either. An
 /// unreachable broker does not; the sessions retry. Once running, a refused login is retried
@@ -226,14 +253,7 @@ impl Worker {
         // Side by side, and the first refusal ends the start: a broker that never answers
         // holds its check for the connect bound, and a database that does not answer holds
         // its connect until a stop.
-        let database = async {
-            connect_db(&settings, &shutdown).await?;
-            crate::clock::check_against_database(&pool).await?;
-            // The first start binds the ledger to this namespace; a later one of another
-            // namespace is refused here, before it consumes or publishes anything.
-            let identity = identity::bind(&pool, &settings.amqp.namespace).await?;
-            anyhow::Ok(Arc::<str>::from(identity.ledger_id))
-        };
+        let database = ready_database(&settings, &pool, &shutdown);
         let ready = tokio::try_join!(check_broker(&settings.amqp, &shutdown), database);
         let ledger_id = match ready {
             Ok(((), ledger_id)) => ledger_id,
@@ -385,6 +405,7 @@ impl Parts {
                 own_user: own_user.clone(),
                 health: health.clone(),
                 ledger_id: ledger_id.clone(),
+                halt: CancellationToken::new(),
             },
             control: crate::control::Context {
                 settings,
@@ -431,21 +452,23 @@ impl Parts {
         tasks.spawn("consumer", async move { consumer.run(stop).await });
         health.set_relaying(true);
         let d = drain.clone();
+        let halt = relay.halt.clone();
         tasks.spawn("outbox relay", async move {
             relay.run(d, RELAY_HARD_STOP).await
         });
-        let namespace = control.settings.amqp.namespace.clone();
+        let bound = identity::Bound {
+            namespace: control.settings.amqp.namespace.clone(),
+            ledger_id: control.ledger_id.clone(),
+        };
         let stop = shutdown.clone();
         tasks.spawn(
             "control",
             crate::control::serve(control, health.clone(), stop),
         );
-        // Ends the worker once the ledger has been moved to another namespace.
+        // Ends the worker once its ledger is not the database's any more.
         let stop = shutdown.clone();
-        tasks.spawn(
-            "ledger binding",
-            identity::watch(pool.clone(), namespace, stop),
-        );
+        let watch = identity::watch(pool.clone(), bound, halt, stop);
+        tasks.spawn("ledger binding", watch);
         if let Some(s) = scheduler {
             let stop = shutdown.clone();
             tasks.spawn("refill scheduler", s.run(stop));

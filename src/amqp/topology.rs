@@ -177,13 +177,13 @@ async fn bind(ch: &Channel, queue: &str, exchange: &str, key: &str) -> Result<()
 /// to write to it (and to read the mark) of whoever declares the mark.
 ///
 /// On a channel of its own, as a refusal closes it. A broker user without the rights (one
-/// set up for a build before the mark) is warned of, once, and the worker runs unguarded,
-/// rather than stop billing at an upgrade.
+/// set up for a build before the mark) is warned of, once a process, and the worker runs
+/// unguarded, rather than stop billing at an upgrade: false then.
 pub(crate) async fn declare_ledger_mark(
     conn: &lapin::Connection,
     names: &Names,
     ledger_id: &str,
-) -> Result<(), lapin::Error> {
+) -> Result<bool, lapin::Error> {
     let ch = conn.create_channel().await?;
     let mut args = FieldTable::default();
     args.insert(
@@ -204,7 +204,7 @@ pub(crate) async fn declare_ledger_mark(
         )
         .await;
     match declared {
-        Ok(()) => ch.close(200, "marked".into()).await,
+        Ok(()) => ch.close(200, "marked".into()).await.map(|()| true),
         Err(e) if refuses_arguments(&e) => {
             let namespace = names.ledger.strip_suffix(LEDGER).unwrap_or_default();
             let why = crate::ledger::identity::other_ledger(namespace, ledger_id, &e.to_string());
@@ -216,7 +216,7 @@ pub(crate) async fn declare_ledger_mark(
             WARNED.call_once(|| {
                 tracing::warn!(error = %e, mark = %names.ledger, "the broker user may not declare the namespace's mark, so a second database on this namespace would not be refused: give it the rights the README's recipe lists");
             });
-            Ok(())
+            Ok(false)
         }
         Err(e) => Err(e),
     }

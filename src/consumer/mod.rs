@@ -234,6 +234,8 @@ async fn keep_declared(
 ) -> SessionError {
     let mut every = tokio::time::interval_at(tokio::time::Instant::now() + REDECLARE, REDECLARE);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Not asked again once the broker user may not (each refusal is an error in its log).
+    let mut mark = true;
     loop {
         every.tick().await;
         // A channel a round: the client keeps every binding a channel made (to make them
@@ -241,7 +243,9 @@ async fn keep_declared(
         let declared = async {
             let ch = conn.create_channel().await?;
             let names = topology::declare(&ch, amqp).await?;
-            topology::declare_ledger_mark(conn, &names, ledger_id).await?;
+            if mark {
+                mark = topology::declare_ledger_mark(conn, &names, ledger_id).await?;
+            }
             ch.close(200, "declared".into()).await
         };
         if let Err(e) = declared.await {

@@ -195,7 +195,7 @@ impl CostTable {
 
     /// Whether input `key` of `block_id` can change its price: a cost filter of the block
     /// names it. [`Self::price`] reads no other input.
-    pub fn reads_input(&self, block_id: &str, key: &str) -> bool {
+    pub(crate) fn reads_input(&self, block_id: &str, key: &str) -> bool {
         self.blocks
             .get(block_id)
             .is_some_and(|b| b.entries.iter().any(|e| e.filter.contains_key(key)))

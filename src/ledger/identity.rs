@@ -43,6 +43,12 @@ pub enum BindingError {
         since: String,
         configured: String,
     },
+    #[error(
+        "the database is now ledger {now}, and this worker started on ledger {started}: the \
+         database URL leads to another database, or the ledger was moved to another namespace \
+         and back; a restart binds it afresh"
+    )]
+    OtherLedger { started: String, now: String },
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
 }
@@ -63,6 +69,26 @@ impl Identity {
             _ => Ok(()),
         }
     }
+
+    /// Ok when this is ledger `ledger_id` and serves `namespace`: what a running worker bound
+    /// at its start.
+    pub(crate) fn still(&self, ledger_id: &str, namespace: &str) -> Result<(), BindingError> {
+        self.serves(namespace)?;
+        if self.ledger_id != ledger_id {
+            return Err(BindingError::OtherLedger {
+                started: ledger_id.to_owned(),
+                now: self.ledger_id.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl BindingError {
+    /// Whether the database failed for a reason that clears by itself ([`crate::db::is_transient`]).
+    pub(crate) fn is_transient(&self) -> bool {
+        matches!(self, BindingError::Db(e) if crate::db::is_transient(e))
+    }
 }
 
 /// Binds the ledger to `namespace` if it serves none yet; an error when it serves another.
@@ -72,8 +98,9 @@ pub async fn bind(pool: &PgPool, namespace: &str) -> Result<Identity, BindingErr
     Ok(identity)
 }
 
-/// Binds the ledger to `namespace`, whichever it served; returns the namespace before.
-pub async fn rebind(
+/// Binds the ledger to `namespace`, whichever it served (a new ledger id when that was
+/// another); returns the namespace before.
+pub(crate) async fn rebind(
     pool: &PgPool,
     namespace: &str,
 ) -> Result<(Identity, Option<String>), sqlx::Error> {
@@ -97,14 +124,27 @@ pub(crate) fn other_ledger(namespace: &str, ledger_id: &str, broker: &str) -> St
     )
 }
 
-/// How often a running worker looks at the namespace its ledger serves.
-const WATCH_EVERY: Duration = Duration::from_secs(10);
+/// How often a running worker looks at the ledger it bound at start.
+const WATCH_EVERY: Duration = Duration::from_secs(2);
 
-/// Returns, with the reason logged, once the ledger serves another namespace than
-/// `namespace` (`migrate --rebind-namespace` moved it while this worker ran), so the worker
-/// stops rather than bill that namespace's ledger from this one's queue; or at `stop`. A
-/// database that does not answer is the other tasks' to report.
-pub(crate) async fn watch(pool: PgPool, namespace: String, stop: CancellationToken) {
+/// What [`watch`] compares: the ledger and namespace bound at start.
+pub(crate) struct Bound {
+    pub ledger_id: std::sync::Arc<str>,
+    pub namespace: String,
+}
+
+/// Returns, with the reason logged, once the database is no longer the ledger bound at start
+/// serving `bound.namespace` (`migrate --rebind-namespace` moved it while this worker ran, or
+/// the database URL now leads to another database), so the worker stops rather than bill
+/// from this namespace's queue into a ledger that is not its own; or at `stop`. It cancels
+/// `halt` first: the outbox relay then stops where it is, rather than flush the ledger's
+/// events to this namespace. A database that does not answer is the other tasks' to report.
+pub(crate) async fn watch(
+    pool: PgPool,
+    bound: Bound,
+    halt: CancellationToken,
+    stop: CancellationToken,
+) {
     let mut every =
         tokio::time::interval_at(tokio::time::Instant::now() + WATCH_EVERY, WATCH_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -113,10 +153,14 @@ pub(crate) async fn watch(pool: PgPool, namespace: String, stop: CancellationTok
             _ = stop.cancelled() => return,
             _ = every.tick() => {}
         }
-        match read(&pool).await.map(|i| i.serves(&namespace)) {
+        match read(&pool)
+            .await
+            .map(|i| i.still(&bound.ledger_id, &bound.namespace))
+        {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                error!(error = %e, "the ledger was moved to another namespace; stopping");
+                error!(error = %e, "this worker's ledger is not the database's any more; stopping");
+                halt.cancel();
                 return;
             }
             Err(e) => debug!(error = %e, "ledger identity not read"),
@@ -141,6 +185,24 @@ mod tests {
         assert!(bound(Some("prod.")).serves("prod.").is_ok());
         assert!(bound(Some("")).serves("").is_ok());
         assert!(bound(None).serves("anything.").is_ok());
+    }
+
+    /// A running worker's ledger is the one it bound, serving its namespace; another id (the
+    /// URL leads elsewhere, or the ledger moved and came back with a new one) is not.
+    #[test]
+    fn a_running_worker_checks_the_ledger_it_bound() {
+        let ledger = bound(Some("prod."));
+        assert!(ledger.still("6f1c", "prod.").is_ok());
+        assert!(matches!(
+            ledger.still("6f1c", "staging."),
+            Err(BindingError::OtherNamespace { .. })
+        ));
+        assert_eq!(
+            ledger.still("0a9b", "prod.").unwrap_err().to_string(),
+            "the database is now ledger 6f1c, and this worker started on ledger 0a9b: the \
+             database URL leads to another database, or the ledger was moved to another \
+             namespace and back; a restart binds it afresh"
+        );
     }
 
     #[test]

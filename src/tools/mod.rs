@@ -15,7 +15,7 @@ pub(crate) mod bench;
 pub mod dead_letters;
 pub(crate) mod demo;
 pub mod publish;
-pub mod rebind;
+pub(crate) mod rebind;
 pub mod republish;
 pub mod scratch;
 

@@ -52,15 +52,18 @@ async fn mark(settings: &Settings, ledger_id: &str) -> anyhow::Result<()> {
         ExchangeDeleteOptions::default(),
     )
     .await?;
-    if let Err(e) = topology::declare_ledger_mark(&conn, &names, ledger_id).await {
-        if topology::refuses_arguments(&e) {
-            anyhow::bail!(
-                "another database's workers still run on namespace {:?} and marked it again: \
-                 stop them first",
-                settings.amqp.namespace
-            );
-        }
-        return Err(e.into());
+    match topology::declare_ledger_mark(&conn, &names, ledger_id).await {
+        Ok(true) => {}
+        Ok(false) => anyhow::bail!(
+            "the broker user may not declare {:?}: give it the rights the README's recipe lists",
+            names.ledger
+        ),
+        Err(e) if topology::refuses_arguments(&e) => anyhow::bail!(
+            "another database's workers still run on namespace {:?} and marked it again: \
+             stop them first",
+            settings.amqp.namespace
+        ),
+        Err(e) => return Err(e.into()),
     }
     super::close_connection(conn, "rebound").await?;
     Ok(())

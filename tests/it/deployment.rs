@@ -105,10 +105,16 @@ async fn a_second_namespace_on_a_database_is_refused_and_a_move_stops_the_old_wo
     let moved = rebind(&prod, s);
     assert_eq!(moved["before"], p.as_str());
     assert_eq!(moved["namespace"], s.as_str());
-    assert_eq!(moved["ledger_id"], bound.ledger_id.as_str());
+    // Moved to another namespace, the ledger gets an id of its own there.
+    let now = identity::read(&prod.pool)
+        .await
+        .expect("identity")
+        .ledger_id;
+    assert_eq!(moved["ledger_id"], now.as_str());
+    assert_ne!(now, bound.ledger_id);
     wait_for_line(
         &log,
-        "the ledger was moved to another namespace",
+        "this worker's ledger is not the database's any more",
         T,
         "the watch",
     );
@@ -123,6 +129,25 @@ async fn a_second_namespace_on_a_database_is_refused_and_a_move_stops_the_old_wo
     assert!(err.contains(&format!("serves namespace {s:?}")), "{err}");
     staging.cleanup().await;
     prod.cleanup().await;
+}
+
+/// Two first starts at once, of two namespaces, on a database not bound yet: one binds it,
+/// the other is refused, however close together.
+#[tokio::test]
+async fn two_namespaces_binding_a_new_database_at_once_cannot_both_have_it() {
+    let env = TestEnv::with(no_refill).await;
+    for round in 0..20 {
+        sqlx::query("UPDATE credit.ledger_identity SET namespace = NULL, bound_at = NULL")
+            .execute(&env.pool)
+            .await
+            .expect("unbind");
+        let (a, b) = tokio::join!(
+            identity::bind(&env.pool, "first."),
+            identity::bind(&env.pool, "second.")
+        );
+        assert!(a.is_ok() != b.is_ok(), "round {round}: {a:?} {b:?}");
+    }
+    env.cleanup().await;
 }
 
 /// A worker pointed at a second database (a new, empty one) on a namespace another ledger

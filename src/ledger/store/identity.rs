@@ -5,21 +5,19 @@ use sqlx::{PgConnection, PgPool};
 
 use crate::ledger::identity::Identity;
 
-/// Binds the ledger to $1 when no namespace holds it yet, then reads it as it stands: of two
-/// workers binding at once, the second's update waits for the first's and then finds the
-/// namespace taken.
-const BIND: &str = "WITH bound AS (
-    UPDATE credit.ledger_identity SET namespace = $1, bound_at = now()
-     WHERE namespace IS NULL
- RETURNING ledger_id, namespace, bound_at)
-SELECT ledger_id::text, namespace, bound_at FROM bound
-UNION ALL
-SELECT ledger_id::text, namespace, bound_at FROM credit.ledger_identity
- WHERE NOT EXISTS (SELECT 1 FROM bound)";
+/// Binds the ledger to $1 when no namespace holds it yet, and returns it as it stands: of two
+/// workers binding at once, the second's update waits for the first's row and then sees its
+/// namespace (an update re-reads a row changed under it; a separate read would not).
+const BIND: &str = "UPDATE credit.ledger_identity
+   SET namespace = coalesce(namespace, $1), bound_at = coalesce(bound_at, now())
+RETURNING ledger_id::text, namespace, bound_at";
 
 /// Binds the ledger to $1 whatever it served; returns the identity and the namespace before.
+/// Moved to another namespace, the ledger gets a new id, so a copy of a database moved to
+/// its own environment's namespace is told apart from the original on the broker.
 const REBIND: &str = "UPDATE credit.ledger_identity i
-   SET namespace = $1, bound_at = now()
+   SET namespace = $1, bound_at = now(),
+       ledger_id = CASE WHEN before.namespace <> $1 THEN gen_random_uuid() ELSE i.ledger_id END
   FROM (SELECT namespace FROM credit.ledger_identity FOR UPDATE) before
 RETURNING i.ledger_id::text, i.namespace, i.bound_at, before.namespace AS before";
 
