@@ -168,7 +168,7 @@ async fn bind(ch: &Channel, queue: &str, exchange: &str, key: &str) -> Result<()
 }
 
 /// Declares the namespace's mark of `ledger_id`, the database's ledger id
-/// ([`crate::ledger::identity`]): an internal exchange (nothing can publish to it) whose
+/// (`ledger::identity`): an internal exchange (nothing can publish to it) whose
 /// `alternate-exchange` argument names the ledger. RabbitMQ compares that argument at every
 /// declaration of the exchange and refuses another value (`PRECONDITION_FAILED`), so of two
 /// databases on one namespace the second is refused, whichever starts first and however
@@ -207,7 +207,7 @@ pub(crate) async fn declare_ledger_mark(
         Ok(()) => ch.close(200, "marked".into()).await.map(|()| true),
         Err(e) if refuses_arguments(&e) => {
             let namespace = names.ledger.strip_suffix(LEDGER).unwrap_or_default();
-            let why = crate::ledger::identity::other_ledger(namespace, ledger_id, &e.to_string());
+            let why = other_ledger(namespace, ledger_id, &e.to_string());
             tracing::error!("{why}");
             Err(e)
         }
@@ -220,6 +220,17 @@ pub(crate) async fn declare_ledger_mark(
         }
         Err(e) => Err(e),
     }
+}
+
+/// The broker's refusal of the namespace's mark, as an operator reads it.
+fn other_ledger(namespace: &str, ledger_id: &str, broker: &str) -> String {
+    format!(
+        "namespace {namespace:?} on this broker is another database's ledger, and this \
+         database is ledger {ledger_id} (the broker: {broker}). One namespace serves one \
+         database, or its traffic is billed in both: point the database URL at that ledger's \
+         database, or use another amqp.namespace; if that ledger is retired, `credit-worker \
+         migrate --rebind-namespace` makes this database the namespace's"
+    )
 }
 
 /// Whether the broker refused an operation for the user's rights (`ACCESS_REFUSED`).

@@ -3,7 +3,7 @@
 //! - on the database, the namespace the ledger serves, bound by the first `run`: the outbox
 //!   holds every event of the ledger and the relay's leader publishes them to its own
 //!   namespace, so a worker of another namespace on this database would take them;
-//! - on the broker, the ledger's id on the namespace's mark ([`crate::amqp::topology`]): a
+//! - on the broker, the ledger's id on the namespace's mark (exchange `credit.ledger`): a
 //!   second database on the namespace would bill part of its traffic again.
 //!
 //! Either mistake (a staging worker pointed at the production database, a database URL that
@@ -111,17 +111,6 @@ pub(crate) async fn rebind(
 pub async fn read(pool: &PgPool) -> Result<Identity, sqlx::Error> {
     let mut conn = pool.acquire().await?;
     store::read_identity(&mut conn).await
-}
-
-/// The broker's refusal of the namespace's mark, as an operator reads it.
-pub(crate) fn other_ledger(namespace: &str, ledger_id: &str, broker: &str) -> String {
-    format!(
-        "namespace {namespace:?} on this broker is another database's ledger, and this \
-         database is ledger {ledger_id} (the broker: {broker}). One namespace serves one \
-         database, or its traffic is billed in both: point the database URL at that ledger's \
-         database, or use another amqp.namespace; if that ledger is retired, `credit-worker \
-         migrate --rebind-namespace` makes this database the namespace's"
-    )
 }
 
 /// How often a running worker looks at the ledger it bound at start.
