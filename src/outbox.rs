@@ -188,16 +188,10 @@ impl Relay {
         // The leader's lock lives as long as this connection, which never returns to the pool.
         let mut db = self.pool.acquire().await?.detach();
         let led = match self.await_lead(&mut db, publisher, drain, hard_stop).await {
-            Ok(true) => match self.still_bound(&mut db).await {
-                Ok(()) => {
-                    // Which worker publishes the ledger's events, and where, after a restart
-                    // or a failover: the replicas' logs say.
-                    info!(exchange = %exchange, "outbox relay leading");
-                    self.lead(&mut db, publisher, exchange, drain, hard_stop)
-                        .await
-                }
-                Err(e) => Err(e),
-            },
+            Ok(true) => {
+                self.lead(&mut db, publisher, exchange, drain, hard_stop)
+                    .await
+            }
             other => other.map(|_| ()),
         };
         // Ends the session, and with it the lead; bounded, as the database may be gone.
@@ -261,11 +255,13 @@ impl Relay {
         Ok(listener)
     }
 
-    /// The watermark a new leader starts from, and its listener. The watermark is read first,
+    /// The watermark a new leader starts from, and its listener, once the database is found
+    /// still to be this worker's ledger ([`Self::still_bound`]). The watermark is read first,
     /// with its row locked for the statement: a session that cannot move the watermark (a
     /// database read-only after a failover) fails here, before it publishes a round that it
     /// would publish again at every try.
     async fn take_up_lead(&self, db: &mut PgConnection) -> Result<(i64, PgListener), RelayError> {
+        self.still_bound(db).await?;
         let bound = self.stall_bound();
         let watermark = crate::db::bounded(bound, store::lead_watermark(db)).await?;
         self.health.set_relay_database(true);
@@ -285,6 +281,9 @@ impl Relay {
     ) -> Result<(), RelayError> {
         let bound = self.stall_bound();
         let (mut watermark, mut listener) = self.take_up_lead(db).await?;
+        // Which worker publishes the ledger's events, and where, after a restart or a
+        // failover: the replicas' logs say.
+        info!(exchange = %exchange, "outbox relay leading");
         // Whether the last read started after drain: only such a read sees every event the
         // stopped writers committed, so only its finding none means the outbox is flushed.
         let mut read_in_drain = drain.is_cancelled();

@@ -371,7 +371,6 @@ impl Parts {
             http,
             ledger_id,
         } = started;
-        let (pool, health) = (&pool, &health);
         let settings = Arc::new(settings);
         let ledger = Ledger::new(pool.clone(), settings.ledger_policy());
         let scheduler = settings.refill_policy().map(|policy| Scheduler {

@@ -69,6 +69,18 @@ impl Users {
         Some(users)
     }
 
+    /// The recipe's users for `env`'s namespace; None, the test skipped, where the broker is
+    /// not on this machine.
+    fn here(env: &TestEnv) -> Option<Users> {
+        let users = broker_is_local(&env.settings.amqp.url)
+            .then(|| Users::apply(&env.settings.amqp.namespace))
+            .flatten();
+        if users.is_none() {
+            skip("the broker is not on this machine");
+        }
+        users
+    }
+
     /// The test broker's URL (its host, port and vhost) with `user` logging in.
     fn url(base: &str, user: &str) -> String {
         let mut url = url::Url::parse(base).expect("the test's AMQP URL");
@@ -159,12 +171,7 @@ async fn next_json(consumer: &mut lapin::Consumer) -> Value {
 #[tokio::test]
 async fn each_role_works_with_exactly_the_recipes_rights() {
     let env = TestEnv::with(no_refill).await;
-    let local = broker_is_local(&env.settings.amqp.url);
-    let Some(users) = local
-        .then(|| Users::apply(&env.settings.amqp.namespace))
-        .flatten()
-    else {
-        skip("the broker is not on this machine");
+    let Some(users) = Users::here(&env) else {
         return env.cleanup().await;
     };
     seed(&env, ["alice"], 100).await;
@@ -334,12 +341,7 @@ async fn replayed_dead_letters_are_billed_as_their_producers(env: &TestEnv, user
 #[tokio::test]
 async fn a_worker_without_rights_on_the_mark_bills_on() {
     let env = TestEnv::with(no_refill).await;
-    let local = broker_is_local(&env.settings.amqp.url);
-    let Some(users) = local
-        .then(|| Users::apply(&env.settings.amqp.namespace))
-        .flatten()
-    else {
-        skip("the broker is not on this machine");
+    let Some(users) = Users::here(&env) else {
         return env.cleanup().await;
     };
     let ns = env.settings.amqp.namespace.replace('.', "\\.");
