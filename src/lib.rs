@@ -16,6 +16,7 @@ pub mod db;
 pub mod decide;
 pub mod events;
 pub(crate) mod health;
+pub(crate) mod http;
 pub mod ledger;
 pub(crate) mod logs;
 pub mod message;

@@ -233,9 +233,7 @@ pub(crate) async fn serve_on(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "http endpoints up");
     }
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { cancel.cancelled().await })
-        .await?;
+    crate::http::serve(listener, app, cancel).await;
     Ok(())
 }
 

@@ -1140,3 +1140,77 @@ async fn a_low_open_files_limit_is_raised_or_refused_at_start() {
     assert_eq!(worker.wait_exit(T).await, Some(0));
     env.cleanup().await;
 }
+
+/// Reads `stream` until the worker closes it, within `within`: how long it took, or None when
+/// it was still open.
+async fn closed_within(stream: &mut tokio::net::TcpStream, within: Duration) -> Option<Duration> {
+    use tokio::io::AsyncReadExt;
+    let since = std::time::Instant::now();
+    let mut rest = Vec::new();
+    match tokio::time::timeout(within, stream.read_to_end(&mut rest)).await {
+        Ok(_) => Some(since.elapsed()),
+        Err(_) => None,
+    }
+}
+
+/// Clients that connect and say nothing can neither keep a probe out nor hold the worker's
+/// files: a connection beyond the 32 open closes the oldest at once, and one that has not sent
+/// a request's head within 5 s is closed. Before, every connection was kept for as long as
+/// its client wished (under `ulimit -n 64`, 80 silent ones kept `/readyz` out for 35 s).
+#[tokio::test]
+async fn silent_http_clients_cannot_keep_a_probe_out() {
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpStream;
+    let env = TestEnv::with(|s| {
+        no_refill(s);
+        s.http.listen = any_port();
+    })
+    .await;
+    let worker = Worker::start(env.settings.clone()).await.unwrap();
+    let port = worker.http_addr().expect("http address").port();
+    wait_status(T, port, "/readyz", 200).await;
+    let mut silent = Vec::new();
+    for _ in 0..40 {
+        silent.push(
+            TcpStream::connect(("127.0.0.1", port))
+                .await
+                .expect("connect"),
+        );
+    }
+    let mut half = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    half.write_all(b"GET /readyz HTTP/1.1\r\nHo")
+        .await
+        .expect("half a head");
+    let half_sent = std::time::Instant::now();
+
+    let asked = std::time::Instant::now();
+    let (status, body) = http_get(port, "/readyz").await.expect("readyz");
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        asked.elapsed()
+    );
+    // 42 connections in all, these two included: the 10 oldest made room.
+    let first = closed_within(&mut silent[0], Duration::from_secs(1)).await;
+    assert!(
+        first.is_some(),
+        "the oldest silent connection is still open"
+    );
+    let head = closed_within(&mut half, Duration::from_secs(10)).await;
+    let waited = half_sent.elapsed();
+    assert!(
+        head.is_some(),
+        "half a head kept its connection for {waited:?}"
+    );
+    assert!(
+        waited >= Duration::from_millis(4_500),
+        "closed after {waited:?}"
+    );
+    let last = silent.last_mut().expect("40");
+    assert!(closed_within(last, Duration::from_secs(2)).await.is_some());
+    worker.stop().await.unwrap();
+    env.cleanup().await;
+}
