@@ -1,10 +1,13 @@
 //! The wall clock, injectable: the system's, or one a test sets.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use futures::future::BoxFuture;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::throttle::Throttle;
 
 /// Wall-clock time for whatever depends on the date (decisions' fee days and refill months,
 /// control commands, the refill scheduler), injectable so that tests can pin it and need not
@@ -21,17 +24,76 @@ pub(crate) struct SystemClock;
 
 impl Clock for SystemClock {
     fn now(&self) -> DateTime<Utc> {
-        Utc::now()
+        wall_now()
     }
 
     fn sleep_until(&self, at: DateTime<Utc>) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            while let Some(nap) = nap_until(Utc::now(), at) {
+            while let Some(nap) = nap_until(wall_now(), at) {
                 tokio::time::sleep(nap).await;
             }
         })
     }
 }
+
+/// This host's clock when it last agreed with the database server's: the wall time then, and
+/// the monotonic instant it was read at.
+#[derive(Debug, Clone, Copy)]
+struct Anchor {
+    wall: DateTime<Utc>,
+    at: std::time::Instant,
+}
+
+static ANCHOR: Mutex<Option<Anchor>> = Mutex::new(None);
+
+/// The wall clock, held to its last agreement with the database server's. A wall clock that
+/// has moved [`SKEW_REFUSED`] or more from where the monotonic clock puts it since then (set by
+/// hand or stepped while the worker runs) is not used: until [`watch`] has compared it with the
+/// database's (within 2 s) and stopped the worker, the time is the agreement's advanced by the
+/// monotonic clock. Otherwise a decision in that window would mark its user refilled for a
+/// month to come, or pin their fee day forward.
+pub(crate) fn wall_now() -> DateTime<Utc> {
+    let wall = Utc::now();
+    let anchor = *ANCHOR.lock().unwrap_or_else(PoisonError::into_inner);
+    match anchor.and_then(|a| held(wall, a.wall, a.at.elapsed())) {
+        Some(expected) => {
+            if STEPPED.ready() {
+                tracing::error!(
+                    "this host's clock moved {:.1} s from where it was when it last agreed with \
+                     the database server's; that time is used until the next comparison",
+                    (wall - expected).num_milliseconds() as f64 / 1000.0
+                );
+            }
+            expected
+        }
+        None => wall,
+    }
+}
+
+/// The time to use instead of `wall` when it is [`SKEW_REFUSED`] or more from `agreed`, the
+/// wall time of the last agreement, advanced by `since` on the monotonic clock.
+fn held(
+    wall: DateTime<Utc>,
+    agreed: DateTime<Utc>,
+    since: std::time::Duration,
+) -> Option<DateTime<Utc>> {
+    let expected = agreed.checked_add_signed(TimeDelta::from_std(since).ok()?)?;
+    (judge_skew(wall - expected) == Skew::Refuse).then_some(expected)
+}
+
+/// Records that this host's clock agrees with the database server's now.
+fn agreed_now() {
+    let anchor = Anchor {
+        wall: Utc::now(),
+        at: std::time::Instant::now(),
+    };
+    *ANCHOR.lock().unwrap_or_else(PoisonError::into_inner) = Some(anchor);
+}
+
+/// A clock found moved, logged at most every 10 s while it lasts.
+static STEPPED: Throttle = Throttle::new(std::time::Duration::from_secs(10));
+/// A skew past [`SKEW_WARNED`], logged at most every 5 minutes while it lasts.
+static SKEWED: Throttle = Throttle::new(std::time::Duration::from_secs(300));
 
 /// The longest a wait for the wall clock to reach `at` sleeps before it looks again: the
 /// runtime's timer is monotonic, so a wall clock stepped (NTP) or a machine suspended while a
@@ -137,17 +199,51 @@ pub(crate) async fn check_against_database(pool: &sqlx::PgPool) -> anyhow::Resul
             return Ok(());
         }
     };
+    judge_reading(offset).map_err(anyhow::Error::msg)
+}
+
+/// What a reading of this host's clock minus the database's means: an agreement (the clock's
+/// new anchor), with a warning past [`SKEW_WARNED`] (every 5 minutes at most), or the refusal.
+fn judge_reading(offset: TimeDelta) -> Result<(), String> {
+    metrics::gauge!("credit_clock_offset_seconds").set(offset.num_milliseconds() as f64 / 1e3);
     match judge_skew(offset) {
-        Skew::Agrees => Ok(()),
-        Skew::Warn => {
-            tracing::warn!("{}", describe_skew(offset));
-            Ok(())
+        Skew::Agrees => {}
+        Skew::Warn if SKEWED.ready() => tracing::warn!("{}", describe_skew(offset)),
+        Skew::Warn => {}
+        Skew::Refuse => {
+            return Err(format!(
+                "{}; refused past {} s",
+                describe_skew(offset),
+                SKEW_REFUSED.num_seconds()
+            ))
         }
-        Skew::Refuse => anyhow::bail!(
-            "{}; refused past {} s",
-            describe_skew(offset),
-            SKEW_REFUSED.num_seconds()
-        ),
+    }
+    agreed_now();
+    Ok(())
+}
+
+/// How often a running worker compares its clock with the database server's.
+const WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Compares this host's clock with the database server's every 2 s, and returns, with the
+/// reason logged, once they are [`SKEW_REFUSED`] or more apart, so that the worker stops as
+/// its start would be refused; or at `stop`. Each agreement anchors [`wall_now`]. A reading
+/// that fails is the other tasks' to report.
+pub(crate) async fn watch(pool: sqlx::PgPool, stop: CancellationToken) {
+    let first = tokio::time::Instant::now() + WATCH_EVERY;
+    let mut every = tokio::time::interval_at(first, WATCH_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let read = tokio::time::timeout(WATCH_EVERY, crate::db::clock_offset(&pool)).await;
+        let Ok(Ok(offset)) = read else { continue };
+        if let Err(refused) = judge_reading(offset) {
+            tracing::error!("{refused}; stopping");
+            return;
+        }
     }
 }
 
@@ -173,6 +269,24 @@ mod tests {
              execution-fee days are taken from it (set it right, e.g. with NTP)"
         );
         assert!(describe_skew(ms(-90_000)).starts_with("this host's clock is 90.0 s behind"));
+    }
+
+    /// A wall clock within a minute of where the monotonic clock puts it since the last
+    /// agreement is used; one a minute or more away, either way, is not.
+    #[test]
+    fn a_wall_clock_moved_a_minute_from_its_agreement_is_not_used() {
+        let agreed = Utc.with_ymd_and_hms(2026, 12, 31, 23, 59, 0).unwrap();
+        let since = std::time::Duration::from_secs(30);
+        let expected = agreed + chrono::Duration::seconds(30);
+        let wall = |s: i64| expected + chrono::Duration::milliseconds(s);
+        assert_eq!(held(wall(0), agreed, since), None);
+        assert_eq!(held(wall(59_999), agreed, since), None);
+        assert_eq!(held(wall(-59_999), agreed, since), None);
+        assert_eq!(held(wall(60_000), agreed, since), Some(expected));
+        assert_eq!(held(wall(-60_000), agreed, since), Some(expected));
+        // Stepped into next year: the time stays in this one.
+        let stepped = Utc.with_ymd_and_hms(2027, 1, 1, 0, 1, 0).unwrap();
+        assert_eq!(held(stepped, agreed, since), Some(expected));
     }
 
     #[test]

@@ -578,7 +578,7 @@ impl Pruner {
         self.last = Some(Instant::now());
         self.more = false;
         let keep = chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
-        let Some(before) = Utc::now().checked_sub_signed(keep) else {
+        let Some(before) = crate::clock::wall_now().checked_sub_signed(keep) else {
             return;
         };
         // One statement's worth: a short pause between publishing rounds.

@@ -468,6 +468,9 @@ impl Parts {
         let stop = shutdown.clone();
         let watch = identity::watch(pool.clone(), bound, halt, stop);
         tasks.spawn("ledger binding", watch);
+        // Ends the worker once this host's clock is a minute or more from the database's.
+        let stop = shutdown.clone();
+        tasks.spawn("clock", crate::clock::watch(pool.clone(), stop));
         if let Some(s) = scheduler {
             let stop = shutdown.clone();
             tasks.spawn("refill scheduler", s.run(stop));

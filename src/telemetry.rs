@@ -17,7 +17,6 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 use crate::health::Health;
-use crate::throttle::Throttle;
 
 /// Whether the installed subscriber writes JSON lines.
 static JSON_LOGS: AtomicBool = AtomicBool::new(false);
@@ -134,7 +133,7 @@ const GAUGES: [(&str, &str, f64); 5] = [
     // began before the worker did. The outbox's age grows from the start
     // (`outbox::BacklogGauges`).
     ("credit_oldest_batch_seconds", "How long the oldest batch in flight has waited for its decision and ack; 0 when none is. One that only grows means decisions stopped.", 0.0),
-    ("credit_clock_offset_seconds", "This host's clock minus the database server's; refill months and fee days are taken from this host's.", f64::NAN),
+    ("credit_clock_offset_seconds", "This host's clock minus the database server's, read every 2 s; refill months and fee days are taken from this host's.", f64::NAN),
     ("credit_outbox_backlog", "Events not yet published.", f64::NAN),
     ("credit_outbox_oldest_unpublished_seconds", "How long the next event to publish has waited; one that only grows means events stopped.", 0.0),
 ];
@@ -244,11 +243,7 @@ const DATABASE_PROBE: Duration = Duration::from_millis(700);
 
 async fn metrics(State(s): State<HttpState>) -> (StatusCode, String) {
     // Read now: the relay cannot refresh it while the broker is out, when it matters most.
-    // Together: a database that does not answer holds the scrape for one bound, not two.
-    tokio::join!(
-        s.backlog.refresh(&s.pool, DATABASE_PROBE),
-        clock_offset(&s.pool)
-    );
+    s.backlog.refresh(&s.pool, DATABASE_PROBE).await;
     let age = s.health.oldest_batch_age().unwrap_or_default();
     metrics::gauge!("credit_oldest_batch_seconds").set(age.as_secs_f64());
     metrics::counter!("credit_log_lines_lost_total").absolute(crate::logs::lines_lost());
@@ -258,22 +253,6 @@ async fn metrics(State(s): State<HttpState>) -> (StatusCode, String) {
             StatusCode::SERVICE_UNAVAILABLE,
             "no metrics recorder\n".into(),
         ),
-    }
-}
-
-/// A skewed clock's warning, at most every 5 minutes while it lasts.
-static SKEW_WARNING: Throttle = Throttle::new(Duration::from_secs(300));
-
-/// Sets `credit_clock_offset_seconds`, and warns past [`crate::clock::SKEW_WARNED`]: a clock
-/// that drifts or is stepped while the worker runs moves its refill months and fee days. A
-/// reading that fails leaves the last one.
-async fn clock_offset(pool: &PgPool) {
-    let read = tokio::time::timeout(DATABASE_PROBE, crate::db::clock_offset(pool)).await;
-    if let Ok(Ok(offset)) = read {
-        metrics::gauge!("credit_clock_offset_seconds").set(offset.num_milliseconds() as f64 / 1e3);
-        if crate::clock::judge_skew(offset) != crate::clock::Skew::Agrees && SKEW_WARNING.ready() {
-            tracing::warn!("{}", crate::clock::describe_skew(offset));
-        }
     }
 }
 

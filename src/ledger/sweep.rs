@@ -164,7 +164,7 @@ async fn sweep_one(
 ) -> Result<(), LedgerError> {
     check_user_id(user)?;
     let (mut tx, mut accounts) = store::begin_locked(pool, &[user.to_owned()]).await?;
-    let now = Utc::now();
+    let now = crate::clock::wall_now();
     let mut changes = Changes::default();
     for a in accounts.values_mut() {
         let granted = a.refill(&mut changes, policy, month, now)?;
@@ -360,7 +360,8 @@ async fn sweep_chunk(
 ) -> Result<RefillTotals, LedgerError> {
     let chunk = async {
         let mut tx = sweeper.pool.begin().await?;
-        let totals = store::refill_chunk(&mut tx, &after, &through, grant, Utc::now()).await?;
+        let totals =
+            store::refill_chunk(&mut tx, &after, &through, grant, crate::clock::wall_now()).await?;
         tx.commit().await?;
         Ok::<_, sqlx::Error>(totals)
     };

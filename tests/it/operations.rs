@@ -1214,3 +1214,57 @@ async fn silent_http_clients_cannot_keep_a_probe_out() {
     worker.stop().await.unwrap();
     env.cleanup().await;
 }
+
+/// Makes this test's database answer `clock_timestamp()` `ahead_s` seconds ahead of the
+/// server's own, for the sessions that start from now on: a function of that name first on
+/// their search path before `pg_catalog` (the worker's statements name their tables' schema).
+async fn database_clock_ahead(env: &TestEnv, ahead_s: i64) {
+    let function = format!(
+        "CREATE OR REPLACE FUNCTION skew.clock_timestamp() RETURNS timestamptz
+           LANGUAGE sql VOLATILE AS
+           $$ SELECT pg_catalog.clock_timestamp() + interval '{ahead_s} seconds' $$"
+    );
+    for statement in ["CREATE SCHEMA IF NOT EXISTS skew", function.as_str()] {
+        sqlx::query(statement)
+            .execute(&env.pool)
+            .await
+            .expect(statement);
+    }
+    let admin = env.admin_pool().await;
+    env.alter_database(&admin, "SET search_path = public, skew, pg_catalog")
+        .await;
+    admin.close().await;
+}
+
+/// The worker's log lines a test waits for: warnings, and the consumer's and the HTTP
+/// server's start.
+const LOGGED: &str = "warn,credit_worker::consumer=info,credit_worker::telemetry=info";
+
+/// A running worker whose clock comes to be a minute or more from the database server's stops
+/// (exit 1), as its start is then refused: it takes refill months and fee days from its own
+/// clock, and a host stepped a month ahead would mark the users it bills as refilled for a
+/// month to come. Before, a running worker only warned, and only when scraped.
+#[tokio::test]
+async fn a_worker_whose_clock_comes_to_disagree_with_the_databases_stops() {
+    let env = TestEnv::with(no_refill).await;
+    seed(&env, ["ck"], 1_000).await;
+    database_clock_ahead(&env, 0).await;
+    let mut vars = env.process_env();
+    vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
+    let (mut worker, _http, log) = WorkerProcess::spawn_logged(&vars, &["run"], LOGGED);
+    wait_for_line(&log, "consuming", T, "the worker");
+    env.publish(&[body(&platform_gpt4("ck", "ck-1"))]).await;
+    env.wait_decisions(1, T).await;
+    assert_eq!(env.outcome_of("ck-1").await.as_deref(), Some("charged"));
+
+    database_clock_ahead(&env, 120).await;
+    let said = "s behind the database server's; refill months and execution-fee days are \
+                taken from it (set it right, e.g. with NTP); refused past 60 s; stopping";
+    wait_for_line(&log, said, T, "the clock's watch");
+    assert_eq!(worker.wait_exit(T).await, Some(1));
+    let err = start_refused(env.settings.clone(), "with the clocks apart").await;
+    assert!(err.contains("refused past 60 s"), "{err}");
+    database_clock_ahead(&env, 0).await;
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
