@@ -22,7 +22,7 @@ use serde_json::value::RawValue;
 use sqlx::postgres::PgListener;
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::amqp::topology;
 use crate::amqp::{self, Outgoing, PublishError, Publisher};
@@ -266,7 +266,7 @@ impl Relay {
         let watermark = crate::db::bounded(bound, store::lead_watermark(db)).await?;
         self.health.set_relay_database(true);
         let listener = self.listen(db).await?;
-        crate::db::bounded(bound, check_watermark(db, watermark)).await?;
+        crate::db::bounded(bound, ledger::mend_outbox_ids(db)).await?;
         Ok((watermark, listener))
     }
 
@@ -476,22 +476,6 @@ impl Relay {
         }
         Ok(true)
     }
-}
-
-/// Logs a watermark past the last outbox id drawn (a hand edit, a restore that reset the
-/// outbox's sequence): every event written until the ids pass it would go unsent.
-async fn check_watermark(db: &mut PgConnection, watermark: i64) -> Result<(), RelayError> {
-    let last_id = store::last_outbox_id(db).await?;
-    if watermark > last_id {
-        error!(
-            watermark,
-            last_id,
-            "the relays' watermark is past the last outbox id drawn: events written until \
-             the ids pass it count as published and are never sent (credit-worker audit \
-             names it; README \"Audit\" says how to mend it)"
-        );
-    }
-    Ok(())
 }
 
 /// Ends an idle session whose broker connection died, so it reconnects now rather than at

@@ -78,6 +78,19 @@ fn not_ready(e: sqlx::Error, settings: &Settings) -> anyhow::Error {
     }
 }
 
+/// Moves the outbox's sequence past the ids in use before anything writes an event
+/// ([`crate::ledger::mend_outbox_ids`]). A failure is only logged: the relay does it again as
+/// it takes the lead, and a decision that meets the sequence behind waits for that.
+async fn mend_outbox_ids(pool: &PgPool) {
+    let mended = async {
+        let mut conn = pool.acquire().await?;
+        crate::ledger::mend_outbox_ids(&mut conn).await
+    };
+    if let Err(e) = mended.await {
+        warn!(error = %e, "could not check the outbox's sequence; the outbox relay will");
+    }
+}
+
 /// The database made ready for the parts: reachable and migrated, its clock checked, and its
 /// ledger bound to this worker's namespace (the first start binds it; one of another
 /// namespace is refused here, before it consumes or publishes anything). Returns the ledger's
@@ -92,7 +105,10 @@ async fn ready_database(
     let mut delays = crate::retry::backoff();
     loop {
         match identity::bind(pool, &settings.amqp.namespace).await {
-            Ok(identity) => return Ok(identity.ledger_id.into()),
+            Ok(identity) => {
+                mend_outbox_ids(pool).await;
+                return Ok(identity.ledger_id.into());
+            }
             // A standby not yet promoted, a lost connection: waited out, as at the connect.
             Err(e) if e.is_transient() => {
                 warn!(error = %e, "binding the ledger to the namespace failed; retrying");

@@ -868,6 +868,21 @@ pub(crate) fn generated_key(tx_type: TxType) -> String {
     format!("{kind}-{nanos:x}-{:x}-{n:x}", std::process::id())
 }
 
+/// Moves the outbox's sequence past every id in use ([`store::mend_outbox_ids`]), with a
+/// warning when it was behind: after a restore, or a move by logical replication, that did
+/// not carry it.
+pub(crate) async fn mend_outbox_ids(db: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+    if let Some((last_id, now)) = store::mend_outbox_ids(db).await? {
+        tracing::warn!(
+            last_id,
+            now,
+            "the outbox's sequence was behind the ids in use (a restore or a copy that did \
+             not carry it); moved past them"
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1128,3 +1128,58 @@ async fn a_full_subscriber_queue_gets_every_event_as_it_drains() {
     assert_eq!(env.scalar_i64(UNPUBLISHED).await, 0);
     env.cleanup().await;
 }
+
+/// Sets the outbox's sequence back to its start, as a restore or a move by logical
+/// replication that does not carry it leaves it.
+async fn outbox_sequence_reset(env: &TestEnv) {
+    sqlx::query("SELECT setval('credit.outbox_id_seq', 1)")
+        .execute(&env.pool)
+        .await
+        .expect("setval");
+}
+
+/// An outbox sequence behind its rows is moved past them, at start and while running, and
+/// every message is billed with its event published. Before, each event's insert met an id in
+/// use, and every valid message was dead-lettered (`duplicate key … "outbox_pkey"`).
+#[tokio::test]
+async fn an_outbox_sequence_behind_its_rows_is_moved_on() {
+    let env = TestEnv::with(no_refill).await;
+    seed(&env, ["sq"], 1_000).await;
+    let mut tap = env.event_tap().await;
+    let bill = |ids: std::ops::Range<u32>| {
+        let bodies: Vec<Vec<u8>> = ids
+            .map(|i| body(&platform_gpt4("sq", &format!("sq-{i}"))))
+            .collect();
+        bodies
+    };
+    let worker = credit_worker::service::Worker::start(env.settings.clone())
+        .await
+        .unwrap();
+    env.publish(&bill(0..3)).await;
+    env.wait_decisions(3, T).await;
+    worker.stop().await.unwrap();
+
+    outbox_sequence_reset(&env).await;
+    let worker = credit_worker::service::Worker::start(env.settings.clone())
+        .await
+        .unwrap();
+    env.publish(&bill(3..5)).await;
+    env.wait_decisions(5, T).await;
+    outbox_sequence_reset(&env).await;
+    env.publish(&bill(5..8)).await;
+    env.wait_decisions(8, T).await;
+    for i in 0..8 {
+        let outcome = env.outcome_of(&format!("sq-{i}")).await;
+        assert_eq!(outcome.as_deref(), Some("charged"), "sq-{i}");
+    }
+    // The seed's grant (published once a worker runs) and a charge per message.
+    let events = tap.take(9, T).await;
+    let mut ids: Vec<&str> = events.iter().map(|(_, id, _)| id.as_str()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 9, "{ids:?}");
+    tap.assert_quiet(Duration::from_millis(500)).await;
+    worker.stop().await.unwrap();
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}

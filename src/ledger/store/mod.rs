@@ -23,8 +23,9 @@ mod refill;
 pub(crate) use history::{explain_history, history};
 pub(crate) use identity::{bind_namespace, read_identity, rebind_namespace};
 pub(crate) use outbox::{
-    advance_and_read, backlog, events_after, last_outbox_id, lead_watermark, outbox_head,
-    prune_published, republish_range, try_lead_relay, unpublished_events, watermark, StoredEvent,
+    advance_and_read, backlog, events_after, last_outbox_id, lead_watermark, mend_outbox_ids,
+    outbox_head, prune_published, republish_range, try_lead_relay, unpublished_events, watermark,
+    StoredEvent,
 };
 pub(crate) use refill::{
     range_middle, refill_chunk, refill_chunk_end, try_sweep_lock, RefillGrant, RefillTotals,

@@ -118,6 +118,40 @@ pub(crate) async fn last_outbox_id(conn: &mut PgConnection) -> Result<i64, sqlx:
     .await
 }
 
+/// Moves the outbox's sequence past every id in use: the outbox's rows and the relays'
+/// watermark. A sequence behind them (a restore or a copy that did not carry its value, as
+/// logical replication does not; a hand edit) would fail every event's insert on the key, or
+/// have the relays take the events written until the ids pass the watermark as published.
+/// Under the outbox's ordering lock, which every inserting transaction takes before it draws
+/// an id, so nothing draws one meanwhile and the sequence only ever moves forward. Returns
+/// (the last id drawn before, the last id now) when it moved.
+pub(crate) async fn mend_outbox_ids(
+    conn: &mut PgConnection,
+) -> Result<Option<(i64, i64)>, sqlx::Error> {
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    sqlx::query(OUTBOX_ORDERING_LOCK).execute(&mut *tx).await?;
+    let (last, target): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END
+                   FROM credit.outbox_id_seq),
+                greatest((SELECT coalesce(max(id), 0) FROM credit.outbox),
+                         (SELECT published_through FROM credit.outbox_relay))",
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    if target <= last {
+        return Ok(None);
+    }
+    sqlx::query("SELECT setval('credit.outbox_id_seq', $1)")
+        .bind(target)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(Some((last, target)))
+}
+
+/// The lock of migration 0005's trigger, taken before a statement draws outbox ids.
+const OUTBOX_ORDERING_LOCK: &str = "SELECT pg_advisory_xact_lock(1668441444, 1869968482)";
+
 /// The rows of the next `limit` events after `watermark`, in id order.
 pub(crate) async fn events_after(
     conn: &mut PgConnection,
