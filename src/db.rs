@@ -572,8 +572,10 @@ fn schema_state(database: String, applied: &[Applied]) -> Result<(), NotReady> {
 /// The advisory lock one process at a time applies migrations under.
 const MIGRATING: i64 = 0x6372_6564_6974_6d67;
 
-/// How long a migration waits for a lock before it fails (and the start retries it).
-const MIGRATION_LOCK_TIMEOUT: &str = "SET lock_timeout = '10s'";
+/// How long a migration waits for a lock before it fails (and the start retries it): the
+/// ledger's writers queue behind its request, so a long read holding the table (a `pg_dump`,
+/// an `audit`) would hold billing for as long as this, at every try.
+const MIGRATION_LOCK_TIMEOUT: &str = "SET lock_timeout = '250ms'";
 
 /// The oldest PostgreSQL the schema and the worker's sessions need: 14 (lz4 compression in
 /// migration 0010, `idle_session_timeout` on the relay's lead).

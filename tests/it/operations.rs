@@ -1268,3 +1268,38 @@ async fn a_worker_whose_clock_comes_to_disagree_with_the_databases_stops() {
     env.assert_audit_clean().await;
     env.cleanup().await;
 }
+
+/// A migration that cannot have its table lock at once (a long read holds the table: a
+/// `pg_dump`, an `audit`) gives up within a quarter of a second and is tried again later, so
+/// the ledger's writers, queued behind its lock request, wait that long at most. It waited
+/// 10 s before: 36 of 41 charges billed during such a read were held a second or more.
+#[tokio::test]
+async fn a_migration_behind_a_long_read_holds_the_ledgers_writers_briefly() {
+    let env = TestEnv::with(no_refill).await;
+    // Migration 23 again: its first statement alters the ledger's table.
+    sqlx::query("DELETE FROM _sqlx_migrations WHERE version = 23")
+        .execute(&env.pool)
+        .await
+        .expect("forget migration 23");
+    let mut reader = env.pool.begin().await.expect("a reader");
+    sqlx::query("LOCK TABLE credit.transactions IN ACCESS SHARE MODE")
+        .execute(&mut *reader)
+        .await
+        .expect("a long read");
+    let asked = std::time::Instant::now();
+    let out = env.cli(&["migrate"]);
+    let took = asked.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("lock timeout"), "{stderr}");
+    assert!(took < Duration::from_secs(3), "migrate took {took:?}");
+    reader.rollback().await.expect("the read ends");
+    let out = env.cli(&["migrate"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    env.cleanup().await;
+}
