@@ -719,18 +719,10 @@ pub fn is_transient(e: &sqlx::Error) -> bool {
 /// the worker ([`is_transient`]): there they are the operator's to fix at once.
 pub(crate) fn is_setup_fault(e: &sqlx::Error) -> bool {
     match e {
-        e if is_outbox_sequence_behind(e) => true,
         sqlx::Error::Database(db) => db.code().is_some_and(|c| c.starts_with("42")),
         sqlx::Error::Tls(_) | sqlx::Error::Io(_) | sqlx::Error::Configuration(_) => true,
         _ => false,
     }
-}
-
-/// True when an event's insert met an id in use: the outbox's sequence behind its rows (a
-/// restore, or a move by logical replication, that did not carry it). Whoever meets it moves
-/// the sequence on (`outbox::mend_outbox_ids`), and the write is tried again.
-pub(crate) fn is_outbox_sequence_behind(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db) if db.constraint() == Some("outbox_pkey"))
 }
 
 /// True when the server refused the login (SQLSTATE class 28: an unknown role, a wrong

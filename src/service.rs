@@ -78,9 +78,9 @@ fn not_ready(e: sqlx::Error, settings: &Settings) -> anyhow::Error {
     }
 }
 
-/// Moves the outbox's sequence past the ids in use before anything writes an event
-/// ([`crate::ledger::mend_outbox_ids`]). A failure is only logged: the relay does it again as
-/// it takes the lead, and a decision that meets the sequence behind waits for that.
+/// Moves the outbox's sequence past the ids in use, with a warning when it was behind
+/// ([`crate::ledger::mend_outbox_ids`]). A failure is only logged: every statement that writes
+/// events does the same first (migration 0025), and the relay as it takes the lead.
 async fn mend_outbox_ids(pool: &PgPool) {
     let mended = async {
         let mut conn = pool.acquire().await?;
@@ -191,7 +191,7 @@ fn enough_files(limit: u64, max_connections: u32) -> Result<(), String> {
     ))
 }
 
-/// A migration that failed for a reason that clears (a lost connection, its 10 s lock
+/// A migration that failed for a reason that clears (a lost connection, its 250 ms lock
 /// timeout behind a long read): the start tries again.
 fn is_passing_migration_fault(e: &sqlx::Error) -> bool {
     use sqlx::migrate::MigrateError;

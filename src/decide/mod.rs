@@ -136,33 +136,16 @@ pub async fn decide_in_turn(
     let batch = Batch::price(&pricing.costs, entries);
     // An unpriceable entry writes nothing that would find its earlier decision: look.
     if batch.has_completions() || batch.has_unpriced() {
-        let decided = decide_priced(pool, pricing, batch, Look::Earlier, now, turn).await;
-        return mend_if_behind(pool, decided).await;
+        return decide_priced(pool, pricing, batch, Look::Earlier, now, turn).await;
     }
     let pipelined = turn.pipelined();
-    let decided = match decide_priced(pool, pricing, batch, Look::Skip, now, turn).await {
+    match decide_priced(pool, pricing, batch, Look::Skip, now, turn).await {
         Err(DecideError::Race) if !pipelined => {
             let batch = Batch::price(&pricing.costs, entries);
             decide_priced(pool, pricing, batch, Look::Earlier, now, Turn::alone()).await
         }
         decided => decided,
-    };
-    mend_if_behind(pool, decided).await
-}
-
-/// `decided`, after moving the outbox's sequence on where its events met ids in use
-/// ([`crate::db::is_outbox_sequence_behind`]), so that the batch's retry goes through.
-async fn mend_if_behind(
-    pool: &PgPool,
-    decided: Result<Vec<Verdict>, DecideError>,
-) -> Result<Vec<Verdict>, DecideError> {
-    if let Err(DecideError::Db(e)) = &decided {
-        if crate::db::is_outbox_sequence_behind(e) {
-            let mut conn = pool.acquire().await?;
-            crate::ledger::mend_outbox_ids(&mut conn).await?;
-        }
     }
-    decided
 }
 
 /// Whether a transaction looks for earlier decisions and settlements of its node executions.
