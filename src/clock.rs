@@ -37,25 +37,26 @@ impl Clock for SystemClock {
 }
 
 /// This host's clock when it last agreed with the database server's: the wall time then, and
-/// the monotonic instant it was read at.
+/// the time since boot ([`since_boot`]) it was read at.
 #[derive(Debug, Clone, Copy)]
 struct Anchor {
     wall: DateTime<Utc>,
-    at: std::time::Instant,
+    at: std::time::Duration,
 }
 
 static ANCHOR: Mutex<Option<Anchor>> = Mutex::new(None);
 
 /// The wall clock, held to its last agreement with the database server's. A wall clock that
-/// has moved [`SKEW_REFUSED`] or more from where the monotonic clock puts it since then (set by
-/// hand or stepped while the worker runs) is not used: until [`watch`] has compared it with the
-/// database's (within 2 s) and stopped the worker, the time is the agreement's advanced by the
-/// monotonic clock. Otherwise a decision in that window would mark its user refilled for a
+/// has moved [`SKEW_REFUSED`] or more from where the boot clock ([`since_boot`]) puts it since
+/// then (set by hand or stepped while the worker runs) is not used: until [`watch`] has compared
+/// it with the database's (within 2 s) and stopped the worker, the time is the agreement's
+/// advanced by the boot clock. Otherwise a decision in that window would mark its user refilled for a
 /// month to come, or pin their fee day forward.
 pub(crate) fn wall_now() -> DateTime<Utc> {
     let wall = Utc::now();
     let anchor = *ANCHOR.lock().unwrap_or_else(PoisonError::into_inner);
-    match anchor.and_then(|a| held(wall, a.wall, a.at.elapsed())) {
+    let since = |a: Anchor| since_boot().saturating_sub(a.at);
+    match anchor.and_then(|a| held(wall, a.wall, since(a))) {
         Some(expected) => {
             if STEPPED.ready() {
                 tracing::error!(
@@ -71,7 +72,7 @@ pub(crate) fn wall_now() -> DateTime<Utc> {
 }
 
 /// The time to use instead of `wall` when it is [`SKEW_REFUSED`] or more from `agreed`, the
-/// wall time of the last agreement, advanced by `since` on the monotonic clock.
+/// wall time of the last agreement, advanced by `since` on the boot clock.
 fn held(
     wall: DateTime<Utc>,
     agreed: DateTime<Utc>,
@@ -85,9 +86,24 @@ fn held(
 fn agreed_now() {
     let anchor = Anchor {
         wall: Utc::now(),
-        at: std::time::Instant::now(),
+        at: since_boot(),
     };
     *ANCHOR.lock().unwrap_or_else(PoisonError::into_inner) = Some(anchor);
+}
+
+/// Time since boot on a clock that is never set and, unlike `Instant`'s on Linux, counts the
+/// time the machine was suspended: a machine resumed is not taken for a clock stepped.
+#[cfg(target_os = "linux")]
+fn since_boot() -> std::time::Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+    std::time::Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+}
+
+/// [`since_boot`] where there is no boot clock: the monotonic clock from the first reading.
+#[cfg(not(target_os = "linux"))]
+fn since_boot() -> std::time::Duration {
+    static FIRST: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    FIRST.get_or_init(std::time::Instant::now).elapsed()
 }
 
 /// A clock found moved, logged at most every 10 s while it lasts.
@@ -271,7 +287,7 @@ mod tests {
         assert!(describe_skew(ms(-90_000)).starts_with("this host's clock is 90.0 s behind"));
     }
 
-    /// A wall clock within a minute of where the monotonic clock puts it since the last
+    /// A wall clock within a minute of where the boot clock puts it since the last
     /// agreement is used; one a minute or more away, either way, is not.
     #[test]
     fn a_wall_clock_moved_a_minute_from_its_agreement_is_not_used() {
