@@ -92,6 +92,13 @@ pub enum Command {
         /// every worker of the old namespace first.
         #[arg(long)]
         rebind_namespace: bool,
+        /// Also say that this database, gone back in time (a restore, or a failover to a
+        /// standby behind), is the ledger from here on: the broker's record of how far its
+        /// events were published is set back to the database's, so workers bill into it and
+        /// publish its events again. Follow docs/reliability.md's "After a restore or a
+        /// failover" first, every worker stopped.
+        #[arg(long)]
+        after_restore: bool,
     },
     /// Run one refill sweep, then exit.
     Sweep {
@@ -417,7 +424,10 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     let json = cli.global.json;
     match cli.command {
         Command::Run => run(settings, signals.unwrap_or_else(StopSignals::install)).await,
-        Command::Migrate { rebind_namespace } => migrate(&settings, json, rebind_namespace).await,
+        Command::Migrate {
+            rebind_namespace,
+            after_restore,
+        } => migrate(&settings, json, rebind_namespace, after_restore).await,
         Command::Sweep { month, user } => sweep(&settings, json, month, user).await,
         Command::Balance { user } => balance(&settings, json, &user).await,
         Command::Account { user } => account(&settings, json, &user).await,
@@ -515,18 +525,37 @@ async fn run(settings: Settings, signals: StopSignals) -> anyhow::Result<ExitCod
     Ok(ExitCode::SUCCESS)
 }
 
-async fn migrate(settings: &Settings, json: bool, rebind: bool) -> anyhow::Result<ExitCode> {
+async fn migrate(
+    settings: &Settings,
+    json: bool,
+    rebind: bool,
+    after_restore: bool,
+) -> anyhow::Result<ExitCode> {
     let database = crate::db::database_name(&settings.database);
     let pool = crate::db::connect_and_migrate(&settings.database)
         .await
         .map_err(|e| crate::db::NotReady::of(e, &database))?;
-    if !rebind {
+    if rebind {
+        rebind_namespace(settings, json, &pool).await?;
+    }
+    if after_restore {
+        resume_after_restore(settings, json, &pool).await?;
+    }
+    if !rebind && !after_restore {
         print_out(json, &json!({"migrated": true}), || {
             "migrations applied".into()
         })?;
-        return Ok(ExitCode::SUCCESS);
     }
-    let r = crate::tools::rebind::run(settings, &pool).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `migrate --rebind-namespace`'s part.
+async fn rebind_namespace(
+    settings: &Settings,
+    json: bool,
+    pool: &sqlx::PgPool,
+) -> anyhow::Result<()> {
+    let r = crate::tools::rebind::run(settings, pool).await?;
     let out = json!({"migrated": true, "ledger_id": r.ledger_id, "namespace": r.namespace, "before": r.before});
     print_out(json, &out, || {
         let before = match &r.before {
@@ -538,8 +567,28 @@ async fn migrate(settings: &Settings, json: bool, rebind: bool) -> anyhow::Resul
             "migrations applied; ledger {} now serves namespace {:?} ({before}), marked so on the broker",
             r.ledger_id, r.namespace
         )
-    })?;
-    Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// `migrate --after-restore`'s part.
+async fn resume_after_restore(
+    settings: &Settings,
+    json: bool,
+    pool: &sqlx::PgPool,
+) -> anyhow::Result<()> {
+    let r = crate::tools::restored::run(settings, pool).await?;
+    let out = json!({"migrated": true, "ledger_id": r.ledger_id, "recorded": r.recorded, "watermark": r.watermark});
+    print_out(json, &out, || {
+        let recorded = match r.recorded {
+            Some(n) => format!("the broker had recorded {n}"),
+            None => "the broker had no record of it".to_owned(),
+        };
+        format!(
+            "migrations applied; ledger {} goes on from its outbox watermark {} ({recorded}): \
+             workers bill into it, and its events after the watermark go out",
+            r.ledger_id, r.watermark
+        )
+    })
 }
 
 async fn sweep(

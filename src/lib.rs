@@ -21,6 +21,7 @@ pub mod ledger;
 pub(crate) mod logs;
 pub mod message;
 pub(crate) mod outbox;
+pub(crate) mod progress;
 pub(crate) mod redact;
 pub mod refill;
 pub(crate) mod retry;

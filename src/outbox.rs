@@ -55,14 +55,26 @@ pub(crate) enum RelayError {
     /// The ledger serves another namespace: its events are not this worker's to publish.
     #[error("{0}")]
     Binding(#[from] crate::ledger::identity::BindingError),
+    /// The database is behind what the ledger's relays published, or that could not be read.
+    #[error("{0}")]
+    Progress(#[from] crate::progress::ProgressError),
 }
 
 impl crate::amqp::SessionFault for RelayError {
     fn is_permanent(&self) -> bool {
         match self {
             RelayError::Binding(_) => true,
+            RelayError::Progress(e) => e.is_permanent(),
             RelayError::Amqp(e) => topology::refuses_arguments(e),
             _ => false,
+        }
+    }
+
+    fn why_permanent(&self) -> &'static str {
+        match self {
+            RelayError::Progress(_) => crate::progress::WHY_BEHIND,
+            RelayError::Binding(_) => "the ledger is not this worker's",
+            _ => "the broker refuses this configuration",
         }
     }
 }
@@ -156,7 +168,7 @@ impl Relay {
         let mut delays = crate::retry::backoff_up_to(Duration::from_secs(1));
         let led = loop {
             match self
-                .lead_on_new_session(&publisher, &exchange, drain, hard_stop)
+                .lead_on_new_session((&conn, &publisher), &exchange, drain, hard_stop)
                 .await
             {
                 Err(RelayError::Db(e)) if crate::db::is_transient(&e) => {
@@ -180,7 +192,7 @@ impl Relay {
     /// Waits for the lead on a database session of its own, then publishes as the leader.
     async fn lead_on_new_session(
         &self,
-        publisher: &Publisher,
+        (broker, publisher): (&lapin::Connection, &Publisher),
         exchange: &str,
         drain: &CancellationToken,
         hard_stop: &CancellationToken,
@@ -189,7 +201,7 @@ impl Relay {
         let mut db = self.pool.acquire().await?.detach();
         let led = match self.await_lead(&mut db, publisher, drain, hard_stop).await {
             Ok(true) => {
-                self.lead(&mut db, publisher, exchange, drain, hard_stop)
+                self.lead(&mut db, (broker, publisher), exchange, drain, hard_stop)
                     .await
             }
             other => other.map(|_| ()),
@@ -259,11 +271,19 @@ impl Relay {
     /// still to be this worker's ledger ([`Self::still_bound`]). The watermark is read first,
     /// with its row locked for the statement: a session that cannot move the watermark (a
     /// database read-only after a failover) fails here, before it publishes a round that it
-    /// would publish again at every try.
-    async fn take_up_lead(&self, db: &mut PgConnection) -> Result<(i64, PgListener), RelayError> {
+    /// would publish again at every try. A watermark behind what the broker records the
+    /// ledger's relays published (a database gone back in time: `crate::progress`) ends the
+    /// relay before it publishes anything.
+    async fn take_up_lead(
+        &self,
+        db: &mut PgConnection,
+        broker: &lapin::Connection,
+    ) -> Result<(i64, PgListener), RelayError> {
         self.still_bound(db).await?;
         let bound = self.stall_bound();
         let watermark = crate::db::bounded(bound, store::lead_watermark(db)).await?;
+        let queue = self.settings.name(topology::PROGRESS);
+        crate::progress::check(broker, &queue, &self.ledger_id, watermark).await?;
         self.health.set_relay_database(true);
         let listener = self.listen(db).await?;
         crate::db::bounded(bound, ledger::mend_outbox_ids(db)).await?;
@@ -274,13 +294,14 @@ impl Relay {
     async fn lead(
         &self,
         db: &mut PgConnection,
-        publisher: &Publisher,
+        (broker, publisher): (&lapin::Connection, &Publisher),
         exchange: &str,
         drain: &CancellationToken,
         hard_stop: &CancellationToken,
     ) -> Result<(), RelayError> {
         let bound = self.stall_bound();
-        let (mut watermark, mut listener) = self.take_up_lead(db).await?;
+        let (mut watermark, mut listener) = self.take_up_lead(db, broker).await?;
+        let mut recorded = Recorded::default();
         // Which worker publishes the ledger's events, and where, after a restart or a
         // failover: the replicas' logs say.
         info!(exchange = %exchange, "outbox relay leading");
@@ -319,9 +340,13 @@ impl Relay {
                 continue;
             }
             if read_in_drain {
+                self.record_progress(publisher, watermark, &mut recorded, true)
+                    .await;
                 info!("outbox flushed");
                 return Ok(());
             }
+            self.record_progress(publisher, watermark, &mut recorded, false)
+                .await;
             // Returns at once when draining.
             if !self.wait(&mut listener, drain, hard_stop).await? {
                 return Ok(());
@@ -450,6 +475,30 @@ impl Relay {
 
     /// How long a round's statement may go unanswered before the session is given up and
     /// begun again on a new connection (`db::stall_bound`).
+    /// Records `watermark` on the broker when due ([`Recorded::due`]; `now` at the flush). A
+    /// record that fails is warned of and tried again a second later: it only weakens the
+    /// check of a database gone back in time.
+    async fn record_progress(
+        &self,
+        publisher: &Publisher,
+        watermark: i64,
+        recorded: &mut Recorded,
+        now: bool,
+    ) {
+        if !recorded.due(watermark, now) {
+            return;
+        }
+        recorded.at = Some(Instant::now());
+        let queue = self.settings.name(topology::PROGRESS);
+        match crate::progress::record(publisher, &queue, &self.ledger_id, watermark).await {
+            Ok(()) => recorded.through = Some(watermark),
+            Err(e) if RECORD_WARNING.ready() => {
+                warn!(error = %e, "could not record the outbox watermark on the broker")
+            }
+            Err(_) => {}
+        }
+    }
+
     fn stall_bound(&self) -> Option<Duration> {
         crate::db::stall_bound(&self.settings.database)
     }
@@ -477,6 +526,29 @@ impl Relay {
         Ok(true)
     }
 }
+
+/// When the leader last recorded its watermark on the broker (`crate::progress`).
+#[derive(Default)]
+struct Recorded {
+    through: Option<i64>,
+    at: Option<Instant>,
+}
+
+/// How often a leader records its watermark on the broker while it moves.
+const RECORD_EVERY: Duration = Duration::from_secs(1);
+
+impl Recorded {
+    /// Whether `watermark` is to be recorded now: past the last record, and a second after it
+    /// (or at once, `now`).
+    fn due(&self, watermark: i64, now: bool) -> bool {
+        let past = self.through.is_none_or(|through| through < watermark);
+        past && (now || self.at.is_none_or(|at| at.elapsed() >= RECORD_EVERY))
+    }
+}
+
+/// A record of the watermark that failed, warned of at most every minute.
+static RECORD_WARNING: crate::throttle::Throttle =
+    crate::throttle::Throttle::new(Duration::from_secs(60));
 
 /// Ends an idle session whose broker connection died, so it reconnects now rather than at
 /// the next event (and `/readyz` shows the relay connected only while it is).

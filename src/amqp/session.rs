@@ -18,6 +18,11 @@ pub(crate) trait SessionFault: Display {
     fn is_permanent(&self) -> bool {
         false
     }
+
+    /// What a permanent fault is, in the log line that ends the session.
+    fn why_permanent(&self) -> &'static str {
+        "the broker refuses this configuration"
+    }
 }
 
 /// Runs `session` until it returns `Ok` or `stop` fires; `what` names it in logs and metrics.
@@ -43,7 +48,8 @@ where
         match session().await {
             Ok(()) => return true,
             Err(e) if e.is_permanent() => {
-                error!(error = %e, session = what, "the broker refuses this configuration; not reconnecting");
+                let why = e.why_permanent();
+                error!(error = %e, session = what, "{why}; not reconnecting");
                 return false;
             }
             // Cut short by the stop (work given up at its bound): not a fault to reconnect

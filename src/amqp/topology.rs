@@ -15,6 +15,8 @@ pub const EVENTS: &str = "credit.events";
 pub const CONTROL: &str = "credit.control";
 /// The namespace's mark: which ledger (database) it belongs to ([`declare_ledger_mark`]).
 pub const LEDGER: &str = "credit.ledger";
+/// The queue holding how far the ledger's events were published (src/progress.rs).
+pub const PROGRESS: &str = "credit.ledger.progress";
 
 /// Names in one namespace.
 #[derive(Debug, Clone)]
@@ -26,6 +28,7 @@ pub struct Names {
     pub events: String,
     pub control: String,
     pub ledger: String,
+    pub progress: String,
 }
 
 impl Names {
@@ -39,6 +42,7 @@ impl Names {
             events: n(EVENTS),
             control: n(CONTROL),
             ledger: n(LEDGER),
+            progress: n(PROGRESS),
         }
     }
 }
@@ -234,7 +238,7 @@ fn other_ledger(namespace: &str, ledger_id: &str, broker: &str) -> String {
 }
 
 /// Whether the broker refused an operation for the user's rights (`ACCESS_REFUSED`).
-fn access_refused(e: &lapin::Error) -> bool {
+pub(crate) fn access_refused(e: &lapin::Error) -> bool {
     use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
     matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp)
         if *amqp.kind() == AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED))

@@ -68,11 +68,26 @@ enum SessionError {
     DeciderGone,
     #[error("broker: the channel closed before the batch was acked")]
     AckNotSent,
+    #[error("{0}")]
+    Progress(#[from] crate::progress::ProgressError),
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
 }
 
 impl crate::amqp::SessionFault for SessionError {
     fn is_permanent(&self) -> bool {
-        matches!(self, SessionError::Amqp(e) if crate::amqp::topology::refuses_arguments(e))
+        match self {
+            SessionError::Amqp(e) => crate::amqp::topology::refuses_arguments(e),
+            SessionError::Progress(e) => e.is_permanent(),
+            _ => false,
+        }
+    }
+
+    fn why_permanent(&self) -> &'static str {
+        match self {
+            SessionError::Progress(_) => crate::progress::WHY_BEHIND,
+            _ => "the broker refuses this configuration",
+        }
     }
 }
 
@@ -91,12 +106,13 @@ impl Consumer {
         amqp::reconnecting("consumer", &stop, || self.session(&stop)).await;
     }
 
-    async fn open(&self) -> Result<Session, lapin::Error> {
+    async fn open(&self) -> Result<Session, SessionError> {
         let amqp = &self.settings.amqp;
         let conn = crate::amqp::connect(amqp, "credit-worker consumer").await?;
         let ch = conn.create_channel().await?;
         let names = topology::declare(&ch, amqp).await?;
         topology::declare_ledger_mark(&conn, &names, &self.ledger_id).await?;
+        self.check_progress(&conn, &names).await?;
         // Applied on every (re)connect: prefetch is per channel.
         ch.basic_qos(amqp.prefetch, BasicQosOptions::default())
             .await?;
@@ -251,6 +267,20 @@ async fn keep_declared(
         if let Err(e) = declared.await {
             return e.into();
         }
+    }
+}
+
+impl Consumer {
+    /// Fails when the database is behind what the ledger's relays published
+    /// (`crate::progress`): a database gone back in time is not billed into.
+    async fn check_progress(&self, conn: &Connection, names: &Names) -> Result<(), SessionError> {
+        let watermark = async {
+            let mut db = self.decider.pool.acquire().await?;
+            crate::ledger::store::watermark(&mut db).await
+        };
+        let watermark = crate::db::bounded(self.decider.stall, watermark).await?;
+        crate::progress::check(conn, &names.progress, &self.ledger_id, watermark).await?;
+        Ok(())
     }
 }
 

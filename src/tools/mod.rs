@@ -17,6 +17,7 @@ pub(crate) mod demo;
 pub mod publish;
 pub(crate) mod rebind;
 pub mod republish;
+pub(crate) mod restored;
 pub mod scratch;
 
 use std::process::ExitCode;

@@ -102,7 +102,12 @@ impl Scratch {
         let names = Names::new(&self.namespace);
         let conn =
             crate::amqp::connect_publisher(&self.amqp, "credit-worker scratch cleanup").await?;
-        let mut queues = vec![names.input_queue, names.dead_queue, names.control];
+        let mut queues = vec![
+            names.input_queue,
+            names.dead_queue,
+            names.control,
+            names.progress,
+        ];
         queues.extend(extra_queues.iter().map(|q| self.name(q)));
         let mut exchanges = vec![names.input_exchange, names.dlx, names.events, names.ledger];
         exchanges.extend(extra_exchanges.iter().map(|x| self.name(x)));

@@ -184,6 +184,8 @@ async fn each_role_works_with_exactly_the_recipes_rights() {
         worker.health.consuming()
     })
     .await;
+    // The seed's event out first, so that the payment side's queue gets alice's charge first.
+    env.wait_published(T).await;
 
     // The payment side follows alice's balance on a queue of its own.
     let (_pconn, pch) = open(&env, &users.payments).await;

@@ -208,3 +208,128 @@ async fn a_second_database_on_a_namespace_bills_nothing_and_a_takeover_stops_the
     second.cleanup().await;
     first.cleanup().await;
 }
+
+/// The log lines these tests wait for: warnings and errors, and the consumer's and the HTTP
+/// server's start.
+const LOGGED: &str = "warn,credit_worker::consumer=info,credit_worker::telemetry=info";
+
+/// The watermark the broker records for the ledger's events (queue `credit.ledger.progress`),
+/// read without taking it.
+async fn recorded_progress(env: &TestEnv) -> Option<i64> {
+    use lapin::options::{BasicGetOptions, BasicRejectOptions};
+    let (conn, ch) = env.amqp_channel().await;
+    let got = ch
+        .basic_get(
+            env.names.progress.as_str().into(),
+            BasicGetOptions { no_ack: false },
+        )
+        .await
+        .ok()
+        .flatten();
+    let through = got.map(|got| {
+        let record: serde_json::Value = serde_json::from_slice(&got.delivery.data).expect("JSON");
+        (
+            got.delivery.delivery_tag,
+            record["published_through"].as_i64(),
+        )
+    });
+    if let Some((tag, _)) = through {
+        let requeue = BasicRejectOptions { requeue: true };
+        ch.basic_reject(tag, requeue).await.expect("put back");
+    }
+    let _ = conn.close(200, "".into()).await;
+    through.and_then(|(_, n)| n)
+}
+
+/// The relays' watermark in `env`'s database.
+async fn watermark(env: &TestEnv) -> i64 {
+    env.scalar_i64("SELECT published_through FROM credit.outbox_relay")
+        .await
+}
+
+/// Sets `env`'s watermark back by `by`, as a database restored from a backup, or a standby
+/// promoted before it received the last commits, holds it.
+async fn back_in_time(env: &TestEnv, by: i64) {
+    sqlx::query("UPDATE credit.outbox_relay SET published_through = published_through - $1")
+        .bind(by)
+        .execute(&env.pool)
+        .await
+        .expect("set the watermark back");
+}
+
+/// What a worker of a database gone back in time says before it stops.
+const BEHIND: &str = "is behind the";
+
+/// A database restored from a backup taken before its ledger's last events went out is
+/// neither billed into nor published from: the worker stops (exit 1) before it consumes,
+/// naming both watermarks and the way out, and the message waits in its queue. Once the
+/// operator has said so (`migrate --after-restore`), the next worker bills it, and the events
+/// after the restored watermark go out again.
+#[tokio::test]
+async fn a_database_gone_back_in_time_is_refused_until_an_operator_says_so() {
+    let env = TestEnv::with(no_refill).await;
+    seed(&env, ["bt"], 1_000).await;
+    let mut vars = env.process_env();
+    vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
+    let bodies: Vec<Vec<u8>> = (0..4)
+        .map(|i| body(&platform_gpt4("bt", &format!("bt-{i}"))))
+        .collect();
+    let (mut worker, _http, _log) = WorkerProcess::spawn_logged(&vars, &["run"], LOGGED);
+    env.publish(&bodies[..3]).await;
+    env.wait_decisions(3, T).await;
+    env.wait_published(T).await;
+    worker.sigterm();
+    assert_eq!(worker.wait_exit(T).await, Some(0));
+    let through = watermark(&env).await;
+    assert_eq!(recorded_progress(&env).await, Some(through));
+
+    back_in_time(&env, 1).await;
+    env.publish(&bodies[3..]).await;
+    let (mut worker, _http, log) = WorkerProcess::spawn_logged(&vars, &["run"], LOGGED);
+    wait_for_line(&log, BEHIND, T, "the refusal");
+    assert_eq!(worker.wait_exit(T).await, Some(1));
+    assert_eq!(env.outcome_of("bt-3").await, None, "billed into it");
+
+    let out = env.cli(&["migrate", "--after-restore", "--json"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let said: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(said["recorded"], through);
+    assert_eq!(said["watermark"], through - 1);
+    let (mut worker, _http, _log) = WorkerProcess::spawn_logged(&vars, &["run"], LOGGED);
+    env.wait_decisions(4, T).await;
+    assert_eq!(env.outcome_of("bt-3").await.as_deref(), Some("charged"));
+    env.wait_published(T).await;
+    worker.sigterm();
+    assert_eq!(worker.wait_exit(T).await, Some(0));
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
+/// A database that goes back in time under a running worker (a failover to a standby that
+/// had not received the last commits) stops it as its relay takes the lead again on the new
+/// server, before the relay publishes from there.
+#[tokio::test]
+async fn a_failover_to_a_database_behind_stops_the_worker() {
+    let env = TestEnv::with(no_refill).await;
+    seed(&env, ["fo"], 1_000).await;
+    let mut vars = env.process_env();
+    vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
+    let (mut worker, _http, log) = WorkerProcess::spawn_logged(&vars, &["run"], LOGGED);
+    env.publish(&[body(&platform_gpt4("fo", "fo-1"))]).await;
+    env.wait_decisions(1, T).await;
+    env.wait_published(T).await;
+    let through = watermark(&env).await;
+    wait_for(T, "the watermark recorded", || async {
+        recorded_progress(&env).await == Some(through)
+    })
+    .await;
+
+    back_in_time(&env, 1).await;
+    let admin = env.admin_pool().await;
+    env.end_worker_sessions(&admin).await;
+    wait_for_line(&log, BEHIND, T, "the relay's refusal");
+    assert_eq!(worker.wait_exit(T).await, Some(1));
+    admin.close().await;
+    env.cleanup().await;
+}

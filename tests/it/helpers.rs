@@ -446,6 +446,20 @@ impl TestEnv {
         self.scalar_i64(sql).await
     }
 
+    /// Waits until the relays' watermark has passed every outbox row: every event written so
+    /// far has gone out.
+    pub async fn wait_published(&self, within: Duration) {
+        wait_for(within, "every event published", || async {
+            self.scalar_i64(
+                "SELECT count(*) FROM credit.outbox o, credit.outbox_relay r
+                  WHERE o.id > r.published_through",
+            )
+            .await
+                == 0
+        })
+        .await;
+    }
+
     pub async fn assert_audit_clean(&self) {
         let report = credit_worker::ledger::audit::run(&self.pool)
             .await
@@ -483,7 +497,7 @@ impl Scratch {
         let n = &self.names;
         delete_broker_objects(
             &self.amqp_url,
-            &[&n.input_queue, &n.dead_queue, &n.control],
+            &[&n.input_queue, &n.dead_queue, &n.control, &n.progress],
             &[&n.input_exchange, &n.dlx, &n.events, &n.ledger],
         )
         .await;

@@ -1171,10 +1171,7 @@ async fn an_outbox_sequence_behind_its_rows_is_moved_on() {
     env.publish(&bill(5..8)).await;
     env.wait_decisions(8, T).await;
     // The published rows pruned, so the ids below the watermark are free.
-    wait_for(T, "the events published", || async {
-        env.scalar_i64("SELECT count(*) FROM credit.outbox o, credit.outbox_relay r WHERE o.id > r.published_through").await == 0
-    })
-    .await;
+    env.wait_published(T).await;
     sqlx::query("DELETE FROM credit.outbox")
         .execute(&env.pool)
         .await

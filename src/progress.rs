@@ -1,0 +1,200 @@
+//! The ledger's progress, kept on the broker as well as in the database: the watermark up to
+//! which the relays have published the ledger's events, on queue `credit.ledger.progress`.
+//! A database that went back in time holds a watermark below it: a restore from a backup, or a
+//! failover to a standby that had not received the last commits. Its ledger has lost what it
+//! committed since, which the broker does not deliver again, and its next events would reuse
+//! ids that subscribers saw for other facts (an execution fee's ordinal, a `balance.low` seq).
+//! Such a database is not billed into and its events are not published until an operator has
+//! followed docs/reliability.md and said so (`credit-worker migrate --after-restore`).
+
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::Connection;
+use serde::{Deserialize, Serialize};
+
+use crate::amqp::{Outgoing, PublishError, Publisher};
+
+/// What the queue holds: the last watermark a relay recorded for a ledger.
+#[derive(Debug, Serialize, Deserialize)]
+struct Record {
+    ledger_id: String,
+    published_through: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ProgressError {
+    #[error("broker: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("broker: {0}")]
+    Publish(#[from] PublishError),
+    #[error("{0}")]
+    Behind(#[from] Behind),
+}
+
+impl ProgressError {
+    /// Whether waiting cannot clear it: a database behind waits for an operator.
+    pub(crate) fn is_permanent(&self) -> bool {
+        matches!(self, ProgressError::Behind(_))
+    }
+}
+
+/// [`crate::amqp::SessionFault::why_permanent`] for a database behind its ledger's progress.
+pub(crate) const WHY_BEHIND: &str = "the database is behind its ledger's published events";
+
+/// A database behind what its ledger's relays already published.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error(
+    "this database's outbox watermark, {database}, is behind the {recorded} up to which the \
+     relays published ledger {ledger_id}'s events (recorded on the broker): the database went \
+     back in time (a restore, or a failover to a standby that had not received the last \
+     commits), so what it committed since is lost and its next events would reuse ids that \
+     subscribers saw for other facts. Follow docs/reliability.md, \"After a restore or a \
+     failover\", then run `credit-worker migrate --after-restore`"
+)]
+pub(crate) struct Behind {
+    pub ledger_id: String,
+    pub recorded: i64,
+    pub database: i64,
+}
+
+/// Whether a database whose watermark is `database` is where the broker's record of ledger
+/// `ledger_id` says it got to, or further; no record is no claim.
+pub(crate) fn judge(ledger_id: &str, recorded: Option<i64>, database: i64) -> Result<(), Behind> {
+    match recorded {
+        Some(recorded) if recorded > database => Err(Behind {
+            ledger_id: ledger_id.to_owned(),
+            recorded,
+            database,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Fails with [`Behind`] when the broker's record of ledger `ledger_id` is past `database`,
+/// the database's watermark. A broker user without rights on the queue (set up for an earlier
+/// build) is warned of once, and nothing is checked.
+pub(crate) async fn check(
+    conn: &Connection,
+    queue: &str,
+    ledger_id: &str,
+    database: i64,
+) -> Result<(), ProgressError> {
+    let recorded = recorded(conn, queue, ledger_id).await?;
+    Ok(judge(ledger_id, recorded, database)?)
+}
+
+/// The highest watermark recorded for `ledger_id`, if any; the queue is left holding that one
+/// record (records of another ledger, from before a rebind, go).
+pub(crate) async fn recorded(
+    conn: &Connection,
+    queue: &str,
+    ledger_id: &str,
+) -> Result<Option<i64>, ProgressError> {
+    let ch = conn.create_channel().await?;
+    if !declare(&ch, queue).await? {
+        return Ok(None);
+    }
+    let mut highest = None;
+    let mut last_tag = None;
+    while let Some(got) = ch
+        .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+        .await?
+    {
+        last_tag = Some(got.delivery.delivery_tag);
+        let record = serde_json::from_slice::<Record>(&got.delivery.data).ok();
+        if let Some(r) = record.filter(|r| r.ledger_id == ledger_id) {
+            highest = highest.max(Some(r.published_through));
+        }
+    }
+    if let Some(tag) = last_tag {
+        // Recorded again before the records read go, so that the queue is never without it.
+        if let Some(through) = highest {
+            record(&Publisher::open(conn).await?, queue, ledger_id, through).await?;
+        }
+        ch.basic_ack(tag, BasicAckOptions { multiple: true })
+            .await?;
+    }
+    let _ = ch.close(200, "read".into()).await;
+    Ok(highest)
+}
+
+/// Records on the queue that the relays published ledger `ledger_id`'s events up to
+/// `through`. The queue keeps the last record only.
+pub(crate) async fn record(
+    publisher: &Publisher,
+    queue: &str,
+    ledger_id: &str,
+    through: i64,
+) -> Result<(), PublishError> {
+    let body = serde_json::to_vec(&Record {
+        ledger_id: ledger_id.to_owned(),
+        published_through: through,
+    })
+    .unwrap_or_default();
+    let confirm = publisher
+        .send(Outgoing {
+            exchange: "",
+            routing_key: queue,
+            body: &body,
+            properties: crate::amqp::persistent_json(),
+            mandatory: true,
+        })
+        .await?;
+    crate::amqp::publisher::confirmed(vec![confirm])
+        .await
+        .map(|_| ())
+}
+
+/// Declares the queue: durable, holding one message, the newest. False when the broker user
+/// may not (warned of once).
+async fn declare(ch: &lapin::Channel, queue: &str) -> Result<bool, lapin::Error> {
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongLongInt(1));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("drop-head".into()),
+    );
+    let options = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    match ch.queue_declare(queue.into(), options, args).await {
+        Ok(_) => Ok(true),
+        Err(e) if crate::amqp::topology::access_refused(&e) => {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!(error = %e, queue, "the broker user may not declare the ledger's progress queue, so a database gone back in time (a restore) would not be refused: give it the rights the README's recipe lists");
+            });
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_database_behind_its_ledgers_record_is_refused() {
+        assert_eq!(judge("L", None, 0), Ok(()));
+        assert_eq!(judge("L", Some(40), 40), Ok(()));
+        assert_eq!(judge("L", Some(40), 41), Ok(()));
+        let behind = judge("L", Some(40), 37).unwrap_err();
+        assert_eq!((behind.recorded, behind.database), (40, 37));
+        assert!(behind.to_string().starts_with(
+            "this database's outbox watermark, 37, is behind the 40 up to which the relays \
+             published ledger L's events"
+        ));
+    }
+
+    #[test]
+    fn a_record_reads_as_it_is_written() {
+        let text = serde_json::to_string(&Record {
+            ledger_id: "6f1c".into(),
+            published_through: 12,
+        })
+        .unwrap();
+        assert_eq!(text, r#"{"ledger_id":"6f1c","published_through":12}"#);
+    }
+}
