@@ -268,12 +268,12 @@ impl Relay {
     }
 
     /// The watermark a new leader starts from, and its listener, once the database is found
-    /// still to be this worker's ledger ([`Self::still_bound`]). The watermark is read first,
-    /// with its row locked for the statement: a session that cannot move the watermark (a
-    /// database read-only after a failover) fails here, before it publishes a round that it
-    /// would publish again at every try. A watermark behind what the broker records the
-    /// ledger's relays published (a database gone back in time: `crate::progress`) ends the
-    /// relay before it publishes anything.
+    /// still to be this worker's ledger ([`Self::still_bound`]). The watermark is read with its
+    /// row locked for the statement: a session that cannot move the watermark (a database
+    /// read-only after a failover) fails here, before it publishes a round that it would
+    /// publish again at every try. A watermark behind what the broker records the ledger's
+    /// relays published, read just before (a database gone back in time: `crate::progress`),
+    /// ends the relay before it publishes anything.
     async fn take_up_lead(
         &self,
         db: &mut PgConnection,
@@ -281,9 +281,11 @@ impl Relay {
     ) -> Result<(i64, PgListener), RelayError> {
         self.still_bound(db).await?;
         let bound = self.stall_bound();
-        let watermark = crate::db::bounded(bound, store::lead_watermark(db)).await?;
         let queue = self.settings.name(topology::PROGRESS);
-        crate::progress::check(broker, &queue, &self.ledger_id, watermark).await?;
+        let recorded = crate::progress::recorded(broker, &queue, &self.ledger_id).await?;
+        let watermark = crate::db::bounded(bound, store::lead_watermark(db)).await?;
+        let behind = crate::progress::judge(&self.ledger_id, recorded, watermark);
+        behind.map_err(crate::progress::ProgressError::from)?;
         self.health.set_relay_database(true);
         let listener = self.listen(db).await?;
         crate::db::bounded(bound, ledger::mend_outbox_ids(db)).await?;
@@ -331,6 +333,8 @@ impl Relay {
                 read_in_drain = drain.is_cancelled();
                 read_at = Asked::now();
                 rows = self.rows_after(db, through, &mut watermark).await?;
+                self.record_progress(publisher, watermark, &mut recorded, false)
+                    .await;
                 metrics::histogram!("credit_outbox_publish_seconds")
                     .record(started.elapsed().as_secs_f64());
                 // After the watermark moved past what went out.

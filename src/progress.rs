@@ -7,7 +7,9 @@
 //! Such a database is not billed into and its events are not published until an operator has
 //! followed docs/reliability.md and said so (`credit-worker migrate --after-restore`).
 
-use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
+use std::time::Duration;
+
+use lapin::options::{BasicGetOptions, BasicNackOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::Connection;
 use serde::{Deserialize, Serialize};
@@ -34,7 +36,12 @@ pub(crate) enum ProgressError {
 impl ProgressError {
     /// Whether waiting cannot clear it: a database behind waits for an operator.
     pub(crate) fn is_permanent(&self) -> bool {
-        matches!(self, ProgressError::Behind(_))
+        match self {
+            ProgressError::Behind(_) => true,
+            // The queue declared by hand with other arguments: every try is refused alike.
+            ProgressError::Amqp(e) => crate::amqp::topology::refuses_arguments(e),
+            ProgressError::Publish(_) => false,
+        }
     }
 }
 
@@ -58,7 +65,9 @@ pub(crate) struct Behind {
 }
 
 /// Whether a database whose watermark is `database` is where the broker's record of ledger
-/// `ledger_id` says it got to, or further; no record is no claim.
+/// `ledger_id` says it got to, or further; no record is no claim. Read the record first, the
+/// database's watermark after: a relay records only a watermark it has committed, so the
+/// database read after it holds that one or a later one, unless it went back in time.
 pub(crate) fn judge(ledger_id: &str, recorded: Option<i64>, database: i64) -> Result<(), Behind> {
     match recorded {
         Some(recorded) if recorded > database => Err(Behind {
@@ -70,30 +79,53 @@ pub(crate) fn judge(ledger_id: &str, recorded: Option<i64>, database: i64) -> Re
     }
 }
 
-/// Fails with [`Behind`] when the broker's record of ledger `ledger_id` is past `database`,
-/// the database's watermark. A broker user without rights on the queue (set up for an earlier
-/// build) is warned of once, and nothing is checked.
-pub(crate) async fn check(
-    conn: &Connection,
-    queue: &str,
-    ledger_id: &str,
-    database: i64,
-) -> Result<(), ProgressError> {
-    let recorded = recorded(conn, queue, ledger_id).await?;
-    Ok(judge(ledger_id, recorded, database)?)
-}
+/// One reader at a time in this process (the consumer's check and the relay's may come
+/// together): a reader holds the records, unacked, while it reads them, and another would find
+/// the queue empty meanwhile.
+static READING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// The highest watermark recorded for `ledger_id`, if any; the queue is left holding that one
-/// record (records of another ledger, from before a rebind, go).
+/// How often an empty queue is looked at again, and after how long: another replica's reader
+/// may hold the record for the moment its read takes.
+const EMPTY_LOOKS: u32 = 2;
+const LOOK_AGAIN: Duration = Duration::from_millis(50);
+
+/// The highest watermark recorded for `ledger_id`, if any. Read without taking: the records
+/// go back to the queue as they were.
 pub(crate) async fn recorded(
     conn: &Connection,
     queue: &str,
     ledger_id: &str,
 ) -> Result<Option<i64>, ProgressError> {
+    let _one = READING.lock().await;
     let ch = conn.create_channel().await?;
     if !declare(&ch, queue).await? {
         return Ok(None);
     }
+    let mut looks = 0;
+    let highest = loop {
+        match read_all(&ch, queue, ledger_id).await {
+            Ok((highest, true)) => break highest,
+            Ok((_, false)) if looks < EMPTY_LOOKS => looks += 1,
+            Ok((_, false)) => break None,
+            Err(e) if crate::amqp::topology::access_refused(&e) => {
+                warn_unchecked(&e, queue);
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
+        }
+        tokio::time::sleep(LOOK_AGAIN).await;
+    };
+    let _ = ch.close(200, "read".into()).await;
+    Ok(highest)
+}
+
+/// Every record on the queue, put back once read: the highest for `ledger_id`, and whether
+/// there was any record at all.
+async fn read_all(
+    ch: &lapin::Channel,
+    queue: &str,
+    ledger_id: &str,
+) -> Result<(Option<i64>, bool), lapin::Error> {
     let mut highest = None;
     let mut last_tag = None;
     while let Some(got) = ch
@@ -107,15 +139,13 @@ pub(crate) async fn recorded(
         }
     }
     if let Some(tag) = last_tag {
-        // Recorded again before the records read go, so that the queue is never without it.
-        if let Some(through) = highest {
-            record(&Publisher::open(conn).await?, queue, ledger_id, through).await?;
-        }
-        ch.basic_ack(tag, BasicAckOptions { multiple: true })
-            .await?;
+        let back = BasicNackOptions {
+            multiple: true,
+            requeue: true,
+        };
+        ch.basic_nack(tag, back).await?;
     }
-    let _ = ch.close(200, "read".into()).await;
-    Ok(highest)
+    Ok((highest, last_tag.is_some()))
 }
 
 /// Records on the queue that the relays published ledger `ledger_id`'s events up to
@@ -145,10 +175,14 @@ pub(crate) async fn record(
         .map(|_| ())
 }
 
-/// Declares the queue: durable, holding one message, the newest. False when the broker user
-/// may not (warned of once).
+/// Declares the queue: durable, classic, holding one message, the newest. False when the broker
+/// user may not (warned of once).
 async fn declare(ch: &lapin::Channel, queue: &str) -> Result<bool, lapin::Error> {
     let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("classic".into()),
+    );
     args.insert("x-max-length".into(), AMQPValue::LongLongInt(1));
     args.insert(
         "x-overflow".into(),
@@ -161,14 +195,19 @@ async fn declare(ch: &lapin::Channel, queue: &str) -> Result<bool, lapin::Error>
     match ch.queue_declare(queue.into(), options, args).await {
         Ok(_) => Ok(true),
         Err(e) if crate::amqp::topology::access_refused(&e) => {
-            static WARNED: std::sync::Once = std::sync::Once::new();
-            WARNED.call_once(|| {
-                tracing::warn!(error = %e, queue, "the broker user may not declare the ledger's progress queue, so a database gone back in time (a restore) would not be refused: give it the rights the README's recipe lists");
-            });
+            warn_unchecked(&e, queue);
             Ok(false)
         }
         Err(e) => Err(e),
     }
+}
+
+/// Warns, once, that the broker user may not use the queue.
+fn warn_unchecked(e: &lapin::Error, queue: &str) {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    WARNED.call_once(|| {
+        tracing::warn!(error = %e, queue, "the broker user may not use the ledger's progress queue, so a database gone back in time (a restore) would not be refused: give it the rights the README's recipe lists");
+    });
 }
 
 #[cfg(test)]

@@ -159,7 +159,7 @@ impl Consumer {
         )));
         let result = tokio::select! {
             collected = self.collect(&mut deliveries, &tx, stop) => collected,
-            e = keep_declared(&s.conn, &self.settings.amqp, &self.ledger_id) => Err(e),
+            e = self.keep_declared(&s.conn) => Err(e),
         };
         // Not consuming from this moment (a fault or a stop), whatever the cleanup below takes.
         self.health.set_consuming(false);
@@ -235,52 +235,61 @@ impl Consumer {
     }
 }
 
-/// Declares the topology again every [`REDECLARE`], for as long as the session lasts; returns
-/// the broker's refusal. An exchange deleted while the worker runs (by hand, or by a tool
-/// that cleans up) is back within that, bound as before, rather than turning producers'
-/// publishes away until the next session: the consumer alone would not notice, as its queue
-/// stays. (Subscribers' own bindings to a deleted events exchange are theirs to make again.)
-/// A declaration refused for other arguments ends the session, and so the worker, as at its
-/// start: the namespace's mark among them, which another database's `migrate
-/// --rebind-namespace` has taken over.
-async fn keep_declared(
-    conn: &Connection,
-    amqp: &crate::config::AmqpSettings,
-    ledger_id: &str,
-) -> SessionError {
-    let mut every = tokio::time::interval_at(tokio::time::Instant::now() + REDECLARE, REDECLARE);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Not asked again once the broker user may not (each refusal is an error in its log).
-    let mut mark = true;
-    loop {
-        every.tick().await;
-        // A channel a round: the client keeps every binding a channel made (to make them
-        // again on its own recovery), so one channel kept would grow by a round's each time.
-        let declared = async {
-            let ch = conn.create_channel().await?;
-            let names = topology::declare(&ch, amqp).await?;
-            if mark {
-                mark = topology::declare_ledger_mark(conn, &names, ledger_id).await?;
+impl Consumer {
+    /// Declares the topology again every [`REDECLARE`], for as long as the session lasts, and
+    /// checks the database is not behind its ledger's progress; returns the broker's refusal,
+    /// or the database found behind. An exchange deleted while the worker runs (by hand, or by
+    /// a tool that cleans up) is back within that, bound as before, rather than turning
+    /// producers' publishes away until the next session: the consumer alone would not notice,
+    /// as its queue stays. (Subscribers' own bindings to a deleted events exchange are theirs
+    /// to make again.) A declaration refused for other arguments ends the session, and so the
+    /// worker, as at its start: the namespace's mark among them, which another database's
+    /// `migrate --rebind-namespace` has taken over. So does a database that went back in time
+    /// under a running worker (a failover to a standby behind).
+    async fn keep_declared(&self, conn: &Connection) -> SessionError {
+        let amqp = &self.settings.amqp;
+        let mut every =
+            tokio::time::interval_at(tokio::time::Instant::now() + REDECLARE, REDECLARE);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Not asked again once the broker user may not (each refusal is an error in its log).
+        let mut mark = true;
+        loop {
+            every.tick().await;
+            // A channel a round: the client keeps every binding a channel made (to make them
+            // again on its own recovery), so one channel kept would grow by a round's each time.
+            let declared = async {
+                let ch = conn.create_channel().await?;
+                let names = topology::declare(&ch, amqp).await?;
+                if mark {
+                    mark = topology::declare_ledger_mark(conn, &names, &self.ledger_id).await?;
+                }
+                ch.close(200, "declared".into()).await.map(|()| names)
+            };
+            let names = match declared.await {
+                Ok(names) => names,
+                Err(e) => return e.into(),
+            };
+            // Only a database found behind ends the session here; a fault of the database's
+            // or the broker's is the batches' to meet.
+            match self.check_progress(conn, &names).await {
+                Err(SessionError::Progress(e)) if e.is_permanent() => return e.into(),
+                _ => {}
             }
-            ch.close(200, "declared".into()).await
-        };
-        if let Err(e) = declared.await {
-            return e.into();
         }
     }
-}
 
-impl Consumer {
     /// Fails when the database is behind what the ledger's relays published
     /// (`crate::progress`): a database gone back in time is not billed into.
     async fn check_progress(&self, conn: &Connection, names: &Names) -> Result<(), SessionError> {
+        let ledger_id = &self.ledger_id;
+        let recorded = crate::progress::recorded(conn, &names.progress, ledger_id).await?;
         let watermark = async {
             let mut db = self.decider.pool.acquire().await?;
             crate::ledger::store::watermark(&mut db).await
         };
         let watermark = crate::db::bounded(self.decider.stall, watermark).await?;
-        crate::progress::check(conn, &names.progress, &self.ledger_id, watermark).await?;
-        Ok(())
+        crate::progress::judge(ledger_id, recorded, watermark)
+            .map_err(|behind| crate::progress::ProgressError::from(behind).into())
     }
 }
 
