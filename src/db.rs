@@ -317,9 +317,9 @@ pub fn pool(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
 }
 
 /// A pool of one connection, like [`pool`]'s, for a session that must stay out of the shared
-/// pool: the outbox relay's LISTEN. A listener's connection lost and made again while its wait
-/// is given up (every 500 ms) can go back to its pool still listening; in the shared pool a
-/// decision transaction would then meet the notifications and fail.
+/// pool: the outbox relay's LISTEN (a listener's connection lost and made again while its wait
+/// is given up, every 500 ms, can go back to its pool still listening; in the shared pool a
+/// decision transaction would then meet the notifications and fail), and the HTTP probes.
 pub(crate) fn pool_of_one(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
     Ok(pool_on(settings, connect_options(settings, true)?, 1))
 }
@@ -357,6 +357,34 @@ fn pool_on(settings: &DatabaseSettings, opts: PgConnectOptions, size: u32) -> Pg
             })
         })
         .connect_lazy_with(opts)
+}
+
+/// A pool timeout explained, at most every minute.
+static POOL_TIMEOUT_EXPLAINED: crate::throttle::Throttle =
+    crate::throttle::Throttle::new(Duration::from_secs(60));
+
+/// Logs why `pool` gave no connection within its 5 s, when `e` says so (at most every
+/// minute). The pool's own error names none: it retries a server's refusal (no free
+/// connection slots, the server starting up) until its timeout. A new connection, tried
+/// beside the pool, tells the server's refusal from every pooled connection being busy.
+pub(crate) fn explain_pool_timeout(pool: &PgPool, e: &sqlx::Error) {
+    if !matches!(e, sqlx::Error::PoolTimedOut) || !POOL_TIMEOUT_EXPLAINED.ready() {
+        return;
+    }
+    let options = pool.connect_options();
+    tokio::spawn(async move {
+        use sqlx::Connection as _;
+        let tried =
+            tokio::time::timeout(CONNECT_TIMEOUT, sqlx::PgConnection::connect_with(&options));
+        match tried.await {
+            Ok(Ok(conn)) => {
+                let _ = conn.close().await;
+                tracing::warn!("no pooled database connection was free within 5 s, and a new one opens: every pooled connection is busy (slow statements, or locks held elsewhere)");
+            }
+            Ok(Err(refusal)) => tracing::warn!(error = %refusal, "no pooled database connection was free within 5 s, and the server refuses a new one"),
+            Err(_) => tracing::warn!("no pooled database connection was free within 5 s, and a new one does not answer within {CONNECT_TIMEOUT:?}"),
+        }
+    });
 }
 
 /// Creates the database if needed, connects and applies migrations.

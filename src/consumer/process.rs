@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn, Span};
 
 use crate::decide::{self, DecideError, Outcome, Pricing, Turn, Verdict};
+use crate::ledger::LedgerError;
 use crate::message::{self, NodeExecutionEntry};
 
 /// What to do with one delivery once its batch is decided.
@@ -143,7 +144,14 @@ impl Decider for DbDecider {
     ) -> Result<Vec<Verdict>, DecideError> {
         let now = self.clock.now();
         let decided = decide::decide_in_turn(&self.pool, &self.pricing, entries, now, turn);
-        crate::db::bounded(self.stall, decided).await
+        let decided = crate::db::bounded(self.stall, decided).await;
+        match &decided {
+            Err(DecideError::Db(e)) | Err(DecideError::Ledger(LedgerError::Db(e))) => {
+                crate::db::explain_pool_timeout(&self.pool, e)
+            }
+            _ => {}
+        }
+        decided
     }
 }
 

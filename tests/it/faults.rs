@@ -1151,3 +1151,123 @@ async fn a_start_against_a_read_only_database_waits_for_it_to_take_writes() {
     admin.close().await;
     env.cleanup().await;
 }
+
+/// A proxy before the database that, once `full`, answers each new connection as a server
+/// with no free connection slot does (`FATAL 53300 sorry, too many clients already`), as when
+/// other clients hold every slot.
+struct SlotlessProxy {
+    port: u16,
+    full: Arc<AtomicBool>,
+    cut: broadcast::Sender<()>,
+}
+
+impl SlotlessProxy {
+    async fn before_database(url: &str) -> SlotlessProxy {
+        let u = url::Url::parse(url).expect("database URL");
+        let upstream = format!(
+            "{}:{}",
+            u.host_str().unwrap_or("127.0.0.1"),
+            u.port().unwrap_or(5432)
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let full = Arc::new(AtomicBool::new(false));
+        let (cut, _) = broadcast::channel(4);
+        let (full2, cut2) = (full.clone(), cut.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if full2.load(Ordering::SeqCst) {
+                    tokio::spawn(refuse_as_full(inbound));
+                    continue;
+                }
+                let (upstream, mut cut_rx) = (upstream.clone(), cut2.subscribe());
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut_rx.recv() => {}
+                    }
+                });
+            }
+        });
+        SlotlessProxy { port, full, cut }
+    }
+}
+
+/// Reads a client's start (after declining TLS) and answers it as a full server.
+async fn refuse_as_full(mut inbound: TcpStream) {
+    use tokio::io::AsyncReadExt;
+    const SSL_REQUEST: u32 = 80_877_103;
+    loop {
+        let mut head = [0u8; 8];
+        if inbound.read_exact(&mut head).await.is_err() {
+            return;
+        }
+        let [l0, l1, l2, l3, c0, c1, c2, c3] = head;
+        if u32::from_be_bytes([c0, c1, c2, c3]) == SSL_REQUEST {
+            if inbound.write_all(b"N").await.is_err() {
+                return;
+            }
+            continue;
+        }
+        let len = u32::from_be_bytes([l0, l1, l2, l3]) as usize;
+        let mut rest = vec![0u8; len.saturating_sub(8)];
+        let _ = inbound.read_exact(&mut rest).await;
+        break;
+    }
+    let mut fields = Vec::new();
+    for (tag, value) in [
+        (b'S', "FATAL"),
+        (b'V', "FATAL"),
+        (b'C', "53300"),
+        (b'M', "sorry, too many clients already"),
+    ] {
+        fields.push(tag);
+        fields.extend_from_slice(value.as_bytes());
+        fields.push(0);
+    }
+    fields.push(0);
+    let mut message = vec![b'E'];
+    message.extend_from_slice(&((fields.len() + 4) as u32).to_be_bytes());
+    message.extend_from_slice(&fields);
+    let _ = inbound.write_all(&message).await;
+}
+
+/// A database whose connection slots other clients have taken, after the worker lost its
+/// connections: the pool only says it timed out (it retries the server's refusal until then),
+/// so the worker tries a connection of its own and warns with the server's reason. Once slots
+/// free up, the message waiting is billed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_timeout_is_explained_with_the_servers_refusal() {
+    let env = TestEnv::with(no_refill).await;
+    seed(&env, ["sl"], 1_000).await;
+    let proxy = SlotlessProxy::before_database(&env.settings.database.url).await;
+    let mut vars = env.process_env();
+    vars.retain(|(k, _)| k != "DATABASE_URL");
+    let url = through_proxy(&env.settings.database.url, proxy.port);
+    vars.push(("DATABASE_URL".into(), url));
+    vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
+    let filter = "warn,credit_worker::consumer=info,credit_worker::telemetry=info";
+    let (mut worker, _http, log) = WorkerProcess::spawn_logged(&vars, &["run"], filter);
+    wait_for_line(&log, "consuming", T, "the worker");
+    env.publish(&[body(&platform_gpt4("sl", "sl-1"))]).await;
+    env.wait_decisions(1, T).await;
+
+    proxy.full.store(true, Ordering::SeqCst);
+    let _ = proxy.cut.send(());
+    env.publish(&[body(&platform_gpt4("sl", "sl-2"))]).await;
+    wait_for_line(
+        &log,
+        "the server refuses a new one\",\"error\":\"error returned from database: sorry, too many clients already",
+        T,
+        "the explanation",
+    );
+    proxy.full.store(false, Ordering::SeqCst);
+    env.wait_decisions(2, T).await;
+    assert_eq!(env.outcome_of("sl-2").await.as_deref(), Some("charged"));
+    worker.sigterm();
+    assert_eq!(worker.wait_exit(T).await, Some(0));
+    env.cleanup().await;
+}
