@@ -477,8 +477,6 @@ impl Relay {
         Ok(identity.still(&self.ledger_id, &self.settings.amqp.namespace)?)
     }
 
-    /// How long a round's statement may go unanswered before the session is given up and
-    /// begun again on a new connection (`db::stall_bound`).
     /// Records `watermark` on the broker when due ([`Recorded::due`]; `now` at the flush). A
     /// record that fails is warned of and tried again a second later: it only weakens the
     /// check of a database gone back in time.
@@ -503,6 +501,8 @@ impl Relay {
         }
     }
 
+    /// How long a round's statement may go unanswered before the session is given up and
+    /// begun again on a new connection (`db::stall_bound`).
     fn stall_bound(&self) -> Option<Duration> {
         crate::db::stall_bound(&self.settings.database)
     }
