@@ -317,15 +317,30 @@ pub fn pool(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
 }
 
 /// A pool of one connection, like [`pool`]'s, for a session that must stay out of the shared
-/// pool: the outbox relay's LISTEN (a listener's connection lost and made again while its wait
-/// is given up, every 500 ms, can go back to its pool still listening; in the shared pool a
-/// decision transaction would then meet the notifications and fail), and the HTTP probes.
+/// pool: the outbox relay's LISTEN. A listener's connection lost and made again while its wait
+/// is given up (every 500 ms) can go back to its pool still listening; in the shared pool a
+/// decision transaction would then meet the notifications and fail.
 pub(crate) fn pool_of_one(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
     Ok(pool_on(settings, connect_options(settings, true)?, 1))
 }
 
+/// A pool of one connection for `/readyz`, kept open (made again in the background when lost),
+/// so that a probe neither waits behind the batches nor has to open a connection within its
+/// own bound.
+pub(crate) fn probe_pool(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
+    let opts = connect_options(settings, true)?;
+    Ok(pool_options(settings, 1)
+        .min_connections(1)
+        .connect_lazy_with(opts))
+}
+
 /// [`pool`] with `opts` for its `size` connections.
 fn pool_on(settings: &DatabaseSettings, opts: PgConnectOptions, size: u32) -> PgPool {
+    pool_options(settings, size).connect_lazy_with(opts)
+}
+
+/// The options of every pool of the worker's, for `size` connections.
+fn pool_options(settings: &DatabaseSettings, size: u32) -> PgPoolOptions {
     let bound = stall_bound(settings);
     PgPoolOptions::new()
         .max_connections(size)
@@ -356,7 +371,6 @@ fn pool_on(settings: &DatabaseSettings, opts: PgConnectOptions, size: u32) -> Pg
                 Ok(true)
             })
         })
-        .connect_lazy_with(opts)
 }
 
 /// A pool timeout explained, at most every minute.

@@ -72,7 +72,7 @@ impl crate::amqp::SessionFault for RelayError {
 
     fn why_permanent(&self) -> &'static str {
         match self {
-            RelayError::Progress(_) => crate::progress::WHY_BEHIND,
+            RelayError::Progress(e) => e.why_permanent(),
             RelayError::Binding(_) => "the ledger is not this worker's",
             _ => "the broker refuses this configuration",
         }

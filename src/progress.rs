@@ -31,6 +31,9 @@ pub(crate) enum ProgressError {
     Publish(#[from] PublishError),
     #[error("{0}")]
     Behind(#[from] Behind),
+    /// The broker did not answer the read in time (a connection it blocks for an alarm).
+    #[error("broker: the ledger's progress not read within {0:?}")]
+    Unanswered(Duration),
 }
 
 impl ProgressError {
@@ -40,13 +43,18 @@ impl ProgressError {
             ProgressError::Behind(_) => true,
             // The queue declared by hand with other arguments: every try is refused alike.
             ProgressError::Amqp(e) => crate::amqp::topology::refuses_arguments(e),
-            ProgressError::Publish(_) => false,
+            ProgressError::Publish(_) | ProgressError::Unanswered(_) => false,
+        }
+    }
+
+    /// What a permanent one is ([`crate::amqp::SessionFault::why_permanent`]).
+    pub(crate) fn why_permanent(&self) -> &'static str {
+        match self {
+            ProgressError::Behind(_) => "the database is behind its ledger's published events",
+            _ => "the broker refuses this configuration",
         }
     }
 }
-
-/// [`crate::amqp::SessionFault::why_permanent`] for a database behind its ledger's progress.
-pub(crate) const WHY_BEHIND: &str = "the database is behind its ledger's published events";
 
 /// A database behind what its ledger's relays already published.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -89,9 +97,24 @@ static READING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const EMPTY_LOOKS: u32 = 2;
 const LOOK_AGAIN: Duration = Duration::from_millis(50);
 
+/// How long a read may take, its turn included: a connection the broker blocks (a memory or
+/// disk alarm) answers nothing, and the read is tried again on another.
+const READ_WITHIN: Duration = Duration::from_secs(5);
+
 /// The highest watermark recorded for `ledger_id`, if any. Read without taking: the records
 /// go back to the queue as they were.
 pub(crate) async fn recorded(
+    conn: &Connection,
+    queue: &str,
+    ledger_id: &str,
+) -> Result<Option<i64>, ProgressError> {
+    tokio::time::timeout(READ_WITHIN, read_in_turn(conn, queue, ledger_id))
+        .await
+        .unwrap_or(Err(ProgressError::Unanswered(READ_WITHIN)))
+}
+
+/// [`recorded`], unbounded.
+async fn read_in_turn(
     conn: &Connection,
     queue: &str,
     ledger_id: &str,
@@ -149,7 +172,7 @@ async fn read_all(
 }
 
 /// Records on the queue that the relays published ledger `ledger_id`'s events up to
-/// `through`. The queue keeps the last record only.
+/// `through`. The queue keeps the newest [`MAX_RECORDS`].
 pub(crate) async fn record(
     publisher: &Publisher,
     queue: &str,
@@ -175,15 +198,20 @@ pub(crate) async fn record(
         .map(|_| ())
 }
 
-/// Declares the queue: durable, classic, holding one message, the newest. False when the broker
-/// user may not (warned of once).
+/// How many records the queue keeps, the newest: readers take the highest, so a record put
+/// back by a reader behind a newer one, or sent late by a leader that lost the lead, cannot
+/// push the highest out alone.
+const MAX_RECORDS: i64 = 16;
+
+/// Declares the queue: durable, classic, keeping the newest [`MAX_RECORDS`]. False when the
+/// broker user may not (warned of once).
 async fn declare(ch: &lapin::Channel, queue: &str) -> Result<bool, lapin::Error> {
     let mut args = FieldTable::default();
     args.insert(
         "x-queue-type".into(),
         AMQPValue::LongString("classic".into()),
     );
-    args.insert("x-max-length".into(), AMQPValue::LongLongInt(1));
+    args.insert("x-max-length".into(), AMQPValue::LongLongInt(MAX_RECORDS));
     args.insert(
         "x-overflow".into(),
         AMQPValue::LongString("drop-head".into()),

@@ -264,7 +264,7 @@ impl Worker {
         let health = Health::new();
         // Served from here on: while the database is still unreachable, /healthz answers and
         // /readyz says 503, instead of a bound port that never replies.
-        let http = HttpServer::start(&settings, &health).await?;
+        let http = HttpServer::start(&settings, &health, &pool).await?;
         let http_addr = http.as_ref().map(|h| h.addr);
         // Side by side, and the first refusal ends the start: a broker that never answers
         // holds its check for the connect bound, and a database that does not answer holds
@@ -323,12 +323,13 @@ struct HttpServer {
 }
 
 impl HttpServer {
-    /// Binds `http.listen` (None when it is unset) and serves on it. The probes read the
-    /// database on a connection of their own: on the pool, a probe waits behind the batches
-    /// when every connection is busy, and says `database: down` of a database that is up.
+    /// Binds `http.listen` (None when it is unset) and serves on it. `/readyz` reads the
+    /// database on a connection of its own: on the pool, it waits behind the batches when
+    /// every connection is busy, and says `database: down` of a database that is up.
     async fn start(
         settings: &Settings,
         health: &Arc<Health>,
+        pool: &PgPool,
     ) -> anyhow::Result<Option<HttpServer>> {
         let Some(addr) = settings.http.listen else {
             return Ok(None);
@@ -338,8 +339,8 @@ impl HttpServer {
             .map_err(|e| anyhow::anyhow!("http.listen: cannot bind {addr}: {e}"))?;
         let addr = listener.local_addr()?;
         let stop = CancellationToken::new();
-        let probes = crate::db::pool_of_one(&settings.database)?;
-        let (h, p, s) = (health.clone(), probes, stop.clone());
+        let probe = crate::db::probe_pool(&settings.database)?;
+        let (h, p, s) = (health.clone(), (pool.clone(), probe), stop.clone());
         let stall = settings.http.stall_after();
         let task = tokio::spawn(async move {
             if let Err(e) = crate::telemetry::serve_on(listener, (h, stall), p, s).await {

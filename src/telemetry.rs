@@ -206,6 +206,8 @@ struct HttpState {
     /// `http.stall_s`: when the oldest batch in flight makes the consumer stalled.
     stall_after: Option<Duration>,
     pool: PgPool,
+    /// `/readyz`'s own connection ([`crate::db::probe_pool`]).
+    probe: PgPool,
     metrics: Option<PrometheusHandle>,
     backlog: Arc<crate::outbox::BacklogGauges>,
 }
@@ -214,13 +216,14 @@ struct HttpState {
 pub(crate) async fn serve_on(
     listener: tokio::net::TcpListener,
     (health, stall_after): (Arc<Health>, Option<Duration>),
-    pool: PgPool,
+    (pool, probe): (PgPool, PgPool),
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     let state = HttpState {
         health,
         stall_after,
         pool,
+        probe,
         metrics: metrics_handle(),
         backlog: Arc::default(),
     };
@@ -257,7 +260,7 @@ async fn metrics(State(s): State<HttpState>) -> (StatusCode, String) {
 }
 
 async fn readyz(State(s): State<HttpState>) -> (StatusCode, String) {
-    let db = tokio::time::timeout(DATABASE_PROBE, crate::db::ping(&s.pool))
+    let db = tokio::time::timeout(DATABASE_PROBE, crate::db::ping(&s.probe))
         .await
         .unwrap_or(false);
     match s.health.readiness(db, s.stall_after) {

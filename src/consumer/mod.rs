@@ -85,7 +85,7 @@ impl crate::amqp::SessionFault for SessionError {
 
     fn why_permanent(&self) -> &'static str {
         match self {
-            SessionError::Progress(_) => crate::progress::WHY_BEHIND,
+            SessionError::Progress(e) => e.why_permanent(),
             _ => "the broker refuses this configuration",
         }
     }

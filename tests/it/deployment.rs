@@ -213,32 +213,30 @@ async fn a_second_database_on_a_namespace_bills_nothing_and_a_takeover_stops_the
 /// server's start.
 const LOGGED: &str = "warn,credit_worker::consumer=info,credit_worker::telemetry=info";
 
-/// The watermark the broker records for the ledger's events (queue `credit.ledger.progress`),
-/// read without taking it.
+/// The highest watermark the broker records for the ledger's events (queue
+/// `credit.ledger.progress`), read without taking the records.
 async fn recorded_progress(env: &TestEnv) -> Option<i64> {
-    use lapin::options::{BasicGetOptions, BasicRejectOptions};
+    use lapin::options::{BasicGetOptions, BasicNackOptions};
     let (conn, ch) = env.amqp_channel().await;
-    let got = ch
-        .basic_get(
-            env.names.progress.as_str().into(),
-            BasicGetOptions { no_ack: false },
-        )
+    let (mut highest, mut last_tag) = (None, None);
+    let queue = env.names.progress.as_str();
+    while let Ok(Some(got)) = ch
+        .basic_get(queue.into(), BasicGetOptions { no_ack: false })
         .await
-        .ok()
-        .flatten();
-    let through = got.map(|got| {
+    {
         let record: serde_json::Value = serde_json::from_slice(&got.delivery.data).expect("JSON");
-        (
-            got.delivery.delivery_tag,
-            record["published_through"].as_i64(),
-        )
-    });
-    if let Some((tag, _)) = through {
-        let requeue = BasicRejectOptions { requeue: true };
-        ch.basic_reject(tag, requeue).await.expect("put back");
+        highest = highest.max(record["published_through"].as_i64());
+        last_tag = Some(got.delivery.delivery_tag);
+    }
+    if let Some(tag) = last_tag {
+        let back = BasicNackOptions {
+            multiple: true,
+            requeue: true,
+        };
+        ch.basic_nack(tag, back).await.expect("put back");
     }
     let _ = conn.close(200, "".into()).await;
-    through.and_then(|(_, n)| n)
+    highest
 }
 
 /// The relays' watermark in `env`'s database.
