@@ -48,10 +48,10 @@ static ANCHOR: Mutex<Option<Anchor>> = Mutex::new(None);
 
 /// The wall clock, held to its last agreement with the database server's. A wall clock that
 /// has moved [`SKEW_REFUSED`] or more from where the boot clock ([`since_boot`]) puts it since
-/// then (set by hand or stepped while the worker runs) is not used: until [`watch`] has compared
-/// it with the database's (within 2 s) and stopped the worker, the time is the agreement's
-/// advanced by the boot clock. Otherwise a decision in that window would mark its user refilled for a
-/// month to come, or pin their fee day forward.
+/// then (set by hand or stepped while the worker runs) is not used: until [`watch`] has
+/// compared it with the database's (within 2 s) and stopped the worker, the time is the
+/// agreement's advanced by the boot clock. Otherwise a decision in that window would mark its
+/// user refilled for a month to come, or pin their fee day forward.
 pub(crate) fn wall_now() -> DateTime<Utc> {
     let wall = Utc::now();
     let anchor = *ANCHOR.lock().unwrap_or_else(PoisonError::into_inner);
