@@ -282,13 +282,12 @@ impl Relay {
         self.still_bound(db).await?;
         let bound = self.stall_bound();
         let queue = self.settings.name(topology::PROGRESS);
-        let recorded = crate::progress::recorded(broker, &queue, &self.ledger_id).await?;
-        let watermark = crate::db::bounded(bound, store::lead_watermark(db)).await?;
-        let behind = crate::progress::judge(&self.ledger_id, recorded, watermark);
-        behind.map_err(crate::progress::ProgressError::from)?;
+        let watermark = async {
+            Ok::<_, RelayError>(crate::db::bounded(bound, store::lead_watermark(db)).await?)
+        };
+        let watermark = crate::progress::check(broker, &queue, &self.ledger_id, watermark).await?;
         self.health.set_relay_database(true);
         let listener = self.listen(db).await?;
-        crate::db::bounded(bound, ledger::mend_outbox_ids(db)).await?;
         Ok((watermark, listener))
     }
 

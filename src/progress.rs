@@ -72,11 +72,25 @@ pub(crate) struct Behind {
     pub database: i64,
 }
 
-/// Whether a database whose watermark is `database` is where the broker's record of ledger
-/// `ledger_id` says it got to, or further; no record is no claim. Read the record first, the
-/// database's watermark after: a relay records only a watermark it has committed, so the
+/// The database's watermark, read by `database`, once found where the broker's record of
+/// ledger `ledger_id` says it got to, or further; [`Behind`] otherwise. The record is read
+/// first and the database after: a relay records only a watermark it has committed, so the
 /// database read after it holds that one or a later one, unless it went back in time.
-pub(crate) fn judge(ledger_id: &str, recorded: Option<i64>, database: i64) -> Result<(), Behind> {
+pub(crate) async fn check<E: From<ProgressError>>(
+    conn: &Connection,
+    queue: &str,
+    ledger_id: &str,
+    database: impl std::future::Future<Output = Result<i64, E>>,
+) -> Result<i64, E> {
+    let recorded = recorded(conn, queue, ledger_id).await?;
+    let watermark = database.await?;
+    judge(ledger_id, recorded, watermark).map_err(ProgressError::from)?;
+    Ok(watermark)
+}
+
+/// Whether a database whose watermark is `database` is where the broker's record of ledger
+/// `ledger_id` says it got to, or further; no record is no claim.
+fn judge(ledger_id: &str, recorded: Option<i64>, database: i64) -> Result<(), Behind> {
     match recorded {
         Some(recorded) if recorded > database => Err(Behind {
             ledger_id: ledger_id.to_owned(),

@@ -80,14 +80,14 @@ fn not_ready(e: sqlx::Error, settings: &Settings) -> anyhow::Error {
 
 /// Moves the outbox's sequence past the ids in use, with a warning when it was behind
 /// ([`crate::ledger::mend_outbox_ids`]). A failure is only logged: every statement that writes
-/// events does the same first (migration 0025), and the relay as it takes the lead.
+/// events does the same first (migration 0025).
 async fn mend_outbox_ids(pool: &PgPool) {
     let mended = async {
         let mut conn = pool.acquire().await?;
         crate::ledger::mend_outbox_ids(&mut conn).await
     };
     if let Err(e) = mended.await {
-        warn!(error = %e, "could not check the outbox's sequence; the outbox relay will");
+        warn!(error = %e, "could not check the outbox's sequence; the next event's insert will");
     }
 }
 

@@ -281,15 +281,13 @@ impl Consumer {
     /// Fails when the database is behind what the ledger's relays published
     /// (`crate::progress`): a database gone back in time is not billed into.
     async fn check_progress(&self, conn: &Connection, names: &Names) -> Result<(), SessionError> {
-        let ledger_id = &self.ledger_id;
-        let recorded = crate::progress::recorded(conn, &names.progress, ledger_id).await?;
         let watermark = async {
             let mut db = self.decider.pool.acquire().await?;
-            crate::ledger::store::watermark(&mut db).await
+            Ok::<_, SessionError>(crate::ledger::store::watermark(&mut db).await?)
         };
-        let watermark = crate::db::bounded(self.decider.stall, watermark).await?;
-        crate::progress::judge(ledger_id, recorded, watermark)
-            .map_err(|behind| crate::progress::ProgressError::from(behind).into())
+        let watermark = crate::db::bounded(self.decider.stall, watermark);
+        crate::progress::check(conn, &names.progress, &self.ledger_id, watermark).await?;
+        Ok(())
     }
 }
 

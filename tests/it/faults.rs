@@ -130,7 +130,11 @@ async fn crash_loop_of_sigkills_loses_and_doubles_nothing() {
     env.cleanup().await;
 }
 
-/// A TCP proxy in front of the broker that can cut every open connection.
+/// What a [`Proxy`] does with a connection while it refuses them.
+type Refusal = fn(TcpStream) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// A TCP proxy in front of the broker or the database that can cut every open connection and
+/// refuse new ones.
 struct Proxy {
     port: u16,
     cut: broadcast::Sender<()>,
@@ -139,7 +143,18 @@ struct Proxy {
 }
 
 impl Proxy {
+    /// A proxy whose refusal closes the connection at once.
     async fn start(upstream: String) -> Proxy {
+        Self::refusing_with(upstream, |mut inbound| {
+            Box::pin(async move {
+                let _ = inbound.shutdown().await;
+            })
+        })
+        .await
+    }
+
+    /// A proxy that, while it refuses, hands each new connection to `refusal`.
+    async fn refusing_with(upstream: String, refusal: Refusal) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let (cut, _) = broadcast::channel(4);
@@ -152,7 +167,7 @@ impl Proxy {
                     return;
                 };
                 if refuse2.load(Ordering::SeqCst) {
-                    let _ = inbound.shutdown().await;
+                    tokio::spawn(refusal(inbound));
                     continue;
                 }
                 conns2.fetch_add(1, Ordering::SeqCst);
@@ -1152,50 +1167,6 @@ async fn a_start_against_a_read_only_database_waits_for_it_to_take_writes() {
     env.cleanup().await;
 }
 
-/// A proxy before the database that, once `full`, answers each new connection as a server
-/// with no free connection slot does (`FATAL 53300 sorry, too many clients already`), as when
-/// other clients hold every slot.
-struct SlotlessProxy {
-    port: u16,
-    full: Arc<AtomicBool>,
-    cut: broadcast::Sender<()>,
-}
-
-impl SlotlessProxy {
-    async fn before_database(url: &str) -> SlotlessProxy {
-        let u = url::Url::parse(url).expect("database URL");
-        let upstream = format!(
-            "{}:{}",
-            u.host_str().unwrap_or("127.0.0.1"),
-            u.port().unwrap_or(5432)
-        );
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let full = Arc::new(AtomicBool::new(false));
-        let (cut, _) = broadcast::channel(4);
-        let (full2, cut2) = (full.clone(), cut.clone());
-        tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                if full2.load(Ordering::SeqCst) {
-                    tokio::spawn(refuse_as_full(inbound));
-                    continue;
-                }
-                let (upstream, mut cut_rx) = (upstream.clone(), cut2.subscribe());
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(&upstream).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = cut_rx.recv() => {}
-                    }
-                });
-            }
-        });
-        SlotlessProxy { port, full, cut }
-    }
-}
-
 /// Reads a client's start (after declining TLS) and answers it as a full server.
 async fn refuse_as_full(mut inbound: TcpStream) {
     use tokio::io::AsyncReadExt;
@@ -1243,7 +1214,13 @@ async fn refuse_as_full(mut inbound: TcpStream) {
 async fn a_pool_timeout_is_explained_with_the_servers_refusal() {
     let env = TestEnv::with(no_refill).await;
     seed(&env, ["sl"], 1_000).await;
-    let proxy = SlotlessProxy::before_database(&env.settings.database.url).await;
+    let db = url::Url::parse(&env.settings.database.url).expect("database URL");
+    let upstream = format!(
+        "{}:{}",
+        db.host_str().unwrap_or("127.0.0.1"),
+        db.port().unwrap_or(5432)
+    );
+    let proxy = Proxy::refusing_with(upstream, |s| Box::pin(refuse_as_full(s))).await;
     let mut vars = env.process_env();
     vars.retain(|(k, _)| k != "DATABASE_URL");
     let url = through_proxy(&env.settings.database.url, proxy.port);
@@ -1255,8 +1232,8 @@ async fn a_pool_timeout_is_explained_with_the_servers_refusal() {
     env.publish(&[body(&platform_gpt4("sl", "sl-1"))]).await;
     env.wait_decisions(1, T).await;
 
-    proxy.full.store(true, Ordering::SeqCst);
-    let _ = proxy.cut.send(());
+    proxy.refuse.store(true, Ordering::SeqCst);
+    proxy.cut_all();
     env.publish(&[body(&platform_gpt4("sl", "sl-2"))]).await;
     wait_for_line(
         &log,
@@ -1264,7 +1241,7 @@ async fn a_pool_timeout_is_explained_with_the_servers_refusal() {
         T,
         "the explanation",
     );
-    proxy.full.store(false, Ordering::SeqCst);
+    proxy.refuse.store(false, Ordering::SeqCst);
     env.wait_decisions(2, T).await;
     assert_eq!(env.outcome_of("sl-2").await.as_deref(), Some("charged"));
     worker.sigterm();
