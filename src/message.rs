@@ -4,7 +4,7 @@
 //! naming the offending field. One pass of serde over the body: no intermediate document,
 //! unknown fields are skipped without being built.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
@@ -875,7 +875,8 @@ pub(crate) fn repeated_key(json: &[u8], counts: impl Fn(&str) -> bool) -> Option
             f.write_str("an object")
         }
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<String>, A::Error> {
-            let mut seen: Vec<String> = Vec::new();
+            // A set: a body of 100k distinct keys is a quadratic scan with a list.
+            let mut seen: HashSet<String> = HashSet::new();
             let mut repeated = None;
             // Read as `LossyKey`: a key with a lone surrogate escape, which the object's own
             // reading skips, must not end the search for a repeat among the others.
@@ -887,7 +888,7 @@ pub(crate) fn repeated_key(json: &[u8], counts: impl Fn(&str) -> bool) -> Option
                 if seen.contains(&key) {
                     repeated = repeated.or(Some(key));
                 } else {
-                    seen.push(key);
+                    seen.insert(key);
                 }
             }
             Ok(repeated)

@@ -439,6 +439,19 @@ mod tests {
     }
 
     #[test]
+    fn a_repeat_behind_eighty_thousand_distinct_fields_is_found() {
+        // A body near the 1 MiB limit: the check is linear in its keys, so a large command
+        // does not hold the control queue for minutes.
+        let mut body = String::from(r#"{"command": "balance", "user_id": "u""#);
+        for i in 0..80_000 {
+            body.push_str(&format!(r#","k{i}":0"#));
+        }
+        body.push_str(r#","k79999":1}"#);
+        let e = Command::parse(body.as_bytes()).unwrap_err();
+        assert_eq!(e, ControlError::bad_request("k79999: given more than once"));
+    }
+
+    #[test]
     fn extra_fields_are_ignored() {
         let c = Command::parse(br#"{"command": "balance", "user_id": "u", "x": [1]}"#).unwrap();
         assert_eq!(
