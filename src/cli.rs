@@ -421,6 +421,13 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     let signals = matches!(cli.command, Command::Run).then(StopSignals::install);
     let settings = Settings::load(cli.global.config.as_deref())?;
     crate::telemetry::init_logging(settings.log.format, default_log_level(&cli.command));
+    // `run` checks them as it starts; the scratch tools bring their own.
+    if !matches!(
+        cli.command,
+        Command::Run | Command::Bench(_) | Command::Demo
+    ) {
+        crate::service::check_inputs(&settings, crate::clock::wall_now())?;
+    }
     let json = cli.global.json;
     match cli.command {
         Command::Run => run(settings, signals.unwrap_or_else(StopSignals::install)).await,

@@ -23,6 +23,9 @@ fn bad(key: &str, why: &str) -> Result<(), ConfigError> {
 }
 
 /// Longest `amqp.namespace`: every name it prefixes must stay an AMQP short string.
+/// The shortest statement timeout taken: a batch commits in a few to tens of milliseconds.
+const MIN_STATEMENT_TIMEOUT_MS: u64 = 100;
+
 const MAX_NAMESPACE_BYTES: usize = 200;
 /// Longest outbox retention: far beyond any audit period, and still a valid interval in SQL.
 const MAX_RETENTION_S: u64 = 3_153_600_000;
@@ -404,6 +407,14 @@ impl Settings {
             .collect();
         let defaults: toml::Table = toml::from_str(DEFAULT_TOML).unwrap_or_default();
         for (key, value) in &prefixed {
+            // An empty list lets any producer in, and an unset `${VAR}` in a template gives
+            // exactly this: it must not lift a restriction the file sets.
+            if key == "amqp.allowed_producers" && value.trim().is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "{key}: empty in the environment (an unset variable?); write [] to let \
+                     any producer in"
+                )));
+            }
             // Typed like the key's default: text keys take the value as written ("7" stays a
             // namespace, "1001" a user name), the others by TOML rules ("5" is an integer,
             // "true" a boolean; a bare word that is not valid TOML is taken as a string).
@@ -455,6 +466,14 @@ impl Settings {
                 "must be at most 2147483647 (0 = none)",
             );
         }
+        // A few milliseconds cut every batch short (the migrations, run without it, pass), and
+        // billing would be retried for ever while /readyz still said consuming.
+        if (1..MIN_STATEMENT_TIMEOUT_MS).contains(&self.database.statement_timeout_ms) {
+            return bad(
+                "database.statement_timeout_ms",
+                "must be 0 (none) or at least 100",
+            );
+        }
         if self.database.url.is_empty() {
             return bad("database.url", "must not be empty");
         }
@@ -475,6 +494,15 @@ impl Settings {
         }
         // The broker refuses to declare such names (ACCESS_REFUSED), which would otherwise be
         // retried forever instead of named at start.
+        // The broker strips line breaks from the names it declares, and not from those it
+        // binds or consumes from: such a namespace reconnects for ever.
+        let ns = &self.amqp.namespace;
+        if ns.chars().any(char::is_control) || ns.trim() != ns {
+            return bad(
+                "amqp.namespace",
+                "must hold no control character and no space at either end",
+            );
+        }
         if self.amqp.namespace.starts_with("amq.") {
             return bad(
                 "amqp.namespace",
@@ -855,6 +883,15 @@ mod tests {
             load("2147483647").unwrap().database.statement_timeout_ms,
             2_147_483_647
         );
+        for ms in ["1", "99"] {
+            let e = load(ms).unwrap_err().to_string();
+            assert!(
+                e.contains("database.statement_timeout_ms: must be 0 (none) or at least 100"),
+                "{ms}: {e}"
+            );
+        }
+        assert_eq!(load("0").unwrap().database.statement_timeout_ms, 0);
+        assert_eq!(load("100").unwrap().database.statement_timeout_ms, 100);
     }
 
     #[test]
@@ -952,6 +989,25 @@ mod tests {
         assert_eq!(s.amqp.namespace, "7");
         assert_eq!(s.control.allowed_users, vec!["1001"]);
         assert_eq!(s.amqp.allowed_producers, vec!["true"]);
+        // Empty is not `[]` for the one list where empty means anyone.
+        for blank in ["", "  "] {
+            let e = Settings::load_from(
+                None,
+                &env(&[("CREDIT_WORKER__AMQP__ALLOWED_PRODUCERS", blank)]),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains("amqp.allowed_producers: empty in the environment"),
+                "{e}"
+            );
+        }
+        let any = Settings::load_from(
+            None,
+            &env(&[("CREDIT_WORKER__AMQP__ALLOWED_PRODUCERS", "[]")]),
+        )
+        .unwrap();
+        assert!(any.amqp.allowed_producers.is_empty());
         assert_eq!(s.pipeline.max_batch, 50);
         assert!(!s.refill.enabled);
         // A number key still refuses text, naming the key.
@@ -984,6 +1040,16 @@ mod tests {
                 "CREDIT_WORKER__AMQP__NAMESPACE",
                 "amq.t1.",
                 "amqp.namespace: must not start with `amq.` (reserved by AMQP)",
+            ),
+            (
+                "CREDIT_WORKER__AMQP__NAMESPACE",
+                "t1 \n",
+                "amqp.namespace: must hold no control character and no space at either end",
+            ),
+            (
+                "CREDIT_WORKER__AMQP__NAMESPACE",
+                " t1.",
+                "amqp.namespace: must hold no control character and no space at either end",
             ),
             (
                 "CREDIT_WORKER__AMQP__DELIVERY_LIMIT",

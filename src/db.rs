@@ -128,6 +128,15 @@ pub(crate) fn unusable_url(url: &str) -> Option<String> {
     if crate::redact::stray_at(&parsed) {
         return Some(crate::redact::STRAY_AT.into());
     }
+    // The client cannot open an encrypted key: it ignores the parameter, logging its value as
+    // an unknown one, on every parse (this one included).
+    if parsed.query_pairs().any(|(k, _)| k == "sslpassword") {
+        return Some(
+            "sslpassword: an encrypted client key is not supported; decrypt it \
+             (`openssl pkey -in key.pem -out plain.pem`) and name that file in sslkey"
+                .into(),
+        );
+    }
     url.parse::<PgConnectOptions>()
         .err()
         .map(|e| format!("not a PostgreSQL URL ({e})"))
@@ -966,6 +975,14 @@ mod tests {
             unreadable_tls_file(url).as_deref(),
             Some("sslkey: a key given inline is not supported; name its file")
         );
+    }
+
+    #[test]
+    fn a_key_password_is_refused_before_the_client_could_log_it() {
+        let url = "postgres://u@h/db?sslkey=/k.pem&sslpassword=KeyPassw0rd";
+        let why = unusable_url(url).unwrap_or_default();
+        assert!(why.starts_with("sslpassword: an encrypted client key is not supported"));
+        assert!(!why.contains("KeyPassw0rd"));
     }
 
     #[test]

@@ -39,6 +39,26 @@ pub(crate) fn load_costs(settings: &Settings) -> anyhow::Result<CostTable> {
     Ok(table.with_estimates(estimates))
 }
 
+/// What a start reads besides the settings, checked: the cost table with its estimates, and a
+/// refill schedule with a tick left after `now` (30 February, a past year would leave the
+/// month's sweep silently undone). Every command checks them, so the new build's `outcome`
+/// or `migrate` names a mistake before an upgrade, not the first replica to restart after it.
+pub(crate) fn check_inputs(
+    settings: &Settings,
+    now: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<CostTable> {
+    let costs = load_costs(settings)?;
+    let schedule = settings.refill.schedule.parsed();
+    if settings.refill.enabled && schedule.next_after(now).is_none() {
+        anyhow::bail!(
+            "refill.schedule: {:?} never fires after {} (UTC)",
+            settings.refill.schedule.as_str(),
+            now.format("%Y-%m-%d %H:%M:%S")
+        );
+    }
+    Ok(costs)
+}
+
 /// Connects to PostgreSQL (creating and migrating the database), retrying transient failures
 /// until `stop` fires.
 pub(crate) async fn connect_db(
@@ -241,7 +261,7 @@ impl Worker {
         // Install the recorder before any part records, so no early metric is lost.
         crate::telemetry::metrics_handle();
         open_files(&settings)?;
-        let costs = load_costs(&settings)?;
+        let costs = check_inputs(&settings, clock.now())?;
         info!(blocks = costs.block_count(), "cost table loaded");
         info!(
             database = %crate::redact::url(&settings.database.url),
@@ -249,16 +269,6 @@ impl Worker {
             "connecting"
         );
         let schedule = settings.refill.schedule.parsed().clone();
-        // A schedule with no tick left (30 February, a past year) would leave the month's
-        // sweep silently undone.
-        let now = clock.now();
-        if settings.refill.enabled && schedule.next_after(now).is_none() {
-            anyhow::bail!(
-                "refill.schedule: {:?} never fires after {} (UTC)",
-                settings.refill.schedule.as_str(),
-                now.format("%Y-%m-%d %H:%M:%S")
-            );
-        }
         let pool = crate::db::pool(&settings.database)
             .map_err(|e| anyhow::anyhow!("database.url: {e}"))?;
         let health = Health::new();

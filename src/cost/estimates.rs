@@ -46,7 +46,13 @@ impl Estimates {
             return Err(invalid("top level", "expected a JSON object".into()));
         };
         let entries = match root.remove("estimates") {
-            None => return Ok(Estimates::default()),
+            // A misspelt key would make every estimate-priced block free before it runs.
+            None => {
+                return Err(invalid(
+                    "top level",
+                    "no `estimates` object (write \"estimates\": {} for none)".into(),
+                ))
+            }
             Some(Value::Object(m)) => m,
             Some(_) => return Err(invalid("estimates", "expected an object".into())),
         };
@@ -120,7 +126,11 @@ mod tests {
         assert!(parse("{nope")
             .unwrap_err()
             .starts_with("t.json: not valid JSON: "));
-        assert_eq!(parse("{}").unwrap(), Estimates::default());
+        assert_eq!(
+            parse(r#"{"estimate": {"blk": {"mean_credits": 3}}}"#).unwrap_err(),
+            r#"t.json: top level: no `estimates` object (write "estimates": {} for none)"#
+        );
+        assert_eq!(parse(r#"{"estimates": {}}"#).unwrap(), Estimates::default());
     }
 
     #[test]

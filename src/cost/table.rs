@@ -157,7 +157,15 @@ fn parse_lists(value: Option<toml::Value>) -> Result<Lists, Problem> {
 /// The `[[block]]` tables, not yet checked one by one.
 fn block_array(value: Option<toml::Value>) -> Result<Vec<toml::Value>, Problem> {
     match value {
-        None => Ok(Vec::new()),
+        // No block priced: every execution would be free, which no operator means.
+        None => Err((
+            "top level".into(),
+            "no [[block]] in the table: every block would run free".into(),
+        )),
+        Some(toml::Value::Array(blocks)) if blocks.is_empty() => Err((
+            "block".into(),
+            "no block in the table: every block would run free".into(),
+        )),
         Some(toml::Value::Array(blocks)) => Ok(blocks),
         Some(other) => Err((
             "block".into(),
@@ -202,8 +210,14 @@ fn parse_block(
 
 fn block_id(value: Option<toml::Value>) -> Result<String, String> {
     match value {
-        Some(toml::Value::String(id)) if !id.trim().is_empty() => Ok(id),
-        Some(toml::Value::String(_)) => Err("id: must not be empty".into()),
+        Some(toml::Value::String(id)) if id.trim().is_empty() => {
+            Err("id: must not be empty".into())
+        }
+        // Ids match exactly: " b1" would be a block no execution names.
+        Some(toml::Value::String(id)) if id.trim() != id => Err(format!(
+            "id: {id:?} has spaces around it, and would never match"
+        )),
+        Some(toml::Value::String(id)) => Ok(id),
         Some(other) => Err(format!("id: expected a string, got {}", toml_type(&other))),
         None => Err("id: missing".into()),
     }

@@ -916,6 +916,22 @@ fn block_ids_must_be_present_non_empty_and_unique() {
         invalid("[[block]]\nid = 5\ncosts = []\n"),
         "test.toml: block #1 of 1: id: expected a string, got integer"
     );
+    assert_eq!(
+        invalid("[[block]]\nid = \" b1\"\ncosts = []\n"),
+        r#"test.toml: block #1 of 1: id: " b1" has spaces around it, and would never match"#
+    );
+}
+
+#[test]
+fn a_table_without_blocks_is_refused() {
+    assert_eq!(
+        invalid(""),
+        "test.toml: top level: no [[block]] in the table: every block would run free"
+    );
+    assert_eq!(
+        invalid("block = []\n"),
+        "test.toml: block: no block in the table: every block would run free"
+    );
 }
 
 #[test]

@@ -389,6 +389,51 @@ async fn a_refill_schedule_that_never_fires_again_is_refused_at_start() {
     env.cleanup().await;
 }
 
+/// A mistake in the cost files or the schedule, which only `run` used to read, is named by
+/// every command before it writes: the new build's `outcome none` or `migrate` finds it
+/// before an upgrade, not the first replica to restart after one.
+#[tokio::test]
+async fn every_command_names_a_mistake_in_the_cost_files_or_the_schedule() {
+    let env = TestEnv::new().await;
+    let dir = TempDir::new("cw-inputs");
+    let empty = dir.file("costs.toml", "");
+    let misspelt = dir.file(
+        "estimates.json",
+        r#"{"estimate": {"b": {"mean_credits": 3}}}"#,
+    );
+    let cases = [
+        (
+            "CREDIT_WORKER__COST__TABLE",
+            empty.as_str(),
+            "no [[block]] in the table",
+        ),
+        (
+            "CREDIT_WORKER__COST__PREFLIGHT_ESTIMATES",
+            misspelt.as_str(),
+            "no `estimates` object",
+        ),
+        (
+            "CREDIT_WORKER__REFILL__SCHEDULE",
+            "0 0 0 30 2 *",
+            "never fires after",
+        ),
+    ];
+    for (var, value, why) in cases {
+        for command in [&["outcome", "none"][..], &["migrate"]] {
+            let out = env
+                .cli_command(command)
+                .env(var, value)
+                .output()
+                .expect("the command ran");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{command:?} {var}: {stderr}");
+            assert!(stderr.contains(why), "{command:?} {var}: {stderr}");
+            assert!(out.stdout.is_empty(), "{command:?} {var}");
+        }
+    }
+    env.cleanup().await;
+}
+
 /// With `log.format = json` every line the process writes to its log is JSON, the error it
 /// exits with included.
 #[tokio::test]
