@@ -819,7 +819,10 @@ async fn outcome(settings: &Settings, json: bool, node_exec_id: &str) -> anyhow:
         };
         format!(
             "{} cost {}{fee} (user {}, block {}){settled}",
-            d.outcome, d.cost, d.user_id, d.block_id
+            d.outcome,
+            d.cost,
+            printable(&d.user_id),
+            printable(&d.block_id)
         )
     })?;
     Ok(ExitCode::SUCCESS)

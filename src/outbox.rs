@@ -119,7 +119,11 @@ impl Relay {
             _ = hard_stop.cancelled() => false,
         };
         if !flushed {
-            warn!("outbox not fully flushed at shutdown; the next start publishes the rest");
+            // Also where the database could not be read: whether anything was left unknown.
+            warn!(
+                "outbox flush not confirmed at shutdown (the broker or the database did not \
+                 answer in time); anything left unpublished goes out with the next relay"
+            );
         }
         watchdog.abort();
     }
@@ -175,7 +179,11 @@ impl Relay {
                     self.health.set_relay_database(false);
                     metrics::counter!("credit_broker_reconnects_total", "session" => "outbox relay")
                         .increment(1);
-                    warn!(error = %e, "outbox relay: its database session ended by a fault; beginning another");
+                    // Tried again up to every second while the database is down: the
+                    // counter shows each, the log one in ten seconds.
+                    if SESSION_FAULT_LOGGED.ready() {
+                        warn!(error = %e, "outbox relay: its database session ended by a fault; beginning another");
+                    }
                     if !crate::retry::pause(&mut delays, hard_stop).await {
                         break Err(RelayError::Db(e));
                     }
@@ -548,6 +556,10 @@ impl Recorded {
         past && (now || self.at.is_none_or(|at| at.elapsed() >= RECORD_EVERY))
     }
 }
+
+/// A database session of the relay's that a fault ended, warned of at most every 10 s.
+static SESSION_FAULT_LOGGED: crate::throttle::Throttle =
+    crate::throttle::Throttle::new(Duration::from_secs(10));
 
 /// A record of the watermark that failed, warned of at most every minute.
 static RECORD_WARNING: crate::throttle::Throttle =

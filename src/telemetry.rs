@@ -32,7 +32,14 @@ pub(crate) fn logs_json() -> bool {
 /// Lines go to stderr through a thread of their own ([`crate::logs`]): a log reader that
 /// stalls would otherwise block every task that logs, billing and the stop included.
 pub(crate) fn init_logging(format: LogFormat, default: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let set = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty());
+    let (filter, unread) = match set.as_deref().map(EnvFilter::try_new) {
+        Some(Ok(filter)) => (filter, None),
+        Some(Err(e)) => (EnvFilter::new(default), Some(e)),
+        None => (EnvFilter::new(default), None),
+    };
     // Colour only for a person: escape codes in a log file or a pipe are noise.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -46,6 +53,10 @@ pub(crate) fn init_logging(format: LogFormat, default: &str) {
     };
     if installed.is_ok() {
         JSON_LOGS.store(matches!(format, LogFormat::Json), Ordering::Relaxed);
+        // Said, not only ignored: an operator who asked for debug lines would wait for them.
+        if let Some(e) = unread {
+            tracing::warn!(error = %e, default, "RUST_LOG is not a filter; logging at the default levels");
+        }
         // A panic is logged like any other error, so it is a JSON line with `log.format =
         // json` rather than free text in the middle of the log.
         std::panic::set_hook(Box::new(|info| {

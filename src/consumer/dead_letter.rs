@@ -80,7 +80,7 @@ pub(super) async fn dead_letter(
             warn!(
                 reason,
                 delivery_tag = d.delivery_tag,
-                "invalid message dead-lettered"
+                "message dead-lettered"
             )
         });
     }

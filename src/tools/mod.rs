@@ -76,12 +76,42 @@ pub fn audit_text(report: &AuditReport, clean: &str) -> String {
     if report.truncated {
         out.push_str(" (a check found more than the 1,000 it lists)");
     }
+    // Ids (and the keys a problem quotes) come from producers: a line break or a terminal
+    // escape in one must not forge a line of the report.
     for m in &report.mismatches {
+        let problem = dead_letters::printable(&m.problem);
         if m.user_id.is_empty() {
-            out.push_str(&format!("\n  outbox: {}", m.problem));
+            out.push_str(&format!("\n  outbox: {problem}"));
         } else {
-            out.push_str(&format!("\n  {}: {}", m.user_id, m.problem));
+            let user = dead_letters::printable(&m.user_id);
+            out.push_str(&format!("\n  {user}: {problem}"));
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::audit::Mismatch;
+
+    #[test]
+    fn an_id_cannot_forge_a_line_of_the_audit() {
+        let report = AuditReport {
+            users: 1,
+            transactions: 2,
+            decisions: 2,
+            unpublished_events: 0,
+            mismatches: vec![Mismatch {
+                user_id: "eve\n  outbox: all good\u{1b}[2K".into(),
+                problem: "balance 1 but the ledger sums to 0".into(),
+            }],
+            truncated: false,
+        };
+        assert_eq!(
+            audit_text(&report, "clean"),
+            "1 users, 2 ledger rows, 2 decisions, 0 events unpublished: 1 MISMATCHES\n  \
+             eve\\n  outbox: all good\\u{1b}[2K: balance 1 but the ledger sums to 0"
+        );
+    }
 }

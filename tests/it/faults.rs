@@ -246,7 +246,9 @@ async fn a_stop_with_the_broker_out_and_nothing_to_publish_is_prompt() {
     assert_eq!(worker.wait_exit(Duration::from_secs(5)).await, Some(0));
     let lines: Vec<String> = log.try_iter().collect();
     assert!(
-        !lines.iter().any(|l| l.contains("not fully flushed")),
+        !lines
+            .iter()
+            .any(|l| l.contains("outbox flush not confirmed")),
         "{lines:#?}"
     );
     env.cleanup().await;
