@@ -35,6 +35,7 @@ use crate::ledger::{Ledger, TxType};
 pub use error::ControlError;
 use fields::Fields;
 pub(crate) use session::serve;
+pub use session::REQUESTER_HEADER;
 
 /// Larger bodies are refused unread: no command needs more.
 pub(crate) const MAX_BODY_BYTES: usize = 1 << 20;

@@ -10,7 +10,7 @@ use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -198,7 +198,7 @@ async fn handle(
         // false`.
         tokio::select! {
             biased;
-            sent = reply(ch, reply_to, correlation_id, me, &result) => sent?,
+            sent = reply(ch, reply_to, (correlation_id, sender), me, &result) => sent?,
             _ = stop.cancelled() => return Ok(false),
         }
     }
@@ -296,19 +296,37 @@ impl<'a> Credit<'a> {
 /// Sends `result` to `reply_to` under the request's `correlation_id`, as the worker's broker
 /// user `me` (the broker verifies it), so a requester can tell the worker's answer from one
 /// another sender put in its queue.
-async fn reply(
-    ch: &Channel,
-    reply_to: &str,
-    correlation_id: Option<&str>,
+/// The reply's properties: its correlation id, the worker's own user, and the user whose
+/// command it answers, so a requester can tell its own answers from those to commands that
+/// others sent naming its queue (absent for a command without a user).
+fn reply_properties(
+    (correlation_id, requester): (Option<&str>, Option<&str>),
     me: Option<&str>,
-    result: &Result<Value, ControlError>,
-) -> Result<(), SessionError> {
-    let body = reply_bytes(result, REPLY_MAX);
+) -> BasicProperties {
     let mut props = BasicProperties::default().with_content_type("application/json".into());
     if let Some(c) = correlation_id {
         props = props.with_correlation_id(c.into());
     }
-    let props = crate::amqp::as_user(props, me);
+    if let Some(user) = requester {
+        let mut headers = FieldTable::default();
+        headers.insert(REQUESTER_HEADER.into(), AMQPValue::LongString(user.into()));
+        props = props.with_headers(headers);
+    }
+    crate::amqp::as_user(props, me)
+}
+
+/// A reply's header naming the (broker-verified) user whose command it answers.
+pub const REQUESTER_HEADER: &str = "x-credit-requester";
+
+async fn reply(
+    ch: &Channel,
+    reply_to: &str,
+    request: (Option<&str>, Option<&str>),
+    me: Option<&str>,
+    result: &Result<Value, ControlError>,
+) -> Result<(), SessionError> {
+    let body = reply_bytes(result, REPLY_MAX);
+    let props = reply_properties(request, me);
     // A reply to a queue that no longer exists is dropped by the broker, not an error.
     ch.basic_publish(
         "".into(),

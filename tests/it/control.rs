@@ -9,7 +9,7 @@ use credit_worker::refill::Month;
 use credit_worker::service::Worker;
 use futures::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
 use serde_json::{json, Value};
 
@@ -28,6 +28,8 @@ struct Rpc {
     next_id: u64,
     /// Replies that matched no awaited request.
     strays: usize,
+    /// Each request's AMQP user, which its reply names back.
+    senders: std::collections::HashMap<String, Option<String>>,
 }
 
 impl Rpc {
@@ -58,6 +60,7 @@ impl Rpc {
             replies,
             next_id: 0,
             strays: 0,
+            senders: Default::default(),
         }
     }
 
@@ -83,6 +86,7 @@ impl Rpc {
         if let Some(u) = user_id {
             props = props.with_user_id(u.into());
         }
+        self.senders.insert(cid.clone(), user_id.map(str::to_owned));
         if reply {
             props = props.with_reply_to(self.reply_queue.clone().into());
         }
@@ -126,6 +130,14 @@ impl Rpc {
                 d.properties.user_id().as_ref().map(|u| u.as_str()),
                 Some("guest")
             );
+            // And the user whose command it answers.
+            let requester = d.properties.headers().as_ref().and_then(|h| {
+                match h.inner().get(credit_worker::control::REQUESTER_HEADER) {
+                    Some(AMQPValue::LongString(u)) => Some(u.to_string()),
+                    _ => None,
+                }
+            });
+            assert_eq!(&requester, &self.senders[cid], "the requester of {cid}");
             return serde_json::from_slice(&d.data).expect("reply is JSON");
         }
     }
@@ -559,6 +571,9 @@ async fn a_command_dead_lettered_into_control_is_its_producers() {
         )
         .await
         .expect("publish to the input queue");
+    // Answered as mallory's command: the reply names the producer the copy carries.
+    rpc.senders
+        .insert("laundered".into(), Some("mallory".into()));
     let r = rpc.reply("laundered").await;
     assert_eq!(r["error"]["code"], json!("forbidden"), "{r}");
     let message = r["error"]["message"].as_str().unwrap_or_default();
