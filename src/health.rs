@@ -27,6 +27,9 @@ pub struct Health {
     /// When the oldest batch in flight began, while one is: a batch that neither commits nor
     /// fails (a lock held elsewhere, a retry that never clears) holds every one behind it.
     oldest_batch: Mutex<Option<Instant>>,
+    /// Why the consumer's last session ended, until it consumes again: a refusal it retries
+    /// (rights taken away, a queue deleted) shows in `/readyz`, not only in the log.
+    consumer_fault: Mutex<Option<String>>,
 }
 
 /// Holds a session's broker connection in [`Health`] while the session lives.
@@ -74,8 +77,21 @@ impl Health {
     }
     /// Topology declared and basic.consume accepted (true), or the session ended (false).
     pub(crate) fn set_consuming(&self, on: bool) {
+        if on {
+            *lock(&self.consumer_fault) = None;
+        }
         self.consuming.store(on, Ordering::SeqCst);
         metrics::gauge!("credit_consuming").set(if on { 1.0 } else { 0.0 });
+    }
+    /// The consumer's session ended by `fault`; it reconnects.
+    pub(crate) fn set_consumer_fault(&self, fault: &str) {
+        // Bounded: a body for a probe, not a log.
+        let text: String = fault
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(300)
+            .collect();
+        *lock(&self.consumer_fault) = Some(text);
     }
     pub fn consuming(&self) -> bool {
         self.consuming.load(Ordering::SeqCst)
@@ -200,6 +216,7 @@ impl Health {
         readiness(&Probe {
             database,
             consumer: Consumer {
+                fault: lock(&self.consumer_fault).clone(),
                 consuming: self.consuming(),
                 stalled: stalled(self.oldest_batch_age(), stall_after),
                 held,
@@ -215,7 +232,7 @@ impl Health {
 const CONTROL_GRACE: Duration = Duration::from_secs(5);
 
 /// What `/readyz` is made of.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Probe {
     database: bool,
     consumer: Consumer,
@@ -225,13 +242,15 @@ struct Probe {
 }
 
 /// The consumer as `/readyz` tells of it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Consumer {
     consuming: bool,
     /// How long the oldest batch has waited, past `http.stall_s`.
     stalled: Option<Duration>,
     /// What holds its batches back, when the worker knows.
     held: Option<Held>,
+    /// Why its last session ended, while it does not consume.
+    fault: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -264,14 +283,17 @@ fn stalled(age: Option<Duration>, stall_after: Option<Duration>) -> Option<Durat
 /// without a connection are named; only the first two of those can make it unready (the
 /// consumer's through the stall).
 fn readiness(p: &Probe) -> (bool, String) {
-    let c = p.consumer;
+    let c = &p.consumer;
     let mut consumer = match (c.consuming, c.stalled) {
         (true, None) => "consuming".to_owned(),
         (_, Some(age)) => format!(
             "stalled (the oldest batch has waited {} s for its decision)",
             age.as_secs()
         ),
-        (false, None) => "not consuming".to_owned(),
+        (false, None) => match &c.fault {
+            Some(fault) => format!("not consuming (reconnecting after: {fault})"),
+            None => "not consuming".to_owned(),
+        },
     };
     match c.held {
         Some(Held::Broker) => {
@@ -325,6 +347,7 @@ mod tests {
             consuming,
             stalled: None,
             held: None,
+            fault: None,
         };
         Probe {
             database,
@@ -351,6 +374,22 @@ mod tests {
             ready(false, false, Relay::Publishing),
             (false, waiting.into())
         );
+        // Why, when its last session ended by a fault; gone once it consumes again.
+        let mut p = probe(true, false, Relay::Publishing);
+        p.consumer.fault = Some("broker: ACCESS_REFUSED - access to queue 'q' refused".into());
+        assert_eq!(
+            readiness(&p).1,
+            "database: up\nconsumer: not consuming (reconnecting after: broker: ACCESS_REFUSED \
+             - access to queue 'q' refused)\n"
+        );
+        let h = super::Health::default();
+        h.set_consumer_fault("line\nbreak");
+        assert_eq!(
+            h.consumer_fault.lock().unwrap().as_deref(),
+            Some("linebreak")
+        );
+        h.set_consuming(true);
+        assert_eq!(*h.consumer_fault.lock().unwrap(), None);
         // No session, no connection.
         assert!(!super::Health::default().relay_connected());
         assert!(!super::Health::default().relay_blocked());

@@ -103,7 +103,14 @@ impl Consumer {
     /// Consumes until `stop` fires, reconnecting after broker faults. Returns once the batch
     /// in flight is decided and acked.
     pub async fn run(&self, stop: CancellationToken) {
-        amqp::reconnecting("consumer", &stop, || self.session(&stop)).await;
+        amqp::reconnecting("consumer", &stop, || async {
+            let ended = self.session(&stop).await;
+            if let Err(e) = &ended {
+                self.health.set_consumer_fault(&e.to_string());
+            }
+            ended
+        })
+        .await;
     }
 
     async fn open(&self) -> Result<Session, SessionError> {
