@@ -659,6 +659,10 @@ fn parse_env_list(key: &str, raw: &str) -> Result<figment::value::Value, ConfigE
 
 fn parse_env_value(raw: &str) -> figment::value::Value {
     use figment::value::Value;
+    // TOML's integers end at i64::MAX: a larger one would be taken for text ("found string").
+    if let Ok(n) = raw.trim().parse::<u64>() {
+        return Value::from(n);
+    }
     let wrapped = format!("v = {raw}");
     match toml::from_str::<toml::Table>(&wrapped) {
         Ok(mut t) => match t.remove("v") {
@@ -882,6 +886,11 @@ mod tests {
         assert_eq!(
             load("2147483647").unwrap().database.statement_timeout_ms,
             2_147_483_647
+        );
+        let e = load("18446744073709551615").unwrap_err().to_string();
+        assert!(
+            e.contains("database.statement_timeout_ms: must be at most 2147483647"),
+            "{e}"
         );
         for ms in ["1", "99"] {
             let e = load(ms).unwrap_err().to_string();

@@ -437,8 +437,9 @@ pub(crate) enum NotReady {
     )]
     Ahead { database: String, version: i64 },
     #[error(
-        "database {database:?}: migration {version} failed part-way; fix it, then run \
-         `credit-worker migrate`"
+        "database {database:?}: migration {version} failed part-way; undo what it did, \
+         delete its record (`DELETE FROM _sqlx_migrations WHERE version = {version}`), then \
+         run `credit-worker migrate`"
     )]
     Failed { database: String, version: i64 },
     #[error(

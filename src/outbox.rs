@@ -74,7 +74,7 @@ impl crate::amqp::SessionFault for RelayError {
         match self {
             RelayError::Progress(e) => e.why_permanent(),
             RelayError::Binding(_) => "the ledger is not this worker's",
-            _ => "the broker refuses this configuration",
+            _ => crate::amqp::topology::REFUSED_ARGUMENTS,
         }
     }
 }

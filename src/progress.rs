@@ -51,7 +51,7 @@ impl ProgressError {
     pub(crate) fn why_permanent(&self) -> &'static str {
         match self {
             ProgressError::Behind(_) => "the database is behind its ledger's published events",
-            _ => "the broker refuses this configuration",
+            _ => crate::amqp::topology::REFUSED_ARGUMENTS,
         }
     }
 }

@@ -21,7 +21,7 @@ pub(crate) trait SessionFault: Display {
 
     /// What a permanent fault is, in the log line that ends the session.
     fn why_permanent(&self) -> &'static str {
-        "the broker refuses this configuration"
+        crate::amqp::topology::REFUSED_ARGUMENTS
     }
 }
 

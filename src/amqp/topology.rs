@@ -72,6 +72,13 @@ fn queue_args(settings: &AmqpSettings) -> FieldTable {
     args
 }
 
+/// What a refusal of [`refuses_arguments`] means, and the way out, for the log line that ends
+/// the session.
+pub(crate) const REFUSED_ARGUMENTS: &str = "the broker refuses this configuration: a queue or \
+     exchange exists with other arguments (amqp.queue_type, amqp.delivery_limit, …), which it \
+     cannot change in place; keep the setting, or drain and delete it, or use a new \
+     amqp.namespace";
+
 /// Whether the broker refused a declaration because the queue or exchange exists with other
 /// arguments (e.g. `amqp.delivery_limit` or `amqp.queue_type` changed): RabbitMQ cannot change
 /// them in place, so every reconnect would be refused the same way.

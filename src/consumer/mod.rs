@@ -86,7 +86,7 @@ impl crate::amqp::SessionFault for SessionError {
     fn why_permanent(&self) -> &'static str {
         match self {
             SessionError::Progress(e) => e.why_permanent(),
-            _ => "the broker refuses this configuration",
+            _ => crate::amqp::topology::REFUSED_ARGUMENTS,
         }
     }
 }
