@@ -22,10 +22,9 @@ fn bad(key: &str, why: &str) -> Result<(), ConfigError> {
     Err(ConfigError::Invalid(format!("{key}: {why}")))
 }
 
-/// Longest `amqp.namespace`: every name it prefixes must stay an AMQP short string.
 /// The shortest statement timeout taken: a batch commits in a few to tens of milliseconds.
 const MIN_STATEMENT_TIMEOUT_MS: u64 = 100;
-
+/// Longest `amqp.namespace`: every name it prefixes must stay an AMQP short string.
 const MAX_NAMESPACE_BYTES: usize = 200;
 /// Longest outbox retention: far beyond any audit period, and still a valid interval in SQL.
 const MAX_RETENTION_S: u64 = 3_153_600_000;
@@ -326,7 +325,7 @@ fn list_or_csv<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error>
             // list, which for `amqp.allowed_producers` means anyone.
             if names.is_empty() && !s.trim().is_empty() {
                 return Err(serde::de::Error::custom(
-                    "a comma-separated list with no name in it (leave it empty for none)",
+                    "a comma-separated list with no name in it",
                 ));
             }
             names
@@ -492,8 +491,6 @@ impl Settings {
         if self.amqp.namespace.len() > MAX_NAMESPACE_BYTES {
             return bad("amqp.namespace", "must be at most 200 bytes");
         }
-        // The broker refuses to declare such names (ACCESS_REFUSED), which would otherwise be
-        // retried forever instead of named at start.
         // The broker strips line breaks from the names it declares, and not from those it
         // binds or consumes from: such a namespace reconnects for ever.
         let ns = &self.amqp.namespace;
@@ -503,6 +500,8 @@ impl Settings {
                 "must hold no control character and no space at either end",
             );
         }
+        // The broker refuses to declare such names (ACCESS_REFUSED), which would otherwise be
+        // retried forever instead of named at start.
         if self.amqp.namespace.starts_with("amq.") {
             return bad(
                 "amqp.namespace",

@@ -74,6 +74,17 @@ enum SessionError {
     Db(#[from] sqlx::Error),
 }
 
+impl SessionError {
+    /// What `/readyz` says of it: the broker's words, but of the database's only the kind, as
+    /// a server's message may quote a row's values.
+    fn probe_text(&self) -> String {
+        match self {
+            SessionError::Db(_) => "database: a fault (its message is in the log)".into(),
+            other => other.to_string(),
+        }
+    }
+}
+
 impl crate::amqp::SessionFault for SessionError {
     fn is_permanent(&self) -> bool {
         match self {
@@ -103,10 +114,15 @@ impl Consumer {
     /// Consumes until `stop` fires, reconnecting after broker faults. Returns once the batch
     /// in flight is decided and acked.
     pub async fn run(&self, stop: CancellationToken) {
+        use amqp::SessionFault as _;
         amqp::reconnecting("consumer", &stop, || async {
             let ended = self.session(&stop).await;
-            if let Err(e) = &ended {
-                self.health.set_consumer_fault(&e.to_string());
+            // Only for a fault it reconnects from: not at the stop, nor at its last end.
+            match &ended {
+                Err(e) if !stop.is_cancelled() && !e.is_permanent() => {
+                    self.health.set_consumer_fault(&e.probe_text());
+                }
+                _ => {}
             }
             ended
         })

@@ -390,10 +390,10 @@ async fn a_refill_schedule_that_never_fires_again_is_refused_at_start() {
 }
 
 /// A mistake in the cost files or the schedule, which only `run` used to read, is named by
-/// every command before it writes: the new build's `outcome none` or `migrate` finds it
-/// before an upgrade, not the first replica to restart after one.
+/// the upgrade's check commands before they write: the new build's `outcome none` or
+/// `migrate` finds it before an upgrade, not the first replica to restart after one.
 #[tokio::test]
-async fn every_command_names_a_mistake_in_the_cost_files_or_the_schedule() {
+async fn outcome_and_migrate_name_a_mistake_in_the_cost_files_or_the_schedule() {
     let env = TestEnv::new().await;
     let dir = TempDir::new("cw-inputs");
     let empty = dir.file("costs.toml", "");
