@@ -543,60 +543,65 @@ async fn migrate(
     let pool = crate::db::connect_and_migrate(&settings.database)
         .await
         .map_err(|e| crate::db::NotReady::of(e, &database))?;
+    // One answer for both parts: `--json` prints a single object.
+    let mut out = serde_json::Map::from_iter([("migrated".to_owned(), json!(true))]);
+    let mut text = vec!["migrations applied".to_owned()];
     if rebind {
-        rebind_namespace(settings, json, &pool).await?;
+        let (fields, line) = rebind_namespace(settings, &pool).await?;
+        out.extend(fields);
+        text.push(line);
     }
     if after_restore {
-        resume_after_restore(settings, json, &pool).await?;
+        let (fields, line) = resume_after_restore(settings, &pool).await?;
+        out.extend(fields);
+        text.push(line);
     }
-    if !rebind && !after_restore {
-        print_out(json, &json!({"migrated": true}), || {
-            "migrations applied".into()
-        })?;
-    }
+    print_out(json, &serde_json::Value::Object(out), || text.join("; "))?;
     Ok(ExitCode::SUCCESS)
 }
 
+/// A part of `migrate`'s answer: its JSON fields and its text.
+type Part = (serde_json::Map<String, serde_json::Value>, String);
+
 /// `migrate --rebind-namespace`'s part.
-async fn rebind_namespace(
-    settings: &Settings,
-    json: bool,
-    pool: &sqlx::PgPool,
-) -> anyhow::Result<()> {
+async fn rebind_namespace(settings: &Settings, pool: &sqlx::PgPool) -> anyhow::Result<Part> {
     let r = crate::tools::rebind::run(settings, pool).await?;
-    let out = json!({"migrated": true, "ledger_id": r.ledger_id, "namespace": r.namespace, "before": r.before});
-    print_out(json, &out, || {
-        let before = match &r.before {
-            Some(b) if *b == r.namespace => format!("already {b:?}"),
-            Some(b) => format!("was {b:?}"),
-            None => "none before".to_owned(),
-        };
-        format!(
-            "migrations applied; ledger {} now serves namespace {:?} ({before}), marked so on the broker",
-            r.ledger_id, r.namespace
-        )
-    })
+    let fields = json!({"ledger_id": r.ledger_id, "namespace": r.namespace, "before": r.before});
+    let before = match &r.before {
+        Some(b) if *b == r.namespace => format!("already {b:?}"),
+        Some(b) => format!("was {b:?}"),
+        None => "none before".to_owned(),
+    };
+    let text = format!(
+        "ledger {} now serves namespace {:?} ({before}), marked so on the broker",
+        r.ledger_id, r.namespace
+    );
+    Ok((object(fields), text))
 }
 
 /// `migrate --after-restore`'s part.
-async fn resume_after_restore(
-    settings: &Settings,
-    json: bool,
-    pool: &sqlx::PgPool,
-) -> anyhow::Result<()> {
+async fn resume_after_restore(settings: &Settings, pool: &sqlx::PgPool) -> anyhow::Result<Part> {
     let r = crate::tools::restored::run(settings, pool).await?;
-    let out = json!({"migrated": true, "ledger_id": r.ledger_id, "recorded": r.recorded, "watermark": r.watermark});
-    print_out(json, &out, || {
-        let recorded = match r.recorded {
-            Some(n) => format!("the broker had recorded {n}"),
-            None => "the broker had no record of it".to_owned(),
-        };
-        format!(
-            "migrations applied; ledger {} goes on from its outbox watermark {} ({recorded}): \
-             workers bill into it, and its events after the watermark go out",
-            r.ledger_id, r.watermark
-        )
-    })
+    let fields =
+        json!({"ledger_id": r.ledger_id, "recorded": r.recorded, "watermark": r.watermark});
+    let recorded = match r.recorded {
+        Some(n) => format!("the broker had recorded {n}"),
+        None => "the broker had no record of it".to_owned(),
+    };
+    let text = format!(
+        "ledger {} goes on from its outbox watermark {} ({recorded}): workers bill into it, \
+         and its events after the watermark go out",
+        r.ledger_id, r.watermark
+    );
+    Ok((object(fields), text))
+}
+
+/// The fields of a JSON object built with `json!`.
+fn object(v: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
+    match v {
+        serde_json::Value::Object(m) => m,
+        _ => serde_json::Map::new(),
+    }
 }
 
 async fn sweep(
@@ -667,10 +672,7 @@ fn sweep_progress(json: bool, r: &crate::refill::SweepReport) {
 
 async fn balance(settings: &Settings, json: bool, user: &str) -> anyhow::Result<ExitCode> {
     let ledger = open_ledger(settings).await?;
-    let balance = ledger
-        .balance(user, Utc::now())
-        .await
-        .map_err(ledger_error)?;
+    let balance = within(settings, ledger.balance(user, Utc::now())).await?;
     print_out(json, &json!({"user_id": user, "balance": balance}), || {
         balance.to_string()
     })?;
@@ -679,10 +681,7 @@ async fn balance(settings: &Settings, json: bool, user: &str) -> anyhow::Result<
 
 async fn account(settings: &Settings, json: bool, user: &str) -> anyhow::Result<ExitCode> {
     let ledger = open_ledger(settings).await?;
-    let view = ledger
-        .account(user, Utc::now())
-        .await
-        .map_err(ledger_error)?;
+    let view = within(settings, ledger.account(user, Utc::now())).await?;
     print_out(json, &serde_json::to_value(&view)?, || account_text(&view))?;
     Ok(ExitCode::SUCCESS)
 }
@@ -696,7 +695,9 @@ fn account_text(a: &crate::ledger::AccountView) -> String {
     };
     let mut out = format!(
         "{}: balance {} at row {}{refill}",
-        a.user_id, a.balance, a.seq
+        printable(&a.user_id),
+        a.balance,
+        a.seq
     );
     match &a.auto_top_up {
         Some(t) => out.push_str(&format!(
@@ -713,7 +714,7 @@ fn account_text(a: &crate::ledger::AccountView) -> String {
     if let Some(r) = &a.outstanding_request {
         out.push_str(&format!(
             "\noutstanding request: {} since {}, until {}",
-            r.request_id,
+            printable(&r.request_id),
             time(&r.requested_at),
             time(&r.expires_at)
         ));
@@ -728,10 +729,7 @@ async fn history(
     query: HistoryQuery,
 ) -> anyhow::Result<ExitCode> {
     let ledger = open_ledger(settings).await?;
-    let page = ledger
-        .history(user, &query, Utc::now())
-        .await
-        .map_err(ledger_error)?;
+    let page = within(settings, ledger.history(user, &query, Utc::now())).await?;
     print_out(json, &serde_json::to_value(&page)?, || {
         let mut text = history_table(&page.transactions);
         if let Some(seq) = page.next_before_seq {
@@ -773,21 +771,19 @@ async fn auto_top_up(
         None => None,
     };
     let ledger = open_ledger(settings).await?;
-    let r = ledger
-        .set_auto_top_up(user, config, Utc::now())
-        .await
-        .map_err(ledger_error)?;
+    let r = within(settings, ledger.set_auto_top_up(user, config, Utc::now())).await?;
     print_out(json, &serde_json::to_value(&r)?, || {
         match (r.threshold, r.amount) {
             (Some(t), Some(a)) => format!(
-                "{user}: auto top-up of {a} below {t}{}",
+                "{}: auto top-up of {a} below {t}{}",
+                printable(user),
                 if r.requested {
                     " (the balance is below it: requested now)"
                 } else {
                     ""
                 }
             ),
-            _ => format!("{user}: auto top-up off"),
+            _ => format!("{}: auto top-up off", printable(user)),
         }
     })?;
     Ok(ExitCode::SUCCESS)
@@ -795,7 +791,7 @@ async fn auto_top_up(
 
 async fn outcome(settings: &Settings, json: bool, node_exec_id: &str) -> anyhow::Result<ExitCode> {
     let ledger = open_ledger(settings).await?;
-    let Some(d) = ledger.decision(node_exec_id).await.map_err(ledger_error)? else {
+    let Some(d) = within(settings, ledger.decision(node_exec_id)).await? else {
         let why = format!("node_exec_id: no decision for {node_exec_id:?} yet");
         return Err(NotFound(why).into());
     };
@@ -991,7 +987,8 @@ fn print_replay(
 /// The non-blank lines of `file` (`-`: standard input), one message body each.
 fn read_bodies(file: &str) -> anyhow::Result<Vec<Vec<u8>>> {
     let text = if file == "-" {
-        std::io::read_to_string(std::io::stdin().lock())?
+        std::io::read_to_string(std::io::stdin().lock())
+            .map_err(|e| BadRequest(format!("standard input: {e}")))?
     } else {
         std::fs::read_to_string(file).map_err(|e| BadRequest(format!("{file}: {e}")))?
     };
@@ -1007,6 +1004,35 @@ fn bodies_of(text: &str) -> Vec<Vec<u8>> {
         .filter(|l| !l.trim().is_empty())
         .map(|l| l.as_bytes().to_vec())
         .collect()
+}
+
+/// A ledger call bounded as the worker's are (twice the statement timeout and a second): a
+/// database that stops answering (a hung pooler, a lost flow) ends the command with an error
+/// rather than holding it for ever. The server, never sent the statement, cannot end it.
+async fn within<T>(
+    settings: &Settings,
+    call: impl std::future::Future<Output = Result<T, LedgerError>>,
+) -> anyhow::Result<T> {
+    crate::db::bounded(crate::db::stall_bound(&settings.database), call)
+        .await
+        .map_err(ledger_error)
+}
+
+/// A posting's error where the database failed: it may have failed after the commit, so
+/// whether it was applied is unknown, and the way to find out is its key.
+fn unknown_outcome(e: anyhow::Error, key: Option<&str>) -> anyhow::Error {
+    let db = matches!(e.downcast_ref::<LedgerError>(), Some(LedgerError::Db(_)));
+    match (db, key) {
+        (false, _) => e,
+        (true, Some(key)) => e.context(format!(
+            "whether it was applied is unknown: run it again with key {key:?}, which answers \
+             `applied: false` if it was"
+        )),
+        (true, None) => e.context(
+            "whether it was applied is unknown, and run again without --key it would credit \
+             again: look for it with `credit-worker history` first",
+        ),
+    }
 }
 
 async fn open_ledger(settings: &Settings) -> anyhow::Result<Ledger> {
@@ -1025,21 +1051,21 @@ async fn credit(
     reason: Option<String>,
 ) -> anyhow::Result<ExitCode> {
     let ledger = open_ledger(settings).await?;
-    let p = ledger
-        .credit(
-            tx_type,
-            user,
-            amount,
-            key.as_deref(),
-            reason.as_deref(),
-            Utc::now(),
-        )
+    let call = ledger.credit(
+        tx_type,
+        user,
+        amount,
+        key.as_deref(),
+        reason.as_deref(),
+        Utc::now(),
+    );
+    let p = within(settings, call)
         .await
-        .map_err(ledger_error)?;
+        .map_err(|e| unknown_outcome(e, key.as_deref()))?;
     print_out(json, &serde_json::to_value(&p)?, || {
         posting_text(&p, || {
             let kind = tx_type.as_str();
-            format!("{kind} {amount} credits to {user}")
+            format!("{kind} {amount} credits to {}", printable(user))
         })
     })?;
     Ok(ExitCode::SUCCESS)
@@ -1048,7 +1074,7 @@ async fn credit(
 /// A credit's or refund's text: what it did (`done`, then its key, row and the balance), or
 /// that its key had done it before.
 fn posting_text(p: &crate::ledger::Posting, done: impl FnOnce() -> String) -> String {
-    let (key, seq, balance) = (&p.transaction_key, p.seq, p.balance);
+    let (key, seq, balance) = (printable(&p.transaction_key), p.seq, p.balance);
     if p.applied {
         format!("{} ({key}, row {seq}); balance {balance}", done())
     } else {
@@ -1065,13 +1091,17 @@ async fn refund(
     reason: Option<String>,
 ) -> anyhow::Result<ExitCode> {
     let ledger = open_ledger(settings).await?;
-    let p = ledger
-        .refund(user, amount, keys, reason.as_deref(), Utc::now())
+    let call = ledger.refund(user, amount, keys, reason.as_deref(), Utc::now());
+    let p = within(settings, call)
         .await
-        .map_err(ledger_error)?;
+        .map_err(|e| unknown_outcome(e, Some(keys.0)))?;
     print_out(json, &serde_json::to_value(&p)?, || {
         posting_text(&p, || {
-            format!("REFUND {amount} credits of {} from {user}", keys.1)
+            format!(
+                "REFUND {amount} credits of {} from {}",
+                printable(keys.1),
+                printable(user)
+            )
         })
     })?;
     Ok(ExitCode::SUCCESS)

@@ -448,7 +448,11 @@ fn header_text(value: &AMQPValue) -> String {
 /// `text` safe to print on a terminal: control characters (a producer's body may carry
 /// escape sequences, NUL) are written as escapes.
 pub(crate) fn printable(text: &str) -> std::borrow::Cow<'_, str> {
-    let control = |c: char| c.is_control();
+    // Bidirectional overrides and marks too: they reorder what a terminal shows after them.
+    let control = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
     if !text.chars().any(control) {
         return std::borrow::Cow::Borrowed(text);
     }
@@ -491,6 +495,7 @@ mod tests {
             printable("\u{1b}]0;pwned\u{7}\u{1b}[2J x\u{0}\u{9b}"),
             "\\u{1b}]0;pwned\\u{7}\\u{1b}[2J x\\u{0}\\u{9b}"
         );
+        assert_eq!(printable("id \u{202e}desrever"), "id \\u{202e}desrever");
     }
 
     #[test]

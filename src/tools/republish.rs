@@ -41,8 +41,12 @@ pub async fn run(
     dry_run: bool,
 ) -> anyhow::Result<RepublishReport> {
     let pool = crate::db::connect_existing(&settings.database).await?;
-    let mut conn = pool.acquire().await?;
-    let (first, watermark, kept_since) = store::republish_range(&mut conn, since).await?;
+    // Each read bounded as the worker's are: a database gone silent (a hung pooler, a lost
+    // flow) ends the command, where the server, never sent the statement, cannot.
+    let stall = crate::db::stall_bound(&settings.database);
+    let mut conn = crate::db::bounded(stall, pool.acquire()).await?;
+    let (first, watermark, kept_since) =
+        crate::db::bounded(stall, store::republish_range(&mut conn, since)).await?;
     let names = Names::new(&settings.amqp.namespace);
     let conn_amqp = crate::amqp::connect(&settings.amqp, "credit-worker events")
         .await
@@ -53,7 +57,7 @@ pub async fn run(
     };
     check_target(&conn_amqp, &route, &settings.amqp.namespace).await?;
     // This ledger's events go to the namespace it serves only, marked as its on the broker.
-    let identity = crate::ledger::identity::read(&pool).await?;
+    let identity = crate::db::bounded(stall, crate::ledger::identity::read(&pool)).await?;
     identity.serves(&settings.amqp.namespace)?;
     if let Route::Exchange(_) = route {
         topology::declare_ledger_mark(&conn_amqp, &names, &identity.ledger_id).await?;
@@ -70,7 +74,8 @@ pub async fn run(
     };
     let mut after = first.map_or(watermark, |f| f - 1);
     while after < watermark {
-        let mut rows = store::events_after(&mut conn, after, ROWS).await?;
+        let mut rows =
+            crate::db::bounded(stall, store::events_after(&mut conn, after, ROWS)).await?;
         rows.retain(|r| r.id <= watermark);
         let Some(last) = rows.last().map(|r| r.id) else {
             break;

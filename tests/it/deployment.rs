@@ -288,10 +288,14 @@ async fn a_database_gone_back_in_time_is_refused_until_an_operator_says_so() {
     assert_eq!(worker.wait_exit(T).await, Some(1));
     assert_eq!(env.outcome_of("bt-3").await, None, "billed into it");
 
-    let out = env.cli(&["migrate", "--after-restore", "--json"]);
+    // With the namespace bound again too (here, the one it served): one JSON answer.
+    let args = ["migrate", "--rebind-namespace", "--after-restore", "--json"];
+    let out = env.cli(&args);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    let said: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let said: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(said["migrated"], true);
+    assert_eq!(said["namespace"], env.settings.amqp.namespace.as_str());
     assert_eq!(said["recorded"], through);
     assert_eq!(said["watermark"], through - 1);
     let (mut worker, _http, _log) = WorkerProcess::spawn_logged(&vars, &["run"], LOGGED);

@@ -1044,6 +1044,67 @@ async fn a_sweep_whose_database_goes_silent_fails_rather_than_hang() {
     env.cleanup().await;
 }
 
+/// A `top-up` whose database connection goes silent while it waits for the user's row fails
+/// at the stall bound instead of hanging, says its outcome is unknown and how to learn it
+/// (its key), and run again under that key the credit lands once.
+#[tokio::test]
+async fn a_top_up_whose_database_goes_silent_fails_and_names_its_key() {
+    let env = TestEnv::with(no_refill).await;
+    seed(&env, ["u0"], 100).await;
+    let proxy = FreezingProxy::before_database(&env.settings.database.url).await;
+    let mut holder = env.pool.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM credit.balances WHERE user_id = 'u0' FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .expect("hold u0's row");
+    let args = ["top-up", "u0", "7", "--key", "pay-7"];
+    let mut cmd = tokio::process::Command::from(env.cli_command(&args));
+    cmd.env(
+        "DATABASE_URL",
+        through_proxy(&env.settings.database.url, proxy.port),
+    )
+    .env("CREDIT_WORKER__DATABASE__STATEMENT_TIMEOUT_MS", "500")
+    .kill_on_drop(true);
+    let top_up = cmd.output();
+    tokio::pin!(top_up);
+    tokio::select! {
+        _ = env.wait_for_one_lock_waiter(T, "the top-up waiting for u0's row") => {}
+        out = &mut top_up => panic!("the top-up ended before it waited: {out:?}"),
+    }
+    proxy.freeze();
+    let out = tokio::time::timeout(Duration::from_secs(30), top_up)
+        .await
+        .expect("the top-up still waiting after 30 s")
+        .expect("run the CLI");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("whether it was applied is unknown: run it again with key \"pay-7\""),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("no answer from the database within 2s"),
+        "{stderr}"
+    );
+    holder.commit().await.expect("release u0's row");
+    // Once the abandoned transaction is ended by the server, the key lands once (after the
+    // month's lazy refill to 1,000, which the command's own settings keep on).
+    let again = env.cli_json(&args);
+    assert_eq!(
+        (&again["applied"], &again["balance"]),
+        (&serde_json::json!(true), &serde_json::json!(1007)),
+        "{again}"
+    );
+    let again = env.cli_json(&args);
+    assert_eq!(
+        (&again["applied"], &again["balance"]),
+        (&serde_json::json!(false), &serde_json::json!(1007)),
+        "{again}"
+    );
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
 /// The relay's listener, by its last statement: its process id.
 async fn listener_pid(admin: &sqlx::PgPool, db: &str) -> Option<i32> {
     sqlx::query_scalar(
