@@ -546,13 +546,20 @@ async fn migrate(
     // One answer for both parts: `--json` prints a single object.
     let mut out = serde_json::Map::from_iter([("migrated".to_owned(), json!(true))]);
     let mut text = vec!["migrations applied".to_owned()];
+    // Each part bounded as the worker's statements are: a database gone silent ends it.
+    let stall = crate::db::stall_bound(&settings.database);
     if rebind {
-        let (fields, line) = rebind_namespace(settings, &pool).await?;
+        let (fields, line) = crate::db::bounded(stall, rebind_namespace(settings, &pool)).await?;
         out.extend(fields);
         text.push(line);
     }
     if after_restore {
-        let (fields, line) = resume_after_restore(settings, &pool).await?;
+        let (fields, line) = crate::db::bounded(stall, resume_after_restore(settings, &pool))
+            .await
+            .map_err(|e| match rebind {
+                true => e.context("the namespace was bound again; the restore's part failed"),
+                false => e,
+            })?;
         out.extend(fields);
         text.push(line);
     }
@@ -1018,21 +1025,21 @@ async fn within<T>(
         .map_err(ledger_error)
 }
 
-/// A posting's error where the database failed: it may have failed after the commit, so
-/// whether it was applied is unknown, and the way to find out is its key.
-fn unknown_outcome(e: anyhow::Error, key: Option<&str>) -> anyhow::Error {
-    let db = matches!(e.downcast_ref::<LedgerError>(), Some(LedgerError::Db(_)));
-    match (db, key) {
-        (false, _) => e,
-        (true, Some(key)) => e.context(format!(
-            "whether it was applied is unknown: run it again with key {key:?}, which answers \
-             `applied: false` if it was"
-        )),
-        (true, None) => e.context(
-            "whether it was applied is unknown, and run again without --key it would credit \
-             again: look for it with `credit-worker history` first",
-        ),
+/// A posting's error where the connection was lost (the server may have committed before
+/// it), rather than answered: whether it was applied is unknown, and its key tells.
+fn unknown_outcome(e: anyhow::Error, key: &str) -> anyhow::Error {
+    use sqlx::Error::{Io, Protocol, WorkerCrashed};
+    let lost = matches!(
+        e.downcast_ref::<LedgerError>(),
+        Some(LedgerError::Db(Io(_) | Protocol(_) | WorkerCrashed))
+    );
+    if !lost {
+        return e;
     }
+    e.context(format!(
+        "whether it was applied is unknown: run it again with --key {key:?}, which answers \
+         `applied: false` if it was"
+    ))
 }
 
 async fn open_ledger(settings: &Settings) -> anyhow::Result<Ledger> {
@@ -1051,17 +1058,20 @@ async fn credit(
     reason: Option<String>,
 ) -> anyhow::Result<ExitCode> {
     let ledger = open_ledger(settings).await?;
+    // Fixed before the call, as the control queue's: an outcome left unknown (the database
+    // lost after its commit) can be looked up, and a retry under it applies it once.
+    let key = key.unwrap_or_else(|| crate::ledger::generated_key(tx_type));
     let call = ledger.credit(
         tx_type,
         user,
         amount,
-        key.as_deref(),
+        Some(&key),
         reason.as_deref(),
         Utc::now(),
     );
     let p = within(settings, call)
         .await
-        .map_err(|e| unknown_outcome(e, key.as_deref()))?;
+        .map_err(|e| unknown_outcome(e, &key))?;
     print_out(json, &serde_json::to_value(&p)?, || {
         posting_text(&p, || {
             let kind = tx_type.as_str();
@@ -1094,7 +1104,7 @@ async fn refund(
     let call = ledger.refund(user, amount, keys, reason.as_deref(), Utc::now());
     let p = within(settings, call)
         .await
-        .map_err(|e| unknown_outcome(e, Some(keys.0)))?;
+        .map_err(|e| unknown_outcome(e, keys.0))?;
     print_out(json, &serde_json::to_value(&p)?, || {
         posting_text(&p, || {
             format!(
