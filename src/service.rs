@@ -41,8 +41,9 @@ pub(crate) fn load_costs(settings: &Settings) -> anyhow::Result<CostTable> {
 
 /// What a start reads besides the settings, checked: the cost table with its estimates, and a
 /// refill schedule with a tick left after `now` (30 February, a past year would leave the
-/// month's sweep silently undone). Every command checks them, so the new build's `outcome`
-/// or `migrate` names a mistake before an upgrade, not the first replica to restart after it.
+/// month's sweep silently undone). `run`, `outcome` and `migrate` check them, so the new
+/// build's `outcome` or `migrate` names a mistake before an upgrade, not the first replica to
+/// restart after it.
 pub(crate) fn check_inputs(
     settings: &Settings,
     now: chrono::DateTime<chrono::Utc>,

@@ -293,9 +293,6 @@ impl<'a> Credit<'a> {
     }
 }
 
-/// Sends `result` to `reply_to` under the request's `correlation_id`, as the worker's broker
-/// user `me` (the broker verifies it), so a requester can tell the worker's answer from one
-/// another sender put in its queue.
 /// The reply's properties: its correlation id, the worker's own user, and the user whose
 /// command it answers, so a requester can tell its own answers from those to commands that
 /// others sent naming its queue (absent for a command without a user).
@@ -318,6 +315,9 @@ fn reply_properties(
 /// A reply's header naming the (broker-verified) user whose command it answers.
 pub const REQUESTER_HEADER: &str = "x-credit-requester";
 
+/// Sends `result` to `reply_to` under the request's `correlation_id`, as the worker's broker
+/// user `me` (the broker verifies it), so a requester can tell the worker's answer from one
+/// another sender put in its queue.
 async fn reply(
     ch: &Channel,
     reply_to: &str,
