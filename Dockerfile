@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1
 # credit-worker container image.
 #   docker build -t credit-worker .
-#   docker run --rm -e DATABASE_URL=... -e AMQP_URL=... -p 9464:9464 credit-worker
+#   docker run --rm --stop-timeout 30 -e DATABASE_URL=... -e AMQP_URL=... -p 9464:9464 credit-worker
+# (a stop may take up to 27 s: Docker's default 10 s would kill it mid-drain)
 
 # ---- build -------------------------------------------------------------------------------
 FROM rust:1-bookworm AS build

@@ -1,11 +1,13 @@
 //! Waiting for the operator's stop signal, shared by `run` and the tools.
 
-/// SIGTERM and SIGINT, caught from the moment this is made: a signal that arrives before
-/// anyone awaits [`StopSignals::recv`] is kept for it instead of ending the process with
-/// the default action (which would exit without draining and without an exit code).
+/// SIGTERM, SIGINT and SIGHUP (a closed terminal, or a supervisor's reload signal, which a
+/// worker with nothing to reload takes as a stop), caught from the moment this is made: a
+/// signal that arrives before anyone awaits [`StopSignals::recv`] is kept for it instead of
+/// ending the process with the default action (which would exit without draining and without
+/// an exit code).
 pub(crate) struct StopSignals {
     #[cfg(unix)]
-    streams: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+    streams: Option<[tokio::signal::unix::Signal; 3]>,
 }
 
 impl StopSignals {
@@ -17,8 +19,9 @@ impl StopSignals {
             let streams = match (
                 signal(SignalKind::terminate()),
                 signal(SignalKind::interrupt()),
+                signal(SignalKind::hangup()),
             ) {
-                (Ok(term), Ok(int)) => Some((term, int)),
+                (Ok(term), Ok(int), Ok(hup)) => Some([term, int, hup]),
                 _ => None,
             };
             StopSignals { streams }
@@ -29,13 +32,14 @@ impl StopSignals {
         }
     }
 
-    /// The next SIGTERM or SIGINT (Ctrl-C where the handlers could not be installed).
+    /// The next SIGTERM, SIGINT or SIGHUP (Ctrl-C where the handlers could not be installed).
     pub(crate) async fn recv(&mut self) {
         #[cfg(unix)]
-        if let Some((term, int)) = &mut self.streams {
+        if let Some([term, int, hup]) = &mut self.streams {
             tokio::select! {
                 _ = term.recv() => {}
                 _ = int.recv() => {}
+                _ = hup.recv() => {}
             }
             return;
         }
@@ -43,7 +47,7 @@ impl StopSignals {
     }
 }
 
-/// SIGTERM or SIGINT, from now on.
+/// SIGTERM, SIGINT or SIGHUP, from now on.
 pub(crate) async fn wait_for_signal() {
     StopSignals::install().recv().await
 }

@@ -862,7 +862,7 @@ async fn sigterm_while_a_batch_fills_decides_it_at_once() {
 }
 
 #[tokio::test]
-async fn sigterm_finishes_in_flight_work_and_exits_0() {
+async fn sigterm_or_sighup_finishes_in_flight_work_and_exits_0() {
     let env = TestEnv::with(no_refill).await;
     seed(&env, ["term"], 1_000_000).await;
     // The prefetch (1000) holds more than the batches in flight and the one filling (3 × 50),
@@ -875,7 +875,8 @@ async fn sigterm_finishes_in_flight_work_and_exits_0() {
     env.publish(&bodies).await;
     let mut w = WorkerProcess::spawn(&env_vars, &["run"]);
     env.wait_decisions(1, T).await;
-    w.sigterm();
+    // A hangup (a closed terminal, a supervisor's reload) stops it the same way.
+    w.signal("HUP");
     assert_eq!(w.wait_exit(T).await, Some(0));
     let decided = env
         .scalar_i64("SELECT count(*) FROM credit.decisions")
