@@ -1014,7 +1014,7 @@ async fn a_sweep_whose_database_goes_silent_fails_rather_than_hang() {
         "DATABASE_URL",
         through_proxy(&env.settings.database.url, proxy.port),
     )
-    .env("CREDIT_WORKER__DATABASE__STATEMENT_TIMEOUT_MS", "3000")
+    .env("CREDIT_WORKER__DATABASE__STATEMENT_TIMEOUT_MS", "500")
     .kill_on_drop(true);
     let sweep = cmd.output();
     tokio::pin!(sweep);
@@ -1030,7 +1030,7 @@ async fn a_sweep_whose_database_goes_silent_fails_rather_than_hang() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
-        stderr.contains("no answer from the database within 7s"),
+        stderr.contains("no answer from the database within 2s"),
         "{stderr}"
     );
     holder.commit().await.expect("release u0's row");
@@ -1063,6 +1063,8 @@ async fn a_top_up_whose_database_goes_silent_fails_and_names_its_key() {
         "DATABASE_URL",
         through_proxy(&env.settings.database.url, proxy.port),
     )
+    // 3 s: the freeze lands long before the server's cancel of the lock wait could reach the
+    // command, whose one connection is taken by then (no pool wait comes first).
     .env("CREDIT_WORKER__DATABASE__STATEMENT_TIMEOUT_MS", "3000")
     .kill_on_drop(true);
     let top_up = cmd.output();
