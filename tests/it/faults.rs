@@ -996,6 +996,49 @@ async fn creating_the_database_through_a_server_gone_silent_fails_rather_than_ha
     env.cleanup().await;
 }
 
+/// Runs the CLI `args` with a statement timeout of `statement_timeout_ms`, through a proxy to
+/// the database that goes silent once the command waits for u0's row, which the returned
+/// transaction holds; the command's output, within 30 s. The proxy is returned too: dropped,
+/// it would end the frozen session early.
+async fn frozen_behind_u0(
+    env: &TestEnv,
+    args: &[&str],
+    statement_timeout_ms: &str,
+) -> (
+    std::process::Output,
+    sqlx::Transaction<'static, sqlx::Postgres>,
+    FreezingProxy,
+) {
+    let proxy = FreezingProxy::before_database(&env.settings.database.url).await;
+    let mut holder = env.pool.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM credit.balances WHERE user_id = 'u0' FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .expect("hold u0's row");
+    let mut cmd = tokio::process::Command::from(env.cli_command(args));
+    cmd.env(
+        "DATABASE_URL",
+        through_proxy(&env.settings.database.url, proxy.port),
+    )
+    .env(
+        "CREDIT_WORKER__DATABASE__STATEMENT_TIMEOUT_MS",
+        statement_timeout_ms,
+    )
+    .kill_on_drop(true);
+    let run = cmd.output();
+    tokio::pin!(run);
+    tokio::select! {
+        _ = env.wait_for_one_lock_waiter(T, "the command waiting for u0's row") => {}
+        out = &mut run => panic!("{args:?} ended before it waited: {out:?}"),
+    }
+    proxy.freeze();
+    let out = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .unwrap_or_else(|_| panic!("{args:?} still waiting after 30 s"))
+        .expect("run the CLI");
+    (out, holder, proxy)
+}
+
 /// A sweep whose database connection goes silent while a range waits for a row fails at the
 /// stall bound (two statement timeouts and a second), saying so, instead of waiting for ever;
 /// run again, it refills every account once.
@@ -1003,30 +1046,7 @@ async fn creating_the_database_through_a_server_gone_silent_fails_rather_than_ha
 async fn a_sweep_whose_database_goes_silent_fails_rather_than_hang() {
     let env = TestEnv::with(no_refill).await;
     seed(&env, user_names(10), 100).await;
-    let proxy = FreezingProxy::before_database(&env.settings.database.url).await;
-    let mut holder = env.pool.begin().await.expect("begin");
-    sqlx::query("SELECT 1 FROM credit.balances WHERE user_id = 'u0' FOR UPDATE")
-        .execute(&mut *holder)
-        .await
-        .expect("hold u0's row");
-    let mut cmd = tokio::process::Command::from(env.cli_command(&["sweep"]));
-    cmd.env(
-        "DATABASE_URL",
-        through_proxy(&env.settings.database.url, proxy.port),
-    )
-    .env("CREDIT_WORKER__DATABASE__STATEMENT_TIMEOUT_MS", "500")
-    .kill_on_drop(true);
-    let sweep = cmd.output();
-    tokio::pin!(sweep);
-    tokio::select! {
-        _ = env.wait_for_one_lock_waiter(T, "the sweep waiting for u0's row") => {}
-        out = &mut sweep => panic!("the sweep ended before it waited: {out:?}"),
-    }
-    proxy.freeze();
-    let out = tokio::time::timeout(Duration::from_secs(30), sweep)
-        .await
-        .expect("the sweep still waiting after 30 s")
-        .expect("run the CLI");
+    let (out, holder, _proxy) = frozen_behind_u0(&env, &["sweep"], "500").await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
@@ -1051,33 +1071,10 @@ async fn a_sweep_whose_database_goes_silent_fails_rather_than_hang() {
 async fn a_top_up_whose_database_goes_silent_fails_and_names_its_key() {
     let env = TestEnv::with(no_refill).await;
     seed(&env, ["u0"], 100).await;
-    let proxy = FreezingProxy::before_database(&env.settings.database.url).await;
-    let mut holder = env.pool.begin().await.expect("begin");
-    sqlx::query("SELECT 1 FROM credit.balances WHERE user_id = 'u0' FOR UPDATE")
-        .execute(&mut *holder)
-        .await
-        .expect("hold u0's row");
     let args = ["top-up", "u0", "7", "--key", "pay-7"];
-    let mut cmd = tokio::process::Command::from(env.cli_command(&args));
-    cmd.env(
-        "DATABASE_URL",
-        through_proxy(&env.settings.database.url, proxy.port),
-    )
     // 3 s: the freeze lands long before the server's cancel of the lock wait could reach the
     // command, whose one connection is taken by then (no pool wait comes first).
-    .env("CREDIT_WORKER__DATABASE__STATEMENT_TIMEOUT_MS", "3000")
-    .kill_on_drop(true);
-    let top_up = cmd.output();
-    tokio::pin!(top_up);
-    tokio::select! {
-        _ = env.wait_for_one_lock_waiter(T, "the top-up waiting for u0's row") => {}
-        out = &mut top_up => panic!("the top-up ended before it waited: {out:?}"),
-    }
-    proxy.freeze();
-    let out = tokio::time::timeout(Duration::from_secs(30), top_up)
-        .await
-        .expect("the top-up still waiting after 30 s")
-        .expect("run the CLI");
+    let (out, holder, _proxy) = frozen_behind_u0(&env, &args, "3000").await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
