@@ -559,6 +559,9 @@ async fn a_broker_that_stops_answering_the_relay_holds_shutdown_only_for_the_dra
     };
     top_up("before").await;
     assert_eq!(tap.take(1, T).await.len(), 1, "the relay publishes");
+    // The tap can hold the event before the relay has its confirm; stalling then would leave
+    // `before` behind the watermark too, and the next worker would publish it again first.
+    env.wait_published(T).await;
     proxy.stalled.store(true, Ordering::SeqCst);
     top_up("stalled").await;
     let swallowed = || async { proxy.swallowed.load(Ordering::SeqCst) > 0 };
