@@ -180,8 +180,9 @@ impl Relay {
                     metrics::counter!("credit_broker_reconnects_total", "session" => "outbox relay")
                         .increment(1);
                     // Tried again up to every second while the database is down: the
-                    // counter shows each, the log one in ten seconds.
-                    if SESSION_FAULT_LOGGED.ready() {
+                    // counter shows each, the log one in ten seconds (a different fault at
+                    // once).
+                    if SESSION_FAULT_LOGGED.ready_for(&e.to_string()) {
                         warn!(error = %e, "outbox relay: its database session ended by a fault; beginning another");
                     }
                     if !crate::retry::pause(&mut delays, hard_stop).await {
@@ -557,7 +558,8 @@ impl Recorded {
     }
 }
 
-/// A database session of the relay's that a fault ended, warned of at most every 10 s.
+/// A database session of the relay's that a fault ended, warned of at most every 10 s per
+/// fault.
 static SESSION_FAULT_LOGGED: crate::throttle::Throttle =
     crate::throttle::Throttle::new(Duration::from_secs(10));
 
