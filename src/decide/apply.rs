@@ -345,14 +345,14 @@ pub(crate) fn decide_from_completion(
 
 /// Whether a start is refused for funds: its cost and fee exceed the balance, or a block
 /// billed by what its run uses (a `metered` entry, priced 0 before the run: no estimate)
-/// meets a debt, which "rejects every paid execution" (SPEC §4.2): its run could only deepen
-/// it. A `run` entry of 0 credits is free, debt or not. At a balance of exactly 0 a metered
-/// block runs, as SPEC's outcome table has it (cost 0 ⇒ `free`); AutoGPT refuses it there too.
+/// meets a balance of 0 or less, as AutoGPT's `charge_usage` refuses it: with nothing to pay
+/// from, its run could only make or deepen a debt, and a debt "rejects every paid execution"
+/// (SPEC §4.2). A `run` entry of 0 credits is free, whatever the balance.
 pub(super) fn refused_for_funds(total: i64, metered: bool, balance: i64) -> bool {
     if total > 0 {
         total > balance
     } else {
-        metered && balance < 0
+        metered && balance <= 0
     }
 }
 

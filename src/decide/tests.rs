@@ -411,8 +411,8 @@ fn a_completion_first_whose_cost_and_fee_overflow_is_refused_not_capped() {
 }
 
 /// A block billed only after its run (a matching entry, no estimate: 0 before it) runs while
-/// the balance is 0 or more and is rejected in debt: its run could only deepen it. One the
-/// user pays nothing for (no match) still runs.
+/// the balance is above 0 and is rejected at 0 or in debt: its run could only make or deepen
+/// a debt. One the user pays nothing for (no match) still runs.
 #[test]
 fn a_block_billed_after_its_run_is_refused_without_credit() {
     let table = r#"
@@ -454,11 +454,23 @@ fn a_block_billed_after_its_run_is_refused_without_credit() {
     assert_eq!(l.accounts["u"].balance, -50);
     use super::apply::refused_for_funds;
     assert!(refused_for_funds(0, true, -1));
-    assert!(!refused_for_funds(0, true, 0));
+    assert!(refused_for_funds(0, true, 0));
     assert!(!refused_for_funds(0, true, 1));
+    assert!(!refused_for_funds(0, false, 0));
     assert!(!refused_for_funds(0, false, -5));
     assert!(refused_for_funds(11, false, 10));
     assert!(!refused_for_funds(10, true, 10));
+    // AutoGPT's billing_reconciliation_test: cost_usd at 100 credits per $, no estimate, a
+    // balance of 0 is refused (no spend); 50 starts, free before the run.
+    let mut l = holding(0);
+    let v = l.decide(&p, &[sandbox("e", "platform", None)], now());
+    assert_eq!(decided(&v), Some((Outcome::Rejected, 0)));
+    let v = l.decide(&p, &[sandbox("f", "own", None)], now());
+    assert_eq!(decided(&v), Some((Outcome::Free, 0)));
+    let mut l = holding(50);
+    let v = l.decide(&p, &[sandbox("g", "platform", None)], now());
+    assert_eq!(decided(&v), Some((Outcome::Free, 0)));
+    assert_eq!(l.accounts["u"].balance, 50);
 }
 
 #[test]
