@@ -7,7 +7,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 
 /// A session that lived this long was healthy: the next fault starts the backoff afresh.
 const HEALTHY: Duration = Duration::from_secs(30);
@@ -22,6 +22,11 @@ pub(crate) trait SessionFault: Display {
     /// What a permanent fault is, in the log line that ends the session.
     fn why_permanent(&self) -> &'static str {
         crate::amqp::topology::REFUSED_ARGUMENTS
+    }
+
+    /// Whether the session ended to begin another at once, as planned: not a fault.
+    fn resumes_at_once(&self) -> bool {
+        false
     }
 }
 
@@ -55,6 +60,9 @@ where
             // Cut short by the stop (work given up at its bound): not a fault to reconnect
             // from. What it had not finished is taken up again: a delivery it held comes
             // again, an event it had not published stays behind the watermark.
+            Err(e) if e.resumes_at_once() && !stop.is_cancelled() => {
+                info!(session = what, "{e}; reconnecting");
+            }
             Err(e) if stop.is_cancelled() => {
                 warn!(error = %e, session = what, "session ended at the stop with its work unfinished; it is taken up again at the next start");
                 return false;

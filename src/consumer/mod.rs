@@ -11,6 +11,7 @@
 //! and never produces a decision or an ack.
 
 mod dead_letter;
+mod oversized;
 pub mod process;
 
 use std::collections::VecDeque;
@@ -27,7 +28,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinError;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::amqp::topology::{self, Names};
 use crate::amqp::{self, PublishError, Publisher};
@@ -35,6 +36,7 @@ use crate::config::Settings;
 use crate::decide::{Follow, Turn};
 use crate::health::Health;
 use dead_letter::dead_letter;
+use oversized::OneAtATime;
 use process::{producer_refusal, Action, Attempt, DbDecider, MessageIds};
 
 /// Header naming why a message was dead-lettered.
@@ -72,6 +74,10 @@ enum SessionError {
     Progress(#[from] crate::progress::ProgressError),
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
+    /// The deliveries to be read one at a time after an oversized one have been: the next
+    /// session reads at the full prefetch.
+    #[error("read the deliveries that came back with an oversized one alone")]
+    ReadAlone,
 }
 
 impl SessionError {
@@ -100,6 +106,10 @@ impl crate::amqp::SessionFault for SessionError {
             _ => crate::amqp::topology::REFUSED_ARGUMENTS,
         }
     }
+
+    fn resumes_at_once(&self) -> bool {
+        matches!(self, SessionError::ReadAlone)
+    }
 }
 
 /// One connection's worth of consuming.
@@ -115,11 +125,12 @@ impl Consumer {
     /// in flight is decided and acked.
     pub async fn run(&self, stop: CancellationToken) {
         use amqp::SessionFault as _;
+        let alone = OneAtATime::default();
         amqp::reconnecting("consumer", &stop, || async {
-            let ended = self.session(&stop).await;
+            let ended = self.session(&stop, &alone).await;
             // Only for a fault it reconnects from: not at the stop, nor at its last end.
             match &ended {
-                Err(e) if !stop.is_cancelled() && !e.is_permanent() => {
+                Err(e) if !stop.is_cancelled() && !e.is_permanent() && !e.resumes_at_once() => {
                     self.health.set_consumer_fault(&e.probe_text());
                 }
                 _ => {}
@@ -129,7 +140,7 @@ impl Consumer {
         .await;
     }
 
-    async fn open(&self) -> Result<Session, SessionError> {
+    async fn open(&self, prefetch: u16) -> Result<Session, SessionError> {
         let amqp = &self.settings.amqp;
         let conn = crate::amqp::connect(amqp, "credit-worker consumer").await?;
         let ch = conn.create_channel().await?;
@@ -137,8 +148,7 @@ impl Consumer {
         topology::declare_ledger_mark(&conn, &names, &self.ledger_id).await?;
         self.check_progress(&conn, &names).await?;
         // Applied on every (re)connect: prefetch is per channel.
-        ch.basic_qos(amqp.prefetch, BasicQosOptions::default())
-            .await?;
+        ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
         let dead = Publisher::open_patient(&conn).await?;
         Ok(Session {
             conn,
@@ -148,13 +158,19 @@ impl Consumer {
         })
     }
 
-    async fn session(&self, stop: &CancellationToken) -> Result<(), SessionError> {
+    async fn session(
+        &self,
+        stop: &CancellationToken,
+        alone: &OneAtATime,
+    ) -> Result<(), SessionError> {
+        let prefetch = self.settings.amqp.prefetch;
         // A stop while connecting ends the session at once: a broker that accepts TCP but
         // never answers holds a connect for up to 15 s, past the 12 s the writers' stop allows.
         let s = tokio::select! {
-            s = self.open() => s?,
+            s = self.open(alone.prefetch(prefetch)) => s?,
             _ = stop.cancelled() => return Ok(()),
         };
+        let mut events = Box::pin(s.conn.events_listener());
         let _connection = self.health.consumer_session(&s.conn);
         let mut deliveries =
             s.ch.basic_consume(
@@ -181,17 +197,29 @@ impl Consumer {
             decider_stop.clone(),
         )));
         let result = tokio::select! {
-            collected = self.collect(&mut deliveries, &tx, stop) => collected,
+            collected = self.collect(&mut deliveries, &tx, stop, alone) => collected,
             e = self.keep_declared(&s.conn) => Err(e),
         };
         // Not consuming from this moment (a fault or a stop), whatever the cleanup below takes.
         self.health.set_consuming(false);
         drop(tx);
-        if result.is_err() {
+        if result
+            .as_ref()
+            .is_err_and(|e| !matches!(e, SessionError::ReadAlone))
+        {
             decider_stop.cancel();
         }
         let decided = self.wind_down(s, &mut decider).await;
         self.health.set_oldest_batch(None);
+        if oversized::ended_on_an_oversized_frame(&mut events) {
+            warn!(
+                reading_alone = prefetch,
+                "a delivery larger than the connection's frames (its properties) ended the \
+                 session; the deliveries that came back with it are read one at a time, so \
+                 that it alone reaches its x-delivery-limit and is dead-lettered by the broker"
+            );
+            alone.begin(prefetch);
+        }
         match (result, decided) {
             // The decider's own error says why it is gone.
             (Err(SessionError::DeciderGone), Err(e)) => Err(e),
@@ -231,8 +259,9 @@ impl Consumer {
         deliveries: &mut lapin::Consumer,
         tx: &mpsc::Sender<Vec<Delivery>>,
         stop: &CancellationToken,
+        alone: &OneAtATime,
     ) -> Result<(), SessionError> {
-        let max_batch = self.settings.pipeline.max_batch;
+        let max_batch = alone.max_batch(self.settings.pipeline.max_batch);
         let max_wait = Duration::from_millis(self.settings.pipeline.max_wait_ms);
         // Deliveries that arrived while the previous batch was full: they start the next one.
         let mut carried: Vec<Delivery> = Vec::new();
@@ -250,9 +279,13 @@ impl Consumer {
                 }
             }
             fill(deliveries, &mut batch, max_batch, max_wait, stop).await?;
+            let n = batch.len();
             let handed = hand_off(deliveries, tx, batch, &mut carried, max_batch, stop).await?;
             if handed.is_break() {
                 return Ok(());
+            }
+            if alone.active() && alone.counted(n) {
+                return Err(SessionError::ReadAlone);
             }
         }
     }

@@ -293,6 +293,45 @@ async fn messages_whose_headers_fill_a_large_frame_are_decided_and_dead_lettered
     env.cleanup().await;
 }
 
+/// A delivery past the frame size the consumer agreed: RabbitMQ takes a message whose
+/// properties fill a frame to the byte (and a few bytes past it), and adds its own headers
+/// when it delivers it, so the consumer's connection ends on it, and every delivery unacked
+/// on it goes back to the queue with it, counted towards the delivery limit. Read one at a
+/// time after that, the oversized one alone reaches the limit and is dead-lettered by the
+/// broker; the 600 around it are billed, none dead-lettered.
+#[tokio::test]
+async fn a_delivery_past_the_frame_size_is_dead_lettered_alone() {
+    let env = TestEnv::with(no_refill).await;
+    let users: Vec<String> = (0..50).map(|u| format!("u{u}")).collect();
+    seed(&env, &users, 10_000).await;
+    let valid = |prefix: &str| -> Vec<Vec<u8>> {
+        (0..300)
+            .map(|i| body(&platform_gpt4(&users[i % 50], &format!("{prefix}-{i}"))))
+            .collect()
+    };
+    env.publish(&valid("before")).await;
+    // A 131,073-byte header frame (57 bytes besides the header's value).
+    let oversized = body(&platform_gpt4("u0", "oversized"));
+    publish_with_headers(&env, &env.names.input_queue, &oversized, 131_016).await;
+    env.publish(&valid("after")).await;
+    let worker = Worker::start(env.settings.clone()).await.expect("worker");
+    env.wait_decisions(600, Duration::from_secs(120)).await;
+    wait_for(T, "the oversized delivery dead-lettered", || async {
+        queue_depth(&env, &env.names.dead_queue).await == 1
+    })
+    .await;
+    worker.stop().await.expect("stop");
+    assert_eq!(queue_depth(&env, &env.names.input_queue).await, 0);
+    assert_eq!(env.outcome_of("oversized").await, None);
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM credit.decisions WHERE outcome = 'charged'")
+            .await,
+        600
+    );
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
 /// A list of the whole dead queue, then at once a replay of it all: the replay finds every
 /// message the list returned (a quorum queue takes returns back after the channel sent them),
 /// and leaves no dead copy of any (nor acks lost at its close).
