@@ -185,7 +185,10 @@ impl Session {
             let Ok(got) = tokio::time::timeout(READ_TIMEOUT, get).await else {
                 anyhow::bail!(
                     "dead queue: no message read within {READ_TIMEOUT:?}; one whose headers \
-                     exceed amqp.url's frame_max cannot be read"
+                     exceed the connection's frame size (amqp.url's frame_max, else the \
+                     broker's) cannot be read, and the messages this read held are back in \
+                     the queue (README, \"A dead letter no client can read\", says how to \
+                     read it)"
                 );
             };
             let got = got?;
@@ -298,8 +301,36 @@ pub async fn replay(
     if !dry_run {
         session.check_input_queue().await?;
     }
-    let mut left = session.depth().await? as usize;
     let mut report = ReplayReport::default();
+    let last_held = match replay_each(&session, selection, dry_run, &mut report).await {
+        Ok(last_held) => last_held,
+        // A replay that stops after some were moved says so: they are in the input queue.
+        Err(e) if report.replayed > 0 => {
+            let moved = report.replayed;
+            return Err(e.context(format!(
+                "{moved} dead letters were replayed (and removed from the dead queue) before \
+                 the replay stopped"
+            )));
+        }
+        Err(e) => return Err(e),
+    };
+    // Held still: the skipped, and with --dry-run the chosen too.
+    let held = report.skipped + report.would_replay.len();
+    session
+        .finish(last_held, held, !dry_run && report.replayed > 0)
+        .await?;
+    Ok(report)
+}
+
+/// Reads the dead queue window by window and replays (or, `dry_run`, lists) the chosen
+/// letters, counting into `report`; the last delivery still held.
+async fn replay_each(
+    session: &Session,
+    selection: &Selection,
+    dry_run: bool,
+    report: &mut ReplayReport,
+) -> anyhow::Result<Option<DeliveryTag>> {
+    let mut left = session.depth().await? as usize;
     let mut last_held = None;
     while left > 0 {
         let batch = session.take(left.min(WINDOW), true).await?;
@@ -319,14 +350,9 @@ pub async fn replay(
             last_held = max_tag(last_held, chosen.last());
             continue;
         }
-        report.replayed += move_batch(&session, &chosen).await?;
+        report.replayed += move_batch(session, &chosen).await?;
     }
-    // Held still: the skipped, and with --dry-run the chosen too.
-    let held = report.skipped + report.would_replay.len();
-    session
-        .finish(last_held, held, !dry_run && report.replayed > 0)
-        .await?;
-    Ok(report)
+    Ok(last_held)
 }
 
 fn max_tag(a: Option<DeliveryTag>, d: Option<&lapin::message::Delivery>) -> Option<DeliveryTag> {

@@ -223,6 +223,27 @@ async fn replay_without_a_selection_is_a_usage_error() {
 async fn a_dead_letter_past_the_frame_size_fails_the_list_instead_of_hanging() {
     let env = TestEnv::with(no_refill).await;
     publish_with_headers(&env, &env.names.dead_queue, b"{}", 60_000).await;
+    let small = small_frames(&env);
+    let listed = tokio::time::timeout(T, dead_letters::list(&small, 10)).await;
+    let e = listed
+        .expect("an answer, not a hang")
+        .expect_err("unreadable");
+    assert_eq!(
+        e.to_string(),
+        "dead queue: no message read within 10s; one whose headers exceed the connection's \
+         frame size (amqp.url's frame_max, else the broker's) cannot be read, and the messages \
+         this read held are back in the queue (README, \"A dead letter no client can read\", \
+         says how to read it)"
+    );
+    // Read with the default frame size, it is there as it was.
+    let report = dead_letters::list(&env.settings, 10).await.expect("list");
+    assert_eq!(report.depth, 1);
+    env.cleanup().await;
+}
+
+/// The test's settings with 32 KiB frames, which a message with 60,000 bytes of headers
+/// does not fit.
+fn small_frames(env: &TestEnv) -> credit_worker::config::Settings {
     let mut small = env.settings.clone();
     let sep = if small.amqp.url.contains('?') {
         '&'
@@ -230,18 +251,36 @@ async fn a_dead_letter_past_the_frame_size_fails_the_list_instead_of_hanging() {
         '?'
     };
     small.amqp.url = format!("{}{sep}frame_max=32768", small.amqp.url);
-    let listed = tokio::time::timeout(T, dead_letters::list(&small, 10)).await;
-    let e = listed
-        .expect("an answer, not a hang")
-        .expect_err("unreadable");
-    assert_eq!(
-        e.to_string(),
-        "dead queue: no message read within 10s; one whose headers exceed amqp.url's \
-         frame_max cannot be read"
+    small
+}
+
+/// A replay that meets a dead letter it cannot read after moving others says how many it
+/// moved: they are in the input queue, gone from the dead queue.
+#[tokio::test]
+async fn a_replay_stopped_by_an_unreadable_dead_letter_says_how_many_it_moved() {
+    let env = TestEnv::with(no_refill).await;
+    for i in 0..100 {
+        let b = body(&platform_gpt4("u1", &format!("ne-moved-{i}")));
+        dead_letter(&env, &b, "user_id: missing").await;
+    }
+    publish_with_headers(&env, &env.names.dead_queue, b"{}", 60_000).await;
+    let small = small_frames(&env);
+    let replayed = tokio::time::timeout(
+        Duration::from_secs(60),
+        dead_letters::replay(&small, &dead_letters::Selection::All, false),
+    )
+    .await;
+    let e = replayed.expect("an answer").expect_err("unreadable");
+    let text = format!("{e:#}");
+    assert!(
+        text.starts_with(
+            "100 dead letters were replayed (and removed from the dead queue) before the \
+             replay stopped: dead queue: no message read within 10s"
+        ),
+        "{text}"
     );
-    // Read with the default frame size, it is there as it was.
-    let report = dead_letters::list(&env.settings, 10).await.expect("list");
-    assert_eq!(report.depth, 1);
+    assert_eq!(queue_depth(&env, &env.names.input_queue).await, 100);
+    assert_eq!(queue_depth(&env, &env.names.dead_queue).await, 1);
     env.cleanup().await;
 }
 
