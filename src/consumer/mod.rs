@@ -604,6 +604,7 @@ impl Consumer {
         let Some(decided) = process::finish(&self.decider, attempt, stop).await else {
             return Ok(false);
         };
+        let producers_refused = refused.iter().flatten().count() as u64;
         let actions = merge_actions(&batch, refused, decided)?;
         metrics::histogram!("credit_decide_transaction_seconds")
             .record(started.elapsed().as_secs_f64());
@@ -620,6 +621,8 @@ impl Consumer {
         let Some(rejected) = dead_letter(dead, names, &letters, me, waiting).await? else {
             return Ok(false);
         };
+        // Counted once their dead letters are confirmed, as `invalid` is.
+        metrics::counter!("credit_producers_refused_total").increment(producers_refused);
         // The batch holds every unacked delivery up to its last tag (deliveries are batched in
         // order and batches are acked in order), so one multiple-ack covers it: on the last
         // delivery not rejected already, whose acker is still unused (a rejected one's is
@@ -673,10 +676,7 @@ fn merge_actions(
         .iter()
         .zip(refused)
         .map(|(d, r)| match r {
-            Some(reason) => {
-                metrics::counter!("credit_producers_refused_total").increment(1);
-                Ok((Action::DeadLetter { reason }, MessageIds::peek(&d.data)))
-            }
+            Some(reason) => Ok((Action::DeadLetter { reason }, MessageIds::peek(&d.data))),
             // Processing returns one action per body; a missing one must not be acked.
             None => decided.next().ok_or(SessionError::DeciderGone),
         })

@@ -472,6 +472,54 @@ async fn a_dead_letter_whose_queue_is_gone_is_not_lost() {
     env.cleanup().await;
 }
 
+/// A refused producer's message whose dead letter no queue takes (the dead queue deleted) is
+/// counted refused once, when the next session's dead letter is confirmed, as `invalid` is:
+/// `credit_producers_refused_total` is a part of `invalid` and never exceeds it.
+#[tokio::test]
+async fn a_refused_producer_is_counted_once_its_dead_letter_is_confirmed() {
+    let env = TestEnv::with(no_refill).await;
+    let mut vars = env.process_env();
+    vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
+    vars.push((
+        "CREDIT_WORKER__AMQP__ALLOWED_PRODUCERS".into(),
+        "executor".into(),
+    ));
+    let (mut worker, http) = WorkerProcess::spawn_with_http(&vars, &["run"]);
+    wait_status(T, http, "/readyz", 200).await;
+    let (_conn, ch) = env.amqp_channel().await;
+    ch.queue_delete(
+        env.names.dead_queue.as_str().into(),
+        lapin::options::QueueDeleteOptions::default(),
+    )
+    .await
+    .expect("delete the dead queue");
+    // Straight to the queue: the publish tool would declare the dead queue again.
+    ch.basic_publish(
+        "".into(),
+        env.names.input_queue.as_str().into(),
+        lapin::options::BasicPublishOptions::default(),
+        &body(&platform_gpt4("d", "refused-0")),
+        credit_worker::amqp::persistent_json(),
+    )
+    .await
+    .expect("publish");
+    wait_for(T, "the dead letter confirmed", || async {
+        scraped(http, "credit_dead_lettered_total", &[]).await == 1.0
+    })
+    .await;
+    let consumer = &[("session", "consumer")];
+    assert!(scraped(http, "credit_broker_reconnects_total", consumer).await >= 1.0);
+    let invalid = &[("outcome", "invalid")];
+    assert_eq!(scraped(http, "credit_messages_total", invalid).await, 1.0);
+    assert_eq!(
+        scraped(http, "credit_producers_refused_total", &[]).await,
+        1.0
+    );
+    worker.sigterm();
+    assert_eq!(worker.wait_exit(T).await, Some(0));
+    env.cleanup().await;
+}
+
 /// A decider that fails (here: its dead letter has nowhere to go) ends the session at once,
 /// idle queue or not: the new session declares the topology again and the held messages are
 /// redelivered, so the invalid one reaches the dead queue without any further traffic.
