@@ -150,9 +150,41 @@ pub(crate) async fn sweep_exclusive(
         let _ = lock_conn.close().await;
         return Ok(None);
     }
-    let result = sweep(sweeper, policy, month, None, chunk, |_| {}).await;
+    let lease = stall.filter(|lease| lease.as_millis() <= i32::MAX as u128);
+    if let Some(lease) = lease {
+        crate::db::bounded(stall, crate::db::end_when_idle(&mut lock_conn, lease)).await?;
+    }
+    let swept = sweep(sweeper, policy, month, None, chunk, |_| {});
+    let result = holding_the_lease(&mut lock_conn, lease, swept).await;
     let _ = lock_conn.close().await;
     result.map(Some)
+}
+
+/// `work`, while the sweep lock's session is kept from going idle past `lease`: the server
+/// ends the session of a holder that stopped making progress (a frozen process), and the lock
+/// with it, so another replica's next try sweeps the month, as the outbox relay's lead is
+/// handed on. A holder that resumes sweeps on beside it: a month's refill is idempotent.
+async fn holding_the_lease<T>(
+    conn: &mut sqlx::PgConnection,
+    lease: Option<Duration>,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    let Some(lease) = lease else {
+        return work.await;
+    };
+    tokio::pin!(work);
+    let mut held = true;
+    loop {
+        tokio::select! {
+            done = &mut work => return done,
+            () = tokio::time::sleep(lease / 4), if held => {
+                // A ping that fails (the session ended) leaves the lock to the others.
+                held = tokio::time::timeout(lease / 2, store::ping(conn))
+                    .await
+                    .is_ok_and(|pinged| pinged.is_ok());
+            }
+        }
+    }
 }
 
 async fn sweep_one(

@@ -805,6 +805,57 @@ async fn a_sweep_waits_for_the_lock_rather_than_skip_the_month() {
     env.cleanup().await;
 }
 
+/// A replica frozen while it holds the sweep lock (SIGSTOP: a paused VM, a stuck runtime)
+/// loses it once the lock's session has been idle past the lease (twice the statement
+/// timeout and a second, 7 s here), as a frozen relay leader loses the lead: another replica
+/// then sweeps the month while it stays frozen, and the month is refilled once.
+#[tokio::test]
+async fn a_frozen_sweeper_loses_the_sweep_lock_to_another_replica() {
+    let env = TestEnv::with(no_refill).await;
+    // Seeded with refill off: the start-up catch-up sweep refills every one of them.
+    let users: Vec<String> = (0..50).map(|i| format!("fz-{i:02}")).collect();
+    seed(&env, &users, 1).await;
+    let mut vars = env.process_env();
+    vars.push(("CREDIT_WORKER__REFILL__LAZY".into(), "false".into()));
+    vars.push((
+        "CREDIT_WORKER__DATABASE__STATEMENT_TIMEOUT_MS".into(),
+        "3000".into(),
+    ));
+    // The first replica's sweep waits on a user held here, then freezes with the lock.
+    let mut held = env.pool.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM credit.balances WHERE user_id = 'fz-25' FOR UPDATE")
+        .execute(&mut *held)
+        .await
+        .expect("lock a user");
+    let (frozen, _) = WorkerProcess::spawn_with_http(&vars, &["run"]);
+    env.wait_for_one_lock_waiter(T, "the sweep waiting on the user")
+        .await;
+    // Still frozen should the test fail: dropping the process kills it.
+    frozen.signal("STOP");
+    held.commit().await.expect("release the user");
+    let (mut other, _) = WorkerProcess::spawn_with_http(&vars, &["run"]);
+    let refilled = "SELECT count(*) FROM credit.transactions
+                     WHERE transaction_key LIKE 'MONTHLY-CREDIT-TOP-UP-%'";
+    wait_count(
+        &env,
+        T,
+        "the month swept by the other",
+        refilled,
+        &[],
+        |n| n == 50,
+    )
+    .await;
+    frozen.signal("CONT");
+    other.sigterm();
+    assert_eq!(other.wait_exit(T).await, Some(0));
+    frozen.sigterm();
+    let mut frozen = frozen;
+    assert_eq!(frozen.wait_exit(T).await, Some(0));
+    assert_eq!(env.scalar_i64(refilled).await, 50);
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
 /// A worker (its HTTP port) ready, with one seeded user's event waiting and the relay's lead
 /// held by the connection returned, a session that publishes nothing (as a stuck leader on
 /// another replica would).

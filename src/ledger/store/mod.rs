@@ -28,7 +28,7 @@ pub(crate) use outbox::{
     StoredEvent,
 };
 pub(crate) use refill::{
-    range_middle, refill_chunk, refill_chunk_end, try_sweep_lock, RefillGrant, RefillTotals,
+    ping, range_middle, refill_chunk, refill_chunk_end, try_sweep_lock, RefillGrant, RefillTotals,
 };
 
 /// The balance row's columns, as [`Account`] reads them.

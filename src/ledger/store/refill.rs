@@ -186,6 +186,12 @@ pub(crate) async fn refill_chunk(
         .and_then(|row: ChunkTotals| row.try_into())
 }
 
+/// A round trip on `conn`, which keeps its session from counting as idle.
+pub(crate) async fn ping(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT 1").execute(&mut *conn).await?;
+    Ok(())
+}
+
 /// Takes the sweep's session-level advisory lock on `conn`; false when another holds it.
 pub(crate) async fn try_sweep_lock(conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
     sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
