@@ -57,12 +57,12 @@ where
                 error!(error = %e, session = what, "{why}; not reconnecting");
                 return false;
             }
-            // Cut short by the stop (work given up at its bound): not a fault to reconnect
-            // from. What it had not finished is taken up again: a delivery it held comes
-            // again, an event it had not published stays behind the watermark.
             Err(e) if e.resumes_at_once() && !stop.is_cancelled() => {
                 info!(session = what, "{e}; reconnecting");
             }
+            // Cut short by the stop (work given up at its bound): not a fault to reconnect
+            // from. What it had not finished is taken up again: a delivery it held comes
+            // again, an event it had not published stays behind the watermark.
             Err(e) if stop.is_cancelled() => {
                 warn!(error = %e, session = what, "session ended at the stop with its work unfinished; it is taken up again at the next start");
                 return false;

@@ -28,7 +28,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinError;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::amqp::topology::{self, Names};
 use crate::amqp::{self, PublishError, Publisher};
@@ -211,15 +211,7 @@ impl Consumer {
         }
         let decided = self.wind_down(s, &mut decider).await;
         self.health.set_oldest_batch(None);
-        if oversized::ended_on_an_oversized_frame(&mut events) {
-            warn!(
-                reading_alone = prefetch,
-                "a delivery larger than the connection's frames (its properties) ended the \
-                 session; the deliveries that came back with it are read one at a time, so \
-                 that it alone reaches its x-delivery-limit and is dead-lettered by the broker"
-            );
-            alone.begin(prefetch);
-        }
+        alone.after_the_session(&mut events, prefetch);
         match (result, decided) {
             // The decider's own error says why it is gone.
             (Err(SessionError::DeciderGone), Err(e)) => Err(e),

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use futures::{FutureExt, Stream, StreamExt};
 use lapin::protocol::{AMQPErrorKind, AMQPHardError};
+use tracing::warn;
 
 /// How many deliveries the consumer still takes one at a time.
 #[derive(Default)]
@@ -49,15 +50,31 @@ impl OneAtATime {
 
     /// After a session an oversized delivery ended: the next `in_flight` deliveries (those
     /// that went back to the queue with it, which the queue delivers first) are read alone.
-    pub(super) fn begin(&self, in_flight: u16) {
+    fn begin(&self, in_flight: u16) {
         self.0.store(usize::from(in_flight), Ordering::Relaxed);
+    }
+
+    /// At the end of a session with the connection's `events`: begins when an oversized
+    /// delivery ended it (`prefetch` of them were in flight at most).
+    pub(super) fn after_the_session(
+        &self,
+        events: &mut (impl Stream<Item = lapin::Event> + Unpin),
+        prefetch: u16,
+    ) {
+        if ended_on_an_oversized_frame(events) {
+            warn!(
+                reading_alone = prefetch,
+                "a delivery larger than the connection's frames (its properties) ended the \
+                 session; the deliveries that came back with it are read one at a time, so \
+                 that it alone reaches its x-delivery-limit and is dead-lettered by the broker"
+            );
+            self.begin(prefetch);
+        }
     }
 }
 
 /// Whether the connection whose `events` these are ended on a frame larger than it agreed.
-pub(super) fn ended_on_an_oversized_frame(
-    events: &mut (impl Stream<Item = lapin::Event> + Unpin),
-) -> bool {
+fn ended_on_an_oversized_frame(events: &mut (impl Stream<Item = lapin::Event> + Unpin)) -> bool {
     let mut oversized = false;
     while let Some(Some(event)) = events.next().now_or_never() {
         if let lapin::Event::Error(e) = event {
