@@ -8,15 +8,18 @@ use std::time::{Duration, Instant};
 /// would otherwise repeat it, while the metric shows it all along.
 pub(crate) struct Throttle {
     every: Duration,
-    /// When the last line was let through, and a hash of what it was about.
-    last: Mutex<Option<(Instant, u64)>>,
+    /// A hash of what each recent line was about, with when it was let through.
+    last: Mutex<Vec<(u64, Instant)>>,
 }
+
+/// How many different conditions a throttle keeps apart: a ninth replaces the oldest.
+const KEPT: usize = 8;
 
 impl Throttle {
     pub(crate) const fn new(every: Duration) -> Self {
         Throttle {
             every,
-            last: Mutex::new(None),
+            last: Mutex::new(Vec::new()),
         }
     }
 
@@ -25,8 +28,9 @@ impl Throttle {
         self.ready_for("")
     }
 
-    /// As `ready`, but a line about something else (`what`, the fault's text, say) goes
-    /// through at once, so a new fault is not hidden behind the one logged before it.
+    /// As `ready`, per condition: a line about something else (`what`, the fault's text,
+    /// say) goes through at once, so a new fault is not hidden behind one logged before it,
+    /// and two that alternate are each logged once per period.
     pub(crate) fn ready_for(&self, what: &str) -> bool {
         let key = {
             let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -35,10 +39,17 @@ impl Throttle {
         };
         let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
         let now = Instant::now();
-        if last.is_some_and(|(t, k)| k == key && now.duration_since(t) < self.every) {
-            return false;
+        match last.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, at)) if now.duration_since(*at) < self.every => return false,
+            Some((_, at)) => *at = now,
+            None => {
+                if last.len() >= KEPT {
+                    last.sort_by_key(|(_, at)| *at);
+                    last.remove(0);
+                }
+                last.push((key, now));
+            }
         }
-        *last = Some((now, key));
         true
     }
 }
@@ -63,6 +74,8 @@ mod tests {
         assert!(!t.ready_for("connection refused"));
         assert!(t.ready_for("pool timed out"));
         assert!(!t.ready_for("pool timed out"));
-        assert!(t.ready_for("connection refused"));
+        // Alternating, each is still let through once per period.
+        assert!(!t.ready_for("connection refused"));
+        assert!(!t.ready_for("pool timed out"));
     }
 }

@@ -57,7 +57,11 @@ where
                 error!(error = %e, session = what, "{why}; not reconnecting");
                 return false;
             }
-            Err(e) if e.resumes_at_once() && !stop.is_cancelled() => {
+            // Its work done: at a stop, it ended cleanly.
+            Err(e) if e.resumes_at_once() => {
+                if stop.is_cancelled() {
+                    return true;
+                }
                 info!(session = what, "{e}; reconnecting");
             }
             // Cut short by the stop (work given up at its bound): not a fault to reconnect

@@ -213,8 +213,9 @@ impl Consumer {
         self.health.set_oldest_batch(None);
         alone.after_the_session(&mut events, prefetch);
         match (result, decided) {
-            // The decider's own error says why it is gone.
-            (Err(SessionError::DeciderGone), Err(e)) => Err(e),
+            // The decider's own error says why it is gone, or what ended the last batch
+            // read alone.
+            (Err(SessionError::DeciderGone | SessionError::ReadAlone), Err(e)) => Err(e),
             (result, decided) => result.and(decided),
         }
     }
@@ -271,12 +272,12 @@ impl Consumer {
                 }
             }
             fill(deliveries, &mut batch, max_batch, max_wait, stop).await?;
-            let n = batch.len();
+            let (n, fresh) = (batch.len(), batch.iter().any(|d| !d.redelivered));
             let handed = hand_off(deliveries, tx, batch, &mut carried, max_batch, stop).await?;
             if handed.is_break() {
                 return Ok(());
             }
-            if alone.active() && alone.counted(n) {
+            if alone.active() && alone.read(n, fresh) {
                 return Err(SessionError::ReadAlone);
             }
         }

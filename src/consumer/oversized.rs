@@ -41,9 +41,16 @@ impl OneAtATime {
         self.0.load(Ordering::Relaxed) > 0
     }
 
-    /// Counts `n` deliveries read; whether that was the last one to be read alone.
-    pub(super) fn counted(&self, n: usize) -> bool {
-        let left = self.0.load(Ordering::Relaxed).saturating_sub(n);
+    /// Counts `n` deliveries read alone, `fresh` when one of them had not been delivered
+    /// before; whether reading alone is over. Those that went back with the oversized one
+    /// are redelivered and come first: they are behind once a fresh one comes, or once as
+    /// many as could have been in flight were read.
+    pub(super) fn read(&self, n: usize, fresh: bool) -> bool {
+        let left = if fresh {
+            0
+        } else {
+            self.0.load(Ordering::Relaxed).saturating_sub(n)
+        };
         self.0.store(left, Ordering::Relaxed);
         left == 0
     }
@@ -84,9 +91,11 @@ fn ended_on_an_oversized_frame(events: &mut (impl Stream<Item = lapin::Event> + 
     oversized
 }
 
+/// lapin's own refusal of a frame past the size agreed (not a broker's `FRAME_ERROR`).
 fn is_oversized_frame(e: &lapin::Error) -> bool {
     matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp)
-        if *amqp.kind() == AMQPErrorKind::Hard(AMQPHardError::FRAMEERROR))
+        if *amqp.kind() == AMQPErrorKind::Hard(AMQPHardError::FRAMEERROR)
+            && amqp.get_message().as_str().starts_with("frame too large"))
 }
 
 #[cfg(test)]
@@ -99,9 +108,31 @@ mod tests {
         assert_eq!((alone.prefetch(1000), alone.max_batch(200)), (1000, 200));
         alone.begin(3);
         assert_eq!((alone.prefetch(1000), alone.max_batch(200)), (1, 1));
-        assert!(!alone.counted(1));
-        assert!(!alone.counted(1));
-        assert!(alone.counted(1));
+        assert!(!alone.read(1, false));
+        assert!(!alone.read(1, false));
+        assert!(alone.read(1, false));
         assert_eq!((alone.prefetch(1000), alone.max_batch(200)), (1000, 200));
+    }
+
+    #[test]
+    fn reading_alone_ends_at_the_first_delivery_not_delivered_before() {
+        let alone = OneAtATime::default();
+        alone.begin(1000);
+        assert!(!alone.read(1, false));
+        assert!(alone.read(1, true));
+        assert_eq!(alone.prefetch(1000), 1000);
+    }
+
+    #[test]
+    fn only_lapins_refusal_of_a_large_frame_counts() {
+        let error = |text: &str| {
+            let amqp =
+                lapin::protocol::AMQPError::new(AMQPHardError::FRAMEERROR.into(), text.into());
+            lapin::Error::from(lapin::ErrorKind::ProtocolError(amqp))
+        };
+        assert!(is_oversized_frame(&error("frame too large: 131099 bytes")));
+        assert!(!is_oversized_frame(&error(
+            "FRAME_ERROR - type 2, all octets"
+        )));
     }
 }

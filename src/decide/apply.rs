@@ -347,7 +347,8 @@ pub(crate) fn decide_from_completion(
 /// billed by what its run uses (a `metered` entry, priced 0 before the run: no estimate)
 /// meets a balance of 0 or less, as AutoGPT's `charge_usage` refuses it: with nothing to pay
 /// from, its run could only make or deepen a debt, and a debt "rejects every paid execution"
-/// (SPEC §4.2). A `run` entry of 0 credits is free, whatever the balance.
+/// (SPEC §4.2). A `run` entry of 0 credits is free, whatever the balance, as SPEC's `free`
+/// row has it (AutoGPT refuses that one too at 0 or below).
 pub(super) fn refused_for_funds(total: i64, metered: bool, balance: i64) -> bool {
     if total > 0 {
         total > balance

@@ -157,33 +157,42 @@ pub(crate) async fn sweep_exclusive(
     let swept = sweep(sweeper, policy, month, None, chunk, |_| {});
     let result = holding_the_lease(&mut lock_conn, lease, swept).await;
     let _ = lock_conn.close().await;
-    result.map(Some)
+    match result {
+        Some(swept) => swept.map(Some),
+        None => {
+            warn!(%month, "refill sweep: the sweep lock's session ended (idle past its lease: the process frozen?); the sweep stops, the ranges committed stay, and the month is left to whichever replica takes the lock");
+            Ok(None)
+        }
+    }
 }
 
-/// `work`, while the sweep lock's session is kept from going idle past `lease`: the server
-/// ends the session of a holder that stopped making progress (a frozen process), and the lock
-/// with it, so another replica's next try sweeps the month, as the outbox relay's lead is
-/// handed on. A holder that resumes sweeps on beside it: a month's refill is idempotent.
+/// `work`, while the sweep lock's session is pinged every quarter of `lease`, so the server
+/// ends it only when the holder stops making progress (a frozen process), and the lock with
+/// it: another replica's next try then sweeps the month, as the outbox relay's lead is handed
+/// on. None when the session ended (or a ping went unanswered for a whole lease): the work is
+/// stopped, its open range rolled back, rather than go on without the lock.
 async fn holding_the_lease<T>(
     conn: &mut sqlx::PgConnection,
     lease: Option<Duration>,
     work: impl std::future::Future<Output = T>,
-) -> T {
+) -> Option<T> {
     let Some(lease) = lease else {
-        return work.await;
+        return Some(work.await);
     };
-    tokio::pin!(work);
-    let mut held = true;
-    loop {
-        tokio::select! {
-            done = &mut work => return done,
-            () = tokio::time::sleep(lease / 4), if held => {
-                // A ping that fails (the session ended) leaves the lock to the others.
-                held = tokio::time::timeout(lease / 2, store::ping(conn))
-                    .await
-                    .is_ok_and(|pinged| pinged.is_ok());
+    // Polled beside the work, never instead of it: a ping waiting on the server holds up
+    // none of the ranges' transactions.
+    let pinging = async {
+        loop {
+            tokio::time::sleep(lease / 4).await;
+            match tokio::time::timeout(lease, store::ping(conn)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => return,
             }
         }
+    };
+    tokio::select! {
+        done = work => Some(done),
+        () = pinging => None,
     }
 }
 

@@ -359,16 +359,47 @@ async fn a_delivery_past_the_frame_size_is_dead_lettered_alone() {
         queue_depth(&env, &env.names.dead_queue).await == 1
     })
     .await;
+    // The first delivery not delivered before ends the reading one at a time.
+    env.publish(&[body(&platform_gpt4("u0", "fresh"))]).await;
+    env.wait_decisions(601, T).await;
+    if broker_is_local(&env.settings.amqp.url) {
+        let full = env.settings.amqp.prefetch.to_string();
+        wait_for(T, "the consumer back at its full prefetch", || async {
+            consumer_prefetch(&env).as_deref() == Some(full.as_str())
+        })
+        .await;
+    }
     worker.stop().await.expect("stop");
     assert_eq!(queue_depth(&env, &env.names.input_queue).await, 0);
     assert_eq!(env.outcome_of("oversized").await, None);
     assert_eq!(
         env.scalar_i64("SELECT count(*) FROM credit.decisions WHERE outcome = 'charged'")
             .await,
-        600
+        601
     );
     env.assert_audit_clean().await;
     env.cleanup().await;
+}
+
+/// The prefetch of the input queue's consumer, as the broker reports it.
+fn consumer_prefetch(env: &TestEnv) -> Option<String> {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args([
+            "-q",
+            "-p",
+            &vhost_of(&env.settings.amqp.url),
+            "list_consumers",
+        ])
+        .args(["queue_name", "prefetch_count", "--no-table-headers"])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        (fields.next() == Some(env.names.input_queue.as_str()))
+            .then(|| fields.next().map(str::to_owned))
+            .flatten()
+    })
 }
 
 /// A list of the whole dead queue, then at once a replay of it all: the replay finds every

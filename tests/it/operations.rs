@@ -807,8 +807,9 @@ async fn a_sweep_waits_for_the_lock_rather_than_skip_the_month() {
 
 /// A replica frozen while it holds the sweep lock (SIGSTOP: a paused VM, a stuck runtime)
 /// loses it once the lock's session has been idle past the lease (twice the statement
-/// timeout and a second, 7 s here), as a frozen relay leader loses the lead: another replica
-/// then sweeps the month while it stays frozen, and the month is refilled once.
+/// timeout and a second, 3 s here), as a frozen relay leader loses the lead: another replica
+/// then sweeps the month while it stays frozen (once the frozen one's open range is ended
+/// too, idle in its transaction past twice the lease), and the month is refilled once.
 #[tokio::test]
 async fn a_frozen_sweeper_loses_the_sweep_lock_to_another_replica() {
     let env = TestEnv::with(no_refill).await;
@@ -819,7 +820,7 @@ async fn a_frozen_sweeper_loses_the_sweep_lock_to_another_replica() {
     vars.push(("CREDIT_WORKER__REFILL__LAZY".into(), "false".into()));
     vars.push((
         "CREDIT_WORKER__DATABASE__STATEMENT_TIMEOUT_MS".into(),
-        "3000".into(),
+        "1000".into(),
     ));
     // The first replica's sweep waits on a user held here, then freezes with the lock.
     let mut held = env.pool.begin().await.expect("begin");
@@ -838,7 +839,7 @@ async fn a_frozen_sweeper_loses_the_sweep_lock_to_another_replica() {
                      WHERE transaction_key LIKE 'MONTHLY-CREDIT-TOP-UP-%'";
     wait_count(
         &env,
-        T,
+        Duration::from_secs(60),
         "the month swept by the other",
         refilled,
         &[],
