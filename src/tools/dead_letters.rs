@@ -309,7 +309,8 @@ pub async fn replay(
             let moved = report.replayed;
             return Err(e.context(format!(
                 "{moved} dead letters were replayed (and removed from the dead queue) before \
-                 the replay stopped"
+                 the replay stopped, and the window it was moving may be in both queues (run \
+                 it again: a decided execution changes nothing)"
             )));
         }
         Err(e) => return Err(e),
