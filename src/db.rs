@@ -675,10 +675,22 @@ const MIGRATING_POLL: Duration = Duration::from_millis(250);
 pub(crate) async fn prepare(settings: &DatabaseSettings) -> Result<(), sqlx::Error> {
     ensure_database(&settings.url).await?;
     let within = Some(CONNECT_TIMEOUT);
-    let mut conn = bounded(within, connect_options(settings, false)?.connect()).await?;
+    let opts = connect_options(settings, false)?;
+    let database = opts
+        .get_database()
+        .unwrap_or(opts.get_username())
+        .to_owned();
+    let mut conn = bounded(within, opts.connect()).await?;
     if let Err(e) = refuse_if_too_old(&mut conn).await {
         let _ = conn.close().await;
         return Err(e);
+    }
+    // Up to date: nothing to lock or create. sqlx's migrator would create its table in schema
+    // `public` if missing, which a role that may only read and write the ledger (PostgreSQL
+    // 15 lets no role create in `public` by default) may not, even when it is there.
+    if up_to_date(&mut conn, &database).await {
+        let _ = conn.close().await;
+        return Ok(());
     }
     let mut waited = false;
     let lock = "SELECT pg_try_advisory_lock($1)";
@@ -707,6 +719,13 @@ pub(crate) async fn prepare(settings: &DatabaseSettings) -> Result<(), sqlx::Err
     // Closing the session releases the lock as well.
     let _ = conn.close().await;
     Ok(migrated?)
+}
+
+/// Whether every migration of this build is applied, completed and unchanged (any doubt:
+/// false, and the migrator decides).
+async fn up_to_date(conn: &mut sqlx::PgConnection, database: &str) -> bool {
+    let applied = bounded(Some(CONNECT_TIMEOUT), applied_migrations(conn, database)).await;
+    applied.is_ok_and(|applied| schema_state(database.to_owned(), &applied).is_ok())
 }
 
 /// True when a statement failed for a reason that clears by itself: the connection (I/O

@@ -294,7 +294,8 @@ impl Relay {
         let watermark = async {
             Ok::<_, RelayError>(crate::db::bounded(bound, store::lead_watermark(db)).await?)
         };
-        let watermark = crate::progress::check(broker, &queue, &self.ledger_id, watermark).await?;
+        let records = (queue.as_str(), self.own_user.as_deref());
+        let watermark = crate::progress::check(broker, records, &self.ledger_id, watermark).await?;
         self.health.set_relay_database(true);
         let listener = self.listen(db).await?;
         Ok((watermark, listener))
@@ -500,7 +501,8 @@ impl Relay {
         }
         recorded.at = Some(Instant::now());
         let queue = self.settings.name(topology::PROGRESS);
-        match crate::progress::record(publisher, &queue, &self.ledger_id, watermark).await {
+        let to = (queue.as_str(), self.own_user.as_deref());
+        match crate::progress::record(publisher, to, &self.ledger_id, watermark).await {
             Ok(()) => recorded.through = Some(watermark),
             Err(e) if RECORD_WARNING.ready() => {
                 warn!(error = %e, "could not record the outbox watermark on the broker")

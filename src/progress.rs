@@ -78,11 +78,11 @@ pub(crate) struct Behind {
 /// database read after it holds that one or a later one, unless it went back in time.
 pub(crate) async fn check<E: From<ProgressError>>(
     conn: &Connection,
-    queue: &str,
+    (queue, me): (&str, Option<&str>),
     ledger_id: &str,
     database: impl std::future::Future<Output = Result<i64, E>>,
 ) -> Result<i64, E> {
-    let recorded = recorded(conn, queue, ledger_id).await?;
+    let recorded = recorded(conn, (queue, me), ledger_id).await?;
     let watermark = database.await?;
     judge(ledger_id, recorded, watermark).map_err(ProgressError::from)?;
     Ok(watermark)
@@ -115,14 +115,16 @@ const LOOK_AGAIN: Duration = Duration::from_millis(50);
 /// disk alarm) answers nothing, and the read is tried again on another.
 const READ_WITHIN: Duration = Duration::from_secs(5);
 
-/// The highest watermark recorded for `ledger_id`, if any. Read without taking: the records
-/// go back to the queue as they were.
+/// The highest watermark recorded for `ledger_id` by the broker user `me` (the worker's:
+/// another who may publish to the default exchange, which reaches every queue, could
+/// otherwise record any watermark), if any. Read without taking: the records go back to the
+/// queue as they were.
 pub(crate) async fn recorded(
     conn: &Connection,
-    queue: &str,
+    (queue, me): (&str, Option<&str>),
     ledger_id: &str,
 ) -> Result<Option<i64>, ProgressError> {
-    tokio::time::timeout(READ_WITHIN, read_in_turn(conn, queue, ledger_id))
+    tokio::time::timeout(READ_WITHIN, read_in_turn(conn, (queue, me), ledger_id))
         .await
         .unwrap_or(Err(ProgressError::Unanswered(READ_WITHIN)))
 }
@@ -130,7 +132,7 @@ pub(crate) async fn recorded(
 /// [`recorded`], unbounded.
 async fn read_in_turn(
     conn: &Connection,
-    queue: &str,
+    (queue, me): (&str, Option<&str>),
     ledger_id: &str,
 ) -> Result<Option<i64>, ProgressError> {
     let _one = READING.lock().await;
@@ -140,7 +142,7 @@ async fn read_in_turn(
     }
     let mut looks = 0;
     let highest = loop {
-        match read_all(&ch, queue, ledger_id).await {
+        match read_all(&ch, (queue, me), ledger_id).await {
             Ok((highest, true)) => break highest,
             Ok((_, false)) if looks < EMPTY_LOOKS => looks += 1,
             Ok((_, false)) => break None,
@@ -156,11 +158,11 @@ async fn read_in_turn(
     Ok(highest)
 }
 
-/// Every record on the queue, put back once read: the highest for `ledger_id`, and whether
-/// there was any record at all.
+/// Every record on the queue, put back once read: the highest for `ledger_id` sent by `me`,
+/// and whether there was any record at all.
 async fn read_all(
     ch: &lapin::Channel,
-    queue: &str,
+    (queue, me): (&str, Option<&str>),
     ledger_id: &str,
 ) -> Result<(Option<i64>, bool), lapin::Error> {
     let mut highest = None;
@@ -170,8 +172,15 @@ async fn read_all(
         .await?
     {
         last_tag = Some(got.delivery.delivery_tag);
+        let sender = got
+            .delivery
+            .properties
+            .user_id()
+            .as_ref()
+            .map(|u| u.as_str());
         let record = serde_json::from_slice::<Record>(&got.delivery.data).ok();
-        if let Some(r) = record.filter(|r| r.ledger_id == ledger_id) {
+        let ours = |r: &Record| r.ledger_id == ledger_id && (me.is_none() || sender == me);
+        if let Some(r) = record.filter(ours) {
             highest = highest.max(Some(r.published_through));
         }
     }
@@ -189,7 +198,7 @@ async fn read_all(
 /// `through`. The queue keeps the newest [`MAX_RECORDS`].
 pub(crate) async fn record(
     publisher: &Publisher,
-    queue: &str,
+    (queue, me): (&str, Option<&str>),
     ledger_id: &str,
     through: i64,
 ) -> Result<(), PublishError> {
@@ -203,7 +212,7 @@ pub(crate) async fn record(
             exchange: "",
             routing_key: queue,
             body: &body,
-            properties: crate::amqp::persistent_json(),
+            properties: crate::amqp::as_user(crate::amqp::persistent_json(), me),
             mandatory: true,
         })
         .await?;

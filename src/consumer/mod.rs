@@ -335,7 +335,8 @@ impl Consumer {
             Ok::<_, SessionError>(crate::ledger::store::watermark(&mut db).await?)
         };
         let watermark = crate::db::bounded(self.decider.stall, watermark);
-        crate::progress::check(conn, &names.progress, &self.ledger_id, watermark).await?;
+        let records = (names.progress.as_str(), self.own_user.as_deref());
+        crate::progress::check(conn, records, &self.ledger_id, watermark).await?;
         Ok(())
     }
 }

@@ -33,7 +33,8 @@ pub async fn run(settings: &Settings, pool: &sqlx::PgPool) -> anyhow::Result<Res
     let conn = crate::amqp::connect(&settings.amqp, "credit-worker migrate")
         .await
         .map_err(crate::amqp::for_command)?;
-    let recorded = crate::progress::recorded(&conn, &queue, &ledger_id).await?;
+    let me = crate::amqp::producer::own_user(&settings.amqp.url);
+    let recorded = crate::progress::recorded(&conn, (&queue, me.as_deref()), &ledger_id).await?;
     let ch = conn.create_channel().await?;
     ch.queue_purge(queue.as_str().into(), QueuePurgeOptions::default())
         .await
@@ -43,7 +44,7 @@ pub async fn run(settings: &Settings, pool: &sqlx::PgPool) -> anyhow::Result<Res
             )
         })?;
     let publisher = Publisher::open(&conn).await?;
-    crate::progress::record(&publisher, &queue, &ledger_id, watermark).await?;
+    crate::progress::record(&publisher, (&queue, me.as_deref()), &ledger_id, watermark).await?;
     super::close_connection(conn, "restored").await?;
     Ok(Restored {
         ledger_id,

@@ -335,3 +335,125 @@ async fn a_failover_to_a_database_behind_stops_the_worker() {
     admin.close().await;
     env.cleanup().await;
 }
+
+/// A PostgreSQL role of the test's, dropped with its privileges when the test ends.
+struct Role {
+    name: String,
+    admin_url: String,
+}
+
+impl Role {
+    async fn create(env: &TestEnv) -> Role {
+        let name = unique("cw_role").replace(['-', '.'], "_");
+        sqlx::query(&format!("CREATE ROLE {name} LOGIN"))
+            .execute(&env.pool)
+            .await
+            .expect("create role");
+        Role {
+            name,
+            admin_url: env.settings.database.url.clone(),
+        }
+    }
+
+    /// `env`'s database URL with this role as the user.
+    fn url(&self, env: &TestEnv) -> String {
+        let mut url = url::Url::parse(&env.settings.database.url).expect("database URL");
+        url.set_username(&self.name).expect("a user");
+        url.to_string()
+    }
+}
+
+impl Drop for Role {
+    fn drop(&mut self) {
+        // In the test's database (its grants go with it), then the role itself.
+        let drop_owned = format!("DROP OWNED BY {}", self.name);
+        let _ = std::process::Command::new("psql")
+            .args([self.admin_url.as_str(), "-qc", drop_owned.as_str()])
+            .output();
+        // From another database: the test's may be gone already.
+        let Ok(mut server) = url::Url::parse(&self.admin_url) else {
+            return;
+        };
+        server.set_path("/postgres");
+        let drop_role = format!("DROP ROLE IF EXISTS {}", self.name);
+        let _ = std::process::Command::new("psql")
+            .args([server.as_str(), "-qc", drop_role.as_str()])
+            .output();
+    }
+}
+
+/// A worker whose role may only read and write the ledger's tables (the database migrated by
+/// its owner; no right to create in schema `public`, as PostgreSQL 15 gives no role by
+/// default) starts and bills: with nothing to migrate it does not ask for the migrations'
+/// table to be created.
+#[tokio::test]
+async fn a_role_that_may_only_read_and_write_the_ledger_runs_the_worker() {
+    let env = TestEnv::with(no_refill).await;
+    seed(&env, ["rw"], 100).await;
+    let role = Role::create(&env).await;
+    let r = &role.name;
+    let db = &env.db_name;
+    for grant in [
+        "REVOKE CREATE ON SCHEMA public FROM PUBLIC".to_owned(),
+        format!("GRANT CONNECT ON DATABASE \"{db}\" TO {r}"),
+        format!("GRANT USAGE ON SCHEMA credit TO {r}"),
+        format!("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA credit TO {r}"),
+        format!("GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA credit TO {r}"),
+        format!("GRANT SELECT ON public._sqlx_migrations TO {r}"),
+    ] {
+        sqlx::query(&grant).execute(&env.pool).await.expect(&grant);
+    }
+    let mut vars = env.process_env();
+    vars.retain(|(k, _)| k != "DATABASE_URL");
+    vars.push(("DATABASE_URL".into(), role.url(&env)));
+    vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
+    let (mut worker, http) = WorkerProcess::spawn_with_http(&vars, &["run"]);
+    wait_status(T, http, "/readyz", 200).await;
+    env.publish(&[body(&platform_gpt4("rw", "rw-0"))]).await;
+    env.wait_decisions(1, T).await;
+    assert_eq!(env.outcome_of("rw-0").await.as_deref(), Some("charged"));
+    worker.sigterm();
+    assert_eq!(worker.wait_exit(T).await, Some(0));
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+    drop(role);
+}
+
+/// A record of the watermark that another broker user sent (anyone who may publish to the
+/// default exchange reaches the queue) is not the relays': one forged far ahead does not stop
+/// the workers as if the database had gone back in time.
+#[tokio::test]
+async fn a_watermark_record_not_sent_by_the_workers_user_is_ignored() {
+    let env = TestEnv::with(no_refill).await;
+    seed(&env, ["pr"], 100).await;
+    // A first start declares the records' queue.
+    Worker::start(env.settings.clone())
+        .await
+        .expect("worker")
+        .stop()
+        .await
+        .expect("stop");
+    let ledger_id = identity::read(&env.pool).await.expect("identity").ledger_id;
+    let forged = serde_json::json!({"ledger_id": ledger_id, "published_through": 999_999});
+    let (_conn, ch) = env.amqp_channel().await;
+    let confirm = ch
+        .basic_publish(
+            "".into(),
+            env.names.progress.as_str().into(),
+            lapin::options::BasicPublishOptions::default(),
+            &serde_json::to_vec(&forged).expect("JSON"),
+            credit_worker::amqp::persistent_json(),
+        )
+        .await
+        .expect("publish");
+    drop(confirm);
+    wait_for(T, "the forged record on the queue", || async {
+        recorded_progress(&env).await == Some(999_999)
+    })
+    .await;
+    let worker = Worker::start(env.settings.clone()).await.expect("worker");
+    env.publish(&[body(&platform_gpt4("pr", "pr-0"))]).await;
+    env.wait_decisions(1, T).await;
+    worker.stop().await.expect("stop");
+    env.cleanup().await;
+}
