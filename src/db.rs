@@ -499,10 +499,14 @@ impl NotReady {
 
 /// The database `settings` names (the user's name where the URL names none).
 pub(crate) fn database_name(settings: &DatabaseSettings) -> String {
-    connect_options(settings, false).map_or_else(
-        |_| String::new(),
-        |o| o.get_database().unwrap_or(o.get_username()).to_owned(),
-    )
+    connect_options(settings, false).map_or_else(|_| String::new(), |o| name_of(&o))
+}
+
+/// The database `opts` connects to (the user's name where the URL names none).
+fn name_of(opts: &PgConnectOptions) -> String {
+    opts.get_database()
+        .unwrap_or(opts.get_username())
+        .to_owned()
 }
 
 /// A migration the database holds.
@@ -543,10 +547,7 @@ async fn existing(
     pooled: PgConnectOptions,
 ) -> Result<PgPool, NotReady> {
     let opts = connect_options(settings, false)?;
-    let database = opts
-        .get_database()
-        .unwrap_or(opts.get_username())
-        .to_owned();
+    let database = name_of(&opts);
     let within = Some(CONNECT_TIMEOUT);
     let mut conn = match bounded(within, opts.connect()).await {
         Ok(conn) => conn,
@@ -676,10 +677,7 @@ pub(crate) async fn prepare(settings: &DatabaseSettings) -> Result<(), sqlx::Err
     ensure_database(&settings.url).await?;
     let within = Some(CONNECT_TIMEOUT);
     let opts = connect_options(settings, false)?;
-    let database = opts
-        .get_database()
-        .unwrap_or(opts.get_username())
-        .to_owned();
+    let database = name_of(&opts);
     let mut conn = bounded(within, opts.connect()).await?;
     if let Err(e) = refuse_if_too_old(&mut conn).await {
         let _ = conn.close().await;

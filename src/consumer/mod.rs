@@ -167,7 +167,7 @@ impl Consumer {
         // A stop while connecting ends the session at once: a broker that accepts TCP but
         // never answers holds a connect for up to 15 s, past the 12 s the writers' stop allows.
         let s = tokio::select! {
-            s = self.open(alone.prefetch(prefetch)) => s?,
+            s = self.open(alone.limit(prefetch)) => s?,
             _ = stop.cancelled() => return Ok(()),
         };
         let mut events = Box::pin(s.conn.events_listener());
@@ -254,7 +254,7 @@ impl Consumer {
         stop: &CancellationToken,
         alone: &OneAtATime,
     ) -> Result<(), SessionError> {
-        let max_batch = alone.max_batch(self.settings.pipeline.max_batch);
+        let max_batch = alone.limit(self.settings.pipeline.max_batch);
         let max_wait = Duration::from_millis(self.settings.pipeline.max_wait_ms);
         // Deliveries that arrived while the previous batch was full: they start the next one.
         let mut carried: Vec<Delivery> = Vec::new();
@@ -272,7 +272,9 @@ impl Consumer {
                 }
             }
             fill(deliveries, &mut batch, max_batch, max_wait, stop).await?;
-            let (n, fresh) = (batch.len(), batch.iter().any(|d| !d.redelivered));
+            // Only while reading alone: nothing more per batch otherwise.
+            let fresh = alone.active() && batch.iter().any(|d| !d.redelivered);
+            let n = batch.len();
             let handed = hand_off(deliveries, tx, batch, &mut carried, max_batch, stop).await?;
             if handed.is_break() {
                 return Ok(());

@@ -19,19 +19,11 @@ use tracing::warn;
 pub(super) struct OneAtATime(AtomicUsize);
 
 impl OneAtATime {
-    /// The prefetch for a new session: 1 while deliveries are still to be read one at a time.
-    pub(super) fn prefetch(&self, full: u16) -> u16 {
+    /// A session's prefetch or largest batch: 1 while deliveries are still to be read one at
+    /// a time, else `full`.
+    pub(super) fn limit<T: From<u8>>(&self, full: T) -> T {
         if self.active() {
-            1
-        } else {
-            full
-        }
-    }
-
-    /// The largest batch: 1 while deliveries are still to be read one at a time.
-    pub(super) fn max_batch(&self, full: usize) -> usize {
-        if self.active() {
-            1
+            T::from(1)
         } else {
             full
         }
@@ -105,13 +97,13 @@ mod tests {
     #[test]
     fn after_an_oversized_delivery_as_many_as_were_in_flight_are_read_alone() {
         let alone = OneAtATime::default();
-        assert_eq!((alone.prefetch(1000), alone.max_batch(200)), (1000, 200));
+        assert_eq!((alone.limit(1000_u16), alone.limit(200_usize)), (1000, 200));
         alone.begin(3);
-        assert_eq!((alone.prefetch(1000), alone.max_batch(200)), (1, 1));
+        assert_eq!((alone.limit(1000_u16), alone.limit(200_usize)), (1, 1));
         assert!(!alone.read(1, false));
         assert!(!alone.read(1, false));
         assert!(alone.read(1, false));
-        assert_eq!((alone.prefetch(1000), alone.max_batch(200)), (1000, 200));
+        assert_eq!((alone.limit(1000_u16), alone.limit(200_usize)), (1000, 200));
     }
 
     #[test]
@@ -120,7 +112,7 @@ mod tests {
         alone.begin(1000);
         assert!(!alone.read(1, false));
         assert!(alone.read(1, true));
-        assert_eq!(alone.prefetch(1000), 1000);
+        assert_eq!(alone.limit(1000_u16), 1000);
     }
 
     #[test]

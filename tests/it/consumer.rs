@@ -424,17 +424,10 @@ async fn a_full_dead_letter_queue_that_refuses_is_waited_for() {
     env.cleanup().await;
 }
 
-/// A dead letter no queue takes (the dead queue deleted while the worker runs) is returned by
-/// the broker, not confirmed as delivered: the message stays unacked, and the next session,
-/// which declares the dead queue again, dead-letters it.
-#[tokio::test]
-async fn a_dead_letter_whose_queue_is_gone_is_not_lost() {
-    let env = TestEnv::with(no_refill).await;
-    seed(&env, ["d"], 100).await;
-    let worker = Worker::start(env.settings.clone()).await.unwrap();
-    env.publish(&[body(&platform_gpt4("d", "dq-0"))]).await;
-    env.wait_decisions(1, T).await;
-    let (_conn, ch) = env.amqp_channel().await;
+/// Deletes the dead queue, then publishes `body` straight to the input queue (the publish
+/// tool would declare the dead queue again); the connection it used, to keep open.
+async fn without_the_dead_queue_publish(env: &TestEnv, body: &[u8]) -> lapin::Connection {
+    let (conn, ch) = env.amqp_channel().await;
     ch.queue_delete(
         env.names.dead_queue.as_str().into(),
         lapin::options::QueueDeleteOptions::default(),
@@ -445,11 +438,25 @@ async fn a_dead_letter_whose_queue_is_gone_is_not_lost() {
         "".into(),
         env.names.input_queue.as_str().into(),
         lapin::options::BasicPublishOptions::default(),
-        b"not json",
+        body,
         credit_worker::amqp::persistent_json(),
     )
     .await
     .expect("publish");
+    conn
+}
+
+/// A dead letter no queue takes (the dead queue deleted while the worker runs) is returned by
+/// the broker, not confirmed as delivered: the message stays unacked, and the next session,
+/// which declares the dead queue again, dead-letters it.
+#[tokio::test]
+async fn a_dead_letter_whose_queue_is_gone_is_not_lost() {
+    let env = TestEnv::with(no_refill).await;
+    seed(&env, ["d"], 100).await;
+    let worker = Worker::start(env.settings.clone()).await.unwrap();
+    env.publish(&[body(&platform_gpt4("d", "dq-0"))]).await;
+    env.wait_decisions(1, T).await;
+    let _conn = without_the_dead_queue_publish(&env, b"not json").await;
     // Polled without declaring it (a get from a missing queue closes the channel).
     let deadline = std::time::Instant::now() + T;
     let dead = loop {
@@ -486,23 +493,8 @@ async fn a_refused_producer_is_counted_once_its_dead_letter_is_confirmed() {
     ));
     let (mut worker, http) = WorkerProcess::spawn_with_http(&vars, &["run"]);
     wait_status(T, http, "/readyz", 200).await;
-    let (_conn, ch) = env.amqp_channel().await;
-    ch.queue_delete(
-        env.names.dead_queue.as_str().into(),
-        lapin::options::QueueDeleteOptions::default(),
-    )
-    .await
-    .expect("delete the dead queue");
-    // Straight to the queue: the publish tool would declare the dead queue again.
-    ch.basic_publish(
-        "".into(),
-        env.names.input_queue.as_str().into(),
-        lapin::options::BasicPublishOptions::default(),
-        &body(&platform_gpt4("d", "refused-0")),
-        credit_worker::amqp::persistent_json(),
-    )
-    .await
-    .expect("publish");
+    let refused = body(&platform_gpt4("d", "refused-0"));
+    let _conn = without_the_dead_queue_publish(&env, &refused).await;
     wait_for(T, "the dead letter confirmed", || async {
         scraped(http, "credit_dead_lettered_total", &[]).await == 1.0
     })

@@ -1134,11 +1134,7 @@ async fn a_refill_command_running_at_sigterm_is_given_up_and_answered_after_the_
         "CREDIT_WORKER__REFILL__SCHEDULE".into(),
         "0 0 0 1 1 * 2099".into(),
     ));
-    let mut held = env.pool.begin().await.expect("begin");
-    sqlx::query("SELECT 1 FROM credit.balances WHERE user_id = 'rf-10' FOR UPDATE")
-        .execute(&mut *held)
-        .await
-        .expect("lock a user");
+    let held = env.hold_account("rf-10").await;
     let mut w = WorkerProcess::spawn(&vars, &["run"]);
     let mut rpc = Rpc::new(&env).await;
     let now = Utc::now();
@@ -1593,11 +1589,7 @@ async fn a_command_whose_database_goes_silent_is_answered_from_a_new_connection(
     let top_up = |amount: i64, key: &str| json!({"command": "top_up", "user_id": "dave", "amount": amount, "key": key});
     assert_eq!(rpc.ok(top_up(100, "pi_1")).await["balance"], 100);
     // The server goes silent while the command waits for dave's row, held here.
-    let mut holder = env.pool.begin().await.expect("begin");
-    sqlx::query("SELECT 1 FROM credit.balances WHERE user_id = 'dave' FOR UPDATE")
-        .execute(&mut *holder)
-        .await
-        .expect("hold dave's row");
+    let holder = env.hold_account("dave").await;
     let body = serde_json::to_vec(&top_up(50, "pi_2")).expect("json");
     let cid = rpc.send(&body, Some("guest"), true).await;
     env.wait_for_one_lock_waiter(Duration::from_secs(30), "the top-up waiting for dave's row")

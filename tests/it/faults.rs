@@ -833,11 +833,7 @@ async fn a_database_that_goes_silent_costs_a_retry_not_the_stream() {
     env.wait_decisions(200, T).await;
     // The server goes silent while a decision transaction is open: a batch waits for u0's
     // row, which the test holds on a connection of its own.
-    let mut holder = env.pool.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM credit.balances WHERE user_id = 'u0' FOR UPDATE")
-        .execute(&mut *holder)
-        .await
-        .unwrap();
+    let holder = env.hold_account("u0").await;
     env.publish(&workload(users, 200, "silent-b")).await;
     env.wait_for_one_lock_waiter(T, "a batch waiting for u0's row")
         .await;
@@ -1021,11 +1017,7 @@ async fn frozen_behind_u0(
     FreezingProxy,
 ) {
     let proxy = FreezingProxy::before_database(&env.settings.database.url).await;
-    let mut holder = env.pool.begin().await.expect("begin");
-    sqlx::query("SELECT 1 FROM credit.balances WHERE user_id = 'u0' FOR UPDATE")
-        .execute(&mut *holder)
-        .await
-        .expect("hold u0's row");
+    let holder = env.hold_account("u0").await;
     let mut cmd = tokio::process::Command::from(env.cli_command(args));
     cmd.env(
         "DATABASE_URL",

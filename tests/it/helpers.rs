@@ -409,6 +409,18 @@ impl TestEnv {
         crate::fixtures::wait_count(self, within, &what, sql, &[], |c| c >= n).await;
     }
 
+    /// A transaction holding `user`'s account row (`FOR UPDATE`), as another writer would:
+    /// whatever needs the row waits until the transaction ends.
+    pub async fn hold_account(&self, user: &str) -> sqlx::Transaction<'static, sqlx::Postgres> {
+        let mut held = self.pool.begin().await.expect("begin");
+        sqlx::query("SELECT 1 FROM credit.balances WHERE user_id = $1 FOR UPDATE")
+            .bind(user)
+            .execute(&mut *held)
+            .await
+            .expect("hold the account's row");
+        held
+    }
+
     /// A session of this test's database that holds the outbox relay's lead, as a leader on
     /// another replica would, and publishes nothing; dropped or closed, it lets go.
     pub async fn hold_relay_lead(&self) -> sqlx::PgConnection {

@@ -688,11 +688,7 @@ async fn sigterm_during_a_sweep_gives_it_up_and_the_next_start_completes_it() {
     // Seeded with refill off: the start-up catch-up sweep refills every one of them.
     let users: Vec<String> = (0..50).map(|i| format!("sw-{i:02}")).collect();
     seed(&env, &users, 1).await;
-    let mut held = env.pool.begin().await.expect("begin");
-    sqlx::query("SELECT 1 FROM credit.balances WHERE user_id = 'sw-25' FOR UPDATE")
-        .execute(&mut *held)
-        .await
-        .expect("lock a user");
+    let held = env.hold_account("sw-25").await;
     let (mut w, _port) = WorkerProcess::spawn_with_http(&env.process_env(), &["run"]);
     env.wait_for_one_lock_waiter(T, "the sweep waiting on the lock")
         .await;
@@ -823,11 +819,7 @@ async fn a_frozen_sweeper_loses_the_sweep_lock_to_another_replica() {
         "1000".into(),
     ));
     // The first replica's sweep waits on a user held here, then freezes with the lock.
-    let mut held = env.pool.begin().await.expect("begin");
-    sqlx::query("SELECT 1 FROM credit.balances WHERE user_id = 'fz-25' FOR UPDATE")
-        .execute(&mut *held)
-        .await
-        .expect("lock a user");
+    let held = env.hold_account("fz-25").await;
     let (frozen, _) = WorkerProcess::spawn_with_http(&vars, &["run"]);
     env.wait_for_one_lock_waiter(T, "the sweep waiting on the user")
         .await;
@@ -1158,11 +1150,7 @@ async fn a_batch_held_by_a_lock_elsewhere_shows_as_a_stall() {
         .await;
     env.wait_decisions(1, T).await;
 
-    let mut holder = env.pool.begin().await.expect("holder");
-    sqlx::query("SELECT 1 FROM credit.balances WHERE user_id = 'held-user' FOR UPDATE")
-        .execute(&mut *holder)
-        .await
-        .expect("hold the account");
+    let holder = env.hold_account("held-user").await;
     env.publish(&[body(&platform_gpt4("held-user", "second"))])
         .await;
     env.wait_for_one_lock_waiter(T, "the batch waiting for the account")
