@@ -7,6 +7,7 @@ pub mod audit;
 pub mod decision;
 pub mod identity;
 pub mod month;
+pub(crate) mod privileges;
 pub(crate) mod refund;
 pub mod report;
 pub mod retention;

@@ -355,6 +355,36 @@ impl Role {
         }
     }
 
+    /// The README's grants ("PostgreSQL roles") to this role, then the `revokes` (`"DELETE ON
+    /// credit.outbox"`), with no role allowed to create in schema `public`.
+    async fn grant(&self, env: &TestEnv, revokes: &[&str]) {
+        let (r, db) = (&self.name, &env.db_name);
+        let grants = [
+            "REVOKE CREATE ON SCHEMA public FROM PUBLIC".to_owned(),
+            format!("GRANT CONNECT ON DATABASE \"{db}\" TO {r}"),
+            format!("GRANT USAGE ON SCHEMA credit TO {r}"),
+            format!("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA credit TO {r}"),
+            format!("GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA credit TO {r}"),
+            format!("GRANT SELECT ON public._sqlx_migrations TO {r}"),
+        ];
+        let revokes = revokes.iter().map(|what| format!("REVOKE {what} FROM {r}"));
+        for statement in grants.into_iter().chain(revokes) {
+            sqlx::query(&statement)
+                .execute(&env.pool)
+                .await
+                .expect(&statement);
+        }
+    }
+
+    /// A worker process's environment on `env` as this role, with no refill.
+    fn worker_env(&self, env: &TestEnv) -> Vec<(String, String)> {
+        let mut vars = env.process_env();
+        vars.retain(|(k, _)| k != "DATABASE_URL");
+        vars.push(("DATABASE_URL".into(), self.url(env)));
+        vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
+        vars
+    }
+
     /// `env`'s database URL with this role as the user.
     fn url(&self, env: &TestEnv) -> String {
         let mut url = url::Url::parse(&env.settings.database.url).expect("database URL");
@@ -391,23 +421,8 @@ async fn a_role_that_may_only_read_and_write_the_ledger_runs_the_worker() {
     let env = TestEnv::with(no_refill).await;
     seed(&env, ["rw"], 100).await;
     let role = Role::create(&env).await;
-    let r = &role.name;
-    let db = &env.db_name;
-    for grant in [
-        "REVOKE CREATE ON SCHEMA public FROM PUBLIC".to_owned(),
-        format!("GRANT CONNECT ON DATABASE \"{db}\" TO {r}"),
-        format!("GRANT USAGE ON SCHEMA credit TO {r}"),
-        format!("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA credit TO {r}"),
-        format!("GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA credit TO {r}"),
-        format!("GRANT SELECT ON public._sqlx_migrations TO {r}"),
-    ] {
-        sqlx::query(&grant).execute(&env.pool).await.expect(&grant);
-    }
-    let mut vars = env.process_env();
-    vars.retain(|(k, _)| k != "DATABASE_URL");
-    vars.push(("DATABASE_URL".into(), role.url(&env)));
-    vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
-    let (mut worker, http) = WorkerProcess::spawn_with_http(&vars, &["run"]);
+    role.grant(&env, &[]).await;
+    let (mut worker, http) = WorkerProcess::spawn_with_http(&role.worker_env(&env), &["run"]);
     wait_status(T, http, "/readyz", 200).await;
     env.publish(&[body(&platform_gpt4("rw", "rw-0"))]).await;
     env.wait_decisions(1, T).await;
@@ -415,6 +430,42 @@ async fn a_role_that_may_only_read_and_write_the_ledger_runs_the_worker() {
     worker.sigterm();
     assert_eq!(worker.wait_exit(T).await, Some(0));
     env.assert_audit_clean().await;
+    env.cleanup().await;
+    drop(role);
+}
+
+/// A role that lacks grants `run` needs (a grant script that left the outbox's pruning out,
+/// a table an upgrade added and no one granted) is refused at start, with every missing grant
+/// named, before it consumes anything: not one batch after another failing on the first.
+#[tokio::test]
+async fn a_role_without_a_grant_it_needs_is_refused_at_start_naming_each() {
+    let env = TestEnv::with(no_refill).await;
+    seed(&env, ["np"], 100).await;
+    let role = Role::create(&env).await;
+    role.grant(
+        &env,
+        &["DELETE ON credit.outbox", "INSERT ON credit.settlements"],
+    )
+    .await;
+    env.publish(&[body(&platform_gpt4("np", "np-0"))]).await;
+    let (mut worker, _, log) = WorkerProcess::spawn_logged(
+        &role.worker_env(&env),
+        &["run"],
+        "warn,credit_worker::telemetry=info",
+    );
+    assert_eq!(worker.wait_exit(T).await, Some(1));
+    let exit = log
+        .try_iter()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(&line).ok())
+        .find(|line| line["message"] == "exiting")
+        .expect("the exit's reason logged");
+    let refusal = format!(
+        "database: the role \"{}\" lacks INSERT on credit.settlements, DELETE on credit.outbox:",
+        role.name
+    );
+    let error = exit["error"].as_str().unwrap_or_default();
+    assert!(error.starts_with(&refusal), "{exit}");
+    assert_eq!(env.outcome_of("np-0").await, None);
     env.cleanup().await;
     drop(role);
 }
