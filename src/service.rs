@@ -123,7 +123,7 @@ async fn ready_database(
 ) -> anyhow::Result<Arc<str>> {
     connect_db(settings, stop).await?;
     crate::clock::check_against_database(pool).await?;
-    refuse_without_privileges(pool).await?;
+    refuse_without_privileges(pool, settings.outbox.retention_s > 0).await?;
     let mut delays = crate::retry::backoff();
     loop {
         match identity::bind(pool, &settings.amqp.namespace).await {
@@ -146,8 +146,8 @@ async fn ready_database(
 /// A role without a grant `run` needs is refused here, with each one named. A check that
 /// cannot run (a lost connection) is only logged: the statements that need the grants will
 /// name a missing one.
-async fn refuse_without_privileges(pool: &PgPool) -> anyhow::Result<()> {
-    match crate::ledger::privileges::refusal(pool).await {
+async fn refuse_without_privileges(pool: &PgPool, prunes: bool) -> anyhow::Result<()> {
+    match crate::ledger::privileges::refusal(pool, prunes).await {
         Ok(None) => Ok(()),
         Ok(Some(refusal)) => Err(anyhow::anyhow!(refusal)),
         Err(e) => {

@@ -7,7 +7,8 @@ use sqlx::PgPool;
 
 /// Each object `run` reads or writes, with the privileges its statements need: no more, so a
 /// role granted exactly what it uses is not refused. `SELECT … FOR UPDATE` needs `UPDATE`,
-/// the outbox's `DELETE` is the relay's pruning, and the sequence's `UPDATE` covers both
+/// the outbox's `DELETE` is the relay's pruning (not needed where `outbox.retention_s` is 0),
+/// and the sequence's `UPDATE` covers both
 /// `nextval` and the `setval` that moves it past the ids in use.
 pub(crate) const NEEDED: &[(&str, Kind, &[&str])] = &[
     (
@@ -40,10 +41,11 @@ pub(crate) enum Kind {
 
 /// The checks [`refusal`] asks the database, one per object and privilege, in the order of
 /// [`NEEDED`]: (object, is a sequence, privilege).
-fn checks() -> (Vec<&'static str>, Vec<bool>, Vec<&'static str>) {
+fn checks(prunes: bool) -> (Vec<&'static str>, Vec<bool>, Vec<&'static str>) {
     let pairs = NEEDED.iter().flat_map(|(object, kind, privileges)| {
         privileges
             .iter()
+            .filter(move |p| prunes || (*object, **p) != PRUNING)
             .map(move |p| (*object, *kind == Kind::Sequence, *p))
     });
     let mut columns = (Vec::new(), Vec::new(), Vec::new());
@@ -55,6 +57,9 @@ fn checks() -> (Vec<&'static str>, Vec<bool>, Vec<&'static str>) {
     columns
 }
 
+/// The grant only the outbox's pruning uses.
+const PRUNING: (&str, &str) = ("credit.outbox", "DELETE");
+
 const MISSING: &str = "\
 SELECT c.privilege || ' on ' || c.object
   FROM unnest($1::text[], $2::bool[], $3::text[]) WITH ORDINALITY AS c(object, sequence, privilege, n)
@@ -64,8 +69,8 @@ SELECT c.privilege || ' on ' || c.object
 
 /// The start's refusal of the session's role, naming each privilege of [`NEEDED`] it lacks
 /// (`"INSERT on credit.outbox"`); None when it has them all.
-pub(crate) async fn refusal(pool: &PgPool) -> Result<Option<String>, sqlx::Error> {
-    let (objects, sequences, privileges) = checks();
+pub(crate) async fn refusal(pool: &PgPool, prunes: bool) -> Result<Option<String>, sqlx::Error> {
+    let (objects, sequences, privileges) = checks(prunes);
     let missing: Vec<String> = sqlx::query_scalar(MISSING)
         .bind(objects)
         .bind(sequences)
@@ -95,7 +100,7 @@ mod tests {
 
     #[test]
     fn every_needed_privilege_is_checked_once_in_order() {
-        let (objects, sequences, privileges) = checks();
+        let (objects, sequences, privileges) = checks(true);
         assert_eq!(objects.len(), 18);
         assert_eq!(
             (objects[0], sequences[0], privileges[0]),
@@ -106,6 +111,17 @@ mod tests {
             ("credit.outbox_id_seq", true, "UPDATE")
         );
         assert_eq!(sequences.iter().filter(|s| **s).count(), 2);
+    }
+
+    #[test]
+    fn a_worker_that_keeps_every_event_needs_no_delete() {
+        let (objects, _, privileges) = checks(false);
+        assert_eq!(objects.len(), 17);
+        assert!(!privileges.contains(&"DELETE"));
+        assert!(objects
+            .iter()
+            .zip(&privileges)
+            .any(|p| p == (&"credit.outbox", &"INSERT")));
     }
 
     #[test]

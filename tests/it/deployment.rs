@@ -437,6 +437,7 @@ async fn a_role_that_may_only_read_and_write_the_ledger_runs_the_worker() {
 /// A role that lacks grants `run` needs (a grant script that left the outbox's pruning out,
 /// a table an upgrade added and no one granted) is refused at start, with every missing grant
 /// named, before it consumes anything: not one batch after another failing on the first.
+/// The check asks for no more than `run` uses: without pruning, no `DELETE`.
 #[tokio::test]
 async fn a_role_without_a_grant_it_needs_is_refused_at_start_naming_each() {
     let env = TestEnv::with(no_refill).await;
@@ -466,6 +467,17 @@ async fn a_role_without_a_grant_it_needs_is_refused_at_start_naming_each() {
     let error = exit["error"].as_str().unwrap_or_default();
     assert!(error.starts_with(&refusal), "{exit}");
     assert_eq!(env.outcome_of("np-0").await, None);
+    // Granted, it starts; and one that keeps every event needs no DELETE.
+    let grant = format!("GRANT INSERT ON credit.settlements TO {}", role.name);
+    sqlx::query(&grant).execute(&env.pool).await.expect(&grant);
+    let mut vars = role.worker_env(&env);
+    vars.push(("CREDIT_WORKER__OUTBOX__RETENTION_S".into(), "0".into()));
+    let (mut worker, http) = WorkerProcess::spawn_with_http(&vars, &["run"]);
+    wait_status(T, http, "/readyz", 200).await;
+    env.wait_decisions(1, T).await;
+    assert_eq!(env.outcome_of("np-0").await.as_deref(), Some("charged"));
+    worker.sigterm();
+    assert_eq!(worker.wait_exit(T).await, Some(0));
     env.cleanup().await;
     drop(role);
 }
