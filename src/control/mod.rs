@@ -245,9 +245,22 @@ async fn run_once(
     }
     // Other commands are short. One whose connection went silent (a peer or path that drops
     // packets without a reset) would hold it, and every command behind it, for ever: it is
-    // given up at the bound a decision has, and tried again on a new one.
-    Some(crate::db::bounded(stall, run).await)
+    // given up at the bound a decision has, and tried again on a new one. At a stop, one held
+    // up (on a row lock) is given up after FINISH, as the consumer gives up a batch: not
+    // acked, it comes again, and its key answers `applied: false` if it had landed.
+    tokio::select! {
+        biased;
+        ran = crate::db::bounded(stall, run) => Some(ran),
+        _ = async {
+            stop.cancelled().await;
+            tokio::time::sleep(FINISH).await;
+        } => None,
+    }
 }
+
+/// How long a command under way at a stop may take to finish: with the 5 s that closing the
+/// session may take, within the 12 s a stop gives control.
+const FINISH: Duration = Duration::from_secs(5);
 
 /// The command a message carries, once its sender is authorised; an unkeyed credit is keyed
 /// by the message's id.

@@ -1162,6 +1162,38 @@ async fn a_refill_command_running_at_sigterm_is_given_up_and_answered_after_the_
     env.cleanup().await;
 }
 
+/// A top-up held up on its account's row lock at SIGTERM is given up within the stop's
+/// bound, unacked, and the stop is clean (exit 0, as for a batch held the same way); after
+/// the restart it comes again, lands once and is answered.
+#[tokio::test]
+async fn a_top_up_held_on_a_lock_at_sigterm_is_given_up_and_lands_once_after_the_restart() {
+    let env = TestEnv::with(no_refill).await;
+    seed(&env, ["hl"], 100).await;
+    let mut vars = env.process_env();
+    // No catch-up sweep, which would wait on the same row.
+    vars.push(("CREDIT_WORKER__REFILL__ENABLED".into(), "false".into()));
+    let held = env.hold_account("hl").await;
+    let mut w = WorkerProcess::spawn(&vars, &["run"]);
+    let mut rpc = Rpc::new(&env).await;
+    let top_up = json!({"command": "top_up", "user_id": "hl", "amount": 50, "key": "TU-hl"});
+    let cid = rpc.send(&body(&top_up), Some("guest"), true).await;
+    env.wait_for_one_lock_waiter(REPLY_TIMEOUT, "the top-up waiting on the lock")
+        .await;
+    w.sigterm();
+    assert_eq!(w.wait_exit(Duration::from_secs(11)).await, Some(0));
+    held.commit().await.expect("release the lock");
+
+    let mut w = WorkerProcess::spawn(&vars, &["run"]);
+    assert_eq!(
+        rpc.reply(&cid).await,
+        json!({"ok": true, "result": {"user_id": "hl", "balance": 150, "transaction_key": "TU-hl", "applied": true, "seq": 2}})
+    );
+    w.sigterm();
+    assert_eq!(w.wait_exit(REPLY_TIMEOUT).await, Some(0));
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
 /// A command nobody awaits a reply to (no `reply_to`: a payment side's fire-and-forget
 /// `top_up`) is retried through a database outage, past the attempts a waiting requester gets;
 /// after `control.unanswered_retry_s` it goes back to the queue and comes again, and it lands
