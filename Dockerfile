@@ -24,7 +24,8 @@ FROM debian:bookworm-slim
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
- && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin credit
+ && groupadd --system --gid 10001 credit \
+ && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin credit
 COPY --from=build /usr/local/bin/credit-worker /usr/local/bin/credit-worker
 USER 10001:10001
 # Inside a container the metrics/health endpoint must listen on all interfaces.
