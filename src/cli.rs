@@ -11,6 +11,7 @@ use chrono::Utc;
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
+use crate::clock::SystemClock;
 use crate::config::Settings;
 use crate::ledger::{
     HistoryQuery, Ledger, LedgerError, Transaction, TxType, DEFAULT_HISTORY_LIMIT,
@@ -679,7 +680,7 @@ fn sweep_progress(json: bool, r: &crate::refill::SweepReport) {
 
 async fn balance(settings: &Settings, json: bool, user: &str) -> anyhow::Result<ExitCode> {
     let ledger = open_ledger(settings).await?;
-    let balance = within(settings, ledger.balance(user, Utc::now())).await?;
+    let balance = within(settings, ledger.balance(user, SystemClock)).await?;
     print_out(json, &json!({"user_id": user, "balance": balance}), || {
         balance.to_string()
     })?;
@@ -736,7 +737,7 @@ async fn history(
     query: HistoryQuery,
 ) -> anyhow::Result<ExitCode> {
     let ledger = open_ledger(settings).await?;
-    let page = within(settings, ledger.history(user, &query, Utc::now())).await?;
+    let page = within(settings, ledger.history(user, &query, SystemClock)).await?;
     print_out(json, &serde_json::to_value(&page)?, || {
         let mut text = history_table(&page.transactions);
         if let Some(seq) = page.next_before_seq {
@@ -778,7 +779,7 @@ async fn auto_top_up(
         None => None,
     };
     let ledger = open_ledger(settings).await?;
-    let r = within(settings, ledger.set_auto_top_up(user, config, Utc::now())).await?;
+    let r = within(settings, ledger.set_auto_top_up(user, config, SystemClock)).await?;
     print_out(json, &serde_json::to_value(&r)?, || {
         match (r.threshold, r.amount) {
             (Some(t), Some(a)) => format!(
@@ -1067,7 +1068,7 @@ async fn credit(
         amount,
         Some(&key),
         reason.as_deref(),
-        Utc::now(),
+        SystemClock,
     );
     let p = within(settings, call)
         .await
@@ -1101,7 +1102,7 @@ async fn refund(
     reason: Option<String>,
 ) -> anyhow::Result<ExitCode> {
     let ledger = open_ledger(settings).await?;
-    let call = ledger.refund(user, amount, keys, reason.as_deref(), Utc::now());
+    let call = ledger.refund(user, amount, keys, reason.as_deref(), SystemClock);
     let p = within(settings, call)
         .await
         .map_err(|e| unknown_outcome(e, keys.0))?;

@@ -18,9 +18,54 @@ pub trait Clock: Send + Sync + 'static {
     fn sleep_until(&self, at: DateTime<Utc>) -> BoxFuture<'_, ()>;
 }
 
+/// Where a ledger write takes its time from, read once the write holds its accounts' locks:
+/// a write that waited for another writer of the same user is stamped after that one, so a
+/// user's rows are stamped in the order of their `seq` (the month report's positions at a
+/// month's bounds are balances the account really had). A clock, or a fixed time (a test, a
+/// back-fill).
+pub trait Stamp: Send + Sync {
+    fn stamp(&self) -> DateTime<Utc>;
+}
+
+impl Stamp for dyn Clock {
+    fn stamp(&self) -> DateTime<Utc> {
+        self.now()
+    }
+}
+
+impl Stamp for SystemClock {
+    fn stamp(&self) -> DateTime<Utc> {
+        self.now()
+    }
+}
+
+impl Stamp for DateTime<Utc> {
+    fn stamp(&self) -> DateTime<Utc> {
+        *self
+    }
+}
+
+impl<T: Stamp + ?Sized> Stamp for &T {
+    fn stamp(&self) -> DateTime<Utc> {
+        (**self).stamp()
+    }
+}
+
+impl<T: Stamp + ?Sized> Stamp for Arc<T> {
+    fn stamp(&self) -> DateTime<Utc> {
+        (**self).stamp()
+    }
+}
+
+impl Stamp for ManualClock {
+    fn stamp(&self) -> DateTime<Utc> {
+        self.now()
+    }
+}
+
 /// The system clock.
 #[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct SystemClock;
+pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now(&self) -> DateTime<Utc> {

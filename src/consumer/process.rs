@@ -142,8 +142,8 @@ impl Decider for DbDecider {
         entries: &[NodeExecutionEntry],
         turn: Turn,
     ) -> Result<Vec<Verdict>, DecideError> {
-        let now = self.clock.now();
-        let decided = decide::decide_in_turn(&self.pool, &self.pricing, entries, now, turn);
+        let decided =
+            decide::decide_in_turn(&self.pool, &self.pricing, entries, &*self.clock, turn);
         let decided = crate::db::bounded(self.stall, decided).await;
         match &decided {
             Err(DecideError::Db(e)) | Err(DecideError::Ledger(LedgerError::Db(e))) => {

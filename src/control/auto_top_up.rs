@@ -38,7 +38,7 @@ pub fn parse(f: &Fields<'_>) -> Result<Request, ControlError> {
 pub async fn run(ctx: &Context, req: &Request) -> Result<Value, ControlError> {
     let result = ctx
         .ledger
-        .set_auto_top_up(&req.user_id, req.config, ctx.clock.now())
+        .set_auto_top_up(&req.user_id, req.config, &*ctx.clock)
         .await?;
     to_result(&result)
 }

@@ -24,7 +24,7 @@ pub fn parse(f: &Fields<'_>) -> Result<Request, ControlError> {
 }
 
 pub async fn run(ctx: &Context, req: &Request) -> Result<Value, ControlError> {
-    let balance = ctx.ledger.balance(&req.user_id, ctx.clock.now()).await?;
+    let balance = ctx.ledger.balance(&req.user_id, &*ctx.clock).await?;
     to_result(&Reply {
         user_id: &req.user_id,
         balance,

@@ -86,7 +86,7 @@ impl Request {
 }
 
 pub async fn run(ctx: &Context, req: &Request) -> Result<Value, ControlError> {
-    let (ledger, reason, now) = (&ctx.ledger, req.reason.as_deref(), ctx.clock.now());
+    let (ledger, reason, now) = (&ctx.ledger, req.reason.as_deref(), &*ctx.clock);
     let (tx, user, amount) = (req.tx_type, req.user_id.as_str(), req.amount);
     let mut posting = match &req.key_source {
         // The key has a form a caller's may not take: the ledger makes it.

@@ -37,7 +37,7 @@ pub fn parse(f: &Fields<'_>) -> Result<Request, ControlError> {
 pub async fn run(ctx: &Context, req: &Request) -> Result<Value, ControlError> {
     let page = ctx
         .ledger
-        .history(&req.user_id, &req.query, ctx.clock.now())
+        .history(&req.user_id, &req.query, &*ctx.clock)
         .await?;
     to_result(&page)
 }

@@ -39,7 +39,7 @@ pub async fn run(ctx: &Context, req: &Request) -> Result<Value, ControlError> {
             req.amount,
             keys,
             req.reason.as_deref(),
-            ctx.clock.now(),
+            &*ctx.clock,
         )
         .await?;
     to_result(&posting)

@@ -22,8 +22,7 @@ mod turn;
 
 use sqlx::PgPool;
 
-use chrono::{DateTime, Utc};
-
+use crate::clock::Stamp;
 use crate::cost::CostTable;
 pub use crate::ledger::Outcome;
 use crate::ledger::{store, LedgerError, LedgerPolicy};
@@ -105,8 +104,9 @@ impl DecideError {
     }
 }
 
-/// Decides `entries` (in delivery order) in one transaction. Returns one verdict per entry,
-/// in the same order. On error nothing was written.
+/// Decides `entries` (in delivery order) in one transaction, at the time `at` gives once the
+/// users' rows are held (the rows' stamps, fee day and refill month). Returns one verdict per
+/// entry, in the same order. On error nothing was written.
 ///
 /// A batch of starts only (the common case) is first written without looking for earlier
 /// decisions: the decisions' primary key refuses a node execution decided before, and only
@@ -117,9 +117,9 @@ pub async fn decide_batch(
     pool: &PgPool,
     pricing: &Pricing,
     entries: &[NodeExecutionEntry],
-    now: DateTime<Utc>,
+    at: impl Stamp,
 ) -> Result<Vec<Verdict>, DecideError> {
-    decide_in_turn(pool, pricing, entries, now, Turn::alone()).await
+    decide_in_turn(pool, pricing, entries, at, Turn::alone()).await
 }
 
 /// [`decide_batch`] while other batches may be in flight (see [`Turn`]). In a pipeline, a
@@ -130,19 +130,20 @@ pub async fn decide_in_turn(
     pool: &PgPool,
     pricing: &Pricing,
     entries: &[NodeExecutionEntry],
-    now: DateTime<Utc>,
+    at: impl Stamp,
     turn: Turn,
 ) -> Result<Vec<Verdict>, DecideError> {
+    let at: &dyn Stamp = &at;
     let batch = Batch::price(&pricing.costs, entries);
     // An unpriceable entry writes nothing that would find its earlier decision: look.
     if batch.has_completions() || batch.has_unpriced() {
-        return decide_priced(pool, pricing, batch, Look::Earlier, now, turn).await;
+        return decide_priced(pool, pricing, batch, Look::Earlier, at, turn).await;
     }
     let pipelined = turn.pipelined();
-    match decide_priced(pool, pricing, batch, Look::Skip, now, turn).await {
+    match decide_priced(pool, pricing, batch, Look::Skip, at, turn).await {
         Err(DecideError::Race) if !pipelined => {
             let batch = Batch::price(&pricing.costs, entries);
-            decide_priced(pool, pricing, batch, Look::Earlier, now, Turn::alone()).await
+            decide_priced(pool, pricing, batch, Look::Earlier, at, Turn::alone()).await
         }
         decided => decided,
     }
@@ -160,7 +161,7 @@ async fn decide_priced(
     pricing: &Pricing,
     mut batch: Batch<'_>,
     look: Look,
-    now: DateTime<Utc>,
+    at: &dyn Stamp,
     turn: Turn,
 ) -> Result<Vec<Verdict>, DecideError> {
     let users = batch.users();
@@ -187,6 +188,9 @@ async fn decide_priced(
     if look == Look::Earlier {
         look_up_earlier(&mut tx, &mut batch, &ids).await?;
     }
+    // Read with the users' rows held: a writer that had them first has committed, so these
+    // rows are stamped after its.
+    let now = at.stamp();
     let writes = batch.apply(&mut accounts, pricing, now);
     let written = store::write(
         &mut tx,

@@ -1,6 +1,6 @@
 //! The decision rules without a database: a batch decides exactly like one entry at a time.
 
-use chrono::{TimeZone, Utc};
+use chrono::{DateTime, TimeZone, Utc};
 use proptest::prelude::*;
 use serde_json::json;
 

@@ -34,6 +34,7 @@ pub use month::{Month, MonthError};
 pub(crate) use sweep::sweep_exclusive;
 pub use sweep::{sweep, sweep_asked, SweepReport, Sweeper};
 
+use crate::clock::Stamp;
 use crate::events::ExecutionRef;
 
 /// User ids and node execution ids: at most this many bytes.
@@ -139,6 +140,8 @@ type KeyedRow = (String, i64, i64);
 /// is to be posted on it.
 struct OneAccount {
     tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    /// The operation's time, read once the row was held.
+    at: DateTime<Utc>,
     accounts: std::collections::HashMap<String, Account>,
     changes: Changes,
 }
@@ -154,8 +157,8 @@ impl OneAccount {
     }
 
     /// Writes what was posted (the lazy refill too) and commits.
-    async fn commit(mut self, at: DateTime<Utc>) -> Result<(), LedgerError> {
-        store::flush(&mut self.tx, self.accounts.values(), &self.changes, at).await?;
+    async fn commit(mut self) -> Result<(), LedgerError> {
+        store::flush(&mut self.tx, self.accounts.values(), &self.changes, self.at).await?;
         self.tx.commit().await?;
         self.changes.count_refills();
         Ok(())
@@ -468,10 +471,10 @@ impl Ledger {
     async fn with_account<T>(
         &self,
         user_id: &str,
-        at: DateTime<Utc>,
-        op: impl FnOnce(&mut Account, &mut Changes) -> Result<T, LedgerError>,
+        at: &dyn Stamp,
+        op: impl FnOnce(&mut Account, &mut Changes, DateTime<Utc>) -> Result<T, LedgerError>,
     ) -> Result<T, LedgerError> {
-        self.with_account_key(user_id, None, at, |a, c, _| op(a, c))
+        self.with_account_key(user_id, None, at, |a, c, _, at| op(a, c, at))
             .await
     }
 
@@ -482,28 +485,38 @@ impl Ledger {
         &self,
         user_id: &str,
         key: Option<&str>,
-        at: DateTime<Utc>,
-        op: impl FnOnce(&mut Account, &mut Changes, Option<KeyedRow>) -> Result<T, LedgerError>,
+        at: &dyn Stamp,
+        op: impl FnOnce(
+            &mut Account,
+            &mut Changes,
+            Option<KeyedRow>,
+            DateTime<Utc>,
+        ) -> Result<T, LedgerError>,
     ) -> Result<T, LedgerError> {
         let mut one = self.lock_one(user_id, at).await?;
         let found = match key {
             Some(k) => store::keyed_row(&mut one.tx, user_id, k).await?,
             None => None,
         };
+        let at = one.at;
         let (account, changes) = one.parts(user_id)?;
-        let out = op(account, changes, found)?;
-        one.commit(at).await?;
+        let out = op(account, changes, found, at)?;
+        one.commit().await?;
         Ok(out)
     }
 
-    /// Locks `user_id`'s account in a transaction of its own and applies the month's lazy
-    /// refill; [`OneAccount::commit`] writes what is posted on it.
-    async fn lock_one(&self, user_id: &str, at: DateTime<Utc>) -> Result<OneAccount, LedgerError> {
+    /// Locks `user_id`'s account in a transaction of its own, takes the time from `at` once
+    /// it holds the row (so the rows it writes are stamped after those of a writer it waited
+    /// for), and applies the month's lazy refill; [`OneAccount::commit`] writes what is
+    /// posted on it.
+    async fn lock_one(&self, user_id: &str, at: &dyn Stamp) -> Result<OneAccount, LedgerError> {
         check_user_id(user_id)?;
         let users = [user_id.to_owned()];
         let (tx, accounts) = store::begin_locked(&self.pool, &users).await?;
+        let at = at.stamp();
         let mut one = OneAccount {
             tx,
+            at,
             accounts,
             changes: Changes::default(),
         };
@@ -520,13 +533,13 @@ impl Ledger {
         amount: i64,
         key: Option<&str>,
         reason: Option<&str>,
-        at: DateTime<Utc>,
+        at: impl Stamp,
     ) -> Result<Posting, LedgerError> {
         let key = match key {
             Some(k) => CreditKey::Callers(k.to_owned()),
             None => CreditKey::Own(generated_key(tx_type)),
         };
-        self.credit_under(tx_type, user_id, amount, key, reason, at)
+        self.credit_under(tx_type, user_id, amount, key, reason, &at)
             .await
     }
 
@@ -541,10 +554,11 @@ impl Ledger {
         amount: i64,
         (key, top_up_key): (&str, &str),
         reason: Option<&str>,
-        at: DateTime<Utc>,
+        at: impl Stamp,
     ) -> Result<Posting, LedgerError> {
         refund::check_request(amount, key, top_up_key)?;
-        let mut one = self.lock_one(user_id, at).await?;
+        let mut one = self.lock_one(user_id, &at).await?;
+        let at = one.at;
         let (applied, seq) = match store::refund_row(&mut one.tx, user_id, key).await? {
             Some((row_type, row_amount, seq, named)) => {
                 check_key_reuse(key, (&row_type, row_amount), (TxType::Refund, -amount))?;
@@ -573,7 +587,7 @@ impl Ledger {
             seq,
         };
         // Also when nothing was refunded: the month's lazy refill, if this brought it, stays.
-        one.commit(at).await?;
+        one.commit().await?;
         Ok(out)
     }
 
@@ -617,10 +631,10 @@ impl Ledger {
         amount: i64,
         (sender, message_id): (&str, &str),
         reason: Option<&str>,
-        at: DateTime<Utc>,
+        at: impl Stamp,
     ) -> Result<Posting, LedgerError> {
         let key = CreditKey::Own(message_key(tx_type, sender, message_id));
-        self.credit_under(tx_type, user_id, amount, key, reason, at)
+        self.credit_under(tx_type, user_id, amount, key, reason, &at)
             .await
     }
 
@@ -631,7 +645,7 @@ impl Ledger {
         amount: i64,
         key: CreditKey,
         reason: Option<&str>,
-        at: DateTime<Utc>,
+        at: &dyn Stamp,
     ) -> Result<Posting, LedgerError> {
         if !matches!(tx_type, TxType::TopUp | TxType::Grant) {
             return Err(LedgerError::InvalidArgument {
@@ -670,7 +684,7 @@ impl Ledger {
         amount: i64,
         key: &str,
         metadata: Value,
-        at: DateTime<Utc>,
+        at: impl Stamp,
     ) -> Result<Posting, LedgerError> {
         if amount <= 0 {
             return Err(LedgerError::AmountOutOfRange(format!(
@@ -685,7 +699,7 @@ impl Ledger {
             key.to_owned(),
             -amount,
             metadata,
-            at,
+            &at,
         )
         .await
     }
@@ -697,12 +711,12 @@ impl Ledger {
         key: String,
         amount: i64,
         metadata: Value,
-        at: DateTime<Utc>,
+        at: &dyn Stamp,
     ) -> Result<Posting, LedgerError> {
         let threshold = self.policy.low_balance_threshold;
         let ttl = self.policy.auto_top_up_ttl;
         let lookup = key.clone();
-        self.with_account_key(user_id, Some(&lookup), at, |account, changes, row| {
+        self.with_account_key(user_id, Some(&lookup), at, |account, changes, row, at| {
             if let Some((row_type, row_amount, _)) = &row {
                 check_key_reuse(&lookup, (row_type, *row_amount), (tx_type, amount))?;
             }
@@ -753,9 +767,11 @@ impl Ledger {
 
     /// The balance; with lazy refill on, this is the first operation of the month for a user
     /// and may grant (a brand-new user starts at the target).
-    pub async fn balance(&self, user_id: &str, at: DateTime<Utc>) -> Result<i64, LedgerError> {
-        if self.policy.lazy(at).is_some() {
-            return self.with_account(user_id, at, |a, _| Ok(a.balance)).await;
+    pub async fn balance(&self, user_id: &str, at: impl Stamp) -> Result<i64, LedgerError> {
+        if self.policy.lazy(at.stamp()).is_some() {
+            return self
+                .with_account(user_id, &at, |a, _, _| Ok(a.balance))
+                .await;
         }
         check_user_id(user_id)?;
         Ok(store::read_balance(&self.pool, user_id).await?)
@@ -781,11 +797,11 @@ impl Ledger {
         &self,
         user_id: &str,
         query: &HistoryQuery,
-        at: DateTime<Utc>,
+        at: impl Stamp,
     ) -> Result<HistoryPage, LedgerError> {
         query.check()?;
-        if self.policy.lazy(at).is_some() {
-            self.with_account(user_id, at, |_, _| Ok(())).await?;
+        if self.policy.lazy(at.stamp()).is_some() {
+            self.with_account(user_id, &at, |_, _, _| Ok(())).await?;
         } else {
             check_user_id(user_id)?;
         }
@@ -813,7 +829,7 @@ impl Ledger {
         &self,
         user_id: &str,
         config: Option<(i64, i64)>,
-        at: DateTime<Utc>,
+        at: impl Stamp,
     ) -> Result<AutoTopUp, LedgerError> {
         if let Some((threshold, amount)) = config {
             for (field, v) in [("threshold", threshold), ("amount", amount)] {
@@ -826,7 +842,7 @@ impl Ledger {
             }
         }
         let ttl = self.policy.auto_top_up_ttl;
-        self.with_account(user_id, at, |account, changes| {
+        self.with_account(user_id, &at, |account, changes, at| {
             account.auto_threshold = config.map(|c| c.0);
             account.auto_amount = config.map(|c| c.1);
             account.dirty = true;

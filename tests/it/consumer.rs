@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use chrono::{TimeZone, Utc};
 use credit_worker::clock::ManualClock;
+use credit_worker::ledger::TxType;
 use credit_worker::service::Worker;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
@@ -763,6 +764,61 @@ async fn execution_fee_ordinals_survive_a_change_of_every() {
         env.ledger().balance("ord", Utc::now()).await.unwrap(),
         1_000 - 12 * 10 - 4
     );
+    env.assert_audit_clean().await;
+    env.cleanup().await;
+}
+
+/// A write that waited for a user's row takes its time once it holds the row: one that began
+/// before midnight at the end of March and got the row after it is stamped in April, as is a
+/// top-up queued behind it, so the user's rows are stamped in the order of their `seq` and a
+/// month report's positions are balances the account had.
+#[tokio::test]
+async fn a_write_that_waited_for_the_users_row_is_stamped_when_it_got_it() {
+    let env = TestEnv::with(|s| s.refill.enabled = false).await;
+    seed(&env, ["st"], 1_000).await;
+    let march = Utc.with_ymd_and_hms(2031, 3, 31, 23, 59, 59).unwrap();
+    let april = Utc.with_ymd_and_hms(2031, 4, 1, 0, 0, 1).unwrap();
+    let clock = ManualClock::new(march);
+    let worker = Worker::start_with_clock(
+        env.settings.clone(),
+        CancellationToken::new(),
+        clock.clone(),
+    )
+    .await
+    .unwrap();
+    let held = env.hold_account("st").await;
+    env.publish(&[body(&platform_gpt4("st", "st-1"))]).await;
+    env.wait_for_one_lock_waiter(T, "the batch waiting for the row")
+        .await;
+    let ledger = env.ledger();
+    let stamp: std::sync::Arc<dyn credit_worker::clock::Clock> = clock.clone();
+    let top_up = tokio::spawn(async move {
+        ledger
+            .credit(TxType::TopUp, "st", 50, Some("TU-st"), None, stamp)
+            .await
+    });
+    wait_count(&env, T, "two writers waiting", LOCK_WAITERS, &[], |n| {
+        n == 2
+    })
+    .await;
+    clock.set(april);
+    held.commit().await.unwrap();
+    assert_eq!(top_up.await.unwrap().unwrap().seq, 3);
+    let rows: Vec<(i64, String, chrono::DateTime<Utc>)> = sqlx::query_as(
+        "SELECT seq, type::text, created_at FROM credit.transactions
+          WHERE user_id = 'st' AND seq > 1 ORDER BY seq",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        rows,
+        vec![
+            (2, "USAGE".to_owned(), april),
+            (3, "TOP_UP".to_owned(), april)
+        ]
+    );
+    worker.stop().await.unwrap();
     env.assert_audit_clean().await;
     env.cleanup().await;
 }
