@@ -4,7 +4,7 @@
 use std::str::FromStr;
 use std::sync::Arc;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -28,12 +28,18 @@ impl Schedule {
     }
 
     /// The latest tick at or before `at` within the same month, if any: a sweep that should
-    /// already have run this month.
+    /// already have run this month. Found by one step back from `at`, not by walking the
+    /// month's ticks forward: a schedule of every second has millions of them by the month's
+    /// end.
     pub(crate) fn due_this_month(&self, at: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        let month = Month::of(at);
-        let start =
-            month.first_day().and_hms_opt(0, 0, 0)?.and_utc() - chrono::Duration::seconds(1);
-        self.0.after(&start).take_while(|t| *t <= at).last()
+        let start = Month::of(at).first_day().and_hms_opt(0, 0, 0)?.and_utc();
+        // Ticks fall on whole seconds: the latest one before the next second is at or before
+        // `at`.
+        let next_second = at.trunc_subsecs(0) + chrono::Duration::seconds(1);
+        self.0
+            .after(&next_second)
+            .next_back()
+            .filter(|tick| *tick >= start && *tick <= at)
     }
 }
 
@@ -142,5 +148,31 @@ mod tests {
         let late = Schedule::parse("0 0 0 28 * *").unwrap();
         assert_eq!(late.due_this_month(at), None);
         assert!(Schedule::parse("every day").is_err());
+    }
+
+    #[test]
+    fn the_tick_due_this_month_is_found_at_once_for_any_schedule() {
+        let at = Utc.with_ymd_and_hms(2027, 1, 30, 23, 0, 0).unwrap()
+            + chrono::Duration::milliseconds(700);
+        // Every second: millions of ticks since the month began, found in one step back.
+        let every_second = Schedule::parse("* * * * * *").unwrap();
+        assert_eq!(
+            every_second.due_this_month(at),
+            Some(Utc.with_ymd_and_hms(2027, 1, 30, 23, 0, 0).unwrap())
+        );
+        // A tick exactly at `at`, one earlier in the month, none since the month began, and
+        // the first instant of a month.
+        let daily = Schedule::parse("0 0 12 * * *").unwrap();
+        let noon = Utc.with_ymd_and_hms(2027, 2, 3, 12, 0, 0).unwrap();
+        assert_eq!(daily.due_this_month(noon), Some(noon));
+        assert_eq!(
+            daily.due_this_month(noon - chrono::Duration::seconds(1)),
+            Some(Utc.with_ymd_and_hms(2027, 2, 2, 12, 0, 0).unwrap())
+        );
+        let first = Utc.with_ymd_and_hms(2027, 2, 1, 11, 59, 59).unwrap();
+        assert_eq!(daily.due_this_month(first), None);
+        let monthly = Schedule::parse("0 0 0 1 * *").unwrap();
+        let midnight = Utc.with_ymd_and_hms(2027, 3, 1, 0, 0, 0).unwrap();
+        assert_eq!(monthly.due_this_month(midnight), Some(midnight));
     }
 }
