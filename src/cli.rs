@@ -848,7 +848,8 @@ async fn report(settings: &Settings, json: bool, month: Option<Month>) -> anyhow
     let month = month.unwrap_or_else(|| Month::of(now));
     // Reads the ledger up to the month's end, as the audit reads all of it.
     let pool = crate::db::connect_existing_for_audit(&settings.database).await?;
-    let report = crate::ledger::report::month(&pool, month, now)
+    let settle = crate::db::stall_bound(&settings.database);
+    let report = crate::ledger::report::month(&pool, month, now, settle)
         .await
         .map_err(ledger_error)?;
     print_out(json, &serde_json::to_value(&report)?, || report.to_string())?;

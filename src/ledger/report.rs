@@ -51,10 +51,17 @@ pub struct MonthReport {
     /// The next month's first instant; rows before it belong to the month.
     pub until: DateTime<Utc>,
     /// The database's time of the snapshot read: before `until`, the month is not over. A
-    /// row's `created_at` is when its decision began on the worker's host, so rows of the
-    /// month's last moments may still commit a little after `until` (a batch waiting on a
-    /// lock or retrying).
+    /// row's `created_at` is when its writer got the user's account on the worker's host, so
+    /// rows of the month's last moments may still commit a little after `until`.
     pub as_of: DateTime<Utc>,
+    /// From when no row dated in the month can still commit: `until` plus the longest a write
+    /// may take from its stamp to its commit (the stall bound of the statement timeout).
+    /// None when the statement timeout is off, which bounds nothing.
+    pub final_from: Option<DateTime<Utc>>,
+    /// Whether the snapshot was read at or after `final_from`: these figures are the month's
+    /// for good.
+    #[serde(rename = "final")]
+    pub is_final: bool,
     /// Ledger rows by type and direction, in the order TOP_UP, GRANT, USAGE, REFUND.
     pub movements: Vec<Movement>,
     /// Σ of the movements: `closing.net - opening.net`.
@@ -100,10 +107,14 @@ impl fmt::Display for MonthReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let day = |t: &DateTime<Utc>| t.format("%Y-%m-%d %H:%M").to_string();
         let read = self.as_of.format("%Y-%m-%d %H:%M:%S");
-        let to_date = if self.as_of < self.until {
-            ", to date"
-        } else {
-            ""
+        let to_date = match self.final_from {
+            _ if self.as_of < self.until => ", to date".to_owned(),
+            Some(at) if !self.is_final => format!(
+                ", not final before {} UTC: rows dated in the month may still commit",
+                at.format("%Y-%m-%d %H:%M:%S")
+            ),
+            None => ", final only once no batch dated in the month is in flight".to_owned(),
+            Some(_) => String::new(),
         };
         writeln!(
             f,
@@ -173,11 +184,12 @@ fn start_of(month: Month) -> DateTime<Utc> {
 }
 
 /// The month's report, read in one snapshot (it reads the ledger up to the month's end: seconds
-/// on a large one).
+/// on a large one). `settle`: the longest a write may take from its stamp to its commit.
 pub async fn month(
     pool: &PgPool,
     month: Month,
     now: DateTime<Utc>,
+    settle: Option<std::time::Duration>,
 ) -> Result<MonthReport, LedgerError> {
     check_begun(month, now)?;
     let (from, until) = (start_of(month), start_of(month.next()));
@@ -193,11 +205,16 @@ pub async fn month(
         .try_fold(0i128, |sum, m| sum.checked_add(m.credits))
         .ok_or_else(|| too_large("the month's net movement"))?;
     let month = month.to_string();
+    let final_from = settle
+        .and_then(|d| chrono::TimeDelta::from_std(d).ok())
+        .and_then(|d| until.checked_add_signed(d));
     Ok(MonthReport {
         month,
         from,
         until,
         as_of,
+        final_from,
+        is_final: final_from.is_some_and(|t| as_of >= t),
         movements,
         net,
         opening,
@@ -295,6 +312,41 @@ mod tests {
             start_of(month("2026-12").next()).to_rfc3339(),
             "2027-01-01T00:00:00+00:00"
         );
+    }
+
+    #[test]
+    fn the_heading_says_whether_the_month_can_still_change() {
+        let t = |d: u32, h: u32, m: u32| Utc.with_ymd_and_hms(2026, 12, d, h, m, 0).unwrap();
+        let zero = position(("opening", "0", "0"), 0, 0).unwrap();
+        let report = |as_of, final_from: Option<DateTime<Utc>>| MonthReport {
+            month: "2026-11".into(),
+            from: Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap(),
+            until: t(1, 0, 0),
+            as_of,
+            final_from,
+            is_final: final_from.is_some_and(|f| as_of >= f),
+            movements: vec![],
+            net: 0,
+            opening: zero.clone(),
+            closing: zero.clone(),
+            active_accounts: 0,
+        };
+        let heading = |r: MonthReport| r.to_string().lines().next().unwrap_or_default().to_owned();
+        let bound = Some(t(1, 0, 1));
+        let late = heading(report(t(1, 0, 0), bound));
+        assert!(
+            late.contains("UTC, not final before 2026-12-01 00:01:00 UTC: rows dated"),
+            "{late}"
+        );
+        assert!(
+            heading(report(t(1, 0, 1), bound)).contains("UTC), read at 2026-12-01 00:01:00 UTC")
+        );
+        assert!(heading(report(t(7, 0, 0), None)).contains("UTC, final only once no batch"));
+        let during = heading(report(
+            Utc.with_ymd_and_hms(2026, 11, 30, 0, 0, 0).unwrap(),
+            bound,
+        ));
+        assert!(during.contains("UTC, to date), read at"), "{during}");
     }
 
     #[test]

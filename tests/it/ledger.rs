@@ -2424,7 +2424,8 @@ async fn a_month_report_adds_up_what_came_in_and_went_out() {
         .expect("a's spend");
 
     let november: Month = "2025-11".parse().unwrap();
-    let r = report::month(&env.pool, november, Utc::now())
+    let settle = Some(std::time::Duration::from_secs(61));
+    let r = report::month(&env.pool, november, Utc::now(), settle)
         .await
         .expect("report");
     let moved: Vec<(&str, &str, i64, i128)> = r
@@ -2456,11 +2457,27 @@ async fn a_month_report_adds_up_what_came_in_and_went_out() {
     assert_eq!(r.active_accounts, 3);
     assert_eq!(r.from.to_rfc3339(), "2025-11-01T00:00:00+00:00");
     assert_eq!(r.until.to_rfc3339(), "2025-12-01T00:00:00+00:00");
+    let final_from = r.final_from.map(|t| t.to_rfc3339());
+    assert_eq!(
+        (final_from.as_deref(), r.is_final),
+        (Some("2025-12-01T00:01:01+00:00"), true)
+    );
+    // The month under way is not final, nor is one whose writes nothing bounds.
+    let current = Month::of(Utc::now());
+    let r = report::month(&env.pool, current, Utc::now(), settle)
+        .await
+        .expect("report");
+    assert!(!r.is_final);
+    let r = report::month(&env.pool, november, Utc::now(), None)
+        .await
+        .expect("report");
+    assert_eq!((r.final_from, r.is_final), (None, false));
 
     // The CLI: the same figures, and its text; a month not begun is refused.
     let json = env.cli_json(&["report", "--month", "2025-11"]);
     assert_eq!(json["net"], 425);
     assert_eq!(json["closing"]["owed"], 300);
+    assert_eq!(json["final"], true);
     assert_eq!(
         json["movements"][1],
         json!({"type": "GRANT", "direction": "in", "rows": 3, "credits": 1925})
@@ -2513,7 +2530,7 @@ async fn a_month_report_counts_the_rows_of_its_first_and_last_instants() {
         grant.await.expect(key);
     }
     let november: Month = "2025-11".parse().unwrap();
-    let r = report::month(&env.pool, november, Utc::now())
+    let r = report::month(&env.pool, november, Utc::now(), None)
         .await
         .expect("report");
     let moved: Vec<(&str, i64, i128)> = r
