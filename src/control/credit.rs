@@ -86,18 +86,19 @@ impl Request {
 }
 
 pub async fn run(ctx: &Context, req: &Request) -> Result<Value, ControlError> {
-    let (ledger, reason, now) = (&ctx.ledger, req.reason.as_deref(), &*ctx.clock);
+    // The ledger reads the clock once it holds the account.
+    let (ledger, reason, at) = (&ctx.ledger, req.reason.as_deref(), &*ctx.clock);
     let (tx, user, amount) = (req.tx_type, req.user_id.as_str(), req.amount);
     let mut posting = match &req.key_source {
         // The key has a form a caller's may not take: the ledger makes it.
         KeySource::Message { sender, id } => {
             ledger
-                .credit_of_message(tx, user, amount, (sender, id), reason, now)
+                .credit_of_message(tx, user, amount, (sender, id), reason, at)
                 .await?
         }
         KeySource::Given | KeySource::Generated => {
             ledger
-                .credit(tx, user, amount, Some(&req.key), reason, now)
+                .credit(tx, user, amount, Some(&req.key), reason, at)
                 .await?
         }
     };
