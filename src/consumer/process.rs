@@ -343,7 +343,16 @@ async fn decide_guarded(
         .catch_unwind()
         .await
     {
-        Ok(decided) => decided,
+        Ok(decided) => {
+            // Counted here, as they commit: a batch whose session ends before its ack (a
+            // broker gone) comes back and is counted again only as duplicates.
+            if let Ok(verdicts) = &decided {
+                if verdicts.len() == entries.len() {
+                    verdicts.iter().for_each(count);
+                }
+            }
+            decided
+        }
         Err(panic) => {
             // Counted where it costs its entry (`decide_with_retry`), not per attempt: a batch's
             // panic is met again by the entry decided alone.
@@ -354,15 +363,15 @@ async fn decide_guarded(
     }
 }
 
-/// Counts and logs a verdict (inside the message's span); returns what to do with it.
-fn record(e: &NodeExecutionEntry, v: &Verdict) -> Action {
+/// Counts a committed verdict. An invalid one is counted once its dead letter is confirmed.
+fn count(v: &Verdict) {
     match v {
         Verdict::Decided {
             outcome,
             cost,
             fee,
             uncollected,
-            balance,
+            ..
         } => {
             metrics::counter!("credit_messages_total", "outcome" => outcome.as_str()).increment(1);
             let charged = if *outcome == Outcome::Charged {
@@ -374,6 +383,39 @@ fn record(e: &NodeExecutionEntry, v: &Verdict) -> Action {
                 metrics::counter!("credit_credits_charged_total").increment(charged as u64);
             }
             count_uncollected(*uncollected);
+        }
+        Verdict::Duplicate { conflicting } => {
+            metrics::counter!("credit_messages_total", "outcome" => "duplicate").increment(1);
+            if *conflicting {
+                metrics::counter!("credit_conflicting_duplicates_total").increment(1);
+            }
+        }
+        Verdict::Settled {
+            delta, uncollected, ..
+        } => {
+            metrics::counter!("credit_messages_total", "outcome" => "settled").increment(1);
+            let moved = delta - uncollected;
+            if moved > 0 {
+                metrics::counter!("credit_credits_charged_total").increment(moved as u64);
+            } else if moved < 0 {
+                metrics::counter!("credit_credits_refunded_total").increment(moved.unsigned_abs());
+            }
+            count_uncollected(*uncollected);
+        }
+        Verdict::Invalid { .. } => {}
+    }
+}
+
+/// Logs a verdict (inside the message's span); returns what to do with it.
+fn record(e: &NodeExecutionEntry, v: &Verdict) -> Action {
+    match v {
+        Verdict::Decided {
+            outcome,
+            cost,
+            fee,
+            uncollected,
+            balance,
+        } => {
             debug!(
                 outcome = outcome.as_str(),
                 cost, fee, uncollected, balance, "decided"
@@ -381,9 +423,7 @@ fn record(e: &NodeExecutionEntry, v: &Verdict) -> Action {
             Action::Ack
         }
         Verdict::Duplicate { conflicting } => {
-            metrics::counter!("credit_messages_total", "outcome" => "duplicate").increment(1);
             if *conflicting {
-                metrics::counter!("credit_conflicting_duplicates_total").increment(1);
                 warn!(block_id = %e.block_id, "conflicting duplicate: the first decision stands");
             } else {
                 debug!("duplicate delivery ignored");
@@ -397,14 +437,6 @@ fn record(e: &NodeExecutionEntry, v: &Verdict) -> Action {
             uncollected,
             balance,
         } => {
-            metrics::counter!("credit_messages_total", "outcome" => "settled").increment(1);
-            let moved = delta - uncollected;
-            if moved > 0 {
-                metrics::counter!("credit_credits_charged_total").increment(moved as u64);
-            } else if moved < 0 {
-                metrics::counter!("credit_credits_refunded_total").increment(moved.unsigned_abs());
-            }
-            count_uncollected(*uncollected);
             debug!(pre, post, delta, uncollected, balance, "settled");
             Action::Ack
         }
@@ -592,6 +624,49 @@ mod tests {
         // The whole batch once, then each entry alone.
         assert_eq!(d.calls.load(Ordering::SeqCst), 4);
         assert_eq!(d.balance("u"), 980);
+    }
+
+    /// A batch's outcomes are counted as it commits, not at its ack: one whose session ends
+    /// first (its ack lost with the broker) is still counted, and its redelivery only as
+    /// duplicates. Retried and split batches count each entry once.
+    #[tokio::test]
+    async fn outcomes_are_counted_when_their_batch_commits() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let _local = metrics::set_default_local_recorder(&recorder);
+        let counted = || {
+            let text = handle.render();
+            let line = |name: &str| {
+                text.lines()
+                    .find(|l| l.starts_with(name))
+                    .and_then(|l| l.rsplit(' ').next())
+                    .unwrap_or("-")
+                    .to_owned()
+            };
+            [
+                line("credit_messages_total{outcome=\"charged\"}"),
+                line("credit_messages_total{outcome=\"duplicate\"}"),
+                line("credit_credits_charged_total"),
+            ]
+        };
+        let bodies = |ids: &[&str]| ids.iter().map(|id| gpt4("u", id)).collect::<Vec<_>>();
+        let d = MemoryDecider::new(1, Some("bad"));
+        // A transient fault: nothing committed, nothing counted until the retry commits.
+        let first = bodies(&["a", "b"]);
+        let refs: Vec<&[u8]> = first.iter().map(Vec::as_slice).collect();
+        let tried = attempt(&d, &refs, Turn::alone()).await;
+        assert_eq!(counted(), ["-", "-", "-"]);
+        assert!(finish(&d, tried, &CancellationToken::new()).await.is_some());
+        assert_eq!(counted(), ["2", "-", "20"]);
+        // Committed, and never finished or acked (the session ended): counted all the same.
+        let second = bodies(&["c"]);
+        let refs: Vec<&[u8]> = second.iter().map(Vec::as_slice).collect();
+        drop(attempt(&d, &refs, Turn::alone()).await);
+        assert_eq!(counted(), ["3", "-", "30"]);
+        // Delivered again beside a poisoned entry: split, and only duplicates counted.
+        let out = process(&d, &bodies(&["c", "bad", "a"])).await.unwrap();
+        assert_eq!(out[1].0, dead("internal: node_exec_id: poisoned"));
+        assert_eq!(counted(), ["3", "2", "30"]);
     }
 
     /// Answers a batch of several entries with one verdict too few.
