@@ -8,9 +8,9 @@ use sqlx::PgPool;
 /// Each object `run` reads or writes, with the privileges its statements need: no more, so a
 /// role granted exactly what it uses is not refused. `SELECT … FOR UPDATE` needs `UPDATE`,
 /// the outbox's `DELETE` is the relay's pruning (not needed where `outbox.retention_s` is 0),
-/// and the sequence's `UPDATE` covers both
-/// `nextval` and the `setval` that moves it past the ids in use.
-pub(crate) const NEEDED: &[(&str, Kind, &[&str])] = &[
+/// and the sequence's `UPDATE` covers both `nextval` and the `setval` that moves it past the
+/// ids in use.
+const NEEDED: &[(&str, Kind, &[&str])] = &[
     (
         "credit.balances",
         Kind::Table,
@@ -34,7 +34,7 @@ pub(crate) const NEEDED: &[(&str, Kind, &[&str])] = &[
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Kind {
+enum Kind {
     Table,
     Sequence,
 }
