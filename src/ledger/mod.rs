@@ -330,9 +330,14 @@ impl LedgerPolicy {
     /// The refill to apply before an operation at `at`, if any.
     pub fn lazy(&self, at: DateTime<Utc>) -> Option<(RefillPolicy, Month)> {
         match self.refill {
-            Some(p) if self.lazy_refill => Some((p, Month::of(at))),
+            Some(p) if self.refills_lazily() => Some((p, Month::of(at))),
             _ => None,
         }
+    }
+
+    /// Whether an operation on a user may refill them first, whatever the month.
+    fn refills_lazily(&self) -> bool {
+        self.lazy_refill && self.refill.is_some()
     }
 }
 
@@ -768,7 +773,7 @@ impl Ledger {
     /// The balance; with lazy refill on, this is the first operation of the month for a user
     /// and may grant (a brand-new user starts at the target).
     pub async fn balance(&self, user_id: &str, at: impl Stamp) -> Result<i64, LedgerError> {
-        if self.policy.lazy(at.stamp()).is_some() {
+        if self.policy.refills_lazily() {
             return self
                 .with_account(user_id, &at, |a, _, _| Ok(a.balance))
                 .await;
@@ -800,7 +805,7 @@ impl Ledger {
         at: impl Stamp,
     ) -> Result<HistoryPage, LedgerError> {
         query.check()?;
-        if self.policy.lazy(at.stamp()).is_some() {
+        if self.policy.refills_lazily() {
             self.with_account(user_id, &at, |_, _, _| Ok(())).await?;
         } else {
             check_user_id(user_id)?;
